@@ -1,0 +1,278 @@
+"""The admin API, on ``admin_listen`` only (never the public port).
+
+Every ``/admin/*`` route and ``/metrics`` require ``Authorization: Bearer <admin.token>``;
+``/healthz`` and ``/readyz`` are open so orchestrators can probe them. Writes go through
+the Store's connection (the one writer); reads use a separate aiosqlite connection so a
+large export never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiosqlite
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import metrics
+from proxy.runtime import Runtime
+from proxy.store import keys as keystore
+from proxy.timeutil import month_start, next_month_start, parse_time, rfc3339
+from proxy.units import fmt_micro
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RT = web.AppKey("runtime", Runtime)
+READER = web.AppKey("reader", aiosqlite.Connection)
+_OPEN = frozenset({"/healthz", "/readyz"})
+
+
+def jerror(status: int, type_: str, message: str) -> web.Response:
+    return web.Response(status=status, content_type="application/json",
+                        body=orjson.dumps({"error": {"type": type_, "message": message}}))
+
+
+def jok(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, content_type="application/json", body=orjson.dumps(data))
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in _OPEN:
+        token = request.app[RT].cfg.admin.token
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            return jerror(401, "unauthorized", "A valid admin token is required.")
+    try:
+        return await handler(request)
+    except keystore.InvalidInput as exc:
+        return jerror(400, "invalid_request", str(exc))
+    except LookupError as exc:
+        return jerror(404, "not_found", str(exc.args[0]) if exc.args else "not found")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise keystore.InvalidInput("the body must be a JSON object") from exc
+    if not isinstance(data, dict):
+        raise keystore.InvalidInput("the body must be a JSON object")
+    return data
+
+
+def _refresh_cache(rt: Runtime) -> None:
+    rt.keys.reload(rt.store.conn)
+
+
+# ---- customers and keys ----------------------------------------------------------------
+
+async def post_customer(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    body = await _json_body(request)
+    unknown = set(body) - {"id", "stripe_customer_id", "overage", "status"}
+    if unknown:
+        raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+    cust, created = rt.store.execute_write(lambda c: keystore.upsert_customer(
+        c, body.get("id"), body.get("stripe_customer_id"), body.get("overage"),
+        body.get("status")))
+    _refresh_cache(rt)
+    return jok(cust.to_json(), 201 if created else 200)
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    return jok([c.to_json() for c in keystore.list_customers(request.app[RT].store.conn)])
+
+
+async def get_customer(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    cid = request.match_info["id"]
+    cust = keystore.get_customer(rt.store.conn, cid)
+    if cust is None:
+        raise LookupError(f"no customer {cid!r}")
+    now = time.time()
+    start, end = month_start(now), next_month_start(now)
+    usage = await usage_totals(request.app[READER], cid, start, end)
+    out = cust.to_json()
+    out["period"] = {"start": rfc3339(start), "end": rfc3339(end)}
+    out["usage"] = {m: fmt_micro(v["quantity"]) for m, v in usage.items()}
+    out["usage_detail"] = {m: {k: fmt_micro(x) if k != "requests" else x for k, x in v.items()}
+                           for m, v in usage.items()}
+    out["keys"] = keystore.list_keys(rt.store.conn, cid)
+    extra = rt.extras.get("customer_detail")
+    if extra is not None:
+        out.update(await extra(cid))
+    return jok(out)
+
+
+async def post_key(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    cid = request.match_info["id"]
+    body = await _json_body(request) if request.body_exists else {}
+    name = body.get("name", "")
+    if not isinstance(name, str) or len(name) > 200:
+        raise keystore.InvalidInput("name must be a string of at most 200 characters")
+    created = rt.store.execute_write(lambda c: keystore.create_key(c, cid, name))
+    _refresh_cache(rt)
+    return jok(created, 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    cid = request.match_info["id"]
+    if keystore.get_customer(rt.store.conn, cid) is None:
+        raise LookupError(f"no customer {cid!r}")
+    return jok(keystore.list_keys(rt.store.conn, cid))
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    kid = request.match_info["key_id"]
+    changed = rt.store.execute_write(lambda c: keystore.revoke_key(c, kid))
+    _refresh_cache(rt)
+    return jok({"key_id": kid, "revoked": True, "changed": changed})
+
+
+# ---- usage ----------------------------------------------------------------------------
+
+def _range(request: web.Request) -> tuple[float, float]:
+    now = time.time()
+    try:
+        start = parse_time(request.query["from"]) if "from" in request.query else month_start(now)
+        end = parse_time(request.query["to"]) if "to" in request.query else now + 60
+    except ValueError as exc:
+        raise keystore.InvalidInput("from/to must be RFC 3339 times, dates or unix seconds") \
+            from exc
+    if end < start:
+        raise keystore.InvalidInput("'to' is before 'from'")
+    return start, end
+
+
+async def usage_totals(db: aiosqlite.Connection, cid: str, start: float,
+                       end: float) -> dict[str, dict[str, int]]:
+    """Per-meter totals from the minute aggregates, [start, end) at minute resolution."""
+    out: dict[str, dict[str, int]] = {}
+    async with db.execute(
+        "SELECT meter, SUM(quantity), SUM(requests), SUM(billable), SUM(covered) FROM usage_minute"
+        " WHERE customer_id=? AND minute>=? AND minute<? GROUP BY meter ORDER BY meter",
+        (cid, int(start // 60) * 60, int(end)),
+    ) as cur:
+        async for meter, q, n, b, c in cur:
+            out[meter] = {"quantity": q, "requests": n, "billable": b, "covered": c}
+    return out
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    cid = request.match_info["id"]
+    start, end = _range(request)
+    totals = await usage_totals(request.app[READER], cid, start, end)
+    return jok({"customer": cid, "from": rfc3339(start), "to": rfc3339(end),
+                "meters": {m: fmt_micro(v["quantity"]) for m, v in totals.items()}})
+
+
+_CSV_HEAD = "time,request_id,customer_id,key_id,rule,rules_version,status,meter,quantity,credits," \
+            "billable,flags\r\n"
+
+
+def _csv_field(v: str) -> str:
+    if any(c in v for c in ',"\r\n'):
+        return '"' + v.replace('"', '""') + '"'
+    return v
+
+
+async def get_usage_csv(request: web.Request) -> web.StreamResponse:
+    cid = request.match_info["id"]
+    start, end = _range(request)
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{cid}-usage.csv"'})
+    await resp.prepare(request)
+    await resp.write(_CSV_HEAD.encode())
+    db = request.app[READER]
+    async with db.execute(
+        "SELECT at_ms, request_id, customer_id, key_id, rule, rules_version, status, meter,"
+        " quantity, credits, billable, flags FROM audit WHERE customer_id=? AND at_ms>=?"
+        " AND at_ms<? ORDER BY at_ms, seq", (cid, int(start * 1000), int(end * 1000)),
+    ) as cur:
+        while rows := await cur.fetchmany(500):
+            lines = []
+            for at_ms, rid, c, k, rule, ver, st, meter, q, cr, b, flags in rows:
+                t = rfc3339(at_ms / 1000)[:-1] + f".{at_ms % 1000:03d}Z"
+                lines.append(",".join((t, _csv_field(rid), _csv_field(c), k, _csv_field(rule),
+                                       ver, str(st), _csv_field(meter), fmt_micro(q),
+                                       fmt_micro(cr), fmt_micro(b), _csv_field(flags))))
+            await resp.write(("\r\n".join(lines) + "\r\n").encode())
+    await resp.write_eof()
+    return resp
+
+
+# ---- health and metrics -----------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return jok({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    problems = []
+    if not rt.store.healthy:
+        problems.append(f"storage: {rt.store.last_error}")
+    check = rt.extras.get("ready_checks")
+    if check is not None:
+        problems.extend(check())
+    body = {"status": "degraded" if problems else "ready", "problems": problems,
+            "rules_version": rt.rules.version, "rules_error": rt.rules_error}
+    return jok(body, 503 if problems else 200)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    resp = web.Response(body=generate_latest(metrics.REGISTRY))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def rules_info(request: web.Request) -> web.Response:
+    rt = request.app[RT]
+    return jok({"version": rt.rules.version, "rules": [r.name for r in rt.rules.rules],
+                "meters": sorted(rt.rules.meters), "last_reload_error": rt.rules_error})
+
+
+def not_yet(what: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return jerror(501, "not_implemented", f"{what} is not available in this build.")
+    return handler
+
+
+def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
+                    extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+    app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
+    app[RT] = rt
+    app[READER] = reader
+    routes = [
+        web.post("/admin/customers", post_customer),
+        web.get("/admin/customers", list_customers),
+        web.get("/admin/customers/{id}", get_customer),
+        web.post("/admin/customers/{id}/keys", post_key),
+        web.get("/admin/customers/{id}/keys", list_keys),
+        web.delete("/admin/keys/{key_id}", delete_key),
+        web.get("/admin/customers/{id}/usage", get_usage),
+        web.get("/admin/customers/{id}/usage.csv", get_usage_csv),
+        web.get("/admin/rules", rules_info),
+        web.get("/metrics", metrics_endpoint),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+    ]
+    defined = {(r.method, r.path) for r in (extra_routes or [])}
+    later = [("POST", "/admin/customers/{id}/grants", "Credit grants"),
+             ("POST", "/admin/flush", "Flushing to Stripe"),
+             ("POST", "/admin/reconcile", "Reconciliation"),
+             ("GET", "/admin/dead-letters", "Dead letters"),
+             ("POST", "/admin/dead-letters/{id}/replay", "Dead-letter replay")]
+    for method, path, what in later:
+        if (method, path) not in defined:
+            routes.append(web.route(method, path, not_yet(what)))
+    app.add_routes(routes + list(extra_routes or []))
+    return app

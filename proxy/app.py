@@ -1,0 +1,207 @@
+"""The composition root: the only place concrete classes are chosen and wired.
+
+``serve(cfg)`` runs until SIGTERM/SIGINT. Shutdown, in order (each step finishes before
+the next starts):
+  1. stop accepting: close the listening sockets (public, then admin);
+  2. finish in-flight requests (up to ``shutdown_timeout``);
+  3. commit every pending usage row;
+  4. stop background tasks (rules watcher, key refresher), then run the final flush;
+  5. close the upstream session, the reader connection and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from aiohttp import web
+
+from proxy import metrics
+from proxy.admin import build_admin_app
+from proxy.config import Config, split_hostport
+from proxy.forward import Upstream
+from proxy.handler import Pipeline
+from proxy.rules import RulesError, RuleSet, load_rules
+from proxy.runtime import Runtime
+from proxy.store.db import Store
+from proxy.store.keys import KeyCache
+from proxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("meterproxy")
+
+
+@dataclass
+class Server:
+    """A running proxy: both listeners, the runtime and the background tasks."""
+
+    rt: Runtime
+    public: web.AppRunner
+    admin: web.AppRunner
+    reader: aiosqlite.Connection
+    public_port: int = 0
+    admin_port: int = 0
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    on_stop: list[Callable[[], Any]] = field(default_factory=list)
+
+    async def shutdown(self, timeout: float = 15.0) -> None:
+        # 1. stop accepting; 2. in-flight requests finish (AppRunner.cleanup waits for them)
+        await self.public.cleanup()
+        await self.admin.cleanup()
+        # 3. every usage row committed
+        await self.rt.store.drain(timeout)
+        self.rt.store.commit_pending()
+        # 4. background tasks stop, then the final flush (registered by the flusher)
+        for t in self.tasks:
+            await cancel_and_wait(t)
+        for cb in self.on_stop:
+            res = cb()
+            if asyncio.iscoroutine(res):
+                await res
+        # 5. close resources
+        await self.rt.upstream.close()
+        await self.reader.close()
+        self.rt.store.close()
+
+
+def load_ruleset(cfg: Config) -> RuleSet:
+    return load_rules(cfg.rule_paths())
+
+
+async def start(cfg: Config) -> Server:
+    """Open every resource and start listening. The caller owns ``shutdown()``."""
+    rules = load_ruleset(cfg)
+    metrics.rules_info.labels(rules.version).set(1)
+    st = cfg.storage
+    store = Store.open(cfg.db_path(), synchronous=st.synchronous, durability=st.durability,
+                       commit_interval=st.commit_interval, fail_mode=st.fail_mode,
+                       max_pending_rows=st.max_pending_rows)
+    keys = KeyCache()
+    keys.reload(store.conn)
+    reader = await aiosqlite.connect(str(cfg.db_path()))
+    await reader.execute("PRAGMA query_only=1")
+    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
+    pipeline = Pipeline(rt)
+
+    public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
+                                                                     "max_line_size": 64 * 1024})
+    public_app.router.add_route("*", "/{tail:.*}", pipeline)
+    public = web.AppRunner(public_app, handle_signals=False, access_log=None,
+                           handler_cancellation=True, shutdown_timeout=10.0)
+    admin = web.AppRunner(build_admin_app(rt, reader), handle_signals=False, access_log=None)
+    await public.setup()
+    await admin.setup()
+    host, port = split_hostport(cfg.listen)
+    ahost, aport = split_hostport(cfg.admin_listen)
+    site = web.TCPSite(public, host, port, reuse_port=cfg.workers > 1, backlog=1024)
+    await site.start()
+    asite = web.TCPSite(admin, ahost, aport)
+    await asite.start()
+    server = Server(rt, public, admin, reader, _bound_port(site), _bound_port(asite))
+    server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
+    server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
+    server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
+    rt.extras["pipeline"] = pipeline
+    log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
+             f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
+             st.durability)
+    return server
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes no public accessor for the bound socket
+    if server is None or not getattr(server, "sockets", None):
+        return 0
+    return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+
+def reload_rules(rt: Runtime) -> bool:
+    """Swap in the rule files' current content; a broken file keeps the old rules."""
+    try:
+        new = load_ruleset(rt.cfg)
+    except RulesError as exc:
+        rt.rules_error = "\n".join(str(p) for p in exc.problems)
+        metrics.rules_reloads_total.labels("error").inc()
+        log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
+                  rt.rules_error)
+        return False
+    if new.version != rt.rules.version:
+        metrics.rules_info.clear()
+        metrics.rules_info.labels(new.version).set(1)
+        log.info("rules reloaded: %s -> %s", rt.rules.version, new.version)
+        rt.rules = new
+    rt.rules_error = None
+    metrics.rules_reloads_total.labels("ok").inc()
+    return True
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[str, float, int], ...]:
+    out = []
+    for p in paths:
+        try:
+            s = p.stat()
+            out.append((str(p), s.st_mtime, s.st_size))
+        except OSError:
+            out.append((str(p), -1.0, -1))
+    return tuple(out)
+
+
+async def _watch_rules(rt: Runtime, interval: float = 1.0) -> None:
+    stamp = _stamp(rt.cfg.rule_paths())
+    while True:
+        await asyncio.sleep(interval)
+        now = _stamp(rt.cfg.rule_paths())
+        if now != stamp:
+            stamp = now
+            reload_rules(rt)
+
+
+async def _refresh_keys(rt: Runtime) -> None:
+    """Pick up key/customer changes made by another process (the CLI) on the same file."""
+    version = rt.store.data_version()
+    while True:
+        await asyncio.sleep(rt.cfg.keys.cache_refresh)
+        v = rt.store.data_version()
+        if v != version:
+            version = v
+            rt.keys.reload(rt.store.conn)
+
+
+async def _prune_audit(rt: Runtime) -> None:
+    while True:
+        cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
+        rt.store.execute_write(lambda c: c.execute(
+            "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at_ms < ? LIMIT 5000)",
+            (cutoff,)))
+        await asyncio.sleep(3600)
+
+
+async def run_until_signalled(cfg: Config, ready: Callable[[Server], None] | None = None) -> None:
+    server = await start(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stopping.set)
+    with suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload_rules(server.rt))
+    if ready is not None:
+        ready(server)
+    await server.stopping.wait()
+    log.info("shutting down: draining requests, committing usage, final flush")
+    await server.shutdown()
+    log.info("stopped")
+
+
+def serve(cfg: Config) -> None:
+    import uvloop
+
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(run_until_signalled(cfg))

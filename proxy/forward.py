@@ -1,0 +1,91 @@
+"""Upstream: owns the one aiohttp ClientSession (keep-alive pool) to the guarded API.
+
+This is the only module that touches aiohttp's client exceptions: they are translated
+to ``UpstreamUnavailable`` (502) and ``UpstreamTimeout`` (504) here. Bodies are passed
+through byte for byte (``auto_decompress=False``): what the consumer receives is what
+the upstream sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection"))
+
+
+def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
+                     drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """Copy end-to-end headers into ``out`` (hop-by-hop and those named by Connection dropped).
+    ``drop`` holds lower-case names."""
+    conn = headers.get("Connection")
+    skip = HOP_BY_HOP | drop
+    if conn:
+        skip = skip | {t.strip().lower() for t in conn.split(",") if t.strip()}
+    for k, v in headers.items():
+        if k.lower() in skip:
+            continue
+        out.add(k, v)
+    return out
+
+
+class Upstream:
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.base = cfg.url
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
+                                              sock_read=cfg.read_timeout)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.pool_size, ttl_dns_cache=300,
+                                           enable_cleanup_closed=False),
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
+                      data: Any) -> aiohttp.ClientResponse:
+        try:
+            return await self.session.request(method, self.base + path_qs, headers=headers,
+                                              data=data, allow_redirects=False, compress=None)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("the upstream did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(f"the upstream could not be reached ({type(exc).__name__})") \
+                from exc
+
+    async def ws_connect(self, path_qs: str, headers: CIMultiDict[str],
+                         protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
+        url = self.base.replace("http", "ws", 1) + path_qs
+        try:
+            return await self.session.ws_connect(url, headers=headers, protocols=protocols,
+                                                 autoclose=False, autoping=False)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("the upstream did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(f"the upstream could not be reached ({type(exc).__name__})") \
+                from exc
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Upstream body chunks as they arrive; a timeout or reset mid-body becomes UpstreamError."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    except (TimeoutError, aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        raise UpstreamTimeout("the upstream stopped sending mid-body") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamUnavailable(f"the upstream connection broke mid-body ({type(exc).__name__})") \
+            from exc

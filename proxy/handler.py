@@ -1,0 +1,461 @@
+"""The request pipeline: authenticate, match, forward, measure, record.
+
+    consumer -> key -> rule -> (credit check) -> upstream -> stream back -> quantities
+             -> usage row -> [strict: committed] -> final bytes released
+
+Invariants
+- The per-request path does no SQLite I/O and allocates no config objects: rules are
+  compiled, keys are a dict lookup, usage rows go to the Store's in-memory buffer.
+- strict durability: the last bytes of a metered response (the final chunk of a
+  Content-Length body, or the terminating chunk of a chunked one) are written only after
+  the request's usage row is committed. A consumer that received the whole response is
+  therefore in the ledger, whatever happens to the process afterwards.
+- A consumer that disconnects cancels the upstream request; what was measured until then
+  is still recorded (abandoned streams are billed for what was delivered).
+- Errors the proxy itself answers are JSON ``{"error": {"type", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, istr
+
+from proxy import metrics
+from proxy.errors import MeteringUnavailable, UpstreamError
+from proxy.forward import iter_body, strip_hop_by_hop
+from proxy.rules import UNREADABLE, Measurement, Rule, compute
+from proxy.runtime import Runtime
+from proxy.store.db import UsageItem, UsageRow
+
+log = logging.getLogger("meterproxy.handler")
+
+_SMALL_BODY = 64 * 1024
+_XRID = istr("X-Request-Id")
+_CT = "application/json"
+
+
+def error_response(status: int, type_: str, message: str, request_id: str | None = None,
+                   extra: dict[str, Any] | None = None) -> web.Response:
+    err: dict[str, Any] = {"type": type_, "message": message}
+    if extra:
+        err.update(extra)
+    headers = {_XRID: request_id} if request_id else None
+    return web.Response(status=status, body=orjson.dumps({"error": err}), content_type=_CT,
+                        headers=headers)
+
+
+class _Aborted(Exception):
+    """The consumer went away mid-response."""
+
+
+class Pipeline:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        cfg = rt.cfg
+        self.cap = cfg.max_inspect_bytes
+        self.strict = cfg.storage.durability == "strict"
+        self.forward_key = cfg.keys.forward_to_upstream
+        self.reserved = cfg.reserved_prefix.rstrip("/")
+        self._key_headers = [(istr(s.header), s.scheme) for s in cfg.keys.sources if s.header]
+        self._key_query = [s.query for s in cfg.keys.sources if s.query]
+        self._strip_headers = frozenset(s.header.lower() for s in cfg.keys.sources
+                                        if s.header and not self.forward_key) | {"host"}
+        self._req_counters: dict[tuple[str, int], Any] = {}
+        self.reserved_handlers: dict[str, Any] = {}
+
+    # ---- entry point ---------------------------------------------------------------
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        rid = request.headers.get(_XRID) or uuid.uuid4().hex
+        path = request.path
+        if self.reserved and path.startswith(self.reserved):
+            return await self._reserved(request, rid)
+        rules = self.rt.rules
+        match = rules.match(request.method, path, request.headers, request.query)
+        rule = match.rule if match is not None else None
+        rule_name = rule.name if rule is not None else "(unmatched)"
+        key_id = customer_id = ""
+        if rule is None or rule.auth == "required":
+            denied, key_id, customer_id = self._authenticate(request, rid)
+            if denied is not None:
+                self._count(rule_name, denied.status)
+                return denied
+        metered = rule is not None and bool(rule.usage) and bool(customer_id)
+        if metered and not self.rt.store.accepting:
+            metrics.metering_unavailable_total.inc()
+            self._count(rule_name, 503)
+            return error_response(503, "metering_unavailable",
+                                  "Usage cannot be recorded right now; the request was not "
+                                  "forwarded. Retry shortly.", rid)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, rid, rule, match.path_params if match else {},
+                                         key_id, customer_id, rules.version, started)
+        ctx = _Request(self, request, rid, rule, match.path_params if match else {}, key_id,
+                       customer_id, rules.version, started, metered)
+        resp = await ctx.run()
+        self._count(rule_name, resp.status)
+        return resp
+
+    def _count(self, rule: str, status: int) -> None:
+        key = (rule, status // 100)
+        c = self._req_counters.get(key)
+        if c is None:
+            c = self._req_counters[key] = metrics.requests_total.labels(rule, f"{status // 100}xx")
+        c.inc()
+
+    # ---- authentication ------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request,
+                      rid: str) -> tuple[web.Response | None, str, str]:
+        raw = self._extract_key(request)
+        if raw is None:
+            return error_response(401, "missing_api_key",
+                                  "No API key was sent. Send it as 'Authorization: Bearer <key>'.",
+                                  rid), "", ""
+        entry = self.rt.keys.lookup(raw)
+        if entry is None:
+            return error_response(401, "invalid_api_key", "The API key is not valid.", rid), "", ""
+        if entry.revoked:
+            return error_response(403, "key_revoked", "This API key has been revoked.", rid), "", ""
+        cust = self.rt.keys.customers.get(entry.customer_id)
+        if cust is None or cust.status == "suspended":
+            return error_response(403, "customer_suspended",
+                                  "This account is suspended. Contact support.", rid), "", ""
+        return None, entry.key_id, entry.customer_id
+
+    def _extract_key(self, request: web.Request) -> str | None:
+        headers = request.headers
+        for name, scheme in self._key_headers:
+            value = headers.get(name)
+            if not value:
+                continue
+            if scheme:
+                prefix, _, token = value.partition(" ")
+                if prefix.lower() != scheme.lower() or not token.strip():
+                    continue
+                return token.strip()
+            return value.strip()
+        for q in self._key_query:
+            v = request.query.get(q)
+            if v:
+                return v
+        return None
+
+    # ---- reserved paths (consumer usage API, webhooks) -----------------------------
+
+    async def _reserved(self, request: web.Request, rid: str) -> web.StreamResponse:
+        sub = request.path[len(self.reserved):] or "/"
+        handler = self.reserved_handlers.get(sub)
+        if handler is None:
+            return error_response(404, "not_found", "No such endpoint.", rid)
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
+    # ---- websockets ------------------------------------------------------------------
+
+    async def _websocket(self, request: web.Request, rid: str, rule: Rule | None,
+                         params: Any, key_id: str, customer_id: str, version: str,
+                         started: float) -> web.StreamResponse:
+        headers = self.upstream_headers(request, rid)
+        for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+                  "Sec-WebSocket-Protocol"):
+            headers.popall(h, None)
+        protocols = tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
+                          .split(",") if p.strip())
+        try:
+            upstream_ws = await self.rt.upstream.ws_connect(request.path_qs, headers, protocols)
+        except UpstreamError as exc:
+            return error_response(exc.status, exc.type, str(exc), rid)
+        server_ws = web.WebSocketResponse(protocols=protocols, autoping=False)
+        await server_ws.prepare(request)
+        # an upgraded session counts as a success (2xx) for count_when
+        status = 200
+        try:
+            await _pump_ws(server_ws, upstream_ws)
+        finally:
+            await upstream_ws.close()
+            await server_ws.close()
+            if rule is not None and rule.usage and customer_id:
+                m = Measurement(status=status, request_headers=request.headers,
+                                response_headers={}, query=request.query, path_params=params,
+                                request_json=UNREADABLE, response_body=None, request_bytes=0,
+                                response_bytes=0,
+                                duration_ms=Decimal(int((time.perf_counter() - started) * 1000)))
+                self.record(rid, rule, m, key_id, customer_id, version, "websocket")
+        return server_ws
+
+    # ---- shared helpers ------------------------------------------------------------------
+
+    def upstream_headers(self, request: web.Request, rid: str) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        strip_hop_by_hop(request.headers, headers, self._strip_headers)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers["X-Forwarded-Host"] = request.host
+        headers[_XRID] = rid
+        return headers
+
+    def record(self, rid: str, rule: Rule, m: Measurement, key_id: str, customer_id: str,
+               version: str, flags: str) -> asyncio.Future[None] | None:
+        """Turn a measurement into a usage row (pure quantities) and hand it to the Store."""
+        if not rule.count_when.matches(m.status):
+            return None
+        items = []
+        for q in compute(rule, m):
+            f = flags
+            if q.unreadable:
+                metrics.unreadable_quantities_total.labels(rule.name).inc()
+                f = f"{f},unreadable" if f else "unreadable"
+            items.append(UsageItem(q.meter, q.micro, 0, q.micro, f))
+            if q.micro:
+                metrics.metered_units_total.labels(q.meter).inc(q.micro / 1_000_000)
+        if not items:
+            return None
+        row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items)
+        return self.rt.store.record(row, wait=self.strict and not flags)
+
+
+class _Request:
+    """One proxied HTTP request: the state that lives between forward and record."""
+
+    __slots__ = ("customer_id", "flags", "key_id", "match_params", "metered", "p", "req",
+                 "request_bytes", "request_json", "rid", "rule", "started", "upstream_s",
+                 "version")
+
+    def __init__(self, p: Pipeline, req: web.Request, rid: str, rule: Rule | None,
+                 params: Any, key_id: str, customer_id: str, version: str, started: float,
+                 metered: bool) -> None:
+        self.p, self.req, self.rid, self.rule = p, req, rid, rule
+        self.match_params, self.key_id, self.customer_id = params, key_id, customer_id
+        self.version, self.started, self.metered = version, started, metered
+        self.request_bytes = 0
+        self.request_json: object = UNREADABLE
+        self.upstream_s = 0.0
+        self.flags = ""
+
+    async def run(self) -> web.StreamResponse:
+        req, p = self.req, self.p
+        headers = p.upstream_headers(req, self.rid)
+        data = await self._request_body(headers)
+        t_up = time.perf_counter()
+        try:
+            upstream = await p.rt.upstream.request(req.method, req.path_qs, headers, data)
+        except UpstreamError as exc:
+            metrics.upstream_errors_total.labels(exc.type).inc()
+            return error_response(exc.status, exc.type, str(exc), self.rid)
+        try:
+            return await self._respond(upstream, t_up)
+        finally:
+            upstream.release()
+
+    async def _request_body(self, headers: CIMultiDict[str]) -> Any:
+        req = self.req
+        if not req.body_exists:
+            return None
+        if self.rule is not None and self.rule.request_json and self.metered:
+            return await self._inspect_request_body(headers)
+        return self._count_stream(req.content)
+
+    async def _count_stream(self, content: aiohttp.StreamReader) -> Any:
+        async for chunk in content.iter_any():
+            self.request_bytes += len(chunk)
+            yield chunk
+
+    async def _inspect_request_body(self, headers: CIMultiDict[str]) -> Any:
+        cap = self.p.cap
+        buf = bytearray()
+        content = self.req.content
+        while len(buf) <= cap:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            buf += chunk
+        if len(buf) <= cap:
+            self.request_bytes = len(buf)
+            try:
+                self.request_json = orjson.loads(buf) if buf else UNREADABLE
+            except orjson.JSONDecodeError:
+                self.request_json = UNREADABLE
+            headers.popall("Transfer-Encoding", None)
+            headers["Content-Length"] = str(len(buf))
+            return bytes(buf)
+        # over the inspection cap: stream what was read, then the rest, untouched
+        return self._prefixed(bytes(buf), content)
+
+    async def _prefixed(self, prefix: bytes, content: aiohttp.StreamReader) -> Any:
+        self.request_bytes += len(prefix)
+        yield prefix
+        async for chunk in content.iter_any():
+            self.request_bytes += len(chunk)
+            yield chunk
+
+    async def _respond(self, upstream: aiohttp.ClientResponse, t_up: float) -> web.StreamResponse:
+        p, rule, req = self.p, self.rule, self.req
+        out_headers: CIMultiDict[str] = CIMultiDict()
+        strip_hop_by_hop(upstream.headers, out_headers)
+        out_headers[_XRID] = self.rid
+        inspector = None
+        if rule is not None and self.metered:
+            inspector = rule.new_inspector(upstream.headers.get("Content-Type"), p.cap)
+        clen = upstream.content_length
+        chunked = clen is None
+        status = upstream.status
+        if req.method == "HEAD" or status in (204, 304):
+            self.upstream_s = time.perf_counter() - t_up
+            await self._finish(status, upstream, None, 0)
+            return web.Response(status=status, headers=out_headers)
+        if clen is not None and clen <= _SMALL_BODY:
+            return await self._respond_small(upstream, out_headers, inspector, t_up)
+        if chunked:
+            out_headers.popall("Content-Length", None)
+        resp = web.StreamResponse(status=status, headers=out_headers)
+        if clen is not None:
+            resp.content_length = clen
+        await resp.prepare(req)
+        sent = 0
+        held: bytes | None = None
+        hold_last = self.metered and p.strict and clen is not None
+        try:
+            async for chunk in iter_body(upstream):
+                sent += len(chunk)
+                if inspector is not None:
+                    inspector.feed(chunk)
+                if hold_last and clen is not None and sent >= clen:
+                    held = chunk
+                    break
+                await _write(resp, chunk)
+        except UpstreamError as exc:
+            # the upstream died mid-body: the consumer gets a truncated response (the
+            # connection is closed, never a clean end) and the request counts as a 502
+            metrics.upstream_errors_total.labels(exc.type + "_midstream").inc()
+            self.flags = "upstream_aborted"
+            self.upstream_s = time.perf_counter() - t_up
+            await self._finish(502, upstream, inspector, sent)
+            _kill(req)
+            return resp
+        except (_Aborted, asyncio.CancelledError):
+            metrics.client_aborts_total.inc()
+            self.flags = "abandoned"
+            self.upstream_s = time.perf_counter() - t_up
+            await self._finish(status, upstream, inspector, sent)
+            raise
+        self.upstream_s = time.perf_counter() - t_up
+        try:
+            await self._finish(status, upstream, inspector, sent)
+        except MeteringUnavailable:
+            metrics.metering_unavailable_total.inc()
+            _kill(req)
+            return resp
+        if held is not None:
+            await _write(resp, held)
+        await resp.write_eof()
+        return resp
+
+    async def _respond_small(self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                             inspector: Any, t_up: float) -> web.StreamResponse:
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            kind = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_unavailable"
+            metrics.upstream_errors_total.labels(kind + "_midstream").inc()
+            self.flags = "upstream_aborted"
+            self.upstream_s = time.perf_counter() - t_up
+            await self._finish(502, upstream, inspector, 0)
+            status = 504 if kind == "upstream_timeout" else 502
+            return error_response(status, kind, "The upstream broke off its answer.", self.rid)
+        if inspector is not None:
+            inspector.feed(body)
+        self.upstream_s = time.perf_counter() - t_up
+        try:
+            await self._finish(upstream.status, upstream, inspector, len(body))
+        except MeteringUnavailable:
+            metrics.metering_unavailable_total.inc()
+            return error_response(503, "metering_unavailable",
+                                  "Usage could not be recorded; the answer is withheld. "
+                                  "Retry shortly.", self.rid)
+        headers.popall("Content-Length", None)
+        return web.Response(status=upstream.status, headers=headers, body=body)
+
+    async def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
+                      response_bytes: int) -> None:
+        """Measure, record, and in strict mode wait for the commit."""
+        total = time.perf_counter() - self.started
+        metrics.upstream_seconds.observe(self.upstream_s)
+        metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
+        rule = self.rule
+        if rule is None or not self.metered:
+            return
+        m = Measurement(status=status, request_headers=self.req.headers,
+                        response_headers=upstream.headers, query=self.req.query,
+                        path_params=self.match_params, request_json=self.request_json,
+                        response_body=inspector.result() if inspector is not None else None,
+                        request_bytes=self.request_bytes, response_bytes=response_bytes,
+                        duration_ms=Decimal(int(total * 1000)))
+        fut = self.p.record(self.rid, rule, m, self.key_id, self.customer_id, self.version,
+                            self.flags)
+        if fut is not None:
+            await fut
+
+
+async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
+    try:
+        await resp.write(chunk)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
+        raise _Aborted() from exc
+
+
+def _kill(req: web.Request) -> None:
+    """Close the consumer connection without a clean end, so a partial body is never mistaken
+    for a complete one."""
+    transport = req.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _pump_ws(server: web.WebSocketResponse, client: aiohttp.ClientWebSocketResponse) -> None:
+    async def down() -> None:
+        async for msg in client:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await server.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await server.send_bytes(msg.data)
+            elif msg.type == aiohttp.WSMsgType.PING:
+                await server.ping(msg.data)
+            elif msg.type == aiohttp.WSMsgType.PONG:
+                await server.pong(msg.data)
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
+                break
+
+    async def up() -> None:
+        async for msg in server:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await client.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await client.send_bytes(msg.data)
+            elif msg.type == aiohttp.WSMsgType.PING:
+                await client.ping(msg.data)
+            elif msg.type == aiohttp.WSMsgType.PONG:
+                await client.pong(msg.data)
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
+                break
+
+    from proxy.tasks import spawn
+    tasks = [spawn("ws-down", down()), spawn("ws-up", up())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

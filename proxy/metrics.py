@@ -1,0 +1,59 @@
+"""Every Prometheus metric meterproxy exports, declared once (SPEC section 8).
+
+No metric carries a per-customer label: cardinality stays bounded by the number of
+rules, meters and outcomes, which the operator controls.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LAT = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+        5, 10, 30, 60)
+
+requests_total = Counter("meterproxy_requests_total", "Requests answered, by rule and status class",
+                         ["rule", "code_class"], registry=REGISTRY)
+metered_units_total = Counter("meterproxy_metered_units_total", "Units recorded per meter",
+                              ["meter"], registry=REGISTRY)
+credit_rejections_total = Counter("meterproxy_credit_rejections_total",
+                                  "Requests refused (or, in shadow mode, that would have been) for lack of credits",
+                                  registry=REGISTRY)
+pending_usage_rows = Gauge("meterproxy_pending_usage_rows",
+                           "Usage rows in memory, not yet committed to SQLite", registry=REGISTRY)
+flush_lag_seconds = Gauge("meterproxy_flush_lag_seconds",
+                          "Age of the oldest usage not yet delivered to the sink", registry=REGISTRY)
+stripe_requests_total = Counter("meterproxy_stripe_requests_total", "Calls to the usage sink by outcome",
+                                ["outcome"], registry=REGISTRY)
+dead_letters = Gauge("meterproxy_dead_letters", "Dead-lettered usage reports awaiting replay",
+                     registry=REGISTRY)
+unreadable_quantities_total = Counter("meterproxy_unreadable_quantities_total",
+                                      "Quantities that could not be read; on_unreadable applied",
+                                      ["rule"], registry=REGISTRY)
+upstream_seconds = Histogram("meterproxy_upstream_seconds", "Time spent waiting on the upstream",
+                             buckets=_LAT, registry=REGISTRY)
+overhead_seconds = Histogram("meterproxy_overhead_seconds",
+                             "Time the proxy added to a request (total minus upstream)",
+                             buckets=_LAT, registry=REGISTRY)
+commits_total = Counter("meterproxy_storage_commits_total", "Group commits by outcome", ["outcome"],
+                        registry=REGISTRY)
+commit_rows = Histogram("meterproxy_storage_commit_rows", "Usage rows per group commit",
+                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=REGISTRY)
+commit_seconds = Histogram("meterproxy_storage_commit_seconds", "Duration of one group commit",
+                           buckets=_LAT, registry=REGISTRY)
+lost_usage_rows_total = Counter("meterproxy_lost_usage_rows_total",
+                                "Usage rows dropped because storage could not commit (fail_mode open)",
+                                registry=REGISTRY)
+metering_unavailable_total = Counter("meterproxy_metering_unavailable_total",
+                                     "Requests answered 503 because storage could not commit",
+                                     registry=REGISTRY)
+rules_reloads_total = Counter("meterproxy_rules_reloads_total", "Rule reloads by outcome", ["outcome"],
+                              registry=REGISTRY)
+rules_info = Gauge("meterproxy_rules_version_info", "The rules version in force", ["version"],
+                   registry=REGISTRY)
+client_aborts_total = Counter("meterproxy_client_aborts_total",
+                              "Responses the consumer abandoned before the end (still metered)",
+                              registry=REGISTRY)
+upstream_errors_total = Counter("meterproxy_upstream_errors_total", "Upstream failures by kind",
+                                ["kind"], registry=REGISTRY)

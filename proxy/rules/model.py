@@ -1,0 +1,238 @@
+"""The compiled, immutable metering-rules model.
+
+Owns: the value types the loader produces and the handler consumes: :class:`Meter`,
+:class:`Rule`, :class:`UsageSpec`, :class:`QuantitySource`, :class:`Transform`,
+:class:`CountWhen`, :class:`RuleSet`, :class:`Match`, the preset table and the
+problem / error types.
+
+Invariants:
+- Every object is a frozen, slotted dataclass built once at load; nothing here
+  changes per request and nothing here does I/O.
+- Quantities and credits follow ``proxy.units``: quantities in micro-units (int),
+  credit prices as exact ``Decimal``; no floats.
+- A rule's response needs (``response_body``, the probes) are derived at load from
+  its usage, so a rule that needs nothing from the body gets no inspector at all.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from proxy.rules.matcher import Matcher, MatchIndex
+from proxy.rules.sse import Probe, ResponseInspector, new_inspector
+
+__all__ = [
+    "PRESETS",
+    "CountWhen",
+    "Match",
+    "Meter",
+    "PresetSpec",
+    "Problem",
+    "QuantitySource",
+    "ResponseNeed",
+    "Rule",
+    "RuleSet",
+    "RulesError",
+    "SourceKind",
+    "Transform",
+    "UsageSpec",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a rules file, at a 1-based position."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+
+class RulesError(Exception):
+    """The rule files have problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    name: str
+    stripe_event_name: str
+    covered_event_name: str | None = None
+    description: str | None = None
+
+
+class SourceKind(enum.Enum):
+    CONSTANT = "constant"
+    REQUEST_HEADER = "request.header"
+    RESPONSE_HEADER = "response.header"
+    REQUEST_QUERY = "request.query"
+    PATH_PARAM = "path"
+    REQUEST_JSON = "request.json"
+    RESPONSE_JSON = "response.json"
+    REQUEST_BYTES = "request.bytes"
+    RESPONSE_BYTES = "response.bytes"
+    DURATION_MS = "duration_ms"
+    PRESET = "preset"
+
+
+@dataclass(frozen=True, slots=True)
+class QuantitySource:
+    """Where a usage quantity comes from.
+
+    ``name`` is the header / query / path-param name; ``path`` the JSON path;
+    ``constant`` the number for CONSTANT; ``preset`` the preset name for PRESET;
+    ``text`` is what the operator wrote."""
+
+    kind: SourceKind
+    text: str
+    name: str = ""
+    path: tuple[str, ...] = ()
+    constant: Decimal | None = None
+    preset: str | None = None
+
+    @property
+    def probe_key(self) -> str:
+        """Key of this source's value in a ``BodyView`` (response sources only)."""
+        return "json:" + ".".join(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class PresetSpec:
+    """An LLM response shape: which probes to read and which keys add up to the total."""
+
+    name: str
+    json_probes: tuple[Probe, ...]
+    sse_probes: tuple[Probe, ...]
+    sum_keys: tuple[str, ...]
+
+
+def _presets() -> dict[str, PresetSpec]:
+    oc = Probe("openai_chat.total", ("usage", "total_tokens"))
+    ai = "anthropic_messages.input"
+    ao = "anthropic_messages.output"
+    ort = "openai_responses.total"
+    return {
+        "openai_chat": PresetSpec("openai_chat", (oc,), (oc,), (oc.key,)),
+        "anthropic_messages": PresetSpec(
+            "anthropic_messages",
+            (Probe(ai, ("usage", "input_tokens")), Probe(ao, ("usage", "output_tokens"))),
+            (Probe(ai, ("message", "usage", "input_tokens"), "message_start"),
+             Probe(ao, ("usage", "output_tokens"), "message_delta")),
+            (ai, ao)),
+        "openai_responses": PresetSpec(
+            "openai_responses",
+            (Probe(ort, ("usage", "total_tokens")),),
+            (Probe(ort, ("response", "usage", "total_tokens"), "response.completed"),),
+            (ort,)),
+    }
+
+
+PRESETS: Mapping[str, PresetSpec] = _presets()
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """Stripe ``transform_quantity``: divide, then round to a whole unit."""
+
+    divide_by: int
+    round: Literal["up", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class CountWhen:
+    """Which upstream statuses make a request billable. ``matches`` is one set lookup."""
+
+    statuses: frozenset[int]
+    any: bool = False
+    text: tuple[str, ...] = ("2xx",)
+
+    def matches(self, status: int) -> bool:
+        return self.any or status in self.statuses
+
+
+DEFAULT_COUNT_WHEN = CountWhen(frozenset(range(200, 300)))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSpec:
+    """One meter a rule reports, and how to compute its quantity."""
+
+    meter: str
+    source: QuantitySource
+    credits_per_unit: Decimal | None = None
+    estimate_micro: int | None = None
+    transform: Transform | None = None
+    on_unreadable_micro: int = 0
+    line: int = 0
+
+
+class ResponseNeed(enum.Enum):
+    """What the handler must feed the inspector: nothing, a JSON body (response.json.*
+    paths, which also read SSE ``data:`` events), or an LLM preset shape (SSE or JSON)."""
+
+    NONE = "none"
+    JSON = "json"
+    SSE_OR_JSON = "sse_or_json"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    auth: Literal["required", "none"]
+    usage: tuple[UsageSpec, ...]
+    count_when: CountWhen
+    request_json: bool
+    response_body: ResponseNeed
+    matcher: Matcher = field(default_factory=Matcher)
+    description: str | None = None
+    file: str = ""
+    line: int = 0
+    json_probes: tuple[Probe, ...] = ()
+    sse_probes: tuple[Probe, ...] = ()
+
+    def new_inspector(self, content_type: str | None,
+                      max_inspect_bytes: int) -> ResponseInspector | None:
+        """A per-request inspector for the response body, or None if none is needed."""
+        if self.response_body is ResponseNeed.NONE:
+            return None
+        return new_inspector(self.json_probes, self.sse_probes, content_type,
+                             max_inspect_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    rule: Rule
+    path_params: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """All rules (file order) and meters; ``match`` is compiled once at construction."""
+
+    version: str
+    meters: Mapping[str, Meter]
+    rules: tuple[Rule, ...]
+    _index: MatchIndex[Rule] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = MatchIndex([(r.matcher, r) for r in self.rules])
+        object.__setattr__(self, "_index", index)
+
+    def match(self, method: str, path: str, headers: Mapping[str, str],
+              query: Mapping[str, str]) -> Match | None:
+        """The first rule matching the request (headers mapping is case-insensitive)."""
+        found = self._index.match(method, path, headers, query)
+        if found is None:
+            return None
+        return Match(found[0], found[1])

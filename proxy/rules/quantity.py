@@ -1,0 +1,147 @@
+"""Quantity extraction: from a finished (or abandoned) request to micro-unit quantities.
+
+Owns: :class:`Measurement` (everything known about one request), :class:`Quantity`
+and :func:`compute`.
+
+Invariants:
+- Pure and total: :func:`compute` never raises, whatever the JSON, headers or body.
+- Exact: numbers are parsed to ``Decimal`` (strings by a strict decimal grammar, no
+  ``_`` separators, no NaN/inf), never through float arithmetic.
+- A value that cannot be read (absent, not a number, bool, negative, non-finite,
+  beyond ``MAX_UNITS``, malformed or over-cap body, stream abandoned too early)
+  yields the usage's ``on_unreadable`` quantity with ``unreadable=True``;
+  ``on_unreadable`` is already in meter units and is not transformed.
+- A transform divides the unit quantity exactly (``Fraction``) and rounds to whole
+  units, as Stripe's ``transform_quantity`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+from proxy.rules.model import PRESETS, Rule, SourceKind, Transform, UsageSpec
+from proxy.rules.sse import UNREADABLE, BodyView, lookup
+from proxy.units import QSCALE, UnitError, to_decimal, to_micro
+
+__all__ = ["MAX_UNITS", "UNREADABLE", "Measurement", "Quantity", "compute", "parse_number"]
+
+MAX_UNITS = Decimal(10) ** 12  # above this a reading is treated as unreadable (int64 headroom)
+_NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    status: int
+    request_headers: Mapping[str, str]
+    response_headers: Mapping[str, str]
+    query: Mapping[str, str]
+    path_params: Mapping[str, str]
+    request_json: object  # parsed JSON, or UNREADABLE (malformed / over cap / absent)
+    response_body: BodyView | None
+    request_bytes: int
+    response_bytes: int
+    duration_ms: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Quantity:
+    meter: str
+    micro: int
+    unreadable: bool
+
+
+def parse_number(value: object) -> Decimal | None:
+    """A finite, non-negative, in-range Decimal from a JSON/header value, else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str) and _NUMBER.match(value) is None:
+        return None
+    if not isinstance(value, (int, float, str, Decimal)):
+        return None
+    try:
+        d = to_decimal(value)
+    except (UnitError, ArithmeticError, ValueError):
+        return None
+    if d < 0 or d > MAX_UNITS:
+        return None
+    return d
+
+
+def _body_value(body: BodyView | None, key: str) -> object:
+    if body is None or body.malformed:
+        return UNREADABLE
+    return body.get(key)
+
+
+def _preset_total(name: str, body: BodyView | None) -> Decimal | None:
+    spec = PRESETS[name]
+    total = Decimal(0)
+    for key in spec.sum_keys:
+        d = parse_number(_body_value(body, key))
+        if d is None:
+            return None
+        total += d
+    return total if total <= MAX_UNITS else None
+
+
+def _raw(u: UsageSpec, m: Measurement) -> object:
+    """The unparsed value a source points at (UNREADABLE when absent)."""
+    src = u.source
+    kind = src.kind
+    if kind is SourceKind.CONSTANT:
+        return src.constant
+    if kind is SourceKind.REQUEST_HEADER:
+        return m.request_headers.get(src.name, UNREADABLE)
+    if kind is SourceKind.RESPONSE_HEADER:
+        return m.response_headers.get(src.name, UNREADABLE)
+    if kind is SourceKind.REQUEST_QUERY:
+        return m.query.get(src.name, UNREADABLE)
+    if kind is SourceKind.PATH_PARAM:
+        return m.path_params.get(src.name, UNREADABLE)
+    if kind is SourceKind.REQUEST_JSON:
+        rj = m.request_json
+        return UNREADABLE if rj is UNREADABLE else lookup(rj, src.path)
+    if kind is SourceKind.RESPONSE_JSON:
+        return _body_value(m.response_body, src.probe_key)
+    if kind is SourceKind.REQUEST_BYTES:
+        return m.request_bytes
+    if kind is SourceKind.RESPONSE_BYTES:
+        return m.response_bytes
+    if kind is SourceKind.DURATION_MS:
+        return m.duration_ms
+    return UNREADABLE
+
+
+def _value(u: UsageSpec, m: Measurement) -> Decimal | None:
+    if u.source.kind is SourceKind.PRESET:
+        assert u.source.preset is not None
+        return _preset_total(u.source.preset, m.response_body)
+    return parse_number(_raw(u, m))
+
+
+def apply_transform(units: Decimal, t: Transform) -> int:
+    """Whole units after Stripe's transform (exact division, then ceil / floor)."""
+    exact = Fraction(units) / t.divide_by
+    return math.ceil(exact) if t.round == "up" else math.floor(exact)
+
+
+def _one(u: UsageSpec, m: Measurement) -> Quantity:
+    d = _value(u, m)
+    if d is None:
+        return Quantity(u.meter, u.on_unreadable_micro, True)
+    try:
+        micro = (apply_transform(d, u.transform) * QSCALE if u.transform is not None
+                 else to_micro(d))
+    except (ArithmeticError, InvalidOperation, UnitError, ValueError):
+        return Quantity(u.meter, u.on_unreadable_micro, True)
+    return Quantity(u.meter, micro, False)
+
+
+def compute(rule: Rule, m: Measurement) -> list[Quantity]:
+    """One :class:`Quantity` per usage spec of ``rule``, in rule order. Never raises."""
+    return [_one(u, m) for u in rule.usage]

@@ -1,0 +1,30 @@
+"""Runtime: the live objects a running proxy shares (one instance per process).
+
+Built by ``proxy.app`` (the composition root); read by the handler and the admin API.
+``rules`` is swapped whole on hot reload; readers take one reference per request, so a
+request is priced by exactly one rules version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy.config import Config
+from proxy.rules import RuleSet
+from proxy.store.db import Store
+from proxy.store.keys import KeyCache
+
+if TYPE_CHECKING:
+    from proxy.forward import Upstream
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    rules: RuleSet
+    store: Store
+    keys: KeyCache
+    upstream: Upstream
+    rules_error: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,304 @@
+"""Store: the one owner of the SQLite write connection, and the group commit.
+
+Invariants
+1. Only this object writes to the database file of a running proxy. It uses the stdlib
+   ``sqlite3`` module inline on the event-loop thread (aiosqlite's writer thread starves
+   on the GIL when the loop is saturated; see PERF.md). Each group commit is a single
+   synchronous ``BEGIN IMMEDIATE .. COMMIT`` with no ``await`` inside, so nothing else on
+   the loop can interleave with a transaction.
+2. ``record()`` never blocks and never touches the disk: it appends to ``_pending``.
+   In ``strict`` durability a commit is scheduled with ``call_soon`` the moment rows are
+   waiting and no commit is running, so a request waits for about one commit. In
+   ``batched`` a commit runs every ``commit_interval``.
+3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
+   puts its rows back at the front of ``_pending``. ``fail_mode: closed`` fails the
+   waiting requests (they answer 503 / abort, the row itself is kept and retried);
+   ``open`` lets them through and only drops rows when the in-memory bound is hit,
+   counting every dropped row.
+4. WAL + ``synchronous=NORMAL``: a committed transaction survives ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy import metrics
+from proxy.errors import MeteringUnavailable, StorageError
+from proxy.store.schema import MIGRATIONS
+
+log = logging.getLogger("meterproxy.store")
+
+
+@dataclass(slots=True)
+class UsageItem:
+    meter: str
+    quantity: int          # micro-units measured
+    credits: int = 0       # micro-credits debited
+    billable: int = 0      # micro-units not covered by credits (goes to Stripe)
+    flags: str = ""        # e.g. "unreadable", "abandoned"
+
+
+@dataclass(slots=True)
+class UsageRow:
+    request_id: str
+    at: float              # unix seconds (commit minute is derived from it)
+    customer_id: str
+    key_id: str
+    rule: str
+    rules_version: str
+    status: int
+    items: list[UsageItem]
+    future: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+# A hook run inside every group-commit transaction, after the usage rows are written
+# (credits ledger entries, outbox bookkeeping). It must not commit.
+TxHook = Callable[[sqlite3.Connection], None]
+
+
+def connect(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                           timeout=5.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    _migrate(conn)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(script):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={i}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> Iterable[str]:
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf.strip()
+            buf = ""
+    if buf.strip():
+        yield buf.strip()
+
+
+_AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
+              " status, meter, quantity, credits, billable, flags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+_USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
+              " requests, billable, covered) VALUES (?,?,?,?,?,?,?,?,?)"
+              " ON CONFLICT(customer_id, key_id, meter, minute, rules_version) DO UPDATE SET"
+              " quantity = quantity + excluded.quantity, requests = requests + excluded.requests,"
+              " billable = billable + excluded.billable, covered = covered + excluded.covered")
+
+
+class Store:
+    """Owns the write connection. Create with ``Store.open`` inside a running loop."""
+
+    def __init__(self, conn: sqlite3.Connection, *, durability: str, commit_interval: float,
+                 fail_mode: str, max_pending_rows: int) -> None:
+        self.conn = conn
+        self.durability = durability
+        self.commit_interval = commit_interval
+        self.fail_mode = fail_mode
+        self.max_pending_rows = max_pending_rows
+        self.healthy = True
+        self.last_error: str | None = None
+        self._pending: list[UsageRow] = []
+        self._scheduled = False
+        self._closed = False
+        self._retry_delay = 0.05
+        self._loop = asyncio.get_running_loop()
+        self._batch_task: asyncio.TimerHandle | None = None
+        self._hooks: list[TxHook] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
+             commit_interval: float = 0.01, fail_mode: str = "closed",
+             max_pending_rows: int = 200_000) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = connect(path, synchronous)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open {path}: {exc}") from exc
+        return cls(conn, durability=durability, commit_interval=commit_interval,
+                   fail_mode=fail_mode, max_pending_rows=max_pending_rows)
+
+    def add_tx_hook(self, hook: TxHook) -> None:
+        self._hooks.append(hook)
+
+    # ---- hot path -------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """False when a metered request must be refused up front (fail_mode closed)."""
+        return self.healthy or self.fail_mode == "open"
+
+    def record(self, row: UsageRow, wait: bool) -> asyncio.Future[None] | None:
+        """Queue a usage row. With ``wait`` the returned future resolves once committed."""
+        if wait:
+            row.future = self._loop.create_future()
+        self._pending.append(row)
+        self._idle.clear()
+        if not self._scheduled:
+            self._scheduled = True
+            if self.durability == "strict" and self.healthy:
+                self._loop.call_soon(self._commit_now)
+            else:
+                delay = self.commit_interval if self.healthy else self._retry_delay
+                self._loop.call_later(delay, self._commit_now)
+        return row.future
+
+    # ---- the group commit -----------------------------------------------------------
+
+    def _commit_now(self) -> None:
+        self._scheduled = False
+        rows, self._pending = self._pending, []
+        if not rows:
+            self._idle.set()
+            return
+        started = time.perf_counter()
+        try:
+            self._write(rows)
+        except sqlite3.Error as exc:
+            self._on_failure(rows, exc)
+        else:
+            self._on_success(rows, time.perf_counter() - started)
+        metrics.pending_usage_rows.set(len(self._pending))
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            if self.healthy and self.durability == "strict":
+                self._loop.call_soon(self._commit_now)
+            else:
+                self._loop.call_later(self.commit_interval if self.healthy else self._retry_delay,
+                                      self._commit_now)
+        elif not self._pending:
+            self._idle.set()
+
+    def _write(self, rows: Sequence[UsageRow]) -> None:
+        audit: list[tuple[Any, ...]] = []
+        agg: dict[tuple[str, str, str, int, str], list[int]] = {}
+        for r in rows:
+            at_ms = int(r.at * 1000)
+            minute = int(r.at // 60) * 60
+            for it in r.items:
+                audit.append((r.request_id, at_ms, r.customer_id, r.key_id, r.rule,
+                              r.rules_version, r.status, it.meter, it.quantity, it.credits,
+                              it.billable, it.flags))
+                k = (r.customer_id, r.key_id, it.meter, minute, r.rules_version)
+                a = agg.get(k)
+                if a is None:
+                    agg[k] = [it.quantity, 1, it.billable, it.quantity - it.billable]
+                else:
+                    a[0] += it.quantity
+                    a[1] += 1
+                    a[2] += it.billable
+                    a[3] += it.quantity - it.billable
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_AUDIT_SQL, audit)
+            conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
+            for hook in self._hooks:
+                hook(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _on_success(self, rows: Sequence[UsageRow], seconds: float) -> None:
+        if not self.healthy:
+            log.warning("storage recovered; %d rows committed", len(rows))
+        self.healthy = True
+        self.last_error = None
+        self._retry_delay = 0.05
+        metrics.commits_total.labels("ok").inc()
+        metrics.commit_rows.observe(len(rows))
+        metrics.commit_seconds.observe(seconds)
+        for r in rows:
+            if r.future is not None and not r.future.done():
+                r.future.set_result(None)
+
+    def _on_failure(self, rows: list[UsageRow], exc: sqlite3.Error) -> None:
+        self.healthy = False
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._retry_delay = min(self._retry_delay * 2, 1.0)
+        metrics.commits_total.labels("error").inc()
+        log.error("group commit of %d rows failed (%s); rows kept in memory", len(rows),
+                  self.last_error)
+        for r in rows:
+            fut, r.future = r.future, None
+            if fut is not None and not fut.done():
+                if self.fail_mode == "closed":
+                    fut.set_exception(MeteringUnavailable(self.last_error))
+                else:
+                    fut.set_result(None)
+        keep = rows + self._pending
+        overflow = len(keep) - self.max_pending_rows
+        if overflow > 0:
+            # only reachable after a long outage; fail_mode closed stops admitting long before
+            del keep[:overflow]
+            metrics.lost_usage_rows_total.inc(overflow)
+            log.error("dropped %d usage rows: storage down and the memory bound was reached",
+                      overflow)
+        self._pending = keep
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every pending row is committed (or the timeout passes)."""
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._commit_now)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def commit_pending(self) -> None:
+        """Synchronous final commit (shutdown)."""
+        if self._pending:
+            self._commit_now()
+
+    def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a small write transaction (admin operations) on the owned connection."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        self.commit_pending()
+        self._closed = True
+        self.conn.close()

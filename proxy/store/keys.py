@@ -1,0 +1,139 @@
+"""Customers and API keys: SQL operations plus the in-memory lookup cache.
+
+Invariants
+- A key's secret exists only in the response that created it; the database keeps the
+  SHA-256 of it (keys are 32 random bytes, so a fast hash is the right hash) and a short
+  display prefix.
+- The hot path never queries SQLite: ``KeyCache.lookup`` is a dict lookup. The cache is
+  replaced whole by ``reload()``, which runs after every admin write in this process and
+  whenever another process (the CLI) changes the database (``PRAGMA data_version``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    id: str
+    stripe_customer_id: str | None
+    status: str
+    overage: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "stripe_customer_id": self.stripe_customer_id,
+                "status": self.status, "overage": self.overage}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    key_id: str
+    customer_id: str
+    revoked: bool
+
+
+class InvalidInput(ValueError):
+    pass
+
+
+def valid_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise InvalidInput(f"{what} must be 1-128 characters of letters, digits and _.:@-")
+    return value
+
+
+def upsert_customer(conn: sqlite3.Connection, cid: str, stripe_customer_id: str | None,
+                    overage: str | None, status: str | None) -> tuple[Customer, bool]:
+    """Create or update; returns (customer, created)."""
+    valid_id(cid, "id")
+    if overage is not None and overage not in ("bill", "block"):
+        raise InvalidInput("overage must be 'bill' or 'block'")
+    if status is not None and status not in ("active", "suspended"):
+        raise InvalidInput("status must be 'active' or 'suspended'")
+    now = int(time.time())
+    row = conn.execute("SELECT stripe_customer_id, status, overage FROM customers WHERE id=?",
+                       (cid,)).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO customers(id, stripe_customer_id, status, overage, created_at,"
+                     " updated_at) VALUES (?,?,?,?,?,?)",
+                     (cid, stripe_customer_id, status or "active", overage or "bill", now, now))
+        return Customer(cid, stripe_customer_id, status or "active", overage or "bill"), True
+    scid = stripe_customer_id if stripe_customer_id is not None else row[0]
+    st = status or row[1]
+    ov = overage or row[2]
+    conn.execute("UPDATE customers SET stripe_customer_id=?, status=?, overage=?, updated_at=?"
+                 " WHERE id=?", (scid, st, ov, now, cid))
+    return Customer(cid, scid, st, ov), False
+
+
+def get_customer(conn: sqlite3.Connection, cid: str) -> Customer | None:
+    row = conn.execute("SELECT id, stripe_customer_id, status, overage FROM customers WHERE id=?",
+                       (cid,)).fetchone()
+    return Customer(*row) if row else None
+
+
+def list_customers(conn: sqlite3.Connection) -> list[Customer]:
+    return [Customer(*r) for r in conn.execute(
+        "SELECT id, stripe_customer_id, status, overage FROM customers ORDER BY id")]
+
+
+def create_key(conn: sqlite3.Connection, customer_id: str, name: str = "") -> dict[str, Any]:
+    """Mint a key. The returned ``key`` is the only copy of the secret that will ever exist."""
+    if get_customer(conn, customer_id) is None:
+        raise LookupError(f"no customer {customer_id!r}")
+    key_id = "key_" + secrets.token_hex(8)
+    raw = "mp_" + secrets.token_urlsafe(32)
+    conn.execute("INSERT INTO api_keys(key_id, customer_id, name, hash, prefix, created_at)"
+                 " VALUES (?,?,?,?,?,?)",
+                 (key_id, customer_id, name, hash_key(raw), raw[:7], int(time.time())))
+    return {"key_id": key_id, "key": raw, "customer_id": customer_id, "name": name}
+
+
+def revoke_key(conn: sqlite3.Connection, key_id: str) -> bool:
+    cur = conn.execute("UPDATE api_keys SET revoked_at=? WHERE key_id=? AND revoked_at IS NULL",
+                       (int(time.time()), key_id))
+    if cur.rowcount:
+        return True
+    if conn.execute("SELECT 1 FROM api_keys WHERE key_id=?", (key_id,)).fetchone() is None:
+        raise LookupError(f"no key {key_id!r}")
+    return False
+
+
+def list_keys(conn: sqlite3.Connection, customer_id: str | None = None) -> list[dict[str, Any]]:
+    sql = "SELECT key_id, customer_id, name, prefix, created_at, revoked_at FROM api_keys"
+    args: tuple[str, ...] = ()
+    if customer_id is not None:
+        sql += " WHERE customer_id=?"
+        args = (customer_id,)
+    return [{"key_id": r[0], "customer_id": r[1], "name": r[2], "prefix": r[3],
+             "created_at": r[4], "revoked_at": r[5]} for r in conn.execute(sql + " ORDER BY created_at", args)]
+
+
+class KeyCache:
+    """Hash -> key entry and id -> customer, replaced whole on reload."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, KeyEntry] = {}
+        self.customers: dict[str, Customer] = {}
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        keys = {h: KeyEntry(kid, cid, rev is not None) for kid, cid, h, rev in conn.execute(
+            "SELECT key_id, customer_id, hash, revoked_at FROM api_keys")}
+        customers = {c.id: c for c in list_customers(conn)}
+        self._keys, self.customers = keys, customers
+
+    def lookup(self, raw: str) -> KeyEntry | None:
+        return self._keys.get(hash_key(raw))

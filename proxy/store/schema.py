@@ -1,0 +1,66 @@
+"""SQLite schema and migrations, applied in order by ``Store.open``.
+
+``PRAGMA user_version`` records how many migrations ran. Migrations only ever append;
+an applied migration is never edited.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: customers, keys, usage aggregates, per-request audit
+    """
+    CREATE TABLE customers (
+        id TEXT PRIMARY KEY,
+        stripe_customer_id TEXT,
+        status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'suspended')),
+        overage TEXT NOT NULL DEFAULT 'bill' CHECK (overage IN ('bill', 'block')),
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL REFERENCES customers(id),
+        name TEXT NOT NULL DEFAULT '',
+        hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE INDEX api_keys_customer ON api_keys(customer_id);
+    -- quantities are integer micro-units (1 unit = 1e6); billable = not covered by credits;
+    -- reported = how much of billable the flusher has moved into the outbox
+    CREATE TABLE usage_minute (
+        customer_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        meter TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        rules_version TEXT NOT NULL,
+        quantity INTEGER NOT NULL DEFAULT 0,
+        requests INTEGER NOT NULL DEFAULT 0,
+        billable INTEGER NOT NULL DEFAULT 0,
+        covered INTEGER NOT NULL DEFAULT 0,
+        reported INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (customer_id, key_id, meter, minute, rules_version)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_minute_time ON usage_minute(minute);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        customer_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        rules_version TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        meter TEXT NOT NULL,
+        quantity INTEGER NOT NULL,
+        credits INTEGER NOT NULL DEFAULT 0,
+        billable INTEGER NOT NULL DEFAULT 0,
+        flags TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_customer_time ON audit(customer_id, at_ms);
+    CREATE INDEX audit_request ON audit(request_id);
+    CREATE INDEX audit_time ON audit(at_ms);
+    CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+    """,
+)

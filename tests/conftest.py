@@ -1,0 +1,188 @@
+"""Shared fixtures: a real example upstream and a real proxy on loopback ephemeral ports,
+with real SQLite files under tmp_path. Nothing of our own is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import settings
+from ruamel.yaml import YAML
+
+from proxy import config as config_mod
+from proxy.app import Server, start
+from proxy.example_upstream import build_app
+
+settings.register_profile("fast", max_examples=50, deadline=None)
+settings.register_profile("deep", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token"
+
+TEST_RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+  llm_tokens: {stripe_event_name: llm_tokens}
+  bytes_in: {stripe_event_name: bytes_in}
+  units: {stripe_event_name: units}
+rules:
+  - name: health
+    match: {path: /healthz}
+    auth: none
+  - name: chat
+    match: {methods: [POST], path: /v1/chat/completions}
+    usage:
+      - {meter: llm_tokens, preset: openai_chat}
+      - {meter: api_calls, quantity: 1}
+  - name: messages
+    match: {methods: [POST], path: /v1/messages}
+    usage:
+      - {meter: llm_tokens, preset: anthropic_messages}
+  - name: responses
+    match: {methods: [POST], path: /v1/responses}
+    usage:
+      - {meter: llm_tokens, preset: openai_responses}
+  - name: stream
+    match: {path: /v1/stream}
+    usage:
+      - {meter: units, quantity: response.json.units}
+  - name: echo
+    match: {methods: [POST], path: /v1/echo}
+    usage:
+      - {meter: units, quantity: request.json.n, on_unreadable: 7}
+      - {meter: bytes_in, quantity: request.bytes}
+  - name: upload
+    match: {methods: [POST], path: /v1/upload}
+    usage:
+      - {meter: bytes_in, quantity: request.bytes}
+  - name: items-errors-too
+    match: {path: /v1/items, query: {count_all: "*"}}
+    count_when: [2xx, 4xx]
+    usage:
+      - {meter: api_calls, quantity: 1}
+  - name: infer
+    match: {methods: [POST], path: "/v1/models/{model}/infer", params: {model: "premium-*"}}
+    usage:
+      - {meter: api_calls, quantity: 10}
+  - name: everything-else
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp: Path, upstream_url: str, rules_text: str = TEST_RULES,
+                 **overrides: Any) -> Path:
+    rules = tmp / "rules.yaml"
+    if not rules.exists():
+        rules.write_text(rules_text)
+    cfg: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "upstream": {"url": upstream_url, "connect_timeout": "2s", "read_timeout": "5s"},
+        "rules": str(rules),
+        "storage": {"path": str(tmp / "meter.db"), "durability": "strict",
+                    "commit_interval": "10ms", "fail_mode": "closed"},
+        "admin": {"token": ADMIN_TOKEN},
+        "stripe": {"sink": "dry_run", "flush_interval": "1h"},
+    }
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path = tmp / "meterproxy.yaml"
+    with path.open("w") as fh:
+        YAML().dump(cfg, fh)
+    return path
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    runner = web.AppRunner(build_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+class Proxy:
+    """A running in-process proxy plus helpers to talk to it."""
+
+    def __init__(self, server: Server, session: aiohttp.ClientSession, tmp: Path) -> None:
+        self.server = server
+        self.session = session
+        self.tmp = tmp
+        self.url = f"http://127.0.0.1:{server.public_port}"
+        self.admin_url = f"http://127.0.0.1:{server.admin_port}"
+        self.admin_headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def admin(self, method: str, path: str, json: Any = None,
+                    expect: int | None = None) -> Any:
+        async with self.session.request(method, self.admin_url + path, json=json,
+                                        headers=self.admin_headers) as r:
+            body = await r.json(content_type=None) if r.content_type == "application/json" \
+                else await r.text()
+            if expect is not None:
+                assert r.status == expect, (r.status, body)
+            return body
+
+    async def customer_with_key(self, cid: str, **fields: Any) -> str:
+        await self.admin("POST", "/admin/customers", {"id": cid, **fields})
+        created = await self.admin("POST", f"/admin/customers/{cid}/keys", {"name": "t"},
+                                   expect=201)
+        return str(created["key"])
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(str(self.tmp / "meter.db"))
+
+    def ledger_totals(self) -> dict[tuple[str, str], int]:
+        with self.db() as c:
+            return {(cust, m): q for cust, m, q in c.execute(
+                "SELECT customer_id, meter, SUM(quantity) FROM usage_minute GROUP BY 1, 2")}
+
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path, upstream: str) -> AsyncIterator[ProxyFactory]:
+    started: list[Proxy] = []
+    session = aiohttp.ClientSession()
+
+    async def factory(upstream_url: str | None = None, rules_text: str = TEST_RULES,
+                      **overrides: Any) -> Proxy:
+        path = write_config(tmp_path, upstream_url or upstream, rules_text, **overrides)
+        server = await start(config_mod.load(path))
+        p = Proxy(server, session, tmp_path)
+        started.append(p)
+        return p
+
+    yield factory
+    for p in started:
+        await p.server.shutdown()
+    await session.close()
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> Proxy:
+    return await make_proxy()

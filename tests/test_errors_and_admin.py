@@ -1,0 +1,243 @@
+"""Every error row of SPEC section 1 (that this build answers) and the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port
+
+Q = 1_000_000
+
+
+async def _err(resp: aiohttp.ClientResponse) -> tuple[int, str, str]:
+    body = await resp.json()
+    assert set(body) == {"error"}
+    assert resp.content_type == "application/json"
+    return resp.status, body["error"]["type"], body["error"]["message"]
+
+
+async def test_missing_and_invalid_key(proxy: Proxy) -> None:
+    async with proxy.session.get(proxy.url + "/v1/items") as r:
+        status, typ, msg = await _err(r)
+        assert (status, typ) == (401, "missing_api_key") and msg
+    async with proxy.session.get(proxy.url + "/v1/items",
+                                 headers={"Authorization": "Bearer nope"}) as r:
+        assert (await _err(r))[:2] == (401, "invalid_api_key")
+    async with proxy.session.get(proxy.url + "/healthz") as r:  # auth: none
+        assert r.status == 200
+
+
+async def test_revoked_key_and_suspended_customer(proxy: Proxy) -> None:
+    key = await proxy.customer_with_key("r")
+    h = {"Authorization": f"Bearer {key}"}
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
+    keys = await proxy.admin("GET", "/admin/customers/r/keys", expect=200)
+    await proxy.admin("DELETE", f"/admin/keys/{keys[0]['key_id']}", expect=200)
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert (await _err(r))[:2] == (403, "key_revoked")
+    key2 = await proxy.customer_with_key("s")
+    await proxy.admin("POST", "/admin/customers", {"id": "s", "status": "suspended"}, expect=200)
+    async with proxy.session.get(proxy.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key2}"}) as r:
+        assert (await _err(r))[:2] == (403, "customer_suspended")
+    assert proxy.ledger_totals() == {("r", "api_calls"): Q}
+
+
+async def test_upstream_refused_is_502(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
+    key = await p.customer_with_key("u")
+    async with p.session.get(p.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}) as r:
+        assert (await _err(r))[:2] == (502, "upstream_unavailable")
+    assert p.ledger_totals() == {}
+
+
+async def test_upstream_reset_is_502(make_proxy: ProxyFactory) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def reset_all() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(srv)
+            await loop.sock_recv(conn, 65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()
+
+    task = asyncio.ensure_future(reset_all())
+    try:
+        p = await make_proxy(upstream_url=f"http://127.0.0.1:{srv.getsockname()[1]}")
+        key = await p.customer_with_key("u")
+        async with p.session.get(p.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            assert (await _err(r))[:2] == (502, "upstream_unavailable")
+    finally:
+        task.cancel()
+        srv.close()
+
+
+async def test_upstream_timeout_is_504(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(upstream={"read_timeout": "200ms"})
+    key = await p.customer_with_key("t")
+    async with p.session.get(p.url + "/v1/items?delay_ms=2000",
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+        assert (await _err(r))[:2] == (504, "upstream_timeout")
+    assert p.ledger_totals() == {}
+
+
+async def test_storage_failure_closed_is_503_and_loses_nothing(make_proxy: ProxyFactory,
+                                                                tmp_path: Path) -> None:
+    p = await make_proxy()
+    key = await p.customer_with_key("d")
+    h = {"Authorization": f"Bearer {key}"}
+    async with p.session.get(p.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
+    # another connection holds the write lock: commits fail with "database is locked"
+    store = p.server.rt.store
+    store.conn.execute("PRAGMA busy_timeout=50")
+    import sqlite3
+    blocker = sqlite3.connect(str(tmp_path / "meter.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async with p.session.get(p.url + "/v1/items", headers=h) as r:
+            status, typ, _ = await _err(r)
+            assert (status, typ) == (503, "metering_unavailable")
+        async with p.session.get(p.url + "/v1/items", headers=h) as r:  # refused up front
+            assert (await _err(r))[:2] == (503, "metering_unavailable")
+        async with p.session.get(p.admin_url + "/readyz") as r:
+            assert r.status == 503
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    for _ in range(200):
+        if store.healthy:
+            break
+        await asyncio.sleep(0.02)
+    assert store.healthy
+    async with p.session.get(p.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
+    # the row of the request that was answered 503 after the upstream did the work is kept
+    assert p.ledger_totals() == {("d", "api_calls"): 3 * Q}
+
+
+async def test_storage_failure_open_serves(make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    p = await make_proxy(storage={"fail_mode": "open"})
+    key = await p.customer_with_key("o")
+    h = {"Authorization": f"Bearer {key}"}
+    store = p.server.rt.store
+    store.conn.execute("PRAGMA busy_timeout=50")
+    import sqlite3
+    blocker = sqlite3.connect(str(tmp_path / "meter.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for _ in range(3):
+            async with p.session.get(p.url + "/v1/items", headers=h) as r:
+                assert r.status == 200
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await store.drain(5)
+    assert p.ledger_totals() == {("o", "api_calls"): 3 * Q}
+
+
+async def test_admin_requires_token_and_is_not_on_public_port(proxy: Proxy) -> None:
+    async with proxy.session.get(proxy.admin_url + "/admin/customers") as r:
+        assert (await _err(r))[:2] == (401, "unauthorized")
+    async with proxy.session.get(proxy.admin_url + "/admin/customers",
+                                 headers={"Authorization": "Bearer wrong-token"}) as r:
+        assert r.status == 401
+    async with proxy.session.get(proxy.admin_url + "/metrics") as r:
+        assert r.status == 401
+    async with proxy.session.get(proxy.admin_url + "/healthz") as r:
+        assert r.status == 200
+    # the public port forwards /admin/* to the upstream like any path; it never answers it
+    key = await proxy.customer_with_key("a")
+    async with proxy.session.get(proxy.url + "/admin/customers",
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        assert r.status == 401
+    async with proxy.session.get(proxy.url + "/admin/customers",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 404  # the example upstream has no such path
+
+
+async def test_admin_customers_keys_usage_csv_metrics(proxy: Proxy) -> None:
+    created = await proxy.admin("POST", "/admin/customers",
+                                {"id": "acme", "stripe_customer_id": "cus_1", "overage": "block"},
+                                expect=201)
+    assert created == {"id": "acme", "stripe_customer_id": "cus_1", "status": "active",
+                       "overage": "block"}
+    again = await proxy.admin("POST", "/admin/customers", {"id": "acme", "overage": "bill"},
+                              expect=200)
+    assert again["overage"] == "bill" and again["stripe_customer_id"] == "cus_1"
+    bad = await proxy.admin("POST", "/admin/customers", {"id": "acme", "color": "red"},
+                            expect=400)
+    assert bad["error"]["type"] == "invalid_request"
+    await proxy.admin("GET", "/admin/customers/nobody", expect=404)
+    key = (await proxy.admin("POST", "/admin/customers/acme/keys", {"name": "ci"},
+                             expect=201))["key"]
+    listed = await proxy.admin("GET", "/admin/customers/acme/keys", expect=200)
+    assert key not in str(listed)
+    h = {"Authorization": f"Bearer {key}"}
+    for _ in range(3):
+        async with proxy.session.post(proxy.url + "/v1/chat/completions", headers=h,
+                                      json={"prompt_tokens": 1, "completion_tokens": 2}) as r:
+            assert r.status == 200
+    detail = await proxy.admin("GET", "/admin/customers/acme", expect=200)
+    assert detail["usage"] == {"api_calls": "3", "llm_tokens": "9"}
+    usage = await proxy.admin("GET", "/admin/customers/acme/usage?from=2020-01-01", expect=200)
+    assert usage["meters"] == {"api_calls": "3", "llm_tokens": "9"}
+    csv = await proxy.admin("GET", "/admin/customers/acme/usage.csv?from=2020-01-01",
+                            expect=200)
+    lines = csv.strip().splitlines()
+    assert lines[0].startswith("time,request_id,customer_id")
+    assert len(lines) == 1 + 6
+    total = {}
+    for line in lines[1:]:
+        cols = line.split(",")
+        total[cols[7]] = total.get(cols[7], 0) + int(cols[8])
+        assert cols[5] == proxy.server.rt.rules.version
+    assert total == {"api_calls": 3, "llm_tokens": 9}
+    text = await proxy.admin("GET", "/metrics", expect=200)
+    for name in ("meterproxy_requests_total", "meterproxy_metered_units_total",
+                 "meterproxy_pending_usage_rows", "meterproxy_upstream_seconds",
+                 "meterproxy_overhead_seconds", "meterproxy_unreadable_quantities_total"):
+        assert name in text
+    assert 'meterproxy_requests_total{code_class="2xx",rule="chat"}' in text
+    await proxy.admin("POST", "/admin/customers/acme/grants", {"credits": "1"}, expect=501)
+
+
+async def test_cli_changes_reach_running_proxy(proxy: Proxy, tmp_path: Path) -> None:
+    from proxy.cli import main
+
+    db = str(tmp_path / "meter.db")
+    assert main(["customers", "create", "cli-cust", "--db", db]) == 0
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["keys", "create", "--customer", "cli-cust", "--db", db]) == 0
+    import orjson
+    created = orjson.loads(out.getvalue())
+    h = {"Authorization": f"Bearer {created['key']}"}
+    for _ in range(100):
+        async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.05)
+    assert r.status == 200
+    assert main(["keys", "revoke", "--key-id", created["key_id"], "--db", db]) == 0
+    for _ in range(100):
+        async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+            if r.status == 403:
+                break
+        await asyncio.sleep(0.05)
+    assert r.status == 403

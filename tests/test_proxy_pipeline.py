@@ -1,0 +1,224 @@
+"""The request path end to end: real upstream, real proxy, real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tests.conftest import Proxy, ProxyFactory
+
+Q = 1_000_000
+
+
+async def test_thousand_requests_totals_match_what_clients_saw(proxy: Proxy) -> None:
+    keys = {f"cust{i}": await proxy.customer_with_key(f"cust{i}") for i in range(5)}
+    seen: Counter[tuple[str, str]] = Counter()
+    rng = random.Random(7)
+    plan = []
+    for _ in range(1000):
+        cust = rng.choice(sorted(keys))
+        kind = rng.choice(["items", "items404", "chat", "infer", "infer_free"])
+        plan.append((cust, kind))
+    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    for item in plan:
+        queue.put_nowait(item)
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as s:
+            while not queue.empty():
+                cust, kind = queue.get_nowait()
+                h = {"Authorization": f"Bearer {keys[cust]}"}
+                if kind == "items":
+                    r = await s.get(proxy.url + "/v1/items", headers=h)
+                    units = {"api_calls": 1}
+                elif kind == "items404":
+                    r = await s.get(proxy.url + "/v1/items?status=404", headers=h)
+                    units = {"api_calls": 1}
+                elif kind == "chat":
+                    r = await s.post(proxy.url + "/v1/chat/completions", headers=h,
+                                     json={"prompt_tokens": 3, "completion_tokens": 4})
+                    units = {"api_calls": 1, "llm_tokens": 7}
+                elif kind == "infer":
+                    r = await s.post(proxy.url + "/v1/models/premium-x/infer", headers=h, json={})
+                    units = {"api_calls": 10}
+                else:
+                    r = await s.post(proxy.url + "/v1/models/basic/infer", headers=h, json={})
+                    units = {"api_calls": 1}
+                await r.read()
+                if 200 <= r.status < 300:
+                    for m, n in units.items():
+                        seen[(cust, m)] += n
+                r.release()
+
+    await asyncio.gather(*(client() for _ in range(20)))
+    ledger = proxy.ledger_totals()
+    assert {k: v // Q for k, v in ledger.items()} == dict(seen)
+    assert all(v % Q == 0 for v in ledger.values())
+
+
+async def test_count_when_override_counts_4xx(proxy: Proxy) -> None:
+    key = await proxy.customer_with_key("c")
+    h = {"Authorization": f"Bearer {key}"}
+    for status in (200, 404, 500):
+        async with proxy.session.get(proxy.url + f"/v1/items?count_all=1&status={status}",
+                                     headers=h) as r:
+            assert r.status == status
+    assert proxy.ledger_totals() == {("c", "api_calls"): 2 * Q}
+
+
+async def test_sse_presets_meter_exact_tokens(proxy: Proxy) -> None:
+    key = await proxy.customer_with_key("llm")
+    h = {"Authorization": f"Bearer {key}"}
+    expected = 0
+    for path in ("/v1/chat/completions", "/v1/messages", "/v1/responses"):
+        for stream in (False, True):
+            body = {"stream": stream, "prompt_tokens": 11, "completion_tokens": 29}
+            async with proxy.session.post(proxy.url + path, json=body, headers=h) as r:
+                assert r.status == 200
+                text = await r.text()
+                if stream:
+                    assert r.content_type == "text/event-stream"
+                    assert "data:" in text
+            expected += 40
+    totals = proxy.ledger_totals()
+    assert totals[("llm", "llm_tokens")] == expected * Q
+    assert totals[("llm", "api_calls")] == 2 * Q
+
+
+async def test_first_sse_chunk_arrives_while_upstream_holds_the_rest(
+        make_proxy: ProxyFactory) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"units": 1}\n\n')
+        await release.wait()
+        await resp.write(b'data: {"units": 5}\n\n')
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", held)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        p = await make_proxy(upstream_url=f"http://127.0.0.1:{port}")
+        key = await p.customer_with_key("s")
+        async with p.session.get(p.url + "/v1/stream",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+            assert first == b'data: {"units": 1}\n\n'
+            assert not release.is_set()
+            release.set()
+            rest = await r.content.read()
+            assert rest == b'data: {"units": 5}\n\n'
+        assert p.ledger_totals() == {("s", "units"): 5 * Q}
+    finally:
+        await runner.cleanup()
+
+
+async def test_abandoned_stream_is_metered_with_what_was_measured(proxy: Proxy) -> None:
+    key = await proxy.customer_with_key("ab")
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(proxy.url + "/v1/stream?chunks=50&chunk_delay_ms=20",
+                        headers={"Authorization": f"Bearer {key}"})
+        got = 0
+        while got < 3:
+            line = await r.content.readuntil(b"\n\n")
+            got += 1
+        last = orjson.loads(line.removeprefix(b"data: ").strip())
+        r.close()  # the consumer walks away mid-stream
+    for _ in range(200):
+        totals = proxy.ledger_totals()
+        if totals:
+            break
+        await asyncio.sleep(0.02)
+    q = totals[("ab", "units")]
+    # at least what the consumer saw, and well short of the full 50-event stream
+    assert last["units"] * Q <= q < 50 * Q
+    with proxy.db() as c:
+        flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
+    assert "abandoned" in flags
+
+
+async def test_request_json_and_bytes(proxy: Proxy) -> None:
+    key = await proxy.customer_with_key("e")
+    h = {"Authorization": f"Bearer {key}"}
+    body = orjson.dumps({"n": 3, "pad": "x" * 100})
+    async with proxy.session.post(proxy.url + "/v1/echo", data=body, headers=h) as r:
+        assert await r.read() == body
+    assert proxy.ledger_totals() == {("e", "units"): 3 * Q, ("e", "bytes_in"): len(body) * Q}
+
+
+async def test_headers_forwarded_and_hop_by_hop_dropped(make_proxy: ProxyFactory) -> None:
+    seen: CIMultiDict[str] = CIMultiDict()
+
+    async def capture(request: web.Request) -> web.Response:
+        seen.extend(request.headers)
+        return web.json_response({"ok": 1}, headers={"Connection": "keep-alive, X-Secret",
+                                                     "X-Secret": "hop", "X-Kept": "yes"})
+
+    app = web.Application()
+    app.router.add_get("/v1/x", capture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        p = await make_proxy(upstream_url=f"http://127.0.0.1:{port}")
+        key = await p.customer_with_key("h")
+        async with p.session.get(p.url + "/v1/x", headers={
+                "Authorization": f"Bearer {key}", "Connection": "keep-alive, X-Drop-Me",
+                "X-Drop-Me": "1", "X-Request-Id": "rid-123", "Keep-Alive": "timeout=5",
+                "X-Forwarded-For": "10.1.1.1"}) as r:
+            assert r.status == 200
+            assert r.headers["X-Request-Id"] == "rid-123"
+            assert r.headers["X-Kept"] == "yes"
+            assert "X-Secret" not in r.headers
+        assert "Authorization" not in seen  # the consumer's key is not forwarded by default
+        assert "X-Drop-Me" not in seen and "Keep-Alive" not in seen
+        assert seen["X-Request-Id"] == "rid-123"
+        assert seen["X-Forwarded-For"] == "10.1.1.1, 127.0.0.1"
+        assert seen["X-Forwarded-Proto"] == "http"
+        assert seen["X-Forwarded-Host"] == f"127.0.0.1:{p.server.public_port}"
+        async with p.session.get(p.url + "/v1/x", headers={"X-API-Key": key}) as r:
+            assert r.status == 200
+            assert len(r.headers["X-Request-Id"]) == 32
+    finally:
+        await runner.cleanup()
+
+
+async def test_websocket_passes_through(proxy: Proxy) -> None:
+    key = await proxy.customer_with_key("ws")
+    async with proxy.session.ws_connect(proxy.url + "/ws",
+                                        headers={"Authorization": f"Bearer {key}"}) as ws:
+        await ws.send_str("hi")
+        msg = await ws.receive(timeout=5)
+        assert msg.data == "echo:hi"
+    for _ in range(100):
+        if proxy.ledger_totals():
+            break
+        await asyncio.sleep(0.02)
+    assert proxy.ledger_totals() == {("ws", "api_calls"): Q}
+
+
+async def test_large_body_streams_through(proxy: Proxy, tmp_path: Path) -> None:
+    key = await proxy.customer_with_key("big")
+    payload = random.Random(1).randbytes(3 * 1024 * 1024)
+    async with proxy.session.post(proxy.url + "/v1/upload", data=payload,
+                                  headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 200
+        assert await r.read() == payload
+    assert proxy.ledger_totals() == {("big", "bytes_in"): len(payload) * Q}
