@@ -1,0 +1,177 @@
+"""SSE parser and response inspectors: chunking invariance, bounded memory, presets."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.rules.sse import (
+    UNREADABLE,
+    JsonInspector,
+    Probe,
+    SseEvent,
+    SseInspector,
+    SseParser,
+    is_event_stream,
+    lookup,
+    new_inspector,
+)
+
+
+def parse_all(data: bytes, cuts: list[int] | None = None, cap: int = 1 << 20) -> list[SseEvent]:
+    p = SseParser(cap)
+    out: list[SseEvent] = []
+    prev = 0
+    for c in sorted(cuts or []):
+        out += p.feed(data[prev:c])
+        prev = c
+    out += p.feed(data[prev:])
+    return out
+
+
+def test_basic_fields_and_dispatch() -> None:
+    stream = (b": comment\n"
+              b"event: ping\ndata: one\n\n"
+              b"data:two\ndata:  three\n\n"
+              b"id: 7\nretry: 10\n\n"          # no data: not dispatched
+              b"data\n\n"                       # field with no colon: empty data
+              b"event: x\n\n"                   # event type without data: not dispatched
+              b"data: after\n\n")
+    assert parse_all(stream) == [
+        SseEvent("ping", b"one"), SseEvent("message", b"two\n three"),
+        SseEvent("message", b""), SseEvent("message", b"after")]
+
+
+def test_line_endings_cr_crlf_lf_and_split_crlf() -> None:
+    stream = b"data: a\r\rdata: b\r\n\r\ndata: c\n\n"
+    expected = [SseEvent("message", b"a"), SseEvent("message", b"b"), SseEvent("message", b"c")]
+    assert parse_all(stream) == expected
+    for i in range(len(stream) + 1):
+        assert parse_all(stream, [i]) == expected
+
+
+def test_bom_is_stripped_even_split() -> None:
+    stream = b"\xef\xbb\xbfdata: x\n\n"
+    for i in range(5):
+        assert parse_all(stream, [i]) == [SseEvent("message", b"x")]
+
+
+def test_incomplete_event_is_not_dispatched() -> None:
+    assert parse_all(b"data: x\n") == []
+
+
+def test_oversized_event_is_skipped_and_counted() -> None:
+    p = SseParser(10)
+    events = p.feed(b"data: " + b"x" * 50 + b"\n\ndata: ok\n\n")
+    assert events == [SseEvent("message", b"ok")]
+    assert p.oversized == 1
+    # over the cap across many lines and chunks
+    p = SseParser(10)
+    out = []
+    for _ in range(20):
+        out += p.feed(b"data: 12345\n")
+    out += p.feed(b"\ndata: ok\n\n")
+    assert out == [SseEvent("message", b"ok")] and p.oversized == 1
+    # a single long line arriving in small chunks: memory stays bounded
+    p = SseParser(10)
+    for _ in range(100):
+        assert p.feed(b"data: " + b"y" * 20) == []
+    assert p.feed(b"\n\ndata: z\n\n") == [SseEvent("message", b"z")]
+    assert p.oversized == 1
+
+
+LINE = st.one_of(
+    st.builds(lambda v: b"data: " + v, st.binary(max_size=20).filter(
+        lambda b: b"\r" not in b and b"\n" not in b)),
+    st.sampled_from([b"", b": c", b"event: e", b"event:", b"data", b"id: 1", b"x: y",
+                     b"data: [DONE]"]),
+)
+EOL = st.sampled_from([b"\n", b"\r\n", b"\r"])
+
+
+@given(st.lists(st.tuples(LINE, EOL), max_size=30), st.lists(st.integers(0, 1000), max_size=12))
+def test_same_events_however_the_stream_is_chunked(lines: list[tuple[bytes, bytes]],
+                                                   cuts: list[int]) -> None:
+    data = b"".join(line + eol for line, eol in lines)
+    whole = parse_all(data)
+    assert parse_all(data, [c % (len(data) + 1) for c in cuts]) == whole
+    # byte by byte
+    assert parse_all(data, list(range(len(data)))) == whole
+
+
+@given(st.lists(st.tuples(LINE, EOL), max_size=30), st.lists(st.integers(0, 1000), max_size=12))
+def test_same_events_with_a_small_cap(lines: list[tuple[bytes, bytes]],
+                                      cuts: list[int]) -> None:
+    data = b"".join(line + eol for line, eol in lines)
+    whole = parse_all(data, cap=8)
+    assert parse_all(data, [c % (len(data) + 1) for c in cuts], cap=8) == whole
+
+
+def test_lookup() -> None:
+    doc = {"choices": [{"x": 3}], "a": {"b": None}}
+    assert lookup(doc, ("choices", "0", "x")) == 3
+    assert lookup(doc, ("choices", "1", "x")) is UNREADABLE
+    assert lookup(doc, ("a", "b")) is None
+    assert lookup(doc, ("a", "b", "c")) is UNREADABLE
+    assert lookup([1, 2], ("1",)) == 2
+    assert lookup({"0": 5}, ("0",)) == 5
+
+
+TOTAL = Probe("t", ("usage", "total_tokens"))
+
+
+def test_json_inspector_parses_at_result() -> None:
+    insp = JsonInspector((TOTAL,), 1024)
+    body = orjson.dumps({"usage": {"total_tokens": 42}})
+    insp.feed(body[:5])
+    assert insp.result().malformed  # abandoned mid-body
+    insp.feed(body[5:])
+    assert insp.result().get("t") == 42
+
+
+def test_json_inspector_over_cap_is_malformed() -> None:
+    insp = JsonInspector((TOTAL,), 10)
+    insp.feed(b'{"usage": {"total_tokens": 1}}')
+    view = insp.result()
+    assert view.malformed and view.get("t") is UNREADABLE
+
+
+def test_sse_inspector_keeps_last_value() -> None:
+    insp = SseInspector((TOTAL,), 1024)
+    chunks = [
+        b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
+        b'data: {"usage":{"total_tokens":5}}\n\n',
+        b'data: {"choices":[]}\n\n',
+        b'data: {"usage":{"total_tokens":17}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    for c in chunks:
+        insp.feed(c)
+    view = insp.result()
+    assert view.get("t") == 17 and view.streamed
+
+
+def test_sse_inspector_mid_stream_result() -> None:
+    insp = SseInspector((TOTAL,), 1024)
+    insp.feed(b'data: {"usage":{"total_tokens":5}}\n\ndata: {"usage":{"tot')
+    assert insp.result().get("t") == 5
+
+
+def test_sse_type_filter() -> None:
+    p = Probe("in", ("message", "usage", "input_tokens"), "message_start")
+    insp = SseInspector((p,), 1024)
+    insp.feed(b'data: {"type":"other","message":{"usage":{"input_tokens":1}}}\n\n')
+    assert insp.result().get("in") is UNREADABLE
+    insp.feed(b'data: {"type":"message_start","message":{"usage":{"input_tokens":9}}}\n\n')
+    assert insp.result().get("in") == 9
+
+
+def test_new_inspector_by_content_type() -> None:
+    assert isinstance(new_inspector((TOTAL,), (TOTAL,), "text/event-stream; charset=utf-8", 9),
+                      SseInspector)
+    assert isinstance(new_inspector((TOTAL,), (TOTAL,), "application/json", 9), JsonInspector)
+    assert isinstance(new_inspector((TOTAL,), (TOTAL,), None, 9), JsonInspector)
+    assert new_inspector((), (), "text/event-stream", 9) is None
+    assert is_event_stream("Text/Event-Stream")
+    assert not is_event_stream("text/plain")
