@@ -57,3 +57,14 @@ client_aborts_total = Counter("meterproxy_client_aborts_total",
                               registry=REGISTRY)
 upstream_errors_total = Counter("meterproxy_upstream_errors_total", "Upstream failures by kind",
                                 ["kind"], registry=REGISTRY)
+stripe_retries_total = Counter("meterproxy_stripe_retries_total",
+                               "Sink calls retried (transient errors)", ["reason"], registry=REGISTRY)
+outbox_pending = Gauge("meterproxy_outbox_pending", "Meter events staged but not yet delivered",
+                       registry=REGISTRY)
+last_flush_success = Gauge("meterproxy_last_flush_success_timestamp_seconds",
+                           "Unix time of the last flush that delivered everything it tried",
+                           registry=REGISTRY)
+circuit_open = Gauge("meterproxy_stripe_circuit_open", "1 while the sink circuit breaker is open",
+                     registry=REGISTRY)
+dead_letters_total = Counter("meterproxy_dead_letters_total", "Events dead-lettered, by reason kind",
+                             ["reason"], registry=REGISTRY)

@@ -49,14 +49,21 @@ BROKEN_CASES: list[tuple[str, list[str]]] = [
     ('bad_presets.yaml', [
         "8:37: unknown preset 'openai_chats'; did you mean 'openai_chat'?",
         '9:29: usage has both quantity and preset; use one',
-        '10:9: usage item needs quantity (a number or a source like response.json.usage.total_tokens) or preset',
+        '10:9: usage item needs quantity (a number or a source like '
+            'response.json.usage.total_tokens) or preset',
     ]),
     ('bad_sources.yaml', [
-        "8:39: bad quantity source 'response.jsn.usage.total_tokens'; did you mean 'response.json.usage.total_tokens'?",
-        "9:39: bad quantity source 'request.header.': missing or invalid name after 'request.header.'",
-        "10:39: bad quantity source 'path.modle': the rule's path has no parameter {modle} (path parameters: {model})",
+        "8:39: bad quantity source 'response.jsn.usage.total_tokens'; did you mean "
+            "'response.json.usage.total_tokens'?",
+        "9:39: bad quantity source 'request.header.': missing or invalid name after "
+            "'request.header.'",
+        "10:39: bad quantity source 'path.modle': the rule's path has no parameter "
+            '{modle} (path parameters: {model})',
         "11:39: bad quantity source 'response.json.usage..total': empty segment in JSON path",
-        "12:39: bad quantity source 'tokens' (expected a number or request.header.<name>, response.header.<name>, request.query.<name>, path.<param>, request.json.<path>, response.json.<path>, request.bytes, response.bytes, duration_ms)",
+        "12:39: bad quantity source 'tokens' (expected a number or "
+            'request.header.<name>, response.header.<name>, request.query.<name>, '
+            'path.<param>, request.json.<path>, response.json.<path>, request.bytes, '
+            'response.bytes, duration_ms)',
     ]),
     ('bad_transform.yaml', [
         '10:32: transform divide_by must be a positive integer, got 0',
@@ -65,7 +72,8 @@ BROKEN_CASES: list[tuple[str, list[str]]] = [
         '16:20: transform must be a mapping, got number',
     ]),
     ('duplicate_key.yaml', [
-        '6:5: YAML syntax error: while constructing a mapping: found duplicate key "name" with value "b" (original value: "a")',
+        '6:5: YAML syntax error: while constructing a mapping: found duplicate key '
+            '"name" with value "b" (original value: "a")',
     ]),
     ('duplicate_rule.yaml', [
         "8:11: duplicate rule name 'chat' (first defined at {file}:5:5)",
@@ -88,8 +96,10 @@ BROKEN_CASES: list[tuple[str, list[str]]] = [
         "10:16: unknown meter 'tokens' (define it under meters:)",
     ]),
     ('unreachable.yaml', [
-        "8:11: rule 'chat' is unreachable: the earlier rule 'everything' ({file}:5:5) matches every request",
-        "11:11: rule 'later' is unreachable: the earlier rule 'everything' ({file}:5:5) matches every request",
+        "8:11: rule 'chat' is unreachable: the earlier rule 'everything' ({file}:5:5) "
+            'matches every request',
+        "11:11: rule 'later' is unreachable: the earlier rule 'everything' ({file}:5:5) "
+            'matches every request',
     ]),
     ('version_missing.yaml', [
         "1:1: missing 'version: 1' at the top of the file",

@@ -175,3 +175,21 @@ def test_new_inspector_by_content_type() -> None:
     assert new_inspector((), (), "text/event-stream", 9) is None
     assert is_event_stream("Text/Event-Stream")
     assert not is_event_stream("text/plain")
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=8))
+def test_inspectors_never_raise_on_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
+    probes = (TOTAL, Probe("i", ("0",)), Probe("f", ("type",), "x"))
+    for insp in (SseInspector(probes, 64), JsonInspector(probes, 64)):
+        prev = 0
+        for c in sorted(x % (len(data) + 1) for x in cuts):
+            insp.feed(data[prev:c])
+            prev = c
+        insp.feed(data[prev:])
+        insp.result()
+
+
+def test_top_level_list_index_probe_on_sse() -> None:
+    insp = SseInspector((Probe("i", ("0",)),), 64)
+    insp.feed(b"data: [4, 5]\n\n")
+    assert insp.result().get("i") == 4

@@ -94,7 +94,9 @@ class Probe:
     @property
     def needle(self) -> bytes:
         """Bytes that must occur in an event's data for this probe to possibly match."""
-        return orjson.dumps(self.path[0]) if self.path else b""
+        if not self.path or self.path[0].isdigit():
+            return b""  # a top-level list index: no key to look for
+        return orjson.dumps(self.path[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,4 +63,39 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_time ON audit(at_ms);
     CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
     """,
+    # 2: the Stripe outbox. Rows are minted (with their identifier) before any call is made.
+    """
+    ALTER TABLE usage_minute ADD COLUMN reported_covered INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        identifier TEXT NOT NULL UNIQUE,
+        customer_id TEXT NOT NULL,
+        meter TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        covered INTEGER NOT NULL DEFAULT 0,
+        value INTEGER NOT NULL,
+        window_start INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        sent_at INTEGER,
+        sink TEXT,
+        outcome TEXT,
+        last_error TEXT,
+        dead_at INTEGER
+    );
+    CREATE INDEX outbox_status ON outbox(status, next_attempt_at);
+    CREATE INDEX outbox_customer ON outbox(customer_id, meter, timestamp);
+    -- fractional units not yet reported, per customer and event name (micro-units)
+    CREATE TABLE carry (
+        customer_id TEXT NOT NULL,
+        meter TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        remainder INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (customer_id, meter, event_name)
+    ) WITHOUT ROWID;
+    INSERT INTO meta(k, v) VALUES ('install_id', lower(hex(randomblob(6))));
+    """,
 )

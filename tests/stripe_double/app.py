@@ -63,7 +63,8 @@ def parse_nested(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
                     child = {}
                     node[part] = child
                 node = child
-    return _listify(root)
+    out: dict[str, Any] = _listify(root)
+    return out
 
 
 def _listify(node: Any) -> Any:

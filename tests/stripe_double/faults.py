@@ -38,7 +38,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 FaultKind = Literal[
     "500", "429", "429_no_retry", "lock_timeout", "hang", "reset_before", "commit_then_drop"
@@ -72,7 +72,7 @@ ANY_ROUTE = "*"
 def _check_kind(kind: str) -> FaultKind:
     if kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
-    return cast(FaultKind, kind)
+    return kind
 
 
 def _check_route(route: str) -> str:

@@ -63,7 +63,7 @@ class RunningDouble:
 
     async def stop(self) -> None:
         for http_client in self._http_clients:
-            await http_client.close_async()
+            await http_client.close_async()  # type: ignore[no-untyped-call]
         self._http_clients.clear()
         self.runner.app[CLOSING_KEY].set()
         await self.runner.cleanup()

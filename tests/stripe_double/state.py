@@ -157,6 +157,7 @@ class MeterEvent:
     received_at: float
     payload: dict[str, str]
     source: Literal["v1", "v2"]
+    visible_at: float = 0.0  # when summaries start to include it (summary_lag at receipt)
     cancelled_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -252,7 +253,7 @@ class StripeDoubleState:
         self.seed = seed
         #: Seconds each v1 meter event call holds its (customer, event_name) slot.
         self.processing_delay = processing_delay
-        #: Seconds before an accepted event shows in summaries (eventual consistency).
+        #: Seconds before an event accepted from now on shows in summaries (eventual consistency).
         self.summary_lag = summary_lag
         self.session_ttl = session_ttl
         self.identifier_window = identifier_window
@@ -534,6 +535,7 @@ class StripeDoubleState:
             received_at=now,
             payload=prepared.payload,
             source="v1",
+            visible_at=now + self.summary_lag,
         )
         self.events.append(event)
         self._by_identifier[identifier] = event
@@ -652,6 +654,7 @@ class StripeDoubleState:
                 received_at=now,
                 payload=clean,
                 source="v2",
+                visible_at=now + self.summary_lag,
             )
             self.events.append(event)
             self._by_identifier[identifier] = event
@@ -748,7 +751,7 @@ class StripeDoubleState:
             if e.cancelled_at is None
             and e.customer == customer
             and e.event_name == meter.event_name
-            and e.received_at + self.summary_lag <= now
+            and e.visible_at <= now
         ]
         out = []
         for lo, hi in bounds:

@@ -1,0 +1,391 @@
+"""The flusher: the one owner of the usage sink; moves the outbox to Stripe exactly once.
+
+Delivery guarantee, step by step (the numbers are repeated at each failure point below):
+  1. Usage is committed to ``usage_minute`` by the group commit before it can be staged.
+  2. Staging mints meter events with deterministic identifiers and marks the usage staged,
+     in ONE transaction: a crash before it commits leaves the usage unstaged (staged next
+     time); after it, the events exist and nothing can stage the same usage again.
+  3. ``attempts`` is incremented and committed before a call is made, so every call's
+     Idempotency-Key (identifier + attempt) is new and a crash never reuses a stale one.
+  4. The call. A crash, timeout or dropped connection here leaves the row ``pending``: it
+     is resent with the SAME identifier, and Stripe's identifier dedupe ("An event already
+     exists with identifier ...") turns the resend into DUPLICATE = delivered.
+  5. The outcome is committed (sent / pending with backoff / dead). A crash between 4 and 5
+     is the case step 4 covers.
+  6. Transient failures are never dead-lettered: they stay pending with capped exponential
+     backoff and jitter, behind a circuit breaker, and show in flush lag and /readyz.
+     Only permanent answers (unknown event name, no Stripe customer, outside Stripe's
+     35-day window, validation) become dead letters, replayable after a fix.
+Calls for one (customer, event name) never overlap: each such key is served by exactly one
+task at a time; an account-wide token bucket caps the call rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from proxy import metrics
+from proxy.sinks.base import Kind, OutEvent, Outcome, Sink
+from proxy.store import outbox
+from proxy.store.db import Store
+
+log = logging.getLogger("meterproxy.flusher")
+
+STRIPE_WINDOW = 35 * 86400
+WINDOW_MARGIN = 3600          # dead-letter an hour early rather than race the boundary
+MAX_BACKOFF = 300.0
+
+
+class TokenBucket:
+    """Account-wide call rate (Stripe: 1000/s live, 25 ops/s in test mode)."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        if self.rate <= 0:
+            return
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive transient failures; cool-down doubles to 5 min."""
+
+    def __init__(self, threshold: int = 8, cooldown: float = 2.0) -> None:
+        self.threshold = threshold
+        self.base = cooldown
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+
+    @property
+    def open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+        self.cooldown = self.base
+        metrics.circuit_open.set(0)
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown
+            log.warning("sink circuit open for %.1fs after %d transient failures",
+                        self.cooldown, self.failures)
+            self.cooldown = min(self.cooldown * 2, MAX_BACKOFF)
+            self.failures = 0
+            metrics.circuit_open.set(1)
+
+
+def default_rate(api_key: str) -> float:
+    if api_key.startswith(("sk_live", "rk_live")):
+        return 500.0
+    if api_key:
+        return 20.0
+    return 0.0
+
+
+def backoff(attempts: int, rng: random.Random) -> float:
+    """Cross-cycle delay before a pending event is tried again (full jitter, capped)."""
+    return min(MAX_BACKOFF, 1.0 * 2 ** min(attempts, 10)) * (0.5 + rng.random() / 2)
+
+
+@dataclass
+class FlushReport:
+    staged: int = 0
+    attempted: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    retrying: int = 0
+    dead: int = 0
+    skipped_circuit_open: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"staged": self.staged, "attempted": self.attempted,
+                "delivered": self.delivered, "duplicates": self.duplicates,
+                "retrying": self.retrying, "dead": self.dead,
+                "circuit_open": self.skipped_circuit_open, "errors": self.errors[:20]}
+
+
+class Flusher:
+    def __init__(self, store: Store, sink: Sink,
+                 event_names: Callable[[], Mapping[str, tuple[str, str | None]]], *,
+                 rate: float, concurrency: int = 16, retries_per_cycle: int = 3,
+                 retry_wait_max: float = 2.0, seed: int | None = None) -> None:
+        self.store = store
+        self.sink = sink
+        self.event_names = event_names
+        self.bucket = TokenBucket(rate)
+        self.breaker = CircuitBreaker()
+        self.concurrency = concurrency
+        self.retries_per_cycle = retries_per_cycle
+        self.retry_wait_max = retry_wait_max
+        self.rng = random.Random(seed)
+        self._lock = asyncio.Lock()
+        self._inflight: set[tuple[str, str]] = set()
+        self.last_success: float | None = None
+
+    # ---- one flush ------------------------------------------------------------------------
+
+    async def flush(self) -> FlushReport:
+        """Stage, then deliver everything due. Flushes never overlap."""
+        async with self._lock:
+            report = FlushReport()
+            # 1-2: staging is one transaction on the one write connection
+            staged = self.store.execute_write(lambda c: outbox.stage(c, self.event_names()))
+            report.staged = len(staged)
+            await self._deliver(report)
+            self.refresh_gauges()
+            if report.retrying == 0 and not report.skipped_circuit_open:
+                self.last_success = time.time()
+                metrics.last_flush_success.set(self.last_success)
+            return report
+
+    async def _deliver(self, report: FlushReport) -> None:
+        now = time.time()
+        due = outbox.pending(self.store.conn, now)
+        if not due:
+            return
+        if self.breaker.open:
+            report.skipped_circuit_open = True
+            report.retrying = len(due)
+            return
+        ready: list[dict[str, Any]] = []
+        for row in due:
+            dead = self._precheck(row, now)
+            if dead is not None:
+                self._mark(row, Outcome(Kind.DEAD, dead), report)
+            else:
+                ready.append(row)
+        if not ready:
+            return
+        # 3: attempts committed before any call, so Idempotency-Keys are never reused
+        self.store.execute_write(lambda c: c.executemany(
+            "UPDATE outbox SET attempts = attempts + 1 WHERE id=?", [(r["id"],) for r in ready]))
+        events = [self._event(r) for r in ready]
+        rows = {r["id"]: r for r in ready}
+        if self.sink.max_batch > 1:
+            await self._send_batches(events, rows, report)
+        else:
+            await self._send_per_key(events, rows, report)
+
+    def _precheck(self, row: Mapping[str, Any], now: float) -> str | None:
+        if not row["stripe_customer_id"]:
+            return f"customer {row['customer_id']!r} has no stripe_customer_id"
+        if row["timestamp"] < now - STRIPE_WINDOW + WINDOW_MARGIN:
+            return "usage is older than Stripe's 35-day meter event window"
+        return None
+
+    @staticmethod
+    def _event(row: Mapping[str, Any]) -> OutEvent:
+        return OutEvent(outbox_id=row["id"], identifier=row["identifier"],
+                        event_name=row["event_name"],
+                        stripe_customer_id=row["stripe_customer_id"], value=row["value"],
+                        timestamp=row["timestamp"], meter=row["meter"],
+                        attempt=row["attempts"] + 1)
+
+    async def _send_per_key(self, events: list[OutEvent], rows: Mapping[int, Any],
+                            report: FlushReport) -> None:
+        by_key: dict[tuple[str, str], list[OutEvent]] = defaultdict(list)
+        for ev in events:
+            by_key[(ev.stripe_customer_id, ev.event_name)].append(ev)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def run_key(key: tuple[str, str], evs: list[OutEvent]) -> None:
+            async with gate:
+                assert key not in self._inflight, "two calls for one customer and meter"
+                self._inflight.add(key)
+                try:
+                    for ev in evs:
+                        if self.breaker.open:
+                            report.retrying += 1
+                            self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"),
+                                       report, count=False)
+                            continue
+                        outcome = await self._call([ev])
+                        self._mark(rows[ev.outbox_id], outcome[0], report)
+                        if outcome[0].kind is Kind.RETRY:
+                            # keep this key's later events behind the one that failed
+                            for rest in evs[evs.index(ev) + 1:]:
+                                self._mark(rows[rest.outbox_id],
+                                           Outcome(Kind.RETRY, "behind a failed event"),
+                                           report, count=False)
+                                report.retrying += 1
+                            return
+                finally:
+                    self._inflight.discard(key)
+
+        await asyncio.gather(*(run_key(k, v) for k, v in by_key.items()))
+
+    async def _send_batches(self, events: list[OutEvent], rows: Mapping[int, Any],
+                            report: FlushReport) -> None:
+        n = self.sink.max_batch
+        for i in range(0, len(events), n):
+            batch = events[i:i + n]
+            if self.breaker.open:
+                for ev in events[i:]:
+                    self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"), report)
+                return
+            outcomes = await self._call(batch)
+            for ev, out in zip(batch, outcomes, strict=True):
+                self._mark(rows[ev.outbox_id], out, report)
+
+    async def _call(self, batch: Sequence[OutEvent]) -> list[Outcome]:
+        """One logical send with a few quick in-cycle retries (tenacity)."""
+
+        def wait(state: RetryCallState) -> float:
+            base = wait_exponential_jitter(initial=0.05, max=self.retry_wait_max)(state)
+            last = state.outcome.result() if state.outcome is not None else None
+            hinted = max((o.retry_after or 0.0) for o in last) if last else 0.0
+            return max(base, min(hinted, self.retry_wait_max))
+
+        def transient(result: list[Outcome]) -> bool:
+            return any(o.kind is Kind.RETRY for o in result)
+
+        sub = 0
+        result: list[Outcome] = []
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.retries_per_cycle),
+                                           wait=wait, retry=retry_if_result(transient),
+                                           retry_error_callback=lambda s: s.outcome.result()
+                                           if s.outcome else [], reraise=False):
+            with attempt:
+                if sub:
+                    reason = result[0].reason[:40] if result else "?"
+                    metrics.stripe_retries_total.labels(
+                        "lock_timeout" if result and result[0].lock_timeout else "transient").inc()
+                    log.debug("retrying %s: %s", batch[0].identifier, reason)
+                await self.bucket.take()
+                # 4: the call itself; any failure here leaves the row pending for a resend
+                evs = [_with_sub(ev, sub) for ev in batch]
+                result = await self.sink.send(evs)
+                sub += 1
+                for o in result:
+                    metrics.stripe_requests_total.labels(o.kind.value).inc()
+                if transient(result):
+                    if not any(o.lock_timeout for o in result):
+                        self.breaker.failure()
+                else:
+                    self.breaker.success()
+            if not attempt.retry_state.outcome or attempt.retry_state.outcome.failed:
+                continue
+            attempt.retry_state.set_result(result)
+        return result
+
+    def _mark(self, row: Mapping[str, Any], out: Outcome, report: FlushReport,
+              count: bool = True) -> None:
+        """5: the outcome is committed; a crash before this resends (see 4)."""
+        now = time.time()
+        if count:
+            report.attempted += 1
+        if out.kind in (Kind.DELIVERED, Kind.DUPLICATE):
+            if out.kind is Kind.DUPLICATE:
+                report.duplicates += 1
+            report.delivered += 1
+            self.store.execute_write(lambda c: c.execute(
+                "UPDATE outbox SET status='sent', sent_at=?, sink=?, outcome=?, last_error=NULL"
+                " WHERE id=?", (int(now), self.sink.name, out.kind.value, row["id"])))
+        elif out.kind is Kind.RETRY:
+            if count:
+                report.retrying += 1
+            # 6: transient failures stay pending; never dead-lettered
+            delay = max(backoff(row["attempts"], self.rng), out.retry_after or 0.0)
+            self.store.execute_write(lambda c: c.execute(
+                "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=?",
+                (now + delay, out.reason[:500], row["id"])))
+        else:
+            report.dead += 1
+            metrics.dead_letters_total.labels(_reason_kind(out.reason)).inc()
+            log.error("dead letter %s (%s, %s, %d units): %s", row["identifier"],
+                      row["customer_id"], row["event_name"], row["value"], out.reason)
+            self.store.execute_write(lambda c: c.execute(
+                "UPDATE outbox SET status='dead', dead_at=?, last_error=?, sink=? WHERE id=?",
+                (int(now), out.reason[:500], self.sink.name, row["id"])))
+            report.errors.append(f"{row['identifier']}: {out.reason}")
+
+    # ---- dead letters and gauges --------------------------------------------------------
+
+    def replay(self, outbox_id: int, restamp: bool = False) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            sets = "status='pending', next_attempt_at=0, dead_at=NULL"
+            if restamp:
+                sets += f", timestamp={int(time.time())}"
+            cur = c.execute(f"UPDATE outbox SET {sets} WHERE id=? AND status='dead'",
+                            (outbox_id,))
+            return cur.rowcount == 1
+
+        ok: bool = self.store.execute_write(tx)
+        self.refresh_gauges()
+        return ok
+
+    def refresh_gauges(self) -> None:
+        c = self.store.conn
+        (dead,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='dead'").fetchone()
+        (pend,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'").fetchone()
+        metrics.dead_letters.set(dead)
+        metrics.outbox_pending.set(pend)
+        metrics.flush_lag_seconds.set(self.lag())
+
+    def lag(self) -> float:
+        """Age of the oldest usage not yet delivered (staged or not)."""
+        c = self.store.conn
+        (a,) = c.execute("SELECT MIN(created_at) FROM outbox WHERE status='pending'").fetchone()
+        (b,) = c.execute("SELECT MIN(minute) FROM usage_minute WHERE billable > reported"
+                         " OR covered > reported_covered").fetchone()
+        oldest = min(x for x in (a, b, time.time()) if x is not None)
+        return max(0.0, time.time() - oldest)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                rep = await self.flush()
+                if rep.staged or rep.attempted:
+                    log.info("flush: %s", rep.to_json())
+            except sqlite3.Error as exc:
+                log.error("flush failed (storage): %s; will retry next interval", exc)
+
+    async def close(self) -> None:
+        await self.sink.close()
+
+
+def _with_sub(ev: OutEvent, sub: int) -> OutEvent:
+    if sub == 0:
+        return ev
+    return OutEvent(ev.outbox_id, ev.identifier, ev.event_name, ev.stripe_customer_id, ev.value,
+                    ev.timestamp, ev.meter, ev.attempt * 100 + sub)
+
+
+def _reason_kind(reason: str) -> str:
+    r = reason.lower()
+    if "stripe_customer_id" in r or "customer" in r:
+        return "customer_mapping"
+    if "35-day" in r or "timestamp" in r:
+        return "too_old"
+    if "no active meter" in r or "event name" in r:
+        return "unknown_event_name"
+    return "invalid"

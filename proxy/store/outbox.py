@@ -1,0 +1,111 @@
+"""The outbox: usage -> meter events with deterministic identifiers, persisted before sending.
+
+Staging (one transaction on the Store's connection, so it cannot interleave with a group
+commit) takes, per customer, meter and hour window, the usage not yet staged
+(``billable - reported``; for a meter with ``covered_event_name`` also
+``covered - reported_covered``), adds the customer's carried remainder, and mints one
+event of ``floor(total)`` whole units; the fraction stays in ``carry``. So after any number
+of flushes: sum(events) == floor(sum(usage)) and sum(events) + remainder == sum(usage),
+exactly, in integers.
+
+Identifiers are ``mp_<install id>_<outbox id>``: unique per database (the install id is
+random per database, so two sidecars on one Stripe account never collide) and stable
+across every resend of the same row.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.units import QSCALE
+
+WINDOW = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class StagedEvent:
+    customer_id: str
+    meter: str
+    event_name: str
+    covered: bool
+    value: int
+    window_start: int
+    timestamp: int
+
+
+def install_id(conn: sqlite3.Connection) -> str:
+    return str(conn.execute("SELECT v FROM meta WHERE k='install_id'").fetchone()[0])
+
+
+def split_whole(total_micro: int) -> tuple[int, int]:
+    """(whole units, remainder micro) with 0 <= remainder < QSCALE (floor division)."""
+    whole, rem = divmod(total_micro, QSCALE)
+    return whole, rem
+
+
+def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | None]],
+          now: float | None = None) -> list[StagedEvent]:
+    """Move unstaged usage into outbox rows. Caller holds the transaction.
+
+    ``event_names`` maps meter -> (stripe_event_name, covered_event_name or None). Usage of a
+    meter no longer in the rules keeps the event name it was last staged with, else the
+    meter's own name (an operator can fix a wrong name through a dead-letter replay)."""
+    now = time.time() if now is None else now
+    rows = conn.execute(
+        "SELECT customer_id, meter, minute / ? * ? AS w, MAX(minute),"
+        " SUM(billable - reported), SUM(covered - reported_covered)"
+        " FROM usage_minute WHERE billable > reported OR covered > reported_covered"
+        " GROUP BY customer_id, meter, w ORDER BY customer_id, meter, w",
+        (WINDOW, WINDOW)).fetchall()
+    if not rows:
+        return []
+    conn.execute("UPDATE usage_minute SET reported = billable, reported_covered = covered"
+                 " WHERE billable > reported OR covered > reported_covered")
+    carry: dict[tuple[str, str, str], int] = {
+        (c, m, e): r for c, m, e, r in conn.execute(
+            "SELECT customer_id, meter, event_name, remainder FROM carry")}
+    out: list[StagedEvent] = []
+    created = int(now)
+    for customer, meter, window, last_minute, billable, covered in rows:
+        names = event_names.get(meter, (meter, None))
+        ts = int(min(last_minute + 59, now))
+        for event_name, delta, is_cov in ((names[0], billable, False), (names[1], covered, True)):
+            if event_name is None or not delta:
+                continue
+            key = (customer, meter, event_name)
+            whole, rem = split_whole(carry.get(key, 0) + delta)
+            carry[key] = rem
+            if whole:
+                out.append(StagedEvent(customer, meter, event_name, is_cov, whole, window, ts))
+    conn.executemany(
+        "INSERT INTO carry(customer_id, meter, event_name, remainder) VALUES (?,?,?,?)"
+        " ON CONFLICT(customer_id, meter, event_name) DO UPDATE SET remainder=excluded.remainder",
+        [(*k, v) for k, v in carry.items()])
+    prefix = "mp_" + install_id(conn) + "_"
+    (last_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
+    conn.executemany(
+        "INSERT INTO outbox(id, identifier, customer_id, meter, event_name, covered, value,"
+        " window_start, timestamp, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        [(last_id + i, f"{prefix}{last_id + i}", ev.customer_id, ev.meter, ev.event_name,
+          int(ev.covered), ev.value, ev.window_start, ev.timestamp, created)
+         for i, ev in enumerate(out, start=1)])
+    return out
+
+
+def pending(conn: sqlite3.Connection, now: float, limit: int = 5000) -> list[dict[str, Any]]:
+    cur = conn.execute(
+        "SELECT o.id, o.identifier, o.customer_id, o.meter, o.event_name, o.value, o.timestamp,"
+        " o.attempts, c.stripe_customer_id FROM outbox o LEFT JOIN customers c"
+        " ON c.id = o.customer_id WHERE o.status='pending' AND o.next_attempt_at <= ?"
+        " ORDER BY o.id LIMIT ?", (now, limit))
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur]
+
+
+def remainders(conn: sqlite3.Connection, customer_id: str) -> dict[str, int]:
+    return {f"{m}:{e}": r for m, e, r in conn.execute(
+        "SELECT meter, event_name, remainder FROM carry WHERE customer_id=?", (customer_id,))}

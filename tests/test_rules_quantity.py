@@ -1,0 +1,240 @@
+"""Quantity extraction: sources, presets, transforms, unreadable values (never raises)."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
+from proxy.rules.model import Transform
+from proxy.rules.quantity import apply_transform, parse_number
+
+M = 1_000_000
+
+RULES = """\
+version: 1
+meters:
+  m: {stripe_event_name: m}
+rules:
+  - name: chat
+    match: {path: /chat}
+    usage: [{meter: m, preset: openai_chat}]
+  - name: anthropic
+    match: {path: /anthropic}
+    usage: [{meter: m, preset: anthropic_messages}]
+  - name: responses
+    match: {path: /responses}
+    usage: [{meter: m, preset: openai_responses}]
+  - name: field
+    match: {path: /field}
+    usage: [{meter: m, quantity: response.json.choices.0.n, on_unreadable: 7}]
+  - name: many
+    match: {path: "/many/{n}"}
+    usage:
+      - {meter: m, quantity: 3}
+      - {meter: m, quantity: request.header.x-units}
+      - {meter: m, quantity: response.header.x-cost}
+      - {meter: m, quantity: request.query.n}
+      - {meter: m, quantity: path.n}
+      - {meter: m, quantity: request.json.input.1.len}
+      - {meter: m, quantity: request.bytes}
+      - {meter: m, quantity: response.bytes}
+      - {meter: m, quantity: duration_ms}
+  - name: gb
+    match: {path: /gb}
+    usage:
+      - {meter: m, quantity: request.bytes, transform: {divide_by: 1000000000, round: up}}
+      - {meter: m, quantity: request.bytes, transform: {divide_by: 1000000000, round: down}}
+"""
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Rule]:
+    p: Path = tmp_path_factory.mktemp("r") / "r.yaml"
+    p.write_text(RULES)
+    return {r.name: r for r in load_rules([p]).rules}
+
+
+def meas(body: BodyView | None = None, **kw: Any) -> Measurement:
+    base: dict[str, Any] = dict(
+        status=200, request_headers={}, response_headers={}, query={}, path_params={},
+        request_json=UNREADABLE, response_body=body, request_bytes=0, response_bytes=0,
+        duration_ms=Decimal(0))
+    base.update(kw)
+    return Measurement(**base)
+
+
+def run(rule: Rule, content_type: str, chunks: list[bytes], **kw: Any) -> list[Quantity]:
+    insp = rule.new_inspector(content_type, 1 << 20)
+    assert insp is not None
+    for c in chunks:
+        insp.feed(c)
+    return compute(rule, meas(insp.result(), **kw))
+
+
+def sse(*events: dict[str, Any], event_names: bool = False) -> list[bytes]:
+    out = []
+    for e in events:
+        head = f"event: {e['type']}\n".encode() if event_names else b""
+        out.append(head + b"data: " + orjson.dumps(e) + b"\n\n")
+    return out
+
+
+def test_openai_chat_stream_and_json(rules: dict[str, Rule]) -> None:
+    r = rules["chat"]
+    stream = sse({"choices": [{"delta": {"content": "a"}}], "usage": None},
+                 {"choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 12}})
+    stream.append(b"data: [DONE]\n\n")
+    assert run(r, "text/event-stream", stream) == [Quantity("m", 12 * M, False)]
+    body = orjson.dumps({"usage": {"total_tokens": 30}})
+    assert run(r, "application/json", [body]) == [Quantity("m", 30 * M, False)]
+
+
+def test_openai_chat_stream_without_usage_is_unreadable(rules: dict[str, Rule]) -> None:
+    stream = sse({"choices": [{"delta": {"content": "a"}}]})
+    assert run(rules["chat"], "text/event-stream", stream) == [Quantity("m", 0, True)]
+
+
+def test_anthropic_stream_and_json(rules: dict[str, Rule]) -> None:
+    r = rules["anthropic"]
+    stream = sse(
+        {"type": "message_start",
+         "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}},
+        {"type": "content_block_delta", "delta": {"text": "hi"}},
+        {"type": "message_delta", "usage": {"output_tokens": 10}},
+        {"type": "message_delta", "usage": {"output_tokens": 15}},
+        {"type": "message_stop"},
+        event_names=True)
+    assert run(r, "text/event-stream", stream) == [Quantity("m", 40 * M, False)]
+    body = orjson.dumps({"usage": {"input_tokens": 4, "output_tokens": 6}})
+    assert run(r, "application/json", [body]) == [Quantity("m", 10 * M, False)]
+
+
+def test_anthropic_abandoned_before_delta_is_unreadable(rules: dict[str, Rule]) -> None:
+    stream = sse({"type": "message_start", "message": {"usage": {"input_tokens": 25}}})
+    assert run(rules["anthropic"], "text/event-stream", stream) == [Quantity("m", 0, True)]
+
+
+def test_openai_responses_stream_and_json(rules: dict[str, Rule]) -> None:
+    r = rules["responses"]
+    stream = sse({"type": "response.created", "response": {"usage": None}},
+                 {"type": "response.output_text.delta", "delta": "x"},
+                 {"type": "response.completed", "response": {"usage": {"total_tokens": 99}}},
+                 event_names=True)
+    assert run(r, "text/event-stream", stream) == [Quantity("m", 99 * M, False)]
+    body = orjson.dumps({"usage": {"total_tokens": 5}})
+    assert run(r, "application/json", [body]) == [Quantity("m", 5 * M, False)]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"choices": [{"n": 2.5}]}', Quantity("m", 2_500_000, False)),
+    (b'{"choices": [{"n": "4"}]}', Quantity("m", 4 * M, False)),
+    (b'{"choices": [{"n": -1}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": true}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": "4x"}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": "NaN"}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": "1_000"}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": null}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": []}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": 1e300}]}', Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": 1', Quantity("m", 7 * M, True)),
+    (b"[1, 2]", Quantity("m", 7 * M, True)),
+])
+def test_response_json_field(rules: dict[str, Rule], body: bytes, expected: Quantity) -> None:
+    assert run(rules["field"], "application/json", [body]) == [expected]
+
+
+def test_response_json_over_cap(rules: dict[str, Rule]) -> None:
+    insp = rules["field"].new_inspector("application/json", 8)
+    assert insp is not None
+    insp.feed(b'{"choices": [{"n": 2}]}')
+    assert compute(rules["field"], meas(insp.result())) == [Quantity("m", 7 * M, True)]
+
+
+def test_response_json_field_on_sse(rules: dict[str, Rule]) -> None:
+    stream = sse({"choices": [{"n": 1}]}, {"choices": [{"n": 3}]})
+    assert run(rules["field"], "text/event-stream", stream) == [Quantity("m", 3 * M, False)]
+
+
+def test_no_body_view_is_unreadable(rules: dict[str, Rule]) -> None:
+    assert compute(rules["field"], meas(None)) == [Quantity("m", 7 * M, True)]
+
+
+def test_all_simple_sources(rules: dict[str, Rule]) -> None:
+    r = rules["many"]
+    m = meas(request_headers={"x-units": " 1.25 "}, response_headers={"x-cost": "2e1"},
+             query={"n": "3"}, path_params={"n": "4"},
+             request_json={"input": [{"len": 0}, {"len": 5}]},
+             request_bytes=100, response_bytes=200, duration_ms=Decimal("12.3456789"))
+    assert [q.micro for q in compute(r, m)] == [
+        3 * M, 1_250_000, 20 * M, 3 * M, 4 * M, 5 * M, 100 * M, 200 * M, 12_345_679]
+    assert not any(q.unreadable for q in compute(r, m))
+
+
+def test_missing_simple_sources_are_unreadable(rules: dict[str, Rule]) -> None:
+    qs = compute(rules["many"], meas(request_headers={"x-units": "abc"},
+                                     response_headers={"x-cost": "-1"}))
+    assert [q.unreadable for q in qs] == [False, True, True, True, True, True, False, False,
+                                          False]
+
+
+def test_transform_up_and_down(rules: dict[str, Rule]) -> None:
+    r = rules["gb"]
+    assert [q.micro for q in compute(r, meas(request_bytes=1))] == [1 * M, 0]
+    assert [q.micro for q in compute(r, meas(request_bytes=0))] == [0, 0]
+    assert [q.micro for q in compute(r, meas(request_bytes=2_000_000_000))] == [2 * M, 2 * M]
+    assert [q.micro for q in compute(r, meas(request_bytes=2_000_000_001))] == [3 * M, 2 * M]
+
+
+@given(st.integers(0, 10**12), st.integers(0, 6), st.integers(1, 10**10),
+       st.sampled_from(["up", "down"]))
+def test_transform_matches_exact_ceil_floor(num: int, scale: int, div: int, rnd: str) -> None:
+    units = Decimal(num).scaleb(-scale)
+    exact = Fraction(num, 10**scale) / div
+    want = math.ceil(exact) if rnd == "up" else math.floor(exact)
+    assert apply_transform(units, Transform(div, "up" if rnd == "up" else "down")) == want
+
+
+def test_parse_number() -> None:
+    assert parse_number("10") == Decimal(10)
+    assert parse_number(" .5 ") == Decimal("0.5")
+    assert parse_number(0.1) == Decimal("0.1")
+    bads: list[object] = ["", "inf", "Infinity", "nan", "0x10", "1_0", True, None, [1], {}, -1,
+            float("nan"), float("inf"), "1e13", 10**40]
+    for bad in bads:
+        assert parse_number(bad) is None, bad
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+        st.sampled_from(["usage", "total_tokens", "choices", "0", "n", "input_tokens",
+                         "output_tokens", "type", "message", "response"]), kids, max_size=4),
+    max_leaves=20)
+
+
+@given(JSON, st.sampled_from(["chat", "anthropic", "responses", "field", "many"]),
+       st.booleans())
+def test_compute_never_raises(rules: dict[str, Rule], doc: object, name: str,
+                              stream: bool) -> None:
+    rule = rules[name]
+    try:
+        raw = orjson.dumps(doc)
+    except (orjson.JSONEncodeError, TypeError):
+        raw = b"{bad"
+    insp = rule.new_inspector("text/event-stream" if stream else "application/json", 4096)
+    if insp is not None:
+        insp.feed(b"data: " + raw + b"\n\n" if stream else raw)
+    view = insp.result() if insp is not None else None
+    qs = compute(rule, meas(view, request_json=doc, request_headers={"x-units": str(doc)},
+                            path_params={"n": str(doc)[:10]}))
+    assert len(qs) == len(rule.usage)
+    assert all(q.micro >= 0 for q in qs)
