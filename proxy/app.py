@@ -26,11 +26,15 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.admin import build_admin_app
+from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.config import Config, split_hostport
+from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
+from proxy.sinks.base import Sink
+from proxy.store import outbox
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.tasks import cancel_and_wait, spawn
@@ -90,13 +94,17 @@ async def start(cfg: Config) -> Server:
     await reader.execute("PRAGMA query_only=1")
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
     pipeline = Pipeline(rt)
+    flusher = build_flusher(rt, build_sink(cfg))
+    _expose_billing(rt, flusher)
 
     public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
                                                                      "max_line_size": 64 * 1024})
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=10.0)
-    admin = web.AppRunner(build_admin_app(rt, reader), handle_signals=False, access_log=None)
+    admin_app = build_admin_app(rt, reader, billing_routes())
+    admin_app[FLUSHER] = flusher
+    admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
     await admin.setup()
     host, port = split_hostport(cfg.listen)
@@ -109,11 +117,61 @@ async def start(cfg: Config) -> Server:
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
+    server.tasks.append(spawn("flusher", flusher.run(cfg.stripe.flush_interval)))
+    server.on_stop.append(lambda: _final_flush(flusher))
     rt.extras["pipeline"] = pipeline
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
              st.durability)
     return server
+
+
+def build_sink(cfg: Config) -> Sink:
+    if not cfg.stripe.api_key or cfg.stripe.sink == "dry_run":
+        from proxy.sinks.dry_run import DryRunSink
+
+        return DryRunSink()
+    from proxy.sinks.factory import build_sink as stripe_sink
+
+    return stripe_sink(cfg.stripe)
+
+
+def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
+    scfg = rt.cfg.stripe
+
+    def event_names() -> dict[str, tuple[str, str | None]]:
+        return {m.name: (m.stripe_event_name, m.covered_event_name)
+                for m in rt.rules.meters.values()}
+
+    return Flusher(rt.store, sink, event_names,
+                   rate=scfg.max_rate or default_rate(scfg.api_key))
+
+
+def _expose_billing(rt: Runtime, flusher: Flusher) -> None:
+    async def customer_detail(cid: str) -> dict[str, Any]:
+        from proxy.units import fmt_micro
+
+        rem = outbox.remainders(rt.store.conn, cid)
+        return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()}}
+
+    def ready_checks() -> list[str]:
+        lag = flusher.lag()
+        if lag > rt.cfg.stripe.flush_lag_ready_threshold:
+            return [f"flush lag {lag:.0f}s exceeds {rt.cfg.stripe.flush_lag_ready_threshold:.0f}s"]
+        return []
+
+    rt.extras["customer_detail"] = customer_detail
+    rt.extras["ready_checks"] = ready_checks
+    rt.extras["flusher"] = flusher
+
+
+async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:
+    try:
+        report = await asyncio.wait_for(flusher.flush(), timeout)
+        log.info("final flush: %s", report.to_json())
+    except (TimeoutError, Exception):  # noqa: BLE001 - shutdown must finish; the outbox keeps it
+        log.exception("final flush did not finish; undelivered usage stays in the outbox")
+    await flusher.close()
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -66,5 +66,5 @@ last_flush_success = Gauge("meterproxy_last_flush_success_timestamp_seconds",
                            registry=REGISTRY)
 circuit_open = Gauge("meterproxy_stripe_circuit_open", "1 while the sink circuit breaker is open",
                      registry=REGISTRY)
-dead_letters_total = Counter("meterproxy_dead_letters_total", "Events dead-lettered, by reason kind",
+dead_letters_total = Counter("meterproxy_dead_lettered_events_total", "Events dead-lettered, by reason kind",
                              ["reason"], registry=REGISTRY)

@@ -1,4 +1,5 @@
 """Shared fixtures: a real example upstream and a real proxy on loopback ephemeral ports,
+
 with real SQLite files under tmp_path. Nothing of our own is mocked."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ruamel.yaml import YAML
 from proxy import config as config_mod
 from proxy.app import Server, start
 from proxy.example_upstream import build_app
+
+pytest_plugins = ["tests.stripe_double.fixture"]
 
 settings.register_profile("fast", max_examples=50, deadline=None)
 settings.register_profile("deep", max_examples=2000, deadline=None)
