@@ -40,7 +40,7 @@ async def _query(request: web.Request, where: str, args: tuple[Any, ...],
 
 
 async def post_flush(request: web.Request) -> web.Response:
-    report = await request.app[FLUSHER].flush()
+    report = await request.app[FLUSHER].flush(force=True)
     return jok(report.to_json())
 
 
@@ -57,7 +57,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
     restamp = request.query.get("restamp", "").lower() in ("1", "true", "yes")
     if not flusher.replay(oid, restamp=restamp):
         return jerror(404, "not_found", f"no dead letter {oid}")
-    report = await flusher.flush()
+    report = await flusher.flush(force=True)
     rows = await _query(request, "id=?", (oid,), 1)
     return jok({"replayed": rows[0] if rows else None, "flush": report.to_json()})
 

@@ -167,7 +167,7 @@ def _expose_billing(rt: Runtime, flusher: Flusher) -> None:
 
 async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:
     try:
-        report = await asyncio.wait_for(flusher.flush(), timeout)
+        report = await asyncio.wait_for(flusher.flush(force=True), timeout)
         log.info("final flush: %s", report.to_json())
     except (TimeoutError, Exception):  # noqa: BLE001 - shutdown must finish; the outbox keeps it
         log.exception("final flush did not finish; undelivered usage stays in the outbox")

@@ -152,23 +152,24 @@ class Flusher:
 
     # ---- one flush ------------------------------------------------------------------------
 
-    async def flush(self) -> FlushReport:
-        """Stage, then deliver everything due. Flushes never overlap."""
+    async def flush(self, force: bool = False) -> FlushReport:
+        """Stage, then deliver everything due (``force``: everything pending, ignoring the
+        backoff schedule; the circuit breaker still applies). Flushes never overlap."""
         async with self._lock:
             report = FlushReport()
             # 1-2: staging is one transaction on the one write connection
             staged = self.store.execute_write(lambda c: outbox.stage(c, self.event_names()))
             report.staged = len(staged)
-            await self._deliver(report)
+            await self._deliver(report, force)
             self.refresh_gauges()
             if report.retrying == 0 and not report.skipped_circuit_open:
                 self.last_success = time.time()
                 metrics.last_flush_success.set(self.last_success)
             return report
 
-    async def _deliver(self, report: FlushReport) -> None:
+    async def _deliver(self, report: FlushReport, force: bool) -> None:
         now = time.time()
-        due = outbox.pending(self.store.conn, now)
+        due = outbox.pending(self.store.conn, float("inf") if force else now)
         if not due:
             return
         if self.breaker.open:
