@@ -234,8 +234,9 @@ def check_ledger(db: Path, ok_2xx: int, slack: int, payload: str) -> dict[str, o
         problems.append(f"ledger {calls} > client 2xx {ok_2xx} + in-flight slack {slack}")
     if lg["audit_api_calls"] != calls:
         problems.append(f"audit rows {lg['audit_api_calls']} != usage_minute {calls}")
-    if payload == "sse" and lg["llm_tokens"] != 42 * calls:
-        problems.append(f"llm_tokens {lg['llm_tokens']} != 42 x {calls}")
+    # an SSE response cut by wrk at the end is billed for the tokens delivered (maybe 0)
+    if payload == "sse" and not 42 * ok_2xx <= lg["llm_tokens"] <= 42 * calls:
+        problems.append(f"llm_tokens {lg['llm_tokens']} not within 42 x [{ok_2xx}, {calls}]")
     return {"ledger_api_calls": calls, "client_2xx": ok_2xx, "slack": slack,
             "ok": not problems, "problems": problems}
 
@@ -370,6 +371,7 @@ def main() -> int:
             c, o = closed[t][pl], opened[t][pl]
             row = {"rps": med([r["rps"] for r in c]),
                    "cpu_us_per_req": med([r["cpu_us_per_req"] for r in c]),
+                   "cpu_util": med([r["cpu_util"] for r in c]),
                    "p50_ms": med([r["p50_ms"] for r in o]),
                    "p99_ms": med([r["p99_ms"] for r in o])}
             row["ratio"] = row["rps"] / bare_max[pl]
@@ -448,7 +450,10 @@ def render_md(r: dict[str, object], targets: list[str], payloads: list[str]) -> 
          f"-c{r['params']['connections']}. Open loop: bench/openloop.py at half the bare "
          "proxy's max rate; added latency = median over reps of (target - bare) in the same rep.",
          "", "## Max throughput (closed loop) and CPU per request", "",
-         "| target | " + " | ".join(f"{pl} rps | {pl} vs bare | {pl} CPU µs/req"
+         "util = CPU seconds per second of the proxy process; below ~0.9 the proxy was not "
+         "the bottleneck (CPU 0, shared by wrk and the Python origin, was), so its rps "
+         "understates that target's max.", "",
+         "| target | " + " | ".join(f"{pl} rps | {pl} vs bare | {pl} CPU µs/req (util)"
                                   for pl in payloads) + " |",
          "| --- |" + " --- | --- | --- |" * len(payloads)]
     for t in targets:
@@ -456,6 +461,7 @@ def render_md(r: dict[str, object], targets: list[str], payloads: list[str]) -> 
             f"{s[t][pl]['rps']:.0f} | {s[t][pl]['ratio']:.2f}x | "
             f"{s[t][pl]['cpu_us_per_req']:.0f}" + (f" (+{s[t][pl]['added_cpu_us']:.0f})"
                                                   if t != "bare" else "")
+            + f" ({s[t][pl]['cpu_util']:.2f})"
             for pl in payloads) + " |")
     rates = r["open_loop_rates"]
     L += ["", "## Latency at a fixed rate (open loop, half the bare max)", "",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -169,16 +170,17 @@ async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:
     try:
         report = await asyncio.wait_for(flusher.flush(force=True), timeout)
         log.info("final flush: %s", report.to_json())
-    except (TimeoutError, Exception):  # noqa: BLE001 - shutdown must finish; the outbox keeps it
+    except (TimeoutError, Exception):
         log.exception("final flush did not finish; undelivered usage stays in the outbox")
     await flusher.close()
 
 
 def _bound_port(site: web.TCPSite) -> int:
     server = site._server  # aiohttp exposes no public accessor for the bound socket
-    if server is None or not getattr(server, "sockets", None):
+    if server is None:
         return 0
-    return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
 def reload_rules(rt: Runtime) -> bool:
@@ -233,12 +235,22 @@ async def _refresh_keys(rt: Runtime) -> None:
             rt.keys.reload(rt.store.conn)
 
 
+def prune_audit(conn: sqlite3.Connection, cutoff_ms: int, batch: int = 5000) -> int:
+    cur = conn.execute("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at_ms < ?"
+                       " LIMIT ?)", (cutoff_ms, batch))
+    return int(cur.rowcount)
+
+
 async def _prune_audit(rt: Runtime) -> None:
+    """Audit rows older than ``storage.audit_retention`` go, in small batches that never hold
+    the loop for long. Minute aggregates (what billing uses) are kept."""
     while True:
         cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
-        rt.store.execute_write(lambda c: c.execute(
-            "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at_ms < ? LIMIT 5000)",
-            (cutoff,)))
+        def tx(c: sqlite3.Connection, cut: int = cutoff) -> int:
+            return prune_audit(c, cut)
+
+        while rt.store.execute_write(tx) == 5000:  # noqa: ASYNC110 - yield between batches
+            await asyncio.sleep(0.05)
         await asyncio.sleep(3600)
 
 

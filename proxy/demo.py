@@ -102,7 +102,7 @@ The dry-run Stripe sink logs the meter events it would send every 15 s.
 
 async def _run(port: int, workdir: Path) -> int:
     from proxy.app import start
-    from proxy.config import ConfigError
+    from proxy.errors import ConfigError
     from proxy.example_upstream import build_app
 
     up = web.AppRunner(build_app(), access_log=None)

@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from tenacity.wait import wait_exponential_jitter
 
 from proxy import metrics
-from proxy.sinks.base import Kind, OutEvent, Outcome, Sink
+from proxy.sinks.base import Kind, Outcome, OutEvent, Sink
 from proxy.store import outbox
 from proxy.store.db import Store
 
@@ -111,7 +111,7 @@ def default_rate(api_key: str) -> float:
 
 def backoff(attempts: int, rng: random.Random) -> float:
     """Cross-cycle delay before a pending event is tried again (full jitter, capped)."""
-    return min(MAX_BACKOFF, 1.0 * 2 ** min(attempts, 10)) * (0.5 + rng.random() / 2)
+    return min(MAX_BACKOFF, float(2 ** min(attempts, 10))) * (0.5 + rng.random() / 2)
 
 
 @dataclass
@@ -260,7 +260,7 @@ class Flusher:
         """One logical send with a few quick in-cycle retries (tenacity)."""
 
         def wait(state: RetryCallState) -> float:
-            base = wait_exponential_jitter(initial=0.05, max=self.retry_wait_max)(state)
+            base = float(wait_exponential_jitter(initial=0.05, max=self.retry_wait_max)(state))
             last = state.outcome.result() if state.outcome is not None else None
             hinted = max((o.retry_after or 0.0) for o in last) if last else 0.0
             return max(base, min(hinted, self.retry_wait_max))

@@ -8,7 +8,6 @@ the upstream sent.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -84,7 +83,7 @@ async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
         async for chunk in resp.content.iter_any():
             yield chunk
-    except (TimeoutError, aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout("the upstream stopped sending mid-body") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamUnavailable(f"the upstream connection broke mid-body ({type(exc).__name__})") \

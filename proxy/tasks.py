@@ -7,6 +7,7 @@ in tracebacks; ruff bans it elsewhere in the package.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -33,7 +34,5 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     if task is None or task.done():
         return
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass

@@ -44,7 +44,7 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
                                                             upstream: str) -> None:
     port, aport = free_port(), free_port()
     cfg = write_config(tmp_path, upstream, listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{aport}", 
+                       admin_listen=f"127.0.0.1:{aport}",
                        storage={"durability": "strict", "commit_interval": "300ms"})
     url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
     log = tmp_path / "proxy.log"
@@ -74,7 +74,7 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
                             await r.read()  # raises if the body is cut short
                             if r.status == 200:
                                 received.append(r.headers["X-Request-Id"])
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                    except (TimeoutError, aiohttp.ClientError):
                         await asyncio.sleep(0.01)
 
         tasks = [asyncio.ensure_future(client(i)) for i in range(16)]

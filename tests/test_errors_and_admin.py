@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import stat
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from proxy.sinks.base import Kind, OutEvent, Outcome
+from proxy.sinks.base import Kind, Outcome, OutEvent
 
 log = logging.getLogger("meterproxy.sink.dry_run")
 

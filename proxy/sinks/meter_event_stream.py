@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from stripe.params.v2.billing import MeterEventStreamCreateParamsEvent
 
-from proxy.sinks.base import Kind, OutEvent, Outcome
+from proxy.sinks.base import Kind, Outcome, OutEvent
 from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
 
 log = logging.getLogger("meterproxy.sink.meter_event_stream")
@@ -98,8 +98,9 @@ class MeterEventStreamSink:
                 return self._token
             session = await attempt(self.conn.client.v2.billing.meter_event_session.create_async())
             if isinstance(session, Failed):
-                return Failed(Outcome(session.outcome.kind,
-                                      f"creating a meter event session: {session.outcome.reason}",
+                # never the events' fault: even a 4xx here is an account/operator problem
+                reason = f"creating a meter event session: {session.outcome.reason}"
+                return Failed(Outcome(Kind.RETRY, reason,
                                       retry_after=session.outcome.retry_after,
                                       lock_timeout=session.outcome.lock_timeout,
                                       status=session.outcome.status))

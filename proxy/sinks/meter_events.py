@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.sinks.base import Kind, OutEvent, Outcome
+from proxy.sinks.base import Kind, Outcome, OutEvent
 from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
 
 

@@ -83,7 +83,7 @@ async def attempt(call: Awaitable[T]) -> T | Failed:
     """
     try:
         return await call
-    except Exception as exc:  # noqa: BLE001 - every foreign failure is translated here
+    except Exception as exc:
         failed = translate(exc)
         log.debug("stripe call failed: %s -> %s", exc, failed.outcome)
         return failed

@@ -55,14 +55,22 @@ def valid_id(value: object, what: str) -> str:
     return value
 
 
-def upsert_customer(conn: sqlite3.Connection, cid: str, stripe_customer_id: str | None,
-                    overage: str | None, status: str | None) -> tuple[Customer, bool]:
-    """Create or update; returns (customer, created)."""
-    valid_id(cid, "id")
-    if overage is not None and overage not in ("bill", "block"):
-        raise InvalidInput("overage must be 'bill' or 'block'")
-    if status is not None and status not in ("active", "suspended"):
-        raise InvalidInput("status must be 'active' or 'suspended'")
+def _opt_str(value: object, what: str, allowed: tuple[str, ...] | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or (allowed is not None and value not in allowed):
+        options = " or ".join(repr(a) for a in allowed) if allowed else "a string"
+        raise InvalidInput(f"{what} must be {options}")
+    return value
+
+
+def upsert_customer(conn: sqlite3.Connection, cid: object, stripe_customer_id: object,
+                    overage: object, status: object) -> tuple[Customer, bool]:
+    """Create or update; returns (customer, created). Arguments come straight from JSON."""
+    cid = valid_id(cid, "id")
+    stripe_customer_id = _opt_str(stripe_customer_id, "stripe_customer_id", None)
+    overage = _opt_str(overage, "overage", ("bill", "block"))
+    status = _opt_str(status, "status", ("active", "suspended"))
     now = int(time.time())
     row = conn.execute("SELECT stripe_customer_id, status, overage FROM customers WHERE id=?",
                        (cid,)).fetchone()
