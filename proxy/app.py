@@ -28,13 +28,16 @@ from aiohttp import web
 from proxy import metrics
 from proxy.admin import build_admin_app
 from proxy.admin_billing import FLUSHER, billing_routes
+from proxy.admin_credits import CREDITS, credit_routes
 from proxy.config import Config, split_hostport
+from proxy.credits.service import CreditService, load_book
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
+from proxy.sinks.factory import build_sink
 from proxy.store import outbox
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
@@ -95,16 +98,19 @@ async def start(cfg: Config) -> Server:
     await reader.execute("PRAGMA query_only=1")
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
     pipeline = Pipeline(rt)
-    flusher = build_flusher(rt, build_sink(cfg))
-    _expose_billing(rt, flusher)
+    credits = CreditService(store, load_book(store.conn))
+    pipeline.book = credits.book
+    flusher = build_flusher(rt, build_sink(cfg.stripe))
+    _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
                                                                      "max_line_size": 64 * 1024})
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=10.0)
-    admin_app = build_admin_app(rt, reader, billing_routes())
+    admin_app = build_admin_app(rt, reader, billing_routes() + credit_routes())
     admin_app[FLUSHER] = flusher
+    admin_app[CREDITS] = credits
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
     await admin.setup()
@@ -119,22 +125,13 @@ async def start(cfg: Config) -> Server:
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
     server.tasks.append(spawn("flusher", flusher.run(cfg.stripe.flush_interval)))
+    server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
     rt.extras["pipeline"] = pipeline
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
              st.durability)
     return server
-
-
-def build_sink(cfg: Config) -> Sink:
-    if not cfg.stripe.api_key or cfg.stripe.sink == "dry_run":
-        from proxy.sinks.dry_run import DryRunSink
-
-        return DryRunSink()
-    from proxy.sinks.factory import build_sink as stripe_sink
-
-    return stripe_sink(cfg.stripe)
 
 
 def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
@@ -148,12 +145,14 @@ def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
                    rate=scfg.max_rate or default_rate(scfg.api_key))
 
 
-def _expose_billing(rt: Runtime, flusher: Flusher) -> None:
+def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> None:
     async def customer_detail(cid: str) -> dict[str, Any]:
         from proxy.units import fmt_micro
 
         rem = outbox.remainders(rt.store.conn, cid)
-        return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()}}
+        return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
+                "credits": credits.summary(cid),
+                "credit_ledger": credits.entries(cid, limit=50)}
 
     def ready_checks() -> list[str]:
         lag = flusher.lag()
@@ -164,6 +163,7 @@ def _expose_billing(rt: Runtime, flusher: Flusher) -> None:
     rt.extras["customer_detail"] = customer_detail
     rt.extras["ready_checks"] = ready_checks
     rt.extras["flusher"] = flusher
+    rt.extras["credits"] = credits
 
 
 async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:

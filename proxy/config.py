@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy import yamlpos
 from proxy.errors import ConfigError
@@ -108,6 +116,14 @@ class StripeConfig(_Model):
     reconcile_grace: Duration = 7200.0
 
 
+    @model_validator(mode="after")
+    def _usage_records_need_items(self) -> StripeConfig:
+        if self.sink == "usage_records" and self.api_key and not self.subscription_items:
+            raise ValueError("sink usage_records needs stripe.subscription_items "
+                             "(meter -> {stripe_customer_id: subscription item id})")
+        return self
+
+
 class AdminConfig(_Model):
     token: str
 
@@ -117,6 +133,30 @@ class AdminConfig(_Model):
         if len(v) < 8:
             raise ValueError("admin.token must be set (at least 8 characters)")
         return v
+
+
+class CreditPack(_Model):
+    """A Stripe price that buys a fixed number of credits."""
+    credits: str
+    expires_in: Duration | None = None
+    priority: int = Field(default=50, ge=0, le=100)
+
+
+class CreditPlan(_Model):
+    """A subscription price whose every paid period grants an allowance."""
+    allowance: str
+    mode: Literal["reset", "rollover"] = "reset"
+    cap: str | None = None
+    priority: int = Field(default=60, ge=0, le=100)
+
+
+class CreditsConfig(_Model):
+    enforcement: Literal["enforce", "shadow"] = "enforce"
+    default_estimate: str = "1"          # units reserved for a variable-cost usage with no estimate
+    top_up_url: str = ""
+    packs: dict[str, CreditPack] = Field(default_factory=dict)     # Stripe price id -> pack
+    plans: dict[str, CreditPlan] = Field(default_factory=dict)     # Stripe price id -> plan
+    on_payment_failed: Literal["none", "suspend"] = "none"
 
 
 class AlertsConfig(_Model):
@@ -135,6 +175,7 @@ class Config(_Model):
     stripe: StripeConfig = StripeConfig()
     admin: AdminConfig
     alerts: AlertsConfig = AlertsConfig()
+    credits: CreditsConfig = CreditsConfig()
     max_inspect_bytes: Size = 1024 * 1024
     reserved_prefix: str = "/_meter"
     workers: int = Field(default=1, ge=1, le=64)

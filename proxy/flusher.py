@@ -386,7 +386,7 @@ def _reason_kind(reason: str) -> str:
     if "stripe_customer_id" in r or "customer" in r:
         return "customer_mapping"
     if "35-day" in r or "timestamp" in r:
-        return "too_old"
+        return "timestamp_window"
     if "no active meter" in r or "event name" in r:
         return "unknown_event_name"
     return "invalid"

@@ -30,16 +30,21 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from proxy import metrics
+from proxy.credits.book import CreditBook, Hold
+from proxy.credits.ledger import Entry, covered_quantity
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import iter_body, strip_hop_by_hop
 from proxy.rules import UNREADABLE, Measurement, Rule, compute
 from proxy.runtime import Runtime
+from proxy.rules.model import SourceKind
 from proxy.store.db import UsageItem, UsageRow
+from proxy.units import cost_micro, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.handler")
 
 _SMALL_BODY = 64 * 1024
 _XRID = istr("X-Request-Id")
+_XCR = istr("X-Credits-Remaining")
 _CT = "application/json"
 
 
@@ -71,6 +76,11 @@ class Pipeline:
                                         if s.header and not self.forward_key) | {"host"}
         self._req_counters: dict[tuple[str, int], Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
+        self.book: CreditBook | None = None
+        self.shadow = cfg.credits.enforcement == "shadow"
+        self.default_estimate = to_micro(cfg.credits.default_estimate)
+        self.top_up = cfg.credits.top_up_url
+        self._admission_cost: dict[int, tuple[str, int]] = {}
 
     # ---- entry point ---------------------------------------------------------------
 
@@ -97,14 +107,80 @@ class Pipeline:
             return error_response(503, "metering_unavailable",
                                   "Usage cannot be recorded right now; the request was not "
                                   "forwarded. Retry shortly.", rid)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request, rid, rule, match.path_params if match else {},
-                                         key_id, customer_id, rules.version, started)
-        ctx = _Request(self, request, rid, rule, match.path_params if match else {}, key_id,
-                       customer_id, rules.version, started, metered)
-        resp = await ctx.run()
+        hold: Hold | None = None
+        if metered and self.book is not None:
+            assert rule is not None
+            hold, refused = self._admit(rule, customer_id, rid)
+            if refused is not None:
+                self._count(rule_name, 402)
+                return refused
+        try:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await self._websocket(request, rid, rule,
+                                             match.path_params if match else {}, key_id,
+                                             customer_id, rules.version, started, hold)
+            ctx = _Request(self, request, rid, rule, match.path_params if match else {}, key_id,
+                           customer_id, rules.version, started, metered, hold)
+            resp = await ctx.run()
+        finally:
+            if hold is not None and not hold.released:
+                self.book.release(hold)  # type: ignore[union-attr]
         self._count(rule_name, resp.status)
         return resp
+
+    # ---- credits: admission ----------------------------------------------------------
+
+    def admission_cost(self, rule: Rule) -> int:
+        """Micro-credits held at admission: constant quantities' cost plus the estimate of
+        every quantity only known later. Computed once per rule object."""
+        cached = self._admission_cost.get(id(rule))
+        if cached is not None and cached[0] == rule.name:
+            return cached[1]
+        total = 0
+        for u in rule.usage:
+            if u.credits_per_unit is None:
+                continue
+            if u.source.kind is SourceKind.CONSTANT and u.source.constant is not None:
+                q = to_micro(u.source.constant)
+            else:
+                q = u.estimate_micro if u.estimate_micro is not None else self.default_estimate
+            total += cost_micro(q, u.credits_per_unit)
+        self._admission_cost[id(rule)] = (rule.name, total)
+        return total
+
+    def _admit(self, rule: Rule, customer_id: str,
+               rid: str) -> tuple[Hold | None, web.Response | None]:
+        """The credit decision: one synchronous critical section (no await), so concurrent
+        requests cannot spend the same credit."""
+        book = self.book
+        assert book is not None
+        cust = self.rt.keys.customers.get(customer_id)
+        block = cust is not None and cust.overage == "block"
+        if not block and not book.has_credits(customer_id):
+            return None, None                     # pay-as-you-go: nothing to hold
+        cost = self.admission_cost(rule)
+        now = time.time()
+        hold = book.try_hold(customer_id, cost, now, block=block and not self.shadow)
+        if hold is not None:
+            if block and self.shadow and cost > book.available(customer_id, now) + hold.amount:
+                metrics.credit_shadow_rejections_total.inc()
+            return hold, None
+        metrics.credit_rejections_total.inc()
+        balance = book.available(customer_id, now)
+        msg = (f"This request needs {fmt_micro(cost)} credits and {fmt_micro(max(balance, 0))} "
+               "are available. Buy more credits to continue"
+               + (f": {self.top_up}" if self.top_up else "") + ".")
+        resp = error_response(402, "insufficient_credits", msg, rid,
+                              {"balance": fmt_micro(max(balance, 0)), "required": fmt_micro(cost),
+                               "top_up_url": self.top_up or None})
+        resp.headers[_XCR] = fmt_micro(max(balance, 0))
+        return None, resp
+
+    def credits_header(self, customer_id: str) -> str | None:
+        book = self.book
+        if book is None or not book.has_credits(customer_id):
+            return None
+        return fmt_micro(max(book.available(customer_id, time.time()), 0))
 
     def _count(self, rule: str, status: int) -> None:
         key = (rule, status // 100)
@@ -165,7 +241,7 @@ class Pipeline:
 
     async def _websocket(self, request: web.Request, rid: str, rule: Rule | None,
                          params: Any, key_id: str, customer_id: str, version: str,
-                         started: float) -> web.StreamResponse:
+                         started: float, hold: Hold | None) -> web.StreamResponse:
         headers = self.upstream_headers(request, rid)
         for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
                   "Sec-WebSocket-Protocol"):
@@ -191,7 +267,7 @@ class Pipeline:
                                 request_json=UNREADABLE, response_body=None, request_bytes=0,
                                 response_bytes=0,
                                 duration_ms=Decimal(int((time.perf_counter() - started) * 1000)))
-                self.record(rid, rule, m, key_id, customer_id, version, "websocket")
+                self.record(rid, rule, m, key_id, customer_id, version, "websocket", hold)
         return server_ws
 
     # ---- shared helpers ------------------------------------------------------------------
@@ -208,35 +284,52 @@ class Pipeline:
         return headers
 
     def record(self, rid: str, rule: Rule, m: Measurement, key_id: str, customer_id: str,
-               version: str, flags: str) -> asyncio.Future[None] | None:
-        """Turn a measurement into a usage row (pure quantities) and hand it to the Store."""
+               version: str, flags: str, hold: Hold | None) -> asyncio.Future[None] | None:
+        """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
+        both to the Store (one transaction). Not billable: the hold is released."""
         if not rule.count_when.matches(m.status):
+            if hold is not None and self.book is not None:
+                self.book.release(hold)
             return None
+        quantities = compute(rule, m)
+        if not quantities:
+            return None
+        rates = {u.meter: u.credits_per_unit for u in rule.usage}
+        costs = [cost_micro(q.micro, r) if (r := rates.get(q.meter)) is not None else 0
+                 for q in quantities]
+        settled = self.book.settle(hold, costs, time.time()) \
+            if hold is not None and self.book is not None else None
         items = []
-        for q in compute(rule, m):
+        debits: list[tuple[str, Entry]] = []
+        for i, q in enumerate(quantities):
             f = flags
             if q.unreadable:
                 metrics.unreadable_quantities_total.labels(rule.name).inc()
                 f = f"{f},unreadable" if f else "unreadable"
-            items.append(UsageItem(q.meter, q.micro, 0, q.micro, f))
+            credits = covered = 0
+            if settled is not None:
+                entries, uncovered = settled[i]
+                credits = costs[i] - uncovered
+                covered = covered_quantity(q.micro, costs[i], credits)
+                debits.extend((q.meter, e) for e in entries)
+            items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:
                 metrics.metered_units_total.labels(q.meter).inc(q.micro / 1_000_000)
-        if not items:
-            return None
-        row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items)
+        row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items,
+                       debits=debits)
         return self.rt.store.record(row, wait=self.strict and not flags)
 
 
 class _Request:
     """One proxied HTTP request: the state that lives between forward and record."""
 
-    __slots__ = ("customer_id", "flags", "key_id", "match_params", "metered", "p", "req",
+    __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "req",
                  "request_bytes", "request_json", "rid", "rule", "started", "upstream_s",
                  "version")
 
     def __init__(self, p: Pipeline, req: web.Request, rid: str, rule: Rule | None,
                  params: Any, key_id: str, customer_id: str, version: str, started: float,
-                 metered: bool) -> None:
+                 metered: bool, hold: Hold | None) -> None:
         self.p, self.req, self.rid, self.rule = p, req, rid, rule
         self.match_params, self.key_id, self.customer_id = params, key_id, customer_id
         self.version, self.started, self.metered = version, started, metered
@@ -244,6 +337,7 @@ class _Request:
         self.request_json: object = UNREADABLE
         self.upstream_s = 0.0
         self.flags = ""
+        self.hold = hold
 
     async def run(self) -> web.StreamResponse:
         req, p = self.req, self.p
@@ -320,6 +414,11 @@ class _Request:
             return await self._respond_small(upstream, out_headers, inspector, t_up)
         if chunked:
             out_headers.popall("Content-Length", None)
+        if self.metered:
+            # streamed: the balance after this request's hold (settled once the body ends)
+            xcr = p.credits_header(self.customer_id)
+            if xcr is not None:
+                out_headers[_XCR] = xcr
         resp = web.StreamResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
@@ -386,6 +485,10 @@ class _Request:
                                   "Usage could not be recorded; the answer is withheld. "
                                   "Retry shortly.", self.rid)
         headers.popall("Content-Length", None)
+        if self.metered:
+            xcr = self.p.credits_header(self.customer_id)   # exact: settled above
+            if xcr is not None:
+                headers[_XCR] = xcr
         return web.Response(status=upstream.status, headers=headers, body=body)
 
     async def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
@@ -404,7 +507,7 @@ class _Request:
                         request_bytes=self.request_bytes, response_bytes=response_bytes,
                         duration_ms=Decimal(int(total * 1000)))
         fut = self.p.record(self.rid, rule, m, self.key_id, self.customer_id, self.version,
-                            self.flags)
+                            self.flags, self.hold)
         if fut is not None:
             await fut
 

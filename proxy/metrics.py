@@ -68,3 +68,7 @@ circuit_open = Gauge("meterproxy_stripe_circuit_open", "1 while the sink circuit
                      registry=REGISTRY)
 dead_letters_total = Counter("meterproxy_dead_lettered_events_total", "Events dead-lettered, by reason kind",
                              ["reason"], registry=REGISTRY)
+credit_shadow_rejections_total = Counter(
+    "meterproxy_credit_shadow_rejections_total",
+    "Requests enforcement: shadow let through that enforcement would have refused (402)",
+    registry=REGISTRY)

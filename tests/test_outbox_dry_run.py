@@ -74,7 +74,8 @@ def test_staging_reports_floor_of_total_in_any_flush_pattern(amounts: list[int],
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         conn = connect(Path(d) / "o.db")
-        conn.execute("INSERT INTO customers VALUES ('c', 'cus', 'active', 'bill', 0, 0)")
+        conn.execute("INSERT INTO customers(id, stripe_customer_id, created_at, updated_at)"
+                     " VALUES ('c', 'cus', 0, 0)")
         names = {"m": ("m", None)}
         sent = 0
         for i, a in enumerate(amounts):

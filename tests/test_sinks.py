@@ -179,7 +179,7 @@ async def test_timestamp_outside_window_is_dead(double: RunningDouble,
     o = await one(meter_events, out("ev-old", ts=now() + ts_offset))
     assert o.kind is Kind.DEAD, o
     assert "timestamp outside Stripe's window" in o.reason
-    assert _reason_kind(o.reason) == "too_old"
+    assert _reason_kind(o.reason) == "timestamp_window"
 
 
 async def test_invalid_value_is_dead(double: RunningDouble,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import metrics
+from proxy.credits.ledger import Entry
 from proxy.errors import MeteringUnavailable, StorageError
 from proxy.store.schema import MIGRATIONS
 
@@ -56,6 +57,8 @@ class UsageRow:
     status: int
     items: list[UsageItem]
     future: asyncio.Future[None] | None = field(default=None, repr=False)
+    # credit debits made when this request settled: (meter, entry); same transaction
+    debits: list[tuple[str, Entry]] = field(default_factory=list)
 
 
 # A hook run inside every group-commit transaction, after the usage rows are written
@@ -103,6 +106,8 @@ def _statements(script: str) -> Iterable[str]:
 
 _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
               " status, meter, quantity, credits, billable, flags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+_DEBIT_SQL = ("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
+              " at_ms) VALUES (?,?,?,?,?,?,?)")
 _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
               " requests, billable, covered) VALUES (?,?,?,?,?,?,?,?,?)"
               " ON CONFLICT(customer_id, key_id, meter, minute, rules_version) DO UPDATE SET"
@@ -197,10 +202,14 @@ class Store:
 
     def _write(self, rows: Sequence[UsageRow]) -> None:
         audit: list[tuple[Any, ...]] = []
+        debits: list[tuple[Any, ...]] = []
         agg: dict[tuple[str, str, str, int, str], list[int]] = {}
         for r in rows:
             at_ms = int(r.at * 1000)
             minute = int(r.at // 60) * 60
+            for meter, e in r.debits:
+                debits.append((r.customer_id, e.grant_id, e.kind, e.amount, r.request_id, meter,
+                               at_ms))
             for it in r.items:
                 audit.append((r.request_id, at_ms, r.customer_id, r.key_id, r.rule,
                               r.rules_version, r.status, it.meter, it.quantity, it.credits,
@@ -219,6 +228,8 @@ class Store:
         try:
             conn.executemany(_AUDIT_SQL, audit)
             conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
+            if debits:
+                conn.executemany(_DEBIT_SQL, debits)
             for hook in self._hooks:
                 hook(conn)
             conn.execute("COMMIT")

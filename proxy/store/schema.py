@@ -98,4 +98,60 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     INSERT INTO meta(k, v) VALUES ('install_id', lower(hex(randomblob(6))));
     """,
+    # 3: prepaid credits (append-only grants and entries), alerts, inbound webhooks
+    """
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL REFERENCES customers(id),
+        amount INTEGER NOT NULL CHECK (amount > 0),
+        priority INTEGER NOT NULL DEFAULT 50,
+        expires_at INTEGER,
+        source TEXT NOT NULL,
+        idempotency_key TEXT,
+        created_at INTEGER NOT NULL,
+        period_start INTEGER,
+        period_end INTEGER,
+        UNIQUE (customer_id, idempotency_key)
+    );
+    CREATE INDEX grants_customer ON grants(customer_id);
+    -- append-only; amount > 0 takes credits out of a grant (debit, expire, void);
+    -- kind 'refund' (amount < 0) would put them back
+    CREATE TABLE credit_entries (
+        seq INTEGER PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        grant_id TEXT NOT NULL REFERENCES grants(id),
+        kind TEXT NOT NULL CHECK (kind IN ('debit', 'expire', 'void', 'refund')),
+        amount INTEGER NOT NULL,
+        request_id TEXT,
+        meter TEXT,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX credit_entries_grant ON credit_entries(grant_id);
+    CREATE INDEX credit_entries_customer ON credit_entries(customer_id, at_ms);
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        period_key TEXT NOT NULL,
+        threshold TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead', 'logged')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        sent_at INTEGER,
+        UNIQUE (customer_id, period_key, threshold)
+    );
+    CREATE TABLE webhook_events (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        created INTEGER,
+        payload TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        processed_at INTEGER,
+        status TEXT NOT NULL DEFAULT 'pending',
+        result TEXT
+    );
+    ALTER TABLE customers ADD COLUMN enforcement TEXT NOT NULL DEFAULT 'enforce';
+    """,
 )

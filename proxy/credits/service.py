@@ -1,0 +1,166 @@
+"""CreditService: grants, voids and expiries, persisted through the one writer, then
+applied to the in-memory book. Also the credit detail the admin API shows.
+
+Order of every change: write the ledger (one transaction on the Store's connection), then
+update the book. A crash between the two is harmless: the book is rebuilt from the ledger
+at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+import time
+from typing import Any
+
+from proxy.credits.book import CreditBook
+from proxy.credits.ledger import Entry, GrantState
+from proxy.store.db import Store
+from proxy.store.keys import InvalidInput, get_customer
+from proxy.timeutil import rfc3339
+from proxy.units import UnitError, fmt_micro, to_micro
+
+log = logging.getLogger("meterproxy.credits")
+
+_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source"
+
+
+def load_book(conn: sqlite3.Connection) -> CreditBook:
+    grants = [GrantState(*r) for r in conn.execute(f"SELECT {_GRANT_COLS} FROM grants")]
+    entries = [Entry(g, k, a) for g, k, a in conn.execute(
+        "SELECT grant_id, kind, amount FROM credit_entries ORDER BY seq")]
+    book = CreditBook()
+    book.load(grants, entries)
+    return book
+
+
+def insert_entries(conn: sqlite3.Connection, customer_id: str, entries: list[Entry],
+                   request_id: str | None = None, meter: str | None = None,
+                   at: float | None = None) -> None:
+    at_ms = int((time.time() if at is None else at) * 1000)
+    conn.executemany(
+        "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter, at_ms)"
+        " VALUES (?,?,?,?,?,?,?)",
+        [(customer_id, e.grant_id, e.kind, e.amount, request_id, meter, at_ms) for e in entries])
+
+
+def grant_json(g: GrantState, now: float) -> dict[str, Any]:
+    return {"grant_id": g.id, "customer_id": g.customer_id, "credits": fmt_micro(g.amount),
+            "remaining": fmt_micro(g.remaining if g.live(now) else 0),
+            "priority": g.priority,
+            "expires_at": rfc3339(g.expires_at) if g.expires_at is not None else None,
+            "expired": g.expires_at is not None and g.expires_at <= now,
+            "voided": g.voided, "source": g.source, "created_at": rfc3339(g.created_at)}
+
+
+class CreditService:
+    def __init__(self, store: Store, book: CreditBook) -> None:
+        self.store = store
+        self.book = book
+        self._wake = asyncio.Event()
+
+    # ---- grants --------------------------------------------------------------------------
+
+    def grant(self, customer_id: str, credits: object, *, expires_at: int | None = None,
+              priority: object = 50, source: str = "admin", idempotency_key: str | None = None,
+              period: tuple[int, int] | None = None) -> tuple[GrantState, bool]:
+        """Create a grant (idempotent on ``idempotency_key`` per customer)."""
+        try:
+            amount = to_micro(credits)
+        except UnitError as exc:
+            raise InvalidInput(f"credits: {exc}") from exc
+        if amount <= 0:
+            raise InvalidInput("credits must be a positive decimal string")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100:
+            raise InvalidInput("priority must be an integer from 0 (burns first) to 100")
+        prio: int = priority
+
+        def tx(c: sqlite3.Connection) -> tuple[GrantState, bool]:
+            if get_customer(c, customer_id) is None:
+                raise LookupError(f"no customer {customer_id!r}")
+            if idempotency_key is not None:
+                row = c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE customer_id=? AND"
+                                " idempotency_key=?", (customer_id, idempotency_key)).fetchone()
+                if row is not None:
+                    return GrantState(*row), False
+            g = GrantState("grt_" + secrets.token_hex(8), customer_id, amount, prio,
+                           expires_at, int(time.time()), source)
+            c.execute("INSERT INTO grants(id, customer_id, amount, priority, expires_at, source,"
+                      " idempotency_key, created_at, period_start, period_end)"
+                      " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      (g.id, customer_id, amount, prio, expires_at, source, idempotency_key,
+                       g.created_at, period[0] if period else None, period[1] if period else None))
+            return g, True
+
+        g, created = self.store.execute_write(tx)
+        if created:
+            self.book.add_grant(g)
+            self._wake.set()
+            log.info("granted %s credits to %s (%s, %s)", fmt_micro(amount), customer_id, g.id,
+                     source)
+            return g, True
+        return self.book.grant(g.id) or g, False
+
+    def void(self, grant_id: str) -> GrantState:
+        g = self.book.grant(grant_id)
+        if g is None:
+            raise LookupError(f"no grant {grant_id!r}")
+        if g.voided:
+            return g
+        entry = Entry(g.id, "void", g.remaining)
+        self.store.execute_write(lambda c: insert_entries(c, g.customer_id, [entry]))
+        self.book.apply([entry])
+        return g
+
+    # ---- expiry ---------------------------------------------------------------------------
+
+    def expire_due(self, now: float | None = None) -> int:
+        """Write expiry entries for grants past ``expires_at`` (the book already excludes them
+        from the balance at that instant; this makes the ledger say so too)."""
+        now = time.time() if now is None else now
+        due = self.book.due_expiries(now)
+        if not due:
+            return 0
+        owners = {e.grant_id: self.book.grant(e.grant_id) for e in due}
+
+        def tx(c: sqlite3.Connection) -> None:
+            for e in due:
+                g = owners[e.grant_id]
+                assert g is not None
+                insert_entries(c, g.customer_id, [e], at=g.expires_at)
+
+        self.store.execute_write(tx)
+        self.book.apply(due)
+        return len(due)
+
+    async def run_expiry(self, max_sleep: float = 60.0) -> None:
+        while True:
+            now = time.time()
+            self.expire_due(now)
+            nxt = self.book.next_expiry(now)
+            delay = max_sleep if nxt is None else min(max_sleep, max(0.0, nxt - now))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    # ---- views ------------------------------------------------------------------------------
+
+    def summary(self, customer_id: str, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        b = self.book
+        return {"balance": fmt_micro(b.balance(customer_id, now)),
+                "available": fmt_micro(b.available(customer_id, now)),
+                "reserved": fmt_micro(b.held(customer_id)),
+                "requests_in_flight": b.inflight(customer_id),
+                "grants": [grant_json(g, now) for g in b.grants(customer_id)]}
+
+    def entries(self, customer_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self.store.conn.execute(
+            "SELECT seq, grant_id, kind, amount, request_id, meter, at_ms FROM credit_entries"
+            " WHERE customer_id=? ORDER BY seq DESC LIMIT ?", (customer_id, limit)).fetchall()
+        return [{"seq": s, "grant_id": g, "kind": k, "credits": fmt_micro(a), "request_id": r,
+                 "meter": m, "at": rfc3339(t / 1000)} for s, g, k, a, r, m, t in rows]
