@@ -31,6 +31,7 @@ from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.admin_credits import CREDITS, credit_routes
 from proxy.config import Config, split_hostport
 from proxy.credits.service import CreditService, load_book
+from proxy.credits.thresholds import ThresholdWatch
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
@@ -100,6 +101,7 @@ async def start(cfg: Config) -> Server:
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
     pipeline.book = credits.book
+    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds)
     flusher = build_flusher(rt, build_sink(cfg.stripe))
     _expose_billing(rt, flusher, credits)
 

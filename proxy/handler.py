@@ -32,6 +32,7 @@ from multidict import CIMultiDict, istr
 from proxy import metrics
 from proxy.credits.book import CreditBook, Hold
 from proxy.credits.ledger import Entry, covered_quantity
+from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import iter_body, strip_hop_by_hop
 from proxy.rules import UNREADABLE, Measurement, Rule, compute
@@ -77,6 +78,7 @@ class Pipeline:
         self._req_counters: dict[tuple[str, int], Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
         self.book: CreditBook | None = None
+        self.watch: ThresholdWatch | None = None
         self.shadow = cfg.credits.enforcement == "shadow"
         self.default_estimate = to_micro(cfg.credits.default_estimate)
         self.top_up = cfg.credits.top_up_url
@@ -315,6 +317,8 @@ class Pipeline:
             items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:
                 metrics.metered_units_total.labels(q.meter).inc(q.micro / 1_000_000)
+        if debits and self.watch is not None:
+            self.watch.check(customer_id)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items,
                        debits=debits)
         return self.rt.store.record(row, wait=self.strict and not flags)

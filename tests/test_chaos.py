@@ -16,6 +16,7 @@ deliberately left without a ``stripe_customer_id`` (a permanent error).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -203,6 +204,7 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
         up = asyncio.Event()
         up.set()
         unexpected: list[str] = []
+        milestones = {at: asyncio.Event() for at in KILL_AT}
         timeout = aiohttp.ClientTimeout(total=30)
 
         async def client(w: int) -> None:
@@ -234,11 +236,13 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
                                 assert r.headers.get("X-Request-Id") == req.request_id
                                 req.outcome = "received"
                                 load.received += 1
+                                if load.received in milestones:
+                                    milestones[load.received].set()
                             else:
                                 req.outcome = f"status_{r.status}"
                                 unexpected.append(f"{req.request_id}: {r.status} "
                                                   f"{(await r.text())[:200]}")
-                    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                         req.outcome = "conn_error"
                         req.kill_during = load.kills != kills_before
                         if not req.kill_during:
@@ -265,13 +269,12 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
 
         async def killer() -> None:
             for at in KILL_AT:
-                while load.received < at:
-                    await asyncio.sleep(0.005)
+                await milestones[at].wait()
                 # kill mid-flush, in the worst spot: while the double processes a call, so
                 # the event is stored at Stripe but the proxy never learns it (send, no mark)
-                deadline = time.monotonic() + 5
-                while not (caught := in_call()) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.0005)
+                with contextlib.suppress(TimeoutError):
+                    await st.wait_for(lambda: bool(in_call()), within=5)
+                caught = in_call()
                 up.clear()
                 proxy.kill()
                 load.kills += 1
@@ -338,16 +341,16 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
     assert len(in_flight_billed) <= CONCURRENCY * load.kills
     # each audited request billed exactly what its client computed, and only 2xx are billed
     for rid, cust, meter, qty, status, billable in audit:
-        s = by_rid[rid]
-        assert (cust, meter, qty, billable) == (s.customer, s.meter, s.units * UNIT,
-                                               s.units * UNIT), (rid, s)
+        req = by_rid[rid]
+        assert (cust, meter, qty, billable) == (req.customer, req.meter, req.units * UNIT,
+                                               req.units * UNIT), (rid, req)
         assert status == 200
     # client-observed billable units = units of the requests the clients received, plus the
     # units of the requests cut by a SIGKILL that the ledger recorded (see (b))
     client_units: dict[tuple[str, str], int] = defaultdict(int)
     for rid in received | in_flight_billed:
-        s = by_rid[rid]
-        client_units[(s.customer, s.meter)] += s.units
+        req = by_rid[rid]
+        client_units[(req.customer, req.meter)] += req.units
     # (c) ledger (minute aggregates) == client-observed, per customer and meter
     ledger = {(c, m): q for c, m, q in db.execute(
         "SELECT customer_id, meter, SUM(quantity) FROM usage_minute GROUP BY 1, 2")}

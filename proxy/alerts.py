@@ -1,0 +1,333 @@
+"""Credit-threshold alert delivery: signed webhooks, retried with backoff, dead-lettered.
+
+The detector (request path) only INSERTs OR IGNOREs a row into ``alerts`` (UNIQUE per
+customer, period and threshold, so each fires once) and calls ``AlertSender.wake()``.
+This module delivers those rows.
+
+Delivery, step by step
+  1. Due rows (``status = 'pending' AND next_attempt_at <= now``) are read in id order.
+  2. Each row is CLAIMED in its own small write transaction before the call: ``attempts``
+     is incremented and ``next_attempt_at`` pushed past the call's timeout (a lease). The
+     claim only succeeds if the row is still due, so two senders (another worker process,
+     or an overlapping cycle) never send the same alert at once, and a crash mid-call
+     leaves a row that is retried once the lease expires.
+  3. The POST: the stored payload byte for byte, signed (``Meterproxy-Signature:
+     t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``), with ``Meterproxy-Alert-Id``
+     so a receiver can drop the duplicate a crash between 3 and 4 can cause.
+  4. The outcome is committed: 2xx -> ``sent``; anything else -> back to ``pending`` with
+     exponential backoff and jitter, or ``dead`` (a dead letter, with ``last_error``) once
+     ``max_attempts`` calls were made.
+With no webhook URL configured, each alert is logged (warning, with its payload) and marked
+``logged``. Every outcome is logged and counted in ``meterproxy_alerts_total{outcome}``.
+
+Delivery is at-least-once; receivers dedupe on ``Meterproxy-Alert-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from prometheus_client import Counter
+
+from proxy.metrics import REGISTRY
+from proxy.store.db import Store
+
+log = logging.getLogger("meterproxy.alerts")
+
+SIGNATURE_HEADER = "Meterproxy-Signature"
+ALERT_ID_HEADER = "Meterproxy-Alert-Id"
+USER_AGENT = "meterproxy"
+SIGNATURE_SCHEME = "v1"
+DEFAULT_TOLERANCE = 300
+
+# TODO(lead): move to proxy/metrics.py and import from there.
+alerts_total = Counter("meterproxy_alerts_total",
+                       "Credit alerts by delivery outcome (sent, retry, dead, logged)",
+                       ["outcome"], registry=REGISTRY)
+
+_LEASE_MARGIN = 30.0        # seconds past the call timeout before a claimed row is due again
+_IDLE_POLL = 60.0           # re-check even without a wake (rows from another process)
+_BATCH = 100
+
+
+# ---- signatures ----------------------------------------------------------------------------
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """Hex HMAC-SHA256 with ``secret`` over ``b"<timestamp>." + body``."""
+    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def signature_header(secret: str, timestamp: int, body: bytes) -> str:
+    return f"t={timestamp},{SIGNATURE_SCHEME}={sign(secret, timestamp, body)}"
+
+
+def verify(secret: str, header: str, body: bytes, tolerance: float | None = DEFAULT_TOLERANCE,
+           now: float | None = None) -> bool:
+    """True when ``header`` (``t=<unix>,v1=<hex>[,v1=<hex>...]``) signs ``body`` with
+    ``secret`` and its timestamp is within ``tolerance`` seconds of ``now`` (None: no check).
+    Any one matching ``v1`` is enough (several may be present while secrets rotate)."""
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for part in header.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep:
+            continue
+        if key == "t":
+            try:
+                timestamp = int(value)
+            except ValueError:
+                return False
+        elif key == SIGNATURE_SCHEME:
+            candidates.append(value)
+    if timestamp is None or not candidates:
+        return False
+    if tolerance is not None:
+        current = time.time() if now is None else now
+        if abs(current - timestamp) > tolerance:
+            return False
+    expected = sign(secret, timestamp, body)
+    ok = False
+    for cand in candidates:  # no early exit: every candidate is compared
+        ok |= hmac.compare_digest(expected, cand)
+    return ok
+
+
+# ---- backoff ---------------------------------------------------------------------------------
+
+def backoff(attempts: int, base_delay: float, max_delay: float) -> float:
+    """Delay after the ``attempts``-th failed call: tenacity's ``wait_exponential_jitter``
+    math (``initial * 2**(n-1) + uniform(0, jitter)``, capped at ``max``) with jitter =
+    ``base_delay`` so tiny test delays stay tiny."""
+    n = max(1, attempts)
+    try:
+        exp = base_delay * 2.0 ** (n - 1)
+    except OverflowError:
+        exp = max_delay
+    return max(0.0, min(max_delay, exp + random.uniform(0.0, base_delay)))
+
+
+# ---- the sender ---------------------------------------------------------------------------------
+
+class AlertSender:
+    """Delivers ``alerts`` rows. ``start()``, then ``run()`` as a task; ``close()`` at the end.
+
+    Reads go through ``store.conn``; every write through ``store.execute_write`` (small
+    synchronous transactions, no ``await`` inside). Sends are sequential, in id order.
+    """
+
+    def __init__(self, store: Store, url: str, secret: str, *, max_attempts: int = 8,
+                 timeout: float = 5.0, base_delay: float = 1.0, max_delay: float = 300.0) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.store = store
+        self.url = url
+        self.secret = secret
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.url:
+            log.warning("alerts.webhook_url is empty: credit alerts are only logged")
+            return
+        if not self.secret:
+            log.warning("alerts.secret is empty: alert webhooks are signed with an empty key")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": USER_AGENT})
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def wake(self) -> None:
+        """Call after inserting an alert row: the next cycle starts now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver due alerts forever: each cycle, then sleep until woken or the next due time."""
+        if self.url and self._session is None:
+            await self.start()
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                await self.deliver_due()
+                delay = self._next_delay()
+                failures = 0
+            except Exception:
+                failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.exception("alert delivery cycle failed; retrying in %.1fs", delay)
+            if delay <= 0:
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    # ---- one cycle --------------------------------------------------------------------
+
+    async def deliver_due(self) -> int:
+        """Handle every alert due now, in id order; returns how many were handled."""
+        async with self._lock:
+            handled = 0
+            while True:
+                rows = self._due(time.time())
+                if not rows:
+                    return handled
+                for row in rows:
+                    if await self._handle(row):
+                        handled += 1
+                if len(rows) < _BATCH:
+                    return handled
+
+    def _due(self, now: float) -> list[dict[str, Any]]:
+        cur = self.store.conn.execute(
+            "SELECT id, customer_id, period_key, threshold, payload, attempts FROM alerts"
+            " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+            (now, _BATCH))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def _next_delay(self) -> float:
+        (nxt,) = self.store.conn.execute(
+            "SELECT MIN(next_attempt_at) FROM alerts WHERE status = 'pending'").fetchone()
+        if nxt is None:
+            return _IDLE_POLL
+        return max(0.0, min(_IDLE_POLL, float(nxt) - time.time()))
+
+    async def _handle(self, row: dict[str, Any]) -> bool:
+        alert_id = int(row["id"])
+        desc = (f"alert {alert_id} (customer {row['customer_id']}, threshold {row['threshold']},"
+                f" period {row['period_key']})")
+        raw = row["payload"]
+        body = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
+        if not self.url:
+            if self._finish(alert_id, "logged", None):
+                alerts_total.labels("logged").inc()
+                log.warning("%s fired; no alerts.webhook_url, logged only: %s", desc,
+                            body.decode("utf-8", "replace"))
+            return True
+        attempt = self._claim(alert_id, time.time())
+        if attempt is None:
+            return False  # another sender has it, or it changed under us
+        if attempt == 1:
+            log.info("%s fired: %s", desc, body.decode("utf-8", "replace"))
+        error = await self._post(alert_id, body)
+        if error is None:
+            if self._finish(alert_id, "sent", None):
+                alerts_total.labels("sent").inc()
+                log.info("%s delivered on attempt %d", desc, attempt)
+            return True
+        if attempt >= self.max_attempts:
+            if self._finish(alert_id, "dead", error):
+                alerts_total.labels("dead").inc()
+                log.error("%s dead-lettered after %d attempts: %s", desc, attempt, error)
+            return True
+        delay = backoff(attempt, self.base_delay, self.max_delay)
+        self._retry_later(alert_id, time.time() + delay, error)
+        alerts_total.labels("retry").inc()
+        log.warning("%s attempt %d/%d failed (%s); retrying in %.1fs", desc, attempt,
+                    self.max_attempts, error, delay)
+        return True
+
+    async def _post(self, alert_id: int, body: bytes) -> str | None:
+        """One call. None on 2xx, else a short description of the failure."""
+        session = self._session
+        if session is None:
+            return "sender not started"
+        ts = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: signature_header(self.secret, ts, body),
+            ALERT_ID_HEADER: str(alert_id),
+            "User-Agent": USER_AGENT,
+        }
+        try:
+            async with session.post(self.url, data=body, headers=headers,
+                                    allow_redirects=False) as resp:
+                if 200 <= resp.status < 300:
+                    return None
+                snippet = (await resp.content.read(200)).decode("utf-8", "replace").strip()
+                return f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
+        except TimeoutError:
+            return f"timeout after {self.timeout:g}s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+
+    # ---- writes (each one small transaction through the store) -------------------------------
+
+    def _claim(self, alert_id: int, now: float) -> int | None:
+        lease = now + self.timeout + _LEASE_MARGIN
+
+        def tx(conn: sqlite3.Connection) -> int | None:
+            cur = conn.execute(
+                "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id = ? AND status = 'pending' AND next_attempt_at <= ?",
+                (lease, alert_id, now))
+            if cur.rowcount != 1:
+                return None
+            (n,) = conn.execute("SELECT attempts FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+            return int(n)
+
+        result: int | None = self.store.execute_write(tx)
+        return result
+
+    def _finish(self, alert_id: int, status: str, error: str | None) -> bool:
+        sent_at = int(time.time()) if status == "sent" else None
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE alerts SET status = ?, last_error = COALESCE(?, last_error),"
+                " sent_at = COALESCE(?, sent_at) WHERE id = ? AND status = 'pending'",
+                (status, error, sent_at, alert_id))
+            return cur.rowcount == 1
+
+        return bool(self.store.execute_write(tx))
+
+    def _retry_later(self, alert_id: int, when: float, error: str) -> None:
+        self.store.execute_write(lambda conn: conn.execute(
+            "UPDATE alerts SET next_attempt_at = ?, last_error = ? WHERE id = ? AND status = 'pending'",
+            (when, error, alert_id)))
+
+
+# ---- dead letters (for the admin API) ----------------------------------------------------------
+
+def list_dead(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    cur = conn.execute(
+        "SELECT id, customer_id, period_key, threshold, payload, created_at, attempts, last_error"
+        " FROM alerts WHERE status = 'dead' ORDER BY id LIMIT ?", (limit,))
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def requeue(store: Store, ids: Sequence[int]) -> int:
+    """Put dead letters back to pending (attempts reset); returns how many. Then ``wake()``."""
+
+    def tx(conn: sqlite3.Connection) -> int:
+        n = 0
+        for i in ids:
+            n += conn.execute(
+                "UPDATE alerts SET status = 'pending', attempts = 0, next_attempt_at = 0"
+                " WHERE id = ? AND status = 'dead'", (int(i),)).rowcount
+        return n
+
+    return int(store.execute_write(tx))
