@@ -223,8 +223,7 @@ async def test_burst_crossing_three_thresholds_fires_three_alerts(make_proxy: Pr
                               json={"prompt_tokens": 400, "completion_tokens": 550}) as r:
         assert r.status == 200      # 9.5 credits in one request: 50%, 75%, 90% at once
     for _ in range(3):
-        async with p.session.post(p.url + "/v1/chat/completions?status=500", headers=h,
-                                  json={"prompt_tokens": 1}) as r:
+        async with p.session.get(p.url + "/v1/items?status=500", headers=h) as r:
             assert r.status == 500  # not billed: the hold is released, no new alert
     with p.db() as c:
         rows = sorted(t for (t,) in c.execute("SELECT threshold FROM alerts WHERE customer_id='al'"))
