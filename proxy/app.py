@@ -29,6 +29,7 @@ from proxy import metrics
 from proxy.admin import build_admin_app
 from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.admin_credits import CREDITS, credit_routes
+from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
 from proxy.config import Config, split_hostport
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
@@ -38,7 +39,9 @@ from proxy.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
+from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.sinks.factory import build_sink
+from proxy.sinks.factory import connect as stripe_connect
 from proxy.store import outbox
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
@@ -110,8 +113,13 @@ async def start(cfg: Config) -> Server:
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=10.0)
-    admin_app = build_admin_app(rt, reader, billing_routes() + credit_routes())
+    reconciler = build_reconciler(rt)
+    admin_app = build_admin_app(rt, reader,
+                                billing_routes() + credit_routes() + reconcile_routes())
     admin_app[FLUSHER] = flusher
+    admin_app[RECONCILE_GRACE] = cfg.stripe.reconcile_grace
+    if reconciler is not None:
+        admin_app[RECONCILER] = reconciler
     admin_app[CREDITS] = credits
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
@@ -129,6 +137,11 @@ async def start(cfg: Config) -> Server:
     server.tasks.append(spawn("flusher", flusher.run(cfg.stripe.flush_interval)))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
+    if reconciler is not None:
+        if cfg.stripe.reconcile_interval > 0:
+            server.tasks.append(spawn("reconciler", reconciler.run_every(
+                cfg.stripe.reconcile_interval, cfg.stripe.reconcile_grace)))
+        server.on_stop.append(reconciler.stripe.close)
     rt.extras["pipeline"] = pipeline
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
@@ -136,14 +149,28 @@ async def start(cfg: Config) -> Server:
     return server
 
 
+def build_reconciler(rt: Runtime) -> Reconciler | None:
+    """Reconciliation needs Stripe meters: a key and a meter-events sink; else None."""
+    scfg = rt.cfg.stripe
+    if not scfg.api_key or scfg.sink not in ("meter_events", "meter_event_stream"):
+        return None
+    return Reconciler(rt.store.conn, rt.store.execute_write, stripe_connect(scfg),
+                      lambda: event_names(rt), threshold=scfg.reconcile_alert_threshold,
+                      metrics=ReconcileMetrics(metrics.reconcile_discrepancies,
+                                               metrics.reconcile_discrepancy_rate,
+                                               metrics.reconcile_alerts_total,
+                                               metrics.reconcile_runs_total,
+                                               metrics.reconcile_last_run))
+
+
+def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
+    """meter -> (Stripe event name, covered event name) under the rules in force."""
+    return {m.name: (m.stripe_event_name, m.covered_event_name) for m in rt.rules.meters.values()}
+
+
 def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
-
-    def event_names() -> dict[str, tuple[str, str | None]]:
-        return {m.name: (m.stripe_event_name, m.covered_event_name)
-                for m in rt.rules.meters.values()}
-
-    return Flusher(rt.store, sink, event_names,
+    return Flusher(rt.store, sink, lambda: event_names(rt),
                    rate=scfg.max_rate or default_rate(scfg.api_key))
 
 

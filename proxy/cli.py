@@ -112,6 +112,120 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Exit 0: reconciled; 3: discrepancy rate above the threshold; 2: refused; 1: error."""
+    import asyncio
+
+    from proxy import config
+    from proxy.admin_reconcile import parse_grace
+    from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
+    from proxy.rules import RulesError, load_rules
+    from proxy.sinks.factory import connect as stripe_connect
+    from proxy.timeutil import parse_time
+
+    cfg = config.load(args.config)
+    if not cfg.stripe.api_key:
+        sys.stderr.write("meterproxy: reconcile needs stripe.api_key in the config\n")
+        return 2
+    try:
+        rules = load_rules(cfg.rule_paths())
+    except RulesError as exc:
+        sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
+        return 2
+    names = {m.name: (m.stripe_event_name, m.covered_event_name) for m in rules.meters.values()}
+    conn = connect(Path(args.db)) if args.db else connect(cfg.db_path(), cfg.storage.synchronous)
+    try:
+        grace = parse_grace(args.grace) if args.grace else cfg.stripe.reconcile_grace
+        start = parse_time(args.from_) if args.from_ else None
+        end = parse_time(args.to) if args.to else None
+    except ValueError as exc:
+        sys.stderr.write(f"meterproxy: {exc}\n")
+        return 2
+
+    async def run() -> int:
+        stripe = stripe_connect(cfg.stripe)
+        try:
+            rec = Reconciler(conn, lambda fn: _tx(conn, fn), stripe, lambda: names,
+                             threshold=cfg.stripe.reconcile_alert_threshold)
+            report = await rec.run(start, end, grace, customers=args.customer,
+                                   dry_run=args.dry_run)
+        except ReconcileRefused as exc:
+            sys.stderr.write(f"meterproxy: {exc}\n")
+            return 2
+        except ReconcileError as exc:
+            sys.stderr.write(f"meterproxy: {exc}\n")
+            return 1
+        finally:
+            await stripe.close()
+        if args.format == "table":
+            sys.stdout.write(report.to_table(all_hours=args.all))
+        else:
+            _print(report.to_json())
+        return 3 if report.alert else 0
+
+    return asyncio.run(run())
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str,
+                body: dict[str, Any] | None = None) -> Any:
+    """Call the running proxy's admin API (address and token from the config file).
+    Credits and flushes go through the running process: it owns the in-memory balance and
+    the sink, and a second writer would race them."""
+    import urllib.error
+    import urllib.request
+
+    from proxy import config
+
+    cfg = config.load(args.config)
+    host, port = config.split_hostport(cfg.admin_listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    data = orjson.dumps(body) if body is not None else None
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method,
+                                 headers={"Authorization": f"Bearer {cfg.admin.token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = orjson.loads(exc.read() or b"{}").get("error", {})
+        raise LookupError(f"{exc.code} {detail.get('type', '')}: {detail.get('message', '')}") \
+            from exc
+    except OSError as exc:
+        raise LookupError(f"the proxy's admin API at {host}:{port} is not reachable ({exc}); "
+                          "is meterproxy serve running with this config?") from exc
+
+
+def cmd_credits(args: argparse.Namespace) -> int:
+    if args.action == "grant":
+        body: dict[str, Any] = {"credits": args.credits, "priority": args.priority}
+        if args.expires_at:
+            body["expires_at"] = args.expires_at
+        if args.idempotency_key:
+            body["idempotency_key"] = args.idempotency_key
+        _print(_admin_call(args, "POST", f"/admin/customers/{args.target}/grants", body))
+    elif args.action == "void":
+        _print(_admin_call(args, "POST", f"/admin/grants/{args.target}/void"))
+    elif args.action == "ledger":
+        _print(_admin_call(args, "GET", f"/admin/customers/{args.target}/credits/ledger"))
+    else:
+        _print(_admin_call(args, "GET", f"/admin/customers/{args.target}/grants"))
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    _print(_admin_call(args, "POST", "/admin/flush"))
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    if args.action == "replay":
+        q = "?restamp=true" if args.restamp else ""
+        _print(_admin_call(args, "POST", f"/admin/dead-letters/{args.id}/replay{q}"))
+    else:
+        _print(_admin_call(args, "GET", "/admin/dead-letters"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -156,6 +270,39 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--from", dest="from_")
     u.add_argument("--to")
     u.set_defaults(fn=cmd_usage)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", default=os.environ.get("METERPROXY_CONFIG", "meterproxy.yaml"))
+        return sp
+
+    cr = with_config(sub.add_parser("credits", help="grant, list, void credits (via the admin API)"))
+    cr.add_argument("action", choices=["grant", "list", "void", "ledger"])
+    cr.add_argument("target", help="customer id (grant, list, ledger) or grant id (void)")
+    cr.add_argument("--credits")
+    cr.add_argument("--expires-at")
+    cr.add_argument("--priority", type=int, default=50)
+    cr.add_argument("--idempotency-key")
+    cr.set_defaults(fn=cmd_credits)
+
+    fl = with_config(sub.add_parser("flush", help="flush usage to Stripe now (via the admin API)"))
+    fl.set_defaults(fn=cmd_flush)
+
+    dl = with_config(sub.add_parser("dead-letters", help="list or replay dead letters"))
+    dl.add_argument("action", choices=["list", "replay"])
+    dl.add_argument("id", nargs="?")
+    dl.add_argument("--restamp", action="store_true", help="re-date too-old usage to now")
+    dl.set_defaults(fn=cmd_dead_letters)
+
+    rec = with_db(sub.add_parser("reconcile", help="compare the ledger with Stripe's meter event"
+                                 " summaries, hour by hour"))
+    rec.add_argument("--from", dest="from_", help="RFC 3339, date or unix seconds (default: 48h ago)")
+    rec.add_argument("--to", help="default: now")
+    rec.add_argument("--grace", help="seconds or 90s/30m/2h (default: stripe.reconcile_grace)")
+    rec.add_argument("--customer", action="append", help="only this customer (repeatable)")
+    rec.add_argument("--dry-run", action="store_true", help="report only; make nothing due")
+    rec.add_argument("--format", choices=["table", "json"], default="table")
+    rec.add_argument("--all", action="store_true", help="table: every hour, not only discrepancies")
+    rec.set_defaults(fn=cmd_reconcile)
     return p
 
 

@@ -72,3 +72,18 @@ credit_shadow_rejections_total = Counter(
     "meterproxy_credit_shadow_rejections_total",
     "Requests enforcement: shadow let through that enforcement would have refused (402)",
     registry=REGISTRY)
+reconcile_discrepancies = Gauge("meterproxy_reconcile_discrepancies",
+                                "Last reconcile: hours by verdict (match, shortfall, excess, pending)"
+                                " and follow-ups (resend, dead_letter, operator)",
+                                ["kind"], registry=REGISTRY)
+reconcile_discrepancy_rate = Gauge("meterproxy_reconcile_discrepancy_rate",
+                                   "Last reconcile: (shortfall + excess) / judged hours",
+                                   registry=REGISTRY)
+reconcile_alerts_total = Counter("meterproxy_reconcile_alerts_total",
+                                 "Reconciles whose discrepancy rate passed the threshold",
+                                 registry=REGISTRY)
+reconcile_runs_total = Counter("meterproxy_reconcile_runs_total",
+                               "Reconcile runs by outcome (ok, partial, refused, error)",
+                               ["outcome"], registry=REGISTRY)
+reconcile_last_run = Gauge("meterproxy_reconcile_last_run_timestamp_seconds",
+                           "Unix time of the last completed reconcile", registry=REGISTRY)

@@ -152,6 +152,7 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL DEFAULT 'pending',
         result TEXT
     );
+    CREATE INDEX outbox_timestamp ON outbox(timestamp);
     ALTER TABLE customers ADD COLUMN enforcement TEXT NOT NULL DEFAULT 'enforce';
     """,
 )
