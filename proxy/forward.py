@@ -15,7 +15,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -27,13 +27,13 @@ def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
     """Copy end-to-end headers into ``out`` (hop-by-hop and those named by Connection dropped).
     ``drop`` holds lower-case names."""
     conn = headers.get("Connection")
-    skip = HOP_BY_HOP | drop
+    skip = HOP_BY_HOP | drop if drop else HOP_BY_HOP
     if conn:
         skip = skip | {t.strip().lower() for t in conn.split(",") if t.strip()}
+    add = out.add
     for k, v in headers.items():
-        if k.lower() in skip:
-            continue
-        out.add(k, v)
+        if k.lower() not in skip:
+            add(k, v)
     return out
 
 
@@ -78,13 +78,13 @@ class Upstream:
         await self.session.close()
 
 
-async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Upstream body chunks as they arrive; a timeout or reset mid-body becomes UpstreamError."""
-    try:
-        async for chunk in resp.content.iter_any():
-            yield chunk
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("the upstream stopped sending mid-body") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(f"the upstream connection broke mid-body ({type(exc).__name__})") \
-            from exc
+# What reading an upstream body can raise; the handler loops over the body itself (an async
+# generator wrapper costs several µs per chunk) and hands these to ``body_error``.
+BODY_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+def body_error(exc: BaseException) -> UpstreamError:
+    """Translate a failure while reading the upstream body (mid-stream)."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("the upstream stopped sending mid-body")
+    return UpstreamUnavailable(f"the upstream connection broke mid-body ({type(exc).__name__})")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
+import os
 from decimal import Decimal
 from typing import Any
 
@@ -34,7 +34,7 @@ from proxy.credits.book import CreditBook, Hold
 from proxy.credits.ledger import Entry, covered_quantity
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
-from proxy.forward import iter_body, strip_hop_by_hop
+from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
 from proxy.rules import UNREADABLE, Measurement, Rule, compute
 from proxy.runtime import Runtime
 from proxy.rules.model import SourceKind
@@ -76,6 +76,7 @@ class Pipeline:
         self._strip_headers = frozenset(s.header.lower() for s in cfg.keys.sources
                                         if s.header and not self.forward_key) | {"host"}
         self._req_counters: dict[tuple[str, int], Any] = {}
+        self._unit_counters: dict[str, Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
         self.book: CreditBook | None = None
         self.watch: ThresholdWatch | None = None
@@ -88,7 +89,7 @@ class Pipeline:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        rid = request.headers.get(_XRID) or uuid.uuid4().hex
+        rid = request.headers.get(_XRID) or os.urandom(16).hex()
         path = request.path
         if self.reserved and path.startswith(self.reserved):
             return await self._reserved(request, rid)
@@ -183,6 +184,12 @@ class Pipeline:
         if book is None or not book.has_credits(customer_id):
             return None
         return fmt_micro(max(book.available(customer_id, time.time()), 0))
+
+    def _units_counter(self, meter: str) -> Any:
+        c = self._unit_counters.get(meter)
+        if c is None:
+            c = self._unit_counters[meter] = metrics.metered_units_total.labels(meter)
+        return c
 
     def _count(self, rule: str, status: int) -> None:
         key = (rule, status // 100)
@@ -316,7 +323,7 @@ class Pipeline:
                 debits.extend((q.meter, e) for e in entries)
             items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:
-                metrics.metered_units_total.labels(q.meter).inc(q.micro / 1_000_000)
+                self._units_counter(q.meter).inc(q.micro / 1_000_000)
         if debits and self.watch is not None:
             self.watch.check(customer_id)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items,
@@ -431,7 +438,7 @@ class _Request:
         held: bytes | None = None
         hold_last = self.metered and p.strict and clen is not None
         try:
-            async for chunk in iter_body(upstream):
+            async for chunk in upstream.content.iter_any():
                 sent += len(chunk)
                 if inspector is not None:
                     inspector.feed(chunk)
@@ -439,10 +446,10 @@ class _Request:
                     held = chunk
                     break
                 await _write(resp, chunk)
-        except UpstreamError as exc:
+        except BODY_ERRORS as exc:
             # the upstream died mid-body: the consumer gets a truncated response (the
             # connection is closed, never a clean end) and the request counts as a 502
-            metrics.upstream_errors_total.labels(exc.type + "_midstream").inc()
+            metrics.upstream_errors_total.labels(body_error(exc).type + "_midstream").inc()
             self.flags = "upstream_aborted"
             self.upstream_s = time.perf_counter() - t_up
             await self._finish(502, upstream, inspector, sent)
@@ -470,14 +477,13 @@ class _Request:
                              inspector: Any, t_up: float) -> web.StreamResponse:
         try:
             body = await upstream.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            kind = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_unavailable"
-            metrics.upstream_errors_total.labels(kind + "_midstream").inc()
+        except BODY_ERRORS as exc:
+            err = body_error(exc)
+            metrics.upstream_errors_total.labels(err.type + "_midstream").inc()
             self.flags = "upstream_aborted"
             self.upstream_s = time.perf_counter() - t_up
             await self._finish(502, upstream, inspector, 0)
-            status = 504 if kind == "upstream_timeout" else 502
-            return error_response(status, kind, "The upstream broke off its answer.", self.rid)
+            return error_response(err.status, err.type, str(err), self.rid)
         if inspector is not None:
             inspector.feed(body)
         self.upstream_s = time.perf_counter() - t_up

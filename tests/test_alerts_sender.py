@@ -127,8 +127,8 @@ class Receiver:
                 return web.Response(status=500, text="receiver broke")
             if action == "drop":
                 assert request.transport is not None
-                request.transport.abort()
-                raise ConnectionResetError("dropped on purpose")
+                request.transport.abort()      # the client sees the connection drop
+                return web.Response(status=200)  # never reaches the wire
             self.delivered.append((alert_id, body, dict(request.headers)))
             return web.json_response({"ok": True})
         finally:
@@ -237,8 +237,9 @@ async def test_flaky_receiver_gets_each_alert_exactly_once(store: Store) -> None
         assert headers["Content-Type"] == "application/json"
         assert headers["User-Agent"] == "meterproxy"
         assert headers[ALERT_ID_HEADER] == str(alert_id)
-    for status, attempts, _err, sent_at in rows(store).values():
+    for status, attempts, err, sent_at in rows(store).values():
         assert (status, attempts) == ("sent", 3) and sent_at is not None
+        assert err is not None and "Disconnected" in err          # the 2nd failure was a drop
     assert counter("sent") - sent0 == 3
     assert counter("retry") - retry0 == 6
 

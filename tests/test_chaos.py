@@ -258,14 +258,13 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
 
         def in_call() -> set[str]:
             """Identifiers the double is processing right now (stored, not yet answered)."""
-            out = set()
+            latest: dict[tuple[Any, Any], Any] = {}
             for c in st.call_log[-300:]:
-                if c.route == "meter_events" and c.status is None and c.fault is None:
-                    key = (c.params.get("payload", {}).get("stripe_customer_id"),
-                           c.params.get("event_name"))
-                    if key in st.in_flight:
-                        out.add(str(c.params["identifier"]))
-            return out
+                if c.route == "meter_events":
+                    latest[(c.params.get("payload", {}).get("stripe_customer_id"),
+                            c.params.get("event_name"))] = c
+            return {str(c.params["identifier"]) for key, c in latest.items()
+                    if key in st.in_flight and c.status is None and c.fault is None}
 
         async def killer() -> None:
             for at in KILL_AT:

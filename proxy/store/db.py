@@ -77,6 +77,16 @@ def connect(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
     return conn
 
 
+def checkpoint(path: Path) -> tuple[int, int, int]:
+    """One PASSIVE WAL checkpoint on a connection of its own (run in a worker thread)."""
+    c = sqlite3.connect(str(path), timeout=1.0)
+    try:
+        busy, log_frames, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(busy), int(log_frames), int(done)
+    finally:
+        c.close()
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
@@ -136,6 +146,7 @@ class Store:
         self._hooks: list[TxHook] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self.path: Path | None = None
 
     @classmethod
     def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
@@ -144,10 +155,27 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = connect(path, synchronous)
+            # checkpoints (and their fsync) run off the event loop: see checkpoint_forever
+            conn.execute("PRAGMA wal_autocheckpoint=0")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {path}: {exc}") from exc
-        return cls(conn, durability=durability, commit_interval=commit_interval,
-                   fail_mode=fail_mode, max_pending_rows=max_pending_rows)
+        store = cls(conn, durability=durability, commit_interval=commit_interval,
+                    fail_mode=fail_mode, max_pending_rows=max_pending_rows)
+        store.path = path
+        return store
+
+    async def checkpoint_forever(self, interval: float = 1.0) -> None:
+        """Copy the WAL back into the database file from a worker thread, so a commit on the
+        loop thread never pays for a checkpoint (SQLite's auto-checkpoint would run it inside
+        an unlucky COMMIT, stalling every request for milliseconds)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.path is None:
+                continue
+            try:
+                await asyncio.to_thread(checkpoint, self.path)
+            except sqlite3.Error as exc:
+                log.warning("WAL checkpoint failed (will retry): %s", exc)
 
     def add_tx_hook(self, hook: TxHook) -> None:
         self._hooks.append(hook)
@@ -312,4 +340,8 @@ class Store:
     def close(self) -> None:
         self.commit_pending()
         self._closed = True
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("final WAL checkpoint failed: %s", exc)
         self.conn.close()

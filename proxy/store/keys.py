@@ -133,15 +133,27 @@ def list_keys(conn: sqlite3.Connection, customer_id: str | None = None) -> list[
 class KeyCache:
     """Hash -> key entry and id -> customer, replaced whole on reload."""
 
+    _MEMO_MAX = 100_000
+
     def __init__(self) -> None:
         self._keys: dict[str, KeyEntry] = {}
+        self._memo: dict[str, KeyEntry | None] = {}   # raw key -> entry, skips the hash
         self.customers: dict[str, Customer] = {}
 
     def reload(self, conn: sqlite3.Connection) -> None:
         keys = {h: KeyEntry(kid, cid, rev is not None) for kid, cid, h, rev in conn.execute(
             "SELECT key_id, customer_id, hash, revoked_at FROM api_keys")}
         customers = {c.id: c for c in list_customers(conn)}
-        self._keys, self.customers = keys, customers
+        self._keys, self.customers, self._memo = keys, customers, {}
 
     def lookup(self, raw: str) -> KeyEntry | None:
-        return self._keys.get(hash_key(raw))
+        try:
+            return self._memo[raw]
+        except KeyError:
+            pass
+        entry = self._keys.get(hash_key(raw))
+        if entry is not None:            # unknown keys are not memoised: no memory for junk
+            if len(self._memo) >= self._MEMO_MAX:
+                self._memo.clear()
+            self._memo[raw] = entry
+        return entry

@@ -60,7 +60,6 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_customer_time ON audit(customer_id, at_ms);
     CREATE INDEX audit_request ON audit(request_id);
-    CREATE INDEX audit_time ON audit(at_ms);
     CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
     """,
     # 2: the Stripe outbox. Rows are minted (with their identifier) before any call is made.

@@ -1,0 +1,483 @@
+"""Inbound Stripe webhooks: verify, store, acknowledge, then process in the background.
+
+``POST /webhooks/stripe`` on the public port (no API key; the signature is the credential).
+
+Delivery (Stripe delivers at least once, in no particular order, retrying for 3 days):
+1. The ``Stripe-Signature`` header is checked with the SDK (HMAC-SHA256, any ``v1`` passes,
+   timestamps older than 300 s refused) before anything is stored. Refused: 400, nothing kept.
+2. The raw payload is stored under its event id (``INSERT OR IGNORE``): a redelivery is
+   answered 200 ``duplicate`` and never processed twice. No secret configured: 503.
+3. 200 is sent once that row is committed and before any processing. A crash after it leaves
+   a ``pending`` row that the processor takes at the next start.
+4. The processor takes events in arrival order, one at a time, but nothing relies on that
+   order: each event is handled by its type alone and every effect is idempotent (grants on
+   their idempotency key, suspension is a state), so a crash mid-event, a replay or any
+   arrival order gives the same ledger. A ``customer.subscription.deleted`` that arrives
+   before an older ``invoice.paid`` still lets that invoice grant; stale
+   ``customer.subscription.created|updated`` events are ignored (they change nothing here).
+
+Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
+- ``invoice.paid``: each pack line grants ``pack.credits x quantity`` (lines of one price are
+  summed), key ``stripe:<invoice id>:<price id>``, source ``stripe:<invoice id>``, expiring
+  ``expires_in`` after the event's ``created``. A plan line (not a proration) on a
+  subscription invoice (``billing_reason`` subscription_create / subscription_cycle) grants
+  that line's period: key ``stripe:plan:<subscription>:<period start>``, expiring at the
+  period end. ``reset``: ``allowance x quantity``. ``rollover``: what is left of the same
+  subscription's previous period grant is expired and carried into the new grant
+  (``rollover_grant``, capped at ``cap x quantity``), so the ledger still sums. A period
+  that arrives after a later period was already granted carries nothing (that later grant
+  already carried what it could).
+- ``checkout.session.completed`` / ``.async_payment_succeeded`` (mode ``payment``, paid):
+  packs from ``line_items`` when the payload has them (Stripe's webhook payloads omit them
+  unless expanded) or from ``metadata.meterproxy_price`` (+ ``meterproxy_quantity``). Keyed
+  on the session's invoice id when it has one, else on the session id: a purchase seen both
+  as a session and as its invoice grants once. Sessions without either are ignored: let the
+  invoice's ``invoice.paid`` grant (enable ``invoice_creation``).
+- ``customer.subscription.deleted``: the customer is suspended (403 ``customer_suspended``
+  from the next request). ``invoice.payment_failed``: ``credits.on_payment_failed`` (none:
+  ignored; suspend: suspended unless that invoice's ``invoice.paid`` was already processed).
+  Reactivation is an operator action (``POST /admin/customers`` with ``status: active``).
+
+Our customer is found by ``stripe_customer_id``. None yet: ``waiting_customer``, retried
+whenever the customer cache reloads (an admin/CLI change) and every ``retry_interval``: the
+customer may be created after Stripe's first events. Statuses: pending -> processed |
+ignored | waiting_customer | failed (``result`` says why; any stored event can be replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import stripe
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.credits.ledger import Entry, rollover_grant
+from proxy.credits.service import CreditService, insert_entries
+from proxy.store.db import Store
+from proxy.store.keys import InvalidInput, KeyCache, upsert_customer
+from proxy.timeutil import rfc3339
+from proxy.units import fmt_micro, to_micro
+
+log = logging.getLogger("meterproxy.webhooks")
+
+PATH = "/webhooks/stripe"
+MAX_BODY = 1024 * 1024
+TOLERANCE = 300
+STATUSES = ("pending", "processed", "ignored", "waiting_customer", "failed")
+_PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription"})
+_CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
+_COLS = "id, type, created, status, result, received_at, processed_at"
+
+
+def _error(status: int, type_: str, message: str) -> web.Response:
+    return web.Response(status=status, content_type="application/json",
+                        body=orjson.dumps({"error": {"type": type_, "message": message}}))
+
+
+# ---- reading Stripe objects (pure; both the pre- and post-2025 API shapes) ------------------
+
+def _id(v: Any) -> str | None:
+    """An id field that may be a string or an expanded object."""
+    if isinstance(v, dict):
+        v = v.get("id")
+    return v if isinstance(v, str) and v else None
+
+
+def _get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    price: str
+    quantity: int
+    period: tuple[int, int] | None = None
+    proration: bool = False
+    subscription: str | None = None
+
+
+def line_price(li: dict[str, Any]) -> str | None:
+    """``price`` (object or id) before API 2025-03-31; ``pricing.price_details.price`` after."""
+    return _id(li.get("price")) or _id(_get(li, "pricing", "price_details", "price"))
+
+
+def _quantity(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+
+def parse_line(li: Any) -> Line | None:
+    if not isinstance(li, dict):
+        return None
+    price = line_price(li)
+    if price is None:
+        return None
+    start, end = _get(li, "period", "start"), _get(li, "period", "end")
+    period = (start, end) if isinstance(start, int) and isinstance(end, int) else None
+    sub_item = _get(li, "parent", "subscription_item_details") or {}
+    proration = bool(li.get("proration") or _get(sub_item, "proration")
+                     or _get(li, "parent", "invoice_item_details", "proration"))
+    sub = _id(li.get("subscription")) or _id(_get(sub_item, "subscription"))
+    return Line(price, _quantity(li.get("quantity")), period, proration, sub)
+
+
+def invoice_lines(inv: dict[str, Any]) -> list[Line]:
+    return [ln for li in (_get(inv, "lines", "data") or []) if (ln := parse_line(li))]
+
+
+def invoice_subscription(inv: dict[str, Any]) -> str | None:
+    return _id(inv.get("subscription")) or _id(_get(inv, "parent", "subscription_details",
+                                                    "subscription"))
+
+
+def session_lines(s: dict[str, Any]) -> list[Line]:
+    lines = [ln for li in (_get(s, "line_items", "data") or []) if (ln := parse_line(li))]
+    if lines:
+        return lines
+    price = _get(s, "metadata", "meterproxy_price")
+    if not isinstance(price, str) or not price:
+        return []
+    q = _get(s, "metadata", "meterproxy_quantity")
+    return [Line(price, int(q) if isinstance(q, str) and q.isdigit() and int(q) > 0 else 1)]
+
+
+# ---- the receiver ------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Outcome:
+    status: str
+    result: dict[str, Any]
+
+
+class WebhookReceiver:
+    def __init__(self, store: Store, keys: KeyCache, credits: CreditService, cfg: Config,
+                 *, retry_interval: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.keys = keys
+        self.credits = credits
+        self.cfg = cfg
+        self.retry_interval = retry_interval
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._seen_customers: object = None
+        self._next_retry = 0.0
+
+    # ---- the endpoint ---------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            return _error(405, "method_not_allowed", f"Only POST is accepted on {PATH}.")
+        secret = self.cfg.stripe.webhook_secret
+        if not secret:
+            return _error(503, "webhooks_disabled", "stripe.webhook_secret is not configured.")
+        body = await _read_capped(request, MAX_BODY)
+        if body is None:
+            return _error(413, "payload_too_large", f"Webhook bodies are limited to {MAX_BODY} bytes.")
+        try:
+            stripe.WebhookSignature.verify_header(body, request.headers.get("Stripe-Signature"),
+                                                  secret, TOLERANCE)
+        except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
+            log.warning("webhook refused: %s", exc)
+            return _error(400, "invalid_signature", str(exc).split("\n")[0])
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            event = None
+        if not (isinstance(event, dict) and isinstance(event.get("id"), str)
+                and isinstance(event.get("type"), str)):
+            return _error(400, "invalid_payload", "The body is not a Stripe event.")
+        created = event.get("created") if isinstance(event.get("created"), int) else None
+        row = (event["id"], event["type"], created, body.decode(), int(self.clock()))
+        try:
+            inserted = self.store.execute_write(lambda c: c.execute(
+                "INSERT OR IGNORE INTO webhook_events(id, type, created, payload, received_at)"
+                " VALUES (?,?,?,?,?)", row).rowcount == 1)
+        except sqlite3.Error as exc:
+            log.error("cannot store webhook %s: %s", event["id"], exc)
+            return _error(503, "storage_unavailable", "The event could not be stored; retry.")
+        if not inserted:
+            return web.json_response({"received": True, "duplicate": True})
+        self._wake.set()
+        return web.json_response({"received": True})
+
+    # ---- the processor ----------------------------------------------------------------------
+
+    async def run(self, poll: float = 1.0) -> None:
+        """Background task: process pending events (and waiting ones when customers change)."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.drain()
+            except sqlite3.Error:
+                log.exception("webhook processing paused: storage error")
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+
+    async def drain(self) -> int:
+        """Process every pending event in arrival order; returns how many were processed."""
+        statuses = ("pending", "waiting_customer") if self._retry_waiting() else ("pending",)
+        marks = ",".join("?" * len(statuses))
+        cursor, n = 0, 0
+        while True:
+            rows = self.store.conn.execute(
+                f"SELECT rowid, id FROM webhook_events WHERE status IN ({marks}) AND rowid > ?"
+                " ORDER BY rowid LIMIT 100", (*statuses, cursor)).fetchall()
+            if not rows:
+                return n
+            for rowid, event_id in rows:
+                cursor = rowid
+                self.process(event_id)
+                n += 1
+                await asyncio.sleep(0)   # let requests through between events
+
+    def _retry_waiting(self) -> bool:
+        customers, now = self.keys.customers, time.monotonic()
+        if customers is self._seen_customers and now < self._next_retry:
+            return False
+        self._seen_customers, self._next_retry = customers, now + self.retry_interval
+        return True
+
+    def process(self, event_id: str) -> Outcome:
+        """Process (or re-process) one stored event and record its outcome."""
+        row = self.store.conn.execute("SELECT payload FROM webhook_events WHERE id=?",
+                                      (event_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no webhook event {event_id!r}")
+        try:
+            out = self._dispatch(orjson.loads(row[0]))
+        except sqlite3.Error:
+            raise
+        except Exception as exc:   # any bad event must not stop the others
+            log.warning("webhook %s failed: %s", event_id, exc)
+            out = Outcome("failed", {"reason": f"{type(exc).__name__}: {exc}"})
+        done = int(self.clock())
+        self.store.execute_write(lambda c: c.execute(
+            "UPDATE webhook_events SET status=?, result=?, processed_at=? WHERE id=?",
+            (out.status, orjson.dumps(out.result).decode(), done, event_id)))
+        log.info("webhook %s: %s %s", event_id, out.status, out.result)
+        return out
+
+    def _dispatch(self, event: dict[str, Any]) -> Outcome:
+        etype, obj = event.get("type"), _get(event, "data", "object")
+        handlers: dict[str, Callable[[str, dict[str, Any], dict[str, Any]], Outcome]] = {
+            "invoice.paid": self._invoice_paid,
+            "customer.subscription.deleted": self._subscription_deleted,
+            "invoice.payment_failed": self._payment_failed,
+        } | dict.fromkeys(_CHECKOUT, self._checkout)
+        handler = handlers.get(etype) if isinstance(etype, str) else None
+        if handler is None:
+            return Outcome("ignored", {"reason": f"event type {etype!r} is not mapped"})
+        if not isinstance(obj, dict):
+            raise ValueError("the event has no data.object")
+        scid = _id(obj.get("customer"))
+        if scid is None:
+            return Outcome("ignored", {"reason": "the object names no customer"})
+        found = [r[0] for r in self.store.conn.execute(
+            "SELECT id FROM customers WHERE stripe_customer_id=? ORDER BY id", (scid,))]
+        if not found:
+            return Outcome("waiting_customer", {"reason": f"no customer has stripe_customer_id"
+                                                          f" {scid!r} yet; retried when one does"})
+        if len(found) > 1:
+            raise ValueError(f"customers {found} share stripe_customer_id {scid!r}")
+        return handler(found[0], event, obj)
+
+    # ---- event types --------------------------------------------------------------------------
+
+    def _invoice_paid(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+        inv_id = _id(inv.get("id"))
+        if inv_id is None:
+            raise ValueError("the invoice has no id")
+        lines = invoice_lines(inv)
+        granted = self._grant_packs(cid, inv_id, lines, event)
+        notes: list[str] = []
+        plan_lines = [ln for ln in lines if ln.price in self.cfg.credits.plans and not ln.proration]
+        sub = invoice_subscription(inv)
+        if plan_lines:
+            reason = inv.get("billing_reason")
+            line = plan_lines[0]
+            sub = line.subscription or sub
+            if reason not in _PLAN_REASONS:
+                notes.append(f"plan line not granted: billing_reason {reason!r}")
+            elif sub is None or line.period is None:
+                notes.append("plan line not granted: no subscription or period")
+            else:
+                granted.append(self._grant_plan(cid, inv_id, sub, line))
+            if len(plan_lines) > 1:
+                notes.append("only the first plan line of an invoice grants")
+        if _get(inv, "lines", "has_more"):
+            notes.append("invoice lines truncated (has_more): only the included lines were mapped")
+        if not granted:
+            return Outcome("ignored", {"customer": cid, "reason": "no configured price",
+                                       "notes": notes})
+        return Outcome("processed", {"customer": cid, "grants": granted, "notes": notes})
+
+    def _checkout(self, cid: str, event: dict[str, Any], s: dict[str, Any]) -> Outcome:
+        if s.get("mode") not in (None, "payment"):
+            return Outcome("ignored", {"customer": cid,
+                                       "reason": f"mode {s.get('mode')!r}: plans grant from invoice.paid"})
+        if event.get("type") == "checkout.session.completed" and \
+                s.get("payment_status") not in ("paid", "no_payment_required"):
+            return Outcome("ignored", {"customer": cid, "reason": "not paid yet (async payment)"})
+        base = _id(s.get("invoice")) or _id(s.get("id"))
+        lines = session_lines(s)
+        if base is None or not lines:
+            return Outcome("ignored", {"customer": cid, "reason": "no line items or metadata"
+                                       " on the session; the invoice's invoice.paid grants"})
+        granted = self._grant_packs(cid, base, lines, event)
+        if not granted:
+            return Outcome("ignored", {"customer": cid, "reason": "no configured price"})
+        return Outcome("processed", {"customer": cid, "grants": granted})
+
+    def _subscription_deleted(self, cid: str, event: dict[str, Any],
+                              sub: dict[str, Any]) -> Outcome:
+        return Outcome("processed", {"customer": cid, "suspended": self._suspend(cid),
+                                     "subscription": _id(sub.get("id"))})
+
+    def _payment_failed(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+        if self.cfg.credits.on_payment_failed == "none":
+            return Outcome("ignored", {"customer": cid, "reason": "on_payment_failed: none"})
+        paid = self.store.conn.execute(
+            "SELECT 1 FROM webhook_events WHERE type='invoice.paid' AND status='processed'"
+            " AND json_extract(payload, '$.data.object.id')=?", (_id(inv.get("id")),)).fetchone()
+        if paid is not None:
+            return Outcome("ignored", {"customer": cid, "reason": "the invoice was paid since"})
+        return Outcome("processed", {"customer": cid, "suspended": self._suspend(cid)})
+
+    # ---- effects (each idempotent) -------------------------------------------------------------
+
+    def _suspend(self, cid: str) -> bool:
+        """Suspend; returns whether the status changed. The cache reload makes the very next
+        request see it."""
+        before = self.keys.customers.get(cid)
+        self.store.execute_write(lambda c: upsert_customer(c, cid, None, None, "suspended"))
+        self.keys.reload(self.store.conn)
+        return before is None or before.status != "suspended"
+
+    def _grant_packs(self, cid: str, base: str, lines: list[Line],
+                     event: dict[str, Any]) -> list[dict[str, Any]]:
+        qty: dict[str, int] = {}
+        for ln in lines:
+            if ln.price in self.cfg.credits.packs:
+                qty[ln.price] = qty.get(ln.price, 0) + ln.quantity
+        ts = event.get("created")
+        created = ts if isinstance(ts, int) else int(self.clock())
+        out = []
+        for price, q in qty.items():
+            pack = self.cfg.credits.packs[price]
+            expires = None if pack.expires_in is None else created + int(pack.expires_in)
+            g, new = self.credits.grant(cid, fmt_micro(_micro(pack.credits) * q),
+                                        expires_at=expires, priority=pack.priority,
+                                        source=f"stripe:{base}",
+                                        idempotency_key=f"stripe:{base}:{price}")
+            out.append({"grant_id": g.id, "price": price, "credits": fmt_micro(g.amount),
+                        "created": new})
+        return out
+
+    def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line) -> dict[str, Any]:
+        assert line.period is not None
+        plan = self.cfg.credits.plans[line.price]
+        start, end = line.period
+        key = f"stripe:plan:{sub}:{start}"
+        allowance = _micro(plan.allowance) * line.quantity
+        amount, carried = allowance, 0
+        info: dict[str, Any] = {"price": line.price, "period_start": rfc3339(start),
+                                "period_end": rfc3339(end)}
+        if plan.mode == "rollover" and not self._has_grant(cid, key):
+            carried = self._close_previous(cid, sub, start)
+            cap = None if plan.cap is None else _micro(plan.cap) * line.quantity
+            amount = rollover_grant(allowance, carried, cap)
+        g, new = self.credits.grant(cid, fmt_micro(amount), expires_at=end,
+                                    priority=plan.priority, source=f"stripe:{inv_id}",
+                                    idempotency_key=key, period=(start, end))
+        info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=new)
+        if plan.mode == "rollover" and new:
+            info["carried"] = fmt_micro(carried)
+        return info
+
+    def _has_grant(self, cid: str, key: str) -> bool:
+        return self.store.conn.execute("SELECT 1 FROM grants WHERE customer_id=? AND"
+                                       " idempotency_key=?", (cid, key)).fetchone() is not None
+
+    def _close_previous(self, cid: str, sub: str, start: int) -> int:
+        """Expire what is left of the subscription's previous period grant and return what it
+        had left at the boundary (remaining + already expired): the amount to carry. Stable
+        under re-processing: a second run finds it expired and returns the same amount."""
+        prefix = f"stripe:plan:{sub}:"
+        conn = self.store.conn
+        later = conn.execute("SELECT 1 FROM grants WHERE customer_id=? AND substr(idempotency_key,"
+                             " 1, ?)=? AND period_start > ?",
+                             (cid, len(prefix), prefix, start)).fetchone()
+        if later is not None:
+            return 0          # a later period was granted first and already carried
+        row = conn.execute("SELECT id FROM grants WHERE customer_id=? AND substr(idempotency_key,"
+                           " 1, ?)=? AND period_start < ? ORDER BY period_start DESC LIMIT 1",
+                           (cid, len(prefix), prefix, start)).fetchone()
+        prev = self.credits.book.grant(row[0]) if row else None
+        if prev is None:
+            return 0
+        (expired,) = conn.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries WHERE"
+                                  " grant_id=? AND kind='expire'", (prev.id,)).fetchone()
+        left = prev.remaining if not prev.voided else 0
+        if left > 0:
+            entry = Entry(prev.id, "expire", left)
+            at = min(self.clock(), float(prev.expires_at or self.clock()))
+            self.store.execute_write(lambda c: insert_entries(c, cid, [entry], at=at))
+            self.credits.book.apply([entry])
+        return int(expired) + left
+
+    # ---- views (admin) ------------------------------------------------------------------------
+
+    def list_events(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if status is not None and status not in STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
+        where, args = ("WHERE status=?", (status,)) if status else ("", ())
+        rows = self.store.conn.execute(f"SELECT {_COLS} FROM webhook_events {where}"
+                                       " ORDER BY rowid DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_event_json(r) for r in rows]
+
+    def get_event(self, event_id: str) -> dict[str, Any]:
+        row = self.store.conn.execute(f"SELECT {_COLS}, payload FROM webhook_events WHERE id=?",
+                                      (event_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no webhook event {event_id!r}")
+        out = _event_json(row[:-1])
+        out["payload"] = orjson.loads(row[-1])
+        return out
+
+
+def _micro(value: str) -> int:
+    try:
+        return to_micro(value)
+    except ValueError as exc:
+        raise InvalidInput(f"configured credits {value!r}: {exc}") from exc
+
+
+def _event_json(r: Any) -> dict[str, Any]:
+    eid, etype, created, status, result, received, processed = r
+    return {"id": eid, "type": etype, "created": rfc3339(created) if created else None,
+            "status": status, "result": orjson.loads(result) if result else None,
+            "received_at": rfc3339(received),
+            "processed_at": rfc3339(processed) if processed else None}
+
+
+async def _read_capped(request: web.Request, cap: int) -> bytes | None:
+    if request.content_length is not None and request.content_length > cap:
+        return None
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > cap:
+            return None
+    return bytes(buf)
