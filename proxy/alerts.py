@@ -37,9 +37,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-from prometheus_client import Counter
 
-from proxy.metrics import REGISTRY
+from proxy.metrics import alerts_total
 from proxy.store.db import Store
 
 log = logging.getLogger("meterproxy.alerts")
@@ -49,11 +48,6 @@ ALERT_ID_HEADER = "Meterproxy-Alert-Id"
 USER_AGENT = "meterproxy"
 SIGNATURE_SCHEME = "v1"
 DEFAULT_TOLERANCE = 300
-
-# TODO(lead): move to proxy/metrics.py and import from there.
-alerts_total = Counter("meterproxy_alerts_total",
-                       "Credit alerts by delivery outcome (sent, retry, dead, logged)",
-                       ["outcome"], registry=REGISTRY)
 
 _LEASE_MARGIN = 30.0        # seconds past the call timeout before a claimed row is due again
 _IDLE_POLL = 60.0           # re-check even without a wake (rows from another process)

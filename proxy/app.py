@@ -28,6 +28,7 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.admin import build_admin_app
+from proxy.alerts import AlertSender
 from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.admin_credits import CREDITS, credit_routes
 from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
@@ -105,7 +106,9 @@ async def start(cfg: Config) -> Server:
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
     pipeline.book = credits.book
-    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds)
+    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
+    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
+                                    on_new=alerts.wake)
     flusher = build_flusher(rt, build_sink(cfg.stripe))
     _expose_billing(rt, flusher, credits)
 
@@ -132,6 +135,10 @@ async def start(cfg: Config) -> Server:
     asite = web.TCPSite(admin, ahost, aport)
     await asite.start()
     server = Server(rt, public, admin, reader, _bound_port(site), _bound_port(asite))
+    await alerts.start()
+    server.tasks.append(spawn("alert-sender", alerts.run()))
+    server.on_stop.append(alerts.close)
+    rt.extras["alerts"] = alerts
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))

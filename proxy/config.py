@@ -165,6 +165,15 @@ class AlertsConfig(_Model):
     webhook_url: str = ""
     secret: str = ""
 
+    @model_validator(mode="after")
+    def _signed(self) -> AlertsConfig:
+        if self.webhook_url and len(self.secret) < 16:
+            raise ValueError("alerts.webhook_url needs alerts.secret (at least 16 characters) "
+                             "to sign every alert")
+        if any(not 0 < t <= 1 for t in self.thresholds):
+            raise ValueError("alerts.thresholds are fractions in (0, 1]")
+        return self
+
 
 class Config(_Model):
     listen: str = "0.0.0.0:8080"

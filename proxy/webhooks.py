@@ -35,7 +35,7 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   invoice's ``invoice.paid`` grant (enable ``invoice_creation``).
 - ``customer.subscription.deleted``: the customer is suspended (403 ``customer_suspended``
   from the next request). ``invoice.payment_failed``: ``credits.on_payment_failed`` (none:
-  ignored; suspend: suspended unless that invoice's ``invoice.paid`` was already processed).
+  ignored; suspend: suspended unless that invoice's ``invoice.paid`` was already received).
   Reactivation is an operator action (``POST /admin/customers`` with ``status: active``).
 
 Our customer is found by ``stripe_customer_id``. None yet: ``waiting_customer``, retried
@@ -349,7 +349,7 @@ class WebhookReceiver:
         if self.cfg.credits.on_payment_failed == "none":
             return Outcome("ignored", {"customer": cid, "reason": "on_payment_failed: none"})
         paid = self.store.conn.execute(
-            "SELECT 1 FROM webhook_events WHERE type='invoice.paid' AND status='processed'"
+            "SELECT 1 FROM webhook_events WHERE type='invoice.paid'"   # paid is final
             " AND json_extract(payload, '$.data.object.id')=?", (_id(inv.get("id")),)).fetchone()
         if paid is not None:
             return Outcome("ignored", {"customer": cid, "reason": "the invoice was paid since"})

@@ -424,3 +424,50 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
           f"({sum(injected.values()) / calls:.1%}), accepted={len(accepted)}, "
           f"duplicates seen by the double={duplicates}, dead letters={len(dead)}")
     assert total < 180, f"chaos test took {total:.0f}s (budget: 3 minutes)"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: shutdown cancels the periodic flush mid-call and "
+                   "the final flush at once resends the same customer+meter while Stripe is "
+                   "still processing the cancelled call (proxy/app.py Server.shutdown step 4)")
+@pytest.mark.timeout(60)
+async def test_sigterm_mid_call_never_overlaps_calls_for_one_customer_and_meter(
+        tmp_path: Path, upstream: str, stripe_double_factory: Callable[..., Any]) -> None:
+    """SIGTERM while a meter event call is being processed (2 s, under the 5 s timeout): the
+    shutdown's final flush must not send a second call for that customer and meter before
+    the first one has ended (Stripe: one concurrent call per customer and meter)."""
+    double = await stripe_double_factory(processing_delay=2.0)
+    st = double.state
+    st.add_meter("api_calls")
+    port, aport = free_port(), free_port()
+    cfg = write_config(
+        tmp_path, upstream, rules_text=RULES,
+        listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{aport}",
+        stripe={"api_key": "sk_test_chaos", "sink": "meter_events",
+                "api_base": double.url, "meter_events_base": double.url,
+                "flush_interval": "300ms", "timeout": "5s", "max_rate": 2000})
+    admin = f"http://127.0.0.1:{aport}"
+    ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+    proxy.spawn()
+    try:
+        await proxy.wait_ready()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(admin + "/admin/customers", headers=ah,
+                              json={"id": "c0", "stripe_customer_id": "cus_0"}) as r:
+                assert r.status in (200, 201)
+            async with s.post(admin + "/admin/customers/c0/keys", json={"name": "k"},
+                              headers=ah) as r:
+                key = (await r.json())["key"]
+            for _ in range(3):
+                async with s.get(f"http://127.0.0.1:{port}/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                    await r.read()
+                    assert r.status == 200
+        await st.wait_for(lambda: bool(st.in_flight), within=10)
+        rc = await asyncio.to_thread(proxy.terminate)
+        assert rc == 0
+    finally:
+        proxy.ensure_dead()
+    await st.wait_for(lambda: not st.in_flight, within=5)
+    assert st.totals("cus_0", "api_calls") == 3
+    assert st.concurrency_violations == []

@@ -234,3 +234,44 @@ async def test_burst_crossing_three_thresholds_fires_three_alerts(make_proxy: Pr
     with p.db() as c:
         rows = sorted(t for (t,) in c.execute("SELECT threshold FROM alerts WHERE customer_id='al'"))
     assert rows == ["0.5", "0.75", "0.9", "depleted"]
+
+
+async def test_alerts_reach_the_operator_webhook_signed(make_proxy: ProxyFactory) -> None:
+    from aiohttp import web
+
+    from proxy.alerts import verify
+
+    got: list[dict[str, object]] = []
+    secret = "alert-secret-0123456789"
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        assert verify(secret, request.headers["Meterproxy-Signature"], body)
+        import orjson
+        got.append(orjson.loads(body))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        p = await make_proxy(rules_text=CREDIT_RULES,
+                             alerts={"webhook_url": f"http://127.0.0.1:{port}/hook",
+                                     "secret": secret})
+        key = await _setup(p, "hook", "10", overage="bill")
+        async with p.session.post(p.url + "/v1/chat/completions",
+                                  headers={"Authorization": f"Bearer {key}"},
+                                  json={"prompt_tokens": 400, "completion_tokens": 550}) as r:
+            assert r.status == 200
+        for _ in range(200):
+            if len(got) >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(str(a["threshold"]) for a in got) == ["0.5", "0.75", "0.9"]
+        assert {a["customer_id"] for a in got} == {"hook"}
+    finally:
+        await runner.cleanup()

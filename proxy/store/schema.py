@@ -141,6 +141,7 @@ MIGRATIONS: tuple[str, ...] = (
         sent_at INTEGER,
         UNIQUE (customer_id, period_key, threshold)
     );
+    CREATE INDEX alerts_due ON alerts(status, next_attempt_at);
     CREATE TABLE webhook_events (
         id TEXT PRIMARY KEY,
         type TEXT NOT NULL,

@@ -1,0 +1,440 @@
+"""Inbound Stripe webhooks through a real proxy: signatures (valid, tampered, wrong secret,
+stale, missing), dedupe on event id, one grant per purchase whichever way it arrives, any
+arrival order, suspension seen by the next proxied request, payment_failed policy, plan
+allowances (reset, rollover with a cap), and the admin list / replay routes.
+
+The events go to ``POST /webhooks/stripe`` on the proxy's public port. Until the composition
+root wires the receiver (``rt.extras["webhooks"]``), the ``hooks`` fixture mounts the same
+``WebhookReceiver`` (and the admin routes, behind the real admin middleware) on a loopback
+server of its own, built from the running proxy's store, key cache and credit service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+import stripe
+from aiohttp import web
+
+from proxy.admin import build_admin_app
+from proxy.admin_webhooks import WEBHOOKS, webhook_routes
+from proxy.tasks import cancel_and_wait, spawn
+from proxy.timeutil import rfc3339
+from proxy.webhooks import PATH, WebhookReceiver
+from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory
+
+SECRET = "whsec_test"
+Q = 1_000_000
+
+RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+rules:
+  - name: fixed
+    match: {path: /v1/items}
+    usage:
+      - {meter: api_calls, quantity: 1, credits: 1}
+  - name: other
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1}
+"""
+
+CREDITS: dict[str, Any] = {
+    "packs": {"price_pack": {"credits": "100", "expires_in": "30d", "priority": 40},
+              "price_small": {"credits": "2.5"}},
+    "plans": {"price_reset": {"allowance": "50", "mode": "reset"},
+              "price_roll": {"allowance": "50", "mode": "rollover", "cap": "80"}},
+}
+
+
+class Hooks:
+    """Where to send webhooks and how to ask the admin API about them."""
+
+    def __init__(self, p: Proxy, url: str, admin_url: str) -> None:
+        self.p = p
+        self.url = url
+        self.admin_url = admin_url
+        self.n = 0
+
+    async def send(self, event: dict[str, Any], *, secret: str = SECRET, ts: int | None = None,
+                   body: bytes | None = None, header: str | None = None) -> tuple[int, Any]:
+        raw = orjson.dumps(event)
+        sig = header if header is not None else \
+            stripe.WebhookSignature.generate_signature_header(raw.decode(), secret, timestamp=ts)
+        async with self.p.session.post(self.url, data=body if body is not None else raw,
+                                       headers={"Stripe-Signature": sig,
+                                                "Content-Type": "application/json"}) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def admin(self, method: str, path: str, expect: int | None = None) -> Any:
+        async with self.p.session.request(method, self.admin_url + path,
+                                          headers=self.p.admin_headers) as r:
+            body = await r.json(content_type=None)
+            if expect is not None:
+                assert r.status == expect, (r.status, body)
+            return body
+
+    async def wait(self, event_id: str, status: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = await self.admin("GET", f"/admin/webhooks/{event_id}")
+            if ev.get("status") == status:
+                return dict(ev)
+            assert time.monotonic() < deadline, ev
+            await asyncio.sleep(0.02)
+
+    async def deliver(self, event: dict[str, Any], status: str = "processed") -> dict[str, Any]:
+        code, body = await self.send(event)
+        assert code == 200 and body["received"] is True, (code, body)
+        return await self.wait(event["id"], status)
+
+
+HooksFactory = Callable[..., Awaitable[Hooks]]
+
+
+@pytest.fixture
+async def hooks(make_proxy: ProxyFactory) -> AsyncIterator[HooksFactory]:
+    cleanup: list[Callable[[], Awaitable[None]]] = []
+
+    async def factory(**overrides: Any) -> Hooks:
+        overrides.setdefault("stripe", {"webhook_secret": SECRET})
+        overrides.setdefault("credits", CREDITS)
+        p = await make_proxy(rules_text=RULES, **overrides)
+        rt = p.server.rt
+        if "webhooks" in rt.extras:                       # wired by the composition root
+            return Hooks(p, p.url + PATH, p.admin_url)
+        receiver = WebhookReceiver(rt.store, rt.keys, rt.extras["credits"], rt.cfg)
+        task = spawn("webhooks-test", receiver.run(poll=0.05))
+        public = web.Application()
+        public.router.add_route("*", PATH, receiver.handle)
+        admin = build_admin_app(rt, p.server.reader, webhook_routes())
+        admin[WEBHOOKS] = receiver
+        ports = []
+        for app in (public, admin):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            cleanup.append(runner.cleanup)
+        cleanup.append(lambda: cancel_and_wait(task))
+        return Hooks(p, f"http://127.0.0.1:{ports[0]}{PATH}", f"http://127.0.0.1:{ports[1]}")
+
+    yield factory
+    for fn in reversed(cleanup):
+        await fn()
+
+
+# ---- event builders ---------------------------------------------------------------------------
+
+def event(eid: str, etype: str, obj: dict[str, Any], created: int | None = None) -> dict[str, Any]:
+    return {"id": eid, "object": "event", "type": etype, "api_version": "2026-10-28.endive",
+            "created": created or int(time.time()), "data": {"object": obj}}
+
+
+def old_line(price: str, qty: int = 1) -> dict[str, Any]:
+    """Line item shape before API 2025-03-31 (``price`` object)."""
+    return {"object": "line_item", "price": {"id": price}, "quantity": qty, "proration": False}
+
+
+def new_line(price: str, sub: str, period: tuple[int, int], qty: int = 1) -> dict[str, Any]:
+    """Line item shape from API 2025-03-31 on (``pricing`` and ``parent``)."""
+    return {"object": "line_item", "quantity": qty,
+            "period": {"start": period[0], "end": period[1]},
+            "pricing": {"type": "price_details", "price_details": {"price": price}},
+            "parent": {"type": "subscription_item_details",
+                       "subscription_item_details": {"subscription": sub, "proration": False}}}
+
+
+def invoice(inv: str, cus: str, lines: list[dict[str, Any]], reason: str = "manual",
+            sub: str | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"id": inv, "object": "invoice", "customer": cus, "billing_reason": reason,
+                           "lines": {"object": "list", "data": lines, "has_more": False}}
+    if sub:
+        obj["parent"] = {"type": "subscription_details",
+                         "subscription_details": {"subscription": sub}}
+    return obj
+
+
+def session(sid: str, cus: str, price: str, qty: int = 1, inv: str | None = None) -> dict[str, Any]:
+    return {"id": sid, "object": "checkout.session", "customer": cus, "mode": "payment",
+            "payment_status": "paid", "invoice": inv,
+            "line_items": {"object": "list", "data": [old_line(price, qty)]}}
+
+
+async def grants(p: Proxy, cid: str) -> dict[str, Any]:
+    return dict(await p.admin("GET", f"/admin/customers/{cid}/grants", expect=200))
+
+
+def ledger_sums(p: Proxy, cid: str) -> None:
+    """Every grant's amount minus its entries equals what the book says is left."""
+    svc = p.server.rt.extras["credits"]
+    with p.db() as c:
+        for gid, amount in c.execute("SELECT id, amount FROM grants WHERE customer_id=?", (cid,)):
+            (taken,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
+                                 " WHERE grant_id=?", (gid,)).fetchone()
+            assert amount - taken == svc.book.grant(gid).remaining, gid
+
+
+async def spend(p: Proxy, key: str, n: int) -> None:
+    for _ in range(n):
+        async with p.session.get(p.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200, await r.text()
+
+
+# ---- signatures -------------------------------------------------------------------------------
+
+async def test_signature_valid_tampered_wrong_secret_stale_missing(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    ev = event("evt_sig", "invoice.paid", invoice("in_sig", "cus_acme", [old_line("price_pack")]))
+    raw = orjson.dumps(ev)
+
+    tampered = raw.replace(b"price_pack", b"price_pac2")
+    code, body = await h.send(ev, body=tampered)
+    assert code == 400 and body["error"]["type"] == "invalid_signature"
+    code, body = await h.send(ev, secret="whsec_other")
+    assert code == 400 and body["error"]["type"] == "invalid_signature"
+    code, body = await h.send(ev, ts=int(time.time()) - 301)
+    assert code == 400 and "tolerance" in body["error"]["message"]
+    code, body = await h.send(ev, header="")
+    assert code == 400 and body["error"]["type"] == "invalid_signature"
+    code, body = await h.send(ev, header="garbage")
+    assert code == 400
+    assert (await h.admin("GET", "/admin/webhooks", expect=200))["events"] == []  # nothing kept
+
+    code, body = await h.send(ev, ts=int(time.time()) - 200)          # inside the tolerance
+    assert code == 200 and body == {"received": True}
+    done = await h.wait("evt_sig", "processed")
+    assert done["result"]["grants"][0]["credits"] == "100"
+    assert (await grants(h.p, "acme"))["balance"] == "100"
+
+
+async def test_replayed_delivery_is_stored_and_granted_once(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    ev = event("evt_dup", "invoice.paid",
+               invoice("in_dup", "cus_acme", [old_line("price_pack", 2), old_line("price_small")]))
+    assert await h.send(ev) == (200, {"received": True})
+    await h.wait("evt_dup", "processed")
+    code, body = await h.send(ev)                                    # Stripe retries
+    assert code == 200 and body == {"received": True, "duplicate": True}
+    # the same invoice as a different event id (e.g. resent by hand) grants nothing more
+    await h.deliver(event("evt_dup2", "invoice.paid", ev["data"]["object"]))
+    g = await grants(h.p, "acme")
+    assert g["balance"] == "202.5" and len(g["grants"]) == 2
+    pack = next(x for x in g["grants"] if x["credits"] == "200")
+    assert pack["priority"] == 40 and pack["expires_at"] is not None
+    assert pack["source"] == "stripe:in_dup"
+
+
+async def test_body_limit_and_disabled_without_secret(hooks: HooksFactory) -> None:
+    h = await hooks(stripe={"webhook_secret": ""})
+    code, body = await h.send(event("evt_x", "invoice.paid", {}))
+    assert code == 503 and body["error"]["type"] == "webhooks_disabled"
+
+
+async def test_oversized_body_is_refused(hooks: HooksFactory) -> None:
+    h = await hooks()
+    big = event("evt_big", "invoice.paid", {"pad": "x" * (1024 * 1024)})
+    code, body = await h.send(big)
+    assert code == 413 and body["error"]["type"] == "payload_too_large"
+
+
+# ---- one purchase, many deliveries, any order ---------------------------------------------------
+
+async def test_checkout_and_invoice_for_one_purchase_grant_once(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    # the session (keyed by its invoice) arrives first, then that invoice
+    await h.deliver(event("evt_cs", "checkout.session.completed",
+                          session("cs_1", "cus_acme", "price_pack", inv="in_cs")))
+    inv = await h.deliver(event("evt_in", "invoice.paid",
+                                invoice("in_cs", "cus_acme", [old_line("price_pack")])))
+    assert inv["result"]["grants"][0]["created"] is False
+    # a session without an invoice is keyed on the session id
+    await h.deliver(event("evt_cs2", "checkout.session.completed",
+                          session("cs_2", "cus_acme", "price_small", qty=4)))
+    await h.deliver(event("evt_cs2b", "checkout.session.completed",
+                          session("cs_2", "cus_acme", "price_small", qty=4)))
+    g = await grants(h.p, "acme")
+    assert g["balance"] == "110" and len(g["grants"]) == 2
+    # an unpaid (async) session grants nothing until it succeeds
+    unpaid = session("cs_3", "cus_acme", "price_small") | {"payment_status": "unpaid"}
+    await h.deliver(event("evt_cs3", "checkout.session.completed", unpaid), "ignored")
+    await h.deliver(event("evt_cs3b", "checkout.session.async_payment_succeeded", unpaid))
+    assert (await grants(h.p, "acme"))["balance"] == "112.5"
+
+
+async def test_out_of_order_and_customer_created_later(hooks: HooksFactory) -> None:
+    h = await hooks()
+    now = int(time.time())
+    # Stripe's events for a customer we do not know yet: kept, then processed once it exists
+    deleted = event("evt_del", "customer.subscription.deleted",
+                    {"id": "sub_1", "object": "subscription", "customer": "cus_late",
+                     "status": "canceled"}, created=now)
+    paid = event("evt_old_paid", "invoice.paid",
+                 invoice("in_old", "cus_late", [old_line("price_pack")]), created=now - 3600)
+    await h.deliver(deleted, "waiting_customer")
+    await h.deliver(paid, "waiting_customer")
+    listed = await h.admin("GET", "/admin/webhooks?status=waiting_customer", expect=200)
+    assert {e["id"] for e in listed["events"]} == {"evt_del", "evt_old_paid"}
+
+    await h.p.customer_with_key("late", stripe_customer_id="cus_late")
+    await h.wait("evt_del", "processed")
+    await h.wait("evt_old_paid", "processed")
+    # the deletion (newer) was processed before the older invoice, which still granted once
+    g = await grants(h.p, "late")
+    assert g["balance"] == "100" and len(g["grants"]) == 1
+    await h.deliver(paid | {"id": "evt_old_paid_again"})
+    assert len((await grants(h.p, "late"))["grants"]) == 1
+    cust = await h.p.admin("GET", "/admin/customers/late", expect=200)
+    assert cust["status"] == "suspended"
+
+
+# ---- suspension -----------------------------------------------------------------------------
+
+async def test_subscription_deleted_suspends_on_the_next_request(hooks: HooksFactory) -> None:
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    other = await h.p.customer_with_key("beta", stripe_customer_id="cus_beta")
+    await spend(h.p, key, 1)
+    await h.deliver(event("evt_sd", "customer.subscription.deleted",
+                          {"id": "sub_9", "object": "subscription", "customer": "cus_acme"}))
+    async with h.p.session.get(h.p.url + "/v1/items",
+                               headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 403
+        assert (await r.json())["error"]["type"] == "customer_suspended"
+    await spend(h.p, other, 1)                                     # nobody else is affected
+
+
+async def test_payment_failed_none_changes_nothing(hooks: HooksFactory) -> None:
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    done = await h.deliver(event("evt_pf", "invoice.payment_failed",
+                                 invoice("in_pf", "cus_acme", [])), "ignored")
+    assert "none" in done["result"]["reason"]
+    await spend(h.p, key, 1)
+
+
+async def test_payment_failed_suspend(hooks: HooksFactory) -> None:
+    h = await hooks(credits={**CREDITS, "on_payment_failed": "suspend"})
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    # a failure for an invoice already paid (late, out of order) is stale: ignored
+    await h.deliver(event("evt_ok", "invoice.paid", invoice("in_ok", "cus_acme", [])), "ignored")
+    await h.deliver(event("evt_pf_stale", "invoice.payment_failed",
+                          invoice("in_ok", "cus_acme", [])), "ignored")
+    await spend(h.p, key, 1)
+    await h.deliver(event("evt_pf", "invoice.payment_failed", invoice("in_pf", "cus_acme", [])))
+    async with h.p.session.get(h.p.url + "/v1/items",
+                               headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 403 and (await r.json())["error"]["type"] == "customer_suspended"
+
+
+# ---- plan allowances --------------------------------------------------------------------------
+
+def plan_paid(eid: str, inv: str, price: str, period: tuple[int, int],
+              reason: str = "subscription_cycle") -> dict[str, Any]:
+    return event(eid, "invoice.paid",
+                 invoice(inv, "cus_acme", [new_line(price, "sub_1", period)], reason, "sub_1"))
+
+
+async def test_plan_reset_grants_each_period_once(hooks: HooksFactory) -> None:
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    p1, p2 = (t - 10, t + 1000), (t + 1000, t + 2000)
+    first = await h.deliver(plan_paid("evt_p1", "in_p1", "price_reset", p1, "subscription_create"))
+    assert first["result"]["grants"][0]["credits"] == "50"
+    await spend(h.p, key, 20)
+    await h.deliver(plan_paid("evt_p2", "in_p2", "price_reset", p2))
+    await h.deliver(plan_paid("evt_p2b", "in_p2", "price_reset", p2))      # same period again
+    g = await grants(h.p, "acme")
+    amounts = sorted((x["credits"], x["remaining"]) for x in g["grants"])
+    assert amounts == [("50", "30"), ("50", "50")]                          # nothing carried
+    assert g["balance"] == "80"
+    assert sorted(x["expires_at"] for x in g["grants"]) == [rfc3339(p1[1]), rfc3339(p2[1])]
+    ledger_sums(h.p, "acme")
+    # proration / plan-change invoices grant nothing
+    await h.deliver(plan_paid("evt_upd", "in_upd", "price_reset", p2, "subscription_update"),
+                    "ignored")
+
+
+async def test_plan_rollover_carries_the_remainder_up_to_the_cap(hooks: HooksFactory) -> None:
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    p1, p2, p3 = (t - 100, t - 50), (t - 50, t + 1000), (t + 1000, t + 2000)
+    await h.deliver(plan_paid("evt_r1", "in_r1", "price_roll", p1, "subscription_create"))
+    # period 2 is paid after period 1 ended: its 50 carry, 50 + 50 capped at 80
+    r2 = (await h.deliver(plan_paid("evt_r2", "in_r2", "price_roll", p2)))["result"]["grants"][0]
+    assert (r2["carried"], r2["credits"], r2["created"]) == ("50", "80", True)
+    assert r2["period_start"] == rfc3339(p2[0]) and r2["period_end"] == rfc3339(p2[1])
+    await spend(h.p, key, 60)
+    # period 3's invoice arrives before period 2 ends: its 20 left move into it now (under cap)
+    r3 = (await h.deliver(plan_paid("evt_r3", "in_r3", "price_roll", p3)))["result"]["grants"][0]
+    assert (r3["carried"], r3["credits"]) == ("20", "70")
+    g = await grants(h.p, "acme")
+    assert g["balance"] == "70" and len(g["grants"]) == 3
+    ledger_sums(h.p, "acme")
+    # replaying in any order changes nothing
+    for eid in ("evt_r3", "evt_r1", "evt_r2"):
+        again = await h.admin("POST", f"/admin/webhooks/{eid}/replay", expect=200)
+        assert again["status"] == "processed"
+        assert again["result"]["grants"][0]["created"] is False
+    assert (await grants(h.p, "acme"))["balance"] == "70"
+    ledger_sums(h.p, "acme")
+    with h.p.db() as c:
+        expired = dict(c.execute("SELECT g.period_start, SUM(e.amount) FROM credit_entries e JOIN"
+                                 " grants g ON g.id = e.grant_id WHERE e.kind='expire'"
+                                 " GROUP BY g.id").fetchall())
+    assert expired == {p1[0]: 50 * Q, p2[0]: 20 * Q}
+
+
+async def test_late_period_after_a_later_one_carries_nothing(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    p1, p2 = (t - 100, t + 1000), (t + 1000, t + 2000)
+    await h.deliver(plan_paid("evt_l2", "in_l2", "price_roll", p2))
+    late = (await h.deliver(plan_paid("evt_l1", "in_l1", "price_roll", p1)))["result"]
+    assert (late["grants"][0]["carried"], late["grants"][0]["credits"]) == ("0", "50")
+    assert (await grants(h.p, "acme"))["balance"] == "100"
+    ledger_sums(h.p, "acme")
+
+
+# ---- admin ---------------------------------------------------------------------------------------
+
+async def test_admin_list_filter_and_replay(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_a", "invoice.paid", invoice("in_a", "cus_acme", [old_line("price_pack")])))
+    await h.deliver(event("evt_b", "customer.created", {"id": "cus_new"}), "ignored")
+    await h.deliver(event("evt_c", "invoice.paid", {"customer": "cus_acme"}), "failed")
+
+    allev = (await h.admin("GET", "/admin/webhooks", expect=200))["events"]
+    assert [e["id"] for e in allev] == ["evt_c", "evt_b", "evt_a"]
+    assert set(allev[0]) >= {"id", "type", "status", "result", "received_at"}
+    failed = (await h.admin("GET", "/admin/webhooks?status=failed", expect=200))["events"]
+    assert [e["id"] for e in failed] == ["evt_c"] and "no id" in failed[0]["result"]["reason"]
+    bad = await h.admin("GET", "/admin/webhooks?status=nope", expect=400)
+    assert bad["error"]["type"] == "invalid_request"
+    await h.admin("POST", "/admin/webhooks/evt_zzz/replay", expect=404)
+
+    again = await h.admin("POST", "/admin/webhooks/evt_a/replay", expect=200)
+    assert again["status"] == "processed" and again["result"]["grants"][0]["created"] is False
+    assert (await grants(h.p, "acme"))["balance"] == "100"
+    assert (await h.admin("POST", "/admin/webhooks/evt_c/replay", expect=200))["status"] == "failed"
+    shown = await h.admin("GET", "/admin/webhooks/evt_a", expect=200)
+    assert shown["payload"]["id"] == "evt_a"
+    async with h.p.session.get(h.admin_url + "/admin/webhooks") as r:
+        assert r.status == 401                                         # admin token required
+    assert ADMIN_TOKEN
