@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -86,7 +87,7 @@ class Conn(asyncio.Protocol):
 def pct(sorted_vals: list[float], q: float) -> float:
     if not sorted_vals:
         return float("nan")
-    i = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
+    i = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
     return sorted_vals[i]
 
 
@@ -132,10 +133,8 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
     deadline = time.perf_counter() + 10
     while len(results) < total and time.perf_counter() < deadline:
         done.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 1)
-        except TimeoutError:
-            pass
     for c in conns:
         if c.t is not None:
             c.t.close()

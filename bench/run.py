@@ -108,10 +108,10 @@ def stop(p: subprocess.Popen[bytes], timeout: float = 30) -> int:
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             p.kill()
             p.wait()
-            raise RuntimeError(f"pid {p.pid} did not stop within {timeout}s of SIGTERM")
+            raise RuntimeError(f"pid {p.pid} did not stop within {timeout}s of SIGTERM") from exc
     if p in _procs:
         _procs.remove(p)
     return p.returncode
@@ -142,7 +142,7 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- load generators
 
 def run_wrk(url: str, header: str, conns: int, duration: float) -> dict[str, float]:
-    cmd = pin(0) + ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency", "-H", header, url]
+    cmd = [*pin(0), "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency", "-H", header, url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -159,9 +159,9 @@ def run_wrk(url: str, header: str, conns: int, duration: float) -> dict[str, flo
 
 def run_openloop(port: int, path: str, header: str, rate: float, duration: float,
                  conns: int) -> dict[str, float]:
-    cmd = pin(0) + [PY, str(BENCH / "openloop.py"), "--port", str(port), "--path", path,
-                    "--rate", f"{rate:.1f}", "--duration", str(duration), "--conns", str(conns),
-                    "--header", header]
+    cmd = [*pin(0), PY, str(BENCH / "openloop.py"), "--port", str(port), "--path", path,
+           "--rate", f"{rate:.1f}", "--duration", str(duration), "--conns", str(conns),
+           "--header", header]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     if res.returncode != 0:
         raise RuntimeError(f"openloop failed: {res.stderr}")
@@ -175,10 +175,9 @@ class Setup:
         self.work, self.origin_url, self.mp = work, origin_url, mp
         (work / "rules.yaml").write_text(RULES)
         self.template = work / "template.db"
-        subprocess.run(self.mp + ["customers", "create", "bench", "--db", str(self.template)],
+        subprocess.run([*self.mp, "customers", "create", "bench", "--db", str(self.template)],
                        check=True, capture_output=True, cwd=ROOT)
-        out = subprocess.run(self.mp + ["keys", "create", "--customer", "bench", "--db",
-                                   str(self.template)],
+        out = subprocess.run([*self.mp, "keys", "create", "--customer", "bench", "--db", str(self.template)],
                              check=True, capture_output=True, cwd=ROOT).stdout
         self.key = json.loads(out)["key"]
         self.header = f"Authorization: Bearer {self.key}"
@@ -207,7 +206,7 @@ class Setup:
             }
             cfgf = self.work / f"run{self.n}-{target}.yaml"
             cfgf.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
-            p = spawn(self.mp + ["serve", "--config", str(cfgf)], logf, 1)
+            p = spawn([*self.mp, "serve", "--config", str(cfgf)], logf, 1)
         wait_http(f"http://127.0.0.1:{port}/small", p)
         return p, port, db
 
@@ -382,8 +381,8 @@ def main() -> int:
             row["added_cpu_us"] = row["cpu_us_per_req"] - base["cpu_us_per_req"]
             # paired per repetition (interleaved), then the median of the differences
             o, ob = opened[t][pl], opened["bare"][pl]
-            row["added_p50_ms"] = med([x["p50_ms"] - y["p50_ms"] for x, y in zip(o, ob)])
-            row["added_p99_ms"] = med([x["p99_ms"] - y["p99_ms"] for x, y in zip(o, ob)])
+            row["added_p50_ms"] = med([x["p50_ms"] - y["p50_ms"] for x, y in zip(o, ob, strict=False)])
+            row["added_p99_ms"] = med([x["p99_ms"] - y["p99_ms"] for x, y in zip(o, ob, strict=False)])
 
     targets_met: dict[str, dict[str, bool]] = {}
     if "strict" in targets:
@@ -424,15 +423,16 @@ def _version(cmd: list[str]) -> str:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         return (r.stdout + r.stderr).splitlines()[0]
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"
 
 
 def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "?"

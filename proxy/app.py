@@ -28,26 +28,29 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.admin import build_admin_app
-from proxy.alerts import AlertSender
 from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.admin_credits import CREDITS, credit_routes
 from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
+from proxy.admin_webhooks import WEBHOOKS, webhook_routes
+from proxy.alerts import AlertSender
 from proxy.config import Config, split_hostport
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
+from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
-from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.sinks.factory import build_sink
 from proxy.sinks.factory import connect as stripe_connect
 from proxy.store import outbox
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.tasks import cancel_and_wait, spawn
+from proxy.webhooks import PATH as WEBHOOK_PATH
+from proxy.webhooks import WebhookReceiver
 
 log = logging.getLogger("meterproxy")
 
@@ -65,6 +68,8 @@ class Server:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     on_stop: list[Callable[[], Any]] = field(default_factory=list)
+    # tasks stopped by a signal and awaited (never cancelled mid-call): (stop, task)
+    graceful: list[tuple[Callable[[], None], asyncio.Task[Any]]] = field(default_factory=list)
 
     async def shutdown(self, timeout: float = 15.0) -> None:
         # 1. stop accepting; 2. in-flight requests finish (AppRunner.cleanup waits for them)
@@ -74,6 +79,12 @@ class Server:
         await self.rt.store.drain(timeout)
         self.rt.store.commit_pending()
         # 4. background tasks stop, then the final flush (registered by the flusher)
+        for stop, task in self.graceful:
+            stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                log.warning("%s did not stop within %.0fs; cancelling", task.get_name(), timeout)
         for t in self.tasks:
             await cancel_and_wait(t)
         for cb in self.on_stop:
@@ -114,12 +125,16 @@ async def start(cfg: Config) -> Server:
 
     public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
                                                                      "max_line_size": 64 * 1024})
+    webhooks = WebhookReceiver(store, keys, credits, cfg)
+    public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=10.0)
     reconciler = build_reconciler(rt)
     admin_app = build_admin_app(rt, reader,
-                                billing_routes() + credit_routes() + reconcile_routes())
+                                billing_routes() + credit_routes() + reconcile_routes()
+                                + webhook_routes())
+    admin_app[WEBHOOKS] = webhooks
     admin_app[FLUSHER] = flusher
     admin_app[RECONCILE_GRACE] = cfg.stripe.reconcile_grace
     if reconciler is not None:
@@ -139,11 +154,13 @@ async def start(cfg: Config) -> Server:
     server.tasks.append(spawn("alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
     rt.extras["alerts"] = alerts
+    server.tasks.append(spawn("webhooks", webhooks.run()))
+    rt.extras["webhooks"] = webhooks
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
     server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever()))
-    server.tasks.append(spawn("flusher", flusher.run(cfg.stripe.flush_interval)))
+    server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
     if reconciler is not None:
@@ -180,7 +197,8 @@ def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
 def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
     return Flusher(rt.store, sink, lambda: event_names(rt),
-                   rate=scfg.max_rate or default_rate(scfg.api_key))
+                   rate=scfg.max_rate or default_rate(scfg.api_key),
+                   ambiguous_hold=2 * scfg.timeout)
 
 
 def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> None:

@@ -17,7 +17,11 @@ Delivery guarantee, step by step (the numbers are repeated at each failure point
      Only permanent answers (unknown event name, no Stripe customer, outside Stripe's
      35-day window, validation) become dead letters, replayable after a fix.
 Calls for one (customer, event name) never overlap: each such key is served by exactly one
-task at a time; an account-wide token bucket caps the call rate.
+task at a time; after an *ambiguous* failure (timeout, dropped connection: the call may still
+be running at Stripe) the key waits ``ambiguous_hold`` (the Stripe timeout) before its next
+call, in this cycle or any later one; rows already attempted by a previous process wait the
+same after start-up; and shutdown lets a flush in progress finish instead of cancelling its
+call. An account-wide token bucket caps the call rate.
 """
 
 from __future__ import annotations
@@ -136,7 +140,8 @@ class Flusher:
     def __init__(self, store: Store, sink: Sink,
                  event_names: Callable[[], Mapping[str, tuple[str, str | None]]], *,
                  rate: float, concurrency: int = 16, retries_per_cycle: int = 3,
-                 retry_wait_max: float = 2.0, seed: int | None = None) -> None:
+                 retry_wait_max: float = 2.0, ambiguous_hold: float = 10.0,
+                 seed: int | None = None) -> None:
         self.store = store
         self.sink = sink
         self.event_names = event_names
@@ -149,6 +154,10 @@ class Flusher:
         self._lock = asyncio.Lock()
         self._inflight: set[tuple[str, str]] = set()
         self.last_success: float | None = None
+        self.ambiguous_hold = ambiguous_hold
+        self._held_until: dict[tuple[str, str], float] = {}   # key -> monotonic time
+        self._started = time.monotonic()
+        self._stop = asyncio.Event()
 
     # ---- one flush ------------------------------------------------------------------------
 
@@ -177,10 +186,17 @@ class Flusher:
             report.retrying = len(due)
             return
         ready: list[dict[str, Any]] = []
+        mono = time.monotonic()
+        fresh_start = mono < self._started + self.ambiguous_hold
         for row in due:
             dead = self._precheck(row, now)
             if dead is not None:
                 self._mark(row, Outcome(Kind.DEAD, dead), report)
+            elif (fresh_start and row["attempts"] > 0) or \
+                    self._held_until.get((row["stripe_customer_id"], row["event_name"]), 0) > mono:
+                # a call for this key may still be running at Stripe (ours, or a previous
+                # process's): leave it for a later cycle rather than overlap it
+                report.retrying += 1
             else:
                 ready.append(row)
         if not ready:
@@ -266,7 +282,9 @@ class Flusher:
             return max(base, min(hinted, self.retry_wait_max))
 
         def transient(result: list[Outcome]) -> bool:
-            return any(o.kind is Kind.RETRY for o in result)
+            # an ambiguous failure is not retried in this cycle: its call may still be running
+            return any(o.kind is Kind.RETRY for o in result) and \
+                not any(o.ambiguous for o in result)
 
         sub = 0
         result: list[Outcome] = []
@@ -283,11 +301,17 @@ class Flusher:
                 await self.bucket.take()
                 # 4: the call itself; any failure here leaves the row pending for a resend
                 evs = [_with_sub(ev, sub) for ev in batch]
-                result = await self.sink.send(evs)
+                try:
+                    result = await self.sink.send(evs)
+                except asyncio.CancelledError:
+                    self._hold(batch)      # cancelled mid-call: Stripe may still be on it
+                    raise
                 sub += 1
+                if any(o.ambiguous for o in result):
+                    self._hold(batch)
                 for o in result:
                     metrics.stripe_requests_total.labels(o.kind.value).inc()
-                if transient(result):
+                if any(o.kind is Kind.RETRY for o in result):
                     if not any(o.lock_timeout for o in result):
                         self.breaker.failure()
                 else:
@@ -296,6 +320,11 @@ class Flusher:
                 continue
             attempt.retry_state.set_result(result)
         return result
+
+    def _hold(self, batch: Sequence[OutEvent]) -> None:
+        until = time.monotonic() + self.ambiguous_hold
+        for ev in batch:
+            self._held_until[(ev.stripe_customer_id, ev.event_name)] = until
 
     def _mark(self, row: Mapping[str, Any], out: Outcome, report: FlushReport,
               count: bool = True) -> None:
@@ -314,7 +343,8 @@ class Flusher:
             if count:
                 report.retrying += 1
             # 6: transient failures stay pending; never dead-lettered
-            delay = max(backoff(row["attempts"], self.rng), out.retry_after or 0.0)
+            delay = max(backoff(row["attempts"], self.rng), out.retry_after or 0.0,
+                        self.ambiguous_hold if out.ambiguous else 0.0)
             self.store.execute_write(lambda c: c.execute(
                 "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=?",
                 (now + delay, out.reason[:500], row["id"])))
@@ -355,20 +385,29 @@ class Flusher:
         """Age of the oldest usage not yet delivered (staged or not)."""
         c = self.store.conn
         (a,) = c.execute("SELECT MIN(created_at) FROM outbox WHERE status='pending'").fetchone()
-        (b,) = c.execute("SELECT MIN(minute) FROM usage_minute WHERE billable > reported"
-                         " OR covered > reported_covered").fetchone()
+        (b,) = c.execute("SELECT MIN(minute) FROM usage_minute INDEXED BY usage_minute_unreported"
+                         " WHERE billable > reported OR covered > reported_covered").fetchone()
         oldest = min(x for x in (a, b, time.time()) if x is not None)
         return max(0.0, time.time() - oldest)
 
     async def run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
+        """Flush every ``interval`` until ``stop()``; a flush in progress is never cancelled
+        by stopping (its calls finish or time out), so the final flush cannot overlap it."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
             try:
                 rep = await self.flush()
                 if rep.staged or rep.attempted:
                     log.info("flush: %s", rep.to_json())
             except sqlite3.Error as exc:
                 log.error("flush failed (storage): %s; will retry next interval", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
 
     async def close(self) -> None:
         await self.sink.close()

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import os
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -36,8 +36,8 @@ from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
 from proxy.rules import UNREADABLE, Measurement, Rule, compute
-from proxy.runtime import Runtime
 from proxy.rules.model import SourceKind
+from proxy.runtime import Runtime
 from proxy.store.db import UsageItem, UsageRow
 from proxy.units import cost_micro, fmt_micro, to_micro
 

@@ -3,10 +3,8 @@ stale, missing), dedupe on event id, one grant per purchase whichever way it arr
 arrival order, suspension seen by the next proxied request, payment_failed policy, plan
 allowances (reset, rollover with a cap), and the admin list / replay routes.
 
-The events go to ``POST /webhooks/stripe`` on the proxy's public port. Until the composition
-root wires the receiver (``rt.extras["webhooks"]``), the ``hooks`` fixture mounts the same
-``WebhookReceiver`` (and the admin routes, behind the real admin middleware) on a loopback
-server of its own, built from the running proxy's store, key cache and credit service.
+The events go to ``POST /webhooks/stripe`` on the proxy's public port; the admin routes are
+on its admin port.
 """
 
 from __future__ import annotations
@@ -19,13 +17,9 @@ from typing import Any
 import orjson
 import pytest
 import stripe
-from aiohttp import web
 
-from proxy.admin import build_admin_app
-from proxy.admin_webhooks import WEBHOOKS, webhook_routes
-from proxy.tasks import cancel_and_wait, spawn
 from proxy.timeutil import rfc3339
-from proxy.webhooks import PATH, WebhookReceiver
+from proxy.webhooks import PATH
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory
 
 SECRET = "whsec_test"
@@ -107,25 +101,8 @@ async def hooks(make_proxy: ProxyFactory) -> AsyncIterator[HooksFactory]:
         overrides.setdefault("stripe", {"webhook_secret": SECRET})
         overrides.setdefault("credits", CREDITS)
         p = await make_proxy(rules_text=RULES, **overrides)
-        rt = p.server.rt
-        if "webhooks" in rt.extras:                       # wired by the composition root
-            return Hooks(p, p.url + PATH, p.admin_url)
-        receiver = WebhookReceiver(rt.store, rt.keys, rt.extras["credits"], rt.cfg)
-        task = spawn("webhooks-test", receiver.run(poll=0.05))
-        public = web.Application()
-        public.router.add_route("*", PATH, receiver.handle)
-        admin = build_admin_app(rt, p.server.reader, webhook_routes())
-        admin[WEBHOOKS] = receiver
-        ports = []
-        for app in (public, admin):
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-            cleanup.append(runner.cleanup)
-        cleanup.append(lambda: cancel_and_wait(task))
-        return Hooks(p, f"http://127.0.0.1:{ports[0]}{PATH}", f"http://127.0.0.1:{ports[1]}")
+        assert "webhooks" in p.server.rt.extras      # wired by the composition root
+        return Hooks(p, p.url + PATH, p.admin_url)
 
     yield factory
     for fn in reversed(cleanup):
@@ -240,6 +217,8 @@ async def test_body_limit_and_disabled_without_secret(hooks: HooksFactory) -> No
     h = await hooks(stripe={"webhook_secret": ""})
     code, body = await h.send(event("evt_x", "invoice.paid", {}))
     assert code == 503 and body["error"]["type"] == "webhooks_disabled"
+    async with h.p.session.get(h.url) as r:
+        assert r.status == 405 and (await r.json())["error"]["type"] == "method_not_allowed"
 
 
 async def test_oversized_body_is_refused(hooks: HooksFactory) -> None:

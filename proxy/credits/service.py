@@ -9,6 +9,7 @@ at start-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import sqlite3
@@ -142,10 +143,8 @@ class CreditService:
             nxt = self.book.next_expiry(now)
             delay = max_sleep if nxt is None else min(max_sleep, max(0.0, nxt - now))
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
 
     # ---- views ------------------------------------------------------------------------------
 

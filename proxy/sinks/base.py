@@ -51,6 +51,9 @@ class Outcome:
     retry_after: float | None = None    # seconds, when the answer said so
     lock_timeout: bool = False          # a 429 lock (per customer+meter), not a rate limit
     status: int | None = None           # HTTP status seen, if any
+    # the call may have reached Stripe and may still be running there (timeout, dropped
+    # connection): the next call for this customer and meter must wait, or the two overlap
+    ambiguous: bool = False
 
 
 class Sink(Protocol):

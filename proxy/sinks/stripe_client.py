@@ -136,12 +136,15 @@ def translate(exc: BaseException) -> Failed:
     """The one mapping from a failed call to an Outcome (see the module docstring)."""
     if isinstance(exc, stripe.APIConnectionError):
         if isinstance(exc.__cause__, (asyncio.TimeoutError, TimeoutError)):
-            return Failed(Outcome(Kind.RETRY, "timeout waiting for Stripe (no answer)"))
-        return Failed(Outcome(Kind.RETRY, f"connection error: {_short(exc.user_message)}"))
+            return Failed(Outcome(Kind.RETRY, "timeout waiting for Stripe (no answer)",
+                                  ambiguous=True))
+        return Failed(Outcome(Kind.RETRY, f"connection error: {_short(exc.user_message)}",
+                              ambiguous=True))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return Failed(Outcome(Kind.RETRY, "timeout waiting for Stripe"))
+        return Failed(Outcome(Kind.RETRY, "timeout waiting for Stripe", ambiguous=True))
     if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return Failed(Outcome(Kind.RETRY, f"connection error: {type(exc).__name__}: {exc}"))
+        return Failed(Outcome(Kind.RETRY, f"connection error: {type(exc).__name__}: {exc}",
+                              ambiguous=True))
     if not isinstance(exc, stripe.StripeError):
         log.error("unexpected error from the stripe call: %r", exc, exc_info=exc)
         return Failed(Outcome(Kind.RETRY, f"unexpected error: {type(exc).__name__}: {exc}"))

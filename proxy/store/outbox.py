@@ -58,12 +58,14 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
     rows = conn.execute(
         "SELECT customer_id, meter, minute / ? * ? AS w, MAX(minute),"
         " SUM(billable - reported), SUM(covered - reported_covered)"
-        " FROM usage_minute WHERE billable > reported OR covered > reported_covered"
+        " FROM usage_minute INDEXED BY usage_minute_unreported"
+        " WHERE billable > reported OR covered > reported_covered"
         " GROUP BY customer_id, meter, w ORDER BY customer_id, meter, w",
         (WINDOW, WINDOW)).fetchall()
     if not rows:
         return []
-    conn.execute("UPDATE usage_minute SET reported = billable, reported_covered = covered"
+    conn.execute("UPDATE usage_minute INDEXED BY usage_minute_unreported"
+                 " SET reported = billable, reported_covered = covered"
                  " WHERE billable > reported OR covered > reported_covered")
     carry: dict[tuple[str, str, str], int] = {
         (c, m, e): r for c, m, e, r in conn.execute(

@@ -153,6 +153,9 @@ MIGRATIONS: tuple[str, ...] = (
         result TEXT
     );
     CREATE INDEX outbox_timestamp ON outbox(timestamp);
+    -- only rows with usage not yet staged: staging and flush lag never scan history
+    CREATE INDEX usage_minute_unreported ON usage_minute(minute)
+        WHERE billable > reported OR covered > reported_covered;
     ALTER TABLE customers ADD COLUMN enforcement TEXT NOT NULL DEFAULT 'enforce';
     """,
 )

@@ -1,0 +1,60 @@
+"""The flusher against the Stripe double: never two calls at once for one customer and meter,
+even when a call times out while Stripe is still processing it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from proxy.flusher import Flusher
+from proxy.sinks.meter_events import MeterEventsSink
+from proxy.sinks.stripe_client import StripeConnection
+from proxy.store.db import Store
+from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
+
+Q = 1_000_000
+
+
+def _usage(store: Store, customer: str, units: int) -> None:
+    def tx(c: object) -> None:
+        import sqlite3
+        assert isinstance(c, sqlite3.Connection)
+        c.execute("INSERT OR IGNORE INTO customers(id, stripe_customer_id, created_at, updated_at)"
+                  " VALUES (?, ?, 0, 0)", (customer, f"cus_{customer}"))
+        c.execute("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version,"
+                  " quantity, requests, billable) VALUES (?, 'k', 'api_calls', ?, 'v', ?, 1, ?)",
+                  (customer, int(time.time()) // 60 * 60, units * Q, units * Q))
+    store.execute_write(tx)
+
+
+async def test_timeout_while_stripe_still_processes_never_overlaps(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    double = await stripe_double_factory(processing_delay=1.5)
+    double.state.add_meter("api_calls")
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeConnection(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                            timeout=1.0)
+    sink = MeterEventsSink(conn)
+    flusher = Flusher(store, sink, lambda: {"api_calls": ("api_calls", None)}, rate=0,
+                      ambiguous_hold=2.0)
+    try:
+        _usage(store, "a", 3)
+        first = await flusher.flush(force=True)       # times out after 1 s; Stripe finishes at 1.5
+        assert first.retrying == 1 and first.delivered == 0
+        double.state.processing_delay = 0.0           # Stripe recovers
+        again = await flusher.flush(force=True)       # the key is held: no second call
+        assert again.attempted == 0 and again.retrying == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rep = await flusher.flush(force=True)
+            if rep.delivered:
+                break
+            await asyncio.sleep(0.05)
+        assert rep.delivered == 1 and rep.duplicates == 1   # Stripe had it: the resend dedupes
+        assert double.state.concurrency_violations == []
+        assert double.state.totals("cus_a", "api_calls") == 3
+    finally:
+        await flusher.close()
+        store.close()
