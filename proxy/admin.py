@@ -73,12 +73,28 @@ def _refresh_cache(rt: Runtime) -> None:
 async def post_customer(request: web.Request) -> web.Response:
     rt = request.app[RT]
     body = await _json_body(request)
-    unknown = set(body) - {"id", "stripe_customer_id", "overage", "status"}
+    unknown = set(body) - {"id", "stripe_customer_id", "overage", "status", "billing_anchor",
+                           "minimum_commitment"}
     if unknown:
         raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
-    cust, created = rt.store.execute_write(lambda c: keystore.upsert_customer(
-        c, body.get("id"), body.get("stripe_customer_id"), body.get("overage"),
-        body.get("status")))
+    anchor = body.get("billing_anchor")
+    if isinstance(anchor, str):
+        try:
+            anchor = int(parse_time(anchor))
+        except ValueError as exc:
+            raise keystore.InvalidInput("billing_anchor must be an RFC 3339 time") from exc
+
+    def tx(c: Any) -> tuple[keystore.Customer, bool]:
+        cust, created = keystore.upsert_customer(c, body.get("id"), body.get("stripe_customer_id"),
+                                                 body.get("overage"), body.get("status"))
+        if "billing_anchor" in body or "minimum_commitment" in body:
+            keystore.set_billing(c, cust.id, anchor if "billing_anchor" in body
+                                 else cust.billing_anchor,
+                                 body.get("minimum_commitment", cust.minimum_commitment))
+            cust = keystore.get_customer(c, cust.id) or cust
+        return cust, created
+
+    cust, created = rt.store.execute_write(tx)
     _refresh_cache(rt)
     return jok(cust.to_json(), 201 if created else 200)
 

@@ -276,7 +276,8 @@ class Pipeline:
                                 request_json=UNREADABLE, response_body=None, request_bytes=0,
                                 response_bytes=0,
                                 duration_ms=Decimal(int((time.perf_counter() - started) * 1000)))
-                self.record(rid, rule, m, key_id, customer_id, version, "websocket", hold)
+                self.record(rid, rule, m, key_id, customer_id, version, "websocket", hold,
+                            request)
         return server_ws
 
     # ---- shared helpers ------------------------------------------------------------------
@@ -293,7 +294,8 @@ class Pipeline:
         return headers
 
     def record(self, rid: str, rule: Rule, m: Measurement, key_id: str, customer_id: str,
-               version: str, flags: str, hold: Hold | None) -> asyncio.Future[None] | None:
+               version: str, flags: str, hold: Hold | None,
+               request: web.Request | None = None) -> asyncio.Future[None] | None:
         """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
         both to the Store (one transaction). Not billable: the hold is released."""
         if not rule.count_when.matches(m.status):
@@ -327,7 +329,8 @@ class Pipeline:
         if debits and self.watch is not None:
             self.watch.check(customer_id)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items,
-                       debits=debits)
+                       debits=debits, method=request.method if request is not None else "",
+                       path=request.path[:2048] if request is not None else "")
         return self.rt.store.record(row, wait=self.strict and not flags)
 
 
@@ -517,7 +520,7 @@ class _Request:
                         request_bytes=self.request_bytes, response_bytes=response_bytes,
                         duration_ms=Decimal(int(total * 1000)))
         fut = self.p.record(self.rid, rule, m, self.key_id, self.customer_id, self.version,
-                            self.flags, self.hold)
+                            self.flags, self.hold, self.req)
         if fut is not None:
             await fut
 

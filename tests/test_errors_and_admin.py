@@ -171,7 +171,12 @@ async def test_admin_customers_keys_usage_csv_metrics(proxy: Proxy) -> None:
                                 {"id": "acme", "stripe_customer_id": "cus_1", "overage": "block"},
                                 expect=201)
     assert created == {"id": "acme", "stripe_customer_id": "cus_1", "status": "active",
-                       "overage": "block"}
+                       "overage": "block", "billing_anchor": None, "minimum_commitment": 0}
+    anchored = await proxy.admin("POST", "/admin/customers",
+                                 {"id": "acme", "billing_anchor": "2026-01-15T00:00:00Z",
+                                  "minimum_commitment": 5000}, expect=200)
+    assert anchored["billing_anchor"] == "2026-01-15T00:00:00Z"
+    assert anchored["minimum_commitment"] == 5000 and anchored["overage"] == "block"
     again = await proxy.admin("POST", "/admin/customers", {"id": "acme", "overage": "bill"},
                               expect=200)
     assert again["overage"] == "bill" and again["stripe_customer_id"] == "cus_1"

@@ -59,6 +59,8 @@ class UsageRow:
     future: asyncio.Future[None] | None = field(default=None, repr=False)
     # credit debits made when this request settled: (meter, entry); same transaction
     debits: list[tuple[str, Entry]] = field(default_factory=list)
+    method: str = ""
+    path: str = ""
 
 
 # A hook run inside every group-commit transaction, after the usage rows are written
@@ -115,7 +117,8 @@ def _statements(script: str) -> Iterable[str]:
 
 
 _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
-              " status, meter, quantity, credits, billable, flags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+              " status, meter, quantity, credits, billable, flags, method, path)"
+              " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 _DEBIT_SQL = ("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
               " at_ms) VALUES (?,?,?,?,?,?,?)")
 _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
@@ -241,7 +244,7 @@ class Store:
             for it in r.items:
                 audit.append((r.request_id, at_ms, r.customer_id, r.key_id, r.rule,
                               r.rules_version, r.status, it.meter, it.quantity, it.credits,
-                              it.billable, it.flags))
+                              it.billable, it.flags, r.method, r.path))
                 k = (r.customer_id, r.key_id, it.meter, minute, r.rules_version)
                 a = agg.get(k)
                 if a is None:

@@ -32,10 +32,17 @@ class Customer:
     stripe_customer_id: str | None
     status: str
     overage: str
+    billing_anchor: int | None = None      # unix seconds; None = the 1st of the month, UTC
+    minimum_commitment: int = 0            # minor units of the price currency per period
 
     def to_json(self) -> dict[str, Any]:
+        from proxy.timeutil import rfc3339
+
         return {"id": self.id, "stripe_customer_id": self.stripe_customer_id,
-                "status": self.status, "overage": self.overage}
+                "status": self.status, "overage": self.overage,
+                "billing_anchor": rfc3339(self.billing_anchor)
+                if self.billing_anchor is not None else None,
+                "minimum_commitment": self.minimum_commitment}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,19 @@ def _opt_str(value: object, what: str, allowed: tuple[str, ...] | None) -> str |
     return value
 
 
+_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment"
+
+
+def set_billing(conn: sqlite3.Connection, cid: str, anchor: object, minimum: object) -> None:
+    """Billing cycle anchor (unix seconds or None) and minimum commitment (minor units)."""
+    if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, int)):
+        raise InvalidInput("billing_anchor must be a time")
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
+        raise InvalidInput("minimum_commitment must be a non-negative integer of minor units")
+    conn.execute("UPDATE customers SET billing_anchor=?, minimum_commitment=? WHERE id=?",
+                 (anchor, minimum, cid))
+
+
 def upsert_customer(conn: sqlite3.Connection, cid: object, stripe_customer_id: object,
                     overage: object, status: object) -> tuple[Customer, bool]:
     """Create or update; returns (customer, created). Arguments come straight from JSON."""
@@ -78,24 +98,22 @@ def upsert_customer(conn: sqlite3.Connection, cid: object, stripe_customer_id: o
         conn.execute("INSERT INTO customers(id, stripe_customer_id, status, overage, created_at,"
                      " updated_at) VALUES (?,?,?,?,?,?)",
                      (cid, stripe_customer_id, status or "active", overage or "bill", now, now))
-        return Customer(cid, stripe_customer_id, status or "active", overage or "bill"), True
+        return get_customer(conn, cid) or Customer(cid, None, "active", "bill"), True
     scid = stripe_customer_id if stripe_customer_id is not None else row[0]
     st = status or row[1]
     ov = overage or row[2]
     conn.execute("UPDATE customers SET stripe_customer_id=?, status=?, overage=?, updated_at=?"
                  " WHERE id=?", (scid, st, ov, now, cid))
-    return Customer(cid, scid, st, ov), False
+    return get_customer(conn, cid) or Customer(cid, scid, st, ov), False
 
 
 def get_customer(conn: sqlite3.Connection, cid: str) -> Customer | None:
-    row = conn.execute("SELECT id, stripe_customer_id, status, overage FROM customers WHERE id=?",
-                       (cid,)).fetchone()
+    row = conn.execute(f"SELECT {_COLS} FROM customers WHERE id=?", (cid,)).fetchone()
     return Customer(*row) if row else None
 
 
 def list_customers(conn: sqlite3.Connection) -> list[Customer]:
-    return [Customer(*r) for r in conn.execute(
-        "SELECT id, stripe_customer_id, status, overage FROM customers ORDER BY id")]
+    return [Customer(*r) for r in conn.execute(f"SELECT {_COLS} FROM customers ORDER BY id")]
 
 
 def create_key(conn: sqlite3.Connection, customer_id: str, name: str = "") -> dict[str, Any]:

@@ -158,4 +158,16 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE billable > reported OR covered > reported_covered;
     ALTER TABLE customers ADD COLUMN enforcement TEXT NOT NULL DEFAULT 'enforce';
     """,
+    # 4: billing periods, request identity in the audit, every rules version kept for disputes
+    """
+    ALTER TABLE customers ADD COLUMN billing_anchor INTEGER;
+    ALTER TABLE customers ADD COLUMN minimum_commitment INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE audit ADD COLUMN method TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit ADD COLUMN path TEXT NOT NULL DEFAULT '';
+    CREATE TABLE rules_versions (
+        version TEXT PRIMARY KEY,
+        first_loaded_at INTEGER NOT NULL,
+        files TEXT NOT NULL
+    );
+    """,
 )

@@ -1,0 +1,45 @@
+"""Billing periods (anchored monthly, like Stripe) and the linear projection."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.periods import day_starts, period_bounds, project
+
+
+def ts(*a: int) -> int:
+    return int(datetime(*a, tzinfo=UTC).timestamp())
+
+
+def test_default_is_calendar_month() -> None:
+    assert period_bounds(None, ts(2026, 11, 24, 12)) == (ts(2026, 11, 1), ts(2026, 12, 1))
+    assert period_bounds(None, ts(2026, 12, 31, 23)) == (ts(2026, 12, 1), ts(2027, 1, 1))
+
+
+def test_anchor_on_31st_clamps_to_short_months() -> None:
+    anchor = ts(2026, 1, 31, 9)
+    assert period_bounds(anchor, ts(2026, 2, 10)) == (ts(2026, 1, 31, 9), ts(2026, 2, 28, 9))
+    assert period_bounds(anchor, ts(2026, 3, 1)) == (ts(2026, 2, 28, 9), ts(2026, 3, 31, 9))
+    assert period_bounds(anchor, ts(2026, 3, 31, 9)) == (ts(2026, 3, 31, 9), ts(2026, 4, 30, 9))
+
+
+@given(st.integers(0, 2_000_000_000), st.integers(0, 2_000_000_000))
+def test_period_contains_now(anchor: int, now: int) -> None:
+    start, end = period_bounds(anchor, now)
+    assert start <= now < end
+    assert 27 * 86400 <= end - start <= 31 * 86400
+
+
+def test_projection_is_linear_on_trailing_week() -> None:
+    # 700 units in the last 7 days = 100/day; 10 days left -> +1000
+    assert project(2_000, 700, now=0, period_end=10 * 86400) == 3_000
+    assert project(5, 0, now=0, period_end=86400) == 5
+    assert project(5, 700, now=100, period_end=50) == 5
+
+
+def test_day_starts() -> None:
+    days = day_starts(ts(2026, 11, 24, 15), 3)
+    assert days == [ts(2026, 11, 22), ts(2026, 11, 23), ts(2026, 11, 24)]
