@@ -1,8 +1,10 @@
 """Rule files -> :class:`RuleSet`, or every problem with ``file:line:col``.
 
 Owns: reading and validating ``rules/*.yaml`` (SPEC section 3): the schema, meter
-references, path templates, quantity sources, presets, transforms, count_when,
-duplicate names and rules shadowed by an earlier catch-all.
+prices (a ``price:`` mapping in Stripe's Price field names, checked by
+:mod:`proxy.pricing`, and/or a ``price_id``), meter references, path templates,
+quantity sources, presets, transforms, count_when, duplicate names and rules shadowed
+by an earlier catch-all.
 
 Invariants:
 - Validation never stops at the first problem: each file, rule and usage is checked
@@ -26,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
+from proxy.pricing import Price, price_issues
 from proxy.rules.matcher import Matcher, Template, TemplateError, compile_glob, compile_template
 from proxy.rules.model import (
     DEFAULT_COUNT_WHEN,
@@ -49,7 +52,7 @@ from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml
 __all__ = ["check_rules", "cli_check", "load_rules"]
 
 TOP_KEYS = ("version", "meters", "rules", "count_when")
-METER_KEYS = ("stripe_event_name", "covered_event_name", "description")
+METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "price", "price_id")
 RULE_KEYS = ("name", "match", "auth", "usage", "count_when", "description")
 MATCH_KEYS = ("methods", "path", "params", "headers", "query")
 USAGE_KEYS = ("meter", "quantity", "preset", "credits", "estimate", "transform", "on_unreadable")
@@ -560,10 +563,26 @@ def _meter(f: _File, path: KeyPath, name: str, value: object) -> Meter | None:
     desc = m.get("description")
     if desc is not None and not isinstance(desc, str):
         f.at_value((*path, "description"), "description must be a string")
+    price_id = f.string((*path, "price_id"), m["price_id"], "price_id") \
+        if "price_id" in m else None
+    price = _price(f, (*path, "price"), m["price"]) if "price" in m else None
     if len(f.problems) != before or event is None:
         return None
     return Meter(name, event, covered if isinstance(covered, str) else None,
-                 desc if isinstance(desc, str) else None)
+                 desc if isinstance(desc, str) else None,
+                 price.with_id(price_id) if price is not None else None, price_id)
+
+
+def _price(f: _File, path: KeyPath, value: object) -> Price | None:
+    """A meter's ``price:`` (Stripe's Price field names), every issue at its position."""
+    price, issues = price_issues(value, strict=True)
+    for issue in issues:
+        where = (*path, *issue.path)
+        if issue.at_key:
+            f.at_key(where, issue.message)
+        else:
+            f.at_value(where, issue.message)
+    return price
 
 
 def _meters(f: _File, value: object, st: _State) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
+from proxy.pricing import Price
 from proxy.rules.matcher import Matcher, MatchIndex
 from proxy.rules.sse import Probe, ResponseInspector, new_inspector
 
@@ -66,10 +67,15 @@ class RulesError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Meter:
+    """A Stripe meter. ``price``: the rules file's own Price (Stripe's field names,
+    validated at load); ``price_id``: the Stripe Price to fetch (it wins when fetched)."""
+
     name: str
     stripe_event_name: str
     covered_event_name: str | None = None
     description: str | None = None
+    price: Price | None = None
+    price_id: str | None = None
 
 
 class SourceKind(enum.Enum):
