@@ -19,10 +19,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
+from proxy.exports import stream_export
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
-from proxy.timeutil import month_start, next_month_start, parse_time, rfc3339
+from proxy.timeutil import month_start, parse_time, rfc3339
 from proxy.units import fmt_micro
+from proxy.usage_report import customer_report
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RT = web.AppKey("runtime", Runtime)
@@ -109,14 +111,13 @@ async def get_customer(request: web.Request) -> web.Response:
     cust = keystore.get_customer(rt.store.conn, cid)
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
-    now = time.time()
-    start, end = month_start(now), next_month_start(now)
-    usage = await usage_totals(request.app[READER], cid, start, end)
+    report = await customer_report(request.app[READER], rt.rules, rt.prices(), cust,
+                                   rt.extras.get("credits"))
     out = cust.to_json()
-    out["period"] = {"start": rfc3339(start), "end": rfc3339(end)}
-    out["usage"] = {m: fmt_micro(v["quantity"]) for m, v in usage.items()}
-    out["usage_detail"] = {m: {k: fmt_micro(x) if k != "requests" else x for k, x in v.items()}
-                           for m, v in usage.items()}
+    out["period"] = report["period"]
+    # SPEC shape: quantity this period per meter (only meters with usage)
+    out["usage"] = {m: v["quantity"] for m, v in report["meters"].items() if v["requests"]}
+    out["billing"] = {k: report[k] for k in ("currency", "meters", "total", "prices")}
     out["keys"] = keystore.list_keys(rt.store.conn, cid)
     extra = rt.extras.get("customer_detail")
     if extra is not None:
@@ -189,40 +190,20 @@ async def get_usage(request: web.Request) -> web.Response:
                 "meters": {m: fmt_micro(v["quantity"]) for m, v in totals.items()}})
 
 
-_CSV_HEAD = "time,request_id,customer_id,key_id,rule,rules_version,status,meter,quantity,credits," \
-            "billable,flags\r\n"
-
-
-def _csv_field(v: str) -> str:
-    if any(c in v for c in ',"\r\n'):
-        return '"' + v.replace('"', '""') + '"'
-    return v
-
-
 async def get_usage_csv(request: web.Request) -> web.StreamResponse:
-    cid = request.match_info["id"]
     start, end = _range(request)
-    resp = web.StreamResponse(headers={
-        "Content-Type": "text/csv; charset=utf-8",
-        "Content-Disposition": f'attachment; filename="{cid}-usage.csv"'})
-    await resp.prepare(request)
-    await resp.write(_CSV_HEAD.encode())
-    db = request.app[READER]
-    async with db.execute(
-        "SELECT at_ms, request_id, customer_id, key_id, rule, rules_version, status, meter,"
-        " quantity, credits, billable, flags FROM audit WHERE customer_id=? AND at_ms>=?"
-        " AND at_ms<? ORDER BY at_ms, seq", (cid, int(start * 1000), int(end * 1000)),
-    ) as cur:
-        while rows := await cur.fetchmany(500):
-            lines = []
-            for at_ms, rid, c, k, rule, ver, st, meter, q, cr, b, flags in rows:
-                t = rfc3339(at_ms / 1000)[:-1] + f".{at_ms % 1000:03d}Z"
-                lines.append(",".join((t, _csv_field(rid), _csv_field(c), k, _csv_field(rule),
-                                       ver, str(st), _csv_field(meter), fmt_micro(q),
-                                       fmt_micro(cr), fmt_micro(b), _csv_field(flags))))
-            await resp.write(("\r\n".join(lines) + "\r\n").encode())
-    await resp.write_eof()
-    return resp
+    return await stream_export(request, request.app[READER], request.match_info["id"], start,
+                               end, "csv")
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """Individual metered requests for disputes: ``?format=csv|json&from=&to=``."""
+    fmt = request.query.get("format", "json")
+    if fmt not in ("csv", "json"):
+        raise keystore.InvalidInput("format is csv or json")
+    start, end = _range(request)
+    return await stream_export(request, request.app[READER], request.match_info["id"], start,
+                               end, fmt)
 
 
 # ---- health and metrics -----------------------------------------------------------------
@@ -276,6 +257,7 @@ def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
         web.delete("/admin/keys/{key_id}", delete_key),
         web.get("/admin/customers/{id}/usage", get_usage),
         web.get("/admin/customers/{id}/usage.csv", get_usage_csv),
+        web.get("/admin/customers/{id}/events", get_events),
         web.get("/admin/rules", rules_info),
         web.get("/metrics", metrics_endpoint),
         web.get("/healthz", healthz),

@@ -34,11 +34,13 @@ from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
 from proxy.admin_webhooks import WEBHOOKS, webhook_routes
 from proxy.alerts import AlertSender
 from proxy.config import Config, split_hostport
+from proxy.consumer import ConsumerApi
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
+from proxy.pricing import PriceCache
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
@@ -101,6 +103,16 @@ def load_ruleset(cfg: Config) -> RuleSet:
     return load_rules(cfg.rule_paths())
 
 
+def remember_rules(store: Store, rules: RuleSet) -> None:
+    """Keep the text of every rules version that ever priced a request (for explain)."""
+    import orjson
+
+    files = orjson.dumps([{"file": f, "text": t} for f, t in rules.sources]).decode()
+    store.execute_write(lambda c: c.execute(
+        "INSERT OR IGNORE INTO rules_versions(version, first_loaded_at, files) VALUES (?,?,?)",
+        (rules.version, int(time.time()), files)))
+
+
 async def start(cfg: Config) -> Server:
     """Open every resource and start listening. The caller owns ``shutdown()``."""
     rules = load_ruleset(cfg)
@@ -109,6 +121,7 @@ async def start(cfg: Config) -> Server:
     store = Store.open(cfg.db_path(), synchronous=st.synchronous, durability=st.durability,
                        commit_interval=st.commit_interval, fail_mode=st.fail_mode,
                        max_pending_rows=st.max_pending_rows)
+    remember_rules(store, rules)
     keys = KeyCache()
     keys.reload(store.conn)
     reader = await aiosqlite.connect(str(cfg.db_path()))
@@ -155,6 +168,7 @@ async def start(cfg: Config) -> Server:
     server.on_stop.append(alerts.close)
     rt.extras["alerts"] = alerts
     server.tasks.append(spawn("webhooks", webhooks.run()))
+    server.tasks.append(spawn("prices", _keep_prices(rt)))
     rt.extras["webhooks"] = webhooks
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
@@ -169,6 +183,7 @@ async def start(cfg: Config) -> Server:
                 cfg.stripe.reconcile_interval, cfg.stripe.reconcile_grace)))
         server.on_stop.append(reconciler.stripe.close)
     rt.extras["pipeline"] = pipeline
+    ConsumerApi(pipeline, reader).mount()
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
              st.durability)
@@ -253,6 +268,7 @@ def reload_rules(rt: Runtime) -> bool:
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)
         log.info("rules reloaded: %s -> %s", rt.rules.version, new.version)
+        remember_rules(rt.store, new)
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
@@ -278,6 +294,28 @@ async def _watch_rules(rt: Runtime, interval: float = 1.0) -> None:
         if now != stamp:
             stamp = now
             reload_rules(rt)
+
+
+async def _keep_prices(rt: Runtime) -> None:
+    """Fetch the Stripe Prices the rules name by ``price_id`` and refresh them every
+    ``stripe.price_refresh``; a rules reload that names other ids gets a new cache."""
+    scfg = rt.cfg.stripe
+    if not scfg.api_key:
+        return
+    conn = stripe_connect(scfg)
+    try:
+        while True:
+            ids = sorted({m.price_id for m in rt.rules.meters.values() if m.price_id})
+            cache = rt.price_cache
+            if cache is None or list(cache.price_ids) != ids:
+                cache = PriceCache.for_stripe(conn, ids, scfg.price_refresh)
+                await cache.refresh()
+                rt.price_cache = cache
+            elif cache.stale():
+                await cache.refresh()
+            await asyncio.sleep(5.0)
+    finally:
+        await conn.close()
 
 
 async def _refresh_keys(rt: Runtime) -> None:

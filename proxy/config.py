@@ -115,6 +115,7 @@ class StripeConfig(_Model):
     reconcile_interval: Duration = 0.0
     reconcile_grace: Duration = 7200.0
     reconcile_alert_threshold: float = Field(default=0.01, ge=0, le=1)
+    price_refresh: Duration = 3600.0
 
 
     @model_validator(mode="after")

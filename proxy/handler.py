@@ -99,7 +99,7 @@ class Pipeline:
         rule_name = rule.name if rule is not None else "(unmatched)"
         key_id = customer_id = ""
         if rule is None or rule.auth == "required":
-            denied, key_id, customer_id = self._authenticate(request, rid)
+            denied, key_id, customer_id = self.authenticate(request, rid)
             if denied is not None:
                 self._count(rule_name, denied.status)
                 return denied
@@ -200,7 +200,7 @@ class Pipeline:
 
     # ---- authentication ------------------------------------------------------------
 
-    def _authenticate(self, request: web.Request,
+    def authenticate(self, request: web.Request,
                       rid: str) -> tuple[web.Response | None, str, str]:
         raw = self._extract_key(request)
         if raw is None:

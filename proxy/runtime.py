@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config
+from proxy.pricing import Price, PriceCache, meter_prices
 from proxy.rules import RuleSet
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
@@ -28,3 +29,9 @@ class Runtime:
     upstream: Upstream
     rules_error: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    price_cache: PriceCache | None = None
+
+    def prices(self) -> dict[str, Price]:
+        """Each priced meter's Price: Stripe's (fetched for ``price_id``) when cached, else
+        the rules file's."""
+        return meter_prices(self.rules.meters, self.price_cache)

@@ -683,6 +683,7 @@ def _parse(name: str, raw: bytes, st: _State) -> _File | None:
 def _load(paths: Sequence[Path]) -> tuple[list[Problem], RuleSet | None]:
     st = _State()
     digest = hashlib.sha256()
+    sources: list[tuple[str, str]] = []
     if not paths:
         st.problems.append(Problem("<rules>", 1, 1, "no rules files given"))
     for p in paths:
@@ -690,6 +691,7 @@ def _load(paths: Sequence[Path]) -> tuple[list[Problem], RuleSet | None]:
         if raw is None:
             continue
         digest.update(raw)
+        sources.append((str(Path(p)), raw.decode("utf-8", errors="replace")))
         f = _parse(str(Path(p)), raw, st)
         if f is not None:
             _file(f, st)
@@ -697,7 +699,8 @@ def _load(paths: Sequence[Path]) -> tuple[list[Problem], RuleSet | None]:
     if st.problems:
         return sorted(st.problems, key=_order(paths)), None
     rules = tuple(e.rule for e in st.entries if e.rule is not None)
-    return [], RuleSet(version=digest.hexdigest()[:16], meters=dict(st.meters), rules=rules)
+    return [], RuleSet(version=digest.hexdigest()[:16], meters=dict(st.meters), rules=rules,
+                       sources=tuple(sources))
 
 
 def _order(paths: Sequence[Path]) -> _ProblemOrder:

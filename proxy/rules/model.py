@@ -229,6 +229,9 @@ class RuleSet:
     version: str
     meters: Mapping[str, Meter]
     rules: tuple[Rule, ...]
+    # (file name, text) of every file, in order: kept per version so a dispute can be
+    # explained with the exact rules that priced a request
+    sources: tuple[tuple[str, str], ...] = ()
     _index: MatchIndex[Rule] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,89 @@
+"""What API consumers see on the public port, under the reserved prefix (``/_meter`` by
+default), authenticated with their own API key:
+
+  GET /_meter/              the usage page (static HTML + inline JS, no CDN, no build step)
+  GET /_meter/usage         current period per meter, cost so far, projection, credits,
+                            90-day daily history, the prices in effect (``usage_report``)
+  GET /_meter/events.csv    their own metered requests for ?from=&to= (default: this period)
+  GET /_meter/events.json   the same as JSON
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.exports import stream_export
+from proxy.handler import Pipeline, error_response
+from proxy.periods import period_bounds
+from proxy.timeutil import parse_time
+from proxy.usage_report import customer_report
+
+_PAGE: bytes | None = None
+
+
+def _page() -> bytes:
+    global _PAGE
+    if _PAGE is None:
+        _PAGE = resources.files("proxy.static").joinpath("usage.html").read_bytes()
+    return _PAGE
+
+
+class ConsumerApi:
+    def __init__(self, pipeline: Pipeline, reader: Any) -> None:
+        self.p = pipeline
+        self.reader = reader
+
+    def mount(self) -> None:
+        h = self.p.reserved_handlers
+        h["/"] = h[""] = self.page
+        h["/usage"] = self.usage
+        h["/events.csv"] = self.events_csv
+        h["/events.json"] = self.events_json
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(body=_page(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-store",
+                                     "Content-Security-Policy":
+                                         "default-src 'self'; script-src 'unsafe-inline';"
+                                         " style-src 'unsafe-inline'; img-src 'self' data:"})
+
+    def _who(self, request: web.Request) -> tuple[web.Response | None, str]:
+        rid = request.headers.get("X-Request-Id", "")
+        denied, _key_id, customer_id = self.p.authenticate(request, rid)
+        return denied, customer_id
+
+    async def usage(self, request: web.Request) -> web.Response:
+        denied, cid = self._who(request)
+        if denied is not None:
+            return denied
+        rt = self.p.rt
+        cust = rt.keys.customers[cid]
+        report = await customer_report(self.reader, rt.rules, rt.prices(), cust,
+                                       rt.extras.get("credits"))
+        return web.Response(body=orjson.dumps(report), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
+
+    async def _events(self, request: web.Request, fmt: str) -> web.StreamResponse:
+        denied, cid = self._who(request)
+        if denied is not None:
+            return denied
+        cust = self.p.rt.keys.customers[cid]
+        start, end = period_bounds(cust.billing_anchor, time.time())
+        try:
+            s = parse_time(request.query["from"]) if "from" in request.query else start
+            e = parse_time(request.query["to"]) if "to" in request.query else end
+        except ValueError:
+            return error_response(400, "invalid_request",
+                                  "from/to must be RFC 3339 times, dates or unix seconds")
+        return await stream_export(request, self.reader, cid, s, e, fmt)
+
+    async def events_csv(self, request: web.Request) -> web.StreamResponse:
+        return await self._events(request, "csv")
+
+    async def events_json(self, request: web.Request) -> web.StreamResponse:
+        return await self._events(request, "json")
