@@ -48,6 +48,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         got = request.headers.get("Authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
             return jerror(401, "unauthorized", "A valid admin token is required.")
+    # every admin read sees every committed usage row (strict mode journals them first)
+    request.app[RT].store.try_materialize()
     try:
         return await handler(request)
     except keystore.InvalidInput as exc:

@@ -174,6 +174,7 @@ async def start(cfg: Config) -> Server:
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
     server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever()))
+    server.tasks.append(spawn("journal", store.materialize_forever()))
     server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))

@@ -63,6 +63,7 @@ class ConsumerApi:
             return denied
         rt = self.p.rt
         cust = rt.keys.customers[cid]
+        rt.store.try_materialize()
         report = await customer_report(self.reader, rt.rules, rt.prices(), cust,
                                        rt.extras.get("credits"))
         return web.Response(body=orjson.dumps(report), content_type="application/json",
@@ -80,6 +81,7 @@ class ConsumerApi:
         except ValueError:
             return error_response(400, "invalid_request",
                                   "from/to must be RFC 3339 times, dates or unix seconds")
+        self.p.rt.store.try_materialize()
         return await stream_export(request, self.reader, cid, s, e, fmt)
 
     async def events_csv(self, request: web.Request) -> web.StreamResponse:

@@ -166,7 +166,9 @@ class Flusher:
         backoff schedule; the circuit breaker still applies). Flushes never overlap."""
         async with self._lock:
             report = FlushReport()
-            # 1-2: staging is one transaction on the one write connection
+            # 1: every committed usage row is in the ledger tables before staging reads them
+            self.store.materialize()
+            # 2: staging is one transaction on the one write connection
             staged = self.store.execute_write(lambda c: outbox.stage(c, self.event_names()))
             report.staged = len(staged)
             await self._deliver(report, force)

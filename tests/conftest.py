@@ -155,6 +155,7 @@ class Proxy:
         return str(created["key"])
 
     def db(self) -> sqlite3.Connection:
+        self.server.rt.store.materialize()   # strict mode journals rows first
         return sqlite3.connect(str(self.tmp / "meter.db"))
 
     def ledger_totals(self) -> dict[tuple[str, str], int]:

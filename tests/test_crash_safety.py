@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.store.db import Store
 from tests.conftest import ADMIN_TOKEN, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,14 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
             proc.kill()
             proc.wait()
     assert killed_at > 300 and len(received) > killed_at + 300
+    # the last run was killed too: its journaled rows are recovered when the file is opened
+    with sqlite3.connect(tmp_path / "meter.db") as raw:
+        (journaled,) = raw.execute("SELECT COUNT(*) FROM journal").fetchone()
+    store = Store.open(tmp_path / "meter.db")
+    store.close()
     db = sqlite3.connect(tmp_path / "meter.db")
+    assert db.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
+    print(f"rows recovered from the journal after the last kill: {journaled}")
     ids = [r[0] for r in db.execute("SELECT request_id FROM audit WHERE meter IN "
                                     "('api_calls', 'units')")]
     assert len(ids) == len(set(ids)), "a request was recorded twice"

@@ -8,8 +8,13 @@ Invariants
    the loop can interleave with a transaction.
 2. ``record()`` never blocks and never touches the disk: it appends to ``_pending``.
    In ``strict`` durability a commit is scheduled with ``call_soon`` the moment rows are
-   waiting and no commit is running, so a request waits for about one commit. In
-   ``batched`` a commit runs every ``commit_interval``.
+   waiting and no commit is running, so a request waits for about one commit. That commit
+   is the cheapest durable write SQLite offers: one append per row to the index-free
+   ``journal`` table. ``materialize()`` (every ``MATERIALIZE_INTERVAL``, before every flush
+   and every read of usage, at start-up and at shutdown) moves journal rows into ``audit``,
+   ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
+   counted exactly once whether the process dies before, during or after it. In
+   ``batched`` a commit runs every ``commit_interval`` and writes the tables directly.
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
    puts its rows back at the front of ``_pending``. ``fail_mode: closed`` fails the
    waiting requests (they answer 503 / abort, the row itself is kept and retried);
@@ -23,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+
+import orjson
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +42,9 @@ from proxy.errors import MeteringUnavailable, StorageError
 from proxy.store.schema import MIGRATIONS
 
 log = logging.getLogger("meterproxy.store")
+
+MATERIALIZE_INTERVAL = 0.1
+_MATERIALIZE_BATCH = 20_000
 
 
 @dataclass(slots=True)
@@ -61,6 +71,20 @@ class UsageRow:
     debits: list[tuple[str, Entry]] = field(default_factory=list)
     method: str = ""
     path: str = ""
+
+
+def encode_row(r: UsageRow) -> bytes:
+    return orjson.dumps((r.request_id, r.at, r.customer_id, r.key_id, r.rule, r.rules_version,
+                         r.status, r.method, r.path,
+                         [(i.meter, i.quantity, i.credits, i.billable, i.flags) for i in r.items],
+                         [(m, e.grant_id, e.kind, e.amount) for m, e in r.debits]))
+
+
+def decode_row(blob: bytes) -> UsageRow:
+    rid, at, cid, kid, rule, ver, status, method, path, items, debits = orjson.loads(blob)
+    return UsageRow(rid, at, cid, kid, rule, ver, status, [UsageItem(*i) for i in items],
+                    debits=[(m, Entry(g, k, a)) for m, g, k, a in debits], method=method,
+                    path=path)
 
 
 # A hook run inside every group-commit transaction, after the usage rows are written
@@ -150,6 +174,7 @@ class Store:
         self._idle = asyncio.Event()
         self._idle.set()
         self.path: Path | None = None
+        self._journaled = 1     # unknown until the first materialize (recovery at open)
 
     @classmethod
     def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
@@ -165,7 +190,53 @@ class Store:
         store = cls(conn, durability=durability, commit_interval=commit_interval,
                     fail_mode=fail_mode, max_pending_rows=max_pending_rows)
         store.path = path
+        recovered = store.materialize()     # rows a killed process left in the journal
+        if recovered:
+            log.info("recovered %d journaled usage rows", recovered)
         return store
+
+    # ---- the journal -> tables ------------------------------------------------------
+
+    def materialize(self) -> int:
+        """Move every journaled row into the ledger tables; returns how many. Each batch is
+        one transaction: the rows are written and deleted from the journal atomically."""
+        moved = 0
+        conn = self.conn
+        if self._journaled == 0:
+            return 0        # nothing journaled since the last run
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                batch = conn.execute("SELECT seq, row FROM journal ORDER BY seq LIMIT ?",
+                                     (_MATERIALIZE_BATCH,)).fetchall()
+                if not batch:
+                    conn.execute("COMMIT")
+                    self._journaled = 0
+                    return moved
+                self._apply(conn, [decode_row(b) for _, b in batch])
+                conn.execute("DELETE FROM journal WHERE seq <= ?", (batch[-1][0],))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            moved += len(batch)
+
+    def try_materialize(self) -> bool:
+        """``materialize`` for readers: a storage failure is logged, not raised (the rows
+        stay journaled; the read just lags)."""
+        try:
+            self.materialize()
+        except sqlite3.Error as exc:
+            log.warning("materializing the journal failed (will retry): %s", exc)
+            return False
+        return True
+
+    async def materialize_forever(self, interval: float = MATERIALIZE_INTERVAL) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._journaled:
+                self.try_materialize()
 
     async def checkpoint_forever(self, interval: float = 1.0) -> None:
         """Copy the WAL back into the database file from a worker thread, so a commit on the
@@ -232,6 +303,27 @@ class Store:
             self._idle.set()
 
     def _write(self, rows: Sequence[UsageRow]) -> None:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.durability == "strict":
+                conn.executemany("INSERT INTO journal(row) VALUES (?)",
+                                 [(encode_row(r),) for r in rows])
+            else:
+                self._apply(conn, rows)
+            for hook in self._hooks:
+                hook(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if self.durability == "strict":
+            self._journaled += len(rows)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, rows: Sequence[UsageRow]) -> None:
+        """Write rows into audit, usage_minute and credit_entries (caller owns the tx)."""
         audit: list[tuple[Any, ...]] = []
         debits: list[tuple[Any, ...]] = []
         agg: dict[tuple[str, str, str, int, str], list[int]] = {}
@@ -254,20 +346,10 @@ class Store:
                     a[1] += 1
                     a[2] += it.billable
                     a[3] += it.quantity - it.billable
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(_AUDIT_SQL, audit)
-            conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
-            if debits:
-                conn.executemany(_DEBIT_SQL, debits)
-            for hook in self._hooks:
-                hook(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        conn.executemany(_AUDIT_SQL, audit)
+        conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
+        if debits:
+            conn.executemany(_DEBIT_SQL, debits)
 
     def _on_success(self, rows: Sequence[UsageRow], seconds: float) -> None:
         if not self.healthy:
@@ -317,6 +399,7 @@ class Store:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
+        self.materialize()
         return True
 
     def commit_pending(self) -> None:
@@ -343,6 +426,10 @@ class Store:
     def close(self) -> None:
         self.commit_pending()
         self._closed = True
+        try:
+            self.materialize()
+        except sqlite3.Error as exc:
+            log.warning("final materialize failed; the journal keeps the rows: %s", exc)
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:

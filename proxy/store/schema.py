@@ -170,4 +170,9 @@ MIGRATIONS: tuple[str, ...] = (
         files TEXT NOT NULL
     );
     """,
+    # 5: the strict-durability journal: one cheap append per group commit; rows move into
+    # audit / usage_minute / credit_entries in batches (Store.materialize)
+    """
+    CREATE TABLE journal (seq INTEGER PRIMARY KEY, row BLOB NOT NULL);
+    """,
 )
