@@ -1,4 +1,5 @@
-"""Command line: ``meterproxy serve|demo|rules check|customers|keys|usage|flush|reconcile``.
+"""Command line: ``meterproxy serve|demo|rules check|customers|keys|usage|flush|reconcile|
+explain|simulate``.
 
 Operator commands work directly on the database named by the config file (or ``--db``),
 through the same store functions the admin API uses; a running proxy notices their
@@ -14,13 +15,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from proxy.errors import ConfigError, StorageError
 from proxy.store import keys as keystore
 from proxy.store.db import connect
+
+if TYPE_CHECKING:
+    from proxy.rules import RuleSet
 
 
 def _print(data: Any) -> None:
@@ -166,6 +170,74 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Which rule and rules version priced a request, and why (exit 1: unknown id)."""
+    from proxy import explain
+
+    conn = _db(args)
+    found = explain.explain(conn, args.request_id)
+    if args.format == "json":
+        _print(found if len(found) > 1 else found[0])
+    else:
+        sys.stdout.write(explain.render_text(found))
+    return 0
+
+
+def _configured_rules(args: argparse.Namespace,
+                      conn: sqlite3.Connection) -> tuple[RuleSet, str]:
+    """The "old" rules of a simulation: the rules configured in --config; with --db and no
+    readable config, the newest rules version this database recorded."""
+    from proxy import config
+    from proxy.explain import stored_version
+    from proxy.rules import load_rules
+
+    try:
+        cfg = config.load(args.config)
+    except ConfigError:
+        if not args.db:
+            raise
+    else:
+        paths = cfg.rule_paths()
+        return load_rules(paths), "configured: " + ", ".join(str(p) for p in paths)
+    row = conn.execute("SELECT version FROM rules_versions ORDER BY first_loaded_at DESC,"
+                       " rowid DESC LIMIT 1").fetchone()
+    if row is None:
+        raise LookupError("no --config to read the current rules from, and the database has "
+                          "no recorded rules version")
+    sv = stored_version(conn, row[0])
+    if sv.rules is None:
+        raise LookupError(f"rules version {row[0]}: {sv.problem}")
+    return sv.rules, f"newest version recorded in {args.db} (no readable --config)"
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Exit 0: report printed; 2: a rules file does not load; 1: error."""
+    from proxy import simulate
+    from proxy.rules import RulesError, load_rules
+    from proxy.timeutil import month_start, parse_time
+
+    try:
+        start = parse_time(args.from_) if args.from_ else month_start(time.time())
+        end = parse_time(args.to) if args.to else time.time()
+    except ValueError as exc:
+        sys.stderr.write(f"meterproxy: --from/--to: {exc}\n")
+        return 2
+    conn = _db(args)
+    try:
+        new = load_rules([Path(p) for p in args.rules])
+        old, old_label = _configured_rules(args, conn)
+    except RulesError as exc:
+        sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
+        return 2
+    sim = simulate.run(conn, old, new, start, end, args.customer)
+    report = simulate.to_json(sim, start, end, old_label, ", ".join(args.rules))
+    if args.format == "json":
+        _print(report)
+    else:
+        sys.stdout.write(simulate.render_table(report))
+    return 0
+
+
 def _admin_call(args: argparse.Namespace, method: str, path: str,
                 body: dict[str, Any] | None = None) -> Any:
     """Call the running proxy's admin API (address and token from the config file).
@@ -303,6 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--format", choices=["table", "json"], default="table")
     rec.add_argument("--all", action="store_true", help="table: every hour, not only discrepancies")
     rec.set_defaults(fn=cmd_reconcile)
+
+    ex = with_db(sub.add_parser("explain", help="which rule and rules version priced a request,"
+                                " and why"))
+    ex.add_argument("request_id")
+    ex.add_argument("--format", choices=["text", "json"], default="text")
+    ex.set_defaults(fn=cmd_explain)
+
+    si = with_db(sub.add_parser("simulate", help="re-rate recorded requests through candidate"
+                                " rules: old vs new charges per customer"))
+    si.add_argument("--rules", nargs="+", required=True, metavar="NEW.yaml",
+                    help="the candidate rules file(s)")
+    si.add_argument("--from", dest="from_", help="RFC 3339, date or unix seconds"
+                    " (default: start of this month)")
+    si.add_argument("--to", help="default: now")
+    si.add_argument("--customer", action="append", help="only this customer (repeatable)")
+    si.add_argument("--format", choices=["table", "json"], default="table")
+    si.set_defaults(fn=cmd_simulate)
     return p
 
 

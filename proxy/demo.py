@@ -68,11 +68,16 @@ meterproxy demo is running.
   public port : {u}      (proxying the example API)
   admin port  : {a}      (admin token: {token})
   demo key    : {key}
+  usage page  : {u}/_meter/#key={key}
+
+The demo customer starts with 5 prepaid credits; responses carry X-Credits-Remaining.
+Once the credits are spent, usage is billed as overage: the dry-run Stripe sink logs the
+meter events it would send every 15 s.
 
 Try these (each line says what it costs under rules/example.yaml):
 
-  # 1 api_calls unit, 1 credit
-  curl -s {h} {u}/v1/items
+  # 1 api_calls unit, 1 credit (-i shows X-Credits-Remaining)
+  curl -si {h} {u}/v1/items
 
   # 42 llm_tokens (12 prompt + 30 completion) = 0.042 credits, plus 1 api_calls unit
   curl -s {h} {u}/v1/chat/completions -d '{{"prompt_tokens": 12, "completion_tokens": 30}}'
@@ -96,7 +101,7 @@ Then look at what was recorded:
   curl -s -H "Authorization: Bearer {token}" {a}/admin/customers/{DEMO_CUSTOMER}
   curl -s -H "Authorization: Bearer {token}" "{a}/admin/customers/{DEMO_CUSTOMER}/usage.csv"
   curl -s -H "Authorization: Bearer {token}" {a}/metrics | grep meterproxy_
-The dry-run Stripe sink logs the meter events it would send every 15 s.
+  curl -s -H "Authorization: Bearer {token}" -X POST {a}/admin/flush     # send now (dry run)
 """
 
 
@@ -120,6 +125,8 @@ async def _run(port: int, workdir: Path) -> int:
         return 2
     key = demo_key(cfg.db_path())
     server = await start(cfg)
+    server.rt.extras["credits"].grant(DEMO_CUSTOMER, "5", idempotency_key="demo-welcome",
+                                      source="demo")
     print(instructions(server.public_port, server.admin_port, key, token), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -31,8 +31,15 @@ from proxy.timeutil import rfc3339
 from proxy.units import cost_micro, fmt_micro
 from proxy.yamlpos import YamlError, load_yaml
 
-__all__ = ["StoredVersion", "explain", "load_rules_text", "render_text", "stored_version",
-           "structural", "conditions"]
+__all__ = [
+    "StoredVersion",
+    "conditions",
+    "explain",
+    "load_rules_text",
+    "render_text",
+    "stored_version",
+    "structural",
+]
 
 FLAG_MEANING = {
     "unreadable": "the quantity could not be read (missing, not a number, body too large, ...): "

@@ -279,7 +279,8 @@ def _line(sim: Simulation, c: CustomerSim, meter: str) -> dict[str, Any]:
                            "new_exact_minor": _exact(c.new_exact[meter]) if meter in c.new_exact
                            else None,
                            "delta": None, "delta_minor": None}
-    cur = (op or np_).currency if (op or np_) else None
+    priced = op or np_
+    cur = priced.currency if priced is not None else None
     if cur is not None and (op is None or op.currency == cur) and \
             (np_ is None or np_.currency == cur):
         d = (new or 0) - (old or 0)
