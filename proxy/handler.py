@@ -540,35 +540,28 @@ def _kill(req: web.Request) -> None:
         transport.abort()
 
 
+_WS = aiohttp.WSMsgType
+_WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _relay(src: _WebSocket, dst: _WebSocket) -> None:
+    """Copy frames one way until either side closes."""
+    async for msg in src:
+        if msg.type == _WS.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type == _WS.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type == _WS.PING:
+            await dst.ping(msg.data)
+        elif msg.type == _WS.PONG:
+            await dst.pong(msg.data)
+        elif msg.type in (_WS.CLOSE, _WS.ERROR):
+            break
+
+
 async def _pump_ws(server: web.WebSocketResponse, client: aiohttp.ClientWebSocketResponse) -> None:
-    async def down() -> None:
-        async for msg in client:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await server.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await server.send_bytes(msg.data)
-            elif msg.type == aiohttp.WSMsgType.PING:
-                await server.ping(msg.data)
-            elif msg.type == aiohttp.WSMsgType.PONG:
-                await server.pong(msg.data)
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
-                break
-
-    async def up() -> None:
-        async for msg in server:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await client.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
-            elif msg.type == aiohttp.WSMsgType.PING:
-                await client.ping(msg.data)
-            elif msg.type == aiohttp.WSMsgType.PONG:
-                await client.pong(msg.data)
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
-                break
-
     from proxy.tasks import spawn
-    tasks = [spawn("ws-down", down()), spawn("ws-up", up())]
+    tasks = [spawn("ws-down", _relay(client, server)), spawn("ws-up", _relay(server, client))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

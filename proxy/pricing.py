@@ -41,6 +41,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from proxy.units import QSCALE
+from proxy.yamlpos import type_name
 
 if TYPE_CHECKING:
     from proxy.sinks.stripe_client import StripeConnection
@@ -261,22 +262,6 @@ def _label(path: Path) -> str:
     return out
 
 
-def _type(v: object) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, Decimal)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, (list, tuple)):
-        return "list"
-    if isinstance(v, Mapping):
-        return "mapping"
-    return type(v).__name__
-
-
 def _show(v: object) -> str:
     return str(v) if isinstance(v, Decimal) else repr(v)
 
@@ -322,7 +307,7 @@ class _Check:
                 d = None
         if d is None or not d.is_finite():
             self.bad(path, f"{_label(path)} must be a decimal string like \"0.25\" "
-                           f"(minor units), got {_type(v)} {_show(v)}")
+                           f"(minor units), got {type_name(v)} {_show(v)}")
             return None
         if d < 0:
             self.bad(path, f"{_label(path)} must not be negative, got {v}")
@@ -335,7 +320,7 @@ class _Check:
     def integer(self, path: Path, v: object, *, positive: bool = False) -> int | None:
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if positive else 0):
             kind = "a positive integer" if positive else "a non-negative integer"
-            self.bad(path, f"{_label(path)} must be {kind}, got {_type(v)} {_show(v)}")
+            self.bad(path, f"{_label(path)} must be {kind}, got {type_name(v)} {_show(v)}")
             return None
         return v
 
@@ -363,7 +348,7 @@ def _currency(c: _Check, m: Mapping[str, object]) -> str | None:
     v = m["currency"]
     if not isinstance(v, str) or len(v.strip()) != 3 or not v.strip().isalpha():
         c.bad(("currency",), f"price currency must be a three-letter ISO code like usd, "
-                             f"got {_type(v)} {v!r}")
+                             f"got {type_name(v)} {v!r}")
         return None
     return v.strip().lower()
 
@@ -372,7 +357,7 @@ def _transform(c: _Check, v: object) -> TransformQuantity | None:
     path: Path = ("transform_quantity",)
     if not isinstance(v, Mapping):
         c.bad(path, f"price transform_quantity must be a mapping {{divide_by, round}}, "
-                    f"got {_type(v)}")
+                    f"got {type_name(v)}")
         return None
     m = c.fields(v, path, TRANSFORM_FIELDS)
     before = len(c.issues)
@@ -398,7 +383,7 @@ def _up_to(c: _Check, path: Path, v: object, last: bool) -> int | Literal["bad"]
             return "bad"
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        c.bad(path, f"{_label(path)} must be a positive integer or inf, got {_type(v)} "
+        c.bad(path, f"{_label(path)} must be a positive integer or inf, got {type_name(v)} "
                     f"{_show(v)}")
         return "bad"
     if last:
@@ -411,7 +396,7 @@ def _tiers(c: _Check, v: object) -> tuple[Tier, ...] | None:
     path: Path = ("tiers",)
     if not isinstance(v, list) or not v:
         c.bad(path, f"price tiers must be a non-empty list of {{up_to, unit_amount_decimal, "
-                    f"flat_amount_decimal}}, got {_type(v)}")
+                    f"flat_amount_decimal}}, got {type_name(v)}")
         return None
     before = len(c.issues)
     out: list[Tier] = []
@@ -420,7 +405,7 @@ def _tiers(c: _Check, v: object) -> tuple[Tier, ...] | None:
         tpath: Path = (*path, i)
         last = i == len(v) - 1
         if not isinstance(item, Mapping):
-            c.bad(tpath, f"{_label(tpath)} must be a mapping, got {_type(item)}")
+            c.bad(tpath, f"{_label(tpath)} must be a mapping, got {type_name(item)}")
             continue
         m = c.fields(item, tpath, TIER_FIELDS)
         up_to: int | Literal["bad"] | None = "bad"
@@ -482,7 +467,7 @@ def price_issues(obj: object, *, strict: bool = False) -> tuple[Price | None, li
     """Validate a Price object (Stripe's field names); every issue, never only the first."""
     c = _Check(strict)
     if not isinstance(obj, Mapping):
-        c.bad((), f"price must be a mapping, got {_type(obj)}")
+        c.bad((), f"price must be a mapping, got {type_name(obj)}")
         return None, c.issues
     m = c.fields(obj, (), PRICE_FIELDS)
     currency = _currency(c, m)

@@ -29,7 +29,7 @@ from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import ScalarNode
 
-__all__ = ["KeyPath", "Pos", "YamlDoc", "YamlError", "load_yaml", "load_yaml_file"]
+__all__ = ["KeyPath", "Pos", "YamlDoc", "YamlError", "load_yaml", "load_yaml_file", "type_name"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -185,3 +185,20 @@ def load_yaml(text: str) -> YamlDoc:
 def load_yaml_file(path: Path) -> YamlDoc:
     """Read and parse ``path`` (UTF-8). OSError propagates to the caller."""
     return load_yaml(path.read_text(encoding="utf-8"))
+
+
+def type_name(v: object) -> str:
+    """The YAML/JSON name of a parsed value's type, for error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, Decimal)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    if isinstance(v, Mapping):
+        return "mapping"
+    return type(v).__name__

@@ -47,7 +47,7 @@ from proxy.rules.model import (
 )
 from proxy.rules.sse import Probe
 from proxy.units import to_micro
-from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml
+from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml, type_name
 
 __all__ = ["check_rules", "cli_check", "load_rules"]
 
@@ -83,22 +83,6 @@ _CLASS = re.compile(r"([1-5])xx\Z", re.IGNORECASE)
 # ------------------------------------------------------------------ helpers
 
 
-def _type_name(v: object) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, Decimal)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "list"
-    if isinstance(v, dict):
-        return "mapping"
-    return type(v).__name__
-
-
 def _suggest(word: str, choices: Iterable[str]) -> str | None:
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return found[0] if found else None
@@ -126,7 +110,7 @@ class _File:
     def mapping(self, path: KeyPath, value: object, what: str) -> dict[str, object] | None:
         """``value`` as a mapping with string keys, or None after reporting."""
         if not isinstance(value, dict):
-            self.at_value(path, f"{what} must be a mapping, got {_type_name(value)}")
+            self.at_value(path, f"{what} must be a mapping, got {type_name(value)}")
             return None
         return {str(k): v for k, v in value.items()}
 
@@ -142,7 +126,7 @@ class _File:
 
     def string(self, path: KeyPath, value: object, what: str) -> str | None:
         if not isinstance(value, str) or not value.strip():
-            got = "an empty string" if isinstance(value, str) else _type_name(value)
+            got = "an empty string" if isinstance(value, str) else type_name(value)
             self.at_value(path, f"{what} must be a non-empty string, got {got}")
             return None
         return value
@@ -150,7 +134,7 @@ class _File:
     def number(self, path: KeyPath, value: object, what: str) -> Decimal | None:
         """A finite number >= 0 (int or exact YAML decimal), or None after reporting."""
         if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
-            self.at_value(path, f"{what} must be a number, got {_type_name(value)} {value!r}")
+            self.at_value(path, f"{what} must be a number, got {type_name(value)} {value!r}")
             return None
         d = Decimal(value)
         if not d.is_finite():
@@ -206,7 +190,7 @@ def _conds(f: _File, path: KeyPath, value: object,
             out.append((name, compile_glob(str(v))))
         else:
             f.at_value(vpath, f"{what} condition '{name}' must be a glob string or true "
-                              f"(= present), got {_type_name(v)}")
+                              f"(= present), got {type_name(v)}")
     return tuple(out)
 
 
@@ -225,7 +209,7 @@ def _params(f: _File, path: KeyPath, value: object,
             continue
         if not isinstance(v, (str, int)) or isinstance(v, bool):
             f.at_value((*path, name), f"params: '{name}' must be a glob string, "
-                                      f"got {_type_name(v)}")
+                                      f"got {type_name(v)}")
             continue
         out.append((name, compile_glob(str(v))))
     return tuple(out)
@@ -529,7 +513,7 @@ def _usage_list(f: _File, path: KeyPath, value: object, template: Template | Non
         return []
     if not isinstance(value, list):
         f.at_value(path, f"usage must be a list of {{meter, quantity}} items, "
-                         f"got {_type_name(value)}")
+                         f"got {type_name(value)}")
         return []
     out = [_usage(f, (*path, i), item, template, refs) for i, item in enumerate(value)]
     return [u for u in out if u is not None]
@@ -624,7 +608,7 @@ def _file(f: _File, st: _State) -> None:
     if rules is None:
         return
     if not isinstance(rules, list):
-        f.at_value(("rules",), f"rules must be a list, got {_type_name(rules)}")
+        f.at_value(("rules",), f"rules must be a list, got {type_name(rules)}")
         return
     for i, item in enumerate(rules):
         st.entries.append(_rule(f, ("rules", i), item, cw, st.refs))
