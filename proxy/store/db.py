@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-
-import orjson
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from proxy import metrics
 from proxy.credits.ledger import Entry
