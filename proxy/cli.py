@@ -382,8 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["text", "json"], default="text")
     ex.set_defaults(fn=cmd_explain)
 
-    si = with_db(sub.add_parser("simulate", help="re-rate recorded requests through candidate"
-                                " rules: old vs new charges per customer"))
+    si = with_db(sub.add_parser(
+        "simulate", help="re-rate recorded requests through candidate rules: old vs new"
+        " charges per customer",
+        description="Old charges: the period's recorded billable usage priced with the rules"
+        " configured in --config (with --db and no readable config: the newest rules version"
+        " the database recorded). New: each recorded request re-matched (method and path) in"
+        " the candidate rules, constant quantities recomputed, measured ones kept as recorded,"
+        " priced with the candidate's prices. Reads the database only."))
     si.add_argument("--rules", nargs="+", required=True, metavar="NEW.yaml",
                     help="the candidate rules file(s)")
     si.add_argument("--from", dest="from_", help="RFC 3339, date or unix seconds"
