@@ -98,6 +98,11 @@ class Probe:
             return b""  # a top-level list index: no key to look for
         return orjson.dumps(self.path[0])
 
+    @property
+    def needles(self) -> tuple[bytes, ...]:
+        """Every key of the path, JSON-quoted: all must occur for the probe to match."""
+        return tuple(orjson.dumps(k) for k in self.path if not k.isdigit())
+
 
 @dataclass(frozen=True, slots=True)
 class BodyView:
@@ -154,6 +159,12 @@ class SseParser:
         self._size = 0
         self._event = b""
         self.oversized = 0
+
+    def at_event_boundary(self) -> bool:
+        """True when no line or event is half-read: a chunk of whole events can then be
+        skipped without changing what later events parse to."""
+        return (self._started and not self._partial and not self._skip_lf and not self._data
+                and not self._event and self._size == 0 and not self._discard_line)
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Consume bytes; return the events completed by them, in order."""
@@ -302,14 +313,29 @@ class SseInspector:
         self._probes = probes
         self._parser = SseParser(max_inspect_bytes)
         self._values: dict[str, object] = {}
-        self._needles = tuple({p.needle for p in probes})
+        self._needles = tuple({p.needles for p in probes})
+
+    def _may_match(self, data: bytes) -> bool:
+        for keys in self._needles:
+            for n in keys:
+                if n not in data:
+                    break
+            else:
+                return True
+        return False
 
     def feed(self, chunk: bytes) -> None:
+        # Fast path: a chunk of whole events (the usual shape of LLM streams) that cannot
+        # contain any probe's keys is skipped without parsing; the parser state is unchanged
+        # because every event in it is complete.
+        if not self._may_match(chunk) and chunk.endswith(b"\n\n") and b"\r" not in chunk \
+                and self._parser.at_event_boundary():
+            return
         for ev in self._parser.feed(chunk):
             self._event(ev.data)
 
     def _event(self, data: bytes) -> None:
-        if data == b"[DONE]" or not any(n in data for n in self._needles):
+        if data == b"[DONE]" or not self._may_match(data):
             return
         try:
             doc = orjson.loads(data)
