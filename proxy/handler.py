@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -35,7 +36,7 @@ from proxy.credits.ledger import Entry, covered_quantity
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
-from proxy.rules import UNREADABLE, Measurement, Rule, compute
+from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
 from proxy.rules.model import SourceKind
 from proxy.runtime import Runtime
 from proxy.store.db import UsageItem, UsageRow
@@ -276,8 +277,8 @@ class Pipeline:
                                 request_json=UNREADABLE, response_body=None, request_bytes=0,
                                 response_bytes=0,
                                 duration_ms=Decimal(int((time.perf_counter() - started) * 1000)))
-                self.record(rid, rule, m, key_id, customer_id, version, "websocket", hold,
-                            request)
+                self.record(rid, rule, m, status, key_id, customer_id, version, "websocket",
+                            hold, request)
         return server_ws
 
     # ---- shared helpers ------------------------------------------------------------------
@@ -293,16 +294,20 @@ class Pipeline:
         headers[_XRID] = rid
         return headers
 
-    def record(self, rid: str, rule: Rule, m: Measurement, key_id: str, customer_id: str,
-               version: str, flags: str, hold: Hold | None,
+    def record(self, rid: str, rule: Rule, m: Measurement | None, status: int, key_id: str,
+               customer_id: str, version: str, flags: str, hold: Hold | None,
                request: web.Request | None = None) -> asyncio.Future[None] | None:
         """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
-        both to the Store (one transaction). Not billable: the hold is released."""
-        if not rule.count_when.matches(m.status):
+        both to the Store (one transaction). Not billable: the hold is released.
+        ``m`` may be None only for a rule whose quantities are all constants."""
+        if not rule.count_when.matches(status):
             if hold is not None and self.book is not None:
                 self.book.release(hold)
             return None
-        quantities = compute(rule, m)
+        quantities: Sequence[Quantity] | None = constant_quantities(rule)
+        if quantities is None:
+            assert m is not None
+            quantities = compute(rule, m)
         if not quantities:
             return None
         rates = {u.meter: u.credits_per_unit for u in rule.usage}
@@ -328,7 +333,7 @@ class Pipeline:
                 self._units_counter(q.meter).inc(q.micro / 1_000_000)
         if debits and self.watch is not None:
             self.watch.check(customer_id)
-        row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, m.status, items,
+        row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, status, items,
                        debits=debits, method=request.method if request is not None else "",
                        path=request.path[:2048] if request is not None else "")
         return self.rt.store.record(row, wait=self.strict and not flags)
@@ -513,14 +518,16 @@ class _Request:
         rule = self.rule
         if rule is None or not self.metered:
             return
-        m = Measurement(status=status, request_headers=self.req.headers,
-                        response_headers=upstream.headers, query=self.req.query,
-                        path_params=self.match_params, request_json=self.request_json,
-                        response_body=inspector.result() if inspector is not None else None,
-                        request_bytes=self.request_bytes, response_bytes=response_bytes,
-                        duration_ms=Decimal(int(total * 1000)))
-        fut = self.p.record(self.rid, rule, m, self.key_id, self.customer_id, self.version,
-                            self.flags, self.hold, self.req)
+        m = None
+        if constant_quantities(rule) is None:
+            m = Measurement(status=status, request_headers=self.req.headers,
+                            response_headers=upstream.headers, query=self.req.query,
+                            path_params=self.match_params, request_json=self.request_json,
+                            response_body=inspector.result() if inspector is not None else None,
+                            request_bytes=self.request_bytes, response_bytes=response_bytes,
+                            duration_ms=Decimal(int(total * 1000)))
+        fut = self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
+                            self.version, self.flags, self.hold, self.req)
         if fut is not None:
             await fut
 

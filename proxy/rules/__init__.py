@@ -23,7 +23,7 @@ from proxy.rules.model import (
     Transform,
     UsageSpec,
 )
-from proxy.rules.quantity import Measurement, Quantity, compute
+from proxy.rules.quantity import Measurement, Quantity, compute, constant_quantities
 from proxy.rules.sse import UNREADABLE, BodyView, ResponseInspector, SseEvent, SseParser
 
 __all__ = [
@@ -51,5 +51,6 @@ __all__ = [
     "check_rules",
     "cli_check",
     "compute",
+    "constant_quantities",
     "load_rules",
 ]

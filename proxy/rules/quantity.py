@@ -145,3 +145,25 @@ def _one(u: UsageSpec, m: Measurement) -> Quantity:
 def compute(rule: Rule, m: Measurement) -> list[Quantity]:
     """One :class:`Quantity` per usage spec of ``rule``, in rule order. Never raises."""
     return [_one(u, m) for u in rule.usage]
+
+
+_CONSTANTS: dict[int, tuple[Rule, tuple[Quantity, ...] | None]] = {}
+_NO_MEASUREMENT = Measurement(status=200, request_headers={}, response_headers={}, query={},
+                              path_params={}, request_json=UNREADABLE, response_body=None,
+                              request_bytes=0, response_bytes=0, duration_ms=Decimal(0))
+
+
+def constant_quantities(rule: Rule) -> tuple[Quantity, ...] | None:
+    """The quantities of a rule whose every usage is a constant (the common ``quantity: 1``),
+    computed once per rule object; None when any quantity depends on the request. Lets the
+    hot path skip building a Measurement at all."""
+    hit = _CONSTANTS.get(id(rule))
+    if hit is not None and hit[0] is rule:
+        return hit[1]
+    result: tuple[Quantity, ...] | None = None
+    if all(u.source.kind is SourceKind.CONSTANT for u in rule.usage):
+        result = tuple(_one(u, _NO_MEASUREMENT) for u in rule.usage)
+    if len(_CONSTANTS) > 10_000:      # rules reloaded many times: drop stale entries
+        _CONSTANTS.clear()
+    _CONSTANTS[id(rule)] = (rule, result)
+    return result

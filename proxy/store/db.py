@@ -73,11 +73,21 @@ class UsageRow:
     path: str = ""
 
 
+# The flat form of a usage row, as journaled and as written to the ledger tables:
+# (request_id, at, customer, key, rule, rules_version, status, method, path,
+#  [(meter, quantity, credits, billable, flags)], [(meter, grant_id, kind, amount)])
+FlatRow = Sequence[Any]
+
+
+def flatten(r: UsageRow) -> tuple[Any, ...]:
+    return (r.request_id, r.at, r.customer_id, r.key_id, r.rule, r.rules_version, r.status,
+            r.method, r.path, [(i.meter, i.quantity, i.credits, i.billable, i.flags)
+                               for i in r.items],
+            [(m, e.grant_id, e.kind, e.amount) for m, e in r.debits])
+
+
 def encode_row(r: UsageRow) -> bytes:
-    return orjson.dumps((r.request_id, r.at, r.customer_id, r.key_id, r.rule, r.rules_version,
-                         r.status, r.method, r.path,
-                         [(i.meter, i.quantity, i.credits, i.billable, i.flags) for i in r.items],
-                         [(m, e.grant_id, e.kind, e.amount) for m, e in r.debits]))
+    return orjson.dumps(flatten(r))
 
 
 def decode_row(blob: bytes) -> UsageRow:
@@ -213,7 +223,7 @@ class Store:
                     conn.execute("COMMIT")
                     self._journaled = 0
                     return moved
-                self._apply(conn, [decode_row(b) for _, b in batch])
+                self._apply(conn, [orjson.loads(b) for _, b in batch])
                 conn.execute("DELETE FROM journal WHERE seq <= ?", (batch[-1][0],))
                 conn.execute("COMMIT")
             except BaseException:
@@ -310,7 +320,7 @@ class Store:
                 conn.executemany("INSERT INTO journal(row) VALUES (?)",
                                  [(encode_row(r),) for r in rows])
             else:
-                self._apply(conn, rows)
+                self._apply(conn, [flatten(r) for r in rows])
             for hook in self._hooks:
                 hook(conn)
             conn.execute("COMMIT")
@@ -322,30 +332,28 @@ class Store:
             self._journaled += len(rows)
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, rows: Sequence[UsageRow]) -> None:
-        """Write rows into audit, usage_minute and credit_entries (caller owns the tx)."""
+    def _apply(conn: sqlite3.Connection, rows: Sequence[FlatRow]) -> None:
+        """Write flat rows into audit, usage_minute and credit_entries (caller owns the tx)."""
         audit: list[tuple[Any, ...]] = []
         debits: list[tuple[Any, ...]] = []
         agg: dict[tuple[str, str, str, int, str], list[int]] = {}
-        for r in rows:
-            at_ms = int(r.at * 1000)
-            minute = int(r.at // 60) * 60
-            for meter, e in r.debits:
-                debits.append((r.customer_id, e.grant_id, e.kind, e.amount, r.request_id, meter,
-                               at_ms))
-            for it in r.items:
-                audit.append((r.request_id, at_ms, r.customer_id, r.key_id, r.rule,
-                              r.rules_version, r.status, it.meter, it.quantity, it.credits,
-                              it.billable, it.flags, r.method, r.path))
-                k = (r.customer_id, r.key_id, it.meter, minute, r.rules_version)
+        for rid, at, cid, kid, rule, ver, status, method, path, items, row_debits in rows:
+            at_ms = int(at * 1000)
+            minute = int(at // 60) * 60
+            for meter, gid, kind, amount in row_debits:
+                debits.append((cid, gid, kind, amount, rid, meter, at_ms))
+            for meter, q, credits, billable, flags in items:
+                audit.append((rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
+                              billable, flags, method, path))
+                k = (cid, kid, meter, minute, ver)
                 a = agg.get(k)
                 if a is None:
-                    agg[k] = [it.quantity, 1, it.billable, it.quantity - it.billable]
+                    agg[k] = [q, 1, billable, q - billable]
                 else:
-                    a[0] += it.quantity
+                    a[0] += q
                     a[1] += 1
-                    a[2] += it.billable
-                    a[3] += it.quantity - it.billable
+                    a[2] += billable
+                    a[3] += q - billable
         conn.executemany(_AUDIT_SQL, audit)
         conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
         if debits:
