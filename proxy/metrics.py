@@ -6,7 +6,12 @@ rules, meters and outcomes, which the operator controls.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -31,11 +36,37 @@ dead_letters = Gauge("meterproxy_dead_letters", "Dead-lettered usage reports awa
 unreadable_quantities_total = Counter("meterproxy_unreadable_quantities_total",
                                       "Quantities that could not be read; on_unreadable applied",
                                       ["rule"], registry=REGISTRY)
-upstream_seconds = Histogram("meterproxy_upstream_seconds", "Time spent waiting on the upstream",
-                             buckets=_LAT, registry=REGISTRY)
-overhead_seconds = Histogram("meterproxy_overhead_seconds",
-                             "Time the proxy added to a request (total minus upstream)",
-                             buckets=_LAT, registry=REGISTRY)
+class LoopHistogram(Collector):
+    """A histogram observed only from the event-loop thread: plain integer buckets, no lock
+    (prometheus_client's Histogram takes a mutex three times per observation; these two are
+    observed on every request). Exposed in the standard histogram format at scrape time."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative,
+                                    sum_value=self.sum)
+
+
+upstream_seconds = LoopHistogram("meterproxy_upstream_seconds",
+                                 "Time spent waiting on the upstream", _LAT)
+overhead_seconds = LoopHistogram("meterproxy_overhead_seconds",
+                                 "Time the proxy added to a request (total minus upstream)", _LAT)
+REGISTRY.register(upstream_seconds)
+REGISTRY.register(overhead_seconds)
 commits_total = Counter("meterproxy_storage_commits_total", "Group commits by outcome", ["outcome"],
                         registry=REGISTRY)
 commit_rows = Histogram("meterproxy_storage_commit_rows", "Usage rows per group commit",

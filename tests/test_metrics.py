@@ -1,0 +1,30 @@
+"""The lock-free loop histograms expose the standard Prometheus histogram."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+
+from proxy.metrics import LoopHistogram
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=50))
+def test_buckets_are_cumulative_counts_of_values_at_or_below_each_bound(values: list[float]) -> None:
+    h = LoopHistogram("t_seconds", "test", (0.001, 0.01, 1.0))
+    for v in values:
+        h.observe(v)
+    [family] = list(h.collect())
+    got = {s.labels["le"]: s.value for s in family.samples if s.name == "t_seconds_bucket"}
+    for bound, label in ((0.001, "0.001"), (0.01, "0.01"), (1.0, "1.0")):
+        assert got[label] == sum(1 for v in values if v <= bound)
+    assert got["+Inf"] == len(values)
+
+
+def test_exposed_in_text_format() -> None:
+    reg = CollectorRegistry()
+    h = LoopHistogram("x_seconds", "doc", (0.5,))
+    reg.register(h)
+    h.observe(0.2)
+    text = generate_latest(reg).decode()
+    assert 'x_seconds_bucket{le="0.5"} 1.0' in text and "x_seconds_count 1.0" in text
