@@ -90,7 +90,9 @@ class Pipeline:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        rid = request.headers.get(_XRID) or os.urandom(16).hex()
+        rid = request.headers.get(_XRID, "")
+        if not rid or len(rid) > 128 or not rid.isprintable():
+            rid = os.urandom(16).hex()    # kept only when short and printable (it is stored)
         path = request.path
         if self.reserved and path.startswith(self.reserved):
             return await self._reserved(request, rid)

@@ -1,0 +1,61 @@
+#!/bin/bash
+# Deterministic cost per request: CPU instructions counted by valgrind (callgrind), which do
+# not drift with the noisy neighbours that make wall-clock figures on shared VMs swing +-30%.
+# For each target: run it under callgrind, send 200 then (in a second run) 800 requests from
+# 16 concurrent clients, and report (I(800) - I(200)) / 600 = instructions per request, which
+# cancels start-up and shutdown. Needs valgrind (apt-get install -y valgrind).
+# usage: bench/instructions.sh            -> a table on stdout (~3 minutes)
+set -u
+cd "$(dirname "$0")/.."
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+cat > "$W/free.yaml" <<'EOR'
+version: 1
+meters: {api_calls: {stripe_event_name: api_calls}}
+rules:
+  - {name: free, match: {path: "/**"}, auth: none}
+EOR
+cat > "$W/metered.yaml" <<'EOR'
+version: 1
+meters: {api_calls: {stripe_event_name: api_calls}}
+rules:
+  - {name: all, match: {path: "/**"}, usage: [{meter: api_calls, quantity: 1}]}
+EOR
+port() { .venv/bin/python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+run() { # target n -> instructions
+  local target=$1 n=$2 OP PP AP KEY M O
+  OP=$(port); PP=$(port); AP=$(port)
+  .venv/bin/python bench/origin.py "$OP" >/dev/null 2>&1 & O=$!
+  sleep 1
+  if [ "$target" = bare ]; then
+    KEY=none
+    valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python bench/bare_proxy.py \
+      "$PP" "http://127.0.0.1:$OP" >/dev/null 2>"$W/cg.err" & M=$!
+  else
+    rules=$W/metered.yaml; dur=strict
+    [ "$target" = free ] && rules=$W/free.yaml
+    [ "$target" = batched ] && dur=batched
+    rm -f "$W"/m.db*
+    .venv/bin/meterproxy customers create bench --db "$W/m.db" >/dev/null
+    KEY=$(.venv/bin/meterproxy keys create --customer bench --db "$W/m.db" | .venv/bin/python -c 'import json,sys;print(json.load(sys.stdin)["key"])')
+    cat > "$W/c.yaml" <<EOC
+{"listen": "127.0.0.1:$PP", "admin_listen": "127.0.0.1:$AP", "upstream": {"url": "http://127.0.0.1:$OP"},
+ "rules": "$rules", "storage": {"path": "$W/m.db", "durability": "$dur"},
+ "admin": {"token": "bench-admin-token"}, "stripe": {"sink": "dry_run", "flush_interval": "1h"}, "log_level": "error"}
+EOC
+    valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python -m proxy serve \
+      --config "$W/c.yaml" >/dev/null 2>"$W/cg.err" & M=$!
+  fi
+  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/small" "$n" "$KEY" 2>/dev/null
+  kill -TERM $M; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
+  grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'
+}
+echo "| target | instructions per request (/small) | vs bare |"
+echo "| --- | --- | --- |"
+base=""
+for t in bare free strict batched; do
+  a=$(run $t 200); b=$(run $t 800)
+  per=$(( (b - a) / 600 ))
+  [ -z "$base" ] && base=$per
+  echo "| $t | $per | $(python3 -c "print(f'{$per/$base:.2f}x')") |"
+done
