@@ -1,22 +1,41 @@
-import asyncio, sys, aiohttp, time
-async def main(url, n, key, conc=16):
+"""Client for bench/instructions.sh: N GET requests from 16 concurrent connections.
+
+usage: python bench/cg_client.py URL N KEY
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import aiohttp
+
+
+async def main(url: str, n: int, key: str, conc: int = 16) -> None:
     h = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as s:
-        for _ in range(2000):
+        for _ in range(2000):  # wait until the proxy under valgrind answers
             try:
                 async with s.get(url, headers=h) as r:
-                    await r.read(); break
+                    await r.read()
+                    break
             except aiohttp.ClientError:
                 await asyncio.sleep(0.2)
-        q = asyncio.Queue()
-        for i in range(n): q.put_nowait(i)
-        async def worker():
-            while not q.empty():
-                q.get_nowait()
+        left = n
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
                 async with s.get(url, headers=h) as r:
                     await r.read()
                     assert r.status == 200, r.status
+
         t = time.time()
         await asyncio.gather(*(worker() for _ in range(conc)))
-        print(f"{n} requests in {time.time()-t:.1f}s", file=sys.stderr)
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+        print(f"{n} requests in {time.time() - t:.1f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
