@@ -207,18 +207,20 @@ class Store:
 
     # ---- the journal -> tables ------------------------------------------------------
 
-    def materialize(self) -> int:
-        """Move every journaled row into the ledger tables; returns how many. Each batch is
-        one transaction: the rows are written and deleted from the journal atomically."""
+    def materialize(self, limit: int | None = None) -> int:
+        """Move journaled rows into the ledger tables (all of them, or about ``limit``);
+        returns how many. Each batch is one transaction: the rows are written and deleted
+        from the journal atomically."""
         moved = 0
         conn = self.conn
         if self._journaled == 0:
             return 0        # nothing journaled since the last run
-        while True:
+        batch_size = _MATERIALIZE_BATCH if limit is None else min(limit, _MATERIALIZE_BATCH)
+        while limit is None or moved < limit:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 batch = conn.execute("SELECT seq, row FROM journal ORDER BY seq LIMIT ?",
-                                     (_MATERIALIZE_BATCH,)).fetchall()
+                                     (batch_size,)).fetchall()
                 if not batch:
                     conn.execute("COMMIT")
                     self._journaled = 0
@@ -231,6 +233,7 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
             moved += len(batch)
+        return moved
 
     def try_materialize(self) -> bool:
         """``materialize`` for readers: a storage failure is logged, not raised (the rows
@@ -242,11 +245,20 @@ class Store:
             return False
         return True
 
-    async def materialize_forever(self, interval: float = MATERIALIZE_INTERVAL) -> None:
+    async def materialize_forever(self, interval: float = MATERIALIZE_INTERVAL,
+                                  slice_rows: int = 256) -> None:
+        """Materialize in slices of ``slice_rows``, yielding to the loop between them, so a
+        busy second never blocks requests for more than one slice (~2-4 ms)."""
         while True:
             await asyncio.sleep(interval)
-            if self._journaled:
-                self.try_materialize()
+            while self._journaled:
+                try:
+                    if self.materialize(limit=slice_rows) < slice_rows:
+                        break
+                except sqlite3.Error as exc:
+                    log.warning("materializing the journal failed (will retry): %s", exc)
+                    break
+                await asyncio.sleep(0)
 
     async def checkpoint_forever(self, interval: float = 1.0) -> None:
         """Copy the WAL back into the database file from a worker thread, so a commit on the
@@ -407,8 +419,7 @@ class Store:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
-        self.materialize()
-        return True
+        return self.try_materialize()
 
     def commit_pending(self) -> None:
         """Synchronous final commit (shutdown)."""
