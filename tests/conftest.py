@@ -14,13 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from hypothesis import settings
 from ruamel.yaml import YAML
 
 from proxy import config as config_mod
 from proxy.app import Server, start
 from proxy.example_upstream import build_app
+from tests.servers import serve
 
 pytest_plugins = ["tests.stripe_double.fixture"]
 
@@ -118,13 +118,8 @@ def write_config(tmp: Path, upstream_url: str, rules_text: str = TEST_RULES,
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    runner = web.AppRunner(build_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve(build_app()) as url:
+        yield url
 
 
 class Proxy:

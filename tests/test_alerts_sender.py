@@ -38,6 +38,7 @@ from proxy.alerts import (
 from proxy.metrics import REGISTRY
 from proxy.store.db import Store
 from proxy.tasks import cancel_and_wait, spawn
+from tests.servers import serve
 
 SECRET = "whsec_test_secret"
 
@@ -140,17 +141,12 @@ async def receiver(script: Callable[[int, int], str]) -> AsyncIterator[Receiver]
     rec = Receiver(script)
     app = web.Application()
     app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}/hook"
-    try:
-        yield rec
-    finally:
-        rec.release.set()
-        await runner.cleanup()
+    async with serve(app, shutdown_timeout=0.5) as url:
+        rec.url = f"{url}/hook"
+        try:
+            yield rec
+        finally:
+            rec.release.set()
 
 
 @contextlib.asynccontextmanager

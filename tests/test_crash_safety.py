@@ -4,41 +4,16 @@ ledger after restart, and nothing is counted twice."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
 from proxy.store.db import Store
 from tests.conftest import ADMIN_TOKEN, free_port, write_config
+from tests.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def wait_ready(admin_url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "proxy exited during start-up"
-            try:
-                async with s.get(admin_url + "/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not become ready")
-
-
-def spawn_proxy(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
-                            cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
@@ -48,11 +23,11 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
                        admin_listen=f"127.0.0.1:{aport}",
                        storage={"durability": "strict", "commit_interval": "300ms"})
     url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
-    log = tmp_path / "proxy.log"
-    proc = spawn_proxy(cfg, log)
+    proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+    proxy.spawn()
     received: list[str] = []
     try:
-        await wait_ready(admin, proc)
+        await proxy.wait_ready()
         ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         async with aiohttp.ClientSession() as s:
             keys = []
@@ -83,24 +58,19 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
             if len(received) > 300:
                 break
             await asyncio.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proxy.kill()
         killed_at = len(received)
-        await asyncio.sleep(0.2)
-        proc = spawn_proxy(cfg, log)
-        await wait_ready(admin, proc)
+        proxy.spawn()
+        await proxy.wait_ready()
         for _ in range(300):
             if len(received) > killed_at + 300:
                 break
             await asyncio.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proxy.kill()
         stop.set()
         await asyncio.gather(*tasks)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proxy.ensure_dead()
     assert killed_at > 300 and len(received) > killed_at + 300
     # the last run was killed too: its journaled rows are recovered when the file is opened
     with sqlite3.connect(tmp_path / "meter.db") as raw:

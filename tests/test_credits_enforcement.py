@@ -9,6 +9,7 @@ import time
 import aiohttp
 
 from tests.conftest import Proxy, ProxyFactory
+from tests.servers import serve
 
 Q = 1_000_000
 
@@ -252,15 +253,9 @@ async def test_alerts_reach_the_operator_webhook_signed(make_proxy: ProxyFactory
 
     app = web.Application()
     app.router.add_post("/hook", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve(app) as hook_url:
         p = await make_proxy(rules_text=CREDIT_RULES,
-                             alerts={"webhook_url": f"http://127.0.0.1:{port}/hook",
-                                     "secret": secret})
+                             alerts={"webhook_url": f"{hook_url}/hook", "secret": secret})
         key = await _setup(p, "hook", "10", overage="bill")
         async with p.session.post(p.url + "/v1/chat/completions",
                                   headers={"Authorization": f"Bearer {key}"},
@@ -272,5 +267,3 @@ async def test_alerts_reach_the_operator_webhook_signed(make_proxy: ProxyFactory
             await asyncio.sleep(0.02)
         assert sorted(str(a["threshold"]) for a in got) == ["0.5", "0.75", "0.9"]
         assert {a["customer_id"] for a in got} == {"hook"}
-    finally:
-        await runner.cleanup()

@@ -39,6 +39,7 @@ from proxy.pricing import (
 from proxy.rules import Meter, check_rules, load_rules
 from proxy.sinks.stripe_client import StripeConnection
 from proxy.units import QSCALE
+from tests.servers import serve
 
 U = QSCALE  # one whole unit in micro-units
 
@@ -527,15 +528,10 @@ async def stub() -> AsyncIterator[tuple[StubStripe, StripeConnection]]:
     s = StubStripe()
     app = web.Application()
     app.router.add_get("/v1/prices/{id}", s.price)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    conn = StripeConnection("sk_test_pricing", api_base=f"http://127.0.0.1:{port}", timeout=5)
-    yield s, conn
-    await conn.close()
-    await runner.cleanup()
+    async with serve(app) as url:
+        conn = StripeConnection("sk_test_pricing", api_base=url, timeout=5)
+        yield s, conn
+        await conn.close()
 
 
 async def test_fetch_prices_through_the_sdk(stub: tuple[StubStripe, StripeConnection]) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import Proxy, ProxyFactory
+from tests.servers import serve
 
 Q = 1_000_000
 
@@ -107,13 +108,8 @@ async def test_first_sse_chunk_arrives_while_upstream_holds_the_rest(
 
     app = web.Application()
     app.router.add_get("/v1/stream", held)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        p = await make_proxy(upstream_url=f"http://127.0.0.1:{port}")
+    async with serve(app) as upstream_url:
+        p = await make_proxy(upstream_url=upstream_url)
         key = await p.customer_with_key("s")
         async with p.session.get(p.url + "/v1/stream",
                                  headers={"Authorization": f"Bearer {key}"}) as r:
@@ -124,8 +120,6 @@ async def test_first_sse_chunk_arrives_while_upstream_holds_the_rest(
             rest = await r.content.read()
             assert rest == b'data: {"units": 5}\n\n'
         assert p.ledger_totals() == {("s", "units"): 5 * Q}
-    finally:
-        await runner.cleanup()
 
 
 async def test_abandoned_stream_is_metered_with_what_was_measured(proxy: Proxy) -> None:
@@ -171,13 +165,8 @@ async def test_headers_forwarded_and_hop_by_hop_dropped(make_proxy: ProxyFactory
 
     app = web.Application()
     app.router.add_get("/v1/x", capture)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        p = await make_proxy(upstream_url=f"http://127.0.0.1:{port}")
+    async with serve(app) as upstream_url:
+        p = await make_proxy(upstream_url=upstream_url)
         key = await p.customer_with_key("h")
         async with p.session.get(p.url + "/v1/x", headers={
                 "Authorization": f"Bearer {key}", "Connection": "keep-alive, X-Drop-Me",
@@ -196,8 +185,6 @@ async def test_headers_forwarded_and_hop_by_hop_dropped(make_proxy: ProxyFactory
         async with p.session.get(p.url + "/v1/x", headers={"X-API-Key": key}) as r:
             assert r.status == 200
             assert len(r.headers["X-Request-Id"]) == 32
-    finally:
-        await runner.cleanup()
 
 
 async def test_websocket_passes_through(proxy: Proxy) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from proxy.pricing import Price
+from proxy.pricing import Price, TransformQuantity
 from proxy.rules.matcher import Matcher, MatchIndex
 from proxy.rules.sse import Probe, ResponseInspector, new_inspector
 
@@ -147,12 +147,8 @@ def _presets() -> dict[str, PresetSpec]:
 PRESETS: Mapping[str, PresetSpec] = _presets()
 
 
-@dataclass(frozen=True, slots=True)
-class Transform:
-    """Stripe ``transform_quantity``: divide, then round to a whole unit."""
-
-    divide_by: int
-    round: Literal["up", "down"]
+# A usage's ``transform`` is Stripe's ``transform_quantity``, the same value a Price has.
+Transform = TransformQuantity
 
 
 @dataclass(frozen=True, slots=True)
