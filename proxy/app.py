@@ -158,7 +158,7 @@ async def start(cfg: Config) -> Server:
     await admin.setup()
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
-    site = web.TCPSite(public, host, port, reuse_port=cfg.workers > 1, backlog=1024)
+    site = web.TCPSite(public, host, port, backlog=1024)
     await site.start()
     asite = web.TCPSite(admin, ahost, aport)
     await asite.start()

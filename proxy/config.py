@@ -189,7 +189,6 @@ class Config(_Model):
     credits: CreditsConfig = CreditsConfig()
     max_inspect_bytes: Size = 1024 * 1024
     reserved_prefix: str = "/_meter"
-    workers: int = Field(default=1, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # filled by load(): where the file lives, so relative paths resolve against it
     base_dir: str = "."
