@@ -371,9 +371,28 @@ class _Request:
             metrics.upstream_errors_total.labels(exc.type).inc()
             return error_response(exc.status, exc.type, str(exc), self.rid)
         try:
-            return await self._respond(upstream, t_up)
+            out_headers, inspector = self._response_head(upstream)
+            clen = upstream.content_length
+            if req.method == "HEAD" or upstream.status in (204, 304):
+                self.upstream_s = time.perf_counter() - t_up
+                if (commit := self._finish(upstream.status, upstream, None, 0)) is not None:
+                    await commit
+                return web.Response(status=upstream.status, headers=out_headers)
+            if clen is not None and clen <= _SMALL_BODY:
+                return await self._respond_small(upstream, out_headers, inspector, t_up)
+            return await self._respond(upstream, out_headers, inspector, t_up)
         finally:
             upstream.release()
+
+    def _response_head(self, upstream: aiohttp.ClientResponse) -> tuple[CIMultiDict[str], Any]:
+        """The consumer's response headers, and the body inspector if a rule reads the body."""
+        out_headers: CIMultiDict[str] = CIMultiDict()
+        strip_hop_by_hop(upstream.headers, out_headers)
+        out_headers[_XRID] = self.rid
+        inspector = None
+        if self.rule is not None and self.metered:
+            inspector = self.rule.new_inspector(upstream.headers.get("Content-Type"), self.p.cap)
+        return out_headers, inspector
 
     async def _request_body(self, headers: CIMultiDict[str]) -> Any:
         req = self.req
@@ -416,23 +435,13 @@ class _Request:
             self.request_bytes += len(chunk)
             yield chunk
 
-    async def _respond(self, upstream: aiohttp.ClientResponse, t_up: float) -> web.StreamResponse:
-        p, rule, req = self.p, self.rule, self.req
-        out_headers: CIMultiDict[str] = CIMultiDict()
-        strip_hop_by_hop(upstream.headers, out_headers)
-        out_headers[_XRID] = self.rid
-        inspector = None
-        if rule is not None and self.metered:
-            inspector = rule.new_inspector(upstream.headers.get("Content-Type"), p.cap)
+    async def _respond(self, upstream: aiohttp.ClientResponse, out_headers: CIMultiDict[str],
+                       inspector: Any, t_up: float) -> web.StreamResponse:
+        """A large or streamed body: forwarded chunk by chunk as it arrives."""
+        p, req = self.p, self.req
         clen = upstream.content_length
         chunked = clen is None
         status = upstream.status
-        if req.method == "HEAD" or status in (204, 304):
-            self.upstream_s = time.perf_counter() - t_up
-            await self._finish(status, upstream, None, 0)
-            return web.Response(status=status, headers=out_headers)
-        if clen is not None and clen <= _SMALL_BODY:
-            return await self._respond_small(upstream, out_headers, inspector, t_up)
         if chunked:
             out_headers.popall("Content-Length", None)
         if self.metered:
@@ -462,18 +471,21 @@ class _Request:
             metrics.upstream_errors_total.labels(body_error(exc).type + "_midstream").inc()
             self.flags = "upstream_aborted"
             self.upstream_s = time.perf_counter() - t_up
-            await self._finish(502, upstream, inspector, sent)
+            if (commit := self._finish(502, upstream, inspector, sent)) is not None:
+                await commit
             _kill(req)
             return resp
         except (_Aborted, asyncio.CancelledError):
             metrics.client_aborts_total.inc()
             self.flags = "abandoned"
             self.upstream_s = time.perf_counter() - t_up
-            await self._finish(status, upstream, inspector, sent)
+            if (commit := self._finish(status, upstream, inspector, sent)) is not None:
+                await commit
             raise
         self.upstream_s = time.perf_counter() - t_up
         try:
-            await self._finish(status, upstream, inspector, sent)
+            if (commit := self._finish(status, upstream, inspector, sent)) is not None:
+                await commit
         except MeteringUnavailable:
             metrics.metering_unavailable_total.inc()
             _kill(req)
@@ -492,13 +504,15 @@ class _Request:
             metrics.upstream_errors_total.labels(err.type + "_midstream").inc()
             self.flags = "upstream_aborted"
             self.upstream_s = time.perf_counter() - t_up
-            await self._finish(502, upstream, inspector, 0)
+            if (commit := self._finish(502, upstream, inspector, 0)) is not None:
+                await commit
             return error_response(err.status, err.type, str(err), self.rid)
         if inspector is not None:
             inspector.feed(body)
         self.upstream_s = time.perf_counter() - t_up
         try:
-            await self._finish(upstream.status, upstream, inspector, len(body))
+            if (commit := self._finish(upstream.status, upstream, inspector, len(body))) is not None:
+                await commit
         except MeteringUnavailable:
             metrics.metering_unavailable_total.inc()
             return error_response(503, "metering_unavailable",
@@ -511,15 +525,16 @@ class _Request:
                 headers[_XCR] = xcr
         return web.Response(status=upstream.status, headers=headers, body=body)
 
-    async def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
-                      response_bytes: int) -> None:
-        """Measure, record, and in strict mode wait for the commit."""
+    def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
+                response_bytes: int) -> asyncio.Future[None] | None:
+        """Measure and record; in strict mode returns the commit to wait for before the
+        final bytes go out (a plain function: no coroutine frame on the hot path)."""
         total = time.perf_counter() - self.started
         metrics.upstream_seconds.observe(self.upstream_s)
         metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
         rule = self.rule
         if rule is None or not self.metered:
-            return
+            return None
         m = None
         if constant_quantities(rule) is None:
             m = Measurement(status=status, request_headers=self.req.headers,
@@ -528,10 +543,8 @@ class _Request:
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
                             duration_ms=Decimal(int(total * 1000)))
-        fut = self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
-                            self.version, self.flags, self.hold, self.req)
-        if fut is not None:
-            await fut
+        return self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
+                             self.version, self.flags, self.hold, self.req)
 
 
 async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
