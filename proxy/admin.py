@@ -20,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
 from proxy.exports import stream_export
+from proxy.periods import period_bounds
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
-from proxy.timeutil import month_start, parse_time, rfc3339
+from proxy.timeutil import parse_time, rfc3339
 from proxy.units import fmt_micro
 from proxy.usage_report import customer_report
 
@@ -158,9 +159,12 @@ async def delete_key(request: web.Request) -> web.Response:
 # ---- usage ----------------------------------------------------------------------------
 
 def _range(request: web.Request) -> tuple[float, float]:
+    """``from``/``to`` of the query; by default the customer's current billing period."""
     now = time.time()
+    cust = request.app[RT].keys.customers.get(request.match_info.get("id", ""))
+    period_start = period_bounds(cust.billing_anchor if cust else None, now)[0]
     try:
-        start = parse_time(request.query["from"]) if "from" in request.query else month_start(now)
+        start = parse_time(request.query["from"]) if "from" in request.query else period_start
         end = parse_time(request.query["to"]) if "to" in request.query else now + 60
     except ValueError as exc:
         raise keystore.InvalidInput("from/to must be RFC 3339 times, dates or unix seconds") \

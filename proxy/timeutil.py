@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import calendar
 from datetime import UTC, datetime
 
 
@@ -28,9 +27,3 @@ def parse_time(value: str) -> float:
 def month_start(ts: float) -> float:
     d = datetime.fromtimestamp(ts, UTC)
     return datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
-
-
-def next_month_start(ts: float) -> float:
-    d = datetime.fromtimestamp(ts, UTC)
-    y, m = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
-    return float(calendar.timegm((y, m, 1, 0, 0, 0)))

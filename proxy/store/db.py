@@ -97,9 +97,6 @@ def decode_row(blob: bytes) -> UsageRow:
                     path=path)
 
 
-# A hook run inside every group-commit transaction, after the usage rows are written
-# (credits ledger entries, outbox bookkeeping). It must not commit.
-TxHook = Callable[[sqlite3.Connection], None]
 
 
 def connect(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
@@ -180,7 +177,6 @@ class Store:
         self._retry_delay = 0.05
         self._loop = asyncio.get_running_loop()
         self._batch_task: asyncio.TimerHandle | None = None
-        self._hooks: list[TxHook] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self.path: Path | None = None
@@ -273,9 +269,6 @@ class Store:
             except sqlite3.Error as exc:
                 log.warning("WAL checkpoint failed (will retry): %s", exc)
 
-    def add_tx_hook(self, hook: TxHook) -> None:
-        self._hooks.append(hook)
-
     # ---- hot path -------------------------------------------------------------------
 
     @property
@@ -333,8 +326,6 @@ class Store:
                                  [(encode_row(r),) for r in rows])
             else:
                 self._apply(conn, [flatten(r) for r in rows])
-            for hook in self._hooks:
-                hook(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
