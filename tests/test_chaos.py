@@ -74,6 +74,19 @@ rules:
 """
 
 
+def chaos_config(tmp: Path, upstream: str, stripe_url: str,
+                 timeout: str) -> tuple[Path, str, str]:
+    """A proxy config on fixed free ports, flushing every 300 ms to the Stripe double."""
+    port, aport = free_port(), free_port()
+    cfg = write_config(
+        tmp, upstream, rules_text=RULES,
+        listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{aport}",
+        stripe={"api_key": "sk_test_chaos", "sink": "meter_events",
+                "api_base": stripe_url, "meter_events_base": stripe_url,
+                "flush_interval": "300ms", "timeout": timeout, "max_rate": 2000})
+    return cfg, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
+
+
 # ---- what the clients saw -------------------------------------------------------------------
 
 @dataclass
@@ -121,14 +134,7 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
     per_kind = FAULT_RATE / len(FAULT_KINDS)
     st.faults.set_probabilities("meter_events", {k: per_kind for k in FAULT_KINDS})
 
-    port, aport = free_port(), free_port()
-    cfg = write_config(
-        tmp_path, upstream, rules_text=RULES,
-        listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{aport}",
-        stripe={"api_key": "sk_test_chaos", "sink": "meter_events",
-                "api_base": double.url, "meter_events_base": double.url,
-                "flush_interval": "300ms", "timeout": "1s", "max_rate": 2000})
-    url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
+    cfg, url, admin = chaos_config(tmp_path, upstream, double.url, timeout="1s")
     ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
     proxy.spawn()
@@ -386,14 +392,7 @@ async def test_sigterm_mid_call_never_overlaps_calls_for_one_customer_and_meter(
     double = await stripe_double_factory(processing_delay=2.0)
     st = double.state
     st.add_meter("api_calls")
-    port, aport = free_port(), free_port()
-    cfg = write_config(
-        tmp_path, upstream, rules_text=RULES,
-        listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{aport}",
-        stripe={"api_key": "sk_test_chaos", "sink": "meter_events",
-                "api_base": double.url, "meter_events_base": double.url,
-                "flush_interval": "300ms", "timeout": "5s", "max_rate": 2000})
-    admin = f"http://127.0.0.1:{aport}"
+    cfg, url, admin = chaos_config(tmp_path, upstream, double.url, timeout="5s")
     ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
     proxy.spawn()
@@ -407,7 +406,7 @@ async def test_sigterm_mid_call_never_overlaps_calls_for_one_customer_and_meter(
                               headers=ah) as r:
                 key = (await r.json())["key"]
             for _ in range(3):
-                async with s.get(f"http://127.0.0.1:{port}/v1/items",
+                async with s.get(f"{url}/v1/items",
                                  headers={"Authorization": f"Bearer {key}"}) as r:
                     await r.read()
                     assert r.status == 200
