@@ -61,10 +61,6 @@ def fmt_micro(micro: int) -> str:
     return f"{sign}{whole}.{frac:06d}".rstrip("0")
 
 
-def micro_to_decimal(micro: int) -> Decimal:
-    return Decimal(micro).scaleb(-6)
-
-
 def cost_micro(quantity_micro: int, per_unit: Decimal) -> int:
     """Credits (micro) for a quantity (micro) at ``per_unit`` credits per unit, rounded up:
     a request is never under-charged by rounding. Exact: integer ceil of a Decimal."""

@@ -92,13 +92,6 @@ class Probe:
     type_filter: str | None = None
 
     @property
-    def needle(self) -> bytes:
-        """Bytes that must occur in an event's data for this probe to possibly match."""
-        if not self.path or self.path[0].isdigit():
-            return b""  # a top-level list index: no key to look for
-        return orjson.dumps(self.path[0])
-
-    @property
     def needles(self) -> tuple[bytes, ...]:
         """Every key of the path, JSON-quoted: all must occur for the probe to match."""
         return tuple(orjson.dumps(k) for k in self.path if not k.isdigit())
