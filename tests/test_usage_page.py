@@ -10,8 +10,11 @@ saved as ``test-artifacts/usage-page.png``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
+import hashlib
 import io
+import os
 import re
 import time
 from collections import defaultdict
@@ -176,7 +179,9 @@ async def test_page_is_served_self_contained(make_proxy: ProxyFactory) -> None:
     lowered = html.lower()
     # nothing fetched from elsewhere at runtime: no CDN script, stylesheet, font or image
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", lowered)
-    assert not re.search(r"""url\(\s*["']?(https?:)?//|@import|<link\b|<script\s+src""", lowered)
+    assert not re.search(r"""url\(\s*["']?(https?:)?//|@import|<script\s+src""", lowered)
+    # the one <link> is the inline favicon (else the browser asks the API for /favicon.ico)
+    assert re.findall(r"<link\b[^>]*>", lowered) == ['<link rel="icon" href="data:,">']
     assert "sessionStorage" in html and "localStorage" not in html
 
 
@@ -197,8 +202,8 @@ async def test_events_csv_totals_equal_the_ledger(make_proxy: ProxyFactory) -> N
         rows = list(csv.DictReader(io.StringIO(text)))
         assert {r["customer_id"] for r in rows} == {"acme"}      # only their own requests
         assert csv_totals(text) == ledger
-        for m, v in report["meters"].items():
-            assert micro(v["quantity"]) == ledger[m]
+        assert {m: micro(v["quantity"]) for m, v in report["meters"].items()} \
+            == {**ledger, "images": 0}
     async with p.session.get(p.url + "/_meter/events.csv?from=yesterday",
                              headers={"Authorization": f"Bearer {key}"}) as r:
         assert r.status == 400
@@ -264,3 +269,315 @@ async def test_usage_api_speaks_to_the_customer(make_proxy: ProxyFactory) -> Non
                  "granted_at": g["granted_at"], "expires_at": None, "status": "used_up"}
     assert "grnt" not in orjson.dumps(r["credits"]).decode()
 
+
+# ------------------------------------------------------------------ the page in Chromium
+
+AXE = ROOT / "tests" / "vendor" / "axe-core" / "axe.min.js"
+AXE_SHA256 = "29348999450cdf2849a8e70b7912fc2da85a849da39c0d0d5394f51d4a9ed95c"
+
+
+def require_chromium() -> None:
+    """Skip on a developer machine without chromium; under CI=true, fail: the browser
+    tests must run there."""
+    if find_chromium() is not None:
+        return
+    msg = ("no chromium binary (install Debian's 'chromium' package, or set CHROMIUM=) -- "
+           "the usage-page browser tests cannot run")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg + " (CI=true: a missing browser is a failure)")
+    pytest.skip(msg)
+
+
+# every element with a data-testid: its exact API value (data-value) and what is shown
+DOM_NUMBERS = """(() => {
+  const out = {};
+  document.querySelectorAll('[data-testid]').forEach(e => {
+    out[e.dataset.testid] = e.hasAttribute('data-value') ? e.dataset.value : e.textContent;
+    out[e.dataset.testid + ':text'] = e.textContent;
+  });
+  return out;
+})()"""
+
+DOM_CHARTS = """(() => {
+  const out = {};
+  document.querySelectorAll('svg[data-meter]').forEach(svg => {
+    out[svg.dataset.meter] = [...svg.querySelectorAll('rect.bar')].map(r => ({
+      day: r.dataset.day, value: r.dataset.value, height: +r.getAttribute('height'),
+      title: r.querySelector('title') ? r.querySelector('title').textContent : null}));
+  });
+  return out;
+})()"""
+
+DOM_DAILY = """[...document.querySelectorAll('#daily-svg g.day')].map(g => ({
+  day: g.dataset.day, value: g.dataset.value,
+  bars: Object.fromEntries([...g.querySelectorAll('rect')].map(r => [r.dataset.meter, r.dataset.value]))
+}))"""
+
+AXE_RUN = """axe.run(document, {resultTypes: ['violations']}).then(r => r.violations.map(v => ({
+  id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(n => n.target.join(' '))})))"""
+
+
+def grouped(value: str, prefix: str = "") -> str:
+    """What the page shows for the API's exact string: thousands separators only."""
+    neg = value.startswith("-")
+    whole, _, frac = value.lstrip("-").partition(".")
+    return ("-" if neg else "") + prefix + f"{int(whole):,}" + (f".{frac}" if frac else "")
+
+
+async def captured_usage_body(page: Page, responses: list[dict[str, Any]]) -> dict[str, Any]:
+    """The exact /_meter/usage response the page itself received."""
+    hits = [r for r in responses if r["response"]["url"].endswith("/_meter/usage")]
+    assert hits, [r["response"]["url"] for r in responses]
+    body = await page.send("Network.getResponseBody", {"requestId": hits[-1]["requestId"]})
+    return dict(orjson.loads(body["body"]))
+
+
+def check_numbers(dom: dict[str, str], api: dict[str, Any]) -> None:
+    """Every number the page shows is the API's string, verbatim (grouped for display)."""
+    assert dom["customer"] == api["customer"]
+    for m, v in api["meters"].items():
+        if not v["active"]:
+            assert f"meter-{m}-quantity" not in dom, m            # collapsed
+            continue
+        for field in ("quantity", "covered_by_credits", "billable_units", "projected_quantity"):
+            assert dom[f"meter-{m}-{field}"] == str(v[field]), (m, field)
+            assert dom[f"meter-{m}-{field}:text"] == grouped(str(v[field])), (m, field)
+        for field in ("cost_so_far", "projected_cost"):
+            assert dom[f"meter-{m}-{field}"] == v[field], (m, field)
+            assert dom[f"meter-{m}-{field}:text"] == grouped(v[field], "$"), (m, field)
+        assert dom[f"meter-{m}-notes:text"] == "".join(v["notes"])
+        assert dom[f"price-{m}:text"] == "".join(v["price_text"])
+    for field in ("cost_so_far", "projected", "minimum_commitment"):
+        assert dom[f"total-{field}"] == api["total"][field], field
+        assert dom[f"total-{field}:text"] == grouped(api["total"][field], "$"), field
+    assert dom["projection-note:text"] == api["total"]["projection"]
+    inv = api["upcoming_invoice"]
+    assert dom["invoice-total"] == inv["total"]
+    for ln in inv["lines"]:
+        assert dom[f"invoice-{ln['meter']}-quantity"] == str(ln["quantity"])
+        assert dom[f"invoice-{ln['meter']}-amount"] == ln["amount"]
+        for i, sub in enumerate(ln["sub_lines"]):
+            assert dom[f"invoice-{ln['meter']}-sub-{i}"] == sub["amount"]
+    credits = api["credits"]
+    for field in ("balance", "available", "reserved", "requests_in_flight"):
+        assert dom[f"credits-{field}"] == str(credits[field]), field
+    assert dom["credits-balance-kpi"] == credits["balance"]
+    for i, g in enumerate(credits["grants"]):
+        assert dom[f"grant-{i}-name"] == g["name"]
+        assert dom[f"grant-{i}-credits"] == g["credits"]
+        assert dom[f"grant-{i}-remaining"] == g["remaining"]
+        assert dom[f"grant-{i}-expires_at"] == (g["expires_at"] or "")
+
+
+def between(value: str, *bounds: str) -> bool:
+    return min(map(Decimal, bounds)) <= Decimal(value) <= max(map(Decimal, bounds))
+
+
+async def run_axe(page: Page) -> list[dict[str, Any]]:
+    """axe-core in the page: the violations that are serious or critical."""
+    source = await asyncio.to_thread(AXE.read_bytes)
+    assert hashlib.sha256(source).hexdigest() == AXE_SHA256       # the vendored file, unmodified
+    await page.evaluate(source.decode())
+    violations = await page.evaluate(AXE_RUN)
+    assert isinstance(violations, list)
+    return [v for v in violations if v["impact"] in ("serious", "critical")]
+
+
+async def test_usage_page_in_headless_chromium(make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    require_chromium()
+    p = await make_proxy(rules_text=PRICED_RULES)
+    anchor = today_midnight()
+    key = await p.customer_with_key("acme", stripe_customer_id="cus_acme", overage="bill",
+                                    billing_anchor=anchor.isoformat().replace("+00:00", "Z"),
+                                    minimum_commitment=1500)
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "5"}, expect=201)
+    expiring = (anchor + timedelta(days=20)).isoformat().replace("+00:00", "Z")
+    await p.admin("POST", "/admin/customers/acme/grants",
+                  {"credits": "2", "expires_at": expiring, "priority": 10}, expect=201)
+    await traffic(p, key)
+    allowance = (anchor + timedelta(days=45)).isoformat().replace("+00:00", "Z")
+    await p.admin("POST", "/admin/customers/acme/grants",
+                  {"credits": "100", "expires_at": allowance, "source": "monthly allowance"},
+                  expect=201)
+    seed_history(p, "acme", int(anchor.timestamp()))
+
+    before = await get_usage(p, key)
+    assert Decimal(before["meters"]["llm_tokens"]["billable"]) > 0            # overage billed
+    assert Decimal(before["meters"]["llm_tokens"]["covered_by_credits"]) > 0
+    assert before["credits"]["balance"] == "100"
+    assert [(g["name"], g["credits"]) for g in before["credits"]["grants"]] \
+        == [("Credit grant", "2"), ("Monthly allowance", "100"), ("Credit grant", "5")]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with Browser.launch(tmp_path) as b:
+        page = await b.new_page(width=1280, height=900)
+        responses: list[dict[str, Any]] = []
+        await page.send("Network.enable")
+        b.on_event("Network.responseReceived", responses.append)
+        await page.goto(f"{p.url}/_meter/#key={key}")
+        await page.wait_for("document.body.dataset.state === 'ready'")
+        after = await get_usage(p, key)
+        admin = await p.admin("GET", "/admin/customers/acme", expect=200)
+
+        # the key left the address bar and lives in this tab only
+        assert await page.evaluate("location.href") == f"{p.url}/_meter/"
+        assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") == key
+        assert await page.evaluate("localStorage.length") == 0
+
+        # the numbers equal the API's: exactly the response the page got, and a fresh call
+        dom = await page.evaluate(DOM_NUMBERS)
+        seen = await captured_usage_body(page, responses)
+        check_numbers(dom, seen)
+        for m, v in after["meters"].items():
+            if not v["active"]:
+                continue
+            for field in ("quantity", "billable_units", "covered_by_credits", "cost_so_far"):
+                assert dom[f"meter-{m}-{field}"] == str(v[field]) \
+                    == str(before["meters"][m][field])
+            # the projection moves with the clock: the page's lies between the calls around it
+            assert between(dom[f"meter-{m}-projected_quantity"],
+                           before["meters"][m]["projected_quantity"], v["projected_quantity"])
+            assert Decimal(dom[f"meter-{m}-projected_quantity"]) >= Decimal(v["quantity"])
+            assert admin["usage"][m] == dom[f"meter-{m}-quantity"]
+        assert dom["total-cost_so_far"] == after["total"]["cost_so_far"] \
+            == admin["billing"]["total"]["cost_so_far"]
+        assert dom["total-minimum_commitment"] == "15.00" \
+            == admin["billing"]["total"]["minimum_commitment"]
+        assert between(dom["total-projected"], before["total"]["projected"],
+                       admin["billing"]["total"]["projected"])
+        # display names, not meter ids; the unused meter collapsed into one line
+        assert await page.evaluate(
+            "[...document.querySelectorAll('#meters tbody .meter-name')].map(e => e.textContent)"
+        ) == ["API calls", "Model tokens"]
+        assert dom["no-usage:text"] == "No usage yet this period: Images."
+        assert dom["grant-2-remaining"] == "0"
+        assert await page.evaluate(
+            "document.querySelector('[data-testid=\"grant-2-expires_at\"]').textContent") \
+            == "Never"
+        page_text = await page.evaluate("document.body.innerText")
+        assert "grnt" not in page_text and "llm_tokens" not in page_text
+
+        # daily cost this period: one stacked bar per day, the API's amounts
+        daily = await page.evaluate(DOM_DAILY)
+        assert daily == [{"day": d["day"], "value": d["cost"],
+                          "bars": {m: v["cost"] for m, v in d["meters"].items()
+                                   if Decimal(v["cost"]) != 0}} for d in seen["daily"]]
+        assert len(daily) == 1 and Decimal(daily[0]["value"]) > 0
+
+        # the 90-day chart: 90 bars per meter used in that time, drawn to scale
+        charts = await page.evaluate(DOM_CHARTS)
+        assert set(charts) == {"api_calls", "llm_tokens"}                  # none for Images
+        for m, bars in charts.items():
+            assert len(bars) == 90 == len(seen["history"])
+            assert [b_["day"] for b_ in bars] == [h["day"] for h in seen["history"]]
+            assert [b_["value"] for b_ in bars] == [h["meters"].get(m, "0")
+                                                   for h in seen["history"]]
+            assert all(b_["title"] and grouped(b_["value"]) in b_["title"] for b_ in bars)
+            assert all((b_["height"] > 0) == (Decimal(b_["value"]) > 0) for b_ in bars)
+            tallest = max(bars, key=lambda x: Decimal(x["value"]))
+            assert tallest["height"] == max(b_["height"] for b_ in bars)
+            assert sum(1 for b_ in bars if b_["height"] > 0) >= 60       # seeded history shows
+            assert bars[-1]["value"] == seen["meters"][m]["quantity"]     # today = this period
+
+        # accessibility: axe-core in the page, no serious or critical violation
+        assert await run_axe(page) == []
+
+        # the CSV download: fetch + Blob + <a download>, saved by the browser
+        downloads = tmp_path / "downloads"
+        await b.allow_downloads(downloads)
+        today = datetime.now(UTC).date().isoformat()
+        assert await page.evaluate("document.getElementById('csv-from').value") \
+            == anchor.date().isoformat()
+        assert await page.evaluate("document.getElementById('csv-to').value") == today
+        await page.evaluate("document.getElementById('csv-button').click()")
+        await page.wait_for("document.getElementById('csv-result').dataset.state === 'ready'")
+        name = await page.evaluate("document.getElementById('csv-link').download")
+        saved = downloads / name
+        deadline = time.monotonic() + 10
+        while not (saved.exists() and saved.stat().st_size > 0):
+            assert time.monotonic() < deadline, list(downloads.iterdir())
+            await asyncio.sleep(0.05)
+        text = saved.read_bytes().decode()
+        end = (anchor + timedelta(days=1)).date().isoformat()
+        assert text == await get_csv(p, key, f"?from={anchor.date().isoformat()}&to={end}")
+        start_s = parse_time(seen["period"]["start"])
+        ledger = ledger_period(p, "acme", start_s, parse_time(seen["period"]["end"]))
+        assert csv_totals(text) == ledger
+        dom = await page.evaluate(DOM_NUMBERS)
+        for m, q in ledger.items():
+            assert micro(dom[f"csv-{m}-quantity"]) == q
+
+        (ARTIFACTS / "usage-page-desktop.png").write_bytes(await page.screenshot(width=1280))
+        assert page.exceptions == [] and page.console == []
+
+        # a phone: the same page in 390 CSS pixels, nothing wider than the screen
+        phone = await b.new_page(width=390, height=844)
+        responses.clear()                                  # the desktop tab is idle now
+        await phone.send("Network.enable")
+        await phone.send("Emulation.setDeviceMetricsOverride",
+                         {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+        await phone.goto(f"{p.url}/_meter/")        # a new tab: sessionStorage is empty
+        await phone.wait_for("document.body.dataset.state === 'login'")
+        await phone.evaluate(
+            f"document.getElementById('key-input').value = {orjson.dumps(key).decode()};"
+            " document.querySelector('#key-form button').click()")
+        await phone.wait_for("document.body.dataset.state === 'ready'")
+        assert await phone.evaluate("document.documentElement.scrollWidth") == 390
+        check_numbers(await phone.evaluate(DOM_NUMBERS),
+                      await captured_usage_body(phone, responses))
+        assert await run_axe(phone) == []
+        height = int(await phone.evaluate("document.documentElement.scrollHeight"))
+        await phone.send("Emulation.setDeviceMetricsOverride",
+                         {"width": 390, "height": height, "deviceScaleFactor": 2,
+                          "mobile": True})
+        shot = await phone.send("Page.captureScreenshot", {"format": "png",
+                                                           "captureBeyondViewport": True})
+        (ARTIFACTS / "usage-page-phone.png").write_bytes(base64.b64decode(shot["data"]))
+        assert phone.exceptions == [] and phone.console == []
+        await b.send("Target.closeTarget", {"targetId": phone.target_id})
+        await b.send("Target.activateTarget", {"targetId": page.target_id})
+
+        # a bad key: a clear error, the key form again, nothing kept
+        await page.send("Emulation.setDeviceMetricsOverride",
+                        {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+        await page.goto(f"{p.url}/_meter/#key=mp_wrong")
+        await page.wait_for("document.body.dataset.state === 'error'")
+        assert await page.evaluate("document.getElementById('error').dataset.errorType") \
+            == "invalid_api_key"
+        assert await page.evaluate("!document.getElementById('login').hidden")
+        assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") is None
+        (ARTIFACTS / "usage-page-bad-key.png").write_bytes(await page.screenshot(width=1280))
+        assert page.exceptions == []
+
+
+async def test_usage_page_under_a_configured_prefix_with_the_key_form(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    require_chromium()
+    p = await make_proxy(rules_text=PRICED_RULES, reserved_prefix="/_billing")
+    key = await p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await traffic(p, key)
+    async with p.session.get(p.url + "/_billing/usage",
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+        api = await r.json()
+    async with Browser.launch(tmp_path) as b:
+        page = await b.new_page()
+        await page.goto(f"{p.url}/_billing/")
+        await page.wait_for("document.body.dataset.state === 'login'")
+        await page.evaluate(f"document.getElementById('key-input').value = {orjson.dumps(key).decode()};"
+                            " document.querySelector('#key-form button').click()")
+        await page.wait_for("document.body.dataset.state === 'ready'")
+        dom = await page.evaluate(DOM_NUMBERS)
+        assert {m: dom.get(f"meter-{m}-quantity") for m in api["meters"]} \
+            == {"api_calls": "6", "llm_tokens": api["meters"]["llm_tokens"]["quantity"],
+                "images": None}                                    # unused: collapsed
+        assert await page.evaluate("document.getElementById('credits').hidden")  # no grants
+        charts = await page.evaluate(DOM_CHARTS)
+        assert {m: len(bars) for m, bars in charts.items()} \
+            == {"api_calls": 90, "llm_tokens": 90}
+        assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") == key
+        assert key not in await page.evaluate("location.href")
+        # "Forget key" drops it
+        await page.evaluate("document.getElementById('signout').click()")
+        await page.wait_for("document.body.dataset.state === 'login'")
+        assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") is None
+        assert not page.exceptions, page.exceptions
