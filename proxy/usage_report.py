@@ -24,7 +24,7 @@ from proxy.pricing import Price, fmt_minor, line_amount, period_charges, whole_u
 from proxy.rules import RuleSet
 from proxy.store.keys import Customer
 from proxy.timeutil import rfc3339
-from proxy.units import fmt_micro
+from proxy.units import QSCALE, fmt_micro
 from proxy.usage_view import (
     currency_affixes,
     daily_costs,
@@ -73,6 +73,11 @@ def _days_between(start: int, now: float, end: int) -> list[int]:
     return list(range(first, last + 1, 86400))
 
 
+def _whole_projection(used: int, projected: int) -> int:
+    """A projected quantity in whole units (half up), never below what is already used."""
+    return max(used, (projected + QSCALE // 2) // QSCALE * QSCALE)
+
+
 def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
     """A credit grant as the customer sees it: a name, never an internal id."""
     status = "voided" if g["voided"] else "expired" if g["expired"] else \
@@ -114,7 +119,9 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
     names = sorted(set(rules.meters) | set(period))
     zero = (0, 0, 0, 0)
     billable = {m: period.get(m, zero)[1] for m in names}
-    projected_q = {m: project(period.get(m, zero)[0], trailing.get(m, (0, 0))[0], now, end)
+    projected_q = {m: _whole_projection(period.get(m, zero)[0],
+                                        project(period.get(m, zero)[0],
+                                                trailing.get(m, (0, 0))[0], now, end))
                    for m in names}
     projected_b = {m: project(billable[m], trailing.get(m, (0, 0))[1], now, end)
                    for m in names}
@@ -153,6 +160,9 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
             lines.append({
                 "meter": m, "description": label, "unit_label": unit,
                 "quantity": line.quantity, "amount": fmt_minor(line.amount, cur),
+                "unit_amount": None if line.unit_amount is None
+                else major(line.unit_amount, cur),
+                "per": line.per,
                 "sub_lines": [{"description": s.description, "quantity": s.quantity,
                                "unit_amount": None if s.unit_amount is None
                                else major(s.unit_amount, cur),

@@ -177,11 +177,14 @@ class SubLine:
 
 @dataclass(frozen=True, slots=True)
 class InvoiceLine:
-    """One meter's line on the upcoming invoice."""
+    """One meter's line on the upcoming invoice. A per-unit price is one row (``unit_amount``
+    per ``per`` units); a tiered price is itemised in ``sub_lines``."""
 
     quantity: int                 # whole units billed (after transform_quantity)
     amount: int                   # minor units, rounded once (== pricing.line_amount)
     exact: Fraction               # before rounding
+    unit_amount: Fraction | None  # per-unit prices: minor units per ``per`` units
+    per: int
     sub_lines: tuple[SubLine, ...]
 
 
@@ -189,25 +192,35 @@ def _tier_word(i: int) -> str:
     return _ORDINAL[i] if i < len(_ORDINAL) else f"#{i + 1}"
 
 
-def invoice_lines(price: Price, billable_micro: int, unit: str) -> InvoiceLine:
-    """The invoice line for a period's billable micro-units, with its tiers itemised.
+def _band(start: int, up_to: int | None, unit: str) -> str:
+    if up_to is None:
+        return f"Over {start:,} {unit}" if start else f"All {unit}"
+    if start == 0:
+        return f"First {up_to:,} {unit}"
+    return f"From {start + 1:,} to {up_to:,} {unit}"
 
-    Invariant (tested): the sub-lines sum to :func:`pricing.exact_amount` exactly and the
-    line's amount is :func:`pricing.line_amount`."""
+
+def invoice_lines(price: Price, billable_micro: int, unit: str) -> InvoiceLine:
+    """The invoice line for a period's billable micro-units, tiers itemised.
+
+    Invariant (tested): ``quantity x unit_amount`` (per-unit) or the sub-lines (tiered) sum
+    to :func:`pricing.exact_amount` exactly; the amount is :func:`pricing.line_amount`."""
     units = whole_units(billable_micro)
     q = billed_quantity(price, units)
-    subs: list[SubLine] = []
+    exact = exact_amount(price, units)
     if price.billing_scheme == "per_unit":
         assert price.unit_amount_decimal is not None
         r = Fraction(price.unit_amount_decimal)
         tq = price.transform_quantity
-        what = unit if tq is None else f"{TIMES} {tq.divide_by:,} {unit}"
-        subs.append(SubLine(f"{q:,} {what}", q, r, q * r))
-    elif price.tiers_mode == "volume":
+        assert q * r == exact
+        return InvoiceLine(q, round_line(exact), exact, r, 1 if tq is None else tq.divide_by,
+                           ())
+    subs: list[SubLine] = []
+    if price.tiers_mode == "volume":
         i = next(i for i, t in enumerate(price.tiers) if t.up_to is None or q <= t.up_to)
         t = price.tiers[i]
         r = Fraction(t.unit_amount_decimal)
-        subs.append(SubLine(f"{q:,} {unit} at the {_tier_word(i)} tier's rate", q, r, q * r))
+        subs.append(SubLine(f"All {unit} at the {_tier_word(i)} tier's rate", q, r, q * r))
         if t.flat_amount_decimal:
             subs.append(SubLine(f"Flat fee of the {_tier_word(i)} tier", None, None,
                                 Fraction(t.flat_amount_decimal)))
@@ -218,21 +231,15 @@ def invoice_lines(price: Price, billable_micro: int, unit: str) -> InvoiceLine:
                 break
             end = q if t.up_to is None else min(q, t.up_to)
             r = Fraction(t.unit_amount_decimal)
-            n = end - start
-            if t.up_to is None:
-                label = f"{unit} over {start:,}" if start else unit
-            else:
-                label = f"{unit} {start + 1:,}{DASH}{t.up_to:,}"
-            subs.append(SubLine(f"{n:,} {label}", n, r, n * r))
+            subs.append(SubLine(_band(start, t.up_to, unit), end - start, r, (end - start) * r))
             if t.flat_amount_decimal:
                 subs.append(SubLine(f"Flat fee of the {_tier_word(i)} tier", None, None,
                                     Fraction(t.flat_amount_decimal)))
             if t.up_to is None:
                 break
             start = t.up_to
-    exact = exact_amount(price, units)
     assert sum((s.amount for s in subs), Fraction(0)) == exact
-    return InvoiceLine(q, round_line(exact), exact, tuple(subs))
+    return InvoiceLine(q, round_line(exact), exact, None, 1, tuple(subs))
 
 
 def fixed_fee(price: Price) -> int:

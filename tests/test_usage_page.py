@@ -246,13 +246,16 @@ async def test_usage_api_speaks_to_the_customer(make_proxy: ProxyFactory) -> Non
     # the invoice preview: one line per priced meter, each equal to its cost so far
     inv = r["upcoming_invoice"]
     assert [ln["meter"] for ln in inv["lines"]] == ["api_calls", "llm_tokens"]
+    assert [(ln["unit_amount"], ln["per"], len(ln["sub_lines"])) for ln in inv["lines"]] \
+        == [("0.025", 1, 0), (None, 1, 3)]
     cents = 0
     for ln in inv["lines"]:
         m = r["meters"][ln["meter"]]
         assert ln["description"] == m["display_name"]
         assert ln["quantity"] == m["billable_units"]
         assert ln["amount"] == m["cost_so_far"]
-        exact = sum(Decimal(s["amount"]) for s in ln["sub_lines"])
+        exact = ln["quantity"] * Decimal(ln["unit_amount"]) if ln["unit_amount"] \
+            else sum(Decimal(s["amount"]) for s in ln["sub_lines"])
         assert exact.quantize(Decimal("0.01"), ROUND_HALF_UP) == Decimal(ln["amount"])
         cents += micro(ln["amount"])
     assert inv["total"] == r["total"]["cost_so_far"] and micro(inv["total"]) == cents
@@ -356,6 +359,7 @@ def check_numbers(dom: dict[str, str], api: dict[str, Any]) -> None:
     for ln in inv["lines"]:
         assert dom[f"invoice-{ln['meter']}-quantity"] == str(ln["quantity"])
         assert dom[f"invoice-{ln['meter']}-amount"] == ln["amount"]
+        assert dom.get(f"invoice-{ln['meter']}-unit_amount") == ln["unit_amount"]
         for i, sub in enumerate(ln["sub_lines"]):
             assert dom[f"invoice-{ln['meter']}-sub-{i}"] == sub["amount"]
     credits = api["credits"]
@@ -568,7 +572,7 @@ async def test_usage_page_under_a_configured_prefix_with_the_key_form(
         await page.wait_for("document.body.dataset.state === 'ready'")
         dom = await page.evaluate(DOM_NUMBERS)
         assert {m: dom.get(f"meter-{m}-quantity") for m in api["meters"]} \
-            == {"api_calls": "6", "llm_tokens": api["meters"]["llm_tokens"]["quantity"],
+            == {"api_calls": "14", "llm_tokens": api["meters"]["llm_tokens"]["quantity"],
                 "images": None}                                    # unused: collapsed
         assert await page.evaluate("document.getElementById('credits').hidden")  # no grants
         charts = await page.evaluate(DOM_CHARTS)

@@ -78,9 +78,9 @@ def test_graduated_invoice_line_itemises_tiers_and_flat_fees() -> None:
     assert line.quantity == 1_500_300
     assert line.amount == 750 == line_amount(TOKENS, 1_500_300 * Q)
     assert [(s.description, s.quantity, s.unit_amount, s.amount) for s in line.sub_lines] == [
-        ("1,000,000 tokens 1\u20131,000,000", 1_000_000, Fraction(1, 5000), Fraction(200)),
+        ("First 1,000,000 tokens", 1_000_000, Fraction(1, 5000), Fraction(200)),
         ("Flat fee of the first tier", None, None, Fraction(500)),
-        ("500,300 tokens over 1,000,000", 500_300, Fraction(1, 10000), Fraction(5003, 100))]
+        ("Over 1,000,000 tokens", 500_300, Fraction(1, 10000), Fraction(5003, 100))]
     assert line.exact == Fraction(75003, 100)                 # $7.5003 -> $7.50 once
 
 
@@ -96,15 +96,22 @@ def test_zero_usage_line_is_the_flat_fee_explained() -> None:
 def test_volume_and_transform_lines() -> None:
     gb = invoice_lines(GB, 101 * Q, "GB")
     assert [(s.description, s.amount) for s in gb.sub_lines] == [
-        ("101 GB at the second tier's rate", Fraction(2020))]
+        ("All GB at the second tier's rate", Fraction(2020))]
     assert gb.amount == 2020
     small = invoice_lines(GB, 3 * Q, "GB")
     assert [(s.description, s.amount) for s in small.sub_lines] == [
-        ("3 GB at the first tier's rate", Fraction(75)),
+        ("All GB at the first tier's rate", Fraction(75)),
         ("Flat fee of the first tier", Fraction(100))]
     by = invoice_lines(BYTES, 1_001 * Q, "bytes")
-    assert (by.quantity, by.amount) == (2, 50)
-    assert by.sub_lines[0].description == "2 \u00d7 1,000 bytes"
+    assert (by.quantity, by.amount, by.unit_amount, by.per, by.sub_lines) \
+        == (2, 50, Fraction(25), 1000, ())
+    calls = invoice_lines(CALLS, 30 * Q, "calls")
+    assert (calls.quantity, calls.amount, calls.exact, calls.unit_amount, calls.per) \
+        == (30, 2, Fraction(3, 2), Fraction(1, 20), 1)
+    three = invoice_lines(THREE, 150 * Q, "calls")
+    assert [(s.description, s.quantity) for s in three.sub_lines] == [
+        ("First 10 calls", 10), ("From 11 to 100 calls", 90), ("Over 100 calls", 50),
+        ("Flat fee of the third tier", None)]
 
 
 def test_notes_for_fractions_and_partial_cover() -> None:
@@ -149,8 +156,10 @@ def prices(draw: st.DrawFn) -> Price:
 @given(prices(), st.integers(-5 * Q, 20_000 * Q))
 def test_sub_lines_sum_to_the_exact_line(price: Price, micro: int) -> None:
     line = invoice_lines(price, micro, "units")
-    assert sum((s.amount for s in line.sub_lines), Fraction(0)) == line.exact \
-        == exact_amount(price, whole_units(micro))
+    itemised = sum((s.amount for s in line.sub_lines), Fraction(0)) \
+        if line.unit_amount is None else line.quantity * line.unit_amount
+    assert itemised == line.exact == exact_amount(price, whole_units(micro))
+    assert (line.unit_amount is None) == (price.billing_scheme == "tiered")
     assert line.amount == line_amount(price, micro)
 
 
