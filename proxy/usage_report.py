@@ -1,12 +1,15 @@
 """One customer's billing picture for the current period: usage, cost so far, projection,
-credits, daily history and the prices in effect. The consumer usage API, the usage page and
-the admin customer detail all read this one function, so they can never disagree.
+credits, daily cost and history, the upcoming invoice and the prices in effect. The consumer
+usage API, the usage page and the admin customer detail all read this one function, so they
+can never disagree. The field-by-field shape is documented in docs/usage-page.md.
 
 Money is integer minor units of the price currency, shown as exact decimal strings.
 Costs price the *billable* units (what credits did not cover: what Stripe will invoice), as
-whole units, per meter, rounded once per line (``proxy.pricing``). The projection is linear
-on the trailing 7 days (``proxy.periods``); a customer's minimum commitment is the floor of
-the projected total.
+whole units, per meter, rounded once per line (``proxy.pricing``); the words (price text,
+invoice sub-lines, notes) come from ``proxy.usage_view``, built on the same line math.
+The projection is linear on the trailing 7 days (``proxy.periods``), of use (in whole units,
+never below what is used) and of billable units (priced); a customer's minimum commitment
+is the floor of the projected total.
 """
 
 from __future__ import annotations
@@ -186,8 +189,8 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
             "fixed_fees": fmt_minor(sum(fixed_fee(p) for p in prices.values()), currency)
             if currency else None,
             "projection": f"At the average daily rate of the last 7 days, until the period "
-                          f"ends on {last_day} (UTC); never less than what is already used"
-                          + (f", and at least the minimum commitment of "
+                          f"ends on {last_day} (UTC)"
+                          + (f"; at least the minimum commitment of "
                              f"{money(customer.minimum_commitment, currency)}"
                              if currency and customer.minimum_commitment else "") + ".",
         },

@@ -241,7 +241,10 @@ async def test_usage_api_speaks_to_the_customer(make_proxy: ProxyFactory) -> Non
     assert r["currency_format"] == {"prefix": "$", "suffix": ""}
     assert r["total"]["fixed_fees"] == "1.00"
     assert r["total"]["projection"].startswith("At the average daily rate of the last 7 days")
-    assert r["total"]["projection"].endswith("at least the minimum commitment of $50.00.")
+    last = (datetime.fromisoformat(r["period"]["end"]) - timedelta(seconds=1)).date()
+    assert r["total"]["projection"] == (
+        f"At the average daily rate of the last 7 days, until the period ends on {last} (UTC);"
+        " at least the minimum commitment of $50.00.")
     assert r["total"]["projected"] == "50.00"
     # the invoice preview: one line per priced meter, each equal to its cost so far
     inv = r["upcoming_invoice"]
@@ -318,6 +321,17 @@ DOM_DAILY = """[...document.querySelectorAll('#daily-svg g.day')].map(g => ({
 
 AXE_RUN = """axe.run(document, {resultTypes: ['violations']}).then(r => r.violations.map(v => ({
   id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(n => n.target.join(' '))})))"""
+
+
+def test_missing_chromium_fails_under_ci(monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    monkeypatch.setenv("CHROMIUM", str(tmp_path / "no-such-browser"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: a missing browser is a failure"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no chromium binary"):
+        require_chromium()
 
 
 def grouped(value: str, prefix: str = "") -> str:
