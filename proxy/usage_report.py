@@ -96,28 +96,34 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
     now = time.time() if now is None else now
     start, end = period_bounds(customer.billing_anchor, now)
     cid = customer.id
-    period = {m: (q, b, c, n) for m, q, b, c, n in await _sums(
-        db, "SELECT meter, SUM(quantity), SUM(billable), SUM(covered), SUM(requests)"
-            " FROM usage_minute WHERE customer_id=? AND minute>=? AND minute<? GROUP BY meter",
-        (cid, start, end))}
-    trailing = {m: (q, b) for m, q, b in await _sums(
-        db, "SELECT meter, SUM(quantity), SUM(billable) FROM usage_minute"
-            " WHERE customer_id=? AND minute>? GROUP BY meter", (cid, int(now - TRAILING)))}
     days = day_starts(now, HISTORY_DAYS)
-    hist: dict[int, dict[str, str]] = {d: {} for d in days}
-    for meter, day, q in await _sums(
-            db, "SELECT meter, minute / 86400 * 86400 AS day, SUM(quantity) FROM usage_minute"
-                " WHERE customer_id=? AND minute>=? GROUP BY meter, day", (cid, days[0])):
-        if day in hist:
-            hist[day][meter] = fmt_micro(q)
     period_days = _days_between(start, now, end)
+    trailing_from = int(now - TRAILING)
+    # one scan of the customer's recent minutes, split by day and by the two windows
+    # (this period, the trailing 7 days); everything below is sums of these groups
+    period: dict[str, tuple[int, int, int, int]] = {}
+    trailing: dict[str, tuple[int, int]] = {}
+    hist: dict[int, dict[str, str]] = {d: {} for d in days}
+    hist_q: dict[tuple[int, str], int] = {}
     by_day: dict[int, dict[str, tuple[int, int]]] = {d: {} for d in period_days}
-    for meter, day, q, b in await _sums(
-            db, "SELECT meter, minute / 86400 * 86400 AS day, SUM(quantity), SUM(billable)"
-                " FROM usage_minute WHERE customer_id=? AND minute>=? AND minute<?"
-                " GROUP BY meter, day", (cid, start, end)):
-        if day in by_day:
-            by_day[day][meter] = (q, b)
+    for meter, day, in_period, in_trailing, q, b, c, n in await _sums(
+            db, "SELECT meter, minute / 86400 * 86400 AS day, minute >= ? AND minute < ?,"
+                " minute > ?, SUM(quantity), SUM(billable), SUM(covered), SUM(requests)"
+                " FROM usage_minute WHERE customer_id=? AND minute>=? GROUP BY 1, 2, 3, 4",
+            (start, end, trailing_from, cid, min(days[0], start, trailing_from))):
+        if in_period:
+            pq, pb, pc, pn = period.get(meter, (0, 0, 0, 0))
+            period[meter] = (pq + q, pb + b, pc + c, pn + n)
+            if day in by_day:
+                dq, db_ = by_day[day].get(meter, (0, 0))
+                by_day[day][meter] = (dq + q, db_ + b)
+        if in_trailing:
+            tq, tb = trailing.get(meter, (0, 0))
+            trailing[meter] = (tq + q, tb + b)
+        if day in hist:
+            hist_q[day, meter] = hist_q.get((day, meter), 0) + q
+    for (day, meter), q in hist_q.items():
+        hist[day][meter] = fmt_micro(q)
 
     names = sorted(set(rules.meters) | set(period))
     zero = (0, 0, 0, 0)
