@@ -599,3 +599,63 @@ async def test_usage_page_under_a_configured_prefix_with_the_key_form(
         await page.wait_for("document.body.dataset.state === 'login'")
         assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") is None
         assert not page.exceptions, page.exceptions
+
+
+def insert_minutes(p: Proxy, cid: str, rows: list[tuple[str, int, int, int]]) -> None:
+    """(meter, minute, quantity micro, billable micro) straight into the ledger."""
+    with p.db() as c:
+        (key_id,) = c.execute("SELECT key_id FROM api_keys WHERE customer_id=?",
+                              (cid,)).fetchone()
+        c.executemany("INSERT INTO usage_minute (customer_id, key_id, meter, minute,"
+                      " rules_version, quantity, requests, billable, covered, reported)"
+                      " VALUES (?,?,?,?,'seed',?,1,?,?,0)",
+                      [(cid, key_id, m, t, q, b, q - b) for m, t, q, b in rows])
+
+
+async def test_period_starting_mid_day_splits_days_and_windows(
+        make_proxy: ProxyFactory) -> None:
+    """A period that starts at 10:00: the minute before belongs to the last period (in the
+    90-day history, not in this period's daily cost); the projection counts the trailing
+    7 days, in whole units, and is never below what is used."""
+    p = await make_proxy(rules_text=PRICED_RULES)
+    now = int(time.time())
+    start = now - 3 * 86400 - (now % 86400) + 10 * 3600 if now % 86400 >= 10 * 3600 \
+        else now - 4 * 86400 - (now % 86400) + 10 * 3600
+    anchor = datetime.fromtimestamp(start, UTC).isoformat().replace("+00:00", "Z")
+    key = await p.customer_with_key("acme", stripe_customer_id="cus_acme",
+                                    billing_anchor=anchor)
+    day0 = start // 86400 * 86400
+    insert_minutes(p, "acme", [
+        ("api_calls", start - 60, 7 * Q, 7 * Q),           # last period, same UTC day
+        ("api_calls", start, 3 * Q, 3 * Q),                # first minute of this period
+        ("api_calls", start + 86400, 2_500_000, 1_500_000),
+        ("llm_tokens", now - 60, 1000 * Q, 1000 * Q),
+    ])
+    t0 = time.time()
+    r = await get_usage(p, key)
+    t1 = time.time()
+    assert r["period"]["start"] == anchor
+    api, tok = r["meters"]["api_calls"], r["meters"]["llm_tokens"]
+    assert (api["quantity"], api["billable"], api["billable_units"]) == ("5.5", "4.5", 4)
+    assert api["covered_by_credits"] == "1"
+    daily = {d["day"]: d for d in r["daily"]}
+    first = datetime.fromtimestamp(day0, UTC).date().isoformat()
+    second = datetime.fromtimestamp(day0 + 86400, UTC).date().isoformat()
+    assert next(iter(daily)) == first and len(daily) == (now // 86400 - day0 // 86400) + 1
+    assert daily[first]["meters"]["api_calls"] == {"quantity": "3", "billable": "3",
+                                                   "cost": "0.08"}     # 7.5 cents, half up
+    assert daily[second]["meters"]["api_calls"] == {"quantity": "2.5", "billable": "1.5",
+                                                    "cost": "0.02"}    # line 4 -> 10 cents
+    hist = {h["day"]: h["meters"] for h in r["history"]}
+    assert hist[first]["api_calls"] == "10"                            # both periods' minutes
+    # the trailing 7 days hold everything: 5.5 calls + 7 of the last period; the report's
+    # clock is between t0 and t1, and the projection is monotone in it
+    end = int(parse_time(r["period"]["end"]))
+
+    def projected(so_far: int, t: float) -> tuple[int, int]:
+        rest = int((so_far + 7 * Q) * max(0.0, end - t) // (7 * 86400))
+        return (so_far + rest + Q // 2) // Q, (so_far + rest) // Q      # rounded, floored
+
+    assert int(api["projected_quantity"]) in {projected(5_500_000, t)[0] for t in (t0, t1)}
+    assert api["projected_billable_units"] in {projected(4_500_000, t)[1] for t in (t0, t1)}
+    assert Decimal(tok["projected_quantity"]) >= Decimal(tok["quantity"]) == 1000
