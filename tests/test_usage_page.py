@@ -573,6 +573,7 @@ async def test_usage_page_under_a_configured_prefix_with_the_key_form(
     require_chromium()
     p = await make_proxy(rules_text=PRICED_RULES, reserved_prefix="/_billing")
     key = await p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    idle = await p.customer_with_key("idle", stripe_customer_id="cus_idle")
     await traffic(p, key)
     async with p.session.get(p.url + "/_billing/usage",
                              headers={"Authorization": f"Bearer {key}"}) as r:
@@ -594,10 +595,31 @@ async def test_usage_page_under_a_configured_prefix_with_the_key_form(
             == {"api_calls": 90, "llm_tokens": 90}
         assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") == key
         assert key not in await page.evaluate("location.href")
+        assert await page.evaluate("document.getElementById('kpi-minimum').hidden")
         # "Forget key" drops it
         await page.evaluate("document.getElementById('signout').click()")
         await page.wait_for("document.body.dataset.state === 'login'")
         assert await page.evaluate("sessionStorage.getItem('meterproxy.api_key')") is None
+        # a customer with no usage yet: empty cards collapse, the flat fee is explained
+        await page.evaluate(f"document.getElementById('key-input').value = "
+                            f"{orjson.dumps(idle).decode()};"
+                            " document.querySelector('#key-form button').click()")
+        await page.wait_for("document.body.dataset.state === 'ready'"
+                            " && document.getElementById('who').textContent === 'idle'")
+        hidden = await page.evaluate(
+            "Object.fromEntries(['meters-wrap', 'history-card', 'daily-card', 'kpi-minimum',"
+            " 'credits', 'invoice-card', 'prices-card'].map(id => [id,"
+            " document.getElementById(id).hidden]))")
+        assert hidden == {"meters-wrap": True, "history-card": True, "daily-card": True,
+                          "kpi-minimum": True, "credits": True, "invoice-card": False,
+                          "prices-card": False}
+        dom = await page.evaluate(DOM_NUMBERS)
+        assert dom["no-usage:text"] == "No usage yet this period."
+        assert (dom["total-cost_so_far:text"], dom["invoice-total:text"]) == ("$1.00", "$1.00")
+        assert dom["invoice-llm_tokens-amount"] == "1.00"
+        assert dom["invoice-api_calls-amount"] == "0.00"
+        assert await page.evaluate("document.getElementById('period-note').textContent"
+                                   ".endsWith('; includes $1.00 in flat fees')")
         assert not page.exceptions, page.exceptions
 
 
