@@ -52,7 +52,10 @@ from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml, type_name
 __all__ = ["check_rules", "cli_check", "load_rules"]
 
 TOP_KEYS = ("version", "meters", "rules", "count_when")
-METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "price", "price_id")
+METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "display_name",
+              "unit_label", "price", "price_id")
+# customer-facing labels (usage page, usage API): one short line of text
+LABEL_MAX = {"display_name": 60, "unit_label": 30}
 RULE_KEYS = ("name", "match", "auth", "usage", "count_when", "description")
 MATCH_KEYS = ("methods", "path", "params", "headers", "query")
 USAGE_KEYS = ("meter", "quantity", "preset", "credits", "estimate", "transform", "on_unreadable")
@@ -550,11 +553,29 @@ def _meter(f: _File, path: KeyPath, name: str, value: object) -> Meter | None:
     price_id = f.string((*path, "price_id"), m["price_id"], "price_id") \
         if "price_id" in m else None
     price = _price(f, (*path, "price"), m["price"]) if "price" in m else None
+    labels = {k: _label(f, (*path, k), m[k], k) for k in LABEL_MAX if k in m}
     if len(f.problems) != before or event is None:
         return None
     return Meter(name, event, covered if isinstance(covered, str) else None,
                  desc if isinstance(desc, str) else None,
-                 price.with_id(price_id) if price is not None else None, price_id)
+                 price.with_id(price_id) if price is not None else None, price_id,
+                 display_name=labels.get("display_name"), unit_label=labels.get("unit_label"))
+
+
+def _label(f: _File, path: KeyPath, value: object, what: str) -> str | None:
+    """A customer-facing label: one line of printable text, trimmed, bounded."""
+    text = f.string(path, value, what)
+    if text is None:
+        return None
+    text = text.strip()
+    if any(not c.isprintable() for c in text):
+        f.at_value(path, f"{what} must be one line of printable text, got {text!r}")
+        return None
+    if len(text) > LABEL_MAX[what]:
+        f.at_value(path, f"{what} must be at most {LABEL_MAX[what]} characters, "
+                         f"got {len(text)}")
+        return None
+    return text
 
 
 def _price(f: _File, path: KeyPath, value: object) -> Price | None:

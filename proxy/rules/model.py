@@ -76,6 +76,18 @@ class Meter:
     description: str | None = None
     price: Price | None = None
     price_id: str | None = None
+    display_name: str | None = None     # what customers see (usage page, usage API)
+    unit_label: str | None = None       # plural noun for the unit, e.g. "tokens"
+
+    @property
+    def label(self) -> str:
+        """The name customers see: ``display_name``, else the meter's id."""
+        return self.display_name or self.name
+
+    @property
+    def units(self) -> str:
+        """The unit customers see: ``unit_label``, else "units"."""
+        return self.unit_label or "units"
 
 
 class SourceKind(enum.Enum):
