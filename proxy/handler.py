@@ -33,11 +33,11 @@ from multidict import CIMultiDict, istr
 from proxy import metrics
 from proxy.credits.book import CreditBook, Hold
 from proxy.credits.ledger import Entry, covered_quantity
+from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
 from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
-from proxy.rules.model import SourceKind
 from proxy.runtime import Runtime
 from proxy.store.db import UsageItem, UsageRow
 from proxy.units import cost_micro, fmt_micro, to_micro
@@ -84,7 +84,7 @@ class Pipeline:
         self.shadow = cfg.credits.enforcement == "shadow"
         self.default_estimate = to_micro(cfg.credits.default_estimate)
         self.top_up = cfg.credits.top_up_url
-        self._admission_cost: dict[int, tuple[str, int]] = {}
+        self.reservations = Reservations(self.default_estimate)
 
     # ---- entry point ---------------------------------------------------------------
 
@@ -137,22 +137,9 @@ class Pipeline:
     # ---- credits: admission ----------------------------------------------------------
 
     def admission_cost(self, rule: Rule) -> int:
-        """Micro-credits held at admission: constant quantities' cost plus the estimate of
-        every quantity only known later. Computed once per rule object."""
-        cached = self._admission_cost.get(id(rule))
-        if cached is not None and cached[0] == rule.name:
-            return cached[1]
-        total = 0
-        for u in rule.usage:
-            if u.credits_per_unit is None:
-                continue
-            if u.source.kind is SourceKind.CONSTANT and u.source.constant is not None:
-                q = to_micro(u.source.constant)
-            else:
-                q = u.estimate_micro if u.estimate_micro is not None else self.default_estimate
-            total += cost_micro(q, u.credits_per_unit)
-        self._admission_cost[id(rule)] = (rule.name, total)
-        return total
+        """Micro-credits held at admission: constant quantities' cost plus the adaptive
+        reservation of every quantity only known later (proxy.credits.reserve)."""
+        return self.reservations.for_rule(rule).cost()
 
     def _admit(self, rule: Rule, customer_id: str,
                rid: str) -> tuple[Hold | None, web.Response | None]:
@@ -166,11 +153,31 @@ class Pipeline:
             return None, None                     # pay-as-you-go: nothing to hold
         cost = self.admission_cost(rule)
         now = time.time()
-        hold = book.try_hold(customer_id, cost, now, block=block and not self.shadow)
+        enforce = block and not self.shadow
+        hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
         if hold is not None:
             if block and self.shadow and cost > book.available(customer_id, now) + hold.amount:
                 metrics.credit_shadow_rejections_total.inc()
             return hold, None
+        return None, self.refusal(customer_id, cost, now, rid)
+
+    def admit_hint(self, rule: Rule, hold: Hold, request: web.Request, request_json: object,
+                   rid: str) -> web.Response | None:
+        """Once a request body is read: hold the extra its ``reserve_from`` hints ask for
+        (block customers: 402 when it does not fit). Only rules that name a hint get here."""
+        book = self.book
+        assert book is not None
+        extra = self.reservations.for_rule(rule).hint_extra(request_json, request.headers,
+                                                            request.query)
+        now = time.time()
+        if book.grow(hold, extra, now, block=hold.debt_ok):
+            return None
+        book.release(hold)
+        return self.refusal(hold.customer_id, self.admission_cost(rule) + extra, now, rid)
+
+    def refusal(self, customer_id: str, cost: int, now: float, rid: str) -> web.Response:
+        book = self.book
+        assert book is not None
         metrics.credit_rejections_total.inc()
         balance = book.available(customer_id, now)
         msg = (f"This request needs {fmt_micro(cost)} credits and {fmt_micro(max(balance, 0))} "
@@ -180,7 +187,7 @@ class Pipeline:
                               {"balance": fmt_micro(max(balance, 0)), "required": fmt_micro(cost),
                                "top_up_url": self.top_up or None})
         resp.headers[_XCR] = fmt_micro(max(balance, 0))
-        return None, resp
+        return resp
 
     def credits_header(self, customer_id: str) -> str | None:
         book = self.book
@@ -317,6 +324,11 @@ class Pipeline:
                  for q in quantities]
         settled = self.book.settle(hold, costs, time.time()) \
             if hold is not None and self.book is not None else None
+        if self.book is not None:
+            ests = self.reservations.for_rule(rule).estimators
+            for q in quantities:
+                if not q.unreadable and (est := ests.get(q.meter)) is not None:
+                    est.observe(q.micro)
         items = []
         debits: list[tuple[str, Entry]] = []
         for i, q in enumerate(quantities):
@@ -364,6 +376,11 @@ class _Request:
         req, p = self.req, self.p
         headers = p.upstream_headers(req, self.rid)
         data = await self._request_body(headers)
+        if self.hold is not None and self.rule is not None and \
+                p.reservations.for_rule(self.rule).hinted:
+            refused = p.admit_hint(self.rule, self.hold, req, self.request_json, self.rid)
+            if refused is not None:
+                return refused
         t_up = time.perf_counter()
         try:
             upstream = await p.rt.upstream.request(req.method, req.path_qs, headers, data)

@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 
+from proxy.units import fmt_micro
 from tests.conftest import Proxy, ProxyFactory
 from tests.servers import serve
 
@@ -104,12 +105,19 @@ async def test_token_rule_overspend_within_stated_bound(make_proxy: ProxyFactory
     assert 0 <= overspend <= len(ok) * (250 - 100) * Q // 100
     with p.db() as c:
         (debited,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
-                               " WHERE customer_id='tok'").fetchone()
+                               " WHERE customer_id='tok' AND kind='debit'").fetchone()
+        (debt,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
+                            " WHERE customer_id='tok' AND kind='debt'").fetchone()
         billable, covered = c.execute("SELECT SUM(billable), SUM(covered) FROM usage_minute"
                                       " WHERE customer_id='tok'").fetchone()
     assert debited == 30 * Q                  # grants never below zero
-    assert covered == 3000 * Q                # 30 credits cover exactly 3000 tokens
-    assert billable == len(ok) * 250 * Q - 3000 * Q   # the overspend is billed, not lost
+    # a block customer is never invoiced: the overspend is debt, not billable overage
+    assert debt == overspend
+    assert billable == 0
+    assert covered == len(ok) * 250 * Q
+    summary = await p.admin("GET", "/admin/customers/tok/grants", expect=200)
+    assert summary["debt"] == fmt_micro(overspend)
+    assert summary["balance"] == fmt_micro(-overspend)
 
 
 async def test_block_402_body_and_bill_reports_only_uncovered(make_proxy: ProxyFactory) -> None:

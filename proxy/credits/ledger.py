@@ -8,6 +8,10 @@ Invariants (property-tested in tests/test_credits_ledger.py)
 - An expired grant contributes nothing from its ``expires_at`` on, whether or not the expiry
   entry has been written yet.
 - Incremental updates and a replay of the entries give identical results.
+- Debt (docs/credits.md): usage a ``block`` customer consumed beyond its credits is a
+  ``debt`` entry (no grant, ``grant_id == ""``); a later grant pays it back first with a
+  ``repay`` entry (taken out of that grant like a debit). A customer's debt is
+  ``sum(debt) - sum(repay)``, never below 0, and its balance is ``available - debt``.
 """
 
 from __future__ import annotations
@@ -45,8 +49,12 @@ class GrantState:
 @dataclass(frozen=True, slots=True)
 class Entry:
     grant_id: str
-    kind: str          # debit | expire | void | refund
-    amount: int        # > 0 takes credits out of the grant; refund < 0 puts them back
+    kind: str          # debit | expire | void | refund | debt | repay
+    amount: int        # > 0 takes credits out of the grant (refund: a clawback); debt: owed
+
+
+DEBT = "debt"          # no grant: credits consumed beyond the balance (block customers)
+REPAY = "repay"        # a grant's credits taken to pay back debt
 
 
 def burn_order(grants: Iterable[GrantState]) -> list[GrantState]:
@@ -77,8 +85,11 @@ def allocate(grants: Sequence[GrantState], cost: int, now: float) -> tuple[list[
 
 
 def apply(grants: dict[str, GrantState], entries: Iterable[Entry]) -> None:
-    """Apply entries to the projection (in place)."""
+    """Apply entries to the projection (in place). ``debt`` entries touch no grant (the
+    book keeps debt per customer; see ``debt_delta``)."""
     for e in entries:
+        if e.kind == DEBT:
+            continue
         g = grants[e.grant_id]
         g.remaining -= e.amount
         if e.kind == "void":
@@ -120,3 +131,27 @@ def covered_quantity(quantity: int, cost: int, covered_cost: int) -> int:
     if covered_cost >= cost:
         return quantity
     return quantity * covered_cost // cost
+
+
+def debt_delta(entries: Iterable[Entry]) -> int:
+    """How much the entries change a customer's debt: + each ``debt``, - each ``repay``."""
+    return sum(e.amount if e.kind == DEBT else -e.amount if e.kind == REPAY else 0
+               for e in entries)
+
+
+def repay(grant: GrantState, debt: int, now: float) -> list[Entry]:
+    """The entry that pays back ``debt`` out of a (new) live grant: as much as it holds."""
+    if debt <= 0 or not grant.live(now) or grant.remaining <= 0:
+        return []
+    return [Entry(grant.id, REPAY, min(debt, grant.remaining))]
+
+
+def settle_cost(grants: Sequence[GrantState], cost: int, now: float,
+                debt_ok: bool) -> tuple[list[Entry], int]:
+    """Settle one request cost: debit live grants in burn order (``allocate``); the uncovered
+    rest is a ``debt`` entry when ``debt_ok`` (a block customer: never invoiced) and the
+    returned remainder (billable overage) is then 0."""
+    entries, uncovered = allocate(grants, cost, now)
+    if debt_ok and uncovered > 0:
+        return [*entries, Entry("", DEBT, uncovered)], 0
+    return entries, uncovered

@@ -30,10 +30,13 @@ _GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source
 
 def load_book(conn: sqlite3.Connection) -> CreditBook:
     grants = [GrantState(*r) for r in conn.execute(f"SELECT {_GRANT_COLS} FROM grants")]
-    entries = [Entry(g, k, a) for g, k, a in conn.execute(
+    entries = [Entry(g or "", k, a) for g, k, a in conn.execute(
         "SELECT grant_id, kind, amount FROM credit_entries ORDER BY seq")]
+    debts = {c: d for c, d in conn.execute(
+        "SELECT customer_id, SUM(CASE kind WHEN 'debt' THEN amount ELSE -amount END)"
+        " FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id")}
     book = CreditBook()
-    book.load(grants, entries)
+    book.load(grants, entries, debts)
     return book
 
 
@@ -43,7 +46,7 @@ def insert_entries(conn: sqlite3.Connection, customer_id: str, entries: list[Ent
     at_ms = int((time.time() if at is None else at) * 1000)
     conn.executemany(
         "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter, at_ms)"
-        " VALUES (?,?,?,?,?,?,?)",
+        " VALUES (?,NULLIF(?, ''),?,?,?,?,?)",
         [(customer_id, e.grant_id, e.kind, e.amount, request_id, meter, at_ms) for e in entries])
 
 
@@ -66,8 +69,12 @@ class CreditService:
 
     def grant(self, customer_id: str, credits: object, *, expires_at: int | None = None,
               priority: object = 50, source: str = "admin", idempotency_key: str | None = None,
-              period: tuple[int, int] | None = None) -> tuple[GrantState, bool]:
-        """Create a grant (idempotent on ``idempotency_key`` per customer)."""
+              period: tuple[int, int] | None = None,
+              payment: tuple[tuple[str, ...], int] | None = None) -> tuple[GrantState, bool]:
+        """Create a grant (idempotent on ``idempotency_key`` per customer). A new grant pays
+        back the customer's debt first (a ``repay`` entry in the same transaction).
+        ``payment``: the Stripe references (invoice, charge, payment intent, session) and the
+        amount paid in minor units, kept so a refund, dispute or credit note can claw back."""
         try:
             amount = to_micro(credits)
         except UnitError as exc:
@@ -93,11 +100,21 @@ class CreditService:
                       " VALUES (?,?,?,?,?,?,?,?,?,?)",
                       (g.id, customer_id, amount, prio, expires_at, source, idempotency_key,
                        g.created_at, period[0] if period else None, period[1] if period else None))
+            if payment is not None:
+                refs, paid = payment
+                c.executemany("INSERT OR IGNORE INTO grant_payments(ref, grant_id, paid)"
+                              " VALUES (?,?,?)", [(r, g.id, paid) for r in refs if r])
+            repaid = self.book.repayment(g, time.time())
+            if repaid:
+                insert_entries(c, customer_id, repaid)
             return g, True
 
         g, created = self.store.execute_write(tx)
         if created:
             self.book.add_grant(g)
+            repaid = self.book.repayment(g, time.time())
+            if repaid:
+                self.book.apply(repaid, customer_id)
             self._wake.set()
             log.info("granted %s credits to %s (%s, %s)", fmt_micro(amount), customer_id, g.id,
                      source)
@@ -152,6 +169,7 @@ class CreditService:
         now = time.time() if now is None else now
         b = self.book
         return {"balance": fmt_micro(b.balance(customer_id, now)),
+                "debt": fmt_micro(b.debt(customer_id)),
                 "available": fmt_micro(b.available(customer_id, now)),
                 "reserved": fmt_micro(b.held(customer_id)),
                 "requests_in_flight": b.inflight(customer_id),

@@ -58,7 +58,9 @@ METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "display
 LABEL_MAX = {"display_name": 60, "unit_label": 30}
 RULE_KEYS = ("name", "match", "auth", "usage", "count_when", "description")
 MATCH_KEYS = ("methods", "path", "params", "headers", "query")
-USAGE_KEYS = ("meter", "quantity", "preset", "credits", "estimate", "transform", "on_unreadable")
+USAGE_KEYS = ("meter", "quantity", "preset", "credits", "estimate", "transform", "on_unreadable",
+              "reserve_from")
+_RESERVE_KINDS = (SourceKind.REQUEST_JSON, SourceKind.REQUEST_HEADER, SourceKind.REQUEST_QUERY)
 TRANSFORM_KEYS = ("divide_by", "round")
 
 _SIMPLE_SOURCES = {
@@ -402,11 +404,35 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
     _, estimate = _optional_micro(f, m, path, "estimate", None)
     _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", 0)
     transform = _transform(f, (*path, "transform"), m["transform"]) if "transform" in m else None
+    reserve = _reserve_from(f, (*path, "reserve_from"), m["reserve_from"], template, source) \
+        if "reserve_from" in m else None
     if len(f.problems) != before or meter is None or source is None:
         return None
     return UsageSpec(meter=meter, source=source, credits_per_unit=credits,
                      estimate_micro=estimate, transform=transform,
-                     on_unreadable_micro=on_unreadable or 0, line=f.line(path))
+                     on_unreadable_micro=on_unreadable or 0, line=f.line(path),
+                     reserve_from=reserve)
+
+
+def _reserve_from(f: _File, path: KeyPath, value: object, template: Template | None,
+                  source: QuantitySource | None) -> QuantitySource | None:
+    """``reserve_from``: a request-side value (request.json.*, request.header.*,
+    request.query.*) bounding a quantity known only after the response."""
+    if not isinstance(value, str):
+        f.at_value(path, "reserve_from must be a request source like request.json.max_tokens")
+        return None
+    if source is not None and source.kind is SourceKind.CONSTANT:
+        f.at_key(path, "reserve_from is for quantities known after the response; this "
+                       "quantity is a constant")
+        return None
+    src = _source_text(f, path, value, template)
+    if src is None:
+        return None
+    if src.kind not in _RESERVE_KINDS:
+        f.at_value(path, f"reserve_from {value!r} must be read from the request "
+                         "(request.json.*, request.header.*, request.query.*)")
+        return None
+    return src
 
 
 def _usage_source(f: _File, path: KeyPath, m: Mapping[str, object],
@@ -493,7 +519,10 @@ def _rule(f: _File, path: KeyPath, value: object, default_cw: CountWhen,
         return _RuleEntry(f, path, name, matcher, None)
     need, jp, sp = _response_needs(usage)
     rule = Rule(name=name, auth=auth, usage=tuple(usage), count_when=cw,
-                request_json=any(u.source.kind is SourceKind.REQUEST_JSON for u in usage),
+                request_json=any(u.source.kind is SourceKind.REQUEST_JSON
+                                 or (u.reserve_from is not None
+                                     and u.reserve_from.kind is SourceKind.REQUEST_JSON)
+                                 for u in usage),
                 response_body=need, matcher=matcher,
                 description=desc if isinstance(desc, str) else None,
                 file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp)

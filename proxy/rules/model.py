@@ -189,6 +189,8 @@ class UsageSpec:
     transform: Transform | None = None
     on_unreadable_micro: int = 0
     line: int = 0
+    # a request-side upper bound to reserve credits from (proxy.credits.reserve)
+    reserve_from: QuantitySource | None = None
 
 
 class ResponseNeed(enum.Enum):

@@ -151,7 +151,7 @@ _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, r
               " status, meter, quantity, credits, billable, flags, method, path)"
               " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 _DEBIT_SQL = ("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
-              " at_ms) VALUES (?,?,?,?,?,?,?)")
+              " at_ms) VALUES (?,NULLIF(?, ''),?,?,?,?,?)")   # a debt entry has no grant
 _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
               " requests, billable, covered) VALUES (?,?,?,?,?,?,?,?,?)"
               " ON CONFLICT(customer_id, key_id, meter, minute, rules_version) DO UPDATE SET"

@@ -175,4 +175,43 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE journal (seq INTEGER PRIMARY KEY, row BLOB NOT NULL);
     """,
+    # 6: the credit lifecycle (docs/credits.md): debt and its repayment in the append-only
+    # ledger (a debt entry has no grant), the payments grants came from (refunds, disputes
+    # and credit notes claw back), and why a customer is suspended
+    """
+    CREATE TABLE credit_entries_v6 (
+        seq INTEGER PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        grant_id TEXT REFERENCES grants(id),
+        kind TEXT NOT NULL CHECK (kind IN ('debit', 'expire', 'void', 'refund', 'debt', 'repay')),
+        amount INTEGER NOT NULL,
+        request_id TEXT,
+        meter TEXT,
+        at_ms INTEGER NOT NULL,
+        CHECK ((kind = 'debt') = (grant_id IS NULL))
+    );
+    INSERT INTO credit_entries_v6(seq, customer_id, grant_id, kind, amount, request_id, meter,
+        at_ms) SELECT seq, customer_id, grant_id, kind, amount, request_id, meter, at_ms
+        FROM credit_entries;
+    DROP TABLE credit_entries;
+    ALTER TABLE credit_entries_v6 RENAME TO credit_entries;
+    CREATE INDEX credit_entries_grant ON credit_entries(grant_id);
+    CREATE INDEX credit_entries_customer ON credit_entries(customer_id, at_ms);
+    CREATE TABLE grant_payments (
+        ref TEXT NOT NULL,
+        grant_id TEXT NOT NULL REFERENCES grants(id),
+        paid INTEGER NOT NULL,
+        PRIMARY KEY (ref, grant_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE clawbacks (
+        key TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        grant_id TEXT NOT NULL REFERENCES grants(id),
+        minor INTEGER NOT NULL,
+        credits INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    ALTER TABLE customers ADD COLUMN suspended_for TEXT;
+    """,
 )
