@@ -346,7 +346,8 @@ class Pipeline:
             if q.micro:
                 self._units_counter(q.meter).inc(q.micro / 1_000_000)
         if debits and self.watch is not None:
-            self.watch.check(customer_id)
+            cust = self.rt.keys.customers.get(customer_id)
+            self.watch.check(customer_id, anchor=cust.billing_anchor if cust else None)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, status, items,
                        debits=debits, method=request.method if request is not None else "",
                        path=request.path[:2048] if request is not None else "")

@@ -171,7 +171,7 @@ class CreditBook:
         (overage; 0 for debt_ok). Applied to memory immediately."""
         self.release(hold)
         grants = self._grants.get(hold.customer_id, [])
-        at = hold.admitted_at or now
+        at = hold.admitted_at
         out: list[tuple[list[Entry], int]] = []
         for cost in costs:
             entries, uncovered = settle_cost(grants, cost, at, hold.debt_ok)

@@ -1,13 +1,18 @@
 """Threshold alerts: detect when a customer's consumption crosses a configured fraction of
-the credits granted for the period (and depletion), exactly once per threshold per period.
+its live credits (and depletion), exactly once per threshold per *billing period*.
 
-A customer's *period* is the set of grants live right now: its key is a hash of their ids,
-so a new grant (a top-up, next month's allowance) starts a new period and re-arms the
-thresholds. Consumption = credits taken from those grants / their total amount.
+Period (docs/credits.md, issue 12 finding 5): the customer's billing period
+(``proxy.periods.period_bounds`` on its ``billing_anchor``; none = calendar month, UTC).
+Each fraction threshold fires at most once per billing period: a top-up or an old grant's
+expiry changes the ratio but never re-fires a threshold already sent this period.
+``depleted`` fires once per billing period *and grant count*: a top-up (a new grant)
+re-arms it, so a customer who tops up and runs dry again is told again; an expiry does not
+(the grant count does not change).
+Consumption = (granted - remaining) over the live grants / their total amount.
 
-Detection is pure (``crossed``); ``ThresholdWatch`` remembers what fired (loaded from the
-``alerts`` table at start) and writes new alerts through the one writer with
-``INSERT OR IGNORE`` on (customer, period, threshold), so a restart never re-fires one.
+Detection is pure (``crossed``, ``alert_period``); ``ThresholdWatch`` remembers what fired
+(loaded from the ``alerts`` table at start) and writes new alerts through the one writer
+with ``INSERT OR IGNORE`` on (customer, period, threshold), so a restart never re-fires one.
 Delivery belongs to ``proxy.alerts``.
 """
 
@@ -24,6 +29,7 @@ import orjson
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
+from proxy.periods import period_bounds
 from proxy.store.db import Store
 from proxy.units import fmt_micro
 
@@ -33,6 +39,14 @@ DEPLETED = "depleted"
 def period_key(grants: Iterable[GrantState]) -> str:
     ids = ",".join(sorted(g.id for g in grants))
     return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def alert_period(threshold: str, period_start: int, grant_count: int) -> str:
+    """The ``alerts.period_key`` a threshold fires under: the billing period's start, plus
+    the customer's grant count for ``depleted``."""
+    if threshold == DEPLETED:
+        return f"{period_start}:g{grant_count}"
+    return str(period_start)
 
 
 def crossed(granted: int, consumed: int, thresholds: Sequence[Decimal]) -> list[str]:
@@ -58,22 +72,28 @@ class ThresholdWatch:
             (c, p, t) for c, p, t in store.conn.execute(
                 "SELECT customer_id, period_key, threshold FROM alerts")}
 
-    def check(self, customer_id: str, now: float | None = None) -> list[dict[str, Any]]:
-        """Call after a customer's credits changed. Returns the alerts newly fired."""
+    def check(self, customer_id: str, now: float | None = None,
+              anchor: int | None = None) -> list[dict[str, Any]]:
+        """Call after a customer's credits changed (``anchor``: its billing anchor). Returns
+        the alerts newly fired."""
         now = time.time() if now is None else now
-        live = [g for g in self.book.grants(customer_id) if g.live(now)]
+        grants = self.book.grants(customer_id)
+        live = [g for g in grants if g.live(now)]
         if not live:
             return []
         granted = sum(g.amount for g in live)
         remaining = sum(g.remaining for g in live)
-        key = period_key(live)
-        new = [t for t in crossed(granted, granted - remaining, self.thresholds)
-               if (customer_id, key, t) not in self._fired]
+        start = period_bounds(anchor, now)[0]
+        new = [(t, alert_period(t, start, len(grants)))
+               for t in crossed(granted, granted - remaining, self.thresholds)]
+        new = [(t, k) for t, k in new if (customer_id, k, t) not in self._fired]
         if not new:
             return []
         alerts = []
-        for t in new:
+        keys = []
+        for t, key in new:
             self._fired.add((customer_id, key, t))
+            keys.append(key)
             alerts.append({
                 "type": "credits.depleted" if t == DEPLETED else "credits.threshold_crossed",
                 "customer_id": customer_id, "threshold": t, "period": key,
@@ -86,7 +106,7 @@ class ThresholdWatch:
                 "INSERT OR IGNORE INTO alerts(customer_id, period_key, threshold, payload,"
                 " created_at) VALUES (?,?,?,?,?)",
                 [(customer_id, key, a["threshold"], orjson.dumps(a).decode(), int(now))
-                 for a in alerts])
+                 for key, a in zip(keys, alerts, strict=True)])
 
         self.store.execute_write(tx)
         if self.on_new is not None:

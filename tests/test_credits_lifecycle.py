@@ -1,0 +1,170 @@
+"""Credit lifecycle (issue 12): settlement against the expiry state at admission (finding
+10) and threshold alerts once per billing period (finding 5). Pure book/ledger functions,
+and the watch on a real SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.credits.book import CreditBook
+from proxy.credits.ledger import Entry, GrantState, burn_order, settle_cost
+from proxy.credits.service import CreditService
+from proxy.credits.thresholds import DEPLETED, ThresholdWatch, alert_period, crossed
+from proxy.periods import period_bounds
+from proxy.store.db import Store
+from proxy.store.keys import upsert_customer
+
+Q = 1_000_000
+
+# ---------------------------------------------------------------- finding 10
+
+
+def _book(*grants: GrantState) -> CreditBook:
+    b = CreditBook()
+    b.load(grants, [])
+    return b
+
+
+def test_admitted_before_expiry_settled_after_is_covered() -> None:
+    b = _book(GrantState("g", "c", 10 * Q, expires_at=1000))
+    hold = b.try_hold("c", 4 * Q, 999, block=True, debt_ok=True)
+    assert hold is not None and hold.amount == 4 * Q
+    assert b.due_expiries(1000.5) == []            # deferred: a request admitted before
+    assert b.next_expiry(1000.5) == 1001.5         # checked again shortly, no busy loop
+    assert b.settle(hold, [4 * Q], 1001) == [([Entry("g", "debit", 4 * Q)], 0)]
+    assert b.due_expiries(1001) == [Entry("g", "expire", 6 * Q)]
+
+
+def test_admitted_at_expiry_is_refused_and_expiry_not_deferred() -> None:
+    b = _book(GrantState("g", "c", 10 * Q, expires_at=1000))
+    assert b.try_hold("c", 1, 1000, block=True) is None
+    hold = b.try_hold("c", 0, 1000, block=False)
+    assert hold is not None
+    assert b.due_expiries(1000) == [Entry("g", "expire", 10 * Q)]
+    assert b.settle(hold, [3 * Q], 1001) == [([], 3 * Q)]
+
+
+def test_bill_customer_settled_after_expiry_uses_admission_state() -> None:
+    b = _book(GrantState("a", "c", 2 * Q, expires_at=1000), GrantState("b", "c", 1 * Q))
+    hold = b.try_hold("c", 0, 999, block=False)
+    assert hold is not None
+    # 'a' (earliest expiry) burns first even though it expired before settlement
+    assert b.settle(hold, [4 * Q], 1500) == [([Entry("a", "debit", 2 * Q),
+                                                Entry("b", "debit", 1 * Q)], 1 * Q)]
+
+
+grant_st = st.builds(
+    lambda i, amt, exp, prio: GrantState(f"g{i}", "c", amt, prio, exp),
+    st.integers(0, 10**6), st.integers(1, 10**9),
+    st.one_of(st.none(), st.integers(0, 2000)), st.integers(0, 100))
+
+
+@given(st.lists(grant_st, min_size=1, max_size=6, unique_by=lambda g: g.id),
+       st.integers(0, 2000), st.integers(0, 2000), st.integers(0, 5 * 10**9), st.booleans())
+def test_settlement_covers_what_was_live_at_admission(grants: list[GrantState], admitted: int,
+                                                      later: int, cost: int,
+                                                      debt_ok: bool) -> None:
+    live_then = sum(g.amount for g in grants if g.expires_at is None or admitted < g.expires_at)
+    b = _book(*grants)
+    hold = b.try_hold("c", 0, admitted, block=False, debt_ok=debt_ok)
+    assert hold is not None
+    [(entries, uncovered)] = b.settle(hold, [cost], admitted + later)
+    debited = sum(e.amount for e in entries if e.kind == "debit")
+    assert debited == min(cost, live_then)
+    assert uncovered == (0 if debt_ok else cost - debited)
+    debt = sum(e.amount for e in entries if e.kind == "debt")
+    assert debt == (cost - debited if debt_ok else 0)
+    assert b.debt("c") == debt
+    assert all(g.remaining >= 0 for g in b.all_grants())
+
+
+@given(st.lists(grant_st, min_size=1, max_size=6, unique_by=lambda g: g.id),
+       st.integers(0, 2000), st.integers(0, 5 * 10**9))
+def test_settle_cost_matches_plain_allocation_at_the_same_instant(
+        grants: list[GrantState], at: int, cost: int) -> None:
+    ordered = burn_order(grants)
+    entries, uncovered = settle_cost(ordered, cost, at, debt_ok=False)
+    assert sum(e.amount for e in entries) + uncovered == cost
+    assert all(e.kind == "debit" for e in entries)
+
+
+# ---------------------------------------------------------------- finding 5
+
+T = (Decimal("0.5"), Decimal("0.75"), Decimal("0.9"))
+NOW = 1_780_000_000            # inside a calendar month; anchor None = the 1st, UTC
+
+
+def test_alert_period_is_the_billing_period_and_depletion_adds_the_grant_count() -> None:
+    assert alert_period("0.5", 1_777_593_600, 3) == "1777593600"
+    assert alert_period(DEPLETED, 1_777_593_600, 3) == "1777593600:g3"
+
+
+def test_crossed_at_exact_boundaries() -> None:
+    assert crossed(100 * Q, 50 * Q - 1, T) == []
+    assert crossed(100 * Q, 50 * Q, T) == ["0.5"]
+    assert crossed(100 * Q, 90 * Q, T) == ["0.5", "0.75", "0.9"]
+    assert crossed(100 * Q, 100 * Q - 1, T) == ["0.5", "0.75", "0.9"]
+    assert crossed(100 * Q, 100 * Q, T) == ["0.5", "0.75", "0.9", DEPLETED]
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[CreditService, ThresholdWatch]]:
+    store = Store.open(tmp_path / "m.db")
+    store.execute_write(lambda c: upsert_customer(c, "c", None, "block", "active"))
+    book = CreditBook()
+    svc = CreditService(store, book)
+    yield svc, ThresholdWatch(store, book, T)
+    store.close()
+
+
+def _spend(svc: CreditService, amount: int, now: float) -> None:
+    hold = svc.book.try_hold("c", 0, now, block=False)
+    assert hold is not None
+    svc.book.settle(hold, [amount], now)
+
+
+def _fired(w: ThresholdWatch, now: float, anchor: int | None = None) -> list[str]:
+    return [a["threshold"] for a in w.check("c", now, anchor)]
+
+
+async def test_top_up_after_depletion_does_not_refire_thresholds(
+        env: tuple[CreditService, ThresholdWatch]) -> None:
+    svc, w = env
+    svc.grant("c", "100")
+    _spend(svc, 100 * Q, NOW)
+    assert _fired(w, NOW) == ["0.5", "0.75", "0.9", DEPLETED]
+    svc.grant("c", "10")
+    _spend(svc, 1 * Q, NOW + 1)
+    assert _fired(w, NOW + 1) == []                 # 101/110: nothing new this period
+    _spend(svc, 9 * Q, NOW + 2)
+    assert _fired(w, NOW + 2) == [DEPLETED]         # the top-up ran dry: told once more
+    assert _fired(w, NOW + 3) == []
+
+
+async def test_old_grant_expiry_does_not_refire(env: tuple[CreditService, ThresholdWatch]) -> None:
+    svc, w = env
+    svc.grant("c", "100", expires_at=NOW + 100)
+    svc.grant("c", "100")
+    _spend(svc, 180 * Q, NOW)                        # the expiring grant burns first
+    assert _fired(w, NOW) == ["0.5", "0.75", "0.9"]
+    assert svc.expire_due(NOW + 100) == 0            # nothing left on it to expire
+    assert _fired(w, NOW + 100) == []                # live: 80/100 consumed, already told
+
+
+async def test_next_billing_period_rearms(env: tuple[CreditService, ThresholdWatch]) -> None:
+    svc, w = env
+    anchor = NOW - 10 * 86400
+    svc.grant("c", "100")
+    _spend(svc, 60 * Q, NOW)
+    assert _fired(w, NOW, anchor) == ["0.5"]
+    assert _fired(w, NOW + 86400, anchor) == []
+    # the anchored period ends 1 month after the anchor's day: from then on it fires again
+    end = period_bounds(anchor, NOW)[1]
+    assert _fired(w, end - 1, anchor) == []
+    assert _fired(w, end, anchor) == ["0.5"]
