@@ -34,9 +34,16 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   as a session and as its invoice grants once. Sessions without either are ignored: let the
   invoice's ``invoice.paid`` grant (enable ``invoice_creation``).
 - ``customer.subscription.deleted``: the customer is suspended (403 ``customer_suspended``
-  from the next request). ``invoice.payment_failed``: ``credits.on_payment_failed`` (none:
-  ignored; suspend: suspended unless that invoice's ``invoice.paid`` was already received).
-  Reactivation is an operator action (``POST /admin/customers`` with ``status: active``).
+  from the next request) unless it still holds live, unspent credits from paid packs: those
+  were paid for and stay usable (docs/credits.md). ``invoice.payment_failed``:
+  ``credits.on_payment_failed`` (none: ignored; suspend: suspended unless that invoice's
+  ``invoice.paid`` was already received); the suspension records the unpaid invoice
+  (``customers.suspended_for``) and that invoice's ``invoice.paid`` lifts it once no
+  other failed invoice is outstanding. A suspension by an operator (any status set through
+  ``POST /admin/customers``) is never lifted by a webhook.
+- ``charge.refunded`` / ``charge.dispute.created`` / ``credit_note.created``: claw back
+  the refunded / disputed / credited share of the credits the payment granted
+  (``proxy.credits.service.CreditService.claw_back``).
 
 Our customer is found by ``stripe_customer_id``. None yet: ``waiting_customer``, retried
 whenever the customer cache reloads (an admin/CLI change) and every ``retry_interval``: the
@@ -76,6 +83,12 @@ STATUSES = ("pending", "processed", "ignored", "waiting_customer", "failed")
 _PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription"})
 _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 _COLS = "id, type, created, status, result, received_at, processed_at"
+_FAILED = "payment_failed:"
+
+
+def _minor(v: Any) -> int:
+    """An amount in minor units from a payload (absent or malformed: 0)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 def _error(status: int, type_: str, message: str) -> web.Response:
@@ -300,7 +313,10 @@ class WebhookReceiver:
         if inv_id is None:
             raise ValueError("the invoice has no id")
         lines = invoice_lines(inv)
-        granted = self._grant_packs(cid, inv_id, lines, event)
+        payment = (tuple(r for r in (inv_id, _id(inv.get("charge")),
+                                     _id(inv.get("payment_intent"))) if r),
+                   _minor(inv.get("amount_paid")))
+        granted = self._grant_packs(cid, inv_id, lines, event, payment)
         notes: list[str] = []
         plan_lines = [ln for ln in lines if ln.price in self.cfg.credits.plans and not ln.proration]
         sub = invoice_subscription(inv)
@@ -313,15 +329,19 @@ class WebhookReceiver:
             elif sub is None or line.period is None:
                 notes.append("plan line not granted: no subscription or period")
             else:
-                granted.append(self._grant_plan(cid, inv_id, sub, line))
+                granted.append(self._grant_plan(cid, inv_id, sub, line, payment))
             if len(plan_lines) > 1:
                 notes.append("only the first plan line of an invoice grants")
         if _get(inv, "lines", "has_more"):
             notes.append("invoice lines truncated (has_more): only the included lines were mapped")
-        if not granted:
+        reactivated = self._cure(cid, inv_id)
+        if not granted and not reactivated:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price",
                                        "notes": notes})
-        return Outcome("processed", {"customer": cid, "grants": granted, "notes": notes})
+        out: dict[str, Any] = {"customer": cid, "grants": granted, "notes": notes}
+        if reactivated:
+            out["reactivated"] = True
+        return Outcome("processed", out)
 
     def _checkout(self, cid: str, event: dict[str, Any], s: dict[str, Any]) -> Outcome:
         if s.get("mode") not in (None, "payment"):
@@ -335,14 +355,24 @@ class WebhookReceiver:
         if base is None or not lines:
             return Outcome("ignored", {"customer": cid, "reason": "no line items or metadata"
                                        " on the session; the invoice's invoice.paid grants"})
-        granted = self._grant_packs(cid, base, lines, event)
+        payment = (tuple(r for r in (_id(s.get("id")), _id(s.get("invoice")),
+                                     _id(s.get("payment_intent"))) if r),
+                   _minor(s.get("amount_total")))
+        granted = self._grant_packs(cid, base, lines, event, payment)
         if not granted:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price"})
         return Outcome("processed", {"customer": cid, "grants": granted})
 
     def _subscription_deleted(self, cid: str, event: dict[str, Any],
                               sub: dict[str, Any]) -> Outcome:
-        return Outcome("processed", {"customer": cid, "suspended": self._suspend(cid),
+        kept = self._paid_pack_credits(cid)
+        if kept > 0:
+            return Outcome("processed", {"customer": cid, "suspended": False,
+                                         "subscription": _id(sub.get("id")),
+                                         "kept_active": f"holds {fmt_micro(kept)} paid pack "
+                                                        "credits"})
+        return Outcome("processed", {"customer": cid,
+                                     "suspended": self._suspend(cid, "subscription_deleted"),
                                      "subscription": _id(sub.get("id"))})
 
     def _payment_failed(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
@@ -353,20 +383,74 @@ class WebhookReceiver:
             " AND json_extract(payload, '$.data.object.id')=?", (_id(inv.get("id")),)).fetchone()
         if paid is not None:
             return Outcome("ignored", {"customer": cid, "reason": "the invoice was paid since"})
-        return Outcome("processed", {"customer": cid, "suspended": self._suspend(cid)})
+        inv_id = _id(inv.get("id"))
+        if inv_id is None:
+            raise ValueError("the invoice has no id")
+        return Outcome("processed", {"customer": cid,
+                                     "suspended": self._suspend(cid, _FAILED + inv_id)})
 
     # ---- effects (each idempotent) -------------------------------------------------------------
 
-    def _suspend(self, cid: str) -> bool:
-        """Suspend; returns whether the status changed. The cache reload makes the very next
-        request see it."""
+    def _suspend(self, cid: str, reason: str) -> bool:
+        """Suspend for ``reason`` (``payment_failed:<invoice>`` or ``subscription_deleted``);
+        returns whether the status changed. Unpaid invoices accumulate in the reason; an
+        operator's suspension (no reason) keeps its owner. The cache reload makes the very
+        next request see it."""
         before = self.keys.customers.get(cid)
-        self.store.execute_write(lambda c: upsert_customer(c, cid, None, None, "suspended"))
+
+        def tx(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT status, suspended_for FROM customers WHERE id=?",
+                            (cid,)).fetchone()
+            status, why = row if row else ("active", None)
+            if status == "suspended":
+                if why is None or not why.startswith(_FAILED) or not reason.startswith(_FAILED):
+                    return                      # the operator's, or already for a reason
+                unpaid = set(why[len(_FAILED):].split(",")) | {reason[len(_FAILED):]}
+                reason_ = _FAILED + ",".join(sorted(unpaid))
+            else:
+                reason_ = reason
+            upsert_customer(c, cid, None, None, "suspended")
+            c.execute("UPDATE customers SET suspended_for=? WHERE id=?", (reason_, cid))
+
+        self.store.execute_write(tx)
         self.keys.reload(self.store.conn)
         return before is None or before.status != "suspended"
 
-    def _grant_packs(self, cid: str, base: str, lines: list[Line],
-                     event: dict[str, Any]) -> list[dict[str, Any]]:
+    def _cure(self, cid: str, inv_id: str) -> bool:
+        """``invoice.paid`` for an invoice a suspension waits on: drop it from the reason and
+        reactivate once no failed invoice is left. Returns whether reactivated."""
+        def tx(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT status, suspended_for FROM customers WHERE id=?",
+                            (cid,)).fetchone()
+            if row is None or row[0] != "suspended" or not (row[1] or "").startswith(_FAILED):
+                return False
+            unpaid = set(row[1][len(_FAILED):].split(",")) - {inv_id}
+            if unpaid:
+                c.execute("UPDATE customers SET suspended_for=? WHERE id=?",
+                          (_FAILED + ",".join(sorted(unpaid)), cid))
+                return False
+            upsert_customer(c, cid, None, None, "active")
+            return True
+
+        cured: bool = self.store.execute_write(tx)
+        if cured:
+            self.keys.reload(self.store.conn)
+            log.info("customer %s reactivated: invoice %s paid", cid, inv_id)
+        return cured
+
+    def _paid_pack_credits(self, cid: str) -> int:
+        """Live credits left on grants bought as packs through Stripe (not plan allowances,
+        not operator grants)."""
+        ids = {r[0] for r in self.store.conn.execute(
+            "SELECT id FROM grants WHERE customer_id=? AND idempotency_key LIKE 'stripe:%'"
+            " AND idempotency_key NOT LIKE 'stripe:plan:%'", (cid,))}
+        now = self.clock()
+        return sum(g.remaining for g in self.credits.book.grants(cid)
+                   if g.id in ids and g.live(now))
+
+    def _grant_packs(self, cid: str, base: str, lines: list[Line], event: dict[str, Any],
+                     payment: tuple[tuple[str, ...], int] | None = None
+                     ) -> list[dict[str, Any]]:
         qty: dict[str, int] = {}
         for ln in lines:
             if ln.price in self.cfg.credits.packs:
@@ -380,12 +464,14 @@ class WebhookReceiver:
             g, new = self.credits.grant(cid, fmt_micro(_micro(pack.credits) * q),
                                         expires_at=expires, priority=pack.priority,
                                         source=f"stripe:{base}",
-                                        idempotency_key=f"stripe:{base}:{price}")
+                                        idempotency_key=f"stripe:{base}:{price}",
+                                        payment=payment)
             out.append({"grant_id": g.id, "price": price, "credits": fmt_micro(g.amount),
                         "created": new})
         return out
 
-    def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line) -> dict[str, Any]:
+    def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
+                    payment: tuple[tuple[str, ...], int] | None = None) -> dict[str, Any]:
         assert line.period is not None
         plan = self.cfg.credits.plans[line.price]
         start, end = line.period
@@ -400,7 +486,8 @@ class WebhookReceiver:
             amount = rollover_grant(allowance, carried, cap)
         g, new = self.credits.grant(cid, fmt_micro(amount), expires_at=end,
                                     priority=plan.priority, source=f"stripe:{inv_id}",
-                                    idempotency_key=key, period=(start, end))
+                                    idempotency_key=key, period=(start, end),
+                                    payment=payment)
         info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=new)
         if plan.mode == "rollover" and new:
             info["carried"] = fmt_micro(carried)

@@ -104,6 +104,8 @@ def upsert_customer(conn: sqlite3.Connection, cid: object, stripe_customer_id: o
     ov = overage or row[2]
     conn.execute("UPDATE customers SET stripe_customer_id=?, status=?, overage=?, updated_at=?"
                  " WHERE id=?", (scid, st, ov, now, cid))
+    if status is not None:    # an explicit status is the operator's: no webhook may lift it
+        conn.execute("UPDATE customers SET suspended_for=NULL WHERE id=?", (cid,))
     return get_customer(conn, cid) or Customer(cid, scid, st, ov), False
 
 

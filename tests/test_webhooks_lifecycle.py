@@ -1,0 +1,127 @@
+"""Suspension lifted by the payment that cures it, subscription end with paid packs left
+(issue 12, finding 7), and claw-backs (finding 6): signed events through the real webhook
+endpoint of a real proxy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.test_webhooks import (  # noqa: F401  (hooks: the fixture)
+    CREDITS,
+    Hooks,
+    HooksFactory,
+    event,
+    grants,
+    hooks,
+    invoice,
+    old_line,
+)
+
+Q = 1_000_000
+
+
+async def _status(h: Hooks, key: str) -> int:
+    async with h.p.session.get(h.p.url + "/v1/items",
+                               headers={"Authorization": f"Bearer {key}"}) as r:
+        await r.read()
+        return r.status
+
+
+async def test_invoice_paid_after_payment_failed_reactivates(hooks: HooksFactory) -> None:
+    h = await hooks(credits={**CREDITS, "on_payment_failed": "suspend"})
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_f1", "invoice.payment_failed", invoice("in_1", "cus_acme", [])))
+    await h.deliver(event("evt_f2", "invoice.payment_failed", invoice("in_2", "cus_acme", [])))
+    assert await _status(h, key) == 403
+    # paying one of two failed invoices is not enough
+    done = await h.deliver(event("evt_p1", "invoice.paid", invoice("in_1", "cus_acme", [])),
+                           "ignored")
+    assert "reactivated" not in done["result"]
+    assert await _status(h, key) == 403
+    done = await h.deliver(event("evt_p2", "invoice.paid", invoice("in_2", "cus_acme", [])))
+    assert done["result"]["reactivated"] is True
+    assert await _status(h, key) == 200
+
+
+async def test_operator_suspension_is_not_lifted_by_a_payment(hooks: HooksFactory) -> None:
+    h = await hooks(credits={**CREDITS, "on_payment_failed": "suspend"})
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_f1", "invoice.payment_failed", invoice("in_1", "cus_acme", [])))
+    await h.p.admin("POST", "/admin/customers", {"id": "acme", "status": "suspended"})
+    await h.deliver(event("evt_p1", "invoice.paid", invoice("in_1", "cus_acme", [])), "ignored")
+    assert await _status(h, key) == 403
+    other = await h.p.customer_with_key("beta", stripe_customer_id="cus_beta", status="suspended")
+    await h.deliver(event("evt_p2", "invoice.paid", invoice("in_9", "cus_beta", [])), "ignored")
+    assert await _status(h, other) == 403
+
+
+async def test_subscription_deleted_keeps_a_customer_with_paid_pack_credits(
+        hooks: HooksFactory) -> None:
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_buy", "invoice.paid",
+                          invoice("in_buy", "cus_acme", [old_line("price_small")])))
+    done = await h.deliver(event("evt_sd", "customer.subscription.deleted",
+                                 {"id": "sub_1", "object": "subscription",
+                                  "customer": "cus_acme"}))
+    assert done["result"] == {"customer": "acme", "suspended": False, "subscription": "sub_1",
+                              "kept_active": "holds 2.5 paid pack credits"}
+    assert await _status(h, key) == 200
+    assert await _status(h, key) == 200          # 2.5 -> 0.5 left: still a paid pack credit
+    assert await _status(h, key) == 200          # now 0 left (0.5 covered, 0.5 overage)
+    done = await h.deliver(event("evt_sd2", "customer.subscription.deleted",
+                                 {"id": "sub_1", "object": "subscription",
+                                  "customer": "cus_acme"}))
+    assert done["result"]["suspended"] is True
+    assert await _status(h, key) == 403
+
+
+def _charge(cus: str, inv: str, amount: int, refunded: int) -> dict[str, Any]:
+    return {"id": "ch_1", "object": "charge", "customer": cus, "invoice": inv,
+            "payment_intent": "pi_1", "amount": amount, "amount_refunded": refunded}
+
+
+def _paid(inv: str, amount: int) -> dict[str, Any]:
+    obj = invoice(inv, "cus_acme", [old_line("price_pack")])
+    obj.update(charge="ch_1", payment_intent="pi_1", amount_paid=amount)
+    return obj
+
+
+async def test_refund_claws_back_unused_credit_idempotently(hooks: HooksFactory) -> None:
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_buy", "invoice.paid", _paid("in_1", 1000)))
+    for _ in range(30):
+        assert await _status(h, key) == 200      # 30 of 100 credits spent
+    # half refunded: 50 credits clawed back, all of it from the 70 unused
+    await h.deliver(event("evt_r1", "charge.refunded", _charge("cus_acme", "in_1", 1000, 500)))
+    await h.deliver(event("evt_r1b", "charge.refunded", _charge("cus_acme", "in_1", 1000, 500)))
+    g = await grants(h.p, "acme")
+    assert (g["balance"], g["debt"]) == ("20", "0")
+    # then fully refunded (cumulative 1000): 20 unused clawed, the 30 spent become debt
+    await h.deliver(event("evt_r2", "charge.refunded", _charge("cus_acme", "in_1", 1000, 1000)))
+    g = await grants(h.p, "acme")
+    assert (g["balance"], g["debt"]) == ("-30", "30")
+    with h.p.db() as c:
+        kinds = dict(c.execute("SELECT kind, SUM(amount) FROM credit_entries"
+                               " WHERE customer_id='acme' GROUP BY kind").fetchall())
+    assert kinds == {"debit": 30 * Q, "refund": 70 * Q, "debt": 30 * Q}
+
+
+async def test_dispute_and_credit_note_claw_back(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_buy", "invoice.paid", _paid("in_1", 1000)))
+    # a credit note for a tenth of the invoice
+    cn = {"id": "cn_1", "object": "credit_note", "customer": "cus_acme", "invoice": "in_1",
+          "amount": 100}
+    await h.deliver(event("evt_cn", "credit_note.created", cn))
+    await h.deliver(event("evt_cn_again", "credit_note.created", cn))   # same note: once
+    assert (await grants(h.p, "acme"))["balance"] == "90"
+    # a dispute names the charge, not the customer
+    dp = {"id": "dp_1", "object": "dispute", "charge": "ch_1", "payment_intent": "pi_1",
+          "amount": 1000}
+    done = await h.deliver(event("evt_dp", "charge.dispute.created", dp))
+    assert done["result"]["customer"] == "acme"
+    g = await grants(h.p, "acme")
+    assert (g["balance"], g["debt"]) == ("0", "0")
