@@ -6,16 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.test_webhooks import (  # noqa: F401  (hooks: the fixture)
-    CREDITS,
-    Hooks,
-    HooksFactory,
-    event,
-    grants,
-    hooks,
-    invoice,
-    old_line,
-)
+from tests.test_webhooks import CREDITS, Hooks, HooksFactory, event, grants, invoice, old_line
+from tests.test_webhooks import hooks as hooks_fixture  # noqa: F401  (the `hooks` fixture)
 
 Q = 1_000_000
 
