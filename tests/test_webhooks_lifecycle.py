@@ -6,8 +6,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.test_webhooks import CREDITS, Hooks, HooksFactory, event, grants, invoice, old_line
-from tests.test_webhooks import hooks as hooks_fixture  # noqa: F401  (the `hooks` fixture)
+import pytest
+
+from proxy.webhooks import PATH
+from tests.conftest import ProxyFactory
+from tests.test_webhooks import (
+    CREDITS,
+    RULES,
+    SECRET,
+    Hooks,
+    HooksFactory,
+    event,
+    grants,
+    invoice,
+    old_line,
+)
+
+
+@pytest.fixture
+def hooks(make_proxy: ProxyFactory) -> HooksFactory:
+    """A proxy with webhooks enabled (as tests/test_webhooks.py's fixture)."""
+    async def factory(**overrides: Any) -> Hooks:
+        overrides.setdefault("stripe", {"webhook_secret": SECRET})
+        overrides.setdefault("credits", CREDITS)
+        p = await make_proxy(rules_text=RULES, **overrides)
+        return Hooks(p, p.url + PATH, p.admin_url)
+
+    return factory
 
 Q = 1_000_000
 
