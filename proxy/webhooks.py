@@ -86,6 +86,10 @@ _COLS = "id, type, created, status, result, received_at, processed_at"
 _FAILED = "payment_failed:"
 
 
+def _dispute_refs(dp: dict[str, Any]) -> list[str]:
+    return [r for r in (_id(dp.get("charge")), _id(dp.get("payment_intent"))) if r]
+
+
 def _minor(v: Any) -> int:
     """An amount in minor units from a payload (absent or malformed: 0)."""
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
@@ -288,6 +292,9 @@ class WebhookReceiver:
             "invoice.paid": self._invoice_paid,
             "customer.subscription.deleted": self._subscription_deleted,
             "invoice.payment_failed": self._payment_failed,
+            "charge.refunded": self._refunded,
+            "charge.dispute.created": self._disputed,
+            "credit_note.created": self._credit_note,
         } | dict.fromkeys(_CHECKOUT, self._checkout)
         handler = handlers.get(etype) if isinstance(etype, str) else None
         if handler is None:
@@ -295,6 +302,12 @@ class WebhookReceiver:
         if not isinstance(obj, dict):
             raise ValueError("the event has no data.object")
         scid = _id(obj.get("customer"))
+        if scid is None and etype == "charge.dispute.created":
+            # a dispute names its charge, not the customer: the grant it paid for does
+            cid = self.credits.payment_customer(_dispute_refs(obj))
+            if cid is None:
+                return Outcome("ignored", {"reason": "no grant was paid by the disputed charge"})
+            return handler(cid, event, obj)
         if scid is None:
             return Outcome("ignored", {"reason": "the object names no customer"})
         found = [r[0] for r in self.store.conn.execute(
@@ -388,6 +401,48 @@ class WebhookReceiver:
             raise ValueError("the invoice has no id")
         return Outcome("processed", {"customer": cid,
                                      "suspended": self._suspend(cid, _FAILED + inv_id)})
+
+    def _clawed(self, cid: str, out: list[dict[str, Any]], what: str) -> Outcome:
+        if not out:
+            return Outcome("ignored", {"customer": cid, "reason": f"no credits to take back for"
+                                                                  f" this {what} (no grant from"
+                                                                  " the payment, or already"
+                                                                  " taken)"})
+        return Outcome("processed", {"customer": cid, "clawed_back": out})
+
+    def _refunded(self, cid: str, event: dict[str, Any], ch: dict[str, Any]) -> Outcome:
+        """``amount_refunded`` is cumulative: one key per charge, the difference is taken."""
+        ch_id = _id(ch.get("id"))
+        if ch_id is None:
+            raise ValueError("the charge has no id")
+        refs = [ch_id, _id(ch.get("payment_intent")) or "", _id(ch.get("invoice")) or ""]
+        out = self.credits.claw_back(cid, refs, _minor(ch.get("amount_refunded")),
+                                     f"refund:{ch_id}", str(event.get("id")),
+                                     fallback_paid=_minor(ch.get("amount")))
+        return self._clawed(cid, out, "refund")
+
+    def _disputed(self, cid: str, event: dict[str, Any], dp: dict[str, Any]) -> Outcome:
+        dp_id = _id(dp.get("id"))
+        if dp_id is None:
+            raise ValueError("the dispute has no id")
+        out = self.credits.claw_back(cid, _dispute_refs(dp), _minor(dp.get("amount")),
+                                     f"dispute:{dp_id}", str(event.get("id")))
+        return self._clawed(cid, out, "dispute")
+
+    def _credit_note(self, cid: str, event: dict[str, Any], cn: dict[str, Any]) -> Outcome:
+        """The part of a credit note that is not a refund (customer balance, out of band):
+        its refunds arrive as ``charge.refunded`` and are taken back there."""
+        cn_id, inv = _id(cn.get("id")), _id(cn.get("invoice"))
+        if cn_id is None or inv is None:
+            raise ValueError("the credit note has no id or invoice")
+        total = cn.get("post_payment_amount")
+        total = _minor(total) if isinstance(total, int) else _minor(cn.get("amount"))
+        refunds = cn.get("refunds")
+        refunded = sum(_minor(r.get("amount_refunded")) for r in refunds
+                       if isinstance(r, dict)) if isinstance(refunds, list) else 0
+        out = self.credits.claw_back(cid, [inv], max(total - refunded, 0),
+                                     f"credit_note:{cn_id}", str(event.get("id")))
+        return self._clawed(cid, out, "credit note")
 
     # ---- effects (each idempotent) -------------------------------------------------------------
 

@@ -13,7 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.credits.book import CreditBook
-from proxy.credits.ledger import Entry, GrantState, burn_order, settle_cost
+from proxy.credits.ledger import (
+    Entry,
+    GrantState,
+    burn_order,
+    clawback,
+    clawback_credits,
+    settle_cost,
+)
 from proxy.credits.service import CreditService
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, alert_period, crossed
 from proxy.periods import period_bounds
@@ -168,3 +175,39 @@ async def test_next_billing_period_rearms(env: tuple[CreditService, ThresholdWat
     end = period_bounds(anchor, NOW)[1]
     assert _fired(w, end - 1, anchor) == []
     assert _fired(w, end, anchor) == ["0.5"]
+
+
+# ---------------------------------------------------------------- finding 6 (pure part)
+
+def test_clawback_layers_unused_then_expired_then_spent() -> None:
+    g = GrantState("g", "c", 100 * Q, remaining=70 * Q)
+    assert clawback(g, 50 * Q, 0, 30 * Q) == [Entry("g", "refund", 50 * Q)]
+    g = GrantState("g", "c", 100 * Q, remaining=20 * Q)
+    assert clawback(g, 50 * Q, 0, 80 * Q) == [Entry("g", "refund", 20 * Q),
+                                              Entry("", "debt", 30 * Q)]
+    g = GrantState("g", "c", 100 * Q, remaining=0)
+    assert clawback(g, 50 * Q, 40 * Q, 60 * Q) == [Entry("", "debt", 10 * Q)]
+    assert clawback(g, 50 * Q, 50 * Q, 60 * Q) == []
+    assert clawback(g, 0, 0, 60 * Q) == []
+
+
+def test_clawback_credits_share_of_the_payment() -> None:
+    assert clawback_credits(100 * Q, 1000, 500) == 50 * Q
+    assert clawback_credits(100 * Q, 3, 1) == 33_333_333          # floor
+    assert clawback_credits(100 * Q, 1000, 1000) == 100 * Q
+    assert clawback_credits(100 * Q, 1000, 5000) == 100 * Q
+    assert clawback_credits(100 * Q, 0, 1) == 100 * Q             # payment amount unknown
+    assert clawback_credits(100 * Q, 1000, 0) == 0
+
+
+@given(st.integers(1, 10**12), st.integers(0, 10**12), st.integers(0, 10**12),
+       st.integers(0, 10**12), st.integers(-5, 10**12))
+def test_clawback_never_takes_more_than_its_layers(amount: int, remaining: int, credits: int,
+                                                   expired: int, spent: int) -> None:
+    g = GrantState("g", "c", amount, remaining=min(remaining, amount))
+    entries = clawback(g, credits, expired, spent)
+    refund = sum(e.amount for e in entries if e.kind == "refund")
+    debt = sum(e.amount for e in entries if e.kind == "debt")
+    assert refund == min(credits, g.remaining)
+    assert debt == min(max(credits - refund - max(expired, 0), 0), max(spent, 0))
+    assert all(e.amount > 0 for e in entries)

@@ -112,7 +112,9 @@ async def test_refund_claws_back_unused_credit_idempotently(hooks: HooksFactory)
         assert await _status(h, key) == 200      # 30 of 100 credits spent
     # half refunded: 50 credits clawed back, all of it from the 70 unused
     await h.deliver(event("evt_r1", "charge.refunded", _charge("cus_acme", "in_1", 1000, 500)))
-    await h.deliver(event("evt_r1b", "charge.refunded", _charge("cus_acme", "in_1", 1000, 500)))
+    again = await h.deliver(event("evt_r1b", "charge.refunded",
+                                  _charge("cus_acme", "in_1", 1000, 500)), "ignored")
+    assert "already taken" in again["result"]["reason"]
     g = await grants(h.p, "acme")
     assert (g["balance"], g["debt"]) == ("20", "0")
     # then fully refunded (cumulative 1000): 20 unused clawed, the 30 spent become debt
@@ -133,7 +135,7 @@ async def test_dispute_and_credit_note_claw_back(hooks: HooksFactory) -> None:
     cn = {"id": "cn_1", "object": "credit_note", "customer": "cus_acme", "invoice": "in_1",
           "amount": 100}
     await h.deliver(event("evt_cn", "credit_note.created", cn))
-    await h.deliver(event("evt_cn_again", "credit_note.created", cn))   # same note: once
+    await h.deliver(event("evt_cn_again", "credit_note.created", cn), "ignored")  # once
     assert (await grants(h.p, "acme"))["balance"] == "90"
     # a dispute names the charge, not the customer
     dp = {"id": "dp_1", "object": "dispute", "charge": "ch_1", "payment_intent": "pi_1",

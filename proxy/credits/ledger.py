@@ -55,6 +55,7 @@ class Entry:
 
 DEBT = "debt"          # no grant: credits consumed beyond the balance (block customers)
 REPAY = "repay"        # a grant's credits taken to pay back debt
+REFUND = "refund"      # credits clawed back because the payment behind the grant was returned
 
 
 def burn_order(grants: Iterable[GrantState]) -> list[GrantState]:
@@ -155,3 +156,33 @@ def settle_cost(grants: Sequence[GrantState], cost: int, now: float,
     if debt_ok and uncovered > 0:
         return [*entries, Entry("", DEBT, uncovered)], 0
     return entries, uncovered
+
+
+def clawback(grant: GrantState, credits: int, expired_left: int, spent_left: int) -> list[Entry]:
+    """Entries that take back ``credits`` of a grant whose payment was refunded, disputed or
+    credited. Layers, in order: what is still unused (a ``refund`` entry on the grant), then
+    what expired unused and was not already counted by an earlier claw-back (nothing to
+    take: it is gone), then what was spent, up to ``spent_left`` (a ``debt`` entry: paid
+    back first by the next grant). Never more than the three layers hold."""
+    if credits <= 0:
+        return []
+    out: list[Entry] = []
+    take = min(credits, grant.remaining)
+    if take > 0:
+        out.append(Entry(grant.id, REFUND, take))
+    rest = credits - take - min(credits - take, max(expired_left, 0))
+    owed = min(rest, max(spent_left, 0))
+    if owed > 0:
+        out.append(Entry("", DEBT, owed))
+    return out
+
+
+def clawback_credits(amount: int, paid_minor: int, returned_minor: int) -> int:
+    """Credits of a grant of ``amount`` that ``returned_minor`` of the ``paid_minor`` its
+    payment was worth take back (floor: a partial return never takes more than its share);
+    nothing known about the payment's amount: all of it."""
+    if returned_minor <= 0:
+        return 0
+    if paid_minor <= 0 or returned_minor >= paid_minor:
+        return amount
+    return amount * returned_minor // paid_minor

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from proxy.credits.book import CreditBook
-from proxy.credits.ledger import Entry, GrantState
+from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits
 from proxy.store.db import Store
 from proxy.store.keys import InvalidInput, get_customer
 from proxy.timeutil import rfc3339
@@ -131,6 +131,85 @@ class CreditService:
         self.store.execute_write(lambda c: insert_entries(c, g.customer_id, [entry]))
         self.book.apply([entry])
         return g
+
+    # ---- claw-backs (refunds, disputes, credit notes) --------------------------------------
+
+    def claw_back(self, customer_id: str, refs: list[str], returned_minor: int, key: str,
+                  event_id: str, fallback_paid: int = 0) -> list[dict[str, Any]]:
+        """Take back the share of every grant paid by the payment named by ``refs`` (invoice,
+        charge, payment intent or checkout session ids) that ``returned_minor`` of it is.
+        ``key`` names the return: the same key is applied once, and a later event with the
+        same key and a larger (cumulative) amount takes only the difference (Stripe's
+        ``amount_refunded`` is cumulative). Unused credit goes first (``refund`` entry),
+        expired credit absorbs its share, spent credit becomes debt (docs/credits.md)."""
+        refs = [r for r in refs if r]
+        if not refs:
+            return []
+        now = time.time()
+        marks = ",".join("?" * len(refs))
+
+        def tx(c: sqlite3.Connection) -> tuple[list[dict[str, Any]], list[Entry]]:
+            rows = c.execute(f"SELECT grant_id, MAX(paid) FROM grant_payments WHERE ref IN"
+                             f" ({marks}) GROUP BY grant_id ORDER BY grant_id", refs).fetchall()
+            out: list[dict[str, Any]] = []
+            applied: list[Entry] = []
+            for gid, paid in rows:
+                g = self.book.grant(gid)
+                if g is None or g.customer_id != customer_id:
+                    continue
+                target = clawback_credits(g.amount, paid or fallback_paid, returned_minor)
+                k = f"{key}:{gid}"
+                prev = c.execute("SELECT credits FROM clawbacks WHERE key=?", (k,)).fetchone()
+                delta = target - (prev[0] if prev else 0)
+                if delta <= 0:
+                    continue
+                sums = dict(c.execute(
+                    "SELECT kind, SUM(amount) FROM credit_entries WHERE grant_id=?"
+                    " GROUP BY kind", (gid,)).fetchall())
+                (clawed,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                                      " WHERE grant_id=?", (gid,)).fetchone()
+                (owed,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
+                                    " WHERE kind='debt' AND request_id=?",
+                                    (f"clawback:{gid}",)).fetchone()
+                refunded = sums.get("refund", 0)
+                # from the book: debits still in the group-commit buffer count as spent
+                spent = g.amount - g.remaining - refunded - sums.get("expire", 0) \
+                    - sums.get("void", 0)
+                # expired credit an earlier claw-back already counted = clawed - refunded - owed
+                expired_left = sums.get("expire", 0) - (clawed - refunded - owed)
+                entries = clawback(g, delta, expired_left, spent - owed)
+                for e in entries:
+                    rid = f"clawback:{gid}" if e.kind == "debt" else k
+                    insert_entries(c, customer_id, [e], request_id=rid, at=now)
+                c.execute("INSERT INTO clawbacks(key, customer_id, grant_id, minor, credits,"
+                          " event_id, created_at) VALUES (?,?,?,?,?,?,?)"
+                          " ON CONFLICT(key) DO UPDATE SET minor=excluded.minor,"
+                          " credits=excluded.credits, event_id=excluded.event_id",
+                          (k, customer_id, gid, returned_minor, target, event_id, int(now)))
+                out.append({"grant_id": gid, "credits": fmt_micro(delta),
+                            "unused_taken": fmt_micro(sum(e.amount for e in entries
+                                                          if e.kind == "refund")),
+                            "debt": fmt_micro(sum(e.amount for e in entries
+                                                  if e.kind == "debt"))})
+                applied.extend(entries)
+            return out, applied
+
+        res: tuple[list[dict[str, Any]], list[Entry]] = self.store.execute_write(tx)
+        out, applied = res
+        if applied:
+            self.book.apply(applied, customer_id)
+            log.info("clawed back from %s (%s): %s", customer_id, key, out)
+        return out
+
+    def payment_customer(self, refs: list[str]) -> str | None:
+        """The customer whose grant a payment (by any of its ids) paid for, if any."""
+        refs = [r for r in refs if r]
+        if not refs:
+            return None
+        row = self.store.conn.execute(
+            f"SELECT g.customer_id FROM grant_payments p JOIN grants g ON g.id = p.grant_id"
+            f" WHERE p.ref IN ({','.join('?' * len(refs))}) LIMIT 1", refs).fetchone()
+        return str(row[0]) if row else None
 
     # ---- expiry ---------------------------------------------------------------------------
 
