@@ -8,12 +8,14 @@ ledger and outbox."""
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy.credits.reserve import WINDOW, Estimator, high_percentile
 from proxy.rules import check_rules, load_rules
 from tests.conftest import Proxy, ProxyFactory
 from tests.servers import serve
@@ -198,3 +200,25 @@ def test_reserve_from_is_validated_with_positions(tmp_path: Path) -> None:
     assert rules.rules[0].request_json is True
     src = rules.rules[0].usage[0].reserve_from
     assert src is not None and src.path == ("max_tokens",)
+
+
+def test_high_percentile_nearest_rank() -> None:
+    assert high_percentile(list(range(1, 101)), 95) == 95
+    assert high_percentile([5], 95) == 5
+    assert high_percentile([2, 1], 95) == 2
+    assert high_percentile([1] * 19 + [100], 95) == 1
+    assert high_percentile([1] * 18 + [100, 100], 95) == 100
+
+
+def test_estimator_floor_until_learned_then_bounded_window() -> None:
+    e = Estimator(1 * Q, Decimal("0.01"))
+    for _ in range(7):
+        e.observe(40 * Q)
+    assert (e.micro, e.cost) == (1 * Q, 10_000)          # 7 samples: still the floor
+    e.observe(40 * Q)
+    assert (e.micro, e.cost) == (40 * Q, 400_000)        # 8: learned
+    for _ in range(WINDOW):
+        e.observe(10 * Q)
+    assert len(e.samples) == WINDOW and (e.seen, e.micro) == (8 + WINDOW, 10 * Q)
+    e.configure(50 * Q, Decimal("0.02"))                 # a reload raises the floor
+    assert (e.micro, e.cost) == (50 * Q, 1_000_000)

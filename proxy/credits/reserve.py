@@ -30,7 +30,7 @@ from proxy.units import QSCALE, UnitError, cost_micro, to_micro
 PERCENTILE = 95
 WINDOW = 256
 MIN_SAMPLES = 8
-RECOMPUTE_EVERY = 8
+RECOMPUTE_EVERY = 32
 
 
 def high_percentile(samples: Sequence[int], pct: int) -> int:
