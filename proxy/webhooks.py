@@ -43,7 +43,9 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   ``POST /admin/customers``) is never lifted by a webhook.
 - ``charge.refunded`` / ``charge.dispute.created`` / ``credit_note.created``: claw back
   the refunded / disputed / credited share of the credits the payment granted
-  (``proxy.credits.service.CreditService.claw_back``).
+  (``proxy.credits.service.CreditService.claw_back``). ``invoice_payment.paid`` (and an
+  invoice's ``payments``) link a payment intent / charge to the invoice it paid, which API
+  versions from 2025-03-31 no longer name on the Invoice or the Charge.
 
 Our customer is found by ``stripe_customer_id``. None yet: ``waiting_customer``, retried
 whenever the customer cache reloads (an admin/CLI change) and every ``retry_interval``: the
@@ -84,6 +86,18 @@ _PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscri
 _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 _COLS = "id, type, created, status, result, received_at, processed_at"
 _FAILED = "payment_failed:"
+
+
+def _invoice_payment_refs(inv: dict[str, Any]) -> list[str]:
+    """Payment ids in ``invoice.payments`` (when the payload includes them)."""
+    data = _get(inv, "payments", "data")
+    out: list[str] = []
+    for p in data if isinstance(data, list) else ():
+        for k in ("payment_intent", "charge"):
+            r = _id(_get(p, "payment", k))
+            if r:
+                out.append(r)
+    return out
 
 
 def _dispute_refs(dp: dict[str, Any]) -> list[str]:
@@ -295,6 +309,7 @@ class WebhookReceiver:
             "charge.refunded": self._refunded,
             "charge.dispute.created": self._disputed,
             "credit_note.created": self._credit_note,
+            "invoice_payment.paid": self._invoice_payment,
         } | dict.fromkeys(_CHECKOUT, self._checkout)
         handler = handlers.get(etype) if isinstance(etype, str) else None
         if handler is None:
@@ -302,6 +317,8 @@ class WebhookReceiver:
         if not isinstance(obj, dict):
             raise ValueError("the event has no data.object")
         scid = _id(obj.get("customer"))
+        if etype == "invoice_payment.paid":
+            return self._invoice_payment("", event, obj)     # links ids; names no customer
         if scid is None and etype == "charge.dispute.created":
             # a dispute names its charge, not the customer: the grant it paid for does
             cid = self.credits.payment_customer(_dispute_refs(obj))
@@ -326,6 +343,9 @@ class WebhookReceiver:
         if inv_id is None:
             raise ValueError("the invoice has no id")
         lines = invoice_lines(inv)
+        paid_by = _invoice_payment_refs(inv)
+        if paid_by:
+            self.credits.link_payment(paid_by, inv_id)
         payment = (tuple(r for r in (inv_id, _id(inv.get("charge")),
                                      _id(inv.get("payment_intent"))) if r),
                    _minor(inv.get("amount_paid")))
@@ -401,6 +421,17 @@ class WebhookReceiver:
             raise ValueError("the invoice has no id")
         return Outcome("processed", {"customer": cid,
                                      "suspended": self._suspend(cid, _FAILED + inv_id)})
+
+    def _invoice_payment(self, cid: str, event: dict[str, Any], ip: dict[str, Any]) -> Outcome:
+        """``invoice_payment.paid`` (API 2025-03-31 on): which payment paid which invoice, so
+        a later refund or dispute of that payment finds the invoice's grants."""
+        inv = _id(ip.get("invoice"))
+        refs = [r for r in (_id(_get(ip, "payment", "payment_intent")),
+                            _id(_get(ip, "payment", "charge"))) if r]
+        if inv is None or not refs:
+            return Outcome("ignored", {"reason": "no invoice or payment named"})
+        self.credits.link_payment(refs, inv)
+        return Outcome("processed", {"invoice": inv, "payments": refs})
 
     def _clawed(self, cid: str, out: list[dict[str, Any]], what: str) -> Outcome:
         if not out:

@@ -144,3 +144,36 @@ async def test_dispute_and_credit_note_claw_back(hooks: HooksFactory) -> None:
     assert done["result"]["customer"] == "acme"
     g = await grants(h.p, "acme")
     assert (g["balance"], g["debt"]) == ("0", "0")
+
+
+async def test_refund_on_current_api_found_through_invoice_payment(hooks: HooksFactory) -> None:
+    """From API 2025-03-31 on, neither the Invoice nor the Charge names the other: the link
+    comes from ``invoice_payment.paid`` (here before the invoice's own event) or from
+    ``invoice.payments`` when the payload includes it."""
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    ip = {"id": "inpay_1", "object": "invoice_payment", "invoice": "in_new", "amount_paid": 1000,
+          "payment": {"type": "payment_intent", "payment_intent": "pi_new"}}
+    done = await h.deliver(event("evt_ip", "invoice_payment.paid", ip))
+    assert done["result"] == {"invoice": "in_new", "payments": ["pi_new"]}
+    inv = invoice("in_new", "cus_acme", [old_line("price_pack")])
+    inv["amount_paid"] = 1000
+    await h.deliver(event("evt_buy", "invoice.paid", inv))
+    assert await _status(h, key) == 200          # 1 credit spent, from the only pack
+    inv2 = invoice("in_new2", "cus_acme", [old_line("price_pack")])
+    inv2.update(amount_paid=2000, payments={"object": "list", "data": [
+        {"object": "invoice_payment", "payment": {"type": "payment_intent",
+                                                  "payment_intent": "pi_new2"}}]})
+    await h.deliver(event("evt_buy2", "invoice.paid", inv2))
+    refund = {"id": "ch_new", "object": "charge", "customer": "cus_acme",
+              "payment_intent": "pi_new", "amount": 1000, "amount_refunded": 1000}
+    done = await h.deliver(event("evt_rf", "charge.refunded", refund))
+    assert [c["credits"] for c in done["result"]["clawed_back"]] == ["100"]
+    refund2 = {"id": "ch_new2", "object": "charge", "customer": "cus_acme",
+               "payment_intent": "pi_new2", "amount": 2000, "amount_refunded": 200}
+    done = await h.deliver(event("evt_rf2", "charge.refunded", refund2))
+    assert [c["credits"] for c in done["result"]["clawed_back"]] == ["10"]
+    g = await grants(h.p, "acme")
+    # 200 granted, 1 spent from the first pack; its full refund takes the 99 unused and
+    # makes the spent 1 debt; 10 of the second pack's 100 go back
+    assert (g["balance"], g["debt"]) == ("89", "1")

@@ -50,6 +50,14 @@ def insert_entries(conn: sqlite3.Connection, customer_id: str, entries: list[Ent
         [(customer_id, e.grant_id, e.kind, e.amount, request_id, meter, at_ms) for e in entries])
 
 
+def linked_refs(conn: sqlite3.Connection, refs: list[str]) -> list[str]:
+    """``refs`` plus the invoices those payments paid (``payment_links``)."""
+    marks = ",".join("?" * len(refs))
+    linked = [r for (r,) in conn.execute(
+        f"SELECT invoice_ref FROM payment_links WHERE payment_ref IN ({marks})", refs)]
+    return list(dict.fromkeys([*refs, *linked]))
+
+
 def grant_json(g: GrantState, now: float) -> dict[str, Any]:
     return {"grant_id": g.id, "customer_id": g.customer_id, "credits": fmt_micro(g.amount),
             "remaining": fmt_micro(g.remaining if g.live(now) else 0),
@@ -146,11 +154,12 @@ class CreditService:
         if not refs:
             return []
         now = time.time()
-        marks = ",".join("?" * len(refs))
 
         def tx(c: sqlite3.Connection) -> tuple[list[dict[str, Any]], list[Entry]]:
+            refs_ = linked_refs(c, refs)
+            marks = ",".join("?" * len(refs_))
             rows = c.execute(f"SELECT grant_id, MAX(paid) FROM grant_payments WHERE ref IN"
-                             f" ({marks}) GROUP BY grant_id ORDER BY grant_id", refs).fetchall()
+                             f" ({marks}) GROUP BY grant_id ORDER BY grant_id", refs_).fetchall()
             out: list[dict[str, Any]] = []
             applied: list[Entry] = []
             for gid, paid in rows:
@@ -206,10 +215,21 @@ class CreditService:
         refs = [r for r in refs if r]
         if not refs:
             return None
+        refs = linked_refs(self.store.conn, refs)
         row = self.store.conn.execute(
             f"SELECT g.customer_id FROM grant_payments p JOIN grants g ON g.id = p.grant_id"
             f" WHERE p.ref IN ({','.join('?' * len(refs))}) LIMIT 1", refs).fetchone()
         return str(row[0]) if row else None
+
+    def link_payment(self, payment_refs: list[str], invoice_ref: str) -> int:
+        """Remember that a payment (intent / charge) paid an invoice; returns new links."""
+        refs = [r for r in payment_refs if r]
+        if not refs:
+            return 0
+        n: int = self.store.execute_write(lambda c: c.executemany(
+            "INSERT OR IGNORE INTO payment_links(payment_ref, invoice_ref) VALUES (?,?)",
+            [(r, invoice_ref) for r in refs]).rowcount)
+        return n
 
     # ---- expiry ---------------------------------------------------------------------------
 

@@ -203,6 +203,13 @@ MIGRATIONS: tuple[str, ...] = (
         paid INTEGER NOT NULL,
         PRIMARY KEY (ref, grant_id)
     ) WITHOUT ROWID;
+    -- a payment (payment intent / charge) -> the invoice it paid, from invoice_payment.paid
+    -- or invoice.payments (API 2025-03-31 on: neither Invoice nor Charge names the other)
+    CREATE TABLE payment_links (
+        payment_ref TEXT NOT NULL,
+        invoice_ref TEXT NOT NULL,
+        PRIMARY KEY (payment_ref, invoice_ref)
+    ) WITHOUT ROWID;
     CREATE TABLE clawbacks (
         key TEXT PRIMARY KEY,
         customer_id TEXT NOT NULL,
