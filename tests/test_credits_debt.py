@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.credits.reserve import WINDOW, Estimator, high_percentile
+from proxy.credits.reserve import WINDOW, Estimator, Reservations, high_percentile
 from proxy.rules import check_rules, load_rules
 from tests.conftest import Proxy, ProxyFactory
 from tests.servers import serve
@@ -222,3 +222,20 @@ def test_estimator_floor_until_learned_then_bounded_window() -> None:
     assert len(e.samples) == WINDOW and (e.seen, e.micro) == (8 + WINDOW, 10 * Q)
     e.configure(50 * Q, Decimal("0.02"))                 # a reload raises the floor
     assert (e.micro, e.cost) == (50 * Q, 1_000_000)
+
+
+def test_reservations_follow_a_reload_and_keep_what_was_learned(tmp_path: Path) -> None:
+    def ruleset(credits: str, estimate: str) -> Any:
+        f = tmp_path / f"r{credits}{estimate}.yaml"
+        f.write_text(RULES.replace("credits: 0.01}", f"credits: {credits}, estimate: {estimate}}}"))
+        return load_rules([f]).rules[0]
+
+    res = Reservations(1 * Q)
+    old = ruleset("0.01", "5")
+    assert res.for_rule(old).cost() == 50_000                 # floor 5 tokens x 0.01
+    for _ in range(8):
+        res.for_rule(old).estimators["llm_tokens"].observe(40 * Q)
+    assert res.for_rule(old).cost() == 400_000                # learned 40
+    new = ruleset("0.02", "5")
+    assert res.for_rule(new).cost() == 800_000                # same 40, the new rate
+    assert res.for_rule(ruleset("0.02", "100")).cost() == 2_000_000   # a higher floor wins

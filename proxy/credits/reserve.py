@@ -31,6 +31,7 @@ PERCENTILE = 95
 WINDOW = 256
 MIN_SAMPLES = 8
 RECOMPUTE_EVERY = 32
+MAX_CACHED_RULES = 4096
 
 
 def high_percentile(samples: Sequence[int], pct: int) -> int:
@@ -109,11 +110,11 @@ def hint_micro(u: UsageSpec, request_json: object, headers: Mapping[str, str],
 class RuleReserve:
     """A rule's admission cost: the constant quantities' cost plus each estimator's cost."""
 
-    __slots__ = ("constant", "estimators", "hinted", "name")
+    __slots__ = ("constant", "estimators", "hinted", "rule")
 
-    def __init__(self, name: str, constant: int, estimators: dict[str, Estimator],
+    def __init__(self, rule: Rule, constant: int, estimators: dict[str, Estimator],
                  hinted: tuple[tuple[UsageSpec, Estimator], ...]) -> None:
-        self.name = name
+        self.rule = rule                        # held: its id cannot be reused while cached
         self.constant = constant
         self.estimators = estimators            # meter -> estimator (variable quantities)
         self.hinted = hinted                    # specs with reserve_from
@@ -146,8 +147,10 @@ class Reservations:
 
     def for_rule(self, rule: Rule) -> RuleReserve:
         r = self._by_rule.get(id(rule))
-        if r is not None and r.name == rule.name:
+        if r is not None and r.rule is rule:
             return r
+        if len(self._by_rule) >= MAX_CACHED_RULES:
+            self._by_rule.clear()               # old rule sets (reloads); learning is kept
         constant = 0
         ests: dict[str, Estimator] = {}
         hinted: list[tuple[UsageSpec, Estimator]] = []
@@ -167,6 +170,6 @@ class Reservations:
             ests[u.meter] = e
             if u.reserve_from is not None:
                 hinted.append((u, e))
-        r = RuleReserve(rule.name, constant, ests, tuple(hinted))
+        r = RuleReserve(rule, constant, ests, tuple(hinted))
         self._by_rule[id(rule)] = r
         return r
