@@ -4,6 +4,7 @@ and the watch on a real SQLite store."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -21,11 +22,12 @@ from proxy.credits.ledger import (
     clawback_credits,
     settle_cost,
 )
-from proxy.credits.service import CreditService
+from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, alert_period, crossed
 from proxy.periods import period_bounds
-from proxy.store.db import Store
+from proxy.store.db import Store, _statements, connect
 from proxy.store.keys import upsert_customer
+from proxy.store.schema import MIGRATIONS
 
 Q = 1_000_000
 
@@ -211,3 +213,35 @@ def test_clawback_never_takes_more_than_its_layers(amount: int, remaining: int, 
     assert refund == min(credits, g.remaining)
     assert debt == min(max(credits - refund - max(expired, 0), 0), max(spent, 0))
     assert all(e.amount > 0 for e in entries)
+
+
+# ---------------------------------------------------------------- migration 6
+
+def test_migration_6_keeps_the_ledger_and_constrains_debt(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for i, script in enumerate(MIGRATIONS[:5], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+    conn.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
+    conn.execute("INSERT INTO grants(id, customer_id, amount, source, created_at)"
+                 " VALUES ('g', 'c', 5, 'admin', 0)")
+    conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, at_ms)"
+                 " VALUES ('c', 'g', 'debit', 2, 7)")
+    conn.commit()
+    conn.close()
+    conn = connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert conn.execute("SELECT seq, customer_id, grant_id, kind, amount, at_ms"
+                        " FROM credit_entries").fetchall() == [(1, "c", "g", "debit", 2, 7)]
+    conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, at_ms)"
+                 " VALUES ('c', NULL, 'debt', 3, 8)")
+    for bad in ("('c', 'g', 'debt', 1, 9)", "('c', NULL, 'debit', 1, 9)",
+                "('c', 'nope', 'repay', 1, 9)"):
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount,"
+                         f" at_ms) VALUES {bad}")
+    book = load_book(conn)
+    assert (book.debt("c"), book.balance("c", 0)) == (3, 0)
+    conn.close()
