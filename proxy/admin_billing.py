@@ -64,8 +64,8 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
 
 async def get_outbox(request: web.Request) -> web.Response:
     status = request.query.get("status")
-    if status is not None and status not in ("pending", "sent", "dead"):
-        return jerror(400, "invalid_request", "status is pending, sent or dead")
+    if status is not None and status not in ("pending", "sent", "dead", "dry_run"):
+        return jerror(400, "invalid_request", "status is pending, sent, dead or dry_run")
     where, args = ("status=?", (status,)) if status else ("1=1", ())
     customer = request.query.get("customer")
     if customer:

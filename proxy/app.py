@@ -37,9 +37,11 @@ from proxy.config import Config, split_hostport
 from proxy.consumer import ConsumerApi
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
+from proxy.errors import FileProblem
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
+from proxy.paths import check_database
 from proxy.pricing import PriceCache
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.rules import RulesError, RuleSet, load_rules
@@ -118,13 +120,18 @@ async def start(cfg: Config) -> Server:
     rules = load_ruleset(cfg)
     metrics.rules_info.labels(rules.version).set(1)
     st = cfg.storage
-    store = Store.open(cfg.db_path(), synchronous=st.synchronous, durability=st.durability,
-                       commit_interval=st.commit_interval, fail_mode=st.fail_mode,
-                       max_pending_rows=st.max_pending_rows)
+    db_path = cfg.db_path()
+    check_database(db_path, create_dir=True)
+    try:
+        store = Store.open(db_path, synchronous=st.synchronous, durability=st.durability,
+                           commit_interval=st.commit_interval, fail_mode=st.fail_mode,
+                           max_pending_rows=st.max_pending_rows)
+    except sqlite3.Error as exc:
+        raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     remember_rules(store, rules)
     keys = KeyCache()
     keys.reload(store.conn)
-    reader = await aiosqlite.connect(str(cfg.db_path()))
+    reader = await aiosqlite.connect(str(db_path))
     await reader.execute("PRAGMA query_only=1")
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
     pipeline = Pipeline(rt)
@@ -140,7 +147,9 @@ async def start(cfg: Config) -> Server:
                                                                      "max_line_size": 64 * 1024})
     webhooks = WebhookReceiver(store, keys, credits, cfg)
     public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
-    public_app.router.add_route("*", "/{tail:.*}", pipeline)
+    # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
+    # in a deprecated per-request shim ("Bare functions are deprecated")
+    public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=10.0)
     reconciler = build_reconciler(rt)

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy import yamlpos
+from proxy import paths, yamlpos
 from proxy.errors import ConfigError
 from proxy.units import parse_duration
 
@@ -190,7 +190,8 @@ class Config(_Model):
     max_inspect_bytes: Size = 1024 * 1024
     reserved_prefix: str = "/_meter"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # filled by load(): where the file lives, so relative paths resolve against it
+    # filled by load(): the config file's directory (absolute), so relative paths in the
+    # file resolve against it (proxy.paths states the rule)
     base_dir: str = "."
 
     @field_validator("rules", mode="before")
@@ -205,15 +206,17 @@ class Config(_Model):
         return v
 
     def rule_paths(self) -> list[Path]:
+        """The rules files, absolute (relative entries resolve against the config file's
+        directory; a directory means every ``*.yaml`` in it)."""
         out: list[Path] = []
         for r in self.rules:
-            p = Path(r) if Path(r).is_absolute() else Path(self.base_dir) / r
+            p = paths.absolute(r, self.base_dir)
             out.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
         return out
 
     def db_path(self) -> Path:
-        p = Path(self.storage.path)
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        """``storage.path``, absolute (relative resolves against the config file's directory)."""
+        return paths.absolute(self.storage.path, self.base_dir)
 
 
 def split_hostport(v: str) -> tuple[str, int]:
@@ -240,11 +243,15 @@ def expand_env(value: str, env: Mapping[str, str]) -> str:
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Load and validate; raise ConfigError with every problem as ``file:line: message``."""
     env = os.environ if env is None else env
-    path = Path(path)
+    path = paths.absolute(path)          # a command-line path: against the current directory
     try:
         text = path.read_text()
+    except IsADirectoryError as exc:
+        raise ConfigError([f"cannot read config {path}: it is a directory"]) from exc
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        raise ConfigError([f"cannot read config {path}: {paths.reason(exc)}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"cannot read config {path}: not UTF-8 text ({exc.reason})"]) from exc
     try:
         doc = yamlpos.load_yaml(text)
     except yamlpos.YamlError as exc:

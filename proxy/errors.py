@@ -2,6 +2,7 @@
 
     MeterproxyError
     ├── ConfigError            the config file is invalid (carries every problem, file:line)
+    ├── FileProblem            a file or directory cannot be used (names the path and why)
     ├── StorageError           SQLite could not commit (disk full, locked, read-only)
     │   └── MeteringUnavailable   raised to a request waiting on a commit in fail_mode closed
     ├── UpstreamError          the guarded API could not be reached
@@ -24,6 +25,11 @@ class ConfigError(MeterproxyError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class FileProblem(MeterproxyError):
+    """A file or directory meterproxy needs cannot be used; the message names the absolute
+    path and the reason ("cannot open database /abs/x.db: directory /abs does not exist")."""
 
 
 class StorageError(MeterproxyError):

@@ -90,6 +90,9 @@ upstream_errors_total = Counter("meterproxy_upstream_errors_total", "Upstream fa
                                 ["kind"], registry=REGISTRY)
 stripe_retries_total = Counter("meterproxy_stripe_retries_total",
                                "Sink calls retried (transient errors)", ["reason"], registry=REGISTRY)
+outbox_dry_run = Gauge("meterproxy_outbox_dry_run",
+                       "Meter events only logged by the dry-run sink, not delivered to Stripe"
+                       " (a real sink sends them)", registry=REGISTRY)
 outbox_pending = Gauge("meterproxy_outbox_pending", "Meter events staged but not yet delivered",
                        registry=REGISTRY)
 last_flush_success = Gauge("meterproxy_last_flush_success_timestamp_seconds",
