@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,8 +116,18 @@ def remember_rules(store: Store, rules: RuleSet) -> None:
 
 
 async def start(cfg: Config) -> Server:
-    """Open every resource and start listening. The caller owns ``shutdown()``."""
+    """Open every resource and start listening. The caller owns ``shutdown()``. A failure
+    part-way (port in use, database unusable) closes what was opened, so the process exits."""
+    async with AsyncExitStack() as undo:
+        server = await _start(cfg, undo)
+        undo.pop_all()
+        return server
+
+
+async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     rules = load_ruleset(cfg)
+    sink = build_sink(cfg.stripe)      # a sink that cannot run is refused before opening files
+    undo.push_async_callback(sink.close)
     metrics.rules_info.labels(rules.version).set(1)
     st = cfg.storage
     db_path = cfg.db_path()
@@ -128,19 +138,22 @@ async def start(cfg: Config) -> Server:
                            max_pending_rows=st.max_pending_rows)
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
+    undo.callback(store.close)
     remember_rules(store, rules)
     keys = KeyCache()
     keys.reload(store.conn)
     reader = await aiosqlite.connect(str(db_path))
+    undo.push_async_callback(reader.close)
     await reader.execute("PRAGMA query_only=1")
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
+    undo.push_async_callback(rt.upstream.close)
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
     pipeline.book = credits.book
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
     pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
                                     on_new=alerts.wake)
-    flusher = build_flusher(rt, build_sink(cfg.stripe))
+    flusher = build_flusher(rt, sink)
     _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
@@ -164,7 +177,9 @@ async def start(cfg: Config) -> Server:
     admin_app[CREDITS] = credits
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
+    undo.push_async_callback(public.cleanup)
     await admin.setup()
+    undo.push_async_callback(admin.cleanup)
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
     site = web.TCPSite(public, host, port, backlog=1024)

@@ -567,9 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"meterproxy: database error: {exc}\n")
         return 1
     except OSError as exc:     # e.g. a port already in use
-        sys.stderr.write(f"meterproxy: {exc.strerror or exc}"
-                         f"{': ' + str(exc.filename) if exc.filename else ''}"
-                         f" ({exc})\n" if exc.strerror else f"meterproxy: {exc}\n")
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"meterproxy: {exc.strerror or exc}{where}\n")
         return 1
     return rc
 
