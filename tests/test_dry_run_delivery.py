@@ -117,7 +117,7 @@ def test_a_stripe_sink_without_a_key_is_refused() -> None:
         " explicitly with `stripe.sink: dry_run` (logs meter events, sends nothing; a real"
         " sink configured later sends them)"]
     for sink in ("meter_event_stream", "usage_records"):
-        with pytest.raises(ConfigError, match=f"stripe.sink is {sink}: set stripe.api_key"):
+        with pytest.raises(ConfigError, match=rf"stripe\.sink is {sink}: set stripe\.api_key"):
             build_sink(StripeConfig(api_key="", sink=sink))   # type: ignore[arg-type]
     assert isinstance(build_sink(StripeConfig(sink="dry_run")), DryRunSink)
     assert isinstance(build_sink(StripeConfig(api_key=TEST_API_KEY, sink="dry_run")), DryRunSink)
