@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     # default) overrides it only when given, so it is accepted before or after the command
     p.add_argument("--config", default=env_default, metavar="FILE",
                    help=_config_help(f"${CONFIG_ENV}, else meterproxy.yaml; now {env_default}"))
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser,
+                           help="what to do; `meterproxy COMMAND --help` shows its options")
 
     def cmd(parent: Any, name: str, help_: str, fn: Any, *, config: bool = True,
             db: bool = False, **kw: Any) -> argparse.ArgumentParser:
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     def group(name: str, help_: str) -> Any:
         g = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
         return g.add_subparsers(dest="action", required=True, metavar="ACTION",
-                                parser_class=_Parser)
+                                parser_class=_Parser, help=f"`meterproxy {name} ACTION --help`"
+                                " shows an action's options")
 
     def time_opts(sp: argparse.ArgumentParser, from_default: str, to_default: str) -> None:
         sp.add_argument("--from", dest="from_", metavar="TIME", type=_time_arg,
