@@ -123,6 +123,18 @@ def test_a_stripe_sink_without_a_key_is_refused() -> None:
     assert isinstance(build_sink(StripeConfig(api_key=TEST_API_KEY, sink="dry_run")), DryRunSink)
 
 
+def test_container_config_without_a_stripe_key_is_refused_not_dry_run(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "meterproxy.yaml"
+    cfg_file.write_text((ROOT / "deploy" / "meterproxy.yaml").read_text())
+    env = {"METERPROXY_ADMIN_TOKEN": "t" * 16}
+    with pytest.raises(ConfigError, match=r"^stripe\.api_key is empty but stripe\.sink is "
+                       r"meter_events: set stripe\.api_key \(the container config reads it"
+                       r" from STRIPE_API_KEY\)"):
+        build_sink(config_mod.load(cfg_file, env=env).stripe)
+    explicit = config_mod.load(cfg_file, env={**env, "STRIPE_SINK": "dry_run"})
+    assert isinstance(build_sink(explicit.stripe), DryRunSink)
+
+
 def test_serve_without_stripe_settings_exits_with_the_setting_named(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text("version: 1\nmeters: {}\nrules: []\n")
     cfg = tmp_path / "meterproxy.yaml"
