@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections import Counter
 from pathlib import Path
@@ -204,7 +205,7 @@ async def test_websocket_passes_through(proxy: Proxy) -> None:
 async def test_large_body_streams_through(proxy: Proxy, tmp_path: Path) -> None:
     key = await proxy.customer_with_key("big")
     payload = random.Random(1).randbytes(3 * 1024 * 1024)
-    async with proxy.session.post(proxy.url + "/v1/upload", data=payload,
+    async with proxy.session.post(proxy.url + "/v1/upload", data=io.BytesIO(payload),
                                   headers={"Authorization": f"Bearer {key}"}) as r:
         assert r.status == 200
         assert await r.read() == payload
