@@ -106,7 +106,14 @@ def _time_arg(value: str) -> float:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy import demo
 
-    return demo.main(args.port, args.workdir)
+    port = args.port
+    if port is None:
+        env = os.environ.get(demo.PORT_ENV, "8080")
+        if not env.isdigit() or int(env) > 65535:
+            sys.stderr.write(f"meterproxy: {demo.PORT_ENV} must be a port number, got {env!r}\n")
+            return 2
+        port = int(env)
+    return demo.main(port, args.workdir)
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -442,9 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = cmd(sub, "demo", "start an example upstream, the proxy with rules/example.yaml, demo "
             "customers with keys and a dry-run Stripe sink, and print curl lines to try",
             cmd_demo, config=False)
-    d.add_argument("--port", type=int, default=int(os.environ.get("METERPROXY_DEMO_PORT", 8080)),
-                   metavar="PORT", help="public port; the admin port is PORT+1010; 0 picks free"
-                   " ports (env METERPROXY_DEMO_PORT)")
+    d.add_argument("--port", type=int, metavar="PORT", help="public port; the admin port is"
+                   " PORT+1010; 0 picks free ports (default: $METERPROXY_DEMO_PORT, else 8080)")
     d.add_argument("--workdir", default=".demo", metavar="DIR",
                    help="where the demo writes meterproxy.yaml and demo.db (relative: against"
                    " the current directory)")

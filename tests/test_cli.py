@@ -201,3 +201,11 @@ async def test_times_are_rfc3339(running: tuple[Proxy, str], tmp_path: Path) -> 
     assert code == 0, err
     assert orjson.loads(out) == {"customer": "timed", "from": "2026-01-01T00:00:00Z",
                                  "to": "2026-01-02T00:00:00Z", "meters": {}}
+
+
+async def test_demo_port_from_the_environment_must_be_a_port(tmp_path: Path) -> None:
+    env = {**os.environ, "METERPROXY_DEMO_PORT": "80x"}
+    code, out, err = await cli("demo", env=env, cwd=tmp_path)
+    assert (code, out, err) == (2, "", "meterproxy: METERPROXY_DEMO_PORT must be a port number,"
+                                       " got '80x'\n")
+    assert not (tmp_path / ".demo").exists()
