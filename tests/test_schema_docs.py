@@ -156,9 +156,7 @@ def test_example_config_names_every_setting() -> None:
     walk(data, "")
     text = (ROOT / schema.EXAMPLE_CONFIG).read_text()
     for p in _model_paths(Config):
-        if "<name>" in p:      # entries of an empty mapping: described in the comments
-            assert f"# - {p.rsplit('.', 1)[-1]} (" in text, p
-        elif p.startswith("keys.sources[]."):
+        if "<name>" in p or "[]" in p:    # members of maps and lists: listed in comments
             assert f"# - {p.rsplit('.', 1)[-1]} (" in text, p
         else:
             assert p in shown, f"{p} is not in {schema.EXAMPLE_CONFIG}; {REGEN}"
@@ -269,7 +267,8 @@ def _loader_ok(data: Any) -> bool:
 
 # A generator of rules documents in which only structure can be wrong: meter names are
 # "m" or not strings at all, rule names are unique or not strings, paths are distinct and
-# never catch-alls (the first rule's match is never empty). On these, the loader and the schema must give the same verdict.
+# never catch-alls (the first rule's match is never empty). On these, the loader and the
+# schema must give the same verdict.
 _JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 700),
                   st.sampled_from([0.5, -1.5, "", " ", "x", "2xx", "4XX", "any", "6xx", "99",
                                    "200", "up", "down", "inf", "1.5", "-1", "usd", "dollars",
