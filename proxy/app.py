@@ -262,6 +262,7 @@ def reload_rules(rt: Runtime) -> bool:
     except RulesError as exc:
         rt.rules_error = "\n".join(str(p) for p in exc.problems)
         metrics.rules_reloads_total.labels("error").inc()
+        metrics.rules_reload_failing.set(1)
         log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
                   rt.rules_error)
         return False
@@ -273,17 +274,21 @@ def reload_rules(rt: Runtime) -> bool:
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
+    metrics.rules_reload_failing.set(0)
     return True
 
 
-def _stamp(paths: list[Path]) -> tuple[tuple[str, float, int], ...]:
+def _stamp(paths: list[Path]) -> tuple[tuple[str, int, float, int], ...]:
+    """What the watcher compares. stat() follows symlinks, and the inode is part of it: a
+    Kubernetes ConfigMap update swaps a ``..data`` symlink to freshly written files, which may
+    keep the old size and, with some writers, the old mtime."""
     out = []
     for p in paths:
         try:
             s = p.stat()
-            out.append((str(p), s.st_mtime, s.st_size))
+            out.append((str(p), s.st_ino, s.st_mtime, s.st_size))
         except OSError:
-            out.append((str(p), -1.0, -1))
+            out.append((str(p), -1, -1.0, -1))
     return tuple(out)
 
 

@@ -83,6 +83,9 @@ rules_reloads_total = Counter("meterproxy_rules_reloads_total", "Rule reloads by
                               registry=REGISTRY)
 rules_info = Gauge("meterproxy_rules_version_info", "The rules version in force", ["version"],
                    registry=REGISTRY)
+rules_reload_failing = Gauge("meterproxy_rules_reload_failing",
+                             "1 while the rules files on disk are refused (the previous version "
+                             "keeps serving), else 0", registry=REGISTRY)
 client_aborts_total = Counter("meterproxy_client_aborts_total",
                               "Responses the consumer abandoned before the end (still metered)",
                               registry=REGISTRY)

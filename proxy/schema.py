@@ -82,7 +82,7 @@ def config_schema() -> Schema:
 
     raw = configdoc.raw_schema()
     body = _env_ok(raw)
-    return {"$schema": DRAFT, "$id": "https://meterproxy.dev/schema/config.schema.json",
+    return {"$schema": DRAFT,
             "title": "meterproxy config file (meterproxy.yaml)",
             "description": "Generated from proxy/config.py; see docs/configuration.md.", **body}
 
@@ -252,7 +252,7 @@ def rules_schema() -> Schema:
             "description": "First match wins."}]},
         "count_when": {"$ref": "#/$defs/count_when"},
     }, loader.TOP_KEYS, "the rules file", required=["version"])
-    return {"$schema": DRAFT, "$id": "https://meterproxy.dev/schema/rules.schema.json",
+    return {"$schema": DRAFT,
             "title": "meterproxy rules file",
             "description": "Generated from proxy/rules/loader.py by proxy/schema.py. "
                            "Structure only: `meterproxy rules check` also checks meter "
