@@ -52,22 +52,35 @@ GENERATED = {
 # ------------------------------------------------------------------ config
 
 
+def _untitled(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_untitled(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: v if k in _DATA else _untitled(v) for k, v in node.items() if k != "title"}
+    for key in ("properties", "$defs"):      # maps of names: a setting may be called "title"
+        if key in node:
+            out[key] = {k: _untitled(v) for k, v in node[key].items()}
+    return out
+
+
 def _env_ok(node: Any) -> Any:
-    """Rewrite a schema so that every non-string scalar may also be a ``${VAR}`` string."""
+    """Rewrite a schema so that every non-string scalar may also be a ``${VAR}`` string
+    (once per value: a duration's own alternatives are not wrapped again)."""
     if isinstance(node, list):
         return [_env_ok(n) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: v if k in _DATA else _env_ok(v) for k, v in node.items() if k != "title"}
-    for key in ("properties", "$defs"):   # names, not schemas: keep titles-free children only
-        if key in node:
-            out[key] = {k: _env_ok(v) for k, v in node[key].items()}
-    scalar = out.get("type") in ("integer", "number", "boolean") or "enum" in out or \
-        out.get("x-kind") in ("duration", "size")
-    if scalar:
+    if node.get("type") in ("integer", "number", "boolean") or "enum" in node or \
+            node.get("x-kind") in ("duration", "size"):
+        out = _untitled(node)
         keep = {k: out.pop(k) for k in ("description", "default", "examples", "x-kind")
                 if k in out}
         return {"anyOf": [out, ENV_REF], **keep}
+    out = {k: v if k in _DATA else _env_ok(v) for k, v in node.items() if k != "title"}
+    for key in ("properties", "$defs"):      # maps of names: a setting may be called "title"
+        if key in node:
+            out[key] = {k: _env_ok(v) for k, v in node[key].items()}
     return out
 
 
