@@ -381,8 +381,9 @@ _EXAMPLE_HEAD = """\
 # GENERATED from proxy/config.py by `{regen}`;
 # docs/configuration.md is the full reference (types, examples).
 #
-# Start from this file:   cp rules/meterproxy.example.yml meterproxy.yaml
-# Check it and run it:    METERPROXY_ADMIN_TOKEN=... meterproxy serve --config meterproxy.yaml
+# Try it as it is (the upstream on 127.0.0.1:9000; the database goes next to this file):
+#   METERPROXY_ADMIN_TOKEN=change-me-now meterproxy serve --config rules/meterproxy.example.yml
+# Or copy it: relative paths are relative to the copy's directory, so adjust `rules`.
 #
 # Relative paths are relative to this file's directory. `${{VAR}}` / `${{VAR:-default}}` expand
 # from the environment. Durations: 10ms, 5s, 2m, 1h, 90d (or seconds). Sizes: 1MiB, 500KB.
