@@ -123,12 +123,12 @@ _STATUS_ITEM: Schema = {"anyOf": [
 
 def _obj(props: dict[str, Schema], allowed: Sequence[str], what: str, **extra: Any) -> Schema:
     """An object whose keys are exactly the loader's ``allowed`` list (in its order)."""
-    missing = [k for k in allowed if k not in props]
-    if missing:
-        raise KeyError(f"the rules loader accepts {what} key(s) {missing} that "
-                       f"proxy/schema.py does not describe; add them to the rules schema")
+    # a key the loader accepts and this module does not describe yet: accepted as anything,
+    # marked, and refused by the drift test (so regeneration after a merge never fails)
+    undescribed: Schema = {"description": f"UNDOCUMENTED {what} key: describe it in "
+                                          f"proxy/schema.py"}
     return {"type": "object", "additionalProperties": False,
-            "properties": {k: props[k] for k in allowed}, **extra}
+            "properties": {k: props.get(k, undescribed) for k in allowed}, **extra}
 
 
 def _meter() -> Schema:
