@@ -451,3 +451,26 @@ def test_documents_point_only_at_files_in_the_repository(doc: str) -> None:
     # paths named in backticks that look like repository files exist too
     for path in re.findall(r"`((?:deploy|docs|rules|proxy|tests)/[\w./-]+\.\w+)`", text):
         assert (ROOT / path).exists(), f"{doc} names missing {path}"
+
+
+def test_the_value_rules_the_reference_states_hold() -> None:
+    """Each sentence of the reference's "Values" section, checked against the loader."""
+    expand = config_mod.expand_env
+    assert expand("${A:-d}", {"A": ""}) == ""          # an empty variable counts as set
+    assert expand("${A:-d}", {}) == "d"
+    assert expand("x${A}y", {"A": "1"}) == "x1y"
+    with pytest.raises(KeyError):
+        expand("${A}", {})
+    parse = config_mod.parse_duration
+    assert [parse(v) for v in (30, 0.5, "10ms", "1.5s", "5m", "2h", "90d")] == \
+        [30.0, 0.5, 0.01, 1.5, 300.0, 7200.0, 7776000.0]
+    for bad in (-1, "-5s", "5 minutes", "1w"):
+        with pytest.raises(ValueError):
+            parse(bad)
+    size = config_mod._size
+    assert [size(v) for v in (1048576, "1MiB", "500KB", "2GB", "3B")] == \
+        [1048576, 1048576, 500_000, 2_000_000_000, 3]
+    with pytest.raises(ValueError):
+        size("1.5MiB")
+    assert [config_mod.split_hostport(v) for v in ("0.0.0.0:8080", "[::1]:8080", ":0")] == \
+        [("0.0.0.0", 8080), ("::1", 8080), ("0.0.0.0", 0)]
