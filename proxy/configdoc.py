@@ -50,7 +50,6 @@ class Setting:
     path: tuple[str, ...]          # ("credits", "packs", "*", "priority"); "*" = any key, "[]" = item
     node: Schema                   # its JSON Schema (refs resolved one level)
     required: bool
-    owner_doc: str                 # description of the mapping that holds it
 
     @property
     def dotted(self) -> str:
@@ -136,7 +135,7 @@ def settings(schema: Schema | None = None, *, strict: bool = False) -> list[Sett
                 node = {**node, "x-example": _section_example(sub, defs)}
             if not node.get("description"):
                 node = {**node, "description": UNDOCUMENTED}
-            s = Setting((*prefix, name), node, name in required, str(obj.get("description", "")))
+            s = Setting((*prefix, name), node, name in required)
             if strict and s.description == UNDOCUMENTED:
                 raise UndocumentedSetting(f"config setting {s.dotted} has no description; add "
                                           f"Field(description=...) in proxy/config.py")
