@@ -31,7 +31,6 @@ from tests.conftest import ProxyFactory
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
-CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _yaml_docs(path: Path) -> list[Any]:
@@ -43,11 +42,20 @@ def _tool(name: str) -> str:
     failure in CI (CI=true), so CI can never pass without running the check."""
     found = shutil.which(name)
     if found is None:
-        if CI:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"{name} is required in CI (Debian: apt-get install "
                         f"{'prometheus' if name == 'promtool' else name})")
         pytest.skip(f"{name} not installed")
     return found
+
+
+def test_a_missing_tool_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-such-tool-x is required in CI"):
+        _tool("no-such-tool-x")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no-such-tool-x not installed"):
+        _tool("no-such-tool-x")
 
 
 # ------------------------------------------------------------------ Kubernetes
