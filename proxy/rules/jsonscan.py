@@ -1,0 +1,86 @@
+"""Incremental key scanning of a JSON body too large to buffer.
+
+Owns: :class:`KeyScanner`, which finds the values of a few key paths (``usage.total_tokens``)
+in a JSON document fed chunk by chunk, keeping none of the document.
+
+It is built on ijson's C backend (yajl2_c) push interface: the parser keeps only its
+nesting state and the token being read; values are built only at the requested paths
+(the ``usage`` object of an LLM response is a few numbers). It follows JSON's structure,
+so a key inside a string or at another depth never matches, and for a key given twice the
+last occurrence wins (as ``orjson.loads`` does for the buffered path).
+
+Invariants: ``feed`` and ``values`` never raise; malformed or truncated JSON yields no
+values (``complete`` is False). Paths with list indexes or an event-type filter are not
+supported here (they read as absent).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import ijson
+
+if TYPE_CHECKING:
+    from proxy.rules.sse import Probe
+
+__all__ = ["KeyScanner", "scannable"]
+
+
+def scannable(p: Probe) -> bool:
+    """True when the scanner can find this probe (plain object keys, no type filter)."""
+    return p.type_filter is None and bool(p.path) and not any(
+        s.isdigit() or "." in s for s in p.path)
+
+
+class KeyScanner:
+    __slots__ = ("_coros", "_failed", "_found", "_keys", "_sinks")
+
+    def __init__(self, probes: tuple[Probe, ...]) -> None:
+        by_prefix: dict[str, list[str]] = {}
+        for p in probes:
+            if scannable(p):
+                by_prefix.setdefault(".".join(p.path), []).append(p.key)
+        self._keys = tuple(by_prefix.values())
+        self._sinks: list[Any] = [ijson.sendable_list() for _ in by_prefix]
+        self._coros: list[Any] = [ijson.items_coro(sink, prefix, use_float=False)
+                                  for sink, prefix in zip(self._sinks, by_prefix, strict=True)]
+        self._found: dict[str, object] = {}
+        self._failed = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self._failed or not chunk:
+            return
+        try:
+            for co, sink, keys in zip(self._coros, self._sinks, self._keys, strict=True):
+                co.send(chunk)
+                if sink:
+                    for k in keys:
+                        self._found[k] = sink[-1]
+                    del sink[:]
+        except ijson.JSONError:
+            self._fail()
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._found.clear()
+        self._coros.clear()
+
+    def close(self) -> bool:
+        """Signal the end of the document; True when it was complete, valid JSON."""
+        if self._failed:
+            return False
+        try:
+            for co, sink, keys in zip(self._coros, self._sinks, self._keys, strict=True):
+                co.close()
+                if sink:
+                    for k in keys:
+                        self._found[k] = sink[-1]
+        except ijson.JSONError:
+            self._fail()
+            return False
+        self._coros.clear()
+        return True
+
+    @property
+    def values(self) -> dict[str, object]:
+        return self._found
