@@ -495,7 +495,10 @@ class _Request:
                     if inspector is not None:
                         inspector.feed(chunk)
                     break
-                await _write(resp, chunk if strip is None else strip.feed(chunk))
+                if strip is None:
+                    await _write(resp, chunk)
+                elif out := strip.feed(chunk):
+                    await _write(resp, out)
                 sent += len(chunk)
                 if inspector is not None:
                     inspector.feed(chunk)

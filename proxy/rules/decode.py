@@ -9,9 +9,9 @@ response body, so this only runs when an upstream ignores that. The consumer sti
 receives the upstream's bytes untouched; only a decoded *copy* is inspected.
 
 Invariants:
-- Memory: one call yields at most ``PIECE`` decoded bytes (zlib ``max_length``, Brotli
-  ``output_buffer_limit``, zstd ``max_length``), so a decompression bomb never
-  materialises: each piece is fed to the inspector (itself bounded) and dropped.
+- Memory: one step yields at most ``PIECE`` decoded bytes (zlib and zstd ``max_length``;
+  Brotli's ``output_buffer_limit`` stops growing its buffer past it, so a Brotli piece
+  can reach ``2 * PIECE``), so a decompression bomb never materialises: each piece is fed to the inspector (itself bounded) and dropped.
 - Work: decoding stops after ``limit`` decoded bytes; the body is then unreadable with
   the reason ``compressed_too_large`` (the usage's fallback applies).
 - A corrupt stream or an encoding we cannot decode (several encodings, unknown names)
@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import brotli
 
@@ -46,34 +46,38 @@ class DecodeError(Exception):
 
 class Decoder(Protocol):
     def decode(self, chunk: bytes) -> Iterator[bytes]:
-        """The decoded bytes of ``chunk``, in pieces of at most :data:`PIECE` bytes."""
+        """The decoded bytes of ``chunk``, in pieces of at most ``2 * PIECE`` bytes."""
         ...
 
 
 class _Zlib:
     """gzip (``wbits`` 16+15, several members allowed) and deflate (zlib-wrapped, or raw
-    deflate as some servers send it: decided on the first bytes)."""
+    deflate as some servers send it: told apart by the first two bytes, RFC 1950's header
+    check)."""
 
-    __slots__ = ("_d", "_gzip", "_probe")
+    __slots__ = ("_d", "_gzip", "_head")
 
     def __init__(self, gzip: bool) -> None:
         self._gzip = gzip
-        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
-        self._probe = not gzip          # deflate: fall back to raw on a bad zlib header
+        self._d: Any = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
+        self._head = b""
 
     def decode(self, chunk: bytes) -> Iterator[bytes]:
         data = chunk
+        if self._d is None:              # deflate: wait for the two header bytes
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return
+            cmf, flg = data[0], data[1]
+            wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0
+            self._d = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         more = True                      # output may be pending even with no input left
         while data or more:
             try:
                 out = self._d.decompress(data, PIECE)
             except zlib.error as exc:
-                if self._probe:
-                    self._probe = False
-                    self._d = zlib.decompressobj(-zlib.MAX_WBITS)
-                    continue
                 raise DecodeError(str(exc)) from exc
-            self._probe = False
             more = len(out) == PIECE
             if out:
                 yield out
@@ -102,7 +106,9 @@ class _Brotli:
             while True:
                 if out:
                     yield out
-                if d.can_accept_more_data() or d.is_finished():
+                # a full buffer means more output may be pending, even when the decoder
+                # says it can take more input
+                if d.is_finished() or (len(out) < PIECE and d.can_accept_more_data()):
                     return
                 out = d.process(b"", output_buffer_limit=PIECE)
         except brotli.error as exc:
