@@ -6,6 +6,7 @@ filter that removes the usage chunk the client did not ask for."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import zlib
 from collections.abc import Iterator
 from decimal import Decimal
@@ -154,7 +155,7 @@ def test_random_chunkings(rules: dict[str, Rule], case: tuple[int, list[int]]) -
     name, make, expected = SAMPLES[idx]
     data: bytes = make()
     bounds = [0, *cuts, len(data)]
-    chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
     assert measure(rules[name], chunks) == [Quantity("t", expected, False)]
 
 

@@ -11,7 +11,8 @@ receives the upstream's bytes untouched; only a decoded *copy* is inspected.
 Invariants:
 - Memory: one step yields at most ``PIECE`` decoded bytes (zlib and zstd ``max_length``;
   Brotli's ``output_buffer_limit`` stops growing its buffer past it, so a Brotli piece
-  can reach ``2 * PIECE``), so a decompression bomb never materialises: each piece is fed to the inspector (itself bounded) and dropped.
+  can reach ``2 * PIECE``), so a decompression bomb never materialises: each piece is
+  fed to the inspector (itself bounded) and dropped.
 - Work: decoding stops after ``limit`` decoded bytes; the body is then unreadable with
   the reason ``compressed_too_large`` (the usage's fallback applies).
 - A corrupt stream or an encoding we cannot decode (several encodings, unknown names)
