@@ -474,7 +474,7 @@ class _Request:
             xcr = p.credits_header(self.customer_id)
             if xcr is not None:
                 out_headers[_XCR] = xcr
-        strip = self._usage_filter(upstream)
+        strip = self._usage_filter(upstream) if self.strip_usage else None
         if strip is not None:
             clen = None                       # the length changes: sent chunked
             out_headers.popall("Content-Length", None)
@@ -548,7 +548,7 @@ class _Request:
             return error_response(err.status, err.type, str(err), self.rid)
         if inspector is not None:
             inspector.feed(body)
-        strip = self._usage_filter(upstream)
+        strip = self._usage_filter(upstream) if self.strip_usage else None
         if strip is not None:
             body = strip.feed(body) + strip.flush()
         self.upstream_s = time.perf_counter() - t_up
@@ -571,8 +571,7 @@ class _Request:
         """When the proxy added include_usage for this client, a filter that removes the
         usage-only chunk again (not on a compressed stream: it passes as the upstream sent
         it, extra chunk included)."""
-        if not self.strip_usage or upstream.headers.get("Content-Encoding") \
-                or not is_event_stream(upstream.headers.get("Content-Type")):
+        if upstream.headers.get("Content-Encoding") or not is_event_stream(upstream.headers.get("Content-Type")):
             return None
         return UsageChunkFilter(self.p.cap)
 
