@@ -294,8 +294,9 @@ def test_decoder_pieces_are_bounded_and_complete() -> None:
 # ------------------------------------------------------------------ over-cap key scan
 
 
-def _scan(probes: tuple[Probe, ...], doc: bytes, step: int) -> dict[str, object] | None:
-    s = KeyScanner(probes)
+def _scan(probes: tuple[Probe, ...], doc: bytes, step: int,
+          max_run: int = 1 << 20) -> dict[str, object] | None:
+    s = KeyScanner(probes, max_run)
     for i in range(0, len(doc), step):
         s.feed(doc[i:i + step])
     return dict(s.values) if s.close() else None
@@ -318,6 +319,28 @@ def test_key_scanner_follows_structure() -> None:
     # duplicate key: the last one wins, as with orjson.loads
     assert _scan((TOTAL,), b'{"usage":{"total_tokens":1},"usage":{"total_tokens":2}}', 3) \
         == {"t": 2}
+
+
+def test_key_scanner_gives_up_on_a_token_longer_than_the_bound() -> None:
+    usage = b', "usage": {"total_tokens": 5}}'
+    for filler in (b"x", b'\\"', b"\\\\"):                # plain, escaped quotes, backslashes
+        long_string = b'{"a": "' + filler * (5000 // len(filler)) + b'"' + usage
+        assert _scan((TOTAL,), long_string, 100, max_run=4000) is None, filler
+        assert _scan((TOTAL,), long_string, 100, max_run=6000) == {"t": 5}, filler
+    numbers = b'{"a": [' + b"1," * 3000 + b'1]' + usage           # no quote for 6 KB
+    assert _scan((TOTAL,), numbers, 64, max_run=4000) is None
+    assert _scan((TOTAL,), numbers, 64, max_run=7000) == {"t": 5}
+
+
+def test_last_unescaped_quote() -> None:
+    from proxy.rules.jsonscan import last_unescaped_quote, trailing_backslashes
+    assert last_unescaped_quote(b'ab"cd', 0) == 2
+    assert last_unescaped_quote(b'a"b\\"c', 0) == 1            # the second one is escaped
+    assert last_unescaped_quote(b'a"b\\\\"c', 0) == 5        # escaped backslash, then a quote
+    assert last_unescaped_quote(b'"x', 1) == -1                  # escaped by the chunk before
+    assert last_unescaped_quote(b'\\"x', 1) == 1               # \\ then a real quote
+    assert last_unescaped_quote(b"xyz", 0) == -1
+    assert trailing_backslashes(b"a\\\\", 0) == 2 and trailing_backslashes(b"\\", 3) == 4
 
 
 @pytest.mark.parametrize("where", ["start", "end"])

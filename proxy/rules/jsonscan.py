@@ -9,9 +9,13 @@ nesting state and the token being read; values are built only at the requested p
 so a key inside a string or at another depth never matches, and for a key given twice the
 last occurrence wins (as ``orjson.loads`` does for the buffered path).
 
-Invariants: ``feed`` and ``values`` never raise; malformed or truncated JSON yields no
-values (``complete`` is False). Paths with list indexes or an event-type filter are not
-supported here (they read as absent).
+Memory: the parser holds a token that spans chunks (a long string) whole, so the scan
+gives up (no values) when more than ``max_run`` bytes pass without an unescaped ``"``:
+no string, and no stretch of numbers and punctuation, may be longer than that.
+
+Invariants: ``feed`` and ``values`` never raise; malformed or truncated JSON, or a run
+over ``max_run``, yields no values (``close`` returns False). Paths with list indexes or
+an event-type filter are not supported here (they read as absent).
 """
 
 from __future__ import annotations
@@ -32,10 +36,32 @@ def scannable(p: Probe) -> bool:
         s.isdigit() or "." in s for s in p.path)
 
 
-class KeyScanner:
-    __slots__ = ("_coros", "_failed", "_found", "_keys", "_sinks")
+def last_unescaped_quote(chunk: bytes, carried_backslashes: int) -> int:
+    """Index of the last ``"`` in ``chunk`` not escaped by a backslash (``carried_backslashes``
+    end the previous chunk), or -1."""
+    end = len(chunk)
+    while True:
+        i = chunk.rfind(b'"', 0, end)
+        if i < 0:
+            return -1
+        j = i
+        while j > 0 and chunk[j - 1] == 0x5C:
+            j -= 1
+        n = i - j + (carried_backslashes if j == 0 else 0)
+        if n % 2 == 0:
+            return i
+        end = j
 
-    def __init__(self, probes: tuple[Probe, ...]) -> None:
+
+def trailing_backslashes(chunk: bytes, carried: int) -> int:
+    n = len(chunk) - len(chunk.rstrip(b"\\"))
+    return n + carried if n == len(chunk) else n
+
+
+class KeyScanner:
+    __slots__ = ("_bs", "_coros", "_failed", "_found", "_keys", "_max_run", "_run", "_sinks")
+
+    def __init__(self, probes: tuple[Probe, ...], max_run: int) -> None:
         by_prefix: dict[str, list[str]] = {}
         for p in probes:
             if scannable(p):
@@ -46,9 +72,18 @@ class KeyScanner:
                                   for sink, prefix in zip(self._sinks, by_prefix, strict=True)]
         self._found: dict[str, object] = {}
         self._failed = False
+        self._max_run = max_run
+        self._run = 0            # bytes since the last unescaped quote
+        self._bs = 0             # backslashes ending the previous chunk
 
     def feed(self, chunk: bytes) -> None:
         if self._failed or not chunk:
+            return
+        q = last_unescaped_quote(chunk, self._bs)
+        self._run = self._run + len(chunk) if q < 0 else len(chunk) - q - 1
+        self._bs = trailing_backslashes(chunk, self._bs)
+        if self._run > self._max_run:
+            self._fail()
             return
         try:
             for co, sink, keys in zip(self._coros, self._sinks, self._keys, strict=True):

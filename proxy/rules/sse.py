@@ -294,7 +294,7 @@ class JsonInspector:
             self._scanner.feed(chunk)
             return
         if len(self._buf) + len(chunk) > self._cap:
-            self._scanner = KeyScanner(self._probes)
+            self._scanner = KeyScanner(self._probes, self._cap)
             self._scanner.feed(bytes(self._buf))
             self._buf = bytearray()
             self._scanner.feed(chunk)
