@@ -354,3 +354,26 @@ async def test_compressed_request_body_is_refused_where_read(make_proxy: ProxyFa
         assert r.status == 200
     assert [s[0] for s in up.seen] == ["/v1/plain", "/v1/echo"]
     assert p.ledger_totals() == {("c", "units"): 4 * Q}
+
+
+@pytest.mark.parametrize("pad", [0, 100_000])      # the small-body path, and streamed
+async def test_usage_chunk_removed_from_a_sized_stream(make_proxy: ProxyFactory, up: Upstream,
+                                                       pad: int) -> None:
+    events = chat_events()
+    events.insert(0, b": " + b"p" * pad + b"\n\n" if pad else b"")
+    body = b"".join(events)
+
+    async def sized(request: web.Request) -> web.Response:     # Content-Length, not chunked
+        return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
+
+    up.routes["/v1/chat/completions"] = sized
+    p, h = await start(make_proxy, up)
+    async with p.session.post(p.url + "/v1/chat/completions", data=b'{"stream": true}',
+                              headers=h) as r:
+        got = await r.read()
+        length = r.headers.get("Content-Length")
+    want = b"".join(e for e in events if b'"choices":[]' not in e)
+    assert got == want and len(want) == len(body) - len(events[4])
+    assert length == (str(len(want)) if not pad else None)      # large: sent chunked
+    assert orjson.loads(up.seen[0][2])["stream_options"] == {"include_usage": True}
+    assert p.ledger_totals() == {("c", "llm_tokens"): 321 * Q}
