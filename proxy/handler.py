@@ -437,12 +437,17 @@ class _Request:
             buf += chunk
         if len(buf) <= cap:
             self.request_bytes = len(buf)
-            try:
-                self.request_json = orjson.loads(buf) if buf else UNREADABLE
-            except orjson.JSONDecodeError:
-                self.request_json = UNREADABLE
+            rule = self.rule
+            assert rule is not None
+            # an openai_chat rule only needs the JSON of a body that may ask for a stream
+            # (a key may also be spelt with \u escapes)
+            if buf and (rule.request_json or b'"stream"' in buf or b"\\u" in buf):
+                try:
+                    self.request_json = orjson.loads(buf)
+                except orjson.JSONDecodeError:
+                    self.request_json = UNREADABLE
             body = bytes(buf)
-            if self.rule is not None and self.rule.stream_usage:
+            if rule.stream_usage and self.request_json is not UNREADABLE:
                 added = with_stream_usage(self.request_json, body)
                 if added is not None:
                     body = added

@@ -322,14 +322,16 @@ async def test_stream_usage_request_as_upstream_sees_it(make_proxy: ProxyFactory
     up.routes["/v1/chat/completions"] = ok
     p, h = await start(make_proxy, up)
     for body in (b'{"model": "m", "stream": true}', b'{"stream": false}',
+                 b'{"\\u0073tream": true}',
                  b'{"stream": true, "stream_options": {"include_usage": true}}'):
         async with p.session.post(p.url + "/v1/chat/completions", data=body, headers=h) as r:
             assert r.status == 200
     sent = [(hd["Content-Length"], b) for _, hd, b in up.seen]
     added = b'{"stream_options":{"include_usage":true},"model": "m", "stream": true}'
     asked = b'{"stream": true, "stream_options": {"include_usage": true}}'
+    escaped = b'{"stream_options":{"include_usage":true},"\\u0073tream": true}'
     assert sent == [(str(len(added)), added), ("17", b'{"stream": false}'),
-                    (str(len(asked)), asked)]
+                    (str(len(escaped)), escaped), (str(len(asked)), asked)]
 
 
 async def test_compressed_request_body_is_refused_where_read(make_proxy: ProxyFactory,
