@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import sqlite3
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -379,3 +380,36 @@ async def test_usage_chunk_removed_from_a_sized_stream(make_proxy: ProxyFactory,
     assert length == (str(len(want)) if not pad else None)      # large: sent chunked
     assert orjson.loads(up.seen[0][2])["stream_options"] == {"include_usage": True}
     assert p.ledger_totals() == {("c", "llm_tokens"): 321 * Q}
+
+
+async def test_stripped_stream_still_holds_its_end_for_the_commit(
+        make_proxy: ProxyFactory, up: Upstream, tmp_path: Path) -> None:
+    """strict: with the usage chunk removed, the stream's end is still released only after
+    its row is committed; a commit that fails closes the connection without a clean end."""
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in chat_events():
+            await resp.write(e)
+        await resp.write_eof()
+        return resp
+
+    up.routes["/v1/chat/completions"] = sse
+    p, h = await start(make_proxy, up)
+    store = p.server.rt.store
+    store.conn.execute("PRAGMA busy_timeout=50")
+    blocker = sqlite3.connect(str(tmp_path / "meter.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")      # commits fail: "database is locked"
+    try:
+        async with p.session.post(p.url + "/v1/chat/completions", data=b'{"stream": true}',
+                                  headers=h) as r:
+            assert r.status == 200
+            got = b""
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in r.content.iter_any():
+                    got += chunk
+        events = chat_events()
+        assert got == b"".join(events[:3]) + events[4]   # everything but the usage chunk
+    finally:                                            # ... and the end: it never came
+        blocker.execute("ROLLBACK")
+        blocker.close()
