@@ -1,4 +1,4 @@
-"""Every Prometheus metric meterproxy exports, declared once (SPEC section 8).
+"""Every Prometheus metric meterproxy exports, declared once (the README "Metrics" section lists them).
 
 No metric carries a per-customer label: cardinality stays bounded by the number of
 rules, meters and outcomes, which the operator controls.

@@ -1,6 +1,6 @@
 """Rule files -> :class:`RuleSet`, or every problem with ``file:line:col``.
 
-Owns: reading and validating ``rules/*.yaml`` (SPEC section 3): the schema, meter
+Owns: reading and validating ``rules/*.yaml`` (format: rules/example.yaml): the schema, meter
 prices (a ``price:`` mapping in Stripe's Price field names, checked by
 :mod:`proxy.pricing`, and/or a ``price_id``), meter references, path templates,
 quantity sources, presets, transforms, count_when, duplicate names and rules shadowed
