@@ -400,13 +400,13 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
     if "credits" in m:
         credits = f.number((*path, "credits"), m["credits"], "credits")
     _, estimate = _optional_micro(f, m, path, "estimate", None)
-    _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", 0)
+    _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", None)
     transform = _transform(f, (*path, "transform"), m["transform"]) if "transform" in m else None
     if len(f.problems) != before or meter is None or source is None:
         return None
     return UsageSpec(meter=meter, source=source, credits_per_unit=credits,
                      estimate_micro=estimate, transform=transform,
-                     on_unreadable_micro=on_unreadable or 0, line=f.line(path))
+                     on_unreadable_micro=on_unreadable, line=f.line(path))
 
 
 def _usage_source(f: _File, path: KeyPath, m: Mapping[str, object],
@@ -496,7 +496,8 @@ def _rule(f: _File, path: KeyPath, value: object, default_cw: CountWhen,
                 request_json=any(u.source.kind is SourceKind.REQUEST_JSON for u in usage),
                 response_body=need, matcher=matcher,
                 description=desc if isinstance(desc, str) else None,
-                file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp)
+                file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp,
+                stream_usage=any(u.source.preset == "openai_chat" for u in usage))
     return _RuleEntry(f, path, name, matcher, rule)
 
 
