@@ -141,8 +141,11 @@ async def start(cfg: Config) -> Server:
     webhooks = WebhookReceiver(store, keys, credits, cfg)
     public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
+    # auto_decompress=False: request bodies are forwarded as sent (a compressed body stays
+    # compressed; rules that read one answer 415, see docs/metering-bodies.md)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=10.0)
+                           handler_cancellation=True, shutdown_timeout=10.0,
+                           auto_decompress=False)
     reconciler = build_reconciler(rt)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
