@@ -234,7 +234,8 @@ def _usage() -> Schema:
                      "Units reserved at admission when the quantity is read afterwards."},
         "transform": transform,
         "on_unreadable": {**_NUMBER, "description":
-                          "Quantity used when the source cannot be read."},
+                          "Quantity billed when the source cannot be read; unset: the "
+                          "reservation (estimate, else credits.default_estimate)."},
     }, loader.USAGE_KEYS, "usage", required=["meter"],
         oneOf=[{"required": ["quantity"]}, {"required": ["preset"]}])
 
