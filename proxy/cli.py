@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy import paths
+from proxy import paths, schema
 from proxy.errors import ConfigError, FileProblem, StorageError
 from proxy.store import keys as keystore
 from proxy.store.db import connect
@@ -548,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--customer", action="append", metavar="CUSTOMER",
                     help="only this customer (repeatable; default: every customer)")
     si.add_argument("--format", choices=["table", "json"], default="table", help="output format")
+    schema.add_parser(sub)
     return p
 
 

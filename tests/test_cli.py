@@ -51,7 +51,7 @@ def _parsers(p: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentPar
 
 def test_every_command_and_option_has_help() -> None:
     parsers = _parsers(build_parser())
-    assert len(parsers) == 27
+    assert len(parsers) == 28
     for prog, p in parsers:
         for a in p._actions:
             if isinstance(a, argparse._HelpAction):
