@@ -9,6 +9,7 @@ large export never blocks the event loop.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,12 +19,15 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy import admin_input as ain
 from proxy import metrics
+from proxy.admin_input import FieldError
 from proxy.exports import stream_export
+from proxy.loglimit import LogLimiter
 from proxy.periods import period_bounds
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
-from proxy.timeutil import parse_time, rfc3339
+from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro
 from proxy.usage_report import customer_report
 
@@ -31,11 +35,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RT = web.AppKey("runtime", Runtime)
 READER = web.AppKey("reader", aiosqlite.Connection)
 _OPEN = frozenset({"/healthz", "/readyz"})
+log = logging.getLogger("meterproxy.admin")
+_refusals = LogLimiter(log)        # bad admin tokens: any caller of the admin port can send them
 
 
-def jerror(status: int, type_: str, message: str) -> web.Response:
+def jerror(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
+    err = {"type": type_, "message": message}
+    if param is not None:
+        err["param"] = param
     return web.Response(status=status, content_type="application/json",
-                        body=orjson.dumps({"error": {"type": type_, "message": message}}))
+                        body=orjson.dumps({"error": err}))
 
 
 def jok(data: Any, status: int = 200) -> web.Response:
@@ -47,12 +56,18 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in _OPEN:
         token = request.app[RT].cfg.admin.token
         got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
+                                   f"Bearer {token}".encode()):
+            metrics.AUTH_FAIL_ADMIN.inc()
+            _refusals.log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
+                          " from %s: %s %s", request.remote, request.method, request.path[:200])
             return jerror(401, "unauthorized", "A valid admin token is required.")
     # every admin read sees every committed usage row (strict mode journals them first)
     request.app[RT].store.try_materialize()
     try:
         return await handler(request)
+    except FieldError as exc:
+        return jerror(400, "invalid_request", str(exc), param=exc.field)
     except keystore.InvalidInput as exc:
         return jerror(400, "invalid_request", str(exc))
     except LookupError as exc:
@@ -82,12 +97,13 @@ async def post_customer(request: web.Request) -> web.Response:
                            "minimum_commitment"}
     if unknown:
         raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
-    anchor = body.get("billing_anchor")
-    if isinstance(anchor, str):
-        try:
-            anchor = int(parse_time(anchor))
-        except ValueError as exc:
-            raise keystore.InvalidInput("billing_anchor must be an RFC 3339 time") from exc
+    scid = body.get("stripe_customer_id")
+    if scid is not None:
+        ain.text(scid, "stripe_customer_id", 255)
+    anchor = ain.optional_timestamp(body.get("billing_anchor"), "billing_anchor")
+    minimum = body.get("minimum_commitment")
+    if minimum is not None:
+        minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS)
 
     def tx(c: Any) -> tuple[keystore.Customer, bool]:
         cust, created = keystore.upsert_customer(c, body.get("id"), body.get("stripe_customer_id"),
@@ -95,7 +111,7 @@ async def post_customer(request: web.Request) -> web.Response:
         if "billing_anchor" in body or "minimum_commitment" in body:
             keystore.set_billing(c, cust.id, anchor if "billing_anchor" in body
                                  else cust.billing_anchor,
-                                 body.get("minimum_commitment", cust.minimum_commitment))
+                                 cust.minimum_commitment if minimum is None else minimum)
             cust = keystore.get_customer(c, cust.id) or cust
         return cust, created
 
@@ -132,9 +148,7 @@ async def post_key(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
     body = await _json_body(request) if request.body_exists else {}
-    name = body.get("name", "")
-    if not isinstance(name, str) or len(name) > 200:
-        raise keystore.InvalidInput("name must be a string of at most 200 characters")
+    name = ain.text(body.get("name", ""), "name", 200)
     created = rt.store.execute_write(lambda c: keystore.create_key(c, cid, name))
     _refresh_cache(rt)
     return jok(created, 201)
@@ -163,15 +177,8 @@ def _range(request: web.Request) -> tuple[float, float]:
     now = time.time()
     cust = request.app[RT].keys.customers.get(request.match_info.get("id", ""))
     period_start = period_bounds(cust.billing_anchor if cust else None, now)[0]
-    try:
-        start = parse_time(request.query["from"]) if "from" in request.query else period_start
-        end = parse_time(request.query["to"]) if "to" in request.query else now + 60
-    except ValueError as exc:
-        raise keystore.InvalidInput("from/to must be RFC 3339 times, dates or unix seconds") \
-            from exc
-    if end < start:
-        raise keystore.InvalidInput("'to' is before 'from'")
-    return start, end
+    return ain.time_range(request.query.get("from"), request.query.get("to"), period_start,
+                          now + 60)
 
 
 async def usage_totals(db: aiosqlite.Connection, cid: str, start: float,
@@ -204,9 +211,7 @@ async def get_usage_csv(request: web.Request) -> web.StreamResponse:
 
 async def get_events(request: web.Request) -> web.StreamResponse:
     """Individual metered requests for disputes: ``?format=csv|json&from=&to=``."""
-    fmt = request.query.get("format", "json")
-    if fmt not in ("csv", "json"):
-        raise keystore.InvalidInput("format is csv or json")
+    fmt = ain.choice(request.query.get("format", "json"), "format", ("csv", "json"))
     start, end = _range(request)
     return await stream_export(request, request.app[READER], request.match_info["id"], start,
                                end, fmt)

@@ -21,30 +21,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import admin_input as ain
 from proxy.admin import jerror, jok
 from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
-from proxy.timeutil import parse_time
+from proxy.store.keys import InvalidInput
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
 RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TRUE = ("1", "true", "yes")
-
 
 def parse_grace(raw: Any) -> float:
-    """Seconds from ``7200``, ``"7200"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``."""
-    if isinstance(raw, bool):
-        raise ValueError("grace is a duration")
-    if isinstance(raw, int | float):
-        value = float(raw)
-    else:
-        text = str(raw).strip().lower()
-        unit = _UNITS.get(text[-1:], 0.0)
-        value = float(text[:-1]) * unit if unit else float(text)
-    if not value >= 0:
-        raise ValueError("grace must be a non-negative duration")
-    return value
+    """Seconds from ``7200``, ``"7200"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"`` (up to 30 days)."""
+    return ain.duration(raw, "grace")
 
 
 async def _params(request: web.Request) -> dict[str, Any]:
@@ -54,19 +42,19 @@ async def _params(request: web.Request) -> dict[str, Any]:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise ValueError("the body must be a JSON object") from exc
+            raise InvalidInput("the body must be a JSON object") from exc
         if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
+            raise InvalidInput("the body must be a JSON object")
         out.update(body)
     out.update(request.query)
     unknown = set(out) - {"from", "to", "grace", "customer", "dry_run", "format", "all"}
     if unknown:
-        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        raise InvalidInput(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     return out
 
 
-def _flag(v: Any) -> bool:
-    return v is True or str(v).lower() in _TRUE
+def _given(p: dict[str, Any], name: str) -> bool:
+    return p.get(name) not in (None, "")
 
 
 async def post_reconcile(request: web.Request) -> web.Response:
@@ -76,20 +64,25 @@ async def post_reconcile(request: web.Request) -> web.Response:
                       " meter events sink (meter_events or meter_event_stream)")
     try:
         p = await _params(request)
-        start = parse_time(str(p["from"])) if p.get("from") not in (None, "") else None
-        end = parse_time(str(p["to"])) if p.get("to") not in (None, "") else None
-        grace = parse_grace(p["grace"]) if p.get("grace") not in (None, "") \
+        start = ain.timestamp(p["from"], "from") if _given(p, "from") else None
+        end = ain.timestamp(p["to"], "to") if _given(p, "to") else None
+        grace = parse_grace(p["grace"]) if _given(p, "grace") \
             else request.app.get(RECONCILE_GRACE, 7200.0)
-        fmt = str(p.get("format") or "json")
-        if fmt not in ("json", "table"):
-            raise ValueError("format is json or table")
-    except (ValueError, TypeError) as exc:
+        fmt = ain.choice(p.get("format") or "json", "format", ("json", "table"))
+        dry_run = ain.flag(p.get("dry_run", False), "dry_run")
+        all_hours = ain.flag(p.get("all", False), "all")
+        customer = p.get("customer")
+        if customer is not None:
+            customer = ain.text(customer, "customer", 128)
+    except ain.FieldError as exc:
+        return jerror(400, "invalid_request", str(exc), param=exc.field)
+    except InvalidInput as exc:
         return jerror(400, "invalid_request", str(exc))
-    customer = p.get("customer")
     try:
-        report = await reconciler.run(start, end, grace,
-                                      customers=[str(customer)] if customer else None,
-                                      dry_run=_flag(p.get("dry_run")))
+        report = await reconciler.run(None if start is None else float(start),
+                                      None if end is None else float(end), grace,
+                                      customers=[customer] if customer else None,
+                                      dry_run=dry_run)
     except ReconcileRefused as exc:
         return jok({"error": {"type": "invalid_request", "message": str(exc),
                               "missing": exc.missing}}, status=400)
@@ -98,7 +91,7 @@ async def post_reconcile(request: web.Request) -> web.Response:
     except ReconcileError as exc:
         return jerror(502, "stripe_unavailable", str(exc))
     if fmt == "table":
-        return web.Response(text=report.to_table(all_hours=_flag(p.get("all"))),
+        return web.Response(text=report.to_table(all_hours=all_hours),
                             content_type="text/plain")
     return jok(report.to_json())
 

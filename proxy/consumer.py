@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.admin_input import FieldError, time_range
 from proxy.exports import stream_export
 from proxy.handler import Pipeline, error_response
 from proxy.periods import period_bounds
-from proxy.timeutil import parse_time
 from proxy.usage_report import customer_report
 
 _PAGE: bytes | None = None
@@ -76,11 +76,9 @@ class ConsumerApi:
         cust = self.p.rt.keys.customers[cid]
         start, end = period_bounds(cust.billing_anchor, time.time())
         try:
-            s = parse_time(request.query["from"]) if "from" in request.query else start
-            e = parse_time(request.query["to"]) if "to" in request.query else end
-        except ValueError:
-            return error_response(400, "invalid_request",
-                                  "from/to must be RFC 3339 times, dates or unix seconds")
+            s, e = time_range(request.query.get("from"), request.query.get("to"), start, end)
+        except FieldError as exc:
+            return error_response(400, "invalid_request", str(exc), extra={"param": exc.field})
         self.p.rt.store.try_materialize()
         return await stream_export(request, self.reader, cid, s, e, fmt)
 

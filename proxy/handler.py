@@ -36,6 +36,7 @@ from proxy.credits.ledger import Entry, covered_quantity
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
+from proxy.loglimit import LogLimiter
 from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
 from proxy.rules.model import SourceKind
 from proxy.runtime import Runtime
@@ -43,6 +44,7 @@ from proxy.store.db import UsageItem, UsageRow
 from proxy.units import cost_micro, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.handler")
+_refusals = LogLimiter(log)        # unknown API keys: any caller can send them at will
 
 _SMALL_BODY = 64 * 1024
 _XRID = istr("X-Request-Id")
@@ -212,6 +214,9 @@ class Pipeline:
                                   rid), "", ""
         entry = self.rt.keys.lookup(raw)
         if entry is None:
+            metrics.AUTH_FAIL_API_KEY.inc()
+            _refusals.log(logging.WARNING, "unknown API key", "unknown API key from %s",
+                          request.remote)
             return error_response(401, "invalid_api_key", "The API key is not valid.", rid), "", ""
         if entry.revoked:
             return error_response(403, "key_revoked", "This API key has been revoked.", rid), "", ""
