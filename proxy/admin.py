@@ -12,6 +12,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import aiosqlite
@@ -36,7 +37,7 @@ RT = web.AppKey("runtime", Runtime)
 READER = web.AppKey("reader", aiosqlite.Connection)
 _OPEN = frozenset({"/healthz", "/readyz"})
 log = logging.getLogger("meterproxy.admin")
-_refusals = LogLimiter(log)        # bad admin tokens: any caller of the admin port can send them
+REFUSALS = web.AppKey("refusals", LogLimiter)   # bad admin tokens: log lines are rate-limited
 
 
 def jerror(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
@@ -59,7 +60,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
                                    f"Bearer {token}".encode()):
             metrics.AUTH_FAIL_ADMIN.inc()
-            _refusals.log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
+            request.app[REFUSALS].log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
                           " from %s: %s %s", request.remote, request.method, request.path[:200])
             return jerror(401, "unauthorized", "A valid admin token is required.")
     # every admin read sees every committed usage row (strict mode journals them first)
@@ -248,6 +249,21 @@ async def rules_info(request: web.Request) -> web.Response:
                 "meters": sorted(rt.rules.meters), "last_reload_error": rt.rules_error})
 
 
+def load_openapi() -> bytes:
+    """The OpenAPI document (``proxy/static/openapi.yaml``) as JSON bytes, read once."""
+    from ruamel.yaml import YAML
+
+    text = resources.files("proxy.static").joinpath("openapi.yaml").read_text("utf-8")
+    return orjson.dumps(YAML(typ="safe", pure=True).load(text))
+
+
+OPENAPI = web.AppKey("openapi", bytes)
+
+
+async def openapi_doc(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
 def not_yet(what: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         return jerror(501, "not_implemented", f"{what} is not available in this build.")
@@ -259,7 +275,10 @@ def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
     app[RT] = rt
     app[READER] = reader
+    app[OPENAPI] = load_openapi()
+    app[REFUSALS] = LogLimiter(log)
     routes = [
+        web.get("/admin/openapi.json", openapi_doc),
         web.post("/admin/customers", post_customer),
         web.get("/admin/customers", list_customers),
         web.get("/admin/customers/{id}", get_customer),

@@ -11,6 +11,7 @@ default), authenticated with their own API key:
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -33,6 +34,19 @@ def _page() -> bytes:
     return _PAGE
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _get_only(handler: Handler) -> Handler:
+    async def get_only(request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            resp = error_response(405, "method_not_allowed", "Only GET is answered here.")
+            resp.headers["Allow"] = "GET, HEAD"
+            return resp
+        return await handler(request)
+    return get_only
+
+
 class ConsumerApi:
     def __init__(self, pipeline: Pipeline, reader: Any) -> None:
         self.p = pipeline
@@ -40,10 +54,10 @@ class ConsumerApi:
 
     def mount(self) -> None:
         h = self.p.reserved_handlers
-        h["/"] = h[""] = self.page
-        h["/usage"] = self.usage
-        h["/events.csv"] = self.events_csv
-        h["/events.json"] = self.events_json
+        h["/"] = h[""] = _get_only(self.page)
+        h["/usage"] = _get_only(self.usage)
+        h["/events.csv"] = _get_only(self.events_csv)
+        h["/events.json"] = _get_only(self.events_json)
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=_page(), content_type="text/html", charset="utf-8",

@@ -44,7 +44,6 @@ from proxy.store.db import UsageItem, UsageRow
 from proxy.units import cost_micro, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.handler")
-_refusals = LogLimiter(log)        # unknown API keys: any caller can send them at will
 
 _SMALL_BODY = 64 * 1024
 _XRID = istr("X-Request-Id")
@@ -81,6 +80,7 @@ class Pipeline:
         self._req_counters: dict[tuple[str, int], Any] = {}
         self._unit_counters: dict[str, Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
+        self.refusals = LogLimiter(log)   # unknown API keys: any caller can send them at will
         self.book: CreditBook | None = None
         self.watch: ThresholdWatch | None = None
         self.shadow = cfg.credits.enforcement == "shadow"
@@ -215,7 +215,7 @@ class Pipeline:
         entry = self.rt.keys.lookup(raw)
         if entry is None:
             metrics.AUTH_FAIL_API_KEY.inc()
-            _refusals.log(logging.WARNING, "unknown API key", "unknown API key from %s",
+            self.refusals.log(logging.WARNING, "unknown API key", "unknown API key from %s",
                           request.remote)
             return error_response(401, "invalid_api_key", "The API key is not valid.", rid), "", ""
         if entry.revoked:

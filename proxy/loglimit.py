@@ -1,13 +1,13 @@
 """Rate-limited logging for failures an unauthenticated caller can trigger at will.
 
 Forged webhooks, bad admin tokens and unknown API keys must not let anybody write
-unbounded logs. ``LogLimiter`` is a token bucket per message kind: ``burst`` lines at once,
-refilled at ``burst`` per ``interval`` seconds; what does not fit is counted and reported as
-one line, ``suppressed K similar messages in the last Ns: <kind>``, when the interval that
-suppressed them ends (a timer on the running loop; without one, with the next message of that
-kind). So a flood of any size writes at most ``burst`` lines plus one summary per interval
-and kind. Counting the failures is the metrics' job (``meterproxy_auth_failures_total``),
-never skipped.
+unbounded logs. ``LogLimiter`` is a token bucket per message kind holding ``burst`` tokens,
+refilled whole every ``interval`` seconds (counted from the first message of a window): the
+first ``burst`` messages of a window are logged, the rest are counted and reported as one
+line, ``suppressed K similar messages in the last Ns: <kind>``, when the window ends (a timer
+on the running loop; without a loop, with the next message of that kind). A flood of any
+size therefore writes at most ``burst`` lines plus one summary per interval and kind.
+Counting the failures is the metrics' job (``meterproxy_auth_failures_total``), never skipped.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 
 @dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    updated: float
+class _Window:
+    start: float
+    logged: int = 0
     suppressed: int = 0
-    since: float = 0.0
     timer: asyncio.TimerHandle | None = None
 
 
@@ -37,49 +36,45 @@ class LogLimiter:
         self.burst = burst
         self.interval = interval
         self.clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._windows: dict[str, _Window] = {}
 
     def log(self, level: int, kind: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` unless ``kind`` is over its budget; returns whether it logged."""
+        """Log ``msg % args`` unless ``kind`` is over its budget; returns whether it logged.
+        ``kind`` must come from the code, never from the request (it keys the buckets)."""
         now = self.clock()
-        b = self._buckets.get(kind)
-        if b is None:
-            b = self._buckets[kind] = _Bucket(float(self.burst), now)
-        else:
-            b.tokens = min(float(self.burst),
-                           b.tokens + (now - b.updated) * self.burst / self.interval)
-            b.updated = now
-            if b.suppressed and now - b.since >= self.interval:
+        w = self._windows.get(kind)
+        if w is None or now - w.start >= self.interval:
+            if w is not None:
                 self._summarise(kind)
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
+            w = self._windows[kind] = _Window(now)
+        if w.logged < self.burst:
+            w.logged += 1
             self.logger.log(level, msg, *args)
             return True
-        if b.suppressed == 0:
-            b.since = now
-            self._arm(kind, b)
-        b.suppressed += 1
+        if w.suppressed == 0:
+            self._arm(kind, w, now)
+        w.suppressed += 1
         return False
 
-    def _arm(self, kind: str, b: _Bucket) -> None:
+    def _arm(self, kind: str, w: _Window, now: float) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return                                # no loop: summarised with the next message
-        b.timer = loop.call_later(self.interval, self._summarise, kind)
+        w.timer = loop.call_later(max(0.0, w.start + self.interval - now), self._summarise, kind)
 
     def _summarise(self, kind: str) -> None:
-        b = self._buckets.get(kind)
-        if b is None or not b.suppressed:
+        w = self._windows.get(kind)
+        if w is None or not w.suppressed:
             return
-        if b.timer is not None:
-            b.timer.cancel()
-            b.timer = None
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
         self.logger.warning("suppressed %d similar messages in the last %.0fs: %s",
-                            b.suppressed, self.interval, kind)
-        b.suppressed = 0
+                            w.suppressed, self.interval, kind)
+        w.suppressed = 0
 
     def flush(self) -> None:
         """Write the pending summaries now (at shutdown, or in tests)."""
-        for kind in list(self._buckets):
+        for kind in list(self._windows):
             self._summarise(kind)

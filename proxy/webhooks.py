@@ -70,7 +70,6 @@ from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.webhooks")
-_refusals = LogLimiter(log)        # forged webhooks: anybody can POST to the public port
 
 PATH = "/webhooks/stripe"
 MAX_BODY = 1024 * 1024
@@ -176,6 +175,7 @@ class WebhookReceiver:
         self._wake = asyncio.Event()
         self._seen_customers: object = None
         self._next_retry = 0.0
+        self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
 
     # ---- the endpoint ---------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ class WebhookReceiver:
                                                   secret, TOLERANCE)
         except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
             metrics.AUTH_FAIL_WEBHOOK.inc()
-            _refusals.log(logging.WARNING, "webhook signature refused", "webhook refused: %s",
+            self.refusals.log(logging.WARNING, "webhook signature refused", "webhook refused: %s",
                           str(exc).split("\n")[0][:200])
             return _error(400, "invalid_signature", str(exc).split("\n")[0])
         try:
