@@ -9,6 +9,7 @@ bills (before Stripe's whole-unit rounding, whose remainder is carried: see the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from proxy.units import fmt_micro
 COLUMNS = ("time", "request_id", "customer_id", "key_id", "rule", "rules_version", "status",
            "meter", "quantity", "credits", "billable", "flags", "method", "path")
 
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@-]")
 
 # OWASP "CSV injection": a cell starting with one of these is a formula to a spreadsheet.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -62,9 +65,11 @@ async def audit_rows(db: aiosqlite.Connection, customer_id: str, start: float,
 async def stream_export(request: web.Request, db: aiosqlite.Connection, customer_id: str,
                         start: float, end: float, fmt: str) -> web.StreamResponse:
     ctype = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+    # the id comes from the URL: only id characters may reach the header
+    name = _UNSAFE_NAME.sub("_", customer_id)[:128]
     resp = web.StreamResponse(headers={
         "Content-Type": ctype,
-        "Content-Disposition": f'attachment; filename="{customer_id}-usage.{fmt}"'})
+        "Content-Disposition": f'attachment; filename="{name}-usage.{fmt}"'})
     await resp.prepare(request)
     if fmt == "csv":
         await resp.write((",".join(COLUMNS) + "\r\n").encode())
