@@ -70,7 +70,7 @@ class LogLimiter:
         if w.timer is not None:
             w.timer.cancel()
             w.timer = None
-        self.logger.warning("suppressed %d similar messages in the last %.0fs: %s",
+        self.logger.warning("suppressed %d similar messages in the last %gs: %s",
                             w.suppressed, self.interval, kind)
         w.suppressed = 0
 
