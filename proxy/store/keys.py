@@ -148,7 +148,7 @@ def list_keys(conn: sqlite3.Connection, customer_id: str | None = None) -> list[
 
     return [{"key_id": r[0], "customer_id": r[1], "name": r[2], "prefix": r[3],
              "created_at": rfc3339(r[4]), "revoked_at": rfc3339(r[5]) if r[5] is not None else None}
-            for r in conn.execute(sql + " ORDER BY created_at, key_id", args)]
+            for r in conn.execute(sql + " ORDER BY created_at, rowid", args)]
 
 
 class KeyCache:
