@@ -63,6 +63,14 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             request.app[REFUSALS].log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
                           " from %s: %s %s", request.remote, request.method, request.path[:200])
             return jerror(401, "unauthorized", "A valid admin token is required.")
+    resource = request.match_info.route.resource
+    if resource is not None and request.query:
+        allowed = request.app[QUERY_PARAMS].get(
+            ("GET" if request.method == "HEAD" else request.method, resource.canonical))
+        unknown = set(request.query) - allowed if allowed is not None else set()
+        if unknown:
+            return jerror(400, "invalid_request", "unknown query parameter(s): "
+                          + ", ".join(sorted(repr(u)[:40] for u in unknown)))
     # every admin read sees every committed usage row (strict mode journals them first)
     request.app[RT].store.try_materialize()
     try:
@@ -104,7 +112,8 @@ async def post_customer(request: web.Request) -> web.Response:
     anchor = ain.optional_timestamp(body.get("billing_anchor"), "billing_anchor")
     minimum = body.get("minimum_commitment")
     if minimum is not None:
-        minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS)
+        minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS,
+                              strings=False)
 
     def tx(c: Any) -> tuple[keystore.Customer, bool]:
         cust, created = keystore.upsert_customer(c, body.get("id"), body.get("stripe_customer_id"),
@@ -149,6 +158,8 @@ async def post_key(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
     body = await _json_body(request) if request.body_exists else {}
+    if set(body) - {"name"}:
+        raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(set(body) - {'name'}))}")
     name = ain.text(body.get("name", ""), "name", 200)
     created = rt.store.execute_write(lambda c: keystore.create_key(c, cid, name))
     _refresh_cache(rt)
@@ -249,15 +260,39 @@ async def rules_info(request: web.Request) -> web.Response:
                 "meters": sorted(rt.rules.meters), "last_reload_error": rt.rules_error})
 
 
-def load_openapi() -> bytes:
-    """The OpenAPI document (``proxy/static/openapi.yaml``) as JSON bytes, read once."""
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document, ``proxy/static/openapi.yaml`` (read at start-up)."""
     from ruamel.yaml import YAML
 
     text = resources.files("proxy.static").joinpath("openapi.yaml").read_text("utf-8")
-    return orjson.dumps(YAML(typ="safe", pure=True).load(text))
+    doc: dict[str, Any] = YAML(typ="safe", pure=True).load(text)
+    return doc
+
+
+def load_openapi() -> bytes:
+    """The OpenAPI document as JSON bytes."""
+    return orjson.dumps(openapi_document())
+
+
+def query_parameters(doc: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """(method, path) -> the query parameters the document allows; others are a 400."""
+    out: dict[tuple[str, str], frozenset[str]] = {}
+    params = doc["components"]["parameters"]
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            names = set()
+            for p in [*item.get("parameters", ()), *op.get("parameters", ())]:
+                p = params[p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p
+                if p["in"] == "query":
+                    names.add(p["name"])
+            out[(method.upper(), path)] = frozenset(names)
+    return out
 
 
 OPENAPI = web.AppKey("openapi", bytes)
+QUERY_PARAMS = web.AppKey("query_params", dict[tuple[str, str], frozenset[str]])
 
 
 async def openapi_doc(request: web.Request) -> web.Response:
@@ -275,7 +310,9 @@ def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
     app[RT] = rt
     app[READER] = reader
-    app[OPENAPI] = load_openapi()
+    doc = openapi_document()
+    app[OPENAPI] = orjson.dumps(doc)
+    app[QUERY_PARAMS] = query_parameters(doc)
     app[REFUSALS] = LogLimiter(log)
     routes = [
         web.get("/admin/openapi.json", openapi_doc),

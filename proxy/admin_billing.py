@@ -52,7 +52,7 @@ async def get_dead_letters(request: web.Request) -> web.Response:
 async def replay_dead_letter(request: web.Request) -> web.Response:
     oid = ain.integer(request.match_info["id"], "id", 1, ain.MAX_INT64)
     flusher = request.app[FLUSHER]
-    restamp = ain.flag(request.query.get("restamp", ""), "restamp")
+    restamp = ain.flag(request.query.get("restamp", False), "restamp")
     if not flusher.replay(oid, restamp=restamp):
         return jerror(404, "not_found", f"no dead letter {oid}")
     report = await flusher.flush(force=True)
@@ -61,7 +61,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
 
 
 async def get_outbox(request: web.Request) -> web.Response:
-    status = request.query.get("status") or None
+    status = request.query.get("status")
     if status is not None:
         ain.choice(status, "status", ("pending", "sent", "dead"))
     where, args = ("status=?", (status,)) if status else ("1=1", ())

@@ -33,7 +33,8 @@ async def post_grant(request: web.Request) -> web.Response:
     source = ain.text(body.get("source", "admin"), "source", 64)
     g, created = svc.grant(cid, fmt_micro(micro),
                            expires_at=ain.optional_timestamp(body.get("expires_at"), "expires_at"),
-                           priority=ain.integer(body.get("priority", 50), "priority", 0, 100),
+                           priority=ain.integer(body.get("priority", 50), "priority", 0, 100,
+                                                strings=False),
                            source=source, idempotency_key=key)
     return jok(grant_json(g, time.time()), 201 if created else 200)
 

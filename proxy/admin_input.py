@@ -37,7 +37,7 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 _DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd]?)")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TRUE = frozenset({"true", "1", "yes"})
-_FALSE = frozenset({"false", "0", "no", ""})
+_FALSE = frozenset({"false", "0", "no"})
 TIME_RANGE = "1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
 
 
@@ -69,14 +69,16 @@ def credits_micro(value: object, field: str = "credits") -> int:
     return micro
 
 
-def integer(value: object, field: str, lo: int, hi: int) -> int:
-    """A JSON integer or a string of decimal digits within [lo, hi]."""
+def integer(value: object, field: str, lo: int, hi: int, *, strings: bool = True) -> int:
+    """A JSON integer (or, with ``strings``, as in a query or path, a string of decimal
+    digits) within [lo, hi]."""
     rule = f"must be an integer from {lo} to {hi}"
     if isinstance(value, bool):
         raise FieldError(field, rule)
     if isinstance(value, int):
         n = value
-    elif isinstance(value, str) and _DIGITS.fullmatch(value):
+    elif ((isinstance(value, float) and value.is_integer())       # JSON 5.0 is an integer
+          or (strings and isinstance(value, str) and _DIGITS.fullmatch(value))):
         n = int(value)
     else:
         raise FieldError(field, rule)
@@ -149,7 +151,7 @@ def duration(value: object, field: str, hi: int = MAX_GRACE) -> float:
 
 
 def flag(value: object, field: str) -> bool:
-    """A boolean: JSON true/false or one of true/false/1/0/yes/no (empty = false)."""
+    """A boolean: JSON true/false or one of true/false/1/0/yes/no (any case)."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in _TRUE:

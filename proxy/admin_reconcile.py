@@ -35,9 +35,13 @@ def parse_grace(raw: Any) -> float:
     return ain.duration(raw, "grace")
 
 
-async def _params(request: web.Request) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+_NAMES = frozenset({"from", "to", "grace", "customer", "dry_run", "format", "all"})
+
+
+async def _sources(request: web.Request) -> list[dict[str, Any]]:
+    """The JSON body's parameters, then the query's (which win)."""
     raw = await request.read()
+    body: Any = {}
     if raw.strip():
         try:
             body = orjson.loads(raw)
@@ -45,16 +49,29 @@ async def _params(request: web.Request) -> dict[str, Any]:
             raise InvalidInput("the body must be a JSON object") from exc
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
-        out.update(body)
-    out.update(request.query)
-    unknown = set(out) - {"from", "to", "grace", "customer", "dry_run", "format", "all"}
+    query = dict(request.query)
+    unknown = (set(body) | set(query)) - _NAMES
     if unknown:
         raise InvalidInput(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    return [body, query]
+
+
+def _parse(p: dict[str, Any]) -> dict[str, Any]:
+    """Validate every parameter given (an empty or null value is invalid, not "absent")."""
+    out: dict[str, Any] = {}
+    for name in ("from", "to"):
+        if name in p:
+            out[name] = float(ain.timestamp(p[name], name))
+    if "grace" in p:
+        out["grace"] = parse_grace(p["grace"])
+    if "format" in p:
+        out["format"] = ain.choice(p["format"], "format", ("json", "table"))
+    for name in ("dry_run", "all"):
+        if name in p:
+            out[name] = ain.flag(p[name], name)
+    if "customer" in p:
+        out["customer"] = ain.text(p["customer"], "customer", 128)
     return out
-
-
-def _given(p: dict[str, Any], name: str) -> bool:
-    return p.get(name) not in (None, "")
 
 
 async def post_reconcile(request: web.Request) -> web.Response:
@@ -63,26 +80,18 @@ async def post_reconcile(request: web.Request) -> web.Response:
         return jerror(409, "invalid_request", "reconcile needs Stripe: set stripe.api_key and a"
                       " meter events sink (meter_events or meter_event_stream)")
     try:
-        p = await _params(request)
-        start = ain.timestamp(p["from"], "from") if _given(p, "from") else None
-        end = ain.timestamp(p["to"], "to") if _given(p, "to") else None
-        grace = parse_grace(p["grace"]) if _given(p, "grace") \
-            else request.app.get(RECONCILE_GRACE, 7200.0)
-        fmt = ain.choice(p.get("format") or "json", "format", ("json", "table"))
-        dry_run = ain.flag(p.get("dry_run", False), "dry_run")
-        all_hours = ain.flag(p.get("all", False), "all")
-        customer = p.get("customer")
-        if customer is not None:
-            customer = ain.text(customer, "customer", 128)
+        body, query = await _sources(request)
+        p = _parse(body) | _parse(query)
     except ain.FieldError as exc:
         return jerror(400, "invalid_request", str(exc), param=exc.field)
     except InvalidInput as exc:
         return jerror(400, "invalid_request", str(exc))
+    customer = p.get("customer")
     try:
-        report = await reconciler.run(None if start is None else float(start),
-                                      None if end is None else float(end), grace,
+        report = await reconciler.run(p.get("from"), p.get("to"),
+                                      p.get("grace", request.app.get(RECONCILE_GRACE, 7200.0)),
                                       customers=[customer] if customer else None,
-                                      dry_run=dry_run)
+                                      dry_run=p.get("dry_run", False))
     except ReconcileRefused as exc:
         return jok({"error": {"type": "invalid_request", "message": str(exc),
                               "missing": exc.missing}}, status=400)
@@ -90,8 +99,8 @@ async def post_reconcile(request: web.Request) -> web.Response:
         return jerror(400, "invalid_request", str(exc))
     except ReconcileError as exc:
         return jerror(502, "stripe_unavailable", str(exc))
-    if fmt == "table":
-        return web.Response(text=report.to_table(all_hours=all_hours),
+    if p.get("format") == "table":
+        return web.Response(text=report.to_table(all_hours=p.get("all", False)),
                             content_type="text/plain")
     return jok(report.to_json())
 

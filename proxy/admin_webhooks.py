@@ -17,7 +17,7 @@ WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 
 
 async def list_events(request: web.Request) -> web.Response:
-    status = request.query.get("status") or None
+    status = request.query.get("status")
     if status is not None:
         ain.choice(status, "status", STATUSES)
     limit = ain.integer(request.query.get("limit", "100"), "limit", 1, 1000)

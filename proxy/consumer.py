@@ -37,12 +37,17 @@ def _page() -> bytes:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _get_only(handler: Handler) -> Handler:
+def _get_only(handler: Handler, query: frozenset[str]) -> Handler:
+    """GET and HEAD only (else 405), and only the documented query parameters (else 400)."""
     async def get_only(request: web.Request) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             resp = error_response(405, "method_not_allowed", "Only GET is answered here.")
             resp.headers["Allow"] = "GET, HEAD"
             return resp
+        unknown = request.query.keys() - query
+        if unknown:
+            return error_response(400, "invalid_request", "unknown query parameter(s): "
+                                  + ", ".join(sorted(repr(u)[:40] for u in unknown)))
         return await handler(request)
     return get_only
 
@@ -54,10 +59,11 @@ class ConsumerApi:
 
     def mount(self) -> None:
         h = self.p.reserved_handlers
-        h["/"] = h[""] = _get_only(self.page)
-        h["/usage"] = _get_only(self.usage)
-        h["/events.csv"] = _get_only(self.events_csv)
-        h["/events.json"] = _get_only(self.events_json)
+        keys = frozenset(self.p._key_query)          # an API key may travel in the query
+        h["/"] = h[""] = _get_only(self.page, keys)
+        h["/usage"] = _get_only(self.usage, keys)
+        h["/events.csv"] = _get_only(self.events_csv, keys | {"from", "to"})
+        h["/events.json"] = _get_only(self.events_json, keys | {"from", "to"})
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=_page(), content_type="text/html", charset="utf-8",

@@ -101,13 +101,18 @@ def test_durations_refused(raw: object) -> None:
 
 def test_integers_flags_choices() -> None:
     assert ain.integer("42", "limit", 1, 1000) == 42 and ain.integer(1000, "limit", 1, 1000) == 1000
-    for bad in ("0", "1001", "-1", "1.0", "", "1_0", True, 2.0, "9" * 30):
+    assert ain.integer(5.0, "limit", 1, 1000) == 5              # JSON 5.0 is an integer
+    with pytest.raises(FieldError, match=r"^priority: must be an integer from 0 to 100$"):
+        ain.integer("5", "priority", 0, 100, strings=False)      # JSON bodies: numbers only
+    for bad in ("0", "1001", "-1", "1.0", "", "1_0", True, 2.5, 1e4, float("inf"), "9" * 30,
+                None):
         with pytest.raises(FieldError, match=r"^limit: must be an integer from 1 to 1000$"):
             ain.integer(bad, "limit", 1, 1000)
-    assert [ain.flag(v, "all") for v in (True, False, "true", "YES", "1", "0", "no", "")] == \
+    assert [ain.flag(v, "all") for v in (True, False, "true", "YES", "1", "0", "no", "False")] == \
         [True, False, True, True, True, False, False, False]
-    with pytest.raises(FieldError, match=r"^all: must be true or false$"):
-        ain.flag("maybe", "all")
+    for bad in ("maybe", "", None, 1, "2"):
+        with pytest.raises(FieldError, match=r"^all: must be true or false$"):
+            ain.flag(bad, "all")
     with pytest.raises(FieldError, match=r"^format: must be one of csv, json$"):
         ain.choice("xml", "format", ("csv", "json"))
 
