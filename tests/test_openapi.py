@@ -375,6 +375,14 @@ async def exercise_every_operation(c: Checker, live: Live) -> None:
 FUZZ_EXAMPLES = int(os.environ.get("OPENAPI_FUZZ_EXAMPLES", "12"))
 
 
+def _query_value(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_query_value(x) for x in v] or ""
+    if v is None or isinstance(v, dict):
+        return "" if v is None else orjson.dumps(v).decode()
+    return v
+
+
 def fuzz_api(live: Live, key: str, examples: int) -> tuple[int, list[str]]:
     """Run schemathesis on every admin and consumer operation, positive and negative data;
     returns the number of calls made and the failures (check, operation, what was sent)."""
@@ -397,13 +405,20 @@ def fuzz_api(live: Live, key: str, examples: int) -> tuple[int, list[str]]:
     failures: list[str] = []
     calls = [0]
 
-    def fuzz_one(strategy: Any, base: str, auth: dict[str, str]) -> None:
+    def fuzz_one(strategy: Any, base: str, token: str) -> None:
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         @given(case=strategy)
         def run(case: Any) -> None:
             calls[0] += 1
-            response = case.call(base_url=base, headers=auth, timeout=30)
+            # a generated "Bearer <anything>" becomes the real credential; a missing or
+            # malformed Authorization header (a negative case) is sent as generated
+            headers = {}
+            if str((case.headers or {}).get("Authorization", "")).startswith("Bearer "):
+                headers["Authorization"] = f"Bearer {token}"
+            if case.query:                        # requests drops None and {} values: keep them
+                case.query = {k: _query_value(v) for k, v in case.query.items()}
+            response = case.call(base_url=base, headers=headers, timeout=30)
             case.validate_response(response, checks=checks)
 
         run()
@@ -423,7 +438,7 @@ def fuzz_api(live: Live, key: str, examples: int) -> tuple[int, list[str]]:
             try:
                 fuzz_one(op.as_strategy(generation_mode=mode),
                          live.public if consumer else live.admin,
-                         {"Authorization": f"Bearer {key}"} if consumer else dict(AUTH))
+                         key if consumer else ADMIN_TOKEN)
             except Exception as exc:                  # collected, reported all at once
                 failures.append(f"{op.method.upper()} {op.path} ({mode.value}):"
                                 f" {type(exc).__name__}: {str(exc)[:1500]}")
