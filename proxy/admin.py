@@ -144,7 +144,7 @@ async def get_customer(request: web.Request) -> web.Response:
                                    rt.extras.get("credits"))
     out = cust.to_json()
     out["period"] = report["period"]
-    # SPEC shape: quantity this period per meter (only meters with usage)
+    # documented shape: quantity this period per meter (only meters with usage)
     out["usage"] = {m: v["quantity"] for m, v in report["meters"].items() if v["requests"]}
     out["billing"] = {k: report[k] for k in ("currency", "meters", "total", "prices")}
     out["keys"] = keystore.list_keys(rt.store.conn, cid)

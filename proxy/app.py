@@ -141,8 +141,11 @@ async def start(cfg: Config) -> Server:
     webhooks = WebhookReceiver(store, keys, credits, cfg)
     public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
+    # auto_decompress=False: request bodies are forwarded as sent (a compressed body stays
+    # compressed; rules that read one answer 415, see docs/metering-bodies.md)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=10.0)
+                           handler_cancellation=True, shutdown_timeout=10.0,
+                           auto_decompress=False)
     reconciler = build_reconciler(rt)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
@@ -262,6 +265,7 @@ def reload_rules(rt: Runtime) -> bool:
     except RulesError as exc:
         rt.rules_error = "\n".join(str(p) for p in exc.problems)
         metrics.rules_reloads_total.labels("error").inc()
+        metrics.rules_reload_failing.set(1)
         log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
                   rt.rules_error)
         return False
@@ -273,17 +277,21 @@ def reload_rules(rt: Runtime) -> bool:
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
+    metrics.rules_reload_failing.set(0)
     return True
 
 
-def _stamp(paths: list[Path]) -> tuple[tuple[str, float, int], ...]:
+def _stamp(paths: list[Path]) -> tuple[tuple[str, int, float, int], ...]:
+    """What the watcher compares. stat() follows symlinks, and the inode is part of it: a
+    Kubernetes ConfigMap update swaps a ``..data`` symlink to freshly written files, which may
+    keep the old size and, with some writers, the old mtime."""
     out = []
     for p in paths:
         try:
             s = p.stat()
-            out.append((str(p), s.st_mtime, s.st_size))
+            out.append((str(p), s.st_ino, s.st_mtime, s.st_size))
         except OSError:
-            out.append((str(p), -1.0, -1))
+            out.append((str(p), -1, -1.0, -1))
     return tuple(out)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy import schema
 from proxy.errors import ConfigError, StorageError
 from proxy.store import keys as keystore
 from proxy.store.db import connect
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--customer", action="append", help="only this customer (repeatable)")
     si.add_argument("--format", choices=["table", "json"], default="table")
     si.set_defaults(fn=cmd_simulate)
+    schema.add_parser(sub)
     return p
 
 

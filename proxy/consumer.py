@@ -2,8 +2,9 @@
 default), authenticated with their own API key:
 
   GET /_meter/              the usage page (static HTML + inline JS, no CDN, no build step)
-  GET /_meter/usage         current period per meter, cost so far, projection, credits,
-                            90-day daily history, the prices in effect (``usage_report``)
+  GET /_meter/usage         current period per meter (display names, whole units), cost so
+                            far, projection, daily cost, the upcoming invoice's lines,
+                            credits, 90-day history, prices in words (``usage_report``)
   GET /_meter/events.csv    their own metered requests for ?from=&to= (default: this period)
   GET /_meter/events.json   the same as JSON
 """

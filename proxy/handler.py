@@ -38,7 +38,8 @@ from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
 from proxy.loglimit import LogLimiter
 from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
-from proxy.rules.model import SourceKind
+from proxy.rules.model import ResponseNeed, SourceKind
+from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 from proxy.runtime import Runtime
 from proxy.store.db import UsageItem, UsageRow
 from proxy.units import cost_micro, fmt_micro, to_micro
@@ -314,7 +315,7 @@ class Pipeline:
         quantities: Sequence[Quantity] | None = constant_quantities(rule)
         if quantities is None:
             assert m is not None
-            quantities = compute(rule, m)
+            quantities = compute(rule, m, self.default_estimate)
         if not quantities:
             return None
         rates = {u.meter: u.credits_per_unit for u in rule.usage}
@@ -328,7 +329,9 @@ class Pipeline:
             f = flags
             if q.unreadable:
                 metrics.unreadable_quantities_total.labels(rule.name).inc()
-                f = f"{f},unreadable" if f else "unreadable"
+                metrics.quantity_fallback_total.labels(rule.name, q.meter, q.reason).inc()
+                f = f"{f},unreadable,fallback_{q.reason}" if f \
+                    else f"unreadable,fallback_{q.reason}"
             credits = covered = 0
             if settled is not None:
                 entries, uncovered = settled[i]
@@ -350,8 +353,8 @@ class _Request:
     """One proxied HTTP request: the state that lives between forward and record."""
 
     __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "req",
-                 "request_bytes", "request_json", "rid", "rule", "started", "upstream_s",
-                 "version")
+                 "request_bytes", "request_json", "rid", "rule", "started", "strip_usage",
+                 "upstream_s", "version")
 
     def __init__(self, p: Pipeline, req: web.Request, rid: str, rule: Rule | None,
                  params: Any, key_id: str, customer_id: str, version: str, started: float,
@@ -364,10 +367,23 @@ class _Request:
         self.upstream_s = 0.0
         self.flags = ""
         self.hold = hold
+        self.strip_usage = False
 
     async def run(self) -> web.StreamResponse:
         req, p = self.req, self.p
         headers = p.upstream_headers(req, self.rid)
+        rule = self.rule
+        if rule is not None and self.metered:
+            if rule.response_body is not ResponseNeed.NONE:
+                # the body must be readable: ask for it uncompressed (decoded if ignored)
+                headers["Accept-Encoding"] = "identity"
+            if (rule.request_json or rule.stream_usage) and req.body_exists:
+                enc = req.headers.get("Content-Encoding", "")
+                if enc and enc.strip().lower() != "identity":
+                    return error_response(
+                        415, "unsupported_content_encoding",
+                        "This endpoint reads the request body to meter it; send it "
+                        "uncompressed (no Content-Encoding).", self.rid)
         data = await self._request_body(headers)
         t_up = time.perf_counter()
         try:
@@ -396,14 +412,17 @@ class _Request:
         out_headers[_XRID] = self.rid
         inspector = None
         if self.rule is not None and self.metered:
-            inspector = self.rule.new_inspector(upstream.headers.get("Content-Type"), self.p.cap)
+            uh = upstream.headers
+            inspector = self.rule.new_inspector(uh.get("Content-Type"), self.p.cap,
+                                                uh.get("Content-Encoding"))
         return out_headers, inspector
 
     async def _request_body(self, headers: CIMultiDict[str]) -> Any:
         req = self.req
         if not req.body_exists:
             return None
-        if self.rule is not None and self.rule.request_json and self.metered:
+        rule = self.rule
+        if rule is not None and (rule.request_json or rule.stream_usage) and self.metered:
             return await self._inspect_request_body(headers)
         return self._count_stream(req.content)
 
@@ -423,13 +442,24 @@ class _Request:
             buf += chunk
         if len(buf) <= cap:
             self.request_bytes = len(buf)
-            try:
-                self.request_json = orjson.loads(buf) if buf else UNREADABLE
-            except orjson.JSONDecodeError:
-                self.request_json = UNREADABLE
+            rule = self.rule
+            assert rule is not None
+            # an openai_chat rule only needs the JSON of a body that may ask for a stream
+            # (a key may also be spelt with \u escapes)
+            if buf and (rule.request_json or b'"stream"' in buf or b"\\u" in buf):
+                try:
+                    self.request_json = orjson.loads(buf)
+                except orjson.JSONDecodeError:
+                    self.request_json = UNREADABLE
+            body = bytes(buf)
+            if rule.stream_usage and self.request_json is not UNREADABLE:
+                added = with_stream_usage(self.request_json, body)
+                if added is not None:
+                    body = added
+                    self.strip_usage = True
             headers.popall("Transfer-Encoding", None)
-            headers["Content-Length"] = str(len(buf))
-            return bytes(buf)
+            headers["Content-Length"] = str(len(body))
+            return body
         # over the inspection cap: stream what was read, then the rest, untouched
         return self._prefixed(bytes(buf), content)
 
@@ -454,6 +484,10 @@ class _Request:
             xcr = p.credits_header(self.customer_id)
             if xcr is not None:
                 out_headers[_XCR] = xcr
+        strip = self._usage_filter(upstream) if self.strip_usage else None
+        if strip is not None:
+            clen = None                       # the length changes: sent chunked
+            out_headers.popall("Content-Length", None)
         resp = web.StreamResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
@@ -462,14 +496,24 @@ class _Request:
         held: bytes | None = None
         hold_last = self.metered and p.strict and clen is not None
         try:
+            # each chunk is inspected once it is written, so an abandoned response is
+            # measured by what was delivered (a failed write is not)
             async for chunk in upstream.content.iter_any():
+                if hold_last and clen is not None and sent + len(chunk) >= clen:
+                    sent += len(chunk)
+                    held = chunk
+                    if inspector is not None:
+                        inspector.feed(chunk)
+                    break
+                if strip is None:
+                    await _write(resp, chunk)
+                elif out := strip.feed(chunk):
+                    await _write(resp, out)
                 sent += len(chunk)
                 if inspector is not None:
                     inspector.feed(chunk)
-                if hold_last and clen is not None and sent >= clen:
-                    held = chunk
-                    break
-                await _write(resp, chunk)
+            if strip is not None and (rest := strip.flush()):
+                await _write(resp, rest)
         except BODY_ERRORS as exc:
             # the upstream died mid-body: the consumer gets a truncated response (the
             # connection is closed, never a clean end) and the request counts as a 502
@@ -514,6 +558,9 @@ class _Request:
             return error_response(err.status, err.type, str(err), self.rid)
         if inspector is not None:
             inspector.feed(body)
+        strip = self._usage_filter(upstream) if self.strip_usage else None
+        if strip is not None:
+            body = strip.feed(body) + strip.flush()
         self.upstream_s = time.perf_counter() - t_up
         try:
             if (commit := self._finish(upstream.status, upstream, inspector, len(body))) is not None:
@@ -529,6 +576,14 @@ class _Request:
             if xcr is not None:
                 headers[_XCR] = xcr
         return web.Response(status=upstream.status, headers=headers, body=body)
+
+    def _usage_filter(self, upstream: aiohttp.ClientResponse) -> UsageChunkFilter | None:
+        """When the proxy added include_usage for this client, a filter that removes the
+        usage-only chunk again (not on a compressed stream: it passes as the upstream sent
+        it, extra chunk included)."""
+        if upstream.headers.get("Content-Encoding") or not is_event_stream(upstream.headers.get("Content-Type")):
+            return None
+        return UsageChunkFilter(self.p.cap)
 
     def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
                 response_bytes: int) -> asyncio.Future[None] | None:
@@ -547,7 +602,7 @@ class _Request:
                             path_params=self.match_params, request_json=self.request_json,
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
-                            duration_ms=Decimal(int(total * 1000)))
+                            duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
         return self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
                              self.version, self.flags, self.hold, self.req)
 

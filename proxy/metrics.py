@@ -1,4 +1,4 @@
-"""Every Prometheus metric meterproxy exports, declared once (SPEC section 8).
+"""Every Prometheus metric meterproxy exports, declared once (the README "Metrics" section lists them).
 
 No metric carries a per-customer label: cardinality stays bounded by the number of
 rules, meters and outcomes, which the operator controls.
@@ -33,8 +33,13 @@ stripe_requests_total = Counter("meterproxy_stripe_requests_total", "Calls to th
                                 ["outcome"], registry=REGISTRY)
 dead_letters = Gauge("meterproxy_dead_letters", "Dead-lettered usage reports awaiting replay",
                      registry=REGISTRY)
+quantity_fallback_total = Counter(
+    "meterproxy_quantity_fallback_total",
+    "Quantities billed at their fallback (on_unreadable, else the reservation), by reason: "
+    "compressed_too_large, over_cap, stream_abandoned, no_usage_event, unreadable",
+    ["rule", "meter", "reason"], registry=REGISTRY)
 unreadable_quantities_total = Counter("meterproxy_unreadable_quantities_total",
-                                      "Quantities that could not be read; on_unreadable applied",
+                                      "Quantities that could not be read; their fallback applied",
                                       ["rule"], registry=REGISTRY)
 class LoopHistogram(Collector):
     """A histogram observed only from the event-loop thread: plain integer buckets, no lock
@@ -83,6 +88,9 @@ rules_reloads_total = Counter("meterproxy_rules_reloads_total", "Rule reloads by
                               registry=REGISTRY)
 rules_info = Gauge("meterproxy_rules_version_info", "The rules version in force", ["version"],
                    registry=REGISTRY)
+rules_reload_failing = Gauge("meterproxy_rules_reload_failing",
+                             "1 while the rules files on disk are refused (the previous version "
+                             "keeps serving), else 0", registry=REGISTRY)
 client_aborts_total = Counter("meterproxy_client_aborts_total",
                               "Responses the consumer abandoned before the end (still metered)",
                               registry=REGISTRY)

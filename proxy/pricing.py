@@ -6,7 +6,7 @@ from Stripe), the amount of one invoice line (:func:`line_amount`), the simulate
 (:func:`period_charges`, :func:`fmt_minor`) and a refreshing cache of prices fetched from
 Stripe's Prices API (:func:`fetch_prices`, :class:`PriceCache`).
 
-Invariants (stripe-contract.md, "Prices"):
+Invariants (docs/stripe-notes.md, "Prices"):
 - No floats. Rates are exact ``Decimal`` (unit_amount_decimal: up to 12 decimal places,
   in minor units); line math is exact (``Fraction``); results are ``int`` minor units.
 - Stripe receives whole units (meter events take integers: we report the floor and carry

@@ -1,7 +1,7 @@
 """Reconciliation: the outbox (what meterproxy owes Stripe) against Stripe's meter event
 summaries, per customer, event name and UTC hour.
 
-Rules (stripe-contract.md, "Meters and summaries"; SPEC section 5)
+Rules (docs/stripe-notes.md, "Meters and summaries"; README "Reconciliation")
   * Every event name the rules report under must map to an ACTIVE Stripe meter (``sum``
     formula, payload keys ``stripe_customer_id`` / ``value``), else the run is refused:
     :class:`ReconcileRefused` names what is missing. Nothing is guessed.

@@ -1,4 +1,4 @@
-"""Every error row of SPEC section 1 (that this build answers) and the admin API."""
+"""Every error the README documents (that this build answers) and the admin API."""
 
 from __future__ import annotations
 

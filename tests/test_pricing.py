@@ -1,4 +1,4 @@
-"""Pricing engine: every worked example of stripe-contract.md "Prices" to the cent,
+"""Pricing engine: every worked example of docs/stripe-notes.md "Prices" to the cent,
 hypothesis properties against a unit-by-unit brute-force oracle, the rules file's
 ``price:`` section with exact FILE:LINE:COL problems, and the Prices API fetch + cache."""
 

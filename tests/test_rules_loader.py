@@ -28,6 +28,14 @@ BROKEN_CASES: list[tuple[str, list[str]]] = [
         "6:38: params: 'id' is not a parameter of the path (path parameters: none)",
         '8:5: a rule with auth: none cannot meter usage (there is no customer to bill)',
     ]),
+    ('bad_labels.yaml', [
+        '3:59: display_name must be a non-empty string, got an empty string',
+        '3:75: unit_label must be a non-empty string, got number',
+        "6:19: display_name must be one line of printable text, got 'Tokens\\nand more'",
+        '7:17: unit_label must be at most 30 characters, got 34',
+        '8:51: display_name must be a non-empty string, got list',
+        "8:56: unknown key 'unit_lable' in meter; did you mean 'unit_label'?",
+    ]),
     ('bad_count_when.yaml', [
         "4:19: bad count_when item '6xx' (use a class like 2xx, a status like 404, or any)",
         "8:23: bad count_when item 'ok' (use a class like 2xx, a status like 404, or any)",
@@ -293,3 +301,18 @@ def test_yamlpos_syntax_error() -> None:
     with pytest.raises(YamlError) as info:
         load_yaml("a: [1\n")
     assert (info.value.line, info.value.col) == (2, 1)
+
+
+def test_meter_display_name_and_unit_label(tmp_path: Path) -> None:
+    p = _write(tmp_path, "labels.yaml",
+               "version: 1\nmeters:\n"
+               "  llm_tokens: {stripe_event_name: tok, display_name: '  GPT tokens ',"
+               " unit_label: tokens}\n"
+               "  api_calls: {stripe_event_name: api_calls}\n"
+               "rules:\n  - name: all\n    match: {path: /x}\n")
+    rs = load_rules([p])
+    tok, calls = rs.meters["llm_tokens"], rs.meters["api_calls"]
+    assert (tok.display_name, tok.unit_label) == ("GPT tokens", "tokens")
+    assert (tok.label, tok.units) == ("GPT tokens", "tokens")
+    assert (calls.display_name, calls.unit_label) == (None, None)
+    assert (calls.label, calls.units) == ("api_calls", "units")

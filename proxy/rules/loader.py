@@ -1,6 +1,6 @@
 """Rule files -> :class:`RuleSet`, or every problem with ``file:line:col``.
 
-Owns: reading and validating ``rules/*.yaml`` (SPEC section 3): the schema, meter
+Owns: reading and validating ``rules/*.yaml`` (format: rules/example.yaml): the schema, meter
 prices (a ``price:`` mapping in Stripe's Price field names, checked by
 :mod:`proxy.pricing`, and/or a ``price_id``), meter references, path templates,
 quantity sources, presets, transforms, count_when, duplicate names and rules shadowed
@@ -52,7 +52,10 @@ from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml, type_name
 __all__ = ["check_rules", "cli_check", "load_rules"]
 
 TOP_KEYS = ("version", "meters", "rules", "count_when")
-METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "price", "price_id")
+METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "display_name",
+              "unit_label", "price", "price_id")
+# customer-facing labels (usage page, usage API): one short line of text
+LABEL_MAX = {"display_name": 60, "unit_label": 30}
 RULE_KEYS = ("name", "match", "auth", "usage", "count_when", "description")
 MATCH_KEYS = ("methods", "path", "params", "headers", "query")
 USAGE_KEYS = ("meter", "quantity", "preset", "credits", "estimate", "transform", "on_unreadable")
@@ -397,13 +400,13 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
     if "credits" in m:
         credits = f.number((*path, "credits"), m["credits"], "credits")
     _, estimate = _optional_micro(f, m, path, "estimate", None)
-    _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", 0)
+    _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", None)
     transform = _transform(f, (*path, "transform"), m["transform"]) if "transform" in m else None
     if len(f.problems) != before or meter is None or source is None:
         return None
     return UsageSpec(meter=meter, source=source, credits_per_unit=credits,
                      estimate_micro=estimate, transform=transform,
-                     on_unreadable_micro=on_unreadable or 0, line=f.line(path))
+                     on_unreadable_micro=on_unreadable, line=f.line(path))
 
 
 def _usage_source(f: _File, path: KeyPath, m: Mapping[str, object],
@@ -493,7 +496,8 @@ def _rule(f: _File, path: KeyPath, value: object, default_cw: CountWhen,
                 request_json=any(u.source.kind is SourceKind.REQUEST_JSON for u in usage),
                 response_body=need, matcher=matcher,
                 description=desc if isinstance(desc, str) else None,
-                file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp)
+                file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp,
+                stream_usage=any(u.source.preset == "openai_chat" for u in usage))
     return _RuleEntry(f, path, name, matcher, rule)
 
 
@@ -550,11 +554,29 @@ def _meter(f: _File, path: KeyPath, name: str, value: object) -> Meter | None:
     price_id = f.string((*path, "price_id"), m["price_id"], "price_id") \
         if "price_id" in m else None
     price = _price(f, (*path, "price"), m["price"]) if "price" in m else None
+    labels = {k: _label(f, (*path, k), m[k], k) for k in LABEL_MAX if k in m}
     if len(f.problems) != before or event is None:
         return None
     return Meter(name, event, covered if isinstance(covered, str) else None,
                  desc if isinstance(desc, str) else None,
-                 price.with_id(price_id) if price is not None else None, price_id)
+                 price.with_id(price_id) if price is not None else None, price_id,
+                 display_name=labels.get("display_name"), unit_label=labels.get("unit_label"))
+
+
+def _label(f: _File, path: KeyPath, value: object, what: str) -> str | None:
+    """A customer-facing label: one line of printable text, trimmed, bounded."""
+    text = f.string(path, value, what)
+    if text is None:
+        return None
+    text = text.strip()
+    if any(not c.isprintable() for c in text):
+        f.at_value(path, f"{what} must be one line of printable text, got {text!r}")
+        return None
+    if len(text) > LABEL_MAX[what]:
+        f.at_value(path, f"{what} must be at most {LABEL_MAX[what]} characters, "
+                         f"got {len(text)}")
+        return None
+    return text
 
 
 def _price(f: _File, path: KeyPath, value: object) -> Price | None:

@@ -3,7 +3,7 @@
 Invariants
 1. Only this object writes to the database file of a running proxy. It uses the stdlib
    ``sqlite3`` module inline on the event-loop thread (aiosqlite's writer thread starves
-   on the GIL when the loop is saturated; see PERF.md). Each group commit is a single
+   on the GIL when the loop is saturated; see docs/PERFORMANCE.md). Each group commit is a single
    synchronous ``BEGIN IMMEDIATE .. COMMIT`` with no ``await`` inside, so nothing else on
    the loop can interleave with a transaction.
 2. ``record()`` never blocks and never touches the disk: it appends to ``_pending``.

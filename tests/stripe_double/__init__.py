@@ -1,6 +1,6 @@
 """A faithful in-process Stripe test double for meterproxy's billing paths.
 
-See ``/work/shared/stripe-contract.md``. Start it with
+It behaves as ``docs/stripe-notes.md`` describes. Start it with
 :func:`tests.stripe_double.fixture.run_stripe_double` or the pytest fixtures in
 ``tests.stripe_double.fixture``; run it by hand with
 ``python -m tests.stripe_double --port 12111``.
