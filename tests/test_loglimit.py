@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
+import aiohttp
 import pytest
 import stripe
 
+from proxy import config as config_mod
 from proxy import metrics
+from proxy.app import start
 from proxy.loglimit import LogLimiter
 from proxy.webhooks import PATH as WEBHOOK_PATH
-from tests.conftest import Proxy, ProxyFactory
+from tests.conftest import Proxy, ProxyFactory, write_config
 
 LOG = logging.getLogger("meterproxy.test_loglimit")
 
@@ -124,3 +128,24 @@ async def test_bad_admin_tokens_and_unknown_keys_write_a_bounded_log(
     assert admin_lines[0].startswith("admin request refused (bad token) from 127.0.0.1: GET")
     key_lines = _messages(caplog, "meterproxy.handler")
     assert key_lines == ["unknown API key from 127.0.0.1"] * 10
+
+
+async def test_shutdown_writes_the_pending_summaries(tmp_path: Path, upstream: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "meterproxy")
+    server = await start(config_mod.load(write_config(tmp_path, upstream)))
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(25):
+                async with s.get(f"http://127.0.0.1:{server.admin_port}/admin/rules",
+                                 headers={"Authorization": "Bearer wrong"}) as r:
+                    assert r.status == 401
+                async with s.get(f"http://127.0.0.1:{server.public_port}/v1/items",
+                                 headers={"Authorization": "Bearer mp_unknown"}) as r:
+                    assert r.status == 401
+    finally:
+        await server.shutdown()
+    assert _messages(caplog, "meterproxy.admin")[10:] == [
+        "suppressed 15 similar messages in the last 60s: bad admin token"]
+    assert _messages(caplog, "meterproxy.handler")[10:] == [
+        "suppressed 15 similar messages in the last 60s: unknown API key"]
