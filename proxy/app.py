@@ -27,7 +27,7 @@ import aiosqlite
 from aiohttp import web
 
 from proxy import metrics
-from proxy.admin import build_admin_app
+from proxy.admin import REFUSALS, build_admin_app
 from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.admin_credits import CREDITS, credit_routes
 from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
@@ -205,6 +205,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
+    for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
+        server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
             server.tasks.append(spawn("reconciler", reconciler.run_every(

@@ -36,6 +36,7 @@ from proxy.credits.ledger import Entry, covered_quantity
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
+from proxy.loglimit import LogLimiter
 from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
 from proxy.rules.model import ResponseNeed, SourceKind
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
@@ -80,6 +81,7 @@ class Pipeline:
         self._req_counters: dict[tuple[str, int], Any] = {}
         self._unit_counters: dict[str, Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
+        self.refusals = LogLimiter(log)   # unknown API keys: any caller can send them at will
         self.book: CreditBook | None = None
         self.watch: ThresholdWatch | None = None
         self.shadow = cfg.credits.enforcement == "shadow"
@@ -213,6 +215,9 @@ class Pipeline:
                                   rid), "", ""
         entry = self.rt.keys.lookup(raw)
         if entry is None:
+            metrics.AUTH_FAIL_API_KEY.inc()
+            self.refusals.log(logging.WARNING, "unknown API key", "unknown API key from %s",
+                          request.remote)
             return error_response(401, "invalid_api_key", "The API key is not valid.", rid), "", ""
         if entry.revoked:
             return error_response(403, "key_revoked", "This API key has been revoked.", rid), "", ""

@@ -132,3 +132,10 @@ reconcile_last_run = Gauge("meterproxy_reconcile_last_run_timestamp_seconds",
 alerts_total = Counter("meterproxy_alerts_total",
                        "Credit alerts by delivery outcome (sent, retry, dead, logged)",
                        ["outcome"], registry=REGISTRY)
+auth_failures_total = Counter("meterproxy_auth_failures_total",
+                              "Unauthenticated failures: forged webhooks (webhook_signature), bad admin"
+                              " tokens (admin_token), unknown API keys (api_key)",
+                              ["kind"], registry=REGISTRY)
+AUTH_FAIL_WEBHOOK = auth_failures_total.labels("webhook_signature")
+AUTH_FAIL_ADMIN = auth_failures_total.labels("admin_token")
+AUTH_FAIL_API_KEY = auth_failures_total.labels("api_key")
