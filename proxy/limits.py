@@ -144,9 +144,10 @@ class GuardedHandler(RequestHandler):
             if self.head_at is None:
                 self.head_at = now
             self.head_bytes += len(data)
-        super().data_received(data)
         messages = self._messages
-        if messages and messages[-1][1] is not last:
+        queued = len(messages)
+        super().data_received(data)
+        if len(messages) > queued:
             self.last_payload = messages[-1][1]     # a head was completed
             self.head_at = None
             self.head_bytes = 0
