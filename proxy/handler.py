@@ -570,6 +570,10 @@ class _Request:
         rule = self.rule
         if rule is None or not self.metered:
             return None
+        if not self.req.content.is_eof():
+            # the consumer never finished sending its request (cut off by limits.body_timeout,
+            # or gone): there is no complete request to bill
+            return None
         m = None
         if constant_quantities(rule) is None:
             m = Measurement(status=status, request_headers=self.req.headers,

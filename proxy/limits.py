@@ -15,9 +15,9 @@ per-connection protocol (``RequestHandler``):
 The two timeouts are enforced by one sweep per second over the open connections (no timer
 per request); ``data_received`` only records a timestamp and counts head bytes.
 
-This leans on three attributes of aiohttp's ``RequestHandler`` (``_messages``,
-``_upgraded``, ``_payload_parser``) and BaseProtocol's ``_reading_paused``; tests in
-tests/test_resources.py fail if an aiohttp upgrade changes them.
+This leans on aiohttp internals: ``RequestHandler._messages``, ``._upgraded``,
+``._payload_parser``, ``web_protocol._ErrInfo`` and BaseProtocol's ``_reading_paused``;
+tests/test_resources.py fails if an aiohttp upgrade changes them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy import metrics
 from proxy.config import LimitsConfig
@@ -148,9 +148,16 @@ class GuardedHandler(RequestHandler):
         queued = len(messages)
         super().data_received(data)
         if len(messages) > queued:
-            self.last_payload = messages[-1][1]     # a head was completed
+            msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
             self.head_bytes = 0
+            if isinstance(msg, _ErrInfo):
+                # a malformed or oversized head: aiohttp answers 400/431 and closes; read
+                # nothing more meanwhile (each further chunk would be parsed into another
+                # error holding the chunk: 100 flooding connections reached 1 GB that way)
+                transport = self.transport
+                if transport is not None:
+                    transport.pause_reading()
         elif in_head and self.head_bytes > self.guard.max_header_bytes:
             transport = self.transport
             if transport is not None:
