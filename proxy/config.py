@@ -205,8 +205,9 @@ class LimitsConfig(_Model):
     max_connections: int = Field(
         default=1000, ge=1,
         description="Open consumer connections on the public port. One more is accepted, "
-                    "answered 503 too_many_connections and closed. Lowered at start to fit "
-                    "the open-file limit (RLIMIT_NOFILE minus upstream.pool_size minus 64).")
+                    "answered 503 too_many_connections and closed. At start the open-file "
+                    "soft limit is raised toward the hard limit to fit it; if it still does not "
+                    "fit (RLIMIT_NOFILE minus upstream.pool_size minus 64) it is lowered.")
     max_request_line: Size = Field(
         default=16 * 1024, ge=1024,
         description="Longest request line (method, target, version); longer: 414 or 400 "

@@ -47,11 +47,21 @@ def _canned(status: str, type_: str, message: str) -> bytes:
 
 
 def effective_max_connections(configured: int, pool_size: int) -> int:
-    """``configured``, lowered to fit the process's open-file limit: every consumer connection,
-    every upstream connection and the reserve each take one descriptor."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    """``configured``, once the open-file limit fits it: every consumer connection, every
+    upstream connection and the reserve each take one descriptor. The soft limit is raised
+    towards the hard one when needed; what still does not fit lowers the bound (a refusal
+    with 503 beats running out of descriptors, where every accept and the database fail)."""
+    need = configured + pool_size + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured
+    if soft < need and (hard == resource.RLIM_INFINITY or hard > soft):
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
     fits = max(int(soft) - pool_size - FD_RESERVE, 16)
     if fits < configured:
         log.warning("limits.max_connections %d lowered to %d to fit the open-file limit %d "

@@ -690,6 +690,11 @@ class Store:
             self.conn.close()
             return
         self.commit_pending()
+        if self._pending:
+            metrics.lost_usage_rows_total.inc(len(self._pending))
+            log.error("%d usage rows could not be committed at shutdown (%s)",
+                      len(self._pending), self.last_error)
+            self._pending = []
         self._closed = True
         # shutdown may wait for a lock: nothing is served any more
         self.conn.execute(f"PRAGMA busy_timeout={int(max(self.lock_wait, 1.0) * 1000)}")
