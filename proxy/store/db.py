@@ -49,6 +49,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -267,6 +268,9 @@ class Store:
         self.path: Path | None = None
         self._file_id: tuple[int, int] | None = None
         self._maint: sqlite3.Connection | None = None     # worker-thread checkpoints
+        # held by the worker thread while it uses _maint, and by close(): a connection
+        # closed while another thread steps a statement on it can crash the process
+        self._maint_lock = threading.Lock()
         self._journaled = 1     # unknown until the first materialize (recovery at open)
 
     @classmethod
@@ -353,12 +357,23 @@ class Store:
                 await self.integrity_check()
             metrics.sqlite_wal_bytes.set(self.wal_bytes())
 
+    def _passive_checkpoint(self) -> None:
+        """Worker thread: one PASSIVE checkpoint on the maintenance connection."""
+        with self._maint_lock:
+            if self._maint is not None:
+                checkpoint(self._maint, "PASSIVE")
+
+    def _close_maint(self) -> None:
+        with self._maint_lock:     # waits for a checkpoint still running in its thread
+            if self._maint is not None:
+                self._maint.close()
+                self._maint = None
+
     async def checkpoint_once(self) -> None:
-        maint = self._maint
-        if maint is None or self.broken is not None:
+        if self._maint is None or self.broken is not None:
             return
         try:
-            await asyncio.to_thread(checkpoint, maint, "PASSIVE")
+            await asyncio.to_thread(self._passive_checkpoint)
             metrics.wal_checkpoints_total.labels("passive", "ok").inc()
         except sqlite3.Error as exc:
             metrics.wal_checkpoints_total.labels("passive", "error").inc()
@@ -685,8 +700,7 @@ class Store:
                           self.broken)
             self._pending = []
             self._closed = True
-            if self._maint is not None:
-                self._maint.close()
+            self._close_maint()
             self.conn.close()
             return
         self.commit_pending()
@@ -706,6 +720,5 @@ class Store:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("final WAL checkpoint failed: %s", exc)
-        if self._maint is not None:
-            self._maint.close()
+        self._close_maint()
         self.conn.close()
