@@ -284,3 +284,29 @@ async def test_header_flood_keeps_memory_flat(tmp_path: Path, upstream: str) -> 
                 assert r.status == 200
     finally:
         proc.ensure_dead()
+
+
+async def test_a_consumer_leaving_while_waiting_for_a_slot_frees_nothing_twice(
+        make_proxy: ProxyFactory) -> None:
+    """A request cancelled while queued for an upstream slot leaves the queue without taking
+    (or leaking) a slot: after the slow request ends the pool is empty and serves again."""
+    p = await make_proxy(upstream={"pool_size": 1, "pool_wait": "5s"})
+    key = await p.customer_with_key("q")
+    h = {"Authorization": f"Bearer {key}"}
+    upstream = p.server.rt.upstream
+
+    async def get(path: str) -> int:
+        async with p.session.get(p.url + path, headers=h) as r:
+            await r.read()
+            return r.status
+
+    slow = asyncio.ensure_future(get("/v1/items?delay_ms=800"))
+    await _poll(lambda: upstream.in_use == 1)
+    leaving = asyncio.ensure_future(get("/v1/items"))
+    await _poll(lambda: len(upstream._waiters) == 1)
+    leaving.cancel()                     # the consumer disconnects while queued
+    await _poll(lambda: all(f.done() for f in upstream._waiters))
+    assert await slow == 200
+    await _poll(lambda: upstream.in_use == 0)
+    assert await get("/v1/items") == 200
+    assert upstream.in_use == 0
