@@ -238,7 +238,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RT]
     problems = []
-    if not rt.store.healthy:
+    if rt.store.check_file() is not None or not rt.store.healthy:  # deleted/replaced/corrupt
         problems.append(f"storage: {rt.store.last_error}")
     check = rt.extras.get("ready_checks")
     if check is not None:

@@ -35,12 +35,14 @@ from proxy.admin_webhooks import WEBHOOKS, webhook_routes
 from proxy.alerts import AlertSender
 from proxy.config import Config, split_hostport
 from proxy.consumer import ConsumerApi
+from proxy.credits.ledger import Entry
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import FileProblem
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
+from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.paths import check_database
 from proxy.pricing import PriceCache
 from proxy.reconcile import ReconcileMetrics, Reconciler
@@ -135,7 +137,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     try:
         store = Store.open(db_path, synchronous=st.synchronous, durability=st.durability,
                            commit_interval=st.commit_interval, fail_mode=st.fail_mode,
-                           max_pending_rows=st.max_pending_rows)
+                           max_pending_rows=st.max_pending_rows, lock_wait=st.lock_wait,
+                           wal_truncate_size=st.wal_truncate_size)
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
@@ -150,24 +153,27 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
     pipeline.book = credits.book
+    store.on_withdraw = lambda row: credits.book.apply(
+        Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
     pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
                                     on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     _expose_billing(rt, flusher, credits)
 
-    public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
-                                                                     "max_line_size": 64 * 1024})
+    public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg)
     public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
+    guard = ConnectionGuard(cfg.limits, effective_max_connections(
+        cfg.limits.max_connections, cfg.upstream.pool_size))
     # auto_decompress=False: request bodies are forwarded as sent (a compressed body stays
     # compressed; rules that read one answer 415, see docs/metering-bodies.md)
-    public = web.AppRunner(public_app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=10.0,
-                           auto_decompress=False)
+    public = guarded_runner(public_app, guard, handle_signals=False, access_log=None,
+                            handler_cancellation=True, shutdown_timeout=10.0,
+                            auto_decompress=False)
     reconciler = build_reconciler(rt)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
@@ -200,7 +206,10 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
-    server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever()))
+    server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever(
+        st.checkpoint_interval, st.integrity_check_interval)))
+    server.tasks.append(spawn("connection-sweep", guard.sweep_forever()))
+    rt.extras["connections"] = guard
     server.tasks.append(spawn("journal", store.materialize_forever()))
     server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
@@ -256,10 +265,12 @@ def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> No
                 "credit_ledger": credits.entries(cid, limit=50)}
 
     def ready_checks() -> list[str]:
+        out = []
         lag = flusher.lag()
         if lag > rt.cfg.stripe.flush_lag_ready_threshold:
-            return [f"flush lag {lag:.0f}s exceeds {rt.cfg.stripe.flush_lag_ready_threshold:.0f}s"]
-        return []
+            out.append(f"flush lag {lag:.0f}s exceeds "
+                       f"{rt.cfg.stripe.flush_lag_ready_threshold:.0f}s")
+        return out
 
     rt.extras["customer_detail"] = customer_detail
     rt.extras["ready_checks"] = ready_checks

@@ -86,6 +86,11 @@ class UpstreamConfig(_Model):
         default=256, ge=1,
         description="Keep-alive connections to the upstream, at most.",
         examples=[512])
+    pool_wait: Duration = Field(
+        default=5.0, gt=0,
+        description="Longest a request waits for one of the pool_size upstream connections "
+                    "when all are busy; then it is answered 503 upstream_busy (not forwarded, "
+                    "not billed).")
 
     @field_validator("url")
     @classmethod
@@ -138,6 +143,25 @@ class StorageConfig(_Model):
         description="Bound on usage rows held in memory while SQLite cannot commit; beyond it "
                     "`fail_mode` applies at once.",
         examples=[500000])
+    lock_wait: Duration = Field(
+        default=2.0, ge=0,
+        description="While another process holds the database write lock, how long a group "
+                    "commit keeps retrying (on a timer: the event loop never blocks, /healthz "
+                    "and unmetered routes stay fast) before fail_mode decides for the waiting "
+                    "metered requests.")
+    checkpoint_interval: Duration = Field(
+        default=1.0, gt=0,
+        description="How often the WAL is checkpointed (a PASSIVE pass in a worker thread) "
+                    "and the database file's identity (deleted or replaced) is checked.")
+    wal_truncate_size: Size = Field(
+        default=16 * 1024 * 1024, ge=0,
+        description="When the WAL is larger than this after the passive pass, a TRUNCATE "
+                    "checkpoint resets it to zero bytes; also SQLite's journal_size_limit. "
+                    "The WAL stays under about this size plus one checkpoint_interval of writes.")
+    integrity_check_interval: Duration = Field(
+        default=300.0, ge=0,
+        description="How often PRAGMA quick_check verifies the database file in a worker "
+                    "thread (0 = never); a corrupt file fails /readyz and stops writes.")
 
 
 class KeySource(_Model):
@@ -395,6 +419,46 @@ class AlertsConfig(_Model):
         return self
 
 
+class LimitsConfig(_Model):
+    """Bounds on what one consumer connection or customer can hold (docs/resources.md)."""
+    max_connections: int = Field(
+        default=1000, ge=1,
+        description="Open consumer connections on the public port. One more is accepted, "
+                    "answered 503 too_many_connections and closed. At start the open-file "
+                    "soft limit is raised toward the hard limit to fit it; if it still does not "
+                    "fit (RLIMIT_NOFILE minus upstream.pool_size minus 64) it is lowered.")
+    max_request_line: Size = Field(
+        default=16 * 1024, ge=1024,
+        description="Longest request line (method, target, version); longer: 414 or 400 "
+                    "and the connection is closed.")
+    max_header_field: Size = Field(
+        default=16 * 1024, ge=1024,
+        description="Longest single header line; longer: 431 and the connection is closed.")
+    max_headers: int = Field(
+        default=100, ge=8,
+        description="Most header lines in one request; more: 431 and the connection closed.")
+    max_header_bytes: Size = Field(
+        default=64 * 1024, ge=4096,
+        description="Total bytes of one request head (request line and all headers); more: "
+                    "431 and the connection is closed.")
+    header_timeout: Duration = Field(
+        default=10.0, gt=0,
+        description="Time from the first byte of a request head to its end; slower: the "
+                    "connection is closed (no response: the request was never read).")
+    body_timeout: Duration = Field(
+        default=30.0, gt=0,
+        description="Longest pause between two reads of a request body still being sent; "
+                    "longer: the connection is closed and the request is not billed.")
+    idle_timeout: Duration = Field(
+        default=60.0, gt=0,
+        description="A connection with no request in progress (before the first request or "
+                    "between keep-alive requests) is closed after this long.")
+    per_customer_concurrency: int = Field(
+        default=64, ge=0,
+        description="Requests one customer may have in flight at once; more: 429 "
+                    "concurrency_limit_exceeded (0 = unlimited).")
+
+
 class Config(_Model):
     """meterproxy.yaml, the whole file."""
 
@@ -423,6 +487,7 @@ class Config(_Model):
     admin: AdminConfig = Field(description=AdminConfig.__doc__)
     alerts: AlertsConfig = Field(default=AlertsConfig(), description=AlertsConfig.__doc__)
     credits: CreditsConfig = Field(default=CreditsConfig(), description=CreditsConfig.__doc__)
+    limits: LimitsConfig = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
     max_inspect_bytes: Size = Field(
         default=1024 * 1024,
         description="Cap on a JSON body buffered for a `request.json` / `response.json` rule; "

@@ -7,7 +7,8 @@
     │   └── MeteringUnavailable   raised to a request waiting on a commit in fail_mode closed
     ├── UpstreamError          the guarded API could not be reached
     │   ├── UpstreamUnavailable   connect refused / reset            -> 502 upstream_unavailable
-    │   └── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
+    │   ├── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
+    │   └── UpstreamBusy          no pooled connection within pool_wait -> 503 upstream_busy
     └── SinkError              a usage sink (Stripe) failed; see proxy.sinks.base for kinds
 
 Foreign exceptions are translated in exactly one place each: aiohttp client errors in
@@ -57,3 +58,8 @@ class UpstreamTimeout(UpstreamError):
 
 class SinkError(MeterproxyError):
     pass
+
+
+class UpstreamBusy(UpstreamError):
+    status = 503
+    type = "upstream_busy"

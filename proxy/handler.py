@@ -88,6 +88,9 @@ class Pipeline:
         self.default_estimate = to_micro(cfg.credits.default_estimate)
         self.top_up = cfg.credits.top_up_url
         self._admission_cost: dict[int, tuple[str, int]] = {}
+        # requests in flight per customer (limits.per_customer_concurrency; 0 = unlimited)
+        self.max_per_customer = cfg.limits.per_customer_concurrency or 1 << 62
+        self.in_flight: dict[str, int] = {}
 
     # ---- entry point ---------------------------------------------------------------
 
@@ -109,6 +112,11 @@ class Pipeline:
             if denied is not None:
                 self._count(rule_name, denied.status)
                 return denied
+        in_flight = self.in_flight
+        if customer_id and (n := in_flight.get(customer_id, 0)) >= self.max_per_customer:
+            metrics.concurrency_rejections_total.inc()
+            self._count(rule_name, 429)
+            return _too_many(n, rid)
         metered = rule is not None and bool(rule.usage) and bool(customer_id)
         if metered and not self.rt.store.accepting:
             metrics.metering_unavailable_total.inc()
@@ -123,6 +131,8 @@ class Pipeline:
             if refused is not None:
                 self._count(rule_name, 402)
                 return refused
+        if customer_id:     # no await since the check above: one critical section
+            in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 return await self._websocket(request, rid, rule,
@@ -134,6 +144,11 @@ class Pipeline:
         finally:
             if hold is not None and not hold.released:
                 self.book.release(hold)  # type: ignore[union-attr]
+            if customer_id:
+                if (left := in_flight[customer_id] - 1):
+                    in_flight[customer_id] = left
+                else:
+                    del in_flight[customer_id]
         self._count(rule_name, resp.status)
         return resp
 
@@ -270,6 +285,17 @@ class Pipeline:
             upstream_ws = await self.rt.upstream.ws_connect(request.path_qs, headers, protocols)
         except UpstreamError as exc:
             return error_response(exc.status, exc.type, str(exc), rid)
+        try:
+            return await self._ws_session(request, upstream_ws, protocols, rid, rule, params,
+                                          key_id, customer_id, version, started, hold)
+        finally:
+            self.rt.upstream.release_slot()
+
+    async def _ws_session(self, request: web.Request,
+                          upstream_ws: aiohttp.ClientWebSocketResponse,
+                          protocols: tuple[str, ...], rid: str, rule: Rule | None, params: Any,
+                          key_id: str, customer_id: str, version: str, started: float,
+                          hold: Hold | None) -> web.StreamResponse:
         server_ws = web.WebSocketResponse(protocols=protocols, autoping=False)
         await server_ws.prepare(request)
         # an upgraded session counts as a success (2xx) for count_when
@@ -304,7 +330,8 @@ class Pipeline:
 
     def record(self, rid: str, rule: Rule, m: Measurement | None, status: int, key_id: str,
                customer_id: str, version: str, flags: str, hold: Hold | None,
-               request: web.Request | None = None) -> asyncio.Future[None] | None:
+               request: web.Request | None = None,
+               withhold: bool = False) -> asyncio.Future[None] | None:
         """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
         both to the Store (one transaction). Not billable: the hold is released.
         ``m`` may be None only for a rule whose quantities are all constants."""
@@ -345,7 +372,8 @@ class Pipeline:
             self.watch.check(customer_id)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, status, items,
                        debits=debits, method=request.method if request is not None else "",
-                       path=request.path[:2048] if request is not None else "")
+                       path=request.path[:2048] if request is not None else "",
+                       withhold=withhold)
         return self.rt.store.record(row, wait=self.strict and not flags)
 
 
@@ -396,14 +424,20 @@ class _Request:
             clen = upstream.content_length
             if req.method == "HEAD" or upstream.status in (204, 304):
                 self.upstream_s = time.perf_counter() - t_up
-                if (commit := self._finish(upstream.status, upstream, None, 0)) is not None:
-                    await commit
+                try:
+                    if (commit := self._finish(upstream.status, upstream, None, 0,
+                                               True)) is not None:
+                        await commit
+                except MeteringUnavailable:
+                    metrics.metering_unavailable_total.inc()
+                    return _withheld(self.rid)
                 return web.Response(status=upstream.status, headers=out_headers)
             if clen is not None and clen <= _SMALL_BODY:
                 return await self._respond_small(upstream, out_headers, inspector, t_up)
             return await self._respond(upstream, out_headers, inspector, t_up)
         finally:
             upstream.release()
+            p.rt.upstream.release_slot()
 
     def _response_head(self, upstream: aiohttp.ClientResponse) -> tuple[CIMultiDict[str], Any]:
         """The consumer's response headers, and the body inspector if a rule reads the body."""
@@ -563,13 +597,12 @@ class _Request:
             body = strip.feed(body) + strip.flush()
         self.upstream_s = time.perf_counter() - t_up
         try:
-            if (commit := self._finish(upstream.status, upstream, inspector, len(body))) is not None:
+            if (commit := self._finish(upstream.status, upstream, inspector, len(body),
+                                       True)) is not None:
                 await commit
         except MeteringUnavailable:
             metrics.metering_unavailable_total.inc()
-            return error_response(503, "metering_unavailable",
-                                  "Usage could not be recorded; the answer is withheld. "
-                                  "Retry shortly.", self.rid)
+            return _withheld(self.rid)
         headers.popall("Content-Length", None)
         if self.metered:
             xcr = self.p.credits_header(self.customer_id)   # exact: settled above
@@ -586,14 +619,20 @@ class _Request:
         return UsageChunkFilter(self.p.cap)
 
     def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
-                response_bytes: int) -> asyncio.Future[None] | None:
+                response_bytes: int, withhold: bool = False) -> asyncio.Future[None] | None:
         """Measure and record; in strict mode returns the commit to wait for before the
-        final bytes go out (a plain function: no coroutine frame on the hot path)."""
+        final bytes go out (a plain function: no coroutine frame on the hot path).
+        ``withhold``: a failed commit answers 503 instead of the response, so the row is
+        dropped then (never billed; see Store invariant 8)."""
         total = time.perf_counter() - self.started
         metrics.upstream_seconds.observe(self.upstream_s)
         metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
         rule = self.rule
         if rule is None or not self.metered:
+            return None
+        if not self.req.content.is_eof():
+            # the consumer never finished sending its request (cut off by limits.body_timeout,
+            # or gone): there is no complete request to bill
             return None
         m = None
         if constant_quantities(rule) is None:
@@ -604,7 +643,21 @@ class _Request:
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
                             duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
         return self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
-                             self.version, self.flags, self.hold, self.req)
+                             self.version, self.flags, self.hold, self.req, withhold)
+
+
+def _withheld(rid: str) -> web.Response:
+    return error_response(503, "metering_unavailable",
+                          "Usage could not be recorded; the answer is withheld (and not "
+                          "billed). Retry shortly.", rid)
+
+
+def _too_many(n: int, rid: str) -> web.Response:
+    resp = error_response(429, "concurrency_limit_exceeded",
+                          f"This account already has {n} requests in flight, the most allowed "
+                          "at once. Retry when one of them has finished.", rid)
+    resp.headers["Retry-After"] = "1"
+    return resp
 
 
 async def _write(resp: web.StreamResponse, chunk: bytes) -> None:

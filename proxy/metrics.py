@@ -139,3 +139,30 @@ auth_failures_total = Counter("meterproxy_auth_failures_total",
 AUTH_FAIL_WEBHOOK = auth_failures_total.labels("webhook_signature")
 AUTH_FAIL_ADMIN = auth_failures_total.labels("admin_token")
 AUTH_FAIL_API_KEY = auth_failures_total.labels("api_key")
+
+# ---- storage health and resource bounds (docs/resources.md) ------------------------------
+sqlite_wal_bytes = Gauge("meterproxy_sqlite_wal_bytes",
+                         "Size of the SQLite write-ahead log file (sampled every checkpoint tick)",
+                         registry=REGISTRY)
+wal_checkpoints_total = Counter("meterproxy_wal_checkpoints_total",
+                                "WAL checkpoints by mode (passive, truncate) and result"
+                                " (ok, busy, error)", ["mode", "result"], registry=REGISTRY)
+storage_broken = Gauge("meterproxy_storage_broken",
+                       "1 once the database file was deleted, replaced or found corrupt",
+                       registry=REGISTRY)
+withdrawn_usage_rows_total = Counter(
+    "meterproxy_withdrawn_usage_rows_total",
+    "Usage rows dropped because their request was answered 503 instead (never billed)",
+    registry=REGISTRY)
+open_connections = Gauge("meterproxy_open_connections", "Open consumer connections (public port)",
+                         registry=REGISTRY)
+connections_refused_total = Counter("meterproxy_connections_refused_total",
+                                    "Consumer connections refused (503) at max_connections",
+                                    registry=REGISTRY)
+connections_closed_total = Counter("meterproxy_connections_closed_total",
+                                   "Consumer connections closed by a bound, by reason"
+                                   " (header_timeout, body_timeout, header_too_large)",
+                                   ["reason"], registry=REGISTRY)
+concurrency_rejections_total = Counter("meterproxy_concurrency_rejections_total",
+                                       "Requests refused (429) at a customer's concurrency limit",
+                                       registry=REGISTRY)
