@@ -139,7 +139,7 @@ async def start(cfg: Config) -> Server:
     public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
                                                                      "max_line_size": 64 * 1024})
     webhooks = WebhookReceiver(store, keys, credits, cfg)
-    public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
+    pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
     public_app.router.add_route("*", "/{tail:.*}", pipeline)
     public = web.AppRunner(public_app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=10.0)

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
@@ -51,20 +52,23 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
+    async def request(self, method: str, target: str, headers: CIMultiDict[str],
                       data: Any) -> aiohttp.ClientResponse:
+        """``target`` is the canonical request target (proxy.target): it reaches the
+        upstream byte for byte (``encoded=True``: yarl neither re-quotes nor normalizes)."""
         try:
-            return await self.session.request(method, self.base + path_qs, headers=headers,
-                                              data=data, allow_redirects=False, compress=None)
+            return await self.session.request(method, URL(self.base + target, encoded=True),
+                                              headers=headers, data=data,
+                                              allow_redirects=False, compress=None)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(f"the upstream could not be reached ({type(exc).__name__})") \
                 from exc
 
-    async def ws_connect(self, path_qs: str, headers: CIMultiDict[str],
+    async def ws_connect(self, target: str, headers: CIMultiDict[str],
                          protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
-        url = self.base.replace("http", "ws", 1) + path_qs
+        url = URL(self.base.replace("http", "ws", 1) + target, encoded=True)
         try:
             return await self.session.ws_connect(url, headers=headers, protocols=protocols,
                                                  autoclose=False, autoping=False)
