@@ -233,3 +233,16 @@ async def _invalid_count(p: Proxy) -> float:
     prefix = 'meterproxy_requests_total{code_class="4xx",rule="(invalid_path)"} '
     lines = [line for line in text.splitlines() if line.startswith(prefix)]
     return float(lines[0][len(prefix):]) if lines else 0.0
+
+
+async def test_a_non_ascii_key_header_is_an_invalid_key_not_a_500(
+        rig: tuple[Proxy, RecordingUpstream, str]) -> None:
+    """Found by the fuzzer: header bytes >= 0x80 reached the key hash and raised."""
+    p, rec, _key = rig
+    for name in (b"X-Api-Key", b"Authorization"):
+        value = b"\x80\xff" if name == b"X-Api-Key" else b"Bearer \xc3\xa9"
+        r = await raw_request(p.server.public_port, b"GET", b"/v1/x",
+                              [(b"X-Request-Id", b"na-" + name), (name, value)])
+        assert (r.status, r.json()) == (401, {"error": {
+            "type": "invalid_api_key", "message": "The API key is not valid."}})
+    assert not any(rid.startswith("na-") for rid in rec.seen)
