@@ -122,6 +122,7 @@ CASES: list[Case] = [
     Case("GET", b"http://example.test", True, 404, None),   # no path: aiohttp never routes it
     Case("GET", b"*", True, 400, None),                     # refused by the HTTP parser
     Case("OPTIONS", b"*", True, 404, None),                 # aiohttp's router: never routed
+    Case("CONNECT", b"example.test:443", True, 404, None),   # authority-form: never routed
     # very long paths
     ok("GET", LONG.encode(), LONG, "catch-all", Q, path=LONG[:2048]),
     ok("GET", (LONG + "/..?" + "q" * 150).encode(), "/v1/?" + "q" * 150, "catch-all", Q,
