@@ -63,10 +63,16 @@ class RecordingUpstream:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()
         rid = request.headers.get("X-Request-Id", "")
         self.seen[rid] = (request.method, request.raw_path, request.path)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                await ws.send_str(f"{request.raw_path}:{msg.data}")
+            return ws
         if request.path == "/v1/chat/completions":
             return web.json_response({"choices": [], "usage": {
                 "prompt_tokens": 200, "completion_tokens": CHAT_TOKENS - 200,

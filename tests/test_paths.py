@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from yarl import URL
 
 from tests.conftest import Proxy, ProxyFactory
 from tests.pathcanon_kit import CHAT_TOKENS, RULES, Q, RecordingUpstream, raw_request
@@ -267,3 +268,24 @@ async def test_an_overlong_path_is_refused_and_not_billed(
         with p.db() as db:
             assert db.execute("SELECT COUNT(*) FROM audit WHERE request_id = ?",
                               (rid,)).fetchone() == (0,)
+
+
+async def test_a_websocket_is_matched_and_forwarded_on_the_canonical_path(
+        rig: tuple[Proxy, RecordingUpstream, str]) -> None:
+    p, rec, key = rig
+    # encoded=True: the aiohttp client sends the target as written, dot segments included
+    url = URL(p.url + "/docs/../v1/models/x/%2E%2e/premium-x/./stream?a=../b", encoded=True)
+    async with p.session.ws_connect(url, headers={"Authorization": f"Bearer {key}",
+                                                  "X-Request-Id": "ws-1"}) as ws:
+        await ws.send_str("hi")
+        msg = await ws.receive(timeout=5)
+    assert msg.data == "/v1/models/premium-x/stream?a=../b:hi"
+    assert rec.seen["ws-1"][1] == "/v1/models/premium-x/stream?a=../b"
+    rows: list[tuple[str, str, int, str]] = []
+    deadline = asyncio.get_running_loop().time() + 10
+    while not rows and asyncio.get_running_loop().time() < deadline:   # recorded on close
+        await asyncio.sleep(0.02)
+        with p.db() as db:
+            rows = db.execute("SELECT rule, path, credits, flags FROM audit "
+                              "WHERE request_id = ?", ("ws-1",)).fetchall()
+    assert rows == [("catch-all", "/v1/models/premium-x/stream", Q, "websocket")]
