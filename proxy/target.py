@@ -129,7 +129,7 @@ def _slow(raw: str) -> tuple[str, str]:
 def _normalize_escapes(path: str) -> str:
     """Validate every ``%``; decode unreserved escapes, upper-case the others. The work is
     one C-level ``str.replace`` per distinct escape, never a Python step per escape (a
-    hostile 64 KiB target of escapes costs milliseconds, not tens of them)."""
+    hostile path of MAX_PATH characters of escapes costs about a millisecond)."""
     if _BAD_PERCENT.search(path) is not None:
         raise InvalidTarget("The path contains '%' not followed by two hex digits.")
     refused = _REFUSED_ESCAPE.search(path)
