@@ -41,6 +41,8 @@ def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
 class Upstream:
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.base = cfg.url
+        # canonical target -> upstream URL; bounded (yarl's own parse cache is slower to hit)
+        self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                               sock_read=cfg.read_timeout)
         self.session = aiohttp.ClientSession(
@@ -56,9 +58,15 @@ class Upstream:
                       data: Any) -> aiohttp.ClientResponse:
         """``target`` is the canonical request target (proxy.target): it reaches the
         upstream byte for byte (``encoded=True``: yarl neither re-quotes nor normalizes)."""
+        url = self._urls.get(target)
+        if url is None:
+            url = URL(self.base + target, encoded=True)
+            if len(target) <= 256:
+                if len(self._urls) >= 4096:
+                    self._urls.clear()
+                self._urls[target] = url
         try:
-            return await self.session.request(method, URL(self.base + target, encoded=True),
-                                              headers=headers, data=data,
+            return await self.session.request(method, url, headers=headers, data=data,
                                               allow_redirects=False, compress=None)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc

@@ -16,7 +16,8 @@ Invariants (docs/paths.md is the user-facing table):
   character, and it is valid UTF-8. So whatever shape a consumer sends, the rule that
   matched is the rule for the resource the upstream serves.
 - Already-canonical targets (almost every request) take one regex scan and allocate at
-  most the path slice before ``?``; the returned ``target`` is then ``raw`` itself.
+  most the path slice before ``?``; the returned ``target`` is then ``raw`` itself. A
+  target seen recently is one dict lookup (a bounded memo).
 - The query string is never changed (only checked for printable ASCII and ``#``); an
   empty one (a bare ``?``) is dropped, as the HTTP client would drop it anyway.
 """
@@ -69,15 +70,33 @@ _ESCAPE_BYTE = {k.encode(): bytes([int(k[1:], 16)]) for k in _CANON_ESCAPE
                 if k == k.upper()}
 
 
+# Memo of recent results: API traffic repeats a few targets, and a dict hit costs a tenth
+# of a regex match. Bounded in entries and key length (a hostile stream of unique
+# targets costs at most ~3 MB, then the memo starts over); refusals are not memoised.
+_MEMO: dict[str, tuple[str, str]] = {}
+_MEMO_ENTRIES = 4096
+_MEMO_KEY_LEN = 256
+
+
 def canonical(raw: str) -> tuple[str, str]:
     """``(path, target)`` for a raw request target; raises :class:`InvalidTarget`."""
+    hit = _MEMO.get(raw)
+    if hit is not None:
+        return hit
     if len(raw) <= MAX_PATH and _FAST.fullmatch(raw) is not None:
         q = raw.find("?")
         if q < 0:
-            return raw, raw
-        path = raw[:q]
-        return path, (raw if q < len(raw) - 1 else path)     # an empty query is dropped
-    return _slow(raw)
+            result = raw, raw
+        else:
+            path = raw[:q]
+            result = path, (raw if q < len(raw) - 1 else path)   # an empty query is dropped
+    else:
+        result = _slow(raw)
+    if len(raw) <= _MEMO_KEY_LEN:
+        if len(_MEMO) >= _MEMO_ENTRIES:
+            _MEMO.clear()
+        _MEMO[raw] = result
+    return result
 
 
 def _slow(raw: str) -> tuple[str, str]:
