@@ -163,7 +163,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg)
-    public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
+    pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)

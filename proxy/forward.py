@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
@@ -51,6 +52,8 @@ class Upstream:
         self.in_use = 0
         self.pool_wait = cfg.pool_wait
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # canonical target -> upstream URL; bounded (yarl's own parse cache is slower to hit)
+        self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                               sock_read=cfg.read_timeout)
         self.session = aiohttp.ClientSession(
@@ -88,13 +91,22 @@ class Upstream:
                 return
         self.in_use -= 1
 
-    async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
+    async def request(self, method: str, target: str, headers: CIMultiDict[str],
                       data: Any) -> aiohttp.ClientResponse:
-        """The caller owns one slot once this returns: ``release_slot()`` after releasing
+        """``target`` is the canonical request target (proxy.target): it reaches the
+        upstream byte for byte (``encoded=True``: yarl neither re-quotes nor normalizes).
+        The caller owns one slot once this returns: ``release_slot()`` after releasing
         the response. On an exception no slot is held."""
+        url = self._urls.get(target)
+        if url is None:
+            url = URL(self.base + target, encoded=True)
+            if len(target) <= 256:
+                if len(self._urls) >= 4096:
+                    self._urls.clear()
+                self._urls[target] = url
         await self.acquire_slot()
         try:
-            return await self.session.request(method, self.base + path_qs, headers=headers,
+            return await self.session.request(method, url, headers=headers,
                                               data=data, allow_redirects=False, compress=None)
         except BaseException as exc:
             self.release_slot()
@@ -105,20 +117,20 @@ class Upstream:
                     f"the upstream could not be reached ({type(exc).__name__})") from exc
             raise
 
-    async def ws_connect(self, path_qs: str, headers: CIMultiDict[str],
+    async def ws_connect(self, target: str, headers: CIMultiDict[str],
                          protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
         """Holds one slot for the session's life on success: ``release_slot()`` after
         closing it."""
         await self.acquire_slot()
         try:
-            return await self._ws_connect(path_qs, headers, protocols)
+            return await self._ws_connect(target, headers, protocols)
         except BaseException:
             self.release_slot()
             raise
 
-    async def _ws_connect(self, path_qs: str, headers: CIMultiDict[str],
+    async def _ws_connect(self, target: str, headers: CIMultiDict[str],
                           protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
-        url = self.base.replace("http", "ws", 1) + path_qs
+        url = URL(self.base.replace("http", "ws", 1) + target, encoded=True)
         try:
             return await self.session.ws_connect(url, headers=headers, protocols=protocols,
                                                  autoclose=False, autoping=False)

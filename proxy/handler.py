@@ -42,6 +42,7 @@ from proxy.rules.model import ResponseNeed, SourceKind
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 from proxy.runtime import Runtime
 from proxy.store.db import UsageItem, UsageRow
+from proxy.target import InvalidTarget, canonical
 from proxy.units import cost_micro, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.handler")
@@ -82,6 +83,8 @@ class Pipeline:
         self._unit_counters: dict[str, Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
         self.refusals = LogLimiter(log)   # unknown API keys: any caller can send them at will
+        # public routes the proxy answers itself (the Stripe webhook), by canonical path
+        self.public_routes: dict[str, Any] = {}
         self.book: CreditBook | None = None
         self.watch: ThresholdWatch | None = None
         self.shadow = cfg.credits.enforcement == "shadow"
@@ -99,9 +102,16 @@ class Pipeline:
         rid = request.headers.get(_XRID, "")
         if not rid or len(rid) > 128 or not rid.isprintable():
             rid = os.urandom(16).hex()    # kept only when short and printable (it is stored)
-        path = request.path
+        try:
+            path, target = canonical(request.raw_path)
+        except InvalidTarget as exc:
+            self._count("(invalid_path)", 400)
+            return error_response(400, "invalid_path", str(exc), rid)
         if self.reserved and path.startswith(self.reserved):
-            return await self._reserved(request, rid)
+            return await self._reserved(request, rid, path)
+        if (route := self.public_routes.get(path)) is not None:
+            resp: web.StreamResponse = await route(request)
+            return resp
         rules = self.rt.rules
         match = rules.match(request.method, path, request.headers, request.query)
         rule = match.rule if match is not None else None
@@ -137,9 +147,10 @@ class Pipeline:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 return await self._websocket(request, rid, rule,
                                              match.path_params if match else {}, key_id,
-                                             customer_id, rules.version, started, hold)
+                                             customer_id, rules.version, started, hold,
+                                             path, target)
             ctx = _Request(self, request, rid, rule, match.path_params if match else {}, key_id,
-                           customer_id, rules.version, started, metered, hold)
+                           customer_id, rules.version, started, metered, hold, path, target)
             resp = await ctx.run()
         finally:
             if hold is not None and not hold.released:
@@ -262,8 +273,8 @@ class Pipeline:
 
     # ---- reserved paths (consumer usage API, webhooks) -----------------------------
 
-    async def _reserved(self, request: web.Request, rid: str) -> web.StreamResponse:
-        sub = request.path[len(self.reserved):] or "/"
+    async def _reserved(self, request: web.Request, rid: str, path: str) -> web.StreamResponse:
+        sub = path[len(self.reserved):] or "/"
         handler = self.reserved_handlers.get(sub)
         if handler is None:
             return error_response(404, "not_found", "No such endpoint.", rid)
@@ -274,7 +285,8 @@ class Pipeline:
 
     async def _websocket(self, request: web.Request, rid: str, rule: Rule | None,
                          params: Any, key_id: str, customer_id: str, version: str,
-                         started: float, hold: Hold | None) -> web.StreamResponse:
+                         started: float, hold: Hold | None, path: str,
+                         target: str) -> web.StreamResponse:
         headers = self.upstream_headers(request, rid)
         for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
                   "Sec-WebSocket-Protocol"):
@@ -282,12 +294,12 @@ class Pipeline:
         protocols = tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
                           .split(",") if p.strip())
         try:
-            upstream_ws = await self.rt.upstream.ws_connect(request.path_qs, headers, protocols)
+            upstream_ws = await self.rt.upstream.ws_connect(target, headers, protocols)
         except UpstreamError as exc:
             return error_response(exc.status, exc.type, str(exc), rid)
         try:
             return await self._ws_session(request, upstream_ws, protocols, rid, rule, params,
-                                          key_id, customer_id, version, started, hold)
+                                          key_id, customer_id, version, started, hold, path)
         finally:
             self.rt.upstream.release_slot()
 
@@ -295,7 +307,7 @@ class Pipeline:
                           upstream_ws: aiohttp.ClientWebSocketResponse,
                           protocols: tuple[str, ...], rid: str, rule: Rule | None, params: Any,
                           key_id: str, customer_id: str, version: str, started: float,
-                          hold: Hold | None) -> web.StreamResponse:
+                          hold: Hold | None, path: str) -> web.StreamResponse:
         server_ws = web.WebSocketResponse(protocols=protocols, autoping=False)
         await server_ws.prepare(request)
         # an upgraded session counts as a success (2xx) for count_when
@@ -312,7 +324,7 @@ class Pipeline:
                                 response_bytes=0,
                                 duration_ms=Decimal(int((time.perf_counter() - started) * 1000)))
                 self.record(rid, rule, m, status, key_id, customer_id, version, "websocket",
-                            hold, request)
+                            hold, request, path)
         return server_ws
 
     # ---- shared helpers ------------------------------------------------------------------
@@ -331,7 +343,7 @@ class Pipeline:
     def record(self, rid: str, rule: Rule, m: Measurement | None, status: int, key_id: str,
                customer_id: str, version: str, flags: str, hold: Hold | None,
                request: web.Request | None = None,
-               withhold: bool = False) -> asyncio.Future[None] | None:
+               path: str = "", withhold: bool = False) -> asyncio.Future[None] | None:
         """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
         both to the Store (one transaction). Not billable: the hold is released.
         ``m`` may be None only for a rule whose quantities are all constants."""
@@ -372,7 +384,7 @@ class Pipeline:
             self.watch.check(customer_id)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, status, items,
                        debits=debits, method=request.method if request is not None else "",
-                       path=request.path[:2048] if request is not None else "",
+                       path=path[:2048],
                        withhold=withhold)
         return self.rt.store.record(row, wait=self.strict and not flags)
 
@@ -380,13 +392,14 @@ class Pipeline:
 class _Request:
     """One proxied HTTP request: the state that lives between forward and record."""
 
-    __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "req",
-                 "request_bytes", "request_json", "rid", "rule", "started", "strip_usage",
+    __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "path",
+                 "req", "request_bytes", "request_json", "rid", "rule", "started", "strip_usage",
+                 "target",
                  "upstream_s", "version")
 
     def __init__(self, p: Pipeline, req: web.Request, rid: str, rule: Rule | None,
                  params: Any, key_id: str, customer_id: str, version: str, started: float,
-                 metered: bool, hold: Hold | None) -> None:
+                 metered: bool, hold: Hold | None, path: str, target: str) -> None:
         self.p, self.req, self.rid, self.rule = p, req, rid, rule
         self.match_params, self.key_id, self.customer_id = params, key_id, customer_id
         self.version, self.started, self.metered = version, started, metered
@@ -396,6 +409,7 @@ class _Request:
         self.flags = ""
         self.hold = hold
         self.strip_usage = False
+        self.path, self.target = path, target     # canonical (proxy.target)
 
     async def run(self) -> web.StreamResponse:
         req, p = self.req, self.p
@@ -415,7 +429,7 @@ class _Request:
         data = await self._request_body(headers)
         t_up = time.perf_counter()
         try:
-            upstream = await p.rt.upstream.request(req.method, req.path_qs, headers, data)
+            upstream = await p.rt.upstream.request(req.method, self.target, headers, data)
         except UpstreamError as exc:
             metrics.upstream_errors_total.labels(exc.type).inc()
             return error_response(exc.status, exc.type, str(exc), self.rid)
@@ -643,7 +657,8 @@ class _Request:
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
                             duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
         return self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
-                             self.version, self.flags, self.hold, self.req, withhold)
+                             self.version, self.flags, self.hold, self.req, self.path,
+                             withhold)
 
 
 def _withheld(rid: str) -> web.Response:

@@ -53,4 +53,4 @@ def test_quickstart_block_runs_as_written(tmp_path: Path) -> None:
     assert usage["customer"] == "acme"
     assert usage["meters"] == {"api_calls": "1"}                # the one call, billed once
     assert (tmp_path / "mymeter" / "meterproxy.db").is_file()   # relative to the config file
-    assert "listening on 127.0.0.1:%d" % port in done.stderr
+    assert f"listening on 127.0.0.1:{port}" in done.stderr

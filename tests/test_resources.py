@@ -46,6 +46,7 @@ async def test_idle_connection_is_closed(make_proxy: ProxyFactory) -> None:
     p = await make_proxy(limits={"idle_timeout": "500ms", "header_timeout": "10s"})
     reader, writer = await _raw(p)
     took, data = await _closed_within(reader, 5.0)
+    writer.close()
     assert data == b"" and 0.4 <= took < 3.0
     # and between keep-alive requests
     reader, writer = await _raw(p)

@@ -172,6 +172,8 @@ class KeyCache:
             return self._memo[raw]
         except KeyError:
             pass
+        if not raw.isascii():            # keys are ASCII; header bytes >= 0x80 are not keys
+            return None
         entry = self._keys.get(hash_key(raw))
         if entry is not None:            # unknown keys are not memoised: no memory for junk
             if len(self._memo) >= self._MEMO_MAX:
