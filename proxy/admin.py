@@ -9,8 +9,10 @@ large export never blocks the event loop.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import aiosqlite
@@ -18,12 +20,15 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy import admin_input as ain
 from proxy import metrics
+from proxy.admin_input import FieldError
 from proxy.exports import stream_export
+from proxy.loglimit import LogLimiter
 from proxy.periods import period_bounds
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
-from proxy.timeutil import parse_time, rfc3339
+from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro
 from proxy.usage_report import customer_report
 
@@ -31,11 +36,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RT = web.AppKey("runtime", Runtime)
 READER = web.AppKey("reader", aiosqlite.Connection)
 _OPEN = frozenset({"/healthz", "/readyz"})
+log = logging.getLogger("meterproxy.admin")
+REFUSALS = web.AppKey("refusals", LogLimiter)   # bad admin tokens: log lines are rate-limited
 
 
-def jerror(status: int, type_: str, message: str) -> web.Response:
+def jerror(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
+    err = {"type": type_, "message": message}
+    if param is not None:
+        err["param"] = param
     return web.Response(status=status, content_type="application/json",
-                        body=orjson.dumps({"error": {"type": type_, "message": message}}))
+                        body=orjson.dumps({"error": err}))
 
 
 def jok(data: Any, status: int = 200) -> web.Response:
@@ -47,12 +57,26 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in _OPEN:
         token = request.app[RT].cfg.admin.token
         got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
+                                   f"Bearer {token}".encode()):
+            metrics.AUTH_FAIL_ADMIN.inc()
+            request.app[REFUSALS].log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
+                          " from %s: %s %s", request.remote, request.method, request.path[:200])
             return jerror(401, "unauthorized", "A valid admin token is required.")
+    resource = request.match_info.route.resource
+    if resource is not None and request.query:
+        allowed = request.app[QUERY_PARAMS].get(
+            ("GET" if request.method == "HEAD" else request.method, resource.canonical))
+        unknown = set(request.query) - allowed if allowed is not None else set()
+        if unknown:
+            return jerror(400, "invalid_request", "unknown query parameter(s): "
+                          + ", ".join(sorted(repr(u)[:40] for u in unknown)))
     # every admin read sees every committed usage row (strict mode journals them first)
     request.app[RT].store.try_materialize()
     try:
         return await handler(request)
+    except FieldError as exc:
+        return jerror(400, "invalid_request", str(exc), param=exc.field)
     except keystore.InvalidInput as exc:
         return jerror(400, "invalid_request", str(exc))
     except LookupError as exc:
@@ -82,12 +106,14 @@ async def post_customer(request: web.Request) -> web.Response:
                            "minimum_commitment"}
     if unknown:
         raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
-    anchor = body.get("billing_anchor")
-    if isinstance(anchor, str):
-        try:
-            anchor = int(parse_time(anchor))
-        except ValueError as exc:
-            raise keystore.InvalidInput("billing_anchor must be an RFC 3339 time") from exc
+    scid = body.get("stripe_customer_id")
+    if scid is not None:
+        ain.text(scid, "stripe_customer_id", 255)
+    anchor = ain.optional_timestamp(body.get("billing_anchor"), "billing_anchor")
+    minimum = body.get("minimum_commitment")
+    if minimum is not None:
+        minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS,
+                              strings=False)
 
     def tx(c: Any) -> tuple[keystore.Customer, bool]:
         cust, created = keystore.upsert_customer(c, body.get("id"), body.get("stripe_customer_id"),
@@ -95,7 +121,7 @@ async def post_customer(request: web.Request) -> web.Response:
         if "billing_anchor" in body or "minimum_commitment" in body:
             keystore.set_billing(c, cust.id, anchor if "billing_anchor" in body
                                  else cust.billing_anchor,
-                                 body.get("minimum_commitment", cust.minimum_commitment))
+                                 cust.minimum_commitment if minimum is None else minimum)
             cust = keystore.get_customer(c, cust.id) or cust
         return cust, created
 
@@ -132,9 +158,9 @@ async def post_key(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
     body = await _json_body(request) if request.body_exists else {}
-    name = body.get("name", "")
-    if not isinstance(name, str) or len(name) > 200:
-        raise keystore.InvalidInput("name must be a string of at most 200 characters")
+    if set(body) - {"name"}:
+        raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(set(body) - {'name'}))}")
+    name = ain.text(body.get("name", ""), "name", 200)
     created = rt.store.execute_write(lambda c: keystore.create_key(c, cid, name))
     _refresh_cache(rt)
     return jok(created, 201)
@@ -163,15 +189,8 @@ def _range(request: web.Request) -> tuple[float, float]:
     now = time.time()
     cust = request.app[RT].keys.customers.get(request.match_info.get("id", ""))
     period_start = period_bounds(cust.billing_anchor if cust else None, now)[0]
-    try:
-        start = parse_time(request.query["from"]) if "from" in request.query else period_start
-        end = parse_time(request.query["to"]) if "to" in request.query else now + 60
-    except ValueError as exc:
-        raise keystore.InvalidInput("from/to must be RFC 3339 times, dates or unix seconds") \
-            from exc
-    if end < start:
-        raise keystore.InvalidInput("'to' is before 'from'")
-    return start, end
+    return ain.time_range(request.query.get("from"), request.query.get("to"), period_start,
+                          now + 60)
 
 
 async def usage_totals(db: aiosqlite.Connection, cid: str, start: float,
@@ -204,9 +223,7 @@ async def get_usage_csv(request: web.Request) -> web.StreamResponse:
 
 async def get_events(request: web.Request) -> web.StreamResponse:
     """Individual metered requests for disputes: ``?format=csv|json&from=&to=``."""
-    fmt = request.query.get("format", "json")
-    if fmt not in ("csv", "json"):
-        raise keystore.InvalidInput("format is csv or json")
+    fmt = ain.choice(request.query.get("format", "json"), "format", ("csv", "json"))
     start, end = _range(request)
     return await stream_export(request, request.app[READER], request.match_info["id"], start,
                                end, fmt)
@@ -221,7 +238,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RT]
     problems = []
-    if not rt.store.healthy:
+    if rt.store.check_file() is not None or not rt.store.healthy:  # deleted/replaced/corrupt
         problems.append(f"storage: {rt.store.last_error}")
     check = rt.extras.get("ready_checks")
     if check is not None:
@@ -243,6 +260,45 @@ async def rules_info(request: web.Request) -> web.Response:
                 "meters": sorted(rt.rules.meters), "last_reload_error": rt.rules_error})
 
 
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document, ``proxy/static/openapi.yaml`` (read at start-up)."""
+    from ruamel.yaml import YAML
+
+    text = resources.files("proxy.static").joinpath("openapi.yaml").read_text("utf-8")
+    doc: dict[str, Any] = YAML(typ="safe", pure=True).load(text)
+    return doc
+
+
+def load_openapi() -> bytes:
+    """The OpenAPI document as JSON bytes."""
+    return orjson.dumps(openapi_document())
+
+
+def query_parameters(doc: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """(method, path) -> the query parameters the document allows; others are a 400."""
+    out: dict[tuple[str, str], frozenset[str]] = {}
+    params = doc["components"]["parameters"]
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            names = set()
+            for p in [*item.get("parameters", ()), *op.get("parameters", ())]:
+                p = params[p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p
+                if p["in"] == "query":
+                    names.add(p["name"])
+            out[(method.upper(), path)] = frozenset(names)
+    return out
+
+
+OPENAPI = web.AppKey("openapi", bytes)
+QUERY_PARAMS = web.AppKey("query_params", dict[tuple[str, str], frozenset[str]])
+
+
+async def openapi_doc(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
 def not_yet(what: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         return jerror(501, "not_implemented", f"{what} is not available in this build.")
@@ -254,7 +310,12 @@ def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
     app[RT] = rt
     app[READER] = reader
+    doc = openapi_document()
+    app[OPENAPI] = orjson.dumps(doc)
+    app[QUERY_PARAMS] = query_parameters(doc)
+    app[REFUSALS] = LogLimiter(log)
     routes = [
+        web.get("/admin/openapi.json", openapi_doc),
         web.post("/admin/customers", post_customer),
         web.get("/admin/customers", list_customers),
         web.get("/admin/customers/{id}", get_customer),

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import admin_input as ain
 from proxy.admin import READER, jerror, jok
 from proxy.flusher import Flusher
 from proxy.timeutil import rfc3339
@@ -49,12 +50,9 @@ async def get_dead_letters(request: web.Request) -> web.Response:
 
 
 async def replay_dead_letter(request: web.Request) -> web.Response:
-    try:
-        oid = int(request.match_info["id"])
-    except ValueError:
-        return jerror(400, "invalid_request", "dead-letter ids are integers")
+    oid = ain.integer(request.match_info["id"], "id", 1, ain.MAX_INT64)
     flusher = request.app[FLUSHER]
-    restamp = request.query.get("restamp", "").lower() in ("1", "true", "yes")
+    restamp = ain.flag(request.query.get("restamp", False), "restamp")
     if not flusher.replay(oid, restamp=restamp):
         return jerror(404, "not_found", f"no dead letter {oid}")
     report = await flusher.flush(force=True)
@@ -64,8 +62,8 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
 
 async def get_outbox(request: web.Request) -> web.Response:
     status = request.query.get("status")
-    if status is not None and status not in ("pending", "sent", "dead"):
-        return jerror(400, "invalid_request", "status is pending, sent or dead")
+    if status is not None:
+        ain.choice(status, "status", ("pending", "sent", "dead", "dry_run"))
     where, args = ("status=?", (status,)) if status else ("1=1", ())
     customer = request.query.get("customer")
     if customer:

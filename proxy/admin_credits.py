@@ -4,27 +4,17 @@ behind a customer's balance. Same admin-token middleware as every admin route.""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from aiohttp import web
 
+from proxy import admin_input as ain
 from proxy.admin import _json_body, jok
+from proxy.admin_input import FieldError
 from proxy.credits.service import CreditService, grant_json
 from proxy.store.keys import InvalidInput
-from proxy.timeutil import parse_time
+from proxy.units import fmt_micro
 
 CREDITS = web.AppKey("credits", CreditService)
-
-
-def _expires(value: Any) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, (str, int)) or isinstance(value, bool):
-        raise InvalidInput("expires_at must be an RFC 3339 time, unix seconds or null")
-    try:
-        return int(parse_time(str(value)))
-    except ValueError as exc:
-        raise InvalidInput("expires_at must be an RFC 3339 time, unix seconds or null") from exc
 
 
 async def post_grant(request: web.Request) -> web.Response:
@@ -34,18 +24,18 @@ async def post_grant(request: web.Request) -> web.Response:
     unknown = set(body) - {"credits", "expires_at", "priority", "idempotency_key", "source"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
-    credits = body.get("credits")
-    if not isinstance(credits, (str, int)) or isinstance(credits, bool):
-        raise InvalidInput("credits must be a decimal string, e.g. \"1000\"")
+    if "credits" not in body:
+        raise FieldError("credits", "is required")
+    micro = ain.credits_micro(body["credits"])
     key = body.get("idempotency_key")
-    if key is not None and not isinstance(key, str):
-        raise InvalidInput("idempotency_key must be a string")
-    source = body.get("source", "admin")
-    if not isinstance(source, str):
-        raise InvalidInput("source must be a string")
-    g, created = svc.grant(cid, credits, expires_at=_expires(body.get("expires_at")),
-                           priority=body.get("priority", 50), source=source,
-                           idempotency_key=key)
+    if key is not None:
+        key = ain.text(key, "idempotency_key", 255)
+    source = ain.text(body.get("source", "admin"), "source", 64)
+    g, created = svc.grant(cid, fmt_micro(micro),
+                           expires_at=ain.optional_timestamp(body.get("expires_at"), "expires_at"),
+                           priority=ain.integer(body.get("priority", 50), "priority", 0, 100,
+                                                strings=False),
+                           source=source, idempotency_key=key)
     return jok(grant_json(g, time.time()), 201 if created else 200)
 
 

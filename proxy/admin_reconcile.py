@@ -21,52 +21,57 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import admin_input as ain
 from proxy.admin import jerror, jok
 from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
-from proxy.timeutil import parse_time
+from proxy.store.keys import InvalidInput
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
 RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TRUE = ("1", "true", "yes")
-
 
 def parse_grace(raw: Any) -> float:
-    """Seconds from ``7200``, ``"7200"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``."""
-    if isinstance(raw, bool):
-        raise ValueError("grace is a duration")
-    if isinstance(raw, int | float):
-        value = float(raw)
-    else:
-        text = str(raw).strip().lower()
-        unit = _UNITS.get(text[-1:], 0.0)
-        value = float(text[:-1]) * unit if unit else float(text)
-    if not value >= 0:
-        raise ValueError("grace must be a non-negative duration")
-    return value
+    """Seconds from ``7200``, ``"7200"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"`` (up to 30 days)."""
+    return ain.duration(raw, "grace")
 
 
-async def _params(request: web.Request) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+_NAMES = frozenset({"from", "to", "grace", "customer", "dry_run", "format", "all"})
+
+
+async def _sources(request: web.Request) -> list[dict[str, Any]]:
+    """The JSON body's parameters, then the query's (which win)."""
     raw = await request.read()
+    body: Any = {}
     if raw.strip():
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise ValueError("the body must be a JSON object") from exc
+            raise InvalidInput("the body must be a JSON object") from exc
         if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
-        out.update(body)
-    out.update(request.query)
-    unknown = set(out) - {"from", "to", "grace", "customer", "dry_run", "format", "all"}
+            raise InvalidInput("the body must be a JSON object")
+    query = dict(request.query)
+    unknown = (set(body) | set(query)) - _NAMES
     if unknown:
-        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        raise InvalidInput(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    return [body, query]
+
+
+def _parse(p: dict[str, Any]) -> dict[str, Any]:
+    """Validate every parameter given (an empty or null value is invalid, not "absent")."""
+    out: dict[str, Any] = {}
+    for name in ("from", "to"):
+        if name in p:
+            out[name] = float(ain.timestamp(p[name], name))
+    if "grace" in p:
+        out["grace"] = parse_grace(p["grace"])
+    if "format" in p:
+        out["format"] = ain.choice(p["format"], "format", ("json", "table"))
+    for name in ("dry_run", "all"):
+        if name in p:
+            out[name] = ain.flag(p[name], name)
+    if "customer" in p:
+        out["customer"] = ain.text(p["customer"], "customer", 128)
     return out
-
-
-def _flag(v: Any) -> bool:
-    return v is True or str(v).lower() in _TRUE
 
 
 async def post_reconcile(request: web.Request) -> web.Response:
@@ -75,21 +80,18 @@ async def post_reconcile(request: web.Request) -> web.Response:
         return jerror(409, "invalid_request", "reconcile needs Stripe: set stripe.api_key and a"
                       " meter events sink (meter_events or meter_event_stream)")
     try:
-        p = await _params(request)
-        start = parse_time(str(p["from"])) if p.get("from") not in (None, "") else None
-        end = parse_time(str(p["to"])) if p.get("to") not in (None, "") else None
-        grace = parse_grace(p["grace"]) if p.get("grace") not in (None, "") \
-            else request.app.get(RECONCILE_GRACE, 7200.0)
-        fmt = str(p.get("format") or "json")
-        if fmt not in ("json", "table"):
-            raise ValueError("format is json or table")
-    except (ValueError, TypeError) as exc:
+        body, query = await _sources(request)
+        p = _parse(body) | _parse(query)
+    except ain.FieldError as exc:
+        return jerror(400, "invalid_request", str(exc), param=exc.field)
+    except InvalidInput as exc:
         return jerror(400, "invalid_request", str(exc))
     customer = p.get("customer")
     try:
-        report = await reconciler.run(start, end, grace,
-                                      customers=[str(customer)] if customer else None,
-                                      dry_run=_flag(p.get("dry_run")))
+        report = await reconciler.run(p.get("from"), p.get("to"),
+                                      p.get("grace", request.app.get(RECONCILE_GRACE, 7200.0)),
+                                      customers=[customer] if customer else None,
+                                      dry_run=p.get("dry_run", False))
     except ReconcileRefused as exc:
         return jok({"error": {"type": "invalid_request", "message": str(exc),
                               "missing": exc.missing}}, status=400)
@@ -97,8 +99,8 @@ async def post_reconcile(request: web.Request) -> web.Response:
         return jerror(400, "invalid_request", str(exc))
     except ReconcileError as exc:
         return jerror(502, "stripe_unavailable", str(exc))
-    if fmt == "table":
-        return web.Response(text=report.to_table(all_hours=_flag(p.get("all"))),
+    if p.get("format") == "table":
+        return web.Response(text=report.to_table(all_hours=p.get("all", False)),
                             content_type="text/plain")
     return jok(report.to_json())
 

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy import admin_input as ain
 from proxy.admin import jok
-from proxy.store.keys import InvalidInput
-from proxy.webhooks import WebhookReceiver
+from proxy.webhooks import STATUSES, WebhookReceiver
 
 WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 
 
 async def list_events(request: web.Request) -> web.Response:
-    status = request.query.get("status") or None
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError as exc:
-        raise InvalidInput("limit must be an integer") from exc
-    if not 1 <= limit <= 1000:
-        raise InvalidInput("limit must be between 1 and 1000")
+    status = request.query.get("status")
+    if status is not None:
+        ain.choice(status, "status", STATUSES)
+    limit = ain.integer(request.query.get("limit", "100"), "limit", 1, 1000)
     return jok({"events": request.app[WEBHOOKS].list_events(status, limit)})
 
 

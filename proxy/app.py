@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import aiosqlite
 from aiohttp import web
 
 from proxy import metrics
-from proxy.admin import build_admin_app
+from proxy.admin import REFUSALS, build_admin_app
 from proxy.admin_billing import FLUSHER, billing_routes
 from proxy.admin_credits import CREDITS, credit_routes
 from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
@@ -35,11 +35,15 @@ from proxy.admin_webhooks import WEBHOOKS, webhook_routes
 from proxy.alerts import AlertSender
 from proxy.config import Config, split_hostport
 from proxy.consumer import ConsumerApi
+from proxy.credits.ledger import Entry
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
+from proxy.errors import FileProblem
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
+from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
+from proxy.paths import check_database
 from proxy.pricing import PriceCache
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.rules import RulesError, RuleSet, load_rules
@@ -114,35 +118,62 @@ def remember_rules(store: Store, rules: RuleSet) -> None:
 
 
 async def start(cfg: Config) -> Server:
-    """Open every resource and start listening. The caller owns ``shutdown()``."""
+    """Open every resource and start listening. The caller owns ``shutdown()``. A failure
+    part-way (port in use, database unusable) closes what was opened, so the process exits."""
+    async with AsyncExitStack() as undo:
+        server = await _start(cfg, undo)
+        undo.pop_all()
+        return server
+
+
+async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     rules = load_ruleset(cfg)
+    sink = build_sink(cfg.stripe)      # a sink that cannot run is refused before opening files
+    undo.push_async_callback(sink.close)
     metrics.rules_info.labels(rules.version).set(1)
     st = cfg.storage
-    store = Store.open(cfg.db_path(), synchronous=st.synchronous, durability=st.durability,
-                       commit_interval=st.commit_interval, fail_mode=st.fail_mode,
-                       max_pending_rows=st.max_pending_rows)
+    db_path = cfg.db_path()
+    check_database(db_path, create_dir=True)
+    try:
+        store = Store.open(db_path, synchronous=st.synchronous, durability=st.durability,
+                           commit_interval=st.commit_interval, fail_mode=st.fail_mode,
+                           max_pending_rows=st.max_pending_rows, lock_wait=st.lock_wait,
+                           wal_truncate_size=st.wal_truncate_size)
+    except sqlite3.Error as exc:
+        raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
+    undo.callback(store.close)
     remember_rules(store, rules)
     keys = KeyCache()
     keys.reload(store.conn)
-    reader = await aiosqlite.connect(str(cfg.db_path()))
+    reader = await aiosqlite.connect(str(db_path))
+    undo.push_async_callback(reader.close)
     await reader.execute("PRAGMA query_only=1")
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
+    undo.push_async_callback(rt.upstream.close)
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
     pipeline.book = credits.book
+    store.on_withdraw = lambda row: credits.book.apply(
+        Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
     pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
                                     on_new=alerts.wake)
-    flusher = build_flusher(rt, build_sink(cfg.stripe))
+    flusher = build_flusher(rt, sink)
     _expose_billing(rt, flusher, credits)
 
-    public_app = web.Application(client_max_size=0, handler_args={"max_field_size": 128 * 1024,
-                                                                     "max_line_size": 64 * 1024})
+    public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg)
-    public_app.router.add_route("*", WEBHOOK_PATH, webhooks.handle)   # before the catch-all
-    public_app.router.add_route("*", "/{tail:.*}", pipeline)
-    public = web.AppRunner(public_app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=10.0)
+    pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
+    # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
+    # in a deprecated per-request shim ("Bare functions are deprecated")
+    public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
+    guard = ConnectionGuard(cfg.limits, effective_max_connections(
+        cfg.limits.max_connections, cfg.upstream.pool_size))
+    # auto_decompress=False: request bodies are forwarded as sent (a compressed body stays
+    # compressed; rules that read one answer 415, see docs/metering-bodies.md)
+    public = guarded_runner(public_app, guard, handle_signals=False, access_log=None,
+                            handler_cancellation=True, shutdown_timeout=10.0,
+                            auto_decompress=False)
     reconciler = build_reconciler(rt)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
@@ -155,7 +186,9 @@ async def start(cfg: Config) -> Server:
     admin_app[CREDITS] = credits
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
+    undo.push_async_callback(public.cleanup)
     await admin.setup()
+    undo.push_async_callback(admin.cleanup)
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
     site = web.TCPSite(public, host, port, backlog=1024)
@@ -173,11 +206,16 @@ async def start(cfg: Config) -> Server:
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
-    server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever()))
+    server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever(
+        st.checkpoint_interval, st.integrity_check_interval)))
+    server.tasks.append(spawn("connection-sweep", guard.sweep_forever()))
+    rt.extras["connections"] = guard
     server.tasks.append(spawn("journal", store.materialize_forever()))
     server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
+    for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
+        server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
             server.tasks.append(spawn("reconciler", reconciler.run_every(
@@ -227,10 +265,12 @@ def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> No
                 "credit_ledger": credits.entries(cid, limit=50)}
 
     def ready_checks() -> list[str]:
+        out = []
         lag = flusher.lag()
         if lag > rt.cfg.stripe.flush_lag_ready_threshold:
-            return [f"flush lag {lag:.0f}s exceeds {rt.cfg.stripe.flush_lag_ready_threshold:.0f}s"]
-        return []
+            out.append(f"flush lag {lag:.0f}s exceeds "
+                       f"{rt.cfg.stripe.flush_lag_ready_threshold:.0f}s")
+        return out
 
     rt.extras["customer_detail"] = customer_detail
     rt.extras["ready_checks"] = ready_checks
@@ -262,6 +302,7 @@ def reload_rules(rt: Runtime) -> bool:
     except RulesError as exc:
         rt.rules_error = "\n".join(str(p) for p in exc.problems)
         metrics.rules_reloads_total.labels("error").inc()
+        metrics.rules_reload_failing.set(1)
         log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
                   rt.rules_error)
         return False
@@ -273,17 +314,21 @@ def reload_rules(rt: Runtime) -> bool:
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
+    metrics.rules_reload_failing.set(0)
     return True
 
 
-def _stamp(paths: list[Path]) -> tuple[tuple[str, float, int], ...]:
+def _stamp(paths: list[Path]) -> tuple[tuple[str, int, float, int], ...]:
+    """What the watcher compares. stat() follows symlinks, and the inode is part of it: a
+    Kubernetes ConfigMap update swaps a ``..data`` symlink to freshly written files, which may
+    keep the old size and, with some writers, the old mtime."""
     out = []
     for p in paths:
         try:
             s = p.stat()
-            out.append((str(p), s.st_mtime, s.st_size))
+            out.append((str(p), s.st_ino, s.st_mtime, s.st_size))
         except OSError:
-            out.append((str(p), -1.0, -1))
+            out.append((str(p), -1, -1.0, -1))
     return tuple(out)
 
 

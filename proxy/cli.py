@@ -1,9 +1,15 @@
-"""Command line: ``meterproxy serve|demo|rules check|customers|keys|usage|flush|reconcile|
-explain|simulate``.
+"""Command line: ``meterproxy serve|demo|rules check|customers|keys|usage|credits|flush|
+dead-letters|reconcile|explain|simulate``.
 
 Operator commands work directly on the database named by the config file (or ``--db``),
 through the same store functions the admin API uses; a running proxy notices their
-changes within ``keys.cache_refresh``.
+changes within ``keys.cache_refresh``. ``credits``, ``flush`` and ``dead-letters`` go through
+the running proxy's admin API (it holds that state in memory).
+
+The config file: ``--config`` anywhere on the command line (before or after the
+subcommand; the last one given wins), else ``$METERPROXY_CONFIG``, else ``meterproxy.yaml``
+in the current directory. Exit codes: 0 ok; 1 error (one line on stderr: what and why);
+2 usage or config error; 3 (reconcile) discrepancy above the threshold.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.errors import ConfigError, StorageError
+from proxy import paths, schema
+from proxy.errors import ConfigError, FileProblem, StorageError
 from proxy.store import keys as keystore
 from proxy.store.db import connect
 
@@ -27,17 +34,43 @@ if TYPE_CHECKING:
     from proxy.rules import RuleSet
 
 
+CONFIG_ENV = "METERPROXY_CONFIG"
+_TIME_KEYS = frozenset({"created_at", "revoked_at", "updated_at", "expires_at", "sent_at",
+                        "dead_at", "timestamp"})
+
+
+def _rfc3339_times(data: Any) -> Any:
+    """Unix-second values of the time fields, as RFC 3339 (what the CLI prints)."""
+    from proxy.timeutil import rfc3339
+
+    if isinstance(data, dict):
+        return {k: rfc3339(v) if k in _TIME_KEYS and isinstance(v, int | float)
+                and not isinstance(v, bool) else _rfc3339_times(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rfc3339_times(v) for v in data]
+    return data
+
+
 def _print(data: Any) -> None:
-    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(orjson.dumps(_rfc3339_times(data), option=orjson.OPT_INDENT_2).decode()
+                     + "\n")
+
+
+def _open_db(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
+    paths.check_database(path, create_dir=False)
+    try:
+        return connect(path, synchronous)
+    except sqlite3.Error as exc:
+        raise FileProblem(f"cannot open database {path}: {exc}") from exc
 
 
 def _db(args: argparse.Namespace) -> sqlite3.Connection:
     if args.db:
-        return connect(Path(args.db))
+        return _open_db(paths.absolute(args.db))
     from proxy import config
 
     cfg = config.load(args.config)
-    return connect(cfg.db_path(), cfg.storage.synchronous)
+    return _open_db(cfg.db_path(), cfg.storage.synchronous)
 
 
 def _tx(conn: sqlite3.Connection, fn: Any) -> Any:
@@ -58,16 +91,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_arg(value: str) -> float:
+    """argparse type for --from/--to: a bad time is a usage error (exit 2)."""
+    from proxy.timeutil import parse_time
+
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an RFC 3339 time (2026-11-01T00:00:00Z), a date (2026-11-01)"
+            " or unix seconds") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy import demo
 
-    return demo.main(args.port, args.workdir)
+    port = args.port
+    if port is None:
+        env = os.environ.get(demo.PORT_ENV, "8080")
+        if not env.isdigit() or int(env) > 65535:
+            sys.stderr.write(f"meterproxy: {demo.PORT_ENV} must be a port number, got {env!r}\n")
+            return 2
+        port = int(env)
+    return demo.main(port, args.workdir)
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
     from proxy.rules import cli_check
 
-    return cli_check([Path(p) for p in args.files])
+    return cli_check([paths.absolute(p) for p in args.files])
 
 
 def cmd_customers(args: argparse.Namespace) -> int:
@@ -101,13 +153,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from proxy.timeutil import month_start, parse_time, rfc3339
+    from proxy.timeutil import month_start, rfc3339
     from proxy.units import fmt_micro
 
     conn = _db(args)
     now = time.time()
-    start = parse_time(args.from_) if args.from_ else month_start(now)
-    end = parse_time(args.to) if args.to else now + 60
+    start = args.from_ if args.from_ is not None else month_start(now)
+    end = args.to if args.to is not None else now + 60
     rows = conn.execute("SELECT meter, SUM(quantity) FROM usage_minute WHERE customer_id=? AND"
                         " minute>=? AND minute<? GROUP BY meter ORDER BY meter",
                         (args.customer, int(start // 60) * 60, int(end))).fetchall()
@@ -125,7 +177,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
     from proxy.rules import RulesError, load_rules
     from proxy.sinks.factory import connect as stripe_connect
-    from proxy.timeutil import parse_time
 
     cfg = config.load(args.config)
     if not cfg.stripe.api_key:
@@ -137,11 +188,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
     names = {m.name: (m.stripe_event_name, m.covered_event_name) for m in rules.meters.values()}
-    conn = connect(Path(args.db)) if args.db else connect(cfg.db_path(), cfg.storage.synchronous)
+    conn = _open_db(paths.absolute(args.db)) if args.db else \
+        _open_db(cfg.db_path(), cfg.storage.synchronous)
+    start, end = args.from_, args.to
     try:
         grace = parse_grace(args.grace) if args.grace else cfg.stripe.reconcile_grace
-        start = parse_time(args.from_) if args.from_ else None
-        end = parse_time(args.to) if args.to else None
     except ValueError as exc:
         sys.stderr.write(f"meterproxy: {exc}\n")
         return 2
@@ -197,8 +248,8 @@ def _configured_rules(args: argparse.Namespace,
         if not args.db:
             raise
     else:
-        paths = cfg.rule_paths()
-        return load_rules(paths), "configured: " + ", ".join(str(p) for p in paths)
+        files = cfg.rule_paths()
+        return load_rules(files), "configured: " + ", ".join(str(p) for p in files)
     row = conn.execute("SELECT version FROM rules_versions ORDER BY first_loaded_at DESC,"
                        " rowid DESC LIMIT 1").fetchone()
     if row is None:
@@ -207,24 +258,20 @@ def _configured_rules(args: argparse.Namespace,
     sv = stored_version(conn, row[0])
     if sv.rules is None:
         raise LookupError(f"rules version {row[0]}: {sv.problem}")
-    return sv.rules, f"newest version recorded in {args.db} (no readable --config)"
+    return sv.rules, f"newest version recorded in {paths.absolute(args.db)} (no readable --config)"
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Exit 0: report printed; 2: a rules file does not load; 1: error."""
     from proxy import simulate
     from proxy.rules import RulesError, load_rules
-    from proxy.timeutil import month_start, parse_time
+    from proxy.timeutil import month_start
 
-    try:
-        start = parse_time(args.from_) if args.from_ else month_start(time.time())
-        end = parse_time(args.to) if args.to else time.time()
-    except ValueError as exc:
-        sys.stderr.write(f"meterproxy: --from/--to: {exc}\n")
-        return 2
+    start = args.from_ if args.from_ is not None else month_start(time.time())
+    end = args.to if args.to is not None else time.time()
     conn = _db(args)
     try:
-        new = load_rules([Path(p) for p in args.rules])
+        new = load_rules([paths.absolute(p) for p in args.rules])
         old, old_label = _configured_rules(args, conn)
     except RulesError as exc:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
@@ -236,6 +283,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(simulate.render_table(report))
     return 0
+
+
+class AdminCallFailed(Exception):
+    """The admin API answered with an error, or could not be reached (one-line message)."""
+
+
+def _q(segment: str) -> str:
+    """One URL path segment (an id a user typed), percent-encoded."""
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
 
 
 def _admin_call(args: argparse.Namespace, method: str, path: str,
@@ -251,20 +309,32 @@ def _admin_call(args: argparse.Namespace, method: str, path: str,
     cfg = config.load(args.config)
     host, port = config.split_hostport(cfg.admin_listen)
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    base = f"http://{host}:{port}"
     data = orjson.dumps(body) if body is not None else None
-    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method,
+    req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"Authorization": f"Bearer {cfg.admin.token}",
                                           "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return orjson.loads(resp.read())
+            raw = resp.read()
     except urllib.error.HTTPError as exc:
-        detail = orjson.loads(exc.read() or b"{}").get("error", {})
-        raise LookupError(f"{exc.code} {detail.get('type', '')}: {detail.get('message', '')}") \
-            from exc
+        raw = exc.read() or b""
+        try:
+            detail = orjson.loads(raw).get("error", {})
+            why = f"{detail.get('type', '')}: {detail.get('message', '')}"
+        except (orjson.JSONDecodeError, AttributeError):
+            why = raw[:200].decode("utf-8", "replace").strip() or exc.reason
+        raise AdminCallFailed(f"{method} {base}{path} answered {exc.code} {why}") from exc
     except OSError as exc:
-        raise LookupError(f"the proxy's admin API at {host}:{port} is not reachable ({exc}); "
-                          "is meterproxy serve running with this config?") from exc
+        cause: object = getattr(exc, "reason", None) or exc
+        raise AdminCallFailed(f"cannot reach the proxy's admin API at {base} ({cause}); is"
+                              f" `meterproxy serve` running with {paths.absolute(args.config)}?") \
+            from exc
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise AdminCallFailed(f"{method} {base}{path} answered something that is not JSON") \
+            from exc
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
@@ -274,13 +344,13 @@ def cmd_credits(args: argparse.Namespace) -> int:
             body["expires_at"] = args.expires_at
         if args.idempotency_key:
             body["idempotency_key"] = args.idempotency_key
-        _print(_admin_call(args, "POST", f"/admin/customers/{args.target}/grants", body))
+        _print(_admin_call(args, "POST", f"/admin/customers/{_q(args.target)}/grants", body))
     elif args.action == "void":
-        _print(_admin_call(args, "POST", f"/admin/grants/{args.target}/void"))
+        _print(_admin_call(args, "POST", f"/admin/grants/{_q(args.target)}/void"))
     elif args.action == "ledger":
-        _print(_admin_call(args, "GET", f"/admin/customers/{args.target}/credits/ledger"))
+        _print(_admin_call(args, "GET", f"/admin/customers/{_q(args.target)}/credits/ledger"))
     else:
-        _print(_admin_call(args, "GET", f"/admin/customers/{args.target}/grants"))
+        _print(_admin_call(args, "GET", f"/admin/customers/{_q(args.target)}/grants"))
     return 0
 
 
@@ -290,118 +360,203 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    if args.action == "replay":
-        q = "?restamp=true" if args.restamp else ""
-        _print(_admin_call(args, "POST", f"/admin/dead-letters/{args.id}/replay{q}"))
-    else:
+    """replay: exit 0 when the event was delivered (or, under the dry-run sink, logged),
+    1 when it is dead again or still waiting for a retry."""
+    if args.action != "replay":
         _print(_admin_call(args, "GET", "/admin/dead-letters"))
-    return 0
+        return 0
+    q = "?restamp=true" if args.restamp else ""
+    out = _admin_call(args, "POST", f"/admin/dead-letters/{args.id}/replay{q}")
+    _print(out)
+    row = out.get("replayed") or {}
+    status = row.get("status")
+    if status == "sent":
+        return 0
+    if status == "dry_run":
+        sys.stderr.write(f"meterproxy: dead letter {args.id} was logged by the dry-run sink, "
+                         "not sent to Stripe (a real sink sends it)\n")
+        return 0
+    why = row.get("reason") or "no reason recorded"
+    if status == "dead":
+        sys.stderr.write(f"meterproxy: dead letter {args.id} is dead again: {why}\n")
+    else:
+        sys.stderr.write(f"meterproxy: dead letter {args.id} is not delivered yet (status "
+                         f"{status}): {why}; it is retried with the next flushes\n")
+    return 1
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for every option with a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or (action.option_strings == [] and action.nargs not in ("?", "*")):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def _config_help(default: str | None) -> str:
+    where = f"${CONFIG_ENV}, else meterproxy.yaml" if default is None else default
+    return (f"the config file; accepted before or after the subcommand; relative paths inside"
+            f" it resolve against its directory (default: {where})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    env_default = os.environ.get(CONFIG_ENV) or "meterproxy.yaml"
+    p = _Parser(prog="meterproxy", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the top-level --config holds the default; every subcommand's own --config (SUPPRESS
+    # default) overrides it only when given, so it is accepted before or after the command
+    p.add_argument("--config", default=env_default, metavar="FILE",
+                   help=_config_help(f"${CONFIG_ENV}, else meterproxy.yaml; now {env_default}"))
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser,
+                           help="what to do; `meterproxy COMMAND --help` shows its options")
 
-    def with_db(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", default=os.environ.get("METERPROXY_CONFIG", "meterproxy.yaml"))
-        sp.add_argument("--db", help="database file (instead of reading it from --config)")
+    def cmd(parent: Any, name: str, help_: str, fn: Any, *, config: bool = True,
+            db: bool = False, **kw: Any) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=kw.pop(
+            "description", help_[:1].upper() + help_[1:] + "."), **kw)
+        if config:
+            sp.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                            help=_config_help(None))
+        if db:
+            sp.add_argument("--db", metavar="FILE", help="the database file, instead of the"
+                            " one --config names (relative: against the current directory)")
+        sp.set_defaults(fn=fn)
         return sp
 
-    s = sub.add_parser("serve", help="run the proxy")
-    s.add_argument("--config", default=os.environ.get("METERPROXY_CONFIG", "meterproxy.yaml"))
-    s.set_defaults(fn=cmd_serve)
+    def group(name: str, help_: str) -> Any:
+        g = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
+        return g.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                parser_class=_Parser, help=f"`meterproxy {name} ACTION --help`"
+                                " shows an action's options")
 
-    d = sub.add_parser("demo", help="start an example upstream, the proxy and a dry-run sink")
-    d.add_argument("--port", type=int, default=8080)
-    d.add_argument("--workdir", default=".demo")
-    d.set_defaults(fn=cmd_demo)
+    def time_opts(sp: argparse.ArgumentParser, from_default: str, to_default: str) -> None:
+        sp.add_argument("--from", dest="from_", metavar="TIME", type=_time_arg,
+                        help=f"start: RFC 3339, a date or unix seconds (default: {from_default})")
+        sp.add_argument("--to", metavar="TIME", type=_time_arg,
+                        help=f"end: RFC 3339, a date or unix seconds (default: {to_default})")
 
-    r = sub.add_parser("rules", help="rule files")
-    rsub = r.add_subparsers(dest="rules_cmd", required=True)
-    rc = rsub.add_parser("check", help="validate rule files; prints FILE:LINE:COL: message")
-    rc.add_argument("files", nargs="+")
-    rc.set_defaults(fn=cmd_rules_check)
+    cmd(sub, "serve", "run the proxy until SIGTERM/SIGINT", cmd_serve)
 
-    c = with_db(sub.add_parser("customers", help="create, update, list, show customers"))
-    c.add_argument("action", choices=["create", "update", "list", "show"])
-    c.add_argument("id", nargs="?")
-    c.add_argument("--stripe-customer-id")
-    c.add_argument("--overage", choices=["bill", "block"])
-    c.add_argument("--status", choices=["active", "suspended"])
-    c.set_defaults(fn=cmd_customers)
+    d = cmd(sub, "demo", "start an example upstream, the proxy with rules/example.yaml, demo "
+            "customers with keys and a dry-run Stripe sink, and print curl lines to try",
+            cmd_demo, config=False)
+    d.add_argument("--port", type=int, metavar="PORT", help="public port; the admin port is"
+                   " PORT+1010; 0 picks free ports (default: $METERPROXY_DEMO_PORT, else 8080)")
+    d.add_argument("--workdir", default=".demo", metavar="DIR",
+                   help="where the demo writes meterproxy.yaml and demo.db (relative: against"
+                   " the current directory)")
 
-    k = with_db(sub.add_parser("keys", help="create, revoke, list API keys"))
-    k.add_argument("action", choices=["create", "revoke", "list"])
-    k.add_argument("--customer")
-    k.add_argument("--name", default="")
-    k.add_argument("--key-id")
-    k.set_defaults(fn=cmd_keys)
+    rules = group("rules", "rule files")
+    rc = cmd(rules, "check", "validate rule files; prints FILE:LINE:COL: message per problem,"
+             " exit 1 when there is one", cmd_rules_check, config=False)
+    rc.add_argument("files", nargs="+", metavar="FILE", help="rules file(s) (relative: against"
+                    " the current directory)")
 
-    u = with_db(sub.add_parser("usage", help="a customer's usage per meter"))
-    u.add_argument("customer")
-    u.add_argument("--from", dest="from_")
-    u.add_argument("--to")
-    u.set_defaults(fn=cmd_usage)
+    cust = group("customers", "create, update, list, show customers (on the database)")
+    for action in ("create", "update"):
+        c = cmd(cust, action, f"{action} a customer", cmd_customers, db=True)
+        c.add_argument("id", metavar="CUSTOMER", help="customer id")
+        c.add_argument("--stripe-customer-id", metavar="CUS", help="Stripe customer (cus_...)"
+                       " usage is reported for")
+        c.add_argument("--overage", choices=["bill", "block"], help="past the prepaid credits:"
+                       " bill the overage or refuse with 402 (new customers: bill)")
+        c.add_argument("--status", choices=["active", "suspended"],
+                       help="suspended customers are refused (new customers: active)")
+    cmd(cust, "list", "list every customer", cmd_customers, db=True)
+    c = cmd(cust, "show", "one customer and its keys", cmd_customers, db=True)
+    c.add_argument("id", metavar="CUSTOMER", help="customer id")
 
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", default=os.environ.get("METERPROXY_CONFIG", "meterproxy.yaml"))
-        return sp
+    keys = group("keys", "create, revoke, list API keys (on the database)")
+    k = cmd(keys, "create", "mint a key (printed once, stored hashed)", cmd_keys, db=True)
+    k.add_argument("--customer", required=True, metavar="CUSTOMER", help="owner of the key")
+    k.add_argument("--name", default="", metavar="NAME", help="a label for the key")
+    k = cmd(keys, "revoke", "revoke a key (refused from the next request)", cmd_keys, db=True)
+    k.add_argument("--key-id", required=True, metavar="KEY_ID", help="the key's id (not the"
+                   " secret)")
+    k = cmd(keys, "list", "list keys (never the secrets)", cmd_keys, db=True)
+    k.add_argument("--customer", metavar="CUSTOMER", help="only this customer's keys")
 
-    cr = with_config(sub.add_parser("credits", help="grant, list, void credits (via the admin API)"))
-    cr.add_argument("action", choices=["grant", "list", "void", "ledger"])
-    cr.add_argument("target", help="customer id (grant, list, ledger) or grant id (void)")
-    cr.add_argument("--credits")
-    cr.add_argument("--expires-at")
-    cr.add_argument("--priority", type=int, default=50)
-    cr.add_argument("--idempotency-key")
-    cr.set_defaults(fn=cmd_credits)
+    u = cmd(sub, "usage", "a customer's usage per meter (on the database)", cmd_usage, db=True)
+    u.add_argument("customer", metavar="CUSTOMER", help="customer id")
+    time_opts(u, "start of this month, UTC", "now")
 
-    fl = with_config(sub.add_parser("flush", help="flush usage to Stripe now (via the admin API)"))
-    fl.set_defaults(fn=cmd_flush)
+    cr = group("credits", "grant, list, void prepaid credits (via the admin API)")
+    g = cmd(cr, "grant", "grant credits to a customer", cmd_credits)
+    g.add_argument("target", metavar="CUSTOMER", help="customer id")
+    g.add_argument("--credits", required=True, metavar="N", help="credits, a decimal (\"1000\","
+                   " \"2.5\")")
+    g.add_argument("--expires-at", metavar="TIME", help="RFC 3339 time or unix seconds when the"
+                   " grant expires (default: never)")
+    g.add_argument("--priority", type=int, default=50, metavar="0-100",
+                   help="0 burns first, 100 last")
+    g.add_argument("--idempotency-key", metavar="KEY", help="a retried grant with the same key"
+                   " is not granted twice")
+    for action, what in (("list", "a customer's balance and grants"),
+                         ("ledger", "the ledger entries behind a customer's balance")):
+        g = cmd(cr, action, what, cmd_credits)
+        g.add_argument("target", metavar="CUSTOMER", help="customer id")
+    g = cmd(cr, "void", "void what is left of a grant", cmd_credits)
+    g.add_argument("target", metavar="GRANT_ID", help="grant id")
 
-    dl = with_config(sub.add_parser("dead-letters", help="list or replay dead letters"))
-    dl.add_argument("action", choices=["list", "replay"])
-    dl.add_argument("id", nargs="?")
-    dl.add_argument("--restamp", action="store_true", help="re-date too-old usage to now")
-    dl.set_defaults(fn=cmd_dead_letters)
+    cmd(sub, "flush", "stage and send usage to the sink now (via the admin API)", cmd_flush)
 
-    rec = with_db(sub.add_parser("reconcile", help="compare the ledger with Stripe's meter event"
-                                 " summaries, hour by hour"))
-    rec.add_argument("--from", dest="from_", help="RFC 3339, date or unix seconds (default: 48h ago)")
-    rec.add_argument("--to", help="default: now")
-    rec.add_argument("--grace", help="seconds or 90s/30m/2h (default: stripe.reconcile_grace)")
-    rec.add_argument("--customer", action="append", help="only this customer (repeatable)")
+    dl = group("dead-letters", "list or replay meter events Stripe refused (via the admin API)")
+    cmd(dl, "list", "list dead letters", cmd_dead_letters)
+    r = cmd(dl, "replay", "send a dead letter again; exit 1 when it is not delivered (dead"
+            " again, or waiting for a retry)", cmd_dead_letters)
+    r.add_argument("id", type=int, metavar="ID", help="the dead letter's id (dead-letters list)")
+    r.add_argument("--restamp", action="store_true", help="re-date too-old usage to now")
+
+    rec = cmd(sub, "reconcile", "compare the ledger with Stripe's meter event summaries, hour"
+              " by hour; exit 3 when the discrepancy rate is above the threshold", cmd_reconcile,
+              db=True)
+    time_opts(rec, "48h ago", "now")
+    rec.add_argument("--grace", metavar="DURATION", help="seconds or 90s/30m/2h; hours younger"
+                     " than this are not compared (default: stripe.reconcile_grace)")
+    rec.add_argument("--customer", action="append", metavar="CUSTOMER",
+                     help="only this customer (repeatable; default: every customer)")
     rec.add_argument("--dry-run", action="store_true", help="report only; make nothing due")
-    rec.add_argument("--format", choices=["table", "json"], default="table")
-    rec.add_argument("--all", action="store_true", help="table: every hour, not only discrepancies")
-    rec.set_defaults(fn=cmd_reconcile)
+    rec.add_argument("--format", choices=["table", "json"], default="table",
+                     help="output format")
+    rec.add_argument("--all", action="store_true",
+                     help="table: every hour, not only discrepancies")
 
-    ex = with_db(sub.add_parser("explain", help="which rule and rules version priced a request,"
-                                " and why"))
-    ex.add_argument("request_id")
-    ex.add_argument("--format", choices=["text", "json"], default="text")
-    ex.set_defaults(fn=cmd_explain)
+    ex = cmd(sub, "explain", "which rule and rules version priced a request, and why",
+             cmd_explain, db=True)
+    ex.add_argument("request_id", metavar="REQUEST_ID", help="the X-Request-Id of the request")
+    ex.add_argument("--format", choices=["text", "json"], default="text", help="output format")
 
-    si = with_db(sub.add_parser(
-        "simulate", help="re-rate recorded requests through candidate rules: old vs new"
-        " charges per customer",
-        description="Old charges: the period's recorded billable usage priced with the rules"
-        " configured in --config (with --db and no readable config: the newest rules version"
-        " the database recorded). New: each recorded request re-matched (method and path) in"
-        " the candidate rules, constant quantities recomputed, measured ones kept as recorded,"
-        " priced with the candidate's prices. Reads the database only."))
+    si = cmd(sub, "simulate", "re-rate recorded requests through candidate rules: old vs new"
+             " charges per customer", cmd_simulate, db=True,
+             description="Old charges: the period's recorded billable usage priced with the"
+             " rules configured in --config (with --db and no readable config: the newest rules"
+             " version the database recorded). New: each recorded request re-matched (method"
+             " and path) in the candidate rules, constant quantities recomputed, measured ones"
+             " kept as recorded, priced with the candidate's prices. Reads the database only.")
     si.add_argument("--rules", nargs="+", required=True, metavar="NEW.yaml",
                     help="the candidate rules file(s)")
-    si.add_argument("--from", dest="from_", help="RFC 3339, date or unix seconds"
-                    " (default: start of this month)")
-    si.add_argument("--to", help="default: now")
-    si.add_argument("--customer", action="append", help="only this customer (repeatable)")
-    si.add_argument("--format", choices=["table", "json"], default="table")
-    si.set_defaults(fn=cmd_simulate)
+    time_opts(si, "start of this month, UTC", "now")
+    si.add_argument("--customer", action="append", metavar="CUSTOMER",
+                    help="only this customer (repeatable; default: every customer)")
+    si.add_argument("--format", choices=["table", "json"], default="table", help="output format")
+    schema.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Usage mistakes: usage on stderr, exit 2 (argparse). Failures: ``meterproxy: what
+    and why`` on one line, exit 1; config problems: one per line, exit 2."""
+    from proxy.rules import RulesError
+
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.fn(args)
@@ -409,9 +564,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             sys.stderr.write(problem + "\n")
         return 2
-    except (LookupError, keystore.InvalidInput, StorageError, sqlite3.Error) as exc:
+    except RulesError as exc:
+        sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
+        return 2
+    except (LookupError, keystore.InvalidInput, StorageError, FileProblem,
+            AdminCallFailed) as exc:
         msg = exc.args[0] if exc.args else str(exc)
         sys.stderr.write(f"meterproxy: {msg}\n")
+        return 1
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"meterproxy: database error: {exc}\n")
+        return 1
+    except OSError as exc:     # e.g. a port already in use
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"meterproxy: {exc.strerror or exc}{where}\n")
         return 1
     return rc
 

@@ -18,11 +18,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
-from proxy import yamlpos
+from proxy import paths, yamlpos
 from proxy.errors import ConfigError
 from proxy.units import parse_duration
 
@@ -45,8 +47,16 @@ def _size(v: object) -> int:
     raise ValueError(f"expected a size like 1048576 or '1MiB', got {v!r}")
 
 
-Duration = Annotated[float, BeforeValidator(_duration)]
-Size = Annotated[int, BeforeValidator(_size)]
+# The text forms, as JSON Schema patterns (docs/schema/config.schema.json); ``x-kind`` tells
+# the reference generator (proxy/configdoc.py) to print defaults as "10ms" / "1MiB".
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"
+SIZE_PATTERN = r"^\s*\d+\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$"
+Duration = Annotated[float, BeforeValidator(_duration), WithJsonSchema({
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": DURATION_PATTERN}],
+    "x-kind": "duration"})]
+Size = Annotated[int, BeforeValidator(_size), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}],
+    "x-kind": "size"})]
 
 
 class _Model(BaseModel):
@@ -54,10 +64,33 @@ class _Model(BaseModel):
 
 
 class UpstreamConfig(_Model):
-    url: str = "http://127.0.0.1:9000"
-    connect_timeout: Duration = 5.0
-    read_timeout: Duration = 60.0
-    pool_size: int = Field(default=256, ge=1)
+    """The API meterproxy fronts: every matched, admitted request is forwarded here."""
+
+    url: str = Field(
+        default="http://127.0.0.1:9000",
+        description="Base URL of the upstream API (http:// or https://). A trailing slash is "
+                    "removed; the consumer's path and query are appended to it.",
+        examples=["http://127.0.0.1:9000", "${UPSTREAM_URL}"])
+    connect_timeout: Duration = Field(
+        default=5.0,
+        description="How long to wait for a TCP (and TLS) connection to the upstream; past "
+                    "it the consumer gets 504 `upstream_timeout`.",
+        examples=["5s"])
+    read_timeout: Duration = Field(
+        default=60.0,
+        description="Longest silence allowed while reading the upstream's response (between "
+                    "two reads, not the whole response, so long streams are fine); past it "
+                    "the consumer gets 504 `upstream_timeout`.",
+        examples=["120s"])
+    pool_size: int = Field(
+        default=256, ge=1,
+        description="Keep-alive connections to the upstream, at most.",
+        examples=[512])
+    pool_wait: Duration = Field(
+        default=5.0, gt=0,
+        description="Longest a request waits for one of the pool_size upstream connections "
+                    "when all are busy; then it is answered 503 upstream_busy (not forwarded, "
+                    "not billed).")
 
     @field_validator("url")
     @classmethod
@@ -68,26 +101,106 @@ class UpstreamConfig(_Model):
 
 
 class StorageConfig(_Model):
-    path: str = "./meterproxy.db"
-    durability: Literal["strict", "batched"] = "strict"
-    commit_interval: Duration = 0.010
-    fail_mode: Literal["closed", "open"] = "closed"
-    synchronous: Literal["normal", "full"] = "normal"
-    audit_retention: Duration = 90 * 86400.0
-    max_pending_rows: int = Field(default=200_000, ge=100)
+    """The SQLite ledger: every usage row, customer, key, credit grant and outbox event."""
+
+    path: str = Field(
+        default="./meterproxy.db",
+        description="The SQLite database file (created if missing; WAL mode, so the `-wal` and "
+                    "`-shm` files beside it belong to it). A relative path is relative to the "
+                    "directory of the config file.",
+        examples=["/data/meterproxy.db"])
+    durability: Literal["strict", "batched"] = Field(
+        default="strict",
+        description="`strict`: the final bytes of a metered response are released only after "
+                    "its usage row is committed (group commit), so a killed process never loses "
+                    "a response the consumer received. `batched`: rows commit every "
+                    "`commit_interval` in the background; a crash loses at most one interval.",
+        examples=["batched"])
+    commit_interval: Duration = Field(
+        default=0.010,
+        description="Group-commit period: one SQLite transaction per interval, shared by every "
+                    "request in it. Under `strict` it is also the most a metered response "
+                    "waits for its commit.",
+        examples=["5ms"])
+    fail_mode: Literal["closed", "open"] = Field(
+        default="closed",
+        description="When storage cannot commit: `closed` answers 503 `metering_unavailable` "
+                    "(never billed); `open` serves the request and counts the usage as lost "
+                    "(`meterproxy_lost_usage_rows_total`).",
+        examples=["open"])
+    synchronous: Literal["normal", "full"] = Field(
+        default="normal",
+        description="SQLite `synchronous` pragma. `normal` (with WAL) survives a killed "
+                    "process; `full` adds power-loss durability at one fsync per group commit.",
+        examples=["full"])
+    audit_retention: Duration = Field(
+        default=90 * 86400.0,
+        description="Per-request audit rows older than this are pruned (the per-minute "
+                    "aggregates that bills are made from are kept).",
+        examples=["400d"])
+    max_pending_rows: int = Field(
+        default=200_000, ge=100,
+        description="Bound on usage rows held in memory while SQLite cannot commit; beyond it "
+                    "`fail_mode` applies at once.",
+        examples=[500000])
+    lock_wait: Duration = Field(
+        default=2.0, ge=0,
+        description="While another process holds the database write lock, how long a group "
+                    "commit keeps retrying (on a timer: the event loop never blocks, /healthz "
+                    "and unmetered routes stay fast) before fail_mode decides for the waiting "
+                    "metered requests.")
+    checkpoint_interval: Duration = Field(
+        default=1.0, gt=0,
+        description="How often the WAL is checkpointed (a PASSIVE pass in a worker thread) "
+                    "and the database file's identity (deleted or replaced) is checked.")
+    wal_truncate_size: Size = Field(
+        default=16 * 1024 * 1024, ge=0,
+        description="When the WAL is larger than this after the passive pass, a TRUNCATE "
+                    "checkpoint resets it to zero bytes; also SQLite's journal_size_limit. "
+                    "The WAL stays under about this size plus one checkpoint_interval of writes.")
+    integrity_check_interval: Duration = Field(
+        default=300.0, ge=0,
+        description="How often PRAGMA quick_check verifies the database file in a worker "
+                    "thread (0 = never); a corrupt file fails /readyz and stops writes.")
 
 
 class KeySource(_Model):
-    header: str | None = None
-    scheme: str | None = None
-    query: str | None = None
+    """One place an API key may be found in a request: a header (optionally with a scheme)
+    or a query parameter."""
+
+    header: str | None = Field(
+        default=None,
+        description="Request header carrying the key (case-insensitive).",
+        examples=["Authorization"])
+    scheme: str | None = Field(
+        default=None,
+        description="With `header`: the auth scheme before the key, e.g. `Bearer` in "
+                    "`Authorization: Bearer <key>`; omit when the header holds the bare key.",
+        examples=["Bearer"])
+    query: str | None = Field(
+        default=None,
+        description="Query parameter carrying the key (instead of `header`).",
+        examples=["api_key"])
 
 
 class KeysConfig(_Model):
-    sources: tuple[KeySource, ...] = (KeySource(header="Authorization", scheme="Bearer"),
-                                      KeySource(header="X-API-Key"))
-    forward_to_upstream: bool = False
-    cache_refresh: Duration = 1.0
+    """How consumers are identified: API keys (stored hashed, shown once at creation)."""
+
+    sources: tuple[KeySource, ...] = Field(
+        default=(KeySource(header="Authorization", scheme="Bearer"), KeySource(header="X-API-Key")),
+        description="Where to look for the consumer's API key, tried in order; each item names "
+                    "exactly one of `header` or `query`.",
+        examples=[[{"header": "Authorization", "scheme": "Bearer"}, {"query": "api_key"}]])
+    forward_to_upstream: bool = Field(
+        default=False,
+        description="Pass the consumer's API key on to the upstream. `false` strips it (the "
+                    "upstream never sees meterproxy's keys).",
+        examples=[True])
+    cache_refresh: Duration = Field(
+        default=1.0,
+        description="How often the in-memory key cache checks the database for changes made "
+                    "by another process (the CLI); changes through the admin API apply at once.",
+        examples=["5s"])
 
     @field_validator("sources")
     @classmethod
@@ -101,22 +214,83 @@ class KeysConfig(_Model):
 
 
 class StripeConfig(_Model):
-    api_key: str = ""
-    sink: Literal["meter_events", "meter_event_stream", "usage_records", "dry_run"] = "meter_events"
-    api_base: str = "https://api.stripe.com"
-    meter_events_base: str = "https://meter-events.stripe.com"
-    flush_interval: Duration = 60.0
-    webhook_secret: str = ""
-    timeout: Duration = 10.0
-    max_rate: float = Field(default=0.0, ge=0)   # calls/s; 0 = default by key mode
-    usage_records_version: str = "2024-06-20"
-    subscription_items: dict[str, dict[str, str]] = Field(default_factory=dict)
-    flush_lag_ready_threshold: Duration = 3600.0
-    reconcile_interval: Duration = 0.0
-    reconcile_grace: Duration = 7200.0
-    reconcile_alert_threshold: float = Field(default=0.01, ge=0, le=1)
-    price_refresh: Duration = 3600.0
+    """Reporting usage to Stripe Billing (through the outbox, exactly once)."""
 
+    api_key: str = Field(
+        default="",
+        description="Stripe secret or restricted key (`sk_...` / `rk_...`). Keep it out of "
+                    "the file: `${STRIPE_API_KEY}`. Required by every sink but `dry_run`: "
+                    "a Stripe sink without it refuses to start.",
+        examples=["${STRIPE_API_KEY}"])
+    sink: Literal["meter_events", "meter_event_stream", "usage_records", "dry_run"] = Field(
+        default="meter_events",
+        description="Where usage goes: `meter_events` (Billing Meter Events API, one call per "
+                    "event), `meter_event_stream` (the high-throughput v2 stream), "
+                    "`usage_records` (legacy subscription-item usage records) or `dry_run` "
+                    "(logged locally, nothing sent; only when chosen here, never a fallback). "
+                    "Events the dry-run sink logged keep the outbox state `dry_run` and a "
+                    "Stripe sink started later on the same database sends them.",
+        examples=["meter_event_stream"])
+    api_base: str = Field(
+        default="https://api.stripe.com",
+        description="Stripe API base URL (change only for a test double).",
+        examples=["https://api.stripe.com"])
+    meter_events_base: str = Field(
+        default="https://meter-events.stripe.com",
+        description="Base URL of Stripe's meter event stream API (`meter_event_stream` sink).",
+        examples=["https://meter-events.stripe.com"])
+    flush_interval: Duration = Field(
+        default=60.0,
+        description="How often the flusher delivers staged usage to the sink.",
+        examples=["30s"])
+    webhook_secret: str = Field(
+        default="",
+        description="Signing secret (`whsec_...`) of the Stripe webhook endpoint that posts to "
+                    "`/webhooks/stripe`; empty: webhooks are refused.",
+        examples=["${STRIPE_WEBHOOK_SECRET}"])
+    timeout: Duration = Field(
+        default=10.0,
+        description="Timeout of one call to Stripe.",
+        examples=["20s"])
+    max_rate: float = Field(
+        default=0.0, ge=0,
+        description="Account-wide cap on calls to Stripe per second; 0 picks the default for "
+                    "the key's mode (500/s live, 20/s test).",
+        examples=[50])
+    usage_records_version: str = Field(
+        default="2024-06-20",
+        description="`Stripe-Version` pinned for the legacy usage records API "
+                    "(`usage_records` sink).",
+        examples=["2024-06-20"])
+    subscription_items: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="`usage_records` sink only (required there): meter name -> "
+                    "{Stripe customer id: subscription item id}.",
+        examples=[{"api_calls": {"cus_NffrFeUfNV2Hib": "si_NffrQWlP2xF1Jb"}}])
+    flush_lag_ready_threshold: Duration = Field(
+        default=3600.0,
+        description="`/readyz` reports degraded when the oldest undelivered usage is older "
+                    "than this.",
+        examples=["30m"])
+    reconcile_interval: Duration = Field(
+        default=0.0,
+        description="Run reconciliation (ledger vs Stripe's meter event summaries, hour by "
+                    "hour) this often; 0 turns scheduled reconciliation off.",
+        examples=["6h"])
+    reconcile_grace: Duration = Field(
+        default=7200.0,
+        description="Hours younger than this are not judged by reconciliation (Stripe's "
+                    "summaries lag behind).",
+        examples=["3h"])
+    reconcile_alert_threshold: float = Field(
+        default=0.01, ge=0, le=1,
+        description="Fraction of judged hours with a discrepancy above which a reconcile run "
+                    "alerts (metric, log, exit code 3 on the CLI).",
+        examples=[0.05])
+    price_refresh: Duration = Field(
+        default=3600.0,
+        description="How often Stripe Prices named by a meter's `price_id` are fetched again.",
+        examples=["15m"])
 
     @model_validator(mode="after")
     def _usage_records_need_items(self) -> StripeConfig:
@@ -127,7 +301,13 @@ class StripeConfig(_Model):
 
 
 class AdminConfig(_Model):
-    token: str
+    """The admin API (customers, keys, credits, exports) on `admin_listen`."""
+
+    token: str = Field(
+        description="Bearer token every admin route except `/healthz` and `/readyz` requires "
+                    "(at least 8 characters). Required. Keep it out of the file: "
+                    "`${METERPROXY_ADMIN_TOKEN}`.",
+        examples=["${METERPROXY_ADMIN_TOKEN}"])
 
     @field_validator("token")
     @classmethod
@@ -139,32 +319,95 @@ class AdminConfig(_Model):
 
 class CreditPack(_Model):
     """A Stripe price that buys a fixed number of credits."""
-    credits: str
-    expires_in: Duration | None = None
-    priority: int = Field(default=50, ge=0, le=100)
+    credits: str = Field(
+        description="Credits one unit of this price buys (an exact decimal, as a string).",
+        examples=["10000"])
+    expires_in: Duration | None = Field(
+        default=None,
+        description="The grant expires this long after the purchase; unset: never.",
+        examples=["365d"])
+    priority: int = Field(
+        default=50, ge=0, le=100,
+        description="Grant priority: higher burns first (then the earliest expiry).",
+        examples=[40])
 
 
 class CreditPlan(_Model):
     """A subscription price whose every paid period grants an allowance."""
-    allowance: str
-    mode: Literal["reset", "rollover"] = "reset"
-    cap: str | None = None
-    priority: int = Field(default=60, ge=0, le=100)
+    allowance: str = Field(
+        description="Credits granted for each paid period (an exact decimal, as a string).",
+        examples=["5000"])
+    mode: Literal["reset", "rollover"] = Field(
+        default="reset",
+        description="`reset`: the allowance expires at the period's end. `rollover`: the "
+                    "previous period's remainder is carried into the new grant.",
+        examples=["rollover"])
+    cap: str | None = Field(
+        default=None,
+        description="`rollover` only: the most a period's grant may hold with the carried "
+                    "remainder; unset: no cap.",
+        examples=["15000"])
+    priority: int = Field(
+        default=60, ge=0, le=100,
+        description="Grant priority: higher burns first (then the earliest expiry).",
+        examples=[70])
 
 
 class CreditsConfig(_Model):
-    enforcement: Literal["enforce", "shadow"] = "enforce"
-    default_estimate: str = "1"          # units reserved for a variable-cost usage with no estimate
-    top_up_url: str = ""
-    packs: dict[str, CreditPack] = Field(default_factory=dict)     # Stripe price id -> pack
-    plans: dict[str, CreditPlan] = Field(default_factory=dict)     # Stripe price id -> plan
-    on_payment_failed: Literal["none", "suspend"] = "none"
+    """Prepaid credits: enforcement and the Stripe webhook mappings that grant them."""
+
+    enforcement: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="`enforce`: a `block` customer without credits gets 402 "
+                    "`insufficient_credits`. `shadow`: such requests are let through and "
+                    "counted (`meterproxy_credit_shadow_rejections_total`), for a trial.",
+        examples=["shadow"])
+    default_estimate: str = Field(
+        default="1",
+        description="Units reserved at admission for a usage whose quantity is only known "
+                    "after the response and whose rule has no `estimate` (an exact decimal, as "
+                    "a string).",
+        examples=["1000"])
+    top_up_url: str = Field(
+        default="",
+        description="Where a consumer buys credits; shown in the 402 body (empty: not shown).",
+        examples=["https://example.com/billing"])
+    packs: dict[str, CreditPack] = Field(
+        default_factory=dict,
+        description="Stripe price id -> credit pack: a paid invoice or completed checkout for "
+                    "that price grants the pack's credits.",
+        examples=[{"price_1PackOf10k": {"credits": "10000", "expires_in": "365d"}}])
+    plans: dict[str, CreditPlan] = Field(
+        default_factory=dict,
+        description="Stripe price id -> plan: every paid subscription period of that price "
+                    "grants the plan's allowance.",
+        examples=[{"price_1ProMonthly": {"allowance": "5000", "mode": "rollover",
+                                         "cap": "15000"}}])
+    on_payment_failed: Literal["none", "suspend"] = Field(
+        default="none",
+        description="On Stripe's `invoice.payment_failed`: `none` does nothing, `suspend` "
+                    "suspends the customer (403 `customer_suspended`).",
+        examples=["suspend"])
 
 
 class AlertsConfig(_Model):
-    thresholds: tuple[float, ...] = (0.5, 0.75, 0.9)
-    webhook_url: str = ""
-    secret: str = ""
+    """Credit-balance alerts to the operator's system."""
+
+    thresholds: tuple[float, ...] = Field(
+        default=(0.5, 0.75, 0.9),
+        description="Fractions of a customer's granted credits; crossing one fires one alert "
+                    "per grant period. Each in (0, 1].",
+        examples=[[0.8, 0.95]])
+    webhook_url: str = Field(
+        default="",
+        description="Alerts are POSTed here, signed with `secret`; empty: alerts are only "
+                    "logged.",
+        examples=["https://ops.example.com/hooks/meterproxy"])
+    secret: str = Field(
+        default="",
+        description="HMAC key that signs every alert (at least 16 characters; required with "
+                    "`webhook_url`).",
+        examples=["${METERPROXY_ALERTS_SECRET}"])
 
     @model_validator(mode="after")
     def _signed(self) -> AlertsConfig:
@@ -176,22 +419,91 @@ class AlertsConfig(_Model):
         return self
 
 
+class LimitsConfig(_Model):
+    """Bounds on what one consumer connection or customer can hold (docs/resources.md)."""
+    max_connections: int = Field(
+        default=1000, ge=1,
+        description="Open consumer connections on the public port. One more is accepted, "
+                    "answered 503 too_many_connections and closed. At start the open-file "
+                    "soft limit is raised toward the hard limit to fit it; if it still does not "
+                    "fit (RLIMIT_NOFILE minus upstream.pool_size minus 64) it is lowered.")
+    max_request_line: Size = Field(
+        default=16 * 1024, ge=1024,
+        description="Longest request line (method, target, version); longer: 414 or 400 "
+                    "and the connection is closed.")
+    max_header_field: Size = Field(
+        default=16 * 1024, ge=1024,
+        description="Longest single header line; longer: 431 and the connection is closed.")
+    max_headers: int = Field(
+        default=100, ge=8,
+        description="Most header lines in one request; more: 431 and the connection closed.")
+    max_header_bytes: Size = Field(
+        default=64 * 1024, ge=4096,
+        description="Total bytes of one request head (request line and all headers); more: "
+                    "431 and the connection is closed.")
+    header_timeout: Duration = Field(
+        default=10.0, gt=0,
+        description="Time from the first byte of a request head to its end; slower: the "
+                    "connection is closed (no response: the request was never read).")
+    body_timeout: Duration = Field(
+        default=30.0, gt=0,
+        description="Longest pause between two reads of a request body still being sent; "
+                    "longer: the connection is closed and the request is not billed.")
+    idle_timeout: Duration = Field(
+        default=60.0, gt=0,
+        description="A connection with no request in progress (before the first request or "
+                    "between keep-alive requests) is closed after this long.")
+    per_customer_concurrency: int = Field(
+        default=64, ge=0,
+        description="Requests one customer may have in flight at once; more: 429 "
+                    "concurrency_limit_exceeded (0 = unlimited).")
+
+
 class Config(_Model):
-    listen: str = "0.0.0.0:8080"
-    admin_listen: str = "127.0.0.1:9090"
-    upstream: UpstreamConfig = UpstreamConfig()
-    rules: tuple[str, ...] = ("rules/example.yaml",)
-    storage: StorageConfig = StorageConfig()
-    keys: KeysConfig = KeysConfig()
-    stripe: StripeConfig = StripeConfig()
-    admin: AdminConfig
-    alerts: AlertsConfig = AlertsConfig()
-    credits: CreditsConfig = CreditsConfig()
-    max_inspect_bytes: Size = 1024 * 1024
-    reserved_prefix: str = "/_meter"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # filled by load(): where the file lives, so relative paths resolve against it
-    base_dir: str = "."
+    """meterproxy.yaml, the whole file."""
+
+    listen: str = Field(
+        default="0.0.0.0:8080",
+        description="HOST:PORT of the public port, where consumers connect.",
+        examples=["0.0.0.0:${METERPROXY_PORT:-8080}"])
+    admin_listen: str = Field(
+        default="127.0.0.1:9090",
+        description="HOST:PORT of the admin API, `/metrics`, `/healthz` and `/readyz`; never "
+                    "the public port. Keep it off the internet.",
+        examples=["0.0.0.0:9090"])
+    upstream: UpstreamConfig = Field(
+        default=UpstreamConfig(), description=UpstreamConfig.__doc__)
+    rules: Annotated[tuple[str, ...], WithJsonSchema({
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})] = Field(
+        default=("rules/example.yaml",),
+        description="Rules files, or directories whose `*.yaml` files are all loaded (in name "
+                    "order); one path or a list. Relative paths are relative to the directory "
+                    "of the config file. Polled every second and re-read on SIGHUP; a broken "
+                    "file keeps the old rules serving.",
+        examples=["rules/", ["rules/base.yaml", "rules/llm.yaml"]])
+    storage: StorageConfig = Field(default=StorageConfig(), description=StorageConfig.__doc__)
+    keys: KeysConfig = Field(default=KeysConfig(), description=KeysConfig.__doc__)
+    stripe: StripeConfig = Field(default=StripeConfig(), description=StripeConfig.__doc__)
+    admin: AdminConfig = Field(description=AdminConfig.__doc__)
+    alerts: AlertsConfig = Field(default=AlertsConfig(), description=AlertsConfig.__doc__)
+    credits: CreditsConfig = Field(default=CreditsConfig(), description=CreditsConfig.__doc__)
+    limits: LimitsConfig = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
+    max_inspect_bytes: Size = Field(
+        default=1024 * 1024,
+        description="Cap on a JSON body buffered for a `request.json` / `response.json` rule; "
+                    "beyond it the usage's `on_unreadable` applies.",
+        examples=["4MiB"])
+    reserved_prefix: str = Field(
+        default="/_meter",
+        description="Public paths under this prefix are answered by meterproxy itself (the "
+                    "consumer usage API and page), never forwarded.",
+        examples=["/_meter"])
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log verbosity of the process (stderr).",
+        examples=["warning"])
+    # filled by load(): the config file's directory (absolute), so relative paths in the
+    # file resolve against it (proxy.paths states the rule)
+    base_dir: SkipJsonSchema[str] = "."
 
     @field_validator("rules", mode="before")
     @classmethod
@@ -205,15 +517,17 @@ class Config(_Model):
         return v
 
     def rule_paths(self) -> list[Path]:
+        """The rules files, absolute (relative entries resolve against the config file's
+        directory; a directory means every ``*.yaml`` in it)."""
         out: list[Path] = []
         for r in self.rules:
-            p = Path(r) if Path(r).is_absolute() else Path(self.base_dir) / r
+            p = paths.absolute(r, self.base_dir)
             out.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
         return out
 
     def db_path(self) -> Path:
-        p = Path(self.storage.path)
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        """``storage.path``, absolute (relative resolves against the config file's directory)."""
+        return paths.absolute(self.storage.path, self.base_dir)
 
 
 def split_hostport(v: str) -> tuple[str, int]:
@@ -240,11 +554,15 @@ def expand_env(value: str, env: Mapping[str, str]) -> str:
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Load and validate; raise ConfigError with every problem as ``file:line: message``."""
     env = os.environ if env is None else env
-    path = Path(path)
+    path = paths.absolute(path)          # a command-line path: against the current directory
     try:
         text = path.read_text()
+    except IsADirectoryError as exc:
+        raise ConfigError([f"cannot read config {path}: it is a directory"]) from exc
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        raise ConfigError([f"cannot read config {path}: {paths.reason(exc)}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"cannot read config {path}: not UTF-8 text ({exc.reason})"]) from exc
     try:
         doc = yamlpos.load_yaml(text)
     except yamlpos.YamlError as exc:

@@ -12,16 +12,17 @@ default), authenticated with their own API key:
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy.admin_input import FieldError, time_range
 from proxy.exports import stream_export
 from proxy.handler import Pipeline, error_response
 from proxy.periods import period_bounds
-from proxy.timeutil import parse_time
 from proxy.usage_report import customer_report
 
 _PAGE: bytes | None = None
@@ -34,6 +35,24 @@ def _page() -> bytes:
     return _PAGE
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _get_only(handler: Handler, query: frozenset[str]) -> Handler:
+    """GET and HEAD only (else 405), and only the documented query parameters (else 400)."""
+    async def get_only(request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            resp = error_response(405, "method_not_allowed", "Only GET is answered here.")
+            resp.headers["Allow"] = "GET, HEAD"
+            return resp
+        unknown = request.query.keys() - query
+        if unknown:
+            return error_response(400, "invalid_request", "unknown query parameter(s): "
+                                  + ", ".join(sorted(repr(u)[:40] for u in unknown)))
+        return await handler(request)
+    return get_only
+
+
 class ConsumerApi:
     def __init__(self, pipeline: Pipeline, reader: Any) -> None:
         self.p = pipeline
@@ -41,10 +60,11 @@ class ConsumerApi:
 
     def mount(self) -> None:
         h = self.p.reserved_handlers
-        h["/"] = h[""] = self.page
-        h["/usage"] = self.usage
-        h["/events.csv"] = self.events_csv
-        h["/events.json"] = self.events_json
+        keys = frozenset(self.p._key_query)          # an API key may travel in the query
+        h["/"] = h[""] = _get_only(self.page, keys)
+        h["/usage"] = _get_only(self.usage, keys)
+        h["/events.csv"] = _get_only(self.events_csv, keys | {"from", "to"})
+        h["/events.json"] = _get_only(self.events_json, keys | {"from", "to"})
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=_page(), content_type="text/html", charset="utf-8",
@@ -77,11 +97,9 @@ class ConsumerApi:
         cust = self.p.rt.keys.customers[cid]
         start, end = period_bounds(cust.billing_anchor, time.time())
         try:
-            s = parse_time(request.query["from"]) if "from" in request.query else start
-            e = parse_time(request.query["to"]) if "to" in request.query else end
-        except ValueError:
-            return error_response(400, "invalid_request",
-                                  "from/to must be RFC 3339 times, dates or unix seconds")
+            s, e = time_range(request.query.get("from"), request.query.get("to"), start, end)
+        except FieldError as exc:
+            return error_response(400, "invalid_request", str(exc), extra={"param": exc.field})
         self.p.rt.store.try_materialize()
         return await stream_export(request, self.reader, cid, s, e, fmt)
 

@@ -2,11 +2,13 @@
 
     MeterproxyError
     ├── ConfigError            the config file is invalid (carries every problem, file:line)
+    ├── FileProblem            a file or directory cannot be used (names the path and why)
     ├── StorageError           SQLite could not commit (disk full, locked, read-only)
     │   └── MeteringUnavailable   raised to a request waiting on a commit in fail_mode closed
     ├── UpstreamError          the guarded API could not be reached
     │   ├── UpstreamUnavailable   connect refused / reset            -> 502 upstream_unavailable
-    │   └── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
+    │   ├── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
+    │   └── UpstreamBusy          no pooled connection within pool_wait -> 503 upstream_busy
     └── SinkError              a usage sink (Stripe) failed; see proxy.sinks.base for kinds
 
 Foreign exceptions are translated in exactly one place each: aiohttp client errors in
@@ -24,6 +26,11 @@ class ConfigError(MeterproxyError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class FileProblem(MeterproxyError):
+    """A file or directory meterproxy needs cannot be used; the message names the absolute
+    path and the reason ("cannot open database /abs/x.db: directory /abs does not exist")."""
 
 
 class StorageError(MeterproxyError):
@@ -51,3 +58,8 @@ class UpstreamTimeout(UpstreamError):
 
 class SinkError(MeterproxyError):
     pass
+
+
+class UpstreamBusy(UpstreamError):
+    status = 503
+    type = "upstream_busy"

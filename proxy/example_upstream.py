@@ -106,10 +106,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                                            "content": "Hello!"}}],
                                   "usage": usage})
     words = max(1, _int(request, "chunks", 5))
+    # as OpenAI does: usage only when asked for (stream_options.include_usage), then as
+    # "usage": null on every chunk and one last chunk with no choices that carries it
+    so = body.get("stream_options")
+    with_usage = isinstance(so, dict) and so.get("include_usage") is True
     events: list[tuple[str | None, Any]] = [
-        (None, {"id": "chatcmpl-1", "choices": [{"delta": {"content": f"w{i} "}}], "usage": None})
+        (None, {"id": "chatcmpl-1", "choices": [{"delta": {"content": f"w{i} "}}],
+                **({"usage": None} if with_usage else {})})
         for i in range(words)]
-    events.append((None, {"id": "chatcmpl-1", "choices": [], "usage": usage}))
+    if with_usage:
+        events.append((None, {"id": "chatcmpl-1", "choices": [], "usage": usage}))
     events.append((None, "[DONE]"))
     return await _sse(request, events)
 

@@ -43,7 +43,18 @@ __all__ = [
 
 FLAG_MEANING = {
     "unreadable": "the quantity could not be read (missing, not a number, body too large, ...): "
-                  "the usage's on_unreadable quantity was recorded instead",
+                  "the usage's fallback (its on_unreadable, else the reservation) was recorded "
+                  "instead",
+    "fallback_compressed_too_large": "the body came compressed (the upstream ignored "
+                                     "Accept-Encoding: identity) and decoded to more than the "
+                                     "inspection bound",
+    "fallback_over_cap": "the body was over max_inspect_bytes and the key scan did not find "
+                         "the value",
+    "fallback_stream_abandoned": "the response ended early (consumer disconnected or upstream "
+                                 "cut it) before the value was delivered",
+    "fallback_no_usage_event": "the event stream ended without an event carrying the value",
+    "fallback_unreadable": "the value was absent, not a valid quantity, or the body was "
+                           "malformed or undecodable",
     "abandoned": "the consumer disconnected before the end of the response: billed for what "
                  "was measured up to then",
     "upstream_aborted": "the upstream died in the middle of the body: recorded as status 502",
@@ -223,9 +234,18 @@ def _usage_json(u: UsageSpec) -> dict[str, Any]:
             else None,
             "transform": {"divide_by": u.transform.divide_by, "round": u.transform.round}
             if u.transform is not None else None,
-            "on_unreadable": fmt_micro(u.on_unreadable_micro),
+            "on_unreadable": _fallback_text(u),
             "estimate": fmt_micro(u.estimate_micro) if u.estimate_micro is not None else None,
             "line": u.line}
+
+
+def _fallback_text(u: UsageSpec) -> str:
+    """What an unreadable quantity of ``u`` bills: on_unreadable, else the reservation."""
+    if u.on_unreadable_micro is not None:
+        return fmt_micro(u.on_unreadable_micro)
+    if u.estimate_micro is not None:
+        return f"unset: the reservation, estimate {fmt_micro(u.estimate_micro)}"
+    return "unset: the reservation, credits.default_estimate"
 
 
 def _flags(flags: str, spec: UsageSpec | None) -> list[dict[str, str]]:
@@ -233,7 +253,7 @@ def _flags(flags: str, spec: UsageSpec | None) -> list[dict[str, str]]:
     for f in (x for x in flags.split(",") if x):
         meaning = FLAG_MEANING.get(f, "")
         if f == "unreadable" and spec is not None:
-            meaning += f" ({fmt_micro(spec.on_unreadable_micro)})"
+            meaning += f" ({_fallback_text(spec)})"
         out.append({"flag": f, "meaning": meaning})
     return out
 

@@ -1,14 +1,15 @@
 """Exports of individual metered requests (disputes): CSV and JSON, streamed from the audit
 table through the read-only connection, so a large export never blocks the event loop.
 
-One line per request and meter: time, request id, customer, key, rule, rules version,
-status, meter, quantity, credits, billable, flags. Summing ``billable`` per meter over a
-period gives the units the period's invoice line bills (before Stripe's whole-unit rounding,
-whose remainder is carried: see the README).
+One line per request and meter, columns ``COLUMNS``: time, request_id, customer_id, key_id,
+rule, rules_version, status, meter, quantity, credits, billable, flags, method, path.
+Summing ``billable`` per meter over a period gives the units the period's invoice line
+bills (before Stripe's whole-unit rounding, whose remainder is carried: see the README).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,19 @@ COLUMNS = ("time", "request_id", "customer_id", "key_id", "rule", "rules_version
            "meter", "quantity", "credits", "billable", "flags", "method", "path")
 
 
-def _csv_field(v: str) -> str:
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@-]")
+
+# OWASP "CSV injection": a cell starting with one of these is a formula to a spreadsheet.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v: str) -> str:
+    """One CSV cell, RFC 4180 quoted when needed, with formula injection neutralized: a value
+    starting with = + - @ TAB or CR gets a leading single quote, so a spreadsheet shows it as
+    text (``=HYPERLINK(...)`` -> ``'=HYPERLINK(...)``). Applies to every cell of every CSV
+    export; the JSON export carries the raw values."""
+    if v.startswith(_FORMULA_START):
+        v = "'" + v
     if any(c in v for c in ',"\r\n'):
         return '"' + v.replace('"', '""') + '"'
     return v
@@ -52,9 +65,11 @@ async def audit_rows(db: aiosqlite.Connection, customer_id: str, start: float,
 async def stream_export(request: web.Request, db: aiosqlite.Connection, customer_id: str,
                         start: float, end: float, fmt: str) -> web.StreamResponse:
     ctype = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+    # the id comes from the URL: only id characters may reach the header
+    name = _UNSAFE_NAME.sub("_", customer_id)[:128]
     resp = web.StreamResponse(headers={
         "Content-Type": ctype,
-        "Content-Disposition": f'attachment; filename="{customer_id}-usage.{fmt}"'})
+        "Content-Disposition": f'attachment; filename="{name}-usage.{fmt}"'})
     await resp.prepare(request)
     if fmt == "csv":
         await resp.write((",".join(COLUMNS) + "\r\n").encode())
@@ -64,7 +79,7 @@ async def stream_export(request: web.Request, db: aiosqlite.Connection, customer
     first = True
     async for batch in audit_rows(db, customer_id, start, end):
         if fmt == "csv":
-            lines = [",".join(_csv_field(str(r[c])) for c in COLUMNS) for r in batch]
+            lines = [",".join(csv_cell(str(r[c])) for c in COLUMNS) for r in batch]
             await resp.write(("\r\n".join(lines) + "\r\n").encode())
         else:
             chunk = b",".join(orjson.dumps(r) for r in batch)

@@ -126,13 +126,16 @@ class FlushReport:
     duplicates: int = 0
     retrying: int = 0
     dead: int = 0
+    dry_run: int = 0          # logged by the dry-run sink: NOT delivered (outbox state dry_run)
+    requeued_dry_run: int = 0  # dry-run rows handed to this (real) sink for delivery
     skipped_circuit_open: bool = False
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"staged": self.staged, "attempted": self.attempted,
                 "delivered": self.delivered, "duplicates": self.duplicates,
-                "retrying": self.retrying, "dead": self.dead,
+                "retrying": self.retrying, "dead": self.dead, "dry_run": self.dry_run,
+                "requeued_dry_run": self.requeued_dry_run,
                 "circuit_open": self.skipped_circuit_open, "errors": self.errors[:20]}
 
 
@@ -158,6 +161,7 @@ class Flusher:
         self._held_until: dict[tuple[str, str], float] = {}   # key -> monotonic time
         self._started = time.monotonic()
         self._stop = asyncio.Event()
+        self._dry_run_requeued = sink.name == "dry_run"   # a real sink takes them over once
 
     # ---- one flush ------------------------------------------------------------------------
 
@@ -166,6 +170,8 @@ class Flusher:
         backoff schedule; the circuit breaker still applies). Flushes never overlap."""
         async with self._lock:
             report = FlushReport()
+            if not self._dry_run_requeued:
+                report.requeued_dry_run = self.requeue_dry_run()
             # 1: every committed usage row is in the ledger tables before staging reads them
             self.store.materialize()
             # 2: staging is one transaction on the one write connection
@@ -312,7 +318,8 @@ class Flusher:
                 if any(o.ambiguous for o in result):
                     self._hold(batch)
                 for o in result:
-                    metrics.stripe_requests_total.labels(o.kind.value).inc()
+                    if o.kind is not Kind.DRY_RUN:     # no call was made
+                        metrics.stripe_requests_total.labels(o.kind.value).inc()
                 if any(o.kind is Kind.RETRY for o in result):
                     if not any(o.lock_timeout for o in result):
                         self.breaker.failure()
@@ -341,6 +348,13 @@ class Flusher:
             self.store.execute_write(lambda c: c.execute(
                 "UPDATE outbox SET status='sent', sent_at=?, sink=?, outcome=?, last_error=NULL"
                 " WHERE id=?", (int(now), self.sink.name, out.kind.value, row["id"])))
+        elif out.kind is Kind.DRY_RUN:
+            # logged, not sent: its own state, never 'sent'; attempts back to 0 (no call was
+            # made, so a real sink later starts its Idempotency-Keys afresh)
+            report.dry_run += 1
+            self.store.execute_write(lambda c: c.execute(
+                "UPDATE outbox SET status='dry_run', attempts=0, sink=?, outcome=?,"
+                " last_error=NULL WHERE id=?", (self.sink.name, out.kind.value, row["id"])))
         elif out.kind is Kind.RETRY:
             if count:
                 report.retrying += 1
@@ -359,6 +373,19 @@ class Flusher:
                 "UPDATE outbox SET status='dead', dead_at=?, last_error=?, sink=? WHERE id=?",
                 (int(now), out.reason[:500], self.sink.name, row["id"])))
             report.errors.append(f"{row['identifier']}: {out.reason}")
+
+    def requeue_dry_run(self) -> int:
+        """Make the events an earlier dry-run sink only logged pending again, so this (real)
+        sink delivers them with their original identifiers. ``attempts`` was reset when they
+        were logged (no call was made), so no Idempotency-Key is reused."""
+        n: int = self.store.execute_write(lambda c: c.execute(
+            "UPDATE outbox SET status='pending', next_attempt_at=0, sink=NULL, outcome=NULL"
+            " WHERE status='dry_run'").rowcount)
+        self._dry_run_requeued = True
+        if n:
+            log.warning("%d meter event(s) only logged by an earlier dry-run sink are now sent"
+                        " to %s", n, self.sink.name)
+        return n
 
     # ---- dead letters and gauges --------------------------------------------------------
 
@@ -379,8 +406,10 @@ class Flusher:
         c = self.store.conn
         (dead,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='dead'").fetchone()
         (pend,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'").fetchone()
+        (dry,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='dry_run'").fetchone()
         metrics.dead_letters.set(dead)
         metrics.outbox_pending.set(pend)
+        metrics.outbox_dry_run.set(dry)
         metrics.flush_lag_seconds.set(self.lag())
 
     def lag(self) -> float:

@@ -8,14 +8,17 @@ the upstream sent.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -38,8 +41,19 @@ def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
 
 
 class Upstream:
+    """Every call takes one of ``pool_size`` slots (the connector's own limit, whose wait has
+    no bound) and gives it back with ``release_slot()`` once the response is released. With
+    every slot taken a call waits at most ``pool_wait``, then raises ``UpstreamBusy`` (503).
+    A free slot costs two integer operations; only a full pool allocates a waiter."""
+
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.base = cfg.url
+        self.slots = cfg.pool_size
+        self.in_use = 0
+        self.pool_wait = cfg.pool_wait
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        # canonical target -> upstream URL; bounded (yarl's own parse cache is slower to hit)
+        self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                               sock_read=cfg.read_timeout)
         self.session = aiohttp.ClientSession(
@@ -51,20 +65,72 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                      data: Any) -> aiohttp.ClientResponse:
+    async def acquire_slot(self) -> None:
+        if self.in_use < self.slots:
+            self.in_use += 1
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(fut)
+        timer = loop.call_later(self.pool_wait, _expire, fut, self.slots, self.pool_wait)
         try:
-            return await self.session.request(method, self.base + path_qs, headers=headers,
-                                              data=data, allow_redirects=False, compress=None)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("the upstream did not answer in time") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(f"the upstream could not be reached ({type(exc).__name__})") \
-                from exc
+            await fut               # resolved by release_slot: the slot is handed over
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release_slot()     # handed a slot, then cancelled: give it on
+            raise
+        finally:
+            timer.cancel()
 
-    async def ws_connect(self, path_qs: str, headers: CIMultiDict[str],
+    def release_slot(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)    # in_use unchanged: the slot moves to the waiter
+                return
+        self.in_use -= 1
+
+    async def request(self, method: str, target: str, headers: CIMultiDict[str],
+                      data: Any) -> aiohttp.ClientResponse:
+        """``target`` is the canonical request target (proxy.target): it reaches the
+        upstream byte for byte (``encoded=True``: yarl neither re-quotes nor normalizes).
+        The caller owns one slot once this returns: ``release_slot()`` after releasing
+        the response. On an exception no slot is held."""
+        url = self._urls.get(target)
+        if url is None:
+            url = URL(self.base + target, encoded=True)
+            if len(target) <= 256:
+                if len(self._urls) >= 4096:
+                    self._urls.clear()
+                self._urls[target] = url
+        await self.acquire_slot()
+        try:
+            return await self.session.request(method, url, headers=headers,
+                                              data=data, allow_redirects=False, compress=None)
+        except BaseException as exc:
+            self.release_slot()
+            if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+                raise UpstreamTimeout("the upstream did not answer in time") from exc
+            if isinstance(exc, (aiohttp.ClientError, OSError)):
+                raise UpstreamUnavailable(
+                    f"the upstream could not be reached ({type(exc).__name__})") from exc
+            raise
+
+    async def ws_connect(self, target: str, headers: CIMultiDict[str],
                          protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
-        url = self.base.replace("http", "ws", 1) + path_qs
+        """Holds one slot for the session's life on success: ``release_slot()`` after
+        closing it."""
+        await self.acquire_slot()
+        try:
+            return await self._ws_connect(target, headers, protocols)
+        except BaseException:
+            self.release_slot()
+            raise
+
+    async def _ws_connect(self, target: str, headers: CIMultiDict[str],
+                          protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
+        url = URL(self.base.replace("http", "ws", 1) + target, encoded=True)
         try:
             return await self.session.ws_connect(url, headers=headers, protocols=protocols,
                                                  autoclose=False, autoping=False)
@@ -76,6 +142,13 @@ class Upstream:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def _expire(fut: asyncio.Future[None], slots: int, wait: float) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamBusy(
+            f"All {slots} upstream connections stayed busy for {wait:g}s; the request was not "
+            "forwarded (and not billed). Retry shortly."))
 
 
 # What reading an upstream body can raise; the handler loops over the body itself (an async

@@ -37,9 +37,13 @@ from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
 from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
+from proxy.loglimit import LogLimiter
 from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
+from proxy.rules.model import ResponseNeed
+from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 from proxy.runtime import Runtime
 from proxy.store.db import UsageItem, UsageRow
+from proxy.target import InvalidTarget, canonical
 from proxy.units import cost_micro, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.handler")
@@ -79,12 +83,18 @@ class Pipeline:
         self._req_counters: dict[tuple[str, int], Any] = {}
         self._unit_counters: dict[str, Any] = {}
         self.reserved_handlers: dict[str, Any] = {}
+        self.refusals = LogLimiter(log)   # unknown API keys: any caller can send them at will
+        # public routes the proxy answers itself (the Stripe webhook), by canonical path
+        self.public_routes: dict[str, Any] = {}
         self.book: CreditBook | None = None
         self.watch: ThresholdWatch | None = None
         self.shadow = cfg.credits.enforcement == "shadow"
         self.default_estimate = to_micro(cfg.credits.default_estimate)
         self.top_up = cfg.credits.top_up_url
         self.reservations = Reservations(self.default_estimate)
+        # requests in flight per customer (limits.per_customer_concurrency; 0 = unlimited)
+        self.max_per_customer = cfg.limits.per_customer_concurrency or 1 << 62
+        self.in_flight: dict[str, int] = {}
 
     # ---- entry point ---------------------------------------------------------------
 
@@ -93,9 +103,16 @@ class Pipeline:
         rid = request.headers.get(_XRID, "")
         if not rid or len(rid) > 128 or not rid.isprintable():
             rid = os.urandom(16).hex()    # kept only when short and printable (it is stored)
-        path = request.path
+        try:
+            path, target = canonical(request.raw_path)
+        except InvalidTarget as exc:
+            self._count("(invalid_path)", 400)
+            return error_response(400, "invalid_path", str(exc), rid)
         if self.reserved and path.startswith(self.reserved):
-            return await self._reserved(request, rid)
+            return await self._reserved(request, rid, path)
+        if (route := self.public_routes.get(path)) is not None:
+            resp: web.StreamResponse = await route(request)
+            return resp
         rules = self.rt.rules
         match = rules.match(request.method, path, request.headers, request.query)
         rule = match.rule if match is not None else None
@@ -106,6 +123,11 @@ class Pipeline:
             if denied is not None:
                 self._count(rule_name, denied.status)
                 return denied
+        in_flight = self.in_flight
+        if customer_id and (n := in_flight.get(customer_id, 0)) >= self.max_per_customer:
+            metrics.concurrency_rejections_total.inc()
+            self._count(rule_name, 429)
+            return _too_many(n, rid)
         metered = rule is not None and bool(rule.usage) and bool(customer_id)
         if metered and not self.rt.store.accepting:
             metrics.metering_unavailable_total.inc()
@@ -120,17 +142,25 @@ class Pipeline:
             if refused is not None:
                 self._count(rule_name, 402)
                 return refused
+        if customer_id:     # no await since the check above: one critical section
+            in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 return await self._websocket(request, rid, rule,
                                              match.path_params if match else {}, key_id,
-                                             customer_id, rules.version, started, hold)
+                                             customer_id, rules.version, started, hold,
+                                             path, target)
             ctx = _Request(self, request, rid, rule, match.path_params if match else {}, key_id,
-                           customer_id, rules.version, started, metered, hold)
+                           customer_id, rules.version, started, metered, hold, path, target)
             resp = await ctx.run()
         finally:
             if hold is not None and not hold.released:
                 self.book.release(hold)  # type: ignore[union-attr]
+            if customer_id:
+                if (left := in_flight[customer_id] - 1):
+                    in_flight[customer_id] = left
+                else:
+                    del in_flight[customer_id]
         self._count(rule_name, resp.status)
         return resp
 
@@ -219,6 +249,9 @@ class Pipeline:
                                   rid), "", ""
         entry = self.rt.keys.lookup(raw)
         if entry is None:
+            metrics.AUTH_FAIL_API_KEY.inc()
+            self.refusals.log(logging.WARNING, "unknown API key", "unknown API key from %s",
+                          request.remote)
             return error_response(401, "invalid_api_key", "The API key is not valid.", rid), "", ""
         if entry.revoked:
             return error_response(403, "key_revoked", "This API key has been revoked.", rid), "", ""
@@ -248,8 +281,8 @@ class Pipeline:
 
     # ---- reserved paths (consumer usage API, webhooks) -----------------------------
 
-    async def _reserved(self, request: web.Request, rid: str) -> web.StreamResponse:
-        sub = request.path[len(self.reserved):] or "/"
+    async def _reserved(self, request: web.Request, rid: str, path: str) -> web.StreamResponse:
+        sub = path[len(self.reserved):] or "/"
         handler = self.reserved_handlers.get(sub)
         if handler is None:
             return error_response(404, "not_found", "No such endpoint.", rid)
@@ -260,7 +293,8 @@ class Pipeline:
 
     async def _websocket(self, request: web.Request, rid: str, rule: Rule | None,
                          params: Any, key_id: str, customer_id: str, version: str,
-                         started: float, hold: Hold | None) -> web.StreamResponse:
+                         started: float, hold: Hold | None, path: str,
+                         target: str) -> web.StreamResponse:
         headers = self.upstream_headers(request, rid)
         for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
                   "Sec-WebSocket-Protocol"):
@@ -268,9 +302,20 @@ class Pipeline:
         protocols = tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
                           .split(",") if p.strip())
         try:
-            upstream_ws = await self.rt.upstream.ws_connect(request.path_qs, headers, protocols)
+            upstream_ws = await self.rt.upstream.ws_connect(target, headers, protocols)
         except UpstreamError as exc:
             return error_response(exc.status, exc.type, str(exc), rid)
+        try:
+            return await self._ws_session(request, upstream_ws, protocols, rid, rule, params,
+                                          key_id, customer_id, version, started, hold, path)
+        finally:
+            self.rt.upstream.release_slot()
+
+    async def _ws_session(self, request: web.Request,
+                          upstream_ws: aiohttp.ClientWebSocketResponse,
+                          protocols: tuple[str, ...], rid: str, rule: Rule | None, params: Any,
+                          key_id: str, customer_id: str, version: str, started: float,
+                          hold: Hold | None, path: str) -> web.StreamResponse:
         server_ws = web.WebSocketResponse(protocols=protocols, autoping=False)
         await server_ws.prepare(request)
         # an upgraded session counts as a success (2xx) for count_when
@@ -287,7 +332,7 @@ class Pipeline:
                                 response_bytes=0,
                                 duration_ms=Decimal(int((time.perf_counter() - started) * 1000)))
                 self.record(rid, rule, m, status, key_id, customer_id, version, "websocket",
-                            hold, request)
+                            hold, request, path)
         return server_ws
 
     # ---- shared helpers ------------------------------------------------------------------
@@ -305,7 +350,8 @@ class Pipeline:
 
     def record(self, rid: str, rule: Rule, m: Measurement | None, status: int, key_id: str,
                customer_id: str, version: str, flags: str, hold: Hold | None,
-               request: web.Request | None = None) -> asyncio.Future[None] | None:
+               request: web.Request | None = None,
+               path: str = "", withhold: bool = False) -> asyncio.Future[None] | None:
         """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
         both to the Store (one transaction). Not billable: the hold is released.
         ``m`` may be None only for a rule whose quantities are all constants."""
@@ -316,7 +362,7 @@ class Pipeline:
         quantities: Sequence[Quantity] | None = constant_quantities(rule)
         if quantities is None:
             assert m is not None
-            quantities = compute(rule, m)
+            quantities = compute(rule, m, self.default_estimate)
         if not quantities:
             return None
         rates = {u.meter: u.credits_per_unit for u in rule.usage}
@@ -335,7 +381,9 @@ class Pipeline:
             f = flags
             if q.unreadable:
                 metrics.unreadable_quantities_total.labels(rule.name).inc()
-                f = f"{f},unreadable" if f else "unreadable"
+                metrics.quantity_fallback_total.labels(rule.name, q.meter, q.reason).inc()
+                f = f"{f},unreadable,fallback_{q.reason}" if f \
+                    else f"unreadable,fallback_{q.reason}"
             credits = covered = 0
             if settled is not None:
                 entries, uncovered = settled[i]
@@ -350,20 +398,22 @@ class Pipeline:
             self.watch.check(customer_id, anchor=cust.billing_anchor if cust else None)
         row = UsageRow(rid, time.time(), customer_id, key_id, rule.name, version, status, items,
                        debits=debits, method=request.method if request is not None else "",
-                       path=request.path[:2048] if request is not None else "")
+                       path=path[:2048],
+                       withhold=withhold)
         return self.rt.store.record(row, wait=self.strict and not flags)
 
 
 class _Request:
     """One proxied HTTP request: the state that lives between forward and record."""
 
-    __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "req",
-                 "request_bytes", "request_json", "rid", "rule", "started", "upstream_s",
-                 "version")
+    __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "path",
+                 "req", "request_bytes", "request_json", "rid", "rule", "started", "strip_usage",
+                 "target",
+                 "upstream_s", "version")
 
     def __init__(self, p: Pipeline, req: web.Request, rid: str, rule: Rule | None,
                  params: Any, key_id: str, customer_id: str, version: str, started: float,
-                 metered: bool, hold: Hold | None) -> None:
+                 metered: bool, hold: Hold | None, path: str, target: str) -> None:
         self.p, self.req, self.rid, self.rule = p, req, rid, rule
         self.match_params, self.key_id, self.customer_id = params, key_id, customer_id
         self.version, self.started, self.metered = version, started, metered
@@ -372,10 +422,24 @@ class _Request:
         self.upstream_s = 0.0
         self.flags = ""
         self.hold = hold
+        self.strip_usage = False
+        self.path, self.target = path, target     # canonical (proxy.target)
 
     async def run(self) -> web.StreamResponse:
         req, p = self.req, self.p
         headers = p.upstream_headers(req, self.rid)
+        rule = self.rule
+        if rule is not None and self.metered:
+            if rule.response_body is not ResponseNeed.NONE:
+                # the body must be readable: ask for it uncompressed (decoded if ignored)
+                headers["Accept-Encoding"] = "identity"
+            if (rule.request_json or rule.stream_usage) and req.body_exists:
+                enc = req.headers.get("Content-Encoding", "")
+                if enc and enc.strip().lower() != "identity":
+                    return error_response(
+                        415, "unsupported_content_encoding",
+                        "This endpoint reads the request body to meter it; send it "
+                        "uncompressed (no Content-Encoding).", self.rid)
         data = await self._request_body(headers)
         if self.hold is not None and self.rule is not None and \
                 p.reservations.for_rule(self.rule).hinted:
@@ -384,7 +448,7 @@ class _Request:
                 return refused
         t_up = time.perf_counter()
         try:
-            upstream = await p.rt.upstream.request(req.method, req.path_qs, headers, data)
+            upstream = await p.rt.upstream.request(req.method, self.target, headers, data)
         except UpstreamError as exc:
             metrics.upstream_errors_total.labels(exc.type).inc()
             return error_response(exc.status, exc.type, str(exc), self.rid)
@@ -393,14 +457,20 @@ class _Request:
             clen = upstream.content_length
             if req.method == "HEAD" or upstream.status in (204, 304):
                 self.upstream_s = time.perf_counter() - t_up
-                if (commit := self._finish(upstream.status, upstream, None, 0)) is not None:
-                    await commit
+                try:
+                    if (commit := self._finish(upstream.status, upstream, None, 0,
+                                               True)) is not None:
+                        await commit
+                except MeteringUnavailable:
+                    metrics.metering_unavailable_total.inc()
+                    return _withheld(self.rid)
                 return web.Response(status=upstream.status, headers=out_headers)
             if clen is not None and clen <= _SMALL_BODY:
                 return await self._respond_small(upstream, out_headers, inspector, t_up)
             return await self._respond(upstream, out_headers, inspector, t_up)
         finally:
             upstream.release()
+            p.rt.upstream.release_slot()
 
     def _response_head(self, upstream: aiohttp.ClientResponse) -> tuple[CIMultiDict[str], Any]:
         """The consumer's response headers, and the body inspector if a rule reads the body."""
@@ -409,14 +479,17 @@ class _Request:
         out_headers[_XRID] = self.rid
         inspector = None
         if self.rule is not None and self.metered:
-            inspector = self.rule.new_inspector(upstream.headers.get("Content-Type"), self.p.cap)
+            uh = upstream.headers
+            inspector = self.rule.new_inspector(uh.get("Content-Type"), self.p.cap,
+                                                uh.get("Content-Encoding"))
         return out_headers, inspector
 
     async def _request_body(self, headers: CIMultiDict[str]) -> Any:
         req = self.req
         if not req.body_exists:
             return None
-        if self.rule is not None and self.rule.request_json and self.metered:
+        rule = self.rule
+        if rule is not None and (rule.request_json or rule.stream_usage) and self.metered:
             return await self._inspect_request_body(headers)
         return self._count_stream(req.content)
 
@@ -436,13 +509,24 @@ class _Request:
             buf += chunk
         if len(buf) <= cap:
             self.request_bytes = len(buf)
-            try:
-                self.request_json = orjson.loads(buf) if buf else UNREADABLE
-            except orjson.JSONDecodeError:
-                self.request_json = UNREADABLE
+            rule = self.rule
+            assert rule is not None
+            # an openai_chat rule only needs the JSON of a body that may ask for a stream
+            # (a key may also be spelt with \u escapes)
+            if buf and (rule.request_json or b'"stream"' in buf or b"\\u" in buf):
+                try:
+                    self.request_json = orjson.loads(buf)
+                except orjson.JSONDecodeError:
+                    self.request_json = UNREADABLE
+            body = bytes(buf)
+            if rule.stream_usage and self.request_json is not UNREADABLE:
+                added = with_stream_usage(self.request_json, body)
+                if added is not None:
+                    body = added
+                    self.strip_usage = True
             headers.popall("Transfer-Encoding", None)
-            headers["Content-Length"] = str(len(buf))
-            return bytes(buf)
+            headers["Content-Length"] = str(len(body))
+            return body
         # over the inspection cap: stream what was read, then the rest, untouched
         return self._prefixed(bytes(buf), content)
 
@@ -467,6 +551,10 @@ class _Request:
             xcr = p.credits_header(self.customer_id)
             if xcr is not None:
                 out_headers[_XCR] = xcr
+        strip = self._usage_filter(upstream) if self.strip_usage else None
+        if strip is not None:
+            clen = None                       # the length changes: sent chunked
+            out_headers.popall("Content-Length", None)
         resp = web.StreamResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
@@ -475,14 +563,24 @@ class _Request:
         held: bytes | None = None
         hold_last = self.metered and p.strict and clen is not None
         try:
+            # each chunk is inspected once it is written, so an abandoned response is
+            # measured by what was delivered (a failed write is not)
             async for chunk in upstream.content.iter_any():
+                if hold_last and clen is not None and sent + len(chunk) >= clen:
+                    sent += len(chunk)
+                    held = chunk
+                    if inspector is not None:
+                        inspector.feed(chunk)
+                    break
+                if strip is None:
+                    await _write(resp, chunk)
+                elif out := strip.feed(chunk):
+                    await _write(resp, out)
                 sent += len(chunk)
                 if inspector is not None:
                     inspector.feed(chunk)
-                if hold_last and clen is not None and sent >= clen:
-                    held = chunk
-                    break
-                await _write(resp, chunk)
+            if strip is not None and (rest := strip.flush()):
+                await _write(resp, rest)
         except BODY_ERRORS as exc:
             # the upstream died mid-body: the consumer gets a truncated response (the
             # connection is closed, never a clean end) and the request counts as a 502
@@ -527,15 +625,17 @@ class _Request:
             return error_response(err.status, err.type, str(err), self.rid)
         if inspector is not None:
             inspector.feed(body)
+        strip = self._usage_filter(upstream) if self.strip_usage else None
+        if strip is not None:
+            body = strip.feed(body) + strip.flush()
         self.upstream_s = time.perf_counter() - t_up
         try:
-            if (commit := self._finish(upstream.status, upstream, inspector, len(body))) is not None:
+            if (commit := self._finish(upstream.status, upstream, inspector, len(body),
+                                       True)) is not None:
                 await commit
         except MeteringUnavailable:
             metrics.metering_unavailable_total.inc()
-            return error_response(503, "metering_unavailable",
-                                  "Usage could not be recorded; the answer is withheld. "
-                                  "Retry shortly.", self.rid)
+            return _withheld(self.rid)
         headers.popall("Content-Length", None)
         if self.metered:
             xcr = self.p.credits_header(self.customer_id)   # exact: settled above
@@ -543,15 +643,29 @@ class _Request:
                 headers[_XCR] = xcr
         return web.Response(status=upstream.status, headers=headers, body=body)
 
+    def _usage_filter(self, upstream: aiohttp.ClientResponse) -> UsageChunkFilter | None:
+        """When the proxy added include_usage for this client, a filter that removes the
+        usage-only chunk again (not on a compressed stream: it passes as the upstream sent
+        it, extra chunk included)."""
+        if upstream.headers.get("Content-Encoding") or not is_event_stream(upstream.headers.get("Content-Type")):
+            return None
+        return UsageChunkFilter(self.p.cap)
+
     def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
-                response_bytes: int) -> asyncio.Future[None] | None:
+                response_bytes: int, withhold: bool = False) -> asyncio.Future[None] | None:
         """Measure and record; in strict mode returns the commit to wait for before the
-        final bytes go out (a plain function: no coroutine frame on the hot path)."""
+        final bytes go out (a plain function: no coroutine frame on the hot path).
+        ``withhold``: a failed commit answers 503 instead of the response, so the row is
+        dropped then (never billed; see Store invariant 8)."""
         total = time.perf_counter() - self.started
         metrics.upstream_seconds.observe(self.upstream_s)
         metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
         rule = self.rule
         if rule is None or not self.metered:
+            return None
+        if not self.req.content.is_eof():
+            # the consumer never finished sending its request (cut off by limits.body_timeout,
+            # or gone): there is no complete request to bill
             return None
         m = None
         if constant_quantities(rule) is None:
@@ -560,9 +674,24 @@ class _Request:
                             path_params=self.match_params, request_json=self.request_json,
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
-                            duration_ms=Decimal(int(total * 1000)))
+                            duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
         return self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
-                             self.version, self.flags, self.hold, self.req)
+                             self.version, self.flags, self.hold, self.req, self.path,
+                             withhold)
+
+
+def _withheld(rid: str) -> web.Response:
+    return error_response(503, "metering_unavailable",
+                          "Usage could not be recorded; the answer is withheld (and not "
+                          "billed). Retry shortly.", rid)
+
+
+def _too_many(n: int, rid: str) -> web.Response:
+    resp = error_response(429, "concurrency_limit_exceeded",
+                          f"This account already has {n} requests in flight, the most allowed "
+                          "at once. Retry when one of them has finished.", rid)
+    resp.headers["Retry-After"] = "1"
+    return resp
 
 
 async def _write(resp: web.StreamResponse, chunk: bytes) -> None:

@@ -33,8 +33,13 @@ stripe_requests_total = Counter("meterproxy_stripe_requests_total", "Calls to th
                                 ["outcome"], registry=REGISTRY)
 dead_letters = Gauge("meterproxy_dead_letters", "Dead-lettered usage reports awaiting replay",
                      registry=REGISTRY)
+quantity_fallback_total = Counter(
+    "meterproxy_quantity_fallback_total",
+    "Quantities billed at their fallback (on_unreadable, else the reservation), by reason: "
+    "compressed_too_large, over_cap, stream_abandoned, no_usage_event, unreadable",
+    ["rule", "meter", "reason"], registry=REGISTRY)
 unreadable_quantities_total = Counter("meterproxy_unreadable_quantities_total",
-                                      "Quantities that could not be read; on_unreadable applied",
+                                      "Quantities that could not be read; their fallback applied",
                                       ["rule"], registry=REGISTRY)
 class LoopHistogram(Collector):
     """A histogram observed only from the event-loop thread: plain integer buckets, no lock
@@ -83,6 +88,9 @@ rules_reloads_total = Counter("meterproxy_rules_reloads_total", "Rule reloads by
                               registry=REGISTRY)
 rules_info = Gauge("meterproxy_rules_version_info", "The rules version in force", ["version"],
                    registry=REGISTRY)
+rules_reload_failing = Gauge("meterproxy_rules_reload_failing",
+                             "1 while the rules files on disk are refused (the previous version "
+                             "keeps serving), else 0", registry=REGISTRY)
 client_aborts_total = Counter("meterproxy_client_aborts_total",
                               "Responses the consumer abandoned before the end (still metered)",
                               registry=REGISTRY)
@@ -90,6 +98,9 @@ upstream_errors_total = Counter("meterproxy_upstream_errors_total", "Upstream fa
                                 ["kind"], registry=REGISTRY)
 stripe_retries_total = Counter("meterproxy_stripe_retries_total",
                                "Sink calls retried (transient errors)", ["reason"], registry=REGISTRY)
+outbox_dry_run = Gauge("meterproxy_outbox_dry_run",
+                       "Meter events only logged by the dry-run sink, not delivered to Stripe"
+                       " (a real sink sends them)", registry=REGISTRY)
 outbox_pending = Gauge("meterproxy_outbox_pending", "Meter events staged but not yet delivered",
                        registry=REGISTRY)
 last_flush_success = Gauge("meterproxy_last_flush_success_timestamp_seconds",
@@ -121,3 +132,37 @@ reconcile_last_run = Gauge("meterproxy_reconcile_last_run_timestamp_seconds",
 alerts_total = Counter("meterproxy_alerts_total",
                        "Credit alerts by delivery outcome (sent, retry, dead, logged)",
                        ["outcome"], registry=REGISTRY)
+auth_failures_total = Counter("meterproxy_auth_failures_total",
+                              "Unauthenticated failures: forged webhooks (webhook_signature), bad admin"
+                              " tokens (admin_token), unknown API keys (api_key)",
+                              ["kind"], registry=REGISTRY)
+AUTH_FAIL_WEBHOOK = auth_failures_total.labels("webhook_signature")
+AUTH_FAIL_ADMIN = auth_failures_total.labels("admin_token")
+AUTH_FAIL_API_KEY = auth_failures_total.labels("api_key")
+
+# ---- storage health and resource bounds (docs/resources.md) ------------------------------
+sqlite_wal_bytes = Gauge("meterproxy_sqlite_wal_bytes",
+                         "Size of the SQLite write-ahead log file (sampled every checkpoint tick)",
+                         registry=REGISTRY)
+wal_checkpoints_total = Counter("meterproxy_wal_checkpoints_total",
+                                "WAL checkpoints by mode (passive, truncate) and result"
+                                " (ok, busy, error)", ["mode", "result"], registry=REGISTRY)
+storage_broken = Gauge("meterproxy_storage_broken",
+                       "1 once the database file was deleted, replaced or found corrupt",
+                       registry=REGISTRY)
+withdrawn_usage_rows_total = Counter(
+    "meterproxy_withdrawn_usage_rows_total",
+    "Usage rows dropped because their request was answered 503 instead (never billed)",
+    registry=REGISTRY)
+open_connections = Gauge("meterproxy_open_connections", "Open consumer connections (public port)",
+                         registry=REGISTRY)
+connections_refused_total = Counter("meterproxy_connections_refused_total",
+                                    "Consumer connections refused (503) at max_connections",
+                                    registry=REGISTRY)
+connections_closed_total = Counter("meterproxy_connections_closed_total",
+                                   "Consumer connections closed by a bound, by reason"
+                                   " (header_timeout, body_timeout, header_too_large)",
+                                   ["reason"], registry=REGISTRY)
+concurrency_rejections_total = Counter("meterproxy_concurrency_rejections_total",
+                                       "Requests refused (429) at a customer's concurrency limit",
+                                       registry=REGISTRY)

@@ -68,9 +68,11 @@ import orjson
 import stripe
 from aiohttp import web
 
+from proxy import metrics
 from proxy.config import Config
 from proxy.credits.ledger import Entry, rollover_grant
 from proxy.credits.service import CreditService, insert_entries
+from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
 from proxy.store.keys import InvalidInput, KeyCache, upsert_customer
 from proxy.timeutil import rfc3339
@@ -204,6 +206,7 @@ class WebhookReceiver:
         self._wake = asyncio.Event()
         self._seen_customers: object = None
         self._next_retry = 0.0
+        self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
 
     # ---- the endpoint ---------------------------------------------------------------------
 
@@ -220,7 +223,9 @@ class WebhookReceiver:
             stripe.WebhookSignature.verify_header(body, request.headers.get("Stripe-Signature"),
                                                   secret, TOLERANCE)
         except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
-            log.warning("webhook refused: %s", exc)
+            metrics.AUTH_FAIL_WEBHOOK.inc()
+            self.refusals.log(logging.WARNING, "webhook signature refused", "webhook refused: %s",
+                          str(exc).split("\n")[0][:200])
             return _error(400, "invalid_signature", str(exc).split("\n")[0])
         try:
             event = orjson.loads(body)

@@ -8,6 +8,7 @@ ledger and outbox."""
 from __future__ import annotations
 
 import asyncio
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.credits.reserve import WINDOW, Estimator, Reservations, high_percentile
+from proxy.credits.service import load_book
 from proxy.rules import check_rules, load_rules
 from tests.conftest import Proxy, ProxyFactory
 from tests.servers import serve
@@ -155,17 +157,20 @@ async def test_cold_start_overrun_becomes_debt_bounded_and_repaid_by_next_grant(
         summary = await p.admin("GET", "/admin/customers/blk/grants", expect=200)
         assert (summary["balance"], summary["debt"], summary["available"]) == ("-18", "18",
                                                                                "-18")
-        await p.server.shutdown()
-    p = await make_proxy(rules_text=RULES)     # same database, a real upstream again
-    async with p.session.post(p.url + "/v1/chat/completions", json=FORTY, headers=h) as r:
-        assert r.status == 402                 # in debt (after a restart too)
-    await p.admin("POST", "/admin/customers/blk/grants",
-                  {"credits": "20", "idempotency_key": "blk-2"}, expect=201)
-    summary = await p.admin("GET", "/admin/customers/blk/grants", expect=200)
-    assert (summary["balance"], summary["debt"]) == ("2", "0")
-    assert _ledger(p, "blk") == {"debit": 2 * Q, "debt": 18 * Q, "repay": 18 * Q}
-    async with p.session.post(p.url + "/v1/chat/completions", json=FORTY, headers=h) as r:
-        assert r.status == 200 and r.headers["X-Credits-Remaining"] == "1.6"
+        with p.db() as c:                      # what a restart rebuilds from the ledger
+            book = load_book(c)
+        assert (book.debt("blk"), book.balance("blk", time.time())) == (18 * Q, -18 * Q)
+        async with p.session.post(p.url + "/v1/chat/completions", json=FORTY,
+                                  headers=h) as r:
+            assert r.status == 402             # in debt
+        await p.admin("POST", "/admin/customers/blk/grants",
+                      {"credits": "20", "idempotency_key": "blk-2"}, expect=201)
+        summary = await p.admin("GET", "/admin/customers/blk/grants", expect=200)
+        assert (summary["balance"], summary["debt"]) == ("2", "0")
+        assert _ledger(p, "blk") == {"debit": 2 * Q, "debt": 18 * Q, "repay": 18 * Q}
+        async with p.session.post(p.url + "/v1/chat/completions", json=FORTY,
+                                  headers=h) as r:
+            assert r.status == 200 and r.headers["X-Credits-Remaining"] == "1.6"
 
 
 def test_reserve_from_is_validated_with_positions(tmp_path: Path) -> None:

@@ -215,9 +215,9 @@ def test_clawback_never_takes_more_than_its_layers(amount: int, remaining: int, 
     assert all(e.amount > 0 for e in entries)
 
 
-# ---------------------------------------------------------------- migration 6
+# ---------------------------------------------------------------- migration 7
 
-def test_migration_6_keeps_the_ledger_and_constrains_debt(tmp_path: Path) -> None:
+def test_migration_7_keeps_the_ledger_and_constrains_debt(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     for i, script in enumerate(MIGRATIONS[:5], start=1):

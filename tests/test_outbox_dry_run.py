@@ -36,7 +36,7 @@ async def test_fractions_are_carried_never_rounded_away(make_proxy: ProxyFactory
         assert rep["dead"] == 0 and rep["retrying"] == 0
         with p.db() as c:
             (reported,) = c.execute("SELECT COALESCE(SUM(value), 0) FROM outbox WHERE"
-                                    " customer_id='f' AND status='sent'").fetchone()
+                                    " customer_id='f' AND status='dry_run'").fetchone()
         # the sum reported after N flushes is floor of the total; the rest is carried
         assert reported == (total_requests * 4) // 10
         detail = await p.admin("GET", "/admin/customers/f", expect=200)
@@ -62,7 +62,7 @@ async def test_customer_without_stripe_id_is_dead_lettered_and_replayable(
     await p.admin("POST", "/admin/customers", {"id": "nostripe", "stripe_customer_id": "cus_9"},
                   expect=200)
     out = await p.admin("POST", f"/admin/dead-letters/{dead[0]['id']}/replay", expect=200)
-    assert out["replayed"]["status"] == "sent"
+    assert out["replayed"]["status"] == "dry_run"     # logged by the dry-run sink, not sent
     assert (await p.admin("GET", "/admin/dead-letters", expect=200))["dead_letters"] == []
     await p.admin("POST", "/admin/dead-letters/999/replay", expect=404)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections import Counter
 from pathlib import Path
@@ -122,28 +123,44 @@ async def test_first_sse_chunk_arrives_while_upstream_holds_the_rest(
         assert p.ledger_totals() == {("s", "units"): 5 * Q}
 
 
-async def test_abandoned_stream_is_metered_with_what_was_measured(proxy: Proxy) -> None:
-    key = await proxy.customer_with_key("ab")
-    async with aiohttp.ClientSession() as s:
-        r = await s.get(proxy.url + "/v1/stream?chunks=50&chunk_delay_ms=20",
-                        headers={"Authorization": f"Bearer {key}"})
-        got = 0
-        while got < 3:
-            line = await r.content.readuntil(b"\n\n")
-            got += 1
-        last = orjson.loads(line.removeprefix(b"data: ").strip())
-        r.close()  # the consumer walks away mid-stream
-    for _ in range(200):
-        totals = proxy.ledger_totals()
-        if totals:
-            break
-        await asyncio.sleep(0.02)
-    q = totals[("ab", "units")]
-    # at least what the consumer saw, and well short of the full 50-event stream
-    assert last["units"] * Q <= q < 50 * Q
-    with proxy.db() as c:
-        flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
-    assert "abandoned" in flags
+async def test_abandoned_stream_is_metered_with_what_was_delivered(
+        make_proxy: ProxyFactory) -> None:
+    release = asyncio.Event()
+    events = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(50)]
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in events[:3]:
+            await resp.write(e)
+        await release.wait()         # the rest only once the consumer has gone
+        for e in events[3:]:
+            await resp.write(e)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    async with serve(app) as upstream_url:
+        proxy = await make_proxy(upstream_url=upstream_url)
+        key = await proxy.customer_with_key("ab")
+        async with aiohttp.ClientSession() as s:
+            r = await s.get(proxy.url + "/v1/stream", headers={"Authorization": f"Bearer {key}"})
+            for e in events[:3]:
+                assert await r.content.readuntil(b"\n\n") == e
+            r.close()  # the consumer walks away mid-stream
+        # the upstream holds event 4 back until the proxy has recorded the abandonment, so
+        # what the proxy measured is exactly what the consumer received
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (totals := proxy.ledger_totals()):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        release.set()
+        # exactly the last value the consumer received (events 4..50 were never delivered)
+        assert totals == {("ab", "units"): 3 * Q}
+        with proxy.db() as c:
+            flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
+        assert flags == "abandoned"
 
 
 async def test_request_json_and_bytes(proxy: Proxy) -> None:
@@ -204,7 +221,7 @@ async def test_websocket_passes_through(proxy: Proxy) -> None:
 async def test_large_body_streams_through(proxy: Proxy, tmp_path: Path) -> None:
     key = await proxy.customer_with_key("big")
     payload = random.Random(1).randbytes(3 * 1024 * 1024)
-    async with proxy.session.post(proxy.url + "/v1/upload", data=payload,
+    async with proxy.session.post(proxy.url + "/v1/upload", data=io.BytesIO(payload),
                                   headers={"Authorization": f"Bearer {key}"}) as r:
         assert r.status == 200
         assert await r.read() == payload

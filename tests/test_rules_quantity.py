@@ -98,9 +98,11 @@ def test_openai_chat_stream_and_json(rules: dict[str, Rule]) -> None:
     assert run(r, "application/json", [body]) == [Quantity("m", 30 * M, False)]
 
 
-def test_openai_chat_stream_without_usage_is_unreadable(rules: dict[str, Rule]) -> None:
+def test_openai_chat_stream_without_usage_bills_the_reservation(rules: dict[str, Rule]) -> None:
     stream = sse({"choices": [{"delta": {"content": "a"}}]})
-    assert run(rules["chat"], "text/event-stream", stream) == [Quantity("m", 0, True)]
+    # no estimate on the rule: the reservation is credits.default_estimate (1 unit here)
+    assert run(rules["chat"], "text/event-stream", stream) == [
+        Quantity("m", M, True, "no_usage_event")]
 
 
 def test_anthropic_stream_and_json(rules: dict[str, Rule]) -> None:
@@ -118,9 +120,12 @@ def test_anthropic_stream_and_json(rules: dict[str, Rule]) -> None:
     assert run(r, "application/json", [body]) == [Quantity("m", 10 * M, False)]
 
 
-def test_anthropic_abandoned_before_delta_is_unreadable(rules: dict[str, Rule]) -> None:
+def test_anthropic_abandoned_before_delta_bills_the_reservation(rules: dict[str, Rule]) -> None:
     stream = sse({"type": "message_start", "message": {"usage": {"input_tokens": 25}}})
-    assert run(rules["anthropic"], "text/event-stream", stream) == [Quantity("m", 0, True)]
+    assert run(rules["anthropic"], "text/event-stream", stream, abandoned=True) == [
+        Quantity("m", M, True, "stream_abandoned")]
+    assert run(rules["anthropic"], "text/event-stream", stream) == [
+        Quantity("m", M, True, "no_usage_event")]
 
 
 def test_openai_responses_stream_and_json(rules: dict[str, Rule]) -> None:
@@ -137,16 +142,16 @@ def test_openai_responses_stream_and_json(rules: dict[str, Rule]) -> None:
 @pytest.mark.parametrize(("body", "expected"), [
     (b'{"choices": [{"n": 2.5}]}', Quantity("m", 2_500_000, False)),
     (b'{"choices": [{"n": "4"}]}', Quantity("m", 4 * M, False)),
-    (b'{"choices": [{"n": -1}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": true}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": "4x"}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": "NaN"}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": "1_000"}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": null}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": []}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": 1e300}]}', Quantity("m", 7 * M, True)),
-    (b'{"choices": [{"n": 1', Quantity("m", 7 * M, True)),
-    (b"[1, 2]", Quantity("m", 7 * M, True)),
+    (b'{"choices": [{"n": -1}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": true}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": "4x"}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": "NaN"}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": "1_000"}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": null}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": []}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": 1e300}]}', Quantity("m", 7 * M, True, "unreadable")),
+    (b'{"choices": [{"n": 1', Quantity("m", 7 * M, True, "unreadable")),
+    (b"[1, 2]", Quantity("m", 7 * M, True, "unreadable")),
 ])
 def test_response_json_field(rules: dict[str, Rule], body: bytes, expected: Quantity) -> None:
     assert run(rules["field"], "application/json", [body]) == [expected]
@@ -156,7 +161,9 @@ def test_response_json_over_cap(rules: dict[str, Rule]) -> None:
     insp = rules["field"].new_inspector("application/json", 8)
     assert insp is not None
     insp.feed(b'{"choices": [{"n": 2}]}')
-    assert compute(rules["field"], meas(insp.result())) == [Quantity("m", 7 * M, True)]
+    # a list index cannot be followed by the over-cap key scan
+    assert compute(rules["field"], meas(insp.result())) == [
+        Quantity("m", 7 * M, True, "over_cap")]
 
 
 def test_response_json_field_on_sse(rules: dict[str, Rule]) -> None:
@@ -165,7 +172,7 @@ def test_response_json_field_on_sse(rules: dict[str, Rule]) -> None:
 
 
 def test_no_body_view_is_unreadable(rules: dict[str, Rule]) -> None:
-    assert compute(rules["field"], meas(None)) == [Quantity("m", 7 * M, True)]
+    assert compute(rules["field"], meas(None)) == [Quantity("m", 7 * M, True, "unreadable")]
 
 
 def test_all_simple_sources(rules: dict[str, Rule]) -> None:

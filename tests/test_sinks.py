@@ -16,6 +16,7 @@ import pytest
 import stripe
 
 from proxy.config import StripeConfig
+from proxy.errors import ConfigError
 from proxy.flusher import _reason_kind
 from proxy.sinks.base import Kind, Outcome, OutEvent
 from proxy.sinks.dry_run import DryRunSink
@@ -417,7 +418,8 @@ async def test_usage_records_errors(double: RunningDouble) -> None:
 
 
 async def test_factory(double: RunningDouble) -> None:
-    assert isinstance(build_sink(StripeConfig(api_key="", sink="meter_events")), DryRunSink)
+    with pytest.raises(ConfigError, match=r"stripe\.api_key is empty but stripe\.sink is meter_events"):
+        build_sink(StripeConfig(api_key="", sink="meter_events"))
     assert isinstance(build_sink(StripeConfig(api_key=TEST_API_KEY, sink="dry_run")), DryRunSink)
     base = {"api_key": TEST_API_KEY, "api_base": double.url, "meter_events_base": double.url}
     for kind, cls in (("meter_events", MeterEventsSink),

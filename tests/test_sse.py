@@ -130,11 +130,18 @@ def test_json_inspector_parses_at_result() -> None:
     assert insp.result().get("t") == 42
 
 
-def test_json_inspector_over_cap_is_malformed() -> None:
+def test_json_inspector_over_cap_is_scanned() -> None:
     insp = JsonInspector((TOTAL,), 10)
     insp.feed(b'{"usage": {"total_tokens": 1}}')
     view = insp.result()
-    assert view.malformed and view.get("t") is UNREADABLE
+    assert not view.malformed and view.scanned and view.get("t") == 1
+
+
+def test_json_inspector_over_cap_truncated_is_malformed() -> None:
+    insp = JsonInspector((TOTAL,), 10)
+    insp.feed(b'{"usage": {"total_tokens": 1}')
+    view = insp.result()
+    assert view.malformed and view.reason == "over_cap" and view.get("t") is UNREADABLE
 
 
 def test_sse_inspector_keeps_last_value() -> None:

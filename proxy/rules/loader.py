@@ -402,7 +402,7 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
     if "credits" in m:
         credits = f.number((*path, "credits"), m["credits"], "credits")
     _, estimate = _optional_micro(f, m, path, "estimate", None)
-    _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", 0)
+    _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", None)
     transform = _transform(f, (*path, "transform"), m["transform"]) if "transform" in m else None
     reserve = _reserve_from(f, (*path, "reserve_from"), m["reserve_from"], template, source) \
         if "reserve_from" in m else None
@@ -410,7 +410,7 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
         return None
     return UsageSpec(meter=meter, source=source, credits_per_unit=credits,
                      estimate_micro=estimate, transform=transform,
-                     on_unreadable_micro=on_unreadable or 0, line=f.line(path),
+                     on_unreadable_micro=on_unreadable, line=f.line(path),
                      reserve_from=reserve)
 
 
@@ -525,7 +525,8 @@ def _rule(f: _File, path: KeyPath, value: object, default_cw: CountWhen,
                                  for u in usage),
                 response_body=need, matcher=matcher,
                 description=desc if isinstance(desc, str) else None,
-                file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp)
+                file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp,
+                stream_usage=any(u.source.preset == "openai_chat" for u in usage))
     return _RuleEntry(f, path, name, matcher, rule)
 
 

@@ -187,7 +187,9 @@ class UsageSpec:
     credits_per_unit: Decimal | None = None
     estimate_micro: int | None = None
     transform: Transform | None = None
-    on_unreadable_micro: int = 0
+    # None: an unreadable quantity bills the reservation (``estimate``, else
+    # ``credits.default_estimate``), never 0 unless the operator writes on_unreadable: 0
+    on_unreadable_micro: int | None = None
     line: int = 0
     # a request-side upper bound to reserve credits from (proxy.credits.reserve)
     reserve_from: QuantitySource | None = None
@@ -216,14 +218,17 @@ class Rule:
     line: int = 0
     json_probes: tuple[Probe, ...] = ()
     sse_probes: tuple[Probe, ...] = ()
+    # an openai_chat preset: a streamed request without stream_options.include_usage gets
+    # it added, so the upstream reports usage (see docs/metering-bodies.md)
+    stream_usage: bool = False
 
-    def new_inspector(self, content_type: str | None,
-                      max_inspect_bytes: int) -> ResponseInspector | None:
+    def new_inspector(self, content_type: str | None, max_inspect_bytes: int,
+                      content_encoding: str | None = None) -> ResponseInspector | None:
         """A per-request inspector for the response body, or None if none is needed."""
         if self.response_body is ResponseNeed.NONE:
             return None
         return new_inspector(self.json_probes, self.sse_probes, content_type,
-                             max_inspect_bytes)
+                             max_inspect_bytes, content_encoding)
 
 
 @dataclass(frozen=True, slots=True)

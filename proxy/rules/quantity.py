@@ -8,9 +8,11 @@ Invariants:
 - Exact: numbers are parsed to ``Decimal`` (strings by a strict decimal grammar, no
   ``_`` separators, no NaN/inf), never through float arithmetic.
 - A value that cannot be read (absent, not a number, bool, negative, non-finite,
-  beyond ``MAX_UNITS``, malformed or over-cap body, stream abandoned too early)
-  yields the usage's ``on_unreadable`` quantity with ``unreadable=True``;
-  ``on_unreadable`` is already in meter units and is not transformed.
+  beyond ``MAX_UNITS``, malformed or undecodable body, stream abandoned before its usage
+  event) yields the usage's fallback with ``unreadable=True`` and a ``reason``: its
+  ``on_unreadable`` when the operator set one, else the reservation (its ``estimate``,
+  else ``credits.default_estimate``), never 0 by default. The fallback is in meter units
+  and is not transformed.
 - A transform divides the unit quantity exactly (``Fraction``) and rounds to whole
   units, as Stripe's ``transform_quantity`` does.
 """
@@ -28,7 +30,21 @@ from proxy.rules.model import PRESETS, Rule, SourceKind, Transform, UsageSpec
 from proxy.rules.sse import UNREADABLE, BodyView, lookup
 from proxy.units import QSCALE, UnitError, to_decimal, to_micro
 
-__all__ = ["MAX_UNITS", "UNREADABLE", "Measurement", "Quantity", "compute", "parse_number"]
+__all__ = ["FALLBACK_REASONS", "MAX_UNITS", "UNREADABLE", "Measurement", "Quantity", "compute",
+           "fallback_micro", "parse_number"]
+
+FALLBACK_REASONS = ("compressed_too_large", "over_cap", "stream_abandoned", "no_usage_event",
+                    "unreadable")
+"""Why a quantity took its fallback (the ``reason`` label of
+``meterproxy_quantity_fallback_total``):
+
+- ``compressed_too_large``: the body came compressed and decoded to more than the bound;
+- ``over_cap``: the body was over ``max_inspect_bytes`` and the key scan did not find it;
+- ``stream_abandoned``: the consumer went away (or the upstream cut the body) before the
+  value came;
+- ``no_usage_event``: a complete event stream never carried the value;
+- ``unreadable``: anything else (absent, not a number, malformed JSON, corrupt encoding).
+"""
 
 MAX_UNITS = Decimal(10) ** 12  # above this a reading is treated as unreadable (int64 headroom)
 _NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*\Z")
@@ -46,6 +62,7 @@ class Measurement:
     request_bytes: int
     response_bytes: int
     duration_ms: Decimal
+    abandoned: bool = False   # the body ended early (consumer left, upstream cut it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +70,7 @@ class Quantity:
     meter: str
     micro: int
     unreadable: bool
+    reason: str = ""          # one of FALLBACK_REASONS when unreadable
 
 
 def parse_number(value: object) -> Decimal | None:
@@ -130,21 +148,56 @@ def apply_transform(units: Decimal, t: Transform) -> int:
     return math.ceil(exact) if t.round == "up" else math.floor(exact)
 
 
-def _one(u: UsageSpec, m: Measurement) -> Quantity:
+def fallback_micro(u: UsageSpec, default_estimate_micro: int) -> int:
+    """What an unreadable quantity bills: ``on_unreadable`` if set, else the reservation."""
+    if u.on_unreadable_micro is not None:
+        return u.on_unreadable_micro
+    return u.estimate_micro if u.estimate_micro is not None else default_estimate_micro
+
+
+def _absent(u: UsageSpec, body: BodyView) -> bool:
+    src = u.source
+    if src.kind is SourceKind.PRESET:
+        assert src.preset is not None
+        return any(body.get(k) is UNREADABLE for k in PRESETS[src.preset].sum_keys)
+    return body.get(src.probe_key) is UNREADABLE
+
+
+def fallback_reason(u: UsageSpec, m: Measurement) -> str:
+    """Why ``u`` could not be read from ``m`` (one of :data:`FALLBACK_REASONS`)."""
+    if u.source.kind not in (SourceKind.RESPONSE_JSON, SourceKind.PRESET):
+        return "unreadable"
+    body = m.response_body
+    if body is not None and not body.malformed and not _absent(u, body):
+        return "unreadable"          # the value came, but is not a valid quantity
+    if m.abandoned:
+        return "stream_abandoned"
+    if body is None:
+        return "unreadable"
+    if body.malformed or body.scanned:
+        return body.reason or "unreadable"
+    return "no_usage_event" if body.streamed else "unreadable"
+
+
+def _one(u: UsageSpec, m: Measurement, default_estimate_micro: int) -> Quantity:
     d = _value(u, m)
-    if d is None:
-        return Quantity(u.meter, u.on_unreadable_micro, True)
-    try:
-        micro = (apply_transform(d, u.transform) * QSCALE if u.transform is not None
-                 else to_micro(d))
-    except (ArithmeticError, InvalidOperation, UnitError, ValueError):
-        return Quantity(u.meter, u.on_unreadable_micro, True)
-    return Quantity(u.meter, micro, False)
+    if d is not None:
+        try:
+            micro = (apply_transform(d, u.transform) * QSCALE if u.transform is not None
+                     else to_micro(d))
+        except (ArithmeticError, InvalidOperation, UnitError, ValueError):
+            return Quantity(u.meter, fallback_micro(u, default_estimate_micro), True,
+                            "unreadable")
+        return Quantity(u.meter, micro, False)
+    return Quantity(u.meter, fallback_micro(u, default_estimate_micro), True,
+                    fallback_reason(u, m))
 
 
-def compute(rule: Rule, m: Measurement) -> list[Quantity]:
-    """One :class:`Quantity` per usage spec of ``rule``, in rule order. Never raises."""
-    return [_one(u, m) for u in rule.usage]
+def compute(rule: Rule, m: Measurement, default_estimate_micro: int = QSCALE) -> list[Quantity]:
+    """One :class:`Quantity` per usage spec of ``rule``, in rule order. Never raises.
+    ``default_estimate_micro`` is ``credits.default_estimate`` (the reservation of a usage
+    without ``estimate``)."""
+    return [_one(u, m, default_estimate_micro) for u in rule.usage]
 
 
 _CONSTANTS: dict[int, tuple[Rule, tuple[Quantity, ...] | None]] = {}
@@ -162,7 +215,7 @@ def constant_quantities(rule: Rule) -> tuple[Quantity, ...] | None:
         return hit[1]
     result: tuple[Quantity, ...] | None = None
     if all(u.source.kind is SourceKind.CONSTANT for u in rule.usage):
-        result = tuple(_one(u, _NO_MEASUREMENT) for u in rule.usage)
+        result = tuple(_one(u, _NO_MEASUREMENT, QSCALE) for u in rule.usage)
     if len(_CONSTANTS) > 10_000:      # rules reloaded many times: drop stale entries
         _CONSTANTS.clear()
     _CONSTANTS[id(rule)] = (rule, result)

@@ -25,6 +25,8 @@ from typing import Protocol
 
 import orjson
 
+from proxy.rules.jsonscan import KeyScanner
+
 __all__ = [
     "UNREADABLE",
     "BodyView",
@@ -34,7 +36,9 @@ __all__ = [
     "SseEvent",
     "SseInspector",
     "SseParser",
+    "UsageChunkFilter",
     "lookup",
+    "with_stream_usage",
 ]
 
 JsonPath = tuple[str, ...]
@@ -101,12 +105,18 @@ class Probe:
 class BodyView:
     """What an inspector measured: probe key -> last value seen (absent if never seen).
 
-    ``malformed`` is set when a JSON body was over the cap or not valid JSON."""
+    ``malformed`` is set when the body could not be read (not valid JSON, truncated,
+    undecodable); ``reason`` then says why, as counted in
+    ``meterproxy_quantity_fallback_total``: ``unreadable``, ``over_cap`` (over
+    ``max_inspect_bytes`` and the key scan failed) or ``compressed_too_large``.
+    ``scanned`` is set when an over-cap JSON body was read by the key scanner."""
 
     values: Mapping[str, object]
     malformed: bool = False
     streamed: bool = False
     skipped_events: int = 0
+    reason: str = ""
+    scanned: bool = False
 
     def get(self, key: str) -> object:
         return self.values.get(key, UNREADABLE)
@@ -266,32 +276,44 @@ def _match_probes(doc: object, probes: tuple[Probe, ...], out: dict[str, object]
 
 
 class JsonInspector:
-    """Buffers a (non-SSE) body up to the cap and parses it once at :meth:`result`."""
+    """Buffers a (non-SSE) body up to the cap and parses it once at :meth:`result`. A body
+    over the cap is not given up: from then on it goes through a :class:`KeyScanner`, which
+    finds the probes' values without keeping the body (the buffer is dropped)."""
 
-    __slots__ = ("_buf", "_cap", "_over", "_probes")
+    __slots__ = ("_buf", "_cap", "_probes", "_result", "_scanner")
 
     def __init__(self, probes: tuple[Probe, ...], max_inspect_bytes: int) -> None:
         self._probes = probes
         self._cap = max_inspect_bytes
         self._buf = bytearray()
-        self._over = False
+        self._scanner: KeyScanner | None = None
+        self._result: BodyView | None = None
 
     def feed(self, chunk: bytes) -> None:
-        if self._over:
+        if self._scanner is not None:
+            self._scanner.feed(chunk)
             return
         if len(self._buf) + len(chunk) > self._cap:
-            self._over = True
+            self._scanner = KeyScanner(self._probes, self._cap)
+            self._scanner.feed(bytes(self._buf))
             self._buf = bytearray()
+            self._scanner.feed(chunk)
             return
         self._buf += chunk
 
     def result(self) -> BodyView:
-        if self._over:
-            return BodyView({}, malformed=True)
+        """What the body says so far (a partial body is malformed). Once the key scanner
+        took over, the first call ends the scan: it is made when the body ended."""
+        scanner = self._scanner
+        if scanner is not None:
+            if self._result is None:
+                self._result = BodyView(dict(scanner.values), scanned=True, reason="over_cap") \
+                    if scanner.close() else BodyView({}, malformed=True, reason="over_cap")
+            return self._result
         try:
             doc = orjson.loads(self._buf)
         except orjson.JSONDecodeError:
-            return BodyView({}, malformed=True)
+            return BodyView({}, malformed=True, reason="unreadable")
         values: dict[str, object] = {}
         _match_probes(doc, self._probes, values)
         return BodyView(values)
@@ -341,6 +363,101 @@ class SseInspector:
                         skipped_events=self._parser.oversized)
 
 
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class UsageChunkFilter:
+    """Removes, from an OpenAI chat completion stream, the usage-only chunk (``"choices": []``
+    with a ``usage`` object) that the proxy asked for on behalf of a client that did not:
+    the client then receives the stream it asked for. Every other byte passes unchanged and
+    in order; only whole events are held back (at most ``max_pending`` bytes, beyond which
+    filtering stops and everything passes)."""
+
+    __slots__ = ("_max", "_off", "_pending")
+
+    def __init__(self, max_pending: int) -> None:
+        self._pending = b""
+        self._max = max_pending
+        self._off = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send now for ``chunk``."""
+        if self._off:
+            return chunk
+        data = self._pending + chunk if self._pending else chunk
+        if not self._pending and data.endswith(b"\n\n") and b'"choices":[]' not in data \
+                and b'"choices": []' not in data:
+            return data                      # whole events, none of them the usage chunk
+        end = 0
+        for m in _BOUNDARY.finditer(data):
+            end = m.end()
+        if end == 0:
+            if len(data) > self._max:        # no event boundary in sight: stop filtering
+                self._off = True
+                self._pending = b""
+                return data
+            self._pending = data
+            return b""
+        self._pending = data[end:]
+        return self._drop_usage_events(data[:end])
+
+    def flush(self) -> bytes:
+        """What is still held (an unterminated last event) at the end of the stream."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    @staticmethod
+    def _drop_usage_events(events: bytes) -> bytes:
+        if b'"choices":[]' not in events and b'"choices": []' not in events:
+            return events
+        out: list[bytes] = []
+        start = 0
+        for m in _BOUNDARY.finditer(events):
+            ev = events[start:m.end()]
+            start = m.end()
+            if not _is_usage_chunk(ev):
+                out.append(ev)
+        return b"".join(out)
+
+
+def _is_usage_chunk(event: bytes) -> bool:
+    if b'"usage"' not in event:
+        return False
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in _EOL.split(event)
+                      if line.startswith(b"data:"))
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and doc.get("choices") == [] \
+        and isinstance(doc.get("usage"), dict)
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def with_stream_usage(doc: object, raw: bytes) -> bytes | None:
+    """For an ``openai_chat`` request: the body with ``stream_options.include_usage`` set to
+    true when ``doc`` (the parsed ``raw``) asks for a stream without it; None when nothing
+    needs to change. An absent ``stream_options`` is inserted as the first key, leaving
+    every byte the client sent as it was; one that is present is rewritten (re-encoded)."""
+    if not isinstance(doc, dict) or doc.get("stream") is not True:
+        return None
+    so = doc.get("stream_options", _MISSING)
+    if isinstance(so, dict) and so.get("include_usage") is True:
+        return None
+    if so is _MISSING:
+        i = raw.find(b"{")           # only whitespace precedes the object's opening brace
+        return raw[:i + 1] + _INCLUDE_USAGE + raw[i + 1:]
+    new = dict(doc)
+    new["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) \
+        else {"include_usage": True}
+    try:
+        return orjson.dumps(new)
+    except orjson.JSONEncodeError:
+        return None
+
+
 def is_event_stream(content_type: str | None) -> bool:
     """True for ``text/event-stream`` (any parameters, any case)."""
     if not content_type:
@@ -348,9 +465,23 @@ def is_event_stream(content_type: str | None) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
 
 
+DECODE_LIMIT_FACTOR = 16
+"""A compressed body is decoded for inspection up to this many times ``max_inspect_bytes``."""
+
+
 def new_inspector(probes_json: tuple[Probe, ...], probes_sse: tuple[Probe, ...],
-                  content_type: str | None, max_inspect_bytes: int) -> ResponseInspector | None:
-    """The inspector for a response, or None when no probe is needed."""
+                  content_type: str | None, max_inspect_bytes: int,
+                  content_encoding: str | None = None) -> ResponseInspector | None:
+    """The inspector for a response, or None when no probe is needed. A compressed body
+    (any ``Content-Encoding`` but identity) is decoded for inspection, bounded."""
+    inner: ResponseInspector | None
     if is_event_stream(content_type):
-        return SseInspector(probes_sse, max_inspect_bytes) if probes_sse else None
-    return JsonInspector(probes_json, max_inspect_bytes) if probes_json else None
+        inner = SseInspector(probes_sse, max_inspect_bytes) if probes_sse else None
+    else:
+        inner = JsonInspector(probes_json, max_inspect_bytes) if probes_json else None
+    if inner is None or not content_encoding or content_encoding.strip().lower() == "identity":
+        return inner
+    return DecodingInspector(inner, content_encoding, DECODE_LIMIT_FACTOR * max_inspect_bytes)
+
+
+from proxy.rules.decode import DecodingInspector  # noqa: E402  (decode builds on this module)

@@ -13,6 +13,9 @@ Outcome kinds
               same identifier later; ``retry_after`` when Stripe said when.
   DEAD        permanent: will never succeed as sent (unknown event name, no customer
               mapping, outside Stripe's timestamp window, validation error). Dead letter.
+  DRY_RUN     the dry-run sink logged the event and sent nothing. NOT delivered: the row
+              gets the outbox state ``dry_run`` and is sent (same identifier) as soon as
+              a real sink runs on this database.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Kind(enum.Enum):
     DUPLICATE = "duplicate"
     RETRY = "retry"
     DEAD = "dead"
+    DRY_RUN = "dry_run"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,10 @@
-"""The dry-run sink: logs each meter event it would send and reports it delivered.
+"""The dry-run sink: logs each meter event it would send, sends nothing.
 
-The default when no Stripe API key is configured: usage still flows through the outbox
-(identifiers, carried fractions, dead letters for customers without a Stripe id), so an
-operator sees exactly what would reach Stripe before connecting it.
+Only used when chosen explicitly (``stripe.sink: dry_run``). Usage still flows through the
+outbox (identifiers, carried fractions, dead letters for customers without a Stripe id), so
+an operator sees exactly what would reach Stripe before connecting it. Its outcome is
+``DRY_RUN``, never delivered: those rows keep the outbox state ``dry_run`` and a real sink
+started later on the same database sends them, with the same identifiers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class DryRunSink:
                      "payload[stripe_customer_id]=%s payload[value]=%d identifier=%s timestamp=%d",
                      ev.event_name, ev.stripe_customer_id, ev.value, ev.identifier, ev.timestamp)
             self.sent.append(ev)
-        return [Outcome(Kind.DELIVERED, "dry_run") for _ in events]
+        return [Outcome(Kind.DRY_RUN, "dry_run") for _ in events]
 
     async def close(self) -> None:
         return None

@@ -1,7 +1,8 @@
 """Builds the configured usage sink: the one place that maps ``stripe.sink`` to a class.
 
-No API key means the dry-run sink whatever ``stripe.sink`` says, so a fresh install never
-reaches Stripe by accident.
+The dry-run sink is used only when chosen (``stripe.sink: dry_run``). A Stripe sink without
+``stripe.api_key`` is refused at start (ConfigError naming both settings): falling back to
+dry-run would let usage silently never reach Stripe.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from proxy.config import StripeConfig
+from proxy.errors import ConfigError
 from proxy.sinks.base import Sink
 from proxy.sinks.dry_run import DryRunSink
 from proxy.sinks.meter_event_stream import MeterEventStreamSink
@@ -24,10 +26,23 @@ def connect(cfg: StripeConfig) -> StripeConnection:
                             meter_events_base=cfg.meter_events_base, timeout=cfg.timeout)
 
 
+def sink_problem(cfg: StripeConfig) -> str | None:
+    """Why ``cfg`` cannot run its sink, or None."""
+    if cfg.sink != "dry_run" and not cfg.api_key:
+        return (f"stripe.api_key is empty but stripe.sink is {cfg.sink}"
+                f"{' (the default)' if 'sink' not in cfg.model_fields_set else ''}: set"
+                " stripe.api_key (the container config reads it from STRIPE_API_KEY), or choose"
+                " the dry-run sink explicitly with `stripe.sink: dry_run` (logs meter events,"
+                " sends nothing; a real sink configured later sends them)")
+    return None
+
+
 def build_sink(cfg: StripeConfig) -> Sink:
-    if cfg.sink == "dry_run" or not cfg.api_key:
-        if cfg.sink != "dry_run":
-            log.warning("stripe.api_key is empty: using the dry-run sink instead of %s", cfg.sink)
+    problem = sink_problem(cfg)
+    if problem is not None:
+        raise ConfigError([problem])
+    if cfg.sink == "dry_run":
+        log.warning("stripe.sink is dry_run: meter events are logged, nothing is sent to Stripe")
         return DryRunSink()
     if cfg.sink == "meter_events":
         return MeterEventsSink(connect(cfg))

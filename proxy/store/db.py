@@ -21,13 +21,35 @@ Invariants
    ``open`` lets them through and only drops rows when the in-memory bound is hit,
    counting every dropped row.
 4. WAL + ``synchronous=NORMAL``: a committed transaction survives ``kill -9``.
+5. No SQLite call on the loop thread ever waits for a lock: the write connection has
+   ``busy_timeout=0``. A commit that finds the database locked (another process, or our
+   own checkpoint) is retried on a timer (``_BUSY_RETRY``) for up to ``lock_wait``; only
+   then does ``fail_mode`` decide. ``/healthz``, unmetered routes and committed work never
+   wait for it.
+6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread copies the WAL back
+   every ``checkpoint_interval`` without blocking writers; when the WAL is still over
+   ``wal_truncate_size`` a ``TRUNCATE`` checkpoint on the loop connection (non-blocking:
+   skipped when a reader or writer is in the way) resets it to zero bytes, and
+   ``journal_size_limit`` caps the file whenever SQLite restarts the WAL by itself.
+7. The file under the path is the file we write: its (device, inode) is recorded at open
+   and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
+   corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
+   error from a commit) makes the store *broken*: readiness fails with the reason, no
+   further write is attempted (nothing is written into a deleted inode, the checkpoint
+   never recreates a file at the path) and ``fail_mode`` decides for metered requests.
+8. A row whose request withholds its answer when the commit fails (``UsageRow.withhold``:
+   the 503 ``metering_unavailable`` of a buffered response) is dropped on that failure in
+   ``fail_mode: closed`` and its credit debits are handed to ``on_withdraw`` (refunded in
+   memory): a 503 that withheld the answer is never billed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +67,23 @@ log = logging.getLogger("meterproxy.store")
 
 MATERIALIZE_INTERVAL = 0.1
 _MATERIALIZE_BATCH = 20_000
+# retry delays of a group commit that found the database locked (seconds; the last repeats)
+_BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
+# SQLite primary result codes
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+
+
+def _code(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """The database is locked by another connection (SQLITE_BUSY / SQLITE_LOCKED)."""
+    return _code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def is_corrupt(exc: sqlite3.Error) -> bool:
+    return _code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 @dataclass(slots=True)
@@ -71,6 +110,9 @@ class UsageRow:
     debits: list[tuple[str, Entry]] = field(default_factory=list)
     method: str = ""
     path: str = ""
+    # the request answers 503 (withholding the response) if this row fails to commit:
+    # such a row is dropped, never committed later (fail_mode closed)
+    withhold: bool = False
 
 
 # The flat form of a usage row, as journaled and as written to the ledger tables:
@@ -99,25 +141,61 @@ def decode_row(blob: bytes) -> UsageRow:
 
 
 
-def connect(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                           timeout=5.0)
+def connect(path: Path, synchronous: str = "normal", *, create: bool = True,
+            busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A write connection. The Store's (on the loop thread) uses ``busy_timeout_ms=0``: a
+    locked database is an immediate error it retries on a timer, never a blocking wait.
+    Other processes (the CLI) may wait."""
+    uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           timeout=busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
     _migrate(conn)
     return conn
 
 
-def checkpoint(path: Path) -> tuple[int, int, int]:
-    """One PASSIVE WAL checkpoint on a connection of its own (run in a worker thread)."""
-    c = sqlite3.connect(str(path), timeout=1.0)
+def open_existing(path: Path, busy_timeout_ms: int = 1000) -> sqlite3.Connection:
+    """A connection to a database file that must already exist (``mode=rw``: never creates
+    an empty file at the path). For worker threads: it may wait for locks."""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True,
+                           isolation_level=None, check_same_thread=False,
+                           timeout=busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    return conn
+
+
+def file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> tuple[int, int, int]:
+    """One WAL checkpoint: (busy, frames in the WAL, frames copied back)."""
+    busy, log_frames, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    return int(busy), int(log_frames), int(done)
+
+
+def quick_check(path: Path, expect: tuple[int, int]) -> str | None:
+    """``PRAGMA quick_check`` on a fresh connection (a long-lived one could answer from its
+    page cache); None when the file is sound. Run in a worker thread. The file is opened
+    only if it is still the one the store writes (``expect``), so a replaced file's foreign
+    WAL is never applied to it."""
+    if file_id(path) != expect:
+        return None     # reported by the identity check
+    conn = open_existing(path)
     try:
-        busy, log_frames, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(busy), int(log_frames), int(done)
+        rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if is_busy(exc):
+            return None
+        return f"{type(exc).__name__}: {exc}"
     finally:
-        c.close()
+        conn.close()
+    found = [str(r[0]) for r in rows]
+    return None if found == ["ok"] else "; ".join(found)[:500]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -163,43 +241,171 @@ class Store:
     """Owns the write connection. Create with ``Store.open`` inside a running loop."""
 
     def __init__(self, conn: sqlite3.Connection, *, durability: str, commit_interval: float,
-                 fail_mode: str, max_pending_rows: int) -> None:
+                 fail_mode: str, max_pending_rows: int, lock_wait: float = 2.0,
+                 wal_truncate_size: int = 16 * 1024 * 1024) -> None:
         self.conn = conn
         self.durability = durability
         self.commit_interval = commit_interval
         self.fail_mode = fail_mode
         self.max_pending_rows = max_pending_rows
+        self.lock_wait = lock_wait
+        self.wal_truncate_size = wal_truncate_size
         self.healthy = True
         self.last_error: str | None = None
+        # deleted / replaced / corrupt: permanent for this process (restart after repair)
+        self.broken: str | None = None
+        self.on_withdraw: Callable[[UsageRow], None] | None = None
         self._pending: list[UsageRow] = []
         self._scheduled = False
         self._closed = False
         self._retry_delay = 0.05
+        self._busy_since: float | None = None
+        self._busy_tries = 0
         self._loop = asyncio.get_running_loop()
         self._batch_task: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self.path: Path | None = None
+        self._file_id: tuple[int, int] | None = None
+        self._maint: sqlite3.Connection | None = None     # worker-thread checkpoints
+        # held by the worker thread while it uses _maint, and by close(): a connection
+        # closed while another thread steps a statement on it can crash the process
+        self._maint_lock = threading.Lock()
         self._journaled = 1     # unknown until the first materialize (recovery at open)
 
     @classmethod
     def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
              commit_interval: float = 0.01, fail_mode: str = "closed",
-             max_pending_rows: int = 200_000) -> Store:
+             max_pending_rows: int = 200_000, lock_wait: float = 2.0,
+             wal_truncate_size: int = 16 * 1024 * 1024) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = connect(path, synchronous)
+            # start-up may wait for a lock (nothing is served yet); the loop never does
+            conn = connect(path, synchronous, busy_timeout_ms=5000)
+            ident = file_id(path)
             # checkpoints (and their fsync) run off the event loop: see checkpoint_forever
             conn.execute("PRAGMA wal_autocheckpoint=0")
-        except sqlite3.Error as exc:
+            conn.execute(f"PRAGMA journal_size_limit={int(wal_truncate_size)}")
+            maint = open_existing(path)
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open {path}: {exc}") from exc
         store = cls(conn, durability=durability, commit_interval=commit_interval,
-                    fail_mode=fail_mode, max_pending_rows=max_pending_rows)
+                    fail_mode=fail_mode, max_pending_rows=max_pending_rows,
+                    lock_wait=lock_wait, wal_truncate_size=wal_truncate_size)
         store.path = path
+        store._file_id = ident
+        store._maint = maint
         recovered = store.materialize()     # rows a killed process left in the journal
         if recovered:
             log.info("recovered %d journaled usage rows", recovered)
+        conn.execute("PRAGMA busy_timeout=0")
         return store
+
+    # ---- file identity, integrity, WAL size ---------------------------------------------
+
+    def check_file(self) -> str | None:
+        """The reason the database file can no longer be trusted, or None. Cheap (one
+        ``stat``): called every checkpoint tick and by every readiness probe."""
+        if self.broken is None and self.path is not None and self._file_id is not None:
+            try:
+                now = file_id(self.path)
+            except FileNotFoundError:
+                self._break(f"database file {self.path} was deleted while open; restore it "
+                            "and restart (writes stopped so nothing goes to the deleted file)")
+            except OSError as exc:
+                self._break(f"database file {self.path} cannot be checked: {exc}")
+            else:
+                if now != self._file_id:
+                    self._break(f"database file {self.path} was replaced by another file "
+                                "while open; restart to use it (writes stopped)")
+        return self.broken
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            log.error("storage is broken: %s", reason)
+            metrics.storage_broken.set(1)
+        self.healthy = False
+        self.last_error = reason
+
+    def wal_bytes(self) -> int:
+        if self.path is None:
+            return 0
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
+
+    async def checkpoint_forever(self, interval: float = 1.0,
+                                 integrity_interval: float = 300.0) -> None:
+        """Keep the WAL bounded and watch the file. Every ``interval``: the identity check,
+        a PASSIVE checkpoint in a worker thread (copies the WAL back without blocking
+        writers; SQLite's auto-checkpoint would run it inside an unlucky COMMIT on the loop),
+        then, if the WAL is still over ``wal_truncate_size``, a non-blocking TRUNCATE on the
+        loop connection: only the frames written since the passive pass remain to copy."""
+        next_integrity = self._loop.time() + integrity_interval
+        while True:
+            await asyncio.sleep(interval)
+            if self._closed or self.check_file() is not None:
+                continue
+            if self.healthy is False and not self._pending and not self._scheduled:
+                self._scheduled = True      # nothing queued to prove recovery: probe
+                self._loop.call_soon(self._commit_now)
+            await self.checkpoint_once()
+            if integrity_interval > 0 and self._loop.time() >= next_integrity:
+                next_integrity = self._loop.time() + integrity_interval
+                await self.integrity_check()
+            metrics.sqlite_wal_bytes.set(self.wal_bytes())
+
+    def _passive_checkpoint(self) -> None:
+        """Worker thread: one PASSIVE checkpoint on the maintenance connection."""
+        with self._maint_lock:
+            if self._maint is not None:
+                checkpoint(self._maint, "PASSIVE")
+
+    def _close_maint(self) -> None:
+        with self._maint_lock:     # waits for a checkpoint still running in its thread
+            if self._maint is not None:
+                self._maint.close()
+                self._maint = None
+
+    async def checkpoint_once(self) -> None:
+        if self._maint is None or self.broken is not None:
+            return
+        try:
+            await asyncio.to_thread(self._passive_checkpoint)
+            metrics.wal_checkpoints_total.labels("passive", "ok").inc()
+        except sqlite3.Error as exc:
+            metrics.wal_checkpoints_total.labels("passive", "error").inc()
+            if is_corrupt(exc):
+                self._break(f"database corrupt: {exc}")
+                return
+            log.warning("WAL checkpoint failed (will retry): %s", exc)
+        if self._closed or self.wal_bytes() <= self.wal_truncate_size or \
+                self.check_file() is not None:
+            return
+        try:
+            busy, _, _ = checkpoint(self.conn, "TRUNCATE")   # busy_timeout 0: never waits
+        except sqlite3.Error as exc:
+            metrics.wal_checkpoints_total.labels("truncate", "error").inc()
+            if is_corrupt(exc):
+                self._break(f"database corrupt: {exc}")
+            elif not is_busy(exc):
+                log.warning("WAL truncate failed (will retry): %s", exc)
+            return
+        metrics.wal_checkpoints_total.labels("truncate", "busy" if busy else "ok").inc()
+
+    async def integrity_check(self) -> str | None:
+        """``PRAGMA quick_check`` in a worker thread; a problem breaks the store."""
+        if self.path is None or self._file_id is None or self.broken is not None:
+            return self.broken
+        try:
+            problem = await asyncio.to_thread(quick_check, self.path, self._file_id)
+        except (sqlite3.Error, OSError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            self._break(f"database corrupt (quick_check): {problem}")
+        return self.broken
 
     # ---- the journal -> tables ------------------------------------------------------
 
@@ -209,8 +415,8 @@ class Store:
         from the journal atomically."""
         moved = 0
         conn = self.conn
-        if self._journaled == 0:
-            return 0        # nothing journaled since the last run
+        if self._journaled == 0 or self.broken is not None:
+            return 0        # nothing journaled since the last run / never into a lost file
         batch_size = _MATERIALIZE_BATCH if limit is None else min(limit, _MATERIALIZE_BATCH)
         while limit is None or moved < limit:
             conn.execute("BEGIN IMMEDIATE")
@@ -248,26 +454,18 @@ class Store:
         while True:
             await asyncio.sleep(interval)
             while self._journaled:
+                if self.broken is not None:
+                    break
                 try:
                     if self.materialize(limit=slice_rows) < slice_rows:
                         break
                 except sqlite3.Error as exc:
-                    log.warning("materializing the journal failed (will retry): %s", exc)
+                    if is_corrupt(exc):
+                        self._break(f"database corrupt: {exc}")
+                    elif not is_busy(exc):      # a foreign lock: simply retried next tick
+                        log.warning("materializing the journal failed (will retry): %s", exc)
                     break
                 await asyncio.sleep(0)
-
-    async def checkpoint_forever(self, interval: float = 1.0) -> None:
-        """Copy the WAL back into the database file from a worker thread, so a commit on the
-        loop thread never pays for a checkpoint (SQLite's auto-checkpoint would run it inside
-        an unlucky COMMIT, stalling every request for milliseconds)."""
-        while True:
-            await asyncio.sleep(interval)
-            if self.path is None:
-                continue
-            try:
-                await asyncio.to_thread(checkpoint, self.path)
-            except sqlite3.Error as exc:
-                log.warning("WAL checkpoint failed (will retry): %s", exc)
 
     # ---- hot path -------------------------------------------------------------------
 
@@ -295,19 +493,34 @@ class Store:
 
     def _commit_now(self) -> None:
         self._scheduled = False
+        if self._closed:
+            return
         rows, self._pending = self._pending, []
-        if not rows:
+        if not rows and self.healthy:
             self._idle.set()
             return
         started = time.perf_counter()
         try:
-            self._write(rows)
+            if self.broken is not None:
+                raise sqlite3.DatabaseError(self.broken)
+            if rows:
+                self._write(rows)
+            else:
+                self._probe()
         except sqlite3.Error as exc:
+            if is_busy(exc) and self._wait_for_lock(rows):
+                return
+            if is_corrupt(exc):
+                self._break(f"database corrupt: {exc}")
+            self._busy_since = None
             self._on_failure(rows, exc)
         else:
+            self._busy_since = None
             self._on_success(rows, time.perf_counter() - started)
         metrics.pending_usage_rows.set(len(self._pending))
-        if self._pending and not self._scheduled:
+        if (self._pending or not self.healthy) and not self._scheduled and self.broken is None:
+            # unhealthy with nothing queued: an empty transaction probes for recovery, so
+            # admission (``accepting``) reopens once the database takes writes again
             self._scheduled = True
             if self.healthy and self.durability == "strict":
                 self._loop.call_soon(self._commit_now)
@@ -316,6 +529,29 @@ class Store:
                                       self._commit_now)
         elif not self._pending:
             self._idle.set()
+
+    def _wait_for_lock(self, rows: list[UsageRow]) -> bool:
+        """Another connection holds the write lock: put the rows back and retry on a timer
+        (the loop keeps serving) until ``lock_wait`` has passed since the first refusal.
+        False when the wait is over (the caller treats it as a failed commit)."""
+        now = self._loop.time()
+        if self._busy_since is None:
+            self._busy_since = now
+            self._busy_tries = 0
+            metrics.commits_total.labels("locked").inc()
+        elif now - self._busy_since >= self.lock_wait or not self.healthy:
+            return False
+        self._pending[:0] = rows
+        delay = _BUSY_RETRY[min(self._busy_tries, len(_BUSY_RETRY) - 1)]
+        self._busy_tries += 1
+        self._scheduled = True
+        self._loop.call_later(delay, self._commit_now)
+        return True
+
+    def _probe(self) -> None:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")
 
     def _write(self, rows: Sequence[UsageRow]) -> None:
         conn = self.conn
@@ -368,6 +604,8 @@ class Store:
         self.healthy = True
         self.last_error = None
         self._retry_delay = 0.05
+        if not rows:
+            return      # a recovery probe
         metrics.commits_total.labels("ok").inc()
         metrics.commit_rows.observe(len(rows))
         metrics.commit_seconds.observe(seconds)
@@ -377,19 +615,31 @@ class Store:
 
     def _on_failure(self, rows: list[UsageRow], exc: sqlite3.Error) -> None:
         self.healthy = False
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = self.broken or f"{type(exc).__name__}: {exc}"
         self._retry_delay = min(self._retry_delay * 2, 1.0)
         metrics.commits_total.labels("error").inc()
-        log.error("group commit of %d rows failed (%s); rows kept in memory", len(rows),
-                  self.last_error)
+        if rows:
+            log.error("group commit of %d rows failed (%s); rows kept in memory", len(rows),
+                      self.last_error)
+        keep: list[UsageRow] = []
+        withdrawn = 0
         for r in rows:
             fut, r.future = r.future, None
             if fut is not None and not fut.done():
                 if self.fail_mode == "closed":
                     fut.set_exception(MeteringUnavailable(self.last_error))
+                    if r.withhold:
+                        # the consumer gets 503 instead of the answer: never bill it later
+                        withdrawn += 1
+                        if self.on_withdraw is not None:
+                            self.on_withdraw(r)
+                        continue
                 else:
                     fut.set_result(None)
-        keep = rows + self._pending
+            keep.append(r)
+        if withdrawn:
+            metrics.withdrawn_usage_rows_total.inc(withdrawn)
+        keep += self._pending
         overflow = len(keep) - self.max_pending_rows
         if overflow > 0:
             # only reachable after a long outage; fail_mode closed stops admitting long before
@@ -413,12 +663,21 @@ class Store:
         return self.try_materialize()
 
     def commit_pending(self) -> None:
-        """Synchronous final commit (shutdown)."""
-        if self._pending:
-            self._commit_now()
+        """Synchronous final commit (shutdown: nothing is served any more, so this one may
+        wait up to ``lock_wait`` for a lock)."""
+        if self._pending and not self._closed:
+            self.conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000)}")
+            try:
+                self._commit_now()
+            finally:
+                self.conn.execute("PRAGMA busy_timeout=0")
 
     def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run a small write transaction (admin operations) on the owned connection."""
+        """Run a small write transaction (admin operations) on the owned connection. Never
+        waits for a lock (``busy_timeout`` 0): a foreign lock is an immediate
+        ``sqlite3.OperationalError`` for the caller to report or retry."""
+        if self.broken is not None:
+            raise sqlite3.OperationalError(self.broken)
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -434,8 +693,25 @@ class Store:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
+        if self.check_file() is not None:
+            if self._pending:
+                metrics.lost_usage_rows_total.inc(len(self._pending))
+                log.error("%d usage rows not committed at shutdown: %s", len(self._pending),
+                          self.broken)
+            self._pending = []
+            self._closed = True
+            self._close_maint()
+            self.conn.close()
+            return
         self.commit_pending()
+        if self._pending:
+            metrics.lost_usage_rows_total.inc(len(self._pending))
+            log.error("%d usage rows could not be committed at shutdown (%s)",
+                      len(self._pending), self.last_error)
+            self._pending = []
         self._closed = True
+        # shutdown may wait for a lock: nothing is served any more
+        self.conn.execute(f"PRAGMA busy_timeout={int(max(self.lock_wait, 1.0) * 1000)}")
         try:
             self.materialize()
         except sqlite3.Error as exc:
@@ -444,4 +720,5 @@ class Store:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("final WAL checkpoint failed: %s", exc)
+        self._close_maint()
         self.conn.close()

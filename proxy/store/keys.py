@@ -146,8 +146,11 @@ def list_keys(conn: sqlite3.Connection, customer_id: str | None = None) -> list[
     if customer_id is not None:
         sql += " WHERE customer_id=?"
         args = (customer_id,)
+    from proxy.timeutil import rfc3339
+
     return [{"key_id": r[0], "customer_id": r[1], "name": r[2], "prefix": r[3],
-             "created_at": r[4], "revoked_at": r[5]} for r in conn.execute(sql + " ORDER BY created_at", args)]
+             "created_at": rfc3339(r[4]), "revoked_at": rfc3339(r[5]) if r[5] is not None else None}
+            for r in conn.execute(sql + " ORDER BY created_at, rowid", args)]
 
 
 class KeyCache:
@@ -171,6 +174,8 @@ class KeyCache:
             return self._memo[raw]
         except KeyError:
             pass
+        if not raw.isascii():            # keys are ASCII; header bytes >= 0x80 are not keys
+            return None
         entry = self._keys.get(hash_key(raw))
         if entry is not None:            # unknown keys are not memoised: no memory for junk
             if len(self._memo) >= self._MEMO_MAX:

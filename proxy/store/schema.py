@@ -175,11 +175,50 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE journal (seq INTEGER PRIMARY KEY, row BLOB NOT NULL);
     """,
-    # 6: the credit lifecycle (docs/credits.md): debt and its repayment in the append-only
+    # 6: the outbox state 'dry_run': events the dry-run sink only logged are not 'sent'
+    # (a real sink delivers them later). SQLite cannot alter a CHECK: the table is rebuilt.
+    # Rows an earlier version marked 'sent' through the dry-run sink were never delivered.
+    """
+    CREATE TABLE outbox_v6 (
+        id INTEGER PRIMARY KEY,
+        identifier TEXT NOT NULL UNIQUE,
+        customer_id TEXT NOT NULL,
+        meter TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        covered INTEGER NOT NULL DEFAULT 0,
+        value INTEGER NOT NULL,
+        window_start INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'sent', 'dead', 'dry_run')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        sent_at INTEGER,
+        sink TEXT,
+        outcome TEXT,
+        last_error TEXT,
+        dead_at INTEGER
+    );
+    INSERT INTO outbox_v6 (id, identifier, customer_id, meter, event_name, covered, value,
+        window_start, timestamp, created_at, status, attempts, next_attempt_at, sent_at, sink,
+        outcome, last_error, dead_at)
+    SELECT id, identifier, customer_id, meter, event_name, covered, value, window_start,
+        timestamp, created_at, status, attempts, next_attempt_at, sent_at, sink, outcome,
+        last_error, dead_at FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v6 RENAME TO outbox;
+    CREATE INDEX outbox_status ON outbox(status, next_attempt_at);
+    CREATE INDEX outbox_customer ON outbox(customer_id, meter, timestamp);
+    CREATE INDEX outbox_timestamp ON outbox(timestamp);
+    UPDATE outbox SET status = 'dry_run', sent_at = NULL, attempts = 0, outcome = 'dry_run'
+        WHERE status = 'sent' AND sink = 'dry_run';
+    """,
+    # 7: the credit lifecycle (docs/credits.md): debt and its repayment in the append-only
     # ledger (a debt entry has no grant), the payments grants came from (refunds, disputes
     # and credit notes claw back), and why a customer is suspended
     """
-    CREATE TABLE credit_entries_v6 (
+    CREATE TABLE credit_entries_v7 (
         seq INTEGER PRIMARY KEY,
         customer_id TEXT NOT NULL,
         grant_id TEXT REFERENCES grants(id),
@@ -190,11 +229,11 @@ MIGRATIONS: tuple[str, ...] = (
         at_ms INTEGER NOT NULL,
         CHECK ((kind = 'debt') = (grant_id IS NULL))
     );
-    INSERT INTO credit_entries_v6(seq, customer_id, grant_id, kind, amount, request_id, meter,
+    INSERT INTO credit_entries_v7(seq, customer_id, grant_id, kind, amount, request_id, meter,
         at_ms) SELECT seq, customer_id, grant_id, kind, amount, request_id, meter, at_ms
         FROM credit_entries;
     DROP TABLE credit_entries;
-    ALTER TABLE credit_entries_v6 RENAME TO credit_entries;
+    ALTER TABLE credit_entries_v7 RENAME TO credit_entries;
     CREATE INDEX credit_entries_grant ON credit_entries(grant_id);
     CREATE INDEX credit_entries_customer ON credit_entries(customer_id, at_ms);
     CREATE TABLE grant_payments (

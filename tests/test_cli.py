@@ -1,0 +1,211 @@
+"""The command line, run as a real subprocess against a running proxy: help everywhere,
+``--config`` anywhere (and ``METERPROXY_CONFIG``), usage mistakes exit 2 with usage,
+failures exit 1 with one clear line, ``dead-letters replay`` fails when the event is not
+delivered, times in RFC 3339."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.cli import build_parser
+from tests.conftest import ROOT, Proxy, ProxyFactory, free_port, write_config
+
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+async def cli(*args: str, env: dict[str, str] | None = None,
+              cwd: Path = ROOT) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, cwd=cwd,
+        env=env if env is not None else
+        {k: v for k, v in os.environ.items() if k != "METERPROXY_CONFIG"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def running(make_proxy: ProxyFactory) -> tuple[Proxy, str]:
+    p = await make_proxy(listen=f"127.0.0.1:{free_port()}",
+                         admin_listen=f"127.0.0.1:{free_port()}")
+    return p, str(p.tmp / "meterproxy.yaml")
+
+
+def _parsers(p: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    out = [(p.prog, p)]
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                out.extend(_parsers(sp))
+    return out
+
+
+def test_every_command_and_option_has_help() -> None:
+    parsers = _parsers(build_parser())
+    assert len(parsers) == 28
+    for prog, p in parsers:
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, (prog, a.dest)
+    helps = {prog: " ".join(p.format_help().split()) for prog, p in parsers}
+    grant = helps["meterproxy credits grant"]
+    assert "--priority 0-100 0 burns first, 100 last (default: 50)" in grant
+    assert "--credits N" in grant and "(default: $METERPROXY_CONFIG, else meterproxy.yaml)" in grant
+    assert "--workdir DIR" in helps["meterproxy demo"]
+    assert "(default: .demo)" in helps["meterproxy demo"]
+    assert "--from TIME" in helps["meterproxy usage"]
+    assert "FROM_" not in "".join(helps.values())
+
+
+async def test_help_runs(tmp_path: Path) -> None:
+    code, out, err = await cli("--help", cwd=tmp_path)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: meterproxy [-h] [--config FILE] COMMAND ...")
+    code, out, _ = await cli("dead-letters", "replay", "--help", cwd=tmp_path)
+    assert code == 0 and "--restamp" in out
+
+
+async def test_config_before_after_and_from_the_environment(
+        running: tuple[Proxy, str], tmp_path: Path) -> None:
+    p, cfg = running
+    await p.admin("POST", "/admin/customers", {"id": "acme"}, expect=201)
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "7"}, expect=201)
+    env = {k: v for k, v in os.environ.items() if k != "METERPROXY_CONFIG"}
+    missing = str(tmp_path / "missing.yaml")
+    for args, extra_env in ((("credits", "list", "acme", "--config", cfg), {}),
+                            (("--config", cfg, "credits", "list", "acme"), {}),
+                            (("credits", "list", "acme"), {"METERPROXY_CONFIG": cfg}),
+                            # the command line beats the environment; the last --config wins
+                            (("credits", "list", "acme", "--config", cfg),
+                             {"METERPROXY_CONFIG": missing}),
+                            (("--config", missing, "credits", "list", "--config", cfg, "acme"),
+                             {})):
+        code, out, err = await cli(*args, env={**env, **extra_env}, cwd=tmp_path)
+        assert code == 0, (args, err)
+        assert orjson.loads(out)["balance"] == "7", out
+    code, _, err = await cli("credits", "list", "acme", env={**env, "METERPROXY_CONFIG": missing},
+                             cwd=tmp_path)
+    assert (code, err) == (2, f"cannot read config {missing}: does not exist\n")
+    (tmp_path / "empty").mkdir()
+    code, _, err = await cli("credits", "list", "acme", env=env, cwd=tmp_path / "empty")
+    assert (code, err) == (
+        2, f"cannot read config {tmp_path / 'empty' / 'meterproxy.yaml'}: does not exist\n")
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("dead-letters", "replay"), "the following arguments are required: ID"),
+    (("dead-letters", "replay", "abc"), "argument ID: invalid int value: 'abc'"),
+    (("credits", "grant", "acme"), "the following arguments are required: --credits"),
+    (("credits", "grant"), "the following arguments are required: CUSTOMER, --credits"),
+    (("customers", "create"), "the following arguments are required: CUSTOMER"),
+    (("keys", "create"), "the following arguments are required: --customer"),
+    (("usage", "acme", "--from", "yesterday"), "argument --from: 'yesterday' is not an RFC 3339"),
+    (("frobnicate",), "argument COMMAND: invalid choice: 'frobnicate'"),
+    (("credits",), "the following arguments are required: ACTION"),
+])
+async def test_argument_mistakes_are_usage_errors(args: tuple[str, ...], says: str,
+                                                  tmp_path: Path) -> None:
+    code, out, err = await cli(*args, cwd=tmp_path)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: meterproxy "), err
+    assert says in err, err
+    assert "Traceback" not in err
+
+
+async def test_replay_fails_while_the_event_is_not_delivered(
+        running: tuple[Proxy, str], tmp_path: Path) -> None:
+    p, cfg = running
+    key = await p.customer_with_key("nostripe")
+    async with p.session.get(p.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 200
+    code, out, err = await cli("flush", "--config", cfg, cwd=tmp_path)
+    assert code == 0, err
+    assert orjson.loads(out)["dead"] == 1
+    code, out, err = await cli("dead-letters", "list", "--config", cfg, cwd=tmp_path)
+    assert code == 0, err
+    [dead] = orjson.loads(out)["dead_letters"]
+    assert RFC3339.match(dead["dead_at"]) and RFC3339.match(dead["timestamp"])
+    # options before the positional, as people type them
+    code, out, err = await cli("dead-letters", "replay", "--config", cfg, str(dead["id"]),
+                               cwd=tmp_path)
+    assert code == 1
+    assert orjson.loads(out)["replayed"]["status"] == "dead"
+    assert err == (f"meterproxy: dead letter {dead['id']} is dead again: customer 'nostripe'"
+                   " has no stripe_customer_id\n")
+    code, out, err = await cli("dead-letters", "replay", "--config", cfg, "99", cwd=tmp_path)
+    assert (code, out) == (1, "")
+    admin = p.admin_url
+    assert err == f"meterproxy: POST {admin}/admin/dead-letters/99/replay answered 404" \
+                  " not_found: no dead letter 99\n"
+    # fixed on the database by the CLI; the running proxy's flusher sees it
+    code, _, err = await cli("customers", "update", "nostripe", "--stripe-customer-id", "cus_n",
+                             "--config", cfg, cwd=tmp_path)
+    assert code == 0, err
+    code, out, err = await cli("dead-letters", "replay", str(dead["id"]), "--config", cfg,
+                               cwd=tmp_path)
+    assert code == 0, err
+    assert orjson.loads(out)["replayed"]["status"] == "dry_run"
+    assert err == (f"meterproxy: dead letter {dead['id']} was logged by the dry-run sink, not"
+                   " sent to Stripe (a real sink sends it)\n")
+
+
+async def test_server_side_failures_are_one_clear_line(running: tuple[Proxy, str],
+                                                       tmp_path: Path) -> None:
+    p, cfg = running
+    code, out, err = await cli("credits", "grant", "nobody", "--credits", "5", "--config", cfg,
+                               cwd=tmp_path)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"meterproxy: POST {p.admin_url}/admin/customers/nobody/grants"
+                          " answered 404 ") and err.count("\n") == 1, err
+    code, out, err = await cli("credits", "grant", "a/b c", "--credits", "x", "--config", cfg,
+                               cwd=tmp_path)
+    assert code == 1 and "/admin/customers/a%2Fb%20c/grants answered 4" in err, err
+    # nothing listening on the config's admin port
+    (tmp_path / "down").mkdir()
+    down = write_config(tmp_path / "down", "http://127.0.0.1:9",
+                        admin_listen=f"127.0.0.1:{free_port()}")
+    aport = re.search(r"admin_listen: 127\.0\.0\.1:(\d+)", down.read_text())[1]  # type: ignore[index]
+    code, out, err = await cli("flush", "--config", str(down), cwd=tmp_path)
+    assert (code, out) == (1, "")
+    assert err == (f"meterproxy: cannot reach the proxy's admin API at http://127.0.0.1:{aport}"
+                   " ([Errno 111] Connection refused); is `meterproxy serve` running with"
+                   f" {down}?\n")
+
+
+async def test_times_are_rfc3339(running: tuple[Proxy, str], tmp_path: Path) -> None:
+    p, cfg = running
+    await p.customer_with_key("timed")
+    code, out, err = await cli("keys", "list", "--customer", "timed", "--config", cfg,
+                               cwd=tmp_path)
+    assert code == 0, err
+    [k] = orjson.loads(out)
+    assert RFC3339.match(k["created_at"]) and k["revoked_at"] is None
+    code, out, err = await cli("keys", "revoke", "--key-id", k["key_id"], "--config", cfg,
+                               cwd=tmp_path)
+    assert code == 0, err
+    code, out, err = await cli("keys", "list", "--config", cfg, cwd=tmp_path)
+    [k] = orjson.loads(out)
+    assert RFC3339.match(k["revoked_at"])
+    code, out, err = await cli("usage", "timed", "--from", "2026-01-01", "--to", "1767312000",
+                               "--config", cfg, cwd=tmp_path)
+    assert code == 0, err
+    assert orjson.loads(out) == {"customer": "timed", "from": "2026-01-01T00:00:00Z",
+                                 "to": "2026-01-02T00:00:00Z", "meters": {}}
+
+
+async def test_demo_port_from_the_environment_must_be_a_port(tmp_path: Path) -> None:
+    env = {**os.environ, "METERPROXY_DEMO_PORT": "80x"}
+    code, out, err = await cli("demo", env=env, cwd=tmp_path)
+    assert (code, out, err) == (2, "", "meterproxy: METERPROXY_DEMO_PORT must be a port number,"
+                                       " got '80x'\n")
+    assert not (tmp_path / ".demo").exists()

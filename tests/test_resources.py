@@ -1,0 +1,313 @@
+"""Resource bounds of the public port (docs/resources.md): header size, header / body /
+idle timeouts, maximum connections, per-customer concurrency, the bounded wait for an
+upstream connection, and flat memory under a header flood (a proxy in a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from proxy import metrics
+from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port, write_config
+from tests.proxy_process import ProxyProcess
+
+
+async def _raw(p: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", p.server.public_port)
+
+
+async def _closed_within(reader: asyncio.StreamReader, timeout: float) -> tuple[float, bytes]:
+    """Read until the peer closes; returns (seconds it took, everything read)."""
+    t0 = time.monotonic()
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return time.monotonic() - t0, data
+
+
+async def _poll(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)
+
+
+def _closed(reason: str) -> float:
+    return float(metrics.connections_closed_total.labels(reason)._value.get())
+
+
+async def test_idle_connection_is_closed(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(limits={"idle_timeout": "500ms", "header_timeout": "10s"})
+    reader, writer = await _raw(p)
+    took, data = await _closed_within(reader, 5.0)
+    writer.close()
+    assert data == b"" and 0.4 <= took < 3.0
+    # and between keep-alive requests
+    reader, writer = await _raw(p)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    took, data = await _closed_within(reader, 5.0)
+    assert data.startswith(b"HTTP/1.1 200 ") and 0.4 <= took < 3.0
+    writer.close()
+
+
+async def test_slow_header_is_cut_off(make_proxy: ProxyFactory) -> None:
+    """Slowloris: a head trickled a byte at a time never completes; header_timeout closes
+    it long before idle_timeout."""
+    p = await make_proxy(limits={"idle_timeout": "30s", "header_timeout": "500ms"})
+    before = _closed("header_timeout")
+    reader, writer = await _raw(p)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+
+    async def trickle() -> None:
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            writer.write(b"X")
+            await writer.drain()
+
+    task = asyncio.ensure_future(trickle())
+    took, data = await _closed_within(reader, 5.0)
+    task.cancel()
+    assert data == b"" and took < 3.0
+    assert _closed("header_timeout") == before + 1
+    writer.close()
+
+
+async def test_stalled_body_is_cut_off(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(limits={"body_timeout": "500ms", "idle_timeout": "30s"})
+    key = await p.customer_with_key("slow-body")
+    before = _closed("body_timeout")
+    reader, writer = await _raw(p)
+    writer.write(b"POST /v1/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+                 + b"\r\nContent-Length: 1000\r\n\r\n" + b"a" * 10)
+    await writer.drain()
+    took, _ = await _closed_within(reader, 5.0)
+    assert took < 3.0
+    assert _closed("body_timeout") == before + 1
+    with p.db() as c:
+        assert c.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 0
+    writer.close()
+
+
+async def test_a_slow_upstream_is_not_a_stalled_body(make_proxy: ProxyFactory) -> None:
+    """The body timeout counts only while a body is still being sent: a complete request
+    waiting on a slow upstream is not cut off."""
+    p = await make_proxy(limits={"body_timeout": "300ms"})
+    key = await p.customer_with_key("patient")
+    async with p.session.post(p.url + "/v1/items?delay_ms=1200", data=b"x" * 100,
+                              headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 200
+
+
+async def test_head_over_the_total_bound_gets_431(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    before = _closed("header_too_large")
+    reader, writer = await _raw(p)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    for i in range(10):                  # each field fits, the head does not
+        writer.write(f"X-Fill-{i}: ".encode() + b"v" * 1000 + b"\r\n")
+    await writer.drain()
+    _, data = await _closed_within(reader, 5.0)
+    assert data.startswith(b"HTTP/1.1 431 ")
+    body = orjson.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["type"] == "header_too_large"
+    assert _closed("header_too_large") == before + 1
+    writer.close()
+    # a head just under the bound still works
+    headers = {f"X-Fill-{i}": "v" * 1000 for i in range(6)}
+    async with p.session.get(p.url + "/healthz", headers=headers) as r:
+        assert r.status == 200
+
+
+async def test_one_header_field_over_the_bound_is_refused(make_proxy: ProxyFactory) -> None:
+    """aiohttp's own per-line bound: 400 "Got more than N bytes", then closed."""
+    p = await make_proxy(limits={"max_header_field": "4KiB"})
+    reader, writer = await _raw(p)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 5000 + b"\r\n\r\n")
+    await writer.drain()
+    _, data = await _closed_within(reader, 5.0)
+    assert data.startswith(b"HTTP/1.0 400 ") and b"Got more than 4096 bytes" in data
+    writer.close()
+
+
+async def test_connections_over_the_limit_are_refused_with_503(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(limits={"max_connections": 5})
+    before = metrics.connections_refused_total._value.get()
+    held = [await _raw(p) for _ in range(5)]
+    reader, writer = await _raw(p)
+    _, data = await _closed_within(reader, 5.0)
+    assert data.startswith(b"HTTP/1.1 503 ")
+    assert orjson.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "too_many_connections"
+    assert metrics.connections_refused_total._value.get() == before + 1
+    writer.close()
+    # one closes: a new connection is served again
+    held[0][1].close()
+    await held[0][1].wait_closed()
+
+    async def served() -> bool:
+        r2, w2 = await _raw(p)
+        w2.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        _, got = await _closed_within(r2, 5.0)
+        w2.close()
+        return got.startswith(b"HTTP/1.1 200 ")
+
+    deadline = time.monotonic() + 5
+    while not await served():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    for _, w in held[1:]:
+        w.close()
+
+
+async def test_per_customer_concurrency_limit_isolates_other_customers(
+        make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(limits={"per_customer_concurrency": 2})
+    greedy = await p.customer_with_key("greedy")
+    other = await p.customer_with_key("other")
+
+    async def get(key: str, path: str) -> tuple[int, str, float]:
+        t0 = time.perf_counter()
+        async with p.session.get(p.url + path, headers={"Authorization": f"Bearer {key}"}) as r:
+            body = await r.json()
+            kind = body["error"]["type"] if "error" in body else ""
+            return r.status, kind, time.perf_counter() - t0
+
+    slow = [asyncio.ensure_future(get(greedy, "/v1/items?delay_ms=1500")) for _ in range(2)]
+    await _poll(lambda: p.server.rt.extras["pipeline"].in_flight.get("greedy", 0) == 2)
+    refused = await get(greedy, "/v1/items")
+    assert refused[:2] == (429, "concurrency_limit_exceeded") and refused[2] < 0.5
+    status, _, took = await get(other, "/v1/items")
+    assert status == 200 and took < 1.0
+    assert [r[0] for r in await asyncio.gather(*slow)] == [200, 200]
+    assert (await get(greedy, "/v1/items"))[0] == 200       # slots come back
+    assert p.server.rt.extras["pipeline"].in_flight == {}
+    with p.db() as c:
+        rows = c.execute("SELECT customer_id, status FROM audit ORDER BY seq").fetchall()
+    assert sorted(rows) == [("greedy", 200)] * 3 + [("other", 200)]
+
+
+async def test_full_upstream_pool_answers_503_upstream_busy(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(upstream={"pool_size": 2, "pool_wait": "300ms"})
+    a = await p.customer_with_key("a")
+    b = await p.customer_with_key("b")
+
+    async def get(key: str, path: str) -> tuple[int, dict[str, object], float]:
+        t0 = time.perf_counter()
+        async with p.session.get(p.url + path, headers={"Authorization": f"Bearer {key}"}) as r:
+            return r.status, await r.json(), time.perf_counter() - t0
+
+    slow = [asyncio.ensure_future(get(a, "/v1/items?delay_ms=1500")) for _ in range(2)]
+    upstream = p.server.rt.upstream
+    await _poll(lambda: upstream.in_use == 2)
+    status, body, took = await get(b, "/v1/items")
+    assert status == 503 and body["error"]["type"] == "upstream_busy"  # type: ignore[index]
+    assert 0.3 <= took < 1.0
+    assert [r[0] for r in await asyncio.gather(*slow)] == [200, 200]
+    assert upstream.in_use == 0
+    # a waiter that gets a slot in time is served
+    slow = [asyncio.ensure_future(get(a, "/v1/items?delay_ms=150")) for _ in range(2)]
+    await _poll(lambda: upstream.in_use == 2)
+    status, _, _ = await get(b, "/v1/items")
+    assert status == 200
+    await asyncio.gather(*slow)
+    assert upstream.in_use == 0
+    with p.db() as c:
+        rows = c.execute("SELECT customer_id FROM audit").fetchall()
+    assert sorted(rows) == [("a",)] * 4 + [("b",)]    # the 503 was not billed
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_header_flood_keeps_memory_flat(tmp_path: Path, upstream: str) -> None:
+    """100 unauthenticated connections each sending 100 headers of 120 KB without ever
+    finishing the head (12 GB offered): the proxy's RSS grows by less than 50 MB (each
+    connection is cut at the first oversized field), and it keeps serving."""
+    port, aport = free_port(), free_port()
+    cfg = write_config(tmp_path, upstream, listen=f"127.0.0.1:{port}",
+                       admin_listen=f"127.0.0.1:{aport}")
+    proc = ProxyProcess(cfg, tmp_path / "proxy.log", f"http://127.0.0.1:{aport}")
+    proc.spawn()
+    try:
+        await proc.wait_ready()
+        assert proc.proc is not None
+        pid = proc.proc.pid
+        base = _rss(pid)
+        peak = base
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, _rss(pid))
+                await asyncio.sleep(0.02)
+
+        field = b"X-Flood: " + b"a" * (120 * 1024) + b"\r\n"
+        sent_total = 0
+
+        async def flood() -> None:
+            nonlocal sent_total
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v1/items HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(100):
+                    writer.write(field)
+                    await writer.drain()
+                    sent_total += len(field)
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            finally:
+                writer.close()
+
+        sampler = asyncio.ensure_future(sample())
+        await asyncio.gather(*(flood() for _ in range(100)))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await sampler
+        assert peak - base < 50 * 1024 * 1024, (base, peak)
+        assert sent_total < 100 * len(field) * 100     # cut off early, not read to the end
+        import aiohttp
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+            async with s.get(f"http://127.0.0.1:{aport}/readyz",
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                assert r.status == 200
+    finally:
+        proc.ensure_dead()
+
+
+async def test_a_consumer_leaving_while_waiting_for_a_slot_frees_nothing_twice(
+        make_proxy: ProxyFactory) -> None:
+    """A request cancelled while queued for an upstream slot leaves the queue without taking
+    (or leaking) a slot: after the slow request ends the pool is empty and serves again."""
+    p = await make_proxy(upstream={"pool_size": 1, "pool_wait": "5s"})
+    key = await p.customer_with_key("q")
+    h = {"Authorization": f"Bearer {key}"}
+    upstream = p.server.rt.upstream
+
+    async def get(path: str) -> int:
+        async with p.session.get(p.url + path, headers=h) as r:
+            await r.read()
+            return r.status
+
+    slow = asyncio.ensure_future(get("/v1/items?delay_ms=800"))
+    await _poll(lambda: upstream.in_use == 1)
+    leaving = asyncio.ensure_future(get("/v1/items"))
+    await _poll(lambda: len(upstream._waiters) == 1)
+    leaving.cancel()                     # the consumer disconnects while queued
+    await _poll(lambda: all(f.done() for f in upstream._waiters))
+    assert await slow == 200
+    await _poll(lambda: upstream.in_use == 0)
+    assert await get("/v1/items") == 200
+    assert upstream.in_use == 0
