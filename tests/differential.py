@@ -35,6 +35,9 @@ class Script:
     continue_first: bool = True     # answer ``Expect: 100-continue`` with 100 before the body
 
 
+NOT_FOUND = Script(lambda m: [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"], close=True)
+
+
 class RecordingUpstream:
     """A raw asyncio HTTP/1.1 server in its own thread."""
 
@@ -83,7 +86,7 @@ class RecordingUpstream:
                     return
                 _, headers = _split_head(head)
                 name, _, key = _get(headers, b"x-case").decode().partition("|")
-                script = self.scripts[name]
+                script = self.scripts.get(name, NOT_FOUND)
                 if _get(headers, b"expect").lower() == b"100-continue" and script.continue_first:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = await _read_body(reader, headers)
