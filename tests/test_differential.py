@@ -409,9 +409,11 @@ def test_differential(env: Env, case: Case, route: str) -> None:
     # the upstream received the same requests
     b_req, m_req = request_views(bare.upstream, meter.upstream, req_ignore)
     assert m_req == b_req
-    # documented ("Retries"): aiohttp's client sends an idempotent request once more when
-    # the upstream closed the connection before a whole response head; both proxies do
-    sends = 2 if case.response == "aborted-head" and case.methods[0] in _IDEMPOTENT else 1
+    # documented ("Retries"): aiohttp's client sends a bodiless idempotent request once
+    # more when the upstream closed the connection before a whole response head; both do
+    # (a streamed request body cannot be replayed: not retried)
+    sends = 2 if case.response == "aborted-head" and case.methods[0] in _IDEMPOTENT \
+        and BODIES[case.requests[0][2]][0] is None else 1
     assert len(meter.upstream) == len(bare.upstream) == sends * len(case.requests) \
         - (len(case.requests) if case.name in NOT_FORWARDED else 0)
 
