@@ -276,6 +276,7 @@ class Env:
     meter: int
     key: bytes
     procs: list[subprocess.Popen[bytes]]
+    admin: int = 0
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], path: str = "/") -> None:
@@ -327,7 +328,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                                       stderr=subprocess.STDOUT))
         _wait_port(bare, procs[0])
         _wait_port(admin, procs[1], "/healthz")
-        yield Env(up, bare, meter, key.encode(), procs)
+        _wait_port(meter, procs[1], "/f/ready")   # the public listener too
+        yield Env(up, bare, meter, key.encode(), procs, admin)
     finally:
         for p in procs:
             p.terminate()
@@ -493,3 +495,25 @@ def bare_framing(case: Case) -> list[str]:
 _UNAVAILABLE = b'{"error":{"type":"upstream_unavailable"'
 _CL0 = frozenset(("POST", "PUT", "PATCH", "DELETE"))
 _IDEMPOTENT = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
+
+
+def _billed_calls(env: Env) -> str:
+    req = urllib.request.Request(f"http://127.0.0.1:{env.admin}/admin/customers/diff/usage",
+                                 headers={"Authorization": "Bearer diff-admin-token"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return str(json.load(r)["meters"].get("api_calls", "0"))
+
+
+def test_metered_rule_bills_each_request_and_free_rule_none(env: Env) -> None:
+    """The metered half of the corpus really is metered: three 200s on /m bill exactly three
+    api_calls (strict: in the ledger before the response ends), three on /f bill none."""
+    case = Case("bill-check", "cl-small", (("GET", b"/v1/items", "none", ()),))
+    before = int(_billed_calls(env))
+    for i in range(3):
+        got = observe(env, env.meter, case, "f", f"free{i}")
+        assert [m.status for m in got.client] == [200]
+    assert int(_billed_calls(env)) == before
+    for i in range(3):
+        got = observe(env, env.meter, case, "m", f"metered{i}")
+        assert [m.status for m in got.client] == [200]
+    assert int(_billed_calls(env)) == before + 3
