@@ -231,9 +231,9 @@ def parse_stream(data: bytes, requests: bool, methods: Sequence[str] = ()) -> li
             continue
         if cl:
             n = int(cl)
-            body = data[pos:pos + n]
+            fixed = data[pos:pos + n]
             pos += n
-            out.append(Message(start, headers, "cl", body, complete=len(body) == n))
+            out.append(Message(start, headers, "cl", fixed, complete=len(fixed) == n))
             continue
         assert close_delimited
         out.append(Message(start, headers, "close", data[pos:]))
@@ -258,7 +258,7 @@ def exchange(port: int, payload: Sequence[bytes], timeout: float = 15.0,
                 s.sendall(piece)
             except (BrokenPipeError, ConnectionResetError):
                 break   # the server refused early; what it sent is still read below
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             s.settimeout(max(0.01, deadline - time.monotonic()))
             try:

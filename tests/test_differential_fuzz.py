@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import test_differential as _td
-from tests.differential import Message, Script
+from tests.differential import Message, Script, exchange, parse_stream
 from tests.test_differential import REQ_IGNORE, RESP_IGNORE, Case, Env, observe, views
 
 env = _td.env   # the same processes fixture (module scope: one set for this module)
@@ -137,3 +137,39 @@ INVALID_OUTCOMES["te-not-chunked-last"] = (
     ((200, b"application/octet-stream", "chunked", True, b"abc"),),) * 2
 # a bare LF line ending is tolerated by aiohttp's client parser (both proxies)
 INVALID_OUTCOMES["bare-lf"] = (((200, b"application/octet-stream", "cl", True, b"ok"),),) * 2
+
+
+# invalid framing from the client (request smuggling shapes): what each proxy answers and
+# how many requests reach the upstream
+BAD_REQUESTS: list[tuple[str, bytes]] = [
+    ("cl-and-te", b"POST /f/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    ("duplicate-cl-differing", b"POST /f/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                               b"Content-Length: 4\r\n\r\nabcd"),
+    ("cl-list", b"POST /f/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc"),
+    ("cl-negative", b"POST /f/x HTTP/1.1\r\nHost: a\r\nContent-Length: -3\r\n\r\nabc"),
+    ("te-obfuscated", b"POST /f/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n"
+                      b"3\r\nabc\r\n0\r\n\r\n"),
+    ("chunk-size-not-hex", b"POST /f/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                           b"\r\nzz\r\nabc\r\n0\r\n\r\n"),
+    ("space-before-colon", b"GET /f/x HTTP/1.1\r\nHost: a\r\nX-Bad : v\r\n\r\n"),
+    ("bad-version", b"GET /f/x HTTP/9.1\r\nHost: a\r\n\r\n"),
+    ("no-host-11", b"GET /f/x HTTP/1.1\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("name,raw", BAD_REQUESTS, ids=[n for n, _ in BAD_REQUESTS])
+def test_invalid_request_framing(env: Env, name: str, raw: bytes) -> None:
+    tagged: dict[str, tuple[list[int], int]] = {}
+    for who, port in (("bare", env.bare), ("meter", env.meter)):
+        key = f"badreq-{name}~{who}"
+        wire = raw.replace(b"\r\n\r\n", f"\r\nX-Case: cl-small|{key}\r\nConnection: close"
+                                        f"\r\n\r\n".encode(), 1)
+        out = parse_stream(exchange(port, [wire]), False, ["GET"])
+        tagged[who] = ([m.status for m in out], len(env.upstream.received.pop(key, [])))
+    assert tagged == BAD_REQUEST_OUTCOMES[name]
+
+
+# both refuse every shape with 400 from aiohttp's server parser; nothing reaches the upstream
+BAD_REQUEST_OUTCOMES: dict[str, dict[str, tuple[list[int], int]]] = {
+    name: {"bare": ([400], 0), "meter": ([400], 0)} for name, _ in BAD_REQUESTS}
