@@ -67,6 +67,9 @@ targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(nginx free strict batched)
 for t in bare "${targets[@]}"; do
   [ "$t" = bare ] && [ -n "$base" ] && continue
+  if [ "$t" = nginx ] && [ ! -x "$NGINX" ]; then
+    echo "| nginx | not installed (apt-get install -y nginx-light) | |"; continue
+  fi
   a=$(run $t 200); b=$(run $t 800)
   per=$(( (b - a) / 600 ))
   [ -z "$base" ] && base=$per
