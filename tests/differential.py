@@ -245,10 +245,11 @@ def parse_stream(data: bytes, requests: bool, methods: Sequence[str] = ()) -> li
 
 
 def exchange(port: int, payload: Sequence[bytes], timeout: float = 15.0,
-             gap: float = 0.0) -> bytes:
-    """Send ``payload`` (pieces, ``gap`` seconds apart) on one fresh connection, then read
-    until the server closes it. The caller's last request asks for ``Connection: close``
-    (or is HTTP/1.0), so EOF marks the end of the last response."""
+             gap: float = 0.0, half_close: bool = False) -> bytes:
+    """Send ``payload`` (pieces, ``gap`` seconds apart) on one fresh connection (then shut
+    down its sending side if ``half_close``), then read until the server closes it. The
+    caller's last request asks for ``Connection: close`` (or is HTTP/1.0), so EOF marks the
+    end of the last response."""
     deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         for i, piece in enumerate(payload):
@@ -258,6 +259,8 @@ def exchange(port: int, payload: Sequence[bytes], timeout: float = 15.0,
                 s.sendall(piece)
             except (BrokenPipeError, ConnectionResetError):
                 break   # the server refused early; what it sent is still read below
+        if half_close:
+            s.shutdown(socket.SHUT_WR)      # the client is done sending, still reading
         chunks: list[bytes] = []
         while True:
             s.settimeout(max(0.01, deadline - time.monotonic()))

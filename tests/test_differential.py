@@ -176,6 +176,7 @@ class Case:
     # each request: (method, path, body kind, extra headers)
     version: bytes = b"HTTP/1.1"
     split: bool = False      # send the head and the body as separate pieces, 50 ms apart
+    half_close: bool = False  # shut down the client's sending side after the last byte
 
     def payload(self, prefix: bytes, tag: str, auth: bytes | None) -> list[bytes]:
         pieces: list[bytes] = []
@@ -244,6 +245,8 @@ def corpus() -> Iterator[Case]:
                           "none" if i % 2 == 0 else "small-cl", ()) for i in range(n))
             yield Case(f"x-pipeline{n}-{resp}", resp, reqs)
             yield Case(f"x-keepalive{n}-{resp}", resp, reqs, split=True)
+    # half-close (the client shuts down its sending side after the request) is not in the
+    # corpus: today both proxies race the client's EOF (docs/differential.md, "Half-close")
     yield Case("x-pipeline-head-get", "cl-small", (("HEAD", b"/a", "none", ()),
                                                    ("GET", b"/b", "none", ())))
     # request headers: many, duplicate, large, odd
@@ -349,7 +352,7 @@ class Seen:
 def observe(env: Env, port: int, case: Case, route: str, tag: str) -> Seen:
     auth = env.key if route == "m" else None
     raw = exchange(port, case.payload(b"/" + route.encode(), tag, auth),
-                   gap=0.05 if case.split else 0.0)
+                   gap=0.05 if case.split else 0.0, half_close=case.half_close)
     got = env.upstream.received.pop(f"{case.name}~{tag}", [])
     return Seen(parse_stream(raw, False, case.methods),
                 [parse_stream(r, True)[0] for r in got], raw)
