@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
@@ -20,13 +22,68 @@ from ruamel.yaml import YAML
 from proxy import config as config_mod
 from proxy.app import Server, start
 from proxy.example_upstream import build_app
+from tests.browser import find_chromium
 from tests.servers import serve
 
 pytest_plugins = ["tests.stripe_double.fixture"]
 
-settings.register_profile("fast", max_examples=50, deadline=None)
-settings.register_profile("deep", max_examples=2000, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``, as GitHub Actions, GitLab and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+# Hypothesis profiles (docs/testing.md). ``dev`` is the local default; ``ci`` (the default
+# under CI=true) runs more examples and is derandomized, so a fresh clone without a
+# .hypothesis database explores the same examples on every run; ``deep`` is for long local
+# runs. Fuzz tests through a running proxy scale their own counts with fuzz_examples().
+PROFILES = {"dev": 50, "ci": 200, "deep": 2000}
+settings.register_profile("dev", max_examples=PROFILES["dev"], deadline=None)
+settings.register_profile("ci", max_examples=PROFILES["ci"], deadline=None, derandomize=True,
+                          print_blob=True)
+settings.register_profile("deep", max_examples=PROFILES["deep"], deadline=None)
+settings.register_profile("fast", parent=settings.get_profile("dev"))   # former name
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "dev")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def fuzz_examples(dev: int) -> int:
+    """Examples for a fuzz test that is slower than a pure property (it talks to a running
+    proxy): ``dev`` locally, scaled up like the profile's max_examples under ci / deep."""
+    return max(dev, dev * settings.default.max_examples // PROFILES["dev"])
+
+
+def require_tool(name: str, hint: str) -> str:
+    """The path of an external tool a test needs. Missing: skipped locally, but a FAILURE
+    under CI=true, so CI can never be green with a test silently not run."""
+    if name == "chromium":
+        path = find_chromium()
+    elif name == "hadolint":
+        local = Path(sys.executable).parent / "hadolint"
+        path = str(local) if local.exists() else shutil.which("hadolint")
+    else:
+        path = shutil.which(name)
+    if path is None:
+        skip_or_fail(f"{name} is not installed: {hint}")
+    return str(path)
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip locally; fail under CI=true (a skipped test is a test that did not run)."""
+    if in_ci():
+        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under CI=true any skip, however it was raised, is reported as a failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"CI=true forbids skipped tests: {reason}"
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"

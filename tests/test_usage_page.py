@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from proxy.timeutil import parse_time
-from tests.browser import Browser, Page, find_chromium
-from tests.conftest import ROOT, Proxy, ProxyFactory
+from tests.browser import Browser, Page
+from tests.conftest import ROOT, Proxy, ProxyFactory, require_tool
 
 Q = 1_000_000
 ARTIFACTS = ROOT / "test-artifacts"
@@ -249,9 +248,7 @@ def between(value: str, *bounds: str) -> bool:
 
 
 async def test_usage_page_in_headless_chromium(make_proxy: ProxyFactory, tmp_path: Path) -> None:
-    if find_chromium() is None:
-        pytest.skip("no chromium binary (install Debian's 'chromium' package, or set CHROMIUM=)"
-                    " -- the usage-page browser test cannot run")
+    require_tool("chromium", "install Debian's 'chromium' package, or set CHROMIUM=")
     p = await make_proxy(rules_text=PRICED_RULES)
     anchor = today_midnight()
     key = await p.customer_with_key("acme", stripe_customer_id="cus_acme", overage="bill",
@@ -372,9 +369,7 @@ async def test_usage_page_in_headless_chromium(make_proxy: ProxyFactory, tmp_pat
 
 async def test_usage_page_under_a_configured_prefix_with_the_key_form(
         make_proxy: ProxyFactory, tmp_path: Path) -> None:
-    if find_chromium() is None:
-        pytest.skip("no chromium binary (install Debian's 'chromium' package, or set CHROMIUM=)"
-                    " -- the usage-page browser test cannot run")
+    require_tool("chromium", "install Debian's 'chromium' package, or set CHROMIUM=")
     p = await make_proxy(rules_text=PRICED_RULES, reserved_prefix="/_billing")
     key = await p.customer_with_key("acme", stripe_customer_id="cus_acme")
     await traffic(p, key)
