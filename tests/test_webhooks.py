@@ -416,4 +416,9 @@ async def test_admin_list_filter_and_replay(hooks: HooksFactory) -> None:
     assert shown["payload"]["id"] == "evt_a"
     async with h.p.session.get(h.admin_url + "/admin/webhooks") as r:
         assert r.status == 401                                         # admin token required
-    assert ADMIN_TOKEN
+    async with h.p.session.get(h.admin_url + "/admin/webhooks",
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}x"}) as r:
+        assert r.status == 401                                         # and the right one
+    async with h.p.session.post(h.admin_url + "/admin/webhooks/evt_a/replay") as r:
+        assert r.status == 401
+    assert (await grants(h.p, "acme"))["balance"] == "100"            # replays granted nothing
