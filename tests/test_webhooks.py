@@ -347,6 +347,29 @@ async def test_plan_reset_grants_each_period_once(hooks: HooksFactory) -> None:
                     "ignored")
 
 
+async def test_proration_plan_line_grants_no_allowance(hooks: HooksFactory) -> None:
+    """A plan line marked as a proration never grants the allowance, even on an invoice
+    whose billing_reason would grant (only whole-period plan lines do)."""
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    prorated = new_line("price_reset", "sub_1", (t - 10, t + 1000))
+    prorated["parent"]["subscription_item_details"]["proration"] = True
+    ev = await h.deliver(event("evt_pr", "invoice.paid",
+                               invoice("in_pr", "cus_acme", [prorated], "subscription_cycle",
+                                       "sub_1")), "ignored")
+    assert ev["result"] == {"customer": "acme", "reason": "no configured price", "notes": []}
+    assert (await grants(h.p, "acme"))["grants"] == []
+    # the same line without the proration flag grants the 50-credit allowance
+    whole = new_line("price_reset", "sub_1", (t - 10, t + 1000))
+    ok = await h.deliver(event("evt_whole", "invoice.paid",
+                               invoice("in_whole", "cus_acme", [prorated, whole],
+                                       "subscription_cycle", "sub_1")))
+    assert [g["credits"] for g in ok["result"]["grants"]] == ["50"]
+    assert ok["result"]["notes"] == []
+    assert (await grants(h.p, "acme"))["balance"] == "50"
+
+
 async def test_plan_rollover_carries_the_remainder_up_to_the_cap(hooks: HooksFactory) -> None:
     h = await hooks()
     key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
