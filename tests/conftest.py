@@ -47,6 +47,17 @@ HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() el
 settings.load_profile(HYPOTHESIS_PROFILE)
 
 
+FUZZ_COUNTS: dict[str, int] = {}   # examples tried per fuzz target in this run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FUZZ_COUNTS:
+        terminalreporter.section("fuzz examples")
+        terminalreporter.write_line(f"hypothesis profile: {HYPOTHESIS_PROFILE}")
+        for name, n in sorted(FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{name}: {n}")
+
+
 def fuzz_examples(dev: int) -> int:
     """Examples for a fuzz test that is slower than a pure property (it talks to a running
     proxy): ``dev`` locally, scaled up like the profile's max_examples under ci / deep."""
