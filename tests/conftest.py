@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,15 +20,10 @@ from ruamel.yaml import YAML
 from proxy import config as config_mod
 from proxy.app import Server, start
 from proxy.example_upstream import build_app
-from tests.browser import find_chromium
+from tests.ci_guard import in_ci, pytest_runtest_makereport  # noqa: F401  (the hook: no skips in CI)
 from tests.servers import serve
 
 pytest_plugins = ["tests.stripe_double.fixture"]
-
-
-def in_ci() -> bool:
-    """True under CI (``CI=true``, as GitHub Actions, GitLab and .ci/run set it)."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 # Hypothesis profiles (docs/testing.md). ``dev`` is the local default; ``ci`` (the default
@@ -63,38 +56,6 @@ def fuzz_examples(dev: int) -> int:
     proxy): ``dev`` locally, scaled up like the profile's max_examples under ci / deep."""
     return max(dev, dev * settings.default.max_examples // PROFILES["dev"])
 
-
-def require_tool(name: str, hint: str) -> str:
-    """The path of an external tool a test needs. Missing: skipped locally, but a FAILURE
-    under CI=true, so CI can never be green with a test silently not run."""
-    if name == "chromium":
-        path = find_chromium()
-    elif name == "hadolint":
-        local = Path(sys.executable).parent / "hadolint"
-        path = str(local) if local.exists() else shutil.which("hadolint")
-    else:
-        path = shutil.which(name)
-    if path is None:
-        skip_or_fail(f"{name} is not installed: {hint}")
-    return str(path)
-
-
-def skip_or_fail(reason: str) -> NoReturn:
-    """Skip locally; fail under CI=true (a skipped test is a test that did not run)."""
-    if in_ci():
-        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """Under CI=true any skip, however it was raised, is reported as a failure."""
-    outcome = yield
-    rep = outcome.get_result()
-    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail"):
-        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        rep.outcome = "failed"
-        rep.longrepr = f"CI=true forbids skipped tests: {reason}"
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"

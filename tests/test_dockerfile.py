@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from tests.conftest import require_tool, skip_or_fail
+from tests.ci_guard import require_tool, skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,8 @@ import orjson
 
 from proxy.timeutil import parse_time
 from tests.browser import Browser, Page
-from tests.conftest import ROOT, Proxy, ProxyFactory, require_tool
+from tests.ci_guard import require_tool
+from tests.conftest import ROOT, Proxy, ProxyFactory
 
 Q = 1_000_000
 ARTIFACTS = ROOT / "test-artifacts"
