@@ -35,6 +35,9 @@ settings.register_profile("dev", max_examples=PROFILES["dev"], deadline=None)
 settings.register_profile("ci", max_examples=PROFILES["ci"], deadline=None, derandomize=True,
                           print_blob=True)
 settings.register_profile("deep", max_examples=PROFILES["deep"], deadline=None)
+# scripts/mutation: the dev example count, derandomized, so a mutant's verdict is repeatable
+settings.register_profile("mutation", max_examples=PROFILES["dev"], deadline=None,
+                          derandomize=True, database=None)
 settings.register_profile("fast", parent=settings.get_profile("dev"))   # former name
 HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "dev")
 settings.load_profile(HYPOTHESIS_PROFILE)
