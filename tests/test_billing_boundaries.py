@@ -198,6 +198,8 @@ def test_next_expiry_ignores_spent_voided_and_endless_grants() -> None:
     (10, 3, 4, 10),
     (10, 3, 0, 0),
     (10, 0, 0, 0),           # zero cost covers nothing
+    (10, 0, 5, 0),           # ... even with a covered cost (a free request bills nothing)
+    (10, -1, 5, 0),
 ])
 def test_partial_coverage_rounds_covered_down(q: int, cost: int, covered_cost: int,
                                               covered: int) -> None:
@@ -232,6 +234,19 @@ def test_rollover(allowance: int, previous: int, cap: int | None, amount: int) -
 def test_thresholds_fire_at_exactly_the_fraction(granted: int, consumed: int,
                                                   fired: list[str]) -> None:
     assert crossed(granted, consumed, [Decimal("0.5"), Decimal("0.9")]) == fired
+
+
+def test_one_micro_credit_granted_and_spent_crosses_everything() -> None:
+    assert crossed(1, 1, [Decimal("0.5")]) == ["0.5", DEPLETED]
+    assert crossed(1, 0, [Decimal("0.5")]) == []
+
+
+def test_period_key_is_the_sha256_of_the_sorted_grant_ids() -> None:
+    """Stored in the alerts table: the format must not change, or every alert re-fires."""
+    import hashlib
+    assert period_key([grant("b", 1), grant("a", 1)]) == \
+        hashlib.sha256(b"a,b").hexdigest()[:16]
+    assert period_key([grant("g1", 5)]) == hashlib.sha256(b"g1").hexdigest()[:16]
 
 
 def test_threshold_fraction_is_exact_not_float() -> None:
@@ -404,6 +419,21 @@ def test_parser_boundary_state() -> None:
     assert p.at_event_boundary()
     p.feed(b"da")
     assert not p.at_event_boundary()            # half a line
+
+
+def test_every_oversized_event_is_counted() -> None:
+    insp = SseInspector((TOTAL,), 16)
+    insp.feed(b'data: {"usage":{"total_tokens":1}}\n\n')          # 33 bytes > 16: skipped
+    insp.feed(b'data: {"usage":\ndata: {"total_tokens":2}}\n\n')  # skipped on its 2nd line
+    insp.feed(b"data: {}\n\n")
+    view = insp.result()
+    assert view.skipped_events == 2 and view.get("t") is UNREADABLE
+
+
+def test_unreadable_is_falsy_and_named() -> None:
+    assert not UNREADABLE
+    assert bool(UNREADABLE) is False
+    assert repr(UNREADABLE) == "UNREADABLE"
 
 
 def test_unreadable_when_no_usage_event() -> None:

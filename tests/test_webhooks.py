@@ -347,6 +347,18 @@ async def test_plan_reset_grants_each_period_once(hooks: HooksFactory) -> None:
                     "ignored")
 
 
+async def test_plan_allowance_is_per_unit_of_the_line_quantity(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    seats = new_line("price_reset", "sub_1", (t - 10, t + 1000), qty=3)
+    ev = await h.deliver(event("evt_seats", "invoice.paid",
+                               invoice("in_seats", "cus_acme", [seats], "subscription_create",
+                                       "sub_1")))
+    assert [g["credits"] for g in ev["result"]["grants"]] == ["150"]       # 3 x 50
+    assert (await grants(h.p, "acme"))["balance"] == "150"
+
+
 async def test_proration_plan_line_grants_no_allowance(hooks: HooksFactory) -> None:
     """A plan line marked as a proration never grants the allowance, even on an invoice
     whose billing_reason would grant (only whole-period plan lines do)."""
