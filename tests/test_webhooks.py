@@ -44,7 +44,8 @@ CREDITS: dict[str, Any] = {
     "packs": {"price_pack": {"credits": "100", "expires_in": "30d", "priority": 40},
               "price_small": {"credits": "2.5"}},
     "plans": {"price_reset": {"allowance": "50", "mode": "reset"},
-              "price_roll": {"allowance": "50", "mode": "rollover", "cap": "80"}},
+              "price_roll": {"allowance": "50", "mode": "rollover", "cap": "80"},
+              "price_roll_all": {"allowance": "50", "mode": "rollover"}},
 }
 
 
@@ -355,8 +356,22 @@ async def test_plan_allowance_is_per_unit_of_the_line_quantity(hooks: HooksFacto
     ev = await h.deliver(event("evt_seats", "invoice.paid",
                                invoice("in_seats", "cus_acme", [seats], "subscription_create",
                                        "sub_1")))
-    assert [g["credits"] for g in ev["result"]["grants"]] == ["150"]       # 3 x 50
+    [g] = ev["result"]["grants"]
+    assert g == {"price": "price_reset", "period_start": rfc3339(t - 10),
+                 "period_end": rfc3339(t + 1000), "grant_id": g["grant_id"],
+                 "credits": "150", "created": True}                       # 3 x 50
     assert (await grants(h.p, "acme"))["balance"] == "150"
+
+
+async def test_plan_rollover_without_cap_carries_everything(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    p1, p2 = (t - 10, t + 1000), (t + 1000, t + 2000)
+    await h.deliver(plan_paid("evt_r1", "in_r1", "price_roll_all", p1, "subscription_create"))
+    second = await h.deliver(plan_paid("evt_r2", "in_r2", "price_roll_all", p2))
+    [g] = second["result"]["grants"]
+    assert (g["credits"], g["carried"], g["created"]) == ("100", "50", True)
 
 
 async def test_proration_plan_line_grants_no_allowance(hooks: HooksFactory) -> None:
