@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
 from proxy.rules.model import Transform
-from proxy.rules.quantity import apply_transform, parse_number
+from proxy.rules.quantity import apply_transform, constant_quantities, parse_number
 from proxy.units import to_micro
 
 M = 1_000_000
@@ -328,3 +328,19 @@ def test_compute_of_arbitrary_json_is_one_quantity_per_usage(rules: dict[str, Ru
     # a value that does not parse is billed as the rule's on_unreadable, flagged
     assert all(q.micro == 0 for q in qs if q.unreadable and name != "field")
     assert all(q.micro == 7 * M for q in qs if q.unreadable and name == "field")
+
+
+def test_constant_quantities_are_computed_once_per_rule(rules: dict[str, Rule],
+                                                         tmp_path: Path) -> None:
+    """The hot path's shortcut: a rule whose every quantity is a constant gets them computed
+    once (the same tuple every call); any other rule gets None (measure per request)."""
+    p = tmp_path / "c.yaml"
+    p.write_text(RULES.replace("usage: [{meter: m, preset: openai_chat}]",
+                               "usage: [{meter: m, quantity: 3}, {meter: m, quantity: 0.5}]"))
+    const = {r.name: r for r in load_rules([p]).rules}["chat"]
+    first = constant_quantities(const)
+    assert first == (Quantity("m", 3 * M, False), Quantity("m", 500_000, False))
+    assert constant_quantities(const) is first
+    assert constant_quantities(rules["many"]) is None       # a constant among other sources
+    assert constant_quantities(rules["chat"]) is None
+    assert constant_quantities(rules["chat"]) is None

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from proxy.store.keys import InvalidInput
 from proxy.webhooks import (
     Line,
+    _micro,
     invoice_lines,
     invoice_subscription,
     line_price,
@@ -51,6 +53,20 @@ def test_proration_is_read_wherever_stripe_puts_it(where: str) -> None:
         li["parent"] = {"invoice_item_details": {"proration": True}}
     line = parse_line(li)
     assert line is not None and line.proration is True
+
+
+def test_proration_false_wherever_it_is_is_not_a_proration() -> None:
+    for parent in ({"invoice_item_details": {"proration": False}},
+                   {"subscription_item_details": {"proration": False}}, {}):
+        line = parse_line({"price": "p", "parent": parent, "proration": False})
+        assert line is not None and line.proration is False, parent
+
+
+def test_configured_credits_are_exact_micro_or_a_clear_error() -> None:
+    assert _micro("2.5") == 2_500_000
+    with pytest.raises(InvalidInput) as err:
+        _micro("lots")
+    assert str(err.value) == "configured credits 'lots': not a number: 'lots'"
 
 
 @pytest.mark.parametrize(("quantity", "parsed"), [
