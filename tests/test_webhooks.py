@@ -393,6 +393,32 @@ async def test_plan_rollover_without_cap_carries_everything(hooks: HooksFactory)
     assert listed[g["grant_id"]]["priority"] == 10                   # the plan's priority
 
 
+async def test_invoice_outcomes_and_notes_are_exact(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    period = {"start": t - 10, "end": t + 1000}
+    bare = {"price": {"id": "price_reset"}, "quantity": 1, "period": period}   # no subscription
+    manual = await h.deliver(event("evt_m", "invoice.paid", invoice(
+        "in_m", "cus_acme", [bare], "manual", "sub_1")), "ignored")
+    assert manual["result"] == {"customer": "acme", "reason": "no configured price",
+                                "notes": ["plan line not granted: billing_reason 'manual'"]}
+    nosub = await h.deliver(event("evt_n", "invoice.paid", invoice(
+        "in_n", "cus_acme", [bare], "subscription_cycle")), "ignored")
+    assert nosub["result"]["notes"] == ["plan line not granted: no subscription or period"]
+    # the subscription comes from the invoice when the line does not name it
+    inv = invoice("in_s", "cus_acme", [bare, dict(bare)], "subscription_cycle", "sub_9")
+    inv["lines"]["has_more"] = True
+    ok = await h.deliver(event("evt_s", "invoice.paid", inv))
+    [g] = ok["result"]["grants"]
+    assert ok["result"] == {"customer": "acme", "grants": [g], "notes": [
+        "only the first plan line of an invoice grants",
+        "invoice lines truncated (has_more): only the included lines were mapped"]}
+    assert g["credits"] == "50" and g["created"] is True
+    [listed] = (await grants(h.p, "acme"))["grants"]
+    assert (listed["grant_id"], listed["source"]) == (g["grant_id"], "stripe:in_s")
+
+
 async def test_proration_plan_line_grants_no_allowance(hooks: HooksFactory) -> None:
     """A plan line marked as a proration never grants the allowance, even on an invoice
     whose billing_reason would grant (only whole-period plan lines do)."""
