@@ -30,7 +30,16 @@ from proxy.credits.ledger import (
 )
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, crossed, period_key
 from proxy.pricing import Price, Tier, exact_amount, line_amount, round_line, whole_units
-from proxy.rules.sse import UNREADABLE, Probe, SseInspector, SseParser
+from proxy.rules.sse import (
+    UNREADABLE,
+    BodyView,
+    JsonInspector,
+    Probe,
+    SseInspector,
+    SseParser,
+    lookup,
+    new_inspector,
+)
 from proxy.store.db import Store, connect
 from proxy.store.outbox import split_whole, stage
 from proxy.units import QSCALE, cost_micro, fmt_micro, to_micro
@@ -187,6 +196,9 @@ def test_next_expiry_ignores_spent_voided_and_endless_grants() -> None:
     book.apply([Entry("soon", "void", 5)])
     assert book.next_expiry(0) == 30.0
     assert CreditBook().next_expiry(0) is None
+    last = CreditBook()
+    last.load([grant("one", 5, expires_at=7)], [Entry("one", "debit", 4)])   # 1 micro left
+    assert last.next_expiry(0) == 7.0
     assert book.has_credits("c") and not book.has_credits("other")
 
 
@@ -440,3 +452,53 @@ def test_unreadable_when_no_usage_event() -> None:
     insp = SseInspector((TOTAL,), 1 << 20)
     insp.feed(b'data: {"choices":[]}\n\ndata: [DONE]\n\n')
     assert insp.result().get("t") is UNREADABLE
+
+
+def test_lookup_absent_is_unreadable_but_null_is_a_value() -> None:
+    assert lookup({"a": {}}, ("a", "b")) is UNREADABLE
+    assert lookup({"a": {"b": None}}, ("a", "b")) is None
+    assert lookup({"a": [1, 2]}, ("a", "1")) == 2
+    assert lookup({"a": [1, 2]}, ("a", "2")) is UNREADABLE
+    assert lookup({"a": [1]}, ("a", "x")) is UNREADABLE
+    assert lookup(5, ("a",)) is UNREADABLE
+
+
+def test_a_later_event_without_the_value_keeps_the_earlier_one() -> None:
+    insp = SseInspector((TOTAL,), 1 << 20)
+    insp.feed(b'data: {"usage":{"total_tokens":5}}\n\n')
+    insp.feed(b'data: {"usage":{"note":"total_tokens"}}\n\n')    # the keys, not the path
+    assert insp.result().get("t") == 5
+
+
+def test_each_probe_is_matched_on_its_own_keys() -> None:
+    a, b = Probe("a", ("alpha", "x")), Probe("b", ("beta", "y"))
+    insp = SseInspector((a, b), 1 << 20)
+    insp.feed(b'data: {"alpha":{"x":1}}\n\n')
+    insp.feed(b'data: {"beta":{"y":2}}\n\n')
+    assert insp.result() == BodyView({"a": 1, "b": 2}, streamed=True)
+
+
+def test_json_body_exactly_at_the_cap_is_read_one_byte_over_is_not() -> None:
+    body = b'{"usage":{"total_tokens":7}}'
+    at = JsonInspector((TOTAL,), len(body))
+    at.feed(body[:10])
+    at.feed(body[10:])
+    assert at.result() == BodyView({"t": 7})
+    over = JsonInspector((TOTAL,), len(body) - 1)
+    over.feed(body)
+    assert over.result() == BodyView({}, malformed=True)
+
+
+def test_json_body_over_the_cap_stays_unreadable_whatever_follows() -> None:
+    insp = JsonInspector((TOTAL,), 40)
+    insp.feed(b'{"pad": "')
+    insp.feed(b"x" * 40)                                   # over the cap
+    insp.feed(b'{"usage":{"total_tokens":1}}')             # would parse on its own
+    assert insp.result() == BodyView({}, malformed=True)
+
+
+def test_no_probes_no_inspector() -> None:
+    assert new_inspector((), (), "application/json", 9) is None
+    assert new_inspector((), (), None, 9) is None
+    assert new_inspector((), (TOTAL,), "application/json", 9) is None
+    assert isinstance(new_inspector((TOTAL,), (), "text/event-stream; x=1", 9), type(None))

@@ -344,3 +344,11 @@ def test_constant_quantities_are_computed_once_per_rule(rules: dict[str, Rule],
     assert constant_quantities(rules["many"]) is None       # a constant among other sources
     assert constant_quantities(rules["chat"]) is None
     assert constant_quantities(rules["chat"]) is None
+
+
+def test_preset_total_over_max_units_is_unreadable(rules: dict[str, Rule]) -> None:
+    r = rules["anthropic"]
+    at = orjson.dumps({"usage": {"input_tokens": 10**12 - 1, "output_tokens": 1}})
+    assert run(r, "application/json", [at]) == [Quantity("m", 10**12 * M, False)]
+    over = orjson.dumps({"usage": {"input_tokens": 10**12, "output_tokens": 1}})
+    assert run(r, "application/json", [over]) == [Quantity("m", 0, True)]
