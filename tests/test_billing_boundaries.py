@@ -35,6 +35,7 @@ from proxy.rules.sse import (
     BodyView,
     JsonInspector,
     Probe,
+    SseEvent,
     SseInspector,
     SseParser,
     lookup,
@@ -502,3 +503,21 @@ def test_no_probes_no_inspector() -> None:
     assert new_inspector((), (), None, 9) is None
     assert new_inspector((), (TOTAL,), "application/json", 9) is None
     assert isinstance(new_inspector((TOTAL,), (), "text/event-stream; x=1", 9), type(None))
+
+
+@pytest.mark.parametrize(("stream", "events", "oversized"), [
+    (b"data: 0123456789\n\n", [SseEvent("message", b"0123456789")], 0),   # exactly the cap
+    (b"data: 0123456789a\n\n", [], 1),                                    # one byte over
+    (b"data: 12345\ndata: 6789\n\n", [SseEvent("message", b"12345\n6789")], 0),  # 10 joined
+    (b"data: 12345\ndata: 67890\n\n", [], 1),
+])
+def test_sse_event_data_cap_is_exact(stream: bytes, events: list[SseEvent],
+                                     oversized: int) -> None:
+    p = SseParser(10)
+    assert p.feed(stream) == events
+    assert p.oversized == oversized
+
+
+def test_event_name_that_is_not_utf8_is_replaced_not_fatal() -> None:
+    p = SseParser(1 << 10)
+    assert p.feed(b"event: \xff\xfeok\ndata: x\n\n") == [SseEvent("\ufffd\ufffdok", b"x")]
