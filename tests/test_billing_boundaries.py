@@ -30,6 +30,7 @@ from proxy.credits.ledger import (
 )
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, crossed, period_key
 from proxy.pricing import Price, Tier, exact_amount, line_amount, round_line, whole_units
+from proxy.rules.quantity import parse_number
 from proxy.rules.sse import (
     UNREADABLE,
     BodyView,
@@ -43,7 +44,7 @@ from proxy.rules.sse import (
 )
 from proxy.store.db import Store, connect
 from proxy.store.outbox import split_whole, stage
-from proxy.units import QSCALE, cost_micro, fmt_micro, to_micro
+from proxy.units import QSCALE, UnitError, cost_micro, fmt_micro, to_decimal, to_micro
 
 U = QSCALE
 
@@ -119,6 +120,28 @@ def test_micro_conversions_are_exact() -> None:
     assert fmt_micro(950_500_000) == "950.5"
     assert fmt_micro(-1) == "-0.000001"
     assert fmt_micro(3 * U) == "3"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (True, "expected a number, got True"),
+    ([1], "expected a number, got list"),
+    (None, "expected a number, got NoneType"),
+    ("abc", "not a number: 'abc'"),
+    ("inf", "not a finite number: 'inf'"),
+    (float("nan"), "not a finite number: nan"),
+])
+def test_not_a_number_is_refused_with_a_clear_message(value: object, message: str) -> None:
+    with pytest.raises(UnitError) as err:
+        to_decimal(value)
+    assert str(err.value) == message
+
+
+def test_readings_up_to_max_units_inclusive() -> None:
+    assert parse_number(10**12) == Decimal(10**12)
+    assert parse_number("1000000000000") == Decimal(10**12)
+    assert parse_number(10**12 + 1) is None
+    assert parse_number(None) is None
+    assert parse_number(False) is None
 
 
 # ------------------------------------------------------------------------------ ledger
@@ -372,6 +395,18 @@ def test_outbox_identifiers_are_mp_install_id_row_id(tmp_path: Path) -> None:
     conn.execute("BEGIN")
     assert stage(conn, names, now=8000) == []
     conn.execute("COMMIT")
+    conn.close()
+
+
+def test_outbox_stages_a_covered_delta_without_a_billable_one(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "o.db")
+    usage(conn, "a", "m", 0, 0, covered=2 * U)              # fully prepaid: nothing billable
+    usage(conn, "b", "m", 0, 3 * U)
+    conn.execute("BEGIN")
+    staged = stage(conn, {"m": ("ev", "ev_cov")}, now=100)
+    conn.execute("COMMIT")
+    assert [(e.customer_id, e.event_name, e.covered, e.value) for e in staged] == [
+        ("a", "ev_cov", True, 2), ("b", "ev", False, 3)]
     conn.close()
 
 
