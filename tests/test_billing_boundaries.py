@@ -556,3 +556,23 @@ def test_sse_event_data_cap_is_exact(stream: bytes, events: list[SseEvent],
 def test_event_name_that_is_not_utf8_is_replaced_not_fatal() -> None:
     p = SseParser(1 << 10)
     assert p.feed(b"event: \xff\xfeok\ndata: x\n\n") == [SseEvent("\ufffd\ufffdok", b"x")]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_lines_longer_than_the_cap_plus_16_are_dropped(split: bool) -> None:
+    """A line of up to max_event_bytes + 16 bytes is parsed; a longer one is dropped whole
+    (here an ``event:`` line, whose loss is visible as the default event type)."""
+    def parse(head: bytes) -> list[SseEvent]:
+        p = SseParser(10)
+        if split:                                   # the long line arrives unterminated
+            return p.feed(head) + p.feed(b"\ndata: x\n\n")
+        return p.feed(head + b"\ndata: x\n\n")
+
+    assert parse(b"event: " + b"e" * 19) == [SseEvent("e" * 19, b"x")]      # 26 = 10 + 16
+    assert parse(b"event: " + b"e" * 20) == [SseEvent("message", b"x")]     # 27: dropped
+
+
+def test_the_rest_of_a_dropped_line_is_dropped_too() -> None:
+    p = SseParser(10)
+    assert p.feed(b"y" * 30) == []                    # over the bound, unterminated
+    assert p.feed(b"data: evil\ndata: ok\n\n") == [SseEvent("message", b"ok")]
