@@ -316,13 +316,15 @@ SEEN: set[str] = set()
 @example({"id": "evt_nobody", "type": "invoice.paid", "data": {"object": {
     "id": "in_2", "customer": "cus_nobody", "lines": {"data": [{"price": "price_pack"}]}}}})
 @example({"id": "evt_noobj", "type": "invoice.paid", "data": []})
+@example({"id": "evt_future", "type": "customer.created", "created": 2**40})   # year 36812
+@example({"id": "evt_past", "type": "customer.created", "created": -2**40})
 @example({"id": 5, "type": "invoice.paid"})
 @example([])
 def test_signed_webhook_payloads(running: Running, doc: object) -> None:
     n = FUZZ_COUNTS["webhooks, valid signature"] = \
         FUZZ_COUNTS.get("webhooks, valid signature", 0) + 1
     if is_event(doc) and isinstance(doc, dict) and not str(doc["id"]).startswith(
-            ("evt_pack", "evt_cs", "evt_nobody", "evt_noobj")):
+            ("evt_pack", "evt_cs", "evt_nobody", "evt_noobj", "evt_future", "evt_past")):
         doc["id"] = f"{doc['id']}#{n}"          # one event per example (shrinking repeats)
     body = orjson.dumps(doc)
     sig = stripe.WebhookSignature.generate_signature_header(body.decode(), SECRET)
