@@ -4,7 +4,10 @@
 # For each target: run it under callgrind, send 200 then (in a second run) 800 requests from
 # 16 concurrent clients, and report (I(800) - I(200)) / 600 = instructions per request, which
 # cancels start-up and shutdown. Needs valgrind (apt-get install -y valgrind).
-# usage: bench/instructions.sh            -> a table on stdout (~3 minutes)
+# nginx (proxy_pass, one process, keep-alive upstream pool; bench/nginx_conf.py) is the
+# reference an operator would otherwise deploy; its count is native code, not Python.
+# usage: bench/instructions.sh [TARGET...]  -> a table on stdout (~4 minutes for all)
+#        TARGETS: bare (always first: the ratios' base) nginx free strict batched
 set -u
 cd "$(dirname "$0")/.."
 W=$(mktemp -d)
@@ -27,7 +30,12 @@ run() { # target n -> instructions
   OP=$(port); PP=$(port); AP=$(port)
   .venv/bin/python bench/origin.py "$OP" >/dev/null 2>&1 & O=$!
   sleep 1
-  if [ "$target" = bare ]; then
+  if [ "$target" = nginx ]; then
+    KEY=none
+    NG=$(.venv/bin/python bench/nginx_conf.py "$W/nginx" "$PP" "$OP")
+    valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$NGINX" -e stderr -p "$W/nginx" \
+      -c "$NG" >/dev/null 2>"$W/cg.err" & M=$!
+  elif [ "$target" = bare ]; then
     KEY=none
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python bench/bare_proxy.py \
       "$PP" "http://127.0.0.1:$OP" >/dev/null 2>"$W/cg.err" & M=$!
@@ -53,9 +61,24 @@ EOC
 echo "| target | instructions per request (/small) | vs bare |"
 echo "| --- | --- | --- |"
 base=""
-for t in bare free strict batched; do
+declare -A res
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(nginx free strict batched)
+for t in bare "${targets[@]}"; do
+  [ "$t" = bare ] && [ -n "$base" ] && continue
+  if [ "$t" = nginx ] && [ ! -x "$NGINX" ]; then
+    echo "| nginx | not installed (apt-get install -y nginx-light) | |"; continue
+  fi
   a=$(run $t 200); b=$(run $t 800)
   per=$(( (b - a) / 600 ))
   [ -z "$base" ] && base=$per
+  res[$t]=$per
   echo "| $t | $per | $(python3 -c "print(f'{$per/$base:.2f}x')") |"
 done
+if [ -n "${res[nginx]:-}" ]; then
+  echo
+  for t in "${targets[@]}"; do
+    [ "$t" = nginx ] || echo "$t vs nginx: $(python3 -c "print(f'{${res[$t]}/${res[nginx]}:.2f}x')")"
+  done
+fi

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """meterproxy benchmark: bare aiohttp pass-through proxy (baseline) vs meterproxy with
-strict and batched durability, same run, interleaved repetitions, medians reported.
+strict and batched durability, same run, interleaved repetitions, medians reported; nginx
+`proxy_pass` (bench/nginx_conf.py, one process, keep-alive upstream pool) runs in the same
+interleaving as the reference an operator would otherwise deploy.
 
   .venv/bin/python bench/run.py            # full run (~6 min)
   .venv/bin/python bench/run.py --quick    # smoke check (~1 min)
@@ -37,7 +39,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
 PAYLOADS = {"small": "/small", "64k": "/64k", "sse": "/sse"}
-TARGETS = ("bare", "strict", "batched")
+TARGETS = ("bare", "nginx", "strict", "batched")
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 ADMIN_TOKEN = "bench-admin-token"
 CLK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -190,6 +193,13 @@ class Setup:
         if target == "bare":
             p = spawn([PY, str(BENCH / "bare_proxy.py"), str(port), self.origin_url], logf, 1)
             db = None
+        elif target == "nginx":
+            sys.path.insert(0, str(BENCH))
+            import nginx_conf
+            prefix = self.work / f"nginx{self.n}"
+            conf = nginx_conf.write(prefix, port, int(self.origin_url.rsplit(":", 1)[1]))
+            p = spawn([NGINX, "-e", "stderr", "-p", str(prefix), "-c", str(conf)], logf, 1)
+            db = None
         else:
             db = self.work / f"run{self.n}-{target}.db"
             shutil.copy(self.template, db)
@@ -304,8 +314,11 @@ def main() -> int:
         ap.error("the bare baseline is needed for ratios and the open-loop rate")
 
     missing = [t for t in ("wrk", "taskset") if not shutil.which(t)]
+    if "nginx" in targets and not os.path.exists(NGINX):
+        missing.append("nginx")
     if missing:
-        log(f"missing tools: {', '.join(missing)}. Install with: apt-get install -y wrk util-linux")
+        log(f"missing tools: {', '.join(missing)}. Install with: apt-get install -y wrk "
+            "util-linux nginx-light (or drop nginx: --targets bare,strict,batched)")
         return 2
     if NCPU < 2:
         log("warning: fewer than 2 CPUs; pinning disabled is not supported, results are noisy")
@@ -375,6 +388,10 @@ def main() -> int:
                    "p99_ms": med([r["p99_ms"] for r in o])}
             row["ratio"] = row["rps"] / bare_max[pl]
             summary[t][pl] = row
+    if "nginx" in targets:
+        for t in targets:
+            for pl in payloads:
+                summary[t][pl]["ratio_to_nginx"] = summary[t][pl]["rps"] / summary["nginx"][pl]["rps"]
     for t in targets:
         for pl in payloads:
             row, base = summary[t][pl], summary["bare"][pl]
@@ -391,7 +408,7 @@ def main() -> int:
             "strict_throughput_ge_85pct": {pl: st[pl]["ratio"] >= 0.85 for pl in payloads},
         }
     for t in targets:
-        if t == "bare":
+        if t in ("bare", "nginx"):   # the targets are meterproxy's; nginx is a reference
             continue
         targets_met[f"{t}_added_p50_le_0.5ms"] = {pl: summary[t][pl]["added_p50_ms"] <= 0.5
                                                   for pl in payloads}
@@ -459,10 +476,17 @@ def render_md(r: dict[str, object], targets: list[str], payloads: list[str]) -> 
     for t in targets:
         L.append(f"| {t} | " + " | ".join(
             f"{s[t][pl]['rps']:.0f} | {s[t][pl]['ratio']:.2f}x | "
-            f"{s[t][pl]['cpu_us_per_req']:.0f}" + (f" (+{s[t][pl]['added_cpu_us']:.0f})"
+            f"{s[t][pl]['cpu_us_per_req']:.0f}" + (f" ({s[t][pl]['added_cpu_us']:+.0f})"
                                                   if t != "bare" else "")
             + f" ({s[t][pl]['cpu_util']:.2f})"
             for pl in payloads) + " |")
+    if "nginx" in targets:
+        L += ["", "## Against nginx proxy_pass (same run)", "",
+              "| target | " + " | ".join(f"{pl} rps vs nginx" for pl in payloads) + " |",
+              "| --- |" + " --- |" * len(payloads)]
+        for t in targets:
+            L.append(f"| {t} | " + " | ".join(f"{s[t][pl]['ratio_to_nginx']:.2f}x"
+                                             for pl in payloads) + " |")
     rates = r["open_loop_rates"]
     L += ["", "## Latency at a fixed rate (open loop, half the bare max)", "",
           "| target | " + " | ".join(f"{pl} @{rates[pl]:.0f}/s p50 / p99 ms (added)"
@@ -474,7 +498,7 @@ def render_md(r: dict[str, object], targets: list[str], payloads: list[str]) -> 
             x = s[t][pl]
             cell = f"{x['p50_ms']:.3f} / {x['p99_ms']:.3f}"
             if t != "bare":
-                cell += f" (+{x['added_p50_ms']:.3f} / +{x['added_p99_ms']:.3f})"
+                cell += f" ({x['added_p50_ms']:+.3f} / {x['added_p99_ms']:+.3f})"
             cells.append(cell)
         L.append(f"| {t} | " + " | ".join(cells) + " |")
     L += ["", "## Targets", "", "| target | " + " | ".join(payloads) + " |",

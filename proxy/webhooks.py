@@ -87,6 +87,7 @@ STATUSES = ("pending", "processed", "ignored", "waiting_customer", "failed")
 _PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription"})
 _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 _COLS = "id, type, created, status, result, received_at, processed_at"
+_MAX_CREATED = 253_402_300_799   # 9999-12-31T23:59:59Z
 _FAILED = "payment_failed:"
 
 
@@ -234,7 +235,10 @@ class WebhookReceiver:
         if not (isinstance(event, dict) and isinstance(event.get("id"), str)
                 and isinstance(event.get("type"), str)):
             return _error(400, "invalid_payload", "The body is not a Stripe event.")
-        created = event.get("created") if isinstance(event.get("created"), int) else None
+        created = event.get("created")
+        if isinstance(created, bool) or not isinstance(created, int) \
+                or not 0 <= created <= _MAX_CREATED:
+            created = None      # not a time we can show (RFC 3339 ends at year 9999)
         row = (event["id"], event["type"], created, body.decode(), int(self.clock()))
         try:
             inserted = self.store.execute_write(lambda c: c.execute(

@@ -27,7 +27,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = ["KeyPath", "Pos", "YamlDoc", "YamlError", "load_yaml", "load_yaml_file", "type_name"]
 
@@ -174,12 +174,30 @@ def load_yaml(text: str) -> YamlDoc:
         raise YamlError(f"YAML syntax error: {' '.join(problem.split())}", line, col) from exc
     except YAMLError as exc:
         raise YamlError(f"YAML error: {exc}", 1, 1) from exc
+    except TypeError as exc:       # ruamel cannot build a mapping whose key is a map or list
+        line, col = _complex_key(text)
+        raise YamlError("YAML error: a mapping or a list cannot be a key", line, col) from exc
     keys: dict[KeyPath, Pos] = {}
     values: dict[KeyPath, Pos] = {(): _ORIGIN}
     if isinstance(node, (CommentedMap, CommentedSeq)):
         values[()] = Pos(node.lc.line + 1, node.lc.col + 1)
     data = _plain(node, (), keys, values)
     return YamlDoc(data=data, keys=keys, values=values)
+
+
+def _complex_key(text: str) -> tuple[int, int]:
+    """1-based position of the first mapping key that is itself a mapping or a list."""
+    todo: list[Node] = [_yaml().compose(text)]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, MappingNode):
+            for k, v in node.value:
+                if isinstance(k, (MappingNode, SequenceNode)):
+                    return k.start_mark.line + 1, k.start_mark.column + 1
+                todo += [v, k]
+        elif isinstance(node, SequenceNode):
+            todo += reversed(node.value)
+    return 1, 1
 
 
 def load_yaml_file(path: Path) -> YamlDoc:

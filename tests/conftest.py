@@ -20,13 +20,45 @@ from ruamel.yaml import YAML
 from proxy import config as config_mod
 from proxy.app import Server, start
 from proxy.example_upstream import build_app
+from tests.ci_guard import in_ci, pytest_runtest_makereport  # noqa: F401  (the hook: no skips in CI)
 from tests.servers import serve
 
 pytest_plugins = ["tests.stripe_double.fixture"]
 
-settings.register_profile("fast", max_examples=50, deadline=None)
-settings.register_profile("deep", max_examples=2000, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+# Hypothesis profiles (docs/testing.md). ``dev`` is the local default; ``ci`` (the default
+# under CI=true) runs more examples and is derandomized, so a fresh clone without a
+# .hypothesis database explores the same examples on every run; ``deep`` is for long local
+# runs. Fuzz tests through a running proxy scale their own counts with fuzz_examples().
+PROFILES = {"dev": 50, "ci": 200, "deep": 2000}
+settings.register_profile("dev", max_examples=PROFILES["dev"], deadline=None)
+settings.register_profile("ci", max_examples=PROFILES["ci"], deadline=None, derandomize=True,
+                          print_blob=True)
+settings.register_profile("deep", max_examples=PROFILES["deep"], deadline=None)
+# scripts/mutation: the dev example count, derandomized, so a mutant's verdict is repeatable
+settings.register_profile("mutation", max_examples=PROFILES["dev"], deadline=None,
+                          derandomize=True, database=None)
+settings.register_profile("fast", parent=settings.get_profile("dev"))   # former name
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "dev")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+FUZZ_COUNTS: dict[str, int] = {}   # examples tried per fuzz target in this run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FUZZ_COUNTS:
+        terminalreporter.section("fuzz examples")
+        terminalreporter.write_line(f"hypothesis profile: {HYPOTHESIS_PROFILE}")
+        for name, n in sorted(FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{name}: {n}")
+
+
+def fuzz_examples(dev: int) -> int:
+    """Examples for a fuzz test that is slower than a pure property (it talks to a running
+    proxy): ``dev`` locally, scaled up like the profile's max_examples under ci / deep."""
+    return max(dev, dev * settings.default.max_examples // PROFILES["dev"])
+
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +15,7 @@ from tests.conftest import ADMIN_TOKEN, free_port, write_config
 from tests.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
+PER_RUN = 300     # fully received responses before each kill
 
 
 async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
@@ -53,25 +55,27 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
                     except (TimeoutError, aiohttp.ClientError):
                         await asyncio.sleep(0.01)
 
+        async def received_at_least(n: int) -> None:
+            # however slow the machine: wait (with a deadline) for n responses, then kill
+            # under load -- the 16 clients keep requests in flight all the time
+            deadline = time.monotonic() + 120
+            while len(received) < n:
+                assert time.monotonic() < deadline, f"only {len(received)} of {n} responses"
+                await asyncio.sleep(0.01)
+
         tasks = [asyncio.ensure_future(client(i)) for i in range(16)]
-        for _ in range(200):
-            if len(received) > 300:
-                break
-            await asyncio.sleep(0.01)
+        await received_at_least(PER_RUN)
         proxy.kill()
         killed_at = len(received)
         proxy.spawn()
         await proxy.wait_ready()
-        for _ in range(300):
-            if len(received) > killed_at + 300:
-                break
-            await asyncio.sleep(0.01)
+        await received_at_least(killed_at + PER_RUN)
         proxy.kill()
         stop.set()
         await asyncio.gather(*tasks)
     finally:
         proxy.ensure_dead()
-    assert killed_at > 300 and len(received) > killed_at + 300
+    assert killed_at >= PER_RUN and len(received) >= killed_at + PER_RUN
     # the last run was killed too: its journaled rows are recovered when the file is opened
     with sqlite3.connect(tmp_path / "meter.db") as raw:
         (journaled,) = raw.execute("SELECT COUNT(*) FROM journal").fetchone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.credits.book import CreditBook
@@ -27,11 +27,17 @@ op_st = st.one_of(
     st.tuples(st.just("debit"), st.integers(0, 3 * 10**9)),
     st.tuples(st.just("tick"), st.integers(1, 30)),
     st.tuples(st.just("void"), st.integers(0, 20)),
+    st.tuples(st.just("later"), st.integers(1, 30)),   # time passes, expiries not swept yet
 )
 
 
 @given(st.lists(grant_st, min_size=1, max_size=8, unique_by=lambda g: g.id),
        st.lists(op_st, max_size=40))
+@example([GrantState("g1", "c", 10, 0, 5, 0), GrantState("g2", "c", 10, 50, None, 0)],
+         [("tick", 5), ("debit", 7)])                      # settle at expires_at
+@example([GrantState("g1", "c", 10, 0, 5, 0)], [("tick", 5), ("debit", 3)])
+@example([GrantState("g1", "c", 10, 0, 5, 0), GrantState("g2", "c", 10, 50, None, 0)],
+         [("later", 5), ("debit", 7)])                     # expired, not yet swept
 def test_balance_equals_grants_minus_entries_and_replay_agrees(grants: list[GrantState],
                                                               ops: list[tuple[str, int]]) -> None:
     book = CreditBook()
@@ -39,7 +45,9 @@ def test_balance_equals_grants_minus_entries_and_replay_agrees(grants: list[Gran
     log: list[Entry] = []
     now = 0
     for kind, arg in ops:
-        if kind == "tick":
+        if kind == "later":
+            now += arg
+        elif kind == "tick":
             now += arg
             due = book.due_expiries(now)
             book.apply(due)
@@ -63,6 +71,8 @@ def test_balance_equals_grants_minus_entries_and_replay_agrees(grants: list[Gran
             # burn order: a grant is touched only if every live grant before it is empty now
             order = [g for g in burn_order(book.all_grants()) if before[g.id] > 0 and g.live(now)]
             touched = {e.grant_id for e in entries}
+            # only live grants are debited, swept or not
+            assert touched <= {g.id for g in book.all_grants() if g.live(now)}
             for i, g in enumerate(order):
                 if g.id in touched:
                     assert all(h.remaining == 0 for h in order[:i])
@@ -79,6 +89,8 @@ def test_balance_equals_grants_minus_entries_and_replay_agrees(grants: list[Gran
 
 @given(st.lists(grant_st, min_size=1, max_size=6, unique_by=lambda g: g.id),
        st.integers(0, 200))
+@example([GrantState("g", "c", 10, 50, 100, 0)], 100)     # now == expires_at: expired
+@example([GrantState("g", "c", 10, 50, 100, 0)], 99)
 def test_expired_grants_leave_the_balance_at_expires_at(grants: list[GrantState],
                                                         now: int) -> None:
     live = sum(g.amount for g in grants if g.expires_at is None or now < g.expires_at)
@@ -100,11 +112,19 @@ def test_rollover_never_exceeds_cap(allowance: int, previous: int, cap: int | No
 
 
 @given(st.integers(0, 10**12), st.integers(1, 10**9), st.integers(0, 10**9))
-def test_covered_quantity_bounds(q: int, cost: int, covered_cost: int) -> None:
+@example(10, 3, 1)           # 3.33 -> 3: covered rounds DOWN, the rest is billed
+@example(10, 3, 2)           # 6.67 -> 6
+@example(10, 3, 3)           # full coverage
+@example(7, 2, 0)
+def test_covered_quantity_is_the_floor_of_the_covered_share(q: int, cost: int,
+                                                            covered_cost: int) -> None:
+    """covered = floor(q * covered_cost / cost) (never more: the remainder is billed), and
+    everything when the whole cost was covered."""
     c = covered_quantity(q, cost, covered_cost)
-    assert 0 <= c <= q
     if covered_cost >= cost:
         assert c == q
+    else:
+        assert c * cost <= q * covered_cost < (c + 1) * cost
 
 
 def test_burn_order_priority_then_expiry_then_age() -> None:

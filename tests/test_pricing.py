@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.pricing import (
@@ -220,7 +220,20 @@ def oracle(tiers: Sequence[Tier], mode: str, q: int) -> Fraction:
     return total + sum((Fraction(tiers[i].flat_amount_decimal) for i in reached), Fraction(0))
 
 
+FLAT = (Tier(5, Decimal(5), Decimal(10)), Tier(10, Decimal(4), Decimal(20)), Tier(None, Decimal(3), Decimal(30)))
+
+
+# every known boundary: quantity exactly at an up_to (and one past it), zero, with flat fees
 @given(tier_tables(), st.sampled_from(["graduated", "volume"]), st.integers(0, 10_000))
+@example(FLAT, "graduated", 5)
+@example(FLAT, "graduated", 6)
+@example(FLAT, "graduated", 10)
+@example(FLAT, "graduated", 11)
+@example(FLAT, "graduated", 0)
+@example(FLAT, "volume", 5)
+@example(FLAT, "volume", 6)
+@example(FLAT, "volume", 10)
+@example(FLAT, "volume", 0)
 def test_engine_agrees_with_brute_force_oracle(tiers: tuple[Tier, ...], mode: str,
                                                q: int) -> None:
     price = Price("usd", "tiered", tiers_mode=mode, tiers=tiers)  # type: ignore[arg-type]
@@ -231,6 +244,8 @@ def test_engine_agrees_with_brute_force_oracle(tiers: tuple[Tier, ...], mode: st
 
 
 @given(tier_tables(), st.integers(0, 10_000), st.integers(0, 10_000))
+@example(FLAT, 5, 6)
+@example(FLAT, 10, 11)
 def test_graduated_cost_is_monotone(tiers: tuple[Tier, ...], a: int, b: int) -> None:
     price = Price("usd", "tiered", tiers_mode="graduated", tiers=tiers)
     lo, hi = sorted((a, b))
@@ -239,6 +254,8 @@ def test_graduated_cost_is_monotone(tiers: tuple[Tier, ...], a: int, b: int) -> 
 
 
 @given(tier_tables(), st.integers(0, 10_000))
+@example(FLAT, 5)
+@example(FLAT, 10)
 def test_volume_cost_is_quantity_times_its_tier_rate_plus_flat(tiers: tuple[Tier, ...],
                                                               q: int) -> None:
     price = Price("usd", "tiered", tiers_mode="volume", tiers=tiers)
@@ -261,11 +278,20 @@ def test_transform_quantity_rounding_is_ceil_or_floor(units: int, divide_by: int
 
 
 @given(st.integers(-10**12, 10**15), _amount)
-def test_totals_are_integer_minor_units(quantity_micro: int, rate: Decimal) -> None:
+@example(30 * U, Decimal("0.05"))          # 1.5 -> 2 (half up)
+@example(29 * U, Decimal("0.05"))          # 1.45 -> 1
+@example(10 * U, Decimal("0.05"))          # 0.5 -> 1
+@example(9 * U, Decimal("0.05"))           # 0.45 -> 0
+@example(U - 1, Decimal(5000))             # 0.999999 units: 0 whole units, 0
+@example(-U, Decimal(7))                   # negative total: 0
+def test_totals_are_whole_minor_units_rounded_half_up(quantity_micro: int,
+                                                      rate: Decimal) -> None:
+    """One rounding per line, half up: got - 1/2 <= exact < got + 1/2, exactly."""
     price = Price("usd", unit_amount_decimal=rate)
     got = line_amount(price, quantity_micro)
+    exact = max(quantity_micro, 0) // U * Fraction(rate)
     assert type(got) is int and got >= 0
-    assert abs(Fraction(got) - exact_amount(price, whole_units(quantity_micro))) <= Fraction(1, 2)
+    assert Fraction(got) - Fraction(1, 2) <= exact < Fraction(got) + Fraction(1, 2)
 
 
 # --------------------------------------------------------------- price_from_stripe

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
 from proxy.rules.model import Transform
-from proxy.rules.quantity import apply_transform, parse_number
+from proxy.rules.quantity import apply_transform, constant_quantities, parse_number
+from proxy.units import to_micro
 
 M = 1_000_000
 
@@ -220,6 +221,44 @@ def test_parse_number() -> None:
         assert parse_number(bad) is None, bad
 
 
+# --------------------------------------------------------------- every split of every preset
+
+PRESET_STREAMS: dict[str, tuple[bytes, int]] = {
+    "chat": (b"".join([
+        *sse({"id": "c1", "choices": [{"delta": {"content": "Hel"}}], "usage": None},
+             {"id": "c1", "choices": [{"delta": {"content": "lo"}}], "usage": None},
+             {"id": "c1", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 31,
+                                                   "total_tokens": 40}}),
+        b"data: [DONE]\n\n"]), 40),
+    "anthropic": (b"".join(sse(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}},
+        {"type": "content_block_delta", "delta": {"text": "hi"}},
+        {"type": "message_delta", "usage": {"output_tokens": 15}},
+        {"type": "message_stop"}, event_names=True)), 40),
+    "responses": (b"".join(sse(
+        {"type": "response.created", "response": {"usage": None}},
+        {"type": "response.output_text.delta", "delta": "x"},
+        {"type": "response.completed", "response": {"usage": {"total_tokens": 77}}},
+        event_names=True)), 77),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_STREAMS))
+def test_preset_stream_reads_the_same_at_every_split_point(rules: dict[str, Rule],
+                                                           name: str) -> None:
+    """The SSE inspector (and its fast path) must read the same usage however the stream
+    is cut into chunks: here at every byte offset, and one byte at a time."""
+    stream, tokens = PRESET_STREAMS[name]
+    want = [Quantity("m", tokens * M, False)]
+    for i in range(len(stream) + 1):
+        assert run(rules[name], "text/event-stream", [stream[:i], stream[i:]]) == want, i
+    for crlf in (False, True):
+        s = stream.replace(b"\n", b"\r\n") if crlf else stream
+        assert run(rules[name], "text/event-stream", [s[i:i + 1] for i in range(len(s))]) == want
+
+
+# --------------------------------------------------------------- exact values for any JSON
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
@@ -228,20 +267,95 @@ JSON = st.recursive(
     max_leaves=20)
 
 
+# what orjson can encode (64-bit integers), for documents the test must serialize
+JSON64 = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+        st.sampled_from(["usage", "total_tokens", "choices", "0", "n", "type"]), kids,
+        max_size=4),
+    max_leaves=20)
+VALID = st.one_of(
+    st.integers(0, 10**9).map(lambda n: (n, n * M)),
+    st.decimals(0, 10**6, places=6).map(lambda d: (str(d), to_micro(d))),
+    st.integers(0, 10**6).map(lambda n: (str(n), n * M)),
+    st.floats(0, 10**6, allow_nan=False).map(lambda f: (f, to_micro(f))),
+)
+INVALID = st.one_of(
+    st.integers(-2**63, -1), st.floats(max_value=-0.001, allow_infinity=False), st.none(), st.booleans(),
+    st.sampled_from(["", "abc", "4x", "1_000", "NaN", "inf", "-1", "0x10", "1e400"]),
+    st.lists(st.integers(0, 5), max_size=2), st.dictionaries(st.just("n"), st.integers(0, 5)),
+    st.sampled_from([10**12 + 1, 10**13, 2**63 - 1]),   # over MAX_UNITS (10**12)
+)
+
+
+@given(JSON64, st.one_of(VALID.map(lambda v: (True, v)),
+                        INVALID.map(lambda v: (False, (v, 0)))),
+       st.sampled_from(["field", "chat"]), st.booleans())
+def test_a_number_at_the_path_is_billed_exactly_anything_else_is_unreadable(
+        rules: dict[str, Rule], noise: object, case: tuple[bool, tuple[object, int]],
+        name: str, stream: bool) -> None:
+    """Whatever surrounds it, the value at the rule's path decides the quantity: a
+    non-negative number (JSON number or numeric string) is billed exactly; anything else
+    bills the rule's ``on_unreadable`` (7 for ``field``, 0 for the preset) as unreadable."""
+    valid, (value, micro) = case
+    doc: dict[str, object] = {"noise": noise}
+    if name == "field":
+        doc["choices"] = [{"n": value, "other": noise}, noise]
+    else:
+        doc["usage"] = {"total_tokens": value, "prompt_tokens": noise}
+    raw = orjson.dumps(doc)
+    chunks = [b"data: " + raw + b"\n\n", b"data: [DONE]\n\n"] if stream else [raw]
+    got = run(rules[name], "text/event-stream" if stream else "application/json", chunks)
+    if valid:
+        assert got == [Quantity("m", micro, False)]
+    else:
+        fallback = 7 * M if name == "field" else 0
+        assert got == [Quantity("m", fallback, True)]
+
+
 @given(JSON, st.sampled_from(["chat", "anthropic", "responses", "field", "many"]),
        st.booleans())
-def test_compute_never_raises(rules: dict[str, Rule], doc: object, name: str,
-                              stream: bool) -> None:
+def test_compute_of_arbitrary_json_is_one_quantity_per_usage(rules: dict[str, Rule],
+                                                             doc: object, name: str,
+                                                             stream: bool) -> None:
     rule = rules[name]
     try:
         raw = orjson.dumps(doc)
     except (orjson.JSONEncodeError, TypeError):
         raw = b"{bad"
     insp = rule.new_inspector("text/event-stream" if stream else "application/json", 4096)
+    assert insp is not None or name == "many"
     if insp is not None:
         insp.feed(b"data: " + raw + b"\n\n" if stream else raw)
     view = insp.result() if insp is not None else None
     qs = compute(rule, meas(view, request_json=doc, request_headers={"x-units": str(doc)},
                             path_params={"n": str(doc)[:10]}))
-    assert len(qs) == len(rule.usage)
-    assert all(q.micro >= 0 for q in qs)
+    assert [q.meter for q in qs] == [u.meter for u in rule.usage]
+    # a value that does not parse is billed as the rule's on_unreadable, flagged
+    assert all(q.micro == 0 for q in qs if q.unreadable and name != "field")
+    assert all(q.micro == 7 * M for q in qs if q.unreadable and name == "field")
+
+
+def test_constant_quantities_are_computed_once_per_rule(rules: dict[str, Rule],
+                                                         tmp_path: Path) -> None:
+    """The hot path's shortcut: a rule whose every quantity is a constant gets them computed
+    once (the same tuple every call); any other rule gets None (measure per request)."""
+    p = tmp_path / "c.yaml"
+    p.write_text(RULES.replace("usage: [{meter: m, preset: openai_chat}]",
+                               "usage: [{meter: m, quantity: 3}, {meter: m, quantity: 0.5}]"))
+    const = {r.name: r for r in load_rules([p]).rules}["chat"]
+    first = constant_quantities(const)
+    assert first == (Quantity("m", 3 * M, False), Quantity("m", 500_000, False))
+    assert constant_quantities(const) is first
+    assert constant_quantities(rules["many"]) is None       # a constant among other sources
+    assert constant_quantities(rules["chat"]) is None
+    assert constant_quantities(rules["chat"]) is None
+
+
+def test_preset_total_over_max_units_is_unreadable(rules: dict[str, Rule]) -> None:
+    r = rules["anthropic"]
+    at = orjson.dumps({"usage": {"input_tokens": 10**12 - 1, "output_tokens": 1}})
+    assert run(r, "application/json", [at]) == [Quantity("m", 10**12 * M, False)]
+    over = orjson.dumps({"usage": {"input_tokens": 10**12, "output_tokens": 1}})
+    assert run(r, "application/json", [over]) == [Quantity("m", 0, True)]

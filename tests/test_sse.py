@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from proxy.rules.sse import (
     UNREADABLE,
+    BodyView,
     JsonInspector,
     Probe,
     SseEvent,
@@ -184,16 +185,42 @@ def test_new_inspector_by_content_type() -> None:
     assert not is_event_stream("text/plain")
 
 
+def feed_cut(insp: SseInspector | JsonInspector, data: bytes, cuts: list[int]) -> None:
+    prev = 0
+    for c in sorted(x % (len(data) + 1) for x in cuts):
+        insp.feed(data[prev:c])
+        prev = c
+    insp.feed(data[prev:])
+
+
 @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=8))
-def test_inspectors_never_raise_on_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
+def test_inspectors_read_arbitrary_bytes_the_same_however_chunked(data: bytes,
+                                                                   cuts: list[int]) -> None:
+    """Any bytes, cut anywhere: the same view as one chunk (including the skipped-event
+    count), and a JSON body that is not valid JSON is malformed with no values."""
     probes = (TOTAL, Probe("i", ("0",)), Probe("f", ("type",), "x"))
-    for insp in (SseInspector(probes, 64), JsonInspector(probes, 64)):
-        prev = 0
-        for c in sorted(x % (len(data) + 1) for x in cuts):
-            insp.feed(data[prev:c])
-            prev = c
-        insp.feed(data[prev:])
-        insp.result()
+    for cls in (SseInspector, JsonInspector):
+        whole, cut = cls(probes, 64), cls(probes, 64)
+        whole.feed(data)
+        feed_cut(cut, data, cuts)
+        assert cut.result() == whole.result()
+    view = JsonInspector(probes, 1 << 20)
+    view.feed(data)
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        assert view.result() == BodyView({}, malformed=True)
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8),
+       st.integers(0, 10**9))
+def test_usage_event_after_arbitrary_bytes_is_read_exactly(garbage: bytes, cuts: list[int],
+                                                           tokens: int) -> None:
+    """Whatever came before, once a blank line ends it, the next usage event is read."""
+    data = garbage + b"\n\n" + b'data: {"usage":{"total_tokens":%d}}\n\n' % tokens
+    insp = SseInspector((TOTAL,), 1 << 20)
+    feed_cut(insp, data, cuts)
+    assert insp.result().get("t") == tokens
 
 
 def test_top_level_list_index_probe_on_sse() -> None:

@@ -69,7 +69,14 @@ def foreign_write_lock(db: Path) -> Iterator[Callable[[], None]]:
         assert stdout.readline().strip() == "locked"
         yield release
     finally:
-        release()
+        try:
+            release()
+        finally:
+            stdin.close()
+            stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 async def _get(p: Proxy, path: str, key: str | None = None,

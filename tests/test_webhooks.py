@@ -45,7 +45,8 @@ CREDITS: dict[str, Any] = {
     "packs": {"price_pack": {"credits": "100", "expires_in": "30d", "priority": 40},
               "price_small": {"credits": "2.5"}},
     "plans": {"price_reset": {"allowance": "50", "mode": "reset"},
-              "price_roll": {"allowance": "50", "mode": "rollover", "cap": "80"}},
+              "price_roll": {"allowance": "50", "mode": "rollover", "cap": "80"},
+              "price_roll_all": {"allowance": "50", "mode": "rollover", "priority": 10}},
 }
 
 
@@ -349,6 +350,100 @@ async def test_plan_reset_grants_each_period_once(hooks: HooksFactory) -> None:
                     "ignored")
 
 
+async def test_plan_allowance_is_per_unit_of_the_line_quantity(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    seats = new_line("price_reset", "sub_1", (t - 10, t + 1000), qty=3)
+    ev = await h.deliver(event("evt_seats", "invoice.paid",
+                               invoice("in_seats", "cus_acme", [seats], "subscription_create",
+                                       "sub_1")))
+    [g] = ev["result"]["grants"]
+    assert g == {"price": "price_reset", "period_start": rfc3339(t - 10),
+                 "period_end": rfc3339(t + 1000), "grant_id": g["grant_id"],
+                 "credits": "150", "created": True}                       # 3 x 50
+    listed = await grants(h.p, "acme")
+    assert listed["balance"] == "150"
+    assert [x["grant_id"] for x in listed["grants"]] == [g["grant_id"]]
+
+
+async def test_plan_rollover_cap_scales_with_the_quantity(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    p1, p2 = (t - 10, t + 1000), (t + 1000, t + 2000)
+    for eid, period, reason in (("evt_c1", p1, "subscription_create"),
+                                ("evt_c2", p2, "subscription_cycle")):
+        line = new_line("price_roll", "sub_1", period, qty=2)
+        out = await h.deliver(event(eid, "invoice.paid", invoice(
+            "in_" + eid, "cus_acme", [line], reason, "sub_1")))
+    # 2 x 50 carried onto 2 x 50, capped at 2 x 80
+    [g] = out["result"]["grants"]
+    assert (g["credits"], g["carried"]) == ("160", "100")
+
+
+async def test_plan_rollover_without_cap_carries_everything(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    p1, p2 = (t - 10, t + 1000), (t + 1000, t + 2000)
+    await h.deliver(plan_paid("evt_r1", "in_r1", "price_roll_all", p1, "subscription_create"))
+    second = await h.deliver(plan_paid("evt_r2", "in_r2", "price_roll_all", p2))
+    [g] = second["result"]["grants"]
+    assert (g["credits"], g["carried"], g["created"]) == ("100", "50", True)
+    listed = {x["grant_id"]: x for x in (await grants(h.p, "acme"))["grants"]}
+    assert listed[g["grant_id"]]["priority"] == 10                   # the plan's priority
+
+
+async def test_invoice_outcomes_and_notes_are_exact(hooks: HooksFactory) -> None:
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    period = {"start": t - 10, "end": t + 1000}
+    bare = {"price": {"id": "price_reset"}, "quantity": 1, "period": period}   # no subscription
+    manual = await h.deliver(event("evt_m", "invoice.paid", invoice(
+        "in_m", "cus_acme", [bare], "manual", "sub_1")), "ignored")
+    assert manual["result"] == {"customer": "acme", "reason": "no configured price",
+                                "notes": ["plan line not granted: billing_reason 'manual'"]}
+    nosub = await h.deliver(event("evt_n", "invoice.paid", invoice(
+        "in_n", "cus_acme", [bare], "subscription_cycle")), "ignored")
+    assert nosub["result"]["notes"] == ["plan line not granted: no subscription or period"]
+    # the subscription comes from the invoice when the line does not name it
+    inv = invoice("in_s", "cus_acme", [bare, dict(bare)], "subscription_cycle", "sub_9")
+    inv["lines"]["has_more"] = True
+    ok = await h.deliver(event("evt_s", "invoice.paid", inv))
+    [g] = ok["result"]["grants"]
+    assert ok["result"] == {"customer": "acme", "grants": [g], "notes": [
+        "only the first plan line of an invoice grants",
+        "invoice lines truncated (has_more): only the included lines were mapped"]}
+    assert g["credits"] == "50" and g["created"] is True
+    [listed] = (await grants(h.p, "acme"))["grants"]
+    assert (listed["grant_id"], listed["source"]) == (g["grant_id"], "stripe:in_s")
+
+
+async def test_proration_plan_line_grants_no_allowance(hooks: HooksFactory) -> None:
+    """A plan line marked as a proration never grants the allowance, even on an invoice
+    whose billing_reason would grant (only whole-period plan lines do)."""
+    h = await hooks()
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    t = int(time.time())
+    prorated = new_line("price_reset", "sub_1", (t - 10, t + 1000))
+    prorated["parent"]["subscription_item_details"]["proration"] = True
+    ev = await h.deliver(event("evt_pr", "invoice.paid",
+                               invoice("in_pr", "cus_acme", [prorated], "subscription_cycle",
+                                       "sub_1")), "ignored")
+    assert ev["result"] == {"customer": "acme", "reason": "no configured price", "notes": []}
+    assert (await grants(h.p, "acme"))["grants"] == []
+    # the same line without the proration flag grants the 50-credit allowance
+    whole = new_line("price_reset", "sub_1", (t - 10, t + 1000))
+    ok = await h.deliver(event("evt_whole", "invoice.paid",
+                               invoice("in_whole", "cus_acme", [prorated, whole],
+                                       "subscription_cycle", "sub_1")))
+    assert [g["credits"] for g in ok["result"]["grants"]] == ["50"]
+    assert ok["result"]["notes"] == []
+    assert (await grants(h.p, "acme"))["balance"] == "50"
+
+
 async def test_plan_rollover_carries_the_remainder_up_to_the_cap(hooks: HooksFactory) -> None:
     h = await hooks()
     key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
@@ -405,7 +500,8 @@ async def test_admin_list_filter_and_replay(hooks: HooksFactory) -> None:
     assert [e["id"] for e in allev] == ["evt_c", "evt_b", "evt_a"]
     assert set(allev[0]) >= {"id", "type", "status", "result", "received_at"}
     failed = (await h.admin("GET", "/admin/webhooks?status=failed", expect=200))["events"]
-    assert [e["id"] for e in failed] == ["evt_c"] and "no id" in failed[0]["result"]["reason"]
+    assert [e["id"] for e in failed] == ["evt_c"]
+    assert failed[0]["result"] == {"reason": "ValueError: the invoice has no id"}
     bad = await h.admin("GET", "/admin/webhooks?status=nope", expect=400)
     assert bad["error"]["type"] == "invalid_request"
     await h.admin("POST", "/admin/webhooks/evt_zzz/replay", expect=404)
@@ -418,4 +514,9 @@ async def test_admin_list_filter_and_replay(hooks: HooksFactory) -> None:
     assert shown["payload"]["id"] == "evt_a"
     async with h.p.session.get(h.admin_url + "/admin/webhooks") as r:
         assert r.status == 401                                         # admin token required
-    assert ADMIN_TOKEN
+    async with h.p.session.get(h.admin_url + "/admin/webhooks",
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}x"}) as r:
+        assert r.status == 401                                         # and the right one
+    async with h.p.session.post(h.admin_url + "/admin/webhooks/evt_a/replay") as r:
+        assert r.status == 401
+    assert (await grants(h.p, "acme"))["balance"] == "100"            # replays granted nothing
