@@ -236,6 +236,12 @@ def _usage() -> Schema:
         "on_unreadable": {**_NUMBER, "description":
                           "Quantity billed when the source cannot be read; unset: the "
                           "reservation (estimate, else credits.default_estimate)."},
+        "reserve_from": {"type": "string",
+                         "pattern": r"^request\.(json\.[^.]+(\.[^.]+)*|header\.[^.]+|query\.[^.]+)$",
+                         "description": "A request value bounding a quantity read after the "
+                                        "response (e.g. request.json.max_tokens): credits "
+                                        "reserved at admission are never below it "
+                                        "(docs/credits.md)."},
     }, loader.USAGE_KEYS, "usage", required=["meter"],
         oneOf=[{"required": ["quantity"]}, {"required": ["preset"]}])
 
