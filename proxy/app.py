@@ -44,7 +44,7 @@ from proxy.forward import Upstream
 from proxy.handler import Pipeline
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.paths import check_database
-from proxy.pricing import PriceCache
+from proxy.pricing import PriceCache, TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
@@ -252,7 +252,12 @@ def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
     return Flusher(rt.store, sink, lambda: event_names(rt),
                    rate=scfg.max_rate or default_rate(scfg.api_key),
-                   ambiguous_hold=2 * scfg.timeout)
+                   ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
+
+
+def transforms(rt: Runtime) -> dict[str, TransformQuantity]:
+    """meter -> transform applied to its period total (meters with a ``transform``)."""
+    return {m.name: m.transform for m in rt.rules.meters.values() if m.transform is not None}
 
 
 def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> None:

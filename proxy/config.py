@@ -59,6 +59,13 @@ Size = Annotated[int, BeforeValidator(_size), WithJsonSchema({
     "x-kind": "size"})]
 
 
+AUDIT_RETENTION_DEFAULT = 400 * 86400.0
+"""Audit retention default: a card dispute can be opened up to 120 days after the charge, the
+charge comes up to one billing period (31 days) after the usage, the response window is up to
+21 days and the network's decision can take 75 more; 400 days covers that (247 days) with
+margin, and a year-over-year audit."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -134,10 +141,12 @@ class StorageConfig(_Model):
                     "process; `full` adds power-loss durability at one fsync per group commit.",
         examples=["full"])
     audit_retention: Duration = Field(
-        default=90 * 86400.0,
+        default=AUDIT_RETENTION_DEFAULT,
         description="Per-request audit rows older than this are pruned (the per-minute "
-                    "aggregates that bills are made from are kept).",
-        examples=["400d"])
+                    "aggregates that bills are made from are kept). The default, 400 days, "
+                    "outlives a card dispute's whole lifecycle (see docs/billing-semantics.md): "
+                    "lower it only if you keep the evidence elsewhere.",
+        examples=["180d"])
     max_pending_rows: int = Field(
         default=200_000, ge=100,
         description="Bound on usage rows held in memory while SQLite cannot commit; beyond it "
