@@ -281,6 +281,19 @@ class StripeConfig(_Model):
         description="`/readyz` reports degraded when the oldest undelivered usage is older "
                     "than this.",
         examples=["30m"])
+    verify_meters: bool = Field(
+        default=True,
+        description="With a meter-events sink, check every rules meter against Stripe's "
+                    "Billing Meters at start and on rules reload: a meter that is missing, "
+                    "inactive, not `sum`, reads other payload keys or is pre-aggregated "
+                    "(`event_time_window`) refuses start (exit 2) or the reload. Stripe "
+                    "unreachable: start anyway, retry in the background, `/readyz` degraded.",
+        examples=[False])
+    meter_check_retry: Duration = Field(
+        default=30.0, gt=0,
+        description="While Stripe could not be asked about its meters, how often the meter "
+                    "check is retried.",
+        examples=["2m"])
     reconcile_interval: Duration = Field(
         default=0.0,
         description="Run reconciliation (ledger vs Stripe's meter event summaries, hour by "
