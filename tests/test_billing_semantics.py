@@ -19,6 +19,7 @@ from proxy.config import StorageConfig
 from proxy.pricing import TransformQuantity
 from proxy.rules import RulesError, load_rules
 from proxy.rules.quantity import Measurement, compute
+from proxy.simulate import AuditRow, rerate
 from proxy.store.db import connect
 from proxy.store.outbox import stage
 from proxy.transform import transformed_delta, transformed_units
@@ -212,3 +213,16 @@ def test_audit_retention_default_covers_the_dispute_window() -> None:
     # 120 days to dispute + one period to the charge + 21 to respond + 75 for the decision
     assert StorageConfig().audit_retention == 400 * 86400
     assert StorageConfig().audit_retention >= (120 + 31 + 21 + 75) * 86400
+
+
+def test_rerate_prices_the_transformed_period_total(tmp_path: Path) -> None:
+    text = GB_RULES.replace(
+        "  gb: {stripe_event_name: gb_uploaded}\n",
+        "  gb:\n    stripe_event_name: gb_uploaded\n"
+        "    price: {currency: usd, unit_amount: 25}\n")
+    rules = load_rules([_write(tmp_path, text)])
+    rows = [AuditRow(f"r{i}", 1000 + i, "c1", "upload-gb", rules.version, 200, "gb", QSCALE,
+                     QSCALE, "POST", "/v1/upload") for i in range(1000)]
+    c = rerate(rows, rules, rules).customers["c1"]
+    assert c.old_billable == c.new_billable == {"gb": 1000 * QSCALE}     # 1,000 raw bytes
+    assert c.old_charges == c.new_charges == {"gb": 25}                 # 1 GB at 25 cents
