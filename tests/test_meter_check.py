@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from proxy import config as config_mod
+from proxy import metrics
 from proxy.app import Server, reload_rules_checked, start
 from proxy.cli import main as cli_main
 from proxy.errors import ConfigError
@@ -94,6 +95,13 @@ async def test_serve_exits_2_naming_the_meter(tmp_path: Path, upstream: str,
         "correctly\n")
 
 
+def _checks(outcome: str) -> float:
+    """meterproxy_stripe_meter_checks_total{outcome} (process-wide: compare deltas)."""
+    v = metrics.REGISTRY.get_sample_value("meterproxy_stripe_meter_checks_total",
+                                          {"outcome": outcome})
+    return v or 0.0
+
+
 async def _get(s: aiohttp.ClientSession, server: Server, path: str) -> tuple[int, str]:
     async with s.get(f"http://127.0.0.1:{server.admin_port}{path}",
                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
@@ -103,9 +111,10 @@ async def _get(s: aiohttp.ClientSession, server: Server, path: str) -> tuple[int
 async def test_unreachable_stripe_starts_degraded_then_verifies(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
     stripe_double.state.add_meter("api_calls")
-    stripe_double.state.faults.script("meters_list", ["500", "500"])
+    stripe_double.state.faults.script("meters_list", ["500"] * 10_000)   # down until cleared
     cfg = config_mod.load(_config(tmp_path, upstream, stripe_double.url,
                                   meter_check_retry="0.3s"))
+    before = {o: _checks(o) for o in ("ok", "unreachable", "mismatch")}
     server = await start(cfg)
     try:
         async with aiohttp.ClientSession() as s:
@@ -114,15 +123,18 @@ async def test_unreachable_stripe_starts_degraded_then_verifies(
             assert "stripe meters not verified yet (Stripe unreachable:" in body
             _, text = await _get(s, server, "/metrics")
             assert "\nmeterproxy_stripe_meters_verified 0.0\n" in text
-            assert 'meterproxy_stripe_meter_checks_total{outcome="unreachable"} 1.0' in text
+            assert _checks("unreachable") - before["unreachable"] >= 1
+            assert _checks("ok") - before["ok"] == 0
+            stripe_double.state.faults.clear("meters_list")       # Stripe is back
             deadline = time.monotonic() + 20
             while (await _get(s, server, "/readyz"))[0] != 200:
                 assert time.monotonic() < deadline, "the meter check never passed"
                 await asyncio.sleep(0.05)
             _, text = await _get(s, server, "/metrics")
             assert "\nmeterproxy_stripe_meters_verified 1.0\n" in text
-            assert 'meterproxy_stripe_meter_checks_total{outcome="unreachable"} 2.0' in text
-            assert 'meterproxy_stripe_meter_checks_total{outcome="ok"} 1.0' in text
+            calls = len(stripe_double.state.calls("meters_list"))    # one per check
+            assert {o: _checks(o) - n for o, n in before.items()} == \
+                {"ok": 1, "unreachable": calls - 1, "mismatch": 0}
     finally:
         await server.shutdown()
 
