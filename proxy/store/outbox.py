@@ -79,29 +79,37 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
     now = time.time() if now is None else now
     transforms = transforms or {}
     rows = conn.execute(
-        "SELECT customer_id, meter, minute, SUM(billable - reported),"
-        " SUM(covered - reported_covered)"
+        "SELECT customer_id, meter, minute / ? * ? AS w, MAX(minute),"
+        " SUM(billable - reported), SUM(covered - reported_covered)"
         " FROM usage_minute INDEXED BY usage_minute_unreported"
         " WHERE billable > reported OR covered > reported_covered"
-        " GROUP BY customer_id, meter, minute ORDER BY customer_id, meter, minute").fetchall()
+        " GROUP BY customer_id, meter, w ORDER BY customer_id, meter, w",
+        (WINDOW, WINDOW)).fetchall()
     if not rows:
         return []
     anchors = _periods(conn, {r[0] for r in rows})
     # (customer, meter, period start, window start) -> [period end, last minute, billable, cov]
     buckets: dict[tuple[str, str, int, int], list[int]] = {}
     bounds: dict[str, tuple[int, int]] = {}
-    for customer, meter, minute, billable, covered in rows:
+    for customer, meter, window, last_minute, billable, covered in rows:
         b = bounds.get(customer)
-        if b is None or not b[0] <= minute < b[1]:
-            b = bounds[customer] = period_bounds(anchors[customer], minute)
-        key = (customer, meter, b[0], max(minute // WINDOW * WINDOW, b[0]))
-        acc = buckets.get(key)
-        if acc is None:
-            buckets[key] = [b[1], minute, billable, covered]
-        else:
-            acc[1] = minute
-            acc[2] += billable
-            acc[3] += covered
+        if b is None or not b[0] <= window < b[1]:
+            b = bounds[customer] = period_bounds(anchors[customer], window)
+        if b[1] >= window + WINDOW:          # the common case: the hour is inside one period
+            buckets[customer, meter, b[0], window] = [b[1], last_minute, billable, covered]
+            continue
+        # a period boundary inside this hour (a mid-hour anchor): split the hour there
+        nxt = period_bounds(anchors[customer], b[1])
+        for lo, hi, pb in ((window, b[1], b), (b[1], window + WINDOW, nxt)):
+            last, bill, cov = conn.execute(
+                "SELECT MAX(minute), COALESCE(SUM(billable - reported), 0),"
+                " COALESCE(SUM(covered - reported_covered), 0)"
+                " FROM usage_minute INDEXED BY usage_minute_unreported"
+                " WHERE (billable > reported OR covered > reported_covered)"
+                " AND customer_id=? AND meter=? AND minute>=? AND minute<?",
+                (customer, meter, lo, hi)).fetchone()
+            if last is not None:
+                buckets[customer, meter, pb[0], lo] = [pb[1], last, bill, cov]
     # a transformed meter's period total already reported, before this staging
     before: dict[tuple[str, str, int], list[int]] = {}
     for customer, meter, pstart, _w in buckets:
