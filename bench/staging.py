@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.store import outbox  # noqa: E402
-from proxy.store.db import connect  # noqa: E402
+from proxy.store import outbox
+from proxy.store.db import connect
 
 
 def once(n: int) -> tuple[float, int]:
