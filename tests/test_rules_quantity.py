@@ -288,7 +288,8 @@ def test_a_number_at_the_path_is_billed_exactly_anything_else_is_unreadable(
         name: str, stream: bool) -> None:
     """Whatever surrounds it, the value at the rule's path decides the quantity: a
     non-negative number (JSON number or numeric string) is billed exactly; anything else
-    bills the rule's ``on_unreadable`` (7 for ``field``, 0 for the preset) as unreadable."""
+    bills the usage's fallback as unreadable: its ``on_unreadable`` (7 for ``field``), else the
+    reservation (no ``estimate`` here: ``credits.default_estimate``, 1 unit), never 0."""
     valid, (value, micro) = case
     doc: dict[str, object] = {"noise": noise}
     if name == "field":
@@ -301,8 +302,8 @@ def test_a_number_at_the_path_is_billed_exactly_anything_else_is_unreadable(
     if valid:
         assert got == [Quantity("m", micro, False)]
     else:
-        fallback = 7 * M if name == "field" else 0
-        assert got == [Quantity("m", fallback, True)]
+        fallback = 7 * M if name == "field" else M
+        assert got == [Quantity("m", fallback, True, "unreadable")]
 
 
 @given(JSON, st.sampled_from(["chat", "anthropic", "responses", "field", "many"]),
@@ -323,8 +324,9 @@ def test_compute_of_arbitrary_json_is_one_quantity_per_usage(rules: dict[str, Ru
     qs = compute(rule, meas(view, request_json=doc, request_headers={"x-units": str(doc)},
                             path_params={"n": str(doc)[:10]}))
     assert [q.meter for q in qs] == [u.meter for u in rule.usage]
-    # a value that does not parse is billed as the rule's on_unreadable, flagged
-    assert all(q.micro == 0 for q in qs if q.unreadable and name != "field")
+    # a value that does not parse is billed at the fallback, flagged: on_unreadable, else the
+    # reservation (credits.default_estimate, 1 unit: no rule here has an estimate), never 0
+    assert all(q.micro == M for q in qs if q.unreadable and name != "field")
     assert all(q.micro == 7 * M for q in qs if q.unreadable and name == "field")
 
 
@@ -349,4 +351,4 @@ def test_preset_total_over_max_units_is_unreadable(rules: dict[str, Rule]) -> No
     at = orjson.dumps({"usage": {"input_tokens": 10**12 - 1, "output_tokens": 1}})
     assert run(r, "application/json", [at]) == [Quantity("m", 10**12 * M, False)]
     over = orjson.dumps({"usage": {"input_tokens": 10**12, "output_tokens": 1}})
-    assert run(r, "application/json", [over]) == [Quantity("m", 0, True)]
+    assert run(r, "application/json", [over]) == [Quantity("m", M, True, "unreadable")]
