@@ -38,13 +38,14 @@ from proxy.consumer import ConsumerApi
 from proxy.credits.ledger import Entry
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
-from proxy.errors import FileProblem
+from proxy.errors import ConfigError, FileProblem
 from proxy.flusher import Flusher, default_rate
 from proxy.forward import Upstream
 from proxy.handler import Pipeline
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
+from proxy.meter_check import MeterCheck
 from proxy.paths import check_database
-from proxy.pricing import PriceCache
+from proxy.pricing import PriceCache, TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
@@ -159,6 +160,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
                                     on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
+    meter_check = await _check_meters(rt, undo)
     _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0)
@@ -203,6 +205,9 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.tasks.append(spawn("webhooks", webhooks.run()))
     server.tasks.append(spawn("prices", _keep_prices(rt)))
     rt.extras["webhooks"] = webhooks
+    if meter_check is not None:
+        server.tasks.append(spawn("meter-check", meter_check.run()))
+        server.on_stop.append(meter_check.close)
     server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
     server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
     server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
@@ -229,6 +234,26 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     return server
 
 
+async def _check_meters(rt: Runtime, undo: AsyncExitStack) -> MeterCheck | None:
+    """With a meter-events sink: the rules' meters against Stripe's. A wrong meter refuses
+    start (ConfigError, exit 2); Stripe unreachable starts degraded (proxy.meter_check)."""
+    scfg = rt.cfg.stripe
+    if not scfg.verify_meters or not scfg.api_key \
+            or scfg.sink not in ("meter_events", "meter_event_stream"):
+        return None
+    check = MeterCheck(stripe_connect(scfg), lambda: event_names(rt), scfg.meter_check_retry)
+    undo.push_async_callback(check.close)
+    problems = await check.check(event_names(rt))
+    if problems:
+        raise ConfigError([f"stripe: {p}" for p in problems])
+    check.record(problems)
+    if problems is None:
+        log.warning("Stripe meters could not be checked at start (%s): starting degraded, "
+                    "retrying every %.0fs", check.unreachable, scfg.meter_check_retry)
+    rt.extras["meter_check"] = check
+    return check
+
+
 def build_reconciler(rt: Runtime) -> Reconciler | None:
     """Reconciliation needs Stripe meters: a key and a meter-events sink; else None."""
     scfg = rt.cfg.stripe
@@ -252,7 +277,12 @@ def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
     return Flusher(rt.store, sink, lambda: event_names(rt),
                    rate=scfg.max_rate or default_rate(scfg.api_key),
-                   ambiguous_hold=2 * scfg.timeout)
+                   ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
+
+
+def transforms(rt: Runtime) -> dict[str, TransformQuantity]:
+    """meter -> transform applied to its period total (meters with a ``transform``)."""
+    return {m.name: m.transform for m in rt.rules.meters.values() if m.transform is not None}
 
 
 def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> None:
@@ -266,6 +296,9 @@ def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> No
 
     def ready_checks() -> list[str]:
         out = []
+        check = rt.extras.get("meter_check")
+        if check is not None:
+            out.extend(check.ready_problems())
         lag = flusher.lag()
         if lag > rt.cfg.stripe.flush_lag_ready_threshold:
             out.append(f"flush lag {lag:.0f}s exceeds "
@@ -295,17 +328,43 @@ def _bound_port(site: web.TCPSite) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
-def reload_rules(rt: Runtime) -> bool:
-    """Swap in the rule files' current content; a broken file keeps the old rules."""
+def _refuse_reload(rt: Runtime, problems: list[str]) -> bool:
+    rt.rules_error = "\n".join(problems)
+    metrics.rules_reloads_total.labels("error").inc()
+    metrics.rules_reload_failing.set(1)
+    log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
+              rt.rules_error)
+    return False
+
+
+async def reload_rules_checked(rt: Runtime) -> bool:
+    """:func:`reload_rules`, with the new rules' meters checked against Stripe first when the
+    meter check is on: a wrong meter refuses the reload (the old rules stay)."""
+    check: MeterCheck | None = rt.extras.get("meter_check")
+    if check is None:
+        return reload_rules(rt)
     try:
         new = load_ruleset(rt.cfg)
     except RulesError as exc:
-        rt.rules_error = "\n".join(str(p) for p in exc.problems)
-        metrics.rules_reloads_total.labels("error").inc()
-        metrics.rules_reload_failing.set(1)
-        log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
-                  rt.rules_error)
-        return False
+        return _refuse_reload(rt, [str(p) for p in exc.problems])
+    names = {m.name: (m.stripe_event_name, m.covered_event_name) for m in new.meters.values()}
+    problems = await check.check(names)
+    if problems:
+        return _refuse_reload(rt, [f"stripe: {p}" for p in problems])
+    ok = reload_rules(rt, new)
+    if ok:
+        check.record(problems)
+    return ok
+
+
+def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
+    """Swap in the rule files' current content (or ``new``, already loaded); a broken file
+    keeps the old rules."""
+    if new is None:
+        try:
+            new = load_ruleset(rt.cfg)
+        except RulesError as exc:
+            return _refuse_reload(rt, [str(p) for p in exc.problems])
     if new.version != rt.rules.version:
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)
@@ -339,7 +398,7 @@ async def _watch_rules(rt: Runtime, interval: float = 1.0) -> None:
         now = _stamp(rt.cfg.rule_paths())
         if now != stamp:
             stamp = now
-            reload_rules(rt)
+            await reload_rules_checked(rt)
 
 
 async def _keep_prices(rt: Runtime) -> None:
@@ -402,7 +461,8 @@ async def run_until_signalled(cfg: Config, ready: Callable[[Server], None] | Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)
     with suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, lambda: reload_rules(server.rt))
+        loop.add_signal_handler(signal.SIGHUP, lambda: server.tasks.append(
+            spawn("rules-reload", reload_rules_checked(server.rt))))
     if ready is not None:
         ready(server)
     gc.freeze()  # start-up objects never need collecting; keeps gen-2 pauses short

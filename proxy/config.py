@@ -59,6 +59,13 @@ Size = Annotated[int, BeforeValidator(_size), WithJsonSchema({
     "x-kind": "size"})]
 
 
+AUDIT_RETENTION_DEFAULT = 400 * 86400.0
+"""Audit retention default: a card dispute can be opened up to 120 days after the charge, the
+charge comes up to one billing period (31 days) after the usage, the response window is up to
+21 days and the network's decision can take 75 more; 400 days covers that (247 days) with
+margin, and a year-over-year audit."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -134,10 +141,12 @@ class StorageConfig(_Model):
                     "process; `full` adds power-loss durability at one fsync per group commit.",
         examples=["full"])
     audit_retention: Duration = Field(
-        default=90 * 86400.0,
+        default=AUDIT_RETENTION_DEFAULT,
         description="Per-request audit rows older than this are pruned (the per-minute "
-                    "aggregates that bills are made from are kept).",
-        examples=["400d"])
+                    "aggregates that bills are made from are kept). The default, 400 days, "
+                    "outlives a card dispute's whole lifecycle (see docs/billing-semantics.md): "
+                    "lower it only if you keep the evidence elsewhere.",
+        examples=["180d"])
     max_pending_rows: int = Field(
         default=200_000, ge=100,
         description="Bound on usage rows held in memory while SQLite cannot commit; beyond it "
@@ -272,6 +281,19 @@ class StripeConfig(_Model):
         description="`/readyz` reports degraded when the oldest undelivered usage is older "
                     "than this.",
         examples=["30m"])
+    verify_meters: bool = Field(
+        default=True,
+        description="With a meter-events sink, check every rules meter against Stripe's "
+                    "Billing Meters at start and on rules reload: a meter that is missing, "
+                    "inactive, not `sum`, reads other payload keys or is pre-aggregated "
+                    "(`event_time_window`) refuses start (exit 2) or the reload. Stripe "
+                    "unreachable: start anyway, retry in the background, `/readyz` degraded.",
+        examples=[False])
+    meter_check_retry: Duration = Field(
+        default=30.0, gt=0,
+        description="While Stripe could not be asked about its meters, how often the meter "
+                    "check is retried.",
+        examples=["2m"])
     reconcile_interval: Duration = Field(
         default=0.0,
         description="Run reconciliation (ledger vs Stripe's meter event summaries, hour by "

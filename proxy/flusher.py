@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from tenacity.wait import wait_exponential_jitter
 
 from proxy import metrics
+from proxy.pricing import TransformQuantity
 from proxy.sinks.base import Kind, Outcome, OutEvent, Sink
 from proxy.store import outbox
 from proxy.store.db import Store
@@ -144,10 +145,14 @@ class Flusher:
                  event_names: Callable[[], Mapping[str, tuple[str, str | None]]], *,
                  rate: float, concurrency: int = 16, retries_per_cycle: int = 3,
                  retry_wait_max: float = 2.0, ambiguous_hold: float = 10.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None,
+                 transforms: Callable[[], Mapping[str, TransformQuantity]] | None = None,
+                 ) -> None:
         self.store = store
         self.sink = sink
         self.event_names = event_names
+        self.transforms: Callable[[], Mapping[str, TransformQuantity]] = \
+            transforms or (lambda: {})
         self.bucket = TokenBucket(rate)
         self.breaker = CircuitBreaker()
         self.concurrency = concurrency
@@ -175,7 +180,8 @@ class Flusher:
             # 1: every committed usage row is in the ledger tables before staging reads them
             self.store.materialize()
             # 2: staging is one transaction on the one write connection
-            staged = self.store.execute_write(lambda c: outbox.stage(c, self.event_names()))
+            staged = self.store.execute_write(
+                lambda c: outbox.stage(c, self.event_names(), transforms=self.transforms()))
             report.staged = len(staged)
             await self._deliver(report, force)
             self.refresh_gauges()

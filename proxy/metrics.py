@@ -166,3 +166,12 @@ connections_closed_total = Counter("meterproxy_connections_closed_total",
 concurrency_rejections_total = Counter("meterproxy_concurrency_rejections_total",
                                        "Requests refused (429) at a customer's concurrency limit",
                                        registry=REGISTRY)
+stripe_meters_verified = Gauge(
+    "meterproxy_stripe_meters_verified",
+    "1 when every rules meter was checked against Stripe's Billing Meters and fits delta "
+    "events; 0 while unchecked (Stripe unreachable) or when a meter is wrong",
+    registry=REGISTRY)
+stripe_meter_checks_total = Counter(
+    "meterproxy_stripe_meter_checks_total",
+    "Checks of the rules' meters against Stripe, by outcome (ok, mismatch, unreachable)",
+    ["outcome"], registry=REGISTRY)

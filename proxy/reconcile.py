@@ -290,6 +290,7 @@ class StripeMeter:
     formula: str
     customer_key: str
     value_key: str
+    event_time_window: str | None = None
 
 
 class Reconciler:
@@ -430,7 +431,8 @@ class Reconciler:
             for m in page.data:
                 out.setdefault(m.event_name, []).append(StripeMeter(
                     m.id, m.event_name, str(m.status), str(m.default_aggregation.formula),
-                    m.customer_mapping.event_payload_key, m.value_settings.event_payload_key))
+                    m.customer_mapping.event_payload_key, m.value_settings.event_payload_key,
+                    str(m.event_time_window) if getattr(m, "event_time_window", None) else None))
             if not page.has_more or not page.data:
                 return out
             after = page.data[-1].id
@@ -574,6 +576,9 @@ def _meter_problem(name: str, candidates: Sequence[StripeMeter]) -> str | None:
     if m.customer_key != CUSTOMER_KEY or m.value_key != VALUE_KEY:
         return (f"{name!r}: meter {m.id} reads payload keys {m.customer_key!r}/{m.value_key!r};"
                 f" meterproxy sends {CUSTOMER_KEY!r}/{VALUE_KEY!r}")
+    if m.event_time_window is not None:
+        return (f"{name!r}: meter {m.id} is pre-aggregated (event_time_window"
+                f" {m.event_time_window!r}): Stripe keeps only the newest event per window")
     return None
 
 

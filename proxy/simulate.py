@@ -41,7 +41,8 @@ from proxy.explain import conditions, stored_version, structural
 from proxy.pricing import Price, exact_amount, fmt_minor, meter_prices, period_charges, whole_units
 from proxy.rules import UNREADABLE, Matcher, Measurement, Rule, RuleSet, SourceKind, compute
 from proxy.timeutil import rfc3339
-from proxy.units import fmt_micro
+from proxy.transform import transformed_units
+from proxy.units import QSCALE, fmt_micro
 
 __all__ = ["AuditRow", "CustomerSim", "Simulation", "audit_rows", "render_table", "rerate",
            "run", "to_json"]
@@ -201,13 +202,25 @@ def rerate(rows: Iterable[AuditRow], old: RuleSet, new: RuleSet,
                 c.missing += 1
                 _add(c.new_billable, spec.meter, 0)
     for c in sim.customers.values():
-        c.old_charges = period_charges(sim.old_prices, c.old_billable)
-        c.new_charges = period_charges(sim.new_prices, c.new_billable)
-        c.old_exact = {m: exact_amount(p, whole_units(c.old_billable.get(m, 0)))
+        # a meter's transform rounds the period total (proxy.transform), under each rules set
+        old_b = _billed(old, c.old_billable)
+        new_b = _billed(new, c.new_billable)
+        c.old_charges = period_charges(sim.old_prices, old_b)
+        c.new_charges = period_charges(sim.new_prices, new_b)
+        c.old_exact = {m: exact_amount(p, whole_units(old_b.get(m, 0)))
                        for m, p in sim.old_prices.items()}
-        c.new_exact = {m: exact_amount(p, whole_units(c.new_billable.get(m, 0)))
+        c.new_exact = {m: exact_amount(p, whole_units(new_b.get(m, 0)))
                        for m, p in sim.new_prices.items()}
     return sim
+
+
+def _billed(rules: RuleSet, billable: Mapping[str, int]) -> dict[str, int]:
+    out = dict(billable)
+    for m, v in billable.items():
+        meter = rules.meters.get(m)
+        if meter is not None and meter.transform is not None:
+            out[m] = transformed_units(v, meter.transform) * QSCALE
+    return out
 
 
 # ------------------------------------------------------------------ reading the database

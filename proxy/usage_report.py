@@ -23,10 +23,11 @@ import aiosqlite
 
 from proxy.credits.service import CreditService
 from proxy.periods import TRAILING, day_starts, period_bounds, project
-from proxy.pricing import Price, fmt_minor, line_amount, period_charges, whole_units
+from proxy.pricing import Price, TransformQuantity, fmt_minor, line_amount, period_charges, whole_units
 from proxy.rules import RuleSet
 from proxy.store.keys import Customer
 from proxy.timeutil import rfc3339
+from proxy.transform import transformed_delta, transformed_units
 from proxy.units import QSCALE, fmt_micro
 from proxy.usage_view import (
     currency_affixes,
@@ -81,6 +82,18 @@ def _whole_projection(used: int, projected: int) -> int:
     return max(used, (projected + QSCALE // 2) // QSCALE * QSCALE)
 
 
+def _daily_billed(raw: list[int], t: TransformQuantity | None) -> list[int]:
+    """Per-day billable micro-units; with a transform, each day is what it adds to the
+    transformed period total (so the days sum to the period's billed units)."""
+    if t is None:
+        return raw
+    out, total = [], 0
+    for r in raw:
+        out.append(transformed_delta(total, total + r, t) * QSCALE)
+        total += r
+    return out
+
+
 def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
     """A credit grant as the customer sees it: a name, never an internal id."""
     status = "voided" if g["voided"] else "expired" if g["expired"] else \
@@ -127,13 +140,20 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
 
     names = sorted(set(rules.meters) | set(period))
     zero = (0, 0, 0, 0)
-    billable = {m: period.get(m, zero)[1] for m in names}
+    tf = {m: mt.transform for m, mt in rules.meters.items() if mt.transform is not None}
+
+    def billed(m: str, micro: int) -> int:
+        """A period total as billed: a meter's transform rounds the total once."""
+        t = tf.get(m)
+        return micro if t is None else transformed_units(micro, t) * QSCALE
+
+    billable = {m: billed(m, period.get(m, zero)[1]) for m in names}
     projected_q = {m: _whole_projection(period.get(m, zero)[0],
                                         project(period.get(m, zero)[0],
                                                 trailing.get(m, (0, 0))[0], now, end))
                    for m in names}
-    projected_b = {m: project(billable[m], trailing.get(m, (0, 0))[1], now, end)
-                   for m in names}
+    projected_b = {m: billed(m, project(period.get(m, zero)[1], trailing.get(m, (0, 0))[1],
+                                       now, end)) for m in names}
     so_far = period_charges(prices, billable)
     projected = period_charges(prices, projected_b)
     currencies = sorted({p.currency for p in prices.values()})
@@ -142,7 +162,8 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
     lines: list[dict[str, Any]] = []
     daily_cost: dict[str, list[int]] = {}
     for m in names:
-        q, b, c, n = period.get(m, zero)
+        q, _raw_b, c, n = period.get(m, zero)
+        b = billable[m]
         price = prices.get(m)
         meter = rules.meters.get(m)
         label = meter.label if meter is not None else m
@@ -159,8 +180,8 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
         if price is not None:
             cur = price.currency
             line = invoice_lines(price, b, unit)
-            daily_cost[m] = daily_costs(
-                price, [by_day[d].get(m, (0, 0))[1] for d in period_days])
+            daily_cost[m] = daily_costs(price, _daily_billed(
+                [by_day[d].get(m, (0, 0))[1] for d in period_days], tf.get(m)))
             entry.update(currency=cur,
                          cost_so_far=fmt_minor(so_far.get(m, line_amount(price, b)), cur),
                          projected_cost=fmt_minor(projected.get(m, 0), cur),

@@ -514,7 +514,9 @@ def test_each_probe_is_matched_on_its_own_keys() -> None:
     assert insp.result() == BodyView({"a": 1, "b": 2}, streamed=True)
 
 
-def test_json_body_exactly_at_the_cap_is_read_one_byte_over_is_not() -> None:
+def test_json_body_exactly_at_the_cap_is_parsed_one_byte_over_is_scanned() -> None:
+    """Up to the cap the body is buffered and parsed whole; one byte over, the incremental key
+    scanner reads the same value (docs/metering-bodies.md): over-cap is never billed 0."""
     body = b'{"usage":{"total_tokens":7}}'
     at = JsonInspector((TOTAL,), len(body))
     at.feed(body[:10])
@@ -522,15 +524,17 @@ def test_json_body_exactly_at_the_cap_is_read_one_byte_over_is_not() -> None:
     assert at.result() == BodyView({"t": 7})
     over = JsonInspector((TOTAL,), len(body) - 1)
     over.feed(body)
-    assert over.result() == BodyView({}, malformed=True)
+    assert over.result() == BodyView({"t": 7}, reason="over_cap", scanned=True)
 
 
-def test_json_body_over_the_cap_stays_unreadable_whatever_follows() -> None:
+def test_json_key_text_inside_an_over_cap_string_is_never_read() -> None:
+    """A value that only looks like the key (inside a string longer than the cap) is not
+    billed: the scan gives up and the quantity takes the fallback (the reservation)."""
     insp = JsonInspector((TOTAL,), 40)
     insp.feed(b'{"pad": "')
-    insp.feed(b"x" * 40)                                   # over the cap
+    insp.feed(b"x" * 40)                                   # over the cap, inside a string
     insp.feed(b'{"usage":{"total_tokens":1}}')             # would parse on its own
-    assert insp.result() == BodyView({}, malformed=True)
+    assert insp.result() == BodyView({}, malformed=True, reason="over_cap")
 
 
 def test_no_probes_no_inspector() -> None:

@@ -391,7 +391,8 @@ async def test_sigterm_mid_call_never_overlaps_calls_for_one_customer_and_meter(
     the first one has ended (Stripe: one concurrent call per customer and meter)."""
     double = await stripe_double_factory(processing_delay=2.0)
     st = double.state
-    st.add_meter("api_calls")
+    for name in ("api_calls", "llm_tokens", "bytes_in", "units"):   # the rules' meters
+        st.add_meter(name)
     cfg, url, admin = chaos_config(tmp_path, upstream, double.url, timeout="5s")
     ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)

@@ -56,7 +56,8 @@ def _outbox(db: Path) -> list[tuple[str, str, int, str]]:
 
 async def test_dry_run_events_are_delivered_once_when_a_real_sink_starts(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
-    stripe_double.state.add_meter("api_calls")
+    for name in ("api_calls", "llm_tokens", "bytes_in", "units"):   # the rules' meters
+        stripe_double.state.add_meter(name)
     db = tmp_path / "meter.db"
     async with aiohttp.ClientSession() as s:
         # 1. dry run: events are logged and kept as dry_run, never 'sent'

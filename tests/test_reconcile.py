@@ -279,6 +279,16 @@ async def test_unknown_inactive_or_wrong_meters_refuse_to_start(make_env: MakeEn
     env.double.state.add_meter("tokens_covered", formula="count")
     with pytest.raises(ReconcileRefused, match="'count'"):
         await env.reconcile()
+    for m in list(env.double.state.meters.values()):
+        if m.event_name == "tokens_covered":
+            m.status = "inactive"
+    env.double.state.add_meter("tokens_covered", id="mtr_daily", event_time_window="day")
+    with pytest.raises(ReconcileRefused) as err:
+        await env.reconcile()
+    assert err.value.missing == ["tokens_covered"]
+    assert str(err.value).endswith(
+        "'tokens_covered': meter mtr_daily is pre-aggregated (event_time_window 'day'):"
+        " Stripe keeps only the newest event per window")
 
 
 async def test_pagination_over_more_than_100_hours_and_100_meters(make_env: MakeEnv) -> None:

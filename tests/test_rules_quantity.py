@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from decimal import Decimal
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
-from proxy.rules.model import Transform
-from proxy.rules.quantity import apply_transform, constant_quantities, parse_number
+from proxy.rules.quantity import constant_quantities, parse_number
 from proxy.units import to_micro
 
 M = 1_000_000
@@ -24,6 +21,7 @@ RULES = """\
 version: 1
 meters:
   m: {stripe_event_name: m}
+  gb: {stripe_event_name: gb}
 rules:
   - name: chat
     match: {path: /chat}
@@ -52,8 +50,8 @@ rules:
   - name: gb
     match: {path: /gb}
     usage:
-      - {meter: m, quantity: request.bytes, transform: {divide_by: 1000000000, round: up}}
-      - {meter: m, quantity: request.bytes, transform: {divide_by: 1000000000, round: down}}
+      - {meter: gb, quantity: request.bytes, transform: {divide_by: 1000000000, round: up},
+         credits: 2}
 """
 
 
@@ -194,21 +192,14 @@ def test_missing_simple_sources_are_unreadable(rules: dict[str, Rule]) -> None:
                                           False]
 
 
-def test_transform_up_and_down(rules: dict[str, Rule]) -> None:
+def test_transform_is_not_applied_per_request(rules: dict[str, Rule]) -> None:
+    """A request records raw units; the transform rounds the period total (proxy.transform)."""
     r = rules["gb"]
-    assert [q.micro for q in compute(r, meas(request_bytes=1))] == [1 * M, 0]
-    assert [q.micro for q in compute(r, meas(request_bytes=0))] == [0, 0]
-    assert [q.micro for q in compute(r, meas(request_bytes=2_000_000_000))] == [2 * M, 2 * M]
-    assert [q.micro for q in compute(r, meas(request_bytes=2_000_000_001))] == [3 * M, 2 * M]
-
-
-@given(st.integers(0, 10**12), st.integers(0, 6), st.integers(1, 10**10),
-       st.sampled_from(["up", "down"]))
-def test_transform_matches_exact_ceil_floor(num: int, scale: int, div: int, rnd: str) -> None:
-    units = Decimal(num).scaleb(-scale)
-    exact = Fraction(num, 10**scale) / div
-    want = math.ceil(exact) if rnd == "up" else math.floor(exact)
-    assert apply_transform(units, Transform(div, "up" if rnd == "up" else "down")) == want
+    assert [q.micro for q in compute(r, meas(request_bytes=1))] == [1 * M]
+    assert [q.micro for q in compute(r, meas(request_bytes=0))] == [0]
+    assert [q.micro for q in compute(r, meas(request_bytes=2_000_000_001))] == [2_000_000_001 * M]
+    # credits are per transformed unit (2 per GB), charged on the raw fraction
+    assert r.usage[0].credits_per_unit == Decimal(2) / 1_000_000_000
 
 
 def test_parse_number() -> None:
@@ -297,7 +288,8 @@ def test_a_number_at_the_path_is_billed_exactly_anything_else_is_unreadable(
         name: str, stream: bool) -> None:
     """Whatever surrounds it, the value at the rule's path decides the quantity: a
     non-negative number (JSON number or numeric string) is billed exactly; anything else
-    bills the rule's ``on_unreadable`` (7 for ``field``, 0 for the preset) as unreadable."""
+    bills the usage's fallback as unreadable: its ``on_unreadable`` (7 for ``field``), else the
+    reservation (no ``estimate`` here: ``credits.default_estimate``, 1 unit), never 0."""
     valid, (value, micro) = case
     doc: dict[str, object] = {"noise": noise}
     if name == "field":
@@ -310,8 +302,8 @@ def test_a_number_at_the_path_is_billed_exactly_anything_else_is_unreadable(
     if valid:
         assert got == [Quantity("m", micro, False)]
     else:
-        fallback = 7 * M if name == "field" else 0
-        assert got == [Quantity("m", fallback, True)]
+        fallback = 7 * M if name == "field" else M
+        assert got == [Quantity("m", fallback, True, "unreadable")]
 
 
 @given(JSON, st.sampled_from(["chat", "anthropic", "responses", "field", "many"]),
@@ -332,8 +324,9 @@ def test_compute_of_arbitrary_json_is_one_quantity_per_usage(rules: dict[str, Ru
     qs = compute(rule, meas(view, request_json=doc, request_headers={"x-units": str(doc)},
                             path_params={"n": str(doc)[:10]}))
     assert [q.meter for q in qs] == [u.meter for u in rule.usage]
-    # a value that does not parse is billed as the rule's on_unreadable, flagged
-    assert all(q.micro == 0 for q in qs if q.unreadable and name != "field")
+    # a value that does not parse is billed at the fallback, flagged: on_unreadable, else the
+    # reservation (credits.default_estimate, 1 unit: no rule here has an estimate), never 0
+    assert all(q.micro == M for q in qs if q.unreadable and name != "field")
     assert all(q.micro == 7 * M for q in qs if q.unreadable and name == "field")
 
 
@@ -358,4 +351,4 @@ def test_preset_total_over_max_units_is_unreadable(rules: dict[str, Rule]) -> No
     at = orjson.dumps({"usage": {"input_tokens": 10**12 - 1, "output_tokens": 1}})
     assert run(r, "application/json", [at]) == [Quantity("m", 10**12 * M, False)]
     over = orjson.dumps({"usage": {"input_tokens": 10**12, "output_tokens": 1}})
-    assert run(r, "application/json", [over]) == [Quantity("m", 0, True)]
+    assert run(r, "application/json", [over]) == [Quantity("m", M, True, "unreadable")]

@@ -192,8 +192,10 @@ async def test_idempotency_key_in_flight_is_409(
         (ev("abc"), "payload[value]", "whole number"),
         (ev("1234567890123456"), "payload[value]", "more than 15 significant digits"),
         (ev("-1234567890123456"), "payload[value]", "more than 15 significant digits"),
-        (ev("1", timestamp=now() - 36 * DAY), "timestamp", "past 35 days"),
-        (ev("1", timestamp=now() + 600), "timestamp", "5 minutes in the future"),
+        # timestamps are offsets from when the test runs (resolved in the test), not from collection:
+        # a suite that takes more than five minutes must not turn +600 s into a valid one
+        (ev("1", timestamp=-36 * DAY), "timestamp", "past 35 days"),
+        (ev("1", timestamp=600), "timestamp", "5 minutes in the future"),
         (
             {**ev("1"), "event_name": "nope"},
             "event_name",
@@ -220,6 +222,8 @@ async def test_meter_event_validation(
     param: str,
     message: str,
 ) -> None:
+    if "timestamp" in params:       # an offset from now, resolved at run time
+        params = {**params, "timestamp": now() + int(params["timestamp"])}
     with pytest.raises(stripe.InvalidRequestError) as exc:
         await client.v1.billing.meter_events.create_async(params)  # type: ignore[arg-type]
     assert exc.value.http_status == 400

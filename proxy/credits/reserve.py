@@ -23,9 +23,9 @@ from decimal import Decimal
 
 from proxy.rules import UNREADABLE, Rule, UsageSpec
 from proxy.rules.model import SourceKind
-from proxy.rules.quantity import apply_transform, parse_number
+from proxy.rules.quantity import parse_number
 from proxy.rules.sse import lookup
-from proxy.units import QSCALE, UnitError, cost_micro, to_micro
+from proxy.units import UnitError, cost_micro, to_micro
 
 PERCENTILE = 95
 WINDOW = 256
@@ -83,8 +83,9 @@ class Estimator:
 
 def hint_micro(u: UsageSpec, request_json: object, headers: Mapping[str, str],
                query: Mapping[str, str]) -> int | None:
-    """The quantity a request says it will use at most (``reserve_from``), in micro-units
-    after the spec's transform; None when the rule names no hint or the request has none."""
+    """The quantity a request says it will use at most (``reserve_from``), in raw micro-units
+    (the unit requests are recorded and credits charged in); None when the rule names no
+    hint or the request has none."""
     src = u.reserve_from
     if src is None:
         return None
@@ -101,8 +102,7 @@ def hint_micro(u: UsageSpec, request_json: object, headers: Mapping[str, str],
     if d is None:
         return None
     try:
-        return apply_transform(d, u.transform) * QSCALE if u.transform is not None \
-            else to_micro(d)
+        return to_micro(d)          # raw units, as recorded (transforms round period totals)
     except (ArithmeticError, UnitError, ValueError):
         return None
 

@@ -23,7 +23,7 @@ import hashlib
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -375,6 +375,7 @@ class _MeterRef:
     file: _File
     path: KeyPath
     name: str
+    transform: Transform | None = None
 
 
 def _optional_micro(f: _File, m: Mapping[str, object], path: KeyPath, key: str,
@@ -393,17 +394,20 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
     before = len(f.problems)
     f.keys(path, m, USAGE_KEYS, "usage")
     meter = f.string((*path, "meter"), m.get("meter"), "meter") if "meter" in m else None
+    transform = _transform(f, (*path, "transform"), m["transform"]) if "transform" in m else None
     if "meter" not in m:
         f.at_value(path, "usage item needs 'meter'")
     elif meter is not None:
-        refs.append(_MeterRef(f, (*path, "meter"), meter))
+        refs.append(_MeterRef(f, (*path, "meter"), meter, transform))
     source = _usage_source(f, path, m, template)
     credits = None
     if "credits" in m:
         credits = f.number((*path, "credits"), m["credits"], "credits")
+        if credits is not None and transform is not None:
+            # credits are per transformed unit, charged on the exact fraction of raw units
+            credits = credits / transform.divide_by
     _, estimate = _optional_micro(f, m, path, "estimate", None)
     _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", None)
-    transform = _transform(f, (*path, "transform"), m["transform"]) if "transform" in m else None
     reserve = _reserve_from(f, (*path, "reserve_from"), m["reserve_from"], template, source) \
         if "reserve_from" in m else None
     if len(f.problems) != before or meter is None or source is None:
@@ -672,6 +676,19 @@ def _cross_checks(st: _State) -> None:
             close = _suggest(ref.name, st.meter_where)
             hint = f"; did you mean '{close}'?" if close else " (define it under meters:)"
             ref.file.at_value(ref.path, f"unknown meter '{ref.name}'{hint}")
+    # a transform applies to a meter's period total: every usage of the meter must agree
+    first: dict[str, _MeterRef] = {}
+    for ref in st.refs:
+        seen_ref = first.setdefault(ref.name, ref)
+        if seen_ref.transform != ref.transform:
+            pos = seen_ref.file.doc.value_pos(seen_ref.path)
+            ref.file.at_value(ref.path, (
+                f"meter '{ref.name}' has a different transform here than at "
+                f"{seen_ref.file.name}:{pos.line}:{pos.col}: a transform applies to the "
+                "meter's period total, so every usage of one meter must use the same one"))
+    for name, ref in first.items():
+        if ref.transform is not None and name in st.meters:
+            st.meters[name] = replace(st.meters[name], transform=ref.transform)
     seen: dict[str, str] = {}
     catch_all: str | None = None
     for e in st.entries:

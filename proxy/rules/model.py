@@ -78,6 +78,8 @@ class Meter:
     price_id: str | None = None
     display_name: str | None = None     # what customers see (usage page, usage API)
     unit_label: str | None = None       # plural noun for the unit, e.g. "tokens"
+    # the usages' ``transform`` (all agree), applied to the period total (proxy.transform)
+    transform: TransformQuantity | None = None
 
     @property
     def label(self) -> str:

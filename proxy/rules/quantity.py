@@ -13,20 +13,20 @@ Invariants:
   ``on_unreadable`` when the operator set one, else the reservation (its ``estimate``,
   else ``credits.default_estimate``), never 0 by default. The fallback is in meter units
   and is not transformed.
-- A transform divides the unit quantity exactly (``Fraction``) and rounds to whole
-  units, as Stripe's ``transform_quantity`` does.
+- A usage's ``transform`` is NOT applied here: a request records raw units, and the
+  transform rounds the meter's period total once (:mod:`proxy.transform`), as Stripe's
+  ``transform_quantity`` does. Rounding per request would bill 1,000 one-byte uploads as
+  1,000 GB on a per-GB round-up.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 
-from proxy.rules.model import PRESETS, Rule, SourceKind, Transform, UsageSpec
+from proxy.rules.model import PRESETS, Rule, SourceKind, UsageSpec
 from proxy.rules.sse import UNREADABLE, BodyView, lookup
 from proxy.units import QSCALE, UnitError, to_decimal, to_micro
 
@@ -142,12 +142,6 @@ def _value(u: UsageSpec, m: Measurement) -> Decimal | None:
     return parse_number(_raw(u, m))
 
 
-def apply_transform(units: Decimal, t: Transform) -> int:
-    """Whole units after Stripe's transform (exact division, then ceil / floor)."""
-    exact = Fraction(units) / t.divide_by
-    return math.ceil(exact) if t.round == "up" else math.floor(exact)
-
-
 def fallback_micro(u: UsageSpec, default_estimate_micro: int) -> int:
     """What an unreadable quantity bills: ``on_unreadable`` if set, else the reservation."""
     if u.on_unreadable_micro is not None:
@@ -183,8 +177,7 @@ def _one(u: UsageSpec, m: Measurement, default_estimate_micro: int) -> Quantity:
     d = _value(u, m)
     if d is not None:
         try:
-            micro = (apply_transform(d, u.transform) * QSCALE if u.transform is not None
-                     else to_micro(d))
+            micro = to_micro(d)
         except (ArithmeticError, InvalidOperation, UnitError, ValueError):
             return Quantity(u.meter, fallback_micro(u, default_estimate_micro), True,
                             "unreadable")

@@ -1,12 +1,15 @@
 """The outbox: usage -> meter events with deterministic identifiers, persisted before sending.
 
 Staging (one transaction on the Store's connection, so it cannot interleave with a group
-commit) takes, per customer, meter and hour window, the usage not yet staged
+commit) takes, per customer, meter and hour window (cut at the customer's billing-period
+boundary, so usage before a mid-hour anchor is stamped inside the old period), the usage not yet staged
 (``billable - reported``; for a meter with ``covered_event_name`` also
 ``covered - reported_covered``), adds the customer's carried remainder, and mints one
 event of ``floor(total)`` whole units; the fraction stays in ``carry``. So after any number
 of flushes: sum(events) == floor(sum(usage)) and sum(events) + remainder == sum(usage),
-exactly, in integers.
+exactly, in integers. A meter with a ``transform`` instead reports
+``T(period total after) - T(period total before)`` (no carry): the events of one billing
+period sum to ``T(period total)`` (docs/billing-semantics.md).
 
 Identifiers are ``mp_<install id>_<outbox id>``: unique per database (the install id is
 random per database, so two sidecars on one Stripe account never collide) and stable
@@ -21,6 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.periods import period_bounds
+from proxy.pricing import TransformQuantity
+from proxy.transform import transformed_delta
 from proxy.units import QSCALE
 
 WINDOW = 3600
@@ -47,14 +53,31 @@ def split_whole(total_micro: int) -> tuple[int, int]:
     return whole, rem
 
 
+def _periods(conn: sqlite3.Connection, customers: set[str]) -> dict[str, int | None]:
+    """customer -> billing anchor (None: calendar months)."""
+    out: dict[str, int | None] = dict.fromkeys(customers)
+    for cid, anchor in conn.execute("SELECT id, billing_anchor FROM customers"
+                                    " WHERE billing_anchor IS NOT NULL"):
+        if cid in out:
+            out[cid] = anchor
+    return out
+
+
 def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | None]],
-          now: float | None = None) -> list[StagedEvent]:
+          now: float | None = None,
+          transforms: Mapping[str, TransformQuantity] | None = None) -> list[StagedEvent]:
     """Move unstaged usage into outbox rows. Caller holds the transaction.
 
     ``event_names`` maps meter -> (stripe_event_name, covered_event_name or None). Usage of a
     meter no longer in the rules keeps the event name it was last staged with, else the
-    meter's own name (an operator can fix a wrong name through a dead-letter replay)."""
+    meter's own name (an operator can fix a wrong name through a dead-letter replay).
+
+    Windows are the hour, cut at the customer's billing-period boundary (a mid-hour anchor
+    splits the hour: the part before it is stamped inside the old period). ``transforms``
+    (meter -> transform) makes a meter report ``T(period total after) - T(before)`` instead of
+    the floor-and-carry of raw units (see :mod:`proxy.transform`)."""
     now = time.time() if now is None else now
+    transforms = transforms or {}
     rows = conn.execute(
         "SELECT customer_id, meter, minute / ? * ? AS w, MAX(minute),"
         " SUM(billable - reported), SUM(covered - reported_covered)"
@@ -64,6 +87,39 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
         (WINDOW, WINDOW)).fetchall()
     if not rows:
         return []
+    anchors = _periods(conn, {r[0] for r in rows})
+    # (customer, meter, period start, window start) -> [period end, last minute, billable, cov]
+    buckets: dict[tuple[str, str, int, int], list[int]] = {}
+    bounds: dict[str, tuple[int, int]] = {}
+    for customer, meter, window, last_minute, billable, covered in rows:
+        b = bounds.get(customer)
+        if b is None or not b[0] <= window < b[1]:
+            b = bounds[customer] = period_bounds(anchors[customer], window)
+        if b[1] >= window + WINDOW:          # the common case: the hour is inside one period
+            buckets[customer, meter, b[0], window] = [b[1], last_minute, billable, covered]
+            continue
+        # a period boundary inside this hour (a mid-hour anchor): split the hour there
+        nxt = period_bounds(anchors[customer], b[1])
+        for lo, hi, pb in ((window, b[1], b), (b[1], window + WINDOW, nxt)):
+            last, bill, cov = conn.execute(
+                "SELECT MAX(minute), COALESCE(SUM(billable - reported), 0),"
+                " COALESCE(SUM(covered - reported_covered), 0)"
+                " FROM usage_minute INDEXED BY usage_minute_unreported"
+                " WHERE (billable > reported OR covered > reported_covered)"
+                " AND customer_id=? AND meter=? AND minute>=? AND minute<?",
+                (customer, meter, lo, hi)).fetchone()
+            if last is not None:
+                buckets[customer, meter, pb[0], lo] = [pb[1], last, bill, cov]
+    # a transformed meter's period total already reported, before this staging
+    before: dict[tuple[str, str, int], list[int]] = {}
+    for customer, meter, pstart, _w in buckets:
+        if meter in transforms and (customer, meter, pstart) not in before:
+            pend = buckets[customer, meter, pstart, _w][0]
+            rep, rep_cov = conn.execute(
+                "SELECT COALESCE(SUM(reported), 0), COALESCE(SUM(reported_covered), 0)"
+                " FROM usage_minute WHERE customer_id=? AND meter=? AND minute>=? AND minute<?",
+                (customer, meter, pstart, pend)).fetchone()
+            before[customer, meter, pstart] = [rep, rep_cov]
     conn.execute("UPDATE usage_minute INDEXED BY usage_minute_unreported"
                  " SET reported = billable, reported_covered = covered"
                  " WHERE billable > reported OR covered > reported_covered")
@@ -72,15 +128,23 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
             "SELECT customer_id, meter, event_name, remainder FROM carry")}
     out: list[StagedEvent] = []
     created = int(now)
-    for customer, meter, window, last_minute, billable, covered in rows:
+    for (customer, meter, pstart, window), (pend, last_minute, billable, covered) \
+            in sorted(buckets.items()):
         names = event_names.get(meter, (meter, None))
-        ts = int(min(last_minute + 59, now))
-        for event_name, delta, is_cov in ((names[0], billable, False), (names[1], covered, True)):
+        ts = int(min(last_minute + 59, pend - 1, now))
+        t = transforms.get(meter)
+        totals = before.get((customer, meter, pstart))
+        for i, (event_name, delta, is_cov) in enumerate(
+                ((names[0], billable, False), (names[1], covered, True))):
             if event_name is None or not delta:
                 continue
-            key = (customer, meter, event_name)
-            whole, rem = split_whole(carry.get(key, 0) + delta)
-            carry[key] = rem
+            if t is not None and totals is not None:
+                whole = transformed_delta(totals[i], totals[i] + delta, t)
+                totals[i] += delta
+            else:
+                ckey = (customer, meter, event_name)
+                whole, rem = split_whole(carry.get(ckey, 0) + delta)
+                carry[ckey] = rem
             if whole:
                 out.append(StagedEvent(customer, meter, event_name, is_cov, whole, window, ts))
     conn.executemany(

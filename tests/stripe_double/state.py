@@ -128,6 +128,9 @@ class Meter:
     status: Literal["active", "inactive"] = "active"
     display_name: str = ""
     created: int = 0
+    # pre-aggregated meter: Stripe uses only the most recent event (by receipt) in each
+    # hourly or daily (UTC) window; a newer event in the same window overwrites the older
+    event_time_window: Literal["hour", "day"] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,13 +141,25 @@ class Meter:
             "default_aggregation": {"formula": self.formula},
             "display_name": self.display_name or self.event_name,
             "event_name": self.event_name,
-            "event_time_window": None,
+            "event_time_window": self.event_time_window,
             "livemode": False,
             "status": self.status,
             "status_transitions": {"deactivated_at": None},
             "updated": self.created,
             "value_settings": {"event_payload_key": self.value_key},
         }
+
+
+def _newest_per_window(events: list[MeterEvent], window: str) -> list[MeterEvent]:
+    """A pre-aggregated meter's view: per customer and UTC hour/day of the event timestamp,
+    only the most recently received event counts (a newer one overwrites the older)."""
+    step = 3600 if window == "hour" else DAY
+    newest: dict[tuple[str, int], MeterEvent] = {}
+    for e in events:           # in receipt order: a later one replaces an earlier one
+        key = (e.customer, e.timestamp // step)
+        if key not in newest or e.received_at >= newest[key].received_at:
+            newest[key] = e
+    return list(newest.values())
 
 
 @dataclass
@@ -308,9 +323,12 @@ class StripeDoubleState:
         value_key: str = "value",
         status: Literal["active", "inactive"] = "active",
         display_name: str = "",
+        event_time_window: Literal["hour", "day"] | None = None,
     ) -> Meter:
         if formula not in ("sum", "count", "last"):
             raise ValueError(f"bad formula {formula!r}")
+        if event_time_window not in (None, "hour", "day"):
+            raise ValueError(f"bad event_time_window {event_time_window!r}")
         meter = Meter(
             id=id or f"mtr_test_{secrets.token_hex(12)}",
             event_name=event_name,
@@ -320,6 +338,7 @@ class StripeDoubleState:
             status=status,
             display_name=display_name,
             created=int(self.now()),
+            event_time_window=event_time_window,
         )
         self.meters[meter.id] = meter
         return meter
@@ -344,6 +363,7 @@ class StripeDoubleState:
                     or (spec.get("value_settings") or {}).get("event_payload_key", "value"),
                     status=spec.get("status", "active"),
                     display_name=spec.get("display_name", ""),
+                    event_time_window=spec.get("event_time_window"),
                 )
             )
         return out
@@ -753,6 +773,8 @@ class StripeDoubleState:
             and e.event_name == meter.event_name
             and e.visible_at <= now
         ]
+        if meter.event_time_window is not None:
+            visible = _newest_per_window(visible, meter.event_time_window)
         out = []
         for lo, hi in bounds:
             bucket = [e for e in visible if lo <= e.timestamp < hi]

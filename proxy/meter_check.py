@@ -1,0 +1,179 @@
+"""The rules' meters checked against Stripe's Billing Meters, at start and on rules reload.
+
+Owns: :func:`meter_problems` (pure), :func:`list_meters` and :class:`MeterCheck`.
+
+meterproxy reports *delta* events (one per customer, meter and hour window, each adding to
+the period total) with the payload keys ``stripe_customer_id`` and ``value``. A Stripe meter
+bills them correctly only if it is active, sums (``default_aggregation.formula == "sum"``),
+reads those two payload keys, and is not pre-aggregated: a meter with ``event_time_window``
+(``hour`` / ``day``) keeps only the newest event per window, so every delta but the last of
+a window would be dropped. Any other meter is refused, naming the meter, its event name and
+the problem.
+
+Policy (docs/billing-semantics.md):
+- Stripe answered and a meter is wrong: start is refused (``ConfigError``, exit 2); a rules
+  reload with such a meter is refused and the old rules stay in force.
+- Stripe cannot be asked (network, 5xx, 429, auth): the proxy starts anyway (a sidecar must
+  not take the API down because Stripe is unreachable); usage keeps being recorded and
+  staged; the check is retried in the background every ``stripe.meter_check_retry``;
+  ``meterproxy_stripe_meters_verified`` is 0 and ``/readyz`` reports degraded until it
+  passes. If the late check finds a wrong meter, it stays degraded and logs the problems
+  (the events then dead-letter or mis-bill at Stripe; fix the meter and replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from proxy import metrics
+from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+
+__all__ = ["CUSTOMER_KEY", "VALUE_KEY", "MeterCheck", "StripeMeterInfo", "list_meters",
+           "meter_problems"]
+
+log = logging.getLogger("meterproxy.meter_check")
+
+CUSTOMER_KEY = "stripe_customer_id"     # what the sinks put in the payload
+VALUE_KEY = "value"
+PAGE = 100
+
+EventNames = Mapping[str, tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class StripeMeterInfo:
+    id: str
+    event_name: str
+    status: str
+    formula: str
+    customer_key: str
+    value_key: str
+    event_time_window: str | None
+
+
+def _problem(meter: str, event: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
+    where = f"meter {meter!r} (event name {event!r})"
+    active = [m for m in candidates if m.status == "active"]
+    if not active:
+        if candidates:
+            return (f"{where}: Stripe meter {candidates[0].id} is {candidates[0].status}, "
+                    "not active")
+        return f"{where}: no active Stripe meter has this event name"
+    m = active[0]
+    if m.formula != "sum":
+        return (f"{where}: Stripe meter {m.id} aggregates with {m.formula!r}; meterproxy sends "
+                "delta events, which only a 'sum' meter totals correctly")
+    if m.customer_key != CUSTOMER_KEY or m.value_key != VALUE_KEY:
+        return (f"{where}: Stripe meter {m.id} reads payload keys "
+                f"{m.customer_key!r}/{m.value_key!r}; meterproxy sends "
+                f"{CUSTOMER_KEY!r}/{VALUE_KEY!r}")
+    if m.event_time_window is not None:
+        return (f"{where}: Stripe meter {m.id} is pre-aggregated (event_time_window "
+                f"{m.event_time_window!r}): it keeps only the newest event per "
+                f"{m.event_time_window}, but meterproxy sends several delta events per window; "
+                "use a meter without event_time_window")
+    return None
+
+
+def meter_problems(event_names: EventNames,
+                   meters: Sequence[StripeMeterInfo]) -> list[str]:
+    """Every rules meter (and covered event name) whose Stripe meter would mis-bill our
+    delta events, one sentence each, in meter order. Pure."""
+    by_event: dict[str, list[StripeMeterInfo]] = {}
+    for m in meters:
+        by_event.setdefault(m.event_name, []).append(m)
+    out = []
+    for meter, (event, covered) in sorted(event_names.items()):
+        for name in (event, covered):
+            if name is not None:
+                p = _problem(meter, name, by_event.get(name, []))
+                if p is not None:
+                    out.append(p)
+    return out
+
+
+async def list_meters(stripe: StripeConnection) -> list[StripeMeterInfo] | str:
+    """Every meter of the account (all pages), or why Stripe could not be asked."""
+    out: list[StripeMeterInfo] = []
+    after: str | None = None
+    api = stripe.client.v1.billing.meters
+    while True:
+        params: dict[str, Any] = {"limit": PAGE}
+        if after:
+            params["starting_after"] = after
+        page = await attempt(api.list_async(params=cast(Any, params)))
+        if isinstance(page, Failed):
+            return page.outcome.reason
+        for m in page.data:
+            window = getattr(m, "event_time_window", None)
+            out.append(StripeMeterInfo(
+                m.id, m.event_name, str(m.status), str(m.default_aggregation.formula),
+                m.customer_mapping.event_payload_key, m.value_settings.event_payload_key,
+                str(window) if window else None))
+        if not page.has_more or not page.data:
+            return out
+        after = page.data[-1].id
+
+
+class MeterCheck:
+    """The check's state for /readyz and the metric; ``run`` asks Stripe once."""
+
+    def __init__(self, stripe: StripeConnection, event_names: Callable[[], EventNames],
+                 retry: float) -> None:
+        self.stripe = stripe
+        self.event_names = event_names
+        self.retry = retry
+        self.verified = False
+        self.problems: list[str] = []
+        self.unreachable: str | None = None
+        self._wake = asyncio.Event()
+        metrics.stripe_meters_verified.set(0)
+
+    async def check(self, event_names: EventNames) -> list[str] | None:
+        """Problems of ``event_names`` (empty: all good), or None when Stripe could not be
+        asked. Does not change the state."""
+        meters = await list_meters(self.stripe)
+        if isinstance(meters, str):
+            metrics.stripe_meter_checks_total.labels("unreachable").inc()
+            self.unreachable = meters
+            return None
+        problems = meter_problems(event_names, meters)
+        metrics.stripe_meter_checks_total.labels("mismatch" if problems else "ok").inc()
+        return problems
+
+    def record(self, problems: list[str] | None) -> None:
+        """Adopt a check's outcome for the rules now in force."""
+        if problems is None:
+            self.verified = False
+            self._wake.set()           # the background loop retries
+        else:
+            self.unreachable = None
+            self.problems = problems
+            self.verified = not problems
+            for p in problems:
+                log.error("Stripe meter check: %s", p)
+        metrics.stripe_meters_verified.set(1 if self.verified else 0)
+
+    def ready_problems(self) -> list[str]:
+        if self.verified:
+            return []
+        if self.problems:
+            return [f"stripe meters: {p}" for p in self.problems]
+        return [f"stripe meters not verified yet (Stripe unreachable: {self.unreachable}); "
+                f"retrying every {self.retry:.0f}s"]
+
+    async def run(self) -> None:
+        """Retry an unreachable check until Stripe answers (then wait for the next need)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self.verified and not self.problems:
+                await asyncio.sleep(self.retry)
+                self.record(await self.check(self.event_names()))
+
+    async def close(self) -> None:
+        await self.stripe.close()
