@@ -324,7 +324,7 @@ async def test_threshold_alert_fires_once_per_period_even_after_restart(store: S
         "SELECT customer_id, period_key, threshold, created_at, payload FROM alerts"
         " ORDER BY created_at, threshold").fetchall()
     assert [r[:4] for r in rows] == [("c", key, "0.5", 1000), ("c", key, "0.9", 1003),
-                                     ("c", key, DEPLETED, 1003)]
+                                     ("c", f"{key}:g1", DEPLETED, 1003)]
     assert orjson.loads(rows[0][4])["consumed"] == "50"
     # a new grant is a new period: the thresholds re-arm
     book.add_grant(grant("g2", 100 * U))
