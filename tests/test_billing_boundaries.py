@@ -326,12 +326,14 @@ async def test_threshold_alert_fires_once_per_period_even_after_restart(store: S
     assert [r[:4] for r in rows] == [("c", key, "0.5", 1000), ("c", key, "0.9", 1003),
                                      ("c", f"{key}:g1", DEPLETED, 1003)]
     assert orjson.loads(rows[0][4])["consumed"] == "50"
-    # a new grant is a new period: the thresholds re-arm
+    # a top-up is not a new period: 0.5 and 0.9 never fire twice in one billing period
     book.add_grant(grant("g2", 100 * U))
-    rearmed = again.check("c", now=1004)
-    assert [a["threshold"] for a in rearmed] == ["0.5"]
-    assert rearmed[0]["period"] == period_key([g, grant("g2", 1)]) != key
-    assert rearmed[0]["granted"] == "200" and rearmed[0]["remaining"] == "100"
+    assert again.check("c", now=1004) == []
+    # only depletion re-arms, with the new grant: running the top-up dry alerts once more
+    book.apply([Entry("g2", "debit", 100 * U)])
+    assert [(a["type"], a["period"]) for a in again.check("c", now=1005)] == [
+        ("credits.depleted", f"{key}:g2")]
+    assert again.check("c", now=1006) == []
 
 
 async def test_threshold_check_ignores_expired_grants_and_customers_without_grants(store: Store) -> None:
