@@ -433,13 +433,12 @@ class _Request:
             if rule.response_body is not ResponseNeed.NONE:
                 # the body must be readable: ask for it uncompressed (decoded if ignored)
                 headers["Accept-Encoding"] = "identity"
-            if (rule.request_json or rule.stream_usage) and req.body_exists:
-                enc = req.headers.get("Content-Encoding", "")
-                if enc and enc.strip().lower() != "identity":
-                    return error_response(
-                        415, "unsupported_content_encoding",
-                        "This endpoint reads the request body to meter it; send it "
-                        "uncompressed (no Content-Encoding).", self.rid)
+            if (rule.request_json or rule.stream_usage) and req.body_exists \
+                    and _encoded(req.headers):
+                return error_response(
+                    415, "unsupported_content_encoding",
+                    "This endpoint reads the request body to meter it; send it "
+                    "uncompressed (no Content-Encoding).", self.rid)
         data = await self._request_body(headers)
         if self.hold is not None and self.rule is not None and \
                 p.reservations.for_rule(self.rule).hinted:
@@ -663,9 +662,11 @@ class _Request:
         rule = self.rule
         if rule is None or not self.metered:
             return None
-        if not self.req.content.is_eof():
+        if self.flags and not self.req.content.is_eof():
             # the consumer never finished sending its request (cut off by limits.body_timeout,
-            # or gone): there is no complete request to bill
+            # or gone) and never received the whole answer: there is no complete request to
+            # bill. An answer delivered in full is billed even if the body never ended (an
+            # upstream that answers without reading the body would otherwise serve it free).
             return None
         m = None
         if constant_quantities(rule) is None:
@@ -678,6 +679,14 @@ class _Request:
         return self.p.record(self.rid, rule, m, status, self.key_id, self.customer_id,
                              self.version, self.flags, self.hold, self.req, self.path,
                              withhold)
+
+
+def _encoded(headers: Any) -> bool:
+    """True when the request body has a content coding other than identity, on any
+    ``Content-Encoding`` line or list item: a compressed body must not hide behind a first
+    "identity" (the upstream would decode it; the proxy could not read it)."""
+    return any(t.strip() and t.strip().lower() != "identity"
+               for v in headers.getall("Content-Encoding", ()) for t in v.split(","))
 
 
 def _withheld(rid: str) -> web.Response:

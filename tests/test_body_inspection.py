@@ -359,6 +359,26 @@ async def test_compressed_request_body_is_refused_where_read(make_proxy: ProxyFa
     assert p.ledger_totals() == {("c", "units"): 4 * Q}
 
 
+@pytest.mark.parametrize("encodings", [("identity", "gzip"), ("identity, gzip",),
+                                       (" gzip ",)])
+async def test_every_content_encoding_of_a_read_request_body_is_checked(
+        make_proxy: ProxyFactory, up: Upstream, encodings: tuple[str, ...]) -> None:
+    """A compressed body hidden behind a first ``Content-Encoding: identity`` (a second header
+    line, or a list) is refused too: the upstream decodes it, the proxy could not read it and
+    would bill the fallback instead of the tokens used."""
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    up.routes["/v1/echo"] = echo
+    p, h = await start(make_proxy, up)
+    hz = [*h.items(), *(("Content-Encoding", e) for e in encodings)]
+    async with p.session.post(p.url + "/v1/echo", data=gzip.compress(b'{"n": 3}'),
+                              headers=hz) as r:
+        assert r.status == 415
+        assert (await r.json())["error"]["type"] == "unsupported_content_encoding"
+    assert up.seen == []
+
+
 @pytest.mark.parametrize("pad", [0, 100_000])      # the small-body path, and streamed
 async def test_usage_chunk_removed_from_a_sized_stream(make_proxy: ProxyFactory, up: Upstream,
                                                        pad: int) -> None:

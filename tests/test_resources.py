@@ -311,3 +311,32 @@ async def test_a_consumer_leaving_while_waiting_for_a_slot_frees_nothing_twice(
     await _poll(lambda: upstream.in_use == 0)
     assert await get("/v1/items") == 200
     assert upstream.in_use == 0
+
+
+async def test_an_answer_delivered_before_the_body_ended_is_billed(
+        make_proxy: ProxyFactory) -> None:
+    """A body that never ends (Content-Length 100000, 10 bytes sent) on a route whose upstream
+    answers without reading it: the consumer receives the whole answer, so the request is
+    billed. (It was not: any GET route could be used for free this way.)"""
+    p = await make_proxy(limits={"body_timeout": "30s", "idle_timeout": "30s"})
+    key = await p.customer_with_key("half-body")
+    reader, writer = await _raw(p)
+    writer.write(b"GET /v1/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+                 + b"\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    data = b""
+    async with asyncio.timeout(5):
+        while b'"gadget"}]}' not in data:
+            chunk = await reader.read(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
+    writer.close()
+
+    def billed() -> bool:
+        with p.db() as c:
+            return bool(c.execute("SELECT COUNT(*) FROM audit WHERE customer_id = 'half-body'"
+                                  ).fetchone()[0])
+
+    await _poll(billed)
+    assert p.ledger_totals() == {("half-body", "api_calls"): 1_000_000}
