@@ -455,10 +455,12 @@ class LimitsConfig(_Model):
                     "and the connection is closed.")
     max_header_field: Size = Field(
         default=16 * 1024, ge=1024,
-        description="Longest single header line; longer: 431 and the connection is closed.")
+        description="Longest single header line; longer: 400 (aiohttp's parser) and the connection "
+                    "is closed.")
     max_headers: int = Field(
         default=100, ge=8,
-        description="Most header lines in one request; more: 431 and the connection closed.")
+        description="Most header lines in one request; more: 400 (aiohttp's parser) and the "
+                    "connection is closed.")
     max_header_bytes: Size = Field(
         default=64 * 1024, ge=4096,
         description="Total bytes of one request head (request line and all headers); more: "
