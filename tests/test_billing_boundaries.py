@@ -26,6 +26,7 @@ from proxy.credits.ledger import (
     burn_order,
     covered_quantity,
     expire_due,
+    repay,
     rollover_grant,
 )
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, crossed, period_key
@@ -149,6 +150,29 @@ def test_readings_up_to_max_units_inclusive() -> None:
 def grant(gid: str, amount: int, *, priority: int = 50, expires_at: int | None = None,
           created_at: int = 0) -> GrantState:
     return GrantState(gid, "c", amount, priority, expires_at, created_at)
+
+
+def test_repay_takes_what_the_new_grant_holds_never_more_than_the_debt() -> None:
+    """A block customer's debt is paid back first by the next live grant: exactly
+    min(debt, remaining), one ``repay`` entry on that grant; nothing for no debt, a dead
+    grant or an empty one."""
+    g = grant("g", 10, expires_at=100)
+    assert repay(g, 4, now=50) == [Entry("g", "repay", 4)]       # debt below what it holds
+    assert repay(g, 10, now=50) == [Entry("g", "repay", 10)]     # exactly what it holds
+    assert repay(g, 11, now=50) == [Entry("g", "repay", 10)]     # more: the rest stays debt
+    assert repay(g, 1, now=99) == [Entry("g", "repay", 1)]       # live until expires_at
+    assert repay(g, 1, now=100) == []                            # expired AT expires_at
+    assert repay(g, 0, now=50) == []
+    assert repay(g, -5, now=50) == []
+    empty = grant("e", 10)
+    empty.remaining = 0
+    assert repay(empty, 3, now=50) == []
+    partly = grant("p", 10)
+    partly.remaining = 1
+    assert repay(partly, 3, now=50) == [Entry("p", "repay", 1)]
+    voided = grant("v", 10)
+    voided.voided = True
+    assert repay(voided, 3, now=50) == []
 
 
 def test_a_grant_is_expired_at_expires_at() -> None:
