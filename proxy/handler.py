@@ -406,10 +406,9 @@ class Pipeline:
 class _Request:
     """One proxied HTTP request: the state that lives between forward and record."""
 
-    __slots__ = ("customer_id", "flags", "hold", "key_id", "match_params", "metered", "p", "path",
-                 "req", "request_bytes", "request_json", "rid", "rule", "started", "strip_usage",
-                 "target",
-                 "upstream_s", "version")
+    __slots__ = ("customer_id", "delivered", "flags", "hold", "key_id", "match_params", "metered",
+                 "p", "path", "req", "request_bytes", "request_json", "rid", "rule", "started",
+                 "strip_usage", "target", "upstream_s", "version")
 
     def __init__(self, p: Pipeline, req: web.Request, rid: str, rule: Rule | None,
                  params: Any, key_id: str, customer_id: str, version: str, started: float,
@@ -423,6 +422,7 @@ class _Request:
         self.flags = ""
         self.hold = hold
         self.strip_usage = False
+        self.delivered = False      # a streamed answer's head reached an open consumer connection
         self.path, self.target = path, target     # canonical (proxy.target)
 
     async def run(self) -> web.StreamResponse:
@@ -558,6 +558,7 @@ class _Request:
         if clen is not None:
             resp.content_length = clen
         await resp.prepare(req)
+        self.delivered = (tr := req.transport) is not None and not tr.is_closing()
         sent = 0
         held: bytes | None = None
         hold_last = self.metered and p.strict and clen is not None
@@ -662,11 +663,14 @@ class _Request:
         rule = self.rule
         if rule is None or not self.metered:
             return None
-        if self.flags and not self.req.content.is_eof():
+        if self.flags and not self.delivered and not self.req.content.is_eof():
             # the consumer never finished sending its request (cut off by limits.body_timeout,
-            # or gone) and never received the whole answer: there is no complete request to
-            # bill. An answer delivered in full is billed even if the body never ended (an
-            # upstream that answers without reading the body would otherwise serve it free).
+            # or gone) and nothing of the answer reached it (a buffered answer is withheld
+            # until here; a streamed one started after the connection was already closed):
+            # there is no request to bill. An answer delivered in full, or a streamed answer
+            # the consumer received part of and abandoned, is billed even if the body never
+            # ended (an upstream that answers without reading the body would otherwise serve
+            # it free).
             return None
         m = None
         if constant_quantities(rule) is None:

@@ -80,6 +80,10 @@ async def test_slow_header_is_cut_off(make_proxy: ProxyFactory) -> None:
 
 
 async def test_stalled_body_is_cut_off(make_proxy: ProxyFactory) -> None:
+    """A body that stalls is cut off by body_timeout. Here the upstream answers the part it
+    got (10 bytes) before the connection closes: that answer reached the consumer (status,
+    headers, data, never a clean end), so the request is billed for what was delivered, like
+    any abandoned stream, flagged ``abandoned``."""
     p = await make_proxy(limits={"body_timeout": "500ms", "idle_timeout": "30s"})
     key = await p.customer_with_key("slow-body")
     before = _closed("body_timeout")
@@ -87,12 +91,20 @@ async def test_stalled_body_is_cut_off(make_proxy: ProxyFactory) -> None:
     writer.write(b"POST /v1/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
                  + b"\r\nContent-Length: 1000\r\n\r\n" + b"a" * 10)
     await writer.drain()
-    took, _ = await _closed_within(reader, 5.0)
+    took, got = await _closed_within(reader, 5.0)
+    writer.close()
     assert took < 3.0
     assert _closed("body_timeout") == before + 1
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"a\r\naaaaaaaaaa\r\n")  # no 0-chunk
+
+    def billed() -> bool:
+        with p.db() as c:
+            return bool(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+
+    await _poll(billed)
     with p.db() as c:
-        assert c.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 0
-    writer.close()
+        assert c.execute("SELECT rule, meter, quantity, flags FROM audit").fetchall() == [
+            ("upload", "bytes_in", 10_000_000, "abandoned")]
 
 
 async def test_a_slow_upstream_is_not_a_stalled_body(make_proxy: ProxyFactory) -> None:
@@ -340,3 +352,35 @@ async def test_an_answer_delivered_before_the_body_ended_is_billed(
 
     await _poll(billed)
     assert p.ledger_totals() == {("half-body", "api_calls"): 1_000_000}
+
+
+async def test_an_abandoned_answer_to_an_unfinished_body_is_billed_for_what_was_sent(
+        make_proxy: ProxyFactory) -> None:
+    """The same unfinished body, on a stream the consumer abandons after 3 of 10 events: the
+    request is billed for what was delivered (the last value seen, 3 units), like any
+    abandoned stream. (It was billed nothing: abandon + unfinished body made any stream free.)"""
+    p = await make_proxy(limits={"body_timeout": "30s", "idle_timeout": "30s"})
+    key = await p.customer_with_key("half-stream")
+    reader, writer = await _raw(p)
+    writer.write(b"GET /v1/stream?chunks=10&chunk_delay_ms=300 HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + key.encode()
+                 + b"\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    data = b""
+    async with asyncio.timeout(10):
+        while b'"units":3' not in data.replace(b" ", b""):
+            chunk = await reader.read(65536)
+            assert chunk, data
+            data += chunk
+    writer.close()                      # 300 ms before the 4th event
+
+    def billed() -> bool:
+        with p.db() as c:
+            return bool(c.execute("SELECT COUNT(*) FROM audit WHERE customer_id = 'half-stream'"
+                                  ).fetchone()[0])
+
+    await _poll(billed)
+    assert p.ledger_totals() == {("half-stream", "units"): 3_000_000}
+    with p.db() as c:
+        assert c.execute("SELECT flags FROM audit WHERE customer_id = 'half-stream'"
+                         ).fetchone()[0] == "abandoned"
