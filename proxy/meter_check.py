@@ -32,8 +32,8 @@ from typing import Any, cast
 from proxy import metrics
 from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
 
-__all__ = ["CUSTOMER_KEY", "VALUE_KEY", "MeterCheck", "StripeMeterInfo", "list_meters",
-           "meter_problems"]
+__all__ = ["CUSTOMER_KEY", "VALUE_KEY", "MeterCheck", "StripeMeterInfo", "from_sdk", "list_meters",
+           "meter_problems", "unusable"]
 
 log = logging.getLogger("meterproxy.meter_check")
 
@@ -55,28 +55,53 @@ class StripeMeterInfo:
     event_time_window: str | None
 
 
-def _problem(meter: str, event: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
-    where = f"meter {meter!r} (event name {event!r})"
+def unusable(candidates: Sequence[StripeMeterInfo]) -> tuple[str, StripeMeterInfo | None]:
+    """Why the Stripe meters of one event name cannot total our delta events, as a kind, with
+    the meter it is about: ``("", meter)`` when the first active one is usable; else
+    ``"missing"`` (no meter), ``"inactive"`` (none active; the first one), ``"formula"`` (not
+    ``sum``), ``"keys"`` (other payload keys) or ``"window"`` (pre-aggregated). The one
+    ladder both the start-up check and reconciliation decide with. Pure."""
     active = [m for m in candidates if m.status == "active"]
     if not active:
-        if candidates:
-            return (f"{where}: Stripe meter {candidates[0].id} is {candidates[0].status}, "
-                    "not active")
-        return f"{where}: no active Stripe meter has this event name"
+        return ("inactive", candidates[0]) if candidates else ("missing", None)
     m = active[0]
     if m.formula != "sum":
+        return "formula", m
+    if m.customer_key != CUSTOMER_KEY or m.value_key != VALUE_KEY:
+        return "keys", m
+    if m.event_time_window is not None:
+        return "window", m
+    return "", m
+
+
+def from_sdk(m: Any) -> StripeMeterInfo:
+    """A ``billing.meter`` object of the SDK as the fields the check reads."""
+    window = getattr(m, "event_time_window", None)
+    return StripeMeterInfo(m.id, m.event_name, str(m.status), str(m.default_aggregation.formula),
+                           m.customer_mapping.event_payload_key,
+                           m.value_settings.event_payload_key, str(window) if window else None)
+
+
+def _problem(meter: str, event: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
+    where = f"meter {meter!r} (event name {event!r})"
+    kind, m = unusable(candidates)
+    if not kind:
+        return None
+    if m is None:
+        return f"{where}: no active Stripe meter has this event name"
+    if kind == "inactive":
+        return f"{where}: Stripe meter {m.id} is {m.status}, not active"
+    if kind == "formula":
         return (f"{where}: Stripe meter {m.id} aggregates with {m.formula!r}; meterproxy sends "
                 "delta events, which only a 'sum' meter totals correctly")
-    if m.customer_key != CUSTOMER_KEY or m.value_key != VALUE_KEY:
+    if kind == "keys":
         return (f"{where}: Stripe meter {m.id} reads payload keys "
                 f"{m.customer_key!r}/{m.value_key!r}; meterproxy sends "
                 f"{CUSTOMER_KEY!r}/{VALUE_KEY!r}")
-    if m.event_time_window is not None:
-        return (f"{where}: Stripe meter {m.id} is pre-aggregated (event_time_window "
-                f"{m.event_time_window!r}): it keeps only the newest event per "
-                f"{m.event_time_window}, but meterproxy sends several delta events per window; "
-                "use a meter without event_time_window")
-    return None
+    return (f"{where}: Stripe meter {m.id} is pre-aggregated (event_time_window "
+            f"{m.event_time_window!r}): it keeps only the newest event per "
+            f"{m.event_time_window}, but meterproxy sends several delta events per window; "
+            "use a meter without event_time_window")
 
 
 def meter_problems(event_names: EventNames,
@@ -108,12 +133,7 @@ async def list_meters(stripe: StripeConnection) -> list[StripeMeterInfo] | str:
         page = await attempt(api.list_async(params=cast(Any, params)))
         if isinstance(page, Failed):
             return page.outcome.reason
-        for m in page.data:
-            window = getattr(m, "event_time_window", None)
-            out.append(StripeMeterInfo(
-                m.id, m.event_name, str(m.status), str(m.default_aggregation.formula),
-                m.customer_mapping.event_payload_key, m.value_settings.event_payload_key,
-                str(window) if window else None))
+        out.extend(from_sdk(m) for m in page.data)
         if not page.has_more or not page.data:
             return out
         after = page.data[-1].id

@@ -37,6 +37,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, StripeMeterInfo, from_sdk, unusable
 from proxy.sinks.base import Kind
 from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
 from proxy.timeutil import rfc3339
@@ -47,8 +48,6 @@ HOUR = 3600
 PAGE = 100
 DEFAULT_WINDOW = 48 * HOUR
 DEFAULT_THRESHOLD = 0.01
-CUSTOMER_KEY = "stripe_customer_id"   # what the sinks put in the payload
-VALUE_KEY = "value"
 
 Status = Literal["match", "shortfall", "excess", "pending"]
 WriteFn = Callable[[Callable[[sqlite3.Connection], Any]], Any]
@@ -282,17 +281,6 @@ def _fmt(v: float) -> str:
 
 # ---- the run ----------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class StripeMeter:
-    id: str
-    event_name: str
-    status: str
-    formula: str
-    customer_key: str
-    value_key: str
-    event_time_window: str | None = None
-
-
 class Reconciler:
     def __init__(self, read_conn: sqlite3.Connection, execute_write: WriteFn,
                  stripe: StripeConnection, event_names: EventNames, *,
@@ -346,7 +334,7 @@ class Reconciler:
 
         rules_names = sorted({n for pair in self.event_names().values() for n in pair if n})
         meters = await self._stripe_meters()
-        usable: dict[str, StripeMeter] = {}
+        usable: dict[str, StripeMeterInfo] = {}
         problems: list[str] = []
         missing: list[str] = []
         for name in rules_names:
@@ -413,8 +401,8 @@ class Reconciler:
             await asyncio.sleep(min(2.0, 0.2 * 2 ** i, result.outcome.retry_after or 2.0))
         return result
 
-    async def _stripe_meters(self) -> dict[str, list[StripeMeter]]:
-        out: dict[str, list[StripeMeter]] = {}
+    async def _stripe_meters(self) -> dict[str, list[StripeMeterInfo]]:
+        out: dict[str, list[StripeMeterInfo]] = {}
         after: str | None = None
         meters_api = self.stripe.client.v1.billing.meters
         while True:
@@ -429,10 +417,7 @@ class Reconciler:
             if isinstance(page, Failed):
                 raise ReconcileError(f"cannot list Stripe meters: {page.outcome.reason}")
             for m in page.data:
-                out.setdefault(m.event_name, []).append(StripeMeter(
-                    m.id, m.event_name, str(m.status), str(m.default_aggregation.formula),
-                    m.customer_mapping.event_payload_key, m.value_settings.event_payload_key,
-                    str(m.event_time_window) if getattr(m, "event_time_window", None) else None))
+                out.setdefault(m.event_name, []).append(from_sdk(m))
             if not page.has_more or not page.data:
                 return out
             after = page.data[-1].id
@@ -563,23 +548,22 @@ def _issue(p: PairResult, ln: HourLine, why: str,
             "identifiers": identifiers if identifiers is not None else ln.identifiers}
 
 
-def _meter_problem(name: str, candidates: Sequence[StripeMeter]) -> str | None:
-    active = [m for m in candidates if m.status == "active"]
-    if not active:
-        if candidates:
-            return f"{name!r}: meter {candidates[0].id} is {candidates[0].status}"
+def _meter_problem(name: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
+    kind, m = unusable(candidates)
+    if not kind:
+        return None
+    if m is None:
         return f"{name!r}: no Stripe meter has this event name"
-    m = active[0]
-    if m.formula != "sum":
+    if kind == "inactive":
+        return f"{name!r}: meter {m.id} is {m.status}"
+    if kind == "formula":
         return (f"{name!r}: meter {m.id} aggregates with {m.formula!r}; meterproxy sends"
                 " pre-aggregated events, which only a 'sum' meter totals correctly")
-    if m.customer_key != CUSTOMER_KEY or m.value_key != VALUE_KEY:
+    if kind == "keys":
         return (f"{name!r}: meter {m.id} reads payload keys {m.customer_key!r}/{m.value_key!r};"
                 f" meterproxy sends {CUSTOMER_KEY!r}/{VALUE_KEY!r}")
-    if m.event_time_window is not None:
-        return (f"{name!r}: meter {m.id} is pre-aggregated (event_time_window"
-                f" {m.event_time_window!r}): Stripe keeps only the newest event per window")
-    return None
+    return (f"{name!r}: meter {m.id} is pre-aggregated (event_time_window"
+            f" {m.event_time_window!r}): Stripe keeps only the newest event per window")
 
 
 @dataclass(frozen=True, slots=True)
