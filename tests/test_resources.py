@@ -38,6 +38,17 @@ async def _poll(pred: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _audited(p: Proxy, customer: str | None = None) -> None:
+    """Wait until the audit holds a row (of ``customer``, when named)."""
+    def any_row() -> bool:
+        with p.db() as c:
+            if customer is None:
+                return bool(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+            return bool(c.execute("SELECT COUNT(*) FROM audit WHERE customer_id = ?",
+                                  (customer,)).fetchone()[0])
+    await _poll(any_row)
+
+
 def _closed(reason: str) -> float:
     return float(metrics.connections_closed_total.labels(reason)._value.get())
 
@@ -96,12 +107,7 @@ async def test_stalled_body_is_cut_off(make_proxy: ProxyFactory) -> None:
     assert took < 3.0
     assert _closed("body_timeout") == before + 1
     assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"a\r\naaaaaaaaaa\r\n")  # no 0-chunk
-
-    def billed() -> bool:
-        with p.db() as c:
-            return bool(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
-
-    await _poll(billed)
+    await _audited(p)
     with p.db() as c:
         assert c.execute("SELECT rule, meter, quantity, flags FROM audit").fetchall() == [
             ("upload", "bytes_in", 10_000_000, "abandoned")]
@@ -344,13 +350,7 @@ async def test_an_answer_delivered_before_the_body_ended_is_billed(
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ")
     writer.close()
-
-    def billed() -> bool:
-        with p.db() as c:
-            return bool(c.execute("SELECT COUNT(*) FROM audit WHERE customer_id = 'half-body'"
-                                  ).fetchone()[0])
-
-    await _poll(billed)
+    await _audited(p, "half-body")
     assert p.ledger_totals() == {("half-body", "api_calls"): 1_000_000}
 
 
@@ -373,13 +373,7 @@ async def test_an_abandoned_answer_to_an_unfinished_body_is_billed_for_what_was_
             assert chunk, data
             data += chunk
     writer.close()                      # 300 ms before the 4th event
-
-    def billed() -> bool:
-        with p.db() as c:
-            return bool(c.execute("SELECT COUNT(*) FROM audit WHERE customer_id = 'half-stream'"
-                                  ).fetchone()[0])
-
-    await _poll(billed)
+    await _audited(p, "half-stream")
     assert p.ledger_totals() == {("half-stream", "units"): 3_000_000}
     with p.db() as c:
         assert c.execute("SELECT flags FROM audit WHERE customer_id = 'half-stream'"
