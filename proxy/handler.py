@@ -145,7 +145,9 @@ class Pipeline:
         if customer_id:     # no await since the check above: one critical section
             in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
         try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
+            # a WebSocket handshake is a GET (RFC 6455 4.1); any other method with an Upgrade
+            # header is forwarded as that method (Upgrade is hop-by-hop): what was matched
+            if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
                 return await self._websocket(request, rid, rule,
                                              match.path_params if match else {}, key_id,
                                              customer_id, rules.version, started, hold,

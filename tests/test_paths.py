@@ -270,6 +270,21 @@ async def test_an_overlong_path_is_refused_and_not_billed(
                               (rid,)).fetchone() == (0,)
 
 
+async def test_an_upgrade_header_on_a_post_does_not_turn_it_into_a_websocket_get(
+        rig: tuple[Proxy, RecordingUpstream, str]) -> None:
+    """The rule matched a POST, so the upstream receives a POST: a WebSocket handshake is
+    only ever a GET (it used to be sent upstream as a GET handshake)."""
+    p, rec, key = rig
+    r = await raw_request(p.server.public_port, b"POST", b"/v1/models/premium-x/stream",
+                          [(b"X-Request-Id", b"ws-post"),
+                           (b"Authorization", b"Bearer " + key.encode()),
+                           (b"Upgrade", b"websocket"),
+                           (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+                           (b"Sec-WebSocket-Version", b"13")])
+    assert r.status == 200
+    assert rec.seen["ws-post"][:2] == ("POST", "/v1/models/premium-x/stream")
+
+
 async def test_a_websocket_is_matched_and_forwarded_on_the_canonical_path(
         rig: tuple[Proxy, RecordingUpstream, str]) -> None:
     p, rec, key = rig
