@@ -27,26 +27,26 @@ import aiosqlite
 from aiohttp import web
 
 from proxy import metrics
-from proxy.admin import REFUSALS, build_admin_app
-from proxy.admin_billing import FLUSHER, billing_routes
-from proxy.admin_credits import CREDITS, credit_routes
-from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
-from proxy.admin_webhooks import WEBHOOKS, webhook_routes
+from proxy.admin.api import REFUSALS, build_admin_app
+from proxy.admin.billing import FLUSHER, billing_routes
+from proxy.admin.credits import CREDITS, credit_routes
+from proxy.admin.reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
+from proxy.admin.webhooks import WEBHOOKS, webhook_routes
 from proxy.alerts import AlertSender
 from proxy.config import Config, split_hostport
-from proxy.consumer import ConsumerApi
 from proxy.credits.ledger import Entry
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import ConfigError, FileProblem
 from proxy.flusher import Flusher, default_rate
-from proxy.forward import Upstream
-from proxy.handler import Pipeline
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
 from proxy.paths import check_database
 from proxy.pricing import PriceCache, TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
+from proxy.request.consumer import ConsumerApi
+from proxy.request.forward import Upstream
+from proxy.request.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink

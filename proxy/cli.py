@@ -104,7 +104,7 @@ def _time_arg(value: str) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy import demo
+    from proxy.demo import runner as demo
 
     port = args.port
     if port is None:
@@ -173,7 +173,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import asyncio
 
     from proxy import config
-    from proxy.admin_reconcile import parse_grace
+    from proxy.admin.reconcile import parse_grace
     from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
     from proxy.rules import RulesError, load_rules
     from proxy.sinks.factory import connect as stripe_connect
@@ -223,7 +223,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Which rule and rules version priced a request, and why (exit 1: unknown id)."""
-    from proxy import explain
+    from proxy.tools import explain
 
     conn = _db(args)
     found = explain.explain(conn, args.request_id)
@@ -239,8 +239,8 @@ def _configured_rules(args: argparse.Namespace,
     """The "old" rules of a simulation: the rules configured in --config; with --db and no
     readable config, the newest rules version this database recorded."""
     from proxy import config
-    from proxy.explain import stored_version
     from proxy.rules import load_rules
+    from proxy.tools.explain import stored_version
 
     try:
         cfg = config.load(args.config)
@@ -263,9 +263,9 @@ def _configured_rules(args: argparse.Namespace,
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Exit 0: report printed; 2: a rules file does not load; 1: error."""
-    from proxy import simulate
     from proxy.rules import RulesError, load_rules
     from proxy.timeutil import month_start
+    from proxy.tools import simulate
 
     start = args.from_ if args.from_ is not None else month_start(time.time())
     end = args.to if args.to is not None else time.time()

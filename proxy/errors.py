@@ -12,7 +12,7 @@
     └── SinkError              a usage sink (Stripe) failed; see proxy.sinks.base for kinds
 
 Foreign exceptions are translated in exactly one place each: aiohttp client errors in
-``proxy.forward``, sqlite3 errors in ``proxy.store.db``, stripe errors in ``proxy.sinks``.
+``proxy.request.forward``, sqlite3 errors in ``proxy.store.db``, stripe errors in ``proxy.sinks``.
 """
 
 from __future__ import annotations

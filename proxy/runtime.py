@@ -17,7 +17,7 @@ from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 
 if TYPE_CHECKING:
-    from proxy.forward import Upstream
+    from proxy.request.forward import Upstream
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pytest
 import stripe
 from openapi_spec_validator import validate as validate_spec
 
-from proxy.admin import load_openapi
+from proxy.admin.api import load_openapi
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from tests.conftest import ADMIN_TOKEN, TEST_RULES, Proxy, ProxyFactory, free_port, write_config
 from tests.proxy_process import ProxyProcess

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, parse_grace, reconcile_routes
+from proxy.admin.reconcile import RECONCILE_GRACE, RECONCILER, parse_grace, reconcile_routes
 from proxy.flusher import Flusher
 from proxy.reconcile import (
     HOUR,

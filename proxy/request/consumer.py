@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.admin_input import FieldError, time_range
-from proxy.exports import stream_export
-from proxy.handler import Pipeline, error_response
+from proxy.admin.input import FieldError, time_range
 from proxy.periods import period_bounds
-from proxy.usage_report import customer_report
+from proxy.reports.exports import stream_export
+from proxy.reports.usage_report import customer_report
+from proxy.request.handler import Pipeline, error_response
 
 _PAGE: bytes | None = None
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy import admin_input as ain
-from proxy.admin import jok
+from proxy.admin import input as ain
+from proxy.admin.api import jok
 from proxy.webhooks import STATUSES, WebhookReceiver
 
 WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)

@@ -149,7 +149,7 @@ Ctrl-C stops the demo.
 
 async def _run(port: int, workdir: Path) -> int:
     from proxy.app import start
-    from proxy.example_upstream import build_app
+    from proxy.demo.upstream import build_app
 
     up = web.AppRunner(build_app(), access_log=None)
     await up.setup()

@@ -7,9 +7,9 @@ import time
 
 from aiohttp import web
 
-from proxy import admin_input as ain
-from proxy.admin import _json_body, jok
-from proxy.admin_input import FieldError
+from proxy.admin import input as ain
+from proxy.admin.api import _json_body, jok
+from proxy.admin.input import FieldError
 from proxy.credits.service import CreditService, grant_json
 from proxy.store.keys import InvalidInput
 from proxy.units import fmt_micro

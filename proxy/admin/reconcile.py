@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import admin_input as ain
-from proxy.admin import jerror, jok
+from proxy.admin import input as ain
+from proxy.admin.api import jerror, jok
 from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
 from proxy.store.keys import InvalidInput
 

@@ -37,10 +37,10 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from proxy.explain import conditions, stored_version, structural
 from proxy.pricing import Price, exact_amount, fmt_minor, meter_prices, period_charges, whole_units
 from proxy.rules import UNREADABLE, Matcher, Measurement, Rule, RuleSet, SourceKind, compute
 from proxy.timeutil import rfc3339
+from proxy.tools.explain import conditions, stored_version, structural
 from proxy.transform import transformed_units
 from proxy.units import QSCALE, fmt_micro
 

@@ -20,17 +20,17 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import admin_input as ain
 from proxy import metrics
-from proxy.admin_input import FieldError
-from proxy.exports import stream_export
+from proxy.admin import input as ain
+from proxy.admin.input import FieldError
 from proxy.loglimit import LogLimiter
 from proxy.periods import period_bounds
+from proxy.reports.exports import stream_export
+from proxy.reports.usage_report import customer_report
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro
-from proxy.usage_report import customer_report
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RT = web.AppKey("runtime", Runtime)

@@ -1,6 +1,6 @@
 """Admin routes for the Stripe outbox: flush now, the outbox, dead letters and replay.
 
-Mounted by the composition root next to ``proxy.admin``; every route sits behind the same
+Mounted by the composition root next to ``proxy.admin.api``; every route sits behind the same
 admin-token middleware.
 """
 
@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import admin_input as ain
-from proxy.admin import READER, jerror, jok
+from proxy.admin import input as ain
+from proxy.admin.api import READER, jerror, jok
 from proxy.flusher import Flusher
 from proxy.timeutil import rfc3339
 

@@ -36,8 +36,8 @@ from proxy.credits.ledger import Entry, covered_quantity
 from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import MeteringUnavailable, UpstreamError
-from proxy.forward import BODY_ERRORS, body_error, strip_hop_by_hop
 from proxy.loglimit import LogLimiter
+from proxy.request.forward import BODY_ERRORS, body_error, strip_hop_by_hop
 from proxy.rules import UNREADABLE, Measurement, Quantity, Rule, compute, constant_quantities
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage

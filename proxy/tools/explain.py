@@ -1,7 +1,7 @@
 """``meterproxy explain REQUEST_ID``: which rule and rules version priced a request, and why.
 
 Owns: reading a stored rules version back (:func:`stored_version`, also used by
-``proxy.simulate``) and the explanation of one request id (:func:`explain`,
+``proxy.tools.simulate``) and the explanation of one request id (:func:`explain`,
 :func:`render_text`).
 
 Invariants:
