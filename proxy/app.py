@@ -44,9 +44,10 @@ from proxy.meter_check import MeterCheck
 from proxy.paths import check_database
 from proxy.pricing import PriceCache, TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
+from proxy.request.auth import Authenticator
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
-from proxy.request.handler import Pipeline
+from proxy.request.pipeline import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
@@ -151,21 +152,23 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     await reader.execute("PRAGMA query_only=1")
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
     undo.push_async_callback(rt.upstream.close)
-    pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
-    pipeline.book = credits.book
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
-    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
-                                    on_new=alerts.wake)
+    watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds, on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
     _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg)
-    pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
+    auth = Authenticator(rt)
+    # the routes the proxy answers itself on the public port (routed by the pipeline on the
+    # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
+    own_routes = [*ConsumerApi(rt, auth, reader).routes(),
+                  web.route("*", WEBHOOK_PATH, webhooks.handle)]
+    pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
@@ -219,7 +222,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
-    for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
+    for limiter in (admin_app[REFUSALS], auth.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
@@ -227,7 +230,6 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                 cfg.stripe.reconcile_interval, cfg.stripe.reconcile_grace)))
         server.on_stop.append(reconciler.stripe.close)
     rt.extras["pipeline"] = pipeline
-    ConsumerApi(pipeline, reader).mount()
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
              st.durability)

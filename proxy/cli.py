@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy import paths, schema
-from proxy.errors import ConfigError, FileProblem, StorageError
+from proxy.errors import ConfigError, FileProblem, InvalidInput, MeterproxyError, StorageError
 from proxy.store import keys as keystore
 from proxy.store.db import connect
 
@@ -285,7 +285,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-class AdminCallFailed(Exception):
+class AdminCallFailed(MeterproxyError):
     """The admin API answered with an error, or could not be reached (one-line message)."""
 
 
@@ -567,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RulesError as exc:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
-    except (LookupError, keystore.InvalidInput, StorageError, FileProblem,
+    except (LookupError, InvalidInput, StorageError, FileProblem,
             AdminCallFailed) as exc:
         msg = exc.args[0] if exc.args else str(exc)
         sys.stderr.write(f"meterproxy: {msg}\n")

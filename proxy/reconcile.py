@@ -37,6 +37,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from proxy.errors import MeterproxyError
 from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, StripeMeterInfo, from_sdk, unusable
 from proxy.sinks.base import Kind
 from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
@@ -54,7 +55,7 @@ WriteFn = Callable[[Callable[[sqlite3.Connection], Any]], Any]
 EventNames = Callable[[], Mapping[str, tuple[str, str | None]]]
 
 
-class ReconcileError(Exception):
+class ReconcileError(MeterproxyError):
     """The run could not be carried out (Stripe unreachable, a bad range)."""
 
 

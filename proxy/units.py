@@ -11,6 +11,8 @@ import math
 import re
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
+from proxy.errors import MeterproxyError
+
 QSCALE = 1_000_000
 _Q = Decimal(1).scaleb(-6)
 
@@ -19,7 +21,7 @@ _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60),
                    "h": Decimal(3600), "d": Decimal(86400), None: Decimal(1)}
 
 
-class UnitError(ValueError):
+class UnitError(MeterproxyError, ValueError):
     """A value that is not an exact, finite number of the expected kind."""
 
 

@@ -23,7 +23,7 @@ import re
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from proxy.store.keys import InvalidInput
+from proxy.errors import InvalidInput
 from proxy.units import QSCALE
 
 MAX_CREDITS = 10**12                       # credits per grant (micro: 10^18, below 2^63)
@@ -45,7 +45,7 @@ class FieldError(InvalidInput):
     """A 400 about one input field (``param`` in the error body)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}", extra={"param": field})
         self.field = field
 
 

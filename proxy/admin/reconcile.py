@@ -22,9 +22,9 @@ import orjson
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import jerror, jok
+from proxy.admin.api import jok
+from proxy.errors import HttpError, InvalidInput
 from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
-from proxy.store.keys import InvalidInput
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
 RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
@@ -77,15 +77,10 @@ def _parse(p: dict[str, Any]) -> dict[str, Any]:
 async def post_reconcile(request: web.Request) -> web.Response:
     reconciler = request.app.get(RECONCILER)
     if reconciler is None:
-        return jerror(409, "invalid_request", "reconcile needs Stripe: set stripe.api_key and a"
-                      " meter events sink (meter_events or meter_event_stream)")
-    try:
-        body, query = await _sources(request)
-        p = _parse(body) | _parse(query)
-    except ain.FieldError as exc:
-        return jerror(400, "invalid_request", str(exc), param=exc.field)
-    except InvalidInput as exc:
-        return jerror(400, "invalid_request", str(exc))
+        raise HttpError("reconcile needs Stripe: set stripe.api_key and a meter events sink"
+                        " (meter_events or meter_event_stream)", status=409)
+    body, query = await _sources(request)
+    p = _parse(body) | _parse(query)
     customer = p.get("customer")
     try:
         report = await reconciler.run(p.get("from"), p.get("to"),
@@ -93,12 +88,11 @@ async def post_reconcile(request: web.Request) -> web.Response:
                                       customers=[customer] if customer else None,
                                       dry_run=p.get("dry_run", False))
     except ReconcileRefused as exc:
-        return jok({"error": {"type": "invalid_request", "message": str(exc),
-                              "missing": exc.missing}}, status=400)
+        raise HttpError(str(exc), extra={"missing": exc.missing}) from exc
     except InvalidRange as exc:
-        return jerror(400, "invalid_request", str(exc))
+        raise HttpError(str(exc)) from exc
     except ReconcileError as exc:
-        return jerror(502, "stripe_unavailable", str(exc))
+        raise HttpError(str(exc), status=502, type_="stripe_unavailable") from exc
     if p.get("format") == "table":
         return web.Response(text=report.to_table(all_hours=p.get("all", False)),
                             content_type="text/plain")

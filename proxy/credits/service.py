@@ -18,8 +18,9 @@ from typing import Any
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits
+from proxy.errors import InvalidInput
 from proxy.store.db import Store
-from proxy.store.keys import InvalidInput, get_customer
+from proxy.store.keys import get_customer
 from proxy.timeutil import rfc3339
 from proxy.units import UnitError, fmt_micro, to_micro
 

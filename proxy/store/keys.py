@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.errors import InvalidInput
+
 _ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
@@ -50,10 +52,6 @@ class KeyEntry:
     key_id: str
     customer_id: str
     revoked: bool
-
-
-class InvalidInput(ValueError):
-    pass
 
 
 def valid_id(value: object, what: str) -> str:
