@@ -18,7 +18,7 @@ with ``proxy.http_errors.error_response`` (one place, shared with the admin API)
 Invariants
 - The per-request path does no SQLite I/O and allocates no config objects: rules are
   compiled, keys are a dict lookup, usage rows go to the Store's in-memory buffer. Per
-  request it allocates one ``RequestContext`` and one ``Exchange``.
+  request it allocates one ``RequestContext`` (``new_context``) and one ``Exchange``.
 - strict durability: the last bytes of a metered response are written only after the
   request's usage row is committed (proxy.request.stream).
 - Errors the proxy itself answers are JSON ``{"error": {"type", "message"}}`` with the
@@ -46,7 +46,7 @@ from proxy.errors import HttpError
 from proxy.http_errors import error_response
 from proxy.request.admission import Admission
 from proxy.request.auth import Authenticator
-from proxy.request.context import RequestContext
+from proxy.request.context import new_context
 from proxy.request.settle import Settlement
 from proxy.request.stream import Exchange, Streamer
 from proxy.request.websocket import WebSocketRelay
@@ -67,14 +67,17 @@ class Pipeline:
         cfg = rt.cfg
         self.auth = auth
         self.admission = admission = Admission(rt, book)
-        self.settlement = settlement = Settlement(rt, book, watch, admission.reservations,
-                                                  admission.default_estimate)
+        strict = cfg.storage.durability == "strict"
+        self.settlement = settlement = Settlement(rt.store, rt.keys, book, watch,
+                                                  admission.reservations,
+                                                  admission.default_estimate, strict)
         drop = frozenset(s.header.lower() for s in cfg.keys.sources
                          if s.header and not cfg.keys.forward_to_upstream) | {"host"}
         self.streamer = Streamer(rt.upstream, admission, settlement, cfg.max_inspect_bytes,
-                                 cfg.storage.durability == "strict", drop)
+                                 strict, drop)
         self.websockets = WebSocketRelay(rt.upstream, settlement, drop)
-        self._req_counters: dict[tuple[str, int], Any] = {}
+        # rule name -> requests_total children by status class (index status // 100)
+        self._req_counters: dict[str, list[Any]] = {}
         # the routes the proxy answers itself on the public port, matched on the canonical
         # path: everything under the reserved prefix, and the exact paths of the others
         self.reserved = cfg.reserved_prefix.rstrip("/")
@@ -115,10 +118,10 @@ class Pipeline:
             admission = self.admission
             hold = admission.admit(rule, customer_id, metered)
             try:
-                ctx = RequestContext(request, rid, rule,
-                                     match.path_params if match is not None else _NO_PARAMS,
-                                     key_id, customer_id, rules.version, started, metered,
-                                     hold, path, target)
+                ctx = new_context(request, rid, rule,
+                                  match.path_params if match is not None else _NO_PARAMS,
+                                  key_id, customer_id, rules.version, started, metered, hold,
+                                  path, target)
                 # a WebSocket handshake is a GET (RFC 6455 4.1); any other method with an
                 # Upgrade header is forwarded as that method (Upgrade is hop-by-hop)
                 if request.method == "GET" and \
@@ -147,8 +150,10 @@ class Pipeline:
             return error_response(exc, rid)
 
     def _count(self, rule: str, status: int) -> None:
-        key = (rule, status // 100)
-        c = self._req_counters.get(key)
+        by_class = self._req_counters.get(rule)
+        if by_class is None:
+            by_class = self._req_counters[rule] = [None] * 10     # statuses have 3 digits
+        c = by_class[status // 100]
         if c is None:
-            c = self._req_counters[key] = metrics.requests_total.labels(rule, f"{status // 100}xx")
+            c = by_class[status // 100] = metrics.requests_total.labels(rule, f"{status // 100}xx")
         c.inc()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -22,33 +23,52 @@ from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.request.context import RequestContext
 from proxy.rules import Measurement, Quantity, Rule, compute, constant_quantities
-from proxy.runtime import Runtime
-from proxy.store.db import UsageItem, UsageRow
+from proxy.store.db import Store, UsageItem, UsageRow
+from proxy.store.keys import KeyCache
 from proxy.units import cost_micro
 
 
+@dataclass(frozen=True, slots=True)
+class _RuleCosts:
+    rule: Rule
+    rates: Mapping[str, Decimal | None]                 # meter -> credits_per_unit
+    quantities: tuple[Quantity, ...] | None             # all constant: the quantities
+    costs: list[int] | None                             # ... and their credits (read only)
+
+
+def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) -> list[int]:
+    """Each quantity's credit cost in micro-credits (0 for a meter without a rate)."""
+    return [cost_micro(q.micro, r) if (r := rates.get(q.meter)) is not None else 0
+            for q in quantities]
+
+
 class Settlement:
-    def __init__(self, rt: Runtime, book: CreditBook | None, watch: ThresholdWatch | None,
-                 reservations: Reservations, default_estimate: int) -> None:
-        self.rt = rt
+    def __init__(self, store: Store, keys: KeyCache, book: CreditBook | None,
+                 watch: ThresholdWatch | None, reservations: Reservations,
+                 default_estimate: int, strict: bool) -> None:
+        self.store = store
+        self.keys = keys
         self.book = book
         self.watch = watch
         self.reservations = reservations
         self.default_estimate = default_estimate
-        self.strict = rt.cfg.storage.durability == "strict"
+        self.strict = strict                      # storage.durability: strict
         self._unit_counters: dict[str, Any] = {}
-        # rule -> {meter: credits_per_unit}, computed once per rule object (reloads add more)
-        self._rates: dict[int, tuple[Rule, dict[str, Decimal | None]]] = {}
+        # per rule object (reloads add more): its rates, and for a rule whose quantities are
+        # all constants, the quantities and their credit costs (computed once, not per request)
+        self._by_rule: dict[int, _RuleCosts] = {}
 
-    def rates(self, rule: Rule) -> dict[str, Decimal | None]:
-        hit = self._rates.get(id(rule))
-        if hit is not None and hit[0] is rule:
-            return hit[1]
-        if len(self._rates) >= 1024:
-            self._rates.clear()                   # old rule sets (reloads)
+    def for_rule(self, rule: Rule) -> _RuleCosts:
+        hit = self._by_rule.get(id(rule))
+        if hit is not None and hit.rule is rule:
+            return hit
+        if len(self._by_rule) >= 1024:
+            self._by_rule.clear()                 # old rule sets (reloads)
         rates = {u.meter: u.credits_per_unit for u in rule.usage}
-        self._rates[id(rule)] = (rule, rates)
-        return rates
+        const = constant_quantities(rule)
+        hit = self._by_rule[id(rule)] = _RuleCosts(
+            rule, rates, const, None if const is None else _costs(const, rates))
+        return hit
 
     def record(self, ctx: RequestContext, rule: Rule, m: Measurement | None, status: int,
                flags: str, withhold: bool = False) -> asyncio.Future[None] | None:
@@ -63,15 +83,17 @@ class Settlement:
             if hold is not None and book is not None:
                 book.release(hold)
             return None
-        quantities: Sequence[Quantity] | None = constant_quantities(rule)
-        if quantities is None:
+        rc = self.for_rule(rule)
+        quantities: Sequence[Quantity] | None = rc.quantities
+        costs = rc.costs
+        if quantities is None or costs is None:
             assert m is not None
             quantities = compute(rule, m, self.default_estimate)
-        if not quantities:
+            if not quantities:
+                return None
+            costs = _costs(quantities, rc.rates)
+        elif not quantities:
             return None
-        rates = self.rates(rule)
-        costs = [cost_micro(q.micro, r) if (r := rates.get(q.meter)) is not None else 0
-                 for q in quantities]
         settled = book.settle(hold, costs, time.time()) \
             if hold is not None and book is not None else None
         if book is not None:
@@ -96,18 +118,14 @@ class Settlement:
                 debits.extend((q.meter, e) for e in entries)
             items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:
-                self._units_counter(q.meter).inc(q.micro / 1_000_000)
+                if (c := self._unit_counters.get(q.meter)) is None:
+                    c = self._unit_counters[q.meter] = metrics.metered_units_total.labels(q.meter)
+                c.inc(q.micro / 1_000_000)
         customer_id = ctx.customer_id
         if debits and self.watch is not None:
-            cust = self.rt.keys.customers.get(customer_id)
+            cust = self.keys.customers.get(customer_id)
             self.watch.check(customer_id, anchor=cust.billing_anchor if cust else None)
         row = UsageRow(ctx.rid, time.time(), customer_id, ctx.key_id, rule.name, ctx.version,
                        status, items, debits=debits, method=ctx.request.method,
                        path=ctx.path[:2048], withhold=withhold)
-        return self.rt.store.record(row, wait=self.strict and not flags)
-
-    def _units_counter(self, meter: str) -> Any:
-        c = self._unit_counters.get(meter)
-        if c is None:
-            c = self._unit_counters[meter] = metrics.metered_units_total.labels(meter)
-        return c
+        return self.store.record(row, wait=self.strict and not flags)
