@@ -17,7 +17,8 @@ def test_new_context_equals_the_dataclass_constructor() -> None:
     built = new_context(*ARGS)               # type: ignore[arg-type]
     plain = RequestContext(*ARGS)            # type: ignore[arg-type]
     assert type(built) is RequestContext
-    assert built == plain and hash(built) == hash(plain) and repr(built) == repr(plain)   # params: any hashable stand-in
+    # (params: a hashable stand-in, so the frozen dataclass's hash can be compared too)
+    assert built == plain and hash(built) == hash(plain) and repr(built) == repr(plain)
     assert dataclasses.astuple(built) == ARGS
     assert [f.name for f in dataclasses.fields(RequestContext)] == [
         "request", "rid", "rule", "params", "key_id", "customer_id", "version", "started",

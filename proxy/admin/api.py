@@ -49,27 +49,27 @@ def jok(data: Any, status: int = 200) -> web.Response:
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The admin token, the documented query parameters, then the handler; every refusal
     (``HttpError``, ``LookupError`` for a missing object) is answered by ``error_response``."""
+    if request.path not in _OPEN:
+        token = request.app[RT].cfg.admin.token
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
+                                   f"Bearer {token}".encode()):
+            metrics.AUTH_FAIL_ADMIN.inc()
+            request.app[REFUSALS].log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
+                          " from %s: %s %s", request.remote, request.method, request.path[:200])
+            return error_response(HttpError("A valid admin token is required.", status=401,
+                                            type_="unauthorized"))
+    resource = request.match_info.route.resource
+    if resource is not None and request.query:
+        allowed = request.app[QUERY_PARAMS].get(
+            ("GET" if request.method == "HEAD" else request.method, resource.canonical))
+        unknown = set(request.query) - allowed if allowed is not None else set()
+        if unknown:
+            return error_response(HttpError("unknown query parameter(s): "
+                                            + ", ".join(sorted(repr(u)[:40] for u in unknown))))
+    # every admin read sees every committed usage row (strict mode journals them first)
+    request.app[RT].store.try_materialize()
     try:
-        if request.path not in _OPEN:
-            token = request.app[RT].cfg.admin.token
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
-                                       f"Bearer {token}".encode()):
-                metrics.AUTH_FAIL_ADMIN.inc()
-                request.app[REFUSALS].log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
-                              " from %s: %s %s", request.remote, request.method, request.path[:200])
-                raise HttpError("A valid admin token is required.", status=401,
-                                type_="unauthorized")
-        resource = request.match_info.route.resource
-        if resource is not None and request.query:
-            allowed = request.app[QUERY_PARAMS].get(
-                ("GET" if request.method == "HEAD" else request.method, resource.canonical))
-            unknown = set(request.query) - allowed if allowed is not None else set()
-            if unknown:
-                raise HttpError("unknown query parameter(s): "
-                                + ", ".join(sorted(repr(u)[:40] for u in unknown)))
-        # every admin read sees every committed usage row (strict mode journals them first)
-        request.app[RT].store.try_materialize()
         return await handler(request)
     except (HttpError, LookupError) as exc:
         return error_response(exc)

@@ -46,7 +46,7 @@ from proxy.request.forward import (
     upstream_headers,
 )
 from proxy.request.settle import Settlement
-from proxy.rules import UNREADABLE, Measurement, constant_quantities
+from proxy.rules import UNREADABLE, Measurement
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 
@@ -138,10 +138,11 @@ class Exchange:
         strip_hop_by_hop(upstream.headers, out_headers)
         out_headers[_XRID] = self.ctx.rid
         inspector = None
-        if self.ctx.rule is not None and self.ctx.metered:
+        rule = self.ctx.rule
+        if rule is not None and self.ctx.metered and rule.response_body is not ResponseNeed.NONE:
             uh = upstream.headers
-            inspector = self.ctx.rule.new_inspector(uh.get("Content-Type"), self.s.cap,
-                                                uh.get("Content-Encoding"))
+            inspector = rule.new_inspector(uh.get("Content-Type"), self.s.cap,
+                                           uh.get("Content-Encoding"))
         return out_headers, inspector
 
     async def _request_body(self, headers: CIMultiDict[str]) -> Any:
@@ -334,7 +335,7 @@ class Exchange:
             # it free).
             return None
         m = None
-        if constant_quantities(rule) is None:
+        if self.s.settlement.for_rule(rule).quantities is None:
             m = Measurement(status=status, request_headers=self.ctx.request.headers,
                             response_headers=upstream.headers, query=self.ctx.request.query,
                             path_params=self.ctx.params, request_json=self.request_json,
