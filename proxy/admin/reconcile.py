@@ -24,6 +24,7 @@ from aiohttp import web
 from proxy.admin import input as ain
 from proxy.admin.api import jok
 from proxy.errors import HttpError, InvalidInput
+from proxy.http_errors import error_response
 from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
@@ -77,10 +78,16 @@ def _parse(p: dict[str, Any]) -> dict[str, Any]:
 async def post_reconcile(request: web.Request) -> web.Response:
     reconciler = request.app.get(RECONCILER)
     if reconciler is None:
-        raise HttpError("reconcile needs Stripe: set stripe.api_key and a meter events sink"
-                        " (meter_events or meter_event_stream)", status=409)
-    body, query = await _sources(request)
-    p = _parse(body) | _parse(query)
+        return error_response(HttpError("reconcile needs Stripe: set stripe.api_key and a meter"
+                                        " events sink (meter_events or meter_event_stream)",
+                                        status=409))
+    # answered here too (error_response, as the admin middleware does): the route also
+    # works mounted without the admin app's middleware
+    try:
+        body, query = await _sources(request)
+        p = _parse(body) | _parse(query)
+    except InvalidInput as exc:
+        return error_response(exc)
     customer = p.get("customer")
     try:
         report = await reconciler.run(p.get("from"), p.get("to"),
@@ -88,11 +95,11 @@ async def post_reconcile(request: web.Request) -> web.Response:
                                       customers=[customer] if customer else None,
                                       dry_run=p.get("dry_run", False))
     except ReconcileRefused as exc:
-        raise HttpError(str(exc), extra={"missing": exc.missing}) from exc
+        return error_response(HttpError(str(exc), extra={"missing": exc.missing}))
     except InvalidRange as exc:
-        raise HttpError(str(exc)) from exc
+        return error_response(HttpError(str(exc)))
     except ReconcileError as exc:
-        raise HttpError(str(exc), status=502, type_="stripe_unavailable") from exc
+        return error_response(HttpError(str(exc), status=502, type_="stripe_unavailable"))
     if p.get("format") == "table":
         return web.Response(text=report.to_table(all_hours=p.get("all", False)),
                             content_type="text/plain")
