@@ -33,7 +33,7 @@ PORT_ENV = "METERPROXY_DEMO_PORT"
 
 
 def _rules_path() -> Path:
-    here = Path(__file__).resolve().parent.parent / "rules" / "example.yaml"
+    here = Path(__file__).resolve().parents[2] / "rules" / "example.yaml"
     for cand in (paths.absolute("rules/example.yaml"), here):
         if cand.is_file():
             return cand
