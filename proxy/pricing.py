@@ -3,8 +3,8 @@
 Owns: the :class:`Price` value (built from Stripe's own Price object field names by
 :func:`price_from_stripe`, for both the rules file's ``price:`` blocks and prices fetched
 from Stripe), the amount of one invoice line (:func:`line_amount`), the simulate helpers
-(:func:`period_charges`, :func:`fmt_minor`) and a refreshing cache of prices fetched from
-Stripe's Prices API (:func:`fetch_prices`, :class:`PriceCache`).
+(:func:`period_charges`, :func:`fmt_minor`) and the choice between a fetched price and
+the rules file's (:func:`meter_prices`).
 
 Invariants (docs/stripe-notes.md, "Prices"):
 - No floats. Rates are exact ``Decimal`` (unit_amount_decimal: up to 12 decimal places,
