@@ -42,7 +42,7 @@ from proxy.flusher import Flusher, default_rate
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
 from proxy.paths import check_database
-from proxy.pricing import PriceCache, TransformQuantity
+from proxy.pricing import TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
@@ -50,11 +50,12 @@ from proxy.request.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
-from proxy.sinks.factory import build_sink
-from proxy.sinks.factory import connect as stripe_connect
 from proxy.store import outbox
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
+from proxy.stripe.factory import build_sink
+from proxy.stripe.factory import connect as stripe_connect
+from proxy.stripe.prices import PriceCache
 from proxy.tasks import cancel_and_wait, spawn
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver

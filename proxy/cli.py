@@ -176,7 +176,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from proxy.admin.reconcile import parse_grace
     from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
     from proxy.rules import RulesError, load_rules
-    from proxy.sinks.factory import connect as stripe_connect
+    from proxy.stripe.factory import connect as stripe_connect
 
     cfg = config.load(args.config)
     if not cfg.stripe.api_key:

@@ -21,8 +21,8 @@ Rules (docs/stripe-notes.md, "Meters and summaries"; README "Reconciliation")
     call); a shortfall not explained by undelivered rows (rows marked sent yet missing) and
     every excess are reported for the operator. No event is ever minted here.
   * The one write goes through ``execute_write`` (the Store's single writer); reads use the
-    given sqlite3 connection. Stripe failures are translated by
-    :func:`proxy.sinks.stripe_client.attempt`; no stripe exception is caught here.
+    given sqlite3 connection. Stripe failures arrive as :class:`proxy.errors.StripeCallError`
+    (translated by :mod:`proxy.stripe.client`); no stripe SDK exception is caught here.
 """
 
 from __future__ import annotations
@@ -32,17 +32,19 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar
 
-from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, StripeMeterInfo, from_sdk, unusable
-from proxy.sinks.base import Kind
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.errors import StripeCallError, StripeUnavailable
+from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, unusable
+from proxy.stripe.client import EventSummary, Page, StripeClient, StripeMeterInfo
 from proxy.timeutil import rfc3339
 
 log = logging.getLogger("meterproxy.reconcile")
+
+T = TypeVar("T")
 
 HOUR = 3600
 PAGE = 100
@@ -283,7 +285,7 @@ def _fmt(v: float) -> str:
 
 class Reconciler:
     def __init__(self, read_conn: sqlite3.Connection, execute_write: WriteFn,
-                 stripe: StripeConnection, event_names: EventNames, *,
+                 stripe: StripeClient, event_names: EventNames, *,
                  threshold: float = DEFAULT_THRESHOLD, concurrency: int = 4,
                  call_attempts: int = 3,
                  metrics: ReconcileMetrics | None = None) -> None:
@@ -391,61 +393,55 @@ class Reconciler:
 
     # ---- Stripe ---------------------------------------------------------------------------
 
-    async def _call(self, make: Callable[[], Any]) -> Any:
-        """One SDK call with a few quick retries on transient outcomes; Failed on failure."""
-        result: Any = None
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """One Stripe call with a few quick retries on transient failures; the last
+        :class:`~proxy.errors.StripeCallError` is raised."""
         for i in range(self.call_attempts):
-            result = await attempt(make())
-            if not isinstance(result, Failed) or result.outcome.kind is not Kind.RETRY:
-                return result
-            await asyncio.sleep(min(2.0, 0.2 * 2 ** i, result.outcome.retry_after or 2.0))
-        return result
+            try:
+                return await make()
+            except StripeUnavailable as exc:
+                if i + 1 >= self.call_attempts:
+                    raise
+                await asyncio.sleep(min(2.0, 0.2 * 2 ** i, exc.retry_after or 2.0))
+        raise AssertionError("call_attempts must be at least 1")
 
     async def _stripe_meters(self) -> dict[str, list[StripeMeterInfo]]:
         out: dict[str, list[StripeMeterInfo]] = {}
         after: str | None = None
-        meters_api = self.stripe.client.v1.billing.meters
         while True:
-            params: dict[str, Any] = {"limit": PAGE}
-            if after:
-                params["starting_after"] = after
+            def list_meters(a: str | None = after) -> Awaitable[Page[StripeMeterInfo]]:
+                return self.stripe.list_meters_page(limit=PAGE, starting_after=a)
 
-            def list_meters(p: dict[str, Any] = params) -> Any:
-                return meters_api.list_async(params=cast(Any, p))
-
-            page = await self._call(list_meters)
-            if isinstance(page, Failed):
-                raise ReconcileError(f"cannot list Stripe meters: {page.outcome.reason}")
-            for m in page.data:
-                out.setdefault(m.event_name, []).append(from_sdk(m))
-            if not page.has_more or not page.data:
+            try:
+                page = await self._call(list_meters)
+            except StripeCallError as exc:
+                raise ReconcileError(f"cannot list Stripe meters: {exc.reason}") from exc
+            for m in page.items:
+                out.setdefault(m.event_name, []).append(m)
+            if not page.has_more or not page.items:
                 return out
-            after = page.data[-1].id
+            after = page.items[-1].id
 
     async def _summaries(self, meter_id: str, customer: str, start: int,
                          end: int) -> dict[int, float] | str:
         out: dict[int, float] = {}
         after: str | None = None
-        api = self.stripe.client.v1.billing.meters.event_summaries
         while True:
-            params: dict[str, Any] = {"customer": customer, "start_time": start,
-                                      "end_time": end, "value_grouping_window": "hour",
-                                      "limit": PAGE}
-            if after:
-                params["starting_after"] = after
+            def list_summaries(a: str | None = after) -> Awaitable[Page[EventSummary]]:
+                return self.stripe.list_event_summaries_page(
+                    meter_id, customer=customer, start_time=start, end_time=end, limit=PAGE,
+                    starting_after=a)
 
-            def list_summaries(p: dict[str, Any] = params) -> Any:
-                return api.list_async(meter_id, params=cast(Any, p))
-
-            page = await self._call(list_summaries)
-            if isinstance(page, Failed):
-                return f"event summaries unavailable: {page.outcome.reason}"
-            for s in page.data:
-                hour = align_down(int(s.start_time))
-                out[hour] = out.get(hour, 0.0) + float(s.aggregated_value)
-            if not page.has_more or not page.data:
+            try:
+                page = await self._call(list_summaries)
+            except StripeCallError as exc:
+                return f"event summaries unavailable: {exc.reason}"
+            for s in page.items:
+                hour = align_down(s.start_time)
+                out[hour] = out.get(hour, 0.0) + s.aggregated_value
+            if not page.has_more or not page.items:
                 return out
-            after = page.data[-1].id
+            after = page.items[-1].id
 
     # ---- the ledger -----------------------------------------------------------------------
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config
-from proxy.pricing import Price, PriceCache, meter_prices
+from proxy.pricing import Price, meter_prices
 from proxy.rules import RuleSet
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
+from proxy.stripe.prices import PriceCache
 
 if TYPE_CHECKING:
     from proxy.request.forward import Upstream

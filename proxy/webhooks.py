@@ -65,16 +65,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import stripe
 from aiohttp import web
 
 from proxy import metrics
 from proxy.config import Config
 from proxy.credits.ledger import Entry, rollover_grant
 from proxy.credits.service import CreditService, insert_entries
+from proxy.errors import WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
 from proxy.store.keys import InvalidInput, KeyCache, upsert_customer
+from proxy.stripe.client import StripeClient
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro, to_micro
 
@@ -221,9 +222,9 @@ class WebhookReceiver:
         if body is None:
             return _error(413, "payload_too_large", f"Webhook bodies are limited to {MAX_BODY} bytes.")
         try:
-            stripe.WebhookSignature.verify_header(body, request.headers.get("Stripe-Signature"),
+            StripeClient.verify_webhook_signature(body, request.headers.get("Stripe-Signature"),
                                                   secret, TOLERANCE)
-        except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
+        except WebhookSignatureInvalid as exc:
             metrics.AUTH_FAIL_WEBHOOK.inc()
             self.refusals.log(logging.WARNING, "webhook signature refused", "webhook refused: %s",
                           str(exc).split("\n")[0][:200])

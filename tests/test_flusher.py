@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from proxy.flusher import Flusher
-from proxy.sinks.meter_events import MeterEventsSink
-from proxy.sinks.stripe_client import StripeConnection
 from proxy.store.db import Store
+from proxy.stripe.client import StripeClient
+from proxy.stripe.meter_events import MeterEventsSink
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 Q = 1_000_000
@@ -34,7 +34,7 @@ async def test_timeout_while_stripe_still_processes_never_overlaps(
     double = await stripe_double_factory(processing_delay=1.5)
     double.state.add_meter("api_calls")
     store = Store.open(tmp_path / "f.db")
-    conn = StripeConnection(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
                             timeout=1.0)
     sink = MeterEventsSink(conn)
     flusher = Flusher(store, sink, lambda: {"api_calls": ("api_calls", None)}, rate=0,
