@@ -28,7 +28,6 @@ from proxy.alerts import (
     ALERT_ID_HEADER,
     SIGNATURE_HEADER,
     AlertSender,
-    backoff,
     list_dead,
     requeue,
     sign,
@@ -199,14 +198,6 @@ def test_verify_accepts_good_and_rejects_bad() -> None:
     assert verify(SECRET, rotated, body, now=t)
     assert verify("old", rotated, body, now=t)
     assert not verify("neither", rotated, body, now=t)
-
-
-def test_backoff_is_exponential_capped_and_jittered() -> None:
-    for n in range(1, 40):
-        d = backoff(n, 1.0, 300.0)
-        assert min(300.0, 2.0 ** (n - 1)) <= d <= min(300.0, 2.0 ** (n - 1) + 1.0)
-    assert backoff(10_000, 1.0, 300.0) == 300.0
-    assert len({backoff(3, 1.0, 300.0) for _ in range(20)}) > 1
 
 
 # ---- delivery -----------------------------------------------------------------------------------
