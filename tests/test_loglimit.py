@@ -105,7 +105,7 @@ async def test_a_thousand_forged_webhooks_write_a_bounded_log(
     assert _failures("webhook_signature") - before == 1000
     lines = _messages(caplog, "meterproxy.webhooks")
     assert len(lines) == 10 and all(x.startswith("webhook refused: ") for x in lines)
-    proxy.server.rt.extras["webhooks"].refusals.flush()
+    proxy.server.webhooks.refusals.flush()
     assert _messages(caplog, "meterproxy.webhooks")[10:] == [
         "suppressed 990 similar messages in the last 60s: webhook signature refused"]
 

@@ -146,12 +146,12 @@ async def test_reload_with_a_wrong_meter_is_refused(tmp_path: Path, upstream: st
     try:
         old = server.rt.rules.version
         (tmp_path / "rules.yaml").write_text(TOKENS)
-        assert await reload_rules_checked(server.rt) is False
+        assert await reload_rules_checked(server.rt, server.meter_check) is False
         assert server.rt.rules.version == old
         assert server.rt.rules_error == ("stripe: meter 'tokens' (event name 'llm_tokens'): "
                                          "no active Stripe meter has this event name")
         stripe_double.state.add_meter("llm_tokens")
-        assert await reload_rules_checked(server.rt) is True
+        assert await reload_rules_checked(server.rt, server.meter_check) is True
         assert sorted(server.rt.rules.meters) == ["api_calls", "tokens"]
         assert server.rt.rules_error is None
     finally:

@@ -197,14 +197,14 @@ async def test_per_customer_concurrency_limit_isolates_other_customers(
             return r.status, kind, time.perf_counter() - t0
 
     slow = [asyncio.ensure_future(get(greedy, "/v1/items?delay_ms=1500")) for _ in range(2)]
-    await _poll(lambda: p.server.rt.extras["pipeline"].in_flight.get("greedy", 0) == 2)
+    await _poll(lambda: p.server.pipeline.in_flight.get("greedy", 0) == 2)
     refused = await get(greedy, "/v1/items")
     assert refused[:2] == (429, "concurrency_limit_exceeded") and refused[2] < 0.5
     status, _, took = await get(other, "/v1/items")
     assert status == 200 and took < 1.0
     assert [r[0] for r in await asyncio.gather(*slow)] == [200, 200]
     assert (await get(greedy, "/v1/items"))[0] == 200       # slots come back
-    assert p.server.rt.extras["pipeline"].in_flight == {}
+    assert p.server.pipeline.in_flight == {}
     with p.db() as c:
         rows = c.execute("SELECT customer_id, status FROM audit ORDER BY seq").fetchall()
     assert sorted(rows) == [("greedy", 200)] * 3 + [("other", 200)]

@@ -33,7 +33,7 @@ PORT_ENV = "METERPROXY_DEMO_PORT"
 
 
 def _rules_path() -> Path:
-    here = Path(__file__).resolve().parent.parent / "rules" / "example.yaml"
+    here = Path(__file__).resolve().parents[2] / "rules" / "example.yaml"
     for cand in (paths.absolute("rules/example.yaml"), here):
         if cand.is_file():
             return cand
@@ -168,7 +168,7 @@ async def _run(port: int, workdir: Path) -> int:
         raise
     if not port:   # ephemeral ports: the file names the real ones, so CLI commands reach them
         write_demo_config(workdir, server.public_port, upstream_port, server.admin_port, token)
-    credits = server.rt.extras["credits"]
+    credits = server.credits
     credits.grant(DEMO_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome", source="demo")
     credits.grant(PREPAID_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome-prepaid",
                   source="demo")
