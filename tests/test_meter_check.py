@@ -17,6 +17,7 @@ from proxy.cli import main as cli_main
 from proxy.errors import ConfigError
 from proxy.meter_check import StripeMeterInfo, meter_problems
 from tests.conftest import ADMIN_TOKEN, write_config
+from tests.helpers import wait_until
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 RULES = """\
@@ -126,10 +127,8 @@ async def test_unreachable_stripe_starts_degraded_then_verifies(
             assert _checks("unreachable") - before["unreachable"] >= 1
             assert _checks("ok") - before["ok"] == 0
             stripe_double.state.faults.clear("meters_list")       # Stripe is back
-            deadline = time.monotonic() + 20
-            while (await _get(s, server, "/readyz"))[0] != 200:
-                assert time.monotonic() < deadline, "the meter check never passed"
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: _get(s, server, "/readyz"), ok=lambda r: r[0] == 200,
+                             timeout=20, interval=0.05, what="the meter check to pass")
             _, text = await _get(s, server, "/metrics")
             assert "\nmeterproxy_stripe_meters_verified 1.0\n" in text
             calls = len(stripe_double.state.calls("meters_list"))    # one per check

@@ -9,7 +9,6 @@ on its admin port.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +21,7 @@ import stripe
 from proxy.timeutil import rfc3339
 from proxy.webhooks import PATH
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory
+from tests.helpers import wait_until
 
 SECRET = "whsec_test"
 Q = 1_000_000
@@ -79,13 +79,10 @@ class Hooks:
             return body
 
     async def wait(self, event_id: str, status: str, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = await self.admin("GET", f"/admin/webhooks/{event_id}")
-            if ev.get("status") == status:
-                return dict(ev)
-            assert time.monotonic() < deadline, ev
-            await asyncio.sleep(0.02)
+        ev = await wait_until(lambda: self.admin("GET", f"/admin/webhooks/{event_id}"),
+                              ok=lambda ev: ev.get("status") == status, timeout=timeout,
+                              what=f"event {event_id} to be {status}")
+        return dict(ev)
 
     async def deliver(self, event: dict[str, Any], status: str = "processed") -> dict[str, Any]:
         code, body = await self.send(event)
