@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import random
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.backoff import backoff
 from proxy.metrics import alerts_total
 from proxy.store.db import Store
 
@@ -94,20 +94,6 @@ def verify(secret: str, header: str, body: bytes, tolerance: float | None = DEFA
     for cand in candidates:  # no early exit: every candidate is compared
         ok |= hmac.compare_digest(expected, cand)
     return ok
-
-
-# ---- backoff ---------------------------------------------------------------------------------
-
-def backoff(attempts: int, base_delay: float, max_delay: float) -> float:
-    """Delay after the ``attempts``-th failed call: tenacity's ``wait_exponential_jitter``
-    math (``initial * 2**(n-1) + uniform(0, jitter)``, capped at ``max``) with jitter =
-    ``base_delay`` so tiny test delays stay tiny."""
-    n = max(1, attempts)
-    try:
-        exp = base_delay * 2.0 ** (n - 1)
-    except OverflowError:
-        exp = max_delay
-    return max(0.0, min(max_delay, exp + random.uniform(0.0, base_delay)))
 
 
 # ---- the sender ---------------------------------------------------------------------------------
@@ -236,7 +222,8 @@ class AlertSender:
                 alerts_total.labels("dead").inc()
                 log.error("%s dead-lettered after %d attempts: %s", desc, attempt, error)
             return True
-        delay = backoff(attempt, self.base_delay, self.max_delay)
+        delay = backoff(attempt, first=self.base_delay, cap=self.max_delay,
+                        jitter=self.base_delay)
         self._retry_later(alert_id, time.time() + delay, error)
         alerts_total.labels("retry").inc()
         log.warning("%s attempt %d/%d failed (%s); retrying in %.1fs", desc, attempt,

@@ -17,7 +17,7 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +28,10 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.admin.api import REFUSALS, build_admin_app
-from proxy.admin.billing import FLUSHER, billing_routes
-from proxy.admin.credits import CREDITS, credit_routes
-from proxy.admin.reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
-from proxy.admin.webhooks import WEBHOOKS, webhook_routes
+from proxy.admin.billing import billing_routes
+from proxy.admin.credits import credit_routes
+from proxy.admin.reconcile import reconcile_routes
+from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
 from proxy.config import Config, split_hostport
 from proxy.credits.ledger import Entry
@@ -50,7 +50,6 @@ from proxy.request.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
-from proxy.store import outbox
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.stripe.factory import build_sink
@@ -65,12 +64,22 @@ log = logging.getLogger("meterproxy")
 
 @dataclass
 class Server:
-    """A running proxy: both listeners, the runtime and the background tasks."""
+    """A running proxy: both listeners, the runtime, the services the composition root built
+    (each reachable here and, for request handlers, through one typed ``web.AppKey``) and the
+    background tasks."""
 
     rt: Runtime
     public: web.AppRunner
     admin: web.AppRunner
     reader: aiosqlite.Connection
+    pipeline: Pipeline
+    credits: CreditService
+    flusher: Flusher
+    webhooks: WebhookReceiver
+    alerts: AlertSender
+    connections: ConnectionGuard
+    meter_check: MeterCheck | None
+    reconciler: Reconciler | None
     public_port: int = 0
     admin_port: int = 0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -120,12 +129,23 @@ def remember_rules(store: Store, rules: RuleSet) -> None:
 
 
 async def start(cfg: Config) -> Server:
-    """Open every resource and start listening. The caller owns ``shutdown()``. A failure
-    part-way (port in use, database unusable) closes what was opened, so the process exits."""
+    """Open every resource and start listening. The caller owns ``shutdown()``.
+
+    Each resource is registered on an ``AsyncExitStack`` right after it is opened, so a
+    failure part-way (port in use, database unusable, a wrong Stripe meter) closes exactly
+    what was opened, newest first, and the process exits. Once everything is up the stack is
+    dropped and ``Server.shutdown`` closes in the documented order."""
     async with AsyncExitStack() as undo:
         server = await _start(cfg, undo)
         undo.pop_all()
         return server
+
+
+def _task(undo: AsyncExitStack, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """Spawn a background task, cancelled (and awaited) if start-up fails later."""
+    task = spawn(name, coro)
+    undo.push_async_callback(cancel_and_wait, task)
+    return task
 
 
 async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
@@ -150,8 +170,9 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     reader = await aiosqlite.connect(str(db_path))
     undo.push_async_callback(reader.close)
     await reader.execute("PRAGMA query_only=1")
-    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
-    undo.push_async_callback(rt.upstream.close)
+    upstream = Upstream(cfg.upstream)
+    undo.push_async_callback(upstream.close)
+    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream)
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
     pipeline.book = credits.book
@@ -162,7 +183,6 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                     on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
-    _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg)
@@ -178,16 +198,16 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                             handler_cancellation=True, shutdown_timeout=10.0,
                             auto_decompress=False)
     reconciler = build_reconciler(rt)
+    if reconciler is not None:
+        undo.push_async_callback(reconciler.stripe.close)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
-                                + webhook_routes())
-    admin_app[WEBHOOKS] = webhooks
-    admin_app[FLUSHER] = flusher
-    admin_app[RECONCILE_GRACE] = cfg.stripe.reconcile_grace
-    if reconciler is not None:
-        admin_app[RECONCILER] = reconciler
-    admin_app[CREDITS] = credits
+                                + webhook_routes(),
+                                credits=credits, flusher=flusher, webhooks=webhooks,
+                                reconciler=reconciler, meter_check=meter_check,
+                                reconcile_grace=cfg.stripe.reconcile_grace)
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+    ConsumerApi(pipeline, reader, credits).mount()
     await public.setup()
     undo.push_async_callback(public.cleanup)
     await admin.setup()
@@ -195,40 +215,40 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
     site = web.TCPSite(public, host, port, backlog=1024)
-    await site.start()
+    await site.start()                 # closed by public.cleanup
     asite = web.TCPSite(admin, ahost, aport)
-    await asite.start()
-    server = Server(rt, public, admin, reader, _bound_port(site), _bound_port(asite))
+    await asite.start()                # closed by admin.cleanup
+    server = Server(rt, public, admin, reader, pipeline=pipeline, credits=credits,
+                    flusher=flusher, webhooks=webhooks, alerts=alerts, connections=guard,
+                    meter_check=meter_check, reconciler=reconciler,
+                    public_port=_bound_port(site), admin_port=_bound_port(asite))
     await alerts.start()
-    server.tasks.append(spawn("alert-sender", alerts.run()))
+    undo.push_async_callback(alerts.close)
+    server.tasks.append(_task(undo, "alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
-    rt.extras["alerts"] = alerts
-    server.tasks.append(spawn("webhooks", webhooks.run()))
-    server.tasks.append(spawn("prices", _keep_prices(rt)))
-    rt.extras["webhooks"] = webhooks
+    server.tasks.append(_task(undo, "webhooks", webhooks.run()))
+    server.tasks.append(_task(undo, "prices", _keep_prices(rt)))
     if meter_check is not None:
-        server.tasks.append(spawn("meter-check", meter_check.run()))
+        server.tasks.append(_task(undo, "meter-check", meter_check.run()))
         server.on_stop.append(meter_check.close)
-    server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
-    server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
-    server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
-    server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever(
+    server.tasks.append(_task(undo, "rules-watcher", _watch_rules(rt, meter_check)))
+    server.tasks.append(_task(undo, "key-refresher", _refresh_keys(rt)))
+    server.tasks.append(_task(undo, "audit-retention", _prune_audit(rt)))
+    server.tasks.append(_task(undo, "wal-checkpoint", store.checkpoint_forever(
         st.checkpoint_interval, st.integrity_check_interval)))
-    server.tasks.append(spawn("connection-sweep", guard.sweep_forever()))
-    rt.extras["connections"] = guard
-    server.tasks.append(spawn("journal", store.materialize_forever()))
-    server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
-    server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
+    server.tasks.append(_task(undo, "connection-sweep", guard.sweep_forever()))
+    server.tasks.append(_task(undo, "journal", store.materialize_forever()))
+    server.graceful.append((flusher.stop, _task(undo, "flusher",
+                                                flusher.run(cfg.stripe.flush_interval))))
+    server.tasks.append(_task(undo, "credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
     for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
-            server.tasks.append(spawn("reconciler", reconciler.run_every(
+            server.tasks.append(_task(undo, "reconciler", reconciler.run_every(
                 cfg.stripe.reconcile_interval, cfg.stripe.reconcile_grace)))
         server.on_stop.append(reconciler.stripe.close)
-    rt.extras["pipeline"] = pipeline
-    ConsumerApi(pipeline, reader).mount()
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
              st.durability)
@@ -251,7 +271,6 @@ async def _check_meters(rt: Runtime, undo: AsyncExitStack) -> MeterCheck | None:
     if problems is None:
         log.warning("Stripe meters could not be checked at start (%s): starting degraded, "
                     "retrying every %.0fs", check.unreachable, scfg.meter_check_retry)
-    rt.extras["meter_check"] = check
     return check
 
 
@@ -286,32 +305,6 @@ def transforms(rt: Runtime) -> dict[str, TransformQuantity]:
     return {m.name: m.transform for m in rt.rules.meters.values() if m.transform is not None}
 
 
-def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> None:
-    async def customer_detail(cid: str) -> dict[str, Any]:
-        from proxy.units import fmt_micro
-
-        rem = outbox.remainders(rt.store.conn, cid)
-        return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
-                "credits": credits.summary(cid),
-                "credit_ledger": credits.entries(cid, limit=50)}
-
-    def ready_checks() -> list[str]:
-        out = []
-        check = rt.extras.get("meter_check")
-        if check is not None:
-            out.extend(check.ready_problems())
-        lag = flusher.lag()
-        if lag > rt.cfg.stripe.flush_lag_ready_threshold:
-            out.append(f"flush lag {lag:.0f}s exceeds "
-                       f"{rt.cfg.stripe.flush_lag_ready_threshold:.0f}s")
-        return out
-
-    rt.extras["customer_detail"] = customer_detail
-    rt.extras["ready_checks"] = ready_checks
-    rt.extras["flusher"] = flusher
-    rt.extras["credits"] = credits
-
-
 async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:
     try:
         report = await asyncio.wait_for(flusher.flush(force=True), timeout)
@@ -338,10 +331,9 @@ def _refuse_reload(rt: Runtime, problems: list[str]) -> bool:
     return False
 
 
-async def reload_rules_checked(rt: Runtime) -> bool:
+async def reload_rules_checked(rt: Runtime, check: MeterCheck | None) -> bool:
     """:func:`reload_rules`, with the new rules' meters checked against Stripe first when the
-    meter check is on: a wrong meter refuses the reload (the old rules stay)."""
-    check: MeterCheck | None = rt.extras.get("meter_check")
+    meter check is on (``check``): a wrong meter refuses the reload (the old rules stay)."""
     if check is None:
         return reload_rules(rt)
     try:
@@ -392,14 +384,14 @@ def _stamp(paths: list[Path]) -> tuple[tuple[str, int, float, int], ...]:
     return tuple(out)
 
 
-async def _watch_rules(rt: Runtime, interval: float = 1.0) -> None:
+async def _watch_rules(rt: Runtime, check: MeterCheck | None, interval: float = 1.0) -> None:
     stamp = _stamp(rt.cfg.rule_paths())
     while True:
         await asyncio.sleep(interval)
         now = _stamp(rt.cfg.rule_paths())
         if now != stamp:
             stamp = now
-            await reload_rules_checked(rt)
+            await reload_rules_checked(rt, check)
 
 
 async def _keep_prices(rt: Runtime) -> None:
@@ -463,7 +455,7 @@ async def run_until_signalled(cfg: Config, ready: Callable[[Server], None] | Non
         loop.add_signal_handler(sig, server.stopping.set)
     with suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, lambda: server.tasks.append(
-            spawn("rules-reload", reload_rules_checked(server.rt))))
+            spawn("rules-reload", reload_rules_checked(server.rt, server.meter_check))))
     if ready is not None:
         ready(server)
     gc.freeze()  # start-up objects never need collecting; keeps gen-2 pauses short

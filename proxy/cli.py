@@ -173,10 +173,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import asyncio
 
     from proxy import config
-    from proxy.admin.reconcile import parse_grace
     from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
     from proxy.rules import RulesError, load_rules
     from proxy.stripe.factory import connect as stripe_connect
+    from proxy.units import MAX_GRACE, parse_duration
 
     cfg = config.load(args.config)
     if not cfg.stripe.api_key:
@@ -192,9 +192,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         _open_db(cfg.db_path(), cfg.storage.synchronous)
     start, end = args.from_, args.to
     try:
-        grace = parse_grace(args.grace) if args.grace else cfg.stripe.reconcile_grace
+        grace = parse_duration(args.grace.lower(), maximum=MAX_GRACE) if args.grace \
+            else cfg.stripe.reconcile_grace
     except ValueError as exc:
-        sys.stderr.write(f"meterproxy: {exc}\n")
+        sys.stderr.write(f"meterproxy: --grace: {exc}\n")
         return 2
 
     async def run() -> int:

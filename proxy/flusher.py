@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from tenacity.wait import wait_exponential_jitter
 
 from proxy import metrics
+from proxy.backoff import backoff
 from proxy.pricing import TransformQuantity
 from proxy.sinks.base import Kind, Outcome, OutEvent, Sink
 from proxy.store import outbox
@@ -112,11 +113,6 @@ def default_rate(api_key: str) -> float:
     if api_key:
         return 20.0
     return 0.0
-
-
-def backoff(attempts: int, rng: random.Random) -> float:
-    """Cross-cycle delay before a pending event is tried again (full jitter, capped)."""
-    return min(MAX_BACKOFF, float(2 ** min(attempts, 10))) * (0.5 + rng.random() / 2)
 
 
 @dataclass
@@ -365,8 +361,8 @@ class Flusher:
             if count:
                 report.retrying += 1
             # 6: transient failures stay pending; never dead-lettered
-            delay = max(backoff(row["attempts"], self.rng), out.retry_after or 0.0,
-                        self.ambiguous_hold if out.ambiguous else 0.0)
+            delay = max(backoff(row["attempts"], first=1.0, cap=MAX_BACKOFF, rng=self.rng),
+                        out.retry_after or 0.0, self.ambiguous_hold if out.ambiguous else 0.0)
             self.store.execute_write(lambda c: c.execute(
                 "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=?",
                 (now + delay, out.reason[:500], row["id"])))

@@ -1,14 +1,17 @@
 """Runtime: the live objects a running proxy shares (one instance per process).
 
-Built by ``proxy.app`` (the composition root); read by the handler and the admin API.
+Built by ``proxy.app`` (the composition root); read by the handler and the admin API. The
+services built on top of it (credits, flusher, webhooks, ...) are not looked up here: each is
+passed to the constructor that needs it, and admin routes reach theirs through one typed
+``web.AppKey`` each (``proxy.admin.api``).
 ``rules`` is swapped whole on hot reload; readers take one reference per request, so a
 request is priced by exactly one rules version.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.config import Config
 from proxy.pricing import Price, meter_prices
@@ -29,7 +32,6 @@ class Runtime:
     keys: KeyCache
     upstream: Upstream
     rules_error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     price_cache: PriceCache | None = None
 
     def prices(self) -> dict[str, Price]:

@@ -23,14 +23,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import metrics
 from proxy.admin import input as ain
 from proxy.admin.input import FieldError
+from proxy.credits.service import CreditService
+from proxy.flusher import Flusher
 from proxy.loglimit import LogLimiter
+from proxy.meter_check import MeterCheck
 from proxy.periods import period_bounds
+from proxy.reconcile import Reconciler
 from proxy.reports.exports import stream_export
 from proxy.reports.usage_report import customer_report
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
+from proxy.store import outbox
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro
+from proxy.webhooks import WebhookReceiver
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RT = web.AppKey("runtime", Runtime)
@@ -38,6 +44,14 @@ READER = web.AppKey("reader", aiosqlite.Connection)
 _OPEN = frozenset({"/healthz", "/readyz"})
 log = logging.getLogger("meterproxy.admin")
 REFUSALS = web.AppKey("refusals", LogLimiter)   # bad admin tokens: log lines are rate-limited
+# The services behind the admin routes, set once by ``build_admin_app`` (the composition root
+# passes them in); a key that is absent means the service is not running in this process.
+CREDITS = web.AppKey("credits", CreditService)
+FLUSHER = web.AppKey("flusher", Flusher)
+WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
+RECONCILER = web.AppKey("reconciler", Reconciler)
+RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
+METER_CHECK = web.AppKey("meter_check", MeterCheck)
 
 
 def jerror(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
@@ -140,17 +154,19 @@ async def get_customer(request: web.Request) -> web.Response:
     cust = keystore.get_customer(rt.store.conn, cid)
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
-    report = await customer_report(request.app[READER], rt.rules, rt.prices(), cust,
-                                   rt.extras.get("credits"))
+    credits = request.app.get(CREDITS)
+    report = await customer_report(request.app[READER], rt.rules, rt.prices(), cust, credits)
     out = cust.to_json()
     out["period"] = report["period"]
     # documented shape: quantity this period per meter (only meters with usage)
     out["usage"] = {m: v["quantity"] for m, v in report["meters"].items() if v["requests"]}
     out["billing"] = {k: report[k] for k in ("currency", "meters", "total", "prices")}
     out["keys"] = keystore.list_keys(rt.store.conn, cid)
-    extra = rt.extras.get("customer_detail")
-    if extra is not None:
-        out.update(await extra(cid))
+    if credits is not None:
+        rem = outbox.remainders(rt.store.conn, cid)
+        out.update({"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
+                    "credits": credits.summary(cid),
+                    "credit_ledger": credits.entries(cid, limit=50)})
     return jok(out)
 
 
@@ -240,9 +256,13 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if rt.store.check_file() is not None or not rt.store.healthy:  # deleted/replaced/corrupt
         problems.append(f"storage: {rt.store.last_error}")
-    check = rt.extras.get("ready_checks")
+    check = request.app.get(METER_CHECK)
     if check is not None:
-        problems.extend(check())
+        problems.extend(check.ready_problems())
+    flusher = request.app.get(FLUSHER)
+    threshold = rt.cfg.stripe.flush_lag_ready_threshold
+    if flusher is not None and (lag := flusher.lag()) > threshold:
+        problems.append(f"flush lag {lag:.0f}s exceeds {threshold:.0f}s")
     body = {"status": "degraded" if problems else "ready", "problems": problems,
             "rules_version": rt.rules.version, "rules_error": rt.rules_error}
     return jok(body, 503 if problems else 200)
@@ -306,10 +326,28 @@ def not_yet(what: str) -> Handler:
 
 
 def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
-                    extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+                    extra_routes: list[web.RouteDef] | None = None, *,
+                    credits: CreditService | None = None, flusher: Flusher | None = None,
+                    webhooks: WebhookReceiver | None = None,
+                    reconciler: Reconciler | None = None, meter_check: MeterCheck | None = None,
+                    reconcile_grace: float | None = None) -> web.Application:
+    """The admin application. Each service given is reachable by its routes through one typed
+    key (``CREDITS``, ``FLUSHER``, ...); one not given leaves its key unset."""
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
     app[RT] = rt
     app[READER] = reader
+    if credits is not None:
+        app[CREDITS] = credits
+    if flusher is not None:
+        app[FLUSHER] = flusher
+    if webhooks is not None:
+        app[WEBHOOKS] = webhooks
+    if reconciler is not None:
+        app[RECONCILER] = reconciler
+    if meter_check is not None:
+        app[METER_CHECK] = meter_check
+    if reconcile_grace is not None:
+        app[RECONCILE_GRACE] = reconcile_grace
     doc = openapi_document()
     app[OPENAPI] = orjson.dumps(doc)
     app[QUERY_PARAMS] = query_parameters(doc)

@@ -11,11 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import READER, jerror, jok
-from proxy.flusher import Flusher
+from proxy.admin.api import FLUSHER, READER, jerror, jok
 from proxy.timeutil import rfc3339
-
-FLUSHER = web.AppKey("flusher", Flusher)
 
 _OUTBOX_COLS = ("id, identifier, customer_id, meter, event_name, covered, value, timestamp,"
                 " created_at, status, attempts, sent_at, sink, outcome, last_error, dead_at")

@@ -8,13 +8,11 @@ import time
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import _json_body, jok
+from proxy.admin.api import CREDITS, _json_body, jok
 from proxy.admin.input import FieldError
-from proxy.credits.service import CreditService, grant_json
+from proxy.credits.service import grant_json
 from proxy.store.keys import InvalidInput
 from proxy.units import fmt_micro
-
-CREDITS = web.AppKey("credits", CreditService)
 
 
 async def post_grant(request: web.Request) -> web.Response:

@@ -22,12 +22,9 @@ import orjson
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import jerror, jok
-from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
+from proxy.admin.api import RECONCILE_GRACE, RECONCILER, jerror, jok
+from proxy.reconcile import InvalidRange, ReconcileError, ReconcileRefused
 from proxy.store.keys import InvalidInput
-
-RECONCILER = web.AppKey("reconciler", Reconciler)
-RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
 
 
 def parse_grace(raw: Any) -> float:

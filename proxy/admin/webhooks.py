@@ -10,10 +10,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import jok
-from proxy.webhooks import STATUSES, WebhookReceiver
-
-WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
+from proxy.admin.api import WEBHOOKS, jok
+from proxy.webhooks import STATUSES
 
 
 async def list_events(request: web.Request) -> web.Response:

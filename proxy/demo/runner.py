@@ -168,7 +168,7 @@ async def _run(port: int, workdir: Path) -> int:
         raise
     if not port:   # ephemeral ports: the file names the real ones, so CLI commands reach them
         write_demo_config(workdir, server.public_port, upstream_port, server.admin_port, token)
-    credits = server.rt.extras["credits"]
+    credits = server.credits
     credits.grant(DEMO_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome", source="demo")
     credits.grant(PREPAID_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome-prepaid",
                   source="demo")

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.input import FieldError, time_range
+from proxy.credits.service import CreditService
 from proxy.periods import period_bounds
 from proxy.reports.exports import stream_export
 from proxy.reports.usage_report import customer_report
@@ -54,9 +55,10 @@ def _get_only(handler: Handler, query: frozenset[str]) -> Handler:
 
 
 class ConsumerApi:
-    def __init__(self, pipeline: Pipeline, reader: Any) -> None:
+    def __init__(self, pipeline: Pipeline, reader: Any, credits: CreditService | None) -> None:
         self.p = pipeline
         self.reader = reader
+        self.credits = credits
 
     def mount(self) -> None:
         h = self.p.reserved_handlers
@@ -85,8 +87,7 @@ class ConsumerApi:
         rt = self.p.rt
         cust = rt.keys.customers[cid]
         rt.store.try_materialize()
-        report = await customer_report(self.reader, rt.rules, rt.prices(), cust,
-                                       rt.extras.get("credits"))
+        report = await customer_report(self.reader, rt.rules, rt.prices(), cust, self.credits)
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
