@@ -451,7 +451,8 @@ class UsageLedger(Protocol):
                      customers: Sequence[str] | None = None,
                      batch: int = 500) -> AsyncIterator[list[AuditRecord]]:
         """Audit rows with ``at`` in [start, end) (one customer, or ``customers``, or all),
-        in commit order, in batches of at most ``batch``."""
+        in batches of at most ``batch``: for one ``customer_id`` by time, then commit order
+        (an export); otherwise in commit order (a request's rows stay together)."""
         ...
 
     async def audit_for_request(self, request_id: str) -> list[AuditRecord]:
@@ -638,11 +639,19 @@ class Maintenance(Protocol):
 class Storage(Protocol):
     """One backend: every owner. Built by the backend's factory (``tests/store/conftest``)."""
 
-    outbox: Outbox
-    ledger: CreditLedger
-    usage: UsageLedger
-    customers: Customers
-    webhooks: WebhookEvents
-    alerts: AlertsFired
-    rules: RulesHistory
-    maintenance: Maintenance
+    @property
+    def outbox(self) -> Outbox: ...
+    @property
+    def ledger(self) -> CreditLedger: ...
+    @property
+    def usage(self) -> UsageLedger: ...
+    @property
+    def customers(self) -> Customers: ...
+    @property
+    def webhooks(self) -> WebhookEvents: ...
+    @property
+    def alerts(self) -> AlertsFired: ...
+    @property
+    def rules(self) -> RulesHistory: ...
+    @property
+    def maintenance(self) -> Maintenance: ...
