@@ -242,7 +242,7 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"storage: {rt.store.last_error}")
     check = rt.extras.get("ready_checks")
     if check is not None:
-        problems.extend(check())
+        problems.extend(await check())
     body = {"status": "degraded" if problems else "ready", "problems": problems,
             "rules_version": rt.rules.version, "rules_error": rt.rules_error}
     return jok(body, 503 if problems else 200)

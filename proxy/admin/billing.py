@@ -53,7 +53,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
     oid = ain.integer(request.match_info["id"], "id", 1, ain.MAX_INT64)
     flusher = request.app[FLUSHER]
     restamp = ain.flag(request.query.get("restamp", False), "restamp")
-    if not flusher.replay(oid, restamp=restamp):
+    if not await flusher.replay(oid, restamp=restamp):
         return jerror(404, "not_found", f"no dead letter {oid}")
     report = await flusher.flush(force=True)
     rows = await _query(request, "id=?", (oid,), 1)
