@@ -260,7 +260,7 @@ def build_reconciler(rt: Runtime) -> Reconciler | None:
     scfg = rt.cfg.stripe
     if not scfg.api_key or scfg.sink not in ("meter_events", "meter_event_stream"):
         return None
-    return Reconciler(rt.store.conn, rt.store.execute_write, stripe_connect(scfg),
+    return Reconciler(rt.owners().outbox, rt.owners().customers, stripe_connect(scfg),
                       lambda: event_names(rt), threshold=scfg.reconcile_alert_threshold,
                       metrics=ReconcileMetrics(metrics.reconcile_discrepancies,
                                                metrics.reconcile_discrepancy_rate,

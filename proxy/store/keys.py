@@ -208,9 +208,17 @@ class SqliteCustomers:
         self.db = db
 
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
-                     status: object) -> tuple[Customer, bool]:
-        out: tuple[Customer, bool] = self.db.execute_write(
-            lambda c: upsert_customer(c, cid, stripe_customer_id, overage, status))
+                     status: object,
+                     billing: Callable[[Customer], tuple[object, object]] | None = None,
+                     ) -> tuple[Customer, bool]:
+        def tx(c: sqlite3.Connection) -> tuple[Customer, bool]:
+            cust, created = upsert_customer(c, cid, stripe_customer_id, overage, status)
+            if billing is not None:
+                set_billing(c, cust.id, *billing(cust))
+                cust = get_customer(c, cust.id) or cust
+            return cust, created
+
+        out: tuple[Customer, bool] = self.db.execute_write(tx)
         return out
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:

@@ -254,7 +254,7 @@ class SqliteOutbox:
         return n
 
     async def rows(self, *, status: str | None = None, outbox_id: int | None = None,
-                   limit: int = 500) -> list[OutboxEntry]:
+                   customer_id: str | None = None, limit: int = 500) -> list[OutboxEntry]:
         where: list[str] = []
         args: list[Any] = []
         if status is not None:
@@ -263,6 +263,9 @@ class SqliteOutbox:
         if outbox_id is not None:
             where.append("id=?")
             args.append(outbox_id)
+        if customer_id is not None:
+            where.append("customer_id=?")
+            args.append(customer_id)
         sql = f"SELECT {_ENTRY_COLS} FROM outbox"
         if where:
             sql += " WHERE " + " AND ".join(where)

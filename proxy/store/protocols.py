@@ -308,8 +308,8 @@ class Outbox(Protocol):
         ...
 
     async def rows(self, *, status: str | None = None, outbox_id: int | None = None,
-                   limit: int = 500) -> list[OutboxEntry]:
-        """Rows, newest id first, filtered by status and/or id, at most ``limit``."""
+                   customer_id: str | None = None, limit: int = 500) -> list[OutboxEntry]:
+        """Rows, newest id first, filtered by status, id and customer, at most ``limit``."""
         ...
 
     async def counts(self) -> OutboxCounts:
@@ -473,10 +473,14 @@ class Customers(Protocol):
     """Owner of ``customers`` and ``api_keys``. A key's secret is never stored."""
 
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
-                     status: object) -> tuple[Customer, bool]:
-        """Create or update from raw JSON values (InvalidInput on bad ones); a None field
-        keeps its value. An explicit status is the operator's: it clears any automatic
-        suspension reason. Returns (customer, created). Idempotent."""
+                     status: object,
+                     billing: Callable[[Customer], tuple[object, object]] | None = None,
+                     ) -> tuple[Customer, bool]:
+        """Create or update from raw JSON values (InvalidInput on bad ones, nothing
+        written); a None field keeps its value. An explicit status is the operator's: it
+        clears any automatic suspension reason. ``billing`` (pure) gets the upserted
+        customer and returns its (billing anchor, minimum commitment), set in the same
+        transaction. Returns (customer, created). Idempotent."""
         ...
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
