@@ -158,8 +158,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
-    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
-                                    on_new=alerts.wake)
+    pipeline.watch = await ThresholdWatch.open(storage.alerts, credits.book,
+                                               cfg.alerts.thresholds, on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
     _expose_billing(rt, flusher, credits)

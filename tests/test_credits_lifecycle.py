@@ -25,6 +25,7 @@ from proxy.credits.ledger import (
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, alert_period, crossed
 from proxy.periods import period_bounds
+from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store, _statements, connect
 from proxy.store.keys import upsert_customer
 from proxy.store.schema import MIGRATIONS
@@ -128,7 +129,7 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[CreditService, ThresholdWat
     store.execute_write(lambda c: upsert_customer(c, "c", None, "block", "active"))
     book = CreditBook()
     svc = CreditService(store, book)
-    yield svc, ThresholdWatch(store, book, T)
+    yield svc, await ThresholdWatch.open(SqliteAlerts(store), book, T)
     store.close()
 
 
