@@ -169,9 +169,10 @@ async def _run(port: int, workdir: Path) -> int:
     if not port:   # ephemeral ports: the file names the real ones, so CLI commands reach them
         write_demo_config(workdir, server.public_port, upstream_port, server.admin_port, token)
     credits = server.rt.extras["credits"]
-    credits.grant(DEMO_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome", source="demo")
-    credits.grant(PREPAID_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome-prepaid",
-                  source="demo")
+    await credits.grant(DEMO_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome",
+                        source="demo")
+    await credits.grant(PREPAID_CUSTOMER, WELCOME_CREDITS,
+                        idempotency_key="demo-welcome-prepaid", source="demo")
     print(instructions(server.public_port, server.admin_port, keys, token, path), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
