@@ -55,7 +55,7 @@ from proxy.sinks.factory import connect as stripe_connect
 from proxy.store.db import Store
 from proxy.store.keys import Customer, KeyCache, KeyEntry
 from proxy.store.protocols import KeySnapshot
-from proxy.store.sqlite import SqliteStorage, as_storage
+from proxy.store.sqlite import SqliteStorage, as_storage, open_reader
 from proxy.tasks import cancel_and_wait, spawn
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver
@@ -143,9 +143,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
     keys = KeyCache()
-    reader = await aiosqlite.connect(str(db_path))
+    reader = await open_reader(db_path)
     undo.push_async_callback(reader.close)
-    await reader.execute("PRAGMA query_only=1")
     storage = as_storage(SqliteStorage.on(store, reader))
     keys.replace(*_snapshot(await storage.customers.snapshot()))
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream),
