@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = cmd(sub, "usage", "a customer's usage per meter (on the database)", cmd_usage, db=True)
     u.add_argument("customer", metavar="CUSTOMER", help="customer id")
-    time_opts(u, "start of this month, UTC", "now")
+    time_opts(u, "start of the customer's current billing period (this month, UTC, without a"
+              " billing anchor), as in the admin API", "now + 60s")
 
     cr = group("credits", "grant, list, void prepaid credits (via the admin API)")
     g = cmd(cr, "grant", "grant credits to a customer", cmd_credits)
