@@ -51,7 +51,9 @@ from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
 from proxy.store.db import Store
-from proxy.store.keys import KeyCache
+from proxy.store.keys import Customer, KeyCache, KeyEntry
+from proxy.store.protocols import KeySnapshot
+from proxy.store.sqlite import SqliteStorage, as_storage, open_reader
 from proxy.stripe.factory import build_sink
 from proxy.stripe.factory import connect as stripe_connect
 from proxy.stripe.prices import PriceCache
@@ -118,14 +120,12 @@ def load_ruleset(cfg: Config) -> RuleSet:
     return load_rules(cfg.rule_paths())
 
 
-def remember_rules(store: Store, rules: RuleSet) -> None:
+async def remember_rules(rt: Runtime, rules: RuleSet) -> None:
     """Keep the text of every rules version that ever priced a request (for explain)."""
     import orjson
 
     files = orjson.dumps([{"file": f, "text": t} for f, t in rules.sources]).decode()
-    store.execute_write(lambda c: c.execute(
-        "INSERT OR IGNORE INTO rules_versions(version, first_loaded_at, files) VALUES (?,?,?)",
-        (rules.version, int(time.time()), files)))
+    await rt.owners().rules.remember(rules.version, files, int(time.time()))
 
 
 async def start(cfg: Config) -> Server:
@@ -164,28 +164,30 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
-    remember_rules(store, rules)
     keys = KeyCache()
-    keys.reload(store.conn)
-    reader = await aiosqlite.connect(str(db_path))
+    reader = await open_reader(db_path)
     undo.push_async_callback(reader.close)
-    await reader.execute("PRAGMA query_only=1")
     upstream = Upstream(cfg.upstream)
     undo.push_async_callback(upstream.close)
-    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream)
+    storage = as_storage(SqliteStorage.on(store, reader))
+    keys.replace(*_snapshot(await storage.customers.snapshot()))
+    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream,
+                 storage=storage)
+    await remember_rules(rt, rules)
     pipeline = Pipeline(rt)
-    credits = CreditService(store, load_book(store.conn))
+    credits = CreditService(store, load_book(await storage.ledger.load()), storage.ledger)
     pipeline.book = credits.book
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
-    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
-    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
-                                    on_new=alerts.wake)
+    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
+    pipeline.watch = await ThresholdWatch.open(storage.alerts, credits.book,
+                                               cfg.alerts.thresholds, on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
 
     public_app = web.Application(client_max_size=0)
-    webhooks = WebhookReceiver(store, keys, credits, cfg)
+    webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
+                               customers=storage.customers)
     pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
@@ -279,7 +281,7 @@ def build_reconciler(rt: Runtime) -> Reconciler | None:
     scfg = rt.cfg.stripe
     if not scfg.api_key or scfg.sink not in ("meter_events", "meter_event_stream"):
         return None
-    return Reconciler(rt.store.conn, rt.store.execute_write, stripe_connect(scfg),
+    return Reconciler(rt.owners().outbox, rt.owners().customers, stripe_connect(scfg),
                       lambda: event_names(rt), threshold=scfg.reconcile_alert_threshold,
                       metrics=ReconcileMetrics(metrics.reconcile_discrepancies,
                                                metrics.reconcile_discrepancy_rate,
@@ -295,7 +297,8 @@ def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
 
 def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
-    return Flusher(rt.store, sink, lambda: event_names(rt),
+    return Flusher(rt.store, sink, lambda: event_names(rt), outbox=rt.owners().outbox,
+                   usage=rt.owners().usage,
                    rate=scfg.max_rate or default_rate(scfg.api_key),
                    ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
 
@@ -335,7 +338,7 @@ async def reload_rules_checked(rt: Runtime, check: MeterCheck | None) -> bool:
     """:func:`reload_rules`, with the new rules' meters checked against Stripe first when the
     meter check is on (``check``): a wrong meter refuses the reload (the old rules stay)."""
     if check is None:
-        return reload_rules(rt)
+        return await reload_rules(rt)
     try:
         new = load_ruleset(rt.cfg)
     except RulesError as exc:
@@ -344,13 +347,13 @@ async def reload_rules_checked(rt: Runtime, check: MeterCheck | None) -> bool:
     problems = await check.check(names)
     if problems:
         return _refuse_reload(rt, [f"stripe: {p}" for p in problems])
-    ok = reload_rules(rt, new)
+    ok = await reload_rules(rt, new)
     if ok:
         check.record(problems)
     return ok
 
 
-def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
+async def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
     """Swap in the rule files' current content (or ``new``, already loaded); a broken file
     keeps the old rules."""
     if new is None:
@@ -362,7 +365,7 @@ def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)
         log.info("rules reloaded: %s -> %s", rt.rules.version, new.version)
-        remember_rules(rt.store, new)
+        await remember_rules(rt, new)
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
@@ -418,21 +421,13 @@ async def _keep_prices(rt: Runtime) -> None:
 
 async def _refresh_keys(rt: Runtime) -> None:
     """Pick up key/customer changes made by another process (the CLI) on the same file."""
-    version = rt.store.data_version()
+    version = rt.owners().customers.data_version()
     while True:
         await asyncio.sleep(rt.cfg.keys.cache_refresh)
-        v = rt.store.data_version()
+        v = rt.owners().customers.data_version()
         if v != version:
             version = v
-            rt.keys.reload(rt.store.conn)
-
-
-def prune_audit(conn: sqlite3.Connection, cutoff_ms: int, batch: int = 5000) -> int:
-    """Delete the oldest audit rows (by seq, which grows with time: no index on at_ms is
-    needed, keeping every commit one index lighter)."""
-    cur = conn.execute("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit ORDER BY seq"
-                       " LIMIT ?) AND at_ms < ?", (batch, cutoff_ms))
-    return int(cur.rowcount)
+            rt.keys.replace(*_snapshot(await rt.owners().customers.snapshot()))
 
 
 async def _prune_audit(rt: Runtime) -> None:
@@ -440,10 +435,7 @@ async def _prune_audit(rt: Runtime) -> None:
     the loop for long. Minute aggregates (what billing uses) are kept."""
     while True:
         cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
-        def tx(c: sqlite3.Connection, cut: int = cutoff) -> int:
-            return prune_audit(c, cut)
-
-        while rt.store.execute_write(tx) == 5000:  # noqa: ASYNC110 - yield between batches
+        while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
             await asyncio.sleep(0.05)
         await asyncio.sleep(3600)
 
@@ -471,3 +463,7 @@ def serve(cfg: Config) -> None:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(run_until_signalled(cfg))
+
+
+def _snapshot(snap: KeySnapshot) -> tuple[dict[str, KeyEntry], dict[str, Customer]]:
+    return snap.keys, snap.customers

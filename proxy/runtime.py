@@ -18,6 +18,8 @@ from proxy.pricing import Price, meter_prices
 from proxy.rules import RuleSet
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
+from proxy.store.protocols import Storage
+from proxy.store.sqlite import SqliteStorage, as_storage
 from proxy.stripe.prices import PriceCache
 
 if TYPE_CHECKING:
@@ -33,6 +35,12 @@ class Runtime:
     upstream: Upstream
     rules_error: str | None = None
     price_cache: PriceCache | None = None
+    storage: Storage | None = None      # the table owners; the SQLite ones on ``store`` if unset
+
+    def owners(self) -> Storage:
+        if self.storage is None:
+            self.storage = as_storage(SqliteStorage.on(self.store))
+        return self.storage
 
     def prices(self) -> dict[str, Price]:
         """Each priced meter's Price: Stripe's (fetched for ``price_id``) when cached, else
