@@ -294,7 +294,8 @@ class Connection(asyncio.Protocol):
 
     def _new_head(self) -> None:
         self.in_head = True
-        self.head_bytes = 0
+        self.head_bytes = 0         # bytes fed while the head is incomplete (memory bound)
+        self.head_size = 0          # the head's own size, counted by the callbacks
         self.reason = b""
         self.headers: Headers = []
         self.clen: int | None = None
@@ -383,6 +384,7 @@ class Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
+        self.head_size += len(status) + 15
 
     def on_header(self, name: bytes, value: bytes) -> None:
         cfg = self.cfg
@@ -398,6 +400,11 @@ class Connection(asyncio.Protocol):
             assert self.resp is not None
             self.resp.trailers.append((name.decode("latin-1"), value.decode("latin-1")))
             return
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > cfg.max_head_bytes:
+            self.error = ProtocolError(
+                f"the upstream's response head is over {cfg.max_head_bytes} bytes")
+            raise _Abort
         headers = self.headers
         if len(headers) >= cfg.max_headers:
             self.error = ProtocolError(f"the upstream sent over {cfg.max_headers} headers")

@@ -90,11 +90,7 @@ class UpstreamPool:
         ``close()``; otherwise the response (read and release it as usual) and None."""
         resp = await self._request("GET", target, headers, None, origin or self.origin,
                                    protocol)
-        conn = resp._conn
-        if resp.status == 101 and conn is not None and conn.upgraded is not None:
-            resp._conn = None
-            return resp, conn.upgraded
-        return resp, None
+        return resp, resp.upgraded
 
     async def _request(self, method: str, target: str, headers: HeadersIn, body: Body,
                        origin: Origin, upgrade: str | bool) -> Response:
