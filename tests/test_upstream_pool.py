@@ -149,7 +149,7 @@ async def test_expect_100_continue_body_waits_for_100() -> None:
                      srv: Server) -> None:
         await srv.read_request(reader, body=False)
         await asyncio.sleep(0.2)
-        srv.events.append("early:%d" % len(reader._buffer))  # type: ignore[attr-defined]
+        srv.events.append(f"early:{len(reader._buffer)}")  # type: ignore[attr-defined]
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         srv.bodies.append(await reader.readexactly(5))
         writer.write(ok(b"done"))
@@ -652,15 +652,15 @@ async def test_connect_timeout_swept() -> None:
                      srv: Server) -> None:
         await asyncio.sleep(3600)
 
-    async with Server(silent) as srv:
-        async with pool_for(f"https://127.0.0.1:{srv.port}", connect_timeout=0.2) as pool:
-            pool.ssl_context = ssl.create_default_context()
-            loop = asyncio.get_running_loop()
-            t = loop.time()
-            with pytest.raises(ConnectTimeout) as err:
-                await pool.request("GET", "/x")
-            assert 0.2 <= loop.time() - t < 2.0 and err.value.status == 504
-            assert pool.stats()["open"] == 0
+    async with Server(silent) as srv, \
+            pool_for(f"https://127.0.0.1:{srv.port}", connect_timeout=0.2) as pool:
+        pool.ssl_context = ssl.create_default_context()
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        with pytest.raises(ConnectTimeout) as err:
+            await pool.request("GET", "/x")
+        assert 0.2 <= loop.time() - t < 2.0 and err.value.status == 504
+        assert pool.stats()["open"] == 0
 
 
 async def test_read_timeout_before_head() -> None:
