@@ -5,11 +5,15 @@ limits, deadlines, backpressure, half-close and resets, upgrades."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import ssl
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import uvloop
 
 from proxy.upstream import (
     BodyError,
@@ -22,6 +26,8 @@ from proxy.upstream import (
     ResponseTimeout,
 )
 from tests.upstream_kit import Server, answer, chunks, ok, pool_for, until
+
+
 
 # ---------------------------------------------------------------- request writing
 
@@ -827,3 +833,28 @@ async def test_unasked_101_is_a_protocol_error() -> None:
             as srv, pool_for(srv) as pool:
         with pytest.raises(ProtocolError):
             await pool.request("GET", "/x")
+
+
+# ---------------------------------------------------------------- the same on uvloop
+
+
+def _uvloop_cases() -> Iterator[Any]:
+    """Every async test above (each parameter set too), to run again on uvloop: the proxy
+    runs on uvloop, whose transports differ from asyncio's (pytest-asyncio picks loops per
+    test only through a conftest hook)."""
+    for name, fn in list(globals().items()):
+        if not name.startswith("test_") or not inspect.iscoroutinefunction(fn):
+            continue
+        marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        if not marks:
+            yield pytest.param(name, (), id=name)
+            continue
+        argnames, values = marks[0].args[0], marks[0].args[1]
+        single = "," not in argnames if isinstance(argnames, str) else len(argnames) == 1
+        for i, v in enumerate(values):
+            yield pytest.param(name, (v,) if single else tuple(v), id=f"{name}[{i}]")
+
+
+@pytest.mark.parametrize(("name", "args"), list(_uvloop_cases()))
+def test_on_uvloop(name: str, args: tuple[Any, ...]) -> None:
+    uvloop.run(globals()[name](*args))
