@@ -135,6 +135,20 @@ async def chunks(*parts: bytes, pause: float = 0.0) -> AsyncIterator[bytes]:
         yield part
 
 
+async def settle(get: Callable[[], int], window: float = 0.2, timeout: float = 10.0) -> int:
+    """Wait until ``get()`` stops changing for ``window`` seconds; return that value."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    value = get()
+    while True:
+        await asyncio.sleep(window)
+        now = get()
+        if now == value:
+            return value
+        assert loop.time() < end, "never settled"
+        value = now
+
+
 async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
