@@ -27,8 +27,6 @@ from proxy.upstream import (
 )
 from tests.upstream_kit import Server, answer, chunks, ok, pool_for, settle, until
 
-
-
 # ---------------------------------------------------------------- request writing
 
 
