@@ -25,11 +25,24 @@ HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-author
                  "trailer", "trailers", "transfer-encoding", "upgrade", "content-length"))
 
 
+def _no_host(headers: object) -> list[tuple[str, str]]:
+    # like the bare proxy: the upstream gets its own Host (the pool drops hop-by-hop itself)
+    return [(k, v) for k, v in headers.items() if k.lower() != "host"]  # type: ignore[attr-defined]
+
+
 def make_handler(pool: UpstreamPool) -> web.Server:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        body = request.content.iter_any() if request.body_exists else None
+        body = None
+        if request.body_exists:
+            body = request.content.iter_any()
+            if request.version >= (1, 1) and \
+                    request.headers.get("Expect", "").lower() == "100-continue":
+                # what aiohttp's Application does (its router's expect handler); web.Server
+                # does not. The upstream gets Expect too and answers its own 100 to the pool.
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            up = await pool.request(request.method, request.raw_path, request.headers, body)
+            up = await pool.request(request.method, request.raw_path, _no_host(request.headers),
+                                    body)
         except UpstreamError as exc:
             return web.Response(status=exc.status, text=f"{exc.type}: {exc}\n")
         try:
@@ -45,7 +58,7 @@ def make_handler(pool: UpstreamPool) -> web.Server:
                 await resp.prepare(request)
                 await resp.write_eof()
                 return resp
-            if up.complete:
+            if up.complete and up.content_length is not None:
                 return web.Response(status=status, headers=out, body=await up.read())
             resp = web.StreamResponse(status=status, headers=out)
             if up.content_length is not None:

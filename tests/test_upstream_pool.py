@@ -43,8 +43,8 @@ async def test_get_raw_headers_in_order_and_keep_alive_reuse() -> None:
             assert await resp.read() == b"hello"
             resp.release()
         assert srv.conns == 1
-        assert srv.heads[0] == (b"GET /p/a?q=1&q=2 HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\n"
-                                b"Host: 127.0.0.1:%d\r\n\r\n" % srv.port)
+        assert srv.heads[0] == (b"GET /p/a?q=1&q=2 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                b"X-A: 1\r\nx-a: 2\r\n\r\n" % srv.port)
         assert pool.stats() == {"open": 1, "idle": 1, "waiting": 0, "connecting": 0}
 
 
@@ -58,7 +58,7 @@ async def test_hop_by_hop_headers_removed_host_kept_prefix_applied() -> None:
                        ("Content-Length", "0"), ("X-Keep", "1")]
             resp = await pool.request("GET", "/v1", headers)
             resp.release()
-        assert srv.heads == [b"GET /base/v1 HTTP/1.1\r\nX-Keep: 1\r\nHost: api.example\r\n\r\n"]
+        assert srv.heads == [b"GET /base/v1 HTTP/1.1\r\nHost: api.example\r\nX-Keep: 1\r\n\r\n"]
 
 
 async def test_header_injection_is_refused() -> None:
@@ -805,7 +805,7 @@ async def test_websocket_upgrade_returns_the_raw_connection() -> None:
         resp, up = await pool.upgrade("/ws", [("Sec-WebSocket-Key", "k")])
         assert resp.status == 101 and up is not None
         assert resp.headers[-1] == ("Sec-WebSocket-Accept", "x")
-        assert srv.heads[0] == (b"GET /ws HTTP/1.1\r\nSec-WebSocket-Key: k\r\nHost: 127.0.0.1:%d\r\n"
+        assert srv.heads[0] == (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nSec-WebSocket-Key: k\r\n"
                                 b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % srv.port)
         assert await up.read() == b"hello"
         up.write(b"ping")

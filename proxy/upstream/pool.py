@@ -326,7 +326,7 @@ def _build_head(method: str, origin: Origin, target: str, headers: HeadersIn, bo
     items: Iterable[tuple[str, str]] = headers.items() if isinstance(headers, Mapping) \
         else headers
     skip = HOP_BY_HOP
-    lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\n"]
+    lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\n", ""]    # Host goes first
     host: str | None = None
     given_length: str | None = None
     expect = False
@@ -349,7 +349,7 @@ def _build_head(method: str, origin: Origin, target: str, headers: HeadersIn, bo
         if low == "expect" and value.strip().lower() == "100-continue":
             expect = True
         add(f"{name}: {value}\r\n")
-    add(f"Host: {host if host is not None else origin.host_header}\r\n")
+    lines[1] = f"Host: {host if host is not None else origin.host_header}\r\n"
     chunked = False
     length: int | None = None
     if body is None:
