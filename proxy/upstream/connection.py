@@ -512,16 +512,18 @@ class Connection(asyncio.Protocol):
     # ---- request ----------------------------------------------------------------------
 
     async def send(self, head: bytes, body: Any, is_head: bool, expect: bool,
-                   chunked: bool, length: int | None, state: SendState) -> Response:
+                   chunked: bool, length: int | None, state: SendState | None) -> Response:
         """Write one request and return its response head. Raises ``Stale`` when the
         connection closed before any byte of the response (the pool decides on a retry)."""
         if self.closed or self.transport is None:
             raise Stale(unsent=True)
-        loop = asyncio.get_running_loop()
+        loop = self.pool._loop
+        assert loop is not None
         self.active = True
         self.requests += 1
         self.is_head = is_head
-        fut = self.head_fut = loop.create_future()
+        fut: asyncio.Future[Response] = loop.create_future()
+        self.head_fut = fut
         transport = self.transport
         if body is None or isinstance(body, bytes):
             if expect and body:
@@ -540,9 +542,14 @@ class Connection(asyncio.Protocol):
                 self.written = True
             self.req_done = True
             self.armed, self.seen = READ, -1
-            if self.write_paused:
-                await self.drain()
-            return await self._head(fut)
+            try:
+                if self.write_paused:
+                    await self.drain()
+                return await fut
+            except BaseException:
+                self.close()
+                raise
+        assert state is not None
         transport.write(head)
         self.written = True
         if expect and not await self._expect(loop):

@@ -101,21 +101,29 @@ class UpstreamPool:
         head, expect, chunked, length = _build_head(method, origin, target, headers, body,
                                                     upgrade)
         is_head = method == "HEAD"
-        state = SendState()
+        state = None if body is None or isinstance(body, bytes) else SendState()
         retried = False
         host = self.hosts.get(origin)
         if host is None:
             host = self.hosts[origin] = _Host(origin)
         while True:
-            conn, reused = await self._acquire(host)
-            conn.want_upgrade = bool(upgrade)
+            idle = host.idle
+            while idle:             # the common case, without another coroutine
+                conn = idle.pop()
+                if not conn.closed:
+                    reused = True
+                    break
+            else:
+                conn, reused = await self._acquire(host)
+            if upgrade:
+                conn.want_upgrade = True
             try:
                 return await conn.send(head, body, is_head, expect, chunked, length, state)
             except Stale as exc:
                 # closed before any response byte: once more on another connection when the
                 # request certainly did not reach the upstream, or when it is idempotent, was
                 # sent on a reused (possibly stale) connection and its body can be sent again
-                replayable = body is None or isinstance(body, bytes) or not state.touched
+                replayable = state is None or not state.touched
                 if retried or not replayable or not (
                         exc.unsent or (reused and method in IDEMPOTENT)):
                     raise ConnectionClosed(
