@@ -223,6 +223,32 @@ async def test_early_response_while_uploading_is_returned_and_connection_not_reu
         await until(lambda: pool.stats()["open"] == 0)
 
 
+async def test_caller_cancelled_mid_upload_or_waiting_for_head_closes_the_connection() -> None:
+    gate = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     srv: Server) -> None:
+        await srv.read_request(reader, body=False)
+        await gate.wait()
+
+    async def endless() -> object:
+        while True:
+            yield b"x" * 65536
+
+    async with Server(script, rcvbuf=16384) as srv, pool_for(srv) as pool:
+        for call in (pool.request("POST", "/up", [], endless()),  # type: ignore[arg-type]
+                     pool.request("GET", "/wait")):
+            task = asyncio.ensure_future(call)
+            await until(lambda: pool.stats()["open"] == 1 and len(srv.heads) >= 1)
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert pool.stats() == {"open": 0, "idle": 0, "waiting": 0, "connecting": 0}
+            srv.heads.clear()
+        gate.set()
+
+
 # ---------------------------------------------------------------- response framing
 
 

@@ -525,42 +525,43 @@ class Connection(asyncio.Protocol):
         fut: asyncio.Future[Response] = loop.create_future()
         self.head_fut = fut
         transport = self.transport
-        if body is None or isinstance(body, bytes):
-            if expect and body:
-                transport.write(head)
-                self.written = True
-                if not await self._expect(loop):
-                    return await self._head(fut)
-                transport.write(body)
-            else:
-                if not body:
+        try:
+            if body is None or isinstance(body, bytes):
+                if expect and body:
+                    transport.write(head)
+                    self.written = True
+                    if not await self._expect(loop):
+                        return await fut
+                    transport.write(body)
+                elif not body:
                     transport.write(head)
                 elif len(body) <= 16384:
                     transport.write(head + body)
                 else:
                     transport.writelines((head, body))
                 self.written = True
-            self.req_done = True
-            self.armed, self.seen = READ, -1
-            try:
+                self.req_done = True
+                self.armed, self.seen = READ, -1
                 if self.write_paused:
                     await self.drain()
                 return await fut
-            except BaseException:
-                self.close()
-                raise
-        assert state is not None
-        transport.write(head)
-        self.written = True
-        if expect and not await self._expect(loop):
-            return await self._head(fut)
-        it = body.__aiter__()
-        if await self._stream(it, chunked, length, state):
-            return await self._head(fut)
-        # the head arrived before the body was all sent: finish the upload in the background
-        # while the caller reads (an upstream that reads no more is cut off when its response ends)
-        self.uploader = loop.create_task(self._upload_rest(it, chunked, length, state))
-        return await self._head(fut)
+            assert state is not None
+            transport.write(head)
+            self.written = True
+            if expect and not await self._expect(loop):
+                return await fut
+            it = body.__aiter__()
+            if not await self._stream(it, chunked, length, state):
+                # the head arrived before the body was all sent: finish the upload in the
+                # background while the caller reads (an upstream that reads no more is cut
+                # off when its response ends: the connection is then closed)
+                self.uploader = loop.create_task(self._upload_rest(it, chunked, length, state))
+            return await fut
+        except BaseException:
+            # an error, a stale connection, or the caller cancelled (its consumer went away):
+            # the exchange is incomplete, the connection is never reused
+            self.close()
+            raise
 
     async def _expect(self, loop: asyncio.AbstractEventLoop) -> bool:
         """After a head with ``Expect: 100-continue``: True to send the body (100 arrived, or
@@ -630,13 +631,6 @@ class Connection(asyncio.Protocol):
         if self.msg_done:
             self._maybe_release()
 
-    async def _head(self, fut: asyncio.Future[Response]) -> Response:
-        try:
-            return await fut
-        except BaseException:
-            self.close()
-            raise
-
     # ---- end of a request ---------------------------------------------------------------
 
     def _maybe_release(self) -> None:
@@ -677,6 +671,9 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             transport.close()
+        uploader = self.uploader
+        if uploader is not None and not uploader.done():
+            uploader.cancel()
         self._lost(self.error or ConnectionClosed("the upstream connection was closed"))
         self.pool._forget(self)
 
