@@ -285,6 +285,14 @@ async def test_http10_response_without_length_is_close_delimited() -> None:
         resp.release()
 
 
+async def test_transfer_coding_not_ending_in_chunked_is_read_to_the_close() -> None:
+    async with Server(answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                             b"3\r\nabc\r\n", close=True)) as srv, pool_for(srv) as pool:
+        resp = await pool.request("GET", "/x")
+        assert not resp.chunked and await resp.read() == b"3\r\nabc\r\n"
+        resp.release()
+
+
 async def test_head_response_has_no_body_and_connection_is_reused() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
     async with Server(answer(head, b"x" * 100)) as srv, pool_for(srv) as pool:
