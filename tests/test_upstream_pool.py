@@ -9,7 +9,10 @@ import inspect
 import socket
 import ssl
 import struct
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from proxy.upstream import (
     ProtocolError,
     ResponseTimeout,
 )
+from tests.ci_guard import require_tool
 from tests.upstream_kit import Server, answer, chunks, ok, pool_for, settle, until
 
 # ---------------------------------------------------------------- request writing
@@ -695,6 +699,41 @@ async def test_connect_timeout_swept() -> None:
             await pool.request("GET", "/x")
         assert 0.2 <= loop.time() - t < 2.0 and err.value.status == 504
         assert pool.stats()["open"] == 0
+
+
+def _self_signed(directory: str) -> tuple[str, str]:
+    """A certificate and key for 127.0.0.1, made with openssl."""
+    openssl = require_tool("openssl", "apt-get install -y openssl")
+    key, cert = str(Path(directory) / "k.pem"), str(Path(directory) / "c.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_origin_over_tls() -> None:
+    """A real TLS upstream: keep-alive reuse and a body larger than the buffers, through the
+    TLS transport's pause/resume; the certificate is verified (the pool's ssl_context)."""
+    with tempfile.TemporaryDirectory() as directory:
+        cert, key = _self_signed(directory)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        body = bytes(range(256)) * 4096         # 1 MiB
+        srv = Server(answer(ok(body)))
+        srv.ssl = server_ctx
+        async with srv, pool_for(f"https://127.0.0.1:{srv.port}",
+                                 high_water=65536, low_water=16384) as pool:
+            pool.ssl_context = ssl.create_default_context(cafile=cert)
+            for _ in range(2):
+                resp = await pool.request("GET", "/tls")
+                assert resp.status == 200 and await resp.read() == body
+                resp.release()
+            assert srv.conns == 1
+        srv2 = Server(answer(ok()))
+        srv2.ssl = server_ctx
+        async with srv2, pool_for(f"https://127.0.0.1:{srv2.port}") as pool:
+            with pytest.raises(ConnectError):       # default trust store: not trusted
+                await pool.request("GET", "/tls")
 
 
 async def test_read_timeout_before_head() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._srv: asyncio.Server | None = None
         self.port = 0
+        self.ssl: ssl.SSLContext | None = None     # set before entering: a TLS upstream
 
     @property
     def url(self) -> str:
@@ -41,7 +43,7 @@ class Server:
         if self.rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
         sock.bind(("127.0.0.1", 0))
-        self._srv = await asyncio.start_server(self._conn, sock=sock)
+        self._srv = await asyncio.start_server(self._conn, sock=sock, ssl=self.ssl)
         self.port = sock.getsockname()[1]
         return self
 
