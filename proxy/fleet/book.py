@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from proxy import tasks
 from proxy.fleet import sizing
+from proxy.fleet.clock import monotonic_ms
 from proxy.fleet.leases import Grant, LeaseStore
 from proxy.store.postgres.errors import PgUnavailable
 
@@ -56,10 +56,6 @@ class Held:
     @property
     def remaining(self) -> int:
         return self.granted - self.spent
-
-
-def monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
 
 
 class LeaseBook:
