@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
-
 from proxy.fleet.clock import monotonic_ms
 from proxy.fleet.sizing import usable_until_ms
+from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.postgres.pool import PgPool
 
@@ -101,7 +100,7 @@ class Leadership:
                                self.duty, self.member_id, fence)
 
     @asynccontextmanager
-    async def fenced(self) -> AsyncIterator[asyncpg.Connection]:
+    async def fenced(self) -> AsyncIterator[Conn]:
         """A transaction that commits only while this member still holds the duty with the
         same fence; raises ``Deposed`` otherwise (nothing written)."""
         fence = self.fence

@@ -29,9 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import asyncpg
-
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool
 
 # $1 customer, $2 member, $3 wanted (r*T), $4 floor, $5 k, $6 quantum, $7 ttl ms.
@@ -117,7 +116,9 @@ class LeaseStore:
                 held = await conn.fetchrow(
                     "SELECT id, granted FROM credit_leases WHERE customer_id = $1 AND "
                     "member_id = $2 AND state = 'active'", customer_id, self.member_id)
-                return Grant(0, row["avail"], held and held["id"], held and held["granted"])
+                if held is None:
+                    return Grant(0, row["avail"], None, None)
+                return Grant(0, row["avail"], held["id"], held["granted"])
             return Grant(row["amount"], row["avail"], row["lease_id"], row["granted"])
 
     async def renew(self, customer_id: str) -> tuple[int, int] | None:
@@ -178,7 +179,7 @@ class LeaseStore:
             return {r["customer_id"]: int(r["back"]) for r in rows}
 
 
-async def settle(conn: asyncpg.Connection, member_id: str, spent: Mapping[str, int]) -> None:
+async def settle(conn: Conn, member_id: str, spent: Mapping[str, int]) -> None:
     """Settle ``spent`` (customer -> micro-credits, from ledger rows just inserted) inside the
     caller's transaction: covered by the member's active lease -> out of escrow; the rest
     straight to settled."""
@@ -206,7 +207,7 @@ async def settle(conn: asyncpg.Connection, member_id: str, spent: Mapping[str, i
         customers, amounts, [within.get(c, 0) for c in customers])
 
 
-async def deposit(conn: asyncpg.Connection, customer_id: str, amount: int) -> None:
+async def deposit(conn: Conn, customer_id: str, amount: int) -> None:
     """Add ``amount`` micro-credits to the customer's balance (creating its account).
     Wave 2 calls this from the grant verbs, in the grant's transaction."""
     await conn.execute(
@@ -215,7 +216,7 @@ async def deposit(conn: asyncpg.Connection, customer_id: str, amount: int) -> No
         customer_id, amount)
 
 
-async def account(conn: asyncpg.Connection, customer_id: str) -> Account:
+async def account(conn: Conn, customer_id: str) -> Account:
     row = await conn.fetchrow("SELECT balance, settled, escrowed FROM credit_accounts "
                               "WHERE customer_id = $1", customer_id)
     return Account(0, 0, 0) if row is None else Account(row[0], row[1], row[2])

@@ -22,6 +22,7 @@ sequence; wave 2 adapts the journal's rows to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,8 +151,6 @@ class Shipper:
         """Ship every ``interval`` seconds until ``stop`` is set, then once more (drain)."""
         while not stop.is_set():
             await self.ship_pending(journal)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
-                pass
         await self.ship_pending(journal)

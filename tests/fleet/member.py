@@ -10,7 +10,7 @@ from typing import Literal
 
 from proxy.fleet.book import Decision, LeaseBook
 from proxy.fleet.leases import LeaseStore
-from proxy.fleet.shipping import LocalRow, Shipper, ShipItem
+from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres.pool import PgPool
 

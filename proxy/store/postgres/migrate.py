@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import asyncpg
-
+from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.schema import MIGRATIONS
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('meterproxy_migrate'))"
@@ -26,14 +25,14 @@ def pending(applied: int, migrations: Sequence[str]) -> list[tuple[int, str]]:
     return [(i, migrations[i - 1]) for i in range(applied + 1, len(migrations) + 1)]
 
 
-async def schema_version(conn: asyncpg.Connection) -> int:
+async def schema_version(conn: Conn) -> int:
     exists = await conn.fetchval("SELECT to_regclass('meterproxy_schema') IS NOT NULL")
     if not exists:
         return 0
     return int(await conn.fetchval("SELECT version FROM meterproxy_schema"))
 
 
-async def migrate(conn: asyncpg.Connection, migrations: Sequence[str] = MIGRATIONS) -> int:
+async def migrate(conn: Conn, migrations: Sequence[str] = MIGRATIONS) -> int:
     """Bring the database to ``len(migrations)``; return the version it was at."""
     async with conn.transaction():
         await conn.execute(_LOCK)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import translated
 from proxy.store.postgres.migrate import migrate
 
@@ -53,7 +54,7 @@ class PgPool:
             await pool.close()
 
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+    async def acquire(self) -> AsyncIterator[Conn]:
         """A pooled connection; connection failures surface as ``PgUnavailable``."""
         if self._pool is None:
             raise RuntimeError("PgPool is not open")
