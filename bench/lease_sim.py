@@ -45,6 +45,7 @@ class Customer:
     available: int
     admitted: int = 0
     held: dict[int, Lease] = field(default_factory=dict)   # member -> its active lease
+    empty_until: dict[int, int] = field(default_factory=dict)   # member -> 402 locally until
 
 
 @dataclass(slots=True)
@@ -107,13 +108,14 @@ def simulate(members: int, customers: int, rps: int, seconds: int, zipf_s: float
             m = rng.randrange(members)
             res.requests += 1
             le = cust[c].held.get(m)
-            if le is None or le.remaining < cost or now >= le.until_ms:
+            waited = False
+            if (le is None or le.remaining < cost or now >= le.until_ms) and \
+                    now >= cust[c].empty_until.get(m, 0):
                 res.ops["grant (request waits)"] += 1
-                grant(m, c, now)
+                if grant(m, c, now) == 0:
+                    cust[c].empty_until[m] = now + policy.empty_backoff_ms
                 le = cust[c].held.get(m)
                 waited = True
-            else:
-                waited = False
             if le is not None and le.remaining >= cost and now < le.until_ms:
                 res.sync_refills += waited
                 le.remaining -= cost
@@ -164,7 +166,8 @@ def report(res: Result, seconds: int, args: argparse.Namespace) -> str:
     lines = [
         f"members {args.members}, customers {args.customers} (Zipf s={args.zipf}), "
         f"{args.rps} requests/s for {seconds} s, cost 1 credit, lease ttl {args.ttl} s, "
-        f"cover {args.cover} s, floor {args.floor} credits, k {args.k}, seed {args.seed}",
+        f"cover {args.cover} s, floor {args.floor} credits, k {args.k}, "
+        f"402 backoff {args.backoff} s, seed {args.seed}",
         f"requests            {res.requests}",
         f"admitted            {res.admitted}",
         f"refused (402)       {res.refused}",
@@ -197,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cover", type=float, default=20.0)
     ap.add_argument("--floor", type=int, default=1)
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--backoff", type=float, default=1.0,
+                    help="seconds a member answers 402 locally after an empty grant")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     policy = LeasePolicy(cover_ms=int(args.cover * 1000), floor=args.floor * C, k=args.k,
-                         ttl_ms=int(args.ttl * 1000))
+                         ttl_ms=int(args.ttl * 1000), empty_backoff_ms=int(args.backoff * 1000))
     res = simulate(args.members, args.customers, args.rps, args.seconds, args.zipf, args.seed,
                    policy)
     print(report(res, args.seconds, args))
