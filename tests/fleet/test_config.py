@@ -61,3 +61,9 @@ def test_settings_in_integer_units(tmp_path: Path) -> None:
     assert p.empty_backoff_ms == 2000
     assert settings.pool_settings(cfg.storage).dsn == "postgresql://db/mp"
     assert settings.member_id(cfg).endswith(":8181")
+
+
+def test_the_dsn_never_appears_in_a_repr() -> None:
+    from proxy.store.postgres.pool import PoolSettings
+
+    assert "secret" not in repr(PoolSettings(dsn="postgresql://u:secret@db/mp"))
