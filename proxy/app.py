@@ -52,9 +52,10 @@ from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
 from proxy.sinks.factory import build_sink
 from proxy.sinks.factory import connect as stripe_connect
-from proxy.store import outbox
 from proxy.store.db import Store
-from proxy.store.keys import KeyCache
+from proxy.store.keys import Customer, KeyCache, KeyEntry
+from proxy.store.protocols import KeySnapshot
+from proxy.store.sqlite import SqliteStorage, as_storage
 from proxy.tasks import cancel_and_wait, spawn
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver
@@ -108,14 +109,12 @@ def load_ruleset(cfg: Config) -> RuleSet:
     return load_rules(cfg.rule_paths())
 
 
-def remember_rules(store: Store, rules: RuleSet) -> None:
+async def remember_rules(rt: Runtime, rules: RuleSet) -> None:
     """Keep the text of every rules version that ever priced a request (for explain)."""
     import orjson
 
     files = orjson.dumps([{"file": f, "text": t} for f, t in rules.sources]).decode()
-    store.execute_write(lambda c: c.execute(
-        "INSERT OR IGNORE INTO rules_versions(version, first_loaded_at, files) VALUES (?,?,?)",
-        (rules.version, int(time.time()), files)))
+    await rt.owners().rules.remember(rules.version, files, int(time.time()))
 
 
 async def start(cfg: Config) -> Server:
@@ -143,13 +142,15 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
-    remember_rules(store, rules)
     keys = KeyCache()
-    keys.reload(store.conn)
     reader = await aiosqlite.connect(str(db_path))
     undo.push_async_callback(reader.close)
     await reader.execute("PRAGMA query_only=1")
-    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
+    storage = as_storage(SqliteStorage.on(store, reader))
+    keys.replace(*_snapshot(await storage.customers.snapshot()))
+    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream),
+                 storage=storage)
+    await remember_rules(rt, rules)
     undo.push_async_callback(rt.upstream.close)
     pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(store.conn))
@@ -259,7 +260,7 @@ def build_reconciler(rt: Runtime) -> Reconciler | None:
     scfg = rt.cfg.stripe
     if not scfg.api_key or scfg.sink not in ("meter_events", "meter_event_stream"):
         return None
-    return Reconciler(rt.store.conn, rt.store.execute_write, stripe_connect(scfg),
+    return Reconciler(rt.owners().outbox, rt.owners().customers, stripe_connect(scfg),
                       lambda: event_names(rt), threshold=scfg.reconcile_alert_threshold,
                       metrics=ReconcileMetrics(metrics.reconcile_discrepancies,
                                                metrics.reconcile_discrepancy_rate,
@@ -289,17 +290,17 @@ def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> No
     async def customer_detail(cid: str) -> dict[str, Any]:
         from proxy.units import fmt_micro
 
-        rem = outbox.remainders(rt.store.conn, cid)
+        rem = await rt.owners().outbox.remainders(cid)
         return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
                 "credits": credits.summary(cid),
                 "credit_ledger": credits.entries(cid, limit=50)}
 
-    def ready_checks() -> list[str]:
+    async def ready_checks() -> list[str]:
         out = []
         check = rt.extras.get("meter_check")
         if check is not None:
             out.extend(check.ready_problems())
-        lag = flusher.lag()
+        lag = await flusher.lag()
         if lag > rt.cfg.stripe.flush_lag_ready_threshold:
             out.append(f"flush lag {lag:.0f}s exceeds "
                        f"{rt.cfg.stripe.flush_lag_ready_threshold:.0f}s")
@@ -342,7 +343,7 @@ async def reload_rules_checked(rt: Runtime) -> bool:
     meter check is on: a wrong meter refuses the reload (the old rules stay)."""
     check: MeterCheck | None = rt.extras.get("meter_check")
     if check is None:
-        return reload_rules(rt)
+        return await reload_rules(rt)
     try:
         new = load_ruleset(rt.cfg)
     except RulesError as exc:
@@ -351,13 +352,13 @@ async def reload_rules_checked(rt: Runtime) -> bool:
     problems = await check.check(names)
     if problems:
         return _refuse_reload(rt, [f"stripe: {p}" for p in problems])
-    ok = reload_rules(rt, new)
+    ok = await reload_rules(rt, new)
     if ok:
         check.record(problems)
     return ok
 
 
-def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
+async def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
     """Swap in the rule files' current content (or ``new``, already loaded); a broken file
     keeps the old rules."""
     if new is None:
@@ -369,7 +370,7 @@ def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)
         log.info("rules reloaded: %s -> %s", rt.rules.version, new.version)
-        remember_rules(rt.store, new)
+        await remember_rules(rt, new)
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
@@ -431,15 +432,7 @@ async def _refresh_keys(rt: Runtime) -> None:
         v = rt.store.data_version()
         if v != version:
             version = v
-            rt.keys.reload(rt.store.conn)
-
-
-def prune_audit(conn: sqlite3.Connection, cutoff_ms: int, batch: int = 5000) -> int:
-    """Delete the oldest audit rows (by seq, which grows with time: no index on at_ms is
-    needed, keeping every commit one index lighter)."""
-    cur = conn.execute("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit ORDER BY seq"
-                       " LIMIT ?) AND at_ms < ?", (batch, cutoff_ms))
-    return int(cur.rowcount)
+            rt.keys.replace(*_snapshot(await rt.owners().customers.snapshot()))
 
 
 async def _prune_audit(rt: Runtime) -> None:
@@ -447,10 +440,7 @@ async def _prune_audit(rt: Runtime) -> None:
     the loop for long. Minute aggregates (what billing uses) are kept."""
     while True:
         cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
-        def tx(c: sqlite3.Connection, cut: int = cutoff) -> int:
-            return prune_audit(c, cut)
-
-        while rt.store.execute_write(tx) == 5000:  # noqa: ASYNC110 - yield between batches
+        while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
             await asyncio.sleep(0.05)
         await asyncio.sleep(3600)
 
@@ -478,3 +468,7 @@ def serve(cfg: Config) -> None:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(run_until_signalled(cfg))
+
+
+def _snapshot(snap: KeySnapshot) -> tuple[dict[str, KeyEntry], dict[str, Customer]]:
+    return snap.keys, snap.customers

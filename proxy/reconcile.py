@@ -20,8 +20,8 @@ Rules (docs/stripe-notes.md, "Meters and summaries"; README "Reconciliation")
     (Stripe dedupes). ``dead`` rows are reported as dead letters (replay is the operator's
     call); a shortfall not explained by undelivered rows (rows marked sent yet missing) and
     every excess are reported for the operator. No event is ever minted here.
-  * The one write goes through ``execute_write`` (the Store's single writer); reads use the
-    given sqlite3 connection. Stripe failures are translated by
+  * The ledger is read, and the one write made, through the ``Outbox`` and ``Customers``
+    owners (``proxy.store.protocols``). Stripe failures are translated by
     :func:`proxy.sinks.stripe_client.attempt`; no stripe exception is caught here.
 """
 
@@ -40,6 +40,7 @@ from typing import Any, Literal, cast
 from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, StripeMeterInfo, from_sdk, unusable
 from proxy.sinks.base import Kind
 from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.store.protocols import Customers, Outbox
 from proxy.timeutil import rfc3339
 
 log = logging.getLogger("meterproxy.reconcile")
@@ -50,7 +51,6 @@ DEFAULT_WINDOW = 48 * HOUR
 DEFAULT_THRESHOLD = 0.01
 
 Status = Literal["match", "shortfall", "excess", "pending"]
-WriteFn = Callable[[Callable[[sqlite3.Connection], Any]], Any]
 EventNames = Callable[[], Mapping[str, tuple[str, str | None]]]
 
 
@@ -282,13 +282,13 @@ def _fmt(v: float) -> str:
 # ---- the run ----------------------------------------------------------------------------
 
 class Reconciler:
-    def __init__(self, read_conn: sqlite3.Connection, execute_write: WriteFn,
+    def __init__(self, outbox: Outbox, customers: Customers,
                  stripe: StripeConnection, event_names: EventNames, *,
                  threshold: float = DEFAULT_THRESHOLD, concurrency: int = 4,
                  call_attempts: int = 3,
                  metrics: ReconcileMetrics | None = None) -> None:
-        self.read = read_conn
-        self.execute_write = execute_write
+        self.outbox = outbox
+        self.customers = customers
         self.stripe = stripe
         self.event_names = event_names
         self.threshold = threshold
@@ -348,8 +348,8 @@ class Reconciler:
             raise ReconcileRefused("reconcile refused, rules event names without a usable Stripe"
                                    " meter: " + "; ".join(problems), missing)
 
-        ledger = self._ledger(start, end)
-        cust = self._customers(only)
+        ledger = await self._ledger(start, end)
+        cust = await self._customers(only)
         want = None if only is None else set(only)
         for (cid, name), hours in ledger.items():
             if want is not None and cid not in want:
@@ -385,7 +385,7 @@ class Reconciler:
 
         await asyncio.gather(*(one(p) for p in pairs))
         report.pairs = pairs
-        self._decide(report, dry_run)
+        await self._decide(report, dry_run)
         report.duration_s = time.monotonic() - t0
         return report
 
@@ -449,49 +449,39 @@ class Reconciler:
 
     # ---- the ledger -----------------------------------------------------------------------
 
-    def _ledger(self, start: int, end: int) -> dict[tuple[str, str], dict[int, LedgerHour]]:
+    async def _ledger(self, start: int,
+                      end: int) -> dict[tuple[str, str], dict[int, LedgerHour]]:
         out: dict[tuple[str, str], dict[int, LedgerHour]] = {}
-        for cid, name, hour, total, sent, pend, dead, last, n in self.read.execute(
-                "SELECT customer_id, event_name, timestamp / ? * ? AS h, SUM(value),"
-                " SUM(CASE WHEN status='sent' THEN value ELSE 0 END),"
-                " SUM(CASE WHEN status='pending' THEN value ELSE 0 END),"
-                " SUM(CASE WHEN status='dead' THEN value ELSE 0 END),"
-                " COALESCE(MAX(CASE WHEN status='sent' THEN sent_at END), 0), COUNT(*)"
-                " FROM outbox WHERE timestamp >= ? AND timestamp < ?"
-                " GROUP BY customer_id, event_name, h", (HOUR, HOUR, start, end)):
-            out.setdefault((cid, name), {})[int(hour)] = LedgerHour(
-                int(total), int(sent), int(pend), int(dead), int(last), int(n))
+        for h in await self.outbox.hour_totals(start, end):
+            out.setdefault((h.customer_id, h.event_name), {})[h.hour] = LedgerHour(
+                h.total, h.sent, h.pending, h.dead, h.last_sent_at, h.rows)
         return out
 
-    def _customers(self, only: Iterable[str] | None) -> dict[str, str]:
-        rows = self.read.execute(
-            "SELECT id, stripe_customer_id FROM customers WHERE stripe_customer_id IS NOT NULL"
-            " AND stripe_customer_id != ''").fetchall()
+    async def _customers(self, only: Iterable[str] | None) -> dict[str, str]:
+        rows = await self.customers.stripe_ids()
         want = None if only is None else set(only)
-        return {cid: scid for cid, scid in rows if want is None or cid in want}
+        return {cid: scid for cid, scid in rows.items() if want is None or cid in want}
 
-    def _rows(self, cid: str, name: str, hour: int) -> list[tuple[int, str, str]]:
-        return [(int(i), str(ident), str(st)) for i, ident, st in self.read.execute(
-            "SELECT id, identifier, status FROM outbox WHERE customer_id=? AND event_name=?"
-            " AND timestamp >= ? AND timestamp < ? ORDER BY id", (cid, name, hour, hour + HOUR))]
+    async def _rows(self, cid: str, name: str, hour: int) -> list[tuple[int, str, str]]:
+        return await self.outbox.rows_in_hour(cid, name, hour)
 
     # ---- decisions ------------------------------------------------------------------------
 
-    def _decide(self, report: Report, dry_run: bool) -> None:
+    async def _decide(self, report: Report, dry_run: bool) -> None:
         due: list[int] = []
         for p in report.pairs:
             for ln in p.lines:
                 r, lh = ln.result, ln.ledger
                 if r.status == "excess":
                     ln.action = "operator"
-                    ln.identifiers = [i for _, i, _ in self._rows(p.customer_id, p.event_name,
-                                                                  r.hour)]
+                    ln.identifiers = [i for _, i, _ in await self._rows(
+                        p.customer_id, p.event_name, r.hour)]
                     report.operator.append(_issue(p, ln, "excess: Stripe has more than the"
                                                   " ledger (events not sent by this install?)"))
                     continue
                 if r.status != "shortfall":
                     continue
-                rows = self._rows(p.customer_id, p.event_name, r.hour)
+                rows = await self._rows(p.customer_id, p.event_name, r.hour)
                 pending = [(i, ident) for i, ident, st in rows if st == "pending"]
                 dead = [ident for _, ident, st in rows if st == "dead"]
                 actions: list[str] = []
@@ -513,12 +503,7 @@ class Reconciler:
                 ln.action = "+".join(actions)
                 ln.identifiers = [ident for _, ident, _ in rows]
         if due and not dry_run:
-            def tx(c: sqlite3.Connection) -> int:
-                cur = c.executemany("UPDATE outbox SET next_attempt_at=0 WHERE id=? AND"
-                                    " status='pending'", [(i,) for i in due])
-                return int(cur.rowcount)
-
-            n = self.execute_write(tx)
+            n = await self.outbox.make_due(due)
             log.warning("reconcile: %d undelivered event(s) made due for resend", n)
 
     # ---- schedule ------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from proxy.pricing import Price, PriceCache, meter_prices
 from proxy.rules import RuleSet
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
+from proxy.store.protocols import Storage
+from proxy.store.sqlite import SqliteStorage, as_storage
 
 if TYPE_CHECKING:
     from proxy.request.forward import Upstream
@@ -30,6 +32,12 @@ class Runtime:
     rules_error: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     price_cache: PriceCache | None = None
+    storage: Storage | None = None      # the table owners; the SQLite ones on ``store`` if unset
+
+    def owners(self) -> Storage:
+        if self.storage is None:
+            self.storage = as_storage(SqliteStorage.on(self.store))
+        return self.storage
 
     def prices(self) -> dict[str, Price]:
         """Each priced meter's Price: Stripe's (fetched for ``price_id``) when cached, else

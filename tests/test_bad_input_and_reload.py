@@ -119,7 +119,7 @@ async def test_broken_hot_reload_keeps_old_rules(proxy: Proxy, tmp_path: Path) -
         "      - {meter: api_calls, quantity: 3}"))
     os.kill(os.getpid(), 0)
     from proxy.app import reload_rules  # what SIGHUP calls
-    assert reload_rules(rt)
+    assert await reload_rules(rt)
     assert rt.rules.version != v1 and rt.rules_error is None
     async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
         assert r.status == 200

@@ -417,10 +417,10 @@ async def test_rules_reload_failing_gauge_follows_the_files(
     good = rules.read_text()
     assert await gauge() == 0.0
     rules.write_text(good + "\nbogus: 1\n")
-    assert app_mod.reload_rules(p.server.rt) is False
+    assert await app_mod.reload_rules(p.server.rt) is False
     assert await gauge() == 1.0
     rules.write_text(good)
-    assert app_mod.reload_rules(p.server.rt) is True
+    assert await app_mod.reload_rules(p.server.rt) is True
     assert await gauge() == 0.0
 
 

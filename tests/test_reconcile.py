@@ -31,6 +31,7 @@ from proxy.reconcile import (
 from proxy.sinks.meter_events import MeterEventsSink
 from proxy.sinks.stripe_client import StripeConnection
 from proxy.store.db import Store
+from proxy.store.sqlite import SqliteStorage
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 GRACE = 3600.0
@@ -106,7 +107,8 @@ async def make_env(tmp_path: Path, stripe_double_factory: Callable[..., Awaitabl
         rec_conn = StripeConnection(TEST_API_KEY, api_base=double.url,
                                     meter_events_base=double.url)
         flusher = Flusher(store, MeterEventsSink(sink_conn), lambda: names, rate=0, seed=1)
-        rec = Reconciler(store.conn, store.execute_write, rec_conn, lambda: names,
+        owners = SqliteStorage.on(store)
+        rec = Reconciler(owners.outbox, owners.customers, rec_conn, lambda: names,
                          threshold=threshold, metrics=metrics)
         env = Env(double, store, flusher, rec, names, [sink_conn, rec_conn])
         made.append(env)

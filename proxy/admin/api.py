@@ -24,7 +24,7 @@ from proxy import metrics
 from proxy.admin import input as ain
 from proxy.admin.input import FieldError
 from proxy.loglimit import LogLimiter
-from proxy.periods import period_bounds
+from proxy.periods import default_usage_range
 from proxy.reports.exports import stream_export
 from proxy.reports.usage_report import customer_report
 from proxy.runtime import Runtime
@@ -93,8 +93,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _refresh_cache(rt: Runtime) -> None:
-    rt.keys.reload(rt.store.conn)
+async def _refresh_cache(rt: Runtime) -> None:
+    snap = await rt.owners().customers.snapshot()
+    rt.keys.replace(snap.keys, snap.customers)
 
 
 # ---- customers and keys ----------------------------------------------------------------
@@ -115,29 +116,25 @@ async def post_customer(request: web.Request) -> web.Response:
         minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS,
                               strings=False)
 
-    def tx(c: Any) -> tuple[keystore.Customer, bool]:
-        cust, created = keystore.upsert_customer(c, body.get("id"), body.get("stripe_customer_id"),
-                                                 body.get("overage"), body.get("status"))
-        if "billing_anchor" in body or "minimum_commitment" in body:
-            keystore.set_billing(c, cust.id, anchor if "billing_anchor" in body
-                                 else cust.billing_anchor,
-                                 cust.minimum_commitment if minimum is None else minimum)
-            cust = keystore.get_customer(c, cust.id) or cust
-        return cust, created
+    def billing(cust: keystore.Customer) -> tuple[object, object]:
+        return (anchor if "billing_anchor" in body else cust.billing_anchor,
+                cust.minimum_commitment if minimum is None else minimum)
 
-    cust, created = rt.store.execute_write(tx)
-    _refresh_cache(rt)
+    cust, created = await rt.owners().customers.upsert(
+        body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
+        billing if "billing_anchor" in body or "minimum_commitment" in body else None)
+    await _refresh_cache(rt)
     return jok(cust.to_json(), 201 if created else 200)
 
 
 async def list_customers(request: web.Request) -> web.Response:
-    return jok([c.to_json() for c in keystore.list_customers(request.app[RT].store.conn)])
+    return jok([c.to_json() for c in await request.app[RT].owners().customers.all()])
 
 
 async def get_customer(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
-    cust = keystore.get_customer(rt.store.conn, cid)
+    cust = await rt.owners().customers.get(cid)
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
     report = await customer_report(request.app[READER], rt.rules, rt.prices(), cust,
@@ -147,7 +144,7 @@ async def get_customer(request: web.Request) -> web.Response:
     # documented shape: quantity this period per meter (only meters with usage)
     out["usage"] = {m: v["quantity"] for m, v in report["meters"].items() if v["requests"]}
     out["billing"] = {k: report[k] for k in ("currency", "meters", "total", "prices")}
-    out["keys"] = keystore.list_keys(rt.store.conn, cid)
+    out["keys"] = await rt.owners().customers.list_keys(cid)
     extra = rt.extras.get("customer_detail")
     if extra is not None:
         out.update(await extra(cid))
@@ -161,58 +158,44 @@ async def post_key(request: web.Request) -> web.Response:
     if set(body) - {"name"}:
         raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(set(body) - {'name'}))}")
     name = ain.text(body.get("name", ""), "name", 200)
-    created = rt.store.execute_write(lambda c: keystore.create_key(c, cid, name))
-    _refresh_cache(rt)
+    created = await rt.owners().customers.create_key(cid, name)
+    await _refresh_cache(rt)
     return jok(created, 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
-    if keystore.get_customer(rt.store.conn, cid) is None:
+    if await rt.owners().customers.get(cid) is None:
         raise LookupError(f"no customer {cid!r}")
-    return jok(keystore.list_keys(rt.store.conn, cid))
+    return jok(await rt.owners().customers.list_keys(cid))
 
 
 async def delete_key(request: web.Request) -> web.Response:
     rt = request.app[RT]
     kid = request.match_info["key_id"]
-    changed = rt.store.execute_write(lambda c: keystore.revoke_key(c, kid))
-    _refresh_cache(rt)
+    changed = await rt.owners().customers.revoke_key(kid)
+    await _refresh_cache(rt)
     return jok({"key_id": kid, "revoked": True, "changed": changed})
 
 
 # ---- usage ----------------------------------------------------------------------------
 
 def _range(request: web.Request) -> tuple[float, float]:
-    """``from``/``to`` of the query; by default the customer's current billing period."""
-    now = time.time()
+    """``from``/``to`` of the query; by default ``periods.default_usage_range`` (the
+    customer's current billing period)."""
     cust = request.app[RT].keys.customers.get(request.match_info.get("id", ""))
-    period_start = period_bounds(cust.billing_anchor if cust else None, now)[0]
-    return ain.time_range(request.query.get("from"), request.query.get("to"), period_start,
-                          now + 60)
-
-
-async def usage_totals(db: aiosqlite.Connection, cid: str, start: float,
-                       end: float) -> dict[str, dict[str, int]]:
-    """Per-meter totals from the minute aggregates, [start, end) at minute resolution."""
-    out: dict[str, dict[str, int]] = {}
-    async with db.execute(
-        "SELECT meter, SUM(quantity), SUM(requests), SUM(billable), SUM(covered) FROM usage_minute"
-        " WHERE customer_id=? AND minute>=? AND minute<? GROUP BY meter ORDER BY meter",
-        (cid, int(start // 60) * 60, int(end)),
-    ) as cur:
-        async for meter, q, n, b, c in cur:
-            out[meter] = {"quantity": q, "requests": n, "billable": b, "covered": c}
-    return out
+    return ain.time_range(request.query.get("from"), request.query.get("to"),
+                          *default_usage_range(cust.billing_anchor if cust else None,
+                                               time.time()))
 
 
 async def get_usage(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     start, end = _range(request)
-    totals = await usage_totals(request.app[READER], cid, start, end)
+    _, _, totals = await request.app[RT].owners().usage.usage(cid, start, end)
     return jok({"customer": cid, "from": rfc3339(start), "to": rfc3339(end),
-                "meters": {m: fmt_micro(v["quantity"]) for m, v in totals.items()}})
+                "meters": {m: fmt_micro(v.quantity) for m, v in totals.items()}})
 
 
 async def get_usage_csv(request: web.Request) -> web.StreamResponse:
@@ -242,7 +225,7 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"storage: {rt.store.last_error}")
     check = rt.extras.get("ready_checks")
     if check is not None:
-        problems.extend(check())
+        problems.extend(await check())
     body = {"status": "degraded" if problems else "ready", "problems": problems,
             "rules_version": rt.rules.version, "rules_error": rt.rules_error}
     return jok(body, 503 if problems else 200)
