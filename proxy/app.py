@@ -55,7 +55,7 @@ from proxy.sinks.factory import connect as stripe_connect
 from proxy.store.db import Store
 from proxy.store.keys import Customer, KeyCache, KeyEntry
 from proxy.store.protocols import KeySnapshot
-from proxy.store.sqlite import SqliteStorage, as_storage
+from proxy.store.sqlite import SqliteStorage, as_storage, open_reader
 from proxy.tasks import cancel_and_wait, spawn
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver
@@ -143,9 +143,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
     keys = KeyCache()
-    reader = await aiosqlite.connect(str(db_path))
+    reader = await open_reader(db_path)
     undo.push_async_callback(reader.close)
-    await reader.execute("PRAGMA query_only=1")
     storage = as_storage(SqliteStorage.on(store, reader))
     keys.replace(*_snapshot(await storage.customers.snapshot()))
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream),
@@ -153,19 +152,20 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     await remember_rules(rt, rules)
     undo.push_async_callback(rt.upstream.close)
     pipeline = Pipeline(rt)
-    credits = CreditService(store, load_book(store.conn))
+    credits = CreditService(store, load_book(await storage.ledger.load()), storage.ledger)
     pipeline.book = credits.book
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
-    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
-    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
-                                    on_new=alerts.wake)
+    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
+    pipeline.watch = await ThresholdWatch.open(storage.alerts, credits.book,
+                                               cfg.alerts.thresholds, on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
     _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0)
-    webhooks = WebhookReceiver(store, keys, credits, cfg)
+    webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
+                               customers=storage.customers)
     pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
@@ -276,7 +276,8 @@ def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
 
 def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
-    return Flusher(rt.store, sink, lambda: event_names(rt),
+    return Flusher(rt.store, sink, lambda: event_names(rt), outbox=rt.owners().outbox,
+                   usage=rt.owners().usage,
                    rate=scfg.max_rate or default_rate(scfg.api_key),
                    ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
 
@@ -293,7 +294,7 @@ def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> No
         rem = await rt.owners().outbox.remainders(cid)
         return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
                 "credits": credits.summary(cid),
-                "credit_ledger": credits.entries(cid, limit=50)}
+                "credit_ledger": await credits.entries(cid, limit=50)}
 
     async def ready_checks() -> list[str]:
         out = []

@@ -36,6 +36,7 @@ from proxy.alerts import (
     verify,
 )
 from proxy.metrics import REGISTRY
+from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store
 from proxy.tasks import cancel_and_wait, spawn
 from tests.servers import serve
@@ -253,17 +254,17 @@ async def test_always_failing_receiver_dead_letters_then_requeue(store: Store) -
         assert err is not None and "HTTP 500" in err and "receiver broke" in err
         assert rec.calls[alert_id] == 3 and not rec.delivered
         assert counter("dead") - dead0 == 1
-        assert [d["id"] for d in list_dead(store.conn)] == [alert_id]
+        assert [d["id"] for d in await list_dead(SqliteAlerts(store))] == [alert_id]
         # no further calls once dead, even when woken
         sender.wake()
         await sender.deliver_due()
         assert rec.calls[alert_id] == 3
         # the admin replays it after the receiver is fixed
         healthy = True
-        assert requeue(store, [alert_id]) == 1
+        assert await requeue(SqliteAlerts(store), [alert_id]) == 1
         sender.wake()
         await until(lambda: status_of(store)[alert_id] == "sent", what="replayed")
-    assert len(rec.delivered) == 1 and list_dead(store.conn) == []
+    assert len(rec.delivered) == 1 and await list_dead(SqliteAlerts(store)) == []
 
 
 async def test_connection_refused_and_timeout_are_retried(store: Store) -> None:

@@ -137,7 +137,7 @@ async def get_customer(request: web.Request) -> web.Response:
     cust = await rt.owners().customers.get(cid)
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
-    report = await customer_report(request.app[READER], rt.rules, rt.prices(), cust,
+    report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
                                    rt.extras.get("credits"))
     out = cust.to_json()
     out["period"] = report["period"]
@@ -200,7 +200,7 @@ async def get_usage(request: web.Request) -> web.Response:
 
 async def get_usage_csv(request: web.Request) -> web.StreamResponse:
     start, end = _range(request)
-    return await stream_export(request, request.app[READER], request.match_info["id"], start,
+    return await stream_export(request, request.app[RT].owners().usage, request.match_info["id"], start,
                                end, "csv")
 
 
@@ -208,7 +208,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     """Individual metered requests for disputes: ``?format=csv|json&from=&to=``."""
     fmt = ain.choice(request.query.get("format", "json"), "format", ("csv", "json"))
     start, end = _range(request)
-    return await stream_export(request, request.app[READER], request.match_info["id"], start,
+    return await stream_export(request, request.app[RT].owners().usage, request.match_info["id"], start,
                                end, fmt)
 
 

@@ -4,7 +4,10 @@ Admission is local and synchronous (``try_admit``: no I/O, atomic on the event l
 request of fixed cost c is admitted only if the held lease has ``c`` left and the holder's
 own deadline has not passed. When it has not, ``admit`` makes one synchronous refill (one
 in flight per customer; concurrent requests wait for the same one) and tries again, and
-answers ``INSUFFICIENT`` (402) only when a refill granted nothing. So, fleet-wide:
+answers ``INSUFFICIENT`` (402) only when a refill granted nothing. After such an empty
+grant, requests for that customer are answered 402 locally for ``empty_backoff_ms`` (a
+customer out of credit does not cost a database statement per request; a top-up is seen
+within that time). So, fleet-wide:
 
 - fixed-cost admissions never exceed the balance (each admitted cost sits inside a lease the
   database escrowed; a lease is never spent past the holder's deadline, which precedes the
@@ -73,6 +76,7 @@ class LeaseBook:
         self._rate: dict[str, int] = {}           # micro-credits / s, smoothed
         self._rate_at: dict[str, tuple[int, int]] = {}  # customer -> (since ms, spent since)
         self._refills: dict[str, asyncio.Future[Grant]] = {}
+        self._empty_until: dict[str, int] = {}     # customer -> no refill before (ms)
         self.rtt_ms = 50
         self.refills = 0                           # grant statements issued
 
@@ -92,11 +96,14 @@ class LeaseBook:
             if self.try_admit(customer_id, cost):
                 self._refill_ahead(customer_id, cost)
                 return Decision.ADMIT
+            if self.clock() < self._empty_until.get(customer_id, 0):
+                return Decision.INSUFFICIENT
             try:
                 got = await self._refill(customer_id, cost)
             except PgUnavailable:
                 return self._unreachable(customer_id, cost)
             if got.amount == 0 and not self.try_admit(customer_id, cost):
+                self._empty_until[customer_id] = self.clock() + self.policy.empty_backoff_ms
                 return Decision.INSUFFICIENT
             if got.amount == 0:
                 return Decision.ADMIT
@@ -136,6 +143,8 @@ class LeaseBook:
         self.refills += 1
         self.rtt_ms = max(1, self.clock() - sent)
         self.owed.pop(customer_id, None)   # the database is back: a new allowance next outage
+        if got.amount > 0:
+            self._empty_until.pop(customer_id, None)
         if got.lease_id is None or got.granted_total is None:
             self.held.pop(customer_id, None)
             return got

@@ -116,12 +116,13 @@ class Leadership:
 
 async def claim_outbox(lead: Leadership, limit: int, now: float) -> list[int]:
     """Claim up to ``limit`` due pending outbox rows for this leader's fence (in a fenced
-    transaction; rows another transaction holds are skipped). Returns their ids."""
+    transaction; rows another transaction holds are skipped, rows this fence already claimed
+    are not claimed twice, rows an earlier leader claimed are taken over). Returns their ids."""
     async with lead.fenced() as conn:
         rows = await conn.fetch(
             "UPDATE outbox SET claim_fence = $1 WHERE id IN (SELECT id FROM outbox WHERE "
-            "status = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3 "
-            "FOR UPDATE SKIP LOCKED) RETURNING id", lead.fence, now, limit)
+            "status = 'pending' AND next_attempt_at <= $2 AND claim_fence IS DISTINCT FROM $1 "
+            "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id", lead.fence, now, limit)
     return sorted(r["id"] for r in rows)
 
 

@@ -85,7 +85,7 @@ class ConsumerApi:
         rt = self.p.rt
         cust = rt.keys.customers[cid]
         rt.store.try_materialize()
-        report = await customer_report(self.reader, rt.rules, rt.prices(), cust,
+        report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
                                        rt.extras.get("credits"))
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
@@ -101,7 +101,7 @@ class ConsumerApi:
         except FieldError as exc:
             return error_response(400, "invalid_request", str(exc), extra={"param": exc.field})
         self.p.rt.store.try_materialize()
-        return await stream_export(request, self.reader, cid, s, e, fmt)
+        return await stream_export(request, self.p.rt.owners().usage, cid, s, e, fmt)
 
     async def events_csv(self, request: web.Request) -> web.StreamResponse:
         return await self._events(request, "csv")

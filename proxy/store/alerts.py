@@ -18,7 +18,7 @@ class SqliteAlerts:
         return {(str(c), str(p), str(t)) for c, p, t in self.db.conn.execute(
             "SELECT customer_id, period_key, threshold FROM alerts")}
 
-    async def fire(self, alerts: Sequence[NewAlert]) -> int:
+    def fire(self, alerts: Sequence[NewAlert]) -> None:
         def tx(c: sqlite3.Connection) -> int:
             n = 0
             for a in alerts:
@@ -29,8 +29,7 @@ class SqliteAlerts:
                 ).rowcount
             return n
 
-        n: int = self.db.execute_write(tx)
-        return n
+        self.db.execute_write(tx)
 
     async def due(self, now: float, limit: int = 100) -> list[AlertRecord]:
         return [AlertRecord(*r) for r in self.db.conn.execute(

@@ -577,9 +577,13 @@ class AlertsFired(Protocol):
         """(customer, period key, threshold) of every alert ever fired."""
         ...
 
-    async def fire(self, alerts: Sequence[NewAlert]) -> int:
-        """Insert the alerts not fired yet; returns how many were new. Idempotent per
-        (customer, period, threshold): an alert fires once, across restarts and members."""
+    def fire(self, alerts: Sequence[NewAlert]) -> None:
+        """Insert the alerts not fired yet. Idempotent per (customer, period, threshold): an
+        alert fires once, across restarts and members. Called on the request path (the
+        threshold detector), so it is synchronous and never waits for a network round trip:
+        SQLite commits it inline (one small transaction, durable on return); a networked
+        backend may queue it and commit it in the background (durable shortly after; the
+        sender delivers only committed alerts)."""
         ...
 
     async def due(self, now: float, limit: int = 100) -> list[AlertRecord]:

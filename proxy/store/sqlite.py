@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiosqlite
 
@@ -54,6 +55,17 @@ class SqliteStorage:
                    SqliteCustomers(db), SqliteWebhookEvents(db), SqliteAlerts(db),
                    SqliteRulesHistory(db),
                    db if isinstance(db, Store) else _NoMaintenance())
+
+
+async def open_reader(path: Path) -> aiosqlite.Connection:
+    """The read-only connection for large reads off the event-loop thread."""
+    reader = await aiosqlite.connect(str(path))
+    try:
+        await reader.execute("PRAGMA query_only=1")
+    except BaseException:
+        await reader.close()
+        raise
+    return reader
 
 
 def offline(conn: sqlite3.Connection) -> SqliteStorage:

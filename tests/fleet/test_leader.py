@@ -80,3 +80,13 @@ async def test_duties_are_independent(pool: PgPool) -> None:
     b = Leadership(pool, "reaper", "b")
     assert await a.try_lead() and await b.try_lead()
     assert (a.fence, b.fence) == (1, 1)
+
+
+async def test_a_leader_never_claims_a_row_twice(pool: PgPool) -> None:
+    await _outbox(pool, 3)
+    a = Leadership(pool, "flusher", "a")
+    assert await a.try_lead()
+    first = await claim_outbox(a, 2, now=0.0)
+    second = await claim_outbox(a, 2, now=0.0)
+    assert len(first) == 2 and len(second) == 1 and not set(first) & set(second)
+    assert await claim_outbox(a, 2, now=0.0) == []

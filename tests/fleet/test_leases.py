@@ -143,3 +143,20 @@ async def test_holder_stops_spending_at_its_own_deadline(pool: PgPool) -> None:
     assert m.book.try_admit("acme", C)
     now[0] = 9_000                        # sent at 0 + 10 s * (1 - 10%)
     assert not m.book.try_admit("acme", C)
+
+
+async def test_an_empty_grant_answers_402_locally_for_the_backoff(pool: PgPool) -> None:
+    await add_customer(pool, "acme", 0)
+    now = [0]
+    m = Member(pool, "m1", LeasePolicy(floor=C, empty_backoff_ms=1000))
+    m.book.clock = lambda: now[0]
+    assert await m.request("acme", C) is Decision.INSUFFICIENT
+    assert await m.request("acme", C) is Decision.INSUFFICIENT
+    assert m.book.refills == 1                      # the second 402 asked nobody
+    async with pool.acquire() as conn:
+        await leases.deposit(conn, "acme", 5 * C)   # a top-up
+    now[0] = 999
+    assert await m.request("acme", C) is Decision.INSUFFICIENT
+    now[0] = 1000                                   # seen within the backoff
+    assert await m.request("acme", C) is Decision.ADMIT
+    assert m.book.refills == 2

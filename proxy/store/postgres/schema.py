@@ -122,6 +122,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_status ON outbox(status, next_attempt_at);
     CREATE INDEX outbox_customer ON outbox(customer_id, meter, timestamp);
     CREATE INDEX outbox_timestamp ON outbox(timestamp);
+    -- the flusher claims pending rows in id order
+    CREATE INDEX outbox_pending ON outbox(id) WHERE status = 'pending';
     CREATE TABLE carry (
         customer_id TEXT NOT NULL,
         meter TEXT NOT NULL,
