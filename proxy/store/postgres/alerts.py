@@ -1,7 +1,16 @@
 """The ``AlertsFired`` owner on PostgreSQL: ``alerts``.
 
 UNIQUE (customer, period, threshold) with ``ON CONFLICT DO NOTHING`` makes ``fire`` fire
-each alert once fleet-wide, whichever members cross the threshold together. ``claim`` is one
+each alert once fleet-wide, whichever members cross the threshold together.
+
+``fire`` is called on the request path and must not wait for the network: it queues the
+alerts in memory and one background task per member inserts them (durable shortly after;
+the sender only sees committed alerts). While PostgreSQL is unreachable the queue is kept
+and retried every ``retry_seconds``; it holds at most ``max_queued`` alerts (default
+10,000; the oldest beyond that are dropped and logged: at most one alert per customer,
+period and threshold is ever queued, so only a fleet with more than that many distinct
+crossings during one outage loses any). ``flush`` waits until the queue is committed;
+``fired`` and ``close`` flush first. ``claim`` is one
 conditional ``UPDATE``: a second concurrent claim waits for the first's row lock, then
 re-checks ``next_attempt_at <= now`` on the new row version and finds it hidden, so two
 claims (on any members) never both succeed.
@@ -9,10 +18,16 @@ claims (on any members) never both succeed.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
+from proxy import tasks
+from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import AlertRecord, NewAlert
+
+log = logging.getLogger("meterproxy.store.postgres.alerts")
 
 
 def _count(status: str) -> int:
@@ -20,15 +35,63 @@ def _count(status: str) -> int:
 
 
 class PostgresAlerts:
-    def __init__(self, pool: PgPool) -> None:
+    def __init__(self, pool: PgPool, max_queued: int = 10_000,
+                 retry_seconds: float = 1.0) -> None:
         self.pool = pool
+        self.max_queued = max_queued
+        self.retry_seconds = retry_seconds
+        self.dropped = 0
+        self._queue: dict[tuple[str, str, str], NewAlert] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def fire(self, alerts: Sequence[NewAlert]) -> None:
+        for a in alerts:
+            self._queue.setdefault((a.customer_id, a.period_key, a.threshold), a)
+        over = len(self._queue) - self.max_queued
+        if over > 0:
+            for k in list(self._queue)[:over]:
+                del self._queue[k]
+            self.dropped += over
+            log.error("dropped %d queued alerts: PostgreSQL unreachable and %d are queued",
+                      over, self.max_queued)
+        if self._queue and (self._task is None or self._task.done()):
+            self._task = tasks.spawn("pg-alerts-fire", self._drain())
+
+    async def _drain(self) -> None:
+        while self._queue:
+            try:
+                await self._commit_queue()
+            except PgUnavailable as exc:
+                log.warning("alerts not committed yet (will retry): %s", exc)
+                await asyncio.sleep(self.retry_seconds)
+
+    async def _commit_queue(self) -> int:
+        batch = list(self._queue.values())
+        n = await self._insert(batch)
+        for a in batch:      # a re-fire queued meanwhile is the same alert: done too
+            self._queue.pop((a.customer_id, a.period_key, a.threshold), None)
+        return n
+
+    async def flush(self) -> int:
+        """Commit every queued alert now; returns how many were new. Raises
+        PgUnavailable (the alerts stay queued)."""
+        return await self._commit_queue() if self._queue else 0
+
+    async def close(self) -> None:
+        await tasks.cancel_and_wait(self._task)
+        self._task = None
+        try:
+            await self.flush()
+        except PgUnavailable as exc:
+            log.error("%d alerts not committed at shutdown: %s", len(self._queue), exc)
 
     async def fired(self) -> set[tuple[str, str, str]]:
+        await self.flush()
         async with self.pool.acquire() as c:
             rows = await c.fetch("SELECT customer_id, period_key, threshold FROM alerts")
         return {(str(r[0]), str(r[1]), str(r[2])) for r in rows}
 
-    async def fire(self, alerts: Sequence[NewAlert]) -> int:
+    async def _insert(self, alerts: Sequence[NewAlert]) -> int:
         if not alerts:
             return 0
         async with self.pool.acquire() as c:

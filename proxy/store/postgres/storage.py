@@ -98,6 +98,7 @@ class PostgresStorage:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=1)
+        await self.alerts.close()
         if self.owns_pool:
             await self.pool.close()
 
