@@ -4,10 +4,14 @@ The same floor-and-carry (or transform) staging as SQLite (``proxy.store.outbox`
 the minutes the shipped usage ledger maintains. Each verb is one transaction.
 
 Staging across the fleet: a transaction-scoped advisory lock serializes stagers (two
-members staging at once: the second waits, then finds the first's work done), and the
-minutes to stage are read ``FOR UPDATE`` in primary-key order, so a shipping batch adding
-to a minute waits for the staging (or the staging reads the batch's committed total) and
-``reported`` moves by exactly what was read: no unit is staged twice or lost. Identifiers
+members staging at once: the second waits, then finds the first's work done), so only one
+transaction at a time changes ``reported``/``reported_covered`` and ``carry``; shipping
+only ever adds to ``billable``/``covered`` (the trigger on ``usage_ledger``). The minutes to
+stage are read ``FOR UPDATE`` in primary-key order, the order the trigger's upsert locks
+them in (an ``UPDATE .. FROM unnest`` alone locks in join order and deadlocks with a
+shipping batch), and ``reported`` moves by exactly the deltas read: a batch that commits
+after the read waits for the staging and stays unstaged for the next one. No unit is staged
+twice or lost. Identifiers
 are ``mp_<install id>_<outbox id>`` with the id from the table's sequence.
 
 ``dead_letters`` mirrors the outbox's ``dead`` rows (reason, time, replayed when).
