@@ -32,7 +32,7 @@ async def test_staging_races_shipping_and_another_stager(member: MemberFactory) 
         nonlocal shipped
         shipper = Shipper(m.pool, member_id)
         seq = 0
-        for batch in range(40):
+        for _batch in range(40):
             rows = []
             for _ in range(5):
                 seq += 1
