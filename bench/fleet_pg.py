@@ -41,7 +41,8 @@ async def _for(seconds: float, workers: int, op: Callable[[int], Awaitable[int]]
     async def loop(w: int) -> None:
         nonlocal calls, units
         while time.monotonic() < end:
-            units += await op(w)
+            done = await op(w)   # not `units += await ...`: that reads units before the await
+            units += done
             calls += 1
 
     await asyncio.gather(*(loop(w) for w in range(workers)))

@@ -427,10 +427,10 @@ async def _keep_prices(rt: Runtime) -> None:
 
 async def _refresh_keys(rt: Runtime) -> None:
     """Pick up key/customer changes made by another process (the CLI) on the same file."""
-    version = rt.store.data_version()
+    version = rt.owners().customers.data_version()
     while True:
         await asyncio.sleep(rt.cfg.keys.cache_refresh)
-        v = rt.store.data_version()
+        v = rt.owners().customers.data_version()
         if v != version:
             version = v
             rt.keys.replace(*_snapshot(await rt.owners().customers.snapshot()))

@@ -235,8 +235,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Which rule and rules version priced a request, and why (exit 1: unknown id)."""
     from proxy.tools import explain
 
-    conn = _db(args)
-    found = explain.explain(conn, args.request_id)
+    found = _run(explain.explain(_owners(args), args.request_id))
     if args.format == "json":
         _print(found if len(found) > 1 else found[0])
     else:
@@ -264,7 +263,7 @@ def _configured_rules(args: argparse.Namespace,
     if newest is None:
         raise LookupError("no --config to read the current rules from, and the database has "
                           "no recorded rules version")
-    sv = stored_version(conn, newest)
+    sv = _run(stored_version(offline(conn).rules, newest))
     if sv.rules is None:
         raise LookupError(f"rules version {newest}: {sv.problem}")
     return sv.rules, f"newest version recorded in {paths.absolute(args.db)} (no readable --config)"
@@ -285,7 +284,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except RulesError as exc:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
-    sim = simulate.run(conn, old, new, start, end, args.customer)
+    sim = _run(simulate.run(offline(conn), old, new, start, end, args.customer))
     report = simulate.to_json(sim, start, end, old_label, ", ".join(args.rules))
     if args.format == "json":
         _print(report)
@@ -496,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = cmd(sub, "usage", "a customer's usage per meter (on the database)", cmd_usage, db=True)
     u.add_argument("customer", metavar="CUSTOMER", help="customer id")
-    time_opts(u, "start of this month, UTC", "now")
+    time_opts(u, "start of the customer's current billing period (this month, UTC, without a"
+              " billing anchor), as in the admin API", "now + 60s")
 
     cr = group("credits", "grant, list, void prepaid credits (via the admin API)")
     g = cmd(cr, "grant", "grant credits to a customer", cmd_credits)

@@ -150,7 +150,11 @@ class LeaseBook:
             return got
         h = self.held.get(customer_id)
         if h is None or h.lease_id != got.lease_id:
-            h = Held(got.lease_id, got.granted_total, 0, 0)
+            # a lease this book has not seen may be one an earlier process of this member
+            # held (same member id after a restart): what it had not reported may already be
+            # spent, in a journal not yet shipped. Only the part granted now is trusted; the
+            # rest returns through release and the reaper.
+            h = Held(got.lease_id, got.granted_total, got.granted_total - got.amount, 0)
             self.held[customer_id] = h
         h.granted = got.granted_total
         if got.amount > 0:

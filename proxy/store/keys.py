@@ -1,12 +1,15 @@
-"""Customers and API keys: SQL operations plus the in-memory lookup cache.
+"""Customers and API keys: the SQLite owner of both tables, plus the in-memory lookup cache.
 
 Invariants
 - A key's secret exists only in the response that created it; the database keeps the
   SHA-256 of it (keys are 32 random bytes, so a fast hash is the right hash) and a short
   display prefix.
 - The hot path never queries SQLite: ``KeyCache.lookup`` is a dict lookup. The cache is
-  replaced whole by ``reload()``, which runs after every admin write in this process and
-  whenever another process (the CLI) changes the database (``PRAGMA data_version``).
+  replaced whole (``replace()`` with ``Customers.snapshot()``) after every admin write in
+  this process and whenever another process (the CLI) changes the database
+  (``Customers.data_version``, SQLite's ``PRAGMA data_version``).
+- ``SqliteCustomers`` is the ``Customers`` owner (``proxy.store.protocols``): the only
+  writer of ``customers`` and ``api_keys``.
 """
 
 from __future__ import annotations
@@ -167,9 +170,6 @@ class KeyCache:
         self._keys: dict[str, KeyEntry] = {}
         self._memo: dict[str, KeyEntry | None] = {}   # raw key -> entry, skips the hash
         self.customers: dict[str, Customer] = {}
-
-    def reload(self, conn: sqlite3.Connection) -> None:
-        self.replace(*snapshot(conn))
 
     def replace(self, keys: dict[str, KeyEntry], customers: dict[str, Customer]) -> None:
         """Swap in a whole new snapshot (``Customers.snapshot``)."""

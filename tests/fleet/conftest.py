@@ -30,7 +30,8 @@ async def pg_dsn() -> AsyncIterator[str]:
         admin = await asyncpg.connect(f"{PG_BASE}/postgres", timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
         skip_or_fail(f"PostgreSQL is not reachable at {PG_BASE} ({exc}); start it "
-                     "(Debian: apt-get install postgresql; pg_ctlcluster 15 main start)")
+                     "(Debian: apt-get install postgresql, then "
+                     "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)")
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         yield f"{PG_BASE}/{name}"

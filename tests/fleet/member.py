@@ -27,12 +27,13 @@ class MemoryJournal:
 
 class Member:
     def __init__(self, pool: PgPool, member_id: str, policy: LeasePolicy,
-                 fail_mode: Literal["closed", "open"] = "closed", offline_allowance: int = 0) -> None:
+                 fail_mode: Literal["closed", "open"] = "closed", offline_allowance: int = 0,
+                 first_seq: int = 1) -> None:
         self.id = member_id
         self.book = LeaseBook(LeaseStore(pool, member_id, policy), fail_mode, offline_allowance)
         self.journal = MemoryJournal()
         self.shipper = Shipper(pool, member_id, batch_size=50)
-        self._seq = itertools.count(1)
+        self._seq = itertools.count(first_seq)
 
     async def request(self, customer_id: str, cost: int) -> Decision:
         d = await self.book.admit(customer_id, cost)

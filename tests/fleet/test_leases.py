@@ -160,3 +160,22 @@ async def test_an_empty_grant_answers_402_locally_for_the_backoff(pool: PgPool) 
     now[0] = 1000                                   # seen within the backoff
     assert await m.request("acme", C) is Decision.ADMIT
     assert m.book.refills == 2
+
+
+async def test_a_restarted_member_trusts_only_what_it_was_granted_now(pool: PgPool) -> None:
+    await add_customer(pool, "acme", 100 * C)
+    policy = LeasePolicy(floor=10 * C, k=1)
+    before = Member(pool, "m1", policy)
+    for _ in range(5):       # spent 5 of a 10-credit lease; the journal never shipped
+        assert await before.request("acme", C) is Decision.ADMIT
+    after = Member(pool, "m1", policy, first_seq=6)   # the same member id, a new process
+    assert await after.request("acme", C) is Decision.ADMIT
+    held = after.book.held["acme"]
+    assert (held.granted, held.spent) == (20 * C, 11 * C)   # the old 10 counted as spent
+    await before.shipper.ship_pending(before.journal)       # the old journal ships after all
+    await after.shipper.ship_pending(after.journal)
+    assert await after.book.release_all() == 9 * C
+    async with pool.acquire() as conn:
+        acct = await leases.account(conn, "acme")
+    # 6 spent and settled; the 5 the old process never spent stay escrowed until the reaper
+    assert (acct.settled, acct.escrowed) == (6 * C, 5 * C)
