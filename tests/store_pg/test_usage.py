@@ -72,11 +72,12 @@ async def test_audit_in_commit_order_per_customer_by_time_and_pruned(
     assert len(await pg.usage.audit_for_request("shared")) == 2
     assert sorted(await pg.usage.audit_versions(T0, T0 + 60)) == ["v1", "v2"]
     assert await pg.usage.audit_versions(T0 + 31, T0 + 60) == ["v1"]
-    assert await pg.usage.prune_audit((T0 + 30) * 1000, batch=1) == 1
-    assert await pg.usage.prune_audit((T0 + 30) * 1000) == 1
-    assert await pg.usage.prune_audit((T0 + 30) * 1000) == 0
+    assert await pg.usage.prune_audit((T0 + 30) * 1000, batch=1) == 0   # oldest is at 30
+    assert await pg.usage.prune_audit((T0 + 31) * 1000, batch=1) == 1
+    assert await pg.usage.prune_audit((T0 + 31) * 1000) == 3
+    assert await pg.usage.prune_audit((T0 + 31) * 1000) == 0
     left = [r async for b in pg.usage.audit_stream(None, T0, T0 + 60) for r in b]
-    assert sorted(r.at_ms // 1000 - T0 for r in left) == [30, 30, 40]
+    assert [r.at_ms // 1000 - T0 for r in left] == [40]
     # pruning the audit keeps the totals
     _s, _e, totals = await pg.usage.usage("a", T0, T0 + 60)
     assert totals["api_calls"].requests == 3

@@ -10,7 +10,7 @@ and retried every ``retry_seconds``; it holds at most ``max_queued`` alerts (def
 10,000; the oldest beyond that are dropped and logged: at most one alert per customer,
 period and threshold is ever queued, so only a fleet with more than that many distinct
 crossings during one outage loses any). ``flush`` waits until the queue is committed;
-``fired`` and ``close`` flush first. ``claim`` is one
+``fired``, ``due``, ``next_due`` and ``close`` flush first (a member reads its own fires). ``claim`` is one
 conditional ``UPDATE``: a second concurrent claim waits for the first's row lock, then
 re-checks ``next_attempt_at <= now`` on the new row version and finds it hidden, so two
 claims (on any members) never both succeed.
@@ -106,6 +106,7 @@ class PostgresAlerts:
         return len(rows)
 
     async def due(self, now: float, limit: int = 100) -> list[AlertRecord]:
+        await self.flush()
         async with self.pool.acquire() as c:
             rows = await c.fetch(
                 "SELECT id, customer_id, period_key, threshold, payload, attempts FROM alerts"
@@ -114,6 +115,7 @@ class PostgresAlerts:
         return [AlertRecord(*r) for r in rows]
 
     async def next_due(self) -> float | None:
+        await self.flush()
         async with self.pool.acquire() as c:
             nxt = await c.fetchval("SELECT MIN(next_attempt_at) FROM alerts"
                                    " WHERE status = 'pending'")

@@ -15,6 +15,9 @@ append-only scheme (``ALL_MIGRATIONS`` = the fleet's list + these):
   the same order the outbox's staging locks minutes in, so they never deadlock.
 - ``webhook_events.arrival``, ``api_keys.ord``, ``rules_versions.ord``: arrival order
   (SQLite's ``rowid``) for the webhook cursor, the key listing and "newest" ties.
+- ``credit_entries.member_id/member_seq/member_item``: a grant debit shipped from a
+  member's journal row is keyed by the row's ``(member_id, seq)`` and its index, so a
+  resend inserts nothing (``proxy.store.postgres.journal``).
 - ``customers`` changes notify ``meterproxy_customers`` (key changes already notify
   ``meterproxy_keys``): ``Customers.data_version`` listens to both.
 """
@@ -55,6 +58,11 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX webhook_events_status ON webhook_events(status, arrival);
     ALTER TABLE api_keys ADD COLUMN ord BIGINT GENERATED ALWAYS AS IDENTITY;
     ALTER TABLE rules_versions ADD COLUMN ord BIGINT GENERATED ALWAYS AS IDENTITY;
+
+    ALTER TABLE credit_entries ADD COLUMN member_id TEXT, ADD COLUMN member_seq BIGINT,
+        ADD COLUMN member_item SMALLINT;
+    CREATE UNIQUE INDEX credit_entries_shipped
+        ON credit_entries(member_id, member_seq, member_item) WHERE member_id IS NOT NULL;
 
     CREATE FUNCTION customers_notify() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN

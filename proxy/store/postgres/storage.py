@@ -33,7 +33,7 @@ from proxy.store.postgres.owners_schema import ALL_MIGRATIONS, CUSTOMERS_CHANNEL
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from proxy.store.postgres.rules_history import PostgresRulesHistory
 from proxy.store.postgres.schema import KEYS_CHANNEL
-from proxy.store.postgres.usage import LocalRecorder, PostgresUsage
+from proxy.store.postgres.usage import LocalRecorder, PostgresUsage, Shipping
 from proxy.store.postgres.webhooks import PostgresWebhookEvents
 from proxy.store.protocols import Storage
 
@@ -59,16 +59,19 @@ class PostgresStorage:
     listener: Any = field(default=None)     # asyncpg.Connection while ``watch`` runs
 
     @classmethod
-    def on(cls, pool: PgPool, local: LocalRecorder | None = None) -> PostgresStorage:
+    def on(cls, pool: PgPool, local: LocalRecorder | None = None,
+           shipping: Shipping | None = None) -> PostgresStorage:
         """The owners on an open pool whose schema is current (``ensure_schema``);
-        ``local``: the member's journal that ``usage.record`` delegates to."""
-        return cls(PostgresOutbox(pool), PostgresCreditLedger(pool), PostgresUsage(pool, local),
+        ``local``: the member's journal that ``usage.record`` delegates to; ``shipping``:
+        what ships that journal (``usage.materialize``)."""
+        return cls(PostgresOutbox(pool), PostgresCreditLedger(pool),
+                   PostgresUsage(pool, local, shipping),
                    PostgresCustomers(pool), PostgresWebhookEvents(pool), PostgresAlerts(pool),
                    PostgresRulesHistory(pool), PostgresMaintenance(pool), pool)
 
     @classmethod
-    async def open(cls, settings: PoolSettings,
-                   local: LocalRecorder | None = None) -> PostgresStorage:
+    async def open(cls, settings: PoolSettings, local: LocalRecorder | None = None,
+                   shipping: Shipping | None = None) -> PostgresStorage:
         """A pool of its own (closed by ``close``), schema brought up to date."""
         pool = PgPool(settings)
         await pool.open(run_migrations=False)
@@ -77,7 +80,7 @@ class PostgresStorage:
         except BaseException:
             await pool.close()
             raise
-        s = cls.on(pool, local)
+        s = cls.on(pool, local, shipping)
         s.owns_pool = True
         return s
 

@@ -12,8 +12,10 @@ Where usage lives in fleet mode:
 - ``usage_ledger`` is the fleet's audit: one row per meter of a shipped request, in
   ``audit_seq`` order (``proxy.store.postgres.owners_schema``).
 - ``usage_minute`` is kept by a trigger on ``usage_ledger`` in the shipping transaction,
-  so every reader below sees each shipped row exactly once. ``materialize`` therefore has
-  nothing to move and returns 0; the readers lag the hot path by the shipping interval.
+  so every reader below sees each shipped row exactly once. The readers lag the hot path
+  by the shipping interval; ``materialize`` ships now what the local journal holds (through
+  ``shipping``, ``proxy.store.postgres.journal.JournalShipping``) and returns how many rows
+  it shipped (0 without a journal: an offline reader).
 """
 
 from __future__ import annotations
@@ -38,14 +40,22 @@ class LocalRecorder(Protocol):
     def record(self, row: UsageRow, wait: bool) -> asyncio.Future[None] | None: ...
 
 
+class Shipping(Protocol):
+    """Ships the member's journal to PostgreSQL (``JournalShipping``)."""
+
+    async def ship_pending(self) -> int: ...
+
+
 def _audit(r: Any) -> AuditRecord:
     return AuditRecord(*r)
 
 
 class PostgresUsage:
-    def __init__(self, pool: PgPool, local: LocalRecorder | None = None) -> None:
+    def __init__(self, pool: PgPool, local: LocalRecorder | None = None,
+                 shipping: Shipping | None = None) -> None:
         self.pool = pool
         self.local = local
+        self.shipping = shipping
 
     def record(self, row: UsageRow, wait: bool) -> asyncio.Future[None] | None:
         if self.local is None:
@@ -54,7 +64,7 @@ class PostgresUsage:
         return self.local.record(row, wait)
 
     async def materialize(self) -> int:
-        return 0
+        return 0 if self.shipping is None else await self.shipping.ship_pending()
 
     async def usage(self, customer_id: str, start: float | None = None,
                     end: float | None = None, now: float | None = None
@@ -141,12 +151,13 @@ class PostgresUsage:
         return [str(r[0]) for r in rows]
 
     async def prune_audit(self, cutoff_ms: int, batch: int = 5000) -> int:
-        """Oldest shipped rows first. The minutes keep their totals (the trigger fires on
-        insert only), and members never resend a pruned row: a shipper starts from the
-        larger of its journal's and ``members.last_shipped_seq``."""
+        """Among the ``batch`` oldest rows in commit order, those older than the cutoff
+        (as SQLite: commit order is the index, no scan by time). The minutes keep their
+        totals (the trigger fires on insert only), and members never resend a pruned row:
+        a shipper starts from the larger of its journal's and ``members.last_shipped_seq``."""
         async with self.pool.acquire() as c:
             status = await c.execute(
                 "DELETE FROM usage_ledger WHERE audit_seq IN (SELECT audit_seq FROM"
-                " usage_ledger WHERE at_ms < $1 ORDER BY audit_seq LIMIT $2)",
+                " usage_ledger ORDER BY audit_seq LIMIT $2) AND at_ms < $1",
                 cutoff_ms, batch)
         return int(status.split()[-1])
