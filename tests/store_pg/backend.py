@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from proxy.fleet.journal_shipping import JournalShipping
 from proxy.store.db import Store
-from proxy.store.postgres.journal import JournalShipping, SqliteJournal
+from proxy.store.postgres.journal import SqliteJournal
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
 from tests.ci_guard import skip_or_fail

@@ -19,15 +19,20 @@ claims (on any members) never both succeed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
-from proxy import tasks
 from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import AlertRecord, NewAlert
 
 log = logging.getLogger("meterproxy.store.postgres.alerts")
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("committing alerts failed", exc_info=task.exception())
 
 
 def _count(status: str) -> int:
@@ -55,7 +60,10 @@ class PostgresAlerts:
             log.error("dropped %d queued alerts: PostgreSQL unreachable and %d are queued",
                       over, self.max_queued)
         if self._queue and (self._task is None or self._task.done()):
-            self._task = tasks.spawn("pg-alerts-fire", self._drain())
+            # (proxy.tasks.spawn, less its import: the store imports no runtime module)
+            self._task = asyncio.get_running_loop().create_task(self._drain(),
+                                                                name="pg-alerts-fire")
+            self._task.add_done_callback(_log_failure)
 
     async def _drain(self) -> None:
         while self._queue:
@@ -78,8 +86,11 @@ class PostgresAlerts:
         return await self._commit_queue() if self._queue else 0
 
     async def close(self) -> None:
-        await tasks.cancel_and_wait(self._task)
-        self._task = None
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             await self.flush()
         except PgUnavailable as exc:

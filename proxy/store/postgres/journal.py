@@ -1,18 +1,13 @@
-"""A member's local SQLite journal shipped to PostgreSQL: the fleet's record path.
+"""The two store-side halves of shipping a member's journal (``proxy.fleet.journal_shipping``
+puts them together with the fleet's ``Shipper``):
 
-``UsageLedger.record`` in fleet mode appends to the member's own ``Store`` journal (strict
-durability, no network round trip). ``JournalShipping`` moves what the journal holds into
-the shared database, idempotently:
-
-1. the rows' grant debits (``UsageRow.debits``) into ``credit_entries`` keyed
-   ``(member_id, seq, index)``, ``ON CONFLICT DO NOTHING`` (one transaction);
-2. the rows themselves through the fleet's ``Shipper`` (``usage_ledger`` keyed
-   ``(member_id, seq)``, leases settled from the rows really inserted, the minutes kept by
-   the trigger; one transaction), after which the watermark moves.
-
-A crash between 1 and 2 resends both: 1 inserts nothing, 2 inserts the rows. So each row
-is counted exactly once in audit, usage and credits (a reader may see a batch's debits a
-moment before its usage).
+- ``SqliteJournal``: reads the rows of the member's local ``Store`` journal after a
+  sequence number (read only; the SQLite ``UsageLedger`` owner writes the table).
+- ``ship_debits``: the grant debits a journal row carries (``UsageRow.debits``) into
+  PostgreSQL's ``credit_entries``, keyed ``(member_id, seq, index)`` with ``ON CONFLICT DO
+  NOTHING`` (``proxy.store.postgres.owners_schema``), so a resend inserts nothing; an
+  ``expire``/``void`` entry also lowers the account balance, as ``CreditLedger.append``
+  does. One transaction.
 
 Requirement on the journal (for the integration): ``seq`` must never be reused by one
 member id. SQLite's ``INTEGER PRIMARY KEY`` reuses ``max(seq) + 1`` after the newest rows
@@ -26,18 +21,9 @@ import sqlite3
 from collections.abc import Sequence
 
 from proxy.credits.ledger import Entry
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.db import UsageRow, decode_row
 from proxy.store.postgres.ledger import balance_change
 from proxy.store.postgres.pool import PgPool
-
-
-def to_local(seq: int, r: UsageRow) -> LocalRow:
-    """Pure: a journal row as the shipper's ``LocalRow``."""
-    return LocalRow(seq, r.request_id, int(r.at * 1000), r.customer_id, r.key_id, r.rule,
-                    r.rules_version, r.status,
-                    tuple(ShipItem(i.meter, i.quantity, i.credits, i.billable, i.flags)
-                          for i in r.items), r.method, r.path)
 
 
 class SqliteJournal:
@@ -63,46 +49,25 @@ RETURNING customer_id, grant_id, kind, amount
 """
 
 
-class JournalShipping:
-    """Ships one member's journal; ``ship_pending`` is ``UsageLedger.materialize``."""
-
-    def __init__(self, pool: PgPool, member_id: str, journal: SqliteJournal,
-                 batch_size: int = 1000) -> None:
-        self.pool = pool
-        self.member_id = member_id
-        self.journal = journal
-        self.shipper = Shipper(pool, member_id, batch_size)
-        self._loaded = False
-
-    async def _ship_debits(self, rows: Sequence[tuple[int, UsageRow]]) -> None:
-        cols: list[list[object]] = [[] for _ in range(9)]
-        for seq, r in rows:
-            at_ms = int(r.at * 1000)
-            for i, (meter, e) in enumerate(r.debits):
-                for col, v in zip(cols, (r.customer_id, e.grant_id, e.kind, e.amount,
-                                         r.request_id, meter, at_ms, seq, i), strict=True):
-                    col.append(v)
-        if not cols[0]:
-            return
-        async with self.pool.acquire() as c, c.transaction():
-            back = await c.fetch(_DEBITS, self.member_id, *cols)
-            change: dict[str, int] = {}
-            for b in back:
-                d = balance_change([Entry(b["grant_id"] or "", b["kind"], b["amount"])])
-                change[b["customer_id"]] = change.get(b["customer_id"], 0) + d
-            for cid in sorted(cid for cid, d in change.items() if d):
-                await c.execute("UPDATE credit_accounts SET balance = balance + $2"
-                                " WHERE customer_id = $1", cid, change[cid])
-
-    async def ship_pending(self) -> int:
-        """Ship every journal row after the watermark; returns how many rows shipped.
-        Raises PgUnavailable (what was committed stays committed; the rest is resent)."""
-        if not self._loaded:
-            await self.shipper.load_watermark()
-            self._loaded = True
-        total = 0
-        while rows := self.journal.rows_after(self.shipper.watermark, self.shipper.batch_size):
-            await self._ship_debits(rows)
-            await self.shipper.ship([to_local(s, r) for s, r in rows])
-            total += len(rows)
-        return total
+async def ship_debits(pool: PgPool, member_id: str,
+                      rows: Sequence[tuple[int, UsageRow]]) -> int:
+    """Insert the debits of ``(seq, row)`` pairs not shipped before; returns how many."""
+    cols: list[list[object]] = [[] for _ in range(9)]
+    for seq, r in rows:
+        at_ms = int(r.at * 1000)
+        for i, (meter, e) in enumerate(r.debits):
+            for col, v in zip(cols, (r.customer_id, e.grant_id, e.kind, e.amount,
+                                     r.request_id, meter, at_ms, seq, i), strict=True):
+                col.append(v)
+    if not cols[0]:
+        return 0
+    async with pool.acquire() as c, c.transaction():
+        back = await c.fetch(_DEBITS, member_id, *cols)
+        change: dict[str, int] = {}
+        for b in back:
+            d = balance_change([Entry(b["grant_id"] or "", b["kind"], b["amount"])])
+            change[b["customer_id"]] = change.get(b["customer_id"], 0) + d
+        for cid in sorted(cid for cid, d in change.items() if d):
+            await c.execute("UPDATE credit_accounts SET balance = balance + $2"
+                            " WHERE customer_id = $1", cid, change[cid])
+    return len(back)

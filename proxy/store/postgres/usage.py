@@ -14,7 +14,7 @@ Where usage lives in fleet mode:
 - ``usage_minute`` is kept by a trigger on ``usage_ledger`` in the shipping transaction,
   so every reader below sees each shipped row exactly once. The readers lag the hot path
   by the shipping interval; ``materialize`` ships now what the local journal holds (through
-  ``shipping``, ``proxy.store.postgres.journal.JournalShipping``) and returns how many rows
+  ``shipping``, ``proxy.fleet.journal_shipping.JournalShipping``) and returns how many rows
   it shipped (0 without a journal: an offline reader).
 """
 
