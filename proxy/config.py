@@ -561,6 +561,12 @@ class FleetConfig(_Model):
         description="An abandoned lease returns to the balance this long after it expired "
                     "(time for the dead member's last usage to be shipped).",
         examples=["10s"])
+    empty_backoff: Duration = Field(
+        default=1.0, ge=0,
+        description="After PostgreSQL had no credit to lease for a customer, a member answers "
+                    "402 for that customer without asking again for this long (a top-up is "
+                    "seen within it).",
+        examples=["2s"])
     ship_interval: Duration = Field(
         default=1.0, gt=0,
         description="How often a member ships its journal to the shared usage ledger.",

@@ -162,6 +162,11 @@ class LeaseBook:
                                                        self.policy.drift_margin_ppm)
         return got
 
+    async def wait_refills(self) -> None:
+        """Wait for the refills in flight (before release at shutdown); errors are ignored:
+        the next request that needs a lease asks again."""
+        await asyncio.gather(*self._refills.values(), return_exceptions=True)
+
     async def renew(self, customer_id: str) -> bool:
         """Push the held lease's expiry; False (and the lease forgotten) if it is gone."""
         sent = self.clock()

@@ -55,8 +55,15 @@ def test_settings_in_integer_units(tmp_path: Path) -> None:
 
     cfg = config.load(_write(tmp_path, "listen: 127.0.0.1:8181\nstorage: {dsn: 'postgresql://db/mp'}\n"
                                        "fleet: {lease_floor: '2.5', lease_ttl: 20s, cover_period: 500ms,"
-                                       " drift_margin: 0.1}\n"), env={})
+                                       " drift_margin: 0.1, empty_backoff: 2s}\n"), env={})
     p = settings.lease_policy(cfg.fleet)
     assert (p.floor, p.ttl_ms, p.cover_ms, p.drift_margin_ppm, p.k) == (2_500_000, 20_000, 500, 100_000, 2)
+    assert p.empty_backoff_ms == 2000
     assert settings.pool_settings(cfg.storage).dsn == "postgresql://db/mp"
     assert settings.member_id(cfg).endswith(":8181")
+
+
+def test_the_dsn_never_appears_in_a_repr() -> None:
+    from proxy.store.postgres.pool import PoolSettings
+
+    assert "secret" not in repr(PoolSettings(dsn="postgresql://u:secret@db/mp"))

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from proxy import tasks
 from proxy.fleet import leases, sizing
 from proxy.fleet.book import Decision
 from proxy.fleet.leases import LeaseStore
@@ -179,3 +180,41 @@ async def test_a_restarted_member_trusts_only_what_it_was_granted_now(pool: PgPo
         acct = await leases.account(conn, "acme")
     # 6 spent and settled; the 5 the old process never spent stay escrowed until the reaper
     assert (acct.settled, acct.escrowed) == (6 * C, 5 * C)
+
+
+async def test_shipping_while_admitting_stays_exact(open_pool: object) -> None:
+    """Grants, settlements and returns from three members at once (the lock order holds:
+    no deadlock, no lost update)."""
+    pools = [await open_pool() for _ in range(3)]  # type: ignore[operator]
+    for i in range(5):
+        await add_customer(pools[0], f"c{i}", 40 * C)
+    policy = LeasePolicy(floor=3 * C, cover_ms=1000)
+    members = [Member(p, f"m{i}", policy) for i, p in enumerate(pools)]
+    stop = asyncio.Event()
+    shipping = [tasks.spawn(f"ship-{m.id}", m.shipper.run(m.journal, 0.01, stop)) for m in members]
+    rng = random.Random(4)
+    picks = [(members[rng.randrange(3)], f"c{rng.randrange(5)}") for _ in range(400)]
+    decisions = await asyncio.gather(*(m.request(c, C) for m, c in picks))
+    stop.set()
+    await asyncio.gather(*shipping)
+    for m in members:
+        await m.book.release_all()
+    assert decisions.count(Decision.ADMIT) == 200
+    for i in range(5):
+        acct = await _account(pools[0], f"c{i}")
+        assert (acct.settled, acct.escrowed) == (40 * C, 0)
+
+
+async def test_a_lease_is_renewed_ahead_of_its_deadline(pool: PgPool) -> None:
+    await add_customer(pool, "acme", 100 * C)
+    now = [0]
+    m = Member(pool, "m1", LeasePolicy(floor=10 * C, ttl_ms=30_000, drift_margin_ppm=0))
+    m.book.clock = lambda: now[0]
+    assert await m.request("acme", C) is Decision.ADMIT
+    assert m.book.held["acme"].usable_until_ms == 30_000
+    now[0] = 20_000                          # a third of the lifetime left: refill ahead
+    assert await m.request("acme", C) is Decision.ADMIT
+    assert m.book.refills == 1               # the request did not wait for it
+    await m.book.wait_refills()
+    assert m.book.refills == 2
+    assert m.book.held["acme"].usable_until_ms == 50_000

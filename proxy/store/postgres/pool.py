@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -24,7 +24,7 @@ from proxy.store.postgres.migrate import migrate
 class PoolSettings:
     """How to reach PostgreSQL; mirrors the ``storage`` config section."""
 
-    dsn: str
+    dsn: str = field(repr=False)       # may carry a password: never in a repr or a log
     size: int = 10                    # most connections this member opens
     statement_cache_size: int = 100   # 0 behind a transaction pooler
     connect_timeout: float = 5.0      # seconds per connection attempt
