@@ -1,7 +1,8 @@
 """The "postgres" backend of the storage contract tests (``tests/store/conftest.py``): a
 fresh database on the PostgreSQL at 127.0.0.1:5432 (dropped after the test), one member
 whose ``usage.record`` journals into a local SQLite ``Store`` and whose ``materialize``
-ships that journal, and a second member (``peer``) with a pool of its own."""
+ships that journal, and a second member (``peer``) with a pool of its own. ``data_version``
+is in its default (unwatched) mode; ``tests/store_pg/test_owners.py`` covers ``watch``."""
 
 from __future__ import annotations
 
@@ -59,7 +60,6 @@ async def postgres_backend(tmp_path: Path) -> AsyncIterator[Backend]:
             await ensure_schema(pool)
             shipping = JournalShipping(pool, "member-a", SqliteJournal(store.conn))
             main = PostgresStorage.on(pool, local=store, shipping=shipping)
-            await main.watch()
             peer = await PostgresStorage.open(PoolSettings(dsn=dsn, size=4))
             other = as_storage(peer)
             yield Backend("postgres", as_storage(main), lambda: other)

@@ -85,8 +85,12 @@ async def test_customers_and_keys(pg: PostgresStorage) -> None:
 
 async def test_data_version_moves_when_another_member_commits(member: MemberFactory) -> None:
     a, b = await member(), await member()
+    assert a.customers.data_version() != a.customers.data_version()   # unwatched: always new
     await b.watch()
     before = b.customers.data_version()
+    assert b.customers.data_version() == before                        # watched: stable
+    await b.rules.remember("v1", "[]", 1)                              # not a key change
+    assert b.customers.data_version() == before
     await a.customers.upsert("acme", None, None, None)
     deadline = time.monotonic() + 5
     while b.customers.data_version() == before:
@@ -99,6 +103,14 @@ async def test_data_version_moves_when_another_member_commits(member: MemberFact
         await asyncio.sleep(0.01)
     snap = await b.customers.snapshot()
     assert hash_key(key["key"]) in snap.keys
+    listener = b.listener
+    assert listener is not None
+    async with a.pool.acquire() as c:       # the listener is cut: every call is new again
+        await c.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+    while b.customers.watched:
+        assert time.monotonic() < deadline + 5, "the lost listener went unnoticed"
+        await asyncio.sleep(0.01)
+    assert b.customers.data_version() != b.customers.data_version()
 
 
 async def test_credit_ledger(pg: PostgresStorage) -> None:

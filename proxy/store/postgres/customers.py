@@ -5,10 +5,17 @@ values). Concurrency between members: a customer row is read ``FOR UPDATE`` befo
 changed, and creation is ``INSERT .. ON CONFLICT DO NOTHING`` followed by that locked read,
 so two members upserting one new id both succeed, one of them reporting ``created``.
 
-``data_version`` (synchronous, no I/O) is a counter: it moves on every write made through
-this owner and, once ``PostgresStorage.watch`` runs, on every notification of a key change
-(``meterproxy_keys``, sent by the ``api_keys`` trigger) or customer change
-(``meterproxy_customers``) committed by any member.
+``data_version`` must answer synchronously with no I/O, which a server cannot do exactly,
+so it has two modes:
+
+- unwatched (the default): a new value on every call. A caller that reloads its key cache
+  when the value changes (``proxy.app._refresh_keys``) reloads on every poll: always
+  correct, one ``snapshot`` per poll interval.
+- watched (``PostgresStorage.watch``, one LISTEN connection): a counter that moves on every
+  write through this owner and on every notification of a key change (``meterproxy_keys``,
+  sent by the ``api_keys`` trigger) or customer change (``meterproxy_customers``) committed
+  by any member. Cheap; a change shows once its notification arrives (normally before the
+  writer's own call returns), and a lost listener turns it back to unwatched.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ class PostgresCustomers:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
         self._version = 0
+        self.watched = False
 
     def changed(self) -> None:
         """A change was committed (here, or seen by a notification)."""
@@ -204,4 +212,6 @@ class PostgresCustomers:
         return KeySnapshot(keys, customers)
 
     def data_version(self) -> int:
+        if not self.watched:
+            self._version += 1
         return self._version

@@ -91,13 +91,20 @@ class PostgresStorage:
                                          timeout=self.pool.settings.connect_timeout)
         for channel in (KEYS_CHANNEL, CUSTOMERS_CHANNEL):
             await conn.add_listener(channel, self._notified)
+        conn.add_termination_listener(self._lost)
         self.listener = conn
+        self.customers.watched = True
 
     def _notified(self, *_args: object) -> None:
         self.customers.changed()
 
+    def _lost(self, *_args: object) -> None:
+        """The listener died: changes may be missed, so back to a new version per call."""
+        self.customers.watched = False
+
     async def close(self) -> None:
         conn, self.listener = self.listener, None
+        self.customers.watched = False
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=1)
