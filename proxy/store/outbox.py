@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiosqlite
+
 from proxy.periods import period_bounds
 from proxy.pricing import TransformQuantity
 from proxy.store.access import Writer
@@ -186,10 +188,12 @@ _HOUR = 3600
 
 class SqliteOutbox:
     """The ``Outbox`` owner on SQLite: the only writer of ``outbox`` and ``carry``. Every
-    verb is one transaction through the ``Writer`` (no ``await`` inside)."""
+    verb is one transaction through the ``Writer`` (no ``await`` inside). ``rows`` (the
+    admin listing) reads through ``reader``, off the loop thread, when one is given."""
 
-    def __init__(self, db: Writer) -> None:
+    def __init__(self, db: Writer, reader: aiosqlite.Connection | None = None) -> None:
         self.db = db
+        self.reader = reader
 
     async def stage(self, event_names: Mapping[str, tuple[str, str | None]],
                     transforms: Mapping[str, TransformQuantity] | None = None,
@@ -269,8 +273,12 @@ class SqliteOutbox:
         sql = f"SELECT {_ENTRY_COLS} FROM outbox"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self.db.conn.execute(sql + " ORDER BY id DESC LIMIT ?",
-                                    (*args, int(limit))).fetchall()
+        sql += " ORDER BY id DESC LIMIT ?"
+        if self.reader is not None:
+            async with self.reader.execute(sql, (*args, int(limit))) as cur:
+                rows: list[Any] = list(await cur.fetchall())
+        else:
+            rows = self.db.conn.execute(sql, (*args, int(limit))).fetchall()
         return [OutboxEntry(r[0], r[1], r[2], r[3], r[4], bool(r[5]), *r[6:]) for r in rows]
 
     async def counts(self) -> OutboxCounts:

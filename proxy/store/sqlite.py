@@ -51,7 +51,7 @@ class SqliteStorage:
 
     @classmethod
     def on(cls, db: Writer, reader: aiosqlite.Connection | None = None) -> SqliteStorage:
-        return cls(SqliteOutbox(db), SqliteCreditLedger(db), SqliteUsage(db, reader),
+        return cls(SqliteOutbox(db, reader), SqliteCreditLedger(db), SqliteUsage(db, reader),
                    SqliteCustomers(db), SqliteWebhookEvents(db), SqliteAlerts(db),
                    SqliteRulesHistory(db),
                    db if isinstance(db, Store) else _NoMaintenance())

@@ -27,7 +27,7 @@ import pytest
 from proxy.credits.ledger import Entry
 from proxy.store.db import Store, UsageItem, UsageRow, connect
 from proxy.store.protocols import Storage
-from proxy.store.sqlite import SqliteStorage, as_storage, offline
+from proxy.store.sqlite import SqliteStorage, as_storage, offline, open_reader
 from tests.store_pg.backend import postgres_backend
 
 
@@ -64,6 +64,7 @@ class Backend:
 async def _sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
     path = tmp_path / "contract.db"
     store = Store.open(path)
+    reader = await open_reader(path)      # as the proxy runs: large reads off the loop thread
     conns: list[sqlite3.Connection] = []
 
     def peer() -> Storage:
@@ -72,10 +73,11 @@ async def _sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
         return as_storage(offline(conn))
 
     try:
-        yield Backend("sqlite", as_storage(SqliteStorage.on(store)), peer)
+        yield Backend("sqlite", as_storage(SqliteStorage.on(store, reader)), peer)
     finally:
         for c in conns:
             c.close()
+        await reader.close()
         store.close()
 
 
