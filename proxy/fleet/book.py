@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +39,8 @@ from proxy.fleet import sizing
 from proxy.fleet.clock import monotonic_ms
 from proxy.fleet.leases import Grant, LeaseStore
 from proxy.store.postgres.errors import PgUnavailable
+
+log = logging.getLogger("meterproxy.fleet.book")
 
 
 class Decision(enum.Enum):
@@ -75,7 +78,7 @@ class LeaseBook:
         self.owed: dict[str, int] = {}            # admitted without a lease (fail_mode open)
         self._rate: dict[str, int] = {}           # micro-credits / s, smoothed
         self._rate_at: dict[str, tuple[int, int]] = {}  # customer -> (since ms, spent since)
-        self._refills: dict[str, asyncio.Future[Grant]] = {}
+        self._refills: dict[str, asyncio.Future[Grant | None]] = {}
         self._empty_until: dict[str, int] = {}     # customer -> no refill before (ms)
         self.rtt_ms = 50
         self.refills = 0                           # grant statements issued
@@ -98,9 +101,8 @@ class LeaseBook:
                 return Decision.ADMIT
             if self.clock() < self._empty_until.get(customer_id, 0):
                 return Decision.INSUFFICIENT
-            try:
-                got = await self._refill(customer_id, cost)
-            except PgUnavailable:
+            got = await self._refill(customer_id, cost)
+            if got is None:
                 return self._unreachable(customer_id, cost)
             if got.amount == 0 and not self.try_admit(customer_id, cost):
                 self._empty_until[customer_id] = self.clock() + self.policy.empty_backoff_ms
@@ -118,7 +120,7 @@ class LeaseBook:
         return Decision.ADMIT_OWED
 
     # -- refills ----------------------------------------------------------------------------
-    def _refill(self, customer_id: str, quantum: int) -> asyncio.Future[Grant]:
+    def _refill(self, customer_id: str, quantum: int) -> asyncio.Future[Grant | None]:
         fut = self._refills.get(customer_id)
         if fut is None:
             fut = tasks.spawn(f"lease-refill-{customer_id}", self._grant(customer_id, quantum))
@@ -133,13 +135,17 @@ class LeaseBook:
         left = h.usable_until_ms - self.clock()
         if sizing.should_refill(h.remaining, self._rate.get(customer_id, 0), self.rtt_ms,
                                 self.policy.lead_ms, left, self.policy.ttl_ms):
-            fut = self._refill(customer_id, quantum)
-            fut.add_done_callback(_swallow)
+            self._refill(customer_id, quantum)
 
-    async def _grant(self, customer_id: str, quantum: int) -> Grant:
+    async def _grant(self, customer_id: str, quantum: int) -> Grant | None:
+        """One grant statement; None when PostgreSQL is unreachable."""
         wanted = sizing.want(self._rate.get(customer_id, 0), self.policy.cover_ms)
         sent = self.clock()
-        got = await self.store.grant(customer_id, wanted, quantum)
+        try:
+            got = await self.store.grant(customer_id, wanted, quantum)
+        except PgUnavailable as exc:
+            log.warning("lease refill for %s failed, PostgreSQL unreachable: %s", customer_id, exc)
+            return None
         self.refills += 1
         self.rtt_ms = max(1, self.clock() - sent)
         self.owed.pop(customer_id, None)   # the database is back: a new allowance next outage
@@ -204,8 +210,3 @@ class LeaseBook:
             since, spent = now, 0
         self._rate_at[customer_id] = (since, spent)
 
-
-def _swallow(fut: asyncio.Future[Grant]) -> None:
-    # a refill ahead of need that failed is retried by the next request that needs it
-    if not fut.cancelled():
-        fut.exception()
