@@ -55,7 +55,7 @@ async def test_every_route_is_documented_and_every_operation_has_a_route(
     public = {r.resource.canonical: r.method for r in p.server.public.app.router.routes()}  # type: ignore[union-attr]
     assert public.pop("/{tail}") == "*"           # the proxied API: the upstream's, not ours
     assert public == {}                           # everything else is routed by the pipeline's
-    pipeline = p.server.rt.extras["pipeline"]     # own router, on the canonical path (proxy.target)
+    pipeline = p.server.pipeline          # own router, on the canonical path (proxy.target)
     assert pipeline.own_paths == {WEBHOOK_PATH}   # answers POST only (405 otherwise)
     routes.add(("POST", WEBHOOK_PATH))
     prefix = p.server.rt.cfg.reserved_prefix.rstrip("/")

@@ -22,16 +22,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
 from proxy.admin import input as ain
+from proxy.credits.service import CreditService
 from proxy.errors import HttpError, InvalidInput
+from proxy.flusher import Flusher
 from proxy.http_errors import error_response
 from proxy.loglimit import LogLimiter
-from proxy.periods import period_bounds
+from proxy.meter_check import MeterCheck
+from proxy.periods import default_usage_range
+from proxy.reconcile import Reconciler
 from proxy.reports.exports import stream_export
 from proxy.reports.usage_report import customer_report
 from proxy.runtime import Runtime
 from proxy.store import keys as keystore
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro
+from proxy.webhooks import WebhookReceiver
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RT = web.AppKey("runtime", Runtime)
@@ -39,6 +44,14 @@ READER = web.AppKey("reader", aiosqlite.Connection)
 _OPEN = frozenset({"/healthz", "/readyz"})
 log = logging.getLogger("meterproxy.admin")
 REFUSALS = web.AppKey("refusals", LogLimiter)   # bad admin tokens: log lines are rate-limited
+# The services behind the admin routes, set once by ``build_admin_app`` (the composition root
+# passes them in); a key that is absent means the service is not running in this process.
+CREDITS = web.AppKey("credits", CreditService)
+FLUSHER = web.AppKey("flusher", Flusher)
+WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
+RECONCILER = web.AppKey("reconciler", Reconciler)
+RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
+METER_CHECK = web.AppKey("meter_check", MeterCheck)
 
 
 def jok(data: Any, status: int = 200) -> web.Response:
@@ -85,8 +98,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _refresh_cache(rt: Runtime) -> None:
-    rt.keys.reload(rt.store.conn)
+async def _refresh_cache(rt: Runtime) -> None:
+    snap = await rt.owners().customers.snapshot()
+    rt.keys.replace(snap.keys, snap.customers)
 
 
 # ---- customers and keys ----------------------------------------------------------------
@@ -107,42 +121,40 @@ async def post_customer(request: web.Request) -> web.Response:
         minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS,
                               strings=False)
 
-    def tx(c: Any) -> tuple[keystore.Customer, bool]:
-        cust, created = keystore.upsert_customer(c, body.get("id"), body.get("stripe_customer_id"),
-                                                 body.get("overage"), body.get("status"))
-        if "billing_anchor" in body or "minimum_commitment" in body:
-            keystore.set_billing(c, cust.id, anchor if "billing_anchor" in body
-                                 else cust.billing_anchor,
-                                 cust.minimum_commitment if minimum is None else minimum)
-            cust = keystore.get_customer(c, cust.id) or cust
-        return cust, created
+    def billing(cust: keystore.Customer) -> tuple[object, object]:
+        return (anchor if "billing_anchor" in body else cust.billing_anchor,
+                cust.minimum_commitment if minimum is None else minimum)
 
-    cust, created = rt.store.execute_write(tx)
-    _refresh_cache(rt)
+    cust, created = await rt.owners().customers.upsert(
+        body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
+        billing if "billing_anchor" in body or "minimum_commitment" in body else None)
+    await _refresh_cache(rt)
     return jok(cust.to_json(), 201 if created else 200)
 
 
 async def list_customers(request: web.Request) -> web.Response:
-    return jok([c.to_json() for c in keystore.list_customers(request.app[RT].store.conn)])
+    return jok([c.to_json() for c in await request.app[RT].owners().customers.all()])
 
 
 async def get_customer(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
-    cust = keystore.get_customer(rt.store.conn, cid)
+    cust = await rt.owners().customers.get(cid)
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
-    report = await customer_report(request.app[READER], rt.rules, rt.prices(), cust,
-                                   rt.extras.get("credits"))
+    credits = request.app.get(CREDITS)
+    report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust, credits)
     out = cust.to_json()
     out["period"] = report["period"]
     # documented shape: quantity this period per meter (only meters with usage)
     out["usage"] = {m: v["quantity"] for m, v in report["meters"].items() if v["requests"]}
     out["billing"] = {k: report[k] for k in ("currency", "meters", "total", "prices")}
-    out["keys"] = keystore.list_keys(rt.store.conn, cid)
-    extra = rt.extras.get("customer_detail")
-    if extra is not None:
-        out.update(await extra(cid))
+    out["keys"] = await rt.owners().customers.list_keys(cid)
+    if credits is not None:
+        rem = await rt.owners().outbox.remainders(cid)
+        out.update({"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
+                    "credits": credits.summary(cid),
+                    "credit_ledger": await credits.entries(cid, limit=50)})
     return jok(out)
 
 
@@ -153,63 +165,49 @@ async def post_key(request: web.Request) -> web.Response:
     if set(body) - {"name"}:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(set(body) - {'name'}))}")
     name = ain.text(body.get("name", ""), "name", 200)
-    created = rt.store.execute_write(lambda c: keystore.create_key(c, cid, name))
-    _refresh_cache(rt)
+    created = await rt.owners().customers.create_key(cid, name)
+    await _refresh_cache(rt)
     return jok(created, 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
     rt = request.app[RT]
     cid = request.match_info["id"]
-    if keystore.get_customer(rt.store.conn, cid) is None:
+    if await rt.owners().customers.get(cid) is None:
         raise LookupError(f"no customer {cid!r}")
-    return jok(keystore.list_keys(rt.store.conn, cid))
+    return jok(await rt.owners().customers.list_keys(cid))
 
 
 async def delete_key(request: web.Request) -> web.Response:
     rt = request.app[RT]
     kid = request.match_info["key_id"]
-    changed = rt.store.execute_write(lambda c: keystore.revoke_key(c, kid))
-    _refresh_cache(rt)
+    changed = await rt.owners().customers.revoke_key(kid)
+    await _refresh_cache(rt)
     return jok({"key_id": kid, "revoked": True, "changed": changed})
 
 
 # ---- usage ----------------------------------------------------------------------------
 
 def _range(request: web.Request) -> tuple[float, float]:
-    """``from``/``to`` of the query; by default the customer's current billing period."""
-    now = time.time()
+    """``from``/``to`` of the query; by default ``periods.default_usage_range`` (the
+    customer's current billing period)."""
     cust = request.app[RT].keys.customers.get(request.match_info.get("id", ""))
-    period_start = period_bounds(cust.billing_anchor if cust else None, now)[0]
-    return ain.time_range(request.query.get("from"), request.query.get("to"), period_start,
-                          now + 60)
-
-
-async def usage_totals(db: aiosqlite.Connection, cid: str, start: float,
-                       end: float) -> dict[str, dict[str, int]]:
-    """Per-meter totals from the minute aggregates, [start, end) at minute resolution."""
-    out: dict[str, dict[str, int]] = {}
-    async with db.execute(
-        "SELECT meter, SUM(quantity), SUM(requests), SUM(billable), SUM(covered) FROM usage_minute"
-        " WHERE customer_id=? AND minute>=? AND minute<? GROUP BY meter ORDER BY meter",
-        (cid, int(start // 60) * 60, int(end)),
-    ) as cur:
-        async for meter, q, n, b, c in cur:
-            out[meter] = {"quantity": q, "requests": n, "billable": b, "covered": c}
-    return out
+    return ain.time_range(request.query.get("from"), request.query.get("to"),
+                          *default_usage_range(cust.billing_anchor if cust else None,
+                                               time.time()))
 
 
 async def get_usage(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     start, end = _range(request)
-    totals = await usage_totals(request.app[READER], cid, start, end)
+    _, _, totals = await request.app[RT].owners().usage.usage(cid, start, end)
     return jok({"customer": cid, "from": rfc3339(start), "to": rfc3339(end),
-                "meters": {m: fmt_micro(v["quantity"]) for m, v in totals.items()}})
+                "meters": {m: fmt_micro(v.quantity) for m, v in totals.items()}})
 
 
 async def get_usage_csv(request: web.Request) -> web.StreamResponse:
     start, end = _range(request)
-    return await stream_export(request, request.app[READER], request.match_info["id"], start,
+    return await stream_export(request, request.app[RT].owners().usage, request.match_info["id"], start,
                                end, "csv")
 
 
@@ -217,7 +215,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     """Individual metered requests for disputes: ``?format=csv|json&from=&to=``."""
     fmt = ain.choice(request.query.get("format", "json"), "format", ("csv", "json"))
     start, end = _range(request)
-    return await stream_export(request, request.app[READER], request.match_info["id"], start,
+    return await stream_export(request, request.app[RT].owners().usage, request.match_info["id"], start,
                                end, fmt)
 
 
@@ -232,9 +230,13 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if rt.store.check_file() is not None or not rt.store.healthy:  # deleted/replaced/corrupt
         problems.append(f"storage: {rt.store.last_error}")
-    check = rt.extras.get("ready_checks")
+    check = request.app.get(METER_CHECK)
     if check is not None:
-        problems.extend(check())
+        problems.extend(check.ready_problems())
+    flusher = request.app.get(FLUSHER)
+    threshold = rt.cfg.stripe.flush_lag_ready_threshold
+    if flusher is not None and (lag := await flusher.lag()) > threshold:
+        problems.append(f"flush lag {lag:.0f}s exceeds {threshold:.0f}s")
     body = {"status": "degraded" if problems else "ready", "problems": problems,
             "rules_version": rt.rules.version, "rules_error": rt.rules_error}
     return jok(body, 503 if problems else 200)
@@ -299,10 +301,28 @@ def not_yet(what: str) -> Handler:
 
 
 def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
-                    extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+                    extra_routes: list[web.RouteDef] | None = None, *,
+                    credits: CreditService | None = None, flusher: Flusher | None = None,
+                    webhooks: WebhookReceiver | None = None,
+                    reconciler: Reconciler | None = None, meter_check: MeterCheck | None = None,
+                    reconcile_grace: float | None = None) -> web.Application:
+    """The admin application. Each service given is reachable by its routes through one typed
+    key (``CREDITS``, ``FLUSHER``, ...); one not given leaves its key unset."""
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
     app[RT] = rt
     app[READER] = reader
+    if credits is not None:
+        app[CREDITS] = credits
+    if flusher is not None:
+        app[FLUSHER] = flusher
+    if webhooks is not None:
+        app[WEBHOOKS] = webhooks
+    if reconciler is not None:
+        app[RECONCILER] = reconciler
+    if meter_check is not None:
+        app[METER_CHECK] = meter_check
+    if reconcile_grace is not None:
+        app[RECONCILE_GRACE] = reconcile_grace
     doc = openapi_document()
     app[OPENAPI] = orjson.dumps(doc)
     app[QUERY_PARAMS] = query_parameters(doc)

@@ -8,13 +8,11 @@ import time
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import _json_body, jok
+from proxy.admin.api import CREDITS, _json_body, jok
 from proxy.admin.input import FieldError
-from proxy.credits.service import CreditService, grant_json
+from proxy.credits.service import grant_json
 from proxy.errors import InvalidInput
 from proxy.units import fmt_micro
-
-CREDITS = web.AppKey("credits", CreditService)
 
 
 async def post_grant(request: web.Request) -> web.Response:
@@ -31,11 +29,11 @@ async def post_grant(request: web.Request) -> web.Response:
     if key is not None:
         key = ain.text(key, "idempotency_key", 255)
     source = ain.text(body.get("source", "admin"), "source", 64)
-    g, created = svc.grant(cid, fmt_micro(micro),
-                           expires_at=ain.optional_timestamp(body.get("expires_at"), "expires_at"),
-                           priority=ain.integer(body.get("priority", 50), "priority", 0, 100,
-                                                strings=False),
-                           source=source, idempotency_key=key)
+    g, created = await svc.grant(
+        cid, fmt_micro(micro),
+        expires_at=ain.optional_timestamp(body.get("expires_at"), "expires_at"),
+        priority=ain.integer(body.get("priority", 50), "priority", 0, 100, strings=False),
+        source=source, idempotency_key=key)
     return jok(grant_json(g, time.time()), 201 if created else 200)
 
 
@@ -46,13 +44,13 @@ async def list_grants(request: web.Request) -> web.Response:
 
 async def void_grant(request: web.Request) -> web.Response:
     svc = request.app[CREDITS]
-    g = svc.void(request.match_info["grant_id"])
+    g = await svc.void(request.match_info["grant_id"])
     return jok(grant_json(g, time.time()))
 
 
 async def ledger_entries(request: web.Request) -> web.Response:
     svc = request.app[CREDITS]
-    return jok({"entries": svc.entries(request.match_info["id"])})
+    return jok({"entries": await svc.entries(request.match_info["id"])})
 
 
 def credit_routes() -> list[web.RouteDef]:

@@ -11,8 +11,8 @@ Ranges (the OpenAPI document says the same):
   from 0.000001 to 10^12 credits; no exponent, sign, underscore or whitespace.
 - times: RFC 3339 (``2026-11-01T00:00:00Z``), a date (``2026-11-01``) or integer unix
   seconds, between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z.
-- durations (reconcile ``grace``): seconds, or a number with ``s``/``m``/``h``/``d``, up to
-  30 days.
+- durations (reconcile ``grace``): seconds, or a number with ``ms``/``s``/``m``/``h``/``d``
+  (``proxy.units.parse_duration``, any case), up to 30 days.
 - integer ids, limits, priorities and minor-unit amounts: decimal digits within the range the
   parser names.
 """
@@ -24,18 +24,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from proxy.errors import InvalidInput
-from proxy.units import QSCALE
+from proxy.units import MAX_GRACE, QSCALE, UnitError, parse_duration
 
 MAX_CREDITS = 10**12                       # credits per grant (micro: 10^18, below 2^63)
 MAX_MINOR_UNITS = 10**12                   # minimum_commitment, minor currency units
 MAX_TIME = 253402300799                    # 9999-12-31T23:59:59Z
-MAX_GRACE = 30 * 86400                     # seconds
 MAX_INT64 = 2**63 - 1
 
 _DECIMAL = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,6})?")
 _DIGITS = re.compile(r"[0-9]{1,19}")
-_DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd]?)")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 TIME_RANGE = "1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
@@ -135,19 +132,16 @@ def time_range(raw_from: str | None, raw_to: str | None, default_from: float,
 
 
 def duration(value: object, field: str, hi: int = MAX_GRACE) -> float:
-    """Seconds from ``7200``, ``"7200"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``; 0..hi."""
-    rule = f"must be a duration (seconds, or a number with s, m, h or d) from 0 to {hi} seconds"
-    if isinstance(value, bool):
+    """Seconds from ``7200``, ``"7200"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``; 0..hi.
+    The grammar is ``proxy.units.parse_duration``'s (any case); a JSON float is refused."""
+    rule = (f"must be a duration (seconds, or a number with ms, s, m, h or d) from 0 to {hi}"
+            " seconds")
+    if isinstance(value, float):
         raise FieldError(field, rule)
-    if isinstance(value, int):
-        seconds = Decimal(value)
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip().lower())):
-        seconds = Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise FieldError(field, rule)
-    if not 0 <= seconds <= hi:
-        raise FieldError(field, rule)
-    return float(seconds)
+    try:
+        return parse_duration(value.lower() if isinstance(value, str) else value, maximum=hi)
+    except UnitError as exc:
+        raise FieldError(field, rule) from exc
 
 
 def flag(value: object, field: str) -> bool:

@@ -22,13 +22,10 @@ import orjson
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import jok
+from proxy.admin.api import RECONCILE_GRACE, RECONCILER, jok
 from proxy.errors import HttpError, InvalidInput
 from proxy.http_errors import error_response
-from proxy.reconcile import InvalidRange, ReconcileError, Reconciler, ReconcileRefused
-
-RECONCILER = web.AppKey("reconciler", Reconciler)
-RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
+from proxy.reconcile import InvalidRange, ReconcileError, ReconcileRefused
 
 
 def parse_grace(raw: Any) -> float:

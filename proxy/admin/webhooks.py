@@ -10,10 +10,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import jok
-from proxy.webhooks import STATUSES, WebhookReceiver
-
-WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
+from proxy.admin.api import WEBHOOKS, jok
+from proxy.webhooks import STATUSES
 
 
 async def list_events(request: web.Request) -> web.Response:
@@ -21,18 +19,18 @@ async def list_events(request: web.Request) -> web.Response:
     if status is not None:
         ain.choice(status, "status", STATUSES)
     limit = ain.integer(request.query.get("limit", "100"), "limit", 1, 1000)
-    return jok({"events": request.app[WEBHOOKS].list_events(status, limit)})
+    return jok({"events": await request.app[WEBHOOKS].list_events(status, limit)})
 
 
 async def get_event(request: web.Request) -> web.Response:
-    return jok(request.app[WEBHOOKS].get_event(request.match_info["id"]))
+    return jok(await request.app[WEBHOOKS].get_event(request.match_info["id"]))
 
 
 async def replay_event(request: web.Request) -> web.Response:
     receiver = request.app[WEBHOOKS]
     event_id = request.match_info["id"]
-    receiver.process(event_id)
-    return jok(receiver.get_event(event_id) | {"payload": None})
+    await receiver.process(event_id)
+    return jok(await receiver.get_event(event_id) | {"payload": None})
 
 
 def webhook_routes() -> list[web.RouteDef]:

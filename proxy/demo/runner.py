@@ -23,8 +23,8 @@ from ruamel.yaml import YAML
 from proxy import config as config_mod
 from proxy import paths
 from proxy.errors import ConfigError, FileProblem
-from proxy.store import keys as keystore
 from proxy.store.db import connect
+from proxy.store.sqlite import offline
 
 DEMO_CUSTOMER = "demo"
 PREPAID_CUSTOMER = "demo-prepaid"     # overage blocked: shows the 402
@@ -33,7 +33,7 @@ PORT_ENV = "METERPROXY_DEMO_PORT"
 
 
 def _rules_path() -> Path:
-    here = Path(__file__).resolve().parent.parent / "rules" / "example.yaml"
+    here = Path(__file__).resolve().parents[2] / "rules" / "example.yaml"
     for cand in (paths.absolute("rules/example.yaml"), here):
         if cand.is_file():
             return cand
@@ -64,20 +64,18 @@ def write_demo_config(workdir: Path, port: int, upstream_port: int, admin_port: 
     return path
 
 
-def demo_keys(db: Path) -> dict[str, str]:
+async def demo_keys(db: Path) -> dict[str, str]:
     """A fresh key for each demo customer (customers are created once, kept across runs)."""
     paths.check_database(db, create_dir=False)
     conn = connect(db)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        keystore.upsert_customer(conn, DEMO_CUSTOMER, "cus_demo", "bill", "active")
-        keystore.upsert_customer(conn, PREPAID_CUSTOMER, "cus_demo_prepaid", "block", "active")
-        keys = {c: str(keystore.create_key(conn, c, "demo")["key"])
+        customers = offline(conn).customers
+        await customers.upsert(DEMO_CUSTOMER, "cus_demo", "bill", "active")
+        await customers.upsert(PREPAID_CUSTOMER, "cus_demo_prepaid", "block", "active")
+        return {c: str((await customers.create_key(c, "demo"))["key"])
                 for c in (DEMO_CUSTOMER, PREPAID_CUSTOMER)}
-        conn.execute("COMMIT")
     finally:
         conn.close()
-    return keys
 
 
 def instructions(port: int, admin_port: int, keys: dict[str, str], token: str,
@@ -161,17 +159,18 @@ async def _run(port: int, workdir: Path) -> int:
         admin_port = port + 1010 if port else 0
         path = write_demo_config(workdir, port, upstream_port, admin_port, token)
         cfg = config_mod.load(path)
-        keys = demo_keys(cfg.db_path())
+        keys = await demo_keys(cfg.db_path())
         server = await start(cfg)
     except BaseException:
         await up.cleanup()
         raise
     if not port:   # ephemeral ports: the file names the real ones, so CLI commands reach them
         write_demo_config(workdir, server.public_port, upstream_port, server.admin_port, token)
-    credits = server.rt.extras["credits"]
-    credits.grant(DEMO_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome", source="demo")
-    credits.grant(PREPAID_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome-prepaid",
-                  source="demo")
+    credits = server.credits
+    await credits.grant(DEMO_CUSTOMER, WELCOME_CREDITS, idempotency_key="demo-welcome",
+                        source="demo")
+    await credits.grant(PREPAID_CUSTOMER, WELCOME_CREDITS,
+                        idempotency_key="demo-welcome-prepaid", source="demo")
     print(instructions(server.public_port, server.admin_port, keys, token, path), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

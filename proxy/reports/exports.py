@@ -13,10 +13,10 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiosqlite
 import orjson
 from aiohttp import web
 
+from proxy.store.protocols import UsageLedger
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro
 
@@ -42,27 +42,18 @@ def csv_cell(v: str) -> str:
     return v
 
 
-async def audit_rows(db: aiosqlite.Connection, customer_id: str, start: float,
+async def audit_rows(usage: UsageLedger, customer_id: str, start: float,
                      end: float) -> AsyncIterator[list[dict[str, Any]]]:
-    async with db.execute(
-        "SELECT at_ms, request_id, customer_id, key_id, rule, rules_version, status, meter,"
-        " quantity, credits, billable, flags, method, path FROM audit WHERE customer_id=?"
-        " AND at_ms>=? AND at_ms<? ORDER BY at_ms, seq",
-        (customer_id, int(start * 1000), int(end * 1000)),
-    ) as cur:
-        while rows := await cur.fetchmany(500):
-            out = []
-            for at_ms, rid, c, k, rule, ver, st, meter, q, cr, b, flags, method, path in rows:
-                out.append({"time": rfc3339(at_ms / 1000)[:-1] + f".{at_ms % 1000:03d}Z",
-                            "request_id": rid, "customer_id": c, "key_id": k, "rule": rule,
-                            "rules_version": ver, "status": st, "meter": meter,
-                            "quantity": fmt_micro(q), "credits": fmt_micro(cr),
-                            "billable": fmt_micro(b), "flags": flags, "method": method,
-                            "path": path})
-            yield out
+    async for rows in usage.audit_stream(customer_id, start, end, batch=500):
+        yield [{"time": rfc3339(a.at_ms / 1000)[:-1] + f".{a.at_ms % 1000:03d}Z",
+                "request_id": a.request_id, "customer_id": a.customer_id, "key_id": a.key_id,
+                "rule": a.rule, "rules_version": a.rules_version, "status": a.status,
+                "meter": a.meter, "quantity": fmt_micro(a.quantity),
+                "credits": fmt_micro(a.credits), "billable": fmt_micro(a.billable),
+                "flags": a.flags, "method": a.method, "path": a.path} for a in rows]
 
 
-async def stream_export(request: web.Request, db: aiosqlite.Connection, customer_id: str,
+async def stream_export(request: web.Request, usage: UsageLedger, customer_id: str,
                         start: float, end: float, fmt: str) -> web.StreamResponse:
     ctype = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
     # the id comes from the URL: only id characters may reach the header
@@ -77,7 +68,7 @@ async def stream_export(request: web.Request, db: aiosqlite.Connection, customer
         await resp.write(orjson.dumps({"customer": customer_id, "from": rfc3339(start),
                                        "to": rfc3339(end)})[:-1] + b', "requests": [')
     first = True
-    async for batch in audit_rows(db, customer_id, start, end):
+    async for batch in audit_rows(usage, customer_id, start, end):
         if fmt == "csv":
             lines = [",".join(csv_cell(str(r[c])) for c in COLUMNS) for r in batch]
             await resp.write(("\r\n".join(lines) + "\r\n").encode())

@@ -19,13 +19,12 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-import aiosqlite
-
 from proxy.credits.service import CreditService
 from proxy.periods import TRAILING, day_starts, period_bounds, project
 from proxy.pricing import Price, TransformQuantity, fmt_minor, line_amount, period_charges, whole_units
 from proxy.rules import RuleSet
 from proxy.store.keys import Customer
+from proxy.store.protocols import UsageLedger
 from proxy.timeutil import rfc3339
 from proxy.transform import transformed_delta, transformed_units
 from proxy.units import QSCALE, fmt_micro
@@ -65,11 +64,6 @@ def price_json(p: Price) -> dict[str, Any]:
     return out
 
 
-async def _sums(db: aiosqlite.Connection, sql: str, args: tuple[Any, ...]) -> list[Any]:
-    async with db.execute(sql, args) as cur:
-        return list(await cur.fetchall())
-
-
 def _days_between(start: int, now: float, end: int) -> list[int]:
     """UTC midnights of the days from the period's start to today (within the period)."""
     first = start // 86400 * 86400
@@ -103,7 +97,7 @@ def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
             "expires_at": g["expires_at"], "status": status}
 
 
-async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapping[str, Price],
+async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[str, Price],
                           customer: Customer, credits: CreditService | None,
                           now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
@@ -119,11 +113,11 @@ async def customer_report(db: aiosqlite.Connection, rules: RuleSet, prices: Mapp
     hist: dict[int, dict[str, str]] = {d: {} for d in days}
     hist_q: dict[tuple[int, str], int] = {}
     by_day: dict[int, dict[str, tuple[int, int]]] = {d: {} for d in period_days}
-    for meter, day, in_period, in_trailing, q, b, c, n in await _sums(
-            db, "SELECT meter, minute / 86400 * 86400 AS day, minute >= ? AND minute < ?,"
-                " minute > ?, SUM(quantity), SUM(billable), SUM(covered), SUM(requests)"
-                " FROM usage_minute WHERE customer_id=? AND minute>=? GROUP BY 1, 2, 3, 4",
-            (start, end, trailing_from, cid, min(days[0], start, trailing_from))):
+    groups: list[Any] = [
+        (u.meter, u.day, u.in_period, u.in_trailing, u.quantity, u.billable, u.covered, u.requests)
+        for u in await usage.usage_days(cid, min(days[0], start, trailing_from), (start, end),
+                                        trailing_from)]
+    for meter, day, in_period, in_trailing, q, b, c, n in groups:
         if in_period:
             pq, pb, pc, pn = period.get(meter, (0, 0, 0, 0))
             period[meter] = (pq + q, pb + b, pc + c, pn + n)

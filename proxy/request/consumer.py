@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from proxy.admin.input import time_range
+from proxy.credits.service import CreditService
 from proxy.errors import HttpError
 from proxy.periods import period_bounds
 from proxy.reports.exports import stream_export
@@ -62,10 +62,10 @@ class ConsumerApi:
     answers under ``prefix`` (``reserved_prefix``); its routes are handed to the pipeline,
     which routes them on the canonical path. Refusals are raised as ``HttpError``."""
 
-    def __init__(self, rt: Runtime, auth: Authenticator, reader: Any) -> None:
+    def __init__(self, rt: Runtime, auth: Authenticator, credits: CreditService | None) -> None:
         self.rt = rt
         self.auth = auth
-        self.reader = reader
+        self.credits = credits
 
     def routes(self) -> list[web.RouteDef]:
         prefix = self.rt.cfg.reserved_prefix.rstrip("/")
@@ -92,8 +92,8 @@ class ConsumerApi:
         rt = self.rt
         cust = rt.keys.customers[cid]
         rt.store.try_materialize()
-        report = await customer_report(self.reader, rt.rules, rt.prices(), cust,
-                                       rt.extras.get("credits"))
+        report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
+                                       self.credits)
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
@@ -103,7 +103,7 @@ class ConsumerApi:
         start, end = period_bounds(cust.billing_anchor, time.time())
         s, e = time_range(request.query.get("from"), request.query.get("to"), start, end)
         self.rt.store.try_materialize()
-        return await stream_export(request, self.reader, cid, s, e, fmt)
+        return await stream_export(request, self.rt.owners().usage, cid, s, e, fmt)
 
     async def events_csv(self, request: web.Request) -> web.StreamResponse:
         return await self._events(request, "csv")

@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from typing import Any
 import orjson
 
 from proxy.rules import Matcher, Rule, RulesError, RuleSet, SourceKind, UsageSpec, load_rules
+from proxy.store.protocols import RulesHistory, Storage
 from proxy.timeutil import rfc3339
 from proxy.units import cost_micro, fmt_micro
 from proxy.yamlpos import YamlError, load_yaml
@@ -107,13 +107,13 @@ def load_rules_text(files: Sequence[tuple[str, str]]) -> tuple[RuleSet, dict[str
     return rules, names
 
 
-def stored_version(conn: sqlite3.Connection, version: str) -> StoredVersion:
-    row = conn.execute("SELECT files, first_loaded_at FROM rules_versions WHERE version=?",
-                       (version,)).fetchone()
-    if row is None:
+async def stored_version(history: RulesHistory, version: str) -> StoredVersion:
+    rec = await history.get(version)
+    if rec is None:
         return StoredVersion(version, problem="the text of this rules version was not recorded "
                              "(the database is older than the rules_versions table, or the "
                              "version was never loaded by this database's proxy)")
+    row = (rec.files, rec.first_loaded_at)
     files = tuple((str(f["file"]), str(f["text"])) for f in orjson.loads(row[0]))
     try:
         rules, names = load_rules_text(files)
@@ -265,14 +265,13 @@ def _time(at_ms: int) -> str:
     return rfc3339(at_ms / 1000)[:-1] + f".{at_ms % 1000:03d}Z"
 
 
-def explain(conn: sqlite3.Connection, request_id: str) -> list[dict[str, Any]]:
+async def explain(storage: Storage, request_id: str) -> list[dict[str, Any]]:
     """One explanation per metered request with this id (ids sent by clients may repeat).
 
     Raises LookupError when the audit has no row for the id."""
-    rows = conn.execute(
-        "SELECT at_ms, customer_id, key_id, rule, rules_version, status, meter, quantity,"
-        " credits, billable, flags, method, path FROM audit WHERE request_id=? ORDER BY seq",
-        (request_id,)).fetchall()
+    rows = [(a.at_ms, a.customer_id, a.key_id, a.rule, a.rules_version, a.status, a.meter,
+             a.quantity, a.credits, a.billable, a.flags, a.method, a.path)
+            for a in await storage.usage.audit_for_request(request_id)]
     if not rows:
         raise LookupError(
             f"no metered request with id {request_id!r} in the audit (requests that no rule "
@@ -285,7 +284,7 @@ def explain(conn: sqlite3.Connection, request_id: str) -> list[dict[str, Any]]:
     out = []
     for (at_ms, cust, key, rule_name, version, status, method, path), items in groups.items():
         if version not in versions:
-            versions[version] = stored_version(conn, version)
+            versions[version] = await stored_version(storage.rules, version)
         sv = versions[version]
         out.append(_one(request_id, at_ms, cust, key, rule_name, sv, status, method, path, items))
     return out

@@ -29,9 +29,8 @@ How a recorded request is re-rated (documented in the README):
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -39,12 +38,13 @@ from typing import Any
 
 from proxy.pricing import Price, exact_amount, fmt_minor, meter_prices, period_charges, whole_units
 from proxy.rules import UNREADABLE, Matcher, Measurement, Rule, RuleSet, SourceKind, compute
+from proxy.store.protocols import Storage
 from proxy.timeutil import rfc3339
 from proxy.tools.explain import conditions, stored_version, structural
 from proxy.transform import transformed_units
 from proxy.units import QSCALE, fmt_micro
 
-__all__ = ["AuditRow", "CustomerSim", "Simulation", "audit_rows", "render_table", "rerate",
+__all__ = ["AuditRow", "CustomerSim", "Rerater", "Simulation", "render_table", "rerate",
            "run", "to_json"]
 
 
@@ -164,10 +164,25 @@ def rerate(rows: Iterable[AuditRow], old: RuleSet, new: RuleSet,
     """Re-rate recorded requests through ``new``; pure. ``rows`` must keep the rows of one
     request together (audit ``seq`` order does). ``priced_by`` maps a rules version to its
     RuleSet (for the header/query inference); a version not in it falls back to ``old``."""
-    sim = Simulation(old.version, new.version, meter_prices(old.meters), meter_prices(new.meters))
-    router = _Router(new, priced_by or {}, old)
+    r = Rerater(old, new, priced_by)
     for _, group in itertools.groupby(rows, key=_key):
-        items = list(group)
+        r.add(list(group))
+    return r.finish()
+
+
+class Rerater:
+    """``rerate`` one request at a time (for rows that arrive in batches)."""
+
+    def __init__(self, old: RuleSet, new: RuleSet,
+                 priced_by: Mapping[str, RuleSet] | None = None) -> None:
+        self.old, self.new = old, new
+        self.sim = Simulation(old.version, new.version, meter_prices(old.meters),
+                              meter_prices(new.meters))
+        self.router = _Router(new, priced_by or {}, old)
+
+    def add(self, items: list[AuditRow]) -> None:
+        """The audit rows of one request."""
+        sim, new = self.sim, self.new
         first = items[0]
         c = sim.customers.get(first.customer_id)
         if c is None:
@@ -177,14 +192,15 @@ def rerate(rows: Iterable[AuditRow], old: RuleSet, new: RuleSet,
             _add(c.old_billable, it.meter, it.billable)
             if it.meter not in new.meters:
                 _add(c.dropped, it.meter, it.billable)
-        rule, uncertain = router.route(first.method, first.path, first.rule, first.rules_version)
+        rule, uncertain = self.router.route(first.method, first.path, first.rule,
+                                            first.rules_version)
         c.uncertain += uncertain
         if rule is None or rule.name != first.rule:
             sim.reroutes[(first.rule, rule.name if rule is not None else "(no rule)")] += 1
             c.rerouted += rule is not None
         if rule is None or not rule.usage or not rule.count_when.matches(first.status):
             c.unmetered += 1
-            continue
+            return
         constants = compute(rule, _BLANK)
         unused = list(items)
         for spec, const in zip(rule.usage, constants, strict=True):
@@ -201,17 +217,20 @@ def rerate(rows: Iterable[AuditRow], old: RuleSet, new: RuleSet,
             else:
                 c.missing += 1
                 _add(c.new_billable, spec.meter, 0)
-    for c in sim.customers.values():
-        # a meter's transform rounds the period total (proxy.transform), under each rules set
-        old_b = _billed(old, c.old_billable)
-        new_b = _billed(new, c.new_billable)
-        c.old_charges = period_charges(sim.old_prices, old_b)
-        c.new_charges = period_charges(sim.new_prices, new_b)
-        c.old_exact = {m: exact_amount(p, whole_units(old_b.get(m, 0)))
-                       for m, p in sim.old_prices.items()}
-        c.new_exact = {m: exact_amount(p, whole_units(new_b.get(m, 0)))
-                       for m, p in sim.new_prices.items()}
-    return sim
+
+    def finish(self) -> Simulation:
+        sim, old, new = self.sim, self.old, self.new
+        for c in sim.customers.values():
+            # a meter's transform rounds the period total (proxy.transform), under each rules set
+            old_b = _billed(old, c.old_billable)
+            new_b = _billed(new, c.new_billable)
+            c.old_charges = period_charges(sim.old_prices, old_b)
+            c.new_charges = period_charges(sim.new_prices, new_b)
+            c.old_exact = {m: exact_amount(p, whole_units(old_b.get(m, 0)))
+                           for m, p in sim.old_prices.items()}
+            c.new_exact = {m: exact_amount(p, whole_units(new_b.get(m, 0)))
+                           for m, p in sim.new_prices.items()}
+        return sim
 
 
 def _billed(rules: RuleSet, billable: Mapping[str, int]) -> dict[str, int]:
@@ -226,35 +245,31 @@ def _billed(rules: RuleSet, billable: Mapping[str, int]) -> dict[str, int]:
 # ------------------------------------------------------------------ reading the database
 
 
-def audit_rows(conn: sqlite3.Connection, start: float, end: float,
-               customers: Sequence[str] | None = None) -> Iterator[AuditRow]:
-    """The period's audit rows in ``seq`` order (a request's rows stay together)."""
-    sql = ("SELECT request_id, at_ms, customer_id, rule, rules_version, status, meter, quantity,"
-           " billable, method, path, flags FROM audit WHERE at_ms>=? AND at_ms<?")
-    args: list[Any] = [int(start * 1000), int(end * 1000)]
-    if customers:
-        sql += f" AND customer_id IN ({','.join('?' * len(customers))})"
-        args.extend(customers)
-    for r in conn.execute(sql + " ORDER BY seq", args):
-        yield AuditRow(*r)
-
-
-def run(conn: sqlite3.Connection, old: RuleSet, new: RuleSet, start: float, end: float,
-        customers: Sequence[str] | None = None) -> Simulation:
-    """Re-rate the period [start, end) and compare the audit with the ledger's aggregates."""
-    args: list[Any] = [int(start * 1000), int(end * 1000)]
-    versions = [v for (v,) in conn.execute(
-        "SELECT DISTINCT rules_version FROM audit WHERE at_ms>=? AND at_ms<?", args)]
+async def run(storage: Storage, old: RuleSet, new: RuleSet, start: float, end: float,
+              customers: Sequence[str] | None = None) -> Simulation:
+    """Re-rate the period [start, end) and compare the audit with the ledger's aggregates.
+    The audit is read in batches (commit order keeps a request's rows together)."""
     priced_by = {}
-    for v in versions:
-        sv = stored_version(conn, v)
+    for v in await storage.usage.audit_versions(start, end):
+        sv = await stored_version(storage.rules, v)
         if sv.rules is not None:
             priced_by[v] = sv.rules
-    sim = rerate(audit_rows(conn, start, end, customers), old, new, priced_by)
+    r = Rerater(old, new, priced_by)
+    group: list[AuditRow] = []
+    async for batch in storage.usage.audit_stream(None, start, end, customers):
+        for a in batch:
+            row = AuditRow(a.request_id, a.at_ms, a.customer_id, a.rule, a.rules_version,
+                           a.status, a.meter, a.quantity, a.billable, a.method, a.path, a.flags)
+            if group and _key(group[-1]) != _key(row):
+                r.add(group)
+                group = []
+            group.append(row)
+    if group:
+        r.add(group)
+    sim = r.finish()
     if start % 60 == 0 and end % 60 == 0:   # minute-aligned: usage_minute covers the same rows
-        for cust, meter, billable in conn.execute(
-                "SELECT customer_id, meter, SUM(billable) FROM usage_minute WHERE minute>=? AND"
-                " minute<? GROUP BY 1, 2", (int(start), int(end))):
+        for (cust, meter), billable in (await storage.usage.billable(int(start),
+                                                                      int(end))).items():
             c = sim.customers.get(cust)
             if customers and cust not in customers:
                 continue

@@ -65,6 +65,7 @@ ROUTES: tuple[str, ...] = (
     "event_summaries",
     "usage_records",
     "usage_record_summaries",
+    "price_retrieve",
 )
 ANY_ROUTE = "*"
 

@@ -1,6 +1,6 @@
 """The v1 meter events sink: one ``POST /v1/billing/meter_events`` per event.
 
-Owns its :class:`~proxy.sinks.stripe_client.StripeConnection`. One ``send()`` = one SDK call
+Owns its :class:`~proxy.stripe.client.StripeClient`. One ``send()`` = one SDK call
 per event, no retries. The event's ``identifier`` (constant across resends) is Stripe's
 dedupe: a resend after a lost answer is a 400 "An event already exists with identifier",
 reported DUPLICATE. The Idempotency-Key is ``{identifier}-{attempt}``, new on every attempt
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from proxy.errors import StripeCallError
 from proxy.sinks.base import Kind, Outcome, OutEvent
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.stripe.client import StripeClient, outcome_of
 
 
 class MeterEventsSink:
     name = "meter_events"
     max_batch = 1
 
-    def __init__(self, conn: StripeConnection) -> None:
+    def __init__(self, conn: StripeClient) -> None:
         self.conn = conn
 
     async def send(self, events: Sequence[OutEvent]) -> list[Outcome]:
@@ -28,17 +29,13 @@ class MeterEventsSink:
         return [await self._send_one(ev) for ev in events]
 
     async def _send_one(self, ev: OutEvent) -> Outcome:
-        result = await attempt(self.conn.client.v1.billing.meter_events.create_async(
-            params={
-                "event_name": ev.event_name,
-                "payload": {"stripe_customer_id": ev.stripe_customer_id, "value": str(ev.value)},
-                "identifier": ev.identifier,
-                "timestamp": ev.timestamp,
-            },
-            options={"idempotency_key": f"{ev.identifier}-{ev.attempt}"},
-        ))
-        if isinstance(result, Failed):
-            return result.outcome
+        try:
+            await self.conn.send_meter_event(
+                event_name=ev.event_name, stripe_customer_id=ev.stripe_customer_id,
+                value=ev.value, identifier=ev.identifier, timestamp=ev.timestamp,
+                idempotency_key=f"{ev.identifier}-{ev.attempt}")
+        except StripeCallError as exc:
+            return outcome_of(exc)
         return Outcome(Kind.DELIVERED, status=200)
 
     async def close(self) -> None:

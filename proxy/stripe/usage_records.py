@@ -1,9 +1,9 @@
 """The legacy usage records sink: ``POST /v1/subscription_items/{si}/usage_records``.
 
-Owns its :class:`~proxy.sinks.stripe_client.StripeConnection` and the mapping
+Owns its :class:`~proxy.stripe.client.StripeClient` and the mapping
 ``(meter, stripe_customer_id) -> subscription item``. Usage records left the SDK (and the
 current API version) in ``2025-03-31.basil``, so each call goes through
-``StripeClient.raw_request_async`` with ``stripe_version`` pinned to an older version
+the SDK's ``raw_request_async`` with ``stripe_version`` pinned to an older version
 (config ``stripe.usage_records_version``, default ``2024-06-20``), ``action=increment``.
 
 Dedupe: usage records have no ``identifier``. The Idempotency-Key IS the dedupe, so it is
@@ -20,10 +20,10 @@ Consequences of Stripe keeping an idempotent result for 24 hours:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+from proxy.errors import StripeCallError
 from proxy.sinks.base import Kind, Outcome, OutEvent
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.stripe.client import StripeClient, outcome_of
 
 DEFAULT_VERSION = "2024-06-20"
 
@@ -32,7 +32,7 @@ class UsageRecordsSink:
     name = "usage_records"
     max_batch = 1
 
-    def __init__(self, conn: StripeConnection,
+    def __init__(self, conn: StripeClient,
                  subscription_items: Mapping[str, Mapping[str, str]], *,
                  stripe_version: str = DEFAULT_VERSION) -> None:
         """``subscription_items``: rules meter name -> {stripe_customer_id: si_...}."""
@@ -55,13 +55,12 @@ class UsageRecordsSink:
         if ev.value < 0:
             return Outcome(Kind.DEAD, f"usage records take no negative quantity ({ev.value}); "
                                       "a correction needs the meter events sink")
-        call: Any = self.conn.client.raw_request_async(
-            "post", f"/v1/subscription_items/{item}/usage_records",
-            quantity=ev.value, timestamp=ev.timestamp, action="increment",
-            idempotency_key=ev.identifier, stripe_version=self.stripe_version)
-        result = await attempt(call)
-        if isinstance(result, Failed):
-            return result.outcome
+        try:
+            await self.conn.create_usage_record(
+                subscription_item=item, quantity=ev.value, timestamp=ev.timestamp,
+                idempotency_key=ev.identifier, stripe_version=self.stripe_version)
+        except StripeCallError as exc:
+            return outcome_of(exc)
         return Outcome(Kind.DELIVERED, status=200)
 
     async def close(self) -> None:

@@ -13,17 +13,17 @@ from proxy.config import StripeConfig
 from proxy.errors import ConfigError
 from proxy.sinks.base import Sink
 from proxy.sinks.dry_run import DryRunSink
-from proxy.sinks.meter_event_stream import MeterEventStreamSink
-from proxy.sinks.meter_events import MeterEventsSink
-from proxy.sinks.stripe_client import StripeConnection
-from proxy.sinks.usage_records import UsageRecordsSink
+from proxy.stripe.client import StripeClient
+from proxy.stripe.meter_event_stream import MeterEventStreamSink
+from proxy.stripe.meter_events import MeterEventsSink
+from proxy.stripe.usage_records import UsageRecordsSink
 
 log = logging.getLogger("meterproxy.sink")
 
 
-def connect(cfg: StripeConfig) -> StripeConnection:
-    return StripeConnection(cfg.api_key, api_base=cfg.api_base,
-                            meter_events_base=cfg.meter_events_base, timeout=cfg.timeout)
+def connect(cfg: StripeConfig) -> StripeClient:
+    """A new :class:`StripeClient` for ``cfg`` (each owner closes its own)."""
+    return StripeClient.from_config(cfg)
 
 
 def sink_problem(cfg: StripeConfig) -> str | None:

@@ -1,13 +1,13 @@
 """The v2 meter event stream sink: up to 100 events per ``POST /v2/billing/meter_event_stream``.
 
-Owns its :class:`~proxy.sinks.stripe_client.StripeConnection` and the current meter event
+Owns its :class:`~proxy.stripe.client.StripeClient` and the current meter event
 session (``POST /v2/billing/meter_event_session`` on the api host; the token lasts 15 min).
 The token is renewed shortly before ``expires_at``, and on a 401
 ``billing_meter_event_session_expired`` (or an unknown token) the batch is resent ONCE with a
 fresh session inside the same ``send()``: that is the documented protocol, not a retry of a
 failure. The stream call authenticates with the session token as a per-request ``api_key``
-(the same ``Authorization: Bearer`` a separate ``StripeClient(token)`` would send), so one
-HTTP session serves both hosts.
+(see :meth:`~proxy.stripe.client.StripeClient.send_meter_event_stream`), so one HTTP session
+serves both hosts.
 
 Validation on the stream is asynchronous: a 2xx means every event of the batch is
 DELIVERED; bad events surface later in Stripe's error reports. Identifiers dedupe resends.
@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 
 from stripe.params.v2.billing import MeterEventStreamCreateParamsEvent
 
+from proxy.errors import StripeCallError, StripeSessionExpired
 from proxy.sinks.base import Kind, Outcome, OutEvent
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.stripe.client import StripeClient, outcome_of
 
 log = logging.getLogger("meterproxy.sink.meter_event_stream")
 
@@ -55,7 +56,7 @@ class MeterEventStreamSink:
     name = "meter_event_stream"
     max_batch = MAX_EVENTS_PER_CALL
 
-    def __init__(self, conn: StripeConnection, *, renew_margin: float = RENEW_MARGIN) -> None:
+    def __init__(self, conn: StripeClient, *, renew_margin: float = RENEW_MARGIN) -> None:
         self.conn = conn
         self.renew_margin = renew_margin
         self._token: str | None = None
@@ -80,30 +81,34 @@ class MeterEventStreamSink:
             for ev in batch]
         for resend in (False, True):
             token = await self._session_token()
-            if isinstance(token, Failed):
-                return [token.outcome] * len(batch)
-            result = await attempt(self.conn.client.v2.billing.meter_event_stream.create_async(
-                {"events": wire}, options={"api_key": token}))
-            if not isinstance(result, Failed):
-                return [Outcome(Kind.DELIVERED, status=200)] * len(batch)
-            if not result.session_expired or resend:
-                return [result.outcome] * len(batch)
-            log.info("meter event session expired; renewing and resending %d events", len(batch))
-            self._forget(token)
+            if isinstance(token, Outcome):
+                return [token] * len(batch)
+            try:
+                await self.conn.send_meter_event_stream(wire, session_token=token)
+            except StripeSessionExpired as exc:
+                if resend:
+                    return [outcome_of(exc)] * len(batch)
+                log.info("meter event session expired; renewing and resending %d events",
+                         len(batch))
+                self._forget(token)
+                continue
+            except StripeCallError as exc:
+                return [outcome_of(exc)] * len(batch)
+            return [Outcome(Kind.DELIVERED, status=200)] * len(batch)
         raise AssertionError("unreachable")
 
-    async def _session_token(self) -> str | Failed:
+    async def _session_token(self) -> str | Outcome:
         async with self._session_lock:
             if self._token is not None and time.time() < self._expires_at - self.renew_margin:
                 return self._token
-            session = await attempt(self.conn.client.v2.billing.meter_event_session.create_async())
-            if isinstance(session, Failed):
+            try:
+                session = await self.conn.open_meter_event_session()
+            except StripeCallError as exc:
                 # never the events' fault: even a 4xx here is an account/operator problem
-                reason = f"creating a meter event session: {session.outcome.reason}"
-                return Failed(Outcome(Kind.RETRY, reason,
-                                      retry_after=session.outcome.retry_after,
-                                      lock_timeout=session.outcome.lock_timeout,
-                                      status=session.outcome.status))
+                failed = outcome_of(exc)
+                return Outcome(Kind.RETRY, f"creating a meter event session: {failed.reason}",
+                               retry_after=failed.retry_after,
+                               lock_timeout=failed.lock_timeout, status=failed.status)
             self._token = session.authentication_token
             self._expires_at = _parse_expiry(session.expires_at)
             self.sessions_created += 1
