@@ -27,7 +27,7 @@ async def test_concurrency_refusal_is_a_429_with_retry_after(make_proxy: ProxyFa
     p = await make_proxy(limits={"per_customer_concurrency": 1})
     key = await p.customer_with_key("one")
     h = {"Authorization": f"Bearer {key}", "X-Request-Id": "adm-1"}
-    admission = p.server.rt.extras["pipeline"].admission
+    admission = p.server.pipeline.admission
     assert isinstance(admission, Admission)
 
     async def slow_get() -> int:
@@ -57,7 +57,7 @@ async def test_credit_refusal_and_released_holds(make_proxy: ProxyFactory) -> No
     await p.admin("POST", "/admin/customers/blk/grants",
                   {"credits": "3", "idempotency_key": "blk-1"}, expect=201)
     h = {"Authorization": f"Bearer {key}"}
-    book = p.server.rt.extras["pipeline"].admission.book
+    book = p.server.pipeline.admission.book
     # a 404 from the upstream is not counted: the hold is released, nothing is spent
     async with p.session.get(p.url + "/v1/items?status=404", headers=h) as r:
         assert r.status == 404
@@ -70,7 +70,7 @@ async def test_credit_refusal_and_released_holds(make_proxy: ProxyFactory) -> No
             "message": "This request needs 2 credits and 1 are available. Buy more credits "
                        "to continue.",
             "balance": "1", "required": "2", "top_up_url": None}}
-    assert p.server.rt.extras["pipeline"].in_flight == {}
+    assert p.server.pipeline.in_flight == {}
     assert book is not None and book.available("blk", 0) == 1 * Q
     assert p.ledger_totals() == {("blk", "api_calls"): Q}
 
@@ -85,6 +85,6 @@ async def test_an_unreachable_upstream_releases_the_hold(make_proxy: ProxyFactor
                                  headers={"Authorization": f"Bearer {key}"}) as r:
             assert r.status == 502
             assert (await r.json())["error"]["type"] == "upstream_unavailable"
-    book = p.server.rt.extras["pipeline"].admission.book
+    book = p.server.pipeline.admission.book
     assert book.available("u", 0) == 2 * Q
-    assert p.server.rt.extras["pipeline"].in_flight == {}
+    assert p.server.pipeline.in_flight == {}

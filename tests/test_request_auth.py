@@ -44,7 +44,7 @@ async def test_key_sources_in_order_scheme_and_query(make_proxy: ProxyFactory) -
     p = await make_proxy(keys={"sources": [{"header": "Authorization", "scheme": "Bearer"},
                                            {"header": "X-API-Key"}, {"query": "api_key"}]})
     key = await p.customer_with_key("k")
-    auth = p.server.rt.extras["pipeline"].auth
+    auth = p.server.pipeline.auth
     assert isinstance(auth, Authenticator) and auth.key_query == ("api_key",)
     ok = [{"Authorization": f"Bearer {key}"}, {"Authorization": f"bearer  {key} "},
           {"X-API-Key": f" {key} "},
