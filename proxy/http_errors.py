@@ -7,7 +7,7 @@ the admin API.
                         plus exc.headers
         LookupError  -> 404, {"error": {"type": "not_found", "message": ...}}  (admin lookups)
 
-The body is the documented error format (README "Errors", docs/api.md, openapi.yaml
+The body is the documented error format (docs/api.md "Errors", proxy/static/openapi.yaml
 ``Error``); ``X-Request-Id`` is set when the public port has one for the request.
 """
 

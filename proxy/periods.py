@@ -4,7 +4,7 @@ A customer's period is monthly, anchored like Stripe's billing cycle anchor: it 
 anchor's day of the month at the anchor's time of day (UTC); in a month too short for that
 day it starts on the month's last day. No anchor means the first of the month, 00:00 UTC.
 
-Projection (documented in the README): linear on the trailing 7 days:
+Projection (README "Prices, billing periods and what consumers see"): linear on the trailing 7 days:
     rate      = usage in (now - 7 d, now] / 7 d
     projected = usage so far this period + rate x (period end - now)
 """

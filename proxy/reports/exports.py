@@ -4,7 +4,7 @@ table through the read-only connection, so a large export never blocks the event
 One line per request and meter, columns ``COLUMNS``: time, request_id, customer_id, key_id,
 rule, rules_version, status, meter, quantity, credits, billable, flags, method, path.
 Summing ``billable`` per meter over a period gives the units the period's invoice line
-bills (before Stripe's whole-unit rounding, whose remainder is carried: see the README).
+bills (before Stripe's whole-unit rounding, whose remainder is carried: README "Reporting to Stripe").
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Owns: the re-rating core (:func:`rerate`, pure: audit rows + old RuleSet + new R
 :class:`Simulation`), reading a period's audit rows (:func:`audit_rows`, :func:`run`) and
 the table / JSON reports.
 
-How a recorded request is re-rated (documented in the README):
+How a recorded request is re-rated (README "Prices, billing periods and what consumers see"):
 - OLD charges price the recorded *billable* micro-units per meter (what credits did not cover)
   with the prices of the old rules (the rules configured now), one line per meter, exactly as
   the invoice does (``proxy.pricing.period_charges``).
