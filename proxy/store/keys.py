@@ -68,7 +68,8 @@ def valid_id(value: object, what: str) -> str:
     return value
 
 
-def _opt_str(value: object, what: str, allowed: tuple[str, ...] | None) -> str | None:
+def valid_choice(value: object, what: str, allowed: tuple[str, ...] | None) -> str | None:
+    """``value`` if it is None, or a string (one of ``allowed`` when given); else InvalidInput."""
     if value is None:
         return None
     if not isinstance(value, str) or (allowed is not None and value not in allowed):
@@ -80,12 +81,19 @@ def _opt_str(value: object, what: str, allowed: tuple[str, ...] | None) -> str |
 _COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment"
 
 
-def set_billing(conn: sqlite3.Connection, cid: str, anchor: object, minimum: object) -> None:
-    """Billing cycle anchor (unix seconds or None) and minimum commitment (minor units)."""
+def billing_values(anchor: object, minimum: object) -> tuple[int | None, int]:
+    """Pure: the validated (billing cycle anchor: unix seconds or None, minimum commitment:
+    minor units), for every backend's ``Customers.set_billing``."""
     if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, int)):
         raise InvalidInput("billing_anchor must be a time")
     if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
         raise InvalidInput("minimum_commitment must be a non-negative integer of minor units")
+    return anchor, minimum
+
+
+def set_billing(conn: sqlite3.Connection, cid: str, anchor: object, minimum: object) -> None:
+    """Billing cycle anchor (unix seconds or None) and minimum commitment (minor units)."""
+    anchor, minimum = billing_values(anchor, minimum)
     conn.execute("UPDATE customers SET billing_anchor=?, minimum_commitment=? WHERE id=?",
                  (anchor, minimum, cid))
 
@@ -94,9 +102,9 @@ def upsert_customer(conn: sqlite3.Connection, cid: object, stripe_customer_id: o
                     overage: object, status: object) -> tuple[Customer, bool]:
     """Create or update; returns (customer, created). Arguments come straight from JSON."""
     cid = valid_id(cid, "id")
-    stripe_customer_id = _opt_str(stripe_customer_id, "stripe_customer_id", None)
-    overage = _opt_str(overage, "overage", ("bill", "block"))
-    status = _opt_str(status, "status", ("active", "suspended"))
+    stripe_customer_id = valid_choice(stripe_customer_id, "stripe_customer_id", None)
+    overage = valid_choice(overage, "overage", ("bill", "block"))
+    status = valid_choice(status, "status", ("active", "suspended"))
     now = int(time.time())
     row = conn.execute("SELECT stripe_customer_id, status, overage FROM customers WHERE id=?",
                        (cid,)).fetchone()

@@ -25,32 +25,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.errors import InvalidInput
-from proxy.store.keys import Customer, KeyEntry, hash_key, valid_id
+from proxy.store.keys import Customer, KeyEntry, billing_values, hash_key, valid_choice, valid_id
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import KeySnapshot
 from proxy.timeutil import rfc3339
 
 _COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment"
-
-
-def _choice(value: object, what: str, allowed: tuple[str, ...] | None) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or (allowed is not None and value not in allowed):
-        options = " or ".join(repr(a) for a in allowed) if allowed else "a string"
-        raise InvalidInput(f"{what} must be {options}")
-    return value
-
-
-def billing_values(anchor: object, minimum: object) -> tuple[int | None, int]:
-    """Pure: validated (billing anchor, minimum commitment), as ``keys.set_billing``."""
-    if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, int)):
-        raise InvalidInput("billing_anchor must be a time")
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
-        raise InvalidInput("minimum_commitment must be a non-negative integer of minor units")
-    return anchor, minimum
 
 
 async def _get(c: Conn, cid: str) -> Customer | None:
@@ -61,9 +42,9 @@ async def _get(c: Conn, cid: str) -> Customer | None:
 async def _upsert(c: Conn, cid: object, stripe_customer_id: object, overage: object,
                   status: object) -> tuple[Customer, bool]:
     cid = valid_id(cid, "id")
-    scid = _choice(stripe_customer_id, "stripe_customer_id", None)
-    ov = _choice(overage, "overage", ("bill", "block"))
-    st = _choice(status, "status", ("active", "suspended"))
+    scid = valid_choice(stripe_customer_id, "stripe_customer_id", None)
+    ov = valid_choice(overage, "overage", ("bill", "block"))
+    st = valid_choice(status, "status", ("active", "suspended"))
     now = int(time.time())
     created = await c.fetchval(
         "INSERT INTO customers(id, stripe_customer_id, status, overage, created_at, updated_at)"
@@ -157,7 +138,7 @@ class PostgresCustomers:
                     made = await c.fetchval(
                         "INSERT INTO customers(id, status, suspended_for, created_at, updated_at)"
                         " VALUES ($1,$2,$3,$4,$4) ON CONFLICT (id) DO NOTHING RETURNING id",
-                        valid_id(cid, "id"), _choice(new[0], "status", ("active", "suspended")),
+                        valid_id(cid, "id"), valid_choice(new[0], "status", ("active", "suspended")),
                         new[1], now)
                     if made is None:
                         continue        # another member created it meanwhile: decide again
