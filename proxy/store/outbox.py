@@ -67,6 +67,41 @@ def _periods(conn: sqlite3.Connection, customers: set[str]) -> dict[str, int | N
     return out
 
 
+
+def events_from_buckets(buckets: Mapping[tuple[str, str, int, int], Sequence[int]],
+                        before: Mapping[tuple[str, str, int], list[int]],
+                        carry: dict[tuple[str, str, str], int],
+                        event_names: Mapping[str, tuple[str, str | None]],
+                        transforms: Mapping[str, TransformQuantity], now: float,
+                        ) -> list[StagedEvent]:
+    """The pure core of staging, shared by every backend: each (customer, meter, period,
+    window) bucket of newly billable/covered micro-units becomes at most one event per event
+    name. A meter with a transform and known period totals (``before``: reported so far,
+    updated in place) is charged the transformed difference; any other meter floors whole
+    units and carries the fraction (``carry``, updated in place). Buckets are visited in key
+    order, so the events come out in identifier order."""
+    out: list[StagedEvent] = []
+    for (customer, meter, pstart, window), (pend, last_minute, billable, covered) \
+            in sorted(buckets.items()):
+        names = event_names.get(meter, (meter, None))
+        ts = int(min(last_minute + 59, pend - 1, now))
+        t = transforms.get(meter)
+        totals = before.get((customer, meter, pstart))
+        for i, (event_name, delta, is_cov) in enumerate(
+                ((names[0], billable, False), (names[1], covered, True))):
+            if event_name is None or not delta:
+                continue
+            if t is not None and totals is not None:
+                whole = transformed_delta(totals[i], totals[i] + delta, t)
+                totals[i] += delta
+            else:
+                ckey = (customer, meter, event_name)
+                whole, rem = split_whole(carry.get(ckey, 0) + delta)
+                carry[ckey] = rem
+            if whole:
+                out.append(StagedEvent(customer, meter, event_name, is_cov, whole, window, ts))
+    return out
+
 def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | None]],
           now: float | None = None,
           transforms: Mapping[str, TransformQuantity] | None = None) -> list[StagedEvent]:
@@ -130,27 +165,8 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
     carry: dict[tuple[str, str, str], int] = {
         (c, m, e): r for c, m, e, r in conn.execute(
             "SELECT customer_id, meter, event_name, remainder FROM carry")}
-    out: list[StagedEvent] = []
+    out = events_from_buckets(buckets, before, carry, event_names, transforms, now)
     created = int(now)
-    for (customer, meter, pstart, window), (pend, last_minute, billable, covered) \
-            in sorted(buckets.items()):
-        names = event_names.get(meter, (meter, None))
-        ts = int(min(last_minute + 59, pend - 1, now))
-        t = transforms.get(meter)
-        totals = before.get((customer, meter, pstart))
-        for i, (event_name, delta, is_cov) in enumerate(
-                ((names[0], billable, False), (names[1], covered, True))):
-            if event_name is None or not delta:
-                continue
-            if t is not None and totals is not None:
-                whole = transformed_delta(totals[i], totals[i] + delta, t)
-                totals[i] += delta
-            else:
-                ckey = (customer, meter, event_name)
-                whole, rem = split_whole(carry.get(ckey, 0) + delta)
-                carry[ckey] = rem
-            if whole:
-                out.append(StagedEvent(customer, meter, event_name, is_cov, whole, window, ts))
     conn.executemany(
         "INSERT INTO carry(customer_id, meter, event_name, remainder) VALUES (?,?,?,?)"
         " ON CONFLICT(customer_id, meter, event_name) DO UPDATE SET remainder=excluded.remainder",

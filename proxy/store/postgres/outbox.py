@@ -25,11 +25,10 @@ from typing import Any
 
 from proxy.periods import period_bounds
 from proxy.pricing import TransformQuantity
-from proxy.store.outbox import WINDOW, StagedEvent, split_whole
+from proxy.store.outbox import WINDOW, StagedEvent, events_from_buckets
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import DueEvent, HourTotal, OutboxCounts, OutboxEntry
-from proxy.transform import transformed_delta
 
 _STAGE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('meterproxy_outbox_stage'))"
 _ENTRY_COLS = ("id, identifier, customer_id, meter, event_name, covered, value, timestamp,"
@@ -101,26 +100,7 @@ async def _stage(c: Conn, event_names: Mapping[str, tuple[str, str | None]], now
         (r[0], r[1], r[2]): int(r[3]) for r in await c.fetch(
             "SELECT customer_id, meter, event_name, remainder FROM carry"
             " WHERE customer_id = ANY($1::text[]) FOR UPDATE", customers)}
-    out: list[StagedEvent] = []
-    for (customer, meter, pstart, window), (pend, last_minute, billable, covered) \
-            in sorted(buckets.items()):
-        names = event_names.get(meter, (meter, None))
-        ts = int(min(last_minute + 59, pend - 1, now))
-        t = transforms.get(meter)
-        totals = before.get((customer, meter, pstart))
-        for i, (event_name, delta, is_cov) in enumerate(
-                ((names[0], billable, False), (names[1], covered, True))):
-            if event_name is None or not delta:
-                continue
-            if t is not None and totals is not None:
-                whole = transformed_delta(totals[i], totals[i] + delta, t)
-                totals[i] += delta
-            else:
-                ckey = (customer, meter, event_name)
-                whole, rem = split_whole(carry.get(ckey, 0) + delta)
-                carry[ckey] = rem
-            if whole:
-                out.append(StagedEvent(customer, meter, event_name, is_cov, whole, window, ts))
+    out = events_from_buckets(buckets, before, carry, event_names, transforms, now)
     if carry:
         keys = sorted(carry)
         await c.execute(
