@@ -71,6 +71,19 @@ from aiohttp import web
 from proxy import metrics
 from proxy.config import Config
 from proxy.credits.ledger import Entry, rollover_grant
+from proxy.credits.plans import (
+    invoice_state as plan_invoice_state,
+)
+from proxy.credits.plans import (
+    monthly_anchor,
+    open_invoices,
+    plan_grant_for,
+    prorate_allowance,
+    record_invoice,
+    set_anchor,
+    subscription_items,
+    subscription_period,
+)
 from proxy.credits.service import CreditService, insert_entries
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
@@ -83,8 +96,14 @@ log = logging.getLogger("meterproxy.webhooks")
 PATH = "/webhooks/stripe"
 MAX_BODY = 1024 * 1024
 TOLERANCE = 300
-STATUSES = ("pending", "processed", "ignored", "waiting_customer", "failed")
-_PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription"})
+STATUSES = ("pending", "processed", "ignored", "waiting_customer", "waiting_period", "failed")
+# subscription_update: a plan line that is not a proration is a whole new period (a plan
+# change that reset the billing cycle anchor)
+_PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription",
+                           "subscription_update"})
+_OPEN = frozenset({"invoice.created", "invoice.finalized"})
+_UNPAID = frozenset({"invoice.voided", "invoice.marked_uncollectible"})
+_SUB_CHANGED = frozenset({"customer.subscription.created", "customer.subscription.updated"})
 _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 _COLS = "id, type, created, status, result, received_at, processed_at"
 _MAX_CREATED = 253_402_300_799   # 9999-12-31T23:59:59Z
@@ -207,6 +226,7 @@ class WebhookReceiver:
         self._wake = asyncio.Event()
         self._seen_customers: object = None
         self._next_retry = 0.0
+        self._period_due = 0.0      # when a waiting_period event is processed again
         self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
 
     # ---- the endpoint ---------------------------------------------------------------------
@@ -267,7 +287,11 @@ class WebhookReceiver:
 
     async def drain(self) -> int:
         """Process every pending event in arrival order; returns how many were processed."""
-        statuses = ("pending", "waiting_customer") if self._retry_waiting() else ("pending",)
+        statuses: tuple[str, ...] = ("pending", "waiting_customer") if self._retry_waiting() \
+            else ("pending",)
+        if self.clock() >= self._period_due:
+            self._period_due = float("inf")
+            statuses = (*statuses, "waiting_period")
         marks = ",".join("?" * len(statuses))
         cursor, n = 0, 0
         while True:
@@ -319,7 +343,9 @@ class WebhookReceiver:
             "charge.dispute.created": self._disputed,
             "credit_note.created": self._credit_note,
             "invoice_payment.paid": self._invoice_payment,
-        } | dict.fromkeys(_CHECKOUT, self._checkout)
+        } | dict.fromkeys(_CHECKOUT, self._checkout) | dict.fromkeys(_OPEN, self._invoice_open) \
+            | dict.fromkeys(_UNPAID, self._invoice_unpaid) \
+            | dict.fromkeys(_SUB_CHANGED, self._subscription_changed)
         handler = handlers.get(etype) if isinstance(etype, str) else None
         if handler is None:
             return Outcome("ignored", {"reason": f"event type {etype!r} is not mapped"})
@@ -361,7 +387,11 @@ class WebhookReceiver:
         granted = self._grant_packs(cid, inv_id, lines, event, payment)
         notes: list[str] = []
         plan_lines = [ln for ln in lines if ln.price in self.cfg.credits.plans and not ln.proration]
+        if any(ln.proration and ln.price in self.cfg.credits.plans for ln in lines):
+            notes.append("proration lines grant nothing here: a plan change's allowance is"
+                         " granted at customer.subscription.updated")
         sub = invoice_subscription(inv)
+        waiting: int | None = None
         if plan_lines:
             reason = inv.get("billing_reason")
             line = plan_lines[0]
@@ -370,13 +400,21 @@ class WebhookReceiver:
                 notes.append(f"plan line not granted: billing_reason {reason!r}")
             elif sub is None or line.period is None:
                 notes.append("plan line not granted: no subscription or period")
+            elif self._rollover_early(line):
+                waiting = line.period[0]
             else:
-                granted.append(self._grant_plan(cid, inv_id, sub, line, payment))
+                granted.append(self._grant_plan(cid, inv_id, sub, line, payment, "paid"))
             if len(plan_lines) > 1:
                 notes.append("only the first plan line of an invoice grants")
         if _get(inv, "lines", "has_more"):
             notes.append("invoice lines truncated (has_more): only the included lines were mapped")
         reactivated = self._cure(cid, inv_id)
+        if waiting is not None:
+            self._period_due = min(self._period_due, float(waiting))
+            return Outcome("waiting_period", {
+                "customer": cid, "grants": granted, "notes": notes,
+                "reason": f"a rollover period starting {rfc3339(waiting)}: what the previous"
+                          " period leaves is known then; processed again at that time"})
         if not granted and not reactivated:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price",
                                        "notes": notes})
@@ -405,8 +443,138 @@ class WebhookReceiver:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price"})
         return Outcome("processed", {"customer": cid, "grants": granted})
 
+    def _invoice_open(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+        """``invoice.created`` / ``invoice.finalized`` of a renewal (``subscription_cycle``):
+        the new period's allowance is granted now, effective from the period start, before
+        the payment (Stripe finalizes about an hour later and may retry payment for days).
+        If the invoice is never paid (voided, uncollectible, or the subscription deleted),
+        the grant is clawed back (docs/credits.md). Only renewals: a first invoice
+        (``subscription_create``) grants when it is paid."""
+        inv_id = _id(inv.get("id"))
+        if inv_id is None:
+            raise ValueError("the invoice has no id")
+        if inv.get("billing_reason") != "subscription_cycle":
+            return Outcome("ignored", {"customer": cid, "reason": "not a renewal invoice"})
+        if inv.get("status") in ("void", "uncollectible"):
+            return Outcome("ignored", {"customer": cid, "reason": f"invoice {inv.get('status')}"})
+        lines = [ln for ln in invoice_lines(inv)
+                 if ln.price in self.cfg.credits.plans and not ln.proration]
+        sub = (lines[0].subscription if lines else None) or invoice_subscription(inv)
+        if not lines or sub is None or lines[0].period is None:
+            return Outcome("ignored", {"customer": cid, "reason": "no plan line with a"
+                                                                  " subscription and period"})
+        if self._rollover_early(lines[0]):
+            return Outcome("ignored", {"customer": cid, "reason": "a rollover period that has"
+                                                                  " not started: granted when"
+                                                                  " paid"})
+        state = plan_invoice_state(self.store.conn, inv_id)
+        if state is not None and state != "open":
+            return Outcome("ignored", {"customer": cid, "reason": f"invoice already {state}"})
+        payment = ((inv_id,), _minor(inv.get("amount_due")))
+        info = self._grant_plan(cid, inv_id, sub, lines[0], payment, "open")
+        return Outcome("processed", {"customer": cid, "grants": [info],
+                                     "pending_payment": inv_id})
+
+    def _invoice_unpaid(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+        """``invoice.voided`` / ``invoice.marked_uncollectible``: a renewal granted before
+        payment is clawed back (unused credit removed, spent credit becomes debt)."""
+        inv_id = _id(inv.get("id"))
+        if inv_id is None:
+            raise ValueError("the invoice has no id")
+        if plan_invoice_state(self.store.conn, inv_id) != "open":
+            return Outcome("ignored", {"customer": cid,
+                                       "reason": "no allowance granted ahead of this invoice's"
+                                                 " payment"})
+        return self._clawed(cid, self._write_off(cid, inv_id, str(event.get("id"))),
+                            "unpaid invoice")
+
+    def _write_off(self, cid: str, inv_id: str, event_id: str) -> list[dict[str, Any]]:
+        row = self.store.conn.execute("SELECT MAX(paid) FROM grant_payments WHERE ref=?",
+                                      (inv_id,)).fetchone()
+        paid = int(row[0]) if row and row[0] else 0
+        out = self.credits.claw_back(cid, [inv_id], max(paid, 1), f"unpaid:{inv_id}", event_id,
+                                     fallback_paid=max(paid, 1))
+        now = int(self.clock())
+        self.store.execute_write(lambda c: c.execute(
+            "UPDATE plan_invoices SET state='unpaid', updated_at=? WHERE invoice_id=?"
+            " AND state='open'", (now, inv_id)))
+        return out
+
+    def _subscription_changed(self, cid: str, event: dict[str, Any],
+                              sub: dict[str, Any]) -> Outcome:
+        """``customer.subscription.created|updated``: the billing anchor follows the
+        subscription (finding 9); a plan change within a period grants the prorated
+        difference of the allowances (finding 8)."""
+        sid = _id(sub.get("id"))
+        if sid is None:
+            raise ValueError("the subscription has no id")
+        created = event.get("created")
+        at = created if isinstance(created, int) and not isinstance(created, bool) \
+            else int(self.clock())
+        out: dict[str, Any] = {"customer": cid, "subscription": sid}
+        anchor, why = monthly_anchor(sub)
+        if sub.get("status") in ("canceled", "incomplete_expired"):
+            why = f"subscription {sub.get('status')}"
+        if anchor is not None and why is None:
+            if self.store.execute_write(lambda c: set_anchor(c, cid, anchor, at)):
+                self.keys.reload(self.store.conn)
+                out["billing_anchor"] = rfc3339(anchor)
+            else:
+                out["anchor_note"] = "a newer subscription event set the anchor"
+        else:
+            out["anchor_note"] = why
+        prev = _get(event, "data", "previous_attributes", "items")
+        if prev is not None:
+            change = self._plan_change(cid, sid, sub, prev, at, str(event.get("id")))
+            if change is not None:
+                out["plan_change"] = change
+        return Outcome("processed", out)
+
+    def _allowance(self, items: list[Any]) -> int:
+        plans = self.cfg.credits.plans
+        return sum(_micro(plans[i.price].allowance) * i.quantity for i in items
+                   if i.price in plans)
+
+    def _plan_change(self, cid: str, sid: str, sub: dict[str, Any], prev: Any, at: int,
+                     event_id: str) -> dict[str, Any] | None:
+        new_items, old_items = subscription_items(sub.get("items")), subscription_items(prev)
+        new, old = self._allowance(new_items), self._allowance(old_items)
+        if new == old:
+            return None
+        plan_items = [i for i in new_items if i.price in self.cfg.credits.plans]
+        period = subscription_period(sub, plan_items[0] if plan_items else None)
+        current = plan_grant_for(self.store.conn, cid, sid, at)
+        if period is None and current is not None:
+            period = current[1], current[2]
+        info: dict[str, Any] = {"old_allowance": fmt_micro(old), "new_allowance": fmt_micro(new)}
+        if period is None:
+            info["note"] = "no current period known: nothing prorated"
+            return info
+        start, end = period
+        if start > at:
+            info["note"] = "the new period has not started: its renewal grants the allowance"
+            return info
+        extra = prorate_allowance(old, new, start, end, at)
+        if extra <= 0:
+            info["note"] = "a downgrade keeps this period's allowance; the next renewal" \
+                           " grants the new one"
+            return info
+        plan = self.cfg.credits.plans[plan_items[0].price]
+        g, created = self.credits.grant(cid, fmt_micro(extra), expires_at=end,
+                                        priority=plan.priority, source=f"stripe:{event_id}",
+                                        idempotency_key=f"stripe:planchange:{sid}:{start}:"
+                                                        f"{event_id}",
+                                        period=(start, end), effective_at=at)
+        info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=created,
+                    prorated_from=rfc3339(at), period_end=rfc3339(end))
+        return info
+
     def _subscription_deleted(self, cid: str, event: dict[str, Any],
                               sub: dict[str, Any]) -> Outcome:
+        sid = _id(sub.get("id"))
+        if sid is not None:      # renewals granted before payment that was never made
+            for inv_id, _ in open_invoices(self.store.conn, cid, sid):
+                self._write_off(cid, inv_id, str(event.get("id")))
         kept = self._paid_pack_credits(cid)
         if kept > 0:
             return Outcome("processed", {"customer": cid, "suspended": False,
@@ -538,7 +706,7 @@ class WebhookReceiver:
         not operator grants)."""
         ids = {r[0] for r in self.store.conn.execute(
             "SELECT id FROM grants WHERE customer_id=? AND idempotency_key LIKE 'stripe:%'"
-            " AND idempotency_key NOT LIKE 'stripe:plan:%'", (cid,))}
+            " AND idempotency_key NOT LIKE 'stripe:plan%'", (cid,))}
         now = self.clock()
         return sum(g.remaining for g in self.credits.book.grants(cid)
                    if g.id in ids and g.live(now))
@@ -565,12 +733,24 @@ class WebhookReceiver:
                         "created": new})
         return out
 
+    def _rollover_early(self, line: Line) -> bool:
+        """A rollover period that has not started: the carry is unknown until it does."""
+        plan = self.cfg.credits.plans[line.price]
+        return plan.mode == "rollover" and line.period is not None \
+            and line.period[0] > self.clock()
+
     def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
-                    payment: tuple[tuple[str, ...], int] | None = None) -> dict[str, Any]:
+                    payment: tuple[tuple[str, ...], int] | None = None,
+                    state: str = "paid") -> dict[str, Any]:
+        """The allowance of the line's period, effective from the period's start whenever
+        the invoice is created or paid (finding 1). ``state``: ``open`` when granted at the
+        renewal invoice's creation (clawed back if it is never paid), ``paid``."""
         assert line.period is not None
         plan = self.cfg.credits.plans[line.price]
         start, end = line.period
         key = f"stripe:plan:{sub}:{start}"
+        if plan_invoice_state(self.store.conn, inv_id) == "unpaid":
+            key += f":paid:{inv_id}"     # paid after it was written off: granted anew
         allowance = _micro(plan.allowance) * line.quantity
         amount, carried = allowance, 0
         info: dict[str, Any] = {"price": line.price, "period_start": rfc3339(start),
@@ -582,7 +762,9 @@ class WebhookReceiver:
         g, new = self.credits.grant(cid, fmt_micro(amount), expires_at=end,
                                     priority=plan.priority, source=f"stripe:{inv_id}",
                                     idempotency_key=key, period=(start, end),
-                                    payment=payment)
+                                    payment=payment, effective_at=start)
+        now = int(self.clock())
+        self.store.execute_write(lambda c: record_invoice(c, inv_id, g.id, cid, sub, state, now))
         info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=new)
         if plan.mode == "rollover" and new:
             info["carried"] = fmt_micro(carried)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from proxy.credits.book import CreditBook
-from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits
+from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits, repay
 from proxy.store.db import Store
 from proxy.store.keys import InvalidInput, get_customer
 from proxy.timeutil import rfc3339
@@ -25,11 +25,16 @@ from proxy.units import UnitError, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.credits")
 
-_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source"
+_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source, effective_at"
+
+
+def _grant_row(r: Any) -> GrantState:
+    gid, cid, amount, prio, expires, created, source, effective = r
+    return GrantState(gid, cid, amount, prio, expires, created, source, effective_at=effective)
 
 
 def load_book(conn: sqlite3.Connection) -> CreditBook:
-    grants = [GrantState(*r) for r in conn.execute(f"SELECT {_GRANT_COLS} FROM grants")]
+    grants = [_grant_row(r) for r in conn.execute(f"SELECT {_GRANT_COLS} FROM grants")]
     entries = [Entry(g or "", k, a) for g, k, a in conn.execute(
         "SELECT grant_id, kind, amount FROM credit_entries ORDER BY seq")]
     debts = {c: d for c, d in conn.execute(
@@ -50,6 +55,15 @@ def insert_entries(conn: sqlite3.Connection, customer_id: str, entries: list[Ent
         [(customer_id, e.grant_id, e.kind, e.amount, request_id, meter, at_ms) for e in entries])
 
 
+def _record_payment(c: sqlite3.Connection, grant_id: str,
+                    payment: tuple[tuple[str, ...], int] | None) -> None:
+    if payment is not None:
+        refs, paid = payment
+        c.executemany("INSERT INTO grant_payments(ref, grant_id, paid) VALUES (?,?,?)"
+                      " ON CONFLICT(ref, grant_id) DO UPDATE SET paid=max(paid, excluded.paid)",
+                      [(r, grant_id, paid) for r in refs if r])
+
+
 def linked_refs(conn: sqlite3.Connection, refs: list[str]) -> list[str]:
     """``refs`` plus the invoices those payments paid (``payment_links``)."""
     marks = ",".join("?" * len(refs))
@@ -60,9 +74,11 @@ def linked_refs(conn: sqlite3.Connection, refs: list[str]) -> list[str]:
 
 def grant_json(g: GrantState, now: float) -> dict[str, Any]:
     return {"grant_id": g.id, "customer_id": g.customer_id, "credits": fmt_micro(g.amount),
-            "remaining": fmt_micro(g.remaining if g.live(now) else 0),
+            "remaining": fmt_micro(g.remaining if g.live(now) or g.pending(now) else 0),
             "priority": g.priority,
             "expires_at": rfc3339(g.expires_at) if g.expires_at is not None else None,
+            "effective_at": rfc3339(g.effective_at) if g.effective_at is not None else None,
+            "pending": g.pending(now),
             "expired": g.expires_at is not None and g.expires_at <= now,
             "voided": g.voided, "source": g.source, "created_at": rfc3339(g.created_at)}
 
@@ -78,11 +94,16 @@ class CreditService:
     def grant(self, customer_id: str, credits: object, *, expires_at: int | None = None,
               priority: object = 50, source: str = "admin", idempotency_key: str | None = None,
               period: tuple[int, int] | None = None,
-              payment: tuple[tuple[str, ...], int] | None = None) -> tuple[GrantState, bool]:
+              payment: tuple[tuple[str, ...], int] | None = None,
+              effective_at: int | None = None) -> tuple[GrantState, bool]:
         """Create a grant (idempotent on ``idempotency_key`` per customer). A new grant pays
-        back the customer's debt first (a ``repay`` entry in the same transaction).
+        back the customer's debt first (a ``repay`` entry in the same transaction; a grant
+        that is not effective yet repays once it is: ``repay_due``).
         ``payment``: the Stripe references (invoice, charge, payment intent, session) and the
-        amount paid in minor units, kept so a refund, dispute or credit note can claw back."""
+        amount paid in minor units, kept so a refund, dispute or credit note can claw back;
+        recorded on an existing grant too (a renewal granted when its invoice was created,
+        then paid). ``effective_at``: spendable from then (None: at once); it may be in the
+        past (a renewal paid after its period started is effective from the period start)."""
         try:
             amount = to_micro(credits)
         except UnitError as exc:
@@ -92,6 +113,8 @@ class CreditService:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100:
             raise InvalidInput("priority must be an integer from 0 (burns first) to 100")
         prio: int = priority
+        if effective_at is not None and expires_at is not None and effective_at >= expires_at:
+            raise InvalidInput("effective_at must be before expires_at")
 
         def tx(c: sqlite3.Connection) -> tuple[GrantState, bool]:
             if get_customer(c, customer_id) is None:
@@ -100,18 +123,18 @@ class CreditService:
                 row = c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE customer_id=? AND"
                                 " idempotency_key=?", (customer_id, idempotency_key)).fetchone()
                 if row is not None:
-                    return GrantState(*row), False
+                    old = _grant_row(row)
+                    _record_payment(c, old.id, payment)
+                    return old, False
             g = GrantState("grt_" + secrets.token_hex(8), customer_id, amount, prio,
-                           expires_at, int(time.time()), source)
+                           expires_at, int(time.time()), source, effective_at=effective_at)
             c.execute("INSERT INTO grants(id, customer_id, amount, priority, expires_at, source,"
-                      " idempotency_key, created_at, period_start, period_end)"
-                      " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      " idempotency_key, created_at, period_start, period_end, effective_at)"
+                      " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                       (g.id, customer_id, amount, prio, expires_at, source, idempotency_key,
-                       g.created_at, period[0] if period else None, period[1] if period else None))
-            if payment is not None:
-                refs, paid = payment
-                c.executemany("INSERT OR IGNORE INTO grant_payments(ref, grant_id, paid)"
-                              " VALUES (?,?,?)", [(r, g.id, paid) for r in refs if r])
+                       g.created_at, period[0] if period else None, period[1] if period else None,
+                       effective_at))
+            _record_payment(c, g.id, payment)
             repaid = self.book.repayment(g, time.time())
             if repaid:
                 insert_entries(c, customer_id, repaid)
@@ -128,6 +151,27 @@ class CreditService:
                      source)
             return g, True
         return self.book.grant(g.id) or g, False
+
+    def repay_due(self, now: float | None = None) -> int:
+        """Repay debt out of grants that have become effective since they were made (a
+        renewal paid before its period): what ``grant`` could not take at creation."""
+        now = time.time() if now is None else now
+        n = 0
+        for cid in self.book.indebted():
+            entries: list[Entry] = []
+            debt = self.book.debt(cid)
+            for g in self.book.grants(cid):
+                left = debt - sum(e.amount for e in entries)
+                entries += repay(g, left, now)
+            if entries:
+                def tx(c: sqlite3.Connection, cid: str = cid,
+                       entries: list[Entry] = entries) -> None:
+                    insert_entries(c, cid, entries, at=now)
+
+                self.store.execute_write(tx)
+                self.book.apply(entries, cid)
+                n += len(entries)
+        return n
 
     def void(self, grant_id: str) -> GrantState:
         g = self.book.grant(grant_id)
@@ -256,7 +300,9 @@ class CreditService:
         while True:
             now = time.time()
             self.expire_due(now)
-            nxt = self.book.next_expiry(now)
+            self.repay_due(now)
+            nxt = min((t for t in (self.book.next_expiry(now), self.book.next_effective(now))
+                       if t is not None), default=None)
             delay = max_sleep if nxt is None else min(max_sleep, max(0.0, nxt - now))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
