@@ -97,7 +97,7 @@ def _daily_billed(raw: list[int], t: TransformQuantity | None) -> list[int]:
 def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
     """A credit grant as the customer sees it: a name, never an internal id."""
     status = "voided" if g["voided"] else "expired" if g["expired"] else \
-        "used_up" if g["remaining"] == "0" else "active"
+        "pending" if g.get("pending") else "used_up" if g["remaining"] == "0" else "active"
     return {"name": grant_name(g["source"]), "credits": g["credits"],
             "remaining": g["remaining"], "granted_at": g["created_at"],
             "expires_at": g["expires_at"], "status": status}
