@@ -13,16 +13,18 @@ Delivery (Stripe delivers at least once, in no particular order, retrying for 3 
    order: each event is handled by its type alone and every effect is idempotent (grants on
    their idempotency key, suspension is a state), so a crash mid-event, a replay or any
    arrival order gives the same ledger. A ``customer.subscription.deleted`` that arrives
-   before an older ``invoice.paid`` still lets that invoice grant; stale
-   ``customer.subscription.created|updated`` events are ignored (they change nothing here).
+   before an older ``invoice.paid`` still lets that invoice grant; a stale
+   ``customer.subscription.created|updated`` never moves the anchor back (its ``created`` is
+   compared) and a plan change is keyed on its event id.
 
 Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
 - ``invoice.paid``: each pack line grants ``pack.credits x quantity`` (lines of one price are
   summed), key ``stripe:<invoice id>:<price id>``, source ``stripe:<invoice id>``, expiring
   ``expires_in`` after the event's ``created``. A plan line (not a proration) on a
-  subscription invoice (``billing_reason`` subscription_create / subscription_cycle) grants
-  that line's period: key ``stripe:plan:<subscription>:<period start>``, expiring at the
-  period end. ``reset``: ``allowance x quantity``. ``rollover``: what is left of the same
+  subscription invoice (``billing_reason`` subscription_create / subscription_cycle /
+  subscription_update) grants that line's period: key
+  ``stripe:plan:<subscription>:<period start>``, effective from the period start and expiring
+  at the period end (docs/credits.md, "Plan periods"). ``reset``: ``allowance x quantity``. ``rollover``: what is left of the same
   subscription's previous period grant is expired and carried into the new grant
   (``rollover_grant``, capped at ``cap x quantity``), so the ledger still sums. A period
   that arrives after a later period was already granted carries nothing (that later grant
@@ -33,6 +35,13 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   on the session's invoice id when it has one, else on the session id: a purchase seen both
   as a session and as its invoice grants once. Sessions without either are ignored: let the
   invoice's ``invoice.paid`` grant (enable ``invoice_creation``).
+- ``invoice.created`` / ``invoice.finalized`` of a renewal (subscription_cycle): the plan
+  grant is made before payment (``plan_invoices`` state ``open``); ``invoice.voided`` /
+  ``invoice.marked_uncollectible`` (or the subscription deleted while open) claw it back.
+  A rollover period paid before it starts waits (``waiting_period``) until it starts.
+- ``customer.subscription.created`` / ``.updated``: the billing anchor follows the
+  subscription (monthly ones); a plan change within a period grants the prorated difference
+  (``proxy.credits.plans.prorate_allowance``).
 - ``customer.subscription.deleted``: the customer is suspended (403 ``customer_suspended``
   from the next request) unless it still holds live, unspent credits from paid packs: those
   were paid for and stay usable (docs/credits.md). ``invoice.payment_failed``:
