@@ -24,8 +24,8 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   subscription invoice (``billing_reason`` subscription_create / subscription_cycle /
   subscription_update) grants that line's period: key
   ``stripe:plan:<subscription>:<period start>``, effective from the period start and expiring
-  at the period end (docs/credits.md, "Plan periods"). ``reset``: ``allowance x quantity``. ``rollover``: what is left of the same
-  subscription's previous period grant is expired and carried into the new grant
+  at the period end (docs/credits.md, "Plan periods"). ``reset``: ``allowance x quantity``.
+  ``rollover``: what is left of the same subscription's previous period grant is expired and carried into the new grant
   (``rollover_grant``, capped at ``cap x quantity``), so the ledger still sums. A period
   that arrives after a later period was already granted carries nothing (that later grant
   already carried what it could).
