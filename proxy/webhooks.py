@@ -90,6 +90,7 @@ from proxy.credits.plans import (
     prorate_allowance,
     record_invoice,
     set_anchor,
+    subscription_customer,
     subscription_items,
     subscription_period,
 )
@@ -117,6 +118,7 @@ _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_pay
 _COLS = "id, type, created, status, result, received_at, processed_at"
 _MAX_CREATED = 253_402_300_799   # 9999-12-31T23:59:59Z
 _FAILED = "payment_failed:"
+_META_CUSTOMER = "meterproxy_customer"     # names the local customer on a shared Stripe customer
 
 
 def _invoice_payment_refs(inv: dict[str, Any]) -> list[str]:
@@ -377,8 +379,43 @@ class WebhookReceiver:
             return Outcome("waiting_customer", {"reason": f"no customer has stripe_customer_id"
                                                           f" {scid!r} yet; retried when one does"})
         if len(found) > 1:
-            raise ValueError(f"customers {found} share stripe_customer_id {scid!r}")
+            cid = self._shared_target(found, str(etype), obj)
+            if cid is None:
+                raise ValueError(f"customers {found} share stripe_customer_id {scid!r} and the"
+                                 f" event names none of them: set metadata.{_META_CUSTOMER} on"
+                                 " the subscription, checkout session or invoice")
+            return handler(cid, event, obj)
         return handler(found[0], event, obj)
+
+    def _shared_target(self, found: list[str], etype: str, obj: dict[str, Any]) -> str | None:
+        """Which of several local customers on one Stripe customer an event is for: the one
+        named by ``metadata.meterproxy_customer`` (on the object, or on the subscription an
+        invoice copies it from), else the one whose grant the payment bought (refunds,
+        disputes, credit notes), else the one a subscription already granted to."""
+        for meta in (obj.get("metadata"),
+                     _get(obj, "parent", "subscription_details", "metadata"),
+                     _get(obj, "subscription_details", "metadata")):
+            named = meta.get(_META_CUSTOMER) if isinstance(meta, dict) else None
+            if isinstance(named, str) and named in found:
+                return named
+        refs: list[str] = []
+        if etype == "charge.refunded":
+            refs = [r for r in (_id(obj.get("id")), _id(obj.get("payment_intent")),
+                                _id(obj.get("invoice"))) if r]
+        elif etype == "credit_note.created":
+            refs = [r for r in (_id(obj.get("invoice")),) if r]
+        else:
+            refs = [r for r in (_id(obj.get("id")),) if r and r.startswith(("in_", "cs_"))]
+        owner = self.credits.payment_customer(refs) if refs else None
+        if owner in found:
+            return owner
+        sub = _id(obj.get("id")) if etype.startswith("customer.subscription.") \
+            else invoice_subscription(obj)
+        if sub is None and etype.startswith("invoice."):
+            subs = {ln.subscription for ln in invoice_lines(obj)} - {None}
+            sub = subs.pop() if len(subs) == 1 else None
+        owner = subscription_customer(self.store.conn, sub) if sub else None
+        return owner if owner in found else None
 
     # ---- event types --------------------------------------------------------------------------
 

@@ -323,3 +323,30 @@ def test_a_yearly_subscription_does_not_set_a_monthly_anchor() -> None:
     assert anchor is None and why is not None and "year" in why
     assert monthly_anchor(_sub("price_basic")) == (S0, None)
     assert [i.price for i in subscription_items(sub["items"])] == ["price_basic"]
+
+
+# ---- finding 11: two local customers on one Stripe customer ------------------------------
+
+async def test_two_local_customers_on_one_stripe_customer(env: Env) -> None:
+    env.store.execute_write(lambda c: upsert_customer(c, "acme-eu", "cus_acme", "block",
+                                                      "active"))
+    env.keys.reload(env.store.conn)
+    first = _inv("in_1", "price_basic", (S0, S1), "subscription_create")
+    # naming none of them: refused with the fix in the reason
+    out = _at(env, S0 + 5, "evt_x", "invoice.paid", first, "failed")
+    assert "metadata.meterproxy_customer" in out["reason"]
+    # the subscription's metadata (copied onto its invoices) names the customer
+    first["parent"]["subscription_details"]["metadata"] = {"meterproxy_customer": "acme-eu"}
+    _at(env, S0 + 6, "evt_1", "invoice.paid", first)
+    assert env.credits.book.balance("acme-eu", S0 + 10) == 50 * Q
+    assert env.balance(S0 + 10) == 0
+    # later events of that subscription find it without metadata
+    renewal = _inv("in_2", "price_basic", (S1, S2), "subscription_cycle")
+    _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+    assert env.credits.book.balance("acme-eu", S1 + 60) == 50 * Q
+    # a refund finds the customer whose grant the payment bought
+    back = _at(env, S1 + DAY, "evt_r", "charge.refunded",
+               {"id": "ch_1", "object": "charge", "customer": "cus_acme", "invoice": "in_2",
+                "amount": 2000, "amount_refunded": 1000})
+    assert back["customer"] == "acme-eu"
+    assert env.credits.book.balance("acme-eu", S1 + DAY) == 25 * Q

@@ -133,6 +133,19 @@ def plan_grant_for(conn: sqlite3.Connection, customer_id: str, subscription: str
     return (str(row[0]), int(row[1]), int(row[2])) if row else None
 
 
+def subscription_customer(conn: sqlite3.Connection, subscription: str) -> str | None:
+    """The local customer a subscription's plan grants went to (shared Stripe customers)."""
+    prefixes = [f"stripe:plan:{subscription}:", f"stripe:planchange:{subscription}:"]
+    for prefix in prefixes:
+        row = conn.execute("SELECT customer_id FROM grants WHERE substr(idempotency_key, 1, ?)=?"
+                           " LIMIT 1", (len(prefix), prefix)).fetchone()
+        if row is not None:
+            return str(row[0])
+    row = conn.execute("SELECT customer_id FROM plan_invoices WHERE subscription=? LIMIT 1",
+                       (subscription,)).fetchone()
+    return str(row[0]) if row else None
+
+
 def set_anchor(c: sqlite3.Connection, customer_id: str, anchor: int, event_at: int) -> bool:
     """Set the billing anchor from a subscription event unless a newer event already did."""
     n: int = c.execute("UPDATE customers SET billing_anchor=?, anchor_event_at=? WHERE id=?"
