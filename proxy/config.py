@@ -367,11 +367,19 @@ class CreditPlan(_Model):
     cap: str | None = Field(
         default=None,
         description="`rollover` only: the most a period's grant may hold with the carried "
-                    "remainder; unset: no cap.",
+                    "remainder; unset: no cap beyond what `rollover_expiry` bounds.",
         examples=["15000"])
+    rollover_expiry: Literal["next_period", "never"] = Field(
+        default="next_period",
+        description="`rollover` only. `next_period`: carried credits are carried once and "
+                    "expire at the end of the period they were carried into (the carried part "
+                    "is spent first), so a grant never holds more than two periods' allowance. "
+                    "`never`: whatever is left is carried again, up to `cap`.",
+        examples=["never"])
     priority: int = Field(
         default=60, ge=0, le=100,
-        description="Grant priority: higher burns first (then the earliest expiry).",
+        description="Grant priority, as Stripe's: 0 burns first, 100 last (then the "
+                    "earliest expiry).",
         examples=[70])
 
 

@@ -79,7 +79,7 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.config import Config
-from proxy.credits.ledger import Entry, rollover_grant
+from proxy.credits.ledger import Entry, carry, rollover_grant
 from proxy.credits.plans import (
     invoice_state as plan_invoice_state,
 )
@@ -802,13 +802,14 @@ class WebhookReceiver:
         info: dict[str, Any] = {"price": line.price, "period_start": rfc3339(start),
                                 "period_end": rfc3339(end)}
         if plan.mode == "rollover" and not self._has_grant(cid, key):
-            carried = self._close_previous(cid, sub, start)
+            carried = self._close_previous(cid, sub, start, plan.rollover_expiry == "next_period")
             cap = None if plan.cap is None else _micro(plan.cap) * line.quantity
             amount = rollover_grant(allowance, carried, cap)
         g, new = self.credits.grant(cid, fmt_micro(amount), expires_at=end,
                                     priority=plan.priority, source=f"stripe:{inv_id}",
                                     idempotency_key=key, period=(start, end),
-                                    payment=payment, effective_at=start)
+                                    payment=payment, effective_at=start,
+                                    carried=amount - allowance)
         now = int(self.clock())
         self.store.execute_write(lambda c: record_invoice(c, inv_id, g.id, cid, sub, state, now))
         info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=new)
@@ -820,9 +821,10 @@ class WebhookReceiver:
         return self.store.conn.execute("SELECT 1 FROM grants WHERE customer_id=? AND"
                                        " idempotency_key=?", (cid, key)).fetchone() is not None
 
-    def _close_previous(self, cid: str, sub: str, start: int) -> int:
-        """Expire what is left of the subscription's previous period grant and return what it
-        had left at the boundary (remaining + already expired): the amount to carry. Stable
+    def _close_previous(self, cid: str, sub: str, start: int, once: bool) -> int:
+        """Expire what is left of the subscription's previous period grant and return the
+        amount to carry: what it had left at the boundary (remaining + already expired), and
+        with ``once`` no more than its own allowance (``proxy.credits.ledger.carry``). Stable
         under re-processing: a second run finds it expired and returns the same amount."""
         prefix = f"stripe:plan:{sub}:"
         conn = self.store.conn
@@ -831,8 +833,9 @@ class WebhookReceiver:
                              (cid, len(prefix), prefix, start)).fetchone()
         if later is not None:
             return 0          # a later period was granted first and already carried
-        row = conn.execute("SELECT id FROM grants WHERE customer_id=? AND substr(idempotency_key,"
-                           " 1, ?)=? AND period_start < ? ORDER BY period_start DESC LIMIT 1",
+        row = conn.execute("SELECT id, carried FROM grants WHERE customer_id=? AND"
+                           " substr(idempotency_key, 1, ?)=? AND period_start < ?"
+                           " ORDER BY period_start DESC LIMIT 1",
                            (cid, len(prefix), prefix, start)).fetchone()
         prev = self.credits.book.grant(row[0]) if row else None
         if prev is None:
@@ -845,7 +848,7 @@ class WebhookReceiver:
             at = min(self.clock(), float(prev.expires_at or self.clock()))
             self.store.execute_write(lambda c: insert_entries(c, cid, [entry], at=at))
             self.credits.book.apply([entry])
-        return int(expired) + left
+        return carry(int(expired) + left, prev.amount, int(row[1]), once)
 
     # ---- views (admin) ------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import Config
+from proxy.config import Config, CreditPlan
+from proxy.credits.ledger import carry
 from proxy.credits.plans import monthly_anchor, prorate_allowance, subscription_items
 from proxy.credits.service import CreditService, load_book
 from proxy.store.db import Store
@@ -46,7 +47,7 @@ class Clock:
 
 
 class Env:
-    def __init__(self, tmp: Path, clock: Clock) -> None:
+    def __init__(self, tmp: Path, clock: Clock, cfg: Config = CFG) -> None:
         self.store = Store.open(tmp / "m.db")
         self.store.execute_write(lambda c: upsert_customer(c, "acme", "cus_acme", "block",
                                                            "active"))
@@ -54,7 +55,7 @@ class Env:
         self.keys.reload(self.store.conn)
         self.credits = CreditService(self.store, load_book(self.store.conn))
         self.clock = clock
-        self.hooks = WebhookReceiver(self.store, self.keys, self.credits, CFG, clock=clock)
+        self.hooks = WebhookReceiver(self.store, self.keys, self.credits, cfg, clock=clock)
 
     def deliver(self, ev: dict[str, Any], status: str = "processed") -> dict[str, Any]:
         """Store the event as the endpoint does (verified elsewhere) and process it."""
@@ -350,3 +351,44 @@ async def test_two_local_customers_on_one_stripe_customer(env: Env) -> None:
                 "amount": 2000, "amount_refunded": 1000})
     assert back["customer"] == "acme-eu"
     assert env.credits.book.balance("acme-eu", S1 + DAY) == 25 * Q
+
+
+# ---- finding 11: rollover credits expire ------------------------------------------------
+
+@given(st.integers(-10, 10**9), st.integers(1, 10**9), st.integers(0, 10**9), st.booleans())
+def test_carry_never_exceeds_what_was_left_nor_once_the_own_allowance(
+        left: int, amount: int, carried: int, once: bool) -> None:
+    carried = min(carried, amount)
+    out = carry(left, amount, carried, once)
+    assert 0 <= out <= max(left, 0)
+    if once:
+        assert out <= amount - carried
+        assert out == min(max(left, 0), amount - carried)   # the carried part went first
+    else:
+        assert out == max(left, 0)
+
+
+ROLL_CFG = {"allowance": "50", "mode": "rollover"}
+
+
+@pytest.mark.parametrize(("expiry", "third"), [("next_period", "100"), ("never", "150")])
+async def test_carried_credits_expire_after_one_period(tmp_path: Path, expiry: str,
+                                                       third: str) -> None:
+    cfg = CFG.model_copy(deep=True)
+    cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
+        {**ROLL_CFG, "rollover_expiry": expiry})
+    env = Env(tmp_path, Clock(0), cfg)
+    try:
+        s3 = S2 + 30 * DAY          # three periods ending in the future
+        periods = [(S0 - 30 * DAY, S0), (S0, S1), (s3 - 60 * DAY, s3)]
+        got = []
+        for n, (a, b) in enumerate(periods):
+            out = _at(env, a + 5, f"evt_{n}", "invoice.paid",
+                      _inv(f"in_{n}", "price_roll", (a, b),
+                           "subscription_create" if n == 0 else "subscription_cycle"))
+            got.append(out["grants"][0]["credits"])
+        # nothing was spent: 50; 50 + 50; then 50 + only the second period's own 50 (its
+        # carried 50 expire with it) unless rollover_expiry is never
+        assert got == ["50", "100", third]
+    finally:
+        env.store.close()

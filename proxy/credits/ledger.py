@@ -134,6 +134,15 @@ def rollover_grant(allowance: int, previous_remaining: int, cap: int | None) -> 
     return total
 
 
+def carry(left: int, previous_amount: int, previous_carried: int, once: bool) -> int:
+    """What a rollover carries from the previous period's grant that had ``left`` at its end.
+    ``once`` (``rollover_expiry: next_period``): credits carried into a grant are spent first
+    and are never carried again, so only the unspent part of its own allowance
+    (``previous_amount - previous_carried``) moves on."""
+    left = max(left, 0)
+    return min(left, max(previous_amount - previous_carried, 0)) if once else left
+
+
 def covered_quantity(quantity: int, cost: int, covered_cost: int) -> int:
     """Micro-units of ``quantity`` that ``covered_cost`` of its ``cost`` paid for (floor):
     the rest is billable. Full coverage covers everything; zero cost covers nothing."""

@@ -95,7 +95,7 @@ class CreditService:
               priority: object = 50, source: str = "admin", idempotency_key: str | None = None,
               period: tuple[int, int] | None = None,
               payment: tuple[tuple[str, ...], int] | None = None,
-              effective_at: int | None = None) -> tuple[GrantState, bool]:
+              effective_at: int | None = None, carried: int = 0) -> tuple[GrantState, bool]:
         """Create a grant (idempotent on ``idempotency_key`` per customer). A new grant pays
         back the customer's debt first (a ``repay`` entry in the same transaction; a grant
         that is not effective yet repays once it is: ``repay_due``).
@@ -129,11 +129,11 @@ class CreditService:
             g = GrantState("grt_" + secrets.token_hex(8), customer_id, amount, prio,
                            expires_at, int(time.time()), source, effective_at=effective_at)
             c.execute("INSERT INTO grants(id, customer_id, amount, priority, expires_at, source,"
-                      " idempotency_key, created_at, period_start, period_end, effective_at)"
-                      " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                      " idempotency_key, created_at, period_start, period_end, effective_at,"
+                      " carried) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                       (g.id, customer_id, amount, prio, expires_at, source, idempotency_key,
                        g.created_at, period[0] if period else None, period[1] if period else None,
-                       effective_at))
+                       effective_at, min(max(carried, 0), amount)))
             _record_payment(c, g.id, payment)
             repaid = self.book.repayment(g, time.time())
             if repaid:

@@ -266,6 +266,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE grants ADD COLUMN effective_at INTEGER;
     ALTER TABLE customers ADD COLUMN anchor_event_at INTEGER;
+    ALTER TABLE grants ADD COLUMN carried INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE plan_invoices (
         invoice_id TEXT PRIMARY KEY,
         grant_id TEXT NOT NULL REFERENCES grants(id),
