@@ -1,0 +1,124 @@
+"""Monetary credits (issue 12, finding 2): usage burns credits at its marginal price, so the
+period's burns equal the Stripe invoice line the tiers make of the period total; a local
+grant mirrored as a Stripe credit grant (the Stripe double validates them as Stripe does)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.credits.ledger import GrantState
+from proxy.credits.monetary import (
+    burn,
+    credit_grant_params,
+    micro_per_minor,
+    stripe_available,
+    summary_available,
+    to_minor,
+    true_up,
+)
+from proxy.pricing import Price, Tier, line_amount
+
+U = 1_000_000          # micro-units per unit
+
+# the issue's examples: graduated 1M at 0.0002 cents + a 500-cent flat fee, then 0.0001
+GRADUATED = Price("usd", "tiered", tiers_mode="graduated", tiers=(
+    Tier(1_000_000, Decimal("0.0002"), Decimal(500)), Tier(None, Decimal("0.0001"))))
+# volume: up to 100 units at 25 cents, beyond at 20
+VOLUME = Price("usd", "tiered", tiers_mode="volume", tiers=(
+    Tier(100, Decimal(25)), Tier(None, Decimal(20))))
+
+
+def _burns(price: Price, steps: list[int]) -> tuple[list[int], int]:
+    burned, total, out = 0, 0, []
+    for q in steps:
+        total += q
+        b = burn(price, burned, total)
+        burned += b
+        out.append(b)
+    return out, total
+
+
+def test_graduated_burns_sum_to_the_invoice_line() -> None:
+    burns, total = _burns(GRADUATED, [1_000_000 * U] * 3)
+    assert burns == [700, 100, 100]                  # the flat fee once, each tier's own rate
+    assert sum(burns) == line_amount(GRADUATED, total) == 900
+    # unit credits covering the first 2M would leave 1M priced from tier 1: 700, not 100
+
+
+def test_volume_burns_the_tier_of_the_period_total() -> None:
+    burns, total = _burns(VOLUME, [100 * U, 50 * U])
+    assert burns == [2500, 500] and sum(burns) == line_amount(VOLUME, total) == 3000
+    # crossing into the cheaper tier lowers the line: nothing burned, the excess given back
+    burns, total = _burns(VOLUME, [100 * U, 1 * U])
+    assert burns == [2500, 0]
+    assert true_up(VOLUME, 2500, total) == 2500 - 2020
+
+
+_tiers = st.lists(st.tuples(st.integers(1, 50), st.integers(0, 500), st.integers(0, 1000)),
+                  min_size=1, max_size=4)
+
+
+def _price(mode: str, spec: list[tuple[int, int, int]]) -> Price:
+    bounds, tiers, up = [], [], 0
+    for width, _, _ in spec:
+        up += width
+        bounds.append(up)
+    for i, (_, unit, flat) in enumerate(spec):
+        last = i == len(spec) - 1
+        tiers.append(Tier(None if last else bounds[i], Decimal(unit) / 100, Decimal(flat)))
+    return Price("usd", "tiered", tiers_mode=mode, tiers=tuple(tiers))  # type: ignore[arg-type]
+
+
+@given(_tiers, st.sampled_from(["graduated", "volume"]),
+       st.lists(st.integers(0, 40 * U), max_size=12))
+def test_burns_minus_true_up_equal_the_line_whatever_the_requests(
+        spec: list[tuple[int, int, int]], mode: str, steps: list[int]) -> None:
+    price = _price(mode, spec)
+    burns, total = _burns(price, steps)
+    assert all(b >= 0 for b in burns)
+    burned = sum(burns)
+    assert burned - true_up(price, burned, total) == line_amount(price, total) or not steps
+    if mode == "graduated":
+        assert true_up(price, burned, total) == 0
+
+
+@given(st.integers(1, 10**6), st.lists(st.integers(0, 10**4 * U), max_size=12))
+def test_per_unit_burns_sum_exactly(unit_cents: int, steps: list[int]) -> None:
+    price = Price("usd", unit_amount_decimal=Decimal(unit_cents) / 1000)
+    burns, total = _burns(price, steps)
+    assert sum(burns) == (line_amount(price, total) if steps else 0)
+
+
+def test_credit_units_per_currency() -> None:
+    assert micro_per_minor("usd") == 10_000          # 1 credit = 1 USD = 100 cents
+    assert micro_per_minor("jpy") == 1_000_000       # zero-decimal
+    assert micro_per_minor("kwd") == 1_000           # three-decimal
+    assert to_minor(12_340_000, "usd") == 1234
+    with pytest.raises(ValueError, match="whole number of usd minor units"):
+        to_minor(12_345, "usd")
+
+
+def test_a_grant_mirrors_as_a_stripe_credit_grant() -> None:
+    g = GrantState("grt_1", "acme", 25 * U, 10, 2_000_000_000, 0, "stripe:in_1",
+                   effective_at=1_900_000_000)
+    assert credit_grant_params(g, "cus_1", "usd", "paid") == {
+        "customer": "cus_1",
+        "amount": {"type": "monetary", "monetary": {"value": 2500, "currency": "usd"}},
+        "applicability_config": {"scope": {"price_type": "metered"}},
+        "category": "paid", "priority": 10, "name": "meterproxy stripe:in_1",
+        "metadata": {"meterproxy_grant": "grt_1"},
+        "effective_at": 1_900_000_000, "expires_at": 2_000_000_000}
+
+
+def test_stripe_balance_expected_from_the_local_one() -> None:
+    summary = {"balances": [{"available_balance": {"type": "monetary",
+                                                   "monetary": {"currency": "usd",
+                                                                "value": 2500}}}]}
+    assert summary_available(summary, "usd") == 2500
+    assert summary_available(summary, "eur") is None
+    # 15 USD left locally, 10 USD burned in the open period: Stripe has applied nothing yet
+    assert stripe_available(15 * U, 1000, "usd") == 2500
