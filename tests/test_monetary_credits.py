@@ -7,6 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+import stripe
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from proxy.credits.monetary import (
     true_up,
 )
 from proxy.pricing import Price, Tier, line_amount
+from tests.stripe_double.fixture import RunningDouble
 
 U = 1_000_000          # micro-units per unit
 
@@ -122,3 +124,70 @@ def test_stripe_balance_expected_from_the_local_one() -> None:
     assert summary_available(summary, "eur") is None
     # 15 USD left locally, 10 USD burned in the open period: Stripe has applied nothing yet
     assert stripe_available(15 * U, 1000, "usd") == 2500
+
+
+# ---- the Stripe double's Billing Credits, through the real stripe SDK ----------------------
+
+SUMMARY_FILTER = {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}
+
+
+async def _available(client: stripe.StripeClient, customer: str) -> int | None:
+    s = await client.v1.billing.credit_balance_summary.retrieve_async(
+        {"customer": customer, "filter": SUMMARY_FILTER})  # type: ignore[typeddict-item]
+    return summary_available(s.to_dict(), "usd")
+
+
+async def test_double_mirrors_a_grant_and_its_balance(stripe_client: stripe.StripeClient,
+                                                      stripe_double: RunningDouble) -> None:
+    now = int(stripe_double.state.now())
+    g = GrantState("grt_1", "acme", 25 * U, 10, now + 3600, now, "admin")
+    later = GrantState("grt_2", "acme", 5 * U, 0, now + 7200, now, "admin",
+                       effective_at=now + 600)
+    made = [await stripe_client.v1.billing.credit_grants.create_async(
+        credit_grant_params(x, "cus_1", "usd", "paid"),  # type: ignore[arg-type]
+        {"idempotency_key": f"meterproxy-grant-{x.id}"}) for x in (g, later)]
+    assert made[0].amount.monetary is not None and made[0].amount.monetary.value == 2500
+    assert (made[0].priority, made[0].category, made[0].metadata.to_dict()) == \
+        (10, "paid", {"meterproxy_grant": "grt_1"})
+    assert await _available(stripe_client, "cus_1") == 2500       # grt_2 not effective yet
+    # an invoice finalized with 10 USD of metered lines takes it from the grants
+    stripe_double.state.credit_grants.apply_to_invoice("cus_1", "usd", 1000)
+    assert await _available(stripe_client, "cus_1") == 1500
+    assert stripe_available(15 * U - 10 * U, 1000, "usd") == 1500   # 5 left, 10 open-burned
+    stripe_double.state.advance(601)
+    assert await _available(stripe_client, "cus_1") == 2000
+    await stripe_client.v1.billing.credit_grants.void_grant_async(made[1].id)
+    assert await _available(stripe_client, "cus_1") == 1500
+    with pytest.raises(stripe.InvalidRequestError, match="already voided"):
+        await stripe_client.v1.billing.credit_grants.void_grant_async(made[1].id)
+    await stripe_client.v1.billing.credit_grants.expire_async(made[0].id)
+    assert await _available(stripe_client, "cus_1") == 0
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"amount": {"type": "custom_pricing_unit"}}, "amount[type]"),
+    ({"amount": {"type": "monetary", "monetary": {"value": 0, "currency": "usd"}}},
+     "amount[monetary][value]"),
+    ({"amount": {"type": "monetary", "monetary": {"value": 5, "currency": "USD"}}},
+     "amount[monetary][currency]"),
+    ({"applicability_config": {"scope": {"price_type": "licensed"}}},
+     "applicability_config[scope][price_type]"),
+    ({"applicability_config": None}, "applicability_config[scope]"),
+    ({"category": "gift"}, "category"),
+    ({"priority": 101}, "priority"),
+    ({"effective_at": 2_000_000_000, "expires_at": 2_000_000_000}, "expires_at"),
+    ({"customer": None}, "customer"),
+])
+async def test_double_validates_credit_grants_as_stripe_does(
+        stripe_client: stripe.StripeClient, change: dict[str, object], param: str) -> None:
+    base = {"customer": "cus_1",
+            "amount": {"type": "monetary", "monetary": {"value": 100, "currency": "usd"}},
+            "applicability_config": {"scope": {"price_type": "metered"}}}
+    params = {k: v for k, v in {**base, **change}.items() if v is not None}
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        await stripe_client.v1.billing.credit_grants.create_async(params)  # type: ignore[arg-type]
+    assert err.value.param == param
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        await stripe_client.v1.billing.credit_balance_summary.retrieve_async(
+            {"customer": "cus_1"})  # type: ignore[typeddict-item]
+    assert err.value.param == "filter[type]"

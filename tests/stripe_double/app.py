@@ -442,6 +442,25 @@ class DoubleApp:
                 code="resource_missing",
             )
 
+    async def op_credit_grant_create(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.create(ctx.params).to_json()
+
+    async def op_credit_grant(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.get(ctx.request.match_info["id"]).to_json()
+
+    async def op_credit_grant_void(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.void(ctx.request.match_info["id"]).to_json()
+
+    async def op_credit_grant_expire(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.expire(ctx.request.match_info["id"]).to_json()
+
+    async def op_credit_grants(self, ctx: Ctx) -> tuple[int, Any]:
+        items = self.state.credit_grants.list(ctx.params.get("customer"))
+        return 200, _paginate(items, ctx.params, "/v1/billing/credit_grants")
+
+    async def op_credit_balance_summary(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.summary(ctx.params)
+
     async def op_usage_record(self, ctx: Ctx) -> tuple[int, Any]:
         self._legacy_gate(ctx)
         return 200, self.state.create_usage_record(ctx.request.match_info["id"], ctx.params)
@@ -474,6 +493,14 @@ class DoubleApp:
         specs = body.get("meters", [body]) if isinstance(body, dict) else body
         meters = self.state.add_meters_json(specs)
         return _json(200, [m.to_json() for m in meters])
+
+    async def ctl_credit_applications(self, request: web.Request) -> web.Response:
+        """An invoice finalized: ``{customer, currency, amount}`` of eligible metered lines
+        takes credits from the customer's grants (the double has no invoices)."""
+        body = await self._body(request)
+        applied = self.state.credit_grants.apply_to_invoice(
+            str(body["customer"]), str(body["currency"]), int(body["amount"]))
+        return _json(200, {"applied": applied})
 
     async def ctl_reset(self, request: web.Request) -> web.Response:
         self.state.reset()
@@ -565,6 +592,20 @@ def create_app(state: StripeDoubleState) -> web.Application:
         "/v1/subscription_items/{id}/usage_record_summaries",
         route("usage_record_summaries", double.op_usage_summaries),
     )
+    app.router.add_post("/v1/billing/credit_grants",
+                        route("credit_grants", double.op_credit_grant_create, idempotent=True))
+    app.router.add_get("/v1/billing/credit_grants",
+                        route("credit_grants_list", double.op_credit_grants))
+    app.router.add_get("/v1/billing/credit_grants/{id}",
+                        route("credit_grant_retrieve", double.op_credit_grant))
+    app.router.add_post("/v1/billing/credit_grants/{id}/void",
+                        route("credit_grant_void", double.op_credit_grant_void, idempotent=True))
+    app.router.add_post("/v1/billing/credit_grants/{id}/expire",
+                        route("credit_grant_expire", double.op_credit_grant_expire,
+                              idempotent=True))
+    app.router.add_get("/v1/billing/credit_balance_summary",
+                        route("credit_balance_summary", double.op_credit_balance_summary))
+    app.router.add_post("/_double/credit_applications", double.ctl_credit_applications)
     app.router.add_get("/_double/state", double.ctl_state)
     app.router.add_post("/_double/faults", double.ctl_faults)
     app.router.add_post("/_double/meters", double.ctl_meters)

@@ -297,6 +297,9 @@ class StripeDoubleState:
         self.sessions: dict[str, Session] = {}
         self.subscription_items: dict[str, SubscriptionItem] = {}
         self.adjustments: list[dict[str, Any]] = []
+        from .credits import CreditGrants  # it imports this module: imported here
+
+        self.credit_grants = CreditGrants(self.now)
 
     def reset(self) -> None:
         """Forget everything (meters too), clear faults, reseed, restore the clock."""
