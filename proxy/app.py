@@ -44,6 +44,7 @@ from proxy.forward import Upstream
 from proxy.handler import Pipeline
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
+from proxy.notices import NoticeWatch, notice_settings
 from proxy.paths import check_database
 from proxy.pricing import PriceCache, TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
@@ -203,6 +204,10 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.on_stop.append(alerts.close)
     rt.extras["alerts"] = alerts
     server.tasks.append(spawn("webhooks", webhooks.run()))
+    notices = NoticeWatch(store, keys, notice_settings(cfg.alerts), prices=rt.prices,
+                          on_new=alerts.wake)
+    if notices.settings.enabled:
+        server.tasks.append(spawn("notices", notices.run(cfg.alerts.notice_interval)))
     server.tasks.append(spawn("prices", _keep_prices(rt)))
     rt.extras["webhooks"] = webhooks
     if meter_check is not None:

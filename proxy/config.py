@@ -26,7 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from proxy import paths, yamlpos
 from proxy.errors import ConfigError
-from proxy.units import parse_duration
+from proxy.units import parse_duration, to_micro
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -438,6 +438,33 @@ class AlertsConfig(_Model):
         description="HMAC key that signs every alert (at least 16 characters; required with "
                     "`webhook_url`).",
         examples=["${METERPROXY_ALERTS_SECRET}"])
+    pre_renewal: Duration | None = Field(
+        default=None,
+        description="Send a `billing.pre_renewal` notice this long before each customer's "
+                    "billing period ends (once per period), with the usage so far, the "
+                    "projection at period end and the projected charge; unset: off.",
+        examples=["3d"])
+    spike_factor: float | None = Field(
+        default=None, gt=1,
+        description="Send a `usage.spike` notice (once per customer, meter and UTC day) when "
+                    "the day's usage is above this many times the daily average of the 7 "
+                    "days before; unset: off.",
+        examples=[3.0])
+    spike_min: str = Field(
+        default="0",
+        description="Units a day's usage must reach before it can be a spike (an exact "
+                    "decimal, as a string).",
+        examples=["1000"])
+    digest: Literal["off", "daily", "weekly"] = Field(
+        default="off",
+        description="Send a `usage.digest` notice per customer with usage in the last "
+                    "complete UTC day or week (weeks start on Monday).",
+        examples=["weekly"])
+    notice_interval: Duration = Field(
+        default=60.0,
+        description="How often notices are checked (a few grouped queries over the "
+                    "per-minute usage).",
+        examples=["5m"])
 
     @model_validator(mode="after")
     def _signed(self) -> AlertsConfig:
@@ -446,6 +473,12 @@ class AlertsConfig(_Model):
                              "to sign every alert")
         if any(not 0 < t <= 1 for t in self.thresholds):
             raise ValueError("alerts.thresholds are fractions in (0, 1]")
+        try:
+            to_micro(self.spike_min)
+        except ValueError as exc:
+            raise ValueError(f"alerts.spike_min: {exc}") from exc
+        if self.notice_interval <= 0:
+            raise ValueError("alerts.notice_interval must be positive")
         return self
 
 

@@ -35,13 +35,14 @@ from typing import Any, Literal
 
 import orjson
 
+from proxy.config import AlertsConfig
 from proxy.metrics import notices_total
 from proxy.periods import TRAILING, period_bounds, project
 from proxy.pricing import Price, fmt_minor, line_amount
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.timeutil import rfc3339
-from proxy.units import fmt_micro
+from proxy.units import fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.notices")
 
@@ -61,6 +62,11 @@ class NoticeSettings:
     def enabled(self) -> bool:
         return self.pre_renewal is not None or self.spike_factor is not None \
             or self.digest != "off"
+
+
+def notice_settings(cfg: AlertsConfig) -> NoticeSettings:
+    return NoticeSettings(cfg.pre_renewal, cfg.spike_factor, to_micro(cfg.spike_min),
+                          cfg.digest)
 
 
 # ---- pure ------------------------------------------------------------------------------------

@@ -24,11 +24,13 @@ from proxy.notices import (
     NoticeWatch,
     digest_window,
     is_spike,
+    notice_settings,
     pre_renewal_due,
 )
 from proxy.pricing import Price
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, set_billing, upsert_customer
+from tests.conftest import ProxyFactory
 from tests.test_alerts_sender import SECRET, fast, receiver, running, status_of, until
 
 U = 1_000_000
@@ -152,3 +154,19 @@ async def test_digests_are_delivered_signed_once(store: Store) -> None:
     [(_, body, headers)] = rec.delivered
     assert json.loads(body) == n
     assert verify(SECRET, headers[SIGNATURE_HEADER], body)
+
+
+async def test_the_proxy_runs_the_notices_from_its_config(make_proxy: ProxyFactory) -> None:
+    """Wiring: ``alerts.pre_renewal`` longer than any month is always due, so a customer is
+    told once, through the alert sender (logged here: no webhook URL)."""
+    p = await make_proxy(alerts={"pre_renewal": "40d", "notice_interval": "50ms"})
+    await p.admin("POST", "/admin/customers", {"id": "acme"})
+    p.server.rt.keys.reload(p.server.rt.store.conn)
+
+    def told() -> list[tuple[str, str]]:
+        with p.db() as c:
+            return [(t, s) for t, s in c.execute(
+                "SELECT threshold, status FROM alerts WHERE customer_id='acme'")]
+
+    await until(lambda: told() == [("pre_renewal", "logged")], what="the notice")
+    assert notice_settings(p.server.rt.cfg.alerts) == NoticeSettings(pre_renewal=40 * DAY)
