@@ -85,6 +85,7 @@ from proxy.credits.plans import (
 )
 from proxy.credits.plans import (
     monthly_anchor,
+    new_cycle,
     open_invoices,
     plan_grant_for,
     prorate_allowance,
@@ -569,9 +570,11 @@ class WebhookReceiver:
                 out["anchor_note"] = "a newer subscription event set the anchor"
         else:
             out["anchor_note"] = why
-        prev = _get(event, "data", "previous_attributes", "items")
+        prev_attrs = _get(event, "data", "previous_attributes")
+        prev = _get(prev_attrs, "items")
         if prev is not None:
-            change = self._plan_change(cid, sid, sub, prev, at, str(event.get("id")))
+            change = self._plan_change(cid, sid, sub, prev, at, str(event.get("id")),
+                                       new_cycle(prev_attrs, sub))
             if change is not None:
                 out["plan_change"] = change
         return Outcome("processed", out)
@@ -582,7 +585,7 @@ class WebhookReceiver:
                    if i.price in plans)
 
     def _plan_change(self, cid: str, sid: str, sub: dict[str, Any], prev: Any, at: int,
-                     event_id: str) -> dict[str, Any] | None:
+                     event_id: str, cycle_reset: bool) -> dict[str, Any] | None:
         new_items, old_items = subscription_items(sub.get("items")), subscription_items(prev)
         new, old = self._allowance(new_items), self._allowance(old_items)
         if new == old:
@@ -597,8 +600,8 @@ class WebhookReceiver:
             info["note"] = "no current period known: nothing prorated"
             return info
         start, end = period
-        if start > at:
-            info["note"] = "the new period has not started: its renewal grants the allowance"
+        if cycle_reset or start >= at:
+            info["note"] = "the change started a new period: its invoice grants the allowance"
             return info
         extra = prorate_allowance(old, new, start, end, at)
         if extra <= 0:

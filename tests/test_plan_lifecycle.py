@@ -392,3 +392,24 @@ async def test_carried_credits_expire_after_one_period(tmp_path: Path, expiry: s
         assert got == ["50", "100", third]
     finally:
         env.store.close()
+
+
+async def test_an_upgrade_that_resets_the_cycle_is_granted_by_its_invoice_only(
+        env: Env) -> None:
+    """billing_cycle_anchor=now: the update starts a new period, whose invoice (billing
+    reason subscription_update, a whole-period line) grants the new allowance; the update
+    itself grants nothing more."""
+    _at(env, S1 + 5, "evt_1", "invoice.paid",
+        _inv("in_2", "price_basic", (S1, S2), "subscription_cycle"))
+    t = S1 + 10 * DAY
+    sub = _sub("price_pro", billing_cycle_anchor=t)
+    sub["items"]["data"][0].update(current_period_start=t, current_period_end=t + 31 * DAY)
+    env.clock.t = t + 2
+    ev = _updated("evt_up", t + 2, sub, "price_basic")
+    ev["data"]["previous_attributes"]["billing_cycle_anchor"] = S0
+    out = env.deliver(ev)
+    assert out["plan_change"]["note"].startswith("the change started a new period")
+    paid = _at(env, t + 3, "evt_inv", "invoice.paid",
+               _inv("in_up", "price_pro", (t, t + 31 * DAY), "subscription_update"))
+    assert [g["credits"] for g in paid["grants"]] == ["150"]
+    assert env.balance(t + 4) == 200 * Q          # this period's 50 and the new period's 150

@@ -80,6 +80,21 @@ def subscription_period(sub: dict[str, Any], item: Item | None = None) -> tuple[
     return (s, e) if s is not None and e is not None and s < e else None
 
 
+def new_cycle(previous_attributes: Any, sub: dict[str, Any]) -> bool:
+    """Whether a ``customer.subscription.updated`` started a new billing period (a change
+    with ``billing_cycle_anchor: now``): the anchor or the period start is among the changed
+    attributes, on the Subscription (before API 2025-03-31) or on an item."""
+    if not isinstance(previous_attributes, dict):
+        return False
+    if "billing_cycle_anchor" in previous_attributes \
+            or "current_period_start" in previous_attributes:
+        return True
+    old = {i.period for i in subscription_items(previous_attributes.get("items"))
+           if i.period is not None}
+    new = {i.period for i in subscription_items(sub.get("items")) if i.period is not None}
+    return bool(old) and not old <= new
+
+
 def monthly_anchor(sub: dict[str, Any]) -> tuple[int | None, str | None]:
     """(anchor, None) when the subscription bills monthly from ``billing_cycle_anchor``;
     (None, why not) otherwise: meterproxy's periods are monthly (``proxy.periods``)."""
