@@ -33,6 +33,7 @@ from proxy.admin_credits import CREDITS, credit_routes
 from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
 from proxy.admin_webhooks import WEBHOOKS, webhook_routes
 from proxy.alerts import AlertSender
+from proxy.commitments import TRUEUP_INTERVAL, TrueUpTask
 from proxy.config import Config, split_hostport
 from proxy.consumer import ConsumerApi
 from proxy.credits.ledger import Entry
@@ -226,6 +227,12 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.on_stop.append(lambda: _final_flush(flusher))
     for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
+    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
+        trueups = TrueUpTask(store.execute_write, store.conn, stripe_connect(cfg.stripe),
+                             lambda: rt.rules, rt.prices)
+        server.tasks.append(spawn("true-ups", trueups.run(TRUEUP_INTERVAL)))
+        if trueups.stripe is not None:
+            server.on_stop.append(trueups.stripe.close)
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
             server.tasks.append(spawn("reconciler", reconciler.run_every(

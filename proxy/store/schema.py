@@ -276,5 +276,19 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at INTEGER NOT NULL
     );
     CREATE INDEX plan_invoices_grant ON plan_invoices(grant_id);
+    -- each ended period's minimum-commitment true-up, decided once (proxy/commitments.py)
+    CREATE TABLE trueups (
+        customer_id TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        commitment INTEGER NOT NULL,
+        charged INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('none', 'sent')),
+        invoice_item TEXT,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (customer_id, period_start)
+    );
     """,
 )

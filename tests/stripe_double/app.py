@@ -458,6 +458,15 @@ class DoubleApp:
         items = self.state.credit_grants.list(ctx.params.get("customer"))
         return 200, _paginate(items, ctx.params, "/v1/billing/credit_grants")
 
+    async def op_invoice_item(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.invoice_items.create(ctx.params)
+
+    async def op_invoice_items(self, ctx: Ctx) -> tuple[int, Any]:
+        c = ctx.params.get("customer")
+        items = [i for i in reversed(self.state.invoice_items.items.values())
+                 if c in (None, i["customer"])]
+        return 200, _paginate(items, ctx.params, "/v1/invoiceitems")
+
     async def op_credit_balance_summary(self, ctx: Ctx) -> tuple[int, Any]:
         return 200, self.state.credit_grants.summary(ctx.params)
 
@@ -606,6 +615,9 @@ def create_app(state: StripeDoubleState) -> web.Application:
     app.router.add_get("/v1/billing/credit_balance_summary",
                         route("credit_balance_summary", double.op_credit_balance_summary))
     app.router.add_post("/_double/credit_applications", double.ctl_credit_applications)
+    app.router.add_post("/v1/invoiceitems",
+                        route("invoice_items", double.op_invoice_item, idempotent=True))
+    app.router.add_get("/v1/invoiceitems", route("invoice_items_list", double.op_invoice_items))
     app.router.add_get("/_double/state", double.ctl_state)
     app.router.add_post("/_double/faults", double.ctl_faults)
     app.router.add_post("/_double/meters", double.ctl_meters)

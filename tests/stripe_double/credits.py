@@ -225,3 +225,48 @@ class CreditGrants:
             if left == 0:
                 break
         return amount - left
+
+
+class InvoiceItems:
+    """``POST /v1/invoiceitems`` (one-off amounts): ``customer`` is required, and an
+    ``amount`` (integer minor units, may be negative) with its ``currency``; ``period`` needs
+    both ``start`` and ``end``, the end not before the start. Pending items wait for the
+    customer's next invoice (the double keeps them as created)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now = now
+        self.items: dict[str, dict[str, Any]] = {}
+
+    def create(self, p: dict[str, Any]) -> dict[str, Any]:
+        customer = p.get("customer")
+        if not customer:
+            raise missing("customer")
+        if p.get("amount") in (None, ""):
+            raise missing("amount")
+        amount = parse_int(p["amount"], "amount")
+        currency = p.get("currency")
+        if not currency:
+            raise missing("currency")
+        if not isinstance(currency, str) or not _CURRENCY.match(currency):
+            raise invalid("currency", f"Invalid currency: {currency}.", "parameter_invalid")
+        period = p.get("period")
+        start = end = int(self.now())
+        if period is not None:
+            if not isinstance(period, dict) or "start" not in period:
+                raise missing("period[start]")
+            if "end" not in period:
+                raise missing("period[end]")
+            start = parse_int(period["start"], "period[start]")
+            end = parse_int(period["end"], "period[end]")
+            if end < start:
+                raise invalid("period[end]", "period[end] must be on or after period[start].",
+                              "parameter_invalid_integer")
+        meta = p.get("metadata")
+        item = {"id": "ii_" + secrets.token_hex(12), "object": "invoiceitem",
+                "customer": str(customer), "amount": amount, "currency": currency,
+                "description": p.get("description"), "date": int(self.now()),
+                "invoice": None, "livemode": False,
+                "metadata": meta if isinstance(meta, dict) else {},
+                "period": {"start": start, "end": end}, "proration": False, "quantity": 1}
+        self.items[item["id"]] = item
+        return item

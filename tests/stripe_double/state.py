@@ -297,9 +297,10 @@ class StripeDoubleState:
         self.sessions: dict[str, Session] = {}
         self.subscription_items: dict[str, SubscriptionItem] = {}
         self.adjustments: list[dict[str, Any]] = []
-        from .credits import CreditGrants  # it imports this module: imported here
+        from .credits import CreditGrants, InvoiceItems  # they import this module
 
         self.credit_grants = CreditGrants(self.now)
+        self.invoice_items = InvoiceItems(self.now)
 
     def reset(self) -> None:
         """Forget everything (meters too), clear faults, reseed, restore the clock."""
