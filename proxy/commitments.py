@@ -17,9 +17,9 @@ shortfall below its ``minimum_commitment`` becomes a Stripe invoice item.
   same idempotency key (``meterproxy-trueup-<customer>-<period start>``), so Stripe creates
   one item whatever the retries.
 - ``POST /v1/invoiceitems``: ``customer``, ``amount`` (minor units), ``currency``,
-  ``description``, ``period[start|end]``, ``metadata``. Stripe adds a pending invoice item to
-  the customer's next invoice: the renewal invoice if it is still a draft (Stripe leaves it
-  a draft for an hour by default), else the following one.
+  ``description``, ``period[start|end]``, ``metadata``. The item is pending: Stripe puts it
+  on the next invoice created for the customer (for a subscription, usually the following
+  renewal; it is not attached to the renewal draft that already exists).
 """
 
 from __future__ import annotations
