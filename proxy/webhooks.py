@@ -59,7 +59,8 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
 Our customer is found by ``stripe_customer_id``. None yet: ``waiting_customer``, retried
 whenever the customer cache reloads (an admin/CLI change) and every ``retry_interval``: the
 customer may be created after Stripe's first events. Statuses: pending -> processed |
-ignored | waiting_customer | failed (``result`` says why; any stored event can be replayed).
+ignored | waiting_customer | waiting_period | failed (``result`` says why; any stored event can
+be replayed).
 """
 
 from __future__ import annotations
