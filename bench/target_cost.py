@@ -38,7 +38,7 @@ def main(mode: str, raw0: str, n: int) -> None:
             URL(BASE + str(u))
         elif mode == "after":
             _, target = canonical(raw)
-            url = urls.get(target)                              # as proxy.forward.Upstream
+            url = urls.get(target)                              # as proxy.request.forward.Upstream
             if url is None:
                 url = URL(BASE + target, encoded=True)
                 if len(target) <= 256:

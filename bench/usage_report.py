@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy import config as config_mod  # noqa: E402
 from proxy.app import start  # noqa: E402
-from proxy.example_upstream import build_app  # noqa: E402
+from proxy.demo.upstream import build_app  # noqa: E402
 from tests.conftest import ADMIN_TOKEN, write_config  # noqa: E402
 from tests.servers import serve  # noqa: E402
 

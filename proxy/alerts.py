@@ -30,16 +30,18 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import random
-import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import aiohttp
 
+from proxy.backoff import backoff
 from proxy.metrics import alerts_total
+from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store
+from proxy.store.protocols import AlertsFired
 
 log = logging.getLogger("meterproxy.alerts")
 
@@ -96,34 +98,22 @@ def verify(secret: str, header: str, body: bytes, tolerance: float | None = DEFA
     return ok
 
 
-# ---- backoff ---------------------------------------------------------------------------------
-
-def backoff(attempts: int, base_delay: float, max_delay: float) -> float:
-    """Delay after the ``attempts``-th failed call: tenacity's ``wait_exponential_jitter``
-    math (``initial * 2**(n-1) + uniform(0, jitter)``, capped at ``max``) with jitter =
-    ``base_delay`` so tiny test delays stay tiny."""
-    n = max(1, attempts)
-    try:
-        exp = base_delay * 2.0 ** (n - 1)
-    except OverflowError:
-        exp = max_delay
-    return max(0.0, min(max_delay, exp + random.uniform(0.0, base_delay)))
-
-
 # ---- the sender ---------------------------------------------------------------------------------
 
 class AlertSender:
     """Delivers ``alerts`` rows. ``start()``, then ``run()`` as a task; ``close()`` at the end.
 
-    Reads go through ``store.conn``; every write through ``store.execute_write`` (small
-    synchronous transactions, no ``await`` inside). Sends are sequential, in id order.
+    Every read and write is a verb of the ``AlertsFired`` owner (``proxy.store.protocols``).
+    Sends are sequential, in id order.
     """
 
     def __init__(self, store: Store, url: str, secret: str, *, max_attempts: int = 8,
-                 timeout: float = 5.0, base_delay: float = 1.0, max_delay: float = 300.0) -> None:
+                 timeout: float = 5.0, base_delay: float = 1.0, max_delay: float = 300.0,
+                 alerts: AlertsFired | None = None) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.store = store
+        self.alerts: AlertsFired = alerts if alerts is not None else SqliteAlerts(store)
         self.url = url
         self.secret = secret
         self.max_attempts = max_attempts
@@ -165,7 +155,7 @@ class AlertSender:
             self._wake.clear()
             try:
                 await self.deliver_due()
-                delay = self._next_delay()
+                delay = await self._next_delay()
                 failures = 0
             except Exception:
                 failures += 1
@@ -184,7 +174,7 @@ class AlertSender:
         async with self._lock:
             handled = 0
             while True:
-                rows = self._due(time.time())
+                rows = await self._due(time.time())
                 if not rows:
                     return handled
                 for row in rows:
@@ -193,17 +183,11 @@ class AlertSender:
                 if len(rows) < _BATCH:
                     return handled
 
-    def _due(self, now: float) -> list[dict[str, Any]]:
-        cur = self.store.conn.execute(
-            "SELECT id, customer_id, period_key, threshold, payload, attempts FROM alerts"
-            " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-            (now, _BATCH))
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    async def _due(self, now: float) -> list[dict[str, Any]]:
+        return [asdict(a) for a in await self.alerts.due(now, _BATCH)]
 
-    def _next_delay(self) -> float:
-        (nxt,) = self.store.conn.execute(
-            "SELECT MIN(next_attempt_at) FROM alerts WHERE status = 'pending'").fetchone()
+    async def _next_delay(self) -> float:
+        nxt = await self.alerts.next_due()
         if nxt is None:
             return _IDLE_POLL
         return max(0.0, min(_IDLE_POLL, float(nxt) - time.time()))
@@ -215,29 +199,30 @@ class AlertSender:
         raw = row["payload"]
         body = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
         if not self.url:
-            if self._finish(alert_id, "logged", None):
+            if await self._finish(alert_id, "logged", None):
                 alerts_total.labels("logged").inc()
                 log.warning("%s fired; no alerts.webhook_url, logged only: %s", desc,
                             body.decode("utf-8", "replace"))
             return True
-        attempt = self._claim(alert_id, time.time())
+        attempt = await self._claim(alert_id, time.time())
         if attempt is None:
             return False  # another sender has it, or it changed under us
         if attempt == 1:
             log.info("%s fired: %s", desc, body.decode("utf-8", "replace"))
         error = await self._post(alert_id, body)
         if error is None:
-            if self._finish(alert_id, "sent", None):
+            if await self._finish(alert_id, "sent", None):
                 alerts_total.labels("sent").inc()
                 log.info("%s delivered on attempt %d", desc, attempt)
             return True
         if attempt >= self.max_attempts:
-            if self._finish(alert_id, "dead", error):
+            if await self._finish(alert_id, "dead", error):
                 alerts_total.labels("dead").inc()
                 log.error("%s dead-lettered after %d attempts: %s", desc, attempt, error)
             return True
-        delay = backoff(attempt, self.base_delay, self.max_delay)
-        self._retry_later(alert_id, time.time() + delay, error)
+        delay = backoff(attempt, first=self.base_delay, cap=self.max_delay,
+                        jitter=self.base_delay)
+        await self.alerts.retry_at(alert_id, time.time() + delay, error)
         alerts_total.labels("retry").inc()
         log.warning("%s attempt %d/%d failed (%s); retrying in %.1fs", desc, attempt,
                     self.max_attempts, error, delay)
@@ -267,61 +252,22 @@ class AlertSender:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
 
-    # ---- writes (each one small transaction through the store) -------------------------------
+    # ---- writes (each one small transaction of the owner) --------------------------------------
 
-    def _claim(self, alert_id: int, now: float) -> int | None:
-        lease = now + self.timeout + _LEASE_MARGIN
+    async def _claim(self, alert_id: int, now: float) -> int | None:
+        return await self.alerts.claim(alert_id, now, now + self.timeout + _LEASE_MARGIN)
 
-        def tx(conn: sqlite3.Connection) -> int | None:
-            cur = conn.execute(
-                "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ?"
-                " WHERE id = ? AND status = 'pending' AND next_attempt_at <= ?",
-                (lease, alert_id, now))
-            if cur.rowcount != 1:
-                return None
-            (n,) = conn.execute("SELECT attempts FROM alerts WHERE id = ?", (alert_id,)).fetchone()
-            return int(n)
-
-        result: int | None = self.store.execute_write(tx)
-        return result
-
-    def _finish(self, alert_id: int, status: str, error: str | None) -> bool:
+    async def _finish(self, alert_id: int, status: str, error: str | None) -> bool:
         sent_at = int(time.time()) if status == "sent" else None
-
-        def tx(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE alerts SET status = ?, last_error = COALESCE(?, last_error),"
-                " sent_at = COALESCE(?, sent_at) WHERE id = ? AND status = 'pending'",
-                (status, error, sent_at, alert_id))
-            return cur.rowcount == 1
-
-        return bool(self.store.execute_write(tx))
-
-    def _retry_later(self, alert_id: int, when: float, error: str) -> None:
-        self.store.execute_write(lambda conn: conn.execute(
-            "UPDATE alerts SET next_attempt_at = ?, last_error = ? WHERE id = ? AND status = 'pending'",
-            (when, error, alert_id)))
+        return await self.alerts.finish(alert_id, status, error, sent_at)
 
 
-# ---- dead letters (for the admin API) ----------------------------------------------------------
+# ---- dead letters -------------------------------------------------------------------------------
 
-def list_dead(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
-    cur = conn.execute(
-        "SELECT id, customer_id, period_key, threshold, payload, created_at, attempts, last_error"
-        " FROM alerts WHERE status = 'dead' ORDER BY id LIMIT ?", (limit,))
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+async def list_dead(alerts: AlertsFired, limit: int = 100) -> list[dict[str, Any]]:
+    return [asdict(a) for a in await alerts.list_dead(limit)]
 
 
-def requeue(store: Store, ids: Sequence[int]) -> int:
+async def requeue(alerts: AlertsFired, ids: Sequence[int]) -> int:
     """Put dead letters back to pending (attempts reset); returns how many. Then ``wake()``."""
-
-    def tx(conn: sqlite3.Connection) -> int:
-        n = 0
-        for i in ids:
-            n += conn.execute(
-                "UPDATE alerts SET status = 'pending', attempts = 0, next_attempt_at = 0"
-                " WHERE id = ? AND status = 'dead'", (int(i),)).rowcount
-        return n
-
-    return int(store.execute_write(tx))
+    return await alerts.requeue(ids)

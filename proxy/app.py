@@ -17,7 +17,7 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,36 +27,38 @@ import aiosqlite
 from aiohttp import web
 
 from proxy import metrics
-from proxy.admin import REFUSALS, build_admin_app
-from proxy.admin_billing import FLUSHER, billing_routes
-from proxy.admin_credits import CREDITS, credit_routes
-from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, reconcile_routes
-from proxy.admin_webhooks import WEBHOOKS, webhook_routes
+from proxy.admin.api import REFUSALS, build_admin_app
+from proxy.admin.billing import billing_routes
+from proxy.admin.credits import credit_routes
+from proxy.admin.reconcile import reconcile_routes
+from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
 from proxy.commitments import TRUEUP_INTERVAL, TrueUpTask
 from proxy.config import Config, split_hostport
-from proxy.consumer import ConsumerApi
 from proxy.credits.ledger import Entry
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import ConfigError, FileProblem
 from proxy.flusher import Flusher, default_rate
-from proxy.forward import Upstream
-from proxy.handler import Pipeline
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
 from proxy.notices import NoticeWatch, notice_settings
 from proxy.paths import check_database
-from proxy.pricing import PriceCache, TransformQuantity
+from proxy.pricing import TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
+from proxy.request.consumer import ConsumerApi
+from proxy.request.forward import Upstream
+from proxy.request.handler import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
-from proxy.sinks.factory import build_sink
-from proxy.sinks.factory import connect as stripe_connect
-from proxy.store import outbox
 from proxy.store.db import Store
-from proxy.store.keys import KeyCache
+from proxy.store.keys import Customer, KeyCache, KeyEntry
+from proxy.store.protocols import KeySnapshot
+from proxy.store.sqlite import SqliteStorage, as_storage, open_reader
+from proxy.stripe.factory import build_sink
+from proxy.stripe.factory import connect as stripe_connect
+from proxy.stripe.prices import PriceCache
 from proxy.tasks import cancel_and_wait, spawn
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver
@@ -66,12 +68,22 @@ log = logging.getLogger("meterproxy")
 
 @dataclass
 class Server:
-    """A running proxy: both listeners, the runtime and the background tasks."""
+    """A running proxy: both listeners, the runtime, the services the composition root built
+    (each reachable here and, for request handlers, through one typed ``web.AppKey``) and the
+    background tasks."""
 
     rt: Runtime
     public: web.AppRunner
     admin: web.AppRunner
     reader: aiosqlite.Connection
+    pipeline: Pipeline
+    credits: CreditService
+    flusher: Flusher
+    webhooks: WebhookReceiver
+    alerts: AlertSender
+    connections: ConnectionGuard
+    meter_check: MeterCheck | None
+    reconciler: Reconciler | None
     public_port: int = 0
     admin_port: int = 0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -110,23 +122,32 @@ def load_ruleset(cfg: Config) -> RuleSet:
     return load_rules(cfg.rule_paths())
 
 
-def remember_rules(store: Store, rules: RuleSet) -> None:
+async def remember_rules(rt: Runtime, rules: RuleSet) -> None:
     """Keep the text of every rules version that ever priced a request (for explain)."""
     import orjson
 
     files = orjson.dumps([{"file": f, "text": t} for f, t in rules.sources]).decode()
-    store.execute_write(lambda c: c.execute(
-        "INSERT OR IGNORE INTO rules_versions(version, first_loaded_at, files) VALUES (?,?,?)",
-        (rules.version, int(time.time()), files)))
+    await rt.owners().rules.remember(rules.version, files, int(time.time()))
 
 
 async def start(cfg: Config) -> Server:
-    """Open every resource and start listening. The caller owns ``shutdown()``. A failure
-    part-way (port in use, database unusable) closes what was opened, so the process exits."""
+    """Open every resource and start listening. The caller owns ``shutdown()``.
+
+    Each resource is registered on an ``AsyncExitStack`` right after it is opened, so a
+    failure part-way (port in use, database unusable, a wrong Stripe meter) closes exactly
+    what was opened, newest first, and the process exits. Once everything is up the stack is
+    dropped and ``Server.shutdown`` closes in the documented order."""
     async with AsyncExitStack() as undo:
         server = await _start(cfg, undo)
         undo.pop_all()
         return server
+
+
+def _task(undo: AsyncExitStack, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """Spawn a background task, cancelled (and awaited) if start-up fails later."""
+    task = spawn(name, coro)
+    undo.push_async_callback(cancel_and_wait, task)
+    return task
 
 
 async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
@@ -145,28 +166,30 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
-    remember_rules(store, rules)
     keys = KeyCache()
-    keys.reload(store.conn)
-    reader = await aiosqlite.connect(str(db_path))
+    reader = await open_reader(db_path)
     undo.push_async_callback(reader.close)
-    await reader.execute("PRAGMA query_only=1")
-    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=Upstream(cfg.upstream))
-    undo.push_async_callback(rt.upstream.close)
+    upstream = Upstream(cfg.upstream)
+    undo.push_async_callback(upstream.close)
+    storage = as_storage(SqliteStorage.on(store, reader))
+    keys.replace(*_snapshot(await storage.customers.snapshot()))
+    rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream,
+                 storage=storage)
+    await remember_rules(rt, rules)
     pipeline = Pipeline(rt)
-    credits = CreditService(store, load_book(store.conn))
+    credits = CreditService(store, load_book(await storage.ledger.load()), storage.ledger)
     pipeline.book = credits.book
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
-    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret)
-    pipeline.watch = ThresholdWatch(store, credits.book, cfg.alerts.thresholds,
-                                    on_new=alerts.wake)
+    alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
+    pipeline.watch = await ThresholdWatch.open(storage.alerts, credits.book,
+                                               cfg.alerts.thresholds, on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
-    _expose_billing(rt, flusher, credits)
 
     public_app = web.Application(client_max_size=0)
-    webhooks = WebhookReceiver(store, keys, credits, cfg)
+    webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
+                               customers=storage.customers)
     pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
@@ -179,16 +202,16 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                             handler_cancellation=True, shutdown_timeout=10.0,
                             auto_decompress=False)
     reconciler = build_reconciler(rt)
+    if reconciler is not None:
+        undo.push_async_callback(reconciler.stripe.close)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
-                                + webhook_routes())
-    admin_app[WEBHOOKS] = webhooks
-    admin_app[FLUSHER] = flusher
-    admin_app[RECONCILE_GRACE] = cfg.stripe.reconcile_grace
-    if reconciler is not None:
-        admin_app[RECONCILER] = reconciler
-    admin_app[CREDITS] = credits
+                                + webhook_routes(),
+                                credits=credits, flusher=flusher, webhooks=webhooks,
+                                reconciler=reconciler, meter_check=meter_check,
+                                reconcile_grace=cfg.stripe.reconcile_grace)
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+    ConsumerApi(pipeline, reader, credits).mount()
     await public.setup()
     undo.push_async_callback(public.cleanup)
     await admin.setup()
@@ -196,50 +219,50 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
     site = web.TCPSite(public, host, port, backlog=1024)
-    await site.start()
+    await site.start()                 # closed by public.cleanup
     asite = web.TCPSite(admin, ahost, aport)
-    await asite.start()
-    server = Server(rt, public, admin, reader, _bound_port(site), _bound_port(asite))
+    await asite.start()                # closed by admin.cleanup
+    server = Server(rt, public, admin, reader, pipeline=pipeline, credits=credits,
+                    flusher=flusher, webhooks=webhooks, alerts=alerts, connections=guard,
+                    meter_check=meter_check, reconciler=reconciler,
+                    public_port=_bound_port(site), admin_port=_bound_port(asite))
     await alerts.start()
-    server.tasks.append(spawn("alert-sender", alerts.run()))
+    undo.push_async_callback(alerts.close)
+    server.tasks.append(_task(undo, "alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
-    rt.extras["alerts"] = alerts
-    server.tasks.append(spawn("webhooks", webhooks.run()))
-    notices = NoticeWatch(store, keys, notice_settings(cfg.alerts), prices=rt.prices,
-                          on_new=alerts.wake)
+    server.tasks.append(_task(undo, "webhooks", webhooks.run()))
+    notices = NoticeWatch(storage.usage, storage.alerts, keys, notice_settings(cfg.alerts),
+                          prices=rt.prices, on_new=alerts.wake)
     if notices.settings.enabled:
-        server.tasks.append(spawn("notices", notices.run(cfg.alerts.notice_interval)))
-    server.tasks.append(spawn("prices", _keep_prices(rt)))
-    rt.extras["webhooks"] = webhooks
+        server.tasks.append(_task(undo, "notices", notices.run(cfg.alerts.notice_interval)))
+    server.tasks.append(_task(undo, "prices", _keep_prices(rt)))
     if meter_check is not None:
-        server.tasks.append(spawn("meter-check", meter_check.run()))
+        server.tasks.append(_task(undo, "meter-check", meter_check.run()))
         server.on_stop.append(meter_check.close)
-    server.tasks.append(spawn("rules-watcher", _watch_rules(rt)))
-    server.tasks.append(spawn("key-refresher", _refresh_keys(rt)))
-    server.tasks.append(spawn("audit-retention", _prune_audit(rt)))
-    server.tasks.append(spawn("wal-checkpoint", store.checkpoint_forever(
+    server.tasks.append(_task(undo, "rules-watcher", _watch_rules(rt, meter_check)))
+    server.tasks.append(_task(undo, "key-refresher", _refresh_keys(rt)))
+    server.tasks.append(_task(undo, "audit-retention", _prune_audit(rt)))
+    server.tasks.append(_task(undo, "wal-checkpoint", store.checkpoint_forever(
         st.checkpoint_interval, st.integrity_check_interval)))
-    server.tasks.append(spawn("connection-sweep", guard.sweep_forever()))
-    rt.extras["connections"] = guard
-    server.tasks.append(spawn("journal", store.materialize_forever()))
-    server.graceful.append((flusher.stop, spawn("flusher", flusher.run(cfg.stripe.flush_interval))))
-    server.tasks.append(spawn("credit-expiry", credits.run_expiry()))
+    server.tasks.append(_task(undo, "connection-sweep", guard.sweep_forever()))
+    server.tasks.append(_task(undo, "journal", store.materialize_forever()))
+    server.graceful.append((flusher.stop, _task(undo, "flusher",
+                                                flusher.run(cfg.stripe.flush_interval))))
+    server.tasks.append(_task(undo, "credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
     for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
-        trueups = TrueUpTask(store.execute_write, store.conn, stripe_connect(cfg.stripe),
+        trueup_client = stripe_connect(cfg.stripe)
+        undo.push_async_callback(trueup_client.close)
+        trueups = TrueUpTask(storage.customers, storage.usage, storage.trueups, trueup_client,
                              lambda: rt.rules, rt.prices)
-        server.tasks.append(spawn("true-ups", trueups.run(TRUEUP_INTERVAL)))
-        if trueups.stripe is not None:
-            server.on_stop.append(trueups.stripe.close)
+        server.tasks.append(_task(undo, "true-ups", trueups.run(TRUEUP_INTERVAL)))
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
-            server.tasks.append(spawn("reconciler", reconciler.run_every(
+            server.tasks.append(_task(undo, "reconciler", reconciler.run_every(
                 cfg.stripe.reconcile_interval, cfg.stripe.reconcile_grace)))
         server.on_stop.append(reconciler.stripe.close)
-    rt.extras["pipeline"] = pipeline
-    ConsumerApi(pipeline, reader).mount()
     log.info("meterproxy listening on %s (public) and %s (admin); rules %s; durability %s",
              f"{host}:{server.public_port}", f"{ahost}:{server.admin_port}", rules.version,
              st.durability)
@@ -262,7 +285,6 @@ async def _check_meters(rt: Runtime, undo: AsyncExitStack) -> MeterCheck | None:
     if problems is None:
         log.warning("Stripe meters could not be checked at start (%s): starting degraded, "
                     "retrying every %.0fs", check.unreachable, scfg.meter_check_retry)
-    rt.extras["meter_check"] = check
     return check
 
 
@@ -271,7 +293,7 @@ def build_reconciler(rt: Runtime) -> Reconciler | None:
     scfg = rt.cfg.stripe
     if not scfg.api_key or scfg.sink not in ("meter_events", "meter_event_stream"):
         return None
-    return Reconciler(rt.store.conn, rt.store.execute_write, stripe_connect(scfg),
+    return Reconciler(rt.owners().outbox, rt.owners().customers, stripe_connect(scfg),
                       lambda: event_names(rt), threshold=scfg.reconcile_alert_threshold,
                       metrics=ReconcileMetrics(metrics.reconcile_discrepancies,
                                                metrics.reconcile_discrepancy_rate,
@@ -287,7 +309,8 @@ def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
 
 def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
     scfg = rt.cfg.stripe
-    return Flusher(rt.store, sink, lambda: event_names(rt),
+    return Flusher(rt.store, sink, lambda: event_names(rt), outbox=rt.owners().outbox,
+                   usage=rt.owners().usage,
                    rate=scfg.max_rate or default_rate(scfg.api_key),
                    ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
 
@@ -295,32 +318,6 @@ def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
 def transforms(rt: Runtime) -> dict[str, TransformQuantity]:
     """meter -> transform applied to its period total (meters with a ``transform``)."""
     return {m.name: m.transform for m in rt.rules.meters.values() if m.transform is not None}
-
-
-def _expose_billing(rt: Runtime, flusher: Flusher, credits: CreditService) -> None:
-    async def customer_detail(cid: str) -> dict[str, Any]:
-        from proxy.units import fmt_micro
-
-        rem = outbox.remainders(rt.store.conn, cid)
-        return {"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
-                "credits": credits.summary(cid),
-                "credit_ledger": credits.entries(cid, limit=50)}
-
-    def ready_checks() -> list[str]:
-        out = []
-        check = rt.extras.get("meter_check")
-        if check is not None:
-            out.extend(check.ready_problems())
-        lag = flusher.lag()
-        if lag > rt.cfg.stripe.flush_lag_ready_threshold:
-            out.append(f"flush lag {lag:.0f}s exceeds "
-                       f"{rt.cfg.stripe.flush_lag_ready_threshold:.0f}s")
-        return out
-
-    rt.extras["customer_detail"] = customer_detail
-    rt.extras["ready_checks"] = ready_checks
-    rt.extras["flusher"] = flusher
-    rt.extras["credits"] = credits
 
 
 async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:
@@ -349,12 +346,11 @@ def _refuse_reload(rt: Runtime, problems: list[str]) -> bool:
     return False
 
 
-async def reload_rules_checked(rt: Runtime) -> bool:
+async def reload_rules_checked(rt: Runtime, check: MeterCheck | None) -> bool:
     """:func:`reload_rules`, with the new rules' meters checked against Stripe first when the
-    meter check is on: a wrong meter refuses the reload (the old rules stay)."""
-    check: MeterCheck | None = rt.extras.get("meter_check")
+    meter check is on (``check``): a wrong meter refuses the reload (the old rules stay)."""
     if check is None:
-        return reload_rules(rt)
+        return await reload_rules(rt)
     try:
         new = load_ruleset(rt.cfg)
     except RulesError as exc:
@@ -363,13 +359,13 @@ async def reload_rules_checked(rt: Runtime) -> bool:
     problems = await check.check(names)
     if problems:
         return _refuse_reload(rt, [f"stripe: {p}" for p in problems])
-    ok = reload_rules(rt, new)
+    ok = await reload_rules(rt, new)
     if ok:
         check.record(problems)
     return ok
 
 
-def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
+async def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
     """Swap in the rule files' current content (or ``new``, already loaded); a broken file
     keeps the old rules."""
     if new is None:
@@ -381,7 +377,7 @@ def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)
         log.info("rules reloaded: %s -> %s", rt.rules.version, new.version)
-        remember_rules(rt.store, new)
+        await remember_rules(rt, new)
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
@@ -403,14 +399,14 @@ def _stamp(paths: list[Path]) -> tuple[tuple[str, int, float, int], ...]:
     return tuple(out)
 
 
-async def _watch_rules(rt: Runtime, interval: float = 1.0) -> None:
+async def _watch_rules(rt: Runtime, check: MeterCheck | None, interval: float = 1.0) -> None:
     stamp = _stamp(rt.cfg.rule_paths())
     while True:
         await asyncio.sleep(interval)
         now = _stamp(rt.cfg.rule_paths())
         if now != stamp:
             stamp = now
-            await reload_rules_checked(rt)
+            await reload_rules_checked(rt, check)
 
 
 async def _keep_prices(rt: Runtime) -> None:
@@ -437,21 +433,13 @@ async def _keep_prices(rt: Runtime) -> None:
 
 async def _refresh_keys(rt: Runtime) -> None:
     """Pick up key/customer changes made by another process (the CLI) on the same file."""
-    version = rt.store.data_version()
+    version = rt.owners().customers.data_version()
     while True:
         await asyncio.sleep(rt.cfg.keys.cache_refresh)
-        v = rt.store.data_version()
+        v = rt.owners().customers.data_version()
         if v != version:
             version = v
-            rt.keys.reload(rt.store.conn)
-
-
-def prune_audit(conn: sqlite3.Connection, cutoff_ms: int, batch: int = 5000) -> int:
-    """Delete the oldest audit rows (by seq, which grows with time: no index on at_ms is
-    needed, keeping every commit one index lighter)."""
-    cur = conn.execute("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit ORDER BY seq"
-                       " LIMIT ?) AND at_ms < ?", (batch, cutoff_ms))
-    return int(cur.rowcount)
+            rt.keys.replace(*_snapshot(await rt.owners().customers.snapshot()))
 
 
 async def _prune_audit(rt: Runtime) -> None:
@@ -459,10 +447,7 @@ async def _prune_audit(rt: Runtime) -> None:
     the loop for long. Minute aggregates (what billing uses) are kept."""
     while True:
         cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
-        def tx(c: sqlite3.Connection, cut: int = cutoff) -> int:
-            return prune_audit(c, cut)
-
-        while rt.store.execute_write(tx) == 5000:  # noqa: ASYNC110 - yield between batches
+        while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
             await asyncio.sleep(0.05)
         await asyncio.sleep(3600)
 
@@ -474,7 +459,7 @@ async def run_until_signalled(cfg: Config, ready: Callable[[Server], None] | Non
         loop.add_signal_handler(sig, server.stopping.set)
     with suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, lambda: server.tasks.append(
-            spawn("rules-reload", reload_rules_checked(server.rt))))
+            spawn("rules-reload", reload_rules_checked(server.rt, server.meter_check))))
     if ready is not None:
         ready(server)
     gc.freeze()  # start-up objects never need collecting; keeps gen-2 pauses short
@@ -490,3 +475,7 @@ def serve(cfg: Config) -> None:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(run_until_signalled(cfg))
+
+
+def _snapshot(snap: KeySnapshot) -> tuple[dict[str, KeyEntry], dict[str, Customer]]:
+    return snap.keys, snap.customers

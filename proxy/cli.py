@@ -19,16 +19,17 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from proxy import paths, schema
 from proxy.errors import ConfigError, FileProblem, StorageError
-from proxy.store import keys as keystore
 from proxy.store.db import connect
+from proxy.store.keys import InvalidInput
+from proxy.store.sqlite import SqliteStorage, offline
 
 if TYPE_CHECKING:
     from proxy.rules import RuleSet
@@ -73,15 +74,26 @@ def _db(args: argparse.Namespace) -> sqlite3.Connection:
     return _open_db(cfg.db_path(), cfg.storage.synchronous)
 
 
-def _tx(conn: sqlite3.Connection, fn: Any) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
+T = TypeVar("T")
+
+
+def _owners(args: argparse.Namespace) -> SqliteStorage:
+    """The table owners on a connection of this process's own (writes may wait for locks)."""
+    return offline(_db(args))
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one storage verb to completion. The CLI normally has no event loop; when it is
+    called from inside one (embedded, tests), the verb runs on a loop in a worker thread."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
     try:
-        out = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return out
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -104,7 +116,7 @@ def _time_arg(value: str) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy import demo
+    from proxy.demo import runner as demo
 
     port = args.port
     if port is None:
@@ -123,48 +135,45 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 
 def cmd_customers(args: argparse.Namespace) -> int:
-    conn = _db(args)
+    customers = _owners(args).customers
     if args.action == "list":
-        _print([c.to_json() for c in keystore.list_customers(conn)])
+        _print([c.to_json() for c in _run(customers.all())])
     elif args.action == "show":
-        c = keystore.get_customer(conn, args.id)
+        c = _run(customers.get(args.id))
         if c is None:
             raise LookupError(f"no customer {args.id!r}")
         out = c.to_json()
-        out["keys"] = keystore.list_keys(conn, args.id)
+        out["keys"] = _run(customers.list_keys(args.id))
         _print(out)
     else:
-        cust, created = _tx(conn, lambda c: keystore.upsert_customer(
-            c, args.id, args.stripe_customer_id, args.overage, args.status))
+        cust, created = _run(customers.upsert(args.id, args.stripe_customer_id, args.overage,
+                                              args.status))
         _print({**cust.to_json(), "created": created})
     return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    conn = _db(args)
+    customers = _owners(args).customers
     if args.action == "create":
-        _print(_tx(conn, lambda c: keystore.create_key(c, args.customer, args.name)))
+        _print(_run(customers.create_key(args.customer, args.name)))
     elif args.action == "revoke":
-        _tx(conn, lambda c: keystore.revoke_key(c, args.key_id))
+        _run(customers.revoke_key(args.key_id))
         _print({"key_id": args.key_id, "revoked": True})
     else:
-        _print(keystore.list_keys(conn, args.customer))
+        _print(_run(customers.list_keys(args.customer)))
     return 0
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from proxy.timeutil import month_start, rfc3339
+    """Per-meter usage; the default range is ``periods.default_usage_range`` (the customer's
+    current billing period, as in the admin API)."""
+    from proxy.timeutil import rfc3339
     from proxy.units import fmt_micro
 
-    conn = _db(args)
-    now = time.time()
-    start = args.from_ if args.from_ is not None else month_start(now)
-    end = args.to if args.to is not None else now + 60
-    rows = conn.execute("SELECT meter, SUM(quantity) FROM usage_minute WHERE customer_id=? AND"
-                        " minute>=? AND minute<? GROUP BY meter ORDER BY meter",
-                        (args.customer, int(start // 60) * 60, int(end))).fetchall()
+    usage = _owners(args).usage
+    start, end, totals = _run(usage.usage(args.customer, args.from_, args.to))
     _print({"customer": args.customer, "from": rfc3339(start), "to": rfc3339(end),
-            "meters": {m: fmt_micro(q) for m, q in rows}})
+            "meters": {m: fmt_micro(t.quantity) for m, t in totals.items()}})
     return 0
 
 
@@ -173,10 +182,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import asyncio
 
     from proxy import config
-    from proxy.admin_reconcile import parse_grace
     from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
     from proxy.rules import RulesError, load_rules
-    from proxy.sinks.factory import connect as stripe_connect
+    from proxy.stripe.factory import connect as stripe_connect
+    from proxy.units import MAX_GRACE, parse_duration
 
     cfg = config.load(args.config)
     if not cfg.stripe.api_key:
@@ -192,15 +201,17 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         _open_db(cfg.db_path(), cfg.storage.synchronous)
     start, end = args.from_, args.to
     try:
-        grace = parse_grace(args.grace) if args.grace else cfg.stripe.reconcile_grace
+        grace = parse_duration(args.grace.lower(), maximum=MAX_GRACE) if args.grace \
+            else cfg.stripe.reconcile_grace
     except ValueError as exc:
-        sys.stderr.write(f"meterproxy: {exc}\n")
+        sys.stderr.write(f"meterproxy: --grace: {exc}\n")
         return 2
 
     async def run() -> int:
         stripe = stripe_connect(cfg.stripe)
         try:
-            rec = Reconciler(conn, lambda fn: _tx(conn, fn), stripe, lambda: names,
+            owners = offline(conn)
+            rec = Reconciler(owners.outbox, owners.customers, stripe, lambda: names,
                              threshold=cfg.stripe.reconcile_alert_threshold)
             report = await rec.run(start, end, grace, customers=args.customer,
                                    dry_run=args.dry_run)
@@ -223,10 +234,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Which rule and rules version priced a request, and why (exit 1: unknown id)."""
-    from proxy import explain
+    from proxy.tools import explain
 
-    conn = _db(args)
-    found = explain.explain(conn, args.request_id)
+    found = _run(explain.explain(_owners(args), args.request_id))
     if args.format == "json":
         _print(found if len(found) > 1 else found[0])
     else:
@@ -239,8 +249,8 @@ def _configured_rules(args: argparse.Namespace,
     """The "old" rules of a simulation: the rules configured in --config; with --db and no
     readable config, the newest rules version this database recorded."""
     from proxy import config
-    from proxy.explain import stored_version
     from proxy.rules import load_rules
+    from proxy.tools.explain import stored_version
 
     try:
         cfg = config.load(args.config)
@@ -250,22 +260,21 @@ def _configured_rules(args: argparse.Namespace,
     else:
         files = cfg.rule_paths()
         return load_rules(files), "configured: " + ", ".join(str(p) for p in files)
-    row = conn.execute("SELECT version FROM rules_versions ORDER BY first_loaded_at DESC,"
-                       " rowid DESC LIMIT 1").fetchone()
-    if row is None:
+    newest = _run(offline(conn).rules.newest())
+    if newest is None:
         raise LookupError("no --config to read the current rules from, and the database has "
                           "no recorded rules version")
-    sv = stored_version(conn, row[0])
+    sv = _run(stored_version(offline(conn).rules, newest))
     if sv.rules is None:
-        raise LookupError(f"rules version {row[0]}: {sv.problem}")
+        raise LookupError(f"rules version {newest}: {sv.problem}")
     return sv.rules, f"newest version recorded in {paths.absolute(args.db)} (no readable --config)"
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Exit 0: report printed; 2: a rules file does not load; 1: error."""
-    from proxy import simulate
     from proxy.rules import RulesError, load_rules
     from proxy.timeutil import month_start
+    from proxy.tools import simulate
 
     start = args.from_ if args.from_ is not None else month_start(time.time())
     end = args.to if args.to is not None else time.time()
@@ -276,7 +285,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except RulesError as exc:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
-    sim = simulate.run(conn, old, new, start, end, args.customer)
+    sim = _run(simulate.run(offline(conn), old, new, start, end, args.customer))
     report = simulate.to_json(sim, start, end, old_label, ", ".join(args.rules))
     if args.format == "json":
         _print(report)
@@ -487,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = cmd(sub, "usage", "a customer's usage per meter (on the database)", cmd_usage, db=True)
     u.add_argument("customer", metavar="CUSTOMER", help="customer id")
-    time_opts(u, "start of this month, UTC", "now")
+    time_opts(u, "start of the customer's current billing period (this month, UTC, without a"
+              " billing anchor), as in the admin API", "now + 60s")
 
     cr = group("credits", "grant, list, void prepaid credits (via the admin API)")
     g = cmd(cr, "grant", "grant credits to a customer", cmd_credits)
@@ -567,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RulesError as exc:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
-    except (LookupError, keystore.InvalidInput, StorageError, FileProblem,
+    except (LookupError, InvalidInput, StorageError, FileProblem,
             AdminCallFailed) as exc:
         msg = exc.args[0] if exc.args else str(exc)
         sys.stderr.write(f"meterproxy: {msg}\n")

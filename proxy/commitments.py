@@ -12,8 +12,8 @@ shortfall below its ``minimum_commitment`` becomes a Stripe invoice item.
   first, partial period) has no true-up.
 - Once a period has ended (checked every ``TRUEUP_INTERVAL``, 5 minutes, when a Stripe key
   and a sink other than ``dry_run`` are configured), its true-up is decided once: a row in
-  ``trueups`` (schema migration 8) records ``none`` (no shortfall) or ``sent`` with the
-  invoice item id. A failed call leaves no row and is retried at the next check with the
+  ``trueups`` (schema migration 8, the ``TrueUps`` owner) records ``none`` (no shortfall) or
+  ``sent`` with the invoice item id. A failed call leaves no row and is retried at the next check with the
   same idempotency key (``meterproxy-trueup-<customer>-<period start>``), so Stripe creates
   one item whatever the retries.
 - ``POST /v1/invoiceitems``: ``customer``, ``amount`` (minor units), ``currency``,
@@ -32,10 +32,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.errors import StripeCallError
 from proxy.periods import period_bounds
 from proxy.pricing import Price, period_charges
 from proxy.rules.model import RuleSet
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.store.protocols import Customers, TrueUpRecord, TrueUps, UsageLedger
+from proxy.stripe.client import StripeClient
 from proxy.transform import transformed_units
 from proxy.units import QSCALE
 
@@ -72,9 +74,14 @@ class TrueUp:
                              "meterproxy_commitment": str(self.commitment),
                              "meterproxy_charged": str(self.charged)}}
 
+    def record(self, item: str | None, at: int) -> TrueUpRecord:
+        return TrueUpRecord(self.customer_id, self.period[0], self.period[1], self.commitment,
+                            self.charged, self.amount, self.currency,
+                            "sent" if item else "none", item, at)
 
-def due(conn: sqlite3.Connection, rules: RuleSet, prices: Mapping[str, Price],
-        now: float) -> list[TrueUp]:
+
+async def due(customers: Customers, usage: UsageLedger, trueups: TrueUps, rules: RuleSet,
+              prices: Mapping[str, Price], now: float) -> list[TrueUp]:
     """True-ups of periods that have ended and were not decided yet (the last ended period
     of each customer with a commitment and a Stripe customer)."""
     currencies = {p.currency for p in prices.values()}
@@ -85,41 +92,34 @@ def due(conn: sqlite3.Connection, rules: RuleSet, prices: Mapping[str, Price],
         return []
     (currency,) = currencies
     tf = {m: mt.transform for m, mt in rules.meters.items() if mt.transform is not None}
+    billable: dict[tuple[int, int], dict[tuple[str, str], int]] = {}
     out = []
-    for cid, scid, anchor, commitment, created in conn.execute(
-            "SELECT id, stripe_customer_id, billing_anchor, minimum_commitment, created_at"
-            " FROM customers WHERE minimum_commitment > 0 AND stripe_customer_id IS NOT NULL"
-            " ORDER BY id"):
-        current = period_bounds(anchor, now)[0]
-        start, end = period_bounds(anchor, current - 1)
-        if start < created or conn.execute("SELECT 1 FROM trueups WHERE customer_id=? AND period_start=?",
-                        (cid, start)).fetchone():
+    for cust in await customers.all():
+        if cust.minimum_commitment <= 0 or not cust.stripe_customer_id:
             continue
-        totals = {m: int(b) for m, b in conn.execute(
-            "SELECT meter, SUM(billable) FROM usage_minute WHERE customer_id=? AND minute >= ?"
-            " AND minute < ? GROUP BY meter", (cid, start, end))}
+        current = period_bounds(cust.billing_anchor, now)[0]
+        start, end = period_bounds(cust.billing_anchor, current - 1)
+        if start < cust.created_at or await trueups.decided(cust.id, start):
+            continue
+        if (start, end) not in billable:     # one grouped read per distinct period
+            billable[(start, end)] = await usage.billable(start, end)
+        totals = {m: q for (c, m), q in billable[(start, end)].items() if c == cust.id}
         billed = {m: q if (t := tf.get(m)) is None else transformed_units(q, t) * QSCALE
                   for m, q in totals.items()}
         charged = sum(period_charges(prices, billed).values())
-        out.append(TrueUp(cid, scid, (start, end), int(commitment), charged,
-                          shortfall(int(commitment), [charged]), currency))
+        commitment = cust.minimum_commitment
+        out.append(TrueUp(cust.id, cust.stripe_customer_id, (start, end), commitment, charged,
+                          shortfall(commitment, [charged]), currency))
     return out
 
 
-def record(c: sqlite3.Connection, t: TrueUp, status: str, item: str | None) -> None:
-    c.execute("INSERT OR IGNORE INTO trueups(customer_id, period_start, period_end, commitment,"
-              " charged, amount, currency, status, invoice_item, created_at)"
-              " VALUES (?,?,?,?,?,?,?,?,?,?)",
-              (t.customer_id, t.period[0], t.period[1], t.commitment, t.charged, t.amount,
-               t.currency, status, item, int(time.time())))
-
-
 class TrueUpTask:
-    def __init__(self, write: Callable[[Callable[[sqlite3.Connection], Any]], Any],
-                 conn: sqlite3.Connection, stripe: StripeConnection | None,
-                 rules: Callable[[], RuleSet], prices: Callable[[], Mapping[str, Price]]) -> None:
-        self.write = write
-        self.conn = conn
+    def __init__(self, customers: Customers, usage: UsageLedger, trueups: TrueUps,
+                 stripe: StripeClient | None, rules: Callable[[], RuleSet],
+                 prices: Callable[[], Mapping[str, Price]]) -> None:
+        self.customers = customers
+        self.usage = usage
+        self.trueups = trueups
         self.stripe = stripe
         self.rules = rules
         self.prices = prices
@@ -128,25 +128,22 @@ class TrueUpTask:
         """Decide every due true-up; returns what was done (failures are retried later)."""
         now = time.time() if now is None else now
         done = []
-        for t in due(self.conn, self.rules(), self.prices(), now):
+        for t in await due(self.customers, self.usage, self.trueups, self.rules(),
+                           self.prices(), now):
             item: str | None = None
             if t.amount > 0:
                 if self.stripe is None:
                     log.warning("true-up of %s for %s not sent: no Stripe key (dry run)",
                                 t.amount, t.customer_id)
                     continue
-                res = await attempt(self.stripe.client.v1.invoice_items.create_async(
-                    t.params(),  # type: ignore[arg-type]
-                    {"idempotency_key": t.idempotency_key}))
-                if isinstance(res, Failed):
+                try:
+                    item = await self.stripe.create_invoice_item(
+                        t.params(), idempotency_key=t.idempotency_key)
+                except StripeCallError as exc:
                     log.warning("true-up for %s (period %s) failed, retried later: %s",
-                                t.customer_id, t.period[0], res.outcome)
+                                t.customer_id, t.period[0], exc.reason)
                     continue
-                item = str(res.id)
-            def tx(c: sqlite3.Connection, t: TrueUp = t, item: str | None = item) -> None:
-                record(c, t, "sent" if item else "none", item)
-
-            self.write(tx)
+            await self.trueups.record(t.record(item, int(time.time())))
             done.append({"customer_id": t.customer_id, "period_start": t.period[0],
                          "amount": t.amount, "invoice_item": item})
         return done

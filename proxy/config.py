@@ -26,7 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from proxy import paths, yamlpos
 from proxy.errors import ConfigError
-from proxy.units import parse_duration, to_micro
+from proxy.units import DURATION_PATTERN, parse_duration, to_micro
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -49,7 +49,6 @@ def _size(v: object) -> int:
 
 # The text forms, as JSON Schema patterns (docs/schema/config.schema.json); ``x-kind`` tells
 # the reference generator (proxy/configdoc.py) to print defaults as "10ms" / "1MiB".
-DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"
 SIZE_PATTERN = r"^\s*\d+\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$"
 Duration = Annotated[float, BeforeValidator(_duration), WithJsonSchema({
     "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": DURATION_PATTERN}],

@@ -322,7 +322,8 @@ A complete example with every setting, its default and a comment is
 - **Relative paths** (`rules`, `storage.path`) are relative to the directory that holds the
   config file, not to the working directory.
 - **Durations** are a number of seconds (`30`, `0.5`) or a number with a unit: `ms`, `s`,
-  `m`, `h`, `d` (`10ms`, `1.5s`, `5m`, `2h`, `90d`). Negative durations are errors.
+  `m`, `h`, `d` (`10ms`, `1.5s`, `5m`, `2h`, `90d`). Negative or non-finite durations are errors;
+  written as text, at most 9 integer digits and 6 decimals.
 - **Sizes** are a number of bytes (`1048576`) or a whole number with a unit: `B`, `KB`,
   `MB`, `GB` (powers of 1000) or `KiB`, `MiB`, `GiB` (powers of 1024): `1MiB`, `500KB`.
 - **HOST:PORT** addresses: `0.0.0.0:8080`, `127.0.0.1:9090`, `[::1]:8080`; port `0` picks a

@@ -9,10 +9,16 @@
     │   ├── UpstreamUnavailable   connect refused / reset            -> 502 upstream_unavailable
     │   ├── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
     │   └── UpstreamBusy          no pooled connection within pool_wait -> 503 upstream_busy
-    └── SinkError              a usage sink (Stripe) failed; see proxy.sinks.base for kinds
+    ├── SinkError              a usage sink (Stripe) failed; see proxy.sinks.base for kinds
+    ├── StripeCallError        a call to Stripe did not succeed (proxy.stripe.client.translate)
+    │   ├── StripeUnavailable     transient: network, timeout, 5xx, 409, 429, 401/403
+    │   │   └── StripeSessionExpired  the v2 meter event session must be renewed
+    │   ├── StripeRejected        permanent: Stripe will never accept the call as sent
+    │   └── StripeDuplicate       an event with this identifier was delivered earlier
+    └── WebhookSignatureInvalid  a webhook's Stripe-Signature does not verify
 
 Foreign exceptions are translated in exactly one place each: aiohttp client errors in
-``proxy.forward``, sqlite3 errors in ``proxy.store.db``, stripe errors in ``proxy.sinks``.
+``proxy.request.forward``, sqlite3 errors in ``proxy.store.db``, stripe errors in ``proxy.stripe.client``.
 """
 
 from __future__ import annotations
@@ -63,3 +69,40 @@ class SinkError(MeterproxyError):
 class UpstreamBusy(UpstreamError):
     status = 503
     type = "upstream_busy"
+
+
+class StripeCallError(MeterproxyError):
+    """A call to Stripe did not succeed; raised only by :mod:`proxy.stripe.client`, whose
+    ``translate`` is the one mapping from the SDK's and the network's exceptions. ``reason``
+    is the sentence an operator reads (outbox ``last_error``, reconcile report)."""
+
+    def __init__(self, reason: str, *, status: int | None = None,
+                 retry_after: float | None = None, lock_timeout: bool = False,
+                 ambiguous: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status                # HTTP status seen, if any
+        self.retry_after = retry_after      # seconds, when Stripe said when
+        self.lock_timeout = lock_timeout    # a 429 lock (per customer+meter), not a rate limit
+        self.ambiguous = ambiguous          # the call may have reached Stripe and still run
+
+
+class StripeUnavailable(StripeCallError):
+    """Transient: resend the same call later (network, timeout, 5xx, 409, 429, 401/403)."""
+
+
+class StripeSessionExpired(StripeUnavailable):
+    """The v2 meter event session token expired or was refused: renew it and resend."""
+
+
+class StripeRejected(StripeCallError):
+    """Permanent: Stripe will never accept the call as sent (unknown id or event name,
+    timestamp window, validation, idempotency key reused with other parameters)."""
+
+
+class StripeDuplicate(StripeCallError):
+    """Stripe already has an event with this identifier: it was delivered earlier."""
+
+
+class WebhookSignatureInvalid(MeterproxyError):
+    """A webhook body whose ``Stripe-Signature`` does not verify (or is not UTF-8)."""

@@ -40,10 +40,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from tenacity.wait import wait_exponential_jitter
 
 from proxy import metrics
+from proxy.backoff import backoff
 from proxy.pricing import TransformQuantity
 from proxy.sinks.base import Kind, Outcome, OutEvent, Sink
-from proxy.store import outbox
 from proxy.store.db import Store
+from proxy.store.outbox import SqliteOutbox
+from proxy.store.protocols import DueEvent, Outbox, UsageLedger
+from proxy.store.usage import SqliteUsage
 
 log = logging.getLogger("meterproxy.flusher")
 
@@ -114,11 +117,6 @@ def default_rate(api_key: str) -> float:
     return 0.0
 
 
-def backoff(attempts: int, rng: random.Random) -> float:
-    """Cross-cycle delay before a pending event is tried again (full jitter, capped)."""
-    return min(MAX_BACKOFF, float(2 ** min(attempts, 10))) * (0.5 + rng.random() / 2)
-
-
 @dataclass
 class FlushReport:
     staged: int = 0
@@ -147,8 +145,11 @@ class Flusher:
                  retry_wait_max: float = 2.0, ambiguous_hold: float = 10.0,
                  seed: int | None = None,
                  transforms: Callable[[], Mapping[str, TransformQuantity]] | None = None,
+                 outbox: Outbox | None = None, usage: UsageLedger | None = None,
                  ) -> None:
         self.store = store
+        self.outbox: Outbox = outbox if outbox is not None else SqliteOutbox(store)
+        self.usage: UsageLedger = usage if usage is not None else SqliteUsage(store)
         self.sink = sink
         self.event_names = event_names
         self.transforms: Callable[[], Mapping[str, TransformQuantity]] = \
@@ -176,15 +177,14 @@ class Flusher:
         async with self._lock:
             report = FlushReport()
             if not self._dry_run_requeued:
-                report.requeued_dry_run = self.requeue_dry_run()
+                report.requeued_dry_run = await self.requeue_dry_run()
             # 1: every committed usage row is in the ledger tables before staging reads them
-            self.store.materialize()
+            await self.usage.materialize()
             # 2: staging is one transaction on the one write connection
-            staged = self.store.execute_write(
-                lambda c: outbox.stage(c, self.event_names(), transforms=self.transforms()))
+            staged = await self.outbox.stage(self.event_names(), transforms=self.transforms())
             report.staged = len(staged)
             await self._deliver(report, force)
-            self.refresh_gauges()
+            await self.refresh_gauges()
             if report.retrying == 0 and not report.skipped_circuit_open:
                 self.last_success = time.time()
                 metrics.last_flush_success.set(self.last_success)
@@ -192,7 +192,8 @@ class Flusher:
 
     async def _deliver(self, report: FlushReport, force: bool) -> None:
         now = time.time()
-        due = outbox.pending(self.store.conn, float("inf") if force else now)
+        due = [_as_row(d) for d in
+               await self.outbox.due(float("inf") if force else now)]
         if not due:
             return
         if self.breaker.open:
@@ -205,7 +206,7 @@ class Flusher:
         for row in due:
             dead = self._precheck(row, now)
             if dead is not None:
-                self._mark(row, Outcome(Kind.DEAD, dead), report)
+                await self._mark(row, Outcome(Kind.DEAD, dead), report)
             elif (fresh_start and row["attempts"] > 0) or \
                     self._held_until.get((row["stripe_customer_id"], row["event_name"]), 0) > mono:
                 # a call for this key may still be running at Stripe (ours, or a previous
@@ -216,8 +217,7 @@ class Flusher:
         if not ready:
             return
         # 3: attempts committed before any call, so Idempotency-Keys are never reused
-        self.store.execute_write(lambda c: c.executemany(
-            "UPDATE outbox SET attempts = attempts + 1 WHERE id=?", [(r["id"],) for r in ready]))
+        await self.outbox.begin_attempt([r["id"] for r in ready])
         events = [self._event(r) for r in ready]
         rows = {r["id"]: r for r in ready}
         if self.sink.max_batch > 1:
@@ -255,15 +255,16 @@ class Flusher:
                     for ev in evs:
                         if self.breaker.open:
                             report.retrying += 1
-                            self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"),
-                                       report, count=False)
+                            await self._mark(rows[ev.outbox_id],
+                                             Outcome(Kind.RETRY, "circuit open"), report,
+                                             count=False)
                             continue
                         outcome = await self._call([ev])
-                        self._mark(rows[ev.outbox_id], outcome[0], report)
+                        await self._mark(rows[ev.outbox_id], outcome[0], report)
                         if outcome[0].kind is Kind.RETRY:
                             # keep this key's later events behind the one that failed
                             for rest in evs[evs.index(ev) + 1:]:
-                                self._mark(rows[rest.outbox_id],
+                                await self._mark(rows[rest.outbox_id],
                                            Outcome(Kind.RETRY, "behind a failed event"),
                                            report, count=False)
                                 report.retrying += 1
@@ -280,11 +281,12 @@ class Flusher:
             batch = events[i:i + n]
             if self.breaker.open:
                 for ev in events[i:]:
-                    self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"), report)
+                    await self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"),
+                                     report)
                 return
             outcomes = await self._call(batch)
             for ev, out in zip(batch, outcomes, strict=True):
-                self._mark(rows[ev.outbox_id], out, report)
+                await self._mark(rows[ev.outbox_id], out, report)
 
     async def _call(self, batch: Sequence[OutEvent]) -> list[Outcome]:
         """One logical send with a few quick in-cycle retries (tenacity)."""
@@ -341,8 +343,8 @@ class Flusher:
         for ev in batch:
             self._held_until[(ev.stripe_customer_id, ev.event_name)] = until
 
-    def _mark(self, row: Mapping[str, Any], out: Outcome, report: FlushReport,
-              count: bool = True) -> None:
+    async def _mark(self, row: Mapping[str, Any], out: Outcome, report: FlushReport,
+                    count: bool = True) -> None:
         """5: the outcome is committed; a crash before this resends (see 4)."""
         now = time.time()
         if count:
@@ -351,42 +353,34 @@ class Flusher:
             if out.kind is Kind.DUPLICATE:
                 report.duplicates += 1
             report.delivered += 1
-            self.store.execute_write(lambda c: c.execute(
-                "UPDATE outbox SET status='sent', sent_at=?, sink=?, outcome=?, last_error=NULL"
-                " WHERE id=?", (int(now), self.sink.name, out.kind.value, row["id"])))
+            await self.outbox.mark_sent(row["id"], sink=self.sink.name, outcome=out.kind.value,
+                                        at=int(now))
         elif out.kind is Kind.DRY_RUN:
             # logged, not sent: its own state, never 'sent'; attempts back to 0 (no call was
             # made, so a real sink later starts its Idempotency-Keys afresh)
             report.dry_run += 1
-            self.store.execute_write(lambda c: c.execute(
-                "UPDATE outbox SET status='dry_run', attempts=0, sink=?, outcome=?,"
-                " last_error=NULL WHERE id=?", (self.sink.name, out.kind.value, row["id"])))
+            await self.outbox.mark_dry_run(row["id"], sink=self.sink.name, outcome=out.kind.value)
         elif out.kind is Kind.RETRY:
             if count:
                 report.retrying += 1
             # 6: transient failures stay pending; never dead-lettered
-            delay = max(backoff(row["attempts"], self.rng), out.retry_after or 0.0,
-                        self.ambiguous_hold if out.ambiguous else 0.0)
-            self.store.execute_write(lambda c: c.execute(
-                "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=?",
-                (now + delay, out.reason[:500], row["id"])))
+            delay = max(backoff(row["attempts"], first=1.0, cap=MAX_BACKOFF, rng=self.rng),
+                        out.retry_after or 0.0, self.ambiguous_hold if out.ambiguous else 0.0)
+            await self.outbox.retry_at(row["id"], now + delay, out.reason)
         else:
             report.dead += 1
             metrics.dead_letters_total.labels(_reason_kind(out.reason)).inc()
             log.error("dead letter %s (%s, %s, %d units): %s", row["identifier"],
                       row["customer_id"], row["event_name"], row["value"], out.reason)
-            self.store.execute_write(lambda c: c.execute(
-                "UPDATE outbox SET status='dead', dead_at=?, last_error=?, sink=? WHERE id=?",
-                (int(now), out.reason[:500], self.sink.name, row["id"])))
+            await self.outbox.mark_dead(row["id"], reason=out.reason, sink=self.sink.name,
+                                        at=int(now))
             report.errors.append(f"{row['identifier']}: {out.reason}")
 
-    def requeue_dry_run(self) -> int:
+    async def requeue_dry_run(self) -> int:
         """Make the events an earlier dry-run sink only logged pending again, so this (real)
         sink delivers them with their original identifiers. ``attempts`` was reset when they
         were logged (no call was made), so no Idempotency-Key is reused."""
-        n: int = self.store.execute_write(lambda c: c.execute(
-            "UPDATE outbox SET status='pending', next_attempt_at=0, sink=NULL, outcome=NULL"
-            " WHERE status='dry_run'").rowcount)
+        n = await self.outbox.requeue_dry_run()
         self._dry_run_requeued = True
         if n:
             log.warning("%d meter event(s) only logged by an earlier dry-run sink are now sent"
@@ -395,35 +389,22 @@ class Flusher:
 
     # ---- dead letters and gauges --------------------------------------------------------
 
-    def replay(self, outbox_id: int, restamp: bool = False) -> bool:
-        def tx(c: sqlite3.Connection) -> bool:
-            sets = "status='pending', next_attempt_at=0, dead_at=NULL"
-            if restamp:
-                sets += f", timestamp={int(time.time())}"
-            cur = c.execute(f"UPDATE outbox SET {sets} WHERE id=? AND status='dead'",
-                            (outbox_id,))
-            return cur.rowcount == 1
-
-        ok: bool = self.store.execute_write(tx)
-        self.refresh_gauges()
+    async def replay(self, outbox_id: int, restamp: bool = False) -> bool:
+        ok = await self.outbox.replay(outbox_id, int(time.time()) if restamp else None)
+        await self.refresh_gauges()
         return ok
 
-    def refresh_gauges(self) -> None:
-        c = self.store.conn
-        (dead,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='dead'").fetchone()
-        (pend,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'").fetchone()
-        (dry,) = c.execute("SELECT COUNT(*) FROM outbox WHERE status='dry_run'").fetchone()
-        metrics.dead_letters.set(dead)
-        metrics.outbox_pending.set(pend)
-        metrics.outbox_dry_run.set(dry)
-        metrics.flush_lag_seconds.set(self.lag())
+    async def refresh_gauges(self) -> None:
+        counts = await self.outbox.counts()
+        metrics.dead_letters.set(counts.dead)
+        metrics.outbox_pending.set(counts.pending)
+        metrics.outbox_dry_run.set(counts.dry_run)
+        metrics.flush_lag_seconds.set(await self.lag())
 
-    def lag(self) -> float:
+    async def lag(self) -> float:
         """Age of the oldest usage not yet delivered (staged or not)."""
-        c = self.store.conn
-        (a,) = c.execute("SELECT MIN(created_at) FROM outbox WHERE status='pending'").fetchone()
-        (b,) = c.execute("SELECT MIN(minute) FROM usage_minute INDEXED BY usage_minute_unreported"
-                         " WHERE billable > reported OR covered > reported_covered").fetchone()
+        a = await self.outbox.oldest_pending_created()
+        b = await self.usage.oldest_unstaged_minute()
         oldest = min(x for x in (a, b, time.time()) if x is not None)
         return max(0.0, time.time() - oldest)
 
@@ -466,3 +447,10 @@ def _reason_kind(reason: str) -> str:
     if "no active meter" in r or "event name" in r:
         return "unknown_event_name"
     return "invalid"
+
+
+def _as_row(d: DueEvent) -> dict[str, Any]:
+    return {"id": d.id, "identifier": d.identifier, "customer_id": d.customer_id,
+            "meter": d.meter, "event_name": d.event_name, "value": d.value,
+            "timestamp": d.timestamp, "attempts": d.attempts,
+            "stripe_customer_id": d.stripe_customer_id}

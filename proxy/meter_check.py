@@ -26,13 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
 
 from proxy import metrics
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.errors import StripeCallError
+from proxy.stripe.client import StripeClient, StripeMeterInfo
 
-__all__ = ["CUSTOMER_KEY", "VALUE_KEY", "MeterCheck", "StripeMeterInfo", "from_sdk", "list_meters",
+__all__ = ["CUSTOMER_KEY", "VALUE_KEY", "MeterCheck", "StripeMeterInfo", "list_meters",
            "meter_problems", "unusable"]
 
 log = logging.getLogger("meterproxy.meter_check")
@@ -42,17 +41,6 @@ VALUE_KEY = "value"
 PAGE = 100
 
 EventNames = Mapping[str, tuple[str, str | None]]
-
-
-@dataclass(frozen=True, slots=True)
-class StripeMeterInfo:
-    id: str
-    event_name: str
-    status: str
-    formula: str
-    customer_key: str
-    value_key: str
-    event_time_window: str | None
 
 
 def unusable(candidates: Sequence[StripeMeterInfo]) -> tuple[str, StripeMeterInfo | None]:
@@ -72,14 +60,6 @@ def unusable(candidates: Sequence[StripeMeterInfo]) -> tuple[str, StripeMeterInf
     if m.event_time_window is not None:
         return "window", m
     return "", m
-
-
-def from_sdk(m: Any) -> StripeMeterInfo:
-    """A ``billing.meter`` object of the SDK as the fields the check reads."""
-    window = getattr(m, "event_time_window", None)
-    return StripeMeterInfo(m.id, m.event_name, str(m.status), str(m.default_aggregation.formula),
-                           m.customer_mapping.event_payload_key,
-                           m.value_settings.event_payload_key, str(window) if window else None)
 
 
 def _problem(meter: str, event: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
@@ -121,28 +101,18 @@ def meter_problems(event_names: EventNames,
     return out
 
 
-async def list_meters(stripe: StripeConnection) -> list[StripeMeterInfo] | str:
+async def list_meters(stripe: StripeClient) -> list[StripeMeterInfo] | str:
     """Every meter of the account (all pages), or why Stripe could not be asked."""
-    out: list[StripeMeterInfo] = []
-    after: str | None = None
-    api = stripe.client.v1.billing.meters
-    while True:
-        params: dict[str, Any] = {"limit": PAGE}
-        if after:
-            params["starting_after"] = after
-        page = await attempt(api.list_async(params=cast(Any, params)))
-        if isinstance(page, Failed):
-            return page.outcome.reason
-        out.extend(from_sdk(m) for m in page.data)
-        if not page.has_more or not page.data:
-            return out
-        after = page.data[-1].id
+    try:
+        return await stripe.list_meters(page_size=PAGE)
+    except StripeCallError as exc:
+        return exc.reason
 
 
 class MeterCheck:
     """The check's state for /readyz and the metric; ``run`` asks Stripe once."""
 
-    def __init__(self, stripe: StripeConnection, event_names: Callable[[], EventNames],
+    def __init__(self, stripe: StripeClient, event_names: Callable[[], EventNames],
                  retry: float) -> None:
         self.stripe = stripe
         self.event_names = event_names

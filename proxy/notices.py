@@ -16,7 +16,7 @@ notice fire once:
   Monday): once per customer with usage in the last complete UTC day / week.
 
 The check runs every ``alerts.notice_interval`` (60 s) over the per-minute aggregates
-(``usage_minute``): three grouped queries per run (today, the trailing 7 days, the digest
+(``UsageLedger.quantities`` / ``usage``): three grouped reads per run (today, the trailing 7 days, the digest
 window) and, for customers entering their pre-renewal window, one per customer. Counted in
 ``meterproxy_notices_total{kind}``.
 """
@@ -39,8 +39,8 @@ from proxy.config import AlertsConfig
 from proxy.metrics import notices_total
 from proxy.periods import TRAILING, period_bounds, project
 from proxy.pricing import Price, fmt_minor, line_amount
-from proxy.store.db import Store
 from proxy.store.keys import KeyCache
+from proxy.store.protocols import AlertsFired, NewAlert, UsageLedger
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro, to_micro
 
@@ -103,34 +103,33 @@ def pre_renewal_due(period_end: int, now: float, lead: float) -> bool:
 # ---- the watcher -----------------------------------------------------------------------------
 
 class NoticeWatch:
-    def __init__(self, store: Store, keys: KeyCache, settings: NoticeSettings, *,
+    def __init__(self, usage: UsageLedger, alerts: AlertsFired, keys: KeyCache,
+                 settings: NoticeSettings, *,
                  prices: Callable[[], Mapping[str, Price]] | None = None,
                  on_new: Callable[[], None] | None = None) -> None:
-        self.store = store
+        self.usage = usage
+        self.alerts = alerts
         self.keys = keys
         self.settings = settings
         self.prices = prices
         self.on_new = on_new
 
-    def _sums(self, start: int, end: int) -> dict[tuple[str, str], int]:
-        return {(c, m): int(q) for c, m, q in self.store.conn.execute(
-            "SELECT customer_id, meter, SUM(quantity) FROM usage_minute WHERE minute >= ?"
-            " AND minute < ? GROUP BY customer_id, meter", (start, end))}
+    async def _sums(self, start: int, end: int) -> dict[tuple[str, str], int]:
+        return await self.usage.quantities(start, end)
 
-    def _customer_sums(self, cid: str, start: int, end: int) -> dict[str, int]:
-        return {m: int(q) for m, q in self.store.conn.execute(
-            "SELECT meter, SUM(quantity) FROM usage_minute WHERE customer_id=? AND minute >= ?"
-            " AND minute < ? GROUP BY meter", (cid, start, end))}
+    async def _customer_sums(self, cid: str, start: int, end: int) -> dict[str, int]:
+        _, _, totals = await self.usage.usage(cid, start, end)
+        return {m: t.quantity for m, t in totals.items() if t.quantity}
 
-    def check(self, now: float | None = None) -> list[dict[str, Any]]:
+    async def check(self, now: float | None = None) -> list[dict[str, Any]]:
         """Find the notices due at ``now`` and queue the new ones; returns those."""
         now = time.time() if now is None else now
         s = self.settings
         rows: list[tuple[str, str, str, dict[str, Any]]] = []
         today = day_start(now)
         if s.spike_factor is not None:
-            cur = self._sums(today, today + DAY)
-            base = self._sums(today - BASELINE_DAYS * DAY, today)
+            cur = await self._sums(today, today + DAY)
+            base = await self._sums(today - BASELINE_DAYS * DAY, today)
             for (cid, meter), q in sorted(cur.items()):
                 trailing = base.get((cid, meter), 0)
                 if is_spike(q, trailing, BASELINE_DAYS, s.spike_factor, s.spike_min):
@@ -142,7 +141,7 @@ class NoticeWatch:
         window = digest_window(s.digest, now)
         if window is not None:
             per: dict[str, dict[str, str]] = {}
-            for (cid, meter), q in sorted(self._sums(*window).items()):
+            for (cid, meter), q in sorted((await self._sums(*window)).items()):
                 per.setdefault(cid, {})[meter] = fmt_micro(q)
             for cid, usage in per.items():
                 rows.append((cid, str(window[0]), f"digest:{s.digest}", {
@@ -155,12 +154,12 @@ class NoticeWatch:
                 start, end = period_bounds(cust.billing_anchor, now)
                 if pre_renewal_due(end, now, s.pre_renewal):
                     rows.append((cid, str(start), "pre_renewal",
-                                 self._pre_renewal(cid, start, end, now)))
-        return self._queue(rows, now)
+                                 await self._pre_renewal(cid, start, end, now)))
+        return await self._queue(rows, now)
 
-    def _pre_renewal(self, cid: str, start: int, end: int, now: float) -> dict[str, Any]:
-        so_far = self._customer_sums(cid, start, int(now) + 60)
-        trailing = self._customer_sums(cid, int(now) - TRAILING, int(now) + 60)
+    async def _pre_renewal(self, cid: str, start: int, end: int, now: float) -> dict[str, Any]:
+        so_far = await self._customer_sums(cid, start, int(now) + 60)
+        trailing = await self._customer_sums(cid, int(now) - TRAILING, int(now) + 60)
         projected = {m: project(q, trailing.get(m, 0), now, end) for m, q in so_far.items()}
         out: dict[str, Any] = {
             "type": "billing.pre_renewal", "customer_id": cid, "period_start": _iso(start),
@@ -174,22 +173,15 @@ class NoticeWatch:
                                         for m, (a, c) in charges.items()}
         return out
 
-    def _queue(self, rows: list[tuple[str, str, str, dict[str, Any]]],
-               now: float) -> list[dict[str, Any]]:
+    async def _queue(self, rows: list[tuple[str, str, str, dict[str, Any]]],
+                     now: float) -> list[dict[str, Any]]:
         if not rows:
             return []
-
-        def tx(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            new = []
-            for cid, key, threshold, payload in rows:
-                if c.execute("INSERT OR IGNORE INTO alerts(customer_id, period_key, threshold,"
-                             " payload, created_at) VALUES (?,?,?,?,?)",
-                             (cid, key, threshold, orjson.dumps(payload).decode(),
-                              int(now))).rowcount == 1:
-                    new.append(payload)
-            return new
-
-        new: list[dict[str, Any]] = self.store.execute_write(tx)
+        payloads = {(cid, key, threshold): payload for cid, key, threshold, payload in rows}
+        fired = await self.alerts.fire_new([
+            NewAlert(cid, key, threshold, orjson.dumps(payload).decode(), int(now))
+            for cid, key, threshold, payload in rows])
+        new = [payloads[(a.customer_id, a.period_key, a.threshold)] for a in fired]
         for n in new:
             notices_total.labels(kind=str(n["type"])).inc()
             log.info("notice %s for %s", n["type"], n["customer_id"])
@@ -201,7 +193,7 @@ class NoticeWatch:
         """Background task: ``check`` every ``interval`` seconds."""
         while True:
             try:
-                self.check()
+                await self.check()
             except sqlite3.Error:
                 log.exception("notices paused: storage error")
             await asyncio.sleep(interval)

@@ -53,3 +53,10 @@ def day_starts(now: float, days: int) -> list[int]:
     """UTC midnights of the last ``days`` days, oldest first, ending with today."""
     today = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return [int((today - timedelta(days=i)).timestamp()) for i in range(days - 1, -1, -1)]
+
+
+def default_usage_range(anchor: int | None, now: float) -> tuple[float, float]:
+    """THE default range of a usage query (admin API, CLI, ``UsageLedger.usage``): from the
+    start of the customer's current billing period (the calendar month, UTC, without an
+    anchor) to one minute past ``now`` (so the current minute is included)."""
+    return float(period_bounds(anchor, now)[0]), now + 60

@@ -3,8 +3,8 @@
 Owns: the :class:`Price` value (built from Stripe's own Price object field names by
 :func:`price_from_stripe`, for both the rules file's ``price:`` blocks and prices fetched
 from Stripe), the amount of one invoice line (:func:`line_amount`), the simulate helpers
-(:func:`period_charges`, :func:`fmt_minor`) and a refreshing cache of prices fetched from
-Stripe's Prices API (:func:`fetch_prices`, :class:`PriceCache`).
+(:func:`period_charges`, :func:`fmt_minor`) and the choice between a fetched price and
+the rules file's (:func:`meter_prices`).
 
 Invariants (docs/stripe-notes.md, "Prices"):
 - No floats. Rates are exact ``Decimal`` (unit_amount_decimal: up to 12 decimal places,
@@ -22,41 +22,33 @@ Invariants (docs/stripe-notes.md, "Prices"):
   reached (the first tier is always reached, so zero usage bills its flat fee).
 - The exact amount is rounded ONCE per line, to whole minor units, half up (Stripe:
   0.05 cents x 30 = 1.5 cents, billed as 2). Never per unit, never per tier.
-- Importing this module does no I/O and pulls in neither stripe nor aiohttp: the pure
-  rules package builds :class:`Price` values at load. The Stripe fetch imports the SDK
-  plumbing lazily, inside :func:`fetch_prices`.
+- Pure: no I/O, no clock, imports neither stripe nor aiohttp (the rules package builds
+  :class:`Price` values at load). Fetching prices from Stripe and caching them is
+  :mod:`proxy.stripe.prices`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import difflib
-import logging
 import math
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from proxy.units import QSCALE
 from proxy.yamlpos import type_name
 
-if TYPE_CHECKING:
-    from proxy.sinks.stripe_client import StripeConnection
-
 __all__ = [
-    "FetchFailed",
     "Price",
-    "PriceCache",
     "PriceError",
     "PriceIssue",
+    "PriceLookup",
     "Tier",
     "TransformQuantity",
     "billed_quantity",
     "exact_amount",
-    "fetch_prices",
     "fmt_minor",
     "line_amount",
     "meter_prices",
@@ -67,8 +59,6 @@ __all__ = [
     "units_amount",
     "whole_units",
 ]
-
-log = logging.getLogger("meterproxy.pricing")
 
 BillingScheme = Literal["per_unit", "tiered"]
 TiersMode = Literal["graduated", "volume"]
@@ -505,118 +495,10 @@ def price_from_stripe(obj: Mapping[str, object], *, strict: bool = False) -> Pri
     return price
 
 
-# ------------------------------------------------------------------ fetched from Stripe
+class PriceLookup(Protocol):
+    """Where fetched prices are found (:class:`proxy.stripe.prices.PriceCache`)."""
 
-
-@dataclass(frozen=True, slots=True)
-class FetchFailed:
-    """A price that could not be fetched; ``permanent``: unknown id or a price we cannot
-    compute (e.g. custom_unit_amount), retrying will not help."""
-
-    price_id: str
-    reason: str
-    permanent: bool
-
-
-async def fetch_prices(conn: StripeConnection,
-                       price_ids: Iterable[str]) -> dict[str, Price | FetchFailed]:
-    """``GET /v1/prices/{id}?expand[]=tiers`` for each id, concurrently (``tiers`` is not
-    returned unless expanded). Every failure comes back as :class:`FetchFailed`."""
-    # lazy: keeps this module importable by the pure rules package without the SDK
-    from proxy.sinks.base import Kind
-    from proxy.sinks.stripe_client import Failed, attempt
-
-    async def one(pid: str) -> Price | FetchFailed:
-        got = await attempt(conn.client.v1.prices.retrieve_async(
-            pid, params={"expand": ["tiers"]}))
-        if isinstance(got, Failed):
-            return FetchFailed(pid, got.outcome.reason, got.outcome.kind is Kind.DEAD)
-        try:
-            return price_from_stripe(got.to_dict()).with_id(pid)
-        except PriceError as exc:
-            return FetchFailed(pid, f"cannot price {pid}: {exc}", True)
-
-    ids = list(dict.fromkeys(price_ids))
-    got = await asyncio.gather(*(one(pid) for pid in ids))
-    return dict(zip(ids, got, strict=True))
-
-
-Fetcher = Callable[[Sequence[str]], Awaitable[Mapping[str, Price | FetchFailed]]]
-
-
-class PriceCache:
-    """Prices by id, refetched every ``ttl`` seconds; a failed fetch keeps the last good
-    price (and is retried after ``retry`` seconds, sooner than ``ttl``)."""
-
-    def __init__(self, fetch: Fetcher, price_ids: Iterable[str], ttl: float, *,
-                 retry: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._fetch = fetch
-        self.price_ids = tuple(dict.fromkeys(price_ids))
-        self.ttl = ttl
-        self.retry = min(ttl, 30.0) if retry is None else retry
-        self._clock = clock
-        self._prices: dict[str, Price] = {}
-        self.errors: dict[str, FetchFailed] = {}
-        self._next: float | None = None     # clock time the next refresh is due
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    def for_stripe(cls, conn: StripeConnection, price_ids: Iterable[str],
-                   ttl: float) -> PriceCache:
-        async def fetch(ids: Sequence[str]) -> Mapping[str, Price | FetchFailed]:
-            return await fetch_prices(conn, ids)
-        return cls(fetch, price_ids, ttl)
-
-    @property
-    def prices(self) -> Mapping[str, Price]:
-        return dict(self._prices)
-
-    def get(self, price_id: str) -> Price | None:
-        """The last good price (no I/O); None before the first successful fetch."""
-        return self._prices.get(price_id)
-
-    def stale(self) -> bool:
-        return self._next is None or self._clock() >= self._next
-
-    async def refresh(self) -> None:
-        """Fetch every id once; failures keep the previous price and are logged."""
-        async with self._lock:
-            if not self.price_ids:
-                self._next = self._clock() + self.ttl
-                return
-            try:
-                got: Mapping[str, Price | FetchFailed] = await self._fetch(self.price_ids)
-            except Exception as exc:  # a fetcher bug must not kill the refresh loop
-                log.error("price fetch failed: %r", exc, exc_info=exc)
-                got = {pid: FetchFailed(pid, f"{type(exc).__name__}: {exc}", False)
-                       for pid in self.price_ids}
-            errors: dict[str, FetchFailed] = {}
-            for pid in self.price_ids:
-                p = got.get(pid) or FetchFailed(pid, "not returned by the fetch", False)
-                if isinstance(p, Price):
-                    self._prices[pid] = p
-                else:
-                    errors[pid] = p
-                    keep = "keeping the last good price" if pid in self._prices else \
-                        "no price known yet"
-                    log.warning("price %s not refreshed (%s): %s", pid, keep, p.reason)
-            self.errors = errors
-            self._next = self._clock() + (self.retry if errors else self.ttl)
-
-    async def get_fresh(self, price_id: str) -> Price | None:
-        """``get`` after a refresh if one is due (concurrent callers share it)."""
-        if self.stale():
-            await self.refresh()
-        return self.get(price_id)
-
-    async def run(self) -> None:
-        """Refresh forever on the interval (start with proxy.tasks.spawn; cancel to stop)."""
-        while True:
-            if self.stale():
-                await self.refresh()
-            assert self._next is not None
-            await asyncio.sleep(max(0.0, self._next - self._clock()))
+    def get(self, price_id: str) -> Price | None: ...
 
 
 class _PricedMeter(Protocol):
@@ -627,7 +509,7 @@ class _PricedMeter(Protocol):
 
 
 def meter_prices(meters: Mapping[str, _PricedMeter],
-                 cache: PriceCache | None = None) -> dict[str, Price]:
+                 cache: PriceLookup | None = None) -> dict[str, Price]:
     """The price of each priced meter: Stripe's (fetched for ``price_id``) when the cache
     has it, since Stripe is the billing truth, else the rules file's ``price``."""
     out: dict[str, Price] = {}

@@ -20,9 +20,10 @@ Rules (docs/stripe-notes.md, "Meters and summaries"; README "Reconciliation")
     (Stripe dedupes). ``dead`` rows are reported as dead letters (replay is the operator's
     call); a shortfall not explained by undelivered rows (rows marked sent yet missing) and
     every excess are reported for the operator. No event is ever minted here.
-  * The one write goes through ``execute_write`` (the Store's single writer); reads use the
-    given sqlite3 connection. Stripe failures are translated by
-    :func:`proxy.sinks.stripe_client.attempt`; no stripe exception is caught here.
+  * The ledger is read, and the one write made, through the ``Outbox`` and ``Customers``
+    owners (``proxy.store.protocols``). Stripe failures arrive as
+    :class:`proxy.errors.StripeCallError` (translated by :mod:`proxy.stripe.client`); no
+    stripe SDK exception is caught here.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar
 
-from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, StripeMeterInfo, from_sdk, unusable
-from proxy.sinks.base import Kind
-from proxy.sinks.stripe_client import Failed, StripeConnection, attempt
+from proxy.errors import StripeCallError, StripeUnavailable
+from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, unusable
+from proxy.store.protocols import Customers, Outbox
+from proxy.stripe.client import EventSummary, Page, StripeClient, StripeMeterInfo
 from proxy.timeutil import rfc3339
 
 log = logging.getLogger("meterproxy.reconcile")
+
+T = TypeVar("T")
 
 HOUR = 3600
 PAGE = 100
@@ -50,7 +54,6 @@ DEFAULT_WINDOW = 48 * HOUR
 DEFAULT_THRESHOLD = 0.01
 
 Status = Literal["match", "shortfall", "excess", "pending"]
-WriteFn = Callable[[Callable[[sqlite3.Connection], Any]], Any]
 EventNames = Callable[[], Mapping[str, tuple[str, str | None]]]
 
 
@@ -282,13 +285,13 @@ def _fmt(v: float) -> str:
 # ---- the run ----------------------------------------------------------------------------
 
 class Reconciler:
-    def __init__(self, read_conn: sqlite3.Connection, execute_write: WriteFn,
-                 stripe: StripeConnection, event_names: EventNames, *,
+    def __init__(self, outbox: Outbox, customers: Customers,
+                 stripe: StripeClient, event_names: EventNames, *,
                  threshold: float = DEFAULT_THRESHOLD, concurrency: int = 4,
                  call_attempts: int = 3,
                  metrics: ReconcileMetrics | None = None) -> None:
-        self.read = read_conn
-        self.execute_write = execute_write
+        self.outbox = outbox
+        self.customers = customers
         self.stripe = stripe
         self.event_names = event_names
         self.threshold = threshold
@@ -348,8 +351,8 @@ class Reconciler:
             raise ReconcileRefused("reconcile refused, rules event names without a usable Stripe"
                                    " meter: " + "; ".join(problems), missing)
 
-        ledger = self._ledger(start, end)
-        cust = self._customers(only)
+        ledger = await self._ledger(start, end)
+        cust = await self._customers(only)
         want = None if only is None else set(only)
         for (cid, name), hours in ledger.items():
             if want is not None and cid not in want:
@@ -385,113 +388,97 @@ class Reconciler:
 
         await asyncio.gather(*(one(p) for p in pairs))
         report.pairs = pairs
-        self._decide(report, dry_run)
+        await self._decide(report, dry_run)
         report.duration_s = time.monotonic() - t0
         return report
 
     # ---- Stripe ---------------------------------------------------------------------------
 
-    async def _call(self, make: Callable[[], Any]) -> Any:
-        """One SDK call with a few quick retries on transient outcomes; Failed on failure."""
-        result: Any = None
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """One Stripe call with a few quick retries on transient failures; the last
+        :class:`~proxy.errors.StripeCallError` is raised."""
         for i in range(self.call_attempts):
-            result = await attempt(make())
-            if not isinstance(result, Failed) or result.outcome.kind is not Kind.RETRY:
-                return result
-            await asyncio.sleep(min(2.0, 0.2 * 2 ** i, result.outcome.retry_after or 2.0))
-        return result
+            try:
+                return await make()
+            except StripeUnavailable as exc:
+                if i + 1 >= self.call_attempts:
+                    raise
+                await asyncio.sleep(min(2.0, 0.2 * 2 ** i, exc.retry_after or 2.0))
+        raise AssertionError("call_attempts must be at least 1")
 
     async def _stripe_meters(self) -> dict[str, list[StripeMeterInfo]]:
         out: dict[str, list[StripeMeterInfo]] = {}
         after: str | None = None
-        meters_api = self.stripe.client.v1.billing.meters
         while True:
-            params: dict[str, Any] = {"limit": PAGE}
-            if after:
-                params["starting_after"] = after
+            def list_meters(a: str | None = after) -> Awaitable[Page[StripeMeterInfo]]:
+                return self.stripe.list_meters_page(limit=PAGE, starting_after=a)
 
-            def list_meters(p: dict[str, Any] = params) -> Any:
-                return meters_api.list_async(params=cast(Any, p))
-
-            page = await self._call(list_meters)
-            if isinstance(page, Failed):
-                raise ReconcileError(f"cannot list Stripe meters: {page.outcome.reason}")
-            for m in page.data:
-                out.setdefault(m.event_name, []).append(from_sdk(m))
-            if not page.has_more or not page.data:
+            try:
+                page = await self._call(list_meters)
+            except StripeCallError as exc:
+                raise ReconcileError(f"cannot list Stripe meters: {exc.reason}") from exc
+            for m in page.items:
+                out.setdefault(m.event_name, []).append(m)
+            if not page.has_more or not page.items:
                 return out
-            after = page.data[-1].id
+            after = page.items[-1].id
 
     async def _summaries(self, meter_id: str, customer: str, start: int,
                          end: int) -> dict[int, float] | str:
         out: dict[int, float] = {}
         after: str | None = None
-        api = self.stripe.client.v1.billing.meters.event_summaries
         while True:
-            params: dict[str, Any] = {"customer": customer, "start_time": start,
-                                      "end_time": end, "value_grouping_window": "hour",
-                                      "limit": PAGE}
-            if after:
-                params["starting_after"] = after
+            def list_summaries(a: str | None = after) -> Awaitable[Page[EventSummary]]:
+                return self.stripe.list_event_summaries_page(
+                    meter_id, customer=customer, start_time=start, end_time=end, limit=PAGE,
+                    starting_after=a)
 
-            def list_summaries(p: dict[str, Any] = params) -> Any:
-                return api.list_async(meter_id, params=cast(Any, p))
-
-            page = await self._call(list_summaries)
-            if isinstance(page, Failed):
-                return f"event summaries unavailable: {page.outcome.reason}"
-            for s in page.data:
-                hour = align_down(int(s.start_time))
-                out[hour] = out.get(hour, 0.0) + float(s.aggregated_value)
-            if not page.has_more or not page.data:
+            try:
+                page = await self._call(list_summaries)
+            except StripeCallError as exc:
+                return f"event summaries unavailable: {exc.reason}"
+            for s in page.items:
+                hour = align_down(s.start_time)
+                out[hour] = out.get(hour, 0.0) + s.aggregated_value
+            if not page.has_more or not page.items:
                 return out
-            after = page.data[-1].id
+            after = page.items[-1].id
 
     # ---- the ledger -----------------------------------------------------------------------
 
-    def _ledger(self, start: int, end: int) -> dict[tuple[str, str], dict[int, LedgerHour]]:
+    async def _ledger(self, start: int,
+                      end: int) -> dict[tuple[str, str], dict[int, LedgerHour]]:
         out: dict[tuple[str, str], dict[int, LedgerHour]] = {}
-        for cid, name, hour, total, sent, pend, dead, last, n in self.read.execute(
-                "SELECT customer_id, event_name, timestamp / ? * ? AS h, SUM(value),"
-                " SUM(CASE WHEN status='sent' THEN value ELSE 0 END),"
-                " SUM(CASE WHEN status='pending' THEN value ELSE 0 END),"
-                " SUM(CASE WHEN status='dead' THEN value ELSE 0 END),"
-                " COALESCE(MAX(CASE WHEN status='sent' THEN sent_at END), 0), COUNT(*)"
-                " FROM outbox WHERE timestamp >= ? AND timestamp < ?"
-                " GROUP BY customer_id, event_name, h", (HOUR, HOUR, start, end)):
-            out.setdefault((cid, name), {})[int(hour)] = LedgerHour(
-                int(total), int(sent), int(pend), int(dead), int(last), int(n))
+        for h in await self.outbox.hour_totals(start, end):
+            out.setdefault((h.customer_id, h.event_name), {})[h.hour] = LedgerHour(
+                h.total, h.sent, h.pending, h.dead, h.last_sent_at, h.rows)
         return out
 
-    def _customers(self, only: Iterable[str] | None) -> dict[str, str]:
-        rows = self.read.execute(
-            "SELECT id, stripe_customer_id FROM customers WHERE stripe_customer_id IS NOT NULL"
-            " AND stripe_customer_id != ''").fetchall()
+    async def _customers(self, only: Iterable[str] | None) -> dict[str, str]:
+        rows = await self.customers.stripe_ids()
         want = None if only is None else set(only)
-        return {cid: scid for cid, scid in rows if want is None or cid in want}
+        return {cid: scid for cid, scid in rows.items() if want is None or cid in want}
 
-    def _rows(self, cid: str, name: str, hour: int) -> list[tuple[int, str, str]]:
-        return [(int(i), str(ident), str(st)) for i, ident, st in self.read.execute(
-            "SELECT id, identifier, status FROM outbox WHERE customer_id=? AND event_name=?"
-            " AND timestamp >= ? AND timestamp < ? ORDER BY id", (cid, name, hour, hour + HOUR))]
+    async def _rows(self, cid: str, name: str, hour: int) -> list[tuple[int, str, str]]:
+        return await self.outbox.rows_in_hour(cid, name, hour)
 
     # ---- decisions ------------------------------------------------------------------------
 
-    def _decide(self, report: Report, dry_run: bool) -> None:
+    async def _decide(self, report: Report, dry_run: bool) -> None:
         due: list[int] = []
         for p in report.pairs:
             for ln in p.lines:
                 r, lh = ln.result, ln.ledger
                 if r.status == "excess":
                     ln.action = "operator"
-                    ln.identifiers = [i for _, i, _ in self._rows(p.customer_id, p.event_name,
-                                                                  r.hour)]
+                    ln.identifiers = [i for _, i, _ in await self._rows(
+                        p.customer_id, p.event_name, r.hour)]
                     report.operator.append(_issue(p, ln, "excess: Stripe has more than the"
                                                   " ledger (events not sent by this install?)"))
                     continue
                 if r.status != "shortfall":
                     continue
-                rows = self._rows(p.customer_id, p.event_name, r.hour)
+                rows = await self._rows(p.customer_id, p.event_name, r.hour)
                 pending = [(i, ident) for i, ident, st in rows if st == "pending"]
                 dead = [ident for _, ident, st in rows if st == "dead"]
                 actions: list[str] = []
@@ -513,12 +500,7 @@ class Reconciler:
                 ln.action = "+".join(actions)
                 ln.identifiers = [ident for _, ident, _ in rows]
         if due and not dry_run:
-            def tx(c: sqlite3.Connection) -> int:
-                cur = c.executemany("UPDATE outbox SET next_attempt_at=0 WHERE id=? AND"
-                                    " status='pending'", [(i,) for i in due])
-                return int(cur.rowcount)
-
-            n = self.execute_write(tx)
+            n = await self.outbox.make_due(due)
             log.warning("reconcile: %d undelivered event(s) made due for resend", n)
 
     # ---- schedule ------------------------------------------------------------------------

@@ -14,9 +14,13 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 QSCALE = 1_000_000
 _Q = Decimal(1).scaleb(-6)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# The one duration grammar (config values, the admin API's reconcile ``grace``, the CLI's
+# ``--grace``): up to 9 integer digits and 6 decimals, so untrusted text stays small.
+DURATION_PATTERN = r"^\s*[0-9]{1,9}(\.[0-9]{1,6})?\s*(ms|s|m|h|d)?\s*$"
+_DURATION = re.compile(r"\s*([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60),
                    "h": Decimal(3600), "d": Decimal(86400), None: Decimal(1)}
+MAX_GRACE = 30 * 86400        # seconds: the longest reconcile grace the API and CLI accept
 
 
 class UnitError(ValueError):
@@ -68,15 +72,20 @@ def cost_micro(quantity_micro: int, per_unit: Decimal) -> int:
     return math.ceil(exact)
 
 
-def parse_duration(value: object) -> float:
-    """"10ms" / "5s" / "2m" / "1h" / "1d" / bare number of seconds -> seconds (float: timing only)."""
+def parse_duration(value: object, *, maximum: int | None = None) -> float:
+    """"10ms" / "5s" / "2m" / "1h" / "1d" / bare number of seconds -> seconds (float: timing
+    only). Negative, non-finite or (with ``maximum``) longer durations are a UnitError; the
+    bound is checked on the exact decimal value."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UnitError(f"expected a finite duration, got {value!r}")
         if value < 0:
             raise UnitError(f"negative duration: {value!r}")
-        return float(value)
-    if not isinstance(value, str):
+        seconds = Decimal(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+        seconds = Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
         raise UnitError(f"expected a duration like '10ms' or '5s', got {value!r}")
-    m = _DURATION.match(value)
-    if not m:
-        raise UnitError(f"expected a duration like '10ms' or '5s', got {value!r}")
-    return float(Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    if maximum is not None and seconds > maximum:
+        raise UnitError(f"duration above {maximum} seconds: {value!r}")
+    return float(value) if isinstance(value, (int, float)) else float(seconds)

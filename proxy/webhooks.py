@@ -69,37 +69,32 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import stripe
 from aiohttp import web
 
 from proxy import metrics
 from proxy.config import Config
 from proxy.credits.ledger import Entry, carry, rollover_grant
 from proxy.credits.plans import (
-    invoice_state as plan_invoice_state,
-)
-from proxy.credits.plans import (
     monthly_anchor,
     new_cycle,
-    open_invoices,
-    plan_grant_for,
     prorate_allowance,
-    record_invoice,
-    set_anchor,
-    subscription_customer,
     subscription_items,
     subscription_period,
 )
-from proxy.credits.service import CreditService, insert_entries
+from proxy.credits.service import CreditService
+from proxy.errors import WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
-from proxy.store.keys import InvalidInput, KeyCache, upsert_customer
+from proxy.store.keys import InvalidInput, KeyCache, SqliteCustomers
+from proxy.store.protocols import Customers, LedgerEntry, StoredEvent, WebhookEvents
+from proxy.store.webhooks import SqliteWebhookEvents
+from proxy.stripe.client import StripeClient
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro, to_micro
 
@@ -229,8 +224,13 @@ class Outcome:
 
 class WebhookReceiver:
     def __init__(self, store: Store, keys: KeyCache, credits: CreditService, cfg: Config,
-                 *, retry_interval: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+                 *, retry_interval: float = 60.0, clock: Callable[[], float] = time.time,
+                 events: WebhookEvents | None = None, customers: Customers | None = None,
+                 ) -> None:
         self.store = store
+        self.events: WebhookEvents = events if events is not None else SqliteWebhookEvents(store)
+        self.customers: Customers = customers if customers is not None \
+            else SqliteCustomers(store)
         self.keys = keys
         self.credits = credits
         self.cfg = cfg
@@ -254,9 +254,9 @@ class WebhookReceiver:
         if body is None:
             return _error(413, "payload_too_large", f"Webhook bodies are limited to {MAX_BODY} bytes.")
         try:
-            stripe.WebhookSignature.verify_header(body, request.headers.get("Stripe-Signature"),
+            StripeClient.verify_webhook_signature(body, request.headers.get("Stripe-Signature"),
                                                   secret, TOLERANCE)
-        except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
+        except WebhookSignatureInvalid as exc:
             metrics.AUTH_FAIL_WEBHOOK.inc()
             self.refusals.log(logging.WARNING, "webhook signature refused", "webhook refused: %s",
                           str(exc).split("\n")[0][:200])
@@ -272,11 +272,9 @@ class WebhookReceiver:
         if isinstance(created, bool) or not isinstance(created, int) \
                 or not 0 <= created <= _MAX_CREATED:
             created = None      # not a time we can show (RFC 3339 ends at year 9999)
-        row = (event["id"], event["type"], created, body.decode(), int(self.clock()))
         try:
-            inserted = self.store.execute_write(lambda c: c.execute(
-                "INSERT OR IGNORE INTO webhook_events(id, type, created, payload, received_at)"
-                " VALUES (?,?,?,?,?)", row).rowcount == 1)
+            inserted = await self.events.record(event["id"], event["type"], created,
+                                                body.decode(), int(self.clock()))
         except sqlite3.Error as exc:
             log.error("cannot store webhook %s: %s", event["id"], exc)
             return _error(503, "storage_unavailable", "The event could not be stored; retry.")
@@ -305,17 +303,14 @@ class WebhookReceiver:
         if self.clock() >= self._period_due:
             self._period_due = float("inf")
             statuses = (*statuses, "waiting_period")
-        marks = ",".join("?" * len(statuses))
         cursor, n = 0, 0
         while True:
-            rows = self.store.conn.execute(
-                f"SELECT rowid, id FROM webhook_events WHERE status IN ({marks}) AND rowid > ?"
-                " ORDER BY rowid LIMIT 100", (*statuses, cursor)).fetchall()
+            rows = await self.events.waiting(statuses, cursor, 100)
             if not rows:
                 return n
             for rowid, event_id in rows:
                 cursor = rowid
-                self.process(event_id)
+                await self.process(event_id)
                 n += 1
                 await asyncio.sleep(0)   # let requests through between events
 
@@ -326,29 +321,28 @@ class WebhookReceiver:
         self._seen_customers, self._next_retry = customers, now + self.retry_interval
         return True
 
-    def process(self, event_id: str) -> Outcome:
+    async def process(self, event_id: str) -> Outcome:
         """Process (or re-process) one stored event and record its outcome."""
-        row = self.store.conn.execute("SELECT payload FROM webhook_events WHERE id=?",
-                                      (event_id,)).fetchone()
-        if row is None:
+        payload = await self.events.payload(event_id)
+        if payload is None:
             raise LookupError(f"no webhook event {event_id!r}")
         try:
-            out = self._dispatch(orjson.loads(row[0]))
+            out = await self._dispatch(orjson.loads(payload))
         except sqlite3.Error:
             raise
         except Exception as exc:   # any bad event must not stop the others
             log.warning("webhook %s failed: %s", event_id, exc)
             out = Outcome("failed", {"reason": f"{type(exc).__name__}: {exc}"})
         done = int(self.clock())
-        self.store.execute_write(lambda c: c.execute(
-            "UPDATE webhook_events SET status=?, result=?, processed_at=? WHERE id=?",
-            (out.status, orjson.dumps(out.result).decode(), done, event_id)))
+        await self.events.set_outcome(event_id, out.status, orjson.dumps(out.result).decode(),
+                                      done)
         log.info("webhook %s: %s %s", event_id, out.status, out.result)
         return out
 
-    def _dispatch(self, event: dict[str, Any]) -> Outcome:
+    async def _dispatch(self, event: dict[str, Any]) -> Outcome:
         etype, obj = event.get("type"), _get(event, "data", "object")
-        handlers: dict[str, Callable[[str, dict[str, Any], dict[str, Any]], Outcome]] = {
+        handlers: dict[str, Callable[[str, dict[str, Any], dict[str, Any]],
+                                     Awaitable[Outcome]]] = {
             "invoice.paid": self._invoice_paid,
             "customer.subscription.deleted": self._subscription_deleted,
             "invoice.payment_failed": self._payment_failed,
@@ -366,30 +360,29 @@ class WebhookReceiver:
             raise ValueError("the event has no data.object")
         scid = _id(obj.get("customer"))
         if etype == "invoice_payment.paid":
-            return self._invoice_payment("", event, obj)     # links ids; names no customer
+            return await self._invoice_payment("", event, obj)     # links ids; names no customer
         if scid is None and etype == "charge.dispute.created":
             # a dispute names its charge, not the customer: the grant it paid for does
-            cid = self.credits.payment_customer(_dispute_refs(obj))
+            cid = await self.credits.payment_customer(_dispute_refs(obj))
             if cid is None:
                 return Outcome("ignored", {"reason": "no grant was paid by the disputed charge"})
-            return handler(cid, event, obj)
+            return await handler(cid, event, obj)
         if scid is None:
             return Outcome("ignored", {"reason": "the object names no customer"})
-        found = [r[0] for r in self.store.conn.execute(
-            "SELECT id FROM customers WHERE stripe_customer_id=? ORDER BY id", (scid,))]
+        found = await self.customers.by_stripe_id(scid)
         if not found:
             return Outcome("waiting_customer", {"reason": f"no customer has stripe_customer_id"
                                                           f" {scid!r} yet; retried when one does"})
         if len(found) > 1:
-            cid = self._shared_target(found, str(etype), obj)
+            cid = await self._shared_target(found, str(etype), obj)
             if cid is None:
                 raise ValueError(f"customers {found} share stripe_customer_id {scid!r} and the"
                                  f" event names none of them: set metadata.{_META_CUSTOMER} on"
                                  " the subscription, checkout session or invoice")
-            return handler(cid, event, obj)
-        return handler(found[0], event, obj)
+            return await handler(cid, event, obj)
+        return await handler(found[0], event, obj)
 
-    def _shared_target(self, found: list[str], etype: str, obj: dict[str, Any]) -> str | None:
+    async def _shared_target(self, found: list[str], etype: str, obj: dict[str, Any]) -> str | None:
         """Which of several local customers on one Stripe customer an event is for: the one
         named by ``metadata.meterproxy_customer`` (on the object, or on the subscription an
         invoice copies it from), else the one whose grant the payment bought (refunds,
@@ -408,7 +401,7 @@ class WebhookReceiver:
             refs = [r for r in (_id(obj.get("invoice")),) if r]
         else:
             refs = [r for r in (_id(obj.get("id")),) if r and r.startswith(("in_", "cs_"))]
-        owner = self.credits.payment_customer(refs) if refs else None
+        owner = await self.credits.payment_customer(refs) if refs else None
         if owner in found:
             return owner
         sub = _id(obj.get("id")) if etype.startswith("customer.subscription.") \
@@ -416,23 +409,23 @@ class WebhookReceiver:
         if sub is None and etype.startswith("invoice."):
             subs = {ln.subscription for ln in invoice_lines(obj)} - {None}
             sub = subs.pop() if len(subs) == 1 else None
-        owner = subscription_customer(self.store.conn, sub) if sub else None
+        owner = await self.credits.ledger.subscription_customer(sub) if sub else None
         return owner if owner in found else None
 
     # ---- event types --------------------------------------------------------------------------
 
-    def _invoice_paid(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+    async def _invoice_paid(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
         inv_id = _id(inv.get("id"))
         if inv_id is None:
             raise ValueError("the invoice has no id")
         lines = invoice_lines(inv)
         paid_by = _invoice_payment_refs(inv)
         if paid_by:
-            self.credits.link_payment(paid_by, inv_id)
+            await self.credits.link_payment(paid_by, inv_id)
         payment = (tuple(r for r in (inv_id, _id(inv.get("charge")),
                                      _id(inv.get("payment_intent"))) if r),
                    _minor(inv.get("amount_paid")))
-        granted = self._grant_packs(cid, inv_id, lines, event, payment)
+        granted = await self._grant_packs(cid, inv_id, lines, event, payment)
         notes: list[str] = []
         plan_lines = [ln for ln in lines if ln.price in self.cfg.credits.plans and not ln.proration]
         if any(ln.proration and ln.price in self.cfg.credits.plans for ln in lines):
@@ -451,12 +444,12 @@ class WebhookReceiver:
             elif self._rollover_early(line):
                 waiting = line.period[0]
             else:
-                granted.append(self._grant_plan(cid, inv_id, sub, line, payment, "paid"))
+                granted.append(await self._grant_plan(cid, inv_id, sub, line, payment, "paid"))
             if len(plan_lines) > 1:
                 notes.append("only the first plan line of an invoice grants")
         if _get(inv, "lines", "has_more"):
             notes.append("invoice lines truncated (has_more): only the included lines were mapped")
-        reactivated = self._cure(cid, inv_id)
+        reactivated = await self._cure(cid, inv_id)
         if waiting is not None:
             self._period_due = min(self._period_due, float(waiting))
             return Outcome("waiting_period", {
@@ -471,7 +464,7 @@ class WebhookReceiver:
             out["reactivated"] = True
         return Outcome("processed", out)
 
-    def _checkout(self, cid: str, event: dict[str, Any], s: dict[str, Any]) -> Outcome:
+    async def _checkout(self, cid: str, event: dict[str, Any], s: dict[str, Any]) -> Outcome:
         if s.get("mode") not in (None, "payment"):
             return Outcome("ignored", {"customer": cid,
                                        "reason": f"mode {s.get('mode')!r}: plans grant from invoice.paid"})
@@ -486,12 +479,13 @@ class WebhookReceiver:
         payment = (tuple(r for r in (_id(s.get("id")), _id(s.get("invoice")),
                                      _id(s.get("payment_intent"))) if r),
                    _minor(s.get("amount_total")))
-        granted = self._grant_packs(cid, base, lines, event, payment)
+        granted = await self._grant_packs(cid, base, lines, event, payment)
         if not granted:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price"})
         return Outcome("processed", {"customer": cid, "grants": granted})
 
-    def _invoice_open(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+    async def _invoice_open(self, cid: str, event: dict[str, Any],
+                            inv: dict[str, Any]) -> Outcome:
         """``invoice.created`` / ``invoice.finalized`` of a renewal (``subscription_cycle``):
         the new period's allowance is granted now, effective from the period start, before
         the payment (Stripe finalizes about an hour later and may retry payment for days).
@@ -515,40 +509,36 @@ class WebhookReceiver:
             return Outcome("ignored", {"customer": cid, "reason": "a rollover period that has"
                                                                   " not started: granted when"
                                                                   " paid"})
-        state = plan_invoice_state(self.store.conn, inv_id)
+        state = await self.credits.ledger.plan_invoice_state(inv_id)
         if state is not None and state != "open":
             return Outcome("ignored", {"customer": cid, "reason": f"invoice already {state}"})
         payment = ((inv_id,), _minor(inv.get("amount_due")))
-        info = self._grant_plan(cid, inv_id, sub, lines[0], payment, "open")
+        info = await self._grant_plan(cid, inv_id, sub, lines[0], payment, "open")
         return Outcome("processed", {"customer": cid, "grants": [info],
                                      "pending_payment": inv_id})
 
-    def _invoice_unpaid(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+    async def _invoice_unpaid(self, cid: str, event: dict[str, Any],
+                              inv: dict[str, Any]) -> Outcome:
         """``invoice.voided`` / ``invoice.marked_uncollectible``: a renewal granted before
         payment is clawed back (unused credit removed, spent credit becomes debt)."""
         inv_id = _id(inv.get("id"))
         if inv_id is None:
             raise ValueError("the invoice has no id")
-        if plan_invoice_state(self.store.conn, inv_id) != "open":
+        if await self.credits.ledger.plan_invoice_state(inv_id) != "open":
             return Outcome("ignored", {"customer": cid,
                                        "reason": "no allowance granted ahead of this invoice's"
                                                  " payment"})
-        return self._clawed(cid, self._write_off(cid, inv_id, str(event.get("id"))),
+        return self._clawed(cid, await self._write_off(cid, inv_id, str(event.get("id"))),
                             "unpaid invoice")
 
-    def _write_off(self, cid: str, inv_id: str, event_id: str) -> list[dict[str, Any]]:
-        row = self.store.conn.execute("SELECT MAX(paid) FROM grant_payments WHERE ref=?",
-                                      (inv_id,)).fetchone()
-        paid = int(row[0]) if row and row[0] else 0
-        out = self.credits.claw_back(cid, [inv_id], max(paid, 1), f"unpaid:{inv_id}", event_id,
-                                     fallback_paid=max(paid, 1))
-        now = int(self.clock())
-        self.store.execute_write(lambda c: c.execute(
-            "UPDATE plan_invoices SET state='unpaid', updated_at=? WHERE invoice_id=?"
-            " AND state='open'", (now, inv_id)))
+    async def _write_off(self, cid: str, inv_id: str, event_id: str) -> list[dict[str, Any]]:
+        paid = await self.credits.ledger.paid_for(inv_id)
+        out = await self.credits.claw_back(cid, [inv_id], max(paid, 1), f"unpaid:{inv_id}",
+                                           event_id, fallback_paid=max(paid, 1))
+        await self.credits.ledger.write_off_plan_invoice(inv_id, int(self.clock()))
         return out
 
-    def _subscription_changed(self, cid: str, event: dict[str, Any],
+    async def _subscription_changed(self, cid: str, event: dict[str, Any],
                               sub: dict[str, Any]) -> Outcome:
         """``customer.subscription.created|updated``: the billing anchor follows the
         subscription (finding 9); a plan change within a period grants the prorated
@@ -564,8 +554,8 @@ class WebhookReceiver:
         if sub.get("status") in ("canceled", "incomplete_expired"):
             why = f"subscription {sub.get('status')}"
         if anchor is not None and why is None:
-            if self.store.execute_write(lambda c: set_anchor(c, cid, anchor, at)):
-                self.keys.reload(self.store.conn)
+            if await self.customers.follow_anchor(cid, anchor, at):
+                await self._reload_keys()
                 out["billing_anchor"] = rfc3339(anchor)
             else:
                 out["anchor_note"] = "a newer subscription event set the anchor"
@@ -574,7 +564,7 @@ class WebhookReceiver:
         prev_attrs = _get(event, "data", "previous_attributes")
         prev = _get(prev_attrs, "items")
         if prev is not None:
-            change = self._plan_change(cid, sid, sub, prev, at, str(event.get("id")),
+            change = await self._plan_change(cid, sid, sub, prev, at, str(event.get("id")),
                                        new_cycle(prev_attrs, sub))
             if change is not None:
                 out["plan_change"] = change
@@ -585,15 +575,15 @@ class WebhookReceiver:
         return sum(_micro(plans[i.price].allowance) * i.quantity for i in items
                    if i.price in plans)
 
-    def _plan_change(self, cid: str, sid: str, sub: dict[str, Any], prev: Any, at: int,
-                     event_id: str, cycle_reset: bool) -> dict[str, Any] | None:
+    async def _plan_change(self, cid: str, sid: str, sub: dict[str, Any], prev: Any, at: int,
+                           event_id: str, cycle_reset: bool) -> dict[str, Any] | None:
         new_items, old_items = subscription_items(sub.get("items")), subscription_items(prev)
         new, old = self._allowance(new_items), self._allowance(old_items)
         if new == old:
             return None
         plan_items = [i for i in new_items if i.price in self.cfg.credits.plans]
         period = subscription_period(sub, plan_items[0] if plan_items else None)
-        current = plan_grant_for(self.store.conn, cid, sid, at)
+        current = await self.credits.ledger.plan_grant_for(cid, sid, at)
         if period is None and current is not None:
             period = current[1], current[2]
         info: dict[str, Any] = {"old_allowance": fmt_micro(old), "new_allowance": fmt_micro(new)}
@@ -610,46 +600,44 @@ class WebhookReceiver:
                            " grants the new one"
             return info
         plan = self.cfg.credits.plans[plan_items[0].price]
-        g, created = self.credits.grant(cid, fmt_micro(extra), expires_at=end,
-                                        priority=plan.priority, source=f"stripe:{event_id}",
-                                        idempotency_key=f"stripe:planchange:{sid}:{start}:"
-                                                        f"{event_id}",
-                                        period=(start, end), effective_at=at)
+        g, created = await self.credits.grant(
+            cid, fmt_micro(extra), expires_at=end, priority=plan.priority,
+            source=f"stripe:{event_id}",
+            idempotency_key=f"stripe:planchange:{sid}:{start}:{event_id}",
+            period=(start, end), effective_at=at)
         info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=created,
                     prorated_from=rfc3339(at), period_end=rfc3339(end))
         return info
 
-    def _subscription_deleted(self, cid: str, event: dict[str, Any],
-                              sub: dict[str, Any]) -> Outcome:
+    async def _subscription_deleted(self, cid: str, event: dict[str, Any],
+                                    sub: dict[str, Any]) -> Outcome:
         sid = _id(sub.get("id"))
         if sid is not None:      # renewals granted before payment that was never made
-            for inv_id, _ in open_invoices(self.store.conn, cid, sid):
-                self._write_off(cid, inv_id, str(event.get("id")))
-        kept = self._paid_pack_credits(cid)
+            for inv_id, _ in await self.credits.ledger.open_plan_invoices(cid, sid):
+                await self._write_off(cid, inv_id, str(event.get("id")))
+        kept = await self._paid_pack_credits(cid)
         if kept > 0:
             return Outcome("processed", {"customer": cid, "suspended": False,
                                          "subscription": _id(sub.get("id")),
                                          "kept_active": f"holds {fmt_micro(kept)} paid pack "
                                                         "credits"})
         return Outcome("processed", {"customer": cid,
-                                     "suspended": self._suspend(cid, "subscription_deleted"),
+                                     "suspended": await self._suspend(cid,
+                                                                      "subscription_deleted"),
                                      "subscription": _id(sub.get("id"))})
 
-    def _payment_failed(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
+    async def _payment_failed(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
         if self.cfg.credits.on_payment_failed == "none":
             return Outcome("ignored", {"customer": cid, "reason": "on_payment_failed: none"})
-        paid = self.store.conn.execute(
-            "SELECT 1 FROM webhook_events WHERE type='invoice.paid'"   # paid is final
-            " AND json_extract(payload, '$.data.object.id')=?", (_id(inv.get("id")),)).fetchone()
-        if paid is not None:
+        if await self.events.invoice_paid_seen(_id(inv.get("id"))):   # paid is final
             return Outcome("ignored", {"customer": cid, "reason": "the invoice was paid since"})
         inv_id = _id(inv.get("id"))
         if inv_id is None:
             raise ValueError("the invoice has no id")
         return Outcome("processed", {"customer": cid,
-                                     "suspended": self._suspend(cid, _FAILED + inv_id)})
+                                     "suspended": await self._suspend(cid, _FAILED + inv_id)})
 
-    def _invoice_payment(self, cid: str, event: dict[str, Any], ip: dict[str, Any]) -> Outcome:
+    async def _invoice_payment(self, cid: str, event: dict[str, Any], ip: dict[str, Any]) -> Outcome:
         """``invoice_payment.paid`` (API 2025-03-31 on): which payment paid which invoice, so
         a later refund or dispute of that payment finds the invoice's grants."""
         inv = _id(ip.get("invoice"))
@@ -657,7 +645,7 @@ class WebhookReceiver:
                             _id(_get(ip, "payment", "charge"))) if r]
         if inv is None or not refs:
             return Outcome("ignored", {"reason": "no invoice or payment named"})
-        self.credits.link_payment(refs, inv)
+        await self.credits.link_payment(refs, inv)
         return Outcome("processed", {"invoice": inv, "payments": refs})
 
     def _clawed(self, cid: str, out: list[dict[str, Any]], what: str) -> Outcome:
@@ -668,26 +656,26 @@ class WebhookReceiver:
                                                                   " taken)"})
         return Outcome("processed", {"customer": cid, "clawed_back": out})
 
-    def _refunded(self, cid: str, event: dict[str, Any], ch: dict[str, Any]) -> Outcome:
+    async def _refunded(self, cid: str, event: dict[str, Any], ch: dict[str, Any]) -> Outcome:
         """``amount_refunded`` is cumulative: one key per charge, the difference is taken."""
         ch_id = _id(ch.get("id"))
         if ch_id is None:
             raise ValueError("the charge has no id")
         refs = [ch_id, _id(ch.get("payment_intent")) or "", _id(ch.get("invoice")) or ""]
-        out = self.credits.claw_back(cid, refs, _minor(ch.get("amount_refunded")),
-                                     f"refund:{ch_id}", str(event.get("id")),
-                                     fallback_paid=_minor(ch.get("amount")))
+        out = await self.credits.claw_back(cid, refs, _minor(ch.get("amount_refunded")),
+                                           f"refund:{ch_id}", str(event.get("id")),
+                                           fallback_paid=_minor(ch.get("amount")))
         return self._clawed(cid, out, "refund")
 
-    def _disputed(self, cid: str, event: dict[str, Any], dp: dict[str, Any]) -> Outcome:
+    async def _disputed(self, cid: str, event: dict[str, Any], dp: dict[str, Any]) -> Outcome:
         dp_id = _id(dp.get("id"))
         if dp_id is None:
             raise ValueError("the dispute has no id")
-        out = self.credits.claw_back(cid, _dispute_refs(dp), _minor(dp.get("amount")),
-                                     f"dispute:{dp_id}", str(event.get("id")))
+        out = await self.credits.claw_back(cid, _dispute_refs(dp), _minor(dp.get("amount")),
+                                           f"dispute:{dp_id}", str(event.get("id")))
         return self._clawed(cid, out, "dispute")
 
-    def _credit_note(self, cid: str, event: dict[str, Any], cn: dict[str, Any]) -> Outcome:
+    async def _credit_note(self, cid: str, event: dict[str, Any], cn: dict[str, Any]) -> Outcome:
         """The part of a credit note that is not a refund (customer balance, out of band):
         its refunds arrive as ``charge.refunded`` and are taken back there."""
         cn_id, inv = _id(cn.get("id")), _id(cn.get("invoice"))
@@ -698,70 +686,68 @@ class WebhookReceiver:
         refunds = cn.get("refunds")
         refunded = sum(_minor(r.get("amount_refunded")) for r in refunds
                        if isinstance(r, dict)) if isinstance(refunds, list) else 0
-        out = self.credits.claw_back(cid, [inv], max(total - refunded, 0),
-                                     f"credit_note:{cn_id}", str(event.get("id")))
+        out = await self.credits.claw_back(cid, [inv], max(total - refunded, 0),
+                                           f"credit_note:{cn_id}", str(event.get("id")))
         return self._clawed(cid, out, "credit note")
 
     # ---- effects (each idempotent) -------------------------------------------------------------
 
-    def _suspend(self, cid: str, reason: str) -> bool:
+    async def _suspend(self, cid: str, reason: str) -> bool:
         """Suspend for ``reason`` (``payment_failed:<invoice>`` or ``subscription_deleted``);
         returns whether the status changed. Unpaid invoices accumulate in the reason; an
         operator's suspension (no reason) keeps its owner. The cache reload makes the very
         next request see it."""
         before = self.keys.customers.get(cid)
 
-        def tx(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT status, suspended_for FROM customers WHERE id=?",
-                            (cid,)).fetchone()
-            status, why = row if row else ("active", None)
+        def decide(status: str, why: str | None) -> tuple[str, str | None] | None:
             if status == "suspended":
                 if why is None or not why.startswith(_FAILED) or not reason.startswith(_FAILED):
-                    return                      # the operator's, or already for a reason
+                    return None                 # the operator's, or already for a reason
                 unpaid = set(why[len(_FAILED):].split(",")) | {reason[len(_FAILED):]}
-                reason_ = _FAILED + ",".join(sorted(unpaid))
-            else:
-                reason_ = reason
-            upsert_customer(c, cid, None, None, "suspended")
-            c.execute("UPDATE customers SET suspended_for=? WHERE id=?", (reason_, cid))
+                return "suspended", _FAILED + ",".join(sorted(unpaid))
+            return "suspended", reason
 
-        self.store.execute_write(tx)
-        self.keys.reload(self.store.conn)
+        await self.customers.change_suspension(cid, decide)
+        await self._reload_keys()
         return before is None or before.status != "suspended"
 
-    def _cure(self, cid: str, inv_id: str) -> bool:
+    async def _cure(self, cid: str, inv_id: str) -> bool:
         """``invoice.paid`` for an invoice a suspension waits on: drop it from the reason and
         reactivate once no failed invoice is left. Returns whether reactivated."""
-        def tx(c: sqlite3.Connection) -> bool:
-            row = c.execute("SELECT status, suspended_for FROM customers WHERE id=?",
-                            (cid,)).fetchone()
-            if row is None or row[0] != "suspended" or not (row[1] or "").startswith(_FAILED):
-                return False
-            unpaid = set(row[1][len(_FAILED):].split(",")) - {inv_id}
-            if unpaid:
-                c.execute("UPDATE customers SET suspended_for=? WHERE id=?",
-                          (_FAILED + ",".join(sorted(unpaid)), cid))
-                return False
-            upsert_customer(c, cid, None, None, "active")
-            return True
+        cured = False
 
-        cured: bool = self.store.execute_write(tx)
+        def decide(status: str, why: str | None) -> tuple[str, str | None] | None:
+            nonlocal cured
+            if status != "suspended" or not (why or "").startswith(_FAILED):
+                return None
+            assert why is not None
+            unpaid = set(why[len(_FAILED):].split(",")) - {inv_id}
+            if unpaid:
+                return "suspended", _FAILED + ",".join(sorted(unpaid))
+            cured = True
+            return "active", None
+
+        await self.customers.change_suspension(cid, decide)
         if cured:
-            self.keys.reload(self.store.conn)
+            await self._reload_keys()
             log.info("customer %s reactivated: invoice %s paid", cid, inv_id)
         return cured
 
-    def _paid_pack_credits(self, cid: str) -> int:
+    async def _reload_keys(self) -> None:
+        """The cache reload that makes the very next request see a status change."""
+        snap = await self.customers.snapshot()
+        self.keys.replace(snap.keys, snap.customers)
+
+    async def _paid_pack_credits(self, cid: str) -> int:
         """Live credits left on grants bought as packs through Stripe (not plan allowances,
         not operator grants)."""
-        ids = {r[0] for r in self.store.conn.execute(
-            "SELECT id FROM grants WHERE customer_id=? AND idempotency_key LIKE 'stripe:%'"
-            " AND idempotency_key NOT LIKE 'stripe:plan%'", (cid,))}
+        # stripe:plan:... (allowances) and stripe:planchange:... (prorated upgrades)
+        ids = await self.credits.ledger.grant_ids(cid, "stripe:", exclude_prefix="stripe:plan")
         now = self.clock()
         return sum(g.remaining for g in self.credits.book.grants(cid)
                    if g.id in ids and g.live(now))
 
-    def _grant_packs(self, cid: str, base: str, lines: list[Line], event: dict[str, Any],
+    async def _grant_packs(self, cid: str, base: str, lines: list[Line], event: dict[str, Any],
                      payment: tuple[tuple[str, ...], int] | None = None
                      ) -> list[dict[str, Any]]:
         qty: dict[str, int] = {}
@@ -774,11 +760,11 @@ class WebhookReceiver:
         for price, q in qty.items():
             pack = self.cfg.credits.packs[price]
             expires = None if pack.expires_in is None else created + int(pack.expires_in)
-            g, new = self.credits.grant(cid, fmt_micro(_micro(pack.credits) * q),
-                                        expires_at=expires, priority=pack.priority,
-                                        source=f"stripe:{base}",
-                                        idempotency_key=f"stripe:{base}:{price}",
-                                        payment=payment)
+            g, new = await self.credits.grant(cid, fmt_micro(_micro(pack.credits) * q),
+                                              expires_at=expires, priority=pack.priority,
+                                              source=f"stripe:{base}",
+                                              idempotency_key=f"stripe:{base}:{price}",
+                                              payment=payment)
             out.append({"grant_id": g.id, "price": price, "credits": fmt_micro(g.amount),
                         "created": new})
         return out
@@ -789,9 +775,9 @@ class WebhookReceiver:
         return plan.mode == "rollover" and line.period is not None \
             and line.period[0] > self.clock()
 
-    def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
-                    payment: tuple[tuple[str, ...], int] | None = None,
-                    state: str = "paid") -> dict[str, Any]:
+    async def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
+                          payment: tuple[tuple[str, ...], int] | None = None,
+                          state: str = "paid") -> dict[str, Any]:
         """The allowance of the line's period, effective from the period's start whenever
         the invoice is created or paid (finding 1). ``state``: ``open`` when granted at the
         renewal invoice's creation (clawed back if it is never paid), ``paid``."""
@@ -799,78 +785,64 @@ class WebhookReceiver:
         plan = self.cfg.credits.plans[line.price]
         start, end = line.period
         key = f"stripe:plan:{sub}:{start}"
-        if plan_invoice_state(self.store.conn, inv_id) == "unpaid":
+        if await self.credits.ledger.plan_invoice_state(inv_id) == "unpaid":
             key += f":paid:{inv_id}"     # paid after it was written off: granted anew
         allowance = _micro(plan.allowance) * line.quantity
         amount, carried = allowance, 0
         info: dict[str, Any] = {"price": line.price, "period_start": rfc3339(start),
                                 "period_end": rfc3339(end)}
-        if plan.mode == "rollover" and not self._has_grant(cid, key):
-            carried = self._close_previous(cid, sub, start, plan.rollover_expiry == "next_period")
+        if plan.mode == "rollover" and not await self.credits.ledger.has_grant(cid, key):
+            carried = await self._close_previous(cid, sub, start,
+                                                 plan.rollover_expiry == "next_period")
             cap = None if plan.cap is None else _micro(plan.cap) * line.quantity
             amount = rollover_grant(allowance, carried, cap)
-        g, new = self.credits.grant(cid, fmt_micro(amount), expires_at=end,
-                                    priority=plan.priority, source=f"stripe:{inv_id}",
-                                    idempotency_key=key, period=(start, end),
-                                    payment=payment, effective_at=start,
-                                    carried=amount - allowance)
-        now = int(self.clock())
-        self.store.execute_write(lambda c: record_invoice(c, inv_id, g.id, cid, sub, state, now))
+        g, new = await self.credits.grant(cid, fmt_micro(amount), expires_at=end,
+                                          priority=plan.priority, source=f"stripe:{inv_id}",
+                                          idempotency_key=key, period=(start, end),
+                                          payment=payment, effective_at=start,
+                                          carried=amount - allowance)
+        await self.credits.ledger.record_plan_invoice(inv_id, g.id, cid, sub, state,
+                                                      int(self.clock()))
         info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=new)
         if plan.mode == "rollover" and new:
             info["carried"] = fmt_micro(carried)
         return info
 
-    def _has_grant(self, cid: str, key: str) -> bool:
-        return self.store.conn.execute("SELECT 1 FROM grants WHERE customer_id=? AND"
-                                       " idempotency_key=?", (cid, key)).fetchone() is not None
-
-    def _close_previous(self, cid: str, sub: str, start: int, once: bool) -> int:
+    async def _close_previous(self, cid: str, sub: str, start: int, once: bool) -> int:
         """Expire what is left of the subscription's previous period grant and return the
         amount to carry: what it had left at the boundary (remaining + already expired), and
         with ``once`` no more than its own allowance (``proxy.credits.ledger.carry``). Stable
         under re-processing: a second run finds it expired and returns the same amount."""
         prefix = f"stripe:plan:{sub}:"
-        conn = self.store.conn
-        later = conn.execute("SELECT 1 FROM grants WHERE customer_id=? AND substr(idempotency_key,"
-                             " 1, ?)=? AND period_start > ?",
-                             (cid, len(prefix), prefix, start)).fetchone()
-        if later is not None:
-            return 0          # a later period was granted first and already carried
-        row = conn.execute("SELECT id, carried FROM grants WHERE customer_id=? AND"
-                           " substr(idempotency_key, 1, ?)=? AND period_start < ?"
-                           " ORDER BY period_start DESC LIMIT 1",
-                           (cid, len(prefix), prefix, start)).fetchone()
-        prev = self.credits.book.grant(row[0]) if row else None
+        # None also when a later period was granted first and already carried
+        prev_id = await self.credits.ledger.previous_period_grant(cid, prefix, start)
+        prev = self.credits.book.grant(prev_id) if prev_id else None
         if prev is None:
             return 0
-        (expired,) = conn.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries WHERE"
-                                  " grant_id=? AND kind='expire'", (prev.id,)).fetchone()
+        expired = await self.credits.ledger.entry_total(prev.id, "expire")
         left = prev.remaining if not prev.voided else 0
         if left > 0:
             entry = Entry(prev.id, "expire", left)
             at = min(self.clock(), float(prev.expires_at or self.clock()))
-            self.store.execute_write(lambda c: insert_entries(c, cid, [entry], at=at))
+            await self.credits.ledger.append([LedgerEntry(cid, entry, at=at)])
             self.credits.book.apply([entry])
-        return carry(int(expired) + left, prev.amount, int(row[1]), once)
+        return carry(int(expired) + left, prev.amount,
+                     await self.credits.ledger.grant_carried(prev.id), once)
 
     # ---- views (admin) ------------------------------------------------------------------------
 
-    def list_events(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    async def list_events(self, status: str | None = None,
+                          limit: int = 100) -> list[dict[str, Any]]:
         if status is not None and status not in STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
-        where, args = ("WHERE status=?", (status,)) if status else ("", ())
-        rows = self.store.conn.execute(f"SELECT {_COLS} FROM webhook_events {where}"
-                                       " ORDER BY rowid DESC LIMIT ?", (*args, limit)).fetchall()
-        return [_event_json(r) for r in rows]
+        return [_event_json(e) for e in await self.events.recent(status, limit)]
 
-    def get_event(self, event_id: str) -> dict[str, Any]:
-        row = self.store.conn.execute(f"SELECT {_COLS}, payload FROM webhook_events WHERE id=?",
-                                      (event_id,)).fetchone()
-        if row is None:
+    async def get_event(self, event_id: str) -> dict[str, Any]:
+        e = await self.events.get(event_id)
+        if e is None:
             raise LookupError(f"no webhook event {event_id!r}")
-        out = _event_json(row[:-1])
-        out["payload"] = orjson.loads(row[-1])
+        out = _event_json(e)
+        out["payload"] = orjson.loads(e.payload or "null")
         return out
 
 
@@ -881,8 +853,9 @@ def _micro(value: str) -> int:
         raise InvalidInput(f"configured credits {value!r}: {exc}") from exc
 
 
-def _event_json(r: Any) -> dict[str, Any]:
-    eid, etype, created, status, result, received, processed = r
+def _event_json(e: StoredEvent) -> dict[str, Any]:
+    eid, etype, created, status, result = e.id, e.type, e.created, e.status, e.result
+    received, processed = e.received_at, e.processed_at
     return {"id": eid, "type": etype, "created": rfc3339(created) if created else None,
             "status": status, "result": orjson.loads(result) if result else None,
             "received_at": rfc3339(received),

@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 
 from proxy import config as config_mod
 from proxy.app import Server, start
-from proxy.example_upstream import build_app
+from proxy.demo.upstream import build_app
 from tests.ci_guard import in_ci, pytest_runtest_makereport  # noqa: F401  (the hook: no skips in CI)
 from tests.servers import serve
 

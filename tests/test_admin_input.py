@@ -1,4 +1,4 @@
-"""Admin input validation (proxy/admin_input.py, the one place inputs are parsed), CSV formula
+"""Admin input validation (proxy/admin/input.py, the one place inputs are parsed), CSV formula
 injection in every CSV export, RFC 3339 key times and the export columns."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import admin_input as ain
-from proxy.admin_input import FieldError
-from proxy.exports import COLUMNS, csv_cell
+from proxy.admin import input as ain
+from proxy.admin.input import FieldError
+from proxy.reports.exports import COLUMNS, csv_cell
 from tests.conftest import Proxy
 
 CREDITS_RULE = ("credits: must be a decimal string with at most 6 decimal places, from 0.000001"

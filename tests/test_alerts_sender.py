@@ -28,7 +28,6 @@ from proxy.alerts import (
     ALERT_ID_HEADER,
     SIGNATURE_HEADER,
     AlertSender,
-    backoff,
     list_dead,
     requeue,
     sign,
@@ -36,8 +35,10 @@ from proxy.alerts import (
     verify,
 )
 from proxy.metrics import REGISTRY
+from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store
 from proxy.tasks import cancel_and_wait, spawn
+from tests.helpers import wait_until
 from tests.servers import serve
 
 SECRET = "whsec_test_secret"
@@ -50,14 +51,6 @@ def fast(store: Store, url: str, max_attempts: int = 8, timeout: float = 2.0) ->
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
 
 def delivered_at_least(rec: Receiver, n: int) -> bool:
     return len(rec.delivered) >= n
@@ -201,14 +194,6 @@ def test_verify_accepts_good_and_rejects_bad() -> None:
     assert not verify("neither", rotated, body, now=t)
 
 
-def test_backoff_is_exponential_capped_and_jittered() -> None:
-    for n in range(1, 40):
-        d = backoff(n, 1.0, 300.0)
-        assert min(300.0, 2.0 ** (n - 1)) <= d <= min(300.0, 2.0 ** (n - 1) + 1.0)
-    assert backoff(10_000, 1.0, 300.0) == 300.0
-    assert len({backoff(3, 1.0, 300.0) for _ in range(20)}) > 1
-
-
 # ---- delivery -----------------------------------------------------------------------------------
 
 async def test_flaky_receiver_gets_each_alert_exactly_once(store: Store) -> None:
@@ -220,7 +205,7 @@ async def test_flaky_receiver_gets_each_alert_exactly_once(store: Store) -> None
     async with receiver(lambda _id, n: script.get(n, "ok")) as rec, \
             running(fast(store, rec.url, max_attempts=5)) as sender:
         sender.wake()
-        await until(lambda: set(status_of(store).values()) == {"sent"}, what="all sent")
+        await wait_until(lambda: set(status_of(store).values()) == {"sent"}, what="all sent")
     assert sorted(a for a, _, _ in rec.delivered) == ids          # once each
     assert dict(rec.calls) == {i: 3 for i in ids}
     assert rec.order[:3] == ids                                    # first round in id order
@@ -247,23 +232,23 @@ async def test_always_failing_receiver_dead_letters_then_requeue(store: Store) -
     async with receiver(lambda _id, _n: "ok" if healthy else "500") as rec, \
             running(fast(store, rec.url, max_attempts=3)) as sender:
         sender.wake()
-        await until(lambda: status_of(store)[alert_id] == "dead", what="dead letter")
+        await wait_until(lambda: status_of(store)[alert_id] == "dead", what="dead letter")
         _status, attempts, err, sent_at = rows(store)[alert_id]
         assert attempts == 3 and sent_at is None
         assert err is not None and "HTTP 500" in err and "receiver broke" in err
         assert rec.calls[alert_id] == 3 and not rec.delivered
         assert counter("dead") - dead0 == 1
-        assert [d["id"] for d in list_dead(store.conn)] == [alert_id]
+        assert [d["id"] for d in await list_dead(SqliteAlerts(store))] == [alert_id]
         # no further calls once dead, even when woken
         sender.wake()
         await sender.deliver_due()
         assert rec.calls[alert_id] == 3
         # the admin replays it after the receiver is fixed
         healthy = True
-        assert requeue(store, [alert_id]) == 1
+        assert await requeue(SqliteAlerts(store), [alert_id]) == 1
         sender.wake()
-        await until(lambda: status_of(store)[alert_id] == "sent", what="replayed")
-    assert len(rec.delivered) == 1 and list_dead(store.conn) == []
+        await wait_until(lambda: status_of(store)[alert_id] == "sent", what="replayed")
+    assert len(rec.delivered) == 1 and await list_dead(SqliteAlerts(store)) == []
 
 
 async def test_connection_refused_and_timeout_are_retried(store: Store) -> None:
@@ -273,13 +258,13 @@ async def test_connection_refused_and_timeout_are_retried(store: Store) -> None:
         dead_url = rec.url
     async with running(fast(store, dead_url, max_attempts=2)) as sender:
         sender.wake()
-        await until(lambda: status_of(store)[a] == "dead", what="dead (refused)")
+        await wait_until(lambda: status_of(store)[a] == "dead", what="dead (refused)")
     assert "Connect" in (rows(store)[a][2] or "")
     b = insert_alert(store, "c2", "50%", PAYLOADS[1])
     async with receiver(lambda _id, n: "stall" if n == 1 else "ok") as rec, \
             running(fast(store, rec.url, max_attempts=3, timeout=0.2)) as sender:
         sender.wake()
-        await until(lambda: status_of(store)[b] == "sent", what="sent after timeout")
+        await wait_until(lambda: status_of(store)[b] == "sent", what="sent after timeout")
         assert rows(store)[b][1] == 2
         assert "timeout" in (rows(store)[b][2] or "")              # last_error kept
     assert [x for x, _, _ in rec.delivered] == [b]
@@ -292,7 +277,7 @@ async def test_empty_url_logs_and_marks_logged(store: Store, caplog: pytest.LogC
     async with running(fast(store, "")) as sender:
         assert sender._session is None
         sender.wake()
-        await until(lambda: set(status_of(store).values()) == {"logged"}, what="logged")
+        await wait_until(lambda: set(status_of(store).values()) == {"logged"}, what="logged")
     assert counter("logged") - logged0 == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for i, p in zip(ids, PAYLOADS, strict=False):
@@ -311,9 +296,9 @@ async def test_no_alert_is_sent_twice_at_once(store: Store) -> None:
             s1.wake()
             s2.wake()
             extra = spawn("overlap", s1.deliver_due())
-            await until(lambda: sum(rec.calls.values()) >= 1, what="first call")
+            await wait_until(lambda: sum(rec.calls.values()) >= 1, what="first call")
             rec.release.set()
-            await until(lambda: set(status_of(store).values()) == {"sent"}, what="all sent")
+            await wait_until(lambda: set(status_of(store).values()) == {"sent"}, what="all sent")
             await extra
     assert dict(rec.calls) == {i: 1 for i in ids}
     assert rec.max_in_flight == 1
@@ -327,6 +312,6 @@ async def test_detector_wake_delivers_new_rows_promptly(store: Store) -> None:
             # a duplicate crossing is ignored by the UNIQUE constraint: still one row
             insert_alert(store, "c1", f"t{i}", p)
             sender.wake()
-            await until(functools.partial(delivered_at_least, rec, i + 1), timeout=5.0,
-                        what="delivery")
+            await wait_until(functools.partial(delivered_at_least, rec, i + 1), timeout=5.0,
+                             what="delivery")
     assert [b for _, b, _ in rec.delivered] == [p.encode() for p in PAYLOADS]

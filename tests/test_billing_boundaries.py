@@ -43,6 +43,7 @@ from proxy.rules.sse import (
     lookup,
     new_inspector,
 )
+from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store, connect
 from proxy.store.outbox import split_whole, stage
 from proxy.units import QSCALE, UnitError, cost_micro, fmt_micro, to_decimal, to_micro
@@ -328,7 +329,8 @@ async def test_threshold_alert_fires_once_per_period_even_after_restart(store: S
     g = grant("g1", 100 * U)
     book.load([g], [])
     notified: list[int] = []
-    watch = ThresholdWatch(store, book, [0.9, 0.5], on_new=lambda: notified.append(1))
+    watch = await ThresholdWatch.open(SqliteAlerts(store), book, [0.9, 0.5],
+                                      on_new=lambda: notified.append(1))
     assert watch.check("c", now=1000) == []                # nothing consumed
     book.apply([Entry("g1", "debit", 50 * U)])
     key = "0"        # the billing period's start (no anchor: the calendar month, 1970-01)
@@ -338,7 +340,7 @@ async def test_threshold_alert_fires_once_per_period_even_after_restart(store: S
     assert notified == [1]
     assert watch.check("c", now=1001) == []                # no re-fire in this process
     assert notified == [1]
-    again = ThresholdWatch(store, book, [0.5, 0.9])        # nor after a restart
+    again = await ThresholdWatch.open(SqliteAlerts(store), book, [0.5, 0.9])        # nor after a restart
     assert again.check("c", now=1002) == []
     book.apply([Entry("g1", "debit", 50 * U)])
     fired = again.check("c", now=1003)
@@ -363,7 +365,7 @@ async def test_threshold_alert_fires_once_per_period_even_after_restart(store: S
 async def test_threshold_check_ignores_expired_grants_and_customers_without_grants(store: Store) -> None:
     book = CreditBook()
     book.load([grant("g", 10, expires_at=50)], [Entry("g", "debit", 9)])
-    watch = ThresholdWatch(store, book, [0.5])
+    watch = await ThresholdWatch.open(SqliteAlerts(store), book, [0.5])
     assert watch.check("c", now=50) == []
     assert watch.check("nobody", now=10) == []
     assert [a["threshold"] for a in watch.check("c", now=49)] == ["0.5"]

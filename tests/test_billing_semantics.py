@@ -19,9 +19,9 @@ from proxy.config import StorageConfig
 from proxy.pricing import TransformQuantity
 from proxy.rules import RulesError, load_rules
 from proxy.rules.quantity import Measurement, compute
-from proxy.simulate import AuditRow, rerate
 from proxy.store.db import connect
 from proxy.store.outbox import stage
+from proxy.tools.simulate import AuditRow, rerate
 from proxy.transform import transformed_delta, transformed_units
 from proxy.units import QSCALE
 from tests.conftest import TEST_RULES, ProxyFactory

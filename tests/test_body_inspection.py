@@ -23,6 +23,7 @@ from aiohttp import web
 from proxy import cli
 from proxy.metrics import REGISTRY
 from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
 from tests.servers import serve
 
 try:
@@ -125,10 +126,7 @@ async def start(make_proxy: ProxyFactory, up: Upstream) -> tuple[Proxy, dict[str
 
 async def wait_totals(p: Proxy, want: dict[tuple[str, str], int]) -> None:
     """Poll the ledger (rows of abandoned responses commit without being awaited)."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while (got := p.ledger_totals()) != want:
-        assert asyncio.get_running_loop().time() < deadline, got
-        await asyncio.sleep(0.02)
+    await wait_until(p.ledger_totals, ok=lambda got: got == want, what=f"the ledger at {want}")
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])

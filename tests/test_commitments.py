@@ -14,11 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.commitments import TrueUpTask, shortfall
+from proxy.errors import StripeRejected
 from proxy.pricing import Price, Tier
 from proxy.rules import load_rules
-from proxy.sinks.stripe_client import StripeConnection
 from proxy.store.db import Store
 from proxy.store.keys import set_billing, upsert_customer
+from proxy.store.sqlite import SqliteStorage
+from proxy.stripe.client import StripeClient
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 U = 1_000_000
@@ -56,7 +58,7 @@ def test_shortfall_tops_the_charges_up_to_the_commitment(commitment: int,
 
 @pytest.fixture
 async def env(tmp_path: Path, stripe_double: RunningDouble
-              ) -> AsyncIterator[tuple[Store, TrueUpTask, StripeConnection]]:
+              ) -> AsyncIterator[tuple[Store, TrueUpTask, StripeClient]]:
     (tmp_path / "rules.yaml").write_text(RULES)
     rules = load_rules([tmp_path / "rules.yaml"])
     store = Store.open(tmp_path / "c.db")
@@ -65,9 +67,10 @@ async def env(tmp_path: Path, stripe_double: RunningDouble
             upsert_customer(c, cid, f"cus_{cid}", "bill", "active"),
             set_billing(c, cid, None, m),
             c.execute("UPDATE customers SET created_at=? WHERE id=?", (DEC, cid))))
-    conn = StripeConnection(TEST_API_KEY, api_base=stripe_double.url, timeout=5)
-    yield store, TrueUpTask(store.execute_write, store.conn, conn, lambda: rules,
-                            lambda: PRICES), conn
+    conn = StripeClient(TEST_API_KEY, api_base=stripe_double.url, timeout=5)
+    owners = SqliteStorage.on(store)
+    yield store, TrueUpTask(owners.customers, owners.usage, owners.trueups, conn,
+                            lambda: rules, lambda: PRICES), conn
     await conn.close()
     store.close()
 
@@ -81,7 +84,7 @@ def _use(store: Store, cid: str, at: int, meter: str, billable: int) -> None:
 
 
 async def test_period_end_invoices_the_shortfall_once(
-        env: tuple[Store, TrueUpTask, StripeConnection], stripe_double: RunningDouble) -> None:
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
     store, task, _ = env
     dec = T0 - 31 * DAY                                   # December (calendar months)
     _use(store, "acme", dec + DAY, "api_calls", 150 * U)  # 100 + 100 x 2 + 50 x 1 = 350
@@ -96,20 +99,19 @@ async def test_period_end_invoices_the_shortfall_once(
     assert item["period"] == {"start": dec, "end": T0}
     assert item["metadata"]["meterproxy_charged"] == "450"
     assert await task.check(T0 + 7200) == []              # decided once
-    rows = store.conn.execute("SELECT customer_id, status, amount FROM trueups"
-                              " ORDER BY customer_id").fetchall()
-    assert rows == [("acme", "sent", 550), ("beta", "none", 0)]
+    rows = await task.trueups.recent()
+    assert sorted((t.customer_id, t.status, t.amount) for t in rows) == [
+        ("acme", "sent", 550), ("beta", "none", 0)]
 
 
 async def test_a_failed_call_is_retried_with_the_same_key(
-        env: tuple[Store, TrueUpTask, StripeConnection], stripe_double: RunningDouble) -> None:
-    store, task, _ = env
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
+    _, task, _ = env
     stripe_double.state.faults.script("invoice_items", ["commit_then_drop"])
     # no usage: each owes its commitment less the 100-cent flat fee; acme's answer is lost
     first = await task.check(T0 + 3600)
     assert [(d["customer_id"], d["amount"]) for d in first] == [("beta", 100)]
-    assert store.conn.execute("SELECT COUNT(*) FROM trueups WHERE customer_id='acme'"
-                              ).fetchone() == (0,)      # the answer was lost: not decided
+    assert await task.trueups.recent("acme") == []      # the answer was lost: not decided
     [done] = await task.check(T0 + 3700)
     assert done["customer_id"] == "acme" and done["amount"] == 900    # 1000 - the flat fee
     # Stripe made it once: the retry replayed the first call's result
@@ -118,14 +120,13 @@ async def test_a_failed_call_is_retried_with_the_same_key(
 
 
 async def test_the_double_validates_invoice_items(
-        env: tuple[Store, TrueUpTask, StripeConnection]) -> None:
+        env: tuple[Store, TrueUpTask, StripeClient]) -> None:
     _, _, conn = env
-    import stripe
     for params, param in (({"amount": 5, "currency": "usd"}, "customer"),
                           ({"customer": "cus_1", "currency": "usd"}, "amount"),
                           ({"customer": "cus_1", "amount": 5}, "currency"),
                           ({"customer": "cus_1", "amount": 5, "currency": "usd",
                             "period": {"start": 10, "end": 5}}, "period[end]")):
-        with pytest.raises(stripe.InvalidRequestError) as err:
-            await conn.client.v1.invoice_items.create_async(params)  # type: ignore[arg-type]
-        assert err.value.param == param
+        with pytest.raises(StripeRejected) as err:
+            await conn.create_invoice_item(params, idempotency_key=f"k-{param}")
+        assert param in err.value.reason

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from pathlib import Path
 
 import aiohttp
 
 from proxy.store.db import Store
 from tests.conftest import ADMIN_TOKEN, free_port, write_config
+from tests.helpers import wait_until
 from tests.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +58,8 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
         async def received_at_least(n: int) -> None:
             # however slow the machine: wait (with a deadline) for n responses, then kill
             # under load -- the 16 clients keep requests in flight all the time
-            deadline = time.monotonic() + 120
-            while len(received) < n:
-                assert time.monotonic() < deadline, f"only {len(received)} of {n} responses"
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(received), ok=lambda got: got >= n, timeout=120,
+                             interval=0.01, what=f"{n} responses")
 
         tasks = [asyncio.ensure_future(client(i)) for i in range(16)]
         await received_at_least(PER_RUN)

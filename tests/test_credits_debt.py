@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.credits.reserve import WINDOW, Estimator, Reservations, high_percentile
 from proxy.credits.service import load_book
 from proxy.rules import check_rules, load_rules
+from proxy.store.ledger import load as ledger_load
 from tests.conftest import Proxy, ProxyFactory
 from tests.servers import serve
 
@@ -158,7 +159,7 @@ async def test_cold_start_overrun_becomes_debt_bounded_and_repaid_by_next_grant(
         assert (summary["balance"], summary["debt"], summary["available"]) == ("-18", "18",
                                                                                "-18")
         with p.db() as c:                      # what a restart rebuilds from the ledger
-            book = load_book(c)
+            book = load_book(ledger_load(c))
         assert (book.debt("blk"), book.balance("blk", time.time())) == (18 * Q, -18 * Q)
         async with p.session.post(p.url + "/v1/chat/completions", json=FORTY,
                                   headers=h) as r:

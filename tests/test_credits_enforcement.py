@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
 from proxy.units import fmt_micro
 from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
 from tests.servers import serve
 
 Q = 1_000_000
@@ -203,11 +205,9 @@ async def test_grant_expires_while_idle(make_proxy: ProxyFactory) -> None:
     # no request has arrived: the balance drops at expires_at, and the ledger says why
     summary = await p.admin("GET", "/admin/customers/exp/grants", expect=200)
     assert summary["balance"] == "1"
-    for _ in range(100):
-        entries = (await p.admin("GET", "/admin/customers/exp/credits/ledger"))["entries"]
-        if entries:
-            break
-        await asyncio.sleep(0.05)
+    async def ledger() -> list[dict[str, Any]]:
+        return list((await p.admin("GET", "/admin/customers/exp/credits/ledger"))["entries"])
+    entries = await wait_until(ledger, what="the expiry's ledger entry")
     assert [(e["kind"], e["credits"]) for e in entries] == [("expire", "5")]
 
 
@@ -272,9 +272,6 @@ async def test_alerts_reach_the_operator_webhook_signed(make_proxy: ProxyFactory
                                   headers={"Authorization": f"Bearer {key}"},
                                   json={"prompt_tokens": 400, "completion_tokens": 550}) as r:
             assert r.status == 200
-        for _ in range(200):
-            if len(got) >= 3:
-                break
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(got), ok=lambda n: n >= 3, what="three alerts")
         assert sorted(str(a["threshold"]) for a in got) == ["0.5", "0.75", "0.9"]
         assert {a["customer_id"] for a in got} == {"hook"}

@@ -25,8 +25,10 @@ from proxy.credits.ledger import (
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import DEPLETED, ThresholdWatch, alert_period, crossed
 from proxy.periods import period_bounds
+from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store, _statements, connect
 from proxy.store.keys import upsert_customer
+from proxy.store.ledger import load as ledger_load
 from proxy.store.schema import MIGRATIONS
 
 Q = 1_000_000
@@ -128,7 +130,7 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[CreditService, ThresholdWat
     store.execute_write(lambda c: upsert_customer(c, "c", None, "block", "active"))
     book = CreditBook()
     svc = CreditService(store, book)
-    yield svc, ThresholdWatch(store, book, T)
+    yield svc, await ThresholdWatch.open(SqliteAlerts(store), book, T)
     store.close()
 
 
@@ -145,10 +147,10 @@ def _fired(w: ThresholdWatch, now: float, anchor: int | None = None) -> list[str
 async def test_top_up_after_depletion_does_not_refire_thresholds(
         env: tuple[CreditService, ThresholdWatch]) -> None:
     svc, w = env
-    svc.grant("c", "100")
+    await svc.grant("c", "100")
     _spend(svc, 100 * Q, NOW)
     assert _fired(w, NOW) == ["0.5", "0.75", "0.9", DEPLETED]
-    svc.grant("c", "10")
+    await svc.grant("c", "10")
     _spend(svc, 1 * Q, NOW + 1)
     assert _fired(w, NOW + 1) == []                 # 101/110: nothing new this period
     _spend(svc, 9 * Q, NOW + 2)
@@ -158,18 +160,18 @@ async def test_top_up_after_depletion_does_not_refire_thresholds(
 
 async def test_old_grant_expiry_does_not_refire(env: tuple[CreditService, ThresholdWatch]) -> None:
     svc, w = env
-    svc.grant("c", "100", expires_at=NOW + 100)
-    svc.grant("c", "100")
+    await svc.grant("c", "100", expires_at=NOW + 100)
+    await svc.grant("c", "100")
     _spend(svc, 180 * Q, NOW)                        # the expiring grant burns first
     assert _fired(w, NOW) == ["0.5", "0.75", "0.9"]
-    assert svc.expire_due(NOW + 100) == 0            # nothing left on it to expire
+    assert await svc.expire_due(NOW + 100) == 0            # nothing left on it to expire
     assert _fired(w, NOW + 100) == []                # live: 80/100 consumed, already told
 
 
 async def test_next_billing_period_rearms(env: tuple[CreditService, ThresholdWatch]) -> None:
     svc, w = env
     anchor = NOW - 10 * 86400
-    svc.grant("c", "100")
+    await svc.grant("c", "100")
     _spend(svc, 60 * Q, NOW)
     assert _fired(w, NOW, anchor) == ["0.5"]
     assert _fired(w, NOW + 86400, anchor) == []
@@ -242,6 +244,6 @@ def test_migration_7_keeps_the_ledger_and_constrains_debt(tmp_path: Path) -> Non
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount,"
                          f" at_ms) VALUES {bad}")
-    book = load_book(conn)
+    book = load_book(ledger_load(conn))
     assert (book.debt("c"), book.balance("c", 0)) == (3, 0)
     conn.close()

@@ -4,7 +4,6 @@ watcher facing a Kubernetes ConfigMap update)."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import inspect
 import json
@@ -12,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from proxy import config as config_mod
 from proxy import metrics
 from proxy.rules import check_rules
 from tests.conftest import ProxyFactory
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -245,12 +244,10 @@ async def test_a_configmap_update_is_picked_up_by_the_rules_watcher(
     assert len(v2) == len(RULES_V1)
     _kubelet_write(mount, {"rules.yaml": v2}, "2026_01_01_00_01_00.2",
                    keep_mtime_of=mount / "rules.yaml")
-    deadline = time.monotonic() + 15
-    after = before
-    while after == before and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        after = (await p.admin("GET", "/readyz"))["rules_version"]
-    assert after != before, "the rules watcher missed the ConfigMap symlink swap"
+    async def version() -> str:
+        return str((await p.admin("GET", "/readyz"))["rules_version"])
+    await wait_until(version, ok=lambda after: after != before, timeout=15, interval=0.1,
+                     what="the rules watcher to see the ConfigMap symlink swap")
     key = await p.customer_with_key("acme")
     async with p.session.get(p.url + "/v1/items",
                              headers={"Authorization": f"Bearer {key}"}) as r:
@@ -417,10 +414,10 @@ async def test_rules_reload_failing_gauge_follows_the_files(
     good = rules.read_text()
     assert await gauge() == 0.0
     rules.write_text(good + "\nbogus: 1\n")
-    assert app_mod.reload_rules(p.server.rt) is False
+    assert await app_mod.reload_rules(p.server.rt) is False
     assert await gauge() == 1.0
     rules.write_text(good)
-    assert app_mod.reload_rules(p.server.rt) is True
+    assert await app_mod.reload_rules(p.server.rt) is True
     assert await gauge() == 0.0
 
 

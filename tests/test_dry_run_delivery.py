@@ -17,9 +17,9 @@ from proxy.app import Server, start
 from proxy.config import StripeConfig
 from proxy.errors import ConfigError
 from proxy.sinks.dry_run import DryRunSink
-from proxy.sinks.factory import build_sink
 from proxy.store.db import connect
 from proxy.store.schema import MIGRATIONS
+from proxy.stripe.factory import build_sink
 from tests.conftest import ADMIN_TOKEN, ROOT, write_config
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port
+from tests.helpers import wait_until
 
 Q = 1_000_000
 
@@ -114,11 +115,7 @@ async def test_storage_failure_closed_is_503_and_loses_nothing(make_proxy: Proxy
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    for _ in range(200):
-        if store.healthy:
-            break
-        await asyncio.sleep(0.02)
-    assert store.healthy
+    await wait_until(lambda: store.healthy, what="the store to recover")
     async with p.session.get(p.url + "/v1/items", headers=h) as r:
         assert r.status == 200
     # the request answered 503 had its answer withheld: it is never billed, even though
@@ -228,16 +225,11 @@ async def test_cli_changes_reach_running_proxy(proxy: Proxy, tmp_path: Path) -> 
     import orjson
     created = orjson.loads(out.getvalue())
     h = {"Authorization": f"Bearer {created['key']}"}
-    for _ in range(100):
+    async def status() -> int:
         async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.05)
-    assert r.status == 200
+            return r.status
+    await wait_until(status, ok=lambda s: s == 200, interval=0.05,
+                     what="the key created by the CLI to be accepted")
     assert main(["keys", "revoke", "--key-id", created["key_id"], "--db", db]) == 0
-    for _ in range(100):
-        async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
-            if r.status == 403:
-                break
-        await asyncio.sleep(0.05)
-    assert r.status == 403
+    await wait_until(status, ok=lambda s: s == 403, interval=0.05,
+                     what="the key revoked by the CLI to be refused")

@@ -16,9 +16,9 @@ import pytest
 from ruamel.yaml import YAML
 
 from proxy import cli
-from proxy.explain import load_rules_text
 from proxy.rules import RuleSet
-from proxy.simulate import AuditRow, rerate
+from proxy.tools.explain import load_rules_text
+from proxy.tools.simulate import AuditRow, rerate
 from proxy.units import to_micro
 from tests.conftest import ROOT, Proxy, ProxyFactory
 

@@ -3,15 +3,15 @@ even when a call times out while Stripe is still processing it."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from proxy.flusher import Flusher
-from proxy.sinks.meter_events import MeterEventsSink
-from proxy.sinks.stripe_client import StripeConnection
 from proxy.store.db import Store
+from proxy.stripe.client import StripeClient
+from proxy.stripe.meter_events import MeterEventsSink
+from tests.helpers import wait_until
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 Q = 1_000_000
@@ -34,7 +34,7 @@ async def test_timeout_while_stripe_still_processes_never_overlaps(
     double = await stripe_double_factory(processing_delay=1.5)
     double.state.add_meter("api_calls")
     store = Store.open(tmp_path / "f.db")
-    conn = StripeConnection(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
                             timeout=1.0)
     sink = MeterEventsSink(conn)
     flusher = Flusher(store, sink, lambda: {"api_calls": ("api_calls", None)}, rate=0,
@@ -46,12 +46,8 @@ async def test_timeout_while_stripe_still_processes_never_overlaps(
         double.state.processing_delay = 0.0           # Stripe recovers
         again = await flusher.flush(force=True)       # the key is held: no second call
         assert again.attempted == 0 and again.retrying == 1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            rep = await flusher.flush(force=True)
-            if rep.delivered:
-                break
-            await asyncio.sleep(0.05)
+        rep = await wait_until(lambda: flusher.flush(force=True), ok=lambda r: r.delivered,
+                               interval=0.05, what="the resend after the hold")
         assert rep.delivered == 1 and rep.duplicates == 1   # Stripe had it: the resend dedupes
         assert double.state.concurrency_violations == []
         assert double.state.totals("cus_a", "api_calls") == 3

@@ -17,6 +17,7 @@ from proxy.cli import main as cli_main
 from proxy.errors import ConfigError
 from proxy.meter_check import StripeMeterInfo, meter_problems
 from tests.conftest import ADMIN_TOKEN, write_config
+from tests.helpers import wait_until
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 RULES = """\
@@ -126,10 +127,8 @@ async def test_unreachable_stripe_starts_degraded_then_verifies(
             assert _checks("unreachable") - before["unreachable"] >= 1
             assert _checks("ok") - before["ok"] == 0
             stripe_double.state.faults.clear("meters_list")       # Stripe is back
-            deadline = time.monotonic() + 20
-            while (await _get(s, server, "/readyz"))[0] != 200:
-                assert time.monotonic() < deadline, "the meter check never passed"
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: _get(s, server, "/readyz"), ok=lambda r: r[0] == 200,
+                             timeout=20, interval=0.05, what="the meter check to pass")
             _, text = await _get(s, server, "/metrics")
             assert "\nmeterproxy_stripe_meters_verified 1.0\n" in text
             calls = len(stripe_double.state.calls("meters_list"))    # one per check
@@ -146,12 +145,12 @@ async def test_reload_with_a_wrong_meter_is_refused(tmp_path: Path, upstream: st
     try:
         old = server.rt.rules.version
         (tmp_path / "rules.yaml").write_text(TOKENS)
-        assert await reload_rules_checked(server.rt) is False
+        assert await reload_rules_checked(server.rt, server.meter_check) is False
         assert server.rt.rules.version == old
         assert server.rt.rules_error == ("stripe: meter 'tokens' (event name 'llm_tokens'): "
                                          "no active Stripe meter has this event name")
         stripe_double.state.add_meter("llm_tokens")
-        assert await reload_rules_checked(server.rt) is True
+        assert await reload_rules_checked(server.rt, server.meter_check) is True
         assert sorted(server.rt.rules.meters) == ["api_calls", "tokens"]
         assert server.rt.rules_error is None
     finally:

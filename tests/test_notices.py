@@ -30,8 +30,10 @@ from proxy.notices import (
 from proxy.pricing import Price
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, set_billing, upsert_customer
+from proxy.store.sqlite import SqliteStorage
 from tests.conftest import ProxyFactory
-from tests.test_alerts_sender import SECRET, fast, receiver, running, status_of, until
+from tests.helpers import wait_until as until
+from tests.test_alerts_sender import SECRET, fast, receiver, running, status_of
 
 U = 1_000_000
 T0 = 1_767_225_600          # 2026-01-01T00:00:00Z, a Thursday
@@ -56,11 +58,14 @@ def _use(store: Store, cid: str, at: int, units: int, meter: str = "api_calls") 
     store.execute_write(tx)
 
 
-def _watch(store: Store, **settings: object) -> NoticeWatch:
+async def _watch(store: Store, **settings: object) -> NoticeWatch:
+    owners = SqliteStorage.on(store)
+    snap = await owners.customers.snapshot()
     keys = KeyCache()
-    keys.reload(store.conn)
+    keys.replace(snap.keys, snap.customers)
     price = Price("usd", unit_amount_decimal=Decimal(2))      # 2 cents a call
-    return NoticeWatch(store, keys, NoticeSettings(**settings),  # type: ignore[arg-type]
+    return NoticeWatch(owners.usage, owners.alerts, keys,
+                       NoticeSettings(**settings),  # type: ignore[arg-type]
                        prices=lambda: {"api_calls": price})
 
 
@@ -99,21 +104,21 @@ async def test_spike_fires_once_per_day_and_meter(store: Store) -> None:
         _use(store, "beta", T0 - d * DAY + 3600, 100)
     _use(store, "acme", T0 + 3600, 250)
     _use(store, "beta", T0 + 3600, 350)
-    w = _watch(store, spike_factor=3.0, spike_min=10 * U)
+    w = await _watch(store, spike_factor=3.0, spike_min=10 * U)
     before = _count("usage.spike")
-    new = w.check(T0 + 2 * 3600)
+    new = await w.check(T0 + 2 * 3600)
     assert [(n["customer_id"], n["today"], n["daily_average"]) for n in new] == \
         [("beta", "350", "100")]                               # 250 is not 3 x 100
     _use(store, "beta", T0 + 3 * 3600, 500)
-    assert w.check(T0 + 4 * 3600) == []                        # once that day
+    assert await w.check(T0 + 4 * 3600) == []                        # once that day
     _use(store, "beta", T0 + DAY + 3600, 1000)
-    assert [n["day"] for n in w.check(T0 + DAY + 7200)] == ["2026-01-02T00:00:00Z"]
+    assert [n["day"] for n in await w.check(T0 + DAY + 7200)] == ["2026-01-02T00:00:00Z"]
     assert _count("usage.spike") - before == 2
 
 
 async def test_no_history_is_no_spike(store: Store) -> None:
     _use(store, "acme", T0 + 60, 10_000)
-    assert _watch(store, spike_factor=2.0).check(T0 + 120) == []
+    assert await (await _watch(store, spike_factor=2.0)).check(T0 + 120) == []
 
 
 async def test_pre_renewal_notice_projects_the_charge_once_per_period(store: Store) -> None:
@@ -121,9 +126,9 @@ async def test_pre_renewal_notice_projects_the_charge_once_per_period(store: Sto
     end = T0 + 21 * DAY                                            # 2026-01-22
     for d in range(7):                                             # 700 a day: 4,900 a week
         _use(store, "acme", end - 3 * DAY - d * DAY - 3600, 700)
-    w = _watch(store, pre_renewal=3 * DAY)
-    assert [n["customer_id"] for n in w.check(end - 3 * DAY - 1)] == []
-    [n] = w.check(end - 3 * DAY + 60)
+    w = await _watch(store, pre_renewal=3 * DAY)
+    assert [n["customer_id"] for n in await w.check(end - 3 * DAY - 1)] == []
+    [n] = await w.check(end - 3 * DAY + 60)
     assert n["type"] == "billing.pre_renewal" and n["customer_id"] == "acme"
     assert (n["period_start"], n["period_end"]) == ("2025-12-22T00:00:00Z",
                                                     "2026-01-22T00:00:00Z")
@@ -135,21 +140,21 @@ async def test_pre_renewal_notice_projects_the_charge_once_per_period(store: Sto
     assert Decimal(n["projected_charges"]["api_calls"]["amount"]) == \
         (int(projected) * 2 / Decimal(100)).quantize(Decimal("0.01"))
     # beta (calendar month) is not in its window yet; acme is told once
-    assert w.check(end - DAY) == []
+    assert await w.check(end - DAY) == []
 
 
 async def test_digests_are_delivered_signed_once(store: Store) -> None:
     _use(store, "acme", T0 - DAY + 60, 5)
     _use(store, "acme", T0 - DAY + 120, 7, meter="tokens")
     _use(store, "beta", T0 + 60, 9)                        # today: not in the digest yet
-    w = _watch(store, digest="daily")
+    w = await _watch(store, digest="daily")
     async with receiver(lambda _id, _n: "ok") as rec, running(fast(store, rec.url)) as sender:
         w.on_new = sender.wake
-        [n] = w.check(T0 + 600)
+        [n] = await w.check(T0 + 600)
         assert n == {"type": "usage.digest", "customer_id": "acme", "digest": "daily",
                      "from": "2025-12-31T00:00:00Z", "to": "2026-01-01T00:00:00Z",
                      "usage": {"api_calls": "5", "tokens": "7"}}
-        assert w.check(T0 + 1200) == []
+        assert await w.check(T0 + 1200) == []
         await until(lambda: set(status_of(store).values()) == {"sent"}, what="sent")
     [(_, body, headers)] = rec.delivered
     assert json.loads(body) == n
@@ -161,7 +166,8 @@ async def test_the_proxy_runs_the_notices_from_its_config(make_proxy: ProxyFacto
     told once, through the alert sender (logged here: no webhook URL)."""
     p = await make_proxy(alerts={"pre_renewal": "40d", "notice_interval": "50ms"})
     await p.admin("POST", "/admin/customers", {"id": "acme"})
-    p.server.rt.keys.reload(p.server.rt.store.conn)
+    snap = await p.server.rt.owners().customers.snapshot()
+    p.server.rt.keys.replace(snap.keys, snap.customers)
 
     def told() -> list[tuple[str, str]]:
         with p.db() as c:

@@ -27,7 +27,7 @@ import pytest
 import stripe
 from openapi_spec_validator import validate as validate_spec
 
-from proxy.admin import load_openapi
+from proxy.admin.api import load_openapi
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from tests.conftest import ADMIN_TOKEN, TEST_RULES, Proxy, ProxyFactory, free_port, write_config
 from tests.proxy_process import ProxyProcess
@@ -55,7 +55,7 @@ async def test_every_route_is_documented_and_every_operation_has_a_route(
     public = {r.resource.canonical: r.method for r in p.server.public.app.router.routes()}  # type: ignore[union-attr]
     assert public.pop("/{tail}") == "*"           # the proxied API: the upstream's, not ours
     assert public == {}                           # everything else is routed by the pipeline,
-    pipeline = p.server.rt.extras["pipeline"]     # on the canonical path (proxy.target)
+    pipeline = p.server.pipeline     # on the canonical path (proxy.target)
     assert set(pipeline.public_routes) == {WEBHOOK_PATH}   # answers POST only (405 otherwise)
     routes.add(("POST", WEBHOOK_PATH))
     prefix = p.server.rt.cfg.reserved_prefix

@@ -42,7 +42,7 @@ async def test_fractions_are_carried_never_rounded_away(make_proxy: ProxyFactory
         detail = await p.admin("GET", "/admin/customers/f", expect=200)
         rem = detail["unreported_remainder"].get("units:units", "0")
         assert rem == fmt_micro(total_requests * 400_000 - reported * QSCALE)
-    sink = p.server.rt.extras["flusher"].sink
+    sink = p.server.flusher.sink
     assert sum(e.value for e in sink.sent) == reported == 8
     assert len({e.identifier for e in sink.sent}) == len(sink.sent)
 

@@ -13,6 +13,7 @@ import pytest
 from yarl import URL
 
 from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
 from tests.pathcanon_kit import CHAT_TOKENS, RULES, Q, RecordingUpstream, raw_request
 from tests.servers import serve
 
@@ -296,11 +297,9 @@ async def test_a_websocket_is_matched_and_forwarded_on_the_canonical_path(
         msg = await ws.receive(timeout=5)
     assert msg.data == "/v1/models/premium-x/stream?a=../b:hi"
     assert rec.seen["ws-1"][1] == "/v1/models/premium-x/stream?a=../b"
-    rows: list[tuple[str, str, int, str]] = []
-    deadline = asyncio.get_running_loop().time() + 10
-    while not rows and asyncio.get_running_loop().time() < deadline:   # recorded on close
-        await asyncio.sleep(0.02)
+    def audit_rows() -> list[tuple[str, str, int, str]]:
         with p.db() as db:
-            rows = db.execute("SELECT rule, path, credits, flags FROM audit "
+            return db.execute("SELECT rule, path, credits, flags FROM audit "
                               "WHERE request_id = ?", ("ws-1",)).fetchall()
+    rows = await wait_until(audit_rows, what="the session's audit row")   # recorded on close
     assert rows == [("catch-all", "/v1/models/premium-x/stream", Q, "websocket")]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.periods import day_starts, period_bounds, project
+from proxy.periods import day_starts, default_usage_range, period_bounds, project
 
 
 def ts(*a: int) -> int:
@@ -43,3 +43,15 @@ def test_projection_is_linear_on_trailing_week() -> None:
 def test_day_starts() -> None:
     days = day_starts(ts(2026, 11, 24, 15), 3)
     assert days == [ts(2026, 11, 22), ts(2026, 11, 23), ts(2026, 11, 24)]
+
+
+@given(st.one_of(st.none(), st.integers(0, 4_000_000_000)), st.integers(0, 4_000_000_000))
+def test_default_usage_range_is_the_current_period_to_a_minute_past_now(
+        anchor: int | None, now: int) -> None:
+    start, end = default_usage_range(anchor, now)
+    p_start, p_end = period_bounds(anchor, now)
+    assert start == p_start <= now < p_end
+    assert end == now + 60
+    if anchor is None:
+        d = datetime.fromtimestamp(now, UTC)
+        assert start == datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()

@@ -23,6 +23,7 @@ from proxy.credits.plans import monthly_anchor, prorate_allowance, subscription_
 from proxy.credits.service import CreditService, load_book
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, upsert_customer
+from proxy.store.sqlite import SqliteStorage
 from proxy.webhooks import WebhookReceiver
 from tests.test_webhooks import event, invoice, new_line
 
@@ -47,23 +48,33 @@ class Clock:
 
 
 class Env:
-    def __init__(self, tmp: Path, clock: Clock, cfg: Config = CFG) -> None:
-        self.store = Store.open(tmp / "m.db")
-        self.store.execute_write(lambda c: upsert_customer(c, "acme", "cus_acme", "block",
-                                                           "active"))
-        self.keys = KeyCache()
-        self.keys.reload(self.store.conn)
-        self.credits = CreditService(self.store, load_book(self.store.conn))
-        self.clock = clock
-        self.hooks = WebhookReceiver(self.store, self.keys, self.credits, cfg, clock=clock)
+    def __init__(self, store: Store, keys: KeyCache, credits: CreditService, clock: Clock,
+                 hooks: WebhookReceiver) -> None:
+        self.store, self.keys, self.credits, self.clock, self.hooks = \
+            store, keys, credits, clock, hooks
 
-    def deliver(self, ev: dict[str, Any], status: str = "processed") -> dict[str, Any]:
+    @classmethod
+    async def open(cls, tmp: Path, clock: Clock, cfg: Config = CFG) -> Env:
+        store = Store.open(tmp / "m.db")
+        store.execute_write(lambda c: upsert_customer(c, "acme", "cus_acme", "block", "active"))
+        owners = SqliteStorage.on(store)
+        keys = KeyCache()
+        credits = CreditService(store, load_book(await owners.ledger.load()), owners.ledger)
+        hooks = WebhookReceiver(store, keys, credits, cfg, clock=clock,
+                                events=owners.webhooks, customers=owners.customers)
+        env = cls(store, keys, credits, clock, hooks)
+        await env.reload_keys()
+        return env
+
+    async def reload_keys(self) -> None:
+        snap = await self.hooks.customers.snapshot()
+        self.keys.replace(snap.keys, snap.customers)
+
+    async def deliver(self, ev: dict[str, Any], status: str = "processed") -> dict[str, Any]:
         """Store the event as the endpoint does (verified elsewhere) and process it."""
-        row = (ev["id"], ev["type"], ev["created"], orjson.dumps(ev).decode(), int(self.clock()))
-        self.store.execute_write(lambda c: c.execute(
-            "INSERT INTO webhook_events(id, type, created, payload, received_at)"
-            " VALUES (?,?,?,?,?)", row))
-        out = self.hooks.process(ev["id"])
+        assert await self.hooks.events.record(ev["id"], ev["type"], ev["created"],
+                                              orjson.dumps(ev).decode(), int(self.clock()))
+        out = await self.hooks.process(ev["id"])
         assert out.status == status, out
         return out.result
 
@@ -81,7 +92,7 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path, Clock(0))
+    e = await Env.open(tmp_path, Clock(0))
     yield e
     e.store.close()
 
@@ -92,10 +103,10 @@ def _inv(inv: str, price: str, period: tuple[int, int], reason: str,
             **extra}
 
 
-def _at(env: Env, t: float, eid: str, etype: str, obj: dict[str, Any],
+async def _at(env: Env, t: float, eid: str, etype: str, obj: dict[str, Any],
         status: str = "processed") -> dict[str, Any]:
     env.clock.t = t
-    return env.deliver(event(eid, etype, obj, created=int(t)), status)
+    return await env.deliver(event(eid, etype, obj, created=int(t)), status)
 
 
 # A month that started 10 days ago (real time: the credit service stamps grants with it)
@@ -104,22 +115,22 @@ S1 = S0 + 30 * DAY          # the renewal: 10 days ago
 S2 = S1 + 30 * DAY
 
 
-def _first_period(env: Env) -> None:
-    _at(env, S0 + 5, "evt_1", "invoice.paid",
+async def _first_period(env: Env) -> None:
+    await _at(env, S0 + 5, "evt_1", "invoice.paid",
         _inv("in_1", "price_basic", (S0, S1), "subscription_create", amount_paid=2000))
 
 
 # ---- finding 1: allowances from period start ----------------------------------------------
 
 async def test_renewal_granted_at_invoice_creation_covers_the_hours_before_payment(env: Env) -> None:
-    _first_period(env)
+    await _first_period(env)
     renewal = _inv("in_2", "price_basic", (S1, S2), "subscription_cycle", amount_due=2000)
     # the renewal invoice is created at the period start; payment comes 3 hours later
-    out = _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+    out = await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
     assert out["pending_payment"] == "in_2" and out["grants"][0]["created"] is True
     assert env.balance(S1 + H) == 50 * Q            # the old grant has expired; the new one
     assert env.spend(20 * Q, S1 + H)                # covers usage before the payment
-    paid = _at(env, S1 + 3 * H, "evt_p", "invoice.paid", renewal)
+    paid = await _at(env, S1 + 3 * H, "evt_p", "invoice.paid", renewal)
     assert [g["created"] for g in paid["grants"]] == [False]     # the same grant, now paid
     assert env.balance(S1 + 3 * H) == 30 * Q
     with env.store.conn as c:
@@ -130,12 +141,12 @@ async def test_renewal_granted_at_invoice_creation_covers_the_hours_before_payme
 async def test_renewal_paid_late_without_invoice_created_repays_the_gap(env: Env) -> None:
     """No invoice.created subscribed: a block customer's usage in the gap is debt, and the
     late grant, effective from the period start, pays it back first."""
-    _first_period(env)
+    await _first_period(env)
     hold = env.credits.book.try_hold("acme", 0, S1 + H, block=False, debt_ok=True)
     assert hold is not None
     env.credits.book.settle(hold, [5 * Q], S1 + H)
     assert env.credits.book.debt("acme") == 5 * Q
-    out = _at(env, S1 + 3 * H, "evt_p", "invoice.paid",
+    out = await _at(env, S1 + 3 * H, "evt_p", "invoice.paid",
               _inv("in_2", "price_basic", (S1, S2), "subscription_cycle"))
     g = env.credits.book.grant(out["grants"][0]["grant_id"])
     assert g is not None and g.effective_at == S1 and g.live(S1)
@@ -143,8 +154,8 @@ async def test_renewal_paid_late_without_invoice_created_repays_the_gap(env: Env
 
 
 async def test_renewal_paid_before_its_period_is_not_spendable_before_it(env: Env) -> None:
-    _first_period(env)
-    _at(env, S1 - 600, "evt_p", "invoice.paid",
+    await _first_period(env)
+    await _at(env, S1 - 600, "evt_p", "invoice.paid",
         _inv("in_2", "price_basic", (S1, S2), "subscription_cycle"))
     assert env.balance(S1 - 300) == 50 * Q          # this period's allowance only
     assert env.balance(S1) == 50 * Q                # the next one's, from its start
@@ -153,18 +164,18 @@ async def test_renewal_paid_before_its_period_is_not_spendable_before_it(env: En
 
 async def test_repayment_waits_until_an_early_grant_becomes_effective(tmp_path: Path) -> None:
     now = int(time.time())
-    env = Env(tmp_path, Clock(now))
+    env = await Env.open(tmp_path, Clock(now))
     try:
         hold = env.credits.book.try_hold("acme", 0, now, block=False, debt_ok=True)
         assert hold is not None
         env.credits.book.settle(hold, [5 * Q], now)
         start = now + 1000
-        _at(env, now, "evt_p", "invoice.paid",
+        await _at(env, now, "evt_p", "invoice.paid",
             _inv("in_2", "price_basic", (start, start + 30 * DAY), "subscription_cycle"))
         assert env.credits.book.debt("acme") == 5 * Q          # not effective: repays nothing
         assert env.credits.book.next_effective(now) == start
-        assert env.credits.repay_due(start - 1) == 0
-        assert env.credits.repay_due(start) == 1
+        assert await env.credits.repay_due(start - 1) == 0
+        assert await env.credits.repay_due(start) == 1
         assert env.credits.book.debt("acme") == 0 and env.balance(start) == 45 * Q
         (repaid,) = env.store.conn.execute("SELECT SUM(amount) FROM credit_entries"
                                            " WHERE kind='repay'").fetchone()
@@ -175,50 +186,50 @@ async def test_repayment_waits_until_an_early_grant_becomes_effective(tmp_path: 
 
 @pytest.mark.parametrize("etype", ["invoice.voided", "invoice.marked_uncollectible"])
 async def test_renewal_never_paid_is_clawed_back(env: Env, etype: str) -> None:
-    _first_period(env)
+    await _first_period(env)
     renewal = _inv("in_2", "price_basic", (S1, S2), "subscription_cycle", amount_due=2000)
-    _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+    await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
     assert env.spend(20 * Q, S1 + H)
-    out = _at(env, S1 + 5 * DAY, "evt_u", etype, renewal)
+    out = await _at(env, S1 + 5 * DAY, "evt_u", etype, renewal)
     [back] = out["clawed_back"]
     assert (back["unused_taken"], back["debt"]) == ("30", "20")     # spent: debt
     assert env.balance(S1 + 5 * DAY) == -20 * Q
     assert not env.spend(1, S1 + 5 * DAY)
     # once written off, the same event again takes nothing
-    again = env.hooks.process("evt_u")
+    again = await env.hooks.process("evt_u")
     assert again.status == "ignored"
     if etype == "invoice.marked_uncollectible":
         # an uncollectible invoice can still be paid: the allowance is granted anew
-        paid = _at(env, S1 + 6 * DAY, "evt_late", "invoice.paid", renewal)
+        paid = await _at(env, S1 + 6 * DAY, "evt_late", "invoice.paid", renewal)
         assert paid["grants"][0]["created"] is True
         assert env.balance(S1 + 6 * DAY) == 30 * Q           # 50, after repaying the 20
 
 
 async def test_subscription_deleted_claws_back_an_unpaid_renewal(env: Env) -> None:
-    _first_period(env)
+    await _first_period(env)
     renewal = _inv("in_2", "price_basic", (S1, S2), "subscription_cycle")
-    _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
-    _at(env, S1 + 20 * DAY, "evt_d", "customer.subscription.deleted",
+    await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+    await _at(env, S1 + 20 * DAY, "evt_d", "customer.subscription.deleted",
         {"id": "sub_1", "object": "subscription", "customer": "cus_acme"})
     assert env.balance(S1 + 20 * DAY) == 0
 
 
 async def test_only_renewals_are_granted_before_payment(env: Env) -> None:
     first = _inv("in_1", "price_basic", (S0, S1), "subscription_create")
-    out = _at(env, S0 + 5, "evt_c", "invoice.created", first, "ignored")
+    out = await _at(env, S0 + 5, "evt_c", "invoice.created", first, "ignored")
     assert out["reason"] == "not a renewal invoice"
     assert env.balance(S0 + 10) == 0
 
 
 async def test_rollover_paid_early_waits_for_its_period_and_carries_what_is_left(env: Env) -> None:
-    _at(env, S0 + 5, "evt_1", "invoice.paid",
+    await _at(env, S0 + 5, "evt_1", "invoice.paid",
         _inv("in_1", "price_roll", (S0, S1), "subscription_create"))
     early = _inv("in_2", "price_roll", (S1, S2), "subscription_cycle")
-    out = _at(env, S1 - 600, "evt_2", "invoice.paid", early, "waiting_period")
+    out = await _at(env, S1 - 600, "evt_2", "invoice.paid", early, "waiting_period")
     assert out["grants"] == []
     assert env.spend(35 * Q, S1 - 300)              # spent after the early payment
     env.clock.t = S1 + 1
-    done = env.hooks.process("evt_2")
+    done = await env.hooks.process("evt_2")
     assert done.status == "processed"
     [g] = done.result["grants"]
     assert (g["carried"], g["credits"]) == ("15", "65")   # 50 + the 15 left at the boundary
@@ -271,11 +282,11 @@ def _updated(eid: str, t: int, sub: dict[str, Any], old_price: str) -> dict[str,
 
 
 async def test_mid_cycle_upgrade_grants_the_prorated_difference(env: Env) -> None:
-    _at(env, S1 + 5, "evt_1", "invoice.paid",
+    await _at(env, S1 + 5, "evt_1", "invoice.paid",
         _inv("in_2", "price_basic", (S1, S2), "subscription_cycle"))
     t = S1 + 10 * DAY                                  # a third of the period has gone
     env.clock.t = t
-    out = env.deliver(_updated("evt_up", t, _sub("price_pro"), "price_basic"))
+    out = await env.deliver(_updated("evt_up", t, _sub("price_pro"), "price_basic"))
     change = out["plan_change"]
     assert (change["old_allowance"], change["new_allowance"]) == ("50", "150")
     assert change["credits"] == "66.666666"            # 100 x 20/30, floored to a micro-credit
@@ -283,9 +294,9 @@ async def test_mid_cycle_upgrade_grants_the_prorated_difference(env: Env) -> Non
     g = env.credits.book.grant(change["grant_id"])
     assert g is not None and (g.effective_at, g.expires_at) == (t, S2)
     # redelivered: once
-    assert env.hooks.process("evt_up").result["plan_change"]["created"] is False
+    assert (await env.hooks.process("evt_up")).result["plan_change"]["created"] is False
     # the downgrade back keeps what this period has
-    back = env.deliver(_updated("evt_down", t + DAY, _sub("price_basic"), "price_pro"))
+    back = await env.deliver(_updated("evt_down", t + DAY, _sub("price_basic"), "price_pro"))
     assert "downgrade" in back["plan_change"]["note"]
     assert env.balance(t + DAY) == 50 * Q + 66_666_666
 
@@ -293,7 +304,7 @@ async def test_mid_cycle_upgrade_grants_the_prorated_difference(env: Env) -> Non
 async def test_proration_invoice_of_an_upgrade_grants_nothing_more(env: Env) -> None:
     line = new_line("price_pro", "sub_1", (S1 + 10 * DAY, S2))
     line["parent"]["subscription_item_details"]["proration"] = True
-    out = _at(env, S1 + 10 * DAY, "evt_inv", "invoice.paid",
+    out = await _at(env, S1 + 10 * DAY, "evt_inv", "invoice.paid",
               invoice("in_up", "cus_acme", [line], "subscription_update", "sub_1"), "ignored")
     assert "customer.subscription.updated" in out["notes"][0]
     assert env.balance(S1 + 10 * DAY) == 0
@@ -304,14 +315,14 @@ async def test_proration_invoice_of_an_upgrade_grants_nothing_more(env: Env) -> 
 async def test_billing_anchor_follows_the_subscription(env: Env) -> None:
     t = S1 + DAY
     env.clock.t = t
-    out = env.deliver(event("evt_s1", "customer.subscription.created", _sub("price_basic"),
+    out = await env.deliver(event("evt_s1", "customer.subscription.created", _sub("price_basic"),
                             created=t))
     assert out["billing_anchor"] is not None
     assert env.keys.customers["acme"].billing_anchor == S0
     # a newer event moves it; an older one that arrives late does not move it back
-    env.deliver(event("evt_s2", "customer.subscription.updated",
+    await env.deliver(event("evt_s2", "customer.subscription.updated",
                       _sub("price_basic", billing_cycle_anchor=S1 + 5), created=t + 10))
-    late = env.deliver(event("evt_s0", "customer.subscription.updated",
+    late = await env.deliver(event("evt_s0", "customer.subscription.updated",
                              _sub("price_basic", billing_cycle_anchor=S0 + 7), created=t - 10))
     assert late["anchor_note"] == "a newer subscription event set the anchor"
     assert env.keys.customers["acme"].billing_anchor == S1 + 5
@@ -331,22 +342,22 @@ def test_a_yearly_subscription_does_not_set_a_monthly_anchor() -> None:
 async def test_two_local_customers_on_one_stripe_customer(env: Env) -> None:
     env.store.execute_write(lambda c: upsert_customer(c, "acme-eu", "cus_acme", "block",
                                                       "active"))
-    env.keys.reload(env.store.conn)
+    await env.reload_keys()
     first = _inv("in_1", "price_basic", (S0, S1), "subscription_create")
     # naming none of them: refused with the fix in the reason
-    out = _at(env, S0 + 5, "evt_x", "invoice.paid", first, "failed")
+    out = await _at(env, S0 + 5, "evt_x", "invoice.paid", first, "failed")
     assert "metadata.meterproxy_customer" in out["reason"]
     # the subscription's metadata (copied onto its invoices) names the customer
     first["parent"]["subscription_details"]["metadata"] = {"meterproxy_customer": "acme-eu"}
-    _at(env, S0 + 6, "evt_1", "invoice.paid", first)
+    await _at(env, S0 + 6, "evt_1", "invoice.paid", first)
     assert env.credits.book.balance("acme-eu", S0 + 10) == 50 * Q
     assert env.balance(S0 + 10) == 0
     # later events of that subscription find it without metadata
     renewal = _inv("in_2", "price_basic", (S1, S2), "subscription_cycle")
-    _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+    await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
     assert env.credits.book.balance("acme-eu", S1 + 60) == 50 * Q
     # a refund finds the customer whose grant the payment bought
-    back = _at(env, S1 + DAY, "evt_r", "charge.refunded",
+    back = await _at(env, S1 + DAY, "evt_r", "charge.refunded",
                {"id": "ch_1", "object": "charge", "customer": "cus_acme", "invoice": "in_2",
                 "amount": 2000, "amount_refunded": 1000})
     assert back["customer"] == "acme-eu"
@@ -377,13 +388,13 @@ async def test_carried_credits_expire_after_one_period(tmp_path: Path, expiry: s
     cfg = CFG.model_copy(deep=True)
     cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
         {**ROLL_CFG, "rollover_expiry": expiry})
-    env = Env(tmp_path, Clock(0), cfg)
+    env = await Env.open(tmp_path, Clock(0), cfg)
     try:
         s3 = S2 + 30 * DAY          # three periods ending in the future
         periods = [(S0 - 30 * DAY, S0), (S0, S1), (s3 - 60 * DAY, s3)]
         got = []
         for n, (a, b) in enumerate(periods):
-            out = _at(env, a + 5, f"evt_{n}", "invoice.paid",
+            out = await _at(env, a + 5, f"evt_{n}", "invoice.paid",
                       _inv(f"in_{n}", "price_roll", (a, b),
                            "subscription_create" if n == 0 else "subscription_cycle"))
             got.append(out["grants"][0]["credits"])
@@ -399,7 +410,7 @@ async def test_an_upgrade_that_resets_the_cycle_is_granted_by_its_invoice_only(
     """billing_cycle_anchor=now: the update starts a new period, whose invoice (billing
     reason subscription_update, a whole-period line) grants the new allowance; the update
     itself grants nothing more."""
-    _at(env, S1 + 5, "evt_1", "invoice.paid",
+    await _at(env, S1 + 5, "evt_1", "invoice.paid",
         _inv("in_2", "price_basic", (S1, S2), "subscription_cycle"))
     t = S1 + 10 * DAY
     sub = _sub("price_pro", billing_cycle_anchor=t)
@@ -407,9 +418,9 @@ async def test_an_upgrade_that_resets_the_cycle_is_granted_by_its_invoice_only(
     env.clock.t = t + 2
     ev = _updated("evt_up", t + 2, sub, "price_basic")
     ev["data"]["previous_attributes"]["billing_cycle_anchor"] = S0
-    out = env.deliver(ev)
+    out = await env.deliver(ev)
     assert out["plan_change"]["note"].startswith("the change started a new period")
-    paid = _at(env, t + 3, "evt_inv", "invoice.paid",
+    paid = await _at(env, t + 3, "evt_inv", "invoice.paid",
                _inv("in_up", "price_pro", (t, t + 31 * DAY), "subscription_update"))
     assert [g["credits"] for g in paid["grants"]] == ["150"]
     assert env.balance(t + 4) == 200 * Q          # this period's 50 and the new period's 150

@@ -17,15 +17,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.pricing import (
-    FetchFailed,
     Price,
-    PriceCache,
     PriceError,
     Tier,
     TransformQuantity,
     billed_quantity,
     exact_amount,
-    fetch_prices,
     fmt_minor,
     line_amount,
     meter_prices,
@@ -37,7 +34,8 @@ from proxy.pricing import (
     whole_units,
 )
 from proxy.rules import Meter, check_rules, load_rules
-from proxy.sinks.stripe_client import StripeConnection
+from proxy.stripe.client import StripeClient
+from proxy.stripe.prices import FetchFailed, PriceCache, fetch_prices
 from proxy.units import QSCALE
 from tests.servers import serve
 
@@ -550,17 +548,17 @@ class StubStripe:
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[tuple[StubStripe, StripeConnection]]:
+async def stub() -> AsyncIterator[tuple[StubStripe, StripeClient]]:
     s = StubStripe()
     app = web.Application()
     app.router.add_get("/v1/prices/{id}", s.price)
     async with serve(app) as url:
-        conn = StripeConnection("sk_test_pricing", api_base=url, timeout=5)
+        conn = StripeClient("sk_test_pricing", api_base=url, timeout=5)
         yield s, conn
         await conn.close()
 
 
-async def test_fetch_prices_through_the_sdk(stub: tuple[StubStripe, StripeConnection]) -> None:
+async def test_fetch_prices_through_the_sdk(stub: tuple[StubStripe, StripeClient]) -> None:
     s, conn = stub
     got = await fetch_prices(conn, ["price_tiered", "price_unit", "price_custom", "price_nope",
                                     "price_unit"])
@@ -579,7 +577,7 @@ async def test_fetch_prices_through_the_sdk(stub: tuple[StubStripe, StripeConnec
 
 
 async def test_price_cache_refreshes_and_keeps_last_good(
-        stub: tuple[StubStripe, StripeConnection]) -> None:
+        stub: tuple[StubStripe, StripeClient]) -> None:
     s, conn = stub
     now = [1000.0]
     cache = PriceCache(lambda ids: fetch_prices(conn, ids), ["price_unit", "price_tiered"],

@@ -14,6 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
 from tests.servers import serve
 
 Q = 1_000_000
@@ -151,10 +152,7 @@ async def test_abandoned_stream_is_metered_with_what_was_delivered(
             r.close()  # the consumer walks away mid-stream
         # the upstream holds event 4 back until the proxy has recorded the abandonment, so
         # what the proxy measured is exactly what the consumer received
-        deadline = asyncio.get_running_loop().time() + 10
-        while not (totals := proxy.ledger_totals()):
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
+        totals = await wait_until(proxy.ledger_totals, what="the abandonment to be recorded")
         release.set()
         # exactly the last value the consumer received (events 4..50 were never delivered)
         assert totals == {("ab", "units"): 3 * Q}
@@ -211,10 +209,7 @@ async def test_websocket_passes_through(proxy: Proxy) -> None:
         await ws.send_str("hi")
         msg = await ws.receive(timeout=5)
         assert msg.data == "echo:hi"
-    for _ in range(100):
-        if proxy.ledger_totals():
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(proxy.ledger_totals, what="the session's usage")
     assert proxy.ledger_totals() == {("ws", "api_calls"): Q}
 
 

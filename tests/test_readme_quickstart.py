@@ -36,7 +36,7 @@ def test_quickstart_block_runs_as_written(tmp_path: Path) -> None:
     env = clean_env()
     env.update(UPSTREAM_URL=f"http://127.0.0.1:{upstream_port}", PORT=str(port),
                ADMIN_PORT=str(admin_port))
-    upstream = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "proxy.example_upstream",
+    upstream = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "proxy.demo.upstream",
                                  str(upstream_port)], cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proxy.admin_reconcile import RECONCILE_GRACE, RECONCILER, parse_grace, reconcile_routes
+from proxy.admin.reconcile import RECONCILE_GRACE, RECONCILER, parse_grace, reconcile_routes
 from proxy.flusher import Flusher
 from proxy.reconcile import (
     HOUR,
@@ -28,9 +28,10 @@ from proxy.reconcile import (
     compare,
     discrepancy_rate,
 )
-from proxy.sinks.meter_events import MeterEventsSink
-from proxy.sinks.stripe_client import StripeConnection
 from proxy.store.db import Store
+from proxy.store.sqlite import SqliteStorage
+from proxy.stripe.client import StripeClient
+from proxy.stripe.meter_events import MeterEventsSink
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 GRACE = 3600.0
@@ -43,7 +44,7 @@ class Env:
     flusher: Flusher
     rec: Reconciler
     names: dict[str, tuple[str, str | None]]
-    conns: list[StripeConnection]
+    conns: list[StripeClient]
 
     @property
     def now(self) -> float:
@@ -101,12 +102,13 @@ async def make_env(tmp_path: Path, stripe_double_factory: Callable[..., Awaitabl
             double.state.add_meter(m)
         store = Store.open(tmp_path / f"m{len(made)}.db")
         names = names if names is not None else {"api_calls": ("api_calls", None)}
-        sink_conn = StripeConnection(TEST_API_KEY, api_base=double.url,
+        sink_conn = StripeClient(TEST_API_KEY, api_base=double.url,
                                      meter_events_base=double.url)
-        rec_conn = StripeConnection(TEST_API_KEY, api_base=double.url,
+        rec_conn = StripeClient(TEST_API_KEY, api_base=double.url,
                                     meter_events_base=double.url)
         flusher = Flusher(store, MeterEventsSink(sink_conn), lambda: names, rate=0, seed=1)
-        rec = Reconciler(store.conn, store.execute_write, rec_conn, lambda: names,
+        owners = SqliteStorage.on(store)
+        rec = Reconciler(owners.outbox, owners.customers, rec_conn, lambda: names,
                          threshold=threshold, metrics=metrics)
         env = Env(double, store, flusher, rec, names, [sink_conn, rec_conn])
         made.append(env)

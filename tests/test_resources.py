@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 from proxy import metrics
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port, write_config
+from tests.helpers import wait_until
 from tests.proxy_process import ProxyProcess
 
 
@@ -30,14 +30,6 @@ async def _closed_within(reader: asyncio.StreamReader, timeout: float) -> tuple[
     return time.monotonic() - t0, data
 
 
-async def _poll(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
-
-
 async def _audited(p: Proxy, customer: str | None = None) -> None:
     """Wait until the audit holds a row (of ``customer``, when named)."""
     def any_row() -> bool:
@@ -46,7 +38,7 @@ async def _audited(p: Proxy, customer: str | None = None) -> None:
                 return bool(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
             return bool(c.execute("SELECT COUNT(*) FROM audit WHERE customer_id = ?",
                                   (customer,)).fetchone()[0])
-    await _poll(any_row)
+    await wait_until(any_row, what="an audit row")
 
 
 def _closed(reason: str) -> float:
@@ -175,10 +167,7 @@ async def test_connections_over_the_limit_are_refused_with_503(make_proxy: Proxy
         w2.close()
         return got.startswith(b"HTTP/1.1 200 ")
 
-    deadline = time.monotonic() + 5
-    while not await served():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await wait_until(served, timeout=5, interval=0.05, what="a new connection to be served")
     for _, w in held[1:]:
         w.close()
 
@@ -197,14 +186,14 @@ async def test_per_customer_concurrency_limit_isolates_other_customers(
             return r.status, kind, time.perf_counter() - t0
 
     slow = [asyncio.ensure_future(get(greedy, "/v1/items?delay_ms=1500")) for _ in range(2)]
-    await _poll(lambda: p.server.rt.extras["pipeline"].in_flight.get("greedy", 0) == 2)
+    await wait_until(lambda: p.server.pipeline.in_flight.get("greedy", 0) == 2)
     refused = await get(greedy, "/v1/items")
     assert refused[:2] == (429, "concurrency_limit_exceeded") and refused[2] < 0.5
     status, _, took = await get(other, "/v1/items")
     assert status == 200 and took < 1.0
     assert [r[0] for r in await asyncio.gather(*slow)] == [200, 200]
     assert (await get(greedy, "/v1/items"))[0] == 200       # slots come back
-    assert p.server.rt.extras["pipeline"].in_flight == {}
+    assert p.server.pipeline.in_flight == {}
     with p.db() as c:
         rows = c.execute("SELECT customer_id, status FROM audit ORDER BY seq").fetchall()
     assert sorted(rows) == [("greedy", 200)] * 3 + [("other", 200)]
@@ -222,7 +211,7 @@ async def test_full_upstream_pool_answers_503_upstream_busy(make_proxy: ProxyFac
 
     slow = [asyncio.ensure_future(get(a, "/v1/items?delay_ms=1500")) for _ in range(2)]
     upstream = p.server.rt.upstream
-    await _poll(lambda: upstream.in_use == 2)
+    await wait_until(lambda: upstream.in_use == 2)
     status, body, took = await get(b, "/v1/items")
     assert status == 503 and body["error"]["type"] == "upstream_busy"  # type: ignore[index]
     assert 0.3 <= took < 1.0
@@ -230,7 +219,7 @@ async def test_full_upstream_pool_answers_503_upstream_busy(make_proxy: ProxyFac
     assert upstream.in_use == 0
     # a waiter that gets a slot in time is served
     slow = [asyncio.ensure_future(get(a, "/v1/items?delay_ms=150")) for _ in range(2)]
-    await _poll(lambda: upstream.in_use == 2)
+    await wait_until(lambda: upstream.in_use == 2)
     status, _, _ = await get(b, "/v1/items")
     assert status == 200
     await asyncio.gather(*slow)
@@ -320,13 +309,13 @@ async def test_a_consumer_leaving_while_waiting_for_a_slot_frees_nothing_twice(
             return r.status
 
     slow = asyncio.ensure_future(get("/v1/items?delay_ms=800"))
-    await _poll(lambda: upstream.in_use == 1)
+    await wait_until(lambda: upstream.in_use == 1)
     leaving = asyncio.ensure_future(get("/v1/items"))
-    await _poll(lambda: len(upstream._waiters) == 1)
+    await wait_until(lambda: len(upstream._waiters) == 1)
     leaving.cancel()                     # the consumer disconnects while queued
-    await _poll(lambda: all(f.done() for f in upstream._waiters))
+    await wait_until(lambda: all(f.done() for f in upstream._waiters))
     assert await slow == 200
-    await _poll(lambda: upstream.in_use == 0)
+    await wait_until(lambda: upstream.in_use == 0)
     assert await get("/v1/items") == 200
     assert upstream.in_use == 0
 

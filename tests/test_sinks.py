@@ -16,15 +16,15 @@ import pytest
 import stripe
 
 from proxy.config import StripeConfig
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, StripeCallError
 from proxy.flusher import _reason_kind
 from proxy.sinks.base import Kind, Outcome, OutEvent
 from proxy.sinks.dry_run import DryRunSink
-from proxy.sinks.factory import build_sink
-from proxy.sinks.meter_event_stream import MeterEventStreamSink, rfc3339
-from proxy.sinks.meter_events import MeterEventsSink
-from proxy.sinks.stripe_client import StripeConnection, translate
-from proxy.sinks.usage_records import UsageRecordsSink
+from proxy.stripe.client import StripeClient, outcome_of, translate
+from proxy.stripe.factory import build_sink
+from proxy.stripe.meter_event_stream import MeterEventStreamSink, rfc3339
+from proxy.stripe.meter_events import MeterEventsSink
+from proxy.stripe.usage_records import UsageRecordsSink
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 from tests.stripe_double.state import DAY
 
@@ -47,8 +47,8 @@ def out(identifier: str, value: int = 1, *, ts: int | None = None, attempt: int 
 
 
 def connect(double: RunningDouble, timeout: float = 2.0,
-            api_key: str = TEST_API_KEY) -> StripeConnection:
-    return StripeConnection(api_key, api_base=double.url, meter_events_base=double.url,
+            api_key: str = TEST_API_KEY) -> StripeClient:
+    return StripeClient(api_key, api_base=double.url, meter_events_base=double.url,
                             timeout=timeout)
 
 
@@ -207,7 +207,7 @@ async def test_bad_api_key_is_retry_not_dead(double: RunningDouble) -> None:
 
 
 async def test_connection_refused_is_retry() -> None:
-    sink = MeterEventsSink(StripeConnection(TEST_API_KEY, api_base="http://127.0.0.1:9",
+    sink = MeterEventsSink(StripeClient(TEST_API_KEY, api_base="http://127.0.0.1:9",
                                             meter_events_base="http://127.0.0.1:9", timeout=1))
     try:
         o = await one(sink, out("ev-refused"))
@@ -229,26 +229,33 @@ def _err(cls: type[stripe.StripeError], status: int, headers: dict[str, str],
     return cls(error.get("message"), **kw)
 
 
+def _outcome(exc: BaseException) -> Outcome:
+    """What the sinks report for ``exc``: translate() then outcome_of()."""
+    err = translate(exc)
+    assert isinstance(err, StripeCallError)
+    return outcome_of(err)
+
+
 def test_translate_retry_after_and_should_retry() -> None:
-    f = translate(_err(stripe.RateLimitError, 429, {"retry-after": "7"},
+    f = _outcome(_err(stripe.RateLimitError, 429, {"retry-after": "7"},
                        {"type": "invalid_request_error", "code": "rate_limit", "message": "x"}))
-    assert f.outcome.kind is Kind.RETRY and f.outcome.retry_after == 7.0
+    assert f.kind is Kind.RETRY and f.retry_after == 7.0
     # Stripe-Should-Retry: true turns an otherwise permanent answer into RETRY
-    f = translate(_err(stripe.InvalidRequestError, 400, {"Stripe-Should-Retry": "true"},
+    f = _outcome(_err(stripe.InvalidRequestError, 400, {"Stripe-Should-Retry": "true"},
                        {"type": "invalid_request_error", "message": "busy"}))
-    assert f.outcome.kind is Kind.RETRY
+    assert f.kind is Kind.RETRY
     # 409 (idempotent request in progress) is transient
-    f = translate(_err(stripe.APIError, 409, {"Stripe-Should-Retry": "true"},
+    f = _outcome(_err(stripe.APIError, 409, {"Stripe-Should-Retry": "true"},
                        {"type": "idempotency_error", "message": "in progress"}))
-    assert f.outcome.kind is Kind.RETRY and f.outcome.status == 409
+    assert f.kind is Kind.RETRY and f.status == 409
     # a 5xx stays RETRY even with Stripe-Should-Retry: false (never dead-letter transients)
-    f = translate(_err(stripe.APIError, 503, {"Stripe-Should-Retry": "false"},
+    f = _outcome(_err(stripe.APIError, 503, {"Stripe-Should-Retry": "false"},
                        {"type": "api_error", "message": "down"}))
-    assert f.outcome.kind is Kind.RETRY
-    f = translate(_err(stripe.PermissionError, 403, {}, {"type": "invalid_request_error",
+    assert f.kind is Kind.RETRY
+    f = _outcome(_err(stripe.PermissionError, 403, {}, {"type": "invalid_request_error",
                                                           "message": "restricted key"}))
-    assert f.outcome.kind is Kind.RETRY and f.outcome.status == 403
-    assert translate(TimeoutError()).outcome.kind is Kind.RETRY
+    assert f.kind is Kind.RETRY and f.status == 403
+    assert _outcome(TimeoutError()).kind is Kind.RETRY
 
 
 # ---- v2 meter event stream -----------------------------------------------------------

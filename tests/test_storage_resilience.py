@@ -20,6 +20,7 @@ import aiohttp
 
 from proxy import metrics
 from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
 
 CREDIT_RULES = """\
 version: 1
@@ -110,18 +111,6 @@ def _audited(p: Proxy) -> set[str]:
         return {r for (r,) in c.execute("SELECT request_id FROM audit")}
 
 
-async def _until(pred: object, timeout: float = 10.0, gap: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = pred() if callable(pred) else pred   # type: ignore[operator]
-        if asyncio.iscoroutine(res):
-            res = await res
-        if res:
-            return
-        await asyncio.sleep(gap)
-    raise AssertionError("condition not met before the deadline")
-
-
 async def test_foreign_lock_delays_only_metered_writes_closed(make_proxy: ProxyFactory,
                                                               tmp_path: Path) -> None:
     p = await make_proxy(rules_text=CREDIT_RULES,
@@ -156,7 +145,7 @@ async def test_foreign_lock_delays_only_metered_writes_closed(make_proxy: ProxyF
     # lock_wait is served and billed
     async def ok() -> bool:
         return (await _get(p, "/v1/items", key))[0] == 200
-    await _until(ok)
+    await wait_until(ok)
     with foreign_write_lock(db) as release:
         waiting = asyncio.ensure_future(_get(p, "/v1/items", key, rid="waited"))
         await asyncio.sleep(0.4)
@@ -185,7 +174,7 @@ async def test_foreign_lock_fail_open_serves_and_bills_after_release(
         assert status == 200 and took >= 0.3
         assert not p.server.rt.store.healthy
         assert "open-1" not in _audited(p)
-    await _until(lambda: p.server.rt.store.healthy and "open-1" in _audited(p))
+    await wait_until(lambda: p.server.rt.store.healthy and "open-1" in _audited(p))
 
 
 async def test_wal_stays_bounded_under_sustained_load(make_proxy: ProxyFactory,
@@ -262,7 +251,7 @@ async def test_replaced_database_fails_readiness(make_proxy: ProxyFactory,
     db = tmp_path / "meter.db"
     shutil.copy(db, tmp_path / "other.db")
     os.replace(tmp_path / "other.db", db)
-    await _until(lambda: not p.server.rt.store.healthy)   # found by the checkpoint tick
+    await wait_until(lambda: not p.server.rt.store.healthy)   # found by the checkpoint tick
     status, problems = await _ready(p)
     assert status == 503 and any("was replaced" in x for x in problems), problems
 
@@ -282,7 +271,7 @@ async def test_corrupt_database_fails_readiness(make_proxy: ProxyFactory,
     with db.open("r+b") as fh:           # every page but the first (the schema) is garbage
         fh.seek(4096)
         fh.write(b"\xa5" * (size - 4096))
-    await _until(lambda: not p.server.rt.store.healthy)
+    await wait_until(lambda: not p.server.rt.store.healthy)
     status, problems = await _ready(p)
     assert status == 503 and any("corrupt" in x for x in problems), problems
 

@@ -29,6 +29,7 @@ import pytest
 from proxy.timeutil import parse_time
 from tests.browser import Browser, Page, find_chromium
 from tests.conftest import ROOT, Proxy, ProxyFactory
+from tests.helpers import wait_until
 
 Q = 1_000_000
 ARTIFACTS = ROOT / "test-artifacts"
@@ -511,10 +512,8 @@ async def test_usage_page_in_headless_chromium(make_proxy: ProxyFactory, tmp_pat
         await page.wait_for("document.getElementById('csv-result').dataset.state === 'ready'")
         name = await page.evaluate("document.getElementById('csv-link').download")
         saved = downloads / name
-        deadline = time.monotonic() + 10
-        while not (saved.exists() and saved.stat().st_size > 0):
-            assert time.monotonic() < deadline, list(downloads.iterdir())
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: saved.exists() and saved.stat().st_size > 0, interval=0.05,
+                         what=f"the download {name}")
         text = saved.read_bytes().decode()
         end = (anchor + timedelta(days=1)).date().isoformat()
         assert text == await get_csv(p, key, f"?from={anchor.date().isoformat()}&to={end}")

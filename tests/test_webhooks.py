@@ -9,7 +9,6 @@ on its admin port.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +21,7 @@ import stripe
 from proxy.timeutil import rfc3339
 from proxy.webhooks import PATH
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory
+from tests.helpers import wait_until
 
 SECRET = "whsec_test"
 Q = 1_000_000
@@ -79,13 +79,10 @@ class Hooks:
             return body
 
     async def wait(self, event_id: str, status: str, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = await self.admin("GET", f"/admin/webhooks/{event_id}")
-            if ev.get("status") == status:
-                return dict(ev)
-            assert time.monotonic() < deadline, ev
-            await asyncio.sleep(0.02)
+        ev = await wait_until(lambda: self.admin("GET", f"/admin/webhooks/{event_id}"),
+                              ok=lambda ev: ev.get("status") == status, timeout=timeout,
+                              what=f"event {event_id} to be {status}")
+        return dict(ev)
 
     async def deliver(self, event: dict[str, Any], status: str = "processed") -> dict[str, Any]:
         code, body = await self.send(event)
@@ -104,7 +101,8 @@ async def hooks(make_proxy: ProxyFactory) -> AsyncIterator[HooksFactory]:
         overrides.setdefault("stripe", {"webhook_secret": SECRET})
         overrides.setdefault("credits", CREDITS)
         p = await make_proxy(rules_text=RULES, **overrides)
-        assert "webhooks" in p.server.rt.extras      # wired by the composition root
+        # wired by the composition root: the public route is this receiver's
+        assert p.server.pipeline.public_routes[PATH] == p.server.webhooks.handle
         return Hooks(p, p.url + PATH, p.admin_url)
 
     yield factory
@@ -155,7 +153,7 @@ async def grants(p: Proxy, cid: str) -> dict[str, Any]:
 
 def ledger_sums(p: Proxy, cid: str) -> None:
     """Every grant's amount minus its entries equals what the book says is left."""
-    svc = p.server.rt.extras["credits"]
+    svc = p.server.credits
     with p.db() as c:
         for gid, amount in c.execute("SELECT id, amount FROM grants WHERE customer_id=?", (cid,)):
             (taken,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"

@@ -2,7 +2,7 @@
 
 NOT WIRED YET: the request path still settles unit credits (docs/credits.md, "What of issue
 12 is still open"). This module holds what the monetary mode is built on, tested on its own
-(tests/test_monetary_credits.py) against the pricing engine and the Stripe double:
+(tests/test_credits_monetary.py) against the pricing engine and the Stripe double:
 
 - Credits are money in the price's currency: 1 credit = 1 major unit (1 USD, 1 JPY), kept
   as micro-credits like unit credits, so 1 cent is 10,000 micro-credits and 1 yen 1,000,000

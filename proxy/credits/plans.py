@@ -6,15 +6,15 @@ Pure parts (property-tested in tests/test_plan_lifecycle.py):
 - ``subscription_items`` / ``subscription_period`` / ``monthly_anchor``: read a Stripe
   Subscription (both the pre- and post-2025-03-31 shapes).
 
-Persistence: ``plan_invoices`` (schema migration 8) records each subscription invoice a
-plan grant was made for and whether it is ``open`` (granted when the renewal invoice was
+Persistence: ``plan_invoices`` (schema migration 8, written through the ``CreditLedger``
+verbs ``record_plan_invoice`` / ``write_off_plan_invoice``) records each subscription invoice
+a plan grant was made for and whether it is ``open`` (granted when the renewal invoice was
 created, before payment), ``paid`` or ``unpaid`` (voided, uncollectible or its subscription
 deleted: the grant was clawed back).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,64 +106,3 @@ def monthly_anchor(sub: dict[str, Any]) -> tuple[int | None, str | None]:
     if cycles and cycles != {("month", 1)}:
         return None, f"the subscription does not bill monthly ({sorted(map(str, cycles))})"
     return anchor, None
-
-
-# ---- plan_invoices (one row per subscription invoice a plan grant was made for) ----------
-
-def record_invoice(c: sqlite3.Connection, invoice_id: str, grant_id: str, customer_id: str,
-                   subscription: str, state: str, now: int) -> None:
-    """Open -> paid; unpaid is final for that invoice (a later payment grants anew)."""
-    c.execute("INSERT INTO plan_invoices(invoice_id, grant_id, customer_id, subscription, state,"
-              " updated_at) VALUES (?,?,?,?,?,?) ON CONFLICT(invoice_id) DO UPDATE SET"
-              " state=excluded.state, updated_at=excluded.updated_at"
-              " WHERE plan_invoices.state='open'",
-              (invoice_id, grant_id, customer_id, subscription, state, now))
-
-
-def invoice_state(conn: sqlite3.Connection, invoice_id: str) -> str | None:
-    row = conn.execute("SELECT state FROM plan_invoices WHERE invoice_id=?",
-                       (invoice_id,)).fetchone()
-    return str(row[0]) if row else None
-
-
-def open_invoices(conn: sqlite3.Connection, customer_id: str,
-                  subscription: str | None = None) -> list[tuple[str, str]]:
-    """(invoice, grant) still waiting for payment, for a customer (and subscription)."""
-    sql = ("SELECT invoice_id, grant_id FROM plan_invoices WHERE customer_id=? AND state='open'")
-    args: tuple[str, ...] = (customer_id,)
-    if subscription is not None:
-        sql, args = sql + " AND subscription=?", (*args, subscription)
-    return [(str(i), str(g)) for i, g in conn.execute(sql + " ORDER BY invoice_id", args)]
-
-
-def plan_grant_for(conn: sqlite3.Connection, customer_id: str, subscription: str,
-                   at: int) -> tuple[str, int, int] | None:
-    """(grant id, period start, period end) of the subscription's plan grant whose period
-    contains ``at``."""
-    prefix = f"stripe:plan:{subscription}:"
-    row = conn.execute("SELECT id, period_start, period_end FROM grants WHERE customer_id=?"
-                       " AND substr(idempotency_key, 1, ?)=? AND period_start <= ?"
-                       " AND period_end > ? ORDER BY period_start DESC LIMIT 1",
-                       (customer_id, len(prefix), prefix, at, at)).fetchone()
-    return (str(row[0]), int(row[1]), int(row[2])) if row else None
-
-
-def subscription_customer(conn: sqlite3.Connection, subscription: str) -> str | None:
-    """The local customer a subscription's plan grants went to (shared Stripe customers)."""
-    prefixes = [f"stripe:plan:{subscription}:", f"stripe:planchange:{subscription}:"]
-    for prefix in prefixes:
-        row = conn.execute("SELECT customer_id FROM grants WHERE substr(idempotency_key, 1, ?)=?"
-                           " LIMIT 1", (len(prefix), prefix)).fetchone()
-        if row is not None:
-            return str(row[0])
-    row = conn.execute("SELECT customer_id FROM plan_invoices WHERE subscription=? LIMIT 1",
-                       (subscription,)).fetchone()
-    return str(row[0]) if row else None
-
-
-def set_anchor(c: sqlite3.Connection, customer_id: str, anchor: int, event_at: int) -> bool:
-    """Set the billing anchor from a subscription event unless a newer event already did."""
-    n: int = c.execute("UPDATE customers SET billing_anchor=?, anchor_event_at=? WHERE id=?"
-                       " AND (anchor_event_at IS NULL OR anchor_event_at <= ?)",
-                       (anchor, event_at, customer_id, event_at)).rowcount
-    return n == 1

@@ -11,15 +11,15 @@ re-arms it, so a customer who tops up and runs dry again is told again; an expir
 Consumption = (granted - remaining) over the live grants / their total amount.
 
 Detection is pure (``crossed``, ``alert_period``); ``ThresholdWatch`` remembers what fired
-(loaded from the ``alerts`` table at start) and writes new alerts through the one writer
-with ``INSERT OR IGNORE`` on (customer, period, threshold), so a restart never re-fires one.
+(loaded from the ``AlertsFired`` owner at start, ``ThresholdWatch.open``) and fires new
+alerts through it, idempotent on (customer, period, threshold), so a restart never
+re-fires one.
 Delivery belongs to ``proxy.alerts``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -30,7 +30,7 @@ import orjson
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
 from proxy.periods import period_bounds
-from proxy.store.db import Store
+from proxy.store.protocols import AlertsFired, NewAlert
 from proxy.units import fmt_micro
 
 DEPLETED = "depleted"
@@ -62,15 +62,21 @@ def crossed(granted: int, consumed: int, thresholds: Sequence[Decimal]) -> list[
 
 
 class ThresholdWatch:
-    def __init__(self, store: Store, book: CreditBook, thresholds: Iterable[float | Decimal],
-                 on_new: Callable[[], None] | None = None) -> None:
-        self.store = store
+    def __init__(self, alerts: AlertsFired, book: CreditBook,
+                 thresholds: Iterable[float | Decimal], on_new: Callable[[], None] | None = None,
+                 fired: set[tuple[str, str, str]] | None = None) -> None:
+        self.alerts = alerts
         self.book = book
         self.thresholds = sorted(Decimal(str(t)) for t in thresholds)
         self.on_new = on_new
-        self._fired: set[tuple[str, str, str]] = {
-            (c, p, t) for c, p, t in store.conn.execute(
-                "SELECT customer_id, period_key, threshold FROM alerts")}
+        self._fired: set[tuple[str, str, str]] = fired if fired is not None else set()
+
+    @classmethod
+    async def open(cls, alerts: AlertsFired, book: CreditBook,
+                   thresholds: Iterable[float | Decimal],
+                   on_new: Callable[[], None] | None = None) -> ThresholdWatch:
+        """A watch that knows every alert already fired (so none fires twice)."""
+        return cls(alerts, book, thresholds, on_new, await alerts.fired())
 
     def check(self, customer_id: str, now: float | None = None,
               anchor: int | None = None) -> list[dict[str, Any]]:
@@ -101,14 +107,9 @@ class ThresholdWatch:
                 "consumed": fmt_micro(granted - remaining),
                 "at": int(now)})
 
-        def tx(c: sqlite3.Connection) -> None:
-            c.executemany(
-                "INSERT OR IGNORE INTO alerts(customer_id, period_key, threshold, payload,"
-                " created_at) VALUES (?,?,?,?,?)",
-                [(customer_id, key, a["threshold"], orjson.dumps(a).decode(), int(now))
-                 for key, a in zip(keys, alerts, strict=True)])
-
-        self.store.execute_write(tx)
+        self.alerts.fire([NewAlert(customer_id, key, str(a["threshold"]),
+                                   orjson.dumps(a).decode(), int(now))
+                          for key, a in zip(keys, alerts, strict=True)])
         if self.on_new is not None:
             self.on_new()
         return alerts

@@ -3,7 +3,9 @@
 A sink is the one owner of its client (HTTP session, Stripe client). The flusher hands it
 events whose ``identifier`` was persisted before the call and interprets the outcomes;
 a sink never retries by itself across calls and never touches the database. Stripe's
-exceptions are translated to outcomes inside the sink module, nowhere else.
+exceptions are translated once, by :mod:`proxy.stripe.client`, into
+:class:`proxy.errors.StripeCallError`; the Stripe sinks (:mod:`proxy.stripe`) turn those
+into outcomes with ``outcome_of``.
 
 Outcome kinds
   DELIVERED   Stripe accepted the event.

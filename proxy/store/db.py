@@ -149,11 +149,15 @@ def connect(path: Path, synchronous: str = "normal", *, create: bool = True,
     uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                            timeout=busy_timeout_ms / 1000)
-    conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    _migrate(conn)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        _migrate(conn)
+    except BaseException:
+        conn.close()              # e.g. not a database: the file is not held open
+        raise
     return conn
 
 
@@ -279,15 +283,20 @@ class Store:
              max_pending_rows: int = 200_000, lock_wait: float = 2.0,
              wal_truncate_size: int = 16 * 1024 * 1024) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        opened: list[sqlite3.Connection] = []     # closed again if opening fails part-way
         try:
             # start-up may wait for a lock (nothing is served yet); the loop never does
             conn = connect(path, synchronous, busy_timeout_ms=5000)
+            opened.append(conn)
             ident = file_id(path)
             # checkpoints (and their fsync) run off the event loop: see checkpoint_forever
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA journal_size_limit={int(wal_truncate_size)}")
             maint = open_existing(path)
+            opened.append(maint)
         except (sqlite3.Error, OSError) as exc:
+            for c in reversed(opened):
+                c.close()
             raise StorageError(f"cannot open {path}: {exc}") from exc
         store = cls(conn, durability=durability, commit_interval=commit_interval,
                     fail_mode=fail_mode, max_pending_rows=max_pending_rows,
@@ -295,7 +304,12 @@ class Store:
         store.path = path
         store._file_id = ident
         store._maint = maint
-        recovered = store.materialize()     # rows a killed process left in the journal
+        try:
+            recovered = store.materialize()     # rows a killed process left in the journal
+        except BaseException:
+            maint.close()
+            conn.close()
+            raise
         if recovered:
             log.info("recovered %d journaled usage rows", recovered)
         conn.execute("PRAGMA busy_timeout=0")

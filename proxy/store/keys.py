@@ -1,12 +1,15 @@
-"""Customers and API keys: SQL operations plus the in-memory lookup cache.
+"""Customers and API keys: the SQLite owner of both tables, plus the in-memory lookup cache.
 
 Invariants
 - A key's secret exists only in the response that created it; the database keeps the
   SHA-256 of it (keys are 32 random bytes, so a fast hash is the right hash) and a short
   display prefix.
 - The hot path never queries SQLite: ``KeyCache.lookup`` is a dict lookup. The cache is
-  replaced whole by ``reload()``, which runs after every admin write in this process and
-  whenever another process (the CLI) changes the database (``PRAGMA data_version``).
+  replaced whole (``replace()`` with ``Customers.snapshot()``) after every admin write in
+  this process and whenever another process (the CLI) changes the database
+  (``Customers.data_version``, SQLite's ``PRAGMA data_version``).
+- ``SqliteCustomers`` is the ``Customers`` owner (``proxy.store.protocols``): the only
+  writer of ``customers`` and ``api_keys``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ import re
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.store.access import Writer
+    from proxy.store.protocols import KeySnapshot
 
 _ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
@@ -34,6 +42,7 @@ class Customer:
     overage: str
     billing_anchor: int | None = None      # unix seconds; None = the 1st of the month, UTC
     minimum_commitment: int = 0            # minor units of the price currency per period
+    created_at: int = field(default=0, compare=False)   # unix seconds (whole periods only)
 
     def to_json(self) -> dict[str, Any]:
         from proxy.timeutil import rfc3339
@@ -71,7 +80,7 @@ def _opt_str(value: object, what: str, allowed: tuple[str, ...] | None) -> str |
     return value
 
 
-_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment"
+_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment, created_at"
 
 
 def set_billing(conn: sqlite3.Connection, cid: str, anchor: object, minimum: object) -> None:
@@ -163,10 +172,8 @@ class KeyCache:
         self._memo: dict[str, KeyEntry | None] = {}   # raw key -> entry, skips the hash
         self.customers: dict[str, Customer] = {}
 
-    def reload(self, conn: sqlite3.Connection) -> None:
-        keys = {h: KeyEntry(kid, cid, rev is not None) for kid, cid, h, rev in conn.execute(
-            "SELECT key_id, customer_id, hash, revoked_at FROM api_keys")}
-        customers = {c.id: c for c in list_customers(conn)}
+    def replace(self, keys: dict[str, KeyEntry], customers: dict[str, Customer]) -> None:
+        """Swap in a whole new snapshot (``Customers.snapshot``)."""
         self._keys, self.customers, self._memo = keys, customers, {}
 
     def lookup(self, raw: str) -> KeyEntry | None:
@@ -182,3 +189,96 @@ class KeyCache:
                 self._memo.clear()
             self._memo[raw] = entry
         return entry
+
+
+def by_stripe_id(conn: sqlite3.Connection, stripe_customer_id: str) -> list[str]:
+    return [str(r[0]) for r in conn.execute(
+        "SELECT id FROM customers WHERE stripe_customer_id=? ORDER BY id", (stripe_customer_id,))]
+
+
+def snapshot(conn: sqlite3.Connection) -> tuple[dict[str, KeyEntry], dict[str, Customer]]:
+    keys = {h: KeyEntry(kid, cid, rev is not None) for kid, cid, h, rev in conn.execute(
+        "SELECT key_id, customer_id, hash, revoked_at FROM api_keys")}
+    return keys, {c.id: c for c in list_customers(conn)}
+
+
+class SqliteCustomers:
+    """The ``Customers`` owner on SQLite: the only writer of ``customers`` and ``api_keys``."""
+
+    def __init__(self, db: Writer) -> None:
+        self.db = db
+
+    async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
+                     status: object,
+                     billing: Callable[[Customer], tuple[object, object]] | None = None,
+                     ) -> tuple[Customer, bool]:
+        def tx(c: sqlite3.Connection) -> tuple[Customer, bool]:
+            cust, created = upsert_customer(c, cid, stripe_customer_id, overage, status)
+            if billing is not None:
+                set_billing(c, cust.id, *billing(cust))
+                cust = get_customer(c, cust.id) or cust
+            return cust, created
+
+        out: tuple[Customer, bool] = self.db.execute_write(tx)
+        return out
+
+    async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
+        self.db.execute_write(lambda c: set_billing(c, cid, anchor, minimum))
+
+    async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE customers SET billing_anchor=?, anchor_event_at=? WHERE id=?"
+            " AND (anchor_event_at IS NULL OR anchor_event_at <= ?)",
+            (anchor, event_at, cid, event_at)).rowcount)
+        return n == 1
+
+    async def get(self, cid: str) -> Customer | None:
+        return get_customer(self.db.conn, cid)
+
+    async def all(self) -> list[Customer]:
+        return list_customers(self.db.conn)
+
+    async def by_stripe_id(self, stripe_customer_id: str) -> list[str]:
+        return by_stripe_id(self.db.conn, stripe_customer_id)
+
+    async def stripe_ids(self) -> dict[str, str]:
+        return {str(c): str(s) for c, s in self.db.conn.execute(
+            "SELECT id, stripe_customer_id FROM customers WHERE stripe_customer_id IS NOT NULL"
+            " AND stripe_customer_id != ''")}
+
+    async def change_suspension(self, cid: str,
+                                decide: Callable[[str, str | None],
+                                                 tuple[str, str | None] | None]) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT status, suspended_for FROM customers WHERE id=?",
+                            (cid,)).fetchone()
+            status, why = row if row else ("active", None)
+            new = decide(status, why)
+            if new is None or (row is not None and new == (status, why)):
+                return False
+            upsert_customer(c, cid, None, None, new[0])
+            c.execute("UPDATE customers SET suspended_for=? WHERE id=?", (new[1], cid))
+            return True
+
+        changed: bool = self.db.execute_write(tx)
+        return changed
+
+    async def create_key(self, customer_id: str, name: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = self.db.execute_write(lambda c: create_key(c, customer_id, name))
+        return out
+
+    async def revoke_key(self, key_id: str) -> bool:
+        out: bool = self.db.execute_write(lambda c: revoke_key(c, key_id))
+        return out
+
+    async def list_keys(self, customer_id: str | None = None) -> list[dict[str, Any]]:
+        return list_keys(self.db.conn, customer_id)
+
+    async def snapshot(self) -> KeySnapshot:
+        from proxy.store.protocols import KeySnapshot
+
+        keys, customers = snapshot(self.db.conn)
+        return KeySnapshot(keys, customers)
+
+    def data_version(self) -> int:
+        return int(self.db.conn.execute("PRAGMA data_version").fetchone()[0])

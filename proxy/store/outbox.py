@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiosqlite
+
 from proxy.periods import period_bounds
 from proxy.pricing import TransformQuantity
+from proxy.store.access import Writer
+from proxy.store.protocols import DueEvent, HourTotal, OutboxCounts, OutboxEntry
 from proxy.transform import transformed_delta
 from proxy.units import QSCALE
 
@@ -175,3 +179,137 @@ def pending(conn: sqlite3.Connection, now: float, limit: int = 5000) -> list[dic
 def remainders(conn: sqlite3.Connection, customer_id: str) -> dict[str, int]:
     return {f"{m}:{e}": r for m, e, r in conn.execute(
         "SELECT meter, event_name, remainder FROM carry WHERE customer_id=?", (customer_id,))}
+
+
+_ENTRY_COLS = ("id, identifier, customer_id, meter, event_name, covered, value, timestamp,"
+               " created_at, status, attempts, sent_at, sink, outcome, last_error, dead_at")
+_HOUR = 3600
+
+
+class SqliteOutbox:
+    """The ``Outbox`` owner on SQLite: the only writer of ``outbox`` and ``carry``. Every
+    verb is one transaction through the ``Writer`` (no ``await`` inside). ``rows`` (the
+    admin listing) reads through ``reader``, off the loop thread, when one is given."""
+
+    def __init__(self, db: Writer, reader: aiosqlite.Connection | None = None) -> None:
+        self.db = db
+        self.reader = reader
+
+    async def stage(self, event_names: Mapping[str, tuple[str, str | None]],
+                    transforms: Mapping[str, TransformQuantity] | None = None,
+                    now: float | None = None) -> list[StagedEvent]:
+        out: list[StagedEvent] = self.db.execute_write(
+            lambda c: stage(c, event_names, now, transforms))
+        return out
+
+    async def due(self, now: float, limit: int = 5000) -> list[DueEvent]:
+        return [DueEvent(**r) for r in pending(self.db.conn, now, limit)]
+
+    async def begin_attempt(self, ids: Sequence[int]) -> None:
+        self.db.execute_write(lambda c: c.executemany(
+            "UPDATE outbox SET attempts = attempts + 1 WHERE id=?", [(i,) for i in ids]))
+
+    async def mark_sent(self, outbox_id: int, *, sink: str, outcome: str, at: int) -> None:
+        self.db.execute_write(lambda c: c.execute(
+            "UPDATE outbox SET status='sent', sent_at=?, sink=?, outcome=?, last_error=NULL"
+            " WHERE id=?", (at, sink, outcome, outbox_id)))
+
+    async def mark_dry_run(self, outbox_id: int, *, sink: str, outcome: str) -> None:
+        self.db.execute_write(lambda c: c.execute(
+            "UPDATE outbox SET status='dry_run', attempts=0, sink=?, outcome=?,"
+            " last_error=NULL WHERE id=?", (sink, outcome, outbox_id)))
+
+    async def retry_at(self, outbox_id: int, when: float, error: str) -> None:
+        self.db.execute_write(lambda c: c.execute(
+            "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=?",
+            (when, error[:500], outbox_id)))
+
+    async def mark_dead(self, outbox_id: int, *, reason: str, sink: str, at: int) -> None:
+        self.db.execute_write(lambda c: c.execute(
+            "UPDATE outbox SET status='dead', dead_at=?, last_error=?, sink=? WHERE id=?",
+            (at, reason[:500], sink, outbox_id)))
+
+    async def requeue_dry_run(self) -> int:
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE outbox SET status='pending', next_attempt_at=0, sink=NULL, outcome=NULL"
+            " WHERE status='dry_run'").rowcount)
+        return n
+
+    async def replay(self, outbox_id: int, restamp_at: int | None = None) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            sets = "status='pending', next_attempt_at=0, dead_at=NULL"
+            args: tuple[int, ...] = (outbox_id,)
+            if restamp_at is not None:
+                sets += ", timestamp=?"
+                args = (int(restamp_at), outbox_id)
+            cur = c.execute(f"UPDATE outbox SET {sets} WHERE id=? AND status='dead'", args)
+            return cur.rowcount == 1
+
+        ok: bool = self.db.execute_write(tx)
+        return ok
+
+    async def make_due(self, ids: Sequence[int]) -> int:
+        def tx(c: sqlite3.Connection) -> int:
+            cur = c.executemany("UPDATE outbox SET next_attempt_at=0 WHERE id=? AND"
+                                " status='pending'", [(i,) for i in ids])
+            return int(cur.rowcount)
+
+        n: int = self.db.execute_write(tx)
+        return n
+
+    async def rows(self, *, status: str | None = None, outbox_id: int | None = None,
+                   customer_id: str | None = None, limit: int = 500) -> list[OutboxEntry]:
+        where: list[str] = []
+        args: list[Any] = []
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if outbox_id is not None:
+            where.append("id=?")
+            args.append(outbox_id)
+        if customer_id is not None:
+            where.append("customer_id=?")
+            args.append(customer_id)
+        sql = f"SELECT {_ENTRY_COLS} FROM outbox"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        if self.reader is not None:
+            async with self.reader.execute(sql, (*args, int(limit))) as cur:
+                rows: list[Any] = list(await cur.fetchall())
+        else:
+            rows = self.db.conn.execute(sql, (*args, int(limit))).fetchall()
+        return [OutboxEntry(r[0], r[1], r[2], r[3], r[4], bool(r[5]), *r[6:]) for r in rows]
+
+    async def counts(self) -> OutboxCounts:
+        got = dict(self.db.conn.execute(
+            "SELECT status, COUNT(*) FROM outbox WHERE status IN ('pending', 'dead', 'dry_run')"
+            " GROUP BY status").fetchall())
+        return OutboxCounts(got.get("pending", 0), got.get("dead", 0), got.get("dry_run", 0))
+
+    async def oldest_pending_created(self) -> int | None:
+        (a,) = self.db.conn.execute(
+            "SELECT MIN(created_at) FROM outbox WHERE status='pending'").fetchone()
+        return None if a is None else int(a)
+
+    async def hour_totals(self, start: int, end: int) -> list[HourTotal]:
+        return [HourTotal(str(cid), str(name), int(h), int(total), int(sent), int(pend),
+                          int(dead), int(last), int(n))
+                for cid, name, h, total, sent, pend, dead, last, n in self.db.conn.execute(
+                    "SELECT customer_id, event_name, timestamp / ? * ? AS h, SUM(value),"
+                    " SUM(CASE WHEN status='sent' THEN value ELSE 0 END),"
+                    " SUM(CASE WHEN status='pending' THEN value ELSE 0 END),"
+                    " SUM(CASE WHEN status='dead' THEN value ELSE 0 END),"
+                    " COALESCE(MAX(CASE WHEN status='sent' THEN sent_at END), 0), COUNT(*)"
+                    " FROM outbox WHERE timestamp >= ? AND timestamp < ?"
+                    " GROUP BY customer_id, event_name, h", (_HOUR, _HOUR, start, end))]
+
+    async def rows_in_hour(self, customer_id: str, event_name: str,
+                           hour: int) -> list[tuple[int, str, str]]:
+        return [(int(i), str(ident), str(st)) for i, ident, st in self.db.conn.execute(
+            "SELECT id, identifier, status FROM outbox WHERE customer_id=? AND event_name=?"
+            " AND timestamp >= ? AND timestamp < ? ORDER BY id",
+            (customer_id, event_name, hour, hour + _HOUR))]
+
+    async def remainders(self, customer_id: str) -> dict[str, int]:
+        return remainders(self.db.conn, customer_id)

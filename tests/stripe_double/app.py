@@ -430,6 +430,18 @@ class DoubleApp:
         )
         return 200, _paginate(items, p, f"/v1/billing/meters/{meter_id}/event_summaries")
 
+    async def op_price(self, ctx: Ctx) -> tuple[int, Any]:
+        price_id = ctx.request.match_info["id"]
+        price = self.state.prices.get(price_id)
+        if price is None:
+            raise DoubleError(
+                404, f"No such price: '{price_id}'", code="resource_missing", param="price"
+            )
+        expand = ctx.params.get("expand") or []
+        if "tiers" not in (expand.values() if isinstance(expand, dict) else expand):
+            price = {k: v for k, v in price.items() if k != "tiers"}
+        return 200, price
+
     def _legacy_gate(self, ctx: Ctx) -> None:
         version = ctx.record.stripe_version or ""
         if version[:10] >= LEGACY_USAGE_CUTOFF:
@@ -618,6 +630,7 @@ def create_app(state: StripeDoubleState) -> web.Application:
     app.router.add_post("/v1/invoiceitems",
                         route("invoice_items", double.op_invoice_item, idempotent=True))
     app.router.add_get("/v1/invoiceitems", route("invoice_items_list", double.op_invoice_items))
+    app.router.add_get("/v1/prices/{id}", route("price_retrieve", double.op_price))
     app.router.add_get("/_double/state", double.ctl_state)
     app.router.add_post("/_double/faults", double.ctl_faults)
     app.router.add_post("/_double/meters", double.ctl_meters)

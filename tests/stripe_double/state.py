@@ -301,6 +301,7 @@ class StripeDoubleState:
 
         self.credit_grants = CreditGrants(self.now)
         self.invoice_items = InvoiceItems(self.now)
+        self.prices: dict[str, dict[str, Any]] = {}
 
     def reset(self) -> None:
         """Forget everything (meters too), clear faults, reseed, restore the clock."""
@@ -381,6 +382,13 @@ class StripeDoubleState:
         item = SubscriptionItem(id=id, period_start=start, period_end=end)
         self.subscription_items[id] = item
         return item
+
+    def add_price(self, price: Mapping[str, Any]) -> dict[str, Any]:
+        """Seed a Price object (Stripe's field names; ``id`` required), served as given by
+        ``GET /v1/prices/{id}`` (``tiers`` only when ``expand[]=tiers`` is asked)."""
+        obj = {"object": "price", "active": True, **price}
+        self.prices[str(obj["id"])] = obj
+        return obj
 
     def active_meter_for(self, event_name: str) -> Meter | None:
         for meter in self.meters.values():

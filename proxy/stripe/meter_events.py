@@ -1,0 +1,42 @@
+"""The v1 meter events sink: one ``POST /v1/billing/meter_events`` per event.
+
+Owns its :class:`~proxy.stripe.client.StripeClient`. One ``send()`` = one SDK call
+per event, no retries. The event's ``identifier`` (constant across resends) is Stripe's
+dedupe: a resend after a lost answer is a 400 "An event already exists with identifier",
+reported DUPLICATE. The Idempotency-Key is ``{identifier}-{attempt}``, new on every attempt
+(the flusher persists ``attempt`` before the call), so a 5xx stored under one key is never
+replayed to the next attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.errors import StripeCallError
+from proxy.sinks.base import Kind, Outcome, OutEvent
+from proxy.stripe.client import StripeClient, outcome_of
+
+
+class MeterEventsSink:
+    name = "meter_events"
+    max_batch = 1
+
+    def __init__(self, conn: StripeClient) -> None:
+        self.conn = conn
+
+    async def send(self, events: Sequence[OutEvent]) -> list[Outcome]:
+        # max_batch is 1; more events are sent one after the other, in order
+        return [await self._send_one(ev) for ev in events]
+
+    async def _send_one(self, ev: OutEvent) -> Outcome:
+        try:
+            await self.conn.send_meter_event(
+                event_name=ev.event_name, stripe_customer_id=ev.stripe_customer_id,
+                value=ev.value, identifier=ev.identifier, timestamp=ev.timestamp,
+                idempotency_key=f"{ev.identifier}-{ev.attempt}")
+        except StripeCallError as exc:
+            return outcome_of(exc)
+        return Outcome(Kind.DELIVERED, status=200)
+
+    async def close(self) -> None:
+        await self.conn.close()

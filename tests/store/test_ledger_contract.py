@@ -1,0 +1,223 @@
+"""Contract of the ``CreditLedger`` owner (proxy.store.protocols.CreditLedger)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.credits.ledger import Entry, GrantState
+from proxy.store.protocols import ClawbackDecision, GrantFacts, LedgerEntry, NewGrant
+from tests.store.conftest import Backend
+
+
+def _g(gid: str, cid: str = "c1", amount: int = 100, created: int = 1000) -> GrantState:
+    return GrantState(gid, cid, amount, 50, None, created, "admin")
+
+
+async def test_create_grant_is_idempotent_per_customer_and_key(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await backend.customer("c2")
+    g, created = await led.create_grant(NewGrant(_g("g1"), idempotency_key="k"))
+    assert created and g.id == "g1"
+    again, created = await led.create_grant(NewGrant(_g("g2", amount=5), idempotency_key="k"))
+    assert not created and (again.id, again.amount) == ("g1", 100)   # the existing grant
+    other, created = await led.create_grant(NewGrant(_g("g3", "c2"), idempotency_key="k"))
+    assert created and other.id == "g3"                              # another customer's key
+    snap = await led.load()
+    assert sorted(g.id for g in snap.grants) == ["g1", "g3"]
+
+
+async def test_concurrent_grants_with_one_key_create_one(backend: Backend) -> None:
+    await backend.customer("c1")
+    peer = backend.peer()
+    got = await asyncio.gather(*(s.ledger.create_grant(NewGrant(_g(f"g{i}"), idempotency_key="k"))
+                                 for i, s in enumerate([backend.storage, peer] * 3)))
+    assert sum(created for _, created in got) == 1
+    assert len({g.id for g, _ in got}) == 1
+    assert len((await backend.storage.ledger.load()).grants) == 1
+
+
+async def test_create_grant_refuses_an_unknown_customer_and_writes_nothing(
+        backend: Backend) -> None:
+    with pytest.raises(LookupError):
+        await backend.storage.ledger.create_grant(NewGrant(_g("g1", "nobody")))
+    assert (await backend.storage.ledger.load()).grants == []
+
+
+async def test_then_entries_and_payment_refs_only_on_creation(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    calls: list[str] = []
+
+    def then(g: GrantState) -> list[Entry]:
+        calls.append(g.id)
+        return [Entry(g.id, "repay", 30)]
+
+    new = NewGrant(_g("g1"), idempotency_key="k", payment_refs=("in_1", "ch_1"), paid_minor=500)
+    await led.create_grant(new, then)
+    await led.create_grant(NewGrant(_g("g2"), idempotency_key="k"), then)
+    assert calls == ["g1"]
+    snap = await led.load()
+    assert snap.entries == [Entry("g1", "repay", 30)]
+    assert snap.debts == {"c1": -30}
+    assert await led.payment_customer(["ch_1"]) == "c1"
+    assert await led.payment_customer(["", "nope"]) is None
+    assert await led.payment_customer([]) is None
+
+
+async def test_append_load_and_entries(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("g1")))
+    await led.append([LedgerEntry("c1", Entry("g1", "debit", 10), request_id="r1", meter="m",
+                                  at=2.5),
+                      LedgerEntry("c1", Entry("", "debt", 7), at=3.0),
+                      LedgerEntry("c1", Entry("g1", "expire", 5), at=4.0)])
+    snap = await led.load()
+    assert snap.entries == [Entry("g1", "debit", 10), Entry("", "debt", 7),
+                            Entry("g1", "expire", 5)]                    # commit order
+    assert snap.debts == {"c1": 7}
+    recs = await led.entries("c1")
+    assert [(e.kind, e.amount, e.grant_id) for e in recs] == [
+        ("expire", 5, "g1"), ("debt", 7, None), ("debit", 10, "g1")]     # newest first
+    assert (recs[2].request_id, recs[2].meter, recs[2].at_ms) == ("r1", "m", 2500)
+    assert len(await led.entries("c1", limit=2)) == 2
+    assert await led.entry_total("g1", "expire") == 5
+    assert await led.entry_total("g1", "void") == 0
+
+
+async def test_grant_lookups_for_webhook_effects(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("pack"), idempotency_key="stripe:in_1:price_a"))
+    await led.create_grant(NewGrant(_g("p1"), idempotency_key="stripe:plan:sub:100",
+                                    period=(100, 200)))
+    await led.create_grant(NewGrant(_g("op"), idempotency_key="admin-1"))
+    assert await led.grant_ids("c1", "stripe:", exclude_prefix="stripe:plan:") == {"pack"}
+    assert await led.grant_ids("c1", "stripe:") == {"pack", "p1"}
+    assert await led.has_grant("c1", "admin-1") and not await led.has_grant("c2", "admin-1")
+    assert await led.previous_period_grant("c1", "stripe:plan:sub:", 200) == "p1"
+    assert await led.previous_period_grant("c1", "stripe:plan:sub:", 100) is None
+    await led.create_grant(NewGrant(_g("p3"), idempotency_key="stripe:plan:sub:300",
+                                    period=(300, 400)))
+    # a later period was granted first: it already carried
+    assert await led.previous_period_grant("c1", "stripe:plan:sub:", 200) is None
+
+
+async def test_link_payment_is_idempotent_and_links_refs(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("g1"), payment_refs=("in_1",), paid_minor=1000))
+    assert await led.payment_customer(["pi_1"]) is None
+    assert await led.link_payment(["pi_1", "ch_1", ""], "in_1") == 2
+    assert await led.link_payment(["pi_1", "ch_1"], "in_1") == 0
+    assert await led.link_payment([], "in_1") == 0
+    assert await led.payment_customer(["pi_1"]) == "c1"
+
+
+async def test_claw_back_decides_from_facts_once_per_key(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("g1"), payment_refs=("ch_1",), paid_minor=1000))
+    await led.append([LedgerEntry("c1", Entry("g1", "expire", 10))])
+    seen: list[GrantFacts] = []
+
+    def decide(f: GrantFacts) -> ClawbackDecision | None:
+        seen.append(f)
+        target = 40
+        if target - f.previous_credits <= 0:
+            return None
+        return ClawbackDecision(target, [Entry("g1", "refund", 25), Entry("", "debt", 15)])
+
+    got = await led.claw_back("c1", ["ch_1"], "refund:ch_1", "evt_1", 400, decide)
+    assert got == [("g1", 40, [Entry("g1", "refund", 25), Entry("", "debt", 15)])]
+    f = seen[0]
+    assert (f.grant_id, f.paid_minor, f.previous_credits, f.clawed_total, f.owed) == (
+        "g1", 1000, 0, 0, 0)
+    assert dict(f.sums) == {"expire": 10}
+    assert await led.claw_back("c1", ["ch_1"], "refund:ch_1", "evt_2", 400, decide) == []
+    f2 = seen[1]
+    assert (f2.previous_credits, f2.clawed_total, f2.owed) == (40, 40, 15)
+    assert dict(f2.sums) == {"expire": 10, "refund": 25}
+    recs = await led.entries("c1")
+    assert [(e.kind, e.request_id) for e in recs[:2]] == [
+        ("debt", "clawback:g1"), ("refund", "refund:ch_1:g1")]
+    assert await led.claw_back("c1", ["nothing"], "k", "e", 1, decide) == []
+    assert await led.claw_back("c1", [""], "k", "e", 1, decide) == []
+
+
+async def test_effective_at_and_carried_are_kept(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    g = GrantState("g1", "c1", 100, 50, 9000, 1000, "admin", effective_at=5000)
+    await led.create_grant(NewGrant(g, idempotency_key="k", carried=30))
+    [loaded] = (await led.load()).grants
+    assert (loaded.effective_at, loaded.expires_at) == (5000, 9000)
+    assert await led.grant_carried("g1") == 30
+    assert await led.grant_carried("nope") == 0
+    await led.create_grant(NewGrant(_g("g2")))
+    assert [x.effective_at for x in (await led.load()).grants if x.id == "g2"] == [None]
+
+
+async def test_payment_refs_are_recorded_on_an_existing_grant(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("g1"), idempotency_key="k", payment_refs=("in_1",),
+                                    paid_minor=0))               # granted before payment
+    assert await led.paid_for("in_1") == 0
+    again, created = await led.create_grant(NewGrant(_g("g2"), idempotency_key="k",
+                                                     payment_refs=("in_1", "ch_1"),
+                                                     paid_minor=2000))
+    assert (again.id, created) == ("g1", False)
+    assert await led.paid_for("in_1") == 2000 and await led.paid_for("ch_1") == 2000
+    await led.create_grant(NewGrant(_g("g3"), idempotency_key="k", payment_refs=("in_1",),
+                                    paid_minor=5))               # the larger amount stays
+    assert await led.paid_for("in_1") == 2000
+    assert await led.paid_for("unknown") == 0
+    assert await led.payment_customer(["ch_1"]) == "c1"
+
+
+async def test_plan_grant_lookups(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await backend.customer("c2")
+    await led.create_grant(NewGrant(_g("p1"), idempotency_key="stripe:plan:sub_1:100",
+                                    period=(100, 200)))
+    await led.create_grant(NewGrant(_g("p2"), idempotency_key="stripe:plan:sub_1:200",
+                                    period=(200, 300)))
+    await led.create_grant(NewGrant(_g("x", "c2"), idempotency_key="stripe:planchange:sub_2:1:e",
+                                    period=(1, 50)))
+    assert await led.plan_grant_for("c1", "sub_1", 150) == ("p1", 100, 200)
+    assert await led.plan_grant_for("c1", "sub_1", 200) == ("p2", 200, 300)   # [start, end)
+    assert await led.plan_grant_for("c1", "sub_1", 300) is None
+    assert await led.plan_grant_for("c2", "sub_1", 150) is None               # not its grant
+    assert await led.subscription_customer("sub_1") == "c1"
+    assert await led.subscription_customer("sub_2") == "c2"                  # a plan change
+    assert await led.subscription_customer("sub_3") is None
+
+
+async def test_plan_invoices_open_paid_unpaid(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p1")))
+    assert await led.plan_invoice_state("in_1") is None
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "open", 10)
+    await led.record_plan_invoice("in_2", "p1", "c1", "sub_2", "open", 10)
+    await led.record_plan_invoice("in_3", "p1", "c1", "sub_1", "paid", 10)
+    assert await led.open_plan_invoices("c1") == [("in_1", "p1"), ("in_2", "p1")]
+    assert await led.open_plan_invoices("c1", "sub_1") == [("in_1", "p1")]
+    assert await led.subscription_customer("sub_9") is None
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "open", 11)    # idempotent
+    assert await led.plan_invoice_state("in_1") == "open"
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "paid", 12)    # open -> paid
+    assert await led.plan_invoice_state("in_1") == "paid"
+    assert not await led.write_off_plan_invoice("in_1", 13)                 # paid is final
+    assert await led.write_off_plan_invoice("in_2", 13)                     # open -> unpaid
+    assert not await backend.peer().ledger.write_off_plan_invoice("in_2", 14)
+    await led.record_plan_invoice("in_2", "p1", "c1", "sub_2", "paid", 15)    # unpaid is final
+    assert await led.plan_invoice_state("in_2") == "unpaid"
+    assert await led.open_plan_invoices("c1") == []
+    with pytest.raises(ValueError):
+        await led.record_plan_invoice("in_4", "p1", "c1", "sub_1", "unpaid", 16)

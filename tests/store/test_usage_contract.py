@@ -1,0 +1,125 @@
+"""Contract of the ``UsageLedger`` owner (journal, audit, usage_minute)."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+
+from proxy.credits.ledger import Entry, GrantState
+from proxy.store.protocols import NewGrant
+from tests.store.conftest import Backend
+
+NOV = calendar.timegm((2026, 11, 1, 0, 0, 0))
+NOW = NOV + 20 * 86400 + 3600 + 17          # 2026-11-21T01:00:17Z
+
+
+async def test_recorded_rows_count_exactly_once(backend: Backend) -> None:
+    await backend.customer("c1")
+    await backend.usage("c1", NOW - 30, quantity=3_000_000, billable=2_000_000, rid="r1")
+    await backend.usage("c1", NOW - 20, quantity=1_000_000, rid="r2")
+    assert await backend.storage.usage.materialize() == 0       # nothing left to move
+    start, end, totals = await backend.storage.usage.usage("c1", NOV, NOW + 60)
+    t = totals["api_calls"]
+    # covered = quantity - billable
+    assert (t.quantity, t.requests, t.billable, t.covered) == (4_000_000, 2, 3_000_000, 1_000_000)
+    assert (start, end) == (NOV, NOW + 60)
+
+
+async def test_record_never_blocks_and_debits_land_with_the_usage(backend: Backend) -> None:
+    await backend.customer("c1")
+    await backend.storage.ledger.create_grant(NewGrant(GrantState("g1", "c1", 10, 50, None, 1,
+                                                                  "admin")))
+    await backend.usage("c1", NOW, quantity=1, debits=[("api_calls", Entry("g1", "debit", 4))])
+    snap = await backend.storage.ledger.load()
+    assert snap.entries == [Entry("g1", "debit", 4)]
+    (rec,) = await backend.storage.ledger.entries("c1")
+    assert (rec.request_id, rec.meter) == ("r", "api_calls")
+
+
+async def test_one_default_range_rule(backend: Backend) -> None:
+    u = backend.storage.usage
+    await backend.customer("cal")
+    anchor = calendar.timegm((2026, 1, 15, 12, 0, 0))        # periods start on the 15th, 12:00
+    await backend.customer("anch", anchor=anchor)
+    for cid in ("cal", "anch"):
+        await backend.usage(cid, NOV + 86400, quantity=1, rid=f"{cid}-early")     # Nov 2
+        await backend.usage(cid, NOW - 60, quantity=10, rid=f"{cid}-late")        # Nov 21
+    start, end, totals = await u.usage("cal", now=NOW)
+    assert (start, end) == (NOV, NOW + 60)                  # the calendar month, to now + 60 s
+    assert totals["api_calls"].quantity == 11
+    start, end, totals = await u.usage("anch", now=NOW)
+    assert start == calendar.timegm((2026, 11, 15, 12, 0, 0)) and end == NOW + 60
+    assert totals["api_calls"].quantity == 10               # Nov 2 is in the previous period
+    start, end, totals = await u.usage("nobody", now=NOW)
+    assert (start, end, totals) == (NOV, NOW + 60, {})
+    # explicit bounds win; start is floored to the minute, end is exclusive
+    _, _, totals = await u.usage("cal", NOW - 59, NOW - 60 + 1, now=NOW)
+    assert totals["api_calls"].quantity == 10
+    late_minute = (NOW - 60) // 60 * 60
+    _, _, totals = await u.usage("cal", NOV, late_minute, now=NOW)      # minutes < end
+    assert totals["api_calls"].quantity == 1
+
+
+async def test_usage_days_and_billable(backend: Backend) -> None:
+    u = backend.storage.usage
+    await backend.customer("c1")
+    await backend.usage("c1", NOV + 100, quantity=5, billable=4, rid="a")
+    await backend.usage("c1", NOV + 86400 + 5, quantity=7, billable=7, rid="b")
+    days = await u.usage_days("c1", NOV, (NOV, NOV + 30 * 86400), NOV + 86400 - 1)  # minute > it
+    got = sorted((d.day, d.in_period, d.in_trailing, d.quantity, d.billable, d.requests)
+                 for d in days)
+    assert got == [(NOV, True, False, 5, 4, 1), (NOV + 86400, True, True, 7, 7, 1)]
+    assert await u.billable(NOV, NOV + 2 * 86400) == {("c1", "api_calls"): 11}
+    assert await u.billable(NOV + 120, NOV + 2 * 86400) == {("c1", "api_calls"): 7}
+
+
+async def test_audit_reads_and_prune(backend: Backend) -> None:
+    u = backend.storage.usage
+    await backend.customer("c1")
+    await backend.customer("c2")
+    await backend.usage("c1", NOV + 2, rid="x", version="v2")
+    await backend.usage("c2", NOV + 1, rid="y", version="v1")
+    await backend.usage("c1", NOV + 1, rid="x", version="v1")          # ids may repeat
+    rows = await u.audit_for_request("x")
+    assert [(r.customer_id, r.rules_version, r.at_ms) for r in rows] == [
+        ("c1", "v2", (NOV + 2) * 1000), ("c1", "v1", (NOV + 1) * 1000)]   # commit order
+    assert (rows[0].method, rows[0].path, rows[0].status) == ("GET", "/x", 200)
+    assert sorted(await u.audit_versions(NOV, NOV + 3)) == ["v1", "v2"]
+    assert await u.audit_versions(NOV + 2, NOV + 3) == ["v2"]
+    one = [r.request_id for b in [b async for b in u.audit_stream("c1", NOV, NOV + 3)]
+           for r in b]
+    assert one == ["x", "x"]
+    batches = [b async for b in u.audit_stream(None, NOV, NOV + 3, batch=2)]
+    assert [len(b) for b in batches] == [2, 1]
+    assert [r.request_id for b in batches for r in b] == ["x", "y", "x"]   # commit order
+    only = [r.customer_id async for b in u.audit_stream(None, NOV, NOV + 3, ["c2"]) for r in b]
+    assert only == ["c2"]
+    assert await u.prune_audit((NOV + 2) * 1000, batch=1) == 0   # the oldest row is newer
+    assert await u.prune_audit((NOV + 3) * 1000, batch=2) == 2
+    assert await u.prune_audit((NOV + 3) * 1000, batch=2) == 1
+    assert await u.prune_audit((NOV + 3) * 1000) == 0
+    # usage aggregates are kept: billing does not depend on the audit
+    assert (await u.billable(NOV, NOV + 60))[("c1", "api_calls")] == 0
+
+
+async def test_concurrent_records_all_count(backend: Backend) -> None:
+    await backend.customer("c1")
+    await asyncio.gather(*(backend.usage("c1", NOW, quantity=1, rid=f"r{i}") for i in range(50)))
+    _, _, totals = await backend.storage.usage.usage("c1", now=NOW)
+    assert (totals["api_calls"].quantity, totals["api_calls"].requests) == (50, 50)
+
+
+async def test_quantities_group_every_customer_and_meter(backend: Backend) -> None:
+    u = backend.storage.usage
+    await backend.customer("c1")
+    await backend.customer("c2")
+    await backend.usage("c1", NOV + 100, quantity=5, billable=0, rid="a")
+    await backend.usage("c1", NOV + 130, quantity=2, billable=2, rid="b")
+    await backend.usage("c2", NOV + 100, meter="tokens", quantity=9, rid="c")
+    await backend.usage("c2", NOV + 86400, meter="tokens", quantity=4, rid="d")
+    # quantity, billable or not; minutes in [start, end)
+    assert await u.quantities(NOV, NOV + 86400) == {("c1", "api_calls"): 7,
+                                                    ("c2", "tokens"): 9}
+    assert await u.quantities(NOV + 120, NOV + 86400 + 60) == {("c1", "api_calls"): 2,
+                                                               ("c2", "tokens"): 4}
+    assert await u.quantities(NOV + 2 * 86400, NOV + 3 * 86400) == {}
