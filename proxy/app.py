@@ -46,6 +46,7 @@ from proxy.notices import NoticeWatch, notice_settings
 from proxy.paths import check_database
 from proxy.pricing import TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
+from proxy.reports.invoice_check import PreviewCache
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
 from proxy.request.handler import Pipeline
@@ -211,7 +212,12 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                 reconciler=reconciler, meter_check=meter_check,
                                 reconcile_grace=cfg.stripe.reconcile_grace)
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
-    ConsumerApi(pipeline, reader, credits).mount()
+    previews: PreviewCache | None = None
+    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
+        preview_client = stripe_connect(cfg.stripe)
+        undo.push_async_callback(preview_client.close)
+        previews = PreviewCache(preview_client)
+    ConsumerApi(pipeline, reader, credits, previews).mount()
     await public.setup()
     undo.push_async_callback(public.cleanup)
     await admin.setup()
@@ -230,6 +236,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     undo.push_async_callback(alerts.close)
     server.tasks.append(_task(undo, "alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
+    if previews is not None:
+        server.on_stop.append(previews.client.close)
     server.tasks.append(_task(undo, "webhooks", webhooks.run()))
     notices = NoticeWatch(storage.usage, storage.alerts, keys, notice_settings(cfg.alerts),
                           prices=rt.prices, on_new=alerts.wake)
@@ -258,6 +266,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         trueups = TrueUpTask(storage.customers, storage.usage, storage.trueups, trueup_client,
                              lambda: rt.rules, rt.prices)
         server.tasks.append(_task(undo, "true-ups", trueups.run(TRUEUP_INTERVAL)))
+        server.on_stop.append(trueup_client.close)
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
             server.tasks.append(_task(undo, "reconciler", reconciler.run_every(

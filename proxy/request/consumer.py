@@ -23,6 +23,7 @@ from proxy.admin.input import FieldError, time_range
 from proxy.credits.service import CreditService
 from proxy.periods import period_bounds
 from proxy.reports.exports import stream_export
+from proxy.reports.invoice_check import PreviewCache
 from proxy.reports.usage_report import customer_report
 from proxy.request.handler import Pipeline, error_response
 
@@ -55,10 +56,12 @@ def _get_only(handler: Handler, query: frozenset[str]) -> Handler:
 
 
 class ConsumerApi:
-    def __init__(self, pipeline: Pipeline, reader: Any, credits: CreditService | None) -> None:
+    def __init__(self, pipeline: Pipeline, reader: Any, credits: CreditService | None,
+                 previews: PreviewCache | None = None) -> None:
         self.p = pipeline
         self.reader = reader
         self.credits = credits
+        self.previews = previews        # Stripe invoice previews (a Stripe key configured)
 
     def mount(self) -> None:
         h = self.p.reserved_handlers
@@ -87,8 +90,10 @@ class ConsumerApi:
         rt = self.p.rt
         cust = rt.keys.customers[cid]
         rt.store.try_materialize()
+        preview = await self.previews.get(cust.stripe_customer_id) \
+            if self.previews is not None and cust.stripe_customer_id else None
         report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
-                                       self.credits)
+                                       self.credits, preview=preview)
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 

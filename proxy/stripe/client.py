@@ -54,8 +54,8 @@ from proxy.errors import (
 )
 from proxy.sinks.base import Kind, Outcome
 
-__all__ = ["EventSummary", "MeterEventSession", "Page", "StripeClient", "StripeMeterInfo",
-           "outcome_of", "translate"]
+__all__ = ["EventSummary", "InvoicePreview", "MeterEventSession", "Page", "PreviewLine",
+           "StripeClient", "StripeMeterInfo", "outcome_of", "translate"]
 
 log = logging.getLogger("meterproxy.sink.stripe")
 
@@ -94,6 +94,28 @@ class Page(Generic[T]):
 
     items: list[T]
     has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewLine:
+    """One line of an invoice preview: a price's (metered) line or an invoice item."""
+
+    amount: int                     # minor units
+    quantity: int | None
+    price: str | None               # the price id of a price line
+    invoice_item: str | None        # the invoice item id of an item line
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePreview:
+    """The customer's upcoming invoice as Stripe drafts it now."""
+
+    currency: str
+    total: int                      # minor units
+    period: tuple[int, int]
+    lines: list[PreviewLine]
+    has_more: bool                  # lines beyond the first page were not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +243,32 @@ class StripeClient:
         item = await _call(self._sdk.v1.invoice_items.create_async(
             cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
         return str(item.id)
+
+    async def preview_invoice(self, customer: str) -> InvoicePreview:
+        """``POST /v1/invoices/create_preview`` for the customer's upcoming invoice (its
+        subscription's current period); the first page of lines (up to 10)."""
+        inv = await _call(self._sdk.v1.invoices.create_preview_async(
+            params={"customer": customer}))
+        raw: dict[str, Any] = inv.to_dict()
+        lines_obj = raw.get("lines") or {}
+        out: list[PreviewLine] = []
+        for ln in lines_obj.get("data") or []:
+            pricing = ln.get("pricing") or {}
+            price = (pricing.get("price_details") or {}).get("price")
+            if price is None and isinstance(ln.get("price"), dict):   # before 2025-03-31
+                price = ln["price"].get("id")
+            parent = ln.get("parent") or {}
+            item = (parent.get("invoice_item_details") or {}).get("invoice_item")
+            q = ln.get("quantity")
+            out.append(PreviewLine(int(ln.get("amount") or 0),
+                                   int(q) if isinstance(q, int) else None,
+                                   price if isinstance(price, str) else None,
+                                   item if isinstance(item, str) else None,
+                                   str(ln.get("description") or "")))
+        return InvoicePreview(str(raw.get("currency") or ""), int(raw.get("total") or 0),
+                              (int(raw.get("period_start") or 0),
+                               int(raw.get("period_end") or 0)),
+                              out, bool(lines_obj.get("has_more")))
 
     # ---- prices ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from .faults import FaultKind
+from .invoices import preview as invoice_preview
 from .state import (
     LEGACY_USAGE_CUTOFF,
     CallRecord,
@@ -473,6 +474,9 @@ class DoubleApp:
     async def op_invoice_item(self, ctx: Ctx) -> tuple[int, Any]:
         return 200, self.state.invoice_items.create(ctx.params)
 
+    async def op_invoice_preview(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, invoice_preview(self.state, ctx.params)
+
     async def op_invoice_items(self, ctx: Ctx) -> tuple[int, Any]:
         c = ctx.params.get("customer")
         items = [i for i in reversed(self.state.invoice_items.items.values())
@@ -630,6 +634,8 @@ def create_app(state: StripeDoubleState) -> web.Application:
     app.router.add_post("/v1/invoiceitems",
                         route("invoice_items", double.op_invoice_item, idempotent=True))
     app.router.add_get("/v1/invoiceitems", route("invoice_items_list", double.op_invoice_items))
+    app.router.add_post("/v1/invoices/create_preview",
+                        route("invoice_preview", double.op_invoice_preview))
     app.router.add_get("/v1/prices/{id}", route("price_retrieve", double.op_price))
     app.router.add_get("/_double/state", double.ctl_state)
     app.router.add_post("/_double/faults", double.ctl_faults)

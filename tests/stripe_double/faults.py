@@ -73,6 +73,7 @@ ROUTES: tuple[str, ...] = (
     "credit_balance_summary",
     "invoice_items",
     "invoice_items_list",
+    "invoice_preview",
     "price_retrieve",
 )
 ANY_ROUTE = "*"
