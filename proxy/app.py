@@ -237,7 +237,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.tasks.append(_task(undo, "alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
     if previews is not None:
-        server.on_stop.append(previews.client.close)
+        server.on_stop.append(previews.stripe.close)
     server.tasks.append(_task(undo, "webhooks", webhooks.run()))
     notices = NoticeWatch(storage.usage, storage.alerts, keys, notice_settings(cfg.alerts),
                           prices=rt.prices, on_new=alerts.wake)

@@ -4,6 +4,7 @@ grant mirrored as a Stripe credit grant (the Stripe double validates them as Str
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from proxy.credits.ledger import GrantState
 from proxy.credits.monetary import (
+    balance_check,
     burn,
     credit_grant_params,
     micro_per_minor,
@@ -21,8 +23,10 @@ from proxy.credits.monetary import (
     to_minor,
     true_up,
 )
+from proxy.errors import StripeRejected
 from proxy.pricing import Price, Tier, line_amount
-from tests.stripe_double.fixture import RunningDouble
+from proxy.stripe.client import StripeClient
+from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 U = 1_000_000          # micro-units per unit
 
@@ -131,37 +135,78 @@ def test_stripe_balance_expected_from_the_local_one() -> None:
 SUMMARY_FILTER = {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}
 
 
-async def _available(client: stripe.StripeClient, customer: str) -> int | None:
-    s = await client.v1.billing.credit_balance_summary.retrieve_async(
-        {"customer": customer, "filter": SUMMARY_FILTER})  # type: ignore[typeddict-item]
-    return summary_available(s.to_dict(), "usd")
+async def _available(client: StripeClient, customer: str) -> int | None:
+    return summary_available(await client.credit_balance_summary(customer), "usd")
 
 
-async def test_double_mirrors_a_grant_and_its_balance(stripe_client: stripe.StripeClient,
+@pytest.fixture
+async def client(stripe_double: RunningDouble) -> AsyncIterator[StripeClient]:
+    c = StripeClient(TEST_API_KEY, api_base=stripe_double.url, timeout=2.0)
+    yield c
+    await c.close()
+
+
+async def test_double_mirrors_a_grant_and_its_balance(client: StripeClient,
                                                       stripe_double: RunningDouble) -> None:
+    """Mirroring through StripeClient (the real SDK) against the double's Billing Credits."""
     now = int(stripe_double.state.now())
     g = GrantState("grt_1", "acme", 25 * U, 10, now + 3600, now, "admin")
     later = GrantState("grt_2", "acme", 5 * U, 0, now + 7200, now, "admin",
                        effective_at=now + 600)
-    made = [await stripe_client.v1.billing.credit_grants.create_async(
-        credit_grant_params(x, "cus_1", "usd", "paid"),  # type: ignore[arg-type]
-        {"idempotency_key": f"meterproxy-grant-{x.id}"}) for x in (g, later)]
-    assert made[0].amount.monetary is not None and made[0].amount.monetary.value == 2500
-    assert (made[0].priority, made[0].category, made[0].metadata.to_dict()) == \
-        (10, "paid", {"meterproxy_grant": "grt_1"})
-    assert await _available(stripe_client, "cus_1") == 2500       # grt_2 not effective yet
+    made = [await client.create_credit_grant(credit_grant_params(x, "cus_1", "usd", "paid"),
+                                             idempotency_key=f"meterproxy-grant-{x.id}")
+            for x in (g, later)]
+    again = await client.create_credit_grant(credit_grant_params(g, "cus_1", "usd", "paid"),
+                                             idempotency_key="meterproxy-grant-grt_1")
+    assert again == made[0]                                       # a retry creates one
+    first = stripe_double.state.credit_grants.grants[made[0]]
+    assert (first.value, first.currency, first.priority, first.category, first.metadata) == \
+        (2500, "usd", 10, "paid", {"meterproxy_grant": "grt_1"})
+    assert await _available(client, "cus_1") == 2500              # grt_2 not effective yet
     # an invoice finalized with 10 USD of metered lines takes it from the grants
     stripe_double.state.credit_grants.apply_to_invoice("cus_1", "usd", 1000)
-    assert await _available(stripe_client, "cus_1") == 1500
+    assert await _available(client, "cus_1") == 1500
     assert stripe_available(15 * U - 10 * U, 1000, "usd") == 1500   # 5 left, 10 open-burned
     stripe_double.state.advance(601)
-    assert await _available(stripe_client, "cus_1") == 2000
-    await stripe_client.v1.billing.credit_grants.void_grant_async(made[1].id)
-    assert await _available(stripe_client, "cus_1") == 1500
-    with pytest.raises(stripe.InvalidRequestError, match="already voided"):
-        await stripe_client.v1.billing.credit_grants.void_grant_async(made[1].id)
-    await stripe_client.v1.billing.credit_grants.expire_async(made[0].id)
-    assert await _available(stripe_client, "cus_1") == 0
+    assert await _available(client, "cus_1") == 2000
+    await client.void_credit_grant(made[1])
+    assert await _available(client, "cus_1") == 1500
+    with pytest.raises(StripeRejected, match="already voided"):
+        await client.void_credit_grant(made[1])
+    await client.expire_credit_grant(made[0])
+    assert await _available(client, "cus_1") == 0
+
+
+async def test_balance_check_explains_a_difference(client: StripeClient,
+                                                   stripe_double: RunningDouble) -> None:
+    now = int(stripe_double.state.now())
+    g = GrantState("grt_1", "acme", 25 * U, 10, now + 3600, now, "admin")
+    assert balance_check(25 * U, 0, await client.credit_balance_summary("cus_1"), "usd") == {
+        "currency": "usd", "expected": 2500, "stripe": 0, "difference": -2500,
+        "explanation": "Stripe holds no credit balance in this currency: the grants were not"
+                       " mirrored"}
+    await client.create_credit_grant(credit_grant_params(g, "cus_1", "usd", "paid"),
+                                     idempotency_key="k1")
+    summary = await client.credit_balance_summary("cus_1")
+    assert balance_check(25 * U, 0, summary, "usd")["explanation"] == "matches"
+    # 5 USD burned in the open period: locally 20 left, Stripe has applied nothing yet
+    assert balance_check(20 * U, 500, summary, "usd")["difference"] == 0
+    voided_here = balance_check(15 * U, 0, summary, "usd")
+    assert voided_here["difference"] == 1000 and "Stripe holds more" in \
+        voided_here["explanation"]
+    assert "Stripe holds less" in balance_check(30 * U, 0, summary, "usd")["explanation"]
+
+
+@given(st.integers(0, 10**12), st.integers(0, 10**7), st.integers(0, 10**9))
+def test_balance_check_difference_is_stripe_minus_expected(local: int, burned: int,
+                                                           stripe: int) -> None:
+    local -= local % 10_000                    # whole cents
+    summary = {"balances": [{"available_balance": {
+        "type": "monetary", "monetary": {"currency": "usd", "value": stripe}}}]}
+    out = balance_check(local, burned, summary, "usd")
+    assert out["expected"] == local // 10_000 + burned
+    assert out["difference"] == stripe - out["expected"]
+    assert (out["explanation"] == "matches") == (out["difference"] == 0)
 
 
 @pytest.mark.parametrize(("change", "param"), [

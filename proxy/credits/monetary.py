@@ -18,7 +18,12 @@ NOT WIRED YET: the request path still settles unit credits (docs/credits.md, "Wh
   mirrored credit grants (``credit_grant_params``) to the invoice at finalization. Until an
   invoice is finalized Stripe has applied nothing of the period, so the local balance plus
   what the open period has burned equals Stripe's available balance
-  (``stripe_available``).
+  (``stripe_available``); ``balance_check`` compares it with Stripe's summary and explains
+  a difference.
+- The Stripe calls are ``proxy.stripe.client.StripeClient`` methods:
+  ``create_credit_grant`` (idempotent on its key), ``void_credit_grant``,
+  ``expire_credit_grant``, ``credit_balance_summary``. Nothing calls them on the request
+  path or from a background task yet, and no config selects the monetary mode.
 """
 
 from __future__ import annotations
@@ -101,3 +106,27 @@ def stripe_available(local_balance_micro: int, open_period_burned_minor: int,
     """What Stripe's available balance should be (minor units): the local balance plus
     what the open period has burned locally (Stripe applies credits at finalization)."""
     return to_minor(max(local_balance_micro, 0), currency) + open_period_burned_minor
+
+
+def balance_check(local_balance_micro: int, open_period_burned_minor: int,
+                  summary: Mapping[str, Any], currency: str) -> dict[str, Any]:
+    """Reconciliation of a monetary customer's credits: Stripe's available balance (from its
+    credit balance summary) against what it should be (``stripe_available``). ``difference``
+    is Stripe minus expected, in minor units, with the likely cause in words."""
+    expected = stripe_available(local_balance_micro, open_period_burned_minor, currency)
+    got = summary_available(summary, currency)
+    stripe = 0 if got is None else got
+    d = stripe - expected
+    if d == 0:
+        why = "matches"
+    elif got is None:
+        why = "Stripe holds no credit balance in this currency: the grants were not mirrored"
+    elif d > 0:
+        why = ("Stripe holds more: a grant voided, clawed back or expired here is still live"
+               " at Stripe, or an invoice has not applied credits there yet")
+    else:
+        why = ("Stripe holds less: a grant made here is not mirrored yet, or Stripe applied"
+               " credits to an invoice meterproxy did not burn")
+    return {"currency": currency, "expected": expected, "stripe": stripe, "difference": d,
+            "explanation": why}
+

@@ -106,7 +106,7 @@ class PreviewCache:
     def __init__(self, client: StripeClient, ttl: float = PREVIEW_TTL,
                  max_entries: int = PREVIEW_MAX_ENTRIES,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
+        self.stripe = client
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
@@ -128,7 +128,7 @@ class PreviewCache:
     async def _fetch(self, scid: str) -> InvoicePreview | str:
         self.calls += 1
         try:
-            got: InvoicePreview | str = await self.client.preview_invoice(scid)
+            got: InvoicePreview | str = await self.stripe.preview_invoice(scid)
         except StripeCallError as exc:
             got = f"Stripe's invoice preview is unavailable: {exc.reason}"
         finally:

@@ -270,6 +270,35 @@ class StripeClient:
                                int(raw.get("period_end") or 0)),
                               out, bool(lines_obj.get("has_more")))
 
+    # ---- billing credits (monetary credits mirrored as Stripe credit grants) --------------
+
+    async def create_credit_grant(self, params: Mapping[str, Any], *,
+                                  idempotency_key: str) -> str:
+        """``POST /v1/billing/credit_grants`` (``proxy.credits.monetary.credit_grant_params``);
+        returns the grant id. The same key replays the first result."""
+        got = await _call(self._sdk.v1.billing.credit_grants.create_async(
+            cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
+        return str(got.id)
+
+    async def void_credit_grant(self, grant_id: str) -> None:
+        """``POST /v1/billing/credit_grants/{id}/void``: the grant no longer counts (voiding
+        twice is a StripeRejected)."""
+        await _call(self._sdk.v1.billing.credit_grants.void_grant_async(grant_id))
+
+    async def expire_credit_grant(self, grant_id: str) -> None:
+        """``POST /v1/billing/credit_grants/{id}/expire``: expires it now."""
+        await _call(self._sdk.v1.billing.credit_grants.expire_async(grant_id))
+
+    async def credit_balance_summary(self, customer: str) -> dict[str, Any]:
+        """``GET /v1/billing/credit_balance_summary`` of the customer's credits that apply to
+        metered prices, as Stripe's field names (``balances[].available_balance``)."""
+        got = await _call(self._sdk.v1.billing.credit_balance_summary.retrieve_async(
+            cast(Any, {"customer": customer,
+                       "filter": {"type": "applicability_scope",
+                                  "applicability_scope": {"price_type": "metered"}}})))
+        out: dict[str, Any] = got.to_dict()
+        return out
+
     # ---- prices ---------------------------------------------------------------------------
 
     async def retrieve_price(self, price_id: str) -> dict[str, object]:
