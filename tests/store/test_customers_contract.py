@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -129,3 +130,17 @@ async def test_follow_anchor_never_goes_back_to_an_older_event(backend: Backend)
     assert got is not None and got.billing_anchor == 6000
     assert not await cu.follow_anchor("nobody", 1, event_at=1)
     assert await cu.get("nobody") is None
+
+
+async def test_customers_carry_their_creation_time(backend: Backend) -> None:
+    """``Customer.created_at`` (unix seconds): the commitment true-up counts whole periods
+    only, from it."""
+    before = int(time.time())
+    await backend.customer("c1")
+    got = await backend.storage.customers.get("c1")
+    assert got is not None and before <= got.created_at <= int(time.time()) + 1
+    [listed] = await backend.storage.customers.all()
+    assert listed.created_at == got.created_at
+    await backend.storage.customers.upsert("c1", None, "block", None)   # an update keeps it
+    again = await backend.storage.customers.get("c1")
+    assert again is not None and again.created_at == got.created_at
