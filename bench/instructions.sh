@@ -8,6 +8,8 @@
 # reference an operator would otherwise deploy; its count is native code, not Python.
 # usage: bench/instructions.sh [TARGET...]  -> a table on stdout (~4 minutes for all)
 #        TARGETS: bare (always first: the ratios' base) nginx free strict batched
+#                 core (bench/core_proxy.py: aiohttp web.Server + the proxy.upstream pool, unmetered)
+#                 floor (bench/server_floor.py: the same web.Server answering by itself, no upstream)
 set -u
 cd "$(dirname "$0")/.."
 W=$(mktemp -d)
@@ -35,9 +37,12 @@ run() { # target n -> instructions
     NG=$(.venv/bin/python bench/nginx_conf.py "$W/nginx" "$PP" "$OP")
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$NGINX" -e stderr -p "$W/nginx" \
       -c "$NG" >/dev/null 2>"$W/cg.err" & M=$!
-  elif [ "$target" = bare ]; then
+  elif [ "$target" = bare ] || [ "$target" = core ] || [ "$target" = floor ]; then
     KEY=none
-    valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python bench/bare_proxy.py \
+    script=bench/bare_proxy.py
+    [ "$target" = core ] && script=bench/core_proxy.py
+    [ "$target" = floor ] && script=bench/server_floor.py
+    valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python "$script" \
       "$PP" "http://127.0.0.1:$OP" >/dev/null 2>"$W/cg.err" & M=$!
   else
     rules=$W/metered.yaml; dur=strict

@@ -47,9 +47,10 @@ from proxy.paths import check_database
 from proxy.pricing import TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
 from proxy.reports.invoice_check import PreviewCache
+from proxy.request.auth import Authenticator
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
-from proxy.request.handler import Pipeline
+from proxy.request.pipeline import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
@@ -177,21 +178,29 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream,
                  storage=storage)
     await remember_rules(rt, rules)
-    pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(await storage.ledger.load()), storage.ledger)
-    pipeline.book = credits.book
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
-    pipeline.watch = await ThresholdWatch.open(storage.alerts, credits.book,
-                                               cfg.alerts.thresholds, on_new=alerts.wake)
+    watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
+                                      on_new=alerts.wake)
     flusher = build_flusher(rt, sink)
     meter_check = await _check_meters(rt, undo)
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
                                customers=storage.customers)
-    pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
+    auth = Authenticator(rt)
+    previews: PreviewCache | None = None
+    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
+        preview_client = stripe_connect(cfg.stripe)
+        undo.push_async_callback(preview_client.close)
+        previews = PreviewCache(preview_client)
+    # the routes the proxy answers itself on the public port (routed by the pipeline on the
+    # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
+    own_routes = [*ConsumerApi(rt, auth, credits, previews).routes(),
+                  web.route("*", WEBHOOK_PATH, webhooks.handle)]
+    pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
@@ -212,12 +221,6 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                 reconciler=reconciler, meter_check=meter_check,
                                 reconcile_grace=cfg.stripe.reconcile_grace)
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
-    previews: PreviewCache | None = None
-    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
-        preview_client = stripe_connect(cfg.stripe)
-        undo.push_async_callback(preview_client.close)
-        previews = PreviewCache(preview_client)
-    ConsumerApi(pipeline, reader, credits, previews).mount()
     await public.setup()
     undo.push_async_callback(public.cleanup)
     await admin.setup()
@@ -258,7 +261,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                                 flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(_task(undo, "credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
-    for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
+    for limiter in (admin_app[REFUSALS], auth.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
         trueup_client = stripe_connect(cfg.stripe)

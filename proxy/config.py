@@ -64,6 +64,11 @@ charge comes up to one billing period (31 days) after the usage, the response wi
 21 days and the network's decision can take 75 more; 400 days covers that (247 days) with
 margin, and a year-over-year audit."""
 
+FLEET_SERVING = False
+"""Whether the serving path runs on ``storage.backend: postgres``. Until it does, such a config
+is refused at load: serving it from per-process SQLite files would multiply every balance by
+the number of replicas (docs/fleet.md)."""
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -170,6 +175,39 @@ class StorageConfig(_Model):
         default=300.0, ge=0,
         description="How often PRAGMA quick_check verifies the database file in a worker "
                     "thread (0 = never); a corrupt file fails /readyz and stops writes.")
+    backend: Literal["sqlite", "postgres"] = Field(
+        default="sqlite",
+        description="`sqlite`: one process with its own file (`path`), the default. "
+                    "`postgres`: fleet mode, every meterproxy pointed at `dsn` shares one "
+                    "ledger (docs/fleet.md). Fleet mode is being built: this release refuses "
+                    "`postgres` at load rather than serve a fleet from per-process SQLite "
+                    "files.",
+        examples=["postgres"])
+    dsn: str = Field(
+        default="",
+        description="`backend: postgres` only (required there): the PostgreSQL connection "
+                    "URI. Keep the password out of the file: `${METERPROXY_PG_DSN}`.",
+        examples=["${METERPROXY_PG_DSN}", "postgresql://meterproxy@db:5432/meterproxy"])
+    pool_size: int = Field(
+        default=10, ge=1, le=1000,
+        description="`backend: postgres`: most connections one member opens (plus one for "
+                    "key-change notifications).",
+        examples=[4])
+    statement_cache_size: int = Field(
+        default=100, ge=0,
+        description="`backend: postgres`: prepared statements cached per connection. Set 0 "
+                    "behind a transaction pooler (PgBouncer `pool_mode = transaction`), which "
+                    "cannot keep prepared statements between transactions.",
+        examples=[0])
+
+    @model_validator(mode="after")
+    def _postgres_needs_dsn(self) -> StorageConfig:
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError("storage.backend postgres needs storage.dsn")
+        if self.backend == "postgres" and not FLEET_SERVING:
+            raise ValueError("storage.backend postgres is not served by this release yet "
+                             "(docs/fleet.md); use sqlite")
+        return self
 
 
 class KeySource(_Model):
@@ -523,6 +561,86 @@ class LimitsConfig(_Model):
                     "concurrency_limit_exceeded (0 = unlimited).")
 
 
+class FleetConfig(_Model):
+    """Fleet mode (`storage.backend: postgres`): credit leases, usage shipping, leadership."""
+
+    member_id: str = Field(
+        default="",
+        description="This member's name in the fleet (unique per running process; keep it "
+                    "across restarts so its journal resumes shipping). Empty: the host name "
+                    "and the listen port.",
+        examples=["${POD_NAME}"])
+    lease_ttl: Duration = Field(
+        default=30.0, gt=0,
+        description="Lifetime of a credit lease in the database; a member renews it every "
+                    "third of it and a dead member's lease returns after it (plus "
+                    "`reaper_grace`).",
+        examples=["20s"])
+    cover_period: Duration = Field(
+        default=20.0, gt=0,
+        description="A lease is sized to last this long at the customer's recent spend rate "
+                    "on this member (T in docs/fleet.md).",
+        examples=["10s"])
+    lease_floor: str = Field(
+        default="1",
+        description="Smallest lease a member asks for, in credits (an exact decimal, as a "
+                    "string); a grant is still capped by the balance left.",
+        examples=["10"])
+    k: int = Field(
+        default=2, ge=1, le=100,
+        description="Each grant takes at most 1/(k x holders) of the available balance, so "
+                    "leases together hold less than 1/k of it.",
+        examples=[4])
+    drift_margin: float = Field(
+        default=0.05, ge=0, lt=0.5,
+        description="A member stops spending a lease at its request time + lease_ttl x "
+                    "(1 - drift_margin), on its own clock: the clock drift tolerated.",
+        examples=[0.1])
+    reaper_grace: Duration = Field(
+        default=5.0, ge=0,
+        description="An abandoned lease returns to the balance this long after it expired "
+                    "(time for the dead member's last usage to be shipped).",
+        examples=["10s"])
+    empty_backoff: Duration = Field(
+        default=1.0, ge=0,
+        description="After PostgreSQL had no credit to lease for a customer, a member answers "
+                    "402 for that customer without asking again for this long (a top-up is "
+                    "seen within it).",
+        examples=["2s"])
+    ship_interval: Duration = Field(
+        default=1.0, gt=0,
+        description="How often a member ships its journal to the shared usage ledger.",
+        examples=["500ms"])
+    ship_batch: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="Most journal rows in one shipping transaction.",
+        examples=[5000])
+    leader_ttl: Duration = Field(
+        default=10.0, gt=0,
+        description="Lifetime of the flusher's leadership lease; another member takes over "
+                    "within leader_ttl x 4/3 of the leader's last renewal.",
+        examples=["15s"])
+    key_poll_interval: Duration = Field(
+        default=0.5, gt=0,
+        description="Besides change notifications, how often a member asks for key changes; "
+                    "bounds how late a revocation takes effect on every member.",
+        examples=["1s"])
+    offline_allowance: str = Field(
+        default="0",
+        description="With `storage.fail_mode: open`, credits per customer a member may admit "
+                    "beyond its spent lease while PostgreSQL is unreachable (an exact "
+                    "decimal, as a string); recorded and settled as debt when the database "
+                    "returns. With `closed` such requests get 503.",
+        examples=["5"])
+
+    @field_validator("lease_floor", "offline_allowance")
+    @classmethod
+    def _credits(cls, v: str) -> str:
+        if to_micro(v) < 0:
+            raise ValueError("must be zero or more credits")
+        return v
+
+
 class Config(_Model):
     """meterproxy.yaml, the whole file."""
 
@@ -552,6 +670,7 @@ class Config(_Model):
     alerts: AlertsConfig = Field(default=AlertsConfig(), description=AlertsConfig.__doc__)
     credits: CreditsConfig = Field(default=CreditsConfig(), description=CreditsConfig.__doc__)
     limits: LimitsConfig = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
+    fleet: FleetConfig = Field(default=FleetConfig(), description=FleetConfig.__doc__)
     max_inspect_bytes: Size = Field(
         default=1024 * 1024,
         description="Cap on a JSON body buffered for a `request.json` / `response.json` rule; "

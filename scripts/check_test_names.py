@@ -2,10 +2,11 @@
 """Tests mirror the package: every test module is named for a source module, and every source
 module with logic has a test module named for it, or tests/layout.toml says why not.
 
-Names: ``tests/test_<module>.py`` or ``tests/test_<package>_<module>.py`` tests
-``proxy/[<package>/]<module>.py``; a package's name stands for its ``__init__.py``. A module
-"has logic" when it defines a function or a class. The check also fails on an allowlist entry
-that is no longer needed or names a file that does not exist, so the list follows the code.
+Names: ``tests/test_<module>.py``, ``tests/test_<package>_<module>.py`` or
+``tests/<package>/test_<module>.py`` tests ``proxy/[<package>/]<module>.py``; a package's
+name stands for its ``__init__.py``. A module "has logic" when it defines a function or a
+class. The check also fails on an allowlist entry that is no longer needed or names a file
+that does not exist, so the list follows the code.
 
 Usage: scripts/check_test_names.py [--root DIR] [--layout FILE]   (exit 0: ok, 1: problems)
 """
@@ -36,16 +37,31 @@ def test_names(rel: Path) -> set[str]:
     names = {parts[-1], "_".join(parts)}
     if len(parts) >= 2:
         names.add("_".join(parts[-2:]))
-    return {f"test_{n}.py" for n in names}
+    out = {f"test_{n}.py" for n in names}
+    if len(parts) >= 2:       # a test package named for the source package: tests/fleet/test_x.py
+        out |= {f"{parts[0]}/test_{parts[-1]}.py", f"{parts[0]}/test_{'_'.join(parts[1:])}.py"}
+    return out
+
+
+def package_tests(rel: Path, packages: dict[str, list[str]]) -> set[str]:
+    """Test modules named for ``rel`` inside the test packages ``[packages]`` maps to its
+    source directory (e.g. tests/store_pg/ tests proxy/store/postgres/)."""
+    parent = rel.parent.as_posix()
+    return {f"{d}/test_{rel.stem}.py" for d, dirs in packages.items() if parent in dirs}
 
 
 def check(root: Path, layout: Path, package: str = "proxy") -> list[str]:
     data: dict[str, Any] = tomllib.loads(layout.read_text("utf-8"))
+    packages: dict[str, list[str]] = data.get("packages", {})
     listed_tests: dict[str, str] = data.get("tests", {})
     listed_modules: dict[str, Any] = data.get("modules", {})
-    tests = {p.name for p in (root / "tests").glob("test_*.py")}
+    tests = {p.relative_to(root / "tests").as_posix()
+             for p in (root / "tests").rglob("test_*.py")
+             if "vendor" not in p.parts and (p.parent == root / "tests"
+                                             or (p.parent / "__init__.py").is_file())}
     modules = {p.relative_to(root).as_posix(): p for p in sorted((root / package).rglob("*.py"))}
-    named_for: dict[str, set[str]] = {m: test_names(Path(m)) & tests for m in modules}
+    named_for: dict[str, set[str]] = {
+        m: (test_names(Path(m)) | package_tests(Path(m), packages)) & tests for m in modules}
     mapped = set().union(*named_for.values()) if named_for else set()
     problems: list[str] = []
     where = layout.relative_to(root) if layout.is_relative_to(root) else layout
@@ -83,8 +99,7 @@ def check(root: Path, layout: Path, package: str = "proxy") -> list[str]:
             continue
         for t in entry["by"]:
             # a top-level test module, or one in a test package (e.g. store/test_x.py)
-            if t not in tests and not (t.endswith(".py") and "/" in t
-                                       and (root / "tests" / t).is_file()):
+            if t not in tests:
                 problems.append(f"{where} [modules] {m}: by names {t}, which does not exist")
     return problems
 

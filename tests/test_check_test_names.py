@@ -43,7 +43,9 @@ def test_the_repository_passes() -> None:
 
 def test_names_for_a_module_and_a_package() -> None:
     assert ctn.test_names(Path("proxy/units.py")) == {"test_units.py"}
-    assert ctn.test_names(Path("proxy/rules/sse.py")) == {"test_sse.py", "test_rules_sse.py"}
+    assert ctn.test_names(Path("proxy/rules/sse.py")) == {"test_sse.py", "test_rules_sse.py",
+                                                          "rules/test_sse.py"}
+    assert "store/test_postgres_pool.py" in ctn.test_names(Path("proxy/store/postgres/pool.py"))
     assert ctn.test_names(Path("proxy/store/__init__.py")) == {"test_store.py"}
     assert ctn.test_names(Path("proxy/__init__.py")) == set()
 

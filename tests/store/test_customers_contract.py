@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy.store.keys import InvalidInput
+from proxy.errors import InvalidInput
 from tests.store.conftest import Backend
 
 

@@ -1,0 +1,212 @@
+"""``LeaseBook``: a member's local admission against the credit leases it holds.
+
+Admission is local and synchronous (``try_admit``: no I/O, atomic on the event loop): a
+request of fixed cost c is admitted only if the held lease has ``c`` left and the holder's
+own deadline has not passed. When it has not, ``admit`` makes one synchronous refill (one
+in flight per customer; concurrent requests wait for the same one) and tries again, and
+answers ``INSUFFICIENT`` (402) only when a refill granted nothing. After such an empty
+grant, requests for that customer are answered 402 locally for ``empty_backoff_ms`` (a
+customer out of credit does not cost a database statement per request; a top-up is seen
+within that time). So, fleet-wide:
+
+- fixed-cost admissions never exceed the balance (each admitted cost sits inside a lease the
+  database escrowed; a lease is never spent past the holder's deadline, which precedes the
+  database's ``expires_at`` by the drift margin);
+- a balance is spent to the last quantum: leases are whole multiples of the cost that asked
+  for them, and a book answers 402 only after the database had nothing left to give.
+
+PostgreSQL unreachable (``PgUnavailable`` from the refill): the held lease keeps serving
+until spent or past its deadline; then ``fail_mode`` decides: ``closed`` answers
+``UNAVAILABLE`` (503); ``open`` admits up to ``offline_allowance`` micro-credits per customer
+as ``ADMIT_OWED`` (the usage is journaled and shipped like any other and settles as debt),
+which bounds the extra overspend per outage to members x allowance.
+
+The book counts what it admitted (``spent``) per lease; the journal rows carrying those
+credits reach the database through ``proxy.store.postgres.shipping``, which settles the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy import tasks
+from proxy.fleet import sizing
+from proxy.fleet.clock import monotonic_ms
+from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.leases import Grant, LeaseStore
+
+log = logging.getLogger("meterproxy.fleet.book")
+
+
+class Decision(enum.Enum):
+    ADMIT = "admit"
+    ADMIT_OWED = "admit_owed"        # fail_mode open, database unreachable, lease spent
+    INSUFFICIENT = "insufficient"    # 402: the database had nothing left to lease
+    UNAVAILABLE = "unavailable"      # 503: fail_mode closed, database unreachable, lease spent
+
+
+@dataclass(slots=True)
+class Held:
+    """One customer's lease as this member sees it."""
+
+    lease_id: int
+    granted: int          # the lease's whole grant (from the database)
+    spent: int            # admitted against it here
+    usable_until_ms: int  # the holder's deadline (its monotonic clock)
+
+    @property
+    def remaining(self) -> int:
+        return self.granted - self.spent
+
+
+class LeaseBook:
+    """Admission for one member; all state is in memory, owned by one event loop."""
+
+    def __init__(self, store: LeaseStore, fail_mode: Literal["closed", "open"] = "closed",
+                 offline_allowance: int = 0, clock: Callable[[], int] = monotonic_ms) -> None:
+        self.store = store
+        self.policy = store.policy
+        self.fail_mode = fail_mode
+        self.offline_allowance = offline_allowance
+        self.clock = clock
+        self.held: dict[str, Held] = {}
+        self.owed: dict[str, int] = {}            # admitted without a lease (fail_mode open)
+        self._rate: dict[str, int] = {}           # micro-credits / s, smoothed
+        self._rate_at: dict[str, tuple[int, int]] = {}  # customer -> (since ms, spent since)
+        self._refills: dict[str, asyncio.Future[Grant | None]] = {}
+        self._empty_until: dict[str, int] = {}     # customer -> no refill before (ms)
+        self.rtt_ms = 50
+        self.refills = 0                           # grant statements issued
+
+    # -- the hot path ---------------------------------------------------------------------
+    def try_admit(self, customer_id: str, cost: int) -> bool:
+        """Admit against the held lease, or not; never does I/O."""
+        h = self.held.get(customer_id)
+        if h is None or h.remaining < cost or self.clock() >= h.usable_until_ms:
+            return False
+        h.spent += cost
+        self._count(customer_id, cost)
+        return True
+
+    async def admit(self, customer_id: str, cost: int) -> Decision:
+        """Local first; else synchronous refills until one grants nothing."""
+        while True:
+            if self.try_admit(customer_id, cost):
+                self._refill_ahead(customer_id, cost)
+                return Decision.ADMIT
+            if self.clock() < self._empty_until.get(customer_id, 0):
+                return Decision.INSUFFICIENT
+            got = await self._refill(customer_id, cost)
+            if got is None:
+                return self._unreachable(customer_id, cost)
+            if got.amount == 0 and not self.try_admit(customer_id, cost):
+                self._empty_until[customer_id] = self.clock() + self.policy.empty_backoff_ms
+                return Decision.INSUFFICIENT
+            if got.amount == 0:
+                return Decision.ADMIT
+
+    def _unreachable(self, customer_id: str, cost: int) -> Decision:
+        if self.fail_mode == "closed":
+            return Decision.UNAVAILABLE
+        owed = self.owed.get(customer_id, 0)
+        if owed + cost > self.offline_allowance:
+            return Decision.UNAVAILABLE
+        self.owed[customer_id] = owed + cost
+        return Decision.ADMIT_OWED
+
+    # -- refills ----------------------------------------------------------------------------
+    def _refill(self, customer_id: str, quantum: int) -> asyncio.Future[Grant | None]:
+        fut = self._refills.get(customer_id)
+        if fut is None:
+            fut = tasks.spawn(f"lease-refill-{customer_id}", self._grant(customer_id, quantum))
+            self._refills[customer_id] = fut
+            fut.add_done_callback(lambda _f: self._refills.pop(customer_id, None))
+        return fut
+
+    def _refill_ahead(self, customer_id: str, quantum: int) -> None:
+        h = self.held[customer_id]
+        if customer_id in self._refills:
+            return
+        left = h.usable_until_ms - self.clock()
+        if sizing.should_refill(h.remaining, self._rate.get(customer_id, 0), self.rtt_ms,
+                                self.policy.lead_ms, left, self.policy.ttl_ms):
+            self._refill(customer_id, quantum)
+
+    async def _grant(self, customer_id: str, quantum: int) -> Grant | None:
+        """One grant statement; None when PostgreSQL is unreachable."""
+        wanted = sizing.want(self._rate.get(customer_id, 0), self.policy.cover_ms)
+        sent = self.clock()
+        try:
+            got = await self.store.grant(customer_id, wanted, quantum)
+        except PgUnavailable as exc:
+            log.warning("lease refill for %s failed, PostgreSQL unreachable: %s", customer_id, exc)
+            return None
+        self.refills += 1
+        self.rtt_ms = max(1, self.clock() - sent)
+        self.owed.pop(customer_id, None)   # the database is back: a new allowance next outage
+        if got.amount > 0:
+            self._empty_until.pop(customer_id, None)
+        if got.lease_id is None or got.granted_total is None:
+            self.held.pop(customer_id, None)
+            return got
+        h = self.held.get(customer_id)
+        if h is None or h.lease_id != got.lease_id:
+            # a lease this book has not seen may be one an earlier process of this member
+            # held (same member id after a restart): what it had not reported may already be
+            # spent, in a journal not yet shipped. Only the part granted now is trusted; the
+            # rest returns through release and the reaper.
+            h = Held(got.lease_id, got.granted_total, got.granted_total - got.amount, 0)
+            self.held[customer_id] = h
+        h.granted = got.granted_total
+        if got.amount > 0:
+            h.usable_until_ms = sizing.usable_until_ms(sent, self.policy.ttl_ms,
+                                                       self.policy.drift_margin_ppm)
+        return got
+
+    async def wait_refills(self) -> None:
+        """Wait for the refills in flight (before release at shutdown); errors are ignored:
+        the next request that needs a lease asks again."""
+        await asyncio.gather(*self._refills.values(), return_exceptions=True)
+
+    async def renew(self, customer_id: str) -> bool:
+        """Push the held lease's expiry; False (and the lease forgotten) if it is gone."""
+        sent = self.clock()
+        got = await self.store.renew(customer_id)
+        h = self.held.get(customer_id)
+        if got is None or h is None or got[0] != h.lease_id:
+            self.held.pop(customer_id, None)
+            return False
+        h.usable_until_ms = sizing.usable_until_ms(sent, self.policy.ttl_ms,
+                                                   self.policy.drift_margin_ppm)
+        return True
+
+    # -- returns ----------------------------------------------------------------------------
+    async def release(self, customer_id: str) -> int:
+        """Return the unspent part of the customer's lease (idle, shutdown)."""
+        h = self.held.pop(customer_id, None)
+        if h is None:
+            return 0
+        return await self.store.release(customer_id, h.lease_id, h.spent)
+
+    async def release_all(self) -> int:
+        total = 0
+        for customer_id in list(self.held):
+            total += await self.release(customer_id)
+        return total
+
+    # -- rate -------------------------------------------------------------------------------
+    def _count(self, customer_id: str, cost: int) -> None:
+        now = self.clock()
+        since, spent = self._rate_at.get(customer_id, (now, 0))
+        spent += cost
+        if now - since >= 1000:
+            self._rate[customer_id] = sizing.ewma_rate(self._rate.get(customer_id, 0), spent,
+                                                       now - since)
+            since, spent = now, 0
+        self._rate_at[customer_id] = (since, spent)
+

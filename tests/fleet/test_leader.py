@@ -1,0 +1,92 @@
+"""Fenced leadership on a real PostgreSQL: one leader, failover within the stated bound, and a
+deposed leader's writes refused (the outbox rows stay as the new leader left them)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from proxy.store.postgres.leader import Deposed, Leadership, claim_outbox, mark_sent
+from proxy.store.postgres.pool import PgPool
+
+TTL = 600
+
+
+async def _outbox(pool: PgPool, n: int) -> None:
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO outbox(identifier, customer_id, meter, event_name, value, window_start, "
+            "timestamp, created_at) VALUES ($1, 'acme', 'api_calls', 'api_calls', 1, 0, 0, 0)",
+            [(f"mp_x_{i}",) for i in range(n)])
+
+
+async def _states(pool: PgPool) -> list[tuple[str, int | None]]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT status, claim_fence FROM outbox ORDER BY id")
+    return [(r[0], r[1]) for r in rows]
+
+
+async def test_one_leader_then_failover_and_the_deposed_cannot_write(pool: PgPool) -> None:
+    await _outbox(pool, 4)
+    a = Leadership(pool, "flusher", "a", ttl_ms=TTL)
+    b = Leadership(pool, "flusher", "b", ttl_ms=TTL)
+    assert await a.try_lead() and a.fence == 1
+    assert not await b.try_lead()
+    assert await a.try_lead() and a.fence == 1            # renewal keeps the fence
+    claimed = await claim_outbox(a, 2, now=0.0)
+    assert len(claimed) == 2
+    last_renewal = time.monotonic()
+    # a pauses (stops renewing); b tries every ttl/3 as a member does
+    for _ in range(50):
+        if await b.try_lead():
+            break
+        await asyncio.sleep(TTL / 3 / 1000)
+    took = (time.monotonic() - last_renewal) * 1000
+    assert b.fence == 2
+    assert TTL * 0.9 <= took <= b.failover_bound_ms + 200
+    # a's own clock already tells it that it lost the lease
+    assert not a.leads()
+    with pytest.raises(Deposed):
+        await mark_sent(a, claimed, 1, "meter_events")
+    # even with a clock that stalled (it still believes it leads), the database refuses it
+    a._until_ms = a.clock() + 60_000
+    assert a.leads()
+    with pytest.raises(Deposed):
+        await mark_sent(a, claimed, 1, "meter_events")
+    assert a.fence is None
+    assert await _states(pool) == [("pending", 1)] * 2 + [("pending", None)] * 2
+    mine = await claim_outbox(b, 10, now=0.0)
+    assert len(mine) == 4
+    assert await mark_sent(b, mine, 2, "meter_events") == 4
+    assert await _states(pool) == [("sent", 2)] * 4
+
+
+async def test_resign_hands_over_at_once(pool: PgPool) -> None:
+    a = Leadership(pool, "flusher", "a", ttl_ms=60_000)
+    b = Leadership(pool, "flusher", "b", ttl_ms=60_000)
+    assert await a.try_lead()
+    assert not await b.try_lead()
+    await a.resign()
+    assert await b.try_lead() and b.fence == 2
+    with pytest.raises(Deposed):
+        async with a.fenced():
+            pass
+
+
+async def test_duties_are_independent(pool: PgPool) -> None:
+    a = Leadership(pool, "flusher", "a")
+    b = Leadership(pool, "reaper", "b")
+    assert await a.try_lead() and await b.try_lead()
+    assert (a.fence, b.fence) == (1, 1)
+
+
+async def test_a_leader_never_claims_a_row_twice(pool: PgPool) -> None:
+    await _outbox(pool, 3)
+    a = Leadership(pool, "flusher", "a")
+    assert await a.try_lead()
+    first = await claim_outbox(a, 2, now=0.0)
+    second = await claim_outbox(a, 2, now=0.0)
+    assert len(first) == 2 and len(second) == 1 and not set(first) & set(second)
+    assert await claim_outbox(a, 2, now=0.0) == []
