@@ -34,7 +34,7 @@ from typing import Any
 
 from proxy.errors import StripeCallError
 from proxy.periods import period_bounds
-from proxy.pricing import Price, period_charges
+from proxy.pricing import Price, period_charges, prices_in
 from proxy.rules.model import RuleSet
 from proxy.store.protocols import Customers, TrueUpRecord, TrueUps, UsageLedger
 from proxy.stripe.client import StripeClient
@@ -84,19 +84,21 @@ async def due(customers: Customers, usage: UsageLedger, trueups: TrueUps, rules:
               prices: Mapping[str, Price], now: float) -> list[TrueUp]:
     """True-ups of periods that have ended and were not decided yet (the last ended period
     of each customer with a commitment and a Stripe customer)."""
-    currencies = {p.currency for p in prices.values()}
-    if len(currencies) != 1:
-        if currencies:
-            log.warning("true-ups skipped: priced meters use several currencies %s",
-                        sorted(currencies))
-        return []
-    (currency,) = currencies
     tf = {m: mt.transform for m, mt in rules.meters.items() if mt.transform is not None}
     billable: dict[tuple[int, int], dict[tuple[str, str], int]] = {}
     out = []
     for cust in await customers.all():
         if cust.minimum_commitment <= 0 or not cust.stripe_customer_id:
             continue
+        # the customer's prices: in its currency (currency_options) when it has one
+        mine = prices_in(prices, cust.currency)
+        currencies = {p.currency for p in mine.values()}
+        if len(currencies) != 1:
+            if currencies:
+                log.warning("true-up of %s skipped: its priced meters use several"
+                            " currencies %s", cust.id, sorted(currencies))
+            continue
+        (currency,) = currencies
         current = period_bounds(cust.billing_anchor, now)[0]
         start, end = period_bounds(cust.billing_anchor, current - 1)
         if start < cust.created_at or await trueups.decided(cust.id, start):
@@ -106,7 +108,7 @@ async def due(customers: Customers, usage: UsageLedger, trueups: TrueUps, rules:
         totals = {m: q for (c, m), q in billable[(start, end)].items() if c == cust.id}
         billed = {m: q if (t := tf.get(m)) is None else transformed_units(q, t) * QSCALE
                   for m, q in totals.items()}
-        charged = sum(period_charges(prices, billed).values())
+        charged = sum(period_charges(mine, billed).values())
         commitment = cust.minimum_commitment
         out.append(TrueUp(cust.id, cust.stripe_customer_id, (start, end), commitment, charged,
                           shortfall(commitment, [charged]), currency))

@@ -38,7 +38,7 @@ import orjson
 from proxy.config import AlertsConfig
 from proxy.metrics import notices_total
 from proxy.periods import TRAILING, period_bounds, project
-from proxy.pricing import Price, fmt_minor, line_amount
+from proxy.pricing import Price, fmt_minor, line_amount, prices_in
 from proxy.store.keys import KeyCache
 from proxy.store.protocols import AlertsFired, NewAlert, UsageLedger
 from proxy.timeutil import rfc3339
@@ -154,10 +154,12 @@ class NoticeWatch:
                 start, end = period_bounds(cust.billing_anchor, now)
                 if pre_renewal_due(end, now, s.pre_renewal):
                     rows.append((cid, str(start), "pre_renewal",
-                                 await self._pre_renewal(cid, start, end, now)))
+                                 await self._pre_renewal(cid, start, end, now,
+                                                         cust.currency)))
         return await self._queue(rows, now)
 
-    async def _pre_renewal(self, cid: str, start: int, end: int, now: float) -> dict[str, Any]:
+    async def _pre_renewal(self, cid: str, start: int, end: int, now: float,
+                           currency: str | None = None) -> dict[str, Any]:
         so_far = await self._customer_sums(cid, start, int(now) + 60)
         trailing = await self._customer_sums(cid, int(now) - TRAILING, int(now) + 60)
         projected = {m: project(q, trailing.get(m, 0), now, end) for m, q in so_far.items()}
@@ -165,7 +167,7 @@ class NoticeWatch:
             "type": "billing.pre_renewal", "customer_id": cid, "period_start": _iso(start),
             "period_end": _iso(end), "usage": {m: fmt_micro(q) for m, q in so_far.items()},
             "projected": {m: fmt_micro(q) for m, q in projected.items()}}
-        prices = self.prices() if self.prices is not None else {}
+        prices = prices_in(self.prices() if self.prices is not None else {}, currency)
         charges = {m: (line_amount(p, projected.get(m, 0)), p.currency)
                    for m, p in prices.items()}
         if charges:

@@ -565,6 +565,13 @@ class WebhookReceiver:
                 out["anchor_note"] = "a newer subscription event set the anchor"
         else:
             out["anchor_note"] = why
+        cur = sub.get("currency")
+        if isinstance(cur, str) and len(cur) == 3 and cur.isalpha() \
+                and await self.customers.set_currency(cid, cur):
+            # the subscription's currency is the customer's (Stripe fixes it at the first
+            # subscription): prices with currency_options are shown in it
+            await self._reload_keys()
+            out["currency"] = cur.lower()
         prev_attrs = _get(event, "data", "previous_attributes")
         prev = _get(prev_attrs, "items")
         if prev is not None:

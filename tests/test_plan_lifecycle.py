@@ -424,3 +424,16 @@ async def test_an_upgrade_that_resets_the_cycle_is_granted_by_its_invoice_only(
                _inv("in_up", "price_pro", (t, t + 31 * DAY), "subscription_update"))
     assert [g["credits"] for g in paid["grants"]] == ["150"]
     assert env.balance(t + 4) == 200 * Q          # this period's 50 and the new period's 150
+
+
+async def test_the_subscription_s_currency_becomes_the_customer_s(env: Env) -> None:
+    """``currency_options``: the customer is charged in its subscription's currency."""
+    t = S1 + DAY
+    env.clock.t = t
+    out = await env.deliver(event("evt_c1", "customer.subscription.created",
+                                  _sub("price_basic", currency="eur"), created=t))
+    assert out["currency"] == "eur"
+    assert env.keys.customers["acme"].currency == "eur"
+    again = await env.deliver(event("evt_c2", "customer.subscription.updated",
+                                    _sub("price_basic", currency="eur"), created=t + 1))
+    assert "currency" not in again                    # unchanged

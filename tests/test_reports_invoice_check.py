@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,49 @@ async def test_the_usage_page_shows_stripe_s_preview_beside_the_local_view(
     validate_response("GET", "/_meter/usage", 200, "application/json", orjson.dumps(report))
     await usage()
     assert len(stripe_double.state.calls("invoice_preview")) == 1      # once a minute at most
+
+
+async def test_a_customer_in_another_currency_sees_its_currency_option(
+        tmp_path: Path, stripe_double: RunningDouble, client: StripeClient) -> None:
+    """``currency_options``: a customer charged in EUR (its subscription's currency) sees the
+    price's EUR amounts, and the local view agrees with Stripe's EUR preview to the cent."""
+    eur_tiers = [{"up_to": 100, "unit_amount_decimal": "1.8", "flat_amount_decimal": "90"},
+                 {"up_to": None, "unit_amount_decimal": "0.45"}]
+    stripe_double.state.add_meter("api_calls", id="mtr_calls")
+    stripe_double.state.add_price({**GRADUATED,
+                                   "currency_options": {"eur": {"tiers": eur_tiers}}})
+    start, end = _period()
+    stripe_double.state.add_subscription(CUS, ["price_calls"], (start, end), currency="eur")
+    # the price as the proxy fetches it (tiers and currency_options expanded)
+    price = price_from_stripe(await client.retrieve_price("price_calls"))
+    assert price.in_currency("eur").tiers[0].flat_amount_decimal == Decimal(90)
+    (tmp_path / "rules.yaml").write_text(RULES)
+    rules = load_rules([tmp_path / "rules.yaml"])
+    store = Store.open(tmp_path / "r.db")
+    try:
+        owners = SqliteStorage.on(store)
+        await owners.customers.upsert("acme", CUS, None, None)
+        assert await owners.customers.set_currency("acme", "eur")
+        cust = await owners.customers.get("acme")
+        assert cust is not None
+        now = time.time()
+        fut = owners.usage.record(UsageRow("r1", now - 60, "acme", "k", "all", "v1", 200,
+                                           [UsageItem("api_calls", 150 * U, 0, 150 * U)]),
+                                  wait=True)
+        assert fut is not None
+        await fut
+        await owners.usage.materialize()
+        await _send(client, 1, 150, int(now) - 60)
+        preview = await client.preview_invoice(CUS)
+        assert (preview.currency, preview.total) == ("eur", 90 + 180 + 23)
+        report = await customer_report(owners.usage, rules, {"api_calls": price}, cust, None,
+                                       now, preview=preview)
+        assert report["currency"] == "eur"
+        assert report["upcoming_invoice"]["total"] == "2.93"
+        [line] = report["invoice_preview"]["lines"]
+        assert (line["local_amount"], line["stripe_amount"], line["difference"]) == \
+            ("2.93", "2.93", "0.00")
+        shown = report["prices"]["api_calls"]              # the price as the page shows it
+        assert (shown["currency"], shown["tiers"][0]["flat_amount_decimal"]) == ("eur", "90")
+    finally:
+        store.close()

@@ -21,7 +21,15 @@ from typing import Any
 
 from proxy.credits.service import CreditService
 from proxy.periods import TRAILING, day_starts, period_bounds, project
-from proxy.pricing import Price, TransformQuantity, fmt_minor, line_amount, period_charges, whole_units
+from proxy.pricing import (
+    Price,
+    TransformQuantity,
+    fmt_minor,
+    line_amount,
+    period_charges,
+    prices_in,
+    whole_units,
+)
 from proxy.reports.invoice_check import compare
 from proxy.rules import RuleSet
 from proxy.store.keys import Customer
@@ -106,6 +114,7 @@ async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[st
     """The usage report; ``preview``: Stripe's invoice preview (or why there is none), shown
     beside the local view with the difference explained (``invoice_check.compare``)."""
     now = time.time() if now is None else now
+    prices = prices_in(prices, customer.currency)     # currency_options in its currency
     start, end = period_bounds(customer.billing_anchor, now)
     cid = customer.id
     days = day_starts(now, HISTORY_DAYS)

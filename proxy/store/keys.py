@@ -45,6 +45,9 @@ class Customer:
     billing_anchor: int | None = None      # unix seconds; None = the 1st of the month, UTC
     minimum_commitment: int = 0            # minor units of the price currency per period
     created_at: int = field(default=0, compare=False)   # unix seconds (whole periods only)
+    # the currency it is charged in (Stripe's customer currency: a subscription's), which
+    # picks a price's ``currency_options``; None = each price's own currency
+    currency: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         from proxy.timeutil import rfc3339
@@ -53,7 +56,7 @@ class Customer:
                 "status": self.status, "overage": self.overage,
                 "billing_anchor": rfc3339(self.billing_anchor)
                 if self.billing_anchor is not None else None,
-                "minimum_commitment": self.minimum_commitment}
+                "minimum_commitment": self.minimum_commitment, "currency": self.currency}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,13 @@ class KeyEntry:
     key_id: str
     customer_id: str
     revoked: bool
+
+
+def currency_code(value: object) -> str:
+    """A three-letter ISO currency code, lower case (Stripe's form)."""
+    if not isinstance(value, str) or len(value.strip()) != 3 or not value.strip().isalpha():
+        raise InvalidInput("currency must be a three-letter ISO code like usd")
+    return value.strip().lower()
 
 
 def valid_id(value: object, what: str) -> str:
@@ -78,7 +88,8 @@ def _opt_str(value: object, what: str, allowed: tuple[str, ...] | None) -> str |
     return value
 
 
-_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment, created_at"
+_COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment,"
+         " created_at, currency")
 
 
 def set_billing(conn: sqlite3.Connection, cid: str, anchor: object, minimum: object) -> None:
@@ -222,6 +233,13 @@ class SqliteCustomers:
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
         self.db.execute_write(lambda c: set_billing(c, cid, anchor, minimum))
+
+    async def set_currency(self, cid: str, currency: object) -> bool:
+        code = currency_code(currency)
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE customers SET currency=? WHERE id=? AND currency IS NOT ?",
+            (code, cid, code)).rowcount)
+        return n == 1
 
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         n: int = self.db.execute_write(lambda c: c.execute(

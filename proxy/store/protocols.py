@@ -553,6 +553,12 @@ class Customers(Protocol):
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
         ...
 
+    async def set_currency(self, cid: str, currency: object) -> bool:
+        """Set the currency the customer is charged in (a three-letter ISO code, stored
+        lower case; InvalidInput otherwise). True if it changed; False when it was already
+        that currency or the customer does not exist."""
+        ...
+
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         """Set the billing anchor from a Stripe subscription event created at ``event_at``
         unless an event newer than it already set it (ties: the later call wins). True if

@@ -291,4 +291,8 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (customer_id, period_start)
     );
     """,
+    # 9: the currency a customer is charged in (a price's currency_options, docs/credits.md)
+    """
+    ALTER TABLE customers ADD COLUMN currency TEXT;
+    """,
 )

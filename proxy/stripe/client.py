@@ -302,11 +302,20 @@ class StripeClient:
     # ---- prices ---------------------------------------------------------------------------
 
     async def retrieve_price(self, price_id: str) -> dict[str, object]:
-        """``GET /v1/prices/{id}?expand[]=tiers`` (``tiers`` is not returned unless
-        expanded), as the Price object's own field names."""
-        got = await _call(self._sdk.v1.prices.retrieve_async(
-            price_id, params={"expand": ["tiers"]}))
-        return cast(dict[str, object], got.to_dict())
+        """``GET /v1/prices/{id}?expand[]=tiers&expand[]=currency_options`` (neither is
+        returned unless expanded), as the Price object's own field names. A tiered price
+        whose options came without tiers is asked again with
+        ``expand[]=currency_options.<currency>.tiers`` for each option."""
+        expand = ["tiers", "currency_options"]
+        got = (await _call(self._sdk.v1.prices.retrieve_async(
+            price_id, params={"expand": expand}))).to_dict()
+        options = got.get("currency_options")
+        if got.get("billing_scheme") == "tiered" and isinstance(options, dict) and any(
+                isinstance(o, dict) and not o.get("tiers") for o in options.values()):
+            expand += [f"currency_options.{c}.tiers" for c in sorted(options)]
+            got = (await _call(self._sdk.v1.prices.retrieve_async(
+                price_id, params={"expand": expand}))).to_dict()
+        return cast(dict[str, object], got)
 
     # ---- webhooks -------------------------------------------------------------------------
 

@@ -144,3 +144,25 @@ async def test_customers_carry_their_creation_time(backend: Backend) -> None:
     await backend.storage.customers.upsert("c1", None, "block", None)   # an update keeps it
     again = await backend.storage.customers.get("c1")
     assert again is not None and again.created_at == got.created_at
+
+
+async def test_set_currency_is_the_customer_s_currency_everywhere(backend: Backend) -> None:
+    """``Customer.currency``: the currency a customer is charged in (a price's
+    ``currency_options``), stored lower case, in get/all/snapshot, seen by another member."""
+    cu = backend.storage.customers
+    await backend.customer("c1")
+    got = await cu.get("c1")
+    assert got is not None and got.currency is None
+    assert await cu.set_currency("c1", "EUR")
+    assert not await backend.peer().customers.set_currency("c1", "eur")   # unchanged
+    for c in (await cu.get("c1"), (await cu.all())[0],
+              (await backend.peer().customers.snapshot()).customers["c1"]):
+        assert c is not None and c.currency == "eur"
+    assert (await cu.get("c1")).to_json()["currency"] == "eur"  # type: ignore[union-attr]
+    await cu.upsert("c1", None, "block", None)                # an update keeps it
+    again = await cu.get("c1")
+    assert again is not None and again.currency == "eur"
+    with pytest.raises(InvalidInput, match="three-letter"):
+        await cu.set_currency("c1", "euro")
+    assert not await cu.set_currency("nobody", "usd")
+    assert await cu.get("nobody") is None

@@ -439,9 +439,11 @@ class DoubleApp:
                 404, f"No such price: '{price_id}'", code="resource_missing", param="price"
             )
         expand = ctx.params.get("expand") or []
-        if "tiers" not in (expand.values() if isinstance(expand, dict) else expand):
-            price = {k: v for k, v in price.items() if k != "tiers"}
-        return 200, price
+        wanted = set(expand.values() if isinstance(expand, dict) else expand)
+        # includable fields, sent only when expanded (the options' own tiers come with
+        # currency_options here; the client also asks currency_options.<c>.tiers)
+        return 200, {k: v for k, v in price.items()
+                     if k not in ("tiers", "currency_options") or k in wanted}
 
     def _legacy_gate(self, ctx: Ctx) -> None:
         version = ctx.record.stripe_version or ""

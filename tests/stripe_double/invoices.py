@@ -15,7 +15,11 @@ the metered prices on it, seeded with ``State.add_price``; each price names its 
   tier the total falls in; each line is rounded once, half up, to minor units.
 - Every pending invoice item of the customer is a further line (``parent.type``
   ``invoice_item_details``).
-- The invoice: ``currency`` (the first price's), ``period_start``/``period_end``,
+- A subscription in another currency than a price's prices it with that price's
+  ``currency_options`` entry for the subscription's currency (its ``unit_amount(_decimal)``
+  or ``tiers``; scheme, tiers mode and transform stay the price's); a price without one is
+  refused (400), as Stripe refuses such a subscription.
+- The invoice: ``currency`` (the subscription's, else the first price's), ``period_start``/``period_end``,
   ``subtotal`` = ``total`` = ``amount_due`` = the sum of the lines, ``lines`` a list object.
 Written independently of meterproxy's pricing engine, so a preview is a second opinion.
 """
@@ -39,6 +43,7 @@ class Subscription:
     customer: str
     prices: list[str]
     period: tuple[int, int]
+    currency: str | None = None       # None: the prices' own currency
 
 
 def _dec(v: Any) -> Decimal:
@@ -71,6 +76,21 @@ def price_amount(price: dict[str, Any], quantity: int) -> int:
     return int(raw.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+def in_currency(price: dict[str, Any], currency: str | None) -> dict[str, Any]:
+    """The price as billed in ``currency`` (its ``currency_options`` entry)."""
+    if currency is None or currency == price.get("currency"):
+        return price
+    option = (price.get("currency_options") or {}).get(currency)
+    if option is None:
+        raise DoubleError(400, f"The price {price.get('id')} has no currency option for "
+                               f"{currency}.", param="currency")
+    amounts = {k: v for k, v in option.items()
+               if k in ("unit_amount", "unit_amount_decimal", "tiers")}
+    base = {k: v for k, v in price.items()
+            if k not in ("unit_amount", "unit_amount_decimal", "tiers")}
+    return {**base, **amounts, "currency": currency}
+
+
 def preview(state: State, params: dict[str, Any]) -> dict[str, Any]:
     customer = params.get("customer")
     if not customer:
@@ -81,9 +101,9 @@ def preview(state: State, params: dict[str, Any]) -> dict[str, Any]:
                           code="invoice_upcoming_none")
     start, end = sub.period
     lines: list[dict[str, Any]] = []
-    currency = None
+    currency = sub.currency
     for pid in sub.prices:
-        price = state.prices[pid]
+        price = in_currency(state.prices[pid], sub.currency)
         currency = currency or price.get("currency")
         meter = state.meters[price["recurring"]["meter"]]
         events = [e for e in state.accepted_events(sub.customer, meter.event_name)

@@ -389,17 +389,21 @@ class StripeDoubleState:
 
     def add_price(self, price: Mapping[str, Any]) -> dict[str, Any]:
         """Seed a Price object (Stripe's field names; ``id`` required), served as given by
-        ``GET /v1/prices/{id}`` (``tiers`` only when ``expand[]=tiers`` is asked)."""
+        ``GET /v1/prices/{id}`` (``tiers`` only when ``expand[]=tiers`` is asked,
+        ``currency_options`` only when ``expand[]=currency_options`` is)."""
         obj = {"object": "price", "active": True, **price}
         self.prices[str(obj["id"])] = obj
         return obj
 
     def add_subscription(self, customer: str, prices: list[str], period: tuple[int, int],
-                         sub_id: str | None = None) -> Subscription:
-        """A customer's subscription as invoice previews see it (``invoices.py``)."""
+                         sub_id: str | None = None,
+                         currency: str | None = None) -> Subscription:
+        """A customer's subscription as invoice previews see it (``invoices.py``);
+        ``currency``: billed in it through the prices' ``currency_options``."""
         from .invoices import Subscription  # it imports this module
 
-        sub = Subscription(sub_id or f"sub_{customer}", customer, list(prices), period)
+        sub = Subscription(sub_id or f"sub_{customer}", customer, list(prices), period,
+                           currency)
         self.subscriptions[customer] = sub
         return sub
 

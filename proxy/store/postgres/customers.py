@@ -26,13 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.errors import InvalidInput
-from proxy.store.keys import Customer, KeyEntry, hash_key, valid_id
+from proxy.store.keys import Customer, KeyEntry, currency_code, hash_key, valid_id
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import KeySnapshot
 from proxy.timeutil import rfc3339
 
-_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment, created_at"
+_COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment,"
+         " created_at, currency")
 
 
 def _choice(value: object, what: str, allowed: tuple[str, ...] | None) -> str | None:
@@ -119,6 +120,15 @@ class PostgresCustomers:
         async with self.pool.acquire() as c:
             await _set_billing(c, cid, anchor, minimum)
         self.changed()
+
+    async def set_currency(self, cid: str, currency: object) -> bool:
+        code = currency_code(currency)
+        async with self.pool.acquire() as c:
+            done = await c.fetchval("UPDATE customers SET currency=$2 WHERE id=$1 AND"
+                                    " currency IS DISTINCT FROM $2 RETURNING 1", cid, code)
+        if done is not None:
+            self.changed()
+        return done is not None
 
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         # one statement: the row lock orders concurrent calls, and the second re-checks the

@@ -25,7 +25,8 @@ Migration 3 is SQLite's migration 8 (the billing lifecycle, docs/credits.md): a 
 ``effective_at`` and ``carried`` part, the time of the subscription event that last set a
 customer's anchor (``customers.created_at`` exists since migration 1), ``plan_invoices``
 (each subscription invoice a plan grant waits on or was paid by) and ``trueups`` (each ended
-period's minimum-commitment decision).
+period's minimum-commitment decision). Migration 4 is SQLite's migration 9:
+``customers.currency``.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
         created_at BIGINT NOT NULL,
         PRIMARY KEY (customer_id, period_start)
     );
+    """,
+    # 4: the currency a customer is charged in (SQLite's migration 9)
+    """
+    ALTER TABLE customers ADD COLUMN currency TEXT;
     """,
 )
 
