@@ -489,6 +489,7 @@ def _options(c: _Check, v: object, scheme: str, currency: str | None,
         return ()
     tiered = scheme == "tiered"
     out: dict[str, Price] = {}
+    seen: set[str] = set()
     for key, opt in v.items():
         cur = str(key).strip().lower()
         opath: Path = (*path, str(key))
@@ -496,6 +497,10 @@ def _options(c: _Check, v: object, scheme: str, currency: str | None,
             c.bad(opath, f"{_label(path)} keys are three-letter ISO codes like eur, "
                          f"got {key!r}", at_key=True)
             continue
+        if cur in seen:
+            c.bad(opath, f"{_label(path)} has {cur} twice", at_key=True)
+            continue
+        seen.add(cur)
         if cur == currency:
             c.bad(opath, f"{_label(opath)} is the price's own currency; its amounts are the "
                          f"price's", at_key=True)
@@ -554,7 +559,8 @@ def price_issues(obj: object, *, strict: bool = False) -> tuple[Price | None, li
         mode, tiers = _tiered(c, m)
         main = None if c.issues or currency is None or mode is None or tiers is None else \
             Price(currency, "tiered", tiers_mode=mode, tiers=tiers, id=price_id)
-    options = _options(c, m["currency_options"], scheme, currency, main) if "currency_options" in m else ()
+    options = _options(c, m["currency_options"], scheme, currency, main) \
+        if "currency_options" in m else ()
     if c.issues or main is None:
         return None, c.issues
     if options:

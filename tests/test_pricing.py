@@ -667,6 +667,7 @@ def test_currency_options_price_the_customer_s_currency() -> None:
     ({"eur": {"tiers": [{"up_to": "inf", "unit_amount": 1}]}}, "sets tiers but the price is per_unit"),
     ({"eur": {"unit_amount": 1, "tax_behavior": "exclusive"}}, "unknown key 'tax_behavior'"),
     ({"eur": 3}, "must be a mapping"),
+    ({"eur": {"unit_amount": 1}, "EUR": {"unit_amount": 2}}, "has eur twice"),
     ([1], "must be a mapping of currency"),
 ])
 def test_currency_options_are_validated_like_the_price(options: object, message: str) -> None:
