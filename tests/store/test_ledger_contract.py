@@ -221,3 +221,23 @@ async def test_plan_invoices_open_paid_unpaid(backend: Backend) -> None:
     assert await led.open_plan_invoices("c1") == []
     with pytest.raises(ValueError):
         await led.record_plan_invoice("in_4", "p1", "c1", "sub_1", "unpaid", 16)
+
+
+async def test_members_racing_on_a_plan_invoice_decide_once(backend: Backend) -> None:
+    """Two members (fleet) writing off one open plan invoice: exactly one succeeds; two
+    recording a repeated grant's payment with different amounts keep the larger."""
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p1"), idempotency_key="stripe:plan:sub_1:1",
+                                    period=(0, 100), payment_refs=("in_1",)))
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "open", 10)
+    peer = backend.peer()
+    offs = await asyncio.gather(*(s.ledger.write_off_plan_invoice("in_1", 20 + i)
+                                  for i, s in enumerate([backend.storage, peer] * 3)))
+    assert sorted(offs) == [False] * 5 + [True]
+    assert await peer.ledger.plan_invoice_state("in_1") == "unpaid"
+    await asyncio.gather(*(s.ledger.create_grant(NewGrant(
+        _g(f"x{i}"), idempotency_key="stripe:plan:sub_1:1", payment_refs=("in_1",),
+        paid_minor=amount)) for i, (s, amount) in enumerate(
+            zip([backend.storage, peer] * 2, [700, 2000, 5, 1999], strict=True))))
+    assert await led.paid_for("in_1") == 2000
