@@ -33,6 +33,7 @@ from proxy.admin.credits import credit_routes
 from proxy.admin.reconcile import reconcile_routes
 from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
+from proxy.commitments import TRUEUP_INTERVAL, TrueUpTask
 from proxy.config import Config, split_hostport
 from proxy.credits.ledger import Entry
 from proxy.credits.service import CreditService, load_book
@@ -41,9 +42,11 @@ from proxy.errors import ConfigError, FileProblem
 from proxy.flusher import Flusher, default_rate
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
+from proxy.notices import NoticeWatch, notice_settings
 from proxy.paths import check_database
 from proxy.pricing import TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
+from proxy.reports.invoice_check import PreviewCache
 from proxy.request.auth import Authenticator
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
@@ -188,9 +191,14 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
                                customers=storage.customers)
     auth = Authenticator(rt)
+    previews: PreviewCache | None = None
+    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
+        preview_client = stripe_connect(cfg.stripe)
+        undo.push_async_callback(preview_client.close)
+        previews = PreviewCache(preview_client)
     # the routes the proxy answers itself on the public port (routed by the pipeline on the
     # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
-    own_routes = [*ConsumerApi(rt, auth, credits).routes(),
+    own_routes = [*ConsumerApi(rt, auth, credits, previews).routes(),
                   web.route("*", WEBHOOK_PATH, webhooks.handle)]
     pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
@@ -231,7 +239,13 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     undo.push_async_callback(alerts.close)
     server.tasks.append(_task(undo, "alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
+    if previews is not None:
+        server.on_stop.append(previews.stripe.close)
     server.tasks.append(_task(undo, "webhooks", webhooks.run()))
+    notices = NoticeWatch(storage.usage, storage.alerts, keys, notice_settings(cfg.alerts),
+                          prices=rt.prices, on_new=alerts.wake)
+    if notices.settings.enabled:
+        server.tasks.append(_task(undo, "notices", notices.run(cfg.alerts.notice_interval)))
     server.tasks.append(_task(undo, "prices", _keep_prices(rt)))
     if meter_check is not None:
         server.tasks.append(_task(undo, "meter-check", meter_check.run()))
@@ -249,6 +263,13 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.on_stop.append(lambda: _final_flush(flusher))
     for limiter in (admin_app[REFUSALS], auth.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
+    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
+        trueup_client = stripe_connect(cfg.stripe)
+        undo.push_async_callback(trueup_client.close)
+        trueups = TrueUpTask(storage.customers, storage.usage, storage.trueups, trueup_client,
+                             lambda: rt.rules, rt.prices)
+        server.tasks.append(_task(undo, "true-ups", trueups.run(TRUEUP_INTERVAL)))
+        server.on_stop.append(trueup_client.close)
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:
             server.tasks.append(_task(undo, "reconciler", reconciler.run_every(

@@ -404,11 +404,19 @@ class CreditPlan(_Model):
     cap: str | None = Field(
         default=None,
         description="`rollover` only: the most a period's grant may hold with the carried "
-                    "remainder; unset: no cap.",
+                    "remainder; unset: no cap beyond what `rollover_expiry` bounds.",
         examples=["15000"])
+    rollover_expiry: Literal["next_period", "never"] = Field(
+        default="next_period",
+        description="`rollover` only. `next_period`: carried credits are carried once and "
+                    "expire at the end of the period they were carried into (the carried part "
+                    "is spent first), so a grant never holds more than two periods' allowance. "
+                    "`never`: whatever is left is carried again, up to `cap`.",
+        examples=["never"])
     priority: int = Field(
         default=60, ge=0, le=100,
-        description="Grant priority: higher burns first (then the earliest expiry).",
+        description="Grant priority, as Stripe's: 0 burns first, 100 last (then the "
+                    "earliest expiry).",
         examples=[70])
 
 
@@ -467,6 +475,33 @@ class AlertsConfig(_Model):
         description="HMAC key that signs every alert (at least 16 characters; required with "
                     "`webhook_url`).",
         examples=["${METERPROXY_ALERTS_SECRET}"])
+    pre_renewal: Duration | None = Field(
+        default=None,
+        description="Send a `billing.pre_renewal` notice this long before each customer's "
+                    "billing period ends (once per period), with the usage so far, the "
+                    "projection at period end and the projected charge; unset: off.",
+        examples=["3d"])
+    spike_factor: float | None = Field(
+        default=None, gt=1,
+        description="Send a `usage.spike` notice (once per customer, meter and UTC day) when "
+                    "the day's usage is above this many times the daily average of the 7 "
+                    "days before; unset: off.",
+        examples=[3.0])
+    spike_min: str = Field(
+        default="0",
+        description="Units a day's usage must reach before it can be a spike (an exact "
+                    "decimal, as a string).",
+        examples=["1000"])
+    digest: Literal["off", "daily", "weekly"] = Field(
+        default="off",
+        description="Send a `usage.digest` notice per customer with usage in the last "
+                    "complete UTC day or week (weeks start on Monday).",
+        examples=["weekly"])
+    notice_interval: Duration = Field(
+        default=60.0,
+        description="How often notices are checked (a few grouped queries over the "
+                    "per-minute usage).",
+        examples=["5m"])
 
     @model_validator(mode="after")
     def _signed(self) -> AlertsConfig:
@@ -475,6 +510,12 @@ class AlertsConfig(_Model):
                              "to sign every alert")
         if any(not 0 < t <= 1 for t in self.thresholds):
             raise ValueError("alerts.thresholds are fractions in (0, 1]")
+        try:
+            to_micro(self.spike_min)
+        except ValueError as exc:
+            raise ValueError(f"alerts.spike_min: {exc}") from exc
+        if self.notice_interval <= 0:
+            raise ValueError("alerts.notice_interval must be positive")
         return self
 
 

@@ -129,6 +129,9 @@ reconcile_runs_total = Counter("meterproxy_reconcile_runs_total",
                                ["outcome"], registry=REGISTRY)
 reconcile_last_run = Gauge("meterproxy_reconcile_last_run_timestamp_seconds",
                            "Unix time of the last completed reconcile", registry=REGISTRY)
+notices_total = Counter("meterproxy_notices_total",
+                        "Operator notices queued (usage.spike, billing.pre_renewal,"
+                        " usage.digest), each once", ["kind"], registry=REGISTRY)
 alerts_total = Counter("meterproxy_alerts_total",
                        "Credit alerts by delivery outcome (sent, retry, dead, logged)",
                        ["outcome"], registry=REGISTRY)

@@ -56,6 +56,7 @@ __all__ = [
     "minor_exponent",
     "period_charges",
     "price_from_stripe",
+    "prices_in",
     "round_line",
     "units_amount",
     "whole_units",
@@ -66,7 +67,11 @@ TiersMode = Literal["graduated", "volume"]
 Path = tuple[str | int, ...]
 
 PRICE_FIELDS = ("currency", "billing_scheme", "unit_amount", "unit_amount_decimal",
-                "tiers_mode", "tiers", "transform_quantity")
+                "tiers_mode", "tiers", "transform_quantity", "currency_options")
+# one ``currency_options`` entry: the amounts in that currency (the scheme, tiers_mode and
+# transform are the price's own); Stripe's tax_behavior and custom_unit_amount do not decide
+# a metered amount and are accepted from the API only
+OPTION_FIELDS = ("unit_amount", "unit_amount_decimal", "tiers")
 TIER_FIELDS = ("up_to", "unit_amount", "unit_amount_decimal", "flat_amount",
                "flat_amount_decimal")
 TRANSFORM_FIELDS = ("divide_by", "round")
@@ -110,6 +115,9 @@ class Price:
     tiers: tuple[Tier, ...] = ()
     transform_quantity: TransformQuantity | None = None
     id: str | None = None
+    # Stripe ``currency_options``: the same price in other currencies, (currency, price in
+    # it) by currency; each option's own ``currency_options`` is empty
+    currency_options: tuple[tuple[str, Price], ...] = ()
 
     def __post_init__(self) -> None:
         # the structural invariants line math relies on (price_from_stripe reports the
@@ -129,7 +137,23 @@ class Price:
 
     def with_id(self, price_id: str | None) -> Price:
         return Price(self.currency, self.billing_scheme, self.unit_amount_decimal,
-                     self.tiers_mode, self.tiers, self.transform_quantity, price_id)
+                     self.tiers_mode, self.tiers, self.transform_quantity, price_id,
+                     tuple((c, o.with_id(price_id)) for c, o in self.currency_options))
+
+    def in_currency(self, currency: str | None) -> Price:
+        """The price as a customer charged in ``currency`` pays it (Stripe picks the
+        ``currency_options`` entry of the subscription's currency): the option for that
+        currency, else this price (no currency known, the price's own currency, or a
+        currency it has no option for; Stripe refuses to bill a price in such a currency)."""
+        if currency is None:
+            return self
+        c = currency.lower()
+        return next((o for oc, o in self.currency_options if oc == c), self)
+
+
+def prices_in(prices: Mapping[str, Price], currency: str | None) -> dict[str, Price]:
+    """Each meter's price in ``currency`` (``Price.in_currency``)."""
+    return {m: p.in_currency(currency) for m, p in prices.items()}
 
 
 # ------------------------------------------------------------------ line math
@@ -383,11 +407,10 @@ def _up_to(c: _Check, path: Path, v: object, last: bool) -> int | Literal["bad"]
     return v
 
 
-def _tiers(c: _Check, v: object) -> tuple[Tier, ...] | None:
-    path: Path = ("tiers",)
+def _tiers(c: _Check, v: object, path: Path = ("tiers",)) -> tuple[Tier, ...] | None:
     if not isinstance(v, list) or not v:
-        c.bad(path, f"price tiers must be a non-empty list of {{up_to, unit_amount_decimal, "
-                    f"flat_amount_decimal}}, got {type_name(v)}")
+        c.bad(path, f"{_label(path)} must be a non-empty list of {{up_to, "
+                    f"unit_amount_decimal, flat_amount_decimal}}, got {type_name(v)}")
         return None
     before = len(c.issues)
     out: list[Tier] = []
@@ -454,6 +477,63 @@ def _tiered(c: _Check, m: Mapping[str, object]) -> tuple[TiersMode | None, tuple
     return mode, _tiers(c, m["tiers"])
 
 
+def _options(c: _Check, v: object, scheme: str, currency: str | None,
+             main: Price | None) -> tuple[tuple[str, Price], ...]:
+    """``currency_options``: {currency: {unit_amount(_decimal) | tiers}}, each amount
+    validated as the price's own; an entry for the price's own currency is refused (Stripe
+    does), as is a per-unit amount on a tiered price and tiers on a per-unit one."""
+    path: Path = ("currency_options",)
+    if not isinstance(v, Mapping):
+        c.bad(path, f"price currency_options must be a mapping of currency -> amounts, "
+                    f"got {type_name(v)}")
+        return ()
+    tiered = scheme == "tiered"
+    out: dict[str, Price] = {}
+    seen: set[str] = set()
+    for key, opt in v.items():
+        cur = str(key).strip().lower()
+        opath: Path = (*path, str(key))
+        if len(cur) != 3 or not cur.isalpha():
+            c.bad(opath, f"{_label(path)} keys are three-letter ISO codes like eur, "
+                         f"got {key!r}", at_key=True)
+            continue
+        if cur in seen:
+            c.bad(opath, f"{_label(path)} has {cur} twice", at_key=True)
+            continue
+        seen.add(cur)
+        if cur == currency:
+            c.bad(opath, f"{_label(opath)} is the price's own currency; its amounts are the "
+                         f"price's", at_key=True)
+            continue
+        if not isinstance(opt, Mapping):
+            c.bad(opath, f"{_label(opath)} must be a mapping of amounts, got {type_name(opt)}")
+            continue
+        m = c.fields(opt, opath, OPTION_FIELDS)
+        before = len(c.issues)
+        if tiered:
+            for k in ("unit_amount", "unit_amount_decimal"):
+                if k in m:
+                    c.bad((*opath, k), f"{_label(opath)} sets {k} but the price is tiered: "
+                                       f"set tiers", at_key=True)
+            tiers = _tiers(c, m["tiers"], (*opath, "tiers")) if "tiers" in m else None
+            if "tiers" not in m:
+                c.bad(opath, f"{_label(opath)} needs tiers (the price is tiered)")
+            if main is not None and tiers is not None and len(c.issues) == before:
+                out[cur] = Price(cur, "tiered", tiers_mode=main.tiers_mode, tiers=tiers,
+                                 id=main.id)
+            continue
+        if "tiers" in m:
+            c.bad((*opath, "tiers"), f"{_label(opath)} sets tiers but the price is "
+                                     f"per_unit", at_key=True)
+        present, unit = c.amount(m, opath, "unit_amount")
+        if not present:
+            c.bad(opath, f"{_label(opath)} needs unit_amount_decimal or unit_amount")
+        if main is not None and unit is not None and len(c.issues) == before:
+            out[cur] = Price(cur, "per_unit", unit,
+                             transform_quantity=main.transform_quantity, id=main.id)
+    return tuple(sorted(out.items()))
+
+
 def price_issues(obj: object, *, strict: bool = False) -> tuple[Price | None, list[PriceIssue]]:
     """Validate a Price object (Stripe's field names); every issue, never only the first."""
     c = _Check(strict)
@@ -473,14 +553,20 @@ def price_issues(obj: object, *, strict: bool = False) -> tuple[Price | None, li
         unit = _per_unit(c, m)
         transform = _transform(c, m["transform_quantity"]) \
             if "transform_quantity" in m else None
-        if c.issues or currency is None or unit is None:
-            return None, c.issues
-        return Price(currency, "per_unit", unit, transform_quantity=transform,
-                     id=price_id), c.issues
-    mode, tiers = _tiered(c, m)
-    if c.issues or currency is None or mode is None or tiers is None:
+        main = None if c.issues or currency is None or unit is None else \
+            Price(currency, "per_unit", unit, transform_quantity=transform, id=price_id)
+    else:
+        mode, tiers = _tiered(c, m)
+        main = None if c.issues or currency is None or mode is None or tiers is None else \
+            Price(currency, "tiered", tiers_mode=mode, tiers=tiers, id=price_id)
+    options = _options(c, m["currency_options"], scheme, currency, main) \
+        if "currency_options" in m else ()
+    if c.issues or main is None:
         return None, c.issues
-    return Price(currency, "tiered", tiers_mode=mode, tiers=tiers, id=price_id), c.issues
+    if options:
+        main = Price(main.currency, main.billing_scheme, main.unit_amount_decimal,
+                     main.tiers_mode, main.tiers, main.transform_quantity, main.id, options)
+    return main, c.issues
 
 
 def price_from_stripe(obj: Mapping[str, object], *, strict: bool = False) -> Price:

@@ -158,7 +158,7 @@ def _meter() -> Schema:
 
 
 def _price() -> Schema:
-    from proxy.pricing import PRICE_FIELDS, TIER_FIELDS, TRANSFORM_FIELDS
+    from proxy.pricing import OPTION_FIELDS, PRICE_FIELDS, TIER_FIELDS, TRANSFORM_FIELDS
 
     amount_int: Schema = {"type": "integer", "minimum": 0}
     transform = _obj({"divide_by": {"type": "integer", "minimum": 1},
@@ -192,6 +192,18 @@ def _price() -> Schema:
         "tiers_mode": {"enum": ["graduated", "volume"]},
         "tiers": {"type": "array", "minItems": 1, "items": tier},
         "transform_quantity": transform,
+        "currency_options": {
+            "type": "object", "propertyNames": {"pattern": r"^\s*[A-Za-z]{3}\s*$"},
+            "additionalProperties": _obj({
+                "unit_amount": amount_int, "unit_amount_decimal": _DECIMAL,
+                "tiers": {"type": "array", "minItems": 1, "items": tier}},
+                OPTION_FIELDS, "price currency option",
+                oneOf=[{"required": ["unit_amount"]}, {"required": ["unit_amount_decimal"]},
+                       {"required": ["tiers"]}]),
+            "description": "The same price in other currencies (Stripe's currency_options): "
+                           "currency -> its unit_amount(_decimal), or tiers for a tiered "
+                           "price. A customer charged in that currency (its subscription's, "
+                           "or set by the admin API) is shown these amounts."},
     }, PRICE_FIELDS, "price", required=["currency"], oneOf=[per_unit, tiered],
         description="Stripe Price fields (amounts in minor units of the currency).")
 

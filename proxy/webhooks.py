@@ -13,17 +13,19 @@ Delivery (Stripe delivers at least once, in no particular order, retrying for 3 
    order: each event is handled by its type alone and every effect is idempotent (grants on
    their idempotency key, suspension is a state), so a crash mid-event, a replay or any
    arrival order gives the same ledger. A ``customer.subscription.deleted`` that arrives
-   before an older ``invoice.paid`` still lets that invoice grant; stale
-   ``customer.subscription.created|updated`` events are ignored (they change nothing here).
+   before an older ``invoice.paid`` still lets that invoice grant; a stale
+   ``customer.subscription.created|updated`` never moves the anchor back (its ``created`` is
+   compared) and a plan change is keyed on its event id.
 
 Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
 - ``invoice.paid``: each pack line grants ``pack.credits x quantity`` (lines of one price are
   summed), key ``stripe:<invoice id>:<price id>``, source ``stripe:<invoice id>``, expiring
   ``expires_in`` after the event's ``created``. A plan line (not a proration) on a
-  subscription invoice (``billing_reason`` subscription_create / subscription_cycle) grants
-  that line's period: key ``stripe:plan:<subscription>:<period start>``, expiring at the
-  period end. ``reset``: ``allowance x quantity``. ``rollover``: what is left of the same
-  subscription's previous period grant is expired and carried into the new grant
+  subscription invoice (``billing_reason`` subscription_create / subscription_cycle /
+  subscription_update) grants that line's period: key
+  ``stripe:plan:<subscription>:<period start>``, effective from the period start and expiring
+  at the period end (docs/credits.md, "Plan periods"). ``reset``: ``allowance x quantity``.
+  ``rollover``: what is left of the same subscription's previous period grant is expired and carried into the new grant
   (``rollover_grant``, capped at ``cap x quantity``), so the ledger still sums. A period
   that arrives after a later period was already granted carries nothing (that later grant
   already carried what it could).
@@ -33,6 +35,13 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   on the session's invoice id when it has one, else on the session id: a purchase seen both
   as a session and as its invoice grants once. Sessions without either are ignored: let the
   invoice's ``invoice.paid`` grant (enable ``invoice_creation``).
+- ``invoice.created`` / ``invoice.finalized`` of a renewal (subscription_cycle): the plan
+  grant is made before payment (``plan_invoices`` state ``open``); ``invoice.voided`` /
+  ``invoice.marked_uncollectible`` (or the subscription deleted while open) claw it back.
+  A rollover period paid before it starts waits (``waiting_period``) until it starts.
+- ``customer.subscription.created`` / ``.updated``: the billing anchor follows the
+  subscription (monthly ones); a plan change within a period grants the prorated difference
+  (``proxy.credits.plans.prorate_allowance``).
 - ``customer.subscription.deleted``: the customer is suspended (403 ``customer_suspended``
   from the next request) unless it still holds live, unspent credits from paid packs: those
   were paid for and stay usable (docs/credits.md). ``invoice.payment_failed``:
@@ -50,7 +59,8 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
 Our customer is found by ``stripe_customer_id``. None yet: ``waiting_customer``, retried
 whenever the customer cache reloads (an admin/CLI change) and every ``retry_interval``: the
 customer may be created after Stripe's first events. Statuses: pending -> processed |
-ignored | waiting_customer | failed (``result`` says why; any stored event can be replayed).
+ignored | waiting_customer | waiting_period | failed (``result`` says why; any stored event can
+be replayed).
 """
 
 from __future__ import annotations
@@ -69,7 +79,14 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.config import Config
-from proxy.credits.ledger import Entry, rollover_grant
+from proxy.credits.ledger import Entry, carry, rollover_grant
+from proxy.credits.plans import (
+    monthly_anchor,
+    new_cycle,
+    prorate_allowance,
+    subscription_items,
+    subscription_period,
+)
 from proxy.credits.service import CreditService
 from proxy.errors import HttpError, InvalidInput, WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
@@ -86,12 +103,19 @@ log = logging.getLogger("meterproxy.webhooks")
 PATH = "/webhooks/stripe"
 MAX_BODY = 1024 * 1024
 TOLERANCE = 300
-STATUSES = ("pending", "processed", "ignored", "waiting_customer", "failed")
-_PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription"})
+STATUSES = ("pending", "processed", "ignored", "waiting_customer", "waiting_period", "failed")
+# subscription_update: a plan line that is not a proration is a whole new period (a plan
+# change that reset the billing cycle anchor)
+_PLAN_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription",
+                           "subscription_update"})
+_OPEN = frozenset({"invoice.created", "invoice.finalized"})
+_UNPAID = frozenset({"invoice.voided", "invoice.marked_uncollectible"})
+_SUB_CHANGED = frozenset({"customer.subscription.created", "customer.subscription.updated"})
 _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 _COLS = "id, type, created, status, result, received_at, processed_at"
 _MAX_CREATED = 253_402_300_799   # 9999-12-31T23:59:59Z
 _FAILED = "payment_failed:"
+_META_CUSTOMER = "meterproxy_customer"     # names the local customer on a shared Stripe customer
 
 
 def _invoice_payment_refs(inv: dict[str, Any]) -> list[str]:
@@ -212,6 +236,7 @@ class WebhookReceiver:
         self._wake = asyncio.Event()
         self._seen_customers: object = None
         self._next_retry = 0.0
+        self._period_due = 0.0      # when a waiting_period event is processed again
         self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
 
     # ---- the endpoint ---------------------------------------------------------------------
@@ -277,7 +302,11 @@ class WebhookReceiver:
 
     async def drain(self) -> int:
         """Process every pending event in arrival order; returns how many were processed."""
-        statuses = ("pending", "waiting_customer") if self._retry_waiting() else ("pending",)
+        statuses: tuple[str, ...] = ("pending", "waiting_customer") if self._retry_waiting() \
+            else ("pending",)
+        if self.clock() >= self._period_due:
+            self._period_due = float("inf")
+            statuses = (*statuses, "waiting_period")
         cursor, n = 0, 0
         while True:
             rows = await self.events.waiting(statuses, cursor, 100)
@@ -325,7 +354,9 @@ class WebhookReceiver:
             "charge.dispute.created": self._disputed,
             "credit_note.created": self._credit_note,
             "invoice_payment.paid": self._invoice_payment,
-        } | dict.fromkeys(_CHECKOUT, self._checkout)
+        } | dict.fromkeys(_CHECKOUT, self._checkout) | dict.fromkeys(_OPEN, self._invoice_open) \
+            | dict.fromkeys(_UNPAID, self._invoice_unpaid) \
+            | dict.fromkeys(_SUB_CHANGED, self._subscription_changed)
         handler = handlers.get(etype) if isinstance(etype, str) else None
         if handler is None:
             return Outcome("ignored", {"reason": f"event type {etype!r} is not mapped"})
@@ -347,8 +378,43 @@ class WebhookReceiver:
             return Outcome("waiting_customer", {"reason": f"no customer has stripe_customer_id"
                                                           f" {scid!r} yet; retried when one does"})
         if len(found) > 1:
-            raise ValueError(f"customers {found} share stripe_customer_id {scid!r}")
+            cid = await self._shared_target(found, str(etype), obj)
+            if cid is None:
+                raise ValueError(f"customers {found} share stripe_customer_id {scid!r} and the"
+                                 f" event names none of them: set metadata.{_META_CUSTOMER} on"
+                                 " the subscription, checkout session or invoice")
+            return await handler(cid, event, obj)
         return await handler(found[0], event, obj)
+
+    async def _shared_target(self, found: list[str], etype: str, obj: dict[str, Any]) -> str | None:
+        """Which of several local customers on one Stripe customer an event is for: the one
+        named by ``metadata.meterproxy_customer`` (on the object, or on the subscription an
+        invoice copies it from), else the one whose grant the payment bought (refunds,
+        disputes, credit notes), else the one a subscription already granted to."""
+        for meta in (obj.get("metadata"),
+                     _get(obj, "parent", "subscription_details", "metadata"),
+                     _get(obj, "subscription_details", "metadata")):
+            named = meta.get(_META_CUSTOMER) if isinstance(meta, dict) else None
+            if isinstance(named, str) and named in found:
+                return named
+        refs: list[str] = []
+        if etype == "charge.refunded":
+            refs = [r for r in (_id(obj.get("id")), _id(obj.get("payment_intent")),
+                                _id(obj.get("invoice"))) if r]
+        elif etype == "credit_note.created":
+            refs = [r for r in (_id(obj.get("invoice")),) if r]
+        else:
+            refs = [r for r in (_id(obj.get("id")),) if r and r.startswith(("in_", "cs_"))]
+        owner = await self.credits.payment_customer(refs) if refs else None
+        if owner in found:
+            return owner
+        sub = _id(obj.get("id")) if etype.startswith("customer.subscription.") \
+            else invoice_subscription(obj)
+        if sub is None and etype.startswith("invoice."):
+            subs = {ln.subscription for ln in invoice_lines(obj)} - {None}
+            sub = subs.pop() if len(subs) == 1 else None
+        owner = await self.credits.ledger.subscription_customer(sub) if sub else None
+        return owner if owner in found else None
 
     # ---- event types --------------------------------------------------------------------------
 
@@ -366,7 +432,11 @@ class WebhookReceiver:
         granted = await self._grant_packs(cid, inv_id, lines, event, payment)
         notes: list[str] = []
         plan_lines = [ln for ln in lines if ln.price in self.cfg.credits.plans and not ln.proration]
+        if any(ln.proration and ln.price in self.cfg.credits.plans for ln in lines):
+            notes.append("proration lines grant nothing here: a plan change's allowance is"
+                         " granted at customer.subscription.updated")
         sub = invoice_subscription(inv)
+        waiting: int | None = None
         if plan_lines:
             reason = inv.get("billing_reason")
             line = plan_lines[0]
@@ -375,13 +445,21 @@ class WebhookReceiver:
                 notes.append(f"plan line not granted: billing_reason {reason!r}")
             elif sub is None or line.period is None:
                 notes.append("plan line not granted: no subscription or period")
+            elif self._rollover_early(line):
+                waiting = line.period[0]
             else:
-                granted.append(await self._grant_plan(cid, inv_id, sub, line, payment))
+                granted.append(await self._grant_plan(cid, inv_id, sub, line, payment, "paid"))
             if len(plan_lines) > 1:
                 notes.append("only the first plan line of an invoice grants")
         if _get(inv, "lines", "has_more"):
             notes.append("invoice lines truncated (has_more): only the included lines were mapped")
         reactivated = await self._cure(cid, inv_id)
+        if waiting is not None:
+            self._period_due = min(self._period_due, float(waiting))
+            return Outcome("waiting_period", {
+                "customer": cid, "grants": granted, "notes": notes,
+                "reason": f"a rollover period starting {rfc3339(waiting)}: what the previous"
+                          " period leaves is known then; processed again at that time"})
         if not granted and not reactivated:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price",
                                        "notes": notes})
@@ -410,8 +488,144 @@ class WebhookReceiver:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price"})
         return Outcome("processed", {"customer": cid, "grants": granted})
 
-    async def _subscription_deleted(self, cid: str, event: dict[str, Any],
+    async def _invoice_open(self, cid: str, event: dict[str, Any],
+                            inv: dict[str, Any]) -> Outcome:
+        """``invoice.created`` / ``invoice.finalized`` of a renewal (``subscription_cycle``):
+        the new period's allowance is granted now, effective from the period start, before
+        the payment (Stripe finalizes about an hour later and may retry payment for days).
+        If the invoice is never paid (voided, uncollectible, or the subscription deleted),
+        the grant is clawed back (docs/credits.md). Only renewals: a first invoice
+        (``subscription_create``) grants when it is paid."""
+        inv_id = _id(inv.get("id"))
+        if inv_id is None:
+            raise ValueError("the invoice has no id")
+        if inv.get("billing_reason") != "subscription_cycle":
+            return Outcome("ignored", {"customer": cid, "reason": "not a renewal invoice"})
+        if inv.get("status") in ("void", "uncollectible"):
+            return Outcome("ignored", {"customer": cid, "reason": f"invoice {inv.get('status')}"})
+        lines = [ln for ln in invoice_lines(inv)
+                 if ln.price in self.cfg.credits.plans and not ln.proration]
+        sub = (lines[0].subscription if lines else None) or invoice_subscription(inv)
+        if not lines or sub is None or lines[0].period is None:
+            return Outcome("ignored", {"customer": cid, "reason": "no plan line with a"
+                                                                  " subscription and period"})
+        if self._rollover_early(lines[0]):
+            return Outcome("ignored", {"customer": cid, "reason": "a rollover period that has"
+                                                                  " not started: granted when"
+                                                                  " paid"})
+        state = await self.credits.ledger.plan_invoice_state(inv_id)
+        if state is not None and state != "open":
+            return Outcome("ignored", {"customer": cid, "reason": f"invoice already {state}"})
+        payment = ((inv_id,), _minor(inv.get("amount_due")))
+        info = await self._grant_plan(cid, inv_id, sub, lines[0], payment, "open")
+        return Outcome("processed", {"customer": cid, "grants": [info],
+                                     "pending_payment": inv_id})
+
+    async def _invoice_unpaid(self, cid: str, event: dict[str, Any],
+                              inv: dict[str, Any]) -> Outcome:
+        """``invoice.voided`` / ``invoice.marked_uncollectible``: a renewal granted before
+        payment is clawed back (unused credit removed, spent credit becomes debt)."""
+        inv_id = _id(inv.get("id"))
+        if inv_id is None:
+            raise ValueError("the invoice has no id")
+        if await self.credits.ledger.plan_invoice_state(inv_id) != "open":
+            return Outcome("ignored", {"customer": cid,
+                                       "reason": "no allowance granted ahead of this invoice's"
+                                                 " payment"})
+        return self._clawed(cid, await self._write_off(cid, inv_id, str(event.get("id"))),
+                            "unpaid invoice")
+
+    async def _write_off(self, cid: str, inv_id: str, event_id: str) -> list[dict[str, Any]]:
+        paid = await self.credits.ledger.paid_for(inv_id)
+        out = await self.credits.claw_back(cid, [inv_id], max(paid, 1), f"unpaid:{inv_id}",
+                                           event_id, fallback_paid=max(paid, 1))
+        await self.credits.ledger.write_off_plan_invoice(inv_id, int(self.clock()))
+        return out
+
+    async def _subscription_changed(self, cid: str, event: dict[str, Any],
                               sub: dict[str, Any]) -> Outcome:
+        """``customer.subscription.created|updated``: the billing anchor follows the
+        subscription (finding 9); a plan change within a period grants the prorated
+        difference of the allowances (finding 8)."""
+        sid = _id(sub.get("id"))
+        if sid is None:
+            raise ValueError("the subscription has no id")
+        created = event.get("created")
+        at = created if isinstance(created, int) and not isinstance(created, bool) \
+            else int(self.clock())
+        out: dict[str, Any] = {"customer": cid, "subscription": sid}
+        anchor, why = monthly_anchor(sub)
+        if sub.get("status") in ("canceled", "incomplete_expired"):
+            why = f"subscription {sub.get('status')}"
+        if anchor is not None and why is None:
+            if await self.customers.follow_anchor(cid, anchor, at):
+                await self._reload_keys()
+                out["billing_anchor"] = rfc3339(anchor)
+            else:
+                out["anchor_note"] = "a newer subscription event set the anchor"
+        else:
+            out["anchor_note"] = why
+        cur = sub.get("currency")
+        if isinstance(cur, str) and len(cur) == 3 and cur.isalpha() \
+                and await self.customers.set_currency(cid, cur):
+            # the subscription's currency is the customer's (Stripe fixes it at the first
+            # subscription): prices with currency_options are shown in it
+            await self._reload_keys()
+            out["currency"] = cur.lower()
+        prev_attrs = _get(event, "data", "previous_attributes")
+        prev = _get(prev_attrs, "items")
+        if prev is not None:
+            change = await self._plan_change(cid, sid, sub, prev, at, str(event.get("id")),
+                                       new_cycle(prev_attrs, sub))
+            if change is not None:
+                out["plan_change"] = change
+        return Outcome("processed", out)
+
+    def _allowance(self, items: list[Any]) -> int:
+        plans = self.cfg.credits.plans
+        return sum(_micro(plans[i.price].allowance) * i.quantity for i in items
+                   if i.price in plans)
+
+    async def _plan_change(self, cid: str, sid: str, sub: dict[str, Any], prev: Any, at: int,
+                           event_id: str, cycle_reset: bool) -> dict[str, Any] | None:
+        new_items, old_items = subscription_items(sub.get("items")), subscription_items(prev)
+        new, old = self._allowance(new_items), self._allowance(old_items)
+        if new == old:
+            return None
+        plan_items = [i for i in new_items if i.price in self.cfg.credits.plans]
+        period = subscription_period(sub, plan_items[0] if plan_items else None)
+        current = await self.credits.ledger.plan_grant_for(cid, sid, at)
+        if period is None and current is not None:
+            period = current[1], current[2]
+        info: dict[str, Any] = {"old_allowance": fmt_micro(old), "new_allowance": fmt_micro(new)}
+        if period is None:
+            info["note"] = "no current period known: nothing prorated"
+            return info
+        start, end = period
+        if cycle_reset or start >= at:
+            info["note"] = "the change started a new period: its invoice grants the allowance"
+            return info
+        extra = prorate_allowance(old, new, start, end, at)
+        if extra <= 0:
+            info["note"] = "a downgrade keeps this period's allowance; the next renewal" \
+                           " grants the new one"
+            return info
+        plan = self.cfg.credits.plans[plan_items[0].price]
+        g, created = await self.credits.grant(
+            cid, fmt_micro(extra), expires_at=end, priority=plan.priority,
+            source=f"stripe:{event_id}",
+            idempotency_key=f"stripe:planchange:{sid}:{start}:{event_id}",
+            period=(start, end), effective_at=at)
+        info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=created,
+                    prorated_from=rfc3339(at), period_end=rfc3339(end))
+        return info
+
+    async def _subscription_deleted(self, cid: str, event: dict[str, Any],
+                                    sub: dict[str, Any]) -> Outcome:
+        sid = _id(sub.get("id"))
+        if sid is not None:      # renewals granted before payment that was never made
+            for inv_id, _ in await self.credits.ledger.open_plan_invoices(cid, sid):
+                await self._write_off(cid, inv_id, str(event.get("id")))
         kept = await self._paid_pack_credits(cid)
         if kept > 0:
             return Outcome("processed", {"customer": cid, "suspended": False,
@@ -538,7 +752,8 @@ class WebhookReceiver:
     async def _paid_pack_credits(self, cid: str) -> int:
         """Live credits left on grants bought as packs through Stripe (not plan allowances,
         not operator grants)."""
-        ids = await self.credits.ledger.grant_ids(cid, "stripe:", exclude_prefix="stripe:plan:")
+        # stripe:plan:... (allowances) and stripe:planchange:... (prorated upgrades)
+        ids = await self.credits.ledger.grant_ids(cid, "stripe:", exclude_prefix="stripe:plan")
         now = self.clock()
         return sum(g.remaining for g in self.credits.book.grants(cid)
                    if g.id in ids and g.live(now))
@@ -565,32 +780,49 @@ class WebhookReceiver:
                         "created": new})
         return out
 
+    def _rollover_early(self, line: Line) -> bool:
+        """A rollover period that has not started: the carry is unknown until it does."""
+        plan = self.cfg.credits.plans[line.price]
+        return plan.mode == "rollover" and line.period is not None \
+            and line.period[0] > self.clock()
+
     async def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
-                    payment: tuple[tuple[str, ...], int] | None = None) -> dict[str, Any]:
+                          payment: tuple[tuple[str, ...], int] | None = None,
+                          state: str = "paid") -> dict[str, Any]:
+        """The allowance of the line's period, effective from the period's start whenever
+        the invoice is created or paid (finding 1). ``state``: ``open`` when granted at the
+        renewal invoice's creation (clawed back if it is never paid), ``paid``."""
         assert line.period is not None
         plan = self.cfg.credits.plans[line.price]
         start, end = line.period
         key = f"stripe:plan:{sub}:{start}"
+        if await self.credits.ledger.plan_invoice_state(inv_id) == "unpaid":
+            key += f":paid:{inv_id}"     # paid after it was written off: granted anew
         allowance = _micro(plan.allowance) * line.quantity
         amount, carried = allowance, 0
         info: dict[str, Any] = {"price": line.price, "period_start": rfc3339(start),
                                 "period_end": rfc3339(end)}
         if plan.mode == "rollover" and not await self.credits.ledger.has_grant(cid, key):
-            carried = await self._close_previous(cid, sub, start)
+            carried = await self._close_previous(cid, sub, start,
+                                                 plan.rollover_expiry == "next_period")
             cap = None if plan.cap is None else _micro(plan.cap) * line.quantity
             amount = rollover_grant(allowance, carried, cap)
         g, new = await self.credits.grant(cid, fmt_micro(amount), expires_at=end,
                                           priority=plan.priority, source=f"stripe:{inv_id}",
                                           idempotency_key=key, period=(start, end),
-                                          payment=payment)
+                                          payment=payment, effective_at=start,
+                                          carried=amount - allowance)
+        await self.credits.ledger.record_plan_invoice(inv_id, g.id, cid, sub, state,
+                                                      int(self.clock()))
         info.update(grant_id=g.id, credits=fmt_micro(g.amount), created=new)
         if plan.mode == "rollover" and new:
             info["carried"] = fmt_micro(carried)
         return info
 
-    async def _close_previous(self, cid: str, sub: str, start: int) -> int:
-        """Expire what is left of the subscription's previous period grant and return what it
-        had left at the boundary (remaining + already expired): the amount to carry. Stable
+    async def _close_previous(self, cid: str, sub: str, start: int, once: bool) -> int:
+        """Expire what is left of the subscription's previous period grant and return the
+        amount to carry: what it had left at the boundary (remaining + already expired), and
+        with ``once`` no more than its own allowance (``proxy.credits.ledger.carry``). Stable
         under re-processing: a second run finds it expired and returns the same amount."""
         prefix = f"stripe:plan:{sub}:"
         # None also when a later period was granted first and already carried
@@ -605,7 +837,8 @@ class WebhookReceiver:
             at = min(self.clock(), float(prev.expires_at or self.clock()))
             await self.credits.ledger.append([LedgerEntry(cid, entry, at=at)])
             self.credits.book.apply([entry])
-        return int(expired) + left
+        return carry(int(expired) + left, prev.amount,
+                     await self.credits.ledger.grant_carried(prev.id), once)
 
     # ---- views (admin) ------------------------------------------------------------------------
 

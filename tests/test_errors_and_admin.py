@@ -167,7 +167,8 @@ async def test_admin_customers_keys_usage_csv_metrics(proxy: Proxy) -> None:
                                 {"id": "acme", "stripe_customer_id": "cus_1", "overage": "block"},
                                 expect=201)
     assert created == {"id": "acme", "stripe_customer_id": "cus_1", "status": "active",
-                       "overage": "block", "billing_anchor": None, "minimum_commitment": 0}
+                       "overage": "block", "billing_anchor": None, "minimum_commitment": 0,
+                       "currency": None}
     anchored = await proxy.admin("POST", "/admin/customers",
                                  {"id": "acme", "billing_anchor": "2026-01-15T00:00:00Z",
                                   "minimum_commitment": 5000}, expect=200)
@@ -176,6 +177,16 @@ async def test_admin_customers_keys_usage_csv_metrics(proxy: Proxy) -> None:
     again = await proxy.admin("POST", "/admin/customers", {"id": "acme", "overage": "bill"},
                               expect=200)
     assert again["overage"] == "bill" and again["stripe_customer_id"] == "cus_1"
+    # the currency it is charged in (prices' currency_options): set, kept by other updates
+    eur = await proxy.admin("POST", "/admin/customers", {"id": "acme", "currency": "EUR"},
+                            expect=200)
+    assert eur["currency"] == "eur"
+    kept = await proxy.admin("POST", "/admin/customers", {"id": "acme", "currency": None},
+                             expect=200)
+    assert kept["currency"] == "eur"
+    wrong = await proxy.admin("POST", "/admin/customers", {"id": "acme", "currency": "euro"},
+                              expect=400)
+    assert "three-letter" in wrong["error"]["message"]
     bad = await proxy.admin("POST", "/admin/customers", {"id": "acme", "color": "red"},
                             expect=400)
     assert bad["error"]["type"] == "invalid_request"

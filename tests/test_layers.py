@@ -57,6 +57,8 @@ PLACE: dict[str, str] = {
     "proxy.credits.ledger": "pure",
     "proxy.credits.book": "pure",
     "proxy.credits.reserve": "pure",
+    "proxy.credits.plans": "pure",
+    "proxy.credits.monetary": "pure",
     "proxy.fleet": "services",          # the package docstring; its pure modules below
     "proxy.fleet.sizing": "pure",
     "proxy.fleet.clock": "pure",
@@ -79,6 +81,8 @@ PLACE: dict[str, str] = {
     "proxy.reconcile": "services",
     "proxy.meter_check": "services",
     "proxy.reports": "services",
+    "proxy.commitments": "services",
+    "proxy.notices": "services",
 
     "proxy.request": "surfaces",
     "proxy.admin": "surfaces",

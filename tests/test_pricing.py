@@ -29,6 +29,7 @@ from proxy.pricing import (
     minor_exponent,
     period_charges,
     price_from_stripe,
+    prices_in,
     round_line,
     units_amount,
     whole_units,
@@ -573,7 +574,7 @@ async def test_fetch_prices_through_the_sdk(stub: tuple[StubStripe, StripeClient
     assert isinstance(custom, FetchFailed) and custom.permanent
     assert "unit_amount" in custom.reason
     assert isinstance(nope, FetchFailed) and nope.permanent and "No such price" in nope.reason
-    assert ("price_tiered", "tiers") in s.seen
+    assert ("price_tiered", "tiers,currency_options") in s.seen
 
 
 async def test_price_cache_refreshes_and_keeps_last_good(
@@ -623,3 +624,77 @@ async def test_price_cache_survives_a_broken_fetcher() -> None:
     cache = PriceCache(broken, ["price_x"], ttl=60)
     await cache.refresh()
     assert cache.get("price_x") is None and "RuntimeError" in cache.errors["price_x"].reason
+
+
+# ---- currency_options: a price in the customer's currency -------------------------------
+
+MULTI = {"id": "price_m", "currency": "usd", "unit_amount_decimal": "0.5",
+         "transform_quantity": {"divide_by": 10, "round": "up"},
+         "currency_options": {"eur": {"unit_amount_decimal": "0.45", "tax_behavior": "exclusive"},
+                              "JPY": {"unit_amount": 1}}}
+MULTI_TIERED = {"currency": "usd", "billing_scheme": "tiered", "tiers_mode": "graduated",
+                "tiers": [{"up_to": 100, "unit_amount_decimal": "2", "flat_amount": 100},
+                          {"up_to": "inf", "unit_amount_decimal": "0.5"}],
+                "currency_options": {"eur": {"tiers": [
+                    {"up_to": 100, "unit_amount_decimal": "1.8", "flat_amount": 90},
+                    {"up_to": "inf", "unit_amount_decimal": "0.45"}]}}}
+
+
+def test_currency_options_price_the_customer_s_currency() -> None:
+    p = price_from_stripe(MULTI)
+    eur = p.in_currency("EUR")
+    assert (eur.currency, eur.unit_amount_decimal, eur.transform_quantity, eur.id) == \
+        ("eur", Decimal("0.45"), p.transform_quantity, "price_m")
+    assert p.in_currency("jpy").unit_amount_decimal == Decimal(1)
+    assert p.in_currency(None) is p and p.in_currency("usd") is p
+    assert p.in_currency("gbp") is p                 # no option: the price's own currency
+    assert line_amount(eur, 95 * QSCALE) == 5        # 10 tens at 0.45, rounded once
+    assert p.with_id("price_x").in_currency("eur").id == "price_x"
+    t = price_from_stripe(MULTI_TIERED, strict=True)
+    te = t.in_currency("eur")
+    assert (te.billing_scheme, te.tiers_mode) == ("tiered", "graduated")
+    assert line_amount(te, 150 * QSCALE) == 90 + 180 + 23     # 22.5 rounds half up
+    assert line_amount(t, 150 * QSCALE) == 100 + 200 + 25
+    assert period_charges(prices_in({"a": t, "b": p}, "eur"), {"a": 150 * QSCALE}) == \
+        {"a": 293, "b": 0}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"usd": {"unit_amount": 1}}, "is the price's own currency"),
+    ({"euro": {"unit_amount": 1}}, "three-letter ISO codes"),
+    ({"eur": {}}, "needs unit_amount_decimal or unit_amount"),
+    ({"eur": {"unit_amount_decimal": "-1"}}, "must not be negative"),
+    ({"eur": {"tiers": [{"up_to": "inf", "unit_amount": 1}]}}, "sets tiers but the price is per_unit"),
+    ({"eur": {"unit_amount": 1, "tax_behavior": "exclusive"}}, "unknown key 'tax_behavior'"),
+    ({"eur": 3}, "must be a mapping"),
+    ({"eur": {"unit_amount": 1}, "EUR": {"unit_amount": 2}}, "has eur twice"),
+    ([1], "must be a mapping of currency"),
+])
+def test_currency_options_are_validated_like_the_price(options: object, message: str) -> None:
+    with pytest.raises(PriceError, match=message):
+        price_from_stripe({"currency": "usd", "unit_amount": 2, "currency_options": options},
+                          strict=True)
+
+
+def test_a_tiered_price_s_options_need_tiers() -> None:
+    bad = {**MULTI_TIERED, "currency_options": {"eur": {"unit_amount": 1}}}
+    with pytest.raises(PriceError, match="sets unit_amount but the price is tiered") as e:
+        price_from_stripe(bad)
+    assert any("needs tiers" in i.message for i in e.value.issues)
+    worse = {**MULTI_TIERED, "currency_options": {"eur": {"tiers": [{"up_to": 5}]}}}
+    with pytest.raises(PriceError, match=r"currency_options\.eur\.tiers\[0\]"):
+        price_from_stripe(worse)
+
+
+@given(st.decimals(min_value=0, max_value=1000, places=3),
+       st.decimals(min_value=0, max_value=1000, places=3),
+       st.sampled_from(["eur", "gbp", None]), st.integers(0, 10**6))
+def test_a_customer_pays_its_currency_s_amounts(usd: Decimal, eur: Decimal, cur: str | None,
+                                                units: int) -> None:
+    p = price_from_stripe({"currency": "usd", "unit_amount_decimal": str(usd),
+                           "currency_options": {"eur": {"unit_amount_decimal": str(eur)}}})
+    got = p.in_currency(cur)
+    want = eur if cur == "eur" else usd
+    assert got.currency == ("eur" if cur == "eur" else "usd")
+    assert line_amount(got, units * QSCALE) == \
+        line_amount(Price(got.currency, "per_unit", want), units * QSCALE)

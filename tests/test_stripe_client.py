@@ -305,7 +305,7 @@ async def test_retrieve_price_expands_tiers(double: RunningDouble,
                                          t["flat_amount"]) for t in tiers] == \
         [(10, "5", None), (None, "2.5", 100)]
     call = double.state.calls("price_retrieve")[-1]
-    assert call.params.get("expand") == ["tiers"]
+    assert call.params.get("expand") == ["tiers", "currency_options"]
     with pytest.raises(StripeRejected, match="No such price") as caught:
         await client.retrieve_price("price_nope")
     assert caught.value.status == 404

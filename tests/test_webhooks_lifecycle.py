@@ -4,6 +4,7 @@ endpoint of a real proxy."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tests.test_webhooks import (
     event,
     grants,
     invoice,
+    new_line,
     old_line,
 )
 
@@ -177,3 +179,29 @@ async def test_refund_on_current_api_found_through_invoice_payment(hooks: HooksF
     # 200 granted, 1 spent from the first pack; its full refund takes the 99 unused and
     # makes the spent 1 debt; 10 of the second pack's 100 go back
     assert (g["balance"], g["debt"]) == ("89", "1")
+
+
+async def test_renewal_invoice_created_admits_requests_before_payment(
+        hooks: HooksFactory) -> None:
+    """Finding 1 through the real endpoint: after the period rolls over and before the
+    renewal is paid, a block customer is served from the new allowance (402 without it)."""
+    h = await hooks()
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme", overage="block")
+    t = int(time.time())
+    old, new = (t - 3000, t - 10), (t - 10, t + 3000)
+
+    def renewal(inv: str, period: tuple[int, int], reason: str) -> dict[str, Any]:
+        return invoice(inv, "cus_acme", [new_line("price_reset", "sub_1", period)], reason,
+                       "sub_1")
+
+    await h.deliver(event("evt_1", "invoice.paid", renewal("in_1", old, "subscription_create")))
+    assert await _status(h, key) == 402              # the paid period is over
+    created = await h.deliver(event("evt_c", "invoice.created",
+                                    renewal("in_2", new, "subscription_cycle")))
+    assert created["result"]["pending_payment"] == "in_2"
+    assert await _status(h, key) == 200
+    paid = await h.deliver(event("evt_p", "invoice.paid",
+                                 renewal("in_2", new, "subscription_cycle")))
+    assert [g["created"] for g in paid["result"]["grants"]] == [False]
+    summary = await grants(h.p, "acme")
+    assert summary["balance"] == "49"

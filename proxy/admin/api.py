@@ -109,13 +109,16 @@ async def post_customer(request: web.Request) -> web.Response:
     rt = request.app[RT]
     body = await _json_body(request)
     unknown = set(body) - {"id", "stripe_customer_id", "overage", "status", "billing_anchor",
-                           "minimum_commitment"}
+                           "minimum_commitment", "currency"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
     scid = body.get("stripe_customer_id")
     if scid is not None:
         ain.text(scid, "stripe_customer_id", 255)
     anchor = ain.optional_timestamp(body.get("billing_anchor"), "billing_anchor")
+    currency = body.get("currency")
+    if currency is not None:
+        currency = keystore.currency_code(currency)
     minimum = body.get("minimum_commitment")
     if minimum is not None:
         minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS,
@@ -128,6 +131,8 @@ async def post_customer(request: web.Request) -> web.Response:
     cust, created = await rt.owners().customers.upsert(
         body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
         billing if "billing_anchor" in body or "minimum_commitment" in body else None)
+    if currency is not None and await rt.owners().customers.set_currency(cust.id, currency):
+        cust = await rt.owners().customers.get(cust.id) or cust
     await _refresh_cache(rt)
     return jok(cust.to_json(), 201 if created else 200)
 

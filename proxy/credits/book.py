@@ -90,6 +90,16 @@ class CreditBook:
     def debt(self, customer_id: str) -> int:
         return self._debt.get(customer_id, 0)
 
+    def indebted(self) -> list[str]:
+        return [c for c, d in self._debt.items() if d > 0]
+
+    def next_effective(self, now: float) -> float | None:
+        """When the next grant that is not effective yet becomes effective (its customer's
+        debt is then repaid out of it)."""
+        return min((float(g.effective_at) for g in self._by_id.values()
+                    if g.effective_at is not None and g.effective_at > now and not g.voided
+                    and self._debt.get(g.customer_id, 0) > 0), default=None)
+
     def repayment(self, g: GrantState, now: float) -> list[Entry]:
         """What a new grant pays back of its customer's debt (pure; not applied)."""
         return repay(g, self.debt(g.customer_id), now)

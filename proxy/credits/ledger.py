@@ -6,7 +6,8 @@ Invariants (property-tested in tests/test_credits_ledger.py)
 - Burn order: priority first (Stripe's convention: 0 is the highest priority, 100 the
   lowest), then the earliest expiry (no expiry burns last), then the oldest grant.
 - An expired grant contributes nothing from its ``expires_at`` on, whether or not the expiry
-  entry has been written yet.
+  entry has been written yet. A grant contributes nothing before its ``effective_at``
+  (finding 1: a renewal paid early is spendable from its period's start, not before).
 - Incremental updates and a replay of the entries give identical results.
 - Debt (docs/credits.md): usage a ``block`` customer consumed beyond its credits is a
   ``debt`` entry (no grant, ``grant_id == ""``); a later grant pays it back first with a
@@ -33,13 +34,21 @@ class GrantState:
     source: str = "admin"
     remaining: int = field(default=-1)  # projection; -1 = "not yet computed" (= amount)
     voided: bool = False
+    effective_at: int | None = None     # unix seconds; None = from creation (Stripe's default)
 
     def __post_init__(self) -> None:
         if self.remaining < 0:
             self.remaining = self.amount
 
     def live(self, now: float) -> bool:
-        return not self.voided and (self.expires_at is None or now < self.expires_at)
+        """Spendable at ``now``: not voided, effective (``effective_at <= now``) and not
+        expired (``now < expires_at``)."""
+        return (not self.voided and (self.effective_at is None or self.effective_at <= now)
+                and (self.expires_at is None or now < self.expires_at))
+
+    def pending(self, now: float) -> bool:
+        """Not effective yet (a renewal paid before its period starts)."""
+        return self.effective_at is not None and now < self.effective_at
 
     def order_key(self) -> tuple[int, int, int, str]:
         return (self.priority, self.expires_at if self.expires_at is not None else NO_EXPIRY,
@@ -109,7 +118,8 @@ def expire_due(grants: Iterable[GrantState], now: float) -> list[Entry]:
 def replay(grants: Iterable[GrantState], entries: Iterable[Entry]) -> dict[str, GrantState]:
     """The projection recomputed from scratch: grants at full amount, then every entry."""
     fresh = {g.id: GrantState(g.id, g.customer_id, g.amount, g.priority, g.expires_at,
-                              g.created_at, g.source) for g in grants}
+                              g.created_at, g.source, effective_at=g.effective_at)
+             for g in grants}
     apply(fresh, entries)
     return fresh
 
@@ -122,6 +132,15 @@ def rollover_grant(allowance: int, previous_remaining: int, cap: int | None) -> 
     if cap is not None:
         total = min(total, max(cap, allowance))
     return total
+
+
+def carry(left: int, previous_amount: int, previous_carried: int, once: bool) -> int:
+    """What a rollover carries from the previous period's grant that had ``left`` at its end.
+    ``once`` (``rollover_expiry: next_period``): credits carried into a grant are spent first
+    and are never carried again, so only the unspent part of its own allowance
+    (``previous_amount - previous_carried``) moves on."""
+    left = max(left, 0)
+    return min(left, max(previous_amount - previous_carried, 0)) if once else left
 
 
 def covered_quantity(quantity: int, cost: int, covered_cost: int) -> int:

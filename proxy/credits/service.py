@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from proxy.credits.book import CreditBook
-from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits
+from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits, repay
 from proxy.errors import InvalidInput
 from proxy.store.db import Store
 from proxy.store.ledger import SqliteCreditLedger
@@ -26,6 +26,7 @@ from proxy.timeutil import rfc3339
 from proxy.units import UnitError, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.credits")
+
 
 def load_book(snapshot: LedgerSnapshot) -> CreditBook:
     """The in-memory book rebuilt from the ledger (``CreditLedger.load``)."""
@@ -36,9 +37,11 @@ def load_book(snapshot: LedgerSnapshot) -> CreditBook:
 
 def grant_json(g: GrantState, now: float) -> dict[str, Any]:
     return {"grant_id": g.id, "customer_id": g.customer_id, "credits": fmt_micro(g.amount),
-            "remaining": fmt_micro(g.remaining if g.live(now) else 0),
+            "remaining": fmt_micro(g.remaining if g.live(now) or g.pending(now) else 0),
             "priority": g.priority,
             "expires_at": rfc3339(g.expires_at) if g.expires_at is not None else None,
+            "effective_at": rfc3339(g.effective_at) if g.effective_at is not None else None,
+            "pending": g.pending(now),
             "expired": g.expires_at is not None and g.expires_at <= now,
             "voided": g.voided, "source": g.source, "created_at": rfc3339(g.created_at)}
 
@@ -56,11 +59,16 @@ class CreditService:
     async def grant(self, customer_id: str, credits: object, *, expires_at: int | None = None,
               priority: object = 50, source: str = "admin", idempotency_key: str | None = None,
               period: tuple[int, int] | None = None,
-              payment: tuple[tuple[str, ...], int] | None = None) -> tuple[GrantState, bool]:
+              payment: tuple[tuple[str, ...], int] | None = None,
+              effective_at: int | None = None, carried: int = 0) -> tuple[GrantState, bool]:
         """Create a grant (idempotent on ``idempotency_key`` per customer). A new grant pays
-        back the customer's debt first (a ``repay`` entry in the same transaction).
+        back the customer's debt first (a ``repay`` entry in the same transaction; a grant
+        that is not effective yet repays once it is: ``repay_due``).
         ``payment``: the Stripe references (invoice, charge, payment intent, session) and the
-        amount paid in minor units, kept so a refund, dispute or credit note can claw back."""
+        amount paid in minor units, kept so a refund, dispute or credit note can claw back;
+        recorded on an existing grant too (a renewal granted when its invoice was created,
+        then paid). ``effective_at``: spendable from then (None: at once); it may be in the
+        past (a renewal paid after its period started is effective from the period start)."""
         try:
             amount = to_micro(credits)
         except UnitError as exc:
@@ -70,11 +78,14 @@ class CreditService:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100:
             raise InvalidInput("priority must be an integer from 0 (burns first) to 100")
         prio: int = priority
+        if effective_at is not None and expires_at is not None and effective_at >= expires_at:
+            raise InvalidInput("effective_at must be before expires_at")
 
         new = NewGrant(GrantState("grt_" + secrets.token_hex(8), customer_id, amount, prio,
-                                  expires_at, int(time.time()), source),
+                                  expires_at, int(time.time()), source,
+                                  effective_at=effective_at),
                        idempotency_key, period, payment[0] if payment else (),
-                       payment[1] if payment else 0)
+                       payment[1] if payment else 0, carried=min(max(carried, 0), amount))
         g, created = await self.ledger.create_grant(
             new, lambda g: self.book.repayment(g, time.time()))
         if created:
@@ -87,6 +98,23 @@ class CreditService:
                      source)
             return g, True
         return self.book.grant(g.id) or g, False
+
+    async def repay_due(self, now: float | None = None) -> int:
+        """Repay debt out of grants that have become effective since they were made (a
+        renewal paid before its period): what ``grant`` could not take at creation."""
+        now = time.time() if now is None else now
+        n = 0
+        for cid in self.book.indebted():
+            entries: list[Entry] = []
+            debt = self.book.debt(cid)
+            for g in self.book.grants(cid):
+                left = debt - sum(e.amount for e in entries)
+                entries += repay(g, left, now)
+            if entries:
+                await self.ledger.append([LedgerEntry(cid, e, at=now) for e in entries])
+                self.book.apply(entries, cid)
+                n += len(entries)
+        return n
 
     async def void(self, grant_id: str) -> GrantState:
         g = self.book.grant(grant_id)
@@ -176,7 +204,9 @@ class CreditService:
         while True:
             now = time.time()
             await self.expire_due(now)
-            nxt = self.book.next_expiry(now)
+            await self.repay_due(now)
+            nxt = min((t for t in (self.book.next_expiry(now), self.book.next_effective(now))
+                       if t is not None), default=None)
             delay = max_sleep if nxt is None else min(max_sleep, max(0.0, nxt - now))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -21,10 +21,20 @@ from typing import Any
 
 from proxy.credits.service import CreditService
 from proxy.periods import TRAILING, day_starts, period_bounds, project
-from proxy.pricing import Price, TransformQuantity, fmt_minor, line_amount, period_charges, whole_units
+from proxy.pricing import (
+    Price,
+    TransformQuantity,
+    fmt_minor,
+    line_amount,
+    period_charges,
+    prices_in,
+    whole_units,
+)
+from proxy.reports.invoice_check import compare
 from proxy.rules import RuleSet
 from proxy.store.keys import Customer
 from proxy.store.protocols import UsageLedger
+from proxy.stripe.client import InvoicePreview
 from proxy.timeutil import rfc3339
 from proxy.transform import transformed_delta, transformed_units
 from proxy.units import QSCALE, fmt_micro
@@ -91,7 +101,7 @@ def _daily_billed(raw: list[int], t: TransformQuantity | None) -> list[int]:
 def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
     """A credit grant as the customer sees it: a name, never an internal id."""
     status = "voided" if g["voided"] else "expired" if g["expired"] else \
-        "used_up" if g["remaining"] == "0" else "active"
+        "pending" if g.get("pending") else "used_up" if g["remaining"] == "0" else "active"
     return {"name": grant_name(g["source"]), "credits": g["credits"],
             "remaining": g["remaining"], "granted_at": g["created_at"],
             "expires_at": g["expires_at"], "status": status}
@@ -99,8 +109,12 @@ def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
 
 async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[str, Price],
                           customer: Customer, credits: CreditService | None,
-                          now: float | None = None) -> dict[str, Any]:
+                          now: float | None = None,
+                          preview: InvoicePreview | str | None = None) -> dict[str, Any]:
+    """The usage report; ``preview``: Stripe's invoice preview (or why there is none), shown
+    beside the local view with the difference explained (``invoice_check.compare``)."""
     now = time.time() if now is None else now
+    prices = prices_in(prices, customer.currency)     # currency_options in its currency
     start, end = period_bounds(customer.billing_anchor, now)
     cid = customer.id
     days = day_starts(now, HISTORY_DAYS)
@@ -233,6 +247,12 @@ async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[st
         "history": [{"day": rfc3339(d)[:10], "meters": hist[d]} for d in days],
         "prices": {m: price_json(p) for m, p in sorted(prices.items())},
     }
+    if isinstance(preview, str):
+        out["invoice_preview"] = {"error": preview}
+    elif preview is not None:
+        out["invoice_preview"] = compare(
+            {m: (whole_units(billable[m]), so_far.get(m, 0)) for m in prices},
+            {m: p.id for m, p in prices.items() if p.id}, preview)
     if credits is not None and credits.book.has_credits(cid):
         summary = credits.summary(cid, now)
         summary["grants"] = [_grant(g) for g in summary["grants"]]

@@ -23,6 +23,7 @@ from proxy.credits.service import CreditService
 from proxy.errors import HttpError
 from proxy.periods import period_bounds
 from proxy.reports.exports import stream_export
+from proxy.reports.invoice_check import PreviewCache
 from proxy.reports.usage_report import customer_report
 from proxy.request.auth import Authenticator
 from proxy.runtime import Runtime
@@ -62,10 +63,12 @@ class ConsumerApi:
     answers under ``prefix`` (``reserved_prefix``); its routes are handed to the pipeline,
     which routes them on the canonical path. Refusals are raised as ``HttpError``."""
 
-    def __init__(self, rt: Runtime, auth: Authenticator, credits: CreditService | None) -> None:
+    def __init__(self, rt: Runtime, auth: Authenticator, credits: CreditService | None,
+                 previews: PreviewCache | None = None) -> None:
         self.rt = rt
         self.auth = auth
         self.credits = credits
+        self.previews = previews        # Stripe invoice previews (a Stripe key configured)
 
     def routes(self) -> list[web.RouteDef]:
         prefix = self.rt.cfg.reserved_prefix.rstrip("/")
@@ -92,8 +95,10 @@ class ConsumerApi:
         rt = self.rt
         cust = rt.keys.customers[cid]
         rt.store.try_materialize()
+        preview = await self.previews.get(cust.stripe_customer_id) \
+            if self.previews is not None and cust.stripe_customer_id else None
         report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
-                                       self.credits)
+                                       self.credits, preview=preview)
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 

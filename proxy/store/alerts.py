@@ -31,6 +31,19 @@ class SqliteAlerts:
 
         self.db.execute_write(tx)
 
+    async def fire_new(self, alerts: Sequence[NewAlert]) -> list[NewAlert]:
+        def tx(c: sqlite3.Connection) -> list[NewAlert]:
+            return [a for a in alerts if c.execute(
+                "INSERT OR IGNORE INTO alerts(customer_id, period_key, threshold, payload,"
+                " created_at) VALUES (?,?,?,?,?)",
+                (a.customer_id, a.period_key, a.threshold, a.payload, a.created_at)
+            ).rowcount == 1]
+
+        if not alerts:
+            return []
+        new: list[NewAlert] = self.db.execute_write(tx)
+        return new
+
     async def due(self, now: float, limit: int = 100) -> list[AlertRecord]:
         return [AlertRecord(*r) for r in self.db.conn.execute(
             "SELECT id, customer_id, period_key, threshold, payload, attempts FROM alerts"

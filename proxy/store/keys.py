@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ class Customer:
     overage: str
     billing_anchor: int | None = None      # unix seconds; None = the 1st of the month, UTC
     minimum_commitment: int = 0            # minor units of the price currency per period
+    created_at: int = field(default=0, compare=False)   # unix seconds (whole periods only)
+    # the currency it is charged in (Stripe's customer currency: a subscription's), which
+    # picks a price's ``currency_options``; None = each price's own currency
+    currency: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         from proxy.timeutil import rfc3339
@@ -52,7 +56,7 @@ class Customer:
                 "status": self.status, "overage": self.overage,
                 "billing_anchor": rfc3339(self.billing_anchor)
                 if self.billing_anchor is not None else None,
-                "minimum_commitment": self.minimum_commitment}
+                "minimum_commitment": self.minimum_commitment, "currency": self.currency}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,13 @@ class KeyEntry:
     key_id: str
     customer_id: str
     revoked: bool
+
+
+def currency_code(value: object) -> str:
+    """A three-letter ISO currency code, lower case (Stripe's form)."""
+    if not isinstance(value, str) or len(value.strip()) != 3 or not value.strip().isalpha():
+        raise InvalidInput("currency must be a three-letter ISO code like usd")
+    return value.strip().lower()
 
 
 def valid_id(value: object, what: str) -> str:
@@ -78,7 +89,8 @@ def valid_choice(value: object, what: str, allowed: tuple[str, ...] | None) -> s
     return value
 
 
-_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment"
+_COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment,"
+         " created_at, currency")
 
 
 def billing_values(anchor: object, minimum: object) -> tuple[int | None, int]:
@@ -229,6 +241,20 @@ class SqliteCustomers:
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
         self.db.execute_write(lambda c: set_billing(c, cid, anchor, minimum))
+
+    async def set_currency(self, cid: str, currency: object) -> bool:
+        code = currency_code(currency)
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE customers SET currency=? WHERE id=? AND currency IS NOT ?",
+            (code, cid, code)).rowcount)
+        return n == 1
+
+    async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE customers SET billing_anchor=?, anchor_event_at=? WHERE id=?"
+            " AND (anchor_event_at IS NULL OR anchor_event_at <= ?)",
+            (anchor, event_at, cid, event_at)).rowcount)
+        return n == 1
 
     async def get(self, cid: str) -> Customer | None:
         return get_customer(self.db.conn, cid)

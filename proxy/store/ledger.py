@@ -1,5 +1,6 @@
 """The credit ledger on SQLite: the only writer of ``grants``, ``credit_entries``,
-``grant_payments``, ``payment_links`` and ``clawbacks`` (the ``CreditLedger`` owner).
+``grant_payments``, ``payment_links``, ``clawbacks`` and ``plan_invoices`` (the
+``CreditLedger`` owner).
 
 Debits settled by requests reach ``credit_entries`` through the group commit
 (``proxy.store.db``), in the same transaction as their usage; every other entry is appended
@@ -12,13 +13,26 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from proxy.credits.ledger import Entry, GrantState
 from proxy.store.access import Writer
 from proxy.store.keys import get_customer
 from proxy.store.protocols import ClawbackDecision, EntryRecord, GrantFacts, LedgerEntry, LedgerSnapshot, NewGrant
 
-_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source"
+_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source, effective_at"
+
+
+def _grant(r: Any) -> GrantState:
+    gid, cid, amount, prio, expires, created, source, effective = r
+    return GrantState(gid, cid, amount, prio, expires, created, source, effective_at=effective)
+
+
+def _record_payments(c: sqlite3.Connection, grant_id: str, refs: Sequence[str],
+                     paid: int) -> None:
+    c.executemany("INSERT INTO grant_payments(ref, grant_id, paid) VALUES (?,?,?)"
+                  " ON CONFLICT(ref, grant_id) DO UPDATE SET paid=max(paid, excluded.paid)",
+                  [(r, grant_id, paid) for r in refs if r])
 
 
 def insert_entries(conn: sqlite3.Connection, customer_id: str, entries: Sequence[Entry],
@@ -33,7 +47,7 @@ def insert_entries(conn: sqlite3.Connection, customer_id: str, entries: Sequence
 
 
 def load(conn: sqlite3.Connection) -> LedgerSnapshot:
-    grants = [GrantState(*r) for r in conn.execute(f"SELECT {_GRANT_COLS} FROM grants")]
+    grants = [_grant(r) for r in conn.execute(f"SELECT {_GRANT_COLS} FROM grants")]
     entries = [Entry(g or "", k, a) for g, k, a in conn.execute(
         "SELECT grant_id, kind, amount FROM credit_entries ORDER BY seq")]
     debts = {c: d for c, d in conn.execute(
@@ -70,18 +84,18 @@ class SqliteCreditLedger:
                                 " idempotency_key=?", (g.customer_id, new.idempotency_key)
                                 ).fetchone()
                 if row is not None:
-                    return GrantState(*row), False
+                    old = _grant(row)
+                    _record_payments(c, old.id, new.payment_refs, new.paid_minor)
+                    return old, False
             c.execute("INSERT INTO grants(id, customer_id, amount, priority, expires_at, source,"
-                      " idempotency_key, created_at, period_start, period_end)"
-                      " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      " idempotency_key, created_at, period_start, period_end, effective_at,"
+                      " carried) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                       (g.id, g.customer_id, g.amount, g.priority, g.expires_at, g.source,
                        new.idempotency_key, g.created_at,
                        new.period[0] if new.period else None,
-                       new.period[1] if new.period else None))
-            if new.payment_refs:
-                c.executemany("INSERT OR IGNORE INTO grant_payments(ref, grant_id, paid)"
-                              " VALUES (?,?,?)",
-                              [(r, g.id, new.paid_minor) for r in new.payment_refs if r])
+                       new.period[1] if new.period else None, g.effective_at,
+                       min(max(new.carried, 0), g.amount)))
+            _record_payments(c, g.id, new.payment_refs, new.paid_minor)
             extra = then(g) if then is not None else []
             if extra:
                 insert_entries(c, g.customer_id, extra)
@@ -134,6 +148,69 @@ class SqliteCreditLedger:
         (n,) = self.db.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries WHERE"
                                     " grant_id=? AND kind=?", (grant_id, kind)).fetchone()
         return int(n)
+
+    async def grant_carried(self, grant_id: str) -> int:
+        row = self.db.conn.execute("SELECT carried FROM grants WHERE id=?",
+                                   (grant_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    async def paid_for(self, ref: str) -> int:
+        (n,) = self.db.conn.execute("SELECT COALESCE(MAX(paid), 0) FROM grant_payments"
+                                    " WHERE ref=?", (ref,)).fetchone()
+        return int(n)
+
+    async def plan_grant_for(self, customer_id: str, subscription: str,
+                             at: int) -> tuple[str, int, int] | None:
+        prefix = f"stripe:plan:{subscription}:"
+        row = self.db.conn.execute(
+            "SELECT id, period_start, period_end FROM grants WHERE customer_id=?"
+            " AND substr(idempotency_key, 1, ?)=? AND period_start <= ? AND period_end > ?"
+            " ORDER BY period_start DESC LIMIT 1",
+            (customer_id, len(prefix), prefix, at, at)).fetchone()
+        return (str(row[0]), int(row[1]), int(row[2])) if row else None
+
+    async def subscription_customer(self, subscription: str) -> str | None:
+        conn = self.db.conn
+        for prefix in (f"stripe:plan:{subscription}:", f"stripe:planchange:{subscription}:"):
+            row = conn.execute("SELECT customer_id FROM grants WHERE"
+                               " substr(idempotency_key, 1, ?)=? ORDER BY created_at, id"
+                               " LIMIT 1", (len(prefix), prefix)).fetchone()
+            if row is not None:
+                return str(row[0])
+        row = conn.execute("SELECT customer_id FROM plan_invoices WHERE subscription=?"
+                           " ORDER BY updated_at, invoice_id LIMIT 1", (subscription,)).fetchone()
+        return str(row[0]) if row else None
+
+    async def record_plan_invoice(self, invoice_id: str, grant_id: str, customer_id: str,
+                                  subscription: str, state: str, at: int) -> None:
+        if state not in ("open", "paid"):
+            raise ValueError(f"a plan invoice is recorded open or paid, not {state!r}")
+        self.db.execute_write(lambda c: c.execute(
+            "INSERT INTO plan_invoices(invoice_id, grant_id, customer_id, subscription, state,"
+            " updated_at) VALUES (?,?,?,?,?,?) ON CONFLICT(invoice_id) DO UPDATE SET"
+            " state=excluded.state, updated_at=excluded.updated_at"
+            " WHERE plan_invoices.state='open'",
+            (invoice_id, grant_id, customer_id, subscription, state, at)))
+
+    async def plan_invoice_state(self, invoice_id: str) -> str | None:
+        row = self.db.conn.execute("SELECT state FROM plan_invoices WHERE invoice_id=?",
+                                   (invoice_id,)).fetchone()
+        return str(row[0]) if row else None
+
+    async def open_plan_invoices(self, customer_id: str, subscription: str | None = None
+                                 ) -> list[tuple[str, str]]:
+        sql = "SELECT invoice_id, grant_id FROM plan_invoices WHERE customer_id=? AND state='open'"
+        args: tuple[str, ...] = (customer_id,)
+        if subscription is not None:
+            sql, args = sql + " AND subscription=?", (*args, subscription)
+        return [(str(i), str(g)) for i, g in self.db.conn.execute(
+            sql + " ORDER BY invoice_id", args)]
+
+    async def write_off_plan_invoice(self, invoice_id: str, at: int) -> bool:
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE plan_invoices SET state='unpaid', updated_at=? WHERE invoice_id=?"
+            " AND state='open'", (at, invoice_id)).rowcount)
+        return n == 1
 
     async def payment_customer(self, refs: Sequence[str]) -> str | None:
         refs = [r for r in refs if r]

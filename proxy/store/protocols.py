@@ -139,6 +139,22 @@ class NewGrant:
     period: tuple[int, int] | None = None
     payment_refs: tuple[str, ...] = ()
     paid_minor: int = 0
+    carried: int = 0            # credits of ``amount`` carried over from a previous period
+
+
+@dataclass(frozen=True, slots=True)
+class TrueUpRecord:
+    """One ended period's minimum-commitment decision (``TrueUps``); amounts in minor units."""
+    customer_id: str
+    period_start: int
+    period_end: int
+    commitment: int
+    charged: int
+    amount: int
+    currency: str
+    status: str                 # none (no shortfall) | sent (``invoice_item`` created)
+    invoice_item: str | None
+    created_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +351,8 @@ class Outbox(Protocol):
 
 
 class CreditLedger(Protocol):
-    """Owner of ``grants``, ``credit_entries``, ``grant_payments``, ``payment_links`` and
-    ``clawbacks``. The ledger is append-only: a grant is never updated after creation (its
+    """Owner of ``grants``, ``credit_entries``, ``grant_payments``, ``payment_links``,
+    ``clawbacks`` and ``plan_invoices``. The ledger is append-only: a grant is never updated after creation (its
     state is its entries). Debits settled by requests are appended by the group commit
     (``UsageLedger.record`` carries them), in the same transaction as the usage."""
 
@@ -347,11 +363,13 @@ class CreditLedger(Protocol):
     async def create_grant(self, new: NewGrant,
                            then: Callable[[GrantState], list[Entry]] | None = None
                            ) -> tuple[GrantState, bool]:
-        """Create the grant, idempotent per (customer, ``idempotency_key``): when the key is
-        already used, returns (the existing grant, False) and writes nothing. Raises
-        LookupError when the customer does not exist. On creation also records the payment
-        refs (first grant per ref wins) and appends the entries ``then(grant)`` returns
-        (e.g. debt repayment), all in one transaction."""
+        """Create the grant (with its ``effective_at`` and ``carried``), idempotent per
+        (customer, ``idempotency_key``): when the key is already used, returns (the existing
+        grant, False) and writes nothing except the payment refs: each ref is recorded on
+        that grant too, keeping the larger ``paid_minor`` (a renewal granted when its invoice
+        was created, then paid). Raises LookupError when the customer does not exist. On
+        creation also records the payment refs and appends the entries ``then(grant)``
+        returns (e.g. debt repayment), all in one transaction."""
         ...
 
     async def append(self, entries: Sequence[LedgerEntry]) -> None:
@@ -381,6 +399,50 @@ class CreditLedger(Protocol):
 
     async def entry_total(self, grant_id: str, kind: str) -> int:
         """Sum of a grant's entries of one kind (0 when none)."""
+        ...
+
+    async def grant_carried(self, grant_id: str) -> int:
+        """The ``carried`` part of a grant (0 for an unknown grant)."""
+        ...
+
+    async def paid_for(self, ref: str) -> int:
+        """The largest amount (minor units) recorded for a payment ref on any grant; 0 when
+        none."""
+        ...
+
+    async def plan_grant_for(self, customer_id: str, subscription: str,
+                             at: int) -> tuple[str, int, int] | None:
+        """(grant id, period start, period end) of the latest plan grant of a subscription
+        (idempotency key ``stripe:plan:<subscription>:``...) whose period [start, end)
+        contains ``at``; None when there is none."""
+        ...
+
+    async def subscription_customer(self, subscription: str) -> str | None:
+        """The customer a subscription's plan grants (``stripe:plan:<sub>:``, then
+        ``stripe:planchange:<sub>:``) or plan invoices went to; None when none."""
+        ...
+
+    async def record_plan_invoice(self, invoice_id: str, grant_id: str, customer_id: str,
+                                  subscription: str, state: str, at: int) -> None:
+        """Owner of ``plan_invoices``: remember that a plan grant was made for a
+        subscription invoice, ``state`` ``open`` (granted before payment) or ``paid``. An
+        unknown invoice is inserted; an ``open`` one moves to ``state``; ``paid`` and
+        ``unpaid`` are final (nothing changes). Idempotent."""
+        ...
+
+    async def plan_invoice_state(self, invoice_id: str) -> str | None:
+        """``open`` | ``paid`` | ``unpaid``, None for an invoice no plan grant was made for."""
+        ...
+
+    async def open_plan_invoices(self, customer_id: str, subscription: str | None = None
+                                 ) -> list[tuple[str, str]]:
+        """(invoice id, grant id) of the customer's plan invoices still ``open`` (of one
+        subscription when given), by invoice id."""
+        ...
+
+    async def write_off_plan_invoice(self, invoice_id: str, at: int) -> bool:
+        """An ``open`` plan invoice becomes ``unpaid`` (final); True if it was open. A second
+        call returns False."""
         ...
 
     async def payment_customer(self, refs: Sequence[str]) -> str | None:
@@ -443,6 +505,11 @@ class UsageLedger(Protocol):
         """(customer, meter) -> billable micro-units of the minutes in [start, end)."""
         ...
 
+    async def quantities(self, start: int, end: int) -> dict[tuple[str, str], int]:
+        """(customer, meter) -> metered quantity (micro-units, billable or not) of the
+        minutes in [start, end)."""
+        ...
+
     async def oldest_unstaged_minute(self) -> int | None:
         """The oldest minute with usage not yet staged to the outbox, None if none."""
         ...
@@ -484,6 +551,18 @@ class Customers(Protocol):
         ...
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
+        ...
+
+    async def set_currency(self, cid: str, currency: object) -> bool:
+        """Set the currency the customer is charged in (a three-letter ISO code, stored
+        lower case; InvalidInput otherwise). True if it changed; False when it was already
+        that currency or the customer does not exist."""
+        ...
+
+    async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
+        """Set the billing anchor from a Stripe subscription event created at ``event_at``
+        unless an event newer than it already set it (ties: the later call wins). True if
+        the anchor was set; False for an unknown customer or an older event. Atomic."""
         ...
 
     async def get(self, cid: str) -> Customer | None:
@@ -586,6 +665,12 @@ class AlertsFired(Protocol):
         sender delivers only committed alerts)."""
         ...
 
+    async def fire_new(self, alerts: Sequence[NewAlert]) -> list[NewAlert]:
+        """Like ``fire`` (idempotent per (customer, period, threshold)), but awaited off the
+        request path: durable on return, and returns the alerts this call inserted (a repeat
+        returns [])."""
+        ...
+
     async def due(self, now: float, limit: int = 100) -> list[AlertRecord]:
         """Pending alerts with ``next_attempt_at <= now``, by id."""
         ...
@@ -630,6 +715,24 @@ class RulesHistory(Protocol):
         ...
 
 
+class TrueUps(Protocol):
+    """Owner of ``trueups``: each ended period's minimum-commitment true-up, decided once per
+    (customer, period start)."""
+
+    async def decided(self, customer_id: str, period_start: int) -> bool:
+        ...
+
+    async def record(self, t: TrueUpRecord) -> bool:
+        """Record the decision unless one exists for (customer, period start); True if this
+        call recorded it (the first decision stays)."""
+        ...
+
+    async def recent(self, customer_id: str | None = None,
+                     limit: int = 100) -> list[TrueUpRecord]:
+        """Decisions, newest period first (one customer's when given)."""
+        ...
+
+
 class Maintenance(Protocol):
     """Owner of the file (or server) health: checkpoints and integrity."""
 
@@ -661,5 +764,7 @@ class Storage(Protocol):
     def alerts(self) -> AlertsFired: ...
     @property
     def rules(self) -> RulesHistory: ...
+    @property
+    def trueups(self) -> TrueUps: ...
     @property
     def maintenance(self) -> Maintenance: ...

@@ -260,4 +260,39 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE customers ADD COLUMN suspended_for TEXT;
     """,
+    # 8: the billing lifecycle (docs/credits.md, issue 12 findings 1, 8, 9): a grant's
+    # effective time, each subscription invoice a plan grant waits on or was paid by, and
+    # the time of the subscription event that last set the billing anchor
+    """
+    ALTER TABLE grants ADD COLUMN effective_at INTEGER;
+    ALTER TABLE customers ADD COLUMN anchor_event_at INTEGER;
+    ALTER TABLE grants ADD COLUMN carried INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE plan_invoices (
+        invoice_id TEXT PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES grants(id),
+        customer_id TEXT NOT NULL,
+        subscription TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'paid', 'unpaid')),
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX plan_invoices_grant ON plan_invoices(grant_id);
+    -- each ended period's minimum-commitment true-up, decided once (proxy/commitments.py)
+    CREATE TABLE trueups (
+        customer_id TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        commitment INTEGER NOT NULL,
+        charged INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('none', 'sent')),
+        invoice_item TEXT,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (customer_id, period_start)
+    );
+    """,
+    # 9: the currency a customer is charged in (a price's currency_options, docs/credits.md)
+    """
+    ALTER TABLE customers ADD COLUMN currency TEXT;
+    """,
 )

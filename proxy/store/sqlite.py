@@ -21,6 +21,7 @@ from proxy.store.ledger import SqliteCreditLedger
 from proxy.store.outbox import SqliteOutbox
 from proxy.store.protocols import Maintenance, Storage
 from proxy.store.rules_history import SqliteRulesHistory
+from proxy.store.trueups import SqliteTrueUps
 from proxy.store.usage import SqliteUsage
 from proxy.store.webhooks import SqliteWebhookEvents
 
@@ -47,13 +48,14 @@ class SqliteStorage:
     webhooks: SqliteWebhookEvents
     alerts: SqliteAlerts
     rules: SqliteRulesHistory
+    trueups: SqliteTrueUps
     maintenance: Maintenance
 
     @classmethod
     def on(cls, db: Writer, reader: aiosqlite.Connection | None = None) -> SqliteStorage:
         return cls(SqliteOutbox(db, reader), SqliteCreditLedger(db), SqliteUsage(db, reader),
                    SqliteCustomers(db), SqliteWebhookEvents(db), SqliteAlerts(db),
-                   SqliteRulesHistory(db),
+                   SqliteRulesHistory(db), SqliteTrueUps(db),
                    db if isinstance(db, Store) else _NoMaintenance())
 
 

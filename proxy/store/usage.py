@@ -87,6 +87,12 @@ class SqliteUsage:
             " minute<? GROUP BY 1, 2", (int(start), int(end)))
         return {(c, m): int(b) for c, m, b in rows}
 
+    async def quantities(self, start: int, end: int) -> dict[tuple[str, str], int]:
+        rows = await self._all(
+            "SELECT customer_id, meter, SUM(quantity) FROM usage_minute WHERE minute>=? AND"
+            " minute<? GROUP BY 1, 2", (int(start), int(end)))
+        return {(c, m): int(q) for c, m, q in rows}
+
     async def oldest_unstaged_minute(self) -> int | None:
         (b,) = self.store.conn.execute(
             "SELECT MIN(minute) FROM usage_minute INDEXED BY usage_minute_unreported"

@@ -54,8 +54,8 @@ from proxy.errors import (
 )
 from proxy.sinks.base import Kind, Outcome
 
-__all__ = ["EventSummary", "MeterEventSession", "Page", "StripeClient", "StripeMeterInfo",
-           "outcome_of", "translate"]
+__all__ = ["EventSummary", "InvoicePreview", "MeterEventSession", "Page", "PreviewLine",
+           "StripeClient", "StripeMeterInfo", "outcome_of", "translate"]
 
 log = logging.getLogger("meterproxy.sink.stripe")
 
@@ -94,6 +94,28 @@ class Page(Generic[T]):
 
     items: list[T]
     has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewLine:
+    """One line of an invoice preview: a price's (metered) line or an invoice item."""
+
+    amount: int                     # minor units
+    quantity: int | None
+    price: str | None               # the price id of a price line
+    invoice_item: str | None        # the invoice item id of an item line
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePreview:
+    """The customer's upcoming invoice as Stripe drafts it now."""
+
+    currency: str
+    total: int                      # minor units
+    period: tuple[int, int]
+    lines: list[PreviewLine]
+    has_more: bool                  # lines beyond the first page were not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,14 +234,88 @@ class StripeClient:
         return Page([EventSummary(s.id, int(s.start_time), float(s.aggregated_value))
                      for s in page.data], bool(page.has_more))
 
+    # ---- billing: invoice items (commitment true-ups) --------------------------------------
+
+    async def create_invoice_item(self, params: Mapping[str, Any], *,
+                                  idempotency_key: str) -> str:
+        """``POST /v1/invoiceitems`` (a pending item: Stripe adds it to the customer's next
+        invoice); returns the item id."""
+        item = await _call(self._sdk.v1.invoice_items.create_async(
+            cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
+        return str(item.id)
+
+    async def preview_invoice(self, customer: str) -> InvoicePreview:
+        """``POST /v1/invoices/create_preview`` for the customer's upcoming invoice (its
+        subscription's current period); the first page of lines (up to 10)."""
+        inv = await _call(self._sdk.v1.invoices.create_preview_async(
+            params={"customer": customer}))
+        raw: dict[str, Any] = inv.to_dict()
+        lines_obj = raw.get("lines") or {}
+        out: list[PreviewLine] = []
+        for ln in lines_obj.get("data") or []:
+            pricing = ln.get("pricing") or {}
+            price = (pricing.get("price_details") or {}).get("price")
+            if price is None and isinstance(ln.get("price"), dict):   # before 2025-03-31
+                price = ln["price"].get("id")
+            parent = ln.get("parent") or {}
+            item = (parent.get("invoice_item_details") or {}).get("invoice_item")
+            q = ln.get("quantity")
+            out.append(PreviewLine(int(ln.get("amount") or 0),
+                                   int(q) if isinstance(q, int) else None,
+                                   price if isinstance(price, str) else None,
+                                   item if isinstance(item, str) else None,
+                                   str(ln.get("description") or "")))
+        return InvoicePreview(str(raw.get("currency") or ""), int(raw.get("total") or 0),
+                              (int(raw.get("period_start") or 0),
+                               int(raw.get("period_end") or 0)),
+                              out, bool(lines_obj.get("has_more")))
+
+    # ---- billing credits (monetary credits mirrored as Stripe credit grants) --------------
+
+    async def create_credit_grant(self, params: Mapping[str, Any], *,
+                                  idempotency_key: str) -> str:
+        """``POST /v1/billing/credit_grants`` (``proxy.credits.monetary.credit_grant_params``);
+        returns the grant id. The same key replays the first result."""
+        got = await _call(self._sdk.v1.billing.credit_grants.create_async(
+            cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
+        return str(got.id)
+
+    async def void_credit_grant(self, grant_id: str) -> None:
+        """``POST /v1/billing/credit_grants/{id}/void``: the grant no longer counts (voiding
+        twice is a StripeRejected)."""
+        await _call(self._sdk.v1.billing.credit_grants.void_grant_async(grant_id))
+
+    async def expire_credit_grant(self, grant_id: str) -> None:
+        """``POST /v1/billing/credit_grants/{id}/expire``: expires it now."""
+        await _call(self._sdk.v1.billing.credit_grants.expire_async(grant_id))
+
+    async def credit_balance_summary(self, customer: str) -> dict[str, Any]:
+        """``GET /v1/billing/credit_balance_summary`` of the customer's credits that apply to
+        metered prices, as Stripe's field names (``balances[].available_balance``)."""
+        got = await _call(self._sdk.v1.billing.credit_balance_summary.retrieve_async(
+            cast(Any, {"customer": customer,
+                       "filter": {"type": "applicability_scope",
+                                  "applicability_scope": {"price_type": "metered"}}})))
+        out: dict[str, Any] = got.to_dict()
+        return out
+
     # ---- prices ---------------------------------------------------------------------------
 
     async def retrieve_price(self, price_id: str) -> dict[str, object]:
-        """``GET /v1/prices/{id}?expand[]=tiers`` (``tiers`` is not returned unless
-        expanded), as the Price object's own field names."""
-        got = await _call(self._sdk.v1.prices.retrieve_async(
-            price_id, params={"expand": ["tiers"]}))
-        return cast(dict[str, object], got.to_dict())
+        """``GET /v1/prices/{id}?expand[]=tiers&expand[]=currency_options`` (neither is
+        returned unless expanded), as the Price object's own field names. A tiered price
+        whose options came without tiers is asked again with
+        ``expand[]=currency_options.<currency>.tiers`` for each option."""
+        expand = ["tiers", "currency_options"]
+        got = (await _call(self._sdk.v1.prices.retrieve_async(
+            price_id, params={"expand": expand}))).to_dict()
+        options = got.get("currency_options")
+        if got.get("billing_scheme") == "tiered" and isinstance(options, dict) and any(
+                isinstance(o, dict) and not o.get("tiers") for o in options.values()):
+            expand += [f"currency_options.{c}.tiers" for c in sorted(options)]
+            got = (await _call(self._sdk.v1.prices.retrieve_async(
+                price_id, params={"expand": expand}))).to_dict()
+        return cast(dict[str, object], got)
 
     # ---- webhooks -------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -115,3 +116,53 @@ async def test_data_version_moves_when_another_member_commits(backend: Backend) 
     await backend.peer().customers.upsert("c1", None, None, None)
     assert cs.data_version() != before
     assert [c.id for c in (await cs.snapshot()).customers.values()] == ["c1"]
+
+
+async def test_follow_anchor_never_goes_back_to_an_older_event(backend: Backend) -> None:
+    cu = backend.storage.customers
+    await backend.customer("c1")
+    assert await cu.follow_anchor("c1", 5000, event_at=200)
+    assert not await cu.follow_anchor("c1", 4000, event_at=100)     # an older event
+    got = await cu.get("c1")
+    assert got is not None and got.billing_anchor == 5000
+    assert await backend.peer().customers.follow_anchor("c1", 6000, event_at=200)  # a tie
+    got = await cu.get("c1")
+    assert got is not None and got.billing_anchor == 6000
+    assert not await cu.follow_anchor("nobody", 1, event_at=1)
+    assert await cu.get("nobody") is None
+
+
+async def test_customers_carry_their_creation_time(backend: Backend) -> None:
+    """``Customer.created_at`` (unix seconds): the commitment true-up counts whole periods
+    only, from it."""
+    before = int(time.time())
+    await backend.customer("c1")
+    got = await backend.storage.customers.get("c1")
+    assert got is not None and before <= got.created_at <= int(time.time()) + 1
+    [listed] = await backend.storage.customers.all()
+    assert listed.created_at == got.created_at
+    await backend.storage.customers.upsert("c1", None, "block", None)   # an update keeps it
+    again = await backend.storage.customers.get("c1")
+    assert again is not None and again.created_at == got.created_at
+
+
+async def test_set_currency_is_the_customer_s_currency_everywhere(backend: Backend) -> None:
+    """``Customer.currency``: the currency a customer is charged in (a price's
+    ``currency_options``), stored lower case, in get/all/snapshot, seen by another member."""
+    cu = backend.storage.customers
+    await backend.customer("c1")
+    got = await cu.get("c1")
+    assert got is not None and got.currency is None
+    assert await cu.set_currency("c1", "EUR")
+    assert not await backend.peer().customers.set_currency("c1", "eur")   # unchanged
+    for c in (await cu.get("c1"), (await cu.all())[0],
+              (await backend.peer().customers.snapshot()).customers["c1"]):
+        assert c is not None and c.currency == "eur"
+    assert (await cu.get("c1")).to_json()["currency"] == "eur"  # type: ignore[union-attr]
+    await cu.upsert("c1", None, "block", None)                # an update keeps it
+    again = await cu.get("c1")
+    assert again is not None and again.currency == "eur"
+    with pytest.raises(InvalidInput, match="three-letter"):
+        await cu.set_currency("c1", "euro")
+    assert not await cu.set_currency("nobody", "usd")
+    assert await cu.get("nobody") is None

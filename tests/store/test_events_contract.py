@@ -149,3 +149,13 @@ async def test_maintenance_reports_a_sound_store(backend: Backend) -> None:
     assert m.check_file() is None
     await m.checkpoint_once()
     assert await m.integrity_check() is None
+
+
+async def test_fire_new_returns_only_the_alerts_it_inserted(backend: Backend) -> None:
+    al = backend.storage.alerts
+    al.fire([_alert()])
+    got = await al.fire_new([_alert(), _alert(threshold="spike:m"), _alert(period="1")])
+    assert [(a.threshold, a.period_key) for a in got] == [("spike:m", "0"), ("0.5", "1")]
+    assert await backend.peer().alerts.fire_new([_alert(threshold="spike:m")]) == []
+    assert await al.fire_new([]) == []
+    assert len(await al.due(1000)) == 3            # durable, delivered like any alert

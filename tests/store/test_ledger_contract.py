@@ -146,3 +146,98 @@ async def test_claw_back_decides_from_facts_once_per_key(backend: Backend) -> No
         ("debt", "clawback:g1"), ("refund", "refund:ch_1:g1")]
     assert await led.claw_back("c1", ["nothing"], "k", "e", 1, decide) == []
     assert await led.claw_back("c1", [""], "k", "e", 1, decide) == []
+
+
+async def test_effective_at_and_carried_are_kept(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    g = GrantState("g1", "c1", 100, 50, 9000, 1000, "admin", effective_at=5000)
+    await led.create_grant(NewGrant(g, idempotency_key="k", carried=30))
+    [loaded] = (await led.load()).grants
+    assert (loaded.effective_at, loaded.expires_at) == (5000, 9000)
+    assert await led.grant_carried("g1") == 30
+    assert await led.grant_carried("nope") == 0
+    await led.create_grant(NewGrant(_g("g2")))
+    assert [x.effective_at for x in (await led.load()).grants if x.id == "g2"] == [None]
+
+
+async def test_payment_refs_are_recorded_on_an_existing_grant(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("g1"), idempotency_key="k", payment_refs=("in_1",),
+                                    paid_minor=0))               # granted before payment
+    assert await led.paid_for("in_1") == 0
+    again, created = await led.create_grant(NewGrant(_g("g2"), idempotency_key="k",
+                                                     payment_refs=("in_1", "ch_1"),
+                                                     paid_minor=2000))
+    assert (again.id, created) == ("g1", False)
+    assert await led.paid_for("in_1") == 2000 and await led.paid_for("ch_1") == 2000
+    await led.create_grant(NewGrant(_g("g3"), idempotency_key="k", payment_refs=("in_1",),
+                                    paid_minor=5))               # the larger amount stays
+    assert await led.paid_for("in_1") == 2000
+    assert await led.paid_for("unknown") == 0
+    assert await led.payment_customer(["ch_1"]) == "c1"
+
+
+async def test_plan_grant_lookups(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await backend.customer("c2")
+    await led.create_grant(NewGrant(_g("p1"), idempotency_key="stripe:plan:sub_1:100",
+                                    period=(100, 200)))
+    await led.create_grant(NewGrant(_g("p2"), idempotency_key="stripe:plan:sub_1:200",
+                                    period=(200, 300)))
+    await led.create_grant(NewGrant(_g("x", "c2"), idempotency_key="stripe:planchange:sub_2:1:e",
+                                    period=(1, 50)))
+    assert await led.plan_grant_for("c1", "sub_1", 150) == ("p1", 100, 200)
+    assert await led.plan_grant_for("c1", "sub_1", 200) == ("p2", 200, 300)   # [start, end)
+    assert await led.plan_grant_for("c1", "sub_1", 300) is None
+    assert await led.plan_grant_for("c2", "sub_1", 150) is None               # not its grant
+    assert await led.subscription_customer("sub_1") == "c1"
+    assert await led.subscription_customer("sub_2") == "c2"                  # a plan change
+    assert await led.subscription_customer("sub_3") is None
+
+
+async def test_plan_invoices_open_paid_unpaid(backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p1")))
+    assert await led.plan_invoice_state("in_1") is None
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "open", 10)
+    await led.record_plan_invoice("in_2", "p1", "c1", "sub_2", "open", 10)
+    await led.record_plan_invoice("in_3", "p1", "c1", "sub_1", "paid", 10)
+    assert await led.open_plan_invoices("c1") == [("in_1", "p1"), ("in_2", "p1")]
+    assert await led.open_plan_invoices("c1", "sub_1") == [("in_1", "p1")]
+    assert await led.subscription_customer("sub_9") is None
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "open", 11)    # idempotent
+    assert await led.plan_invoice_state("in_1") == "open"
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "paid", 12)    # open -> paid
+    assert await led.plan_invoice_state("in_1") == "paid"
+    assert not await led.write_off_plan_invoice("in_1", 13)                 # paid is final
+    assert await led.write_off_plan_invoice("in_2", 13)                     # open -> unpaid
+    assert not await backend.peer().ledger.write_off_plan_invoice("in_2", 14)
+    await led.record_plan_invoice("in_2", "p1", "c1", "sub_2", "paid", 15)    # unpaid is final
+    assert await led.plan_invoice_state("in_2") == "unpaid"
+    assert await led.open_plan_invoices("c1") == []
+    with pytest.raises(ValueError):
+        await led.record_plan_invoice("in_4", "p1", "c1", "sub_1", "unpaid", 16)
+
+
+async def test_members_racing_on_a_plan_invoice_decide_once(backend: Backend) -> None:
+    """Two members (fleet) writing off one open plan invoice: exactly one succeeds; two
+    recording a repeated grant's payment with different amounts keep the larger."""
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p1"), idempotency_key="stripe:plan:sub_1:1",
+                                    period=(0, 100), payment_refs=("in_1",)))
+    await led.record_plan_invoice("in_1", "p1", "c1", "sub_1", "open", 10)
+    peer = backend.peer()
+    offs = await asyncio.gather(*(s.ledger.write_off_plan_invoice("in_1", 20 + i)
+                                  for i, s in enumerate([backend.storage, peer] * 3)))
+    assert sorted(offs) == [False] * 5 + [True]
+    assert await peer.ledger.plan_invoice_state("in_1") == "unpaid"
+    await asyncio.gather(*(s.ledger.create_grant(NewGrant(
+        _g(f"x{i}"), idempotency_key="stripe:plan:sub_1:1", payment_refs=("in_1",),
+        paid_minor=amount)) for i, (s, amount) in enumerate(
+            zip([backend.storage, peer] * 2, [700, 2000, 5, 1999], strict=True))))
+    assert await led.paid_for("in_1") == 2000

@@ -107,3 +107,19 @@ async def test_concurrent_records_all_count(backend: Backend) -> None:
     await asyncio.gather(*(backend.usage("c1", NOW, quantity=1, rid=f"r{i}") for i in range(50)))
     _, _, totals = await backend.storage.usage.usage("c1", now=NOW)
     assert (totals["api_calls"].quantity, totals["api_calls"].requests) == (50, 50)
+
+
+async def test_quantities_group_every_customer_and_meter(backend: Backend) -> None:
+    u = backend.storage.usage
+    await backend.customer("c1")
+    await backend.customer("c2")
+    await backend.usage("c1", NOV + 100, quantity=5, billable=0, rid="a")
+    await backend.usage("c1", NOV + 130, quantity=2, billable=2, rid="b")
+    await backend.usage("c2", NOV + 100, meter="tokens", quantity=9, rid="c")
+    await backend.usage("c2", NOV + 86400, meter="tokens", quantity=4, rid="d")
+    # quantity, billable or not; minutes in [start, end)
+    assert await u.quantities(NOV, NOV + 86400) == {("c1", "api_calls"): 7,
+                                                    ("c2", "tokens"): 9}
+    assert await u.quantities(NOV + 120, NOV + 86400 + 60) == {("c1", "api_calls"): 2,
+                                                               ("c2", "tokens"): 4}
+    assert await u.quantities(NOV + 2 * 86400, NOV + 3 * 86400) == {}

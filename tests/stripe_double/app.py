@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from .faults import FaultKind
+from .invoices import preview as invoice_preview
 from .state import (
     LEGACY_USAGE_CUTOFF,
     CallRecord,
@@ -438,9 +439,11 @@ class DoubleApp:
                 404, f"No such price: '{price_id}'", code="resource_missing", param="price"
             )
         expand = ctx.params.get("expand") or []
-        if "tiers" not in (expand.values() if isinstance(expand, dict) else expand):
-            price = {k: v for k, v in price.items() if k != "tiers"}
-        return 200, price
+        wanted = set(expand.values() if isinstance(expand, dict) else expand)
+        # includable fields, sent only when expanded (the options' own tiers come with
+        # currency_options here; the client also asks currency_options.<c>.tiers)
+        return 200, {k: v for k, v in price.items()
+                     if k not in ("tiers", "currency_options") or k in wanted}
 
     def _legacy_gate(self, ctx: Ctx) -> None:
         version = ctx.record.stripe_version or ""
@@ -453,6 +456,37 @@ class DoubleApp:
                 f"{version}. Use billing meter events, or pin an older Stripe-Version.",
                 code="resource_missing",
             )
+
+    async def op_credit_grant_create(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.create(ctx.params).to_json()
+
+    async def op_credit_grant(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.get(ctx.request.match_info["id"]).to_json()
+
+    async def op_credit_grant_void(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.void(ctx.request.match_info["id"]).to_json()
+
+    async def op_credit_grant_expire(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.expire(ctx.request.match_info["id"]).to_json()
+
+    async def op_credit_grants(self, ctx: Ctx) -> tuple[int, Any]:
+        items = self.state.credit_grants.list(ctx.params.get("customer"))
+        return 200, _paginate(items, ctx.params, "/v1/billing/credit_grants")
+
+    async def op_invoice_item(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.invoice_items.create(ctx.params)
+
+    async def op_invoice_preview(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, invoice_preview(self.state, ctx.params)
+
+    async def op_invoice_items(self, ctx: Ctx) -> tuple[int, Any]:
+        c = ctx.params.get("customer")
+        items = [i for i in reversed(self.state.invoice_items.items.values())
+                 if c in (None, i["customer"])]
+        return 200, _paginate(items, ctx.params, "/v1/invoiceitems")
+
+    async def op_credit_balance_summary(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self.state.credit_grants.summary(ctx.params)
 
     async def op_usage_record(self, ctx: Ctx) -> tuple[int, Any]:
         self._legacy_gate(ctx)
@@ -486,6 +520,14 @@ class DoubleApp:
         specs = body.get("meters", [body]) if isinstance(body, dict) else body
         meters = self.state.add_meters_json(specs)
         return _json(200, [m.to_json() for m in meters])
+
+    async def ctl_credit_applications(self, request: web.Request) -> web.Response:
+        """An invoice finalized: ``{customer, currency, amount}`` of eligible metered lines
+        takes credits from the customer's grants (the double has no invoices)."""
+        body = await self._body(request)
+        applied = self.state.credit_grants.apply_to_invoice(
+            str(body["customer"]), str(body["currency"]), int(body["amount"]))
+        return _json(200, {"applied": applied})
 
     async def ctl_reset(self, request: web.Request) -> web.Response:
         self.state.reset()
@@ -577,6 +619,25 @@ def create_app(state: StripeDoubleState) -> web.Application:
         "/v1/subscription_items/{id}/usage_record_summaries",
         route("usage_record_summaries", double.op_usage_summaries),
     )
+    app.router.add_post("/v1/billing/credit_grants",
+                        route("credit_grants", double.op_credit_grant_create, idempotent=True))
+    app.router.add_get("/v1/billing/credit_grants",
+                        route("credit_grants_list", double.op_credit_grants))
+    app.router.add_get("/v1/billing/credit_grants/{id}",
+                        route("credit_grant_retrieve", double.op_credit_grant))
+    app.router.add_post("/v1/billing/credit_grants/{id}/void",
+                        route("credit_grant_void", double.op_credit_grant_void, idempotent=True))
+    app.router.add_post("/v1/billing/credit_grants/{id}/expire",
+                        route("credit_grant_expire", double.op_credit_grant_expire,
+                              idempotent=True))
+    app.router.add_get("/v1/billing/credit_balance_summary",
+                        route("credit_balance_summary", double.op_credit_balance_summary))
+    app.router.add_post("/_double/credit_applications", double.ctl_credit_applications)
+    app.router.add_post("/v1/invoiceitems",
+                        route("invoice_items", double.op_invoice_item, idempotent=True))
+    app.router.add_get("/v1/invoiceitems", route("invoice_items_list", double.op_invoice_items))
+    app.router.add_post("/v1/invoices/create_preview",
+                        route("invoice_preview", double.op_invoice_preview))
     app.router.add_get("/v1/prices/{id}", route("price_retrieve", double.op_price))
     app.router.add_get("/_double/state", double.ctl_state)
     app.router.add_post("/_double/faults", double.ctl_faults)

@@ -65,6 +65,15 @@ ROUTES: tuple[str, ...] = (
     "event_summaries",
     "usage_records",
     "usage_record_summaries",
+    "credit_grants",
+    "credit_grants_list",
+    "credit_grant_retrieve",
+    "credit_grant_void",
+    "credit_grant_expire",
+    "credit_balance_summary",
+    "invoice_items",
+    "invoice_items_list",
+    "invoice_preview",
     "price_retrieve",
 )
 ANY_ROUTE = "*"

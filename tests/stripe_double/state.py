@@ -20,9 +20,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .faults import Faults
+
+if TYPE_CHECKING:
+    from .invoices import Subscription
 
 Formula = Literal["sum", "count", "last"]
 DAY = 86_400
@@ -297,7 +300,12 @@ class StripeDoubleState:
         self.sessions: dict[str, Session] = {}
         self.subscription_items: dict[str, SubscriptionItem] = {}
         self.adjustments: list[dict[str, Any]] = []
+        from .credits import CreditGrants, InvoiceItems  # they import this module
+
+        self.credit_grants = CreditGrants(self.now)
+        self.invoice_items = InvoiceItems(self.now)
         self.prices: dict[str, dict[str, Any]] = {}
+        self.subscriptions: dict[str, Subscription] = {}     # by customer (invoice previews)
 
     def reset(self) -> None:
         """Forget everything (meters too), clear faults, reseed, restore the clock."""
@@ -381,10 +389,23 @@ class StripeDoubleState:
 
     def add_price(self, price: Mapping[str, Any]) -> dict[str, Any]:
         """Seed a Price object (Stripe's field names; ``id`` required), served as given by
-        ``GET /v1/prices/{id}`` (``tiers`` only when ``expand[]=tiers`` is asked)."""
+        ``GET /v1/prices/{id}`` (``tiers`` only when ``expand[]=tiers`` is asked,
+        ``currency_options`` only when ``expand[]=currency_options`` is)."""
         obj = {"object": "price", "active": True, **price}
         self.prices[str(obj["id"])] = obj
         return obj
+
+    def add_subscription(self, customer: str, prices: list[str], period: tuple[int, int],
+                         sub_id: str | None = None,
+                         currency: str | None = None) -> Subscription:
+        """A customer's subscription as invoice previews see it (``invoices.py``);
+        ``currency``: billed in it through the prices' ``currency_options``."""
+        from .invoices import Subscription  # it imports this module
+
+        sub = Subscription(sub_id or f"sub_{customer}", customer, list(prices), period,
+                           currency)
+        self.subscriptions[customer] = sub
+        return sub
 
     def active_meter_for(self, event_name: str) -> Meter | None:
         for meter in self.meters.values():

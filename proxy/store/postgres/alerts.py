@@ -10,10 +10,11 @@ and retried every ``retry_seconds``; it holds at most ``max_queued`` alerts (def
 10,000; the oldest beyond that are dropped and logged: at most one alert per customer,
 period and threshold is ever queued, so only a fleet with more than that many distinct
 crossings during one outage loses any). ``flush`` waits until the queue is committed;
-``fired``, ``due``, ``next_due`` and ``close`` flush first (a member reads its own fires). ``claim`` is one
-conditional ``UPDATE``: a second concurrent claim waits for the first's row lock, then
-re-checks ``next_attempt_at <= now`` on the new row version and finds it hidden, so two
-claims (on any members) never both succeed.
+``fired``, ``fire_new``, ``due``, ``next_due`` and ``close`` flush first (a member reads its
+own fires). ``fire_new`` (off the request path) inserts at once and returns what it
+inserted. ``claim`` is one conditional ``UPDATE``: a second concurrent claim waits for the
+first's row lock, then re-checks ``next_attempt_at <= now`` on the new row version and finds
+it hidden, so two claims (on any members) never both succeed.
 """
 
 from __future__ import annotations
@@ -102,19 +103,39 @@ class PostgresAlerts:
             rows = await c.fetch("SELECT customer_id, period_key, threshold FROM alerts")
         return {(str(r[0]), str(r[1]), str(r[2])) for r in rows}
 
+    async def fire_new(self, alerts: Sequence[NewAlert]) -> list[NewAlert]:
+        """Awaited: inserted now (not queued); the alerts of ``alerts`` this call inserted, in
+        order (a repeat, here or on another member, inserts nothing). This member's queued
+        ``fire`` alerts are committed first, so one it fired already is not new."""
+        await self.flush()
+        ordinals = set(await self._insert_returning(alerts))
+        return [a for i, a in enumerate(alerts) if i in ordinals]
+
     async def _insert(self, alerts: Sequence[NewAlert]) -> int:
+        return len(await self._insert_returning(alerts))
+
+    async def _insert_returning(self, alerts: Sequence[NewAlert]) -> list[int]:
+        """Insert the alerts; the (0-based) positions in ``alerts`` of those inserted."""
         if not alerts:
-            return 0
+            return []
         async with self.pool.acquire() as c:
             rows = await c.fetch(
                 "INSERT INTO alerts(customer_id, period_key, threshold, payload, created_at)"
-                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
-                " $5::bigint[]) ON CONFLICT (customer_id, period_key, threshold) DO NOTHING"
-                " RETURNING id",
+                " SELECT c, p, t, pl, ca FROM unnest($1::text[], $2::text[], $3::text[],"
+                " $4::text[], $5::bigint[]) WITH ORDINALITY AS u(c, p, t, pl, ca, n)"
+                " ORDER BY n ON CONFLICT (customer_id, period_key, threshold) DO NOTHING"
+                " RETURNING customer_id, period_key, threshold",
                 [a.customer_id for a in alerts], [a.period_key for a in alerts],
                 [a.threshold for a in alerts], [a.payload for a in alerts],
                 [a.created_at for a in alerts])
-        return len(rows)
+        inserted = {(str(r[0]), str(r[1]), str(r[2])) for r in rows}
+        out: list[int] = []
+        for i, a in enumerate(alerts):
+            k = (a.customer_id, a.period_key, a.threshold)
+            if k in inserted:          # the first of duplicates within one call
+                inserted.discard(k)
+                out.append(i)
+        return out
 
     async def due(self, now: float, limit: int = 100) -> list[AlertRecord]:
         await self.flush()

@@ -25,13 +25,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.store.keys import Customer, KeyEntry, billing_values, hash_key, valid_choice, valid_id
+from proxy.store.keys import (
+    Customer,
+    KeyEntry,
+    billing_values,
+    currency_code,
+    hash_key,
+    valid_choice,
+    valid_id,
+)
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import KeySnapshot
 from proxy.timeutil import rfc3339
 
-_COLS = "id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment"
+_COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment,"
+         " created_at, currency")
 
 
 async def _get(c: Conn, cid: str) -> Customer | None:
@@ -100,6 +109,27 @@ class PostgresCustomers:
         async with self.pool.acquire() as c:
             await _set_billing(c, cid, anchor, minimum)
         self.changed()
+
+    async def set_currency(self, cid: str, currency: object) -> bool:
+        code = currency_code(currency)
+        async with self.pool.acquire() as c:
+            done = await c.fetchval("UPDATE customers SET currency=$2 WHERE id=$1 AND"
+                                    " currency IS DISTINCT FROM $2 RETURNING 1", cid, code)
+        if done is not None:
+            self.changed()
+        return done is not None
+
+    async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
+        # one statement: the row lock orders concurrent calls, and the second re-checks the
+        # condition on the first's committed row (READ COMMITTED re-evaluation)
+        async with self.pool.acquire() as c:
+            done = await c.fetchval(
+                "UPDATE customers SET billing_anchor=$2, anchor_event_at=$3 WHERE id=$1"
+                " AND (anchor_event_at IS NULL OR anchor_event_at <= $3) RETURNING 1",
+                cid, int(anchor), int(event_at))
+        if done is not None:
+            self.changed()
+        return done is not None
 
     async def get(self, cid: str) -> Customer | None:
         async with self.pool.acquire() as c:

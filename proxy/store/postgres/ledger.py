@@ -1,5 +1,5 @@
 """The ``CreditLedger`` owner on PostgreSQL: ``grants``, ``credit_entries``,
-``grant_payments``, ``payment_links``, ``clawbacks``, and the ``balance`` column of the
+``grant_payments``, ``payment_links``, ``clawbacks``, ``plan_invoices``, and the ``balance`` column of the
 fleet's ``credit_accounts``.
 
 Fleet credit leases escrow from ``credit_accounts.balance`` ("credits granted, less expired
@@ -11,13 +11,17 @@ Concurrency between members: a grant's idempotency key is UNIQUE per customer, a
 insert is ``ON CONFLICT DO NOTHING``: of two members creating the same grant, one creates
 it and the other returns it (``created`` False) having written nothing. A claw-back takes a
 transaction-scoped advisory lock on its key, so a repeat (on any member) decides on what
-the first wrote.
+the first wrote. A repeated grant (key used) records its payment refs in the same
+transaction, ``paid`` raised to the larger amount by ``ON CONFLICT DO UPDATE``. A plan
+invoice's state moves with one conditional statement (``open`` -> ``paid``/``unpaid``, final
+otherwise), so two members recording it decide on one row.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from proxy.credits.ledger import Entry, GrantState
 from proxy.store.postgres.conn import Conn
@@ -31,7 +35,7 @@ from proxy.store.protocols import (
     NewGrant,
 )
 
-_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source"
+_GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source, effective_at"
 _BALANCE_OUT = ("expire", "void")
 
 
@@ -69,8 +73,20 @@ async def _linked_refs(c: Conn, refs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*refs, *linked]))
 
 
-def _grant(r: Sequence[object]) -> GrantState:
-    return GrantState(*r)  # type: ignore[arg-type]
+def _grant(r: Sequence[Any]) -> GrantState:
+    gid, cid, amount, prio, expires, created, source, effective = r
+    return GrantState(gid, cid, amount, prio, expires, created, source,
+                      effective_at=None if effective is None else int(effective))
+
+
+async def _record_payments(c: Conn, grant_id: str, refs: Sequence[str], paid: int) -> None:
+    refs = [r for r in refs if r]
+    if refs:
+        await c.executemany(
+            "INSERT INTO grant_payments(ref, grant_id, paid) VALUES ($1,$2,$3)"
+            " ON CONFLICT (ref, grant_id) DO UPDATE"
+            " SET paid = GREATEST(grant_payments.paid, EXCLUDED.paid)",
+            [(r, grant_id, paid) for r in refs])
 
 
 class PostgresCreditLedger:
@@ -99,23 +115,22 @@ class PostgresCreditLedger:
                 raise LookupError(f"no customer {g.customer_id!r}")
             inserted = await c.fetchval(
                 "INSERT INTO grants(id, customer_id, amount, priority, expires_at, source,"
-                " idempotency_key, created_at, period_start, period_end)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+                " idempotency_key, created_at, period_start, period_end, effective_at,"
+                " carried) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
                 " ON CONFLICT (customer_id, idempotency_key) DO NOTHING RETURNING id",
                 g.id, g.customer_id, g.amount, g.priority, g.expires_at, g.source,
                 new.idempotency_key, g.created_at,
-                new.period[0] if new.period else None, new.period[1] if new.period else None)
+                new.period[0] if new.period else None, new.period[1] if new.period else None,
+                g.effective_at, min(max(new.carried, 0), g.amount))
             if inserted is None:        # the key is used (possibly by another member just now)
                 row = await c.fetchrow(f"SELECT {_GRANT_COLS} FROM grants WHERE customer_id=$1"
                                        " AND idempotency_key=$2", g.customer_id,
                                        new.idempotency_key)
                 assert row is not None
-                return _grant(tuple(row)), False
-            refs = [r for r in new.payment_refs if r]
-            if refs:
-                await c.executemany("INSERT INTO grant_payments(ref, grant_id, paid)"
-                                    " VALUES ($1,$2,$3) ON CONFLICT DO NOTHING",
-                                    [(r, g.id, new.paid_minor) for r in refs])
+                old = _grant(tuple(row))
+                await _record_payments(c, old.id, new.payment_refs, new.paid_minor)
+                return old, False
+            await _record_payments(c, g.id, new.payment_refs, new.paid_minor)
             await _add_balance(c, g.customer_id, g.amount)
             extra = then(g) if then is not None else []
             await insert_entries(c, g.customer_id, extra)
@@ -167,6 +182,74 @@ class PostgresCreditLedger:
         async with self.pool.acquire() as c:
             return int(await c.fetchval("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
                                         " WHERE grant_id=$1 AND kind=$2", grant_id, kind))
+
+    async def grant_carried(self, grant_id: str) -> int:
+        async with self.pool.acquire() as c:
+            n = await c.fetchval("SELECT carried FROM grants WHERE id=$1", grant_id)
+        return 0 if n is None else int(n)
+
+    async def paid_for(self, ref: str) -> int:
+        async with self.pool.acquire() as c:
+            return int(await c.fetchval("SELECT COALESCE(MAX(paid), 0) FROM grant_payments"
+                                        " WHERE ref=$1", ref))
+
+    async def plan_grant_for(self, customer_id: str, subscription: str,
+                             at: int) -> tuple[str, int, int] | None:
+        async with self.pool.acquire() as c:
+            row = await c.fetchrow(
+                "SELECT id, period_start, period_end FROM grants WHERE customer_id=$1"
+                " AND starts_with(idempotency_key, $2) AND period_start <= $3"
+                " AND period_end > $3 ORDER BY period_start DESC LIMIT 1",
+                customer_id, f"stripe:plan:{subscription}:", int(at))
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
+
+    async def subscription_customer(self, subscription: str) -> str | None:
+        async with self.pool.acquire() as c:
+            for prefix in (f"stripe:plan:{subscription}:",
+                           f"stripe:planchange:{subscription}:"):
+                cid = await c.fetchval(
+                    "SELECT customer_id FROM grants WHERE starts_with(idempotency_key, $1)"
+                    " ORDER BY created_at, id LIMIT 1", prefix)
+                if cid is not None:
+                    return str(cid)
+            cid = await c.fetchval("SELECT customer_id FROM plan_invoices WHERE"
+                                   " subscription=$1 ORDER BY updated_at, invoice_id LIMIT 1",
+                                   subscription)
+        return None if cid is None else str(cid)
+
+    async def record_plan_invoice(self, invoice_id: str, grant_id: str, customer_id: str,
+                                  subscription: str, state: str, at: int) -> None:
+        if state not in ("open", "paid"):
+            raise ValueError(f"a plan invoice is recorded open or paid, not {state!r}")
+        async with self.pool.acquire() as c:
+            await c.execute(
+                "INSERT INTO plan_invoices(invoice_id, grant_id, customer_id, subscription,"
+                " state, updated_at) VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (invoice_id)"
+                " DO UPDATE SET state=EXCLUDED.state, updated_at=EXCLUDED.updated_at"
+                " WHERE plan_invoices.state='open'",
+                invoice_id, grant_id, customer_id, subscription, state, int(at))
+
+    async def plan_invoice_state(self, invoice_id: str) -> str | None:
+        async with self.pool.acquire() as c:
+            st = await c.fetchval("SELECT state FROM plan_invoices WHERE invoice_id=$1",
+                                  invoice_id)
+        return None if st is None else str(st)
+
+    async def open_plan_invoices(self, customer_id: str, subscription: str | None = None
+                                 ) -> list[tuple[str, str]]:
+        async with self.pool.acquire() as c:
+            rows = await c.fetch(
+                "SELECT invoice_id, grant_id FROM plan_invoices WHERE customer_id=$1 AND"
+                " state='open' AND ($2::text IS NULL OR subscription=$2)"
+                " ORDER BY invoice_id COLLATE \"C\"", customer_id, subscription)
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def write_off_plan_invoice(self, invoice_id: str, at: int) -> bool:
+        async with self.pool.acquire() as c:
+            done = await c.fetchval(
+                "UPDATE plan_invoices SET state='unpaid', updated_at=$2 WHERE invoice_id=$1"
+                " AND state='open' RETURNING 1", invoice_id, int(at))
+        return done is not None
 
     async def payment_customer(self, refs: Sequence[str]) -> str | None:
         refs = [r for r in refs if r]

@@ -20,6 +20,13 @@ append-only scheme (``ALL_MIGRATIONS`` = the fleet's list + these):
   resend inserts nothing (``proxy.store.postgres.journal``).
 - ``customers`` changes notify ``meterproxy_customers`` (key changes already notify
   ``meterproxy_keys``): ``Customers.data_version`` listens to both.
+
+Migration 3 is SQLite's migration 8 (the billing lifecycle, docs/credits.md): a grant's
+``effective_at`` and ``carried`` part, the time of the subscription event that last set a
+customer's anchor (``customers.created_at`` exists since migration 1), ``plan_invoices``
+(each subscription invoice a plan grant waits on or was paid by) and ``trueups`` (each ended
+period's minimum-commitment decision). Migration 4 is SQLite's migration 9:
+``customers.currency``.
 """
 
 from __future__ import annotations
@@ -71,6 +78,40 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     END $$;
     CREATE TRIGGER customers_notify AFTER INSERT OR UPDATE OR DELETE ON customers
         FOR EACH STATEMENT EXECUTE FUNCTION customers_notify();
+    """,
+    # 3: the billing lifecycle (SQLite's migration 8)
+    """
+    ALTER TABLE grants ADD COLUMN effective_at BIGINT,
+        ADD COLUMN carried BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE customers ADD COLUMN anchor_event_at BIGINT;
+    CREATE TABLE plan_invoices (
+        invoice_id TEXT PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES grants(id),
+        customer_id TEXT NOT NULL,
+        subscription TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'paid', 'unpaid')),
+        updated_at BIGINT NOT NULL
+    );
+    CREATE INDEX plan_invoices_grant ON plan_invoices(grant_id);
+    CREATE INDEX plan_invoices_customer ON plan_invoices(customer_id, state);
+    CREATE INDEX grants_period ON grants(customer_id, period_start);
+    CREATE TABLE trueups (
+        customer_id TEXT NOT NULL,
+        period_start BIGINT NOT NULL,
+        period_end BIGINT NOT NULL,
+        commitment BIGINT NOT NULL,
+        charged BIGINT NOT NULL,
+        amount BIGINT NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('none', 'sent')),
+        invoice_item TEXT,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (customer_id, period_start)
+    );
+    """,
+    # 4: the currency a customer is charged in (SQLite's migration 9)
+    """
+    ALTER TABLE customers ADD COLUMN currency TEXT;
     """,
 )
 

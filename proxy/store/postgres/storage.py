@@ -33,6 +33,7 @@ from proxy.store.postgres.owners_schema import ALL_MIGRATIONS, CUSTOMERS_CHANNEL
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from proxy.store.postgres.rules_history import PostgresRulesHistory
 from proxy.store.postgres.schema import KEYS_CHANNEL
+from proxy.store.postgres.trueups import PostgresTrueUps
 from proxy.store.postgres.usage import LocalRecorder, PostgresUsage, Shipping
 from proxy.store.postgres.webhooks import PostgresWebhookEvents
 from proxy.store.protocols import Storage
@@ -53,6 +54,7 @@ class PostgresStorage:
     webhooks: PostgresWebhookEvents
     alerts: PostgresAlerts
     rules: PostgresRulesHistory
+    trueups: PostgresTrueUps
     maintenance: PostgresMaintenance
     pool: PgPool
     owns_pool: bool = False
@@ -67,7 +69,8 @@ class PostgresStorage:
         return cls(PostgresOutbox(pool), PostgresCreditLedger(pool),
                    PostgresUsage(pool, local, shipping),
                    PostgresCustomers(pool), PostgresWebhookEvents(pool), PostgresAlerts(pool),
-                   PostgresRulesHistory(pool), PostgresMaintenance(pool), pool)
+                   PostgresRulesHistory(pool), PostgresTrueUps(pool),
+                   PostgresMaintenance(pool), pool)
 
     @classmethod
     async def open(cls, settings: PoolSettings, local: LocalRecorder | None = None,

@@ -101,6 +101,13 @@ class PostgresUsage:
                 " AND minute<$2 GROUP BY 1, 2", int(start), int(end))
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
+    async def quantities(self, start: int, end: int) -> dict[tuple[str, str], int]:
+        async with self.pool.acquire() as c:
+            rows = await c.fetch(
+                "SELECT customer_id, meter, SUM(quantity) FROM usage_minute WHERE minute>=$1"
+                " AND minute<$2 GROUP BY 1, 2", int(start), int(end))
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     async def oldest_unstaged_minute(self) -> int | None:
         async with self.pool.acquire() as c:
             b = await c.fetchval("SELECT MIN(minute) FROM usage_minute"

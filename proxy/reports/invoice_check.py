@@ -1,0 +1,140 @@
+"""Reconciliation against the invoice (issue 12): Stripe's preview of the customer's upcoming
+invoice beside meterproxy's own view of the period, with every difference explained.
+
+- ``compare`` (pure, property-tested in tests/test_reports_invoice_check.py) matches each
+  priced meter to the preview line of its Stripe price and explains the difference:
+  fewer units at Stripe (usage not delivered yet: the outbox sends it within
+  ``stripe.flush_interval``, and Stripe's meters aggregate with a delay), more units at Stripe
+  (usage reported to the meter from outside this proxy: run ``meterproxy reconcile``), or the
+  same units priced differently (the price changed at Stripe since meterproxy read it). A line
+  no meter accounts for (an invoice item such as a commitment true-up, a flat subscription
+  fee) is listed as such. ``difference`` is always Stripe minus meterproxy, in minor units.
+- ``PreviewCache`` bounds what untrusted consumers can make the proxy ask Stripe: one preview
+  per Stripe customer per ``PREVIEW_TTL`` (60 s; a failure is remembered as long), at most one
+  call in flight per customer, at most ``PREVIEW_MAX_ENTRIES`` (10,000) remembered customers
+  (the oldest is forgotten first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from proxy.errors import StripeCallError
+from proxy.pricing import fmt_minor
+from proxy.stripe.client import InvoicePreview, StripeClient
+
+PREVIEW_TTL = 60.0
+PREVIEW_MAX_ENTRIES = 10_000
+
+
+def explain(local_units: int, stripe_units: int, local_amount: int, stripe_amount: int,
+            undelivered: int = 0) -> str:
+    """Why a meter's line differs between meterproxy and Stripe's preview (one sentence)."""
+    d = stripe_units - local_units
+    if d == 0 and local_amount == stripe_amount:
+        return "matches"
+    if d < 0:
+        why = f"Stripe has {-d} fewer units than metered here: usage not on Stripe's invoice yet"
+        if undelivered:
+            why += f" ({undelivered} units still wait in meterproxy's outbox)"
+        return why + "; it is sent within the flush interval and Stripe's meters aggregate" \
+                     " with a short delay."
+    if d > 0:
+        return (f"Stripe has {d} more units than metered here: usage reported to this meter"
+                " from outside this proxy (run `meterproxy reconcile`).")
+    return ("The same units priced differently: the price at Stripe changed since meterproxy"
+            " read it (prices are re-read periodically).")
+
+
+def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
+            preview: InvoicePreview,
+            undelivered: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """``local``: meter -> (whole units billed, amount in minor units) as meterproxy computes
+    the period so far; ``price_ids``: meter -> its Stripe price id. Amounts are in the
+    preview's currency."""
+    cur = preview.currency
+    by_price: dict[str, list[int]] = {}
+    other: list[dict[str, Any]] = []
+    wanted = set(price_ids.values())
+    for ln in preview.lines:
+        if ln.price is not None and ln.price in wanted:
+            q, a = by_price.get(ln.price, [0, 0])
+            by_price[ln.price] = [q + (ln.quantity or 0), a + ln.amount]
+        else:
+            other.append({"description": ln.description, "amount": fmt_minor(ln.amount, cur),
+                          "amount_minor": ln.amount,
+                          "explanation": "an invoice item meterproxy does not project (e.g. a"
+                                         " minimum-commitment true-up or a one-off charge)"
+                          if ln.invoice_item else
+                          "a line of a price no meter is mapped to (e.g. a flat fee)"})
+    lines = []
+    local_total = stripe_total = 0
+    for meter in sorted(local):
+        units, amount = local[meter]
+        pid = price_ids.get(meter)
+        s_units, s_amount = by_price.get(pid, [0, 0]) if pid else [0, 0]
+        local_total += amount
+        stripe_total += s_amount
+        on_invoice = pid is not None and pid in by_price
+        lines.append({
+            "meter": meter, "price": pid, "local_units": units, "stripe_units": s_units,
+            "local_amount": fmt_minor(amount, cur), "stripe_amount": fmt_minor(s_amount, cur),
+            "difference": fmt_minor(s_amount - amount, cur),
+            "difference_minor": s_amount - amount,
+            "explanation": explain(units, s_units, amount, s_amount,
+                                   (undelivered or {}).get(meter, 0)) if on_invoice
+            else "not on Stripe's invoice: the subscription has no line for this meter's price"})
+    other_total = sum(int(o["amount_minor"]) for o in other)
+    stripe_total += other_total
+    return {
+        "currency": cur, "period": {"start": preview.period[0], "end": preview.period[1]},
+        "lines": lines, "other_lines": other,
+        "local_total": fmt_minor(local_total, cur), "stripe_total": fmt_minor(stripe_total, cur),
+        "difference": fmt_minor(stripe_total - local_total, cur),
+        "difference_minor": stripe_total - local_total,
+        "complete": not preview.has_more,
+    }
+
+
+class PreviewCache:
+    """Stripe invoice previews, bounded (see the module docstring)."""
+
+    def __init__(self, client: StripeClient, ttl: float = PREVIEW_TTL,
+                 max_entries: int = PREVIEW_MAX_ENTRIES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stripe = client
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._done: OrderedDict[str, tuple[float, InvoicePreview | str]] = OrderedDict()
+        self._flight: dict[str, asyncio.Task[InvoicePreview | str]] = {}
+        self.calls = 0
+
+    async def get(self, stripe_customer_id: str) -> InvoicePreview | str:
+        """The preview, or why there is none (a sentence)."""
+        hit = self._done.get(stripe_customer_id)
+        if hit is not None and self.clock() < hit[0]:
+            return hit[1]
+        task = self._flight.get(stripe_customer_id)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(stripe_customer_id))
+            self._flight[stripe_customer_id] = task
+        return await asyncio.shield(task)
+
+    async def _fetch(self, scid: str) -> InvoicePreview | str:
+        self.calls += 1
+        try:
+            got: InvoicePreview | str = await self.stripe.preview_invoice(scid)
+        except StripeCallError as exc:
+            got = f"Stripe's invoice preview is unavailable: {exc.reason}"
+        finally:
+            self._flight.pop(scid, None)
+        self._done[scid] = (self.clock() + self.ttl, got)
+        self._done.move_to_end(scid)
+        while len(self._done) > self.max_entries:
+            self._done.popitem(last=False)
+        return got

@@ -1,0 +1,135 @@
+"""Invoice previews in the Stripe double: ``POST /v1/invoices/create_preview``.
+
+A test declares a customer's subscription with ``State.add_subscription`` (its period and
+the metered prices on it, seeded with ``State.add_price``; each price names its meter in
+``recurring.meter``). The preview is that period's invoice as Stripe would draft it now:
+
+- ``customer`` is required (400 ``parameter_missing``); a customer with no subscription
+  has no upcoming invoice (404 ``invoice_upcoming_none``).
+- One line per price: the quantity is the meter's aggregation (``sum`` of values, or
+  ``count``) of the customer's accepted, uncancelled events whose ``timestamp`` is in
+  [period start, period end), whatever their summary lag (Stripe drafts from everything
+  received). The amount: ``per_unit`` is ``unit_amount_decimal x quantity``; ``tiered``
+  ``graduated`` sums each reached tier's units and flat fee (the first tier's even at 0),
+  ``volume`` prices every unit at the
+  tier the total falls in; each line is rounded once, half up, to minor units.
+- Every pending invoice item of the customer is a further line (``parent.type``
+  ``invoice_item_details``).
+- A subscription in another currency than a price's prices it with that price's
+  ``currency_options`` entry for the subscription's currency (its ``unit_amount(_decimal)``
+  or ``tiers``; scheme, tiers mode and transform stay the price's); a price without one is
+  refused (400), as Stripe refuses such a subscription.
+- The invoice: ``currency`` (the subscription's, else the first price's), ``period_start``/``period_end``,
+  ``subtotal`` = ``total`` = ``amount_due`` = the sum of the lines, ``lines`` a list object.
+Written independently of meterproxy's pricing engine, so a preview is a second opinion.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any
+
+from .state import DoubleError, missing
+
+if TYPE_CHECKING:
+    from .state import State
+
+
+@dataclass
+class Subscription:
+    id: str
+    customer: str
+    prices: list[str]
+    period: tuple[int, int]
+    currency: str | None = None       # None: the prices' own currency
+
+
+def _dec(v: Any) -> Decimal:
+    return Decimal(str(v)) if v not in (None, "") else Decimal(0)
+
+
+def price_amount(price: dict[str, Any], quantity: int) -> int:
+    """A line's amount in minor units (rounded once, half up)."""
+    if price.get("billing_scheme", "per_unit") == "per_unit":
+        raw = _dec(price.get("unit_amount_decimal", price.get("unit_amount"))) * quantity
+    else:
+        raw, below = Decimal(0), 0
+        for n, tier in enumerate(price.get("tiers") or []):
+            up_to = tier.get("up_to")
+            cap = None if up_to in (None, "inf") else int(up_to)
+            unit = _dec(tier.get("unit_amount_decimal", tier.get("unit_amount")))
+            flat = _dec(tier.get("flat_amount_decimal", tier.get("flat_amount")))
+            reached = cap is None or quantity <= cap
+            if price.get("tiers_mode") == "volume":
+                if reached:
+                    raw = unit * quantity + flat
+                    break
+                continue
+            units = (quantity if cap is None else min(quantity, cap)) - below
+            if units > 0 or n == 0:        # the first tier's flat fee is due at 0 too
+                raw += unit * max(units, 0) + flat
+            if reached:
+                break
+            below = cap or 0
+    return int(raw.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def in_currency(price: dict[str, Any], currency: str | None) -> dict[str, Any]:
+    """The price as billed in ``currency`` (its ``currency_options`` entry)."""
+    if currency is None or currency == price.get("currency"):
+        return price
+    option = (price.get("currency_options") or {}).get(currency)
+    if option is None:
+        raise DoubleError(400, f"The price {price.get('id')} has no currency option for "
+                               f"{currency}.", param="currency")
+    amounts = {k: v for k, v in option.items()
+               if k in ("unit_amount", "unit_amount_decimal", "tiers")}
+    base = {k: v for k, v in price.items()
+            if k not in ("unit_amount", "unit_amount_decimal", "tiers")}
+    return {**base, **amounts, "currency": currency}
+
+
+def preview(state: State, params: dict[str, Any]) -> dict[str, Any]:
+    customer = params.get("customer")
+    if not customer:
+        raise missing("customer")
+    sub = state.subscriptions.get(str(customer))
+    if sub is None:
+        raise DoubleError(404, f"No upcoming invoices for customer: {customer}",
+                          code="invoice_upcoming_none")
+    start, end = sub.period
+    lines: list[dict[str, Any]] = []
+    currency = sub.currency
+    for pid in sub.prices:
+        price = in_currency(state.prices[pid], sub.currency)
+        currency = currency or price.get("currency")
+        meter = state.meters[price["recurring"]["meter"]]
+        events = [e for e in state.accepted_events(sub.customer, meter.event_name)
+                  if start <= e.timestamp < end]
+        qty = len(events) if meter.formula == "count" else sum(e.value for e in events)
+        lines.append({"id": "il_tmp_" + secrets.token_hex(8), "object": "line_item",
+                      "amount": price_amount(price, qty), "currency": price.get("currency"),
+                      "description": f"{qty} x {meter.display_name or meter.event_name}",
+                      "quantity": qty, "period": {"start": start, "end": end},
+                      "parent": {"type": "subscription_item_details",
+                                 "subscription_item_details": {"subscription": sub.id}},
+                      "pricing": {"type": "price_details",
+                                  "price_details": {"price": pid, "product": "prod_double"}}})
+    for item in state.invoice_items.items.values():
+        if item["customer"] == sub.customer and item["invoice"] is None:
+            lines.append({"id": "il_tmp_" + secrets.token_hex(8), "object": "line_item",
+                          "amount": item["amount"], "currency": item["currency"],
+                          "description": item["description"], "quantity": 1,
+                          "period": item["period"],
+                          "parent": {"type": "invoice_item_details",
+                                     "invoice_item_details": {"invoice_item": item["id"]}},
+                          "pricing": None})
+    total = sum(int(ln["amount"]) for ln in lines)
+    return {"id": "upcoming_in_" + secrets.token_hex(6), "object": "invoice",
+            "customer": sub.customer, "subscription": sub.id, "currency": currency or "usd",
+            "period_start": start, "period_end": end, "status": "draft",
+            "subtotal": total, "total": total, "amount_due": total, "livemode": False,
+            "lines": {"object": "list", "data": lines, "has_more": False,
+                      "url": "/v1/invoices/upcoming/lines"}}

@@ -1,0 +1,238 @@
+"""Monetary credits (issue 12, finding 2): usage burns credits at its marginal price, so the
+period's burns equal the Stripe invoice line the tiers make of the period total; a local
+grant mirrored as a Stripe credit grant (the Stripe double validates them as Stripe does)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+import stripe
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.credits.ledger import GrantState
+from proxy.credits.monetary import (
+    balance_check,
+    burn,
+    credit_grant_params,
+    micro_per_minor,
+    stripe_available,
+    summary_available,
+    to_minor,
+    true_up,
+)
+from proxy.errors import StripeRejected
+from proxy.pricing import Price, Tier, line_amount
+from proxy.stripe.client import StripeClient
+from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
+
+U = 1_000_000          # micro-units per unit
+
+# the issue's examples: graduated 1M at 0.0002 cents + a 500-cent flat fee, then 0.0001
+GRADUATED = Price("usd", "tiered", tiers_mode="graduated", tiers=(
+    Tier(1_000_000, Decimal("0.0002"), Decimal(500)), Tier(None, Decimal("0.0001"))))
+# volume: up to 100 units at 25 cents, beyond at 20
+VOLUME = Price("usd", "tiered", tiers_mode="volume", tiers=(
+    Tier(100, Decimal(25)), Tier(None, Decimal(20))))
+
+
+def _burns(price: Price, steps: list[int]) -> tuple[list[int], int]:
+    burned, total, out = 0, 0, []
+    for q in steps:
+        total += q
+        b = burn(price, burned, total)
+        burned += b
+        out.append(b)
+    return out, total
+
+
+def test_graduated_burns_sum_to_the_invoice_line() -> None:
+    burns, total = _burns(GRADUATED, [1_000_000 * U] * 3)
+    assert burns == [700, 100, 100]                  # the flat fee once, each tier's own rate
+    assert sum(burns) == line_amount(GRADUATED, total) == 900
+    # unit credits covering the first 2M would leave 1M priced from tier 1: 700, not 100
+
+
+def test_volume_burns_the_tier_of_the_period_total() -> None:
+    burns, total = _burns(VOLUME, [100 * U, 50 * U])
+    assert burns == [2500, 500] and sum(burns) == line_amount(VOLUME, total) == 3000
+    # crossing into the cheaper tier lowers the line: nothing burned, the excess given back
+    burns, total = _burns(VOLUME, [100 * U, 1 * U])
+    assert burns == [2500, 0]
+    assert true_up(VOLUME, 2500, total) == 2500 - 2020
+
+
+_tiers = st.lists(st.tuples(st.integers(1, 50), st.integers(0, 500), st.integers(0, 1000)),
+                  min_size=1, max_size=4)
+
+
+def _price(mode: str, spec: list[tuple[int, int, int]]) -> Price:
+    bounds, tiers, up = [], [], 0
+    for width, _, _ in spec:
+        up += width
+        bounds.append(up)
+    for i, (_, unit, flat) in enumerate(spec):
+        last = i == len(spec) - 1
+        tiers.append(Tier(None if last else bounds[i], Decimal(unit) / 100, Decimal(flat)))
+    return Price("usd", "tiered", tiers_mode=mode, tiers=tuple(tiers))  # type: ignore[arg-type]
+
+
+@given(_tiers, st.sampled_from(["graduated", "volume"]),
+       st.lists(st.integers(0, 40 * U), max_size=12))
+def test_burns_minus_true_up_equal_the_line_whatever_the_requests(
+        spec: list[tuple[int, int, int]], mode: str, steps: list[int]) -> None:
+    price = _price(mode, spec)
+    burns, total = _burns(price, steps)
+    assert all(b >= 0 for b in burns)
+    burned = sum(burns)
+    assert burned - true_up(price, burned, total) == line_amount(price, total) or not steps
+    if mode == "graduated":
+        assert true_up(price, burned, total) == 0
+
+
+@given(st.integers(1, 10**6), st.lists(st.integers(0, 10**4 * U), max_size=12))
+def test_per_unit_burns_sum_exactly(unit_cents: int, steps: list[int]) -> None:
+    price = Price("usd", unit_amount_decimal=Decimal(unit_cents) / 1000)
+    burns, total = _burns(price, steps)
+    assert sum(burns) == (line_amount(price, total) if steps else 0)
+
+
+def test_credit_units_per_currency() -> None:
+    assert micro_per_minor("usd") == 10_000          # 1 credit = 1 USD = 100 cents
+    assert micro_per_minor("jpy") == 1_000_000       # zero-decimal
+    assert micro_per_minor("kwd") == 1_000           # three-decimal
+    assert to_minor(12_340_000, "usd") == 1234
+    with pytest.raises(ValueError, match="whole number of usd minor units"):
+        to_minor(12_345, "usd")
+
+
+def test_a_grant_mirrors_as_a_stripe_credit_grant() -> None:
+    g = GrantState("grt_1", "acme", 25 * U, 10, 2_000_000_000, 0, "stripe:in_1",
+                   effective_at=1_900_000_000)
+    assert credit_grant_params(g, "cus_1", "usd", "paid") == {
+        "customer": "cus_1",
+        "amount": {"type": "monetary", "monetary": {"value": 2500, "currency": "usd"}},
+        "applicability_config": {"scope": {"price_type": "metered"}},
+        "category": "paid", "priority": 10, "name": "meterproxy stripe:in_1",
+        "metadata": {"meterproxy_grant": "grt_1"},
+        "effective_at": 1_900_000_000, "expires_at": 2_000_000_000}
+
+
+def test_stripe_balance_expected_from_the_local_one() -> None:
+    summary = {"balances": [{"available_balance": {"type": "monetary",
+                                                   "monetary": {"currency": "usd",
+                                                                "value": 2500}}}]}
+    assert summary_available(summary, "usd") == 2500
+    assert summary_available(summary, "eur") is None
+    # 15 USD left locally, 10 USD burned in the open period: Stripe has applied nothing yet
+    assert stripe_available(15 * U, 1000, "usd") == 2500
+
+
+# ---- the Stripe double's Billing Credits, through the real stripe SDK ----------------------
+
+SUMMARY_FILTER = {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}
+
+
+async def _available(client: StripeClient, customer: str) -> int | None:
+    return summary_available(await client.credit_balance_summary(customer), "usd")
+
+
+@pytest.fixture
+async def client(stripe_double: RunningDouble) -> AsyncIterator[StripeClient]:
+    c = StripeClient(TEST_API_KEY, api_base=stripe_double.url, timeout=2.0)
+    yield c
+    await c.close()
+
+
+async def test_double_mirrors_a_grant_and_its_balance(client: StripeClient,
+                                                      stripe_double: RunningDouble) -> None:
+    """Mirroring through StripeClient (the real SDK) against the double's Billing Credits."""
+    now = int(stripe_double.state.now())
+    g = GrantState("grt_1", "acme", 25 * U, 10, now + 3600, now, "admin")
+    later = GrantState("grt_2", "acme", 5 * U, 0, now + 7200, now, "admin",
+                       effective_at=now + 600)
+    made = [await client.create_credit_grant(credit_grant_params(x, "cus_1", "usd", "paid"),
+                                             idempotency_key=f"meterproxy-grant-{x.id}")
+            for x in (g, later)]
+    again = await client.create_credit_grant(credit_grant_params(g, "cus_1", "usd", "paid"),
+                                             idempotency_key="meterproxy-grant-grt_1")
+    assert again == made[0]                                       # a retry creates one
+    first = stripe_double.state.credit_grants.grants[made[0]]
+    assert (first.value, first.currency, first.priority, first.category, first.metadata) == \
+        (2500, "usd", 10, "paid", {"meterproxy_grant": "grt_1"})
+    assert await _available(client, "cus_1") == 2500              # grt_2 not effective yet
+    # an invoice finalized with 10 USD of metered lines takes it from the grants
+    stripe_double.state.credit_grants.apply_to_invoice("cus_1", "usd", 1000)
+    assert await _available(client, "cus_1") == 1500
+    assert stripe_available(15 * U - 10 * U, 1000, "usd") == 1500   # 5 left, 10 open-burned
+    stripe_double.state.advance(601)
+    assert await _available(client, "cus_1") == 2000
+    await client.void_credit_grant(made[1])
+    assert await _available(client, "cus_1") == 1500
+    with pytest.raises(StripeRejected, match="already voided"):
+        await client.void_credit_grant(made[1])
+    await client.expire_credit_grant(made[0])
+    assert await _available(client, "cus_1") == 0
+
+
+async def test_balance_check_explains_a_difference(client: StripeClient,
+                                                   stripe_double: RunningDouble) -> None:
+    now = int(stripe_double.state.now())
+    g = GrantState("grt_1", "acme", 25 * U, 10, now + 3600, now, "admin")
+    assert balance_check(25 * U, 0, await client.credit_balance_summary("cus_1"), "usd") == {
+        "currency": "usd", "expected": 2500, "stripe": 0, "difference": -2500,
+        "explanation": "Stripe holds no credit balance in this currency: the grants were not"
+                       " mirrored"}
+    await client.create_credit_grant(credit_grant_params(g, "cus_1", "usd", "paid"),
+                                     idempotency_key="k1")
+    summary = await client.credit_balance_summary("cus_1")
+    assert balance_check(25 * U, 0, summary, "usd")["explanation"] == "matches"
+    # 5 USD burned in the open period: locally 20 left, Stripe has applied nothing yet
+    assert balance_check(20 * U, 500, summary, "usd")["difference"] == 0
+    voided_here = balance_check(15 * U, 0, summary, "usd")
+    assert voided_here["difference"] == 1000 and "Stripe holds more" in \
+        voided_here["explanation"]
+    assert "Stripe holds less" in balance_check(30 * U, 0, summary, "usd")["explanation"]
+
+
+@given(st.integers(0, 10**12), st.integers(0, 10**7), st.integers(0, 10**9))
+def test_balance_check_difference_is_stripe_minus_expected(local: int, burned: int,
+                                                           stripe: int) -> None:
+    local -= local % 10_000                    # whole cents
+    summary = {"balances": [{"available_balance": {
+        "type": "monetary", "monetary": {"currency": "usd", "value": stripe}}}]}
+    out = balance_check(local, burned, summary, "usd")
+    assert out["expected"] == local // 10_000 + burned
+    assert out["difference"] == stripe - out["expected"]
+    assert (out["explanation"] == "matches") == (out["difference"] == 0)
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"amount": {"type": "custom_pricing_unit"}}, "amount[type]"),
+    ({"amount": {"type": "monetary", "monetary": {"value": 0, "currency": "usd"}}},
+     "amount[monetary][value]"),
+    ({"amount": {"type": "monetary", "monetary": {"value": 5, "currency": "USD"}}},
+     "amount[monetary][currency]"),
+    ({"applicability_config": {"scope": {"price_type": "licensed"}}},
+     "applicability_config[scope][price_type]"),
+    ({"applicability_config": None}, "applicability_config[scope]"),
+    ({"category": "gift"}, "category"),
+    ({"priority": 101}, "priority"),
+    ({"effective_at": 2_000_000_000, "expires_at": 2_000_000_000}, "expires_at"),
+    ({"customer": None}, "customer"),
+])
+async def test_double_validates_credit_grants_as_stripe_does(
+        stripe_client: stripe.StripeClient, change: dict[str, object], param: str) -> None:
+    base = {"customer": "cus_1",
+            "amount": {"type": "monetary", "monetary": {"value": 100, "currency": "usd"}},
+            "applicability_config": {"scope": {"price_type": "metered"}}}
+    params = {k: v for k, v in {**base, **change}.items() if v is not None}
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        await stripe_client.v1.billing.credit_grants.create_async(params)  # type: ignore[arg-type]
+    assert err.value.param == param
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        await stripe_client.v1.billing.credit_balance_summary.retrieve_async(
+            {"customer": "cus_1"})  # type: ignore[typeddict-item]
+    assert err.value.param == "filter[type]"
