@@ -92,11 +92,16 @@ from proxy.errors import HttpError, InvalidInput, WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, SqliteCustomers
+from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.protocols import Customers, LedgerEntry, StoredEvent, WebhookEvents
 from proxy.store.webhooks import SqliteWebhookEvents
 from proxy.stripe.client import StripeClient
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro, to_micro
+
+# the store could not be reached (SQLite or the fleet's PostgreSQL): an event is left as it
+# was (pending) and retried, never recorded as failed; intake answers 503 so Stripe resends
+STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, PgUnavailable)
 
 log = logging.getLogger("meterproxy.webhooks")
 
@@ -278,7 +283,7 @@ class WebhookReceiver:
         try:
             inserted = await self.events.record(event["id"], event["type"], created,
                                                 body.decode(), int(self.clock()))
-        except sqlite3.Error as exc:
+        except STORE_DOWN as exc:
             log.error("cannot store webhook %s: %s", event["id"], exc)
             raise HttpError("The event could not be stored; retry.",
                             status=503, type_="storage_unavailable") from exc
@@ -295,7 +300,7 @@ class WebhookReceiver:
             self._wake.clear()
             try:
                 await self.drain()
-            except sqlite3.Error:
+            except STORE_DOWN:
                 log.exception("webhook processing paused: storage error")
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll)
@@ -332,7 +337,7 @@ class WebhookReceiver:
             raise LookupError(f"no webhook event {event_id!r}")
         try:
             out = await self._dispatch(orjson.loads(payload))
-        except sqlite3.Error:
+        except STORE_DOWN:        # the store, not the event: stays pending, retried later
             raise
         except Exception as exc:   # any bad event must not stop the others
             log.warning("webhook %s failed: %s", event_id, exc)

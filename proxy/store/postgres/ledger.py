@@ -39,6 +39,9 @@ _GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source
 _BALANCE_OUT = ("expire", "void")
 
 
+_CLOSING = frozenset({"expire", "void"})   # at most once per grant (migration 5)
+
+
 def balance_change(entries: Sequence[Entry]) -> int:
     """Pure: what appending ``entries`` does to the account balance (micro-credits)."""
     return -sum(e.amount for e in entries if e.kind in _BALANCE_OUT)
@@ -55,16 +58,31 @@ async def _add_balance(c: Conn, customer_id: str, amount: int) -> None:
 async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
                          request_id: str | None = None, meter: str | None = None,
                          at: float | None = None) -> None:
-    """Append entries inside the caller's transaction (a debt entry has no grant)."""
+    """Append entries inside the caller's transaction (a debt entry has no grant). A grant's
+    ``expire`` or ``void`` entry is appended at most once for the fleet (members decide from
+    their own books, so two may decide the same closing): a repeat is skipped and does not
+    touch the balance again."""
     if not entries:
         return
     at_ms = int((time.time() if at is None else at) * 1000)
-    await c.executemany(
-        "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
-        " at_ms) VALUES ($1, NULLIF($2, ''), $3, $4, $5, $6, $7)",
-        [(customer_id, e.grant_id, e.kind, e.amount, request_id, meter, at_ms)
-         for e in entries])
-    await _add_balance(c, customer_id, balance_change(entries))
+    appended: list[Entry] = []
+    plain = [e for e in entries if e.kind not in _CLOSING]
+    if plain:
+        await c.executemany(
+            "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
+            " at_ms) VALUES ($1, NULLIF($2, ''), $3, $4, $5, $6, $7)",
+            [(customer_id, e.grant_id, e.kind, e.amount, request_id, meter, at_ms)
+             for e in plain])
+        appended += plain
+    for e in entries:
+        if e.kind in _CLOSING and await c.fetchval(
+                "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id,"
+                " meter, at_ms) VALUES ($1, NULLIF($2, ''), $3, $4, $5, $6, $7)"
+                " ON CONFLICT (grant_id, kind) WHERE kind IN ('expire', 'void') DO NOTHING"
+                " RETURNING 1", customer_id, e.grant_id, e.kind, e.amount, request_id, meter,
+                at_ms) is not None:
+            appended.append(e)
+    await _add_balance(c, customer_id, balance_change(appended))
 
 
 async def _linked_refs(c: Conn, refs: Sequence[str]) -> list[str]:

@@ -113,6 +113,12 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE customers ADD COLUMN currency TEXT;
     """,
+    # 5: a grant is expired or voided at most once for the whole fleet (every member runs
+    # the expiry loop; two admin voids may race): the second such entry is not appended
+    """
+    CREATE UNIQUE INDEX credit_entries_closed_once ON credit_entries(grant_id, kind)
+        WHERE kind IN ('expire', 'void');
+    """,
 )
 
 ALL_MIGRATIONS: tuple[str, ...] = MIGRATIONS + OWNER_MIGRATIONS
