@@ -364,7 +364,10 @@ class Flusher:
             if count:
                 report.retrying += 1
             # 6: transient failures stay pending; never dead-lettered
-            delay = max(backoff(row["attempts"], first=1.0, cap=MAX_BACKOFF, rng=self.rng),
+            # attempts counts calls made before this one: the n-th failure waits about
+            # 2^(n-1) x 0.5 s, spread over [cap/2, cap) once it reaches the cap
+            delay = max(backoff(row["attempts"] + 1, first=0.5, cap=MAX_BACKOFF, rng=self.rng,
+                                spread_at_cap=True),
                         out.retry_after or 0.0, self.ambiguous_hold if out.ambiguous else 0.0)
             await self.outbox.retry_at(row["id"], now + delay, out.reason)
         else:

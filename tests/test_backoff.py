@@ -55,3 +55,17 @@ def test_the_flushers_schedule_doubles_from_one_second_and_is_repeatable_when_se
     assert backoff(12, first=1.0, cap=300.0) == 300.0
     seq = [backoff(n, first=1.0, cap=300.0, rng=random.Random(3)) for n in range(1, 9)]
     assert seq == [backoff(n, first=1.0, cap=300.0, rng=random.Random(3)) for n in range(1, 9)]
+
+
+@given(st.integers(min_value=1, max_value=2000), st.integers(min_value=0, max_value=2**32))
+def test_spread_at_cap_never_sits_at_the_cap(attempt: int, seed: int) -> None:
+    """At the cap the delay is drawn from [cap/2, cap), so retries that reached it together do
+    not fire together; below the cap the formula is unchanged."""
+    import random as _random
+    plain = backoff(attempt, first=0.5, cap=300.0, rng=_random.Random(seed))
+    spread = backoff(attempt, first=0.5, cap=300.0, rng=_random.Random(seed), spread_at_cap=True)
+    step = 0.5 * 2.0 ** (attempt - 1) if attempt < 1000 else float("inf")
+    if step >= 300.0:
+        assert 150.0 <= spread <= 300.0
+    else:
+        assert spread == plain
