@@ -28,6 +28,7 @@ from proxy.credits.ledger import Entry
 from proxy.store.db import Store, UsageItem, UsageRow, connect
 from proxy.store.protocols import Storage
 from proxy.store.sqlite import SqliteStorage, as_storage, offline, open_reader
+from tests.store_pg.backend import postgres_backend
 
 
 @dataclass
@@ -82,6 +83,7 @@ async def _sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
 
 FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[Backend]]] = {
     "sqlite": _sqlite,
+    "postgres": postgres_backend,
 }
 
 

@@ -1,0 +1,55 @@
+"""``JournalShipping``: a member's local SQLite journal shipped to the shared database; the
+fleet's ``UsageLedger.materialize`` (``proxy.store.postgres.usage``).
+
+``UsageLedger.record`` in fleet mode appends to the member's own ``Store`` journal (strict
+durability, no network round trip). ``ship_pending`` then moves every journal row after
+the watermark, batch by batch:
+
+1. the rows' grant debits (``proxy.store.postgres.journal.ship_debits``: keyed
+   ``(member_id, seq, index)``, a resend inserts nothing; one transaction);
+2. the rows themselves through ``Shipper.ship`` (``usage_ledger`` keyed
+   ``(member_id, seq)``, leases settled from the rows really inserted, the minutes kept by
+   the trigger; one transaction), after which the watermark moves.
+
+A crash between 1 and 2 resends both: 1 inserts nothing, 2 inserts the rows. So each row is
+counted exactly once in audit, usage and credits (a reader may see a batch's debits a moment
+before its usage).
+"""
+
+from __future__ import annotations
+
+from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
+from proxy.store.db import UsageRow
+from proxy.store.postgres.journal import SqliteJournal, ship_debits
+from proxy.store.postgres.pool import PgPool
+
+
+def to_local(seq: int, r: UsageRow) -> LocalRow:
+    """Pure: a journal row as the shipper's ``LocalRow``."""
+    return LocalRow(seq, r.request_id, int(r.at * 1000), r.customer_id, r.key_id, r.rule,
+                    r.rules_version, r.status,
+                    tuple(ShipItem(i.meter, i.quantity, i.credits, i.billable, i.flags)
+                          for i in r.items), r.method, r.path)
+
+
+class JournalShipping:
+    def __init__(self, pool: PgPool, member_id: str, journal: SqliteJournal,
+                 batch_size: int = 1000) -> None:
+        self.pool = pool
+        self.member_id = member_id
+        self.journal = journal
+        self.shipper = Shipper(pool, member_id, batch_size)
+        self._loaded = False
+
+    async def ship_pending(self) -> int:
+        """Ship every journal row after the watermark; returns how many rows shipped.
+        Raises PgUnavailable (what committed stays committed; the rest is resent)."""
+        if not self._loaded:
+            await self.shipper.load_watermark()
+            self._loaded = True
+        total = 0
+        while rows := self.journal.rows_after(self.shipper.watermark, self.shipper.batch_size):
+            await ship_debits(self.pool, self.member_id, rows)
+            await self.shipper.ship([to_local(s, r) for s, r in rows])
+            total += len(rows)
+        return total

@@ -1,0 +1,73 @@
+"""The two store-side halves of shipping a member's journal (``proxy.fleet.journal_shipping``
+puts them together with the fleet's ``Shipper``):
+
+- ``SqliteJournal``: reads the rows of the member's local ``Store`` journal after a
+  sequence number (read only; the SQLite ``UsageLedger`` owner writes the table).
+- ``ship_debits``: the grant debits a journal row carries (``UsageRow.debits``) into
+  PostgreSQL's ``credit_entries``, keyed ``(member_id, seq, index)`` with ``ON CONFLICT DO
+  NOTHING`` (``proxy.store.postgres.owners_schema``), so a resend inserts nothing; an
+  ``expire``/``void`` entry also lowers the account balance, as ``CreditLedger.append``
+  does. One transaction.
+
+Requirement on the journal (for the integration): ``seq`` must never be reused by one
+member id. SQLite's ``INTEGER PRIMARY KEY`` reuses ``max(seq) + 1`` after the newest rows
+are deleted, so a journal that deletes shipped rows must keep the newest one (or the member
+id must change, e.g. pod id + boot number, whenever the journal starts empty).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from proxy.credits.ledger import Entry
+from proxy.store.db import UsageRow, decode_row
+from proxy.store.postgres.ledger import balance_change
+from proxy.store.postgres.pool import PgPool
+
+
+class SqliteJournal:
+    """The rows of a ``Store``'s ``journal`` table after a sequence number."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def rows_after(self, seq: int, limit: int) -> list[tuple[int, UsageRow]]:
+        return [(int(s), decode_row(blob)) for s, blob in self.conn.execute(
+            "SELECT seq, row FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))]
+
+
+_DEBITS = """
+INSERT INTO credit_entries (customer_id, grant_id, kind, amount, request_id, meter, at_ms,
+                            member_id, member_seq, member_item)
+SELECT c, NULLIF(g, ''), k, a, r, m, t, $1, s, i
+FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+            $8::bigint[], $9::bigint[], $10::smallint[]) AS x(c, g, k, a, r, m, t, s, i)
+ORDER BY s, i
+ON CONFLICT (member_id, member_seq, member_item) WHERE member_id IS NOT NULL DO NOTHING
+RETURNING customer_id, grant_id, kind, amount
+"""
+
+
+async def ship_debits(pool: PgPool, member_id: str,
+                      rows: Sequence[tuple[int, UsageRow]]) -> int:
+    """Insert the debits of ``(seq, row)`` pairs not shipped before; returns how many."""
+    cols: list[list[object]] = [[] for _ in range(9)]
+    for seq, r in rows:
+        at_ms = int(r.at * 1000)
+        for i, (meter, e) in enumerate(r.debits):
+            for col, v in zip(cols, (r.customer_id, e.grant_id, e.kind, e.amount,
+                                     r.request_id, meter, at_ms, seq, i), strict=True):
+                col.append(v)
+    if not cols[0]:
+        return 0
+    async with pool.acquire() as c, c.transaction():
+        back = await c.fetch(_DEBITS, member_id, *cols)
+        change: dict[str, int] = {}
+        for b in back:
+            d = balance_change([Entry(b["grant_id"] or "", b["kind"], b["amount"])])
+            change[b["customer_id"]] = change.get(b["customer_id"], 0) + d
+        for cid in sorted(cid for cid, d in change.items() if d):
+            await c.execute("UPDATE credit_accounts SET balance = balance + $2"
+                            " WHERE customer_id = $1", cid, change[cid])
+    return len(back)
