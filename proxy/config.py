@@ -64,7 +64,7 @@ charge comes up to one billing period (31 days) after the usage, the response wi
 21 days and the network's decision can take 75 more; 400 days covers that (247 days) with
 margin, and a year-over-year audit."""
 
-FLEET_SERVING = False
+FLEET_SERVING = True
 """Whether the serving path runs on ``storage.backend: postgres``. Until it does, such a config
 is refused at load: serving it from per-process SQLite files would multiply every balance by
 the number of replicas (docs/fleet.md)."""

@@ -1,0 +1,226 @@
+"""Fleet mode's part of start-up and shutdown (``storage.backend: postgres``); the
+composition root (``proxy.app``) calls ``open_fleet`` and registers the tasks and the close.
+
+What a member runs, besides serving:
+
+- its local SQLite ``Store`` stays the **journal** (strict durability on the hot path, no
+  network round trip); it is opened with ``keep_journal`` so rows are never moved into local
+  tables, only shipped and then pruned;
+- ``PostgresStorage`` is ``rt.storage``: the admin API, the consumer page, exports, webhooks,
+  alerts and reconciliation read and write the fleet's truth;
+- the **shipper** ships the journal every ``fleet.ship_interval`` (and whenever the flusher
+  materializes), then prunes what shipped;
+- **keys**: the storage's LISTEN connection moves ``customers.data_version`` when any member
+  changes a key or customer; the key cache reloads on the next ``fleet.key_poll_interval``
+  tick (a dead listener is reopened; while it is down every tick reloads);
+- **leadership** of the ``flusher`` duty, tried every ``leader_ttl / 3``: exactly one member
+  stages and delivers; its outbox writes run in fenced transactions (``FencedPool``);
+- **leases**: renewed every ``lease_ttl / 3``; abandoned leases reaped by every member
+  (``SKIP LOCKED``: reapers never queue behind each other).
+
+Shutdown (``Fleet.close``, after requests drained and the final flush): ship the journal,
+release leases, resign leadership, close the listener and the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from proxy.config import Config
+from proxy.fleet.book import LeaseBook
+from proxy.fleet.journal_shipping import JournalShipping
+from proxy.fleet.leader import Deposed, Leadership
+from proxy.fleet.leases import LeaseStore
+from proxy.fleet.settings import lease_policy, member_id, pool_settings
+from proxy.store.db import Store
+from proxy.store.postgres.conn import Conn
+from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.outbox import PostgresOutbox
+from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
+from proxy.store.protocols import Storage
+from proxy.units import to_micro
+
+log = logging.getLogger("meterproxy.fleet")
+
+FLUSHER_DUTY = "flusher"
+ERRORS: tuple[type[Exception], ...] = (PgUnavailable, Deposed)
+"""What the fleet's background loops log and retry (the database away, leadership lost)."""
+
+
+class FencedPool(PgPool):
+    """A ``PgPool`` whose every ``acquire`` is a fenced transaction of ``lead``: the outbox
+    owner built on it writes only while this member holds the flusher duty with the fence
+    it had (``Deposed`` otherwise, nothing written)."""
+
+    def __init__(self, pool: PgPool, lead: Leadership) -> None:
+        super().__init__(pool.settings)
+        self.inner = pool
+        self.lead = lead
+
+    async def open(self, run_migrations: bool = True) -> None:
+        raise RuntimeError("a FencedPool borrows an open pool")
+
+    async def close(self) -> None:
+        return None
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Conn]:
+        async with self.lead.fenced() as conn:
+            yield conn
+
+
+class LockedShipping:
+    """``JournalShipping`` with one ship at a time (the timer and the flusher's materialize
+    both ship) and the journal pruned after each ship."""
+
+    def __init__(self, shipping: JournalShipping, store: Store) -> None:
+        self.shipping = shipping
+        self.store = store
+        self.lock = asyncio.Lock()
+        self.last_ok: float | None = None        # wall clock of the last complete ship
+        self.shipped = 0
+
+    @property
+    def watermark(self) -> int:
+        return self.shipping.shipper.watermark
+
+    async def ship_pending(self) -> int:
+        async with self.lock:
+            n = await self.shipping.ship_pending()
+            self.shipped += n
+            self.last_ok = time.time()
+            if n:
+                self.store.prune_journal(self.watermark)
+            return n
+
+    def pending(self) -> int:
+        """Journal rows not shipped yet (a local read)."""
+        row = self.store.conn.execute("SELECT count(*) FROM journal WHERE seq > ?",
+                                      (self.watermark,)).fetchone()
+        return int(row[0])
+
+
+@dataclass
+class Fleet:
+    cfg: Config
+    member_id: str
+    pool: PgPool
+    storage: PostgresStorage
+    store: Store
+    shipping: LockedShipping
+    lead: Leadership
+    leases: LeaseStore
+    book: LeaseBook
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def owners(self) -> Storage:
+        return as_storage(self.storage)
+
+    async def keep_listening(self) -> None:
+        """Reopen the storage's LISTEN connection if it died."""
+        conn = self.storage.listener
+        if conn is not None and not conn.is_closed():
+            return
+        self.storage.listener = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=1)
+        await self.storage.watch()
+
+    def flusher_outbox(self) -> PostgresOutbox:
+        """The outbox owner the flusher uses: every verb a fenced transaction."""
+        return PostgresOutbox(FencedPool(self.pool, self.lead))
+
+    # ---- background loops -----------------------------------------------------------
+
+    async def ship_forever(self) -> None:
+        interval = self.cfg.fleet.ship_interval
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval)
+            try:
+                await self.shipping.ship_pending()
+            except PgUnavailable as exc:
+                log.warning("shipping paused, PostgreSQL unreachable: %s", exc)
+
+    async def lead_forever(self, took_over: list[object]) -> None:
+        """Try to take or renew the flusher duty every ``leader_ttl / 3``; ``took_over``
+        callbacks run when this member becomes the leader."""
+        period = self.cfg.fleet.leader_ttl / 3
+        while not self.stop.is_set():
+            was = self.lead.leads()
+            if await self.lead.try_lead() and not was:
+                log.info("%s leads the flusher (fence %s)", self.member_id, self.lead.fence)
+                for cb in took_over:
+                    if callable(cb):
+                        cb()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), period)
+
+    async def leases_forever(self) -> None:
+        """Renew held leases every ``lease_ttl / 3``; reap abandoned ones."""
+        period = self.cfg.fleet.lease_ttl / 3
+        grace_ms = round(self.cfg.fleet.reaper_grace * 1000)
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), period)
+            try:
+                for cid in list(self.book.held):
+                    await self.book.renew(cid)
+                await self.leases.reap(grace_ms)
+            except PgUnavailable as exc:
+                log.warning("lease renewal paused, PostgreSQL unreachable: %s", exc)
+
+    # ---- shutdown -------------------------------------------------------------------
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Ship what is journaled, release leases, resign, close. Each step is bounded and
+        a failure is logged: what did not ship stays in the journal for the next start."""
+        self.stop.set()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(t, timeout)
+        steps = (("ship the journal", self.shipping.ship_pending),
+                 ("release leases", self.book.release_all),
+                 ("resign the flusher", self.lead.resign))
+        for what, step in steps:
+            try:
+                await asyncio.wait_for(step(), timeout)
+            except (TimeoutError, PgUnavailable, Deposed) as exc:
+                log.warning("fleet shutdown: could not %s: %s", what, exc)
+        await self.storage.close()
+        await self.pool.close()
+
+
+async def open_fleet(cfg: Config, store: Store) -> Fleet:
+    """Open the pool (migrating the schema), the owners on it with ``store`` as the local
+    journal, the shipper, the leader lease and the lease book. The caller closes."""
+    mid = member_id(cfg)
+    pool = PgPool(pool_settings(cfg.storage))
+    await pool.open(run_migrations=False)
+    try:
+        await ensure_schema(pool)
+        shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
+                                                  cfg.fleet.ship_batch), store)
+        storage = PostgresStorage.on(pool, local=store, shipping=shipping)
+        await storage.watch()
+        policy = lease_policy(cfg.fleet)
+        leases = LeaseStore(pool, mid, policy)
+        book = LeaseBook(leases, fail_mode=cfg.storage.fail_mode,
+                         offline_allowance=to_micro(cfg.fleet.offline_allowance))
+        lead = Leadership(pool, FLUSHER_DUTY, mid, round(cfg.fleet.leader_ttl * 1000),
+                          policy.drift_margin_ppm)
+    except BaseException:
+        await pool.close()
+        raise
+    log.info("fleet member %s on PostgreSQL (schema current)", mid)
+    return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book)
