@@ -30,6 +30,7 @@ from proxy import metrics
 from proxy.admin.api import REFUSALS, build_admin_app
 from proxy.admin.billing import billing_routes
 from proxy.admin.credits import credit_routes
+from proxy.admin.fleet import FLEET, fleet_routes
 from proxy.admin.reconcile import reconcile_routes
 from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
@@ -216,10 +217,12 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         undo.push_async_callback(reconciler.stripe.close)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
-                                + webhook_routes(),
+                                + webhook_routes() + fleet_routes(),
                                 credits=credits, flusher=flusher, webhooks=webhooks,
                                 reconciler=reconciler, meter_check=meter_check,
                                 reconcile_grace=cfg.stripe.reconcile_grace)
+    if fleet is not None:
+        admin_app[FLEET] = fleet
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     ConsumerApi(pipeline, reader, credits).mount()
     await public.setup()
@@ -259,7 +262,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         server.tasks.append(_task(undo, "journal", store.materialize_forever()))
     else:     # its own stop event: running through the final flush, ended by fleet.close
         fleet.tasks += [spawn("fleet-ship", fleet.ship_forever()),
-                        spawn("fleet-leader", fleet.lead_forever([flusher.took_over])),
+                        spawn("fleet-leader", fleet.lead_forever(
+                            [flusher.took_over], lambda: rt.rules.version)),
                         spawn("fleet-leases", fleet.leases_forever())]
     server.graceful.append((flusher.stop, _task(undo, "flusher",
                                                 flusher.run(cfg.stripe.flush_interval))))

@@ -28,10 +28,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+from proxy import metrics
 from proxy.config import Config
 from proxy.fleet.book import LeaseBook
 from proxy.fleet.journal_shipping import JournalShipping
@@ -46,11 +48,13 @@ from proxy.store.postgres.outbox import PostgresOutbox
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
 from proxy.store.protocols import Storage
-from proxy.units import to_micro
+from proxy.units import fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.fleet")
 
 FLUSHER_DUTY = "flusher"
+_HEARTBEAT = ("INSERT INTO members(id, rules_version) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE "
+              "SET rules_version = $2, last_seen = now()")
 ERRORS: tuple[type[Exception], ...] = (PgUnavailable, Deposed)
 """What the fleet's background loops log and retry (the database away, leadership lost)."""
 
@@ -152,17 +156,24 @@ class Fleet:
             except PgUnavailable as exc:
                 log.warning("shipping paused, PostgreSQL unreachable: %s", exc)
 
-    async def lead_forever(self, took_over: list[object]) -> None:
-        """Try to take or renew the flusher duty every ``leader_ttl / 3``; ``took_over``
-        callbacks run when this member becomes the leader."""
+    async def lead_forever(self, took_over: list[Callable[[], None]],
+                           rules_version: Callable[[], str]) -> None:
+        """Every ``leader_ttl / 3``: take or renew the flusher duty (``took_over`` callbacks
+        run when this member becomes the leader), say this member is alive with its rules
+        version, refresh the fleet gauges."""
         period = self.cfg.fleet.leader_ttl / 3
         while not self.stop.is_set():
             was = self.lead.leads()
             if await self.lead.try_lead() and not was:
                 log.info("%s leads the flusher (fence %s)", self.member_id, self.lead.fence)
                 for cb in took_over:
-                    if callable(cb):
-                        cb()
+                    cb()
+            try:
+                async with self.pool.acquire() as c:
+                    await c.execute(_HEARTBEAT, self.member_id, rules_version())
+            except PgUnavailable as exc:
+                log.warning("fleet heartbeat failed, PostgreSQL unreachable: %s", exc)
+            self.refresh_gauges()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), period)
 
@@ -179,6 +190,72 @@ class Fleet:
                 await self.leases.reap(grace_ms)
             except PgUnavailable as exc:
                 log.warning("lease renewal paused, PostgreSQL unreachable: %s", exc)
+
+    # ---- status -------------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        metrics.fleet_leader.set(1 if self.lead.leads() else 0)
+        metrics.fleet_journal_pending_rows.set(self.shipping.pending())
+        last = self.shipping.last_ok
+        metrics.fleet_ship_age_seconds.set(0 if last is None else max(0.0, time.time() - last))
+        metrics.fleet_leases_held.set(len(self.book.held))
+        metrics.fleet_lease_credits.set(sum(h.remaining for h in self.book.held.values())
+                                        / 1_000_000)
+        metrics.fleet_lease_refills_total.set(self.book.refills)
+
+    async def _fleet_rows(self) -> tuple[list[Any], Any]:
+        async with self.pool.acquire() as c:
+            members = await c.fetch(
+                "SELECT m.id, m.rules_version, m.last_shipped_seq, m.started_at, m.last_seen, "
+                "extract(epoch FROM now() - m.last_seen)::float8 AS silent, "
+                "coalesce(l.n, 0) AS leases, coalesce(l.left_, 0) AS lease_credits "
+                "FROM members m LEFT JOIN (SELECT member_id, count(*) AS n, "
+                "sum(granted - reported) AS left_ FROM credit_leases WHERE state = 'active' "
+                "GROUP BY member_id) l ON l.member_id = m.id ORDER BY m.id")
+            leader = await c.fetchrow(
+                "SELECT holder, fence, expires_at > now() AS live FROM leader_leases "
+                "WHERE duty = $1", FLUSHER_DUTY)
+        return list(members), leader
+
+    async def status(self) -> dict[str, Any]:
+        """``GET /admin/fleet``: every member the database knows (rules version, last
+        heartbeat, shipped watermark, leases held), who leads the flusher, and this
+        member's own shipping lag (``database: unreachable`` and no members when PostgreSQL
+        cannot be reached)."""
+        self.refresh_gauges()
+        try:
+            members, leader = await self._fleet_rows()
+            database = "ok"
+        except PgUnavailable as exc:
+            log.warning("GET /admin/fleet: PostgreSQL unreachable: %s", exc)
+            members, leader, database = [], None, "unreachable"
+        last = self.shipping.last_ok
+        return {
+            "member_id": self.member_id,
+            "database": database,
+            "flusher": None if leader is None else {
+                "leader": leader["holder"] if leader["live"] else None,
+                "fence": int(leader["fence"])},
+            "this_member": {
+                "leads_flusher": self.lead.leads(),
+                "journal_pending_rows": self.shipping.pending(),
+                "shipped_seq": self.shipping.watermark,
+                "seconds_since_ship": None if last is None else round(time.time() - last, 3),
+                "leases_held": len(self.book.held),
+                "lease_credits_left": fmt_micro(sum(h.remaining
+                                                    for h in self.book.held.values())),
+                "lease_refills": self.book.refills,
+            },
+            "members": [{
+                "id": r["id"], "rules_version": r["rules_version"],
+                "shipped_seq": int(r["last_shipped_seq"]),
+                "started_at": r["started_at"].isoformat(),
+                "last_seen": r["last_seen"].isoformat(),
+                "seconds_since_seen": round(float(r["silent"]), 3),
+                "leases": int(r["leases"]),
+                "lease_credits_unreported": fmt_micro(int(r["lease_credits"])),
+            } for r in members],
+        }
 
     # ---- shutdown -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from tests.fleet.members import RunningMember, admin_call, fleet_of
+from tests.fleet.members import AH, RunningMember, admin_call, fleet_of
 from tests.helpers import wait_until
 
 METERS = ("api_calls", "llm_tokens", "bytes_in", "units")
@@ -93,6 +93,16 @@ async def test_flusher_leader_killed_another_takes_over_nothing_twice_or_lost(
             assert took <= LEADER_TTL * 4 / 3 + 1.0, took   # + one statement and polling
             await wait_until(delivered, ok=lambda d: d == dict(sent), timeout=30,
                              what="everything at the double after the failover")
+            # GET /admin/fleet and the metrics on any survivor name the new leader
+            new_leader = next(m for m in members if m.name == after[0])
+            for m in rest:
+                view = await admin_call(s, m, "GET", "/admin/fleet")
+                assert view["flusher"] == {"leader": after[0], "fence": after[1]}, view
+                assert {x["id"] for x in view["members"]} == {"a", "b", "c"}
+                assert view["this_member"]["leads_flusher"] == (m is new_leader)
+                async with s.get(m.admin + "/metrics", headers=AH) as r:
+                    text = await r.text()
+                assert f"meterproxy_fleet_leader {1.0 if m is new_leader else 0.0}" in text
     assert sum(sent.values()) == 300
     accepted = Counter(e.identifier for e in st.accepted_events())
     assert max(accepted.values()) == 1
