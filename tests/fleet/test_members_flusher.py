@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import jsonschema
+from ruamel.yaml import YAML
 
 from tests.fleet.members import AH, RunningMember, admin_call, fleet_of
 from tests.helpers import wait_until
@@ -21,6 +23,9 @@ from tests.helpers import wait_until
 METERS = ("api_calls", "llm_tokens", "bytes_in", "units")
 CUSTOMERS = ("c0", "c1", "c2")
 LEADER_TTL = 3.0
+FLEET_SCHEMA = YAML(typ="safe").load(
+    (Path(__file__).resolve().parents[2] / "proxy/static/openapi.yaml").read_text()
+)["paths"]["/admin/fleet"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
 
 
 async def _load(s: aiohttp.ClientSession, members: list[RunningMember], keys: dict[str, str],
@@ -97,6 +102,7 @@ async def test_flusher_leader_killed_another_takes_over_nothing_twice_or_lost(
             new_leader = next(m for m in members if m.name == after[0])
             for m in rest:
                 view = await admin_call(s, m, "GET", "/admin/fleet")
+                jsonschema.validate(view, FLEET_SCHEMA)     # as proxy/static/openapi.yaml says
                 assert view["flusher"] == {"leader": after[0], "fence": after[1]}, view
                 assert {x["id"] for x in view["members"]} == {"a", "b", "c"}
                 assert view["this_member"]["leads_flusher"] == (m is new_leader)
