@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sqlite3
 import time
@@ -231,9 +232,10 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     undo.push_async_callback(admin.cleanup)
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
-    site = web.TCPSite(public, host, port, backlog=1024)
+    shared = cfg.workers > 1           # worker processes share both ports (SO_REUSEPORT)
+    site = web.TCPSite(public, host, port, backlog=1024, reuse_port=shared or None)
     await site.start()                 # closed by public.cleanup
-    asite = web.TCPSite(admin, ahost, aport)
+    asite = web.TCPSite(admin, ahost, aport, reuse_port=shared or None)
     await asite.start()                # closed by admin.cleanup
     server = Server(rt, public, admin, reader, pipeline=pipeline, credits=credits,
                     flusher=flusher, webhooks=webhooks, alerts=alerts, connections=guard,
@@ -474,6 +476,10 @@ async def _refresh_fleet_keys(rt: Runtime, fleet: Fleet) -> None:
     from proxy.fleet.runtime import ERRORS
     customers = rt.owners().customers
     version = customers.data_version()
+    # a change notified between start-up's snapshot and the line above moved the version
+    # before it was read: one snapshot now covers it
+    with suppress(*ERRORS):
+        rt.keys.replace(*_snapshot(await customers.snapshot()))
     while True:
         await asyncio.sleep(rt.cfg.fleet.key_poll_interval)
         try:
@@ -514,7 +520,18 @@ async def run_until_signalled(cfg: Config, ready: Callable[[Server], None] | Non
 
 
 def serve(cfg: Config) -> None:
+    """Serve until SIGTERM/SIGINT: one process, or with ``workers > 1`` a supervisor of
+    that many worker processes (``proxy.fleet.workers``)."""
     import uvloop
+
+    if cfg.workers > 1 and not cfg.worker:
+        from proxy.fleet.workers import WORKER_ENV, supervise
+        index = os.environ.get(WORKER_ENV)
+        if index is None:
+            logging.basicConfig(level=cfg.log_level.upper(),
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            raise SystemExit(supervise(cfg.workers))
+        cfg = cfg.model_copy(update={"worker": int(index)})
 
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
