@@ -14,8 +14,9 @@ Supervision:
   member id, so nothing it journaled is lost or counted twice);
 - SIGTERM or SIGINT to the supervisor is passed to every worker, which drains as a single
   process does (stop accepting, finish requests, commit, ship, final flush, release
-  leases; a worker still starting up simply ends); the supervisor waits up to ``DRAIN_TIMEOUT`` for them, then SIGKILLs what is
-  left, and exits 0 when every worker exited 0.
+  leases; a worker still starting up simply ends); the supervisor waits up to
+  ``DRAIN_TIMEOUT`` for them, then SIGKILLs what is left, and exits 0 when every worker
+  exited 0.
 - a SIGKILLed supervisor leaves its workers running until they are stopped themselves
   (run the sidecar under an init that kills the process group, as Kubernetes does).
 """
