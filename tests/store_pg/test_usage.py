@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from proxy.credits.ledger import Entry, GrantState
+from proxy.fleet.journal_shipping import JournalShipping, to_local
 from proxy.store.db import Store, UsageItem, UsageRow
+from proxy.store.postgres.journal import SqliteJournal, ship_debits
 from proxy.store.postgres.storage import PostgresStorage
+from proxy.store.protocols import NewGrant
 from tests.store_pg.conftest import MemberFactory
 from tests.store_pg.helpers import C, ship, usage_row
 
@@ -98,3 +102,37 @@ async def test_record_goes_to_the_local_journal(member: MemberFactory, tmp_path:
         assert n == 1
     finally:
         store.close()
+
+
+async def test_a_crash_between_debits_and_rows_ships_each_once(
+        pg: PostgresStorage, tmp_path: Path) -> None:
+    await pg.customers.upsert("acme", None, None, None)
+    await pg.ledger.create_grant(NewGrant(GrantState("g1", "acme", 10 * C)))
+    store = Store.open(tmp_path / "journal.db")
+    try:
+        for i in range(3):
+            row = UsageRow(f"r{i}", T0 + i, "acme", "k1", "rule", "v1", 200,
+                           [UsageItem("api_calls", C, credits=C)],
+                           debits=[("api_calls", Entry("g1", "debit", C))])
+            fut = store.record(row, True)
+            assert fut is not None
+            await fut
+        journal = SqliteJournal(store.conn)
+        # the member died after the debits committed, before the rows did
+        assert await ship_debits(pg.pool, "m1", journal.rows_after(0, 2)) == 2
+        shipping = JournalShipping(pg.pool, "m1", journal)
+        live = PostgresStorage.on(pg.pool, local=store, shipping=shipping)
+        assert await live.usage.materialize() == 3
+        assert await live.usage.materialize() == 0
+        # a restart starts from the shipped watermark; a full resend inserts nothing
+        again = JournalShipping(pg.pool, "m1", journal)
+        assert await again.ship_pending() == 0
+        every = journal.rows_after(0, 10)
+        assert await ship_debits(pg.pool, "m1", every) == 0
+        assert (await again.shipper.ship([to_local(s, r) for s, r in every])).inserted == 0
+    finally:
+        store.close()
+    assert await pg.ledger.entry_total("g1", "debit") == 3 * C
+    _s, _e, totals = await pg.usage.usage("acme", T0, T0 + 60)
+    assert (totals["api_calls"].quantity, totals["api_calls"].requests) == (3 * C, 3)
+    assert len([r async for b in pg.usage.audit_stream("acme", T0, T0 + 60) for r in b]) == 3
