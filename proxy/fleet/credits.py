@@ -26,13 +26,17 @@ for quantities known only after the response, at most the sum over requests in f
 
 from __future__ import annotations
 
-from proxy.credits.book import Hold
+from proxy.credits.book import CreditBook, Hold
 from proxy.credits.ledger import Entry
 from proxy.fleet.book import Decision, LeaseBook
 
 
-class FleetCredits:
+class FleetCredits(CreditBook):
+    """A ``CreditBook`` for the request path whose admission and settlement are the
+    member's leases (the grant-level book stays empty: see the module doc)."""
+
     def __init__(self, leases: LeaseBook) -> None:
+        super().__init__()
         self.leases = leases
         self._lease_of: dict[int, int] = {}      # id(hold) -> the lease it was debited from
 
@@ -72,7 +76,7 @@ class FleetCredits:
         return 0 if h is None else h.remaining
 
     def try_hold(self, customer_id: str, amount: int, now: float, block: bool,
-                 debt_ok: bool) -> Hold | None:
+                 debt_ok: bool = False) -> Hold | None:
         """Synchronous admission against the held lease only (no refill)."""
         if self.leases.try_admit(customer_id, amount):
             return self._hold(customer_id, amount, now)
