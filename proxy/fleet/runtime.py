@@ -202,6 +202,7 @@ class Fleet:
         metrics.fleet_lease_credits.set(sum(h.remaining for h in self.book.held.values())
                                         / 1_000_000)
         metrics.fleet_lease_refills_total.set(self.book.refills)
+        metrics.fleet_pg_statements.set(self.pool.statements)
 
     async def _fleet_rows(self) -> tuple[list[Any], Any]:
         async with self.pool.acquire() as c:
@@ -245,6 +246,7 @@ class Fleet:
                 "lease_credits_left": fmt_micro(sum(h.remaining
                                                     for h in self.book.held.values())),
                 "lease_refills": self.book.refills,
+                "pg_statements": self.pool.statements,
             },
             "members": [{
                 "id": r["id"], "rules_version": r["rules_version"],
