@@ -41,6 +41,7 @@ from proxy.fleet.leader import Deposed, Leadership
 from proxy.fleet.leases import LeaseStore
 from proxy.fleet.settings import lease_policy, member_id, pool_settings
 from proxy.store.db import Store
+from proxy.store.postgres import members as pg_members
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.postgres.journal import SqliteJournal
@@ -53,8 +54,6 @@ from proxy.units import fmt_micro, to_micro
 log = logging.getLogger("meterproxy.fleet")
 
 FLUSHER_DUTY = "flusher"
-_HEARTBEAT = ("INSERT INTO members(id, rules_version) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE "
-              "SET rules_version = $2, last_seen = now()")
 ERRORS: tuple[type[Exception], ...] = (PgUnavailable, Deposed)
 """What the fleet's background loops log and retry (the database away, leadership lost)."""
 
@@ -107,9 +106,7 @@ class LockedShipping:
 
     def pending(self) -> int:
         """Journal rows not shipped yet (a local read)."""
-        row = self.store.conn.execute("SELECT count(*) FROM journal WHERE seq > ?",
-                                      (self.watermark,)).fetchone()
-        return int(row[0])
+        return self.store.journal_rows_after(self.watermark)
 
 
 @dataclass
@@ -169,8 +166,7 @@ class Fleet:
                 for cb in took_over:
                     cb()
             try:
-                async with self.pool.acquire() as c:
-                    await c.execute(_HEARTBEAT, self.member_id, rules_version())
+                await pg_members.heartbeat(self.pool, self.member_id, rules_version())
             except PgUnavailable as exc:
                 log.warning("fleet heartbeat failed, PostgreSQL unreachable: %s", exc)
             self.refresh_gauges()
@@ -204,20 +200,6 @@ class Fleet:
         metrics.fleet_lease_refills_total.set(self.book.refills)
         metrics.fleet_pg_statements.set(self.pool.statements)
 
-    async def _fleet_rows(self) -> tuple[list[Any], Any]:
-        async with self.pool.acquire() as c:
-            members = await c.fetch(
-                "SELECT m.id, m.rules_version, m.last_shipped_seq, m.started_at, m.last_seen, "
-                "extract(epoch FROM now() - m.last_seen)::float8 AS silent, "
-                "coalesce(l.n, 0) AS leases, coalesce(l.left_, 0) AS lease_credits "
-                "FROM members m LEFT JOIN (SELECT member_id, count(*) AS n, "
-                "sum(granted - reported) AS left_ FROM credit_leases WHERE state = 'active' "
-                "GROUP BY member_id) l ON l.member_id = m.id ORDER BY m.id")
-            leader = await c.fetchrow(
-                "SELECT holder, fence, expires_at > now() AS live FROM leader_leases "
-                "WHERE duty = $1", FLUSHER_DUTY)
-        return list(members), leader
-
     async def status(self) -> dict[str, Any]:
         """``GET /admin/fleet``: every member the database knows (rules version, last
         heartbeat, shipped watermark, leases held), who leads the flusher, and this
@@ -225,18 +207,17 @@ class Fleet:
         cannot be reached)."""
         self.refresh_gauges()
         try:
-            members, leader = await self._fleet_rows()
+            rows, leader = await pg_members.members(self.pool, FLUSHER_DUTY)
             database = "ok"
         except PgUnavailable as exc:
             log.warning("GET /admin/fleet: PostgreSQL unreachable: %s", exc)
-            members, leader, database = [], None, "unreachable"
+            rows, leader, database = [], None, "unreachable"
         last = self.shipping.last_ok
         return {
             "member_id": self.member_id,
             "database": database,
-            "flusher": None if leader is None else {
-                "leader": leader["holder"] if leader["live"] else None,
-                "fence": int(leader["fence"])},
+            "flusher": None if leader is None else {"leader": leader.holder,
+                                                    "fence": leader.fence},
             "this_member": {
                 "leads_flusher": self.lead.leads(),
                 "journal_pending_rows": self.shipping.pending(),
@@ -249,14 +230,11 @@ class Fleet:
                 "pg_statements": self.pool.statements,
             },
             "members": [{
-                "id": r["id"], "rules_version": r["rules_version"],
-                "shipped_seq": int(r["last_shipped_seq"]),
-                "started_at": r["started_at"].isoformat(),
-                "last_seen": r["last_seen"].isoformat(),
-                "seconds_since_seen": round(float(r["silent"]), 3),
-                "leases": int(r["leases"]),
-                "lease_credits_unreported": fmt_micro(int(r["lease_credits"])),
-            } for r in members],
+                "id": r.id, "rules_version": r.rules_version, "shipped_seq": r.shipped_seq,
+                "started_at": r.started_at.isoformat(), "last_seen": r.last_seen.isoformat(),
+                "seconds_since_seen": round(r.seconds_since_seen, 3), "leases": r.leases,
+                "lease_credits_unreported": fmt_micro(r.lease_credits_unreported),
+            } for r in rows],
         }
 
     # ---- shutdown -------------------------------------------------------------------

@@ -464,6 +464,11 @@ class Store:
                              "(SELECT max(seq) FROM journal)", (shipped,)).rowcount
         return int(self.execute_write(tx))
 
+    def journal_rows_after(self, seq: int) -> int:
+        """How many journal rows have a seq above ``seq`` (fleet mode: not shipped yet)."""
+        return int(self.conn.execute("SELECT count(*) FROM journal WHERE seq > ?",
+                                     (seq,)).fetchone()[0])
+
     def try_materialize(self) -> bool:
         """``materialize`` for readers: a storage failure is logged, not raised (the rows
         stay journaled; the read just lags)."""
