@@ -65,9 +65,9 @@ charge comes up to one billing period (31 days) after the usage, the response wi
 margin, and a year-over-year audit."""
 
 FLEET_SERVING = True
-"""Whether the serving path runs on ``storage.backend: postgres``. Until it does, such a config
-is refused at load: serving it from per-process SQLite files would multiply every balance by
-the number of replicas (docs/fleet.md)."""
+"""Whether the serving path runs on ``storage.backend: postgres`` (it does: proxy.fleet.runtime).
+While it did not, such a config was refused at load: serving it from per-process SQLite files
+would multiply every balance by the number of replicas (docs/fleet.md)."""
 
 
 class _Model(BaseModel):
