@@ -490,6 +490,8 @@ async def _refresh_fleet_keys(rt: Runtime, fleet: Fleet) -> None:
                 version = v
         except ERRORS as exc:
             log.warning("key refresh paused, PostgreSQL unreachable: %s", exc)
+        except Exception:
+            log.exception("key refresh failed; retrying next tick")
 
 
 async def _prune_audit(rt: Runtime) -> None:

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,49 +143,60 @@ class Fleet:
 
     # ---- background loops -----------------------------------------------------------
 
+    async def _guarded(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
+        """One pass of a background loop: the database away is a warning, anything else is
+        logged with its traceback; the loop goes on either way."""
+        try:
+            await step()
+        except (PgUnavailable, Deposed) as exc:
+            log.warning("%s paused, PostgreSQL unreachable or leadership lost: %s", what, exc)
+        except Exception:
+            log.exception("%s failed; retrying next pass", what)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` or until stopping; True when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        return self.stop.is_set()
+
     async def ship_forever(self) -> None:
-        interval = self.cfg.fleet.ship_interval
-        while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), interval)
-            try:
-                await self.shipping.ship_pending()
-            except PgUnavailable as exc:
-                log.warning("shipping paused, PostgreSQL unreachable: %s", exc)
+        """Ship every ``fleet.ship_interval`` (``close`` ships the rest)."""
+        while not await self._pause(self.cfg.fleet.ship_interval):
+            await self._guarded("shipping", self.shipping.ship_pending)
 
     async def lead_forever(self, took_over: list[Callable[[], None]],
                            rules_version: Callable[[], str]) -> None:
         """Every ``leader_ttl / 3``: take or renew the flusher duty (``took_over`` callbacks
         run when this member becomes the leader), say this member is alive with its rules
         version, refresh the fleet gauges."""
-        period = self.cfg.fleet.leader_ttl / 3
-        while not self.stop.is_set():
+        async def lead() -> None:
             was = self.lead.leads()
             if await self.lead.try_lead() and not was:
                 log.info("%s leads the flusher (fence %s)", self.member_id, self.lead.fence)
                 for cb in took_over:
                     cb()
-            try:
-                await pg_members.heartbeat(self.pool, self.member_id, rules_version())
-            except PgUnavailable as exc:
-                log.warning("fleet heartbeat failed, PostgreSQL unreachable: %s", exc)
+
+        async def heartbeat() -> None:
+            await pg_members.heartbeat(self.pool, self.member_id, rules_version())
+
+        while True:
+            await self._guarded("flusher leadership", lead)
+            await self._guarded("fleet heartbeat", heartbeat)
             self.refresh_gauges()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), period)
+            if await self._pause(self.cfg.fleet.leader_ttl / 3):
+                return
 
     async def leases_forever(self) -> None:
         """Renew held leases every ``lease_ttl / 3``; reap abandoned ones."""
-        period = self.cfg.fleet.lease_ttl / 3
         grace_ms = round(self.cfg.fleet.reaper_grace * 1000)
-        while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), period)
-            try:
-                for cid in list(self.book.held):
-                    await self.book.renew(cid)
-                await self.leases.reap(grace_ms)
-            except PgUnavailable as exc:
-                log.warning("lease renewal paused, PostgreSQL unreachable: %s", exc)
+
+        async def renew_and_reap() -> None:
+            for cid in list(self.book.held):
+                await self.book.renew(cid)
+            await self.leases.reap(grace_ms)
+
+        while not await self._pause(self.cfg.fleet.lease_ttl / 3):
+            await self._guarded("lease renewal", renew_and_reap)
 
     # ---- status -------------------------------------------------------------------------
 

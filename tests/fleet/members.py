@@ -4,6 +4,8 @@ each with its own journal file and ports, all on one fresh PostgreSQL database."
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -68,10 +70,20 @@ class FleetOfMembers:
         await asyncio.gather(*(m.proc.wait_ready(60) for m in ms))
         return ms
 
-    def stop_all(self) -> None:
+    async def stop_all(self, timeout: float = 60.0) -> None:
+        """SIGTERM every running member at once, wait for them off the event loop (a relay
+        the test runs on this loop keeps serving their shutdown), SIGKILL what is left."""
+        running = [m.proc.proc for m in self.members
+                   if m.proc.proc is not None and m.proc.proc.poll() is None]
+        for p in running:
+            p.send_signal(signal.SIGTERM)
+        for p in running:
+            try:
+                await asyncio.to_thread(p.wait, timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                await asyncio.to_thread(p.wait)
         for m in self.members:
-            if m.proc.proc is not None and m.proc.proc.poll() is None:
-                m.proc.terminate(60)
             m.proc.ensure_dead()
 
 
@@ -84,7 +96,7 @@ async def fleet_of(tmp: Path, upstream: str, *, rules_text: str | None = None,
         try:
             yield f
         finally:
-            f.stop_all()
+            await f.stop_all()
 
 
 async def admin_call(s: aiohttp.ClientSession, m: RunningMember, method: str, path: str,
