@@ -5,7 +5,8 @@ through ``tcp_cut.CuttableRelay``), Stripe faults at 20%. Afterwards, per custom
 client-observed == the shared usage ledger == what the Stripe double counted, each
 identifier accepted once, no concurrent calls for one customer and meter.
 
-A profile, not part of the default suite (about two minutes on two cores):
+A profile, not part of the default suite (not even collected without the variable:
+``tests/fleet/conftest.py``; about 30 s on two cores):
 ``METERPROXY_FLEET_SOAK=1 .venv/bin/pytest tests/fleet/test_members_soak.py`` (docs/testing.md).
 ``METERPROXY_FLEET_SOAK_REQUESTS`` changes the request count (default 20,000).
 
@@ -33,9 +34,6 @@ from tests.fleet.members import RunningMember, admin_call, fleet_of
 from tests.fleet.tcp_cut import CuttableRelay
 from tests.helpers import wait_until
 from tests.stripe_double.faults import FAULT_KINDS
-
-pytestmark = pytest.mark.skipif(not os.environ.get("METERPROXY_FLEET_SOAK"),
-                                reason="the fleet soak profile: METERPROXY_FLEET_SOAK=1")
 
 N = int(os.environ.get("METERPROXY_FLEET_SOAK_REQUESTS", "20000"))
 CUSTOMERS = [f"c{i:02d}" for i in range(50)]
