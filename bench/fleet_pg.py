@@ -4,10 +4,10 @@ transactions per second, each measured alone against a fresh database.
     .venv/bin/python bench/fleet_pg.py [--dsn postgresql://postgres@127.0.0.1:5432] [--seconds 5]
 
 Creates a scratch database, 1,000 customers with large balances, then runs for ``--seconds``
-each: ``--workers`` concurrent members taking leases (proxy.fleet.leases.LeaseStore.grant)
-on random customers; members shipping 1,000-row batches (proxy.fleet.shipping.Shipper, with
+each: ``--workers`` concurrent members taking leases (proxy.store.postgres.leases.LeaseStore.grant)
+on random customers; members shipping 1,000-row batches (proxy.store.postgres.shipping.Shipper, with
 lease settlement); a leader claiming and marking sent 100 outbox rows per fenced transaction
-(proxy.fleet.leader). The database is dropped at the end. The client runs on the same machine
+(proxy.store.postgres.leader). The database is dropped at the end. The client runs on the same machine
 as the server, so both share its cores: treat the figures as a floor for a dedicated server.
 """
 
@@ -22,12 +22,12 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from proxy.fleet import leases
-from proxy.fleet.leader import Leadership, claim_outbox, mark_sent
-from proxy.fleet.leases import LeaseStore
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres import leases
+from proxy.store.postgres.leader import Leadership, claim_outbox, mark_sent
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.pool import PgPool, PoolSettings
+from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 
 C = 1_000_000
 CUSTOMERS = 1000

@@ -1,7 +1,7 @@
 """Simulate the fleet's credit leases: many members, Zipf-skewed customers, fixed-cost requests.
 
 Uses the real sizing functions (proxy.fleet.sizing) and a model of the database's escrow
-(what proxy.fleet.leases does in SQL: grants capped by the available balance, returns,
+(what proxy.store.postgres.leases does in SQL: grants capped by the available balance, returns,
 settlement). Prints, for the whole run:
 
 - overspend: credits admitted beyond each customer's balance (must be 0 for fixed costs);

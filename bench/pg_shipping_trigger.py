@@ -15,11 +15,11 @@ import uuid
 
 import asyncpg
 
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.postgres.migrate import migrate
 from proxy.store.postgres.owners_schema import ALL_MIGRATIONS
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from proxy.store.postgres.schema import MIGRATIONS
+from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 
 BASE = os.environ.get("METERPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 

@@ -46,9 +46,10 @@ from proxy.meter_check import MeterCheck
 from proxy.paths import check_database
 from proxy.pricing import TransformQuantity
 from proxy.reconcile import ReconcileMetrics, Reconciler
+from proxy.request.auth import Authenticator
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
-from proxy.request.handler import Pipeline
+from proxy.request.pipeline import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
@@ -188,21 +189,28 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream,
                  storage=storage)
     await remember_rules(rt, rules)
-    pipeline = Pipeline(rt)
     credits = CreditService(store, load_book(await storage.ledger.load()), storage.ledger)
-    pipeline.book = credits.book
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
-    pipeline.watch = await ThresholdWatch.open(storage.alerts, credits.book,
-                                               cfg.alerts.thresholds, on_new=alerts.wake)
+    watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
+                                      on_new=alerts.wake)
     flusher = build_flusher(rt, sink, fleet)
     meter_check = await _check_meters(rt, undo)
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
                                customers=storage.customers)
-    pipeline.public_routes[WEBHOOK_PATH] = webhooks.handle   # matched on the canonical path
+    auth = Authenticator(rt)
+    # the routes the proxy answers itself on the public port (routed by the pipeline on the
+    # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
+    own_routes = [*ConsumerApi(rt, auth, credits).routes(),
+                  web.route("*", WEBHOOK_PATH, webhooks.handle)]
+    if fleet is None:
+        pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
+    else:       # credits through the member's leases (proxy.fleet.credits)
+        pipeline = Pipeline(rt, auth, fleet.credits, watch, own_routes,
+                            lease_admit=fleet.credits.lease_admit)
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
@@ -225,7 +233,6 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     if fleet is not None:
         admin_app[FLEET] = fleet
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
-    ConsumerApi(pipeline, reader, credits).mount()
     await public.setup()
     undo.push_async_callback(public.cleanup)
     await admin.setup()
@@ -273,7 +280,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.on_stop.append(lambda: _final_flush(flusher))
     if fleet is not None:
         server.on_stop.append(fleet.close)     # ship, release leases, resign, close the pool
-    for limiter in (admin_app[REFUSALS], pipeline.refusals, webhooks.refusals):
+    for limiter in (admin_app[REFUSALS], auth.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if reconciler is not None:
         if cfg.stripe.reconcile_interval > 0:

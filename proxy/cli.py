@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from proxy import paths, schema
-from proxy.errors import ConfigError, FileProblem, StorageError
+from proxy.errors import ConfigError, FileProblem, InvalidInput, MeterproxyError, StorageError
 from proxy.store.db import connect
-from proxy.store.keys import InvalidInput
 from proxy.store.sqlite import SqliteStorage, offline
 
 if TYPE_CHECKING:
@@ -294,7 +293,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-class AdminCallFailed(Exception):
+class AdminCallFailed(MeterproxyError):
     """The admin API answered with an error, or could not be reached (one-line message)."""
 
 

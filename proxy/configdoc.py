@@ -25,6 +25,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from proxy.config import Config
+from proxy.errors import MeterproxyError
 from proxy.schema import EXAMPLE_CONFIG
 
 REGENERATE = "meterproxy schema write"
@@ -36,7 +37,7 @@ Schema = dict[str, Any]
 UNDOCUMENTED = "UNDOCUMENTED: add Field(description=..., examples=[...]) in proxy/config.py"
 
 
-class UndocumentedSetting(ValueError):
+class UndocumentedSetting(MeterproxyError, ValueError):
     """A config field with no ``description=`` or no example/default to show."""
 
 

@@ -1,27 +1,38 @@
-"""The exception tree of meterproxy.
+"""The exception tree of meterproxy: every exception class it defines descends from
+``MeterproxyError``.
 
     MeterproxyError
     ├── ConfigError            the config file is invalid (carries every problem, file:line)
     ├── FileProblem            a file or directory cannot be used (names the path and why)
     ├── StorageError           SQLite could not commit (disk full, locked, read-only)
-    │   └── MeteringUnavailable   raised to a request waiting on a commit in fail_mode closed
-    ├── UpstreamError          the guarded API could not be reached
-    │   ├── UpstreamUnavailable   connect refused / reset            -> 502 upstream_unavailable
-    │   ├── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
-    │   └── UpstreamBusy          no pooled connection within pool_wait -> 503 upstream_busy
-    ├── SinkError              a usage sink (Stripe) failed; see proxy.sinks.base for kinds
+    │   └── MeteringUnavailable   a request waiting on a commit in fail_mode closed -> 503
     ├── StripeCallError        a call to Stripe did not succeed (proxy.stripe.client.translate)
     │   ├── StripeUnavailable     transient: network, timeout, 5xx, 409, 429, 401/403
     │   │   └── StripeSessionExpired  the v2 meter event session must be renewed
     │   ├── StripeRejected        permanent: Stripe will never accept the call as sent
     │   └── StripeDuplicate       an event with this identifier was delivered earlier
-    └── WebhookSignatureInvalid  a webhook's Stripe-Signature does not verify
+    ├── WebhookSignatureInvalid  a webhook's Stripe-Signature does not verify
+    └── HttpError              answered over HTTP: ``status``, ``type``, message, extra fields
+        ├── InvalidInput          a value sent to the admin or consumer API  -> 400 invalid_request
+        └── UpstreamError          the guarded API could not be reached
+            ├── UpstreamUnavailable   connect refused / reset            -> 502 upstream_unavailable
+            ├── UpstreamTimeout       no answer within the timeouts      -> 504 upstream_timeout
+            └── UpstreamBusy          no pooled connection within pool_wait -> 503 upstream_busy
 
-Foreign exceptions are translated in exactly one place each: aiohttp client errors in
-``proxy.request.forward``, sqlite3 errors in ``proxy.store.db``, stripe errors in ``proxy.stripe.client``.
+Other modules define narrower classes under these (``InvalidTarget``, ``FieldError``,
+``RulesError``, ``UnitError``, ``ReconcileError`` ...); each still descends from the root,
+and those that keep a ``ValueError`` base do so because pydantic or a caller catches it.
+
+An ``HttpError`` becomes a response in exactly one place, ``proxy.http_errors``
+(``error_response``), for the public, consumer and admin surfaces alike. Foreign exceptions
+are translated in exactly one place each: aiohttp client errors in ``proxy.request.forward``,
+sqlite3 errors in ``proxy.store.db``, stripe errors in ``proxy.stripe.client``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 
 class MeterproxyError(Exception):
@@ -39,15 +50,49 @@ class FileProblem(MeterproxyError):
     path and the reason ("cannot open database /abs/x.db: directory /abs does not exist")."""
 
 
+class HttpError(MeterproxyError):
+    """An error meterproxy answers over HTTP itself: the body is
+    ``{"error": {"type": type, "message": str(exc), **extra}}`` with ``status``, plus
+    ``headers``. Subclasses fix ``status`` and ``type``; a plain ``HttpError`` names them."""
+
+    status = 400
+    type = "invalid_request"
+    extra: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+
+    def __init__(self, message: str, *, status: int | None = None, type_: str | None = None,
+                 extra: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if type_ is not None:
+            self.type = type_
+        if extra is not None:
+            self.extra = extra
+        if headers is not None:
+            self.headers = headers
+
+
+class InvalidInput(HttpError, ValueError):
+    """A value sent to the admin or consumer API is not acceptable (400 invalid_request)."""
+
+    status = 400
+    type = "invalid_request"
+
+
 class StorageError(MeterproxyError):
     pass
 
 
-class MeteringUnavailable(StorageError):
-    pass
+class MeteringUnavailable(StorageError, HttpError):
+    """Usage cannot be recorded (fail_mode closed): the request is answered 503."""
+
+    status = 503
+    type = "metering_unavailable"
 
 
-class UpstreamError(MeterproxyError):
+class UpstreamError(HttpError):
     status = 502
     type = "upstream_unavailable"
 
@@ -60,10 +105,6 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     type = "upstream_timeout"
-
-
-class SinkError(MeterproxyError):
-    pass
 
 
 class UpstreamBusy(UpstreamError):

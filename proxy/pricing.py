@@ -37,6 +37,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Literal, Protocol
 
+from proxy.errors import MeterproxyError
 from proxy.units import QSCALE
 from proxy.yamlpos import type_name
 
@@ -237,7 +238,7 @@ class PriceIssue:
     at_key: bool = False
 
 
-class PriceError(ValueError):
+class PriceError(MeterproxyError, ValueError):
     """A Price object that cannot be priced; ``issues`` lists every problem."""
 
     def __init__(self, issues: Sequence[PriceIssue]) -> None:

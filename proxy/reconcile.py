@@ -38,7 +38,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from proxy.errors import StripeCallError, StripeUnavailable
+from proxy.errors import MeterproxyError, StripeCallError, StripeUnavailable
 from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, unusable
 from proxy.store.protocols import Customers, Outbox
 from proxy.stripe.client import EventSummary, Page, StripeClient, StripeMeterInfo
@@ -57,7 +57,7 @@ Status = Literal["match", "shortfall", "excess", "pending"]
 EventNames = Callable[[], Mapping[str, tuple[str, str | None]]]
 
 
-class ReconcileError(Exception):
+class ReconcileError(MeterproxyError):
     """The run could not be carried out (Stripe unreachable, a bad range)."""
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from proxy.errors import HttpError
+
 __all__ = ["MAX_PATH", "InvalidTarget", "canonical"]
 
 # Longest path accepted (the query is not counted). It bounds the normalization work a
@@ -33,9 +35,12 @@ __all__ = ["MAX_PATH", "InvalidTarget", "canonical"]
 MAX_PATH = 8192
 
 
-class InvalidTarget(ValueError):
+class InvalidTarget(HttpError, ValueError):
     """The request target cannot be given one unambiguous meaning; the message says why
-    (one sentence, safe to show the consumer)."""
+    (one sentence, safe to show the consumer). Answered 400 ``invalid_path``."""
+
+    status = 400
+    type = "invalid_path"
 
 
 # RFC 3986 pchar without '%': unreserved / sub-delims / ':' / '@'

@@ -11,6 +11,8 @@ import math
 import re
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
+from proxy.errors import MeterproxyError
+
 QSCALE = 1_000_000
 _Q = Decimal(1).scaleb(-6)
 
@@ -23,7 +25,7 @@ _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60),
 MAX_GRACE = 30 * 86400        # seconds: the longest reconcile grace the API and CLI accept
 
 
-class UnitError(ValueError):
+class UnitError(MeterproxyError, ValueError):
     """A value that is not an exact, finite number of the expected kind."""
 
 

@@ -71,10 +71,10 @@ from proxy import metrics
 from proxy.config import Config
 from proxy.credits.ledger import Entry, rollover_grant
 from proxy.credits.service import CreditService
-from proxy.errors import WebhookSignatureInvalid
+from proxy.errors import HttpError, InvalidInput, WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
-from proxy.store.keys import InvalidInput, KeyCache, SqliteCustomers
+from proxy.store.keys import KeyCache, SqliteCustomers
 from proxy.store.protocols import Customers, LedgerEntry, StoredEvent, WebhookEvents
 from proxy.store.webhooks import SqliteWebhookEvents
 from proxy.stripe.client import StripeClient
@@ -115,9 +115,6 @@ def _minor(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
-def _error(status: int, type_: str, message: str) -> web.Response:
-    return web.Response(status=status, content_type="application/json",
-                        body=orjson.dumps({"error": {"type": type_, "message": message}}))
 
 
 # ---- reading Stripe objects (pure; both the pre- and post-2025 API shapes) ------------------
@@ -220,14 +217,19 @@ class WebhookReceiver:
     # ---- the endpoint ---------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.Response:
+        """``POST /webhooks/stripe`` on the public port (routed by the pipeline); a refusal is
+        raised as ``HttpError`` and answered by ``proxy.http_errors``."""
         if request.method != "POST":
-            return _error(405, "method_not_allowed", f"Only POST is accepted on {PATH}.")
+            raise HttpError(f"Only POST is accepted on {PATH}.",
+                            status=405, type_="method_not_allowed")
         secret = self.cfg.stripe.webhook_secret
         if not secret:
-            return _error(503, "webhooks_disabled", "stripe.webhook_secret is not configured.")
+            raise HttpError("stripe.webhook_secret is not configured.",
+                            status=503, type_="webhooks_disabled")
         body = await _read_capped(request, MAX_BODY)
         if body is None:
-            return _error(413, "payload_too_large", f"Webhook bodies are limited to {MAX_BODY} bytes.")
+            raise HttpError(f"Webhook bodies are limited to {MAX_BODY} bytes.",
+                            status=413, type_="payload_too_large")
         try:
             StripeClient.verify_webhook_signature(body, request.headers.get("Stripe-Signature"),
                                                   secret, TOLERANCE)
@@ -235,14 +237,15 @@ class WebhookReceiver:
             metrics.AUTH_FAIL_WEBHOOK.inc()
             self.refusals.log(logging.WARNING, "webhook signature refused", "webhook refused: %s",
                           str(exc).split("\n")[0][:200])
-            return _error(400, "invalid_signature", str(exc).split("\n")[0])
+            raise HttpError(str(exc).split("\n")[0], status=400,
+                            type_="invalid_signature") from exc
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
             event = None
         if not (isinstance(event, dict) and isinstance(event.get("id"), str)
                 and isinstance(event.get("type"), str)):
-            return _error(400, "invalid_payload", "The body is not a Stripe event.")
+            raise HttpError("The body is not a Stripe event.", status=400, type_="invalid_payload")
         created = event.get("created")
         if isinstance(created, bool) or not isinstance(created, int) \
                 or not 0 <= created <= _MAX_CREATED:
@@ -252,7 +255,8 @@ class WebhookReceiver:
                                                 body.decode(), int(self.clock()))
         except sqlite3.Error as exc:
             log.error("cannot store webhook %s: %s", event["id"], exc)
-            return _error(503, "storage_unavailable", "The event could not be stored; retry.")
+            raise HttpError("The event could not be stored; retry.",
+                            status=503, type_="storage_unavailable") from exc
         if not inserted:
             return web.json_response({"received": True, "duplicate": True})
         self._wake.set()

@@ -29,6 +29,8 @@ from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from proxy.errors import MeterproxyError
+
 __all__ = ["KeyPath", "Pos", "YamlDoc", "YamlError", "load_yaml", "load_yaml_file", "type_name"]
 
 KeyPath = tuple[str | int, ...]
@@ -45,7 +47,7 @@ class Pos:
 _ORIGIN = Pos(1, 1)
 
 
-class YamlError(Exception):
+class YamlError(MeterproxyError):
     """The text is not valid YAML (or has a duplicate key). 1-based position."""
 
     def __init__(self, message: str, line: int, col: int) -> None:

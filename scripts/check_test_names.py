@@ -43,8 +43,16 @@ def test_names(rel: Path) -> set[str]:
     return out
 
 
+def package_tests(rel: Path, packages: dict[str, list[str]]) -> set[str]:
+    """Test modules named for ``rel`` inside the test packages ``[packages]`` maps to its
+    source directory (e.g. tests/store_pg/ tests proxy/store/postgres/)."""
+    parent = rel.parent.as_posix()
+    return {f"{d}/test_{rel.stem}.py" for d, dirs in packages.items() if parent in dirs}
+
+
 def check(root: Path, layout: Path, package: str = "proxy") -> list[str]:
     data: dict[str, Any] = tomllib.loads(layout.read_text("utf-8"))
+    packages: dict[str, list[str]] = data.get("packages", {})
     listed_tests: dict[str, str] = data.get("tests", {})
     listed_modules: dict[str, Any] = data.get("modules", {})
     tests = {p.relative_to(root / "tests").as_posix()
@@ -52,7 +60,8 @@ def check(root: Path, layout: Path, package: str = "proxy") -> list[str]:
              if "vendor" not in p.parts and (p.parent == root / "tests"
                                              or (p.parent / "__init__.py").is_file())}
     modules = {p.relative_to(root).as_posix(): p for p in sorted((root / package).rglob("*.py"))}
-    named_for: dict[str, set[str]] = {m: test_names(Path(m)) & tests for m in modules}
+    named_for: dict[str, set[str]] = {
+        m: (test_names(Path(m)) | package_tests(Path(m), packages)) & tests for m in modules}
     mapped = set().union(*named_for.values()) if named_for else set()
     problems: list[str] = []
     where = layout.relative_to(root) if layout.is_relative_to(root) else layout

@@ -54,13 +54,16 @@ async def test_every_route_is_documented_and_every_operation_has_a_route(
             routes.add((r.method, r.resource.canonical))      # type: ignore[union-attr]
     public = {r.resource.canonical: r.method for r in p.server.public.app.router.routes()}  # type: ignore[union-attr]
     assert public.pop("/{tail}") == "*"           # the proxied API: the upstream's, not ours
-    assert public == {}                           # everything else is routed by the pipeline,
-    pipeline = p.server.pipeline     # on the canonical path (proxy.target)
-    assert set(pipeline.public_routes) == {WEBHOOK_PATH}   # answers POST only (405 otherwise)
+    assert public == {}                           # everything else is routed by the pipeline's
+    pipeline = p.server.pipeline          # own router, on the canonical path (proxy.target)
+    assert pipeline.own_paths == {WEBHOOK_PATH}   # answers POST only (405 otherwise)
     routes.add(("POST", WEBHOOK_PATH))
-    prefix = p.server.rt.cfg.reserved_prefix
-    for sub in pipeline.reserved_handlers:
-        routes.add(("GET", prefix + sub))
+    prefix = p.server.rt.cfg.reserved_prefix.rstrip("/")
+    for r in pipeline.router.routes():
+        path = r.resource.canonical
+        assert r.method == "*"                    # each answers 405 itself (GET/HEAD or POST)
+        if path.startswith(prefix):               # the consumer API: GET (and HEAD)
+            routes.add(("GET", path))
     assert routes == documented_operations()
     assert len(routes) == 33
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.store.keys import InvalidInput
+from proxy.errors import InvalidInput
 from proxy.webhooks import (
     Line,
     _micro,

@@ -22,9 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
 from proxy.admin import input as ain
-from proxy.admin.input import FieldError
 from proxy.credits.service import CreditService
+from proxy.errors import HttpError, InvalidInput
 from proxy.flusher import Flusher
+from proxy.http_errors import error_response
 from proxy.loglimit import LogLimiter
 from proxy.meter_check import MeterCheck
 from proxy.periods import default_usage_range
@@ -53,20 +54,14 @@ RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
 METER_CHECK = web.AppKey("meter_check", MeterCheck)
 
 
-def jerror(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
-    err = {"type": type_, "message": message}
-    if param is not None:
-        err["param"] = param
-    return web.Response(status=status, content_type="application/json",
-                        body=orjson.dumps({"error": err}))
-
-
 def jok(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, content_type="application/json", body=orjson.dumps(data))
 
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin token, the documented query parameters, then the handler; every refusal
+    (``HttpError``, ``LookupError`` for a missing object) is answered by ``error_response``."""
     if request.path not in _OPEN:
         token = request.app[RT].cfg.admin.token
         got = request.headers.get("Authorization", "")
@@ -75,34 +70,31 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             metrics.AUTH_FAIL_ADMIN.inc()
             request.app[REFUSALS].log(logging.WARNING, "bad admin token", "admin request refused (bad token)"
                           " from %s: %s %s", request.remote, request.method, request.path[:200])
-            return jerror(401, "unauthorized", "A valid admin token is required.")
+            return error_response(HttpError("A valid admin token is required.", status=401,
+                                            type_="unauthorized"))
     resource = request.match_info.route.resource
     if resource is not None and request.query:
         allowed = request.app[QUERY_PARAMS].get(
             ("GET" if request.method == "HEAD" else request.method, resource.canonical))
         unknown = set(request.query) - allowed if allowed is not None else set()
         if unknown:
-            return jerror(400, "invalid_request", "unknown query parameter(s): "
-                          + ", ".join(sorted(repr(u)[:40] for u in unknown)))
+            return error_response(HttpError("unknown query parameter(s): "
+                                            + ", ".join(sorted(repr(u)[:40] for u in unknown))))
     # every admin read sees every committed usage row (strict mode journals them first)
     request.app[RT].store.try_materialize()
     try:
         return await handler(request)
-    except FieldError as exc:
-        return jerror(400, "invalid_request", str(exc), param=exc.field)
-    except keystore.InvalidInput as exc:
-        return jerror(400, "invalid_request", str(exc))
-    except LookupError as exc:
-        return jerror(404, "not_found", str(exc.args[0]) if exc.args else "not found")
+    except (HttpError, LookupError) as exc:
+        return error_response(exc)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         data = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
-        raise keystore.InvalidInput("the body must be a JSON object") from exc
+        raise InvalidInput("the body must be a JSON object") from exc
     if not isinstance(data, dict):
-        raise keystore.InvalidInput("the body must be a JSON object")
+        raise InvalidInput("the body must be a JSON object")
     return data
 
 
@@ -119,7 +111,7 @@ async def post_customer(request: web.Request) -> web.Response:
     unknown = set(body) - {"id", "stripe_customer_id", "overage", "status", "billing_anchor",
                            "minimum_commitment"}
     if unknown:
-        raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
     scid = body.get("stripe_customer_id")
     if scid is not None:
         ain.text(scid, "stripe_customer_id", 255)
@@ -171,7 +163,7 @@ async def post_key(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     body = await _json_body(request) if request.body_exists else {}
     if set(body) - {"name"}:
-        raise keystore.InvalidInput(f"unknown field(s): {', '.join(sorted(set(body) - {'name'}))}")
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(set(body) - {'name'}))}")
     name = ain.text(body.get("name", ""), "name", 200)
     created = await rt.owners().customers.create_key(cid, name)
     await _refresh_cache(rt)
@@ -303,7 +295,8 @@ async def openapi_doc(request: web.Request) -> web.Response:
 
 def not_yet(what: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
-        return jerror(501, "not_implemented", f"{what} is not available in this build.")
+        raise HttpError(f"{what} is not available in this build.", status=501,
+                        type_="not_implemented")
     return handler
 
 

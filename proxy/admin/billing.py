@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import FLUSHER, jerror, jok
+from proxy.admin.api import FLUSHER, jok
 from proxy.store.protocols import OutboxEntry
 from proxy.timeutil import rfc3339
 
@@ -49,7 +49,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
     flusher = request.app[FLUSHER]
     restamp = ain.flag(request.query.get("restamp", False), "restamp")
     if not await flusher.replay(oid, restamp=restamp):
-        return jerror(404, "not_found", f"no dead letter {oid}")
+        raise LookupError(f"no dead letter {oid}")
     report = await flusher.flush(force=True)
     rows = await _query(request, outbox_id=oid, limit=1)
     return jok({"replayed": rows[0] if rows else None, "flush": report.to_json()})

@@ -11,7 +11,7 @@ from proxy.admin import input as ain
 from proxy.admin.api import CREDITS, _json_body, jok
 from proxy.admin.input import FieldError
 from proxy.credits.service import grant_json
-from proxy.store.keys import InvalidInput
+from proxy.errors import InvalidInput
 from proxy.units import fmt_micro
 
 

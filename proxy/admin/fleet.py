@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from proxy.admin.api import jerror, jok
+from proxy.admin.api import jok
+from proxy.errors import HttpError
 
 
 class FleetStatus(Protocol):
@@ -25,8 +26,8 @@ FLEET = web.AppKey("fleet", FleetStatus)
 async def get_fleet(request: web.Request) -> web.Response:
     fleet = request.app.get(FLEET)
     if fleet is None:
-        return jerror(404, "not_a_fleet", "This meterproxy runs alone (storage.backend: sqlite); "
-                      "fleet mode is storage.backend: postgres.")
+        raise HttpError("This meterproxy runs alone (storage.backend: sqlite); fleet mode is "
+                        "storage.backend: postgres.", status=404, type_="not_a_fleet")
     return jok(await fleet.status())
 
 

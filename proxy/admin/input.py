@@ -23,7 +23,7 @@ import re
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from proxy.store.keys import InvalidInput
+from proxy.errors import InvalidInput
 from proxy.units import MAX_GRACE, QSCALE, UnitError, parse_duration
 
 MAX_CREDITS = 10**12                       # credits per grant (micro: 10^18, below 2^63)
@@ -42,7 +42,7 @@ class FieldError(InvalidInput):
     """A 400 about one input field (``param`` in the error body)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}", extra={"param": field})
         self.field = field
 
 

@@ -22,9 +22,10 @@ import orjson
 from aiohttp import web
 
 from proxy.admin import input as ain
-from proxy.admin.api import RECONCILE_GRACE, RECONCILER, jerror, jok
+from proxy.admin.api import RECONCILE_GRACE, RECONCILER, jok
+from proxy.errors import HttpError, InvalidInput
+from proxy.http_errors import error_response
 from proxy.reconcile import InvalidRange, ReconcileError, ReconcileRefused
-from proxy.store.keys import InvalidInput
 
 
 def parse_grace(raw: Any) -> float:
@@ -74,15 +75,16 @@ def _parse(p: dict[str, Any]) -> dict[str, Any]:
 async def post_reconcile(request: web.Request) -> web.Response:
     reconciler = request.app.get(RECONCILER)
     if reconciler is None:
-        return jerror(409, "invalid_request", "reconcile needs Stripe: set stripe.api_key and a"
-                      " meter events sink (meter_events or meter_event_stream)")
+        return error_response(HttpError("reconcile needs Stripe: set stripe.api_key and a meter"
+                                        " events sink (meter_events or meter_event_stream)",
+                                        status=409))
+    # answered here too (error_response, as the admin middleware does): the route also
+    # works mounted without the admin app's middleware
     try:
         body, query = await _sources(request)
         p = _parse(body) | _parse(query)
-    except ain.FieldError as exc:
-        return jerror(400, "invalid_request", str(exc), param=exc.field)
     except InvalidInput as exc:
-        return jerror(400, "invalid_request", str(exc))
+        return error_response(exc)
     customer = p.get("customer")
     try:
         report = await reconciler.run(p.get("from"), p.get("to"),
@@ -90,12 +92,11 @@ async def post_reconcile(request: web.Request) -> web.Response:
                                       customers=[customer] if customer else None,
                                       dry_run=p.get("dry_run", False))
     except ReconcileRefused as exc:
-        return jok({"error": {"type": "invalid_request", "message": str(exc),
-                              "missing": exc.missing}}, status=400)
+        return error_response(HttpError(str(exc), extra={"missing": exc.missing}))
     except InvalidRange as exc:
-        return jerror(400, "invalid_request", str(exc))
+        return error_response(HttpError(str(exc)))
     except ReconcileError as exc:
-        return jerror(502, "stripe_unavailable", str(exc))
+        return error_response(HttpError(str(exc), status=502, type_="stripe_unavailable"))
     if p.get("format") == "table":
         return web.Response(text=report.to_table(all_hours=p.get("all", False)),
                             content_type="text/plain")

@@ -18,8 +18,8 @@ from typing import Any
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits
+from proxy.errors import InvalidInput
 from proxy.store.db import Store
-from proxy.store.keys import InvalidInput
 from proxy.store.ledger import SqliteCreditLedger
 from proxy.store.protocols import ClawbackDecision, CreditLedger, GrantFacts, LedgerEntry, LedgerSnapshot, NewGrant
 from proxy.timeutil import rfc3339

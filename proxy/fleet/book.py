@@ -22,7 +22,7 @@ as ``ADMIT_OWED`` (the usage is journaled and shipped like any other and settles
 which bounds the extra overspend per outage to members x allowance.
 
 The book counts what it admitted (``spent``) per lease; the journal rows carrying those
-credits reach the database through ``proxy.fleet.shipping``, which settles the lease.
+credits reach the database through ``proxy.store.postgres.shipping``, which settles the lease.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Literal
 from proxy import tasks
 from proxy.fleet import sizing
 from proxy.fleet.clock import monotonic_ms
-from proxy.fleet.leases import Grant, LeaseStore
 from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.leases import Grant, LeaseStore
 
 log = logging.getLogger("meterproxy.fleet.book")
 

@@ -48,6 +48,12 @@ class FleetCredits(CreditBook):
             return self._hold(customer_id, cost, now)
         return d
 
+    async def lease_admit(self, customer_id: str, cost: int, now: float) -> Hold | str:
+        """``admit`` for the request path (``proxy.request.admission.LeaseAdmit``): the
+        hold, or the refusal's name ("insufficient", "unavailable")."""
+        got = await self.admit(customer_id, cost, now)
+        return got.value if isinstance(got, Decision) else got
+
     def _hold(self, customer_id: str, cost: int, now: float) -> Hold:
         hold = Hold(customer_id, cost, admitted_at=now, debt_ok=True)
         h = self.leases.held.get(customer_id)

@@ -18,10 +18,10 @@ before its usage).
 
 from __future__ import annotations
 
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.db import UsageRow
 from proxy.store.postgres.journal import SqliteJournal, ship_debits
 from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 
 
 def to_local(seq: int, r: UsageRow) -> LocalRow:

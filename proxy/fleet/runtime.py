@@ -36,15 +36,16 @@ from typing import Any
 from proxy import metrics
 from proxy.config import Config
 from proxy.fleet.book import LeaseBook
+from proxy.fleet.credits import FleetCredits
 from proxy.fleet.journal_shipping import JournalShipping
-from proxy.fleet.leader import Deposed, Leadership
-from proxy.fleet.leases import LeaseStore
 from proxy.fleet.settings import lease_policy, member_id, pool_settings
 from proxy.store.db import Store
 from proxy.store.postgres import members as pg_members
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.leader import Deposed, Leadership
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.outbox import PostgresOutbox
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
@@ -120,6 +121,7 @@ class Fleet:
     lead: Leadership
     leases: LeaseStore
     book: LeaseBook
+    credits: FleetCredits
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -291,4 +293,5 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         await pool.close()
         raise
     log.info("fleet member %s on PostgreSQL (schema current)", mid)
-    return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book)
+    return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
+                 FleetCredits(book))

@@ -20,7 +20,7 @@ Guarantees (tests/fleet/test_sizing.py, hypothesis):
   request's worth at a time (the one exception to the cap above).
 
 ``proxy/store/postgres`` evaluates the same expression inside the escrow statement, against
-the locked row (proxy.fleet.leases.GRANT_SQL); this module is its specification.
+the locked row (proxy.store.postgres.leases.GRANT_SQL); this module is its specification.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What API consumers see on the public port, under the reserved prefix (``/_meter`` by
+"""Step 7, the consumer routes: what API consumers see on the public port, under the reserved prefix (``/_meter`` by
 default), authenticated with their own API key:
 
   GET /_meter/              the usage page (static HTML + inline JS, no CDN, no build step)
@@ -14,17 +14,18 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proxy.admin.input import FieldError, time_range
+from proxy.admin.input import time_range
 from proxy.credits.service import CreditService
+from proxy.errors import HttpError
 from proxy.periods import period_bounds
 from proxy.reports.exports import stream_export
 from proxy.reports.usage_report import customer_report
-from proxy.request.handler import Pipeline, error_response
+from proxy.request.auth import Authenticator
+from proxy.runtime import Runtime
 
 _PAGE: bytes | None = None
 
@@ -43,30 +44,41 @@ def _get_only(handler: Handler, query: frozenset[str]) -> Handler:
     """GET and HEAD only (else 405), and only the documented query parameters (else 400)."""
     async def get_only(request: web.Request) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
-            resp = error_response(405, "method_not_allowed", "Only GET is answered here.")
-            resp.headers["Allow"] = "GET, HEAD"
-            return resp
+            raise HttpError("Only GET is answered here.", status=405,
+                            type_="method_not_allowed", headers=_ALLOW)
         unknown = request.query.keys() - query
         if unknown:
-            return error_response(400, "invalid_request", "unknown query parameter(s): "
-                                  + ", ".join(sorted(repr(u)[:40] for u in unknown)))
+            raise HttpError("unknown query parameter(s): "
+                            + ", ".join(sorted(repr(u)[:40] for u in unknown)))
         return await handler(request)
     return get_only
 
 
+_ALLOW = {"Allow": "GET, HEAD"}
+
+
 class ConsumerApi:
-    def __init__(self, pipeline: Pipeline, reader: Any, credits: CreditService | None) -> None:
-        self.p = pipeline
-        self.reader = reader
+    """Authenticates with the pipeline's authentication step (``proxy.request.auth``) and
+    answers under ``prefix`` (``reserved_prefix``); its routes are handed to the pipeline,
+    which routes them on the canonical path. Refusals are raised as ``HttpError``."""
+
+    def __init__(self, rt: Runtime, auth: Authenticator, credits: CreditService | None) -> None:
+        self.rt = rt
+        self.auth = auth
         self.credits = credits
 
-    def mount(self) -> None:
-        h = self.p.reserved_handlers
-        keys = frozenset(self.p._key_query)          # an API key may travel in the query
-        h["/"] = h[""] = _get_only(self.page, keys)
-        h["/usage"] = _get_only(self.usage, keys)
-        h["/events.csv"] = _get_only(self.events_csv, keys | {"from", "to"})
-        h["/events.json"] = _get_only(self.events_json, keys | {"from", "to"})
+    def routes(self) -> list[web.RouteDef]:
+        prefix = self.rt.cfg.reserved_prefix.rstrip("/")
+        if not prefix:
+            return []
+        keys = frozenset(self.auth.key_query)          # an API key may travel in the query
+        page = _get_only(self.page, keys)
+        return [web.route("*", prefix, page), web.route("*", prefix + "/", page),
+                web.route("*", prefix + "/usage", _get_only(self.usage, keys)),
+                web.route("*", prefix + "/events.csv",
+                          _get_only(self.events_csv, keys | {"from", "to"})),
+                web.route("*", prefix + "/events.json",
+                          _get_only(self.events_json, keys | {"from", "to"}))]
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=_page(), content_type="text/html", charset="utf-8",
@@ -75,16 +87,9 @@ class ConsumerApi:
                                          "default-src 'self'; script-src 'unsafe-inline';"
                                          " style-src 'unsafe-inline'; img-src 'self' data:"})
 
-    def _who(self, request: web.Request) -> tuple[web.Response | None, str]:
-        rid = request.headers.get("X-Request-Id", "")
-        denied, _key_id, customer_id = self.p.authenticate(request, rid)
-        return denied, customer_id
-
     async def usage(self, request: web.Request) -> web.Response:
-        denied, cid = self._who(request)
-        if denied is not None:
-            return denied
-        rt = self.p.rt
+        cid = self.auth.authenticate(request).customer_id
+        rt = self.rt
         cust = rt.keys.customers[cid]
         rt.store.try_materialize()
         report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
@@ -93,17 +98,12 @@ class ConsumerApi:
                             headers={"Cache-Control": "no-store"})
 
     async def _events(self, request: web.Request, fmt: str) -> web.StreamResponse:
-        denied, cid = self._who(request)
-        if denied is not None:
-            return denied
-        cust = self.p.rt.keys.customers[cid]
+        cid = self.auth.authenticate(request).customer_id
+        cust = self.rt.keys.customers[cid]
         start, end = period_bounds(cust.billing_anchor, time.time())
-        try:
-            s, e = time_range(request.query.get("from"), request.query.get("to"), start, end)
-        except FieldError as exc:
-            return error_response(400, "invalid_request", str(exc), extra={"param": exc.field})
-        self.p.rt.store.try_materialize()
-        return await stream_export(request, self.p.rt.owners().usage, cid, s, e, fmt)
+        s, e = time_range(request.query.get("from"), request.query.get("to"), start, end)
+        self.rt.store.try_materialize()
+        return await stream_export(request, self.rt.owners().usage, cid, s, e, fmt)
 
     async def events_csv(self, request: web.Request) -> web.StreamResponse:
         return await self._events(request, "csv")

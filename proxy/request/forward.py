@@ -1,4 +1,10 @@
-"""Upstream: owns the one aiohttp ClientSession (keep-alive pool) to the guarded API.
+"""Step 3, forwarding: the headers sent upstream, and ``Upstream``, which owns the one
+aiohttp ClientSession (keep-alive pool) to the guarded API.
+
+The seam to the rest of the pipeline is narrow on purpose (a different forwarding core can
+replace this module): ``upstream_headers`` builds the request head, ``Upstream.request`` /
+``Upstream.ws_connect`` send it and hold a pool slot until ``release_slot``, and
+``BODY_ERRORS`` / ``body_error`` translate a failure while the body is read.
 
 This is the only module that touches aiohttp's client exceptions: they are translated
 to ``UpstreamUnavailable`` (502) and ``UpstreamTimeout`` (504) here. Bodies are passed
@@ -14,7 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
+from aiohttp import web
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from proxy.config import UpstreamConfig
@@ -38,6 +45,23 @@ def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
         if k.lower() not in skip:
             add(k, v)
     return out
+
+
+_XRID = istr("X-Request-Id")
+
+
+def upstream_headers(request: web.Request, rid: str, drop: frozenset[str]) -> CIMultiDict[str]:
+    """The head sent upstream: the consumer's end-to-end headers (minus ``drop``, lower-case:
+    the API key headers unless forwarded, and Host), X-Forwarded-*, and X-Request-Id."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    strip_hop_by_hop(request.headers, headers, drop)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    headers[_XRID] = rid
+    return headers
 
 
 class Upstream:

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import brotli
 
+from proxy.errors import MeterproxyError
+
 if sys.version_info >= (3, 14):
     from compression import zstd
 else:
@@ -41,7 +43,7 @@ PIECE = 64 * 1024
 """Most decoded bytes produced by one decoder step."""
 
 
-class DecodeError(Exception):
+class DecodeError(MeterproxyError):
     """The compressed stream is corrupt."""
 
 

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from proxy.errors import MeterproxyError
+
 __all__ = [
     "MatchIndex",
     "Matcher",
@@ -37,7 +39,7 @@ T = TypeVar("T")
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class TemplateError(ValueError):
+class TemplateError(MeterproxyError, ValueError):
     """A path template that cannot be compiled; the message says why."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
+from proxy.errors import MeterproxyError
 from proxy.pricing import Price, TransformQuantity
 from proxy.rules.matcher import Matcher, MatchIndex
 from proxy.rules.sse import Probe, ResponseInspector, new_inspector
@@ -57,7 +58,7 @@ class Problem:
         return f"{self.file}:{self.line}:{self.col}: {self.message}"
 
 
-class RulesError(Exception):
+class RulesError(MeterproxyError):
     """The rule files have problems; ``problems`` lists every one of them."""
 
     def __init__(self, problems: list[Problem]) -> None:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from proxy.store.access import Writer
     from proxy.store.protocols import KeySnapshot
 
+from proxy.errors import InvalidInput
+
 _ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
@@ -58,10 +60,6 @@ class KeyEntry:
     key_id: str
     customer_id: str
     revoked: bool
-
-
-class InvalidInput(ValueError):
-    pass
 
 
 def valid_id(value: object, what: str) -> str:

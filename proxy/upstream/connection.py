@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
+from proxy.errors import MeterproxyError
 from proxy.upstream.errors import (
     BodyError,
     BodyTimeout,
@@ -32,7 +33,7 @@ DISARMED, READ, EXPECT = 0, 1, 2
 Headers = list[tuple[str, str]]
 
 
-class Stale(Exception):
+class Stale(MeterproxyError):
     """Internal: a connection closed before any response byte of this request arrived.
     ``unsent``: it was closed before the request was written (certainly not received)."""
 
@@ -41,7 +42,7 @@ class Stale(Exception):
         self.unsent = unsent
 
 
-class _Abort(Exception):
+class _Abort(MeterproxyError):
     """Internal: raised from a parser callback to stop parsing (the reason is in conn.error)."""
 
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
-from proxy.fleet import leases
+from proxy.store.postgres import leases
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from tests.ci_guard import skip_or_fail
 

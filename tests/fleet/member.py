@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 from proxy.fleet.book import Decision, LeaseBook
-from proxy.fleet.leases import LeaseStore
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 
 ADMITTED = (Decision.ADMIT, Decision.ADMIT_OWED)
 

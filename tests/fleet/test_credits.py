@@ -8,8 +8,8 @@ from __future__ import annotations
 from proxy.credits.book import Hold
 from proxy.fleet.book import Decision, LeaseBook
 from proxy.fleet.credits import FleetCredits
-from proxy.fleet.leases import LeaseStore
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.pool import PgPool
 from tests.fleet.conftest import add_customer
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from proxy.fleet.leader import Deposed, Leadership, claim_outbox, mark_sent
+from proxy.store.postgres.leader import Deposed, Leadership, claim_outbox, mark_sent
 from proxy.store.postgres.pool import PgPool
 
 TTL = 600

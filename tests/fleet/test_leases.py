@@ -9,10 +9,11 @@ import random
 import pytest
 
 from proxy import tasks
-from proxy.fleet import leases, sizing
+from proxy.fleet import sizing
 from proxy.fleet.book import Decision
-from proxy.fleet.leases import LeaseStore
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres import leases
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.pool import PgPool
 from tests.fleet.conftest import add_customer
 from tests.fleet.member import Member

@@ -94,7 +94,9 @@ async def test_three_members_admit_exactly_the_balance(tmp_path: Path, upstream:
 
 async def test_a_killed_members_lease_returns_and_is_spent_by_the_others(
         tmp_path: Path, upstream: str) -> None:
-    async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
+    # a lease of at least 30 credits: a still holds some after its 10 requests
+    async with fleet_of(tmp_path, upstream, rules_text=RULES,
+                        fleet={"lease_floor": "30"}) as fleet:
         a, b, c = await fleet.start(["a", "b", "c"])
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0)) as s:

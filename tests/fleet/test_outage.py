@@ -9,9 +9,9 @@ from typing import Literal
 
 import pytest
 
-from proxy.fleet import leases
 from proxy.fleet.book import Decision
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres import leases
 from tests.fleet.conftest import PG_BASE, PoolFactory, add_customer
 from tests.fleet.member import Member
 from tests.fleet.tcp_cut import CuttableRelay

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from proxy.store.postgres.migrate import migrate, pending, schema_version
-from proxy.store.postgres.schema import MIGRATIONS
+from proxy.store.postgres.owners_schema import ALL_MIGRATIONS as MIGRATIONS
 from proxy.store.schema import MIGRATIONS as SQLITE_MIGRATIONS
 
 FLEET_TABLES = {"credit_accounts", "credit_leases", "members", "usage_ledger", "dead_letters",

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from proxy.fleet import leases
-from proxy.fleet.leases import LeaseStore
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
 from proxy.fleet.sizing import LeasePolicy
+from proxy.store.postgres import leases
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 from tests.fleet.conftest import add_customer
 from tests.fleet.member import MemoryJournal
 

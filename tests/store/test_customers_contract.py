@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from proxy.store.keys import InvalidInput
+from proxy.errors import InvalidInput
 from tests.store.conftest import Backend
 
 

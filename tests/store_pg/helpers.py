@@ -3,7 +3,7 @@ by the real ``Shipper`` (the hot path never writes PostgreSQL)."""
 
 from __future__ import annotations
 
-from proxy.fleet.shipping import LocalRow, ShipItem, Shipper
+from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.postgres.storage import PostgresStorage
 
 C = 1_000_000    # one unit in micro-units

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from proxy.credits.ledger import Entry, GrantState
-from proxy.store.keys import InvalidInput, hash_key
+from proxy.errors import InvalidInput
+from proxy.store.keys import hash_key
 from proxy.store.postgres.storage import PostgresStorage
 from proxy.store.protocols import ClawbackDecision, GrantFacts, LedgerEntry, NewAlert, NewGrant
 from tests.store_pg.conftest import MemberFactory

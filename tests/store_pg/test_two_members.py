@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.credits.ledger import Entry, GrantState
-from proxy.fleet.shipping import Shipper
+from proxy.store.postgres.shipping import Shipper
 from proxy.store.postgres.storage import PostgresStorage
 from proxy.store.protocols import ClawbackDecision, GrantFacts, NewAlert, NewGrant
 from tests.store_pg.conftest import MemberFactory

@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.store.keys import Customer, InvalidInput, KeyEntry, hash_key, valid_id
+from proxy.errors import InvalidInput
+from proxy.store.keys import Customer, KeyEntry, hash_key, valid_id
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool
 from proxy.store.protocols import KeySnapshot

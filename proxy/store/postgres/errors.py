@@ -14,8 +14,10 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from proxy.errors import MeterproxyError
 
-class PgUnavailable(Exception):
+
+class PgUnavailable(MeterproxyError):
     """PostgreSQL is unreachable or did not answer in time."""
 
 

@@ -5,7 +5,7 @@ fleet's ``credit_accounts``.
 Fleet credit leases escrow from ``credit_accounts.balance`` ("credits granted, less expired
 and voided"); this owner keeps that balance in step with the ledger in the same transaction
 as the entries: a new grant adds its amount, an ``expire`` or ``void`` entry takes its
-amount out. (Spending moves ``settled``/``escrowed``, owned by ``proxy.fleet.leases``.)
+amount out. (Spending moves ``settled``/``escrowed``, owned by ``proxy.store.postgres.leases``.)
 
 Concurrency between members: a grant's idempotency key is UNIQUE per customer, and the
 insert is ``ON CONFLICT DO NOTHING``: of two members creating the same grant, one creates

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.store.postgres.conn import Conn
-from proxy.store.postgres.schema import MIGRATIONS
+from proxy.store.postgres.owners_schema import ALL_MIGRATIONS as MIGRATIONS
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('meterproxy_migrate'))"
 

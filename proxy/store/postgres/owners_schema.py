@@ -11,7 +11,7 @@ append-only scheme (``ALL_MIGRATIONS`` = the fleet's list + these):
   transition table: every ``usage_ledger`` row that a shipping batch really inserts (a
   resend inserts nothing, ``ON CONFLICT DO NOTHING``) is added to its minute, in the
   shipper's own transaction. So the minutes count each shipped row exactly once, and the
-  shipper (``proxy.fleet.shipping``) needs no change. The upsert runs in primary-key order,
+  shipper (``proxy.store.postgres.shipping``) needs no change. The upsert runs in primary-key order,
   the same order the outbox's staging locks minutes in, so they never deadlock.
 - ``webhook_events.arrival``, ``api_keys.ord``, ``rules_versions.ord``: arrival order
   (SQLite's ``rowid``) for the webhook cursor, the key listing and "newest" ties.

@@ -12,7 +12,7 @@ keeps INTEGER seconds), plus what only a fleet needs:
 
 - ``api_keys.version``: a monotonic change number (one sequence, bumped by a trigger on every
   insert and update, serialized by an advisory lock so versions commit in order); a
-  ``pg_notify('meterproxy_keys', version)`` tells listeners (proxy.fleet.keys).
+  ``pg_notify('meterproxy_keys', version)`` tells listeners (proxy.store.postgres.key_watch).
 - ``credit_accounts``: per customer ``balance`` (credits granted, less expired and voided),
   ``settled`` (spent and shipped) and ``escrowed`` (held in live leases). Fixed-cost spending
   keeps ``settled + escrowed <= balance``; only post-response quantities above their hold can

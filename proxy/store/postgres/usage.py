@@ -5,7 +5,7 @@ Where usage lives in fleet mode:
 - **record** (the hot path) is never a PostgreSQL round trip. Each member journals its
   rows in its own local SQLite ``Store`` exactly as the single process does (strict
   durability: durable in the local file before the response's last bytes leave), and
-  ``proxy.fleet.shipping.Shipper`` ships the journal to ``usage_ledger`` in idempotent
+  ``proxy.store.postgres.shipping.Shipper`` ships the journal to ``usage_ledger`` in idempotent
   batches keyed ``(member_id, seq)``. So ``PostgresUsage.record`` delegates to the member's
   local recorder (``local``, the ``Store``), and raises when built without one (offline
   tools read, they never record).

@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from proxy.fleet.keys import KeyCache, KeyWatcher
+from proxy.store.postgres.key_watch import KeyCache, KeyWatcher
 from tests.fleet.conftest import PoolFactory, add_customer
 
 BOUND = 1.0   # seconds, docs/fleet.md

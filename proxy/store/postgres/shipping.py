@@ -6,7 +6,7 @@ Each journal row carries the member's own sequence number; in the ledger a row i
 1. ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING RETURNING`` (one statement,
    array parameters: no temporary staging table, so a transaction pooler is fine);
 2. settle the members' leases and the customers' accounts from the rows that came back
-   only (proxy.fleet.leases.settle): a row shipped twice settles once;
+   only (proxy.store.postgres.leases.settle): a row shipped twice settles once;
 3. ``members.last_shipped_seq`` moves to the batch's highest seq;
 4. commit, and only then the local watermark advances.
 
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.fleet.leases import settle
 from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.leases import settle
 from proxy.store.postgres.pool import PgPool
 
 log = logging.getLogger("meterproxy.fleet.shipping")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from proxy.errors import MeterproxyError
 from proxy.fleet.clock import monotonic_ms
 from proxy.fleet.sizing import usable_until_ms
 from proxy.store.postgres.conn import Conn
@@ -46,7 +47,7 @@ WHERE duty = $1 AND holder = $2 AND fence = $3 AND expires_at > now() FOR SHARE
 """
 
 
-class Deposed(Exception):
+class Deposed(MeterproxyError):
     """This member no longer holds the duty (its fence is stale or its lease expired)."""
 
 

@@ -1,0 +1,131 @@
+"""Step 5, settlement: a finished request's measurement -> quantities (pure), credits
+settled against its hold, and one usage row handed to the Store (one transaction with the
+credit debits). In strict durability the caller gets the commit to wait for before the last
+bytes of the response go out (``proxy.request.stream``).
+
+A status the rule does not count (``count_when``) is not billable: the hold is released and
+nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from proxy import metrics
+from proxy.credits.book import CreditBook
+from proxy.credits.ledger import Entry, covered_quantity
+from proxy.credits.reserve import Reservations
+from proxy.credits.thresholds import ThresholdWatch
+from proxy.request.context import RequestContext
+from proxy.rules import Measurement, Quantity, Rule, compute, constant_quantities
+from proxy.store.db import Store, UsageItem, UsageRow
+from proxy.store.keys import KeyCache
+from proxy.units import cost_micro
+
+
+@dataclass(frozen=True, slots=True)
+class _RuleCosts:
+    rule: Rule
+    rates: Mapping[str, Decimal | None]                 # meter -> credits_per_unit
+    quantities: tuple[Quantity, ...] | None             # all constant: the quantities
+    costs: list[int] | None                             # ... and their credits (read only)
+
+
+def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) -> list[int]:
+    """Each quantity's credit cost in micro-credits (0 for a meter without a rate)."""
+    return [cost_micro(q.micro, r) if (r := rates.get(q.meter)) is not None else 0
+            for q in quantities]
+
+
+class Settlement:
+    def __init__(self, store: Store, keys: KeyCache, book: CreditBook | None,
+                 watch: ThresholdWatch | None, reservations: Reservations,
+                 default_estimate: int, strict: bool) -> None:
+        self.store = store
+        self.keys = keys
+        self.book = book
+        self.watch = watch
+        self.reservations = reservations
+        self.default_estimate = default_estimate
+        self.strict = strict                      # storage.durability: strict
+        self._unit_counters: dict[str, Any] = {}
+        # per rule object (reloads add more): its rates, and for a rule whose quantities are
+        # all constants, the quantities and their credit costs (computed once, not per request)
+        self._by_rule: dict[int, _RuleCosts] = {}
+
+    def for_rule(self, rule: Rule) -> _RuleCosts:
+        hit = self._by_rule.get(id(rule))
+        if hit is not None and hit.rule is rule:
+            return hit
+        if len(self._by_rule) >= 1024:
+            self._by_rule.clear()                 # old rule sets (reloads)
+        rates = {u.meter: u.credits_per_unit for u in rule.usage}
+        const = constant_quantities(rule)
+        hit = self._by_rule[id(rule)] = _RuleCosts(
+            rule, rates, const, None if const is None else _costs(const, rates))
+        return hit
+
+    def record(self, ctx: RequestContext, rule: Rule, m: Measurement | None, status: int,
+               flags: str, withhold: bool = False) -> asyncio.Future[None] | None:
+        """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
+        both to the Store (one transaction). Not billable: the hold is released.
+        ``m`` may be None only for a rule whose quantities are all constants.
+        ``withhold``: a failed commit answers 503 instead of the response, so the row is
+        dropped then (never billed; see Store invariant 8)."""
+        book = self.book
+        hold = ctx.hold
+        if not rule.count_when.matches(status):
+            if hold is not None and book is not None:
+                book.release(hold)
+            return None
+        rc = self.for_rule(rule)
+        quantities: Sequence[Quantity] | None = rc.quantities
+        costs = rc.costs
+        if quantities is None or costs is None:
+            assert m is not None
+            quantities = compute(rule, m, self.default_estimate)
+            if not quantities:
+                return None
+            costs = _costs(quantities, rc.rates)
+        elif not quantities:
+            return None
+        settled = book.settle(hold, costs, time.time()) \
+            if hold is not None and book is not None else None
+        if book is not None:
+            ests = self.reservations.for_rule(rule).estimators
+            for q in quantities:
+                if not q.unreadable and (est := ests.get(q.meter)) is not None:
+                    est.observe(q.micro)
+        items = []
+        debits: list[tuple[str, Entry]] = []
+        for i, q in enumerate(quantities):
+            f = flags
+            if q.unreadable:
+                metrics.unreadable_quantities_total.labels(rule.name).inc()
+                metrics.quantity_fallback_total.labels(rule.name, q.meter, q.reason).inc()
+                f = f"{f},unreadable,fallback_{q.reason}" if f \
+                    else f"unreadable,fallback_{q.reason}"
+            credits = covered = 0
+            if settled is not None:
+                entries, uncovered = settled[i]
+                credits = costs[i] - uncovered
+                covered = covered_quantity(q.micro, costs[i], credits)
+                debits.extend((q.meter, e) for e in entries)
+            items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
+            if q.micro:
+                if (c := self._unit_counters.get(q.meter)) is None:
+                    c = self._unit_counters[q.meter] = metrics.metered_units_total.labels(q.meter)
+                c.inc(q.micro / 1_000_000)
+        customer_id = ctx.customer_id
+        if debits and self.watch is not None:
+            cust = self.keys.customers.get(customer_id)
+            self.watch.check(customer_id, anchor=cust.billing_anchor if cust else None)
+        row = UsageRow(ctx.rid, time.time(), customer_id, ctx.key_id, rule.name, ctx.version,
+                       status, items, debits=debits, method=ctx.request.method,
+                       path=ctx.path[:2048], withhold=withhold)
+        return self.store.record(row, wait=self.strict and not flags)

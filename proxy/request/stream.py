@@ -1,0 +1,373 @@
+"""Step 4, streaming and measuring: one proxied HTTP request from the request body to the
+last byte of the response.
+
+    request body   streamed upstream as it arrives (counted); buffered up to
+                   ``max_inspect_bytes`` when a rule reads its JSON (or adds stream usage)
+    upstream       ``proxy.request.forward`` (Upstream.request; a slot held until released)
+    response       a small Content-Length body is read whole and answered in one piece; any
+                   other body is streamed chunk by chunk, each chunk fed to the rule's
+                   inspector once it was written
+    settle         ``proxy.request.settle`` once the body ended (or was abandoned)
+
+Invariants
+- strict durability: the last bytes of a metered response (the final chunk of a
+  Content-Length body, or the whole of a small one) are written only after the request's
+  usage row is committed; a failed commit answers 503 (small) or closes the connection
+  without a clean end (streamed).
+- A consumer that disconnects cancels the upstream request; what was measured until then
+  is still recorded (abandoned streams are billed for what was delivered).
+- The upstream dying mid-body truncates the response (connection closed, never a clean end)
+  and counts as a 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import metrics
+from proxy.errors import HttpError, MeteringUnavailable, MeterproxyError, UpstreamError
+from proxy.request.admission import XCR as _XCR
+from proxy.request.admission import Admission
+from proxy.request.context import RequestContext
+from proxy.request.forward import (
+    _XRID,
+    BODY_ERRORS,
+    Upstream,
+    body_error,
+    strip_hop_by_hop,
+    upstream_headers,
+)
+from proxy.request.settle import Settlement
+from proxy.rules import UNREADABLE, Measurement
+from proxy.rules.model import ResponseNeed
+from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
+
+_SMALL_BODY = 64 * 1024
+
+
+class Aborted(MeterproxyError):
+    """The consumer went away mid-response."""
+
+
+class Streamer:
+    """The fixed parts of the streaming step, built once: what every ``Exchange`` reads."""
+
+    def __init__(self, upstream: Upstream, admission: Admission, settlement: Settlement,
+                 cap: int, strict: bool, drop_headers: frozenset[str]) -> None:
+        self.upstream = upstream
+        self.admission = admission
+        self.settlement = settlement
+        self.cap = cap
+        self.strict = strict
+        self.drop_headers = drop_headers
+
+
+class Exchange:
+    """The state of one proxied HTTP request that changes while it streams (the rest is its
+    frozen ``RequestContext``)."""
+
+    __slots__ = ("ctx", "delivered", "flags", "request_bytes", "request_json", "s",
+                 "strip_usage", "upstream_s")
+
+    def __init__(self, s: Streamer, ctx: RequestContext) -> None:
+        self.s = s
+        self.ctx = ctx
+        self.request_bytes = 0
+        self.request_json: object = UNREADABLE
+        self.upstream_s = 0.0
+        self.flags = ""
+        self.strip_usage = False
+        self.delivered = False      # a streamed answer's head reached an open consumer connection
+
+    async def run(self) -> web.StreamResponse:
+        s, ctx = self.s, self.ctx
+        req = ctx.request
+        headers = upstream_headers(req, ctx.rid, s.drop_headers)
+        rule = ctx.rule
+        if rule is not None and ctx.metered:
+            if rule.response_body is not ResponseNeed.NONE:
+                # the body must be readable: ask for it uncompressed (decoded if ignored)
+                headers["Accept-Encoding"] = "identity"
+            if (rule.request_json or rule.stream_usage) and req.body_exists \
+                    and _encoded(req.headers):
+                raise HttpError("This endpoint reads the request body to meter it; send it "
+                                "uncompressed (no Content-Encoding).", status=415,
+                                type_="unsupported_content_encoding")
+        data = await self._request_body(headers)
+        hold = ctx.hold
+        if hold is not None and rule is not None and \
+                s.admission.reservations.for_rule(rule).hinted:
+            s.admission.admit_hint(rule, hold, req, self.request_json)
+        t_up = time.perf_counter()
+        try:
+            upstream = await s.upstream.request(req.method, self.ctx.target, headers, data)
+        except UpstreamError as exc:
+            metrics.upstream_errors_total.labels(exc.type).inc()
+            raise
+        try:
+            out_headers, inspector = self._response_head(upstream)
+            clen = upstream.content_length
+            if req.method == "HEAD" or upstream.status in (204, 304):
+                self.upstream_s = time.perf_counter() - t_up
+                try:
+                    if (commit := self._finish(upstream.status, upstream, None, 0,
+                                               True)) is not None:
+                        await commit
+                except MeteringUnavailable as exc:
+                    metrics.metering_unavailable_total.inc()
+                    raise _withheld() from exc
+                return web.Response(status=upstream.status, headers=out_headers)
+            if clen is not None and clen <= _SMALL_BODY:
+                return await self._respond_small(upstream, out_headers, inspector, t_up)
+            return await self._respond(upstream, out_headers, inspector, t_up)
+        finally:
+            upstream.release()
+            s.upstream.release_slot()
+
+    def _response_head(self, upstream: aiohttp.ClientResponse) -> tuple[CIMultiDict[str], Any]:
+        """The consumer's response headers, and the body inspector if a rule reads the body."""
+        out_headers: CIMultiDict[str] = CIMultiDict()
+        strip_hop_by_hop(upstream.headers, out_headers)
+        out_headers[_XRID] = self.ctx.rid
+        inspector = None
+        rule = self.ctx.rule
+        if rule is not None and self.ctx.metered and rule.response_body is not ResponseNeed.NONE:
+            uh = upstream.headers
+            inspector = rule.new_inspector(uh.get("Content-Type"), self.s.cap,
+                                           uh.get("Content-Encoding"))
+        return out_headers, inspector
+
+    async def _request_body(self, headers: CIMultiDict[str]) -> Any:
+        req = self.ctx.request
+        if not req.body_exists:
+            return None
+        rule = self.ctx.rule
+        if rule is not None and (rule.request_json or rule.stream_usage) and self.ctx.metered:
+            return await self._inspect_request_body(headers)
+        return self._count_stream(req.content)
+
+    async def _count_stream(self, content: aiohttp.StreamReader) -> Any:
+        async for chunk in content.iter_any():
+            self.request_bytes += len(chunk)
+            yield chunk
+
+    async def _inspect_request_body(self, headers: CIMultiDict[str]) -> Any:
+        cap = self.s.cap
+        buf = bytearray()
+        content = self.ctx.request.content
+        while len(buf) <= cap:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            buf += chunk
+        if len(buf) <= cap:
+            self.request_bytes = len(buf)
+            rule = self.ctx.rule
+            assert rule is not None
+            # an openai_chat rule only needs the JSON of a body that may ask for a stream
+            # (a key may also be spelt with \u escapes)
+            if buf and (rule.request_json or b'"stream"' in buf or b"\\u" in buf):
+                try:
+                    self.request_json = orjson.loads(buf)
+                except orjson.JSONDecodeError:
+                    self.request_json = UNREADABLE
+            body = bytes(buf)
+            if rule.stream_usage and self.request_json is not UNREADABLE:
+                added = with_stream_usage(self.request_json, body)
+                if added is not None:
+                    body = added
+                    self.strip_usage = True
+            headers.popall("Transfer-Encoding", None)
+            headers["Content-Length"] = str(len(body))
+            return body
+        # over the inspection cap: stream what was read, then the rest, untouched
+        return self._prefixed(bytes(buf), content)
+
+    async def _prefixed(self, prefix: bytes, content: aiohttp.StreamReader) -> Any:
+        self.request_bytes += len(prefix)
+        yield prefix
+        async for chunk in content.iter_any():
+            self.request_bytes += len(chunk)
+            yield chunk
+
+    async def _respond(self, upstream: aiohttp.ClientResponse, out_headers: CIMultiDict[str],
+                       inspector: Any, t_up: float) -> web.StreamResponse:
+        """A large or streamed body: forwarded chunk by chunk as it arrives."""
+        s, req = self.s, self.ctx.request
+        clen = upstream.content_length
+        chunked = clen is None
+        status = upstream.status
+        if chunked:
+            out_headers.popall("Content-Length", None)
+        if self.ctx.metered:
+            # streamed: the balance after this request's hold (settled once the body ends)
+            xcr = s.admission.credits_header(self.ctx.customer_id)
+            if xcr is not None:
+                out_headers[_XCR] = xcr
+        strip = self._usage_filter(upstream) if self.strip_usage else None
+        if strip is not None:
+            clen = None                       # the length changes: sent chunked
+            out_headers.popall("Content-Length", None)
+        resp = web.StreamResponse(status=status, headers=out_headers)
+        if clen is not None:
+            resp.content_length = clen
+        await resp.prepare(req)
+        self.delivered = (tr := req.transport) is not None and not tr.is_closing()
+        sent = 0
+        held: bytes | None = None
+        hold_last = self.ctx.metered and s.strict and clen is not None
+        try:
+            # each chunk is inspected once it is written, so an abandoned response is
+            # measured by what was delivered (a failed write is not)
+            async for chunk in upstream.content.iter_any():
+                if hold_last and clen is not None and sent + len(chunk) >= clen:
+                    sent += len(chunk)
+                    held = chunk
+                    if inspector is not None:
+                        inspector.feed(chunk)
+                    break
+                if strip is None:
+                    await _write(resp, chunk)
+                elif out := strip.feed(chunk):
+                    await _write(resp, out)
+                sent += len(chunk)
+                if inspector is not None:
+                    inspector.feed(chunk)
+            if strip is not None and (rest := strip.flush()):
+                await _write(resp, rest)
+        except BODY_ERRORS as exc:
+            # the upstream died mid-body: the consumer gets a truncated response (the
+            # connection is closed, never a clean end) and the request counts as a 502
+            metrics.upstream_errors_total.labels(body_error(exc).type + "_midstream").inc()
+            self.flags = "upstream_aborted"
+            self.upstream_s = time.perf_counter() - t_up
+            if (commit := self._finish(502, upstream, inspector, sent)) is not None:
+                await commit
+            _kill(req)
+            return resp
+        except (Aborted, asyncio.CancelledError):
+            metrics.client_aborts_total.inc()
+            self.flags = "abandoned"
+            self.upstream_s = time.perf_counter() - t_up
+            if (commit := self._finish(status, upstream, inspector, sent)) is not None:
+                await commit
+            raise
+        self.upstream_s = time.perf_counter() - t_up
+        try:
+            if (commit := self._finish(status, upstream, inspector, sent)) is not None:
+                await commit
+        except MeteringUnavailable:
+            metrics.metering_unavailable_total.inc()
+            _kill(req)
+            return resp
+        if held is not None:
+            await _write(resp, held)
+        await resp.write_eof()
+        return resp
+
+    async def _respond_small(self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                             inspector: Any, t_up: float) -> web.StreamResponse:
+        try:
+            body = await upstream.read()
+        except BODY_ERRORS as exc:
+            err = body_error(exc)
+            metrics.upstream_errors_total.labels(err.type + "_midstream").inc()
+            self.flags = "upstream_aborted"
+            self.upstream_s = time.perf_counter() - t_up
+            if (commit := self._finish(502, upstream, inspector, 0)) is not None:
+                await commit
+            raise err from exc
+        if inspector is not None:
+            inspector.feed(body)
+        strip = self._usage_filter(upstream) if self.strip_usage else None
+        if strip is not None:
+            body = strip.feed(body) + strip.flush()
+        self.upstream_s = time.perf_counter() - t_up
+        try:
+            if (commit := self._finish(upstream.status, upstream, inspector, len(body),
+                                       True)) is not None:
+                await commit
+        except MeteringUnavailable as exc:
+            metrics.metering_unavailable_total.inc()
+            raise _withheld() from exc
+        headers.popall("Content-Length", None)
+        if self.ctx.metered:
+            xcr = self.s.admission.credits_header(self.ctx.customer_id)   # exact: settled above
+            if xcr is not None:
+                headers[_XCR] = xcr
+        return web.Response(status=upstream.status, headers=headers, body=body)
+
+    def _usage_filter(self, upstream: aiohttp.ClientResponse) -> UsageChunkFilter | None:
+        """When the proxy added include_usage for this client, a filter that removes the
+        usage-only chunk again (not on a compressed stream: it passes as the upstream sent
+        it, extra chunk included)."""
+        if upstream.headers.get("Content-Encoding") or not is_event_stream(upstream.headers.get("Content-Type")):
+            return None
+        return UsageChunkFilter(self.s.cap)
+
+    def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
+                response_bytes: int, withhold: bool = False) -> asyncio.Future[None] | None:
+        """Measure and record; in strict mode returns the commit to wait for before the
+        final bytes go out (a plain function: no coroutine frame on the hot path).
+        ``withhold``: a failed commit answers 503 instead of the response, so the row is
+        dropped then (never billed; see Store invariant 8)."""
+        total = time.perf_counter() - self.ctx.started
+        metrics.upstream_seconds.observe(self.upstream_s)
+        metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
+        rule = self.ctx.rule
+        if rule is None or not self.ctx.metered:
+            return None
+        if self.flags and not self.delivered and not self.ctx.request.content.is_eof():
+            # the consumer never finished sending its request (cut off by limits.body_timeout,
+            # or gone) and nothing of the answer reached it (a buffered answer is withheld
+            # until here; a streamed one started after the connection was already closed):
+            # there is no request to bill. An answer delivered in full, or a streamed answer
+            # the consumer received part of and abandoned, is billed even if the body never
+            # ended (an upstream that answers without reading the body would otherwise serve
+            # it free).
+            return None
+        m = None
+        if self.s.settlement.for_rule(rule).quantities is None:
+            m = Measurement(status=status, request_headers=self.ctx.request.headers,
+                            response_headers=upstream.headers, query=self.ctx.request.query,
+                            path_params=self.ctx.params, request_json=self.request_json,
+                            response_body=inspector.result() if inspector is not None else None,
+                            request_bytes=self.request_bytes, response_bytes=response_bytes,
+                            duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
+        return self.s.settlement.record(self.ctx, rule, m, status, self.flags, withhold)
+
+
+def _encoded(headers: Any) -> bool:
+    """True when the request body has a content coding other than identity, on any
+    ``Content-Encoding`` line or list item: a compressed body must not hide behind a first
+    "identity" (the upstream would decode it; the proxy could not read it)."""
+    return any(t.strip() and t.strip().lower() != "identity"
+               for v in headers.getall("Content-Encoding", ()) for t in v.split(","))
+
+
+def _withheld() -> HttpError:
+    return HttpError("Usage could not be recorded; the answer is withheld (and not "
+                     "billed). Retry shortly.", status=503, type_="metering_unavailable")
+
+
+async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
+    try:
+        await resp.write(chunk)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
+        raise Aborted() from exc
+
+
+def _kill(req: web.Request) -> None:
+    """Close the consumer connection without a clean end, so a partial body is never mistaken
+    for a complete one."""
+    transport = req.transport
+    if transport is not None:
+        transport.abort()
