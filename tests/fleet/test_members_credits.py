@@ -23,6 +23,7 @@ from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet
 from tests.helpers import wait_until
 
 C = 1_000_000
+TIMEOUT = aiohttp.ClientTimeout(total=30)     # a stuck request fails the test, not the suite
 RULES = """\
 version: 1
 meters:
@@ -82,8 +83,8 @@ async def _settled(fleet: FleetOfMembers, spent: int) -> tuple[int, int, int]:
 async def test_three_members_admit_exactly_the_balance(tmp_path: Path, upstream: str) -> None:
     async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
         members = await fleet.start(["a", "b", "c"])
-        async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0)) as s:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
             key = await _customer(s, members[0], "100")
             got = await _burst(s, members, key, 300)
             assert got == {200: 100, 402: 200}, got
@@ -98,8 +99,8 @@ async def test_a_killed_members_lease_returns_and_is_spent_by_the_others(
     async with fleet_of(tmp_path, upstream, rules_text=RULES,
                         fleet={"lease_floor": "30"}) as fleet:
         a, b, c = await fleet.start(["a", "b", "c"])
-        async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0)) as s:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
             key = await _customer(s, a, "100")
             first = await _burst(s, [a], key, 10)
             assert first == {200: 10}
@@ -134,8 +135,8 @@ async def test_post_response_overspend_is_bounded_and_paid_back(
     and every member refuses the customer afterwards until the debt is covered."""
     async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
         members = await fleet.start(["a", "b", "c"])
-        async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0)) as s:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
             key = await _customer(s, members[0], "20")
             admitted = 0
             for _ in range(3):                       # bursts of 30 in flight
