@@ -10,6 +10,9 @@
 #        TARGETS: bare (always first: the ratios' base) nginx free strict batched
 #                 core (bench/core_proxy.py: aiohttp web.Server + the proxy.upstream pool, unmetered)
 #                 floor (bench/server_floor.py: the same web.Server answering by itself, no upstream)
+#                 fleet (strict, storage.backend postgres on a fresh database at $PGBASE,
+#                        default postgresql://postgres@127.0.0.1:5432; the key made through the
+#                        admin API by bench/fleet_key.py; needs psql)
 set -u
 cd "$(dirname "$0")/.."
 W=$(mktemp -d)
@@ -44,6 +47,19 @@ run() { # target n -> instructions
     [ "$target" = floor ] && script=bench/server_floor.py
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python "$script" \
       "$PP" "http://127.0.0.1:$OP" >/dev/null 2>"$W/cg.err" & M=$!
+  elif [ "$target" = fleet ]; then
+    DB=mp_instr_$$_$n
+    psql "$PGBASE/postgres" -qc "CREATE DATABASE $DB" >/dev/null
+    rm -f "$W"/f.db*
+    cat > "$W/c.yaml" <<EOC
+{"listen": "127.0.0.1:$PP", "admin_listen": "127.0.0.1:$AP", "upstream": {"url": "http://127.0.0.1:$OP"},
+ "rules": "$W/metered.yaml", "storage": {"path": "$W/f.db", "durability": "strict", "backend": "postgres",
+ "dsn": "$PGBASE/$DB"}, "fleet": {"member_id": "bench"},
+ "admin": {"token": "bench-admin-token"}, "stripe": {"sink": "dry_run", "flush_interval": "1h"}, "log_level": "error"}
+EOC
+    valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python -m proxy serve \
+      --config "$W/c.yaml" >/dev/null 2>"$W/cg.err" & M=$!
+    KEY=$(.venv/bin/python bench/fleet_key.py "http://127.0.0.1:$AP" bench-admin-token)
   else
     rules=$W/metered.yaml; dur=strict
     [ "$target" = free ] && rules=$W/free.yaml
@@ -61,6 +77,7 @@ EOC
   fi
   .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/small" "$n" "$KEY" 2>/dev/null
   kill -TERM $M; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
+  [ "$target" = fleet ] && psql "$PGBASE/postgres" -qc "DROP DATABASE $DB WITH (FORCE)" >/dev/null
   grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'
 }
 echo "| target | instructions per request (/small) | vs bare |"
@@ -68,6 +85,7 @@ echo "| --- | --- | --- |"
 base=""
 declare -A res
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+PGBASE=${PGBASE:-postgresql://postgres@127.0.0.1:5432}
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(nginx free strict batched)
 for t in bare "${targets[@]}"; do

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sqlite3
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 from aiohttp import web
@@ -30,6 +31,7 @@ from proxy import metrics
 from proxy.admin.api import REFUSALS, build_admin_app
 from proxy.admin.billing import billing_routes
 from proxy.admin.credits import credit_routes
+from proxy.admin.fleet import FLEET, fleet_routes
 from proxy.admin.reconcile import reconcile_routes
 from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
@@ -65,6 +67,9 @@ from proxy.tasks import cancel_and_wait, spawn
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver
 
+if TYPE_CHECKING:
+    from proxy.fleet.runtime import Fleet
+
 log = logging.getLogger("meterproxy")
 
 
@@ -89,6 +94,7 @@ class Server:
     public_port: int = 0
     admin_port: int = 0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    fleet: Fleet | None = None          # fleet mode (storage.backend postgres)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     on_stop: list[Callable[[], Any]] = field(default_factory=list)
     # tasks stopped by a signal and awaited (never cancelled mid-call): (stop, task)
@@ -164,7 +170,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         store = Store.open(db_path, synchronous=st.synchronous, durability=st.durability,
                            commit_interval=st.commit_interval, fail_mode=st.fail_mode,
                            max_pending_rows=st.max_pending_rows, lock_wait=st.lock_wait,
-                           wal_truncate_size=st.wal_truncate_size)
+                           wal_truncate_size=st.wal_truncate_size,
+                           keep_journal=st.backend == "postgres")
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)
@@ -173,7 +180,14 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     undo.push_async_callback(reader.close)
     upstream = Upstream(cfg.upstream)
     undo.push_async_callback(upstream.close)
-    storage = as_storage(SqliteStorage.on(store, reader))
+    fleet: Fleet | None = None
+    if st.backend == "postgres":
+        from proxy.fleet.runtime import open_fleet  # the SQLite default never imports it
+        fleet = await open_fleet(cfg, store)
+        undo.push_async_callback(fleet.close)
+        storage = fleet.owners()
+    else:
+        storage = as_storage(SqliteStorage.on(store, reader))
     keys.replace(*_snapshot(await storage.customers.snapshot()))
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream,
                  storage=storage)
@@ -184,7 +198,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
     watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
                                       on_new=alerts.wake)
-    flusher = build_flusher(rt, sink)
+    flusher = build_flusher(rt, sink, fleet)
     meter_check = await _check_meters(rt, undo)
 
     public_app = web.Application(client_max_size=0)
@@ -200,7 +214,11 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
     own_routes = [*ConsumerApi(rt, auth, credits, previews).routes(),
                   web.route("*", WEBHOOK_PATH, webhooks.handle)]
-    pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
+    if fleet is None:
+        pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
+    else:       # credits through the member's leases (proxy.fleet.credits)
+        pipeline = Pipeline(rt, auth, fleet.credits, watch, own_routes,
+                            lease_admit=fleet.credits.lease_admit)
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
@@ -216,10 +234,12 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         undo.push_async_callback(reconciler.stripe.close)
     admin_app = build_admin_app(rt, reader,
                                 billing_routes() + credit_routes() + reconcile_routes()
-                                + webhook_routes(),
+                                + webhook_routes() + fleet_routes(),
                                 credits=credits, flusher=flusher, webhooks=webhooks,
                                 reconciler=reconciler, meter_check=meter_check,
                                 reconcile_grace=cfg.stripe.reconcile_grace)
+    if fleet is not None:
+        admin_app[FLEET] = fleet
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
     undo.push_async_callback(public.cleanup)
@@ -227,14 +247,16 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     undo.push_async_callback(admin.cleanup)
     host, port = split_hostport(cfg.listen)
     ahost, aport = split_hostport(cfg.admin_listen)
-    site = web.TCPSite(public, host, port, backlog=1024)
+    shared = cfg.workers > 1           # worker processes share both ports (SO_REUSEPORT)
+    site = web.TCPSite(public, host, port, backlog=1024, reuse_port=shared or None)
     await site.start()                 # closed by public.cleanup
-    asite = web.TCPSite(admin, ahost, aport)
+    asite = web.TCPSite(admin, ahost, aport, reuse_port=shared or None)
     await asite.start()                # closed by admin.cleanup
     server = Server(rt, public, admin, reader, pipeline=pipeline, credits=credits,
                     flusher=flusher, webhooks=webhooks, alerts=alerts, connections=guard,
                     meter_check=meter_check, reconciler=reconciler,
-                    public_port=_bound_port(site), admin_port=_bound_port(asite))
+                    public_port=_bound_port(site), admin_port=_bound_port(asite),
+                    fleet=fleet)
     await alerts.start()
     undo.push_async_callback(alerts.close)
     server.tasks.append(_task(undo, "alert-sender", alerts.run()))
@@ -251,16 +273,27 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         server.tasks.append(_task(undo, "meter-check", meter_check.run()))
         server.on_stop.append(meter_check.close)
     server.tasks.append(_task(undo, "rules-watcher", _watch_rules(rt, meter_check)))
-    server.tasks.append(_task(undo, "key-refresher", _refresh_keys(rt)))
+    if fleet is None:
+        server.tasks.append(_task(undo, "key-refresher", _refresh_keys(rt)))
+    else:
+        server.tasks.append(_task(undo, "key-refresher", _refresh_fleet_keys(rt, fleet)))
     server.tasks.append(_task(undo, "audit-retention", _prune_audit(rt)))
     server.tasks.append(_task(undo, "wal-checkpoint", store.checkpoint_forever(
         st.checkpoint_interval, st.integrity_check_interval)))
     server.tasks.append(_task(undo, "connection-sweep", guard.sweep_forever()))
-    server.tasks.append(_task(undo, "journal", store.materialize_forever()))
+    if fleet is None:
+        server.tasks.append(_task(undo, "journal", store.materialize_forever()))
+    else:     # its own stop event: running through the final flush, ended by fleet.close
+        fleet.tasks += [spawn("fleet-ship", fleet.ship_forever()),
+                        spawn("fleet-leader", fleet.lead_forever(
+                            [flusher.took_over], lambda: rt.rules.version)),
+                        spawn("fleet-leases", fleet.leases_forever())]
     server.graceful.append((flusher.stop, _task(undo, "flusher",
                                                 flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(_task(undo, "credit-expiry", credits.run_expiry()))
     server.on_stop.append(lambda: _final_flush(flusher))
+    if fleet is not None:
+        server.on_stop.append(fleet.close)     # ship, release leases, resign, close the pool
     for limiter in (admin_app[REFUSALS], auth.refusals, webhooks.refusals):
         server.on_stop.append(limiter.flush)      # "suppressed K similar messages" lines
     if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
@@ -319,12 +352,21 @@ def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
     return {m.name: (m.stripe_event_name, m.covered_event_name) for m in rt.rules.meters.values()}
 
 
-def build_flusher(rt: Runtime, sink: Sink) -> Flusher:
+def build_flusher(rt: Runtime, sink: Sink, fleet: Fleet | None = None) -> Flusher:
+    """The Stripe flusher; in fleet mode it acts only while this member leads the duty, and
+    its outbox writes are fenced."""
     scfg = rt.cfg.stripe
-    return Flusher(rt.store, sink, lambda: event_names(rt), outbox=rt.owners().outbox,
+    if fleet is None:
+        return Flusher(rt.store, sink, lambda: event_names(rt), outbox=rt.owners().outbox,
+                       usage=rt.owners().usage,
+                       rate=scfg.max_rate or default_rate(scfg.api_key),
+                       ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
+    from proxy.fleet.runtime import ERRORS
+    return Flusher(rt.store, sink, lambda: event_names(rt), outbox=fleet.flusher_outbox(),
                    usage=rt.owners().usage,
                    rate=scfg.max_rate or default_rate(scfg.api_key),
-                   ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt))
+                   ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt),
+                   leads=fleet.lead.leads, errors=(sqlite3.Error, *ERRORS))
 
 
 def transforms(rt: Runtime) -> dict[str, TransformQuantity]:
@@ -454,6 +496,32 @@ async def _refresh_keys(rt: Runtime) -> None:
             rt.keys.replace(*_snapshot(await rt.owners().customers.snapshot()))
 
 
+async def _refresh_fleet_keys(rt: Runtime, fleet: Fleet) -> None:
+    """Fleet mode: reload the key cache when any member changed a key or customer (the
+    storage's LISTEN connection moves ``data_version``), checked every
+    ``fleet.key_poll_interval``; a dead listener is reopened (until then every tick reloads,
+    since an unwatched ``data_version`` changes on every call)."""
+    from proxy.fleet.runtime import ERRORS
+    customers = rt.owners().customers
+    version = customers.data_version()
+    # a change notified between start-up's snapshot and the line above moved the version
+    # before it was read: one snapshot now covers it
+    with suppress(*ERRORS):
+        rt.keys.replace(*_snapshot(await customers.snapshot()))
+    while True:
+        await asyncio.sleep(rt.cfg.fleet.key_poll_interval)
+        try:
+            await fleet.keep_listening()
+            v = customers.data_version()
+            if v != version:
+                rt.keys.replace(*_snapshot(await customers.snapshot()))
+                version = v
+        except ERRORS as exc:
+            log.warning("key refresh paused, PostgreSQL unreachable: %s", exc)
+        except Exception:
+            log.exception("key refresh failed; retrying next tick")
+
+
 async def _prune_audit(rt: Runtime) -> None:
     """Audit rows older than ``storage.audit_retention`` go, in small batches that never hold
     the loop for long. Minute aggregates (what billing uses) are kept."""
@@ -482,7 +550,18 @@ async def run_until_signalled(cfg: Config, ready: Callable[[Server], None] | Non
 
 
 def serve(cfg: Config) -> None:
+    """Serve until SIGTERM/SIGINT: one process, or with ``workers > 1`` a supervisor of
+    that many worker processes (``proxy.fleet.workers``)."""
     import uvloop
+
+    if cfg.workers > 1 and not cfg.worker:
+        from proxy.fleet.workers import WORKER_ENV, supervise
+        index = os.environ.get(WORKER_ENV)
+        if index is None:
+            logging.basicConfig(level=cfg.log_level.upper(),
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            raise SystemExit(supervise(cfg.workers))
+        cfg = cfg.model_copy(update={"worker": int(index)})
 
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -64,10 +64,10 @@ charge comes up to one billing period (31 days) after the usage, the response wi
 21 days and the network's decision can take 75 more; 400 days covers that (247 days) with
 margin, and a year-over-year audit."""
 
-FLEET_SERVING = False
-"""Whether the serving path runs on ``storage.backend: postgres``. Until it does, such a config
-is refused at load: serving it from per-process SQLite files would multiply every balance by
-the number of replicas (docs/fleet.md)."""
+FLEET_SERVING = True
+"""Whether the serving path runs on ``storage.backend: postgres`` (it does: proxy.fleet.runtime).
+While it did not, such a config was refused at load: serving it from per-process SQLite files
+would multiply every balance by the number of replicas (docs/fleet.md)."""
 
 
 class _Model(BaseModel):
@@ -671,6 +671,15 @@ class Config(_Model):
     credits: CreditsConfig = Field(default=CreditsConfig(), description=CreditsConfig.__doc__)
     limits: LimitsConfig = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
     fleet: FleetConfig = Field(default=FleetConfig(), description=FleetConfig.__doc__)
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="Processes of this sidecar serving one port (SO_REUSEPORT), each a fleet "
+                    "member (member id suffixed `-w<index>`, journal `<storage.path stem>.w"
+                    "<index><suffix>`), supervised: a crashed worker is restarted, SIGTERM "
+                    "drains them all. More than 1 needs `storage.backend: postgres`: with "
+                    "SQLite each process would keep its own credit book and its own Stripe "
+                    "flusher.",
+        examples=[2])
     max_inspect_bytes: Size = Field(
         default=1024 * 1024,
         description="Cap on a JSON body buffered for a `request.json` / `response.json` rule; "
@@ -687,6 +696,17 @@ class Config(_Model):
     # filled by load(): the config file's directory (absolute), so relative paths in the
     # file resolve against it (proxy.paths states the rule)
     base_dir: SkipJsonSchema[str] = "."
+    # set by the workers supervisor in each worker process (1..workers); 0: not a worker
+    worker: SkipJsonSchema[int] = 0
+
+    @model_validator(mode="after")
+    def _workers_need_a_fleet(self) -> Config:
+        if self.workers > 1 and self.storage.backend != "postgres":
+            raise ValueError(
+                "workers > 1 needs storage.backend: postgres. With SQLite every worker process "
+                "would keep its own in-memory credit book (each could spend the whole balance) "
+                "and run its own Stripe flusher; fleet mode shares both through PostgreSQL")
+        return self
 
     @field_validator("rules", mode="before")
     @classmethod
@@ -709,8 +729,10 @@ class Config(_Model):
         return out
 
     def db_path(self) -> Path:
-        """``storage.path``, absolute (relative resolves against the config file's directory)."""
-        return paths.absolute(self.storage.path, self.base_dir)
+        """``storage.path``, absolute (relative resolves against the config file's directory);
+        a worker's own journal is ``<stem>.w<index><suffix>`` beside it."""
+        p = paths.absolute(self.storage.path, self.base_dir)
+        return p.with_name(f"{p.stem}.w{self.worker}{p.suffix}") if self.worker else p
 
 
 def split_hostport(v: str) -> tuple[str, int]:

@@ -146,7 +146,12 @@ class Flusher:
                  seed: int | None = None,
                  transforms: Callable[[], Mapping[str, TransformQuantity]] | None = None,
                  outbox: Outbox | None = None, usage: UsageLedger | None = None,
+                 leads: Callable[[], bool] | None = None,
+                 errors: tuple[type[Exception], ...] = (sqlite3.Error,),
                  ) -> None:
+        """``leads`` (fleet mode): whether this member leads the flusher duty now; when it
+        does not, a flush only materializes (ships the journal). ``errors``: failures ``run``
+        logs and retries next interval."""
         self.store = store
         self.outbox: Outbox = outbox if outbox is not None else SqliteOutbox(store)
         self.usage: UsageLedger = usage if usage is not None else SqliteUsage(store)
@@ -168,6 +173,15 @@ class Flusher:
         self._started = time.monotonic()
         self._stop = asyncio.Event()
         self._dry_run_requeued = sink.name == "dry_run"   # a real sink takes them over once
+        self.leads = leads
+        self.errors = errors
+
+    def took_over(self) -> None:
+        """This member just became the fleet's flusher: rows the previous leader attempted
+        wait ``ambiguous_hold`` from now (its last call may still be running at Stripe)."""
+        self._started = time.monotonic()
+        self._held_until.clear()
+        self._dry_run_requeued = self.sink.name == "dry_run"
 
     # ---- one flush ------------------------------------------------------------------------
 
@@ -176,6 +190,9 @@ class Flusher:
         backoff schedule; the circuit breaker still applies). Flushes never overlap."""
         async with self._lock:
             report = FlushReport()
+            if self.leads is not None and not self.leads():
+                await self.usage.materialize()      # another member flushes the fleet
+                return report
             if not self._dry_run_requeued:
                 report.requeued_dry_run = await self.requeue_dry_run()
             # 1: every committed usage row is in the ledger tables before staging reads them
@@ -424,7 +441,7 @@ class Flusher:
                 rep = await self.flush()
                 if rep.staged or rep.attempted:
                     log.info("flush: %s", rep.to_json())
-            except sqlite3.Error as exc:
+            except self.errors as exc:
                 log.error("flush failed (storage): %s; will retry next interval", exc)
 
     def stop(self) -> None:

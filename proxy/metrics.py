@@ -178,3 +178,25 @@ stripe_meter_checks_total = Counter(
     "meterproxy_stripe_meter_checks_total",
     "Checks of the rules' meters against Stripe, by outcome (ok, mismatch, unreachable)",
     ["outcome"], registry=REGISTRY)
+
+# ---- fleet mode (storage.backend postgres); absent from a single-process scrape's values ----
+fleet_leader = Gauge("meterproxy_fleet_leader",
+                     "1 while this member leads the fleet's Stripe flusher, else 0",
+                     registry=REGISTRY)
+fleet_journal_pending_rows = Gauge("meterproxy_fleet_journal_pending_rows",
+                                   "Journal rows of this member not yet shipped to the shared "
+                                   "usage ledger", registry=REGISTRY)
+fleet_ship_age_seconds = Gauge("meterproxy_fleet_ship_age_seconds",
+                               "Seconds since this member last shipped its whole journal",
+                               registry=REGISTRY)
+fleet_leases_held = Gauge("meterproxy_fleet_leases_held",
+                          "Credit leases this member holds (one per customer)", registry=REGISTRY)
+fleet_lease_credits = Gauge("meterproxy_fleet_lease_credits",
+                            "Credits left in this member's leases (sum over customers)",
+                            registry=REGISTRY)
+fleet_lease_refills_total = Gauge("meterproxy_fleet_lease_refills",
+                                  "Lease grant statements this member has issued",
+                                  registry=REGISTRY)
+fleet_pg_statements = Gauge("meterproxy_fleet_pg_statements",
+                            "Statements this member has run on its PostgreSQL pool",
+                            registry=REGISTRY)

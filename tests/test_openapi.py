@@ -65,7 +65,7 @@ async def test_every_route_is_documented_and_every_operation_has_a_route(
         if path.startswith(prefix):               # the consumer API: GET (and HEAD)
             routes.add(("GET", path))
     assert routes == documented_operations()
-    assert len(routes) == 32
+    assert len(routes) == 33
 
 
 # ---- (b) the document is valid and served ------------------------------------------------------
@@ -75,7 +75,7 @@ async def test_the_document_is_valid_openapi_3_1_and_served_by_the_admin_port(pr
     assert DOC["openapi"] == "3.1.0"
     ops = [op["operationId"] for item in DOC["paths"].values() for m, op in item.items()
            if m in METHODS]
-    assert len(ops) == len(set(ops)) == 32
+    assert len(ops) == len(set(ops)) == 33
     async with proxy.session.get(proxy.admin_url + "/admin/openapi.json",
                                  headers=proxy.admin_headers) as r:
         assert r.status == 200 and r.content_type == "application/json"
@@ -178,6 +178,7 @@ NOT_EXERCISED = {
     ("POST", "/admin/reconcile", 409): "needs a proxy without Stripe: test_reconcile.py",
     ("POST", WEBHOOK_PATH, 413): "a body over the cap: test_webhooks.py",
     ("POST", WEBHOOK_PATH, 503): "webhook secret unset: test_webhooks.py",
+    ("GET", "/admin/fleet", 200): "fleet mode: tests/fleet/test_members_flusher.py validates it",
 }
 
 
@@ -206,6 +207,8 @@ async def exercise_every_operation(c: Checker, live: Live) -> None:
     await call("GET", "/metrics", 200)
     await call("GET", "/metrics", 401, auth=False)
     await call("GET", "/admin/rules", 200)
+    await call("GET", "/admin/fleet", 404)          # a single process is not a fleet
+    await call("GET", "/admin/fleet", 401, auth=False)
     await call("GET", "/admin/rules", 401, auth=False)
 
     # customers

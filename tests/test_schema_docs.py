@@ -59,7 +59,7 @@ def _model_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every setting of the config model, walked from the pydantic fields themselves."""
     out: list[str] = []
     for name, field in model.model_fields.items():
-        if name == "base_dir":        # filled by load(), not a setting
+        if name in ("base_dir", "worker"):  # filled by load() / the supervisor: not settings
             continue
         path = f"{prefix}.{name}" if prefix else name
         out.append(path)
@@ -138,6 +138,7 @@ def test_example_config_loads_and_shows_every_default() -> None:
     assert (got.pop("rules"), want.pop("rules")) == (("example.yaml",), ("rules/example.yaml",))
     assert (got["stripe"].pop("sink"), want["stripe"].pop("sink")) == ("dry_run", "meter_events")
     got.pop("base_dir"), want.pop("base_dir")
+    got.pop("worker"), want.pop("worker")
     assert got == want
     text = path.read_text()
     assert text.count("# Here:") == len(configdoc.EXAMPLE_OVERRIDES)

@@ -121,11 +121,19 @@ class LeaseBook:
 
     # -- refills ----------------------------------------------------------------------------
     def _refill(self, customer_id: str, quantum: int) -> asyncio.Future[Grant | None]:
+        """The refill in flight for the customer, or a new one. A finished refill is never
+        handed out again: its done callback (which forgets it) may not have run yet, and
+        awaiting a finished future does not yield, so ``admit`` would loop on the same
+        grant without ever letting the event loop run."""
         fut = self._refills.get(customer_id)
-        if fut is None:
+        if fut is None or fut.done():
             fut = tasks.spawn(f"lease-refill-{customer_id}", self._grant(customer_id, quantum))
             self._refills[customer_id] = fut
-            fut.add_done_callback(lambda _f: self._refills.pop(customer_id, None))
+
+            def forget(f: asyncio.Future[Grant | None]) -> None:
+                if self._refills.get(customer_id) is f:
+                    del self._refills[customer_id]
+            fut.add_done_callback(forget)
         return fut
 
     def _refill_ahead(self, customer_id: str, quantum: int) -> None:

@@ -26,7 +26,8 @@ def pool_settings(s: StorageConfig) -> PoolSettings:
 def member_id(cfg: Config) -> str:
     """``fleet.member_id``, else ``<host>:<listen port>`` (unique per process on a host only
     when each process listens on its own port; ``workers: N`` appends the worker index)."""
+    suffix = f"-w{cfg.worker}" if cfg.worker else ""
     if cfg.fleet.member_id:
-        return cfg.fleet.member_id
+        return cfg.fleet.member_id + suffix
     port = cfg.listen.rpartition(":")[2]
-    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}:{port}"
+    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}:{port}{suffix}"

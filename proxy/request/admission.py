@@ -10,11 +10,18 @@ In order, each refusal raised as an ``HttpError`` (``proxy.http_errors`` answers
 in-flight slot and the hold), so concurrent requests cannot spend the same credit or slot.
 ``leave`` gives both back. ``admit_hint`` grows a hold once the request body is read (rules
 with ``reserve_from`` hints only).
+
+Fleet mode (``lease_admit`` set, ``proxy.fleet.credits``): ``admit_leased`` first debits a
+block customer's admission cost from the member's credit lease (the one await: a refill
+when the lease cannot cover it), then runs the same synchronous checks with that hold; the
+lease answering "insufficient" is the 402, "unavailable" (the shared database unreachable
+and the lease spent, ``fail_mode: closed``) a 503. Other customers are not gated there.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from multidict import istr
@@ -30,11 +37,17 @@ from proxy.units import fmt_micro, to_micro
 XCR = istr("X-Credits-Remaining")
 _RETRY_1 = {"Retry-After": "1"}
 
+LeaseAdmit = Callable[[str, int, float], Awaitable["Hold | str"]]
+"""(customer, cost, now) -> the hold debited from the member's lease, or why not
+("insufficient", "unavailable"): ``proxy.fleet.credits.FleetCredits.lease_admit``."""
+
 
 class Admission:
-    def __init__(self, rt: Runtime, book: CreditBook | None) -> None:
+    def __init__(self, rt: Runtime, book: CreditBook | None,
+                 lease_admit: LeaseAdmit | None = None) -> None:
         self.rt = rt
         self.book = book
+        self.lease_admit = lease_admit
         cfg = rt.cfg
         self.shadow = cfg.credits.enforcement == "shadow"
         self.default_estimate = to_micro(cfg.credits.default_estimate)
@@ -44,9 +57,11 @@ class Admission:
         self.max_per_customer = cfg.limits.per_customer_concurrency or 1 << 62
         self.in_flight: dict[str, int] = {}
 
-    def admit(self, rule: Rule | None, customer_id: str, metered: bool) -> Hold | None:
+    def admit(self, rule: Rule | None, customer_id: str, metered: bool,
+              held: Hold | None = None, gate: bool = True) -> Hold | None:
         """Take the customer's in-flight slot and the credit hold (None: nothing held), or
-        raise. The caller calls ``leave`` once the request is done."""
+        raise. The caller calls ``leave`` once the request is done. ``held``: the hold
+        ``admit_leased`` took; ``gate`` False: no credit decision here (fleet mode)."""
         in_flight = self.in_flight
         if customer_id and (n := in_flight.get(customer_id, 0)) >= self.max_per_customer:
             metrics.concurrency_rejections_total.inc()
@@ -60,12 +75,38 @@ class Admission:
                 raise HttpError("Usage cannot be recorded right now; the request was not "
                                 "forwarded. Retry shortly.", status=503,
                                 type_="metering_unavailable")
-            if self.book is not None:
+            if self.book is not None and gate:
                 assert rule is not None
-                hold = self._hold(rule, customer_id)
+                hold = held if held is not None else self._hold(rule, customer_id)
         if customer_id:     # no await since the checks above: one critical section
             in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
         return hold
+
+    async def admit_leased(self, rule: Rule | None, customer_id: str,
+                           metered: bool) -> Hold | None:
+        """Fleet mode's ``admit``: a block customer's admission cost comes out of the
+        member's credit lease first (see the module doc)."""
+        lease = self.lease_admit
+        assert lease is not None
+        cust = self.rt.keys.customers.get(customer_id) if metered else None
+        if rule is None or cust is None or cust.overage != "block" or self.shadow \
+                or not self.rt.store.accepting:
+            return self.admit(rule, customer_id, metered, gate=False)
+        cost = self.admission_cost(rule)
+        now = time.time()
+        got = await lease(customer_id, cost, now)
+        if got == "insufficient":
+            raise self.refusal(customer_id, cost, now)
+        if isinstance(got, str):
+            metrics.metering_unavailable_total.inc()
+            raise HttpError("Credits cannot be checked right now (the shared database is "
+                            "unreachable); the request was not forwarded. Retry shortly.",
+                            status=503, type_="metering_unavailable", headers=_RETRY_1)
+        try:
+            return self.admit(rule, customer_id, metered, held=got)
+        except BaseException:
+            self.book.release(got)  # type: ignore[union-attr]
+            raise
 
     def leave(self, customer_id: str, hold: Hold | None) -> None:
         if hold is not None and not hold.released:

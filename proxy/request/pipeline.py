@@ -44,7 +44,7 @@ from proxy.credits.book import CreditBook
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import HttpError
 from proxy.http_errors import error_response
-from proxy.request.admission import Admission
+from proxy.request.admission import Admission, LeaseAdmit
 from proxy.request.auth import Authenticator
 from proxy.request.context import new_context
 from proxy.request.settle import Settlement
@@ -62,11 +62,14 @@ _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 class Pipeline:
     def __init__(self, rt: Runtime, auth: Authenticator, book: CreditBook | None,
                  watch: ThresholdWatch | None,
-                 own_routes: Sequence[web.AbstractRouteDef] = ()) -> None:
+                 own_routes: Sequence[web.AbstractRouteDef] = (),
+                 lease_admit: LeaseAdmit | None = None) -> None:
+        """``lease_admit`` (fleet mode): credits are admitted against the member's lease
+        (``proxy.request.admission``)."""
         self.rt = rt
         cfg = rt.cfg
         self.auth = auth
-        self.admission = admission = Admission(rt, book)
+        self.admission = admission = Admission(rt, book, lease_admit)
         strict = cfg.storage.durability == "strict"
         self.settlement = settlement = Settlement(rt.store, rt.keys, book, watch,
                                                   admission.reservations,
@@ -116,7 +119,9 @@ class Pipeline:
                 key_id, customer_id = entry.key_id, entry.customer_id
             metered = rule is not None and bool(rule.usage) and bool(customer_id)
             admission = self.admission
-            hold = admission.admit(rule, customer_id, metered)
+            hold = admission.admit(rule, customer_id, metered) \
+                if admission.lease_admit is None \
+                else await admission.admit_leased(rule, customer_id, metered)
             try:
                 ctx = new_context(request, rid, rule,
                                   match.path_params if match is not None else _NO_PARAMS,

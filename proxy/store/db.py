@@ -276,12 +276,15 @@ class Store:
         # closed while another thread steps a statement on it can crash the process
         self._maint_lock = threading.Lock()
         self._journaled = 1     # unknown until the first materialize (recovery at open)
+        self.keep_journal = False   # fleet mode: the journal is shipped, never materialized
 
     @classmethod
     def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
              commit_interval: float = 0.01, fail_mode: str = "closed",
              max_pending_rows: int = 200_000, lock_wait: float = 2.0,
-             wal_truncate_size: int = 16 * 1024 * 1024) -> Store:
+             wal_truncate_size: int = 16 * 1024 * 1024, keep_journal: bool = False) -> Store:
+        """``keep_journal`` (fleet mode): the journal is never moved into the local tables;
+        it is shipped to the fleet's ledger and pruned with ``prune_journal``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         opened: list[sqlite3.Connection] = []     # closed again if opening fails part-way
         try:
@@ -304,6 +307,7 @@ class Store:
         store.path = path
         store._file_id = ident
         store._maint = maint
+        store.keep_journal = keep_journal
         try:
             recovered = store.materialize()     # rows a killed process left in the journal
         except BaseException:
@@ -429,7 +433,7 @@ class Store:
         from the journal atomically."""
         moved = 0
         conn = self.conn
-        if self._journaled == 0 or self.broken is not None:
+        if self._journaled == 0 or self.broken is not None or self.keep_journal:
             return 0        # nothing journaled since the last run / never into a lost file
         batch_size = _MATERIALIZE_BATCH if limit is None else min(limit, _MATERIALIZE_BATCH)
         while limit is None or moved < limit:
@@ -450,6 +454,20 @@ class Store:
                 raise
             moved += len(batch)
         return moved
+
+    def prune_journal(self, shipped: int) -> int:
+        """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
+        ledger), always keeping the newest row so a seq is never reused (SQLite's INTEGER
+        PRIMARY KEY restarts at max + 1). Returns rows deleted."""
+        def tx(c: sqlite3.Connection) -> int:
+            return c.execute("DELETE FROM journal WHERE seq <= ? AND seq < "
+                             "(SELECT max(seq) FROM journal)", (shipped,)).rowcount
+        return int(self.execute_write(tx))
+
+    def journal_rows_after(self, seq: int) -> int:
+        """How many journal rows have a seq above ``seq`` (fleet mode: not shipped yet)."""
+        return int(self.conn.execute("SELECT count(*) FROM journal WHERE seq > ?",
+                                     (seq,)).fetchone()[0])
 
     def try_materialize(self) -> bool:
         """``materialize`` for readers: a storage failure is logged, not raised (the rows

@@ -21,6 +21,9 @@ from tests.ci_guard import skip_or_fail
 
 PG_BASE = os.environ.get("METERPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 
+# the fleet soak (docs/testing.md) runs only when asked for: a profile, not a skip
+collect_ignore = [] if os.environ.get("METERPROXY_FLEET_SOAK") else ["test_members_soak.py"]
+
 
 @pytest.fixture
 async def pg_dsn() -> AsyncIterator[str]:

@@ -31,14 +31,13 @@ def test_dsn_expands_environment_variables(tmp_path: Path) -> None:
     assert (cfg.fleet.member_id, cfg.fleet.lease_ttl, cfg.fleet.leader_ttl) == ("pod-a", 20.0, 5.0)
 
 
-def test_postgres_needs_a_dsn_and_is_refused_until_served(tmp_path: Path) -> None:
+def test_postgres_needs_a_dsn(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         config.load(_write(tmp_path, "storage: {backend: postgres}\n"), env={})
     assert "storage.backend postgres needs storage.dsn" in str(exc.value)
-    with pytest.raises(ConfigError) as exc:
-        config.load(_write(tmp_path, "storage: {backend: postgres, dsn: 'postgresql://db/mp'}\n"),
-                    env={})
-    assert "not served by this release yet" in str(exc.value)
+    cfg = config.load(_write(tmp_path, "storage: {backend: postgres, dsn: 'postgresql://db/mp'}\n"
+                             "workers: 2\n"), env={})
+    assert (cfg.storage.backend, cfg.workers, cfg.worker) == ("postgres", 2, 0)
 
 
 def test_fleet_credit_amounts_are_exact_decimals(tmp_path: Path) -> None:

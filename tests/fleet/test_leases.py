@@ -10,10 +10,10 @@ import pytest
 
 from proxy import tasks
 from proxy.fleet import sizing
-from proxy.fleet.book import Decision
+from proxy.fleet.book import Decision, LeaseBook
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres import leases
-from proxy.store.postgres.leases import LeaseStore
+from proxy.store.postgres.leases import Grant, LeaseStore
 from proxy.store.postgres.pool import PgPool
 from tests.fleet.conftest import add_customer
 from tests.fleet.member import Member
@@ -219,3 +219,18 @@ async def test_a_lease_is_renewed_ahead_of_its_deadline(pool: PgPool) -> None:
     await m.book.wait_refills()
     assert m.book.refills == 2
     assert m.book.held["acme"].usable_until_ms == 50_000
+
+
+@pytest.mark.timeout(30)
+async def test_a_finished_refill_is_never_awaited_again(pool: PgPool) -> None:
+    """A refill that finished (its grant already spent by the request that woke first) but
+    whose done callback has not run yet must not be handed out again: awaiting a finished
+    future does not yield, so ``admit`` would spin on it forever with the event loop blocked
+    (seen on real members under uvloop: a 300-request burst hung a member)."""
+    await add_customer(pool, "acme", 10 * C)
+    book = LeaseBook(LeaseStore(pool, "m1", LeasePolicy(floor=C)))
+    done: asyncio.Future[Grant | None] = asyncio.get_running_loop().create_future()
+    done.set_result(Grant(C, 10 * C, 1, C))      # spent elsewhere: this book holds nothing
+    book._refills["acme"] = done
+    assert await book.admit("acme", C) is Decision.ADMIT
+    assert book.held["acme"].spent == C

@@ -37,16 +37,24 @@ class PgPool:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
+        self.statements = 0      # statements run on this pool's connections (capacity figures)
 
     async def open(self, run_migrations: bool = True) -> None:
         s = self.settings
         async with translated():
             self._pool = await asyncpg.create_pool(
                 s.dsn, min_size=1, max_size=s.size, timeout=s.connect_timeout,
-                command_timeout=s.command_timeout, statement_cache_size=s.statement_cache_size)
+                command_timeout=s.command_timeout, statement_cache_size=s.statement_cache_size,
+                init=self._init)
         if run_migrations:
             async with self.acquire() as conn:
                 await migrate(conn)
+
+    async def _init(self, conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(self._count)
+
+    def _count(self, _record: object) -> None:
+        self.statements += 1
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -1,0 +1,297 @@
+"""Fleet mode's part of start-up and shutdown (``storage.backend: postgres``); the
+composition root (``proxy.app``) calls ``open_fleet`` and registers the tasks and the close.
+
+What a member runs, besides serving:
+
+- its local SQLite ``Store`` stays the **journal** (strict durability on the hot path, no
+  network round trip); it is opened with ``keep_journal`` so rows are never moved into local
+  tables, only shipped and then pruned;
+- ``PostgresStorage`` is ``rt.storage``: the admin API, the consumer page, exports, webhooks,
+  alerts and reconciliation read and write the fleet's truth;
+- the **shipper** ships the journal every ``fleet.ship_interval`` (and whenever the flusher
+  materializes), then prunes what shipped;
+- **keys**: the storage's LISTEN connection moves ``customers.data_version`` when any member
+  changes a key or customer; the key cache reloads on the next ``fleet.key_poll_interval``
+  tick (a dead listener is reopened; while it is down every tick reloads);
+- **leadership** of the ``flusher`` duty, tried every ``leader_ttl / 3``: exactly one member
+  stages and delivers; its outbox writes run in fenced transactions (``FencedPool``);
+- **leases**: renewed every ``lease_ttl / 3``; abandoned leases reaped by every member
+  (``SKIP LOCKED``: reapers never queue behind each other).
+
+Shutdown (``Fleet.close``, after requests drained and the final flush): ship the journal,
+release leases, resign leadership, close the listener and the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import metrics
+from proxy.config import Config
+from proxy.fleet.book import LeaseBook
+from proxy.fleet.credits import FleetCredits
+from proxy.fleet.journal_shipping import JournalShipping
+from proxy.fleet.settings import lease_policy, member_id, pool_settings
+from proxy.store.db import Store
+from proxy.store.postgres import members as pg_members
+from proxy.store.postgres.conn import Conn
+from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.leader import Deposed, Leadership
+from proxy.store.postgres.leases import LeaseStore
+from proxy.store.postgres.outbox import PostgresOutbox
+from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
+from proxy.store.protocols import Storage
+from proxy.units import fmt_micro, to_micro
+
+log = logging.getLogger("meterproxy.fleet")
+
+FLUSHER_DUTY = "flusher"
+ERRORS: tuple[type[Exception], ...] = (PgUnavailable, Deposed)
+"""What the fleet's background loops log and retry (the database away, leadership lost)."""
+
+
+class FencedPool(PgPool):
+    """A ``PgPool`` whose every ``acquire`` is a fenced transaction of ``lead``: the outbox
+    owner built on it writes only while this member holds the flusher duty with the fence
+    it had (``Deposed`` otherwise, nothing written)."""
+
+    def __init__(self, pool: PgPool, lead: Leadership) -> None:
+        super().__init__(pool.settings)
+        self.inner = pool
+        self.lead = lead
+
+    async def open(self, run_migrations: bool = True) -> None:
+        raise RuntimeError("a FencedPool borrows an open pool")
+
+    async def close(self) -> None:
+        return None
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Conn]:
+        async with self.lead.fenced() as conn:
+            yield conn
+
+
+class LockedShipping:
+    """``JournalShipping`` with one ship at a time (the timer and the flusher's materialize
+    both ship) and the journal pruned after each ship."""
+
+    def __init__(self, shipping: JournalShipping, store: Store) -> None:
+        self.shipping = shipping
+        self.store = store
+        self.lock = asyncio.Lock()
+        self.last_ok: float | None = None        # wall clock of the last complete ship
+        self.shipped = 0
+
+    @property
+    def watermark(self) -> int:
+        return self.shipping.shipper.watermark
+
+    async def ship_pending(self) -> int:
+        async with self.lock:
+            n = await self.shipping.ship_pending()
+            self.shipped += n
+            self.last_ok = time.time()
+            if n:
+                self.store.prune_journal(self.watermark)
+            return n
+
+    def pending(self) -> int:
+        """Journal rows not shipped yet (a local read)."""
+        return self.store.journal_rows_after(self.watermark)
+
+
+@dataclass
+class Fleet:
+    cfg: Config
+    member_id: str
+    pool: PgPool
+    storage: PostgresStorage
+    store: Store
+    shipping: LockedShipping
+    lead: Leadership
+    leases: LeaseStore
+    book: LeaseBook
+    credits: FleetCredits
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def owners(self) -> Storage:
+        return as_storage(self.storage)
+
+    async def keep_listening(self) -> None:
+        """Reopen the storage's LISTEN connection if it died."""
+        conn = self.storage.listener
+        if conn is not None and not conn.is_closed():
+            return
+        self.storage.listener = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=1)
+        await self.storage.watch()
+
+    def flusher_outbox(self) -> PostgresOutbox:
+        """The outbox owner the flusher uses: every verb a fenced transaction."""
+        return PostgresOutbox(FencedPool(self.pool, self.lead))
+
+    # ---- background loops -----------------------------------------------------------
+
+    async def _guarded(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
+        """One pass of a background loop: the database away is a warning, anything else is
+        logged with its traceback; the loop goes on either way."""
+        try:
+            await step()
+        except (PgUnavailable, Deposed) as exc:
+            log.warning("%s paused, PostgreSQL unreachable or leadership lost: %s", what, exc)
+        except Exception:
+            log.exception("%s failed; retrying next pass", what)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` or until stopping; True when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        return self.stop.is_set()
+
+    async def ship_forever(self) -> None:
+        """Ship every ``fleet.ship_interval`` (``close`` ships the rest)."""
+        while not await self._pause(self.cfg.fleet.ship_interval):
+            await self._guarded("shipping", self.shipping.ship_pending)
+
+    async def lead_forever(self, took_over: list[Callable[[], None]],
+                           rules_version: Callable[[], str]) -> None:
+        """Every ``leader_ttl / 3``: take or renew the flusher duty (``took_over`` callbacks
+        run when this member becomes the leader), say this member is alive with its rules
+        version, refresh the fleet gauges."""
+        async def lead() -> None:
+            was = self.lead.leads()
+            if await self.lead.try_lead() and not was:
+                log.info("%s leads the flusher (fence %s)", self.member_id, self.lead.fence)
+                for cb in took_over:
+                    cb()
+
+        async def heartbeat() -> None:
+            await pg_members.heartbeat(self.pool, self.member_id, rules_version())
+
+        while True:
+            await self._guarded("flusher leadership", lead)
+            await self._guarded("fleet heartbeat", heartbeat)
+            self.refresh_gauges()
+            if await self._pause(self.cfg.fleet.leader_ttl / 3):
+                return
+
+    async def leases_forever(self) -> None:
+        """Renew held leases every ``lease_ttl / 3``; reap abandoned ones."""
+        grace_ms = round(self.cfg.fleet.reaper_grace * 1000)
+
+        async def renew_and_reap() -> None:
+            for cid in list(self.book.held):
+                await self.book.renew(cid)
+            await self.leases.reap(grace_ms)
+
+        while not await self._pause(self.cfg.fleet.lease_ttl / 3):
+            await self._guarded("lease renewal", renew_and_reap)
+
+    # ---- status -------------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        metrics.fleet_leader.set(1 if self.lead.leads() else 0)
+        metrics.fleet_journal_pending_rows.set(self.shipping.pending())
+        last = self.shipping.last_ok
+        metrics.fleet_ship_age_seconds.set(0 if last is None else max(0.0, time.time() - last))
+        metrics.fleet_leases_held.set(len(self.book.held))
+        metrics.fleet_lease_credits.set(sum(h.remaining for h in self.book.held.values())
+                                        / 1_000_000)
+        metrics.fleet_lease_refills_total.set(self.book.refills)
+        metrics.fleet_pg_statements.set(self.pool.statements)
+
+    async def status(self) -> dict[str, Any]:
+        """``GET /admin/fleet``: every member the database knows (rules version, last
+        heartbeat, shipped watermark, leases held), who leads the flusher, and this
+        member's own shipping lag (``database: unreachable`` and no members when PostgreSQL
+        cannot be reached)."""
+        self.refresh_gauges()
+        try:
+            rows, leader = await pg_members.members(self.pool, FLUSHER_DUTY)
+            database = "ok"
+        except PgUnavailable as exc:
+            log.warning("GET /admin/fleet: PostgreSQL unreachable: %s", exc)
+            rows, leader, database = [], None, "unreachable"
+        last = self.shipping.last_ok
+        return {
+            "member_id": self.member_id,
+            "database": database,
+            "flusher": None if leader is None else {"leader": leader.holder,
+                                                    "fence": leader.fence},
+            "this_member": {
+                "leads_flusher": self.lead.leads(),
+                "journal_pending_rows": self.shipping.pending(),
+                "shipped_seq": self.shipping.watermark,
+                "seconds_since_ship": None if last is None else round(time.time() - last, 3),
+                "leases_held": len(self.book.held),
+                "lease_credits_left": fmt_micro(sum(h.remaining
+                                                    for h in self.book.held.values())),
+                "lease_refills": self.book.refills,
+                "pg_statements": self.pool.statements,
+            },
+            "members": [{
+                "id": r.id, "rules_version": r.rules_version, "shipped_seq": r.shipped_seq,
+                "started_at": r.started_at.isoformat(), "last_seen": r.last_seen.isoformat(),
+                "seconds_since_seen": round(r.seconds_since_seen, 3), "leases": r.leases,
+                "lease_credits_unreported": fmt_micro(r.lease_credits_unreported),
+            } for r in rows],
+        }
+
+    # ---- shutdown -------------------------------------------------------------------
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Ship what is journaled, release leases, resign, close. Each step is bounded and
+        a failure is logged: what did not ship stays in the journal for the next start."""
+        self.stop.set()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(t, timeout)
+        steps = (("ship the journal", self.shipping.ship_pending),
+                 ("release leases", self.book.release_all),
+                 ("resign the flusher", self.lead.resign))
+        for what, step in steps:
+            try:
+                await asyncio.wait_for(step(), timeout)
+            except (TimeoutError, PgUnavailable, Deposed) as exc:
+                log.warning("fleet shutdown: could not %s: %s", what, exc)
+        await self.storage.close()
+        await self.pool.close()
+
+
+async def open_fleet(cfg: Config, store: Store) -> Fleet:
+    """Open the pool (migrating the schema), the owners on it with ``store`` as the local
+    journal, the shipper, the leader lease and the lease book. The caller closes."""
+    mid = member_id(cfg)
+    pool = PgPool(pool_settings(cfg.storage))
+    await pool.open(run_migrations=False)
+    try:
+        await ensure_schema(pool)
+        shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
+                                                  cfg.fleet.ship_batch), store)
+        storage = PostgresStorage.on(pool, local=store, shipping=shipping)
+        await storage.watch()
+        policy = lease_policy(cfg.fleet)
+        leases = LeaseStore(pool, mid, policy)
+        book = LeaseBook(leases, fail_mode=cfg.storage.fail_mode,
+                         offline_allowance=to_micro(cfg.fleet.offline_allowance))
+        lead = Leadership(pool, FLUSHER_DUTY, mid, round(cfg.fleet.leader_ttl * 1000),
+                          policy.drift_margin_ppm)
+    except BaseException:
+        await pool.close()
+        raise
+    log.info("fleet member %s on PostgreSQL (schema current)", mid)
+    return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
+                 FleetCredits(book))

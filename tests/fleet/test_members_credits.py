@@ -1,0 +1,150 @@
+"""Acceptance (issue 11, #2) on real processes: credit leases across three members on one
+PostgreSQL database.
+
+- 100 credits, fixed cost 1, 300 concurrent requests spread over three members: exactly 100
+  answered 200 fleet-wide, the other 200 answered 402, the balance exactly 0 afterwards;
+- the same with a member SIGKILLed while it holds a lease: its unspent credit comes back
+  after the lease's expiry (``lease_ttl + reaper_grace``) and is spent by the others;
+- post-response quantities (held at an estimate, settled at the actual): the overspend is at
+  most the sum over requests in flight of (actual - hold), and it is paid back as debt
+  before the member admits that customer again (docs/fleet.md, Bounds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet_of
+from tests.helpers import wait_until
+
+C = 1_000_000
+TIMEOUT = aiohttp.ClientTimeout(total=30)     # a stuck request fails the test, not the suite
+RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+  units: {stripe_event_name: units}
+rules:
+  - name: health
+    match: {path: /healthz}
+    auth: none
+  - name: stream
+    match: {path: /v1/stream}
+    usage:
+      - {meter: units, quantity: response.json.units, credits: 1, estimate: 1}
+  - name: items
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1, credits: 1}
+"""
+
+
+async def _customer(s: aiohttp.ClientSession, m: RunningMember, credits: str) -> str:
+    await admin_call(s, m, "POST", "/admin/customers", {"id": "cust", "overage": "block"})
+    await admin_call(s, m, "POST", "/admin/customers/cust/grants",
+                     {"credits": credits, "idempotency_key": "g1"})
+    key: str = (await admin_call(s, m, "POST", "/admin/customers/cust/keys"))["key"]
+    await asyncio.sleep(1.0)               # the key reaches every member (the stated bound)
+    return key
+
+
+async def _burst(s: aiohttp.ClientSession, members: list[RunningMember], key: str, n: int,
+                 path: str = "/v1/items") -> Counter[int]:
+    async def one(i: int) -> int:
+        async with s.get(members[i % len(members)].url + path,
+                         headers={"Authorization": f"Bearer {key}"}) as r:
+            await r.read()
+            return r.status
+    return Counter(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def _account(fleet: FleetOfMembers) -> tuple[int, int, int]:
+    conn = await asyncpg.connect(fleet.dsn)
+    try:
+        row = await conn.fetchrow("SELECT balance, settled, escrowed FROM credit_accounts "
+                                  "WHERE customer_id = 'cust'")
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+    finally:
+        await conn.close()
+
+
+async def _settled(fleet: FleetOfMembers, spent: int) -> tuple[int, int, int]:
+    """The account once every admitted request shipped and every lease settled."""
+    return await wait_until(lambda: _account(fleet), ok=lambda a: a[1] == spent and a[2] == 0,
+                            timeout=15, what=f"{spent} micro-credits settled, none escrowed")
+
+
+async def test_three_members_admit_exactly_the_balance(tmp_path: Path, upstream: str) -> None:
+    async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
+        members = await fleet.start(["a", "b", "c"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            key = await _customer(s, members[0], "100")
+            got = await _burst(s, members, key, 300)
+            assert got == {200: 100, 402: 200}, got
+            balance, settled, escrowed = await _settled(fleet, 100 * C)
+            assert (balance, settled, escrowed) == (100 * C, 100 * C, 0)
+            assert await _burst(s, members, key, 3) == {402: 3}
+
+
+async def test_a_killed_members_lease_returns_and_is_spent_by_the_others(
+        tmp_path: Path, upstream: str) -> None:
+    # a lease of at least 30 credits: a still holds some after its 10 requests
+    async with fleet_of(tmp_path, upstream, rules_text=RULES,
+                        fleet={"lease_floor": "30"}) as fleet:
+        a, b, c = await fleet.start(["a", "b", "c"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            key = await _customer(s, a, "100")
+            first = await _burst(s, [a], key, 10)
+            assert first == {200: 10}
+            # a holds a lease with credit left, and what it spent is shipped: kill it
+            view = await wait_until(lambda: admin_call(s, a, "GET", "/admin/fleet"),
+                                    ok=lambda v: v["this_member"]["journal_pending_rows"] == 0
+                                    and v["this_member"]["leases_held"] == 1, timeout=10,
+                                    what="a's usage shipped, its lease held")
+            held = view["this_member"]["lease_credits_left"]
+            assert float(held) > 0, view
+            a.proc.kill()
+            got = await _burst(s, [b, c], key, 300)
+            assert got[200] <= 90 and got[200] + got[402] == 300, got
+            # after a's lease expires and is reaped, b and c spend the rest: exactly 100
+            total = 10 + got[200]
+
+            async def more() -> int:
+                nonlocal total
+                total += (await _burst(s, [b, c], key, 20))[200]
+                return total
+            await wait_until(more, ok=lambda t: t >= 100, timeout=20, interval=0.5,
+                             what="a's returned credit spent by b and c")
+            assert total == 100
+            balance, settled, escrowed = await _settled(fleet, 100 * C)
+            assert balance - settled - escrowed == 0
+
+
+async def test_post_response_overspend_is_bounded_and_paid_back(
+        tmp_path: Path, upstream: str) -> None:
+    """Each request holds 1 credit (the estimate) and costs 3 (``units`` from the response):
+    with 30 in flight at once on three members, the fleet overspends at most 30 x (3 - 1),
+    and every member refuses the customer afterwards until the debt is covered."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
+        members = await fleet.start(["a", "b", "c"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            key = await _customer(s, members[0], "20")
+            admitted = 0
+            for _ in range(3):                       # bursts of 30 in flight
+                admitted += (await _burst(s, members, key, 30, "/v1/stream?chunks=3"))[200]
+            assert admitted >= 1
+            balance, settled, _ = await _settled(fleet, admitted * 3 * C)
+            overspend = settled - balance
+            # the first burst holds 1 credit a request (a fresh estimator): it overspends
+            assert 0 < overspend <= 30 * 2 * C, (admitted, overspend)
+            # the debt is paid before anything more is admitted, on every member
+            assert await _burst(s, members, key, 6, "/v1/stream?chunks=3") == {402: 6}
