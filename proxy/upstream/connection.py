@@ -96,6 +96,11 @@ class Response:
         return self._done and self._exc is None
 
     @property
+    def failed(self) -> bool:
+        """The body broke (iterating raises once the buffered chunks are taken)."""
+        return self._exc is not None
+
+    @property
     def buffered(self) -> int:
         """Body bytes received and not yet taken by the caller."""
         return self._size
@@ -578,14 +583,15 @@ class Connection(asyncio.Protocol):
         return fut is None or not fut.done()
 
     async def _stream(self, it: AsyncIterator[bytes], chunked: bool, length: int | None,
-                      state: SendState) -> bool:
+                      state: SendState, background: bool = False) -> bool:
         """Write the body from ``it``; True when it is all written, False when the response
-        head arrived first. Raises what ``it`` raises (the caller's body broke)."""
+        head arrived first (``background``: the rest of an upload after the head arrived,
+        written to the end). Raises what ``it`` raises (the caller's body broke)."""
         fut = self.head_fut
         transport = self.transport
         assert fut is not None and transport is not None
         while True:
-            if fut.done():
+            if fut.done() and not background:
                 return False
             state.touched = True
             try:
@@ -625,7 +631,7 @@ class Connection(asyncio.Protocol):
     async def _upload_rest(self, it: AsyncIterator[bytes], chunked: bool, length: int | None,
                            state: SendState) -> None:
         try:
-            await self._stream(it, chunked, length, state)
+            await self._stream(it, chunked, length, state, background=True)
         except Exception:           # the response is the caller's; the connection is closed
             self.close()
             return
