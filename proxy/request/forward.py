@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 from yarl import URL
 
+from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.upstream import BodyError, PoolConfig, Response, UpstreamPool
@@ -94,6 +95,7 @@ class Upstream:
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.base = cfg.url
         self.pool = UpstreamPool(cfg.url, pool_config(cfg))
+        metrics.watch_upstream_pool(self.pool.stats)
         # WebSocket sessions: aiohttp's client, bounded by its own pool_size slots
         self.slots = cfg.pool_size
         self.ws_in_use = 0

@@ -167,7 +167,14 @@ class Exchange:
         rule = self.ctx.rule
         if rule is not None and (rule.request_json or rule.stream_usage) and self.ctx.metered:
             return await self._inspect_request_body(headers)
-        return self._count_stream(req.content)
+        content = req.content
+        if content.is_eof() and "Content-Length" in req.headers:
+            # the whole Content-Length body arrived with the head: sent in one write, no
+            # generator (a chunked body stays chunked: streamed below)
+            body = content.read_nowait()
+            self.request_bytes = len(body)
+            return body
+        return self._count_stream(content)
 
     async def _count_stream(self, content: aiohttp.StreamReader) -> Any:
         async for chunk in content.iter_any():
