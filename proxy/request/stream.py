@@ -109,7 +109,9 @@ class Exchange:
                 raise HttpError("This endpoint reads the request body to meter it; send it "
                                 "uncompressed (no Content-Encoding).", status=415,
                                 type_="unsupported_content_encoding")
-        data = await self._request_body(headers)
+        # (no coroutine for a request without a body: the common case)
+        data = await self._request_body(headers) if req.body_exists else \
+            (b"" if "Content-Length" in req.headers else None)
         hold = ctx.hold
         if hold is not None and rule is not None and \
                 s.admission.reservations.for_rule(rule).hinted:
@@ -298,7 +300,7 @@ class Exchange:
     async def _respond_small(self, upstream: Response, headers: CIMultiDict[str],
                              inspector: Any, t_up: float) -> web.StreamResponse:
         try:
-            body = await upstream.read()
+            body = upstream.take() if upstream.complete else await upstream.read()
         except BODY_ERRORS as exc:
             err = body_error(exc)
             metrics.upstream_errors_total.labels(err.type + "_midstream").inc()

@@ -136,6 +136,14 @@ class Response:
             finally:
                 self._waiter = None
 
+    def take(self) -> bytes:
+        """The whole body once ``complete`` (no coroutine): what ``read()`` returns then."""
+        assert self._done and self._exc is None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
     async def read(self) -> bytes:
         """The whole body (raises BodyError/BodyTimeout like iteration)."""
         if self._done and self._exc is None:
