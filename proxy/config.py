@@ -102,6 +102,28 @@ class UpstreamConfig(_Model):
         description="Longest a request waits for one of the pool_size upstream connections "
                     "when all are busy; then it is answered 503 upstream_busy (not forwarded, "
                     "not billed).")
+    idle_timeout: Duration = Field(
+        default=15.0, gt=0,
+        description="An idle keep-alive connection to the upstream is closed after this "
+                    "(checked about every 0.5 s). Keep it below the upstream's own keep-alive "
+                    "timeout, so the proxy closes first.",
+        examples=["15s"])
+    max_requests_per_connection: int = Field(
+        default=1000, ge=1,
+        description="Requests sent on one upstream connection before it is closed and a new "
+                    "one is opened.")
+    max_response_head_bytes: int = Field(
+        default=65536, ge=1024,
+        description="Largest upstream response head (status line and headers); a larger "
+                    "one is answered 502 `upstream_unavailable`.")
+    max_response_field_bytes: int = Field(
+        default=8190, ge=256,
+        description="Largest single upstream response header (name plus value); a larger "
+                    "one is answered 502 `upstream_unavailable`.")
+    max_response_headers: int = Field(
+        default=256, ge=1,
+        description="Most header lines in an upstream response head (and trailer lines "
+                    "after a chunked body); more are answered 502 `upstream_unavailable`.")
 
     @field_validator("url")
     @classmethod

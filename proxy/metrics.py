@@ -7,7 +7,7 @@ rules, meters and outcomes, which the operator controls.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
@@ -159,6 +159,21 @@ withdrawn_usage_rows_total = Counter(
     registry=REGISTRY)
 open_connections = Gauge("meterproxy_open_connections", "Open consumer connections (public port)",
                          registry=REGISTRY)
+upstream_connections = Gauge(
+    "meterproxy_upstream_connections",
+    "The upstream connection pool at scrape time: open (busy, idle or connecting), idle, "
+    "connecting, and requests waiting for a connection (upstream.pool_size reached)",
+    ["state"], registry=REGISTRY)
+
+
+def watch_upstream_pool(stats: Callable[[], Mapping[str, int]]) -> None:
+    """Read the pool's counts when scraped (nothing per request): ``stats()`` returns
+    open, idle, waiting and connecting."""
+    for state in ("open", "idle", "waiting", "connecting"):
+        upstream_connections.labels(state).set_function(
+            lambda state=state: float(stats()[state]))     # type: ignore[misc]
+
+
 connections_refused_total = Counter("meterproxy_connections_refused_total",
                                     "Consumer connections refused (503) at max_connections",
                                     registry=REGISTRY)

@@ -221,3 +221,21 @@ async def test_large_body_streams_through(proxy: Proxy, tmp_path: Path) -> None:
         assert r.status == 200
         assert await r.read() == payload
     assert proxy.ledger_totals() == {("big", "bytes_in"): len(payload) * Q}
+
+
+async def test_upstream_pool_is_reused_and_exported(proxy: Proxy) -> None:
+    """Sequential requests reuse one keep-alive upstream connection, which is idle between
+    them; /metrics reports the pool's counts."""
+    key = await proxy.customer_with_key("pool")
+    for _ in range(5):
+        async with proxy.session.get(proxy.url + "/v1/items",
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+            await r.read()
+    upstream = proxy.server.rt.upstream
+    assert upstream.pool.stats() == {"open": 1, "idle": 1, "waiting": 0, "connecting": 0}
+    assert upstream.in_use == 0
+    text = await proxy.admin("GET", "/metrics")
+    assert 'meterproxy_upstream_connections{state="open"} 1.0' in text
+    assert 'meterproxy_upstream_connections{state="idle"} 1.0' in text
+    assert 'meterproxy_upstream_connections{state="waiting"} 0.0' in text

@@ -311,9 +311,9 @@ async def test_a_consumer_leaving_while_waiting_for_a_slot_frees_nothing_twice(
     slow = asyncio.ensure_future(get("/v1/items?delay_ms=800"))
     await wait_until(lambda: upstream.in_use == 1)
     leaving = asyncio.ensure_future(get("/v1/items"))
-    await wait_until(lambda: len(upstream._waiters) == 1)
+    await wait_until(lambda: upstream.waiting == 1)
     leaving.cancel()                     # the consumer disconnects while queued
-    await wait_until(lambda: all(f.done() for f in upstream._waiters))
+    await wait_until(lambda: upstream.waiting == 0)
     assert await slow == 200
     await wait_until(lambda: upstream.in_use == 0)
     assert await get("/v1/items") == 200

@@ -1,22 +1,25 @@
-"""Step 3, forwarding: the headers sent upstream, and ``Upstream``, which owns the one
-aiohttp ClientSession (keep-alive pool) to the guarded API.
+"""Step 3, forwarding: the headers sent upstream, and ``Upstream``, which owns the
+forwarding core: the keep-alive pool of ``proxy.upstream`` (asyncio Protocols parsing with
+httptools) to the guarded API.
 
-The seam to the rest of the pipeline is narrow on purpose (a different forwarding core can
-replace this module): ``upstream_headers`` builds the request head, ``Upstream.request`` /
-``Upstream.ws_connect`` send it and hold a pool slot until ``release_slot``, and
-``BODY_ERRORS`` / ``body_error`` translate a failure while the body is read.
+The seam to the rest of the pipeline is narrow on purpose: ``upstream_headers`` builds the
+request head, ``Upstream.request`` sends it (the response holds its pooled connection until
+``release()``), ``response_headers`` copies the answer's end-to-end headers, and
+``BODY_ERRORS`` / ``body_error`` name a failure while the body is read.
 
-This is the only module that touches aiohttp's client exceptions: they are translated
-to ``UpstreamUnavailable`` (502) and ``UpstreamTimeout`` (504) here. Bodies are passed
-through byte for byte (``auto_decompress=False``): what the consumer receives is what
-the upstream sent.
+The pool's errors are ``UpstreamError`` subclasses (refused or reset 502
+``upstream_unavailable``, no answer in time 504 ``upstream_timeout``, no connection free in
+``pool_wait`` 503 ``upstream_busy``). The request target is sent byte for byte (the
+canonical target, never re-quoted); bodies pass through byte for byte in both directions
+(nothing is decompressed). WebSocket handshakes alone go through aiohttp's client, whose
+exceptions are translated here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,8 +27,10 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 from yarl import URL
 
+from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.upstream import BodyError, PoolConfig, Response, UpstreamPool
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -42,6 +47,20 @@ def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
         skip = skip | {t.strip().lower() for t in conn.split(",") if t.strip()}
     add = out.add
     for k, v in headers.items():
+        if k.lower() not in skip:
+            add(k, v)
+    return out
+
+
+def response_headers(headers: list[tuple[str, str]], out: CIMultiDict[str]) -> CIMultiDict[str]:
+    """Copy a response's end-to-end headers, given as (name, value) pairs in the order
+    received, into ``out`` (hop-by-hop and those named by Connection dropped)."""
+    skip = HOP_BY_HOP
+    for k, v in headers:
+        if len(k) == 10 and k.lower() == "connection":
+            skip = skip | {t.strip().lower() for t in v.split(",") if t.strip()}
+    add = out.add
+    for k, v in headers:
         if k.lower() not in skip:
             add(k, v)
     return out
@@ -65,37 +84,56 @@ def upstream_headers(request: web.Request, rid: str, drop: frozenset[str]) -> CI
 
 
 class Upstream:
-    """Every call takes one of ``pool_size`` slots (the connector's own limit, whose wait has
-    no bound) and gives it back with ``release_slot()`` once the response is released. With
-    every slot taken a call waits at most ``pool_wait``, then raises ``UpstreamBusy`` (503).
-    A free slot costs two integer operations; only a full pool allocates a waiter."""
+    """The forwarding core: one ``proxy.upstream.UpstreamPool`` (keep-alive HTTP/1.1
+    connections of asyncio Protocols parsing with httptools) for every HTTP request, and an
+    aiohttp ``ClientSession`` for WebSocket sessions only (see ``ws_connect``).
+
+    The pool bounds its connections (``pool_size``) and waits at most ``pool_wait`` for one
+    (then ``UpstreamBusy``, 503); a response holds its connection until ``release()``.
+    Its errors are already ``UpstreamError``s (502/503/504, ``proxy/upstream/errors.py``)."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.base = cfg.url
+        self.pool = UpstreamPool(cfg.url, pool_config(cfg))
+        metrics.watch_upstream_pool(self.pool.stats)
+        # WebSocket sessions: aiohttp's client, bounded by its own pool_size slots
         self.slots = cfg.pool_size
-        self.in_use = 0
+        self.ws_in_use = 0
         self.pool_wait = cfg.pool_wait
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        # canonical target -> upstream URL; bounded (yarl's own parse cache is slower to hit)
-        self._urls: dict[str, URL] = {}
+        self._ws_waiters: deque[asyncio.Future[None]] = deque()
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                               sock_read=cfg.read_timeout)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.pool_size, ttl_dns_cache=300,
-                                           enable_cleanup_closed=False),
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def in_use(self) -> int:
+        """Upstream connections held by a request or a WebSocket session now."""
+        pool = self.pool
+        return pool.total - sum(len(h.idle) for h in pool.hosts.values()) + self.ws_in_use
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a connection (the pool's limit reached)."""
+        return sum(1 for w in self.pool.waiters if not w.fut.done()) + \
+            sum(1 for f in self._ws_waiters if not f.done())
+
+    def request(self, method: str, target: str, headers: CIMultiDict[str],
+                data: Any) -> Awaitable[Response]:
+        """``target`` is the canonical request target (proxy.target): it reaches the
+        upstream byte for byte. The response holds its connection until ``release()``.
+        ``data``: None, bytes, or an async iterable of bytes (streamed with the caller's
+        Content-Length if ``headers`` has one, else chunked)."""
+        return self.pool.request(method, target, headers, data)
+
+    # ---- WebSocket sessions (aiohttp's client) ---------------------------------------
 
     async def acquire_slot(self) -> None:
-        if self.in_use < self.slots:
-            self.in_use += 1
+        if self.ws_in_use < self.slots:
+            self.ws_in_use += 1
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(fut)
+        self._ws_waiters.append(fut)
         timer = loop.call_later(self.pool_wait, _expire, fut, self.slots, self.pool_wait)
         try:
             await fut               # resolved by release_slot: the slot is handed over
@@ -107,44 +145,20 @@ class Upstream:
             timer.cancel()
 
     def release_slot(self) -> None:
-        waiters = self._waiters
+        waiters = self._ws_waiters
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
-                fut.set_result(None)    # in_use unchanged: the slot moves to the waiter
+                fut.set_result(None)    # ws_in_use unchanged: the slot moves to the waiter
                 return
-        self.in_use -= 1
-
-    async def request(self, method: str, target: str, headers: CIMultiDict[str],
-                      data: Any) -> aiohttp.ClientResponse:
-        """``target`` is the canonical request target (proxy.target): it reaches the
-        upstream byte for byte (``encoded=True``: yarl neither re-quotes nor normalizes).
-        The caller owns one slot once this returns: ``release_slot()`` after releasing
-        the response. On an exception no slot is held."""
-        url = self._urls.get(target)
-        if url is None:
-            url = URL(self.base + target, encoded=True)
-            if len(target) <= 256:
-                if len(self._urls) >= 4096:
-                    self._urls.clear()
-                self._urls[target] = url
-        await self.acquire_slot()
-        try:
-            return await self.session.request(method, url, headers=headers,
-                                              data=data, allow_redirects=False, compress=None)
-        except BaseException as exc:
-            self.release_slot()
-            if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
-                raise UpstreamTimeout("the upstream did not answer in time") from exc
-            if isinstance(exc, (aiohttp.ClientError, OSError)):
-                raise UpstreamUnavailable(
-                    f"the upstream could not be reached ({type(exc).__name__})") from exc
-            raise
+        self.ws_in_use -= 1
 
     async def ws_connect(self, target: str, headers: CIMultiDict[str],
                          protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
         """Holds one slot for the session's life on success: ``release_slot()`` after
-        closing it."""
+        closing it. (WebSocket sessions stay on aiohttp's client: the consumer side is
+        aiohttp's ``WebSocketResponse``, which relays messages, not bytes; see
+        docs/PERFORMANCE.md.)"""
         await self.acquire_slot()
         try:
             return await self._ws_connect(target, headers, protocols)
@@ -154,10 +168,18 @@ class Upstream:
 
     async def _ws_connect(self, target: str, headers: CIMultiDict[str],
                           protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.slots, ttl_dns_cache=300,
+                                               enable_cleanup_closed=False),
+                timeout=self._timeout, auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                cookie_jar=aiohttp.DummyCookieJar())
         url = URL(self.base.replace("http", "ws", 1) + target, encoded=True)
         try:
-            return await self.session.ws_connect(url, headers=headers, protocols=protocols,
-                                                 autoclose=False, autoping=False)
+            return await session.ws_connect(url, headers=headers, protocols=protocols,
+                                            autoclose=False, autoping=False)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -165,7 +187,21 @@ class Upstream:
                 from exc
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.pool.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+def pool_config(cfg: UpstreamConfig) -> PoolConfig:
+    """The pool's settings from ``upstream.*``. The sweeper that checks every deadline runs
+    at least twice per shortest deadline (at most every 0.5 s)."""
+    sweep = max(min(0.5, cfg.connect_timeout / 2, cfg.read_timeout / 2, cfg.pool_wait / 2,
+                    cfg.idle_timeout / 2), 0.01)
+    return PoolConfig.from_upstream(
+        cfg, idle_timeout=cfg.idle_timeout, max_requests=cfg.max_requests_per_connection,
+        max_head_bytes=cfg.max_response_head_bytes,
+        max_field_bytes=cfg.max_response_field_bytes,
+        max_headers=cfg.max_response_headers, sweep_interval=sweep)
 
 
 def _expire(fut: asyncio.Future[None], slots: int, wait: float) -> None:
@@ -177,11 +213,12 @@ def _expire(fut: asyncio.Future[None], slots: int, wait: float) -> None:
 
 # What reading an upstream body can raise; the handler loops over the body itself (an async
 # generator wrapper costs several µs per chunk) and hands these to ``body_error``.
-BODY_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
+BODY_ERRORS: tuple[type[BaseException], ...] = (BodyError,)
 
 
 def body_error(exc: BaseException) -> UpstreamError:
-    """Translate a failure while reading the upstream body (mid-stream)."""
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout("the upstream stopped sending mid-body")
+    """Translate a failure while reading the upstream body (mid-stream): the pool's
+    ``BodyError`` (502) and ``BodyTimeout`` (504) already are ``UpstreamError``s."""
+    if isinstance(exc, UpstreamError):
+        return exc
     return UpstreamUnavailable(f"the upstream connection broke mid-body ({type(exc).__name__})")

@@ -3,7 +3,8 @@ last byte of the response.
 
     request body   streamed upstream as it arrives (counted); buffered up to
                    ``max_inspect_bytes`` when a rule reads its JSON (or adds stream usage)
-    upstream       ``proxy.request.forward`` (Upstream.request; a slot held until released)
+    upstream       ``proxy.request.forward`` (Upstream.request; the pooled connection is held
+                   until the response is released)
     response       a small Content-Length body is read whole and answered in one piece; any
                    other body is streamed chunk by chunk, each chunk fed to the rule's
                    inspector once it was written
@@ -33,7 +34,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import metrics
-from proxy.errors import HttpError, MeteringUnavailable, MeterproxyError, UpstreamError
+from proxy.errors import (
+    HttpError,
+    MeteringUnavailable,
+    MeterproxyError,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from proxy.request.admission import XCR as _XCR
 from proxy.request.admission import Admission
 from proxy.request.context import RequestContext
@@ -42,13 +49,14 @@ from proxy.request.forward import (
     BODY_ERRORS,
     Upstream,
     body_error,
-    strip_hop_by_hop,
+    response_headers,
     upstream_headers,
 )
 from proxy.request.settle import Settlement
 from proxy.rules import UNREADABLE, Measurement
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
+from proxy.upstream import Response
 
 _SMALL_BODY = 64 * 1024
 
@@ -101,7 +109,9 @@ class Exchange:
                 raise HttpError("This endpoint reads the request body to meter it; send it "
                                 "uncompressed (no Content-Encoding).", status=415,
                                 type_="unsupported_content_encoding")
-        data = await self._request_body(headers)
+        # (no coroutine for a request without a body: the common case)
+        data = await self._request_body(headers) if req.body_exists else \
+            (b"" if "Content-Length" in req.headers else None)
         hold = ctx.hold
         if hold is not None and rule is not None and \
                 s.admission.reservations.for_rule(rule).hinted:
@@ -112,6 +122,12 @@ class Exchange:
         except UpstreamError as exc:
             metrics.upstream_errors_total.labels(exc.type).inc()
             raise
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # the consumer's request body broke while it was streamed upstream (or did not
+            # match its Content-Length): the exchange with the upstream is incomplete
+            metrics.upstream_errors_total.labels("upstream_unavailable").inc()
+            raise UpstreamUnavailable(
+                f"the upstream request could not be completed ({type(exc).__name__})") from exc
         try:
             out_headers, inspector = self._response_head(upstream)
             clen = upstream.content_length
@@ -125,34 +141,42 @@ class Exchange:
                     metrics.metering_unavailable_total.inc()
                     raise _withheld() from exc
                 return web.Response(status=upstream.status, headers=out_headers)
-            if clen is not None and clen <= _SMALL_BODY:
+            if (clen is not None and clen <= _SMALL_BODY) or upstream.failed:
+                # (a body already known broken, e.g. an invalid first chunk that came with
+                # the head, is answered 502 before anything reaches the consumer)
                 return await self._respond_small(upstream, out_headers, inspector, t_up)
             return await self._respond(upstream, out_headers, inspector, t_up)
         finally:
             upstream.release()
-            s.upstream.release_slot()
 
-    def _response_head(self, upstream: aiohttp.ClientResponse) -> tuple[CIMultiDict[str], Any]:
+    def _response_head(self, upstream: Response) -> tuple[CIMultiDict[str], Any]:
         """The consumer's response headers, and the body inspector if a rule reads the body."""
         out_headers: CIMultiDict[str] = CIMultiDict()
-        strip_hop_by_hop(upstream.headers, out_headers)
+        response_headers(upstream.headers, out_headers)
         out_headers[_XRID] = self.ctx.rid
         inspector = None
         rule = self.ctx.rule
         if rule is not None and self.ctx.metered and rule.response_body is not ResponseNeed.NONE:
-            uh = upstream.headers
-            inspector = rule.new_inspector(uh.get("Content-Type"), self.s.cap,
-                                           uh.get("Content-Encoding"))
+            inspector = rule.new_inspector(upstream.header("Content-Type"), self.s.cap,
+                                           upstream.header("Content-Encoding"))
         return out_headers, inspector
 
     async def _request_body(self, headers: CIMultiDict[str]) -> Any:
         req = self.ctx.request
         if not req.body_exists:
-            return None
+            # an empty Content-Length body keeps its `Content-Length: 0` upstream
+            return b"" if "Content-Length" in req.headers else None
         rule = self.ctx.rule
         if rule is not None and (rule.request_json or rule.stream_usage) and self.ctx.metered:
             return await self._inspect_request_body(headers)
-        return self._count_stream(req.content)
+        content = req.content
+        if content.is_eof() and "Content-Length" in req.headers:
+            # the whole Content-Length body arrived with the head: sent in one write, no
+            # generator (a chunked body stays chunked: streamed below)
+            body = content.read_nowait()
+            self.request_bytes = len(body)
+            return body
+        return self._count_stream(content)
 
     async def _count_stream(self, content: aiohttp.StreamReader) -> Any:
         async for chunk in content.iter_any():
@@ -198,7 +222,7 @@ class Exchange:
             self.request_bytes += len(chunk)
             yield chunk
 
-    async def _respond(self, upstream: aiohttp.ClientResponse, out_headers: CIMultiDict[str],
+    async def _respond(self, upstream: Response, out_headers: CIMultiDict[str],
                        inspector: Any, t_up: float) -> web.StreamResponse:
         """A large or streamed body: forwarded chunk by chunk as it arrives."""
         s, req = self.s, self.ctx.request
@@ -227,7 +251,7 @@ class Exchange:
         try:
             # each chunk is inspected once it is written, so an abandoned response is
             # measured by what was delivered (a failed write is not)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream:
                 if hold_last and clen is not None and sent + len(chunk) >= clen:
                     sent += len(chunk)
                     held = chunk
@@ -273,10 +297,10 @@ class Exchange:
         await resp.write_eof()
         return resp
 
-    async def _respond_small(self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+    async def _respond_small(self, upstream: Response, headers: CIMultiDict[str],
                              inspector: Any, t_up: float) -> web.StreamResponse:
         try:
-            body = await upstream.read()
+            body = upstream.take() if upstream.complete else await upstream.read()
         except BODY_ERRORS as exc:
             err = body_error(exc)
             metrics.upstream_errors_total.labels(err.type + "_midstream").inc()
@@ -305,15 +329,16 @@ class Exchange:
                 headers[_XCR] = xcr
         return web.Response(status=upstream.status, headers=headers, body=body)
 
-    def _usage_filter(self, upstream: aiohttp.ClientResponse) -> UsageChunkFilter | None:
+    def _usage_filter(self, upstream: Response) -> UsageChunkFilter | None:
         """When the proxy added include_usage for this client, a filter that removes the
         usage-only chunk again (not on a compressed stream: it passes as the upstream sent
         it, extra chunk included)."""
-        if upstream.headers.get("Content-Encoding") or not is_event_stream(upstream.headers.get("Content-Type")):
+        if upstream.header("Content-Encoding") or \
+                not is_event_stream(upstream.header("Content-Type")):
             return None
         return UsageChunkFilter(self.s.cap)
 
-    def _finish(self, status: int, upstream: aiohttp.ClientResponse, inspector: Any,
+    def _finish(self, status: int, upstream: Response, inspector: Any,
                 response_bytes: int, withhold: bool = False) -> asyncio.Future[None] | None:
         """Measure and record; in strict mode returns the commit to wait for before the
         final bytes go out (a plain function: no coroutine frame on the hot path).
@@ -337,7 +362,7 @@ class Exchange:
         m = None
         if self.s.settlement.for_rule(rule).quantities is None:
             m = Measurement(status=status, request_headers=self.ctx.request.headers,
-                            response_headers=upstream.headers, query=self.ctx.request.query,
+                            response_headers=CIMultiDict(upstream.headers), query=self.ctx.request.query,
                             path_params=self.ctx.params, request_json=self.request_json,
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,

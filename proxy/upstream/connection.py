@@ -96,6 +96,11 @@ class Response:
         return self._done and self._exc is None
 
     @property
+    def failed(self) -> bool:
+        """The body broke (iterating raises once the buffered chunks are taken)."""
+        return self._exc is not None
+
+    @property
     def buffered(self) -> int:
         """Body bytes received and not yet taken by the caller."""
         return self._size
@@ -130,6 +135,14 @@ class Response:
                 await waiter
             finally:
                 self._waiter = None
+
+    def take(self) -> bytes:
+        """The whole body once ``complete`` (no coroutine): what ``read()`` returns then."""
+        assert self._done and self._exc is None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
 
     async def read(self) -> bytes:
         """The whole body (raises BodyError/BodyTimeout like iteration)."""
@@ -551,12 +564,13 @@ class Connection(asyncio.Protocol):
             self.written = True
             if expect and not await self._expect(loop):
                 return await fut
-            it = body.__aiter__()
-            if not await self._stream(it, chunked, length, state):
-                # the head arrived before the body was all sent: finish the upload in the
-                # background while the caller reads (an upstream that reads no more is cut
-                # off when its response ends: the connection is then closed)
-                self.uploader = loop.create_task(self._upload_rest(it, chunked, length, state))
+            # the body is written by its own task, so a response head that arrives while the
+            # body is still being produced (an early 413, an upstream that answers as it reads,
+            # a consumer whose body stalls) reaches the caller at once; the upload goes on in
+            # the background (an upstream that reads no more is cut off when its response
+            # ends: the connection is then closed). A failing body fails the request.
+            self.uploader = loop.create_task(
+                self._upload_rest(body.__aiter__(), chunked, length, state))
             return await fut
         except BaseException:
             # an error, a stale connection, or the caller cancelled (its consumer went away):
@@ -578,29 +592,31 @@ class Connection(asyncio.Protocol):
         return fut is None or not fut.done()
 
     async def _stream(self, it: AsyncIterator[bytes], chunked: bool, length: int | None,
-                      state: SendState) -> bool:
+                      state: SendState, background: bool = False) -> bool:
         """Write the body from ``it``; True when it is all written, False when the response
-        head arrived first. Raises what ``it`` raises (the caller's body broke)."""
+        head arrived first (``background``: the rest of an upload after the head arrived,
+        written to the end). Raises what ``it`` raises (the caller's body broke)."""
         fut = self.head_fut
         transport = self.transport
         assert fut is not None and transport is not None
         while True:
-            if fut.done():
+            if fut.done() and not background:
                 return False
             state.touched = True
             try:
                 chunk = await it.__anext__()
             except StopAsyncIteration:
                 break
-            except BaseException:
-                self.close()                # the request is incomplete: never reuse
+            except BaseException as exc:
+                self._fail_upload(exc)      # the request is incomplete: never reuse
                 raise
             if not chunk:
                 continue
             state.sent += len(chunk)
             if length is not None and state.sent > length:
-                self.close()
-                raise ValueError("the request body is longer than its Content-Length")
+                err = ValueError("the request body is longer than its Content-Length")
+                self._fail_upload(err)
+                raise err
             if self.closed:
                 return True         # the head future holds why
             if chunked:
@@ -614,18 +630,27 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return True
         if length is not None and state.sent != length:
-            self.close()
-            raise ValueError("the request body is shorter than its Content-Length")
+            err = ValueError("the request body is shorter than its Content-Length")
+            self._fail_upload(err)
+            raise err
         if chunked and not self.closed:
             transport.write(b"0\r\n\r\n")
         self.req_done = True
         self.armed, self.seen = READ, -1
         return True
 
+    def _fail_upload(self, exc: BaseException) -> None:
+        """The request body broke: the caller waiting for the head gets ``exc`` (unless a
+        response head already came), and the connection is closed."""
+        fut = self.head_fut
+        if fut is not None and not fut.done() and not isinstance(exc, asyncio.CancelledError):
+            fut.set_exception(exc)
+        self.close()
+
     async def _upload_rest(self, it: AsyncIterator[bytes], chunked: bool, length: int | None,
                            state: SendState) -> None:
         try:
-            await self._stream(it, chunked, length, state)
+            await self._stream(it, chunked, length, state, background=True)
         except Exception:           # the response is the caller's; the connection is closed
             self.close()
             return
