@@ -134,3 +134,16 @@ def test_burn_order_priority_then_expiry_then_age() -> None:
     entries, left = allocate(burn_order(gs), 25, 0)
     assert [(e.grant_id, e.amount) for e in entries] == [("top", 10), ("soon", 10), ("old", 5)]
     assert left == 0
+
+
+def test_grow_without_available_credit_holds_nothing_more() -> None:
+    """A bill customer's hold grown by a late request hint takes only what is available:
+    with nothing left, the hold stays as it was (never a phantom unit)."""
+    book = CreditBook()
+    book.load([GrantState("g1", "c", 10, 0, None, 0)], [])
+    hold = book.try_hold("c", 10, 1.0, block=False)
+    assert hold is not None and hold.amount == 10 and book.available("c", 1.0) == 0
+    assert book.grow(hold, 5, 1.0, block=False)
+    assert hold.amount == 10 and book.held("c") == 10
+    assert not book.grow(hold, 5, 1.0, block=True)      # a block customer is refused instead
+    assert hold.amount == 10

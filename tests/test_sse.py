@@ -14,9 +14,11 @@ from proxy.rules.sse import (
     SseEvent,
     SseInspector,
     SseParser,
+    UsageChunkFilter,
     is_event_stream,
     lookup,
     new_inspector,
+    with_stream_usage,
 )
 
 
@@ -227,3 +229,26 @@ def test_top_level_list_index_probe_on_sse() -> None:
     insp = SseInspector((Probe("i", ("0",)),), 64)
     insp.feed(b"data: [4, 5]\n\n")
     assert insp.result().get("i") == 4
+
+
+def test_with_stream_usage_rewrites_a_present_stream_options_keeping_every_other_key() -> None:
+    """``stream_options`` present without ``include_usage``: the body is re-encoded with
+    ``include_usage`` true added to the client's options, every other key kept."""
+    doc = {"model": "m", "stream": True, "stream_options": {"chunk": 3}, "n": 1}
+    out = with_stream_usage(doc, orjson.dumps(doc))
+    assert out is not None
+    assert orjson.loads(out) == {"model": "m", "stream": True, "n": 1,
+                                 "stream_options": {"chunk": 3, "include_usage": True}}
+    # a non-object stream_options is replaced by one that asks for usage
+    out = with_stream_usage({"stream": True, "stream_options": 7}, b'{"stream":true,'
+                            b'"stream_options":7}')
+    assert out is not None and orjson.loads(out) == {"stream": True,
+                                                     "stream_options": {"include_usage": True}}
+
+
+def test_usage_chunk_filter_flush_hands_over_the_held_tail_once() -> None:
+    f = UsageChunkFilter(1024)
+    assert f.feed(b"data: {\"a\":1}") == b""          # an unterminated event is held
+    assert f.flush() == b"data: {\"a\":1}"
+    assert f.flush() == b""                            # nothing is handed over twice
+    assert f.feed(b"data: {\"b\":2}\n\n") == b"data: {\"b\":2}\n\n"
