@@ -352,3 +352,14 @@ def test_preset_total_over_max_units_is_unreadable(rules: dict[str, Rule]) -> No
     assert run(r, "application/json", [at]) == [Quantity("m", 10**12 * M, False)]
     over = orjson.dumps({"usage": {"input_tokens": 10**12, "output_tokens": 1}})
     assert run(r, "application/json", [over]) == [Quantity("m", M, True, "unreadable")]
+
+
+def test_a_missing_query_parameter_is_unreadable_and_bills_the_reservation(
+        rules: dict[str, Rule]) -> None:
+    """``request.query.n`` absent: the value is unreadable, so the quantity is the fallback
+    (flagged), never a silent 0 or an error."""
+    out = compute(rules["many"], meas(query={}, path_params={"n": "4"},
+                                      request_headers={"x-units": "2"},
+                                      response_headers={"x-cost": "5"}))
+    q = out[3]
+    assert q.meter == "m" and q.unreadable and q.micro == M
