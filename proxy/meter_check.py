@@ -32,7 +32,7 @@ from proxy.errors import StripeCallError
 from proxy.stripe.client import StripeClient, StripeMeterInfo
 
 __all__ = ["CUSTOMER_KEY", "VALUE_KEY", "MeterCheck", "StripeMeterInfo", "list_meters",
-           "meter_problems", "unusable"]
+           "meter_problems", "problem", "unusable"]
 
 log = logging.getLogger("meterproxy.meter_check")
 
@@ -62,13 +62,16 @@ def unusable(candidates: Sequence[StripeMeterInfo]) -> tuple[str, StripeMeterInf
     return "", m
 
 
-def _problem(meter: str, event: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
-    where = f"meter {meter!r} (event name {event!r})"
+def problem(where: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
+    """The sentence saying why ``candidates`` (the Stripe meters of one event name) cannot
+    total our delta events, prefixed with ``where`` (what the caller calls that event name),
+    or None when they can. The one wording of :func:`unusable`'s ladder, used by the start-up
+    check and by reconciliation. Pure."""
     kind, m = unusable(candidates)
     if not kind:
         return None
     if m is None:
-        return f"{where}: no active Stripe meter has this event name"
+        return f"{where}: no Stripe meter has this event name"
     if kind == "inactive":
         return f"{where}: Stripe meter {m.id} is {m.status}, not active"
     if kind == "formula":
@@ -95,7 +98,8 @@ def meter_problems(event_names: EventNames,
     for meter, (event, covered) in sorted(event_names.items()):
         for name in (event, covered):
             if name is not None:
-                p = _problem(meter, name, by_event.get(name, []))
+                p = problem(f"meter {meter!r} (event name {name!r})",
+                            by_event.get(name, []))
                 if p is not None:
                     out.append(p)
     return out

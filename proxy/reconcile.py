@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from proxy.errors import MeterproxyError, StripeCallError, StripeUnavailable
-from proxy.meter_check import CUSTOMER_KEY, VALUE_KEY, unusable
+from proxy.meter_check import problem
 from proxy.store.protocols import Customers, Outbox
 from proxy.stripe.client import EventSummary, Page, StripeClient, StripeMeterInfo
 from proxy.timeutil import rfc3339
@@ -531,21 +531,7 @@ def _issue(p: PairResult, ln: HourLine, why: str,
 
 
 def _meter_problem(name: str, candidates: Sequence[StripeMeterInfo]) -> str | None:
-    kind, m = unusable(candidates)
-    if not kind:
-        return None
-    if m is None:
-        return f"{name!r}: no Stripe meter has this event name"
-    if kind == "inactive":
-        return f"{name!r}: meter {m.id} is {m.status}"
-    if kind == "formula":
-        return (f"{name!r}: meter {m.id} aggregates with {m.formula!r}; meterproxy sends"
-                " pre-aggregated events, which only a 'sum' meter totals correctly")
-    if kind == "keys":
-        return (f"{name!r}: meter {m.id} reads payload keys {m.customer_key!r}/{m.value_key!r};"
-                f" meterproxy sends {CUSTOMER_KEY!r}/{VALUE_KEY!r}")
-    return (f"{name!r}: meter {m.id} is pre-aggregated (event_time_window"
-            f" {m.event_time_window!r}): Stripe keeps only the newest event per window")
+    return problem(f"event name {name!r}", candidates)
 
 
 @dataclass(frozen=True, slots=True)

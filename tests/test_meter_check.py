@@ -44,7 +44,7 @@ def test_each_problem_names_meter_event_and_why() -> None:
     names = {"m": ("ev", None)}
     assert meter_problems(names, [_meter()]) == []
     assert meter_problems(names, []) == [
-        "meter 'm' (event name 'ev'): no active Stripe meter has this event name"]
+        "meter 'm' (event name 'ev'): no Stripe meter has this event name"]
     assert meter_problems(names, [_meter(status="inactive")]) == [
         "meter 'm' (event name 'ev'): Stripe meter mtr_1 is inactive, not active"]
     assert meter_problems(names, [_meter(formula="last")]) == [
@@ -60,7 +60,7 @@ def test_each_problem_names_meter_event_and_why() -> None:
     # the covered event name is checked too; an inactive twin does not hide an active meter
     assert meter_problems({"m": ("ev", "cov")}, [_meter(id="mtr_0", status="inactive"),
                                                  _meter()]) == [
-        "meter 'm' (event name 'cov'): no active Stripe meter has this event name"]
+        "meter 'm' (event name 'cov'): no Stripe meter has this event name"]
 
 
 def _config(tmp: Path, upstream: str, double_url: str, rules: str = RULES,
@@ -148,7 +148,7 @@ async def test_reload_with_a_wrong_meter_is_refused(tmp_path: Path, upstream: st
         assert await reload_rules_checked(server.rt, server.meter_check) is False
         assert server.rt.rules.version == old
         assert server.rt.rules_error == ("stripe: meter 'tokens' (event name 'llm_tokens'): "
-                                         "no active Stripe meter has this event name")
+                                         "no Stripe meter has this event name")
         stripe_double.state.add_meter("llm_tokens")
         assert await reload_rules_checked(server.rt, server.meter_check) is True
         assert sorted(server.rt.rules.meters) == ["api_calls", "tokens"]

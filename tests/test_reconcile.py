@@ -289,8 +289,9 @@ async def test_unknown_inactive_or_wrong_meters_refuse_to_start(make_env: MakeEn
         await env.reconcile()
     assert err.value.missing == ["tokens_covered"]
     assert str(err.value).endswith(
-        "'tokens_covered': meter mtr_daily is pre-aggregated (event_time_window 'day'):"
-        " Stripe keeps only the newest event per window")
+        "event name 'tokens_covered': Stripe meter mtr_daily is pre-aggregated"
+        " (event_time_window 'day'): it keeps only the newest event per day, but meterproxy"
+        " sends several delta events per window; use a meter without event_time_window")
 
 
 async def test_pagination_over_more_than_100_hours_and_100_meters(make_env: MakeEnv) -> None:
