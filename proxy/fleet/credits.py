@@ -31,13 +31,25 @@ from proxy.credits.ledger import Entry
 from proxy.fleet.book import Decision, LeaseBook
 
 
+def shadow_split(costs: list[int], held: int) -> tuple[list[int], int]:
+    """Pure: each cost's uncovered part when ``held`` covers the costs in order, and what of
+    ``held`` is left over."""
+    out = []
+    for c in costs:
+        take = min(max(c, 0), held)
+        held -= take
+        out.append(c - take)
+    return out, held
+
+
 class FleetCredits(CreditBook):
     """A ``CreditBook`` for the request path whose admission and settlement are the
     member's leases (the grant-level book stays empty: see the module doc)."""
 
-    def __init__(self, leases: LeaseBook) -> None:
+    def __init__(self, leases: LeaseBook, shadow: bool = False) -> None:
         super().__init__()
         self.leases = leases
+        self.shadow = shadow      # credits.enforcement: shadow (the hold is not debt_ok)
         self._lease_of: dict[int, int] = {}      # id(hold) -> the lease it was debited from
 
     async def admit(self, customer_id: str, cost: int, now: float) -> Hold | Decision:
@@ -55,7 +67,7 @@ class FleetCredits(CreditBook):
         return got.value if isinstance(got, Decision) else got
 
     def _hold(self, customer_id: str, cost: int, now: float) -> Hold:
-        hold = Hold(customer_id, cost, admitted_at=now, debt_ok=True)
+        hold = Hold(customer_id, cost, admitted_at=now, debt_ok=not self.shadow)
         h = self.leases.held.get(customer_id)
         if h is not None:
             self._lease_of[id(hold)] = h.lease_id
@@ -101,9 +113,16 @@ class FleetCredits(CreditBook):
             self._adjust(hold, -hold.amount)
 
     def settle(self, hold: Hold, costs: list[int], now: float) -> list[tuple[list[Entry], int]]:
-        """The actual costs replace the hold; each cost is fully charged in credits (no
-        grant-level entries, nothing uncovered)."""
-        if not hold.released:
-            hold.released = True
+        """The actual costs replace the hold; each cost is fully charged in credits (the
+        grant-level entries are written when the row ships: proxy.store.postgres.grant_debits).
+        Under ``credits.enforcement: shadow`` (a hold that is not ``debt_ok``) nothing
+        becomes debt: the costs are charged up to the hold, the rest is uncovered (billed)."""
+        if hold.released:
+            return [([], 0) for _ in costs]
+        hold.released = True
+        if hold.debt_ok:
             self._adjust(hold, sum(costs) - hold.amount)
-        return [([], 0) for _ in costs]
+            return [([], 0) for _ in costs]
+        out, left = shadow_split(costs, hold.amount)
+        self._adjust(hold, -left)
+        return [([], u) for u in out]

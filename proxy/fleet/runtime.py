@@ -360,4 +360,4 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         raise
     log.info("fleet member %s on PostgreSQL (schema current)", mid)
     return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
-                 FleetCredits(book))
+                 FleetCredits(book, shadow=cfg.credits.enforcement == "shadow"))
