@@ -6,6 +6,8 @@ spending."""
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +22,7 @@ from proxy.store.postgres.ledger import PostgresCreditLedger
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.protocols import LedgerEntry, NewGrant
-from tests.fleet.conftest import add_customer
+from tests.fleet.conftest import PoolFactory, add_customer
 
 C = 1_000_000
 NOW = 1_800_000_000
@@ -207,3 +209,43 @@ async def test_a_lease_then_shipping_keeps_grants_and_account_in_step(pool: PgPo
         acct = await leases.account(c, "acme")
     assert (acct.settled, acct.escrowed) == (3 * C, C)
     assert (await grant_states(pool, ["acme"]))[0].grants[0].remaining == 7 * C
+
+
+async def test_expiry_racing_two_shipping_members_never_over_allocates(
+        open_pool: PoolFactory) -> None:
+    """Two members ship batches while a third expires the grant from a view that saw none
+    of it: whatever the interleaving, the grant's entries sum to exactly its amount (debits
+    plus the expiry of what was left), every credit shipped is entered once (debits on the
+    two grants plus debt), and the account's balance is the grants less the expiry."""
+    pools = [await open_pool() for _ in range(3)]
+    pool = pools[0]
+    await add_customer(pool, "acme")
+    await _grant(pool, "soon", 50 * C, priority=0, expires_at=NOW + 10, created=1)
+    await _grant(pool, "rest", 100 * C, priority=50, created=2)
+    ships = [Shipper(pools[0], "a", batch_size=5), Shipper(pools[1], "b", batch_size=5)]
+
+    async def member(i: int) -> None:
+        for b in range(10):
+            await ships[i].ship([_row(b * 5 + k, "acme", C, at=NOW + 20 * (k % 2) - 10)
+                                 for k in range(1, 6)])
+            await asyncio.sleep(0)
+
+    async def expire() -> None:
+        await asyncio.sleep(0.01)
+        await PostgresCreditLedger(pools[2]).append(
+            [LedgerEntry("acme", Entry("soon", "expire", 50 * C))])
+
+    await asyncio.gather(member(0), member(1), expire())
+    async with pool.acquire() as c:
+        per = {(r[0], r[1]): int(r[2]) for r in await c.fetch(
+            "SELECT COALESCE(grant_id, ''), kind, SUM(amount) FROM credit_entries"
+            " GROUP BY 1, 2")}
+        acct = await leases.account(c, "acme")
+        used = dict(await c.fetch("SELECT id, used FROM grants"))
+    soon = sum(v for (g, _), v in per.items() if g == "soon")
+    assert soon == 50 * C and used["soon"] == 50 * C
+    spent = sum(v for (g, k), v in per.items() if k in ("debit", "debt"))
+    assert spent == 100 * C                          # 2 members x 10 batches x 5 rows x 1
+    assert used["rest"] == per.get(("rest", "debit"), 0) <= 100 * C
+    assert acct.balance == 150 * C - per[("soon", "expire")]
+    assert acct.settled == 100 * C
