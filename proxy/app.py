@@ -197,6 +197,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     book = await fleet.credit_book() if fleet is not None \
         else load_book(await storage.ledger.load())
     credits = CreditService(store, book, storage.ledger)
+    if fleet is not None:
+        fleet.credits.shared = credits.book     # who holds grants, fleet-wide
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)

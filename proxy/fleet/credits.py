@@ -16,8 +16,13 @@ Fleet mode enforces credits for customers with ``overage: block`` (the ones a 40
 - nothing here writes grant-level debit entries: the fleet's spend is the shipped usage
   ledger settled against ``credit_accounts``.
 
-Customers without ``overage: block`` are not gated (``has_credits`` is False for them:
-they never hold a lease), so their requests make no database round trip.
+Customers without ``overage: block`` are never refused for credits. Those holding grants
+with credit left (``has_credits``, from the shared ledger as the member last reloaded it) are
+charged through a lease like block customers, but with a hold that is not ``debt_ok``: what
+the lease cannot cover is admitted uncharged and billed as overage, and a post-response cost
+above the hold is billed for the excess (as a single process covers a ``bill`` customer's
+usage with its credits first). Customers without credits are not gated and make no database
+round trip.
 
 Overspend, fleet-wide: 0 for rules whose cost is known at admission (constant quantities);
 for quantities known only after the response, at most the sum over requests in flight of
@@ -50,6 +55,9 @@ class FleetCredits(CreditBook):
         super().__init__()
         self.leases = leases
         self.shadow = shadow      # credits.enforcement: shadow (the hold is not debt_ok)
+        # the credit service's book, reloaded from the shared ledger (proxy.fleet.runtime):
+        # which customers hold grants (set by the composition root)
+        self.shared: CreditBook | None = None
         self._lease_of: dict[int, int] = {}      # id(hold) -> the lease it was debited from
 
     async def admit(self, customer_id: str, cost: int, now: float) -> Hold | Decision:
@@ -86,7 +94,14 @@ class FleetCredits(CreditBook):
     # ---- the CreditBook surface the request path uses ------------------------------------
 
     def has_credits(self, customer_id: str) -> bool:
-        return customer_id in self.leases.held
+        """A lease is held for the customer, or the shared ledger has credit left on one of
+        its grants (a customer without ``overage: block`` is then admitted through a lease
+        too, never refused: see ``proxy.request.admission.admit_leased``)."""
+        if customer_id in self.leases.held:
+            return True
+        shared = self.shared
+        return shared is not None and any(g.remaining > 0 and not g.voided
+                                          for g in shared.grants(customer_id))
 
     def available(self, customer_id: str, now: float) -> int:
         """What this member may still admit for the customer without asking (its lease)."""

@@ -188,3 +188,37 @@ async def test_shadow_enforcement_admits_everything_and_counts_the_refusals(
                 assert [tuple(k) for k in kinds] == [("debit", 10 * C)]
             finally:
                 await conn.close()
+
+
+async def test_a_bill_customers_credits_cover_its_usage_first(tmp_path: Path,
+                                                              upstream: str) -> None:
+    """``overage: bill`` with 10 credits, 30 requests over two members: never refused; 10 are
+    covered by the credits (debited from the grant, not billed), 20 are billed; no debt and
+    no shadow count (enforcement is not what let them through)."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
+        a, b = await fleet.start(["a", "b"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust", "overage": "bill"})
+            await admin_call(s, b, "POST", "/admin/customers/cust/grants",
+                             {"credits": "10", "idempotency_key": "g1"})
+            key: str = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await asyncio.sleep(1.0)     # the key and the grant reach every member
+            got = Counter[int]()
+            for i in range(30):
+                got += await _burst(s, [(a, b)[i % 2]], key, 1)
+            assert got == {200: 30}, got
+            assert await _settled(fleet, 10 * C) == (10 * C, 10 * C, 0)
+            for m in (a, b):
+                assert await _metric(s, m, "meterproxy_credit_shadow_rejections_total") == 0
+            conn = await asyncpg.connect(fleet.dsn)
+            try:
+                rows = await wait_until(lambda: conn.fetchrow(
+                    "SELECT count(*), sum(credits), sum(billable) FROM usage_ledger"),
+                    ok=lambda r: r[0] == 30, timeout=10, what="30 rows shipped")
+                assert (rows[1], rows[2]) == (10 * C, 20 * C)
+                kinds = await conn.fetch("SELECT kind, sum(amount) FROM credit_entries"
+                                         " GROUP BY kind ORDER BY kind")
+                assert [tuple(k) for k in kinds] == [("debit", 10 * C)]
+            finally:
+                await conn.close()
