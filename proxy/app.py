@@ -28,7 +28,7 @@ import aiosqlite
 from aiohttp import web
 
 from proxy import metrics
-from proxy.admin.api import REFUSALS, build_admin_app
+from proxy.admin.api import FLEET_CREDITS, REFUSALS, build_admin_app
 from proxy.admin.billing import billing_routes
 from proxy.admin.credits import credit_routes
 from proxy.admin.fleet import FLEET, fleet_routes
@@ -192,7 +192,13 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     rt = Runtime(cfg=cfg, rules=rules, store=store, keys=keys, upstream=upstream,
                  storage=storage)
     await remember_rules(rt, rules)
-    credits = CreditService(store, load_book(await storage.ledger.load()), storage.ledger)
+    # fleet mode: every customer's per-grant state from the shared ledger (grants.used),
+    # reloaded as it moves (Fleet.credits_forever)
+    book = await fleet.credit_book() if fleet is not None \
+        else load_book(await storage.ledger.load())
+    credits = CreditService(store, book, storage.ledger)
+    if fleet is not None:
+        fleet.credits.shared = credits.book     # who holds grants, fleet-wide
     store.on_withdraw = lambda row: credits.book.apply(
         Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
@@ -240,6 +246,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                 reconcile_grace=cfg.stripe.reconcile_grace)
     if fleet is not None:
         admin_app[FLEET] = fleet
+        admin_app[FLEET_CREDITS] = fleet
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
     undo.push_async_callback(public.cleanup)
@@ -287,7 +294,9 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         fleet.tasks += [spawn("fleet-ship", fleet.ship_forever()),
                         spawn("fleet-leader", fleet.lead_forever(
                             [flusher.took_over], lambda: rt.rules.version)),
-                        spawn("fleet-leases", fleet.leases_forever())]
+                        spawn("fleet-leases", fleet.leases_forever()),
+                        spawn("fleet-credits", fleet.credits_forever(
+                            credits.book, _credits_moved(rt, credits, watch)))]
     server.graceful.append((flusher.stop, _task(undo, "flusher",
                                                 flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(_task(undo, "credit-expiry", credits.run_expiry()))
@@ -350,6 +359,19 @@ def build_reconciler(rt: Runtime) -> Reconciler | None:
 def event_names(rt: Runtime) -> dict[str, tuple[str, str | None]]:
     """meter -> (Stripe event name, covered event name) under the rules in force."""
     return {m.name: (m.stripe_event_name, m.covered_event_name) for m in rt.rules.meters.values()}
+
+
+def _credits_moved(rt: Runtime, credits: CreditService,
+                   watch: ThresholdWatch) -> Callable[[list[str]], None]:
+    """Fleet mode: customers whose shared credit state moved (any member's spending) are
+    checked against the alert thresholds (each alert fires once fleet-wide: the alerts
+    table's unique key) and the expiry loop re-plans (a grant made on another member)."""
+    def moved(customers: list[str]) -> None:
+        for cid in customers:
+            cust = rt.keys.customers.get(cid)
+            watch.check(cid, anchor=cust.billing_anchor if cust else None)
+        credits.wake()
+    return moved
 
 
 def build_flusher(rt: Runtime, sink: Sink, fleet: Fleet | None = None) -> Flusher:

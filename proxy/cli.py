@@ -3,8 +3,11 @@ dead-letters|reconcile|explain|simulate``.
 
 Operator commands work directly on the database named by the config file (or ``--db``),
 through the same store functions the admin API uses; a running proxy notices their
-changes within ``keys.cache_refresh``. ``credits``, ``flush`` and ``dead-letters`` go through
-the running proxy's admin API (it holds that state in memory).
+changes within ``keys.cache_refresh``. With ``storage.backend: postgres`` (and no ``--db``)
+``customers``, ``keys``, ``usage``, ``reconcile``, ``explain`` and ``simulate`` work on the
+fleet's shared database (every member sees a key change within
+``fleet.key_poll_interval``). ``credits``, ``flush`` and ``dead-letters`` go through the
+running proxy's admin API (it holds that state in memory).
 
 The config file: ``--config`` anywhere on the command line (before or after the
 subcommand; the last one given wins), else ``$METERPROXY_CONFIG``, else ``meterproxy.yaml``
@@ -15,11 +18,13 @@ in the current directory. Exit codes: 0 ok; 1 error (one line on stderr: what an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,7 +33,8 @@ import orjson
 from proxy import paths, schema
 from proxy.errors import ConfigError, FileProblem, InvalidInput, MeterproxyError, StorageError
 from proxy.store.db import connect
-from proxy.store.sqlite import SqliteStorage, offline
+from proxy.store.protocols import Storage
+from proxy.store.sqlite import SqliteStorage, as_storage, offline
 
 if TYPE_CHECKING:
     from proxy.rules import RuleSet
@@ -79,6 +85,44 @@ T = TypeVar("T")
 def _owners(args: argparse.Namespace) -> SqliteStorage:
     """The table owners on a connection of this process's own (writes may wait for locks)."""
     return offline(_db(args))
+
+
+@asynccontextmanager
+async def _storage(args: argparse.Namespace) -> AsyncIterator[Storage]:
+    """The owners of the configured store: ``--db`` or ``storage.backend: sqlite`` opens
+    the SQLite file; ``storage.backend: postgres`` a small pool on ``storage.dsn`` (the
+    fleet's shared database: what any member would answer), closed afterwards."""
+    if not args.db:
+        from proxy import config
+
+        cfg = config.load(args.config)
+        if cfg.storage.backend == "postgres":
+            from proxy.fleet.settings import pool_settings
+            from proxy.store.postgres.errors import PgUnavailable
+            from proxy.store.postgres.storage import PostgresStorage
+            from proxy.store.postgres.storage import as_storage as pg_storage
+
+            settings = dataclasses.replace(pool_settings(cfg.storage), size=2)
+            try:
+                pg = await PostgresStorage.open(settings)
+            except PgUnavailable as exc:
+                raise StorageError(f"PostgreSQL (storage.dsn) is unreachable: {exc}") from exc
+            try:
+                yield pg_storage(pg)
+            except PgUnavailable as exc:
+                raise StorageError(f"PostgreSQL (storage.dsn) is unreachable: {exc}") from exc
+            finally:
+                await pg.close()
+            return
+    yield as_storage(_owners(args))
+
+
+def _with_owners(args: argparse.Namespace, use: Callable[[Storage], Awaitable[T]]) -> T:
+    """Run ``use`` on the configured store's owners (``_storage``), in one event loop."""
+    async def go() -> T:
+        async with _storage(args) as owners:
+            return await use(owners)
+    return _run(go())
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -134,32 +178,34 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 
 def cmd_customers(args: argparse.Namespace) -> int:
-    customers = _owners(args).customers
-    if args.action == "list":
-        _print([c.to_json() for c in _run(customers.all())])
-    elif args.action == "show":
-        c = _run(customers.get(args.id))
-        if c is None:
-            raise LookupError(f"no customer {args.id!r}")
-        out = c.to_json()
-        out["keys"] = _run(customers.list_keys(args.id))
-        _print(out)
-    else:
-        cust, created = _run(customers.upsert(args.id, args.stripe_customer_id, args.overage,
-                                              args.status))
-        _print({**cust.to_json(), "created": created})
+    async def use(owners: Storage) -> Any:
+        customers = owners.customers
+        if args.action == "list":
+            return [c.to_json() for c in await customers.all()]
+        if args.action == "show":
+            c = await customers.get(args.id)
+            if c is None:
+                raise LookupError(f"no customer {args.id!r}")
+            return {**c.to_json(), "keys": await customers.list_keys(args.id)}
+        cust, created = await customers.upsert(args.id, args.stripe_customer_id, args.overage,
+                                               args.status)
+        return {**cust.to_json(), "created": created}
+
+    _print(_with_owners(args, use))
     return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    customers = _owners(args).customers
-    if args.action == "create":
-        _print(_run(customers.create_key(args.customer, args.name)))
-    elif args.action == "revoke":
-        _run(customers.revoke_key(args.key_id))
-        _print({"key_id": args.key_id, "revoked": True})
-    else:
-        _print(_run(customers.list_keys(args.customer)))
+    async def use(owners: Storage) -> Any:
+        customers = owners.customers
+        if args.action == "create":
+            return await customers.create_key(args.customer, args.name)
+        if args.action == "revoke":
+            await customers.revoke_key(args.key_id)
+            return {"key_id": args.key_id, "revoked": True}
+        return await customers.list_keys(args.customer)
+
+    _print(_with_owners(args, use))
     return 0
 
 
@@ -169,8 +215,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from proxy.timeutil import rfc3339
     from proxy.units import fmt_micro
 
-    usage = _owners(args).usage
-    start, end, totals = _run(usage.usage(args.customer, args.from_, args.to))
+    start, end, totals = _with_owners(
+        args, lambda owners: owners.usage.usage(args.customer, args.from_, args.to))
     _print({"customer": args.customer, "from": rfc3339(start), "to": rfc3339(end),
             "meters": {m: fmt_micro(t.quantity) for m, t in totals.items()}})
     return 0
@@ -178,7 +224,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Exit 0: reconciled; 3: discrepancy rate above the threshold; 2: refused; 1: error."""
-    import asyncio
 
     from proxy import config
     from proxy.reconcile import ReconcileError, Reconciler, ReconcileRefused
@@ -196,8 +241,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
     names = {m.name: (m.stripe_event_name, m.covered_event_name) for m in rules.meters.values()}
-    conn = _open_db(paths.absolute(args.db)) if args.db else \
-        _open_db(cfg.db_path(), cfg.storage.synchronous)
     start, end = args.from_, args.to
     try:
         grace = parse_duration(args.grace.lower(), maximum=MAX_GRACE) if args.grace \
@@ -206,10 +249,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         sys.stderr.write(f"meterproxy: --grace: {exc}\n")
         return 2
 
-    async def run() -> int:
+    async def run(owners: Storage) -> int:
         stripe = stripe_connect(cfg.stripe)
         try:
-            owners = offline(conn)
             rec = Reconciler(owners.outbox, owners.customers, stripe, lambda: names,
                              threshold=cfg.stripe.reconcile_alert_threshold)
             report = await rec.run(start, end, grace, customers=args.customer,
@@ -228,14 +270,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             _print(report.to_json())
         return 3 if report.alert else 0
 
-    return asyncio.run(run())
+    return _with_owners(args, run)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Which rule and rules version priced a request, and why (exit 1: unknown id)."""
     from proxy.tools import explain
 
-    found = _run(explain.explain(_owners(args), args.request_id))
+    found = _with_owners(args, lambda owners: explain.explain(owners, args.request_id))
     if args.format == "json":
         _print(found if len(found) > 1 else found[0])
     else:
@@ -243,8 +285,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configured_rules(args: argparse.Namespace,
-                      conn: sqlite3.Connection) -> tuple[RuleSet, str]:
+def _configured_rules(args: argparse.Namespace) -> tuple[RuleSet, str]:
     """The "old" rules of a simulation: the rules configured in --config; with --db and no
     readable config, the newest rules version this database recorded."""
     from proxy import config
@@ -259,11 +300,12 @@ def _configured_rules(args: argparse.Namespace,
     else:
         files = cfg.rule_paths()
         return load_rules(files), "configured: " + ", ".join(str(p) for p in files)
-    newest = _run(offline(conn).rules.newest())
+    owners = _owners(args)
+    newest = _run(owners.rules.newest())
     if newest is None:
         raise LookupError("no --config to read the current rules from, and the database has "
                           "no recorded rules version")
-    sv = _run(stored_version(offline(conn).rules, newest))
+    sv = _run(stored_version(owners.rules, newest))
     if sv.rules is None:
         raise LookupError(f"rules version {newest}: {sv.problem}")
     return sv.rules, f"newest version recorded in {paths.absolute(args.db)} (no readable --config)"
@@ -277,14 +319,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     start = args.from_ if args.from_ is not None else month_start(time.time())
     end = args.to if args.to is not None else time.time()
-    conn = _db(args)
     try:
         new = load_rules([paths.absolute(p) for p in args.rules])
-        old, old_label = _configured_rules(args, conn)
+        old, old_label = _configured_rules(args)
     except RulesError as exc:
         sys.stderr.write("\n".join(str(p) for p in exc.problems) + "\n")
         return 2
-    sim = _run(simulate.run(offline(conn), old, new, start, end, args.customer))
+    sim = _with_owners(args, lambda owners: simulate.run(owners, old, new, start, end,
+                                                         args.customer))
     report = simulate.to_json(sim, start, end, old_label, ", ".join(args.rules))
     if args.format == "json":
         _print(report)

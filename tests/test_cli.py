@@ -209,3 +209,68 @@ async def test_demo_port_from_the_environment_must_be_a_port(tmp_path: Path) -> 
     assert (code, out, err) == (2, "", "meterproxy: METERPROXY_DEMO_PORT must be a port number,"
                                        " got '80x'\n")
     assert not (tmp_path / ".demo").exists()
+
+
+FLEET_RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+rules:
+  - name: items
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1}
+"""
+
+
+async def test_the_cli_works_on_the_fleets_postgres_database(tmp_path: Path,
+                                                             upstream: str) -> None:
+    """``storage.backend: postgres``: customers, keys and usage from the command line are
+    the fleet's (a key made by the CLI works on every member, its revocation is refused on
+    every member, usage counts what every member served)."""
+    import aiohttp
+
+    from tests.fleet.members import fleet_of, wait_status
+    from tests.helpers import wait_until
+
+    async with fleet_of(tmp_path, upstream, rules_text=FLEET_RULES) as fleet:
+        a, b = await fleet.start(["a", "b"])
+        cfg_a, cfg_b = str(tmp_path / "a" / "meterproxy.yaml"), str(tmp_path / "b" / "meterproxy.yaml")
+        rc, out, err = await cli("customers", "create", "acme", "--config", cfg_a)
+        assert rc == 0, err
+        assert orjson.loads(out)["created"] is True
+        rc, out, err = await cli("keys", "create", "--customer", "acme", "--config", cfg_b)
+        assert rc == 0, err
+        made = orjson.loads(out)
+        async with aiohttp.ClientSession() as s:
+            for m in (a, b):
+                await wait_status(s, m.url + "/v1/items", made["key"], 200, within=2.0)
+
+            async def usage() -> dict[str, str]:
+                rc, out, err = await cli("usage", "acme", "--config", cfg_a)
+                assert rc == 0, err
+                return orjson.loads(out)["meters"]  # type: ignore[no-any-return]
+            await wait_until(usage, ok=lambda m: m == {"api_calls": "2"}, timeout=15,
+                             interval=0.3, what="both members' requests in the CLI's usage")
+            rc, out, err = await cli("keys", "revoke", "--key-id", made["key_id"],
+                                     "--config", cfg_a)
+            assert rc == 0, err
+            for m in (a, b):
+                await wait_status(s, m.url + "/v1/items", made["key"], 403, within=2.0)
+        rc, out, err = await cli("customers", "show", "acme", "--config", cfg_b)
+        assert rc == 0, err
+        shown = orjson.loads(out)
+        assert [k["key_id"] for k in shown["keys"]] == [made["key_id"]]
+        assert shown["keys"][0]["revoked_at"] is not None
+        rc, out, err = await cli("customers", "list", "--config", cfg_b)
+        assert [c["id"] for c in orjson.loads(out)] == ["acme"]
+
+
+async def test_the_cli_says_when_postgres_is_unreachable(tmp_path: Path, upstream: str) -> None:
+    cfg = write_config(tmp_path, upstream, storage={
+        "backend": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+        "path": str(tmp_path / "journal.db")})
+    rc, out, err = await cli("customers", "list", "--config", str(cfg))
+    assert rc == 1 and out == ""
+    assert err.startswith("meterproxy: PostgreSQL (storage.dsn) is unreachable"), err
+    assert len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
@@ -52,6 +52,15 @@ WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
 METER_CHECK = web.AppKey("meter_check", MeterCheck)
+
+
+class FleetCreditView(Protocol):
+    """Fleet mode's view of one customer's credits (``proxy.fleet.runtime.Fleet``)."""
+
+    async def customer_credits(self, customer_id: str) -> dict[str, Any]: ...
+
+
+FLEET_CREDITS = web.AppKey("fleet_credits", FleetCreditView)
 
 
 def jok(data: Any, status: int = 200) -> web.Response:
@@ -160,6 +169,8 @@ async def get_customer(request: web.Request) -> web.Response:
         out.update({"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
                     "credits": credits.summary(cid),
                     "credit_ledger": await credits.entries(cid, limit=50)})
+    if (fleet := request.app.get(FLEET_CREDITS)) is not None:
+        out["fleet_credits"] = await fleet.customer_credits(cid)
     return jok(out)
 
 

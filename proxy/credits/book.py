@@ -76,6 +76,22 @@ class CreditBook:
         self._by_id = by_id
         self._grants = {c: burn_order(gs) for c, gs in per.items()}
 
+    def replace(self, customer_id: str, grants: Iterable[GrantState], debt: int) -> None:
+        """Replace one customer's grants (their ``remaining`` already projected) and debt by
+        a fresher view: fleet mode reloads the customers whose shared ledger moved
+        (``proxy.fleet.runtime``). Holds and in-flight counts are kept."""
+        for g in self._grants.pop(customer_id, ()):
+            self._by_id.pop(g.id, None)
+        gs = list(grants)
+        for g in gs:
+            self._by_id[g.id] = g
+        if gs:
+            self._grants[customer_id] = burn_order(gs)
+        if debt > 0:
+            self._debt[customer_id] = debt
+        else:
+            self._debt.pop(customer_id, None)
+
     def add_grant(self, g: GrantState) -> None:
         self._by_id[g.id] = g
         self._grants[g.customer_id] = burn_order([*self._grants.get(g.customer_id, []), g])

@@ -54,6 +54,10 @@ class CreditService:
         self.ledger: CreditLedger = ledger if ledger is not None else SqliteCreditLedger(store)
         self._wake = asyncio.Event()
 
+    def wake(self) -> None:
+        """Re-plan the expiry loop (the book changed from outside: fleet mode's reload)."""
+        self._wake.set()
+
     # ---- grants --------------------------------------------------------------------------
 
     async def grant(self, customer_id: str, credits: object, *, expires_at: int | None = None,

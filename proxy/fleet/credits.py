@@ -16,8 +16,13 @@ Fleet mode enforces credits for customers with ``overage: block`` (the ones a 40
 - nothing here writes grant-level debit entries: the fleet's spend is the shipped usage
   ledger settled against ``credit_accounts``.
 
-Customers without ``overage: block`` are not gated (``has_credits`` is False for them:
-they never hold a lease), so their requests make no database round trip.
+Customers without ``overage: block`` are never refused for credits. Those holding grants
+with credit left (``has_credits``, from the shared ledger as the member last reloaded it) are
+charged through a lease like block customers, but with a hold that is not ``debt_ok``: what
+the lease cannot cover is admitted uncharged and billed as overage, and a post-response cost
+above the hold is billed for the excess (as a single process covers a ``bill`` customer's
+usage with its credits first). Customers without credits are not gated and make no database
+round trip.
 
 Overspend, fleet-wide: 0 for rules whose cost is known at admission (constant quantities);
 for quantities known only after the response, at most the sum over requests in flight of
@@ -31,13 +36,28 @@ from proxy.credits.ledger import Entry
 from proxy.fleet.book import Decision, LeaseBook
 
 
+def shadow_split(costs: list[int], held: int) -> tuple[list[int], int]:
+    """Pure: each cost's uncovered part when ``held`` covers the costs in order, and what of
+    ``held`` is left over."""
+    out = []
+    for c in costs:
+        take = min(max(c, 0), held)
+        held -= take
+        out.append(c - take)
+    return out, held
+
+
 class FleetCredits(CreditBook):
     """A ``CreditBook`` for the request path whose admission and settlement are the
     member's leases (the grant-level book stays empty: see the module doc)."""
 
-    def __init__(self, leases: LeaseBook) -> None:
+    def __init__(self, leases: LeaseBook, shadow: bool = False) -> None:
         super().__init__()
         self.leases = leases
+        self.shadow = shadow      # credits.enforcement: shadow (the hold is not debt_ok)
+        # the credit service's book, reloaded from the shared ledger (proxy.fleet.runtime):
+        # which customers hold grants (set by the composition root)
+        self.shared: CreditBook | None = None
         self._lease_of: dict[int, int] = {}      # id(hold) -> the lease it was debited from
 
     async def admit(self, customer_id: str, cost: int, now: float) -> Hold | Decision:
@@ -55,7 +75,7 @@ class FleetCredits(CreditBook):
         return got.value if isinstance(got, Decision) else got
 
     def _hold(self, customer_id: str, cost: int, now: float) -> Hold:
-        hold = Hold(customer_id, cost, admitted_at=now, debt_ok=True)
+        hold = Hold(customer_id, cost, admitted_at=now, debt_ok=not self.shadow)
         h = self.leases.held.get(customer_id)
         if h is not None:
             self._lease_of[id(hold)] = h.lease_id
@@ -74,7 +94,14 @@ class FleetCredits(CreditBook):
     # ---- the CreditBook surface the request path uses ------------------------------------
 
     def has_credits(self, customer_id: str) -> bool:
-        return customer_id in self.leases.held
+        """A lease is held for the customer, or the shared ledger has credit left on one of
+        its grants (a customer without ``overage: block`` is then admitted through a lease
+        too, never refused: see ``proxy.request.admission.admit_leased``)."""
+        if customer_id in self.leases.held:
+            return True
+        shared = self.shared
+        return shared is not None and any(g.remaining > 0 and not g.voided
+                                          for g in shared.grants(customer_id))
 
     def available(self, customer_id: str, now: float) -> int:
         """What this member may still admit for the customer without asking (its lease)."""
@@ -101,9 +128,16 @@ class FleetCredits(CreditBook):
             self._adjust(hold, -hold.amount)
 
     def settle(self, hold: Hold, costs: list[int], now: float) -> list[tuple[list[Entry], int]]:
-        """The actual costs replace the hold; each cost is fully charged in credits (no
-        grant-level entries, nothing uncovered)."""
-        if not hold.released:
-            hold.released = True
+        """The actual costs replace the hold; each cost is fully charged in credits (the
+        grant-level entries are written when the row ships: proxy.store.postgres.grant_debits).
+        Under ``credits.enforcement: shadow`` (a hold that is not ``debt_ok``) nothing
+        becomes debt: the costs are charged up to the hold, the rest is uncovered (billed)."""
+        if hold.released:
+            return [([], 0) for _ in costs]
+        hold.released = True
+        if hold.debt_ok:
             self._adjust(hold, sum(costs) - hold.amount)
-        return [([], 0) for _ in costs]
+            return [([], 0) for _ in costs]
+        out, left = shadow_split(costs, hold.amount)
+        self._adjust(hold, -left)
+        return [([], u) for u in out]

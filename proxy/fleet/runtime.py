@@ -16,7 +16,10 @@ What a member runs, besides serving:
 - **leadership** of the ``flusher`` duty, tried every ``leader_ttl / 3``: exactly one member
   stages and delivers; its outbox writes run in fenced transactions (``FencedPool``);
 - **leases**: renewed every ``lease_ttl / 3``; abandoned leases reaped by every member
-  (``SKIP LOCKED``: reapers never queue behind each other).
+  (``SKIP LOCKED``: reapers never queue behind each other);
+- **credits**: every ``fleet.ship_interval`` the credit service's book reloads the customers
+  whose shared per-grant state moved (``credits_forever``), so grant views, expiry,
+  claw-backs and threshold alerts work from every member's spending.
 
 Shutdown (``Fleet.close``, after requests drained and the final flush): ship the journal,
 release leases, resign leadership, close the listener and the pool.
@@ -35,11 +38,13 @@ from typing import Any
 
 from proxy import metrics
 from proxy.config import Config
+from proxy.credits.book import CreditBook
 from proxy.fleet.book import LeaseBook
 from proxy.fleet.credits import FleetCredits
 from proxy.fleet.journal_shipping import JournalShipping
 from proxy.fleet.settings import lease_policy, member_id, pool_settings
 from proxy.store.db import Store
+from proxy.store.postgres import grant_debits
 from proxy.store.postgres import members as pg_members
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgUnavailable
@@ -55,6 +60,8 @@ from proxy.units import fmt_micro, to_micro
 log = logging.getLogger("meterproxy.fleet")
 
 FLUSHER_DUTY = "flusher"
+STATUS_CUSTOMERS = 500
+"""At most this many customers (by id) in ``GET /admin/fleet``'s per-customer lease view."""
 ERRORS: tuple[type[Exception], ...] = (PgUnavailable, Deposed)
 """What the fleet's background loops log and retry (the database away, leadership lost)."""
 
@@ -124,6 +131,7 @@ class Fleet:
     credits: FleetCredits
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _credit_revs: tuple[int, int] = (-1, -1)     # credit revisions: the pass before, the last
 
     def owners(self) -> Storage:
         return as_storage(self.storage)
@@ -200,6 +208,54 @@ class Fleet:
         while not await self._pause(self.cfg.fleet.lease_ttl / 3):
             await self._guarded("lease renewal", renew_and_reap)
 
+    # ---- the shared ledger's per-grant state ---------------------------------------------
+
+    async def credit_book(self) -> CreditBook:
+        """The credit service's book at start: every customer's grants and debt as the
+        shared ledger has them (``grants.used``; one indexed read, not every entry)."""
+        book = CreditBook()
+        customers, top = await grant_debits.changed(self.pool, -1)
+        for cc in await grant_debits.grant_states(self.pool, customers):
+            book.replace(cc.customer_id, cc.grants, cc.debt)
+        self._credit_revs = (top, top)
+        return book
+
+    async def refresh_credits(self, book: CreditBook) -> list[str]:
+        """Reload into ``book`` the customers whose shared credit state moved (any member's
+        shipped spending, grants, expiries, voids, claw-backs); returns them. Revisions are
+        drawn before their transaction commits, so each pass looks back to the watermark of
+        the pass before (a write that committed up to one pass late is still seen)."""
+        since = self._credit_revs[0]
+        customers, top = await grant_debits.changed(self.pool, since)
+        for cc in await grant_debits.grant_states(self.pool, customers):
+            book.replace(cc.customer_id, cc.grants, cc.debt)
+        self._credit_revs = (self._credit_revs[1], max(top, self._credit_revs[1]))
+        return customers
+
+    async def credits_forever(self, book: CreditBook,
+                              moved: Callable[[list[str]], None]) -> None:
+        """Every ``fleet.ship_interval``: ``refresh_credits``, then ``moved(customers)`` (the
+        composition root checks their threshold alerts and wakes the expiry loop)."""
+        async def step() -> None:
+            if got := await self.refresh_credits(book):
+                moved(got)
+
+        while not await self._pause(self.cfg.fleet.ship_interval):
+            await self._guarded("credit refresh", step)
+
+    async def customer_credits(self, customer_id: str) -> dict[str, Any]:
+        """The fleet's view of one customer's credits (the same on every member): the
+        account (balance, settled, escrowed, available) and what each member holds in
+        leases, granted and reported."""
+        acct, held = await self.leases.holdings(customer_id)
+        return {"balance": fmt_micro(acct.balance), "settled": fmt_micro(acct.settled),
+                "escrowed": fmt_micro(acct.escrowed), "available": fmt_micro(acct.available),
+                "leases": [{"member_id": h.member_id, "granted": fmt_micro(h.granted),
+                            "reported": fmt_micro(h.reported),
+                            "unreported": fmt_micro(h.granted - h.reported),
+                            "expires_in_seconds": round(h.expires_in_ms / 1000, 3)}
+                           for h in held]}
+
     # ---- status -------------------------------------------------------------------------
 
     def refresh_gauges(self) -> None:
@@ -215,16 +271,25 @@ class Fleet:
 
     async def status(self) -> dict[str, Any]:
         """``GET /admin/fleet``: every member the database knows (rules version, last
-        heartbeat, shipped watermark, leases held), who leads the flusher, and this
-        member's own shipping lag (``database: unreachable`` and no members when PostgreSQL
-        cannot be reached)."""
+        heartbeat, shipped watermark, leases held), who leads the flusher, per customer
+        holding a lease (the first ``STATUS_CUSTOMERS`` by id) the fleet-wide available
+        balance and each member's unreported lease credit, and this member's own shipping
+        lag (``database: unreachable`` and no members when PostgreSQL cannot be reached)."""
         self.refresh_gauges()
+        customers: list[dict[str, Any]] = []
         try:
             rows, leader = await pg_members.members(self.pool, FLUSHER_DUTY)
+            leased = await self.leases.leased_customers(STATUS_CUSTOMERS)
+            held = await self.leases.holdings_of(leased)
             database = "ok"
         except PgUnavailable as exc:
             log.warning("GET /admin/fleet: PostgreSQL unreachable: %s", exc)
-            rows, leader, database = [], None, "unreachable"
+            rows, leader, database, held = [], None, "unreachable", {}
+        for cid, (acct, hs) in held.items():
+            customers.append({
+                "customer_id": cid, "available": fmt_micro(acct.available),
+                "escrowed": fmt_micro(acct.escrowed),
+                "leases": {h.member_id: fmt_micro(h.granted - h.reported) for h in hs}})
         last = self.shipping.last_ok
         return {
             "member_id": self.member_id,
@@ -248,6 +313,7 @@ class Fleet:
                 "seconds_since_seen": round(r.seconds_since_seen, 3), "leases": r.leases,
                 "lease_credits_unreported": fmt_micro(r.lease_credits_unreported),
             } for r in rows],
+            "customers": customers,
         }
 
     # ---- shutdown -------------------------------------------------------------------
@@ -294,4 +360,4 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         raise
     log.info("fleet member %s on PostgreSQL (schema current)", mid)
     return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
-                 FleetCredits(book))
+                 FleetCredits(book, shadow=cfg.credits.enforcement == "shadow"))

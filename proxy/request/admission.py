@@ -16,6 +16,11 @@ block customer's admission cost from the member's credit lease (the one await: a
 when the lease cannot cover it), then runs the same synchronous checks with that hold; the
 lease answering "insufficient" is the 402, "unavailable" (the shared database unreachable
 and the lease spent, ``fail_mode: closed``) a 503. Other customers are not gated there.
+Under ``credits.enforcement: shadow`` neither refusal is made: an "insufficient" is counted
+in ``meterproxy_credit_shadow_rejections_total`` and the request goes through uncharged (its
+usage is billed as uncovered), as a single process's shadow mode does. A customer without
+``overage: block`` that holds credits is charged through the lease the same way, never
+refused (what the lease does not cover is billed).
 """
 
 from __future__ import annotations
@@ -89,12 +94,21 @@ class Admission:
         lease = self.lease_admit
         assert lease is not None
         cust = self.rt.keys.customers.get(customer_id) if metered else None
-        if rule is None or cust is None or cust.overage != "block" or self.shadow \
+        book = self.book
+        assert book is not None
+        block = cust is not None and cust.overage == "block"
+        if rule is None or cust is None or not (block or book.has_credits(customer_id)) \
                 or not self.rt.store.accepting:
             return self.admit(rule, customer_id, metered, gate=False)
         cost = self.admission_cost(rule)
         now = time.time()
         got = await lease(customer_id, cost, now)
+        if isinstance(got, str) and (self.shadow or not block):   # let through uncharged
+            if got == "insufficient" and block:
+                metrics.credit_shadow_rejections_total.inc()
+            return self.admit(rule, customer_id, metered, gate=False)
+        if not isinstance(got, str):
+            got.debt_ok = block and not self.shadow    # otherwise the uncovered is billed
         if got == "insufficient":
             raise self.refusal(customer_id, cost, now)
         if isinstance(got, str):

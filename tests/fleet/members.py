@@ -35,8 +35,10 @@ class RunningMember:
 
 class FleetOfMembers:
     def __init__(self, tmp: Path, upstream: str, dsn: str, rules_text: str | None,
-                 fleet: dict[str, Any], stripe: dict[str, Any] | None) -> None:
+                 fleet: dict[str, Any], stripe: dict[str, Any] | None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
+        self.extra = extra or {}
         self.upstream = upstream
         self.dsn = dsn
         self.rules_text = rules_text
@@ -48,7 +50,7 @@ class FleetOfMembers:
         d = self.tmp / name
         d.mkdir()
         port, aport = free_port(), free_port()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(self.extra)
         if self.rules_text is not None:
             extra["rules_text"] = self.rules_text
         if self.stripe is not None:
@@ -90,9 +92,11 @@ class FleetOfMembers:
 @asynccontextmanager
 async def fleet_of(tmp: Path, upstream: str, *, rules_text: str | None = None,
                    fleet: dict[str, Any] | None = None,
-                   stripe: dict[str, Any] | None = None) -> AsyncIterator[FleetOfMembers]:
+                   stripe: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> AsyncIterator[FleetOfMembers]:
+    """``extra``: more config sections for every member (e.g. ``alerts``)."""
     async with fresh_database() as dsn:
-        f = FleetOfMembers(tmp, upstream, dsn, rules_text, fleet or {}, stripe)
+        f = FleetOfMembers(tmp, upstream, dsn, rules_text, fleet or {}, stripe, extra)
         try:
             yield f
         finally:

@@ -5,9 +5,12 @@ never goes to a lease that did not escrow it."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from proxy.credits.book import Hold
 from proxy.fleet.book import Decision, LeaseBook
-from proxy.fleet.credits import FleetCredits
+from proxy.fleet.credits import FleetCredits, shadow_split
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.pool import PgPool
@@ -74,3 +77,33 @@ async def test_a_refund_never_goes_to_a_lease_that_did_not_escrow_it(pool: PgPoo
     fc.leases.held["acme"] = type(old)(old.lease_id + 1000, old.granted, 0, old.usable_until_ms)
     fc.release(hold)
     assert fc.leases.held["acme"].spent == 0
+
+
+@given(st.lists(st.integers(0, 10**9), max_size=8), st.integers(0, 10**10))
+def test_shadow_split_charges_at_most_the_hold_in_order(costs: list[int], held: int) -> None:
+    uncovered, left = shadow_split(costs, held)
+    charged = [c - u for c, u in zip(costs, uncovered, strict=True)]
+    assert all(0 <= u <= c for c, u in zip(costs, uncovered, strict=True))
+    assert sum(charged) + left == held and left >= 0
+    assert sum(charged) == min(sum(costs), held)
+    # in order: once a cost is not fully covered, the hold is spent and so are all later ones
+    for i, u in enumerate(uncovered):
+        if u:
+            assert left == 0
+            assert uncovered[i + 1:] == costs[i + 1:]
+
+
+async def test_a_shadow_hold_charges_at_most_itself(pool: PgPool) -> None:
+    """Shadow mode: a post-response cost above the hold is billed (uncovered), not debt;
+    less than the hold returns the rest to the lease."""
+    await add_customer(pool, "acme", 100 * C)
+    fc = FleetCredits(LeaseBook(LeaseStore(pool, "m1", LeasePolicy(floor=10 * C))),
+                      shadow=True)
+    hold = await fc.admit("acme", 2 * C, 0.0)
+    assert isinstance(hold, Hold) and not hold.debt_ok
+    assert fc.settle(hold, [3 * C], 0.0) == [([], C)]
+    assert fc.leases.held["acme"].spent == 2 * C
+    small = await fc.admit("acme", 2 * C, 0.0)
+    assert isinstance(small, Hold)
+    assert fc.settle(small, [C, 0], 0.0) == [([], 0), ([], 0)]
+    assert fc.leases.held["acme"].spent == 3 * C

@@ -10,6 +10,7 @@ import pytest
 
 from proxy.store.postgres.leader import Deposed, Leadership, claim_outbox, mark_sent
 from proxy.store.postgres.pool import PgPool
+from tests.helpers import wait_until
 
 TTL = 600
 
@@ -90,3 +91,48 @@ async def test_a_leader_never_claims_a_row_twice(pool: PgPool) -> None:
     second = await claim_outbox(a, 2, now=0.0)
     assert len(first) == 2 and len(second) == 1 and not set(first) & set(second)
     assert await claim_outbox(a, 2, now=0.0) == []
+
+
+async def test_the_flushers_outbox_verbs_refuse_a_deposed_leader(pool: PgPool) -> None:
+    """The outbox the flusher really uses (``Fleet.flusher_outbox``: every verb in a fenced
+    transaction): once another member leads, the old leader can neither mark a row sent or
+    dead, nor count an attempt, nor schedule a retry, nor stage, even with a stalled clock
+    that still says it leads. The rows stay as they were."""
+    from proxy.fleet.runtime import FencedPool
+    from proxy.store.postgres.outbox import PostgresOutbox
+
+    await _outbox(pool, 3)
+    a = Leadership(pool, "flusher", "a", ttl_ms=TTL)
+    b = Leadership(pool, "flusher", "b", ttl_ms=TTL)
+    assert await a.try_lead()
+    old = PostgresOutbox(FencedPool(pool, a))
+    ids = [d.id for d in await old.due(now=1.0)]
+    assert len(ids) == 3
+    await old.mark_sent(ids[0], sink="meter_events", outcome="sent", at=1)   # while leading
+    await wait_until(b.try_lead, timeout=5, interval=TTL / 3 / 1000, what="b takes over")
+    a._until_ms = a.clock() + 60_000        # a stalled clock: a believes it still leads
+    assert a.leads()
+
+    async def rows() -> list[tuple[str, int, float, str | None]]:
+        async with pool.acquire() as conn:
+            got = await conn.fetch("SELECT status, attempts, next_attempt_at, last_error"
+                                   " FROM outbox ORDER BY id")
+        return [tuple(r) for r in got]  # type: ignore[misc]
+
+    before = await rows()
+    for verb in (lambda: old.mark_sent(ids[1], sink="meter_events", outcome="sent", at=2),
+                 lambda: old.mark_dead(ids[1], reason="x", sink="meter_events", at=2),
+                 lambda: old.begin_attempt(ids[1:]),
+                 lambda: old.retry_at(ids[2], 99.0, "boom"),
+                 lambda: old.stage({"api_calls": ("api_calls", None)})):
+        a._until_ms = a.clock() + 60_000
+        a.fence = 1
+        with pytest.raises(Deposed):
+            await verb()
+    assert await rows() == before
+    assert before[0][0] == "sent" and before[1][0] == before[2][0] == "pending"
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+    new = PostgresOutbox(FencedPool(pool, b))
+    await new.mark_dead(ids[1], reason="x", sink="meter_events", at=3)
+    assert (await rows())[1][0] == "dead"

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet_of
+from tests.fleet.members import AH, FleetOfMembers, RunningMember, admin_call, fleet_of
 from tests.helpers import wait_until
 
 C = 1_000_000
@@ -148,3 +148,77 @@ async def test_post_response_overspend_is_bounded_and_paid_back(
             assert 0 < overspend <= 30 * 2 * C, (admitted, overspend)
             # the debt is paid before anything more is admitted, on every member
             assert await _burst(s, members, key, 6, "/v1/stream?chunks=3") == {402: 6}
+
+
+async def _metric(s: aiohttp.ClientSession, m: RunningMember, name: str) -> float:
+    async with s.get(m.admin + "/metrics", headers=AH) as r:
+        text = await r.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def test_shadow_enforcement_admits_everything_and_counts_the_refusals(
+        tmp_path: Path, upstream: str) -> None:
+    """``credits.enforcement: shadow`` in fleet mode: 10 credits, 30 requests over two members:
+    all 30 answered, 10 charged to the credits (grant debits), the 20 enforcement would have
+    refused counted in meterproxy_credit_shadow_rejections_total and billed, no debt."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES,
+                        extra={"credits": {"enforcement": "shadow"}}) as fleet:
+        a, b = await fleet.start(["a", "b"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            key = await _customer(s, a, "10")
+            got = Counter[int]()
+            for i in range(30):        # one at a time, alternating members
+                got += await _burst(s, [(a, b)[i % 2]], key, 1)
+            assert got == {200: 30}, got
+            balance, settled, escrowed = await _settled(fleet, 10 * C)
+            assert (balance, settled, escrowed) == (10 * C, 10 * C, 0)
+            refused = await _metric(s, a, "meterproxy_credit_shadow_rejections_total") \
+                + await _metric(s, b, "meterproxy_credit_shadow_rejections_total")
+            assert refused == 20
+            conn = await asyncpg.connect(fleet.dsn)
+            try:
+                rows = await wait_until(lambda: conn.fetchrow(
+                    "SELECT count(*), sum(credits), sum(billable) FROM usage_ledger"),
+                    ok=lambda r: r[0] == 30, timeout=10, what="30 rows shipped")
+                assert (rows[1], rows[2]) == (10 * C, 20 * C)
+                kinds = await conn.fetch("SELECT kind, sum(amount) FROM credit_entries"
+                                         " GROUP BY kind ORDER BY kind")
+                assert [tuple(k) for k in kinds] == [("debit", 10 * C)]
+            finally:
+                await conn.close()
+
+
+async def test_a_bill_customers_credits_cover_its_usage_first(tmp_path: Path,
+                                                              upstream: str) -> None:
+    """``overage: bill`` with 10 credits, 30 requests over two members: never refused; 10 are
+    covered by the credits (debited from the grant, not billed), 20 are billed; no debt and
+    no shadow count (enforcement is not what let them through)."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
+        a, b = await fleet.start(["a", "b"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust", "overage": "bill"})
+            await admin_call(s, b, "POST", "/admin/customers/cust/grants",
+                             {"credits": "10", "idempotency_key": "g1"})
+            key: str = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await asyncio.sleep(1.0)     # the key and the grant reach every member
+            got = Counter[int]()
+            for i in range(30):
+                got += await _burst(s, [(a, b)[i % 2]], key, 1)
+            assert got == {200: 30}, got
+            assert await _settled(fleet, 10 * C) == (10 * C, 10 * C, 0)
+            for m in (a, b):
+                assert await _metric(s, m, "meterproxy_credit_shadow_rejections_total") == 0
+            conn = await asyncpg.connect(fleet.dsn)
+            try:
+                rows = await wait_until(lambda: conn.fetchrow(
+                    "SELECT count(*), sum(credits), sum(billable) FROM usage_ledger"),
+                    ok=lambda r: r[0] == 30, timeout=10, what="30 rows shipped")
+                assert (rows[1], rows[2]) == (10 * C, 20 * C)
+                kinds = await conn.fetch("SELECT kind, sum(amount) FROM credit_entries"
+                                         " GROUP BY kind ORDER BY kind")
+                assert [tuple(k) for k in kinds] == [("debit", 10 * C)]
+            finally:
+                await conn.close()

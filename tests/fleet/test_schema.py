@@ -81,3 +81,30 @@ async def test_key_versions_increase_with_every_change(pg_dsn: str) -> None:
         assert after == 3
     finally:
         await conn.close()
+
+
+async def test_migration_6_backfills_grant_use_and_debt_from_existing_entries(pg_dsn: str) -> None:
+    """A database with grants and entries from before migration 6: ``grants.used`` and
+    ``credit_accounts.debt`` start from the entries already there, and the trigger keeps
+    them from then on."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, MIGRATIONS[:-1])
+        await conn.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
+        await conn.execute("INSERT INTO credit_accounts(customer_id, balance) VALUES ('c', 30)")
+        await conn.execute("INSERT INTO grants(id, customer_id, amount, source, created_at)"
+                           " VALUES ('g1', 'c', 10, 'admin', 0), ('g2', 'c', 20, 'admin', 0)")
+        await conn.execute(
+            "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, at_ms) VALUES"
+            " ('c', 'g1', 'debit', 4, 0), ('c', 'g1', 'expire', 6, 0), ('c', NULL, 'debt', 9, 0),"
+            " ('c', 'g2', 'repay', 5, 0), ('c', 'g2', 'debit', 1, 0)")
+        await migrate(conn, MIGRATIONS)
+        used = dict(await conn.fetch("SELECT id, used FROM grants ORDER BY id"))
+        assert used == {"g1": 10, "g2": 6}
+        assert await conn.fetchval("SELECT debt FROM credit_accounts") == 4
+        await conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount,"
+                           " at_ms) VALUES ('c', 'g2', 'debit', 3, 0), ('c', NULL, 'debt', 2, 0)")
+        assert await conn.fetchval("SELECT used FROM grants WHERE id = 'g2'") == 9
+        assert await conn.fetchval("SELECT debt FROM credit_accounts") == 6
+    finally:
+        await conn.close()

@@ -43,8 +43,8 @@ entries = st.lists(st.builds(Entry, st.just("g"), kinds, st.integers(-10**6, 10*
 
 
 @given(entries, entries)
-def test_only_expiry_and_voids_take_credits_out_of_the_balance(
+def test_only_expiry_voids_and_refunds_take_credits_out_of_the_balance(
         a: list[Entry], b: list[Entry]) -> None:
     assert balance_change(a + b) == balance_change(a) + balance_change(b)
-    assert balance_change(a) == -sum(e.amount for e in a if e.kind in ("expire", "void"))
+    assert balance_change(a) == -sum(e.amount for e in a if e.kind in ("expire", "void", "refund"))
     assert balance_change([Entry("g", "debit", 5), Entry("g", "expire", 3)]) == -3

@@ -96,6 +96,27 @@ class Account:
         return self.balance - self.settled - self.escrowed
 
 
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """One member's active lease for a customer, as the database has it."""
+
+    customer_id: str
+    member_id: str
+    granted: int
+    reported: int
+    expires_in_ms: int     # negative: past expiry, waiting for the reaper
+
+
+_HOLDINGS = """
+SELECT a.customer_id, a.balance, a.settled, a.escrowed, l.member_id, l.granted, l.reported,
+       (extract(epoch FROM l.expires_at - now()) * 1000)::bigint AS expires_in_ms
+FROM credit_accounts a LEFT JOIN credit_leases l
+     ON l.customer_id = a.customer_id AND l.state = 'active'
+WHERE a.customer_id = ANY($1::text[])
+ORDER BY a.customer_id, l.member_id
+"""
+
+
 class LeaseStore:
     """One member's lease verbs against the shared database."""
 
@@ -127,6 +148,32 @@ class LeaseStore:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(RENEW_SQL, customer_id, self.member_id, self.policy.ttl_ms)
         return None if row is None else (row["id"], row["granted"])
+
+    async def holdings(self, customer_id: str) -> tuple[Account, list[Holding]]:
+        """The customer's account and every member's active lease for it (one snapshot)."""
+        got = await self.holdings_of([customer_id])
+        return got.get(customer_id, (Account(0, 0, 0), []))
+
+    async def holdings_of(self, customers: list[str]
+                          ) -> dict[str, tuple[Account, list[Holding]]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_HOLDINGS, customers)
+        out: dict[str, tuple[Account, list[Holding]]] = {}
+        for r in rows:
+            cid = str(r["customer_id"])
+            if cid not in out:
+                out[cid] = (Account(r["balance"], r["settled"], r["escrowed"]), [])
+            if r["member_id"] is not None:
+                out[cid][1].append(Holding(cid, str(r["member_id"]), int(r["granted"]),
+                                           int(r["reported"]), int(r["expires_in_ms"])))
+        return out
+
+    async def leased_customers(self, limit: int) -> list[str]:
+        """Customers some member holds an active lease for (at most ``limit``, by id)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT DISTINCT customer_id FROM credit_leases WHERE"
+                                    " state = 'active' ORDER BY customer_id LIMIT $1", limit)
+        return [str(r[0]) for r in rows]
 
     async def release(self, customer_id: str, lease_id: int, spent: int) -> int:
         """Give back what this member will not spend: ``granted - max(spent, reported)``.

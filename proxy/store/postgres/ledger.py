@@ -4,8 +4,12 @@ fleet's ``credit_accounts``.
 
 Fleet credit leases escrow from ``credit_accounts.balance`` ("credits granted, less expired
 and voided"); this owner keeps that balance in step with the ledger in the same transaction
-as the entries: a new grant adds its amount, an ``expire`` or ``void`` entry takes its
-amount out. (Spending moves ``settled``/``escrowed``, owned by ``proxy.store.postgres.leases``.)
+as the entries: a new grant adds its amount, an ``expire``, ``void`` or ``refund`` entry
+takes its amount out, and so does a claw-back's ``debt`` (spent credit taken back). (Spending
+moves ``settled``/``escrowed``, owned by ``proxy.store.postgres.leases``; which grant it came
+from is ``proxy.store.postgres.grant_debits``.) Every writer locks the customer's account row
+before its grants, and a grant's ``expire``/``void`` amount is read from the shared ledger
+under that lock (``grants.used``: every member's shipped spending).
 
 Concurrency between members: a grant's idempotency key is UNIQUE per customer, and the
 insert is ``ON CONFLICT DO NOTHING``: of two members creating the same grant, one creates
@@ -36,34 +40,57 @@ from proxy.store.protocols import (
 )
 
 _GRANT_COLS = "id, customer_id, amount, priority, expires_at, created_at, source, effective_at"
-_BALANCE_OUT = ("expire", "void")
+_BALANCE_OUT = ("expire", "void", "refund")
 
 
 _CLOSING = frozenset({"expire", "void"})   # at most once per grant (migration 5)
 
 
 def balance_change(entries: Sequence[Entry]) -> int:
-    """Pure: what appending ``entries`` does to the account balance (micro-credits)."""
+    """Pure: what appending ``entries`` does to the account balance (micro-credits): an
+    expiry, a void or a claw-back's ``refund`` takes credit out of the balance leases are
+    escrowed from (spending moves ``settled`` instead)."""
     return -sum(e.amount for e in entries if e.kind in _BALANCE_OUT)
 
 
 async def _add_balance(c: Conn, customer_id: str, amount: int) -> None:
     if amount:
         await c.execute(
-            "INSERT INTO credit_accounts(customer_id, balance) VALUES ($1, $2) ON CONFLICT"
-            " (customer_id) DO UPDATE SET balance = credit_accounts.balance + EXCLUDED.balance",
+            "INSERT INTO credit_accounts(customer_id, balance, rev) VALUES ($1, $2,"
+            " nextval('credit_rev')) ON CONFLICT (customer_id) DO UPDATE SET"
+            " balance = credit_accounts.balance + EXCLUDED.balance, rev = EXCLUDED.rev",
             customer_id, amount)
+
+
+async def lock_account(c: Conn, customer_id: str) -> None:
+    """Take the customer's account row lock (first, the order every credit writer keeps:
+    account, then grants), so no shipping batch changes its grants meanwhile."""
+    await c.execute("SELECT 1 FROM credit_accounts WHERE customer_id = $1 FOR UPDATE",
+                    customer_id)
+
+
+_CLOSE = """
+INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter, at_ms)
+SELECT $1, g.id, $3, LEAST($7::bigint, g.amount - g.used), $4, $5, $6 FROM grants g
+WHERE g.id = $2 AND g.customer_id = $1 AND (g.amount > g.used OR $3 = 'void')
+ON CONFLICT (grant_id, kind) WHERE kind IN ('expire', 'void') DO NOTHING
+RETURNING amount
+"""
 
 
 async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
                          request_id: str | None = None, meter: str | None = None,
-                         at: float | None = None) -> None:
-    """Append entries inside the caller's transaction (a debt entry has no grant). A grant's
-    ``expire`` or ``void`` entry is appended at most once for the fleet (members decide from
-    their own books, so two may decide the same closing): a repeat is skipped and does not
-    touch the balance again."""
+                         at: float | None = None) -> list[Entry]:
+    """Append entries inside the caller's transaction (a debt entry has no grant), under the
+    customer's account lock; returns what was appended. A grant's ``expire`` or ``void``
+    entry is appended at most once for the fleet, and its amount is never more than what the
+    shared ledger says the grant still holds (``grants.used``: every member's shipped
+    spending), whatever the caller computed from its own view (a member's book does not see
+    the other members' spending until it reloads): a repeat, or an expiry with nothing
+    left, appends nothing. The balance moves by what was appended."""
     if not entries:
-        return
+        return []
+    await lock_account(c, customer_id)
     at_ms = int((time.time() if at is None else at) * 1000)
     appended: list[Entry] = []
     plain = [e for e in entries if e.kind not in _CLOSING]
@@ -75,14 +102,13 @@ async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
              for e in plain])
         appended += plain
     for e in entries:
-        if e.kind in _CLOSING and await c.fetchval(
-                "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id,"
-                " meter, at_ms) VALUES ($1, NULLIF($2, ''), $3, $4, $5, $6, $7)"
-                " ON CONFLICT (grant_id, kind) WHERE kind IN ('expire', 'void') DO NOTHING"
-                " RETURNING 1", customer_id, e.grant_id, e.kind, e.amount, request_id, meter,
-                at_ms) is not None:
-            appended.append(e)
+        if e.kind in _CLOSING:
+            amount = await c.fetchval(_CLOSE, customer_id, e.grant_id, e.kind, request_id,
+                                      meter, at_ms, max(e.amount, 0))
+            if amount is not None:
+                appended.append(Entry(e.grant_id, e.kind, int(amount)))
     await _add_balance(c, customer_id, balance_change(appended))
+    return appended
 
 
 async def _linked_refs(c: Conn, refs: Sequence[str]) -> list[str]:
@@ -303,6 +329,7 @@ class PostgresCreditLedger:
         async with self.pool.acquire() as c, c.transaction():
             await c.execute("SELECT pg_advisory_xact_lock(hashtext('meterproxy_clawback:'"
                             " || $1))", key)
+            await lock_account(c, customer_id)   # no shipping batch spends its grants now
             all_refs = await _linked_refs(c, refs)
             rows = await c.fetch("SELECT grant_id, MAX(paid) FROM grant_payments WHERE"
                                  " ref = ANY($1::text[]) GROUP BY grant_id ORDER BY grant_id",
@@ -326,6 +353,8 @@ class PostgresCreditLedger:
                 for e in d.entries:
                     rid = f"clawback:{gid}" if e.kind == "debt" else k
                     await insert_entries(c, customer_id, [e], request_id=rid, at=now)
+                    if e.kind == "debt":    # spent credit taken back: the balance owes it
+                        await _add_balance(c, customer_id, -e.amount)
                 await c.execute(
                     "INSERT INTO clawbacks(key, customer_id, grant_id, minor, credits, event_id,"
                     " created_at) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (key) DO UPDATE"

@@ -26,7 +26,9 @@ Migration 3 is SQLite's migration 8 (the billing lifecycle, docs/credits.md): a 
 customer's anchor (``customers.created_at`` exists since migration 1), ``plan_invoices``
 (each subscription invoice a plan grant waits on or was paid by) and ``trueups`` (each ended
 period's minimum-commitment decision). Migration 4 is SQLite's migration 9:
-``customers.currency``.
+``customers.currency``. Migration 5 appends a grant's ``expire``/``void`` once fleet-wide.
+Migration 6 keeps per-grant state in step with the shared ledger (``grants.used``,
+``credit_accounts.debt`` and ``rev``; ``proxy.store.postgres.grant_debits``).
 """
 
 from __future__ import annotations
@@ -118,6 +120,45 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE UNIQUE INDEX credit_entries_closed_once ON credit_entries(grant_id, kind)
         WHERE kind IN ('expire', 'void');
+    """,
+    # 6: per-grant state kept in step with the shared ledger (proxy.store.postgres.grant_debits):
+    # ``grants.used`` (every entry against the grant), ``credit_accounts.debt`` (debt less
+    # repay) and ``credit_accounts.rev`` (moved by every credit change of the customer, so a
+    # member reloads only the customers that changed), all by one statement-level trigger
+    # in the writer's own transaction
+    """
+    ALTER TABLE grants ADD COLUMN used BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE credit_accounts ADD COLUMN debt BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN rev BIGINT NOT NULL DEFAULT 0;
+    CREATE SEQUENCE credit_rev;
+    CREATE INDEX credit_accounts_rev ON credit_accounts(rev);
+    UPDATE grants g SET used = s.t FROM (
+        SELECT grant_id, sum(amount) AS t FROM credit_entries WHERE grant_id IS NOT NULL
+        GROUP BY grant_id) s WHERE g.id = s.grant_id;
+    INSERT INTO credit_accounts(customer_id)
+        SELECT DISTINCT e.customer_id FROM credit_entries e JOIN customers c ON c.id = e.customer_id
+        ON CONFLICT (customer_id) DO NOTHING;
+    UPDATE credit_accounts a SET debt = s.d, rev = nextval('credit_rev') FROM (
+        SELECT customer_id, sum(CASE kind WHEN 'debt' THEN amount ELSE -amount END) AS d
+        FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id) s
+        WHERE a.customer_id = s.customer_id;
+
+    CREATE FUNCTION credit_entries_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE grants g SET used = g.used + s.t FROM (
+            SELECT grant_id, sum(amount) AS t FROM new_entries WHERE grant_id IS NOT NULL
+            GROUP BY grant_id) s
+        WHERE g.id = s.grant_id;
+        UPDATE credit_accounts a SET debt = a.debt + s.d, rev = nextval('credit_rev') FROM (
+            SELECT customer_id, sum(CASE kind WHEN 'debt' THEN amount
+                                              WHEN 'repay' THEN -amount ELSE 0 END) AS d
+            FROM new_entries GROUP BY customer_id) s
+        WHERE a.customer_id = s.customer_id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER credit_entries_totals AFTER INSERT ON credit_entries
+        REFERENCING NEW TABLE AS new_entries
+        FOR EACH STATEMENT EXECUTE FUNCTION credit_entries_totals();
     """,
 )
 

@@ -6,7 +6,9 @@ Each journal row carries the member's own sequence number; in the ledger a row i
 1. ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING RETURNING`` (one statement,
    array parameters: no temporary staging table, so a transaction pooler is fine);
 2. settle the members' leases and the customers' accounts from the rows that came back
-   only (proxy.store.postgres.leases.settle): a row shipped twice settles once;
+   only (proxy.store.postgres.leases.settle): a row shipped twice settles once; then the
+   same rows' credits become grant-level entries (which grant each spend came from, or
+   debt: proxy.store.postgres.grant_debits);
 3. ``members.last_shipped_seq`` moves to the batch's highest seq;
 4. commit, and only then the local watermark advances.
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.grant_debits import ShippedItem, debit_grants
 from proxy.store.postgres.leases import settle
 from proxy.store.postgres.pool import PgPool
 
@@ -81,7 +84,7 @@ FROM unnest($2::text[], $3::bigint[], $4::smallint[], $5::text[], $6::bigint[], 
             $14::bigint[], $15::bigint[], $16::bigint[], $17::text[])
      AS x(c, s, i, r, a, k, ru, v, st, m, p, me, q, cr, b, f)
 ON CONFLICT DO NOTHING
-RETURNING customer_id, credits
+RETURNING customer_id, credits, seq, item, at_ms, request_id, meter
 """
 
 
@@ -125,6 +128,9 @@ class Shipper:
             for b in back:
                 spent[b["customer_id"]] = spent.get(b["customer_id"], 0) + b["credits"]
             await settle(conn, self.member_id, spent)
+            await debit_grants(conn, self.member_id, [
+                ShippedItem(b["customer_id"], b["seq"], b["item"], b["at_ms"], b["request_id"],
+                            b["meter"], b["credits"]) for b in back if b["credits"]])
             await conn.execute(
                 "INSERT INTO members(id, last_shipped_seq) VALUES ($1, $2) ON CONFLICT (id) DO "
                 "UPDATE SET last_shipped_seq = GREATEST(members.last_shipped_seq, $2), "
