@@ -140,6 +140,20 @@ def _encode_flat(flat: tuple[Any, ...]) -> tuple[str]:
     return (orjson.dumps(flat).decode(),)
 
 
+def journal_rows(blobs: Iterable[bytes | str]) -> list[Any]:
+    """The flat rows in journal rows: a fleet member's journal row is one flat row, a group
+    commit's (since 2026-11) a list of them (told apart by the first element: a flat row's
+    is its request id, a string)."""
+    out: list[Any] = []
+    for b in blobs:
+        v = orjson.loads(b)
+        if v and isinstance(v[0], list):
+            out += v
+        else:
+            out.append(v)
+    return out
+
+
 def decode_row(blob: bytes | str) -> UsageRow:
     rid, at, cid, kid, rule, ver, status, method, path, items, debits = orjson.loads(blob)
     return UsageRow(rid, at, cid, kid, rule, ver, status, [UsageItem(*i) for i in items],
@@ -328,6 +342,8 @@ class Store:
         store.keep_journal = keep_journal
         try:
             recovered = store.materialize()     # rows a killed process left in the journal
+            if keep_journal:
+                store._split_group_rows()
         except BaseException:
             maint.close()
             conn.close()
@@ -474,14 +490,15 @@ class Store:
                     self._mirror_rows = 0
                     self._mirror_ok = True
                     return moved
-                self._apply(conn, [orjson.loads(b) for _, b in batch])
+                flat = journal_rows([b for _, b in batch])
+                self._apply(conn, flat)
                 conn.execute("DELETE FROM journal WHERE seq <= ?", (batch[-1][0],))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            moved += len(batch)
+            moved += len(flat)
         return moved
 
     def _materialize_mirrored(self, batch_size: int) -> int | None:
@@ -505,7 +522,7 @@ class Store:
         try:
             self._apply(self.conn, flats, cur)
             cur.execute("DELETE FROM journal WHERE seq <= ?", (last,))
-            if cur.rowcount != len(flats):
+            if cur.rowcount != chunks:          # one journal row per group commit
                 cur.execute("ROLLBACK")
                 self._drop_mirror()
                 log.warning("the journal held other rows than the ones committed by this "
@@ -527,6 +544,18 @@ class Store:
         self._mirror_rows = 0
         self._mirror_ok = False
         self._journaled = max(self._journaled, 1)
+
+    def _split_group_rows(self) -> None:
+        """Fleet mode ships the journal one usage row per seq: the group commit rows a
+        single-process run left (killed before it materialized them) become one row per
+        usage row, appended in order."""
+        def tx(c: sqlite3.Connection) -> None:
+            for seq, blob in c.execute("SELECT seq, row FROM journal WHERE row LIKE '[[%'"
+                                       " ORDER BY seq").fetchall():
+                c.execute("DELETE FROM journal WHERE seq = ?", (seq,))
+                c.executemany("INSERT INTO journal(row) VALUES (?)",
+                              [(orjson.dumps(r).decode(),) for r in orjson.loads(blob)])
+        self.execute_write(tx)
 
     def prune_journal(self, shipped: int) -> int:
         """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
@@ -667,11 +696,14 @@ class Store:
         last: int | None = None
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if strict:
+            if strict and self.keep_journal:
+                # fleet mode: one journal row per usage row (shipped and pruned by seq)
                 cur.executemany("INSERT INTO journal(row) VALUES (?)", map(_encode_flat, flats))
-                # (executemany leaves cursor.lastrowid alone)
-                last = cur.execute("SELECT last_insert_rowid()").fetchone()[0] \
-                    if self._mirror_ok and not self.keep_journal else None
+            elif strict:
+                # one journal row for the whole group commit: one insert, one bound value
+                cur.execute("INSERT INTO journal(row) VALUES (?)",
+                            (orjson.dumps(flats).decode(),))
+                last = cur.lastrowid if self._mirror_ok else None
             else:
                 self._apply(self.conn, flats, cur)
             cur.execute("COMMIT")
