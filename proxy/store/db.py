@@ -612,8 +612,9 @@ class Store:
         """Queue a usage row. With ``wait`` the returned future resolves once committed."""
         if wait:
             row.future = self._loop.create_future()
+        if not self._pending:
+            self._idle.clear()      # (idle is only ever set with nothing pending)
         self._pending.append(row)
-        self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
             if self.durability == "strict" and self.healthy:
