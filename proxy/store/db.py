@@ -694,35 +694,37 @@ class Store:
         cur = self._cur
         strict = self.durability == "strict"
         flats = [flatten(r) for r in rows]
-        last: int | None = None
+        if strict and not self.keep_journal:
+            # one journal row for the whole group commit: one insert, one bound value, and
+            # no BEGIN/COMMIT around it (a single statement in autocommit mode is its own
+            # transaction: all or nothing, committed when it returns)
+            if self.conn.in_transaction:    # it would join that one, not commit: never
+                raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+            cur.execute("INSERT INTO journal(row) VALUES (?)", (orjson.dumps(flats).decode(),))
+            self._journaled += len(rows)
+            if self._mirror_ok:
+                if self._mirror_rows + len(flats) > _MIRROR_MAX_ROWS:
+                    self._drop_mirror()     # materializing lags far behind: read it back
+                else:
+                    last = cur.lastrowid
+                    assert last is not None
+                    self._mirror.append((last, flats))
+                    self._mirror_rows += len(flats)
+            return
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if strict and self.keep_journal:
+            if strict:
                 # fleet mode: one journal row per usage row (shipped and pruned by seq)
                 cur.executemany("INSERT INTO journal(row) VALUES (?)", map(_encode_flat, flats))
-            elif strict:
-                # one journal row for the whole group commit: one insert, one bound value
-                cur.execute("INSERT INTO journal(row) VALUES (?)",
-                            (orjson.dumps(flats).decode(),))
-                last = cur.lastrowid if self._mirror_ok else None
             else:
                 self._apply(self.conn, flats, cur)
             cur.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
                 cur.execute("ROLLBACK")
-            if strict:
-                self._drop_mirror()     # (a rolled-back journal is unchanged, but be sure)
             raise
         if strict:
             self._journaled += len(rows)
-            if last is not None:
-                if self._mirror_rows + len(flats) > _MIRROR_MAX_ROWS:
-                    self._drop_mirror()     # materializing lags far behind: read it back
-                else:
-                    # one transaction of ours: the rows got consecutive seqs ending at last
-                    self._mirror.append((last, flats))
-                    self._mirror_rows += len(flats)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, rows: Sequence[FlatRow],
