@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.store.db import Store, UsageItem, UsageRow  # noqa: E402
+from proxy.store.db import Store, UsageItem, UsageRow
 
 
 async def main(n: int, batch: int, every: int, durability: str) -> None:

@@ -9,12 +9,17 @@ Invariants
 2. ``record()`` never blocks and never touches the disk: it appends to ``_pending``.
    In ``strict`` durability a commit is scheduled with ``call_soon`` the moment rows are
    waiting and no commit is running, so a request waits for about one commit. That commit
-   is the cheapest durable write SQLite offers: one append per row to the index-free
-   ``journal`` table. ``materialize()`` (every ``MATERIALIZE_INTERVAL``, before every flush
+   is the cheapest durable write SQLite offers: ONE row appended to the index-free
+   ``journal`` table holding every usage row of the group commit, by a single autocommit
+   ``INSERT`` (its own transaction; a fleet member appends one journal row per usage row,
+   shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``, before every flush
    and every read of usage, at start-up and at shutdown) moves journal rows into ``audit``,
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
-   counted exactly once whether the process dies before, during or after it. In
-   ``batched`` a commit runs every ``commit_interval`` and writes the tables directly.
+   counted exactly once whether the process dies before, during or after it. It applies
+   the rows this process journaled from memory (``_mirror``, no read-back and decode) when
+   its DELETE removes exactly the mirrored journal rows, else it rolls back and reads the
+   journal. In ``batched`` a commit runs every ``commit_interval`` and writes the tables
+   directly.
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
    puts its rows back at the front of ``_pending``. ``fail_mode: closed`` fails the
    waiting requests (they answer 503 / abort, the row itself is kept and retried);
