@@ -13,6 +13,8 @@
 #                 fleet (strict, storage.backend postgres on a fresh database at $PGBASE,
 #                        default postgresql://postgres@127.0.0.1:5432; the key made through the
 #                        admin API by bench/fleet_key.py; needs psql)
+# KEEP=DIR keeps each run's callgrind output as DIR/<target>-<n>.out (for callgrind_annotate;
+#        bench/cg_diff.py subtracts the 200-request run from the 800-request one per function)
 set -u
 cd "$(dirname "$0")/.."
 W=$(mktemp -d)
@@ -78,6 +80,7 @@ EOC
   .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/small" "$n" "$KEY" 2>/dev/null
   kill -TERM $M; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
   [ "$target" = fleet ] && psql "$PGBASE/postgres" -qc "DROP DATABASE $DB WITH (FORCE)" >/dev/null
+  [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$W/cg.out" "$KEEP/$target-$n.out"
   grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'
 }
 echo "| target | instructions per request (/small) | vs bare |"

@@ -341,6 +341,8 @@ def _metric_objects() -> dict[str, tuple[str, tuple[str, ...]]]:
             out[obj._name] = (obj._type, tuple(obj._labelnames))
         elif isinstance(obj, metrics.LoopHistogram):
             out[obj.name] = ("histogram", ())
+        elif isinstance(obj, metrics.LoopCounter):
+            out[obj.name] = ("counter", obj.labelnames)
     return out
 
 

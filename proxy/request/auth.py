@@ -33,7 +33,9 @@ class Authenticator:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         sources = rt.cfg.keys.sources
-        self.key_headers = tuple((istr(s.header), s.scheme) for s in sources if s.header)
+        # (header, scheme in lower case or ""): the scheme compared without case
+        self.key_headers = tuple((istr(s.header), (s.scheme or "").lower())
+                                 for s in sources if s.header)
         self.key_query = tuple(s.query for s in sources if s.query)
         self.refusals = LogLimiter(log)   # unknown API keys: any caller can send them at will
 
@@ -66,9 +68,9 @@ class Authenticator:
                 continue
             if scheme:
                 prefix, _, token = value.partition(" ")
-                if prefix.lower() != scheme.lower() or not token.strip():
+                if prefix.lower() != scheme or not (token := token.strip()):
                     continue
-                return token.strip()
+                return token
             return value.strip()
         for q in self.key_query:
             v = request.query.get(q)

@@ -34,6 +34,11 @@ class _RuleCosts:
     rates: Mapping[str, Decimal | None]                 # meter -> credits_per_unit
     quantities: tuple[Quantity, ...] | None             # all constant: the quantities
     costs: list[int] | None                             # ... and their credits (read only)
+    # all constant and readable: the usage items of a request that holds no credits and
+    # has no flags (shared by every such row: a UsageItem is never changed once made),
+    # and each quantity's metered_units_total child with the units it adds
+    plain: tuple[UsageItem, ...] | None
+    units: tuple[tuple[Any, float], ...]
 
 
 def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) -> list[int]:
@@ -66,9 +71,20 @@ class Settlement:
             self._by_rule.clear()                 # old rule sets (reloads)
         rates = {u.meter: u.credits_per_unit for u in rule.usage}
         const = constant_quantities(rule)
+        plain = None
+        units: tuple[tuple[Any, float], ...] = ()
+        if const is not None and not any(q.unreadable for q in const):
+            plain = tuple(UsageItem(q.meter, q.micro, 0, q.micro, "") for q in const)
+            units = tuple((self._unit_counter(q.meter), q.micro / 1_000_000)
+                          for q in const if q.micro)
         hit = self._by_rule[id(rule)] = _RuleCosts(
-            rule, rates, const, None if const is None else _costs(const, rates))
+            rule, rates, const, None if const is None else _costs(const, rates), plain, units)
         return hit
+
+    def _unit_counter(self, meter: str) -> Any:
+        if (c := self._unit_counters.get(meter)) is None:
+            c = self._unit_counters[meter] = metrics.metered_units_total.labels(meter)
+        return c
 
     def record(self, ctx: RequestContext, rule: Rule, m: Measurement | None, status: int,
                flags: str, withhold: bool = False) -> asyncio.Future[None] | None:
@@ -84,6 +100,17 @@ class Settlement:
                 book.release(hold)
             return None
         rc = self.for_rule(rule)
+        if hold is None and rc.plain is not None and not flags:
+            # constant quantities, no credits held, nothing flagged: the usual request
+            if not rc.plain:
+                return None
+            for c, units in rc.units:
+                c.inc(units)
+            return self.store.record(
+                UsageRow(ctx.rid, time.time(), ctx.customer_id, ctx.key_id, rule.name,
+                         ctx.version, status, list(rc.plain), None, [], ctx.request.method,
+                         ctx.path[:2048], withhold),
+                wait=self.strict)
         quantities: Sequence[Quantity] | None = rc.quantities
         costs = rc.costs
         if quantities is None or costs is None:
@@ -96,7 +123,7 @@ class Settlement:
             return None
         settled = book.settle(hold, costs, time.time()) \
             if hold is not None and book is not None else None
-        if book is not None:
+        if book is not None and rc.quantities is None:     # (constants are not estimated)
             ests = self.reservations.for_rule(rule).estimators
             for q in quantities:
                 if not q.unreadable and (est := ests.get(q.meter)) is not None:
@@ -118,9 +145,7 @@ class Settlement:
                 debits.extend((q.meter, e) for e in entries)
             items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:
-                if (c := self._unit_counters.get(q.meter)) is None:
-                    c = self._unit_counters[q.meter] = metrics.metered_units_total.labels(q.meter)
-                c.inc(q.micro / 1_000_000)
+                self._unit_counter(q.meter).inc(q.micro / 1_000_000)
         customer_id = ctx.customer_id
         if debits and self.watch is not None:
             cust = self.keys.customers.get(customer_id)

@@ -9,12 +9,17 @@ Invariants
 2. ``record()`` never blocks and never touches the disk: it appends to ``_pending``.
    In ``strict`` durability a commit is scheduled with ``call_soon`` the moment rows are
    waiting and no commit is running, so a request waits for about one commit. That commit
-   is the cheapest durable write SQLite offers: one append per row to the index-free
-   ``journal`` table. ``materialize()`` (every ``MATERIALIZE_INTERVAL``, before every flush
+   is the cheapest durable write SQLite offers: ONE row appended to the index-free
+   ``journal`` table holding every usage row of the group commit, by a single autocommit
+   ``INSERT`` (its own transaction; a fleet member appends one journal row per usage row,
+   shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``, before every flush
    and every read of usage, at start-up and at shutdown) moves journal rows into ``audit``,
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
-   counted exactly once whether the process dies before, during or after it. In
-   ``batched`` a commit runs every ``commit_interval`` and writes the tables directly.
+   counted exactly once whether the process dies before, during or after it. It applies
+   the rows this process journaled from memory (``_mirror``, no read-back and decode) when
+   its DELETE removes exactly the mirrored journal rows, else it rolls back and reads the
+   journal. In ``batched`` a commit runs every ``commit_interval`` and writes the tables
+   directly.
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
    puts its rows back at the front of ``_pending``. ``fail_mode: closed`` fails the
    waiting requests (they answer 503 / abort, the row itself is kept and retried);
@@ -51,6 +56,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +72,7 @@ from proxy.store.schema import MIGRATIONS
 log = logging.getLogger("meterproxy.store")
 
 MATERIALIZE_INTERVAL = 0.1
+_MIRROR_MAX_ROWS = 100_000     # journal rows kept in memory for materialize (then read back)
 _MATERIALIZE_BATCH = 20_000
 # retry delays of a group commit that found the database locked (seconds; the last repeats)
 _BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
@@ -128,11 +135,31 @@ def flatten(r: UsageRow) -> tuple[Any, ...]:
             [(m, e.grant_id, e.kind, e.amount) for m, e in r.debits])
 
 
-def encode_row(r: UsageRow) -> bytes:
-    return orjson.dumps(flatten(r))
+def encode_row(r: UsageRow) -> str:
+    """The journal's form of a row: JSON text (a ``str`` parameter binds without sqlite3's
+    adapter lookup, which a ``bytes`` one goes through: ~3k instructions per row)."""
+    return orjson.dumps(flatten(r)).decode()
 
 
-def decode_row(blob: bytes) -> UsageRow:
+def _encode_flat(flat: tuple[Any, ...]) -> tuple[str]:
+    return (orjson.dumps(flat).decode(),)
+
+
+def journal_rows(blobs: Iterable[bytes | str]) -> list[Any]:
+    """The flat rows in journal rows: a fleet member's journal row is one flat row, a group
+    commit's (since 2026-11) a list of them (told apart by the first element: a flat row's
+    is its request id, a string)."""
+    out: list[Any] = []
+    for b in blobs:
+        v = orjson.loads(b)
+        if v and isinstance(v[0], list):
+            out += v
+        else:
+            out.append(v)
+    return out
+
+
+def decode_row(blob: bytes | str) -> UsageRow:
     rid, at, cid, kid, rule, ver, status, method, path, items, debits = orjson.loads(blob)
     return UsageRow(rid, at, cid, kid, rule, ver, status, [UsageItem(*i) for i in items],
                     debits=[(m, Entry(g, k, a)) for m, g, k, a in debits], method=method,
@@ -277,6 +304,16 @@ class Store:
         self._maint_lock = threading.Lock()
         self._journaled = 1     # unknown until the first materialize (recovery at open)
         self.keep_journal = False   # fleet mode: the journal is shipped, never materialized
+        # The journal's rows in memory, as committed: (last seq, flat rows) per group
+        # commit, valid only while ``_mirror_ok`` (the journal holds exactly these rows).
+        # ``materialize`` then applies them without reading and decoding the journal back;
+        # it checks that its DELETE removed exactly as many rows, else it rolls back and
+        # reads the journal instead. Invalid until the journal was seen empty (at open).
+        self._mirror: deque[tuple[int, list[tuple[Any, ...]]]] = deque()
+        self._mirror_rows = 0
+        self._mirror_ok = False
+        self._cur = conn.cursor()       # one cursor for the hot statements (no cursor per call)
+        self._pending_gauge = 0
 
     @classmethod
     def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
@@ -310,6 +347,8 @@ class Store:
         store.keep_journal = keep_journal
         try:
             recovered = store.materialize()     # rows a killed process left in the journal
+            if keep_journal:
+                store._split_group_rows()
         except BaseException:
             maint.close()
             conn.close()
@@ -436,6 +475,14 @@ class Store:
         if self._journaled == 0 or self.broken is not None or self.keep_journal:
             return 0        # nothing journaled since the last run / never into a lost file
         batch_size = _MATERIALIZE_BATCH if limit is None else min(limit, _MATERIALIZE_BATCH)
+        while self._mirror_ok and (limit is None or moved < limit):
+            n = self._materialize_mirrored(batch_size)
+            if n is None:
+                break       # the mirror did not match the journal: read it back instead
+            if n == 0:
+                self._journaled = 0
+                return moved
+            moved += n
         while limit is None or moved < limit:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -444,16 +491,76 @@ class Store:
                 if not batch:
                     conn.execute("COMMIT")
                     self._journaled = 0
+                    self._mirror.clear()        # the journal is empty: mirror it from now on
+                    self._mirror_rows = 0
+                    self._mirror_ok = True
                     return moved
-                self._apply(conn, [orjson.loads(b) for _, b in batch])
+                flat = journal_rows([b for _, b in batch])
+                self._apply(conn, flat)
                 conn.execute("DELETE FROM journal WHERE seq <= ?", (batch[-1][0],))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            moved += len(batch)
+            moved += len(flat)
         return moved
+
+    def _materialize_mirrored(self, batch_size: int) -> int | None:
+        """One materialize transaction from the in-memory mirror: the oldest group commits,
+        about ``batch_size`` rows. Returns how many rows moved (0: the journal is empty), or
+        None when the journal did not hold exactly the mirrored rows (rolled back; the mirror
+        is dropped and the journal is read back)."""
+        mirror = self._mirror
+        if not mirror:
+            return 0
+        flats: list[tuple[Any, ...]] = []
+        chunks = 0
+        for _, rows in mirror:
+            flats += rows
+            chunks += 1
+            if len(flats) >= batch_size:
+                break
+        last = mirror[chunks - 1][0]        # the newest seq of the rows taken
+        cur = self._cur
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            self._apply(self.conn, flats, cur)
+            cur.execute("DELETE FROM journal WHERE seq <= ?", (last,))
+            if cur.rowcount != chunks:          # one journal row per group commit
+                cur.execute("ROLLBACK")
+                self._drop_mirror()
+                log.warning("the journal held other rows than the ones committed by this "
+                            "process; reading it back")
+                return None
+            cur.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                cur.execute("ROLLBACK")
+            self._drop_mirror()
+            raise
+        for _ in range(chunks):
+            mirror.popleft()
+        self._mirror_rows -= len(flats)
+        return len(flats)
+
+    def _drop_mirror(self) -> None:
+        self._mirror.clear()
+        self._mirror_rows = 0
+        self._mirror_ok = False
+        self._journaled = max(self._journaled, 1)
+
+    def _split_group_rows(self) -> None:
+        """Fleet mode ships the journal one usage row per seq: the group commit rows a
+        single-process run left (killed before it materialized them) become one row per
+        usage row, appended in order."""
+        def tx(c: sqlite3.Connection) -> None:
+            for seq, blob in c.execute("SELECT seq, row FROM journal WHERE row LIKE '[[%'"
+                                       " ORDER BY seq").fetchall():
+                c.execute("DELETE FROM journal WHERE seq = ?", (seq,))
+                c.executemany("INSERT INTO journal(row) VALUES (?)",
+                              [(orjson.dumps(r).decode(),) for r in orjson.loads(blob)])
+        self.execute_write(tx)
 
     def prune_journal(self, shipped: int) -> int:
         """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
@@ -510,8 +617,9 @@ class Store:
         """Queue a usage row. With ``wait`` the returned future resolves once committed."""
         if wait:
             row.future = self._loop.create_future()
+        if not self._pending:
+            self._idle.clear()      # (idle is only ever set with nothing pending)
         self._pending.append(row)
-        self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
             if self.durability == "strict" and self.healthy:
@@ -549,7 +657,9 @@ class Store:
         else:
             self._busy_since = None
             self._on_success(rows, time.perf_counter() - started)
-        metrics.pending_usage_rows.set(len(self._pending))
+        if (n := len(self._pending)) != self._pending_gauge:
+            self._pending_gauge = n         # (a Gauge takes a lock per set: only on changes)
+            metrics.pending_usage_rows.set(n)
         if (self._pending or not self.healthy) and not self._scheduled and self.broken is None:
             # unhealthy with nothing queued: an empty transaction probes for recovery, so
             # admission (``accepting``) reopens once the database takes writes again
@@ -586,24 +696,44 @@ class Store:
         conn.execute("COMMIT")
 
     def _write(self, rows: Sequence[UsageRow]) -> None:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        cur = self._cur
+        strict = self.durability == "strict"
+        flats = [flatten(r) for r in rows]
+        if strict and not self.keep_journal:
+            # one journal row for the whole group commit: one insert, one bound value, and
+            # no BEGIN/COMMIT around it (a single statement in autocommit mode is its own
+            # transaction: all or nothing, committed when it returns)
+            if self.conn.in_transaction:    # it would join that one, not commit: never
+                raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+            cur.execute("INSERT INTO journal(row) VALUES (?)", (orjson.dumps(flats).decode(),))
+            self._journaled += len(rows)
+            if self._mirror_ok:
+                if self._mirror_rows + len(flats) > _MIRROR_MAX_ROWS:
+                    self._drop_mirror()     # materializing lags far behind: read it back
+                else:
+                    last = cur.lastrowid
+                    assert last is not None
+                    self._mirror.append((last, flats))
+                    self._mirror_rows += len(flats)
+            return
+        cur.execute("BEGIN IMMEDIATE")
         try:
-            if self.durability == "strict":
-                conn.executemany("INSERT INTO journal(row) VALUES (?)",
-                                 [(encode_row(r),) for r in rows])
+            if strict:
+                # fleet mode: one journal row per usage row (shipped and pruned by seq)
+                cur.executemany("INSERT INTO journal(row) VALUES (?)", map(_encode_flat, flats))
             else:
-                self._apply(conn, [flatten(r) for r in rows])
-            conn.execute("COMMIT")
+                self._apply(self.conn, flats, cur)
+            cur.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                cur.execute("ROLLBACK")
             raise
-        if self.durability == "strict":
+        if strict:
             self._journaled += len(rows)
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, rows: Sequence[FlatRow]) -> None:
+    def _apply(conn: sqlite3.Connection, rows: Sequence[FlatRow],
+               cur: sqlite3.Cursor | None = None) -> None:
         """Write flat rows into audit, usage_minute and credit_entries (caller owns the tx)."""
         audit: list[tuple[Any, ...]] = []
         debits: list[tuple[Any, ...]] = []
@@ -625,10 +755,11 @@ class Store:
                     a[1] += 1
                     a[2] += billable
                     a[3] += q - billable
-        conn.executemany(_AUDIT_SQL, audit)
-        conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
+        c = conn.cursor() if cur is None else cur
+        c.executemany(_AUDIT_SQL, audit)
+        c.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
         if debits:
-            conn.executemany(_DEBIT_SQL, debits)
+            c.executemany(_DEBIT_SQL, debits)
 
     def _on_success(self, rows: Sequence[UsageRow], seconds: float) -> None:
         if not self.healthy:
@@ -638,12 +769,12 @@ class Store:
         self._retry_delay = 0.05
         if not rows:
             return      # a recovery probe
-        metrics.commits_total.labels("ok").inc()
+        metrics.commits_ok.inc()
         metrics.commit_rows.observe(len(rows))
         metrics.commit_seconds.observe(seconds)
         for r in rows:
-            if r.future is not None and not r.future.done():
-                r.future.set_result(None)
+            if (f := r.future) is not None and not f.done():
+                f.set_result(None)
 
     def _on_failure(self, rows: list[UsageRow], exc: sqlite3.Error) -> None:
         self.healthy = False

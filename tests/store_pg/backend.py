@@ -51,7 +51,7 @@ async def postgres_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     from tests.store.conftest import Backend
 
     async with fresh_database() as dsn:
-        store = Store.open(tmp_path / "journal.db")
+        store = Store.open(tmp_path / "journal.db", keep_journal=True)    # as app.py opens it
         pool = PgPool(PoolSettings(dsn=dsn, size=4))
         peer: PostgresStorage | None = None
         main: PostgresStorage | None = None

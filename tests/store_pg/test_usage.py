@@ -92,7 +92,7 @@ async def test_record_goes_to_the_local_journal(member: MemberFactory, tmp_path:
     row = UsageRow("r1", T0, "acme", "k1", "rule", "v1", 200, [UsageItem("api_calls", C)])
     with pytest.raises(RuntimeError, match="local journal"):
         offline.usage.record(row, True)
-    store = Store.open(tmp_path / "journal.db")
+    store = Store.open(tmp_path / "journal.db", keep_journal=True)
     try:
         live = PostgresStorage.on(offline.pool, local=store)
         fut = live.usage.record(row, True)
@@ -108,7 +108,7 @@ async def test_a_crash_between_debits_and_rows_ships_each_once(
         pg: PostgresStorage, tmp_path: Path) -> None:
     await pg.customers.upsert("acme", None, None, None)
     await pg.ledger.create_grant(NewGrant(GrantState("g1", "acme", 10 * C)))
-    store = Store.open(tmp_path / "journal.db")
+    store = Store.open(tmp_path / "journal.db", keep_journal=True)   # as app.py opens a member's
     try:
         for i in range(3):
             row = UsageRow(f"r{i}", T0 + i, "acme", "k1", "rule", "v1", 200,
