@@ -4,7 +4,7 @@ Each journal row carries the member's own sequence number; in the ledger a row i
 ``(customer_id, member_id, seq, item)``. A batch (``Batch``: the rows as column arrays) is
 shipped atomically:
 
-1. one statement (``_SHIP``): ``INSERT ... SELECT FROM json_array_elements(...) ON CONFLICT
+1. one statement (``_SHIP``): ``INSERT ... SELECT FROM jsonb_array_elements(...) ON CONFLICT
    DO NOTHING RETURNING`` (the batch is one JSON parameter: no temporary staging table, so
    a transaction pooler is fine), the credits of the rows that came back summed per customer, and, in the same
    statement, ``members.last_shipped_seq`` moved to the batch's highest seq;
@@ -85,7 +85,7 @@ WITH x AS (
            (e->>4)::bigint AS a, e->>5 AS k, e->>6 AS ru, e->>7 AS v, (e->>8)::int AS st,
            e->>9 AS m, e->>10 AS p, e->>11 AS me, (e->>12)::bigint AS q,
            (e->>13)::bigint AS cr, (e->>14)::bigint AS b, e->>15 AS f
-    FROM json_array_elements($2::json) AS e),
+    FROM jsonb_array_elements($2::jsonb) AS e),
 ins AS (
     INSERT INTO usage_ledger (customer_id, member_id, seq, item, request_id, at_ms, key_id,
         rule, rules_version, status, method, path, meter, quantity, credits, billable, flags)
@@ -102,7 +102,10 @@ SELECT customer_id, sum(credits)::bigint, count(*)::bigint FROM ins GROUP BY cus
 # element by element in Python-visible calls (~4,000 CPU instructions per element, so
 # ~60,000 per journal row), while orjson writes the whole batch in one C call.
 # PostgreSQL's JSON parser unescapes exactly what orjson escaped; integers travel as JSON
-# integers (exact, 64-bit), and the timestamp is already integer milliseconds.
+# integers (exact, 64-bit), and the timestamp is already integer milliseconds. ``jsonb``, not
+# ``json``: it is parsed once, where each ``->>`` on ``json`` parses the element again
+# (measured: ~1.5x the server CPU per batch with ``json``; with ``jsonb`` about what the 16
+# arrays cost the server).
 
 
 @dataclass(slots=True)
