@@ -123,6 +123,9 @@ async def test_a_sigkilled_supervisor_takes_its_workers_with_it(tmp_path: Path,
         assert sup is not None
         workers = await wait_until(lambda: _children(sup.pid), ok=lambda c: len(c) == 2,
                                    timeout=20, what="two worker processes")
+        log = m.proc.log
+        await wait_until(lambda: log.read_text().count("meterproxy listening on"),
+                         ok=lambda n: n == 2, timeout=30, what="both workers serving")
         assert not await _refused(m.url)
         sup.kill()                    # no signal is passed on: the kernel must do it
         sup.wait()
@@ -131,4 +134,4 @@ async def test_a_sigkilled_supervisor_takes_its_workers_with_it(tmp_path: Path,
         assert await _refused(m.url)
         assert await _refused(m.admin)
         # they drained (SIGTERM from the kernel), they were not killed
-        assert m.proc.log.read_text().count("shutting down: draining requests") == 2
+        assert log.read_text().count("shutting down: draining requests") == 2
