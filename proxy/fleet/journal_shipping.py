@@ -12,7 +12,7 @@ the watermark, batch by batch:
    ``(member_id, seq)``, leases settled from the rows really inserted, the minutes kept by
    the trigger; atomic), after which the watermark moves.
 
-Each batch is read from the journal straight into column arrays
+Each batch is read from the journal straight into the shipping statements' items
 (``SqliteJournal.batch_after``: one decode per blob, no row objects).
 
 A crash between 1 and 2 resends both: 1 inserts nothing, 2 inserts the rows. So each row is

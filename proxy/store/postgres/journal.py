@@ -34,7 +34,7 @@ _AFTER = "SELECT seq, row FROM journal WHERE seq > ? ORDER BY seq LIMIT ?"
 
 @dataclass(frozen=True, slots=True)
 class JournalBatch:
-    """Journal rows after a seq, as the two shipping statements' column arrays."""
+    """Journal rows after a seq, as the two shipping statements' parameters."""
 
     usage: Batch                       # for ``Shipper.ship_batch``
     debits: Sequence[Sequence[object]]  # for ``ship_debit_columns`` (empty: none)
@@ -51,7 +51,7 @@ class SqliteJournal:
             _AFTER, (seq, limit))]
 
     def batch_after(self, seq: int, limit: int) -> JournalBatch:
-        """``rows_after`` straight into column arrays: each journal blob is decoded once
+        """``rows_after`` straight into shipping parameters: each journal blob is decoded once
         into one tuple per usage item and per debit, with no row objects in between (the
         same values ``Batch.of`` and ``ship_debits`` derive from ``rows_after``)."""
         items: list[tuple[object, ...]] = []

@@ -1,13 +1,14 @@
 """Shipping a member's journal to the shared usage ledger, in idempotent batches.
 
 Each journal row carries the member's own sequence number; in the ledger a row is keyed
-``(customer_id, member_id, seq, item)``. A batch (``Batch``: the rows as column arrays) is
+``(customer_id, member_id, seq, item)``. A batch (``Batch``: one tuple per usage item) is
 shipped atomically:
 
 1. one statement (``_SHIP``): ``INSERT ... SELECT FROM jsonb_array_elements(...) ON CONFLICT
    DO NOTHING RETURNING`` (the batch is one JSON parameter: no temporary staging table, so
-   a transaction pooler is fine), the credits of the rows that came back summed per customer, and, in the same
-   statement, ``members.last_shipped_seq`` moved to the batch's highest seq;
+   a transaction pooler is fine), the credits of the rows that came back summed per
+   customer, and, in the same statement, ``members.last_shipped_seq`` moved to the batch's
+   highest seq;
 2. when any row carries credits: settle the member's leases and the customers' accounts
    from the sums that came back only (proxy.store.postgres.leases.settle), so a row shipped
    twice settles once; steps 1 and 2 are one transaction. A batch without credits has
@@ -20,7 +21,7 @@ same. So totals in the ledger are exact whatever fails when. PostgreSQL unreacha
 batch stays in the journal and the next pass retries it (``ship_pending`` returns).
 
 ``LocalRow`` is a row as tests and benchmarks build it; ``Batch.of`` turns rows into
-columns. The running member builds its batches straight from the journal's blobs
+items. The running member builds its batches straight from the journal's blobs
 (``proxy.store.postgres.journal.SqliteJournal.batch_after``), without a row object.
 """
 
