@@ -4,9 +4,12 @@ single process), CPU seconds per process, and PostgreSQL statements per 1,000 re
 
   .venv/bin/python bench/fleet_bench.py [--reps 5] [--duration 8] [--connections 32]
                                         [--no-credits] [--python-origin]
+                                        [--proxy-cpus 0,1] [--load-cpus 2]
 
-What runs where (nothing is pinned: the proxy's workers may use both cores, and so may the
-rest, which is exactly what a 2-core machine running its own load generator costs):
+What runs where (by default nothing is pinned: the proxy's workers may use both cores, and
+so may the rest, which is exactly what a 2-core machine running its own load generator
+costs; on a machine with more cores, ``--proxy-cpus 0,1 --load-cpus 2`` gives the proxy two
+cores of its own and wrk and the origin a third):
 
 - the origin: nginx (one process, ``master_process off``) answering GET /small with a fixed
   216-byte JSON body from memory (``return 200``), so the origin costs ~20 us of CPU per
@@ -117,11 +120,17 @@ http {{
 """
 
 
-def start_origin(work: Path, python_origin: bool) -> tuple[subprocess.Popen[bytes], str]:
+def pinned(cpus: str | None) -> list[str]:
+    """The ``taskset`` prefix that runs a command on ``cpus`` (none: not pinned)."""
+    return [] if cpus is None else ["taskset", "-c", cpus]
+
+
+def start_origin(work: Path, python_origin: bool,
+                 cpus: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """nginx answering with SMALL (or bench/origin.py); (process, base URL)."""
     op = port()
     if python_origin:
-        proc = subprocess.Popen([PY, str(BENCH / "origin.py"), str(op)], cwd=ROOT,
+        proc = subprocess.Popen([*pinned(cpus), PY, str(BENCH / "origin.py"), str(op)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         d = work / "nginx"
@@ -129,7 +138,8 @@ def start_origin(work: Path, python_origin: bool) -> tuple[subprocess.Popen[byte
         conf = d / "nginx.conf"
         conf.write_text(NGINX_ORIGIN.format(work=d, port=op, body=SMALL.decode()))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        proc = subprocess.Popen([nginx, "-e", "stderr", "-p", str(d), "-c", str(conf)],
+        proc = subprocess.Popen([*pinned(cpus), nginx, "-e", "stderr", "-p", str(d), "-c",
+                                 str(conf)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{op}"
     end = time.monotonic() + 20
@@ -171,9 +181,10 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def wrk(url: str, key: str, conns: int, duration: int) -> tuple[float, int, float]:
+def wrk(url: str, key: str, conns: int, duration: int,
+        cpus: str | None = None) -> tuple[float, int, float]:
     """(requests/s, requests answered 2xx, wrk's own CPU seconds)."""
-    proc = subprocess.Popen(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-H",
+    proc = subprocess.Popen([*pinned(cpus), "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-H",
                              f"Authorization: Bearer {key}", url],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
@@ -232,7 +243,8 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         cfg["fleet"] = {"member_id": "bench"}
     (d / "c.yaml").write_text(json.dumps(cfg))
     log = (d / "proxy.log").open("wb")
-    proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(d / "c.yaml")],
+    proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve", "--config",
+                             str(d / "c.yaml")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         aurl = f"http://127.0.0.1:{ap}"
@@ -247,14 +259,14 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         key = admin(aurl, "POST", "/admin/customers/bench/keys", {"name": "b"})["key"]
         time.sleep(1.5 if workers > 1 else 0.2)       # the key reaches every worker
         url = f"http://127.0.0.1:{pp}/small"
-        wrk(url, key, a.connections, 3)                # warm-up
+        wrk(url, key, a.connections, 3, a.load_cpus)   # warm-up
         before = admin(aurl, "GET", "/admin/fleet")["this_member"]["pg_statements"] \
             if kind == "fleet" and workers == 1 else 0
         mine = [proc.pid, *children(proc.pid)]
         pg_pids, shipped0 = asyncio.run(_pg_facts(a.dsn, db)) if db else ([], {})
         cpu0 = [cpu_seconds(mine), cpu_seconds([origin_pid]), cpu_seconds(pg_pids)]
         t0 = time.monotonic()
-        rps, ok, wrk_cpu = wrk(url, key, a.connections, a.duration)
+        rps, ok, wrk_cpu = wrk(url, key, a.connections, a.duration, a.load_cpus)
         took = time.monotonic() - t0
         cpu1 = [cpu_seconds(mine), cpu_seconds([origin_pid]), cpu_seconds(pg_pids)]
         out = {"rps": rps, "ok": ok, "cpu_proxy": cpu1[0] - cpu0[0], "cpu_wrk": wrk_cpu,
@@ -289,6 +301,9 @@ def main() -> None:
                     help="skip the targets whose customer spends credit leases")
     ap.add_argument("--python-origin", action="store_true",
                     help="bench/origin.py (aiohttp) as the origin instead of nginx")
+    ap.add_argument("--load-cpus", help="taskset CPU list for wrk and the origin (e.g. 2)")
+    ap.add_argument("--proxy-cpus",
+                    help="taskset CPU list for the proxy and its workers (e.g. 0,1)")
     a = ap.parse_args()
     targets = [("sqlite", 1, False), ("fleet", 1, False), ("fleet", 2, False)]
     if not a.no_credits:
@@ -296,7 +311,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        origin, origin_url = start_origin(work, a.python_origin)
+        origin, origin_url = start_origin(work, a.python_origin, a.load_cpus)
         try:
             for _ in range(a.reps):
                 for kind, workers, block in targets:
