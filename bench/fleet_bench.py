@@ -2,7 +2,7 @@
 """Fleet mode on this machine: throughput of ``workers: 2`` vs ``workers: 1`` (and the SQLite
 single process), CPU seconds per process, and PostgreSQL statements per 1,000 requests.
 
-  .venv/bin/python bench/fleet_bench.py [--reps 5] [--duration 8] [--connections 32]
+  .venv/bin/python bench/fleet_bench.py [--reps 5] [--duration 8] [--connections 64]
                                         [--no-credits] [--python-origin]
                                         [--proxy-cpus 0,1] [--load-cpus 2]
 
@@ -12,8 +12,8 @@ costs; on a machine with more cores, ``--proxy-cpus 0,1 --load-cpus 2`` gives th
 cores of its own and wrk and the origin a third):
 
 - the origin: nginx (one process, ``master_process off``) answering GET /small with a fixed
-  216-byte JSON body from memory (``return 200``), so the origin costs ~20 us of CPU per
-  request instead of the ~300 us of a Python origin (``--python-origin``: bench/origin.py);
+  216-byte JSON body from memory (``return 200``), so the origin costs ~12 us of CPU per
+  request instead of the ~100 us of an aiohttp origin (``--python-origin``: bench/origin.py);
 - the load: ``wrk -t1 -c C -d D`` (one thread) with one customer's key;
 - the proxy: ``meterproxy serve`` (metered rule on ``/**``, strict durability, dry-run sink),
   the SQLite single process, or a fleet member on a fresh PostgreSQL database (``--dsn``,
@@ -294,7 +294,7 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=int, default=8)
-    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432")
     ap.add_argument("--no-credits", action="store_true",
