@@ -1,19 +1,37 @@
 #!/usr/bin/env python3
 """Fleet mode on this machine: throughput of ``workers: 2`` vs ``workers: 1`` (and the SQLite
-single process), and PostgreSQL statements per 1,000 metered requests.
+single process), CPU seconds per process, and PostgreSQL statements per 1,000 requests.
 
-  .venv/bin/python bench/fleet_bench.py [--duration 10] [--connections 32] [--reps 2]
+  .venv/bin/python bench/fleet_bench.py [--reps 5] [--duration 8] [--connections 64]
+                                        [--no-credits] [--python-origin]
+                                        [--proxy-cpus 0,1] [--load-cpus 2]
 
-Every target: one meterproxy sidecar (metered rule on ``/**``, strict durability, dry-run
-sink) in front of bench/origin.py, driven by ``wrk -t1 -c C -d D`` on GET /small with one
-customer's key (pay-as-you-go, and a second run with ``overage: block`` and a large credit
-grant, so every request is admitted against a credit lease). Fleet targets get a fresh
-PostgreSQL database (``--dsn``, default the local server) dropped at the end. Targets
-alternate, ``--reps`` times; medians reported. Statements: ``pg_statements`` of the single
-member (``GET /admin/fleet``, counted by its pool) before and after the measured run, per
-1,000 requests answered 2xx. Nothing is pinned: wrk, the origin, PostgreSQL and the
-workers share the 2 cores, as they would on a 2-core pod with its database elsewhere only
-less so; read the ratios, not the absolute rates. Needs wrk (apt-get install -y wrk).
+What runs where (by default nothing is pinned: the proxy's workers may use both cores, and
+so may the rest, which is exactly what a 2-core machine running its own load generator
+costs; on a machine with more cores, ``--proxy-cpus 0,1 --load-cpus 2`` gives the proxy two
+cores of its own and wrk and the origin a third):
+
+- the origin: nginx (one process, ``master_process off``) answering GET /small with a fixed
+  216-byte JSON body from memory (``return 200``), so the origin costs ~12 us of CPU per
+  request instead of the ~100 us of an aiohttp origin (``--python-origin``: bench/origin.py);
+- the load: ``wrk -t1 -c C -d D`` (one thread) with one customer's key;
+- the proxy: ``meterproxy serve`` (metered rule on ``/**``, strict durability, dry-run sink),
+  the SQLite single process, or a fleet member on a fresh PostgreSQL database (``--dsn``,
+  dropped at the end) with ``workers: 1`` or ``workers: 2`` (a supervisor and its workers);
+- PostgreSQL: the local server, shared with whatever else runs on the machine.
+
+Targets alternate (sqlite, fleet w1, fleet w2, [credits w1, credits w2]) ``--reps`` times;
+medians are reported, with the ratio of each ``workers=2`` median to its ``workers=1``
+median. For every run, the CPU seconds used during the measured ``wrk`` run by: the proxy
+(the supervisor and its workers, from /proc), wrk (its rusage), nginx (from /proc) and the
+PostgreSQL backends connected to the run's database (from /proc, via pg_stat_activity);
+and ``proxy CPU us/req`` = proxy CPU / requests answered 2xx. For ``workers: 2`` the share
+of requests each worker served (its rows in the shared usage ledger). Statements:
+``pg_statements`` of the single member (``GET /admin/fleet``) before and after the run, per
+1,000 requests answered 2xx. Needs wrk and nginx (apt-get install -y wrk nginx-light).
+
+Other processes on the machine take CPU from whichever target runs: read the ratios of one
+run, and the proxy's CPU per request, rather than absolute rates.
 """
 
 from __future__ import annotations
@@ -21,7 +39,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -72,16 +92,127 @@ def wait_up(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def wrk(url: str, key: str, conns: int, duration: int) -> tuple[float, int]:
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-H",
-                          f"Authorization: Bearer {key}", url],
-                         capture_output=True, text=True, timeout=duration + 60).stdout
+SMALL = (b'{"id":"bench-small","object":"item","items":[{"id":1,"name":"widget"},'
+         b'{"id":2,"name":"gadget"}],"pad":"')
+SMALL = SMALL + b"x" * (216 - len(SMALL) - 2) + b'"}'
+NGINX_ORIGIN = """daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/client_body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        keepalive_requests 1000000;
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
+def pinned(cpus: str | None) -> list[str]:
+    """The ``taskset`` prefix that runs a command on ``cpus`` (none: not pinned)."""
+    return [] if cpus is None else ["taskset", "-c", cpus]
+
+
+def start_origin(work: Path, python_origin: bool,
+                 cpus: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """nginx answering with SMALL (or bench/origin.py); (process, base URL)."""
+    op = port()
+    if python_origin:
+        proc = subprocess.Popen([*pinned(cpus), PY, str(BENCH / "origin.py"), str(op)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        d = work / "nginx"
+        d.mkdir()
+        conf = d / "nginx.conf"
+        conf.write_text(NGINX_ORIGIN.format(work=d, port=op, body=SMALL.decode()))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        proc = subprocess.Popen([*pinned(cpus), nginx, "-e", "stderr", "-p", str(d), "-c",
+                                 str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{op}"
+    end = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/small", timeout=2) as r:
+                assert r.read() == SMALL
+                return proc, url
+        except OSError:
+            if time.monotonic() > end or proc.poll() is not None:
+                raise
+            time.sleep(0.1)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of live processes (0 for a pid that is gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])
+    return total / TICK
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(Path(f"/proc/{d}/stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def wrk(url: str, key: str, conns: int, duration: int,
+        cpus: str | None = None) -> tuple[float, int, float]:
+    """(requests/s, requests answered 2xx, wrk's own CPU seconds)."""
+    proc = subprocess.Popen([*pinned(cpus), "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-H",
+                             f"Authorization: Bearer {key}", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _pid, _status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = 0
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if rps is None or total is None:
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    return float(rps.group(1)), int(total.group(1)) - (int(bad.group(1)) if bad else 0)
+    return (float(rps.group(1)), int(total.group(1)) - (int(bad.group(1)) if bad else 0),
+            ru.ru_utime + ru.ru_stime)
+
+
+async def _pg_facts(base: str, name: str) -> tuple[list[int], dict[str, int]]:
+    """The PIDs of the backends connected to database ``name``, and its usage ledger's rows
+    per member."""
+    conn = await asyncpg.connect(f"{base}/{name}")
+    try:
+        pids = [r[0] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name)]
+        rows = {r[0]: r[1] for r in await conn.fetch(
+            "SELECT member_id, count(*) FROM usage_ledger GROUP BY 1")}
+    finally:
+        await conn.close()
+    return pids, rows
 
 
 async def _db(base: str, name: str, create: bool) -> None:
@@ -94,7 +225,7 @@ async def _db(base: str, name: str, create: bool) -> None:
 
 
 def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
-               work: Path, origin: str) -> dict[str, float]:
+               work: Path, origin: str, origin_pid: int) -> dict[str, float]:
     pp, ap = port(), port()
     d = Path(tempfile.mkdtemp(dir=work))
     (d / "rules.yaml").write_text(RULES)
@@ -112,7 +243,8 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         cfg["fleet"] = {"member_id": "bench"}
     (d / "c.yaml").write_text(json.dumps(cfg))
     log = (d / "proxy.log").open("wb")
-    proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(d / "c.yaml")],
+    proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve", "--config",
+                             str(d / "c.yaml")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         aurl = f"http://127.0.0.1:{ap}"
@@ -127,17 +259,29 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         key = admin(aurl, "POST", "/admin/customers/bench/keys", {"name": "b"})["key"]
         time.sleep(1.5 if workers > 1 else 0.2)       # the key reaches every worker
         url = f"http://127.0.0.1:{pp}/small"
-        wrk(url, key, a.connections, 3)                # warm-up
+        wrk(url, key, a.connections, 3, a.load_cpus)   # warm-up
         before = admin(aurl, "GET", "/admin/fleet")["this_member"]["pg_statements"] \
             if kind == "fleet" and workers == 1 else 0
+        mine = [proc.pid, *children(proc.pid)]
+        pg_pids, shipped0 = asyncio.run(_pg_facts(a.dsn, db)) if db else ([], {})
+        cpu0 = [cpu_seconds(mine), cpu_seconds([origin_pid]), cpu_seconds(pg_pids)]
         t0 = time.monotonic()
-        rps, ok = wrk(url, key, a.connections, a.duration)
+        rps, ok, wrk_cpu = wrk(url, key, a.connections, a.duration, a.load_cpus)
         took = time.monotonic() - t0
-        out = {"rps": rps, "ok": ok}
+        cpu1 = [cpu_seconds(mine), cpu_seconds([origin_pid]), cpu_seconds(pg_pids)]
+        out = {"rps": rps, "ok": ok, "cpu_proxy": cpu1[0] - cpu0[0], "cpu_wrk": wrk_cpu,
+               "cpu_origin": cpu1[1] - cpu0[1], "cpu_pg": cpu1[2] - cpu0[2],
+               "seconds": took}
+        out["proxy_us_per_req"] = out["cpu_proxy"] * 1e6 / max(ok, 1)
         if kind == "fleet" and workers == 1:
             after = admin(aurl, "GET", "/admin/fleet")["this_member"]["pg_statements"]
             out["pg_statements_per_1000"] = (after - before) * 1000 / max(ok, 1)
             out["pg_statements_per_second"] = (after - before) / took
+        if db and workers > 1:
+            time.sleep(2.5)                            # every worker ships (ship_interval 1 s)
+            _p, shipped = asyncio.run(_pg_facts(a.dsn, db))
+            served = sorted(shipped.get(m, 0) - shipped0.get(m, 0) for m in shipped)
+            out["worker_share_min"] = served[0] / max(1, sum(served))
         return out
     finally:
         proc.terminate()
@@ -149,12 +293,17 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432")
     ap.add_argument("--no-credits", action="store_true",
                     help="skip the targets whose customer spends credit leases")
+    ap.add_argument("--python-origin", action="store_true",
+                    help="bench/origin.py (aiohttp) as the origin instead of nginx")
+    ap.add_argument("--load-cpus", help="taskset CPU list for wrk and the origin (e.g. 2)")
+    ap.add_argument("--proxy-cpus",
+                    help="taskset CPU list for the proxy and its workers (e.g. 0,1)")
     a = ap.parse_args()
     targets = [("sqlite", 1, False), ("fleet", 1, False), ("fleet", 2, False)]
     if not a.no_credits:
@@ -162,31 +311,46 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        op = port()
-        origin = subprocess.Popen([PY, str(BENCH / "origin.py"), str(op)], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        origin, origin_url = start_origin(work, a.python_origin, a.load_cpus)
         try:
-            time.sleep(1)
             for _ in range(a.reps):
                 for kind, workers, block in targets:
                     name = f"{kind} workers={workers}" + (" credits(block)" if block else "")
                     results.setdefault(name, []).append(
-                        run_target(kind, workers, block, a, work, f"http://127.0.0.1:{op}"))
-                    print(name, results[name][-1], file=sys.stderr, flush=True)
+                        run_target(kind, workers, block, a, work, origin_url, origin.pid))
+                    print(name, {k: round(v, 3) for k, v in results[name][-1].items()},
+                          file=sys.stderr, flush=True)
         finally:
             origin.terminate()
             origin.wait()
-    print("| target | requests/s (median) | vs the same at workers=1 | PG statements / 1,000 req | PG statements / s |")
-    print("| --- | --- | --- | --- | --- |")
-    med = {n: statistics.median(r["rps"] for r in rs) for n, rs in results.items()}
+    print(report(results))
+
+
+def report(results: dict[str, list[dict[str, float]]]) -> str:
+    def med(rs: list[dict[str, float]], k: str) -> float | None:
+        v = [r[k] for r in rs if k in r]
+        return statistics.median(v) if v else None
+
+    def f(v: float | None, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    lines = ["| target | requests/s (median) | vs workers=1 | runs (requests/s) | proxy CPU s "
+             "| proxy CPU us/req | wrk CPU s | origin CPU s | PG backends CPU s "
+             "| least-loaded worker's share | PG statements / 1,000 req | PG statements / s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, rs in results.items():
-        one = med.get(n.replace("workers=2", "workers=1"), med[n])
-        st = [r["pg_statements_per_1000"] for r in rs if "pg_statements_per_1000" in r]
-        sps = [r["pg_statements_per_second"] for r in rs if "pg_statements_per_second" in r]
-        print(f"| {n} | {med[n]:.0f} | {med[n] / one:.2f}x | "
-              f"{statistics.median(st):.1f} |" if st else f"| {n} | {med[n]:.0f} | "
-              f"{med[n] / one:.2f}x | |", end="")
-        print(f" {statistics.median(sps):.1f} |" if sps else " |")
+        rps = med(rs, "rps")
+        assert rps is not None
+        one = med(results.get(n.replace("workers=2", "workers=1"), rs), "rps") or rps
+        lines.append(
+            f"| {n} | {rps:.0f} | {rps / one:.2f}x | "
+            f"{', '.join(format(r['rps'], '.0f') for r in rs)} | "
+            f"{f(med(rs, 'cpu_proxy'), '.2f')} | {f(med(rs, 'proxy_us_per_req'), '.0f')} | "
+            f"{f(med(rs, 'cpu_wrk'), '.2f')} | {f(med(rs, 'cpu_origin'), '.2f')} | "
+            f"{f(med(rs, 'cpu_pg'), '.2f')} | {f(med(rs, 'worker_share_min'), '.2f')} | "
+            f"{f(med(rs, 'pg_statements_per_1000'), '.1f')} | "
+            f"{f(med(rs, 'pg_statements_per_second'), '.1f')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -577,12 +577,13 @@ def serve(cfg: Config) -> None:
     import uvloop
 
     if cfg.workers > 1 and not cfg.worker:
-        from proxy.fleet.workers import WORKER_ENV, supervise
+        from proxy.fleet.workers import WORKER_ENV, die_with_supervisor, supervise
         index = os.environ.get(WORKER_ENV)
+        logging.basicConfig(level=cfg.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if index is None:
-            logging.basicConfig(level=cfg.log_level.upper(),
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             raise SystemExit(supervise(cfg.workers))
+        die_with_supervisor()
         cfg = cfg.model_copy(update={"worker": int(index)})
 
     logging.basicConfig(level=cfg.log_level.upper(),

@@ -201,9 +201,9 @@ class StorageConfig(_Model):
         default="sqlite",
         description="`sqlite`: one process with its own file (`path`), the default. "
                     "`postgres`: fleet mode, every meterproxy pointed at `dsn` shares one "
-                    "ledger (docs/fleet.md). Fleet mode is being built: this release refuses "
-                    "`postgres` at load rather than serve a fleet from per-process SQLite "
-                    "files.",
+                    "ledger, customers, keys, credit balance (through leases) and Stripe "
+                    "flusher; each member journals locally and ships in batches "
+                    "(docs/fleet.md).",
         examples=["postgres"])
     dsn: str = Field(
         default="",

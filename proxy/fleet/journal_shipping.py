@@ -5,11 +5,15 @@ fleet's ``UsageLedger.materialize`` (``proxy.store.postgres.usage``).
 durability, no network round trip). ``ship_pending`` then moves every journal row after
 the watermark, batch by batch:
 
-1. the rows' grant debits (``proxy.store.postgres.journal.ship_debits``: keyed
-   ``(member_id, seq, index)``, a resend inserts nothing; one transaction);
-2. the rows themselves through ``Shipper.ship`` (``usage_ledger`` keyed
+1. the rows' grant debits (``proxy.store.postgres.journal.ship_debit_columns``: keyed
+   ``(member_id, seq, index)``, a resend inserts nothing; one transaction, none when the
+   batch has no debits);
+2. the rows themselves through ``Shipper.ship_batch`` (``usage_ledger`` keyed
    ``(member_id, seq)``, leases settled from the rows really inserted, the minutes kept by
-   the trigger; one transaction), after which the watermark moves.
+   the trigger; atomic), after which the watermark moves.
+
+Each batch is read from the journal straight into the shipping statements' items
+(``SqliteJournal.batch_after``: one decode per blob, no row objects).
 
 A crash between 1 and 2 resends both: 1 inserts nothing, 2 inserts the rows. So each row is
 counted exactly once in audit, usage and credits (a reader may see a batch's debits a moment
@@ -19,7 +23,7 @@ before its usage).
 from __future__ import annotations
 
 from proxy.store.db import UsageRow
-from proxy.store.postgres.journal import SqliteJournal, ship_debits
+from proxy.store.postgres.journal import SqliteJournal, ship_debit_columns
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 
@@ -48,8 +52,9 @@ class JournalShipping:
             await self.shipper.load_watermark()
             self._loaded = True
         total = 0
-        while rows := self.journal.rows_after(self.shipper.watermark, self.shipper.batch_size):
-            await ship_debits(self.pool, self.member_id, rows)
-            await self.shipper.ship([to_local(s, r) for s, r in rows])
-            total += len(rows)
+        while (b := self.journal.batch_after(self.shipper.watermark,
+                                             self.shipper.batch_size)).usage.rows:
+            await ship_debit_columns(self.pool, self.member_id, b.debits)
+            await self.shipper.ship_batch(b.usage)
+            total += b.usage.rows
         return total

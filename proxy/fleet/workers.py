@@ -17,12 +17,17 @@ Supervision:
   leases; a worker still starting up simply ends); the supervisor waits up to
   ``DRAIN_TIMEOUT`` for them, then SIGKILLs what is left, and exits 0 when every worker
   exited 0.
-- a SIGKILLed supervisor leaves its workers running until they are stopped themselves
-  (run the sidecar under an init that kills the process group, as Kubernetes does).
+- a supervisor that dies without passing anything on (SIGKILL, OOM killer) takes its
+  workers with it: each worker asks the kernel at start for SIGTERM when its parent dies
+  (Linux ``PR_SET_PDEATHSIG``, ``die_with_supervisor``) and so drains as above; a worker
+  whose supervisor was already gone before it asked exits at once. No orphan keeps serving
+  the port. (Elsewhere than Linux the call is not available: the worker logs that it will
+  outlive a killed supervisor.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -35,6 +40,8 @@ from types import FrameType
 log = logging.getLogger("meterproxy.workers")
 
 WORKER_ENV = "METERPROXY_WORKER"
+SUPERVISOR_ENV = "METERPROXY_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1          # linux/prctl.h
 RESTART_BACKOFF = 1.0
 DRAIN_TIMEOUT = 90.0
 POLL = 0.2
@@ -57,7 +64,8 @@ def supervise(workers: int) -> int:
     signal.signal(signal.SIGINT, stop)
 
     def start(i: int) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i)})
+        p = subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i),
+                                       SUPERVISOR_ENV: str(os.getpid())})
         log.info("worker %d started (pid %d)", i, p.pid)
         return p
 
@@ -87,3 +95,21 @@ def supervise(workers: int) -> int:
             codes.append(p.wait())
     # -SIGTERM: a worker still starting up (no handler yet: nothing served, nothing to drain)
     return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
+def die_with_supervisor() -> None:
+    """In a worker, before it serves: SIGTERM this process when the supervisor dies (it then
+    drains like any stopped worker). The supervisor is this process's parent; if it is
+    already gone (it died before the request took effect), exit now."""
+    expected = os.environ.get(SUPERVISOR_ENV)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (%s): this worker will outlive a "
+                        "killed supervisor", os.strerror(err))
+    else:
+        log.warning("not Linux: this worker will outlive a killed supervisor")
+    if expected is not None and os.getppid() != int(expected):
+        log.error("the supervisor (pid %s) is gone; worker exiting", expected)
+        raise SystemExit(0)

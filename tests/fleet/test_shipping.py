@@ -77,3 +77,24 @@ async def test_a_failed_batch_does_not_move_the_watermark(pool: PgPool) -> None:
     assert await _totals(pool) == (0, 0, 0)
     assert (await shipper.ship(_rows(2))).inserted == 4
     assert shipper.watermark == 2
+
+
+async def test_every_text_and_number_arrives_exactly_as_journaled(pool: PgPool) -> None:
+    """The batch travels as one JSON parameter: quotes, backslashes, JSON escapes, control
+    characters, non-ASCII and the 64-bit integer range come back unchanged."""
+    await add_customer(pool, "acme", 0)
+    nasty = ['"quoted"', "back\\slash", "\\u0041 not an escape", "tab\there\nnewline\x01\x1f",
+             "ünï €", "emoji \U0001F600", "'; DROP TABLE members; --", "", " "]
+    big = 2**63 - 1
+    rows = [LocalRow(n + 1, f"req-{t}", big // 2 + n, "acme", t, f"rule {t}", t, 200 + n,
+                     (ShipItem(f"m{t}", big, credits=0, billable=big, flags=t),),
+                     method=t, path=f"/p/{t}")
+            for n, t in enumerate(nasty)]
+    assert (await Shipper(pool, "m1").ship(rows)).inserted == len(nasty)
+    async with pool.acquire() as conn:
+        got = await conn.fetch(
+            "SELECT seq, item, request_id, at_ms, key_id, rule, rules_version, status, method,"
+            " path, meter, quantity, credits, billable, flags FROM usage_ledger ORDER BY seq")
+    assert [tuple(r) for r in got] == [
+        (r.seq, 0, r.request_id, r.at_ms, r.key_id, r.rule, r.rules_version, r.status,
+         r.method, r.path, "m" + r.key_id, big, 0, big, r.key_id) for r in rows]

@@ -98,3 +98,40 @@ async def test_two_workers_share_a_port_restart_when_killed_and_drain_on_sigterm
         kids = _children(sup.pid)
         assert m.proc.terminate(60) == 0
         assert not _alive(kids)
+
+
+async def _refused(url: str) -> bool:
+    """True when nothing accepts connections on ``url``'s port any more."""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url + "/healthz") as r:
+            await r.read()
+            return False
+    except aiohttp.ClientConnectionError:
+        return True
+
+
+async def test_a_sigkilled_supervisor_takes_its_workers_with_it(tmp_path: Path,
+                                                               upstream: str) -> None:
+    async with fleet_of(tmp_path, upstream) as fleet:
+        m = fleet.add("sk")
+        m.proc.cfg.write_text(m.proc.cfg.read_text() + "workers: 2\n")
+        m.proc.proc.kill()            # started before the edit: start again with workers: 2
+        m.proc.proc.wait()
+        m.proc.spawn()
+        await m.proc.wait_ready(60)
+        sup = m.proc.proc
+        assert sup is not None
+        workers = await wait_until(lambda: _children(sup.pid), ok=lambda c: len(c) == 2,
+                                   timeout=20, what="two worker processes")
+        log = m.proc.log
+        await wait_until(lambda: log.read_text().count("meterproxy listening on"),
+                         ok=lambda n: n == 2, timeout=30, what="both workers serving")
+        assert not await _refused(m.url)
+        sup.kill()                    # no signal is passed on: the kernel must do it
+        sup.wait()
+        await wait_until(lambda: _alive(workers), ok=lambda alive: not alive, timeout=60,
+                         what="both workers exited after their supervisor was killed")
+        assert await _refused(m.url)
+        assert await _refused(m.admin)
+        # they drained (SIGTERM from the kernel), they were not killed
+        assert log.read_text().count("shutting down: draining requests") == 2

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.fleet.journal_shipping import JournalShipping
+from proxy.credits.ledger import Entry
+from proxy.fleet.journal_shipping import JournalShipping, to_local
 from proxy.store.db import Store, UsageItem, UsageRow
 from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.shipping import Batch
 from proxy.store.postgres.storage import PostgresStorage
 from tests.store_pg.helpers import C
 
@@ -66,3 +68,39 @@ async def test_usage_materialized_locally_before_shipping_is_still_shipped(
         store.close()
     _s, _e, totals = await pg.usage.usage("acme", T0, T0 + 60)
     assert "api_calls" in totals and totals["api_calls"].requests == 1
+
+
+
+async def test_batch_after_reads_the_same_columns_as_the_row_path(tmp_path: Path) -> None:
+    """The running member ships ``batch_after``'s columns; tests and tools ship rows through
+    ``Batch.of(to_local(...))`` and ``ship_debits``: both must say exactly the same."""
+    store = Store.open(tmp_path / "journal.db", keep_journal=True)
+    try:
+        rows = [_row(0),
+                UsageRow("r1", T0 + 1.2345, "beta", "k2", "chat", "v2", 201,
+                         [UsageItem("in", 7 * C, credits=3, billable=5, flags="x"),
+                          UsageItem("out", C)],
+                         debits=[("in", Entry("g1", "debit", -3))], method="POST",
+                         path="/v1/chat"),
+                _row(2)]
+        for r in rows:
+            fut = store.record(r, True)
+            assert fut is not None
+            await fut
+        journal = SqliteJournal(store.conn)
+        got = journal.batch_after(1, 10)
+        pairs = journal.rows_after(1, 10)
+        none = journal.batch_after(3, 10)
+    finally:
+        store.close()
+    want = Batch.of([to_local(s, r) for s, r in pairs])
+    assert list(got.usage.items) == list(want.items)
+    assert len(got.usage.items) == 3                      # one entry per usage item
+    assert got.usage.payload() == want.payload()
+    assert (got.usage.rows, got.usage.top, got.usage.credits) == (2, 3, True)
+    assert (want.rows, want.top, want.credits) == (2, 3, True)
+    assert [list(c) for c in got.debits] == [
+        ["beta"], ["g1"], ["debit"], [-3], ["r1"], ["in"], [int((T0 + 1.2345) * 1000)],
+        [2], [0]]
+    assert (none.usage.rows, none.usage.top, none.usage.credits, none.debits) == \
+        (0, 0, False, [])
