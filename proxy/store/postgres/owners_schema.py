@@ -26,7 +26,8 @@ Migration 3 is SQLite's migration 8 (the billing lifecycle, docs/credits.md): a 
 customer's anchor (``customers.created_at`` exists since migration 1), ``plan_invoices``
 (each subscription invoice a plan grant waits on or was paid by) and ``trueups`` (each ended
 period's minimum-commitment decision). Migration 4 is SQLite's migration 9:
-``customers.currency``.
+``customers.currency``. Migration 6 is SQLite's migration 10: ``customers.credit_mode`` and
+``grant_mirrors`` (the monetary credits mode, docs/credits.md).
 """
 
 from __future__ import annotations
@@ -118,6 +119,26 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE UNIQUE INDEX credit_entries_closed_once ON credit_entries(grant_id, kind)
         WHERE kind IN ('expire', 'void');
+    """,
+    # 6: the monetary credits mode (SQLite's migration 10): a customer's mode, and each
+    # local grant's Stripe credit grant mirror (owner proxy/store/postgres/mirrors.py)
+    """
+    ALTER TABLE customers ADD COLUMN credit_mode TEXT
+        CHECK (credit_mode IS NULL OR credit_mode IN ('units', 'monetary'));
+    CREATE TABLE grant_mirrors (
+        grant_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        want TEXT NOT NULL CHECK (want IN ('live', 'void')),
+        done TEXT NOT NULL DEFAULT 'none' CHECK (done IN ('none', 'live', 'void')),
+        stripe_grant_id TEXT,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'mirrored', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE INDEX grant_mirrors_due ON grant_mirrors(status, next_attempt_at);
     """,
 )
 
