@@ -280,6 +280,28 @@ class StripeClient:
             cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
         return str(got.id)
 
+    async def find_credit_grant(self, customer: str, local_id: str,
+                                page_size: int = 100) -> tuple[str, bool] | None:
+        """The customer's Stripe credit grant that mirrors local grant ``local_id``
+        (``metadata.meterproxy_grant``), as (id, voided), or None: ``GET
+        /v1/billing/credit_grants?customer=`` read page by page (``find`` before a create
+        makes a retry after a lost answer, or after the idempotency key expired, a no-op)."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"customer": customer, "limit": page_size}
+            if after is not None:
+                params["starting_after"] = after
+            page = await _call(self._sdk.v1.billing.credit_grants.list_async(
+                cast(Any, params)))
+            raw: dict[str, Any] = page.to_dict()
+            data = raw.get("data") or []
+            for g in data:
+                if (g.get("metadata") or {}).get("meterproxy_grant") == local_id:
+                    return str(g["id"]), g.get("voided_at") is not None
+            if not raw.get("has_more") or not data:
+                return None
+            after = str(data[-1]["id"])
+
     async def void_credit_grant(self, grant_id: str) -> None:
         """``POST /v1/billing/credit_grants/{id}/void``: the grant no longer counts (voiding
         twice is a StripeRejected)."""
