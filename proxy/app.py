@@ -228,7 +228,9 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         previews = PreviewCache(preview_client)
     # the routes the proxy answers itself on the public port (routed by the pipeline on the
     # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
-    own_routes = [*ConsumerApi(rt, auth, credits, previews).routes(),
+    consumer = ConsumerApi(rt, auth, credits, previews)
+    consumer.money = money
+    own_routes = [*consumer.routes(),
                   web.route("*", WEBHOOK_PATH, webhooks.handle)]
     if fleet is None:
         pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)

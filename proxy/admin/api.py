@@ -143,6 +143,10 @@ async def post_customer(request: web.Request) -> web.Response:
         effective = mode or rt.cfg.credits.mode
         if effective == "monetary":
             problems = rules_problems(rt.cfg.storage.backend, rt.rules, True)
+            known = rt.prices()
+            problems += [f"meter {m!r}'s Stripe price is not fetched yet; retry shortly"
+                         for m in sorted({u.meter for r in rt.rules.rules for u in r.usage})
+                         if m not in known and not problems]
             if monetary is None:
                 problems.append("the monetary credits mode is not running in this process")
             else:
@@ -179,7 +183,9 @@ async def get_customer(request: web.Request) -> web.Response:
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
     credits = request.app.get(CREDITS)
-    report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust, credits)
+    monetary = request.app.get(MONETARY)
+    report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust, credits,
+                                   account=monetary.money.account(cid) if monetary else None)
     out = cust.to_json()
     out["period"] = report["period"]
     # documented shape: quantity this period per meter (only meters with usage)
@@ -191,7 +197,6 @@ async def get_customer(request: web.Request) -> web.Response:
         out.update({"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
                     "credits": credits.summary(cid),
                     "credit_ledger": await credits.entries(cid, limit=50)})
-        monetary = request.app.get(MONETARY)
         acct = monetary.money.account(cid) if monetary is not None else None
         if acct is not None:
             now = time.time()

@@ -16,9 +16,9 @@ compared with Stripe's.
   is untouched and a crash between it and the row is repaired by the next pass (the book is
   rebuilt from the ledger). A due row is worked by looking for the Stripe grant first
   (``metadata.meterproxy_grant``, ``StripeClient.find_credit_grant``), then creating it
-  with the idempotency key ``meterproxy-grant-<local id>`` or voiding it: a crash before or
-  after a Stripe call, a lost answer or a retry days later neither loses nor duplicates a
-  Stripe grant. Failures are retried with backoff (1 s doubling to 1 h) and dead-lettered
+  (idempotency key ``meterproxy-grant-<local id>-<attempt>``) or voiding it: a crash before
+  or after a Stripe call, a lost answer or a retry days later neither loses nor duplicates
+  a Stripe grant. Failures are retried with backoff (1 s doubling to 1 h) and dead-lettered
   after ``credits.mirror_max_attempts``, or at once when Stripe refuses the request.
 - ``balance_check``: Stripe's credit balance summary against the local balance
   (``proxy.credits.monetary.balance_check``: before the period's invoice is finalized,
@@ -64,8 +64,12 @@ def category(g: GrantState) -> Category:
     return "paid" if g.source.startswith("stripe:") else "promotional"
 
 
-def idempotency_key(grant_id: str) -> str:
-    return f"meterproxy-grant-{grant_id}"
+def idempotency_key(r: GrantMirrorRecord) -> str:
+    """The create's key: the local grant id and the row's attempt (its attempt count and
+    last change), so a resend of one attempt replays it, while the next attempt is a new
+    request (Stripe stores a 5xx answer under its key too and would replay it for 24 h).
+    Duplicates across attempts are prevented by ``find_credit_grant`` before each create."""
+    return f"meterproxy-grant-{r.grant_id}-{r.attempts}-{r.updated_at}"
 
 
 class MonetaryService:
@@ -223,8 +227,7 @@ class MonetaryService:
                 params = credit_grant_params(g, scid, currency, category(g))
             except ValueError as exc:
                 raise StripeRejected(str(exc)) from exc
-            sid = await stripe.create_credit_grant(params,
-                                                   idempotency_key=idempotency_key(g.id))
+            sid = await stripe.create_credit_grant(params, idempotency_key=idempotency_key(r))
             metrics.credit_grant_mirrors_total.labels("created").inc()
             await self.mirrors.progress(r.grant_id, "live", sid, at)
             return

@@ -116,6 +116,9 @@ class InvoicePreview:
     period: tuple[int, int]
     lines: list[PreviewLine]
     has_more: bool                  # lines beyond the first page were not read
+    # billing credits (credit grants) the invoice applies, minor units: ``total`` is net
+    # of them, each line's ``amount`` is not
+    credits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +268,13 @@ class StripeClient:
                                    price if isinstance(price, str) else None,
                                    item if isinstance(item, str) else None,
                                    str(ln.get("description") or "")))
+        credits = sum(int(c.get("amount") or 0)
+                      for c in raw.get("total_pretax_credit_amounts") or ()
+                      if c.get("type") == "credit_balance_transaction")
         return InvoicePreview(str(raw.get("currency") or ""), int(raw.get("total") or 0),
                               (int(raw.get("period_start") or 0),
                                int(raw.get("period_end") or 0)),
-                              out, bool(lines_obj.get("has_more")))
+                              out, bool(lines_obj.get("has_more")), credits)
 
     # ---- billing credits (monetary credits mirrored as Stripe credit grants) --------------
 
