@@ -113,7 +113,7 @@ async def _usage_page(p: Proxy, key: str) -> dict[str, Any]:
 async def _mirrored(p: Proxy, n: int) -> list[dict[str, Any]]:
     async def done() -> list[dict[str, Any]] | None:
         rows: list[dict[str, Any]] = (await p.admin(
-            "GET", "/admin/credits/mirrors", expect=200))["mirrors"]
+            "GET", "/admin/credits/mirrors?customer_id=acme", expect=200))["mirrors"]
         return rows if len(rows) == n and all(r["status"] == "mirrored" for r in rows) \
             else None
     got = await wait_until(done, what=f"{n} grant(s) mirrored to Stripe")
@@ -178,6 +178,13 @@ async def test_a_volume_price_burns_the_tier_of_the_total(
     """150 units on a volume price are 20 cents each: the last 50 burn 500 cents (3000 -
     2500), where unit credits would bill them 25 cents each at Stripe."""
     p, key = await _monetary_proxy(make_proxy, stripe_double, VOLUME)
+    await p.customer_with_key("bob")                        # monetary too (the default)
+    err = await p.admin("POST", "/admin/customers/bob/grants", {"credits": "0.001"},
+                        expect=400)                         # money: whole cents only
+    assert "minor unit" in err["error"]["message"]
+    got = await p.admin("POST", "/admin/customers/bob/grants", {"credits": "1.005"},
+                        expect=201)
+    assert got["credits"] == "1"                            # rounded down to the cent
     await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"}, expect=201)
     assert await _call(p, key, 100) == 200
     before = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["balance"]

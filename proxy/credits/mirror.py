@@ -96,6 +96,12 @@ class MonetaryService:
         """The customer's credits mode: its own ``credit_mode``, else ``credits.mode``."""
         return c.credit_mode or self.cfg.mode
 
+    def quantum(self, customer_id: str) -> int:
+        """Micro-credits in one minor unit of the customer's currency when it is monetary
+        (``CreditService.quantum``: grants are whole minor units), else 1."""
+        acct = self.money.account(customer_id)
+        return acct.per_minor if acct is not None else 1
+
     def problems(self, c: Customer) -> list[str]:
         """Why this customer's prices cannot be burned in money (a currency mismatch)."""
         return account_prices(dict(self.prices()), c.currency)[2]

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proxy.credits.book import CreditBook
@@ -53,6 +54,10 @@ class CreditService:
         self.book = book
         self.ledger: CreditLedger = ledger if ledger is not None else SqliteCreditLedger(store)
         self._wake = asyncio.Event()
+        # the monetary credits mode: micro-credits in one minor unit of a monetary
+        # customer's currency (1 for a unit-mode customer); a grant is rounded down to it,
+        # since a Stripe credit grant holds whole minor units (proxy.credits.mirror)
+        self.quantum: Callable[[str], int] = lambda _customer_id: 1
 
     # ---- grants --------------------------------------------------------------------------
 
@@ -75,6 +80,11 @@ class CreditService:
             raise InvalidInput(f"credits: {exc}") from exc
         if amount <= 0:
             raise InvalidInput("credits must be a positive decimal string")
+        if (q := self.quantum(customer_id)) > 1:
+            amount -= amount % q
+            if amount <= 0:
+                raise InvalidInput("credits of a monetary customer are money: at least one "
+                                   "minor unit of its currency (0.01 USD, 1 JPY)")
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100:
             raise InvalidInput("priority must be an integer from 0 (burns first) to 100")
         prio: int = priority
