@@ -217,6 +217,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                storage.mirrors, credits.book, money, rt.prices, mirror_client)
     await monetary.sync()                 # every monetary account open before listening
     credits.quantum = monetary.quantum
+    credits.on_taken = monetary.taken
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,

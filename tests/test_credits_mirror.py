@@ -31,6 +31,7 @@ from proxy.periods import period_bounds
 from proxy.pricing import line_amount, price_from_stripe
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
+from proxy.store.protocols import LedgerEntry
 from proxy.store.sqlite import SqliteStorage
 from proxy.stripe.client import InvoicePreview, StripeClient
 from proxy.units import QSCALE
@@ -276,6 +277,20 @@ class Rig:
                                    self.owners.mirrors, self.credits.book, MoneyBook(),
                                    lambda: prices, self.client, clock=lambda: self.clock)
         await self.svc.sync()
+        self.credits.on_taken = self.svc.taken
+
+    async def spend(self, cents: int) -> None:
+        """A request's burn of ``cents``, as settlement books it (a ``bill`` customer)."""
+        acct = self.svc.money.account("acme")
+        assert acct is not None
+        cost, now = cents * 10_000, self.clock
+        book = self.credits.book
+        hold = book.try_hold("acme", cost, now, block=False)
+        assert hold is not None
+        [(entries, uncovered)] = book.settle(hold, [cost], now)
+        await self.owners.ledger.append([LedgerEntry("acme", e, meter="api_calls", at=now)
+                                         for e in entries])
+        acct.cover("api_calls", cost - uncovered, now)
 
     async def close(self) -> None:
         await self.client.close()
@@ -389,3 +404,59 @@ async def test_the_balance_check_explains_a_grant_voided_only_at_stripe(rig: Rig
     assert (check["stripe"], check["difference"]) == (0, -1000)
     assert "Stripe holds less" in check["explanation"]
     assert metrics.credit_balance_mismatch._value.get() == 1
+
+
+async def test_a_claw_back_replaces_the_stripe_grant_with_what_is_left(rig: Rig) -> None:
+    """Credits taken from a mirrored grant without a request spending them (a refund's
+    claw-back, a repayment of debt): a Stripe grant cannot shrink, so it is voided and a
+    replacement holds the rest; what the open period spent from it stays in it (Stripe
+    applies that when it finalizes the invoice). The balance check agrees at every step."""
+    g, _ = await rig.credits.grant("acme", "10", source="stripe:in_1",
+                                   payment=(("in_1", "ch_1"), 1000))
+    await rig.pass_()
+    await rig.spend(300)                                   # 3.00 spent this period
+
+    def live() -> list[tuple[str, int]]:
+        return sorted((x.metadata["meterproxy_grant"], x.value)
+                      for x in rig.stripe_grants() if x.voided_at is None)
+
+    [out] = await rig.credits.claw_back("acme", ["ch_1"], 500, "refund:ch_1", "evt_1")
+    assert out["unused_taken"] == "5"                      # half the pack refunded
+    await rig.pass_()
+    assert live() == [(f"{g.id}#t5000000", 500)]           # 10 - 5 taken (3 spent stays)
+    check = await rig.svc.balance_check("acme")
+    assert (check["local_balance"], check["expected"], check["stripe"]) == (200, 500, 500)
+
+    # more of it refunded: 2.00 unused taken, 1.00 of the spent part becomes debt
+    [out] = await rig.credits.claw_back("acme", ["ch_1"], 800, "refund:ch_1", "evt_2")
+    assert (out["unused_taken"], out["debt"]) == ("2", "1")
+    await rig.pass_()
+    assert live() == [(f"{g.id}#t7000000", 300)]
+    check = await rig.svc.balance_check("acme")
+    assert (check["expected"], check["stripe"], check["difference"]) == (300, 300, 0)
+
+    # the next grant repays the debt first: its Stripe grant holds what is left of it
+    await rig.credits.grant("acme", "5")
+    await rig.pass_()
+    await rig.pass_()
+    assert sum(v for _k, v in live()) == 300 + 400
+    check = await rig.svc.balance_check("acme")
+    assert (check["local_balance"], check["expected"], check["stripe"]) == (400, 700, 700)
+    rows = await rig.owners.mirrors.rows()
+    assert {r.status for r in rows} == {"mirrored"}
+
+
+async def test_after_a_restart_every_mirrored_grant_is_checked_for_credits_taken(
+        rig: Rig) -> None:
+    """A claw-back whose wake-up was lost with the process is found by the first pass of
+    the next one."""
+    g, _ = await rig.credits.grant("acme", "10", source="stripe:in_1",
+                                   payment=(("in_1",), 1000))
+    await rig.pass_()
+    rig.credits.on_taken = None                            # the signal is lost
+    await rig.credits.claw_back("acme", ["in_1"], 1000, "refund:in_1", "evt_1")
+    await rig.restart()
+    await rig.pass_()
+    assert [x.value for x in rig.stripe_grants() if x.voided_at is None] == []
+    [row] = [r for r in await rig.owners.mirrors.rows() if r.grant_id == g.id]
+    assert (row.want, row.done) == ("void", "void")

@@ -39,9 +39,10 @@ from proxy.backoff import backoff
 from proxy.config import CreditsConfig
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
-from proxy.credits.monetary import Category, balance_check, credit_grant_params
+from proxy.credits.monetary import Category, balance_check, credit_grant_params, micro_per_minor
 from proxy.credits.money import MoneyBook, account_prices
 from proxy.errors import StripeCallError, StripeRejected
+from proxy.periods import period_bounds
 from proxy.pricing import Price
 from proxy.store.keys import Customer, KeyCache
 from proxy.store.protocols import CreditLedger, GrantMirrorRecord, GrantMirrors, UsageLedger
@@ -49,6 +50,7 @@ from proxy.stripe.client import StripeClient
 
 log = logging.getLogger("meterproxy.credits.monetary")
 
+TAKEN = "#t"
 FIRST_RETRY = 1.0
 MAX_RETRY = 3600.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
@@ -62,6 +64,15 @@ def category(g: GrantState) -> Category:
     """``paid`` for what a Stripe payment bought (packs, plan allowances, prorations: their
     source is ``stripe:<invoice or event>``), ``promotional`` for the rest (admin grants)."""
     return "paid" if g.source.startswith("stripe:") else "promotional"
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """A mirror row's key: a local grant id, or ``<grant id>#t<micro-credits taken>`` for
+    the Stripe grant that replaces the grant's mirror once credits left it without a request
+    spending them (a claw-back's ``refund``, a ``repay`` of debt): Stripe grants cannot
+    shrink, so the old one is voided and a replacement holds what is left."""
+    base, sep, taken = key.partition(TAKEN)
+    return base, (int(taken) if sep and taken.isdigit() else None)
 
 
 def idempotency_key(r: GrantMirrorRecord) -> str:
@@ -91,6 +102,14 @@ class MonetaryService:
         self._known: dict[str, str] | None = None
         self.last_check: dict[str, dict[str, Any]] = {}
         self.wake = asyncio.Event()
+        self._taken_from: set[str] = set()      # customers whose grants lost credits
+        self._scanned = False                   # every account scanned once since start
+
+    def taken(self, customer_id: str) -> None:
+        """``CreditService.on_taken``: credits left a grant of this customer without a
+        request spending them; its Stripe grants are re-checked on the next pass."""
+        self._taken_from.add(customer_id)
+        self.wake.set()
 
     def mode(self, c: Customer) -> str:
         """The customer's credits mode: its own ``credit_mode``, else ``credits.mode``."""
@@ -155,21 +174,38 @@ class MonetaryService:
     # ---- the mirror -----------------------------------------------------------------------
 
     async def discover(self) -> int:
-        """A mirror row for every grant of a monetary customer that has none, and ``void``
-        for every mirrored grant voided here; returns the rows changed."""
+        """Mirror rows for the book's grants of monetary customers: ``live`` for a grant
+        with none (live or not yet effective), ``void`` for every live row of a grant voided
+        here, and after a claw-back or a debt repayment took credits from a mirrored grant
+        (re-checked for the customers ``taken`` names, and for everyone once after start) a
+        replacement row ``<grant>#t<taken>`` with the rows it replaces voided. Returns the
+        rows changed."""
         if self._known is None:
             self._known = await self.mirrors.known()
         known = self._known
+        by_base: dict[str, list[str]] = {}
+        for k in known:
+            by_base.setdefault(split_key(k)[0], []).append(k)
+        if self._scanned:
+            scan, self._taken_from = self._taken_from, set()
+        else:
+            scan, self._scanned = {a.customer_id for a in self.money.accounts()}, True
         now = self.clock()
         rows: list[tuple[str, str, str]] = []
         for acct in self.money.accounts():
-            for g in self.book.grants(acct.customer_id):
-                had = known.get(g.id)
+            cid = acct.customer_id
+            for g in self.book.grants(cid):
+                keys = by_base.get(g.id, [])
+                live = [k for k in keys if known[k] == "live"]
                 if g.voided:
-                    if had == "live":
-                        rows.append((g.id, g.customer_id, "void"))
-                elif had is None and (g.live(now) or g.pending(now)):
-                    rows.append((g.id, g.customer_id, "live"))
+                    rows += [(k, cid, "void") for k in live]
+                elif not keys:
+                    if g.live(now) or g.pending(now):
+                        rows.append((g.id, cid, "live"))
+                elif cid in scan and live and (t := await self._taken(g.id)):
+                    key = f"{g.id}{TAKEN}{t}"
+                    if key not in known:
+                        rows += [(k, cid, "void") for k in live] + [(key, cid, "live")]
         if not rows:
             return 0
         n = await self.mirrors.want(rows, int(now))
@@ -177,13 +213,35 @@ class MonetaryService:
             known[gid] = want
         return n
 
+    async def _taken(self, grant_id: str) -> int:
+        """Micro-credits that left the grant without a request spending them."""
+        return await self.ledger.entry_total(grant_id, "refund") \
+            + await self.ledger.entry_total(grant_id, "repay")
+
+    async def _value(self, g: GrantState, taken: int | None, anchor: int | None,
+                     per_minor: int) -> int:
+        """What the grant's Stripe credit grant holds (micro-credits, whole minor units):
+        its amount less what was taken from it (``taken``, else the ledger's figure now)
+        and less what requests spent from it before the open period (applied by Stripe to
+        invoices already finalized). What the open period spends stays in it: Stripe
+        applies that when it finalizes the period's invoice."""
+        if taken is None:
+            taken = await self._taken(g.id)
+        start_ms = period_bounds(anchor, self.clock())[0] * 1000
+        before = sum(e.amount for e in await self.ledger.entries(g.customer_id,
+                                                                 COVERED_SCAN_LIMIT)
+                     if e.grant_id == g.id and e.kind == "debit" and e.at_ms < start_ms)
+        value = max(g.amount - taken - before, 0)
+        return value - value % per_minor
+
     async def mirror_due(self, limit: int = 100) -> int:
         """Work the due rows once; returns how many reached the state they want."""
         if self.stripe is None:
             return 0
         done = 0
         now = self.clock()
-        for r in await self.mirrors.due(now, limit):
+        # voids first: a replacement is never live at Stripe beside the grant it replaces
+        for r in sorted(await self.mirrors.due(now, limit), key=lambda r: r.want != "void"):
             try:
                 await self._mirror(r)
                 done += 1
@@ -223,27 +281,36 @@ class MonetaryService:
             if r.want == "void":            # never created at Stripe: nothing to void
                 await self.mirrors.progress(r.grant_id, "void", None, at)
                 return
-            g = self.book.grant(r.grant_id)
+            base, taken = split_key(r.grant_id)
+            g = self.book.grant(base)
             if g is None:
-                raise MirrorProblem(f"no local grant {r.grant_id!r}")
+                raise MirrorProblem(f"no local grant {base!r}")
             acct = self.money.account(r.customer_id)
             currency = acct.currency if acct is not None else \
                 account_prices(dict(self.prices()), cust.currency if cust else None)[0]
-            try:
-                params = credit_grant_params(g, scid, currency, category(g))
-            except ValueError as exc:
-                raise StripeRejected(str(exc)) from exc
+            per = micro_per_minor(currency)
+            if g.amount % per:
+                raise StripeRejected(f"{g.amount} micro-credits is not a whole number of"
+                                     f" {currency} minor units")
+            value = await self._value(g, taken, cust.billing_anchor if cust else None, per)
+            if value <= 0:                  # nothing left to hold at Stripe
+                await self.mirrors.progress(r.grant_id, "live", None, at)
+                return
+            shown = GrantState(r.grant_id, g.customer_id, value, g.priority, g.expires_at,
+                               g.created_at, g.source, effective_at=g.effective_at)
+            params = credit_grant_params(shown, scid, currency, category(g))
             sid = await stripe.create_credit_grant(params, idempotency_key=idempotency_key(r))
             metrics.credit_grant_mirrors_total.labels("created").inc()
             await self.mirrors.progress(r.grant_id, "live", sid, at)
             return
-        if r.want == "void" and r.done == "live" and r.stripe_grant_id:
-            try:
-                await stripe.void_credit_grant(r.stripe_grant_id)
-            except StripeRejected as exc:
-                if "already voided" not in str(exc):
-                    raise
-            metrics.credit_grant_mirrors_total.labels("voided").inc()
+        if r.want == "void":
+            if r.stripe_grant_id:
+                try:
+                    await stripe.void_credit_grant(r.stripe_grant_id)
+                except StripeRejected as exc:
+                    if "already voided" not in str(exc):
+                        raise
+                metrics.credit_grant_mirrors_total.labels("voided").inc()
             await self.mirrors.progress(r.grant_id, "void", None, at)
             return
         await self.mirrors.progress(r.grant_id, r.done, None, at)   # nothing left to do

@@ -58,6 +58,10 @@ class CreditService:
         # customer's currency (1 for a unit-mode customer); a grant is rounded down to it,
         # since a Stripe credit grant holds whole minor units (proxy.credits.mirror)
         self.quantum: Callable[[str], int] = lambda _customer_id: 1
+        # called with a customer id when credits left one of its grants without a request
+        # spending them (a claw-back's refund, a repayment of debt): the monetary mode's
+        # Stripe credit grants must shrink too (proxy.credits.mirror)
+        self.on_taken: Callable[[str], None] | None = None
 
     # ---- grants --------------------------------------------------------------------------
 
@@ -103,6 +107,8 @@ class CreditService:
             repaid = self.book.repayment(g, time.time())
             if repaid:
                 self.book.apply(repaid, customer_id)
+                if self.on_taken is not None:
+                    self.on_taken(customer_id)
             self._wake.set()
             log.info("granted %s credits to %s (%s, %s)", fmt_micro(amount), customer_id, g.id,
                      source)
@@ -124,6 +130,8 @@ class CreditService:
                 await self.ledger.append([LedgerEntry(cid, e, at=now) for e in entries])
                 self.book.apply(entries, cid)
                 n += len(entries)
+                if self.on_taken is not None:
+                    self.on_taken(cid)
         return n
 
     async def void(self, grant_id: str) -> GrantState:
@@ -180,6 +188,8 @@ class CreditService:
         if applied:
             self.book.apply(applied, customer_id)
             log.info("clawed back from %s (%s): %s", customer_id, key, out)
+            if self.on_taken is not None:
+                self.on_taken(customer_id)
         return out
 
     async def payment_customer(self, refs: list[str]) -> str | None:
