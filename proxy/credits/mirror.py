@@ -11,7 +11,9 @@ compared with Stripe's.
   decides a mode: it finds an account or not. A customer switched mid-period is priced on
   the period total recorded when its account opens (docs/credits.md).
 - ``discover`` + ``mirror_due``: the mirror. Every grant of a monetary customer gets a
-  ``grant_mirrors`` row (``GrantMirrors.want``: ``live``, or ``void`` once voided here),
+  ``grant_mirrors`` row (``GrantMirrors.want``: ``live``, or ``void`` once voided here;
+  after a claw-back or a debt repayment took credits from it, a replacement row
+  ``<grant>#t<taken>`` holding what is left, the older rows voided: ``split_key``),
   found by comparing the credit book with the rows, so the grant's own ledger transaction
   is untouched and a crash between it and the row is repaired by the next pass (the book is
   rebuilt from the ledger). A due row is worked by looking for the Stripe grant first
