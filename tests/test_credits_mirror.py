@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy import metrics
@@ -236,6 +237,41 @@ async def test_credit_mode_per_customer_overrides_the_default(
     assert "credit_mode" in err["error"]["message"]
     await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200)
     assert money.account("acme") is None
+
+
+async def test_a_restart_goes_on_from_the_period_so_far(
+        tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
+    """The account reopens with the period's total and what credits covered: the next 1M
+    units burn tier 2's 100 cents, not the flat fee again."""
+    from proxy import config as config_mod
+    from proxy.app import start
+    from tests.conftest import write_config
+
+    _seed(stripe_double, GRADUATED)
+    cfg = write_config(tmp_path, upstream, RULES, stripe=_stripe(stripe_double),
+                       credits={"mode": "monetary"})
+    session = aiohttp.ClientSession()
+    try:
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+            await p.admin("POST", "/admin/customers/acme/grants", {"credits": "4"}, expect=201)
+            assert await _call(p, key, 1_000_000) == 200
+        finally:
+            await server.shutdown()
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            acct = server.monetary.money.account("acme")      # type: ignore[union-attr]
+            assert acct is not None
+            assert (acct.burned(time.time()), acct.covered(time.time())) == (700, 400 * 10_000)
+            assert await _call(p, key, 1_000_000) == 200
+            assert _burned(p) == 800
+        finally:
+            await server.shutdown()
+    finally:
+        await session.close()
 
 
 async def test_start_refuses_monetary_rules_without_a_stripe_price(

@@ -163,6 +163,7 @@ class MonetaryService:
 
     async def open(self, c: Customer, currency: str, prices: Mapping[str, Price],
                    now: float) -> None:
+        await self.usage.materialize()      # usage (and its debits) still in the journal
         start, _end, totals = await self.usage.usage(c.id, now=now)
         covered: dict[str, int] = {}
         start_ms = int(start * 1000)
