@@ -219,6 +219,32 @@ async def test_a_block_customer_is_refused_the_money_its_reservation_would_burn(
         assert r.status == 402 and body["error"]["required"] == "2.5"
 
 
+async def test_a_block_customer_s_hint_is_held_in_money(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """A ``reserve_from`` hint raises the hold to the money its quantity would burn (the
+    usage's ``credits:`` rate only enables the hint and the learning: its value is not
+    used in the monetary mode)."""
+    _seed(stripe_double, VOLUME)
+    rules = RULES.replace("quantity: request.header.x-units}",
+                          "quantity: request.header.x-units, credits: 1, estimate: 1,"
+                          " reserve_from: request.header.x-max}")
+    p = await make_proxy(rules_text=rules, stripe=_stripe(stripe_double),
+                         credits={"mode": "monetary"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "5"}, expect=201)
+
+    async def call(units: int, most: int) -> tuple[int, dict[str, Any]]:
+        async with p.session.get(p.url + "/v1/items", headers={
+                "Authorization": f"Bearer {key}", "X-Units": str(units),
+                "X-Max": str(most)}) as r:
+            return r.status, await r.json(content_type=None)
+
+    status, body = await call(2, 30)                   # 30 x 25 cents = 7.50 > 5.00
+    assert status == 402 and body["error"]["required"] == "7.5"
+    assert (await call(2, 20))[0] == 200                # 20 x 25 cents = 5.00 fits
+    assert _burned(p) == 50                             # the 2 units measured
+
+
 async def test_credit_mode_per_customer_overrides_the_default(
         make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
     _seed(stripe_double, GRADUATED)

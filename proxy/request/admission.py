@@ -165,19 +165,20 @@ class Admission:
         if money is not None and money.active \
                 and (acct := money.account(hold.customer_id)) is not None:
             res = self.reservations
-            extra = money.quote(acct, res.quantities(rule, request_json, request.headers,
-                                                     request.query), now) \
-                - money.quote(acct, res.quantities(rule), now)
+            required = money.quote(acct, res.quantities(rule, request_json, request.headers,
+                                                        request.query), now)
+            extra = required - money.quote(acct, res.quantities(rule), now)
             cust = self.rt.keys.customers.get(hold.customer_id)
             block = cust is not None and cust.overage == "block" and not self.shadow
         else:
             extra = self.reservations.for_rule(rule).hint_extra(request_json, request.headers,
                                                                 request.query)
+            required = self.admission_cost(rule) + extra
             block = hold.debt_ok
         if book.grow(hold, extra, now, block=block):
             return
         book.release(hold)
-        raise self.refusal(hold.customer_id, self.admission_cost(rule) + extra, now)
+        raise self.refusal(hold.customer_id, required, now)
 
     def refusal(self, customer_id: str, cost: int, now: float) -> HttpError:
         book = self.book
