@@ -258,11 +258,20 @@ async def test_credit_mode_per_customer_overrides_the_default(
     assert cust["credit_mode"] == "monetary" and money.account("acme") is not None
     assert await _call(p, key, 1_000_000) == 200
     assert _burned(p) == 700
+    # while a customer is monetary, rules that leave a meter unpriced are refused on reload
+    from proxy.app import reload_rules
+    (p.tmp / "rules.yaml").write_text(RULES.replace(", price_id: price_calls", ""))
+    assert await reload_rules(p.server.rt) is False
+    assert "has no Stripe price" in (p.server.rt.rules_error or "")
     err = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "cash"},
                         expect=400)
     assert "credit_mode" in err["error"]["message"]
     await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200)
     assert money.account("acme") is None
+    assert await reload_rules(p.server.rt) is True      # no monetary customer left
+    err = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
+                        expect=409)
+    assert "has no Stripe price" in err["error"]["message"]
 
 
 async def test_a_restart_goes_on_from_the_period_so_far(
