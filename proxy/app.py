@@ -285,6 +285,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.on_stop.append(alerts.close)
     if previews is not None:
         server.on_stop.append(previews.stripe.close)
+    if mirror_client is not None:
+        server.on_stop.append(mirror_client.close)
     server.tasks.append(_task(undo, "webhooks", webhooks.run()))
     notices = NoticeWatch(storage.usage, storage.alerts, keys, notice_settings(cfg.alerts),
                           prices=rt.prices, on_new=alerts.wake)

@@ -43,7 +43,7 @@ from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
 from proxy.credits.monetary import Category, balance_check, credit_grant_params, micro_per_minor
 from proxy.credits.money import MoneyBook, account_prices
-from proxy.errors import StripeCallError, StripeRejected
+from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
 from proxy.periods import period_bounds
 from proxy.pricing import Price
 from proxy.store.keys import Customer, KeyCache
@@ -58,7 +58,7 @@ MAX_RETRY = 3600.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
 
 
-class MirrorProblem(Exception):
+class MirrorProblem(MeterproxyError):
     """A row that cannot be mirrored for a local reason (retried like a Stripe outage)."""
 
 
