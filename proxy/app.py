@@ -28,7 +28,7 @@ import aiosqlite
 from aiohttp import web
 
 from proxy import metrics
-from proxy.admin.api import FLEET_CREDITS, REFUSALS, build_admin_app
+from proxy.admin.api import FLEET_CREDITS, MONETARY, REFUSALS, build_admin_app
 from proxy.admin.billing import billing_routes
 from proxy.admin.credits import credit_routes
 from proxy.admin.fleet import FLEET, fleet_routes
@@ -38,6 +38,8 @@ from proxy.alerts import AlertSender
 from proxy.commitments import TRUEUP_INTERVAL, TrueUpTask
 from proxy.config import Config, split_hostport
 from proxy.credits.ledger import Entry
+from proxy.credits.mirror import MonetaryService
+from proxy.credits.money import MoneyBook, in_use, rules_problems
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.errors import ConfigError, FileProblem
@@ -95,6 +97,7 @@ class Server:
     admin_port: int = 0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     fleet: Fleet | None = None          # fleet mode (storage.backend postgres)
+    monetary: MonetaryService | None = None     # the monetary credits mode's duties
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     on_stop: list[Callable[[], Any]] = field(default_factory=list)
     # tasks stopped by a signal and awaited (never cancelled mid-call): (stop, task)
@@ -206,6 +209,21 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                                       on_new=alerts.wake)
     flusher = build_flusher(rt, sink, fleet)
     meter_check = await _check_meters(rt, undo)
+    money = MoneyBook()
+    problems = monetary_rules_problems(rt, rules)
+    if problems:
+        raise ConfigError([f"credits: {p}" for p in problems])
+    mirror_client = None
+    if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":
+        mirror_client = stripe_connect(cfg.stripe)
+        undo.push_async_callback(mirror_client.close)
+        if fleet is None and monetary_in_use(rt):
+            await _first_prices(rt)       # monetary burns need the Stripe prices at once
+    monetary = MonetaryService(cfg.credits, keys, storage.usage, storage.ledger,
+                               storage.mirrors, credits.book, money, rt.prices, mirror_client)
+    await monetary.sync()                 # every monetary account open before listening
+    credits.quantum = monetary.quantum
+    credits.on_taken = monetary.taken
 
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
@@ -218,13 +236,16 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         previews = PreviewCache(preview_client)
     # the routes the proxy answers itself on the public port (routed by the pipeline on the
     # canonical path): the consumer API under the reserved prefix, and the Stripe webhook
-    own_routes = [*ConsumerApi(rt, auth, credits, previews).routes(),
+    consumer = ConsumerApi(rt, auth, credits, previews)
+    consumer.money = money
+    own_routes = [*consumer.routes(),
                   web.route("*", WEBHOOK_PATH, webhooks.handle)]
     if fleet is None:
         pipeline = Pipeline(rt, auth, credits.book, watch, own_routes)
     else:       # credits through the member's leases (proxy.fleet.credits)
         pipeline = Pipeline(rt, auth, fleet.credits, watch, own_routes,
                             lease_admit=fleet.credits.lease_admit)
+    pipeline.admission.money = pipeline.settlement.money = money
     # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
     # in a deprecated per-request shim ("Bare functions are deprecated")
     public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
@@ -247,6 +268,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     if fleet is not None:
         admin_app[FLEET] = fleet
         admin_app[FLEET_CREDITS] = fleet
+    admin_app[MONETARY] = monetary
     admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
     await public.setup()
     undo.push_async_callback(public.cleanup)
@@ -263,13 +285,15 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                     flusher=flusher, webhooks=webhooks, alerts=alerts, connections=guard,
                     meter_check=meter_check, reconciler=reconciler,
                     public_port=_bound_port(site), admin_port=_bound_port(asite),
-                    fleet=fleet)
+                    fleet=fleet, monetary=monetary)
     await alerts.start()
     undo.push_async_callback(alerts.close)
     server.tasks.append(_task(undo, "alert-sender", alerts.run()))
     server.on_stop.append(alerts.close)
     if previews is not None:
         server.on_stop.append(previews.stripe.close)
+    if mirror_client is not None:
+        server.on_stop.append(mirror_client.close)
     server.tasks.append(_task(undo, "webhooks", webhooks.run()))
     notices = NoticeWatch(storage.usage, storage.alerts, keys, notice_settings(cfg.alerts),
                           prices=rt.prices, on_new=alerts.wake)
@@ -300,6 +324,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     server.graceful.append((flusher.stop, _task(undo, "flusher",
                                                 flusher.run(cfg.stripe.flush_interval))))
     server.tasks.append(_task(undo, "credit-expiry", credits.run_expiry()))
+    server.tasks.append(_task(undo, "monetary-credits", monetary.run()))
     server.on_stop.append(lambda: _final_flush(flusher))
     if fleet is not None:
         server.on_stop.append(fleet.close)     # ship, release leases, resign, close the pool
@@ -413,6 +438,30 @@ def _bound_port(site: web.TCPSite) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
+def monetary_in_use(rt: Runtime) -> bool:
+    """``credits.mode: monetary``, or a customer set to it."""
+    return in_use(rt.cfg.credits.mode, rt.keys.customers.values())
+
+
+def monetary_rules_problems(rt: Runtime, rules: RuleSet) -> list[str]:
+    """Why these rules cannot be priced in money while the monetary mode is in use."""
+    return rules_problems(rt.cfg.storage.backend, rules, monetary_in_use(rt))
+
+
+async def _first_prices(rt: Runtime) -> None:
+    """Fetch the rules' ``price_id`` prices once (``_keep_prices`` keeps them fresh)."""
+    ids = sorted({m.price_id for m in rt.rules.meters.values() if m.price_id})
+    if not ids or rt.price_cache is not None:
+        return
+    conn = stripe_connect(rt.cfg.stripe)
+    try:
+        cache = PriceCache.for_stripe(conn, ids, rt.cfg.stripe.price_refresh)
+        await cache.refresh()
+        rt.price_cache = cache
+    finally:
+        await conn.close()
+
+
 def _refuse_reload(rt: Runtime, problems: list[str]) -> bool:
     rt.rules_error = "\n".join(problems)
     metrics.rules_reloads_total.labels("error").inc()
@@ -449,6 +498,8 @@ async def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
             new = load_ruleset(rt.cfg)
         except RulesError as exc:
             return _refuse_reload(rt, [str(p) for p in exc.problems])
+    if problems := monetary_rules_problems(rt, new):
+        return _refuse_reload(rt, [f"credits: {p}" for p in problems])
     if new.version != rt.rules.version:
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)

@@ -445,6 +445,35 @@ class CreditPlan(_Model):
 class CreditsConfig(_Model):
     """Prepaid credits: enforcement and the Stripe webhook mappings that grant them."""
 
+    mode: Literal["units", "monetary"] = Field(
+        default="units",
+        description="What a credit is, for every customer without a `credit_mode` of its own "
+                    "(set through the admin API, which takes precedence). `units`: a usage's "
+                    "`credits:` rate prices it in credits, and only the units credits do not "
+                    "cover are reported to Stripe (Stripe's tiers see the uncovered count; use "
+                    "flat per-unit prices). `monetary`: a credit is one major unit of the "
+                    "price's currency (1 USD, 1 JPY); a request burns the marginal price of its "
+                    "quantity on the customer's period total (Stripe's tiers, flat fees and "
+                    "rounding), every unit is reported to Stripe, and every grant is mirrored "
+                    "as a Stripe credit grant that Stripe applies to the invoice "
+                    "(docs/credits.md). Every metered meter then needs a Stripe price "
+                    "(`price` or `price_id` in the rules), all in one currency.",
+        examples=["monetary"])
+    balance_check_interval: Duration = Field(
+        default=3600.0,
+        description="Monetary mode with a Stripe key: how often each monetary customer's "
+                    "local credit balance is compared with Stripe's credit balance summary "
+                    "(`meterproxy_credit_balance_mismatch`; 0 = only on demand, "
+                    "`POST /admin/credits/balance-check`).",
+        examples=["15m"])
+    mirror_max_attempts: int = Field(
+        default=12, ge=1, le=1000,
+        description="Monetary mode: failed attempts to mirror one grant to Stripe (retried "
+                    "with exponential backoff, 1 s doubling up to 1 h) before it is "
+                    "dead-lettered (`GET /admin/credits/mirrors?status=dead`, requeued by "
+                    "`POST /admin/credits/mirrors/requeue`).",
+        examples=[20])
+
     enforcement: Literal["enforce", "shadow"] = Field(
         default="enforce",
         description="`enforce`: a `block` customer without credits gets 402 "
@@ -728,6 +757,15 @@ class Config(_Model):
                 "workers > 1 needs storage.backend: postgres. With SQLite every worker process "
                 "would keep its own in-memory credit book (each could spend the whole balance) "
                 "and run its own Stripe flusher; fleet mode shares both through PostgreSQL")
+        return self
+
+    @model_validator(mode="after")
+    def _monetary_needs_one_process(self) -> Config:
+        if self.credits.mode == "monetary" and self.storage.backend == "postgres":
+            raise ValueError(
+                "credits.mode: monetary needs storage.backend: sqlite for now. A monetary "
+                "burn is priced on the customer's period total, which fleet members do not "
+                "share yet (docs/credits.md)")
         return self
 
     @field_validator("rules", mode="before")

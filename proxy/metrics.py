@@ -260,3 +260,22 @@ fleet_lease_refills_total = Gauge("meterproxy_fleet_lease_refills",
 fleet_pg_statements = Gauge("meterproxy_fleet_pg_statements",
                             "Statements this member has run on its PostgreSQL pool",
                             registry=REGISTRY)
+
+# the monetary credits mode (proxy.credits.mirror): grants mirrored as Stripe credit grants
+# and the local balances compared with Stripe's credit balance summaries
+credit_grant_mirrors_total = Counter(
+    "meterproxy_credit_grant_mirrors_total",
+    "Stripe credit grant mirror attempts by outcome (created, found, voided, retry, dead)",
+    ["outcome"], registry=REGISTRY)
+credit_grant_mirrors = Gauge(
+    "meterproxy_credit_grant_mirrors_waiting",
+    "Local grants of monetary customers whose Stripe credit grant is not mirrored yet"
+    " (pending) or was dead-lettered (dead)", ["status"], registry=REGISTRY)
+credit_balance_mismatch = Gauge(
+    "meterproxy_credit_balance_mismatch",
+    "Monetary customers whose Stripe credit balance differed from the local one at the last"
+    " balance check", registry=REGISTRY)
+credit_balance_checks_total = Counter(
+    "meterproxy_credit_balance_checks_total",
+    "Monetary balance checks by result (match, mismatch, error)", ["result"],
+    registry=REGISTRY)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import stripe
@@ -236,3 +237,45 @@ async def test_double_validates_credit_grants_as_stripe_does(
         await stripe_client.v1.billing.credit_balance_summary.retrieve_async(
             {"customer": "cus_1"})  # type: ignore[typeddict-item]
     assert err.value.param == "filter[type]"
+
+
+async def test_the_double_s_preview_applies_grants_to_metered_lines_in_stripe_s_order(
+        client: StripeClient, stripe_double: RunningDouble) -> None:
+    """Credits apply to metered price lines only (never to invoice items), from live
+    grants, by priority, then the earliest expiry, then promotional before paid; the total
+    is net of them, the lines are not; nothing is consumed by a preview."""
+    import time as _time
+
+    from proxy.periods import period_bounds
+    d = stripe_double.state
+    d.add_meter("api_calls", id="mtr_calls")
+    d.add_price({"id": "price_calls", "currency": "usd", "billing_scheme": "per_unit",
+                 "unit_amount_decimal": "10", "recurring": {"meter": "mtr_calls"}})
+    d.add_subscription("cus_1", ["price_calls"], period_bounds(None, _time.time()))
+    now = int(_time.time())
+    await client.send_meter_event(event_name="api_calls", stripe_customer_id="cus_1",
+                                  value=50, identifier="e1", timestamp=now - 60,
+                                  idempotency_key="e1")
+    d.invoice_items.create({"customer": "cus_1", "amount": 700, "currency": "usd"})
+
+    def grant(cents: int, category: str = "paid", **kw: Any) -> None:
+        g = GrantState(f"g{cents}", "c", cents * 10_000, **kw)
+        d.credit_grants.create(credit_grant_params(g, "cus_1", "usd", category))  # type: ignore[arg-type]
+
+    grant(300, priority=50)                                    # no expiry: last
+    grant(150, priority=50, expires_at=now + 3600)
+    grant(200, "promotional", priority=50, expires_at=now + 3600)
+    grant(100, priority=10)                                    # highest priority: first
+    grant(999, effective_at=now + 3600)                        # not effective yet
+    preview = await client.preview_invoice("cus_1")
+    [metered] = [ln for ln in preview.lines if ln.price == "price_calls"]
+    assert metered.amount == 500 and preview.credits == 500          # capped at the line
+    assert preview.total == 500 + 700 - 500                          # the item is not covered
+    again = await client.preview_invoice("cus_1")
+    assert again.credits == 500                                      # nothing consumed
+    raw = d.credit_grants
+    [applied] = raw.preview_credits("cus_1", "usd", [500])
+    value = {g.id: g.value for g in raw.grants.values()}
+    # priority, then the earliest expiry, then promotional before paid
+    assert [(value[g], a) for g, a in applied] == [(100, 100), (200, 200), (150, 150),
+                                                   (300, 50)]

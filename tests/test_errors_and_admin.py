@@ -168,7 +168,7 @@ async def test_admin_customers_keys_usage_csv_metrics(proxy: Proxy) -> None:
                                 expect=201)
     assert created == {"id": "acme", "stripe_customer_id": "cus_1", "status": "active",
                        "overage": "block", "billing_anchor": None, "minimum_commitment": 0,
-                       "currency": None}
+                       "currency": None, "credit_mode": None}
     anchored = await proxy.admin("POST", "/admin/customers",
                                  {"id": "acme", "billing_anchor": "2026-01-15T00:00:00Z",
                                   "minimum_commitment": 5000}, expect=200)

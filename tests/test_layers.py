@@ -59,6 +59,7 @@ PLACE: dict[str, str] = {
     "proxy.credits.reserve": "pure",
     "proxy.credits.plans": "pure",
     "proxy.credits.monetary": "pure",
+    "proxy.credits.money": "pure",
     "proxy.fleet": "services",          # the package docstring; its pure modules below
     "proxy.fleet.sizing": "pure",
     "proxy.fleet.clock": "pure",
@@ -72,6 +73,7 @@ PLACE: dict[str, str] = {
 
     "proxy.credits.service": "services",
     "proxy.credits.thresholds": "services",
+    "proxy.credits.mirror": "services",
     "proxy.fleet.book": "services",
     "proxy.fleet.journal_shipping": "services",
     "proxy.fleet.settings": "services",

@@ -65,7 +65,7 @@ async def test_every_route_is_documented_and_every_operation_has_a_route(
         if path.startswith(prefix):               # the consumer API: GET (and HEAD)
             routes.add(("GET", path))
     assert routes == documented_operations()
-    assert len(routes) == 33
+    assert len(routes) == 36
 
 
 # ---- (b) the document is valid and served ------------------------------------------------------
@@ -75,7 +75,7 @@ async def test_the_document_is_valid_openapi_3_1_and_served_by_the_admin_port(pr
     assert DOC["openapi"] == "3.1.0"
     ops = [op["operationId"] for item in DOC["paths"].values() for m, op in item.items()
            if m in METHODS]
-    assert len(ops) == len(set(ops)) == 33
+    assert len(ops) == len(set(ops)) == 36
     async with proxy.session.get(proxy.admin_url + "/admin/openapi.json",
                                  headers=proxy.admin_headers) as r:
         assert r.status == 200 and r.content_type == "application/json"
@@ -179,6 +179,8 @@ NOT_EXERCISED = {
     ("POST", WEBHOOK_PATH, 413): "a body over the cap: test_webhooks.py",
     ("POST", WEBHOOK_PATH, 503): "webhook secret unset: test_webhooks.py",
     ("GET", "/admin/fleet", 200): "fleet mode: tests/fleet/test_members_flusher.py validates it",
+    ("POST", "/admin/credits/balance-check", 409):
+        "needs a proxy without Stripe: tests/test_credits_mirror.py",
 }
 
 
@@ -220,6 +222,9 @@ async def exercise_every_operation(c: Checker, live: Live) -> None:
     err = await call("POST", "/admin/customers", 400, json={"id": "acme", "minimum_commitment": -1})
     assert err["error"]["param"] == "minimum_commitment"
     await call("POST", "/admin/customers", 401, auth=False, json={"id": "x"})
+    err = await call("POST", "/admin/customers", 409, json={"id": "acme",
+                                                          "credit_mode": "monetary"})
+    assert err["error"]["type"] == "monetary_unavailable"     # the test rules have no prices
     await call("POST", "/admin/customers", 201, json={"id": "nostripe"})   # dead-letters below
     assert [x["id"] for x in await call("GET", "/admin/customers", 200)] == ["acme", "nostripe"]
     await call("GET", "/admin/customers", 401, auth=False)
@@ -276,6 +281,18 @@ async def exercise_every_operation(c: Checker, live: Live) -> None:
     ledger = await call("GET", "/admin/customers/{id}/credits/ledger", 200, params=acme)
     assert [(e["kind"], e["credits"]) for e in ledger["entries"]] == [("void", "0.5")]
     await call("GET", "/admin/customers/{id}/credits/ledger", 401, params=acme, auth=False)
+
+    # the monetary credits mode (no monetary customer here: tests/test_credits_mirror.py)
+    assert await call("GET", "/admin/credits/mirrors", 200) == {"mirrors": []}
+    await call("GET", "/admin/credits/mirrors", 400, query={"status": "lost"})
+    await call("GET", "/admin/credits/mirrors", 401, auth=False)
+    assert await call("POST", "/admin/credits/mirrors/requeue", 200) == {"requeued": 0}
+    await call("POST", "/admin/credits/mirrors/requeue", 400, json={"grant_ids": "x"})
+    await call("POST", "/admin/credits/mirrors/requeue", 401, auth=False)
+    assert await call("POST", "/admin/credits/balance-check", 200) == {"checks": []}
+    await call("POST", "/admin/credits/balance-check", 404, json={"customer_id": "acme"})
+    await call("POST", "/admin/credits/balance-check", 400, json={"customer": "acme"})
+    await call("POST", "/admin/credits/balance-check", 401, auth=False)
 
     # usage and exports
     usage = await call("GET", "/admin/customers/{id}/usage", 200, params=acme)

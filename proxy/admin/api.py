@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
 from proxy.admin import input as ain
+from proxy.credits.mirror import MonetaryService
+from proxy.credits.money import Account, rules_problems
 from proxy.credits.service import CreditService
 from proxy.errors import HttpError, InvalidInput
 from proxy.flusher import Flusher
@@ -29,6 +31,7 @@ from proxy.http_errors import error_response
 from proxy.loglimit import LogLimiter
 from proxy.meter_check import MeterCheck
 from proxy.periods import default_usage_range
+from proxy.pricing import fmt_minor
 from proxy.reconcile import Reconciler
 from proxy.reports.exports import stream_export
 from proxy.reports.usage_report import customer_report
@@ -52,6 +55,7 @@ WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 RECONCILE_GRACE = web.AppKey("reconcile_grace", float)
 METER_CHECK = web.AppKey("meter_check", MeterCheck)
+MONETARY = web.AppKey("monetary", MonetaryService)
 
 
 class FleetCreditView(Protocol):
@@ -118,7 +122,7 @@ async def post_customer(request: web.Request) -> web.Response:
     rt = request.app[RT]
     body = await _json_body(request)
     unknown = set(body) - {"id", "stripe_customer_id", "overage", "status", "billing_anchor",
-                           "minimum_commitment", "currency"}
+                           "minimum_commitment", "currency", "credit_mode"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
     scid = body.get("stripe_customer_id")
@@ -142,8 +146,39 @@ async def post_customer(request: web.Request) -> web.Response:
         billing if "billing_anchor" in body or "minimum_commitment" in body else None)
     if currency is not None and await rt.owners().customers.set_currency(cust.id, currency):
         cust = await rt.owners().customers.get(cust.id) or cust
+    if "credit_mode" in body:
+        mode = keystore.credit_mode_value(body["credit_mode"])
+        monetary = request.app.get(MONETARY)
+        effective = mode or rt.cfg.credits.mode
+        if effective == "monetary":
+            problems = rules_problems(rt.cfg.storage.backend, rt.rules, True)
+            known = rt.prices()
+            problems += [f"meter {m!r}'s Stripe price is not fetched yet; retry shortly"
+                         for m in sorted({u.meter for r in rt.rules.rules for u in r.usage})
+                         if m not in known and not problems]
+            if monetary is None:
+                problems.append("the monetary credits mode is not running in this process")
+            else:
+                problems += monetary.problems(cust)
+            if problems:
+                raise HttpError("credit_mode monetary cannot price this customer's usage: "
+                                + "; ".join(problems), status=409, type_="monetary_unavailable")
+        if await rt.owners().customers.set_credit_mode(cust.id, mode):
+            cust = await rt.owners().customers.get(cust.id) or cust
     await _refresh_cache(rt)
+    if (monetary := request.app.get(MONETARY)) is not None:
+        await monetary.sync()                   # the account opens (or closes) now
     return jok(cust.to_json(), 201 if created else 200)
+
+
+def money_json(acct: Account, balance_micro: int, now: float) -> dict[str, Any]:
+    """A monetary customer's credits in money: the balance (formatted in its currency) and
+    what the open period has burned, and how much of it credits covered."""
+    cur = acct.currency
+    return {"mode": "monetary", "currency": cur,
+            "balance": fmt_minor(balance_micro // acct.per_minor, cur),
+            "period_burned": fmt_minor(acct.burned(now), cur),
+            "period_covered_by_credits": fmt_minor(acct.covered(now) // acct.per_minor, cur)}
 
 
 async def list_customers(request: web.Request) -> web.Response:
@@ -157,7 +192,9 @@ async def get_customer(request: web.Request) -> web.Response:
     if cust is None:
         raise LookupError(f"no customer {cid!r}")
     credits = request.app.get(CREDITS)
-    report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust, credits)
+    monetary = request.app.get(MONETARY)
+    report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust, credits,
+                                   account=monetary.money.account(cid) if monetary else None)
     out = cust.to_json()
     out["period"] = report["period"]
     # documented shape: quantity this period per meter (only meters with usage)
@@ -169,6 +206,10 @@ async def get_customer(request: web.Request) -> web.Response:
         out.update({"unreported_remainder": {k: fmt_micro(v) for k, v in rem.items()},
                     "credits": credits.summary(cid),
                     "credit_ledger": await credits.entries(cid, limit=50)})
+        acct = monetary.money.account(cid) if monetary is not None else None
+        if acct is not None:
+            now = time.time()
+            out["credits"]["money"] = money_json(acct, credits.book.balance(cid, now), now)
     if (fleet := request.app.get(FLEET_CREDITS)) is not None:
         out["fleet_credits"] = await fleet.customer_credits(cid)
     return jok(out)

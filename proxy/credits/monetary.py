@@ -1,8 +1,9 @@
 """Monetary credits (issue 12, finding 2): the pure math and the Stripe shapes.
 
-NOT WIRED YET: the request path still settles unit credits (docs/credits.md, "What of issue
-12 is still open"). This module holds what the monetary mode is built on, tested on its own
-(tests/test_credits_monetary.py) against the pricing engine and the Stripe double:
+The monetary credits mode (docs/credits.md, "Two credits modes") is built on this module,
+tested on its own (tests/test_credits_monetary.py) against the pricing engine and the Stripe
+double; ``proxy.credits.money`` keeps the accounts settlement burns against and
+``proxy.credits.mirror`` mirrors grants and checks balances:
 
 - Credits are money in the price's currency: 1 credit = 1 major unit (1 USD, 1 JPY), kept
   as micro-credits like unit credits, so 1 cent is 10,000 micro-credits and 1 yen 1,000,000
@@ -21,9 +22,9 @@ NOT WIRED YET: the request path still settles unit credits (docs/credits.md, "Wh
   (``stripe_available``); ``balance_check`` compares it with Stripe's summary and explains
   a difference.
 - The Stripe calls are ``proxy.stripe.client.StripeClient`` methods:
-  ``create_credit_grant`` (idempotent on its key), ``void_credit_grant``,
-  ``expire_credit_grant``, ``credit_balance_summary``. Nothing calls them on the request
-  path or from a background task yet, and no config selects the monetary mode.
+  ``create_credit_grant`` (idempotent on its key), ``find_credit_grant``,
+  ``void_credit_grant``, ``credit_balance_summary``, made by the background
+  ``MonetaryService`` (``proxy.credits.mirror``), never on the request path.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def summary_available(summary: Mapping[str, Any], currency: str) -> int | None:
 
 def stripe_available(local_balance_micro: int, open_period_burned_minor: int,
                      currency: str) -> int:
-    """What Stripe's available balance should be (minor units): the local balance plus
-    what the open period has burned locally (Stripe applies credits at finalization)."""
-    return to_minor(max(local_balance_micro, 0), currency) + open_period_burned_minor
+    """What Stripe's available balance should be (minor units): the local balance (whole
+    minor units, rounded down: a claw-back can leave a fraction Stripe cannot hold) plus
+    what credits covered in the open period (Stripe applies credits at finalization)."""
+    return max(local_balance_micro, 0) // micro_per_minor(currency) + open_period_burned_minor
 
 
 def balance_check(local_balance_micro: int, open_period_burned_minor: int,

@@ -173,3 +173,26 @@ class Reservations:
         r = RuleReserve(rule, constant, ests, tuple(hinted))
         self._by_rule[id(rule)] = r
         return r
+
+    def quantities(self, rule: Rule, request_json: object = None,
+                   headers: Mapping[str, str] | None = None,
+                   query: Mapping[str, str] | None = None) -> list[tuple[str, int]]:
+        """(meter, micro-units) a request of ``rule`` holds at admission, for the monetary
+        mode (which prices quantities, not ``credits:`` rates): constants as they are, other
+        usages the learned reservation (the floor for a usage without a ``credits:`` rate),
+        raised to the request's ``reserve_from`` hint when ``headers`` are given."""
+        r = self.for_rule(rule)
+        out: list[tuple[str, int]] = []
+        for u in rule.usage:
+            if u.source.kind is SourceKind.CONSTANT and u.source.constant is not None:
+                out.append((u.meter, to_micro(u.source.constant)))
+                continue
+            e = r.estimators.get(u.meter)
+            micro = e.micro if e is not None else (
+                u.estimate_micro if u.estimate_micro is not None else self.default_estimate)
+            if headers is not None:
+                h = hint_micro(u, request_json, headers, query or {})
+                if h is not None and h > micro:
+                    micro = h
+            out.append((u.meter, micro))
+        return out

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proxy.credits.book import CreditBook
@@ -53,6 +54,14 @@ class CreditService:
         self.book = book
         self.ledger: CreditLedger = ledger if ledger is not None else SqliteCreditLedger(store)
         self._wake = asyncio.Event()
+        # the monetary credits mode: micro-credits in one minor unit of a monetary
+        # customer's currency (1 for a unit-mode customer); a grant is rounded down to it,
+        # since a Stripe credit grant holds whole minor units (proxy.credits.mirror)
+        self.quantum: Callable[[str], int] = lambda _customer_id: 1
+        # called with a customer id when credits left one of its grants without a request
+        # spending them (a claw-back's refund, a repayment of debt): the monetary mode's
+        # Stripe credit grants must shrink too (proxy.credits.mirror)
+        self.on_taken: Callable[[str], None] | None = None
 
     def wake(self) -> None:
         """Re-plan the expiry loop (the book changed from outside: fleet mode's reload)."""
@@ -79,6 +88,11 @@ class CreditService:
             raise InvalidInput(f"credits: {exc}") from exc
         if amount <= 0:
             raise InvalidInput("credits must be a positive decimal string")
+        if (q := self.quantum(customer_id)) > 1:
+            amount -= amount % q
+            if amount <= 0:
+                raise InvalidInput("credits of a monetary customer are money: at least one "
+                                   "minor unit of its currency (0.01 USD, 1 JPY)")
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100:
             raise InvalidInput("priority must be an integer from 0 (burns first) to 100")
         prio: int = priority
@@ -97,6 +111,8 @@ class CreditService:
             repaid = self.book.repayment(g, time.time())
             if repaid:
                 self.book.apply(repaid, customer_id)
+                if self.on_taken is not None:
+                    self.on_taken(customer_id)
             self._wake.set()
             log.info("granted %s credits to %s (%s, %s)", fmt_micro(amount), customer_id, g.id,
                      source)
@@ -118,6 +134,8 @@ class CreditService:
                 await self.ledger.append([LedgerEntry(cid, e, at=now) for e in entries])
                 self.book.apply(entries, cid)
                 n += len(entries)
+                if self.on_taken is not None:
+                    self.on_taken(cid)
         return n
 
     async def void(self, grant_id: str) -> GrantState:
@@ -174,6 +192,8 @@ class CreditService:
         if applied:
             self.book.apply(applied, customer_id)
             log.info("clawed back from %s (%s): %s", customer_id, key, out)
+            if self.on_taken is not None:
+                self.on_taken(customer_id)
         return out
 
     async def payment_customer(self, refs: list[str]) -> str | None:

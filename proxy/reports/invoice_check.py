@@ -52,10 +52,13 @@ def explain(local_units: int, stripe_units: int, local_amount: int, stripe_amoun
 
 def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
             preview: InvoicePreview,
-            undelivered: Mapping[str, int] | None = None) -> dict[str, Any]:
+            undelivered: Mapping[str, int] | None = None,
+            local_credits: int | None = None) -> dict[str, Any]:
     """``local``: meter -> (whole units billed, amount in minor units) as meterproxy computes
     the period so far; ``price_ids``: meter -> its Stripe price id. Amounts are in the
-    preview's currency."""
+    preview's currency. ``local_credits`` (monetary credits mode): what this period's
+    usage took from the credits here, minor units, beside the billing credits Stripe's
+    preview applies (``credits``)."""
     cur = preview.currency
     by_price: dict[str, list[int]] = {}
     other: list[dict[str, Any]] = []
@@ -90,7 +93,7 @@ def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
             else "not on Stripe's invoice: the subscription has no line for this meter's price"})
     other_total = sum(int(o["amount_minor"]) for o in other)
     stripe_total += other_total
-    return {
+    out = {
         "currency": cur, "period": {"start": preview.period[0], "end": preview.period[1]},
         "lines": lines, "other_lines": other,
         "local_total": fmt_minor(local_total, cur), "stripe_total": fmt_minor(stripe_total, cur),
@@ -98,6 +101,21 @@ def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
         "difference_minor": stripe_total - local_total,
         "complete": not preview.has_more,
     }
+    if local_credits is not None or preview.credits:
+        mine = local_credits or 0
+        d = preview.credits - mine
+        out["credits"] = {
+            "local": fmt_minor(mine, cur), "stripe": fmt_minor(preview.credits, cur),
+            "difference": fmt_minor(d, cur), "difference_minor": d,
+            "local_amount_due": fmt_minor(local_total - mine + other_total, cur),
+            "stripe_amount_due": fmt_minor(stripe_total - preview.credits, cur),
+            "explanation": "matches" if d == 0 else
+            ("Stripe applies more credit than this period's usage took here: a grant voided or"
+             " clawed back here is still live at Stripe, or usage not on Stripe's invoice yet"
+             if d > 0 else
+             "Stripe applies less credit than this period's usage took here: a grant not"
+             " mirrored to Stripe yet, or one that expires before the invoice is finalized")}
+    return out
 
 
 class PreviewCache:

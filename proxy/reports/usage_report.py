@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from proxy.credits.money import Account
 from proxy.credits.service import CreditService
 from proxy.periods import TRAILING, day_starts, period_bounds, project
 from proxy.pricing import (
@@ -110,9 +111,13 @@ def _grant(g: Mapping[str, Any]) -> dict[str, Any]:
 async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[str, Price],
                           customer: Customer, credits: CreditService | None,
                           now: float | None = None,
-                          preview: InvoicePreview | str | None = None) -> dict[str, Any]:
+                          preview: InvoicePreview | str | None = None,
+                          account: Account | None = None) -> dict[str, Any]:
     """The usage report; ``preview``: Stripe's invoice preview (or why there is none), shown
-    beside the local view with the difference explained (``invoice_check.compare``)."""
+    beside the local view with the difference explained (``invoice_check.compare``).
+    ``account``: the customer's monetary credits account (``proxy.credits.money``): its
+    credits are money, shown in its currency, and the upcoming invoice shows what they
+    cover (Stripe applies the mirrored credit grants when it finalizes the invoice)."""
     now = time.time() if now is None else now
     prices = prices_in(prices, customer.currency)     # currency_options in its currency
     start, end = period_bounds(customer.billing_anchor, now)
@@ -247,14 +252,30 @@ async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[st
         "history": [{"day": rfc3339(d)[:10], "meters": hist[d]} for d in days],
         "prices": {m: price_json(p) for m, p in sorted(prices.items())},
     }
+    covered = account.covered(now) // account.per_minor if account is not None else None
+    if account is not None and covered is not None:
+        cur = account.currency
+        out["upcoming_invoice"].update(
+            credits_applied=fmt_minor(covered, cur),
+            amount_due=fmt_minor(total_so_far - covered, cur),
+            note="Usage so far this period, as Stripe will itemise it; each line is rounded "
+                 "once, to the cent. Your credits are applied to these lines when the "
+                 "invoice is finalized.")
     if isinstance(preview, str):
         out["invoice_preview"] = {"error": preview}
     elif preview is not None:
         out["invoice_preview"] = compare(
             {m: (whole_units(billable[m]), so_far.get(m, 0)) for m in prices},
-            {m: p.id for m, p in prices.items() if p.id}, preview)
-    if credits is not None and credits.book.has_credits(cid):
+            {m: p.id for m, p in prices.items() if p.id}, preview, local_credits=covered)
+    if credits is not None and (credits.book.has_credits(cid) or account is not None):
         summary = credits.summary(cid, now)
         summary["grants"] = [_grant(g) for g in summary["grants"]]
+        if account is not None:
+            cur = account.currency
+            balance = credits.book.balance(cid, now)
+            summary["money"] = {
+                "currency": cur, "balance": fmt_minor(balance // account.per_minor, cur),
+                "balance_text": money(balance // account.per_minor, cur),
+                "period_covered_by_credits": fmt_minor(covered or 0, cur)}
         out["credits"] = summary
     return out

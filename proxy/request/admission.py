@@ -33,6 +33,7 @@ from multidict import istr
 
 from proxy import metrics
 from proxy.credits.book import CreditBook, Hold
+from proxy.credits.money import MoneyBook
 from proxy.credits.reserve import Reservations
 from proxy.errors import HttpError
 from proxy.rules import Rule
@@ -61,6 +62,8 @@ class Admission:
         # requests in flight per customer (limits.per_customer_concurrency; 0 = unlimited)
         self.max_per_customer = cfg.limits.per_customer_concurrency or 1 << 62
         self.in_flight: dict[str, int] = {}
+        # the monetary credits mode (proxy.credits.money): set by the composition root
+        self.money: MoneyBook | None = None
 
     def admit(self, rule: Rule | None, customer_id: str, metered: bool,
               held: Hold | None = None, gate: bool = True) -> Hold | None:
@@ -147,10 +150,18 @@ class Admission:
         block = cust is not None and cust.overage == "block"
         if not block and not book.has_credits(customer_id):
             return None                           # pay-as-you-go: nothing to hold
-        cost = self.admission_cost(rule)
         now = time.time()
         enforce = block and not self.shadow
-        hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
+        money = self.money
+        if money is not None and money.active \
+                and (acct := money.account(customer_id)) is not None:
+            # monetary: hold the money the reservation would burn; what credits do not cover
+            # is invoiced by Stripe (all usage is reported), never debt
+            cost = money.quote(acct, self.reservations.quantities(rule), now)
+            hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=False)
+        else:
+            cost = self.admission_cost(rule)
+            hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
         if hold is not None:
             if block and self.shadow and cost > book.available(customer_id, now) + hold.amount:
                 metrics.credit_shadow_rejections_total.inc()
@@ -163,13 +174,25 @@ class Admission:
         (block customers: 402 when it does not fit). Only rules that name a hint get here."""
         book = self.book
         assert book is not None
-        extra = self.reservations.for_rule(rule).hint_extra(request_json, request.headers,
-                                                            request.query)
         now = time.time()
-        if book.grow(hold, extra, now, block=hold.debt_ok):
+        money = self.money
+        if money is not None and money.active \
+                and (acct := money.account(hold.customer_id)) is not None:
+            res = self.reservations
+            required = money.quote(acct, res.quantities(rule, request_json, request.headers,
+                                                        request.query), now)
+            extra = required - money.quote(acct, res.quantities(rule), now)
+            cust = self.rt.keys.customers.get(hold.customer_id)
+            block = cust is not None and cust.overage == "block" and not self.shadow
+        else:
+            extra = self.reservations.for_rule(rule).hint_extra(request_json, request.headers,
+                                                                request.query)
+            required = self.admission_cost(rule) + extra
+            block = hold.debt_ok
+        if book.grow(hold, extra, now, block=block):
             return
         book.release(hold)
-        raise self.refusal(hold.customer_id, self.admission_cost(rule) + extra, now)
+        raise self.refusal(hold.customer_id, required, now)
 
     def refusal(self, customer_id: str, cost: int, now: float) -> HttpError:
         book = self.book

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.input import time_range
+from proxy.credits.money import MoneyBook
 from proxy.credits.service import CreditService
 from proxy.errors import HttpError
 from proxy.periods import period_bounds
@@ -69,6 +70,7 @@ class ConsumerApi:
         self.auth = auth
         self.credits = credits
         self.previews = previews        # Stripe invoice previews (a Stripe key configured)
+        self.money: MoneyBook | None = None     # monetary credits (set by the composition root)
 
     def routes(self) -> list[web.RouteDef]:
         prefix = self.rt.cfg.reserved_prefix.rstrip("/")
@@ -98,7 +100,8 @@ class ConsumerApi:
         preview = await self.previews.get(cust.stripe_customer_id) \
             if self.previews is not None and cust.stripe_customer_id else None
         report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
-                                       self.credits, preview=preview)
+                                       self.credits, preview=preview,
+                                       account=self.money.account(cid) if self.money else None)
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 

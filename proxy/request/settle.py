@@ -19,6 +19,7 @@ from typing import Any
 from proxy import metrics
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import Entry, covered_quantity
+from proxy.credits.money import MoneyBook
 from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.request.context import RequestContext
@@ -62,6 +63,8 @@ class Settlement:
         # per rule object (reloads add more): its rates, and for a rule whose quantities are
         # all constants, the quantities and their credit costs (computed once, not per request)
         self._by_rule: dict[int, _RuleCosts] = {}
+        # the monetary credits mode (proxy.credits.money): set by the composition root
+        self.money: MoneyBook | None = None
 
     def for_rule(self, rule: Rule) -> _RuleCosts:
         hit = self._by_rule.get(id(rule))
@@ -121,6 +124,12 @@ class Settlement:
             costs = _costs(quantities, rc.rates)
         elif not quantities:
             return None
+        acct = None
+        if (money := self.money) is not None and money.active:
+            acct = money.account(ctx.customer_id)
+            if acct is not None:    # monetary: the marginal price, all units reported
+                costs = money.costs(acct, [(q.meter, q.micro) for q in quantities],
+                                    time.time())
         settled = book.settle(hold, costs, time.time()) \
             if hold is not None and book is not None else None
         if book is not None and rc.quantities is None:     # (constants are not estimated)
@@ -141,7 +150,10 @@ class Settlement:
             if settled is not None:
                 entries, uncovered = settled[i]
                 credits = costs[i] - uncovered
-                covered = covered_quantity(q.micro, costs[i], credits)
+                if acct is None:
+                    covered = covered_quantity(q.micro, costs[i], credits)
+                else:               # monetary: the whole quantity is reported to Stripe
+                    acct.cover(q.meter, credits, time.time())
                 debits.extend((q.meter, e) for e in entries)
             items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:

@@ -48,6 +48,9 @@ class Customer:
     # the currency it is charged in (Stripe's customer currency: a subscription's), which
     # picks a price's ``currency_options``; None = each price's own currency
     currency: str | None = None
+    # the credits mode chosen for this customer (``units`` or ``monetary``, docs/credits.md);
+    # None = the configured default (``credits.mode``)
+    credit_mode: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         from proxy.timeutil import rfc3339
@@ -56,7 +59,8 @@ class Customer:
                 "status": self.status, "overage": self.overage,
                 "billing_anchor": rfc3339(self.billing_anchor)
                 if self.billing_anchor is not None else None,
-                "minimum_commitment": self.minimum_commitment, "currency": self.currency}
+                "minimum_commitment": self.minimum_commitment, "currency": self.currency,
+                "credit_mode": self.credit_mode}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,18 @@ def valid_choice(value: object, what: str, allowed: tuple[str, ...] | None) -> s
 
 
 _COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment,"
-         " created_at, currency")
+         " created_at, currency, credit_mode")
+CREDIT_MODES = ("units", "monetary")
+
+
+def credit_mode_value(value: object) -> str | None:
+    """A customer's credits mode: ``units``, ``monetary`` or None (the configured default)."""
+    if value is None:
+        return None
+    if value not in CREDIT_MODES:
+        raise InvalidInput("credit_mode must be 'units', 'monetary' or null (the configured"
+                           " default, credits.mode)")
+    return str(value)
 
 
 def billing_values(anchor: object, minimum: object) -> tuple[int | None, int]:
@@ -247,6 +262,13 @@ class SqliteCustomers:
         n: int = self.db.execute_write(lambda c: c.execute(
             "UPDATE customers SET currency=? WHERE id=? AND currency IS NOT ?",
             (code, cid, code)).rowcount)
+        return n == 1
+
+    async def set_credit_mode(self, cid: str, mode: object) -> bool:
+        value = credit_mode_value(mode)
+        n: int = self.db.execute_write(lambda c: c.execute(
+            "UPDATE customers SET credit_mode=? WHERE id=? AND credit_mode IS NOT ?",
+            (value, cid, value)).rowcount)
         return n == 1
 
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:

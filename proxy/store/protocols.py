@@ -143,6 +143,25 @@ class NewGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class GrantMirrorRecord:
+    """One local grant's Stripe credit grant mirror (``GrantMirrors``, monetary mode).
+    ``want``: the state Stripe should hold (``live``, ``void``); ``done``: the state last
+    reached there (``none``: not created yet); ``status``: ``pending`` until done == want,
+    then ``mirrored``; ``dead`` after too many failed attempts (an operator requeues)."""
+    grant_id: str
+    customer_id: str
+    want: str
+    done: str
+    stripe_grant_id: str | None
+    status: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
 class TrueUpRecord:
     """One ended period's minimum-commitment decision (``TrueUps``); amounts in minor units."""
     customer_id: str
@@ -559,6 +578,12 @@ class Customers(Protocol):
         that currency or the customer does not exist."""
         ...
 
+    async def set_credit_mode(self, cid: str, mode: object) -> bool:
+        """Set the customer's credits mode (``units``, ``monetary``, or None for the
+        configured default; anything else is InvalidInput). False when unchanged or the
+        customer does not exist."""
+        ...
+
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         """Set the billing anchor from a Stripe subscription event created at ``event_at``
         unless an event newer than it already set it (ties: the later call wins). True if
@@ -733,6 +758,47 @@ class TrueUps(Protocol):
         ...
 
 
+class GrantMirrors(Protocol):
+    """Each local grant's Stripe credit grant mirror (monetary mode, docs/credits.md): the
+    only writer of ``grant_mirrors``. A row is a durable intent: the worker
+    (``proxy.credits.mirror``) retries it until Stripe holds ``want``."""
+
+    async def want(self, rows: Sequence[tuple[str, str, str]], at: int) -> int:
+        """(grant id, customer id, want) each: insert a pending row, or move an existing
+        row whose ``want`` differs to the new one (pending, due now; ``void`` is final: a
+        voided mirror never goes back to ``live``). Returns the rows changed."""
+        ...
+
+    async def due(self, now: float, limit: int = 100) -> list[GrantMirrorRecord]:
+        """Pending rows whose next attempt is due, oldest first."""
+        ...
+
+    async def progress(self, grant_id: str, done: str, stripe_grant_id: str | None,
+                       at: int) -> None:
+        """Stripe now holds ``done`` (and the Stripe id when one is known): ``mirrored``
+        when that is what the row wants, else still pending and due at once; attempts and
+        error reset."""
+        ...
+
+    async def fail(self, grant_id: str, error: str, retry_at: float | None, at: int) -> None:
+        """A failed attempt: one more attempt, the error kept; due again at ``retry_at``,
+        or ``dead`` when None."""
+        ...
+
+    async def rows(self, *, status: str | None = None, customer_id: str | None = None,
+                   limit: int = 500) -> list[GrantMirrorRecord]:
+        """The rows, newest change first, filtered by status and customer."""
+        ...
+
+    async def known(self) -> dict[str, str]:
+        """grant id -> want, for every row (the worker's discovery compares the book)."""
+        ...
+
+    async def requeue(self, grant_ids: Sequence[str] | None, at: int) -> int:
+        """Dead rows (those named, or all) back to pending, due now, attempts reset."""
+        ...
+
+
 class Maintenance(Protocol):
     """Owner of the file (or server) health: checkpoints and integrity."""
 
@@ -766,5 +832,7 @@ class Storage(Protocol):
     def rules(self) -> RulesHistory: ...
     @property
     def trueups(self) -> TrueUps: ...
+    @property
+    def mirrors(self) -> GrantMirrors: ...
     @property
     def maintenance(self) -> Maintenance: ...

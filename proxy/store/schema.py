@@ -295,4 +295,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE customers ADD COLUMN currency TEXT;
     """,
+    # 10: the monetary credits mode (docs/credits.md): a customer's mode, and each local
+    # grant's Stripe credit grant mirror (proxy/credits/mirror.py; owner proxy/store/mirrors.py)
+    """
+    ALTER TABLE customers ADD COLUMN credit_mode TEXT
+        CHECK (credit_mode IS NULL OR credit_mode IN ('units', 'monetary'));
+    CREATE TABLE grant_mirrors (
+        grant_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        want TEXT NOT NULL CHECK (want IN ('live', 'void')),
+        done TEXT NOT NULL DEFAULT 'none' CHECK (done IN ('none', 'live', 'void')),
+        stripe_grant_id TEXT,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'mirrored', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX grant_mirrors_due ON grant_mirrors(status, next_attempt_at);
+    """,
 )

@@ -18,6 +18,7 @@ from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store
 from proxy.store.keys import SqliteCustomers
 from proxy.store.ledger import SqliteCreditLedger
+from proxy.store.mirrors import SqliteGrantMirrors
 from proxy.store.outbox import SqliteOutbox
 from proxy.store.protocols import Maintenance, Storage
 from proxy.store.rules_history import SqliteRulesHistory
@@ -50,13 +51,14 @@ class SqliteStorage:
     rules: SqliteRulesHistory
     trueups: SqliteTrueUps
     maintenance: Maintenance
+    mirrors: SqliteGrantMirrors
 
     @classmethod
     def on(cls, db: Writer, reader: aiosqlite.Connection | None = None) -> SqliteStorage:
         return cls(SqliteOutbox(db, reader), SqliteCreditLedger(db), SqliteUsage(db, reader),
                    SqliteCustomers(db), SqliteWebhookEvents(db), SqliteAlerts(db),
                    SqliteRulesHistory(db), SqliteTrueUps(db),
-                   db if isinstance(db, Store) else _NoMaintenance())
+                   db if isinstance(db, Store) else _NoMaintenance(), SqliteGrantMirrors(db))
 
 
 async def open_reader(path: Path) -> aiosqlite.Connection:

@@ -116,6 +116,9 @@ class InvoicePreview:
     period: tuple[int, int]
     lines: list[PreviewLine]
     has_more: bool                  # lines beyond the first page were not read
+    # billing credits (credit grants) the invoice applies, minor units: ``total`` is net
+    # of them, each line's ``amount`` is not
+    credits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +268,13 @@ class StripeClient:
                                    price if isinstance(price, str) else None,
                                    item if isinstance(item, str) else None,
                                    str(ln.get("description") or "")))
+        credits = sum(int(c.get("amount") or 0)
+                      for c in raw.get("total_pretax_credit_amounts") or ()
+                      if c.get("type") == "credit_balance_transaction")
         return InvoicePreview(str(raw.get("currency") or ""), int(raw.get("total") or 0),
                               (int(raw.get("period_start") or 0),
                                int(raw.get("period_end") or 0)),
-                              out, bool(lines_obj.get("has_more")))
+                              out, bool(lines_obj.get("has_more")), credits)
 
     # ---- billing credits (monetary credits mirrored as Stripe credit grants) --------------
 
@@ -279,6 +285,28 @@ class StripeClient:
         got = await _call(self._sdk.v1.billing.credit_grants.create_async(
             cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
         return str(got.id)
+
+    async def find_credit_grant(self, customer: str, local_id: str,
+                                page_size: int = 100) -> tuple[str, bool] | None:
+        """The customer's Stripe credit grant that mirrors local grant ``local_id``
+        (``metadata.meterproxy_grant``), as (id, voided), or None: ``GET
+        /v1/billing/credit_grants?customer=`` read page by page (``find`` before a create
+        makes a retry after a lost answer, or after the idempotency key expired, a no-op)."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"customer": customer, "limit": page_size}
+            if after is not None:
+                params["starting_after"] = after
+            page = await _call(self._sdk.v1.billing.credit_grants.list_async(
+                cast(Any, params)))
+            raw: dict[str, Any] = page.to_dict()
+            data = raw.get("data") or []
+            for g in data:
+                if (g.get("metadata") or {}).get("meterproxy_grant") == local_id:
+                    return str(g["id"]), g.get("voided_at") is not None
+            if not raw.get("has_more") or not data:
+                return None
+            after = str(data[-1]["id"])
 
     async def void_credit_grant(self, grant_id: str) -> None:
         """``POST /v1/billing/credit_grants/{id}/void``: the grant no longer counts (voiding

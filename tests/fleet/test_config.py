@@ -66,3 +66,17 @@ def test_the_dsn_never_appears_in_a_repr() -> None:
     from proxy.store.postgres.pool import PoolSettings
 
     assert "secret" not in repr(PoolSettings(dsn="postgresql://u:secret@db/mp"))
+
+
+def test_monetary_credits_are_refused_in_fleet_mode(tmp_path: Path) -> None:
+    """A monetary burn is priced on the customer's period total, which members do not
+    share: the config says so at load."""
+    with pytest.raises(ConfigError) as exc:
+        config.load(_write(tmp_path, "storage: {backend: postgres, dsn: 'postgresql://db/mp'}\n"
+                                     "credits: {mode: monetary}\n"), env={})
+    assert "credits.mode: monetary needs storage.backend: sqlite" in str(exc.value)
+    cfg = config.load(_write(tmp_path, "credits: {mode: monetary, balance_check_interval: 15m,"
+                                       " mirror_max_attempts: 20}\n"), env={})
+    assert (cfg.credits.mode, cfg.credits.balance_check_interval,
+            cfg.credits.mirror_max_attempts) == ("monetary", 900.0, 20)
+    assert config.Config.model_validate({"admin": {"token": "x" * 8}}).credits.mode == "units"

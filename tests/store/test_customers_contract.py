@@ -166,3 +166,24 @@ async def test_set_currency_is_the_customer_s_currency_everywhere(backend: Backe
         await cu.set_currency("c1", "euro")
     assert not await cu.set_currency("nobody", "usd")
     assert await cu.get("nobody") is None
+
+
+async def test_set_credit_mode_is_the_customer_s_mode_everywhere(backend: Backend) -> None:
+    """``Customer.credit_mode``: units, monetary, or None (the configured default)."""
+    cu = backend.storage.customers
+    await backend.customer("c1")
+    got = await cu.get("c1")
+    assert got is not None and got.credit_mode is None
+    assert await cu.set_credit_mode("c1", "monetary")
+    assert not await backend.peer().customers.set_credit_mode("c1", "monetary")   # unchanged
+    for c in (await cu.get("c1"), (await cu.all())[0],
+              (await backend.peer().customers.snapshot()).customers["c1"]):
+        assert c is not None and c.credit_mode == "monetary"
+    assert (await cu.get("c1")).to_json()["credit_mode"] == "monetary"  # type: ignore[union-attr]
+    await cu.upsert("c1", None, "block", None)                # an update keeps it
+    assert (await cu.get("c1")).credit_mode == "monetary"  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput, match="credit_mode"):
+        await cu.set_credit_mode("c1", "money")
+    assert await cu.set_credit_mode("c1", None)
+    assert (await cu.get("c1")).credit_mode is None  # type: ignore[union-attr]
+    assert not await cu.set_credit_mode("nobody", "units")

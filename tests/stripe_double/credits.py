@@ -15,10 +15,14 @@ What Stripe documents and the double enforces (docs/stripe-notes.md, "Billing cr
   ``credit_grant`` with ``filter[credit_grant]``); one balance per currency with
   ``available_balance`` (effective, unexpired, unvoided grants minus what invoices applied)
   and ``ledger_balance`` (the same here: no invoice is in draft in the double).
-- Credits are applied to invoices at finalization. The double has no invoices: a test
-  applies an invoice's credit use with ``apply_to_invoice`` (control API
-  ``POST /_double/credit_applications``), which takes from grants in Stripe's order
-  (priority, then earliest expiry, then oldest).
+- Credits are applied to invoices at finalization, to metered price lines only, from grants
+  effective and unexpired then, in Stripe's order (priority, then the earliest expiry, then
+  promotional before paid, then the earliest effective time, then the oldest). The double
+  finalizes no invoices: a test applies an invoice's credit use with ``apply_to_invoice``
+  (control API ``POST /_double/credit_applications``); an invoice preview shows what a
+  finalization now would apply (``preview_credits``: each metered line's
+  ``pretax_credit_amounts``, the invoice's ``total_pretax_credit_amounts``, and ``total``
+  and ``amount_due`` net of them) without consuming anything.
 """
 
 from __future__ import annotations
@@ -180,9 +184,36 @@ class CreditGrants:
                 if customer is None or g.customer == customer]
 
     def _order(self, customer: str, currency: str, now: float) -> list[CreditGrant]:
+        """Stripe's application order: priority (0 first), then the earliest expiry (none
+        last), then promotional before paid, then the earliest effective time, then the
+        oldest."""
         live = [g for g in self.grants.values()
                 if g.customer == customer and g.currency == currency and g.available(now) > 0]
-        return sorted(live, key=lambda g: (g.priority, g.expires_at or 2**62, g.created, g.id))
+        return sorted(live, key=lambda g: (g.priority, g.expires_at or 2**62,
+                                           g.category != "promotional", g.effective_at,
+                                           g.created, g.id))
+
+    def preview_credits(self, customer: str, currency: str,
+                        amounts: list[int]) -> list[list[tuple[str, int]]]:
+        """What an invoice finalized now would apply to each metered line of ``amounts``
+        (minor units), per line as (grant id, amount), in line order; nothing is consumed
+        (a preview)."""
+        now = self.now()
+        left = {g.id: g.available(now) for g in self._order(customer, currency, now)}
+        out: list[list[tuple[str, int]]] = []
+        for amount in amounts:
+            applied: list[tuple[str, int]] = []
+            need = max(amount, 0)
+            for gid in left:
+                if need == 0:
+                    break
+                take = min(need, left[gid])
+                if take:
+                    applied.append((gid, take))
+                    left[gid] -= take
+                    need -= take
+            out.append(applied)
+        return out
 
     def summary(self, p: dict[str, Any]) -> dict[str, Any]:
         customer = p.get("customer")

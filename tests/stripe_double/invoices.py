@@ -19,8 +19,13 @@ the metered prices on it, seeded with ``State.add_price``; each price names its 
   ``currency_options`` entry for the subscription's currency (its ``unit_amount(_decimal)``
   or ``tiers``; scheme, tiers mode and transform stay the price's); a price without one is
   refused (400), as Stripe refuses such a subscription.
+- Billing credits (``credits.py``): the customer's credit grants in the invoice's currency
+  apply to the metered price lines (never to invoice items), as a finalization now would
+  apply them: each line's ``pretax_credit_amounts``, the invoice's
+  ``total_pretax_credit_amounts``; nothing is consumed.
 - The invoice: ``currency`` (the subscription's, else the first price's), ``period_start``/``period_end``,
-  ``subtotal`` = ``total`` = ``amount_due`` = the sum of the lines, ``lines`` a list object.
+  ``subtotal`` = the sum of the lines, ``total`` = ``amount_due`` = ``subtotal`` minus the
+  credits applied, ``lines`` a list object.
 Written independently of meterproxy's pricing engine, so a preview is a second opinion.
 """
 
@@ -126,10 +131,24 @@ def preview(state: State, params: dict[str, Any]) -> dict[str, Any]:
                           "parent": {"type": "invoice_item_details",
                                      "invoice_item_details": {"invoice_item": item["id"]}},
                           "pricing": None})
-    total = sum(int(ln["amount"]) for ln in lines)
+    subtotal = sum(int(ln["amount"]) for ln in lines)
+    metered = [ln for ln in lines if ln["pricing"] is not None]
+    credits = 0
+    for ln, applied in zip(metered, state.credit_grants.preview_credits(
+            sub.customer, currency or "usd", [int(ln["amount"]) for ln in metered]),
+            strict=True):
+        ln["pretax_credit_amounts"] = [
+            {"amount": a, "credit_balance_transaction": f"cbtxn_preview_{gid}",
+             "discount": None, "type": "credit_balance_transaction"} for gid, a in applied]
+        credits += sum(a for _g, a in applied)
+    for ln in lines:
+        ln.setdefault("pretax_credit_amounts", [])
+    total = subtotal - credits
     return {"id": "upcoming_in_" + secrets.token_hex(6), "object": "invoice",
             "customer": sub.customer, "subscription": sub.id, "currency": currency or "usd",
             "period_start": start, "period_end": end, "status": "draft",
-            "subtotal": total, "total": total, "amount_due": total, "livemode": False,
+            "subtotal": subtotal, "total": total, "amount_due": total, "livemode": False,
+            "total_pretax_credit_amounts": [
+                c for ln in lines for c in ln["pretax_credit_amounts"]],
             "lines": {"object": "list", "data": lines, "has_more": False,
                       "url": "/v1/invoices/upcoming/lines"}}

@@ -29,6 +29,7 @@ from proxy.store.keys import (
     Customer,
     KeyEntry,
     billing_values,
+    credit_mode_value,
     currency_code,
     hash_key,
     valid_choice,
@@ -40,7 +41,7 @@ from proxy.store.protocols import KeySnapshot
 from proxy.timeutil import rfc3339
 
 _COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commitment,"
-         " created_at, currency")
+         " created_at, currency, credit_mode")
 
 
 async def _get(c: Conn, cid: str) -> Customer | None:
@@ -115,6 +116,15 @@ class PostgresCustomers:
         async with self.pool.acquire() as c:
             done = await c.fetchval("UPDATE customers SET currency=$2 WHERE id=$1 AND"
                                     " currency IS DISTINCT FROM $2 RETURNING 1", cid, code)
+        if done is not None:
+            self.changed()
+        return done is not None
+
+    async def set_credit_mode(self, cid: str, mode: object) -> bool:
+        value = credit_mode_value(mode)
+        async with self.pool.acquire() as c:
+            done = await c.fetchval("UPDATE customers SET credit_mode=$2 WHERE id=$1 AND"
+                                    " credit_mode IS DISTINCT FROM $2 RETURNING 1", cid, value)
         if done is not None:
             self.changed()
         return done is not None

@@ -29,6 +29,8 @@ period's minimum-commitment decision). Migration 4 is SQLite's migration 9:
 ``customers.currency``. Migration 5 appends a grant's ``expire``/``void`` once fleet-wide.
 Migration 6 keeps per-grant state in step with the shared ledger (``grants.used``,
 ``credit_accounts.debt`` and ``rev``; ``proxy.store.postgres.grant_debits``).
+Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
+``grant_mirrors`` (the monetary credits mode, docs/credits.md).
 """
 
 from __future__ import annotations
@@ -159,6 +161,26 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER credit_entries_totals AFTER INSERT ON credit_entries
         REFERENCING NEW TABLE AS new_entries
         FOR EACH STATEMENT EXECUTE FUNCTION credit_entries_totals();
+    """,
+    # 7: the monetary credits mode (SQLite's migration 10): a customer's mode, and each
+    # local grant's Stripe credit grant mirror (owner proxy/store/postgres/mirrors.py)
+    """
+    ALTER TABLE customers ADD COLUMN credit_mode TEXT
+        CHECK (credit_mode IS NULL OR credit_mode IN ('units', 'monetary'));
+    CREATE TABLE grant_mirrors (
+        grant_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        want TEXT NOT NULL CHECK (want IN ('live', 'void')),
+        done TEXT NOT NULL DEFAULT 'none' CHECK (done IN ('none', 'live', 'void')),
+        stripe_grant_id TEXT,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'mirrored', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE INDEX grant_mirrors_due ON grant_mirrors(status, next_attempt_at);
     """,
 )
 

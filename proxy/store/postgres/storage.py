@@ -28,6 +28,7 @@ from proxy.store.postgres.errors import translated
 from proxy.store.postgres.ledger import PostgresCreditLedger
 from proxy.store.postgres.maintenance import PostgresMaintenance
 from proxy.store.postgres.migrate import migrate
+from proxy.store.postgres.mirrors import PostgresGrantMirrors
 from proxy.store.postgres.outbox import PostgresOutbox
 from proxy.store.postgres.owners_schema import ALL_MIGRATIONS, CUSTOMERS_CHANNEL
 from proxy.store.postgres.pool import PgPool, PoolSettings
@@ -56,6 +57,7 @@ class PostgresStorage:
     rules: PostgresRulesHistory
     trueups: PostgresTrueUps
     maintenance: PostgresMaintenance
+    mirrors: PostgresGrantMirrors
     pool: PgPool
     owns_pool: bool = False
     listener: Any = field(default=None)     # asyncpg.Connection while ``watch`` runs
@@ -70,7 +72,7 @@ class PostgresStorage:
                    PostgresUsage(pool, local, shipping),
                    PostgresCustomers(pool), PostgresWebhookEvents(pool), PostgresAlerts(pool),
                    PostgresRulesHistory(pool), PostgresTrueUps(pool),
-                   PostgresMaintenance(pool), pool)
+                   PostgresMaintenance(pool), PostgresGrantMirrors(pool), pool)
 
     @classmethod
     async def open(cls, settings: PoolSettings, local: LocalRecorder | None = None,

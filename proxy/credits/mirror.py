@@ -1,0 +1,395 @@
+"""The monetary credits mode's background duties (docs/credits.md): which customers are
+monetary, each local grant mirrored as a Stripe credit grant, and the local balance
+compared with Stripe's.
+
+``MonetaryService`` (one per process, started by ``proxy.app``):
+
+- ``sync``: opens a ``proxy.credits.money`` account for every customer whose mode
+  (``Customer.credit_mode``, else ``credits.mode``) is ``monetary``, with its period totals
+  so far, and closes the others. It runs at start-up (before the proxy listens) and
+  whenever the key cache's customers or the prices change, so the request path never
+  decides a mode: it finds an account or not. A customer switched mid-period is priced on
+  the period total recorded when its account opens (docs/credits.md).
+- ``discover`` + ``mirror_due``: the mirror. Every grant of a monetary customer gets a
+  ``grant_mirrors`` row (``GrantMirrors.want``: ``live``, or ``void`` once voided here;
+  after a claw-back or a debt repayment took credits from it, a replacement row
+  ``<grant>#t<taken>`` holding what is left, the older rows voided: ``split_key``),
+  found by comparing the credit book with the rows, so the grant's own ledger transaction
+  is untouched and a crash between it and the row is repaired by the next pass (the book is
+  rebuilt from the ledger). A due row is worked by looking for the Stripe grant first
+  (``metadata.meterproxy_grant``, ``StripeClient.find_credit_grant``), then creating it
+  (idempotency key ``meterproxy-grant-<local id>-<attempt>``) or voiding it: a crash before
+  or after a Stripe call, a lost answer or a retry days later neither loses nor duplicates
+  a Stripe grant. Failures are retried with backoff (1 s doubling to 1 h) and dead-lettered
+  after ``credits.mirror_max_attempts``, or at once when Stripe refuses the request.
+- ``balance_check``: Stripe's credit balance summary against the local balance
+  (``proxy.credits.monetary.balance_check``: before the period's invoice is finalized,
+  Stripe still holds what this period's usage took from the grants here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from proxy import metrics
+from proxy.backoff import backoff
+from proxy.config import CreditsConfig
+from proxy.credits.book import CreditBook
+from proxy.credits.ledger import GrantState
+from proxy.credits.monetary import Category, balance_check, credit_grant_params, micro_per_minor
+from proxy.credits.money import MoneyBook, account_prices
+from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
+from proxy.periods import period_bounds
+from proxy.pricing import Price
+from proxy.store.keys import Customer, KeyCache
+from proxy.store.protocols import CreditLedger, GrantMirrorRecord, GrantMirrors, UsageLedger
+from proxy.stripe.client import StripeClient
+
+log = logging.getLogger("meterproxy.credits.monetary")
+
+TAKEN = "#t"
+FIRST_RETRY = 1.0
+MAX_RETRY = 3600.0
+COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
+
+
+class MirrorProblem(MeterproxyError):
+    """A row that cannot be mirrored for a local reason (retried like a Stripe outage)."""
+
+
+def category(g: GrantState) -> Category:
+    """``paid`` for what a Stripe payment bought (packs, plan allowances, prorations: their
+    source is ``stripe:<invoice or event>``), ``promotional`` for the rest (admin grants)."""
+    return "paid" if g.source.startswith("stripe:") else "promotional"
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """A mirror row's key: a local grant id, or ``<grant id>#t<micro-credits taken>`` for
+    the Stripe grant that replaces the grant's mirror once credits left it without a request
+    spending them (a claw-back's ``refund``, a ``repay`` of debt): Stripe grants cannot
+    shrink, so the old one is voided and a replacement holds what is left."""
+    base, sep, taken = key.partition(TAKEN)
+    return base, (int(taken) if sep and taken.isdigit() else None)
+
+
+def idempotency_key(r: GrantMirrorRecord) -> str:
+    """The create's key: the local grant id and the row's attempt (its attempt count and
+    last change), so a resend of one attempt replays it, while the next attempt is a new
+    request (Stripe stores a 5xx answer under its key too and would replay it for 24 h).
+    Duplicates across attempts are prevented by ``find_credit_grant`` before each create."""
+    return f"meterproxy-grant-{r.grant_id}-{r.attempts}-{r.updated_at}"
+
+
+class MonetaryService:
+    def __init__(self, cfg: CreditsConfig, keys: KeyCache, usage: UsageLedger,
+                 ledger: CreditLedger, mirrors: GrantMirrors, book: CreditBook,
+                 money: MoneyBook, prices: Callable[[], Mapping[str, Price]],
+                 stripe: StripeClient | None, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.usage = usage
+        self.ledger = ledger
+        self.mirrors = mirrors
+        self.book = book
+        self.money = money
+        self.prices = prices
+        self.stripe = stripe
+        self.clock = clock
+        self._seen: tuple[object, dict[str, Price]] | None = None
+        self._known: dict[str, str] | None = None
+        self.last_check: dict[str, dict[str, Any]] = {}
+        self.wake = asyncio.Event()
+        self._taken_from: set[str] = set()      # customers whose grants lost credits
+        self._scanned = False                   # every account scanned once since start
+
+    def taken(self, customer_id: str) -> None:
+        """``CreditService.on_taken``: credits left a grant of this customer without a
+        request spending them; its Stripe grants are re-checked on the next pass."""
+        self._taken_from.add(customer_id)
+        self.wake.set()
+
+    def mode(self, c: Customer) -> str:
+        """The customer's credits mode: its own ``credit_mode``, else ``credits.mode``."""
+        return c.credit_mode or self.cfg.mode
+
+    def quantum(self, customer_id: str) -> int:
+        """Micro-credits in one minor unit of the customer's currency when it is monetary
+        (``CreditService.quantum``: grants are whole minor units), else 1."""
+        acct = self.money.account(customer_id)
+        return acct.per_minor if acct is not None else 1
+
+    def problems(self, c: Customer) -> list[str]:
+        """Why this customer's prices cannot be burned in money (a currency mismatch)."""
+        return account_prices(dict(self.prices()), c.currency)[2]
+
+    # ---- accounts -------------------------------------------------------------------------
+
+    async def sync(self) -> int:
+        """Open/close accounts to match the customers' modes; returns accounts opened. A
+        no-op unless the key cache's customers or the prices changed since the last call."""
+        customers = self.keys.customers
+        prices = dict(self.prices())
+        if self._seen is not None and self._seen[0] is customers and self._seen[1] == prices:
+            return 0
+        self._seen = (customers, prices)
+        opened = 0
+        now = self.clock()
+        for cid, c in customers.items():
+            acct = self.money.account(cid)
+            if self.mode(c) != "monetary":
+                if acct is not None:
+                    self.money.close(cid)
+                    log.info("customer %s: credits are units again", cid)
+                continue
+            cur, mine, problems = account_prices(prices, c.currency)
+            if problems:
+                log.error("customer %s cannot use monetary credits: %s", cid,
+                          "; ".join(problems))
+            if acct is not None and acct.anchor == c.billing_anchor and acct.currency == cur:
+                if acct.prices != mine:
+                    self.money.reprice(cid, mine)
+                continue
+            await self.open(c, cur, mine, now)
+            opened += 1
+        for acct in self.money.accounts():
+            if acct.customer_id not in customers:
+                self.money.close(acct.customer_id)
+        return opened
+
+    async def open(self, c: Customer, currency: str, prices: Mapping[str, Price],
+                   now: float) -> None:
+        await self.usage.materialize()      # usage (and its debits) still in the journal
+        start, _end, totals = await self.usage.usage(c.id, now=now)
+        covered: dict[str, int] = {}
+        start_ms = int(start * 1000)
+        for e in await self.ledger.entries(c.id, COVERED_SCAN_LIMIT):
+            if e.kind == "debit" and e.meter and e.at_ms >= start_ms:
+                covered[e.meter] = covered.get(e.meter, 0) + e.amount
+        self.money.open(c.id, c.billing_anchor, currency, prices,
+                        {m: t.quantity for m, t in totals.items()}, now, covered)
+        log.info("customer %s: monetary credits in %s", c.id, currency)
+
+    # ---- the mirror -----------------------------------------------------------------------
+
+    async def discover(self) -> int:
+        """Mirror rows for the book's grants of monetary customers: ``live`` for a grant
+        with none (live or not yet effective), ``void`` for every live row of a grant voided
+        here, and after a claw-back or a debt repayment took credits from a mirrored grant
+        (re-checked for the customers ``taken`` names, and for everyone once after start) a
+        replacement row ``<grant>#t<taken>`` with the rows it replaces voided. Returns the
+        rows changed."""
+        if self._known is None:
+            self._known = await self.mirrors.known()
+        known = self._known
+        by_base: dict[str, list[str]] = {}
+        for k in known:
+            by_base.setdefault(split_key(k)[0], []).append(k)
+        if self._scanned:
+            scan, self._taken_from = self._taken_from, set()
+        else:
+            scan, self._scanned = {a.customer_id for a in self.money.accounts()}, True
+        now = self.clock()
+        rows: list[tuple[str, str, str]] = []
+        for acct in self.money.accounts():
+            cid = acct.customer_id
+            for g in self.book.grants(cid):
+                keys = by_base.get(g.id, [])
+                live = [k for k in keys if known[k] == "live"]
+                if g.voided:
+                    rows += [(k, cid, "void") for k in live]
+                elif not keys:
+                    if g.live(now) or g.pending(now):
+                        rows.append((g.id, cid, "live"))
+                elif cid in scan and live and (t := await self._taken(g.id)):
+                    key = f"{g.id}{TAKEN}{t}"
+                    if key not in known:
+                        rows += [(k, cid, "void") for k in live] + [(key, cid, "live")]
+        if not rows:
+            return 0
+        n = await self.mirrors.want(rows, int(now))
+        for gid, _cid, want in rows:
+            known[gid] = want
+        return n
+
+    async def _taken(self, grant_id: str) -> int:
+        """Micro-credits that left the grant without a request spending them."""
+        return await self.ledger.entry_total(grant_id, "refund") \
+            + await self.ledger.entry_total(grant_id, "repay")
+
+    async def _value(self, g: GrantState, taken: int | None, anchor: int | None,
+                     per_minor: int) -> int:
+        """What the grant's Stripe credit grant holds (micro-credits, whole minor units):
+        its amount less what was taken from it (``taken``, else the ledger's figure now)
+        and less what requests spent from it before the open period (applied by Stripe to
+        invoices already finalized). What the open period spends stays in it: Stripe
+        applies that when it finalizes the period's invoice."""
+        if taken is None:
+            taken = await self._taken(g.id)
+        start_ms = period_bounds(anchor, self.clock())[0] * 1000
+        before = sum(e.amount for e in await self.ledger.entries(g.customer_id,
+                                                                 COVERED_SCAN_LIMIT)
+                     if e.grant_id == g.id and e.kind == "debit" and e.at_ms < start_ms)
+        value = max(g.amount - taken - before, 0)
+        return value - value % per_minor
+
+    async def mirror_due(self, limit: int = 100) -> int:
+        """Work the due rows once; returns how many reached the state they want."""
+        if self.stripe is None:
+            return 0
+        done = 0
+        now = self.clock()
+        # voids first: a replacement is never live at Stripe beside the grant it replaces
+        for r in sorted(await self.mirrors.due(now, limit), key=lambda r: r.want != "void"):
+            try:
+                await self._mirror(r)
+                done += 1
+            except (StripeCallError, MirrorProblem) as exc:
+                await self._failed(r, exc)
+        await self.gauges()
+        return done
+
+    async def _failed(self, r: GrantMirrorRecord, exc: Exception) -> None:
+        attempts = r.attempts + 1
+        dead = isinstance(exc, StripeRejected) or attempts >= self.cfg.mirror_max_attempts
+        now = self.clock()
+        retry = None if dead else now + backoff(attempts, first=FIRST_RETRY, cap=MAX_RETRY)
+        await self.mirrors.fail(r.grant_id, f"{type(exc).__name__}: {exc}", retry, int(now))
+        metrics.credit_grant_mirrors_total.labels("dead" if dead else "retry").inc()
+        log.warning("credit grant mirror of %s (%s): %s%s", r.grant_id, r.customer_id, exc,
+                    " (dead-lettered)" if dead else "")
+
+    async def _mirror(self, r: GrantMirrorRecord) -> None:
+        stripe = self.stripe
+        assert stripe is not None
+        cust = self.keys.customers.get(r.customer_id)
+        scid = cust.stripe_customer_id if cust is not None else None
+        if not scid:
+            raise MirrorProblem(f"customer {r.customer_id!r} has no stripe_customer_id")
+        at = int(self.clock())
+        if r.done == "none":
+            found = await stripe.find_credit_grant(scid, r.grant_id)
+            if found is not None:
+                sid, voided = found
+                if r.want == "void" and not voided:
+                    await stripe.void_credit_grant(sid)
+                    metrics.credit_grant_mirrors_total.labels("voided").inc()
+                metrics.credit_grant_mirrors_total.labels("found").inc()
+                await self.mirrors.progress(r.grant_id, "void" if voided else r.want, sid, at)
+                return
+            if r.want == "void":            # never created at Stripe: nothing to void
+                await self.mirrors.progress(r.grant_id, "void", None, at)
+                return
+            base, taken = split_key(r.grant_id)
+            g = self.book.grant(base)
+            if g is None:
+                raise MirrorProblem(f"no local grant {base!r}")
+            acct = self.money.account(r.customer_id)
+            currency = acct.currency if acct is not None else \
+                account_prices(dict(self.prices()), cust.currency if cust else None)[0]
+            per = micro_per_minor(currency)
+            if g.amount % per:
+                raise StripeRejected(f"{g.amount} micro-credits is not a whole number of"
+                                     f" {currency} minor units")
+            value = await self._value(g, taken, cust.billing_anchor if cust else None, per)
+            if value <= 0:                  # nothing left to hold at Stripe
+                await self.mirrors.progress(r.grant_id, "live", None, at)
+                return
+            shown = GrantState(r.grant_id, g.customer_id, value, g.priority, g.expires_at,
+                               g.created_at, g.source, effective_at=g.effective_at)
+            params = credit_grant_params(shown, scid, currency, category(g))
+            sid = await stripe.create_credit_grant(params, idempotency_key=idempotency_key(r))
+            metrics.credit_grant_mirrors_total.labels("created").inc()
+            await self.mirrors.progress(r.grant_id, "live", sid, at)
+            return
+        if r.want == "void":
+            if r.stripe_grant_id:
+                try:
+                    await stripe.void_credit_grant(r.stripe_grant_id)
+                except StripeRejected as exc:
+                    if "already voided" not in str(exc):
+                        raise
+                metrics.credit_grant_mirrors_total.labels("voided").inc()
+            await self.mirrors.progress(r.grant_id, "void", None, at)
+            return
+        await self.mirrors.progress(r.grant_id, r.done, None, at)   # nothing left to do
+
+    async def gauges(self) -> None:
+        for status in ("pending", "dead"):
+            metrics.credit_grant_mirrors.labels(status).set(
+                len(await self.mirrors.rows(status=status, limit=100_000)))
+
+    # ---- reconciliation ---------------------------------------------------------------------
+
+    async def balance_check(self, customer_id: str) -> dict[str, Any]:
+        """One monetary customer's local balance against Stripe's credit balance summary
+        (``proxy.credits.monetary.balance_check``), with the local figures it used."""
+        if self.stripe is None:
+            raise MirrorProblem("no Stripe key: balances cannot be compared")
+        acct = self.money.account(customer_id)
+        cust = self.keys.customers.get(customer_id)
+        if acct is None or cust is None:
+            raise LookupError(f"customer {customer_id!r} is not in the monetary credits mode")
+        if not cust.stripe_customer_id:
+            raise MirrorProblem(f"customer {customer_id!r} has no stripe_customer_id")
+        summary = await self.stripe.credit_balance_summary(cust.stripe_customer_id)
+        now = self.clock()
+        local = self.book.balance(customer_id, now)
+        covered_minor = acct.covered(now) // acct.per_minor
+        out = balance_check(local, covered_minor, summary, acct.currency)
+        pending = await self.mirrors.rows(status="pending", customer_id=customer_id)
+        dead = await self.mirrors.rows(status="dead", customer_id=customer_id)
+        out.update(customer_id=customer_id, local_balance=local // acct.per_minor,
+                   period_covered=covered_minor, period_burned=acct.burned(now),
+                   mirrors_pending=len(pending), mirrors_dead=len(dead))
+        if out["difference"] and (pending or dead):
+            out["explanation"] += (f" ({len(pending)} grant(s) waiting to be mirrored,"
+                                   f" {len(dead)} dead-lettered)")
+        self.last_check[customer_id] = out
+        return out
+
+    async def check_all(self) -> list[dict[str, Any]]:
+        """Every monetary customer with a Stripe id; sets the mismatch gauge."""
+        out: list[dict[str, Any]] = []
+        for acct in self.money.accounts():
+            cust = self.keys.customers.get(acct.customer_id)
+            if cust is None or not cust.stripe_customer_id:
+                continue
+            try:
+                got = await self.balance_check(acct.customer_id)
+            except (StripeCallError, MirrorProblem, LookupError) as exc:
+                metrics.credit_balance_checks_total.labels("error").inc()
+                out.append({"customer_id": acct.customer_id, "error": str(exc)})
+                continue
+            metrics.credit_balance_checks_total.labels(
+                "match" if got["difference"] == 0 else "mismatch").inc()
+            out.append(got)
+        metrics.credit_balance_mismatch.set(sum(1 for o in out if o.get("difference")))
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Sync accounts, discover and mirror grants every ``interval`` (or when woken),
+        and check balances every ``credits.balance_check_interval``."""
+        next_check = self.clock() + self.cfg.balance_check_interval
+        while True:
+            try:
+                await self.sync()
+                await self.discover()
+                await self.mirror_due()
+                if self.cfg.balance_check_interval > 0 and self.clock() >= next_check \
+                        and self.stripe is not None:
+                    next_check = self.clock() + self.cfg.balance_check_interval
+                    await self.check_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:       # the loop must survive a storage hiccup: retried next pass
+                log.exception("monetary credits pass failed")
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), interval)

@@ -1,0 +1,533 @@
+"""The monetary credits mode end to end (issue 12, finding 2): the real proxy, its store and
+flusher, the real ``stripe`` SDK and the Stripe double.
+
+Finding 2: with unit credits a graduated price (1M units at 0.0002 cents plus a $5.00 flat
+fee, then 0.0001 cents) bills 3M units 900 cents, but once 2M are covered by credits the
+1M uncovered units are priced from tier 1 again: 700 cents. In the monetary mode every unit
+is reported, Stripe prices the whole period (900 cents), the local burns sum to exactly
+that line, and the credits (mirrored as a Stripe credit grant) come off the invoice: the
+customer pays 900 cents minus its credits. A volume price (150 units at 20 cents, the tier
+of the total) likewise burns 3000 cents, never 25 cents a unit for the last 50.
+
+Also here: the mirror's crash and retry cases (Stripe faults before and after it stores a
+grant, a process that stops between the local grant and its mirror), and the balance check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import metrics
+from proxy.config import CreditsConfig
+from proxy.credits.mirror import MonetaryService
+from proxy.credits.money import MoneyBook
+from proxy.credits.service import CreditService, load_book
+from proxy.periods import period_bounds
+from proxy.pricing import line_amount, price_from_stripe
+from proxy.store.db import Store
+from proxy.store.keys import KeyCache
+from proxy.store.protocols import LedgerEntry
+from proxy.store.sqlite import SqliteStorage
+from proxy.stripe.client import InvoicePreview, StripeClient
+from proxy.units import QSCALE
+from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
+from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
+
+CUS = "cus_acme"
+GRADUATED = {"id": "price_calls", "currency": "usd", "billing_scheme": "tiered",
+             "tiers_mode": "graduated", "recurring": {"meter": "mtr_calls"},
+             "tiers": [{"up_to": 1_000_000, "unit_amount_decimal": "0.0002",
+                        "flat_amount_decimal": "500"},
+                       {"up_to": None, "unit_amount_decimal": "0.0001"}]}
+VOLUME = {"id": "price_calls", "currency": "usd", "billing_scheme": "tiered",
+          "tiers_mode": "volume", "recurring": {"meter": "mtr_calls"},
+          "tiers": [{"up_to": 100, "unit_amount_decimal": "25"},
+                    {"up_to": None, "unit_amount_decimal": "20"}]}
+RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls, price_id: price_calls}
+rules:
+  - name: calls
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: request.header.x-units}
+"""
+
+
+def _stripe(double: RunningDouble, flush: str = "1h") -> dict[str, Any]:
+    return {"api_key": TEST_API_KEY, "sink": "meter_events", "api_base": double.url,
+            "meter_events_base": double.url, "flush_interval": flush, "timeout": "5s"}
+
+
+def _seed(double: RunningDouble, price: dict[str, Any]) -> None:
+    double.state.add_meter("api_calls", id="mtr_calls")
+    double.state.add_price(price)
+    double.state.add_subscription(CUS, ["price_calls"], period_bounds(None, time.time()))
+
+
+async def _monetary_proxy(make_proxy: ProxyFactory, double: RunningDouble,
+                          price: dict[str, Any], **credits: Any) -> tuple[Proxy, str]:
+    _seed(double, price)
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(double),
+                         credits={"mode": "monetary", **credits})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    return p, key
+
+
+async def _call(p: Proxy, key: str, units: int) -> int:
+    async with p.session.get(p.url + "/v1/items", headers={
+            "Authorization": f"Bearer {key}", "X-Units": str(units)}) as r:
+        await r.read()
+        return r.status
+
+
+def _burned(p: Proxy) -> int:
+    """Minor units the period's usage burned, covered or not, from the money book."""
+    acct = p.server.monetary.money.account("acme")      # type: ignore[union-attr]
+    assert acct is not None
+    return acct.burned(time.time())
+
+
+async def _preview(double: RunningDouble) -> InvoicePreview:
+    client = StripeClient(TEST_API_KEY, api_base=double.url)
+    try:
+        return await client.preview_invoice(CUS)
+    finally:
+        await client.close()
+
+
+async def _usage_page(p: Proxy, key: str) -> dict[str, Any]:
+    async with p.session.get(p.url + "/_meter/usage",
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def _mirrored(p: Proxy, n: int) -> list[dict[str, Any]]:
+    async def done() -> list[dict[str, Any]] | None:
+        rows: list[dict[str, Any]] = (await p.admin(
+            "GET", "/admin/credits/mirrors?customer_id=acme", expect=200))["mirrors"]
+        return rows if len(rows) == n and all(r["status"] == "mirrored" for r in rows) \
+            else None
+    got = await wait_until(done, what=f"{n} grant(s) mirrored to Stripe")
+    assert got is not None
+    return got
+
+
+async def test_finding_2_graduated_credits_come_off_stripe_s_price_of_the_whole_period(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    p, key = await _monetary_proxy(make_proxy, stripe_double, GRADUATED)
+    grant = await p.admin("POST", "/admin/customers/acme/grants", {"credits": "4"}, expect=201)
+    [mirror] = await _mirrored(p, 1)
+    [sg] = stripe_double.state.credit_grants.grants.values()
+    assert (sg.value, sg.currency, sg.category, sg.priority, sg.scope) == (
+        400, "usd", "promotional", 50, {"price_type": "metered"})
+    assert sg.metadata == {"meterproxy_grant": grant["grant_id"]} and \
+        mirror["stripe_grant_id"] == sg.id
+
+    # 1M first (the flat fee and tier 1: 700 cents, 400 of it covered), then 2M more at
+    # once, concurrently: together they burn exactly what tier 2 adds (200 cents)
+    assert await _call(p, key, 1_000_000) == 200
+    assert _burned(p) == 700
+    assert await asyncio.gather(_call(p, key, 1_000_000), _call(p, key, 1_000_000)) == [200, 200]
+    assert _burned(p) == 900 == line_amount(price_from_stripe(GRADUATED), 3_000_000 * QSCALE)
+
+    # every unit is reported: Stripe's meter sums 3M, not the 1M the credits left over
+    await p.admin("POST", "/admin/flush", expect=200)
+    assert stripe_double.state.totals(CUS, "api_calls") == 3_000_000
+    preview = await _preview(stripe_double)
+    [line] = preview.lines
+    assert (line.quantity, line.amount, preview.credits, preview.total) == (
+        3_000_000, 900, 400, 500)                   # pays 900 cents minus its 4.00 credits
+
+    detail = await p.admin("GET", "/admin/customers/acme", expect=200)
+    assert detail["credit_mode"] is None            # the configured default: monetary
+    assert detail["credits"]["money"] == {
+        "mode": "monetary", "currency": "usd", "balance": "0.00", "period_burned": "9.00",
+        "period_covered_by_credits": "4.00"}
+    page = await _usage_page(p, key)
+    assert page["upcoming_invoice"]["total"] == "9.00"
+    assert (page["upcoming_invoice"]["credits_applied"],
+            page["upcoming_invoice"]["amount_due"]) == ("4.00", "5.00")
+    assert page["credits"]["money"]["balance_text"] == "$0.00"
+    inv = page["invoice_preview"]
+    assert (inv["local_total"], inv["stripe_total"], inv["difference"]) == ("9.00", "9.00",
+                                                                           "0.00")
+    assert inv["credits"] == {"local": "4.00", "stripe": "4.00", "difference": "0.00",
+                              "difference_minor": 0, "local_amount_due": "5.00",
+                              "stripe_amount_due": "5.00", "explanation": "matches"}
+
+    [check] = (await p.admin("POST", "/admin/credits/balance-check",
+                             {"customer_id": "acme"}, expect=200))["checks"]
+    assert (check["expected"], check["stripe"], check["difference"]) == (400, 400, 0)
+    assert (check["local_balance"], check["period_covered"], check["period_burned"]) == (
+        0, 400, 900)
+    await p.admin("POST", "/admin/credits/balance-check", {}, expect=200)
+    assert metrics.credit_balance_mismatch._value.get() == 0
+
+
+async def test_a_volume_price_burns_the_tier_of_the_total(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """150 units on a volume price are 20 cents each: the last 50 burn 500 cents (3000 -
+    2500), where unit credits would bill them 25 cents each at Stripe."""
+    p, key = await _monetary_proxy(make_proxy, stripe_double, VOLUME)
+    await p.customer_with_key("bob")                        # monetary too (the default)
+    err = await p.admin("POST", "/admin/customers/bob/grants", {"credits": "0.001"},
+                        expect=400)                         # money: whole cents only
+    assert "minor unit" in err["error"]["message"]
+    got = await p.admin("POST", "/admin/customers/bob/grants", {"credits": "1.005"},
+                        expect=201)
+    assert got["credits"] == "1"                            # rounded down to the cent
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"}, expect=201)
+    assert await _call(p, key, 100) == 200
+    before = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["balance"]
+    assert before == "75"                                   # 100 x 25 cents
+    assert await _call(p, key, 50) == 200
+    after = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["balance"]
+    assert after == "70" and _burned(p) == 3000             # 150 x 20 cents in all
+    await _mirrored(p, 1)
+    await p.admin("POST", "/admin/flush", expect=200)
+    preview = await _preview(stripe_double)
+    assert (preview.lines[0].amount, preview.credits, preview.total) == (3000, 3000, 0)
+
+
+async def test_a_block_customer_is_refused_the_money_its_reservation_would_burn(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """``overage: block``: admission holds the marginal price of the reservation (the
+    rules' estimate when the quantity is only known later); 402 when it does not fit."""
+    _seed(stripe_double, VOLUME)
+    rules = RULES.replace("quantity: request.header.x-units}", "quantity: 10}")
+    p = await make_proxy(rules_text=rules, stripe=_stripe(stripe_double),
+                         credits={"mode": "monetary"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+    assert await _call(p, key, 0) == 402                    # no credits at all
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "5"}, expect=201)
+    assert await _call(p, key, 0) == 200                    # 10 x 25 cents = 2.50
+    assert await _call(p, key, 0) == 200                    # 2.50 more: 0 left
+    async with p.session.get(p.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}
+                             ) as r:
+        body = await r.json()
+        assert r.status == 402 and body["error"]["required"] == "2.5"
+
+
+async def test_a_block_customer_s_hint_is_held_in_money(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """A ``reserve_from`` hint raises the hold to the money its quantity would burn (the
+    usage's ``credits:`` rate only enables the hint and the learning: its value is not
+    used in the monetary mode)."""
+    _seed(stripe_double, VOLUME)
+    rules = RULES.replace("quantity: request.header.x-units}",
+                          "quantity: request.header.x-units, credits: 1, estimate: 1,"
+                          " reserve_from: request.header.x-max}")
+    p = await make_proxy(rules_text=rules, stripe=_stripe(stripe_double),
+                         credits={"mode": "monetary"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "5"}, expect=201)
+
+    async def call(units: int, most: int) -> tuple[int, dict[str, Any]]:
+        async with p.session.get(p.url + "/v1/items", headers={
+                "Authorization": f"Bearer {key}", "X-Units": str(units),
+                "X-Max": str(most)}) as r:
+            return r.status, await r.json(content_type=None)
+
+    status, body = await call(2, 30)                   # 30 x 25 cents = 7.50 > 5.00
+    assert status == 402 and body["error"]["required"] == "7.5"
+    assert (await call(2, 20))[0] == 200                # 20 x 25 cents = 5.00 fits
+    assert _burned(p) == 50                             # the 2 units measured
+
+
+async def test_credit_mode_per_customer_overrides_the_default(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    _seed(stripe_double, GRADUATED)
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    money = p.server.monetary.money                              # type: ignore[union-attr]
+    assert money.account("acme") is None and not money.active
+    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    cust = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
+                         expect=200)
+    assert cust["credit_mode"] == "monetary" and money.account("acme") is not None
+    assert await _call(p, key, 1_000_000) == 200
+    assert _burned(p) == 700
+    # while a customer is monetary, rules that leave a meter unpriced are refused on reload
+    from proxy.app import reload_rules
+    (p.tmp / "rules.yaml").write_text(RULES.replace(", price_id: price_calls", ""))
+    assert await reload_rules(p.server.rt) is False
+    assert "has no Stripe price" in (p.server.rt.rules_error or "")
+    err = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "cash"},
+                        expect=400)
+    assert "credit_mode" in err["error"]["message"]
+    await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200)
+    assert money.account("acme") is None
+    assert await reload_rules(p.server.rt) is True      # no monetary customer left
+    err = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
+                        expect=409)
+    assert "has no Stripe price" in err["error"]["message"]
+
+
+async def test_a_restart_goes_on_from_the_period_so_far(
+        tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
+    """The account reopens with the period's total and what credits covered: the next 1M
+    units burn tier 2's 100 cents, not the flat fee again."""
+    from proxy import config as config_mod
+    from proxy.app import start
+    from tests.conftest import write_config
+
+    _seed(stripe_double, GRADUATED)
+    cfg = write_config(tmp_path, upstream, RULES, stripe=_stripe(stripe_double),
+                       credits={"mode": "monetary"})
+    session = aiohttp.ClientSession()
+    try:
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+            await p.admin("POST", "/admin/customers/acme/grants", {"credits": "4"}, expect=201)
+            assert await _call(p, key, 1_000_000) == 200
+        finally:
+            await server.shutdown()
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            acct = server.monetary.money.account("acme")      # type: ignore[union-attr]
+            assert acct is not None
+            assert (acct.burned(time.time()), acct.covered(time.time())) == (700, 400 * 10_000)
+            assert await _call(p, key, 1_000_000) == 200
+            assert _burned(p) == 800
+        finally:
+            await server.shutdown()
+    finally:
+        await session.close()
+
+
+async def test_start_refuses_monetary_rules_without_a_stripe_price(
+        tmp_path: Path, upstream: str) -> None:
+    from proxy import config as config_mod
+    from proxy.app import start
+    from proxy.errors import ConfigError
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path, upstream, RULES.replace(", price_id: price_calls", ""),
+                       credits={"mode": "monetary"})
+    with pytest.raises(ConfigError, match="has no Stripe price"):
+        await start(config_mod.load(cfg))
+
+
+# ---- the mirror: faults, crashes, retries ---------------------------------------------------
+
+class Rig:
+    """A MonetaryService on a real SQLite file and the Stripe double (no proxy)."""
+
+    def __init__(self, tmp: Path, double: RunningDouble) -> None:
+        self.tmp, self.double = tmp, double
+        self.clock = time.time()
+
+    async def open(self) -> None:
+        self.store = Store.open(self.tmp / "m.db")
+        self.owners = SqliteStorage.on(self.store)
+        await self.owners.customers.upsert("acme", CUS, None, None)
+        await self.owners.customers.set_credit_mode("acme", "monetary")
+        self.keys = KeyCache()
+        snap = await self.owners.customers.snapshot()
+        self.keys.replace(snap.keys, snap.customers)
+        self.credits = CreditService(self.store, load_book(await self.owners.ledger.load()),
+                                     self.owners.ledger)
+        self.client = StripeClient(TEST_API_KEY, api_base=self.double.url, timeout=2.0)
+        prices = {"api_calls": price_from_stripe(GRADUATED).with_id("price_calls")}
+        self.svc = MonetaryService(CreditsConfig(mode="units", mirror_max_attempts=3),
+                                   self.keys, self.owners.usage, self.owners.ledger,
+                                   self.owners.mirrors, self.credits.book, MoneyBook(),
+                                   lambda: prices, self.client, clock=lambda: self.clock)
+        await self.svc.sync()
+        self.credits.on_taken = self.svc.taken
+
+    async def spend(self, cents: int) -> None:
+        """A request's burn of ``cents``, as settlement books it (a ``bill`` customer)."""
+        acct = self.svc.money.account("acme")
+        assert acct is not None
+        cost, now = cents * 10_000, self.clock
+        book = self.credits.book
+        hold = book.try_hold("acme", cost, now, block=False)
+        assert hold is not None
+        [(entries, uncovered)] = book.settle(hold, [cost], now)
+        await self.owners.ledger.append([LedgerEntry("acme", e, meter="api_calls", at=now)
+                                         for e in entries])
+        acct.cover("api_calls", cost - uncovered, now)
+
+    async def close(self) -> None:
+        await self.client.close()
+        self.store.close()
+
+    async def restart(self) -> None:
+        await self.close()
+        await self.open()
+
+    async def pass_(self) -> int:
+        await self.svc.discover()
+        return await self.svc.mirror_due()
+
+    def stripe_grants(self) -> list[Any]:
+        return list(self.double.state.credit_grants.grants.values())
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, stripe_double: RunningDouble) -> Any:
+    r = Rig(tmp_path, stripe_double)
+    await r.open()
+    yield r
+    await r.close()
+
+
+async def test_an_answer_lost_after_stripe_stored_the_grant_creates_one_grant(rig: Rig) -> None:
+    g, _ = await rig.credits.grant("acme", "10", source="stripe:in_1")
+    rig.double.state.faults.script("credit_grants", ["commit_then_drop"])
+    assert await rig.pass_() == 0                          # stored at Stripe, answer lost
+    [row] = await rig.owners.mirrors.rows()
+    assert (row.status, row.attempts, row.done) == ("pending", 1, "none")
+    rig.clock += 10                                        # past the backoff
+    assert await rig.pass_() == 1
+    [sg] = rig.stripe_grants()                             # found, not created again
+    assert (sg.value, sg.category, sg.metadata["meterproxy_grant"]) == (1000, "paid", g.id)
+    [row] = await rig.owners.mirrors.rows()
+    assert (row.status, row.stripe_grant_id) == ("mirrored", sg.id)
+
+
+async def test_stripe_down_then_a_restart_mirrors_once(rig: Rig) -> None:
+    """Two faults, one on each call of an attempt (the look-up, then the create), with a
+    restart between them: the pending row survives and the grant is created once."""
+    await rig.credits.grant("acme", "10")
+    rig.double.state.faults.script("credit_grants_list", ["500"])
+    rig.double.state.faults.script("credit_grants", ["reset_before"])
+    assert await rig.pass_() == 0                          # the look-up fails
+    await rig.restart()
+    [row] = await rig.owners.mirrors.rows()
+    assert (row.status, row.attempts) == ("pending", 1)
+    rig.clock += 10
+    assert await rig.pass_() == 0                          # the create's connection drops
+    rig.clock += 10
+    assert await rig.pass_() == 1
+    assert len(rig.stripe_grants()) == 1
+    assert len(rig.double.state.calls("credit_grants")) == 2
+
+
+async def test_a_crash_between_the_grant_and_its_mirror_row_is_repaired(rig: Rig) -> None:
+    """The grant's ledger transaction is the only write before the crash: the next process
+    finds the grant without a mirror row and mirrors it once."""
+    await rig.credits.grant("acme", "3")
+    await rig.restart()                                    # no discover() ran before
+    assert await rig.owners.mirrors.rows() == []
+    assert await rig.pass_() == 1
+    assert await rig.pass_() == 0
+    assert [g.value for g in rig.stripe_grants()] == [300]
+
+
+async def test_refusals_and_too_many_failures_dead_letter_then_requeue(rig: Rig) -> None:
+    await rig.credits.grant("acme", "0.001")               # not a whole cent: Stripe refuses
+    await rig.credits.grant("acme", "2")
+    rig.double.state.faults.script("credit_grants", ["500"] * 3)
+    before = metrics.credit_grant_mirrors_total.labels("dead")._value.get()
+    for _ in range(3):
+        await rig.pass_()
+        rig.clock += 3600
+    dead = await rig.owners.mirrors.rows(status="dead")
+    assert len(dead) == 2 and all(r.last_error for r in dead)
+    assert metrics.credit_grant_mirrors_total.labels("dead")._value.get() == before + 2
+    assert metrics.credit_grant_mirrors.labels("dead")._value.get() == 2
+    assert await rig.owners.mirrors.requeue(None, int(rig.clock)) == 2
+    await rig.pass_()
+    assert [g.value for g in rig.stripe_grants()] == [200]     # the refusal is dead again
+    [still] = await rig.owners.mirrors.rows(status="dead")
+    assert "whole number" in (still.last_error or "")
+
+
+async def test_a_void_here_voids_the_stripe_grant_and_a_never_created_one_is_not_made(
+        rig: Rig) -> None:
+    g1, _ = await rig.credits.grant("acme", "5")
+    await rig.pass_()
+    g2, _ = await rig.credits.grant("acme", "6")
+    await rig.credits.void(g2.id)                           # voided before any mirror
+    await rig.credits.void(g1.id)
+    await rig.pass_()
+    [sg] = rig.stripe_grants()
+    assert sg.metadata["meterproxy_grant"] == g1.id and sg.voided_at is not None
+    [row] = await rig.owners.mirrors.rows()
+    assert (row.grant_id, row.want, row.done, row.status) == (g1.id, "void", "void",
+                                                              "mirrored")
+
+
+async def test_the_balance_check_explains_a_grant_voided_only_at_stripe(rig: Rig) -> None:
+    await rig.credits.grant("acme", "10")
+    await rig.pass_()
+    check = await rig.svc.balance_check("acme")
+    assert (check["expected"], check["stripe"], check["difference"]) == (1000, 1000, 0)
+    [sg] = rig.stripe_grants()
+    rig.double.state.credit_grants.void(sg.id)              # out of band
+    [check] = await rig.svc.check_all()
+    assert (check["stripe"], check["difference"]) == (0, -1000)
+    assert "Stripe holds less" in check["explanation"]
+    assert metrics.credit_balance_mismatch._value.get() == 1
+
+
+async def test_a_claw_back_replaces_the_stripe_grant_with_what_is_left(rig: Rig) -> None:
+    """Credits taken from a mirrored grant without a request spending them (a refund's
+    claw-back, a repayment of debt): a Stripe grant cannot shrink, so it is voided and a
+    replacement holds the rest; what the open period spent from it stays in it (Stripe
+    applies that when it finalizes the invoice). The balance check agrees at every step."""
+    g, _ = await rig.credits.grant("acme", "10", source="stripe:in_1",
+                                   payment=(("in_1", "ch_1"), 1000))
+    await rig.pass_()
+    await rig.spend(300)                                   # 3.00 spent this period
+
+    def live() -> list[tuple[str, int]]:
+        return sorted((x.metadata["meterproxy_grant"], x.value)
+                      for x in rig.stripe_grants() if x.voided_at is None)
+
+    [out] = await rig.credits.claw_back("acme", ["ch_1"], 500, "refund:ch_1", "evt_1")
+    assert out["unused_taken"] == "5"                      # half the pack refunded
+    await rig.pass_()
+    assert live() == [(f"{g.id}#t5000000", 500)]           # 10 - 5 taken (3 spent stays)
+    check = await rig.svc.balance_check("acme")
+    assert (check["local_balance"], check["expected"], check["stripe"]) == (200, 500, 500)
+
+    # more of it refunded: 2.00 unused taken, 1.00 of the spent part becomes debt
+    [out] = await rig.credits.claw_back("acme", ["ch_1"], 800, "refund:ch_1", "evt_2")
+    assert (out["unused_taken"], out["debt"]) == ("2", "1")
+    await rig.pass_()
+    assert live() == [(f"{g.id}#t7000000", 300)]
+    check = await rig.svc.balance_check("acme")
+    assert (check["expected"], check["stripe"], check["difference"]) == (300, 300, 0)
+
+    # the next grant repays the debt first: its Stripe grant holds what is left of it
+    await rig.credits.grant("acme", "5")
+    await rig.pass_()
+    await rig.pass_()
+    assert sum(v for _k, v in live()) == 300 + 400
+    check = await rig.svc.balance_check("acme")
+    assert (check["local_balance"], check["expected"], check["stripe"]) == (400, 700, 700)
+    rows = await rig.owners.mirrors.rows()
+    assert {r.status for r in rows} == {"mirrored"}
+
+
+async def test_after_a_restart_every_mirrored_grant_is_checked_for_credits_taken(
+        rig: Rig) -> None:
+    """A claw-back whose wake-up was lost with the process is found by the first pass of
+    the next one."""
+    g, _ = await rig.credits.grant("acme", "10", source="stripe:in_1",
+                                   payment=(("in_1",), 1000))
+    await rig.pass_()
+    rig.credits.on_taken = None                            # the signal is lost
+    await rig.credits.claw_back("acme", ["in_1"], 1000, "refund:in_1", "evt_1")
+    await rig.restart()
+    await rig.pass_()
+    assert [x.value for x in rig.stripe_grants() if x.voided_at is None] == []
+    [row] = [r for r in await rig.owners.mirrors.rows() if r.grant_id == g.id]
+    assert (row.want, row.done) == ("void", "void")
