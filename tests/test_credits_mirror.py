@@ -531,3 +531,36 @@ async def test_after_a_restart_every_mirrored_grant_is_checked_for_credits_taken
     assert [x.value for x in rig.stripe_grants() if x.voided_at is None] == []
     [row] = [r for r in await rig.owners.mirrors.rows() if r.grant_id == g.id]
     assert (row.want, row.done) == ("void", "void")
+
+
+async def test_usage_before_any_credit_moves_the_monetary_period_total(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """A monetary customer with nothing to hold (no credits yet, `overage: bill`) on a rule
+    of constant quantities still moves its period total: 200 units at the volume price are
+    4000 cents, so after a 100.00 grant the next 100 units burn 6000 - 4000 = 2000 cents
+    (the tier of the total, 300 units), not 2500 as if the period had started empty."""
+    _seed(stripe_double, VOLUME)
+    rules = RULES.replace("  - name: calls\n", """\
+  - name: hundred
+    match: {methods: [POST], path: /v1/items}
+    usage:
+      - {meter: api_calls, quantity: 100}
+  - name: calls
+""")
+    p = await make_proxy(rules_text=rules, stripe=_stripe(stripe_double),
+                         credits={"mode": "monetary"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+
+    async def hundred() -> int:
+        async with p.session.post(p.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            await r.read()
+            return r.status
+
+    assert [await hundred(), await hundred()] == [200, 200]
+    assert _burned(p) == 4000                   # 200 units x 20 cents, nothing covered
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"}, expect=201)
+    assert await hundred() == 200
+    assert _burned(p) == 6000
+    got = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["balance"]
+    assert got == "80"

@@ -103,8 +103,12 @@ class Settlement:
                 book.release(hold)
             return None
         rc = self.for_rule(rule)
-        if hold is None and rc.plain is not None and not flags:
-            # constant quantities, no credits held, nothing flagged: the usual request
+        money = self.money
+        if hold is None and rc.plain is not None and not flags \
+                and (money is None or not money.active
+                     or money.account(ctx.customer_id) is None):
+            # constant quantities, no credits held, nothing flagged, not a monetary account
+            # (whose period total every request moves, held or not): the usual request
             if not rc.plain:
                 return None
             for c, units in rc.units:
@@ -125,7 +129,7 @@ class Settlement:
         elif not quantities:
             return None
         acct = None
-        if (money := self.money) is not None and money.active:
+        if money is not None and money.active:
             acct = money.account(ctx.customer_id)
             if acct is not None:    # monetary: the marginal price, all units reported
                 costs = money.costs(acct, [(q.meter, q.micro) for q in quantities],
