@@ -108,3 +108,37 @@ async def test_a_fleet_member_ships_group_commit_rows_one_usage_row_per_seq(
     rows = member.conn.execute("SELECT row FROM journal ORDER BY seq").fetchall()
     member.close()
     assert [decode_row(r).request_id for (r,) in rows] == ["r0", "r1", "r2"]
+
+
+def _unit_row(i: int) -> UsageRow:
+    return UsageRow(f"r{i}", time.time(), "c", "k", "rule", "v1", 200,
+                    [UsageItem("m", 1_000_000, 0, 1_000_000, "")], method="GET", path="/x")
+
+
+async def test_a_journal_seq_is_never_reused_so_the_mirror_cannot_take_another_s_row(
+        tmp_path: Path) -> None:
+    """Two Stores on one file (a rolling restart's new process opening while the old one
+    drains): the new one's recovery empties the journal. Were seq 1 reused for the old
+    one's next group commit, its in-memory mirror would delete that row as its own
+    already-moved chunk (one row deleted, one expected): the old chunk applied twice and
+    the new rows lost. With seqs never reused the check sees the difference and reads back."""
+    db = tmp_path / "s.db"
+    a = Store.open(db)
+    for i in range(300):                      # one group commit of 300 rows
+        a.record(_unit_row(i), wait=False)
+    a._commit_now()
+    b = Store.open(db)                        # recovery moves A's 300 rows; journal empty
+    b.conn.close()
+    for i in range(300, 310):                 # A's next group commit
+        a.record(_unit_row(i), wait=False)
+    a._commit_now()
+    a.materialize(limit=256)
+    a.materialize()
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
+        assert c.execute("SELECT SUM(quantity) FROM usage_minute").fetchone()[0] == \
+            310 * 1_000_000
+        assert {r[0] for r in c.execute("SELECT request_id FROM audit")} == \
+            {f"r{i}" for i in range(310)}
+        assert c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'"
+                         ).fetchone()[0] == 2

@@ -315,4 +315,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX grant_mirrors_due ON grant_mirrors(status, next_attempt_at);
     """,
+    # 11: journal sequence numbers are never reused (AUTOINCREMENT): a process that moves
+    # its own committed rows checks, by their seqs, that the journal still holds exactly
+    # those (Store._materialize_mirrored); a seq reused after another process emptied the
+    # journal would pass that check with different rows
+    """
+    CREATE TABLE journal_new (seq INTEGER PRIMARY KEY AUTOINCREMENT, row BLOB NOT NULL);
+    INSERT INTO journal_new (seq, row) SELECT seq, row FROM journal;
+    DROP TABLE journal;
+    ALTER TABLE journal_new RENAME TO journal;
+    """,
 )
