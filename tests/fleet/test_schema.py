@@ -11,7 +11,10 @@ import pytest
 
 from proxy.store.postgres.migrate import migrate, pending, schema_version
 from proxy.store.postgres.owners_schema import ALL_MIGRATIONS as MIGRATIONS
+from proxy.store.postgres.schema import MIGRATIONS as FLEET_MIGRATIONS
 from proxy.store.schema import MIGRATIONS as SQLITE_MIGRATIONS
+
+BEFORE_6 = len(FLEET_MIGRATIONS) + 4        # migrations 1-5: the fleet's list, owners 2-5
 
 FLEET_TABLES = {"credit_accounts", "credit_leases", "members", "usage_ledger", "dead_letters",
                 "leader_leases", "meterproxy_schema"}
@@ -45,7 +48,8 @@ async def test_every_sqlite_table_and_column_exists_in_postgres(pg_dsn: str, tmp
     try:
         for script in SQLITE_MIGRATIONS:
             lite.executescript(script)
-        tables = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type='table'"
+                                                " AND name NOT LIKE 'sqlite_%'")}
         sqlite_cols = {t: {r[1] for r in lite.execute(f"PRAGMA table_info({t})")} for t in tables}
     finally:
         lite.close()
@@ -89,9 +93,10 @@ async def test_migration_6_backfills_grant_use_and_debt_from_existing_entries(pg
     them from then on."""
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await migrate(conn, MIGRATIONS[:-1])
+        await migrate(conn, MIGRATIONS[:BEFORE_6])
         await conn.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
-        await conn.execute("INSERT INTO credit_accounts(customer_id, balance) VALUES ('c', 30)")
+        await conn.execute("INSERT INTO credit_accounts(customer_id, balance, settled)"
+                           " VALUES ('c', 30, 5)")
         await conn.execute("INSERT INTO grants(id, customer_id, amount, source, created_at)"
                            " VALUES ('g1', 'c', 10, 'admin', 0), ('g2', 'c', 20, 'admin', 0)")
         await conn.execute(
@@ -106,5 +111,32 @@ async def test_migration_6_backfills_grant_use_and_debt_from_existing_entries(pg
                            " at_ms) VALUES ('c', 'g2', 'debit', 3, 0), ('c', NULL, 'debt', 2, 0)")
         assert await conn.fetchval("SELECT used FROM grants WHERE id = 'g2'") == 9
         assert await conn.fetchval("SELECT debt FROM credit_accounts") == 6
+    finally:
+        await conn.close()
+
+
+async def test_migration_6_gives_spending_kept_only_as_settled_to_the_grants(
+        pg_dsn: str) -> None:
+    """Before migration 6 a fleet kept its shipped spending only in
+    ``credit_accounts.settled``: the backfill gives it to the grants in burn order (priority,
+    earliest expiry, oldest), each up to what it has left, so a grant of 10 with 6 spent
+    reads 4 left and its expiry takes 4, not 10 (which would charge the 6 spent again)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, MIGRATIONS[:BEFORE_6])
+        await conn.execute("INSERT INTO customers(id, created_at, updated_at) VALUES"
+                           " ('acme', 0, 0), ('zed', 0, 0)")
+        await conn.execute(
+            "INSERT INTO grants(id, customer_id, amount, priority, expires_at, source,"
+            " created_at) VALUES ('late', 'acme', 10, 50, NULL, 'admin', 0),"
+            " ('soon', 'acme', 10, 50, 100, 'admin', 5), ('first', 'acme', 3, 10, NULL,"
+            " 'admin', 9), ('z', 'zed', 10, 50, NULL, 'admin', 0)")
+        await conn.execute("INSERT INTO credit_accounts(customer_id, balance, settled) VALUES"
+                           " ('acme', 23, 9), ('zed', 10, 30)")
+        await migrate(conn, MIGRATIONS)
+        used = dict(await conn.fetch("SELECT id, used FROM grants ORDER BY id"))
+        # acme: 9 spent -> 3 from 'first' (priority 10), 6 from 'soon' (expires first)
+        # zed: 30 spent beyond its one grant of 10 -> the grant is used up, no more
+        assert used == {"first": 3, "soon": 6, "late": 0, "z": 10}
     finally:
         await conn.close()

@@ -137,6 +137,25 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     UPDATE grants g SET used = s.t FROM (
         SELECT grant_id, sum(amount) AS t FROM credit_entries WHERE grant_id IS NOT NULL
         GROUP BY grant_id) s WHERE g.id = s.grant_id;
+    -- before this migration a fleet's shipped spending was kept only in
+    -- credit_accounts.settled (no grant-level entries): what settled holds beyond the debit
+    -- entries is allocated to the grants in burn order (priority, earliest expiry, oldest),
+    -- each up to what it has left, so a spent grant does not read as full
+    WITH todo AS (
+        SELECT a.customer_id, a.settled - COALESCE((
+            SELECT sum(e.amount) FROM credit_entries e
+            WHERE e.customer_id = a.customer_id AND e.kind = 'debit'), 0) AS t
+        FROM credit_accounts a),
+    room AS (
+        SELECT g.id, g.customer_id, GREATEST(g.amount - g.used, 0) AS r,
+               sum(GREATEST(g.amount - g.used, 0)) OVER (
+                   PARTITION BY g.customer_id
+                   ORDER BY g.priority, COALESCE(g.expires_at, 4611686018427387904),
+                            g.created_at, g.id) AS upto
+        FROM grants g)
+    UPDATE grants g SET used = g.used + LEAST(room.r, todo.t - (room.upto - room.r))
+    FROM room JOIN todo ON todo.customer_id = room.customer_id
+    WHERE g.id = room.id AND todo.t > room.upto - room.r;
     INSERT INTO credit_accounts(customer_id)
         SELECT DISTINCT e.customer_id FROM credit_entries e JOIN customers c ON c.id = e.customer_id
         ON CONFLICT (customer_id) DO NOTHING;
