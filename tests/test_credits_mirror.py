@@ -564,3 +564,31 @@ async def test_usage_before_any_credit_moves_the_monetary_period_total(
     assert _burned(p) == 6000
     got = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["balance"]
     assert got == "80"
+
+
+async def test_a_replacement_waits_until_the_grant_it_replaces_is_void_at_stripe(
+        rig: Rig) -> None:
+    """The void of the old Stripe grant fails (a 500): the replacement is not created
+    beside it (Stripe would hold both, 10.00 + 5.00 against a local 5.00); once the void
+    goes through on its retry, the replacement follows."""
+    g, _ = await rig.credits.grant("acme", "10", source="stripe:in_1",
+                                   payment=(("in_1", "ch_1"), 1000))
+    await rig.pass_()
+    [out] = await rig.credits.claw_back("acme", ["ch_1"], 500, "refund:ch_1", "evt_1")
+    assert out["unused_taken"] == "5"
+    rig.double.state.faults.script("credit_grant_void", ["500"])
+
+    def live() -> list[tuple[str, int]]:
+        return sorted((x.metadata["meterproxy_grant"], x.value)
+                      for x in rig.stripe_grants() if x.voided_at is None)
+
+    await rig.pass_()
+    assert live() == [(g.id, 1000)]                 # the old one only, not both
+    rows = {r.grant_id: r for r in await rig.owners.mirrors.rows()}
+    assert "to be voided" in (rows[f"{g.id}#t5000000"].last_error or "")
+    rig.clock += 3600                               # past both rows' retry time
+    await rig.pass_()
+    await rig.pass_()
+    assert live() == [(f"{g.id}#t5000000", 500)]
+    check = await rig.svc.balance_check("acme")
+    assert (check["local_balance"], check["stripe"]) == (500, 500)

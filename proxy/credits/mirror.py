@@ -288,6 +288,14 @@ class MonetaryService:
             g = self.book.grant(base)
             if g is None:
                 raise MirrorProblem(f"no local grant {base!r}")
+            if taken is not None:           # a replacement: only once what it replaces is void
+                waiting = [m.grant_id for m in await self.mirrors.rows(
+                               customer_id=r.customer_id, limit=100_000)
+                           if m.grant_id != r.grant_id and split_key(m.grant_id)[0] == base
+                           and m.done != "void" and (m.want == "void" or m.done == "live")]
+                if waiting:
+                    raise MirrorProblem(f"waiting for {', '.join(sorted(waiting))} to be voided"
+                                        " at Stripe before creating its replacement")
             acct = self.money.account(r.customer_id)
             currency = acct.currency if acct is not None else \
                 account_prices(dict(self.prices()), cust.currency if cust else None)[0]
