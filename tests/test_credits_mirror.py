@@ -592,3 +592,22 @@ async def test_a_replacement_waits_until_the_grant_it_replaces_is_void_at_stripe
     assert live() == [(f"{g.id}#t5000000", 500)]
     check = await rig.svc.balance_check("acme")
     assert (check["local_balance"], check["stripe"]) == (500, 500)
+
+
+async def test_a_grant_first_mirrored_after_its_period_ended_holds_what_stripe_never_applied(
+        rig: Rig) -> None:
+    """Stripe is down when the grant is made; 3.00 of it is spent locally, the period ends,
+    and Stripe finalizes that invoice without any credit grant (the usage charged in full).
+    The late mirror holds the whole 10.00, not 7.00 (which would charge the 3.00 twice: in
+    money on the invoice and in credits); the balance check shows the 3.00."""
+    await rig.credits.grant("acme", "10", source="stripe:in_1")
+    rig.double.state.faults.script("credit_grants", ["500"])
+    await rig.pass_()
+    assert rig.stripe_grants() == []
+    await rig.spend(300)
+    rig.clock += 40 * 86400                         # past the period's end
+    await rig.svc.sync()
+    await rig.pass_()
+    assert [g.value for g in rig.stripe_grants()] == [1000]
+    check = await rig.svc.balance_check("acme")
+    assert (check["local_balance"], check["stripe"], check["difference"]) == (700, 1000, 300)

@@ -225,15 +225,23 @@ class MonetaryService:
                      per_minor: int) -> int:
         """What the grant's Stripe credit grant holds (micro-credits, whole minor units):
         its amount less what was taken from it (``taken``, else the ledger's figure now)
-        and less what requests spent from it before the open period (applied by Stripe to
-        invoices already finalized). What the open period spends stays in it: Stripe
+        and, for a replacement (``taken`` given), less what requests spent from it before
+        the open period (applied by Stripe to invoices already finalized). What the open period spends stays in it: Stripe
         applies that when it finalizes the period's invoice."""
+        first = taken is None
         if taken is None:
             taken = await self._taken(g.id)
-        start_ms = period_bounds(anchor, self.clock())[0] * 1000
-        before = sum(e.amount for e in await self.ledger.entries(g.customer_id,
-                                                                 COVERED_SCAN_LIMIT)
-                     if e.grant_id == g.id and e.kind == "debit" and e.at_ms < start_ms)
+        before = 0
+        if not first:
+            # a replacement: the grant it replaces was at Stripe, which applied what earlier
+            # periods spent from it to their invoices. A first mirror made after a period
+            # the grant covered locally (Stripe unreachable across the period end) was
+            # not: that period's invoice charged the usage in full, so the Stripe grant
+            # holds it all and the balance check shows the difference (docs/credits.md)
+            start_ms = period_bounds(anchor, self.clock())[0] * 1000
+            before = sum(e.amount for e in await self.ledger.entries(g.customer_id,
+                                                                     COVERED_SCAN_LIMIT)
+                         if e.grant_id == g.id and e.kind == "debit" and e.at_ms < start_ms)
         value = max(g.amount - taken - before, 0)
         return value - value % per_minor
 

@@ -125,7 +125,9 @@ def balance_check(local_balance_micro: int, open_period_burned_minor: int,
         why = "Stripe holds no credit balance in this currency: the grants were not mirrored"
     elif d > 0:
         why = ("Stripe holds more: a grant voided, clawed back or expired here is still live"
-               " at Stripe, or an invoice has not applied credits there yet")
+               " at Stripe, an invoice has not applied credits there yet, or a grant was"
+               " first mirrored after a period it covered here ended (that invoice charged"
+               " the usage in full, so Stripe holds what it covered)")
     else:
         why = ("Stripe holds less: a grant made here is not mirrored yet, or Stripe applied"
                " credits to an invoice meterproxy did not burn")
