@@ -226,8 +226,9 @@ class MonetaryService:
         """What the grant's Stripe credit grant holds (micro-credits, whole minor units):
         its amount less what was taken from it (``taken``, else the ledger's figure now)
         and, for a replacement (``taken`` given), less what requests spent from it before
-        the open period (applied by Stripe to invoices already finalized). What the open period spends stays in it: Stripe
-        applies that when it finalizes the period's invoice."""
+        the open period (applied by Stripe to invoices already finalized). What the open
+        period spends stays in it: Stripe applies that when it finalizes the period's
+        invoice."""
         first = taken is None
         if taken is None:
             taken = await self._taken(g.id)
