@@ -13,6 +13,13 @@
 #                 fleet (strict, storage.backend postgres on a fresh database at $PGBASE,
 #                        default postgresql://postgres@127.0.0.1:5432; the key made through the
 #                        admin API by bench/fleet_key.py; needs psql)
+# PAYLOAD=small (default: 216-byte JSON) | 64k (65,536-byte body) | sse (20-event
+# text/event-stream; the metered targets read its tokens: rule `sse`, preset openai_chat,
+# plus api_calls) picks the origin path every request asks for (bench/origin.py).
+# BARE=N skips measuring the bare proxy and takes N as its figure (quick steps; a figure to
+# publish comes from a run that measures it).
+# CG_KEEP=DIR keeps each run's callgrind output as DIR/<target>-<n>.out; bench/cg_diff.py
+# DIR/free-200.out DIR/free-800.out 600 then lists the instructions per request by function.
 set -u
 cd "$(dirname "$0")/.."
 W=$(mktemp -d)
@@ -25,8 +32,11 @@ rules:
 EOR
 cat > "$W/metered.yaml" <<'EOR'
 version: 1
-meters: {api_calls: {stripe_event_name: api_calls}}
+meters: {api_calls: {stripe_event_name: api_calls}, llm_tokens: {stripe_event_name: llm_tokens}}
 rules:
+  - name: sse
+    match: {path: /sse}
+    usage: [{meter: llm_tokens, preset: openai_chat}, {meter: api_calls, quantity: 1}]
   - {name: all, match: {path: "/**"}, usage: [{meter: api_calls, quantity: 1}]}
 EOR
 port() { .venv/bin/python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
@@ -75,12 +85,15 @@ EOC
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python -m proxy serve \
       --config "$W/c.yaml" >/dev/null 2>"$W/cg.err" & M=$!
   fi
-  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/small" "$n" "$KEY" 2>/dev/null
+  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/$PAYLOAD" "$n" "$KEY" 2>/dev/null
   kill -TERM $M; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
   [ "$target" = fleet ] && psql "$PGBASE/postgres" -qc "DROP DATABASE $DB WITH (FORCE)" >/dev/null
+  [ -n "${CG_KEEP:-}" ] && mkdir -p "$CG_KEEP" && cp "$W/cg.out" "$CG_KEEP/$target-$n.out"
   grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'
 }
-echo "| target | instructions per request (/small) | vs bare |"
+PAYLOAD=${PAYLOAD:-small}
+case "$PAYLOAD" in small|64k|sse) ;; *) echo "PAYLOAD must be small, 64k or sse" >&2; exit 2;; esac
+echo "| target | instructions per request (/$PAYLOAD) | vs bare |"
 echo "| --- | --- | --- |"
 base=""
 declare -A res
@@ -88,6 +101,9 @@ NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 PGBASE=${PGBASE:-postgresql://postgres@127.0.0.1:5432}
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(nginx free strict batched)
+if [ -n "${BARE:-}" ]; then   # a bare figure from an earlier run of this machine: not measured again
+  base=$BARE; res[bare]=$BARE; echo "| bare (given: BARE=$BARE) | $BARE | 1.00x |"
+fi
 for t in bare "${targets[@]}"; do
   [ "$t" = bare ] && [ -n "$base" ] && continue
   if [ "$t" = nginx ] && [ ! -x "$NGINX" ]; then

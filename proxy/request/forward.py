@@ -69,7 +69,7 @@ def response_headers(headers: list[tuple[str, str]], out: CIMultiDict[str]) -> C
 _XRID = istr("X-Request-Id")
 
 
-def upstream_headers(request: web.Request, rid: str, drop: frozenset[str]) -> CIMultiDict[str]:
+def upstream_headers(request: web.BaseRequest, rid: str, drop: frozenset[str]) -> CIMultiDict[str]:
     """The head sent upstream: the consumer's end-to-end headers (minus ``drop``, lower-case:
     the API key headers unless forwarded, and Host), X-Forwarded-*, and X-Request-Id."""
     headers: CIMultiDict[str] = CIMultiDict()

@@ -390,7 +390,7 @@ async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
         raise Aborted() from exc
 
 
-def _kill(req: web.Request) -> None:
+def _kill(req: web.BaseRequest) -> None:
     """Close the consumer connection without a clean end, so a partial body is never mistaken
     for a complete one."""
     transport = req.transport
