@@ -52,17 +52,42 @@ def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
     return out
 
 
-def response_headers(headers: list[tuple[str, str]], out: CIMultiDict[str]) -> CIMultiDict[str]:
-    """Copy a response's end-to-end headers, given as (name, value) pairs in the order
-    received, into ``out`` (hop-by-hop and those named by Connection dropped)."""
+def response_headers(headers: list[tuple[str, str]], rid: str) -> list[tuple[str, str]]:
+    """The consumer's response head: the upstream's end-to-end headers (given as (name,
+    value) pairs in the order received; hop-by-hop and those named by Connection dropped),
+    in order, with ``X-Request-Id: rid`` set the way a multidict's ``d[name] = value`` sets
+    it: in place of the first such header (the others dropped), else appended."""
     skip = HOP_BY_HOP
+    has_rid = False
     for k, v in headers:
-        if len(k) == 10 and k.lower() == "connection":
+        n = len(k)
+        if n == 10 and k.lower() == "connection":
             skip = skip | {t.strip().lower() for t in v.split(",") if t.strip()}
-    add = out.add
-    for k, v in headers:
-        if k.lower() not in skip:
-            add(k, v)
+        elif n == 12 and k.lower() == "x-request-id":
+            has_rid = True
+    out = [(k, v) for k, v in headers if k.lower() not in skip]
+    if not has_rid:
+        out.append(("X-Request-Id", rid))
+        return out
+    return set_header(out, "X-Request-Id", rid)
+
+
+def set_header(pairs: list[tuple[str, str]], name: str, value: str) -> list[tuple[str, str]]:
+    """``pairs`` with ``name`` set as ``CIMultiDict.__setitem__`` sets it: the first header
+    of that name (any case) becomes ``(name, value)`` in its place, later ones are dropped;
+    appended when there is none."""
+    low = name.lower()
+    out: list[tuple[str, str]] = []
+    done = False
+    for k, v in pairs:
+        if k.lower() == low:
+            if not done:
+                out.append((name, value))
+                done = True
+            continue
+        out.append((k, v))
+    if not done:
+        out.append((name, value))
     return out
 
 

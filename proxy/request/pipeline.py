@@ -129,7 +129,8 @@ class Pipeline:
             if (self.reserved and path.startswith(self.reserved)) or path in self.own_paths:
                 return await self._own_route(request, rid, path)
             rules = self.rt.rules
-            match = rules.match(request.method, path, request.headers, request.query)
+            match = rules.match(request.method, path, request.headers,
+                                request.query if rules.reads_query else _NO_PARAMS)
             rule = match.rule if match is not None else None
             rule_name = rule.name if rule is not None else "(unmatched)"
             key_id = customer_id = ""

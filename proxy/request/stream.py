@@ -45,7 +45,6 @@ from proxy.request.admission import XCR as _XCR
 from proxy.request.admission import Admission
 from proxy.request.context import RequestContext
 from proxy.request.forward import (
-    _XRID,
     BODY_ERRORS,
     Upstream,
     body_error,
@@ -149,11 +148,10 @@ class Exchange:
         finally:
             upstream.release()
 
-    def _response_head(self, upstream: Response) -> tuple[CIMultiDict[str], Any]:
-        """The consumer's response headers, and the body inspector if a rule reads the body."""
-        out_headers: CIMultiDict[str] = CIMultiDict()
-        response_headers(upstream.headers, out_headers)
-        out_headers[_XRID] = self.ctx.rid
+    def _response_head(self, upstream: Response) -> tuple[list[tuple[str, str]], Any]:
+        """The consumer's response headers (pairs in order: each response copies them into
+        its own multidict once), and the body inspector if a rule reads the body."""
+        out_headers = response_headers(upstream.headers, self.ctx.rid)
         inspector = None
         rule = self.ctx.rule
         if rule is not None and self.ctx.metered and rule.response_body is not ResponseNeed.NONE:
@@ -222,13 +220,14 @@ class Exchange:
             self.request_bytes += len(chunk)
             yield chunk
 
-    async def _respond(self, upstream: Response, out_headers: CIMultiDict[str],
+    async def _respond(self, upstream: Response, head: list[tuple[str, str]],
                        inspector: Any, t_up: float) -> web.StreamResponse:
         """A large or streamed body: forwarded chunk by chunk as it arrives."""
         s, req = self.s, self.ctx.request
         clen = upstream.content_length
         chunked = clen is None
         status = upstream.status
+        out_headers: CIMultiDict[str] = CIMultiDict(head)
         if chunked:
             out_headers.popall("Content-Length", None)
         if self.ctx.metered:
@@ -297,7 +296,7 @@ class Exchange:
         await resp.write_eof()
         return resp
 
-    async def _respond_small(self, upstream: Response, headers: CIMultiDict[str],
+    async def _respond_small(self, upstream: Response, head: list[tuple[str, str]],
                              inspector: Any, t_up: float) -> web.StreamResponse:
         try:
             body = upstream.take() if upstream.complete else await upstream.read()
@@ -322,12 +321,14 @@ class Exchange:
         except MeteringUnavailable as exc:
             metrics.metering_unavailable_total.inc()
             raise _withheld() from exc
-        headers.popall("Content-Length", None)
+        resp = web.Response(status=upstream.status, headers=head, body=body)
+        headers = resp.headers
+        headers.popall("Content-Length", None)    # aiohttp writes the body's own
         if self.ctx.metered:
             xcr = self.s.admission.credits_header(self.ctx.customer_id)   # exact: settled above
             if xcr is not None:
                 headers[_XCR] = xcr
-        return web.Response(status=upstream.status, headers=headers, body=body)
+        return resp
 
     def _usage_filter(self, upstream: Response) -> UsageChunkFilter | None:
         """When the proxy added include_usage for this client, a filter that removes the

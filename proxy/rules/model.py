@@ -251,10 +251,14 @@ class RuleSet:
     # explained with the exact rules that priced a request
     sources: tuple[tuple[str, str], ...] = ()
     _index: MatchIndex[Rule] = field(init=False, repr=False, compare=False)
+    # some rule matches on a query parameter: only then does the pipeline hand ``match``
+    # the request's parsed query (otherwise it is never parsed for matching)
+    reads_query: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index = MatchIndex([(r.matcher, r) for r in self.rules])
         object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "reads_query", any(r.matcher.query for r in self.rules))
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str]) -> Match | None:
