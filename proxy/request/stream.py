@@ -46,10 +46,12 @@ from proxy.request.admission import Admission
 from proxy.request.context import RequestContext
 from proxy.request.forward import (
     BODY_ERRORS,
+    HOP_BY_HOP,
     Upstream,
     body_error,
+    forward_headers,
     response_headers,
-    upstream_headers,
+    set_header,
 )
 from proxy.request.settle import Settlement
 from proxy.rules import UNREADABLE, Measurement
@@ -75,6 +77,7 @@ class Streamer:
         self.cap = cap
         self.strict = strict
         self.drop_headers = drop_headers
+        self.skip_up = HOP_BY_HOP | drop_headers     # never forwarded (lower-case names)
 
 
 class Exchange:
@@ -97,12 +100,12 @@ class Exchange:
     async def run(self) -> web.StreamResponse:
         s, ctx = self.s, self.ctx
         req = ctx.request
-        headers = upstream_headers(req, ctx.rid, s.drop_headers)
+        headers = forward_headers(req, ctx.rid, s.skip_up)
         rule = ctx.rule
         if rule is not None and ctx.metered:
             if rule.response_body is not ResponseNeed.NONE:
                 # the body must be readable: ask for it uncompressed (decoded if ignored)
-                headers["Accept-Encoding"] = "identity"
+                headers = set_header(headers, "Accept-Encoding", "identity")
             if (rule.request_json or rule.stream_usage) and req.body_exists \
                     and _encoded(req.headers):
                 raise HttpError("This endpoint reads the request body to meter it; send it "
@@ -159,7 +162,7 @@ class Exchange:
                                            upstream.header("Content-Encoding"))
         return out_headers, inspector
 
-    async def _request_body(self, headers: CIMultiDict[str]) -> Any:
+    async def _request_body(self, headers: list[tuple[str, str]]) -> Any:
         req = self.ctx.request
         if not req.body_exists:
             # an empty Content-Length body keeps its `Content-Length: 0` upstream
@@ -181,7 +184,7 @@ class Exchange:
             self.request_bytes += len(chunk)
             yield chunk
 
-    async def _inspect_request_body(self, headers: CIMultiDict[str]) -> Any:
+    async def _inspect_request_body(self, headers: list[tuple[str, str]]) -> Any:
         cap = self.s.cap
         buf = bytearray()
         content = self.ctx.request.content
@@ -207,8 +210,10 @@ class Exchange:
                 if added is not None:
                     body = added
                     self.strip_usage = True
-            headers.popall("Transfer-Encoding", None)
-            headers["Content-Length"] = str(len(body))
+            # (in place: the caller sends this list)
+            headers[:] = set_header([(k, v) for k, v in headers
+                                     if k.lower() != "transfer-encoding"],
+                                    "Content-Length", str(len(body)))
             return body
         # over the inspection cap: stream what was read, then the rest, untouched
         return self._prefixed(bytes(buf), content)
