@@ -263,7 +263,10 @@ class Exchange:
                         inspector.feed(chunk)
                     break
                 if strip is None:
-                    await _write(resp, chunk)
+                    try:    # _write inlined: no coroutine frame per chunk
+                        await resp.write(chunk)
+                    except _WRITE_ERRORS as exc:
+                        raise Aborted() from exc
                 elif out := strip.feed(chunk):
                     await _write(resp, out)
                 sent += len(chunk)
@@ -389,10 +392,14 @@ def _withheld() -> HttpError:
                      "billed). Retry shortly.", status=503, type_="metering_unavailable")
 
 
+# what writing to a consumer that went away raises
+_WRITE_ERRORS = (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError)
+
+
 async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
     try:
         await resp.write(chunk)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
+    except _WRITE_ERRORS as exc:
         raise Aborted() from exc
 
 
