@@ -156,7 +156,7 @@ class GuardedHandler(RequestHandler):
             self.head_bytes += len(data)
         messages = self._messages
         queued = len(messages)
-        super().data_received(data)
+        RequestHandler.data_received(self, data)     # (no super object per read)
         if len(messages) > queued:
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None

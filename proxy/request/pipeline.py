@@ -40,7 +40,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import MatchInfoError
@@ -87,8 +87,10 @@ class Pipeline:
         self.streamer = Streamer(rt.upstream, admission, settlement, cfg.max_inspect_bytes,
                                  strict, drop)
         self.websockets = WebSocketRelay(rt.upstream, settlement, drop)
-        # rule name -> requests_total children by status class (index status // 100)
-        self._req_counters: dict[str, list[Any]] = {}
+        # rule name -> requests answered by status class (index status // 100), added to
+        # requests_total at each scrape (a plain increment per request)
+        self._req_counts: dict[str, list[int]] = {}
+        metrics.before_scrape(self.flush_counts)
         # the routes the proxy answers itself on the public port, matched on the canonical
         # path: everything under the reserved prefix, and the exact paths of the others
         self.reserved = cfg.reserved_prefix.rstrip("/")
@@ -187,13 +189,18 @@ class Pipeline:
             return error_response(exc, rid)
 
     def _count(self, rule: str, status: int) -> None:
-        by_class = self._req_counters.get(rule)
+        by_class = self._req_counts.get(rule)
         if by_class is None:
-            by_class = self._req_counters[rule] = [None] * 10     # statuses have 3 digits
-        c = by_class[status // 100]
-        if c is None:
-            c = by_class[status // 100] = metrics.requests_total.labels(rule, f"{status // 100}xx")
-        c.inc()
+            by_class = self._req_counts[rule] = [0] * 10     # statuses have 3 digits
+        by_class[status // 100] += 1
+
+    def flush_counts(self) -> None:
+        """Add the requests counted since the last scrape to requests_total."""
+        for rule, by_class in self._req_counts.items():
+            for i, n in enumerate(by_class):
+                if n:
+                    metrics.requests_total.labels(rule, f"{i}xx").inc(n)
+                    by_class[i] = 0
 
 
 async def _expect(request: web.BaseRequest) -> None:
