@@ -85,11 +85,13 @@ EOC
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python -m proxy serve \
       --config "$W/c.yaml" >/dev/null 2>"$W/cg.err" & M=$!
   fi
-  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/$PAYLOAD" "$n" "$KEY" 2>/dev/null
-  kill -TERM $M; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
+  local ok=1
+  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/$PAYLOAD" "$n" "$KEY" 2>/dev/null || ok=0
+  kill -0 $M 2>/dev/null || ok=0          # the proxy must still be running: it did all the work
+  kill -TERM $M 2>/dev/null; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
   [ "$target" = fleet ] && psql "$PGBASE/postgres" -qc "DROP DATABASE $DB WITH (FORCE)" >/dev/null
   [ -n "${CG_KEEP:-}" ] && mkdir -p "$CG_KEEP" && cp "$W/cg.out" "$CG_KEEP/$target-$n.out"
-  grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'
+  if [ $ok = 1 ]; then grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'; else echo FAILED; fi
 }
 PAYLOAD=${PAYLOAD:-small}
 case "$PAYLOAD" in small|64k|sse) ;; *) echo "PAYLOAD must be small, 64k or sse" >&2; exit 2;; esac
@@ -110,6 +112,10 @@ for t in bare "${targets[@]}"; do
     echo "| nginx | not installed (apt-get install -y nginx-light) | |"; continue
   fi
   a=$(run $t 200); b=$(run $t 800)
+  if [ "$a" = FAILED ] || [ "$b" = FAILED ] || [ -z "$a" ] || [ -z "$b" ]; then
+    # a client error or a proxy that died: no figure rather than a wrong one
+    echo "| $t | FAILED (200: ${a:-none}, 800: ${b:-none}) | |"; continue
+  fi
   per=$(( (b - a) / 600 ))
   [ -z "$base" ] && base=$per
   res[$t]=$per
