@@ -48,8 +48,9 @@ def test_before_scrape_hooks_run_before_the_counters_are_read_and_go_with_their_
     line = b'meterproxy_requests_total{code_class="2xx",rule="hook-test"} 3.0'
     assert line in generate_latest(metrics.REGISTRY)        # counted at this very scrape
     assert line in generate_latest(metrics.REGISTRY)        # and only once
-    hooks = len(metrics._BEFORE_SCRAPE.hooks)
+    ours = metrics._BEFORE_SCRAPE.hooks[-1]
     del owner
     gc.collect()
     generate_latest(metrics.REGISTRY)
-    assert len(metrics._BEFORE_SCRAPE.hooks) == hooks - 1   # a dead owner's hook is dropped
+    assert ours not in metrics._BEFORE_SCRAPE.hooks          # a dead owner's hook is dropped
+    assert all(ref() is not None for ref in metrics._BEFORE_SCRAPE.hooks)
