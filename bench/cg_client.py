@@ -6,6 +6,7 @@ usage: python bench/cg_client.py URL N KEY
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
@@ -15,12 +16,17 @@ import aiohttp
 async def main(url: str, n: int, key: str, conc: int = 16) -> None:
     h = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as s:
-        for _ in range(2000):  # wait until the proxy under valgrind answers
+        # wait until the proxy under valgrind answers: its start-up alone can take many
+        # minutes on a loaded machine; never send the measured requests before it is up
+        deadline = time.monotonic() + float(os.environ.get("CG_WAIT", "3600"))
+        while True:
             try:
                 async with s.get(url, headers=h) as r:
                     await r.read()
                     break
             except aiohttp.ClientError:
+                if time.monotonic() > deadline:
+                    sys.exit("the proxy under test never answered")
                 await asyncio.sleep(0.2)
         left = n
 

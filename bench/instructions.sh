@@ -13,8 +13,14 @@
 #                 fleet (strict, storage.backend postgres on a fresh database at $PGBASE,
 #                        default postgresql://postgres@127.0.0.1:5432; the key made through the
 #                        admin API by bench/fleet_key.py; needs psql)
-# KEEP=DIR keeps each run's callgrind output as DIR/<target>-<n>.out (for callgrind_annotate;
-#        bench/cg_diff.py subtracts the 200-request run from the 800-request one per function)
+# PAYLOAD=small (default: 216-byte JSON) | 64k (65,536-byte body) | sse (20-event
+# text/event-stream; the metered targets read its tokens: rule `sse`, preset openai_chat,
+# plus api_calls) picks the origin path every request asks for (bench/origin.py).
+# BARE=N skips measuring the bare proxy and takes N as its figure (quick steps; a figure to
+# publish comes from a run that measures it).
+# KEEP=DIR (or CG_KEEP=DIR) keeps each run's callgrind output as DIR/<target>-<n>.out (for
+#        callgrind_annotate; `bench/cg_diff.py DIR free strict` lists the instructions per
+#        request by function, and what the second target costs over the first)
 set -u
 cd "$(dirname "$0")/.."
 W=$(mktemp -d)
@@ -27,8 +33,11 @@ rules:
 EOR
 cat > "$W/metered.yaml" <<'EOR'
 version: 1
-meters: {api_calls: {stripe_event_name: api_calls}}
+meters: {api_calls: {stripe_event_name: api_calls}, llm_tokens: {stripe_event_name: llm_tokens}}
 rules:
+  - name: sse
+    match: {path: /sse}
+    usage: [{meter: llm_tokens, preset: openai_chat}, {meter: api_calls, quantity: 1}]
   - {name: all, match: {path: "/**"}, usage: [{meter: api_calls, quantity: 1}]}
 EOR
 port() { .venv/bin/python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
@@ -77,13 +86,18 @@ EOC
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python -m proxy serve \
       --config "$W/c.yaml" >/dev/null 2>"$W/cg.err" & M=$!
   fi
-  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/small" "$n" "$KEY" 2>/dev/null
-  kill -TERM $M; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
+  local ok=1
+  .venv/bin/python bench/cg_client.py "http://127.0.0.1:$PP/$PAYLOAD" "$n" "$KEY" 2>/dev/null || ok=0
+  kill -0 $M 2>/dev/null || ok=0          # the proxy must still be running: it did all the work
+  kill -TERM $M 2>/dev/null; wait $M 2>/dev/null; kill $O 2>/dev/null; wait $O 2>/dev/null
   [ "$target" = fleet ] && psql "$PGBASE/postgres" -qc "DROP DATABASE $DB WITH (FORCE)" >/dev/null
-  [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$W/cg.out" "$KEEP/$target-$n.out"
-  grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'
+  KEEP=${KEEP:-${CG_KEEP:-}}
+  [ -n "$KEEP" ] && mkdir -p "$KEEP" && cp "$W/cg.out" "$KEEP/$target-$n.out"
+  if [ $ok = 1 ]; then grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'; else echo FAILED; fi
 }
-echo "| target | instructions per request (/small) | vs bare |"
+PAYLOAD=${PAYLOAD:-small}
+case "$PAYLOAD" in small|64k|sse) ;; *) echo "PAYLOAD must be small, 64k or sse" >&2; exit 2;; esac
+echo "| target | instructions per request (/$PAYLOAD) | vs bare |"
 echo "| --- | --- | --- |"
 base=""
 declare -A res
@@ -91,12 +105,19 @@ NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 PGBASE=${PGBASE:-postgresql://postgres@127.0.0.1:5432}
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(nginx free strict batched)
+if [ -n "${BARE:-}" ]; then   # a bare figure from an earlier run of this machine: not measured again
+  base=$BARE; res[bare]=$BARE; echo "| bare (given: BARE=$BARE) | $BARE | 1.00x |"
+fi
 for t in bare "${targets[@]}"; do
   [ "$t" = bare ] && [ -n "$base" ] && continue
   if [ "$t" = nginx ] && [ ! -x "$NGINX" ]; then
     echo "| nginx | not installed (apt-get install -y nginx-light) | |"; continue
   fi
   a=$(run $t 200); b=$(run $t 800)
+  if [ "$a" = FAILED ] || [ "$b" = FAILED ] || [ -z "$a" ] || [ -z "$b" ]; then
+    # a client error or a proxy that died: no figure rather than a wrong one
+    echo "| $t | FAILED (200: ${a:-none}, 800: ${b:-none}) | |"; continue
+  fi
   per=$(( (b - a) / 600 ))
   [ -z "$base" ] && base=$per
   res[$t]=$per

@@ -6,6 +6,8 @@ Latency is measured from the moment the request is written to the moment the las
 byte of the response is parsed (Content-Length or chunked), with perf_counter.
 Usage: python bench/openloop.py --host H --port P --path /small --rate 1000 --duration 5
        [--header 'Authorization: Bearer X'] [--conns 16]
+       python bench/openloop.py --port P --path /small --sequential --duration 5
+       (one connection, one request at a time: latency without any queueing)
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
         conns.append(c)
         return c
 
+    if a.sequential:
+        return await sequential(a, req, await new_conn(), results, done)
     for _ in range(a.conns):
         pool.append(await new_conn())
     total = int(a.rate * a.duration)
@@ -152,16 +156,46 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
             "send_lag_p99_ms": pct(lags, 0.99) * 1e3}
 
 
+async def sequential(a: argparse.Namespace, req: bytes, c: Conn,
+                     results: list[tuple[float, int]], done: asyncio.Event) -> dict[str, object]:
+    """One connection, one request at a time: the next is sent as soon as the previous
+    response has ended, for ``duration`` seconds (latency with no queueing at all)."""
+    end = time.perf_counter() + a.duration
+    while time.perf_counter() < end and not c.closed:
+        done.clear()
+        c.send(req)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 10)
+        if c.busy:
+            break               # no answer within 10 s
+    if c.t is not None:
+        c.t.close()
+    lat = sorted(r[0] for r in results if 200 <= r[1] < 300)
+    statuses: dict[str, int] = {}
+    for _, st in results:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
+    return {"sent": len(results), "completed": len(results), "ok_2xx": len(lat),
+            "statuses": statuses, "rate_target": 0.0,
+            "rate_achieved": len(results) / a.duration, "extra_connections": 0,
+            "p50_ms": pct(lat, 0.50) * 1e3, "p90_ms": pct(lat, 0.90) * 1e3,
+            "p99_ms": pct(lat, 0.99) * 1e3, "p999_ms": pct(lat, 0.999) * 1e3,
+            "max_ms": (lat[-1] * 1e3) if lat else float("nan"), "send_lag_p99_ms": 0.0}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--path", default="/small")
-    ap.add_argument("--rate", type=float, required=True)
+    ap.add_argument("--rate", type=float, default=0.0, help="requests per second (open loop)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one connection, one request at a time (no --rate)")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--header", action="append", default=[])
     args = ap.parse_args()
+    if not args.sequential and args.rate <= 0:
+        ap.error("--rate is required (or --sequential)")
     out = uvloop.run(main(args))
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")

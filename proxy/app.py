@@ -82,7 +82,7 @@ class Server:
     background tasks."""
 
     rt: Runtime
-    public: web.AppRunner
+    public: web.ServerRunner
     admin: web.AppRunner
     reader: aiosqlite.Connection
     pipeline: Pipeline
@@ -104,7 +104,7 @@ class Server:
     graceful: list[tuple[Callable[[], None], asyncio.Task[Any]]] = field(default_factory=list)
 
     async def shutdown(self, timeout: float = 15.0) -> None:
-        # 1. stop accepting; 2. in-flight requests finish (AppRunner.cleanup waits for them)
+        # 1. stop accepting; 2. in-flight requests finish (the runners' cleanup waits for them)
         await self.public.cleanup()
         await self.admin.cleanup()
         # 3. every usage row committed
@@ -225,7 +225,6 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     credits.quantum = monetary.quantum
     credits.on_taken = monetary.taken
 
-    public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
                                customers=storage.customers)
     auth = Authenticator(rt)
@@ -246,14 +245,13 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         pipeline = Pipeline(rt, auth, fleet.credits, watch, own_routes,
                             lease_admit=fleet.credits.lease_admit)
     pipeline.admission.money = pipeline.settlement.money = money
-    # the bound coroutine method, not the instance: aiohttp wraps a non-coroutine callable
-    # in a deprecated per-request shim ("Bare functions are deprecated")
-    public_app.router.add_route("*", "/{tail:.*}", pipeline.__call__)
     guard = ConnectionGuard(cfg.limits, effective_max_connections(
         cfg.limits.max_connections, cfg.upstream.pool_size))
+    # aiohttp's low-level web.Server on the public port: every request goes straight to the
+    # pipeline (no Application, no router; it routes on the canonical path itself).
     # auto_decompress=False: request bodies are forwarded as sent (a compressed body stays
     # compressed; rules that read one answer 415, see docs/metering-bodies.md)
-    public = guarded_runner(public_app, guard, handle_signals=False, access_log=None,
+    public = guarded_runner(pipeline.__call__, guard, access_log=None,
                             handler_cancellation=True, shutdown_timeout=10.0,
                             auto_decompress=False)
     reconciler = build_reconciler(rt)

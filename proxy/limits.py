@@ -156,7 +156,7 @@ class GuardedHandler(RequestHandler):
             self.head_bytes += len(data)
         messages = self._messages
         queued = len(messages)
-        super().data_received(data)
+        RequestHandler.data_received(self, data)     # (no super object per read)
         if len(messages) > queued:
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
@@ -183,27 +183,28 @@ class GuardedHandler(RequestHandler):
             transport.close()
 
 
-def guarded_runner(app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> web.AppRunner:
-    """An AppRunner whose connections are ``GuardedHandler``s under ``guard``."""
-    return _GuardedRunner(app, guard, **kwargs, **guard.handler_args)
+def guarded_runner(handler: Any, guard: ConnectionGuard, *, shutdown_timeout: float,
+                   **kwargs: Any) -> web.ServerRunner:
+    """A runner of aiohttp's low-level ``web.Server`` (no Application, no router: the
+    pipeline routes on the canonical path itself) whose connections are ``GuardedHandler``s
+    under ``guard``. ``kwargs`` go to the server and each connection's ``RequestHandler``."""
+    server = GuardedServer(handler, guard, **kwargs, **guard.handler_args)
+    return web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_timeout)
 
 
-class _GuardedRunner(web.AppRunner):
-    __slots__ = ("_guard",)
+class GuardedServer(web.Server):
+    """``web.Server`` whose protocol factory makes ``GuardedHandler``s. Its requests are
+    ``BaseRequest``s without a body size limit (``client_max_size=0``, what the public
+    Application had: bodies are streamed, and each route that reads one bounds it itself)."""
 
-    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+    def __init__(self, handler: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(handler, request_factory=self._unbounded_request, **kwargs)
         self._guard = guard
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        guard = self._guard
+    def _unbounded_request(self, message: Any, payload: Any, protocol: RequestHandler,
+                           writer: Any, task: asyncio.Task[None]) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                               client_max_size=0)
 
-        class _Server(web.Server):
-            __slots__ = ()
-
-            def __call__(self) -> RequestHandler:
-                return GuardedHandler(guard, self, loop=self._loop, **self._kwargs)
-
-        server.__class__ = _Server      # same layout; only the protocol factory differs
-        return server
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self._guard, self, loop=self._loop, **self._kwargs)

@@ -6,17 +6,46 @@ rules, meters and outcomes, which the operator controls.
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LAT = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
         5, 10, 30, 60)
+
+
+class _BeforeScrape(Collector):
+    """Registered first, so every scrape runs its hooks before any metric below is read:
+    counts kept as plain integers on the request path (no lock, no call into
+    prometheus_client per request) are added to their counters there. Hooks are weak: a
+    stopped pipeline's go away with it."""
+
+    def __init__(self) -> None:
+        self.hooks: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for ref in list(self.hooks):
+            hook = ref()
+            if hook is None:
+                self.hooks.remove(ref)
+            else:
+                hook()
+        return iter(())
+
+
+_BEFORE_SCRAPE = _BeforeScrape()
+REGISTRY.register(_BEFORE_SCRAPE)
+
+
+def before_scrape(hook: Callable[[], None]) -> None:
+    """Run the bound method ``hook`` at the start of every scrape (held weakly)."""
+    _BEFORE_SCRAPE.hooks.append(weakref.WeakMethod(hook))
 
 
 class _LoopCount:

@@ -246,7 +246,7 @@ class WebhookReceiver:
 
     # ---- the endpoint ---------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         """``POST /webhooks/stripe`` on the public port (routed by the pipeline); a refusal is
         raised as ``HttpError`` and answered by ``proxy.http_errors``."""
         if request.method != "POST":
@@ -878,7 +878,7 @@ def _event_json(e: StoredEvent) -> dict[str, Any]:
             "processed_at": rfc3339(processed) if processed else None}
 
 
-async def _read_capped(request: web.Request, cap: int) -> bytes | None:
+async def _read_capped(request: web.BaseRequest, cap: int) -> bytes | None:
     if request.content_length is not None and request.content_length > cap:
         return None
     buf = bytearray()

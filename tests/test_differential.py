@@ -123,8 +123,9 @@ RESPONSES: dict[str, Script] = {
 }
 # the upstream's head never arrived whole (or is over aiohttp's 8190-byte field limit)
 UNPARSEABLE_HEAD = frozenset(("aborted-head", "over-limit-header"))
-# cases neither proxy forwards (aiohttp's router answers 404 to the asterisk-form target)
-NOT_FORWARDED = frozenset(("p-asterisk-OPTIONS",))
+# cases neither proxy forwards (aiohttp's router answers 404 to the asterisk-form target;
+# an unknown expectation is answered 417 before any handler)
+NOT_FORWARDED = frozenset(("p-asterisk-OPTIONS", "x-expect-unknown"))
 # headers named by a Connection header (hop-by-hop by RFC 9110 7.6.1) in the corpus
 CONNECTION_NAMED = frozenset((b"x-secret", b"x-private"))
 
@@ -230,6 +231,13 @@ def corpus() -> Iterator[Case]:
     for body in ("small-cl", "64k-cl", "small-chunked"):
         yield Case(f"x-expect-{body}", "cl-small",
                    (("POST", b"/v1/upload", body, ((b"Expect", b"100-continue"),)),), split=True)
+    # other expectations: 417 from both (aiohttp's Application answered it; meterproxy's
+    # web.Server does the same before its pipeline); HTTP/1.0 ignores Expect
+    yield Case("x-expect-unknown", "cl-small",
+               (("POST", b"/v1/upload", "small-cl", ((b"Expect", b"teapot"),)),))
+    yield Case("x-expect-http10", "cl-small",
+               (("POST", b"/v1/upload", "small-cl", ((b"Expect", b"100-continue"),)),),
+               version=b"HTTP/1.0")
     # slow request bodies (head first, body 50 ms later)
     for body in ("small-cl", "64k-chunked"):
         yield Case(f"x-slow-request-{body}", "chunked-3", (("PUT", b"/v1/items", body, ()),),
@@ -482,7 +490,8 @@ def test_differential(env: Env, case: Case, route: str) -> None:
     assert m_resp == b_resp
     assert len(meter.client) >= 1
     finals = [m for m in meter.client if m.status >= 200]
-    # aiohttp's router answers the asterisk form itself: no X-Request-Id (documented)
+    # aiohttp's router answers the asterisk form (and 417) itself: no X-Request-Id
+    # (documented)
     assert [len(m.header(b"x-request-id")) for m in finals] == \
         [0 if case.name in NOT_FORWARDED else 32] * len(finals)
 

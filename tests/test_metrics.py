@@ -28,3 +28,29 @@ def test_exposed_in_text_format() -> None:
     h.observe(0.2)
     text = generate_latest(reg).decode()
     assert 'x_seconds_bucket{le="0.5"} 1.0' in text and "x_seconds_count 1.0" in text
+
+
+def test_before_scrape_hooks_run_before_the_counters_are_read_and_go_with_their_owner() -> None:
+    import gc
+
+    from proxy import metrics
+
+    class Owner:
+        def __init__(self) -> None:
+            self.pending = 3
+
+        def flush(self) -> None:
+            metrics.requests_total.labels("hook-test", "2xx").inc(self.pending)
+            self.pending = 0
+
+    owner = Owner()
+    metrics.before_scrape(owner.flush)
+    line = b'meterproxy_requests_total{code_class="2xx",rule="hook-test"} 3.0'
+    assert line in generate_latest(metrics.REGISTRY)        # counted at this very scrape
+    assert line in generate_latest(metrics.REGISTRY)        # and only once
+    ours = metrics._BEFORE_SCRAPE.hooks[-1]
+    del owner
+    gc.collect()
+    generate_latest(metrics.REGISTRY)
+    assert ours not in metrics._BEFORE_SCRAPE.hooks          # a dead owner's hook is dropped
+    assert all(ref() is not None for ref in metrics._BEFORE_SCRAPE.hooks)

@@ -133,6 +133,28 @@ def test_ruleset_first_match(ruleset_path: Path, method: str, path: str,
     assert (m.rule.name, dict(m.path_params)) == (expected, params)
 
 
+def test_a_memoised_match_answers_like_a_fresh_one(ruleset_path: Path, tmp_path: Path) -> None:
+    """RuleSet.match memoises by (method, path) only when no rule reads headers or the
+    query: the rule set above reads both, so the same path answers by its headers each
+    time; a path-only rule set answers every repeat (and every method) like the first."""
+    rs = load_rules([ruleset_path])
+    for _ in range(2):
+        for beta, want in (("yes", "beta"), ("no", "models")):
+            m = rs.match("GET", "/v1/models/m/infer", {"X-Beta": beta}, {})
+            assert m is not None and m.rule.name == want
+    p = tmp_path / "plain.yaml"
+    p.write_text("version: 1\nmeters: {a: {stripe_event_name: a}}\nrules:\n"
+                 "  - {name: post, match: {methods: [POST], path: '/v1/{id}'}}\n"
+                 "  - {name: rest, match: {path: '/**'}}\n")
+    plain = load_rules([p])
+    assert not plain.reads_query
+    for _ in range(3):
+        for method, want, params in (("POST", "post", {"id": "x"}), ("GET", "rest", {})):
+            m = plain.match(method, "/v1/x", {}, {})
+            assert m is not None and (m.rule.name, dict(m.path_params)) == (want, params)
+    assert plain.match("GET", "/", {}, {}) is plain.match("GET", "/", {}, {})   # memoised
+
+
 def test_no_match_returns_none() -> None:
     idx = MatchIndex([(Matcher(template=compile_template("/a")), "a")])
     assert idx.match("GET", "/b", {}, {}) is None

@@ -53,7 +53,7 @@ async def audit_rows(usage: UsageLedger, customer_id: str, start: float,
                 "flags": a.flags, "method": a.method, "path": a.path} for a in rows]
 
 
-async def stream_export(request: web.Request, usage: UsageLedger, customer_id: str,
+async def stream_export(request: web.BaseRequest, usage: UsageLedger, customer_id: str,
                         start: float, end: float, fmt: str) -> web.StreamResponse:
     ctype = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
     # the id comes from the URL: only id characters may reach the header

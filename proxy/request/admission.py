@@ -168,7 +168,7 @@ class Admission:
             return hold
         raise self.refusal(customer_id, cost, now)
 
-    def admit_hint(self, rule: Rule, hold: Hold, request: web.Request,
+    def admit_hint(self, rule: Rule, hold: Hold, request: web.BaseRequest,
                    request_json: object) -> None:
         """Once a request body is read: hold the extra its ``reserve_from`` hints ask for
         (block customers: 402 when it does not fit). Only rules that name a hint get here."""

@@ -39,7 +39,7 @@ class Authenticator:
         self.key_query = tuple(s.query for s in sources if s.query)
         self.refusals = LogLimiter(log)   # unknown API keys: any caller can send them at will
 
-    def authenticate(self, request: web.Request) -> KeyEntry:
+    def authenticate(self, request: web.BaseRequest) -> KeyEntry:
         """The key entry of an active key of an active customer, or raises ``HttpError``."""
         raw = self.extract_key(request)
         if raw is None:
@@ -60,7 +60,7 @@ class Authenticator:
                             type_="customer_suspended")
         return entry
 
-    def extract_key(self, request: web.Request) -> str | None:
+    def extract_key(self, request: web.BaseRequest) -> str | None:
         headers = request.headers
         for name, scheme in self.key_headers:
             value = headers.get(name)

@@ -39,12 +39,12 @@ def _page() -> bytes:
     return _PAGE
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def _get_only(handler: Handler, query: frozenset[str]) -> Handler:
     """GET and HEAD only (else 405), and only the documented query parameters (else 400)."""
-    async def get_only(request: web.Request) -> web.StreamResponse:
+    async def get_only(request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             raise HttpError("Only GET is answered here.", status=405,
                             type_="method_not_allowed", headers=_ALLOW)
@@ -85,14 +85,14 @@ class ConsumerApi:
                 web.route("*", prefix + "/events.json",
                           _get_only(self.events_json, keys | {"from", "to"}))]
 
-    async def page(self, request: web.Request) -> web.Response:
+    async def page(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=_page(), content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-store",
                                      "Content-Security-Policy":
                                          "default-src 'self'; script-src 'unsafe-inline';"
                                          " style-src 'unsafe-inline'; img-src 'self' data:"})
 
-    async def usage(self, request: web.Request) -> web.Response:
+    async def usage(self, request: web.BaseRequest) -> web.Response:
         cid = self.auth.authenticate(request).customer_id
         rt = self.rt
         cust = rt.keys.customers[cid]
@@ -105,7 +105,7 @@ class ConsumerApi:
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
-    async def _events(self, request: web.Request, fmt: str) -> web.StreamResponse:
+    async def _events(self, request: web.BaseRequest, fmt: str) -> web.StreamResponse:
         cid = self.auth.authenticate(request).customer_id
         cust = self.rt.keys.customers[cid]
         start, end = period_bounds(cust.billing_anchor, time.time())
@@ -113,8 +113,8 @@ class ConsumerApi:
         self.rt.store.try_materialize()
         return await stream_export(request, self.rt.owners().usage, cid, s, e, fmt)
 
-    async def events_csv(self, request: web.Request) -> web.StreamResponse:
+    async def events_csv(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._events(request, "csv")
 
-    async def events_json(self, request: web.Request) -> web.StreamResponse:
+    async def events_json(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._events(request, "json")

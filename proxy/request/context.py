@@ -16,7 +16,7 @@ from proxy.rules import Rule
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    request: web.Request
+    request: web.BaseRequest
     rid: str                        # X-Request-Id: the consumer's (short, printable) or generated
     rule: Rule | None               # None: no rule matched (forwarded unmetered, key required)
     params: Mapping[str, str]       # the matched rule's path parameters
@@ -43,7 +43,7 @@ class _Unfrozen:
 assert _Unfrozen.__slots__ == RequestContext.__slots__      # the layouts must match
 
 
-def new_context(request: web.Request, rid: str, rule: Rule | None, params: Mapping[str, str],
+def new_context(request: web.BaseRequest, rid: str, rule: Rule | None, params: Mapping[str, str],
                 key_id: str, customer_id: str, version: str, started: float, metered: bool,
                 hold: Hold | None, path: str, target: str) -> RequestContext:
     """``RequestContext(...)`` by keyword order, without the frozen ``__init__``'s cost."""

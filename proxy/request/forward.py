@@ -2,7 +2,7 @@
 forwarding core: the keep-alive pool of ``proxy.upstream`` (asyncio Protocols parsing with
 httptools) to the guarded API.
 
-The seam to the rest of the pipeline is narrow on purpose: ``upstream_headers`` builds the
+The seam to the rest of the pipeline is narrow on purpose: ``forward_headers`` builds the
 request head, ``Upstream.request`` sends it (the response holds its pooled connection until
 ``release()``), ``response_headers`` copies the answer's end-to-end headers, and
 ``BODY_ERRORS`` / ``body_error`` name a failure while the body is read.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -37,50 +37,95 @@ HOP_BY_HOP = frozenset((
     "trailers", "transfer-encoding", "upgrade", "proxy-connection"))
 
 
-def strip_hop_by_hop(headers: Mapping[str, str], out: CIMultiDict[str],
-                     drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """Copy end-to-end headers into ``out`` (hop-by-hop and those named by Connection dropped).
-    ``drop`` holds lower-case names."""
-    conn = headers.get("Connection")
-    skip = HOP_BY_HOP | drop if drop else HOP_BY_HOP
-    if conn:
-        skip = skip | {t.strip().lower() for t in conn.split(",") if t.strip()}
-    add = out.add
-    for k, v in headers.items():
-        if k.lower() not in skip:
-            add(k, v)
-    return out
-
-
-def response_headers(headers: list[tuple[str, str]], out: CIMultiDict[str]) -> CIMultiDict[str]:
-    """Copy a response's end-to-end headers, given as (name, value) pairs in the order
-    received, into ``out`` (hop-by-hop and those named by Connection dropped)."""
+def response_headers(headers: list[tuple[str, str]], rid: str) -> list[tuple[str, str]]:
+    """The consumer's response head: the upstream's end-to-end headers (given as (name,
+    value) pairs in the order received; hop-by-hop and those named by Connection dropped),
+    in order, with ``X-Request-Id: rid`` set the way a multidict's ``d[name] = value`` sets
+    it: in place of the first such header (the others dropped), else appended."""
     skip = HOP_BY_HOP
+    has_rid = False
     for k, v in headers:
-        if len(k) == 10 and k.lower() == "connection":
+        n = len(k)
+        if n == 10 and k.lower() == "connection":
             skip = skip | {t.strip().lower() for t in v.split(",") if t.strip()}
-    add = out.add
-    for k, v in headers:
-        if k.lower() not in skip:
-            add(k, v)
+        elif n == 12 and k.lower() == "x-request-id":
+            has_rid = True
+    out = [(k, v) for k, v in headers if k.lower() not in skip]
+    if not has_rid:
+        out.append(("X-Request-Id", rid))
+        return out
+    return set_header(out, "X-Request-Id", rid)
+
+
+def set_header(pairs: list[tuple[str, str]], name: str, value: str) -> list[tuple[str, str]]:
+    """``pairs`` with ``name`` set as ``CIMultiDict.__setitem__`` sets it: the first header
+    of that name (any case) becomes ``(name, value)`` in its place, later ones are dropped;
+    appended when there is none."""
+    low = name.lower()
+    out: list[tuple[str, str]] = []
+    done = False
+    for k, v in pairs:
+        if k.lower() == low:
+            if not done:
+                out.append((name, value))
+                done = True
+            continue
+        out.append((k, v))
+    if not done:
+        out.append((name, value))
     return out
 
 
 _XRID = istr("X-Request-Id")
+# the headers the proxy sets on the way up, in the order it sets them (lower-case -> index)
+_SET_UP = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
+_SET_UP_AT = {name.lower(): i for i, name in enumerate(_SET_UP)}
 
 
-def upstream_headers(request: web.Request, rid: str, drop: frozenset[str]) -> CIMultiDict[str]:
-    """The head sent upstream: the consumer's end-to-end headers (minus ``drop``, lower-case:
-    the API key headers unless forwarded, and Host), X-Forwarded-*, and X-Request-Id."""
-    headers: CIMultiDict[str] = CIMultiDict()
-    strip_hop_by_hop(request.headers, headers, drop)
+def forward_headers(request: web.BaseRequest, rid: str,
+                    skip: frozenset[str]) -> list[tuple[str, str]]:
+    """The head sent upstream, as (name, value) pairs in order: the consumer's end-to-end
+    headers (minus ``skip``: ``HOP_BY_HOP`` with the lower-case names the proxy drops, the
+    API key headers unless forwarded and Host), then X-Forwarded-For/-Proto/-Host and
+    X-Request-Id, each set the way a multidict's ``d[name] = value`` sets it (in place of the
+    first such header the consumer sent, its others dropped; else appended in that order).
+    One pass over the consumer's headers."""
+    h = request.headers
+    conn = h.get("Connection")
+    if conn:
+        skip = skip | {t.strip().lower() for t in conn.split(",") if t.strip()}
+    out: list[tuple[str, str]] = []
+    at: list[int] | None = None          # where the consumer's own copies of _SET_UP were
+    for k, v in h.items():
+        low = k.lower()
+        if low in skip:
+            continue
+        i = _SET_UP_AT.get(low)
+        if i is not None:
+            if at is None:
+                at = [-1, -1, -1, -1]
+            if at[i] >= 0:
+                continue
+            at[i] = len(out)
+        out.append((k, v))
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    headers[_XRID] = rid
-    return headers
+    prior = h.get("X-Forwarded-For")
+    values = (f"{prior}, {peer}" if prior else peer, request.scheme, request.host, rid)
+    if at is None:
+        out += zip(_SET_UP, values, strict=True)
+        return out
+    for i, name in enumerate(_SET_UP):
+        if at[i] >= 0:
+            out[at[i]] = (name, values[i])
+        else:
+            out.append((name, values[i]))
+    return out
+
+
+def upstream_headers(request: web.BaseRequest, rid: str, drop: frozenset[str]) -> CIMultiDict[str]:
+    """``forward_headers`` as a multidict (the WebSocket handshake's, for aiohttp's client);
+    ``drop`` holds lower-case names."""
+    return CIMultiDict(forward_headers(request, rid, HOP_BY_HOP | drop))
 
 
 class Upstream:
@@ -117,7 +162,7 @@ class Upstream:
         return sum(1 for w in self.pool.waiters if not w.fut.done()) + \
             sum(1 for f in self._ws_waiters if not f.done())
 
-    def request(self, method: str, target: str, headers: CIMultiDict[str],
+    def request(self, method: str, target: str, headers: list[tuple[str, str]],
                 data: Any) -> Awaitable[Response]:
         """``target`` is the canonical request target (proxy.target): it reaches the
         upstream byte for byte. The response holds its connection until ``release()``.

@@ -1,5 +1,13 @@
 """The request pipeline: one request through the steps, in this order.
 
+It is the public port's whole request handler: aiohttp's low-level ``web.Server`` hands
+every parsed request straight to ``Pipeline.__call__`` (no Application, no router). What
+the Application's catch-all route did before the pipeline, it does first, identically:
+
+    Expect (HTTP/1.1)                    "100-continue": 100 Continue written; else 417
+    a target the catch-all route         404 (aiohttp's text page; only checked for a
+    "/{tail:.*}" did not match           target not starting with '/' or one the
+                                         canonical step refuses)
     canonical target (proxy.target)      400 invalid_path
     the proxy's own routes               the consumer API under the reserved prefix
                                          (proxy.request.consumer) and the Stripe webhook,
@@ -32,9 +40,9 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import MatchInfoError
 from multidict import istr
 from yarl import URL
@@ -51,7 +59,7 @@ from proxy.request.settle import Settlement
 from proxy.request.stream import Exchange, Streamer
 from proxy.request.websocket import WebSocketRelay
 from proxy.runtime import Runtime
-from proxy.target import canonical
+from proxy.target import InvalidTarget, canonical
 
 log = logging.getLogger("meterproxy.handler")
 
@@ -79,8 +87,10 @@ class Pipeline:
         self.streamer = Streamer(rt.upstream, admission, settlement, cfg.max_inspect_bytes,
                                  strict, drop)
         self.websockets = WebSocketRelay(rt.upstream, settlement, drop)
-        # rule name -> requests_total children by status class (index status // 100)
-        self._req_counters: dict[str, list[Any]] = {}
+        # rule name -> requests answered by status class (index status // 100), added to
+        # requests_total at each scrape (a plain increment per request)
+        self._req_counts: dict[str, list[int]] = {}
+        metrics.before_scrape(self.flush_counts)
         # the routes the proxy answers itself on the public port, matched on the canonical
         # path: everything under the reserved prefix, and the exact paths of the others
         self.reserved = cfg.reserved_prefix.rstrip("/")
@@ -90,6 +100,12 @@ class Pipeline:
         self.own_paths = frozenset(
             r.canonical for r in self.router.resources()
             if not (self.reserved and r.canonical.startswith(self.reserved)))
+        # the catch-all route the public Application had: consulted only for a target the
+        # canonical step refuses (aiohttp answered 404 before the pipeline when it did not
+        # match, e.g. "OPTIONS *" or an authority-form target)
+        self.catch_all = web.UrlDispatcher()
+        self.catch_all.add_route("*", "/{tail:.*}", _unreachable)
+        self.catch_all.freeze()
 
     @property
     def in_flight(self) -> dict[str, int]:
@@ -98,19 +114,25 @@ class Pipeline:
 
     # ---- entry point ---------------------------------------------------------------
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        if request.headers.get(hdrs.EXPECT):
+            await _expect(request)
         rid = request.headers.get(_XRID, "")
         if not rid or len(rid) > 128 or not rid.isprintable():
             rid = os.urandom(16).hex()    # kept only when short and printable (it is stored)
         rule_name = "(invalid_path)"
         resp: web.StreamResponse
+        raw = request.raw_path
+        if raw[:1] != "/" and await self._unrouted(request):
+            raise web.HTTPNotFound()        # e.g. an absolute-form target with no path
         try:
-            path, target = canonical(request.raw_path)
+            path, target = canonical(raw)
             if (self.reserved and path.startswith(self.reserved)) or path in self.own_paths:
                 return await self._own_route(request, rid, path)
             rules = self.rt.rules
-            match = rules.match(request.method, path, request.headers, request.query)
+            match = rules.match(request.method, path, request.headers,
+                                request.query if rules.reads_query else _NO_PARAMS)
             rule = match.rule if match is not None else None
             rule_name = rule.name if rule is not None else "(unmatched)"
             key_id = customer_id = ""
@@ -137,28 +159,63 @@ class Pipeline:
             finally:
                 admission.leave(customer_id, hold)
         except HttpError as exc:
+            if isinstance(exc, InvalidTarget) and await self._unrouted(request):
+                raise web.HTTPNotFound() from None
             resp = error_response(exc, rid)
         self._count(rule_name, resp.status)
         return resp
 
-    async def _own_route(self, request: web.Request, rid: str,
+    async def _unrouted(self, request: web.BaseRequest) -> bool:
+        """The public Application's catch-all route would not have matched this target (it
+        answered 404 before the pipeline): asked only for a target not starting with '/' or
+        one the canonical step refuses; any other matches (its path starts with '/' and,
+        once decoded, holds no LF: the canonical step refuses an encoded one)."""
+        return isinstance(await self.catch_all.resolve(cast(web.Request, request)),
+                          MatchInfoError)
+
+    async def _own_route(self, request: web.BaseRequest, rid: str,
                          path: str) -> web.StreamResponse:
         """A route the proxy answers itself (not counted in requests_total, never
         forwarded): resolved by ``self.router`` on the canonical path."""
         try:
-            match = await self.router.resolve(request.clone(rel_url=URL.build(path=path)))
+            # (the router reads only the method and the URL; the handlers take a BaseRequest)
+            match = await self.router.resolve(
+                cast(web.Request, request.clone(rel_url=URL.build(path=path))))
             if isinstance(match, MatchInfoError):
                 raise HttpError("No such endpoint.", status=404, type_="not_found")
-            resp: web.StreamResponse = await match.handler(request)
+            resp: web.StreamResponse = await match.handler(cast(web.Request, request))
             return resp
         except HttpError as exc:
             return error_response(exc, rid)
 
     def _count(self, rule: str, status: int) -> None:
-        by_class = self._req_counters.get(rule)
+        by_class = self._req_counts.get(rule)
         if by_class is None:
-            by_class = self._req_counters[rule] = [None] * 10     # statuses have 3 digits
-        c = by_class[status // 100]
-        if c is None:
-            c = by_class[status // 100] = metrics.requests_total.labels(rule, f"{status // 100}xx")
-        c.inc()
+            by_class = self._req_counts[rule] = [0] * 10     # statuses have 3 digits
+        by_class[status // 100] += 1
+
+    def flush_counts(self) -> None:
+        """Add the requests counted since the last scrape to requests_total."""
+        for rule, by_class in self._req_counts.items():
+            for i, n in enumerate(by_class):
+                if n:
+                    metrics.requests_total.labels(rule, f"{i}xx").inc(n)
+                    by_class[i] = 0
+
+
+async def _expect(request: web.BaseRequest) -> None:
+    """What aiohttp's Application ran for a request with an ``Expect`` header before its
+    handler (``_default_expect_handler``, then a drain): HTTP/1.1 ``100-continue`` gets
+    ``100 Continue`` at once, any other expectation 417; HTTP/1.0 ignores it."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == (1, 1):
+        if expect.lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        else:
+            raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    await request.writer.drain()
+
+
+async def _unreachable(request: web.BaseRequest) -> web.StreamResponse:
+    raise AssertionError("the catch-all router only answers whether a target matches")

@@ -45,12 +45,13 @@ from proxy.request.admission import XCR as _XCR
 from proxy.request.admission import Admission
 from proxy.request.context import RequestContext
 from proxy.request.forward import (
-    _XRID,
     BODY_ERRORS,
+    HOP_BY_HOP,
     Upstream,
     body_error,
+    forward_headers,
     response_headers,
-    upstream_headers,
+    set_header,
 )
 from proxy.request.settle import Settlement
 from proxy.rules import UNREADABLE, Measurement
@@ -76,6 +77,7 @@ class Streamer:
         self.cap = cap
         self.strict = strict
         self.drop_headers = drop_headers
+        self.skip_up = HOP_BY_HOP | drop_headers     # never forwarded (lower-case names)
 
 
 class Exchange:
@@ -98,12 +100,12 @@ class Exchange:
     async def run(self) -> web.StreamResponse:
         s, ctx = self.s, self.ctx
         req = ctx.request
-        headers = upstream_headers(req, ctx.rid, s.drop_headers)
+        headers = forward_headers(req, ctx.rid, s.skip_up)
         rule = ctx.rule
         if rule is not None and ctx.metered:
             if rule.response_body is not ResponseNeed.NONE:
                 # the body must be readable: ask for it uncompressed (decoded if ignored)
-                headers["Accept-Encoding"] = "identity"
+                headers = set_header(headers, "Accept-Encoding", "identity")
             if (rule.request_json or rule.stream_usage) and req.body_exists \
                     and _encoded(req.headers):
                 raise HttpError("This endpoint reads the request body to meter it; send it "
@@ -149,11 +151,10 @@ class Exchange:
         finally:
             upstream.release()
 
-    def _response_head(self, upstream: Response) -> tuple[CIMultiDict[str], Any]:
-        """The consumer's response headers, and the body inspector if a rule reads the body."""
-        out_headers: CIMultiDict[str] = CIMultiDict()
-        response_headers(upstream.headers, out_headers)
-        out_headers[_XRID] = self.ctx.rid
+    def _response_head(self, upstream: Response) -> tuple[list[tuple[str, str]], Any]:
+        """The consumer's response headers (pairs in order: each response copies them into
+        its own multidict once), and the body inspector if a rule reads the body."""
+        out_headers = response_headers(upstream.headers, self.ctx.rid)
         inspector = None
         rule = self.ctx.rule
         if rule is not None and self.ctx.metered and rule.response_body is not ResponseNeed.NONE:
@@ -161,7 +162,7 @@ class Exchange:
                                            upstream.header("Content-Encoding"))
         return out_headers, inspector
 
-    async def _request_body(self, headers: CIMultiDict[str]) -> Any:
+    async def _request_body(self, headers: list[tuple[str, str]]) -> Any:
         req = self.ctx.request
         if not req.body_exists:
             # an empty Content-Length body keeps its `Content-Length: 0` upstream
@@ -183,7 +184,7 @@ class Exchange:
             self.request_bytes += len(chunk)
             yield chunk
 
-    async def _inspect_request_body(self, headers: CIMultiDict[str]) -> Any:
+    async def _inspect_request_body(self, headers: list[tuple[str, str]]) -> Any:
         cap = self.s.cap
         buf = bytearray()
         content = self.ctx.request.content
@@ -209,8 +210,10 @@ class Exchange:
                 if added is not None:
                     body = added
                     self.strip_usage = True
-            headers.popall("Transfer-Encoding", None)
-            headers["Content-Length"] = str(len(body))
+            # (in place: the caller sends this list)
+            headers[:] = set_header([(k, v) for k, v in headers
+                                     if k.lower() != "transfer-encoding"],
+                                    "Content-Length", str(len(body)))
             return body
         # over the inspection cap: stream what was read, then the rest, untouched
         return self._prefixed(bytes(buf), content)
@@ -222,13 +225,14 @@ class Exchange:
             self.request_bytes += len(chunk)
             yield chunk
 
-    async def _respond(self, upstream: Response, out_headers: CIMultiDict[str],
+    async def _respond(self, upstream: Response, head: list[tuple[str, str]],
                        inspector: Any, t_up: float) -> web.StreamResponse:
         """A large or streamed body: forwarded chunk by chunk as it arrives."""
         s, req = self.s, self.ctx.request
         clen = upstream.content_length
         chunked = clen is None
         status = upstream.status
+        out_headers: CIMultiDict[str] = CIMultiDict(head)
         if chunked:
             out_headers.popall("Content-Length", None)
         if self.ctx.metered:
@@ -259,7 +263,10 @@ class Exchange:
                         inspector.feed(chunk)
                     break
                 if strip is None:
-                    await _write(resp, chunk)
+                    try:    # _write inlined: no coroutine frame per chunk
+                        await resp.write(chunk)
+                    except _WRITE_ERRORS as exc:
+                        raise Aborted() from exc
                 elif out := strip.feed(chunk):
                     await _write(resp, out)
                 sent += len(chunk)
@@ -297,7 +304,7 @@ class Exchange:
         await resp.write_eof()
         return resp
 
-    async def _respond_small(self, upstream: Response, headers: CIMultiDict[str],
+    async def _respond_small(self, upstream: Response, head: list[tuple[str, str]],
                              inspector: Any, t_up: float) -> web.StreamResponse:
         try:
             body = upstream.take() if upstream.complete else await upstream.read()
@@ -322,12 +329,14 @@ class Exchange:
         except MeteringUnavailable as exc:
             metrics.metering_unavailable_total.inc()
             raise _withheld() from exc
-        headers.popall("Content-Length", None)
+        resp = web.Response(status=upstream.status, headers=head, body=body)
+        headers = resp.headers
+        headers.popall("Content-Length", None)    # aiohttp writes the body's own
         if self.ctx.metered:
             xcr = self.s.admission.credits_header(self.ctx.customer_id)   # exact: settled above
             if xcr is not None:
                 headers[_XCR] = xcr
-        return web.Response(status=upstream.status, headers=headers, body=body)
+        return resp
 
     def _usage_filter(self, upstream: Response) -> UsageChunkFilter | None:
         """When the proxy added include_usage for this client, a filter that removes the
@@ -383,14 +392,18 @@ def _withheld() -> HttpError:
                      "billed). Retry shortly.", status=503, type_="metering_unavailable")
 
 
+# what writing to a consumer that went away raises
+_WRITE_ERRORS = (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError)
+
+
 async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
     try:
         await resp.write(chunk)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
+    except _WRITE_ERRORS as exc:
         raise Aborted() from exc
 
 
-def _kill(req: web.Request) -> None:
+def _kill(req: web.BaseRequest) -> None:
     """Close the consumer connection without a clean end, so a partial body is never mistaken
     for a complete one."""
     transport = req.transport

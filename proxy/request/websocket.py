@@ -23,7 +23,7 @@ _WS_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Exte
                "Sec-WebSocket-Protocol")
 
 
-def is_websocket(request: web.Request) -> bool:
+def is_websocket(request: web.BaseRequest) -> bool:
     """A WebSocket handshake is a GET (RFC 6455 4.1); any other method with an Upgrade
     header is forwarded as that method (Upgrade is hop-by-hop): what was matched."""
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"

@@ -234,6 +234,11 @@ class Rule:
                              max_inspect_bytes, content_encoding)
 
 
+_MISS = object()
+_MEMO_ENTRIES = 4096
+_MEMO_PATH_LEN = 256
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     rule: Rule
@@ -251,15 +256,36 @@ class RuleSet:
     # explained with the exact rules that priced a request
     sources: tuple[tuple[str, str], ...] = ()
     _index: MatchIndex[Rule] = field(init=False, repr=False, compare=False)
+    # some rule matches on a query parameter: only then does the pipeline hand ``match``
+    # the request's parsed query (otherwise it is never parsed for matching)
+    reads_query: bool = field(init=False, repr=False, compare=False)
+    # (method, path) -> the match, when no rule matches on headers or the query (then the
+    # answer depends on those two alone): API traffic repeats a few paths. Bounded like
+    # proxy.target's memo; per rule set, so a reload starts a fresh one.
+    _memo: dict[tuple[str, str], Match | None] | None = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index = MatchIndex([(r.matcher, r) for r in self.rules])
         object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "reads_query", any(r.matcher.query for r in self.rules))
+        pure = not any(r.matcher.query or r.matcher.headers for r in self.rules)
+        object.__setattr__(self, "_memo", {} if pure else None)
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str]) -> Match | None:
-        """The first rule matching the request (headers mapping is case-insensitive)."""
+        """The first rule matching the request (headers mapping is case-insensitive).
+        The returned ``path_params`` must not be changed (a memoised match is shared)."""
+        memo = self._memo
+        if memo is not None:
+            key = (method, path)
+            hit = memo.get(key, _MISS)
+            if hit is not _MISS:
+                return hit  # type: ignore[return-value]
         found = self._index.match(method, path, headers, query)
-        if found is None:
-            return None
-        return Match(found[0], found[1])
+        result = None if found is None else Match(found[0], found[1])
+        if memo is not None and len(path) <= _MEMO_PATH_LEN:
+            if len(memo) >= _MEMO_ENTRIES:
+                memo.clear()
+            memo[key] = result
+        return result

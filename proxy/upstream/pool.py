@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from proxy.upstream.config import Origin, PoolConfig
@@ -68,8 +68,8 @@ class UpstreamPool:
 
     # ---- the request API ------------------------------------------------------------------
 
-    async def request(self, method: str, target: str, headers: HeadersIn = (),
-                      body: Body = None, *, origin: Origin | None = None) -> Response:
+    def request(self, method: str, target: str, headers: HeadersIn = (),
+                body: Body = None, *, origin: Origin | None = None) -> Coroutine[Any, Any, Response]:
         """Send ``method target`` (the request target, e.g. ``/v1/x?y=1``, sent as given
         after the origin's prefix) and return the response once its head has arrived.
 
@@ -80,8 +80,10 @@ class UpstreamPool:
         streamed with the caller's ``Content-Length`` if it gave one (the body must match
         it), else chunked. ``Expect: 100-continue`` holds the body back until ``100``, a
         final response (the body is then never sent) or ``expect_timeout``.
+        (A plain function returning ``_request``'s coroutine: no second coroutine frame per
+        request; await it or hand it to ``create_task`` like a coroutine function's result.)
         """
-        return await self._request(method, target, headers, body, origin or self.origin, False)
+        return self._request(method, target, headers, body, origin or self.origin, False)
 
     async def upgrade(self, target: str, headers: HeadersIn = (), protocol: str = "websocket",
                       *, origin: Origin | None = None) -> tuple[Response, Upgraded | None]:
@@ -331,8 +333,9 @@ class UpstreamPool:
 def _build_head(method: str, origin: Origin, target: str, headers: HeadersIn, body: Body,
                 upgrade: str | bool) -> tuple[bytes, bool, bool, int | None]:
     """The request head, and (expect 100-continue, chunked, content length)."""
-    items: Iterable[tuple[str, str]] = headers.items() if isinstance(headers, Mapping) \
-        else headers
+    # (a list first: isinstance against the Mapping ABC is slow for a non-mapping)
+    items: Iterable[tuple[str, str]] = headers if isinstance(headers, list) else \
+        headers.items() if isinstance(headers, Mapping) else headers
     skip = HOP_BY_HOP
     lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\n", ""]    # Host goes first
     host: str | None = None

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Added latency over the bare aiohttp proxy: one command, one table.
+
+  .venv/bin/python bench/latency.py            # 3 reps, small / 64k / sse (~6 min)
+  .venv/bin/python bench/latency.py --quick    # 1 rep, 2 s runs (~1.5 min)
+
+Two loads per payload, each measured for every target in the same run, interleaved
+(``for rep: for payload: for target``), every target restarted per measurement:
+
+- one connection: one request at a time (``bench/openloop.py --sequential``): the latency
+  a request sees with no queueing at all;
+- half the bare maximum: open loop (fixed-rate schedule, ``bench/openloop.py``) at half the
+  bare proxy's median closed-loop maximum (wrk, measured first in this run).
+
+p50 and p99 of each run; the table gives each target's median over the repetitions and its
+added latency (the median of the per-repetition differences to bare, paired because the
+reps are interleaved). Pinning like bench/run.py: origin and load generators on CPU 0, the
+proxy under test on CPU 1. After every meterproxy run its ledger is checked against the 2xx
+the client received (exactly: open loop and sequential runs end cleanly). Targets as in
+bench/run.py: bare, nginx, strict, batched. The goal (issue 13): p50 at most +0.10 ms and
+p99 at most +0.20 ms over bare, for strict, at both loads. Wall-clock figures need a quiet
+machine: other processes on either CPU move the p99 by milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+
+LOADS = ("1conn", "half")
+
+
+def measure(s: run.Setup, target: str, payload: str, load: str, rate: float,
+            a: argparse.Namespace) -> dict[str, object]:
+    p, port, db = s.start(target)
+    cmd = [*run.pin(0), run.PY, str(run.BENCH / "openloop.py"), "--port", str(port),
+           "--path", run.PAYLOADS[payload], "--header", s.header]
+    if load == "1conn":
+        cmd += ["--sequential"]
+    else:
+        cmd += ["--rate", f"{rate:.1f}", "--conns", str(a.ol_conns)]
+    try:
+        sent = 0
+        for duration in (a.warmup, a.duration):
+            res = subprocess.run([*cmd, "--duration", str(duration)], capture_output=True,
+                                 text=True, timeout=duration + 60)
+            if res.returncode != 0:
+                raise RuntimeError(f"openloop failed: {res.stderr}")
+            out: dict[str, object] = json.loads(res.stdout)
+            sent += int(out["ok_2xx"])  # type: ignore[call-overload]
+    finally:
+        rc = run.stop(p)
+    out["exit_code"] = rc
+    if db is not None:
+        out["ledger"] = run.check_ledger(db, sent, 0, payload)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 rep, 2 s runs")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per measured run")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--max-duration", type=float, default=4.0,
+                    help="seconds of each wrk run that finds the bare maximum")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
+    ap.add_argument("--ol-conns", type=int, default=16, help="open-loop initial connections")
+    ap.add_argument("--payloads", default=",".join(run.PAYLOADS))
+    ap.add_argument("--targets", default="bare,strict")
+    ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--meterproxy", default=f"{run.PY} -m proxy")
+    a = ap.parse_args()
+    if a.quick:
+        a.reps, a.duration, a.warmup, a.max_duration = 1, 2.0, 0.5, 2.0
+    payloads = [x for x in a.payloads.split(",") if x]
+    targets = [x for x in a.targets.split(",") if x]
+    if not targets or targets[0] != "bare":
+        ap.error("--targets must start with bare (the base of every difference)")
+    if not shutil.which("wrk"):
+        run.log("needs wrk (apt-get install -y wrk)")
+        return 2
+    if "nginx" in targets and not os.path.exists(run.NGINX):
+        run.log("nginx not installed (apt-get install -y nginx-light)")
+        return 2
+
+    atexit.register(run._cleanup)
+    signal.signal(signal.SIGINT, run._on_signal)
+    signal.signal(signal.SIGTERM, run._on_signal)
+    work = Path(tempfile.mkdtemp(prefix="meterlatency-"))
+    oport = run.free_port()
+    origin = run.spawn([run.PY, str(run.BENCH / "origin.py"), str(oport)],
+                       work / "origin.log", 0)
+    run.wait_http(f"http://127.0.0.1:{oport}/small", origin)
+    s = run.Setup(work, f"http://127.0.0.1:{oport}", a.meterproxy.split())
+    t0 = time.monotonic()
+
+    # the bare maximum per payload (closed loop), median of the reps
+    bare_max: dict[str, float] = {}
+    for pl in payloads:
+        rps = []
+        for _ in range(a.reps):
+            p, port, _db = s.start("bare")
+            try:
+                url = f"http://127.0.0.1:{port}{run.PAYLOADS[pl]}"
+                run.run_wrk(url, s.header, a.connections, 1.0)
+                rps.append(run.run_wrk(url, s.header, a.connections, a.max_duration)["rps"])
+            finally:
+                run.stop(p)
+        bare_max[pl] = run.med(rps)
+        run.log(f"bare max {pl}: {bare_max[pl]:.0f} rps (reps {[round(x) for x in rps]})")
+
+    runs: dict[str, list[dict[str, object]]] = {}
+    failures: list[str] = []
+    for rep in range(1, a.reps + 1):
+        for pl in payloads:
+            for load in LOADS:
+                for t in targets:
+                    r = measure(s, t, pl, load, bare_max[pl] / 2, a)
+                    runs.setdefault(f"{t}/{pl}/{load}", []).append(r)
+                    lg = r.get("ledger")
+                    if isinstance(lg, dict) and not lg["ok"]:
+                        failures.append(f"{t} {pl} {load} rep{rep}: {lg['problems']}")
+                    run.log(f"rep{rep} {pl:5} {load:5} {t:7} p50 {r['p50_ms']:.3f} p99 "
+                            f"{r['p99_ms']:.3f} ms  2xx {r['ok_2xx']}"
+                            + (f"  ledger {'ok' if lg['ok'] else 'FAIL'}"
+                               if isinstance(lg, dict) else ""))
+    run.stop(origin)
+
+    def cell(t: str, pl: str, load: str, q: str) -> str:
+        mine = [float(r[q]) for r in runs[f"{t}/{pl}/{load}"]]  # type: ignore[arg-type]
+        if t == "bare":
+            return f"{run.med(mine):.3f}"
+        base = [float(r[q]) for r in runs[f"bare/{pl}/{load}"]]  # type: ignore[arg-type]
+        added = run.med([x - y for x, y in zip(mine, base, strict=True)])
+        return f"{run.med(mine):.3f} ({added:+.3f})"
+
+    lines = [f"Latency in ms, median of {a.reps} interleaved reps (added over bare, paired "
+             f"per rep); {a.duration:g} s per run; half = open loop at half the bare "
+             "maximum (" + ", ".join(f"{pl} {bare_max[pl] / 2:.0f}/s" for pl in payloads)
+             + f"); {time.monotonic() - t0:.0f} s",
+             "",
+             "| target | payload | 1 connection p50 | 1 connection p99 | half max p50 "
+             "| half max p99 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for pl in payloads:
+        for t in targets:
+            lines.append(f"| {t} | {pl} | {cell(t, pl, '1conn', 'p50_ms')} | "
+                         f"{cell(t, pl, '1conn', 'p99_ms')} | {cell(t, pl, 'half', 'p50_ms')}"
+                         f" | {cell(t, pl, 'half', 'p99_ms')} |")
+    if failures:
+        lines += ["", "LEDGER CHECK FAILED: " + "; ".join(failures)]
+    print("\n".join(lines))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"bare_max": bare_max, "runs": runs}, indent=1,
+                                           default=str))
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
