@@ -102,7 +102,7 @@ def _state(r: Any) -> GrantState:
                       effective_at=None if effective is None else int(effective))
 
 
-_INSERT = """
+INSERT_ENTRIES = """
 INSERT INTO credit_entries (customer_id, grant_id, kind, amount, request_id, meter, at_ms,
                             member_id, member_seq, member_item)
 SELECT c, NULLIF(g, ''), k, a, r, m, t, $1, s, i
@@ -133,7 +133,7 @@ async def debit_grants(conn: Conn, member_id: str, items: Sequence[ShippedItem])
         for col, v in zip(cols, (a.customer_id, a.entry.grant_id, a.entry.kind, a.entry.amount,
                                  a.request_id, a.meter, a.at_ms, a.seq, a.index), strict=True):
             col.append(v)
-    await conn.execute(_INSERT, member_id, *cols)
+    await conn.execute(INSERT_ENTRIES, member_id, *cols)
     return len(done)
 
 

@@ -25,6 +25,7 @@ import orjson
 
 from proxy.credits.ledger import Entry
 from proxy.store.db import UsageRow, decode_row
+from proxy.store.postgres.grant_debits import INSERT_ENTRIES
 from proxy.store.postgres.ledger import balance_change
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import Batch
@@ -71,16 +72,7 @@ class SqliteJournal:
                             list(zip(*debits, strict=True)))
 
 
-_DEBITS = """
-INSERT INTO credit_entries (customer_id, grant_id, kind, amount, request_id, meter, at_ms,
-                            member_id, member_seq, member_item)
-SELECT c, NULLIF(g, ''), k, a, r, m, t, $1, s, i
-FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-            $8::bigint[], $9::bigint[], $10::smallint[]) AS x(c, g, k, a, r, m, t, s, i)
-ORDER BY s, i
-ON CONFLICT (member_id, member_seq, member_item) WHERE member_id IS NOT NULL DO NOTHING
-RETURNING customer_id, grant_id, kind, amount
-"""
+_DEBITS = INSERT_ENTRIES + "RETURNING customer_id, grant_id, kind, amount\n"
 
 
 async def ship_debits(pool: PgPool, member_id: str,
