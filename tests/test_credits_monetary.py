@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.credits.ledger import GrantState
 from proxy.credits.monetary import (
+    FINALIZATION_GRACE,
     balance_check,
     burn,
     credit_grant_params,
@@ -118,7 +119,7 @@ def test_a_grant_mirrors_as_a_stripe_credit_grant() -> None:
         "applicability_config": {"scope": {"price_type": "metered"}},
         "category": "paid", "priority": 10, "name": "meterproxy stripe:in_1",
         "metadata": {"meterproxy_grant": "grt_1"},
-        "effective_at": 1_900_000_000, "expires_at": 2_000_000_000}
+        "effective_at": 1_900_000_000, "expires_at": 2_000_000_000 + FINALIZATION_GRACE}
 
 
 def test_stripe_balance_expected_from_the_local_one() -> None:
@@ -175,6 +176,27 @@ async def test_double_mirrors_a_grant_and_its_balance(client: StripeClient,
     with pytest.raises(StripeRejected, match="already voided"):
         await client.void_credit_grant(made[1])
     await client.expire_credit_grant(made[0])
+    assert await _available(client, "cus_1") == 0
+
+
+async def test_a_period_allowance_still_comes_off_the_invoice_finalized_after_its_end(
+        client: StripeClient, stripe_double: RunningDouble) -> None:
+    """A plan allowance expires locally at the period end; Stripe finalizes that period's
+    invoice about an hour later (up to 72 h) and applies only grants unexpired then. The
+    mirrored grant is still applied to it; a Stripe grant that expired at the period end
+    (what the mirror sent before) is not, as Stripe documents."""
+    now = int(stripe_double.state.now())
+    end = now + 60                              # the period (and the local grant) ends
+    allowance = GrantState("grt_plan", "acme", 25 * U, 0, end, now, "stripe:in_1")
+    await client.create_credit_grant(credit_grant_params(allowance, "cus_1", "usd", "paid"),
+                                     idempotency_key="k-plan")
+    raw = {**credit_grant_params(allowance, "cus_2", "usd", "paid"), "expires_at": end}
+    await client.create_credit_grant(raw, idempotency_key="k-raw")
+    stripe_double.state.advance(60 + 3600)      # the invoice is finalized 1 h after the end
+    grants = stripe_double.state.credit_grants
+    assert grants.apply_to_invoice("cus_1", "usd", 900) == 900
+    assert grants.apply_to_invoice("cus_2", "usd", 900) == 0    # expired before finalization
+    stripe_double.state.advance(72 * 3600)      # past the longest draft period: gone
     assert await _available(client, "cus_1") == 0
 
 

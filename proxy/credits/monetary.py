@@ -37,6 +37,12 @@ from proxy.pricing import Price, line_amount, minor_exponent
 
 MICRO = 1_000_000
 Category = Literal["paid", "promotional"]
+# Stripe applies credit grants when it finalizes an invoice, to grants unexpired *then*; a
+# renewal's invoice for the period that just ended is finalized about an hour after the
+# period end (the draft period: 1 h by default, up to 72 h). A mirrored grant therefore
+# expires at Stripe this long after its local expiry, so the credits the period's usage
+# took from it locally still come off that period's invoice (docs/stripe-notes.md).
+FINALIZATION_GRACE = 73 * 3600
 
 
 def micro_per_minor(currency: str) -> int:
@@ -74,7 +80,9 @@ def credit_grant_params(g: GrantState, customer: str, currency: str,
     """The ``POST /v1/billing/credit_grants`` parameters that mirror a local grant: the
     amount in minor units, metered prices only, the same priority (0 applies first in both),
     effective and expiry times, and the local grant id in metadata (and as the idempotency
-    key's suffix, so a retry creates one grant)."""
+    key's suffix, so a retry creates one grant). The Stripe expiry is the local one plus
+    ``FINALIZATION_GRACE``: the invoice of the period the grant covered is finalized after
+    the period end, and Stripe applies only grants unexpired at finalization."""
     params: dict[str, Any] = {
         "customer": customer,
         "amount": {"type": "monetary",
@@ -88,7 +96,7 @@ def credit_grant_params(g: GrantState, customer: str, currency: str,
     if g.effective_at is not None:
         params["effective_at"] = g.effective_at
     if g.expires_at is not None:
-        params["expires_at"] = g.expires_at
+        params["expires_at"] = g.expires_at + FINALIZATION_GRACE
     return params
 
 
