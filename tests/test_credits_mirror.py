@@ -309,6 +309,77 @@ async def test_a_restart_goes_on_from_the_period_so_far(
         await session.close()
 
 
+async def test_a_restart_resumes_a_volume_price_from_what_was_burned(
+        tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
+    """Volume: 90 units burn 2250 cents, 20 more burn nothing (the line of 110 is 2200).
+    After a restart the account resumes from the 2250 burned, not the 2200 line of its
+    total, so 5 more units (line 2300) burn 50 cents, not 100."""
+    from proxy import config as config_mod
+    from proxy.app import start
+    from tests.conftest import write_config
+
+    _seed(stripe_double, VOLUME)
+    cfg = write_config(tmp_path, upstream, RULES, stripe=_stripe(stripe_double),
+                       credits={"mode": "monetary"})
+    session = aiohttp.ClientSession()
+    try:
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+            await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"},
+                          expect=201)
+            assert [await _call(p, key, 90), await _call(p, key, 20)] == [200, 200]
+            assert _burned(p) == 2250
+        finally:
+            await server.shutdown()
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            assert _burned(p) == 2250
+            assert await _call(p, key, 5) == 200
+            assert _burned(p) == 2300
+            got = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))
+            assert got["balance"] == "77"
+        finally:
+            await server.shutdown()
+    finally:
+        await session.close()
+
+
+async def test_a_volume_excess_covered_by_credits_is_given_back_once_at_period_end(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """90 then 20 units at the volume price burn 2250 cents from a 100.00 grant; Stripe
+    bills the line of 110 units, 2200, and applies 22.00 of the mirrored grant. Once the
+    period has closed the 0.50 covered beyond the line comes back as a local grant (made
+    once: again, or after a restart, nothing more), with no second Stripe grant: the local
+    balance then equals Stripe's after its invoice is finalized."""
+    p, key = await _monetary_proxy(make_proxy, stripe_double, VOLUME)
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"}, expect=201)
+    assert [await _call(p, key, 90), await _call(p, key, 20)] == [200, 200]
+    await _mirrored(p, 1)
+    svc = p.server.monetary
+    assert svc is not None
+    end = period_bounds(None, time.time())[1]
+    svc.clock = lambda: end + 61.0              # the period closed a minute ago
+    await svc.true_ups()
+    await svc.true_ups()
+    svc._trued.clear()                          # what a restart forgets
+    await svc.true_ups()
+    grants = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["grants"]
+    back = [g for g in grants if g["source"].startswith("trueup:")]
+    assert [(g["credits"], g["source"]) for g in back] == \
+        [("0.5", f"trueup:api_calls:{period_bounds(None, time.time())[0]}")]
+    await _mirrored(p, 2)
+    live = [g for g in stripe_double.state.credit_grants.grants.values() if g.voided_at is None]
+    assert [g.value for g in live] == [10_000]              # no second Stripe grant
+    # Stripe finalizes the invoice: the 2200-cent line takes 2200 from the grant
+    assert stripe_double.state.credit_grants.apply_to_invoice(CUS, "usd", 2200) == 2200
+    assert live[0].available(stripe_double.state.now()) == 7800
+    book = p.server.credits.book                # type: ignore[union-attr]
+    assert book.balance("acme", time.time()) == 78 * 1_000_000
+
+
 async def test_start_refuses_monetary_rules_without_a_stripe_price(
         tmp_path: Path, upstream: str) -> None:
     from proxy import config as config_mod

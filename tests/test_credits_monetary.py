@@ -19,7 +19,9 @@ from proxy.credits.monetary import (
     balance_check,
     burn,
     credit_grant_params,
+    give_back,
     micro_per_minor,
+    replay,
     stripe_available,
     summary_available,
     to_minor,
@@ -92,6 +94,32 @@ def test_burns_minus_true_up_equal_the_line_whatever_the_requests(
     assert burned - true_up(price, burned, total) == line_amount(price, total) or not steps
     if mode == "graduated":
         assert true_up(price, burned, total) == 0
+
+
+@given(_tiers, st.sampled_from(["graduated", "volume"]),
+       st.lists(st.integers(0, 40 * U), max_size=12), st.integers(0, 100))
+def test_a_replay_resumes_exactly_and_the_give_back_is_what_credits_covered_beyond_the_line(
+        spec: list[tuple[int, int, int]], mode: str, steps: list[int], pct: int) -> None:
+    """A restart resumes from ``replay`` of the period's requests: the same burns as if it
+    had never stopped (a volume price's highest line, not the line of its total), and what
+    is given back at the period end is the covered part of the excess, never more."""
+    price = _price(mode, spec)
+    burns, total = _burns(price, steps)
+    assert replay(price, steps) == (total, sum(burns))
+    burned = sum(burns)
+    covered = burned * pct // 100 * 10_000                  # credits covered pct% of it
+    back = give_back(price, covered, total, 10_000)
+    assert 0 <= back <= true_up(price, burned, total) * 10_000
+    assert covered - back <= line_amount(price, total) * 10_000 or not steps
+
+
+def test_the_issue_s_volume_example_replays_and_gives_back() -> None:
+    # 90 units at 25 cents (2250), then 20 more: the line of 110 is 2200, nothing burned
+    assert replay(VOLUME, [90 * U, 20 * U]) == (110 * U, 2250)
+    assert line_amount(VOLUME, 110 * U) == 2200            # the line of the total alone
+    assert give_back(VOLUME, 2250 * 10_000, 110 * U, 10_000) == 50 * 10_000
+    assert give_back(VOLUME, 2210 * 10_000, 110 * U, 10_000) == 10 * 10_000
+    assert give_back(VOLUME, 2000 * 10_000, 110 * U, 10_000) == 0     # the rest invoiced
 
 
 @given(st.integers(1, 10**6), st.lists(st.integers(0, 10**4 * U), max_size=12))

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from proxy import metrics
@@ -41,7 +41,15 @@ from proxy.backoff import backoff
 from proxy.config import CreditsConfig
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
-from proxy.credits.monetary import Category, balance_check, credit_grant_params, micro_per_minor
+from proxy.credits.monetary import (
+    Category,
+    balance_check,
+    credit_grant_params,
+    give_back,
+    is_volume,
+    micro_per_minor,
+    replay,
+)
 from proxy.credits.money import MoneyBook, account_prices
 from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
 from proxy.periods import period_bounds
@@ -56,6 +64,12 @@ TAKEN = "#t"
 FIRST_RETRY = 1.0
 MAX_RETRY = 3600.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
+TRUE_UP_DELAY = 60.0    # seconds after a period end before its give-back is computed (the
+                        # last requests settled before the end are committed by then)
+TRUE_UP = "trueup:"     # source (and idempotency key) prefix of a period's give-back grant
+
+# (customer, micro-credits, idempotency key and source, expires_at) -> created now
+GiveBack = Callable[[str, int, str, int | None], Awaitable[bool]]
 
 
 class MirrorProblem(MeterproxyError):
@@ -106,6 +120,10 @@ class MonetaryService:
         self.wake = asyncio.Event()
         self._taken_from: set[str] = set()      # customers whose grants lost credits
         self._scanned = False                   # every account scanned once since start
+        # volume give-backs: set by the composition root (CreditService.grant); the
+        # (customer, meter, period start) already settled by this process
+        self.give: GiveBack | None = None
+        self._trued: set[tuple[str, str, int]] = set()
 
     def taken(self, customer_id: str) -> None:
         """``CreditService.on_taken``: credits left a grant of this customer without a
@@ -170,9 +188,80 @@ class MonetaryService:
         for e in await self.ledger.entries(c.id, COVERED_SCAN_LIMIT):
             if e.kind == "debit" and e.meter and e.at_ms >= start_ms:
                 covered[e.meter] = covered.get(e.meter, 0) + e.amount
+        charged: dict[str, int] = {}
+        for meter, price in prices.items():
+            if is_volume(price) and meter in totals:
+                qs, _cov = await self._period_rows(c.id, meter, start, now + 60)
+                charged[meter] = replay(price, qs)[1]
         self.money.open(c.id, c.billing_anchor, currency, prices,
-                        {m: t.quantity for m, t in totals.items()}, now, covered)
+                        {m: t.quantity for m, t in totals.items()}, now, covered, charged)
         log.info("customer %s: monetary credits in %s", c.id, currency)
+
+    async def _period_rows(self, customer_id: str, meter: str, start: float, end: float
+                           ) -> tuple[list[int], int]:
+        """The meter's quantities (micro-units) in [start, end) in settlement order (the
+        audit rows, by time then commit order), and the micro-credits credits covered."""
+        qs: list[int] = []
+        covered = 0
+        async for batch in self.usage.audit_stream(customer_id, start, end):
+            for a in batch:
+                if a.meter == meter:
+                    qs.append(a.quantity)
+                    covered += a.credits
+        return qs, covered
+
+    # ---- volume give-backs ------------------------------------------------------------------
+
+    async def true_ups(self) -> int:
+        """Once a period has closed (``TRUE_UP_DELAY`` after its end), give back to each
+        monetary customer with a volume-priced meter what credits covered beyond the
+        period's final line (``proxy.credits.monetary.give_back``): a local grant, keyed
+        ``trueup:<meter>:<period start>`` so it is made once whatever restarts, expiring
+        with the latest-expiring grant the period's burns came from (the credit it returns
+        would have expired with them; none once they all have). Stripe holds it already (it
+        applied the mirrored grants to the lower line), so its mirror creates no Stripe
+        grant. Returns the grants made."""
+        if self.give is None:
+            return 0
+        made = 0
+        now = self.clock()
+        for acct in self.money.accounts():
+            cid = acct.customer_id
+            start = period_bounds(acct.anchor, now)[0]
+            if now < start + TRUE_UP_DELAY:
+                start = period_bounds(acct.anchor, start - 1)[0]   # the one before is open
+            prev_start, prev_end = period_bounds(acct.anchor, start - 1)
+            for meter, price in acct.prices.items():
+                key = (cid, meter, prev_start)
+                if not is_volume(price) or key in self._trued:
+                    continue
+                await self.usage.materialize()
+                qs, covered = await self._period_rows(cid, meter, prev_start, prev_end)
+                amount = give_back(price, covered, sum(qs), acct.per_minor) if qs else 0
+                amount -= amount % acct.per_minor
+                expires = await self._give_back_expiry(cid, meter, prev_start, prev_end)
+                if amount > 0 and (expires is None or expires > now) and \
+                        await self.give(cid, amount, f"{TRUE_UP}{meter}:{prev_start}", expires):
+                    made += 1
+                    log.info("customer %s: volume give-back of %d micro-credits for %s, "
+                             "period from %d", cid, amount, meter, prev_start)
+                self._trued.add(key)
+        return made
+
+    async def _give_back_expiry(self, customer_id: str, meter: str, start: int, end: int
+                                ) -> int | None:
+        """The latest expiry among the grants the meter's burns in [start, end) were debited
+        from (None when one of them never expires)."""
+        ids = {e.grant_id for e in await self.ledger.entries(customer_id, COVERED_SCAN_LIMIT)
+               if e.kind == "debit" and e.meter == meter and e.grant_id
+               and start * 1000 <= e.at_ms < end * 1000}
+        latest = 0
+        for gid in ids:
+            g = self.book.grant(gid)
+            if g is None or g.expires_at is None:
+                return None
+            latest = max(latest, g.expires_at)
+        return latest or None
 
     # ---- the mirror -----------------------------------------------------------------------
 
@@ -228,6 +317,8 @@ class MonetaryService:
         and less what requests spent from it before the open period (applied by Stripe to
         invoices already finalized). What the open period spends stays in it: Stripe
         applies that when it finalizes the period's invoice."""
+        if g.source.startswith(TRUE_UP):
+            return 0        # a volume give-back: Stripe's grants still hold it
         if taken is None:
             taken = await self._taken(g.id)
         start_ms = period_bounds(anchor, self.clock())[0] * 1000
@@ -380,6 +471,7 @@ class MonetaryService:
         while True:
             try:
                 await self.sync()
+                await self.true_ups()
                 await self.discover()
                 await self.mirror_due()
                 if self.cfg.balance_check_interval > 0 and self.clock() >= next_check \

@@ -29,7 +29,7 @@ double; ``proxy.credits.money`` keeps the accounts settlement burns against and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from proxy.credits.ledger import GrantState
@@ -63,6 +63,33 @@ def true_up(price: Price, burned_minor: int, total_micro: int) -> int:
     """Minor units to give back at period end: what was burned beyond the final line
     (a volume price whose total moved into a cheaper tier). 0 for per-unit and graduated."""
     return max(0, burned_minor - line_amount(price, total_micro))
+
+
+def replay(price: Price, quantities: Iterable[int]) -> tuple[int, int]:
+    """(period total, minor units burned) after settling ``quantities`` (micro-units, in
+    settlement order) from an empty period: what ``burn`` charged them, exactly. For a volume
+    price this is the highest line the period reached, which its final total alone does not
+    tell (a restart resumes from it)."""
+    total = burned = 0
+    for q in quantities:
+        total += q
+        burned += burn(price, burned, total)
+    return total, burned
+
+
+def give_back(price: Price, covered_micro: int, total_micro: int, per_minor: int) -> int:
+    """Micro-credits to return to a customer once a period closes: what credits covered
+    beyond the period's final invoice line (``covered - line_amount(total)``, never
+    negative). Stripe applies the mirrored grants to that line only, so this part of the
+    burn left the local grants but not Stripe's: a volume price whose total moved into a
+    cheaper tier (``true_up``), as far as credits paid for it. The uncovered part of the
+    excess was never invoiced (Stripe bills the line), so it needs nothing."""
+    return max(0, covered_micro - line_amount(price, total_micro) * per_minor)
+
+
+def is_volume(price: Price | None) -> bool:
+    """A price whose line can fall as its total grows (a volume-tiered price)."""
+    return price is not None and price.tiers_mode == "volume"
 
 
 def to_minor(micro_credits: int, currency: str) -> int:

@@ -21,8 +21,8 @@ all while no customer is monetary).
   without changing the account.
 - ``load_charged``: on (re)opening, what the period has burned is taken as the line amount
   of its total, exact for per-unit and graduated prices (the burns of a period always sum
-  to it); for a volume price it is the line at the reload, not the highest line reached
-  before it (see docs/credits.md).
+  to it); for a volume price the opener passes ``charged``, the period's requests replayed
+  in settlement order (``proxy.credits.monetary.replay``): the highest line reached.
 """
 
 from __future__ import annotations
@@ -192,14 +192,18 @@ class MoneyBook:
 
     def open(self, customer_id: str, anchor: int | None, currency: str,
              prices: Mapping[str, Price], totals: Mapping[str, int], now: float,
-             covered: Mapping[str, int] | None = None) -> Account:
+             covered: Mapping[str, int] | None = None,
+             charged: Mapping[str, int] | None = None) -> Account:
         """(Re)open a customer's account with the period so far: ``totals`` (meter ->
-        micro-units) and ``covered`` (meter -> micro-credits debited from grants)."""
+        micro-units), ``covered`` (meter -> micro-credits debited from grants) and, where
+        known, ``charged`` (meter -> minor units burned: a volume price's replayed burns,
+        ``proxy.credits.monetary.replay``; else the line of the total)."""
         acct = Account(customer_id, anchor, currency, dict(prices), micro_per_minor(currency))
         for meter in {*totals, *(covered or {})}:
             mp = acct.period(meter, now)
             mp.total = max(totals.get(meter, 0), 0)
-            mp.charged = load_charged(acct.prices.get(meter), mp.total)
+            mp.charged = (charged or {}).get(meter,
+                                             load_charged(acct.prices.get(meter), mp.total))
             mp.covered = max((covered or {}).get(meter, 0), 0)
         self._accounts[customer_id] = acct
         self.active = True
