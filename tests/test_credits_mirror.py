@@ -380,6 +380,88 @@ async def test_a_volume_excess_covered_by_credits_is_given_back_once_at_period_e
     assert book.balance("acme", time.time()) == 78 * 1_000_000
 
 
+TOKENS_PRICE = {"id": "price_tokens", "currency": "usd", "unit_amount": 1,
+                "recurring": {"meter": "mtr_tokens"}}
+TOKEN_RULES = """\
+version: 1
+meters:
+  llm_tokens: {stripe_event_name: llm_tokens, price_id: price_tokens}
+rules:
+  - name: chat
+    match: {methods: [POST], path: /v1/chat/completions}
+    usage:
+      - {meter: llm_tokens, quantity: response.json.usage.total_tokens, credits: 0.01}
+"""
+
+
+async def test_a_monetary_block_customer_s_overspend_is_debt_covered_at_stripe_never_invoiced(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """Issue 12's burst in money: 2.00 of credits, `overage: block`, 1 cent a token, nothing
+    learned and no hint (each request holds the 1-token floor, 1 cent), and an upstream that
+    answers 40 tokens only once all 50 requests have arrived (all in flight at once, no
+    timing). All 50 are admitted; 200 cents are covered and 1,800 become debt, within the
+    stated bound (the sum of actual burn minus held: 50 x 39 cents). Every token is reported,
+    and the debt is covered at Stripe by a promotional credit grant, so Stripe's invoice
+    applies 20.00 of credits to the 20.00 line and the customer owes nothing. The next
+    grant (20.00) repays the debt; its Stripe grant holds the 2.00 left, and the local
+    balance then equals Stripe's."""
+    from tests.servers import serve
+    from tests.test_credits_debt import _gated_upstream
+
+    stripe_double.state.add_meter("llm_tokens", id="mtr_tokens")
+    stripe_double.state.add_price(TOKENS_PRICE)
+    stripe_double.state.add_subscription(CUS, ["price_tokens"],
+                                         period_bounds(None, time.time()))
+    async with serve(_gated_upstream(50)) as up:
+        p = await make_proxy(upstream_url=up, rules_text=TOKEN_RULES,
+                             stripe=_stripe(stripe_double), credits={"mode": "monetary"})
+        key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+        await p.admin("POST", "/admin/customers/acme/grants", {"credits": "2"}, expect=201)
+        h = {"Authorization": f"Bearer {key}"}
+
+        async def one(s: aiohttp.ClientSession) -> int:
+            async with s.post(p.url + "/v1/chat/completions", json={}, headers=h) as r:
+                await r.read()
+                return r.status
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
+            statuses = await asyncio.gather(*(one(s) for _ in range(50)))
+        assert statuses.count(200) == 50
+        with p.db() as c:
+            ledger = dict(c.execute("SELECT kind, SUM(amount) FROM credit_entries"
+                                    " WHERE customer_id='acme' GROUP BY 1").fetchall())
+        assert ledger == {"debit": 2 * 1_000_000, "debt": 18 * 1_000_000}
+        assert ledger["debt"] <= 50 * (40 - 1) * 10_000         # the bound: 19.50
+        rows = await _mirrored(p, 2)
+        assert sorted(r["grant_id"] for r in rows)[0] == \
+            f"debt:acme:0-{18 * 1_000_000}"
+        cover = [g for g in stripe_double.state.credit_grants.grants.values()
+                 if g.metadata["meterproxy_grant"].startswith("debt:")]
+        assert [(g.value, g.category, g.priority) for g in cover] == [(1800, "promotional", 0)]
+        await p.admin("POST", "/admin/flush", expect=200)
+        assert stripe_double.state.totals(CUS, "llm_tokens") == 2000     # all reported
+        preview = await _preview(stripe_double)
+        assert (preview.lines[0].amount, preview.credits, preview.total) == (2000, 2000, 0)
+        [check] = (await p.admin("POST", "/admin/credits/balance-check",
+                                 {"customer_id": "acme"}, expect=200))["checks"]
+        assert check["difference"] == 0
+        async with p.session.post(p.url + "/v1/chat/completions", json={}, headers=h) as r:
+            assert r.status == 402                              # in debt
+        await p.admin("POST", "/admin/customers/acme/grants", {"credits": "20"}, expect=201)
+        got = await p.admin("GET", "/admin/customers/acme/grants", expect=200)
+        assert (got["balance"], got["debt"]) == ("2", "0")
+        await _mirrored(p, 3)
+        grants = stripe_double.state.credit_grants
+        assert sorted(g.value for g in grants.grants.values()) == [200, 200, 1800]
+        assert grants.apply_to_invoice(CUS, "usd", 2000) == 2000    # the invoice: 0 due
+        assert summary_left(grants, stripe_double) == 200           # = the local 2.00
+
+
+def summary_left(grants: Any, double: RunningDouble) -> int:
+    now = double.state.now()
+    return sum(g.available(now) for g in grants.grants.values() if g.customer == CUS)
+
+
 async def test_start_refuses_monetary_rules_without_a_stripe_price(
         tmp_path: Path, upstream: str) -> None:
     from proxy import config as config_mod
@@ -602,6 +684,26 @@ async def test_after_a_restart_every_mirrored_grant_is_checked_for_credits_taken
     assert [x.value for x in rig.stripe_grants() if x.voided_at is None] == []
     [row] = [r for r in await rig.owners.mirrors.rows() if r.grant_id == g.id]
     assert (row.want, row.done) == ("void", "void")
+
+
+async def test_a_debt_cover_survives_a_restart_once(rig: Rig) -> None:
+    """Settlement debt committed before a crash, its cover not yet mirrored: the restarted
+    service reads the debt from the ledger and covers it at Stripe once; a further debt is
+    covered by a second grant for the increase only."""
+    from proxy.credits.ledger import Entry
+
+    await rig.owners.ledger.append([LedgerEntry("acme", Entry("", "debt", 300 * 10_000),
+                                                meter="api_calls", at=rig.clock)])
+    await rig.restart()
+    assert await rig.pass_() == 1
+    await rig.restart()
+    assert await rig.pass_() == 0                           # covered already: nothing new
+    acct = rig.svc.money.account("acme")
+    assert acct is not None
+    acct.cover("api_calls", 50 * 10_000, rig.clock, [Entry("", "debt", 50 * 10_000)])
+    assert await rig.pass_() == 1
+    assert sorted((g.value, g.metadata["meterproxy_grant"]) for g in rig.stripe_grants()) == [
+        (50, "debt:acme:3000000-3500000"), (300, "debt:acme:0-3000000")]
 
 
 async def test_usage_before_any_credit_moves_the_monetary_period_total(

@@ -42,6 +42,7 @@ from proxy.config import CreditsConfig
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
 from proxy.credits.monetary import (
+    FINALIZATION_GRACE,
     Category,
     balance_check,
     credit_grant_params,
@@ -66,6 +67,7 @@ MAX_RETRY = 3600.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
 TRUE_UP_DELAY = 60.0    # seconds after a period end before its give-back is computed (the
                         # last requests settled before the end are committed by then)
+DEBT = "debt:"          # mirror row key prefix of a block customer's debt cover
 TRUE_UP = "trueup:"     # source (and idempotency key) prefix of a period's give-back grant
 
 # (customer, micro-credits, idempotency key and source, expires_at) -> created now
@@ -89,6 +91,16 @@ def split_key(key: str) -> tuple[str, int | None]:
     shrink, so the old one is voided and a replacement holds what is left."""
     base, sep, taken = key.partition(TAKEN)
     return base, (int(taken) if sep and taken.isdigit() else None)
+
+
+def debt_range(key: str) -> tuple[int, int]:
+    """A debt cover row's key ``debt:<customer>:<from>-<to>``: the micro-credits of the
+    customer's cumulative settlement debt it covers at Stripe ((0, 0) for another key)."""
+    _, _, span = key.rpartition(":")
+    lo, sep, hi = span.partition("-")
+    if not (key.startswith(DEBT) and sep and lo.isdigit() and hi.isdigit()):
+        return 0, 0
+    return int(lo), int(hi)
 
 
 def idempotency_key(r: GrantMirrorRecord) -> str:
@@ -124,6 +136,7 @@ class MonetaryService:
         # (customer, meter, period start) already settled by this process
         self.give: GiveBack | None = None
         self._trued: set[tuple[str, str, int]] = set()
+        self._debt_to: dict[str, int] | None = None
 
     def taken(self, customer_id: str) -> None:
         """``CreditService.on_taken``: credits left a grant of this customer without a
@@ -185,16 +198,20 @@ class MonetaryService:
         start, _end, totals = await self.usage.usage(c.id, now=now)
         covered: dict[str, int] = {}
         start_ms = int(start * 1000)
+        debt_total = 0
         for e in await self.ledger.entries(c.id, COVERED_SCAN_LIMIT):
             if e.kind == "debit" and e.meter and e.at_ms >= start_ms:
                 covered[e.meter] = covered.get(e.meter, 0) + e.amount
+            elif e.kind == "debt" and e.meter:      # settlement debt (claw-backs: no meter)
+                debt_total += e.amount
         charged: dict[str, int] = {}
         for meter, price in prices.items():
             if is_volume(price) and meter in totals:
                 qs, _cov = await self._period_rows(c.id, meter, start, now + 60)
                 charged[meter] = replay(price, qs)[1]
         self.money.open(c.id, c.billing_anchor, currency, prices,
-                        {m: t.quantity for m, t in totals.items()}, now, covered, charged)
+                        {m: t.quantity for m, t in totals.items()}, now, covered, charged,
+                        debt_total)
         log.info("customer %s: monetary credits in %s", c.id, currency)
 
     async def _period_rows(self, customer_id: str, meter: str, start: float, end: float
@@ -298,11 +315,24 @@ class MonetaryService:
                     key = f"{g.id}{TAKEN}{t}"
                     if key not in known:
                         rows += [(k, cid, "void") for k in live] + [(key, cid, "live")]
+        if self._debt_to is None:           # customer -> debt covered at Stripe so far
+            self._debt_to = {}
+            for k in known:
+                if k.startswith(DEBT):
+                    c = k[len(DEBT):k.rfind(":")]
+                    self._debt_to[c] = max(self._debt_to.get(c, 0), debt_range(k)[1])
+        for acct in self.money.accounts():
+            covered_to = self._debt_to.get(acct.customer_id, 0)
+            if acct.debt_total > covered_to:
+                rows.append((f"{DEBT}{acct.customer_id}:{covered_to}-{acct.debt_total}",
+                             acct.customer_id, "live"))
         if not rows:
             return 0
         n = await self.mirrors.want(rows, int(now))
-        for gid, _cid, want in rows:
+        for gid, cid, want in rows:
             known[gid] = want
+            if gid.startswith(DEBT):
+                self._debt_to[cid] = debt_range(gid)[1]
         return n
 
     async def _taken(self, grant_id: str) -> int:
@@ -375,6 +405,9 @@ class MonetaryService:
             if r.want == "void":            # never created at Stripe: nothing to void
                 await self.mirrors.progress(r.grant_id, "void", None, at)
                 return
+            if r.grant_id.startswith(DEBT):
+                await self._cover_debt(r, scid, at)
+                return
             base, taken = split_key(r.grant_id)
             g = self.book.grant(base)
             if g is None:
@@ -408,6 +441,36 @@ class MonetaryService:
             await self.mirrors.progress(r.grant_id, "void", None, at)
             return
         await self.mirrors.progress(r.grant_id, r.done, None, at)   # nothing left to do
+
+    async def _cover_debt(self, r: GrantMirrorRecord, scid: str, at: int) -> None:
+        """A block customer's settlement debt ``[from, to)`` (``debt_range``) as a
+        promotional Stripe credit grant of that amount (rounded up to a whole minor unit),
+        priority 0, expiring with the period it was recorded in (plus Stripe's finalization
+        grace): every unit is reported, and this grant keeps what credits did not cover off
+        the invoice. The debt itself is repaid from the customer's next grant, whose mirror
+        then holds that much less (``_value``), so Stripe's credit and the local balance
+        agree. Not made once that period's invoice has been finalized (too late to help)."""
+        stripe = self.stripe
+        assert stripe is not None
+        acct = self.money.account(r.customer_id)
+        cust = self.keys.customers.get(r.customer_id)
+        if acct is None:
+            raise MirrorProblem(f"customer {r.customer_id!r} is not monetary")
+        lo, hi = debt_range(r.grant_id)
+        per = acct.per_minor
+        value = -(-(hi - lo) // per) * per
+        end = period_bounds(cust.billing_anchor if cust else None, r.created_at)[1]
+        if value <= 0 or end + FINALIZATION_GRACE <= at:
+            log.warning("debt of customer %s (%s) not covered at Stripe: %s", r.customer_id,
+                        r.grant_id, "nothing to cover" if value <= 0 else "period closed")
+            await self.mirrors.progress(r.grant_id, "live", None, at)
+            return
+        shown = GrantState(r.grant_id, r.customer_id, value, 0, end, r.created_at,
+                           "debt cover")
+        params = credit_grant_params(shown, scid, acct.currency, "promotional")
+        sid = await stripe.create_credit_grant(params, idempotency_key=idempotency_key(r))
+        metrics.credit_grant_mirrors_total.labels("created").inc()
+        await self.mirrors.progress(r.grant_id, "live", sid, at)
 
     async def gauges(self) -> None:
         for status in ("pending", "dead"):

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.credits.ledger import Entry
 from proxy.credits.monetary import burn, micro_per_minor
 from proxy.periods import period_bounds
 from proxy.pricing import Price, line_amount
@@ -154,6 +155,9 @@ class Account:
     prices: dict[str, Price]
     per_minor: int
     meters: dict[str, MeterPeriod] = field(default_factory=dict)
+    # micro-credits of settlement debt ever recorded for the customer (a block customer's
+    # usage beyond its credits): the mirror covers it at Stripe with promotional grants
+    debt_total: int = 0
 
     def period(self, meter: str, now: float) -> MeterPeriod:
         mp = self.meters.get(meter)
@@ -171,10 +175,15 @@ class Account:
         apply from the mirrored grants when it finalizes the period's invoice."""
         return sum(mp.covered for mp in self.meters.values() if mp.start <= now < mp.end)
 
-    def cover(self, meter: str, micro_credits: int, now: float) -> None:
-        """Settlement: credits covered ``micro_credits`` of a burn of ``meter``."""
+    def cover(self, meter: str, micro_credits: int, now: float,
+              entries: Sequence[Entry] = ()) -> None:
+        """Settlement: credits covered ``micro_credits`` of a burn of ``meter``, a block
+        customer's debt among its ``entries`` included (``debt_total`` grows by it)."""
         if micro_credits:
             self.period(meter, now).covered += micro_credits
+        for e in entries:
+            if e.kind == "debt":
+                self.debt_total += e.amount
 
 
 class MoneyBook:
@@ -193,12 +202,13 @@ class MoneyBook:
     def open(self, customer_id: str, anchor: int | None, currency: str,
              prices: Mapping[str, Price], totals: Mapping[str, int], now: float,
              covered: Mapping[str, int] | None = None,
-             charged: Mapping[str, int] | None = None) -> Account:
+             charged: Mapping[str, int] | None = None, debt_total: int = 0) -> Account:
         """(Re)open a customer's account with the period so far: ``totals`` (meter ->
         micro-units), ``covered`` (meter -> micro-credits debited from grants) and, where
         known, ``charged`` (meter -> minor units burned: a volume price's replayed burns,
         ``proxy.credits.monetary.replay``; else the line of the total)."""
-        acct = Account(customer_id, anchor, currency, dict(prices), micro_per_minor(currency))
+        acct = Account(customer_id, anchor, currency, dict(prices), micro_per_minor(currency),
+                       debt_total=debt_total)
         for meter in {*totals, *(covered or {})}:
             mp = acct.period(meter, now)
             mp.total = max(totals.get(meter, 0), 0)
