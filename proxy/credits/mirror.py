@@ -50,6 +50,7 @@ from proxy.credits.monetary import (
     is_volume,
     micro_per_minor,
     replay,
+    true_up,
 )
 from proxy.credits.money import MoneyBook, account_prices
 from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
@@ -254,7 +255,11 @@ class MonetaryService:
                     continue
                 await self.usage.materialize()
                 qs, covered = await self._period_rows(cid, meter, prev_start, prev_end)
-                amount = give_back(price, covered, sum(qs), acct.per_minor) if qs else 0
+                total, burned = replay(price, qs)
+                # never more than the money burns' excess (a period partly burned in the
+                # units mode covered unit credits, not money)
+                amount = min(give_back(price, covered, total, acct.per_minor),
+                             true_up(price, burned, total) * acct.per_minor) if qs else 0
                 amount -= amount % acct.per_minor
                 expires = await self._give_back_expiry(cid, meter, prev_start, prev_end)
                 if amount > 0 and (expires is None or expires > now) and \
