@@ -234,6 +234,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     public_app = web.Application(client_max_size=0)
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
                                customers=storage.customers)
+    webhooks.on_finalized = monetary.finalized
     auth = Authenticator(rt)
     previews: PreviewCache | None = None
     if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":

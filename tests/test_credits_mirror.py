@@ -26,6 +26,7 @@ import pytest
 from proxy import metrics
 from proxy.config import CreditsConfig
 from proxy.credits.mirror import MonetaryService
+from proxy.credits.monetary import FINALIZATION_GRACE
 from proxy.credits.money import MoneyBook
 from proxy.credits.service import CreditService, load_book
 from proxy.periods import period_bounds
@@ -684,6 +685,27 @@ async def test_after_a_restart_every_mirrored_grant_is_checked_for_credits_taken
     assert [x.value for x in rig.stripe_grants() if x.voided_at is None] == []
     [row] = [r for r in await rig.owners.mirrors.rows() if r.grant_id == g.id]
     assert (row.want, row.done) == ("void", "void")
+
+
+async def test_an_expired_allowance_stays_at_stripe_until_its_invoice_is_finalized(
+        rig: Rig) -> None:
+    """A grant expiring at the period end is live at Stripe for FINALIZATION_GRACE more, so
+    the period's invoice (finalized about an hour later) still applies it; once Stripe says
+    that invoice is finalized (``invoice.finalized`` for usage up to the period end) its
+    Stripe grant is voided, and an invoice for an earlier period voids nothing."""
+    end = int(rig.clock) + 60
+    g, _ = await rig.credits.grant("acme", "10", expires_at=end, source="stripe:in_1")
+    assert await rig.pass_() == 1
+    [sg] = rig.stripe_grants()
+    assert sg.expires_at == end + FINALIZATION_GRACE
+    rig.clock = end + 3600.0                                # an hour after the period end
+    assert await rig.pass_() == 0 and sg.voided_at is None  # not finalized yet: kept
+    rig.svc.finalized("acme", end - 86_400)                 # an earlier period's invoice
+    assert await rig.pass_() == 0 and sg.voided_at is None
+    rig.svc.finalized("acme", end)                          # this period's invoice
+    assert await rig.pass_() == 1 and sg.voided_at is not None
+    [row] = await rig.owners.mirrors.rows()
+    assert (row.grant_id, row.want, row.done) == (g.id, "void", "void")
 
 
 async def test_a_debt_cover_survives_a_restart_once(rig: Rig) -> None:

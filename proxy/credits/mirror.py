@@ -138,12 +138,25 @@ class MonetaryService:
         self.give: GiveBack | None = None
         self._trued: set[tuple[str, str, int]] = set()
         self._debt_to: dict[str, int] | None = None
+        # customer -> the latest usage-period end of an invoice Stripe finalized (webhooks)
+        self._finalized: dict[str, int] = {}
 
     def taken(self, customer_id: str) -> None:
         """``CreditService.on_taken``: credits left a grant of this customer without a
         request spending them; its Stripe grants are re-checked on the next pass."""
         self._taken_from.add(customer_id)
         self.wake.set()
+
+    def finalized(self, customer_id: str, period_end: int) -> None:
+        """``invoice.finalized`` (``WebhookReceiver.on_finalized``): Stripe has applied the
+        credits to the customer's invoice for usage up to ``period_end``, so a Stripe grant
+        kept live past its local expiry (``FINALIZATION_GRACE``) for that invoice is voided
+        now, if the local grant expired by ``period_end``. Remembered by this process only:
+        after a restart such a grant simply expires at Stripe at the end of its grace."""
+        if period_end > self._finalized.get(customer_id, 0):
+            self._finalized[customer_id] = period_end
+            self._taken_from.add(customer_id)
+            self.wake.set()
 
     def mode(self, c: Customer) -> str:
         """The customer's credits mode: its own ``credit_mode``, else ``credits.mode``."""
@@ -311,7 +324,8 @@ class MonetaryService:
             for g in self.book.grants(cid):
                 keys = by_base.get(g.id, [])
                 live = [k for k in keys if known[k] == "live"]
-                if g.voided:
+                if g.voided or (g.expires_at is not None and g.expires_at <= now
+                                and g.expires_at <= self._finalized.get(cid, 0)):
                     rows += [(k, cid, "void") for k in live]
                 elif not keys:
                     if g.live(now) or g.pending(now):
