@@ -66,6 +66,7 @@ from proxy.stripe.factory import build_sink
 from proxy.stripe.factory import connect as stripe_connect
 from proxy.stripe.prices import PriceCache
 from proxy.tasks import cancel_and_wait, spawn
+from proxy.units import fmt_micro
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from proxy.webhooks import WebhookReceiver
 
@@ -225,8 +226,14 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     credits.quantum = monetary.quantum
     credits.on_taken = monetary.taken
 
+    async def give_back(cid: str, micro: int, key: str, expires_at: int | None) -> bool:
+        return (await credits.grant(cid, fmt_micro(micro), expires_at=expires_at,
+                                    source=key, idempotency_key=key))[1]
+    monetary.give = give_back
+
     webhooks = WebhookReceiver(store, keys, credits, cfg, events=storage.webhooks,
                                customers=storage.customers)
+    webhooks.on_finalized = monetary.finalized
     auth = Authenticator(rt)
     previews: PreviewCache | None = None
     if cfg.stripe.api_key and cfg.stripe.sink != "dry_run":

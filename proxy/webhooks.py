@@ -243,6 +243,9 @@ class WebhookReceiver:
         self._next_retry = 0.0
         self._period_due = 0.0      # when a waiting_period event is processed again
         self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
+        # monetary credits: an invoice finalized (customer, its usage period's end), so the
+        # Stripe grants of local grants that expired by then can go (MonetaryService)
+        self.on_finalized: Callable[[str, int], None] | None = None
 
     # ---- the endpoint ---------------------------------------------------------------------
 
@@ -504,6 +507,9 @@ class WebhookReceiver:
         inv_id = _id(inv.get("id"))
         if inv_id is None:
             raise ValueError("the invoice has no id")
+        if event.get("type") == "invoice.finalized" and self.on_finalized is not None \
+                and isinstance(inv.get("period_end"), int):
+            self.on_finalized(cid, int(inv["period_end"]))
         if inv.get("billing_reason") != "subscription_cycle":
             return Outcome("ignored", {"customer": cid, "reason": "not a renewal invoice"})
         if inv.get("status") in ("void", "uncollectible"):

@@ -26,6 +26,7 @@ import pytest
 from proxy import metrics
 from proxy.config import CreditsConfig
 from proxy.credits.mirror import MonetaryService
+from proxy.credits.monetary import FINALIZATION_GRACE
 from proxy.credits.money import MoneyBook
 from proxy.credits.service import CreditService, load_book
 from proxy.periods import period_bounds
@@ -309,6 +310,159 @@ async def test_a_restart_goes_on_from_the_period_so_far(
         await session.close()
 
 
+async def test_a_restart_resumes_a_volume_price_from_what_was_burned(
+        tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
+    """Volume: 90 units burn 2250 cents, 20 more burn nothing (the line of 110 is 2200).
+    After a restart the account resumes from the 2250 burned, not the 2200 line of its
+    total, so 5 more units (line 2300) burn 50 cents, not 100."""
+    from proxy import config as config_mod
+    from proxy.app import start
+    from tests.conftest import write_config
+
+    _seed(stripe_double, VOLUME)
+    cfg = write_config(tmp_path, upstream, RULES, stripe=_stripe(stripe_double),
+                       credits={"mode": "monetary"})
+    session = aiohttp.ClientSession()
+    try:
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+            await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"},
+                          expect=201)
+            assert [await _call(p, key, 90), await _call(p, key, 20)] == [200, 200]
+            assert _burned(p) == 2250
+        finally:
+            await server.shutdown()
+        server = await start(config_mod.load(cfg))
+        try:
+            p = Proxy(server, session, tmp_path)
+            assert _burned(p) == 2250
+            assert await _call(p, key, 5) == 200
+            assert _burned(p) == 2300
+            got = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))
+            assert got["balance"] == "77"
+        finally:
+            await server.shutdown()
+    finally:
+        await session.close()
+
+
+async def test_a_volume_excess_covered_by_credits_is_given_back_once_at_period_end(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """90 then 20 units at the volume price burn 2250 cents from a 100.00 grant; Stripe
+    bills the line of 110 units, 2200, and applies 22.00 of the mirrored grant. Once the
+    period has closed the 0.50 covered beyond the line comes back as a local grant (made
+    once: again, or after a restart, nothing more), with no second Stripe grant: the local
+    balance then equals Stripe's after its invoice is finalized."""
+    p, key = await _monetary_proxy(make_proxy, stripe_double, VOLUME)
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"}, expect=201)
+    assert [await _call(p, key, 90), await _call(p, key, 20)] == [200, 200]
+    await _mirrored(p, 1)
+    svc = p.server.monetary
+    assert svc is not None
+    end = period_bounds(None, time.time())[1]
+    svc.clock = lambda: end + 61.0              # the period closed a minute ago
+    await svc.true_ups()
+    await svc.true_ups()
+    svc._trued.clear()                          # what a restart forgets
+    await svc.true_ups()
+    grants = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))["grants"]
+    back = [g for g in grants if g["source"].startswith("trueup:")]
+    assert [(g["credits"], g["source"]) for g in back] == \
+        [("0.5", f"trueup:api_calls:{period_bounds(None, time.time())[0]}")]
+    await _mirrored(p, 2)
+    live = [g for g in stripe_double.state.credit_grants.grants.values() if g.voided_at is None]
+    assert [g.value for g in live] == [10_000]              # no second Stripe grant
+    # Stripe finalizes the invoice: the 2200-cent line takes 2200 from the grant
+    assert stripe_double.state.credit_grants.apply_to_invoice(CUS, "usd", 2200) == 2200
+    assert live[0].available(stripe_double.state.now()) == 7800
+    book = p.server.credits.book                # type: ignore[union-attr]
+    assert book.balance("acme", time.time()) == 78 * 1_000_000
+
+
+TOKENS_PRICE = {"id": "price_tokens", "currency": "usd", "unit_amount": 1,
+                "recurring": {"meter": "mtr_tokens"}}
+TOKEN_RULES = """\
+version: 1
+meters:
+  llm_tokens: {stripe_event_name: llm_tokens, price_id: price_tokens}
+rules:
+  - name: chat
+    match: {methods: [POST], path: /v1/chat/completions}
+    usage:
+      - {meter: llm_tokens, quantity: response.json.usage.total_tokens, credits: 0.01}
+"""
+
+
+async def test_a_monetary_block_customer_s_overspend_is_debt_covered_at_stripe_never_invoiced(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """Issue 12's burst in money: 2.00 of credits, `overage: block`, 1 cent a token, nothing
+    learned and no hint (each request holds the 1-token floor, 1 cent), and an upstream that
+    answers 40 tokens only once all 50 requests have arrived (all in flight at once, no
+    timing). All 50 are admitted; 200 cents are covered and 1,800 become debt, within the
+    stated bound (the sum of actual burn minus held: 50 x 39 cents). Every token is reported,
+    and the debt is covered at Stripe by a promotional credit grant, so Stripe's invoice
+    applies 20.00 of credits to the 20.00 line and the customer owes nothing. The next
+    grant (20.00) repays the debt; its Stripe grant holds the 2.00 left, and the local
+    balance then equals Stripe's."""
+    from tests.servers import serve
+    from tests.test_credits_debt import _gated_upstream
+
+    stripe_double.state.add_meter("llm_tokens", id="mtr_tokens")
+    stripe_double.state.add_price(TOKENS_PRICE)
+    stripe_double.state.add_subscription(CUS, ["price_tokens"],
+                                         period_bounds(None, time.time()))
+    async with serve(_gated_upstream(50)) as up:
+        p = await make_proxy(upstream_url=up, rules_text=TOKEN_RULES,
+                             stripe=_stripe(stripe_double), credits={"mode": "monetary"})
+        key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+        await p.admin("POST", "/admin/customers/acme/grants", {"credits": "2"}, expect=201)
+        h = {"Authorization": f"Bearer {key}"}
+
+        async def one(s: aiohttp.ClientSession) -> int:
+            async with s.post(p.url + "/v1/chat/completions", json={}, headers=h) as r:
+                await r.read()
+                return r.status
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
+            statuses = await asyncio.gather(*(one(s) for _ in range(50)))
+        assert statuses.count(200) == 50
+        with p.db() as c:
+            ledger = dict(c.execute("SELECT kind, SUM(amount) FROM credit_entries"
+                                    " WHERE customer_id='acme' GROUP BY 1").fetchall())
+        assert ledger == {"debit": 2 * 1_000_000, "debt": 18 * 1_000_000}
+        assert ledger["debt"] <= 50 * (40 - 1) * 10_000         # the bound: 19.50
+        rows = await _mirrored(p, 2)
+        assert sorted(r["grant_id"] for r in rows)[0] == \
+            f"debt:acme:0-{18 * 1_000_000}"
+        cover = [g for g in stripe_double.state.credit_grants.grants.values()
+                 if g.metadata["meterproxy_grant"].startswith("debt:")]
+        assert [(g.value, g.category, g.priority) for g in cover] == [(1800, "promotional", 0)]
+        await p.admin("POST", "/admin/flush", expect=200)
+        assert stripe_double.state.totals(CUS, "llm_tokens") == 2000     # all reported
+        preview = await _preview(stripe_double)
+        assert (preview.lines[0].amount, preview.credits, preview.total) == (2000, 2000, 0)
+        [check] = (await p.admin("POST", "/admin/credits/balance-check",
+                                 {"customer_id": "acme"}, expect=200))["checks"]
+        assert check["difference"] == 0
+        async with p.session.post(p.url + "/v1/chat/completions", json={}, headers=h) as r:
+            assert r.status == 402                              # in debt
+        await p.admin("POST", "/admin/customers/acme/grants", {"credits": "20"}, expect=201)
+        got = await p.admin("GET", "/admin/customers/acme/grants", expect=200)
+        assert (got["balance"], got["debt"]) == ("2", "0")
+        await _mirrored(p, 3)
+        grants = stripe_double.state.credit_grants
+        assert sorted(g.value for g in grants.grants.values()) == [200, 200, 1800]
+        assert grants.apply_to_invoice(CUS, "usd", 2000) == 2000    # the invoice: 0 due
+        assert summary_left(grants, stripe_double) == 200           # = the local 2.00
+
+
+def summary_left(grants: Any, double: RunningDouble) -> int:
+    now = double.state.now()
+    return sum(g.available(now) for g in grants.grants.values() if g.customer == CUS)
+
+
 async def test_start_refuses_monetary_rules_without_a_stripe_price(
         tmp_path: Path, upstream: str) -> None:
     from proxy import config as config_mod
@@ -531,6 +685,47 @@ async def test_after_a_restart_every_mirrored_grant_is_checked_for_credits_taken
     assert [x.value for x in rig.stripe_grants() if x.voided_at is None] == []
     [row] = [r for r in await rig.owners.mirrors.rows() if r.grant_id == g.id]
     assert (row.want, row.done) == ("void", "void")
+
+
+async def test_an_expired_allowance_stays_at_stripe_until_its_invoice_is_finalized(
+        rig: Rig) -> None:
+    """A grant expiring at the period end is live at Stripe for FINALIZATION_GRACE more, so
+    the period's invoice (finalized about an hour later) still applies it; once Stripe says
+    that invoice is finalized (``invoice.finalized`` for usage up to the period end) its
+    Stripe grant is voided, and an invoice for an earlier period voids nothing."""
+    end = int(rig.clock) + 60
+    g, _ = await rig.credits.grant("acme", "10", expires_at=end, source="stripe:in_1")
+    assert await rig.pass_() == 1
+    [sg] = rig.stripe_grants()
+    assert sg.expires_at == end + FINALIZATION_GRACE
+    rig.clock = end + 3600.0                                # an hour after the period end
+    assert await rig.pass_() == 0 and sg.voided_at is None  # not finalized yet: kept
+    rig.svc.finalized("acme", end - 86_400)                 # an earlier period's invoice
+    assert await rig.pass_() == 0 and sg.voided_at is None
+    rig.svc.finalized("acme", end)                          # this period's invoice
+    assert await rig.pass_() == 1 and sg.voided_at is not None
+    [row] = await rig.owners.mirrors.rows()
+    assert (row.grant_id, row.want, row.done) == (g.id, "void", "void")
+
+
+async def test_a_debt_cover_survives_a_restart_once(rig: Rig) -> None:
+    """Settlement debt committed before a crash, its cover not yet mirrored: the restarted
+    service reads the debt from the ledger and covers it at Stripe once; a further debt is
+    covered by a second grant for the increase only."""
+    from proxy.credits.ledger import Entry
+
+    await rig.owners.ledger.append([LedgerEntry("acme", Entry("", "debt", 300 * 10_000),
+                                                meter="api_calls", at=rig.clock)])
+    await rig.restart()
+    assert await rig.pass_() == 1
+    await rig.restart()
+    assert await rig.pass_() == 0                           # covered already: nothing new
+    acct = rig.svc.money.account("acme")
+    assert acct is not None
+    acct.cover("api_calls", 50 * 10_000, rig.clock, [Entry("", "debt", 50 * 10_000)])
+    assert await rig.pass_() == 1
+    assert sorted((g.value, g.metadata["meterproxy_grant"]) for g in rig.stripe_grants()) == [
+        (50, "debt:acme:3000000-3500000"), (300, "debt:acme:0-3000000")]
 
 
 async def test_usage_before_any_credit_moves_the_monetary_period_total(

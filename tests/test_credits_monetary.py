@@ -15,10 +15,13 @@ from hypothesis import strategies as st
 
 from proxy.credits.ledger import GrantState
 from proxy.credits.monetary import (
+    FINALIZATION_GRACE,
     balance_check,
     burn,
     credit_grant_params,
+    give_back,
     micro_per_minor,
+    replay,
     stripe_available,
     summary_available,
     to_minor,
@@ -93,6 +96,32 @@ def test_burns_minus_true_up_equal_the_line_whatever_the_requests(
         assert true_up(price, burned, total) == 0
 
 
+@given(_tiers, st.sampled_from(["graduated", "volume"]),
+       st.lists(st.integers(0, 40 * U), max_size=12), st.integers(0, 100))
+def test_a_replay_resumes_exactly_and_the_give_back_is_what_credits_covered_beyond_the_line(
+        spec: list[tuple[int, int, int]], mode: str, steps: list[int], pct: int) -> None:
+    """A restart resumes from ``replay`` of the period's requests: the same burns as if it
+    had never stopped (a volume price's highest line, not the line of its total), and what
+    is given back at the period end is the covered part of the excess, never more."""
+    price = _price(mode, spec)
+    burns, total = _burns(price, steps)
+    assert replay(price, steps) == (total, sum(burns))
+    burned = sum(burns)
+    covered = burned * pct // 100 * 10_000                  # credits covered pct% of it
+    back = give_back(price, covered, total, 10_000)
+    assert 0 <= back <= true_up(price, burned, total) * 10_000
+    assert covered - back <= line_amount(price, total) * 10_000 or not steps
+
+
+def test_the_issue_s_volume_example_replays_and_gives_back() -> None:
+    # 90 units at 25 cents (2250), then 20 more: the line of 110 is 2200, nothing burned
+    assert replay(VOLUME, [90 * U, 20 * U]) == (110 * U, 2250)
+    assert line_amount(VOLUME, 110 * U) == 2200            # the line of the total alone
+    assert give_back(VOLUME, 2250 * 10_000, 110 * U, 10_000) == 50 * 10_000
+    assert give_back(VOLUME, 2210 * 10_000, 110 * U, 10_000) == 10 * 10_000
+    assert give_back(VOLUME, 2000 * 10_000, 110 * U, 10_000) == 0     # the rest invoiced
+
+
 @given(st.integers(1, 10**6), st.lists(st.integers(0, 10**4 * U), max_size=12))
 def test_per_unit_burns_sum_exactly(unit_cents: int, steps: list[int]) -> None:
     price = Price("usd", unit_amount_decimal=Decimal(unit_cents) / 1000)
@@ -118,7 +147,7 @@ def test_a_grant_mirrors_as_a_stripe_credit_grant() -> None:
         "applicability_config": {"scope": {"price_type": "metered"}},
         "category": "paid", "priority": 10, "name": "meterproxy stripe:in_1",
         "metadata": {"meterproxy_grant": "grt_1"},
-        "effective_at": 1_900_000_000, "expires_at": 2_000_000_000}
+        "effective_at": 1_900_000_000, "expires_at": 2_000_000_000 + FINALIZATION_GRACE}
 
 
 def test_stripe_balance_expected_from_the_local_one() -> None:
@@ -175,6 +204,27 @@ async def test_double_mirrors_a_grant_and_its_balance(client: StripeClient,
     with pytest.raises(StripeRejected, match="already voided"):
         await client.void_credit_grant(made[1])
     await client.expire_credit_grant(made[0])
+    assert await _available(client, "cus_1") == 0
+
+
+async def test_a_period_allowance_still_comes_off_the_invoice_finalized_after_its_end(
+        client: StripeClient, stripe_double: RunningDouble) -> None:
+    """A plan allowance expires locally at the period end; Stripe finalizes that period's
+    invoice about an hour later (up to 72 h) and applies only grants unexpired then. The
+    mirrored grant is still applied to it; a Stripe grant that expired at the period end
+    (what the mirror sent before) is not, as Stripe documents."""
+    now = int(stripe_double.state.now())
+    end = now + 60                              # the period (and the local grant) ends
+    allowance = GrantState("grt_plan", "acme", 25 * U, 0, end, now, "stripe:in_1")
+    await client.create_credit_grant(credit_grant_params(allowance, "cus_1", "usd", "paid"),
+                                     idempotency_key="k-plan")
+    raw = {**credit_grant_params(allowance, "cus_2", "usd", "paid"), "expires_at": end}
+    await client.create_credit_grant(raw, idempotency_key="k-raw")
+    stripe_double.state.advance(60 + 3600)      # the invoice is finalized 1 h after the end
+    grants = stripe_double.state.credit_grants
+    assert grants.apply_to_invoice("cus_1", "usd", 900) == 900
+    assert grants.apply_to_invoice("cus_2", "usd", 900) == 0    # expired before finalization
+    stripe_double.state.advance(72 * 3600)      # past the longest draft period: gone
     assert await _available(client, "cus_1") == 0
 
 

@@ -437,3 +437,22 @@ async def test_the_subscription_s_currency_becomes_the_customer_s(env: Env) -> N
     again = await env.deliver(event("evt_c2", "customer.subscription.updated",
                                     _sub("price_basic", currency="eur"), created=t + 1))
     assert "currency" not in again                    # unchanged
+
+
+async def test_invoice_finalized_tells_the_monetary_mirror_its_usage_period_end(
+        env: Env) -> None:
+    """``invoice.finalized`` (any billing reason) passes the customer and the invoice's
+    ``period_end`` to ``on_finalized`` (``MonetaryService.finalized``: Stripe grants kept
+    live past their local expiry for that invoice can go)."""
+    await _first_period(env)
+    seen: list[tuple[str, int]] = []
+    env.hooks.on_finalized = lambda cid, end: seen.append((cid, end))
+    await _at(env, S1 + 3600, "evt_f", "invoice.finalized",
+              _inv("in_2", "price_basic", (S1, S2), "subscription_cycle", period_end=S1))
+    await _at(env, S1 + 3700, "evt_g", "invoice.finalized",
+              _inv("in_3", "price_basic", (S0, S1), "subscription_create", period_end=S1),
+              "ignored")
+    await _at(env, S1 + 3800, "evt_h", "invoice.created",
+              _inv("in_4", "price_basic", (S1, S2), "subscription_update", period_end=S1),
+              "ignored")
+    assert seen == [("acme", S1), ("acme", S1)]

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import re
+import subprocess
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ import pytest
 
 from proxy.timeutil import parse_time
 from tests.browser import Browser, Page, find_chromium
+from tests.ci_guard import require_tool
 from tests.conftest import ROOT, Proxy, ProxyFactory
 from tests.helpers import wait_until
 
@@ -680,3 +682,84 @@ async def test_period_starting_mid_day_splits_days_and_windows(
     assert int(api["projected_quantity"]) in {projected(5_500_000, t)[0] for t in (t0, t1)}
     assert api["projected_billable_units"] in {projected(4_500_000, t)[1] for t in (t0, t1)}
     assert Decimal(tok["projected_quantity"]) >= Decimal(tok["quantity"]) == 1000
+
+
+# ------------------------------------------------------------------ monetary credits as money
+
+def require_node() -> str:
+    """The browser-free rendering test runs the page's own script in Node.js."""
+    return require_tool("node", "apt-get install nodejs (Debian's package)")
+
+
+def page_functions(html: str, *names: str) -> str:
+    """The source of top-level functions of the page's script (two-space indented)."""
+    out = []
+    for name in names:
+        start = html.index(f"\n  function {name}(") + 1
+        out.append(html[start:html.index("\n  }\n", start) + 4])
+    return "\n".join(out)
+
+
+def credits_view(node: str, html: str, credits: dict[str, Any]) -> dict[str, Any]:
+    """What the page's ``creditsView`` makes of the API's ``credits`` object."""
+    script = (page_functions(html, "group", "creditsView")
+              + "\nconst c = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+              + "\nprocess.stdout.write(JSON.stringify(creditsView(c)));")
+    done = subprocess.run([node, "-e", script], input=orjson.dumps(credits),
+                          capture_output=True, check=True, timeout=30)
+    return dict(orjson.loads(done.stdout))
+
+
+async def _monetary_page_proxy(make_proxy: ProxyFactory, double: Any) -> tuple[Proxy, str]:
+    """A monetary customer (graduated price, issue 12's example) with 10.00 of credits and
+    1M units burned (700 cents: the 5.00 flat fee and tier 1): 3.00 left."""
+    from tests.test_credits_mirror import GRADUATED, _call, _monetary_proxy
+
+    p, key = await _monetary_proxy(make_proxy, double, GRADUATED)
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "10"}, expect=201)
+    assert await _call(p, key, 1_000_000) == 200
+    return p, key
+
+
+async def test_usage_page_renders_a_monetary_balance_as_money(
+        make_proxy: ProxyFactory, stripe_double: Any) -> None:
+    """Browser-free: the page's own ``creditsView`` (run in Node.js on the API's answer)
+    shows a monetary customer's balance, availability and grants in its currency,
+    formatted ("$3.00", no "credits" unit); a units customer's stay credit numbers."""
+    node = require_node()
+    p, key = await _monetary_page_proxy(make_proxy, stripe_double)
+    html = (ROOT / "proxy" / "static" / "usage.html").read_text()
+    api = await get_usage(p, key)
+    assert api["credits"]["money"]["balance_text"] == "$3.00"
+    view = credits_view(node, html, api["credits"])
+    assert view["unit"] == ""
+    assert (view["balance"], view["available"], view["reserved"]) == (
+        {"value": "3.00", "text": "$3.00"}, {"value": "3.00", "text": "$3.00"},
+        {"value": "0.00", "text": "$0.00"})
+    assert view["grants"] == [{"credits": {"value": "10", "text": "$10.00"},
+                               "remaining": {"value": "3", "text": "$3.00"}}]
+    units = credits_view(node, html, {"balance": "1234.5", "available": "1000",
+                                      "reserved": "0", "grants": [
+                                          {"credits": "2000", "remaining": "1234.5"}]})
+    assert (units["unit"], units["balance"]["text"], units["grants"][0]["credits"]["text"]) \
+        == ("credits", "1,234.5", "2,000")
+
+
+async def test_usage_page_shows_monetary_credits_as_money_in_headless_chromium(
+        make_proxy: ProxyFactory, stripe_double: Any, tmp_path: Path) -> None:
+    require_chromium()
+    p, key = await _monetary_page_proxy(make_proxy, stripe_double)
+    async with Browser.launch(tmp_path) as b:
+        page = await b.new_page(width=1280, height=900)
+        await page.goto(f"{p.url}/_meter/#key={key}")
+        await page.wait_for("document.body.dataset.state === 'ready'")
+        dom = await page.evaluate(DOM_NUMBERS)
+        assert (dom["credits-balance-kpi:text"], dom["credits-balance:text"],
+                dom["credits-available:text"]) == ("$3.00", "$3.00", "$3.00")
+        assert (dom["grant-0-credits:text"], dom["grant-0-remaining:text"]) == ("$10.00",
+                                                                                "$3.00")
+        assert await page.evaluate("document.getElementById('credits-unit').hidden") is True
+        assert await page.evaluate(
+            "document.getElementById('credits-expiry-note').textContent") == \
+            "$3.00 available now"
+        assert page.exceptions == [] and page.console == []

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from proxy import metrics
@@ -41,7 +41,17 @@ from proxy.backoff import backoff
 from proxy.config import CreditsConfig
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
-from proxy.credits.monetary import Category, balance_check, credit_grant_params, micro_per_minor
+from proxy.credits.monetary import (
+    FINALIZATION_GRACE,
+    Category,
+    balance_check,
+    credit_grant_params,
+    give_back,
+    is_volume,
+    micro_per_minor,
+    replay,
+    true_up,
+)
 from proxy.credits.money import MoneyBook, account_prices
 from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
 from proxy.periods import period_bounds
@@ -56,6 +66,13 @@ TAKEN = "#t"
 FIRST_RETRY = 1.0
 MAX_RETRY = 3600.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
+TRUE_UP_DELAY = 60.0    # seconds after a period end before its give-back is computed (the
+                        # last requests settled before the end are committed by then)
+DEBT = "debt:"          # mirror row key prefix of a block customer's debt cover
+TRUE_UP = "trueup:"     # source (and idempotency key) prefix of a period's give-back grant
+
+# (customer, micro-credits, idempotency key and source, expires_at) -> created now
+GiveBack = Callable[[str, int, str, int | None], Awaitable[bool]]
 
 
 class MirrorProblem(MeterproxyError):
@@ -75,6 +92,16 @@ def split_key(key: str) -> tuple[str, int | None]:
     shrink, so the old one is voided and a replacement holds what is left."""
     base, sep, taken = key.partition(TAKEN)
     return base, (int(taken) if sep and taken.isdigit() else None)
+
+
+def debt_range(key: str) -> tuple[int, int]:
+    """A debt cover row's key ``debt:<customer>:<from>-<to>``: the micro-credits of the
+    customer's cumulative settlement debt it covers at Stripe ((0, 0) for another key)."""
+    _, _, span = key.rpartition(":")
+    lo, sep, hi = span.partition("-")
+    if not (key.startswith(DEBT) and sep and lo.isdigit() and hi.isdigit()):
+        return 0, 0
+    return int(lo), int(hi)
 
 
 def idempotency_key(r: GrantMirrorRecord) -> str:
@@ -106,12 +133,30 @@ class MonetaryService:
         self.wake = asyncio.Event()
         self._taken_from: set[str] = set()      # customers whose grants lost credits
         self._scanned = False                   # every account scanned once since start
+        # volume give-backs: set by the composition root (CreditService.grant); the
+        # (customer, meter, period start) already settled by this process
+        self.give: GiveBack | None = None
+        self._trued: set[tuple[str, str, int]] = set()
+        self._debt_to: dict[str, int] | None = None
+        # customer -> the latest usage-period end of an invoice Stripe finalized (webhooks)
+        self._finalized: dict[str, int] = {}
 
     def taken(self, customer_id: str) -> None:
         """``CreditService.on_taken``: credits left a grant of this customer without a
         request spending them; its Stripe grants are re-checked on the next pass."""
         self._taken_from.add(customer_id)
         self.wake.set()
+
+    def finalized(self, customer_id: str, period_end: int) -> None:
+        """``invoice.finalized`` (``WebhookReceiver.on_finalized``): Stripe has applied the
+        credits to the customer's invoice for usage up to ``period_end``, so a Stripe grant
+        kept live past its local expiry (``FINALIZATION_GRACE``) for that invoice is voided
+        now, if the local grant expired by ``period_end``. Remembered by this process only:
+        after a restart such a grant simply expires at Stripe at the end of its grace."""
+        if period_end > self._finalized.get(customer_id, 0):
+            self._finalized[customer_id] = period_end
+            self._taken_from.add(customer_id)
+            self.wake.set()
 
     def mode(self, c: Customer) -> str:
         """The customer's credits mode: its own ``credit_mode``, else ``credits.mode``."""
@@ -167,12 +212,91 @@ class MonetaryService:
         start, _end, totals = await self.usage.usage(c.id, now=now)
         covered: dict[str, int] = {}
         start_ms = int(start * 1000)
+        debt_total = 0
         for e in await self.ledger.entries(c.id, COVERED_SCAN_LIMIT):
             if e.kind == "debit" and e.meter and e.at_ms >= start_ms:
                 covered[e.meter] = covered.get(e.meter, 0) + e.amount
+            elif e.kind == "debt" and e.meter:      # settlement debt (claw-backs: no meter)
+                debt_total += e.amount
+        charged: dict[str, int] = {}
+        for meter, price in prices.items():
+            if is_volume(price) and meter in totals:
+                qs, _cov = await self._period_rows(c.id, meter, start, now + 60)
+                charged[meter] = replay(price, qs)[1]
         self.money.open(c.id, c.billing_anchor, currency, prices,
-                        {m: t.quantity for m, t in totals.items()}, now, covered)
+                        {m: t.quantity for m, t in totals.items()}, now, covered, charged,
+                        debt_total)
         log.info("customer %s: monetary credits in %s", c.id, currency)
+
+    async def _period_rows(self, customer_id: str, meter: str, start: float, end: float
+                           ) -> tuple[list[int], int]:
+        """The meter's quantities (micro-units) in [start, end) in settlement order (the
+        audit rows, by time then commit order), and the micro-credits credits covered."""
+        qs: list[int] = []
+        covered = 0
+        async for batch in self.usage.audit_stream(customer_id, start, end):
+            for a in batch:
+                if a.meter == meter:
+                    qs.append(a.quantity)
+                    covered += a.credits
+        return qs, covered
+
+    # ---- volume give-backs ------------------------------------------------------------------
+
+    async def true_ups(self) -> int:
+        """Once a period has closed (``TRUE_UP_DELAY`` after its end), give back to each
+        monetary customer with a volume-priced meter what credits covered beyond the
+        period's final line (``proxy.credits.monetary.give_back``): a local grant, keyed
+        ``trueup:<meter>:<period start>`` so it is made once whatever restarts, expiring
+        with the latest-expiring grant the period's burns came from (the credit it returns
+        would have expired with them; none once they all have). Stripe holds it already (it
+        applied the mirrored grants to the lower line), so its mirror creates no Stripe
+        grant. Returns the grants made."""
+        if self.give is None:
+            return 0
+        made = 0
+        now = self.clock()
+        for acct in self.money.accounts():
+            cid = acct.customer_id
+            start = period_bounds(acct.anchor, now)[0]
+            if now < start + TRUE_UP_DELAY:
+                start = period_bounds(acct.anchor, start - 1)[0]   # the one before is open
+            prev_start, prev_end = period_bounds(acct.anchor, start - 1)
+            for meter, price in acct.prices.items():
+                key = (cid, meter, prev_start)
+                if not is_volume(price) or key in self._trued:
+                    continue
+                await self.usage.materialize()
+                qs, covered = await self._period_rows(cid, meter, prev_start, prev_end)
+                total, burned = replay(price, qs)
+                # never more than the money burns' excess (a period partly burned in the
+                # units mode covered unit credits, not money)
+                amount = min(give_back(price, covered, total, acct.per_minor),
+                             true_up(price, burned, total) * acct.per_minor) if qs else 0
+                amount -= amount % acct.per_minor
+                expires = await self._give_back_expiry(cid, meter, prev_start, prev_end)
+                if amount > 0 and (expires is None or expires > now) and \
+                        await self.give(cid, amount, f"{TRUE_UP}{meter}:{prev_start}", expires):
+                    made += 1
+                    log.info("customer %s: volume give-back of %d micro-credits for %s, "
+                             "period from %d", cid, amount, meter, prev_start)
+                self._trued.add(key)
+        return made
+
+    async def _give_back_expiry(self, customer_id: str, meter: str, start: int, end: int
+                                ) -> int | None:
+        """The latest expiry among the grants the meter's burns in [start, end) were debited
+        from (None when one of them never expires)."""
+        ids = {e.grant_id for e in await self.ledger.entries(customer_id, COVERED_SCAN_LIMIT)
+               if e.kind == "debit" and e.meter == meter and e.grant_id
+               and start * 1000 <= e.at_ms < end * 1000}
+        latest = 0
+        for gid in ids:
+            g = self.book.grant(gid)
+            if g is None or g.expires_at is None:
+                return None
+            latest = max(latest, g.expires_at)
+        return latest or None
 
     # ---- the mirror -----------------------------------------------------------------------
 
@@ -200,7 +324,8 @@ class MonetaryService:
             for g in self.book.grants(cid):
                 keys = by_base.get(g.id, [])
                 live = [k for k in keys if known[k] == "live"]
-                if g.voided:
+                if g.voided or (g.expires_at is not None and g.expires_at <= now
+                                and g.expires_at <= self._finalized.get(cid, 0)):
                     rows += [(k, cid, "void") for k in live]
                 elif not keys:
                     if g.live(now) or g.pending(now):
@@ -209,11 +334,24 @@ class MonetaryService:
                     key = f"{g.id}{TAKEN}{t}"
                     if key not in known:
                         rows += [(k, cid, "void") for k in live] + [(key, cid, "live")]
+        if self._debt_to is None:           # customer -> debt covered at Stripe so far
+            self._debt_to = {}
+            for k in known:
+                if k.startswith(DEBT):
+                    c = k[len(DEBT):k.rfind(":")]
+                    self._debt_to[c] = max(self._debt_to.get(c, 0), debt_range(k)[1])
+        for acct in self.money.accounts():
+            covered_to = self._debt_to.get(acct.customer_id, 0)
+            if acct.debt_total > covered_to:
+                rows.append((f"{DEBT}{acct.customer_id}:{covered_to}-{acct.debt_total}",
+                             acct.customer_id, "live"))
         if not rows:
             return 0
         n = await self.mirrors.want(rows, int(now))
-        for gid, _cid, want in rows:
+        for gid, cid, want in rows:
             known[gid] = want
+            if gid.startswith(DEBT):
+                self._debt_to[cid] = debt_range(gid)[1]
         return n
 
     async def _taken(self, grant_id: str) -> int:
@@ -230,6 +368,8 @@ class MonetaryService:
         period spends stays in it: Stripe applies that when it finalizes the period's
         invoice."""
         first = taken is None
+        if g.source.startswith(TRUE_UP):
+            return 0        # a volume give-back: Stripe's grants still hold it
         if taken is None:
             taken = await self._taken(g.id)
         before = 0
@@ -293,6 +433,9 @@ class MonetaryService:
             if r.want == "void":            # never created at Stripe: nothing to void
                 await self.mirrors.progress(r.grant_id, "void", None, at)
                 return
+            if r.grant_id.startswith(DEBT):
+                await self._cover_debt(r, scid, at)
+                return
             base, taken = split_key(r.grant_id)
             g = self.book.grant(base)
             if g is None:
@@ -334,6 +477,36 @@ class MonetaryService:
             await self.mirrors.progress(r.grant_id, "void", None, at)
             return
         await self.mirrors.progress(r.grant_id, r.done, None, at)   # nothing left to do
+
+    async def _cover_debt(self, r: GrantMirrorRecord, scid: str, at: int) -> None:
+        """A block customer's settlement debt ``[from, to)`` (``debt_range``) as a
+        promotional Stripe credit grant of that amount (rounded up to a whole minor unit),
+        priority 0, expiring with the period it was recorded in (plus Stripe's finalization
+        grace): every unit is reported, and this grant keeps what credits did not cover off
+        the invoice. The debt itself is repaid from the customer's next grant, whose mirror
+        then holds that much less (``_value``), so Stripe's credit and the local balance
+        agree. Not made once that period's invoice has been finalized (too late to help)."""
+        stripe = self.stripe
+        assert stripe is not None
+        acct = self.money.account(r.customer_id)
+        cust = self.keys.customers.get(r.customer_id)
+        if acct is None:
+            raise MirrorProblem(f"customer {r.customer_id!r} is not monetary")
+        lo, hi = debt_range(r.grant_id)
+        per = acct.per_minor
+        value = -(-(hi - lo) // per) * per
+        end = period_bounds(cust.billing_anchor if cust else None, r.created_at)[1]
+        if value <= 0 or end + FINALIZATION_GRACE <= at:
+            log.warning("debt of customer %s (%s) not covered at Stripe: %s", r.customer_id,
+                        r.grant_id, "nothing to cover" if value <= 0 else "period closed")
+            await self.mirrors.progress(r.grant_id, "live", None, at)
+            return
+        shown = GrantState(r.grant_id, r.customer_id, value, 0, end, r.created_at,
+                           "debt cover")
+        params = credit_grant_params(shown, scid, acct.currency, "promotional")
+        sid = await stripe.create_credit_grant(params, idempotency_key=idempotency_key(r))
+        metrics.credit_grant_mirrors_total.labels("created").inc()
+        await self.mirrors.progress(r.grant_id, "live", sid, at)
 
     async def gauges(self) -> None:
         for status in ("pending", "dead"):
@@ -397,6 +570,7 @@ class MonetaryService:
         while True:
             try:
                 await self.sync()
+                await self.true_ups()
                 await self.discover()
                 await self.mirror_due()
                 if self.cfg.balance_check_interval > 0 and self.clock() >= next_check \

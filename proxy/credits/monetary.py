@@ -29,7 +29,7 @@ double; ``proxy.credits.money`` keeps the accounts settlement burns against and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from proxy.credits.ledger import GrantState
@@ -37,6 +37,12 @@ from proxy.pricing import Price, line_amount, minor_exponent
 
 MICRO = 1_000_000
 Category = Literal["paid", "promotional"]
+# Stripe applies credit grants when it finalizes an invoice, to grants unexpired *then*; a
+# renewal's invoice for the period that just ended is finalized about an hour after the
+# period end (the draft period: 1 h by default, up to 72 h). A mirrored grant therefore
+# expires at Stripe this long after its local expiry, so the credits the period's usage
+# took from it locally still come off that period's invoice (docs/stripe-notes.md).
+FINALIZATION_GRACE = 73 * 3600
 
 
 def micro_per_minor(currency: str) -> int:
@@ -59,6 +65,33 @@ def true_up(price: Price, burned_minor: int, total_micro: int) -> int:
     return max(0, burned_minor - line_amount(price, total_micro))
 
 
+def replay(price: Price, quantities: Iterable[int]) -> tuple[int, int]:
+    """(period total, minor units burned) after settling ``quantities`` (micro-units, in
+    settlement order) from an empty period: what ``burn`` charged them, exactly. For a volume
+    price this is the highest line the period reached, which its final total alone does not
+    tell (a restart resumes from it)."""
+    total = burned = 0
+    for q in quantities:
+        total += q
+        burned += burn(price, burned, total)
+    return total, burned
+
+
+def give_back(price: Price, covered_micro: int, total_micro: int, per_minor: int) -> int:
+    """Micro-credits to return to a customer once a period closes: what credits covered
+    beyond the period's final invoice line (``covered - line_amount(total)``, never
+    negative). Stripe applies the mirrored grants to that line only, so this part of the
+    burn left the local grants but not Stripe's: a volume price whose total moved into a
+    cheaper tier (``true_up``), as far as credits paid for it. The uncovered part of the
+    excess was never invoiced (Stripe bills the line), so it needs nothing."""
+    return max(0, covered_micro - line_amount(price, total_micro) * per_minor)
+
+
+def is_volume(price: Price | None) -> bool:
+    """A price whose line can fall as its total grows (a volume-tiered price)."""
+    return price is not None and price.tiers_mode == "volume"
+
+
 def to_minor(micro_credits: int, currency: str) -> int:
     """A monetary credit amount in minor units; refused unless whole minor units (Stripe's
     credit grants take integers)."""
@@ -74,7 +107,9 @@ def credit_grant_params(g: GrantState, customer: str, currency: str,
     """The ``POST /v1/billing/credit_grants`` parameters that mirror a local grant: the
     amount in minor units, metered prices only, the same priority (0 applies first in both),
     effective and expiry times, and the local grant id in metadata (and as the idempotency
-    key's suffix, so a retry creates one grant)."""
+    key's suffix, so a retry creates one grant). The Stripe expiry is the local one plus
+    ``FINALIZATION_GRACE``: the invoice of the period the grant covered is finalized after
+    the period end, and Stripe applies only grants unexpired at finalization."""
     params: dict[str, Any] = {
         "customer": customer,
         "amount": {"type": "monetary",
@@ -88,7 +123,7 @@ def credit_grant_params(g: GrantState, customer: str, currency: str,
     if g.effective_at is not None:
         params["effective_at"] = g.effective_at
     if g.expires_at is not None:
-        params["expires_at"] = g.expires_at
+        params["expires_at"] = g.expires_at + FINALIZATION_GRACE
     return params
 
 

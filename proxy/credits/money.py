@@ -21,8 +21,8 @@ all while no customer is monetary).
   without changing the account.
 - ``load_charged``: on (re)opening, what the period has burned is taken as the line amount
   of its total, exact for per-unit and graduated prices (the burns of a period always sum
-  to it); for a volume price it is the line at the reload, not the highest line reached
-  before it (see docs/credits.md).
+  to it); for a volume price the opener passes ``charged``, the period's requests replayed
+  in settlement order (``proxy.credits.monetary.replay``): the highest line reached.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.credits.ledger import Entry
 from proxy.credits.monetary import burn, micro_per_minor
 from proxy.periods import period_bounds
 from proxy.pricing import Price, line_amount
@@ -154,6 +155,9 @@ class Account:
     prices: dict[str, Price]
     per_minor: int
     meters: dict[str, MeterPeriod] = field(default_factory=dict)
+    # micro-credits of settlement debt ever recorded for the customer (a block customer's
+    # usage beyond its credits): the mirror covers it at Stripe with promotional grants
+    debt_total: int = 0
 
     def period(self, meter: str, now: float) -> MeterPeriod:
         mp = self.meters.get(meter)
@@ -171,10 +175,15 @@ class Account:
         apply from the mirrored grants when it finalizes the period's invoice."""
         return sum(mp.covered for mp in self.meters.values() if mp.start <= now < mp.end)
 
-    def cover(self, meter: str, micro_credits: int, now: float) -> None:
-        """Settlement: credits covered ``micro_credits`` of a burn of ``meter``."""
+    def cover(self, meter: str, micro_credits: int, now: float,
+              entries: Sequence[Entry] = ()) -> None:
+        """Settlement: credits covered ``micro_credits`` of a burn of ``meter``, a block
+        customer's debt among its ``entries`` included (``debt_total`` grows by it)."""
         if micro_credits:
             self.period(meter, now).covered += micro_credits
+        for e in entries:
+            if e.kind == "debt":
+                self.debt_total += e.amount
 
 
 class MoneyBook:
@@ -192,14 +201,19 @@ class MoneyBook:
 
     def open(self, customer_id: str, anchor: int | None, currency: str,
              prices: Mapping[str, Price], totals: Mapping[str, int], now: float,
-             covered: Mapping[str, int] | None = None) -> Account:
+             covered: Mapping[str, int] | None = None,
+             charged: Mapping[str, int] | None = None, debt_total: int = 0) -> Account:
         """(Re)open a customer's account with the period so far: ``totals`` (meter ->
-        micro-units) and ``covered`` (meter -> micro-credits debited from grants)."""
-        acct = Account(customer_id, anchor, currency, dict(prices), micro_per_minor(currency))
+        micro-units), ``covered`` (meter -> micro-credits debited from grants) and, where
+        known, ``charged`` (meter -> minor units burned: a volume price's replayed burns,
+        ``proxy.credits.monetary.replay``; else the line of the total)."""
+        acct = Account(customer_id, anchor, currency, dict(prices), micro_per_minor(currency),
+                       debt_total=debt_total)
         for meter in {*totals, *(covered or {})}:
             mp = acct.period(meter, now)
             mp.total = max(totals.get(meter, 0), 0)
-            mp.charged = load_charged(acct.prices.get(meter), mp.total)
+            mp.charged = (charged or {}).get(meter,
+                                             load_charged(acct.prices.get(meter), mp.total))
             mp.covered = max((covered or {}).get(meter, 0), 0)
         self._accounts[customer_id] = acct
         self.active = True

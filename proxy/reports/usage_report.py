@@ -38,7 +38,7 @@ from proxy.store.protocols import UsageLedger
 from proxy.stripe.client import InvoicePreview
 from proxy.timeutil import rfc3339
 from proxy.transform import transformed_delta, transformed_units
-from proxy.units import QSCALE, fmt_micro
+from proxy.units import QSCALE, fmt_micro, to_micro
 from proxy.usage_view import (
     currency_affixes,
     daily_costs,
@@ -96,6 +96,21 @@ def _daily_billed(raw: list[int], t: TransformQuantity | None) -> list[int]:
     for r in raw:
         out.append(transformed_delta(total, total + r, t) * QSCALE)
         total += r
+    return out
+
+
+def _money_credits(account: Account, balance: int, available: int, reserved: int,
+                   covered: int) -> dict[str, Any]:
+    """A monetary customer's credits in its currency (micro-credits -> minor units, rounded
+    down): each figure exact (``fmt_minor``) and as the customer reads it (``*_text``)."""
+    cur = account.currency
+    out: dict[str, Any] = {"currency": cur}
+    for name, micro in (("balance", balance), ("available", available),
+                        ("reserved", reserved)):
+        minor = micro // account.per_minor
+        out[name] = fmt_minor(minor, cur)
+        out[f"{name}_text"] = money(minor, cur)
+    out["period_covered_by_credits"] = fmt_minor(covered, cur)
     return out
 
 
@@ -271,11 +286,12 @@ async def customer_report(usage: UsageLedger, rules: RuleSet, prices: Mapping[st
         summary = credits.summary(cid, now)
         summary["grants"] = [_grant(g) for g in summary["grants"]]
         if account is not None:
-            cur = account.currency
-            balance = credits.book.balance(cid, now)
-            summary["money"] = {
-                "currency": cur, "balance": fmt_minor(balance // account.per_minor, cur),
-                "balance_text": money(balance // account.per_minor, cur),
-                "period_covered_by_credits": fmt_minor(covered or 0, cur)}
+            summary["money"] = _money_credits(account, credits.book.balance(cid, now),
+                                              credits.book.available(cid, now),
+                                              credits.book.held(cid), covered or 0)
+            for g in summary["grants"]:     # each amount also as money, formatted
+                for field in ("credits", "remaining"):
+                    g[f"{field}_text"] = money(to_micro(g[field]) // account.per_minor,
+                                               account.currency)
         out["credits"] = summary
     return out

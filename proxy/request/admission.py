@@ -155,10 +155,11 @@ class Admission:
         money = self.money
         if money is not None and money.active \
                 and (acct := money.account(customer_id)) is not None:
-            # monetary: hold the money the reservation would burn; what credits do not cover
-            # is invoiced by Stripe (all usage is reported), never debt
+            # monetary: hold the money the reservation would burn; for an enforced block
+            # customer what credits do not cover becomes debt, which the mirror covers at
+            # Stripe with a promotional credit grant (never invoiced)
             cost = money.quote(acct, self.reservations.quantities(rule), now)
-            hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=False)
+            hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
         else:
             cost = self.admission_cost(rule)
             hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)

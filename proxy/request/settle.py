@@ -157,7 +157,7 @@ class Settlement:
                 if acct is None:
                     covered = covered_quantity(q.micro, costs[i], credits)
                 else:               # monetary: the whole quantity is reported to Stripe
-                    acct.cover(q.meter, credits, time.time())
+                    acct.cover(q.meter, credits, time.time(), entries)
                 debits.extend((q.meter, e) for e in entries)
             items.append(UsageItem(q.meter, q.micro, credits, q.micro - covered, f))
             if q.micro:
