@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from proxy.store.access import Writer
@@ -258,16 +258,16 @@ class SqliteCustomers:
         self.db.execute_write(lambda c: set_billing(c, cid, anchor, minimum))
 
     async def set_currency(self, cid: str, currency: object) -> bool:
-        code = currency_code(currency)
-        n: int = self.db.execute_write(lambda c: c.execute(
-            "UPDATE customers SET currency=? WHERE id=? AND currency IS NOT ?",
-            (code, cid, code)).rowcount)
-        return n == 1
+        return self._set_column(cid, "currency", currency_code(currency))
 
     async def set_credit_mode(self, cid: str, mode: object) -> bool:
-        value = credit_mode_value(mode)
+        return self._set_column(cid, "credit_mode", credit_mode_value(mode))
+
+    def _set_column(self, cid: str, column: Literal["currency", "credit_mode"],
+                    value: str | None) -> bool:
+        """Set one of the customer's settings; True when it changed."""
         n: int = self.db.execute_write(lambda c: c.execute(
-            "UPDATE customers SET credit_mode=? WHERE id=? AND credit_mode IS NOT ?",
+            f"UPDATE customers SET {column}=? WHERE id=? AND {column} IS NOT ?",
             (value, cid, value)).rowcount)
         return n == 1
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from proxy.store.keys import (
     Customer,
@@ -112,19 +112,17 @@ class PostgresCustomers:
         self.changed()
 
     async def set_currency(self, cid: str, currency: object) -> bool:
-        code = currency_code(currency)
-        async with self.pool.acquire() as c:
-            done = await c.fetchval("UPDATE customers SET currency=$2 WHERE id=$1 AND"
-                                    " currency IS DISTINCT FROM $2 RETURNING 1", cid, code)
-        if done is not None:
-            self.changed()
-        return done is not None
+        return await self._set_column(cid, "currency", currency_code(currency))
 
     async def set_credit_mode(self, cid: str, mode: object) -> bool:
-        value = credit_mode_value(mode)
+        return await self._set_column(cid, "credit_mode", credit_mode_value(mode))
+
+    async def _set_column(self, cid: str, column: Literal["currency", "credit_mode"],
+                          value: str | None) -> bool:
+        """Set one of the customer's settings; True when it changed."""
         async with self.pool.acquire() as c:
-            done = await c.fetchval("UPDATE customers SET credit_mode=$2 WHERE id=$1 AND"
-                                    " credit_mode IS DISTINCT FROM $2 RETURNING 1", cid, value)
+            done = await c.fetchval(f"UPDATE customers SET {column}=$2 WHERE id=$1 AND"
+                                    f" {column} IS DISTINCT FROM $2 RETURNING 1", cid, value)
         if done is not None:
             self.changed()
         return done is not None
