@@ -46,6 +46,9 @@ from proxy.stripe.client import StripeClient
 from proxy.stripe.meter_events import MeterEventsSink
 from proxy.webhooks import WebhookReceiver
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
+
+# GRADUATED: the first 100 units at 2 cents plus a 1.00 flat fee, then 0.5 cents
+from tests.test_reports_invoice_check import GRADUATED, RULES
 from tests.test_webhooks import event, invoice, new_line, old_line
 
 Q = QSCALE
@@ -59,21 +62,6 @@ CFG = Config.model_validate({
     "credits": {"plans": {"price_basic": {"allowance": "50", "mode": "reset"},
                           "price_pro": {"allowance": "150", "mode": "reset"}},
                 "packs": {"price_pack": {"credits": "100"}}}})
-# graduated: the first 100 units at 2 cents plus a 1.00 flat fee, then 0.5 cents
-GRADUATED = {"id": "price_calls", "currency": "usd", "billing_scheme": "tiered",
-             "tiers_mode": "graduated", "recurring": {"meter": "mtr_calls"},
-             "tiers": [{"up_to": 100, "unit_amount_decimal": "2", "flat_amount_decimal": "100"},
-                       {"up_to": None, "unit_amount_decimal": "0.5"}]}
-RULES = """\
-version: 1
-meters:
-  api_calls: {stripe_event_name: api_calls}
-rules:
-  - name: all
-    match: {path: "/**"}
-    usage:
-      - {meter: api_calls, quantity: 1}
-"""
 COMMITMENT = 500                                   # 5.00 per period
 
 
