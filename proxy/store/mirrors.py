@@ -85,5 +85,5 @@ class SqliteGrantMirrors:
             return sum(int(c.execute(sql + " AND grant_id=?", (at, g)).rowcount)
                        for g in grant_ids)
 
-        n: int = self.db.execute_write(tx)
+        n: int = await self.db.write(tx)
         return n
