@@ -234,6 +234,12 @@ def snapshot(conn: sqlite3.Connection) -> tuple[dict[str, KeyEntry], dict[str, C
     return keys, {c.id: c for c in list_customers(conn)}
 
 
+def _update_if_changed(c: sqlite3.Connection, cid: str,
+                       column: Literal["currency", "credit_mode"], value: str | None) -> bool:
+    return c.execute(f"UPDATE customers SET {column}=? WHERE id=? AND {column} IS NOT ?",
+                     (value, cid, value)).rowcount == 1
+
+
 class SqliteCustomers:
     """The ``Customers`` owner on SQLite: the only writer of ``customers`` and ``api_keys``."""
 
@@ -243,11 +249,16 @@ class SqliteCustomers:
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     ) -> tuple[Customer, bool]:
+                     *, currency: object = None) -> tuple[Customer, bool]:
+        code = None if currency is None else currency_code(currency)
+
         def tx(c: sqlite3.Connection) -> tuple[Customer, bool]:
             cust, created = upsert_customer(c, cid, stripe_customer_id, overage, status)
             if billing is not None:
                 set_billing(c, cust.id, *billing(cust))
+            if code is not None:
+                _update_if_changed(c, cust.id, "currency", code)
+            if billing is not None or code is not None:
                 cust = get_customer(c, cust.id) or cust
             return cust, created
 
@@ -266,10 +277,8 @@ class SqliteCustomers:
     async def _set_column(self, cid: str, column: Literal["currency", "credit_mode"],
                     value: str | None) -> bool:
         """Set one of the customer's settings; True when it changed."""
-        n: int = await self.db.write(lambda c: c.execute(
-            f"UPDATE customers SET {column}=? WHERE id=? AND {column} IS NOT ?",
-            (value, cid, value)).rowcount)
-        return n == 1
+        changed: bool = await self.db.write(lambda c: _update_if_changed(c, cid, column, value))
+        return changed
 
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         n: int = await self.db.write(lambda c: c.execute(
