@@ -8,8 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port
+from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory
 from tests.helpers import wait_until
+from tests.ports import held_port
 
 Q = 1_000_000
 
@@ -50,11 +51,13 @@ async def test_revoked_key_and_suspended_customer(proxy: Proxy) -> None:
 
 
 async def test_upstream_refused_is_502(make_proxy: ProxyFactory) -> None:
-    p = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
-    key = await p.customer_with_key("u")
-    async with p.session.get(p.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}) as r:
-        assert (await _err(r))[:2] == (502, "upstream_unavailable")
-    assert p.ledger_totals() == {}
+    with held_port() as refused:               # bound, never listening: connections refused
+        p = await make_proxy(upstream_url=f"http://127.0.0.1:{refused}")
+        key = await p.customer_with_key("u")
+        async with p.session.get(p.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            assert (await _err(r))[:2] == (502, "upstream_unavailable")
+        assert p.ledger_totals() == {}
 
 
 async def test_upstream_reset_is_502(make_proxy: ProxyFactory) -> None:

@@ -31,7 +31,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from proxy.admin.api import load_openapi
 from proxy.webhooks import PATH as WEBHOOK_PATH
-from tests.conftest import ADMIN_TOKEN, TEST_RULES, Proxy, ProxyFactory, free_port, write_config
+from tests.conftest import ADMIN_TOKEN, TEST_RULES, Proxy, ProxyFactory, write_config
 from tests.proxy_process import ProxyProcess
 from tests.stripe_double.fixture import RunningDouble
 
@@ -104,19 +104,16 @@ async def live(tmp_path: Path, upstream: str,
     double = await stripe_double_factory()
     for name in ("api_calls", "llm_tokens", "bytes_in", "units"):
         double.state.add_meter(name)
-    port, aport = free_port(), free_port()
-    cfg = write_config(tmp_path, upstream, TEST_RULES, listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{aport}",
+    cfg = write_config(tmp_path, upstream, TEST_RULES,
                        stripe={"api_key": "sk_test_openapi", "sink": "meter_events",
                                "api_base": double.url, "meter_events_base": double.url,
                                "webhook_secret": WEBHOOK_SECRET, "timeout": "5s"},
                        storage={"lock_wait": "200ms"})
-    admin = f"http://127.0.0.1:{aport}"
-    proc = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+    proc = ProxyProcess(cfg, tmp_path / "proxy.log")          # on free ports it binds
     proc.spawn()
     try:
         await proc.wait_ready()
-        yield Live(f"http://127.0.0.1:{port}", admin, double, proc, tmp_path / "meter.db")
+        yield Live(proc.url, proc.admin_url, double, proc, tmp_path / "meter.db")
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             assert proc.terminate() == 0, (tmp_path / "proxy.log").read_text()[-3000:]
