@@ -245,7 +245,7 @@ class WebhookReceiver:
         self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
         # monetary credits: an invoice finalized (customer, its usage period's end), so the
         # Stripe grants of local grants that expired by then can go (MonetaryService)
-        self.on_finalized: Callable[[str, int], None] | None = None
+        self.on_finalized: Callable[[str, int], Awaitable[None]] | None = None
 
     # ---- the endpoint ---------------------------------------------------------------------
 
@@ -509,7 +509,7 @@ class WebhookReceiver:
             raise ValueError("the invoice has no id")
         if event.get("type") == "invoice.finalized" and self.on_finalized is not None \
                 and isinstance(inv.get("period_end"), int):
-            self.on_finalized(cid, int(inv["period_end"]))
+            await self.on_finalized(cid, int(inv["period_end"]))
         if inv.get("billing_reason") != "subscription_cycle":
             return Outcome("ignored", {"customer": cid, "reason": "not a renewal invoice"})
         if inv.get("status") in ("void", "uncollectible"):

@@ -799,6 +799,16 @@ class GrantMirrors(Protocol):
         """Dead rows (those named, or all) back to pending, due now, attempts reset."""
         ...
 
+    async def finalize(self, customer_id: str, period_end: int, at: int) -> bool:
+        """Stripe finalized an invoice of the customer for usage up to ``period_end``
+        (``invoice.finalized``): kept as the customer's latest such end, never lowered.
+        True when it moved."""
+        ...
+
+    async def finalized(self) -> dict[str, int]:
+        """customer id -> the latest usage-period end of an invoice Stripe finalized."""
+        ...
+
 
 class Maintenance(Protocol):
     """Owner of the file (or server) health: checkpoints and integrity."""
