@@ -6,9 +6,11 @@
     ├── FileProblem            a file or directory cannot be used (names the path and why)
     ├── StorageError           SQLite could not commit (disk full, locked, read-only)
     │   ├── MeteringUnavailable   a request waiting on a commit in fail_mode closed -> 503
-    │   └── StorageUnavailable    a write found the database locked past storage.lock_wait
-    │                             (SQLite) or PostgreSQL unreachable / too slow (PgUnavailable)
-    │                             -> 503 storage_unavailable, Retry-After; nothing written
+    │   └── StorageUnavailable    a write could not run, nothing written -> 503
+    │                             storage_unavailable with Retry-After: SQLite locked past
+    │                             storage.lock_wait (``Store.write``; ``DatabaseBusy``, also a
+    │                             sqlite3 error, when it did not wait), PostgreSQL unreachable
+    │                             or too slow (``PgUnavailable``)
     ├── StripeCallError        a call to Stripe did not succeed (proxy.stripe.client.translate)
     │   ├── StripeUnavailable     transient: network, timeout, 5xx, 409, 429, 401/403
     │   │   └── StripeSessionExpired  the v2 meter event session must be renewed

@@ -88,11 +88,10 @@ from proxy.credits.plans import (
     subscription_period,
 )
 from proxy.credits.service import CreditService
-from proxy.errors import HttpError, InvalidInput, WebhookSignatureInvalid
+from proxy.errors import HttpError, InvalidInput, StorageUnavailable, WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, SqliteCustomers
-from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.protocols import Customers, LedgerEntry, StoredEvent, WebhookEvents
 from proxy.store.webhooks import SqliteWebhookEvents
 from proxy.stripe.client import StripeClient
@@ -101,7 +100,9 @@ from proxy.units import fmt_micro, to_micro
 
 # the store could not be reached (SQLite or the fleet's PostgreSQL): an event is left as it
 # was (pending) and retried, never recorded as failed; intake answers 503 so Stripe resends
-STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, PgUnavailable)
+# a locked SQLite past storage.lock_wait, PostgreSQL unreachable (PgUnavailable): both
+# StorageUnavailable
+STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, StorageUnavailable)
 
 log = logging.getLogger("meterproxy.webhooks")
 

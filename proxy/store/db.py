@@ -33,7 +33,7 @@ Invariants
    wait for it. A small write (``execute_write``) that finds it locked is rolled back and
    raised as ``DatabaseBusy`` (the one translation: still a ``sqlite3.OperationalError``,
    and a 503 ``storage_unavailable`` on HTTP); ``write`` waits for it on a timer first, up
-   to ``lock_wait``.
+   to ``lock_wait``, then raises ``StorageUnavailable``.
 6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread copies the WAL back
    every ``checkpoint_interval`` without blocking writers; when the WAL is still over
    ``wal_truncate_size`` a ``TRUNCATE`` checkpoint on the loop connection (non-blocking:
@@ -111,10 +111,14 @@ class DatabaseBusy(StorageUnavailable, sqlite3.OperationalError):
         self.sqlite_errorname = "SQLITE_BUSY" if code == _SQLITE_BUSY else "SQLITE_LOCKED"
 
 
-def _busy(exc: sqlite3.Error, waited: float | None = None) -> DatabaseBusy:
+def _busy_message(exc: sqlite3.Error, waited: float | None = None) -> str:
     how = f" for {waited:.1f}s (storage.lock_wait)" if waited is not None else ""
-    return DatabaseBusy(f"the database is locked by another process{how}; nothing was "
-                        f"written, retry shortly ({exc})", _code(exc))
+    return f"the database is locked by another process{how}; nothing was written, retry " \
+           f"shortly ({exc})"
+
+
+def _busy(exc: sqlite3.Error) -> DatabaseBusy:
+    return DatabaseBusy(_busy_message(exc), _code(exc))
 
 
 @dataclass(slots=True)
@@ -891,8 +895,10 @@ class Store:
     async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """``execute_write`` that waits for a foreign lock the way a group commit does:
         retried on a timer (``_BUSY_RETRY``; the loop keeps serving) for up to ``lock_wait``,
-        then ``DatabaseBusy`` (503 ``storage_unavailable`` on the admin API). Without a lock
-        in the way it runs at once, with no ``await`` before the transaction."""
+        then ``StorageUnavailable`` (503 ``storage_unavailable`` on HTTP; not a
+        ``sqlite3.Error``: callers catch it as ``StorageUnavailable``, which PostgreSQL's
+        ``PgUnavailable`` also is). Without a lock in the way it runs at once, with no
+        ``await`` before the transaction."""
         started: float | None = None
         tries = 0
         while True:
@@ -903,7 +909,7 @@ class Store:
                 if started is None:
                     started = now
                 if now - started >= self.lock_wait or self._closed:
-                    raise _busy(exc, now - started) from exc
+                    raise StorageUnavailable(_busy_message(exc, now - started)) from exc
             await asyncio.sleep(_BUSY_RETRY[min(tries, len(_BUSY_RETRY) - 1)])
             tries += 1
 
