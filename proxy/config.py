@@ -183,7 +183,8 @@ class StorageConfig(_Model):
         description="While another process holds the database write lock, how long a group "
                     "commit keeps retrying (on a timer: the event loop never blocks, /healthz "
                     "and unmetered routes stay fast) before fail_mode decides for the waiting "
-                    "metered requests.")
+                    "metered requests; an admin write waits as long, then answers 503 "
+                    "storage_unavailable with Retry-After (nothing written).")
     checkpoint_interval: Duration = Field(
         default=1.0, gt=0,
         description="How often the WAL is checkpointed (a PASSIVE pass in a worker thread) "

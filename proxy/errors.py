@@ -5,7 +5,12 @@
     ├── ConfigError            the config file is invalid (carries every problem, file:line)
     ├── FileProblem            a file or directory cannot be used (names the path and why)
     ├── StorageError           SQLite could not commit (disk full, locked, read-only)
-    │   └── MeteringUnavailable   a request waiting on a commit in fail_mode closed -> 503
+    │   ├── MeteringUnavailable   a request waiting on a commit in fail_mode closed -> 503
+    │   └── StorageUnavailable    a write could not run, nothing written -> 503
+    │                             storage_unavailable with Retry-After: SQLite locked past
+    │                             storage.lock_wait (``Store.write``; ``DatabaseBusy``, also a
+    │                             sqlite3 error, when it did not wait), PostgreSQL unreachable
+    │                             or too slow (``PgUnavailable``)
     ├── StripeCallError        a call to Stripe did not succeed (proxy.stripe.client.translate)
     │   ├── StripeUnavailable     transient: network, timeout, 5xx, 409, 429, 401/403
     │   │   └── StripeSessionExpired  the v2 meter event session must be renewed
@@ -90,6 +95,16 @@ class MeteringUnavailable(StorageError, HttpError):
 
     status = 503
     type = "metering_unavailable"
+
+
+class StorageUnavailable(StorageError, HttpError):
+    """A write could not run now and was not run at all (its transaction rolled back): the
+    database is locked by another process (SQLite, after ``storage.lock_wait``) or
+    PostgreSQL is unreachable or did not answer in time. Retrying later is safe."""
+
+    status = 503
+    type = "storage_unavailable"
+    headers: Mapping[str, str] | None = {"Retry-After": "1"}
 
 
 class UpstreamError(HttpError):

@@ -88,11 +88,10 @@ from proxy.credits.plans import (
     subscription_period,
 )
 from proxy.credits.service import CreditService
-from proxy.errors import HttpError, InvalidInput, WebhookSignatureInvalid
+from proxy.errors import HttpError, InvalidInput, StorageUnavailable, WebhookSignatureInvalid
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, SqliteCustomers
-from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.protocols import Customers, LedgerEntry, StoredEvent, WebhookEvents
 from proxy.store.webhooks import SqliteWebhookEvents
 from proxy.stripe.client import StripeClient
@@ -101,7 +100,9 @@ from proxy.units import fmt_micro, to_micro
 
 # the store could not be reached (SQLite or the fleet's PostgreSQL): an event is left as it
 # was (pending) and retried, never recorded as failed; intake answers 503 so Stripe resends
-STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, PgUnavailable)
+# a locked SQLite past storage.lock_wait, PostgreSQL unreachable (PgUnavailable): both
+# StorageUnavailable
+STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, StorageUnavailable)
 
 log = logging.getLogger("meterproxy.webhooks")
 
@@ -245,7 +246,7 @@ class WebhookReceiver:
         self.refusals = LogLimiter(log)   # forged webhooks: anybody can POST to the public port
         # monetary credits: an invoice finalized (customer, its usage period's end), so the
         # Stripe grants of local grants that expired by then can go (MonetaryService)
-        self.on_finalized: Callable[[str, int], None] | None = None
+        self.on_finalized: Callable[[str, int], Awaitable[None]] | None = None
 
     # ---- the endpoint ---------------------------------------------------------------------
 
@@ -509,7 +510,7 @@ class WebhookReceiver:
             raise ValueError("the invoice has no id")
         if event.get("type") == "invoice.finalized" and self.on_finalized is not None \
                 and isinstance(inv.get("period_end"), int):
-            self.on_finalized(cid, int(inv["period_end"]))
+            await self.on_finalized(cid, int(inv["period_end"]))
         if inv.get("billing_reason") != "subscription_cycle":
             return Outcome("ignored", {"customer": cid, "reason": "not a renewal invoice"})
         if inv.get("status") in ("void", "uncollectible"):

@@ -117,6 +117,8 @@ rules:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: another process may take it before it is bound.
+    Prefer what tests/ports.py says (port 0, ``held_port``, ``with_free_ports``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

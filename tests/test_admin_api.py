@@ -41,3 +41,24 @@ async def test_customer_detail_has_credits_ledger_and_carried_remainder(
     assert detail["credits"] == await p.admin("GET", "/admin/customers/det/grants", expect=200)
     ledger = await p.admin("GET", "/admin/customers/det/credits/ledger", expect=200)
     assert detail["credit_ledger"] == ledger["entries"]
+
+
+async def test_post_customer_with_currency_is_one_transaction(make_proxy: ProxyFactory) -> None:
+    """``POST /admin/customers`` with a currency creates the customer and sets its currency
+    in one transaction: when setting the currency fails (here a trigger another connection
+    put on the real database file refuses it), the customer is not created either."""
+    import sqlite3
+
+    p = await make_proxy()
+    blocker = sqlite3.connect(str(p.tmp / "meter.db"), isolation_level=None)
+    blocker.execute("CREATE TRIGGER refuse_currency BEFORE UPDATE OF currency ON customers"
+                    " BEGIN SELECT RAISE(ABORT, 'currency refused'); END")
+    async with p.session.post(p.admin_url + "/admin/customers", headers=p.admin_headers,
+                              json={"id": "half", "currency": "eur"}) as r:
+        assert r.status == 500
+    assert await p.admin("GET", "/admin/customers", expect=200) == []
+    blocker.execute("DROP TRIGGER refuse_currency")
+    blocker.close()
+    made = await p.admin("POST", "/admin/customers", {"id": "half", "currency": "eur"},
+                         expect=201)
+    assert made["currency"] == "eur"

@@ -26,7 +26,7 @@ import pytest
 from proxy import config as config_mod
 from proxy.app import start
 from proxy.errors import ConfigError, FileProblem, StorageError
-from tests.conftest import free_port, write_config
+from tests.conftest import write_config
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
 RULES = """\
@@ -64,12 +64,17 @@ class Snapshot:
 
 
 @contextmanager
-def _listening(port: int) -> Iterator[None]:
-    """Another process's listener on ``port`` (the proxy cannot bind it)."""
+def _listening() -> Iterator[int]:
+    """Another process's listener on the port yielded (the proxy cannot bind it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", 0))
         s.listen()
-        yield
+        yield int(s.getsockname()[1])
+
+
+def _in_use(port: int) -> str:
+    """The bind failure on ``port``, not on another one."""
+    return rf"\('127\.0\.0\.1', {port}\).*address already in use"
 
 
 def _assert_port_free(port: int) -> None:
@@ -133,7 +138,7 @@ async def test_a_database_path_that_is_a_directory_closes_the_sink(
     stripe_double.state.add_meter("api_calls")
     db = tmp_path / "meter.db"
     db.mkdir()
-    path = _config(tmp_path, upstream, stripe_double, free_port(), free_port())
+    path = _config(tmp_path, upstream, stripe_double, 0, 0)
     await _assert_start_fails_cleanly(path, FileProblem, "it is a directory", (), db)
 
 
@@ -142,7 +147,7 @@ async def test_a_file_that_is_not_a_database_closes_the_sink(
     stripe_double.state.add_meter("api_calls")
     db = tmp_path / "meter.db"
     db.write_bytes(b"this is not a SQLite database, " * 100)
-    path = _config(tmp_path, upstream, stripe_double, free_port(), free_port())
+    path = _config(tmp_path, upstream, stripe_double, 0, 0)
     await _assert_start_fails_cleanly(path, StorageError, "file is not a database", (), db)
     assert db.read_bytes() == b"this is not a SQLite database, " * 100   # left as it was
 
@@ -150,9 +155,8 @@ async def test_a_file_that_is_not_a_database_closes_the_sink(
 async def test_a_wrong_stripe_meter_closes_the_store_reader_upstream_and_connections(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
     stripe_double.state.add_meter("api_calls", "count", id="mtr_count")
-    port, admin_port = free_port(), free_port()
-    path = _config(tmp_path, upstream, stripe_double, port, admin_port)
-    await _assert_start_fails_cleanly(path, ConfigError, "mtr_count", (port, admin_port),
+    path = _config(tmp_path, upstream, stripe_double, 0, 0)   # (never bound: checked first)
+    await _assert_start_fails_cleanly(path, ConfigError, "mtr_count", (),
                                       tmp_path / "meter.db")
     assert len(stripe_double.state.calls("meters_list")) == 1      # the check really ran
 
@@ -160,22 +164,21 @@ async def test_a_wrong_stripe_meter_closes_the_store_reader_upstream_and_connect
 async def test_the_public_port_in_use_closes_everything_opened_before_it(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
     stripe_double.state.add_meter("api_calls")
-    port, admin_port = free_port(), free_port()
-    path = _config(tmp_path, upstream, stripe_double, port, admin_port)
-    with _listening(port):
-        await _assert_start_fails_cleanly(path, OSError, "address already in use",
-                                          (admin_port,), tmp_path / "meter.db")
+    with _listening() as port:
+        path = _config(tmp_path, upstream, stripe_double, port, 0)
+        await _assert_start_fails_cleanly(path, OSError, _in_use(port), (),
+                                          tmp_path / "meter.db")
     _assert_port_free(port)
 
 
 async def test_the_admin_port_in_use_closes_the_public_listener(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
-    """The public site is already listening when the admin site fails to bind."""
+    """The public site is already listening when the admin site fails to bind (on a port
+    of its own choosing: no open socket is left, ``_assert_start_fails_cleanly``)."""
     stripe_double.state.add_meter("api_calls")
-    port, admin_port = free_port(), free_port()
-    path = _config(tmp_path, upstream, stripe_double, port, admin_port)
-    with _listening(admin_port):
-        await _assert_start_fails_cleanly(path, OSError, "address already in use", (port,),
+    with _listening() as admin_port:
+        path = _config(tmp_path, upstream, stripe_double, 0, admin_port)
+        await _assert_start_fails_cleanly(path, OSError, _in_use(admin_port), (),
                                           tmp_path / "meter.db")
 
 
@@ -183,13 +186,14 @@ async def test_after_a_failed_start_the_same_config_starts_and_serves(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
     """Nothing a failed start left behind stands in the way of the next start."""
     stripe_double.state.add_meter("api_calls")
-    port, admin_port = free_port(), free_port()
-    path = _config(tmp_path, upstream, stripe_double, port, admin_port)
-    with _listening(admin_port), pytest.raises(OSError):
-        await start(config_mod.load(path))
+    with _listening() as admin_port:
+        path = _config(tmp_path, upstream, stripe_double, 0, admin_port)
+        with pytest.raises(OSError, match=_in_use(admin_port)):
+            await start(config_mod.load(path))
     server = await start(config_mod.load(path))
+    port = server.public_port
     try:
-        assert (server.public_port, server.admin_port) == (port, admin_port)
+        assert port != 0 and server.admin_port == admin_port
         assert server.reconciler is not None and server.meter_check is not None
     finally:
         await server.shutdown()

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, free_port, write_config
+from tests.conftest import ADMIN_TOKEN, write_config
 from tests.proxy_process import ProxyProcess
 from tests.stripe_double.faults import FAULT_KINDS
 
@@ -74,17 +74,15 @@ rules:
 """
 
 
-def chaos_config(tmp: Path, upstream: str, stripe_url: str,
-                 timeout: str) -> tuple[Path, str, str]:
-    """A proxy config on fixed free ports, flushing every 300 ms to the Stripe double."""
-    port, aport = free_port(), free_port()
+def chaos_config(tmp: Path, upstream: str, stripe_url: str, timeout: str) -> Path:
+    """A proxy config, flushing every 300 ms to the Stripe double; the process binds free
+    ports at its first start and keeps them across restarts (``ProxyProcess``)."""
     cfg = write_config(
         tmp, upstream, rules_text=RULES,
-        listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{aport}",
         stripe={"api_key": "sk_test_chaos", "sink": "meter_events",
                 "api_base": stripe_url, "meter_events_base": stripe_url,
                 "flush_interval": "300ms", "timeout": timeout, "max_rate": 2000})
-    return cfg, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
+    return cfg
 
 
 # ---- what the clients saw -------------------------------------------------------------------
@@ -134,9 +132,9 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
     per_kind = FAULT_RATE / len(FAULT_KINDS)
     st.faults.set_probabilities("meter_events", {k: per_kind for k in FAULT_KINDS})
 
-    cfg, url, admin = chaos_config(tmp_path, upstream, double.url, timeout="1s")
+    cfg = chaos_config(tmp_path, upstream, double.url, timeout="1s")
     ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+    proxy = ProxyProcess(cfg, tmp_path / "proxy.log")
     proxy.spawn()
     try:
         await proxy.wait_ready()
@@ -147,9 +145,9 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
                 body: dict[str, Any] = {"id": cid}
                 if cid != UNMAPPED:
                     body["stripe_customer_id"] = f"cus_{i}"
-                async with s.post(admin + "/admin/customers", json=body, headers=ah) as r:
+                async with s.post(proxy.admin_url + "/admin/customers", json=body, headers=ah) as r:
                     assert r.status in (200, 201), await r.text()
-                async with s.post(admin + f"/admin/customers/{cid}/keys", json={"name": "k"},
+                async with s.post(proxy.admin_url + f"/admin/customers/{cid}/keys", json={"name": "k"},
                                   headers=ah) as r:
                     assert r.status == 201, await r.text()
                     keys[cid] = (await r.json())["key"]
@@ -186,7 +184,7 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
                     headers = {"Authorization": f"Bearer {keys[cid]}",
                                "X-Request-Id": req.request_id}
                     try:
-                        async with session.request(method, url + path, json=jbody,
+                        async with session.request(method, proxy.url + path, json=jbody,
                                                    headers=headers) as r:
                             await r.read()   # raises if the body is cut short
                             if r.status == 200:
@@ -255,11 +253,11 @@ async def test_chaos_delivery_to_stripe(tmp_path: Path, upstream: str,
         async with aiohttp.ClientSession(timeout=timeout) as s:
             deadline = time.monotonic() + 90
             while True:
-                async with s.post(admin + "/admin/flush", headers=ah) as r:
+                async with s.post(proxy.admin_url + "/admin/flush", headers=ah) as r:
                     assert r.status == 200, await r.text()
                     report = await r.json()
                 flushes += 1
-                async with s.get(admin + "/admin/outbox?status=pending", headers=ah) as r:
+                async with s.get(proxy.admin_url + "/admin/outbox?status=pending", headers=ah) as r:
                     assert r.status == 200, await r.text()
                     pending_body = await r.json()
                 pending = pending_body["events"]
@@ -393,21 +391,21 @@ async def test_sigterm_mid_call_never_overlaps_calls_for_one_customer_and_meter(
     st = double.state
     for name in ("api_calls", "llm_tokens", "bytes_in", "units"):   # the rules' meters
         st.add_meter(name)
-    cfg, url, admin = chaos_config(tmp_path, upstream, double.url, timeout="5s")
+    cfg = chaos_config(tmp_path, upstream, double.url, timeout="5s")
     ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+    proxy = ProxyProcess(cfg, tmp_path / "proxy.log")
     proxy.spawn()
     try:
         await proxy.wait_ready()
         async with aiohttp.ClientSession() as s:
-            async with s.post(admin + "/admin/customers", headers=ah,
+            async with s.post(proxy.admin_url + "/admin/customers", headers=ah,
                               json={"id": "c0", "stripe_customer_id": "cus_0"}) as r:
                 assert r.status in (200, 201)
-            async with s.post(admin + "/admin/customers/c0/keys", json={"name": "k"},
+            async with s.post(proxy.admin_url + "/admin/customers/c0/keys", json={"name": "k"},
                               headers=ah) as r:
                 key = (await r.json())["key"]
             for _ in range(3):
-                async with s.get(f"{url}/v1/items",
+                async with s.get(f"{proxy.url}/v1/items",
                                  headers={"Authorization": f"Bearer {key}"}) as r:
                     await r.read()
                     assert r.status == 200

@@ -16,7 +16,9 @@ import orjson
 import pytest
 
 from proxy.cli import build_parser
-from tests.conftest import ROOT, Proxy, ProxyFactory, free_port, write_config
+from tests.conftest import ROOT, Proxy, ProxyFactory, write_config
+from tests.ports import held_port
+from tests.proxy_process import set_listen
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
@@ -35,9 +37,10 @@ async def cli(*args: str, env: dict[str, str] | None = None,
 
 @pytest.fixture
 async def running(make_proxy: ProxyFactory) -> tuple[Proxy, str]:
-    p = await make_proxy(listen=f"127.0.0.1:{free_port()}",
-                         admin_listen=f"127.0.0.1:{free_port()}")
-    return p, str(p.tmp / "meterproxy.yaml")
+    p = await make_proxy()                   # binds free ports; the CLI reads them from the
+    cfg = p.tmp / "meterproxy.yaml"          # config file, so they are written into it
+    set_listen(cfg, f"127.0.0.1:{p.server.public_port}", f"127.0.0.1:{p.server.admin_port}")
+    return p, str(cfg)
 
 
 def _parsers(p: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
@@ -172,10 +175,10 @@ async def test_server_side_failures_are_one_clear_line(running: tuple[Proxy, str
     assert code == 1 and "/admin/customers/a%2Fb%20c/grants answered 4" in err, err
     # nothing listening on the config's admin port
     (tmp_path / "down").mkdir()
-    down = write_config(tmp_path / "down", "http://127.0.0.1:9",
-                        admin_listen=f"127.0.0.1:{free_port()}")
-    aport = re.search(r"admin_listen: 127\.0\.0\.1:(\d+)", down.read_text())[1]  # type: ignore[index]
-    code, out, err = await cli("flush", "--config", str(down), cwd=tmp_path)
+    with held_port() as aport:                # bound, never listening: refused
+        down = write_config(tmp_path / "down", "http://127.0.0.1:9",
+                            admin_listen=f"127.0.0.1:{aport}")
+        code, out, err = await cli("flush", "--config", str(down), cwd=tmp_path)
     assert (code, out) == (1, "")
     assert err == (f"meterproxy: cannot reach the proxy's admin API at http://127.0.0.1:{aport}"
                    " ([Errno 111] Connection refused); is `meterproxy serve` running with"
@@ -267,10 +270,11 @@ async def test_the_cli_works_on_the_fleets_postgres_database(tmp_path: Path,
 
 
 async def test_the_cli_says_when_postgres_is_unreachable(tmp_path: Path, upstream: str) -> None:
-    cfg = write_config(tmp_path, upstream, storage={
-        "backend": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
-        "path": str(tmp_path / "journal.db")})
-    rc, out, err = await cli("customers", "list", "--config", str(cfg))
+    with held_port() as refused:              # bound, never listening: refused
+        cfg = write_config(tmp_path, upstream, storage={
+            "backend": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:{refused}/none",
+            "path": str(tmp_path / "journal.db")})
+        rc, out, err = await cli("customers", "list", "--config", str(cfg))
     assert rc == 1 and out == ""
     assert err.startswith("meterproxy: PostgreSQL (storage.dsn) is unreachable"), err
     assert len(err.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.store.db import Store
-from tests.conftest import ADMIN_TOKEN, free_port, write_config
+from tests.conftest import ADMIN_TOKEN, write_config
 from tests.helpers import wait_until
 from tests.proxy_process import ProxyProcess
 
@@ -20,16 +20,14 @@ PER_RUN = 300     # fully received responses before each kill
 
 async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
                                                             upstream: str) -> None:
-    port, aport = free_port(), free_port()
-    cfg = write_config(tmp_path, upstream, listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{aport}",
+    cfg = write_config(tmp_path, upstream,
                        storage={"durability": "strict", "commit_interval": "300ms"})
-    url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
-    proxy = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+    proxy = ProxyProcess(cfg, tmp_path / "proxy.log")    # free ports, kept across restarts
     proxy.spawn()
     received: list[str] = []
     try:
         await proxy.wait_ready()
+        admin = proxy.admin_url
         ah = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         async with aiohttp.ClientSession() as s:
             keys = []
@@ -48,7 +46,7 @@ async def test_sigkill_under_load_loses_no_received_response(tmp_path: Path,
                 while not stop.is_set():
                     n += 1
                     try:
-                        async with s.get(url + paths[n % 2], headers=h) as r:
+                        async with s.get(proxy.url + paths[n % 2], headers=h) as r:
                             await r.read()  # raises if the body is cut short
                             if r.status == 200:
                                 received.append(r.headers["X-Request-Id"])

@@ -202,6 +202,37 @@ def test_clawback_credits_share_of_the_payment() -> None:
     assert clawback_credits(100 * Q, 1000, 5000) == 100 * Q
     assert clawback_credits(100 * Q, 0, 1) == 100 * Q             # payment amount unknown
     assert clawback_credits(100 * Q, 1000, 0) == 0
+    # the edges: nothing returned takes nothing, whatever is known about the payment
+    assert clawback_credits(100 * Q, 0, 0) == 0
+    assert clawback_credits(0, 0, 0) == 0
+    assert clawback_credits(100 * Q, 1000, -1) == 0               # a negative return: nothing
+    assert clawback_credits(100 * Q, -5, 1) == 100 * Q            # a nonsense payment: all
+    assert clawback_credits(100 * Q, 1000, 999) == 99_900_000     # just under: a share
+    assert clawback_credits(0, 1000, 500) == 0                    # an empty grant: nothing
+    assert clawback_credits(1, 2, 1) == 0                         # floor, even to zero
+
+
+@given(st.integers(0, 10**15), st.integers(-5, 10**12), st.integers(-5, 10**12),
+       st.integers(-5, 10**12))
+def test_clawback_credits_is_a_bounded_monotone_share(amount: int, paid: int, r1: int,
+                                                      r2: int) -> None:
+    """Never more than the grant nor less than nothing; all of it once the whole payment (or
+    more) is returned, or when its amount is unknown; otherwise the floor of the returned
+    share; more returned never takes less; two partial returns of one payment (together
+    less than it) never take more than their sum returned at once."""
+    lo, hi = min(r1, r2), max(r1, r2)
+    got = clawback_credits(amount, paid, hi)
+    assert 0 <= got <= amount
+    assert clawback_credits(amount, paid, lo) <= got                       # monotone
+    if hi <= 0:
+        assert got == 0
+    elif paid <= 0 or hi >= paid:
+        assert got == amount
+    else:
+        assert got * paid <= amount * hi < (got + 1) * paid                # the floor share
+    if lo > 0 and hi < paid:
+        assert clawback_credits(amount, paid, lo) + clawback_credits(amount, paid, hi - lo) \
+            <= got
 
 
 @given(st.integers(1, 10**12), st.integers(0, 10**12), st.integers(0, 10**12),

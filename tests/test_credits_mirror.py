@@ -700,12 +700,30 @@ async def test_an_expired_allowance_stays_at_stripe_until_its_invoice_is_finaliz
     assert sg.expires_at == end + FINALIZATION_GRACE
     rig.clock = end + 3600.0                                # an hour after the period end
     assert await rig.pass_() == 0 and sg.voided_at is None  # not finalized yet: kept
-    rig.svc.finalized("acme", end - 86_400)                 # an earlier period's invoice
+    await rig.svc.finalized("acme", end - 86_400)           # an earlier period's invoice
     assert await rig.pass_() == 0 and sg.voided_at is None
-    rig.svc.finalized("acme", end)                          # this period's invoice
+    await rig.svc.finalized("acme", end)                    # this period's invoice
     assert await rig.pass_() == 1 and sg.voided_at is not None
     [row] = await rig.owners.mirrors.rows()
     assert (row.grant_id, row.want, row.done) == (g.id, "void", "void")
+
+
+async def test_a_finalized_invoice_still_voids_the_kept_grant_after_a_restart(
+        rig: Rig) -> None:
+    """``invoice.finalized`` is stored before it is acted on: a restart between the webhook
+    and the pass that voids (or one before the local grant's expiry) still voids the Stripe
+    grant kept live for that invoice, with no second webhook; an earlier period's end stored
+    later never lowers it."""
+    end = int(rig.clock) + 60
+    await rig.credits.grant("acme", "10", expires_at=end, source="stripe:in_1")
+    assert await rig.pass_() == 1
+    [sg] = rig.stripe_grants()
+    await rig.svc.finalized("acme", end)        # Stripe finalized the period's invoice...
+    await rig.svc.finalized("acme", end - 86_400)
+    await rig.restart()                         # ...and the process restarted before the
+    rig.clock = end + 3600.0                    # local grant expired
+    assert await rig.pass_() == 1 and sg.voided_at is not None
+    assert await rig.owners.mirrors.finalized() == {"acme": end}
 
 
 async def test_a_debt_cover_survives_a_restart_once(rig: Rig) -> None:

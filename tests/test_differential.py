@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 from tests.differential import Message, RecordingUpstream, Script, exchange, parse_stream
+from tests.ports import PortInUse, in_use, with_free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEP = os.environ.get("DIFF_DEEP") == "1"
@@ -312,12 +312,27 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     up.scripts["ready"] = cl(b"ok")
     procs: list[subprocess.Popen[bytes]] = []
     logs = [(tmp / "bare.log").open("wb"), (tmp / "meter.log").open("wb")]
+
+    def serving(cmd: list[str], log: int, ports: list[int], paths: list[str]) -> None:
+        """Start ``cmd`` (its ports given in advance) and wait until it answers on them."""
+        logs[log].flush()
+        start = logs[log].tell()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logs[log], stderr=subprocess.STDOUT)
+        try:
+            for port, path in zip(ports, paths, strict=True):
+                _wait_port(port, proc, path)
+        except AssertionError:
+            proc.kill()
+            proc.wait()
+            if in_use((tmp / ("bare.log", "meter.log")[log]).read_bytes()[start:]):
+                raise PortInUse from None
+            raise
+        procs.append(proc)
+
     try:
-        bare = free_port()
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "bare_proxy.py"), str(bare),
-             f"http://127.0.0.1:{up.port}"], stdout=logs[0],
-            stderr=subprocess.STDOUT))
+        bare = with_free_ports(1, lambda p: serving(
+            [sys.executable, str(ROOT / "bench" / "bare_proxy.py"), str(p[0]),
+             f"http://127.0.0.1:{up.port}"], 0, p, ["/"]) or p[0])
         db = tmp / "m.db"
         mp = [sys.executable, "-m", "proxy"]
         subprocess.run([*mp, "customers", "create", "diff", "--db", str(db)], check=True,
@@ -326,20 +341,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                                          str(db)], check=True, cwd=ROOT,
                                         capture_output=True).stdout)["key"]
         (tmp / "rules.yaml").write_text(RULES)
-        meter, admin = free_port(), free_port()
-        cfg = {"listen": f"127.0.0.1:{meter}", "admin_listen": f"127.0.0.1:{admin}",
-               "upstream": {"url": f"http://127.0.0.1:{up.port}", "read_timeout": "5s"},
-               "rules": str(tmp / "rules.yaml"),
-               "storage": {"path": str(db), "durability": "strict", "commit_interval": "5ms"},
-               "admin": {"token": "diff-admin-token"},
-               "stripe": {"sink": "dry_run", "flush_interval": "1h"}, "log_level": "error"}
-        (tmp / "c.yaml").write_text(json.dumps(cfg))
-        procs.append(subprocess.Popen([*mp, "serve", "--config", str(tmp / "c.yaml")], cwd=ROOT,
-                                      stdout=logs[1],
-                                      stderr=subprocess.STDOUT))
-        _wait_port(bare, procs[0])
-        _wait_port(admin, procs[1], "/healthz")
-        _wait_port(meter, procs[1], "/f/ready")   # the public listener too
+
+        def meterproxy(ports: list[int]) -> tuple[int, int]:
+            meter, admin = ports
+            cfg = {"listen": f"127.0.0.1:{meter}", "admin_listen": f"127.0.0.1:{admin}",
+                   "upstream": {"url": f"http://127.0.0.1:{up.port}", "read_timeout": "5s"},
+                   "rules": str(tmp / "rules.yaml"),
+                   "storage": {"path": str(db), "durability": "strict",
+                               "commit_interval": "5ms"},
+                   "admin": {"token": "diff-admin-token"},
+                   "stripe": {"sink": "dry_run", "flush_interval": "1h"}, "log_level": "error"}
+            (tmp / "c.yaml").write_text(json.dumps(cfg))
+            # the admin listener, then the public one too
+            serving([*mp, "serve", "--config", str(tmp / "c.yaml")], 1, [admin, meter],
+                    ["/healthz", "/f/ready"])
+            return meter, admin
+
+        meter, admin = with_free_ports(2, meterproxy)
         yield Env(up, bare, meter, key.encode(), procs, admin)
     finally:
         for p in procs:

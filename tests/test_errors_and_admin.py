@@ -8,8 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port
+from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory
 from tests.helpers import wait_until
+from tests.ports import held_port
 
 Q = 1_000_000
 
@@ -50,11 +51,13 @@ async def test_revoked_key_and_suspended_customer(proxy: Proxy) -> None:
 
 
 async def test_upstream_refused_is_502(make_proxy: ProxyFactory) -> None:
-    p = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
-    key = await p.customer_with_key("u")
-    async with p.session.get(p.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}) as r:
-        assert (await _err(r))[:2] == (502, "upstream_unavailable")
-    assert p.ledger_totals() == {}
+    with held_port() as refused:               # bound, never listening: connections refused
+        p = await make_proxy(upstream_url=f"http://127.0.0.1:{refused}")
+        key = await p.customer_with_key("u")
+        async with p.session.get(p.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            assert (await _err(r))[:2] == (502, "upstream_unavailable")
+        assert p.ledger_totals() == {}
 
 
 async def test_upstream_reset_is_502(make_proxy: ProxyFactory) -> None:
@@ -244,3 +247,69 @@ async def test_cli_changes_reach_running_proxy(proxy: Proxy, tmp_path: Path) -> 
     assert main(["keys", "revoke", "--key-id", created["key_id"], "--db", db]) == 0
     await wait_until(status, ok=lambda s: s == 403, interval=0.05,
                      what="the key revoked by the CLI to be refused")
+
+
+async def test_admin_write_while_another_process_holds_the_lock(make_proxy: ProxyFactory,
+                                                                 tmp_path: Path) -> None:
+    """An admin write that finds the database locked by another connection (a rolling
+    restart's second process, the CLI in a transaction) waits ``storage.lock_wait`` on a
+    timer, then answers 503 storage_unavailable with Retry-After, having written nothing."""
+    import sqlite3
+    import time
+
+    p = await make_proxy(storage={"lock_wait": "300ms"})
+    await p.admin("POST", "/admin/customers", {"id": "held"}, expect=201)
+    kid = (await p.admin("POST", "/admin/customers/held/keys", {}, expect=201))["key_id"]
+    blocker = sqlite3.connect(str(tmp_path / "meter.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for method, path, body in [
+                ("POST", "/admin/customers", {"id": "new", "currency": "eur"}),
+                ("POST", "/admin/customers", {"id": "held", "status": "suspended"}),
+                ("POST", "/admin/customers/held/keys", {"name": "k2"}),
+                ("DELETE", f"/admin/keys/{kid}", None)]:
+            started = time.monotonic()
+            async with p.session.request(method, p.admin_url + path, json=body,
+                                         headers=p.admin_headers) as r:
+                status, typ, msg = await _err(r)
+                assert (status, typ) == (503, "storage_unavailable"), (path, msg)
+                assert r.headers["Retry-After"] == "1"
+                assert "locked" in msg and "retry" in msg
+            assert time.monotonic() - started >= 0.3      # the store's busy wait first
+        async with p.session.get(p.admin_url + "/healthz") as r:
+            assert r.status == 200
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # nothing was half-written
+    custs = {c["id"]: c for c in await p.admin("GET", "/admin/customers", expect=200)}
+    assert set(custs) == {"held"} and custs["held"]["status"] == "active"
+    keys = await p.admin("GET", "/admin/customers/held/keys", expect=200)
+    assert [(k["key_id"], k["revoked_at"]) for k in keys] == [(kid, None)]
+    # the same writes succeed once the lock is gone
+    await p.admin("POST", "/admin/customers", {"id": "new", "currency": "eur"}, expect=201)
+    await p.admin("DELETE", f"/admin/keys/{kid}", expect=200)
+
+
+async def test_admin_write_waits_for_a_lock_released_within_lock_wait(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """A lock released within ``storage.lock_wait`` is waited out on a timer (the loop
+    keeps answering meanwhile) and the write then succeeds."""
+    import sqlite3
+
+    p = await make_proxy(storage={"lock_wait": "60s"})
+    blocker = sqlite3.connect(str(tmp_path / "meter.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        write = asyncio.ensure_future(
+            p.admin("POST", "/admin/customers", {"id": "late"}, expect=201))
+        await asyncio.sleep(0.2)
+        assert not write.done()
+        async with p.session.get(p.admin_url + "/healthz") as r:   # not blocked by the wait
+            assert r.status == 200
+        assert not write.done()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await asyncio.wait_for(write, 30)
+    assert [c["id"] for c in await p.admin("GET", "/admin/customers", expect=200)] == ["late"]

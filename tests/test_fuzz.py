@@ -16,6 +16,7 @@ the counts of the last run are printed in pytest's terminal summary ("fuzz examp
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
@@ -35,7 +36,7 @@ from ruamel.yaml import YAML
 
 from proxy.rules import RulesError, RuleSet, check_rules, load_rules
 from proxy.webhooks import PATH
-from tests.conftest import ADMIN_TOKEN, FUZZ_COUNTS, TEST_RULES, free_port, fuzz_examples, write_config
+from tests.conftest import ADMIN_TOKEN, FUZZ_COUNTS, TEST_RULES, fuzz_examples, write_config
 from tests.proxy_process import ProxyProcess
 
 # ------------------------------------------------------------------------------ rules loader
@@ -240,24 +241,13 @@ class Running:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     tmp = tmp_path_factory.mktemp("hooks")
-    port, aport = free_port(), free_port()
-    cfg = write_config(tmp, "http://127.0.0.1:9", RULES, listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{aport}", credits=CREDITS,
+    cfg = write_config(tmp, "http://127.0.0.1:9", RULES, credits=CREDITS,
                        stripe={"webhook_secret": SECRET})
-    proc = ProxyProcess(cfg, tmp / "proxy.log", f"http://127.0.0.1:{aport}")
+    proc = ProxyProcess(cfg, tmp / "proxy.log")               # on free ports it binds
     proc.spawn()
     try:
-        run = Running(port, aport)
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.proc is not None and proc.proc.poll() is None, "proxy exited"
-            try:
-                if run.request(aport, "GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "proxy did not start"
-            time.sleep(0.05)
+        asyncio.run(proc.wait_ready(30))
+        run = Running(int(proc.url.rsplit(":", 1)[1]), int(proc.admin_url.rsplit(":", 1)[1]))
         assert run.admin("POST", "/admin/customers",
                          {"id": "acme", "stripe_customer_id": "cus_acme"})[0] in (200, 201)
         assert run.admin("POST", "/admin/customers/acme/grants", {"credits": "7"})[0] == 201

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from proxy.admin.api import load_openapi
 from proxy.webhooks import PATH as WEBHOOK_PATH
-from tests.conftest import ADMIN_TOKEN, TEST_RULES, Proxy, ProxyFactory, free_port, write_config
+from tests.conftest import ADMIN_TOKEN, TEST_RULES, Proxy, ProxyFactory, write_config
 from tests.proxy_process import ProxyProcess
 from tests.stripe_double.fixture import RunningDouble
 
@@ -94,6 +95,7 @@ class Live:
     admin: str
     double: RunningDouble
     proc: ProxyProcess
+    db: Path
 
 
 @pytest.fixture
@@ -102,18 +104,16 @@ async def live(tmp_path: Path, upstream: str,
     double = await stripe_double_factory()
     for name in ("api_calls", "llm_tokens", "bytes_in", "units"):
         double.state.add_meter(name)
-    port, aport = free_port(), free_port()
-    cfg = write_config(tmp_path, upstream, TEST_RULES, listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{aport}",
+    cfg = write_config(tmp_path, upstream, TEST_RULES,
                        stripe={"api_key": "sk_test_openapi", "sink": "meter_events",
                                "api_base": double.url, "meter_events_base": double.url,
-                               "webhook_secret": WEBHOOK_SECRET, "timeout": "5s"})
-    admin = f"http://127.0.0.1:{aport}"
-    proc = ProxyProcess(cfg, tmp_path / "proxy.log", admin)
+                               "webhook_secret": WEBHOOK_SECRET, "timeout": "5s"},
+                       storage={"lock_wait": "200ms"})
+    proc = ProxyProcess(cfg, tmp_path / "proxy.log")          # on free ports it binds
     proc.spawn()
     try:
         await proc.wait_ready()
-        yield Live(f"http://127.0.0.1:{port}", admin, double, proc)
+        yield Live(proc.url, proc.admin_url, double, proc, tmp_path / "meter.db")
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             assert proc.terminate() == 0, (tmp_path / "proxy.log").read_text()[-3000:]
@@ -390,6 +390,25 @@ async def exercise_every_operation(c: Checker, live: Live) -> None:
                query={"from": "2026-13-01"})
     await call("GET", "/_meter/events.csv", 401, auth=False)
     await call("POST", "/_meter/events.csv", 405, auth=False, headers=mine)
+
+    # another process holds the database's write lock: admin writes answer 503 (after
+    # storage.lock_wait) and write nothing (tests/test_errors_and_admin.py checks that)
+    blocker = sqlite3.connect(live.db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for method, template, params, body in [
+                ("POST", "/admin/customers", {}, {"id": "late"}),
+                ("POST", "/admin/customers/{id}/keys", acme, None),
+                ("DELETE", "/admin/keys/{key_id}", {"key_id": key["key_id"]}, None),
+                ("POST", "/admin/customers/{id}/grants", acme, {"credits": "1"}),
+                ("POST", "/admin/grants/{grant_id}/void", {"grant_id": grant["grant_id"]}, None),
+                ("POST", "/admin/credits/mirrors/requeue", {}, None),
+                ("POST", "/admin/dead-letters/{id}/replay", dl, None)]:
+            err = await call(method, template, 503, params=params, json=body)
+            assert err["error"]["type"] == "storage_unavailable", (template, err)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
 
     # revoke: the key is refused from then on; suspended customers are refused too
     revoked = await call("DELETE", "/admin/keys/{key_id}", 200, params={"key_id": key["key_id"]})

@@ -446,7 +446,11 @@ async def test_invoice_finalized_tells_the_monetary_mirror_its_usage_period_end(
     live past their local expiry for that invoice can go)."""
     await _first_period(env)
     seen: list[tuple[str, int]] = []
-    env.hooks.on_finalized = lambda cid, end: seen.append((cid, end))
+
+    async def finalized(cid: str, end: int) -> None:
+        seen.append((cid, end))
+
+    env.hooks.on_finalized = finalized
     await _at(env, S1 + 3600, "evt_f", "invoice.finalized",
               _inv("in_2", "price_basic", (S1, S2), "subscription_cycle", period_end=S1))
     await _at(env, S1 + 3700, "evt_g", "invoice.finalized",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import free_port
+from tests.ports import PortInUse, in_use, with_free_ports
 from tests.test_readme_commands import ROOT, clean_env, copy_tracked_files
 
 
@@ -30,21 +30,36 @@ def quickstart_block() -> str:
 
 
 def test_quickstart_block_runs_as_written(tmp_path: Path) -> None:
-    copy_tracked_files(tmp_path)
-    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
-    upstream_port, port, admin_port = free_port(), free_port(), free_port()
-    env = clean_env()
-    env.update(UPSTREAM_URL=f"http://127.0.0.1:{upstream_port}", PORT=str(port),
-               ADMIN_PORT=str(admin_port))
-    upstream = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "proxy.demo.upstream",
-                                 str(upstream_port)], cwd=tmp_path, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        done = subprocess.run(["bash", "-e", "-c", quickstart_block()], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
-    finally:
-        upstream.terminate()
-        upstream.wait(10)
+    attempts = iter(range(100))
+
+    def run(ports: list[int]) -> tuple[Path, int, subprocess.CompletedProcess[str]]:
+        """The block in a fresh copy of the repository, on ports given in advance (it reads
+        them from the environment); again on new ones if one was taken meanwhile."""
+        upstream_port, port, admin_port = ports
+        work = tmp_path / f"try{next(attempts)}"
+        work.mkdir()
+        copy_tracked_files(work)
+        (work / ".venv").symlink_to(ROOT / ".venv")
+        env = clean_env()
+        env.update(UPSTREAM_URL=f"http://127.0.0.1:{upstream_port}", PORT=str(port),
+                   ADMIN_PORT=str(admin_port))
+        with (tmp_path / f"{work.name}-upstream.log").open("w+b") as log:
+            upstream = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m",
+                                         "proxy.demo.upstream", str(upstream_port)], cwd=work,
+                                        env=env, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                done = subprocess.run(["bash", "-e", "-c", quickstart_block()], cwd=work,
+                                      env=env, capture_output=True, text=True, timeout=120)
+            finally:
+                upstream.terminate()
+                upstream.wait(10)
+            log.seek(0)
+            upstream_err = log.read()
+        if done.returncode != 0 and in_use(done.stdout + done.stderr + upstream_err.decode()):
+            raise PortInUse
+        return work, port, done
+
+    work, port, done = with_free_ports(3, run)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert out.startswith("ok: ")                               # rules check
@@ -52,5 +67,5 @@ def test_quickstart_block_runs_as_written(tmp_path: Path) -> None:
     usage = orjson.loads(out[out.rindex('{"customer"'):].strip())
     assert usage["customer"] == "acme"
     assert usage["meters"] == {"api_calls": "1"}                # the one call, billed once
-    assert (tmp_path / "mymeter" / "meterproxy.db").is_file()   # relative to the config file
+    assert (work / "mymeter" / "meterproxy.db").is_file()   # relative to the config file
     assert f"listening on 127.0.0.1:{port}" in done.stderr

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 
 from proxy.request.admission import Admission
-from tests.conftest import ProxyFactory, free_port
+from tests.conftest import ProxyFactory
+from tests.ports import held_port
 
 Q = 1_000_000
 
@@ -76,15 +77,16 @@ async def test_credit_refusal_and_released_holds(make_proxy: ProxyFactory) -> No
 
 
 async def test_an_unreachable_upstream_releases_the_hold(make_proxy: ProxyFactory) -> None:
-    p = await make_proxy(rules_text=RULES, upstream_url=f"http://127.0.0.1:{free_port()}")
-    key = await p.customer_with_key("u", stripe_customer_id="cus_u", overage="block")
-    await p.admin("POST", "/admin/customers/u/grants",
-                  {"credits": "2", "idempotency_key": "u-1"}, expect=201)
-    for _ in range(3):     # each would need the whole balance if a hold leaked
-        async with p.session.get(p.url + "/v1/items",
-                                 headers={"Authorization": f"Bearer {key}"}) as r:
-            assert r.status == 502
-            assert (await r.json())["error"]["type"] == "upstream_unavailable"
-    book = p.server.pipeline.admission.book
-    assert book.available("u", 0) == 2 * Q
-    assert p.server.pipeline.in_flight == {}
+    with held_port() as refused:               # bound, never listening: refused
+        p = await make_proxy(rules_text=RULES, upstream_url=f"http://127.0.0.1:{refused}")
+        key = await p.customer_with_key("u", stripe_customer_id="cus_u", overage="block")
+        await p.admin("POST", "/admin/customers/u/grants",
+                      {"credits": "2", "idempotency_key": "u-1"}, expect=201)
+        for _ in range(3):     # each would need the whole balance if a hold leaked
+            async with p.session.get(p.url + "/v1/items",
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["type"] == "upstream_unavailable"
+        book = p.server.pipeline.admission.book
+        assert book.available("u", 0) == 2 * Q
+        assert p.server.pipeline.in_flight == {}

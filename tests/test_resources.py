@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from proxy import metrics
-from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, free_port, write_config
+from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, write_config
 from tests.helpers import wait_until
 from tests.proxy_process import ProxyProcess
 
@@ -240,13 +240,12 @@ async def test_header_flood_keeps_memory_flat(tmp_path: Path, upstream: str) -> 
     """100 unauthenticated connections each sending 100 headers of 120 KB without ever
     finishing the head (12 GB offered): the proxy's RSS grows by less than 50 MB (each
     connection is cut at the first oversized field), and it keeps serving."""
-    port, aport = free_port(), free_port()
-    cfg = write_config(tmp_path, upstream, listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{aport}")
-    proc = ProxyProcess(cfg, tmp_path / "proxy.log", f"http://127.0.0.1:{aport}")
+    cfg = write_config(tmp_path, upstream)
+    proc = ProxyProcess(cfg, tmp_path / "proxy.log")          # on free ports it binds
     proc.spawn()
     try:
         await proc.wait_ready()
+        port = int(proc.url.rsplit(":", 1)[1])
         assert proc.proc is not None
         pid = proc.proc.pid
         base = _rss(pid)
@@ -285,9 +284,9 @@ async def test_header_flood_keeps_memory_flat(tmp_path: Path, upstream: str) -> 
         assert sent_total < 100 * len(field) * 100     # cut off early, not read to the end
         import aiohttp
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+            async with s.get(f"{proc.url}/healthz") as r:
                 assert r.status == 200
-            async with s.get(f"http://127.0.0.1:{aport}/readyz",
+            async with s.get(f"{proc.admin_url}/readyz",
                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
                 assert r.status == 200
     finally:

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import ADMIN_TOKEN, free_port, write_config
+from tests.conftest import ADMIN_TOKEN, write_config
 from tests.proxy_process import ProxyProcess
 from tests.servers import serve
 
@@ -105,15 +105,13 @@ class Upstream:
 async def setup(tmp_path: Path) -> AsyncIterator[tuple[Upstream, ProxyProcess, str, str]]:
     up = Upstream()
     async with serve(up.app()) as upstream_url:
-        port, aport = free_port(), free_port()
-        cfg = write_config(tmp_path, upstream_url, RULES, listen=f"127.0.0.1:{port}",
-                           admin_listen=f"127.0.0.1:{aport}",
+        cfg = write_config(tmp_path, upstream_url, RULES,
                            storage={"durability": "strict", "fail_mode": "closed"})
-        proc = ProxyProcess(cfg, tmp_path / "proxy.log", f"http://127.0.0.1:{aport}")
+        proc = ProxyProcess(cfg, tmp_path / "proxy.log")        # on free ports it binds
         proc.spawn()
         try:
             await proc.wait_ready()
-            yield up, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{aport}"
+            yield up, proc, proc.url.removeprefix("http://"), proc.admin_url
         finally:
             proc.ensure_dead()
 

@@ -296,6 +296,37 @@ async def test_subscription_deleted_suspends_on_the_next_request(hooks: HooksFac
     await spend(h.p, other, 1)                                     # nobody else is affected
 
 
+async def test_an_event_replayed_while_the_database_is_locked_stays_as_it_was(
+        hooks: HooksFactory) -> None:
+    """Processing that cannot write (another process holds the database past
+    storage.lock_wait) is the store's failure, not the event's: the replay answers 503
+    storage_unavailable and the event keeps its status (never marked failed); once the lock
+    is gone the same replay applies it."""
+    import sqlite3
+
+    h = await hooks(storage={"lock_wait": "100ms"})
+    await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_sd", "customer.subscription.deleted",
+                          {"id": "sub_9", "object": "subscription", "customer": "cus_acme"}))
+    await h.p.admin("POST", "/admin/customers", {"id": "acme", "status": "active"},
+                    expect=200)
+    blocker = sqlite3.connect(str(h.p.tmp / "meter.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async with h.p.session.post(h.admin_url + "/admin/webhooks/evt_sd/replay",
+                                    headers=h.p.admin_headers) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["type"]) == (503, "storage_unavailable"), body
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert (await h.admin("GET", "/admin/webhooks/evt_sd", expect=200))["status"] == "processed"
+    assert (await h.p.admin("GET", "/admin/customers/acme", expect=200))["status"] == "active"
+    await h.admin("POST", "/admin/webhooks/evt_sd/replay", expect=200)
+    assert (await h.p.admin("GET", "/admin/customers/acme", expect=200))["status"] == \
+        "suspended"
+
+
 async def test_payment_failed_none_changes_nothing(hooks: HooksFactory) -> None:
     h = await hooks()
     key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")

@@ -141,11 +141,11 @@ async def post_customer(request: web.Request) -> web.Response:
         return (anchor if "billing_anchor" in body else cust.billing_anchor,
                 cust.minimum_commitment if minimum is None else minimum)
 
+    # one transaction: a customer is never left created without its currency
     cust, created = await rt.owners().customers.upsert(
         body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
-        billing if "billing_anchor" in body or "minimum_commitment" in body else None)
-    if currency is not None and await rt.owners().customers.set_currency(cust.id, currency):
-        cust = await rt.owners().customers.get(cust.id) or cust
+        billing if "billing_anchor" in body or "minimum_commitment" in body else None,
+        currency=currency)
     if "credit_mode" in body:
         mode = keystore.credit_mode_value(body["credit_mode"])
         monetary = request.app.get(MONETARY)

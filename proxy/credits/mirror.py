@@ -138,8 +138,9 @@ class MonetaryService:
         self.give: GiveBack | None = None
         self._trued: set[tuple[str, str, int]] = set()
         self._debt_to: dict[str, int] | None = None
-        # customer -> the latest usage-period end of an invoice Stripe finalized (webhooks)
-        self._finalized: dict[str, int] = {}
+        # customer -> the latest usage-period end of an invoice Stripe finalized (webhooks;
+        # persisted by ``mirrors.finalize``, read back at the first pass after a start)
+        self._finalized: dict[str, int] | None = None
 
     def taken(self, customer_id: str) -> None:
         """``CreditService.on_taken``: credits left a grant of this customer without a
@@ -147,14 +148,18 @@ class MonetaryService:
         self._taken_from.add(customer_id)
         self.wake.set()
 
-    def finalized(self, customer_id: str, period_end: int) -> None:
+    async def finalized(self, customer_id: str, period_end: int) -> None:
         """``invoice.finalized`` (``WebhookReceiver.on_finalized``): Stripe has applied the
         credits to the customer's invoice for usage up to ``period_end``, so a Stripe grant
         kept live past its local expiry (``FINALIZATION_GRACE``) for that invoice is voided
-        now, if the local grant expired by ``period_end``. Remembered by this process only:
-        after a restart such a grant simply expires at Stripe at the end of its grace."""
-        if period_end > self._finalized.get(customer_id, 0):
+        now, if the local grant expired by ``period_end``. Stored (``mirrors.finalize``)
+        before it is acted on, so a restart still voids such grants (a failed write fails
+        the webhook's processing, which is retried)."""
+        moved = await self.mirrors.finalize(customer_id, period_end, int(self.clock()))
+        if self._finalized is not None and period_end > self._finalized.get(customer_id, 0):
             self._finalized[customer_id] = period_end
+            moved = True
+        if moved:
             self._taken_from.add(customer_id)
             self.wake.set()
 
@@ -309,7 +314,9 @@ class MonetaryService:
         rows changed."""
         if self._known is None:
             self._known = await self.mirrors.known()
-        known = self._known
+        if self._finalized is None:
+            self._finalized = await self.mirrors.finalized()
+        known, finalized = self._known, self._finalized
         by_base: dict[str, list[str]] = {}
         for k in known:
             by_base.setdefault(split_key(k)[0], []).append(k)
@@ -325,7 +332,7 @@ class MonetaryService:
                 keys = by_base.get(g.id, [])
                 live = [k for k in keys if known[k] == "live"]
                 if g.voided or (g.expires_at is not None and g.expires_at <= now
-                                and g.expires_at <= self._finalized.get(cid, 0)):
+                                and g.expires_at <= finalized.get(cid, 0)):
                     rows += [(k, cid, "void") for k in live]
                 elif not keys:
                     if g.live(now) or g.pending(now):

@@ -11,6 +11,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from proxy.store.db import run_write
+
 T = TypeVar("T")
 
 
@@ -18,7 +20,14 @@ class Writer(Protocol):
     conn: sqlite3.Connection
 
     def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn`` in one write transaction; commit, or roll back and re-raise."""
+        """Run ``fn`` in one write transaction; commit, or roll back and re-raise (a
+        locked database as ``proxy.store.db.DatabaseBusy``)."""
+        ...
+
+    async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``execute_write`` that first waits for a lock another process holds (the running
+        proxy: ``storage.lock_wait``, on a timer; elsewhere the connection's
+        ``busy_timeout``), then raises ``DatabaseBusy``."""
         ...
 
 
@@ -30,13 +39,7 @@ class Direct:
         self.conn = conn
 
     def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            out = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return out
+        return run_write(self.conn, fn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return self.execute_write(fn)     # the connection's busy_timeout is the wait

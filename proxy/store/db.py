@@ -30,7 +30,10 @@ Invariants
    ``busy_timeout=0``. A commit that finds the database locked (another process, or our
    own checkpoint) is retried on a timer (``_BUSY_RETRY``) for up to ``lock_wait``; only
    then does ``fail_mode`` decide. ``/healthz``, unmetered routes and committed work never
-   wait for it.
+   wait for it. A small write (``execute_write``) that finds it locked is rolled back and
+   raised as ``DatabaseBusy`` (the one translation: still a ``sqlite3.OperationalError``,
+   and a 503 ``storage_unavailable`` on HTTP); ``write`` waits for it on a timer first, up
+   to ``lock_wait``, then raises ``StorageUnavailable``.
 6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread copies the WAL back
    every ``checkpoint_interval`` without blocking writers; when the WAL is still over
    ``wal_truncate_size`` a ``TRUNCATE`` checkpoint on the loop connection (non-blocking:
@@ -66,7 +69,7 @@ import orjson
 
 from proxy import metrics
 from proxy.credits.ledger import Entry
-from proxy.errors import MeteringUnavailable, StorageError
+from proxy.errors import MeteringUnavailable, StorageError, StorageUnavailable
 from proxy.store.schema import MIGRATIONS
 
 log = logging.getLogger("meterproxy.store")
@@ -91,6 +94,31 @@ def is_busy(exc: sqlite3.Error) -> bool:
 
 def is_corrupt(exc: sqlite3.Error) -> bool:
     return _code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+class DatabaseBusy(StorageUnavailable, sqlite3.OperationalError):
+    """A write transaction found the database locked and was rolled back (nothing written).
+    The one translation of SQLITE_BUSY / SQLITE_LOCKED for small writes: still a
+    ``sqlite3.OperationalError`` with the original result code (``is_busy`` is true, so
+    background callers that catch ``sqlite3.Error`` and retry keep working) and an
+    ``HttpError`` (503 ``storage_unavailable`` with ``Retry-After``) that every HTTP surface
+    answers through ``proxy.http_errors``."""
+
+    def __init__(self, message: str, code: int = _SQLITE_BUSY) -> None:
+        super().__init__(message)
+        code = code if code in (_SQLITE_BUSY, _SQLITE_LOCKED) else _SQLITE_BUSY
+        self.sqlite_errorcode = code
+        self.sqlite_errorname = "SQLITE_BUSY" if code == _SQLITE_BUSY else "SQLITE_LOCKED"
+
+
+def _busy_message(exc: sqlite3.Error, waited: float | None = None) -> str:
+    how = f" for {waited:.1f}s (storage.lock_wait)" if waited is not None else ""
+    return f"the database is locked by another process{how}; nothing was written, retry " \
+           f"shortly ({exc})"
+
+
+def _busy(exc: sqlite3.Error) -> DatabaseBusy:
+    return DatabaseBusy(_busy_message(exc), _code(exc))
 
 
 @dataclass(slots=True)
@@ -227,6 +255,27 @@ def quick_check(path: Path, expect: tuple[int, int]) -> str | None:
         conn.close()
     found = [str(r[0]) for r in rows]
     return None if found == ["ok"] else "; ".join(found)[:500]
+
+
+def run_write(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """``fn`` in one ``BEGIN IMMEDIATE .. COMMIT``; on any error rolled back and re-raised,
+    a locked database as ``DatabaseBusy``."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except DatabaseBusy:
+        raise
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            raise _busy(exc) from exc
+        raise
+    return result
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -836,21 +885,33 @@ class Store:
                 self.conn.execute("PRAGMA busy_timeout=0")
 
     def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run a small write transaction (admin operations) on the owned connection. Never
-        waits for a lock (``busy_timeout`` 0): a foreign lock is an immediate
-        ``sqlite3.OperationalError`` for the caller to report or retry."""
+        """Run a small write transaction on the owned connection. Never waits for a lock
+        (``busy_timeout`` 0): a foreign lock is an immediate ``DatabaseBusy`` (rolled back,
+        nothing written) for the caller to report or retry; ``write`` waits for it."""
         if self.broken is not None:
             raise sqlite3.OperationalError(self.broken)
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
+        return run_write(self.conn, fn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``execute_write`` that waits for a foreign lock the way a group commit does:
+        retried on a timer (``_BUSY_RETRY``; the loop keeps serving) for up to ``lock_wait``,
+        then ``StorageUnavailable`` (503 ``storage_unavailable`` on HTTP; not a
+        ``sqlite3.Error``: callers catch it as ``StorageUnavailable``, which PostgreSQL's
+        ``PgUnavailable`` also is). Without a lock in the way it runs at once, with no
+        ``await`` before the transaction."""
+        started: float | None = None
+        tries = 0
+        while True:
+            try:
+                return self.execute_write(fn)
+            except DatabaseBusy as exc:
+                now = self._loop.time()
+                if started is None:
+                    started = now
+                if now - started >= self.lock_wait or self._closed:
+                    raise StorageUnavailable(_busy_message(exc, now - started)) from exc
+            await asyncio.sleep(_BUSY_RETRY[min(tries, len(_BUSY_RETRY) - 1)])
+            tries += 1
 
     def data_version(self) -> int:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])

@@ -234,6 +234,12 @@ def snapshot(conn: sqlite3.Connection) -> tuple[dict[str, KeyEntry], dict[str, C
     return keys, {c.id: c for c in list_customers(conn)}
 
 
+def _update_if_changed(c: sqlite3.Connection, cid: str,
+                       column: Literal["currency", "credit_mode"], value: str | None) -> bool:
+    return c.execute(f"UPDATE customers SET {column}=? WHERE id=? AND {column} IS NOT ?",
+                     (value, cid, value)).rowcount == 1
+
+
 class SqliteCustomers:
     """The ``Customers`` owner on SQLite: the only writer of ``customers`` and ``api_keys``."""
 
@@ -243,36 +249,39 @@ class SqliteCustomers:
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     ) -> tuple[Customer, bool]:
+                     *, currency: object = None) -> tuple[Customer, bool]:
+        code = None if currency is None else currency_code(currency)
+
         def tx(c: sqlite3.Connection) -> tuple[Customer, bool]:
             cust, created = upsert_customer(c, cid, stripe_customer_id, overage, status)
             if billing is not None:
                 set_billing(c, cust.id, *billing(cust))
+            if code is not None:
+                _update_if_changed(c, cust.id, "currency", code)
+            if billing is not None or code is not None:
                 cust = get_customer(c, cust.id) or cust
             return cust, created
 
-        out: tuple[Customer, bool] = self.db.execute_write(tx)
+        out: tuple[Customer, bool] = await self.db.write(tx)
         return out
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
-        self.db.execute_write(lambda c: set_billing(c, cid, anchor, minimum))
+        await self.db.write(lambda c: set_billing(c, cid, anchor, minimum))
 
     async def set_currency(self, cid: str, currency: object) -> bool:
-        return self._set_column(cid, "currency", currency_code(currency))
+        return await self._set_column(cid, "currency", currency_code(currency))
 
     async def set_credit_mode(self, cid: str, mode: object) -> bool:
-        return self._set_column(cid, "credit_mode", credit_mode_value(mode))
+        return await self._set_column(cid, "credit_mode", credit_mode_value(mode))
 
-    def _set_column(self, cid: str, column: Literal["currency", "credit_mode"],
+    async def _set_column(self, cid: str, column: Literal["currency", "credit_mode"],
                     value: str | None) -> bool:
         """Set one of the customer's settings; True when it changed."""
-        n: int = self.db.execute_write(lambda c: c.execute(
-            f"UPDATE customers SET {column}=? WHERE id=? AND {column} IS NOT ?",
-            (value, cid, value)).rowcount)
-        return n == 1
+        changed: bool = await self.db.write(lambda c: _update_if_changed(c, cid, column, value))
+        return changed
 
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
-        n: int = self.db.execute_write(lambda c: c.execute(
+        n: int = await self.db.write(lambda c: c.execute(
             "UPDATE customers SET billing_anchor=?, anchor_event_at=? WHERE id=?"
             " AND (anchor_event_at IS NULL OR anchor_event_at <= ?)",
             (anchor, event_at, cid, event_at)).rowcount)
@@ -306,15 +315,15 @@ class SqliteCustomers:
             c.execute("UPDATE customers SET suspended_for=? WHERE id=?", (new[1], cid))
             return True
 
-        changed: bool = self.db.execute_write(tx)
+        changed: bool = await self.db.write(tx)
         return changed
 
     async def create_key(self, customer_id: str, name: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = self.db.execute_write(lambda c: create_key(c, customer_id, name))
+        out: dict[str, Any] = await self.db.write(lambda c: create_key(c, customer_id, name))
         return out
 
     async def revoke_key(self, key_id: str) -> bool:
-        out: bool = self.db.execute_write(lambda c: revoke_key(c, key_id))
+        out: bool = await self.db.write(lambda c: revoke_key(c, key_id))
         return out
 
     async def list_keys(self, customer_id: str | None = None) -> list[dict[str, Any]]:

@@ -101,7 +101,7 @@ class SqliteCreditLedger:
                 insert_entries(c, g.customer_id, extra)
             return g, True
 
-        out: tuple[GrantState, bool] = self.db.execute_write(tx)
+        out: tuple[GrantState, bool] = await self.db.write(tx)
         return out
 
     async def append(self, entries: Sequence[LedgerEntry]) -> None:

@@ -1,6 +1,8 @@
 """Stripe credit grant mirrors on SQLite (the ``GrantMirrors`` owner): the only writer of
 ``grant_mirrors`` (schema migration 10). One row per local grant of a monetary customer, the
-durable intent the mirror worker (``proxy.credits.mirror``) retries until Stripe holds it."""
+durable intent the mirror worker (``proxy.credits.mirror``) retries until Stripe holds it.
+Also ``invoice_finalized`` (migration 12): per customer, the latest usage-period end of an
+invoice Stripe finalized, which lets the worker void grants kept live for that invoice."""
 
 from __future__ import annotations
 
@@ -85,5 +87,18 @@ class SqliteGrantMirrors:
             return sum(int(c.execute(sql + " AND grant_id=?", (at, g)).rowcount)
                        for g in grant_ids)
 
-        n: int = self.db.execute_write(tx)
+        n: int = await self.db.write(tx)
         return n
+
+    async def finalize(self, customer_id: str, period_end: int, at: int) -> bool:
+        n: int = await self.db.write(lambda c: c.execute(
+            "INSERT INTO invoice_finalized(customer_id, period_end, updated_at) VALUES (?,?,?)"
+            " ON CONFLICT(customer_id) DO UPDATE SET period_end=excluded.period_end,"
+            " updated_at=excluded.updated_at"
+            " WHERE excluded.period_end > invoice_finalized.period_end",
+            (customer_id, int(period_end), int(at))).rowcount)
+        return n == 1
+
+    async def finalized(self) -> dict[str, int]:
+        return {str(c): int(e) for c, e in self.db.conn.execute(
+            "SELECT customer_id, period_end FROM invoice_finalized")}

@@ -261,7 +261,7 @@ class SqliteOutbox:
             cur = c.execute(f"UPDATE outbox SET {sets} WHERE id=? AND status='dead'", args)
             return cur.rowcount == 1
 
-        ok: bool = self.db.execute_write(tx)
+        ok: bool = await self.db.write(tx)
         return ok
 
     async def make_due(self, ids: Sequence[int]) -> int:

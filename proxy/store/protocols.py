@@ -561,12 +561,13 @@ class Customers(Protocol):
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     ) -> tuple[Customer, bool]:
+                     *, currency: object = None) -> tuple[Customer, bool]:
         """Create or update from raw JSON values (InvalidInput on bad ones, nothing
         written); a None field keeps its value. An explicit status is the operator's: it
         clears any automatic suspension reason. ``billing`` (pure) gets the upserted
-        customer and returns its (billing anchor, minimum commitment), set in the same
-        transaction. Returns (customer, created). Idempotent."""
+        customer and returns its (billing anchor, minimum commitment), and ``currency``
+        (an ISO code, as ``set_currency``) is set; both in the same transaction, so a
+        customer is never created without them. Returns (customer, created). Idempotent."""
         ...
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
@@ -796,6 +797,16 @@ class GrantMirrors(Protocol):
 
     async def requeue(self, grant_ids: Sequence[str] | None, at: int) -> int:
         """Dead rows (those named, or all) back to pending, due now, attempts reset."""
+        ...
+
+    async def finalize(self, customer_id: str, period_end: int, at: int) -> bool:
+        """Stripe finalized an invoice of the customer for usage up to ``period_end``
+        (``invoice.finalized``): kept as the customer's latest such end, never lowered.
+        True when it moved."""
+        ...
+
+    async def finalized(self) -> dict[str, int]:
+        """customer id -> the latest usage-period end of an invoice Stripe finalized."""
         ...
 
 

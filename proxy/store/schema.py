@@ -325,4 +325,14 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE journal;
     ALTER TABLE journal_new RENAME TO journal;
     """,
+    # 12: the monetary credits mode: the latest usage-period end of an invoice Stripe
+    # finalized, per customer (``invoice.finalized``), so a Stripe grant kept live past its
+    # local expiry for that invoice is voided after a restart too (owner proxy/store/mirrors.py)
+    """
+    CREATE TABLE invoice_finalized (
+        customer_id TEXT PRIMARY KEY,
+        period_end INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    """,
 )

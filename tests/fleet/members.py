@@ -26,11 +26,20 @@ FAST_FLEET = {"lease_ttl": "3s", "reaper_grace": "1s", "leader_ttl": "3s",
 
 
 class RunningMember:
-    def __init__(self, name: str, proc: ProxyProcess, url: str, admin: str) -> None:
+    def __init__(self, name: str, proc: ProxyProcess) -> None:
         self.name = name
         self.proc = proc
-        self.url = url
-        self.admin = admin
+
+    @property
+    def url(self) -> str:
+        """The public URL (once started: the ports are the process's, ``ProxyProcess``)."""
+        assert self.proc.url, f"member {self.name} has not started"
+        return self.proc.url
+
+    @property
+    def admin(self) -> str:
+        assert self.proc.admin_url, f"member {self.name} has not started"
+        return self.proc.admin_url
 
 
 class FleetOfMembers:
@@ -46,11 +55,15 @@ class FleetOfMembers:
         self.stripe = stripe
         self.members: list[RunningMember] = []
 
-    def add(self, name: str) -> RunningMember:
+    def add(self, name: str, workers: int = 1) -> RunningMember:
+        """Spawn a member (``await m.proc.wait_ready()`` before using its URLs). It binds
+        free ports itself; ``workers`` > 1 share one port, so theirs are picked here."""
         d = self.tmp / name
         d.mkdir()
-        port, aport = free_port(), free_port()
+        port, aport = (free_port(), free_port()) if workers > 1 else (0, 0)
         extra: dict[str, Any] = dict(self.extra)
+        if workers > 1:
+            extra["workers"] = workers
         if self.rules_text is not None:
             extra["rules_text"] = self.rules_text
         if self.stripe is not None:
@@ -60,9 +73,7 @@ class FleetOfMembers:
                            storage={"backend": "postgres", "dsn": self.dsn,
                                     "path": str(d / "journal.db"), "pool_size": 4},
                            fleet={**FAST_FLEET, **self.fleet, "member_id": name}, **extra)
-        admin = f"http://127.0.0.1:{aport}"
-        m = RunningMember(name, ProxyProcess(cfg, d / "proxy.log", admin),
-                          f"http://127.0.0.1:{port}", admin)
+        m = RunningMember(name, ProxyProcess(cfg, d / "proxy.log"))
         self.members.append(m)
         m.proc.spawn()
         return m

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.fleet.members import admin_call, fleet_of, wait_status
+from tests.fleet.members import AH, admin_call, fleet_of, wait_status
 
 BOUND = 1.0
 
@@ -31,3 +31,33 @@ async def test_key_revoked_on_one_member_is_refused_on_the_others(tmp_path: Path
             # every member answers for the fleet: B lists the key as revoked
             keys = await admin_call(s, b, "GET", "/admin/customers/cust/keys")
             assert [k["revoked_at"] is not None for k in keys] == [True], keys
+
+
+async def test_admin_write_behind_a_row_lock_answers_503(tmp_path: Path, upstream: str) -> None:
+    """PostgreSQL's equivalent of a locked SQLite file: another session holds the customer's
+    row lock; the admin write waits the pool's command_timeout, then answers the same 503
+    storage_unavailable with Retry-After as SQLite does, and wrote nothing."""
+    import asyncpg
+
+    async with fleet_of(tmp_path, upstream) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            blocker = await asyncpg.connect(fleet.dsn)
+            try:
+                tx = blocker.transaction()
+                await tx.start()
+                await blocker.execute("SELECT * FROM customers WHERE id='cust' FOR UPDATE")
+                async with s.post(a.admin + "/admin/customers", headers=AH,
+                                  json={"id": "cust", "status": "suspended"}) as r:
+                    body = await r.json()
+                    assert r.status == 503, body
+                    assert body["error"]["type"] == "storage_unavailable"
+                    assert r.headers["Retry-After"] == "1"
+                await tx.rollback()
+            finally:
+                await blocker.close()
+            cust = await admin_call(s, a, "GET", "/admin/customers/cust")
+            assert cust["status"] == "active"
+            await admin_call(s, a, "POST", "/admin/customers",
+                             {"id": "cust", "status": "suspended"})

@@ -53,12 +53,7 @@ def test_workers_on_sqlite_are_refused_with_the_reason(tmp_path: Path) -> None:
 async def test_two_workers_share_a_port_restart_when_killed_and_drain_on_sigterm(
         tmp_path: Path, upstream: str) -> None:
     async with fleet_of(tmp_path, upstream) as fleet:
-        m = fleet.add("sc")
-        fleet.members[-1].proc.cfg.write_text(
-            fleet.members[-1].proc.cfg.read_text() + "workers: 2\n")
-        m.proc.proc.kill()            # started before the edit: start again with workers: 2
-        m.proc.proc.wait()
-        m.proc.spawn()
+        m = fleet.add("sc", workers=2)
         await m.proc.wait_ready(60)
         sup = m.proc.proc
         assert sup is not None
@@ -113,11 +108,7 @@ async def _refused(url: str) -> bool:
 async def test_a_sigkilled_supervisor_takes_its_workers_with_it(tmp_path: Path,
                                                                upstream: str) -> None:
     async with fleet_of(tmp_path, upstream) as fleet:
-        m = fleet.add("sk")
-        m.proc.cfg.write_text(m.proc.cfg.read_text() + "workers: 2\n")
-        m.proc.proc.kill()            # started before the edit: start again with workers: 2
-        m.proc.proc.wait()
-        m.proc.spawn()
+        m = fleet.add("sk", workers=2)
         await m.proc.wait_ready(60)
         sup = m.proc.proc
         assert sup is not None

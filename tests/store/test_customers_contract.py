@@ -168,6 +168,29 @@ async def test_set_currency_is_the_customer_s_currency_everywhere(backend: Backe
     assert await cu.get("nobody") is None
 
 
+async def test_upsert_sets_the_currency_in_the_same_transaction(backend: Backend) -> None:
+    """``upsert(..., currency=)``: a customer is created (or updated) with its currency in one
+    transaction; a bad currency writes nothing, not even the customer."""
+    cu = backend.storage.customers
+    cust, created = await cu.upsert("c1", None, None, None, currency="EUR")
+    assert created and cust.currency == "eur"
+    seen = await backend.peer().customers.get("c1")
+    assert seen is not None and seen.currency == "eur"
+    cust, created = await cu.upsert("c1", None, "block", None, currency="usd",
+                                    billing=lambda c: (1_700_000_000, 7))
+    assert not created and (cust.currency, cust.overage, cust.minimum_commitment) == (
+        "usd", "block", 7)
+    cust, _ = await cu.upsert("c1", None, None, None)              # None keeps it
+    assert cust.currency == "usd"
+    with pytest.raises(InvalidInput, match="three-letter"):
+        await cu.upsert("c2", None, None, None, currency="euro")
+    assert await cu.get("c2") is None
+    with pytest.raises(InvalidInput, match="three-letter"):
+        await cu.upsert("c1", None, None, "suspended", currency="euro")
+    got = await cu.get("c1")
+    assert got is not None and (got.status, got.currency) == ("active", "usd")
+
+
 async def test_set_credit_mode_is_the_customer_s_mode_everywhere(backend: Backend) -> None:
     """``Customer.credit_mode``: units, monetary, or None (the configured default)."""
     cu = backend.storage.customers

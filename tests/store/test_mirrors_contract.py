@@ -64,3 +64,16 @@ async def test_concurrent_wants_insert_one_row(backend: Backend) -> None:
                                  for s in [backend.storage, backend.peer()] * 2))
     assert sum(got) == 1
     assert len(await backend.storage.mirrors.rows()) == 1
+
+
+async def test_finalized_period_ends_are_kept_and_never_lowered(backend: Backend) -> None:
+    """``finalize``: per customer, the latest usage-period end of an invoice Stripe
+    finalized, durable and seen by another member; an earlier end never lowers it."""
+    m = backend.storage.mirrors
+    assert await m.finalized() == {}
+    assert await m.finalize("c1", 1000, at=10)
+    assert not await m.finalize("c1", 1000, at=11)                       # unchanged
+    assert not await backend.peer().mirrors.finalize("c1", 900, at=12)   # never lowered
+    assert await m.finalize("c2", 500, at=13)
+    assert await m.finalize("c1", 2000, at=14)
+    assert await backend.peer().mirrors.finalized() == {"c1": 2000, "c2": 500}

@@ -249,3 +249,20 @@ async def test_rules_history_and_maintenance(pg: PostgresStorage) -> None:
     assert pg.maintenance.check_file() is None
     await pg.maintenance.checkpoint_once()
     assert await pg.maintenance.integrity_check() is None
+
+
+async def test_upsert_with_currency_is_one_transaction(pg: PostgresStorage) -> None:
+    """A failure setting the currency (a trigger refuses it) leaves no customer behind: the
+    create and the currency are one transaction."""
+    async with pg.pool.acquire() as c:
+        await c.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                        " $$BEGIN RAISE EXCEPTION 'currency refused'; END$$")
+        await c.execute("CREATE TRIGGER refuse_currency BEFORE UPDATE OF currency ON customers"
+                        " FOR EACH ROW EXECUTE FUNCTION refuse()")
+    with pytest.raises(Exception, match="currency refused"):
+        await pg.customers.upsert("half", None, None, None, currency="eur")
+    assert await pg.customers.get("half") is None
+    async with pg.pool.acquire() as c:
+        await c.execute("DROP TRIGGER refuse_currency ON customers")
+    cust, created = await pg.customers.upsert("half", None, None, None, currency="eur")
+    assert created and cust.currency == "eur"

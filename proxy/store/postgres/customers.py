@@ -84,6 +84,12 @@ async def _set_billing(c: Conn, cid: str, anchor: object, minimum: object) -> No
                     cid, a, m)
 
 
+async def _update_if_changed(c: Conn, cid: str, column: Literal["currency", "credit_mode"],
+                             value: str | None) -> bool:
+    return await c.fetchval(f"UPDATE customers SET {column}=$2 WHERE id=$1 AND"
+                            f" {column} IS DISTINCT FROM $2 RETURNING 1", cid, value) is not None
+
+
 class PostgresCustomers:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
@@ -97,11 +103,15 @@ class PostgresCustomers:
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     ) -> tuple[Customer, bool]:
+                     *, currency: object = None) -> tuple[Customer, bool]:
+        code = None if currency is None else currency_code(currency)
         async with self.pool.acquire() as c, c.transaction():
             cust, created = await _upsert(c, cid, stripe_customer_id, overage, status)
             if billing is not None:
                 await _set_billing(c, cust.id, *billing(cust))
+            if code is not None:
+                await _update_if_changed(c, cust.id, "currency", code)
+            if billing is not None or code is not None:
                 cust = await _get(c, cust.id) or cust
         self.changed()
         return cust, created
@@ -121,11 +131,10 @@ class PostgresCustomers:
                           value: str | None) -> bool:
         """Set one of the customer's settings; True when it changed."""
         async with self.pool.acquire() as c:
-            done = await c.fetchval(f"UPDATE customers SET {column}=$2 WHERE id=$1 AND"
-                                    f" {column} IS DISTINCT FROM $2 RETURNING 1", cid, value)
-        if done is not None:
+            done = await _update_if_changed(c, cid, column, value)
+        if done:
             self.changed()
-        return done is not None
+        return done
 
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         # one statement: the row lock orders concurrent calls, and the second re-checks the

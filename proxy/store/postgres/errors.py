@@ -3,7 +3,8 @@
 ``PgUnavailable``: the database could not be reached or answered too late (connection refused
 or cut, timeout, server shutting down). Callers treat it as "PostgreSQL is unreachable" and
 keep serving on what they hold (leases, journal); every other database error is a bug or a
-constraint and propagates unchanged.
+constraint and propagates unchanged. No store code runs SERIALIZABLE transactions or sets
+``lock_timeout``: a lock wait ends at ``command_timeout`` as a ``PgUnavailable``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from proxy.errors import MeterproxyError
+from proxy.errors import StorageUnavailable
 
 
-class PgUnavailable(MeterproxyError):
-    """PostgreSQL is unreachable or did not answer in time."""
+class PgUnavailable(StorageUnavailable):
+    """PostgreSQL is unreachable or did not answer in time (``command_timeout``: also a
+    write that waited that long for a row lock another session holds). Its transaction did
+    not commit; on an HTTP surface it is a 503 ``storage_unavailable`` with ``Retry-After``,
+    the same answer as a locked SQLite database."""
 
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (

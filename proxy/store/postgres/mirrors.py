@@ -1,4 +1,5 @@
-"""The ``GrantMirrors`` owner on PostgreSQL: ``grant_mirrors`` (owners' migration 6).
+"""The ``GrantMirrors`` owner on PostgreSQL: ``grant_mirrors`` (owners' migration 7) and
+``invoice_finalized`` (migration 8).
 
 Members race only on the same row: ``want`` is one ``INSERT .. ON CONFLICT DO UPDATE``
 (a void never goes back to live), and ``progress``/``fail`` are single-row updates, so two
@@ -90,3 +91,18 @@ class PostgresGrantMirrors:
                     " updated_at=$1 WHERE status='dead' AND grant_id = ANY($2::text[])"
                     " RETURNING 1", int(at), list(grant_ids))
         return len(got)
+
+    async def finalize(self, customer_id: str, period_end: int, at: int) -> bool:
+        async with self.pool.acquire() as c:
+            got = await c.fetchval(
+                "INSERT INTO invoice_finalized(customer_id, period_end, updated_at)"
+                " VALUES ($1,$2,$3) ON CONFLICT (customer_id) DO UPDATE SET"
+                " period_end=EXCLUDED.period_end, updated_at=EXCLUDED.updated_at"
+                " WHERE EXCLUDED.period_end > invoice_finalized.period_end RETURNING 1",
+                customer_id, int(period_end), int(at))
+        return got is not None
+
+    async def finalized(self) -> dict[str, int]:
+        async with self.pool.acquire() as c:
+            rows = await c.fetch("SELECT customer_id, period_end FROM invoice_finalized")
+        return {str(r[0]): int(r[1]) for r in rows}

@@ -30,7 +30,8 @@ period's minimum-commitment decision). Migration 4 is SQLite's migration 9:
 Migration 6 keeps per-grant state in step with the shared ledger (``grants.used``,
 ``credit_accounts.debt`` and ``rev``; ``proxy.store.postgres.grant_debits``).
 Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
-``grant_mirrors`` (the monetary credits mode, docs/credits.md).
+``grant_mirrors`` (the monetary credits mode, docs/credits.md). Migration 8 is SQLite's
+migration 12: ``invoice_finalized``.
 """
 
 from __future__ import annotations
@@ -200,6 +201,15 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
         updated_at BIGINT NOT NULL
     );
     CREATE INDEX grant_mirrors_due ON grant_mirrors(status, next_attempt_at);
+    """,
+    # 8: the latest finalized invoice period end per customer (SQLite's migration 12;
+    # owner proxy/store/postgres/mirrors.py)
+    """
+    CREATE TABLE invoice_finalized (
+        customer_id TEXT PRIMARY KEY,
+        period_end BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
     """,
 )
 
