@@ -78,6 +78,11 @@ log = logging.getLogger("meterproxy.store")
 MATERIALIZE_INTERVAL = 0.1
 _MIRROR_MAX_ROWS = 100_000     # journal rows kept in memory for materialize (then read back)
 _MATERIALIZE_BATCH = 20_000
+# rows per materialize transaction while serving (whole group commits: a slice may exceed it
+# by one commit's rows): ~0.4 ms of blocked loop each. 256 blocked it 1.3-2 ms at a time, the
+# largest share of strict's latency tail; below 64 the fixed cost per transaction (its
+# COMMIT's WAL frames) grows the cost per row (docs/PERFORMANCE.md, "Strict latency tail")
+MATERIALIZE_SLICE = 64
 # retry delays of a group commit that found the database locked (seconds; the last repeats)
 _BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
 # SQLite primary result codes
@@ -617,9 +622,9 @@ class Store:
         return True
 
     async def materialize_forever(self, interval: float = MATERIALIZE_INTERVAL,
-                                  slice_rows: int = 256) -> None:
+                                  slice_rows: int = MATERIALIZE_SLICE) -> None:
         """Materialize in slices of ``slice_rows``, yielding to the loop between them, so a
-        busy second never blocks requests for more than one slice (~2-4 ms)."""
+        busy second never blocks requests for more than one slice (~0.4 ms)."""
         while True:
             await asyncio.sleep(interval)
             while self._journaled:
