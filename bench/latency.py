@@ -84,6 +84,10 @@ def main() -> int:
     ap.add_argument("--targets", default="bare,strict")
     ap.add_argument("--json", help="also write every run's figures here")
     ap.add_argument("--meterproxy", default=f"{run.PY} -m proxy")
+    ap.add_argument("--before", metavar="CMD",
+                    help="also run every meterproxy target with this command (e.g. another "
+                         "checkout's code), interleaved, as TARGET@before: an A/B under the "
+                         "same machine noise")
     a = ap.parse_args()
     if a.quick:
         a.reps, a.duration, a.warmup, a.max_duration = 1, 2.0, 0.5, 2.0
@@ -107,6 +111,14 @@ def main() -> int:
                        work / "origin.log", 0)
     run.wait_http(f"http://127.0.0.1:{oport}/small", origin)
     s = run.Setup(work, f"http://127.0.0.1:{oport}", a.meterproxy.split())
+    setups = {t: s for t in targets}
+    if a.before:
+        (work / "before").mkdir()
+        sb = run.Setup(work / "before", f"http://127.0.0.1:{oport}", a.before.split())
+        for t in list(targets[1:]):
+            if t != "nginx":
+                targets.insert(targets.index(t) + 1, f"{t}@before")
+                setups[f"{t}@before"] = sb
     t0 = time.monotonic()
 
     # the bare maximum per payload (closed loop), median of the reps
@@ -130,7 +142,7 @@ def main() -> int:
         for pl in payloads:
             for load in LOADS:
                 for t in targets:
-                    r = measure(s, t, pl, load, bare_max[pl] / 2, a)
+                    r = measure(setups[t], t.split("@")[0], pl, load, bare_max[pl] / 2, a)
                     runs.setdefault(f"{t}/{pl}/{load}", []).append(r)
                     lg = r.get("ledger")
                     if isinstance(lg, dict) and not lg["ok"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -200,6 +201,27 @@ async def test_headers_forwarded_and_hop_by_hop_dropped(make_proxy: ProxyFactory
         async with p.session.get(p.url + "/v1/x", headers={"X-API-Key": key}) as r:
             assert r.status == 200
             assert len(r.headers["X-Request-Id"]) == 32
+
+
+async def test_generated_request_ids_are_time_ordered_hex(proxy: Proxy) -> None:
+    """A request without an X-Request-Id gets 32 hex digits that start with the time in
+    milliseconds: later requests sort after earlier ones, so the audit's request_id index
+    is appended to at its right edge instead of one random page per row."""
+    key = await proxy.customer_with_key("rid")
+    ids = []
+    for _ in range(5):
+        async with proxy.session.get(proxy.url + "/v1/items",
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+            ids.append(r.headers["X-Request-Id"])
+        await asyncio.sleep(0.002)
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert abs(int(ids[0][:12], 16) / 1000 - time.time()) < 60
+    with proxy.db() as c:
+        audited = [r[0] for r in c.execute("SELECT request_id FROM audit WHERE customer_id='rid'"
+                                           " ORDER BY seq")]
+    assert audited == ids
 
 
 async def test_websocket_passes_through(proxy: Proxy) -> None:

@@ -64,6 +64,15 @@ from proxy.target import InvalidTarget, canonical
 log = logging.getLogger("meterproxy.handler")
 
 _XRID = istr("X-Request-Id")
+
+
+def new_request_id() -> str:
+    """A generated X-Request-Id: 32 lowercase hex digits, the first 12 the time in
+    milliseconds, the other 20 random (80 bits: unique within a millisecond). Time-ordered,
+    so the audit's ``request_id`` index takes them at its right edge: random ids dirtied one
+    index page per row, which made materializing 1.5-3x dearer per row and doubled the WAL
+    written per request (docs/PERFORMANCE.md, "Strict latency tail")."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -120,7 +129,7 @@ class Pipeline:
             await _expect(request)
         rid = request.headers.get(_XRID, "")
         if not rid or len(rid) > 128 or not rid.isprintable():
-            rid = os.urandom(16).hex()    # kept only when short and printable (it is stored)
+            rid = new_request_id()    # kept only when short and printable (it is stored)
         rule_name = "(invalid_path)"
         resp: web.StreamResponse
         raw = request.raw_path

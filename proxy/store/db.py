@@ -34,11 +34,13 @@ Invariants
    raised as ``DatabaseBusy`` (the one translation: still a ``sqlite3.OperationalError``,
    and a 503 ``storage_unavailable`` on HTTP); ``write`` waits for it on a timer first, up
    to ``lock_wait``, then raises ``StorageUnavailable``.
-6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread copies the WAL back
-   every ``checkpoint_interval`` without blocking writers; when the WAL is still over
-   ``wal_truncate_size`` a ``TRUNCATE`` checkpoint on the loop connection (non-blocking:
-   skipped when a reader or writer is in the way) resets it to zero bytes, and
-   ``journal_size_limit`` caps the file whenever SQLite restarts the WAL by itself.
+6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread (at a lower CPU
+   priority than the loop) copies the WAL back every ``checkpoint_interval`` without
+   blocking writers; when the WAL is still over ``wal_truncate_size`` a ``RESTART``
+   checkpoint on the loop connection (non-blocking: skipped when a reader or writer is in
+   the way) copies the rest, so the next commit starts the WAL from its beginning and
+   ``journal_size_limit`` cuts the file to ``wal_truncate_size`` (an idle store's WAL is
+   truncated to zero bytes instead).
 7. The file under the path is the file we write: its (device, inode) is recorded at open
    and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
    corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
@@ -54,6 +56,7 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -61,6 +64,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,10 +81,26 @@ log = logging.getLogger("meterproxy.store")
 MATERIALIZE_INTERVAL = 0.1
 _MIRROR_MAX_ROWS = 100_000     # journal rows kept in memory for materialize (then read back)
 _MATERIALIZE_BATCH = 20_000
+# rows per materialize transaction while serving (whole group commits: a slice may exceed it
+# by one commit's rows): ~0.4 ms of blocked loop each. 256 blocked it 1.3-2 ms at a time, the
+# largest share of strict's latency tail; below 64 the fixed cost per transaction (its
+# COMMIT's WAL frames) grows the cost per row (docs/PERFORMANCE.md, "Strict latency tail")
+MATERIALIZE_SLICE = 64
 # retry delays of a group commit that found the database locked (seconds; the last repeats)
 _BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
 # SQLite primary result codes
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+# niceness of the maintenance thread (checkpoints, quick_check): on a CPU it shares with the
+# event loop it runs in the loop's idle time instead of taking CPU slices from requests
+MAINTENANCE_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """The calling thread runs at ``MAINTENANCE_NICE`` (Linux: niceness is per thread).
+    Elsewhere, or without permission, it keeps the process's priority."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       os.getpriority(os.PRIO_PROCESS, 0) + MAINTENANCE_NICE)
 
 
 def _code(exc: sqlite3.Error) -> int:
@@ -348,6 +368,9 @@ class Store:
         self.path: Path | None = None
         self._file_id: tuple[int, int] | None = None
         self._maint: sqlite3.Connection | None = None     # worker-thread checkpoints
+        # the one worker thread for checkpoints and integrity checks, at a lower priority
+        self._maint_pool = ThreadPoolExecutor(1, "meterproxy-maint", _lower_thread_priority)
+        self._restart_changes = -1      # conn.total_changes at the last WAL restart checkpoint
         # held by the worker thread while it uses _maint, and by close(): a connection
         # closed while another thread steps a statement on it can crash the process
         self._maint_lock = threading.Lock()
@@ -447,7 +470,7 @@ class Store:
         """Keep the WAL bounded and watch the file. Every ``interval``: the identity check,
         a PASSIVE checkpoint in a worker thread (copies the WAL back without blocking
         writers; SQLite's auto-checkpoint would run it inside an unlucky COMMIT on the loop),
-        then, if the WAL is still over ``wal_truncate_size``, a non-blocking TRUNCATE on the
+        then, if the WAL is still over ``wal_truncate_size``, a non-blocking RESTART on the
         loop connection: only the frames written since the passive pass remain to copy."""
         next_integrity = self._loop.time() + integrity_interval
         while True:
@@ -474,12 +497,13 @@ class Store:
             if self._maint is not None:
                 self._maint.close()
                 self._maint = None
+        self._maint_pool.shutdown(wait=False)
 
     async def checkpoint_once(self) -> None:
         if self._maint is None or self.broken is not None:
             return
         try:
-            await asyncio.to_thread(self._passive_checkpoint)
+            await self._loop.run_in_executor(self._maint_pool, self._passive_checkpoint)
             metrics.wal_checkpoints_total.labels("passive", "ok").inc()
         except sqlite3.Error as exc:
             metrics.wal_checkpoints_total.labels("passive", "error").inc()
@@ -490,8 +514,16 @@ class Store:
         if self._closed or self.wal_bytes() <= self.wal_truncate_size or \
                 self.check_file() is not None:
             return
+        # RESTART, not TRUNCATE: both copy the frames written since the passive pass and
+        # let the next commit start the WAL from its beginning, where SQLite cuts the file
+        # to journal_size_limit (= wal_truncate_size); TRUNCATE's own ftruncate to zero
+        # bytes held the loop for 7-15 ms (docs/PERFORMANCE.md, "Strict latency tail").
+        # Only when nothing was written since the last RESTART (an idle store, so nothing
+        # restarts the WAL) is it truncated here.
+        changes = self.conn.total_changes
+        mode = "TRUNCATE" if changes == self._restart_changes else "RESTART"
         try:
-            busy, _, _ = checkpoint(self.conn, "TRUNCATE")   # busy_timeout 0: never waits
+            busy, _, _ = checkpoint(self.conn, mode)   # busy_timeout 0: never waits
         except sqlite3.Error as exc:
             metrics.wal_checkpoints_total.labels("truncate", "error").inc()
             if is_corrupt(exc):
@@ -499,6 +531,8 @@ class Store:
             elif not is_busy(exc):
                 log.warning("WAL truncate failed (will retry): %s", exc)
             return
+        if not busy:
+            self._restart_changes = changes
         metrics.wal_checkpoints_total.labels("truncate", "busy" if busy else "ok").inc()
 
     async def integrity_check(self) -> str | None:
@@ -506,7 +540,8 @@ class Store:
         if self.path is None or self._file_id is None or self.broken is not None:
             return self.broken
         try:
-            problem = await asyncio.to_thread(quick_check, self.path, self._file_id)
+            problem = await self._loop.run_in_executor(self._maint_pool, quick_check,
+                                                       self.path, self._file_id)
         except (sqlite3.Error, OSError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
@@ -636,9 +671,9 @@ class Store:
         return True
 
     async def materialize_forever(self, interval: float = MATERIALIZE_INTERVAL,
-                                  slice_rows: int = 256) -> None:
+                                  slice_rows: int = MATERIALIZE_SLICE) -> None:
         """Materialize in slices of ``slice_rows``, yielding to the loop between them, so a
-        busy second never blocks requests for more than one slice (~2-4 ms)."""
+        busy second never blocks requests for more than one slice (~0.4 ms)."""
         while True:
             await asyncio.sleep(interval)
             while self._journaled:

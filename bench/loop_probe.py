@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""What holds meterproxy's event loop, measured inside a running proxy (diagnosis, not a
+figure of merit: the probe's own wrappers cost a few microseconds per call).
+
+  # run meterproxy from CHECKOUT with the probe; at exit it writes $LOOP_PROBE_OUT.<pid>
+  LOOP_PROBE_OUT=/tmp/probe .venv/bin/python bench/latency.py --reps 1 --payloads small,64k \\
+      --meterproxy "$PWD/.venv/bin/python bench/loop_probe.py $PWD" \\
+      --before "$PWD/.venv/bin/python bench/loop_probe.py /path/to/base/checkout"
+  .venv/bin/python bench/loop_probe.py report /tmp/probe     # one block per proxy run
+
+Recorded, wall and thread CPU time (CPU time is not inflated by other processes taking the
+CPU; a gap between them is waiting: preempted, or in a system call such as fsync):
+every group commit (``Store._commit_now``), every materialize transaction, every WAL
+checkpoint (which thread, mode, frames), steps of named background tasks over 0.2 ms,
+garbage collections, and loop lag (a 1 ms sleep that wakes late). ``report`` keeps the
+span with load (from the first to the last lag sample).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections.abc
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+clock = time.perf_counter
+REC: dict[str, Any] = {"steps": [], "calls": [], "lag": [], "gc": [], "ck": []}
+T0 = clock()
+
+
+class _Timed(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """A task's coroutine, each step timed."""
+
+    def __init__(self, name: str, c: Any) -> None:
+        self.n, self.c = name, c
+
+    def _timed(self, fn: Callable[..., Any], *a: Any) -> Any:
+        t = clock()
+        try:
+            return fn(*a)
+        finally:
+            if (d := clock() - t) > 0.0002:
+                REC["steps"].append((t - T0, d, self.n))
+
+    def send(self, v: Any) -> Any:
+        return self._timed(self.c.send, v)
+
+    def throw(self, *a: Any) -> Any:
+        return self._timed(self.c.throw, *a)
+
+    def close(self) -> None:
+        self.c.close()
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+
+def install() -> None:
+    import proxy.tasks as tasks
+    from proxy.store import db
+
+    spawn = tasks.spawn
+    tasks.spawn = lambda name, coro: spawn(name, _Timed(name, coro))  # type: ignore[assignment]
+
+    def timed(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def f(*a: Any, **k: Any) -> Any:
+            t, c = clock(), time.thread_time()
+            try:
+                return orig(*a, **k)
+            finally:
+                REC["calls"].append((t - T0, clock() - t, name, time.thread_time() - c))
+        return f
+
+    db.Store._commit_now = timed("commit", db.Store._commit_now)  # type: ignore[method-assign]
+    db.Store.materialize = timed("materialize", db.Store.materialize)  # type: ignore[method-assign]
+    orig_ck = db.checkpoint
+
+    def ck(conn: Any, mode: str = "PASSIVE") -> Any:
+        t, c = clock(), time.thread_time()
+        res = None
+        try:
+            res = orig_ck(conn, mode)
+            return res
+        finally:
+            REC["ck"].append((t - T0, clock() - t, time.thread_time() - c, mode,
+                              threading.current_thread() is threading.main_thread(),
+                              list(res) if res else None))
+    db.checkpoint = ck
+
+    starts: dict[int, float] = {}
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            starts[info["generation"]] = clock()
+        else:
+            s = starts.pop(info["generation"], clock())
+            REC["gc"].append((s - T0, clock() - s, info["generation"]))
+    gc.callbacks.append(on_gc)
+
+    async def lag() -> None:
+        while True:
+            t = clock()
+            await asyncio.sleep(0.001)
+            REC["lag"].append((t - T0, clock() - t - 0.001))
+
+    forever = db.Store.materialize_forever
+
+    async def materialize_forever(self: db.Store, *a: Any, **k: Any) -> None:
+        tasks.spawn("loop-probe-lag", lag())
+        await forever(self, *a, **k)
+    db.Store.materialize_forever = materialize_forever  # type: ignore[method-assign]
+
+    def dump() -> None:
+        if out := os.environ.get("LOOP_PROBE_OUT"):
+            with open(f"{out}.{os.getpid()}", "w") as fh:
+                json.dump(REC, fh)
+    atexit.register(dump)
+
+
+def _q(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def report(prefix: str) -> None:
+    import glob
+    for f in sorted(glob.glob(prefix + ".*"), key=lambda p: int(p.rsplit(".", 1)[1])):
+        with open(f) as fh:
+            r = json.load(fh)
+        if not r["lag"]:
+            continue        # a CLI command (customers/keys create), not a served run
+        t0, t1 = min(x[0] for x in r["lag"]), max(x[0] for x in r["lag"])
+        span = t1 - t0
+        print(f"== {r.get('root', '?')} (pid {f.rsplit('.', 1)[1]}), {span:.1f} s")
+        for name in ("commit", "materialize"):
+            c = [x for x in r["calls"] if x[2] == name and t0 <= x[0] <= t1]
+            w, cpu = [x[1] for x in c], [x[3] for x in c]
+            print(f"  {name:12} {len(c) / span:5.0f}/s  wall p50 {1e3 * _q(w, .5):.3f} p99 "
+                  f"{1e3 * _q(w, .99):.3f} max {1e3 * max(w or [0]):.2f} ms | CPU p50 "
+                  f"{1e3 * _q(cpu, .5):.3f} p99 {1e3 * _q(cpu, .99):.3f} max "
+                  f"{1e3 * max(cpu or [0]):.2f} ms | {1e3 * sum(w) / span:.1f} ms/s")
+        for x in r["ck"]:
+            if t0 <= x[0] <= t1:
+                print(f"  checkpoint {x[3]:8} {'loop  ' if x[4] else 'thread'} wall "
+                      f"{1e3 * x[1]:6.2f} ms CPU {1e3 * x[2]:5.2f} ms frames {x[5]}")
+        by: dict[str, list[float]] = {}
+        for t, d, n in r["steps"]:
+            if t0 <= t <= t1 and n != "loop-probe-lag":
+                by.setdefault(n, []).append(d)
+        for n, ds in sorted(by.items(), key=lambda kv: -max(kv[1])):
+            print(f"  task {n:20} steps over 0.2 ms: {len(ds)}, max {1e3 * max(ds):.2f} ms")
+        for g in (0, 1, 2):
+            ds = [x[1] for x in r["gc"] if x[2] == g and t0 <= x[0] <= t1]
+            print(f"  gc gen{g}: {len(ds)}, max {1e3 * max(ds or [0]):.2f} ms")
+        lag = [x[1] for x in r["lag"]]
+        print(f"  loop lag: p50 {1e3 * _q(lag, .5):.2f} p99 {1e3 * _q(lag, .99):.2f} max "
+              f"{1e3 * max(lag):.2f} ms")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "report":
+        report(sys.argv[2])
+        sys.exit(0)
+    root = os.path.abspath(sys.argv.pop(1))
+    sys.path.insert(0, root)
+    REC["root"] = root
+    install()
+    from proxy.cli import main
+    sys.exit(main())
