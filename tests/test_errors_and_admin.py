@@ -313,3 +313,23 @@ async def test_admin_write_waits_for_a_lock_released_within_lock_wait(
         blocker.close()
     await asyncio.wait_for(write, 30)
     assert [c["id"] for c in await p.admin("GET", "/admin/customers", expect=200)] == ["late"]
+
+
+async def test_a_refused_credit_mode_writes_nothing_and_keeps_the_cache_true(
+        proxy: Proxy) -> None:
+    """POST /admin/customers answering 409 (credit_mode monetary cannot be priced) has
+    written nothing: a status sent with it is not stored behind the key cache's back (it
+    was: the upsert committed, then the 409 skipped the cache refresh, so the database said
+    suspended while the proxy kept serving the customer)."""
+    key = await proxy.customer_with_key("m")
+    h = {"Authorization": f"Bearer {key}"}
+    err = await proxy.admin("POST", "/admin/customers",
+                            {"id": "m", "status": "suspended", "credit_mode": "monetary"},
+                            expect=409)
+    assert err["error"]["type"] == "monetary_unavailable"
+    err = await proxy.admin("POST", "/admin/customers",
+                            {"id": "fresh", "credit_mode": "monetary"}, expect=409)
+    custs = {c["id"]: c for c in await proxy.admin("GET", "/admin/customers", expect=200)}
+    assert set(custs) == {"m"} and custs["m"]["status"] == "active"
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
