@@ -168,20 +168,15 @@ async def post_customer(request: web.Request) -> web.Response:
         return (anchor if "billing_anchor" in body else cust.billing_anchor,
                 cust.minimum_commitment if minimum is None else minimum)
 
-    # one transaction: a customer is never left created without its currency, nor written
-    # at all when its credit_mode is refused
+    # one transaction: a customer is never left created without its currency or
+    # credit_mode, nor written at all when its credit_mode is refused
     cust, created = await rt.owners().customers.upsert(
         body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
         billing if "billing_anchor" in body or "minimum_commitment" in body or check_money
-        else None, currency=currency)
-    try:
-        if "credit_mode" in body and await rt.owners().customers.set_credit_mode(cust.id, mode):
-            cust = await rt.owners().customers.get(cust.id) or cust
-    finally:
-        # the cache follows what was committed even when the second write failed (503)
-        await _refresh_cache(rt)
-        if monetary is not None:
-            await monetary.sync()                   # the account opens (or closes) now
+        else None, currency=currency, credit_mode=mode if "credit_mode" in body else keystore.KEEP)
+    await _refresh_cache(rt)
+    if monetary is not None:
+        await monetary.sync()                   # the account opens (or closes) now
     return jok(cust.to_json(), 201 if created else 200)
 
 
