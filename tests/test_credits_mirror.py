@@ -257,6 +257,11 @@ async def test_credit_mode_per_customer_overrides_the_default(
     cust = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
                          expect=200)
     assert cust["credit_mode"] == "monetary" and money.account("acme") is not None
+    # a currency the price has no option for: refused before anything is written
+    err = await p.admin("POST", "/admin/customers",
+                        {"id": "euro", "currency": "eur", "credit_mode": "monetary"}, expect=409)
+    assert "eur" in err["error"]["message"].lower()
+    assert "euro" not in {c["id"] for c in await p.admin("GET", "/admin/customers")}
     assert await _call(p, key, 1_000_000) == 200
     assert _burned(p) == 700
     # while a customer is monetary, rules that leave a meter unpriced are refused on reload

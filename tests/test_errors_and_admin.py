@@ -313,3 +313,62 @@ async def test_admin_write_waits_for_a_lock_released_within_lock_wait(
         blocker.close()
     await asyncio.wait_for(write, 30)
     assert [c["id"] for c in await p.admin("GET", "/admin/customers", expect=200)] == ["late"]
+
+
+async def test_a_refused_credit_mode_writes_nothing_and_keeps_the_cache_true(
+        proxy: Proxy) -> None:
+    """POST /admin/customers answering 409 (credit_mode monetary cannot be priced) has
+    written nothing: a status sent with it is not stored behind the key cache's back (it
+    was: the upsert committed, then the 409 skipped the cache refresh, so the database said
+    suspended while the proxy kept serving the customer)."""
+    key = await proxy.customer_with_key("m")
+    h = {"Authorization": f"Bearer {key}"}
+    err = await proxy.admin("POST", "/admin/customers",
+                            {"id": "m", "status": "suspended", "credit_mode": "monetary"},
+                            expect=409)
+    assert err["error"]["type"] == "monetary_unavailable"
+    err = await proxy.admin("POST", "/admin/customers",
+                            {"id": "fresh", "credit_mode": "monetary"}, expect=409)
+    custs = {c["id"]: c for c in await proxy.admin("GET", "/admin/customers", expect=200)}
+    assert set(custs) == {"m"} and custs["m"]["status"] == "active"
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
+
+
+async def test_a_customer_and_its_credit_mode_are_one_write(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """POST /admin/customers with credit_mode is one write transaction: another process
+    taking the lock cannot come between the customer and its credit_mode (it could: the
+    second write answered 503 "nothing was written" after the first had committed, and the
+    key cache kept the old status while the database said suspended)."""
+    import sqlite3
+
+    p = await make_proxy(storage={"lock_wait": "300ms"})
+    key = await p.customer_with_key("m")
+    blocker = sqlite3.connect(str(tmp_path / "meter.db"), isolation_level=None)
+    begins = 0
+
+    def take_the_lock_before_a_second_write(sql: str) -> None:
+        nonlocal begins
+        if sql.startswith("BEGIN IMMEDIATE"):
+            begins += 1
+            if begins == 2 and not blocker.in_transaction:
+                blocker.execute("BEGIN IMMEDIATE")    # a real foreign lock, between the two
+
+    conn = p.server.rt.store.conn
+    conn.set_trace_callback(take_the_lock_before_a_second_write)
+    try:
+        async with p.session.post(p.admin_url + "/admin/customers", headers=p.admin_headers,
+                                  json={"id": "m", "status": "suspended",
+                                        "credit_mode": "units"}) as r:
+            assert r.status == 200, await r.text()
+    finally:
+        conn.set_trace_callback(None)
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+    assert begins == 1
+    cust = {c["id"]: c for c in await p.admin("GET", "/admin/customers")}["m"]
+    assert (cust["status"], cust["credit_mode"]) == ("suspended", "units")
+    async with p.session.get(p.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}) as r:
+        assert (await _err(r))[:2] == (403, "customer_suspended")

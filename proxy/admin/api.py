@@ -8,6 +8,7 @@ large export never blocks the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import time
@@ -137,20 +138,12 @@ async def post_customer(request: web.Request) -> web.Response:
         minimum = ain.integer(minimum, "minimum_commitment", 0, ain.MAX_MINOR_UNITS,
                               strings=False)
 
-    def billing(cust: keystore.Customer) -> tuple[object, object]:
-        return (anchor if "billing_anchor" in body else cust.billing_anchor,
-                cust.minimum_commitment if minimum is None else minimum)
-
-    # one transaction: a customer is never left created without its currency
-    cust, created = await rt.owners().customers.upsert(
-        body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
-        billing if "billing_anchor" in body or "minimum_commitment" in body else None,
-        currency=currency)
+    mode: str | None = None
+    monetary = request.app.get(MONETARY)
+    problems: list[str] = []
     if "credit_mode" in body:
         mode = keystore.credit_mode_value(body["credit_mode"])
-        monetary = request.app.get(MONETARY)
-        effective = mode or rt.cfg.credits.mode
-        if effective == "monetary":
+        if (mode or rt.cfg.credits.mode) == "monetary":
             problems = rules_problems(rt.cfg.storage.backend, rt.rules, True)
             known = rt.prices()
             problems += [f"meter {m!r}'s Stripe price is not fetched yet; retry shortly"
@@ -158,15 +151,31 @@ async def post_customer(request: web.Request) -> web.Response:
                          if m not in known and not problems]
             if monetary is None:
                 problems.append("the monetary credits mode is not running in this process")
-            else:
-                problems += monetary.problems(cust)
-            if problems:
-                raise HttpError("credit_mode monetary cannot price this customer's usage: "
-                                + "; ".join(problems), status=409, type_="monetary_unavailable")
-        if await rt.owners().customers.set_credit_mode(cust.id, mode):
-            cust = await rt.owners().customers.get(cust.id) or cust
+    check_money = "credit_mode" in body and (mode or rt.cfg.credits.mode) == "monetary"
+
+    def refuse(found: list[str]) -> HttpError:
+        return HttpError("credit_mode monetary cannot price this customer's usage: "
+                         + "; ".join(found), status=409, type_="monetary_unavailable")
+
+    if problems:
+        raise refuse(problems)      # before anything is written
+
+    def billing(cust: keystore.Customer) -> tuple[object, object]:
+        # pure, inside the upsert's transaction: a refusal rolls the whole write back
+        if check_money and monetary is not None and (found := monetary.problems(
+                dataclasses.replace(cust, currency=currency or cust.currency))):
+            raise refuse(found)
+        return (anchor if "billing_anchor" in body else cust.billing_anchor,
+                cust.minimum_commitment if minimum is None else minimum)
+
+    # one transaction: a customer is never left created without its currency or
+    # credit_mode, nor written at all when its credit_mode is refused
+    cust, created = await rt.owners().customers.upsert(
+        body.get("id"), body.get("stripe_customer_id"), body.get("overage"), body.get("status"),
+        billing if "billing_anchor" in body or "minimum_commitment" in body or check_money
+        else None, currency=currency, credit_mode=mode if "credit_mode" in body else keystore.KEEP)
     await _refresh_cache(rt)
-    if (monetary := request.app.get(MONETARY)) is not None:
+    if monetary is not None:
         await monetary.sync()                   # the account opens (or closes) now
     return jok(cust.to_json(), 201 if created else 200)
 

@@ -98,6 +98,17 @@ _COLS = ("id, stripe_customer_id, status, overage, billing_anchor, minimum_commi
 CREDIT_MODES = ("units", "monetary")
 
 
+class _Keep:
+    """``Customers.upsert``'s ``credit_mode`` when the request names none (None is a value
+    there: the configured default)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+
 def credit_mode_value(value: object) -> str | None:
     """A customer's credits mode: ``units``, ``monetary`` or None (the configured default)."""
     if value is None:
@@ -249,8 +260,11 @@ class SqliteCustomers:
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     *, currency: object = None) -> tuple[Customer, bool]:
+                     *, currency: object = None, credit_mode: object = KEEP
+                     ) -> tuple[Customer, bool]:
         code = None if currency is None else currency_code(currency)
+        keep = credit_mode is KEEP
+        mode = None if keep else credit_mode_value(credit_mode)
 
         def tx(c: sqlite3.Connection) -> tuple[Customer, bool]:
             cust, created = upsert_customer(c, cid, stripe_customer_id, overage, status)
@@ -258,7 +272,9 @@ class SqliteCustomers:
                 set_billing(c, cust.id, *billing(cust))
             if code is not None:
                 _update_if_changed(c, cust.id, "currency", code)
-            if billing is not None or code is not None:
+            if not keep:
+                _update_if_changed(c, cust.id, "credit_mode", mode)
+            if billing is not None or code is not None or not keep:
                 cust = get_customer(c, cust.id) or cust
             return cust, created
 

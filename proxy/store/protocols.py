@@ -561,13 +561,16 @@ class Customers(Protocol):
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     *, currency: object = None) -> tuple[Customer, bool]:
+                     *, currency: object = None, credit_mode: object = ...
+                     ) -> tuple[Customer, bool]:
         """Create or update from raw JSON values (InvalidInput on bad ones, nothing
         written); a None field keeps its value. An explicit status is the operator's: it
-        clears any automatic suspension reason. ``billing`` (pure) gets the upserted
-        customer and returns its (billing anchor, minimum commitment), and ``currency``
-        (an ISO code, as ``set_currency``) is set; both in the same transaction, so a
-        customer is never created without them. Returns (customer, created). Idempotent."""
+        clears any automatic suspension reason. ``billing`` (pure; it may raise to refuse
+        the whole write) gets the upserted customer and returns its (billing anchor,
+        minimum commitment), ``currency`` (an ISO code, as ``set_currency``) and
+        ``credit_mode`` (as ``set_credit_mode``; ``keys.KEEP``, the default, keeps it) are
+        set; all in the same transaction, so a customer is never created without them.
+        Returns (customer, created). Idempotent."""
         ...
 
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:

@@ -191,6 +191,39 @@ async def test_upsert_sets_the_currency_in_the_same_transaction(backend: Backend
     assert got is not None and (got.status, got.currency) == ("active", "usd")
 
 
+async def test_upsert_sets_the_credit_mode_in_the_same_transaction(backend: Backend) -> None:
+    """``upsert(..., credit_mode=)``: set with the customer in one transaction (None is the
+    configured default; ``KEEP``, the default, keeps it); a bad mode, or a ``billing``
+    callback that refuses, writes nothing, not even the customer."""
+    from proxy.store.keys import KEEP
+
+    cu = backend.storage.customers
+    cust, created = await cu.upsert("c1", None, None, None, credit_mode="monetary")
+    assert created and cust.credit_mode == "monetary"
+    seen = await backend.peer().customers.get("c1")
+    assert seen is not None and seen.credit_mode == "monetary"
+    cust, _ = await cu.upsert("c1", None, "block", None)               # KEEP
+    assert (cust.credit_mode, cust.overage) == ("monetary", "block")
+    cust, _ = await cu.upsert("c1", None, None, None, credit_mode=KEEP)
+    assert cust.credit_mode == "monetary"
+    cust, _ = await cu.upsert("c1", None, None, None, credit_mode=None)
+    assert cust.credit_mode is None
+    with pytest.raises(InvalidInput, match="credit_mode"):
+        await cu.upsert("c2", None, None, None, credit_mode="cash")
+    assert await cu.get("c2") is None
+
+    def refuse(c: object) -> tuple[object, object]:
+        raise InvalidInput("refused")
+
+    with pytest.raises(InvalidInput, match="refused"):
+        await cu.upsert("c1", None, None, "suspended", refuse, credit_mode="units")
+    with pytest.raises(InvalidInput, match="refused"):
+        await cu.upsert("c3", None, None, None, refuse, credit_mode="units")
+    got = await cu.get("c1")
+    assert got is not None and (got.status, got.credit_mode) == ("active", None)
+    assert await cu.get("c3") is None
+
+
 async def test_set_credit_mode_is_the_customer_s_mode_everywhere(backend: Backend) -> None:
     """``Customer.credit_mode``: units, monetary, or None (the configured default)."""
     cu = backend.storage.customers

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from proxy.store.keys import (
+    KEEP,
     Customer,
     KeyEntry,
     billing_values,
@@ -103,15 +104,20 @@ class PostgresCustomers:
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
-                     *, currency: object = None) -> tuple[Customer, bool]:
+                     *, currency: object = None, credit_mode: object = KEEP
+                     ) -> tuple[Customer, bool]:
         code = None if currency is None else currency_code(currency)
+        keep = credit_mode is KEEP
+        mode = None if keep else credit_mode_value(credit_mode)
         async with self.pool.acquire() as c, c.transaction():
             cust, created = await _upsert(c, cid, stripe_customer_id, overage, status)
             if billing is not None:
                 await _set_billing(c, cust.id, *billing(cust))
             if code is not None:
                 await _update_if_changed(c, cust.id, "currency", code)
-            if billing is not None or code is not None:
+            if not keep:
+                await _update_if_changed(c, cust.id, "credit_mode", mode)
+            if billing is not None or code is not None or not keep:
                 cust = await _get(c, cust.id) or cust
         self.changed()
         return cust, created
