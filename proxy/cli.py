@@ -31,7 +31,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from proxy import paths, schema
-from proxy.errors import ConfigError, FileProblem, InvalidInput, MeterproxyError, StorageError
+from proxy.errors import (
+    ConfigError,
+    FileProblem,
+    InvalidInput,
+    MeterproxyError,
+    StorageError,
+    StorageOutcomeUnknown,
+)
 from proxy.store.db import connect
 from proxy.store.protocols import Storage
 from proxy.store.sqlite import SqliteStorage, as_storage, offline
@@ -109,8 +116,9 @@ async def _storage(args: argparse.Namespace) -> AsyncIterator[Storage]:
                 raise StorageError(f"PostgreSQL (storage.dsn) is unreachable: {exc}") from exc
             try:
                 yield pg_storage(pg)
-            except PgUnavailable as exc:
-                raise StorageError(f"PostgreSQL (storage.dsn) is unreachable: {exc}") from exc
+            except StorageOutcomeUnknown as exc:
+                raise StorageError(f"PostgreSQL (storage.dsn) did not answer (a write in "
+                                   f"flight may or may not have been applied): {exc}") from exc
             finally:
                 await pg.close()
             return

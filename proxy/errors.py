@@ -97,10 +97,22 @@ class MeteringUnavailable(StorageError, HttpError):
     type = "metering_unavailable"
 
 
+class StorageOutcomeUnknown(StorageError, HttpError):
+    """The database did not answer (PostgreSQL unreachable, a connection cut, a statement or
+    lock wait past ``command_timeout``): a write sent before the failure may or may not have
+    committed. Unlike ``StorageUnavailable`` this never promises "nothing was written": read
+    the object before sending a write again, or send it with the same ``idempotency_key``."""
+
+    status = 503
+    type = "storage_outcome_unknown"
+    headers: Mapping[str, str] | None = {"Retry-After": "1"}
+
+
 class StorageUnavailable(StorageError, HttpError):
     """A write could not run now and was not run at all (its transaction rolled back): the
-    database is locked by another process (SQLite, after ``storage.lock_wait``) or
-    PostgreSQL is unreachable or did not answer in time. Retrying later is safe."""
+    SQLite database is locked by another process (after ``storage.lock_wait``). Retrying
+    later is safe. (PostgreSQL's failures are ``StorageOutcomeUnknown``: there a cut
+    connection can hide a committed write.)"""
 
     status = 503
     type = "storage_unavailable"

@@ -88,7 +88,13 @@ from proxy.credits.plans import (
     subscription_period,
 )
 from proxy.credits.service import CreditService
-from proxy.errors import HttpError, InvalidInput, StorageUnavailable, WebhookSignatureInvalid
+from proxy.errors import (
+    HttpError,
+    InvalidInput,
+    StorageOutcomeUnknown,
+    StorageUnavailable,
+    WebhookSignatureInvalid,
+)
 from proxy.loglimit import LogLimiter
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, SqliteCustomers
@@ -100,9 +106,10 @@ from proxy.units import fmt_micro, to_micro
 
 # the store could not be reached (SQLite or the fleet's PostgreSQL): an event is left as it
 # was (pending) and retried, never recorded as failed; intake answers 503 so Stripe resends
-# a locked SQLite past storage.lock_wait, PostgreSQL unreachable (PgUnavailable): both
-# StorageUnavailable
-STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, StorageUnavailable)
+# a locked SQLite past storage.lock_wait (StorageUnavailable), PostgreSQL unreachable
+# (PgUnavailable, a StorageOutcomeUnknown): the event stays pending and is processed again
+STORE_DOWN: tuple[type[Exception], ...] = (sqlite3.Error, StorageUnavailable,
+                                           StorageOutcomeUnknown)
 
 log = logging.getLogger("meterproxy.webhooks")
 

@@ -35,8 +35,9 @@ async def test_key_revoked_on_one_member_is_refused_on_the_others(tmp_path: Path
 
 async def test_admin_write_behind_a_row_lock_answers_503(tmp_path: Path, upstream: str) -> None:
     """PostgreSQL's equivalent of a locked SQLite file: another session holds the customer's
-    row lock; the admin write waits the pool's command_timeout, then answers the same 503
-    storage_unavailable with Retry-After as SQLite does, and wrote nothing."""
+    row lock; the admin write waits the pool's command_timeout, then answers 503 with
+    Retry-After, as SQLite does, but as storage_outcome_unknown (PostgreSQL's failures
+    cannot promise that nothing was written); here it wrote nothing."""
     import asyncpg
 
     async with fleet_of(tmp_path, upstream) as fleet:
@@ -52,7 +53,7 @@ async def test_admin_write_behind_a_row_lock_answers_503(tmp_path: Path, upstrea
                                   json={"id": "cust", "status": "suspended"}) as r:
                     body = await r.json()
                     assert r.status == 503, body
-                    assert body["error"]["type"] == "storage_unavailable"
+                    assert body["error"]["type"] == "storage_outcome_unknown"
                     assert r.headers["Retry-After"] == "1"
                 await tx.rollback()
             finally:

@@ -15,14 +15,15 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from proxy.errors import StorageUnavailable
+from proxy.errors import StorageOutcomeUnknown
 
 
-class PgUnavailable(StorageUnavailable):
+class PgUnavailable(StorageOutcomeUnknown):
     """PostgreSQL is unreachable or did not answer in time (``command_timeout``: also a
-    write that waited that long for a row lock another session holds). Its transaction did
-    not commit; on an HTTP surface it is a 503 ``storage_unavailable`` with ``Retry-After``,
-    the same answer as a locked SQLite database."""
+    write that waited that long for a row lock another session holds). Whether a write in
+    flight committed is unknown (the connection may have been cut after the server received
+    its COMMIT), so on an HTTP surface it is a 503 ``storage_outcome_unknown`` with
+    ``Retry-After``, never the SQLite lock's "nothing was written"."""
 
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
