@@ -8,8 +8,9 @@ measured).
 Invariants:
 - Memory is bounded by ``max_inspect_bytes``: a JSON body is buffered up to the
   cap (beyond it the body is unreadable); an SSE stream keeps only the current
-  event's data (an event over the cap is skipped) plus the last value seen for
-  each probe, never the stream.
+  event's data (an event over the cap is skipped), the chunks not read yet (at
+  most ``min(cap, BATCH)`` bytes plus one chunk) and the last value seen for each
+  probe, never the stream.
 - Line splitting accepts ``\\n``, ``\\r\\n`` and ``\\r`` even when a ``\\r\\n`` pair
   straddles two chunks: events are identical however the bytes are chunked.
 - ``feed`` and ``result`` never raise on any input; ``result`` may be called at any
@@ -163,11 +164,19 @@ class SseParser:
         self._event = b""
         self.oversized = 0
 
-    def at_event_boundary(self) -> bool:
-        """True when no line or event is half-read: a chunk of whole events can then be
-        skipped without changing what later events parse to."""
-        return (self._started and not self._partial and not self._skip_lf and not self._data
-                and not self._event and self._size == 0 and not self._discard_line)
+    def at_event_boundary(self, or_unstarted: bool = False) -> bool:
+        """True when no line or event is half-read: whole events can then be skipped
+        (:meth:`skip`) without changing what later events parse to. ``or_unstarted``: also
+        true before any byte was fed (the stream's start is a boundary too)."""
+        return ((self._started or or_unstarted) and not self._partial and not self._skip_lf
+                and not self._data and not self._event and self._size == 0
+                and not self._discard_line)
+
+    def skip(self) -> None:
+        """The caller passed over whole events (each ended by a blank line, no ``\\r``) at an
+        event boundary without feeding them: the stream has started (a BOM from here on is
+        not the stream's)."""
+        self._started = True
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Consume bytes; return the events completed by them, in order."""
@@ -320,33 +329,101 @@ class JsonInspector:
 
 
 class SseInspector:
-    """Parses an event stream incrementally, keeping the last value of each probe."""
+    """Parses an event stream, keeping the last value of each probe.
 
-    __slots__ = ("_needles", "_parser", "_probes", "_values")
+    Fed chunks are held (at most ``min(max_inspect_bytes, BATCH)`` bytes plus the last
+    chunk) and read in one pass when that is exceeded or when :meth:`result` is called, so
+    a chunk costs an append, not a scan. A pass over bytes without ``\\r`` that starts at
+    an event boundary skips, unparsed, every whole event before the next occurrence of a
+    probe's key (an event without that key cannot hold the probe's value): only the events
+    that may hold a value are parsed. Anything else (a ``\\r``, a half-read event) goes
+    through the parser whole. The values are those of the parser alone, however the
+    stream is chunked (tests/test_sse.py)."""
+
+    __slots__ = ("_held", "_keys", "_limit", "_needles", "_parser", "_pending", "_probes",
+                 "_values")
 
     def __init__(self, probes: tuple[Probe, ...], max_inspect_bytes: int) -> None:
         self._probes = probes
         self._parser = SseParser(max_inspect_bytes)
         self._values: dict[str, object] = {}
         self._needles = tuple({p.needles for p in probes})
+        # one key per probe searched for when skipping: the last one of its path (the most
+        # specific); a probe without one (a path of list indexes) can match any event
+        self._keys: tuple[bytes, ...] | None = tuple(k[-1] for k in self._needles) \
+            if all(self._needles) else None
+        self._pending: list[bytes] = []
+        self._held = 0
+        self._limit = min(max_inspect_bytes, BATCH)
 
     def _may_match(self, data: bytes) -> bool:
+        # (bytes.find, not `in`: on Python 3.11 `bytes in bytes` first tries the operand as
+        # an integer and formats a TypeError it then discards, ~2,000 instructions a test)
         for keys in self._needles:
             for n in keys:
-                if n not in data:
+                if data.find(n) < 0:
                     break
             else:
                 return True
         return False
 
     def feed(self, chunk: bytes) -> None:
-        # Fast path: a chunk of whole events (the usual shape of LLM streams) that cannot
-        # contain any probe's keys is skipped without parsing; the parser state is unchanged
-        # because every event in it is complete.
-        if not self._may_match(chunk) and chunk.endswith(b"\n\n") and b"\r" not in chunk \
-                and self._parser.at_event_boundary():
+        self._pending.append(chunk)
+        self._held += len(chunk)
+        if self._held > self._limit:
+            self._read(False)
+
+    def _read(self, final: bool) -> None:
+        """Read the held chunks; unless ``final``, an unterminated last event read at an
+        event boundary stays held (so the next pass can start at a boundary too)."""
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        self._held = 0
+        parser = self._parser
+        keys = self._keys
+        if keys is None or data.find(b"\r") >= 0 or not parser.at_event_boundary(True):
+            self._parse(data)
             return
-        for ev in self._parser.feed(chunk):
+        pos, end = 0, len(data)
+        # each key's next occurrence at or after pos (-1: none left), searched again only
+        # once passed: the pass stays linear however many events hold a key
+        found = [data.find(k) for k in keys]
+        while pos < end:
+            hit = -1
+            for j, i in enumerate(found):
+                if 0 <= i < pos:
+                    i = found[j] = data.find(keys[j], pos)
+                if i >= 0 and (hit < 0 or i < hit):
+                    hit = i
+            if hit < 0:
+                # no probe's key in the rest: its whole events are skipped
+                cut = data.rfind(b"\n\n", pos)
+                if cut >= 0:
+                    parser.skip()
+                    pos = cut + 2
+                break
+            start = data.rfind(b"\n\n", pos, hit)
+            if start >= 0:           # whole events before the key: skipped
+                parser.skip()
+                pos = start + 2
+            stop = data.find(b"\n\n", hit)
+            if stop < 0:
+                break
+            # the events from the boundary through the one holding the key (ends at a
+            # boundary: a blank line, no \r)
+            self._parse(data[pos:stop + 2])
+            pos = stop + 2
+        if pos < end:
+            rest = data[pos:] if pos else data
+            if final or len(rest) > self._limit:
+                self._parse(rest)
+            else:
+                self._pending.append(rest)
+                self._held = len(rest)
+
+    def _parse(self, data: bytes) -> None:
+        for ev in self._parser.feed(data):
             self._event(ev.data)
 
     def _event(self, data: bytes) -> None:
@@ -359,8 +436,15 @@ class SseInspector:
         _match_probes(doc, self._probes, self._values)
 
     def result(self) -> BodyView:
+        """What the stream said so far (the held bytes are read first)."""
+        if self._pending:
+            self._read(True)
         return BodyView(dict(self._values), streamed=True,
                         skipped_events=self._parser.oversized)
+
+
+BATCH = 64 * 1024
+"""Most bytes an :class:`SseInspector` holds before reading them (or the cap if lower)."""
 
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
