@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -369,14 +371,21 @@ class Exchange:
             # it free).
             return None
         m = None
-        if self.s.settlement.for_rule(rule).quantities is None:
+        rc = self.s.settlement.for_rule(rule)
+        if rc.quantities is None:
             m = Measurement(status=status, request_headers=self.ctx.request.headers,
-                            response_headers=CIMultiDict(upstream.headers), query=self.ctx.request.query,
+                            response_headers=CIMultiDict(upstream.headers)
+                            if rc.response_headers else _NO_HEADERS,
+                            query=self.ctx.request.query,
                             path_params=self.ctx.params, request_json=self.request_json,
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
                             duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
         return self.s.settlement.record(self.ctx, rule, m, status, self.flags, withhold)
+
+
+# the response headers of a measurement whose rule reads none (never looked at)
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def _encoded(headers: Any) -> bool:

@@ -347,11 +347,7 @@ class SseInspector:
         self._probes = probes
         self._parser = SseParser(max_inspect_bytes)
         self._values: dict[str, object] = {}
-        self._needles = tuple({p.needles for p in probes})
-        # one key per probe searched for when skipping: the last one of its path (the most
-        # specific); a probe without one (a path of list indexes) can match any event
-        self._keys: tuple[bytes, ...] | None = tuple(k[-1] for k in self._needles) \
-            if all(self._needles) else None
+        self._needles, self._keys = _needles(probes)
         self._pending: list[bytes] = []
         self._held = 0
         self._limit = min(max_inspect_bytes, BATCH)
@@ -441,6 +437,27 @@ class SseInspector:
             self._read(True)
         return BodyView(dict(self._values), streamed=True,
                         skipped_events=self._parser.oversized)
+
+
+_NEEDLES: dict[int, tuple[tuple[Probe, ...], tuple[tuple[bytes, ...], ...],
+                          tuple[bytes, ...] | None]] = {}
+
+
+def _needles(probes: tuple[Probe, ...]) -> tuple[tuple[tuple[bytes, ...], ...],
+                                                 tuple[bytes, ...] | None]:
+    """Each probe's JSON-quoted keys (all must occur in an event it can match), and the one
+    key per probe searched for when skipping events: the last of its path (the most
+    specific); None when a probe has no key (a path of list indexes matches any event).
+    Made once per probe tuple (a rule's)."""
+    hit = _NEEDLES.get(id(probes))
+    if hit is not None and hit[0] is probes:
+        return hit[1], hit[2]
+    needles = tuple({p.needles for p in probes})
+    keys = tuple(k[-1] for k in needles) if all(needles) else None
+    if len(_NEEDLES) > 10_000:        # rules reloaded many times: drop stale entries
+        _NEEDLES.clear()
+    _NEEDLES[id(probes)] = (probes, needles, keys)
+    return needles, keys
 
 
 BATCH = 64 * 1024
