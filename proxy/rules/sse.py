@@ -173,9 +173,9 @@ class SseParser:
                 and not self._discard_line)
 
     def skip(self) -> None:
-        """The caller passed over whole events (each ended by a blank line, no ``\\r``) at an
-        event boundary without feeding them: the stream has started (a BOM from here on is
-        not the stream's)."""
+        """The caller passed over whole events (through a blank line) at an event boundary
+        without feeding them: the stream has started (a BOM from here on is not the
+        stream's)."""
         self._started = True
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
@@ -333,15 +333,19 @@ class SseInspector:
 
     Fed chunks are held (at most ``min(max_inspect_bytes, BATCH)`` bytes plus the last
     chunk) and read in one pass when that is exceeded or when :meth:`result` is called, so
-    a chunk costs an append, not a scan. A pass over bytes without ``\\r`` that starts at
-    an event boundary skips, unparsed, every whole event before the next occurrence of a
-    probe's key (an event without that key cannot hold the probe's value): only the events
-    that may hold a value are parsed. Anything else (a ``\\r``, a half-read event) goes
-    through the parser whole. The values are those of the parser alone, however the
-    stream is chunked (tests/test_sse.py)."""
+    a chunk costs an append, not a scan. A pass that starts at an event boundary passes
+    over, unparsed, the whole events before the next occurrence of a probe's key (an event
+    without that key cannot hold the probe's value): only the events that may hold a value
+    are parsed. Events end at ``\\n\\n``, which always closes a blank line (an LF after an
+    LF is a line of its own, whatever the line endings around it); events ended by CRLF or
+    CR blank lines are not told apart, just parsed. Events passed over that together
+    exceed the cap are parsed all the same, so an oversized one is counted. A half-read
+    event or a probe without a key (a path of list indexes) sends the pass through the
+    parser whole. The view is the parser's alone, however the stream is chunked
+    (tests/test_sse.py)."""
 
-    __slots__ = ("_held", "_keys", "_limit", "_needles", "_parser", "_pending", "_probes",
-                 "_values")
+    __slots__ = ("_cap", "_held", "_keys", "_limit", "_needles", "_parser", "_pending",
+                 "_probes", "_values")
 
     def __init__(self, probes: tuple[Probe, ...], max_inspect_bytes: int) -> None:
         self._probes = probes
@@ -350,6 +354,7 @@ class SseInspector:
         self._needles, self._keys = _needles(probes)
         self._pending: list[bytes] = []
         self._held = 0
+        self._cap = max_inspect_bytes
         self._limit = min(max_inspect_bytes, BATCH)
 
     def _may_match(self, data: bytes) -> bool:
@@ -370,15 +375,15 @@ class SseInspector:
             self._read(False)
 
     def _read(self, final: bool) -> None:
-        """Read the held chunks; unless ``final``, an unterminated last event read at an
-        event boundary stays held (so the next pass can start at a boundary too)."""
+        """Read the held chunks; unless ``final``, the bytes after the last ``\\n\\n`` read
+        at a boundary stay held (so the next pass can start at a boundary too)."""
         pending = self._pending
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         self._pending = []
         self._held = 0
         parser = self._parser
         keys = self._keys
-        if keys is None or data.find(b"\r") >= 0 or not parser.at_event_boundary(True):
+        if keys is None or not parser.at_event_boundary(True):
             self._parse(data)
             return
         pos, end = 0, len(data)
@@ -393,21 +398,20 @@ class SseInspector:
                 if i >= 0 and (hit < 0 or i < hit):
                     hit = i
             if hit < 0:
-                # no probe's key in the rest: its whole events are skipped
+                # no probe's key in the rest: its whole events are passed over
                 cut = data.rfind(b"\n\n", pos)
                 if cut >= 0:
-                    parser.skip()
+                    self._pass(data, pos, cut + 2)
                     pos = cut + 2
                 break
             start = data.rfind(b"\n\n", pos, hit)
-            if start >= 0:           # whole events before the key: skipped
-                parser.skip()
+            if start >= 0:           # whole events before the key: passed over
+                self._pass(data, pos, start + 2)
                 pos = start + 2
             stop = data.find(b"\n\n", hit)
             if stop < 0:
                 break
-            # the events from the boundary through the one holding the key (ends at a
-            # boundary: a blank line, no \r)
+            # the event holding the key, through the next blank line
             self._parse(data[pos:stop + 2])
             pos = stop + 2
         if pos < end:
@@ -417,6 +421,16 @@ class SseInspector:
             else:
                 self._pending.append(rest)
                 self._held = len(rest)
+
+    def _pass(self, data: bytes, start: int, stop: int) -> None:
+        """``data[start:stop]``: whole events at a boundary, none holding a probe's key.
+        Skipped unparsed when they fit in the cap together (then none is over it); else
+        parsed, so the parser counts an oversized one as it would have (the count does not
+        depend on how the stream was read)."""
+        if stop - start <= self._cap:
+            self._parser.skip()
+        else:
+            self._parse(data[start:stop])
 
     def _parse(self, data: bytes) -> None:
         for ev in self._parser.feed(data):
