@@ -300,6 +300,12 @@ EVENT_LINES = st.one_of(
     st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d},"pad":"%s"}'
                                       % (n, b"x" * 60)]),                   # over a small cap
     st.just([b'data: {"pad":"' + b"y" * 70 + b'"}']),        # over a small cap, no key
+    st.integers(0, 99).map(lambda n: [b'data:{"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data:  {"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d}}' % n,
+                                      b'data: {"usage":{"total_tokens":1}}']),
+    st.integers(0, 99).map(lambda n: [b'event: x', b'data: {"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d}}' % n, b": c"]),
     st.sampled_from([[b"data: [DONE]"], [b": keep-alive"], [b"id: 7", b"retry: 5"],
                      [b"\xef\xbb\xbfdata: {\"usage\":{\"total_tokens\":1}}"], [b"data"],
                      [b"event: ping"], [b'data: {"usage":{"total_tokens":']]),
@@ -365,3 +371,13 @@ def test_a_bom_after_passed_over_events_is_not_the_streams() -> None:
     insp = SseInspector((TOTAL,), 1 << 20)
     insp.feed(data)
     assert insp.result() == parser_view((TOTAL,), data, 1 << 20) == BodyView({}, streamed=True)
+
+
+def test_a_cr_inside_a_one_line_looking_event_ends_the_line() -> None:
+    """``data: X\\r: c\\n\\n`` is a data line and a comment (CR ends a line), not one data
+    line: the event's data is X, as the parser reads it."""
+    data = b'data: {}\n\ndata: {"usage":{"total_tokens":4}}\r: c\n\n'
+    insp = SseInspector((TOTAL,), 1 << 20)
+    insp.feed(data)
+    assert insp.result() == parser_view((TOTAL,), data, 1 << 20) == \
+        BodyView({"t": 4}, streamed=True)

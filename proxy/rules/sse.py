@@ -412,7 +412,7 @@ class SseInspector:
             if stop < 0:
                 break
             # the event holding the key, through the next blank line
-            self._parse(data[pos:stop + 2])
+            self._segment(data[pos:stop + 2])
             pos = stop + 2
         if pos < end:
             rest = data[pos:] if pos else data
@@ -431,6 +431,20 @@ class SseInspector:
             self._parser.skip()
         else:
             self._parse(data[start:stop])
+
+    def _segment(self, seg: bytes) -> None:
+        """Events at a boundary, through a blank line. The usual one, a single ``data:``
+        line within the cap (``data: {...}\\n\\n``), is read as the parser reads it without
+        it: its value (one leading space dropped) is the event's data, and the parser is
+        at a boundary after it as before; anything else goes through the parser."""
+        if seg.startswith(b"data:") and seg.find(b"\n") == len(seg) - 2 \
+                and seg.find(b"\r") < 0:
+            value = seg[6:-2] if seg[5:6] == b" " else seg[5:-2]
+            if len(value) <= self._cap:
+                self._parser.skip()
+                self._event(value)
+                return
+        self._parse(seg)
 
     def _parse(self, data: bytes) -> None:
         for ev in self._parser.feed(data):
