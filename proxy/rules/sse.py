@@ -514,8 +514,8 @@ class UsageChunkFilter:
         if self._off:
             return chunk
         data = self._pending + chunk if self._pending else chunk
-        if not self._pending and data.endswith(b"\n\n") and b'"choices":[]' not in data \
-                and b'"choices": []' not in data:
+        if not self._pending and data.endswith(b"\n\n") and data.find(b'"choices":[]') < 0 \
+                and data.find(b'"choices": []') < 0:
             return data                      # whole events, none of them the usage chunk
         end = 0
         for m in _BOUNDARY.finditer(data):
@@ -537,7 +537,7 @@ class UsageChunkFilter:
 
     @staticmethod
     def _drop_usage_events(events: bytes) -> bytes:
-        if b'"choices":[]' not in events and b'"choices": []' not in events:
+        if events.find(b'"choices":[]') < 0 and events.find(b'"choices": []') < 0:
             return events
         out: list[bytes] = []
         start = 0
@@ -550,7 +550,7 @@ class UsageChunkFilter:
 
 
 def _is_usage_chunk(event: bytes) -> bool:
-    if b'"usage"' not in event:
+    if event.find(b'"usage"') < 0:
         return False
     data = b"\n".join(line[5:].removeprefix(b" ") for line in _EOL.split(event)
                       if line.startswith(b"data:"))
