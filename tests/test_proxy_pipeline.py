@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -160,6 +161,53 @@ async def test_abandoned_stream_is_metered_with_what_was_delivered(
         with proxy.db() as c:
             flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
         assert flags == "abandoned"
+
+
+async def test_stream_cut_by_the_upstream_is_metered_with_what_was_delivered(
+        make_proxy: ProxyFactory) -> None:
+    """The upstream dies mid-stream (no terminating chunk): the consumer's response is cut
+    and the request counts as a 502; a rule that bills 5xx bills the last value among the
+    events that were delivered (handed to the inspector before the measurement)."""
+    events = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(3)]
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in events:
+            await resp.write(e)
+        await asyncio.sleep(0.05)
+        # a handler failing after the head was sent: aiohttp closes the connection, the
+        # chunked body never ends
+        raise ConnectionResetError("the upstream died mid-body")
+
+    rules = """\
+version: 1
+meters:
+  units: {stripe_event_name: units}
+rules:
+  - name: cut
+    match: {path: /v1/cut}
+    count_when: [2xx, 5xx]
+    usage:
+      - {meter: units, quantity: response.json.units}
+"""
+    app = web.Application()
+    app.router.add_get("/v1/cut", cut)
+    async with serve(app) as upstream_url:
+        proxy = await make_proxy(upstream_url=upstream_url, rules_text=rules)
+        key = await proxy.customer_with_key("cut")
+        async with aiohttp.ClientSession() as s:
+            r = await s.get(proxy.url + "/v1/cut", headers={"Authorization": f"Bearer {key}"})
+            for e in events:
+                assert await r.content.readuntil(b"\n\n") == e
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.content.read()             # truncated, never a clean end
+            r.close()
+        totals = await wait_until(proxy.ledger_totals, what="the cut stream to be recorded")
+        assert totals == {("cut", "units"): 3 * Q}
+        with proxy.db() as c:
+            row = c.execute("SELECT status, flags FROM audit WHERE customer_id='cut'").fetchone()
+        assert tuple(row) == (502, "upstream_aborted")
 
 
 async def test_request_json_and_bytes(proxy: Proxy) -> None:

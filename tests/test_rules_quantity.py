@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
-from proxy.rules.quantity import constant_quantities, parse_number
+from proxy.rules.quantity import _one_exact, constant_quantities, parse_number
 from proxy.units import to_micro
 
 M = 1_000_000
@@ -363,3 +363,39 @@ def test_a_missing_query_parameter_is_unreadable_and_bills_the_reservation(
                                       response_headers={"x-cost": "5"}))
     q = out[3]
     assert q.meter == "m" and q.unreadable and q.micro == M
+
+
+# the integer shortcut (no Decimal for a plain JSON integer) against the Decimal path
+BODY_VALUE = st.one_of(
+    st.integers(-2**70, 2**70), st.integers(0, 10**12 + 2),
+    st.sampled_from([0, 1, 10**12 - 1, 10**12, 10**12 + 1, True, False, None, -1]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.decimals(allow_nan=False, allow_infinity=False), st.lists(st.integers(0, 3), max_size=2))
+
+
+@given(st.sampled_from(["chat", "anthropic", "responses", "field", "many"]),
+       st.lists(BODY_VALUE, min_size=4, max_size=4), st.booleans(), st.booleans(),
+       st.booleans(), st.booleans())
+@example("chat", [True, 0, 0, 0], False, False, True, False)
+@example("anthropic", [5, False, 0, 0], False, False, True, False)
+@example("field", [10**12, 0, 0, 0], True, False, False, False)
+@example("anthropic", [10**12, 1, 0, 0], False, False, True, False)
+@example("responses", [-1, 0, 0, 0], False, False, True, False)
+def test_integer_shortcut_bills_what_the_decimal_path_bills(
+        rules: dict[str, Rule], name: str, vals: list[object], abandoned: bool,
+        malformed: bool, streamed: bool, absent: bool) -> None:
+    """``compute`` reads a plain JSON integer without Decimal and takes constants computed
+    once per rule: every quantity is still the Decimal path's, for any value (huge,
+    negative, bool, float, string, over MAX_UNITS), any body state, any rule."""
+    rule = rules[name]
+    keys = sorted({p.key for p in rule.json_probes + rule.sse_probes})
+    values = dict(zip(keys, vals, strict=False))
+    if absent and values:
+        values.pop(keys[0])
+    view = BodyView(values, malformed=malformed, streamed=streamed,
+                    reason="unreadable" if malformed else "")
+    m = meas(view, abandoned=abandoned, request_headers={"x-units": str(vals[0])},
+             response_headers={"x-cost": str(vals[1])}, query={"n": "2"}, path_params={"n": "3"},
+             request_json={"input": [0, {"len": vals[2]}]})
+    for dflt in (M, 5 * M):
+        assert compute(rule, m, dflt) == [_one_exact(u, m, dflt) for u in rule.usage]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -252,3 +254,130 @@ def test_usage_chunk_filter_flush_hands_over_the_held_tail_once() -> None:
     assert f.flush() == b"data: {\"a\":1}"
     assert f.flush() == b""                            # nothing is handed over twice
     assert f.feed(b"data: {\"b\":2}\n\n") == b"data: {\"b\":2}\n\n"
+
+
+# ------------------------------------ the batched inspector against the parser alone
+
+ANTHROPIC = (Probe("in", ("message", "usage", "input_tokens"), "message_start"),
+             Probe("out", ("usage", "output_tokens"), "message_delta"))
+PROBE_SETS = [(TOTAL,), ANTHROPIC, (TOTAL, Probe("i", ("0",)))]
+
+
+def parser_view(probes: tuple[Probe, ...], data: bytes, cap: int) -> BodyView:
+    """The reference: the whole stream through :class:`SseParser` in one piece, and every
+    event that holds all the keys of some probe decoded and matched (what
+    :class:`SseInspector` reads, without holding chunks or passing over events)."""
+    p = SseParser(cap)
+    values: dict[str, object] = {}
+    for ev in p.feed(data):
+        if ev.data == b"[DONE]" or not any(all(n in ev.data for n in pr.needles)
+                                           for pr in probes):
+            continue
+        try:
+            doc = orjson.loads(ev.data)
+        except orjson.JSONDecodeError:
+            continue
+        etype = doc.get("type") if isinstance(doc, dict) else None
+        for pr in probes:
+            if (pr.type_filter is None or etype == pr.type_filter) \
+                    and (v := lookup(doc, pr.path)) is not UNREADABLE:
+                values[pr.key] = v
+    return BodyView(values, streamed=True, skipped_events=p.oversized)
+
+
+EVENT_LINES = st.one_of(
+    st.integers(0, 10**6).map(lambda n: [b'data: {"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"choices":[{"delta":{"content":"w%d"}}],'
+                                      b'"usage":null}' % n]),
+    st.integers(0, 99).map(lambda n: [b"event: message_start",
+                                      b'data: {"type":"message_start","message":{"usage":'
+                                      b'{"input_tokens":%d,"output_tokens":1}}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"type":"message_delta","usage":'
+                                      b'{"output_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_', b'data: tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"total_tokens":%d}' % n]),   # key, not path
+    st.integers(0, 99).map(lambda n: [b"data: [%d, 1]" % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d},"pad":"%s"}'
+                                      % (n, b"x" * 60)]),                   # over a small cap
+    st.just([b'data: {"pad":"' + b"y" * 70 + b'"}']),        # over a small cap, no key
+    st.integers(0, 99).map(lambda n: [b'data:{"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data:  {"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d}}' % n,
+                                      b'data: {"usage":{"total_tokens":1}}']),
+    st.integers(0, 99).map(lambda n: [b'event: x', b'data: {"usage":{"total_tokens":%d}}' % n]),
+    st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d}}' % n, b": c"]),
+    st.sampled_from([[b"data: [DONE]"], [b": keep-alive"], [b"id: 7", b"retry: 5"],
+                     [b"\xef\xbb\xbfdata: {\"usage\":{\"total_tokens\":1}}"], [b"data"],
+                     [b"event: ping"], [b'data: {"usage":{"total_tokens":']]),
+)
+LF_MOSTLY = st.sampled_from([b"\n"] * 8 + [b"\r\n", b"\r"])
+
+
+@st.composite
+def event_streams(draw: st.DrawFn) -> bytes:
+    out = [draw(st.sampled_from([b"", b"", b"\xef\xbb\xbf", b"\xef\xbb", b"\n", b"garbage"]))]
+    for lines in draw(st.lists(EVENT_LINES, max_size=12)):
+        for line in lines:
+            out += [line, draw(LF_MOSTLY)]
+        out.append(draw(LF_MOSTLY))                                          # the blank line
+    out.append(draw(st.sampled_from([b"", b"", b'data: {"usage":{"total_tokens":9}}',
+                                     b'data: {"usage":{"total_tokens":9}}\n'])))
+    return b"".join(out)
+
+
+@given(event_streams(), st.lists(st.integers(0, 2000), max_size=10),
+       st.sampled_from(PROBE_SETS), st.sampled_from([16, 48, 80, 200, 1 << 20]),
+       st.integers(0, 2000))
+def test_batched_inspector_reads_what_the_parser_reads(data: bytes, cuts: list[int],
+                                                       probes: tuple[Probe, ...], cap: int,
+                                                       mid: int) -> None:
+    """Any stream of LLM-like events (keys split across data lines, a key outside its path,
+    CR/CRLF/LF, a BOM, events over the cap, an unterminated last event), cut anywhere,
+    with the view also asked for mid-stream: the view is the parser's alone (every field,
+    the oversized count included). Small caps make the inspector read while chunks are
+    still coming (it holds at most min(cap, BATCH) bytes)."""
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    ask = mid % (len(chunks) + 1)
+    insp = SseInspector(probes, cap)
+    fed = b""
+    for i, c in enumerate(chunks):
+        if i == ask:
+            assert insp.result() == parser_view(probes, fed, cap)
+        insp.feed(c)
+        fed += c
+    assert insp.result() == parser_view(probes, data, cap)
+    assert insp.result() == parser_view(probes, data, cap)                 # asked again
+
+
+def test_events_before_the_key_are_passed_over_and_the_key_event_is_read() -> None:
+    """The shape of the benchmark's stream (20 whole events, only the last with the usage
+    key): one pass at the end reads the value; the same when the key event comes first."""
+    noise = [b'data: {"choices":[{"delta":{"content":"w%d"}}],"usage":null}\n\n' % i
+             for i in range(19)]
+    last = b'data: {"usage": {"total_tokens": 42}}\n\n'
+    crlf = [c.replace(b"\n", b"\r\n") for c in [*noise, last]]      # no \n\n: all parsed
+    for chunks in ([*noise, last], [last, *noise], [b"".join(noise) + last], crlf):
+        insp = SseInspector((TOTAL,), 1 << 20)
+        for c in chunks:
+            insp.feed(c)
+        assert insp.result() == BodyView({"t": 42}, streamed=True)
+
+
+def test_a_bom_after_passed_over_events_is_not_the_streams() -> None:
+    """Only the stream's first bytes may be a BOM: after events passed over unparsed, a BOM
+    is part of a field name (so the line is ignored), as the parser alone reads it."""
+    data = b'data: {}\n\n\xef\xbb\xbfdata: {"usage":{"total_tokens":3}}\n\n'
+    insp = SseInspector((TOTAL,), 1 << 20)
+    insp.feed(data)
+    assert insp.result() == parser_view((TOTAL,), data, 1 << 20) == BodyView({}, streamed=True)
+
+
+def test_a_cr_inside_a_one_line_looking_event_ends_the_line() -> None:
+    """``data: X\\r: c\\n\\n`` is a data line and a comment (CR ends a line), not one data
+    line: the event's data is X, as the parser reads it."""
+    data = b'data: {}\n\ndata: {"usage":{"total_tokens":4}}\r: c\n\n'
+    insp = SseInspector((TOTAL,), 1 << 20)
+    insp.feed(data)
+    assert insp.result() == parser_view((TOTAL,), data, 1 << 20) == \
+        BodyView({"t": 4}, streamed=True)

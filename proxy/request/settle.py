@@ -23,7 +23,7 @@ from proxy.credits.money import MoneyBook
 from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.request.context import RequestContext
-from proxy.rules import Measurement, Quantity, Rule, compute, constant_quantities
+from proxy.rules import Measurement, Quantity, Rule, SourceKind, compute, constant_quantities
 from proxy.store.db import Store, UsageItem, UsageRow
 from proxy.store.keys import KeyCache
 from proxy.units import cost_micro
@@ -40,6 +40,8 @@ class _RuleCosts:
     # and each quantity's metered_units_total child with the units it adds
     plain: tuple[UsageItem, ...] | None
     units: tuple[tuple[Any, float], ...]
+    # some usage reads a response header: only then does a measurement copy them
+    response_headers: bool
 
 
 def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) -> list[int]:
@@ -81,7 +83,8 @@ class Settlement:
             units = tuple((self._unit_counter(q.meter), q.micro / 1_000_000)
                           for q in const if q.micro)
         hit = self._by_rule[id(rule)] = _RuleCosts(
-            rule, rates, const, None if const is None else _costs(const, rates), plain, units)
+            rule, rates, const, None if const is None else _costs(const, rates), plain, units,
+            any(u.source.kind is SourceKind.RESPONSE_HEADER for u in rule.usage))
         return hit
 
     def _unit_counter(self, meter: str) -> Any:

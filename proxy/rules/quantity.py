@@ -173,7 +173,45 @@ def fallback_reason(u: UsageSpec, m: Measurement) -> str:
     return "no_usage_event" if body.streamed else "unreadable"
 
 
+def _int_micro(u: UsageSpec, body: BodyView | None) -> int | None:
+    """The micro-units of a preset or ``response.json`` usage whose values are plain JSON
+    integers (the usual token counts), exactly what the Decimal path gives (each value and
+    their sum in [0, MAX_UNITS], times QSCALE), without it; None for anything else (the
+    Decimal path then decides)."""
+    if body is None or body.malformed:
+        return None
+    src = u.source
+    values = body.values
+    if src.kind is SourceKind.PRESET:
+        assert src.preset is not None
+        total = 0
+        for key in PRESETS[src.preset].sum_keys:
+            v = values.get(key)
+            if type(v) is not int or v < 0:      # (not bool: a bool is not a quantity)
+                return None
+            total += v
+    else:
+        total = values.get(src.probe_key)       # type: ignore[assignment]
+        if type(total) is not int or total < 0:
+            return None
+    return total * QSCALE if total <= _MAX_INT else None
+
+
+_MAX_INT = int(MAX_UNITS)
+
+
 def _one(u: UsageSpec, m: Measurement, default_estimate_micro: int) -> Quantity:
+    kind = u.source.kind
+    if kind is SourceKind.PRESET or kind is SourceKind.RESPONSE_JSON:
+        micro = _int_micro(u, m.response_body)
+        if micro is not None:
+            return Quantity(u.meter, micro, False)
+    return _one_exact(u, m, default_estimate_micro)
+
+
+def _one_exact(u: UsageSpec, m: Measurement, default_estimate_micro: int) -> Quantity:
+    """:func:`_one` through Decimal whatever the value (the reference its integer shortcut
+    is tested against)."""
     d = _value(u, m)
     if d is not None:
         try:
@@ -190,7 +228,28 @@ def compute(rule: Rule, m: Measurement, default_estimate_micro: int = QSCALE) ->
     """One :class:`Quantity` per usage spec of ``rule``, in rule order. Never raises.
     ``default_estimate_micro`` is ``credits.default_estimate`` (the reservation of a usage
     without ``estimate``)."""
-    return [_one(u, m, default_estimate_micro) for u in rule.usage]
+    consts = _readable_constants(rule)
+    return [_one(u, m, default_estimate_micro) if c is None else c
+            for u, c in zip(rule.usage, consts, strict=True)]
+
+
+_READABLE: dict[int, tuple[Rule, tuple[Quantity | None, ...]]] = {}
+
+
+def _readable_constants(rule: Rule) -> tuple[Quantity | None, ...]:
+    """Per usage of ``rule``: its quantity when it is a readable constant (the same for
+    every request, whatever the measurement), else None; computed once per rule object."""
+    hit = _READABLE.get(id(rule))
+    if hit is not None and hit[0] is rule:
+        return hit[1]
+    out: list[Quantity | None] = []
+    for u in rule.usage:
+        q = _one(u, _NO_MEASUREMENT, QSCALE) if u.source.kind is SourceKind.CONSTANT else None
+        out.append(q if q is not None and not q.unreadable else None)
+    if len(_READABLE) > 10_000:       # rules reloaded many times: drop stale entries
+        _READABLE.clear()
+    _READABLE[id(rule)] = (rule, tuple(out))
+    return _READABLE[id(rule)][1]
 
 
 _CONSTANTS: dict[int, tuple[Rule, tuple[Quantity, ...] | None]] = {}

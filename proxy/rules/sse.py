@@ -8,8 +8,9 @@ measured).
 Invariants:
 - Memory is bounded by ``max_inspect_bytes``: a JSON body is buffered up to the
   cap (beyond it the body is unreadable); an SSE stream keeps only the current
-  event's data (an event over the cap is skipped) plus the last value seen for
-  each probe, never the stream.
+  event's data (an event over the cap is skipped), the chunks not read yet (at
+  most ``min(cap, BATCH)`` bytes plus one chunk) and the last value seen for each
+  probe, never the stream.
 - Line splitting accepts ``\\n``, ``\\r\\n`` and ``\\r`` even when a ``\\r\\n`` pair
   straddles two chunks: events are identical however the bytes are chunked.
 - ``feed`` and ``result`` never raise on any input; ``result`` may be called at any
@@ -163,11 +164,19 @@ class SseParser:
         self._event = b""
         self.oversized = 0
 
-    def at_event_boundary(self) -> bool:
-        """True when no line or event is half-read: a chunk of whole events can then be
-        skipped without changing what later events parse to."""
-        return (self._started and not self._partial and not self._skip_lf and not self._data
-                and not self._event and self._size == 0 and not self._discard_line)
+    def at_event_boundary(self, or_unstarted: bool = False) -> bool:
+        """True when no line or event is half-read: whole events can then be skipped
+        (:meth:`skip`) without changing what later events parse to. ``or_unstarted``: also
+        true before any byte was fed (the stream's start is a boundary too)."""
+        return ((self._started or or_unstarted) and not self._partial and not self._skip_lf
+                and not self._data and not self._event and self._size == 0
+                and not self._discard_line)
+
+    def skip(self) -> None:
+        """The caller passed over whole events (through a blank line) at an event boundary
+        without feeding them: the stream has started (a BOM from here on is not the
+        stream's)."""
+        self._started = True
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Consume bytes; return the events completed by them, in order."""
@@ -320,33 +329,125 @@ class JsonInspector:
 
 
 class SseInspector:
-    """Parses an event stream incrementally, keeping the last value of each probe."""
+    """Parses an event stream, keeping the last value of each probe.
 
-    __slots__ = ("_needles", "_parser", "_probes", "_values")
+    Fed chunks are held (at most ``min(max_inspect_bytes, BATCH)`` bytes plus the last
+    chunk) and read in one pass when that is exceeded or when :meth:`result` is called, so
+    a chunk costs an append, not a scan. A pass that starts at an event boundary passes
+    over, unparsed, the whole events before the next occurrence of a probe's key (an event
+    without that key cannot hold the probe's value): only the events that may hold a value
+    are parsed. Events end at ``\\n\\n``, which always closes a blank line (an LF after an
+    LF is a line of its own, whatever the line endings around it); events ended by CRLF or
+    CR blank lines are not told apart, just parsed. Events passed over that together
+    exceed the cap are parsed all the same, so an oversized one is counted. A half-read
+    event or a probe without a key (a path of list indexes) sends the pass through the
+    parser whole. The view is the parser's alone, however the stream is chunked
+    (tests/test_sse.py)."""
+
+    __slots__ = ("_cap", "_held", "_keys", "_limit", "_needles", "_parser", "_pending",
+                 "_probes", "_values")
 
     def __init__(self, probes: tuple[Probe, ...], max_inspect_bytes: int) -> None:
         self._probes = probes
         self._parser = SseParser(max_inspect_bytes)
         self._values: dict[str, object] = {}
-        self._needles = tuple({p.needles for p in probes})
+        self._needles, self._keys = _needles(probes)
+        self._pending: list[bytes] = []
+        self._held = 0
+        self._cap = max_inspect_bytes
+        self._limit = min(max_inspect_bytes, BATCH)
 
     def _may_match(self, data: bytes) -> bool:
+        # (bytes.find, not `in`: on Python 3.11 `bytes in bytes` first tries the operand as
+        # an integer and formats a TypeError it then discards, ~2,000 instructions a test)
         for keys in self._needles:
             for n in keys:
-                if n not in data:
+                if data.find(n) < 0:
                     break
             else:
                 return True
         return False
 
     def feed(self, chunk: bytes) -> None:
-        # Fast path: a chunk of whole events (the usual shape of LLM streams) that cannot
-        # contain any probe's keys is skipped without parsing; the parser state is unchanged
-        # because every event in it is complete.
-        if not self._may_match(chunk) and chunk.endswith(b"\n\n") and b"\r" not in chunk \
-                and self._parser.at_event_boundary():
+        self._pending.append(chunk)
+        self._held += len(chunk)
+        if self._held > self._limit:
+            self._read(False)
+
+    def _read(self, final: bool) -> None:
+        """Read the held chunks; unless ``final``, the bytes after the last ``\\n\\n`` read
+        at a boundary stay held (so the next pass can start at a boundary too)."""
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        self._held = 0
+        parser = self._parser
+        keys = self._keys
+        if keys is None or not parser.at_event_boundary(True):
+            self._parse(data)
             return
-        for ev in self._parser.feed(chunk):
+        pos, end = 0, len(data)
+        # each key's next occurrence at or after pos (-1: none left), searched again only
+        # once passed: the pass stays linear however many events hold a key
+        found = [data.find(k) for k in keys]
+        while pos < end:
+            hit = -1
+            for j, i in enumerate(found):
+                if 0 <= i < pos:
+                    i = found[j] = data.find(keys[j], pos)
+                if i >= 0 and (hit < 0 or i < hit):
+                    hit = i
+            if hit < 0:
+                # no probe's key in the rest: its whole events are passed over
+                cut = data.rfind(b"\n\n", pos)
+                if cut >= 0:
+                    self._pass(data, pos, cut + 2)
+                    pos = cut + 2
+                break
+            start = data.rfind(b"\n\n", pos, hit)
+            if start >= 0:           # whole events before the key: passed over
+                self._pass(data, pos, start + 2)
+                pos = start + 2
+            stop = data.find(b"\n\n", hit)
+            if stop < 0:
+                break
+            # the event holding the key, through the next blank line
+            self._segment(data[pos:stop + 2])
+            pos = stop + 2
+        if pos < end:
+            rest = data[pos:] if pos else data
+            if final or len(rest) > self._limit:
+                self._parse(rest)
+            else:
+                self._pending.append(rest)
+                self._held = len(rest)
+
+    def _pass(self, data: bytes, start: int, stop: int) -> None:
+        """``data[start:stop]``: whole events at a boundary, none holding a probe's key.
+        Skipped unparsed when they fit in the cap together (then none is over it); else
+        parsed, so the parser counts an oversized one as it would have (the count does not
+        depend on how the stream was read)."""
+        if stop - start <= self._cap:
+            self._parser.skip()
+        else:
+            self._parse(data[start:stop])
+
+    def _segment(self, seg: bytes) -> None:
+        """Events at a boundary, through a blank line. The usual one, a single ``data:``
+        line within the cap (``data: {...}\\n\\n``), is read as the parser reads it without
+        it: its value (one leading space dropped) is the event's data, and the parser is
+        at a boundary after it as before; anything else goes through the parser."""
+        if seg.startswith(b"data:") and seg.find(b"\n") == len(seg) - 2 \
+                and seg.find(b"\r") < 0:
+            value = seg[6:-2] if seg[5:6] == b" " else seg[5:-2]
+            if len(value) <= self._cap:
+                self._parser.skip()
+                self._event(value)
+                return
+        self._parse(seg)
+
+    def _parse(self, data: bytes) -> None:
+        for ev in self._parser.feed(data):
             self._event(ev.data)
 
     def _event(self, data: bytes) -> None:
@@ -359,8 +460,36 @@ class SseInspector:
         _match_probes(doc, self._probes, self._values)
 
     def result(self) -> BodyView:
+        """What the stream said so far (the held bytes are read first)."""
+        if self._pending:
+            self._read(True)
         return BodyView(dict(self._values), streamed=True,
                         skipped_events=self._parser.oversized)
+
+
+_NEEDLES: dict[int, tuple[tuple[Probe, ...], tuple[tuple[bytes, ...], ...],
+                          tuple[bytes, ...] | None]] = {}
+
+
+def _needles(probes: tuple[Probe, ...]) -> tuple[tuple[tuple[bytes, ...], ...],
+                                                 tuple[bytes, ...] | None]:
+    """Each probe's JSON-quoted keys (all must occur in an event it can match), and the one
+    key per probe searched for when skipping events: the last of its path (the most
+    specific); None when a probe has no key (a path of list indexes matches any event).
+    Made once per probe tuple (a rule's)."""
+    hit = _NEEDLES.get(id(probes))
+    if hit is not None and hit[0] is probes:
+        return hit[1], hit[2]
+    needles = tuple({p.needles for p in probes})
+    keys = tuple(k[-1] for k in needles) if all(needles) else None
+    if len(_NEEDLES) > 10_000:        # rules reloaded many times: drop stale entries
+        _NEEDLES.clear()
+    _NEEDLES[id(probes)] = (probes, needles, keys)
+    return needles, keys
+
+
+BATCH = 64 * 1024
+"""Most bytes an :class:`SseInspector` holds before reading them (or the cap if lower)."""
 
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -385,8 +514,8 @@ class UsageChunkFilter:
         if self._off:
             return chunk
         data = self._pending + chunk if self._pending else chunk
-        if not self._pending and data.endswith(b"\n\n") and b'"choices":[]' not in data \
-                and b'"choices": []' not in data:
+        if not self._pending and data.endswith(b"\n\n") and data.find(b'"choices":[]') < 0 \
+                and data.find(b'"choices": []') < 0:
             return data                      # whole events, none of them the usage chunk
         end = 0
         for m in _BOUNDARY.finditer(data):
@@ -408,7 +537,7 @@ class UsageChunkFilter:
 
     @staticmethod
     def _drop_usage_events(events: bytes) -> bytes:
-        if b'"choices":[]' not in events and b'"choices": []' not in events:
+        if events.find(b'"choices":[]') < 0 and events.find(b'"choices": []') < 0:
             return events
         out: list[bytes] = []
         start = 0
@@ -421,7 +550,7 @@ class UsageChunkFilter:
 
 
 def _is_usage_chunk(event: bytes) -> bool:
-    if b'"usage"' not in event:
+    if event.find(b'"usage"') < 0:
         return False
     data = b"\n".join(line[5:].removeprefix(b" ") for line in _EOL.split(event)
                       if line.startswith(b"data:"))
