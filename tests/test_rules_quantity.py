@@ -399,3 +399,17 @@ def test_integer_shortcut_bills_what_the_decimal_path_bills(
              request_json={"input": [0, {"len": vals[2]}]})
     for dflt in (M, 5 * M):
         assert compute(rule, m, dflt) == [_one_exact(u, m, dflt) for u in rule.usage]
+
+
+def test_measurement_view_and_quantity_cannot_be_changed_once_made() -> None:
+    """NamedTuples since issue 13 (cheaper to build than frozen dataclasses): still
+    immutable, a field set after construction raises."""
+    view = BodyView({"k": 1}, streamed=True)
+    m = Measurement(status=200, request_headers={}, response_headers={}, query={},
+                    path_params={}, request_json=UNREADABLE, response_body=view,
+                    request_bytes=0, response_bytes=0, duration_ms=Decimal(0))
+    q = Quantity("m", 1, False)
+    for obj, name in ((view, "malformed"), (m, "status"), (q, "micro")):
+        with pytest.raises(AttributeError):
+            setattr(obj, name, 5)
+    assert (view.streamed, view.skipped_events, m.abandoned, q.reason) == (True, 0, False, "")
