@@ -12,7 +12,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
-from proxy.rules.quantity import _one_exact, constant_quantities, parse_number
+from proxy.rules.quantity import (
+    _int_micro,
+    _one_exact,
+    _readable_constants,
+    constant_quantities,
+    fallback_reason,
+    parse_number,
+)
 from proxy.units import to_micro
 
 M = 1_000_000
@@ -413,3 +420,33 @@ def test_measurement_view_and_quantity_cannot_be_changed_once_made() -> None:
         with pytest.raises(AttributeError):
             setattr(obj, name, 5)
     assert (view.streamed, view.skipped_events, m.abandoned, q.reason) == (True, 0, False, "")
+
+
+def test_the_integer_shortcut_answers_and_per_rule_tables_are_made_once(
+        rules: dict[str, Rule]) -> None:
+    """The shortcuts are taken, not silently skipped: plain integers read by a preset get
+    their micro-units from ``_int_micro`` (no Decimal), a rule's readable constants are
+    computed once and handed back as the same object, and the reference path's fallback for
+    an unreadable value is the reservation (flagged)."""
+    chat = rules["chat"]
+    keys = sorted({p.key for p in chat.json_probes + chat.sse_probes})
+    (u,) = chat.usage
+    assert keys == ["openai_chat.total"]
+    assert _int_micro(u, BodyView({"openai_chat.total": 3})) == 3 * M
+    assert _int_micro(u, BodyView(dict.fromkeys(keys, True))) is None      # a bool is no count
+    many = rules["many"]
+    assert _readable_constants(many) is _readable_constants(many)
+    m = meas(query={}, path_params={"n": "4"}, request_headers={"x-units": "2"},
+             response_headers={"x-cost": "5"})
+    q = _one_exact(many.usage[3], m, M)
+    assert (q.meter, q.micro, q.unreadable) == ("m", M, True)
+
+
+def test_a_malformed_body_without_a_reason_falls_back_as_unreadable(
+        rules: dict[str, Rule]) -> None:
+    """A body marked malformed with no reason given is counted as ``unreadable`` (one of
+    the documented fallback reasons), never an empty or invented one."""
+    (u,) = rules["chat"].usage
+    m = meas(BodyView({}, malformed=True))
+    assert fallback_reason(u, m) == "unreadable"
+    assert compute(rules["chat"], m) == [Quantity("m", M, True, "unreadable")]

@@ -17,6 +17,7 @@ from proxy.rules.sse import (
     SseInspector,
     SseParser,
     UsageChunkFilter,
+    _needles,
     is_event_stream,
     lookup,
     new_inspector,
@@ -381,3 +382,28 @@ def test_a_cr_inside_a_one_line_looking_event_ends_the_line() -> None:
     insp.feed(data)
     assert insp.result() == parser_view((TOTAL,), data, 1 << 20) == \
         BodyView({"t": 4}, streamed=True)
+
+
+def test_a_probe_tuple_s_needles_are_made_once() -> None:
+    """``_needles`` is computed once per probe tuple (a rule's) and handed back as the same
+    objects, not made again for every response."""
+    probes = (Probe("t", ("usage", "total_tokens")), Probe("i", ("usage", "input_tokens")))
+    first, keys = _needles(probes)
+    again, keys_again = _needles(probes)
+    assert first is again and keys is keys_again
+    assert set(first) == {(b'"usage"', b'"total_tokens"'), (b'"usage"', b'"input_tokens"')}
+    assert keys is not None and set(keys) == {b'"total_tokens"', b'"input_tokens"'}
+
+
+def test_usage_chunk_filter_joins_an_event_split_across_chunks_and_drops_the_usage_one() -> None:
+    """Chunks that end mid-event are held and joined to the next one: every split of a
+    stream passes its bytes unchanged, except the usage-only chunk the proxy asked for."""
+    content = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"total_tokens":7}}\n\n'
+    done = b"data: [DONE]\n\n"
+    stream = content + usage + done
+    for cut in range(1, len(stream)):
+        for cut2 in (cut, min(cut + 7, len(stream))):
+            f = UsageChunkFilter(1024)
+            out = f.feed(stream[:cut]) + f.feed(stream[cut:cut2]) + f.feed(stream[cut2:])
+            assert out + f.flush() == content + done, (cut, cut2)
