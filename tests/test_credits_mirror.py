@@ -16,7 +16,9 @@ grant, a process that stops between the local grant and its mirror), and the bal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -280,39 +282,46 @@ async def test_credit_mode_per_customer_overrides_the_default(
     assert "has no Stripe price" in err["error"]["message"]
 
 
+@contextlib.asynccontextmanager
+async def _monetary_run(cfg: Path, session: aiohttp.ClientSession
+                        ) -> AsyncIterator[tuple[Any, Proxy]]:
+    """One run of a monetary proxy on ``cfg`` (``_monetary_config``), shut down at the
+    end: the restart tests start it twice on the same files."""
+    from proxy import config as config_mod
+    from proxy.app import start
+
+    server = await start(config_mod.load(cfg))
+    try:
+        yield server, Proxy(server, session, cfg.parent)
+    finally:
+        await server.shutdown()
+
+
+def _monetary_config(tmp_path: Path, upstream: str, double: RunningDouble,
+                     price: dict[str, Any]) -> Path:
+    from tests.conftest import write_config
+
+    _seed(double, price)
+    return write_config(tmp_path, upstream, RULES, stripe=_stripe(double),
+                        credits={"mode": "monetary"})
+
+
 async def test_a_restart_goes_on_from_the_period_so_far(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
     """The account reopens with the period's total and what credits covered: the next 1M
     units burn tier 2's 100 cents, not the flat fee again."""
-    from proxy import config as config_mod
-    from proxy.app import start
-    from tests.conftest import write_config
-
-    _seed(stripe_double, GRADUATED)
-    cfg = write_config(tmp_path, upstream, RULES, stripe=_stripe(stripe_double),
-                       credits={"mode": "monetary"})
-    session = aiohttp.ClientSession()
-    try:
-        server = await start(config_mod.load(cfg))
-        try:
-            p = Proxy(server, session, tmp_path)
+    cfg = _monetary_config(tmp_path, upstream, stripe_double, GRADUATED)
+    async with aiohttp.ClientSession() as session:
+        async with _monetary_run(cfg, session) as (_, p):
             key = await p.customer_with_key("acme", stripe_customer_id=CUS)
             await p.admin("POST", "/admin/customers/acme/grants", {"credits": "4"}, expect=201)
             assert await _call(p, key, 1_000_000) == 200
-        finally:
-            await server.shutdown()
-        server = await start(config_mod.load(cfg))
-        try:
-            p = Proxy(server, session, tmp_path)
-            acct = server.monetary.money.account("acme")      # type: ignore[union-attr]
+        async with _monetary_run(cfg, session) as (server, p):
+            acct = server.monetary.money.account("acme")
             assert acct is not None
             assert (acct.burned(time.time()), acct.covered(time.time())) == (700, 400 * 10_000)
             assert await _call(p, key, 1_000_000) == 200
             assert _burned(p) == 800
-        finally:
-            await server.shutdown()
-    finally:
-        await session.close()
 
 
 async def test_a_restart_resumes_a_volume_price_from_what_was_burned(
@@ -320,37 +329,20 @@ async def test_a_restart_resumes_a_volume_price_from_what_was_burned(
     """Volume: 90 units burn 2250 cents, 20 more burn nothing (the line of 110 is 2200).
     After a restart the account resumes from the 2250 burned, not the 2200 line of its
     total, so 5 more units (line 2300) burn 50 cents, not 100."""
-    from proxy import config as config_mod
-    from proxy.app import start
-    from tests.conftest import write_config
-
-    _seed(stripe_double, VOLUME)
-    cfg = write_config(tmp_path, upstream, RULES, stripe=_stripe(stripe_double),
-                       credits={"mode": "monetary"})
-    session = aiohttp.ClientSession()
-    try:
-        server = await start(config_mod.load(cfg))
-        try:
-            p = Proxy(server, session, tmp_path)
+    cfg = _monetary_config(tmp_path, upstream, stripe_double, VOLUME)
+    async with aiohttp.ClientSession() as session:
+        async with _monetary_run(cfg, session) as (_, p):
             key = await p.customer_with_key("acme", stripe_customer_id=CUS)
             await p.admin("POST", "/admin/customers/acme/grants", {"credits": "100"},
                           expect=201)
             assert [await _call(p, key, 90), await _call(p, key, 20)] == [200, 200]
             assert _burned(p) == 2250
-        finally:
-            await server.shutdown()
-        server = await start(config_mod.load(cfg))
-        try:
-            p = Proxy(server, session, tmp_path)
+        async with _monetary_run(cfg, session) as (_, p):
             assert _burned(p) == 2250
             assert await _call(p, key, 5) == 200
             assert _burned(p) == 2300
             got = (await p.admin("GET", "/admin/customers/acme/grants", expect=200))
             assert got["balance"] == "77"
-        finally:
-            await server.shutdown()
-    finally:
-        await session.close()
 
 
 async def test_a_volume_excess_covered_by_credits_is_given_back_once_at_period_end(
