@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -144,8 +145,8 @@ async def test_a_journal_seq_is_never_reused_so_the_mirror_cannot_take_another_s
             310 * 1_000_000
         assert {r[0] for r in c.execute("SELECT request_id FROM audit")} == \
             {f"r{i}" for i in range(310)}
-        assert c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'"
-                         ).fetchone()[0] == 2
+        # both seqs were deleted: the high-water mark covers them (migration 13)
+        assert c.execute("SELECT hwm FROM journal_seq").fetchone()[0] == 2
 
 
 async def test_checkpoints_run_in_one_worker_thread_at_a_lower_priority_than_the_loop(
@@ -236,3 +237,117 @@ async def test_serving_materializes_in_small_transactions_yielding_between_them(
     store.close()
     ids, _ = _ledger(tmp_path / "s.db")
     assert sorted(ids) == sorted(f"r{i}" for i in range(300))
+
+
+# A second, real process on the same file: opens a Store (its recovery moves and deletes
+# whatever the journal holds), commits group commits of its own, materializes some of them
+# (deleting the newest journal rows), and exits.
+_OTHER_PROCESS = """
+import asyncio, sys, time
+from pathlib import Path
+from proxy.store.db import Store, UsageItem, UsageRow
+
+async def main(db: str, first: int, n: int) -> None:
+    s = Store.open(Path(db))
+    for i in range(first, first + n):
+        s.record(UsageRow(f"r{i}", time.time(), "c", "k", "rule", "v1", 200,
+                          [UsageItem("m", 1_000_000, 0, 1_000_000, "")]), wait=False)
+        s._commit_now()
+    s.close()                   # materializes: the journal is empty again
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def _other_process(db: Path, first: int, n: int) -> None:
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", _OTHER_PROCESS, str(db), str(first), str(n)],
+                   check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+
+
+async def test_journal_seqs_are_never_reused_across_processes_and_restarts(
+        tmp_path: Path) -> None:
+    """Every seq the journal ever takes is recorded by a test trigger: across this
+    process's restarts and a real second process emptying the journal in between (also
+    while this one holds committed, unmaterialized rows in its mirror), no seq comes twice,
+    and every usage row reaches the ledger exactly once."""
+    db = tmp_path / "s.db"
+    Store.open(db).close()
+    with sqlite3.connect(db) as c:
+        c.executescript("CREATE TABLE seen (seq INTEGER NOT NULL);"
+                        "CREATE TRIGGER seen AFTER INSERT ON journal"
+                        " BEGIN INSERT INTO seen VALUES (NEW.seq); END;")
+    n = 0
+    for _ in range(3):
+        a = Store.open(db)                      # a restart of this process
+        for _ in range(3):
+            a.record(_unit_row(n), wait=False)
+            n += 1
+            a._commit_now()                     # committed, mirrored, not materialized
+        _other_process(db, n, 4)                # empties the journal, then reuses nothing
+        n += 4
+        for _ in range(2):
+            a.record(_unit_row(n), wait=False)
+            n += 1
+            a._commit_now()
+        a.materialize(limit=1)
+        a.close()
+        _other_process(db, n, 2)                # a restart of the other one
+        n += 2
+    with sqlite3.connect(db) as c:
+        seqs = [s for (s,) in c.execute("SELECT seq FROM seen ORDER BY rowid")]
+        assert c.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
+        assert sorted(r for (r,) in c.execute("SELECT request_id FROM audit")) == \
+            sorted(f"r{i}" for i in range(n))
+        assert c.execute("SELECT SUM(quantity) FROM usage_minute").fetchone()[0] == \
+            n * 1_000_000
+    assert len(seqs) == n                       # one journal row per group commit of one
+    assert seqs == sorted(seqs) and len(set(seqs)) == n
+
+
+async def test_the_database_refuses_a_reused_journal_seq(tmp_path: Path) -> None:
+    """Whoever writes the file (an older version's ``INSERT INTO journal(row)``, for which
+    SQLite picks max(seq) + 1 of an emptied journal, or an explicit seq), a seq at or below
+    the high-water mark is refused; the Store's own next seq is above it."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    for i in range(3):
+        store.record(_unit_row(i), wait=False)
+        store._commit_now()
+    assert store.materialize() == 3
+    raw = sqlite3.connect(db, isolation_level=None)
+    for sql, args in (("INSERT INTO journal(row) VALUES (?)", ("[]",)),
+                      ("INSERT INTO journal(seq, row) VALUES (?, ?)", (2, "[]")),
+                      ("INSERT INTO journal(seq, row) VALUES (?, ?)", (3, "[]"))):
+        with pytest.raises(sqlite3.IntegrityError, match="journal seq already used"):
+            raw.execute(sql, args)
+    raw.close()
+    store.record(_unit_row(3), wait=False)
+    store._commit_now()
+    assert store._mirror[-1][0] == 4
+    store.close()
+    assert _ledger(db)[0] == [f"r{i}" for i in range(4)]
+
+
+def test_migration_13_continues_the_autoincrement_count(tmp_path: Path) -> None:
+    """A database written with AUTOINCREMENT (migration 11) whose journal was emptied: the
+    first seq after migration 13 is above every seq used before it."""
+    from proxy.store.db import _JOURNAL_INSERT, _statements, connect
+    from proxy.store.schema import MIGRATIONS
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:12], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+    for _ in range(5):
+        conn.execute("INSERT INTO journal(row) VALUES ('[]')")
+    conn.execute("DELETE FROM journal WHERE seq >= 4")      # the newest ones moved
+    conn.close()
+    conn = connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert [s for (s,) in conn.execute("SELECT seq FROM journal")] == [1, 2, 3]
+    assert conn.execute("SELECT hwm FROM journal_seq").fetchone() == (5,)
+    assert conn.execute(_JOURNAL_INSERT, ("[]",)).lastrowid == 6
+    conn.close()

@@ -325,6 +325,12 @@ def _statements(script: str) -> Iterable[str]:
         yield buf.strip()
 
 
+# a journal row's seq: above every seq the journal ever held (present rows: max(seq);
+# deleted ones: journal_seq.hwm, kept by a trigger), so one is never reused, across
+# processes and restarts (schema migration 13; the mirror's check relies on it)
+_JOURNAL_INSERT = ("INSERT INTO journal(seq, row) VALUES (max(coalesce((SELECT max(seq) FROM"
+                   " journal), 0), (SELECT hwm FROM journal_seq WHERE id = 0)) + 1, ?)")
+
 _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
               " status, meter, quantity, credits, billable, flags, method, path)"
               " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
@@ -642,7 +648,7 @@ class Store:
             for seq, blob in c.execute("SELECT seq, row FROM journal WHERE row LIKE '[[%'"
                                        " ORDER BY seq").fetchall():
                 c.execute("DELETE FROM journal WHERE seq = ?", (seq,))
-                c.executemany("INSERT INTO journal(row) VALUES (?)",
+                c.executemany(_JOURNAL_INSERT,
                               [(orjson.dumps(r).decode(),) for r in orjson.loads(blob)])
         self.execute_write(tx)
 
@@ -789,7 +795,7 @@ class Store:
             # transaction: all or nothing, committed when it returns)
             if self.conn.in_transaction:    # it would join that one, not commit: never
                 raise sqlite3.OperationalError("cannot start a transaction within a transaction")
-            cur.execute("INSERT INTO journal(row) VALUES (?)", (orjson.dumps(flats).decode(),))
+            cur.execute(_JOURNAL_INSERT, (orjson.dumps(flats).decode(),))
             self._journaled += len(rows)
             if self._mirror_ok:
                 if self._mirror_rows + len(flats) > _MIRROR_MAX_ROWS:
@@ -804,7 +810,7 @@ class Store:
         try:
             if strict:
                 # fleet mode: one journal row per usage row (shipped and pruned by seq)
-                cur.executemany("INSERT INTO journal(row) VALUES (?)", map(_encode_flat, flats))
+                cur.executemany(_JOURNAL_INSERT, map(_encode_flat, flats))
             else:
                 self._apply(self.conn, flats, cur)
             cur.execute("COMMIT")
