@@ -9,9 +9,10 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.credits.ledger import Entry
@@ -216,7 +217,7 @@ async def test_serving_materializes_in_small_transactions_yielding_between_them(
         if sql.startswith("BEGIN"):
             per_tx.append(0)
         elif sql.startswith("INSERT INTO audit"):
-            per_tx[-1] += 1
+            per_tx[-1] += sql.count("),(") + 1      # audit rows in this statement
 
     async def ticker() -> None:
         nonlocal ticks
@@ -351,3 +352,69 @@ def test_migration_13_continues_the_autoincrement_count(tmp_path: Path) -> None:
     assert conn.execute("SELECT hwm FROM journal_seq").fetchone() == (5,)
     assert conn.execute(_JOURNAL_INSERT, ("[]",)).lastrowid == 6
     conn.close()
+
+
+def _apply_one_insert_per_item(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    """The reference: materialization as it was before the chunked audit inserts (one
+    audit INSERT per usage item, in order)."""
+    from proxy.store.db import _AUDIT_SQL, _DEBIT_SQL, _USAGE_SQL
+    audit, debits = [], []
+    agg: dict[tuple[Any, ...], list[int]] = {}
+    for rid, at, cid, kid, rule, ver, status, method, path, items, row_debits in rows:
+        at_ms = int(at * 1000)
+        minute = int(at // 60) * 60
+        for meter, gid, kind, amount in row_debits:
+            debits.append((cid, gid, kind, amount, rid, meter, at_ms))
+        for meter, q, credits, billable, flags in items:
+            audit.append((rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
+                          billable, flags, method, path))
+            a = agg.setdefault((cid, kid, meter, minute, ver), [0, 0, 0, 0])
+            a[0] += q
+            a[1] += 1
+            a[2] += billable
+            a[3] += q - billable
+    conn.executemany(_AUDIT_SQL, audit)
+    conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
+    conn.executemany(_DEBIT_SQL, debits)
+
+
+_flat_rows = st.lists(st.tuples(
+    st.text(max_size=6), st.floats(1.7e9, 1.7e9 + 600), st.sampled_from(["c1", "c2"]),
+    st.sampled_from(["k1", "k2"]), st.just("rule"), st.sampled_from(["v1", "v2"]),
+    st.sampled_from([200, 404]), st.just("POST"), st.just("/p"),
+    st.lists(st.tuples(st.sampled_from(["m1", "m2", "m3"]), st.integers(0, 10**15),
+                       st.integers(0, 10**9), st.integers(0, 10**15),
+                       st.sampled_from(["", "unreadable"])), max_size=4),
+    st.lists(st.builds(lambda m, gk, a: (m, *gk, a), st.sampled_from(["m1", "m2"]),
+                       st.sampled_from([("g", "debit"), ("", "debt")]),
+                       st.integers(1, 10**9)), max_size=2)),
+    max_size=70)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_flat_rows, min_size=1, max_size=3))
+def test_materialize_writes_the_same_ledger_as_one_insert_per_item(
+        batches: list[list[Any]]) -> None:
+    """Store._apply (audit rows in multi-row statements) against the reference (one INSERT
+    per usage item): every table of the ledger is identical, audit seqs included, over
+    successive materialize transactions of any size (around the chunk size and its rest)."""
+    import tempfile
+
+    from proxy.store.db import connect
+    with tempfile.TemporaryDirectory() as d:
+        new, old = connect(Path(d) / "new.db"), connect(Path(d) / "old.db")
+        for c in (new, old):
+            c.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c1', 0, 0),"
+                      " ('c2', 0, 0)")
+            c.execute("INSERT INTO grants(id, customer_id, amount, source, created_at)"
+                      " VALUES ('g', 'c1', 5, 'admin', 0)")
+        for rows in batches:
+            for c, apply in ((new, Store._apply), (old, _apply_one_insert_per_item)):
+                c.execute("BEGIN IMMEDIATE")
+                apply(c, rows)
+                c.execute("COMMIT")
+        for table in ("audit", "usage_minute", "credit_entries"):
+            q = f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5"
+            assert new.execute(q).fetchall() == old.execute(q).fetchall()
+        new.close()
+        old.close()

@@ -334,6 +334,12 @@ _JOURNAL_INSERT = ("INSERT INTO journal(seq, row) VALUES (max(coalesce((SELECT m
 _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
               " status, meter, quantity, credits, billable, flags, method, path)"
               " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_AUDIT_COLS = 14
+# audit rows per statement when materializing (Store._apply)
+_AUDIT_CHUNK = 16
+# _AUDIT_ROWS[n]: one INSERT of n audit rows (1 <= n <= _AUDIT_CHUNK)
+_AUDIT_ROWS = ("", *(_AUDIT_SQL + ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?)" * (n - 1)
+                     for n in range(1, _AUDIT_CHUNK + 1)))
 _DEBIT_SQL = ("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
               " at_ms) VALUES (?,NULLIF(?, ''),?,?,?,?,?)")   # a debt entry has no grant
 _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
@@ -825,7 +831,7 @@ class Store:
     def _apply(conn: sqlite3.Connection, rows: Sequence[FlatRow],
                cur: sqlite3.Cursor | None = None) -> None:
         """Write flat rows into audit, usage_minute and credit_entries (caller owns the tx)."""
-        audit: list[tuple[Any, ...]] = []
+        audit: list[Any] = []       # the audit rows' values, _AUDIT_COLS a row, in order
         debits: list[tuple[Any, ...]] = []
         agg: dict[tuple[str, str, str, int, str], list[int]] = {}
         for rid, at, cid, kid, rule, ver, status, method, path, items, row_debits in rows:
@@ -834,8 +840,8 @@ class Store:
             for meter, gid, kind, amount in row_debits:
                 debits.append((cid, gid, kind, amount, rid, meter, at_ms))
             for meter, q, credits, billable, flags in items:
-                audit.append((rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
-                              billable, flags, method, path))
+                audit += (rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
+                          billable, flags, method, path)
                 k = (cid, kid, meter, minute, ver)
                 a = agg.get(k)
                 if a is None:
@@ -846,7 +852,16 @@ class Store:
                     a[2] += billable
                     a[3] += q - billable
         c = conn.cursor() if cur is None else cur
-        c.executemany(_AUDIT_SQL, audit)
+        # the audit rows in statements of _AUDIT_CHUNK rows, then one for the rest: the same
+        # rows in the same order (so the same seqs) as one INSERT per row, with one
+        # statement execution (cursor opening, VDBE set-up and halt) per chunk
+        chunk = _AUDIT_CHUNK * _AUDIT_COLS
+        whole = len(audit) - len(audit) % chunk
+        if whole:
+            c.executemany(_AUDIT_ROWS[_AUDIT_CHUNK],
+                          [audit[i:i + chunk] for i in range(0, whole, chunk)])
+        if whole < len(audit):
+            c.execute(_AUDIT_ROWS[(len(audit) - whole) // _AUDIT_COLS], audit[whole:])
         c.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
         if debits:
             c.executemany(_DEBIT_SQL, debits)
