@@ -611,19 +611,24 @@ class Store:
         if not mirror:
             return 0
         flats: list[tuple[Any, ...]] = []
-        chunks = 0
-        for _, rows in mirror:
+        seqs: list[tuple[int]] = []
+        for seq, rows in mirror:
             flats += rows
-            chunks += 1
+            seqs.append((seq,))
             if len(flats) >= batch_size:
                 break
-        last = mirror[chunks - 1][0]        # the newest seq of the rows taken
+        chunks = len(seqs)
         cur = self._cur
         cur.execute("BEGIN IMMEDIATE")
         try:
             self._apply(self.conn, flats, cur)
-            cur.execute("DELETE FROM journal WHERE seq <= ?", (last,))
-            if cur.rowcount != chunks:          # one journal row per group commit
+            # the journal up to the newest of them must hold exactly these rows (seqs are
+            # never reused): each deleted by its seq, and nothing else left at or below
+            # it. (Counting a range delete took another process's row for one of ours
+            # that a third had already moved.)
+            cur.executemany("DELETE FROM journal WHERE seq = ?", seqs)
+            if cur.rowcount != chunks or cur.execute(
+                    "SELECT 1 FROM journal WHERE seq <= ? LIMIT 1", seqs[-1]).fetchone():
                 cur.execute("ROLLBACK")
                 self._drop_mirror()
                 log.warning("the journal held other rows than the ones committed by this "
