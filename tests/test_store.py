@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -307,28 +306,29 @@ async def test_journal_seqs_are_never_reused_across_processes_and_restarts(
     assert seqs == sorted(seqs) and len(set(seqs)) == n
 
 
-async def test_the_database_refuses_a_reused_journal_seq(tmp_path: Path) -> None:
-    """Whoever writes the file (an older version's ``INSERT INTO journal(row)``, for which
-    SQLite picks max(seq) + 1 of an emptied journal, or an explicit seq), a seq at or below
-    the high-water mark is refused; the Store's own next seq is above it."""
+async def test_a_journal_row_inserted_at_a_used_seq_is_moved_above_every_used_one(
+        tmp_path: Path) -> None:
+    """Whoever writes the file (an older version's ``INSERT INTO journal(row)`` during a
+    rolling upgrade, for which SQLite picks max(seq) + 1 of an emptied journal: a used seq;
+    or an explicit seq), the row is committed above the high-water mark; the Store's own
+    next seq is above those, and every row is moved exactly once."""
     db = tmp_path / "s.db"
     store = Store.open(db)
     for i in range(3):
         store.record(_unit_row(i), wait=False)
         store._commit_now()
-    assert store.materialize() == 3
+    assert store.materialize() == 3           # seqs 1-3 deleted: the mark is 3
     raw = sqlite3.connect(db, isolation_level=None)
-    for sql, args in (("INSERT INTO journal(row) VALUES (?)", ("[]",)),
-                      ("INSERT INTO journal(seq, row) VALUES (?, ?)", (2, "[]")),
-                      ("INSERT INTO journal(seq, row) VALUES (?, ?)", (3, "[]"))):
-        with pytest.raises(sqlite3.IntegrityError, match="journal seq already used"):
-            raw.execute(sql, args)
+    raw.execute("INSERT INTO journal(row) VALUES (?)", (encode_row(_unit_row(3)),))
+    raw.execute("INSERT INTO journal(seq, row) VALUES (2, ?)", (encode_row(_unit_row(4)),))
+    raw.execute("INSERT INTO journal(seq, row) VALUES (3, ?)", (encode_row(_unit_row(5)),))
+    assert [s for (s,) in raw.execute("SELECT seq FROM journal")] == [4, 5, 6]
     raw.close()
-    store.record(_unit_row(3), wait=False)
+    store.record(_unit_row(6), wait=False)
     store._commit_now()
-    assert store._mirror[-1][0] == 4
-    store.close()
-    assert _ledger(db)[0] == [f"r{i}" for i in range(4)]
+    assert store._mirror[-1][0] == 7
+    store.close()               # the journal held other rows: read back, in seq order
+    assert _ledger(db)[0] == [f"r{i}" for i in range(7)]
 
 
 def test_migration_13_continues_the_autoincrement_count(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ Invariants
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
    counted exactly once whether the process dies before, during or after it. It applies
    the rows this process journaled from memory (``_mirror``, no read-back and decode) when
-   its DELETE removes exactly the mirrored journal rows, else it rolls back and reads the
+   the journal up to the newest of them holds exactly the mirrored journal rows (each
+   deleted by its seq, nothing else left at or below it; seqs are never reused, across
+   processes and restarts: ``_JOURNAL_INSERT``), else it rolls back and reads the
    journal. In ``batched`` a commit runs every ``commit_interval`` and writes the tables
    directly.
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
@@ -665,8 +667,8 @@ class Store:
 
     def prune_journal(self, shipped: int) -> int:
         """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
-        ledger), always keeping the newest row so a seq is never reused (SQLite's INTEGER
-        PRIMARY KEY restarts at max + 1). Returns rows deleted."""
+        ledger), always keeping the newest row (a seq is never reused in any case: the
+        journal's high-water mark, migration 13). Returns rows deleted."""
         def tx(c: sqlite3.Connection) -> int:
             return c.execute("DELETE FROM journal WHERE seq <= ? AND seq < "
                              "(SELECT max(seq) FROM journal)", (shipped,)).rowcount

@@ -339,9 +339,11 @@ MIGRATIONS: tuple[str, ...] = (
     # update was a second WAL frame on every group commit): ``journal_seq.hwm`` is at least
     # every seq ever deleted from the journal (the delete trigger keeps it so, whoever
     # deletes), a new row takes max(max(seq), hwm) + 1 (``proxy.store.db._JOURNAL_INSERT``),
-    # and the insert trigger refuses any seq at or below hwm, e.g. the max(seq) + 1 SQLite
-    # would pick for an older version's insert into an emptied journal (refused: that
-    # commit is retried, never given a used seq). The hwm starts at AUTOINCREMENT's count.
+    # and the insert trigger moves a row inserted at or below hwm above it, e.g. an older
+    # version's (``INSERT INTO journal(row)``: SQLite picks max(seq) + 1, which may be a
+    # used seq once the journal was emptied) during a rolling upgrade: its commit succeeds
+    # with a fresh seq, and its in-memory copy no longer matching, it reads the journal back.
+    # The hwm starts at AUTOINCREMENT's count.
     """
     CREATE TABLE journal_seq (id INTEGER PRIMARY KEY CHECK (id = 0), hwm INTEGER NOT NULL);
     INSERT INTO journal_seq (id, hwm) VALUES (0, max(
@@ -359,7 +361,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER journal_seq_fresh AFTER INSERT ON journal
         WHEN NEW.seq <= (SELECT hwm FROM journal_seq WHERE id = 0)
     BEGIN
-        SELECT RAISE(ABORT, 'journal seq already used');
+        UPDATE journal SET seq = (SELECT max(max(seq), (SELECT hwm FROM journal_seq
+            WHERE id = 0)) + 1 FROM journal) WHERE seq = NEW.seq;
     END;
     """,
 )
