@@ -336,6 +336,10 @@ _JOURNAL_INSERT = ("INSERT INTO journal(seq, row) VALUES (max(coalesce((SELECT m
 _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
               " status, meter, quantity, credits, billable, flags, method, path)"
               " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# materializing the mirror (Store._materialize_mirrored)
+_RAISE_HWM = "UPDATE journal_seq SET hwm = ?1 WHERE id = 0 AND hwm < ?1"
+_DELETE_UPTO = "DELETE FROM journal WHERE seq <= ? RETURNING seq"
+
 _AUDIT_COLS = 14
 # audit rows per statement when materializing (Store._apply)
 _AUDIT_CHUNK = 16
@@ -613,7 +617,7 @@ class Store:
         if not mirror:
             return 0
         flats: list[tuple[Any, ...]] = []
-        seqs: list[tuple[int]] = []
+        seqs: list[tuple[int]] = []        # ascending: committed in this order
         for seq, rows in mirror:
             flats += rows
             seqs.append((seq,))
@@ -624,13 +628,12 @@ class Store:
         cur.execute("BEGIN IMMEDIATE")
         try:
             self._apply(self.conn, flats, cur)
-            # the journal up to the newest of them must hold exactly these rows (seqs are
-            # never reused): each deleted by its seq, and nothing else left at or below
-            # it. (Counting a range delete took another process's row for one of ours
-            # that a third had already moved.)
-            cur.executemany("DELETE FROM journal WHERE seq = ?", seqs)
-            if cur.rowcount != chunks or cur.execute(
-                    "SELECT 1 FROM journal WHERE seq <= ? LIMIT 1", seqs[-1]).fetchone():
+            # the journal up to the newest of them must have held exactly these rows
+            # (seqs are never reused): the seqs deleted are theirs. (Counting them took
+            # another process's row for one of ours that a third had already moved.) The
+            # high-water mark is raised once first, so its trigger only compares per row.
+            cur.execute(_RAISE_HWM, seqs[-1])
+            if cur.execute(_DELETE_UPTO, seqs[-1]).fetchall() != seqs:
                 cur.execute("ROLLBACK")
                 self._drop_mirror()
                 log.warning("the journal held other rows than the ones committed by this "
