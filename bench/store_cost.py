@@ -13,6 +13,9 @@ and, in strict, materialized every M rows, as ``materialize_forever`` does. Per 
 
 usage: python bench/store_cost.py N B M strict|batched [ordered|random] [SLICE]
 
+``ITEMS=2`` in the environment gives each row two usage items (the SSE bench's row: two
+token meters) instead of one.
+
 Request ids are ordered by default (a counter: like the time-ordered ids the proxy generates
 since 2026-11-29);
 ``random`` gives 32 random hex digits (as generated before, and as many clients send):
@@ -38,6 +41,8 @@ async def main(n: int, batch: int, every: int, durability: str, ids: str = "orde
                slice_rows: int = MATERIALIZE_SLICE) -> None:
     seq = iter(range(10**12))
     rid = ((lambda: os.urandom(16).hex()) if ids == "random" else lambda: f"{next(seq):032x}")
+    meters = ("api_calls",) if os.environ.get("ITEMS", "1") == "1" else \
+        ("input_tokens", "output_tokens")
     with tempfile.TemporaryDirectory() as d:
         store = Store.open(Path(d) / "m.db", durability=durability)
         done = 0
@@ -45,7 +50,8 @@ async def main(n: int, batch: int, every: int, durability: str, ids: str = "orde
             for _ in range(batch):
                 store.record(UsageRow(rid(), time.time(), "bench", "key_abcdef",
                                       "all", "v1abc", 200,
-                                      [UsageItem("api_calls", 1_000_000, 0, 1_000_000, "")],
+                                      [UsageItem(m, 1_000_000, 0, 1_000_000, "")
+                                       for m in meters],
                                       method="GET", path="/small"), wait=False)
             store._commit_now()         # one group commit (the loop schedules it in the proxy)
             done += batch

@@ -9,8 +9,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.credits.ledger import Entry
@@ -144,8 +145,8 @@ async def test_a_journal_seq_is_never_reused_so_the_mirror_cannot_take_another_s
             310 * 1_000_000
         assert {r[0] for r in c.execute("SELECT request_id FROM audit")} == \
             {f"r{i}" for i in range(310)}
-        assert c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'"
-                         ).fetchone()[0] == 2
+        # both seqs were deleted: the high-water mark covers them (migration 13)
+        assert c.execute("SELECT hwm FROM journal_seq").fetchone()[0] == 2
 
 
 async def test_checkpoints_run_in_one_worker_thread_at_a_lower_priority_than_the_loop(
@@ -215,7 +216,7 @@ async def test_serving_materializes_in_small_transactions_yielding_between_them(
         if sql.startswith("BEGIN"):
             per_tx.append(0)
         elif sql.startswith("INSERT INTO audit"):
-            per_tx[-1] += 1
+            per_tx[-1] += sql.count("),(") + 1      # audit rows in this statement
 
     async def ticker() -> None:
         nonlocal ticks
@@ -236,3 +237,208 @@ async def test_serving_materializes_in_small_transactions_yielding_between_them(
     store.close()
     ids, _ = _ledger(tmp_path / "s.db")
     assert sorted(ids) == sorted(f"r{i}" for i in range(300))
+
+
+# A second, real process on the same file: opens a Store (its recovery moves and deletes
+# whatever the journal holds), commits group commits of its own, materializes some of them
+# (deleting the newest journal rows), and exits.
+_OTHER_PROCESS = """
+import asyncio, sys, time
+from pathlib import Path
+from proxy.store.db import Store, UsageItem, UsageRow
+
+async def main(db: str, first: int, n: int) -> None:
+    s = Store.open(Path(db))
+    for i in range(first, first + n):
+        s.record(UsageRow(f"r{i}", time.time(), "c", "k", "rule", "v1", 200,
+                          [UsageItem("m", 1_000_000, 0, 1_000_000, "")]), wait=False)
+        s._commit_now()
+    s.close()                   # materializes: the journal is empty again
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def _other_process(db: Path, first: int, n: int) -> None:
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", _OTHER_PROCESS, str(db), str(first), str(n)],
+                   check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+
+
+async def test_journal_seqs_are_never_reused_across_processes_and_restarts(
+        tmp_path: Path) -> None:
+    """Every seq the journal ever takes is recorded by a test trigger: across this
+    process's restarts and a real second process emptying the journal in between (also
+    while this one holds committed, unmaterialized rows in its mirror), no seq comes twice,
+    and every usage row reaches the ledger exactly once."""
+    db = tmp_path / "s.db"
+    Store.open(db).close()
+    with sqlite3.connect(db) as c:
+        c.executescript("CREATE TABLE seen (seq INTEGER NOT NULL);"
+                        "CREATE TRIGGER seen AFTER INSERT ON journal"
+                        " BEGIN INSERT INTO seen VALUES (NEW.seq); END;")
+    n = 0
+    for _ in range(3):
+        a = Store.open(db)                      # a restart of this process
+        for _ in range(3):
+            a.record(_unit_row(n), wait=False)
+            n += 1
+            a._commit_now()                     # committed, mirrored, not materialized
+        _other_process(db, n, 4)                # empties the journal, then reuses nothing
+        n += 4
+        for _ in range(2):
+            a.record(_unit_row(n), wait=False)
+            n += 1
+            a._commit_now()
+        a.materialize(limit=1)
+        a.close()
+        _other_process(db, n, 2)                # a restart of the other one
+        n += 2
+    with sqlite3.connect(db) as c:
+        seqs = [s for (s,) in c.execute("SELECT seq FROM seen ORDER BY rowid")]
+        assert c.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
+        assert sorted(r for (r,) in c.execute("SELECT request_id FROM audit")) == \
+            sorted(f"r{i}" for i in range(n))
+        assert c.execute("SELECT SUM(quantity) FROM usage_minute").fetchone()[0] == \
+            n * 1_000_000
+    assert len(seqs) == n                       # one journal row per group commit of one
+    assert seqs == sorted(seqs) and len(set(seqs)) == n
+
+
+async def test_a_journal_row_inserted_at_a_used_seq_is_moved_above_every_used_one(
+        tmp_path: Path) -> None:
+    """Whoever writes the file (an older version's ``INSERT INTO journal(row)`` during a
+    rolling upgrade, for which SQLite picks max(seq) + 1 of an emptied journal: a used seq;
+    or an explicit seq), the row is committed above the high-water mark; the Store's own
+    next seq is above those, and every row is moved exactly once."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    for i in range(3):
+        store.record(_unit_row(i), wait=False)
+        store._commit_now()
+    assert store.materialize() == 3           # seqs 1-3 deleted: the mark is 3
+    raw = sqlite3.connect(db, isolation_level=None)
+    raw.execute("INSERT INTO journal(row) VALUES (?)", (encode_row(_unit_row(3)),))
+    raw.execute("INSERT INTO journal(seq, row) VALUES (2, ?)", (encode_row(_unit_row(4)),))
+    raw.execute("INSERT INTO journal(seq, row) VALUES (3, ?)", (encode_row(_unit_row(5)),))
+    assert [s for (s,) in raw.execute("SELECT seq FROM journal")] == [4, 5, 6]
+    raw.close()
+    store.record(_unit_row(6), wait=False)
+    store._commit_now()
+    assert store._mirror[-1][0] == 7
+    store.close()               # the journal held other rows: read back, in seq order
+    assert _ledger(db)[0] == [f"r{i}" for i in range(7)]
+
+
+def test_migration_13_continues_the_autoincrement_count(tmp_path: Path) -> None:
+    """A database written with AUTOINCREMENT (migration 11) whose journal was emptied: the
+    first seq after migration 13 is above every seq used before it."""
+    from proxy.store.db import _JOURNAL_INSERT, _statements, connect
+    from proxy.store.schema import MIGRATIONS
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:12], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+    for _ in range(5):
+        conn.execute("INSERT INTO journal(row) VALUES ('[]')")
+    conn.execute("DELETE FROM journal WHERE seq >= 4")      # the newest ones moved
+    conn.close()
+    conn = connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert [s for (s,) in conn.execute("SELECT seq FROM journal")] == [1, 2, 3]
+    assert conn.execute("SELECT hwm FROM journal_seq").fetchone() == (5,)
+    assert conn.execute(_JOURNAL_INSERT, ("[]",)).lastrowid == 6
+    conn.close()
+
+
+def _apply_one_insert_per_item(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    """The reference: materialization as it was before the chunked audit inserts (one
+    audit INSERT per usage item, in order)."""
+    from proxy.store.db import _AUDIT_SQL, _DEBIT_SQL, _USAGE_SQL
+    audit, debits = [], []
+    agg: dict[tuple[Any, ...], list[int]] = {}
+    for rid, at, cid, kid, rule, ver, status, method, path, items, row_debits in rows:
+        at_ms = int(at * 1000)
+        minute = int(at // 60) * 60
+        for meter, gid, kind, amount in row_debits:
+            debits.append((cid, gid, kind, amount, rid, meter, at_ms))
+        for meter, q, credits, billable, flags in items:
+            audit.append((rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
+                          billable, flags, method, path))
+            a = agg.setdefault((cid, kid, meter, minute, ver), [0, 0, 0, 0])
+            a[0] += q
+            a[1] += 1
+            a[2] += billable
+            a[3] += q - billable
+    conn.executemany(_AUDIT_SQL, audit)
+    conn.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
+    conn.executemany(_DEBIT_SQL, debits)
+
+
+_flat_rows = st.lists(st.tuples(
+    st.text(max_size=6), st.floats(1.7e9, 1.7e9 + 600), st.sampled_from(["c1", "c2"]),
+    st.sampled_from(["k1", "k2"]), st.just("rule"), st.sampled_from(["v1", "v2"]),
+    st.sampled_from([200, 404]), st.just("POST"), st.just("/p"),
+    st.lists(st.tuples(st.sampled_from(["m1", "m2", "m3"]), st.integers(0, 10**15),
+                       st.integers(0, 10**9), st.integers(0, 10**15),
+                       st.sampled_from(["", "unreadable"])), max_size=4),
+    st.lists(st.builds(lambda m, gk, a: (m, *gk, a), st.sampled_from(["m1", "m2"]),
+                       st.sampled_from([("g", "debit"), ("", "debt")]),
+                       st.integers(1, 10**9)), max_size=2)),
+    max_size=70)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_flat_rows, min_size=1, max_size=3))
+def test_materialize_writes_the_same_ledger_as_one_insert_per_item(
+        batches: list[list[Any]]) -> None:
+    """Store._apply (audit rows in multi-row statements) against the reference (one INSERT
+    per usage item): every table of the ledger is identical, audit seqs included, over
+    successive materialize transactions of any size (around the chunk size and its rest)."""
+    import tempfile
+
+    from proxy.store.db import connect
+    with tempfile.TemporaryDirectory() as d:
+        new, old = connect(Path(d) / "new.db"), connect(Path(d) / "old.db")
+        for c in (new, old):
+            c.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c1', 0, 0),"
+                      " ('c2', 0, 0)")
+            c.execute("INSERT INTO grants(id, customer_id, amount, source, created_at)"
+                      " VALUES ('g', 'c1', 5, 'admin', 0)")
+        for rows in batches:
+            for c, apply in ((new, Store._apply), (old, _apply_one_insert_per_item)):
+                c.execute("BEGIN IMMEDIATE")
+                apply(c, rows)
+                c.execute("COMMIT")
+        for table in ("audit", "usage_minute", "credit_entries"):
+            q = f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5"
+            assert new.execute(q).fetchall() == old.execute(q).fetchall()
+        new.close()
+        old.close()
+
+
+async def test_two_processes_committing_to_one_file_move_each_row_exactly_once(
+        tmp_path: Path) -> None:
+    """A rolling restart's overlap: both Stores commit while the other's rows sit in the
+    journal. A's mirrored group commits are seqs 1 and 3; B's recovery moved seq 1 and B
+    committed seq 2 in between. A must not take B's row for its own moved one (the count
+    of rows up to seq 3 is 2 either way): each row reaches the ledger exactly once."""
+    db = tmp_path / "s.db"
+    a = Store.open(db)
+    a.record(_unit_row(0), wait=False)
+    a._commit_now()                           # seq 1, mirrored by A
+    b = Store.open(db)                        # recovery moves seq 1: the journal is empty
+    b.record(_unit_row(1), wait=False)
+    b._commit_now()                           # seq 2, mirrored by B
+    a.record(_unit_row(2), wait=False)
+    a._commit_now()                           # seq 3
+    a.materialize()
+    b.materialize()
+    a.close()
+    b.close()
+    ids, total = _ledger(db)
+    assert sorted(ids) == ["r0", "r1", "r2"]
+    assert total == 3 * 1_000_000

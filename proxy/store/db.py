@@ -17,7 +17,9 @@ Invariants
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
    counted exactly once whether the process dies before, during or after it. It applies
    the rows this process journaled from memory (``_mirror``, no read-back and decode) when
-   its DELETE removes exactly the mirrored journal rows, else it rolls back and reads the
+   the journal up to the newest of them holds exactly the mirrored journal rows (each
+   deleted by its seq, nothing else left at or below it; seqs are never reused, across
+   processes and restarts: ``_JOURNAL_INSERT``), else it rolls back and reads the
    journal. In ``batched`` a commit runs every ``commit_interval`` and writes the tables
    directly.
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
@@ -325,9 +327,25 @@ def _statements(script: str) -> Iterable[str]:
         yield buf.strip()
 
 
+# a journal row's seq: above every seq the journal ever held (present rows: max(seq);
+# deleted ones: journal_seq.hwm, kept by a trigger), so one is never reused, across
+# processes and restarts (schema migration 13; the mirror's check relies on it)
+_JOURNAL_INSERT = ("INSERT INTO journal(seq, row) VALUES (max(coalesce((SELECT max(seq) FROM"
+                   " journal), 0), (SELECT hwm FROM journal_seq WHERE id = 0)) + 1, ?)")
+
 _AUDIT_SQL = ("INSERT INTO audit(request_id, at_ms, customer_id, key_id, rule, rules_version,"
               " status, meter, quantity, credits, billable, flags, method, path)"
               " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# materializing the mirror (Store._materialize_mirrored)
+_RAISE_HWM = "UPDATE journal_seq SET hwm = ?1 WHERE id = 0 AND hwm < ?1"
+_DELETE_UPTO = "DELETE FROM journal WHERE seq <= ? RETURNING seq"
+
+_AUDIT_COLS = 14
+# audit rows per statement when materializing (Store._apply)
+_AUDIT_CHUNK = 16
+# _AUDIT_ROWS[n]: one INSERT of n audit rows (1 <= n <= _AUDIT_CHUNK)
+_AUDIT_ROWS = ("", *(_AUDIT_SQL + ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?)" * (n - 1)
+                     for n in range(1, _AUDIT_CHUNK + 1)))
 _DEBIT_SQL = ("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
               " at_ms) VALUES (?,NULLIF(?, ''),?,?,?,?,?)")   # a debt entry has no grant
 _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
@@ -599,19 +617,23 @@ class Store:
         if not mirror:
             return 0
         flats: list[tuple[Any, ...]] = []
-        chunks = 0
-        for _, rows in mirror:
+        seqs: list[tuple[int]] = []        # ascending: committed in this order
+        for seq, rows in mirror:
             flats += rows
-            chunks += 1
+            seqs.append((seq,))
             if len(flats) >= batch_size:
                 break
-        last = mirror[chunks - 1][0]        # the newest seq of the rows taken
+        chunks = len(seqs)
         cur = self._cur
         cur.execute("BEGIN IMMEDIATE")
         try:
             self._apply(self.conn, flats, cur)
-            cur.execute("DELETE FROM journal WHERE seq <= ?", (last,))
-            if cur.rowcount != chunks:          # one journal row per group commit
+            # the journal up to the newest of them must have held exactly these rows
+            # (seqs are never reused): the seqs deleted are theirs. (Counting them took
+            # another process's row for one of ours that a third had already moved.) The
+            # high-water mark is raised once first, so its trigger only compares per row.
+            cur.execute(_RAISE_HWM, seqs[-1])
+            if cur.execute(_DELETE_UPTO, seqs[-1]).fetchall() != seqs:
                 cur.execute("ROLLBACK")
                 self._drop_mirror()
                 log.warning("the journal held other rows than the ones committed by this "
@@ -642,14 +664,14 @@ class Store:
             for seq, blob in c.execute("SELECT seq, row FROM journal WHERE row LIKE '[[%'"
                                        " ORDER BY seq").fetchall():
                 c.execute("DELETE FROM journal WHERE seq = ?", (seq,))
-                c.executemany("INSERT INTO journal(row) VALUES (?)",
+                c.executemany(_JOURNAL_INSERT,
                               [(orjson.dumps(r).decode(),) for r in orjson.loads(blob)])
         self.execute_write(tx)
 
     def prune_journal(self, shipped: int) -> int:
         """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
-        ledger), always keeping the newest row so a seq is never reused (SQLite's INTEGER
-        PRIMARY KEY restarts at max + 1). Returns rows deleted."""
+        ledger), always keeping the newest row (a seq is never reused in any case: the
+        journal's high-water mark, migration 13). Returns rows deleted."""
         def tx(c: sqlite3.Connection) -> int:
             return c.execute("DELETE FROM journal WHERE seq <= ? AND seq < "
                              "(SELECT max(seq) FROM journal)", (shipped,)).rowcount
@@ -789,7 +811,7 @@ class Store:
             # transaction: all or nothing, committed when it returns)
             if self.conn.in_transaction:    # it would join that one, not commit: never
                 raise sqlite3.OperationalError("cannot start a transaction within a transaction")
-            cur.execute("INSERT INTO journal(row) VALUES (?)", (orjson.dumps(flats).decode(),))
+            cur.execute(_JOURNAL_INSERT, (orjson.dumps(flats).decode(),))
             self._journaled += len(rows)
             if self._mirror_ok:
                 if self._mirror_rows + len(flats) > _MIRROR_MAX_ROWS:
@@ -804,7 +826,7 @@ class Store:
         try:
             if strict:
                 # fleet mode: one journal row per usage row (shipped and pruned by seq)
-                cur.executemany("INSERT INTO journal(row) VALUES (?)", map(_encode_flat, flats))
+                cur.executemany(_JOURNAL_INSERT, map(_encode_flat, flats))
             else:
                 self._apply(self.conn, flats, cur)
             cur.execute("COMMIT")
@@ -819,7 +841,7 @@ class Store:
     def _apply(conn: sqlite3.Connection, rows: Sequence[FlatRow],
                cur: sqlite3.Cursor | None = None) -> None:
         """Write flat rows into audit, usage_minute and credit_entries (caller owns the tx)."""
-        audit: list[tuple[Any, ...]] = []
+        audit: list[Any] = []       # the audit rows' values, _AUDIT_COLS a row, in order
         debits: list[tuple[Any, ...]] = []
         agg: dict[tuple[str, str, str, int, str], list[int]] = {}
         for rid, at, cid, kid, rule, ver, status, method, path, items, row_debits in rows:
@@ -828,8 +850,8 @@ class Store:
             for meter, gid, kind, amount in row_debits:
                 debits.append((cid, gid, kind, amount, rid, meter, at_ms))
             for meter, q, credits, billable, flags in items:
-                audit.append((rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
-                              billable, flags, method, path))
+                audit += (rid, at_ms, cid, kid, rule, ver, status, meter, q, credits,
+                          billable, flags, method, path)
                 k = (cid, kid, meter, minute, ver)
                 a = agg.get(k)
                 if a is None:
@@ -840,7 +862,16 @@ class Store:
                     a[2] += billable
                     a[3] += q - billable
         c = conn.cursor() if cur is None else cur
-        c.executemany(_AUDIT_SQL, audit)
+        # the audit rows in statements of _AUDIT_CHUNK rows, then one for the rest: the same
+        # rows in the same order (so the same seqs) as one INSERT per row, with one
+        # statement execution (cursor opening, VDBE set-up and halt) per chunk
+        chunk = _AUDIT_CHUNK * _AUDIT_COLS
+        whole = len(audit) - len(audit) % chunk
+        if whole:
+            c.executemany(_AUDIT_ROWS[_AUDIT_CHUNK],
+                          [audit[i:i + chunk] for i in range(0, whole, chunk)])
+        if whole < len(audit):
+            c.execute(_AUDIT_ROWS[(len(audit) - whole) // _AUDIT_COLS], audit[whole:])
         c.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
         if debits:
             c.executemany(_DEBIT_SQL, debits)

@@ -335,4 +335,34 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at INTEGER NOT NULL
     );
     """,
+    # 13: journal seqs are still never reused, without AUTOINCREMENT (whose sqlite_sequence
+    # update was a second WAL frame on every group commit): ``journal_seq.hwm`` is at least
+    # every seq ever deleted from the journal (the delete trigger keeps it so, whoever
+    # deletes), a new row takes max(max(seq), hwm) + 1 (``proxy.store.db._JOURNAL_INSERT``),
+    # and the insert trigger moves a row inserted at or below hwm above it, e.g. an older
+    # version's (``INSERT INTO journal(row)``: SQLite picks max(seq) + 1, which may be a
+    # used seq once the journal was emptied) during a rolling upgrade: its commit succeeds
+    # with a fresh seq, and its in-memory copy no longer matching, it reads the journal back.
+    # The hwm starts at AUTOINCREMENT's count.
+    """
+    CREATE TABLE journal_seq (id INTEGER PRIMARY KEY CHECK (id = 0), hwm INTEGER NOT NULL);
+    INSERT INTO journal_seq (id, hwm) VALUES (0, max(
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0),
+        coalesce((SELECT max(seq) FROM journal), 0)));
+    CREATE TABLE journal_new (seq INTEGER PRIMARY KEY, row BLOB NOT NULL);
+    INSERT INTO journal_new (seq, row) SELECT seq, row FROM journal;
+    DROP TABLE journal;
+    ALTER TABLE journal_new RENAME TO journal;
+    CREATE TRIGGER journal_seq_deleted AFTER DELETE ON journal
+        WHEN OLD.seq > (SELECT hwm FROM journal_seq WHERE id = 0)
+    BEGIN
+        UPDATE journal_seq SET hwm = OLD.seq WHERE id = 0;
+    END;
+    CREATE TRIGGER journal_seq_fresh AFTER INSERT ON journal
+        WHEN NEW.seq <= (SELECT hwm FROM journal_seq WHERE id = 0)
+    BEGIN
+        UPDATE journal SET seq = (SELECT max(max(seq), (SELECT hwm FROM journal_seq
+            WHERE id = 0)) + 1 FROM journal) WHERE seq = NEW.seq;
+    END;
+    """,
 )

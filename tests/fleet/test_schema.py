@@ -19,8 +19,9 @@ BEFORE_6 = len(FLEET_MIGRATIONS) + 4        # migrations 1-5: the fleet's list, 
 FLEET_TABLES = {"credit_accounts", "credit_leases", "members", "usage_ledger", "dead_letters",
                 "leader_leases", "meterproxy_schema"}
 # SQLite tables a fleet keeps elsewhere: the per-member journal stays local; the audit is the
-# usage ledger (one row per usage item, keyed by member and sequence)
-LOCAL_ONLY = {"journal", "audit"}
+# usage ledger (one row per usage item, keyed by member and sequence); journal_seq is the
+# local journal's high-water mark
+LOCAL_ONLY = {"journal", "journal_seq", "audit"}
 
 
 def test_pending_numbers_from_one_and_refuses_a_newer_database() -> None:
