@@ -8,6 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.rules import sse
 from proxy.rules.sse import (
     UNREADABLE,
     BodyView,
@@ -17,6 +18,7 @@ from proxy.rules.sse import (
     SseInspector,
     SseParser,
     UsageChunkFilter,
+    _is_event_stream,
     _needles,
     is_event_stream,
     lookup,
@@ -188,6 +190,31 @@ def test_new_inspector_by_content_type() -> None:
     assert new_inspector((), (), "text/event-stream", 9) is None
     assert is_event_stream("Text/Event-Stream")
     assert not is_event_stream("text/plain")
+
+
+CONTENT_TYPES = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda a, t, p: a + t + p, st.sampled_from(["", " ", "\t"]),
+              st.sampled_from(["text/event-stream", "Text/Event-Stream", "TEXT/EVENT-STREAM",
+                               "text/event-streams", "text/event", "application/json"]),
+              st.sampled_from(["", ";", "; charset=utf-8", " ;x=1", "\t"])))
+
+
+@given(st.lists(CONTENT_TYPES, max_size=20))
+def test_remembered_content_type_answers_are_the_split_s(values: list[str]) -> None:
+    """``is_event_stream`` keeps its answer per Content-Type value: asked once or again, in
+    any order, it answers what the split and compare says."""
+    for v in values + values[::-1]:
+        assert is_event_stream(v) is (bool(v) and _is_event_stream(v))
+
+
+def test_remembered_content_types_are_bounded() -> None:
+    """However many distinct Content-Type values an upstream sends, at most ``_SEEN_TYPES``
+    answers are kept, and each is still right."""
+    for i in range(3 * sse._SEEN_TYPES):
+        assert not is_event_stream(f"text/plain; n={i}")
+        assert is_event_stream(f"text/event-stream; n={i}")
+        assert len(sse._EVENT_STREAM) <= sse._SEEN_TYPES
 
 
 def feed_cut(insp: SseInspector | JsonInspector, data: bytes, cuts: list[int]) -> None:
@@ -363,6 +390,24 @@ def test_events_before_the_key_are_passed_over_and_the_key_event_is_read() -> No
         for c in chunks:
             insp.feed(c)
         assert insp.result() == BodyView({"t": 42}, streamed=True)
+
+
+def test_a_stream_read_by_the_shortcuts_makes_no_parser() -> None:
+    """The benchmark's stream (whole events, the key event one ``data:`` line) is read
+    without an :class:`SseParser`; one is made, marked started, once bytes must be parsed
+    (an event over the cap still counted)."""
+    noise = b"".join(b'data: {"choices":[{"delta":{"content":"w%d"}}]}\n\n' % i
+                     for i in range(19))
+    insp = SseInspector((TOTAL,), 1 << 20)
+    insp.feed(noise + b'data: {"usage": {"total_tokens": 42}}\n\n')
+    assert insp.result() == BodyView({"t": 42}, streamed=True)
+    assert insp._parser is None
+    data = noise + b'data: {"pad":"' + b"x" * 40 + b'"}\n\n\xef\xbb\xbfdata: {"usage":{"total_tokens":1}}\n\n'
+    insp = SseInspector((TOTAL,), 48)
+    insp.feed(data)
+    assert insp.result() == parser_view((TOTAL,), data, 48) == \
+        BodyView({}, streamed=True, skipped_events=1)
+    assert insp._parser is not None
 
 
 def test_a_bom_after_passed_over_events_is_not_the_streams() -> None:

@@ -348,11 +348,15 @@ class SseInspector:
     (tests/test_sse.py)."""
 
     __slots__ = ("_cap", "_held", "_keys", "_limit", "_needles", "_parser", "_pending",
-                 "_probes", "_values")
+                 "_probes", "_skipped", "_values")
 
     def __init__(self, probes: tuple[Probe, ...], max_inspect_bytes: int) -> None:
         self._probes = probes
-        self._parser = SseParser(max_inspect_bytes)
+        # made only when some bytes must be parsed (:meth:`_parse`): a stream whose key
+        # event is read by the one-line shortcut never needs one; until then ``_skipped``
+        # says whether events were passed over (the stream has started)
+        self._parser: SseParser | None = None
+        self._skipped = False
         self._values: dict[str, object] = {}
         self._needles, self._keys = _needles(probes)
         self._pending: list[bytes] = []
@@ -386,7 +390,7 @@ class SseInspector:
         self._held = 0
         parser = self._parser
         keys = self._keys
-        if keys is None or not parser.at_event_boundary(True):
+        if keys is None or (parser is not None and not parser.at_event_boundary(True)):
             self._parse(data)
             return
         pos, end = 0, len(data)
@@ -431,7 +435,10 @@ class SseInspector:
         parsed, so the parser counts an oversized one as it would have (the count does not
         depend on how the stream was read)."""
         if stop - start <= self._cap:
-            self._parser.skip()
+            if self._parser is None:
+                self._skipped = True
+            else:
+                self._parser.skip()
         else:
             self._parse(data[start:stop])
 
@@ -444,13 +451,21 @@ class SseInspector:
                 and seg.find(b"\r") < 0:
             value = seg[6:-2] if seg[5:6] == b" " else seg[5:-2]
             if len(value) <= self._cap:
-                self._parser.skip()
+                if self._parser is None:
+                    self._skipped = True
+                else:
+                    self._parser.skip()
                 self._event(value)
                 return
         self._parse(seg)
 
     def _parse(self, data: bytes) -> None:
-        for ev in self._parser.feed(data):
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = SseParser(self._cap)
+            if self._skipped:
+                parser.skip()
+        for ev in parser.feed(data):
             self._event(ev.data)
 
     def _event(self, data: bytes) -> None:
@@ -466,8 +481,9 @@ class SseInspector:
         """What the stream said so far (the held bytes are read first)."""
         if self._pending:
             self._read(True)
+        parser = self._parser
         return BodyView(dict(self._values), streamed=True,
-                        skipped_events=self._parser.oversized)
+                        skipped_events=0 if parser is None else parser.oversized)
 
 
 _NEEDLES: dict[int, tuple[tuple[Probe, ...], tuple[tuple[bytes, ...], ...],
@@ -591,10 +607,26 @@ def with_stream_usage(doc: object, raw: bytes) -> bytes | None:
 
 
 def is_event_stream(content_type: str | None) -> bool:
-    """True for ``text/event-stream`` (any parameters, any case)."""
+    """True for ``text/event-stream`` (any parameters, any case). The answer for each
+    Content-Type value seen is kept (at most ``_SEEN_TYPES`` of them): an upstream sends a
+    handful of values, each asked for once per response."""
     if not content_type:
         return False
+    hit = _EVENT_STREAM.get(content_type)
+    if hit is None:
+        hit = _is_event_stream(content_type)
+        if len(_EVENT_STREAM) >= _SEEN_TYPES:
+            _EVENT_STREAM.clear()
+        _EVENT_STREAM[content_type] = hit
+    return hit
+
+
+def _is_event_stream(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+_EVENT_STREAM: dict[str, bool] = {}
+_SEEN_TYPES = 256
 
 
 DECODE_LIMIT_FACTOR = 16
