@@ -288,7 +288,8 @@ def test_usage_chunk_filter_flush_hands_over_the_held_tail_once() -> None:
 
 ANTHROPIC = (Probe("in", ("message", "usage", "input_tokens"), "message_start"),
              Probe("out", ("usage", "output_tokens"), "message_delta"))
-PROBE_SETS = [(TOTAL,), ANTHROPIC, (TOTAL, Probe("i", ("0",)))]
+PROBE_SETS = [(TOTAL,), ANTHROPIC, (TOTAL, Probe("i", ("0",))),
+              (TOTAL, Probe("u", ("usage", "total_tokens"), "x"))]   # one key, two values
 
 
 def parser_view(probes: tuple[Probe, ...], data: bytes, cap: int) -> BodyView:
@@ -324,6 +325,7 @@ EVENT_LINES = st.one_of(
                                       b'{"output_tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_', b'data: tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"total_tokens":%d}' % n]),   # key, not path
+    st.integers(0, 99).map(lambda n: [b'data: {"type":"x","usage":{"total_tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b"data: [%d, 1]" % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d},"pad":"%s"}'
                                       % (n, b"x" * 60)]),                   # over a small cap
@@ -408,6 +410,28 @@ def test_a_stream_read_by_the_shortcuts_makes_no_parser() -> None:
     assert insp.result() == parser_view((TOTAL,), data, 48) == \
         BodyView({}, streamed=True, skipped_events=1)
     assert insp._parser is not None
+
+
+def test_the_last_key_event_read_first_when_it_sets_every_value() -> None:
+    """One probe key whose last event (one ``data:`` line) sets every value: the events
+    before it (within the cap together) are passed over without searching them; when that
+    event does not set every value, or the events before it exceed the cap, they are read
+    in order. The view is the parser's either way."""
+    noise = b"".join(b'data: {"choices":[{"delta":{"content":"w%d"}}]}\n\n' % i
+                     for i in range(5))
+    early = b'data: {"type":"x","usage":{"total_tokens":1}}\n\n'
+    last = b'data: {"usage":{"total_tokens":42}}\n\n'
+    both = (TOTAL, Probe("u", ("usage", "total_tokens"), "x"))
+    for probes, data, cap, shortcut in (((TOTAL,), noise + early + noise + last, 1 << 20, True),
+                                        (both, noise + early + noise + last, 1 << 20, False),
+                                        ((TOTAL,), noise + early + noise + last, 300, False),
+                                        ((TOTAL,), noise + last.replace(b"\n\n", b"\r\n\n"),
+                                         1 << 20, False)):
+        insp = SseInspector(probes, cap)
+        assert (insp._from_last(data) == len(data)) is shortcut
+        insp = SseInspector(probes, cap)
+        insp.feed(data)
+        assert insp.result() == parser_view(probes, data, cap)
 
 
 def test_a_bom_after_passed_over_events_is_not_the_streams() -> None:
