@@ -8,13 +8,18 @@ the last one carrying ``usage.total_tokens``) of the ``bench/instructions.sh`` r
 
 - ``inspect``: the inspector made for the response, fed the 20 chunks, then its view;
 - ``compute``: the measurement and the quantities of that view (``Measurement`` +
-  ``compute``).
+  ``compute``);
+- ``body``: the same through ``body_measurement`` (what the proxy builds for this rule,
+  whose usages read only the body and constants);
+- ``head``: only the inspector's construction for the response (``Rule.new_inspector``);
+- ``joined``: the inspector fed the 20 chunks joined in one piece (as the proxy's stream
+  loop hands them over when they arrived together), then its view.
 
     for n in 200 1200; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         .venv/bin/python bench/sse_cost.py $n inspect 2>&1 | grep Collected; done
     # instructions per stream = (I(1200) - I(200)) / 1000
 
-usage: python bench/sse_cost.py N inspect|compute
+usage: python bench/sse_cost.py N inspect|compute|body|head|joined
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from origin import SSE_CHUNKS  # (bench/ is the script's directory: on sys.path)
 
-from proxy.rules import UNREADABLE, Measurement, compute, load_rules
+from proxy.rules import UNREADABLE, Measurement, body_measurement, compute, load_rules
+
+JOINED = b"".join(SSE_CHUNKS)
 
 RULES = """\
 version: 1
@@ -61,14 +68,25 @@ def main(n: int, what: str) -> None:
             for c in SSE_CHUNKS:
                 insp.feed(c)
             view = insp.result()
+        elif what == "body":
+            qs = compute(rule, body_measurement(200, view, False))
+        elif what == "head":
+            insp = rule.new_inspector("text/event-stream", 1 << 20, None)
+        elif what == "joined":
+            insp = rule.new_inspector("text/event-stream", 1 << 20, None)
+            assert insp is not None
+            insp.feed(JOINED)
+            view = insp.result()
         else:
             m = Measurement(status=200, request_headers=headers, response_headers={},
                             query={}, path_params={}, request_json=UNREADABLE,
                             response_body=view, request_bytes=0, response_bytes=1420,
                             duration_ms=Decimal(1))
             qs = compute(rule, m)
-    if what == "inspect":
+    if what in ("inspect", "joined"):
         assert view.get("openai_chat.total") == 42
+    elif what == "head":
+        assert insp is not None
     else:
         assert [q.micro for q in qs] == [42_000_000, 1_000_000]
 

@@ -16,9 +16,11 @@ from proxy.rules.quantity import (
     _int_micro,
     _one_exact,
     _readable_constants,
+    body_measurement,
     constant_quantities,
     fallback_reason,
     parse_number,
+    reads_body_only,
 )
 from proxy.units import to_micro
 
@@ -54,6 +56,12 @@ rules:
       - {meter: m, quantity: request.bytes}
       - {meter: m, quantity: response.bytes}
       - {meter: m, quantity: duration_ms}
+  - name: mixed
+    match: {path: /mixed}
+    usage:
+      - {meter: m, preset: openai_chat}
+      - {meter: m, quantity: 1}
+      - {meter: m, quantity: response.json.usage.total_tokens, estimate: 3}
   - name: gb
     match: {path: /gb}
     usage:
@@ -406,6 +414,44 @@ def test_integer_shortcut_bills_what_the_decimal_path_bills(
              request_json={"input": [0, {"len": vals[2]}]})
     for dflt in (M, 5 * M):
         assert compute(rule, m, dflt) == [_one_exact(u, m, dflt) for u in rule.usage]
+
+
+@given(st.sampled_from(["chat", "anthropic", "responses", "field", "mixed"]),
+       st.lists(BODY_VALUE, min_size=4, max_size=4), st.booleans(), st.booleans(),
+       st.booleans(), st.booleans(), st.booleans(), st.sampled_from([200, 201, 404, 500]),
+       st.integers(0, 10**9), st.integers(0, 10**9),
+       st.decimals(0, 10**6, allow_nan=False, allow_infinity=False))
+@example("mixed", [7, 0, 0, 0], False, False, True, False, False, 200, 0, 0, Decimal(0))
+@example("chat", [7, 0, 0, 0], True, False, True, False, True, 200, 0, 0, Decimal(0))
+def test_the_body_measurement_bills_what_the_full_measurement_bills(
+        rules: dict[str, Rule], name: str, vals: list[object], abandoned: bool,
+        malformed: bool, streamed: bool, absent: bool, no_body: bool, status: int,
+        req_bytes: int, resp_bytes: int, ms: Decimal) -> None:
+    """A rule whose usages are constants and response-body reads is measured with the body
+    view alone (``body_measurement``): every quantity, fallback and reason is what the full
+    measurement (headers, query, path, request JSON, sizes, duration: anything) gives."""
+    rule = rules[name]
+    assert reads_body_only(rule)
+    keys = sorted({p.key for p in rule.json_probes + rule.sse_probes})
+    values = dict(zip(keys, vals, strict=False))
+    if absent and values:
+        values.pop(keys[0])
+    view = None if no_body else BodyView(values, malformed=malformed, streamed=streamed,
+                                         reason="unreadable" if malformed else "")
+    full = meas(view, status=status, abandoned=abandoned,
+                request_headers={"x-units": str(vals[0])}, response_headers={"x-cost": "5"},
+                query={"n": "2"}, path_params={"n": "3"}, request_json={"input": [0, vals[1]]},
+                request_bytes=req_bytes, response_bytes=resp_bytes, duration_ms=ms)
+    for dflt in (M, 5 * M):
+        assert compute(rule, body_measurement(status, view, abandoned), dflt) == \
+            compute(rule, full, dflt) == [_one_exact(u, full, dflt) for u in rule.usage]
+
+
+def test_only_constants_and_body_reads_are_body_only(rules: dict[str, Rule]) -> None:
+    """A rule reading a header, the query, a path parameter, the request JSON, a size or the
+    duration is not measured by the body alone."""
+    assert {n for n, r in rules.items() if reads_body_only(r)} == \
+        {"chat", "anthropic", "responses", "field", "mixed"}
 
 
 def test_measurement_view_and_quantity_cannot_be_changed_once_made() -> None:

@@ -8,6 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.rules import sse
 from proxy.rules.sse import (
     UNREADABLE,
     BodyView,
@@ -17,6 +18,7 @@ from proxy.rules.sse import (
     SseInspector,
     SseParser,
     UsageChunkFilter,
+    _is_event_stream,
     _needles,
     is_event_stream,
     lookup,
@@ -190,6 +192,31 @@ def test_new_inspector_by_content_type() -> None:
     assert not is_event_stream("text/plain")
 
 
+CONTENT_TYPES = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda a, t, p: a + t + p, st.sampled_from(["", " ", "\t"]),
+              st.sampled_from(["text/event-stream", "Text/Event-Stream", "TEXT/EVENT-STREAM",
+                               "text/event-streams", "text/event", "application/json"]),
+              st.sampled_from(["", ";", "; charset=utf-8", " ;x=1", "\t"])))
+
+
+@given(st.lists(CONTENT_TYPES, max_size=20))
+def test_remembered_content_type_answers_are_the_split_s(values: list[str]) -> None:
+    """``is_event_stream`` keeps its answer per Content-Type value: asked once or again, in
+    any order, it answers what the split and compare says."""
+    for v in values + values[::-1]:
+        assert is_event_stream(v) is (bool(v) and _is_event_stream(v))
+
+
+def test_remembered_content_types_are_bounded() -> None:
+    """However many distinct Content-Type values an upstream sends, at most ``_SEEN_TYPES``
+    answers are kept, and each is still right."""
+    for i in range(3 * sse._SEEN_TYPES):
+        assert not is_event_stream(f"text/plain; n={i}")
+        assert is_event_stream(f"text/event-stream; n={i}")
+        assert len(sse._EVENT_STREAM) <= sse._SEEN_TYPES
+
+
 def feed_cut(insp: SseInspector | JsonInspector, data: bytes, cuts: list[int]) -> None:
     prev = 0
     for c in sorted(x % (len(data) + 1) for x in cuts):
@@ -261,7 +288,8 @@ def test_usage_chunk_filter_flush_hands_over_the_held_tail_once() -> None:
 
 ANTHROPIC = (Probe("in", ("message", "usage", "input_tokens"), "message_start"),
              Probe("out", ("usage", "output_tokens"), "message_delta"))
-PROBE_SETS = [(TOTAL,), ANTHROPIC, (TOTAL, Probe("i", ("0",)))]
+PROBE_SETS = [(TOTAL,), ANTHROPIC, (TOTAL, Probe("i", ("0",))),
+              (TOTAL, Probe("u", ("usage", "total_tokens"), "x"))]   # one key, two values
 
 
 def parser_view(probes: tuple[Probe, ...], data: bytes, cap: int) -> BodyView:
@@ -297,6 +325,7 @@ EVENT_LINES = st.one_of(
                                       b'{"output_tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_', b'data: tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"total_tokens":%d}' % n]),   # key, not path
+    st.integers(0, 99).map(lambda n: [b'data: {"type":"x","usage":{"total_tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b"data: [%d, 1]" % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"usage":{"total_tokens":%d},"pad":"%s"}'
                                       % (n, b"x" * 60)]),                   # over a small cap
@@ -363,6 +392,46 @@ def test_events_before_the_key_are_passed_over_and_the_key_event_is_read() -> No
         for c in chunks:
             insp.feed(c)
         assert insp.result() == BodyView({"t": 42}, streamed=True)
+
+
+def test_a_stream_read_by_the_shortcuts_makes_no_parser() -> None:
+    """The benchmark's stream (whole events, the key event one ``data:`` line) is read
+    without an :class:`SseParser`; one is made, marked started, once bytes must be parsed
+    (an event over the cap still counted)."""
+    noise = b"".join(b'data: {"choices":[{"delta":{"content":"w%d"}}]}\n\n' % i
+                     for i in range(19))
+    insp = SseInspector((TOTAL,), 1 << 20)
+    insp.feed(noise + b'data: {"usage": {"total_tokens": 42}}\n\n')
+    assert insp.result() == BodyView({"t": 42}, streamed=True)
+    assert insp._parser is None
+    data = noise + b'data: {"pad":"' + b"x" * 40 + b'"}\n\n\xef\xbb\xbfdata: {"usage":{"total_tokens":1}}\n\n'
+    insp = SseInspector((TOTAL,), 48)
+    insp.feed(data)
+    assert insp.result() == parser_view((TOTAL,), data, 48) == \
+        BodyView({}, streamed=True, skipped_events=1)
+    assert insp._parser is not None
+
+
+def test_the_last_key_event_read_first_when_it_sets_every_value() -> None:
+    """One probe key whose last event (one ``data:`` line) sets every value: the events
+    before it (within the cap together) are passed over without searching them; when that
+    event does not set every value, or the events before it exceed the cap, they are read
+    in order. The view is the parser's either way."""
+    noise = b"".join(b'data: {"choices":[{"delta":{"content":"w%d"}}]}\n\n' % i
+                     for i in range(5))
+    early = b'data: {"type":"x","usage":{"total_tokens":1}}\n\n'
+    last = b'data: {"usage":{"total_tokens":42}}\n\n'
+    both = (TOTAL, Probe("u", ("usage", "total_tokens"), "x"))
+    for probes, data, cap, shortcut in (((TOTAL,), noise + early + noise + last, 1 << 20, True),
+                                        (both, noise + early + noise + last, 1 << 20, False),
+                                        ((TOTAL,), noise + early + noise + last, 300, False),
+                                        ((TOTAL,), noise + last.replace(b"\n\n", b"\r\n\n"),
+                                         1 << 20, False)):
+        insp = SseInspector(probes, cap)
+        assert (insp._from_last(data) == len(data)) is shortcut
+        insp = SseInspector(probes, cap)
+        insp.feed(data)
+        assert insp.result() == parser_view(probes, data, cap)
 
 
 def test_a_bom_after_passed_over_events_is_not_the_streams() -> None:

@@ -23,7 +23,15 @@ from proxy.credits.money import MoneyBook
 from proxy.credits.reserve import Reservations
 from proxy.credits.thresholds import ThresholdWatch
 from proxy.request.context import RequestContext
-from proxy.rules import Measurement, Quantity, Rule, SourceKind, compute, constant_quantities
+from proxy.rules import (
+    Measurement,
+    Quantity,
+    Rule,
+    SourceKind,
+    compute,
+    constant_quantities,
+    reads_body_only,
+)
 from proxy.store.db import Store, UsageItem, UsageRow
 from proxy.store.keys import KeyCache
 from proxy.units import cost_micro
@@ -42,6 +50,9 @@ class _RuleCosts:
     units: tuple[tuple[Any, float], ...]
     # some usage reads a response header: only then does a measurement copy them
     response_headers: bool
+    # not all constant, and every usage is a constant or reads the response body only: the
+    # measurement is the body's view alone (proxy.rules.body_measurement)
+    body_only: bool
 
 
 def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) -> list[int]:
@@ -84,7 +95,8 @@ class Settlement:
                           for q in const if q.micro)
         hit = self._by_rule[id(rule)] = _RuleCosts(
             rule, rates, const, None if const is None else _costs(const, rates), plain, units,
-            any(u.source.kind is SourceKind.RESPONSE_HEADER for u in rule.usage))
+            any(u.source.kind is SourceKind.RESPONSE_HEADER for u in rule.usage),
+            const is None and reads_body_only(rule))
         return hit
 
     def _unit_counter(self, meter: str) -> Any:
@@ -128,7 +140,7 @@ class Settlement:
             quantities = compute(rule, m, self.default_estimate)
             if not quantities:
                 return None
-            costs = _costs(quantities, rc.rates)
+            costs = None            # (made below only if credits are settled)
         elif not quantities:
             return None
         acct = None
@@ -137,8 +149,11 @@ class Settlement:
             if acct is not None:    # monetary: the marginal price, all units reported
                 costs = money.costs(acct, [(q.meter, q.micro) for q in quantities],
                                     time.time())
-        settled = book.settle(hold, costs, time.time()) \
-            if hold is not None and book is not None else None
+        settled = None
+        if hold is not None and book is not None:
+            if costs is None:
+                costs = _costs(quantities, rc.rates)
+            settled = book.settle(hold, costs, time.time())
         if book is not None and rc.quantities is None:     # (constants are not estimated)
             ests = self.reservations.for_rule(rule).estimators
             for q in quantities:
@@ -155,6 +170,7 @@ class Settlement:
                     else f"unreadable,fallback_{q.reason}"
             credits = covered = 0
             if settled is not None:
+                assert costs is not None
                 entries, uncovered = settled[i]
                 credits = costs[i] - uncovered
                 if acct is None:

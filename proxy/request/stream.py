@@ -57,7 +57,7 @@ from proxy.request.forward import (
     set_header,
 )
 from proxy.request.settle import Settlement
-from proxy.rules import UNREADABLE, Measurement
+from proxy.rules import UNREADABLE, Measurement, body_measurement
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 from proxy.upstream import Response
@@ -386,7 +386,10 @@ class Exchange:
             return None
         m = None
         rc = self.s.settlement.for_rule(rule)
-        if rc.quantities is None:
+        if rc.body_only:
+            m = body_measurement(status, inspector.result() if inspector is not None else None,
+                                 bool(self.flags))
+        elif rc.quantities is None:
             m = Measurement(status=status, request_headers=self.ctx.request.headers,
                             response_headers=CIMultiDict(upstream.headers)
                             if rc.response_headers else _NO_HEADERS,

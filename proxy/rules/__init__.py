@@ -23,7 +23,14 @@ from proxy.rules.model import (
     Transform,
     UsageSpec,
 )
-from proxy.rules.quantity import Measurement, Quantity, compute, constant_quantities
+from proxy.rules.quantity import (
+    Measurement,
+    Quantity,
+    body_measurement,
+    compute,
+    constant_quantities,
+    reads_body_only,
+)
 from proxy.rules.sse import UNREADABLE, BodyView, ResponseInspector, SseEvent, SseParser
 
 __all__ = [
@@ -48,9 +55,11 @@ __all__ = [
     "SseParser",
     "Transform",
     "UsageSpec",
+    "body_measurement",
     "check_rules",
     "cli_check",
     "compute",
     "constant_quantities",
     "load_rules",
+    "reads_body_only",
 ]

@@ -24,14 +24,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
+from types import MappingProxyType
 from typing import NamedTuple
 
 from proxy.rules.model import PRESETS, Rule, SourceKind, UsageSpec
 from proxy.rules.sse import UNREADABLE, BodyView, lookup
 from proxy.units import QSCALE, UnitError, to_decimal, to_micro
 
-__all__ = ["FALLBACK_REASONS", "MAX_UNITS", "UNREADABLE", "Measurement", "Quantity", "compute",
-           "fallback_micro", "parse_number"]
+__all__ = ["BODY_KINDS", "FALLBACK_REASONS", "MAX_UNITS", "UNREADABLE", "Measurement", "Quantity",
+           "body_measurement", "compute", "fallback_micro", "parse_number", "reads_body_only"]
 
 FALLBACK_REASONS = ("compressed_too_large", "over_cap", "stream_abandoned", "no_usage_event",
                     "unreadable")
@@ -223,6 +224,29 @@ def _one_exact(u: UsageSpec, m: Measurement, default_estimate_micro: int) -> Qua
         return Quantity(u.meter, micro, False)
     return Quantity(u.meter, fallback_micro(u, default_estimate_micro), True,
                     fallback_reason(u, m))
+
+
+BODY_KINDS = frozenset({SourceKind.CONSTANT, SourceKind.PRESET, SourceKind.RESPONSE_JSON})
+"""The sources that read nothing of a request but its response body (and constants): a rule
+whose every usage is one of them is measured by :func:`body_measurement`."""
+
+
+def reads_body_only(rule: Rule) -> bool:
+    """True when every usage of ``rule`` is a constant or reads the response body only."""
+    return all(u.source.kind in BODY_KINDS for u in rule.usage)
+
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+_ZERO = Decimal(0)
+
+
+def body_measurement(status: int, body: BodyView | None, abandoned: bool) -> Measurement:
+    """The measurement of a request whose rule reads only the response body
+    (:func:`reads_body_only`): the body view and whether it was abandoned, everything else
+    empty (never read by such a rule's quantities: no headers copied, no query, no duration
+    to a Decimal). :func:`compute` gives what the full measurement gives (tests)."""
+    return Measurement(status, _EMPTY, _EMPTY, _EMPTY, _EMPTY, UNREADABLE, body, 0, 0, _ZERO,
+                       abandoned)
 
 
 def compute(rule: Rule, m: Measurement, default_estimate_micro: int = QSCALE) -> list[Quantity]:

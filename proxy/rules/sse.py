@@ -347,14 +347,18 @@ class SseInspector:
     parser whole. The view is the parser's alone, however the stream is chunked
     (tests/test_sse.py)."""
 
-    __slots__ = ("_cap", "_held", "_keys", "_limit", "_needles", "_parser", "_pending",
-                 "_probes", "_values")
+    __slots__ = ("_cap", "_held", "_keys", "_limit", "_needles", "_nkeys", "_parser",
+                 "_pending", "_probes", "_skipped", "_values")
 
     def __init__(self, probes: tuple[Probe, ...], max_inspect_bytes: int) -> None:
         self._probes = probes
-        self._parser = SseParser(max_inspect_bytes)
+        # made only when some bytes must be parsed (:meth:`_parse`): a stream whose key
+        # event is read by the one-line shortcut never needs one; until then ``_skipped``
+        # says whether events were passed over (the stream has started)
+        self._parser: SseParser | None = None
+        self._skipped = False
         self._values: dict[str, object] = {}
-        self._needles, self._keys = _needles(probes)
+        self._needles, self._keys, self._nkeys = _plan(probes)
         self._pending: list[bytes] = []
         self._held = 0
         self._cap = max_inspect_bytes
@@ -386,13 +390,14 @@ class SseInspector:
         self._held = 0
         parser = self._parser
         keys = self._keys
-        if keys is None or not parser.at_event_boundary(True):
+        if keys is None or (parser is not None and not parser.at_event_boundary(True)):
             self._parse(data)
             return
-        pos, end = 0, len(data)
+        end = len(data)
+        pos = self._from_last(data) if len(keys) == 1 else 0
         # each key's next occurrence at or after pos (-1: none left), searched again only
         # once passed: the pass stays linear however many events hold a key
-        found = [data.find(k) for k in keys]
+        found = [data.find(k, pos) for k in keys]
         while pos < end:
             hit = -1
             for j, i in enumerate(found):
@@ -425,13 +430,54 @@ class SseInspector:
                 self._pending.append(rest)
                 self._held = len(rest)
 
+    def _from_last(self, data: bytes) -> int:
+        """The usual stream's shortcut (one probe key, the value in the last event holding
+        it), from a boundary: where the pass goes on after that event, or 0 when it does not
+        apply. It applies when the last occurrence of the key is in a one-line ``data:``
+        event (:meth:`_segment`'s shortcut) that sets every probe's value, and the whole
+        events before it fit in the cap together: their values would all be replaced by
+        that event's (the last value seen wins), and none of them is over the cap, so they
+        are passed over unread (:meth:`_pass`) and the key is searched for from the end
+        instead of through the whole stream. Anything else reads the events in order."""
+        last = data.rfind(self._keys[0])  # type: ignore[index]
+        if last < 0:
+            return 0
+        start = data.rfind(b"\n\n", 0, last) + 2
+        if start == 1:
+            start = 0
+        stop = data.find(b"\n\n", last)
+        if start > self._cap or stop < 0 or not data.startswith(b"data:", start) \
+                or data.find(b"\n", start, stop) >= 0 or data.find(b"\r", start, stop) >= 0:
+            return 0
+        value = data[start + 6:stop] if data[start + 5:start + 6] == b" " \
+            else data[start + 5:stop]
+        if len(value) > self._cap or not self._may_match(value):
+            return 0
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return 0
+        values: dict[str, object] = {}
+        _match_probes(doc, self._probes, values)
+        if len(values) < self._nkeys:
+            return 0
+        if self._parser is None:
+            self._skipped = True
+        else:
+            self._parser.skip()
+        self._values.update(values)
+        return stop + 2
+
     def _pass(self, data: bytes, start: int, stop: int) -> None:
         """``data[start:stop]``: whole events at a boundary, none holding a probe's key.
         Skipped unparsed when they fit in the cap together (then none is over it); else
         parsed, so the parser counts an oversized one as it would have (the count does not
         depend on how the stream was read)."""
         if stop - start <= self._cap:
-            self._parser.skip()
+            if self._parser is None:
+                self._skipped = True
+            else:
+                self._parser.skip()
         else:
             self._parse(data[start:stop])
 
@@ -444,13 +490,21 @@ class SseInspector:
                 and seg.find(b"\r") < 0:
             value = seg[6:-2] if seg[5:6] == b" " else seg[5:-2]
             if len(value) <= self._cap:
-                self._parser.skip()
+                if self._parser is None:
+                    self._skipped = True
+                else:
+                    self._parser.skip()
                 self._event(value)
                 return
         self._parse(seg)
 
     def _parse(self, data: bytes) -> None:
-        for ev in self._parser.feed(data):
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = SseParser(self._cap)
+            if self._skipped:
+                parser.skip()
+        for ev in parser.feed(data):
             self._event(ev.data)
 
     def _event(self, data: bytes) -> None:
@@ -466,12 +520,15 @@ class SseInspector:
         """What the stream said so far (the held bytes are read first)."""
         if self._pending:
             self._read(True)
-        return BodyView(dict(self._values), streamed=True,
-                        skipped_events=self._parser.oversized)
+        parser = self._parser
+        # (positional: a NamedTuple's keyword call costs ~1.7x; values, malformed, streamed,
+        # skipped_events)
+        return BodyView(dict(self._values), False, True,
+                        0 if parser is None else parser.oversized)
 
 
-_NEEDLES: dict[int, tuple[tuple[Probe, ...], tuple[tuple[bytes, ...], ...],
-                          tuple[bytes, ...] | None]] = {}
+_Plan = tuple[tuple[tuple[bytes, ...], ...], tuple[bytes, ...] | None, int]
+_NEEDLES: dict[int, tuple[tuple[Probe, ...], _Plan]] = {}
 
 
 def _needles(probes: tuple[Probe, ...]) -> tuple[tuple[tuple[bytes, ...], ...],
@@ -480,15 +537,21 @@ def _needles(probes: tuple[Probe, ...]) -> tuple[tuple[tuple[bytes, ...], ...],
     key per probe searched for when skipping events: the last of its path (the most
     specific); None when a probe has no key (a path of list indexes matches any event).
     Made once per probe tuple (a rule's)."""
+    needles, keys, _ = _plan(probes)
+    return needles, keys
+
+
+def _plan(probes: tuple[Probe, ...]) -> _Plan:
+    """:func:`_needles`, and how many distinct value keys the probes set; once per tuple."""
     hit = _NEEDLES.get(id(probes))
     if hit is not None and hit[0] is probes:
-        return hit[1], hit[2]
+        return hit[1]
     needles = tuple({p.needles for p in probes})
     keys = tuple(k[-1] for k in needles) if all(needles) else None
     if len(_NEEDLES) > 10_000:        # rules reloaded many times: drop stale entries
         _NEEDLES.clear()
-    _NEEDLES[id(probes)] = (probes, needles, keys)
-    return needles, keys
+    plan = _NEEDLES[id(probes)] = (probes, (needles, keys, len({p.key for p in probes})))
+    return plan[1]
 
 
 BATCH = 64 * 1024
@@ -591,10 +654,26 @@ def with_stream_usage(doc: object, raw: bytes) -> bytes | None:
 
 
 def is_event_stream(content_type: str | None) -> bool:
-    """True for ``text/event-stream`` (any parameters, any case)."""
+    """True for ``text/event-stream`` (any parameters, any case). The answer for each
+    Content-Type value seen is kept (at most ``_SEEN_TYPES`` of them): an upstream sends a
+    handful of values, each asked for once per response."""
     if not content_type:
         return False
+    hit = _EVENT_STREAM.get(content_type)
+    if hit is None:
+        hit = _is_event_stream(content_type)
+        if len(_EVENT_STREAM) >= _SEEN_TYPES:
+            _EVENT_STREAM.clear()
+        _EVENT_STREAM[content_type] = hit
+    return hit
+
+
+def _is_event_stream(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+_EVENT_STREAM: dict[str, bool] = {}
+_SEEN_TYPES = 256
 
 
 DECODE_LIMIT_FACTOR = 16
