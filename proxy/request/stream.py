@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
@@ -57,6 +57,7 @@ from proxy.request.forward import (
     set_header,
 )
 from proxy.request.settle import Settlement
+from proxy.request.wire import BodyWire
 from proxy.rules import UNREADABLE, Measurement
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
@@ -252,7 +253,7 @@ class Exchange:
         resp = web.StreamResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
-        await resp.prepare(req)
+        wire = BodyWire(await resp.prepare(req))
         self.delivered = (tr := req.transport) is not None and not tr.is_closing()
         sent = 0
         held: bytes | None = None
@@ -263,28 +264,40 @@ class Exchange:
         seen: list[bytes] = []
         fed = 0
         try:
-            # each chunk is inspected once it is written, so an abandoned response is
-            # measured by what was delivered (a failed write is not)
-            async for chunk in upstream:
-                if hold_last and clen is not None and sent + len(chunk) >= clen:
-                    sent += len(chunk)
-                    held = chunk
-                    if inspector is not None:
-                        seen.append(chunk)
-                    break
-                if strip is None:
-                    try:    # _write inlined: no coroutine frame per chunk
-                        await resp.write(chunk)
-                    except _WRITE_ERRORS as exc:
-                        raise Aborted() from exc
-                elif out := strip.feed(chunk):
-                    await _write(resp, out)
-                sent += len(chunk)
+            # every chunk that has arrived is written at once, each its own chunk on the
+            # wire (nothing waits for more), and inspected once it is written, so an
+            # abandoned response is measured by what was delivered (a failed write is not)
+            while (ready := upstream.take_ready()) is not None:
+                if not ready:
+                    await upstream.arrival()
+                    continue
+                batch: Collection[bytes] = ready
+                n = sum(map(len, batch))
+                if hold_last and clen is not None and sent + n >= clen:
+                    # the chunk that completes the body waits for the commit
+                    batch, held, n = _until_last(batch, sent, clen)
+                try:
+                    if strip is None:
+                        wire.send(batch)
+                    else:
+                        wire.send([out for chunk in batch if (out := strip.feed(chunk))])
+                except _WRITE_ERRORS as exc:
+                    raise Aborted() from exc
+                sent += n
                 if inspector is not None:
-                    seen.append(chunk)
+                    seen += batch
+                    if held is not None:
+                        seen.append(held)
                     if sent - fed > _FEED_BATCH:
                         _feed(inspector, seen)
                         fed = sent
+                if held is not None:
+                    break
+                if wire.paused:
+                    try:
+                        await wire.drain()
+                    except _WRITE_ERRORS as exc:
+                        raise Aborted() from exc
             if strip is not None and (rest := strip.flush()):
                 await _write(resp, rest)
         except BODY_ERRORS as exc:
@@ -434,6 +447,22 @@ async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
         await resp.write(chunk)
     except _WRITE_ERRORS as exc:
         raise Aborted() from exc
+
+
+def _until_last(batch: Collection[bytes], sent: int,
+                clen: int) -> tuple[list[bytes], bytes, int]:
+    """A batch that completes a Content-Length body of ``clen`` bytes (``sent`` of them
+    written before it), split as the chunk-at-a-time loop did: the chunks before the one
+    that reaches ``clen``, that chunk (held until the commit), and the bytes up to and
+    including it (the upstream's parser ends a body at its length, so nothing follows it)."""
+    before: list[bytes] = []
+    n = 0
+    for chunk in batch:
+        n += len(chunk)
+        if sent + n >= clen:
+            return before, chunk, n
+        before.append(chunk)
+    raise AssertionError("the batch does not reach clen")
 
 
 def _kill(req: web.BaseRequest) -> None:

@@ -136,6 +136,39 @@ class Response:
             finally:
                 self._waiter = None
 
+    def take_ready(self) -> deque[bytes] | tuple[()] | None:
+        """Every chunk that has arrived and was not taken yet, in order, at once and without
+        a coroutine (``()`` when none has; then ``await arrival()``); None once the body has
+        ended and all of it was taken. Raises the body's error (``BodyError``,
+        ``BodyTimeout``) once the chunks that arrived before it were taken, as iterating
+        does. The chunks are the caller's now, so reading resumes if it was paused: what
+        waits here and in the caller's hands is at most twice what iteration allows (high
+        water plus one read, each)."""
+        chunks = self._chunks
+        if chunks:
+            self._chunks = deque()
+            self._size = 0
+            conn = self._conn
+            if conn is not None and conn.paused:
+                conn.resume()
+            return chunks
+        if self._exc is not None:
+            raise self._exc
+        if self._done:
+            return None
+        return ()
+
+    async def arrival(self) -> None:
+        """Wait until a chunk arrives or the body ends (at once if one is waiting or it has
+        ended): then ``take_ready()`` has something to say."""
+        if self._chunks or self._done:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
     def take(self) -> bytes:
         """The whole body once ``complete`` (no coroutine): what ``read()`` returns then."""
         assert self._done and self._exc is None

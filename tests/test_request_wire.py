@@ -1,0 +1,117 @@
+"""proxy/request/wire.py: a body written by ``BodyWire`` (batches of chunks, one transport
+write each) reaches the consumer byte for byte as aiohttp's ``StreamResponse.write`` (one
+chunk at a time) puts it on the wire, for every framing aiohttp picks: chunked (HTTP/1.1, no
+length), Content-Length, close-delimited (HTTP/1.0). A real aiohttp ``web.Server`` (the
+public port's kind) on a loopback socket, read raw to the connection's end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.request.wire import BodyWire
+
+# (the per-second Date and the Server header would differ between two responses otherwise)
+_FIXED = {"Date": "Sun, 29 Nov 2026 00:00:00 GMT", "Server": "test",
+          "Content-Type": "text/event-stream"}
+
+chunks = st.binary(min_size=0, max_size=300) | st.sampled_from([b"", b"0", b"\r\n", b"0\r\n\r\n"])
+batches = st.lists(st.lists(chunks, max_size=6), max_size=6)
+
+
+async def _exchange(batches: list[list[bytes]], how: str, framing: str) -> tuple[bytes, int]:
+    """What a raw client reads from a response whose body is ``batches``, written ``how``
+    (``aiohttp``: ``StreamResponse.write`` per chunk; ``wire``: ``BodyWire.send`` per
+    batch), and the writer's ``output_size`` once the body was written."""
+    out: dict[str, Any] = {}
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_FIXED)
+        if framing == "length":
+            resp.content_length = sum(len(c) for b in batches for c in b)
+        writer = await resp.prepare(request)
+        assert writer is not None
+        if how == "wire":
+            wire = BodyWire(writer)
+            for b in batches:
+                wire.send(b)
+        else:
+            for b in batches:
+                for c in b:
+                    await resp.write(c)
+        out["size"] = writer.output_size
+        await resp.write_eof()
+        return resp
+
+    server = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(server, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if framing == "close":
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        else:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        srv.close()
+        await server.shutdown(1)
+        await srv.wait_closed()
+    return data, out["size"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches, st.sampled_from(["chunked", "length", "close"]))
+def test_batches_reach_the_wire_as_chunk_at_a_time_writes_put_them(
+        batches: list[list[bytes]], framing: str) -> None:
+    async def both() -> None:
+        want, want_size = await _exchange(batches, "aiohttp", framing)
+        got, got_size = await _exchange(batches, "wire", framing)
+        assert got == want
+        assert got_size == want_size
+        body = b"".join(c for b in batches for c in b)
+        assert want.endswith(body if framing != "chunked" else b"0\r\n\r\n")
+        if framing == "chunked":   # each non-empty chunk its own chunk on the wire
+            frames = b"".join(b"%x\r\n%b\r\n" % (len(c), c) for b in batches for c in b if c)
+            assert want.endswith(b"\r\n\r\n" + frames + b"0\r\n\r\n")
+
+    asyncio.run(both())
+
+
+async def test_a_closed_connection_is_refused_before_anything_is_written() -> None:
+    seen: list[type[BaseException]] = []
+    gone = asyncio.Event()
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_FIXED)
+        wire = BodyWire(await resp.prepare(request))
+        wire.send([b"first"])
+        await gone.wait()
+        assert request.transport is not None
+        request.transport.close()
+        try:
+            wire.send([b"second"])
+        except ConnectionResetError as exc:
+            seen.append(type(exc))
+        return resp
+
+    server = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(server, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"5\r\nfirst\r\n")).startswith(b"HTTP/1.1 200")
+        gone.set()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        srv.close()
+        await server.shutdown(1)
+    assert len(seen) == 1
