@@ -13,7 +13,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.request.wire import BodyWire
+from proxy.request.wire import BodyWire, StreamedResponse
 
 # (the per-second Date and the Server header would differ between two responses otherwise)
 _FIXED = {"Date": "Sun, 29 Nov 2026 00:00:00 GMT", "Server": "test",
@@ -23,28 +23,33 @@ chunks = st.binary(min_size=0, max_size=300) | st.sampled_from([b"", b"0", b"\r\
 batches = st.lists(st.lists(chunks, max_size=6), max_size=6)
 
 
-async def _exchange(batches: list[list[bytes]], how: str, framing: str) -> tuple[bytes, int]:
+async def _exchange(batches: list[list[bytes]], how: str, framing: str,
+                    head_alone: bool = False, end: bool = False) -> tuple[bytes, int]:
     """What a raw client reads from a response whose body is ``batches``, written ``how``
     (``aiohttp``: ``StreamResponse.write`` per chunk; ``wire``: ``BodyWire.send`` per
-    batch), and the writer's ``output_size`` once the body was written."""
+    batch, the head with the first batch unless ``head_alone``, the end with the last if
+    ``end``), and the writer's ``output_size`` once the response was written."""
     out: dict[str, Any] = {}
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_FIXED)
+        resp = StreamedResponse(headers=_FIXED) if how == "wire" else \
+            web.StreamResponse(headers=_FIXED)
         if framing == "length":
             resp.content_length = sum(len(c) for b in batches for c in b)
         writer = await resp.prepare(request)
         assert writer is not None
         if how == "wire":
             wire = BodyWire(writer)
-            for b in batches:
-                wire.send(b)
+            if head_alone or not batches:
+                wire.send(())
+            for i, b in enumerate(batches):
+                wire.send(b, end and i == len(batches) - 1)
         else:
             for b in batches:
                 for c in b:
                     await resp.write(c)
-        out["size"] = writer.output_size
         await resp.write_eof()
+        out["size"] = resp.body_length      # (the writer's output_size, head and end included)
         return resp
 
     server = web.Server(handler)
@@ -66,13 +71,13 @@ async def _exchange(batches: list[list[bytes]], how: str, framing: str) -> tuple
     return data, out["size"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(batches, st.sampled_from(["chunked", "length", "close"]))
+@settings(max_examples=80, deadline=None)
+@given(batches, st.sampled_from(["chunked", "length", "close"]), st.booleans(), st.booleans())
 def test_batches_reach_the_wire_as_chunk_at_a_time_writes_put_them(
-        batches: list[list[bytes]], framing: str) -> None:
+        batches: list[list[bytes]], framing: str, head_alone: bool, end: bool) -> None:
     async def both() -> None:
         want, want_size = await _exchange(batches, "aiohttp", framing)
-        got, got_size = await _exchange(batches, "wire", framing)
+        got, got_size = await _exchange(batches, "wire", framing, head_alone, end)
         assert got == want
         assert got_size == want_size
         body = b"".join(c for b in batches for c in b)
@@ -89,7 +94,7 @@ async def test_a_closed_connection_is_refused_before_anything_is_written() -> No
     gone = asyncio.Event()
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_FIXED)
+        resp = StreamedResponse(headers=_FIXED)
         wire = BodyWire(await resp.prepare(request))
         wire.send([b"first"])
         await gone.wait()

@@ -57,7 +57,7 @@ from proxy.request.forward import (
     set_header,
 )
 from proxy.request.settle import Settlement
-from proxy.request.wire import BodyWire
+from proxy.request.wire import BodyWire, StreamedResponse
 from proxy.rules import UNREADABLE, Measurement
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
@@ -250,14 +250,17 @@ class Exchange:
         if strip is not None:
             clen = None                       # the length changes: sent chunked
             out_headers.popall("Content-Length", None)
-        resp = web.StreamResponse(status=status, headers=out_headers)
+        resp = StreamedResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
         wire = BodyWire(await resp.prepare(req))
+        if not upstream.buffered:
+            wire.send(())       # the head, now: nothing has arrived to go with it
         self.delivered = (tr := req.transport) is not None and not tr.is_closing()
         sent = 0
         held: bytes | None = None
         hold_last = self.ctx.metered and s.strict and clen is not None
+        unmetered = not self.ctx.metered
         # chunks written but not yet handed to the inspector, and the bytes handed so far:
         # it gets them joined, every _FEED_BATCH bytes and before any measurement (one call
         # per batch, not per chunk; an inspector reads the same however it is fed)
@@ -278,7 +281,9 @@ class Exchange:
                     batch, held, n = _until_last(batch, sent, clen)
                 try:
                     if strip is None:
-                        wire.send(batch)
+                        # an unmetered body that has all arrived ends with its last chunks
+                        # (a metered one after its measurement: strict waits for the commit)
+                        wire.send(batch, unmetered and upstream.complete)
                     else:
                         wire.send([out for chunk in batch if (out := strip.feed(chunk))])
                 except _WRITE_ERRORS as exc:
