@@ -19,7 +19,9 @@ from proxy.request.wire import BodyWire, StreamedResponse
 _FIXED = {"Date": "Sun, 29 Nov 2026 00:00:00 GMT", "Server": "test",
           "Content-Type": "text/event-stream"}
 
-chunks = st.binary(min_size=0, max_size=300) | st.sampled_from([b"", b"0", b"\r\n", b"0\r\n\r\n"])
+# (sizes below and above the table of size lines, and its edge)
+chunks = st.binary(min_size=0, max_size=300) | st.sampled_from([b"", b"0", b"\r\n", b"0\r\n\r\n"]) \
+    | st.sampled_from([15, 16, 255, 256, 2047, 2048, 2049, 3000]).map(lambda n: b"y" * n)
 batches = st.lists(st.lists(chunks, max_size=6), max_size=6)
 
 

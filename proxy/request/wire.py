@@ -40,6 +40,9 @@ from aiohttp.http_writer import StreamWriter
 
 _CRLF = b"\r\n"
 _LAST = b"0\r\n\r\n"
+# the chunk-size lines of the sizes most stream events have, made once (formatting one costs
+# about as much as the rest of a chunk's framing)
+_SIZE_LINES = tuple(b"%x\r\n" % n for n in range(2048))
 
 
 class StreamedResponse(web.StreamResponse):
@@ -90,9 +93,11 @@ class BodyWire:
             parts = [head]
             self.head = None
         if self.chunked:
+            lines = _SIZE_LINES
             for chunk in chunks:
                 if chunk:
-                    parts += (b"%x\r\n" % len(chunk), chunk, _CRLF)
+                    n = len(chunk)
+                    parts += (lines[n] if n < 2048 else b"%x\r\n" % n, chunk, _CRLF)
             if end:
                 parts.append(_LAST)
                 self.writer._eof = True
