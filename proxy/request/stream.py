@@ -238,7 +238,9 @@ class Exchange:
         clen = upstream.content_length
         chunked = clen is None
         status = upstream.status
-        out_headers: CIMultiDict[str] = CIMultiDict(head)
+        # (the response copies the pairs into its own multidict: the one copy of the head)
+        resp = StreamedResponse(status=status, headers=head)
+        out_headers = resp.headers
         if chunked:
             out_headers.popall("Content-Length", None)
         if self.ctx.metered:
@@ -250,7 +252,6 @@ class Exchange:
         if strip is not None:
             clen = None                       # the length changes: sent chunked
             out_headers.popall("Content-Length", None)
-        resp = StreamedResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
         wire = BodyWire(await resp.prepare(req))
