@@ -8,7 +8,10 @@ last byte of the response.
     response       a small Content-Length body is read whole and answered in one piece; any
                    other body is streamed chunk by chunk, each chunk handed to the rule's
                    inspector once it was written (joined in batches of up to 64 KiB, all
-                   of them before the measurement)
+                   of them before the measurement); the chunks that have arrived when the
+                   loop looks are written together (``proxy.request.wire``: one transport
+                   write, each its own chunk on the wire), then the loop waits for more
+                   or, while the consumer's transport is full, for it to drain
     settle         ``proxy.request.settle`` once the body ended (or was abandoned)
 
 Invariants
