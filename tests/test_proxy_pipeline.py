@@ -7,6 +7,7 @@ import io
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -161,6 +162,81 @@ async def test_abandoned_stream_is_metered_with_what_was_delivered(
         with proxy.db() as c:
             flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
         assert flags == "abandoned"
+
+
+def _dechunk(body: bytes) -> bytes:
+    """The payload of a complete chunked body (no trailers)."""
+    out, at = [], 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if size == 0:
+            assert body[end:] == b"\r\n\r\n"
+            return b"".join(out)
+        out.append(body[end + 2:end + 2 + size])
+        assert body[end + 2 + size:end + 4 + size] == b"\r\n"
+        at = end + 4 + size
+
+
+@pytest.mark.parametrize("path", ["/v1/stream", "/v1/unmetered"])
+async def test_a_consumer_that_stops_reading_holds_the_upstream_back(
+        make_proxy: ProxyFactory, path: str) -> None:
+    """A consumer that reads the head of a long stream and then nothing: the proxy stops
+    taking the upstream's chunks once the consumer's connection is full (drain), so the
+    upstream is held back by the socket buffers and the proxy's memory stays bounded; once
+    the consumer reads again the whole stream arrives, chunk for chunk, and is metered."""
+    total = 96 * 1024 * 1024
+    pad = b"x" * (16 * 1024 - 40)
+    sent = 0
+    events: list[bytes] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        i = 0
+        while sent < total:
+            i += 1
+            e = b'data: {"units": %d, "pad": "%s"}\n\n' % (i, pad)
+            events.append(e)
+            await resp.write(e)
+            sent += len(e)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get(path, stream)
+    async with serve(app) as upstream_url:
+        proxy = await make_proxy(upstream_url=upstream_url)
+        key = await proxy.customer_with_key("bp")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.public_port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+        held = await settle(lambda: sent)         # the consumer reads nothing meanwhile
+        assert held < total // 3, held
+        body = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        assert sent >= total
+        payload = _dechunk(body)
+        assert payload == b"".join(events)
+        if path == "/v1/stream":
+            assert await wait_until(proxy.ledger_totals) == {("bp", "units"): len(events) * Q}
+
+
+async def settle(get: Callable[[], int], window: float = 0.3, timeout: float = 20.0) -> int:
+    """Wait until ``get()`` stops changing for ``window`` seconds; return that value."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    value = get()
+    while True:
+        await asyncio.sleep(window)
+        now = get()
+        if now == value:
+            return value
+        assert loop.time() < end, "never settled"
+        value = now
 
 
 async def test_stream_cut_by_the_upstream_is_metered_with_what_was_delivered(

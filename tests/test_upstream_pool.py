@@ -385,6 +385,63 @@ async def test_bad_chunk_mid_body_is_a_body_error() -> None:
         assert pool.stats()["open"] == 0
 
 
+async def test_take_ready_hands_over_what_has_arrived_then_the_end_or_the_error() -> None:
+    """``take_ready`` gives every chunk that has arrived, in order and at once (``()`` while
+    none has: ``arrival()`` waits), None at the end; a broken body raises once the chunks
+    before the break were taken, as iterating does."""
+    release = asyncio.Event()
+    served = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     srv: Server) -> None:
+        nonlocal served
+        while True:
+            await srv.read_request(reader)
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n2\r\nde\r\n")
+            await writer.drain()
+            await release.wait()
+            writer.write(b"1\r\nf\r\n0\r\n\r\n" if served == 1 else b"1\r\nf\r\nzz\r\n")
+            await writer.drain()
+
+    async with Server(script) as srv, pool_for(srv) as pool:
+        for broken in (False, True):
+            release.clear()
+            resp = await pool.request("GET", "/s")
+            await until(lambda r=resp: r.buffered == 5)
+            assert list(resp.take_ready() or ()) == [b"abc", b"de"]
+            assert resp.buffered == 0 and resp.take_ready() == ()
+            release.set()
+            await asyncio.wait_for(resp.arrival(), 5)
+            assert list(resp.take_ready() or ()) == [b"f"]
+            if broken:
+                with pytest.raises(BodyError):
+                    resp.take_ready()
+            else:
+                await resp.arrival()        # (at once: the body has ended)
+                assert resp.take_ready() is None and resp.complete
+            resp.release()
+
+
+async def test_take_ready_resumes_a_paused_connection() -> None:
+    body = b"r" * (4 * 65536)
+    async with Server(answer(ok(body))) as srv, \
+            pool_for(srv, high_water=65536, low_water=16384) as pool:
+        resp = await pool.request("GET", "/big")
+        await settle(lambda: resp.buffered)
+        conn = resp._conn
+        assert conn is not None and conn.paused and resp.buffered < len(body)
+        got = b"".join(resp.take_ready() or ())
+        assert not conn.paused           # the chunks are the caller's now: reading goes on
+        while (ready := resp.take_ready()) is not None:
+            if not ready:
+                await resp.arrival()
+            got += b"".join(ready)
+        assert got == body
+        resp.release()
+
+
 async def test_bare_lf_line_endings_tolerated() -> None:
     async with Server(answer(b"HTTP/1.1 200 OK\nX: 1\nContent-Length: 2\n\nok")) as srv, \
             pool_for(srv) as pool:

@@ -8,7 +8,10 @@ last byte of the response.
     response       a small Content-Length body is read whole and answered in one piece; any
                    other body is streamed chunk by chunk, each chunk handed to the rule's
                    inspector once it was written (joined in batches of up to 64 KiB, all
-                   of them before the measurement)
+                   of them before the measurement); the chunks that have arrived when the
+                   loop looks are written together (``proxy.request.wire``: one transport
+                   write, each its own chunk on the wire), then the loop waits for more
+                   or, while the consumer's transport is full, for it to drain
     settle         ``proxy.request.settle`` once the body ended (or was abandoned)
 
 Invariants
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
@@ -57,6 +60,7 @@ from proxy.request.forward import (
     set_header,
 )
 from proxy.request.settle import Settlement
+from proxy.request.wire import BodyWire, StreamedResponse
 from proxy.rules import UNREADABLE, Measurement, body_measurement
 from proxy.rules.model import ResponseNeed
 from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
@@ -237,7 +241,9 @@ class Exchange:
         clen = upstream.content_length
         chunked = clen is None
         status = upstream.status
-        out_headers: CIMultiDict[str] = CIMultiDict(head)
+        # (the response copies the pairs into its own multidict: the one copy of the head)
+        resp = StreamedResponse(status=status, headers=head)
+        out_headers = resp.headers
         if chunked:
             out_headers.popall("Content-Length", None)
         if self.ctx.metered:
@@ -249,42 +255,58 @@ class Exchange:
         if strip is not None:
             clen = None                       # the length changes: sent chunked
             out_headers.popall("Content-Length", None)
-        resp = web.StreamResponse(status=status, headers=out_headers)
         if clen is not None:
             resp.content_length = clen
-        await resp.prepare(req)
+        wire = BodyWire(await resp.prepare(req))
+        if not upstream.buffered:
+            wire.send(())       # the head, now: nothing has arrived to go with it
         self.delivered = (tr := req.transport) is not None and not tr.is_closing()
         sent = 0
         held: bytes | None = None
         hold_last = self.ctx.metered and s.strict and clen is not None
+        unmetered = not self.ctx.metered
         # chunks written but not yet handed to the inspector, and the bytes handed so far:
         # it gets them joined, every _FEED_BATCH bytes and before any measurement (one call
         # per batch, not per chunk; an inspector reads the same however it is fed)
         seen: list[bytes] = []
         fed = 0
         try:
-            # each chunk is inspected once it is written, so an abandoned response is
-            # measured by what was delivered (a failed write is not)
-            async for chunk in upstream:
-                if hold_last and clen is not None and sent + len(chunk) >= clen:
-                    sent += len(chunk)
-                    held = chunk
-                    if inspector is not None:
-                        seen.append(chunk)
-                    break
-                if strip is None:
-                    try:    # _write inlined: no coroutine frame per chunk
-                        await resp.write(chunk)
-                    except _WRITE_ERRORS as exc:
-                        raise Aborted() from exc
-                elif out := strip.feed(chunk):
-                    await _write(resp, out)
-                sent += len(chunk)
+            # every chunk that has arrived is written at once, each its own chunk on the
+            # wire (nothing waits for more), and inspected once it is written, so an
+            # abandoned response is measured by what was delivered (a failed write is not)
+            while (ready := upstream.take_ready()) is not None:
+                if not ready:
+                    await upstream.arrival()
+                    continue
+                batch: Collection[bytes] = ready
+                n = sum(map(len, batch))
+                if hold_last and clen is not None and sent + n >= clen:
+                    # the chunk that completes the body waits for the commit
+                    batch, held, n = _until_last(batch, sent, clen)
+                try:
+                    if strip is None:
+                        # an unmetered body that has all arrived ends with its last chunks
+                        # (a metered one after its measurement: strict waits for the commit)
+                        wire.send(batch, unmetered and upstream.complete)
+                    else:
+                        wire.send([out for chunk in batch if (out := strip.feed(chunk))])
+                except _WRITE_ERRORS as exc:
+                    raise Aborted() from exc
+                sent += n
                 if inspector is not None:
-                    seen.append(chunk)
+                    seen += batch
+                    if held is not None:
+                        seen.append(held)
                     if sent - fed > _FEED_BATCH:
                         _feed(inspector, seen)
                         fed = sent
+                if held is not None:
+                    break
+                if wire.paused:
+                    try:
+                        await wire.drain()
+                    except _WRITE_ERRORS as exc:
+                        raise Aborted() from exc
             if strip is not None and (rest := strip.flush()):
                 await _write(resp, rest)
         except BODY_ERRORS as exc:
@@ -437,6 +459,22 @@ async def _write(resp: web.StreamResponse, chunk: bytes) -> None:
         await resp.write(chunk)
     except _WRITE_ERRORS as exc:
         raise Aborted() from exc
+
+
+def _until_last(batch: Collection[bytes], sent: int,
+                clen: int) -> tuple[list[bytes], bytes, int]:
+    """A batch that completes a Content-Length body of ``clen`` bytes (``sent`` of them
+    written before it), split as the chunk-at-a-time loop did: the chunks before the one
+    that reaches ``clen``, that chunk (held until the commit), and the bytes up to and
+    including it (the upstream's parser ends a body at its length, so nothing follows it)."""
+    before: list[bytes] = []
+    n = 0
+    for chunk in batch:
+        n += len(chunk)
+        if sent + n >= clen:
+            return before, chunk, n
+        before.append(chunk)
+    raise AssertionError("the batch does not reach clen")
 
 
 def _kill(req: web.BaseRequest) -> None:

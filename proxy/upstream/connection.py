@@ -136,6 +136,39 @@ class Response:
             finally:
                 self._waiter = None
 
+    def take_ready(self) -> deque[bytes] | tuple[()] | None:
+        """Every chunk that has arrived and was not taken yet, in order, at once and without
+        a coroutine (``()`` when none has; then ``await arrival()``); None once the body has
+        ended and all of it was taken. Raises the body's error (``BodyError``,
+        ``BodyTimeout``) once the chunks that arrived before it were taken, as iterating
+        does. The chunks are the caller's now, so reading resumes if it was paused: what
+        waits here and in the caller's hands is at most twice what iteration allows (high
+        water plus one read, each)."""
+        chunks = self._chunks
+        if chunks:
+            self._chunks = deque()
+            self._size = 0
+            conn = self._conn
+            if conn is not None and conn.paused:
+                conn.resume()
+            return chunks
+        if self._exc is not None:
+            raise self._exc
+        if self._done:
+            return None
+        return ()
+
+    async def arrival(self) -> None:
+        """Wait until a chunk arrives or the body ends (at once if one is waiting or it has
+        ended): then ``take_ready()`` has something to say."""
+        if self._chunks or self._done:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
     def take(self) -> bytes:
         """The whole body once ``complete`` (no coroutine): what ``read()`` returns then."""
         assert self._done and self._exc is None
@@ -170,14 +203,7 @@ class Response:
     async def __aexit__(self, *exc: object) -> None:
         self.release()
 
-    # ---- fed by the connection ------------------------------------------------------
-
-    def _feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    # ---- fed by the connection (its on_body appends the chunks itself) ---------------
 
     def _finish(self) -> None:
         self._done = True
@@ -269,6 +295,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, host: _Host) -> None:
         self.pool = pool
         self.cfg = pool.cfg
+        self.high_water = pool.cfg.high_water
         self.host = host
         self.transport: asyncio.Transport | None = None
         self.parser = _new_parser(self)
@@ -472,8 +499,13 @@ class Connection(asyncio.Protocol):
             self.error = ProtocolError("the upstream sent a body where none belongs")
             self.poisoned = True
             raise _Abort
-        resp._feed(body)
-        if resp._size > self.cfg.high_water and not self.paused:
+        # (Response._feed inlined: this runs once per chunk)
+        resp._chunks.append(body)
+        size = resp._size = resp._size + len(body)
+        waiter = resp._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if size > self.high_water and not self.paused:
             self.pause()
 
     def on_message_complete(self) -> None:

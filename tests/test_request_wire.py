@@ -1,0 +1,124 @@
+"""proxy/request/wire.py: a body written by ``BodyWire`` (batches of chunks, one transport
+write each) reaches the consumer byte for byte as aiohttp's ``StreamResponse.write`` (one
+chunk at a time) puts it on the wire, for every framing aiohttp picks: chunked (HTTP/1.1, no
+length), Content-Length, close-delimited (HTTP/1.0). A real aiohttp ``web.Server`` (the
+public port's kind) on a loopback socket, read raw to the connection's end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.request.wire import BodyWire, StreamedResponse
+
+# (the per-second Date and the Server header would differ between two responses otherwise)
+_FIXED = {"Date": "Sun, 29 Nov 2026 00:00:00 GMT", "Server": "test",
+          "Content-Type": "text/event-stream"}
+
+# (sizes below and above the table of size lines, and its edge)
+chunks = st.binary(min_size=0, max_size=300) | st.sampled_from([b"", b"0", b"\r\n", b"0\r\n\r\n"]) \
+    | st.sampled_from([15, 16, 255, 256, 2047, 2048, 2049, 3000]).map(lambda n: b"y" * n)
+batches = st.lists(st.lists(chunks, max_size=6), max_size=6)
+
+
+async def _exchange(batches: list[list[bytes]], how: str, framing: str,
+                    head_alone: bool = False, end: bool = False) -> tuple[bytes, int]:
+    """What a raw client reads from a response whose body is ``batches``, written ``how``
+    (``aiohttp``: ``StreamResponse.write`` per chunk; ``wire``: ``BodyWire.send`` per
+    batch, the head with the first batch unless ``head_alone``, the end with the last if
+    ``end``), and the writer's ``output_size`` once the response was written."""
+    out: dict[str, Any] = {}
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = StreamedResponse(headers=_FIXED) if how == "wire" else \
+            web.StreamResponse(headers=_FIXED)
+        if framing == "length":
+            resp.content_length = sum(len(c) for b in batches for c in b)
+        writer = await resp.prepare(request)
+        assert writer is not None
+        if how == "wire":
+            wire = BodyWire(writer)
+            if head_alone or not batches:
+                wire.send(())
+            for i, b in enumerate(batches):
+                wire.send(b, end and i == len(batches) - 1)
+        else:
+            for b in batches:
+                for c in b:
+                    await resp.write(c)
+        await resp.write_eof()
+        out["size"] = resp.body_length      # (the writer's output_size, head and end included)
+        return resp
+
+    server = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(server, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if framing == "close":
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        else:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        srv.close()
+        await server.shutdown(1)
+        await srv.wait_closed()
+    return data, out["size"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches, st.sampled_from(["chunked", "length", "close"]), st.booleans(), st.booleans())
+def test_batches_reach_the_wire_as_chunk_at_a_time_writes_put_them(
+        batches: list[list[bytes]], framing: str, head_alone: bool, end: bool) -> None:
+    async def both() -> None:
+        want, want_size = await _exchange(batches, "aiohttp", framing)
+        got, got_size = await _exchange(batches, "wire", framing, head_alone, end)
+        assert got == want
+        assert got_size == want_size
+        body = b"".join(c for b in batches for c in b)
+        assert want.endswith(body if framing != "chunked" else b"0\r\n\r\n")
+        if framing == "chunked":   # each non-empty chunk its own chunk on the wire
+            frames = b"".join(b"%x\r\n%b\r\n" % (len(c), c) for b in batches for c in b if c)
+            assert want.endswith(b"\r\n\r\n" + frames + b"0\r\n\r\n")
+
+    asyncio.run(both())
+
+
+async def test_a_closed_connection_is_refused_before_anything_is_written() -> None:
+    seen: list[type[BaseException]] = []
+    gone = asyncio.Event()
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = StreamedResponse(headers=_FIXED)
+        wire = BodyWire(await resp.prepare(request))
+        wire.send([b"first"])
+        await gone.wait()
+        assert request.transport is not None
+        request.transport.close()
+        try:
+            wire.send([b"second"])
+        except ConnectionResetError as exc:
+            seen.append(type(exc))
+        return resp
+
+    server = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(server, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"5\r\nfirst\r\n")).startswith(b"HTTP/1.1 200")
+        gone.set()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        srv.close()
+        await server.shutdown(1)
+    assert len(seen) == 1
