@@ -246,6 +246,7 @@ def test_replace_swaps_one_customers_grants_and_debt_keeping_holds() -> None:
                  1)
     assert book.grant("a1") is None and book.grant("a2") is None
     assert [g.id for g in book.grants("c")] == ["a4", "a3"]          # in burn order
+    assert [book.grant("a3"), book.grant("a4")] == book.grants("c")[::-1]
     assert book.debt("c") == 1 and sorted(book.indebted()) == ["c", "d"]
     assert book.balance("c", 0.0) == 15 - 1
     assert book.held("c") == 4 and book.inflight("c") == 1
@@ -255,3 +256,7 @@ def test_replace_swaps_one_customers_grants_and_debt_keeping_holds() -> None:
     assert book.debt("c") == 0 and book.indebted() == ["d"]
     assert book.balance("c", 0.0) == 0 and book.held("c") == 4
     assert book.balance("d", 0.0) == 28
+    # a customer the book has not seen (no grants, no debt) arrives with the fresher view
+    book.replace("e", [GrantState("e1", "e", 3)], 0)
+    assert book.grants("e") == [book.grant("e1")] and book.balance("e", 0.0) == 3
+    assert book.debt("e") == 0
