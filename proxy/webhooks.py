@@ -806,8 +806,8 @@ class WebhookReceiver:
             and line.period[0] > self.clock()
 
     async def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
-                          payment: tuple[tuple[str, ...], int] | None = None,
-                          state: str = "paid") -> dict[str, Any]:
+                          payment: tuple[tuple[str, ...], int] | None,
+                          state: str) -> dict[str, Any]:
         """The allowance of the line's period, effective from the period's start whenever
         the invoice is created or paid (finding 1). ``state``: ``open`` when granted at the
         renewal invoice's creation (clawed back if it is never paid), ``paid``."""

@@ -425,6 +425,24 @@ def test_outbox_identifiers_are_mp_install_id_row_id(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_outbox_hours_after_a_period_boundary_stay_apart(tmp_path: Path) -> None:
+    """One customer's unreported hours on both sides of a billing-period boundary (no
+    anchor: the calendar month, here 1 Feb 1970), staged at once: each hour is its own
+    window in its own period (the per-customer period cache is refreshed when an hour
+    leaves it)."""
+    feb = 31 * 86400
+    conn = connect(tmp_path / "o.db")
+    usage(conn, "a", "m", feb - 3600, U)                    # the last hour of January
+    usage(conn, "a", "m", feb + 60, 2 * U)                  # the first two of February
+    usage(conn, "a", "m", feb + 3600, 3 * U)
+    conn.execute("BEGIN")
+    staged = stage(conn, {"m": ("ev", None)}, now=feb + 86400)
+    conn.execute("COMMIT")
+    assert [(e.window_start, e.timestamp, e.value) for e in staged] == [
+        (feb - 3600, feb - 3600 + 59, 1), (feb, feb + 119, 2), (feb + 3600, feb + 3659, 3)]
+    conn.close()
+
+
 def test_outbox_stages_a_covered_delta_without_a_billable_one(tmp_path: Path) -> None:
     conn = connect(tmp_path / "o.db")
     usage(conn, "a", "m", 0, 0, covered=2 * U)              # fully prepaid: nothing billable

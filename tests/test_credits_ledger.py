@@ -12,6 +12,7 @@ from proxy.credits.ledger import (
     allocate,
     available,
     burn_order,
+    clawback,
     covered_quantity,
     expire_due,
     replay,
@@ -147,3 +148,115 @@ def test_grow_without_available_credit_holds_nothing_more() -> None:
     assert hold.amount == 10 and book.held("c") == 10
     assert not book.grow(hold, 5, 1.0, block=True)      # a block customer is refused instead
     assert hold.amount == 10
+
+
+# ---- the book's boundaries (each pins a rule a mutation-testing survivor broke) ----------
+
+
+@given(st.integers(1, 10**6), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_grow_raises_the_hold_by_what_fits(grant: int, first: int, extra: int) -> None:
+    """A hint read after admission raises the hold (and the customer's held total) by what
+    is still available, never more; a grant with an expiry checks it at ``now``."""
+    book = CreditBook()
+    book.load([GrantState("g", "c", grant, expires_at=100)], [])
+    hold = book.try_hold("c", first, 10.0, block=False)
+    assert hold is not None
+    before = hold.amount
+    avail = book.available("c", 10.0)
+    assert book.grow(hold, extra, 10.0, block=False)
+    assert hold.amount == before + min(extra, avail)
+    assert book.held("c") == hold.amount
+
+
+def test_grow_by_one_micro_unit_and_by_nothing() -> None:
+    book = CreditBook()
+    book.load([GrantState("g", "c", 10, expires_at=5)], [])
+    hold = book.try_hold("c", 10, 0.0, block=True)
+    assert hold is not None and book.available("c", 0.0) == 0
+    book2 = CreditBook()
+    book2.load([GrantState("g", "c", 10)], [])
+    h2 = book2.try_hold("c", 3, 0.0, block=True)
+    assert h2 is not None
+    assert book2.grow(h2, 1, 0.0, block=True) and h2.amount == 4   # one micro-unit is grown
+    assert book2.grow(h2, 0, 0.0, block=True) and h2.amount == 4   # nothing: admitted as is
+    # the grant expired under the hold: available is now negative, yet growing by nothing
+    # is not a refusal
+    assert book.available("c", 6.0) < 0
+    assert book.grow(hold, 0, 6.0, block=True)
+    assert hold.amount == 10
+
+
+def test_indebted_lists_only_positive_debt() -> None:
+    book = CreditBook()
+    book.load([GrantState("g", "c", 10), GrantState("h", "d", 10)], [], {"c": 5, "d": 1})
+    assert sorted(book.indebted()) == ["c", "d"]        # one micro-unit is debt
+    book.apply([Entry("g", "repay", 5)], "c")           # repaid to exactly zero
+    assert book.debt("c") == 0
+    assert book.indebted() == ["d"]
+
+
+def test_next_effective_only_pending_grants_of_indebted_customers() -> None:
+    book = CreditBook()
+    assert book.next_effective(0) is None                                # no grants at all
+    book.load([GrantState("now", "c", 10),                               # effective from creation
+               GrantState("past", "c", 10, effective_at=5),              # already effective
+               GrantState("due", "c", 10, effective_at=20),              # effective at exactly now
+               GrantState("void", "c", 10, effective_at=30, voided=True),
+               GrantState("free", "e", 10, effective_at=25)],            # e owes nothing
+              [], {"c": 1})
+    assert book.next_effective(20) is None
+    book.add_grant(GrantState("next", "c", 10, effective_at=40))
+    assert book.next_effective(20) == 40.0                               # a debt of one micro-unit
+    assert book.next_effective(10) == 20.0
+
+
+def test_next_expiry_of_a_deferred_grant() -> None:
+    """A grant whose expiry waits for a request admitted before it is retried a second
+    later, once it is due; before that its own expiry is the next one."""
+    book = CreditBook()
+    book.load([GrantState("g", "c", 10, expires_at=100)], [])
+    hold = book.try_hold("c", 1, 0.0, block=False)
+    assert hold is not None
+    assert book.next_expiry(10) == 100.0                 # not due yet: its own time
+    assert book.next_expiry(100) == 101.0                # due exactly now, deferred: retried
+
+
+def test_pending_until_effective_at() -> None:
+    g = GrantState("g", "c", 10, effective_at=50)
+    assert g.pending(49.5) and not g.live(49.5)
+    assert not g.pending(50) and g.live(50)              # effective at exactly effective_at
+
+
+def test_clawback_of_one_micro_unit() -> None:
+    assert clawback(GrantState("g", "c", 10), 1, 0, 0) == [Entry("g", "refund", 1)]
+    spent = GrantState("g", "c", 10, remaining=0)
+    assert clawback(spent, 1, 0, 5) == [Entry("", "debt", 1)]
+
+
+def test_replace_swaps_one_customers_grants_and_debt_keeping_holds() -> None:
+    """Fleet mode's reload of one customer (``CreditBook.replace``): that customer's grants
+    and debt are the fresher view's, every other customer's are untouched, and what
+    in-flight requests hold is kept."""
+    book = CreditBook()
+    book.load([GrantState("a1", "c", 10, priority=1), GrantState("a2", "c", 20),
+               GrantState("b1", "d", 30)], [], {"c": 5, "d": 2})
+    hold = book.try_hold("c", 4, 0.0, block=False)
+    assert hold is not None
+    book.replace("c", [GrantState("a3", "c", 7, priority=9), GrantState("a4", "c", 8, priority=2)],
+                 1)
+    assert book.grant("a1") is None and book.grant("a2") is None
+    assert [g.id for g in book.grants("c")] == ["a4", "a3"]          # in burn order
+    assert [book.grant("a3"), book.grant("a4")] == book.grants("c")[::-1]
+    assert book.debt("c") == 1 and sorted(book.indebted()) == ["c", "d"]
+    assert book.balance("c", 0.0) == 15 - 1
+    assert book.held("c") == 4 and book.inflight("c") == 1
+    assert [g.id for g in book.grants("d")] == ["b1"] and book.debt("d") == 2
+    book.replace("c", [], 0)                                         # nothing left, debt repaid
+    assert book.grants("c") == [] and book.grant("a3") is None and book.grant("a4") is None
+    assert book.debt("c") == 0 and book.indebted() == ["d"]
+    assert book.balance("c", 0.0) == 0 and book.held("c") == 4
+    assert book.balance("d", 0.0) == 28
+    # a customer the book has not seen (no grants, no debt) arrives with the fresher view
+    book.replace("e", [GrantState("e1", "e", 3)], 0)
+    assert book.grants("e") == [book.grant("e1")] and book.balance("e", 0.0) == 3
+    assert book.debt("e") == 0

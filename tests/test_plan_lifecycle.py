@@ -24,6 +24,7 @@ from proxy.credits.service import CreditService, load_book
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache, upsert_customer
 from proxy.store.sqlite import SqliteStorage
+from proxy.timeutil import rfc3339
 from proxy.webhooks import WebhookReceiver
 from tests.test_webhooks import event, invoice, new_line
 
@@ -460,3 +461,58 @@ async def test_invoice_finalized_tells_the_monetary_mirror_its_usage_period_end(
               _inv("in_4", "price_basic", (S1, S2), "subscription_update", period_end=S1),
               "ignored")
     assert seen == [("acme", S1), ("acme", S1)]
+
+
+# ---- the invoice.paid result and its payment references ---------------------------------
+
+async def test_rollover_paid_early_is_processed_again_when_its_period_starts(env: Env) -> None:
+    """The waiting outcome names the period start, and the background drain re-processes the
+    event then (not before, not only at the period's end)."""
+    await _at(env, S0 + 5, "evt_1", "invoice.paid",
+        _inv("in_1", "price_roll", (S0, S1), "subscription_create"))
+    early = _inv("in_2", "price_roll", (S1, S2), "subscription_cycle")
+    out = await _at(env, S1 - 600, "evt_2", "invoice.paid", early, "waiting_period")
+    assert out == {"customer": "acme", "grants": [], "notes": [],
+                   "reason": f"a rollover period starting {rfc3339(S1)}: what the previous"
+                             " period leaves is known then; processed again at that time"}
+    env.clock.t = S1 - 300
+    assert await env.hooks.drain() == 1             # looked at once more: still waiting
+    env.clock.t = S1 - 100
+    assert await env.hooks.drain() == 0             # not due before the period starts
+    assert env.balance(S1 + 1) == 0
+    env.clock.t = S1 + 1
+    assert await env.hooks.drain() == 1
+    assert env.balance(S1 + 1) == 80 * Q            # 50 + 50 carried, capped at 80
+
+
+async def test_plan_grant_found_by_the_invoice_charge_and_payment_intent(env: Env) -> None:
+    """A refund or dispute may name only the charge or only the payment intent: the plan
+    grant's payment references come from the paid invoice's ``charge`` and
+    ``payment_intent``."""
+    await _at(env, S0 + 5, "evt_1", "invoice.paid",
+        _inv("in_1", "price_basic", (S0, S1), "subscription_create", amount_paid=2000,
+             charge="ch_9", payment_intent="pi_9"))
+    back = await _at(env, S0 + DAY, "evt_r", "charge.refunded",
+               {"id": "ch_9", "object": "charge", "customer": "cus_acme",
+                "amount": 2000, "amount_refunded": 1000})
+    assert back["customer"] == "acme"
+    assert env.balance(S0 + DAY) == 25 * Q
+    await _at(env, S0 + 2 * DAY, "evt_r2", "charge.refunded",
+        {"id": "ch_other", "object": "charge", "customer": "cus_acme",
+         "payment_intent": "pi_9", "amount": 2000, "amount_refunded": 1000})
+    assert env.balance(S0 + 2 * DAY) == 0
+
+
+async def test_plan_paid_after_write_off_is_granted_under_the_period_key(env: Env) -> None:
+    """Paid after it was written off, the allowance is granted anew under a key that still
+    starts with the subscription period's prefix (the rollover carry finds the previous
+    period's grant by that prefix)."""
+    await _first_period(env)
+    renewal = _inv("in_2", "price_basic", (S1, S2), "subscription_cycle", amount_due=2000)
+    await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+    await _at(env, S1 + 5 * DAY, "evt_u", "invoice.marked_uncollectible", renewal)
+    paid = await _at(env, S1 + 6 * DAY, "evt_late", "invoice.paid", renewal)
+    [g] = paid["grants"]
+    (key,) = env.store.conn.execute("SELECT idempotency_key FROM grants WHERE id=?",
+                                    (g["grant_id"],)).fetchone()
+    assert key == f"stripe:plan:sub_1:{S1}:paid:in_2"

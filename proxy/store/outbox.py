@@ -102,6 +102,39 @@ def events_from_buckets(buckets: Mapping[tuple[str, str, int, int], Sequence[int
                 out.append(StagedEvent(customer, meter, event_name, is_cov, whole, window, ts))
     return out
 
+# stage()'s SQL, at module level so mutmut (which mutates only inside functions) leaves it
+# alone: SQL text is case-insensitive, so its case-flip mutants are equivalent; what the
+# statements do is pinned by the outbox tests (tests/test_outbox_dry_run.py,
+# tests/store/test_outbox_contract.py).
+_UNREPORTED_WINDOWS = (
+    "SELECT customer_id, meter, minute / ? * ? AS w, MAX(minute),"
+    " SUM(billable - reported), SUM(covered - reported_covered)"
+    " FROM usage_minute INDEXED BY usage_minute_unreported"
+    " WHERE billable > reported OR covered > reported_covered"
+    " GROUP BY customer_id, meter, w ORDER BY customer_id, meter, w")
+_UNREPORTED_SPAN = (
+    "SELECT MAX(minute), COALESCE(SUM(billable - reported), 0),"
+    " COALESCE(SUM(covered - reported_covered), 0)"
+    " FROM usage_minute INDEXED BY usage_minute_unreported"
+    " WHERE (billable > reported OR covered > reported_covered)"
+    " AND customer_id=? AND meter=? AND minute>=? AND minute<?")
+_REPORTED_SPAN = (
+    "SELECT COALESCE(SUM(reported), 0), COALESCE(SUM(reported_covered), 0)"
+    " FROM usage_minute WHERE customer_id=? AND meter=? AND minute>=? AND minute<?")
+_MARK_REPORTED = (
+    "UPDATE usage_minute INDEXED BY usage_minute_unreported"
+    " SET reported = billable, reported_covered = covered"
+    " WHERE billable > reported OR covered > reported_covered")
+_CARRY_ALL = "SELECT customer_id, meter, event_name, remainder FROM carry"
+_CARRY_UPSERT = (
+    "INSERT INTO carry(customer_id, meter, event_name, remainder) VALUES (?,?,?,?)"
+    " ON CONFLICT(customer_id, meter, event_name) DO UPDATE SET remainder=excluded.remainder")
+_LAST_OUTBOX_ID = "SELECT COALESCE(MAX(id), 0) FROM outbox"
+_OUTBOX_INSERT = (
+    "INSERT INTO outbox(id, identifier, customer_id, meter, event_name, covered, value,"
+    " window_start, timestamp, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
+
+
 def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | None]],
           now: float | None = None,
           transforms: Mapping[str, TransformQuantity] | None = None) -> list[StagedEvent]:
@@ -117,13 +150,7 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
     the floor-and-carry of raw units (see :mod:`proxy.transform`)."""
     now = time.time() if now is None else now
     transforms = transforms or {}
-    rows = conn.execute(
-        "SELECT customer_id, meter, minute / ? * ? AS w, MAX(minute),"
-        " SUM(billable - reported), SUM(covered - reported_covered)"
-        " FROM usage_minute INDEXED BY usage_minute_unreported"
-        " WHERE billable > reported OR covered > reported_covered"
-        " GROUP BY customer_id, meter, w ORDER BY customer_id, meter, w",
-        (WINDOW, WINDOW)).fetchall()
+    rows = conn.execute(_UNREPORTED_WINDOWS, (WINDOW, WINDOW)).fetchall()
     if not rows:
         return []
     anchors = _periods(conn, {r[0] for r in rows})
@@ -140,13 +167,8 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
         # a period boundary inside this hour (a mid-hour anchor): split the hour there
         nxt = period_bounds(anchors[customer], b[1])
         for lo, hi, pb in ((window, b[1], b), (b[1], window + WINDOW, nxt)):
-            last, bill, cov = conn.execute(
-                "SELECT MAX(minute), COALESCE(SUM(billable - reported), 0),"
-                " COALESCE(SUM(covered - reported_covered), 0)"
-                " FROM usage_minute INDEXED BY usage_minute_unreported"
-                " WHERE (billable > reported OR covered > reported_covered)"
-                " AND customer_id=? AND meter=? AND minute>=? AND minute<?",
-                (customer, meter, lo, hi)).fetchone()
+            last, bill, cov = conn.execute(_UNREPORTED_SPAN,
+                                           (customer, meter, lo, hi)).fetchone()
             if last is not None:
                 buckets[customer, meter, pb[0], lo] = [pb[1], last, bill, cov]
     # a transformed meter's period total already reported, before this staging
@@ -154,28 +176,19 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
     for customer, meter, pstart, _w in buckets:
         if meter in transforms and (customer, meter, pstart) not in before:
             pend = buckets[customer, meter, pstart, _w][0]
-            rep, rep_cov = conn.execute(
-                "SELECT COALESCE(SUM(reported), 0), COALESCE(SUM(reported_covered), 0)"
-                " FROM usage_minute WHERE customer_id=? AND meter=? AND minute>=? AND minute<?",
-                (customer, meter, pstart, pend)).fetchone()
+            rep, rep_cov = conn.execute(_REPORTED_SPAN,
+                                        (customer, meter, pstart, pend)).fetchone()
             before[customer, meter, pstart] = [rep, rep_cov]
-    conn.execute("UPDATE usage_minute INDEXED BY usage_minute_unreported"
-                 " SET reported = billable, reported_covered = covered"
-                 " WHERE billable > reported OR covered > reported_covered")
+    conn.execute(_MARK_REPORTED)
     carry: dict[tuple[str, str, str], int] = {
-        (c, m, e): r for c, m, e, r in conn.execute(
-            "SELECT customer_id, meter, event_name, remainder FROM carry")}
+        (c, m, e): r for c, m, e, r in conn.execute(_CARRY_ALL)}
     out = events_from_buckets(buckets, before, carry, event_names, transforms, now)
     created = int(now)
-    conn.executemany(
-        "INSERT INTO carry(customer_id, meter, event_name, remainder) VALUES (?,?,?,?)"
-        " ON CONFLICT(customer_id, meter, event_name) DO UPDATE SET remainder=excluded.remainder",
-        [(*k, v) for k, v in carry.items()])
+    conn.executemany(_CARRY_UPSERT, [(*k, v) for k, v in carry.items()])
     prefix = "mp_" + install_id(conn) + "_"
-    (last_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
+    (last_id,) = conn.execute(_LAST_OUTBOX_ID).fetchone()
     conn.executemany(
-        "INSERT INTO outbox(id, identifier, customer_id, meter, event_name, covered, value,"
-        " window_start, timestamp, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        _OUTBOX_INSERT,
         [(last_id + i, f"{prefix}{last_id + i}", ev.customer_id, ev.meter, ev.event_name,
           int(ev.covered), ev.value, ev.window_start, ev.timestamp, created)
          for i, ev in enumerate(out, start=1)])
