@@ -442,3 +442,41 @@ async def test_two_processes_committing_to_one_file_move_each_row_exactly_once(
     ids, total = _ledger(db)
     assert sorted(ids) == ["r0", "r1", "r2"]
     assert total == 3 * 1_000_000
+
+
+_OPEN_PROCESS = """
+import sys
+from pathlib import Path
+from proxy.store.db import connect
+connect(Path(sys.argv[1])).close()
+"""
+
+
+def test_two_processes_upgrading_one_file_at_once_both_open_it(tmp_path: Path) -> None:
+    """Two processes of the new version start on a database at migration 12 (a rolling
+    upgrade's two replicas, or the CLI next to the proxy): each reads ``user_version`` 12
+    and waits for the write lock; the one that runs second must not apply migration 13 again
+    (``table journal_seq already exists``: it would fail to start)."""
+    import subprocess
+    import sys
+
+    from proxy.store.db import _statements
+    from proxy.store.schema import MIGRATIONS
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for i, script in enumerate(MIGRATIONS[:12], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+    conn.execute("BEGIN IMMEDIATE")              # both starters wait for this lock
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_PROCESS, str(db)],
+                              cwd=Path(__file__).resolve().parent.parent,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(1.5)                              # both read user_version 12, then wait
+    conn.execute("ROLLBACK")
+    conn.close()
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
