@@ -301,13 +301,16 @@ def run_write(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any])
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+    # the version is read again under the write lock: another process (a second replica,
+    # the CLI) may have migrated the file while this one waited for it
+    while conn.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for stmt in _statements(script):
-                conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version={i}")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version < len(MIGRATIONS):
+                for stmt in _statements(MIGRATIONS[version]):
+                    conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version={version + 1}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
