@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -237,6 +239,65 @@ async def settle(get: Callable[[], int], window: float = 0.3, timeout: float = 2
             return value
         assert loop.time() < end, "never settled"
         value = now
+
+
+async def test_a_consumer_reset_while_its_connection_is_full_is_billed_as_abandoned(
+        make_proxy: ProxyFactory) -> None:
+    """A consumer reads the head of a long stream, stops reading (the proxy's transport to it
+    fills, pauses, and the stream loop waits in its drain), then resets the connection (RST).
+    aiohttp fails that drain with a plain ``ConnectionError("Connection lost")``, which the
+    loop's write-error list does not name; the handler is cancelled in the same step
+    (``handler_cancellation=True``, proxy/app.py), so the loop sees CancelledError and the
+    stream is recorded as abandoned with what was written, not left unbilled."""
+    pad = b"x" * (16 * 1024 - 40)
+    sent = 0
+    stop = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                e = b'data: {"units": %d, "pad": "%s"}\n\n' % (i, pad)
+                await resp.write(e)
+                sent += len(e)
+        except (ConnectionError, RuntimeError):
+            pass
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    async with serve(app) as upstream_url:
+        proxy = await make_proxy(upstream_url=upstream_url)
+        key = await proxy.customer_with_key("rst")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", proxy.server.public_port))
+            await loop.sock_sendall(sock, f"GET /v1/stream HTTP/1.1\r\nHost: x\r\n"
+                                          f"Authorization: Bearer {key}\r\n\r\n".encode())
+            head = await loop.sock_recv(sock, 1024)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            # nothing more is read until the upstream is held back: the proxy has stopped
+            # taking its chunks (the consumer's transport is paused, the loop in drain)
+            assert await settle(lambda: sent) > 0
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            sock.close()                                  # with SO_LINGER 0: an RST
+        try:
+            totals = await wait_until(proxy.ledger_totals,
+                                      what="the reset stream to be recorded")
+        finally:
+            stop.set()
+        assert totals.get(("rst", "units"), 0) > 0
+        with proxy.db() as c:
+            flags = c.execute("SELECT flags FROM audit WHERE customer_id='rst'").fetchone()[0]
+        assert flags == "abandoned"
 
 
 async def test_stream_cut_by_the_upstream_is_metered_with_what_was_delivered(

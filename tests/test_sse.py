@@ -476,3 +476,54 @@ def test_usage_chunk_filter_joins_an_event_split_across_chunks_and_drops_the_usa
             f = UsageChunkFilter(1024)
             out = f.feed(stream[:cut]) + f.feed(stream[cut:cut2]) + f.feed(stream[cut2:])
             assert out + f.flush() == content + done, (cut, cut2)
+
+
+# one-line events aimed at the last-key-first read (SseInspector._from_last): the key as a
+# string value or escaped inside one, after a tab or two spaces, a trailing space or CR, a
+# duplicate key, a key event the type filter refuses, a key in a comment, a BOM
+LAST_KEY_LINES = [
+    b'data: {"usage":{"total_tokens":%d}}',
+    b'data: {"note":"\\"total_tokens\\"","usage":{"total_tokens":%d}}',
+    b'data: {"usage":{"x":%d},"k":"total_tokens"}',
+    b'data: {"k":"total_tokens","usage":{"total_tokens":%d}}',
+    b'data: {"type":"x","usage":{"total_tokens":%d}}',
+    b'data:{"usage":{"total_tokens":%d}}', b'data:  {"usage":{"total_tokens":%d}}',
+    b'data:\t{"usage":{"total_tokens":%d}}', b'data: {"usage":{"total_tokens":%d}} ',
+    b'data: {"usage":{"total_tokens":null}}',
+    b'data: {"usage":{"total_tokens":%d},"usage":{"total_tokens":1}}',
+    b'data: {"usage":[{"total_tokens":%d}]}', b"data: [DONE]",
+    b': {"usage":{"total_tokens":%d}}', b"event: x", b"id: 1",
+    b'data: {"type":"message_delta","usage":{"output_tokens":%d}}',
+    b'data: {"type":"message_start","message":{"usage":{"input_tokens":%d,'
+    b'"output_tokens":2}}}',
+    b'data: {"pad":"' + b"y" * 70 + b'", "usage":{"total_tokens":%d}}',
+    b'\xef\xbb\xbfdata: {"usage":{"total_tokens":%d}}',
+    b'data: {"usage":{"total_tokens":%d}}\r', b'data: {"usage":{"total_', b'data: tokens":%d}}',
+    b"data",
+]
+# two probes of one key whose needles are the same (a list index is not a needle)
+ALTERNATIVES = (TOTAL, Probe("t", ("usage", "0", "total_tokens")))
+
+
+@given(st.lists(st.tuples(st.integers(0, len(LAST_KEY_LINES) - 1), st.integers(0, 99),
+                          st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]),
+                          st.sampled_from([b"", b"\n", b"\n", b"\r\n", b"\r"])),
+                max_size=15),
+       st.lists(st.integers(0, 3000), max_size=6),
+       st.sampled_from([*PROBE_SETS, ALTERNATIVES]), st.sampled_from([16, 48, 80, 200, 1 << 20]))
+def test_the_last_key_first_read_is_the_parsers_view(
+        lines: list[tuple[int, int, bytes, bytes]], cuts: list[int],
+        probes: tuple[Probe, ...], cap: int) -> None:
+    """Streams of one-line events built to mislead the last-key-first read (the key outside
+    its path or inside a string, data-line spacing variants, CR/CRLF endings, events over a
+    small cap, several usage events), cut anywhere: the view is still the parser's."""
+    out = []
+    for i, n, eol, blank in lines:
+        line = LAST_KEY_LINES[i]
+        out += [line % n if b"%d" in line else line, eol, blank]
+    data = b"".join(out)
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    insp = SseInspector(probes, cap)
+    for a, b in itertools.pairwise(bounds):
+        insp.feed(data[a:b])
+    assert insp.result() == parser_view(probes, data, cap)
