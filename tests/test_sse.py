@@ -255,6 +255,19 @@ def test_usage_event_after_arbitrary_bytes_is_read_exactly(garbage: bytes, cuts:
     assert insp.result().get("t") == tokens
 
 
+def test_the_inspector_holds_at_most_its_batch_however_small_the_chunks() -> None:
+    """What an SSE inspector holds between passes is bounded by its batch (the smaller of
+    BATCH and the inspect cap) plus one chunk, whatever the chunk sizes: many small chunks
+    are read once their sum passes the bound, not kept until the stream ends."""
+    insp = SseInspector((TOTAL,), 64)
+    event = b'data: {"x":1}\n\n'
+    for _ in range(200):
+        insp.feed(event)
+        assert sum(len(c) for c in insp._pending) <= 64 + len(event)
+    insp.feed(b'data: {"usage":{"total_tokens":7}}\n\n')
+    assert insp.result().get("t") == 7
+
+
 def test_top_level_list_index_probe_on_sse() -> None:
     insp = SseInspector((Probe("i", ("0",)),), 64)
     insp.feed(b"data: [4, 5]\n\n")
