@@ -9,7 +9,6 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +20,7 @@ from multidict import CIMultiDict
 from tests.conftest import Proxy, ProxyFactory
 from tests.helpers import wait_until
 from tests.servers import serve
+from tests.upstream_kit import settle
 
 Q = 1_000_000
 
@@ -216,7 +216,7 @@ async def test_a_consumer_that_stops_reading_holds_the_upstream_back(
                      "Connection: close\r\n\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
-        held = await settle(lambda: sent)         # the consumer reads nothing meanwhile
+        held = await settle(lambda: sent, window=0.3, timeout=20.0)         # the consumer reads nothing meanwhile
         assert held < total // 3, held
         body = await asyncio.wait_for(reader.read(), 60)
         writer.close()
@@ -225,20 +225,6 @@ async def test_a_consumer_that_stops_reading_holds_the_upstream_back(
         assert payload == b"".join(events)
         if path == "/v1/stream":
             assert await wait_until(proxy.ledger_totals) == {("bp", "units"): len(events) * Q}
-
-
-async def settle(get: Callable[[], int], window: float = 0.3, timeout: float = 20.0) -> int:
-    """Wait until ``get()`` stops changing for ``window`` seconds; return that value."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    value = get()
-    while True:
-        await asyncio.sleep(window)
-        now = get()
-        if now == value:
-            return value
-        assert loop.time() < end, "never settled"
-        value = now
 
 
 async def test_a_consumer_reset_while_its_connection_is_full_is_billed_as_abandoned(
@@ -285,7 +271,7 @@ async def test_a_consumer_reset_while_its_connection_is_full_is_billed_as_abando
             assert head.startswith(b"HTTP/1.1 200"), head
             # nothing more is read until the upstream is held back: the proxy has stopped
             # taking its chunks (the consumer's transport is paused, the loop in drain)
-            assert await settle(lambda: sent) > 0
+            assert await settle(lambda: sent, window=0.3, timeout=20.0) > 0
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         finally:
             sock.close()                                  # with SO_LINGER 0: an RST
