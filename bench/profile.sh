@@ -30,7 +30,10 @@ cat > "$W/c.yaml" <<EOC
  "log_level": "warning"}
 EOC
 taskset -c 1 $MP serve --config "$W/c.yaml" & PPID_=$!
-until curl -s -o /dev/null "http://127.0.0.1:$PPORT/small"; do sleep 0.1; done
+until curl -s -o /dev/null "http://127.0.0.1:$PPORT/small"; do
+  kill -0 $PPID_ || { echo "meterproxy did not start (a port taken meanwhile?)" >&2; exit 1; }
+  sleep 0.1
+done
 taskset -c 0 wrk -t1 -c32 -d$((SECS + 4))s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$PPORT/small" > "$W/wrk.txt" &
 sleep 2
 .venv/bin/py-spy record --pid "$PPID_" --duration "$SECS" --rate 250 --format raw -o /tmp/meterproxy-profile.txt --nonblocking >/dev/null 2>&1
