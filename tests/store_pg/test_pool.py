@@ -26,12 +26,14 @@ def conflicts(outcome: str) -> float:
                                      {"outcome": outcome}) or 0.0
 
 
-async def lock_waiters(watch: asyncpg.Connection, n: int = 1, within: float = 10.0) -> None:
-    """Return once ``n`` sessions of this database wait for a lock (polled every 5 ms)."""
+async def lock_waiters(watch: asyncpg.Connection, holder: asyncpg.Connection,
+                       within: float = 10.0) -> None:
+    """Return once a session waits for a lock ``holder``'s transaction holds (from the lock
+    table: a wait that just ended is not counted; polled every 5 ms)."""
     deadline = time.monotonic() + within
-    while await watch.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'") < n:
+    while not await watch.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            holder.get_server_pid()):
         assert time.monotonic() < deadline, "nobody waits for the lock"
         await asyncio.sleep(0.005)
 
@@ -59,7 +61,7 @@ async def test_a_deadlock_with_another_session_is_retried_and_commits_once(
         # create_grant: the customer row FOR KEY SHARE, the grant, then the account (waits)
         made = asyncio.ensure_future(pg.ledger.create_grant(
             NewGrant(GrantState("g2", "acme", 5 * C), "k2")))
-        await lock_waiters(watch)
+        await lock_waiters(watch, other)
         # closes the cycle: the member's backend detects it after its deadlock_timeout (1 s)
         await other.execute("SELECT 1 FROM customers WHERE id = 'acme' FOR UPDATE")
         await tx.commit()
@@ -107,7 +109,7 @@ async def test_a_serialization_failure_while_shipping_is_retried_and_settles_onc
         await other.execute("UPDATE credit_accounts SET balance = balance + 1"
                             " WHERE customer_id = 'acme'")
         shipped = asyncio.ensure_future(Shipper(pg.pool, "m1").ship(rows))
-        await lock_waiters(watch)        # the settlement waits for the account row
+        await lock_waiters(watch, other)  # the settlement waits for the account row
         await tx.commit()                # ... which changed under its snapshot: 40001
         done = await asyncio.wait_for(shipped, 10)
     finally:
