@@ -540,3 +540,31 @@ async def test_a_pre_merge_process_in_the_overlap_does_not_lose_the_new_processe
     old.close()
     new.close()
     assert sorted(_ledger(db)[0]) == [f"r{i}" for i in range(5)]
+
+
+async def test_a_strict_row_no_other_request_can_join_is_committed_before_record_returns(
+        tmp_path: Path) -> None:
+    """With ``alone`` true (no other request in flight) a waited-for strict row is committed
+    inside ``record``: the request's wait ends without a loop iteration. With another request
+    in flight, or a row nobody waits for, the group commit runs on the next iteration, where
+    the other rows of that iteration join it."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    others = 0
+    store.alone = lambda: others == 0
+    fut = store.record(_row(0), wait=True)
+    assert fut is not None and fut.done() and fut.result() is None
+    assert not store._pending and not store._scheduled and store._idle.is_set()
+    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 1
+    others = 1
+    first = store.record(_row(1), wait=True)
+    second = store.record(_row(2), wait=True)
+    assert first is not None and second is not None and not first.done()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 2  # one group
+    others = 0
+    assert store.record(_row(3), wait=False) is None
+    assert store._pending and store._scheduled      # not committed on the caller's path
+    await store.drain()
+    store.close()
+    assert _ledger(db) == ([f"r{i}" for i in range(4)], sum(1_000_000 + i for i in range(4)))

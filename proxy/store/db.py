@@ -376,6 +376,10 @@ class Store:
         # deleted / replaced / corrupt: permanent for this process (restart after repair)
         self.broken: str | None = None
         self.on_withdraw: Callable[[UsageRow], None] | None = None
+        # True when no request other than the caller's can record a row before its commit
+        # (set by the composition root: no other request in flight); ``record`` then commits
+        # a strict row at once instead of on the next loop iteration
+        self.alone: Callable[[], bool] | None = None
         self._pending: list[UsageRow] = []
         self._scheduled = False
         self._closed = False
@@ -732,7 +736,14 @@ class Store:
         if not self._scheduled:
             self._scheduled = True
             if self.durability == "strict" and self.healthy:
-                self._loop.call_soon(self._commit_now)
+                if wait and (alone := self.alone) is not None and alone() \
+                        and not self.conn.in_transaction:
+                    # no other request can add a row to this group commit: commit now, and
+                    # the caller's wait ends without the two loop hops (the commit's
+                    # callback, then the waiting task's wake-up)
+                    self._commit_now()
+                else:
+                    self._loop.call_soon(self._commit_now)
             else:
                 delay = self.commit_interval if self.healthy else self._retry_delay
                 self._loop.call_later(delay, self._commit_now)
