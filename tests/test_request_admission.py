@@ -103,6 +103,7 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
     other = await p.customer_with_key("two")
     admission = p.server.pipeline.admission
     assert p.server.rt.store.alone == admission.alone
+    assert admission.on_quiet == p.server.rt.store.quiet
     assert admission.admitted == 0 and admission.alone()
 
     async def get(k: str, delay: int) -> int:

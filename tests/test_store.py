@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from proxy.credits.ledger import Entry
 from proxy.store.db import (
     MAINTENANCE_NICE,
+    QUIET_SLICE,
     Store,
     UsageItem,
     UsageRow,
@@ -568,3 +569,33 @@ async def test_a_strict_row_no_other_request_can_join_is_committed_before_record
     await store.drain()
     store.close()
     assert _ledger(db) == ([f"r{i}" for i in range(4)], sum(1_000_000 + i for i in range(4)))
+
+
+async def test_a_quiet_moment_materializes_one_short_slice_once_enough_rows_wait(
+        tmp_path: Path) -> None:
+    """``quiet`` (no request in flight) moves one QUIET_SLICE transaction of the journal on
+    the next loop iteration, and nothing while fewer rows wait; every row exactly once."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    journal = "SELECT count(*) FROM journal"
+    for i in range(QUIET_SLICE - 1):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store.conn.execute(journal).fetchone()[0] == QUIET_SLICE - 1     # too few
+    for i in range(QUIET_SLICE - 1, 2 * QUIET_SLICE + 3):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    store.quiet()                       # one slice per quiet moment, however often told
+    assert store.conn.execute(journal).fetchone()[0] == 2 * QUIET_SLICE + 3  # not inline
+    await asyncio.sleep(0)
+    assert store.conn.execute(journal).fetchone()[0] == QUIET_SLICE + 3
+    ids = [r[0] for r in store.conn.execute("SELECT request_id FROM audit ORDER BY seq")]
+    assert ids == [f"r{i}" for i in range(QUIET_SLICE)]     # the oldest first
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store.conn.execute(journal).fetchone()[0] == 3
+    store.close()
+    assert _ledger(db) == ([f"r{i}" for i in range(2 * QUIET_SLICE + 3)],
+                           sum(1_000_000 + i for i in range(2 * QUIET_SLICE + 3)))

@@ -63,6 +63,8 @@ class Admission:
         self.max_per_customer = cfg.limits.per_customer_concurrency or 1 << 62
         self.in_flight: dict[str, int] = {}
         self.admitted = 0       # their sum: requests in flight that may record usage
+        # called when the last of them has finished (``Store.quiet``; composition root)
+        self.on_quiet: Callable[[], None] | None = None
         # the monetary credits mode (proxy.credits.money): set by the composition root
         self.money: MoneyBook | None = None
 
@@ -132,6 +134,8 @@ class Admission:
             self.book.release(hold)  # type: ignore[union-attr]
         if customer_id:
             self.admitted -= 1
+            if not self.admitted and (quiet := self.on_quiet) is not None:
+                quiet()
             in_flight = self.in_flight
             if (left := in_flight[customer_id] - 1):
                 in_flight[customer_id] = left
