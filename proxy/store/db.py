@@ -6,13 +6,16 @@ Invariants
    on the GIL when the loop is saturated; see docs/PERFORMANCE.md). Each group commit is a single
    synchronous ``BEGIN IMMEDIATE .. COMMIT`` with no ``await`` inside, so nothing else on
    the loop can interleave with a transaction.
-2. ``record()`` never blocks and never touches the disk: it appends to ``_pending``.
-   In ``strict`` durability a commit is scheduled with ``call_soon`` the moment rows are
-   waiting and no commit is running, so a request waits for about one commit. That commit
+2. ``record()`` never waits: it appends to ``_pending``. In ``strict`` durability a commit
+   is scheduled with ``call_soon`` the moment rows are waiting and no commit is running, so
+   a request waits for about one commit; when no other request is in flight (``alone``: no
+   other row could join it) that commit runs inside ``record`` (a lock in the way is retried
+   on a timer as always, invariant 5), saving the request two loop iterations. That commit
    is the cheapest durable write SQLite offers: ONE row appended to the index-free
    ``journal`` table holding every usage row of the group commit, by a single autocommit
    ``INSERT`` (its own transaction; a fleet member appends one journal row per usage row,
-   shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``, before every flush
+   shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``, one short slice
+   whenever the last request in flight finishes (``quiet``), before every flush
    and every read of usage, at start-up and at shutdown) moves journal rows into ``audit``,
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
    counted exactly once whether the process dies before, during or after it. It applies
