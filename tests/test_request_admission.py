@@ -97,7 +97,8 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
         make_proxy: ProxyFactory) -> None:
     """``Store.alone`` is the admission's count of requests in flight: true for a lone
     request (its strict row is committed inside ``record``), false while another one could
-    add a row to the group commit; every request is billed either way."""
+    add a row to the group commit (and the store is told, at the next quiet moment, that
+    requests overlapped); every request is billed either way."""
     p = await make_proxy()
     key = await p.customer_with_key("one")
     other = await p.customer_with_key("two")
@@ -117,8 +118,9 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
         if admission.admitted == 2:
             break
         await asyncio.sleep(0.01)
-    assert admission.admitted == 2 and not admission.alone()
+    assert admission.admitted == 2 and not admission.alone() and admission.overlapped
     assert await get(key, 0) == 200       # recorded while the slow ones are in flight
     assert await asyncio.gather(*slow) == [200, 200]
     assert admission.admitted == 0 and admission.in_flight == {}
+    assert not admission.overlapped       # told to the store when the last one left
     assert p.ledger_totals() == {("one", "api_calls"): 2 * Q, ("two", "api_calls"): 2 * Q}

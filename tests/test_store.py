@@ -571,31 +571,46 @@ async def test_a_strict_row_no_other_request_can_join_is_committed_before_record
     assert _ledger(db) == ([f"r{i}" for i in range(4)], sum(1_000_000 + i for i in range(4)))
 
 
-async def test_a_quiet_moment_materializes_one_short_slice_once_enough_rows_wait(
+async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
         tmp_path: Path) -> None:
     """``quiet`` (no request in flight) moves one QUIET_SLICE transaction of the journal on
-    the next loop iteration, and nothing while fewer rows wait; every row exactly once."""
+    the next loop iteration once QUIET_SLICE quiet moments came in a row without overlapping
+    requests and that many rows wait; an overlap starts the count again; every row is moved
+    exactly once, the oldest first."""
     db = tmp_path / "s.db"
     store = Store.open(db)
     store.alone = lambda: True
     journal = "SELECT count(*) FROM journal"
+
+    def waiting() -> int:
+        return int(store.conn.execute(journal).fetchone()[0])
+
     for i in range(QUIET_SLICE - 1):
         store.record(_row(i), wait=True)
-    store.quiet()
+        store.quiet()
     await asyncio.sleep(0)
-    assert store.conn.execute(journal).fetchone()[0] == QUIET_SLICE - 1     # too few
-    for i in range(QUIET_SLICE - 1, 2 * QUIET_SLICE + 3):
+    assert waiting() == QUIET_SLICE - 1          # too few rows, too few quiet moments
+    store.record(_row(QUIET_SLICE - 1), wait=True)
+    store.quiet(overlapped=True)                 # requests overlapped: count again
+    for _ in range(QUIET_SLICE - 1):
+        store.quiet()
+    await asyncio.sleep(0)
+    assert waiting() == QUIET_SLICE
+    for i in range(QUIET_SLICE, 2 * QUIET_SLICE + 3):
         store.record(_row(i), wait=True)
     store.quiet()
-    store.quiet()                       # one slice per quiet moment, however often told
-    assert store.conn.execute(journal).fetchone()[0] == 2 * QUIET_SLICE + 3  # not inline
+    store.quiet()                       # one slice scheduled at a time
+    assert waiting() == 2 * QUIET_SLICE + 3      # not on the caller's path
     await asyncio.sleep(0)
-    assert store.conn.execute(journal).fetchone()[0] == QUIET_SLICE + 3
+    assert waiting() == QUIET_SLICE + 3
     ids = [r[0] for r in store.conn.execute("SELECT request_id FROM audit ORDER BY seq")]
-    assert ids == [f"r{i}" for i in range(QUIET_SLICE)]     # the oldest first
+    assert ids == [f"r{i}" for i in range(QUIET_SLICE)]
     store.quiet()
     await asyncio.sleep(0)
-    assert store.conn.execute(journal).fetchone()[0] == 3
+    assert waiting() == 3
+    store.quiet()
+    await asyncio.sleep(0)
+    assert waiting() == 3                        # fewer than QUIET_SLICE rows wait
     store.close()
     assert _ledger(db) == ([f"r{i}" for i in range(2 * QUIET_SLICE + 3)],
                            sum(1_000_000 + i for i in range(2 * QUIET_SLICE + 3)))
