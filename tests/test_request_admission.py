@@ -112,7 +112,9 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
                                  headers={"Authorization": f"Bearer {k}"}) as r:
             return r.status
 
+    store = p.server.rt.store
     assert await get(key, 0) == 200
+    assert store._sequential == 1         # a quiet moment after a request on its own
     slow = [asyncio.ensure_future(get(other, 500)) for _ in range(2)]
     for _ in range(200):
         if admission.admitted == 2:
@@ -123,4 +125,7 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
     assert await asyncio.gather(*slow) == [200, 200]
     assert admission.admitted == 0 and admission.in_flight == {}
     assert not admission.overlapped       # told to the store when the last one left
-    assert p.ledger_totals() == {("one", "api_calls"): 2 * Q, ("two", "api_calls"): 2 * Q}
+    assert store._sequential == 0
+    assert await get(key, 0) == 200
+    assert store._sequential == 1
+    assert p.ledger_totals() == {("one", "api_calls"): 3 * Q, ("two", "api_calls"): 2 * Q}

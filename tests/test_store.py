@@ -614,3 +614,21 @@ async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
     store.close()
     assert _ledger(db) == ([f"r{i}" for i in range(2 * QUIET_SLICE + 3)],
                            sum(1_000_000 + i for i in range(2 * QUIET_SLICE + 3)))
+
+
+async def test_a_lone_row_recorded_inside_a_write_transaction_waits_for_the_next_iteration(
+        tmp_path: Path) -> None:
+    """Committed inline, the journal's autocommit INSERT would join a transaction the
+    connection has open (and be rolled back with it): such a row is left to the next loop
+    iteration, when that transaction is over, and the store stays healthy."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    store.conn.execute("BEGIN IMMEDIATE")
+    fut = store.record(_row(0), wait=True)
+    assert fut is not None and not fut.done() and store._scheduled
+    store.conn.execute("ROLLBACK")
+    await asyncio.wait_for(fut, 5)
+    assert store.healthy and fut.result() is None
+    store.close()
+    assert _ledger(db) == (["r0"], 1_000_000)
