@@ -371,9 +371,11 @@ class Exchange:
         headers = resp.headers
         headers.popall("Content-Length", None)    # aiohttp writes the body's own
         if self.ctx.metered:
-            xcr = self.s.admission.credits_header(self.ctx.customer_id)   # exact: settled above
-            if xcr is not None:
-                headers[_XCR] = xcr
+            admission = self.s.admission
+            if (book := admission.book) is not None and book.has_credits(self.ctx.customer_id):
+                xcr = admission.credits_header(self.ctx.customer_id)   # exact: settled above
+                if xcr is not None:
+                    headers[_XCR] = xcr
         return resp
 
     def _usage_filter(self, upstream: Response) -> UsageChunkFilter | None:
@@ -392,8 +394,7 @@ class Exchange:
         ``withhold``: a failed commit answers 503 instead of the response, so the row is
         dropped then (never billed; see Store invariant 8)."""
         total = time.perf_counter() - self.ctx.started
-        metrics.upstream_seconds.observe(self.upstream_s)
-        metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
+        metrics.observe_request(self.upstream_s, max(total - self.upstream_s, 0.0))
         rule = self.ctx.rule
         if rule is None or not self.ctx.metered:
             return None
@@ -420,7 +421,7 @@ class Exchange:
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
                             duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
-        return self.s.settlement.record(self.ctx, rule, m, status, self.flags, withhold)
+        return self.s.settlement.record(self.ctx, rule, m, status, self.flags, withhold, rc)
 
 
 # the response headers of a measurement whose rule reads none (never looked at)
