@@ -147,7 +147,8 @@ class Settlement:
             at = time.time()
             cid, kid, name, ver = ctx.customer_id, ctx.key_id, rule.name, ctx.version
             method, path = ctx.request.method, ctx.path[:2048]
-            flat = (ctx.rid, at, cid, kid, name, ver, status, method, path, rc.plain_flat, [])
+            flat: tuple[Any, ...] = (ctx.rid, at, cid, kid, name, ver, status, method, path,
+                                     rc.plain_flat, [])
             return self.store.record(
                 UsageRow(ctx.rid, at, cid, kid, name, ver, status, list(rc.plain), None, [],
                          method, path, withhold, flat),
