@@ -152,8 +152,9 @@ def observe_request(upstream: float, overhead: float) -> None:
     u.sum += upstream
     o.counts[bisect_left(o.bounds, overhead)] += 1
     o.sum += overhead
-commits_total = Counter("meterproxy_storage_commits_total", "Group commits by outcome", ["outcome"],
-                        registry=REGISTRY)
+# counted on the event-loop thread only (the Store's group commit): lock-free
+commits_total = LoopCounter("meterproxy_storage_commits_total", "Group commits by outcome",
+                            ["outcome"], registry=REGISTRY)
 commits_ok = commits_total.labels("ok")         # every group commit: the child looked up once
 # observed by every group commit, on the event-loop thread only: lock-free
 commit_rows = LoopHistogram("meterproxy_storage_commit_rows", "Usage rows per group commit",
