@@ -18,6 +18,9 @@
 # plus api_calls) picks the origin path every request asks for (bench/origin.py).
 # BARE=N skips measuring the bare proxy and takes N as its figure (quick steps; a figure to
 # publish comes from a run that measures it).
+# N2=N: the second run sends N requests instead of 800 (per request: (I(N) - I(200)) / (N - 200));
+#        the start-up's own count varies by a few million instructions between runs of the same
+#        code (~+-8k per request over 600 requests), so a longer second run divides that noise
 # KEEP=DIR (or CG_KEEP=DIR) keeps each run's callgrind output as DIR/<target>-<n>.out (for
 #        callgrind_annotate; `bench/cg_diff.py DIR free strict` lists the instructions per
 #        request by function, and what the second target costs over the first)
@@ -111,6 +114,7 @@ EOC
   if [ $ok = 1 ]; then grep -o "Collected : [0-9]*" "$W/cg.err" | awk '{print $3}'; else echo FAILED; fi
 }
 PAYLOAD=${PAYLOAD:-small}
+N2=${N2:-800}   # the second run's requests (the first sends 200)
 case "$PAYLOAD" in small|64k|sse) ;; *) echo "PAYLOAD must be small, 64k or sse" >&2; exit 2;; esac
 echo "| target | instructions per request (/$PAYLOAD) | vs bare |"
 echo "| --- | --- | --- |"
@@ -128,12 +132,12 @@ for t in bare "${targets[@]}"; do
   if [ "$t" = nginx ] && [ ! -x "$NGINX" ]; then
     echo "| nginx | not installed (apt-get install -y nginx-light) | |"; continue
   fi
-  a=$(run $t 200); b=$(run $t 800)
+  a=$(run $t 200); b=$(run $t "$N2")
   if [ "$a" = FAILED ] || [ "$b" = FAILED ] || [ -z "$a" ] || [ -z "$b" ]; then
     # a client error or a proxy that died: no figure rather than a wrong one
-    echo "| $t | FAILED (200: ${a:-none}, 800: ${b:-none}) | |"; continue
+    echo "| $t | FAILED (200: ${a:-none}, $N2: ${b:-none}) | |"; continue
   fi
-  per=$(( (b - a) / 600 ))
+  per=$(( (b - a) / (N2 - 200) ))
   [ -z "$base" ] && base=$per
   res[$t]=$per
   echo "| $t | $per | $(python3 -c "print(f'{$per/$base:.2f}x')") |"

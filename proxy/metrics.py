@@ -142,8 +142,19 @@ overhead_seconds = LoopHistogram("meterproxy_overhead_seconds",
                                  "Time the proxy added to a request (total minus upstream)", _LAT)
 REGISTRY.register(upstream_seconds)
 REGISTRY.register(overhead_seconds)
-commits_total = Counter("meterproxy_storage_commits_total", "Group commits by outcome", ["outcome"],
-                        registry=REGISTRY)
+
+
+def observe_request(upstream: float, overhead: float) -> None:
+    """``upstream_seconds.observe(upstream)`` and ``overhead_seconds.observe(overhead)``: one
+    call per request instead of two (each request observes both)."""
+    u, o = upstream_seconds, overhead_seconds
+    u.counts[bisect_left(u.bounds, upstream)] += 1
+    u.sum += upstream
+    o.counts[bisect_left(o.bounds, overhead)] += 1
+    o.sum += overhead
+# counted on the event-loop thread only (the Store's group commit): lock-free
+commits_total = LoopCounter("meterproxy_storage_commits_total", "Group commits by outcome",
+                            ["outcome"], registry=REGISTRY)
 commits_ok = commits_total.labels("ok")         # every group commit: the child looked up once
 # observed by every group commit, on the event-loop thread only: lock-free
 commit_rows = LoopHistogram("meterproxy_storage_commit_rows", "Usage rows per group commit",

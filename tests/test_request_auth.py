@@ -76,3 +76,40 @@ async def test_consumer_api_authenticates_with_the_same_step(proxy: Proxy) -> No
     async with proxy.session.get(proxy.url + "/_meter/usage",
                                  headers={"Authorization": f"Bearer {key}"}) as r:
         assert r.status == 200 and (await r.json())["customer"] == "c"
+
+
+async def test_a_key_in_use_refused_once_revoked_or_its_customer_suspended(proxy: Proxy) -> None:
+    """The authenticator remembers the header value of a key it found: a reload of the keys
+    (revocation, suspension) must still refuse the very next request with that value."""
+    key = await proxy.customer_with_key("u")
+    h = {"Authorization": f"Bearer {key}"}
+    for _ in range(2):                                  # found, then remembered
+        async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+            assert r.status == 200
+    await proxy.admin("POST", "/admin/customers", {"id": "u", "status": "suspended"},
+                      expect=200)
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert await _err(r) == (403, "customer_suspended")
+    await proxy.admin("POST", "/admin/customers", {"id": "u", "status": "active"}, expect=200)
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
+    keys = await proxy.admin("GET", "/admin/customers/u/keys", expect=200)
+    await proxy.admin("DELETE", f"/admin/keys/{keys[0]['key_id']}", expect=200)
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert await _err(r) == (403, "key_revoked")
+
+
+async def test_a_first_header_naming_no_key_leaves_the_next_source_to_decide(
+        make_proxy: ProxyFactory) -> None:
+    """A first key header that yields no key (another scheme) is not remembered as naming the
+    key a later source gave: the same value with another later key is that key's request."""
+    p = await make_proxy(keys={"sources": [{"header": "Authorization", "scheme": "Bearer"},
+                                           {"header": "X-API-Key"}]})
+    k1, k2 = await p.customer_with_key("a"), await p.customer_with_key("b")
+    for key in (k1, k2, k2):
+        async with p.session.get(p.url + "/v1/items",
+                                 headers={"Authorization": "Basic x", "X-API-Key": key}) as r:
+            assert r.status == 200
+    totals = p.ledger_totals()
+    assert {c for c, _ in totals} == {"a", "b"}
+    assert totals[("a", "api_calls")] * 2 == totals[("b", "api_calls")]

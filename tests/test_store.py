@@ -430,6 +430,68 @@ def test_materialize_writes_the_same_ledger_as_one_insert_per_item(
         old.close()
 
 
+# rows of one context (customer, key, rule, version, status, method, path; item meter and
+# flags), now and then another: runs of rows whose audit rows share every shared column, and
+# runs broken by one value (a path 1.0 is equal to 1, and stored as the text "1.0")
+_ctx = st.tuples(st.sampled_from(["c1", "c2"]), st.sampled_from(["k1", "k2"]),
+                 st.sampled_from(["v1", "v2"]), st.sampled_from([200, 200.0, 404]),
+                 st.sampled_from(["GET", "POST"]), st.sampled_from(["/p", "/q", "", 1, 1.0]),
+                 st.sampled_from(["m1", "m2"]), st.sampled_from(["", "unreadable"]))
+_shared_rows = st.builds(
+    lambda main, others, picks, qs: [
+        (f"r{i}", 1.7e9 + i, c, k, "rule", v, status, method, path,
+         [(meter, q, 0, q, flags)], [])
+        for i, ((c, k, v, status, method, path, meter, flags), q) in enumerate(zip(
+            [others[p % len(others)] if others and p % 7 == 0 else main for p in picks],
+            qs, strict=False))],
+    _ctx, st.lists(_ctx, max_size=3), st.lists(st.integers(0, 60), min_size=1, max_size=70),
+    st.lists(st.integers(0, 10**12), min_size=70, max_size=70))
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(_shared_rows, min_size=1, max_size=3))
+def test_materialize_of_rows_sharing_a_context_writes_the_same_ledger_as_one_insert_per_item(
+        batches: list[list[Any]]) -> None:
+    """Audit rows that share every column but their own five are inserted by a statement that
+    binds the shared values once: the ledger is the reference's, audit seqs and each value's
+    SQLite type included (a value equal to the others but of another type is not shared)."""
+    import tempfile
+
+    from proxy.store.db import connect
+    with tempfile.TemporaryDirectory() as d:
+        new, old = connect(Path(d) / "new.db"), connect(Path(d) / "old.db")
+        for rows in batches:
+            for c, apply in ((new, Store._apply), (old, _apply_one_insert_per_item)):
+                c.execute("BEGIN IMMEDIATE")
+                apply(c, rows)
+                c.execute("COMMIT")
+        for table in ("audit", "usage_minute"):
+            q = f"SELECT *, typeof(status), typeof(path) FROM {table} ORDER BY 1, 2, 3, 4, 5" \
+                if table == "audit" else f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5"
+            assert new.execute(q).fetchall() == old.execute(q).fetchall()
+        new.close()
+        old.close()
+
+
+def test_audit_values_equal_but_of_another_type_are_not_bound_once(tmp_path: Path) -> None:
+    """A shared column's values must be equal and of one type to be bound once: a path 1.0
+    among paths 1 is stored as the text "1.0", as one INSERT per item stores it."""
+    from proxy.store.db import connect
+    rows = [(f"r{i}", 1.7e9, "c1", "k1", "rule", "v1", 200, "GET", 1.0 if i == 2 else 1,
+             [("m1", 5, 0, 5, "")], []) for i in range(4)]
+    got = []
+    for name, apply in (("new", Store._apply), ("old", _apply_one_insert_per_item)):
+        c = connect(tmp_path / f"{name}.db")
+        c.execute("BEGIN IMMEDIATE")
+        apply(c, rows)
+        c.execute("COMMIT")
+        got.append(c.execute("SELECT request_id, path, typeof(path) FROM audit"
+                             " ORDER BY seq").fetchall())
+        c.close()
+    assert got[0] == got[1]
+    assert got[0][2] == ("r2", "1.0", "text")
+
+
 async def test_two_processes_committing_to_one_file_move_each_row_exactly_once(
         tmp_path: Path) -> None:
     """A rolling restart's overlap: both Stores commit while the other's rows sit in the

@@ -82,14 +82,22 @@ class Admission:
                             status=429, type_="concurrency_limit_exceeded", headers=_RETRY_1)
         hold: Hold | None = None
         if metered:
-            if not self.rt.store.accepting:
+            store = self.rt.store
+            if not (store.healthy or store.accepting):     # (healthy: accepting, no call)
                 metrics.metering_unavailable_total.inc()
                 raise HttpError("Usage cannot be recorded right now; the request was not "
                                 "forwarded. Retry shortly.", status=503,
                                 type_="metering_unavailable")
-            if self.book is not None and gate:
+            book = self.book
+            if book is not None and gate:
                 assert rule is not None
-                hold = held if held is not None else self._hold(rule, customer_id)
+                if held is not None:
+                    hold = held
+                elif book.has_credits(customer_id) or (
+                        (cust := self.rt.keys.customers.get(customer_id)) is not None
+                        and cust.overage == "block"):
+                    hold = self._hold(rule, customer_id)
+                # (else pay-as-you-go without credits: nothing to hold, as _hold decides)
         if customer_id:     # no await since the checks above: one critical section
             in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
             self.admitted += 1

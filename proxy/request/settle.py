@@ -47,7 +47,14 @@ class _RuleCosts:
     # has no flags (shared by every such row: a UsageItem is never changed once made),
     # and each quantity's metered_units_total child with the units it adds
     plain: tuple[UsageItem, ...] | None
+    # ... the same items' flat form (as ``proxy.store.db.flatten`` writes them; shared too)
+    plain_flat: tuple[tuple[str, int, int, int, str], ...]
+    # ... and each quantity's metered_units_total child (a LoopCounter's: its ``value`` is
+    # added to directly, on the event-loop thread) with the units it adds
     units: tuple[tuple[Any, float], ...]
+    # the statuses the rule bills (``CountWhen.matches``: ``count_any`` or one of these)
+    count_any: bool
+    counted: frozenset[int]
     # some usage reads a response header: only then does a measurement copy them
     response_headers: bool
     # not all constant, and every usage is a constant or reads the response body only: the
@@ -88,13 +95,18 @@ class Settlement:
         rates = {u.meter: u.credits_per_unit for u in rule.usage}
         const = constant_quantities(rule)
         plain = None
+        plain_flat: tuple[tuple[str, int, int, int, str], ...] = ()
         units: tuple[tuple[Any, float], ...] = ()
         if const is not None and not any(q.unreadable for q in const):
             plain = tuple(UsageItem(q.meter, q.micro, 0, q.micro, "") for q in const)
+            plain_flat = tuple((i.meter, i.quantity, i.credits, i.billable, i.flags)
+                               for i in plain)
             units = tuple((self._unit_counter(q.meter), q.micro / 1_000_000)
                           for q in const if q.micro)
+        cw = rule.count_when
         hit = self._by_rule[id(rule)] = _RuleCosts(
-            rule, rates, const, None if const is None else _costs(const, rates), plain, units,
+            rule, rates, const, None if const is None else _costs(const, rates), plain,
+            plain_flat, units, cw.any, cw.statuses,
             any(u.source.kind is SourceKind.RESPONSE_HEADER for u in rule.usage),
             const is None and reads_body_only(rule))
         return hit
@@ -105,34 +117,42 @@ class Settlement:
         return c
 
     def record(self, ctx: RequestContext, rule: Rule, m: Measurement | None, status: int,
-               flags: str, withhold: bool = False) -> asyncio.Future[None] | None:
+               flags: str, withhold: bool = False,
+               rc: _RuleCosts | None = None) -> asyncio.Future[None] | None:
         """Turn a measurement into a usage row (pure quantities), settle its credits, and hand
         both to the Store (one transaction). Not billable: the hold is released.
         ``m`` may be None only for a rule whose quantities are all constants.
         ``withhold``: a failed commit answers 503 instead of the response, so the row is
-        dropped then (never billed; see Store invariant 8)."""
+        dropped then (never billed; see Store invariant 8). ``rc``: ``for_rule(rule)``, when
+        the caller already has it."""
         book = self.book
         hold = ctx.hold
-        if not rule.count_when.matches(status):
+        if rc is None or rc.rule is not rule:
+            rc = self.for_rule(rule)
+        if not (rc.count_any or status in rc.counted):
             if hold is not None and book is not None:
                 book.release(hold)
             return None
-        rc = self.for_rule(rule)
         money = self.money
         if hold is None and rc.plain is not None and not flags \
                 and (money is None or not money.active
                      or money.account(ctx.customer_id) is None):
             # constant quantities, no credits held, nothing flagged, not a monetary account
-            # (whose period total every request moves, held or not): the usual request
+            # (whose period total every request moves, held or not): the usual request. Its
+            # flat form is made here too (the items' is the rule's, shared).
             if not rc.plain:
                 return None
             for c, units in rc.units:
-                c.inc(units)
+                c.value += units
+            at = time.time()
+            cid, kid, name, ver = ctx.customer_id, ctx.key_id, rule.name, ctx.version
+            method, path = ctx.request.method, ctx.path[:2048]
+            flat: tuple[Any, ...] = (ctx.rid, at, cid, kid, name, ver, status, method, path,
+                                     rc.plain_flat, [])
             return self.store.record(
-                UsageRow(ctx.rid, time.time(), ctx.customer_id, ctx.key_id, rule.name,
-                         ctx.version, status, list(rc.plain), None, [], ctx.request.method,
-                         ctx.path[:2048], withhold),
-                wait=self.strict)
+                UsageRow(ctx.rid, at, cid, kid, name, ver, status, list(rc.plain), None, [],
+                         method, path, withhold, flat),
+                self.strict)
         quantities: Sequence[Quantity] | None = rc.quantities
         costs = rc.costs
         if quantities is None or costs is None:

@@ -151,9 +151,36 @@ class Exchange:
                     raise _withheld() from exc
                 return web.Response(status=upstream.status, headers=out_headers)
             if (clen is not None and clen <= _SMALL_BODY) or upstream.failed:
-                # (a body already known broken, e.g. an invalid first chunk that came with
-                # the head, is answered 502 before anything reaches the consumer)
-                return await self._respond_small(upstream, out_headers, inspector, t_up)
+                # a small body, answered in one piece (here: no coroutine for it). (A body
+                # already known broken, e.g. an invalid first chunk that came with the head,
+                # is answered 502 before anything reaches the consumer: _read_small.)
+                body = upstream.take() if upstream.complete else \
+                    await self._read_small(upstream, inspector, t_up)
+                if inspector is not None:
+                    inspector.feed(body)
+                strip = self._usage_filter(upstream) if self.strip_usage else None
+                if strip is not None:
+                    body = strip.feed(body) + strip.flush()
+                self.upstream_s = time.perf_counter() - t_up
+                try:
+                    if (commit := self._finish(upstream.status, upstream, inspector, len(body),
+                                               True)) is not None:
+                        await commit
+                except MeteringUnavailable as exc:
+                    metrics.metering_unavailable_total.inc()
+                    raise _withheld() from exc
+                resp = web.Response(status=upstream.status, headers=out_headers, body=body)
+                resp_headers = resp.headers
+                resp_headers.popall("Content-Length", None)    # aiohttp writes the body's own
+                if self.ctx.metered:
+                    admission = s.admission
+                    if (book := admission.book) is not None \
+                            and book.has_credits(self.ctx.customer_id):
+                        # exact: settled above
+                        xcr = admission.credits_header(self.ctx.customer_id)
+                        if xcr is not None:
+                            resp_headers[_XCR] = xcr
+                return resp
             return await self._respond(upstream, out_headers, inspector, t_up)
         finally:
             upstream.release()
@@ -342,10 +369,11 @@ class Exchange:
         await resp.write_eof()
         return resp
 
-    async def _respond_small(self, upstream: Response, head: list[tuple[str, str]],
-                             inspector: Any, t_up: float) -> web.StreamResponse:
+    async def _read_small(self, upstream: Response, inspector: Any, t_up: float) -> bytes:
+        """A small body that had not all arrived with the head: read whole. A broken one is
+        recorded as a 502 (what was measured) and raised as the consumer's 502."""
         try:
-            body = upstream.take() if upstream.complete else await upstream.read()
+            return await upstream.read()
         except BODY_ERRORS as exc:
             err = body_error(exc)
             metrics.upstream_errors_total.labels(err.type + "_midstream").inc()
@@ -354,27 +382,6 @@ class Exchange:
             if (commit := self._finish(502, upstream, inspector, 0)) is not None:
                 await commit
             raise err from exc
-        if inspector is not None:
-            inspector.feed(body)
-        strip = self._usage_filter(upstream) if self.strip_usage else None
-        if strip is not None:
-            body = strip.feed(body) + strip.flush()
-        self.upstream_s = time.perf_counter() - t_up
-        try:
-            if (commit := self._finish(upstream.status, upstream, inspector, len(body),
-                                       True)) is not None:
-                await commit
-        except MeteringUnavailable as exc:
-            metrics.metering_unavailable_total.inc()
-            raise _withheld() from exc
-        resp = web.Response(status=upstream.status, headers=head, body=body)
-        headers = resp.headers
-        headers.popall("Content-Length", None)    # aiohttp writes the body's own
-        if self.ctx.metered:
-            xcr = self.s.admission.credits_header(self.ctx.customer_id)   # exact: settled above
-            if xcr is not None:
-                headers[_XCR] = xcr
-        return resp
 
     def _usage_filter(self, upstream: Response) -> UsageChunkFilter | None:
         """When the proxy added include_usage for this client, a filter that removes the
@@ -392,8 +399,7 @@ class Exchange:
         ``withhold``: a failed commit answers 503 instead of the response, so the row is
         dropped then (never billed; see Store invariant 8)."""
         total = time.perf_counter() - self.ctx.started
-        metrics.upstream_seconds.observe(self.upstream_s)
-        metrics.overhead_seconds.observe(max(total - self.upstream_s, 0.0))
+        metrics.observe_request(self.upstream_s, max(total - self.upstream_s, 0.0))
         rule = self.ctx.rule
         if rule is None or not self.ctx.metered:
             return None
@@ -420,7 +426,7 @@ class Exchange:
                             response_body=inspector.result() if inspector is not None else None,
                             request_bytes=self.request_bytes, response_bytes=response_bytes,
                             duration_ms=Decimal(int(total * 1000)), abandoned=bool(self.flags))
-        return self.s.settlement.record(self.ctx, rule, m, status, self.flags, withhold)
+        return self.s.settlement.record(self.ctx, rule, m, status, self.flags, withhold, rc)
 
 
 # the response headers of a measurement whose rule reads none (never looked at)

@@ -177,6 +177,10 @@ class UsageRow:
     # the request answers 503 (withholding the response) if this row fails to commit:
     # such a row is dropped, never committed later (fail_mode closed)
     withhold: bool = False
+    # the row's flat form (``flatten``), when its maker built it along with the row (the
+    # settlement's common case: no per-row flattening in the group commit); must equal
+    # ``flatten`` of the fields above, and is never changed
+    flat: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
 
 # The flat form of a usage row, as journaled and as written to the ledger tables:
@@ -186,10 +190,12 @@ FlatRow = Sequence[Any]
 
 
 def flatten(r: UsageRow) -> tuple[Any, ...]:
+    if r.flat is not None:
+        return r.flat
     return (r.request_id, r.at, r.customer_id, r.key_id, r.rule, r.rules_version, r.status,
             r.method, r.path, [(i.meter, i.quantity, i.credits, i.billable, i.flags)
                                for i in r.items],
-            [(m, e.grant_id, e.kind, e.amount) for m, e in r.debits])
+            [(m, e.grant_id, e.kind, e.amount) for m, e in r.debits] if r.debits else [])
 
 
 def encode_row(r: UsageRow) -> str:
@@ -356,6 +362,45 @@ _AUDIT_CHUNK = 16
 # _AUDIT_ROWS[n]: one INSERT of n audit rows (1 <= n <= _AUDIT_CHUNK)
 _AUDIT_ROWS = ("", *(_AUDIT_SQL + ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?)" * (n - 1)
                      for n in range(1, _AUDIT_CHUNK + 1)))
+# _AUDIT_SHARED[n]: the same INSERT of n audit rows for rows that share every column but
+# their own five (request_id, at_ms, quantity, credits, billable): those bound once for all
+# n rows. Parameters column by column (?1..?n the request ids, ?n+1..?2n at_ms, ...), then
+# the shared values, so the caller slices them out of the flat audit list without a loop.
+_AUDIT_OWN = (0, 1, 8, 9, 10)                       # offsets in an audit row of 14 values
+_AUDIT_SHARE = (2, 3, 4, 5, 6, 7, 11, 12, 13)       # customer_id .. meter, flags, method, path
+
+
+def _audit_shared_sql(n: int) -> str:
+    slot = {o: k * n for k, o in enumerate(_AUDIT_OWN)}     # + row index + 1
+    fixed = {o: 5 * n + k + 1 for k, o in enumerate(_AUDIT_SHARE)}
+    rows = ("(" + ",".join(f"?{slot[o] + j + 1}" if o in slot else f"?{fixed[o]}"
+                           for o in range(_AUDIT_COLS)) + ")" for j in range(n))
+    return _AUDIT_SQL[:_AUDIT_SQL.index(" VALUES ")] + " VALUES " + ",".join(rows)
+
+
+_AUDIT_SHARED = ("", *(_audit_shared_sql(n) for n in range(1, _AUDIT_CHUNK + 1)))
+
+
+def _audit_statement(audit: list[Any], start: int, n: int) -> tuple[str, list[Any]]:
+    """The statement and parameters that insert the ``n`` audit rows of the flat ``audit``
+    list from ``start``: ``_AUDIT_SHARED[n]`` when the rows share every shared column (the
+    values equal and of one type: a value SQLite would store differently is not shared),
+    else ``_AUDIT_ROWS[n]``. Either inserts the same rows in the same order."""
+    end = start + n * _AUDIT_COLS
+    shared: list[Any] = []
+    for o in _AUDIT_SHARE:
+        col = audit[start + o:end:_AUDIT_COLS]
+        v = col[0]
+        if col.count(v) != n or (type(v) is not str and len(set(map(type, col))) != 1):
+            return _AUDIT_ROWS[n], audit[start:end]     # (equal strs are of one type)
+        shared.append(v)
+    params: list[Any] = []
+    for o in _AUDIT_OWN:
+        params += audit[start + o:end:_AUDIT_COLS]
+    params += shared
+    return _AUDIT_SHARED[n], params
+
+
 _DEBIT_SQL = ("INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
               " at_ms) VALUES (?,NULLIF(?, ''),?,?,?,?,?)")   # a debt entry has no grant
 _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rules_version, quantity,"
@@ -859,7 +904,7 @@ class Store:
     def _write(self, rows: Sequence[UsageRow]) -> None:
         cur = self._cur
         strict = self.durability == "strict"
-        flats = [flatten(r) for r in rows]
+        flats = [r.flat if r.flat is not None else flatten(r) for r in rows]
         if strict and not self.keep_journal:
             # one journal row for the whole group commit: one insert, one bound value, and
             # no BEGIN/COMMIT around it (a single statement in autocommit mode is its own
@@ -919,14 +964,12 @@ class Store:
         c = conn.cursor() if cur is None else cur
         # the audit rows in statements of _AUDIT_CHUNK rows, then one for the rest: the same
         # rows in the same order (so the same seqs) as one INSERT per row, with one
-        # statement execution (cursor opening, VDBE set-up and halt) per chunk
+        # statement execution (cursor opening, VDBE set-up and halt) per chunk; a chunk whose
+        # rows share their customer, key, rule, version, status, meter, flags, method and
+        # path binds those once (_audit_statement)
         chunk = _AUDIT_CHUNK * _AUDIT_COLS
-        whole = len(audit) - len(audit) % chunk
-        if whole:
-            c.executemany(_AUDIT_ROWS[_AUDIT_CHUNK],
-                          [audit[i:i + chunk] for i in range(0, whole, chunk)])
-        if whole < len(audit):
-            c.execute(_AUDIT_ROWS[(len(audit) - whole) // _AUDIT_COLS], audit[whole:])
+        for i in range(0, len(audit), chunk):
+            c.execute(*_audit_statement(audit, i, min(len(audit) - i, chunk) // _AUDIT_COLS))
         c.executemany(_USAGE_SQL, [(*k, *v) for k, v in agg.items()])
         if debits:
             c.executemany(_DEBIT_SQL, debits)

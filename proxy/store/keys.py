@@ -214,10 +214,12 @@ class KeyCache:
         self._keys: dict[str, KeyEntry] = {}
         self._memo: dict[str, KeyEntry | None] = {}   # raw key -> entry, skips the hash
         self.customers: dict[str, Customer] = {}
+        self.generation = 0     # + 1 per snapshot: what a lookup answers may have changed
 
     def replace(self, keys: dict[str, KeyEntry], customers: dict[str, Customer]) -> None:
         """Swap in a whole new snapshot (``Customers.snapshot``)."""
         self._keys, self.customers, self._memo = keys, customers, {}
+        self.generation += 1
 
     def lookup(self, raw: str) -> KeyEntry | None:
         try:
