@@ -113,3 +113,24 @@ async def test_a_first_header_naming_no_key_leaves_the_next_source_to_decide(
     totals = p.ledger_totals()
     assert {c for c, _ in totals} == {"a", "b"}
     assert totals[("a", "api_calls")] * 2 == totals[("b", "api_calls")]
+
+
+async def test_padded_spellings_of_a_key_are_accepted_but_never_remembered(
+        proxy: Proxy) -> None:
+    """Whitespace around a key is accepted, but only the key's own spelling is remembered:
+    one caller sending a valid key padded a different way on every request (up to the header
+    size limit) must not grow the authenticator's memory with each padded value."""
+    key = await proxy.customer_with_key("p")
+    auth = proxy.server.pipeline.auth
+    assert isinstance(auth, Authenticator)
+    for i in range(1, 40):
+        h = {"Authorization": "Bearer" + " " * (i * 50) + key}
+        async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+            assert r.status == 200
+    assert not auth._memo
+    for spelling in (f"Bearer {key}", f"bearer {key}"):
+        async with proxy.session.get(proxy.url + "/v1/items",
+                                     headers={"Authorization": spelling}) as r:
+            assert r.status == 200
+    assert set(auth._memo) == {f"Bearer {key}", f"bearer {key}"}
+    assert proxy.ledger_totals() == {("p", "api_calls"): 41 * 1_000_000}
