@@ -1,11 +1,13 @@
 """The baseline: a bare aiohttp pass-through proxy on uvloop, no metering.
 
 One ClientSession with a keep-alive pool; the body is streamed back chunk by chunk.
-Usage: python bench/bare_proxy.py PORT UPSTREAM_URL
+Usage: python bench/bare_proxy.py PORT UPSTREAM_URL   (PORT 0: a free port; either way it
+prints ``listening on 127.0.0.1:<port>`` once it listens: bench/run.py ``announced_port``)
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import aiohttp
@@ -53,7 +55,8 @@ def build_app(upstream: str) -> web.Application:
 
 
 if __name__ == "__main__":
-    port, upstream = int(sys.argv[1]), sys.argv[2].rstrip("/")
+    upstream = sys.argv[2].rstrip("/")
+    sock = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=1024)
+    print(f"listening on 127.0.0.1:{sock.getsockname()[1]}", flush=True)
     uvloop.install()
-    web.run_app(build_app(upstream), host="127.0.0.1", port=port, access_log=None,
-                print=None, backlog=1024)
+    web.run_app(build_app(upstream), sock=sock, access_log=None, print=None, backlog=1024)

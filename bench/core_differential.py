@@ -10,16 +10,15 @@ usage: .venv/bin/python bench/core_differential.py [--deep]   (~1 minute)
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import free_port  # noqa: E402
 from tests.differential import RecordingUpstream, exchange, parse_stream  # noqa: E402
 from tests.test_differential import (  # noqa: E402
     CASES,
@@ -32,15 +31,15 @@ from tests.test_differential import (  # noqa: E402
 )
 
 
-def _wait(port: int) -> None:
-    import socket
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} not ready")
+def _port(proc: subprocess.Popen[bytes], name: str) -> int:
+    """The port a proxy started on port 0 bound: it prints ``listening on 127.0.0.1:<port>``
+    once it listens (no pick-then-bind race: the port is never free between the two)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    found = re.match(rb"listening on 127\.0\.0\.1:(\d+)", line)
+    if found is None:
+        raise SystemExit(f"{name} proxy did not start (exit code {proc.poll()}): {line!r}")
+    return int(found.group(1))
 
 
 def _drop_accept(view: object) -> object:
@@ -72,14 +71,13 @@ def main() -> None:
     up = RecordingUpstream().start()
     up.scripts.update(RESPONSES)
     up.scripts["ready"] = cl(b"ok")
-    ports = {"bare": free_port(), "core": free_port()}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / f"{name}_proxy.py"),
-                               str(port), f"http://127.0.0.1:{up.port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for name, port in ports.items()]
+    started = {name: subprocess.Popen([sys.executable, str(ROOT / "bench" / f"{name}_proxy.py"),
+                                       "0", f"http://127.0.0.1:{up.port}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+               for name in ("bare", "core")}
+    procs = list(started.values())
     try:
-        for port in ports.values():
-            _wait(port)
+        ports = {name: _port(p, name) for name, p in started.items()}
         diffs: dict[str, str] = {}
         kinds: Counter[str] = Counter()
         accept_added = 0

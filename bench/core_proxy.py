@@ -5,7 +5,8 @@ against bench/bare_proxy.py in the same run.
 
 A body that has fully arrived with its head (small responses) is answered with one
 ``web.Response``; anything else is streamed chunk by chunk like the bare proxy.
-Usage: python bench/core_proxy.py PORT UPSTREAM_URL
+Usage: python bench/core_proxy.py PORT UPSTREAM_URL   (PORT 0: a free port; it prints
+``listening on 127.0.0.1:<port>`` once it listens)
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ async def main(port: int, upstream: str) -> None:
     pool = UpstreamPool(upstream, PoolConfig(max_connections=256, max_per_host=256))
     server = make_handler(pool)
     srv = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
+    print(f"listening on 127.0.0.1:{srv.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -67,9 +67,20 @@ rules:
 
 
 def port() -> int:
+    """A port that was free a moment ago: only for a server that cannot listen on port 0 and
+    say which port it got (meterproxy at log level warning, nginx); its start is retried on
+    new ports when it failed because the port was taken meanwhile (``PORT_TRIES``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+PORT_TRIES = 5
+
+
+def in_use(log: Path) -> bool:
+    text = log.read_bytes().decode(errors="replace").lower()
+    return "address already in use" in text or "errno 98" in text
 
 
 def admin(url: str, method: str, path: str, body: Any = None) -> Any:
@@ -81,12 +92,15 @@ def admin(url: str, method: str, path: str, body: Any = None) -> Any:
         return json.loads(r.read())
 
 
-def wait_up(url: str, timeout: float = 60) -> None:
+def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: exited with {proc.returncode} before it was up")
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2):
-                return
+                if proc.poll() is None:
+                    return
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
@@ -127,24 +141,43 @@ def pinned(cpus: str | None) -> list[str]:
 
 def start_origin(work: Path, python_origin: bool,
                  cpus: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """nginx answering with SMALL (or bench/origin.py); (process, base URL)."""
-    op = port()
+    """nginx answering with SMALL (or bench/origin.py, on port 0: it prints the port it
+    bound); (process, base URL). nginx needs its port in its config: a start that failed
+    because the port was taken meanwhile is retried on a new one."""
     if python_origin:
-        proc = subprocess.Popen([*pinned(cpus), PY, str(BENCH / "origin.py"), str(op)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    else:
-        d = work / "nginx"
-        d.mkdir()
-        conf = d / "nginx.conf"
+        proc = subprocess.Popen([*pinned(cpus), PY, str(BENCH / "origin.py"), "0"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.match(rb"listening on 127\.0\.0\.1:(\d+)", line)
+        if found is None:
+            raise RuntimeError(f"bench/origin.py did not start: {line!r}")
+        return _origin_up(proc, f"http://127.0.0.1:{int(found.group(1))}")
+    d = work / "nginx"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    for i in range(PORT_TRIES):
+        op = port()
         conf.write_text(NGINX_ORIGIN.format(work=d, port=op, body=SMALL.decode()))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        proc = subprocess.Popen([*pinned(cpus), nginx, "-e", "stderr", "-p", str(d), "-c",
-                                 str(conf)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{op}"
+        err = d / f"nginx{i}.log"
+        with err.open("wb") as fh:
+            proc = subprocess.Popen([*pinned(cpus), nginx, "-e", "stderr", "-p", str(d), "-c",
+                                     str(conf)], stdout=subprocess.DEVNULL, stderr=fh)
+        try:
+            return _origin_up(proc, f"http://127.0.0.1:{op}")
+        except OSError:
+            if i == PORT_TRIES - 1 or proc.poll() is None or not in_use(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _origin_up(proc: subprocess.Popen[bytes], url: str) -> tuple[subprocess.Popen[bytes], str]:
     end = time.monotonic() + 20
     while True:
         try:
+            if proc.poll() is not None:
+                raise OSError(f"{url}: the origin exited with {proc.returncode}")
             with urllib.request.urlopen(url + "/small", timeout=2) as r:
                 assert r.read() == SMALL
                 return proc, url
@@ -226,11 +259,9 @@ async def _db(base: str, name: str, create: bool) -> None:
 
 def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
                work: Path, origin: str, origin_pid: int) -> dict[str, float]:
-    pp, ap = port(), port()
     d = Path(tempfile.mkdtemp(dir=work))
     (d / "rules.yaml").write_text(RULES)
     cfg: dict[str, Any] = {
-        "listen": f"127.0.0.1:{pp}", "admin_listen": f"127.0.0.1:{ap}",
         "upstream": {"url": origin}, "rules": str(d / "rules.yaml"),
         "storage": {"path": str(d / "m.db"), "durability": "strict"},
         "admin": {"token": TOKEN}, "stripe": {"sink": "dry_run", "flush_interval": "1s"},
@@ -241,14 +272,29 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         asyncio.run(_db(a.dsn, db, True))
         cfg["storage"].update({"backend": "postgres", "dsn": f"{a.dsn}/{db}"})
         cfg["fleet"] = {"member_id": "bench"}
-    (d / "c.yaml").write_text(json.dumps(cfg))
-    log = (d / "proxy.log").open("wb")
-    proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve", "--config",
-                             str(d / "c.yaml")],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    # the ports go in the config (workers share the public one): a start that failed
+    # because one was taken meanwhile is retried on new ones
+    for i in range(PORT_TRIES):
+        pp, ap = port(), port()
+        cfg.update({"listen": f"127.0.0.1:{pp}", "admin_listen": f"127.0.0.1:{ap}"})
+        (d / "c.yaml").write_text(json.dumps(cfg))
+        log = (d / "proxy.log").open("wb")
+        proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve", "--config",
+                                 str(d / "c.yaml")],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         aurl = f"http://127.0.0.1:{ap}"
-        wait_up(aurl)
+        try:
+            wait_up(aurl, proc)
+            break
+        except RuntimeError:
+            proc.terminate()
+            proc.wait(120)
+            log.close()
+            if i == PORT_TRIES - 1 or not in_use(d / "proxy.log"):
+                if db is not None:
+                    asyncio.run(_db(a.dsn, db, False))
+                raise
+    try:
         body: dict[str, Any] = {"id": "bench"}
         if block:
             body["overage"] = "block"

@@ -43,12 +43,26 @@ rules:
     usage: [{meter: llm_tokens, preset: openai_chat}, {meter: api_calls, quantity: 1}]
   - {name: all, match: {path: "/**"}, usage: [{meter: api_calls, quantity: 1}]}
 EOR
+# a port for a server that needs it in its config (meterproxy, nginx): free a moment ago, so
+# another process may take it first; that run then fails (FAILED, never a wrong figure)
 port() { .venv/bin/python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# the port a bench server started on port 0 bound: it prints "listening on 127.0.0.1:<port>"
+# to FILE once it listens (no pick-then-bind race); waits up to CG_WAIT seconds (valgrind)
+announced() { # FILE PID
+  local end=$(( $(date +%s) + ${CG_WAIT:-3600} )) p
+  while [ "$(date +%s)" -le $end ]; do
+    p=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$1" 2>/dev/null | head -n 1)
+    [ -n "$p" ] && { echo "$p"; return 0; }
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "no 'listening on' line in $1" >&2; echo 0; return 1
+}
 run() { # target n -> instructions
   local target=$1 n=$2 OP PP AP KEY M O
-  OP=$(port); PP=$(port); AP=$(port)
-  .venv/bin/python bench/origin.py "$OP" >/dev/null 2>&1 & O=$!
-  sleep 1
+  PP=$(port); AP=$(port)
+  .venv/bin/python bench/origin.py 0 >"$W/origin.out" 2>&1 & O=$!
+  OP=$(announced "$W/origin.out" $O)
   if [ "$target" = nginx ]; then
     KEY=none
     NG=$(.venv/bin/python bench/nginx_conf.py "$W/nginx" "$PP" "$OP")
@@ -60,7 +74,8 @@ run() { # target n -> instructions
     [ "$target" = core ] && script=bench/core_proxy.py
     [ "$target" = floor ] && script=bench/server_floor.py
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" .venv/bin/python "$script" \
-      "$PP" "http://127.0.0.1:$OP" >/dev/null 2>"$W/cg.err" & M=$!
+      0 "http://127.0.0.1:$OP" >"$W/m.out" 2>"$W/cg.err" & M=$!
+    PP=$(announced "$W/m.out" $M)
   elif [ "$target" = fleet ]; then
     DB=mp_instr_$$_$n
     psql "$PGBASE/postgres" -qc "CREATE DATABASE $DB" >/dev/null

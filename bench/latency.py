@@ -106,9 +106,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, run._on_signal)
     signal.signal(signal.SIGTERM, run._on_signal)
     work = Path(tempfile.mkdtemp(prefix="meterlatency-"))
-    oport = run.free_port()
-    origin = run.spawn([run.PY, str(run.BENCH / "origin.py"), str(oport)],
-                       work / "origin.log", 0)
+    origin, oport = run.spawn_on_port_0([run.PY, str(run.BENCH / "origin.py"), "0"],
+                                        work / "origin.log", 0)
     run.wait_http(f"http://127.0.0.1:{oport}/small", origin)
     s = run.Setup(work, f"http://127.0.0.1:{oport}", a.meterproxy.split())
     setups = {t: s for t in targets}

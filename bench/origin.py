@@ -4,11 +4,13 @@
   GET /64k    65536-byte body (application/octet-stream)
   GET /sse    20-chunk text/event-stream, last event carries usage.total_tokens=42
 
-Usage: python bench/origin.py PORT
+Usage: python bench/origin.py PORT   (0: a free port; either way it prints
+``listening on 127.0.0.1:<port>`` once it listens: bench/run.py ``announced_port``)
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import uvloop
@@ -49,7 +51,7 @@ def build_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    port = int(sys.argv[1])
+    sock = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=1024)
+    print(f"listening on 127.0.0.1:{sock.getsockname()[1]}", flush=True)
     uvloop.install()
-    web.run_app(build_app(), host="127.0.0.1", port=port, access_log=None,
-                print=None, backlog=1024)
+    web.run_app(build_app(), sock=sock, access_log=None, print=None, backlog=1024)

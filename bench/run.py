@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -89,9 +90,67 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago (another process may take it before it is bound):
+    only for a server that cannot listen on port 0 and say which port it got (meterproxy at
+    log level warning, nginx); start those with ``start_on_free_ports``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+PORT_TRIES = 5
+_ANNOUNCED = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+def log_size(logfile: Path) -> int:
+    return logfile.stat().st_size if logfile.exists() else 0
+
+
+def announced_port(logfile: Path, since: int, p: subprocess.Popen[bytes],
+                   timeout: float = 20) -> int:
+    """The port a bench server started on port 0 bound (origin.py, bare_proxy.py,
+    core_proxy.py print ``listening on 127.0.0.1:<port>`` once they listen), read from its
+    log after byte ``since``: no pick-then-bind race."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with logfile.open("rb") as fh:
+            fh.seek(since)
+            found = _ANNOUNCED.search(fh.read())
+        if found is not None:
+            return int(found.group(1))
+        if p.poll() is not None:
+            raise RuntimeError(f"{logfile}: exited with {p.returncode} before listening")
+        time.sleep(0.02)
+    raise RuntimeError(f"{logfile}: no 'listening on' line after {timeout}s")
+
+
+def spawn_on_port_0(cmd: list[str], logfile: Path, cpu: int | None
+                    ) -> tuple[subprocess.Popen[bytes], int]:
+    """``spawn`` a bench server whose port argument is 0; returns it and the port it bound."""
+    since = log_size(logfile)
+    p = spawn(cmd, logfile, cpu)
+    return p, announced_port(logfile, since, p)
+
+
+def in_use(logfile: Path, since: int) -> bool:
+    """The log (after byte ``since``) says a bind failed: address already in use."""
+    text = logfile.read_bytes()[since:].decode(errors="replace").lower()
+    return "address already in use" in text or "errno 98" in text
+
+
+def start_on_free_ports(start: Callable[[], tuple[subprocess.Popen[bytes], int]],
+                        logfile: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``start()`` picks its ports with ``free_port``, spawns and waits until it answers;
+    when the server exited because a port was taken meanwhile, again on new ports (up to
+    ``PORT_TRIES`` times)."""
+    for i in range(PORT_TRIES):
+        since = log_size(logfile)
+        try:
+            return start()
+        except RuntimeError:
+            if i == PORT_TRIES - 1 or not in_use(logfile, since):
+                raise
+    raise AssertionError("unreachable")
 
 
 def pin(cpu: int | None) -> list[str]:
@@ -188,36 +247,50 @@ class Setup:
 
     def start(self, target: str) -> tuple[subprocess.Popen[bytes], int, Path | None]:
         self.n += 1
-        port = free_port()
         logf = self.work / f"{target}.log"
-        if target == "bare":
-            p = spawn([PY, str(BENCH / "bare_proxy.py"), str(port), self.origin_url], logf, 1)
-            db = None
-        elif target == "nginx":
-            sys.path.insert(0, str(BENCH))
-            import nginx_conf
-            prefix = self.work / f"nginx{self.n}"
-            conf = nginx_conf.write(prefix, port, int(self.origin_url.rsplit(":", 1)[1]))
-            p = spawn([NGINX, "-e", "stderr", "-p", str(prefix), "-c", str(conf)], logf, 1)
-            db = None
-        else:
+        if target == "bare":       # on port 0: it says which port it bound
+            p, port = spawn_on_port_0([PY, str(BENCH / "bare_proxy.py"), "0", self.origin_url],
+                                      logf, 1)
+            wait_http(f"http://127.0.0.1:{port}/small", p)
+            return p, port, None
+        db = None
+        if target != "nginx":
             db = self.work / f"run{self.n}-{target}.db"
             shutil.copy(self.template, db)
-            cfg = {
-                "listen": f"127.0.0.1:{port}",
-                "admin_listen": f"127.0.0.1:{free_port()}",
-                "upstream": {"url": self.origin_url},
-                "rules": str(self.work / "rules.yaml"),
-                "storage": {"path": str(db), "durability": target, "commit_interval": "10ms",
-                            "fail_mode": "closed"},
-                "admin": {"token": ADMIN_TOKEN},
-                "stripe": {"sink": "dry_run", "flush_interval": "1h"},
-                "log_level": "warning",
-            }
-            cfgf = self.work / f"run{self.n}-{target}.yaml"
-            cfgf.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
-            p = spawn([*self.mp, "serve", "--config", str(cfgf)], logf, 1)
-        wait_http(f"http://127.0.0.1:{port}/small", p)
+
+        def attempt() -> tuple[subprocess.Popen[bytes], int]:
+            port = free_port()
+            if target == "nginx":
+                sys.path.insert(0, str(BENCH))
+                import nginx_conf
+                prefix = self.work / f"nginx{self.n}"
+                conf = nginx_conf.write(prefix, port, int(self.origin_url.rsplit(":", 1)[1]))
+                p = spawn([NGINX, "-e", "stderr", "-p", str(prefix), "-c", str(conf)], logf, 1)
+            else:
+                cfg = {
+                    "listen": f"127.0.0.1:{port}",
+                    "admin_listen": f"127.0.0.1:{free_port()}",
+                    "upstream": {"url": self.origin_url},
+                    "rules": str(self.work / "rules.yaml"),
+                    "storage": {"path": str(db), "durability": target,
+                                "commit_interval": "10ms", "fail_mode": "closed"},
+                    "admin": {"token": ADMIN_TOKEN},
+                    "stripe": {"sink": "dry_run", "flush_interval": "1h"},
+                    "log_level": "warning",
+                }
+                cfgf = self.work / f"run{self.n}-{target}.yaml"
+                cfgf.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
+                p = spawn([*self.mp, "serve", "--config", str(cfgf)], logf, 1)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/small", p)
+                if p.poll() is not None:    # what answered was not ours
+                    raise RuntimeError(f"{target}: exited with {p.returncode} at start")
+            except RuntimeError:
+                stop(p)
+                raise
+            return p, port
+
+        p, port = start_on_free_ports(attempt, logf)
         return p, port, db
 
 
@@ -328,8 +401,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     work = Path(tempfile.mkdtemp(prefix="meterbench-"))
     t_start = time.monotonic()
-    oport = free_port()
-    origin = spawn([PY, str(BENCH / "origin.py"), str(oport)], work / "origin.log", 0)
+    origin, oport = spawn_on_port_0([PY, str(BENCH / "origin.py"), "0"], work / "origin.log", 0)
     wait_http(f"http://127.0.0.1:{oport}/small", origin)
     s = Setup(work, f"http://127.0.0.1:{oport}", a.meterproxy.split())
     log(f"work dir {work}; origin :{oport}; {a.reps} reps x {targets} x {payloads}")

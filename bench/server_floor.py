@@ -27,6 +27,7 @@ async def main(port: int) -> None:
     loop = asyncio.get_running_loop()
     server = web.Server(handle, access_log=None)
     srv = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
+    print(f"listening on 127.0.0.1:{srv.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -6,11 +6,15 @@
     ├── FileProblem            a file or directory cannot be used (names the path and why)
     ├── StorageError           SQLite could not commit (disk full, locked, read-only)
     │   ├── MeteringUnavailable   a request waiting on a commit in fail_mode closed -> 503
+    │   ├── StorageOutcomeUnknown PostgreSQL unreachable or too slow (``PgUnavailable``): a
+    │   │                         write may or may not have committed -> 503
+    │   │                         storage_outcome_unknown with Retry-After
     │   └── StorageUnavailable    a write could not run, nothing written -> 503
     │                             storage_unavailable with Retry-After: SQLite locked past
     │                             storage.lock_wait (``Store.write``; ``DatabaseBusy``, also a
-    │                             sqlite3 error, when it did not wait), PostgreSQL unreachable
-    │                             or too slow (``PgUnavailable``)
+    │                             sqlite3 error, when it did not wait); a PostgreSQL deadlock
+    │                             or serialization failure still there after its retries
+    │                             (``PgConflict``: the transaction was rolled back)
     ├── StripeCallError        a call to Stripe did not succeed (proxy.stripe.client.translate)
     │   ├── StripeUnavailable     transient: network, timeout, 5xx, 409, 429, 401/403
     │   │   └── StripeSessionExpired  the v2 meter event session must be renewed
@@ -110,9 +114,11 @@ class StorageOutcomeUnknown(StorageError, HttpError):
 
 class StorageUnavailable(StorageError, HttpError):
     """A write could not run now and was not run at all (its transaction rolled back): the
-    SQLite database is locked by another process (after ``storage.lock_wait``). Retrying
-    later is safe. (PostgreSQL's failures are ``StorageOutcomeUnknown``: there a cut
-    connection can hide a committed write.)"""
+    SQLite database is locked by another process (after ``storage.lock_wait``), or
+    PostgreSQL kept rolling the transaction back to break a deadlock or a serialization
+    failure (``PgConflict``, after ``PgPool.retrying``'s attempts). Retrying later is safe.
+    (PostgreSQL's other failures are ``StorageOutcomeUnknown``: there a cut connection can
+    hide a committed write.)"""
 
     status = 503
     type = "storage_unavailable"

@@ -300,6 +300,11 @@ fleet_lease_refills_total = Gauge("meterproxy_fleet_lease_refills",
 fleet_pg_statements = Gauge("meterproxy_fleet_pg_statements",
                             "Statements this member has run on its PostgreSQL pool",
                             registry=REGISTRY)
+fleet_pg_conflicts_total = Counter(
+    "meterproxy_fleet_pg_conflicts_total",
+    "PostgreSQL deadlocks and serialization failures (the transaction rolled back) by outcome:"
+    " retried (run again) or exhausted (given up: 503 storage_unavailable or a failed step)",
+    ["outcome"], registry=REGISTRY)
 
 # the monetary credits mode (proxy.credits.mirror): grants mirrored as Stripe credit grants
 # and the local balances compared with Stripe's credit balance summaries

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.metrics import REGISTRY
 from tests.conftest import Proxy, ProxyFactory
 from tests.helpers import wait_until
 from tests.servers import serve
@@ -164,6 +165,66 @@ async def test_abandoned_stream_is_metered_with_what_was_delivered(
         with proxy.db() as c:
             flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
         assert flags == "abandoned"
+
+
+def _aborts() -> float:
+    return REGISTRY.get_sample_value("meterproxy_client_aborts_total") or 0.0
+
+
+async def test_a_consumer_reset_between_events_is_billed_for_what_was_delivered(
+        make_proxy: ProxyFactory) -> None:
+    """The consumer resets its connection (SO_LINGER 0: an RST, not a FIN) while the stream
+    loop waits for the upstream's next event, its transport not paused. A reset can never
+    reach the loop as a ConnectionResetError or BrokenPipeError from a write: the transport
+    (uvloop or asyncio) never raises from ``write()`` for a socket error, it closes and calls
+    ``connection_lost``; aiohttp then cancels the handler (``handler_cancellation=True``) and a
+    later write finds the transport closing (``ClientConnectionResetError``). Either way the
+    loop takes the abandon path: billed for exactly the events delivered, flagged abandoned,
+    counted in ``meterproxy_client_aborts_total``."""
+    release = asyncio.Event()
+    events = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(50)]
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in events[:3]:
+            await resp.write(e)
+        await release.wait()         # the rest only once the consumer has gone
+        try:
+            for e in events[3:]:
+                await resp.write(e)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    async with serve(app) as upstream_url:
+        proxy = await make_proxy(upstream_url=upstream_url)
+        key = await proxy.customer_with_key("rst2")
+        aborts = _aborts()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.public_port)
+        try:
+            writer.write(f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
+                         "\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            got = b""
+            while got.count(b"\n\n") < 3:
+                got += await asyncio.wait_for(reader.read(4096), 5)
+            assert all(e in got for e in events[:3]) and events[3] not in got
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            writer.transport.abort()                      # with SO_LINGER 0: an RST
+        totals = await wait_until(proxy.ledger_totals, what="the reset stream to be recorded")
+        release.set()
+        assert totals == {("rst2", "units"): 3 * Q}
+        with proxy.db() as c:
+            flags = c.execute("SELECT flags FROM audit WHERE customer_id='rst2'").fetchone()[0]
+        assert flags == "abandoned"
+        assert _aborts() == aborts + 1
 
 
 def _dechunk(body: bytes) -> bytes:

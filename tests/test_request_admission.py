@@ -90,3 +90,42 @@ async def test_an_unreachable_upstream_releases_the_hold(make_proxy: ProxyFactor
         book = p.server.pipeline.admission.book
         assert book.available("u", 0) == 2 * Q
         assert p.server.pipeline.in_flight == {}
+
+
+
+async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
+        make_proxy: ProxyFactory) -> None:
+    """``Store.alone`` is the admission's count of requests in flight: true for a lone
+    request (its strict row is committed inside ``record``), false while another one could
+    add a row to the group commit (and the store is told, at the next quiet moment, that
+    requests overlapped); every request is billed either way."""
+    p = await make_proxy()
+    key = await p.customer_with_key("one")
+    other = await p.customer_with_key("two")
+    admission = p.server.pipeline.admission
+    assert p.server.rt.store.alone == admission.alone
+    assert admission.on_quiet == p.server.rt.store.quiet
+    assert admission.admitted == 0 and admission.alone()
+
+    async def get(k: str, delay: int) -> int:
+        async with p.session.get(p.url + f"/v1/items?delay_ms={delay}",
+                                 headers={"Authorization": f"Bearer {k}"}) as r:
+            return r.status
+
+    store = p.server.rt.store
+    assert await get(key, 0) == 200
+    assert store._sequential == 1         # a quiet moment after a request on its own
+    slow = [asyncio.ensure_future(get(other, 500)) for _ in range(2)]
+    for _ in range(200):
+        if admission.admitted == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert admission.admitted == 2 and not admission.alone() and admission.overlapped
+    assert await get(key, 0) == 200       # recorded while the slow ones are in flight
+    assert await asyncio.gather(*slow) == [200, 200]
+    assert admission.admitted == 0 and admission.in_flight == {}
+    assert not admission.overlapped       # told to the store when the last one left
+    assert store._sequential == 0
+    assert await get(key, 0) == 200
+    assert store._sequential == 1
+    assert p.ledger_totals() == {("one", "api_calls"): 3 * Q, ("two", "api_calls"): 2 * Q}

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from proxy.credits.ledger import Entry
 from proxy.store.db import (
     MAINTENANCE_NICE,
+    QUIET_SLICE,
     Store,
     UsageItem,
     UsageRow,
@@ -602,3 +603,94 @@ async def test_a_pre_merge_process_in_the_overlap_does_not_lose_the_new_processe
     old.close()
     new.close()
     assert sorted(_ledger(db)[0]) == [f"r{i}" for i in range(5)]
+
+
+async def test_a_strict_row_no_other_request_can_join_is_committed_before_record_returns(
+        tmp_path: Path) -> None:
+    """With ``alone`` true (no other request in flight) a waited-for strict row is committed
+    inside ``record``: the request's wait ends without a loop iteration. With another request
+    in flight, or a row nobody waits for, the group commit runs on the next iteration, where
+    the other rows of that iteration join it."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    others = 0
+    store.alone = lambda: others == 0
+    fut = store.record(_row(0), wait=True)
+    assert fut is not None and fut.done() and fut.result() is None
+    assert not store._pending and not store._scheduled and store._idle.is_set()
+    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 1
+    others = 1
+    first = store.record(_row(1), wait=True)
+    second = store.record(_row(2), wait=True)
+    assert first is not None and second is not None and not first.done()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 2  # one group
+    others = 0
+    assert store.record(_row(3), wait=False) is None
+    assert store._pending and store._scheduled      # not committed on the caller's path
+    await store.drain()
+    store.close()
+    assert _ledger(db) == ([f"r{i}" for i in range(4)], sum(1_000_000 + i for i in range(4)))
+
+
+async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
+        tmp_path: Path) -> None:
+    """``quiet`` (no request in flight) moves one QUIET_SLICE transaction of the journal on
+    the next loop iteration once QUIET_SLICE quiet moments came in a row without overlapping
+    requests and that many rows wait; an overlap starts the count again; every row is moved
+    exactly once, the oldest first."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    journal = "SELECT count(*) FROM journal"
+
+    def waiting() -> int:
+        return int(store.conn.execute(journal).fetchone()[0])
+
+    for i in range(QUIET_SLICE - 1):
+        store.record(_row(i), wait=True)
+        store.quiet()
+    await asyncio.sleep(0)
+    assert waiting() == QUIET_SLICE - 1          # too few rows, too few quiet moments
+    store.record(_row(QUIET_SLICE - 1), wait=True)
+    store.quiet(overlapped=True)                 # requests overlapped: count again
+    for _ in range(QUIET_SLICE - 1):
+        store.quiet()
+    await asyncio.sleep(0)
+    assert waiting() == QUIET_SLICE
+    for i in range(QUIET_SLICE, 2 * QUIET_SLICE + 3):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    store.quiet()                       # one slice scheduled at a time
+    assert waiting() == 2 * QUIET_SLICE + 3      # not on the caller's path
+    await asyncio.sleep(0)
+    assert waiting() == QUIET_SLICE + 3
+    ids = [r[0] for r in store.conn.execute("SELECT request_id FROM audit ORDER BY seq")]
+    assert ids == [f"r{i}" for i in range(QUIET_SLICE)]
+    store.quiet()
+    await asyncio.sleep(0)
+    assert waiting() == 3
+    store.quiet()
+    await asyncio.sleep(0)
+    assert waiting() == 3                        # fewer than QUIET_SLICE rows wait
+    store.close()
+    assert _ledger(db) == ([f"r{i}" for i in range(2 * QUIET_SLICE + 3)],
+                           sum(1_000_000 + i for i in range(2 * QUIET_SLICE + 3)))
+
+
+async def test_a_lone_row_recorded_inside_a_write_transaction_waits_for_the_next_iteration(
+        tmp_path: Path) -> None:
+    """Committed inline, the journal's autocommit INSERT would join a transaction the
+    connection has open (and be rolled back with it): such a row is left to the next loop
+    iteration, when that transaction is over, and the store stays healthy."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    store.conn.execute("BEGIN IMMEDIATE")
+    fut = store.record(_row(0), wait=True)
+    assert fut is not None and not fut.done() and store._scheduled
+    store.conn.execute("ROLLBACK")
+    await asyncio.wait_for(fut, 5)
+    assert store.healthy and fut.result() is None
+    store.close()
+    assert _ledger(db) == (["r0"], 1_000_000)

@@ -29,6 +29,7 @@ from proxy.upstream import (
     ResponseTimeout,
 )
 from tests.ci_guard import require_tool
+from tests.ports import held_port
 from tests.upstream_kit import Server, answer, chunks, ok, pool_for, settle, until
 
 # ---------------------------------------------------------------- request writing
@@ -730,14 +731,11 @@ async def test_upstream_closes_mid_head() -> None:
 
 
 async def test_connect_refused_is_connect_error() -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    async with pool_for(f"http://127.0.0.1:{port}") as pool:
-        with pytest.raises(ConnectError) as err:
-            await pool.request("GET", "/x")
-        assert err.value.status == 502
+    with held_port() as port:          # bound, never listening: refused, and nobody's else
+        async with pool_for(f"http://127.0.0.1:{port}") as pool:
+            with pytest.raises(ConnectError) as err:
+                await pool.request("GET", "/x")
+            assert err.value.status == 502
         assert pool.stats() == {"open": 0, "idle": 0, "waiting": 0, "connecting": 0}
 
 

@@ -15,10 +15,10 @@ within that time). So, fleet-wide:
 - a balance is spent to the last quantum: leases are whole multiples of the cost that asked
   for them, and a book answers 402 only after the database had nothing left to give.
 
-PostgreSQL unreachable (``PgUnavailable`` from the refill): the held lease keeps serving
-until spent or past its deadline; then ``fail_mode`` decides: ``closed`` answers
-``UNAVAILABLE`` (503); ``open`` admits up to ``offline_allowance`` micro-credits per customer
-as ``ADMIT_OWED`` (the usage is journaled and shipped like any other and settles as debt),
+PostgreSQL unreachable (``PgUnavailable`` from the refill, or a ``PgConflict`` its retries did
+not clear): the held lease keeps serving until spent or past its deadline; then ``fail_mode``
+decides: ``closed`` answers ``UNAVAILABLE`` (503); ``open`` admits up to ``offline_allowance``
+micro-credits per customer as ``ADMIT_OWED`` (the usage is journaled and shipped like any other and settles as debt),
 which bounds the extra overspend per outage to members x allowance.
 
 The book counts what it admitted (``spent``) per lease; the journal rows carrying those
@@ -37,7 +37,7 @@ from typing import Literal
 from proxy import tasks
 from proxy.fleet import sizing
 from proxy.fleet.clock import monotonic_ms
-from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.leases import Grant, LeaseStore
 
 log = logging.getLogger("meterproxy.fleet.book")
@@ -151,8 +151,9 @@ class LeaseBook:
         sent = self.clock()
         try:
             got = await self.store.grant(customer_id, wanted, quantum)
-        except PgUnavailable as exc:
-            log.warning("lease refill for %s failed, PostgreSQL unreachable: %s", customer_id, exc)
+        except (PgUnavailable, PgConflict) as exc:
+            log.warning("lease refill for %s failed, PostgreSQL unreachable or conflicting: %s",
+                        customer_id, exc)
             return None
         self.refills += 1
         self.rtt_ms = max(1, self.clock() - sent)

@@ -47,7 +47,7 @@ from proxy.store.db import Store
 from proxy.store.postgres import grant_debits
 from proxy.store.postgres import members as pg_members
 from proxy.store.postgres.conn import Conn
-from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.journal import SqliteJournal
 from proxy.store.postgres.leader import Deposed, Leadership
 from proxy.store.postgres.leases import LeaseStore
@@ -62,8 +62,10 @@ log = logging.getLogger("meterproxy.fleet")
 FLUSHER_DUTY = "flusher"
 STATUS_CUSTOMERS = 500
 """At most this many customers (by id) in ``GET /admin/fleet``'s per-customer lease view."""
-ERRORS: tuple[type[Exception], ...] = (PgUnavailable, Deposed)
-"""What the fleet's background loops log and retry (the database away, leadership lost)."""
+ERRORS: tuple[type[Exception], ...] = (PgUnavailable, PgConflict, Deposed)
+"""What the fleet's background loops log and retry (the database away, a deadlock or
+serialization failure still there after ``PgPool.retrying``'s attempts, leadership lost)."""
+_SHUTDOWN_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *ERRORS)
 
 
 class FencedPool(PgPool):
@@ -158,8 +160,9 @@ class Fleet:
         logged with its traceback; the loop goes on either way."""
         try:
             await step()
-        except (PgUnavailable, Deposed) as exc:
-            log.warning("%s paused, PostgreSQL unreachable or leadership lost: %s", what, exc)
+        except ERRORS as exc:
+            log.warning("%s paused, PostgreSQL unreachable or conflicting, or leadership lost:"
+                        " %s", what, exc)
         except Exception:
             log.exception("%s failed; retrying next pass", what)
 
@@ -331,7 +334,7 @@ class Fleet:
         for what, step in steps:
             try:
                 await asyncio.wait_for(step(), timeout)
-            except (TimeoutError, PgUnavailable, Deposed) as exc:
+            except _SHUTDOWN_ERRORS as exc:
                 log.warning("fleet shutdown: could not %s: %s", what, exc)
         await self.storage.close()
         await self.pool.close()

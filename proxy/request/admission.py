@@ -62,6 +62,10 @@ class Admission:
         # requests in flight per customer (limits.per_customer_concurrency; 0 = unlimited)
         self.max_per_customer = cfg.limits.per_customer_concurrency or 1 << 62
         self.in_flight: dict[str, int] = {}
+        self.admitted = 0       # their sum: requests in flight that may record usage
+        # called when the last of them has finished (``Store.quiet``; composition root)
+        self.on_quiet: Callable[[bool], None] | None = None
+        self.overlapped = False     # two were in flight at once since the last quiet moment
         # the monetary credits mode (proxy.credits.money): set by the composition root
         self.money: MoneyBook | None = None
 
@@ -96,6 +100,9 @@ class Admission:
                 # (else pay-as-you-go without credits: nothing to hold, as _hold decides)
         if customer_id:     # no await since the checks above: one critical section
             in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
+            self.admitted += 1
+            if self.admitted > 1:
+                self.overlapped = True
         return hold
 
     async def admit_leased(self, rule: Rule | None, customer_id: str,
@@ -137,11 +144,20 @@ class Admission:
         if hold is not None and not hold.released:
             self.book.release(hold)  # type: ignore[union-attr]
         if customer_id:
+            self.admitted -= 1
+            if not self.admitted and (quiet := self.on_quiet) is not None:
+                quiet(self.overlapped)
+                self.overlapped = False
             in_flight = self.in_flight
             if (left := in_flight[customer_id] - 1):
                 in_flight[customer_id] = left
             else:
                 del in_flight[customer_id]
+
+    def alone(self) -> bool:
+        """At most one request that may record usage is in flight (the caller's): no other
+        row can join its group commit (``Store.alone``)."""
+        return self.admitted <= 1
 
     # ---- credits -----------------------------------------------------------------------
 

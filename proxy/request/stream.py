@@ -446,7 +446,13 @@ def _withheld() -> HttpError:
                      "billed). Retry shortly.", status=503, type_="metering_unavailable")
 
 
-# what writing to a consumer that went away raises
+# what writing to a consumer that went away raises. A socket error (ECONNRESET, EPIPE) never
+# comes out of a write: the transport closes and calls connection_lost, and the next write
+# finds it closing (ClientConnectionResetError). A drain waiting when the connection is lost
+# fails with a plain ConnectionError, not listed: aiohttp cancels the handler in the same
+# step (handler_cancellation=True, proxy/app.py), so the loop sees CancelledError, the same
+# abandon path (tests/test_proxy_pipeline.py: a consumer reset while its connection is full,
+# and between events).
 _WRITE_ERRORS = (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError)
 
 

@@ -62,3 +62,76 @@ async def test_admin_write_behind_a_row_lock_answers_503(tmp_path: Path, upstrea
             assert cust["status"] == "active"
             await admin_call(s, a, "POST", "/admin/customers",
                              {"id": "cust", "status": "suspended"})
+
+
+async def test_an_admin_write_that_keeps_conflicting_answers_503_storage_unavailable(
+        tmp_path: Path, upstream: str) -> None:
+    """A serialization failure (40001) is retried whole (``PgPool.retrying``); one that
+    recurs on every attempt (here another session commits a change to the customer's row
+    under each attempt's snapshot, the database's default isolation being repeatable read)
+    is answered 503 storage_unavailable with Retry-After, not 500: the transaction was
+    rolled back, so nothing was written and the same request can be sent again."""
+    import asyncio
+
+    import asyncpg
+
+    from proxy.store.postgres.pool import CONFLICT_ATTEMPTS
+    from tests.store_pg.test_pool import lock_waiters
+
+    async with fleet_of(tmp_path, upstream) as fleet:
+        admin = await asyncpg.connect(fleet.dsn)
+        try:
+            name = await admin.fetchval("SELECT current_database()")
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_isolation'
+                                " = 'repeatable read'")
+        finally:
+            await admin.close()
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            other = await asyncpg.connect(fleet.dsn)
+            watch = await asyncpg.connect(fleet.dsn)
+
+            holding = asyncio.Event()
+
+            async def keep_conflicting() -> int:
+                """Hold the row, wait for the member's attempt to queue behind it, commit a
+                change: that attempt fails with 40001. Returns how many it broke."""
+                broke = 0
+                while True:
+                    async with other.transaction():
+                        await other.execute("UPDATE customers SET updated_at = updated_at + 1"
+                                            " WHERE id = 'cust'")
+                        holding.set()       # the row is held before the first attempt
+                        try:
+                            await lock_waiters(watch, other, within=3)
+                        except AssertionError:
+                            return broke
+                    broke += 1
+
+            try:
+                breaker = asyncio.ensure_future(keep_conflicting())
+                await asyncio.wait_for(holding.wait(), 10)
+                async with s.post(a.admin + "/admin/customers", headers=AH,
+                                  json={"id": "cust", "status": "suspended"}) as r:
+                    body = await r.json()
+                    assert r.status == 503, body
+                    assert body["error"]["type"] == "storage_unavailable"
+                    assert r.headers["Retry-After"] == "1"
+                # (an attempt woken by one commit may queue behind the next one: at least
+                # one broken per attempt)
+                assert await asyncio.wait_for(breaker, 10) >= CONFLICT_ATTEMPTS
+            finally:
+                await other.close()
+                await watch.close()
+            async with s.get(a.admin + "/metrics", headers=AH) as r:
+                text = await r.text()
+            assert 'meterproxy_fleet_pg_conflicts_total{outcome="exhausted"} 1.0' in text
+            assert (f'meterproxy_fleet_pg_conflicts_total{{outcome="retried"}} '
+                    f'{CONFLICT_ATTEMPTS - 1}.0') in text
+            cust = await admin_call(s, a, "GET", "/admin/customers/cust")
+            assert cust["status"] == "active"          # nothing was written
+            await admin_call(s, a, "POST", "/admin/customers",
+                             {"id": "cust", "status": "suspended"})
+            cust = await admin_call(s, a, "GET", "/admin/customers/cust")
+            assert cust["status"] == "suspended"

@@ -27,7 +27,9 @@ STORE_MAY_IMPORT = {"proxy.credits.ledger", "proxy.periods", "proxy.pricing", "p
                     "proxy.units", "proxy.metrics", "proxy.errors", "proxy.timeutil",
                     # the lease-sizing maths and the monotonic clock (pure), and the task
                     # helper the fleet owners' background loops are spawned with
-                    "proxy.fleet.sizing", "proxy.fleet.clock", "proxy.tasks"}
+                    "proxy.fleet.sizing", "proxy.fleet.clock", "proxy.tasks",
+                    # the one retry-delay formula (a leaf): PgPool.retrying's pauses
+                    "proxy.backoff"}
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

@@ -24,8 +24,8 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from proxy.store.postgres.errors import PgUnavailable
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.errors import PgConflict, PgUnavailable
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import AlertRecord, NewAlert
 
 log = logging.getLogger("meterproxy.store.postgres.alerts")
@@ -70,7 +70,7 @@ class PostgresAlerts:
         while self._queue:
             try:
                 await self._commit_queue()
-            except PgUnavailable as exc:
+            except (PgUnavailable, PgConflict) as exc:
                 log.warning("alerts not committed yet (will retry): %s", exc)
                 await asyncio.sleep(self.retry_seconds)
 
@@ -94,7 +94,7 @@ class PostgresAlerts:
                 await task
         try:
             await self.flush()
-        except PgUnavailable as exc:
+        except (PgUnavailable, PgConflict) as exc:
             log.error("%d alerts not committed at shutdown: %s", len(self._queue), exc)
 
     async def fired(self) -> set[tuple[str, str, str]]:
@@ -114,6 +114,7 @@ class PostgresAlerts:
     async def _insert(self, alerts: Sequence[NewAlert]) -> int:
         return len(await self._insert_returning(alerts))
 
+    @retried
     async def _insert_returning(self, alerts: Sequence[NewAlert]) -> list[int]:
         """Insert the alerts; the (0-based) positions in ``alerts`` of those inserted."""
         if not alerts:
@@ -153,6 +154,7 @@ class PostgresAlerts:
                                    " WHERE status = 'pending'")
         return None if nxt is None else float(nxt)
 
+    @retried
     async def claim(self, alert_id: int, now: float, lease_until: float) -> int | None:
         async with self.pool.acquire() as c:
             n = await c.fetchval(
@@ -161,6 +163,7 @@ class PostgresAlerts:
                 " RETURNING attempts", alert_id, lease_until, now)
         return None if n is None else int(n)
 
+    @retried
     async def finish(self, alert_id: int, status: str, error: str | None,
                      sent_at: int | None) -> bool:
         async with self.pool.acquire() as c:
@@ -169,6 +172,7 @@ class PostgresAlerts:
                 " sent_at = COALESCE($4, sent_at) WHERE id = $1 AND status = 'pending'",
                 alert_id, status, error, sent_at)) == 1
 
+    @retried
     async def retry_at(self, alert_id: int, when: float, error: str) -> None:
         async with self.pool.acquire() as c:
             await c.execute("UPDATE alerts SET next_attempt_at = $2, last_error = $3"
@@ -181,6 +185,7 @@ class PostgresAlerts:
                 " last_error FROM alerts WHERE status = 'dead' ORDER BY id LIMIT $1", limit)
         return [AlertRecord(*r) for r in rows]
 
+    @retried
     async def requeue(self, ids: Sequence[int]) -> int:
         async with self.pool.acquire() as c:
             return _count(await c.execute(

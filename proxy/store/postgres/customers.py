@@ -37,7 +37,7 @@ from proxy.store.keys import (
     valid_id,
 )
 from proxy.store.postgres.conn import Conn
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import KeySnapshot
 from proxy.timeutil import rfc3339
 
@@ -101,6 +101,7 @@ class PostgresCustomers:
         """A change was committed (here, or seen by a notification)."""
         self._version += 1
 
+    @retried
     async def upsert(self, cid: object, stripe_customer_id: object, overage: object,
                      status: object,
                      billing: Callable[[Customer], tuple[object, object]] | None = None,
@@ -122,6 +123,7 @@ class PostgresCustomers:
         self.changed()
         return cust, created
 
+    @retried
     async def set_billing(self, cid: str, anchor: object, minimum: object) -> None:
         async with self.pool.acquire() as c:
             await _set_billing(c, cid, anchor, minimum)
@@ -133,6 +135,7 @@ class PostgresCustomers:
     async def set_credit_mode(self, cid: str, mode: object) -> bool:
         return await self._set_column(cid, "credit_mode", credit_mode_value(mode))
 
+    @retried
     async def _set_column(self, cid: str, column: Literal["currency", "credit_mode"],
                           value: str | None) -> bool:
         """Set one of the customer's settings; True when it changed."""
@@ -142,6 +145,7 @@ class PostgresCustomers:
             self.changed()
         return done
 
+    @retried
     async def follow_anchor(self, cid: str, anchor: int, event_at: int) -> bool:
         # one statement: the row lock orders concurrent calls, and the second re-checks the
         # condition on the first's committed row (READ COMMITTED re-evaluation)
@@ -175,6 +179,7 @@ class PostgresCustomers:
                 "SELECT id, stripe_customer_id FROM customers WHERE stripe_customer_id IS NOT"
                 " NULL AND stripe_customer_id != ''")}
 
+    @retried
     async def change_suspension(self, cid: str,
                                 decide: Callable[[str, str | None],
                                                  tuple[str, str | None] | None]) -> bool:
@@ -203,6 +208,7 @@ class PostgresCustomers:
         self.changed()
         return True
 
+    @retried
     async def create_key(self, customer_id: str, name: str = "") -> dict[str, Any]:
         key_id = "key_" + secrets.token_hex(8)
         raw = "mp_" + secrets.token_urlsafe(32)
@@ -216,6 +222,7 @@ class PostgresCustomers:
         self.changed()
         return {"key_id": key_id, "key": raw, "customer_id": customer_id, "name": name}
 
+    @retried
     async def revoke_key(self, key_id: str) -> bool:
         async with self.pool.acquire() as c, c.transaction():
             done = await c.fetchval("UPDATE api_keys SET revoked_at=$2 WHERE key_id=$1 AND"

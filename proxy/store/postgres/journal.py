@@ -90,6 +90,11 @@ async def ship_debit_columns(pool: PgPool, member_id: str,
     statement)."""
     if not cols or not cols[0]:
         return 0
+    return await pool.retrying(lambda: _ship_debit_columns(pool, member_id, cols))
+
+
+async def _ship_debit_columns(pool: PgPool, member_id: str,
+                              cols: Sequence[Sequence[object]]) -> int:
     async with pool.acquire() as c, c.transaction():
         back = await c.fetch(_DEBITS, member_id, *cols)
         change: dict[str, int] = {}

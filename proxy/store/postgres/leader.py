@@ -28,7 +28,7 @@ from proxy.fleet.clock import monotonic_ms
 from proxy.fleet.sizing import usable_until_ms
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgUnavailable
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 
 TAKE_SQL = """
 INSERT INTO leader_leases AS l (duty, holder, fence, expires_at)
@@ -75,6 +75,7 @@ class Leadership:
         """Whether this member may act as leader now (its own clock; no I/O)."""
         return self.fence is not None and self.clock() < self._until_ms
 
+    @retried
     async def try_lead(self) -> bool:
         """Take the duty if it is free or expired, or renew it if held; call every ttl/3."""
         sent = self.clock()
@@ -90,6 +91,7 @@ class Leadership:
         self._until_ms = usable_until_ms(sent, self.ttl_ms, self.drift_margin_ppm)
         return True
 
+    @retried
     async def resign(self) -> None:
         """Give the duty up at once (shutdown), so the next member need not wait for expiry."""
         if self.fence is None:
@@ -119,20 +121,26 @@ async def claim_outbox(lead: Leadership, limit: int, now: float) -> list[int]:
     """Claim up to ``limit`` due pending outbox rows for this leader's fence (in a fenced
     transaction; rows another transaction holds are skipped, rows this fence already claimed
     are not claimed twice, rows an earlier leader claimed are taken over). Returns their ids."""
-    async with lead.fenced() as conn:
-        rows = await conn.fetch(
-            "UPDATE outbox SET claim_fence = $1 WHERE id IN (SELECT id FROM outbox WHERE "
-            "status = 'pending' AND next_attempt_at <= $2 AND claim_fence IS DISTINCT FROM $1 "
-            "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id", lead.fence, now, limit)
-    return sorted(r["id"] for r in rows)
+    async def claim() -> list[int]:
+        async with lead.fenced() as conn:
+            rows = await conn.fetch(
+                "UPDATE outbox SET claim_fence = $1 WHERE id IN (SELECT id FROM outbox WHERE "
+                "status = 'pending' AND next_attempt_at <= $2 AND claim_fence IS DISTINCT FROM"
+                " $1 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id",
+                lead.fence, now, limit)
+        return sorted(r["id"] for r in rows)
+    return await lead.pool.retrying(claim)
 
 
 async def mark_sent(lead: Leadership, ids: list[int], sent_at: int, sink: str) -> int:
     """Record delivery of rows this fence claimed; a deposed leader's call raises
     ``Deposed`` and changes nothing. Returns rows updated."""
-    async with lead.fenced() as conn:
-        status = await conn.execute(
-            "UPDATE outbox SET status = 'sent', sent_at = $2, sink = $3, attempts = attempts + 1 "
-            "WHERE id = ANY($1::bigint[]) AND claim_fence = $4 AND status = 'pending'",
-            ids, sent_at, sink, lead.fence)
-    return int(status.split()[-1])
+    async def mark() -> int:
+        async with lead.fenced() as conn:
+            status = await conn.execute(
+                "UPDATE outbox SET status = 'sent', sent_at = $2, sink = $3,"
+                " attempts = attempts + 1 "
+                "WHERE id = ANY($1::bigint[]) AND claim_fence = $4 AND status = 'pending'",
+                ids, sent_at, sink, lead.fence)
+        return int(status.split()[-1])
+    return await lead.pool.retrying(mark)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres.conn import Conn
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 
 # $1 customer, $2 member, $3 wanted (r*T), $4 floor, $5 k, $6 quantum, $7 ttl ms.
 # The CASE is sizing.lease_size, evaluated on the locked, newest version of the row.
@@ -125,6 +125,7 @@ class LeaseStore:
         self.member_id = member_id
         self.policy = policy
 
+    @retried
     async def grant(self, customer_id: str, wanted: int, quantum: int) -> Grant:
         """Escrow a lease (or top up the held one) in one statement. Raises PgUnavailable."""
         p = self.policy
@@ -142,6 +143,7 @@ class LeaseStore:
                 return Grant(0, row["avail"], held["id"], held["granted"])
             return Grant(row["amount"], row["avail"], row["lease_id"], row["granted"])
 
+    @retried
     async def renew(self, customer_id: str) -> tuple[int, int] | None:
         """Push the held lease's expiry to now + ttl: (lease id, granted) or None if the
         member holds no active lease (the reaper took it)."""
@@ -175,6 +177,7 @@ class LeaseStore:
                                     " state = 'active' ORDER BY customer_id LIMIT $1", limit)
         return [str(r[0]) for r in rows]
 
+    @retried
     async def release(self, customer_id: str, lease_id: int, spent: int) -> int:
         """Give back what this member will not spend: ``granted - max(spent, reported)``.
         Returns the micro-credits returned to the available balance."""
@@ -197,6 +200,7 @@ class LeaseStore:
                                    "WHERE customer_id = $1", customer_id, back)
             return back
 
+    @retried
     async def reap(self, grace_ms: int, limit: int = 1000) -> dict[str, int]:
         """Return ``granted - reported`` of leases past ``expires_at + grace``; customers
         whose account row another member is busy with are skipped (next pass).

@@ -29,7 +29,7 @@ from typing import Any
 
 from proxy.credits.ledger import Entry, GrantState
 from proxy.store.postgres.conn import Conn
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import (
     ClawbackDecision,
     EntryRecord,
@@ -149,6 +149,7 @@ class PostgresCreditLedger:
                 " FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id")}
         return LedgerSnapshot(grants, entries, debts)
 
+    @retried
     async def create_grant(self, new: NewGrant,
                            then: Callable[[GrantState], list[Entry]] | None = None
                            ) -> tuple[GrantState, bool]:
@@ -180,6 +181,7 @@ class PostgresCreditLedger:
             await insert_entries(c, g.customer_id, extra)
             return g, True
 
+    @retried
     async def append(self, entries: Sequence[LedgerEntry]) -> None:
         async with self.pool.acquire() as c, c.transaction():
             for e in entries:
@@ -261,6 +263,7 @@ class PostgresCreditLedger:
                                    subscription)
         return None if cid is None else str(cid)
 
+    @retried
     async def record_plan_invoice(self, invoice_id: str, grant_id: str, customer_id: str,
                                   subscription: str, state: str, at: int) -> None:
         if state not in ("open", "paid"):
@@ -288,6 +291,7 @@ class PostgresCreditLedger:
                 " ORDER BY invoice_id COLLATE \"C\"", customer_id, subscription)
         return [(str(r[0]), str(r[1])) for r in rows]
 
+    @retried
     async def write_off_plan_invoice(self, invoice_id: str, at: int) -> bool:
         async with self.pool.acquire() as c:
             done = await c.fetchval(
@@ -306,6 +310,7 @@ class PostgresCreditLedger:
                 " WHERE p.ref = ANY($1::text[]) LIMIT 1", all_refs)
         return None if cid is None else str(cid)
 
+    @retried
     async def link_payment(self, payment_refs: Sequence[str], invoice_ref: str) -> int:
         refs = list(dict.fromkeys(r for r in payment_refs if r))
         if not refs:
@@ -317,6 +322,7 @@ class PostgresCreditLedger:
                 " RETURNING payment_ref", refs, invoice_ref)
         return len(rows)
 
+    @retried
     async def claw_back(self, customer_id: str, refs: Sequence[str], key: str, event_id: str,
                         returned_minor: int,
                         decide: Callable[[GrantFacts], ClawbackDecision | None],

@@ -40,8 +40,10 @@ class LeaderRow:
 
 
 async def heartbeat(pool: PgPool, member_id: str, rules_version: str) -> None:
-    async with pool.acquire() as c:
-        await c.execute(_HEARTBEAT, member_id, rules_version)
+    async def beat() -> None:
+        async with pool.acquire() as c:
+            await c.execute(_HEARTBEAT, member_id, rules_version)
+    await pool.retrying(beat)
 
 
 async def members(pool: PgPool, duty: str) -> tuple[list[MemberRow], LeaderRow | None]:

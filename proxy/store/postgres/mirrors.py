@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.store.mirrors import check_want
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import GrantMirrorRecord
 
 _COLS = ("grant_id, customer_id, want, done, stripe_grant_id, status, attempts,"
@@ -22,6 +22,7 @@ class PostgresGrantMirrors:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
 
+    @retried
     async def want(self, rows: Sequence[tuple[str, str, str]], at: int) -> int:
         n = 0
         async with self.pool.acquire() as c, c.transaction():
@@ -45,6 +46,7 @@ class PostgresGrantMirrors:
                 float(now), int(limit))
         return [GrantMirrorRecord(*r) for r in rows]
 
+    @retried
     async def progress(self, grant_id: str, done: str, stripe_grant_id: str | None,
                        at: int) -> None:
         check_want(done)
@@ -55,6 +57,7 @@ class PostgresGrantMirrors:
                 " END, next_attempt_at=0, attempts=0, last_error=NULL, updated_at=$4"
                 " WHERE grant_id=$1", grant_id, done, stripe_grant_id, int(at))
 
+    @retried
     async def fail(self, grant_id: str, error: str, retry_at: float | None, at: int) -> None:
         async with self.pool.acquire() as c:
             await c.execute(
@@ -79,6 +82,7 @@ class PostgresGrantMirrors:
             return {str(r[0]): str(r[1]) for r in await c.fetch(
                 "SELECT grant_id, want FROM grant_mirrors")}
 
+    @retried
     async def requeue(self, grant_ids: Sequence[str] | None, at: int) -> int:
         async with self.pool.acquire() as c:
             if grant_ids is None:
@@ -92,6 +96,7 @@ class PostgresGrantMirrors:
                     " RETURNING 1", int(at), list(grant_ids))
         return len(got)
 
+    @retried
     async def finalize(self, customer_id: str, period_end: int, at: int) -> bool:
         async with self.pool.acquire() as c:
             got = await c.fetchval(

@@ -27,7 +27,7 @@ from proxy.periods import period_bounds
 from proxy.pricing import TransformQuantity
 from proxy.store.outbox import WINDOW, StagedEvent, events_from_buckets
 from proxy.store.postgres.conn import Conn
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import DueEvent, HourTotal, OutboxCounts, OutboxEntry
 
 _STAGE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('meterproxy_outbox_stage'))"
@@ -139,6 +139,7 @@ class PostgresOutbox:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
 
+    @retried
     async def stage(self, event_names: Mapping[str, tuple[str, str | None]],
                     transforms: Mapping[str, TransformQuantity] | None = None,
                     now: float | None = None) -> list[StagedEvent]:
@@ -156,26 +157,31 @@ class PostgresOutbox:
                 now, limit)
         return [DueEvent(*r) for r in rows]
 
+    @retried
     async def begin_attempt(self, ids: Sequence[int]) -> None:
         async with self.pool.acquire() as c:
             await c.execute("UPDATE outbox SET attempts = attempts + 1"
                             " WHERE id = ANY($1::bigint[])", list(ids))
 
+    @retried
     async def mark_sent(self, outbox_id: int, *, sink: str, outcome: str, at: int) -> None:
         async with self.pool.acquire() as c:
             await c.execute("UPDATE outbox SET status='sent', sent_at=$2, sink=$3, outcome=$4,"
                             " last_error=NULL WHERE id=$1", outbox_id, at, sink, outcome)
 
+    @retried
     async def mark_dry_run(self, outbox_id: int, *, sink: str, outcome: str) -> None:
         async with self.pool.acquire() as c:
             await c.execute("UPDATE outbox SET status='dry_run', attempts=0, sink=$2,"
                             " outcome=$3, last_error=NULL WHERE id=$1", outbox_id, sink, outcome)
 
+    @retried
     async def retry_at(self, outbox_id: int, when: float, error: str) -> None:
         async with self.pool.acquire() as c:
             await c.execute("UPDATE outbox SET next_attempt_at=$2, last_error=$3 WHERE id=$1",
                             outbox_id, when, error[:500])
 
+    @retried
     async def mark_dead(self, outbox_id: int, *, reason: str, sink: str, at: int) -> None:
         async with self.pool.acquire() as c, c.transaction():
             done = await c.execute("UPDATE outbox SET status='dead', dead_at=$2, last_error=$3,"
@@ -187,12 +193,14 @@ class PostgresOutbox:
                     " dead_at = EXCLUDED.dead_at, replayed_at = NULL",
                     outbox_id, reason[:500], at)
 
+    @retried
     async def requeue_dry_run(self) -> int:
         async with self.pool.acquire() as c:
             return _count(await c.execute(
                 "UPDATE outbox SET status='pending', next_attempt_at=0, sink=NULL, outcome=NULL"
                 " WHERE status='dry_run'"))
 
+    @retried
     async def replay(self, outbox_id: int, restamp_at: int | None = None) -> bool:
         async with self.pool.acquire() as c, c.transaction():
             done = await c.execute(
@@ -205,6 +213,7 @@ class PostgresOutbox:
                             "::bigint WHERE outbox_id = $1", outbox_id)
             return True
 
+    @retried
     async def make_due(self, ids: Sequence[int]) -> int:
         async with self.pool.acquire() as c:
             return _count(await c.execute(

@@ -3,7 +3,7 @@ version keeps its text and time (``ON CONFLICT DO NOTHING``)."""
 
 from __future__ import annotations
 
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import RulesText
 
 
@@ -11,6 +11,7 @@ class PostgresRulesHistory:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
 
+    @retried
     async def remember(self, version: str, files: str, at: int) -> bool:
         async with self.pool.acquire() as c:
             return await c.fetchval(

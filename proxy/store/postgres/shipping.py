@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from proxy.store.postgres.errors import PgUnavailable
+from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.grant_debits import ShippedItem, debit_grants
 from proxy.store.postgres.leases import settle
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 
 log = logging.getLogger("meterproxy.fleet.shipping")
 
@@ -179,6 +179,7 @@ class Shipper:
         """Ship one batch of rows atomically; the watermark moves after the commit."""
         return await self.ship_batch(Batch.of(rows))
 
+    @retried
     async def ship_batch(self, batch: Batch) -> Shipped:
         """Ship one batch atomically (see the module doc); the watermark moves after."""
         if not batch.rows:
@@ -206,8 +207,8 @@ class Shipper:
                 return total
             try:
                 done = await self.ship(rows)
-            except PgUnavailable as exc:
-                log.warning("shipping paused, PostgreSQL unreachable: %s", exc)
+            except (PgUnavailable, PgConflict) as exc:
+                log.warning("shipping paused, PostgreSQL unreachable or conflicting: %s", exc)
                 return total
             total += done.rows
 

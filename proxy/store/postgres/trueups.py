@@ -6,7 +6,7 @@ gets False (the first decision stays)."""
 
 from __future__ import annotations
 
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import TrueUpRecord
 
 _COLS = ("customer_id, period_start, period_end, commitment, charged, amount, currency,"
@@ -23,6 +23,7 @@ class PostgresTrueUps:
                                     " period_start=$2", customer_id,
                                     int(period_start)) is not None
 
+    @retried
     async def record(self, t: TrueUpRecord) -> bool:
         if t.status not in ("none", "sent"):
             raise ValueError(f"a true-up is none or sent, not {t.status!r}")

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from proxy.periods import default_usage_range
 from proxy.store.db import UsageRow
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import AuditRecord, UsageDay, UsageTotal
 
 _AUDIT_COLS = ("audit_seq, at_ms, request_id, customer_id, key_id, rule, rules_version, status,"
@@ -157,6 +157,7 @@ class PostgresUsage:
                                  int(start * 1000), int(end * 1000))
         return [str(r[0]) for r in rows]
 
+    @retried
     async def prune_audit(self, cutoff_ms: int, batch: int = 5000) -> int:
         """Among the ``batch`` oldest rows in commit order, those older than the cutoff
         (as SQLite: commit order is the index, no scan by time). The minutes keep their

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.store.postgres.pool import PgPool
+from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import StoredEvent
 
 _COLS = "id, type, created, status, result, received_at, processed_at"
@@ -20,6 +20,7 @@ class PostgresWebhookEvents:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
 
+    @retried
     async def record(self, event_id: str, type_: str, created: int | None, payload: str,
                      received_at: int) -> bool:
         async with self.pool.acquire() as c:
@@ -41,6 +42,7 @@ class PostgresWebhookEvents:
             p = await c.fetchval("SELECT payload FROM webhook_events WHERE id=$1", event_id)
         return None if p is None else str(p)
 
+    @retried
     async def set_outcome(self, event_id: str, status: str, result: str,
                           processed_at: int) -> None:
         async with self.pool.acquire() as c:
