@@ -295,3 +295,37 @@ async def test_store_connection_never_waits_for_a_lock(tmp_path: Path) -> None:
             assert time.perf_counter() - t0 < 0.05
     finally:
         store.close()
+
+
+async def test_a_lone_request_whose_commit_fails_at_once_is_never_served_unbilled(
+        make_proxy: ProxyFactory) -> None:
+    """Strict durability, fail_mode closed: a request's answer leaves only once its row is
+    committed; a commit that fails answers 503 and its credits are refunded. The database
+    refusing to grow (SQLITE_FULL, as on a full disk) fails the commit of a request that is
+    alone in flight, the one ``Store.record`` commits inline: every 200 must still be billed
+    (its row in the ledger, its credit debited) and every 503 not."""
+    p = await make_proxy(rules_text=CREDIT_RULES)
+    key = await p.customer_with_key("full")
+    await p.admin("POST", "/admin/customers/full/grants",
+                  {"credits": "1000", "idempotency_key": "full-g"}, expect=201)
+    store = p.server.rt.store
+    (pages,) = store.conn.execute("PRAGMA page_count").fetchone()
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")    # no page more: SQLITE_FULL
+    served: list[str] = []
+    refused = 0
+    for i in range(400):
+        status, body, _ = await _get(p, "/v1/items", key, rid=f"full-{i}")
+        if status == 200:
+            served.append(f"full-{i}")
+            continue
+        assert status == 503, (status, body)
+        refused += 1
+        if refused == 3:
+            break
+    assert refused, "the database never refused to grow"
+    store.conn.execute("PRAGMA max_page_count = 1073741823")
+    await wait_until(lambda: store.healthy and not store._pending)
+    audited = _audited(p)
+    assert set(served) <= audited, sorted(set(served) - audited)
+    credits = await p.admin("GET", "/admin/customers/full/grants", expect=200)
+    assert credits["balance"] == str(1000 - len(audited & {f"full-{i}" for i in range(400)}))

@@ -694,3 +694,37 @@ async def test_a_lone_row_recorded_inside_a_write_transaction_waits_for_the_next
     assert store.healthy and fut.result() is None
     store.close()
     assert _ledger(db) == (["r0"], 1_000_000)
+
+
+async def test_a_lone_row_whose_inline_commit_fails_returns_the_failed_future(
+        tmp_path: Path) -> None:
+    """A waited-for strict row committed inside ``record`` (``alone``) that fails to commit
+    (SQLITE_FULL here: the file may not grow) must hand its caller the future carrying the
+    failure (fail_mode closed: the request answers 503), never None, which means "nothing to
+    wait for" and lets the answer out; a withheld row is dropped and withdrawn."""
+    from proxy.errors import MeteringUnavailable
+
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    withdrawn: list[str] = []
+    store.on_withdraw = lambda r: withdrawn.append(r.request_id)
+    (pages,) = store.conn.execute("PRAGMA page_count").fetchone()
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    for i in range(1000):
+        row = _row(i)
+        row.path = "/" + "p" * 2000            # a page fills in two rows
+        row.withhold = True
+        fut = store.record(row, wait=True)
+        assert fut is not None, f"row {i}: record returned no future to wait for"
+        assert fut.done()                       # committed (or failed) inline
+        if fut.exception() is not None:
+            assert isinstance(fut.exception(), MeteringUnavailable)
+            break
+    else:
+        raise AssertionError("the database never refused to grow")
+    assert withdrawn == [f"r{i}"] and not store.healthy
+    store.conn.execute("PRAGMA max_page_count = 1073741823")
+    await wait_until(lambda: store.healthy)
+    store.close()
+    assert _ledger(db)[0] == [f"r{j}" for j in range(i)]

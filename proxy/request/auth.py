@@ -43,9 +43,13 @@ class Authenticator:
         # value that names a key once names the same key for as long as the snapshot lasts
         # (``extract_key`` takes the first header's token whenever it yields one); the
         # entry's own checks (revoked, customer suspended) are made on every request. Only
-        # keys found, in their own spelling, are remembered (no memory for junk: at most
-        # ``_MEMO_MAX`` values, each as long as a key plus its scheme).
+        # keys found are remembered (no memory for junk), and only in their plain spelling
+        # ('<scheme> <key>', one space, or the bare key): a key padded with whitespace names
+        # the same key in as many spellings as the sender likes, each up to
+        # limits.max_header_field long, and keeping them would let one customer fill memory.
         self._first = self.key_headers[0][0] if self.key_headers else None
+        scheme = self.key_headers[0][1] if self.key_headers else ""
+        self._plain_extra = len(scheme) + 1 if scheme else 0   # a plain value's length - key's
         self._memo: dict[str, KeyEntry] = {}
         self._memo_of = -1
 
@@ -62,12 +66,8 @@ class Authenticator:
         if entry is None:
             raw = self.extract_key(request)
             entry = self._look_up(request, raw, keys)
-            scheme = self.key_headers[0][1]
-            # only the key's own spelling ("Bearer <key>" with one space, or the bare key) is
-            # remembered: padded variants of a valid key (any whitespace, up to the header
-            # limit) would let one caller fill the memo with large values
-            if value and raw is not None and raw == _token(value, scheme) and \
-                    len(value) == len(raw) + (len(scheme) + 1 if scheme else 0):
+            if value and raw is not None and len(value) == len(raw) + self._plain_extra \
+                    and raw == _token(value, self.key_headers[0][1]):    # the first header's
                 if len(self._memo) >= self._MEMO_MAX:
                     self._memo.clear()
                 self._memo[value] = entry

@@ -814,8 +814,9 @@ class Store:
 
     def record(self, row: UsageRow, wait: bool) -> asyncio.Future[None] | None:
         """Queue a usage row. With ``wait`` the returned future resolves once committed."""
-        if wait:
-            row.future = self._loop.create_future()
+        # (kept here: a commit that fails takes the future off the row, having set its
+        # exception, and the inline commit below has run by the time this returns)
+        fut = row.future = self._loop.create_future() if wait else None
         if not self._pending:
             self._idle.clear()      # (idle is only ever set with nothing pending)
         self._pending.append(row)
@@ -833,7 +834,7 @@ class Store:
             else:
                 delay = self.commit_interval if self.healthy else self._retry_delay
                 self._loop.call_later(delay, self._commit_now)
-        return row.future
+        return fut
 
     # ---- the group commit -----------------------------------------------------------
 
