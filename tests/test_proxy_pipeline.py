@@ -130,25 +130,43 @@ async def test_first_sse_chunk_arrives_while_upstream_holds_the_rest(
         assert p.ledger_totals() == {("s", "units"): 5 * Q}
 
 
-async def test_abandoned_stream_is_metered_with_what_was_delivered(
-        make_proxy: ProxyFactory) -> None:
-    release = asyncio.Event()
-    events = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(50)]
+# 50 SSE events, each carrying the running total of units so far (event i: i + 1)
+_EVENTS = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(50)]
 
+
+def _held_stream(release: asyncio.Event) -> web.Application:
+    """An upstream answering GET /v1/stream with the first three ``_EVENTS`` at once and the
+    rest only once ``release`` is set (the test sets it after the consumer has gone)."""
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for e in events[:3]:
+        for e in _EVENTS[:3]:
             await resp.write(e)
-        await release.wait()         # the rest only once the consumer has gone
-        for e in events[3:]:
-            await resp.write(e)
-        await resp.write_eof()
+        await release.wait()
+        try:
+            for e in _EVENTS[3:]:
+                await resp.write(e)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
         return resp
 
     app = web.Application()
     app.router.add_get("/v1/stream", stream)
-    async with serve(app) as upstream_url:
+    return app
+
+
+def _audit_flags(proxy: Proxy, customer: str) -> str:
+    with proxy.db() as c:
+        return str(c.execute("SELECT flags FROM audit WHERE customer_id=?",
+                             (customer,)).fetchone()[0])
+
+
+async def test_abandoned_stream_is_metered_with_what_was_delivered(
+        make_proxy: ProxyFactory) -> None:
+    release = asyncio.Event()
+    events = _EVENTS
+    async with serve(_held_stream(release)) as upstream_url:
         proxy = await make_proxy(upstream_url=upstream_url)
         key = await proxy.customer_with_key("ab")
         async with aiohttp.ClientSession() as s:
@@ -162,9 +180,7 @@ async def test_abandoned_stream_is_metered_with_what_was_delivered(
         release.set()
         # exactly the last value the consumer received (events 4..50 were never delivered)
         assert totals == {("ab", "units"): 3 * Q}
-        with proxy.db() as c:
-            flags = c.execute("SELECT flags FROM audit WHERE customer_id='ab'").fetchone()[0]
-        assert flags == "abandoned"
+        assert _audit_flags(proxy, "ab") == "abandoned"
 
 
 def _aborts() -> float:
@@ -182,25 +198,8 @@ async def test_a_consumer_reset_between_events_is_billed_for_what_was_delivered(
     loop takes the abandon path: billed for exactly the events delivered, flagged abandoned,
     counted in ``meterproxy_client_aborts_total``."""
     release = asyncio.Event()
-    events = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(50)]
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for e in events[:3]:
-            await resp.write(e)
-        await release.wait()         # the rest only once the consumer has gone
-        try:
-            for e in events[3:]:
-                await resp.write(e)
-            await resp.write_eof()
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/v1/stream", stream)
-    async with serve(app) as upstream_url:
+    events = _EVENTS
+    async with serve(_held_stream(release)) as upstream_url:
         proxy = await make_proxy(upstream_url=upstream_url)
         key = await proxy.customer_with_key("rst2")
         aborts = _aborts()
@@ -221,9 +220,7 @@ async def test_a_consumer_reset_between_events_is_billed_for_what_was_delivered(
         totals = await wait_until(proxy.ledger_totals, what="the reset stream to be recorded")
         release.set()
         assert totals == {("rst2", "units"): 3 * Q}
-        with proxy.db() as c:
-            flags = c.execute("SELECT flags FROM audit WHERE customer_id='rst2'").fetchone()[0]
-        assert flags == "abandoned"
+        assert _audit_flags(proxy, "rst2") == "abandoned"
         assert _aborts() == aborts + 1
 
 
@@ -342,9 +339,7 @@ async def test_a_consumer_reset_while_its_connection_is_full_is_billed_as_abando
         finally:
             stop.set()
         assert totals.get(("rst", "units"), 0) > 0
-        with proxy.db() as c:
-            flags = c.execute("SELECT flags FROM audit WHERE customer_id='rst'").fetchone()[0]
-        assert flags == "abandoned"
+        assert _audit_flags(proxy, "rst") == "abandoned"
 
 
 async def test_stream_cut_by_the_upstream_is_metered_with_what_was_delivered(
