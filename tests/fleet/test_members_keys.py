@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.fleet.members import AH, admin_call, fleet_of, wait_status
+from tests.fleet.members import AH, RunningMember, admin_call, fleet_of, wait_status
 
 BOUND = 1.0
 
@@ -33,6 +33,17 @@ async def test_key_revoked_on_one_member_is_refused_on_the_others(tmp_path: Path
             assert [k["revoked_at"] is not None for k in keys] == [True], keys
 
 
+async def _suspend_answers_503(s: aiohttp.ClientSession, member: RunningMember,
+                              type_: str) -> None:
+    """Suspending customer 'cust' on ``member`` answers 503 ``type_`` with Retry-After: 1."""
+    async with s.post(member.admin + "/admin/customers", headers=AH,
+                      json={"id": "cust", "status": "suspended"}) as r:
+        body = await r.json()
+        assert r.status == 503, body
+        assert body["error"]["type"] == type_
+        assert r.headers["Retry-After"] == "1"
+
+
 async def test_admin_write_behind_a_row_lock_answers_503(tmp_path: Path, upstream: str) -> None:
     """PostgreSQL's equivalent of a locked SQLite file: another session holds the customer's
     row lock; the admin write waits the pool's command_timeout, then answers 503 with
@@ -49,12 +60,7 @@ async def test_admin_write_behind_a_row_lock_answers_503(tmp_path: Path, upstrea
                 tx = blocker.transaction()
                 await tx.start()
                 await blocker.execute("SELECT * FROM customers WHERE id='cust' FOR UPDATE")
-                async with s.post(a.admin + "/admin/customers", headers=AH,
-                                  json={"id": "cust", "status": "suspended"}) as r:
-                    body = await r.json()
-                    assert r.status == 503, body
-                    assert body["error"]["type"] == "storage_outcome_unknown"
-                    assert r.headers["Retry-After"] == "1"
+                await _suspend_answers_503(s, a, "storage_outcome_unknown")
                 await tx.rollback()
             finally:
                 await blocker.close()
@@ -112,12 +118,7 @@ async def test_an_admin_write_that_keeps_conflicting_answers_503_storage_unavail
             try:
                 breaker = asyncio.ensure_future(keep_conflicting())
                 await asyncio.wait_for(holding.wait(), 10)
-                async with s.post(a.admin + "/admin/customers", headers=AH,
-                                  json={"id": "cust", "status": "suspended"}) as r:
-                    body = await r.json()
-                    assert r.status == 503, body
-                    assert body["error"]["type"] == "storage_unavailable"
-                    assert r.headers["Retry-After"] == "1"
+                await _suspend_answers_503(s, a, "storage_unavailable")
                 # (an attempt woken by one commit may queue behind the next one: at least
                 # one broken per attempt)
                 assert await asyncio.wait_for(breaker, 10) >= CONFLICT_ATTEMPTS
