@@ -8,6 +8,7 @@ import asyncio
 
 from proxy.request.admission import Admission
 from tests.conftest import ProxyFactory
+from tests.helpers import wait_until
 from tests.ports import held_port
 
 Q = 1_000_000
@@ -36,10 +37,8 @@ async def test_concurrency_refusal_is_a_429_with_retry_after(make_proxy: ProxyFa
             return r.status
 
     slow = asyncio.ensure_future(slow_get())
-    for _ in range(200):
-        if admission.in_flight.get("one") == 1:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: admission.in_flight.get("one") == 1,
+                     what="the slow request to be in flight")
     async with p.session.get(p.url + "/v1/items", headers=h) as r:
         assert r.status == 429
         assert r.headers["Retry-After"] == "1" and r.headers["X-Request-Id"] == "adm-1"
@@ -116,10 +115,7 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
     assert await get(key, 0) == 200
     assert store._sequential == 1         # a quiet moment after a request on its own
     slow = [asyncio.ensure_future(get(other, 500)) for _ in range(2)]
-    for _ in range(200):
-        if admission.admitted == 2:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: admission.admitted == 2, what="both slow requests in flight")
     assert admission.admitted == 2 and not admission.alone() and admission.overlapped
     assert await get(key, 0) == 200       # recorded while the slow ones are in flight
     assert await asyncio.gather(*slow) == [200, 200]
