@@ -12,6 +12,12 @@ Two loads per payload, each measured for every target in the same run, interleav
 - half the bare maximum: open loop (fixed-rate schedule, ``bench/openloop.py``) at half the
   bare proxy's median closed-loop maximum (wrk, measured first in this run).
 
+The load generator runs inside the origin's process (``bench/origin.py --with-load``), on
+the origin's event loop: two busy processes on CPU 0 wait for each other's scheduler slice,
+which alone put the harness's p99 at 3.6-4.2 ms at the half-maximum rates, more than the
+difference being measured (``--load-process``: the generator as its own process, as
+before, for comparison; docs/PERFORMANCE.md).
+
 p50 and p99 of each run; the table gives each target's median over the repetitions and its
 added latency (the median of the per-repetition differences to bare, paired because the
 reps are interleaved). Pinning like bench/run.py: origin and load generators on CPU 0, the
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,9 +50,39 @@ import run
 LOADS = ("1conn", "half")
 
 
+def in_origin(oport: int, port: int, payload: str, load: str, rate: float, duration: float,
+              header: str, conns: int) -> dict[str, object]:
+    """One run of the generator inside the origin's process (``POST /_bench/load``)."""
+    spec: dict[str, object] = {"port": port, "path": run.PAYLOADS[payload], "header": [header],
+                               "duration": duration, "conns": conns}
+    if load == "1conn":
+        spec["sequential"] = True
+    else:
+        spec["rate"] = rate
+    req = urllib.request.Request(f"http://127.0.0.1:{oport}/_bench/load",
+                                 data=json.dumps(spec).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=duration + 60) as resp:
+        out: dict[str, object] = json.loads(resp.read())
+    return out
+
+
 def measure(s: run.Setup, target: str, payload: str, load: str, rate: float,
-            a: argparse.Namespace) -> dict[str, object]:
+            a: argparse.Namespace, oport: int) -> dict[str, object]:
     p, port, db = s.start(target)
+    if not a.load_process:
+        try:
+            sent = 0
+            for duration in (a.warmup, a.duration):
+                out = in_origin(oport, port, payload, load, rate, duration, s.header,
+                                a.ol_conns)
+                sent += int(out["ok_2xx"])  # type: ignore[call-overload]
+        finally:
+            rc = run.stop(p)
+        out["exit_code"] = rc
+        if db is not None:
+            out["ledger"] = run.check_ledger(db, sent, 0, payload)
+        return out
     cmd = [*run.pin(0), run.PY, str(run.BENCH / "openloop.py"), "--port", str(port),
            "--path", run.PAYLOADS[payload], "--header", s.header]
     if load == "1conn":
@@ -83,6 +120,10 @@ def main() -> int:
     ap.add_argument("--payloads", default=",".join(run.PAYLOADS))
     ap.add_argument("--targets", default="bare,strict")
     ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--load-process", action="store_true",
+                    help="run the load generator as its own process on CPU 0 (the method "
+                         "before 2026-12: its p99 includes the kernel time-slicing it with "
+                         "the origin)")
     ap.add_argument("--meterproxy", default=f"{run.PY} -m proxy")
     ap.add_argument("--before", metavar="CMD",
                     help="also run every meterproxy target with this command (e.g. another "
@@ -106,7 +147,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, run._on_signal)
     signal.signal(signal.SIGTERM, run._on_signal)
     work = Path(tempfile.mkdtemp(prefix="meterlatency-"))
-    origin, oport = run.spawn_on_port_0([run.PY, str(run.BENCH / "origin.py"), "0"],
+    origin, oport = run.spawn_on_port_0([run.PY, str(run.BENCH / "origin.py"), "0", "--with-load"],
                                         work / "origin.log", 0)
     run.wait_http(f"http://127.0.0.1:{oport}/small", origin)
     s = run.Setup(work, f"http://127.0.0.1:{oport}", a.meterproxy.split())
@@ -141,7 +182,8 @@ def main() -> int:
         for pl in payloads:
             for load in LOADS:
                 for t in targets:
-                    r = measure(setups[t], t.split("@")[0], pl, load, bare_max[pl] / 2, a)
+                    r = measure(setups[t], t.split("@")[0], pl, load, bare_max[pl] / 2, a,
+                                oport)
                     runs.setdefault(f"{t}/{pl}/{load}", []).append(r)
                     lg = r.get("ledger")
                     if isinstance(lg, dict) and not lg["ok"]:

@@ -191,10 +191,12 @@ class StorageConfig(_Model):
                     "and the database file's identity (deleted or replaced) is checked.")
     wal_truncate_size: Size = Field(
         default=16 * 1024 * 1024, ge=0,
-        description="When the WAL is larger than this after the passive pass, a RESTART "
-                    "checkpoint lets the next commit start it over, cut to this size (SQLite's "
-                    "journal_size_limit); an idle WAL is truncated to zero bytes. The WAL stays "
-                    "under about this size plus one checkpoint_interval of writes.")
+        description="When the WAL holds more than this after the passive pass, a RESTART "
+                    "checkpoint lets the next commit start it over from its beginning, "
+                    "rewriting the file in place (not cut while writes go on); a tick with "
+                    "nothing written since the previous one truncates a larger WAL file to "
+                    "zero bytes. The WAL stays under about this size plus one "
+                    "checkpoint_interval of writes.")
     integrity_check_interval: Duration = Field(
         default=300.0, ge=0,
         description="How often PRAGMA quick_check verifies the database file in a worker "

@@ -234,7 +234,9 @@ sqlite_wal_bytes = Gauge("meterproxy_sqlite_wal_bytes",
                          registry=REGISTRY)
 wal_checkpoints_total = Counter("meterproxy_wal_checkpoints_total",
                                 "WAL checkpoints by mode (passive, truncate) and result"
-                                " (ok, busy, error)", ["mode", "result"], registry=REGISTRY)
+                                " (ok, busy, error; passive also starved: a pass that waited"
+                                " over one checkpoint interval for CPU)", ["mode", "result"],
+                                registry=REGISTRY)
 storage_broken = Gauge("meterproxy_storage_broken",
                        "1 once the database file was deleted, replaced or found corrupt",
                        registry=REGISTRY)

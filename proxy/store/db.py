@@ -39,13 +39,14 @@ Invariants
    raised as ``DatabaseBusy`` (the one translation: still a ``sqlite3.OperationalError``,
    and a 503 ``storage_unavailable`` on HTTP); ``write`` waits for it on a timer first, up
    to ``lock_wait``, then raises ``StorageUnavailable``.
-6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread (at a lower CPU
-   priority than the loop) copies the WAL back every ``checkpoint_interval`` without
-   blocking writers; when the WAL is still over ``wal_truncate_size`` a ``RESTART``
-   checkpoint on the loop connection (non-blocking: skipped when a reader or writer is in
-   the way) copies the rest, so the next commit starts the WAL from its beginning and
-   ``journal_size_limit`` cuts the file to ``wal_truncate_size`` (an idle store's WAL is
-   truncated to zero bytes instead).
+6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread (``SCHED_IDLE``: only
+   in the loop's idle time; a starved pass moves the next ones to a niced thread) copies
+   the WAL back every ``checkpoint_interval`` without blocking writers; when the WAL still
+   holds more than ``wal_truncate_size`` of frames a ``RESTART`` checkpoint on the loop
+   connection (non-blocking: skipped when a reader or writer is in the way) copies the
+   rest, so the next commit starts the WAL from its beginning, rewriting the file in place
+   (never cut while writes go on: ``journal_size_limit`` -1); a tick with nothing written
+   since the previous one truncates a WAL file over ``wal_truncate_size`` to zero bytes.
 7. The file under the path is the file we write: its (device, inode) is recorded at open
    and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
    corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
@@ -99,9 +100,11 @@ QUIET_SLICE = 16
 _BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
 # SQLite primary result codes
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
-# niceness of the maintenance thread (checkpoints, quick_check): on a CPU it shares with the
-# event loop it runs in the loop's idle time instead of taking CPU slices from requests
+# niceness of the fallback maintenance thread (see _idle_thread_priority), and of the
+# maintenance thread where SCHED_IDLE is not available
 MAINTENANCE_NICE = 10
+# how long checkpoints stay on the fallback thread after a pass starved (seconds)
+STARVED_HOLD = 60.0
 
 
 def _lower_thread_priority() -> None:
@@ -110,6 +113,22 @@ def _lower_thread_priority() -> None:
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                        os.getpriority(os.PRIO_PROCESS, 0) + MAINTENANCE_NICE)
+
+
+def _idle_thread_priority() -> None:
+    """The maintenance thread (checkpoints, quick_check) runs under ``SCHED_IDLE`` (Linux,
+    per thread, no privilege needed): on a CPU it shares with the event loop it runs only in
+    the loop's idle time, and a request waking the loop preempts it at once. At
+    ``MAINTENANCE_NICE`` it kept the CPU for up to a scheduler slice (~1-3 ms) after the
+    loop woke: the largest part of strict's p99 at half the maximum rate after the WAL's
+    truncation (docs/PERFORMANCE.md, "The WAL and the maintenance thread"). Elsewhere:
+    ``MAINTENANCE_NICE``. A SCHED_IDLE thread gets almost no CPU while the loop keeps its CPU
+    busy, and an unprivileged thread cannot leave SCHED_IDLE again, so a pass that starves
+    moves the next ones to a second thread at ``MAINTENANCE_NICE`` (``Store.checkpoint_once``)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        _lower_thread_priority()
 
 
 def _code(exc: sqlite3.Error) -> int:
@@ -447,9 +466,15 @@ class Store:
         self.path: Path | None = None
         self._file_id: tuple[int, int] | None = None
         self._maint: sqlite3.Connection | None = None     # worker-thread checkpoints
-        # the one worker thread for checkpoints and integrity checks, at a lower priority
-        self._maint_pool = ThreadPoolExecutor(1, "meterproxy-maint", _lower_thread_priority)
-        self._restart_changes = -1      # conn.total_changes at the last WAL restart checkpoint
+        # the worker thread for checkpoints and integrity checks, in the loop's idle time
+        self._maint_pool = ThreadPoolExecutor(1, "meterproxy-maint", _idle_thread_priority)
+        # after a pass starved there: passes run on this one (MAINTENANCE_NICE) until
+        # _starved_until (loop time)
+        self._maint_fallback: ThreadPoolExecutor | None = None
+        self._starved_until = 0.0
+        self._tick_changes = -1     # conn.total_changes at the previous checkpoint tick
+        # bytes per WAL frame (page + frame header): the passive pass's frame count -> size
+        self._frame_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0]) + 24
         # held by the worker thread while it uses _maint, and by close(): a connection
         # closed while another thread steps a statement on it can crash the process
         self._maint_lock = threading.Lock()
@@ -482,7 +507,9 @@ class Store:
             ident = file_id(path)
             # checkpoints (and their fsync) run off the event loop: see checkpoint_forever
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.execute(f"PRAGMA journal_size_limit={int(wal_truncate_size)}")
+            # the WAL file is never cut when it restarts: rewritten in place, its blocks are
+            # neither freed nor allocated again every tick (see checkpoint_once)
+            conn.execute("PRAGMA journal_size_limit=-1")
             maint = open_existing(path)
             opened.append(maint)
         except (sqlite3.Error, OSError) as exc:
@@ -559,17 +586,29 @@ class Store:
             if self.healthy is False and not self._pending and not self._scheduled:
                 self._scheduled = True      # nothing queued to prove recovery: probe
                 self._loop.call_soon(self._commit_now)
-            await self.checkpoint_once()
+            await self.checkpoint_once(starve_after=interval)
             if integrity_interval > 0 and self._loop.time() >= next_integrity:
                 next_integrity = self._loop.time() + integrity_interval
                 await self.integrity_check()
             metrics.sqlite_wal_bytes.set(self.wal_bytes())
 
-    def _passive_checkpoint(self) -> None:
-        """Worker thread: one PASSIVE checkpoint on the maintenance connection."""
+    def _passive_checkpoint(self) -> int | None:
+        """Worker thread: one PASSIVE checkpoint on the maintenance connection; the number
+        of frames in the WAL (None when the store is closing)."""
         with self._maint_lock:
             if self._maint is not None:
-                checkpoint(self._maint, "PASSIVE")
+                return checkpoint(self._maint, "PASSIVE")[1]
+        return None
+
+    def _maint_pool_now(self) -> ThreadPoolExecutor:
+        """The thread for the next pass: the SCHED_IDLE one, or the fallback after a
+        starved pass (for ``STARVED_HOLD`` seconds)."""
+        if self._loop.time() >= self._starved_until:
+            return self._maint_pool
+        if self._maint_fallback is None:
+            self._maint_fallback = ThreadPoolExecutor(1, "meterproxy-maint-nice",
+                                                      _lower_thread_priority)
+        return self._maint_fallback
 
     def _close_maint(self) -> None:
         with self._maint_lock:     # waits for a checkpoint still running in its thread
@@ -577,12 +616,31 @@ class Store:
                 self._maint.close()
                 self._maint = None
         self._maint_pool.shutdown(wait=False)
+        if self._maint_fallback is not None:
+            self._maint_fallback.shutdown(wait=False)
 
-    async def checkpoint_once(self) -> None:
+    async def checkpoint_once(self, starve_after: float = 1.0) -> None:
+        """One tick of WAL upkeep: the PASSIVE pass in the maintenance thread, then on the
+        loop a RESTART when the WAL holds more than ``wal_truncate_size`` of frames, or a
+        TRUNCATE when nothing was written since the previous tick. A pass still running
+        after ``starve_after`` seconds (its SCHED_IDLE thread got no CPU: the loop kept it
+        busy) moves the next passes to the ``MAINTENANCE_NICE`` thread for ``STARVED_HOLD``
+        seconds, so the WAL stays bounded at saturation."""
         if self._maint is None or self.broken is not None:
             return
+        log_frames: int | None = None
         try:
-            await self._loop.run_in_executor(self._maint_pool, self._passive_checkpoint)
+            pool = self._maint_pool_now()
+            fut = self._loop.run_in_executor(pool, self._passive_checkpoint)
+            if pool is self._maint_pool:
+                done, _ = await asyncio.wait((fut,), timeout=starve_after)
+                if not done:
+                    self._starved_until = self._loop.time() + STARVED_HOLD
+                    metrics.wal_checkpoints_total.labels("passive", "starved").inc()
+                    log.info("a WAL checkpoint pass waited over %.1f s for CPU; the next "
+                             "ones run at nice +%d for %.0f s", starve_after,
+                             MAINTENANCE_NICE, STARVED_HOLD)
+            log_frames = await fut
             metrics.wal_checkpoints_total.labels("passive", "ok").inc()
         except sqlite3.Error as exc:
             metrics.wal_checkpoints_total.labels("passive", "error").inc()
@@ -590,17 +648,31 @@ class Store:
                 self._break(f"database corrupt: {exc}")
                 return
             log.warning("WAL checkpoint failed (will retry): %s", exc)
-        if self._closed or self.wal_bytes() <= self.wal_truncate_size or \
-                self.check_file() is not None:
+        if self._closed or self.check_file() is not None:
             return
-        # RESTART, not TRUNCATE: both copy the frames written since the passive pass and
-        # let the next commit start the WAL from its beginning, where SQLite cuts the file
-        # to journal_size_limit (= wal_truncate_size); TRUNCATE's own ftruncate to zero
-        # bytes held the loop for 7-15 ms (docs/PERFORMANCE.md, "Strict latency tail").
-        # Only when nothing was written since the last RESTART (an idle store, so nothing
-        # restarts the WAL) is it truncated here.
+        # The WAL's size is the frames it holds (the passive pass counted them; the file is
+        # never cut when the WAL restarts, journal_size_limit -1). Over wal_truncate_size: a
+        # RESTART copies the frames written since the pass and lets the next commit start
+        # the WAL from its beginning, rewriting the file in place. The file keeps the size
+        # it reached (about wal_truncate_size plus one tick of writes): cutting it at every
+        # restart (journal_size_limit = wal_truncate_size) cost the next commit 1.5-1.9 ms
+        # of CPU freeing blocks, and the WAL's regrowth allocating them again stalled
+        # commits for up to ~6 ms behind the pass's fsync (docs/PERFORMANCE.md, "The WAL
+        # and the maintenance thread"). Only when nothing was written since the previous
+        # tick (an idle store) is the file truncated to zero bytes, here on the loop
+        # (TRUNCATE: 7-15 ms at 20 MB, acceptable only while idle).
         changes = self.conn.total_changes
-        mode = "TRUNCATE" if changes == self._restart_changes else "RESTART"
+        idle = changes == self._tick_changes
+        self._tick_changes = changes
+        if idle:
+            if self.wal_bytes() <= self.wal_truncate_size:
+                return
+            mode = "TRUNCATE"
+        else:
+            held = self.wal_bytes() if log_frames is None else log_frames * self._frame_bytes
+            if held <= self.wal_truncate_size:
+                return
+            mode = "RESTART"
         try:
             busy, _, _ = checkpoint(self.conn, mode)   # busy_timeout 0: never waits
         except sqlite3.Error as exc:
@@ -610,8 +682,6 @@ class Store:
             elif not is_busy(exc):
                 log.warning("WAL truncate failed (will retry): %s", exc)
             return
-        if not busy:
-            self._restart_changes = changes
         metrics.wal_checkpoints_total.labels("truncate", "busy" if busy else "ok").inc()
 
     async def integrity_check(self) -> str | None:
