@@ -1,0 +1,168 @@
+"""Review of ca6cd6e (SCHED_IDLE maintenance thread, WAL restarted in place): defects."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import metrics
+from proxy.store import db as dbmod
+from proxy.store.db import Store
+from tests.test_store import _row
+
+
+def _restarts() -> float:
+    return metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get()
+
+
+async def test_the_wal_file_is_cut_back_once_a_reader_that_pinned_it_ends_while_writes_go_on(
+        tmp_path: Path) -> None:
+    """docs/resources.md: 'The WAL therefore stays under about wal_truncate_size plus the
+    writes of one tick'. A long reader (admin export, CLI, quick_check) pins the WAL: it
+    grows far past the bound. Once the reader ends, a store that keeps writing (never idle
+    for a whole tick) must get its file back near the bound; with journal_size_limit -1 the
+    file keeps its peak size until the first idle tick (and that TRUNCATE, on the loop,
+    then costs in proportion to the peak)."""
+    limit = 64 * 1024
+    db = tmp_path / "s.db"
+    store = Store.open(db, wal_truncate_size=limit)
+    wal = tmp_path / "s.db-wal"
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM journal").fetchone()     # pins the WAL
+    for i in range(400):
+        store.record(_row(i), wait=False)
+        store._commit_now()
+        if i % 50 == 49:
+            await store.checkpoint_once()     # RESTART busy: the reader is in the way
+    peak = wal.stat().st_size
+    assert peak > 16 * limit
+    reader.execute("COMMIT")
+    reader.close()
+    n = 1000
+    for _ in range(6):                        # busy: a few commits every tick
+        for _ in range(5):
+            store.record(_row(n), wait=False)
+            store._commit_now()
+            n += 1
+        await store.checkpoint_once()
+    assert wal.stat().st_size <= 2 * limit, (peak, wal.stat().st_size)
+    store.close()
+
+
+async def test_a_pass_that_found_the_checkpoint_lock_taken_still_restarts_an_oversized_wal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When another connection holds the checkpoint lock (the CLI's auto-checkpoint, an
+    operator's or a backup tool's checkpoint), SQLite's PRAGMA wal_checkpoint(PASSIVE)
+    answers (1, -1, -1): -1 frames is 'unknown', not 'empty'. ca6cd6e reads it as a WAL of
+    -1 frames (held < 0 <= wal_truncate_size) and skips the RESTART of an oversized WAL."""
+    limit = 64 * 1024
+    db = tmp_path / "s.db"
+    store = Store.open(db, wal_truncate_size=limit)
+    for i in range(200):
+        store.record(_row(i), wait=False)
+        store._commit_now()
+    assert store.wal_bytes() > 4 * limit
+    real = dbmod.checkpoint
+
+    def other_checkpointer(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        if mode == "PASSIVE":
+            return (1, -1, -1)       # exactly what SQLite answers (checked: see report)
+        return real(conn, mode)
+
+    monkeypatch.setattr(dbmod, "checkpoint", other_checkpointer)
+    before = _restarts()
+    await store.checkpoint_once()
+    assert _restarts() == before + 1, "the oversized WAL was not restarted"
+    store.close()
+
+
+async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_upkeep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """integrity_check still runs quick_check on the SCHED_IDLE pool, with no starvation
+    fallback, and checkpoint_forever awaits it inline. Under saturation a SCHED_IDLE thread
+    gets ~0.3% of its CPU: quick_check of a large file then takes minutes, holding a read
+    transaction (the WAL cannot restart) while no checkpoint tick runs. Modelled here: a
+    quick_check on a SCHED_IDLE thread gets no CPU (holds its read transaction, returns
+    only when released); at niceness +10 it runs normally."""
+    limit = 64 * 1024
+    db = tmp_path / "s.db"
+    store = Store.open(db, wal_truncate_size=limit)
+    release = threading.Event()
+    real_qc = dbmod.quick_check
+
+    def quick_check(path: Path, expect: tuple[int, int]) -> str | None:
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:     # starved: no CPU
+            c = sqlite3.connect(path)
+            c.execute("BEGIN")
+            c.execute("SELECT count(*) FROM journal").fetchone()
+            release.wait(10)
+            c.close()
+            return None
+        return real_qc(path, expect)
+
+    monkeypatch.setattr(dbmod, "quick_check", quick_check)
+    task = asyncio.create_task(store.checkpoint_forever(0.05, integrity_interval=0.05))
+    try:
+        await asyncio.sleep(0.3)            # the first integrity check has started
+        before = _restarts()
+        for i in range(200):
+            store.record(_row(i), wait=False)
+            store._commit_now()
+        began = time.monotonic()
+        while _restarts() == before and time.monotonic() - began < 2.0:
+            store.record(_row(10_000), wait=False)
+            store._commit_now()
+            await asyncio.sleep(0.02)
+        assert _restarts() > before, "no WAL restart for 2 s (40 ticks)"
+    finally:
+        release.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
+        tmp_path: Path) -> None:
+    """Real saturation: the loop keeps its one CPU busy. The starved SCHED_IDLE pass is
+    still awaited by the tick (and holds _maint_lock and SQLite's checkpoint lock, so the
+    niced fallback could not run it anyway): the tick takes many times its interval
+    (measured 1.4 s for a 13 MB WAL with starve_after 0.1 s; 0.18 s at niceness +10)."""
+    cpu = min(os.sched_getaffinity(0))
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})          # the loop, and the maintenance thread it starts
+    try:
+        store = Store.open(tmp_path / "s.db", wal_truncate_size=64 * 1024)
+        for i in range(3000):
+            store.record(_row(i), wait=False)
+            store._commit_now()
+        stop = False
+
+        async def spin() -> None:
+            while not stop:
+                t = time.perf_counter()
+                while time.perf_counter() - t < 0.02:
+                    pass
+                await asyncio.sleep(0)
+
+        sp = asyncio.create_task(spin())
+        await asyncio.sleep(0)
+        began = time.monotonic()
+        tick = asyncio.ensure_future(store.checkpoint_once(starve_after=0.1))
+        done, _ = await asyncio.wait((tick,), timeout=0.8)
+        took = time.monotonic() - began
+        stop = True
+        await sp
+        await tick
+        store.close()
+    finally:
+        os.sched_setaffinity(0, old)
+    assert done, f"a tick at saturation took over {took:.2f} s (starve_after 0.1 s)"
