@@ -166,3 +166,38 @@ async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
     finally:
         os.sched_setaffinity(0, old)
     assert done, f"a tick at saturation took over {took:.2f} s (starve_after 0.1 s)"
+
+
+async def test_bursts_of_writes_separated_by_a_quiet_tick_do_not_truncate_on_the_loop_each_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bursts (each writing more than wal_truncate_size, the last tick of each under it)
+    separated by one tick without a write. Before ca6cd6e the restart cut the file to
+    wal_truncate_size, so the quiet tick found nothing to truncate; now the file keeps its
+    peak size and every quiet tick after such a burst runs TRUNCATE on the loop (7-15 ms at
+    20 MB, docs/resources.md), and the next burst regrows the file from zero."""
+    limit = 64 * 1024
+    store = Store.open(tmp_path / "s.db", wal_truncate_size=limit)
+    modes: list[str] = []
+    real = dbmod.checkpoint
+
+    def spy(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        if conn is store.conn:
+            modes.append(mode)
+        return real(conn, mode)
+
+    monkeypatch.setattr(dbmod, "checkpoint", spy)
+    n = 0
+    for _ in range(5):
+        for _ in range(250):                 # the burst: over the limit
+            store.record(_row(n), wait=False)
+            store._commit_now()
+            n += 1
+        await store.checkpoint_once()        # RESTART
+        for _ in range(5):                   # the burst's tail, well under the limit
+            store.record(_row(n), wait=False)
+            store._commit_now()
+            n += 1
+        await store.checkpoint_once()
+        await store.checkpoint_once()        # a quiet tick
+    assert modes.count("TRUNCATE") <= 1, modes
+    store.close()
