@@ -193,8 +193,9 @@ class StorageConfig(_Model):
         default=16 * 1024 * 1024, ge=0,
         description="When the WAL holds more than this after the passive pass, a RESTART "
                     "checkpoint lets the next commit start it over from its beginning, "
-                    "rewriting the file in place (not cut while writes go on); a tick with "
-                    "nothing written since the previous one truncates a larger WAL file to "
+                    "rewriting the file in place up to twice this size and cutting a larger "
+                    "one to that (SQLite's journal_size_limit); a tick with nothing written "
+                    "since the previous one truncates a WAL file over twice this size to "
                     "zero bytes. The WAL stays under about this size plus one "
                     "checkpoint_interval of writes.")
     integrity_check_interval: Duration = Field(

@@ -20,6 +20,7 @@ from proxy.credits.ledger import Entry
 from proxy.store.db import (
     MAINTENANCE_NICE,
     QUIET_SLICE,
+    WAL_FILE_FACTOR,
     Store,
     UsageItem,
     UsageRow,
@@ -234,52 +235,60 @@ async def test_a_checkpoint_pass_starved_of_cpu_moves_the_next_ones_to_a_niced_t
     store.close()
 
 
-async def test_an_oversized_wal_restarts_in_place_and_only_an_idle_one_is_truncated(
+async def test_an_oversized_wal_restarts_in_place_up_to_twice_its_limit(
         tmp_path: Path) -> None:
     """Over wal_truncate_size of frames the loop's checkpoint copies the last frames and
-    lets the next commit restart the WAL from its beginning, over the old frames: the file
-    keeps its size while writes go on (cutting it at each restart cost the next commit
-    1.5-1.9 ms of CPU, and regrowing it stalled commits behind the pass's fsync), and the
-    loop never waits for an ftruncate of the whole WAL (7-15 ms at 20 MB) while busy. A tick
-    with nothing written since the previous one truncates it to zero."""
+    lets the next commit restart the WAL from its beginning. A file up to WAL_FILE_FACTOR x
+    wal_truncate_size is rewritten in place (cutting it at each restart cost the next commit
+    1.5-1.9 ms of CPU, and regrowing it stalled commits behind the pass's fsync); a larger
+    one is cut to that size by the commit. The loop never waits for an ftruncate of the
+    whole WAL (7-15 ms at 20 MB) while busy: only a tick with nothing written since the
+    previous one truncates a file over that size to zero."""
     limit = 64 * 1024
     db = tmp_path / "s.db"
     store = Store.open(db, wal_truncate_size=limit)
     wal = tmp_path / "s.db-wal"
-    truncated = metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get()
-    for i in range(200):
+    restarts = metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get()
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")      # the schema's frames
+    for i in range(24):
         store.record(_row(i), wait=False)
-        store._commit_now()         # one journal frame each: well over 64 KiB
-    store.materialize()
+        store._commit_now()         # one journal frame each: over 64 KiB, under 128 KiB
     before = wal.stat().st_size
-    assert before > 4 * limit
+    assert limit < before <= WAL_FILE_FACTOR * limit
     await store.checkpoint_once()
-    assert metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get() == truncated + 1
-    assert wal.stat().st_size == before         # restarted, not truncated
+    assert metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get() == restarts + 1
     store.record(_row(1000), wait=False)
     store._commit_now()                         # starts the WAL again from its beginning ...
     assert wal.stat().st_size == before         # ... over the old frames: not cut
     assert _wal_frames(db) <= 2
-    # writes go on, the WAL holds less than the limit: no restart, however large the file
+    # writes go on, the WAL holds less than the limit: no restart
     for i in range(1001, 1005):
         store.record(_row(i), wait=False)
         store._commit_now()
         await store.checkpoint_once()
-    assert metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get() == truncated + 1
+    assert metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get() == restarts + 1
+    await store.checkpoint_once()               # a quiet tick: the file is within 2x
     assert wal.stat().st_size == before
-    await store.checkpoint_once()               # nothing written since the last tick
-    assert wal.stat().st_size == 0
-    assert metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get() == truncated + 2
-    for i in range(1005, 1200):
+    for i in range(1005, 1200):                 # a burst far over 2x the limit
         store.record(_row(i), wait=False)
         store._commit_now()
-    assert wal.stat().st_size > limit
+    store.materialize()
+    assert wal.stat().st_size > 4 * limit
+    await store.checkpoint_once()               # restart ...
+    store.record(_row(2000), wait=False)
+    store._commit_now()                         # ... and the commit cuts the file to 2x
+    assert wal.stat().st_size <= WAL_FILE_FACTOR * limit
+    for i in range(2001, 2200):
+        store.record(_row(i), wait=False)
+        store._commit_now()
+    assert wal.stat().st_size > WAL_FILE_FACTOR * limit
     await store.checkpoint_once()               # restart ...
     await store.checkpoint_once()               # ... and nothing written since: truncated
     assert wal.stat().st_size == 0
     store.close()
     ids, _ = _ledger(db)
-    assert sorted(ids) == sorted([f"r{i}" for i in range(200)] + [f"r{i}" for i in range(1000, 1200)])
+    assert sorted(ids) == sorted([f"r{i}" for i in range(24)] + [f"r{i}" for i in range(1000, 1200)]
+                                 + [f"r{i}" for i in range(2000, 2200)])
 
 
 async def test_serving_materializes_in_small_transactions_yielding_between_them(

@@ -40,13 +40,14 @@ Invariants
    and a 503 ``storage_unavailable`` on HTTP); ``write`` waits for it on a timer first, up
    to ``lock_wait``, then raises ``StorageUnavailable``.
 6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread (``SCHED_IDLE``: only
-   in the loop's idle time; a starved pass moves the next ones to a niced thread) copies
-   the WAL back every ``checkpoint_interval`` without blocking writers; when the WAL still
-   holds more than ``wal_truncate_size`` of frames a ``RESTART`` checkpoint on the loop
-   connection (non-blocking: skipped when a reader or writer is in the way) copies the
-   rest, so the next commit starts the WAL from its beginning, rewriting the file in place
-   (never cut while writes go on: ``journal_size_limit`` -1); a tick with nothing written
-   since the previous one truncates a WAL file over ``wal_truncate_size`` to zero bytes.
+   in the loop's idle time; a niced thread while the loop is busy or after a pass starved)
+   copies the WAL back every ``checkpoint_interval`` without blocking writers; when the WAL
+   still holds more than ``wal_truncate_size`` of frames a ``RESTART`` checkpoint on the
+   loop connection (non-blocking: skipped when a reader or writer is in the way) copies
+   the rest, so the next commit starts the WAL from its beginning, rewriting the file in
+   place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
+   cutting a larger one to that; a tick with nothing written since the previous one
+   truncates a WAL file over that size to zero bytes.
 7. The file under the path is the file we write: its (device, inode) is recorded at open
    and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
    corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
@@ -105,6 +106,12 @@ _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
 MAINTENANCE_NICE = 10
 # how long checkpoints stay on the fallback thread after a pass starved (seconds)
 STARVED_HOLD = 60.0
+# a pass runs on the niced thread, never the SCHED_IDLE one, when the loop thread used more
+# than this share of a CPU since the previous pass (it would starve there)
+LOOP_BUSY_SHARE = 0.75
+# a WAL restart cuts the file to this many times wal_truncate_size (journal_size_limit):
+# a load writing less per tick restarts it in place, never freeing and re-allocating blocks
+WAL_FILE_FACTOR = 2
 
 
 def _lower_thread_priority() -> None:
@@ -471,7 +478,11 @@ class Store:
         # after a pass starved there: passes run on this one (MAINTENANCE_NICE) until
         # _starved_until (loop time)
         self._maint_fallback: ThreadPoolExecutor | None = None
+        # quick_check: its own niced thread (started on first use): starved under SCHED_IDLE
+        # its read transaction would pin the WAL (no restart) for as long as it waited
+        self._check_pool: ThreadPoolExecutor | None = None
         self._starved_until = 0.0
+        self._cpu_mark = (time.thread_time(), time.monotonic())    # the loop thread's CPU
         self._tick_changes = -1     # conn.total_changes at the previous checkpoint tick
         # bytes per WAL frame (page + frame header): the passive pass's frame count -> size
         self._frame_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0]) + 24
@@ -507,9 +518,9 @@ class Store:
             ident = file_id(path)
             # checkpoints (and their fsync) run off the event loop: see checkpoint_forever
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            # the WAL file is never cut when it restarts: rewritten in place, its blocks are
-            # neither freed nor allocated again every tick (see checkpoint_once)
-            conn.execute("PRAGMA journal_size_limit=-1")
+            # a restart cuts the WAL file only above WAL_FILE_FACTOR x wal_truncate_size:
+            # below, it is rewritten in place (see checkpoint_once)
+            conn.execute(f"PRAGMA journal_size_limit={WAL_FILE_FACTOR * int(wal_truncate_size)}")
             maint = open_existing(path)
             opened.append(maint)
         except (sqlite3.Error, OSError) as exc:
@@ -600,15 +611,25 @@ class Store:
                 return checkpoint(self._maint, "PASSIVE")[1]
         return None
 
-    def _maint_pool_now(self) -> ThreadPoolExecutor:
-        """The thread for the next pass: the SCHED_IDLE one, or the fallback after a
-        starved pass (for ``STARVED_HOLD`` seconds)."""
-        if self._loop.time() >= self._starved_until:
-            return self._maint_pool
+    def _niced_pool(self) -> ThreadPoolExecutor:
         if self._maint_fallback is None:
             self._maint_fallback = ThreadPoolExecutor(1, "meterproxy-maint-nice",
                                                       _lower_thread_priority)
         return self._maint_fallback
+
+    def _maint_pool_now(self, window: float) -> ThreadPoolExecutor:
+        """The thread for the next pass (called on the loop thread): the SCHED_IDLE one,
+        unless the loop thread used more than ``LOOP_BUSY_SHARE`` of a CPU since the
+        previous pass, measured over at least ``window`` seconds (there the pass would get
+        almost no CPU, hold the checkpoint lock and keep the WAL from restarting), or a
+        pass starved less than ``STARVED_HOLD`` ago: then the ``MAINTENANCE_NICE`` one."""
+        cpu, now = time.thread_time(), time.monotonic()
+        span = now - self._cpu_mark[1]
+        busy = span >= window and (cpu - self._cpu_mark[0]) / span > LOOP_BUSY_SHARE
+        self._cpu_mark = (cpu, now)
+        if busy or self._loop.time() < self._starved_until:
+            return self._niced_pool()
+        return self._maint_pool
 
     def _close_maint(self) -> None:
         with self._maint_lock:     # waits for a checkpoint still running in its thread
@@ -616,21 +637,23 @@ class Store:
                 self._maint.close()
                 self._maint = None
         self._maint_pool.shutdown(wait=False)
-        if self._maint_fallback is not None:
-            self._maint_fallback.shutdown(wait=False)
+        for pool in (self._maint_fallback, self._check_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     async def checkpoint_once(self, starve_after: float = 1.0) -> None:
         """One tick of WAL upkeep: the PASSIVE pass in the maintenance thread, then on the
         loop a RESTART when the WAL holds more than ``wal_truncate_size`` of frames, or a
-        TRUNCATE when nothing was written since the previous tick. A pass still running
-        after ``starve_after`` seconds (its SCHED_IDLE thread got no CPU: the loop kept it
-        busy) moves the next passes to the ``MAINTENANCE_NICE`` thread for ``STARVED_HOLD``
-        seconds, so the WAL stays bounded at saturation."""
+        TRUNCATE when nothing was written since the previous tick. The pass runs on the
+        ``MAINTENANCE_NICE`` thread instead of the SCHED_IDLE one while the loop keeps its
+        CPU busy (``_maint_pool_now``); a SCHED_IDLE pass still running after
+        ``starve_after`` seconds (saturation began during it) moves the next passes there
+        for ``STARVED_HOLD`` seconds, so the WAL stays bounded at saturation."""
         if self._maint is None or self.broken is not None:
             return
         log_frames: int | None = None
         try:
-            pool = self._maint_pool_now()
+            pool = self._maint_pool_now(starve_after / 2)
             fut = self._loop.run_in_executor(pool, self._passive_checkpoint)
             if pool is self._maint_pool:
                 done, _ = await asyncio.wait((fut,), timeout=starve_after)
@@ -650,26 +673,27 @@ class Store:
             log.warning("WAL checkpoint failed (will retry): %s", exc)
         if self._closed or self.check_file() is not None:
             return
-        # The WAL's size is the frames it holds (the passive pass counted them; the file is
-        # never cut when the WAL restarts, journal_size_limit -1). Over wal_truncate_size: a
-        # RESTART copies the frames written since the pass and lets the next commit start
-        # the WAL from its beginning, rewriting the file in place. The file keeps the size
-        # it reached (about wal_truncate_size plus one tick of writes): cutting it at every
-        # restart (journal_size_limit = wal_truncate_size) cost the next commit 1.5-1.9 ms
-        # of CPU freeing blocks, and the WAL's regrowth allocating them again stalled
-        # commits for up to ~6 ms behind the pass's fsync (docs/PERFORMANCE.md, "The WAL
-        # and the maintenance thread"). Only when nothing was written since the previous
-        # tick (an idle store) is the file truncated to zero bytes, here on the loop
-        # (TRUNCATE: 7-15 ms at 20 MB, acceptable only while idle).
+        # The WAL's size is the frames it holds (the passive pass counted them; -1: another
+        # connection held the checkpoint lock, so the file's size stands in). Over
+        # wal_truncate_size: a RESTART copies the frames written since the pass and lets
+        # the next commit start the WAL from its beginning. There SQLite cuts the file to
+        # journal_size_limit = WAL_FILE_FACTOR x wal_truncate_size; a smaller file is
+        # rewritten in place. Cutting it at every restart (to wal_truncate_size, as before)
+        # cost the next commit 1.5-1.9 ms of CPU freeing blocks, and the WAL's regrowth
+        # allocating them again stalled commits for up to ~6 ms behind the pass's fsync
+        # (docs/PERFORMANCE.md, "The WAL and the maintenance thread"). When nothing was
+        # written since the previous tick (an idle store) a file over that size is
+        # truncated to zero bytes, here on the loop (TRUNCATE: 7-15 ms at 20 MB).
         changes = self.conn.total_changes
         idle = changes == self._tick_changes
         self._tick_changes = changes
         if idle:
-            if self.wal_bytes() <= self.wal_truncate_size:
+            if self.wal_bytes() <= WAL_FILE_FACTOR * self.wal_truncate_size:
                 return
             mode = "TRUNCATE"
         else:
-            held = self.wal_bytes() if log_frames is None else log_frames * self._frame_bytes
+            held = self.wal_bytes() if log_frames is None or log_frames < 0 else \
+                log_frames * self._frame_bytes
             if held <= self.wal_truncate_size:
                 return
             mode = "RESTART"
@@ -689,7 +713,10 @@ class Store:
         if self.path is None or self._file_id is None or self.broken is not None:
             return self.broken
         try:
-            problem = await self._loop.run_in_executor(self._maint_pool, quick_check,
+            if self._check_pool is None:
+                self._check_pool = ThreadPoolExecutor(1, "meterproxy-check",
+                                                      _lower_thread_priority)
+            problem = await self._loop.run_in_executor(self._check_pool, quick_check,
                                                        self.path, self._file_id)
         except (sqlite3.Error, OSError) as exc:
             problem = f"{type(exc).__name__}: {exc}"

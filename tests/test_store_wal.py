@@ -1,4 +1,6 @@
-"""Review of ca6cd6e (SCHED_IDLE maintenance thread, WAL restarted in place): defects."""
+"""The WAL's upkeep under the cases that broke a first version: a reader that pinned the WAL,
+a checkpoint lock held elsewhere, quick_check and passes starved of CPU, bursts with quiet
+ticks between them."""
 
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ async def test_the_wal_file_is_cut_back_once_a_reader_that_pinned_it_ends_while_
     """docs/resources.md: 'The WAL therefore stays under about wal_truncate_size plus the
     writes of one tick'. A long reader (admin export, CLI, quick_check) pins the WAL: it
     grows far past the bound. Once the reader ends, a store that keeps writing (never idle
-    for a whole tick) must get its file back near the bound; with journal_size_limit -1 the
-    file keeps its peak size until the first idle tick (and that TRUNCATE, on the loop,
-    then costs in proportion to the peak)."""
+    for a whole tick) must get its file back near the bound: the next restart cuts it to twice
+    wal_truncate_size (a file never cut kept its peak size until the first idle tick, and
+    that TRUNCATE, on the loop, cost in proportion to the peak)."""
     limit = 64 * 1024
     db = tmp_path / "s.db"
     store = Store.open(db, wal_truncate_size=limit)
@@ -61,8 +63,8 @@ async def test_a_pass_that_found_the_checkpoint_lock_taken_still_restarts_an_ove
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When another connection holds the checkpoint lock (the CLI's auto-checkpoint, an
     operator's or a backup tool's checkpoint), SQLite's PRAGMA wal_checkpoint(PASSIVE)
-    answers (1, -1, -1): -1 frames is 'unknown', not 'empty'. ca6cd6e reads it as a WAL of
-    -1 frames (held < 0 <= wal_truncate_size) and skips the RESTART of an oversized WAL."""
+    answers (1, -1, -1): -1 frames is 'unknown', not 'empty' (read as a WAL of -1 frames it
+    skipped the RESTART of an oversized WAL): the file's size stands in."""
     limit = 64 * 1024
     db = tmp_path / "s.db"
     store = Store.open(db, wal_truncate_size=limit)
@@ -86,10 +88,10 @@ async def test_a_pass_that_found_the_checkpoint_lock_taken_still_restarts_an_ove
 
 async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_upkeep(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """integrity_check still runs quick_check on the SCHED_IDLE pool, with no starvation
-    fallback, and checkpoint_forever awaits it inline. Under saturation a SCHED_IDLE thread
-    gets ~0.3% of its CPU: quick_check of a large file then takes minutes, holding a read
-    transaction (the WAL cannot restart) while no checkpoint tick runs. Modelled here: a
+    """quick_check runs on its own thread at niceness +10, never the SCHED_IDLE one: under
+    saturation a SCHED_IDLE thread gets ~0.3% of its CPU, and quick_check of a large file
+    would take minutes, holding a read transaction (the WAL cannot restart) while
+    checkpoint_forever, which awaits it, runs no tick. Modelled here: a
     quick_check on a SCHED_IDLE thread gets no CPU (holds its read transaction, returns
     only when released); at niceness +10 it runs normally."""
     limit = 64 * 1024
@@ -109,7 +111,7 @@ async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_up
         return real_qc(path, expect)
 
     monkeypatch.setattr(dbmod, "quick_check", quick_check)
-    task = asyncio.create_task(store.checkpoint_forever(0.05, integrity_interval=0.05))
+    task = asyncio.ensure_future(store.checkpoint_forever(0.05, integrity_interval=0.05))
     try:
         await asyncio.sleep(0.3)            # the first integrity check has started
         before = _restarts()
@@ -132,10 +134,10 @@ async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_up
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
 async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
         tmp_path: Path) -> None:
-    """Real saturation: the loop keeps its one CPU busy. The starved SCHED_IDLE pass is
-    still awaited by the tick (and holds _maint_lock and SQLite's checkpoint lock, so the
-    niced fallback could not run it anyway): the tick takes many times its interval
-    (measured 1.4 s for a 13 MB WAL with starve_after 0.1 s; 0.18 s at niceness +10)."""
+    """Real saturation: the loop keeps its one CPU busy, so the pass runs on the niced
+    thread. On the SCHED_IDLE one it starved, and the tick (which awaits it: it holds
+    _maint_lock and SQLite's checkpoint lock) took many times its interval (1.4 s for a
+    13 MB WAL with starve_after 0.1 s; 0.18 s at niceness +10)."""
     cpu = min(os.sched_getaffinity(0))
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})          # the loop, and the maintenance thread it starts
@@ -153,7 +155,7 @@ async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
                     pass
                 await asyncio.sleep(0)
 
-        sp = asyncio.create_task(spin())
+        sp = asyncio.ensure_future(spin())
         await asyncio.sleep(0)
         began = time.monotonic()
         tick = asyncio.ensure_future(store.checkpoint_once(starve_after=0.1))
@@ -171,10 +173,10 @@ async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
 async def test_bursts_of_writes_separated_by_a_quiet_tick_do_not_truncate_on_the_loop_each_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bursts (each writing more than wal_truncate_size, the last tick of each under it)
-    separated by one tick without a write. Before ca6cd6e the restart cut the file to
-    wal_truncate_size, so the quiet tick found nothing to truncate; now the file keeps its
-    peak size and every quiet tick after such a burst runs TRUNCATE on the loop (7-15 ms at
-    20 MB, docs/resources.md), and the next burst regrows the file from zero."""
+    separated by one tick without a write: the restart cut the file to twice
+    wal_truncate_size, so the quiet tick finds nothing to truncate. A file never cut kept
+    its peak size, and every quiet tick after such a burst ran TRUNCATE on the loop (7-15 ms
+    at 20 MB, docs/resources.md), the next burst regrowing the file from zero."""
     limit = 64 * 1024
     store = Store.open(tmp_path / "s.db", wal_truncate_size=limit)
     modes: list[str] = []
