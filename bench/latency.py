@@ -67,36 +67,33 @@ def in_origin(oport: int, port: int, payload: str, load: str, rate: float, durat
     return out
 
 
-def measure(s: run.Setup, target: str, payload: str, load: str, rate: float,
-            a: argparse.Namespace, oport: int) -> dict[str, object]:
-    p, port, db = s.start(target)
-    if not a.load_process:
-        try:
-            sent = 0
-            for duration in (a.warmup, a.duration):
-                out = in_origin(oport, port, payload, load, rate, duration, s.header,
-                                a.ol_conns)
-                sent += int(out["ok_2xx"])  # type: ignore[call-overload]
-        finally:
-            rc = run.stop(p)
-        out["exit_code"] = rc
-        if db is not None:
-            out["ledger"] = run.check_ledger(db, sent, 0, payload)
-        return out
+def in_process(port: int, payload: str, load: str, rate: float, duration: float, header: str,
+               conns: int) -> dict[str, object]:
+    """One run of bench/openloop.py as its own process on CPU 0 (``--load-process``)."""
     cmd = [*run.pin(0), run.PY, str(run.BENCH / "openloop.py"), "--port", str(port),
-           "--path", run.PAYLOADS[payload], "--header", s.header]
+           "--path", run.PAYLOADS[payload], "--header", header, "--duration", str(duration)]
     if load == "1conn":
         cmd += ["--sequential"]
     else:
-        cmd += ["--rate", f"{rate:.1f}", "--conns", str(a.ol_conns)]
+        cmd += ["--rate", f"{rate:.1f}", "--conns", str(conns)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    if res.returncode != 0:
+        raise RuntimeError(f"openloop failed: {res.stderr}")
+    out: dict[str, object] = json.loads(res.stdout)
+    return out
+
+
+def measure(s: run.Setup, target: str, payload: str, load: str, rate: float,
+            a: argparse.Namespace, oport: int) -> dict[str, object]:
+    p, port, db = s.start(target)
     try:
         sent = 0
         for duration in (a.warmup, a.duration):
-            res = subprocess.run([*cmd, "--duration", str(duration)], capture_output=True,
-                                 text=True, timeout=duration + 60)
-            if res.returncode != 0:
-                raise RuntimeError(f"openloop failed: {res.stderr}")
-            out: dict[str, object] = json.loads(res.stdout)
+            if a.load_process:
+                out = in_process(port, payload, load, rate, duration, s.header, a.ol_conns)
+            else:
+                out = in_origin(oport, port, payload, load, rate, duration, s.header,
+                                a.ol_conns)
             sent += int(out["ok_2xx"])  # type: ignore[call-overload]
     finally:
         rc = run.stop(p)
