@@ -97,7 +97,7 @@ class Admission:
                         (cust := self.rt.keys.customers.get(customer_id)) is not None
                         and cust.overage == "block"):
                     hold = self._hold(rule, customer_id)
-                # (else pay-as-you-go without credits: nothing to hold, as _hold decides)
+                # (else pay-as-you-go without credits: nothing to hold)
         if customer_id:     # no await since the checks above: one critical section
             in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
             self.admitted += 1
@@ -166,14 +166,13 @@ class Admission:
         reservation of every quantity only known later (proxy.credits.reserve)."""
         return self.reservations.for_rule(rule).cost()
 
-    def _hold(self, rule: Rule, customer_id: str) -> Hold | None:
-        """The credit decision."""
+    def _hold(self, rule: Rule, customer_id: str) -> Hold:
+        """The credit decision for a customer with credits or with overage ``block`` (the
+        caller leaves out pay-as-you-go customers without credits: nothing to hold)."""
         book = self.book
         assert book is not None
         cust = self.rt.keys.customers.get(customer_id)
         block = cust is not None and cust.overage == "block"
-        if not block and not book.has_credits(customer_id):
-            return None                           # pay-as-you-go: nothing to hold
         now = time.time()
         enforce = block and not self.shadow
         money = self.money
@@ -183,10 +182,9 @@ class Admission:
             # customer what credits do not cover becomes debt, which the mirror covers at
             # Stripe with a promotional credit grant (never invoiced)
             cost = money.quote(acct, self.reservations.quantities(rule), now)
-            hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
         else:
             cost = self.admission_cost(rule)
-            hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
+        hold = book.try_hold(customer_id, cost, now, block=enforce, debt_ok=enforce)
         if hold is not None:
             if block and self.shadow and cost > book.available(customer_id, now) + hold.amount:
                 metrics.credit_shadow_rejections_total.inc()
