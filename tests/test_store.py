@@ -221,7 +221,8 @@ async def test_a_checkpoint_pass_starved_of_cpu_moves_the_next_ones_to_a_niced_t
     await store.checkpoint_once(starve_after=0.05)
     assert metrics.wal_checkpoints_total.labels("passive", "starved")._value.get() == \
         starved + 1
-    await asyncio.sleep(0.5)                         # STARVED_HOLD over: back to SCHED_IDLE
+    loop = asyncio.get_running_loop()                # STARVED_HOLD over: back to SCHED_IDLE
+    await wait_until(lambda: loop.time() >= store._starved_until, what="STARVED_HOLD to end")
     seen: list[int] = []
     real = store._passive_checkpoint
 

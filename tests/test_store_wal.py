@@ -17,6 +17,7 @@ import pytest
 from proxy import metrics
 from proxy.store import db as dbmod
 from proxy.store.db import Store
+from tests.helpers import wait_until
 from tests.test_store import _row
 
 
@@ -97,10 +98,11 @@ async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_up
     limit = 64 * 1024
     db = tmp_path / "s.db"
     store = Store.open(db, wal_truncate_size=limit)
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
     real_qc = dbmod.quick_check
 
     def quick_check(path: Path, expect: tuple[int, int]) -> str | None:
+        started.set()
         if os.sched_getscheduler(0) == os.SCHED_IDLE:     # starved: no CPU
             c = sqlite3.connect(path)
             c.execute("BEGIN")
@@ -113,7 +115,7 @@ async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_up
     monkeypatch.setattr(dbmod, "quick_check", quick_check)
     task = asyncio.ensure_future(store.checkpoint_forever(0.05, integrity_interval=0.05))
     try:
-        await asyncio.sleep(0.3)            # the first integrity check has started
+        await wait_until(started.is_set, what="the first integrity check")
         before = _restarts()
         for i in range(200):
             store.record(_row(i), wait=False)

@@ -101,8 +101,8 @@ QUIET_SLICE = 16
 _BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
 # SQLite primary result codes
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
-# niceness of the fallback maintenance thread (see _idle_thread_priority), and of the
-# maintenance thread where SCHED_IDLE is not available
+# niceness of the fallback checkpoint thread and of quick_check's thread (see
+# _idle_thread_priority), and of the checkpoint thread where SCHED_IDLE is not available
 MAINTENANCE_NICE = 10
 # how long checkpoints stay on the fallback thread after a pass starved (seconds)
 STARVED_HOLD = 60.0
@@ -123,15 +123,16 @@ def _lower_thread_priority() -> None:
 
 
 def _idle_thread_priority() -> None:
-    """The maintenance thread (checkpoints, quick_check) runs under ``SCHED_IDLE`` (Linux,
+    """The checkpoint thread (PASSIVE passes) runs under ``SCHED_IDLE`` (Linux,
     per thread, no privilege needed): on a CPU it shares with the event loop it runs only in
     the loop's idle time, and a request waking the loop preempts it at once. At
     ``MAINTENANCE_NICE`` it kept the CPU for up to a scheduler slice (~1-3 ms) after the
     loop woke: the largest part of strict's p99 at half the maximum rate after the WAL's
     truncation (docs/PERFORMANCE.md, "The WAL and the maintenance thread"). Elsewhere:
     ``MAINTENANCE_NICE``. A SCHED_IDLE thread gets almost no CPU while the loop keeps its CPU
-    busy, and an unprivileged thread cannot leave SCHED_IDLE again, so a pass that starves
-    moves the next ones to a second thread at ``MAINTENANCE_NICE`` (``Store.checkpoint_once``)."""
+    busy, and an unprivileged thread cannot leave SCHED_IDLE again, so passes move to a
+    second thread at ``MAINTENANCE_NICE`` while the loop is busy or after one starved
+    (``Store._maint_pool_now``)."""
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (OSError, AttributeError):
@@ -473,10 +474,10 @@ class Store:
         self.path: Path | None = None
         self._file_id: tuple[int, int] | None = None
         self._maint: sqlite3.Connection | None = None     # worker-thread checkpoints
-        # the worker thread for checkpoints and integrity checks, in the loop's idle time
+        # the worker thread for checkpoint passes, in the loop's idle time
         self._maint_pool = ThreadPoolExecutor(1, "meterproxy-maint", _idle_thread_priority)
-        # after a pass starved there: passes run on this one (MAINTENANCE_NICE) until
-        # _starved_until (loop time)
+        # while the loop is busy, and after a pass starved there until _starved_until (loop
+        # time): passes run on this one (MAINTENANCE_NICE), started on first use
         self._maint_fallback: ThreadPoolExecutor | None = None
         # quick_check: its own niced thread (started on first use): starved under SCHED_IDLE
         # its read transaction would pin the WAL (no restart) for as long as it waited
