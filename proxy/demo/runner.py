@@ -106,7 +106,7 @@ Try these (rules/example.yaml prices them; each comment says what you should see
   # -> 200, billed: 1 api_calls (1 credit; see X-Credits-Remaining)
   curl -si {h} {u}/v1/items
 
-  # -> 200, billed: 42 llm_tokens + 1 api_calls (12 prompt + 30 completion tokens = 0.042 credits, plus 1 credit)
+  # -> 200, billed: 42 llm_tokens + 1 api_calls (42 tokens = 0.042 credits; the API call costs no credits here)
   curl -si {h} {u}/v1/chat/completions -d '{{"prompt_tokens": 12, "completion_tokens": 30}}'
 
   # -> 200, billed: 42 llm_tokens + 1 api_calls (streamed as server-sent events; tokens from the final chunk)
