@@ -522,7 +522,9 @@ class Store:
             # a restart cuts the WAL file only above WAL_FILE_FACTOR x wal_truncate_size:
             # below, it is rewritten in place (see checkpoint_once)
             conn.execute(f"PRAGMA journal_size_limit={WAL_FILE_FACTOR * int(wal_truncate_size)}")
-            maint = open_existing(path)
+            # busy_timeout 0: its TRUNCATE holds the write lock while it waits for
+            # readers; it must give up at once instead (a PASSIVE pass never waits)
+            maint = open_existing(path, busy_timeout_ms=0)
             opened.append(maint)
         except (sqlite3.Error, OSError) as exc:
             for c in reversed(opened):
@@ -612,6 +614,15 @@ class Store:
                 return checkpoint(self._maint, "PASSIVE")[1]
         return None
 
+    def _truncate_checkpoint(self) -> int | None:
+        """Worker thread: a TRUNCATE checkpoint on the maintenance connection (busy_timeout
+        0: a reader or writer in the way makes it give up at once); 1 when it could not
+        finish, None when the store is closing."""
+        with self._maint_lock:
+            if self._maint is not None:
+                return checkpoint(self._maint, "TRUNCATE")[0]
+        return None
+
     def _niced_pool(self) -> ThreadPoolExecutor:
         if self._maint_fallback is None:
             self._maint_fallback = ThreadPoolExecutor(1, "meterproxy-maint-nice",
@@ -684,22 +695,29 @@ class Store:
         # allocating them again stalled commits for up to ~6 ms behind the pass's fsync
         # (docs/PERFORMANCE.md, "The WAL and the maintenance thread"). When nothing was
         # written since the previous tick (an idle store) a file over that size is
-        # truncated to zero bytes, here on the loop (TRUNCATE: 7-15 ms at 20 MB).
+        # truncated to zero bytes (TRUNCATE: 7-15 ms at 20 MB, off the loop).
         changes = self.conn.total_changes
         idle = changes == self._tick_changes
         self._tick_changes = changes
-        if idle:
-            if self.wal_bytes() <= WAL_FILE_FACTOR * self.wal_truncate_size:
-                return
-            mode = "TRUNCATE"
-        else:
-            held = self.wal_bytes() if log_frames is None or log_frames < 0 else \
-                log_frames * self._frame_bytes
-            if held <= self.wal_truncate_size:
-                return
-            mode = "RESTART"
         try:
-            busy, _, _ = checkpoint(self.conn, mode)   # busy_timeout 0: never waits
+            if idle:
+                if self.wal_bytes() <= WAL_FILE_FACTOR * self.wal_truncate_size:
+                    return
+                # in the niced maintenance thread (never the SCHED_IDLE one: it holds the
+                # write lock, and a burst starting meanwhile would starve it there): the
+                # ftruncate of the whole file never holds the loop; a commit meanwhile
+                # finds the lock taken and is retried on the timer (invariant 5)
+                done = await self._loop.run_in_executor(self._niced_pool(),
+                                                        self._truncate_checkpoint)
+                if done is None:
+                    return
+                busy = done
+            else:
+                held = self.wal_bytes() if log_frames is None or log_frames < 0 else \
+                    log_frames * self._frame_bytes
+                if held <= self.wal_truncate_size:
+                    return
+                busy, _, _ = checkpoint(self.conn, "RESTART")   # busy_timeout 0: never waits
         except sqlite3.Error as exc:
             metrics.wal_checkpoints_total.labels("truncate", "error").inc()
             if is_corrupt(exc):
@@ -710,8 +728,10 @@ class Store:
         metrics.wal_checkpoints_total.labels("truncate", "busy" if busy else "ok").inc()
 
     async def integrity_check(self) -> str | None:
-        """``PRAGMA quick_check`` in a worker thread; a problem breaks the store."""
-        if self.path is None or self._file_id is None or self.broken is not None:
+        """``PRAGMA quick_check`` in a worker thread; a problem breaks the store. A closed
+        store is not checked (its threads are gone): the answer is what it knew."""
+        if self.path is None or self._file_id is None or self.broken is not None \
+                or self._closed:
             return self.broken
         try:
             if self._check_pool is None:
