@@ -707,11 +707,11 @@ class Store:
                 # write lock, and a burst starting meanwhile would starve it there): the
                 # ftruncate of the whole file never holds the loop; a commit meanwhile
                 # finds the lock taken and is retried on the timer (invariant 5)
-                done = await self._loop.run_in_executor(self._niced_pool(),
-                                                        self._truncate_checkpoint)
-                if done is None:
+                cut = await self._loop.run_in_executor(self._niced_pool(),
+                                                       self._truncate_checkpoint)
+                if cut is None:
                     return
-                busy = done
+                busy = cut
             else:
                 held = self.wal_bytes() if log_frames is None or log_frames < 0 else \
                     log_frames * self._frame_bytes
