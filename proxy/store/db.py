@@ -47,7 +47,9 @@ Invariants
    the rest, so the next commit starts the WAL from its beginning, rewriting the file in
    place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
    cutting a larger one to that; a tick with nothing written since the previous one
-   truncates a WAL file over that size to zero bytes.
+   truncates a WAL file over that size to zero bytes, in the niced maintenance thread
+   (busy_timeout 0: it never waits holding the write lock; a commit meanwhile is retried
+   on the timer, invariant 5).
 7. The file under the path is the file we write: its (device, inode) is recorded at open
    and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
    corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
