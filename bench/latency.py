@@ -54,10 +54,10 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 
 def in_origin(oport: int, port: int, payload: str, load: str, rate: float, duration: float,
-              header: str, conns: int) -> dict[str, object]:
+              header: str, conns: int, stall_files: list[str]) -> dict[str, object]:
     """One run of the generator inside the origin's process (``POST /_bench/load``)."""
     spec: dict[str, object] = {"port": port, "path": run.PAYLOADS[payload], "header": [header],
-                               "duration": duration, "conns": conns}
+                               "duration": duration, "conns": conns, "stalls": stall_files}
     if load == "1conn":
         spec["sequential"] = True
     else:
@@ -71,10 +71,12 @@ def in_origin(oport: int, port: int, payload: str, load: str, rate: float, durat
 
 
 def in_process(port: int, payload: str, load: str, rate: float, duration: float, header: str,
-               conns: int) -> dict[str, object]:
+               conns: int, stall_files: list[str]) -> dict[str, object]:
     """One run of bench/openloop.py as its own process on CPU 0 (``--load-process``)."""
     cmd = [*run.pin(0), run.PY, str(run.BENCH / "openloop.py"), "--port", str(port),
            "--path", run.PAYLOADS[payload], "--header", header, "--duration", str(duration)]
+    for f in stall_files:
+        cmd += ["--stalls", f]
     if load == "1conn":
         cmd += ["--sequential"]
     else:
@@ -107,10 +109,11 @@ def measure(s: run.Setup, target: str, payload: str, load: str, rate: float,
         for duration in (a.warmup, a.duration):
             stolen = steal_ms()
             if a.load_process:
-                out = in_process(port, payload, load, rate, duration, s.header, a.ol_conns)
+                out = in_process(port, payload, load, rate, duration, s.header, a.ol_conns,
+                                 a.stall_files)
             else:
                 out = in_origin(oport, port, payload, load, rate, duration, s.header,
-                                a.ol_conns)
+                                a.ol_conns, a.stall_files)
             out["steal_ms"] = steal_ms() - stolen
             sent += int(out["ok_2xx"])  # type: ignore[call-overload]
     finally:
@@ -139,6 +142,8 @@ def main() -> int:
                     help="run the load generator as its own process on CPU 0 (the method "
                          "before 2026-12: its p99 includes the kernel time-slicing it with "
                          "the origin)")
+    ap.add_argument("--no-stalls", action="store_true",
+                    help="do not run bench/stalls.py's CPU stall detectors (no calm table)")
     ap.add_argument("--meterproxy", default=f"{run.PY} -m proxy")
     ap.add_argument("--before", metavar="CMD",
                     help="also run every meterproxy target with this command (e.g. another "
@@ -162,6 +167,17 @@ def main() -> int:
     signal.signal(signal.SIGINT, run._on_signal)
     signal.signal(signal.SIGTERM, run._on_signal)
     work = Path(tempfile.mkdtemp(prefix="meterlatency-"))
+    a.stall_files = []
+    if not a.no_stalls:
+        if os.geteuid() != 0:
+            run.log("not root: no CPU stall detectors (bench/stalls.py needs SCHED_FIFO); "
+                    "only the raw percentiles are reported")
+        else:
+            for cpu in (0, 1):
+                out_file = work / f"stalls-cpu{cpu}.txt"
+                run.spawn([run.PY, str(run.BENCH / "stalls.py"), "--cpu", str(cpu), "--out",
+                           str(out_file)], work / f"stalls-cpu{cpu}.log", None)
+                a.stall_files.append(str(out_file))
     origin, oport = run.spawn_on_port_0([run.PY, str(run.BENCH / "origin.py"), "0", "--with-load"],
                                         work / "origin.log", 0)
     run.wait_http(f"http://127.0.0.1:{oport}/small", origin)
@@ -206,6 +222,9 @@ def main() -> int:
                     run.log(f"rep{rep} {pl:5} {load:5} {t:7} p50 {r['p50_ms']:.3f} p99 "
                             f"{r['p99_ms']:.3f} ms  2xx {r['ok_2xx']}  steal "
                             f"{r['steal_ms']:.0f} ms"
+                            + (f"  calm p50 {r['calm_p50_ms']:.3f} p99 {r['calm_p99_ms']:.3f}"
+                               f" ms (left out {r['calm_left_out']}, stalled "
+                               f"{r['stalled_ms']:.1f} ms)" if "calm_p99_ms" in r else "")
                             + (f"  ledger {'ok' if lg['ok'] else 'FAIL'}"
                                if isinstance(lg, dict) else ""))
     run.stop(origin)
@@ -236,6 +255,29 @@ def main() -> int:
               f"max {max(every):.0f} ms per run ({sum(x > 0 for x in every)} of {len(every)} "
               "runs had some); each stolen slice stalls a CPU for milliseconds, so where most "
               "runs had steal the p99 columns measure the host more than the proxy."]
+    if a.stall_files:
+        lines += ["", "The same runs without the requests a CPU stall delayed (bench/stalls.py: "
+                  "a span over 0.25 ms in which a pinned CPU ran nothing of normal priority; "
+                  "left out: the requests in flight during one or sent within one stall "
+                  "length after it, the same rule for every target):", "",
+                  "| target | payload | 1 connection p50 | 1 connection p99 | half max p50 "
+                  "| half max p99 | left out (1 conn / half) | stalled ms per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for pl in payloads:
+            for t in targets:
+                share = []
+                for load in LOADS:
+                    rs = runs[f"{t}/{pl}/{load}"]
+                    left = sum(int(r["calm_left_out"]) for r in rs)  # type: ignore[call-overload]
+                    total = sum(int(r["ok_2xx"]) for r in rs)  # type: ignore[call-overload]
+                    share.append(f"{100 * left / max(total, 1):.1f}%")
+                stalled = run.med([float(r["stalled_ms"])  # type: ignore[arg-type]
+                                   for load in LOADS for r in runs[f"{t}/{pl}/{load}"]])
+                lines.append(f"| {t} | {pl} | {cell(t, pl, '1conn', 'calm_p50_ms')} | "
+                             f"{cell(t, pl, '1conn', 'calm_p99_ms')} | "
+                             f"{cell(t, pl, 'half', 'calm_p50_ms')} | "
+                             f"{cell(t, pl, 'half', 'calm_p99_ms')} | {' / '.join(share)} | "
+                             f"{stalled:.1f} |")
     if failures:
         lines += ["", "LEDGER CHECK FAILED: " + "; ".join(failures)]
     print("\n".join(lines))

@@ -5,7 +5,7 @@ connections; a new connection is opened when none is idle. Prints one JSON objec
 Latency is measured from the moment the request is written to the moment the last
 byte of the response is parsed (Content-Length or chunked), with perf_counter.
 Usage: python bench/openloop.py --host H --port P --path /small --rate 1000 --duration 5
-       [--header 'Authorization: Bearer X'] [--conns 16]
+       [--header 'Authorization: Bearer X'] [--conns 16] [--stalls FILE ...]
        python bench/openloop.py --port P --path /small --sequential --duration 5
        (one connection, one request at a time: latency without any queueing)
 """
@@ -19,11 +19,12 @@ import json
 import sys
 import time
 
+import stalls  # bench/ is not a package: run as a script or with bench/ on the path
 import uvloop
 
 
 class Conn(asyncio.Protocol):
-    def __init__(self, pool: list[Conn], results: list[tuple[float, int]],
+    def __init__(self, pool: list[Conn], results: list[tuple[float, int, float]],
                  done: asyncio.Event) -> None:
         self.pool, self.results, self.done = pool, results, done
         self.t: asyncio.Transport | None = None
@@ -39,7 +40,7 @@ class Conn(asyncio.Protocol):
         self.closed = True
         if self.busy:
             self.busy = False
-            self.results.append((time.perf_counter() - self.t0, 0))
+            self.results.append((time.perf_counter() - self.t0, 0, self.t0))
             self.done.set()
 
     def send(self, req: bytes) -> None:
@@ -53,7 +54,7 @@ class Conn(asyncio.Protocol):
         self.buf += data
         status = self._complete()
         if status:
-            self.results.append((time.perf_counter() - self.t0, status))
+            self.results.append((time.perf_counter() - self.t0, status, self.t0))
             self.busy = False
             self.buf.clear()
             self.pool.append(self)
@@ -98,7 +99,7 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
     hdrs = "".join(f"{h}\r\n" for h in a.header)
     req = (f"GET {a.path} HTTP/1.1\r\nHost: {a.host}:{a.port}\r\n{hdrs}\r\n").encode()
     pool: list[Conn] = []
-    results: list[tuple[float, int]] = []
+    results: list[tuple[float, int, float]] = []
     done = asyncio.Event()
     conns: list[Conn] = []
 
@@ -142,22 +143,39 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
     for c in conns:
         if c.t is not None:
             c.t.close()
+    lags.sort()
+    return {**figures(results, a), "sent": total, "rate_target": a.rate,
+            "rate_achieved": total / elapsed if elapsed > 0 else 0,
+            "extra_connections": opened, "send_lag_p99_ms": pct(lags, 0.99) * 1e3}
+
+
+def figures(results: list[tuple[float, int, float]], a: argparse.Namespace
+            ) -> dict[str, object]:
+    """Counts and percentiles of the 2xx latencies; with ``a.stalls`` (bench/stalls.py's
+    files) also the percentiles without the requests a CPU stall delayed (``calm_*``)."""
     lat = sorted(r[0] for r in results if 200 <= r[1] < 300)
     statuses: dict[str, int] = {}
-    for _, s in results:
-        statuses[str(s)] = statuses.get(str(s), 0) + 1
-    lags.sort()
-    return {"sent": total, "completed": len(results), "ok_2xx": len(lat), "statuses": statuses,
-            "rate_target": a.rate, "rate_achieved": total / elapsed if elapsed > 0 else 0,
-            "extra_connections": opened,
-            "p50_ms": pct(lat, 0.50) * 1e3, "p90_ms": pct(lat, 0.90) * 1e3,
-            "p99_ms": pct(lat, 0.99) * 1e3, "p999_ms": pct(lat, 0.999) * 1e3,
-            "max_ms": (lat[-1] * 1e3) if lat else float("nan"),
-            "send_lag_p99_ms": pct(lags, 0.99) * 1e3}
+    for _, st, _t in results:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
+    out: dict[str, object] = {
+        "completed": len(results), "ok_2xx": len(lat), "statuses": statuses,
+        "p50_ms": pct(lat, 0.50) * 1e3, "p90_ms": pct(lat, 0.90) * 1e3,
+        "p99_ms": pct(lat, 0.99) * 1e3, "p999_ms": pct(lat, 0.999) * 1e3,
+        "max_ms": (lat[-1] * 1e3) if lat else float("nan")}
+    paths = getattr(a, "stalls", None)
+    if paths:
+        time.sleep(0.005)       # the detectors' last lines (they wake every millisecond)
+        kept, left_out, stalled = stalls.outside(
+            [(t, d) for d, st, t in results if 200 <= st < 300], stalls.read_windows(paths))
+        kept.sort()
+        out.update({"calm_p50_ms": pct(kept, 0.50) * 1e3, "calm_p99_ms": pct(kept, 0.99) * 1e3,
+                    "calm_left_out": left_out, "stalled_ms": stalled})
+    return out
 
 
 async def sequential(a: argparse.Namespace, req: bytes, c: Conn,
-                     results: list[tuple[float, int]], done: asyncio.Event) -> dict[str, object]:
+                     results: list[tuple[float, int, float]], done: asyncio.Event
+                     ) -> dict[str, object]:
     """One connection, one request at a time: the next is sent as soon as the previous
     response has ended, for ``duration`` seconds (latency with no queueing at all)."""
     end = time.perf_counter() + a.duration
@@ -170,16 +188,9 @@ async def sequential(a: argparse.Namespace, req: bytes, c: Conn,
             break               # no answer within 10 s
     if c.t is not None:
         c.t.close()
-    lat = sorted(r[0] for r in results if 200 <= r[1] < 300)
-    statuses: dict[str, int] = {}
-    for _, st in results:
-        statuses[str(st)] = statuses.get(str(st), 0) + 1
-    return {"sent": len(results), "completed": len(results), "ok_2xx": len(lat),
-            "statuses": statuses, "rate_target": 0.0,
+    return {**figures(results, a), "sent": len(results), "rate_target": 0.0,
             "rate_achieved": len(results) / a.duration, "extra_connections": 0,
-            "p50_ms": pct(lat, 0.50) * 1e3, "p90_ms": pct(lat, 0.90) * 1e3,
-            "p99_ms": pct(lat, 0.99) * 1e3, "p999_ms": pct(lat, 0.999) * 1e3,
-            "max_ms": (lat[-1] * 1e3) if lat else float("nan"), "send_lag_p99_ms": 0.0}
+            "send_lag_p99_ms": 0.0}
 
 
 if __name__ == "__main__":
@@ -193,6 +204,8 @@ if __name__ == "__main__":
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--header", action="append", default=[])
+    ap.add_argument("--stalls", action="append", default=[],
+                    help="bench/stalls.py output files: also report calm_p50/p99_ms")
     args = ap.parse_args()
     if not args.sequential and args.rate <= 0:
         ap.error("--rate is required (or --sequential)")

@@ -8,7 +8,7 @@ Usage: python bench/origin.py PORT [--with-load]  (PORT 0: a free port; either w
 prints ``listening on 127.0.0.1:<port>`` once it listens: bench/run.py ``announced_port``)
 
 ``--with-load`` adds ``POST /_bench/load``: it runs bench/openloop.py's generator INSIDE this
-process (JSON body: port, path, header, rate or sequential, duration, conns) and answers
+process (JSON body: port, path, header, rate or sequential, duration, conns, stalls) and answers
 with its JSON figures. bench/latency.py uses it so that the load generator and the origin
 share one event loop on their CPU instead of two processes time-sliced by the kernel on it:
 two busy processes on one CPU wait for each other's scheduler slice (milliseconds), which
@@ -64,7 +64,8 @@ async def load(request: web.Request) -> web.Response:
                            rate=float(body.get("rate", 0.0)),
                            sequential=bool(body.get("sequential", False)),
                            duration=float(body["duration"]), conns=int(body.get("conns", 16)),
-                           header=[str(h) for h in body.get("header", [])])
+                           header=[str(h) for h in body.get("header", [])],
+                           stalls=[str(f) for f in body.get("stalls", [])])
     return web.json_response(await openloop.main(a))
 
 
