@@ -1,0 +1,89 @@
+"""Adversarial review of the store (proxy/store/db.py): each test shows a defect found on
+main at 79e37ad (the idle TRUNCATE in the maintenance thread and what surrounds it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.store import db as dbmod
+from proxy.store.db import Store
+from proxy.store.outbox import SqliteOutbox
+from tests.helpers import wait_until
+from tests.test_store import _row
+
+
+async def test_a_cancelled_checkpoint_task_leaves_no_truncate_holding_the_write_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown (proxy/app.py Server.shutdown) cancels the wal-checkpoint task, then makes
+    the final flush (materialize, then ``outbox.stage`` through ``execute_write``, which
+    never waits for a lock). Since the idle TRUNCATE moved into the maintenance thread, a
+    cancel that lands while it runs only cancels the await: the thread keeps the write lock
+    (7-15 ms at 20 MB, longer on a slow disk or a starved CPU) and the final flush, started
+    right after, fails with DatabaseBusy ("final flush did not finish"). Before, the
+    TRUNCATE ran on the loop and a cancelled task could never leave our own lock behind.
+    The task, once it has ended (cancel_and_wait), must have released the lock."""
+    limit = 64 * 1024
+    db = tmp_path / "s.db"
+    store = Store.open(db, wal_truncate_size=limit)
+    for i in range(300):
+        store.record(_row(i), wait=False)
+        store._commit_now()
+    store.materialize()
+    assert store.wal_bytes() > dbmod.WAL_FILE_FACTOR * limit
+    await store.checkpoint_once()       # writes since the previous tick: no truncate
+    entered = threading.Event()
+    real = dbmod.checkpoint
+
+    def slow_truncate(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        if mode == "TRUNCATE" and conn is not store.conn:
+            conn.execute("BEGIN IMMEDIATE")     # the write lock, as the TRUNCATE holds it
+            entered.set()
+            time.sleep(0.3)                     # a slow ftruncate
+            conn.execute("COMMIT")
+        return real(conn, mode)
+
+    monkeypatch.setattr(dbmod, "checkpoint", slow_truncate)
+    tick = asyncio.ensure_future(store.checkpoint_once())    # an idle tick: TRUNCATE
+    await wait_until(entered.is_set, what="the truncate to start")
+    tick.cancel()                                             # proxy.tasks.cancel_and_wait
+    with contextlib.suppress(asyncio.CancelledError):
+        await tick
+    # the final flush: materialize, then stage in one execute_write
+    store.materialize()
+    await SqliteOutbox(store).stage({})
+    store.close()
+
+
+async def test_rows_held_while_a_lock_is_waited_for_stay_within_max_pending_rows(
+        tmp_path: Path) -> None:
+    """docs/configuration.md, storage.max_pending_rows: 'Bound on usage rows held in memory
+    while SQLite cannot commit; beyond it fail_mode applies at once.' While a group commit
+    waits (up to lock_wait) for a lock another connection holds, ``_wait_for_lock`` puts
+    the rows back and ``record`` keeps appending: nothing checks the bound until lock_wait
+    has passed (only ``_on_failure`` does), and ``accepting`` stays true (the store is still
+    healthy), so every request admitted meanwhile adds a row. Here 100 is the bound and 300
+    rows are held in memory, none refused, for the whole wait."""
+    db = tmp_path / "s.db"
+    store = Store.open(db, max_pending_rows=100, lock_wait=5.0, fail_mode="closed")
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")        # another process holds the write lock
+    try:
+        futs = [store.record(_row(i), wait=True) for i in range(300)]
+        await asyncio.sleep(0.3)
+        held = len(store._pending)
+        refused = sum(1 for f in futs if f is not None and f.done() and f.exception())
+        assert store.accepting
+        assert held <= store.max_pending_rows, (held, refused)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+        await store.drain(10)
+        store.close()
