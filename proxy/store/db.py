@@ -709,8 +709,18 @@ class Store:
                 # write lock, and a burst starting meanwhile would starve it there): the
                 # ftruncate of the whole file never holds the loop; a commit meanwhile
                 # finds the lock taken and is retried on the timer (invariant 5)
-                cut = await self._loop.run_in_executor(self._niced_pool(),
-                                                       self._truncate_checkpoint)
+                truncating = self._loop.run_in_executor(self._niced_pool(),
+                                                        self._truncate_checkpoint)
+                try:
+                    cut = await asyncio.shield(truncating)
+                except asyncio.CancelledError:
+                    # the thread holds the write lock until it returns: a cancelled tick
+                    # (shutdown) ends only after it, so the write that follows (the final
+                    # flush) never finds our own lock in its way
+                    await asyncio.wait((truncating,))
+                    if not truncating.cancelled():
+                        truncating.exception()      # (retrieved: the tick is over)
+                    raise
                 if cut is None:
                     return
                 busy = cut
