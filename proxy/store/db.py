@@ -1014,6 +1014,8 @@ class Store:
         (the loop keeps serving) until ``lock_wait`` has passed since the first refusal.
         False when the wait is over (the caller treats it as a failed commit)."""
         now = self._loop.time()
+        if len(rows) + len(self._pending) > self.max_pending_rows:
+            return False    # the memory bound: fail_mode applies at once, not after lock_wait
         if self._busy_since is None:
             self._busy_since = now
             self._busy_tries = 0
