@@ -1,5 +1,7 @@
-"""Adversarial review of the store (proxy/store/db.py): each test shows a defect found on
-main at 79e37ad (the idle TRUNCATE in the maintenance thread and what surrounds it)."""
+"""The store's write lock held elsewhere (proxy/store/db.py): by our own maintenance thread's
+TRUNCATE when shutdown cancels the checkpoint tick, and by another connection while rows
+pile up in memory. Both were defects found in review (2026-11-30), each test failing before
+its fix."""
 
 from __future__ import annotations
 
