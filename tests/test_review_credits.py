@@ -1,0 +1,108 @@
+"""Adversarial review of the credit book (h/rev-credits): each test here failed on main
+79e37ad. Real proxy, real sockets on 127.0.0.1, real SQLite (a foreign write lock held by
+another process, or a trigger put in the database file by another connection)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
+from tests.test_storage_resilience import foreign_write_lock
+
+RULES = """\
+version: 1
+meters:
+  units: {stripe_event_name: units}
+rules:
+  - name: health
+    match: {path: /healthz}
+    auth: none
+  - name: items
+    match: {methods: [GET], path: /v1/items}
+    usage:
+      - {meter: units, quantity: request.query.n, credits: 1}
+"""
+
+
+async def _setup(p: Proxy, credits: str) -> dict[str, str]:
+    key = await p.customer_with_key("c1", stripe_customer_id="cus_c1", overage="block")
+    await p.admin("POST", "/admin/customers/c1/grants",
+                  {"credits": credits, "idempotency_key": "c1-g"}, expect=201)
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _get(p: Proxy, h: dict[str, str], n: int, rid: str) -> tuple[int, str]:
+    async with p.session.get(p.url + f"/v1/items?n={n}",
+                             headers={**h, "X-Request-Id": rid}) as r:
+        return r.status, await r.text()
+
+
+def _ledger_balance(p: Proxy) -> int:
+    with p.db() as c:
+        (granted,) = c.execute("SELECT SUM(amount) FROM grants").fetchone()
+        (taken,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
+                             " WHERE grant_id IS NOT NULL").fetchone()
+    return int(granted) - int(taken)
+
+
+async def test_a_credit_alert_write_that_fails_leaves_the_request_debited_but_unrecorded(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """``Settlement.record`` (proxy/request/settle.py) settles the hold in the book
+    (``book.settle``: debits applied in memory), then calls ``ThresholdWatch.check``,
+    whose ``alerts.fire`` is a synchronous ``execute_write`` (busy_timeout 0), and only
+    then hands the row to the Store. While another process holds the write lock, the
+    alert write raises ``DatabaseBusy`` out of settlement: the request answers 503
+    storage_unavailable, no usage row is queued and nothing is withdrawn, yet the book
+    keeps the debit. The customer loses the credits in memory (the ledger still has them:
+    book and ledger disagree until a restart) and is refused with 402 meanwhile."""
+    p = await make_proxy(rules_text=RULES, storage={"lock_wait": "1s", "fail_mode": "closed"})
+    h = await _setup(p, "2")
+    with foreign_write_lock(tmp_path / "meter.db"):
+        status, body = await _get(p, h, 2, "locked")    # spends all 2: "depleted" fires
+    assert status == 503, body
+    with p.db() as c:
+        audited = {r for (r,) in c.execute("SELECT request_id FROM audit")}
+    assert "locked" not in audited                      # not recorded, never billed ...
+    assert _ledger_balance(p) == 2_000_000              # ... and the ledger kept the credits
+    credits = await p.admin("GET", "/admin/customers/c1/grants", expect=200)
+    assert credits["balance"] == "2", credits           # the book must agree with the ledger
+    status, body = await _get(p, h, 1, "after")
+    assert status == 200, body
+
+
+async def test_a_withheld_row_with_debt_is_withdrawn_and_the_batch_is_kept(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """Store invariant 8: a row whose answer was withheld (503 metering_unavailable) is
+    dropped and its credit debits handed to ``store.on_withdraw`` (proxy/app.py), which
+    turns every settlement entry into a negative ``refund`` on its grant. An enforced
+    ``block`` customer's settlement also has a ``debt`` entry (grant_id ""): the
+    negative refund on grant "" raises KeyError inside ``Store._on_failure``. The debt of
+    the request never served stays on the book, and the failure handler stops before it
+    puts the failed batch back in ``_pending``."""
+    p = await make_proxy(rules_text=RULES, storage={"lock_wait": "1s", "fail_mode": "closed"})
+    h = await _setup(p, "10")
+    # fire the threshold alerts first, so the failing request's settlement writes none
+    assert (await _get(p, h, 9, "first"))[0] == 200
+    # the group commit fails (not a lock: a trigger refusing the journal insert)
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("CREATE TRIGGER review_fail BEFORE INSERT ON journal"
+                  " BEGIN SELECT RAISE(ABORT, 'review: commit refused'); END")
+    # holds the 1-unit floor (1 credit, all that is left), measures 5: 1 debited, 4 debt
+    status, body = await _get(p, h, 5, "withheld")
+    assert status == 503 and "metering_unavailable" in body, body
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("DROP TRIGGER review_fail")
+    credits = await p.admin("GET", "/admin/customers/c1/grants", expect=200)
+    # never billed: the 1 credit debited is back and no debt is owed for it
+    assert credits["debt"] == "0", credits
+    assert credits["balance"] == "1", credits
+
+    async def healthy() -> bool:
+        return bool(p.server.rt.store.healthy)
+    await wait_until(healthy)
+    assert (await _get(p, h, 1, "after"))[0] == 200
+    with p.db() as c:
+        audited = {r for (r,) in c.execute("SELECT request_id FROM audit")}
+    assert audited == {"first", "after"}
