@@ -37,7 +37,6 @@ from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
 from proxy.commitments import TRUEUP_INTERVAL, TrueUpTask
 from proxy.config import Config, split_hostport
-from proxy.credits.ledger import Entry
 from proxy.credits.mirror import MonetaryService
 from proxy.credits.money import MoneyBook, in_use, rules_problems
 from proxy.credits.service import CreditService, load_book
@@ -203,8 +202,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     credits = CreditService(store, book, storage.ledger)
     if fleet is not None:
         fleet.credits.shared = credits.book     # who holds grants, fleet-wide
-    store.on_withdraw = lambda row: credits.book.apply(
-        Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
+    store.on_withdraw = lambda row: credits.book.withdraw(
+        row.customer_id, (e for _, e in row.debits))
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
     watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
                                       on_new=alerts.wake)
