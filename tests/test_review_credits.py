@@ -68,6 +68,10 @@ async def test_a_credit_alert_write_that_fails_leaves_the_request_debited_but_un
     assert _ledger_balance(p) == 2_000_000              # ... and the ledger kept the credits
     credits = await p.admin("GET", "/admin/customers/c1/grants", expect=200)
     assert credits["balance"] == "2", credits           # the book must agree with the ledger
+
+    async def healthy() -> bool:
+        return bool(p.server.rt.store.healthy)
+    await wait_until(healthy)
     status, body = await _get(p, h, 1, "after")
     assert status == 200, body
 
