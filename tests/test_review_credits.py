@@ -110,3 +110,39 @@ async def test_a_withheld_row_with_debt_is_withdrawn_and_the_batch_is_kept(
     with p.db() as c:
         audited = {r for (r,) in c.execute("SELECT request_id FROM audit")}
     assert audited == {"first", "after"}
+
+
+async def test_a_rollover_close_does_not_take_credits_an_in_flight_request_was_admitted_on(
+        tmp_path: Path) -> None:
+    """docs/credits.md, "Expiry at admission": a request is settled against the grants live
+    when it was admitted, and a grant's ``expire`` entry is held back while a request
+    admitted before its ``expires_at`` is in flight. ``WebhookReceiver._close_previous``
+    (proxy/webhooks.py), run when a rollover plan's next period is granted, writes the
+    previous grant's ``expire`` entry for all it has left without that check. A request
+    admitted one second before the boundary and settled after it then finds the grant
+    empty: its cost becomes debt (a ``bill`` customer's: invoiced overage) although the
+    same credits were carried into the new grant, and with a cap the customer ends up
+    with less than if the request had settled a moment earlier."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        p0 = (S0 - 30 * DAY, S0)
+        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", p0, "subscription_create"))
+        book = env.credits.book
+        # a 10-credit request admitted 1 s before the period ends, still in flight
+        hold = book.try_hold("acme", 10_000_000, S0 - 1, block=True, debt_ok=True)
+        assert hold is not None
+        # the renewal (allowance 50, rollover cap 80) is processed just after the boundary
+        await _at(env, S0 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"))
+        (entries, uncovered), = book.settle(hold, [10_000_000], S0 + 10)
+        assert uncovered == 0
+        # covered by the grant it was admitted on, as a request settled before the renewal
+        assert [e.kind for e in entries] == ["debit"], entries
+        assert book.debt("acme") == 0
+        # 50 + what the first period had left after the request (40), capped at 80
+        assert book.balance("acme", S0 + 10) == 80_000_000
+    finally:
+        env.store.close()
