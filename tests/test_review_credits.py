@@ -4,11 +4,14 @@ another process, or a trigger put in the database file by another connection).""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 from tests.conftest import Proxy, ProxyFactory
 from tests.helpers import wait_until
+from tests.stripe_double.fixture import RunningDouble
 from tests.test_storage_resilience import foreign_write_lock
 
 RULES = """\
@@ -146,3 +149,49 @@ async def test_a_rollover_close_does_not_take_credits_an_in_flight_request_was_a
         assert book.balance("acme", S0 + 10) == 80_000_000
     finally:
         env.store.close()
+
+
+async def test_a_withheld_monetary_row_leaves_no_debt_cover_and_no_covered_burn(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble, tmp_path: Path) -> None:
+    """The monetary mode: settlement moves the customer's money account (the period's
+    total, what it burned and what credits covered; ``Account.cover`` adds the request's
+    debt to ``debt_total``, which the mirror covers at Stripe with a promotional grant).
+    When the row is withheld (503, never reported to Stripe) only the grant debits are
+    given back (``store.on_withdraw``): the account keeps the burn, the covered amount and
+    the debt. Stripe then gets a promotional credit for usage it never saw (credit given
+    away), and the balance check reports a difference that is not there."""
+    from proxy.periods import period_bounds
+    from tests.test_credits_mirror import CUS, TOKEN_RULES, TOKENS_PRICE, _stripe
+
+    stripe_double.state.add_meter("llm_tokens", id="mtr_tokens")
+    stripe_double.state.add_price(TOKENS_PRICE)
+    stripe_double.state.add_subscription(CUS, ["price_tokens"], period_bounds(None, time.time()))
+    p = await make_proxy(rules_text=TOKEN_RULES, stripe=_stripe(stripe_double),
+                         credits={"mode": "monetary"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "0.10"}, expect=201)
+    h = {"Authorization": f"Bearer {key}"}
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("CREATE TRIGGER review_fail BEFORE INSERT ON journal"
+                  " BEGIN SELECT RAISE(ABORT, 'review: commit refused'); END")
+    # 40 tokens at 1 cent: 10 cents covered, 30 cents of debt; the commit fails -> 503
+    async with p.session.post(p.url + "/v1/chat/completions", json={}, headers=h) as r:
+        assert r.status == 503, await r.text()
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("DROP TRIGGER review_fail")
+
+    async def grant_mirrored() -> bool:
+        rows = (await p.admin("GET", "/admin/credits/mirrors?customer_id=acme",
+                              expect=200))["mirrors"]
+        return any(r["grant_id"].startswith("grt_") and r["status"] == "mirrored"
+                   for r in rows)
+    await wait_until(grant_mirrored)
+    await asyncio.sleep(2.5)        # the mirror compares the book with its table every second
+    covers = [g.value for g in stripe_double.state.credit_grants.grants.values()
+              if g.metadata["meterproxy_grant"].startswith("debt:")]
+    assert covers == [], covers     # no debt was ever reported: nothing to cover
+    got = await p.admin("GET", "/admin/customers/acme/grants", expect=200)
+    assert (got["balance"], got["debt"]) == ("0.1", "0"), got
+    [check] = (await p.admin("POST", "/admin/credits/balance-check",
+                             {"customer_id": "acme"}, expect=200))["checks"]
+    assert check["difference"] == 0, check
