@@ -195,3 +195,52 @@ async def test_a_withheld_monetary_row_leaves_no_debt_cover_and_no_covered_burn(
     [check] = (await p.admin("POST", "/admin/credits/balance-check",
                              {"customer_id": "acme"}, expect=200))["checks"]
     assert check["difference"] == 0, check
+
+
+async def _rollover_refund(tmp: Path, refund_first: bool) -> int:
+    """A rollover plan (50 a period, no cap): period 0 paid 20.00 and nothing spent, its
+    charge fully refunded, and period 1's renewal; the balance just after both."""
+    from proxy.config import CreditPlan
+    from tests.test_plan_lifecycle import CFG, DAY, S0, Clock, Env, _at, _inv
+    from tests.test_webhooks_lifecycle import _charge
+
+    cfg = CFG.model_copy(deep=True)
+    cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
+        {"allowance": "50", "mode": "rollover"})
+    env = await Env.open(tmp, Clock(0), cfg)
+    try:
+        p0 = (S0 - 30 * DAY, S0)
+        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", p0, "subscription_create", charge="ch_1",
+                       payment_intent="pi_1", amount_paid=2000))
+
+        async def refund(t: int) -> None:
+            await _at(env, t, "evt_r", "charge.refunded", _charge("cus_acme", "in_0", 2000, 2000))
+
+        async def renew(t: int) -> None:
+            await _at(env, t, "evt_1", "invoice.paid",
+                      _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle",
+                           amount_paid=2000))
+        if refund_first:
+            await refund(S0 - 60)
+            await renew(S0 + 5)
+        else:
+            await renew(S0 + 5)
+            await refund(S0 + 60)
+        return env.balance(S0 + 120)
+    finally:
+        env.store.close()
+
+
+async def test_a_refunded_rollover_allowance_is_not_kept_through_the_carry(tmp_path: Path) -> None:
+    """A refund takes back a plan grant's unused credit (docs/credits.md, "Refunds"): period
+    0's 50 credits, refunded in full before the renewal, are gone (the renewal carries
+    nothing: 50). Refunded a minute after the renewal, the same 50 credits have been
+    carried into period 1's grant by ``_close_previous``, which wrote them as an ``expire``
+    entry on the old grant; the claw-back (``proxy.credits.ledger.clawback``) treats them
+    as "expired unused, absorbs its share, takes nothing", so the customer keeps the
+    refunded allowance: 100, not 50, depending only on which event came first."""
+    before = await _rollover_refund(tmp_path / "a", refund_first=True)
+    after = await _rollover_refund(tmp_path / "b", refund_first=False)
+    assert before == 50_000_000
+    assert after == before
