@@ -244,3 +244,39 @@ async def test_a_refunded_rollover_allowance_is_not_kept_through_the_carry(tmp_p
     after = await _rollover_refund(tmp_path / "b", refund_first=False)
     assert before == 50_000_000
     assert after == before
+
+
+async def test_rollover_after_a_written_off_renewal_paid_late_carries_from_the_paid_grant(
+        tmp_path: Path) -> None:
+    """A rollover renewal granted at ``invoice.created``, written off
+    (``invoice.marked_uncollectible``: its grant clawed back) and then paid: the allowance is
+    granted anew under ``stripe:plan:<sub>:<start>:paid:<invoice>``, beside the clawed-back
+    grant of the same period start. The next renewal's ``_close_previous`` asks the ledger
+    for "the" previous period grant (``previous_period_grant``: ``ORDER BY period_start
+    DESC LIMIT 1``, a tie between the two) and gets the clawed-back one: it carries 0 and
+    leaves the paid grant's 50 to expire. With nothing spent the customer should hold
+    50 + 50 (rollover_expiry next_period: only the paid grant's own allowance moves on)."""
+    from proxy.config import CreditPlan
+    from tests.test_plan_lifecycle import CFG, DAY, S0, S1, S2, Clock, Env, _at, _inv
+
+    cfg = CFG.model_copy(deep=True)
+    cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
+        {"allowance": "50", "mode": "rollover"})
+    env = await Env.open(tmp_path, Clock(0), cfg)
+    try:
+        await _at(env, S0 + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", (S0, S1), "subscription_create", amount_paid=2000))
+        renewal = _inv("in_1", "price_roll", (S1, S2), "subscription_cycle", amount_due=2000)
+        out = await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+        assert out["grants"][0]["credits"] == "100"                 # 50 + 50 carried
+        await _at(env, S1 + DAY, "evt_u", "invoice.marked_uncollectible", renewal)
+        assert env.balance(S1 + DAY) == 0
+        paid = await _at(env, S1 + 2 * DAY, "evt_p", "invoice.paid", renewal)
+        assert paid["grants"][0]["credits"] == "100"                # granted anew
+        s3 = S2 + 30 * DAY
+        nxt = await _at(env, S2 + 5, "evt_n", "invoice.paid",
+                        _inv("in_2", "price_roll", (S2, s3), "subscription_cycle",
+                             amount_paid=2000))
+        assert nxt["grants"][0]["credits"] == "100", nxt
+    finally:
+        env.store.close()
