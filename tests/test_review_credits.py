@@ -280,3 +280,33 @@ async def test_rollover_after_a_written_off_renewal_paid_late_carries_from_the_p
         assert nxt["grants"][0]["credits"] == "100", nxt
     finally:
         env.store.close()
+
+
+async def test_the_expiry_task_survives_a_locked_database(make_proxy: ProxyFactory,
+                                                         tmp_path: Path) -> None:
+    """``CreditService.run_expiry`` writes expiry (and repayment) entries with
+    ``ledger.append``, a synchronous ``execute_write`` (busy_timeout 0). If another process
+    holds the SQLite write lock when a grant's expiry is due, ``DatabaseBusy`` escapes the
+    loop and the ``credit-expiry`` task ends for good (``proxy.tasks`` only logs it): no
+    grant's ``expire`` entry is ever written again, and debt owed out of a grant that
+    becomes effective later (``repay_due``) is never repaid, until a restart."""
+    import time as _time
+
+    p = await make_proxy(rules_text=RULES, storage={"lock_wait": "1s", "fail_mode": "closed"})
+    await p.customer_with_key("c1", stripe_customer_id="cus_c1")
+    first = int(_time.time()) + 2
+    await p.admin("POST", "/admin/customers/c1/grants",
+                  {"credits": "5", "expires_at": first, "idempotency_key": "g1"}, expect=201)
+    with foreign_write_lock(tmp_path / "meter.db"):
+        while _time.time() < first + 1.5:         # the expiry falls due while locked
+            await asyncio.sleep(0.1)
+    second = int(_time.time()) + 2
+    await p.admin("POST", "/admin/customers/c1/grants",
+                  {"credits": "3", "expires_at": second, "idempotency_key": "g2"}, expect=201)
+
+    async def both_expired() -> bool:
+        with p.db() as c:
+            (n,) = c.execute("SELECT COUNT(*) FROM credit_entries WHERE kind='expire'"
+                             ).fetchone()
+        return int(n) == 2
+    await wait_until(both_expired, timeout=8.0, what="both grants' expiry entries")
