@@ -37,7 +37,6 @@ from proxy.admin.webhooks import webhook_routes
 from proxy.alerts import AlertSender
 from proxy.commitments import TRUEUP_INTERVAL, TrueUpTask
 from proxy.config import Config, split_hostport
-from proxy.credits.ledger import Entry
 from proxy.credits.mirror import MonetaryService
 from proxy.credits.money import MoneyBook, in_use, rules_problems
 from proxy.credits.service import CreditService, load_book
@@ -58,7 +57,7 @@ from proxy.request.pipeline import Pipeline
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
-from proxy.store.db import Store
+from proxy.store.db import Store, UsageRow
 from proxy.store.keys import Customer, KeyCache, KeyEntry
 from proxy.store.protocols import KeySnapshot
 from proxy.store.sqlite import SqliteStorage, as_storage, open_reader
@@ -203,14 +202,22 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     credits = CreditService(store, book, storage.ledger)
     if fleet is not None:
         fleet.credits.shared = credits.book     # who holds grants, fleet-wide
-    store.on_withdraw = lambda row: credits.book.apply(
-        Entry(e.grant_id, "refund", -e.amount) for _, e in row.debits)
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
     watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
                                       on_new=alerts.wake)
     flusher = build_flusher(rt, sink, fleet)
     meter_check = await _check_meters(rt, undo)
     money = MoneyBook()
+
+    def withdraw(row: UsageRow) -> None:
+        """A withheld row is never billed (Store invariant 8): its settlement is undone in
+        the credit book and, for a monetary customer, in its money account."""
+        credits.book.withdraw(row.customer_id, (e for _, e in row.debits))
+        if money.active:
+            money.withdraw(row.customer_id, row.at,
+                           [(i.meter, i.quantity, i.credits) for i in row.items],
+                           sum(e.amount for _, e in row.debits if e.kind == "debt"))
+    store.on_withdraw = withdraw
     problems = monetary_rules_problems(rt, rules)
     if problems:
         raise ConfigError([f"credits: {p}" for p in problems])

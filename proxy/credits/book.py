@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.credits.ledger import (
+    DEBT,
     Entry,
     GrantState,
     apply,
@@ -102,6 +103,20 @@ class CreditBook:
         apply(self._by_id, entries)
         if customer_id is not None:
             self._debt[customer_id] += debt_delta(entries)
+
+    def withdraw(self, customer_id: str, entries: Iterable[Entry]) -> None:
+        """Undo a settlement whose usage row was dropped (Store invariant 8: a withheld
+        answer is never billed): each debit goes back to its grant and a ``debt`` entry is
+        no longer owed."""
+        for e in entries:
+            if e.kind == DEBT:
+                left = self._debt.get(customer_id, 0) - e.amount
+                if left > 0:
+                    self._debt[customer_id] = left
+                else:
+                    self._debt.pop(customer_id, None)
+            elif (g := self._by_id.get(e.grant_id)) is not None:
+                g.remaining += e.amount
 
     def debt(self, customer_id: str) -> int:
         return self._debt.get(customer_id, 0)

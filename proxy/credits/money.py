@@ -230,6 +230,28 @@ class MoneyBook:
         self._accounts.pop(customer_id, None)
         self.active = bool(self._accounts)
 
+    def withdraw(self, customer_id: str, at: float, items: Iterable[tuple[str, int, int]],
+                 debt: int) -> None:
+        """Undo a settlement whose usage row was dropped (a withheld answer, never
+        reported to Stripe): ``items`` (meter, micro-units, micro-credits covered) leave
+        the period they were settled in (``at``), and its ``debt`` is no longer to be
+        covered at Stripe. What the period burned becomes the line of the smaller total
+        again (exact for per-unit and graduated prices; a volume price keeps the highest
+        line it reached, as its replay does)."""
+        acct = self._accounts.get(customer_id)
+        if acct is None:
+            return
+        acct.debt_total = max(acct.debt_total - max(debt, 0), 0)
+        for meter, micro, covered in items:
+            mp = acct.meters.get(meter)
+            if mp is None or not mp.start <= at < mp.end:
+                continue
+            mp.total = max(mp.total - micro, 0)
+            mp.covered = max(mp.covered - covered, 0)
+            price = acct.prices.get(meter)
+            if price is not None and price.tiers_mode != "volume":
+                mp.charged = load_charged(price, mp.total)
+
     def costs(self, acct: Account, quantities: Sequence[tuple[str, int]],
               now: float) -> list[int]:
         """Each quantity's burn in micro-credits, the account moved past it (the period

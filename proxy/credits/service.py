@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits, repay
-from proxy.errors import InvalidInput
+from proxy.errors import InvalidInput, StorageUnavailable
 from proxy.store.db import Store
 from proxy.store.ledger import SqliteCreditLedger
 from proxy.store.protocols import ClawbackDecision, CreditLedger, GrantFacts, LedgerEntry, LedgerSnapshot, NewGrant
@@ -27,6 +28,7 @@ from proxy.timeutil import rfc3339
 from proxy.units import UnitError, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.credits")
+EXPIRY_RETRY = 1.0      # seconds before an expiry pass whose write failed runs again
 
 
 def load_book(snapshot: LedgerSnapshot) -> CreditBook:
@@ -227,9 +229,21 @@ class CreditService:
     async def run_expiry(self, max_sleep: float = 60.0) -> None:
         while True:
             now = time.time()
-            await self.expire_due(now)
-            await self.repay_due(now)
-            nxt = min((t for t in (self.book.next_expiry(now), self.book.next_effective(now))
+            retry: float | None = None
+            try:
+                await self.expire_due(now)
+                await self.repay_due(now)
+            except (StorageUnavailable, sqlite3.Error) as exc:
+                # a write lock held by another process: the transaction was rolled back and
+                # the book is told only after a write, so nothing was applied; try again
+                # shortly instead of ending the task for good. (An outcome that is unknown,
+                # PostgreSQL's StorageOutcomeUnknown, is not retried blindly: the entries
+                # may have been written.)
+                log.warning("credit expiry/repayment not written (retrying in %.0f s): %s",
+                            EXPIRY_RETRY, exc)
+                retry = now + EXPIRY_RETRY
+            nxt = min((t for t in (self.book.next_expiry(now), self.book.next_effective(now),
+                                   retry)
                        if t is not None), default=None)
             delay = max_sleep if nxt is None else min(max_sleep, max(0.0, nxt - now))
             self._wake.clear()

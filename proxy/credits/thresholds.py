@@ -20,6 +20,8 @@ Delivery belongs to ``proxy.alerts``.
 from __future__ import annotations
 
 import hashlib
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -29,9 +31,12 @@ import orjson
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import GrantState
+from proxy.errors import StorageError
 from proxy.periods import period_bounds
 from proxy.store.protocols import AlertsFired, NewAlert
 from proxy.units import fmt_micro
+
+log = logging.getLogger("meterproxy.credits")
 
 DEPLETED = "depleted"
 
@@ -107,9 +112,19 @@ class ThresholdWatch:
                 "consumed": fmt_micro(granted - remaining),
                 "at": int(now)})
 
-        self.alerts.fire([NewAlert(customer_id, key, str(a["threshold"]),
-                                   orjson.dumps(a).decode(), int(now))
-                          for key, a in zip(keys, alerts, strict=True)])
+        try:
+            self.alerts.fire([NewAlert(customer_id, key, str(a["threshold"]),
+                                       orjson.dumps(a).decode(), int(now))
+                              for key, a in zip(keys, alerts, strict=True)])
+        except (sqlite3.Error, StorageError) as exc:
+            # called inside settlement, after the book was debited and before the usage
+            # row is queued: a failed alert write must not fail the request (its row would
+            # be lost with its debits kept). Not marked fired: the next check retries.
+            for t, key in new:
+                self._fired.discard((customer_id, key, t))
+            log.warning("credit alert for %s not written (retried at the next change): %s",
+                        customer_id, exc)
+            return []
         if self.on_new is not None:
             self.on_new()
         return alerts

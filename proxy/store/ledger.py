@@ -140,7 +140,10 @@ class SqliteCreditLedger:
         if later is not None:
             return None
         row = conn.execute("SELECT id FROM grants WHERE customer_id=? AND substr(idempotency_key,"
-                           " 1, ?)=? AND period_start < ? ORDER BY period_start DESC LIMIT 1",
+                           " 1, ?)=? AND period_start < ? ORDER BY period_start DESC,"
+                           # a period's allowance granted anew after its invoice was written
+                           # off (key ...:paid:<invoice>) is the one it ended with
+                           " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1",
                            (customer_id, len(key_prefix), key_prefix, start)).fetchone()
         return str(row[0]) if row else None
 

@@ -220,7 +220,10 @@ class PostgresCreditLedger:
                 return None
             gid = await c.fetchval(
                 "SELECT id FROM grants WHERE customer_id=$1 AND starts_with(idempotency_key, $2)"
-                " AND period_start < $3 ORDER BY period_start DESC LIMIT 1",
+                " AND period_start < $3 ORDER BY period_start DESC,"
+                # a period's allowance granted anew after its invoice was written off (key
+                # ...:paid:<invoice>) is the one it ended with
+                " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1",
                 customer_id, key_prefix, start)
         return None if gid is None else str(gid)
 

@@ -1,0 +1,312 @@
+"""Adversarial review of the credit book (h/rev-credits): each test here failed on main
+79e37ad. Real proxy, real sockets on 127.0.0.1, real SQLite (a foreign write lock held by
+another process, or a trigger put in the database file by another connection)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from tests.conftest import Proxy, ProxyFactory
+from tests.helpers import wait_until
+from tests.stripe_double.fixture import RunningDouble
+from tests.test_storage_resilience import foreign_write_lock
+
+RULES = """\
+version: 1
+meters:
+  units: {stripe_event_name: units}
+rules:
+  - name: health
+    match: {path: /healthz}
+    auth: none
+  - name: items
+    match: {methods: [GET], path: /v1/items}
+    usage:
+      - {meter: units, quantity: request.query.n, credits: 1}
+"""
+
+
+async def _setup(p: Proxy, credits: str) -> dict[str, str]:
+    key = await p.customer_with_key("c1", stripe_customer_id="cus_c1", overage="block")
+    await p.admin("POST", "/admin/customers/c1/grants",
+                  {"credits": credits, "idempotency_key": "c1-g"}, expect=201)
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _get(p: Proxy, h: dict[str, str], n: int, rid: str) -> tuple[int, str]:
+    async with p.session.get(p.url + f"/v1/items?n={n}",
+                             headers={**h, "X-Request-Id": rid}) as r:
+        return r.status, await r.text()
+
+
+def _ledger_balance(p: Proxy) -> int:
+    with p.db() as c:
+        (granted,) = c.execute("SELECT SUM(amount) FROM grants").fetchone()
+        (taken,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
+                             " WHERE grant_id IS NOT NULL").fetchone()
+    return int(granted) - int(taken)
+
+
+async def test_a_credit_alert_write_that_fails_leaves_the_request_debited_but_unrecorded(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """``Settlement.record`` (proxy/request/settle.py) settles the hold in the book
+    (``book.settle``: debits applied in memory), then calls ``ThresholdWatch.check``,
+    whose ``alerts.fire`` is a synchronous ``execute_write`` (busy_timeout 0), and only
+    then hands the row to the Store. While another process holds the write lock, the
+    alert write raises ``DatabaseBusy`` out of settlement: the request answers 503
+    storage_unavailable, no usage row is queued and nothing is withdrawn, yet the book
+    keeps the debit. The customer loses the credits in memory (the ledger still has them:
+    book and ledger disagree until a restart) and is refused with 402 meanwhile."""
+    p = await make_proxy(rules_text=RULES, storage={"lock_wait": "1s", "fail_mode": "closed"})
+    h = await _setup(p, "2")
+    with foreign_write_lock(tmp_path / "meter.db"):
+        status, body = await _get(p, h, 2, "locked")    # spends all 2: "depleted" fires
+    assert status == 503, body
+    with p.db() as c:
+        audited = {r for (r,) in c.execute("SELECT request_id FROM audit")}
+    assert "locked" not in audited                      # not recorded, never billed ...
+    assert _ledger_balance(p) == 2_000_000              # ... and the ledger kept the credits
+    credits = await p.admin("GET", "/admin/customers/c1/grants", expect=200)
+    assert credits["balance"] == "2", credits           # the book must agree with the ledger
+
+    async def healthy() -> bool:
+        return bool(p.server.rt.store.healthy)
+    await wait_until(healthy)
+    status, body = await _get(p, h, 1, "after")
+    assert status == 200, body
+
+
+async def test_a_withheld_row_with_debt_is_withdrawn_and_the_batch_is_kept(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """Store invariant 8: a row whose answer was withheld (503 metering_unavailable) is
+    dropped and its credit debits handed to ``store.on_withdraw`` (proxy/app.py), which
+    turns every settlement entry into a negative ``refund`` on its grant. An enforced
+    ``block`` customer's settlement also has a ``debt`` entry (grant_id ""): the
+    negative refund on grant "" raises KeyError inside ``Store._on_failure``. The debt of
+    the request never served stays on the book, and the failure handler stops before it
+    puts the failed batch back in ``_pending``."""
+    p = await make_proxy(rules_text=RULES, storage={"lock_wait": "1s", "fail_mode": "closed"})
+    h = await _setup(p, "10")
+    # fire the threshold alerts first, so the failing request's settlement writes none
+    assert (await _get(p, h, 9, "first"))[0] == 200
+    # the group commit fails (not a lock: a trigger refusing the journal insert)
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("CREATE TRIGGER review_fail BEFORE INSERT ON journal"
+                  " BEGIN SELECT RAISE(ABORT, 'review: commit refused'); END")
+    # holds the 1-unit floor (1 credit, all that is left), measures 5: 1 debited, 4 debt
+    status, body = await _get(p, h, 5, "withheld")
+    assert status == 503 and "metering_unavailable" in body, body
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("DROP TRIGGER review_fail")
+    credits = await p.admin("GET", "/admin/customers/c1/grants", expect=200)
+    # never billed: the 1 credit debited is back and no debt is owed for it
+    assert credits["debt"] == "0", credits
+    assert credits["balance"] == "1", credits
+
+    async def healthy() -> bool:
+        return bool(p.server.rt.store.healthy)
+    await wait_until(healthy)
+    assert (await _get(p, h, 1, "after"))[0] == 200
+    with p.db() as c:
+        audited = {r for (r,) in c.execute("SELECT request_id FROM audit")}
+    assert audited == {"first", "after"}
+
+
+async def test_a_rollover_close_does_not_take_credits_an_in_flight_request_was_admitted_on(
+        tmp_path: Path) -> None:
+    """docs/credits.md, "Expiry at admission": a request is settled against the grants live
+    when it was admitted, and a grant's ``expire`` entry is held back while a request
+    admitted before its ``expires_at`` is in flight. ``WebhookReceiver._close_previous``
+    (proxy/webhooks.py), run when a rollover plan's next period is granted, writes the
+    previous grant's ``expire`` entry for all it has left without that check. A request
+    admitted one second before the boundary and settled after it then finds the grant
+    empty: its cost becomes debt (a ``bill`` customer's: invoiced overage) although the
+    same credits were carried into the new grant, and with a cap the customer ends up
+    with less than if the request had settled a moment earlier."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        p0 = (S0 - 30 * DAY, S0)
+        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", p0, "subscription_create"))
+        book = env.credits.book
+        # a 10-credit request admitted 1 s before the period ends, still in flight
+        hold = book.try_hold("acme", 10_000_000, S0 - 1, block=True, debt_ok=True)
+        assert hold is not None
+        # the renewal (allowance 50, rollover cap 80) is processed just after the boundary
+        await _at(env, S0 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"))
+        (entries, uncovered), = book.settle(hold, [10_000_000], S0 + 10)
+        assert uncovered == 0
+        # covered by the grant it was admitted on, as a request settled before the renewal
+        assert [e.kind for e in entries] == ["debit"], entries
+        assert book.debt("acme") == 0
+        # 50 + what the first period had left after the request (40), capped at 80
+        assert book.balance("acme", S0 + 10) == 80_000_000
+    finally:
+        env.store.close()
+
+
+async def test_a_withheld_monetary_row_leaves_no_debt_cover_and_no_covered_burn(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble, tmp_path: Path) -> None:
+    """The monetary mode: settlement moves the customer's money account (the period's
+    total, what it burned and what credits covered; ``Account.cover`` adds the request's
+    debt to ``debt_total``, which the mirror covers at Stripe with a promotional grant).
+    When the row is withheld (503, never reported to Stripe) only the grant debits are
+    given back (``store.on_withdraw``): the account keeps the burn, the covered amount and
+    the debt. Stripe then gets a promotional credit for usage it never saw (credit given
+    away), and the balance check reports a difference that is not there."""
+    from proxy.periods import period_bounds
+    from tests.test_credits_mirror import CUS, TOKEN_RULES, TOKENS_PRICE, _stripe
+
+    stripe_double.state.add_meter("llm_tokens", id="mtr_tokens")
+    stripe_double.state.add_price(TOKENS_PRICE)
+    stripe_double.state.add_subscription(CUS, ["price_tokens"], period_bounds(None, time.time()))
+    p = await make_proxy(rules_text=TOKEN_RULES, stripe=_stripe(stripe_double),
+                         credits={"mode": "monetary"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+    await p.admin("POST", "/admin/customers/acme/grants", {"credits": "0.10"}, expect=201)
+    h = {"Authorization": f"Bearer {key}"}
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("CREATE TRIGGER review_fail BEFORE INSERT ON journal"
+                  " BEGIN SELECT RAISE(ABORT, 'review: commit refused'); END")
+    # 40 tokens at 1 cent: 10 cents covered, 30 cents of debt; the commit fails -> 503
+    async with p.session.post(p.url + "/v1/chat/completions", json={}, headers=h) as r:
+        assert r.status == 503, await r.text()
+    with sqlite3.connect(str(tmp_path / "meter.db")) as c:
+        c.execute("DROP TRIGGER review_fail")
+
+    async def grant_mirrored() -> bool:
+        rows = (await p.admin("GET", "/admin/credits/mirrors?customer_id=acme",
+                              expect=200))["mirrors"]
+        return any(r["grant_id"].startswith("grt_") and r["status"] == "mirrored"
+                   for r in rows)
+    await wait_until(grant_mirrored)
+    await asyncio.sleep(2.5)        # the mirror compares the book with its table every second
+    covers = [g.value for g in stripe_double.state.credit_grants.grants.values()
+              if g.metadata["meterproxy_grant"].startswith("debt:")]
+    assert covers == [], covers     # no debt was ever reported: nothing to cover
+    got = await p.admin("GET", "/admin/customers/acme/grants", expect=200)
+    assert (got["balance"], got["debt"]) == ("0.1", "0"), got
+    [check] = (await p.admin("POST", "/admin/credits/balance-check",
+                             {"customer_id": "acme"}, expect=200))["checks"]
+    assert check["difference"] == 0, check
+
+
+async def _rollover_refund(tmp: Path, refund_first: bool) -> int:
+    """A rollover plan (50 a period, no cap): period 0 paid 20.00 and nothing spent, its
+    charge fully refunded, and period 1's renewal; the balance just after both."""
+    from proxy.config import CreditPlan
+    from tests.test_plan_lifecycle import CFG, DAY, S0, Clock, Env, _at, _inv
+    from tests.test_webhooks_lifecycle import _charge
+
+    cfg = CFG.model_copy(deep=True)
+    cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
+        {"allowance": "50", "mode": "rollover"})
+    env = await Env.open(tmp, Clock(0), cfg)
+    try:
+        p0 = (S0 - 30 * DAY, S0)
+        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", p0, "subscription_create", charge="ch_1",
+                       payment_intent="pi_1", amount_paid=2000))
+
+        async def refund(t: int) -> None:
+            await _at(env, t, "evt_r", "charge.refunded", _charge("cus_acme", "in_0", 2000, 2000))
+
+        async def renew(t: int) -> None:
+            await _at(env, t, "evt_1", "invoice.paid",
+                      _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle",
+                           amount_paid=2000))
+        if refund_first:
+            await refund(S0 - 60)
+            await renew(S0 + 5)
+        else:
+            await renew(S0 + 5)
+            await refund(S0 + 60)
+        return env.balance(S0 + 120)
+    finally:
+        env.store.close()
+
+
+async def test_a_refunded_rollover_allowance_is_not_kept_through_the_carry(tmp_path: Path) -> None:
+    """A refund takes back a plan grant's unused credit (docs/credits.md, "Refunds"): period
+    0's 50 credits, refunded in full before the renewal, are gone (the renewal carries
+    nothing: 50). Refunded a minute after the renewal, the same 50 credits have been
+    carried into period 1's grant by ``_close_previous``, which wrote them as an ``expire``
+    entry on the old grant; the claw-back (``proxy.credits.ledger.clawback``) treats them
+    as "expired unused, absorbs its share, takes nothing", so the customer keeps the
+    refunded allowance: 100, not 50, depending only on which event came first."""
+    before = await _rollover_refund(tmp_path / "a", refund_first=True)
+    after = await _rollover_refund(tmp_path / "b", refund_first=False)
+    assert before == 50_000_000
+    assert after == before
+
+
+async def test_rollover_after_a_written_off_renewal_paid_late_carries_from_the_paid_grant(
+        tmp_path: Path) -> None:
+    """A rollover renewal granted at ``invoice.created``, written off
+    (``invoice.marked_uncollectible``: its grant clawed back) and then paid: the allowance is
+    granted anew under ``stripe:plan:<sub>:<start>:paid:<invoice>``, beside the clawed-back
+    grant of the same period start. The next renewal's ``_close_previous`` asks the ledger
+    for "the" previous period grant (``previous_period_grant``: ``ORDER BY period_start
+    DESC LIMIT 1``, a tie between the two) and gets the clawed-back one: it carries 0 and
+    leaves the paid grant's 50 to expire. With nothing spent the customer should hold
+    50 + 50 (rollover_expiry next_period: only the paid grant's own allowance moves on)."""
+    from proxy.config import CreditPlan
+    from tests.test_plan_lifecycle import CFG, DAY, S0, S1, S2, Clock, Env, _at, _inv
+
+    cfg = CFG.model_copy(deep=True)
+    cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
+        {"allowance": "50", "mode": "rollover"})
+    env = await Env.open(tmp_path, Clock(0), cfg)
+    try:
+        await _at(env, S0 + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", (S0, S1), "subscription_create", amount_paid=2000))
+        renewal = _inv("in_1", "price_roll", (S1, S2), "subscription_cycle", amount_due=2000)
+        out = await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+        assert out["grants"][0]["credits"] == "100"                 # 50 + 50 carried
+        await _at(env, S1 + DAY, "evt_u", "invoice.marked_uncollectible", renewal)
+        assert env.balance(S1 + DAY) == 0
+        paid = await _at(env, S1 + 2 * DAY, "evt_p", "invoice.paid", renewal)
+        assert paid["grants"][0]["credits"] == "100"                # granted anew
+        s3 = S2 + 30 * DAY
+        nxt = await _at(env, S2 + 5, "evt_n", "invoice.paid",
+                        _inv("in_2", "price_roll", (S2, s3), "subscription_cycle",
+                             amount_paid=2000))
+        assert nxt["grants"][0]["credits"] == "100", nxt
+    finally:
+        env.store.close()
+
+
+async def test_the_expiry_task_survives_a_locked_database(make_proxy: ProxyFactory,
+                                                         tmp_path: Path) -> None:
+    """``CreditService.run_expiry`` writes expiry (and repayment) entries with
+    ``ledger.append``, a synchronous ``execute_write`` (busy_timeout 0). If another process
+    holds the SQLite write lock when a grant's expiry is due, ``DatabaseBusy`` escapes the
+    loop and the ``credit-expiry`` task ends for good (``proxy.tasks`` only logs it): no
+    grant's ``expire`` entry is ever written again, and debt owed out of a grant that
+    becomes effective later (``repay_due``) is never repaid, until a restart."""
+    import time as _time
+
+    p = await make_proxy(rules_text=RULES, storage={"lock_wait": "1s", "fail_mode": "closed"})
+    await p.customer_with_key("c1", stripe_customer_id="cus_c1")
+    first = int(_time.time()) + 2
+    await p.admin("POST", "/admin/customers/c1/grants",
+                  {"credits": "5", "expires_at": first, "idempotency_key": "g1"}, expect=201)
+    with foreign_write_lock(tmp_path / "meter.db"):
+        while _time.time() < first + 1.5:         # the expiry falls due while locked
+            await asyncio.sleep(0.1)
+    second = int(_time.time()) + 2
+    await p.admin("POST", "/admin/customers/c1/grants",
+                  {"credits": "3", "expires_at": second, "idempotency_key": "g2"}, expect=201)
+
+    async def both_expired() -> bool:
+        with p.db() as c:
+            (n,) = c.execute("SELECT COUNT(*) FROM credit_entries WHERE kind='expire'"
+                             ).fetchone()
+        return int(n) == 2
+    await wait_until(both_expired, timeout=8.0, what="both grants' expiry entries")
