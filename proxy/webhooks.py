@@ -79,6 +79,7 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.config import Config
+from proxy.credits.book import DEFERRED_EXPIRY_RETRY
 from proxy.credits.ledger import Entry, carry, rollover_grant
 from proxy.credits.plans import (
     monthly_anchor,
@@ -116,6 +117,9 @@ log = logging.getLogger("meterproxy.webhooks")
 PATH = "/webhooks/stripe"
 MAX_BODY = 1024 * 1024
 TOLERANCE = 300
+# why a rollover renewal waits while the previous period's grant is still in use
+_IN_USE = ("a request admitted on the previous period's grant before it expired is in flight:"
+           " what that grant leaves to carry is known once the request settles")
 STATUSES = ("pending", "processed", "ignored", "waiting_customer", "waiting_period", "failed")
 # subscription_update: a plan line that is not a proration is a whole new period (a plan
 # change that reset the billing cycle anchor)
@@ -453,6 +457,7 @@ class WebhookReceiver:
                          " granted at customer.subscription.updated")
         sub = invoice_subscription(inv)
         waiting: int | None = None
+        wait_reason = ""
         if plan_lines:
             reason = inv.get("billing_reason")
             line = plan_lines[0]
@@ -463,6 +468,12 @@ class WebhookReceiver:
                 notes.append("plan line not granted: no subscription or period")
             elif self._rollover_early(line):
                 waiting = line.period[0]
+                wait_reason = f"a rollover period starting {rfc3339(waiting)}: what the" \
+                              " previous period leaves is known then; processed again at" \
+                              " that time"
+            elif await self._previous_in_use(cid, sub, line):
+                waiting = int(self.clock() + DEFERRED_EXPIRY_RETRY)
+                wait_reason = _IN_USE + f"; processed again at {rfc3339(waiting)}"
             else:
                 granted.append(await self._grant_plan(cid, inv_id, sub, line, payment, "paid"))
             if len(plan_lines) > 1:
@@ -473,9 +484,7 @@ class WebhookReceiver:
         if waiting is not None:
             self._period_due = min(self._period_due, float(waiting))
             return Outcome("waiting_period", {
-                "customer": cid, "grants": granted, "notes": notes,
-                "reason": f"a rollover period starting {rfc3339(waiting)}: what the previous"
-                          " period leaves is known then; processed again at that time"})
+                "customer": cid, "grants": granted, "notes": notes, "reason": wait_reason})
         if not granted and not reactivated:
             return Outcome("ignored", {"customer": cid, "reason": "no configured price",
                                        "notes": notes})
@@ -535,6 +544,11 @@ class WebhookReceiver:
         state = await self.credits.ledger.plan_invoice_state(inv_id)
         if state is not None and state != "open":
             return Outcome("ignored", {"customer": cid, "reason": f"invoice already {state}"})
+        if await self._previous_in_use(cid, sub, lines[0]):
+            retry = int(self.clock() + DEFERRED_EXPIRY_RETRY)
+            self._period_due = min(self._period_due, float(retry))
+            return Outcome("waiting_period", {
+                "customer": cid, "reason": _IN_USE + f"; processed again at {rfc3339(retry)}"})
         payment = ((inv_id,), _minor(inv.get("amount_due")))
         info = await self._grant_plan(cid, inv_id, sub, lines[0], payment, "open")
         return Outcome("processed", {"customer": cid, "grants": [info],
@@ -804,6 +818,18 @@ class WebhookReceiver:
         plan = self.cfg.credits.plans[line.price]
         return plan.mode == "rollover" and line.period is not None \
             and line.period[0] > self.clock()
+
+    async def _previous_in_use(self, cid: str, sub: str, line: Line) -> bool:
+        """A rollover renewal whose previous period grant a request admitted before that
+        grant expired still settles on (docs/credits.md, "Expiry at admission"): closing it
+        now would expire credits the request is covered by, turning its cost into debt (or
+        billed overage) while the same credits are carried. The renewal waits for it."""
+        plan = self.cfg.credits.plans[line.price]
+        if plan.mode != "rollover" or line.period is None:
+            return False
+        prev = await self.credits.ledger.previous_period_grant(cid, f"stripe:plan:{sub}:",
+                                                               line.period[0])
+        return prev is not None and self.credits.book.expiry_deferred(prev)
 
     async def _grant_plan(self, cid: str, inv_id: str, sub: str, line: Line,
                           payment: tuple[tuple[str, ...], int] | None,

@@ -137,15 +137,49 @@ async def test_a_rollover_close_does_not_take_credits_an_in_flight_request_was_a
         # a 10-credit request admitted 1 s before the period ends, still in flight
         hold = book.try_hold("acme", 10_000_000, S0 - 1, block=True, debt_ok=True)
         assert hold is not None
-        # the renewal (allowance 50, rollover cap 80) is processed just after the boundary
-        await _at(env, S0 + 5, "evt_1", "invoice.paid",
-                  _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"))
+        # the renewal (allowance 50, rollover cap 80) arrives just after the boundary: it
+        # waits while the request admitted on the previous period's grant is in flight
+        out = await _at(env, S0 + 5, "evt_1", "invoice.paid",
+                        _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"),
+                        status="waiting_period")
+        assert "in flight" in out["reason"], out
+        await env.hooks.drain()                         # not due yet: nothing changes
+        assert book.balance("acme", S0 + 5) == 0        # the old grant has expired for new ones
         (entries, uncovered), = book.settle(hold, [10_000_000], S0 + 10)
         assert uncovered == 0
         # covered by the grant it was admitted on, as a request settled before the renewal
         assert [e.kind for e in entries] == ["debit"], entries
         assert book.debt("acme") == 0
+        env.clock.t = S0 + 10
+        assert await env.hooks.drain() == 1             # due again, nothing in flight: granted
         # 50 + what the first period had left after the request (40), capped at 80
+        assert book.balance("acme", S0 + 10) == 80_000_000
+    finally:
+        env.store.close()
+
+
+async def test_a_rollover_renewal_granted_at_invoice_creation_also_waits_for_the_request(
+        tmp_path: Path) -> None:
+    """The same at ``invoice.created`` (a renewal granted before its payment): it waits while
+    the request admitted on the previous grant is in flight, then carries what is left."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        p0 = (S0 - 30 * DAY, S0)
+        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", p0, "subscription_create"))
+        book = env.credits.book
+        hold = book.try_hold("acme", 10_000_000, S0 - 1, block=True, debt_ok=True)
+        assert hold is not None
+        await _at(env, S0 + 5, "evt_1", "invoice.created",
+                  _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"),
+                  status="waiting_period")
+        (entries, _), = book.settle(hold, [10_000_000], S0 + 10)
+        assert [e.kind for e in entries] == ["debit"], entries
+        env.clock.t = S0 + 10
+        assert await env.hooks.drain() == 1
+        assert book.debt("acme") == 0
         assert book.balance("acme", S0 + 10) == 80_000_000
     finally:
         env.store.close()

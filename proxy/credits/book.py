@@ -233,6 +233,13 @@ class CreditBook:
         oldest = self._oldest_admission(g.customer_id)
         return oldest is not None and g.expires_at is not None and oldest < g.expires_at
 
+    def expiry_deferred(self, grant_id: str) -> bool:
+        """A request admitted before the grant's ``expires_at`` is still in flight: what the
+        grant has left is not final yet (its expiry entry waits, and so must a rollover's
+        close of it)."""
+        g = self._by_id.get(grant_id)
+        return g is not None and self._deferred(g)
+
     def due_expiries(self, now: float) -> list[Entry]:
         return [e for e in expire_due(self._by_id.values(), now)
                 if not self._deferred(self._by_id[e.grant_id])]
