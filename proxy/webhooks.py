@@ -821,7 +821,7 @@ class WebhookReceiver:
 
     async def _previous_in_use(self, cid: str, sub: str, line: Line) -> bool:
         """A rollover renewal whose previous period grant a request admitted before that
-        grant expired still settles on (docs/credits.md, "Expiry at admission"): closing it
+        grant expired still settles on (docs/credits.md, "Settlement"): closing it
         now would expire credits the request is covered by, turning its cost into debt (or
         billed overage) while the same credits are carried. The renewal waits for it."""
         plan = self.cfg.credits.plans[line.price]

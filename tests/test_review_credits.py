@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Proxy, ProxyFactory
 from tests.helpers import wait_until
 from tests.stripe_double.fixture import RunningDouble
@@ -266,6 +268,9 @@ async def _rollover_refund(tmp: Path, refund_first: bool) -> int:
         env.store.close()
 
 
+@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, 'Refunds', and the "
+                   "README's Known limits): a claw-back does not follow credits a rollover "
+                   "carried into the next period's grant")
 async def test_a_refunded_rollover_allowance_is_not_kept_through_the_carry(tmp_path: Path) -> None:
     """A refund takes back a plan grant's unused credit (docs/credits.md, "Refunds"): period
     0's 50 credits, refunded in full before the renewal, are gone (the renewal carries
@@ -332,8 +337,7 @@ async def test_the_expiry_task_survives_a_locked_database(make_proxy: ProxyFacto
     await p.admin("POST", "/admin/customers/c1/grants",
                   {"credits": "5", "expires_at": first, "idempotency_key": "g1"}, expect=201)
     with foreign_write_lock(tmp_path / "meter.db"):
-        while _time.time() < first + 1.5:         # the expiry falls due while locked
-            await asyncio.sleep(0.1)
+        await asyncio.sleep(first + 1.5 - _time.time())    # the expiry falls due while locked
     second = int(_time.time()) + 2
     await p.admin("POST", "/admin/customers/c1/grants",
                   {"credits": "3", "expires_at": second, "idempotency_key": "g2"}, expect=201)
