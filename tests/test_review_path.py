@@ -1,0 +1,131 @@
+"""Adversarial review (request path): each test shows one defect through a real proxy, a real
+upstream on loopback and real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import orjson
+from aiohttp import web
+
+from tests.conftest import Proxy, ProxyFactory
+from tests.servers import serve
+
+Q = 1_000_000
+
+HEADER_RULES = """\
+version: 1
+meters:
+  units: {stripe_event_name: units}
+rules:
+  - name: small-model
+    match: {methods: [POST], path: /v1/infer, headers: {X-Model: "small"}}
+    usage:
+      - {meter: units, quantity: 1}
+  - name: default-model
+    match: {methods: [POST], path: /v1/infer}
+    usage:
+      - {meter: units, quantity: 10}
+"""
+
+
+async def _raw(port: int, head: list[bytes], body: bytes = b"") -> tuple[int, bytes]:
+    """One request on its own connection, the head lines as given; reads until close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def _audit(p: Proxy, rid: str) -> list[tuple[str, int]]:
+    with p.db() as db:
+        return db.execute("SELECT rule, quantity FROM audit WHERE request_id = ?",
+                          (rid,)).fetchall()
+
+
+async def test_a_header_named_by_connection_is_matched_but_not_forwarded(
+        make_proxy: ProxyFactory) -> None:
+    """A rule matched ``X-Model: small`` (1 unit), but the consumer also named X-Model in
+    ``Connection``, so the proxy drops it on the way up (hop-by-hop): the upstream serves its
+    default model while the request is billed as the small one. What is matched by a rule
+    must be what is forwarded upstream."""
+    seen: dict[str, str | None] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        model = request.headers.get("X-Model")
+        seen[request.headers["X-Request-Id"]] = model
+        return web.json_response({"model": model or "large-default"})
+
+    app = web.Application()
+    app.router.add_post("/v1/infer", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url, rules_text=HEADER_RULES)
+        key = await p.customer_with_key("acme")
+        port = p.server.public_port
+        common = [b"POST /v1/infer HTTP/1.1", b"Host: 127.0.0.1",
+                  b"Authorization: Bearer " + key.encode(), b"Content-Length: 2",
+                  b"X-Model: small"]
+        # the honest request: matched small, the upstream serves small
+        status, _ = await _raw(port, [*common, b"Connection: close", b"X-Request-Id: honest"],
+                               b"{}")
+        assert status == 200
+        assert seen["honest"] == "small"
+        # the trick: the same header, named by Connection
+        status, body = await _raw(port, [*common, b"Connection: close, X-Model",
+                                         b"X-Request-Id: trick"], b"{}")
+        assert status == 200
+        served = orjson.loads(body)["model"]
+        rows = _audit(p, "trick")
+        # billed as what the upstream served: the small rule only if it received X-Model
+        expected_rule = "small-model" if seen["trick"] == "small" else "default-model"
+        assert (served, [r[0] for r in rows]) == (served, [expected_rule]), \
+            f"upstream served {served!r} (X-Model={seen['trick']!r}) but billed {rows}"
+
+
+def _big_answer(echo: dict[str, object]) -> bytes:
+    """An answer over the default 1 MiB inspection cap (many short strings, as a logprobs
+    answer has), its usage first, then the consumer's metadata merged at the top level."""
+    doc: dict[str, object] = {"usage": {"total_tokens": 5000},
+                              "logprobs": ["tok"] * 300_000}
+    doc.update(echo)
+    return orjson.dumps(doc)
+
+
+async def test_the_over_cap_key_scan_takes_a_dotted_key_for_a_nested_one(
+        make_proxy: ProxyFactory) -> None:
+    """docs/metering-bodies.md: the key scan 'follows the JSON structure (a key inside a string
+    or at another depth never matches)'. ijson names paths by joining keys with '.', so a
+    top-level key ``"usage.total_tokens"`` (here echoed from the consumer's request, as APIs
+    that return the request's fields do) is taken for ``usage.total_tokens``: a body over
+    ``max_inspect_bytes`` is billed 1 token instead of the 5000 it reports (orjson, below
+    the cap, reads 5000)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        req = json.loads(await request.read())
+        body = _big_answer(req.get("metadata", {}))
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url)
+        key = await p.customer_with_key("acme")
+        headers = {"Authorization": f"Bearer {key}"}
+        for rid, meta in (("plain", {}), ("dotted", {"usage.total_tokens": 1})):
+            async with p.session.post(p.url + "/v1/chat/completions",
+                                      headers={**headers, "X-Request-Id": rid},
+                                      json={"model": "m", "messages": [],
+                                            "metadata": meta}) as r:
+                assert r.status == 200
+                assert orjson.loads(await r.read())["usage"] == {"total_tokens": 5000}
+        with p.db() as db:
+            billed = dict(db.execute(
+                "SELECT request_id, quantity FROM audit WHERE meter = 'llm_tokens'"))
+        assert billed == {"plain": 5000 * Q, "dotted": 5000 * Q}
