@@ -55,6 +55,7 @@ from proxy.http_errors import error_response
 from proxy.request.admission import Admission, LeaseAdmit
 from proxy.request.auth import Authenticator
 from proxy.request.context import new_context
+from proxy.request.forward import matched_headers
 from proxy.request.settle import Settlement
 from proxy.request.stream import Exchange, Streamer
 from proxy.request.websocket import WebSocketRelay
@@ -140,7 +141,7 @@ class Pipeline:
             if (self.reserved and path.startswith(self.reserved)) or path in self.own_paths:
                 return await self._own_route(request, rid, path)
             rules = self.rt.rules
-            match = rules.match(request.method, path, request.headers,
+            match = rules.match(request.method, path, matched_headers(request.headers),
                                 request.query if rules.reads_query else _NO_PARAMS)
             rule = match.rule if match is not None else None
             rule_name = rule.name if rule is not None else "(unmatched)"

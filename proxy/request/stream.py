@@ -56,6 +56,7 @@ from proxy.request.forward import (
     Upstream,
     body_error,
     forward_headers,
+    matched_headers,
     response_headers,
     set_header,
 )
@@ -418,7 +419,8 @@ class Exchange:
             m = body_measurement(status, inspector.result() if inspector is not None else None,
                                  bool(self.flags))
         elif rc.quantities is None:
-            m = Measurement(status=status, request_headers=self.ctx.request.headers,
+            m = Measurement(status=status,
+                            request_headers=matched_headers(self.ctx.request.headers),
                             response_headers=CIMultiDict(upstream.headers)
                             if rc.response_headers else _NO_HEADERS,
                             query=self.ctx.request.query,

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.request.context import RequestContext
-from proxy.request.forward import Upstream, upstream_headers
+from proxy.request.forward import Upstream, matched_headers, upstream_headers
 from proxy.request.settle import Settlement
 from proxy.rules import UNREADABLE, Measurement
 from proxy.tasks import spawn
@@ -64,7 +64,8 @@ class WebSocketRelay:
             await server_ws.close()
             rule = ctx.rule
             if rule is not None and rule.usage and ctx.customer_id:
-                m = Measurement(status=status, request_headers=request.headers,
+                m = Measurement(status=status,
+                                request_headers=matched_headers(request.headers),
                                 response_headers={}, query=request.query,
                                 path_params=ctx.params, request_json=UNREADABLE,
                                 response_body=None, request_bytes=0, response_bytes=0,
