@@ -129,3 +129,58 @@ async def test_the_over_cap_key_scan_takes_a_dotted_key_for_a_nested_one(
             billed = dict(db.execute(
                 "SELECT request_id, quantity FROM audit WHERE meter = 'llm_tokens'"))
         assert billed == {"plain": 5000 * Q, "dotted": 5000 * Q}
+
+
+UPLOAD_RULES = """\
+version: 1
+meters:
+  gb_processed: {stripe_event_name: gb_processed}
+rules:
+  - name: process
+    match: {methods: [POST], path: /v1/process}
+    usage:
+      - {meter: gb_processed, quantity: request.bytes}
+"""
+
+
+async def test_a_gzip_request_body_is_billed_its_compressed_size(
+        make_proxy: ProxyFactory) -> None:
+    """rules/example.yaml bills ``gb_processed`` by ``request.bytes``. The proxy forwards a
+    compressed request body as sent and counts its bytes on the wire; an upstream that
+    decodes ``Content-Encoding`` (aiohttp's server does by default, so do Starlette's
+    GZipMiddleware users, nginx gunzip, ...) processes the decoded body. 4 MB of JSON
+    compressed to a few KB is billed a few KB: a compression trick that makes the work
+    nearly free. The quantity must be what the upstream processed (or the request
+    refused, as a request-body rule refuses it with 415)."""
+    import gzip
+
+    processed: dict[str, int] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        data = await request.read()          # aiohttp decodes Content-Encoding: gzip
+        processed[request.headers["X-Request-Id"]] = len(data)
+        return web.json_response({"processed": len(data)})
+
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_post("/v1/process", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url, rules_text=UPLOAD_RULES)
+        key = await p.customer_with_key("acme")
+        plain = orjson.dumps({"rows": [{"v": 0}] * 500_000})
+        packed = gzip.compress(plain)
+        async with p.session.post(p.url + "/v1/process", data=packed,
+                                  headers={"Authorization": f"Bearer {key}",
+                                           "Content-Encoding": "gzip",
+                                           "Content-Type": "application/json",
+                                           "X-Request-Id": "gz"}) as r:
+            status = r.status
+            await r.read()
+        with p.db() as db:
+            billed = db.execute("SELECT quantity FROM audit WHERE request_id = 'gz'"
+                                ).fetchall()
+        if status == 415:
+            assert billed == [] and "gz" not in processed
+        else:
+            assert status == 200 and processed["gz"] == len(plain) > 50 * len(packed)
+            assert billed == [(len(plain) * Q,)], \
+                f"upstream processed {len(plain)} bytes, billed {billed} micro-units"
