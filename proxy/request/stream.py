@@ -114,8 +114,8 @@ class Exchange:
             if rule.response_body is not ResponseNeed.NONE:
                 # the body must be readable: ask for it uncompressed (decoded if ignored)
                 headers = set_header(headers, "Accept-Encoding", "identity")
-            if (rule.request_json or rule.stream_usage) and req.body_exists \
-                    and _encoded(req.headers):
+            if (rule.request_json or rule.stream_usage or rule.request_bytes) \
+                    and req.body_exists and _encoded(req.headers):
                 raise HttpError("This endpoint reads the request body to meter it; send it "
                                 "uncompressed (no Content-Encoding).", status=415,
                                 type_="unsupported_content_encoding")
