@@ -184,3 +184,36 @@ async def test_a_gzip_request_body_is_billed_its_compressed_size(
             assert status == 200 and processed["gz"] == len(plain) > 50 * len(packed)
             assert billed == [(len(plain) * Q,)], \
                 f"upstream processed {len(plain)} bytes, billed {billed} micro-units"
+
+
+async def test_a_utf8_bom_hides_the_request_json_from_the_meter(
+        make_proxy: ProxyFactory) -> None:
+    """RFC 8259 8.1: a JSON parser MAY ignore a leading byte order mark, and Python upstreams
+    do (Starlette/FastAPI and Flask call ``json.loads`` on the bytes; so does this one). The
+    proxy's orjson refuses it, so a 3-byte prefix turns ``request.json.n`` into its fallback
+    (the test rules' ``on_unreadable: 7``) while the upstream does the work for n = 1000 (and
+    an ``openai_chat`` stream gets no ``include_usage``: the estimate instead of the tokens).
+    README lists 1 MiB of padding as the way to force the fallback; this costs 3 bytes."""
+    done: dict[str, int] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        n = json.loads(await request.read())["n"]     # what Starlette's request.json() does
+        done[request.headers["X-Request-Id"]] = n
+        return web.json_response({"done": n})
+
+    app = web.Application()
+    app.router.add_post("/v1/echo", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url)
+        key = await p.customer_with_key("acme")
+        for rid, prefix in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+            async with p.session.post(p.url + "/v1/echo", data=prefix + b'{"n": 1000}',
+                                      headers={"Authorization": f"Bearer {key}",
+                                               "Content-Type": "application/json",
+                                               "X-Request-Id": rid}) as r:
+                assert r.status == 200
+        assert done == {"plain": 1000, "bom": 1000}
+        with p.db() as db:
+            billed = dict(db.execute(
+                "SELECT request_id, quantity FROM audit WHERE meter = 'units'"))
+        assert billed == {"plain": 1000 * Q, "bom": 1000 * Q}
