@@ -68,6 +68,7 @@ from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 from proxy.upstream import Response
 
 _SMALL_BODY = 64 * 1024
+_BOM = b"\xef\xbb\xbf"
 
 
 class Aborted(MeterproxyError):
@@ -238,7 +239,10 @@ class Exchange:
             if buf and (rule.request_json or buf.find(b'"stream"') >= 0
                         or buf.find(b"\\u") >= 0):
                 try:
-                    self.request_json = orjson.loads(buf)
+                    # a leading UTF-8 byte order mark is ignored, as RFC 8259 8.1 allows and
+                    # Python upstreams do (json.loads of bytes); orjson refuses it
+                    self.request_json = orjson.loads(
+                        memoryview(buf)[3:] if buf.startswith(_BOM) else buf)
                 except orjson.JSONDecodeError:
                     self.request_json = UNREADABLE
             body = bytes(buf)
