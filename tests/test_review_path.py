@@ -217,3 +217,44 @@ async def test_a_utf8_bom_hides_the_request_json_from_the_meter(
             billed = dict(db.execute(
                 "SELECT request_id, quantity FROM audit WHERE meter = 'units'"))
         assert billed == {"plain": 1000 * Q, "bom": 1000 * Q}
+
+
+async def test_a_refused_websocket_handshake_leaves_no_upstream_session_open(
+        make_proxy: ProxyFactory) -> None:
+    """The proxy connects the WebSocket upstream first (with its own Sec-WebSocket-Key), then
+    answers the consumer's handshake. A consumer handshake aiohttp refuses (no
+    Sec-WebSocket-Key: 400) raises before the relay's try, so the upstream session it opened
+    is never closed: each such request leaves an upstream WebSocket (and a connection of the
+    relay's aiohttp connector, limited to pool_size) open until the upstream gives up."""
+    from tests.helpers import wait_until
+
+    open_sessions: set[int] = set()
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        open_sessions.add(id(ws))
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            open_sessions.discard(id(ws))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", ws_handler)
+    async with serve(app, shutdown_timeout=0.5) as url:
+        p = await make_proxy(url)
+        key = await p.customer_with_key("acme")
+        for i in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+            writer.write(b"\r\n".join([
+                b"GET /v1/realtime HTTP/1.1", b"Host: 127.0.0.1",
+                b"Authorization: Bearer " + key.encode(), b"Upgrade: websocket",
+                b"Connection: Upgrade", b"Sec-WebSocket-Version: 13",
+                f"X-Request-Id: ws-{i}".encode()]) + b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 400"), head
+        await wait_until(lambda: len(open_sessions), ok=lambda n: n == 0, timeout=3,
+                         what="the upstream sessions of refused handshakes to close")
