@@ -54,7 +54,13 @@ class WebSocketRelay:
                        protocols: tuple[str, ...]) -> web.StreamResponse:
         request = ctx.request
         server_ws = web.WebSocketResponse(protocols=protocols, autoping=False)
-        await server_ws.prepare(request)
+        try:
+            await server_ws.prepare(request)
+        except BaseException:
+            # the consumer's handshake was refused (or it left): the upstream session opened
+            # for it is closed, never left to the upstream's timeout or the GC
+            await upstream_ws.close()
+            raise
         # an upgraded session counts as a success (2xx) for count_when
         status = 200
         try:
