@@ -258,3 +258,36 @@ async def test_a_refused_websocket_handshake_leaves_no_upstream_session_open(
             assert head.startswith(b"HTTP/1.1 400"), head
         await wait_until(lambda: len(open_sessions), ok=lambda n: n == 0, timeout=3,
                          what="the upstream sessions of refused handshakes to close")
+
+
+async def test_valid_json_orjson_refuses_hides_the_request_json_from_the_meter(
+        make_proxy: ProxyFactory) -> None:
+    """Valid JSON (RFC 8259) that orjson refuses: a number beyond a double's range, an
+    escaped lone surrogate. A Python upstream reads it (``json.loads``) and serves n = 1000; the proxy
+    bills ``request.json.n``'s fallback (``on_unreadable: 7``). An unused 10-byte field
+    does what README says takes 1 MiB of padding."""
+    done: dict[str, int] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        n = json.loads(await request.read())["n"]
+        done[request.headers["X-Request-Id"]] = n
+        return web.json_response({"done": n})
+
+    app = web.Application()
+    app.router.add_post("/v1/echo", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url)
+        key = await p.customer_with_key("acme")
+        bodies = {"plain": b'{"n": 1000}', "huge": b'{"n": 1000, "x": 1e400}',
+                  "surrogate": b'{"n": 1000, "user": "\\ud800"}'}
+        for rid, body in bodies.items():
+            async with p.session.post(p.url + "/v1/echo", data=body,
+                                      headers={"Authorization": f"Bearer {key}",
+                                               "Content-Type": "application/json",
+                                               "X-Request-Id": rid}) as r:
+                assert r.status == 200
+        assert done == dict.fromkeys(bodies, 1000)
+        with p.db() as db:
+            billed = dict(db.execute(
+                "SELECT request_id, quantity FROM audit WHERE meter = 'units'"))
+        assert billed == dict.fromkeys(bodies, 1000 * Q)
