@@ -28,6 +28,7 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Collection, Mapping
 from decimal import Decimal
@@ -236,6 +237,7 @@ class Exchange:
             # an openai_chat rule only needs the JSON of a body that may ask for a stream
             # (a key may also be spelt with \u escapes; bytes.find: `bytes in bytes` costs a
             # discarded TypeError on Python 3.11)
+            exact = True            # the JSON, if read, was read by orjson
             if buf and (rule.request_json or buf.find(b'"stream"') >= 0
                         or buf.find(b"\\u") >= 0):
                 try:
@@ -244,10 +246,16 @@ class Exchange:
                     self.request_json = orjson.loads(
                         memoryview(buf)[3:] if buf.startswith(_BOM) else buf)
                 except orjson.JSONDecodeError:
-                    self.request_json = UNREADABLE
+                    exact = False
+                    self.request_json = _as_python_reads(buf)
             body = bytes(buf)
-            if rule.stream_usage and self.request_json is not UNREADABLE:
-                added = with_stream_usage(self.request_json, body)
+            doc = self.request_json
+            # a body only the stdlib read gets include_usage only by the byte insertion, and
+            # only in UTF-8 (no NUL): orjson would re-encode what it refused
+            if rule.stream_usage and doc is not UNREADABLE and (
+                    exact or (isinstance(doc, dict) and "stream_options" not in doc
+                              and body.find(b"\x00") < 0)):
+                added = with_stream_usage(doc, body)
                 if added is not None:
                     body = added
                     self.strip_usage = True
@@ -445,6 +453,16 @@ def _encoded(headers: Any) -> bool:
     "identity" (the upstream would decode it; the proxy could not read it)."""
     return any(t.strip() and t.strip().lower() != "identity"
                for v in headers.getall("Content-Encoding", ()) for t in v.split(","))
+
+
+def _as_python_reads(buf: bytearray) -> object:
+    """What a Python upstream reads (``json.loads`` of the bytes) from a request body orjson
+    refused although it may be valid JSON (a number beyond a double's range, an escaped lone
+    surrogate; UTF-16 or UTF-32), else UNREADABLE. Called only for a refused body."""
+    try:
+        return json.loads(bytes(buf))
+    except (ValueError, RecursionError):
+        return UNREADABLE
 
 
 def _withheld() -> HttpError:
