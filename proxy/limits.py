@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import resource
 from typing import Any
 
@@ -35,6 +36,9 @@ from proxy import metrics
 from proxy.config import LimitsConfig
 
 log = logging.getLogger("meterproxy.limits")
+
+# the end of a request head: its blank line (CRLF or bare LF line endings)
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 # the file descriptors kept free for everything else (database, WAL, logs, admin port)
 FD_RESERVE = 64
@@ -112,7 +116,8 @@ class ConnectionGuard:
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("guard", "head_at", "head_bytes", "last_payload", "refused", "rx_at")
+    __slots__ = ("guard", "head_at", "head_bytes", "head_tail", "last_payload", "refused",
+                 "rx_at")
 
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -121,6 +126,7 @@ class GuardedHandler(RequestHandler):
         self.rx_at = 0.0
         self.head_at: float | None = None     # first byte of a request head not yet complete
         self.head_bytes = 0
+        self.head_tail = b""                    # the last bytes of the head read so far
         self.last_payload: Any = None           # body of the last request parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,6 +160,15 @@ class GuardedHandler(RequestHandler):
             if self.head_at is None:
                 self.head_at = now
             self.head_bytes += len(data)
+            if self.head_bytes > self.guard.max_header_bytes \
+                    and self._head_size(data) > self.guard.max_header_bytes:
+                # over the bound, whether the head is still arriving or ends in this read
+                # (then its request would be served): refused before it is parsed
+                transport = self.transport
+                if transport is not None:
+                    transport.write(self.guard.too_large)
+                self.kill("header_too_large")
+                return
         messages = self._messages
         queued = len(messages)
         RequestHandler.data_received(self, data)     # (no super object per read)
@@ -161,6 +176,7 @@ class GuardedHandler(RequestHandler):
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
             self.head_bytes = 0
+            self.head_tail = b""
             if isinstance(msg, _ErrInfo):
                 # a malformed or oversized head: aiohttp answers 400/431 and closes; read
                 # nothing more meanwhile (each further chunk would be parsed into another
@@ -168,11 +184,18 @@ class GuardedHandler(RequestHandler):
                 transport = self.transport
                 if transport is not None:
                     transport.pause_reading()
-        elif in_head and self.head_bytes > self.guard.max_header_bytes:
-            transport = self.transport
-            if transport is not None:
-                transport.write(self.guard.too_large)
-            self.kill("header_too_large")
+        elif in_head:
+            self.head_tail = data[-3:]
+
+    def _head_size(self, data: bytes) -> int:
+        """The size of the head being read, once ``data`` (counted in ``head_bytes``) is
+        added: up to its blank line when ``data`` ends it (the bytes after it are the body or
+        the next request), else all of it."""
+        before = self.head_bytes - len(data)
+        m = _HEAD_END.search(self.head_tail + data)
+        if m is None:
+            return self.head_bytes
+        return before + m.end() - len(self.head_tail)
 
     def kill(self, reason: str) -> None:
         metrics.connections_closed_total.labels(reason).inc()
