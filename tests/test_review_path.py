@@ -310,3 +310,25 @@ async def test_a_complete_head_over_max_header_bytes_in_one_read_is_refused(
     data = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
     assert data.startswith(b"HTTP/1.1 431 "), data[:60]
+
+
+async def test_a_query_key_is_not_forwarded_to_the_upstream(make_proxy: ProxyFactory) -> None:
+    """docs/configuration.md, keys.forward_to_upstream: '`false` strips it (the upstream
+    never sees meterproxy's keys)'. A key sent in the query (``keys.sources: [{query:
+    api_key}]``) is forwarded with the rest of the query, verbatim."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url, keys={"sources": [{"query": "api_key"}]})
+        key = await p.customer_with_key("acme")
+        async with p.session.get(p.url + f"/v1/items?a=1&api_key={key}&b=2") as r:
+            assert r.status == 200
+        assert len(seen) == 1
+        assert key not in seen[0], seen[0]
+        assert seen[0] == "/v1/items?a=1&b=2"
