@@ -80,6 +80,7 @@ class ConnectionGuard:
     def __init__(self, cfg: LimitsConfig, max_connections: int) -> None:
         self.max_connections = max_connections
         self.max_header_bytes = cfg.max_header_bytes
+        self.max_field = cfg.max_header_field
         self.header_timeout = cfg.header_timeout
         self.body_timeout = cfg.body_timeout
         self.handler_args: dict[str, Any] = {
@@ -161,13 +162,11 @@ class GuardedHandler(RequestHandler):
                 self.head_at = now
             self.head_bytes += len(data)
             if self.head_bytes > self.guard.max_header_bytes \
-                    and self._head_size(data) > self.guard.max_header_bytes:
-                # over the bound, whether the head is still arriving or ends in this read
-                # (then its request would be served): refused before it is parsed
-                transport = self.transport
-                if transport is not None:
-                    transport.write(self.guard.too_large)
-                self.kill("header_too_large")
+                    and (end := self._head_end(data)) is not None \
+                    and end > self.guard.max_header_bytes:
+                # a head over the bound that ends in this read would be parsed and served:
+                # refused before it is parsed (one still arriving is refused below)
+                self._too_large()
                 return
         messages = self._messages
         queued = len(messages)
@@ -186,16 +185,27 @@ class GuardedHandler(RequestHandler):
                     transport.pause_reading()
         elif in_head:
             self.head_tail = data[-3:]
+            if self.head_bytes > self.guard.max_header_bytes:
+                self._too_large()
 
-    def _head_size(self, data: bytes) -> int:
-        """The size of the head being read, once ``data`` (counted in ``head_bytes``) is
-        added: up to its blank line when ``data`` ends it (the bytes after it are the body or
-        the next request), else all of it."""
-        before = self.head_bytes - len(data)
-        m = _HEAD_END.search(self.head_tail + data)
+    def _too_large(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(self.guard.too_large)
+        self.kill("header_too_large")
+
+    def _head_end(self, data: bytes) -> int | None:
+        """When ``data`` (counted in ``head_bytes``) ends the head being read: the head's
+        size, through its blank line (the bytes after it are the body or the next request);
+        else None. Also None when a line of it is over ``max_header_field``: aiohttp's
+        parser refuses that head itself (400), as it always has."""
+        seen = self.head_tail + data
+        m = _HEAD_END.search(seen)
         if m is None:
-            return self.head_bytes
-        return before + m.end() - len(self.head_tail)
+            return None
+        if max(map(len, seen[:m.end()].split(b"\n"))) > self.guard.max_field:
+            return None
+        return self.head_bytes - len(data) + m.end() - len(self.head_tail)
 
     def kill(self, reason: str) -> None:
         metrics.connections_closed_total.labels(reason).inc()
