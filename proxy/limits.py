@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import resource
 from typing import Any
 
@@ -35,6 +36,9 @@ from proxy import metrics
 from proxy.config import LimitsConfig
 
 log = logging.getLogger("meterproxy.limits")
+
+# the end of a request head: its blank line (CRLF or bare LF line endings)
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 # the file descriptors kept free for everything else (database, WAL, logs, admin port)
 FD_RESERVE = 64
@@ -76,6 +80,7 @@ class ConnectionGuard:
     def __init__(self, cfg: LimitsConfig, max_connections: int) -> None:
         self.max_connections = max_connections
         self.max_header_bytes = cfg.max_header_bytes
+        self.max_field = cfg.max_header_field
         self.header_timeout = cfg.header_timeout
         self.body_timeout = cfg.body_timeout
         self.handler_args: dict[str, Any] = {
@@ -112,7 +117,8 @@ class ConnectionGuard:
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("guard", "head_at", "head_bytes", "last_payload", "refused", "rx_at")
+    __slots__ = ("guard", "head_at", "head_bytes", "head_tail", "last_payload", "refused",
+                 "rx_at")
 
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -121,6 +127,7 @@ class GuardedHandler(RequestHandler):
         self.rx_at = 0.0
         self.head_at: float | None = None     # first byte of a request head not yet complete
         self.head_bytes = 0
+        self.head_tail = b""                    # the last bytes of the head read so far
         self.last_payload: Any = None           # body of the last request parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,6 +161,13 @@ class GuardedHandler(RequestHandler):
             if self.head_at is None:
                 self.head_at = now
             self.head_bytes += len(data)
+            if self.head_bytes > self.guard.max_header_bytes \
+                    and (end := self._head_end(data)) is not None \
+                    and end > self.guard.max_header_bytes:
+                # a head over the bound that ends in this read would be parsed and served:
+                # refused before it is parsed (one still arriving is refused below)
+                self._too_large()
+                return
         messages = self._messages
         queued = len(messages)
         RequestHandler.data_received(self, data)     # (no super object per read)
@@ -161,6 +175,7 @@ class GuardedHandler(RequestHandler):
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
             self.head_bytes = 0
+            self.head_tail = b""
             if isinstance(msg, _ErrInfo):
                 # a malformed or oversized head: aiohttp answers 400/431 and closes; read
                 # nothing more meanwhile (each further chunk would be parsed into another
@@ -168,11 +183,29 @@ class GuardedHandler(RequestHandler):
                 transport = self.transport
                 if transport is not None:
                     transport.pause_reading()
-        elif in_head and self.head_bytes > self.guard.max_header_bytes:
-            transport = self.transport
-            if transport is not None:
-                transport.write(self.guard.too_large)
-            self.kill("header_too_large")
+        elif in_head:
+            self.head_tail = data[-3:]
+            if self.head_bytes > self.guard.max_header_bytes:
+                self._too_large()
+
+    def _too_large(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(self.guard.too_large)
+        self.kill("header_too_large")
+
+    def _head_end(self, data: bytes) -> int | None:
+        """When ``data`` (counted in ``head_bytes``) ends the head being read: the head's
+        size, through its blank line (the bytes after it are the body or the next request);
+        else None. Also None when a line of it is over ``max_header_field``: aiohttp's
+        parser refuses that head itself (400), as it always has."""
+        seen = self.head_tail + data
+        m = _HEAD_END.search(seen)
+        if m is None:
+            return None
+        if max(map(len, seen[:m.end()].split(b"\n"))) > self.guard.max_field:
+            return None
+        return self.head_bytes - len(data) + m.end() - len(self.head_tail)
 
     def kill(self, reason: str) -> None:
         metrics.connections_closed_total.labels(reason).inc()

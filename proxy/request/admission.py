@@ -36,6 +36,7 @@ from proxy.credits.book import CreditBook, Hold
 from proxy.credits.money import MoneyBook
 from proxy.credits.reserve import Reservations
 from proxy.errors import HttpError
+from proxy.request.forward import matched_headers
 from proxy.rules import Rule
 from proxy.runtime import Runtime
 from proxy.units import fmt_micro, to_micro
@@ -202,13 +203,13 @@ class Admission:
         if money is not None and money.active \
                 and (acct := money.account(hold.customer_id)) is not None:
             res = self.reservations
-            required = money.quote(acct, res.quantities(rule, request_json, request.headers,
+            required = money.quote(acct, res.quantities(rule, request_json, matched_headers(request.headers),
                                                         request.query), now)
             extra = required - money.quote(acct, res.quantities(rule), now)
             cust = self.rt.keys.customers.get(hold.customer_id)
             block = cust is not None and cust.overage == "block" and not self.shadow
         else:
-            extra = self.reservations.for_rule(rule).hint_extra(request_json, request.headers,
+            extra = self.reservations.for_rule(rule).hint_extra(request_json, matched_headers(request.headers),
                                                                 request.query)
             required = self.admission_cost(rule) + extra
             block = hold.debt_ok

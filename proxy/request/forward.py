@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from proxy import metrics
@@ -120,6 +120,25 @@ def forward_headers(request: web.BaseRequest, rid: str,
         else:
             out.append((name, values[i]))
     return out
+
+
+# Connection tokens that name no end-to-end header (close, keep-alive; Upgrade is hop-by-hop)
+_PLAIN_CONNECTION = frozenset(("close", "keep-alive", "upgrade"))
+
+
+def matched_headers(h: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    """The consumer's headers as the upstream receives them, for rule matching and
+    measurement: without the headers its ``Connection`` header names (``forward_headers``
+    drops them on the way up), so a rule never matches or measures a header the upstream
+    does not get. ``h`` itself (no copy) when ``Connection`` names none."""
+    conn = h.get("Connection")
+    if not conn:
+        return h
+    named = {t.strip().lower() for t in conn.split(",") if t.strip()} - _PLAIN_CONNECTION
+    if not named:
+        return h
+    return CIMultiDictProxy(CIMultiDict([(k, v) for k, v in h.items()
+                                         if k.lower() not in named]))
 
 
 def upstream_headers(request: web.BaseRequest, rid: str, drop: frozenset[str]) -> CIMultiDict[str]:

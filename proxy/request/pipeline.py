@@ -41,6 +41,7 @@ import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import cast
+from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import MatchInfoError
@@ -55,6 +56,7 @@ from proxy.http_errors import error_response
 from proxy.request.admission import Admission, LeaseAdmit
 from proxy.request.auth import Authenticator
 from proxy.request.context import new_context
+from proxy.request.forward import matched_headers
 from proxy.request.settle import Settlement
 from proxy.request.stream import Exchange, Streamer
 from proxy.request.websocket import WebSocketRelay
@@ -115,6 +117,10 @@ class Pipeline:
         self.catch_all = web.UrlDispatcher()
         self.catch_all.add_route("*", "/{tail:.*}", _unreachable)
         self.catch_all.freeze()
+        # the query parameters that carry API keys, dropped from the target on the way up
+        # unless keys.forward_to_upstream (the upstream never sees meterproxy's keys)
+        self.key_params = frozenset() if cfg.keys.forward_to_upstream \
+            else frozenset(auth.key_query)
 
     @property
     def in_flight(self) -> dict[str, int]:
@@ -137,10 +143,12 @@ class Pipeline:
             raise web.HTTPNotFound()        # e.g. an absolute-form target with no path
         try:
             path, target = canonical(raw)
+            if self.key_params and "?" in target:
+                target = without_params(target, self.key_params)
             if (self.reserved and path.startswith(self.reserved)) or path in self.own_paths:
                 return await self._own_route(request, rid, path)
             rules = self.rt.rules
-            match = rules.match(request.method, path, request.headers,
+            match = rules.match(request.method, path, matched_headers(request.headers),
                                 request.query if rules.reads_query else _NO_PARAMS)
             rule = match.rule if match is not None else None
             rule_name = rule.name if rule is not None else "(unmatched)"
@@ -207,6 +215,15 @@ class Pipeline:
                 if n:
                     metrics.requests_total.labels(rule, f"{i}xx").inc(n)
                     by_class[i] = 0
+
+
+def without_params(target: str, names: frozenset[str]) -> str:
+    """``target`` without the query parameters named ``names`` (compared decoded, as the
+    key lookup reads them); every other byte of the query as it was, the ``?`` dropped when
+    nothing is left."""
+    path, _, query = target.partition("?")
+    kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]) not in names]
+    return f"{path}?{'&'.join(kept)}" if any(kept) else path
 
 
 async def _expect(request: web.BaseRequest) -> None:

@@ -28,6 +28,7 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Collection, Mapping
 from decimal import Decimal
@@ -56,6 +57,7 @@ from proxy.request.forward import (
     Upstream,
     body_error,
     forward_headers,
+    matched_headers,
     response_headers,
     set_header,
 )
@@ -67,6 +69,7 @@ from proxy.rules.sse import UsageChunkFilter, is_event_stream, with_stream_usage
 from proxy.upstream import Response
 
 _SMALL_BODY = 64 * 1024
+_BOM = b"\xef\xbb\xbf"
 
 
 class Aborted(MeterproxyError):
@@ -113,8 +116,8 @@ class Exchange:
             if rule.response_body is not ResponseNeed.NONE:
                 # the body must be readable: ask for it uncompressed (decoded if ignored)
                 headers = set_header(headers, "Accept-Encoding", "identity")
-            if (rule.request_json or rule.stream_usage) and req.body_exists \
-                    and _encoded(req.headers):
+            if (rule.request_json or rule.stream_usage or rule.request_bytes) \
+                    and req.body_exists and _encoded(req.headers):
                 raise HttpError("This endpoint reads the request body to meter it; send it "
                                 "uncompressed (no Content-Encoding).", status=415,
                                 type_="unsupported_content_encoding")
@@ -234,15 +237,25 @@ class Exchange:
             # an openai_chat rule only needs the JSON of a body that may ask for a stream
             # (a key may also be spelt with \u escapes; bytes.find: `bytes in bytes` costs a
             # discarded TypeError on Python 3.11)
+            exact = True            # the JSON, if read, was read by orjson
             if buf and (rule.request_json or buf.find(b'"stream"') >= 0
                         or buf.find(b"\\u") >= 0):
                 try:
-                    self.request_json = orjson.loads(buf)
+                    # a leading UTF-8 byte order mark is ignored, as RFC 8259 8.1 allows and
+                    # Python upstreams do (json.loads of bytes); orjson refuses it
+                    self.request_json = orjson.loads(
+                        memoryview(buf)[3:] if buf.startswith(_BOM) else buf)
                 except orjson.JSONDecodeError:
-                    self.request_json = UNREADABLE
+                    exact = False
+                    self.request_json = _as_python_reads(buf)
             body = bytes(buf)
-            if rule.stream_usage and self.request_json is not UNREADABLE:
-                added = with_stream_usage(self.request_json, body)
+            doc = self.request_json
+            # a body only the stdlib read gets include_usage only by the byte insertion, and
+            # only in UTF-8 (no NUL): orjson would re-encode what it refused
+            if rule.stream_usage and doc is not UNREADABLE and (
+                    exact or (isinstance(doc, dict) and "stream_options" not in doc
+                              and body.find(b"\x00") < 0)):
+                added = with_stream_usage(doc, body)
                 if added is not None:
                     body = added
                     self.strip_usage = True
@@ -418,7 +431,8 @@ class Exchange:
             m = body_measurement(status, inspector.result() if inspector is not None else None,
                                  bool(self.flags))
         elif rc.quantities is None:
-            m = Measurement(status=status, request_headers=self.ctx.request.headers,
+            m = Measurement(status=status,
+                            request_headers=matched_headers(self.ctx.request.headers),
                             response_headers=CIMultiDict(upstream.headers)
                             if rc.response_headers else _NO_HEADERS,
                             query=self.ctx.request.query,
@@ -439,6 +453,16 @@ def _encoded(headers: Any) -> bool:
     "identity" (the upstream would decode it; the proxy could not read it)."""
     return any(t.strip() and t.strip().lower() != "identity"
                for v in headers.getall("Content-Encoding", ()) for t in v.split(","))
+
+
+def _as_python_reads(buf: bytearray) -> object:
+    """What a Python upstream reads (``json.loads`` of the bytes) from a request body orjson
+    refused although it may be valid JSON (a number beyond a double's range, an escaped lone
+    surrogate; UTF-16 or UTF-32), else UNREADABLE. Called only for a refused body."""
+    try:
+        return json.loads(bytes(buf))
+    except (ValueError, RecursionError):
+        return UNREADABLE
 
 
 def _withheld() -> HttpError:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.request.context import RequestContext
-from proxy.request.forward import Upstream, upstream_headers
+from proxy.request.forward import Upstream, matched_headers, upstream_headers
 from proxy.request.settle import Settlement
 from proxy.rules import UNREADABLE, Measurement
 from proxy.tasks import spawn
@@ -54,7 +54,13 @@ class WebSocketRelay:
                        protocols: tuple[str, ...]) -> web.StreamResponse:
         request = ctx.request
         server_ws = web.WebSocketResponse(protocols=protocols, autoping=False)
-        await server_ws.prepare(request)
+        try:
+            await server_ws.prepare(request)
+        except BaseException:
+            # the consumer's handshake was refused (or it left): the upstream session opened
+            # for it is closed, never left to the upstream's timeout or the GC
+            await upstream_ws.close()
+            raise
         # an upgraded session counts as a success (2xx) for count_when
         status = 200
         try:
@@ -64,7 +70,8 @@ class WebSocketRelay:
             await server_ws.close()
             rule = ctx.rule
             if rule is not None and rule.usage and ctx.customer_id:
-                m = Measurement(status=status, request_headers=request.headers,
+                m = Measurement(status=status,
+                                request_headers=matched_headers(request.headers),
                                 response_headers={}, query=request.query,
                                 path_params=ctx.params, request_json=UNREADABLE,
                                 response_body=None, request_bytes=0, response_bytes=0,

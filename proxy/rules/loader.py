@@ -530,7 +530,8 @@ def _rule(f: _File, path: KeyPath, value: object, default_cw: CountWhen,
                 response_body=need, matcher=matcher,
                 description=desc if isinstance(desc, str) else None,
                 file=f.name, line=f.line(path), json_probes=jp, sse_probes=sp,
-                stream_usage=any(u.source.preset == "openai_chat" for u in usage))
+                stream_usage=any(u.source.preset == "openai_chat" for u in usage),
+                request_bytes=any(u.source.kind is SourceKind.REQUEST_BYTES for u in usage))
     return _RuleEntry(f, path, name, matcher, rule)
 
 

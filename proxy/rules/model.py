@@ -224,6 +224,9 @@ class Rule:
     # an openai_chat preset: a streamed request without stream_options.include_usage gets
     # it added, so the upstream reports usage (see docs/metering-bodies.md)
     stream_usage: bool = False
+    # a usage counts request.bytes: a compressed request body is refused (415), as for
+    # request_json, since the upstream may process its decoded size (docs/metering-bodies.md)
+    request_bytes: bool = False
 
     def new_inspector(self, content_type: str | None, max_inspect_bytes: int,
                       content_encoding: str | None = None) -> ResponseInspector | None:
