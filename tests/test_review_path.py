@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import orjson
+import pytest
 from aiohttp import web
 
 from tests.conftest import Proxy, ProxyFactory
@@ -98,6 +99,8 @@ def _big_answer(echo: dict[str, object]) -> bytes:
     return orjson.dumps(doc)
 
 
+@pytest.mark.xfail(strict=True, reason="open defect (docs/metering-bodies.md, 'JSON bodies', "
+                   "and the README's Known limits): ijson names paths by joining keys with '.'")
 async def test_the_over_cap_key_scan_takes_a_dotted_key_for_a_nested_one(
         make_proxy: ProxyFactory) -> None:
     """docs/metering-bodies.md: the key scan 'follows the JSON structure (a key inside a string

@@ -6,8 +6,10 @@ in a JSON document fed chunk by chunk, keeping none of the document.
 It is built on ijson's C backend (yajl2_c) push interface: the parser keeps only its
 nesting state and the token being read; values are built only at the requested paths
 (the ``usage`` object of an LLM response is a few numbers). It follows JSON's structure,
-so a key inside a string or at another depth never matches, and for a key given twice the
-last occurrence wins (as ``orjson.loads`` does for the buffered path).
+so a key inside a string never matches, and for a key given twice the last occurrence wins
+(as ``orjson.loads`` does for the buffered path). ijson names a path by joining its keys with
+".", so a key containing a dot at a shallower depth (top-level ``"usage.total_tokens"``)
+reads as the nested path: an open defect (docs/metering-bodies.md, "JSON bodies").
 
 Memory: the parser holds a token that spans chunks (a long string) whole, so the scan
 gives up (no values) when more than ``max_run`` bytes pass without an unescaped ``"``:
