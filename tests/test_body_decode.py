@@ -321,6 +321,23 @@ def test_key_scanner_follows_structure() -> None:
         == {"t": 2}
 
 
+@given(st.sampled_from(["usage.total_tokens", "usage\\u002etotal_tokens",
+                        "\\u0075sage.total_tokens", "usage\\u002Etotal\\u005ftokens"]),
+       st.integers(1, 40), st.booleans())
+def test_key_scanner_gives_up_on_a_key_it_would_confuse_with_the_path(
+        spelled: str, step: int, before: bool) -> None:
+    """ijson names a path by joining keys with '.': a top-level key spelling
+    ``usage.total_tokens`` (JSON escapes included) would read as the nested value, and the
+    last one would win. The scan gives up instead (the rule's fallback), wherever the key
+    sits and however the body is chunked; a key that only looks similar does not stop it."""
+    echo = b'"' + spelled.encode() + b'": 7'
+    real = b'"usage": {"total_tokens": 5000}'
+    doc = b"{" + (echo + b", " + real if before else real + b", " + echo) + b"}"
+    assert _scan((TOTAL,), doc, step) is None
+    near = b'{"usage": {"total_tokens": 5000}, "usage.total": 7, "Usage.total_tokens": 7}'
+    assert _scan((TOTAL,), near, step) == {"t": 5000}
+
+
 def test_key_scanner_gives_up_on_a_token_longer_than_the_bound() -> None:
     usage = b', "usage": {"total_tokens": 5}}'
     for filler in (b"x", b'\\"', b"\\\\"):                # plain, escaped quotes, backslashes
