@@ -5,6 +5,7 @@ fixtures."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from tests.conftest import ProxyFactory
@@ -105,3 +106,40 @@ async def test_many_small_pipelined_heads_in_one_read_are_all_served(
                             b"POST /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert not data.startswith(b"HTTP/1.1 431 "), data[:60]
+
+
+async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_back(
+        tmp_path: Path) -> None:
+    """CreditBook.withdraw (the fix for a withheld row's ``debt`` entry) forgets the debt
+    in memory, but a debt lives in memory before its row is committed (it is written in the
+    usage row's transaction), and a grant made meanwhile repays it at once (a ``repay``
+    entry, written in the grant's own transaction). When the row is then withheld (its
+    commit failed: the answer was a 503, never billed), the debt is popped but the credits
+    its repayment took from the new grant stay taken: the customer pays for a request it
+    never got, and the ledger holds a ``repay`` with no ``debt`` (a debt of -4 on restart).
+    The order is what Store._on_failure -> app.withdraw produces when a grant's write gets
+    in while the usage row's commit is failing (lock_wait, a refused journal insert)."""
+    from tests.test_plan_lifecycle import Clock, Env
+
+    from proxy.credits.service import load_book
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        now = time.time()
+        await env.credits.grant("acme", "1", idempotency_key="g1")
+        book = env.credits.book
+        hold = book.try_hold("acme", 1_000_000, now, block=True, debt_ok=True)
+        assert hold is not None
+        (entries, _), = book.settle(hold, [5_000_000], now)    # 1 debited, 4 debt
+        assert book.debt("acme") == 4_000_000
+        # a top-up arrives while the row's commit is failing: it repays the 4 at once
+        await env.credits.grant("acme", "10", idempotency_key="g2")
+        # the row is withheld: Store._on_failure -> on_withdraw (proxy/app.py)
+        book.withdraw("acme", entries)
+        # never served, never billed: the 1 debited is back and the 10 are untouched
+        assert book.debt("acme") == 0
+        assert book.balance("acme", time.time()) == 11_000_000, book.balance("acme", time.time())
+        reloaded = load_book(await env.credits.ledger.load())
+        assert reloaded.debt("acme") >= 0, reloaded.debt("acme")
+    finally:
+        env.store.close()
