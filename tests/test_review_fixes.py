@@ -119,9 +119,8 @@ async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_
     never got, and the ledger holds a ``repay`` with no ``debt`` (a debt of -4 on restart).
     The order is what Store._on_failure -> app.withdraw produces when a grant's write gets
     in while the usage row's commit is failing (lock_wait, a refused journal insert)."""
-    from tests.test_plan_lifecycle import Clock, Env
-
     from proxy.credits.service import load_book
+    from tests.test_plan_lifecycle import Clock, Env
 
     env = await Env.open(tmp_path, Clock(0))
     try:
