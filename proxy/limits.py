@@ -81,6 +81,7 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.max_header_bytes = cfg.max_header_bytes
         self.max_field = cfg.max_header_field
+        self.max_line = cfg.max_request_line
         self.header_timeout = cfg.header_timeout
         self.body_timeout = cfg.body_timeout
         self.handler_args: dict[str, Any] = {
@@ -162,12 +163,23 @@ class GuardedHandler(RequestHandler):
                 self.head_at = now
             self.head_bytes += len(data)
             if self.head_bytes > self.guard.max_header_bytes \
-                    and (end := self._head_end(data)) is not None \
-                    and end > self.guard.max_header_bytes:
-                # a head over the bound that ends in this read would be parsed and served:
-                # refused before it is parsed (one still arriving is refused below)
-                self._too_large()
-                return
+                    and (end := self._head_end(data)) is not None:
+                if end > self.guard.max_header_bytes:
+                    # a head over the bound that ends in this read would be parsed and
+                    # served: refused before it is parsed (one still arriving is refused
+                    # below)
+                    self._too_large()
+                    return
+                cut = end - (self.head_bytes - len(data))
+                if len(data) - cut > self.guard.max_header_bytes \
+                        and (split := self._long_gap(data, cut)) is not None:
+                    # a pipelined head over the bound may be whole in the rest of this read
+                    # (no head is longer than the gap between two blank lines): the rest
+                    # from there is read as a read of its own, so the check above applies
+                    self.head_bytes -= len(data)     # (each part counts itself)
+                    self.data_received(data[:split])
+                    self.data_received(data[split:])
+                    return
         messages = self._messages
         queued = len(messages)
         RequestHandler.data_received(self, data)     # (no super object per read)
@@ -188,6 +200,19 @@ class GuardedHandler(RequestHandler):
             if self.head_bytes > self.guard.max_header_bytes:
                 self._too_large()
 
+    def _long_gap(self, data: bytes, cut: int) -> int | None:
+        """Where, after the head that ends at ``cut``, a stretch of ``data`` longer than
+        ``max_header_bytes`` without a blank line starts (a head over the bound could be
+        it); None when there is none. Scanned only for a read holding more than the bound
+        after a head."""
+        bound = self.guard.max_header_bytes
+        at = cut
+        for m in _HEAD_END.finditer(data, cut):
+            if m.end() - at > bound:
+                return at
+            at = m.end()
+        return at if len(data) - at > bound else None
+
     def _too_large(self) -> None:
         transport = self.transport
         if transport is not None:
@@ -203,9 +228,30 @@ class GuardedHandler(RequestHandler):
         m = _HEAD_END.search(seen)
         if m is None:
             return None
-        if max(map(len, seen[:m.end()].split(b"\n"))) > self.guard.max_field:
+        if self._refused_by_parser(seen[:m.end()], self.head_bytes == len(data)):
             return None
         return self.head_bytes - len(data) + m.end() - len(self.head_tail)
+
+    def _refused_by_parser(self, head: bytes, whole: bool) -> bool:
+        """aiohttp's parser certainly refuses this head (400) for one of its own bounds: a
+        header name or value over ``max_header_field`` (aiohttp measures each, not the line:
+        ``X-A: <max_header_field bytes>`` is accepted), or, when ``head`` starts with the
+        request line (``whole``), a target over ``max_request_line``. Only a certain refusal
+        counts: any doubt leaves the head to the 431."""
+        lines = head.split(b"\n")
+        if whole:
+            parts = lines[0].split(b" ")
+            if len(parts) > 1 and len(parts[1]) > self.guard.max_line:
+                return True
+            lines = lines[1:]
+        field = self.guard.max_field
+        for line in lines:
+            if len(line) <= field:
+                continue
+            name, colon, value = line.partition(b":")
+            if colon and (len(name) > field or len(value.strip(b" \t\r")) > field):
+                return True
+        return False
 
     def kill(self, reason: str) -> None:
         metrics.connections_closed_total.labels(reason).inc()
