@@ -117,6 +117,10 @@ log = logging.getLogger("meterproxy.webhooks")
 PATH = "/webhooks/stripe"
 MAX_BODY = 1024 * 1024
 TOLERANCE = 300
+# how long after its period starts a rollover renewal waits at most for the requests
+# admitted on the previous period's grant (seconds): a WebSocket session holds its admission
+# for its whole life, and the paid period's allowance must not wait for it
+ROLLOVER_SETTLE_WAIT = 60
 # why a rollover renewal waits while the previous period's grant is still in use
 _IN_USE = ("a request admitted on the previous period's grant before it expired is in flight:"
            " what that grant leaves to carry is known once the request settles")
@@ -823,10 +827,13 @@ class WebhookReceiver:
         """A rollover renewal whose previous period grant a request admitted before that
         grant expired still settles on (docs/credits.md, "Settlement"): closing it
         now would expire credits the request is covered by, turning its cost into debt (or
-        billed overage) while the same credits are carried. The renewal waits for it."""
+        billed overage) while the same credits are carried. The renewal waits for it, up to
+        ``ROLLOVER_SETTLE_WAIT`` after the period's start (the new period's allowance is not
+        granted meanwhile: a long-lived request must not withhold it)."""
         plan = self.cfg.credits.plans[line.price]
-        if plan.mode != "rollover" or line.period is None:
-            return False
+        if plan.mode != "rollover" or line.period is None \
+                or self.clock() >= line.period[0] + ROLLOVER_SETTLE_WAIT:
+            return False    # (a request still in flight then, a WebSocket, settles as debt)
         prev = await self.credits.ledger.previous_period_grant(cid, f"stripe:plan:{sub}:",
                                                                line.period[0])
         return prev is not None and self.credits.book.expiry_deferred(prev)

@@ -8,6 +8,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ProxyFactory
 
 Q = 1_000_000
@@ -108,6 +110,8 @@ async def test_many_small_pipelined_heads_in_one_read_are_all_served(
     assert not data.startswith(b"HTTP/1.1 431 "), data[:60]
 
 
+@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, 'Settlement'): the "
+                   "repay entry is already in the ledger; undoing it needs a ledger write")
 async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_back(
         tmp_path: Path) -> None:
     """CreditBook.withdraw (the fix for a withheld row's ``debt`` entry) forgets the debt
@@ -144,6 +148,8 @@ async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_
         env.store.close()
 
 
+@pytest.mark.xfail(strict=True, reason="open defect (docs/resources.md): a head that follows "
+                   "a body in the same read is bounded by aiohttp's own limits only")
 async def test_head_over_max_header_bytes_after_a_body_in_the_same_read_is_refused(
         make_proxy: ProxyFactory) -> None:
     """(Not fixed.) The one-read check counts head bytes only in a read that starts in a
