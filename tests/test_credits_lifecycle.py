@@ -4,6 +4,7 @@ and the watch on a real SQLite store."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -156,6 +157,27 @@ async def test_top_up_after_depletion_does_not_refire_thresholds(
     _spend(svc, 9 * Q, NOW + 2)
     assert _fired(w, NOW + 2) == [DEPLETED]         # the top-up ran dry: told once more
     assert _fired(w, NOW + 3) == []
+
+
+async def test_an_alert_write_refused_by_a_lock_is_logged_and_fired_at_the_next_check(
+        env: tuple[CreditService, ThresholdWatch], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``check`` runs inside settlement: an alert write that finds the database locked must
+    not escape it. Nothing is fired (nor marked fired), the reason is logged with the
+    customer, and the next check fires the same alerts once."""
+    from tests.test_storage_resilience import foreign_write_lock
+
+    svc, w = env
+    await svc.grant("c", "100")
+    _spend(svc, 60 * Q, NOW)
+    with caplog.at_level(logging.WARNING, "meterproxy.credits"), \
+            foreign_write_lock(tmp_path / "m.db"):
+        assert _fired(w, NOW) == []
+    [rec] = [r for r in caplog.records if "credit alert" in r.getMessage()]
+    assert "for c not written" in rec.getMessage() and "lock" in rec.getMessage(), \
+        rec.getMessage()
+    assert _fired(w, NOW + 1) == ["0.5"]
+    assert _fired(w, NOW + 2) == []
 
 
 async def test_old_grant_expiry_does_not_refire(env: tuple[CreditService, ThresholdWatch]) -> None:
