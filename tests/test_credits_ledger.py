@@ -260,3 +260,25 @@ def test_replace_swaps_one_customers_grants_and_debt_keeping_holds() -> None:
     book.replace("e", [GrantState("e1", "e", 3)], 0)
     assert book.grants("e") == [book.grant("e1")] and book.balance("e", 0.0) == 3
     assert book.debt("e") == 0
+
+
+@given(st.integers(1, 10**6), st.integers(0, 3 * 10**6), st.integers(0, 10**6))
+def test_withdrawing_a_settlement_restores_the_book_exactly(grant: int, cost: int,
+                                                            earlier_debt: int) -> None:
+    """A withheld answer is never billed (Store invariant 8): ``withdraw`` of a settlement's
+    entries gives each debit back to its grant and drops the debt it made, leaving the
+    book as it was before that settlement (balance, remaining, debt), whatever part of the
+    cost became debt and whatever debt the customer already had."""
+    book = CreditBook()
+    book.load([GrantState("g", "c", grant)], [])
+    if earlier_debt:
+        book.apply([Entry("", "debt", earlier_debt)], "c")
+    before = (book.balance("c", 1.0), book.grant("g").remaining, book.debt("c"))  # type: ignore[union-attr]
+    hold = book.try_hold("c", 0, 1.0, block=False, debt_ok=True)    # (admitted whatever)
+    assert hold is not None
+    [(entries, uncovered)] = book.settle(hold, [cost], 1.0)
+    assert uncovered == 0
+    book.withdraw("c", entries)
+    g = book.grant("g")
+    assert g is not None
+    assert (book.balance("c", 1.0), g.remaining, book.debt("c")) == before
