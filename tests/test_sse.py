@@ -297,6 +297,19 @@ def test_usage_chunk_filter_flush_hands_over_the_held_tail_once() -> None:
     assert f.feed(b"data: {\"b\":2}\n\n") == b"data: {\"b\":2}\n\n"
 
 
+def test_usage_chunk_filter_keeps_an_event_that_only_mentions_usage() -> None:
+    """Only the usage chunk the proxy asked for (valid JSON, ``choices: []``, a ``usage``
+    object) is taken out of the consumer's stream: an event whose data mentions "usage" but
+    is not JSON, or is JSON of another shape, reaches the consumer as sent."""
+    f = UsageChunkFilter(1024)
+    broken = b'data: {"usage": {"total_tokens": 4}\n\n'          # not JSON (unclosed)
+    other = b'data: {"choices": [{"delta": {}}], "usage": {"total_tokens": 4}}\n\n'
+    ours = b'data: {"choices": [], "usage": {"total_tokens": 4}}\n\n'
+    done = b"data: [DONE]\n\n"
+    assert f.feed(broken + other + ours + done) == broken + other + done
+    assert f.flush() == b""
+
+
 # ------------------------------------ the batched inspector against the parser alone
 
 ANTHROPIC = (Probe("in", ("message", "usage", "input_tokens"), "message_start"),
