@@ -4,16 +4,17 @@ nor drop a clean one), and the detector itself seeing a CPU taken away."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
 from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.helpers import wait_until
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -54,29 +55,35 @@ def test_a_request_is_kept_exactly_when_no_stall_span_touches_it(
     assert left_out == len(reqs) - len(expect)
 
 
-def test_the_detector_records_a_span_in_which_a_higher_priority_task_held_its_cpu(
+async def test_the_detector_records_a_span_in_which_a_higher_priority_task_held_its_cpu(
         tmp_path: Path) -> None:
     """A SCHED_FIFO task above the detector spins on its CPU for 20 ms: the detector (FIFO
     priority 1, which no normal process can delay) wakes late and writes that span."""
     out = tmp_path / "stalls.txt"
     cpu = sorted(os.sched_getaffinity(0))[0]
-    det = subprocess.Popen([sys.executable, str(BENCH / "stalls.py"), "--cpu", str(cpu),
-                            "--out", str(out)])
+    det = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCH / "stalls.py"), "--cpu", str(cpu), "--out", str(out))
     try:
-        time.sleep(0.3)
+        # the detector opens its output once it runs at SCHED_FIFO on its CPU
+        await wait_until(out.exists, what="the detector's output file")
         spin = (f"import os, time; os.sched_setaffinity(0, {{{cpu}}}); "
                 "os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(2)); "
                 "t = time.monotonic_ns(); print(t, flush=True)\n"
                 "while time.monotonic_ns() - t < 20_000_000: pass\n"
                 "print(time.monotonic_ns())")
-        began, ended = (int(x) / 1e9 for x in subprocess.run(
-            [sys.executable, "-c", spin], capture_output=True, text=True, check=True,
-            timeout=30).stdout.split())
-        time.sleep(0.1)
+        spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", spin,
+                                                       stdout=asyncio.subprocess.PIPE)
+        printed, _ = await asyncio.wait_for(spinner.communicate(), 30)
+        assert spinner.returncode == 0
+        began, ended = (int(x) / 1e9 for x in printed.split())
+
+
+        def covered() -> bool:
+            return any(s <= began + 0.002 and e >= ended - 0.002 and e - s >= 0.015
+                       for s, e in stalls.read_windows([str(out)]))
+        await wait_until(covered, timeout=5,
+                         what=f"a recorded stall covering {began:.4f}-{ended:.4f}")
     finally:
         det.terminate()
-        det.wait(10)
+        await asyncio.wait_for(det.wait(), 10)
     assert det.returncode == 0
-    spans = stalls.read_windows([str(out)])
-    assert any(s <= began + 0.002 and e >= ended - 0.002 and e - s >= 0.015
-               for s, e in spans), (spans, began, ended)

@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +16,10 @@ from tests.conftest import Proxy, ProxyFactory
 from tests.helpers import wait_until
 from tests.stripe_double.fixture import RunningDouble
 from tests.test_storage_resilience import foreign_write_lock
+
+if TYPE_CHECKING:
+    from proxy.credits.book import Hold
+    from tests.test_plan_lifecycle import Env
 
 RULES = """\
 version: 1
@@ -117,6 +122,21 @@ async def test_a_withheld_row_with_debt_is_withdrawn_and_the_batch_is_kept(
     assert audited == {"first", "after"}
 
 
+async def rollover_with_request_in_flight(tmp: Path, held: int) -> tuple[Env, Hold]:
+    """The test plan's rollover price (allowance 50, cap 80): period 0 (ending at S0) paid,
+    and a request holding ``held`` micro-credits admitted on its grant 1 s before the period
+    ends, still in flight (tests/test_plan_lifecycle.py's Env)."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp, Clock(0))
+    p0 = (S0 - 30 * DAY, S0)
+    await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
+              _inv("in_0", "price_roll", p0, "subscription_create"))
+    hold = env.credits.book.try_hold("acme", held, S0 - 1, block=True, debt_ok=True)
+    assert hold is not None
+    return env, hold
+
+
 async def test_a_rollover_close_does_not_take_credits_an_in_flight_request_was_admitted_on(
         tmp_path: Path) -> None:
     """docs/credits.md, "Expiry at admission": a request is settled against the grants live
@@ -128,17 +148,11 @@ async def test_a_rollover_close_does_not_take_credits_an_in_flight_request_was_a
     empty: its cost becomes debt (a ``bill`` customer's: invoiced overage) although the
     same credits were carried into the new grant, and with a cap the customer ends up
     with less than if the request had settled a moment earlier."""
-    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+    from tests.test_plan_lifecycle import DAY, S0, _at, _inv
 
-    env = await Env.open(tmp_path, Clock(0))
+    env, hold = await rollover_with_request_in_flight(tmp_path, 10_000_000)
     try:
-        p0 = (S0 - 30 * DAY, S0)
-        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
-                  _inv("in_0", "price_roll", p0, "subscription_create"))
         book = env.credits.book
-        # a 10-credit request admitted 1 s before the period ends, still in flight
-        hold = book.try_hold("acme", 10_000_000, S0 - 1, block=True, debt_ok=True)
-        assert hold is not None
         # the renewal (allowance 50, rollover cap 80) arrives just after the boundary: it
         # waits while the request admitted on the previous period's grant is in flight
         out = await _at(env, S0 + 5, "evt_1", "invoice.paid",
@@ -164,16 +178,11 @@ async def test_a_rollover_renewal_granted_at_invoice_creation_also_waits_for_the
         tmp_path: Path) -> None:
     """The same at ``invoice.created`` (a renewal granted before its payment): it waits while
     the request admitted on the previous grant is in flight, then carries what is left."""
-    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+    from tests.test_plan_lifecycle import DAY, S0, _at, _inv
 
-    env = await Env.open(tmp_path, Clock(0))
+    env, hold = await rollover_with_request_in_flight(tmp_path, 10_000_000)
     try:
-        p0 = (S0 - 30 * DAY, S0)
-        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
-                  _inv("in_0", "price_roll", p0, "subscription_create"))
         book = env.credits.book
-        hold = book.try_hold("acme", 10_000_000, S0 - 1, block=True, debt_ok=True)
-        assert hold is not None
         await _at(env, S0 + 5, "evt_1", "invoice.created",
                   _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"),
                   status="waiting_period")

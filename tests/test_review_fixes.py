@@ -67,17 +67,13 @@ async def test_a_paid_rollover_renewal_is_not_withheld_for_as_long_as_an_old_req
     renewal (invoice.paid) is refused (a ``bill`` customer is invoiced overage for usage
     its paid allowance should cover). The renewal should grant the period's own allowance
     at once and carry the previous grant's remainder when it is final."""
-    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+    from tests.test_plan_lifecycle import DAY, S0, _at, _inv
+    from tests.test_review_credits import rollover_with_request_in_flight
 
-    env = await Env.open(tmp_path, Clock(0))
+    # a WebSocket session admitted 1 s before the period ends, open for hours
+    env, _session = await rollover_with_request_in_flight(tmp_path, 0)
     try:
-        p0 = (S0 - 30 * DAY, S0)
-        await _at(env, p0[0] + 5, "evt_0", "invoice.paid",
-                  _inv("in_0", "price_roll", p0, "subscription_create"))
         book = env.credits.book
-        # a WebSocket session admitted 1 s before the period ends, open for hours
-        session = book.try_hold("acme", 0, S0 - 1, block=True, debt_ok=True)
-        assert session is not None
         await _at(env, S0 + 5, "evt_1", "invoice.paid",
                   _inv("in_1", "price_roll", (S0, S0 + 30 * DAY), "subscription_cycle"),
                   status="waiting_period")

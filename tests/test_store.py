@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ def _row(i: int) -> UsageRow:
     return UsageRow(f"r{i}", time.time(), "c", "k", "rule", "v1", 200,
                     [UsageItem("m", 1_000_000 + i, 0, 1_000_000 + i, "")], method="GET",
                     path="/x")
+
+
+def _commit_each(store: Store, ids: Iterable[int]) -> None:
+    """``_row(i)`` for each id, each in a group commit of its own (one journal frame each)."""
+    for i in ids:
+        store.record(_row(i), wait=False)
+        store._commit_now()
 
 
 @given(st.text(max_size=20), st.integers(0, 10**15), st.lists(st.integers(0, 10**9), max_size=3))

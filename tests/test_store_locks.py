@@ -20,6 +20,7 @@ from proxy.store.db import Store
 from proxy.store.outbox import SqliteOutbox
 from tests.helpers import wait_until
 from tests.test_store import _row
+from tests.test_store_wal import wal_due_for_idle_truncate
 
 
 async def test_a_cancelled_checkpoint_task_leaves_no_truncate_holding_the_write_lock(
@@ -32,15 +33,8 @@ async def test_a_cancelled_checkpoint_task_leaves_no_truncate_holding_the_write_
     right after, fails with DatabaseBusy ("final flush did not finish"). Before, the
     TRUNCATE ran on the loop and a cancelled task could never leave our own lock behind.
     The task, once it has ended (cancel_and_wait), must have released the lock."""
-    limit = 64 * 1024
     db = tmp_path / "s.db"
-    store = Store.open(db, wal_truncate_size=limit)
-    for i in range(300):
-        store.record(_row(i), wait=False)
-        store._commit_now()
-    store.materialize()
-    assert store.wal_bytes() > dbmod.WAL_FILE_FACTOR * limit
-    await store.checkpoint_once()       # writes since the previous tick: no truncate
+    store = await wal_due_for_idle_truncate(db, 64 * 1024)
     entered = threading.Event()
     real = dbmod.checkpoint
 
@@ -79,7 +73,9 @@ async def test_rows_held_while_a_lock_is_waited_for_stay_within_max_pending_rows
     other.execute("BEGIN IMMEDIATE")        # another process holds the write lock
     try:
         futs = [store.record(_row(i), wait=True) for i in range(300)]
-        await asyncio.sleep(0.3)
+        # over the bound, fail_mode decides at once (closed: the store turns unhealthy),
+        # not after lock_wait (5 s)
+        await wait_until(lambda: not store.healthy, timeout=3, what="fail_mode deciding")
         held = len(store._pending)
         refused = sum(1 for f in futs if f is not None and f.done() and f.exception())
         assert held <= store.max_pending_rows, (held, refused)

@@ -18,7 +18,7 @@ from proxy import metrics
 from proxy.store import db as dbmod
 from proxy.store.db import Store
 from tests.helpers import wait_until
-from tests.test_store import _row
+from tests.test_store import _commit_each, _row
 
 
 def _restarts() -> float:
@@ -69,9 +69,7 @@ async def test_a_pass_that_found_the_checkpoint_lock_taken_still_restarts_an_ove
     limit = 64 * 1024
     db = tmp_path / "s.db"
     store = Store.open(db, wal_truncate_size=limit)
-    for i in range(200):
-        store.record(_row(i), wait=False)
-        store._commit_now()
+    _commit_each(store, range(200))
     assert store.wal_bytes() > 4 * limit
     real = dbmod.checkpoint
 
@@ -117,9 +115,7 @@ async def test_a_quick_check_starved_on_the_idle_thread_does_not_stop_the_wal_up
     try:
         await wait_until(started.is_set, what="the first integrity check")
         before = _restarts()
-        for i in range(200):
-            store.record(_row(i), wait=False)
-            store._commit_now()
+        _commit_each(store, range(200))
         began = time.monotonic()
         while _restarts() == before and time.monotonic() - began < 2.0:
             store.record(_row(10_000), wait=False)
@@ -145,9 +141,7 @@ async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
     os.sched_setaffinity(0, {cpu})          # the loop, and the maintenance thread it starts
     try:
         store = Store.open(tmp_path / "s.db", wal_truncate_size=64 * 1024)
-        for i in range(3000):
-            store.record(_row(i), wait=False)
-            store._commit_now()
+        _commit_each(store, range(3000))
         stop = False
 
         async def spin() -> None:
@@ -207,6 +201,18 @@ async def test_bursts_of_writes_separated_by_a_quiet_tick_do_not_truncate_on_the
     store.close()
 
 
+async def wal_due_for_idle_truncate(db: Path, limit: int) -> Store:
+    """A store (``wal_truncate_size`` ``limit``) whose WAL file is over WAL_FILE_FACTOR x
+    ``limit`` after a checkpoint tick that saw writes: its next tick, with nothing written
+    since, truncates the file (``_row`` ids 0-299 committed and materialized)."""
+    store = Store.open(db, wal_truncate_size=limit)
+    _commit_each(store, range(300))
+    store.materialize()
+    assert store.wal_bytes() > dbmod.WAL_FILE_FACTOR * limit
+    await store.checkpoint_once()       # writes since the previous tick: no truncate
+    return store
+
+
 async def test_the_idle_truncate_runs_off_the_loop_and_a_commit_meanwhile_is_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tick with nothing written since the previous one truncates a WAL file over twice
@@ -216,14 +222,8 @@ async def test_the_idle_truncate_runs_off_the_loop_and_a_commit_meanwhile_is_kep
     is committed once the truncate is done: nothing lost, nothing counted twice."""
     limit = 64 * 1024
     db = tmp_path / "s.db"
-    store = Store.open(db, wal_truncate_size=limit)
+    store = await wal_due_for_idle_truncate(db, limit)
     wal = tmp_path / "s.db-wal"
-    for i in range(300):
-        store.record(_row(i), wait=False)
-        store._commit_now()
-    store.materialize()
-    assert wal.stat().st_size > dbmod.WAL_FILE_FACTOR * limit
-    await store.checkpoint_once()       # writes since the previous tick: no truncate
     threads: list[str] = []
     entered, release = threading.Event(), threading.Event()
     real = dbmod.checkpoint
