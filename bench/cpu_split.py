@@ -95,9 +95,15 @@ def perf_split(data: Path, n: int) -> dict[str, float]:
 
 
 def offcpu(data: Path, tids: set[str]) -> dict[str, float]:
-    """ms blocked in state D per proxy thread (switched out in D until switched in)."""
-    out = subprocess.run(["perf", "script", "-i", str(data), "-F", "time,trace"],
-                         capture_output=True, text=True).stdout
+    """ms blocked in state D per proxy thread, from a perf record of sched_switch."""
+    return blocked_in_d(subprocess.run(["perf", "script", "-i", str(data), "-F", "time,trace"],
+                                       capture_output=True, text=True).stdout, tids)
+
+
+def blocked_in_d(out: str, tids: set[str]) -> dict[str, float]:
+    """``perf script -F time,trace`` lines of sched_switch -> ms each of ``tids`` spent
+    between being switched out in state D (uninterruptible: waiting for I/O) and being
+    switched in again."""
     since: dict[str, float] = {}
     blocked: dict[str, float] = defaultdict(float)
     pat = re.compile(r"\s*([\d.]+):\s+prev_comm=.* prev_pid=(\d+) .*prev_state=(\S+) ==> "
