@@ -18,8 +18,11 @@ from tests.stripe_double.fixture import RunningDouble
 from tests.test_storage_resilience import foreign_write_lock
 
 if TYPE_CHECKING:
+    from proxy.config import Config
     from proxy.credits.book import Hold
     from tests.test_plan_lifecycle import Env
+
+Q = 1_000_000
 
 RULES = """\
 version: 1
@@ -277,9 +280,6 @@ async def _rollover_refund(tmp: Path, refund_first: bool) -> int:
         env.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, 'Refunds', and the "
-                   "README's Known limits): a claw-back does not follow credits a rollover "
-                   "carried into the next period's grant")
 async def test_a_refunded_rollover_allowance_is_not_kept_through_the_carry(tmp_path: Path) -> None:
     """A refund takes back a plan grant's unused credit (docs/credits.md, "Refunds"): period
     0's 50 credits, refunded in full before the renewal, are gone (the renewal carries
@@ -357,3 +357,174 @@ async def test_the_expiry_task_survives_a_locked_database(make_proxy: ProxyFacto
                              ).fetchone()
         return int(n) == 2
     await wait_until(both_expired, timeout=8.0, what="both grants' expiry entries")
+
+
+# ---- the claw-back follows carried credits (docs/credits.md, "Refunds, disputes and credit
+# notes"): the edges of the fix of the test above
+
+def _roll_cfg(**plan: str) -> Config:
+    from proxy.config import CreditPlan
+    from tests.test_plan_lifecycle import CFG
+
+    cfg = CFG.model_copy(deep=True)
+    cfg.credits.plans["price_roll"] = CreditPlan.model_validate(
+        {"allowance": "50", "mode": "rollover", **plan})
+    return cfg
+
+
+def _refund(charge: str, inv: str, refunded: int) -> dict[str, object]:
+    return {"id": charge, "object": "charge", "customer": "cus_acme", "invoice": inv,
+            "payment_intent": "pi_" + charge, "amount": 2000, "amount_refunded": refunded}
+
+
+async def _renewed(tmp: Path, cfg: Config, periods: int = 2) -> Env:
+    """Period 0 paid 20.00 by ``ch_0`` (invoice in_0), then ``periods - 1`` renewals, each
+    paid by ``ch_<n>``; nothing spent. The last period ends in the future."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp, Clock(0), cfg)
+    bounds = [S0 - 30 * DAY + n * 30 * DAY for n in range(periods + 1)]
+    bounds[-1] += 30 * DAY
+    for n in range(periods):
+        await _at(env, bounds[n] + 5, f"evt_{n}", "invoice.paid",
+                  _inv(f"in_{n}", "price_roll", (bounds[n], bounds[n + 1]),
+                       "subscription_create" if n == 0 else "subscription_cycle",
+                       charge=f"ch_{n}", payment_intent=f"pi_ch_{n}", amount_paid=2000))
+    return env
+
+
+def _reloaded_balance(env: Env, at: float) -> tuple[int, int]:
+    from proxy.credits.service import load_book
+    from proxy.store.ledger import load
+
+    book = load_book(load(env.store.conn))
+    return book.balance("acme", at), book.debt("acme")
+
+
+@pytest.mark.parametrize(("spent", "balance", "debt"), [(30, 20, 0), (80, -30, 30)])
+async def test_a_refund_after_the_renewal_takes_carried_credits_spent_or_not(
+        tmp_path: Path, spent: int, balance: int, debt: int) -> None:
+    """Period 0's 50 carried into period 1's grant (100), ``spent`` of it used, then period
+    0's payment refunded: the 50 carried are taken from the new grant's unused credit, and
+    what of them was spent becomes debt (the rule for spent credit): 100 - 30 - 50 = 20;
+    100 - 80 leaves 20 unused, so 20 are taken and 30 owed."""
+    from tests.test_plan_lifecycle import S0, _at
+
+    env = await _renewed(tmp_path, _roll_cfg())
+    try:
+        assert env.balance(S0 + 6) == 100 * Q
+        assert env.spend(spent * Q, S0 + 10)
+        out = await _at(env, S0 + 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", 2000))
+        assert env.balance(S0 + 120) == balance * Q, out
+        assert env.credits.book.debt("acme") == debt * Q
+        [(gid, debt_entry)] = [(r["grant_id"], r["debt"]) for r in out["clawed_back"]
+                               if r["grant_id"] != _grant_of(env, "in_0")]
+        assert debt_entry == str(debt)
+        assert gid == _grant_of(env, "in_1")
+    finally:
+        env.store.close()
+
+
+def _grant_of(env: Env, inv: str) -> str:
+    (gid,) = env.store.conn.execute("SELECT grant_id FROM plan_invoices WHERE invoice_id=?",
+                                    (inv,)).fetchone()
+    return str(gid)
+
+
+async def test_a_followed_refund_is_taken_once_under_replay_and_only_its_increase(
+        tmp_path: Path) -> None:
+    """Half of period 0's payment refunded after the renewal (25 credits followed into the
+    new grant), the same cumulative refund replayed under another event id (nothing more),
+    then the rest (the other 25). The ledger, reloaded, holds what the book holds."""
+    from tests.test_plan_lifecycle import S0, _at
+
+    env = await _renewed(tmp_path, _roll_cfg())
+    try:
+        await _at(env, S0 + 60, "evt_r1", "charge.refunded", _refund("ch_0", "in_0", 1000))
+        assert env.balance(S0 + 61) == 75 * Q
+        again = await _at(env, S0 + 70, "evt_r1b", "charge.refunded",
+                          _refund("ch_0", "in_0", 1000), status="ignored")
+        assert "already taken" in again["reason"], again
+        assert env.balance(S0 + 71) == 75 * Q
+        await _at(env, S0 + 80, "evt_r2", "charge.refunded", _refund("ch_0", "in_0", 2000))
+        assert env.balance(S0 + 81) == 50 * Q
+        assert _reloaded_balance(env, S0 + 81) == (50 * Q, 0)
+        # more than all of it changes nothing: never more than was carried
+        await _at(env, S0 + 90, "evt_r3", "charge.refunded", _refund("ch_0", "in_0", 4000),
+                  status="ignored")
+        assert env.balance(S0 + 91) == 50 * Q
+    finally:
+        env.store.close()
+
+
+@pytest.mark.parametrize("refunded", [2000, 1000])
+async def test_a_refund_after_a_capped_carry_takes_what_it_would_have_before(
+        tmp_path: Path, refunded: int) -> None:
+    """cap 80: the renewal carries 30 of period 0's 50 and 20 expire. Refunded in full
+    before the renewal, the new grant is 50; after it, the 20 that expired absorb their
+    share and the 30 carried are taken: 50. Half refunded before: 25 left, carried whole
+    (75); after: 20 absorbed, 5 taken: 75."""
+    from tests.test_plan_lifecycle import S0, _at
+
+    before = await _renewed(tmp_path / "a", _roll_cfg(cap="80"), periods=1)
+    try:
+        await _at(before, S0 - 60, "evt_r", "charge.refunded",
+                  _refund("ch_0", "in_0", refunded))
+        from tests.test_plan_lifecycle import DAY, _inv
+        await _at(before, S0 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_roll", (S0, S0 + 60 * DAY), "subscription_cycle",
+                       amount_paid=2000))
+        expected = before.balance(S0 + 120)
+    finally:
+        before.store.close()
+    after = await _renewed(tmp_path / "b", _roll_cfg(cap="80"))
+    try:
+        assert after.balance(S0 + 6) == 80 * Q
+        await _at(after, S0 + 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", refunded))
+        assert after.balance(S0 + 120) == expected == (50 if refunded == 2000 else 75) * Q
+    finally:
+        after.store.close()
+
+
+@pytest.mark.parametrize(("expiry", "balance"), [("never", 100), ("next_period", 100)])
+async def test_a_refund_follows_a_carry_chain_or_stops_where_the_carry_expired(
+        tmp_path: Path, expiry: str, balance: int) -> None:
+    """Three periods, nothing spent, period 0's payment refunded after the third began.
+    ``rollover_expiry: never``: 50, 100, 150; period 0's 50 went on into the third grant,
+    and the refund follows them there: 100 (refunded first: 50, 50, 100). ``next_period``:
+    50, 100, 100; period 0's 50 expired with the second grant (carried once), so the
+    refund takes nothing more: 100, as when refunded first."""
+    from tests.test_plan_lifecycle import S1, _at
+
+    env = await _renewed(tmp_path, _roll_cfg(rollover_expiry=expiry), periods=3)
+    try:
+        assert env.balance(S1 + 6) == (150 if expiry == "never" else 100) * Q
+        await _at(env, S1 + 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", 2000))
+        assert env.balance(S1 + 120) == balance * Q
+        assert env.credits.book.debt("acme") == 0
+        assert _reloaded_balance(env, S1 + 120) == (balance * Q, 0)
+    finally:
+        env.store.close()
+
+
+@pytest.mark.parametrize("first", ["refund", "void"])
+async def test_a_receiving_grant_already_refunded_or_voided_gives_nothing_twice(
+        tmp_path: Path, first: str) -> None:
+    """The grant the carry went into was itself refunded in full (its own payment) or
+    voided by an operator: the 50 carried left with it, so period 0's refund takes nothing
+    more from it and owes nothing."""
+    from tests.test_plan_lifecycle import S0, _at
+
+    env = await _renewed(tmp_path, _roll_cfg())
+    try:
+        if first == "refund":
+            await _at(env, S0 + 30, "evt_r1", "charge.refunded", _refund("ch_1", "in_1", 2000))
+        else:
+            await env.credits.void(_grant_of(env, "in_1"))
+        assert env.balance(S0 + 31) == 0
+        out = await _at(env, S0 + 60, "evt_r0", "charge.refunded", _refund("ch_0", "in_0", 2000))
+        assert env.balance(S0 + 120) == 0, out
+        assert env.credits.book.debt("acme") == 0
+        assert _reloaded_balance(env, S0 + 120) == (0, 0)
+    finally:
+        env.store.close()

@@ -5,12 +5,21 @@ fixtures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from proxy.errors import StorageUnavailable
 from tests.conftest import ProxyFactory
+from tests.helpers import wait_until
+
+if TYPE_CHECKING:
+    from proxy.credits.ledger import Entry
+    from tests.test_plan_lifecycle import Env
 
 Q = 1_000_000
 
@@ -106,8 +115,6 @@ async def test_many_small_pipelined_heads_in_one_read_are_all_served(
     assert not data.startswith(b"HTTP/1.1 431 "), data[:60]
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, 'Settlement'): the "
-                   "repay entry is already in the ledger; undoing it needs a ledger write")
 async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_back(
         tmp_path: Path) -> None:
     """CreditBook.withdraw (the fix for a withheld row's ``debt`` entry) forgets the debt
@@ -133,13 +140,16 @@ async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_
         assert book.debt("acme") == 4_000_000
         # a top-up arrives while the row's commit is failing: it repays the 4 at once
         await env.credits.grant("acme", "10", idempotency_key="g2")
-        # the row is withheld: Store._on_failure -> on_withdraw (proxy/app.py)
-        book.withdraw("acme", entries)
+        # the row is withheld: Store._on_failure -> on_withdraw (proxy/app.py), which hands
+        # it to CreditService.withdraw; the expiry task writes the give-back
+        assert env.credits.withdraw("acme", entries, "withdraw:r1") == 4_000_000
+        assert await env.credits.give_back_due() == 1
         # never served, never billed: the 1 debited is back and the 10 are untouched
         assert book.debt("acme") == 0
         assert book.balance("acme", time.time()) == 11_000_000, book.balance("acme", time.time())
         reloaded = load_book(await env.credits.ledger.load())
-        assert reloaded.debt("acme") >= 0, reloaded.debt("acme")
+        assert reloaded.debt("acme") == 0, reloaded.debt("acme")
+        assert reloaded.balance("acme", time.time()) == 11_000_000
     finally:
         env.store.close()
 
@@ -157,3 +167,127 @@ async def test_head_over_max_header_bytes_after_a_body_in_the_same_read_is_refus
         f"X-Fill-{i}: ".encode() + b"v" * 1000 + b"\r\n" for i in range(10)) + b"\r\n"
     data = await _one_write(p.server.public_port, first + big)
     assert b"HTTP/1.1 200 " not in data, data[:200]
+
+
+async def _withdrawn_after_repay(tmp_path: Path) -> tuple[Env, list[Entry]]:
+    """The test above up to the withdrawal: 1 credit, a request debited 1 with 4 of debt,
+    a 10-credit top-up that repaid the 4 (in the ledger), then the row withdrawn."""
+    from tests.test_plan_lifecycle import Clock, Env
+
+    env = await Env.open(tmp_path, Clock(0))
+    now = time.time()
+    await env.credits.grant("acme", "1", idempotency_key="g1")
+    hold = env.credits.book.try_hold("acme", Q, now, block=True, debt_ok=True)
+    assert hold is not None
+    (entries, _), = env.credits.book.settle(hold, [5 * Q], now)
+    await env.credits.grant("acme", "10", idempotency_key="g2")
+    return env, entries
+
+
+def _refuse_give_backs(path: Path, on: bool) -> None:
+    with sqlite3.connect(str(path)) as c:
+        if on:
+            c.execute("CREATE TRIGGER refuse_give_back BEFORE INSERT ON credit_entries"
+                      " WHEN NEW.kind = 'repay' AND NEW.amount < 0"
+                      " BEGIN SELECT RAISE(ABORT, 'test: give-back refused'); END")
+        else:
+            c.execute("DROP TRIGGER refuse_give_back")
+
+
+async def test_a_give_back_whose_write_fails_stays_pending_and_the_expiry_task_retries_it(
+        tmp_path: Path) -> None:
+    """The give-back's ledger write fails (a storage error): nothing is applied, the book
+    and the ledger still agree (the 4 repaid count in neither balance nor debt: 7), the
+    give-back stays pending, and the expiry task writes it once storage takes writes
+    again (retried every ``EXPIRY_RETRY``): 11, in the book and in the ledger."""
+    from proxy.credits.service import load_book
+
+    env, entries = await _withdrawn_after_repay(tmp_path)
+    try:
+        _refuse_give_backs(tmp_path / "m.db", True)
+        assert env.credits.withdraw("acme", entries, "withdraw:r1") == 4 * Q
+        with pytest.raises((StorageUnavailable, sqlite3.Error)):
+            await env.credits.give_back_due()
+        book = env.credits.book
+        assert env.credits.give_back_pending() == 4 * Q
+        assert (book.balance("acme", time.time()), book.debt("acme")) == (7 * Q, 0)
+        reloaded = load_book(await env.credits.ledger.load())
+        assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (7 * Q, 0)
+        task = asyncio.ensure_future(env.credits.run_expiry(max_sleep=0.2))
+        try:
+            await asyncio.sleep(0.3)
+            assert env.credits.give_back_pending() == 4 * Q      # still refused
+            _refuse_give_backs(tmp_path / "m.db", False)
+
+            async def given_back() -> bool:
+                return env.credits.give_back_pending() == 0
+            await wait_until(given_back, timeout=5.0, what="the give-back retried")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert (book.balance("acme", time.time()), book.debt("acme")) == (11 * Q, 0)
+        reloaded = load_book(await env.credits.ledger.load())
+        assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (11 * Q, 0)
+    finally:
+        env.store.close()
+
+
+async def test_a_give_back_lost_with_the_process_is_written_at_the_next_start(
+        tmp_path: Path) -> None:
+    """The process dies with the give-back pending (never written): the ledger holds the
+    repayment of a debt that was never committed (its debt sum is -4). At start-up
+    (proxy/app.py: ``give_back_unmatched`` over the loaded ledger, the journal already
+    materialized) the 4 go back to the grant that repaid them, once: a second start
+    writes nothing. A start whose give-back write fails starts anyway, the give-back
+    pending for the expiry task."""
+    from proxy.credits.service import CreditService, load_book
+    from proxy.store.sqlite import SqliteStorage
+
+    env, entries = await _withdrawn_after_repay(tmp_path)
+    try:
+        env.credits.withdraw("acme", entries, "withdraw:r1")   # ... and the process dies
+        _refuse_give_backs(tmp_path / "m.db", True)
+        for start in range(3):
+            ledger = SqliteStorage.on(env.store).ledger
+            snapshot = await ledger.load()
+            assert snapshot.debts == {"acme": -4 * Q if start < 2 else 0}
+            svc = CreditService(env.store, load_book(snapshot), ledger)
+            assert await svc.give_back_unmatched(snapshot.debts) == (1 if start == 1 else 0)
+            book = svc.book
+            if start == 0:          # refused: pending, the 4 in neither balance nor debt
+                assert svc.give_back_pending() == 4 * Q
+                assert (book.balance("acme", time.time()), book.debt("acme")) == (7 * Q, 0)
+                _refuse_give_backs(tmp_path / "m.db", False)    # ... and it dies again
+            else:
+                assert svc.give_back_pending() == 0
+                assert (book.balance("acme", time.time()), book.debt("acme")) == (11 * Q, 0)
+    finally:
+        env.store.close()
+
+
+async def test_a_withdrawn_debt_only_partly_repaid_gives_back_only_that_part(
+        tmp_path: Path) -> None:
+    """The top-up held 3 and repaid 3 of the 4 (1 still owed in memory): withdrawing the
+    row's 4 gives back 3, never more than was repaid; the 1 never was owed."""
+    from proxy.credits.service import load_book
+    from tests.test_plan_lifecycle import Clock, Env
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        now = time.time()
+        await env.credits.grant("acme", "1", idempotency_key="g1")
+        hold = env.credits.book.try_hold("acme", Q, now, block=True, debt_ok=True)
+        assert hold is not None
+        (entries, _), = env.credits.book.settle(hold, [5 * Q], now)
+        await env.credits.grant("acme", "3", idempotency_key="g2")
+        assert env.credits.book.debt("acme") == Q
+        assert env.credits.withdraw("acme", entries, "withdraw:r1") == 3 * Q
+        assert await env.credits.give_back_due() == 1
+        assert await env.credits.give_back_due() == 0
+        book = env.credits.book
+        assert (book.balance("acme", time.time()), book.debt("acme")) == (4 * Q, 0)
+        reloaded = load_book(await env.credits.ledger.load())
+        assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (4 * Q, 0)
+    finally:
+        env.store.close()
