@@ -528,3 +528,25 @@ async def test_a_receiving_grant_already_refunded_or_voided_gives_nothing_twice(
         assert _reloaded_balance(env, S0 + 120) == (0, 0)
     finally:
         env.store.close()
+
+
+async def test_a_refund_after_the_receiving_grant_expired_unspent_takes_nothing_more(
+        tmp_path: Path) -> None:
+    """The subscription ended after period 1 (no further renewal) and period 1's grant
+    (50 + 50 carried) expired unspent: period 0's refund then finds its carried credits
+    expired in the receiving grant, where they absorb their share: nothing is taken and
+    nothing owed (refunded first, the customer would have ended with 0 as well)."""
+    from tests.test_plan_lifecycle import DAY, S0, _at
+
+    env = await _renewed(tmp_path, _roll_cfg())
+    try:
+        end = S0 + 60 * DAY                         # period 1's end (see _renewed)
+        assert await env.credits.expire_due(end + 1) == 1
+        out = await _at(env, end + 60, "evt_r", "charge.refunded",
+                        _refund("ch_0", "in_0", 2000))
+        assert all(r["unused_taken"] == "0" and r["debt"] == "0"
+                   for r in out["clawed_back"]), out
+        assert env.balance(end + 120) == 0 and env.credits.book.debt("acme") == 0
+        assert _reloaded_balance(env, end + 120) == (0, 0)
+    finally:
+        env.store.close()

@@ -227,7 +227,9 @@ class CreditService:
         ``key`` names the return: the same key is applied once, and a later event with the
         same key and a larger (cumulative) amount takes only the difference (Stripe's
         ``amount_refunded`` is cumulative). Unused credit goes first (``refund`` entry),
-        expired credit absorbs its share, spent credit becomes debt (docs/credits.md)."""
+        expired credit absorbs its share, credit a rollover carried into the next period's
+        grant is taken from that grant (unused, then as debt), spent credit becomes debt
+        (docs/credits.md)."""
         refs = [r for r in refs if r]
         if not refs:
             return []
