@@ -291,3 +291,42 @@ async def test_a_withdrawn_debt_only_partly_repaid_gives_back_only_that_part(
         assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (4 * Q, 0)
     finally:
         env.store.close()
+
+
+async def test_a_give_back_pending_when_a_refund_makes_debt_leaves_book_and_ledger_equal(
+        tmp_path: Path) -> None:
+    """h/rcredits review: a withdrawn row's give-back is pending (the expiry task has not
+    written it yet, or its write failed) when a refund of the top-up that repaid the debt
+    arrives: the refund takes the top-up's 6 unused and makes its 4 repaid "spent" a
+    debt of 4, which the ledger nets against the 4 repayment (debt 0), so ``undo_repay``
+    gives back nothing. The book must then agree with the ledger (debt 0; the request
+    never happened: the refund takes the 10, the 1 is left) instead of keeping a debt of
+    4 that the next grant repays out of the customer's credits."""
+    from proxy.credits.service import load_book
+    from tests.test_plan_lifecycle import Clock, Env
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        now = time.time()
+        book = env.credits.book
+        await env.credits.grant("acme", "1", idempotency_key="g1")
+        hold = book.try_hold("acme", Q, now, block=True, debt_ok=True)
+        assert hold is not None
+        (entries, _), = book.settle(hold, [5 * Q], now)
+        await env.credits.grant("acme", "10", idempotency_key="g2",
+                                payment=(("in_g2",), 1000))
+        assert book.debt("acme") == 0
+        _refuse_give_backs(tmp_path / "m.db", True)
+        assert env.credits.withdraw("acme", entries, "withdraw:r1") == 4 * Q
+        with pytest.raises((StorageUnavailable, sqlite3.Error)):
+            await env.credits.give_back_due()
+        await env.credits.claw_back("acme", ["in_g2"], 1000, "refund:in_g2", "evt_r")
+        _refuse_give_backs(tmp_path / "m.db", False)
+        await env.credits.give_back_due()
+        assert env.credits.give_back_pending() == 0
+        reloaded = load_book(await env.credits.ledger.load())
+        at = time.time()
+        assert (reloaded.balance("acme", at), reloaded.debt("acme")) == (Q, 0)
+        assert (book.balance("acme", at), book.debt("acme")) == (Q, 0)
+    finally:
+        env.store.close()
