@@ -124,6 +124,16 @@ class CreditBook:
                 g.remaining += e.amount
         return repaid
 
+    def reduce_debt(self, customer_id: str, amount: int) -> None:
+        """Lower ``customer_id``'s debt by ``amount`` (never below zero) with no grant
+        involved: repayments of a withdrawn debt that the ledger counts against debt made
+        since (``CreditService.give_back_due``)."""
+        left = self._debt.get(customer_id, 0) - max(amount, 0)
+        if left > 0:
+            self._debt[customer_id] = left
+        else:
+            self._debt.pop(customer_id, None)
+
     def debt(self, customer_id: str) -> int:
         return self._debt.get(customer_id, 0)
 

@@ -174,6 +174,10 @@ class CreditService:
         for key, (cid, amount) in list(self._give_back.items()):
             entries = await self.ledger.undo_repay(cid, key, amount, now)
             del self._give_back[key]
+            # what the ledger did not give back, its debt sum kept against a debt made
+            # since the withdrawal (a claw-back's, a row committed meanwhile): those
+            # repayments now pay that debt, in the book as in the ledger
+            self.book.reduce_debt(cid, amount + sum(e.amount for e in entries))
             self._give_back_applied(cid, entries)
             n += len(entries)
         return n
