@@ -600,3 +600,43 @@ async def test_a_refund_after_two_capped_renewals_takes_what_it_would_have_befor
     after = await _capped_chain(tmp_path / "b", spent, refund_first=False)
     assert before == (70 if spent == 30 else 50) * Q
     assert after == before, (after, before)
+
+
+@pytest.mark.xfail(strict=True, reason="open defect (h/rcredits review): a renewal's own "
+                   "refund takes floor(amount x returned / paid) of the whole grant, carried "
+                   "credits included, and the previous payment's refund follows those same "
+                   "carried credits")
+@pytest.mark.parametrize("order", ["previous_first", "renewal_first"])
+async def test_two_refunds_after_the_renewal_take_what_each_payment_bought(
+        tmp_path: Path, order: str) -> None:
+    """Period 0's payment (20.00, 50 credits) refunded in full and period 1's (20.00, 50
+    credits) refunded by half: 75 credits' worth of money returned. Refunded before the
+    renewal, period 0's refund takes its 50 and period 1's grant is 50, half of which the
+    second refund takes: 25 left. After the renewal, period 1's grant is 100 (50 carried):
+    its half refund takes 50 (half of 100, the carried 50 counted as bought by period 1's
+    payment) and period 0's refund follows its 50 carried credits into the same grant: 0
+    left, in either order, 25 credits more than the money returned bought."""
+    from tests.test_plan_lifecycle import DAY, S0, _at, _inv
+
+    first = await _renewed(tmp_path / "a", _roll_cfg(), periods=1)
+    try:
+        await _at(first, S0 - 60, "evt_r0", "charge.refunded", _refund("ch_0", "in_0", 2000))
+        await _at(first, S0 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_roll", (S0, S0 + 60 * DAY), "subscription_cycle",
+                       charge="ch_1", payment_intent="pi_ch_1", amount_paid=2000))
+        await _at(first, S0 + 60, "evt_r1", "charge.refunded", _refund("ch_1", "in_1", 1000))
+        expected = first.balance(S0 + 120)
+    finally:
+        first.store.close()
+    assert expected == 25 * Q
+    env = await _renewed(tmp_path / "b", _roll_cfg())
+    try:
+        assert env.balance(S0 + 6) == 100 * Q
+        refunds = [("evt_r0", "ch_0", "in_0", 2000), ("evt_r1", "ch_1", "in_1", 1000)]
+        if order == "renewal_first":
+            refunds.reverse()
+        for i, (eid, ch, inv, amount) in enumerate(refunds):
+            await _at(env, S0 + 60 + i, eid, "charge.refunded", _refund(ch, inv, amount))
+        assert env.balance(S0 + 120) == expected
+    finally:
+        env.store.close()
