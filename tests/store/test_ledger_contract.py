@@ -333,3 +333,33 @@ async def test_members_racing_on_a_plan_invoice_decide_once(backend: Backend) ->
         paid_minor=amount)) for i, (s, amount) in enumerate(
             zip([backend.storage, peer] * 2, [700, 2000, 5, 1999], strict=True))))
     assert await led.paid_for("in_1") == 2000
+
+
+async def test_a_give_back_capped_by_a_debt_made_meanwhile_leaves_book_and_ledger_equal(
+        backend: Backend) -> None:
+    """h/rcredits review, on every backend: a withdrawn row's give-back (4 a top-up
+    repaid) is still pending when the top-up's payment is refunded in full, which makes its
+    4 repaid a claw-back debt; ``undo_repay`` then finds the ledger's debt netted to 0 and
+    gives back nothing. ``CreditService.give_back_due`` must leave the book owing what
+    the ledger owes (0), not the 4 (balance 1: the 1 the withheld request had debited)."""
+    import time
+
+    from proxy.credits.book import CreditBook
+    from proxy.credits.service import CreditService, load_book
+
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    svc = CreditService(None, CreditBook(), led)  # type: ignore[arg-type]
+    await svc.grant("c1", "1", idempotency_key="g1")
+    now = time.time()
+    hold = svc.book.try_hold("c1", 1_000_000, now, block=True, debt_ok=True)
+    assert hold is not None
+    (entries, _), = svc.book.settle(hold, [5_000_000], now)
+    await svc.grant("c1", "10", idempotency_key="g2", payment=(("in_2",), 1000))
+    assert svc.withdraw("c1", entries, "withdraw:r1") == 4_000_000
+    await svc.claw_back("c1", ["in_2"], 1000, "refund:in_2", "evt_r")
+    assert await svc.give_back_due() == 0
+    at = time.time()
+    reloaded = load_book(await led.load())
+    assert (reloaded.balance("c1", at), reloaded.debt("c1")) == (1_000_000, 0)
+    assert (svc.book.balance("c1", at), svc.book.debt("c1")) == (1_000_000, 0)
