@@ -15,6 +15,7 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import time
@@ -59,7 +60,7 @@ from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
 from proxy.store.db import Store, UsageRow
 from proxy.store.keys import Customer, KeyCache, KeyEntry
-from proxy.store.protocols import KeySnapshot
+from proxy.store.protocols import KeySnapshot, LedgerSnapshot
 from proxy.store.sqlite import SqliteStorage, as_storage, open_reader
 from proxy.stripe.factory import build_sink
 from proxy.stripe.factory import connect as stripe_connect
@@ -197,9 +198,16 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     await remember_rules(rt, rules)
     # fleet mode: every customer's per-grant state from the shared ledger (grants.used),
     # reloaded as it moves (Fleet.credits_forever)
-    book = await fleet.credit_book() if fleet is not None \
-        else load_book(await storage.ledger.load())
+    snapshot: LedgerSnapshot | None = None
+    if fleet is not None:
+        book = await fleet.credit_book()
+    else:
+        snapshot = await storage.ledger.load()
+        book = load_book(snapshot)
     credits = CreditService(store, book, storage.ledger)
+    if snapshot is not None:
+        # repayments of a debt that was never committed (docs/credits.md, "Settlement")
+        await credits.give_back_unmatched(snapshot.debts)
     if fleet is not None:
         fleet.credits.shared = credits.book     # who holds grants, fleet-wide
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
@@ -212,7 +220,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
     def withdraw(row: UsageRow) -> None:
         """A withheld row is never billed (Store invariant 8): its settlement is undone in
         the credit book and, for a monetary customer, in its money account."""
-        credits.book.withdraw(row.customer_id, (e for _, e in row.debits))
+        credits.withdraw(row.customer_id, (e for _, e in row.debits),
+                         f"withdraw:{row.request_id}:{secrets.token_hex(6)}")
         if money.active:
             money.withdraw(row.customer_id, row.at,
                            [(i.meter, i.quantity, i.credits) for i in row.items],

@@ -13,10 +13,12 @@ from proxy.credits.ledger import (
     available,
     burn_order,
     clawback,
+    clawback_layers,
     covered_quantity,
     expire_due,
     replay,
     rollover_grant,
+    unrepay,
 )
 
 grant_st = st.builds(
@@ -282,3 +284,74 @@ def test_withdrawing_a_settlement_restores_the_book_exactly(grant: int, cost: in
     g = book.grant("g")
     assert g is not None
     assert (book.balance("c", 1.0), g.remaining, book.debt("c")) == before
+
+
+# ---- claw-backs that follow a rollover carry, and give-backs of withdrawn debt ------------
+
+@given(st.integers(1, 10**12), st.integers(0, 10**12), st.integers(0, 10**12),
+       st.integers(-5, 10**12), st.integers(-5, 10**12), st.integers(-5, 10**12))
+def test_clawback_layers_take_each_layer_in_order_never_more_than_it_holds(
+        amount: int, remaining: int, credits: int, expired: int, carried: int,
+        spent: int) -> None:
+    """unused (refund), then expired and not carried (absorbs), then carried (followed into
+    the receiving grant), then spent (debt): each layer is taken only once the ones before
+    it are exhausted, never more than it holds, and without a carried layer it is
+    ``clawback``."""
+    g = GrantState("g", "c", amount, remaining=min(remaining, amount))
+    entries, follow = clawback_layers(g, credits, expired, carried, spent)
+    refund = sum(e.amount for e in entries if e.kind == "refund")
+    debt = sum(e.amount for e in entries if e.kind == "debt")
+    assert refund == min(credits, g.remaining)
+    after_expiry = max(credits - refund - max(expired, 0), 0)
+    assert follow == min(after_expiry, max(carried, 0))
+    assert debt == min(after_expiry - follow, max(spent, 0))
+    assert refund + follow + debt <= credits
+    assert all(e.amount > 0 for e in entries) and follow >= 0
+    assert clawback_layers(g, credits, expired, 0, spent)[0] == clawback(g, credits, expired,
+                                                                         spent)
+
+
+@given(st.lists(st.integers(-5, 10**9), max_size=6), st.integers(-5, 10**10))
+def test_unrepay_gives_back_at_most_what_each_grant_repaid_newest_first(
+        nets: list[int], amount: int) -> None:
+    repaid = [(f"g{i}", n) for i, n in enumerate(nets)]
+    out = unrepay(repaid, amount)
+    assert all(e.kind == "repay" and e.amount < 0 for e in out)
+    given_back = -sum(e.amount for e in out)
+    assert given_back == min(max(amount, 0), sum(n for n in nets if n > 0))
+    net = dict(repaid)
+    assert all(-e.amount <= net[e.grant_id] for e in out)
+    assert len({e.grant_id for e in out}) == len(out)
+    # newest first: a grant is touched only once every earlier one with credit is exhausted
+    order = [gid for gid, n in repaid if n > 0]
+    touched = [e.grant_id for e in out]
+    assert touched == order[:len(touched)]
+    assert all(-e.amount == net[e.grant_id] for e in out[:-1])
+
+
+@given(st.integers(0, 10**9), st.integers(1, 10**9), st.integers(0, 10**9),
+       st.integers(0, 10**9))
+def test_a_withdrawn_debt_gives_back_exactly_what_was_repaid_of_it(
+        prior: int, withdrawn: int, other: int, grant: int) -> None:
+    """A book with ``prior`` debt, then a request's ``withdrawn`` debt and another's
+    ``other`` (both not committed), then a grant repaying what it can; the first request is
+    withdrawn. What ``withdraw`` reports as repaid, given back by ``unrepay`` from the
+    ledger's unmatched repayments, leaves the ledger's debt (once ``other`` commits) equal
+    to the book's, and the grant's credit equal to the book's."""
+    book = CreditBook()
+    book.add_grant(GrantState("g", "c", grant))
+    book.apply([Entry("", "debt", prior + withdrawn + other)], "c")
+    rep = book.repayment(book.grant("g") or GrantState("x", "c", 1), 0)
+    book.apply(rep, "c")
+    ledger = [Entry("", "debt", prior), *rep]       # written: the prior debt and the repay
+    back = book.withdraw("c", [Entry("", "debt", withdrawn)])
+    assert 0 <= back <= withdrawn
+    ledger_debt = sum(e.amount if e.kind == "debt" else -e.amount for e in ledger)
+    undo = unrepay([("g", sum(e.amount for e in rep))], min(back, max(-ledger_debt, 0)))
+    assert -sum(e.amount for e in undo) == back
+    book.apply(undo)                                # grants only (CreditService.give_back_due)
+    ledger += [*undo, Entry("", "debt", other)]     # the give-back, then the other commits
+    assert sum(e.amount if e.kind == "debt" else -e.amount for e in ledger) == book.debt("c")
+    g = book.grant("g")
+    assert g is not None
+    assert replay([GrantState("g", "c", grant)], ledger)["g"].remaining == g.remaining

@@ -104,19 +104,35 @@ class CreditBook:
         if customer_id is not None:
             self._debt[customer_id] += debt_delta(entries)
 
-    def withdraw(self, customer_id: str, entries: Iterable[Entry]) -> None:
+    def withdraw(self, customer_id: str, entries: Iterable[Entry]) -> int:
         """Undo a settlement whose usage row was dropped (Store invariant 8: a withheld
         answer is never billed): each debit goes back to its grant and a ``debt`` entry is
-        no longer owed."""
+        no longer owed. Returns how much of the withdrawn debt a grant had already repaid
+        (a ``repay`` entry is written at once, before the row's commit): the debt owed is
+        then less than the debt withdrawn, and those credits must go back to the grants
+        that repaid them (``CreditService.withdraw``: negative ``repay`` entries)."""
+        repaid = 0
         for e in entries:
             if e.kind == DEBT:
                 left = self._debt.get(customer_id, 0) - e.amount
                 if left > 0:
                     self._debt[customer_id] = left
                 else:
+                    repaid -= left
                     self._debt.pop(customer_id, None)
             elif (g := self._by_id.get(e.grant_id)) is not None:
                 g.remaining += e.amount
+        return repaid
+
+    def reduce_debt(self, customer_id: str, amount: int) -> None:
+        """Lower ``customer_id``'s debt by ``amount`` (never below zero) with no grant
+        involved: repayments of a withdrawn debt that the ledger counts against debt made
+        since (``CreditService.give_back_due``)."""
+        left = self._debt.get(customer_id, 0) - max(amount, 0)
+        if left > 0:
+            self._debt[customer_id] = left
+        else:
+            self._debt.pop(customer_id, None)
 
     def debt(self, customer_id: str) -> int:
         return self._debt.get(customer_id, 0)

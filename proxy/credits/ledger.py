@@ -166,6 +166,26 @@ def repay(grant: GrantState, debt: int, now: float) -> list[Entry]:
     return [Entry(grant.id, REPAY, min(debt, grant.remaining))]
 
 
+def unrepay(repaid: Iterable[tuple[str, int]], amount: int) -> list[Entry]:
+    """Give back ``amount`` of debt repayments that paid a debt which was then withdrawn (a
+    withheld request's: never billed, Store invariant 8): negative ``repay`` entries, taken
+    from ``repaid`` ((grant, what its repay entries still net) in the order to undo, newest
+    first), each at most what that grant repaid, ``min(amount, sum repaid)`` in all. A
+    negative ``repay`` puts the credits back on its grant and, in ``debt_delta``, the debt
+    it had cancelled back on the ledger's sum, which the withdrawn debt (never written)
+    leaves at what is really owed."""
+    out: list[Entry] = []
+    left = max(amount, 0)
+    for gid, net in repaid:
+        if left == 0:
+            break
+        take = min(left, net)
+        if take > 0:
+            out.append(Entry(gid, REPAY, -take))
+            left -= take
+    return out
+
+
 def settle_cost(grants: Sequence[GrantState], cost: int, now: float,
                 debt_ok: bool) -> tuple[list[Entry], int]:
     """Settle one request cost: debit live grants in burn order (``allocate``); the uncovered
@@ -183,17 +203,32 @@ def clawback(grant: GrantState, credits: int, expired_left: int, spent_left: int
     what expired unused and was not already counted by an earlier claw-back (nothing to
     take: it is gone), then what was spent, up to ``spent_left`` (a ``debt`` entry: paid
     back first by the next grant). Never more than the three layers hold."""
+    return clawback_layers(grant, credits, expired_left, 0, spent_left)[0]
+
+
+def clawback_layers(grant: GrantState, credits: int, expired_left: int, carried_left: int,
+                    spent_left: int) -> tuple[list[Entry], int]:
+    """``clawback`` with a fourth layer: what a rollover carried into the next period's
+    grant and no earlier claw-back followed yet (``carried_left``). Layers, in order:
+    unused (``refund`` entry), expired and not carried (absorbs, takes nothing), carried
+    (returned as the second value: the caller takes it from the grant that received it),
+    spent (``debt``, up to ``spent_left``). The expired layer goes before the carried one
+    so that a refund after the renewal takes what the same refund before it would have:
+    the carry takes only what is left, capped, and the cap's excess expires."""
     if credits <= 0:
-        return []
+        return [], 0
     out: list[Entry] = []
-    take = min(credits, grant.remaining)
+    take = min(credits, max(grant.remaining, 0))
     if take > 0:
         out.append(Entry(grant.id, REFUND, take))
-    rest = credits - take - min(credits - take, max(expired_left, 0))
+    rest = credits - take
+    rest -= min(rest, max(expired_left, 0))
+    follow = min(rest, max(carried_left, 0))
+    rest -= follow
     owed = min(rest, max(spent_left, 0))
     if owed > 0:
         out.append(Entry("", DEBT, owed))
-    return out
+    return out, follow
 
 
 def clawback_credits(amount: int, paid_minor: int, returned_minor: int) -> int:

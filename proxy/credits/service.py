@@ -15,11 +15,11 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from proxy.credits.book import CreditBook
-from proxy.credits.ledger import Entry, GrantState, clawback, clawback_credits, repay
+from proxy.credits.ledger import Entry, GrantState, clawback_credits, clawback_layers, repay
 from proxy.errors import InvalidInput, StorageUnavailable
 from proxy.store.db import Store
 from proxy.store.ledger import SqliteCreditLedger
@@ -64,6 +64,9 @@ class CreditService:
         # spending them (a claw-back's refund, a repayment of debt): the monetary mode's
         # Stripe credit grants must shrink too (proxy.credits.mirror)
         self.on_taken: Callable[[str], None] | None = None
+        # key -> (customer, credits): repayments of a withdrawn debt still to give back
+        # (``withdraw``), written by the expiry task (retried there if the write fails)
+        self._give_back: dict[str, tuple[str, int]] = {}
 
     def wake(self) -> None:
         """Re-plan the expiry loop (the book changed from outside: fleet mode's reload)."""
@@ -140,6 +143,74 @@ class CreditService:
                     self.on_taken(cid)
         return n
 
+    # ---- a withheld request's settlement undone (Store invariant 8) --------------------------
+
+    def withdraw(self, customer_id: str, entries: Iterable[Entry], key: str) -> int:
+        """Undo the settlement of a row that will never be committed (its answer withheld:
+        never billed). Synchronous (``Store._on_failure``): the book gives the debits back
+        and drops the debt at once. What of that debt a grant made meanwhile had already
+        repaid (its ``repay`` entry is in the ledger) is given back to that grant by
+        ``give_back_due`` (negative ``repay`` entries, under ``key``), run by the expiry
+        task at once and again every second while the write fails; until it is written
+        those credits count in neither the balance nor the debt. Returns that amount."""
+        repaid = self.book.withdraw(customer_id, entries)
+        if repaid > 0:
+            self._give_back[key] = (customer_id, repaid)
+            self._wake.set()
+            log.warning("withdrawn settlement %s of %s: %s credits of its debt were already "
+                        "repaid; giving them back", key, customer_id, fmt_micro(repaid))
+        return repaid
+
+    def give_back_pending(self) -> int:
+        """Repayments of withdrawn debt not written back yet (micro-credits)."""
+        return sum(n for _, n in self._give_back.values())
+
+    async def give_back_due(self, now: float | None = None) -> int:
+        """Write the give-backs ``withdraw`` left (each once: ``undo_repay`` is idempotent
+        on its key) and put the credits back on their grants in the book. A storage error
+        leaves the rest pending (the caller retries)."""
+        now = time.time() if now is None else now
+        n = 0
+        for key, (cid, amount) in list(self._give_back.items()):
+            entries = await self.ledger.undo_repay(cid, key, amount, now)
+            del self._give_back[key]
+            # what the ledger did not give back, its debt sum kept against a debt made
+            # since the withdrawal (a claw-back's, a row committed meanwhile): those
+            # repayments now pay that debt, in the book as in the ledger
+            self.book.reduce_debt(cid, amount + sum(e.amount for e in entries))
+            self._give_back_applied(cid, entries)
+            n += len(entries)
+        return n
+
+    async def give_back_unmatched(self, debts: dict[str, int]) -> int:
+        """At start-up (the journal materialized: every committed debt is in the ledger), a
+        customer whose ledger debt is negative holds repayments of a debt that was never
+        committed (a withdrawal whose give-back did not get written, or a crash between a
+        grant's ``repay`` and the debt's commit): give them back. Written at once; if
+        storage refuses, left pending for the expiry task (start-up goes on). Returns the
+        entries written."""
+        for cid, d in sorted(debts.items()):
+            if d < 0:
+                self._give_back[f"unmatched:{cid}:{secrets.token_hex(8)}"] = (cid, -d)
+        if not self._give_back:
+            return 0
+        try:
+            return await self.give_back_due()
+        except (StorageUnavailable, sqlite3.Error) as exc:
+            log.warning("repayments of uncommitted debt not given back yet (the expiry task "
+                        "retries): %s", exc)
+            return 0
+
+    def _give_back_applied(self, customer_id: str, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        # grants only: the debt these repayments cancelled was withdrawn from the book
+        self.book.apply(entries)
+        log.info("gave back %s credits of repaid withdrawn debt to %s",
+                 fmt_micro(-sum(e.amount for e in entries)), customer_id)
+        if self.on_taken is not None:
+            self.on_taken(customer_id)
+
     async def void(self, grant_id: str) -> GrantState:
         g = self.book.grant(grant_id)
         if g is None:
@@ -160,7 +231,9 @@ class CreditService:
         ``key`` names the return: the same key is applied once, and a later event with the
         same key and a larger (cumulative) amount takes only the difference (Stripe's
         ``amount_refunded`` is cumulative). Unused credit goes first (``refund`` entry),
-        expired credit absorbs its share, spent credit becomes debt (docs/credits.md)."""
+        expired credit absorbs its share, credit a rollover carried into the next period's
+        grant is taken from that grant (unused, then as debt), spent credit becomes debt
+        (docs/credits.md)."""
         refs = [r for r in refs if r]
         if not refs:
             return []
@@ -169,17 +242,24 @@ class CreditService:
             g = self.book.grant(f.grant_id)
             if g is None or g.customer_id != customer_id:
                 return None
-            target = clawback_credits(g.amount, f.paid_minor or fallback_paid, returned_minor)
+            target = f.follow_target if f.follow_target is not None else \
+                clawback_credits(g.amount, f.paid_minor or fallback_paid, returned_minor)
             delta = target - f.previous_credits
             if delta <= 0:
                 return None
             refunded = f.sums.get("refund", 0)
+            expired = f.sums.get("expire", 0)
             # from the book: debits still in the group-commit buffer count as spent
-            spent = g.amount - g.remaining - refunded - f.sums.get("expire", 0) \
-                - f.sums.get("void", 0)
+            spent = g.amount - g.remaining - refunded - expired - f.sums.get("void", 0)
+            # of what expired, a rollover carried ``carried_out`` into the next period's
+            # grant: a claw-back follows that there (docs/credits.md, "Refunds")
+            carried = min(max(f.carried_out, 0), expired)
             # expired credit an earlier claw-back already counted = clawed - refunded - owed
-            expired_left = f.sums.get("expire", 0) - (f.clawed_total - refunded - f.owed)
-            return ClawbackDecision(target, clawback(g, delta, expired_left, spent - f.owed))
+            # - what it followed into the receiving grant
+            absorbed = f.clawed_total - refunded - f.owed - f.followed_out
+            entries, follow = clawback_layers(g, delta, expired - carried - absorbed,
+                                              carried - f.followed_out, spent - f.owed)
+            return ClawbackDecision(target, entries, follow)
 
         done = await self.ledger.claw_back(customer_id, refs, key, event_id, returned_minor,
                                            decide)
@@ -231,6 +311,7 @@ class CreditService:
             now = time.time()
             retry: float | None = None
             try:
+                await self.give_back_due(now)
                 await self.expire_due(now)
                 await self.repay_due(now)
             except (StorageUnavailable, sqlite3.Error) as exc:

@@ -59,7 +59,8 @@ Invariants
 8. A row whose request withholds its answer when the commit fails (``UsageRow.withhold``:
    the 503 ``metering_unavailable`` of a buffered response) is dropped on that failure in
    ``fail_mode: closed`` and its credit debits are handed to ``on_withdraw`` (refunded in
-   memory): a 503 that withheld the answer is never billed.
+   memory; ``CreditService.withdraw`` writes back what of its debt a grant already repaid):
+   a 503 that withheld the answer is never billed.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.credits.ledger import Entry, GrantState
+from proxy.credits.ledger import Entry, GrantState, unrepay
 from proxy.store.access import Writer
 from proxy.store.keys import get_customer
 from proxy.store.protocols import ClawbackDecision, EntryRecord, GrantFacts, LedgerEntry, LedgerSnapshot, NewGrant
@@ -62,6 +62,31 @@ def _linked_refs(conn: sqlite3.Connection, refs: Sequence[str]) -> list[str]:
     linked = [r for (r,) in conn.execute(
         f"SELECT invoice_ref FROM payment_links WHERE payment_ref IN ({marks})", list(refs))]
     return list(dict.fromkeys([*refs, *linked]))
+
+
+def carry_receiver(conn: sqlite3.Connection, grant_id: str) -> str | None:
+    """The grant a rollover carried ``grant_id``'s credits into: the subscription's plan
+    grant of the next period start that carried something and whose previous period grant
+    (the one ``previous_period_grant`` picks, as ``_close_previous`` did) is ``grant_id``."""
+    row = conn.execute("SELECT customer_id, idempotency_key, period_start FROM grants"
+                       " WHERE id=?", (grant_id,)).fetchone()
+    if row is None or row[1] is None or row[2] is None \
+            or not str(row[1]).startswith("stripe:plan:"):
+        return None
+    cid, key, start = row
+    prefix = ":".join(str(key).split(":")[:3]) + ":"
+    nxt = conn.execute("SELECT id, period_start, carried FROM grants WHERE customer_id=? AND"
+                       " substr(idempotency_key, 1, ?)=? AND period_start > ? ORDER BY"
+                       " period_start, (idempotency_key LIKE '%:paid:%') DESC,"
+                       " created_at DESC LIMIT 1",
+                       (cid, len(prefix), prefix, start)).fetchone()
+    if nxt is None or int(nxt[2]) <= 0:
+        return None
+    prev = conn.execute("SELECT id FROM grants WHERE customer_id=? AND substr(idempotency_key,"
+                        " 1, ?)=? AND period_start < ? ORDER BY period_start DESC,"
+                        " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1",
+                        (cid, len(prefix), prefix, nxt[1])).fetchone()
+    return str(nxt[0]) if prev is not None and prev[0] == grant_id else None
 
 
 class SqliteCreditLedger:
@@ -111,6 +136,28 @@ class SqliteCreditLedger:
                                meter=e.meter, at=e.at)
 
         self.db.execute_write(tx)
+
+    async def undo_repay(self, customer_id: str, key: str, amount: int,
+                         at: float) -> list[Entry]:
+        def tx(c: sqlite3.Connection) -> list[Entry]:
+            done = [Entry(g, k, a) for g, k, a in c.execute(
+                "SELECT grant_id, kind, amount FROM credit_entries WHERE customer_id=? AND"
+                " request_id=? ORDER BY seq", (customer_id, key))]
+            if done:
+                return done
+            (net,) = c.execute("SELECT COALESCE(SUM(CASE kind WHEN 'debt' THEN amount ELSE"
+                               " -amount END), 0) FROM credit_entries WHERE customer_id=?"
+                               " AND kind IN ('debt', 'repay')", (customer_id,)).fetchone()
+            repaid = [(str(g), int(n)) for g, n in c.execute(
+                "SELECT grant_id, SUM(amount) FROM credit_entries WHERE customer_id=? AND"
+                " kind='repay' GROUP BY grant_id HAVING SUM(amount) > 0"
+                " ORDER BY MAX(seq) DESC", (customer_id,))]
+            out = unrepay(repaid, min(amount, max(-int(net), 0)))
+            insert_entries(c, customer_id, out, request_id=key, at=at)
+            return out
+
+        res: list[Entry] = self.db.execute_write(tx)
+        return res
 
     async def entries(self, customer_id: str, limit: int = 200) -> list[EntryRecord]:
         rows = self.db.conn.execute(
@@ -250,8 +297,11 @@ class SqliteCreditLedger:
             rows = c.execute(f"SELECT grant_id, MAX(paid) FROM grant_payments WHERE ref IN"
                              f" ({marks}) GROUP BY grant_id ORDER BY grant_id", refs_).fetchall()
             out: list[tuple[str, int, list[Entry]]] = []
-            for gid, paid in rows:
-                k = f"{key}:{gid}"
+
+            def one(gid: str, paid: int | None, k: str, follow_of: int | None) -> None:
+                """Decide on grant ``gid`` under row key ``k`` (``follow_of``: a follow of
+                that many more credits into it), then follow what the decision carries on
+                into the grant that received it (period starts only grow: it ends)."""
                 prev = c.execute("SELECT credits FROM clawbacks WHERE key=?", (k,)).fetchone()
                 sums = dict(c.execute(
                     "SELECT kind, SUM(amount) FROM credit_entries WHERE grant_id=?"
@@ -261,10 +311,21 @@ class SqliteCreditLedger:
                 (owed,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
                                     " WHERE kind='debt' AND request_id=?",
                                     (f"clawback:{gid}",)).fetchone()
+                receiver = carry_receiver(c, gid)
+                carried_out = followed = 0
+                if receiver is not None:
+                    (carried_out,) = c.execute("SELECT carried FROM grants WHERE id=?",
+                                               (receiver,)).fetchone()
+                    fk = f"carry:{gid}>"
+                    (followed,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                                            " WHERE substr(key, 1, ?)=?",
+                                            (len(fk), fk)).fetchone()
                 previous = prev[0] if prev else 0
-                d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed))
+                d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed,
+                                      int(carried_out), int(followed),
+                                      None if follow_of is None else previous + follow_of))
                 if d is None:
-                    continue
+                    return
                 for e in d.entries:
                     rid = f"clawback:{gid}" if e.kind == "debt" else k
                     insert_entries(c, customer_id, [e], request_id=rid, at=now)
@@ -274,6 +335,11 @@ class SqliteCreditLedger:
                           " credits=excluded.credits, event_id=excluded.event_id",
                           (k, customer_id, gid, returned_minor, d.credits, event_id, int(now)))
                 out.append((gid, d.credits - previous, d.entries))
+                if d.follow > 0 and receiver is not None:
+                    one(receiver, None, f"carry:{gid}>{receiver}:{key}", d.follow)
+
+            for gid, paid in rows:
+                one(gid, paid, f"{key}:{gid}", None)
             return out
 
         res: list[tuple[str, int, list[Entry]]] = self.db.execute_write(tx)

@@ -185,12 +185,21 @@ class GrantFacts:
     sums: Mapping[str, int]             # kind -> total of the grant's entries
     clawed_total: int                   # everything clawed back from the grant, any key
     owed: int                           # debt entries recorded for this grant's claw-backs
+    # a rollover carried part of what the grant had left into the next period's grant
+    # (the receiver's ``carried``, at most the grant's ``expire`` total): a claw-back
+    # follows it there (docs/credits.md, "Refunds, disputes and credit notes")
+    carried_out: int = 0
+    followed_out: int = 0               # of ``carried_out``, already followed by claw-backs
+    # set when the claw-back follows carried credits into this grant: the new cumulative
+    # amount followed under this key (``previous_credits`` is the old one)
+    follow_target: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ClawbackDecision:
     credits: int                        # the new cumulative claw-back under this key
     entries: list[Entry]                # to append (debt entries are booked to the grant)
+    follow: int = 0                     # credits to follow into the grant the carry went to
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +409,15 @@ class CreditLedger(Protocol):
         """A customer's entries, newest first, at most ``limit``."""
         ...
 
+    async def undo_repay(self, customer_id: str, key: str, amount: int,
+                         at: float) -> list[Entry]:
+        """Give back up to ``amount`` of the customer's debt repayments (negative ``repay``
+        entries, newest repayment first: ``proxy.credits.ledger.unrepay``), never more than
+        the ledger's repayments exceed its debt, in one transaction, under request id
+        ``key``. Idempotent on ``key``: when entries under it exist, writes nothing and
+        returns them."""
+        ...
+
     async def grant_ids(self, customer_id: str, key_prefix: str,
                         exclude_prefix: str | None = None) -> set[str]:
         """Ids of the customer's grants whose idempotency key starts with ``key_prefix`` (and
@@ -483,7 +501,11 @@ class CreditLedger(Protocol):
         entries (a debt entry under request id ``clawback:<grant>``, others under
         ``<key>:<grant>``) and records the new cumulative claw-back for
         ``<key>:<grant>``. Returns (grant id, credits newly clawed, entries). Idempotent on
-        ``key``: the facts include what this key already took, so a repeat decides nothing."""
+        ``key``: the facts include what this key already took, so a repeat decides nothing.
+        A decision's ``follow`` is decided again on the grant a rollover carried the
+        grant's credits into (``carry_receiver``), with ``follow_target`` set, recorded as
+        ``carry:<grant>><receiver>:<key>`` (grant id: the receiver), and so on along the
+        chain."""
         ...
 
 

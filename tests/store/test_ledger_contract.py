@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.credits.ledger import Entry, GrantState
+from proxy.credits.ledger import Entry, GrantState, replay
 from proxy.store.protocols import ClawbackDecision, GrantFacts, LedgerEntry, NewGrant
 from tests.store.conftest import Backend
 
@@ -148,6 +148,98 @@ async def test_claw_back_decides_from_facts_once_per_key(backend: Backend) -> No
     assert await led.claw_back("c1", [""], "k", "e", 1, decide) == []
 
 
+async def test_claw_back_follows_a_rollover_carry_into_the_grant_that_received_it(
+        backend: Backend) -> None:
+    """A decision's ``follow`` is decided again on the next period's plan grant that carried
+    the paying grant's credits (docs/credits.md, "Refunds"), under its own row key; the
+    facts say how much was carried and how much earlier claw-backs followed already."""
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p0"), idempotency_key="stripe:plan:sub_1:100",
+                                    period=(100, 200), payment_refs=("ch_0",), paid_minor=1000))
+    await led.create_grant(NewGrant(_g("p1", amount=140, created=1001),
+                                    idempotency_key="stripe:plan:sub_1:200", period=(200, 300),
+                                    carried=40))
+    await led.append([LedgerEntry("c1", Entry("p0", "expire", 50))])
+    seen: list[GrantFacts] = []
+
+    def decide(f: GrantFacts) -> ClawbackDecision | None:
+        seen.append(f)
+        if f.grant_id == "x":
+            return None
+        if f.grant_id == "p0":
+            target = 30 if len(seen) == 1 else 100
+            delta = target - f.previous_credits
+            return ClawbackDecision(target, [], follow=delta) if delta > 0 else None
+        assert f.follow_target is not None
+        return ClawbackDecision(f.follow_target,
+                                [Entry("p1", "refund", f.follow_target - f.previous_credits)])
+
+    got = await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_1", 300, decide)
+    assert got == [("p0", 30, []), ("p1", 30, [Entry("p1", "refund", 30)])]
+    assert (seen[0].carried_out, seen[0].followed_out, seen[0].follow_target) == (40, 0, None)
+    assert (seen[1].grant_id, seen[1].previous_credits, seen[1].follow_target) == ("p1", 0, 30)
+    # the same key again with a larger cumulative amount: only the difference follows
+    got = await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_2", 1000, decide)
+    assert got == [("p0", 70, []), ("p1", 70, [Entry("p1", "refund", 70)])]
+    assert (seen[2].previous_credits, seen[2].followed_out) == (30, 30)
+    assert (seen[3].previous_credits, seen[3].follow_target, seen[3].clawed_total) == (
+        30, 100, 30)
+    recs = await led.entries("c1")
+    assert [(e.grant_id, e.request_id) for e in recs if e.kind == "refund"] == [
+        ("p1", "carry:p0>p1:refund:ch_0"), ("p1", "carry:p0>p1:refund:ch_0")]
+    # a grant no plan grant carried from (p1: no later period) follows nowhere
+    await led.create_grant(NewGrant(_g("x", created=1002), idempotency_key="stripe:plan:sub_2:200",
+                                    period=(200, 300), payment_refs=("ch_x",), paid_minor=10))
+    await led.claw_back("c1", ["ch_x"], "refund:ch_x", "evt_3", 10, decide)
+    assert (seen[-1].grant_id, seen[-1].carried_out) == ("x", 0)
+
+
+async def test_a_next_period_grant_that_carried_nothing_receives_no_follow(
+        backend: Backend) -> None:
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p0"), idempotency_key="stripe:plan:sub_1:100",
+                                    period=(100, 200), payment_refs=("ch_0",), paid_minor=1000))
+    await led.create_grant(NewGrant(_g("p1", created=1001),
+                                    idempotency_key="stripe:plan:sub_1:200", period=(200, 300)))
+    await led.create_grant(NewGrant(_g("p2", created=1002), carried=50,
+                                    idempotency_key="stripe:plan:sub_1:300", period=(300, 400)))
+    seen: list[GrantFacts] = []
+
+    def decide(f: GrantFacts) -> ClawbackDecision | None:
+        seen.append(f)
+        return ClawbackDecision(10, [], follow=10)
+
+    assert await led.claw_back("c1", ["ch_0"], "k", "e", 1, decide) == [("p0", 10, [])]
+    assert [(f.grant_id, f.carried_out) for f in seen] == [("p0", 0)]
+
+
+async def test_undo_repay_gives_back_the_newest_repayments_once_per_key(
+        backend: Backend) -> None:
+    """A withdrawn debt's repayments go back (docs/credits.md, "Settlement"): negative
+    ``repay`` entries, newest repayment first, never more than the ledger's repayments
+    exceed its debt; the same key again writes nothing and returns what it wrote."""
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("g1")))
+    await led.create_grant(NewGrant(_g("g2", created=1001)))
+    await led.append([LedgerEntry("c1", Entry("", "debt", 30)),
+                      LedgerEntry("c1", Entry("g1", "repay", 20)),
+                      LedgerEntry("c1", Entry("g2", "repay", 30))])
+    assert (await led.load()).debts == {"c1": -20}          # 20 repaid of a debt never written
+    got = await led.undo_repay("c1", "withdraw:r1", 50, 5.0)
+    assert got == [Entry("g2", "repay", -20)]                # capped at the 20 unmatched
+    assert await led.undo_repay("c1", "withdraw:r1", 50, 6.0) == got     # once per key
+    assert await led.undo_repay("c1", "withdraw:r2", 50, 6.0) == []      # nothing unmatched
+    snap = await led.load()
+    assert snap.debts == {"c1": 0}
+    assert {g.id: g.remaining for g in replay(snap.grants, snap.entries).values()} == {
+        "g1": 80, "g2": 90}
+    [rec] = [e for e in await led.entries("c1") if e.request_id == "withdraw:r1"]
+    assert (rec.kind, rec.amount, rec.at_ms) == ("repay", -20, 5000)
+
+
 async def test_effective_at_and_carried_are_kept(backend: Backend) -> None:
     led = backend.storage.ledger
     await backend.customer("c1")
@@ -241,3 +333,33 @@ async def test_members_racing_on_a_plan_invoice_decide_once(backend: Backend) ->
         paid_minor=amount)) for i, (s, amount) in enumerate(
             zip([backend.storage, peer] * 2, [700, 2000, 5, 1999], strict=True))))
     assert await led.paid_for("in_1") == 2000
+
+
+async def test_a_give_back_capped_by_a_debt_made_meanwhile_leaves_book_and_ledger_equal(
+        backend: Backend) -> None:
+    """h/rcredits review, on every backend: a withdrawn row's give-back (4 a top-up
+    repaid) is still pending when the top-up's payment is refunded in full, which makes its
+    4 repaid a claw-back debt; ``undo_repay`` then finds the ledger's debt netted to 0 and
+    gives back nothing. ``CreditService.give_back_due`` must leave the book owing what
+    the ledger owes (0), not the 4 (balance 1: the 1 the withheld request had debited)."""
+    import time
+
+    from proxy.credits.book import CreditBook
+    from proxy.credits.service import CreditService, load_book
+
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    svc = CreditService(None, CreditBook(), led)  # type: ignore[arg-type]
+    await svc.grant("c1", "1", idempotency_key="g1")
+    now = time.time()
+    hold = svc.book.try_hold("c1", 1_000_000, now, block=True, debt_ok=True)
+    assert hold is not None
+    (entries, _), = svc.book.settle(hold, [5_000_000], now)
+    await svc.grant("c1", "10", idempotency_key="g2", payment=(("in_2",), 1000))
+    assert svc.withdraw("c1", entries, "withdraw:r1") == 4_000_000
+    await svc.claw_back("c1", ["in_2"], 1000, "refund:in_2", "evt_r")
+    assert await svc.give_back_due() == 0
+    at = time.time()
+    reloaded = load_book(await led.load())
+    assert (reloaded.balance("c1", at), reloaded.debt("c1")) == (1_000_000, 0)
+    assert (svc.book.balance("c1", at), svc.book.debt("c1")) == (1_000_000, 0)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.credits.ledger import Entry, GrantState
+from proxy.credits.ledger import Entry, GrantState, unrepay
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import (
@@ -133,6 +133,29 @@ async def _record_payments(c: Conn, grant_id: str, refs: Sequence[str], paid: in
             [(r, grant_id, paid) for r in refs])
 
 
+async def _carry_receiver(c: Conn, grant_id: str) -> str | None:
+    """The grant a rollover carried ``grant_id``'s credits into (SQLite's
+    ``proxy.store.ledger.carry_receiver``)."""
+    row = await c.fetchrow("SELECT customer_id, idempotency_key, period_start FROM grants"
+                           " WHERE id=$1", grant_id)
+    if row is None or row[1] is None or row[2] is None \
+            or not str(row[1]).startswith("stripe:plan:"):
+        return None
+    cid, key, start = row[0], str(row[1]), int(row[2])
+    prefix = ":".join(key.split(":")[:3]) + ":"
+    nxt = await c.fetchrow(
+        "SELECT id, period_start, carried FROM grants WHERE customer_id=$1 AND"
+        " starts_with(idempotency_key, $2) AND period_start > $3 ORDER BY period_start,"
+        " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1", cid, prefix, start)
+    if nxt is None or int(nxt[2]) <= 0:
+        return None
+    prev = await c.fetchval(
+        "SELECT id FROM grants WHERE customer_id=$1 AND starts_with(idempotency_key, $2)"
+        " AND period_start < $3 ORDER BY period_start DESC,"
+        " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1", cid, prefix, nxt[1])
+    return str(nxt[0]) if prev == grant_id else None
+
+
 class PostgresCreditLedger:
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
@@ -187,6 +210,28 @@ class PostgresCreditLedger:
             for e in entries:
                 await insert_entries(c, e.customer_id, [e.entry], request_id=e.request_id,
                                      meter=e.meter, at=e.at)
+
+    @retried
+    async def undo_repay(self, customer_id: str, key: str, amount: int,
+                         at: float) -> list[Entry]:
+        async with self.pool.acquire() as c, c.transaction():
+            await lock_account(c, customer_id)
+            done = [Entry(r[0] or "", r[1], int(r[2])) for r in await c.fetch(
+                "SELECT grant_id, kind, amount FROM credit_entries WHERE customer_id=$1 AND"
+                " request_id=$2 ORDER BY seq", customer_id, key)]
+            if done:
+                return done
+            net = int(await c.fetchval(
+                "SELECT COALESCE(SUM(CASE kind WHEN 'debt' THEN amount ELSE -amount END), 0)"
+                " FROM credit_entries WHERE customer_id=$1 AND kind IN ('debt', 'repay')",
+                customer_id))
+            repaid = [(str(r[0]), int(r[1])) for r in await c.fetch(
+                "SELECT grant_id, SUM(amount) FROM credit_entries WHERE customer_id=$1 AND"
+                " kind='repay' GROUP BY grant_id HAVING SUM(amount) > 0"
+                " ORDER BY MAX(seq) DESC", customer_id)]
+            return await insert_entries(c, customer_id,
+                                        unrepay(repaid, min(amount, max(-net, 0))),
+                                        request_id=key, at=at)
 
     async def entries(self, customer_id: str, limit: int = 200) -> list[EntryRecord]:
         async with self.pool.acquire() as c:
@@ -343,8 +388,7 @@ class PostgresCreditLedger:
             rows = await c.fetch("SELECT grant_id, MAX(paid) FROM grant_payments WHERE"
                                  " ref = ANY($1::text[]) GROUP BY grant_id ORDER BY grant_id",
                                  all_refs)
-            for gid, paid in rows:
-                k = f"{key}:{gid}"
+            async def one(gid: str, paid: int | None, k: str, follow_of: int | None) -> None:
                 prev = await c.fetchval("SELECT credits FROM clawbacks WHERE key=$1", k)
                 sums = {r[0]: int(r[1]) for r in await c.fetch(
                     "SELECT kind, SUM(amount) FROM credit_entries WHERE grant_id=$1"
@@ -354,11 +398,21 @@ class PostgresCreditLedger:
                 owed = int(await c.fetchval("SELECT COALESCE(SUM(amount), 0) FROM"
                                             " credit_entries WHERE kind='debt' AND"
                                             " request_id=$1", f"clawback:{gid}"))
+                receiver = await _carry_receiver(c, gid)
+                carried_out = followed = 0
+                if receiver is not None:
+                    carried_out = int(await c.fetchval("SELECT carried FROM grants WHERE id=$1",
+                                                       receiver))
+                    fk = f"carry:{gid}>"
+                    followed = int(await c.fetchval(
+                        "SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                        " WHERE substr(key, 1, $1)=$2", len(fk), fk))
                 previous = int(prev) if prev is not None else 0
-                d = decide(GrantFacts(gid, None if paid is None else int(paid), previous, sums,
-                                      clawed, owed))
+                d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed, carried_out,
+                                      followed,
+                                      None if follow_of is None else previous + follow_of))
                 if d is None:
-                    continue
+                    return
                 for e in d.entries:
                     rid = f"clawback:{gid}" if e.kind == "debt" else k
                     await insert_entries(c, customer_id, [e], request_id=rid, at=now)
@@ -371,4 +425,9 @@ class PostgresCreditLedger:
                     " event_id=EXCLUDED.event_id",
                     k, customer_id, gid, returned_minor, d.credits, event_id, int(now))
                 out.append((gid, d.credits - previous, d.entries))
+                if d.follow > 0 and receiver is not None:
+                    await one(receiver, None, f"carry:{gid}>{receiver}:{key}", d.follow)
+
+            for gid, paid in rows:
+                await one(gid, None if paid is None else int(paid), f"{key}:{gid}", None)
         return out
