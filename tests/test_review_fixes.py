@@ -155,3 +155,4 @@ async def test_head_over_max_header_bytes_after_a_body_in_the_same_read_is_refus
         f"X-Fill-{i}: ".encode() + b"v" * 1000 + b"\r\n" for i in range(10)) + b"\r\n"
     data = await _one_write(p.server.public_port, first + big)
     assert b"HTTP/1.1 200 " not in data, data[:200]
+    assert b"HTTP/1.1 431 " in data and b"header_too_large" in data, data[:200]
