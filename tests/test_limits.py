@@ -161,12 +161,13 @@ def test_every_head_is_measured_wherever_the_reads_split_the_stream(
 
 # the wrapped parser alone
 
-def _framing(bound: int = BOUND) -> tuple[_Framing, list[int]]:
+def _framing(bound: int = BOUND, queue: int = 0) -> tuple[_Framing, list[int]]:
     refused: list[int] = []
     loop = asyncio.new_event_loop()
     loop.close()
     proto = mock.Mock(_reading_paused=False)      # the payloads' flow control only
-    parser = HttpRequestParser(proto, loop, 2**16, max_line_size=16384, max_field_size=16384)
+    parser = HttpRequestParser(proto, loop, 2**16, max_line_size=16384, max_field_size=16384,
+                               max_msg_queue_size=queue)
     handler: Any = SimpleNamespace(guard=SimpleNamespace(max_header_bytes=bound),
                                    _too_large=lambda: refused.append(1))
     return _Framing(parser, handler), refused
@@ -260,3 +261,25 @@ def test_http_1_0_keep_alive_and_expect_100_continue_bodies_are_followed() -> No
         paths = _feed(fr, [one + expect, b"body" + _head(2, size, b"")], refused)
         assert refused == want
         assert paths == (["/a", "/r1"] if want else ["/a", "/r1", "/r2"])
+
+
+def test_heads_the_parser_holds_back_while_its_queue_is_full_are_measured_in_order() -> None:
+    """With its message queue full the parser pauses and keeps the rest of the read; the
+    walk stops at the first head whose message is not out yet and goes on as the parser
+    re-parses what it kept (aiohttp feeds it b"" as its queue drains): the framing of each
+    body still comes from its own message, and the head over the bound is refused when the
+    walk reaches it, before its message is returned."""
+    reqs = b"".join(_head(i, 300, b"Content-Length: 4\r\n") + b"%4d" % i for i in range(5))
+    for size, want in ((BOUND, []), (BOUND + 1, [1])):
+        fr, refused = _framing(queue=2)
+        msgs, _, _ = fr.feed_data(reqs + _head(5, size, b""))
+        paths = [m.path for m, _ in msgs]
+        assert paths == ["/r0", "/r1"] and refused == []
+        while not refused and len(paths) < 6:
+            for _ in msgs:
+                fr.message_consumed()
+            msgs, _, _ = fr.feed_data(b"")
+            assert msgs or refused
+            paths += [m.path for m, _ in msgs]
+        assert refused == want
+        assert paths == [f"/r{i}" for i in range(5 if want else 6)]
