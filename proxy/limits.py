@@ -257,10 +257,15 @@ class _Framing:
     def feed_data(self, data: bytes) -> Any:
         res = self.p.feed_data(data)
         msgs, upgraded, tail = res
-        if len(msgs) == 1 and msgs[0][1] is EMPTY_PAYLOAD and self.state == _HEAD \
-                and not (self.n or self.tail or self.stash) and len(data) <= self.bound \
-                and data.find(_HEAD_END) == len(data) - 4:
-            return res      # the common read: one head, no body, under the bound by size
+        if len(msgs) == 1 and self.state == _HEAD and not (self.n or self.tail or self.stash) \
+                and not upgraded:
+            # the common read: one whole request, its body (if any) ending the read
+            msg, payload = msgs[0]
+            e = data.find(_HEAD_END) + 4
+            if 4 <= e <= self.bound and not msg.chunked and (
+                    e == len(data) if payload is EMPTY_PAYLOAD
+                    else e + int(msg.headers.get("Content-Length") or 0) == len(data)):
+                return res
         if self.stash:
             data, self.stash = self.stash + data, b""
         end = len(data) - len(tail) if upgraded else len(data)
