@@ -13,11 +13,16 @@ per-connection protocol (``RequestHandler``):
 - ``body_timeout``: the longest pause between two reads of a request body still being sent.
 
 The two timeouts are enforced by one sweep per second over the open connections (no timer
-per request); ``data_received`` only records a timestamp and counts head bytes.
+per request); ``data_received`` only records a timestamp. Head bytes are counted by
+``_Framing``, a wrapper of the connection's request parser that follows each body's framing,
+so every head is measured wherever it starts in a read.
 
 This leans on aiohttp internals: ``RequestHandler._messages``, ``._upgraded``,
-``._payload_parser``, ``web_protocol._ErrInfo`` and BaseProtocol's ``_reading_paused``;
-tests/test_resources.py fails if an aiohttp upgrade changes them.
+``._payload_parser``, ``._parser`` (replaced by the wrapper: its ``feed_data`` returns the
+messages parsed, the upgrade flag and the upgraded tail; a paused parser is re-fed with
+``b""``; a declined upgrade's tail is fed again), ``web_protocol._ErrInfo`` and
+BaseProtocol's ``_reading_paused``; tests/test_resources.py and tests/test_limits.py fail if
+an aiohttp upgrade changes them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy import metrics
@@ -37,8 +43,20 @@ from proxy.config import LimitsConfig
 
 log = logging.getLogger("meterproxy.limits")
 
-# the end of a request head: its blank line (CRLF or bare LF line endings)
-_HEAD_END = re.compile(rb"\n\r?\n")
+# the end of a request head or trailer section: its empty line. llhttp's request parser
+# wants CRLF line endings (a bare LF in a head is a 400), so in the bytes it accepted the
+# first CRLF CRLF is the end; in bytes it has not parsed yet (its queue is full) a head with
+# bare LFs is only counted longer than it is, and refused by the parser when it gets there.
+_HEAD_END = b"\r\n\r\n"
+# the empty lines llhttp skips before a request line
+_LEADING = re.compile(rb"[\r\n]*")
+# the hex digits that start a chunk-size line (its extensions follow)
+_HEX = re.compile(rb"[0-9A-Fa-f]*")
+
+# _Framing states: in a head (or a chunked body's trailer section), in a body (or one chunk's
+# data and its CRLF), in a chunk-size line, or at a measured head whose message the parser
+# has not emitted yet (it paused: its queue is full)
+_HEAD, _BODY, _CHUNK_LINE, _WAIT = range(4)
 
 # the file descriptors kept free for everything else (database, WAL, logs, admin port)
 FD_RESERVE = 64
@@ -118,8 +136,7 @@ class ConnectionGuard:
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("guard", "head_at", "head_bytes", "head_tail", "last_payload", "refused",
-                 "rx_at")
+    __slots__ = ("guard", "head_at", "last_payload", "refused", "rx_at")
 
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -127,9 +144,10 @@ class GuardedHandler(RequestHandler):
         self.refused = False
         self.rx_at = 0.0
         self.head_at: float | None = None     # first byte of a request head not yet complete
-        self.head_bytes = 0
-        self.head_tail = b""                    # the last bytes of the head read so far
         self.last_payload: Any = None           # body of the last request parsed
+        # every byte the request parser is fed passes _Framing first (data_received, the
+        # re-feed of a paused parser, the tail of a declined upgrade)
+        self._parser = _Framing(self._parser, self)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
@@ -154,40 +172,20 @@ class GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # head bytes are counted by the parser wrapper (_Framing), which sees every byte the
+        # parser does; here only the header timeout's start and the last body are kept
         now = self.rx_at = self._loop.time()
-        last = self.last_payload
-        in_head = (last is None or last.is_eof()) and not self._upgraded \
-            and self._payload_parser is None
-        if in_head:
-            if self.head_at is None:
+        if self.head_at is None:
+            last = self.last_payload
+            if (last is None or last.is_eof()) and not self._upgraded \
+                    and self._payload_parser is None:
                 self.head_at = now
-            self.head_bytes += len(data)
-            if self.head_bytes > self.guard.max_header_bytes \
-                    and (end := self._head_end(data)) is not None:
-                if end > self.guard.max_header_bytes:
-                    # a head over the bound that ends in this read would be parsed and
-                    # served: refused before it is parsed (one still arriving is refused
-                    # below)
-                    self._too_large()
-                    return
-                cut = end - (self.head_bytes - len(data))
-                if len(data) - cut > self.guard.max_header_bytes \
-                        and (split := self._long_gap(data, cut)) is not None:
-                    # a pipelined head over the bound may be whole in the rest of this read
-                    # (no head is longer than the gap between two blank lines): the rest
-                    # from there is read as a read of its own, so the check above applies
-                    self.head_bytes -= len(data)     # (each part counts itself)
-                    self.data_received(data[:split])
-                    self.data_received(data[split:])
-                    return
         messages = self._messages
         queued = len(messages)
         RequestHandler.data_received(self, data)     # (no super object per read)
         if len(messages) > queued:
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
-            self.head_bytes = 0
-            self.head_tail = b""
             if isinstance(msg, _ErrInfo):
                 # a malformed or oversized head: aiohttp answers 400/431 and closes; read
                 # nothing more meanwhile (each further chunk would be parsed into another
@@ -195,63 +193,12 @@ class GuardedHandler(RequestHandler):
                 transport = self.transport
                 if transport is not None:
                     transport.pause_reading()
-        elif in_head:
-            self.head_tail = data[-3:]
-            if self.head_bytes > self.guard.max_header_bytes:
-                self._too_large()
-
-    def _long_gap(self, data: bytes, cut: int) -> int | None:
-        """Where, after the head that ends at ``cut``, a stretch of ``data`` longer than
-        ``max_header_bytes`` without a blank line starts (a head over the bound could be
-        it); None when there is none. Scanned only for a read holding more than the bound
-        after a head."""
-        bound = self.guard.max_header_bytes
-        at = cut
-        for m in _HEAD_END.finditer(data, cut):
-            if m.end() - at > bound:
-                return at
-            at = m.end()
-        return at if len(data) - at > bound else None
 
     def _too_large(self) -> None:
         transport = self.transport
         if transport is not None:
             transport.write(self.guard.too_large)
         self.kill("header_too_large")
-
-    def _head_end(self, data: bytes) -> int | None:
-        """When ``data`` (counted in ``head_bytes``) ends the head being read: the head's
-        size, through its blank line (the bytes after it are the body or the next request);
-        else None. Also None when a line of it is over ``max_header_field``: aiohttp's
-        parser refuses that head itself (400), as it always has."""
-        seen = self.head_tail + data
-        m = _HEAD_END.search(seen)
-        if m is None:
-            return None
-        if self._refused_by_parser(seen[:m.end()], self.head_bytes == len(data)):
-            return None
-        return self.head_bytes - len(data) + m.end() - len(self.head_tail)
-
-    def _refused_by_parser(self, head: bytes, whole: bool) -> bool:
-        """aiohttp's parser certainly refuses this head (400) for one of its own bounds: a
-        header name or value over ``max_header_field`` (aiohttp measures each, not the line:
-        ``X-A: <max_header_field bytes>`` is accepted), or, when ``head`` starts with the
-        request line (``whole``), a target over ``max_request_line``. Only a certain refusal
-        counts: any doubt leaves the head to the 431."""
-        lines = head.split(b"\n")
-        if whole:
-            parts = lines[0].split(b" ")
-            if len(parts) > 1 and len(parts[1]) > self.guard.max_line:
-                return True
-            lines = lines[1:]
-        field = self.guard.max_field
-        for line in lines:
-            if len(line) <= field:
-                continue
-            name, colon, value = line.partition(b":")
-            if colon and (len(name) > field or len(value.strip(b" \t\r")) > field):
-                return True
-        return False
 
     def kill(self, reason: str) -> None:
         metrics.connections_closed_total.labels(reason).inc()
@@ -260,6 +207,187 @@ class GuardedHandler(RequestHandler):
         transport = self.transport
         if transport is not None:
             transport.close()
+
+
+class _Framing:
+    """The request parser of one connection, wrapped: after each ``feed_data`` the same
+    bytes are walked with the framing of the messages the parser returned, so the start and
+    end of every head is known exactly wherever it falls in a read (after a body, split
+    across reads, pipelined), and every head over ``max_header_bytes`` is refused (431)
+    before its message is queued (docs/resources.md, "Consumer connections").
+
+    Bodies are skipped by count: a Content-Length body in O(1), a chunked one by its
+    chunk-size lines (one search for the line's end each); a byte search runs only where a
+    head (or a trailer section) can be. The parser is authoritative: a read it refuses
+    raises before the walk (aiohttp answers 400), so the walk only follows framing the
+    parser accepted. After an upgrade the rest of the read is not HTTP: the walk stops
+    there and starts again at a head if aiohttp re-feeds that tail (a declined upgrade)."""
+
+    __slots__ = ("bound", "chunked", "ext", "h", "left", "n", "p", "size", "stash", "state",
+                 "tail", "trailers", "upgrade")
+
+    def __init__(self, parser: Any, handler: GuardedHandler) -> None:
+        self.p = parser
+        self.h = handler
+        self.bound = handler.guard.max_header_bytes
+        self.state = _HEAD
+        self.n = 0              # bytes of the head (or chunk-size line) so far
+        self.tail = b""         # its last bytes (<= 3): a blank line split across reads
+        self.left = 0           # bytes left of the body or chunk (+ its CRLF)
+        self.size = 0           # the chunk size read so far
+        self.ext = False        # past the chunk size's digits (in its extensions)
+        self.chunked = False    # the current message's body is chunked
+        self.upgrade = False    # the current message asks for an upgrade
+        self.trailers = False   # the head being read is a trailer section
+        self.stash = b""        # bytes after a measured head whose message is still unparsed
+
+    # the parser's other methods, used by RequestHandler and BaseProtocol
+    def feed_eof(self) -> Any:
+        return self.p.feed_eof()
+
+    def message_consumed(self) -> None:
+        self.p.message_consumed()
+
+    def set_upgraded(self, val: bool) -> None:
+        self.p.set_upgraded(val)
+
+    def pause_reading(self) -> None:
+        self.p.pause_reading()
+
+    def feed_data(self, data: bytes) -> Any:
+        res = self.p.feed_data(data)
+        msgs, upgraded, tail = res
+        if len(msgs) == 1 and self.state == _HEAD and not (self.n or self.tail or self.stash) \
+                and not upgraded:
+            # the common read: one whole request, its body (if any) ending the read
+            msg, payload = msgs[0]
+            e = data.find(_HEAD_END) + 4
+            if 4 <= e <= self.bound and not msg.chunked and (
+                    e == len(data) if payload is EMPTY_PAYLOAD
+                    else e + int(msg.headers.get("Content-Length") or 0) == len(data)):
+                return res
+        if self.stash:
+            data, self.stash = self.stash + data, b""
+        end = len(data) - len(tail) if upgraded else len(data)
+        k = self._walk(data, end, msgs)
+        if k < 0:
+            return res
+        self.h._too_large()
+        return list(msgs[:k]), False, b""
+
+    def _walk(self, data: bytes, end: int, msgs: Any) -> int:
+        """Follow ``data[:end]``; the index in ``msgs`` of a head over the bound, else -1."""
+        pos = 0
+        mi = 0
+        bound = self.bound
+        while pos < end:
+            state = self.state
+            if state == _BODY:
+                left = self.left
+                if end - pos < left:
+                    self.left = left - (end - pos)
+                    return -1
+                pos += left
+                self.left = 0
+                if self.chunked:
+                    self.state, self.size, self.ext, self.n = _CHUNK_LINE, 0, False, 0
+                elif self._message_end():
+                    return -1
+            elif state == _HEAD:
+                if self.n == 0 and not self.tail and data[pos] in b"\r\n" \
+                        and not self.trailers:
+                    pos = _LEADING.match(data, pos, end).end()    # type: ignore[union-attr]
+                    if pos == end:
+                        return -1
+                e = -1
+                tail = self.tail
+                if tail:
+                    e = (tail + data[pos:pos + 3]).find(_HEAD_END)
+                    if e >= 0:
+                        e = pos + e + 4 - len(tail)
+                if e < 0:
+                    e = data.find(_HEAD_END, pos, end)
+                    if e < 0:
+                        self.n += end - pos
+                        if self.n > bound:
+                            return mi
+                        self.tail = (tail + data[max(pos, end - 3):end])[-3:]
+                        return -1
+                    e += 4
+                if self.n + e - pos > bound:
+                    return mi
+                pos = e
+                self.n = 0
+                self.tail = b""
+                if self.trailers:
+                    self.trailers = False
+                    if self._message_end():
+                        return -1
+                elif mi < len(msgs):
+                    msg, payload = msgs[mi]
+                    mi += 1
+                    if self._message(msg, payload):
+                        return -1
+                else:
+                    self.state = _WAIT
+                    self.stash = data[pos:end]
+                    return -1
+            elif state == _CHUNK_LINE:
+                nl = data.find(b"\n", pos, end)
+                stop = end if nl < 0 else nl
+                if not self.ext:
+                    digits = _HEX.match(data, pos, stop).end()     # type: ignore[union-attr]
+                    if digits > pos:
+                        self.size = (self.size << 4 * (digits - pos)) \
+                            | int(data[pos:digits], 16)
+                    self.ext = digits < stop
+                self.n += stop - pos
+                if self.n > bound:
+                    return mi
+                if nl < 0:
+                    return -1
+                pos = nl + 1
+                self.n = 0
+                if self.size:
+                    self.state, self.left = _BODY, self.size + 2
+                else:   # the last chunk: its trailer section (the size line's CRLF counts)
+                    self.state, self.trailers, self.tail = _HEAD, True, b"\r\n"
+            else:   # _WAIT: the head before data[pos] is measured; its message is due
+                if mi >= len(msgs):
+                    self.stash = data[pos:end]
+                    return -1
+                msg, payload = msgs[mi]
+                mi += 1
+                self.state = _HEAD
+                if self._message(msg, payload):
+                    return -1
+        return -1
+
+    def _message(self, msg: Any, payload: Any) -> bool:
+        """Start the body of ``msg``, just parsed; True when the rest of the read is not
+        HTTP (an upgrade)."""
+        self.upgrade = msg.upgrade
+        if msg.chunked:
+            self.chunked = True
+            self.state, self.size, self.ext, self.n = _CHUNK_LINE, 0, False, 0
+            return False
+        self.chunked = False
+        if payload is not EMPTY_PAYLOAD:
+            length = msg.headers.get("Content-Length")
+            if length:
+                self.state, self.left = _BODY, int(length)
+                return False
+        return self._message_end()
+
+    def _message_end(self) -> bool:
+        """The current message is complete: the next byte starts a head, unless it asked for
+        an upgrade: llhttp stops there (aiohttp keeps the rest as the upgraded tail, or drops
+        it when the upgrade is not one it supports)."""
+        self.state = _HEAD
+        self.trailers = False
+        self.n = 0
+        self.tail = b""
+        return self.upgrade
 
 
 def guarded_runner(handler: Any, guard: ConnectionGuard, *, shutdown_timeout: float,

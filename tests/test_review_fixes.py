@@ -155,19 +155,18 @@ async def test_a_withdrawn_debt_already_repaid_by_a_new_grant_gives_the_credits_
         env.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (docs/resources.md): a head that follows "
-                   "a body in the same read is bounded by aiohttp's own limits only")
 async def test_head_over_max_header_bytes_after_a_body_in_the_same_read_is_refused(
         make_proxy: ProxyFactory) -> None:
-    """(Not fixed.) The one-read check counts head bytes only in a read that starts in a
-    head: a request whose body ends in a read that then holds a whole next head over
-    max_header_bytes (11 KB against 8 KiB) gets that head parsed and served."""
+    """A request whose body ends in a read that then holds a whole next head over
+    max_header_bytes (11 KB against 8 KiB): the guard follows the body's framing
+    (limits._Framing), so that head is measured and refused, never served."""
     p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
     first = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
     big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
         f"X-Fill-{i}: ".encode() + b"v" * 1000 + b"\r\n" for i in range(10)) + b"\r\n"
     data = await _one_write(p.server.public_port, first + big)
     assert b"HTTP/1.1 200 " not in data, data[:200]
+    assert b"HTTP/1.1 431 " in data and b"header_too_large" in data, data[:200]
 
 
 async def _withdrawn_after_repay(tmp_path: Path) -> tuple[Env, list[Entry]]:
