@@ -574,8 +574,11 @@ class WebhookReceiver:
 
     async def _write_off(self, cid: str, inv_id: str, event_id: str) -> list[dict[str, Any]]:
         paid = await self.credits.ledger.paid_for(inv_id)
+        # the whole grant, carried credits included: paid later, the allowance is granted
+        # anew and carries them again
         out = await self.credits.claw_back(cid, [inv_id], max(paid, 1), f"unpaid:{inv_id}",
-                                           event_id, fallback_paid=max(paid, 1))
+                                           event_id, fallback_paid=max(paid, 1),
+                                           whole_grant=True)
         await self.credits.ledger.write_off_plan_invoice(inv_id, int(self.clock()))
         return out
 

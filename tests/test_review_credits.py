@@ -510,9 +510,11 @@ async def test_a_refund_follows_a_carry_chain_or_stops_where_the_carry_expired(
 @pytest.mark.parametrize("first", ["refund", "void"])
 async def test_a_receiving_grant_already_refunded_or_voided_gives_nothing_twice(
         tmp_path: Path, first: str) -> None:
-    """The grant the carry went into was itself refunded in full (its own payment) or
-    voided by an operator: the 50 carried left with it, so period 0's refund takes nothing
-    more from it and owes nothing."""
+    """The grant the carry went into (50 allowance + 50 carried) was itself refunded in
+    full (its own payment bought the 50 allowance: those go, the 50 carried stay until
+    period 0's refund follows them) or voided by an operator (the 50 carried left with
+    it): either way period 0's refund then leaves nothing and owes nothing, and the two
+    never take more than the grant held."""
     from tests.test_plan_lifecycle import S0, _at
 
     env = await _renewed(tmp_path, _roll_cfg())
@@ -521,7 +523,7 @@ async def test_a_receiving_grant_already_refunded_or_voided_gives_nothing_twice(
             await _at(env, S0 + 30, "evt_r1", "charge.refunded", _refund("ch_1", "in_1", 2000))
         else:
             await env.credits.void(_grant_of(env, "in_1"))
-        assert env.balance(S0 + 31) == 0
+        assert env.balance(S0 + 31) == (50 * Q if first == "refund" else 0)
         out = await _at(env, S0 + 60, "evt_r0", "charge.refunded", _refund("ch_0", "in_0", 2000))
         assert env.balance(S0 + 120) == 0, out
         assert env.credits.book.debt("acme") == 0
@@ -582,7 +584,7 @@ async def _capped_chain(tmp: Path, spent: int, refund_first: bool) -> int:
         env.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (h/rcredits review): a refund's spent "
+@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, carry chains): a refund's spent "
                    "layer becomes debt repaid by the newest grant, after a capped renewal "
                    "already cut the intermediate grant's leftovers that would have repaid it")
 @pytest.mark.parametrize("spent", [30, 50])
@@ -602,10 +604,6 @@ async def test_a_refund_after_two_capped_renewals_takes_what_it_would_have_befor
     assert after == before, (after, before)
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (h/rcredits review): a renewal's own "
-                   "refund takes floor(amount x returned / paid) of the whole grant, carried "
-                   "credits included, and the previous payment's refund follows those same "
-                   "carried credits")
 @pytest.mark.parametrize("order", ["previous_first", "renewal_first"])
 async def test_two_refunds_after_the_renewal_take_what_each_payment_bought(
         tmp_path: Path, order: str) -> None:
@@ -613,9 +611,10 @@ async def test_two_refunds_after_the_renewal_take_what_each_payment_bought(
     credits) refunded by half: 75 credits' worth of money returned. Refunded before the
     renewal, period 0's refund takes its 50 and period 1's grant is 50, half of which the
     second refund takes: 25 left. After the renewal, period 1's grant is 100 (50 carried):
-    its half refund takes 50 (half of 100, the carried 50 counted as bought by period 1's
-    payment) and period 0's refund follows its 50 carried credits into the same grant: 0
-    left, in either order, 25 credits more than the money returned bought."""
+    its half refund takes half of what its own payment bought (50 of the 100: the carried
+    50 were bought by period 0's payment), 25, and period 0's refund follows its 50
+    carried credits into the same grant: 25 left, in either order. (Before the fix it took
+    half of the whole 100: 0 left.)"""
     from tests.test_plan_lifecycle import DAY, S0, _at, _inv
 
     first = await _renewed(tmp_path / "a", _roll_cfg(), periods=1)

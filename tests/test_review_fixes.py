@@ -295,7 +295,7 @@ async def test_a_withdrawn_debt_only_partly_repaid_gives_back_only_that_part(
 
 async def test_a_give_back_pending_when_a_refund_makes_debt_leaves_book_and_ledger_equal(
         tmp_path: Path) -> None:
-    """h/rcredits review: a withdrawn row's give-back is pending (the expiry task has not
+    """Review of the give-back: a withdrawn row's give-back is pending (the expiry task has not
     written it yet, or its write failed) when a refund of the top-up that repaid the debt
     arrives: the refund takes the top-up's 6 unused and makes its 4 repaid "spent" a
     debt of 4, which the ledger nets against the 4 repayment (debt 0), so ``undo_repay``
@@ -340,12 +340,12 @@ def _credit_state(book: CreditBook, at: float) -> tuple[int, int, list[tuple[str
 @pytest.mark.parametrize("seed", range(80))
 async def test_random_withdrawals_give_backs_and_refunds_keep_the_book_equal_to_the_ledger(
         tmp_path: Path, seed: int) -> None:
-    """h/rcredits review, a property over random sequences of top-ups (each with its own
+    """A property over random sequences of top-ups (each with its own
     payment), committed requests, withheld requests (withdrawn later or committed), refunds
     of a top-up (half or all), voids, give-backs and give-back writes refused or allowed
     again: whenever nothing is in flight and no give-back is pending, the book equals the
     ledger reloaded (balance, debt, every grant's remaining), and no grant and no debt is
-    ever negative. (Seed 39 failed on h/credits: a debt made while a give-back was
+    ever negative. (Seed 39 failed before the fix: a debt made while a give-back was
     pending.)"""
     import random
 

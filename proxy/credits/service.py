@@ -225,7 +225,8 @@ class CreditService:
     # ---- claw-backs (refunds, disputes, credit notes) --------------------------------------
 
     async def claw_back(self, customer_id: str, refs: list[str], returned_minor: int, key: str,
-                  event_id: str, fallback_paid: int = 0) -> list[dict[str, Any]]:
+                  event_id: str, fallback_paid: int = 0,
+                  whole_grant: bool = False) -> list[dict[str, Any]]:
         """Take back the share of every grant paid by the payment named by ``refs`` (invoice,
         charge, payment intent or checkout session ids) that ``returned_minor`` of it is.
         ``key`` names the return: the same key is applied once, and a later event with the
@@ -233,7 +234,10 @@ class CreditService:
         ``amount_refunded`` is cumulative). Unused credit goes first (``refund`` entry),
         expired credit absorbs its share, credit a rollover carried into the next period's
         grant is taken from that grant (unused, then as debt), spent credit becomes debt
-        (docs/credits.md)."""
+        (docs/credits.md). A grant's share is of what its own payment bought: its amount
+        minus what a rollover carried into it; ``whole_grant`` (a renewal written off
+        unpaid, which is granted anew with its carry if paid later) takes the share of the
+        whole amount."""
         refs = [r for r in refs if r]
         if not refs:
             return []
@@ -242,8 +246,11 @@ class CreditService:
             g = self.book.grant(f.grant_id)
             if g is None or g.customer_id != customer_id:
                 return None
+            # the grant's own payment bought its amount minus what a rollover carried into
+            # it (that part was bought by the previous payment, whose refund follows it)
+            own = g.amount if whole_grant else g.amount - min(max(f.carried_in, 0), g.amount)
             target = f.follow_target if f.follow_target is not None else \
-                clawback_credits(g.amount, f.paid_minor or fallback_paid, returned_minor)
+                clawback_credits(own, f.paid_minor or fallback_paid, returned_minor)
             delta = target - f.previous_credits
             if delta <= 0:
                 return None

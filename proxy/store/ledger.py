@@ -321,9 +321,12 @@ class SqliteCreditLedger:
                                             " WHERE substr(key, 1, ?)=?",
                                             (len(fk), fk)).fetchone()
                 previous = prev[0] if prev else 0
+                (carried_in,) = c.execute("SELECT carried FROM grants WHERE id=?",
+                                          (gid,)).fetchone()
                 d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed,
                                       int(carried_out), int(followed),
-                                      None if follow_of is None else previous + follow_of))
+                                      None if follow_of is None else previous + follow_of,
+                                      carried_in=int(carried_in or 0)))
                 if d is None:
                     return
                 for e in d.entries:

@@ -193,6 +193,9 @@ class GrantFacts:
     # set when the claw-back follows carried credits into this grant: the new cumulative
     # amount followed under this key (``previous_credits`` is the old one)
     follow_target: int | None = None
+    # what a rollover carried into this grant (its own ``carried``): not bought by the
+    # grant's own payment, so that payment's refund takes its share of the rest only
+    carried_in: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,6 +179,8 @@ async def test_claw_back_follows_a_rollover_carry_into_the_grant_that_received_i
     assert got == [("p0", 30, []), ("p1", 30, [Entry("p1", "refund", 30)])]
     assert (seen[0].carried_out, seen[0].followed_out, seen[0].follow_target) == (40, 0, None)
     assert (seen[1].grant_id, seen[1].previous_credits, seen[1].follow_target) == ("p1", 0, 30)
+    # what was carried into each grant (its own payment did not buy that part)
+    assert (seen[0].carried_in, seen[1].carried_in) == (0, 40)
     # the same key again with a larger cumulative amount: only the difference follows
     got = await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_2", 1000, decide)
     assert got == [("p0", 70, []), ("p1", 70, [Entry("p1", "refund", 70)])]

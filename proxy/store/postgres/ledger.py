@@ -408,9 +408,12 @@ class PostgresCreditLedger:
                         "SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
                         " WHERE substr(key, 1, $1)=$2", len(fk), fk))
                 previous = int(prev) if prev is not None else 0
+                carried_in = int(await c.fetchval("SELECT carried FROM grants WHERE id=$1",
+                                                  gid) or 0)
                 d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed, carried_out,
                                       followed,
-                                      None if follow_of is None else previous + follow_of))
+                                      None if follow_of is None else previous + follow_of,
+                                      carried_in=carried_in))
                 if d is None:
                     return
                 for e in d.entries:
