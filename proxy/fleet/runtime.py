@@ -105,6 +105,13 @@ class LockedShipping:
     def watermark(self) -> int:
         return self.shipping.shipper.watermark
 
+    async def resume(self) -> None:
+        """At start, before any row is journaled: load the shared ledger's watermark for
+        this member id and put the journal's next seq above it (a journal that starts
+        empty, its volume gone, must not reuse a shipped seq)."""
+        async with self.lock:
+            self.store.raise_journal_floor(await self.shipping.resume())
+
     async def ship_pending(self) -> int:
         async with self.lock:
             n = await self.shipping.ship_pending()
@@ -350,6 +357,7 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         await ensure_schema(pool)
         shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
                                                   cfg.fleet.ship_batch), store)
+        await shipping.resume()
         storage = PostgresStorage.on(pool, local=store, shipping=shipping)
         await storage.watch()
         policy = lease_policy(cfg.fleet)
