@@ -242,6 +242,11 @@ class Flusher:
         else:
             await self._send_per_key(events, rows, report)
 
+    def _leading(self) -> bool:
+        """Whether this process may call Stripe now: always on its own; in a fleet, while
+        it leads the flusher (False from the moment a fenced write found it deposed)."""
+        return self.leads is None or self.leads()
+
     def _precheck(self, row: Mapping[str, Any], now: float) -> str | None:
         if not row["stripe_customer_id"]:
             return f"customer {row['customer_id']!r} has no stripe_customer_id"
@@ -270,6 +275,10 @@ class Flusher:
                 self._inflight.add(key)
                 try:
                     for ev in evs:
+                        if not self._leading():
+                            # deposed (another member flushes): no new call; the rows stay
+                            # pending, attempted, for the new leader to resend after its hold
+                            return
                         if self.breaker.open:
                             report.retrying += 1
                             await self._mark(rows[ev.outbox_id],
@@ -289,13 +298,21 @@ class Flusher:
                 finally:
                     self._inflight.discard(key)
 
-        await asyncio.gather(*(run_key(k, v) for k, v in by_key.items()))
+        # every key's task ends before the flush does (a deposed leader's first refused
+        # write must not leave the others calling in the background); then the first failure
+        done = await asyncio.gather(*(run_key(k, v) for k, v in by_key.items()),
+                                    return_exceptions=True)
+        for got in done:
+            if isinstance(got, BaseException):
+                raise got
 
     async def _send_batches(self, events: list[OutEvent], rows: Mapping[int, Any],
                             report: FlushReport) -> None:
         n = self.sink.max_batch
         for i in range(0, len(events), n):
             batch = events[i:i + n]
+            if not self._leading():
+                return          # deposed: the rows stay pending for the new leader
             if self.breaker.open:
                 for ev in events[i:]:
                     await self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"),
