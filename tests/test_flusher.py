@@ -54,3 +54,28 @@ async def test_timeout_while_stripe_still_processes_never_overlaps(
     finally:
         await flusher.close()
         store.close()
+
+
+async def test_a_transient_failure_is_retried_within_the_cycle(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    """A 500 (nothing stored at Stripe) is retried in the same flush with a new
+    Idempotency-Key, after the in-cycle wait (exponential, with jitter)."""
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    double.state.faults.script("meter_events", ["500"])
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                        timeout=5.0)
+    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
+                      rate=0, seed=1, retry_wait_max=0.2)
+    try:
+        _usage(store, "a", 2)
+        rep = await flusher.flush(force=True)
+        assert rep.delivered == 1 and rep.retrying == 0, rep.to_json()
+        assert double.state.totals("cus_a", "api_calls") == 2
+        keys = [r.idempotency_key for r in double.state.call_log
+                if r.path == "/v1/billing/meter_events"]
+        assert len(keys) == 2 and len(set(keys)) == 2
+    finally:
+        await flusher.close()
+        store.close()
