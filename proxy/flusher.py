@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
 
 from proxy import metrics
 from proxy.backoff import backoff
@@ -326,10 +325,13 @@ class Flusher:
         """One logical send with a few quick in-cycle retries (tenacity)."""
 
         def wait(state: RetryCallState) -> float:
-            base = float(wait_exponential_jitter(initial=0.05, max=self.retry_wait_max)(state))
+            # 0.05 s x 2^(n-1) plus up to 1 s of jitter, at most retry_wait_max (tenacity's
+            # wait_exponential_jitter, whose initial= newer releases deprecate)
+            base = min(0.05 * 2.0 ** (state.attempt_number - 1) + self.rng.uniform(0, 1),
+                       self.retry_wait_max)
             last = state.outcome.result() if state.outcome is not None else None
             hinted = max((o.retry_after or 0.0) for o in last) if last else 0.0
-            return max(base, min(hinted, self.retry_wait_max))
+            return float(max(base, min(hinted, self.retry_wait_max)))
 
         def transient(result: list[Outcome]) -> bool:
             # an ambiguous failure is not retried in this cycle: its call may still be running
