@@ -19,9 +19,11 @@ Delivery guarantee, step by step (the numbers are repeated at each failure point
 Calls for one (customer, event name) never overlap: each such key is served by exactly one
 task at a time; after an *ambiguous* failure (timeout, dropped connection: the call may still
 be running at Stripe) the key waits ``ambiguous_hold`` (the Stripe timeout) before its next
-call, in this cycle or any later one; rows already attempted by a previous process wait the
-same after start-up; and shutdown lets a flush in progress finish instead of cancelling its
-call. An account-wide token bucket caps the call rate.
+call, in this cycle or any later one; a key with a row attempted by a previous process (or
+by the leader a fleet member took over from) waits the same after start-up (or takeover),
+every row of it, so a newer row cannot overlap that process's last call; and shutdown
+lets a flush in progress finish instead of cancelling its call. An account-wide token
+bucket caps the call rate.
 """
 
 from __future__ import annotations
@@ -218,13 +220,18 @@ class Flusher:
             return
         ready: list[dict[str, Any]] = []
         mono = time.monotonic()
-        fresh_start = mono < self._started + self.ambiguous_hold
+        # after start-up or a takeover, a key with a row attempted before may have a call
+        # still running at Stripe (a previous process's, or the deposed leader's): the whole
+        # key waits, its rows attempted before and any newer row alike
+        attempted = {(r["stripe_customer_id"], r["event_name"]) for r in due
+                     if r["attempts"] > 0} \
+            if mono < self._started + self.ambiguous_hold else set()
         for row in due:
             dead = self._precheck(row, now)
+            key = (row["stripe_customer_id"], row["event_name"])
             if dead is not None:
                 await self._mark(row, Outcome(Kind.DEAD, dead), report)
-            elif (fresh_start and row["attempts"] > 0) or \
-                    self._held_until.get((row["stripe_customer_id"], row["event_name"]), 0) > mono:
+            elif key in attempted or self._held_until.get(key, 0) > mono:
                 # a call for this key may still be running at Stripe (ours, or a previous
                 # process's): leave it for a later cycle rather than overlap it
                 report.retrying += 1
