@@ -114,3 +114,18 @@ async def test_flusher_leader_killed_another_takes_over_nothing_twice_or_lost(
     assert max(accepted.values()) == 1
     assert st.concurrency_violations == []
     assert st.errors == []
+
+
+async def test_every_member_answers_readyz_whoever_leads_the_flusher(
+        tmp_path: Path, upstream: str) -> None:
+    """``/readyz`` reads the flush lag from the fleet's outbox; a member that does not lead
+    the flusher answers it too (200 ready), instead of failing on its fenced outbox."""
+    async with fleet_of(tmp_path, upstream, fleet={"leader_ttl": f"{LEADER_TTL}s"}) as fleet:
+        members = await fleet.start(["a", "b"])
+        await wait_until(lambda: _holder(fleet.dsn), ok=lambda h: h is not None,
+                         timeout=10, what="a flusher leader")
+        async with aiohttp.ClientSession() as s:
+            for m in members:
+                async with s.get(m.admin + "/readyz") as r:
+                    body = await r.text()
+                    assert r.status == 200, (m.name, r.status, body)
