@@ -428,7 +428,7 @@ def build_flusher(rt: Runtime, sink: Sink, fleet: Fleet | None = None) -> Flushe
                    rate=scfg.max_rate or default_rate(scfg.api_key),
                    ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt),
                    leads=fleet.lead.leads, errors=(sqlite3.Error, *ERRORS),
-                   reads=rt.owners().outbox)
+                   shared=rt.owners().outbox)
 
 
 def transforms(rt: Runtime) -> dict[str, TransformQuantity]:

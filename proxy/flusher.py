@@ -149,16 +149,16 @@ class Flusher:
                  outbox: Outbox | None = None, usage: UsageLedger | None = None,
                  leads: Callable[[], bool] | None = None,
                  errors: tuple[type[Exception], ...] = (sqlite3.Error,),
-                 reads: Outbox | None = None,
+                 shared: Outbox | None = None,
                  ) -> None:
         """``leads`` (fleet mode): whether this member leads the flusher duty now; when it
         does not, a flush only materializes (ships the journal). ``errors``: failures ``run``
-        logs and retries next interval. ``reads``: the outbox the gauges and the flush lag
-        read (fleet mode: an unfenced one, so a member that does not lead reads them too);
-        default ``outbox``."""
+        logs and retries next interval. ``shared``: the outbox for what any member may do
+        whoever leads (fleet mode: unfenced): the gauges' and the flush lag's reads, and the
+        operator's replay of a dead letter (a conditional update); default ``outbox``."""
         self.store = store
         self.outbox: Outbox = outbox if outbox is not None else SqliteOutbox(store)
-        self.reads: Outbox = reads if reads is not None else self.outbox
+        self.shared: Outbox = shared if shared is not None else self.outbox
         self.usage: UsageLedger = usage if usage is not None else SqliteUsage(store)
         self.sink = sink
         self.event_names = event_names
@@ -440,12 +440,12 @@ class Flusher:
     # ---- dead letters and gauges --------------------------------------------------------
 
     async def replay(self, outbox_id: int, restamp: bool = False) -> bool:
-        ok = await self.outbox.replay(outbox_id, int(time.time()) if restamp else None)
+        ok = await self.shared.replay(outbox_id, int(time.time()) if restamp else None)
         await self.refresh_gauges()
         return ok
 
     async def refresh_gauges(self) -> None:
-        counts = await self.reads.counts()
+        counts = await self.shared.counts()
         metrics.dead_letters.set(counts.dead)
         metrics.outbox_pending.set(counts.pending)
         metrics.outbox_dry_run.set(counts.dry_run)
@@ -453,7 +453,7 @@ class Flusher:
 
     async def lag(self) -> float:
         """Age of the oldest usage not yet delivered (staged or not)."""
-        a = await self.reads.oldest_pending_created()
+        a = await self.shared.oldest_pending_created()
         b = await self.usage.oldest_unstaged_minute()
         oldest = min(x for x in (a, b, time.time()) if x is not None)
         return max(0.0, time.time() - oldest)
