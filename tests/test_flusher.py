@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from proxy.flusher import Flusher
 from proxy.store.db import Store
 from proxy.stripe.client import StripeClient
@@ -79,3 +81,55 @@ async def test_a_transient_failure_is_retried_within_the_cycle(
     finally:
         await flusher.close()
         store.close()
+
+
+def _restore(db: Path, backup: Path) -> None:
+    for p in db.parent.glob(db.name + "*"):
+        p.unlink()
+    backup.rename(db)
+
+
+@pytest.mark.xfail(strict=True, reason="open defect: a database restored from a backup "
+                   "mints identifiers already sent after the backup (mp_<install>_<row id>): "
+                   "the first send reuses an Idempotency-Key with other parameters (400, a "
+                   "dead letter), a replay is taken for a duplicate and marked sent; the "
+                   "usage is never counted (docs/resources.md, Recovery)")
+async def test_usage_after_a_restore_from_backup_is_not_taken_for_a_duplicate(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    """docs/resources.md's recovery: "restore the file (or repair it) and restart the
+    proxy". Events sent after the backup was taken are in Stripe, not in the restored file;
+    usage recorded after the restore must still reach Stripe."""
+    import sqlite3
+
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    db, backup = tmp_path / "f.db", tmp_path / "backup.db"
+    names = {"api_calls": ("api_calls", None)}
+
+    def flusher(store: Store) -> Flusher:
+        conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                            timeout=5.0)
+        return Flusher(store, MeterEventsSink(conn), lambda: names, rate=0)
+
+    store = Store.open(db)
+    src, dst = sqlite3.connect(db), sqlite3.connect(backup)
+    src.backup(dst)                                 # the backup: before any usage
+    src.close()
+    dst.close()
+    f = flusher(store)
+    try:
+        _usage(store, "a", 3)
+        assert (await f.flush(force=True)).delivered == 1
+    finally:
+        await f.close()
+        store.close()
+    _restore(db, backup)                            # the file is lost; restored from backup
+    store = Store.open(db)
+    f = flusher(store)
+    try:
+        _usage(store, "a", 2)                       # usage after the restore
+        assert (await f.flush(force=True)).delivered == 1
+    finally:
+        await f.close()
+        store.close()
+    assert double.state.totals("cus_a", "api_calls") == 5
