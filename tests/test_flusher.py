@@ -7,8 +7,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
-
 from proxy.flusher import Flusher
 from proxy.store.db import Store
 from proxy.stripe.client import StripeClient
@@ -89,11 +87,6 @@ def _restore(db: Path, backup: Path) -> None:
     backup.rename(db)
 
 
-@pytest.mark.xfail(strict=True, reason="open defect: a database restored from a backup "
-                   "mints identifiers already sent after the backup (mp_<install>_<row id>): "
-                   "the first send reuses an Idempotency-Key with other parameters (400, a "
-                   "dead letter), a replay is taken for a duplicate and marked sent; the "
-                   "usage is never counted (docs/resources.md, Recovery)")
 async def test_usage_after_a_restore_from_backup_is_not_taken_for_a_duplicate(
         tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
     """docs/resources.md's recovery: "restore the file (or repair it) and restart the
