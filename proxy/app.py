@@ -436,7 +436,8 @@ def build_flusher(rt: Runtime, sink: Sink, fleet: Fleet | None = None) -> Flushe
                    usage=rt.owners().usage,
                    rate=scfg.max_rate or default_rate(scfg.api_key),
                    ambiguous_hold=2 * scfg.timeout, transforms=lambda: transforms(rt),
-                   leads=fleet.lead.leads, errors=(sqlite3.Error, *ERRORS))
+                   leads=fleet.lead.leads, errors=(sqlite3.Error, *ERRORS),
+                   shared=rt.owners().outbox)
 
 
 def transforms(rt: Runtime) -> dict[str, TransformQuantity]:

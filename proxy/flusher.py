@@ -19,9 +19,11 @@ Delivery guarantee, step by step (the numbers are repeated at each failure point
 Calls for one (customer, event name) never overlap: each such key is served by exactly one
 task at a time; after an *ambiguous* failure (timeout, dropped connection: the call may still
 be running at Stripe) the key waits ``ambiguous_hold`` (the Stripe timeout) before its next
-call, in this cycle or any later one; rows already attempted by a previous process wait the
-same after start-up; and shutdown lets a flush in progress finish instead of cancelling its
-call. An account-wide token bucket caps the call rate.
+call, in this cycle or any later one; a key with a row attempted by a previous process (or
+by the leader a fleet member took over from) waits the same after start-up (or takeover),
+every row of it, so a newer row cannot overlap that process's last call; and shutdown
+lets a flush in progress finish instead of cancelling its call. An account-wide token
+bucket caps the call rate.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
 
 from proxy import metrics
 from proxy.backoff import backoff
@@ -148,12 +149,16 @@ class Flusher:
                  outbox: Outbox | None = None, usage: UsageLedger | None = None,
                  leads: Callable[[], bool] | None = None,
                  errors: tuple[type[Exception], ...] = (sqlite3.Error,),
+                 shared: Outbox | None = None,
                  ) -> None:
         """``leads`` (fleet mode): whether this member leads the flusher duty now; when it
         does not, a flush only materializes (ships the journal). ``errors``: failures ``run``
-        logs and retries next interval."""
+        logs and retries next interval. ``shared``: the outbox for what any member may do
+        whoever leads (fleet mode: unfenced): the gauges' and the flush lag's reads, and the
+        operator's replay of a dead letter (a conditional update); default ``outbox``."""
         self.store = store
         self.outbox: Outbox = outbox if outbox is not None else SqliteOutbox(store)
+        self.shared: Outbox = shared if shared is not None else self.outbox
         self.usage: UsageLedger = usage if usage is not None else SqliteUsage(store)
         self.sink = sink
         self.event_names = event_names
@@ -219,13 +224,18 @@ class Flusher:
             return
         ready: list[dict[str, Any]] = []
         mono = time.monotonic()
-        fresh_start = mono < self._started + self.ambiguous_hold
+        # after start-up or a takeover, a key with a row attempted before may have a call
+        # still running at Stripe (a previous process's, or the deposed leader's): the whole
+        # key waits, its rows attempted before and any newer row alike
+        attempted = {(r["stripe_customer_id"], r["event_name"]) for r in due
+                     if r["attempts"] > 0} \
+            if mono < self._started + self.ambiguous_hold else set()
         for row in due:
             dead = self._precheck(row, now)
+            key = (row["stripe_customer_id"], row["event_name"])
             if dead is not None:
                 await self._mark(row, Outcome(Kind.DEAD, dead), report)
-            elif (fresh_start and row["attempts"] > 0) or \
-                    self._held_until.get((row["stripe_customer_id"], row["event_name"]), 0) > mono:
+            elif key in attempted or self._held_until.get(key, 0) > mono:
                 # a call for this key may still be running at Stripe (ours, or a previous
                 # process's): leave it for a later cycle rather than overlap it
                 report.retrying += 1
@@ -241,6 +251,11 @@ class Flusher:
             await self._send_batches(events, rows, report)
         else:
             await self._send_per_key(events, rows, report)
+
+    def _leading(self) -> bool:
+        """Whether this process may call Stripe now: always on its own; in a fleet, while
+        it leads the flusher (False from the moment a fenced write found it deposed)."""
+        return self.leads is None or self.leads()
 
     def _precheck(self, row: Mapping[str, Any], now: float) -> str | None:
         if not row["stripe_customer_id"]:
@@ -270,6 +285,10 @@ class Flusher:
                 self._inflight.add(key)
                 try:
                     for ev in evs:
+                        if not self._leading():
+                            # deposed (another member flushes): no new call; the rows stay
+                            # pending, attempted, for the new leader to resend after its hold
+                            return
                         if self.breaker.open:
                             report.retrying += 1
                             await self._mark(rows[ev.outbox_id],
@@ -289,13 +308,21 @@ class Flusher:
                 finally:
                     self._inflight.discard(key)
 
-        await asyncio.gather(*(run_key(k, v) for k, v in by_key.items()))
+        # every key's task ends before the flush does (a deposed leader's first refused
+        # write must not leave the others calling in the background); then the first failure
+        done = await asyncio.gather(*(run_key(k, v) for k, v in by_key.items()),
+                                    return_exceptions=True)
+        for got in done:
+            if isinstance(got, BaseException):
+                raise got
 
     async def _send_batches(self, events: list[OutEvent], rows: Mapping[int, Any],
                             report: FlushReport) -> None:
         n = self.sink.max_batch
         for i in range(0, len(events), n):
             batch = events[i:i + n]
+            if not self._leading():
+                return          # deposed: the rows stay pending for the new leader
             if self.breaker.open:
                 for ev in events[i:]:
                     await self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"),
@@ -309,10 +336,13 @@ class Flusher:
         """One logical send with a few quick in-cycle retries (tenacity)."""
 
         def wait(state: RetryCallState) -> float:
-            base = float(wait_exponential_jitter(initial=0.05, max=self.retry_wait_max)(state))
+            # 0.05 s x 2^(n-1) plus up to 1 s of jitter, at most retry_wait_max (tenacity's
+            # wait_exponential_jitter, whose initial= newer releases deprecate)
+            base = min(0.05 * 2.0 ** (state.attempt_number - 1) + self.rng.uniform(0, 1),
+                       self.retry_wait_max)
             last = state.outcome.result() if state.outcome is not None else None
             hinted = max((o.retry_after or 0.0) for o in last) if last else 0.0
-            return max(base, min(hinted, self.retry_wait_max))
+            return float(max(base, min(hinted, self.retry_wait_max)))
 
         def transient(result: list[Outcome]) -> bool:
             # an ambiguous failure is not retried in this cycle: its call may still be running
@@ -410,12 +440,12 @@ class Flusher:
     # ---- dead letters and gauges --------------------------------------------------------
 
     async def replay(self, outbox_id: int, restamp: bool = False) -> bool:
-        ok = await self.outbox.replay(outbox_id, int(time.time()) if restamp else None)
+        ok = await self.shared.replay(outbox_id, int(time.time()) if restamp else None)
         await self.refresh_gauges()
         return ok
 
     async def refresh_gauges(self) -> None:
-        counts = await self.outbox.counts()
+        counts = await self.shared.counts()
         metrics.dead_letters.set(counts.dead)
         metrics.outbox_pending.set(counts.pending)
         metrics.outbox_dry_run.set(counts.dry_run)
@@ -423,7 +453,7 @@ class Flusher:
 
     async def lag(self) -> float:
         """Age of the oldest usage not yet delivered (staged or not)."""
-        a = await self.outbox.oldest_pending_created()
+        a = await self.shared.oldest_pending_created()
         b = await self.usage.oldest_unstaged_minute()
         oldest = min(x for x in (a, b, time.time()) if x is not None)
         return max(0.0, time.time() - oldest)

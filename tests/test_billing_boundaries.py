@@ -402,11 +402,15 @@ def test_outbox_identifiers_are_mp_install_id_row_id(tmp_path: Path) -> None:
         ("b", "m", "ev_m", False, 1, 0, 179)]
     rows = conn.execute("SELECT id, identifier, value, covered, window_start, timestamp,"
                         " created_at, status FROM outbox ORDER BY id").fetchall()
-    assert rows == [
-        (1, f"mp_{install}_1", 2, 0, 7200, 7259, 10_000, "pending"),
-        (2, f"mp_{install}_2", 1, 1, 7200, 7259, 10_000, "pending"),
-        (3, f"mp_{install}_3", 3, 0, 0, 119, 10_000, "pending"),
-        (4, f"mp_{install}_4", 1, 0, 0, 179, 10_000, "pending")]
+    assert [r[:1] + r[2:] for r in rows] == [
+        (1, 2, 0, 7200, 7259, 10_000, "pending"),
+        (2, 1, 1, 7200, 7259, 10_000, "pending"),
+        (3, 3, 0, 0, 119, 10_000, "pending"),
+        (4, 1, 0, 0, 179, 10_000, "pending")]
+    # mp_<install id>_<row id>_<salt>: one salt per staging transaction
+    salt = rows[0][1].rsplit("_", 1)[1]
+    assert re.fullmatch(r"[0-9a-f]{8}", salt)
+    assert [r[1] for r in rows] == [f"mp_{install}_{i}_{salt}" for i in (1, 2, 3, 4)]
     assert dict(((c, m, e), r) for c, m, e, r in conn.execute(
         "SELECT customer_id, meter, event_name, remainder FROM carry")) == {
         ("a", "m", "ev_m"): 500_000, ("a", "m", "ev_m_cov"): 0, ("a", "n", "ev_n"): 0,
@@ -417,8 +421,9 @@ def test_outbox_identifiers_are_mp_install_id_row_id(tmp_path: Path) -> None:
     again = stage(conn, names, now=7300.5)
     conn.execute("COMMIT")
     assert [(e.event_name, e.value, e.timestamp) for e in again] == [("ev_m", 1, 7300)]
-    assert conn.execute("SELECT id, identifier FROM outbox WHERE id > 4").fetchall() == [
-        (5, f"mp_{install}_5")]
+    [(five, ident)] = conn.execute("SELECT id, identifier FROM outbox WHERE id > 4").fetchall()
+    assert five == 5 and re.fullmatch(rf"mp_{install}_5_[0-9a-f]{{8}}", ident)
+    assert not ident.endswith(salt)            # another staging transaction, another salt
     conn.execute("BEGIN")
     assert stage(conn, names, now=8000) == []
     conn.execute("COMMIT")

@@ -54,3 +54,75 @@ async def test_timeout_while_stripe_still_processes_never_overlaps(
     finally:
         await flusher.close()
         store.close()
+
+
+async def test_a_transient_failure_is_retried_within_the_cycle(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    """A 500 (nothing stored at Stripe) is retried in the same flush with a new
+    Idempotency-Key, after the in-cycle wait (exponential, with jitter)."""
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    double.state.faults.script("meter_events", ["500"])
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                        timeout=5.0)
+    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
+                      rate=0, seed=1, retry_wait_max=0.2)
+    try:
+        _usage(store, "a", 2)
+        rep = await flusher.flush(force=True)
+        assert rep.delivered == 1 and rep.retrying == 0, rep.to_json()
+        assert double.state.totals("cus_a", "api_calls") == 2
+        keys = [r.idempotency_key for r in double.state.call_log
+                if r.path == "/v1/billing/meter_events"]
+        assert len(keys) == 2 and len(set(keys)) == 2
+    finally:
+        await flusher.close()
+        store.close()
+
+
+def _restore(db: Path, backup: Path) -> None:
+    for p in db.parent.glob(db.name + "*"):
+        p.unlink()
+    backup.rename(db)
+
+
+async def test_usage_after_a_restore_from_backup_is_not_taken_for_a_duplicate(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    """docs/resources.md's recovery: "restore the file (or repair it) and restart the
+    proxy". Events sent after the backup was taken are in Stripe, not in the restored file;
+    usage recorded after the restore must still reach Stripe."""
+    import sqlite3
+
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    db, backup = tmp_path / "f.db", tmp_path / "backup.db"
+    names = {"api_calls": ("api_calls", None)}
+
+    def flusher(store: Store) -> Flusher:
+        conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                            timeout=5.0)
+        return Flusher(store, MeterEventsSink(conn), lambda: names, rate=0)
+
+    store = Store.open(db)
+    src, dst = sqlite3.connect(db), sqlite3.connect(backup)
+    src.backup(dst)                                 # the backup: before any usage
+    src.close()
+    dst.close()
+    f = flusher(store)
+    try:
+        _usage(store, "a", 3)
+        assert (await f.flush(force=True)).delivered == 1
+    finally:
+        await f.close()
+        store.close()
+    _restore(db, backup)                            # the file is lost; restored from backup
+    store = Store.open(db)
+    f = flusher(store)
+    try:
+        _usage(store, "a", 2)                       # usage after the restore
+        assert (await f.flush(force=True)).delivered == 1
+    finally:
+        await f.close()
+        store.close()
+    assert double.state.totals("cus_a", "api_calls") == 5

@@ -30,7 +30,7 @@ def _row(e: OutboxEntry) -> dict[str, Any]:
 async def _query(request: web.Request, *, status: str | None = None,
                  outbox_id: int | None = None, customer_id: str | None = None,
                  limit: int = 500) -> list[dict[str, Any]]:
-    rows = await request.app[FLUSHER].outbox.rows(status=status, outbox_id=outbox_id,
+    rows = await request.app[FLUSHER].shared.rows(status=status, outbox_id=outbox_id,
                                                    customer_id=customer_id, limit=limit)
     return [_row(e) for e in rows]
 

@@ -45,6 +45,12 @@ class JournalShipping:
         self.shipper = Shipper(pool, member_id, batch_size)
         self._loaded = False
 
+    async def resume(self) -> int:
+        """Load the shared ledger's watermark for this member id; returns it."""
+        watermark = await self.shipper.load_watermark()
+        self._loaded = True
+        return watermark
+
     async def ship_pending(self) -> int:
         """Ship every journal row after the watermark; returns how many rows shipped.
         Raises PgUnavailable (what committed stays committed; the rest is resent)."""

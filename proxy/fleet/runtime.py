@@ -105,6 +105,13 @@ class LockedShipping:
     def watermark(self) -> int:
         return self.shipping.shipper.watermark
 
+    async def resume(self) -> None:
+        """At start, before any row is journaled: load the shared ledger's watermark for
+        this member id and put the journal's next seq above it (a journal that starts
+        empty, its volume gone, must not reuse a shipped seq)."""
+        async with self.lock:
+            self.store.raise_journal_floor(await self.shipping.resume())
+
     async def ship_pending(self) -> int:
         async with self.lock:
             n = await self.shipping.ship_pending()
@@ -340,6 +347,23 @@ class Fleet:
         await self.pool.close()
 
 
+async def _end_earlier_leases(shipping: LockedShipping, leases: LeaseStore) -> None:
+    """At start, before serving: ship what an earlier process of this member id journaled,
+    then end the leases it left active (their unspent credit back in the balance now, not
+    once this member stops renewing them). Not while part of the journal is unshipped:
+    those leases then return through the reaper as before."""
+    try:
+        await shipping.ship_pending()
+    except ERRORS as exc:
+        log.warning("could not ship the journal at start: %s", exc)
+    if shipping.pending():
+        return
+    back = await leases.end_earlier()
+    if back:
+        log.info("ended %d lease(s) an earlier process of %s left (%s credits back)",
+                 len(back), leases.member_id, fmt_micro(sum(back.values())))
+
+
 async def open_fleet(cfg: Config, store: Store) -> Fleet:
     """Open the pool (migrating the schema), the owners on it with ``store`` as the local
     journal, the shipper, the leader lease and the lease book. The caller closes."""
@@ -350,10 +374,12 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         await ensure_schema(pool)
         shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
                                                   cfg.fleet.ship_batch), store)
+        await shipping.resume()
         storage = PostgresStorage.on(pool, local=store, shipping=shipping)
         await storage.watch()
         policy = lease_policy(cfg.fleet)
         leases = LeaseStore(pool, mid, policy)
+        await _end_earlier_leases(shipping, leases)
         book = LeaseBook(leases, fail_mode=cfg.storage.fail_mode,
                          offline_allowance=to_micro(cfg.fleet.offline_allowance))
         lead = Leadership(pool, FLUSHER_DUTY, mid, round(cfg.fleet.leader_ttl * 1000),

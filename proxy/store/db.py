@@ -869,6 +869,15 @@ class Store:
                              "(SELECT max(seq) FROM journal)", (shipped,)).rowcount
         return int(self.execute_write(tx))
 
+    def raise_journal_floor(self, seq: int) -> None:
+        """Fleet mode, at start: every new journal row takes a seq above ``seq`` (the shared
+        ledger's last shipped seq for this member id). A journal that starts empty under a
+        member id that shipped before would otherwise reuse shipped seqs, whose rows the
+        shipper skips as shipped and then prunes."""
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute(_RAISE_HWM, (seq,))
+        self.execute_write(tx)
+
     def journal_rows_after(self, seq: int) -> int:
         """How many journal rows have a seq above ``seq`` (fleet mode: not shipped yet)."""
         return int(self.conn.execute("SELECT count(*) FROM journal WHERE seq > ?",

@@ -11,13 +11,17 @@ exactly, in integers. A meter with a ``transform`` instead reports
 ``T(period total after) - T(period total before)`` (no carry): the events of one billing
 period sum to ``T(period total)`` (docs/billing-semantics.md).
 
-Identifiers are ``mp_<install id>_<outbox id>``: unique per database (the install id is
-random per database, so two sidecars on one Stripe account never collide) and stable
-across every resend of the same row.
+Identifiers are ``mp_<install id>_<outbox id>_<salt>``: unique per database (the install id
+is random per database, so two sidecars on one Stripe account never collide) and stable
+across every resend of the same row (it is stored with the row). The salt, 8 random hex
+digits per staging transaction, keeps them unique when row ids repeat: a database restored
+from a backup numbers its new rows from where the backup was, and rows sent after the
+backup had those ids (Stripe would take the new usage for a duplicate).
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -186,10 +190,11 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
     created = int(now)
     conn.executemany(_CARRY_UPSERT, [(*k, v) for k, v in carry.items()])
     prefix = "mp_" + install_id(conn) + "_"
+    salt = "_" + secrets.token_hex(4)
     (last_id,) = conn.execute(_LAST_OUTBOX_ID).fetchone()
     conn.executemany(
         _OUTBOX_INSERT,
-        [(last_id + i, f"{prefix}{last_id + i}", ev.customer_id, ev.meter, ev.event_name,
+        [(last_id + i, f"{prefix}{last_id + i}{salt}", ev.customer_id, ev.meter, ev.event_name,
           int(ev.covered), ev.value, ev.window_start, ev.timestamp, created)
          for i, ev in enumerate(out, start=1)])
     return out

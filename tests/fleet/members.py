@@ -55,9 +55,11 @@ class FleetOfMembers:
         self.stripe = stripe
         self.members: list[RunningMember] = []
 
-    def add(self, name: str, workers: int = 1) -> RunningMember:
+    def add(self, name: str, workers: int = 1, member_id: str | None = None) -> RunningMember:
         """Spawn a member (``await m.proc.wait_ready()`` before using its URLs). It binds
-        free ports itself; ``workers`` > 1 share one port, so theirs are picked here."""
+        free ports itself; ``workers`` > 1 share one port, so theirs are picked here.
+        ``name`` is its directory (its journal); ``member_id`` its fleet id (default:
+        ``name``; another name with the same id is that member restarted on a new journal)."""
         d = self.tmp / name
         d.mkdir()
         port, aport = (free_port(), free_port()) if workers > 1 else (0, 0)
@@ -72,7 +74,8 @@ class FleetOfMembers:
                            admin_listen=f"127.0.0.1:{aport}",
                            storage={"backend": "postgres", "dsn": self.dsn,
                                     "path": str(d / "journal.db"), "pool_size": 4},
-                           fleet={**FAST_FLEET, **self.fleet, "member_id": name}, **extra)
+                           fleet={**FAST_FLEET, **self.fleet, "member_id": member_id or name},
+                           **extra)
         m = RunningMember(name, ProxyProcess(cfg, d / "proxy.log"))
         self.members.append(m)
         m.proc.spawn()

@@ -222,3 +222,38 @@ async def test_a_bill_customers_credits_cover_its_usage_first(tmp_path: Path,
                 assert [tuple(k) for k in kinds] == [("debit", 10 * C)]
             finally:
                 await conn.close()
+
+
+async def test_a_killed_member_restarted_under_its_id_spends_its_earlier_lease(
+        tmp_path: Path, upstream: str) -> None:
+    """A member SIGKILLed while holding a lease with credit left, restarted under the same
+    ``member_id`` on its journal (a supervised worker comes back within a second). Its
+    earlier process's unspent credit must return within ``lease_ttl + reaper_grace`` (docs/
+    fleet.md, Bounds): the restarted member ships that process's journal, so it knows what
+    was spent; it must not keep the rest escrowed, counted as spent, for as long as it
+    renews the lease (the customer answered 402 with credit left)."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES,
+                        fleet={"lease_floor": "30"}) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            key = await _customer(s, a, "100")
+            assert await _burst(s, [a], key, 10) == {200: 10}
+            await wait_until(lambda: admin_call(s, a, "GET", "/admin/fleet"),
+                             ok=lambda v: v["this_member"]["journal_pending_rows"] == 0
+                             and v["this_member"]["leases_held"] == 1, timeout=10,
+                             what="a's usage shipped, its lease held")
+            a.proc.kill()
+            a.proc.spawn()                       # the same config: id, journal, ports
+            await a.proc.wait_ready(60)
+            total = 10
+
+            async def more() -> int:
+                nonlocal total
+                total += (await _burst(s, [a], key, 20))[200]
+                return total
+            await wait_until(more, ok=lambda t: t >= 100, timeout=15, interval=0.5,
+                             what="all 100 credits spent (lease_ttl 3 s + reaper_grace 1 s)")
+            assert total == 100
+            balance, settled, escrowed = await _settled(fleet, 100 * C)
+            assert balance - settled - escrowed == 0

@@ -114,3 +114,47 @@ async def test_flusher_leader_killed_another_takes_over_nothing_twice_or_lost(
     assert max(accepted.values()) == 1
     assert st.concurrency_violations == []
     assert st.errors == []
+
+
+async def test_every_member_answers_readyz_whoever_leads_the_flusher(
+        tmp_path: Path, upstream: str) -> None:
+    """``/readyz`` reads the flush lag from the fleet's outbox; a member that does not lead
+    the flusher answers it too (200 ready), instead of failing on its fenced outbox."""
+    async with fleet_of(tmp_path, upstream, fleet={"leader_ttl": f"{LEADER_TTL}s"}) as fleet:
+        members = await fleet.start(["a", "b"])
+        await wait_until(lambda: _holder(fleet.dsn), ok=lambda h: h is not None,
+                         timeout=10, what="a flusher leader")
+        async with aiohttp.ClientSession() as s:
+            for m in members:
+                async with s.get(m.admin + "/readyz") as r:
+                    body = await r.text()
+                    assert r.status == 200, (m.name, r.status, body)
+
+
+async def test_a_dead_letter_is_replayed_from_any_member(tmp_path: Path, upstream: str) -> None:
+    """``POST /admin/dead-letters/{id}/replay`` on a member that does not lead the flusher
+    makes the row pending again (a conditional update any member may make; the leader sends
+    it), instead of failing on the flusher's fenced outbox."""
+    async with fleet_of(tmp_path, upstream, fleet={"leader_ttl": f"{LEADER_TTL}s"}) as fleet:
+        members = await fleet.start(["a", "b"])
+        leader = await wait_until(lambda: _holder(fleet.dsn), ok=lambda h: h is not None,
+                                  timeout=10, what="a flusher leader")
+        other = next(m for m in members if m.name != leader[0])
+        conn = await asyncpg.connect(fleet.dsn)
+        try:
+            oid = await conn.fetchval(
+                "INSERT INTO outbox(identifier, customer_id, meter, event_name, value,"
+                " window_start, timestamp, created_at, status, dead_at, last_error)"
+                " VALUES ('mp_x_1', 'c0', 'api_calls', 'api_calls', 1, 0, 0, 0, 'dead', 1,"
+                " 'no stripe customer') RETURNING id")
+            await conn.execute("INSERT INTO dead_letters(outbox_id, reason, dead_at)"
+                               " VALUES ($1, 'no stripe customer', 1)", oid)
+            async with aiohttp.ClientSession() as s, s.post(
+                    other.admin + f"/admin/dead-letters/{oid}/replay?restamp=1",
+                    headers=AH) as r:
+                body = await r.text()
+                assert r.status == 200, (r.status, body)
+            assert await conn.fetchval("SELECT replayed_at FROM dead_letters"
+                                       " WHERE outbox_id = $1", oid) is not None
+        finally:
+            await conn.close()

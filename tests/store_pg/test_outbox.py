@@ -4,6 +4,8 @@ every state change of a row."""
 
 from __future__ import annotations
 
+import re
+
 from proxy.pricing import TransformQuantity
 from proxy.store.postgres.storage import PostgresStorage
 from tests.store_pg.helpers import C, ship, usage_row
@@ -34,7 +36,8 @@ async def test_staging_floors_carries_and_never_stages_twice(pg: PostgresStorage
     total = sum(e.value for e in listed) * C + 200_000
     assert total == 3 * 1_500_000 + 700_000
     install = listed[0].identifier.split("_")[1]
-    assert [e.identifier for e in listed] == [f"mp_{install}_{e.id}" for e in listed]
+    assert all(re.fullmatch(rf"mp_{install}_{e.id}_[0-9a-f]{{8}}", e.identifier)
+               for e in listed), [e.identifier for e in listed]
     assert [e.id for e in listed] == sorted((e.id for e in listed), reverse=True)
 
 

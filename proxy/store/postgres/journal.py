@@ -11,8 +11,9 @@ puts them together with the fleet's ``Shipper``):
 
 Requirement on the journal (for the integration): ``seq`` must never be reused by one
 member id. SQLite's ``INTEGER PRIMARY KEY`` reuses ``max(seq) + 1`` after the newest rows
-are deleted, so a journal that deletes shipped rows must keep the newest one (or the member
-id must change, e.g. pod id + boot number, whenever the journal starts empty).
+are deleted, so a journal that deletes shipped rows must keep the newest one (its
+high-water mark does), and a journal that starts empty under a member id that shipped
+before starts above that id's shipped seq (``LockedShipping.resume``, at start).
 """
 
 from __future__ import annotations

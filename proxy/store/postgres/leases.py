@@ -201,6 +201,34 @@ class LeaseStore:
             return back
 
     @retried
+    async def end_earlier(self) -> dict[str, int]:
+        """At start, once the journal is shipped: end the active leases of this member id
+        (an earlier process's, killed), returning ``granted - reported`` as the reaper
+        does. Everything that process spent is reported by then (its journal shipped), so
+        the rest was never spent; left active, the restarted member would renew it and
+        count it as spent for as long as it runs. Returns customer -> micro-credits."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            customers = [r["customer_id"] for r in await conn.fetch(
+                "SELECT DISTINCT customer_id FROM credit_leases WHERE member_id = $1 AND "
+                "state = 'active' ORDER BY customer_id", self.member_id)]
+            if not customers:
+                return {}
+            await conn.execute("SELECT 1 FROM credit_accounts WHERE customer_id = ANY($1::text[]) "
+                               "ORDER BY customer_id FOR UPDATE", customers)
+            rows = await conn.fetch(
+                """
+                WITH d AS (
+                    UPDATE credit_leases SET state = 'expired'
+                    WHERE member_id = $1 AND state = 'active' AND customer_id = ANY($2::text[])
+                    RETURNING customer_id, granted - reported AS back),
+                s AS (SELECT customer_id, sum(back)::bigint AS back FROM d GROUP BY customer_id)
+                UPDATE credit_accounts a SET escrowed = a.escrowed - s.back
+                FROM s WHERE a.customer_id = s.customer_id
+                RETURNING a.customer_id, s.back
+                """, self.member_id, customers)
+            return {r["customer_id"]: int(r["back"]) for r in rows}
+
+    @retried
     async def reap(self, grace_ms: int, limit: int = 1000) -> dict[str, int]:
         """Return ``granted - reported`` of leases past ``expires_at + grace``; customers
         whose account row another member is busy with are skipped (next pass).

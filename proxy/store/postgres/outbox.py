@@ -12,13 +12,16 @@ them in (an ``UPDATE .. FROM unnest`` alone locks in join order and deadlocks wi
 shipping batch), and ``reported`` moves by exactly the deltas read: a batch that commits
 after the read waits for the staging and stays unstaged for the next one. No unit is staged
 twice or lost. Identifiers
-are ``mp_<install id>_<outbox id>`` with the id from the table's sequence.
+are ``mp_<install id>_<outbox id>_<salt>`` with the id from the table's sequence and a
+random salt per staging transaction (``proxy.store.outbox``: a restored database repeats
+ids).
 
 ``dead_letters`` mirrors the outbox's ``dead`` rows (reason, time, replayed when).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -112,6 +115,7 @@ async def _stage(c: Conn, event_names: Mapping[str, tuple[str, str | None]], now
             [carry[k] for k in keys])
     if out:
         prefix = "mp_" + str(await c.fetchval("SELECT v FROM meta WHERE k='install_id'")) + "_"
+        salt = "_" + secrets.token_hex(4)
         ids = sorted(int(r[0]) for r in await c.fetch(
             "SELECT nextval('outbox_id_seq') FROM generate_series(1, $1::int)", len(out)))
         await c.execute(
@@ -119,7 +123,7 @@ async def _stage(c: Conn, event_names: Mapping[str, tuple[str, str | None]], now
             " window_start, timestamp, created_at)"
             " SELECT *, $10::bigint FROM unnest($1::bigint[], $2::text[], $3::text[],"
             " $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])",
-            ids, [f"{prefix}{i}" for i in ids], [e.customer_id for e in out],
+            ids, [f"{prefix}{i}{salt}" for i in ids], [e.customer_id for e in out],
             [e.meter for e in out], [e.event_name for e in out], [int(e.covered) for e in out],
             [e.value for e in out], [e.window_start for e in out], [e.timestamp for e in out],
             int(now))
