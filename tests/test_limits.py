@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from proxy.config import LimitsConfig
 from proxy.limits import ConnectionGuard, _Framing, guarded_runner
+from tests.conftest import ProxyFactory
 
 BOUND = 4096    # the smallest max_header_bytes the config accepts
 
@@ -284,3 +285,62 @@ def test_heads_the_parser_holds_back_while_its_queue_is_full_are_measured_in_ord
             paths += [m.path for m, _ in msgs]
         assert refused == want
         assert paths == [f"/r{i}" for i in range(5 if want else 6)]
+
+
+# the real proxy (tests/conftest.py), real sockets: inputs from the review of _Framing
+
+# a head of 11 KB (against 8 KiB) whose every line is under max_header_field (4 KiB)
+_BIG = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
+    b"X-Fill-%d: %s\r\n" % (i, b"v" * 1000) for i in range(10))
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(-1), 10)
+
+
+async def test_a_head_after_a_connect_with_a_content_length_is_measured(
+        make_proxy: ProxyFactory) -> None:
+    """llhttp switches protocols right after a CONNECT head and never reads a body for it
+    (its Content-Length is ignored); aiohttp keeps the rest of the read as the upgraded tail
+    and, once the proxy has declined the CONNECT, parses it as HTTP again. The walk took the
+    Content-Length for a body and skipped that many bytes of the tail: a head over the bound
+    in it was parsed and served (200)."""
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
+                     + _BIG + b"\r\n")
+        await writer.drain()
+        data = await _rest(reader)
+    finally:
+        writer.close()
+    assert b'{"ok": true}' not in data, data[-300:]
+    assert b"HTTP/1.1 431 " in data and b"header_too_large" in data, data[-300:]
+
+
+async def test_a_head_after_a_full_message_queue_drained_by_an_empty_refeed_is_measured(
+        make_proxy: ProxyFactory) -> None:
+    """33 pipelined requests in one read, the last head ending the read: aiohttp's parser
+    stops after 32 (its queue is full) and emits the 33rd when the queue drains, on a
+    re-feed of b"". The walk had measured that head and waited for its message, but an
+    empty re-feed never reached the wait: the 33rd message stayed unmatched, and the next
+    request's framing was taken for it. A next head over the bound with a Content-Length
+    was skipped as that body and served (200)."""
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 33)
+        await writer.drain()
+        got = b""
+        while got.count(b"HTTP/1.1 200 ") < 33:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, got[-300:]
+            got += chunk
+        # (empty lines after the body: the parser skips them before a next request line)
+        writer.write(_BIG + b"Content-Length: 20000\r\n\r\n" + b"\r\n" * 10000)
+        await writer.drain()
+        data = await _rest(reader)
+    finally:
+        writer.close()
+    assert b"HTTP/1.1 200 " not in data, data[:300]
+    assert data.startswith(b"HTTP/1.1 431 ") and b"header_too_large" in data, data[:300]
