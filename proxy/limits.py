@@ -280,7 +280,9 @@ class _Framing:
         pos = 0
         mi = 0
         bound = self.bound
-        while pos < end:
+        # (a head measured in an earlier read whose message comes now, on a re-feed of b""
+        # or with the read ending at that head, is matched even though no byte is left)
+        while pos < end or (self.state == _WAIT and mi < len(msgs)):
             state = self.state
             if state == _BODY:
                 left = self.left
@@ -367,6 +369,11 @@ class _Framing:
         """Start the body of ``msg``, just parsed; True when the rest of the read is not
         HTTP (an upgrade)."""
         self.upgrade = msg.upgrade
+        if msg.method == "CONNECT":
+            # llhttp switches protocols right after a CONNECT head and reads no body for it,
+            # whatever its Content-Length or Transfer-Encoding says
+            self.upgrade = True
+            return self._message_end()
         if msg.chunked:
             self.chunked = True
             self.state, self.size, self.ext, self.n = _CHUNK_LINE, 0, False, 0
