@@ -344,3 +344,26 @@ async def test_a_head_after_a_full_message_queue_drained_by_an_empty_refeed_is_m
         writer.close()
     assert b"HTTP/1.1 200 " not in data, data[:300]
     assert data.startswith(b"HTTP/1.1 431 ") and b"header_too_large" in data, data[:300]
+
+
+async def test_a_slow_upstream_answer_to_a_request_with_a_body_is_not_cut_by_header_timeout(
+        make_proxy: ProxyFactory) -> None:
+    """Reading a request body makes aiohttp re-feed the parser b"" (resume_reading); that
+    re-feed started the header clock as if a next head had begun, so a POST whose upstream
+    took longer than header_timeout (1 s here, 10 s by default: a long LLM completion) was
+    cut by the sweep with no answer, its request complete and sent long before."""
+    p = await make_proxy(limits={"header_timeout": "1s"})
+    key = await p.customer_with_key("slow")
+    body = b'{"prompt_tokens": 5}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(b"POST /v1/chat/completions?delay_ms=3000 HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + key.encode() + b"\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        await writer.drain()
+        data = await _rest(reader)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    assert b"chatcmpl-1" in data, data[-300:]
