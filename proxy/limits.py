@@ -175,7 +175,9 @@ class GuardedHandler(RequestHandler):
         # head bytes are counted by the parser wrapper (_Framing), which sees every byte the
         # parser does; here only the header timeout's start and the last body are kept
         now = self.rx_at = self._loop.time()
-        if self.head_at is None:
+        # (b"" is aiohttp re-feeding its parser, on every read of a body and as its queue
+        # drains: no byte of a head arrived, so it starts no header clock)
+        if self.head_at is None and data:
             last = self.last_payload
             if (last is None or last.is_eof()) and not self._upgraded \
                     and self._payload_parser is None:
