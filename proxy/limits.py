@@ -177,14 +177,21 @@ class GuardedHandler(RequestHandler):
         now = self.rx_at = self._loop.time()
         # (b"" is aiohttp re-feeding its parser, on every read of a body and as its queue
         # drains: no byte of a head arrived, so it starts no header clock)
+        started = False
         if self.head_at is None and data:
             last = self.last_payload
             if (last is None or last.is_eof()) and not self._upgraded \
                     and self._payload_parser is None:
                 self.head_at = now
+                started = True
         messages = self._messages
         queued = len(messages)
         RequestHandler.data_received(self, data)     # (no super object per read)
+        if started and len(messages) == queued:
+            framing: Any = self._parser      # (a _Framing; None once the connection is lost)
+            if framing is not None and framing.between_heads():
+                # only empty lines came (the parser skips them before a request line)
+                self.head_at = None
         if len(messages) > queued:
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
@@ -255,6 +262,10 @@ class _Framing:
 
     def pause_reading(self) -> None:
         self.p.pause_reading()
+
+    def between_heads(self) -> bool:
+        """No byte of a head (or of a body) is pending: the next byte starts a head."""
+        return self.state == _HEAD and not (self.n or self.tail or self.stash or self.trailers)
 
     def feed_data(self, data: bytes) -> Any:
         res = self.p.feed_data(data)
