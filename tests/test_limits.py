@@ -375,3 +375,45 @@ async def test_a_slow_upstream_answer_to_a_request_with_a_body_is_not_cut_by_hea
         writer.close()
     assert data.startswith(b"HTTP/1.1 200 "), data[:300]
     assert b"chatcmpl-1" in data, data[-300:]
+
+
+@pytest.mark.parametrize("size", [8192, 8193])
+async def test_pipelined_requests_past_the_parser_queue_keep_their_framing(
+        make_proxy: ProxyFactory, size: int) -> None:
+    """83 pipelined requests, bodies holding blank lines and request lines, so aiohttp's
+    parser pauses and resumes its queue (32) several times, then a head of exactly the bound
+    (served) or one byte over it (431, nothing served after): every head keeps its framing
+    through the pauses, so no body is counted as a head and no head is skipped as a body."""
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    body = b"\r\n\r\nGET / HTTP/1.1\r\n" * 5
+    posts = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body), body) * 40
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"a" * 3000) for i in range(2))
+    head += b"X-L: " + b"b" * (size - len(head) - 9) + b"\r\n\r\n"
+    assert len(head) == size
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(posts + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        await writer.drain()
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 43:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, got[-300:]
+            got += chunk
+        writer.write(posts)
+        await writer.drain()
+        while got.count(b"HTTP/1.1 ") < 83:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, got[-300:]
+            got += chunk
+        writer.write(head)
+        await writer.drain()
+        got += await _rest(reader)
+    finally:
+        writer.close()
+    assert b"HTTP/1.1 431 " not in got[:-300]
+    if size == 8192:
+        assert got.count(b"HTTP/1.1 ") == 84 and got.endswith(b'{"ok": true}'), got[-300:]
+    else:
+        assert got.count(b"HTTP/1.1 ") == 84 and b"header_too_large" in got[-200:], got[-300:]
