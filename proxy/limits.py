@@ -230,7 +230,10 @@ class _Framing:
     head (or a trailer section) can be. The parser is authoritative: a read it refuses
     raises before the walk (aiohttp answers 400), so the walk only follows framing the
     parser accepted. After an upgrade the rest of the read is not HTTP: the walk stops
-    there and starts again at a head if aiohttp re-feeds that tail (a declined upgrade)."""
+    there and starts again at a head if aiohttp re-feeds that tail (a declined upgrade);
+    a CONNECT has no body (llhttp switches right after its head). A head measured before
+    its message is out (the parser paused) is matched to the next message returned, also
+    by a re-feed of b""."""
 
     __slots__ = ("bound", "chunked", "ext", "h", "left", "n", "p", "size", "stash", "state",
                  "tail", "trailers", "upgrade")
