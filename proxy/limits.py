@@ -175,14 +175,23 @@ class GuardedHandler(RequestHandler):
         # head bytes are counted by the parser wrapper (_Framing), which sees every byte the
         # parser does; here only the header timeout's start and the last body are kept
         now = self.rx_at = self._loop.time()
-        if self.head_at is None:
+        # (b"" is aiohttp re-feeding its parser, on every read of a body and as its queue
+        # drains: no byte of a head arrived, so it starts no header clock)
+        started = False
+        if self.head_at is None and data:
             last = self.last_payload
             if (last is None or last.is_eof()) and not self._upgraded \
                     and self._payload_parser is None:
                 self.head_at = now
+                started = True
         messages = self._messages
         queued = len(messages)
         RequestHandler.data_received(self, data)     # (no super object per read)
+        if started and len(messages) == queued:
+            framing: Any = self._parser      # (a _Framing; None once the connection is lost)
+            if framing is not None and framing.between_heads():
+                # only empty lines came (the parser skips them before a request line)
+                self.head_at = None
         if len(messages) > queued:
             msg, self.last_payload = messages[-1]   # a head was completed (or refused)
             self.head_at = None
@@ -221,7 +230,10 @@ class _Framing:
     head (or a trailer section) can be. The parser is authoritative: a read it refuses
     raises before the walk (aiohttp answers 400), so the walk only follows framing the
     parser accepted. After an upgrade the rest of the read is not HTTP: the walk stops
-    there and starts again at a head if aiohttp re-feeds that tail (a declined upgrade)."""
+    there and starts again at a head if aiohttp re-feeds that tail (a declined upgrade);
+    a CONNECT has no body (llhttp switches right after its head). A head measured before
+    its message is out (the parser paused) is matched to the next message returned, also
+    by a re-feed of b""."""
 
     __slots__ = ("bound", "chunked", "ext", "h", "left", "n", "p", "size", "stash", "state",
                  "tail", "trailers", "upgrade")
@@ -254,6 +266,10 @@ class _Framing:
     def pause_reading(self) -> None:
         self.p.pause_reading()
 
+    def between_heads(self) -> bool:
+        """No byte of a head (or of a body) is pending: the next byte starts a head."""
+        return self.state == _HEAD and not (self.n or self.tail or self.stash or self.trailers)
+
     def feed_data(self, data: bytes) -> Any:
         res = self.p.feed_data(data)
         msgs, upgraded, tail = res
@@ -280,7 +296,9 @@ class _Framing:
         pos = 0
         mi = 0
         bound = self.bound
-        while pos < end:
+        # (a head measured in an earlier read whose message comes now, on a re-feed of b""
+        # or with the read ending at that head, is matched even though no byte is left)
+        while pos < end or (self.state == _WAIT and mi < len(msgs)):
             state = self.state
             if state == _BODY:
                 left = self.left
@@ -367,6 +385,11 @@ class _Framing:
         """Start the body of ``msg``, just parsed; True when the rest of the read is not
         HTTP (an upgrade)."""
         self.upgrade = msg.upgrade
+        if msg.method == "CONNECT":
+            # llhttp switches protocols right after a CONNECT head and reads no body for it,
+            # whatever its Content-Length or Transfer-Encoding says
+            self.upgrade = True
+            return self._message_end()
         if msg.chunked:
             self.chunked = True
             self.state, self.size, self.ext, self.n = _CHUNK_LINE, 0, False, 0

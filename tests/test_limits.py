@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
+import pytest
 from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
 from hypothesis import given
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from proxy.config import LimitsConfig
 from proxy.limits import ConnectionGuard, _Framing, guarded_runner
+from tests.conftest import ProxyFactory
 
 BOUND = 4096    # the smallest max_header_bytes the config accepts
 
@@ -284,3 +286,134 @@ def test_heads_the_parser_holds_back_while_its_queue_is_full_are_measured_in_ord
             paths += [m.path for m, _ in msgs]
         assert refused == want
         assert paths == [f"/r{i}" for i in range(5 if want else 6)]
+
+
+# the real proxy (tests/conftest.py), real sockets: inputs from the review of _Framing
+
+# a head of 11 KB (against 8 KiB) whose every line is under max_header_field (4 KiB)
+_BIG = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
+    b"X-Fill-%d: %s\r\n" % (i, b"v" * 1000) for i in range(10))
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(-1), 10)
+
+
+async def test_a_head_after_a_connect_with_a_content_length_is_measured(
+        make_proxy: ProxyFactory) -> None:
+    """llhttp switches protocols right after a CONNECT head and never reads a body for it
+    (its Content-Length is ignored); aiohttp keeps the rest of the read as the upgraded tail
+    and, once the proxy has declined the CONNECT, parses it as HTTP again. The walk took the
+    Content-Length for a body and skipped that many bytes of the tail: a head over the bound
+    in it was parsed and served (200)."""
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
+                     + _BIG + b"\r\n")
+        await writer.drain()
+        data = await _rest(reader)
+    finally:
+        writer.close()
+    assert b'{"ok": true}' not in data, data[-300:]
+    assert b"HTTP/1.1 431 " in data and b"header_too_large" in data, data[-300:]
+
+
+async def test_a_head_after_a_full_message_queue_drained_by_an_empty_refeed_is_measured(
+        make_proxy: ProxyFactory) -> None:
+    """33 pipelined requests in one read, the last head ending the read: aiohttp's parser
+    stops after 32 (its queue is full) and emits the 33rd when the queue drains, on a
+    re-feed of b"". The walk had measured that head and waited for its message, but an
+    empty re-feed never reached the wait: the 33rd message stayed unmatched, and the next
+    request's framing was taken for it. A next head over the bound with a Content-Length
+    was skipped as that body and served (200)."""
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 33)
+        await writer.drain()
+        got = b""
+        while got.count(b"HTTP/1.1 200 ") < 33:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, got[-300:]
+            got += chunk
+        # (empty lines after the body: the parser skips them before a next request line)
+        writer.write(_BIG + b"Content-Length: 20000\r\n\r\n" + b"\r\n" * 10000)
+        await writer.drain()
+        data = await _rest(reader)
+    finally:
+        writer.close()
+    assert b"HTTP/1.1 200 " not in data, data[:300]
+    assert data.startswith(b"HTTP/1.1 431 ") and b"header_too_large" in data, data[:300]
+
+
+@pytest.mark.parametrize("after", [b"", b"\r\n"], ids=["body", "body-then-empty-line"])
+async def test_a_slow_upstream_answer_to_a_request_with_a_body_is_not_cut_by_header_timeout(
+        make_proxy: ProxyFactory, after: bytes) -> None:
+    """Reading a request body makes aiohttp re-feed the parser b"" (resume_reading); that
+    re-feed started the header clock as if a next head had begun, so a POST whose upstream
+    took longer than header_timeout (1 s here, 10 s by default: a long LLM completion) was
+    cut by the sweep with no answer, its request complete and sent long before. So did an
+    empty line after the body (RFC 9112 2.2: a server SHOULD ignore one before a request
+    line; some clients send it after a POST body): no head starts with it."""
+    p = await make_proxy(limits={"header_timeout": "1s"})
+    key = await p.customer_with_key("slow")
+    body = b'{"prompt_tokens": 5}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(b"POST /v1/chat/completions?delay_ms=3000 HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + key.encode() + b"\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        await writer.drain()
+        if after:
+            await asyncio.sleep(0.2)        # (a read of its own)
+            writer.write(after)
+            await writer.drain()
+        data = await _rest(reader)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    assert b"chatcmpl-1" in data, data[-300:]
+
+
+@pytest.mark.parametrize("size", [8192, 8193])
+async def test_pipelined_requests_past_the_parser_queue_keep_their_framing(
+        make_proxy: ProxyFactory, size: int) -> None:
+    """83 pipelined requests, bodies holding blank lines and request lines, so aiohttp's
+    parser pauses and resumes its queue (32) several times, then a head of exactly the bound
+    (served) or one byte over it (431, nothing served after): every head keeps its framing
+    through the pauses, so no body is counted as a head and no head is skipped as a body."""
+    p = await make_proxy(limits={"max_header_bytes": "8KiB", "max_header_field": "4KiB"})
+    body = b"\r\n\r\nGET / HTTP/1.1\r\n" * 5
+    posts = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body), body) * 40
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"a" * 3000) for i in range(2))
+    head += b"X-L: " + b"b" * (size - len(head) - 9) + b"\r\n\r\n"
+    assert len(head) == size
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.server.public_port)
+    try:
+        writer.write(posts + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        await writer.drain()
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 43:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, got[-300:]
+            got += chunk
+        writer.write(posts)
+        await writer.drain()
+        while got.count(b"HTTP/1.1 ") < 83:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, got[-300:]
+            got += chunk
+        writer.write(head)
+        await writer.drain()
+        got += await _rest(reader)
+    finally:
+        writer.close()
+    assert b"HTTP/1.1 431 " not in got[:-300]
+    if size == 8192:
+        assert got.count(b"HTTP/1.1 ") == 84 and got.endswith(b'{"ok": true}'), got[-300:]
+    else:
+        assert got.count(b"HTTP/1.1 ") == 84 and b"header_too_large" in got[-200:], got[-300:]
