@@ -255,3 +255,107 @@ async def test_the_idle_truncate_runs_off_the_loop_and_a_commit_meanwhile_is_kep
     ids = [r[0] for r in conn.execute("SELECT request_id FROM audit")]
     conn.close()
     assert sorted(ids) == sorted([f"r{i}" for i in range(300)] + ["r5000"])
+
+
+def _locked_commits() -> float:
+    return metrics.commits_total.labels("locked").value
+
+
+async def _wal_due_for_restart(tmp_path: Path) -> Store:
+    """A store whose WAL holds more than wal_truncate_size after a tick's passive pass."""
+    store = Store.open(tmp_path / "s.db", wal_truncate_size=4096)
+    for i in range(20):
+        store.record(_row(i), wait=False)
+        store._commit_now()
+    return store
+
+
+def _holding_restart(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Event,
+                                                                threading.Event]:
+    """The RESTART, as it runs, holds the write lock until ``release`` (a slow fdatasync)."""
+    threads: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+    real = dbmod.checkpoint
+
+    def spy(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        if mode == "RESTART":
+            threads.append(threading.current_thread().name)
+            conn.execute("BEGIN IMMEDIATE")
+            entered.set()
+            release.wait(10)
+            conn.execute("COMMIT")
+        return real(conn, mode)
+
+    monkeypatch.setattr(dbmod, "checkpoint", spy)
+    return threads, entered, release
+
+
+async def test_the_restart_runs_off_the_loop_and_commits_wait_for_it_without_meeting_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/resources.md: the RESTART runs in the niced maintenance thread; meanwhile the
+    group commits keep their rows pending (no busy retry: the 'locked' count does not move),
+    the loop keeps serving (a timer fires), and when it ends one commit takes every row that
+    waited: each once. (On the loop, its fdatasync stopped the whole loop for 1-15 ms.)"""
+    store = await _wal_due_for_restart(tmp_path)
+    threads, entered, release = _holding_restart(monkeypatch)
+    locked, restarts = _locked_commits(), _restarts()
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    await wait_until(entered.is_set, timeout=10)
+    waits = [store.record(_row(1000 + i), wait=True) for i in range(5)]
+    fired = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.01, fired.set_result, True)
+    assert await asyncio.wait_for(fired, 5)          # the loop is not blocked
+    await asyncio.sleep(0.05)
+    assert not any(w is not None and w.done() for w in waits)
+    assert len(store._pending) == 5
+    assert _locked_commits() == locked               # never met the lock
+    release.set()
+    await tick
+    await asyncio.wait_for(asyncio.gather(*[w for w in waits if w is not None]), 10)
+    assert threads == ["meterproxy-maint-nice_0"], threads
+    assert _restarts() == restarts + 1 and _locked_commits() == locked
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
+    assert ids == sorted([f"r{i}" for i in range(20)] + [f"r{1000 + i}" for i in range(5)])
+
+
+async def test_another_write_on_the_loop_connection_waits_for_the_restart_instead_of_failing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admin or ledger write (``execute_write``, busy_timeout 0) while the maintenance
+    thread's RESTART holds the write lock waits for its end, as it did when the RESTART ran
+    on the loop, instead of failing with DatabaseBusy (a 503) because of our own upkeep."""
+    store = await _wal_due_for_restart(tmp_path)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    await wait_until(entered.is_set, timeout=10)
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    store.execute_write(lambda c: c.execute(
+        "INSERT INTO customers(id, created_at, updated_at) VALUES ('late', 0, 0)"))
+    assert time.monotonic() - started >= 0.15
+    await tick
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        assert conn.execute("SELECT count(*) FROM customers WHERE id='late'").fetchone() == (1,)
+
+
+async def test_a_tick_cancelled_during_its_restart_ends_after_it_and_the_final_commit_lands(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown cancels the checkpoint task while its RESTART holds the write lock in the
+    thread: the task ends only after the thread (its lock released), and the rows held
+    meanwhile are committed by the final commit, none lost."""
+    store = await _wal_due_for_restart(tmp_path)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    await wait_until(entered.is_set, timeout=10)
+    store.record(_row(2000), wait=False)
+    tick.cancel()
+    threading.Timer(0.1, release.set).start()
+    with pytest.raises(asyncio.CancelledError):
+        await tick
+    assert release.is_set()
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        assert conn.execute("SELECT count(*) FROM audit WHERE request_id='r2000'"
+                            ).fetchone() == (1,)

@@ -42,8 +42,9 @@ Invariants
 6. The WAL stays bounded: a PASSIVE checkpoint in a worker thread (``SCHED_IDLE``: only
    in the loop's idle time; a niced thread while the loop is busy or after a pass starved)
    copies the WAL back every ``checkpoint_interval`` without blocking writers; when the WAL
-   still holds more than ``wal_truncate_size`` of frames a ``RESTART`` checkpoint on the
-   loop connection (non-blocking: skipped when a reader or writer is in the way) copies
+   still holds more than ``wal_truncate_size`` of frames a ``RESTART`` checkpoint in the
+   niced maintenance thread (non-blocking: skipped when a reader or writer is in the way;
+   meanwhile the group commits hold their rows and the loop keeps serving) copies
    the rest, so the next commit starts the WAL from its beginning, rewriting the file in
    place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
    cutting a larger one to that; a tick with nothing written since the previous one
@@ -464,6 +465,11 @@ class Store:
         self.alone: Callable[[], bool] | None = None
         self._quiet_scheduled = False
         self._sequential = 0        # quiet() calls in a row without overlapping requests
+        # a RESTART checkpoint running in the maintenance thread holds the write lock:
+        # group commits wait for its end instead of meeting the lock (``checkpoint_once``)
+        self._restarting = False
+        self._restart_idle = threading.Event()
+        self._restart_idle.set()
         self._pending: list[UsageRow] = []
         self._scheduled = False
         self._closed = False
@@ -593,8 +599,9 @@ class Store:
         """Keep the WAL bounded and watch the file. Every ``interval``: the identity check,
         a PASSIVE checkpoint in a worker thread (copies the WAL back without blocking
         writers; SQLite's auto-checkpoint would run it inside an unlucky COMMIT on the loop),
-        then, if the WAL is still over ``wal_truncate_size``, a non-blocking RESTART on the
-        loop connection: only the frames written since the passive pass remain to copy."""
+        then, if the WAL is still over ``wal_truncate_size``, a non-blocking RESTART in the
+        niced maintenance thread: only the frames written since the passive pass remain to
+        copy."""
         next_integrity = self._loop.time() + integrity_interval
         while True:
             await asyncio.sleep(interval)
@@ -626,6 +633,28 @@ class Store:
                 return checkpoint(self._maint, "TRUNCATE")[0]
         return None
 
+    def _restart_checkpoint(self) -> int | None:
+        """Worker thread: a RESTART checkpoint on the maintenance connection (busy_timeout
+        0: a reader in the way makes it give up at once); its busy flag, None when the store
+        is closing. Ends the loop's hold on its writes (``_restart_idle``) when it returns."""
+        try:
+            with self._maint_lock:
+                if self._maint is not None:
+                    return checkpoint(self._maint, "RESTART")[0]
+            return None
+        finally:
+            self._restart_idle.set()
+
+    def _await_restart(self) -> None:
+        """A write on the loop connection outside the group commit (an admin or ledger
+        write, a direct materialize) while the maintenance thread's RESTART holds the write
+        lock: wait for it on the loop thread (at most ``lock_wait``), as it waited for the
+        RESTART when that ran on the loop. Rare: the RESTART takes ~1-15 ms once per tick
+        at most, and the group commits, the timer's materialization and the quiet slices
+        wait for it without blocking instead."""
+        if self._restarting:
+            self._restart_idle.wait(self.lock_wait)
+
     def _niced_pool(self) -> ThreadPoolExecutor:
         if self._maint_fallback is None:
             self._maint_fallback = ThreadPoolExecutor(1, "meterproxy-maint-nice",
@@ -656,10 +685,38 @@ class Store:
             if pool is not None:
                 pool.shutdown(wait=False)
 
+    async def _restart_off_the_loop(self) -> int | None:
+        """The RESTART in the niced maintenance thread (not the SCHED_IDLE one: it holds
+        the write lock). On the loop it waited in ``fdatasync`` for the WAL's writeback and
+        the device's cache flush, 1-15 ms with the whole loop stopped (docs/PERFORMANCE.md,
+        "The RESTART off the loop"). Meanwhile the group commits hold their rows (no busy
+        retry, nothing refused), the loop goes on serving, and at its end one commit takes
+        every row that waited."""
+        self._restarting = True
+        self._restart_idle.clear()
+        restarting = self._loop.run_in_executor(self._niced_pool(), self._restart_checkpoint)
+        try:
+            return await asyncio.shield(restarting)
+        except asyncio.CancelledError:
+            # the thread holds the write lock until it returns: a cancelled tick ends only
+            # after it (the final commit that follows must not find our own lock)
+            await asyncio.wait((restarting,))
+            if not restarting.cancelled():
+                restarting.exception()      # (retrieved: the tick is over)
+            raise
+        finally:
+            if not self._restart_idle.is_set():     # the thread never ran (shut down)
+                self._restart_idle.set()
+            self._restarting = False
+            if (self._pending or self._scheduled) and not self._closed:
+                self._scheduled = True
+                self._loop.call_soon(self._commit_now)
+
     async def checkpoint_once(self, starve_after: float = 1.0) -> None:
-        """One tick of WAL upkeep: the PASSIVE pass in the maintenance thread, then on the
-        loop a RESTART when the WAL holds more than ``wal_truncate_size`` of frames, or a
-        TRUNCATE when nothing was written since the previous tick. The pass runs on the
+        """One tick of WAL upkeep: the PASSIVE pass in the maintenance thread, then in the
+        niced maintenance thread a RESTART when the WAL holds more than
+        ``wal_truncate_size`` of frames (``_restart_off_the_loop``), or a TRUNCATE when
+        nothing was written since the previous tick. The pass runs on the
         ``MAINTENANCE_NICE`` thread instead of the SCHED_IDLE one while the loop keeps its
         CPU busy (``_maint_pool_now``); a SCHED_IDLE pass still running after
         ``starve_after`` seconds (saturation began during it) moves the next passes there
@@ -730,7 +787,10 @@ class Store:
                     log_frames * self._frame_bytes
                 if held <= self.wal_truncate_size:
                     return
-                busy, _, _ = checkpoint(self.conn, "RESTART")   # busy_timeout 0: never waits
+                restarted = await self._restart_off_the_loop()
+                if restarted is None:
+                    return
+                busy = restarted
         except sqlite3.Error as exc:
             metrics.wal_checkpoints_total.labels("truncate", "error").inc()
             if is_corrupt(exc):
@@ -768,6 +828,7 @@ class Store:
         conn = self.conn
         if self._journaled == 0 or self.broken is not None or self.keep_journal:
             return 0        # nothing journaled since the last run / never into a lost file
+        self._await_restart()
         batch_size = _MATERIALIZE_BATCH if limit is None else min(limit, _MATERIALIZE_BATCH)
         while self._mirror_ok and (limit is None or moved < limit):
             n = self._materialize_mirrored(batch_size)
@@ -900,8 +961,8 @@ class Store:
         while True:
             await asyncio.sleep(interval)
             while self._journaled:
-                if self.broken is not None:
-                    break
+                if self.broken is not None or self._restarting:
+                    break       # (a RESTART in the maintenance thread: the next tick)
                 try:
                     if self.materialize(limit=slice_rows) < slice_rows:
                         break
@@ -935,7 +996,7 @@ class Store:
 
     def _quiet_slice(self) -> None:
         self._quiet_scheduled = False
-        if self._closed or self.broken is not None:
+        if self._closed or self.broken is not None or self._restarting:
             return
         try:
             self.materialize(limit=QUIET_SLICE)
@@ -981,6 +1042,12 @@ class Store:
     def _commit_now(self) -> None:
         self._scheduled = False
         if self._closed:
+            return
+        if self._restarting and len(self._pending) <= self.max_pending_rows:
+            # the maintenance thread's RESTART holds the write lock: the rows stay pending
+            # (no busy retry, the loop is not blocked) and its end schedules this commit;
+            # past max_pending_rows the write is tried, meets the lock and fail_mode decides
+            self._scheduled = True
             return
         rows, self._pending = self._pending, []
         if not rows and self.healthy:
@@ -1185,6 +1252,8 @@ class Store:
         """Synchronous final commit (shutdown: nothing is served any more, so this one may
         wait up to ``lock_wait`` for a lock)."""
         if self._pending and not self._closed:
+            self._await_restart()
+            self._restarting = False        # (its end is awaited: this commit may run)
             self.conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000)}")
             try:
                 self._commit_now()
@@ -1197,6 +1266,7 @@ class Store:
         nothing written) for the caller to report or retry; ``write`` waits for it."""
         if self.broken is not None:
             raise sqlite3.OperationalError(self.broken)
+        self._await_restart()
         return run_write(self.conn, fn)
 
     async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
