@@ -1,0 +1,61 @@
+"""Review of the RESTART in the niced maintenance thread (commit 506afd6): the group
+commits hold their rows while it holds the write lock. The cases around that hold."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import MeteringUnavailable
+from proxy.store.db import Store
+from tests.helpers import wait_until
+from tests.test_store import _commit_each, _row
+from tests.test_store_wal import _holding_restart
+
+
+def _due_for_restart(db: Path, **kw: object) -> Store:
+    """A store whose WAL holds more than wal_truncate_size after a tick's passive pass."""
+    store = Store.open(db, wal_truncate_size=4096, **kw)  # type: ignore[arg-type]
+    _commit_each(store, range(20))
+    return store
+
+
+def _audit_count(db: Path, rid: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM audit WHERE request_id=?",
+                                (rid,)).fetchone()[0])
+
+
+@pytest.mark.parametrize("fail_mode", ["closed", "open"])
+async def test_a_restart_holding_the_lock_past_lock_wait_lets_fail_mode_decide(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_mode: str) -> None:
+    """Invariant 5: a commit that finds the database locked, by another process or by our
+    own checkpoint, waits at most ``lock_wait``; then ``fail_mode`` decides (closed: the
+    request fails and admission closes; open: it is let through). A RESTART whose
+    fdatasync stalls (a slow or hung disk) held the group commits' rows for as long as it
+    lasted, with the store reported healthy: every metered request hung, in both modes.
+    The row itself is kept and committed once the RESTART ends."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=0.2, fail_mode=fail_mode)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        await wait_until(entered.is_set, timeout=10)
+        fut = store.record(_row(3000), wait=True)
+        assert fut is not None
+        await asyncio.wait({fut}, timeout=1.5)     # lock_wait 0.2 s (+ the retries' timer)
+        assert fut.done(), "the RESTART's hold outlived lock_wait: fail_mode never decided"
+        if fail_mode == "closed":
+            assert isinstance(fut.exception(), MeteringUnavailable)
+            assert not store.accepting
+        else:
+            assert fut.exception() is None
+    finally:
+        release.set()
+        await tick
+    await wait_until(lambda: store.healthy and not store._pending, timeout=5)
+    store.close()
+    assert _audit_count(db, "r3000") == 1
