@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,5 +58,30 @@ async def test_a_restart_holding_the_lock_past_lock_wait_lets_fail_mode_decide(
         release.set()
         await tick
     await wait_until(lambda: store.healthy and not store._pending, timeout=5)
+    assert store._busy_since is None        # a later foreign lock gets its full lock_wait
     store.close()
     assert _audit_count(db, "r3000") == 1
+
+
+async def test_the_shutdown_commit_during_a_restart_lands_each_held_row_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """App.shutdown's ``commit_pending`` (after a drain that timed out) while the RESTART
+    holds the lock: it waits for the thread, commits the held rows, and the end of the
+    hold (its scheduled commit), the cancelled tick and ``close`` commit nothing twice."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    await wait_until(entered.is_set, timeout=10)
+    waits = [store.record(_row(4000 + i), wait=True) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert len(store._pending) == 3
+    threading.Timer(0.1, release.set).start()
+    store.commit_pending()
+    assert not store._pending
+    assert all(w is not None and w.done() and w.exception() is None for w in waits)
+    await tick
+    await asyncio.sleep(0.05)
+    store.close()
+    for i in range(3):
+        assert _audit_count(db, f"r{4000 + i}") == 1

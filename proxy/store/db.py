@@ -1063,16 +1063,17 @@ class Store:
                     self._hold_timer = self._loop.call_later(self.lock_wait - held,
                                                              self._hold_over)
                 return
-            # held for lock_wait (a stalled fdatasync): like any lock (invariant 5), the
-            # write is tried and, still locked, fail_mode decides at once
-            if self._busy_since is None:
-                self._busy_since = self._restart_began
-                self._busy_tries = 0
-                metrics.commits_total.labels("locked").inc()
         rows, self._pending = self._pending, []
         if not rows and self.healthy:
             self._idle.set()
             return
+        if self._restarting and self._busy_since is None:
+            # the RESTART has held the write lock for lock_wait (a stalled fdatasync), or
+            # past max_pending_rows: like any lock (invariant 5), the write is tried and,
+            # still locked, fail_mode decides at once
+            self._busy_since = self._restart_began
+            self._busy_tries = 0
+            metrics.commits_total.labels("locked").inc()
         started = time.perf_counter()
         try:
             if self.broken is not None:
