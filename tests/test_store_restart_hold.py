@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,31 @@ async def test_the_shutdown_commit_during_a_restart_lands_each_held_row_once(
     store.close()
     for i in range(3):
         assert _audit_count(db, f"r{4000 + i}") == 1
+
+
+async def test_readers_during_a_stalled_restart_block_the_loop_at_most_lock_wait_in_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every admin request and the consumer /usage and event exports call
+    ``try_materialize`` first, which waits on the loop thread for the RESTART (at most
+    ``lock_wait``). A stalled RESTART (its fdatasync) blocked the whole loop for lock_wait
+    per such read: four reads, four times lock_wait, /healthz and every request frozen;
+    the stall the RESTART was moved off the loop for came back through its readers. The
+    wait is one budget per RESTART, the group commits' (``_commit_now``): past it a read
+    finds the lock, logs and lags, and a write is retried on the timer (``write``)."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=0.3)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        await wait_until(entered.is_set, timeout=10)
+        started = time.monotonic()
+        for _ in range(4):
+            store.try_materialize()
+        blocked = time.monotonic() - started
+        assert blocked < 0.3 + 0.15, f"the loop was blocked {blocked:.2f}s"
+    finally:
+        release.set()
+        await tick
+    assert store.try_materialize()
+    store.close()
+    assert _audit_count(db, "r19") == 1
