@@ -655,9 +655,14 @@ class Store:
         lock: wait for it on the loop thread (at most ``lock_wait``), as it waited for the
         RESTART when that ran on the loop. Rare: the RESTART takes ~1-15 ms once per tick
         at most, and the group commits, the timer's materialization and the quiet slices
-        wait for it without blocking instead."""
+        wait for it without blocking instead. One budget per RESTART, counted from its
+        start (the group commits' too): a stalled one (its fdatasync) blocks the loop at
+        most ``lock_wait`` in all, not ``lock_wait`` per read or write; past it the write
+        finds the lock (a read lags, ``write`` retries on the timer)."""
         if self._restarting:
-            self._restart_idle.wait(self.lock_wait)
+            left = self._restart_began + self.lock_wait - self._loop.time()
+            if left > 0:
+                self._restart_idle.wait(left)
 
     def _niced_pool(self) -> ThreadPoolExecutor:
         if self._maint_fallback is None:
