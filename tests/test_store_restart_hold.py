@@ -114,3 +114,34 @@ async def test_readers_during_a_stalled_restart_block_the_loop_at_most_lock_wait
     assert store.try_materialize()
     store.close()
     assert _audit_count(db, "r19") == 1
+
+
+async def test_max_pending_rows_is_enforced_while_a_restart_holds_the_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/resources.md: while the RESTART holds the write lock, 'past max_pending_rows
+    the write is tried and fail_mode decides, as for any lock'. Nothing called the group
+    commit during the hold (``record`` only schedules one when none is), so the bound was
+    never checked: fail_mode closed kept admitting past it for the whole hold (pending
+    grew without bound for as long as the RESTART stalled) and, once the hold ended after
+    lock_wait, dropped every row beyond the bound at once. It is checked as rows arrive:
+    admission closes at the bound, long before lock_wait."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=5.0, fail_mode="closed", max_pending_rows=5)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        await wait_until(entered.is_set, timeout=10)
+        waits = []
+        for i in range(8):
+            if not store.accepting:
+                break
+            waits.append(store.record(_row(5000 + i), wait=True))
+            await asyncio.sleep(0.01)
+        assert not store.accepting, f"{len(store._pending)} rows held past max_pending_rows 5"
+        assert len(store._pending) <= 5
+    finally:
+        release.set()
+        await tick
+    await wait_until(lambda: store.healthy and not store._pending, timeout=5)
+    store.close()
+    assert len(waits) == 6      # the 6th row met the bound: it failed and closed admission
