@@ -1048,6 +1048,13 @@ class Store:
             else:
                 delay = self.commit_interval if self.healthy else self._retry_delay
                 self._loop.call_later(delay, self._commit_now)
+        elif self._restarting and (hold := self._hold_timer) is not None \
+                and len(self._pending) > self.max_pending_rows:
+            # the rows the RESTART holds passed the memory bound: the write is tried now
+            # (once: it meets the lock, fail_mode decides and the retries take over)
+            hold.cancel()
+            self._hold_timer = None
+            self._loop.call_soon(self._hold_over)
         return fut
 
     # ---- the group commit -----------------------------------------------------------
@@ -1113,8 +1120,9 @@ class Store:
             self._idle.set()
 
     def _hold_over(self) -> None:
-        """The RESTART still holds the write lock ``lock_wait`` after it began: the rows
-        it held are tried now (``_commit_now``: fail_mode decides if it is still there)."""
+        """The RESTART still holds the write lock ``lock_wait`` after it began, or the rows
+        it holds passed ``max_pending_rows``: they are tried now (``_commit_now``: fail_mode
+        decides if the lock is still there)."""
         self._hold_timer = None
         if self._restarting and self._scheduled and not self._closed:
             self._commit_now()
