@@ -44,7 +44,8 @@ Invariants
    copies the WAL back every ``checkpoint_interval`` without blocking writers; when the WAL
    still holds more than ``wal_truncate_size`` of frames a ``RESTART`` checkpoint in the
    niced maintenance thread (non-blocking: skipped when a reader or writer is in the way;
-   meanwhile the group commits hold their rows and the loop keeps serving) copies
+   meanwhile the group commits hold their rows, for up to ``lock_wait`` as for any lock,
+   and the loop keeps serving) copies
    the rest, so the next commit starts the WAL from its beginning, rewriting the file in
    place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
    cutting a larger one to that; a tick with nothing written since the previous one
@@ -470,6 +471,9 @@ class Store:
         self._restarting = False
         self._restart_idle = threading.Event()
         self._restart_idle.set()
+        self._restart_began = 0.0       # loop time the RESTART was handed to its thread
+        # ends the group commits' hold once the RESTART has held the lock for lock_wait
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._pending: list[UsageRow] = []
         self._scheduled = False
         self._closed = False
@@ -651,9 +655,14 @@ class Store:
         lock: wait for it on the loop thread (at most ``lock_wait``), as it waited for the
         RESTART when that ran on the loop. Rare: the RESTART takes ~1-15 ms once per tick
         at most, and the group commits, the timer's materialization and the quiet slices
-        wait for it without blocking instead."""
+        wait for it without blocking instead. One budget per RESTART, counted from its
+        start (the group commits' too): a stalled one (its fdatasync) blocks the loop at
+        most ``lock_wait`` in all, not ``lock_wait`` per read or write; past it the write
+        finds the lock (a read lags, ``write`` retries on the timer)."""
         if self._restarting:
-            self._restart_idle.wait(self.lock_wait)
+            left = self._restart_began + self.lock_wait - self._loop.time()
+            if left > 0:
+                self._restart_idle.wait(left)
 
     def _niced_pool(self) -> ThreadPoolExecutor:
         if self._maint_fallback is None:
@@ -693,6 +702,7 @@ class Store:
         retry, nothing refused), the loop goes on serving, and at its end one commit takes
         every row that waited."""
         self._restarting = True
+        self._restart_began = self._loop.time()
         self._restart_idle.clear()
         restarting = self._loop.run_in_executor(self._niced_pool(), self._restart_checkpoint)
         try:
@@ -708,6 +718,9 @@ class Store:
             if not self._restart_idle.is_set():     # the thread never ran (shut down)
                 self._restart_idle.set()
             self._restarting = False
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+                self._hold_timer = None
             if (self._pending or self._scheduled) and not self._closed:
                 self._scheduled = True
                 self._loop.call_soon(self._commit_now)
@@ -1035,6 +1048,13 @@ class Store:
             else:
                 delay = self.commit_interval if self.healthy else self._retry_delay
                 self._loop.call_later(delay, self._commit_now)
+        elif self._restarting and (hold := self._hold_timer) is not None \
+                and len(self._pending) > self.max_pending_rows:
+            # the rows the RESTART holds passed the memory bound: the write is tried now
+            # (once: it meets the lock, fail_mode decides and the retries take over)
+            hold.cancel()
+            self._hold_timer = None
+            self._loop.call_soon(self._hold_over)
         return fut
 
     # ---- the group commit -----------------------------------------------------------
@@ -1044,15 +1064,28 @@ class Store:
         if self._closed:
             return
         if self._restarting and len(self._pending) <= self.max_pending_rows:
-            # the maintenance thread's RESTART holds the write lock: the rows stay pending
-            # (no busy retry, the loop is not blocked) and its end schedules this commit;
-            # past max_pending_rows the write is tried, meets the lock and fail_mode decides
-            self._scheduled = True
-            return
+            held = self._loop.time() - self._restart_began
+            if held < self.lock_wait:
+                # the maintenance thread's RESTART holds the write lock: the rows stay
+                # pending (no busy retry, the loop is not blocked) and its end schedules
+                # this commit; past max_pending_rows the write is tried, meets the lock and
+                # fail_mode decides
+                self._scheduled = True
+                if self._hold_timer is None:
+                    self._hold_timer = self._loop.call_later(self.lock_wait - held,
+                                                             self._hold_over)
+                return
         rows, self._pending = self._pending, []
         if not rows and self.healthy:
             self._idle.set()
             return
+        if self._restarting and self._busy_since is None:
+            # the RESTART has held the write lock for lock_wait (a stalled fdatasync), or
+            # past max_pending_rows: like any lock (invariant 5), the write is tried and,
+            # still locked, fail_mode decides at once
+            self._busy_since = self._restart_began
+            self._busy_tries = 0
+            metrics.commits_total.labels("locked").inc()
         started = time.perf_counter()
         try:
             if self.broken is not None:
@@ -1085,6 +1118,14 @@ class Store:
                                       self._commit_now)
         elif not self._pending:
             self._idle.set()
+
+    def _hold_over(self) -> None:
+        """The RESTART still holds the write lock ``lock_wait`` after it began, or the rows
+        it holds passed ``max_pending_rows``: they are tried now (``_commit_now``: fail_mode
+        decides if the lock is still there)."""
+        self._hold_timer = None
+        if self._restarting and self._scheduled and not self._closed:
+            self._commit_now()
 
     def _wait_for_lock(self, rows: list[UsageRow]) -> bool:
         """Another connection holds the write lock: put the rows back and retry on a timer
