@@ -312,6 +312,8 @@ def test_clawback_layers_take_each_layer_in_order_never_more_than_it_holds(
 
 
 @given(st.lists(st.integers(-5, 10**9), max_size=6), st.integers(-5, 10**10))
+@example([1, 5], 3)         # one micro-credit repaid by the newest grant: given back too
+@example([4], 1)            # one micro-credit to give back
 def test_unrepay_gives_back_at_most_what_each_grant_repaid_newest_first(
         nets: list[int], amount: int) -> None:
     repaid = [(f"g{i}", n) for i, n in enumerate(nets)]

@@ -553,3 +553,27 @@ def test_the_last_key_first_read_is_the_parsers_view(
     for a, b in itertools.pairwise(bounds):
         insp.feed(data[a:b])
     assert insp.result() == parser_view(probes, data, cap)
+
+
+def test_a_usage_chunk_is_found_wherever_its_markers_start_in_the_bytes() -> None:
+    """The byte checks in front of the JSON parse (``"usage"``, ``"choices":[]``) accept a
+    marker at offset 0 too: an event whose first line is a stray field named like the marker
+    (a line an SSE client ignores) is still read, and the usage chunk in it still removed."""
+    usage = b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n'
+    assert sse._is_usage_chunk(b'"usage": 1\n' + usage)
+    spaced = b'data: {"choices": [], "usage": {"total_tokens": 3}}\n\n'
+    for stray, chunk in ((b'"choices":[]\n', usage), (b'"choices": []\n', spaced)):
+        assert UsageChunkFilter(1024).feed(stray + chunk) == b""
+        kept = b'data: {"choices":[{"delta":{}}]}\n\n'
+        assert UsageChunkFilter(1024).feed(stray + kept) == stray + kept
+
+
+def test_filtering_stops_for_good_once_no_event_boundary_fits_max_pending() -> None:
+    """Past ``max_pending`` bytes without an event boundary the filter passes everything
+    from then on (docstring): a later usage chunk is no longer removed."""
+    f = UsageChunkFilter(8)
+    long = b"data: " + b"x" * 20
+    assert f.feed(long) == long
+    usage = b'\n\ndata: {"choices":[],"usage":{"total_tokens":1}}\n\n'
+    assert f.feed(usage) == usage
+    assert f.flush() == b""
