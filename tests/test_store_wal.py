@@ -491,3 +491,17 @@ async def test_max_pending_rows_is_enforced_while_a_restart_holds_the_rows(
     await wait_until(lambda: store.healthy and not store._pending, timeout=5)
     store.close()
     assert len(waits) == 6      # the 6th row met the bound: it failed and closed admission
+
+
+async def test_a_restart_its_thread_pool_refuses_leaves_no_hold_behind(tmp_path: Path) -> None:
+    """The maintenance pool already shut down (the store closing) refuses the RESTART: no
+    RESTART, and no hold left behind (a stuck hold would keep every later commit pending
+    and make every other write wait)."""
+    store = await _wal_due_for_restart(tmp_path)
+    store._niced_pool().shutdown(wait=True)
+    assert await store._restart_off_the_loop() is None
+    assert not store._restarting and store._restart_idle.is_set()
+    fut = store.record(_row(3000), wait=True)
+    assert fut is not None
+    await asyncio.wait_for(fut, 5)
+    store.close()

@@ -703,8 +703,14 @@ class Store:
         every row that waited."""
         self._restarting = True
         self._restart_began = self._loop.time()
-        self._restart_idle.clear()
-        restarting = self._loop.run_in_executor(self._niced_pool(), self._restart_checkpoint)
+        self._restart_idle.clear()          # (before the thread can set it)
+        try:
+            restarting = self._loop.run_in_executor(self._niced_pool(),
+                                                    self._restart_checkpoint)
+        except RuntimeError:        # the pool is shut down (closing): no RESTART, no hold
+            self._restarting = False
+            self._restart_idle.set()
+            return None
         try:
             return await asyncio.shield(restarting)
         except asyncio.CancelledError:
