@@ -117,6 +117,29 @@ ORDER BY a.customer_id, l.member_id
 """
 
 
+
+def _expire_leases(where: str) -> str:
+    """End the active leases ``where`` selects and take what they hold unreported
+    (``granted - reported``) out of their accounts' escrow: customer_id, back per customer."""
+    return f"""
+WITH d AS (
+    UPDATE credit_leases SET state = 'expired' WHERE {where}
+    RETURNING customer_id, granted - reported AS back),
+s AS (SELECT customer_id, sum(back)::bigint AS back FROM d GROUP BY customer_id)
+UPDATE credit_accounts a SET escrowed = a.escrowed - s.back
+FROM s WHERE a.customer_id = s.customer_id
+RETURNING a.customer_id, s.back
+"""
+
+
+# a member's own active leases ($1 member, $2 customers); leases past expiry plus grace
+# ($1 customers, $2 grace in ms)
+_END_OWN = _expire_leases(
+    "member_id = $1 AND state = 'active' AND customer_id = ANY($2::text[])")
+_REAP = _expire_leases("customer_id = ANY($1::text[]) AND state = 'active'"
+                       " AND expires_at < now() - $2::bigint * interval '1 millisecond'")
+
+
 class LeaseStore:
     """One member's lease verbs against the shared database."""
 
@@ -215,17 +238,7 @@ class LeaseStore:
                 return {}
             await conn.execute("SELECT 1 FROM credit_accounts WHERE customer_id = ANY($1::text[]) "
                                "ORDER BY customer_id FOR UPDATE", customers)
-            rows = await conn.fetch(
-                """
-                WITH d AS (
-                    UPDATE credit_leases SET state = 'expired'
-                    WHERE member_id = $1 AND state = 'active' AND customer_id = ANY($2::text[])
-                    RETURNING customer_id, granted - reported AS back),
-                s AS (SELECT customer_id, sum(back)::bigint AS back FROM d GROUP BY customer_id)
-                UPDATE credit_accounts a SET escrowed = a.escrowed - s.back
-                FROM s WHERE a.customer_id = s.customer_id
-                RETURNING a.customer_id, s.back
-                """, self.member_id, customers)
+            rows = await conn.fetch(_END_OWN, self.member_id, customers)
             return {r["customer_id"]: int(r["back"]) for r in rows}
 
     @retried
@@ -243,18 +256,7 @@ class LeaseStore:
             locked = await conn.fetch(
                 "SELECT customer_id FROM credit_accounts WHERE customer_id = ANY($1::text[]) "
                 "ORDER BY customer_id FOR UPDATE SKIP LOCKED", [r["customer_id"] for r in due])
-            rows = await conn.fetch(
-                """
-                WITH d AS (
-                    UPDATE credit_leases SET state = 'expired'
-                    WHERE customer_id = ANY($1::text[]) AND state = 'active'
-                      AND expires_at < now() - $2::bigint * interval '1 millisecond'
-                    RETURNING customer_id, granted - reported AS back),
-                s AS (SELECT customer_id, sum(back)::bigint AS back FROM d GROUP BY customer_id)
-                UPDATE credit_accounts a SET escrowed = a.escrowed - s.back
-                FROM s WHERE a.customer_id = s.customer_id
-                RETURNING a.customer_id, s.back
-                """, [r["customer_id"] for r in locked], grace_ms)
+            rows = await conn.fetch(_REAP, [r["customer_id"] for r in locked], grace_ms)
             return {r["customer_id"]: int(r["back"]) for r in rows}
 
 
