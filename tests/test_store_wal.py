@@ -26,6 +26,28 @@ def _restarts() -> float:
     return metrics.wal_checkpoints_total.labels("truncate", "ok")._value.get()
 
 
+def _holding_checkpoint(monkeypatch: pytest.MonkeyPatch, held: str) -> tuple[
+        list[str], threading.Event, threading.Event]:
+    """A ``held`` checkpoint (TRUNCATE, RESTART), as it runs, holds the write lock until
+    ``release`` (an ftruncate, a slow fdatasync): the threads it ran on, an event set once
+    it holds the lock, and the release."""
+    threads: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+    real = dbmod.checkpoint
+
+    def spy(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        if mode == held:
+            threads.append(threading.current_thread().name)
+            conn.execute("BEGIN IMMEDIATE")
+            entered.set()
+            release.wait(10)
+            conn.execute("COMMIT")
+        return real(conn, mode)
+
+    monkeypatch.setattr(dbmod, "checkpoint", spy)
+    return threads, entered, release
+
+
 async def test_the_wal_file_is_cut_back_once_a_reader_that_pinned_it_ends_while_writes_go_on(
         tmp_path: Path) -> None:
     """docs/resources.md: 'The WAL therefore stays under about wal_truncate_size plus the
@@ -225,20 +247,7 @@ async def test_the_idle_truncate_runs_off_the_loop_and_a_commit_meanwhile_is_kep
     db = tmp_path / "s.db"
     store = await wal_due_for_idle_truncate(db, limit)
     wal = tmp_path / "s.db-wal"
-    threads: list[str] = []
-    entered, release = threading.Event(), threading.Event()
-    real = dbmod.checkpoint
-
-    def spy(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
-        if mode == "TRUNCATE":
-            threads.append(threading.current_thread().name)
-            conn.execute("BEGIN IMMEDIATE")     # hold the write lock as the truncate does
-            entered.set()
-            release.wait(10)
-            conn.execute("COMMIT")
-        return real(conn, mode)
-
-    monkeypatch.setattr(dbmod, "checkpoint", spy)
+    threads, entered, release = _holding_checkpoint(monkeypatch, "TRUNCATE")
     tick = asyncio.ensure_future(store.checkpoint_once())     # nothing written: truncate
     await wait_until(entered.is_set, timeout=10)
     fut = store.record(_row(5000), wait=True)   # the loop keeps serving meanwhile
@@ -274,21 +283,7 @@ async def _wal_due_for_restart(tmp_path: Path) -> Store:
 def _holding_restart(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Event,
                                                                 threading.Event]:
     """The RESTART, as it runs, holds the write lock until ``release`` (a slow fdatasync)."""
-    threads: list[str] = []
-    entered, release = threading.Event(), threading.Event()
-    real = dbmod.checkpoint
-
-    def spy(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
-        if mode == "RESTART":
-            threads.append(threading.current_thread().name)
-            conn.execute("BEGIN IMMEDIATE")
-            entered.set()
-            release.wait(10)
-            conn.execute("COMMIT")
-        return real(conn, mode)
-
-    monkeypatch.setattr(dbmod, "checkpoint", spy)
-    return threads, entered, release
+    return _holding_checkpoint(monkeypatch, "RESTART")
 
 
 async def test_the_restart_runs_off_the_loop_and_commits_wait_for_it_without_meeting_the_lock(
