@@ -319,6 +319,17 @@ async def test_a_head_after_a_connect_with_a_content_length_is_measured(
     assert b"HTTP/1.1 431 " in data and b"header_too_large" in data, data[-300:]
 
 
+async def _read_until(reader: asyncio.StreamReader, got: bytes, marker: bytes,
+                      n: int) -> bytes:
+    """Read on after ``got`` until ``marker`` occurs ``n`` times (each read within 10 s; the
+    connection must stay open meanwhile)."""
+    while got.count(marker) < n:
+        chunk = await asyncio.wait_for(reader.read(65536), 10)
+        assert chunk, got[-300:]
+        got += chunk
+    return got
+
+
 async def test_a_head_after_a_full_message_queue_drained_by_an_empty_refeed_is_measured(
         make_proxy: ProxyFactory) -> None:
     """33 pipelined requests in one read, the last head ending the read: aiohttp's parser
@@ -332,11 +343,7 @@ async def test_a_head_after_a_full_message_queue_drained_by_an_empty_refeed_is_m
     try:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 33)
         await writer.drain()
-        got = b""
-        while got.count(b"HTTP/1.1 200 ") < 33:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, got[-300:]
-            got += chunk
+        await _read_until(reader, b"", b"HTTP/1.1 200 ", 33)
         # (empty lines after the body: the parser skips them before a next request line)
         writer.write(_BIG + b"Content-Length: 20000\r\n\r\n" + b"\r\n" * 10000)
         await writer.drain()
@@ -396,17 +403,10 @@ async def test_pipelined_requests_past_the_parser_queue_keep_their_framing(
     try:
         writer.write(posts + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
         await writer.drain()
-        got = b""
-        while got.count(b"HTTP/1.1 ") < 43:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, got[-300:]
-            got += chunk
+        got = await _read_until(reader, b"", b"HTTP/1.1 ", 43)
         writer.write(posts)
         await writer.drain()
-        while got.count(b"HTTP/1.1 ") < 83:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, got[-300:]
-            got += chunk
+        got = await _read_until(reader, got, b"HTTP/1.1 ", 83)
         writer.write(head)
         await writer.drain()
         got += await _rest(reader)
