@@ -9,7 +9,7 @@ import contextlib
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -169,6 +169,17 @@ async def test_head_over_max_header_bytes_after_a_body_in_the_same_read_is_refus
     assert b"HTTP/1.1 431 " in data and b"header_too_large" in data, data[:200]
 
 
+async def _book_and_ledger(env: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """acme's (balance, debt) in the credit book, and in the ledger loaded afresh (what a
+    restart would see)."""
+    from proxy.credits.service import load_book
+    at = time.time()
+    book = env.credits.book
+    reloaded = load_book(await env.credits.ledger.load())
+    return ((book.balance("acme", at), book.debt("acme")),
+            (reloaded.balance("acme", at), reloaded.debt("acme")))
+
+
 async def _withdrawn_after_repay(tmp_path: Path) -> tuple[Env, list[Entry]]:
     """The test above up to the withdrawal: 1 credit, a request debited 1 with 4 of debt,
     a 10-credit top-up that repaid the 4 (in the ledger), then the row withdrawn."""
@@ -200,7 +211,6 @@ async def test_a_give_back_whose_write_fails_stays_pending_and_the_expiry_task_r
     and the ledger still agree (the 4 repaid count in neither balance nor debt: 7), the
     give-back stays pending, and the expiry task writes it once storage takes writes
     again (retried every ``EXPIRY_RETRY``): 11, in the book and in the ledger."""
-    from proxy.credits.service import load_book
 
     env, entries = await _withdrawn_after_repay(tmp_path)
     try:
@@ -208,11 +218,8 @@ async def test_a_give_back_whose_write_fails_stays_pending_and_the_expiry_task_r
         assert env.credits.withdraw("acme", entries, "withdraw:r1") == 4 * Q
         with pytest.raises((StorageUnavailable, sqlite3.Error)):
             await env.credits.give_back_due()
-        book = env.credits.book
         assert env.credits.give_back_pending() == 4 * Q
-        assert (book.balance("acme", time.time()), book.debt("acme")) == (7 * Q, 0)
-        reloaded = load_book(await env.credits.ledger.load())
-        assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (7 * Q, 0)
+        assert await _book_and_ledger(env) == ((7 * Q, 0), (7 * Q, 0))
         task = asyncio.ensure_future(env.credits.run_expiry(max_sleep=0.2))
         try:
             await asyncio.sleep(0.3)
@@ -226,9 +233,7 @@ async def test_a_give_back_whose_write_fails_stays_pending_and_the_expiry_task_r
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        assert (book.balance("acme", time.time()), book.debt("acme")) == (11 * Q, 0)
-        reloaded = load_book(await env.credits.ledger.load())
-        assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (11 * Q, 0)
+        assert await _book_and_ledger(env) == ((11 * Q, 0), (11 * Q, 0))
     finally:
         env.store.close()
 
@@ -270,7 +275,6 @@ async def test_a_withdrawn_debt_only_partly_repaid_gives_back_only_that_part(
         tmp_path: Path) -> None:
     """The top-up held 3 and repaid 3 of the 4 (1 still owed in memory): withdrawing the
     row's 4 gives back 3, never more than was repaid; the 1 never was owed."""
-    from proxy.credits.service import load_book
     from tests.test_plan_lifecycle import Clock, Env
 
     env = await Env.open(tmp_path, Clock(0))
@@ -285,10 +289,7 @@ async def test_a_withdrawn_debt_only_partly_repaid_gives_back_only_that_part(
         assert env.credits.withdraw("acme", entries, "withdraw:r1") == 3 * Q
         assert await env.credits.give_back_due() == 1
         assert await env.credits.give_back_due() == 0
-        book = env.credits.book
-        assert (book.balance("acme", time.time()), book.debt("acme")) == (4 * Q, 0)
-        reloaded = load_book(await env.credits.ledger.load())
-        assert (reloaded.balance("acme", time.time()), reloaded.debt("acme")) == (4 * Q, 0)
+        assert await _book_and_ledger(env) == ((4 * Q, 0), (4 * Q, 0))
     finally:
         env.store.close()
 
