@@ -500,3 +500,70 @@ async def test_a_restart_its_thread_pool_refuses_leaves_no_hold_behind(tmp_path:
     assert fut is not None
     await asyncio.wait_for(fut, 5)
     store.close()
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+async def test_the_wal_is_preallocated_at_open_and_a_killed_process_loses_nothing(
+        tmp_path: Path) -> None:
+    """``Store.open`` allocates the WAL file's blocks up to journal_size_limit (twice
+    wal_truncate_size): commits then write inside allocated blocks and never reserve new
+    ones under a checkpoint's fdatasync (a 2-14 ms wait on the loop, bench/wal_stall.py).
+    The zeros past the last frame are not frames: a copy of the files as a killed process
+    leaves them (no close, no final checkpoint) opens with every committed row and no
+    other."""
+    limit = 1 << 20         # (the schema's frames: ~0.4 MB at open)
+    db = tmp_path / "s.db"
+    wal = tmp_path / "s.db-wal"
+    store = Store.open(db, wal_truncate_size=limit)
+    assert store.wal_prealloc_bytes == dbmod.WAL_FILE_FACTOR * limit
+    assert wal.stat().st_size == dbmod.WAL_FILE_FACTOR * limit
+    assert _allocated(wal) >= dbmod.WAL_FILE_FACTOR * limit
+    _commit_each(store, range(10))
+    assert wal.stat().st_size == dbmod.WAL_FILE_FACTOR * limit     # written inside it
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("s.db", "s.db-wal"):
+        (crashed / name).write_bytes((tmp_path / name).read_bytes())
+    store.close()
+    reopened = Store.open(crashed / "s.db", wal_truncate_size=limit)
+    reopened.close()
+    conn = sqlite3.connect(crashed / "s.db")
+    ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
+    conn.close()
+    assert ids == sorted(f"r{i}" for i in range(10))
+
+
+def test_preallocating_never_changes_a_byte_of_the_wal_and_never_waits_for_a_lock(
+        tmp_path: Path) -> None:
+    """``preallocate_wal`` only allocates past the file's end: the frames already there
+    are untouched. It takes the write lock without waiting (busy_timeout 0): a writer in
+    the way makes it give up (False, nothing done), as does a missing WAL file (never
+    created here)."""
+    db = tmp_path / "p.db"
+    wal = tmp_path / "p.db-wal"
+    conn = dbmod.connect(db, busy_timeout_ms=0)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("CREATE TABLE t (x TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?)", [("v" * 500,)] * 20)
+    before = wal.read_bytes()
+    assert len(before) > 0
+    other = dbmod.open_existing(db, busy_timeout_ms=0)
+    other.execute("BEGIN IMMEDIATE")
+    assert dbmod.preallocate_wal(conn, wal, 1 << 20) is False     # locked: not waited for
+    assert wal.stat().st_size == len(before)
+    other.execute("ROLLBACK")
+    assert dbmod.preallocate_wal(conn, wal, 1 << 20) is True
+    assert not conn.in_transaction
+    after = wal.read_bytes()
+    assert len(after) == 1 << 20 and _allocated(wal) >= 1 << 20
+    assert after[:len(before)] == before and after[len(before):] == bytes(len(after) - len(before))
+    assert dbmod.preallocate_wal(conn, wal, 4096) is True         # never shrinks
+    assert wal.stat().st_size == 1 << 20
+    assert dbmod.preallocate_wal(conn, tmp_path / "absent-wal", 4096) is False
+    assert not (tmp_path / "absent-wal").exists()
+    assert [r[0] for r in conn.execute("SELECT count(*) FROM t")] == [20]
+    other.close()
+    conn.close()

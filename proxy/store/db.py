@@ -298,6 +298,47 @@ def file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
+    """Allocate the WAL file's disk blocks up to ``size`` bytes (``posix_fallocate``: no
+    byte is written, the new range reads as zeros), holding ``conn``'s write lock so no
+    commit and no truncate moves the file's end meanwhile. False when nothing was done:
+    the database is locked (busy: the caller tries again later), the WAL file does not
+    exist, or the file system refused (logged).
+
+    Why: on ext4 a commit that appends to the WAL past its allocated blocks reserves new
+    ones under the inode's ``i_data_sem``, which a concurrent ``fdatasync`` of the WAL (the
+    maintenance thread's checkpoint) holds while its writeback allocates the blocks written
+    before: the commit's ``pwrite``, on the event loop, waited 2-14 ms for it, several times
+    a second while the WAL grew (``bench/wal_stall.py``; docs/PERFORMANCE.md, "The WAL's
+    blocks allocated up front"). Writes inside allocated blocks never wait for it. Zeros
+    past the WAL's last frame are not frames (SQLite ends the WAL at the first frame whose
+    salt or checksum does not match), as are the old frames it leaves after a restart."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            return False
+        raise
+    try:
+        try:
+            fd = os.open(wal, os.O_RDWR | os.O_CLOEXEC)     # never created here
+        except FileNotFoundError:
+            return False
+        try:
+            have = os.fstat(fd).st_size
+            if have < size:
+                os.posix_fallocate(fd, have, size - have)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("could not preallocate the WAL %s to %d bytes (%s); it grows as "
+                    "written", wal, size, exc)
+        return False
+    finally:
+        conn.execute("ROLLBACK")
+    return True
+
+
 def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> tuple[int, int, int]:
     """One WAL checkpoint: (busy, frames in the WAL, frames copied back)."""
     busy, log_frames, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
@@ -560,6 +601,7 @@ class Store:
             raise
         if recovered:
             log.info("recovered %d journaled usage rows", recovered)
+        store._preallocate_wal(conn)
         conn.execute("PRAGMA busy_timeout=0")
         return store
 
@@ -630,12 +672,28 @@ class Store:
 
     def _truncate_checkpoint(self) -> int | None:
         """Worker thread: a TRUNCATE checkpoint on the maintenance connection (busy_timeout
-        0: a reader or writer in the way makes it give up at once); 1 when it could not
-        finish, None when the store is closing."""
+        0: a reader or writer in the way makes it give up at once), then the emptied WAL's
+        blocks allocated again (``_preallocate_wal``; a commit in between makes it skip: the
+        WAL then grows as written); 1 when it could not finish, None when the store is
+        closing."""
         with self._maint_lock:
             if self._maint is not None:
-                return checkpoint(self._maint, "TRUNCATE")[0]
+                busy = checkpoint(self._maint, "TRUNCATE")[0]
+                if not busy:
+                    self._preallocate_wal(self._maint)
+                return busy
         return None
+
+    @property
+    def wal_prealloc_bytes(self) -> int:
+        """The WAL file's preallocated size: ``journal_size_limit``, the size SQLite cuts
+        it back to at a restart, so restarts never free the blocks (``preallocate_wal``)."""
+        return WAL_FILE_FACTOR * self.wal_truncate_size
+
+    def _preallocate_wal(self, conn: sqlite3.Connection) -> bool:
+        if self.path is None:
+            return False
+        return preallocate_wal(conn, Path(f"{self.path}-wal"), self.wal_prealloc_bytes)
 
     def _restart_checkpoint(self) -> int | None:
         """Worker thread: a RESTART checkpoint on the maintenance connection (busy_timeout
