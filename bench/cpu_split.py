@@ -16,7 +16,8 @@ write calls, and bytes sent to storage). ``--perf`` adds a ``perf record`` of th
 (4,999 Hz) and splits its samples by shared object (the interpreter, the kernel, SQLite,
 ...) in microseconds per request; ``--offcpu`` records the system's ``sched_switch`` events
 instead and reports, per proxy thread, the time it spent blocked in the kernel waiting for
-I/O (state ``D``: an ``fdatasync``, a page under writeback).
+I/O (state ``D``: an ``fdatasync``, a page under writeback); ``--offcpu --stacks`` also
+splits the loop thread's waits by kernel stack (``STACK_CLASSES``).
 
 Pinning as in bench/latency.py: origin and load generator (inside the origin's process)
 on CPU 0, the proxy on CPU 1. Targets are restarted for every run and interleaved per rep;
@@ -100,6 +101,65 @@ def offcpu(data: Path, tids: set[str]) -> dict[str, float]:
                                        capture_output=True, text=True).stdout, tids)
 
 
+# the loop thread's waits in state D by kernel stack: the first rule whose every word is in
+# the stack's function names names the wait (``--stacks``)
+STACK_CLASSES = (
+    ("fdatasync", ("do_fsync",)),
+    ("write: block reservation (i_data_sem)", ("vfs_write", "ext4_da_get_block_prep",
+                                                "rwsem_down")),
+    ("write: page or buffer wait", ("vfs_write", "io_schedule")),
+    ("write: other", ("vfs_write",)),
+    ("truncate", ("do_truncate",)),
+    ("read", ("vfs_read",)),
+)
+
+
+# the first stack seen of each class (``--stacks -v`` prints them)
+EXAMPLES: dict[str, list[str]] = {}
+
+
+def classify(stack: list[str]) -> str:
+    funcs = " ".join(stack)
+    for name, words in STACK_CLASSES:
+        if all(w in funcs for w in words):
+            if name == "write: page or buffer wait":    # where in the write: its ext4 step
+                step = next((f for f in stack if f.startswith("ext4_")), "")
+                return f"{name} ({step})" if step else name
+            return name
+    return "other: " + " < ".join(f for f in stack[2:5])
+
+
+def d_stacks(out: str, tid: str) -> dict[str, list[float]]:
+    """``perf script`` of sched_switch with call chains -> each wait of ``tid`` in state D
+    (ms) grouped by ``classify`` of its kernel stack."""
+    head = re.compile(r"\s([\d.]+):\s+sched:sched_switch:.* prev_pid=(\d+) .*prev_state=(\S+)"
+                      r" ==> .* next_pid=(\d+)")
+    waits: dict[str, list[float]] = defaultdict(list)
+    since: tuple[float, str] | None = None
+    stack: list[str] | None = None
+    pending_t: float | None = None
+    for line in [*out.splitlines(), ""]:
+        if line[:1] in ("\t", " ") and stack is not None:
+            parts = line.split()
+            if len(parts) >= 2:
+                stack.append(parts[1].split("+", 1)[0])
+            continue
+        if stack is not None and pending_t is not None:    # the stack of a D switch-out
+            since = (pending_t, classify(stack))
+            EXAMPLES.setdefault(since[1], stack)
+        stack, pending_t = None, None
+        m = head.search(line)
+        if not m:
+            continue
+        t, prev, state, nxt = float(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if nxt == tid and since is not None:
+            waits[since[1]].append((t - since[0]) * 1000)
+            since = None
+        if prev == tid and state.startswith("D"):
+            stack, pending_t = [], t
+    return dict(waits)
+
+
 def blocked_in_d(out: str, tids: set[str]) -> dict[str, float]:
     """``perf script -F time,trace`` lines of sched_switch -> ms each of ``tids`` spent
     between being switched out in state D (uninterruptible: waiting for I/O) and being
@@ -129,7 +189,8 @@ def one(s: run.Setup, target: str, a: argparse.Namespace, oport: int, tag: str,
         rec = None
         data = work / f"perf-{tag}.data"
         if a.perf or a.offcpu:
-            what = (["-e", "sched:sched_switch", "-a"] if a.offcpu
+            what = (["-e", "sched:sched_switch", "-a", *(["-g"] if a.stacks else [])]
+                    if a.offcpu
                     else ["-F", str(PERF_HZ), "-p", str(p.pid)])
             rec = subprocess.Popen(["perf", "record", "-q", "-o", str(data), *what],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -165,6 +226,16 @@ def one(s: run.Setup, target: str, a: argparse.Namespace, oport: int, tag: str,
         blocked = offcpu(data, tids)
         res["loop_D_ms"] = blocked.pop(str(p.pid), 0.0)
         res["threads_D_ms"] = sum(blocked.values())
+        if a.stacks:
+            script = subprocess.run(["perf", "script", "-i", str(data)], capture_output=True,
+                                    text=True).stdout
+            for name, ms in sorted(d_stacks(script, str(p.pid)).items(),
+                                   key=lambda kv: -sum(kv[1])):
+                run.log(f"  {tag} loop D: {name}: {len(ms)} x, {sum(ms):.1f} ms, "
+                        f"longest {max(ms):.1f} ms")
+                res[f"D:{name}"] = sum(ms)
+                if a.verbose:
+                    run.log("    " + " < ".join(EXAMPLES.get(name, [])))
     data.unlink(missing_ok=True)
     return res
 
@@ -189,7 +260,13 @@ def main() -> int:
                     "object (perf record)")
     how.add_argument("--offcpu", action="store_true", help="time each proxy thread spent "
                     "blocked on I/O (perf record of sched_switch, system-wide)")
+    ap.add_argument("--stacks", action="store_true", help="with --offcpu: the loop "
+                    "thread's waits by kernel stack (fdatasync, block reservation, ...)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="with --stacks: one whole "
+                    "kernel stack of each wait")
     a = ap.parse_args()
+    if a.stacks and not a.offcpu:
+        ap.error("--stacks needs --offcpu")
     if (a.perf or a.offcpu) and not shutil.which("perf"):
         run.log("--perf/--offcpu need perf (apt-get install -y linux-perf)")
         return 2
@@ -224,6 +301,8 @@ def main() -> int:
     if a.offcpu:
         cols += ["loop_D_ms", "threads_D_ms"]
     dsos = [f"perf:{g}" for g in ("python", "kernel", "sqlite", "other C")] if a.perf else []
+    if a.stacks:        # every wait class seen in any run, ms per run (0 where absent)
+        dsos += sorted({k for rs in runs.values() for r in rs for k in r if k[:2] == "D:"})
     lines = [f"CPU per request at {a.rate:g} requests/s ({a.payload}, {a.connections} "
              f"connections, {a.duration:g} s runs, median of {a.reps} interleaved reps)", "",
              "| target | " + " | ".join(c.replace("_", " ") for c in cols + dsos) + " |",
@@ -237,7 +316,8 @@ def main() -> int:
               "which runs the event loop; threads: every other thread of the proxy); write "
               "calls: write system calls per request (sockets and files); storage bytes: "
               "bytes per request the proxy caused to be written to the block device; D: ms "
-              "per run blocked on I/O; perf: us per request in each shared object"]
+              "per run blocked on I/O; perf: us per request in each shared object; D:<wait>: ms "
+              "per run the loop thread was blocked there (--stacks)"]
     print("\n".join(lines))
     return 0
 
