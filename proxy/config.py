@@ -197,7 +197,9 @@ class StorageConfig(_Model):
                     "one to that (SQLite's journal_size_limit); a tick with nothing written "
                     "since the previous one truncates a WAL file over twice this size to "
                     "zero bytes. The WAL stays under about this size plus one "
-                    "checkpoint_interval of writes.")
+                    "checkpoint_interval of writes. The WAL file's disk blocks are "
+                    "allocated up to twice this size at start and after that truncate, so "
+                    "commits never allocate them.")
     integrity_check_interval: Duration = Field(
         default=300.0, ge=0,
         description="How often PRAGMA quick_check verifies the database file in a worker "
