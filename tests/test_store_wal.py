@@ -18,6 +18,7 @@ from proxy import metrics
 from proxy.errors import MeteringUnavailable
 from proxy.store import db as dbmod
 from proxy.store.db import Store
+from proxy.store.schema import MIGRATIONS
 from tests.helpers import wait_until
 from tests.test_store import _commit_each, _row
 
@@ -232,7 +233,15 @@ async def wal_due_for_idle_truncate(db: Path, limit: int) -> Store:
     _commit_each(store, range(300))
     store.materialize()
     assert store.wal_bytes() > dbmod.WAL_FILE_FACTOR * limit
+    # a reader pins the WAL through this tick, so its RESTART is busy (a restart starts
+    # the WAL over at once, in the maintenance thread, cutting the file to 2x the limit)
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM journal").fetchone()
     await store.checkpoint_once()       # writes since the previous tick: no truncate
+    reader.execute("COMMIT")
+    reader.close()
+    assert store.wal_bytes() > dbmod.WAL_FILE_FACTOR * limit
     return store
 
 
@@ -258,7 +267,10 @@ async def test_the_idle_truncate_runs_off_the_loop_and_a_commit_meanwhile_is_kep
     await asyncio.wait_for(fut, 10)
     await tick
     assert threads == ["meterproxy-maint-nice_0"], threads
-    assert wal.stat().st_size <= dbmod.WAL_FILE_FACTOR * limit
+    # truncated to zero (its header gone: no frame survives; the held commit then started
+    # a new one), and its blocks allocated again to 2x (preallocate_wal)
+    assert wal.stat().st_size == dbmod.WAL_FILE_FACTOR * limit
+    assert wal.stat().st_blocks * 512 >= dbmod.WAL_FILE_FACTOR * limit
     store.close()
     assert await store.integrity_check() is None    # closed: not checked, no error
     conn = sqlite3.connect(db)
@@ -567,3 +579,76 @@ def test_preallocating_never_changes_a_byte_of_the_wal_and_never_waits_for_a_loc
     assert [r[0] for r in conn.execute("SELECT count(*) FROM t")] == [20]
     other.close()
     conn.close()
+
+
+async def test_the_restarted_wal_is_started_over_in_the_maintenance_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first write after a RESTART writes the WAL's new header and fdatasyncs it. That
+    write is made in the maintenance thread, inside the hold, on the loop's own connection:
+    when the tick returns the header has new salts and the WAL one frame (page 1), the
+    loop connection's data_version has not moved (the key cache has nothing to reload),
+    total_changes has not either (the next tick still sees an idle store), and the loop's
+    next commit appends to the new WAL with every row kept."""
+    store = await _wal_due_for_restart(tmp_path)
+    wal = tmp_path / "s.db-wal"
+    threads: list[str] = []
+    real = Store._start_wal_over
+
+    def spy(self: Store) -> None:
+        threads.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(Store, "_start_wal_over", spy)
+    header = wal.read_bytes()[:32]
+    version, changes = store.data_version(), store.conn.total_changes
+    await store.checkpoint_once()
+    assert threads == ["meterproxy-maint-nice_0"], threads
+    after = wal.read_bytes()[:32]
+    salt1 = int.from_bytes(header[16:20], "big")
+    assert int.from_bytes(after[16:20], "big") == (salt1 + 1) % (1 << 32)  # started over
+    assert store.data_version() == version
+    assert store.conn.total_changes == changes
+    assert not store.conn.in_transaction
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    store.record(_row(100), wait=False)
+    store._commit_now()
+    assert wal.read_bytes()[16:24] == after[16:24]     # appended to it, not started again
+    with sqlite3.connect(tmp_path / "s.db") as other:   # page 1's frame, then the commit's
+        assert other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] >= 2
+    store.close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
+    conn.close()
+    assert ids == sorted([f"r{i}" for i in range(20)] + ["r100"])
+
+
+async def test_a_locked_database_after_the_restart_leaves_the_start_to_the_next_commit(
+        tmp_path: Path) -> None:
+    """Another process holds the write lock right after the RESTART: starting the WAL over
+    is skipped at once (busy_timeout 0 on the loop connection: the thread never waits with
+    the hold on), nothing is left open, and the loop's next commit, once the lock is gone,
+    starts it over itself."""
+    store = await _wal_due_for_restart(tmp_path)
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+    real = dbmod.checkpoint
+
+    def then_lock(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        got = real(conn, mode)
+        if mode == "RESTART":
+            other.execute("BEGIN IMMEDIATE")       # between the RESTART and its first write
+        return got
+
+    dbmod.checkpoint = then_lock        # type: ignore[assignment]
+    try:
+        await store.checkpoint_once()
+    finally:
+        dbmod.checkpoint = real
+    assert not store.conn.in_transaction
+    other.execute("ROLLBACK")
+    other.close()
+    store.record(_row(100), wait=False)
+    store._commit_now()
+    assert store.healthy
+    with sqlite3.connect(tmp_path / "s.db") as c:
+        assert c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] == 1
+    store.close()

@@ -702,10 +702,44 @@ class Store:
         try:
             with self._maint_lock:
                 if self._maint is not None:
-                    return checkpoint(self._maint, "RESTART")[0]
+                    busy = checkpoint(self._maint, "RESTART")[0]
+                    if not busy and not self._closed:
+                        self._start_wal_over()
+                    return busy
             return None
         finally:
             self._restart_idle.set()
+
+    def _start_wal_over(self) -> None:
+        """Worker thread, right after a RESTART and still inside the loop's hold (the group
+        commits keep their rows and other writes on the loop connection wait for
+        ``_restart_idle``): the first write after a restart starts the WAL over, writing
+        its new header and ``fdatasync``-ing it (SQLite, ``synchronous=NORMAL``). In the
+        first group commit after every restart that sync stopped the loop for 1-46 ms
+        (docs/PERFORMANCE.md, "The WAL header sync off the loop"). It is done here, on the
+        loop's own connection (``check_same_thread=False``; SQLite serializes calls on one
+        connection): a write on another connection would move the loop connection's
+        ``PRAGMA data_version``, which the key cache reads to notice the CLI's changes.
+        The write: ``user_version`` (page 1) rewritten with its own value, read and written
+        in one IMMEDIATE transaction (a migration by another process in between is not
+        undone), no row changed (``total_changes``, the idle tick's test, stays). Locked
+        (another process writes) or failed: skipped, the loop's next commit syncs the
+        header as before."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version={int(version)}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("starting the WAL over after a restart failed (the next commit "
+                        "does it): %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
     def _await_restart(self) -> None:
         """A write on the loop connection outside the group commit (an admin or ledger
