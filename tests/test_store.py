@@ -191,7 +191,9 @@ async def test_checkpoints_run_in_one_worker_thread_only_in_the_loops_idle_time(
     store._commit_now()
     await store.checkpoint_once()
     assert await store.integrity_check() is None
-    maint = _maint_threads("meterproxy-maint")
+    # (the SCHED_IDLE pool's thread; a pass that copied every frame back also started the
+    # niced one, for the write that starts the WAL over: _start_over_checkpoint)
+    maint = _maint_threads("meterproxy-maint_")
     assert len(maint) == 1 and maint[0].native_id is not None
     assert os.sched_getscheduler(maint[0].native_id) == os.SCHED_IDLE
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER   # the loop
@@ -209,6 +211,14 @@ async def test_a_checkpoint_pass_starved_of_cpu_moves_the_next_ones_to_a_niced_t
     store.record(_row(1), wait=False)
     store._commit_now()
     starved = metrics.wal_checkpoints_total.labels("passive", "starved")._value.get()
+    passes: list[str] = []      # the thread of each passive pass
+    first = store._passive_checkpoint
+
+    def on_thread() -> int | None:
+        passes.append(threading.current_thread().name)
+        return first()
+
+    monkeypatch.setattr(store, "_passive_checkpoint", on_thread)
     assert store._maint_lock.acquire(blocking=False)
     asyncio.get_running_loop().call_later(0.3, store._maint_lock.release)
     began = time.monotonic()
@@ -216,8 +226,9 @@ async def test_a_checkpoint_pass_starved_of_cpu_moves_the_next_ones_to_a_niced_t
     assert time.monotonic() - began >= 0.25         # it still waited for its pass
     assert metrics.wal_checkpoints_total.labels("passive", "starved")._value.get() == \
         starved + 1
-    assert _maint_threads("meterproxy-maint-nice") == []
+    assert passes == ["meterproxy-maint_0"]
     await store.checkpoint_once(starve_after=0.05)   # on the niced thread now
+    assert passes == ["meterproxy-maint_0", "meterproxy-maint-nice_0"]
     nice = _maint_threads("meterproxy-maint-nice")
     assert len(nice) == 1 and nice[0].native_id is not None
     assert os.sched_getscheduler(nice[0].native_id) == os.SCHED_OTHER

@@ -652,3 +652,50 @@ async def test_a_locked_database_after_the_restart_leaves_the_start_to_the_next_
     with sqlite3.connect(tmp_path / "s.db") as c:
         assert c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] == 1
     store.close()
+
+
+def _salts(wal: Path) -> bytes:
+    return wal.read_bytes()[16:24]
+
+
+async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_but_not_when_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below wal_truncate_size no RESTART runs, but a passive pass that copied every frame
+    back lets the next write start the WAL over (SQLite restarts it by itself), with the
+    header's fdatasync: that write is made in the maintenance thread under the hold, so the
+    tick itself starts the WAL over (new salts before any commit of the loop) and the loop's
+    data_version stays. A tick with nothing written since the previous one does not (its
+    own write would make the next pass complete again: a write and a sync every tick of an
+    idle store), so the first commit after an idle tick starts the WAL over on the loop."""
+    store = Store.open(tmp_path / "s.db")        # wal_truncate_size 16 MiB: no RESTART
+    wal = tmp_path / "s.db-wal"
+    await store.checkpoint_once()                # the schema's frames: a first generation
+    _commit_each(store, range(5))
+    started: list[str] = []
+    real = Store._start_over_checkpoint
+
+    def spy(self: Store) -> int | None:
+        started.append(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(Store, "_start_over_checkpoint", spy)
+    before, version = _salts(wal), store.data_version()
+    await store.checkpoint_once()
+    assert started == ["meterproxy-maint-nice_0"]
+    assert _salts(wal) != before                 # started over by the tick, not the loop
+    assert store.data_version() == version
+    assert not store._restarting and store._restart_idle.is_set()
+    now = _salts(wal)
+    frames = wal.read_bytes()
+    await store.checkpoint_once()                # nothing written since: idle
+    assert started == ["meterproxy-maint-nice_0"]
+    assert _salts(wal) == now and wal.read_bytes() == frames
+    # (the idle tick's pass copied the start-over's own frame back: the loop's next commit
+    # starts the WAL over itself, once per return from idle; documented)
+    _commit_each(store, range(5, 8))
+    assert _salts(wal) != now
+    store.close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
+    conn.close()
+    assert ids == sorted(f"r{i}" for i in range(8))

@@ -513,6 +513,9 @@ class Store:
         self._restart_idle = threading.Event()
         self._restart_idle.set()
         self._restart_began = 0.0       # loop time the RESTART was handed to its thread
+        # the last passive pass copied every frame back (set in its thread): the next
+        # write would start the WAL over on the loop (``_start_over_checkpoint``)
+        self._pass_complete = False
         # ends the group commits' hold once the RESTART has held the lock for lock_wait
         self._hold_timer: asyncio.TimerHandle | None = None
         self._pending: list[UsageRow] = []
@@ -667,7 +670,9 @@ class Store:
         of frames in the WAL (None when the store is closing)."""
         with self._maint_lock:
             if self._maint is not None:
-                return checkpoint(self._maint, "PASSIVE")[1]
+                _busy, log_frames, done = checkpoint(self._maint, "PASSIVE")
+                self._pass_complete = 0 < log_frames == done
+                return log_frames
         return None
 
     def _truncate_checkpoint(self) -> int | None:
@@ -706,6 +711,21 @@ class Store:
                     if not busy and not self._closed:
                         self._start_wal_over()
                     return busy
+            return None
+        finally:
+            self._restart_idle.set()
+
+    def _start_over_checkpoint(self) -> int | None:
+        """Worker thread, inside the loop's hold, after a passive pass that copied every
+        frame back: the first write after that starts the WAL over (SQLite restarts it
+        without a RESTART once no frame is left to copy), so it is made here
+        (``_start_wal_over``) rather than in the loop's next commit. 0, or None when the
+        store is closing. Ends the hold (``_restart_idle``) when it returns."""
+        try:
+            with self._maint_lock:
+                if self._maint is not None and not self._closed:
+                    self._start_wal_over()
+                    return 0
             return None
         finally:
             self._restart_idle.set()
@@ -786,7 +806,8 @@ class Store:
             if pool is not None:
                 pool.shutdown(wait=False)
 
-    async def _restart_off_the_loop(self) -> int | None:
+    async def _restart_off_the_loop(
+            self, job: Callable[[], int | None] | None = None) -> int | None:
         """The RESTART in the niced maintenance thread (not the SCHED_IDLE one: it holds
         the write lock). On the loop it waited in ``fdatasync`` for the WAL's writeback and
         the device's cache flush, 1-15 ms with the whole loop stopped (docs/PERFORMANCE.md,
@@ -797,8 +818,8 @@ class Store:
         self._restart_began = self._loop.time()
         self._restart_idle.clear()          # (before the thread can set it)
         try:
-            restarting = self._loop.run_in_executor(self._niced_pool(),
-                                                    self._restart_checkpoint)
+            restarting = self._loop.run_in_executor(
+                self._niced_pool(), self._restart_checkpoint if job is None else job)
         except RuntimeError:        # the pool is shut down (closing): no RESTART, no hold
             self._restarting = False
             self._restart_idle.set()
@@ -897,6 +918,11 @@ class Store:
                 held = self.wal_bytes() if log_frames is None or log_frames < 0 else \
                     log_frames * self._frame_bytes
                 if held <= self.wal_truncate_size:
+                    if self._pass_complete and log_frames is not None:
+                        # every frame copied back: the next write starts the WAL over and
+                        # fdatasyncs its new header; in the maintenance thread, under the
+                        # same hold as a RESTART, not in the loop's next commit
+                        await self._restart_off_the_loop(self._start_over_checkpoint)
                     return
                 restarted = await self._restart_off_the_loop()
                 if restarted is None:
