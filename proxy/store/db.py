@@ -46,9 +46,13 @@ Invariants
    niced maintenance thread (non-blocking: skipped when a reader or writer is in the way;
    meanwhile the group commits hold their rows, for up to ``lock_wait`` as for any lock,
    and the loop keeps serving) copies
-   the rest, so the next commit starts the WAL from its beginning, rewriting the file in
+   the rest, and the same thread, still inside that hold, makes the first write of the
+   WAL's new generation (``_start_wal_over``: its header and that header's fdatasync;
+   also after a passive pass that copied every frame back in a tick that saw writes), so
+   the WAL starts from its beginning, rewriting the file in
    place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
-   cutting a larger one to that; a tick with nothing written since the previous one
+   cutting a larger one to that; the file's blocks are allocated up to that size at open
+   and after an idle truncate (``preallocate_wal``); a tick with nothing written since the previous one
    truncates a WAL file over that size to zero bytes, in the niced maintenance thread
    (busy_timeout 0: it never waits holding the write lock; a commit meanwhile is retried
    on the timer, invariant 5).
