@@ -230,7 +230,8 @@ AUTH_FAIL_API_KEY = auth_failures_total.labels("api_key")
 
 # ---- storage health and resource bounds (docs/resources.md) ------------------------------
 sqlite_wal_bytes = Gauge("meterproxy_sqlite_wal_bytes",
-                         "Size of the SQLite write-ahead log file (sampled every checkpoint tick)",
+                         "Size of the SQLite write-ahead log file, its preallocated zeros included: never "
+                         "below 2 x wal_truncate_size (sampled every checkpoint tick)",
                          registry=REGISTRY)
 wal_checkpoints_total = Counter("meterproxy_wal_checkpoints_total",
                                 "WAL checkpoints by mode (passive, truncate) and result"

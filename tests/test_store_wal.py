@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from proxy import metrics
-from proxy.errors import MeteringUnavailable
+from proxy.errors import MeteringUnavailable, StorageError
 from proxy.store import db as dbmod
 from proxy.store.db import Store
 from proxy.store.schema import MIGRATIONS
@@ -699,3 +699,75 @@ async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_b
     ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
     conn.close()
     assert ids == sorted(f"r{i}" for i in range(8))
+
+
+async def test_a_pass_that_could_not_count_the_frames_does_not_restart_a_preallocated_wal(
+        tmp_path: Path) -> None:
+    """When another process holds the checkpoint lock (the CLI checkpointing: SQLite's
+    CKPT lock, byte 121 of the -shm file) the passive pass reports -1 frames and the WAL
+    file's size stands in for them. That file is now preallocated to twice
+    wal_truncate_size (zeros past the last frame), so its size says nothing about the
+    frames: a WAL holding far less than wal_truncate_size must not be restarted (a RESTART
+    holds the group commits, and here it could not even run: the same lock is taken)."""
+    import subprocess
+    import sys
+    limit = 1 << 20         # the schema's frames (~0.4 MB) stay under it
+    db = tmp_path / "s.db"
+    store = Store.open(db, wal_truncate_size=limit)
+    _commit_each(store, range(5))
+    assert (tmp_path / "s.db-wal").stat().st_size == dbmod.WAL_FILE_FACTOR * limit
+    holder = subprocess.Popen(  # noqa: ASYNC220 (a lock holder: started, never awaited)
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         f"fd = os.open({str(tmp_path / 's.db-shm')!r}, os.O_RDWR)\n"
+         f"fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 121)\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert dbmod.checkpoint(store._maint, "PASSIVE")[1] == -1    # (really uncounted)
+        ok = _restarts()
+        busy = metrics.wal_checkpoints_total.labels("truncate", "busy")._value.get()
+        await store.checkpoint_once()
+        assert _restarts() == ok
+        assert metrics.wal_checkpoints_total.labels("truncate", "busy")._value.get() == busy
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(5)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    store.close()
+
+
+async def test_a_preallocation_that_fails_at_open_leaves_no_connection_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Store.open`` preallocates the WAL after recovery, outside the block that closes
+    both connections when opening fails: a non-busy error from its ``BEGIN IMMEDIATE`` (a
+    disk I/O error, a read-only or moved database) escaped as a bare sqlite3 error with the
+    loop and maintenance connections still open (their file descriptors and locks held).
+    Like any other failure to open it is a StorageError, nothing left open."""
+
+    def refuse(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    db = tmp_path / "s.db"
+    Store.open(db).close()
+    monkeypatch.setattr(dbmod, "preallocate_wal", refuse)
+
+    def held() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(db)):
+                out.append(target)
+        return out
+
+    assert held() == []
+    with pytest.raises(StorageError):
+        Store.open(db)
+    assert held() == []

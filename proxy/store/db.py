@@ -51,9 +51,9 @@ Invariants
    also after a passive pass that copied every frame back in a tick that saw writes), so
    the WAL starts from its beginning, rewriting the file in
    place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
-   cutting a larger one to that; the file's blocks are allocated up to that size at open
-   and after an idle truncate (``preallocate_wal``); a tick with nothing written since the previous one
-   truncates a WAL file over that size to zero bytes, in the niced maintenance thread
+   cutting a larger one to that; a tick with nothing written since the previous one
+   truncates a WAL file over that size to zero bytes and allocates its blocks again up to
+   that size (``preallocate_wal``, as ``Store.open`` does), in the niced maintenance thread
    (busy_timeout 0: it never waits holding the write lock; a commit meanwhile is retried
    on the timer, invariant 5).
 7. The file under the path is the file we write: its (device, inode) is recorded at open
@@ -313,10 +313,10 @@ def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
     ones under the inode's ``i_data_sem``, which a concurrent ``fdatasync`` of the WAL (the
     maintenance thread's checkpoint) holds while its writeback allocates the blocks written
     before: the commit's ``pwrite``, on the event loop, waited 2-14 ms for it, several times
-    a second while the WAL grew (``bench/wal_stall.py``; docs/PERFORMANCE.md, "The WAL's
-    blocks allocated up front"). Writes inside allocated blocks never wait for it. Zeros
-    past the WAL's last frame are not frames (SQLite ends the WAL at the first frame whose
-    salt or checksum does not match), as are the old frames it leaves after a restart."""
+    a second while the WAL grew (``bench/wal_stall.py``). Writes inside allocated blocks
+    never wait for it. Zeros past the WAL's last frame are not frames (SQLite ends the WAL
+    at the first frame whose salt or checksum does not match), as are the old frames it
+    leaves after a restart."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
@@ -608,7 +608,12 @@ class Store:
             raise
         if recovered:
             log.info("recovered %d journaled usage rows", recovered)
-        store._preallocate_wal(conn)
+        try:
+            store._preallocate_wal(conn)
+        except sqlite3.Error as exc:    # not busy: its BEGIN IMMEDIATE failed (I/O, read-only)
+            maint.close()
+            conn.close()
+            raise StorageError(f"cannot open {path}: {exc}") from exc
         conn.execute("PRAGMA busy_timeout=0")
         return store
 
@@ -882,7 +887,8 @@ class Store:
         if self._closed or self.check_file() is not None:
             return
         # The WAL's size is the frames it holds (the passive pass counted them; -1: another
-        # connection held the checkpoint lock, so the file's size stands in). Over
+        # connection held the checkpoint lock, so the file's size stands in, but only above
+        # the preallocated size: below, it is mostly zeros). Over
         # wal_truncate_size: a RESTART copies the frames written since the pass and lets
         # the next commit start the WAL from its beginning. There SQLite cuts the file to
         # journal_size_limit = WAL_FILE_FACTOR x wal_truncate_size; a smaller file is
@@ -919,8 +925,15 @@ class Store:
                     return
                 busy = cut
             else:
-                held = self.wal_bytes() if log_frames is None or log_frames < 0 else \
-                    log_frames * self._frame_bytes
+                if log_frames is None or log_frames < 0:
+                    # uncounted: the file's size stands in only past its preallocated
+                    # size (preallocate_wal: below it, zeros past the last frame count
+                    # as bytes too); the next tick's pass counts the frames
+                    held = self.wal_bytes()
+                    if held <= self.wal_prealloc_bytes:
+                        return
+                else:
+                    held = log_frames * self._frame_bytes
                 if held <= self.wal_truncate_size:
                     if self._pass_complete and log_frames is not None:
                         # every frame copied back: the next write starts the WAL over and
