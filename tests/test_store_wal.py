@@ -791,33 +791,60 @@ def _slow_start_over_commit(store: Store) -> tuple[threading.Event, threading.Ev
     return entered, release
 
 
-@pytest.mark.xfail(strict=True, reason="unfixed (review h/review2): the start-over's COMMIT "
-                   "holds the loop connection's SQLite mutex through its fdatasync")
-async def test_a_read_on_the_loop_during_a_stalled_start_over_does_not_block_the_loop(
+async def test_the_loop_never_uses_its_connection_while_a_stalled_start_over_has_it(
         tmp_path: Path) -> None:
-    """Invariant: the loop never blocks on I/O or locks; a stalled RESTART blocks loop
-    readers at most lock_wait in all (test above). The start-over's transaction runs on
-    the loop's own connection: any loop-thread call on it (the key cache's data_version
-    poll, a usage read) waits on SQLite's connection mutex for the whole COMMIT, i.e. the
-    header's fdatasync, with no bound at all."""
+    """The start-over runs on the loop's own connection, and SQLite holds that connection's
+    mutex for the whole COMMIT (the header's fdatasync): a loop call on it would wait that
+    long, and a loop statement between its BEGIN and COMMIT would join its transaction.
+    So while it has the connection: the key cache's data_version poll answers the last
+    value at once; a group commit past the hold (lock_wait) is treated as a lock (fail_mode
+    decides, the row kept, nothing joined to the thread's transaction); a small write is
+    refused as DatabaseBusy without a statement; and the loop is never blocked."""
     db = tmp_path / "s.db"
     store = _due_for_restart(db, lock_wait=0.2)
+    version = store.data_version()
     entered, release = _slow_start_over_commit(store)
     tick = asyncio.ensure_future(store.checkpoint_once())
     try:
         assert await asyncio.to_thread(entered.wait, 10)
-        threading.Timer(1.0, release.set).start()
         started = time.monotonic()
-        store.data_version()
-        store.conn.execute("SELECT count(*) FROM audit").fetchone()
-        blocked = time.monotonic() - started
-        assert blocked < 0.2 + 0.15, f"the loop was blocked {blocked:.2f}s"
+        assert store.data_version() == version              # the last answer, at once
+        fut = store.record(_row(500), wait=True)
+        assert fut is not None
+        with pytest.raises(MeteringUnavailable):            # fail_mode closed, as a lock
+            await asyncio.wait_for(fut, 5)
+        with pytest.raises(dbmod.DatabaseBusy):
+            store.execute_write(lambda c: c.execute("DELETE FROM journal WHERE seq < 0"))
+        assert time.monotonic() - started < 1.0             # (the tick's waits included)
+        assert store._pending and store._pending[0].request_id == "r500"   # kept
     finally:
         release.set()
         await tick
     store.conn.set_trace_callback(None)
+    assert not store.conn.in_transaction
+    await asyncio.sleep(0.3)                # the retry timer: committed once it is over
+    store.commit_pending()
     store.close()
+    assert _audit_count(db, "r500") == 1
 
+
+async def test_closing_during_a_stalled_start_over_waits_for_it_and_commits_the_held_rows(
+        tmp_path: Path) -> None:
+    """Shutdown while the start-over has the loop's connection: close() waits for it (one
+    fdatasync; shutdown may wait) instead of committing, materializing or closing the
+    connection under it, then commits the rows the hold kept: none lost."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=0.1)     # (shorter than the stall)
+    entered, release = _slow_start_over_commit(store)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    assert await asyncio.to_thread(entered.wait, 10)
+    store.record(_row(600), wait=False)         # held
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started >= 0.2    # it waited for the start-over
+    await tick
+    assert _audit_count(db, "r600") == 1
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

@@ -30,6 +30,10 @@ class Writer(Protocol):
         ``busy_timeout``), then raises ``DatabaseBusy``."""
         ...
 
+    def data_version(self) -> int:
+        """``PRAGMA data_version`` of ``conn``: moves when another connection commits."""
+        ...
+
 
 class Direct:
     """A connection of the caller's own (not the running proxy's): writes may wait for the
@@ -43,3 +47,6 @@ class Direct:
 
     async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         return self.execute_write(fn)     # the connection's busy_timeout is the wait
+
+    def data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])

@@ -520,6 +520,14 @@ class Store:
         # the last passive pass copied every frame back (set in its thread): the next
         # write would start the WAL over on the loop (``_start_over_checkpoint``)
         self._pass_complete = False
+        # the loop connection is used by the maintenance thread during a start-over
+        # (``_start_wal_over``, inside a hold): that and any use by the loop thread exclude
+        # each other. The thread holds this lock for the start-over; the loop takes it
+        # without waiting (``_claim_conn``, ``data_version``), and once the loop has used
+        # the connection during a hold (past ``lock_wait``) no start-over begins in it
+        self._conn_lock = threading.Lock()
+        self._conn_claimed = False
+        self._version = 0       # the last data_version read (answered during a start-over)
         # ends the group commits' hold once the RESTART has held the lock for lock_wait
         self._hold_timer: asyncio.TimerHandle | None = None
         self._pending: list[UsageRow] = []
@@ -754,6 +762,11 @@ class Store:
         undone), no row changed (``total_changes``, the idle tick's test, stays). Locked
         (another process writes) or failed: skipped, the loop's next commit syncs the
         header as before."""
+        with self._conn_lock:
+            if not self._conn_claimed and not self._closed:
+                self._start_wal_over_locked()
+
+    def _start_wal_over_locked(self) -> None:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -784,6 +797,23 @@ class Store:
             left = self._restart_began + self.lock_wait - self._loop.time()
             if left > 0:
                 self._restart_idle.wait(left)
+            if not self._claim_conn():
+                raise DatabaseBusy("the database is locked: the WAL's start-over after a "
+                                   "restart has the connection; nothing was written")
+
+    def _claim_conn(self) -> bool:
+        """Loop thread, during a hold: may the loop use its connection now? False while the
+        maintenance thread's start-over has it (a statement of ours would join that
+        transaction, or wait on SQLite's connection mutex through its fdatasync): the
+        caller treats it as a lock. True otherwise, and then no start-over begins until
+        the hold ends."""
+        if not self._restarting:
+            return True
+        if not self._conn_lock.acquire(blocking=False):
+            return False
+        self._conn_claimed = True
+        self._conn_lock.release()
+        return True
 
     def _niced_pool(self) -> ThreadPoolExecutor:
         if self._maint_fallback is None:
@@ -824,6 +854,7 @@ class Store:
         retry, nothing refused), the loop goes on serving, and at its end one commit takes
         every row that waited."""
         self._restarting = True
+        self._conn_claimed = False
         self._restart_began = self._loop.time()
         self._restart_idle.clear()          # (before the thread can set it)
         try:
@@ -1231,6 +1262,9 @@ class Store:
         try:
             if self.broken is not None:
                 raise sqlite3.DatabaseError(self.broken)
+            if self._restarting and not self._claim_conn():
+                # the start-over has the connection: as a lock (invariant 5)
+                raise DatabaseBusy("the WAL's start-over after a restart has the connection")
             if rows:
                 self._write(rows)
             else:
@@ -1434,7 +1468,10 @@ class Store:
         """Synchronous final commit (shutdown: nothing is served any more, so this one may
         wait up to ``lock_wait`` for a lock)."""
         if self._pending and not self._closed:
-            self._await_restart()
+            try:
+                self._await_restart()
+            except DatabaseBusy:
+                return      # the start-over still has the connection: close() counts them
             self._restarting = False        # (its end is awaited: this commit may run)
             self.conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000)}")
             try:
@@ -1473,7 +1510,19 @@ class Store:
             tries += 1
 
     def data_version(self) -> int:
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        """``PRAGMA data_version`` of the loop connection (the key cache's poll). During a
+        start-over in the maintenance thread: the last answer, without waiting for the
+        connection (the next poll reads it)."""
+        if self._restarting:
+            if not self._conn_lock.acquire(blocking=False):
+                return self._version
+            try:
+                self._version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+            finally:
+                self._conn_lock.release()
+            return self._version
+        self._version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        return self._version
 
     def close(self) -> None:
         if self.check_file() is not None:
@@ -1483,9 +1532,12 @@ class Store:
                           self.broken)
             self._pending = []
             self._closed = True
-            self._close_maint()
+            self._close_maint()         # (waits for a maintenance job: it may use conn)
             self.conn.close()
             return
+        # a RESTART or start-over still running in the maintenance thread may be using the
+        # connection: its end first (shutdown may wait for it: one fdatasync)
+        self._restart_idle.wait()
         self.commit_pending()
         if self._pending:
             metrics.lost_usage_rows_total.inc(len(self._pending))

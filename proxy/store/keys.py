@@ -354,4 +354,4 @@ class SqliteCustomers:
         return KeySnapshot(keys, customers)
 
     def data_version(self) -> int:
-        return int(self.db.conn.execute("PRAGMA data_version").fetchone()[0])
+        return self.db.data_version()
