@@ -875,3 +875,43 @@ async def test_a_key_change_by_another_process_around_the_start_over_moves_data_
     other.close()
     assert store.data_version() != version
     store.close()
+
+
+# ---- review of the start-over's connection lock (353f4d5) -------------------------------
+
+
+async def test_a_tick_cancelled_twice_during_a_stalled_start_over_still_holds_until_it_ends(
+        tmp_path: Path) -> None:
+    """A cancelled tick waits for the maintenance thread (it holds the write lock and, in
+    the start-over, the loop's connection). Cancelled again while it waits (a second
+    Ctrl-C: the shutdown awaiting the task is cancelled, which cancels the task again), its
+    ``finally`` set ``_restart_idle``, cleared ``_restarting`` and scheduled the held
+    commit with the start-over's transaction still open on the loop's connection: the
+    commit ran into that transaction ("cannot start a transaction within a transaction"),
+    and the waiting request got MeteringUnavailable (fail_mode closed) for our own
+    maintenance write; close() no longer waited for the thread either."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=5.0)
+    entered, release = _slow_start_over_commit(store)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        fut = store.record(_row(700), wait=True)    # held (within lock_wait)
+        assert fut is not None
+        tick.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)                  # the tick now waits for the thread
+        assert not tick.done()
+        tick.cancel()
+        await asyncio.sleep(0.05)
+        assert not fut.done()                       # still held: no commit met the thread
+        assert not store._restart_idle.is_set()     # the thread still has the connection
+        assert store._restarting
+    finally:
+        release.set()
+    await asyncio.wait_for(fut, 5)                  # committed once the start-over ended
+    with pytest.raises(asyncio.CancelledError):
+        await tick
+    store.conn.set_trace_callback(None)
+    store.close()
+    assert _audit_count(db, "r700") == 1

@@ -487,6 +487,19 @@ _USAGE_SQL = ("INSERT INTO usage_minute(customer_id, key_id, meter, minute, rule
               " billable = billable + excluded.billable, covered = covered + excluded.covered")
 
 
+async def _outlast(job: asyncio.Future[Any]) -> None:
+    """A cancelled tick's wait for its maintenance job, which runs on regardless: until it
+    has returned, whatever further cancellations arrive meanwhile (a second one, e.g. the
+    shutdown awaiting the tick cancelled in turn, ended the wait at once: the tick's
+    ``finally`` then ended the hold with the thread still holding the write lock, or the
+    loop's connection in the start-over's open transaction). Bounded by the job."""
+    while not job.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((job,))
+    if not job.cancelled():
+        job.exception()     # (retrieved: the tick is over)
+
+
 class Store:
     """Owns the write connection. Create with ``Store.open`` inside a running loop."""
 
@@ -867,11 +880,10 @@ class Store:
         try:
             return await asyncio.shield(restarting)
         except asyncio.CancelledError:
-            # the thread holds the write lock until it returns: a cancelled tick ends only
-            # after it (the final commit that follows must not find our own lock)
-            await asyncio.wait((restarting,))
-            if not restarting.cancelled():
-                restarting.exception()      # (retrieved: the tick is over)
+            # the thread holds the write lock until it returns (and, in the start-over, the
+            # loop's connection): a cancelled tick ends only after it (the final commit that
+            # follows must not find our own lock, nor the start-over's transaction)
+            await _outlast(restarting)
             raise
         finally:
             if not self._restart_idle.is_set():     # the thread never ran (shut down)
@@ -948,9 +960,7 @@ class Store:
                     # the thread holds the write lock until it returns: a cancelled tick
                     # (shutdown) ends only after it, so the write that follows (the final
                     # flush) never finds our own lock in its way
-                    await asyncio.wait((truncating,))
-                    if not truncating.cancelled():
-                        truncating.exception()      # (retrieved: the tick is over)
+                    await _outlast(truncating)
                     raise
                 if cut is None:
                     return
