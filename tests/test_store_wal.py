@@ -915,3 +915,65 @@ async def test_a_tick_cancelled_twice_during_a_stalled_start_over_still_holds_un
     store.conn.set_trace_callback(None)
     store.close()
     assert _audit_count(db, "r700") == 1
+
+
+_real_checkpoint = dbmod.checkpoint
+
+
+async def test_a_hold_the_loop_claimed_does_not_skip_the_next_holds_start_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write past a stalled RESTART's hold claims the loop's connection (that hold's
+    start-over is skipped, the loop's next commit does it); the claim is that hold's only:
+    the next RESTART starts the WAL over in its thread again."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=0.05)
+    starts: list[str] = []
+    real = store._start_wal_over_locked
+
+    def counted() -> None:
+        starts.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(store, "_start_wal_over_locked", counted)
+    _threads, entered, release = _holding_checkpoint(monkeypatch, "RESTART")
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        await asyncio.sleep(0.1)                    # past lock_wait
+        with pytest.raises(dbmod.DatabaseBusy):     # the RESTART's lock, claimed
+            store.execute_write(lambda c: c.execute("DELETE FROM journal WHERE seq < 0"))
+        assert store._conn_claimed
+    finally:
+        release.set()
+    await tick
+    assert starts == []                             # skipped: the loop used the connection
+    monkeypatch.setattr(dbmod, "checkpoint", _real_checkpoint)     # no stall now
+    _commit_each(store, range(100, 120))
+    await store.checkpoint_once()
+    assert len(starts) == 1 and starts[0] != threading.main_thread().name
+    store.close()
+
+
+async def test_a_key_change_answered_late_during_a_start_over_is_seen_by_the_next_poll(
+        tmp_path: Path) -> None:
+    """data_version answers its last value while the start-over has the connection (it
+    holds the write lock: no other commit lands meanwhile), so a key change made by another
+    process since the previous poll is answered one poll late, never lost: the next poll
+    (after the start-over) sees it."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=5.0)
+    version = store.data_version()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
+    other.close()
+    entered, release = _slow_start_over_commit(store)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        assert store.data_version() == version      # the last answer
+    finally:
+        release.set()
+    await tick
+    store.conn.set_trace_callback(None)
+    assert store.data_version() != version          # the next poll
+    store.close()
