@@ -658,15 +658,16 @@ def _salts(wal: Path) -> bytes:
     return wal.read_bytes()[16:24]
 
 
-async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_but_not_when_idle(
+async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_then_ticks_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below wal_truncate_size no RESTART runs, but a passive pass that copied every frame
     back lets the next write start the WAL over (SQLite restarts it by itself), with the
     header's fdatasync: that write is made in the maintenance thread under the hold, so the
     tick itself starts the WAL over (new salts before any commit of the loop) and the loop's
-    data_version stays. A tick with nothing written since the previous one does not (its
-    own write would make the next pass complete again: a write and a sync every tick of an
-    idle store), so the first commit after an idle tick starts the WAL over on the loop."""
+    data_version stays. A tick with nothing written by anyone since that start-over skips
+    its pass: copying the start-over's own frame back would make the loop's next commit
+    start yet another generation on the loop (and, started over again, a write and a sync
+    every tick of an idle store)."""
     store = Store.open(tmp_path / "s.db")        # wal_truncate_size 16 MiB: no RESTART
     wal = tmp_path / "s.db-wal"
     await store.checkpoint_once()                # the schema's frames: a first generation
@@ -690,11 +691,9 @@ async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_b
     await store.checkpoint_once()                # nothing written since: idle
     assert started == ["meterproxy-maint-nice_0"]
     assert _salts(wal) == now and wal.read_bytes() == frames
-    # (the idle tick's pass copied the start-over's own frame back: the loop's next commit
-    # starts the WAL over itself, once per return from idle; documented)
     _commit_each(store, range(5, 8))
-    assert _salts(wal) != now
-    store.close()
+    assert _salts(wal) == now       # the idle tick left the start-over's frame uncopied: the
+    store.close()                   # loop appended to that generation, no start on the loop
     conn = sqlite3.connect(tmp_path / "s.db")
     ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
     conn.close()
@@ -976,4 +975,32 @@ async def test_a_key_change_answered_late_during_a_start_over_is_seen_by_the_nex
     await tick
     store.conn.set_trace_callback(None)
     assert store.data_version() != version          # the next poll
+    store.close()
+
+
+async def test_an_idle_tick_whose_pass_copied_every_frame_starts_over_once_and_another_process_wakes_it(
+        tmp_path: Path) -> None:
+    """An idle tick (nothing written by the loop since the previous one) whose pass copied
+    every frame back also starts the WAL over in the maintenance thread, once: the ticks
+    after it skip their pass while nothing is written by anyone. A commit by another
+    process (the CLI) moves data_version and the next tick runs its pass again."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    wal = tmp_path / "s.db-wal"
+    await store.checkpoint_once()
+    _commit_each(store, range(3))
+    store._tick_changes = store.conn.total_changes      # the previous tick saw these writes
+    before = _salts(wal)
+    await store.checkpoint_once()                       # idle; its pass copies every frame
+    assert _salts(wal) != before and store._started_over is not None
+    now, frames = _salts(wal), wal.read_bytes()
+    passes = metrics.wal_checkpoints_total.labels("passive", "ok")._value.get()
+    await store.checkpoint_once()
+    await store.checkpoint_once()
+    assert metrics.wal_checkpoints_total.labels("passive", "ok")._value.get() == passes
+    assert _salts(wal) == now and wal.read_bytes() == frames
+    with sqlite3.connect(db) as other:                  # another process writes
+        other.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
+    await store.checkpoint_once()
+    assert metrics.wal_checkpoints_total.labels("passive", "ok")._value.get() == passes + 1
     store.close()

@@ -48,7 +48,8 @@ Invariants
    and the loop keeps serving) copies
    the rest, and the same thread, still inside that hold, makes the first write of the
    WAL's new generation (``_start_wal_over``: its header and that header's fdatasync;
-   also after a passive pass that copied every frame back in a tick that saw writes), so
+   also after a passive pass that copied every frame back, after which ticks skip their
+   pass while nothing is written by anyone: ``_start_over_off_the_loop``), so
    the WAL starts from its beginning, rewriting the file in
    place up to ``WAL_FILE_FACTOR`` x ``wal_truncate_size`` (``journal_size_limit``) and
    cutting a larger one to that; a tick with nothing written since the previous one
@@ -541,6 +542,9 @@ class Store:
         self._conn_lock = threading.Lock()
         self._conn_claimed = False
         self._version = 0       # the last data_version read (answered during a start-over)
+        # (total_changes, data_version) right after the last start-over after a passive
+        # pass; while both stay, ticks skip their pass (``_start_over_off_the_loop``)
+        self._started_over: tuple[int, int] | None = None
         # ends the group commits' hold once the RESTART has held the lock for lock_wait
         self._hold_timer: asyncio.TimerHandle | None = None
         self._pending: list[UsageRow] = []
@@ -754,13 +758,12 @@ class Store:
         try:
             with self._maint_lock:
                 if self._maint is not None and not self._closed:
-                    self._start_wal_over()
-                    return 0
+                    return 0 if self._start_wal_over() else 1
             return None
         finally:
             self._restart_idle.set()
 
-    def _start_wal_over(self) -> None:
+    def _start_wal_over(self) -> bool:
         """Worker thread, right after a RESTART and still inside the loop's hold (the group
         commits keep their rows and other writes on the loop connection wait for
         ``_restart_idle``): the first write after a restart starts the WAL over, writing
@@ -777,14 +780,15 @@ class Store:
         header as before."""
         with self._conn_lock:
             if not self._conn_claimed and not self._closed:
-                self._start_wal_over_locked()
+                return self._start_wal_over_locked()
+        return False
 
-    def _start_wal_over_locked(self) -> None:
+    def _start_wal_over_locked(self) -> bool:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error:
-            return
+            return False
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             conn.execute(f"PRAGMA user_version={int(version)}")
@@ -795,6 +799,8 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+            return False
+        return True
 
     def _await_restart(self) -> None:
         """A write on the loop connection outside the group commit (an admin or ledger
@@ -896,6 +902,16 @@ class Store:
                 self._scheduled = True
                 self._loop.call_soon(self._commit_now)
 
+    async def _start_over_off_the_loop(self) -> None:
+        """The last passive pass copied every frame back: the next write starts the WAL
+        over and fdatasyncs its new header; it is made in the maintenance thread, under the
+        same hold as a RESTART, not in the loop's next commit. Once it is made, the ticks
+        that follow with nothing written by anyone since skip their passive pass
+        (``_started_over``): copying the start-over's own frame back would let the loop's
+        next commit start yet another generation (and sync its header) on the loop."""
+        if await self._restart_off_the_loop(self._start_over_checkpoint) == 0:
+            self._started_over = (self.conn.total_changes, self.data_version())
+
     async def checkpoint_once(self, starve_after: float = 1.0) -> None:
         """One tick of WAL upkeep: the PASSIVE pass in the maintenance thread, then in the
         niced maintenance thread a RESTART when the WAL holds more than
@@ -907,6 +923,11 @@ class Store:
         for ``STARVED_HOLD`` seconds, so the WAL stays bounded at saturation."""
         if self._maint is None or self.broken is not None:
             return
+        if self._started_over is not None:
+            mark = (self.conn.total_changes, self.data_version())
+            if mark == self._started_over and self.wal_bytes() <= self.wal_prealloc_bytes:
+                return      # nothing written since the start-over: its frame stays uncopied
+            self._started_over = None
         log_frames: int | None = None
         try:
             pool = self._maint_pool_now(starve_after / 2)
@@ -947,6 +968,8 @@ class Store:
         try:
             if idle:
                 if self.wal_bytes() <= WAL_FILE_FACTOR * self.wal_truncate_size:
+                    if self._pass_complete and log_frames is not None:
+                        await self._start_over_off_the_loop()
                     return
                 # in the niced maintenance thread (never the SCHED_IDLE one: it holds the
                 # write lock, and a burst starting meanwhile would starve it there): the
@@ -977,10 +1000,7 @@ class Store:
                     held = log_frames * self._frame_bytes
                 if held <= self.wal_truncate_size:
                     if self._pass_complete and log_frames is not None:
-                        # every frame copied back: the next write starts the WAL over and
-                        # fdatasyncs its new header; in the maintenance thread, under the
-                        # same hold as a RESTART, not in the loop's next commit
-                        await self._restart_off_the_loop(self._start_over_checkpoint)
+                        await self._start_over_off_the_loop()
                     return
                 restarted = await self._restart_off_the_loop()
                 if restarted is None:
