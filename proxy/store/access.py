@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from proxy.store.db import run_write
+from proxy.store.db import data_version, run_write
 
 T = TypeVar("T")
 
@@ -49,4 +49,4 @@ class Direct:
         return self.execute_write(fn)     # the connection's busy_timeout is the wait
 
     def data_version(self) -> int:
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        return data_version(self.conn)

@@ -344,6 +344,11 @@ def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
     return True
 
 
+def data_version(conn: sqlite3.Connection) -> int:
+    """``PRAGMA data_version`` of ``conn``: moves when another connection commits."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
 def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> tuple[int, int, int]:
     """One WAL checkpoint: (busy, frames in the WAL, frames copied back)."""
     busy, log_frames, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
@@ -736,32 +741,27 @@ class Store:
 
     def _restart_checkpoint(self) -> int | None:
         """Worker thread: a RESTART checkpoint on the maintenance connection (busy_timeout
-        0: a reader in the way makes it give up at once); its busy flag, None when the store
-        is closing. Ends the loop's hold on its writes (``_restart_idle``) when it returns."""
-        try:
-            with self._maint_lock:
-                if self._maint is not None:
-                    busy = checkpoint(self._maint, "RESTART")[0]
-                    if not busy and not self._closed:
-                        self._start_wal_over()
-                    return busy
-            return None
-        finally:
-            self._restart_idle.set()
+        0: a reader in the way makes it give up at once), then the WAL's start-over
+        (``_start_wal_over``); its busy flag, None when the store is closing. A job of
+        ``_restart_off_the_loop``."""
+        with self._maint_lock:
+            if self._maint is not None:
+                busy = checkpoint(self._maint, "RESTART")[0]
+                if not busy and not self._closed:
+                    self._start_wal_over()
+                return busy
+        return None
 
     def _start_over_checkpoint(self) -> int | None:
         """Worker thread, inside the loop's hold, after a passive pass that copied every
         frame back: the first write after that starts the WAL over (SQLite restarts it
         without a RESTART once no frame is left to copy), so it is made here
-        (``_start_wal_over``) rather than in the loop's next commit. 0, or None when the
-        store is closing. Ends the hold (``_restart_idle``) when it returns."""
-        try:
-            with self._maint_lock:
-                if self._maint is not None and not self._closed:
-                    return 0 if self._start_wal_over() else 1
-            return None
-        finally:
-            self._restart_idle.set()
+        (``_start_wal_over``) rather than in the loop's next commit. 0 when it was made, 1
+        when not, None when the store is closing. A job of ``_restart_off_the_loop``."""
+        with self._maint_lock:
+            if self._maint is not None and not self._closed:
+                return 0 if self._start_wal_over() else 1
+        return None
 
     def _start_wal_over(self) -> bool:
         """Worker thread, right after a RESTART and still inside the loop's hold (the group
@@ -872,13 +872,20 @@ class Store:
         "The RESTART off the loop"). Meanwhile the group commits hold their rows (no busy
         retry, nothing refused), the loop goes on serving, and at its end one commit takes
         every row that waited."""
+        work = self._restart_checkpoint if job is None else job
+
+        def held() -> int | None:       # the thread ends the hold on the loop connection
+            try:
+                return work()
+            finally:
+                self._restart_idle.set()
+
         self._restarting = True
         self._conn_claimed = False
         self._restart_began = self._loop.time()
         self._restart_idle.clear()          # (before the thread can set it)
         try:
-            restarting = self._loop.run_in_executor(
-                self._niced_pool(), self._restart_checkpoint if job is None else job)
+            restarting = self._loop.run_in_executor(self._niced_pool(), held)
         except RuntimeError:        # the pool is shut down (closing): no RESTART, no hold
             self._restarting = False
             self._restart_idle.set()
@@ -967,7 +974,7 @@ class Store:
         self._tick_changes = changes
         try:
             if idle:
-                if self.wal_bytes() <= WAL_FILE_FACTOR * self.wal_truncate_size:
+                if self.wal_bytes() <= self.wal_prealloc_bytes:
                     if self._pass_complete and log_frames is not None:
                         await self._start_over_off_the_loop()
                     return
@@ -1543,15 +1550,14 @@ class Store:
         """``PRAGMA data_version`` of the loop connection (the key cache's poll). During a
         start-over in the maintenance thread: the last answer, without waiting for the
         connection (the next poll reads it)."""
-        if self._restarting:
-            if not self._conn_lock.acquire(blocking=False):
-                return self._version
-            try:
-                self._version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
-            finally:
-                self._conn_lock.release()
+        gated = self._restarting
+        if gated and not self._conn_lock.acquire(blocking=False):
             return self._version
-        self._version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        try:
+            self._version = data_version(self.conn)
+        finally:
+            if gated:
+                self._conn_lock.release()
         return self._version
 
     def close(self) -> None:

@@ -117,7 +117,6 @@ ORDER BY a.customer_id, l.member_id
 """
 
 
-
 def _expire_leases(where: str) -> str:
     """End the active leases ``where`` selects and take what they hold unreported
     (``granted - reported``) out of their accounts' escrow: customer_id, back per customer."""
