@@ -29,6 +29,7 @@ import sqlite3
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 
 def _open(path: str) -> sqlite3.Connection:
@@ -56,10 +57,9 @@ def _maintenance(db: str, stop: threading.Event, a: argparse.Namespace,
                 os.close(fd)
             events.append((t0, time.perf_counter(), "fdatasync"))
             continue
-        t1 = t0
         _busy, log, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         t2 = time.perf_counter()
-        events.append((t1, t2, f"passive {done}/{log}"))
+        events.append((t0, t2, f"passive {done}/{log}"))
         if os.path.getsize(wal) > a.restart_mib * 1024 * 1024 and done == log:
             c.execute("PRAGMA wal_checkpoint(RESTART)")
             events.append((t2, time.perf_counter(), "restart"))
@@ -67,6 +67,38 @@ def _maintenance(db: str, stop: threading.Event, a: argparse.Namespace,
 
 
 Result = tuple[list[float], list[float], list[tuple[float, float, str]]]
+Events = list[tuple[float, float, str]]
+
+
+def _paced(a: argparse.Namespace, write: Callable[[float], float | None],
+           background: Callable[[threading.Event], None] | None) -> tuple[
+               list[float], list[float]]:
+    """``write(now)`` at ``--rate`` for ``--seconds`` with ``background(stop)`` running in a
+    thread meanwhile; ``write`` returns the start of the write it timed (None: not timed).
+    The start and the duration of each timed write."""
+    stop = threading.Event()
+    th = None if background is None else threading.Thread(target=background, args=(stop,))
+    if th is not None:
+        th.start()
+    starts: list[float] = []
+    times: list[float] = []
+    period = 1.0 / a.rate
+    nxt = time.perf_counter()
+    end = nxt + a.seconds
+    try:
+        while (now := time.perf_counter()) < end:
+            if now < nxt:
+                time.sleep(nxt - now)
+            nxt += period
+            t0 = write(now)
+            if t0 is not None:
+                starts.append(t0)
+                times.append(time.perf_counter() - t0)
+    finally:
+        stop.set()
+        if th is not None:
+            th.join()
+    return starts, times
 
 
 def _run_sqlite(a: argparse.Namespace, d: str) -> Result:
@@ -86,51 +118,41 @@ def _run_sqlite(a: argparse.Namespace, d: str) -> Result:
                 f.write(b"\0" * (size - f.tell()))
                 f.flush()
             os.fsync(f.fileno())
-    stop = threading.Event()
-    events: list[tuple[float, float, str]] = []
-    maint = None
-    if not a.no_checkpoint:
-        maint = threading.Thread(target=_maintenance, args=(db, stop, a, events))
-        maint.start()
-    times: list[float] = []
-    starts: list[float] = []
-    period = 1.0 / a.rate
-    nxt = time.perf_counter()
-    end = nxt + a.seconds
-    moved = nxt
-    try:
-        while (now := time.perf_counter()) < end:
-            if now < nxt:
-                time.sleep(nxt - now)
-            nxt += period
-            if now - moved > 0.1:
-                # the store's materialize, on the same thread as the commits (every 0.1 s):
-                # its own transaction, timed apart from the appends
-                moved = now
-                t0 = time.perf_counter()
-                try:
-                    c.execute("BEGIN IMMEDIATE")
-                    c.execute("INSERT INTO moved (row) SELECT row FROM journal")
-                    c.execute("DELETE FROM journal")
-                    c.execute("COMMIT")
-                except sqlite3.OperationalError:    # the RESTART holds the lock: next time
-                    if c.in_transaction:
-                        c.execute("ROLLBACK")
-                events.append((t0, time.perf_counter(), "materialize"))
+    events: Events = []
+    moved = time.perf_counter()
+
+    def append(now: float) -> float | None:
+        nonlocal moved
+        if now - moved > 0.1:
+            # the store's materialize, on the same thread as the commits (every 0.1 s): its
+            # own transaction, timed apart from the appends
+            moved = now
             t0 = time.perf_counter()
             try:
-                c.execute("INSERT INTO journal (row) VALUES (?)", (blob,))
-            except sqlite3.OperationalError:
-                # the RESTART holds the lock: the store holds the rows until it ends (not
-                # an append's time: counted apart)
-                events.append((t0, time.perf_counter(), "held"))
-                continue
-            starts.append(t0)
-            times.append(time.perf_counter() - t0)
+                c.execute("BEGIN IMMEDIATE")
+                c.execute("INSERT INTO moved (row) SELECT row FROM journal")
+                c.execute("DELETE FROM journal")
+                c.execute("COMMIT")
+            except sqlite3.OperationalError:    # the RESTART holds the lock: next time
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+            events.append((t0, time.perf_counter(), "materialize"))
+        t0 = time.perf_counter()
+        try:
+            c.execute("INSERT INTO journal (row) VALUES (?)", (blob,))
+        except sqlite3.OperationalError:
+            # the RESTART holds the lock: the store holds the rows until it ends (not an
+            # append's time: counted apart)
+            events.append((t0, time.perf_counter(), "held"))
+            return None
+        return t0
+
+    def maintenance(stop: threading.Event) -> None:
+        _maintenance(db, stop, a, events)
+
+    try:
+        starts, times = _paced(a, append, None if a.no_checkpoint else maintenance)
     finally:
-        stop.set()
-        if maint is not None:
-            maint.join()
         c.close()
     return starts, times, events
 
@@ -139,41 +161,28 @@ def _run_raw(a: argparse.Namespace, d: str) -> Result:
     path = os.path.join(d, "raw-wal")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     frame = b"y" * 4120
-    stop = threading.Event()
-    events: list[tuple[float, float, str]] = []
+    events: Events = []
+    off = 32
+    limit = a.restart_mib * 1024 * 1024
 
-    def syncer() -> None:
+    def syncer(stop: threading.Event) -> None:
         while not stop.wait(a.checkpoint_interval):
             t0 = time.perf_counter()
             os.fdatasync(fd)
             events.append((t0, time.perf_counter(), "fdatasync"))
 
-    th = None if a.no_checkpoint else threading.Thread(target=syncer)
-    if th is not None:
-        th.start()
-    times: list[float] = []
-    starts: list[float] = []
-    period = 1.0 / a.rate
-    nxt = time.perf_counter()
-    end = nxt + a.seconds
-    off = 32
-    limit = a.restart_mib * 1024 * 1024
+    def append(now: float) -> float:
+        nonlocal off
+        t0 = time.perf_counter()
+        os.pwrite(fd, frame, off)
+        off += len(frame)
+        if off > limit:
+            off = 32        # the WAL starts over (a RESTART)
+        return t0
+
     try:
-        while (now := time.perf_counter()) < end:
-            if now < nxt:
-                time.sleep(nxt - now)
-            nxt += period
-            t0 = time.perf_counter()
-            os.pwrite(fd, frame, off)
-            starts.append(t0)
-            times.append(time.perf_counter() - t0)
-            off += len(frame)
-            if off > limit:
-                off = 32        # the WAL starts over (a RESTART)
+        starts, times = _paced(a, append, None if a.no_checkpoint else syncer)
     finally:
-        stop.set()
-        if th is not None:
-            th.join()
         os.close(fd)
     return starts, times, events
 

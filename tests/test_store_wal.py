@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -622,27 +623,31 @@ async def test_the_restarted_wal_is_started_over_in_the_maintenance_thread(
     assert ids == sorted([f"r{i}" for i in range(20)] + ["r100"])
 
 
+def _after_restart(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object]) -> None:
+    """``action()`` runs in the maintenance thread right after each RESTART checkpoint,
+    before the WAL's start-over (another process acting in between)."""
+    real = dbmod.checkpoint
+
+    def then(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        got = real(conn, mode)
+        if mode == "RESTART":
+            action()
+        return got
+
+    monkeypatch.setattr(dbmod, "checkpoint", then)
+
+
 async def test_a_locked_database_after_the_restart_leaves_the_start_to_the_next_commit(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process holds the write lock right after the RESTART: starting the WAL over
     is skipped at once (busy_timeout 0 on the loop connection: the thread never waits with
     the hold on), nothing is left open, and the loop's next commit, once the lock is gone,
     starts it over itself."""
     store = await _wal_due_for_restart(tmp_path)
     other = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
-    real = dbmod.checkpoint
-
-    def then_lock(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
-        got = real(conn, mode)
-        if mode == "RESTART":
-            other.execute("BEGIN IMMEDIATE")       # between the RESTART and its first write
-        return got
-
-    dbmod.checkpoint = then_lock        # type: ignore[assignment]
-    try:
-        await store.checkpoint_once()
-    finally:
-        dbmod.checkpoint = real
+    _after_restart(monkeypatch, lambda: other.execute("BEGIN IMMEDIATE"))
+    await store.checkpoint_once()
+    monkeypatch.undo()
     assert not store.conn.in_transaction
     other.execute("ROLLBACK")
     other.close()
@@ -821,8 +826,7 @@ async def test_the_loop_never_uses_its_connection_while_a_stalled_start_over_has
         await tick
     store.conn.set_trace_callback(None)
     assert not store.conn.in_transaction
-    await asyncio.sleep(0.3)                # the retry timer: committed once it is over
-    store.commit_pending()
+    store.commit_pending()                  # the kept row, now the connection is free
     store.close()
     assert _audit_count(db, "r500") == 1
 
@@ -848,29 +852,24 @@ async def test_closing_during_a_stalled_start_over_waits_for_it_and_commits_the_
 
 @pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_key_change_by_another_process_around_the_start_over_moves_data_version(
-        tmp_path: Path, when: str) -> None:
+        tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The key cache polls the loop connection's data_version: another process's commit
     just before the start-over (after the RESTART) or just after it must still move it,
     though the start-over's own write (on that connection) does not."""
     db = tmp_path / "s.db"
     store = _due_for_restart(db)
     version = store.data_version()
-    real = dbmod.checkpoint
     other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
 
-    def then_write(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
-        got = real(conn, mode)
-        if mode == "RESTART" and when == "before":
-            other.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
-        return got
-
-    dbmod.checkpoint = then_write       # type: ignore[assignment]
-    try:
-        await store.checkpoint_once()
-    finally:
-        dbmod.checkpoint = real
-    if when == "after":
+    def write() -> None:
         other.execute("INSERT INTO customers(id, created_at, updated_at) VALUES ('c', 0, 0)")
+
+    if when == "before":
+        _after_restart(monkeypatch, write)
+    await store.checkpoint_once()
+    monkeypatch.undo()
+    if when == "after":
+        write()
     other.close()
     assert store.data_version() != version
     store.close()
