@@ -195,14 +195,25 @@ def one(s: run.Setup, target: str, a: argparse.Namespace, oport: int, tag: str,
             rec = subprocess.Popen(["perf", "record", "-q", "-o", str(data), *what],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
+        starts = None
+        sdata = work / f"perf-starts-{tag}.data"
+        if a.wal_starts:
+            # the WAL header: 32 bytes at offset 0, written once per generation (the database
+            # file's own writes are whole pages)
+            starts = subprocess.Popen(["perf", "record", "-q", "-o", str(sdata), "-e",
+                                       "syscalls:sys_enter_pwrite64", "--filter",
+                                       "count == 32 && pos == 0", "-p", str(p.pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
         cpu0, io0 = thread_cpu(p.pid), process_io(p.pid)
         r = latency.in_origin(oport, port, a.payload, "half", a.rate, a.duration, s.header,
                               a.connections, [])
         cpu1, io1 = thread_cpu(p.pid), process_io(p.pid)
         tids = {str(p.pid)} | {k.rsplit(":", 1)[1] for k in cpu1 if ":" in k}
-        if rec is not None:
-            rec.send_signal(signal.SIGINT)
-            rec.wait(timeout=120)
+        for proc in (rec, starts):
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=120)
     finally:
         run.stop(p)
     n = int(r["ok_2xx"])      # type: ignore[call-overload]
@@ -236,7 +247,13 @@ def one(s: run.Setup, target: str, a: argparse.Namespace, oport: int, tag: str,
                 res[f"D:{name}"] = sum(ms)
                 if a.verbose:
                     run.log("    " + " < ".join(EXAMPLES.get(name, [])))
+    if starts is not None:
+        lines = subprocess.run(["perf", "script", "-i", str(sdata), "-F", "tid"],
+                               capture_output=True, text=True).stdout.split()
+        res["wal_starts_loop"] = sum(t == str(p.pid) for t in lines)
+        res["wal_starts_threads"] = sum(t != str(p.pid) for t in lines)
     data.unlink(missing_ok=True)
+    sdata.unlink(missing_ok=True)
     return res
 
 
@@ -256,6 +273,9 @@ def main() -> int:
     ap.add_argument("--before-dir", metavar="DIR", help="the --before target's databases in "
                     "a new directory under DIR (/dev/shm: on tmpfs)")
     how = ap.add_mutually_exclusive_group()
+    ap.add_argument("--wal-starts", action="store_true", help="count the WAL generations "
+                     "begun (its header written: perf record of pwrite64, 32 bytes at offset "
+                     "0), on the loop thread and in other threads")
     how.add_argument("--perf", action="store_true", help="split the proxy's CPU by shared "
                     "object (perf record)")
     how.add_argument("--offcpu", action="store_true", help="time each proxy thread spent "
@@ -267,7 +287,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.stacks and not a.offcpu:
         ap.error("--stacks needs --offcpu")
-    if (a.perf or a.offcpu) and not shutil.which("perf"):
+    if (a.perf or a.offcpu or a.wal_starts) and not shutil.which("perf"):
         run.log("--perf/--offcpu need perf (apt-get install -y linux-perf)")
         return 2
     targets = [x for x in a.targets.split(",") if x]
@@ -300,6 +320,8 @@ def main() -> int:
             "p50_ms", "p99_ms"]
     if a.offcpu:
         cols += ["loop_D_ms", "threads_D_ms"]
+    if a.wal_starts:
+        cols += ["wal_starts_loop", "wal_starts_threads"]
     dsos = [f"perf:{g}" for g in ("python", "kernel", "sqlite", "other C")] if a.perf else []
     if a.stacks:        # every wait class seen in any run, ms per run (0 where absent)
         dsos += sorted({k for rs in runs.values() for r in rs for k in r if k[:2] == "D:"})
@@ -317,7 +339,8 @@ def main() -> int:
               "calls: write system calls per request (sockets and files); storage bytes: "
               "bytes per request the proxy caused to be written to the block device; D: ms "
               "per run blocked on I/O; perf: us per request in each shared object; D:<wait>: ms "
-              "per run the loop thread was blocked there (--stacks)"]
+              "per run the loop thread was blocked there (--stacks); wal starts: WAL generations begun "
+              "per run, by the loop thread and by other threads (--wal-starts)"]
     print("\n".join(lines))
     return 0
 

@@ -272,8 +272,11 @@ class Setup:
                     "admin_listen": f"127.0.0.1:{free_port()}",
                     "upstream": {"url": self.origin_url},
                     "rules": str(self.work / "rules.yaml"),
+                    # METERPROXY_BENCH_STORAGE: JSON merged into the storage section
+                    # (e.g. '{"wal_truncate_size": "64MiB"}')
                     "storage": {"path": str(db), "durability": target,
-                                "commit_interval": "10ms", "fail_mode": "closed"},
+                                "commit_interval": "10ms", "fail_mode": "closed",
+                                **json.loads(os.environ.get("METERPROXY_BENCH_STORAGE", "{}"))},
                     "admin": {"token": ADMIN_TOKEN},
                     "stripe": {"sink": "dry_run", "flush_interval": "1h"},
                     "log_level": "warning",

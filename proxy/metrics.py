@@ -238,6 +238,11 @@ wal_checkpoints_total = Counter("meterproxy_wal_checkpoints_total",
                                 " (ok, busy, error; passive also starved: a pass that waited"
                                 " over one checkpoint interval for CPU)", ["mode", "result"],
                                 registry=REGISTRY)
+wal_start_overs_total = Counter("meterproxy_wal_start_overs_total",
+                                "WAL generations begun by the maintenance thread (after a RESTART, or"
+                                " after a pass that copied every frame with no WAL pin held): each one"
+                                " fdatasyncs the new WAL header while group commits wait",
+                                registry=REGISTRY)
 storage_broken = Gauge("meterproxy_storage_broken",
                        "1 once the database file was deleted, replaced or found corrupt",
                        registry=REGISTRY)

@@ -666,16 +666,15 @@ def _salts(wal: Path) -> bytes:
 async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_then_ticks_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below wal_truncate_size no RESTART runs, but a passive pass that copied every frame
-    back lets the next write start the WAL over (SQLite restarts it by itself), with the
-    header's fdatasync: that write is made in the maintenance thread under the hold, so the
-    tick itself starts the WAL over (new salts before any commit of the loop) and the loop's
-    data_version stays. A tick with nothing written by anyone since that start-over skips
-    its pass: copying the start-over's own frame back would make the loop's next commit
-    start yet another generation on the loop (and, started over again, a write and a sync
-    every tick of an idle store)."""
+    back with no WAL pin held lets the next write start the WAL over (SQLite restarts it by
+    itself), with the header's fdatasync: that write is made in the maintenance thread under
+    the hold, so the tick itself starts the WAL over (new salts before any commit of the
+    loop) and the loop's data_version stays. A tick with nothing written by anyone since
+    that start-over skips its pass. The start-over pins the WAL (``_repin``): from then on
+    passes leave the last frames uncopied and commits append to the same generation, with
+    no start-over anywhere, until a RESTART."""
     store = Store.open(tmp_path / "s.db")        # wal_truncate_size 16 MiB: no RESTART
     wal = tmp_path / "s.db-wal"
-    await store.checkpoint_once()                # the schema's frames: a first generation
     _commit_each(store, range(5))
     started: list[str] = []
     real = Store._start_over_checkpoint
@@ -686,23 +685,29 @@ async def test_a_pass_that_copied_every_frame_starts_the_wal_over_off_the_loop_t
 
     monkeypatch.setattr(Store, "_start_over_checkpoint", spy)
     before, version = _salts(wal), store.data_version()
+    assert store._pin is None                    # no pass yet
     await store.checkpoint_once()
     assert started == ["meterproxy-maint-nice_0"]
     assert _salts(wal) != before                 # started over by the tick, not the loop
     assert store.data_version() == version
     assert not store._restarting and store._restart_idle.is_set()
+    assert store._pin is not None                # pinned at the start-over's frame
     now = _salts(wal)
     frames = wal.read_bytes()
     await store.checkpoint_once()                # nothing written since: idle
     assert started == ["meterproxy-maint-nice_0"]
     assert _salts(wal) == now and wal.read_bytes() == frames
-    _commit_each(store, range(5, 8))
-    assert _salts(wal) == now       # the idle tick left the start-over's frame uncopied: the
-    store.close()                   # loop appended to that generation, no start on the loop
+    for batch in (range(5, 8), range(8, 10), range(10, 12)):
+        _commit_each(store, batch)
+        assert _salts(wal) == now               # appended, never started on the loop
+        await store.checkpoint_once()            # copies up to the pin, moves the pin
+        await store.checkpoint_once()            # copies the rest: every frame, pinned
+        assert started == ["meterproxy-maint-nice_0"] and _salts(wal) == now
+    store.close()
     conn = sqlite3.connect(tmp_path / "s.db")
     ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM audit"))
     conn.close()
-    assert ids == sorted(f"r{i}" for i in range(8))
+    assert ids == sorted(f"r{i}" for i in range(12))
 
 
 async def test_a_pass_that_could_not_count_the_frames_does_not_restart_a_preallocated_wal(
@@ -986,10 +991,10 @@ async def test_an_idle_tick_whose_pass_copied_every_frame_starts_over_once_and_a
     db = tmp_path / "s.db"
     store = Store.open(db)
     wal = tmp_path / "s.db-wal"
-    await store.checkpoint_once()
     _commit_each(store, range(3))
     store._tick_changes = store.conn.total_changes      # the previous tick saw these writes
     before = _salts(wal)
+    assert store._pin is None                           # (a first pass: no WAL pin yet)
     await store.checkpoint_once()                       # idle; its pass copies every frame
     assert _salts(wal) != before and store._started_over is not None
     now, frames = _salts(wal), wal.read_bytes()
@@ -1003,3 +1008,75 @@ async def test_an_idle_tick_whose_pass_copied_every_frame_starts_over_once_and_a
     await store.checkpoint_once()
     assert metrics.wal_checkpoints_total.labels("passive", "ok")._value.get() == passes + 1
     store.close()
+
+
+def _frames(db: Path) -> tuple[int, int]:
+    """(frames in the WAL, frames copied back), read by a PASSIVE pass of another
+    connection (which copies nothing the pin keeps)."""
+    with sqlite3.connect(db) as c:
+        _busy, log, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(log), int(done)
+
+
+async def test_the_wal_pin_keeps_one_generation_until_the_wal_is_due_for_a_restart(
+        tmp_path: Path) -> None:
+    """Once pinned (``_repin``: after the first start-over), passes copy up to the previous
+    pass's end and leave the rest, so no pass lets a commit start the WAL over: ticks with
+    commits between them, and ticks with nothing written (whose pass copies every frame up
+    to the pin), all keep the WAL's generation (same salts, frames only grow). Once it holds
+    more than wal_truncate_size the tick ends the pin, copies the rest outside the hold,
+    RESTARTs, starts the WAL over in the maintenance thread and pins the new generation:
+    the loop's commits append to it. Every row lands once. (Without the pin a pass that
+    copied every frame let the next write start a generation: a header fdatasync, on the
+    loop or in the hold, about once a tick.)"""
+    db = tmp_path / "s.db"
+    store = Store.open(db, wal_truncate_size=200 * 4096)
+    wal = tmp_path / "s.db-wal"
+    await store.checkpoint_once()               # the first pass starts over, then pins
+    assert store._pin is not None
+    salts, restarts, n = _salts(wal), _restarts(), 0
+    starts = metrics.wal_start_overs_total._value.get()
+    frames = _frames(db)[0]
+    while _restarts() == restarts:
+        _commit_each(store, range(n, n + 10))
+        n += 10
+        assert _salts(wal) == salts             # the loop appended: no generation began
+        await store.checkpoint_once()
+        if _restarts() == restarts:
+            assert _salts(wal) == salts and _frames(db)[0] > frames
+            frames = _frames(db)[0]
+            await store.checkpoint_once()       # nothing written: every frame up to the pin
+            assert _salts(wal) == salts and store._pin is not None
+        assert n < 2000, "never restarted"
+    assert frames * 4120 > 150 * 4096           # one generation grew to about the limit
+    assert _salts(wal) != salts and store._pin is not None      # restarted, pinned again
+    assert _frames(db)[0] == 1                  # the start-over's frame only
+    assert metrics.wal_start_overs_total._value.get() == starts + 1
+    salts = _salts(wal)
+    _commit_each(store, range(n, n + 5))
+    await store.checkpoint_once()
+    await store.checkpoint_once()
+    assert _salts(wal) == salts and _frames(db)[0] > 1
+    store.close()
+    with sqlite3.connect(db) as c:
+        ids = [r[0] for r in c.execute("SELECT request_id FROM audit")]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n + 5))
+
+
+async def test_closing_a_pinned_store_truncates_the_wal_at_once(tmp_path: Path) -> None:
+    """close() ends the WAL pin before its final TRUNCATE checkpoint: the pin's read
+    transaction would keep it waiting lock_wait and then failing, leaving the WAL behind."""
+    db = tmp_path / "s.db"
+    store = Store.open(db, lock_wait=2.0)
+    _commit_each(store, range(3))
+    await store.checkpoint_once()
+    _commit_each(store, range(3, 6))
+    await store.checkpoint_once()
+    assert store._pin is not None
+    began = time.monotonic()
+    store.close()
+    assert time.monotonic() - began < 1.0
+    wal = tmp_path / "s.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM audit").fetchone()[0] == 6

@@ -565,6 +565,12 @@ class Store:
         self.path: Path | None = None
         self._file_id: tuple[int, int] | None = None
         self._maint: sqlite3.Connection | None = None     # worker-thread checkpoints
+        # the WAL pin (``_repin``): a read transaction on one of two connections of the
+        # maintenance thread (used only there, under _maint_lock) whose snapshot leaves
+        # frames uncopied, so a passive pass that copies every other frame back never lets
+        # the next commit start a new WAL generation (and sync its header) on the loop
+        self._pin: sqlite3.Connection | None = None
+        self._pin_conns: list[sqlite3.Connection] = []
         # the worker thread for checkpoint passes, in the loop's idle time
         self._maint_pool = ThreadPoolExecutor(1, "meterproxy-maint", _idle_thread_priority)
         # while the loop is busy, and after a pass starved there until _starved_until (loop
@@ -704,15 +710,72 @@ class Store:
                 await self.integrity_check()
             metrics.sqlite_wal_bytes.set(self.wal_bytes())
 
-    def _passive_checkpoint(self) -> int | None:
-        """Worker thread: one PASSIVE checkpoint on the maintenance connection; the number
-        of frames in the WAL (None when the store is closing)."""
+    def _passive_checkpoint(self, unpin: bool = False) -> int | None:
+        """Worker thread: one PASSIVE checkpoint on the maintenance connection (after
+        ending the WAL pin when ``unpin``: the pass then copies every frame, before a
+        RESTART); the number of frames in the WAL (None when the store is closing). A pass
+        that left frames uncopied moves the pin to the WAL's current end (``_repin``)."""
         with self._maint_lock:
             if self._maint is not None:
+                if unpin:
+                    self._unpin()
                 _busy, log_frames, done = checkpoint(self._maint, "PASSIVE")
-                self._pass_complete = 0 < log_frames == done
+                if 0 <= done < log_frames:
+                    self._repin()
+                self._pass_complete = 0 < log_frames == done and self._pin is None
                 return log_frames
         return None
+
+    def _repin(self) -> None:
+        """Worker thread, under ``_maint_lock``, while frames are left uncopied (after a
+        passive pass that left some, or a start-over's write): a read transaction begun
+        now on the spare pin connection, then the previous one ended.
+
+        Why: once a passive pass has copied every frame back, SQLite starts the WAL over at
+        the next write, which writes a new header and fdatasyncs it (``synchronous=NORMAL``)
+        under the write lock: in the loop's commit, or in the hold of a start-over
+        (``_start_over_off_the_loop``), where the group commits wait for it (1-46 ms on a
+        virtual disk, about once a second at moderate rates: the largest part of strict's
+        latency tail; docs/PERFORMANCE.md, "Fewer WAL generations: the WAL pin"). A writer
+        starts the WAL over only when no reader holds a read mark on a WAL frame (SQLite's
+        ``walRestartLog`` takes read locks 1..N exclusively); a reader that began while
+        frames were uncopied holds such a mark, so the next commit appends instead. The pin
+        also stops passes at its snapshot: each pass copies the frames up to the previous
+        pass's end, one tick late. The WAL then starts over only at a RESTART (the WAL over
+        ``wal_truncate_size``) or an idle TRUNCATE, both of which end the pin first
+        (``_unpin``). A pin that cannot begin (I/O error) keeps the previous one; nothing
+        is read or written through it, and it changes no data: only when the WAL starts
+        over."""
+        if self.path is None:
+            return
+        if not self._pin_conns:
+            try:
+                self._pin_conns = [open_existing(self.path, busy_timeout_ms=0) for _ in range(2)]
+            except sqlite3.Error as exc:
+                log.warning("could not open the WAL pin's connections: %s", exc)
+                return
+        spare = self._pin_conns[1] if self._pin is self._pin_conns[0] else self._pin_conns[0]
+        try:
+            spare.execute("BEGIN")
+            spare.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.Error as exc:    # (busy: a moment of another process's recovery)
+            (log.info if is_busy(exc) else log.warning)(
+                "could not pin the WAL (a pass that copies every frame may let the next "
+                "commit start a generation): %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                if spare.in_transaction:
+                    spare.execute("ROLLBACK")
+            return
+        self._unpin()
+        self._pin = spare
+
+    def _unpin(self) -> None:
+        """Worker thread (or close), under ``_maint_lock``: end the WAL pin's read
+        transaction, so a RESTART or TRUNCATE can finish and a pass copy every frame."""
+        pin, self._pin = self._pin, None
+        if pin is not None:
+            with contextlib.suppress(sqlite3.Error):
+                pin.execute("ROLLBACK")
 
     def _truncate_checkpoint(self) -> int | None:
         """Worker thread: a TRUNCATE checkpoint on the maintenance connection (busy_timeout
@@ -722,6 +785,7 @@ class Store:
         closing."""
         with self._maint_lock:
             if self._maint is not None:
+                self._unpin()
                 busy = checkpoint(self._maint, "TRUNCATE")[0]
                 if not busy:
                     self._preallocate_wal(self._maint)
@@ -746,9 +810,10 @@ class Store:
         ``_restart_off_the_loop``."""
         with self._maint_lock:
             if self._maint is not None:
+                self._unpin()
                 busy = checkpoint(self._maint, "RESTART")[0]
-                if not busy and not self._closed:
-                    self._start_wal_over()
+                if not busy and not self._closed and self._start_wal_over():
+                    self._repin()
                 return busy
         return None
 
@@ -760,7 +825,10 @@ class Store:
         when not, None when the store is closing. A job of ``_restart_off_the_loop``."""
         with self._maint_lock:
             if self._maint is not None and not self._closed:
-                return 0 if self._start_wal_over() else 1
+                if not self._start_wal_over():
+                    return 1
+                self._repin()
+                return 0
         return None
 
     def _start_wal_over(self) -> bool:
@@ -793,6 +861,7 @@ class Store:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             conn.execute(f"PRAGMA user_version={int(version)}")
             conn.execute("COMMIT")
+            metrics.wal_start_overs_total.inc()
         except sqlite3.Error as exc:
             log.warning("starting the WAL over after a restart failed (the next commit "
                         "does it): %s", exc)
@@ -856,6 +925,10 @@ class Store:
 
     def _close_maint(self) -> None:
         with self._maint_lock:     # waits for a checkpoint still running in its thread
+            self._unpin()
+            for c in self._pin_conns:
+                c.close()
+            self._pin_conns = []
             if self._maint is not None:
                 self._maint.close()
                 self._maint = None
@@ -1009,6 +1082,18 @@ class Store:
                     if self._pass_complete and log_frames is not None:
                         await self._start_over_off_the_loop()
                     return
+                if self._pin is not None:
+                    # the pinned pass left the last tick's frames: a second pass without
+                    # the pin copies them outside the hold, so the RESTART copies only
+                    # what is written meanwhile
+                    second = self._loop.run_in_executor(self._niced_pool(),
+                                                        self._passive_checkpoint, True)
+                    try:
+                        if await asyncio.shield(second) is None:
+                            return
+                    except asyncio.CancelledError:
+                        await _outlast(second)
+                        raise
                 restarted = await self._restart_off_the_loop()
                 if restarted is None:
                     return
@@ -1587,6 +1672,8 @@ class Store:
             self.materialize()
         except sqlite3.Error as exc:
             log.warning("final materialize failed; the journal keeps the rows: %s", exc)
+        with self._maint_lock:      # the pin would keep the TRUNCATE waiting
+            self._unpin()
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
