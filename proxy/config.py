@@ -199,7 +199,10 @@ class StorageConfig(_Model):
                     "zero bytes. The WAL stays under about this size plus one "
                     "checkpoint_interval of writes. The WAL file's disk blocks are "
                     "allocated up to twice this size at start and after that truncate, so "
-                    "commits never allocate them.")
+                    "commits never allocate them. Only the RESTART, that truncate and "
+                    "shutdown start a new WAL generation (one fdatasync of its header that "
+                    "the commits wait for): a larger size spaces them out at high write "
+                    "rates, at the cost of disk.")
     integrity_check_interval: Duration = Field(
         default=300.0, ge=0,
         description="How often PRAGMA quick_check verifies the database file in a worker "
