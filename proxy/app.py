@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -210,6 +211,11 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         await credits.give_back_unmatched(snapshot.debts)
     if fleet is not None:
         fleet.credits.shared = credits.book     # who holds grants, fleet-wide
+        # the expiry task reads back what it wrote instead of applying it (an outcome
+        # unknown is then retried safely), and repayments beyond a debt that exists are
+        # given back (docs/fleet.md, "Repayments")
+        credits.reload = partial(fleet.reload_credits, credits.book)
+        await credits.give_back_unmatched(await fleet.overpaid())
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
     watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
                                       on_new=alerts.wake)
