@@ -43,7 +43,7 @@ from proxy.credits.mirror import MonetaryService
 from proxy.credits.money import MoneyBook, in_use, rules_problems
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
-from proxy.errors import ConfigError, FileProblem
+from proxy.errors import ConfigError, FileProblem, StorageError
 from proxy.flusher import Flusher, default_rate
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
@@ -630,8 +630,11 @@ async def _prune_audit(rt: Runtime) -> None:
     the loop for long. Minute aggregates (what billing uses) are kept."""
     while True:
         cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
-        while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
-            await asyncio.sleep(0.05)
+        try:
+            while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
+                await asyncio.sleep(0.05)
+        except (sqlite3.Error, StorageError) as exc:     # a delete: run again next time
+            log.warning("audit retention paused (storage): %s", exc)
         await asyncio.sleep(3600)
 
 
