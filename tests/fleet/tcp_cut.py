@@ -2,9 +2,11 @@
 
 ``cut()`` aborts every relayed connection and makes new ones close at once (connection
 refused, as far as the driver can tell); ``restore()`` relays again. Both ends of every pair
-are closed on ``stop()``. ``lose_commit_replies(n)``: the next ``n`` COMMITs reach the
-server, their answers never reach the client, and their connections are cut a moment later
-(a write that committed while the client sees the connection lost: outcome unknown).
+are closed on ``stop()``. ``lose_commit_replies(n)``: the next ``n`` COMMITs of
+transactions that sent an INSERT reach the server, their answers never reach the client,
+and their connections are cut a moment later (a write that committed while the client sees
+the connection lost: outcome unknown). It reads the SQL text, so the client must not use
+named prepared statements (``statement_cache_size=0``).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class CuttableRelay:
             writer.transport.abort()
             return
         self._writers.update((writer, up_w))
-        muted = [False]         # a COMMIT went up: nothing more comes down, then the cut
+        muted = [False, False]  # [a COMMIT went up: nothing more comes down, an INSERT went up]
         a = tasks.spawn("relay-up", self._pump(reader, up_w, watch=muted))
         b = tasks.spawn("relay-down", self._pump(up_r, writer, muted=muted))
         self._pumps.update((a, b))
@@ -87,7 +89,13 @@ class CuttableRelay:
                     continue
                 dst.write(data)
                 await dst.drain()
-                if watch is not None and self._lose_commits > 0 and b"COMMIT" in data.upper():
+                if watch is None or self._lose_commits <= 0:
+                    continue
+                up = data.upper()
+                watch[1] = watch[1] or b"INSERT" in up
+                if b"COMMIT" in up and not watch[1]:
+                    continue                        # a read-only transaction's
+                if b"COMMIT" in up:
                     self._lose_commits -= 1
                     self.commits_lost += 1
                     watch[0] = True
