@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from proxy.credits.mirror import MonetaryService
 from proxy.credits.money import MoneyBook, in_use, rules_problems
 from proxy.credits.service import CreditService, load_book
 from proxy.credits.thresholds import ThresholdWatch
-from proxy.errors import ConfigError, FileProblem
+from proxy.errors import ConfigError, FileProblem, StorageError
 from proxy.flusher import Flusher, default_rate
 from proxy.limits import ConnectionGuard, effective_max_connections, guarded_runner
 from proxy.meter_check import MeterCheck
@@ -210,6 +211,11 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         await credits.give_back_unmatched(snapshot.debts)
     if fleet is not None:
         fleet.credits.shared = credits.book     # who holds grants, fleet-wide
+        # the expiry task reads back what it wrote instead of applying it (an outcome
+        # unknown is then retried safely), and repayments beyond a debt that exists are
+        # given back (docs/fleet.md, "Repayments")
+        credits.reload = partial(fleet.reload_credits, credits.book)
+        await credits.give_back_unmatched(await fleet.overpaid())
     alerts = AlertSender(store, cfg.alerts.webhook_url, cfg.alerts.secret, alerts=storage.alerts)
     watch = await ThresholdWatch.open(storage.alerts, credits.book, cfg.alerts.thresholds,
                                       on_new=alerts.wake)
@@ -624,8 +630,11 @@ async def _prune_audit(rt: Runtime) -> None:
     the loop for long. Minute aggregates (what billing uses) are kept."""
     while True:
         cutoff = int((time.time() - rt.cfg.storage.audit_retention) * 1000)
-        while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
-            await asyncio.sleep(0.05)
+        try:
+            while await rt.owners().usage.prune_audit(cutoff) == 5000:  # noqa: ASYNC110 - yield between batches
+                await asyncio.sleep(0.05)
+        except (sqlite3.Error, StorageError) as exc:     # a delete: run again next time
+            log.warning("audit retention paused (storage): %s", exc)
         await asyncio.sleep(3600)
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import StripeCallError
+from proxy.errors import StorageError, StripeCallError
 from proxy.periods import period_bounds
 from proxy.pricing import Price, period_charges, prices_in
 from proxy.rules.model import RuleSet
@@ -154,6 +154,8 @@ class TrueUpTask:
         while True:
             try:
                 await self.check()
-            except sqlite3.Error:
+            except (sqlite3.Error, StorageError):
+                # PostgreSQL's outcome unknown included: a true-up is decided once
+                # (``trueups.decided``) and its invoice item sent under its idempotency key
                 log.exception("true-ups paused: storage error")
             await asyncio.sleep(interval)

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import orjson
 
 from proxy.config import AlertsConfig
+from proxy.errors import StorageError
 from proxy.metrics import notices_total
 from proxy.periods import TRAILING, period_bounds, project
 from proxy.pricing import Price, fmt_minor, line_amount, prices_in
@@ -196,7 +197,9 @@ class NoticeWatch:
         while True:
             try:
                 await self.check()
-            except sqlite3.Error:
+            except (sqlite3.Error, StorageError):
+                # PostgreSQL's outcome unknown included: a notice is fired once per key
+                # (the alerts table is unique), so the next check is safe
                 log.exception("notices paused: storage error")
             await asyncio.sleep(interval)
 

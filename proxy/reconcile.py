@@ -38,7 +38,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from proxy.errors import MeterproxyError, StripeCallError, StripeUnavailable
+from proxy.errors import MeterproxyError, StorageError, StripeCallError, StripeUnavailable
 from proxy.meter_check import problem
 from proxy.store.protocols import Customers, Outbox
 from proxy.stripe.client import EventSummary, Page, StripeClient, StripeMeterInfo
@@ -517,7 +517,7 @@ class Reconciler:
                          " ALERT" if rep.alert else "")
             except ReconcileError as exc:
                 log.error("scheduled reconcile did not run: %s", exc)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, StorageError) as exc:
                 log.error("scheduled reconcile failed (storage): %s", exc)
 
 

@@ -4,7 +4,10 @@ admin API shows.
 
 Order of every change: write the ledger (one verb, one transaction), then update the
 book. A crash between the two is harmless: the book is rebuilt from the ledger
-at start-up.
+at start-up. In fleet mode (``reload`` set) the expiry task's writes (expiries, repayments,
+give-backs) update the book by reading their customers back from the shared ledger, so a
+write whose outcome was unknown (``StorageOutcomeUnknown``) is retried and never applied
+twice (docs/fleet.md, "Repayments").
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import Entry, GrantState, clawback_credits, clawback_layers, repay
-from proxy.errors import InvalidInput, StorageUnavailable
+from proxy.errors import InvalidInput, StorageOutcomeUnknown, StorageUnavailable
 from proxy.store.db import Store
 from proxy.store.ledger import SqliteCreditLedger
 from proxy.store.protocols import ClawbackDecision, CreditLedger, GrantFacts, LedgerEntry, LedgerSnapshot, NewGrant
@@ -29,6 +32,9 @@ from proxy.units import UnitError, fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.credits")
 EXPIRY_RETRY = 1.0      # seconds before an expiry pass whose write failed runs again
+# what the expiry task retries: nothing written (SQLite locked, a PostgreSQL conflict), or
+# PostgreSQL's outcome unknown (every write of the task is idempotent there: ``run_expiry``)
+RETRIED: tuple[type[Exception], ...] = (StorageUnavailable, StorageOutcomeUnknown, sqlite3.Error)
 
 
 def load_book(snapshot: LedgerSnapshot) -> CreditBook:
@@ -67,6 +73,12 @@ class CreditService:
         # key -> (customer, credits): repayments of a withdrawn debt still to give back
         # (``withdraw``), written by the expiry task (retried there if the write fails)
         self._give_back: dict[str, tuple[str, int]] = {}
+        # fleet mode: the book is a view of the shared ledger (proxy.fleet.runtime); after
+        # the expiry task writes, the customers it wrote for are read back from the ledger
+        # (``reload``) instead of having the computed entries applied, so the book holds what
+        # the ledger holds whichever attempt of a write whose outcome was unknown committed
+        self.reload: Callable[[list[str]], Awaitable[None]] | None = None
+        self._stale: set[str] = set()       # customers to read back (``resync``)
 
     def wake(self) -> None:
         """Re-plan the expiry loop (the book changed from outside: fleet mode's reload)."""
@@ -118,6 +130,13 @@ class CreditService:
                 self.book.apply(repaid, customer_id)
                 if self.on_taken is not None:
                     self.on_taken(customer_id)
+                if self.reload is not None:
+                    # the shared ledger caps a repayment by the debt it still shows (another
+                    # member may have repaid it): read the customer back now (if that fails,
+                    # the expiry task, woken below, tries again)
+                    self._mark(customer_id)
+                    with contextlib.suppress(*RETRIED):
+                        await self.resync([customer_id])
             self._wake.set()
             log.info("granted %s credits to %s (%s, %s)", fmt_micro(amount), customer_id, g.id,
                      source)
@@ -136,11 +155,15 @@ class CreditService:
                 left = debt - sum(e.amount for e in entries)
                 entries += repay(g, left, now)
             if entries:
+                self._mark(cid)
                 await self.ledger.append([LedgerEntry(cid, e, at=now) for e in entries])
-                self.book.apply(entries, cid)
+                self._mark(cid)
+                if self.reload is None:
+                    self.book.apply(entries, cid)
                 n += len(entries)
                 if self.on_taken is not None:
                     self.on_taken(cid)
+        await self.resync()
         return n
 
     # ---- a withheld request's settlement undone (Store invariant 8) --------------------------
@@ -172,23 +195,35 @@ class CreditService:
         now = time.time() if now is None else now
         n = 0
         for key, (cid, amount) in list(self._give_back.items()):
+            self._mark(cid)
             entries = await self.ledger.undo_repay(cid, key, amount, now)
+            self._mark(cid)
             del self._give_back[key]
-            # what the ledger did not give back, its debt sum kept against a debt made
-            # since the withdrawal (a claw-back's, a row committed meanwhile): those
-            # repayments now pay that debt, in the book as in the ledger
-            self.book.reduce_debt(cid, amount + sum(e.amount for e in entries))
-            self._give_back_applied(cid, entries)
+            if self.reload is None:
+                # what the ledger did not give back, its debt sum kept against a debt made
+                # since the withdrawal (a claw-back's, a row committed meanwhile): those
+                # repayments now pay that debt, in the book as in the ledger
+                self.book.reduce_debt(cid, amount + sum(e.amount for e in entries))
+                self._give_back_applied(cid, entries)
+            elif entries:
+                log.info("gave back %s credits of unmatched repayments to %s",
+                         fmt_micro(-sum(e.amount for e in entries)), cid)
+                if self.on_taken is not None:
+                    self.on_taken(cid)
             n += len(entries)
+        await self.resync()
         return n
 
     async def give_back_unmatched(self, debts: dict[str, int]) -> int:
         """At start-up (the journal materialized: every committed debt is in the ledger), a
         customer whose ledger debt is negative holds repayments of a debt that was never
         committed (a withdrawal whose give-back did not get written, or a crash between a
-        grant's ``repay`` and the debt's commit): give them back. Written at once; if
-        storage refuses, left pending for the expiry task (start-up goes on). Returns the
-        entries written."""
+        grant's ``repay`` and the debt's commit): give them back. Fleet mode passes the
+        shared ledger's negative debts (``Fleet.overpaid``: over-repayments written before
+        repayments were capped; members starting together give each back once, since
+        ``undo_repay`` caps under the account lock: docs/fleet.md, "Repayments"). Written at
+        once; if storage refuses or the outcome is unknown, left pending for the expiry task
+        (start-up goes on). Returns the entries written."""
         for cid, d in sorted(debts.items()):
             if d < 0:
                 self._give_back[f"unmatched:{cid}:{secrets.token_hex(8)}"] = (cid, -d)
@@ -196,7 +231,7 @@ class CreditService:
             return 0
         try:
             return await self.give_back_due()
-        except (StorageUnavailable, sqlite3.Error) as exc:
+        except RETRIED as exc:
             log.warning("repayments of uncommitted debt not given back yet (the expiry task "
                         "retries): %s", exc)
             return 0
@@ -309,27 +344,67 @@ class CreditService:
             g = owners[e.grant_id]
             assert g is not None
             rows.append(LedgerEntry(g.customer_id, e, at=g.expires_at))
+            self._mark(g.customer_id)
         await self.ledger.append(rows)
-        self.book.apply(due)
+        if self.reload is None:
+            self.book.apply(due)
+            return len(due)
+        for r in rows:
+            self._mark(r.customer_id)
+        await self.resync()
+        for e in due:
+            # read back with credit left: the grant was closed already (an expiry is entered
+            # once per grant), and credit given back to it since (a negative ``repay``) is
+            # past its expiry all the same; not counted again, nor tried again every pass
+            if (g := self.book.grant(e.grant_id)) is not None and g.expires_at is not None \
+                    and g.expires_at <= now:
+                g.remaining = 0
         return len(due)
+
+    def _mark(self, customer_id: str) -> None:
+        """Fleet mode: ``customer_id``'s book is to be read back from the ledger. Marked
+        before a write is sent (so a write whose outcome is unknown leaves it marked) and
+        again once the write returned (so a read-back that ran while the write was in flight
+        and cleared the mark does not stand for it)."""
+        if self.reload is not None:
+            self._stale.add(customer_id)
+
+    async def resync(self, customers: list[str] | None = None) -> None:
+        """Fleet mode: read the marked customers (or those of ``customers`` that are marked)
+        back from the shared ledger; a storage error leaves them marked (the expiry task
+        tries again)."""
+        if self.reload is None:
+            return
+        todo = sorted(self._stale if customers is None else self._stale.intersection(customers))
+        if todo:
+            await self.reload(todo)
+            self._stale.difference_update(todo)
 
     async def run_expiry(self, max_sleep: float = 60.0) -> None:
         while True:
             now = time.time()
             retry: float | None = None
             try:
+                await self.resync()
                 await self.give_back_due(now)
                 await self.expire_due(now)
                 await self.repay_due(now)
-            except (StorageUnavailable, sqlite3.Error) as exc:
-                # a write lock held by another process: the transaction was rolled back and
-                # the book is told only after a write, so nothing was applied; try again
-                # shortly instead of ending the task for good. (An outcome that is unknown,
-                # PostgreSQL's StorageOutcomeUnknown, is not retried blindly: the entries
-                # may have been written.)
-                log.warning("credit expiry/repayment not written (retrying in %.0f s): %s",
-                            EXPIRY_RETRY, exc)
+            except RETRIED as exc:
+                # Nothing written (a write lock held by another process, a PostgreSQL
+                # conflict): the book is told only after a write, so nothing was applied.
+                # Outcome unknown (PostgreSQL cut or too slow, ``StorageOutcomeUnknown``):
+                # the write may have committed, and sending it again is safe there, since
+                # every write of this task is idempotent on PostgreSQL (an expiry: once per
+                # grant, capped by what the grant holds; a repayment: capped by what the
+                # grant holds and the debt still owed, under the account lock; a give-back:
+                # once per key), and the book is then read back from the ledger
+                # (``reload``), not applied. Either way try again shortly instead of ending
+                # the task for good (docs/credits.md, "Settlement").
+                log.warning("credit expiry/repayment not written or not confirmed (retrying"
+                            " in %.0f s): %s", EXPIRY_RETRY, exc)
                 retry = now + EXPIRY_RETRY
+            if self._stale and retry is None:
+                retry = now         # a grant's repayment to read back (``grant``)
             nxt = min((t for t in (self.book.next_expiry(now), self.book.next_effective(now),
                                    retry)
                        if t is not None), default=None)

@@ -242,6 +242,18 @@ class Fleet:
         self._credit_revs = (self._credit_revs[1], max(top, self._credit_revs[1]))
         return customers
 
+    async def reload_credits(self, book: CreditBook, customers: list[str]) -> None:
+        """Read ``customers`` back into ``book`` from the shared ledger now (the credit
+        service's expiry task, after it wrote for them: ``CreditService.reload``)."""
+        for cc in await grant_debits.grant_states(self.pool, customers):
+            book.replace(cc.customer_id, cc.grants, cc.debt)
+
+    async def overpaid(self) -> dict[str, int]:
+        """Customers whose shared ledger holds repayments beyond their debt (a negative
+        debt), for ``CreditService.give_back_unmatched`` at start-up (docs/fleet.md,
+        "Repayments")."""
+        return await grant_debits.overpaid(self.pool)
+
     async def credits_forever(self, book: CreditBook,
                               moved: Callable[[list[str]], None]) -> None:
         """Every ``fleet.ship_interval``: ``refresh_credits``, then ``moved(customers)`` (the

@@ -2,7 +2,11 @@
 
 ``cut()`` aborts every relayed connection and makes new ones close at once (connection
 refused, as far as the driver can tell); ``restore()`` relays again. Both ends of every pair
-are closed on ``stop()``.
+are closed on ``stop()``. ``lose_commit_replies(n)``: the next ``n`` COMMITs of
+transactions that sent an INSERT reach the server, their answers never reach the client,
+and their connections are cut a moment later (a write that committed while the client sees
+the connection lost: outcome unknown). It reads the SQL text, so the client must not use
+named prepared statements (``statement_cache_size=0``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ class CuttableRelay:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
+        self._lose_commits = 0
+        self.commits_lost = 0
+
+    def lose_commit_replies(self, n: int) -> None:
+        self._lose_commits = n
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -60,8 +69,9 @@ class CuttableRelay:
             writer.transport.abort()
             return
         self._writers.update((writer, up_w))
-        a = tasks.spawn("relay-up", self._pump(reader, up_w))
-        b = tasks.spawn("relay-down", self._pump(up_r, writer))
+        muted = [False, False]  # [a COMMIT went up: nothing more comes down, an INSERT went up]
+        a = tasks.spawn("relay-up", self._pump(reader, up_w, watch=muted))
+        b = tasks.spawn("relay-down", self._pump(up_r, writer, muted=muted))
         self._pumps.update((a, b))
         await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
         for w in (writer, up_w):
@@ -71,9 +81,23 @@ class CuttableRelay:
             await tasks.cancel_and_wait(t)
             self._pumps.discard(t)
 
-    @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    watch: list[bool] | None = None, muted: list[bool] | None = None) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while data := await src.read(65536):
+                if muted is not None and muted[0]:
+                    continue
                 dst.write(data)
                 await dst.drain()
+                if watch is None or self._lose_commits <= 0:
+                    continue
+                up = data.upper()
+                watch[1] = watch[1] or b"INSERT" in up
+                if b"COMMIT" in up and not watch[1]:
+                    continue                        # a read-only transaction's
+                if b"COMMIT" in up:
+                    self._lose_commits -= 1
+                    self.commits_lost += 1
+                    watch[0] = True
+                    await asyncio.sleep(0.2)      # the server has it (it commits), then the cut
+                    return

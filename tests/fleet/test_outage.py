@@ -1,17 +1,26 @@
 """PostgreSQL unreachable (the connection cut by a relay): a member keeps admitting from the
 lease it holds, then fail_mode decides; when the database returns, leases refill and the
-journal ships with exact totals."""
+journal ships with exact totals. Background loops pause and go on."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from proxy.commitments import TrueUpTask
 from proxy.fleet.book import Decision
 from proxy.fleet.sizing import LeasePolicy
+from proxy.notices import NoticeSettings, NoticeWatch
+from proxy.rules import load_rules
+from proxy.store.keys import KeyCache
 from proxy.store.postgres import leases
+from proxy.store.postgres.pool import PoolSettings
+from proxy.store.postgres.storage import PostgresStorage
+from tests.conftest import TEST_RULES
 from tests.fleet.conftest import PG_BASE, PoolFactory, add_customer
 from tests.fleet.member import Member
 from tests.fleet.tcp_cut import CuttableRelay
@@ -61,3 +70,36 @@ async def test_lease_serves_through_an_outage_then_fail_mode_applies(
         shipped = await conn.fetchval("SELECT sum(credits) FROM usage_ledger")
     assert shipped == served * C
     assert (acct.settled, acct.escrowed, acct.available) == (served * C, 0, 100 * C - served * C)
+
+
+async def test_background_loops_pause_while_postgresql_is_cut_and_go_on(
+        pg_dsn: str, relay: CuttableRelay, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The notices and the commitment true-ups loops of a member whose PostgreSQL is cut
+    (``PgUnavailable``, a ``StorageOutcomeUnknown``): each pass logs and the loop goes on
+    (before, the first such error ended the task for the life of the process), and both
+    check again once the database is back."""
+    direct = await PostgresStorage.open(PoolSettings(dsn=pg_dsn))
+    await direct.close()                                      # migrated
+    via = await PostgresStorage.open(PoolSettings(
+        dsn=pg_dsn.replace(PG_BASE, f"postgresql://postgres@127.0.0.1:{relay.port}"),
+        connect_timeout=1.0, command_timeout=1.0, size=2))
+    (tmp_path / "rules.yaml").write_text(TEST_RULES)
+    rules = load_rules([tmp_path / "rules.yaml"])
+    notices = NoticeWatch(via.usage, via.alerts, KeyCache(), NoticeSettings(spike_factor=2.0))
+    trueups = TrueUpTask(via.customers, via.usage, via.trueups, None, lambda: rules, dict)
+    relay.cut()
+    loops = [asyncio.ensure_future(notices.run(0.05)), asyncio.ensure_future(trueups.run(0.05))]
+    try:
+        await asyncio.sleep(0.5)
+        assert [t.done() for t in loops] == [False, False], [t.exception() for t in loops
+                                                             if t.done()]
+        assert "notices paused" in caplog.text and "true-ups paused" in caplog.text
+        relay.restore()
+        assert await notices.check() == [] and await trueups.check() == []
+        assert [t.done() for t in loops] == [False, False]
+    finally:
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await via.close()

@@ -60,8 +60,15 @@ async def test_then_entries_and_payment_refs_only_on_creation(backend: Backend) 
     await led.create_grant(NewGrant(_g("g2"), idempotency_key="k"), then)
     assert calls == ["g1"]
     snap = await led.load()
-    assert snap.entries == [Entry("g1", "repay", 30)]
-    assert snap.debts == {"c1": -30}
+    if backend.name == "postgres":
+        # fleet mode repays only debt the shared ledger shows, under the account lock
+        # (docs/fleet.md, "Repayments"): c1 owes nothing, so nothing is repaid
+        assert (snap.entries, snap.debts) == ([], {})
+    else:
+        # a single process repays debt its book holds, which may still be in the
+        # group-commit buffer (docs/credits.md, "Settlement")
+        assert snap.entries == [Entry("g1", "repay", 30)]
+        assert snap.debts == {"c1": -30}
     assert await led.payment_customer(["ch_1"]) == "c1"
     assert await led.payment_customer(["", "nope"]) is None
     assert await led.payment_customer([]) is None
@@ -227,8 +234,15 @@ async def test_undo_repay_gives_back_the_newest_repayments_once_per_key(
     await led.create_grant(NewGrant(_g("g1")))
     await led.create_grant(NewGrant(_g("g2", created=1001)))
     await led.append([LedgerEntry("c1", Entry("", "debt", 30)),
-                      LedgerEntry("c1", Entry("g1", "repay", 20)),
-                      LedgerEntry("c1", Entry("g2", "repay", 30))])
+                      LedgerEntry("c1", Entry("g1", "repay", 20))])
+    if backend.name == "postgres":
+        # PostgreSQL caps a repayment by the debt it shows (docs/fleet.md, "Repayments"):
+        # the over-repayment a ledger written before that cap can hold is entered raw
+        async with backend.storage.ledger.pool.acquire() as c:  # type: ignore[attr-defined]
+            await c.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount,"
+                            " at_ms) VALUES ('c1', 'g2', 'repay', 30, 0)")
+    else:
+        await led.append([LedgerEntry("c1", Entry("g2", "repay", 30))])
     assert (await led.load()).debts == {"c1": -20}          # 20 repaid of a debt never written
     got = await led.undo_repay("c1", "withdraw:r1", 50, 5.0)
     assert got == [Entry("g2", "repay", -20)]                # capped at the 20 unmatched
@@ -349,6 +363,9 @@ async def test_a_give_back_capped_by_a_debt_made_meanwhile_leaves_book_and_ledge
     from proxy.credits.book import CreditBook
     from proxy.credits.service import CreditService, load_book
 
+    if backend.name == "postgres":
+        pytest.skip("a single process's settlement: its book owes debt the ledger does not show"
+                    " yet, which PostgreSQL does not repay (docs/fleet.md, \"Repayments\")")
     led = backend.storage.ledger
     await backend.customer("c1")
     svc = CreditService(None, CreditBook(), led)  # type: ignore[arg-type]

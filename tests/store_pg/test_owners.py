@@ -118,6 +118,10 @@ async def test_credit_ledger(pg: PostgresStorage) -> None:
     with pytest.raises(LookupError):
         await pg.ledger.create_grant(NewGrant(GrantState("g0", "nobody", 5)))
     await pg.customers.upsert("acme", None, None, None)
+    async with pg.pool.acquire() as c:
+        await c.execute("INSERT INTO credit_accounts(customer_id) VALUES ('acme')")
+    # a repayment is capped by the debt the ledger shows (docs/fleet.md, "Repayments"): 30
+    await pg.ledger.append([LedgerEntry("acme", Entry("", "debt", 30), "req-0")])
     g1 = GrantState("g1", "acme", 1000, 10, None, 100, "purchase")
     made, created = await pg.ledger.create_grant(
         NewGrant(g1, "plan:2026-01", (100, 200), ("pi_1", "ch_1"), 1500),
@@ -135,13 +139,14 @@ async def test_credit_ledger(pg: PostgresStorage) -> None:
     assert await _balance(pg, "acme") == 1100        # expiring takes credits out
     snap = await pg.ledger.load()
     assert sorted(g.id for g in snap.grants) == ["g1", "g2"]
-    assert snap.entries == [Entry("g1", "repay", 30), Entry("g1", "debit", 100),
-                            Entry("g2", "expire", 400), Entry("", "debt", 70)]
-    assert snap.debts == {"acme": 40}
+    assert snap.entries == [Entry("", "debt", 30), Entry("g1", "repay", 30),
+                            Entry("g1", "debit", 100), Entry("g2", "expire", 400),
+                            Entry("", "debt", 70)]
+    assert snap.debts == {"acme": 70}
     recs = await pg.ledger.entries("acme", limit=2)
     assert [(r.grant_id, r.kind, r.amount, r.request_id) for r in recs] == [
         (None, "debt", 70, "req-2"), ("g2", "expire", 400, None)]
-    first = (await pg.ledger.entries("acme"))[-1]
+    first = (await pg.ledger.entries("acme"))[-2]
     assert first.kind == "repay"
     debit = (await pg.ledger.entries("acme"))[2]
     assert (debit.meter, debit.at_ms) == ("m", 1000)

@@ -178,3 +178,14 @@ async def grant_states(pool: PgPool, customers: Sequence[str]) -> list[CustomerC
         g.voided = bool(r["voided"])
         per.setdefault(g.customer_id, []).append(g)
     return [CustomerCredits(cid, gs, max(debts.get(cid, 0), 0)) for cid, gs in per.items()]
+
+
+async def overpaid(pool: PgPool) -> dict[str, int]:
+    """Customers whose ledger debt (``credit_accounts.debt``: debt less repay) is below 0,
+    with that debt: repayments of a debt that does not exist (written before repayments
+    were capped by the debt under the account lock: two members' views repaying the same
+    debt). ``CreditService.give_back_unmatched`` gives them back."""
+    async with pool.acquire() as c:
+        rows = await c.fetch("SELECT customer_id, debt FROM credit_accounts WHERE debt < 0"
+                             " ORDER BY customer_id")
+    return {str(r[0]): int(r[1]) for r in rows}

@@ -78,6 +78,18 @@ RETURNING amount
 """
 
 
+# a repayment takes at most what the grant still holds and what the customer still owes, as
+# the shared ledger has them under the account lock (credit_accounts.debt: debt less repay,
+# every member's, kept by the migration-6 trigger statement by statement)
+_REPAY = """
+INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter, at_ms)
+SELECT $1, g.id, 'repay', LEAST($3::bigint, g.amount - g.used, a.debt), $4, $5, $6
+FROM grants g JOIN credit_accounts a ON a.customer_id = g.customer_id
+WHERE g.id = $2 AND g.customer_id = $1 AND LEAST($3::bigint, g.amount - g.used, a.debt) > 0
+RETURNING amount
+"""
+
+
 async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
                          request_id: str | None = None, meter: str | None = None,
                          at: float | None = None) -> list[Entry]:
@@ -87,13 +99,17 @@ async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
     shared ledger says the grant still holds (``grants.used``: every member's shipped
     spending), whatever the caller computed from its own view (a member's book does not see
     the other members' spending until it reloads): a repeat, or an expiry with nothing
-    left, appends nothing. The balance moves by what was appended."""
+    left, appends nothing. A repayment (a positive ``repay``) is likewise capped by what the
+    grant still holds and by the debt the shared ledger still shows: a member whose book
+    has not seen another member's repayment of the same debt, or a write sent again after
+    its outcome was unknown, repays nothing twice, so the ledger's debt never goes below 0
+    (docs/fleet.md, "Repayments"). The balance moves by what was appended."""
     if not entries:
         return []
     await lock_account(c, customer_id)
     at_ms = int((time.time() if at is None else at) * 1000)
     appended: list[Entry] = []
-    plain = [e for e in entries if e.kind not in _CLOSING]
+    plain = [e for e in entries if e.kind not in _CLOSING and not _repays(e)]
     if plain:
         await c.executemany(
             "INSERT INTO credit_entries(customer_id, grant_id, kind, amount, request_id, meter,"
@@ -102,6 +118,12 @@ async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
              for e in plain])
         appended += plain
     for e in entries:
+        if _repays(e):
+            amount = await c.fetchval(_REPAY, customer_id, e.grant_id, e.amount, request_id,
+                                      meter, at_ms)
+            if amount is not None:
+                appended.append(Entry(e.grant_id, e.kind, int(amount)))
+    for e in entries:
         if e.kind in _CLOSING:
             amount = await c.fetchval(_CLOSE, customer_id, e.grant_id, e.kind, request_id,
                                       meter, at_ms, max(e.amount, 0))
@@ -109,6 +131,10 @@ async def insert_entries(c: Conn, customer_id: str, entries: Sequence[Entry],
                 appended.append(Entry(e.grant_id, e.kind, int(amount)))
     await _add_balance(c, customer_id, balance_change(appended))
     return appended
+
+
+def _repays(e: Entry) -> bool:
+    return e.kind == "repay" and e.amount > 0
 
 
 async def _linked_refs(c: Conn, refs: Sequence[str]) -> list[str]:
