@@ -531,10 +531,13 @@ async def reload_rules(rt: Runtime, new: RuleSet | None = None) -> bool:
     if problems := monetary_rules_problems(rt, new):
         return _refuse_reload(rt, [f"credits: {p}" for p in problems])
     if new.version != rt.rules.version:
+        # stored first: a version that prices a request must be explainable. A storage
+        # failure (locked past lock_wait, PostgreSQL unreachable) raises here with the old
+        # rules still serving; the watcher tries the same change again (_watch_rules)
+        await remember_rules(rt, new)
         metrics.rules_info.clear()
         metrics.rules_info.labels(new.version).set(1)
         log.info("rules reloaded: %s -> %s", rt.rules.version, new.version)
-        await remember_rules(rt, new)
         rt.rules = new
     rt.rules_error = None
     metrics.rules_reloads_total.labels("ok").inc()
@@ -557,13 +560,27 @@ def _stamp(paths: list[Path]) -> tuple[tuple[str, int, float, int], ...]:
 
 
 async def _watch_rules(rt: Runtime, check: MeterCheck | None, interval: float = 1.0) -> None:
+    """Reload the rules when their files change. A reload that storage refused (the new
+    version could not be stored: locked past ``lock_wait``, PostgreSQL unreachable) keeps
+    the old rules, counts as failing (``meterproxy_rules_reload_failing``) and is tried
+    again every ``interval`` until it is stored: the change is never dropped, and the
+    watcher never ends on it."""
     stamp = _stamp(rt.cfg.rule_paths())
     while True:
         await asyncio.sleep(interval)
         now = _stamp(rt.cfg.rule_paths())
         if now != stamp:
+            try:
+                await reload_rules_checked(rt, check)
+            except (StorageError, sqlite3.Error) as exc:
+                metrics.rules_reloads_total.labels("error").inc()
+                metrics.rules_reload_failing.set(1)
+                rt.rules_error = f"the new rules could not be stored (retrying): {exc}"
+                log.warning("rules changed but not applied: storing the new version failed;"
+                            " still serving version %s, retrying in %.0f s: %s",
+                            rt.rules.version, interval, exc)
+                continue
             stamp = now
-            await reload_rules_checked(rt, check)
 
 
 async def _keep_prices(rt: Runtime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -125,3 +126,45 @@ async def test_broken_hot_reload_keeps_old_rules(proxy: Proxy, tmp_path: Path) -
                               " ORDER BY seq"))
     assert rows == [(v1, Q), (rt.rules.version, 3 * Q)]
     assert signal.SIGHUP  # the serve loop wires SIGHUP to reload_rules (see proxy.app)
+
+
+async def test_a_reload_storage_refused_is_retried_until_the_new_rules_are_stored(
+        proxy: Proxy, tmp_path: Path) -> None:
+    """The rules file changes while another process holds the database's write lock: the
+    new version cannot be stored (a version that prices a request must be explainable), so
+    the old rules keep serving, the reload counts as failing and says why, and the watcher
+    (which once ended on that error, with the change dropped for good) tries the same change
+    again until it is stored: then the new rules price requests and the failure clears."""
+    import sqlite3
+
+    key = await proxy.customer_with_key("rr")
+    h = {"Authorization": f"Bearer {key}"}
+    rt = proxy.server.rt
+    v1 = rt.rules.version
+    other = sqlite3.connect(tmp_path / "meter.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        (tmp_path / "rules.yaml").write_text(TEST_RULES.replace(
+            "  - name: everything-else\n    match: {path: \"/**\"}\n    usage:\n"
+            "      - {meter: api_calls, quantity: 1}",
+            "  - name: everything-else\n    match: {path: \"/**\"}\n    usage:\n"
+            "      - {meter: api_calls, quantity: 5}"))
+        os.utime(tmp_path / "rules.yaml", (time.time() + 5, time.time() + 5))
+        await wait_until(lambda: rt.rules_error, what="the reload to fail")
+        assert "could not be stored" in (rt.rules_error or "")
+        assert rt.rules.version == v1
+        assert metrics.rules_reload_failing._value.get() == 1
+        await asyncio.sleep(2.5)                # several retries, all refused
+        assert rt.rules.version == v1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await wait_until(lambda: rt.rules.version != v1, what="the retried reload")
+    assert rt.rules_error is None and metrics.rules_reload_failing._value.get() == 0
+    async with proxy.session.get(proxy.url + "/v1/items", headers=h) as r:
+        assert r.status == 200
+    with proxy.db() as c:
+        assert c.execute("SELECT count(*) FROM rules_versions WHERE version=?",
+                         (rt.rules.version,)).fetchone() == (1,)
+        rows = list(c.execute("SELECT rules_version, quantity FROM audit WHERE customer_id='rr'"))
+    assert rows == [(rt.rules.version, 5 * Q)]
