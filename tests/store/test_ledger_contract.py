@@ -356,10 +356,11 @@ async def test_a_give_back_capped_by_a_debt_made_meanwhile_leaves_book_and_ledge
         backend: Backend) -> None:
     """h/rcredits review, SQLite only (a single process's settlement: its book owes debt the
     ledger does not show yet, which PostgreSQL never repays, docs/fleet.md, "Repayments"): a
-    withdrawn row's give-back (4 a top-up repaid) is still pending when the top-up's payment is refunded in full, which makes its
-    4 repaid a claw-back debt; ``undo_repay`` then finds the ledger's debt netted to 0 and
-    gives back nothing. ``CreditService.give_back_due`` must leave the book owing what
-    the ledger owes (0), not the 4 (balance 1: the 1 the withheld request had debited)."""
+    withdrawn row's give-back (4 a top-up repaid) is still pending when the top-up's
+    payment is refunded in full, which makes its 4 repaid a claw-back debt; ``undo_repay``
+    then finds the ledger's debt netted to 0 and gives back nothing.
+    ``CreditService.give_back_due`` must leave the book owing what the ledger owes (0), not
+    the 4 (balance 1: the 1 the withheld request had debited)."""
     import time
 
     from proxy.credits.book import CreditBook
