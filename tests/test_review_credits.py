@@ -579,14 +579,14 @@ async def _capped_chain(tmp: Path, spent: int, refund_first: bool) -> int:
         if not refund_first:
             await _at(env, b[2] + 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", 2000))
         await env.credits.repay_due(b[2] + 100)
+        # the ledger reloaded (what a restart loads) holds what the book holds
+        assert _reloaded_balance(env, b[2] + 120) == (env.balance(b[2] + 120),
+                                                      env.credits.book.debt("acme"))
         return env.balance(b[2] + 120)
     finally:
         env.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, carry chains): a refund's spent "
-                   "layer becomes debt repaid by the newest grant, after a capped renewal "
-                   "already cut the intermediate grant's leftovers that would have repaid it")
 @pytest.mark.parametrize("spent", [30, 50])
 async def test_a_refund_after_two_capped_renewals_takes_what_it_would_have_before(
         tmp_path: Path, spent: int) -> None:
@@ -594,10 +594,12 @@ async def test_a_refund_after_two_capped_renewals_takes_what_it_would_have_befor
     have taken had it come first. cap 70, period 0 spent 30 of 50: refunded first, its 20
     unused are taken and its 30 spent are owed and repaid by period 1's grant at once (50
     -> 20), which period 2 carries (70). Refunded after period 2: period 1's grant (50 +
-    20 carried = 70, unspent) went into period 2's grant capped (70, 50 expired), the 20
-    followed are absorbed by those 50, and the 30 owed are repaid out of period 2's 70:
-    40, 30 credits fewer only because the refund came later. (spent 50: no carry at all,
-    50 against 20; the spent layer's rule, older than the follow.)"""
+    20 carried = 70, unspent) went into period 2's grant capped (70, 50 expired). The 20
+    followed and the 30 spent, owed on to period 1's grant (which would have repaid them),
+    are both absorbed by its 50 that expired: 70 again. (Before the fix the 30 were debt
+    repaid out of period 2's 70: 40. spent 50: no carry at all, the 50 owed on are
+    absorbed by period 1's 30 that expired and the 20 it carried on are taken from period
+    2's grant: 50, as when refunded first; it was 20.) The ledger reloaded agrees."""
     before = await _capped_chain(tmp_path / "a", spent, refund_first=True)
     after = await _capped_chain(tmp_path / "b", spent, refund_first=False)
     assert before == (70 if spent == 30 else 50) * Q
@@ -637,5 +639,42 @@ async def test_two_refunds_after_the_renewal_take_what_each_payment_bought(
         for i, (eid, ch, inv, amount) in enumerate(refunds):
             await _at(env, S0 + 60 + i, eid, "charge.refunded", _refund(ch, inv, amount))
         assert env.balance(S0 + 120) == expected
+    finally:
+        env.store.close()
+
+
+@pytest.mark.parametrize("order", ["previous_first", "renewal_first", "before_the_renewal"])
+async def test_two_refunds_of_a_spent_chain_owe_what_they_would_have_first(
+        tmp_path: Path, order: str) -> None:
+    """Period 0's 50 all spent, then both payments refunded in full. Had period 0's refund
+    come first, its 50 spent would be debt, repaid at once by period 1's grant (50 -> 0),
+    and period 1's own refund would then find those 50 spent (repaid) and owe them again:
+    -50. After the renewal, period 0's refund owes its 50 on to period 1's grant (its 50
+    unused taken) and they count in that grant's spent layer, as its repayment would: period
+    1's refund, before or after, owes them: -50 in every order, and the ledger reloaded
+    agrees."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0), _roll_cfg())
+    try:
+        await _at(env, S0 - 30 * DAY + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", (S0 - 30 * DAY, S0), "subscription_create",
+                       charge="ch_0", payment_intent="pi_ch_0", amount_paid=2000))
+        assert env.spend(50 * Q, S0 - 30 * DAY + 10)
+        refunds = [("evt_r0", "ch_0", "in_0"), ("evt_r1", "ch_1", "in_1")]
+        if order == "before_the_renewal":
+            await _at(env, S0 - 60, "evt_r0", "charge.refunded", _refund("ch_0", "in_0", 2000))
+            refunds = refunds[1:]
+        elif order == "renewal_first":
+            refunds.reverse()
+        await _at(env, S0 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_roll", (S0, S0 + 60 * DAY), "subscription_cycle",
+                       charge="ch_1", payment_intent="pi_ch_1", amount_paid=2000))
+        await env.credits.repay_due(S0 + 6)
+        for i, (eid, ch, inv) in enumerate(refunds):
+            await _at(env, S0 + 60 + i, eid, "charge.refunded", _refund(ch, inv, 2000))
+        await env.credits.repay_due(S0 + 100)
+        assert (env.balance(S0 + 120), env.credits.book.debt("acme")) == (-50 * Q, 50 * Q)
+        assert _reloaded_balance(env, S0 + 120) == (-50 * Q, 50 * Q)
     finally:
         env.store.close()
