@@ -393,6 +393,18 @@ async def _renewed(tmp: Path, cfg: Config, periods: int = 2) -> Env:
     return env
 
 
+async def _spend(env: Env, credits: int, at: float) -> None:
+    """``Env.spend``, its settlement entries also written to the ledger (what the group
+    commit does with a usage row's debits and debt), so the ledger reloads them."""
+    from proxy.store.protocols import LedgerEntry
+
+    hold = env.credits.book.try_hold("acme", credits, at, block=True, debt_ok=True)
+    assert hold is not None
+    for entries, _ in env.credits.book.settle(hold, [credits], at):
+        await env.credits.ledger.append([LedgerEntry("acme", e, f"req-{at}", at=at)
+                                         for e in entries])
+
+
 def _reloaded_balance(env: Env, at: float) -> tuple[int, int]:
     from proxy.credits.service import load_book
     from proxy.store.ledger import load
@@ -575,7 +587,7 @@ async def _capped_chain(tmp: Path, spent: int, refund_first: bool) -> int:
             # the grant repays debt at once (here at the simulated time: S0 is in the past)
             await env.credits.repay_due(b[n] + 6)
             if n == 0:
-                assert env.spend(spent * Q, b[0] + 10)
+                await _spend(env, spent * Q, b[0] + 10)
         if not refund_first:
             await _at(env, b[2] + 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", 2000))
         await env.credits.repay_due(b[2] + 100)
@@ -660,7 +672,7 @@ async def test_two_refunds_of_a_spent_chain_owe_what_they_would_have_first(
         await _at(env, S0 - 30 * DAY + 5, "evt_0", "invoice.paid",
                   _inv("in_0", "price_roll", (S0 - 30 * DAY, S0), "subscription_create",
                        charge="ch_0", payment_intent="pi_ch_0", amount_paid=2000))
-        assert env.spend(50 * Q, S0 - 30 * DAY + 10)
+        await _spend(env, 50 * Q, S0 - 30 * DAY + 10)
         refunds = [("evt_r0", "ch_0", "in_0"), ("evt_r1", "ch_1", "in_1")]
         if order == "before_the_renewal":
             await _at(env, S0 - 60, "evt_r0", "charge.refunded", _refund("ch_0", "in_0", 2000))
@@ -676,5 +688,35 @@ async def test_two_refunds_of_a_spent_chain_owe_what_they_would_have_first(
         await env.credits.repay_due(S0 + 100)
         assert (env.balance(S0 + 120), env.credits.book.debt("acme")) == (-50 * Q, 50 * Q)
         assert _reloaded_balance(env, S0 + 120) == (-50 * Q, 50 * Q)
+    finally:
+        env.store.close()
+
+
+async def test_a_refund_owes_nothing_on_to_a_next_period_grant_not_effective_yet(
+        tmp_path: Path) -> None:
+    """docs/credits.md ("Carry chains"): the spent share is owed on to the next period's
+    grant only once that grant is effective. A ``reset`` renewal paid early exists but is
+    pending: the refunded current period's 30 spent are debt (repaid when the renewal
+    becomes effective, as if the refund had come before it was paid), and the pending grant
+    keeps its 50. The ledger reloaded agrees."""
+    from tests.test_plan_lifecycle import DAY, S1, S2, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        await _at(env, S1 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_basic", (S1, S2), "subscription_create",
+                       charge="ch_1", payment_intent="pi_ch_1", amount_paid=2000))
+        now = time.time()
+        await _spend(env, 30 * Q, now)
+        await _at(env, now, "evt_2", "invoice.paid",
+                  _inv("in_2", "price_basic", (S2, S2 + 30 * DAY), "subscription_cycle",
+                       charge="ch_2", payment_intent="pi_ch_2", amount_paid=2000))
+        nxt = env.credits.book.grant(_grant_of(env, "in_2"))
+        assert nxt is not None and nxt.pending(now)
+        out = await _at(env, now + 1, "evt_r", "charge.refunded", _refund("ch_1", "in_1", 2000))
+        assert [(r["unused_taken"], r["debt"]) for r in out["clawed_back"]] == [("20", "30")]
+        assert (env.balance(now + 2), env.credits.book.debt("acme")) == (-30 * Q, 30 * Q)
+        assert nxt.remaining == 50 * Q
+        assert _reloaded_balance(env, now + 2) == (-30 * Q, 30 * Q)
     finally:
         env.store.close()
