@@ -7,17 +7,27 @@ from hypothesis import strategies as st
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import (
+    DEBT,
+    ClawbackRoom,
     Entry,
     GrantState,
     allocate,
+    apply,
     available,
     burn_order,
+    carry,
     clawback,
+    clawback_credits,
     clawback_layers,
+    clawback_room,
+    clawback_step,
+    clawback_take,
     covered_quantity,
     expire_due,
+    repay,
     replay,
     rollover_grant,
+    settle_cost,
     unrepay,
 )
 
@@ -311,6 +321,30 @@ def test_clawback_layers_take_each_layer_in_order_never_more_than_it_holds(
                                                                          spent)
 
 
+@given(st.integers(-5, 10**6), st.integers(-5, 10**6),
+       st.tuples(*[st.integers(-5, 10**6)] * 4))
+def test_clawback_take_owes_on_every_owed_credit_and_takes_each_layer_in_order(
+        credits: int, owed_in: int, layers: tuple[int, int, int, int]) -> None:
+    """The layers are taken in order, each only once the ones before it are exhausted and
+    never beyond what it holds; what ``credits`` finds no layer for is not taken, but spent
+    credits owed in are never dropped (what no layer holds of them stays owed)."""
+    room = ClawbackRoom(*layers)
+    t = clawback_take(credits, owed_in, room)
+    x, (unused, absorb, carried, spent) = max(credits, 0) + max(owed_in, 0), \
+        [max(n, 0) for n in layers]
+    assert t.refund == min(x, unused)
+    assert t.absorbed == min(x - t.refund, absorb)
+    assert t.follow == min(x - t.refund - t.absorbed, carried)
+    beyond = x - t.refund - t.absorbed - t.follow - min(x - t.refund - t.absorbed - t.follow,
+                                                        spent)
+    assert t.owed == min(x - t.refund - t.absorbed - t.follow, spent) + min(beyond,
+                                                                             max(owed_in, 0))
+    assert max(owed_in, 0) <= t.refund + t.absorbed + t.follow + t.owed <= x
+    g = GrantState("g", "c", 10**7)
+    assert clawback_step(g, room, credits, owed_in, True)[1:] == (t.follow, t.owed)
+    assert clawback_step(g, room, credits, owed_in, False) == (t.entries("g"), t.follow, 0)
+
+
 @given(st.lists(st.integers(-5, 10**9), max_size=6), st.integers(-5, 10**10))
 @example([1, 5], 3)         # one micro-credit repaid by the newest grant: given back too
 @example([4], 1)            # one micro-credit to give back
@@ -357,3 +391,162 @@ def test_a_withdrawn_debt_gives_back_exactly_what_was_repaid_of_it(
     g = book.grant("g")
     assert g is not None
     assert replay([GrantState("g", "c", grant)], ledger)["g"].remaining == g.remaining
+
+
+# ---- a refund takes what it would have taken had it come first (docs/credits.md, "Carry
+# chains"): one subscription's rollover plan grants, as the webhooks, the credit service and
+# the ledger's claw-back walk make them, in pure form
+
+class _Chain:
+    """One rollover subscription's period grants (``allowance`` each, renewals carrying what
+    is left, ``once`` for ``rollover_expiry: next_period``, capped at ``cap``), the
+    customer's debt, and the claw-back facts the ledger keeps per grant (``clawbacks`` rows:
+    everything clawed from the grant, its debt, what it owed on and followed out)."""
+
+    def __init__(self, allowance: int, cap: int | None, once: bool) -> None:
+        self.allowance, self.cap, self.once = allowance, cap, once
+        self.grants: list[GrantState] = []
+        self.carried: list[int] = []
+        self.sums: list[dict[str, int]] = []
+        self.clawed: list[int] = []
+        self.owed: list[int] = []
+        self.owed_on: list[int] = []
+        self.followed: list[int] = []
+        self.owed_into: list[int] = []
+        self.debt = 0
+        self.taken: dict[int, int] = {}        # refunded period -> credits its key took
+
+    def _apply(self, i: int, e: Entry) -> None:
+        if e.kind == DEBT:
+            self.debt += e.amount
+            return
+        apply({self.grants[i].id: self.grants[i]}, [e])
+        self.sums[i][e.kind] = self.sums[i].get(e.kind, 0) + e.amount
+        if e.kind == "repay":
+            self.debt -= e.amount
+
+    def renew(self) -> None:
+        """The next period's grant: the previous one closed (``_close_previous``: its rest
+        expires, ``carry`` of it goes on, capped), then the debt repaid out of it."""
+        i = len(self.grants)
+        amount = self.allowance
+        if i:
+            prev = self.grants[-1]
+            if prev.remaining > 0:
+                self._apply(i - 1, Entry(prev.id, "expire", prev.remaining))
+            amount = rollover_grant(self.allowance, carry(
+                self.sums[i - 1].get("expire", 0), prev.amount, self.carried[-1], self.once),
+                self.cap)
+        self.grants.append(GrantState(f"p{i}", "c", amount))
+        self.carried.append(amount - self.allowance)
+        for lst in (self.sums,):
+            lst.append({})
+        for n in (self.clawed, self.owed, self.owed_on, self.followed, self.owed_into):
+            n.append(0)
+        for e in repay(self.grants[i], self.debt, 0):
+            self._apply(i, e)
+
+    def spend(self, cost: int) -> None:
+        """A block customer's request settled on the current grant (what it does not cover
+        becomes debt)."""
+        for e in settle_cost(self.grants[-1:], cost, 0, True)[0]:
+            self._apply(len(self.grants) - 1, e)
+
+    def refund(self, k: int, paid: int, returned: int) -> None:
+        """Period ``k``'s payment refunded (cumulative ``returned`` of ``paid``): its share
+        of what that payment bought (``CreditService.claw_back``), walked along the chain as
+        the ledger's ``claw_back`` does."""
+        target = clawback_credits(self.grants[k].amount - self.carried[k], paid, returned)
+        delta = target - self.taken.get(k, 0)
+        if delta > 0:
+            self.taken[k] = target
+            self._claw(k, delta, 0)
+
+    def _claw(self, i: int, credits: int, owed_in: int) -> None:
+        g, nxt = self.grants[i], i + 1 < len(self.grants)
+        carried_out = self.carried[i + 1] if nxt else 0
+        room = clawback_room(g.amount, g.remaining, self.sums[i], self.clawed[i],
+                             self.owed[i] + self.owed_on[i], carried_out, self.followed[i],
+                             self.owed_into[i] + owed_in)
+        entries, follow, owe = clawback_step(g, room, credits, owed_in, nxt)
+        self.clawed[i] += credits + owed_in
+        self.owed_into[i] += owed_in
+        for e in entries:
+            self._apply(i, e)
+            if e.kind == DEBT:
+                self.owed[i] += e.amount
+        follow = follow if carried_out > 0 else 0
+        if nxt and (follow or owe):
+            self.followed[i] += follow
+            self.owed_on[i] += owe
+            self._claw(i + 1, follow, owe)
+
+    def balance(self) -> int:
+        """What the customer holds: the live (newest) grant's credit minus the debt."""
+        return self.grants[-1].remaining - self.debt
+
+
+def _run_chain(allowance: int, cap: int | None, once: bool, spends: list[int],
+               refunds: list[tuple[int, int, int, bool]]) -> _Chain:
+    """The periods, each renewed then spent ``spends[i]``; ``refunds``: (period refunded,
+    cumulative amount returned of 100, the period it arrives in, before that period's
+    spends), applied in list order where they coincide."""
+    ch = _Chain(allowance, cap, once)
+    for i, cost in enumerate(spends):
+        ch.renew()
+        for before in (True, False):
+            if not before:
+                ch.spend(cost)
+            for k, returned, at, b in refunds:
+                if at == i and b == before:
+                    ch.refund(k, 100, returned)
+    return ch
+
+
+_chain_st = st.integers(2, 5).flatmap(lambda n: st.tuples(
+    st.integers(1, 60), st.one_of(st.none(), st.integers(0, 200)), st.booleans(),
+    st.lists(st.integers(0, 120), min_size=n, max_size=n)))
+
+
+@given(_chain_st, st.data())
+@example((50, 70, True, [30, 0, 0]), None)      # tests/test_review_credits.py: 70 either way
+def test_a_refund_takes_what_it_would_have_taken_had_it_come_first(
+        chain: tuple[int, int | None, bool, list[int]], data: st.DataObject | None) -> None:
+    """Refund order does not matter. One subscription's rollover grants (any allowance, a
+    cap or none, either ``rollover_expiry``), any spending in each period (a block
+    customer: what the grant does not cover is debt, repaid by the next grant), and up to
+    four refunds, each of one period's payment (any share; several of one payment are
+    cumulative, as ``amount_refunded`` is): however many renewals come between the end of
+    a refunded period and its refund, in whatever order the refunds arrive and whether
+    before or after a period's spending, the customer ends with the balance it would have
+    had, had each refund come at the end of its period, before the next renewal.
+
+    The form that holds: the grants are the one subscription's plan grants and the
+    customer has no others (a pack or admin grant would have repaid the debt of a refund
+    that came first: the claw-back cannot know which), nothing is voided or written off,
+    and each next period's grant is effective when the refund comes."""
+    allowance, cap, once, spends = chain
+    n = len(spends)
+    if data is None:
+        refunds = [(0, 100, n - 1, False)]
+    else:
+        refunds = []
+        for _ in range(data.draw(st.integers(1, 4), "refunds")):
+            k = data.draw(st.integers(0, n - 1), "refunded period")
+            at = data.draw(st.integers(k, n - 1), "period the refund arrives in")
+            refunds.append((k, data.draw(st.integers(1, 130), "returned (of 100 paid)"), at,
+                            at > k and data.draw(st.booleans(), "before its spending")))
+    # in the order they arrive; one payment's cumulative refunds only grow
+    refunds.sort(key=lambda r: (r[2], not r[3]))
+    grown: dict[int, int] = {}
+    for i, (k, returned, at, before) in enumerate(refunds):
+        grown[k] = max(grown.get(k, 0), returned)
+        refunds[i] = (k, grown[k], at, before)
+    first = _run_chain(allowance, cap, once, spends, [(k, r, k, False) for k, r in grown.items()])
+    later = _run_chain(allowance, cap, once, spends, refunds)
+    assert later.balance() == first.balance()
+    # the ledger reloaded (every grant replayed from its entries) holds what the book holds
+    entries = [Entry(g.id, kind, n) for g, sums in zip(later.grants, later.sums, strict=True)
+               for kind, n in sums.items()]
+    assert {g.id: g.remaining for g in replay(later.grants, entries).values()} == {
+        g.id: g.remaining for g in later.grants}

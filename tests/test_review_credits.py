@@ -393,6 +393,18 @@ async def _renewed(tmp: Path, cfg: Config, periods: int = 2) -> Env:
     return env
 
 
+async def _spend(env: Env, credits: int, at: float) -> None:
+    """``Env.spend``, its settlement entries also written to the ledger (what the group
+    commit does with a usage row's debits and debt), so the ledger reloads them."""
+    from proxy.store.protocols import LedgerEntry
+
+    hold = env.credits.book.try_hold("acme", credits, at, block=True, debt_ok=True)
+    assert hold is not None
+    for entries, _ in env.credits.book.settle(hold, [credits], at):
+        await env.credits.ledger.append([LedgerEntry("acme", e, f"req-{at}", at=at)
+                                         for e in entries])
+
+
 def _reloaded_balance(env: Env, at: float) -> tuple[int, int]:
     from proxy.credits.service import load_book
     from proxy.store.ledger import load
@@ -575,18 +587,18 @@ async def _capped_chain(tmp: Path, spent: int, refund_first: bool) -> int:
             # the grant repays debt at once (here at the simulated time: S0 is in the past)
             await env.credits.repay_due(b[n] + 6)
             if n == 0:
-                assert env.spend(spent * Q, b[0] + 10)
+                await _spend(env, spent * Q, b[0] + 10)
         if not refund_first:
             await _at(env, b[2] + 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", 2000))
         await env.credits.repay_due(b[2] + 100)
+        # the ledger reloaded (what a restart loads) holds what the book holds
+        assert _reloaded_balance(env, b[2] + 120) == (env.balance(b[2] + 120),
+                                                      env.credits.book.debt("acme"))
         return env.balance(b[2] + 120)
     finally:
         env.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open defect (docs/credits.md, carry chains): a refund's spent "
-                   "layer becomes debt repaid by the newest grant, after a capped renewal "
-                   "already cut the intermediate grant's leftovers that would have repaid it")
 @pytest.mark.parametrize("spent", [30, 50])
 async def test_a_refund_after_two_capped_renewals_takes_what_it_would_have_before(
         tmp_path: Path, spent: int) -> None:
@@ -594,10 +606,12 @@ async def test_a_refund_after_two_capped_renewals_takes_what_it_would_have_befor
     have taken had it come first. cap 70, period 0 spent 30 of 50: refunded first, its 20
     unused are taken and its 30 spent are owed and repaid by period 1's grant at once (50
     -> 20), which period 2 carries (70). Refunded after period 2: period 1's grant (50 +
-    20 carried = 70, unspent) went into period 2's grant capped (70, 50 expired), the 20
-    followed are absorbed by those 50, and the 30 owed are repaid out of period 2's 70:
-    40, 30 credits fewer only because the refund came later. (spent 50: no carry at all,
-    50 against 20; the spent layer's rule, older than the follow.)"""
+    20 carried = 70, unspent) went into period 2's grant capped (70, 50 expired). The 20
+    followed and the 30 spent, owed on to period 1's grant (which would have repaid them),
+    are both absorbed by its 50 that expired: 70 again. (Before the fix the 30 were debt
+    repaid out of period 2's 70: 40. spent 50: no carry at all, the 50 owed on are
+    absorbed by period 1's 30 that expired and the 20 it carried on are taken from period
+    2's grant: 50, as when refunded first; it was 20.) The ledger reloaded agrees."""
     before = await _capped_chain(tmp_path / "a", spent, refund_first=True)
     after = await _capped_chain(tmp_path / "b", spent, refund_first=False)
     assert before == (70 if spent == 30 else 50) * Q
@@ -637,5 +651,72 @@ async def test_two_refunds_after_the_renewal_take_what_each_payment_bought(
         for i, (eid, ch, inv, amount) in enumerate(refunds):
             await _at(env, S0 + 60 + i, eid, "charge.refunded", _refund(ch, inv, amount))
         assert env.balance(S0 + 120) == expected
+    finally:
+        env.store.close()
+
+
+@pytest.mark.parametrize("order", ["previous_first", "renewal_first", "before_the_renewal"])
+async def test_two_refunds_of_a_spent_chain_owe_what_they_would_have_first(
+        tmp_path: Path, order: str) -> None:
+    """Period 0's 50 all spent, then both payments refunded in full. Had period 0's refund
+    come first, its 50 spent would be debt, repaid at once by period 1's grant (50 -> 0),
+    and period 1's own refund would then find those 50 spent (repaid) and owe them again:
+    -50. After the renewal, period 0's refund owes its 50 on to period 1's grant (its 50
+    unused taken) and they count in that grant's spent layer, as its repayment would: period
+    1's refund, before or after, owes them: -50 in every order, and the ledger reloaded
+    agrees."""
+    from tests.test_plan_lifecycle import DAY, S0, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0), _roll_cfg())
+    try:
+        await _at(env, S0 - 30 * DAY + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", (S0 - 30 * DAY, S0), "subscription_create",
+                       charge="ch_0", payment_intent="pi_ch_0", amount_paid=2000))
+        await _spend(env, 50 * Q, S0 - 30 * DAY + 10)
+        refunds = [("evt_r0", "ch_0", "in_0"), ("evt_r1", "ch_1", "in_1")]
+        if order == "before_the_renewal":
+            await _at(env, S0 - 60, "evt_r0", "charge.refunded", _refund("ch_0", "in_0", 2000))
+            refunds = refunds[1:]
+        elif order == "renewal_first":
+            refunds.reverse()
+        await _at(env, S0 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_roll", (S0, S0 + 60 * DAY), "subscription_cycle",
+                       charge="ch_1", payment_intent="pi_ch_1", amount_paid=2000))
+        await env.credits.repay_due(S0 + 6)
+        for i, (eid, ch, inv) in enumerate(refunds):
+            await _at(env, S0 + 60 + i, eid, "charge.refunded", _refund(ch, inv, 2000))
+        await env.credits.repay_due(S0 + 100)
+        assert (env.balance(S0 + 120), env.credits.book.debt("acme")) == (-50 * Q, 50 * Q)
+        assert _reloaded_balance(env, S0 + 120) == (-50 * Q, 50 * Q)
+    finally:
+        env.store.close()
+
+
+async def test_a_refund_owes_nothing_on_to_a_next_period_grant_not_effective_yet(
+        tmp_path: Path) -> None:
+    """docs/credits.md ("Carry chains"): the spent share is owed on to the next period's
+    grant only once that grant is effective. A ``reset`` renewal paid early exists but is
+    pending: the refunded current period's 30 spent are debt (repaid when the renewal
+    becomes effective, as if the refund had come before it was paid), and the pending grant
+    keeps its 50. The ledger reloaded agrees."""
+    from tests.test_plan_lifecycle import DAY, S1, S2, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp_path, Clock(0))
+    try:
+        await _at(env, S1 + 5, "evt_1", "invoice.paid",
+                  _inv("in_1", "price_basic", (S1, S2), "subscription_create",
+                       charge="ch_1", payment_intent="pi_ch_1", amount_paid=2000))
+        now = time.time()
+        await _spend(env, 30 * Q, now)
+        await _at(env, now, "evt_2", "invoice.paid",
+                  _inv("in_2", "price_basic", (S2, S2 + 30 * DAY), "subscription_cycle",
+                       charge="ch_2", payment_intent="pi_ch_2", amount_paid=2000))
+        nxt = env.credits.book.grant(_grant_of(env, "in_2"))
+        assert nxt is not None and nxt.pending(now)
+        out = await _at(env, now + 1, "evt_r", "charge.refunded", _refund("ch_1", "in_1", 2000))
+        assert [(r["unused_taken"], r["debt"]) for r in out["clawed_back"]] == [("20", "30")]
+        assert (env.balance(now + 2), env.credits.book.debt("acme")) == (-30 * Q, 30 * Q)
+        assert nxt.remaining == 50 * Q
+        assert _reloaded_balance(env, now + 2) == (-30 * Q, 30 * Q)
     finally:
         env.store.close()

@@ -13,11 +13,14 @@ Invariants (property-tested in tests/test_credits_ledger.py)
   ``debt`` entry (no grant, ``grant_id == ""``); a later grant pays it back first with a
   ``repay`` entry (taken out of that grant like a debit). A customer's debt is
   ``sum(debt) - sum(repay)``, never below 0, and its balance is ``available - debt``.
+- Claw-backs (docs/credits.md, "Carry chains"): a refund takes what it would have taken had
+  it come first; what a refunded plan grant carried on and what it spent go on to the
+  subscription's next period grant (``clawback_room``, ``clawback_take``, ``clawback_step``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 NO_EXPIRY = 2**62
@@ -215,20 +218,84 @@ def clawback_layers(grant: GrantState, credits: int, expired_left: int, carried_
     spent (``debt``, up to ``spent_left``). The expired layer goes before the carried one
     so that a refund after the renewal takes what the same refund before it would have:
     the carry takes only what is left, capped, and the cap's excess expires."""
-    if credits <= 0:
-        return [], 0
-    out: list[Entry] = []
-    take = min(credits, max(grant.remaining, 0))
-    if take > 0:
-        out.append(Entry(grant.id, REFUND, take))
-    rest = credits - take
-    rest -= min(rest, max(expired_left, 0))
-    follow = min(rest, max(carried_left, 0))
+    t = clawback_take(credits, 0, ClawbackRoom(grant.remaining, expired_left, carried_left,
+                                               spent_left))
+    return t.entries(grant.id), t.follow
+
+
+@dataclass(frozen=True, slots=True)
+class ClawbackRoom:
+    """What a grant still has for claw-backs to take, layer by layer (below 0 counts 0)."""
+    unused: int         # its remaining credit
+    absorb: int         # expired, not carried on, and not counted by an earlier claw-back
+    carried: int        # carried on into the next period's grant, not followed there yet
+    spent: int          # spent (debits, repayments), not owed by an earlier claw-back yet
+
+
+@dataclass(frozen=True, slots=True)
+class ClawbackTake:
+    """What one claw-back takes from one grant's layers (``clawback_take``)."""
+    refund: int         # unused: a ``refund`` entry on the grant
+    absorbed: int       # expired and not carried on: gone already, takes nothing
+    follow: int         # carried on: taken from the next period's grant (its ``carried``)
+    owed: int           # spent, and what of ``owed_in`` no layer held: owed by the customer
+
+    def entries(self, grant_id: str) -> list[Entry]:
+        """The entries when what is owed stays here as debt (no next period to owe it to)."""
+        out = [Entry(grant_id, REFUND, self.refund)] if self.refund > 0 else []
+        return [*out, Entry("", DEBT, self.owed)] if self.owed > 0 else out
+
+
+def clawback_room(amount: int, remaining: int, sums: Mapping[str, int], clawed_total: int,
+                  owed: int, carried_out: int, followed_out: int,
+                  owed_into: int = 0) -> ClawbackRoom:
+    """The layers of a grant of ``amount`` (``remaining`` left, ``sums``: kind -> total of
+    its entries) that claw-backs have not taken yet: ``clawed_total`` is everything clawed
+    back from it (any key, follows and debt owed into it included), ``owed`` what of that
+    became debt or was owed on to the next period, ``carried_out`` what a rollover carried
+    on into the next period's grant, ``followed_out`` what of that claw-backs followed
+    there already. ``owed_into``: spent credits of earlier periods that claw-backs owed
+    into this grant; had those refunds come first, the grant would have repaid them when
+    it was made, so they count in its spent layer as its own repayments do."""
+    refunded, expired = sums.get(REFUND, 0), sums.get("expire", 0)
+    spent = amount - remaining - refunded - expired - sums.get("void", 0) + max(owed_into, 0)
+    carried = min(max(carried_out, 0), expired)
+    absorbed = clawed_total - refunded - owed - followed_out
+    return ClawbackRoom(max(remaining, 0), max(expired - carried - absorbed, 0),
+                        max(carried - followed_out, 0), max(spent - owed, 0))
+
+
+def clawback_take(credits: int, owed_in: int, room: ClawbackRoom) -> ClawbackTake:
+    """Take ``credits`` (a grant's share of a returned payment, or credits a claw-back
+    followed into it: it held that much less from the start) and ``owed_in`` (spent credits
+    of an earlier period's refunded grant: had the refund come first, this grant would
+    have repaid them when it was made) from one grant's layers, in order: unused, expired
+    and not carried on, carried on, spent. What ``credits`` finds no layer for is not
+    taken (never more than the grant holds: a void or an earlier claw-back took it); what
+    of ``owed_in`` no layer holds stays owed, as the spent layer does."""
+    x = max(credits, 0) + max(owed_in, 0)
+    refund = min(x, max(room.unused, 0))
+    rest = x - refund
+    absorbed = min(rest, max(room.absorb, 0))
+    rest -= absorbed
+    follow = min(rest, max(room.carried, 0))
     rest -= follow
-    owed = min(rest, max(spent_left, 0))
-    if owed > 0:
-        out.append(Entry("", DEBT, owed))
-    return out, follow
+    spent = min(rest, max(room.spent, 0))
+    rest -= spent
+    return ClawbackTake(refund, absorbed, follow, spent + min(rest, max(owed_in, 0)))
+
+
+def clawback_step(grant: GrantState, room: ClawbackRoom, credits: int, owed_in: int,
+                  owe_on: bool) -> tuple[list[Entry], int, int]:
+    """One grant's part of a claw-back (``clawback_take``): (entries, credits to follow into
+    the next period's grant, spent credits to owe on to it). ``owe_on``: the subscription's
+    next period grant exists and is effective, so what is owed goes on to it (taken from its
+    layers as if it had repaid it when it was made, which it would have had the refund
+    come first); otherwise it is a ``debt`` entry here, repaid by the next grant."""
+    t = clawback_take(credits, owed_in, room)
+    if owe_on:
+        return ([Entry(grant.id, REFUND, t.refund)] if t.refund > 0 else []), t.follow, t.owed
+    return t.entries(grant.id), t.follow, 0
 
 
 def clawback_credits(amount: int, paid_minor: int, returned_minor: int) -> int:

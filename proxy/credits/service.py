@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from proxy.credits.book import CreditBook
-from proxy.credits.ledger import Entry, GrantState, clawback_credits, clawback_layers, repay
+from proxy.credits.ledger import Entry, GrantState, clawback_credits, clawback_room, clawback_step, repay
 from proxy.errors import InvalidInput, StorageOutcomeUnknown, StorageUnavailable
 from proxy.store.db import Store
 from proxy.store.ledger import SqliteCreditLedger
@@ -268,8 +268,10 @@ class CreditService:
         same key and a larger (cumulative) amount takes only the difference (Stripe's
         ``amount_refunded`` is cumulative). Unused credit goes first (``refund`` entry),
         expired credit absorbs its share, credit a rollover carried into the next period's
-        grant is taken from that grant (unused, then as debt), spent credit becomes debt
-        (docs/credits.md). A grant's share is of what its own payment bought: its amount
+        grant is taken from that grant, spent credit becomes debt, or is owed on to the
+        subscription's next period grant once that is effective, which takes both through
+        its own layers (docs/credits.md, "Carry chains": a refund takes what it would have
+        taken had it come first). A grant's share is of what its own payment bought: its amount
         minus what a rollover carried into it; ``whole_grant`` (a renewal written off
         unpaid, which is granted anew with its carry if paid later) takes the share of the
         whole amount."""
@@ -287,21 +289,23 @@ class CreditService:
             target = f.follow_target if f.follow_target is not None else \
                 clawback_credits(own, f.paid_minor or fallback_paid, returned_minor)
             delta = target - f.previous_credits
-            if delta <= 0:
+            owed_in = 0 if f.owe_target is None else f.owe_target - f.owe_previous
+            if delta <= 0 and owed_in <= 0:
                 return None
-            refunded = f.sums.get("refund", 0)
-            expired = f.sums.get("expire", 0)
-            # from the book: debits still in the group-commit buffer count as spent
-            spent = g.amount - g.remaining - refunded - expired - f.sums.get("void", 0)
-            # of what expired, a rollover carried ``carried_out`` into the next period's
-            # grant: a claw-back follows that there (docs/credits.md, "Refunds")
-            carried = min(max(f.carried_out, 0), expired)
-            # expired credit an earlier claw-back already counted = clawed - refunded - owed
-            # - what it followed into the receiving grant
-            absorbed = f.clawed_total - refunded - f.owed - f.followed_out
-            entries, follow = clawback_layers(g, delta, expired - carried - absorbed,
-                                              carried - f.followed_out, spent - f.owed)
-            return ClawbackDecision(target, entries, follow)
+            # from the book: debits still in the group-commit buffer count as spent; what
+            # earlier claw-backs owed (debt here, or owed on to the next period) is not
+            # spent credit left to take
+            room = clawback_room(g.amount, g.remaining, f.sums, f.clawed_total,
+                                 f.owed + f.owed_on, f.carried_out, f.followed_out,
+                                 f.owed_into + max(owed_in, 0))
+            # what is owed goes on to the next period's grant once it is effective: had the
+            # refund come first, that grant would have repaid it when it was made
+            # (docs/credits.md, "Carry chains"); else it is debt, repaid by the next grant
+            nxt = self.book.grant(f.successor) if f.successor is not None else None
+            entries, follow, owe = clawback_step(
+                g, room, max(delta, 0), max(owed_in, 0),
+                nxt is not None and not nxt.pending(time.time()))
+            return ClawbackDecision(max(target, f.previous_credits), entries, follow, owe)
 
         done = await self.ledger.claw_back(customer_id, refs, key, event_id, returned_minor,
                                            decide)

@@ -64,10 +64,10 @@ def _linked_refs(conn: sqlite3.Connection, refs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*refs, *linked]))
 
 
-def carry_receiver(conn: sqlite3.Connection, grant_id: str) -> str | None:
-    """The grant a rollover carried ``grant_id``'s credits into: the subscription's plan
-    grant of the next period start that carried something and whose previous period grant
-    (the one ``previous_period_grant`` picks, as ``_close_previous`` did) is ``grant_id``."""
+def next_period_grant(conn: sqlite3.Connection, grant_id: str) -> tuple[str, int] | None:
+    """(id, carried) of the subscription's plan grant of the next period start whose
+    previous period grant (the one ``previous_period_grant`` picks, as ``_close_previous``
+    did) is ``grant_id``: a period granted anew after a write-off (``:paid:``) wins."""
     row = conn.execute("SELECT customer_id, idempotency_key, period_start FROM grants"
                        " WHERE id=?", (grant_id,)).fetchone()
     if row is None or row[1] is None or row[2] is None \
@@ -80,13 +80,13 @@ def carry_receiver(conn: sqlite3.Connection, grant_id: str) -> str | None:
                        " period_start, (idempotency_key LIKE '%:paid:%') DESC,"
                        " created_at DESC LIMIT 1",
                        (cid, len(prefix), prefix, start)).fetchone()
-    if nxt is None or int(nxt[2]) <= 0:
+    if nxt is None:
         return None
     prev = conn.execute("SELECT id FROM grants WHERE customer_id=? AND substr(idempotency_key,"
                         " 1, ?)=? AND period_start < ? ORDER BY period_start DESC,"
                         " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1",
                         (cid, len(prefix), prefix, nxt[1])).fetchone()
-    return str(nxt[0]) if prev is not None and prev[0] == grant_id else None
+    return (str(nxt[0]), int(nxt[2] or 0)) if prev is not None and prev[0] == grant_id else None
 
 
 class SqliteCreditLedger:
@@ -298,10 +298,12 @@ class SqliteCreditLedger:
                              f" ({marks}) GROUP BY grant_id ORDER BY grant_id", refs_).fetchall()
             out: list[tuple[str, int, list[Entry]]] = []
 
-            def one(gid: str, paid: int | None, k: str, follow_of: int | None) -> None:
+            def one(gid: str, paid: int | None, k: str,
+                    follow_of: tuple[int, int] | None) -> None:
                 """Decide on grant ``gid`` under row key ``k`` (``follow_of``: a follow of
-                that many more credits into it), then follow what the decision carries on
-                into the grant that received it (period starts only grow: it ends)."""
+                that many more carried credits into it, and that many more spent credits
+                owed into it), then follow what the decision carries and owes on into the
+                next period's grant (period starts only grow: it ends)."""
                 prev = c.execute("SELECT credits FROM clawbacks WHERE key=?", (k,)).fetchone()
                 sums = dict(c.execute(
                     "SELECT kind, SUM(amount) FROM credit_entries WHERE grant_id=?"
@@ -311,35 +313,53 @@ class SqliteCreditLedger:
                 (owed,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_entries"
                                     " WHERE kind='debt' AND request_id=?",
                                     (f"clawback:{gid}",)).fetchone()
-                receiver = carry_receiver(c, gid)
-                carried_out = followed = 0
-                if receiver is not None:
-                    (carried_out,) = c.execute("SELECT carried FROM grants WHERE id=?",
-                                               (receiver,)).fetchone()
-                    fk = f"carry:{gid}>"
+                nxt = next_period_grant(c, gid)
+                successor, carried_out = nxt if nxt is not None else (None, 0)
+                followed = owed_on = 0
+                if successor is not None:
                     (followed,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
                                             " WHERE substr(key, 1, ?)=?",
-                                            (len(fk), fk)).fetchone()
+                                            (len(f"carry:{gid}>"), f"carry:{gid}>")).fetchone()
+                    (owed_on,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                                           " WHERE substr(key, 1, ?)=?",
+                                           (len(f"owe:{gid}>"), f"owe:{gid}>")).fetchone()
                 previous = prev[0] if prev else 0
+                ok = "owe:" + k.removeprefix("carry:")
+                owe_prev = 0
+                if follow_of is not None:
+                    row = c.execute("SELECT credits FROM clawbacks WHERE key=?", (ok,)).fetchone()
+                    owe_prev = int(row[0]) if row else 0
                 (carried_in,) = c.execute("SELECT carried FROM grants WHERE id=?",
                                           (gid,)).fetchone()
+                (owed_into,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                                         " WHERE grant_id=? AND substr(key, 1, 4)='owe:'",
+                                         (gid,)).fetchone()
                 d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed,
                                       int(carried_out), int(followed),
-                                      None if follow_of is None else previous + follow_of,
-                                      carried_in=int(carried_in or 0)))
+                                      None if follow_of is None else previous + follow_of[0],
+                                      carried_in=int(carried_in or 0), successor=successor,
+                                      owed_on=int(owed_on), owed_into=int(owed_into),
+                                      owe_target=None if follow_of is None
+                                      else owe_prev + follow_of[1], owe_previous=owe_prev))
                 if d is None:
                     return
                 for e in d.entries:
                     rid = f"clawback:{gid}" if e.kind == "debt" else k
                     insert_entries(c, customer_id, [e], request_id=rid, at=now)
-                c.execute("INSERT INTO clawbacks(key, customer_id, grant_id, minor, credits,"
-                          " event_id, created_at) VALUES (?,?,?,?,?,?,?)"
-                          " ON CONFLICT(key) DO UPDATE SET minor=excluded.minor,"
-                          " credits=excluded.credits, event_id=excluded.event_id",
-                          (k, customer_id, gid, returned_minor, d.credits, event_id, int(now)))
-                out.append((gid, d.credits - previous, d.entries))
-                if d.follow > 0 and receiver is not None:
-                    one(receiver, None, f"carry:{gid}>{receiver}:{key}", d.follow)
+                rows_ = [(k, d.credits)] if follow_of is None or follow_of[0] > 0 else []
+                if follow_of is not None and follow_of[1] > 0:
+                    rows_.append((ok, owe_prev + follow_of[1]))
+                c.executemany("INSERT INTO clawbacks(key, customer_id, grant_id, minor, credits,"
+                              " event_id, created_at) VALUES (?,?,?,?,?,?,?)"
+                              " ON CONFLICT(key) DO UPDATE SET minor=excluded.minor,"
+                              " credits=excluded.credits, event_id=excluded.event_id",
+                              [(rk, customer_id, gid, returned_minor, credits, event_id, int(now))
+                               for rk, credits in rows_])
+                taken = d.credits - previous + (follow_of[1] if follow_of is not None else 0)
+                out.append((gid, taken, d.entries))
+                follow = d.follow if carried_out > 0 else 0
+                if successor is not None and (follow > 0 or d.owe > 0):
+                    one(successor, None, f"carry:{gid}>{successor}:{key}", (follow, d.owe))
 
             for gid, paid in rows:
                 one(gid, paid, f"{key}:{gid}", None)

@@ -196,6 +196,17 @@ class GrantFacts:
     # what a rollover carried into this grant (its own ``carried``): not bought by the
     # grant's own payment, so that payment's refund takes its share of the rest only
     carried_in: int = 0
+    # the subscription's plan grant of the next period (``next_period_grant``), carried
+    # into or not: what a claw-back takes of the grant's spent layer is owed on to it (had
+    # the refund come first, that grant would have repaid it when it was made)
+    successor: str | None = None
+    owed_on: int = 0                    # spent credits claw-backs owed on to ``successor``
+    owed_into: int = 0                  # spent credits claw-backs owed into this grant
+    # set when a claw-back owes spent credits on into this grant: the new cumulative amount
+    # owed into it under this key (recorded as ``owe:<grant>><this grant>:<key>``) and the
+    # old one
+    owe_target: int | None = None
+    owe_previous: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +214,7 @@ class ClawbackDecision:
     credits: int                        # the new cumulative claw-back under this key
     entries: list[Entry]                # to append (debt entries are booked to the grant)
     follow: int = 0                     # credits to follow into the grant the carry went to
+    owe: int = 0                        # spent credits owed on to ``GrantFacts.successor``
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,10 +517,11 @@ class CreditLedger(Protocol):
         ``<key>:<grant>``) and records the new cumulative claw-back for
         ``<key>:<grant>``. Returns (grant id, credits newly clawed, entries). Idempotent on
         ``key``: the facts include what this key already took, so a repeat decides nothing.
-        A decision's ``follow`` is decided again on the grant a rollover carried the
-        grant's credits into (``carry_receiver``), with ``follow_target`` set, recorded as
-        ``carry:<grant>><receiver>:<key>`` (grant id: the receiver), and so on along the
-        chain."""
+        A decision's ``follow`` (when the next period's plan grant, ``next_period_grant``,
+        carried something) and its ``owe`` are decided again, together, on that grant,
+        with ``follow_target`` and ``owe_target`` set, recorded as
+        ``carry:<grant>><next>:<key>`` and ``owe:<grant>><next>:<key>`` (grant id: the
+        next one), and so on along the chain."""
         ...
 
 

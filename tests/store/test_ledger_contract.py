@@ -224,6 +224,49 @@ async def test_a_next_period_grant_that_carried_nothing_receives_no_follow(
     assert [(f.grant_id, f.carried_out) for f in seen] == [("p0", 0)]
 
 
+async def test_claw_back_owes_spent_credits_on_to_the_next_period_grant_once_per_key(
+        backend: Backend) -> None:
+    """A decision's ``owe`` (spent credits of the refunded grant, docs/credits.md "Carry
+    chains") is decided again on the next period's plan grant even when it carried nothing,
+    with ``owe_target`` set and recorded as ``owe:<grant>><next>:<key>``; the facts say what
+    the grant owed on already and what was owed into the next one, and a larger cumulative
+    return owes on only the increase."""
+    led = backend.storage.ledger
+    await backend.customer("c1")
+    await led.create_grant(NewGrant(_g("p0"), idempotency_key="stripe:plan:sub_1:100",
+                                    period=(100, 200), payment_refs=("ch_0",), paid_minor=1000))
+    await led.create_grant(NewGrant(_g("p1", created=1001),
+                                    idempotency_key="stripe:plan:sub_1:200", period=(200, 300)))
+    seen: list[GrantFacts] = []
+    want = [30]
+
+    def decide(f: GrantFacts) -> ClawbackDecision | None:
+        seen.append(f)
+        if f.grant_id == "p0":
+            delta = want[0] - f.previous_credits
+            return ClawbackDecision(want[0], [], owe=delta) if delta > 0 else None
+        assert f.owe_target is not None and f.follow_target == f.previous_credits
+        return ClawbackDecision(f.follow_target,
+                                [Entry("p1", "refund", f.owe_target - f.owe_previous)])
+
+    got = await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_1", 300, decide)
+    assert got == [("p0", 30, []), ("p1", 30, [Entry("p1", "refund", 30)])]
+    assert (seen[0].successor, seen[0].carried_out, seen[0].owed_on) == ("p1", 0, 0)
+    assert (seen[1].grant_id, seen[1].owe_previous, seen[1].owe_target, seen[1].owed_into) \
+        == ("p1", 0, 30, 0)
+    assert seen[1].successor is None
+    # replayed: nothing; a larger cumulative return: only the increase is owed on
+    assert await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_1", 300, decide) == []
+    want[0] = 70
+    got = await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_2", 1000, decide)
+    assert got == [("p0", 40, []), ("p1", 40, [Entry("p1", "refund", 40)])]
+    assert (seen[-2].owed_on, seen[-1].owe_previous, seen[-1].owe_target,
+            seen[-1].owed_into, seen[-1].clawed_total) == (30, 30, 70, 30, 30)
+    recs = await led.entries("c1")
+    assert [(e.grant_id, e.request_id) for e in recs if e.kind == "refund"] == [
+        ("p1", "carry:p0>p1:refund:ch_0"), ("p1", "carry:p0>p1:refund:ch_0")]
+
+
 async def test_undo_repay_gives_back_the_newest_repayments_once_per_key(
         backend: Backend) -> None:
     """A withdrawn debt's repayments go back (docs/credits.md, "Settlement"): negative

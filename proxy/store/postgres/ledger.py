@@ -159,9 +159,9 @@ async def _record_payments(c: Conn, grant_id: str, refs: Sequence[str], paid: in
             [(r, grant_id, paid) for r in refs])
 
 
-async def _carry_receiver(c: Conn, grant_id: str) -> str | None:
-    """The grant a rollover carried ``grant_id``'s credits into (SQLite's
-    ``proxy.store.ledger.carry_receiver``)."""
+async def _next_period_grant(c: Conn, grant_id: str) -> tuple[str, int] | None:
+    """(id, carried) of the next period's plan grant of ``grant_id``'s subscription (SQLite's
+    ``proxy.store.ledger.next_period_grant``)."""
     row = await c.fetchrow("SELECT customer_id, idempotency_key, period_start FROM grants"
                            " WHERE id=$1", grant_id)
     if row is None or row[1] is None or row[2] is None \
@@ -173,13 +173,13 @@ async def _carry_receiver(c: Conn, grant_id: str) -> str | None:
         "SELECT id, period_start, carried FROM grants WHERE customer_id=$1 AND"
         " starts_with(idempotency_key, $2) AND period_start > $3 ORDER BY period_start,"
         " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1", cid, prefix, start)
-    if nxt is None or int(nxt[2]) <= 0:
+    if nxt is None:
         return None
     prev = await c.fetchval(
         "SELECT id FROM grants WHERE customer_id=$1 AND starts_with(idempotency_key, $2)"
         " AND period_start < $3 ORDER BY period_start DESC,"
         " (idempotency_key LIKE '%:paid:%') DESC, created_at DESC LIMIT 1", cid, prefix, nxt[1])
-    return str(nxt[0]) if prev == grant_id else None
+    return (str(nxt[0]), int(nxt[2] or 0)) if prev == grant_id else None
 
 
 class PostgresCreditLedger:
@@ -414,7 +414,8 @@ class PostgresCreditLedger:
             rows = await c.fetch("SELECT grant_id, MAX(paid) FROM grant_payments WHERE"
                                  " ref = ANY($1::text[]) GROUP BY grant_id ORDER BY grant_id",
                                  all_refs)
-            async def one(gid: str, paid: int | None, k: str, follow_of: int | None) -> None:
+            async def one(gid: str, paid: int | None, k: str,
+                          follow_of: tuple[int, int] | None) -> None:
                 prev = await c.fetchval("SELECT credits FROM clawbacks WHERE key=$1", k)
                 sums = {r[0]: int(r[1]) for r in await c.fetch(
                     "SELECT kind, SUM(amount) FROM credit_entries WHERE grant_id=$1"
@@ -424,22 +425,35 @@ class PostgresCreditLedger:
                 owed = int(await c.fetchval("SELECT COALESCE(SUM(amount), 0) FROM"
                                             " credit_entries WHERE kind='debt' AND"
                                             " request_id=$1", f"clawback:{gid}"))
-                receiver = await _carry_receiver(c, gid)
-                carried_out = followed = 0
-                if receiver is not None:
-                    carried_out = int(await c.fetchval("SELECT carried FROM grants WHERE id=$1",
-                                                       receiver))
-                    fk = f"carry:{gid}>"
+                nxt = await _next_period_grant(c, gid)
+                successor, carried_out = nxt if nxt is not None else (None, 0)
+                followed = owed_on = 0
+                if successor is not None:
+                    fk, ok_ = f"carry:{gid}>", f"owe:{gid}>"
                     followed = int(await c.fetchval(
                         "SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
                         " WHERE substr(key, 1, $1)=$2", len(fk), fk))
+                    owed_on = int(await c.fetchval(
+                        "SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                        " WHERE substr(key, 1, $1)=$2", len(ok_), ok_))
                 previous = int(prev) if prev is not None else 0
+                ok = "owe:" + k.removeprefix("carry:")
+                owe_prev = 0
+                if follow_of is not None:
+                    owe_prev = int(await c.fetchval("SELECT credits FROM clawbacks WHERE key=$1",
+                                                    ok) or 0)
                 carried_in = int(await c.fetchval("SELECT carried FROM grants WHERE id=$1",
                                                   gid) or 0)
+                owed_into = int(await c.fetchval(
+                    "SELECT COALESCE(SUM(credits), 0) FROM clawbacks WHERE grant_id=$1"
+                    " AND substr(key, 1, 4)='owe:'", gid))
                 d = decide(GrantFacts(gid, paid, previous, sums, clawed, owed, carried_out,
                                       followed,
-                                      None if follow_of is None else previous + follow_of,
-                                      carried_in=carried_in))
+                                      None if follow_of is None else previous + follow_of[0],
+                                      carried_in=carried_in, successor=successor,
+                                      owed_on=owed_on, owed_into=owed_into,
+                                      owe_target=None if follow_of is None
+                                      else owe_prev + follow_of[1], owe_previous=owe_prev))
                 if d is None:
                     return
                 for e in d.entries:
@@ -447,15 +461,21 @@ class PostgresCreditLedger:
                     await insert_entries(c, customer_id, [e], request_id=rid, at=now)
                     if e.kind == "debt":    # spent credit taken back: the balance owes it
                         await _add_balance(c, customer_id, -e.amount)
-                await c.execute(
-                    "INSERT INTO clawbacks(key, customer_id, grant_id, minor, credits, event_id,"
-                    " created_at) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (key) DO UPDATE"
-                    " SET minor=EXCLUDED.minor, credits=EXCLUDED.credits,"
-                    " event_id=EXCLUDED.event_id",
-                    k, customer_id, gid, returned_minor, d.credits, event_id, int(now))
-                out.append((gid, d.credits - previous, d.entries))
-                if d.follow > 0 and receiver is not None:
-                    await one(receiver, None, f"carry:{gid}>{receiver}:{key}", d.follow)
+                rows_ = [(k, d.credits)] if follow_of is None or follow_of[0] > 0 else []
+                if follow_of is not None and follow_of[1] > 0:
+                    rows_.append((ok, owe_prev + follow_of[1]))
+                for rk, credits in rows_:
+                    await c.execute(
+                        "INSERT INTO clawbacks(key, customer_id, grant_id, minor, credits,"
+                        " event_id, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (key)"
+                        " DO UPDATE SET minor=EXCLUDED.minor, credits=EXCLUDED.credits,"
+                        " event_id=EXCLUDED.event_id",
+                        rk, customer_id, gid, returned_minor, credits, event_id, int(now))
+                taken = d.credits - previous + (follow_of[1] if follow_of is not None else 0)
+                out.append((gid, taken, d.entries))
+                follow = d.follow if carried_out > 0 else 0
+                if successor is not None and (follow > 0 or d.owe > 0):
+                    await one(successor, None, f"carry:{gid}>{successor}:{key}", (follow, d.owe))
 
             for gid, paid in rows:
                 await one(gid, None if paid is None else int(paid), f"{key}:{gid}", None)
