@@ -300,3 +300,31 @@ def test_migration_7_keeps_the_ledger_and_constrains_debt(tmp_path: Path) -> Non
     book = load_book(ledger_load(conn))
     assert (book.debt("c"), book.balance("c", 0)) == (3, 0)
     conn.close()
+
+
+async def test_a_grant_a_refresh_loaded_first_is_in_the_book_once(
+        env: tuple[CreditService, ThresholdWatch], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fleet mode refreshes a customer's grants from the shared ledger whenever it moves,
+    and that refresh can land while ``grant`` awaits its own write. The new grant is then
+    already in the book; added again it was there twice, its 10 credits spendable twice
+    (23 available with the 3 granted before) until the next refresh."""
+    import time
+
+    svc, _ = env
+    ledger_type = type(svc.ledger)
+    real = ledger_type.create_grant
+
+    async def then_refreshed(self: object, new: object, repay: object) -> object:
+        got = await real(self, new, repay)          # type: ignore[arg-type]
+        fresh = load_book(await svc.ledger.load())  # the refresh reads the ledger back
+        svc.book.replace("c", fresh.grants("c"), fresh.debt("c"))
+        return got
+
+    await svc.grant("c", "3", idempotency_key="first")
+    monkeypatch.setattr(ledger_type, "create_grant", then_refreshed)
+    g, created = await svc.grant("c", "10", idempotency_key="k")
+    assert created
+    assert [x.id for x in svc.book.grants("c")].count(g.id) == 1
+    assert svc.book.available("c", time.time()) == 13 * Q
+    monkeypatch.undo()
+    assert load_book(await svc.ledger.load()).available("c", time.time()) == 13 * Q

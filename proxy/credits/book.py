@@ -93,9 +93,16 @@ class CreditBook:
         else:
             self._debt.pop(customer_id, None)
 
-    def add_grant(self, g: GrantState) -> None:
+    def add_grant(self, g: GrantState) -> bool:
+        """Add a grant just created; False (nothing changed) when the book already holds
+        it: a fresher view loaded it first (fleet mode's refresh of a customer whose shared
+        ledger moved can land while ``CreditService.grant`` awaits the write). Added twice,
+        its credits could be spent twice until the next refresh."""
+        if g.id in self._by_id:
+            return False
         self._by_id[g.id] = g
         self._grants[g.customer_id] = burn_order([*self._grants.get(g.customer_id, []), g])
+        return True
 
     def apply(self, entries: Iterable[Entry], customer_id: str | None = None) -> None:
         """Apply entries; ``debt``/``repay`` entries also change ``customer_id``'s debt."""

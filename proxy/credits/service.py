@@ -124,8 +124,11 @@ class CreditService:
         g, created = await self.ledger.create_grant(
             new, lambda g: self.book.repayment(g, time.time()))
         if created:
-            self.book.add_grant(g)
-            repaid = self.book.repayment(g, time.time())
+            # already in the book: a refresh read it back from the ledger, with the
+            # repayments written at its creation (repaying again from this fresh copy would
+            # take them twice)
+            repaid = (self.book.repayment(g, time.time()) if self.book.add_grant(g)
+                      else [])
             if repaid:
                 self.book.apply(repaid, customer_id)
                 if self.on_taken is not None:
