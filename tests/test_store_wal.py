@@ -1220,3 +1220,32 @@ async def test_the_pin_never_opens_a_file_replaced_before_its_connections_were_o
     assert store.broken is not None                 # (found by the tick's identity check)
     store.close()
     assert hashlib.sha256(db.read_bytes()).hexdigest() == restored     # never written
+
+
+async def test_a_start_over_that_only_appended_is_not_counted_as_a_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """meterproxy_wal_start_overs_total counts the WAL generations the maintenance thread
+    begins. A pass that copied every frame (no pin yet) leaves the next write to start a
+    generation; a commit of the loop that lands before the tick's hold begins it (on the
+    loop), and the tick's start-over then only appends: it was counted all the same."""
+    db = tmp_path / "s.db"
+    wal = tmp_path / "s.db-wal"
+    store = Store.open(db)
+    _commit_each(store, range(3))
+    loop = asyncio.get_running_loop()
+    real = dbmod.checkpoint
+
+    def then_a_commit(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        out = real(conn, mode)
+        if mode == "PASSIVE" and conn is store._maint:      # runs before the tick resumes
+            loop.call_soon_threadsafe(_commit_each, store, range(3, 4))
+        return out
+
+    monkeypatch.setattr(dbmod, "checkpoint", then_a_commit)
+    salts = _salts(wal)
+    starts = metrics.wal_start_overs_total._value.get()
+    assert store._pin is None
+    await store.checkpoint_once()
+    assert _salts(wal) != salts                 # a generation began: the loop's commit
+    assert metrics.wal_start_overs_total._value.get() == starts     # none in the thread
+    store.close()

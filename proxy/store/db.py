@@ -883,6 +883,20 @@ class Store:
                 return self._start_wal_over_locked()
         return False
 
+    def _wal_salts(self) -> bytes | None:
+        """The WAL header's salts (bytes 16-23: new ones in every generation), None when
+        unreadable."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return os.pread(fd, 8, 16)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def _start_wal_over_locked(self) -> bool:
         conn = self.conn
         try:
@@ -890,10 +904,14 @@ class Store:
         except sqlite3.Error:
             return False
         try:
+            salts = self._wal_salts()
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             conn.execute(f"PRAGMA user_version={int(version)}")
             conn.execute("COMMIT")
-            metrics.wal_start_overs_total.inc()
+            # a generation begun here (not one a commit of the loop began after the pass,
+            # which this write then only appended to)
+            if salts is None or self._wal_salts() != salts:
+                metrics.wal_start_overs_total.inc()
         except sqlite3.Error as exc:
             log.warning("starting the WAL over after a restart failed (the next commit "
                         "does it): %s", exc)
