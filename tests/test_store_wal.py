@@ -1249,3 +1249,46 @@ async def test_a_start_over_that_only_appended_is_not_counted_as_a_generation(
     assert _salts(wal) != salts                 # a generation began: the loop's commit
     assert metrics.wal_start_overs_total._value.get() == starts     # none in the thread
     store.close()
+
+
+class _BeforeFinalTruncate:
+    """A store's connection that runs ``before`` just before close()'s final TRUNCATE
+    checkpoint (everything else passes through to the real connection)."""
+
+    def __init__(self, conn: sqlite3.Connection, before: Callable[[], None]) -> None:
+        self._conn, self._before = conn, before
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "PRAGMA wal_checkpoint(TRUNCATE)":
+            self._before()
+        return self._conn.execute(sql, *args)
+
+
+async def test_a_pass_that_ends_during_close_does_not_pin_the_wal_again(
+        tmp_path: Path) -> None:
+    """A pass still running when close() begins (a cancelled tick's: the job runs on in its
+    thread) may take _maint_lock only after close() ended the pin; leaving frames (a reader
+    of another process), it pinned the WAL again, and close()'s final TRUNCATE waited
+    lock_wait for that pin and failed."""
+    db = tmp_path / "s.db"
+    store = await _pinned(db)
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM journal").fetchall()  # (the final materialize's
+    _commit_each(store, range(6, 9))                           # frames stay past its mark)
+
+    def a_late_pass() -> None:
+        job = threading.Thread(target=store._passive_checkpoint)
+        job.start()
+        job.join(5)
+        reader.close()
+
+    store.conn = _BeforeFinalTruncate(store.conn, a_late_pass)  # type: ignore[assignment]
+    began = time.monotonic()
+    store.close()
+    assert time.monotonic() - began < 0.8           # lock_wait 1.0
+    wal = tmp_path / "s.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
