@@ -56,7 +56,12 @@ Invariants
    truncates a WAL file over that size to zero bytes and allocates its blocks again up to
    that size (``preallocate_wal``, as ``Store.open`` does), in the niced maintenance thread
    (busy_timeout 0: it never waits holding the write lock; a commit meanwhile is retried
-   on the timer, invariant 5).
+   on the timer, invariant 5). Between those, a read transaction of the maintenance thread
+   (the WAL pin, ``_repin``) keeps a mark on the WAL's last frames, so a pass that copies
+   every other frame never lets a commit start a new generation; the RESTART, the idle
+   TRUNCATE, ``close()`` and a write refused by another connection's lock
+   (``_foreign_lock``: another process's RESTART or TRUNCATE waits for the pin holding the
+   write lock) end it first. The pin reads no row and writes nothing.
 7. The file under the path is the file we write: its (device, inode) is recorded at open
    and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
    corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
