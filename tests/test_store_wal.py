@@ -1292,3 +1292,21 @@ async def test_a_pass_that_ends_during_close_does_not_pin_the_wal_again(
     assert time.monotonic() - began < 0.8           # lock_wait 1.0
     wal = tmp_path / "s.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+async def test_an_admin_write_behind_another_process_truncate_ends_the_pin_too(
+        tmp_path: Path) -> None:
+    """The same with no metered traffic: an admin write (``Store.write``) refused by the
+    other process's TRUNCATE, which waits for the pin holding the write lock, ends the pin;
+    without that the write answered 503 after lock_wait."""
+    db = tmp_path / "s.db"
+    store = await _pinned(db)
+    other = _foreign_truncate(db, 3.0)
+    try:
+        began = time.monotonic()
+        await store.write(lambda c: c.execute("UPDATE journal_seq SET hwm = hwm WHERE id = 0"))
+        waited = time.monotonic() - began
+    finally:
+        busy, _took = _result(other)
+    assert busy == 0 and waited < 0.9, (busy, waited)
+    store.close()

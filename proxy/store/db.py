@@ -1683,7 +1683,8 @@ class Store:
                 now = self._loop.time()
                 if started is None:
                     started = now
-                    self._foreign_lock()
+                    if not self._restarting:    # (not our own RESTART or start-over)
+                        self._foreign_lock()
                 if now - started >= self.lock_wait or self._closed:
                     raise StorageUnavailable(_busy_message(exc, now - started)) from exc
             await asyncio.sleep(_BUSY_RETRY[min(tries, len(_BUSY_RETRY) - 1)])
