@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -1080,3 +1082,231 @@ async def test_closing_a_pinned_store_truncates_the_wal_at_once(tmp_path: Path) 
     assert not wal.exists() or wal.stat().st_size == 0
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM audit").fetchone()[0] == 6
+
+
+# another process's TRUNCATE checkpoint (an operator's, a backup tool's) with a busy timeout
+# of argv[2] seconds: prints "go" just before it, then its busy flag and how long it took
+_FOREIGN_TRUNCATE = (
+    "import sqlite3, sys, time\n"
+    "c = sqlite3.connect(sys.argv[1], timeout=float(sys.argv[2]))\n"
+    "print('go', flush=True)\n"
+    "t = time.monotonic()\n"
+    "busy = c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0]\n"
+    "print(busy, time.monotonic() - t, flush=True)\n")
+
+
+def _foreign_truncate(db: Path, timeout: float) -> subprocess.Popen[str]:
+    """``_FOREIGN_TRUNCATE`` started, returned once it holds the write lock (a probe's
+    ``BEGIN IMMEDIATE`` is refused): it waits there for the readers to leave the WAL."""
+    other = subprocess.Popen([sys.executable, "-c", _FOREIGN_TRUNCATE, str(db), str(timeout)],
+                             stdout=subprocess.PIPE, text=True)
+    assert other.stdout is not None and other.stdout.readline().strip() == "go"
+    probe = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return other
+            probe.execute("ROLLBACK")
+            time.sleep(0.002)
+    finally:
+        probe.close()
+    other.kill()
+    raise AssertionError("the other process's TRUNCATE never held the write lock")
+
+
+def _result(other: subprocess.Popen[str]) -> tuple[int, float]:
+    assert other.stdout is not None
+    busy, took = other.stdout.readline().split()
+    other.wait(10)
+    other.stdout.close()
+    return int(busy), float(took)
+
+
+async def _pinned(db: Path) -> Store:
+    store = Store.open(db, lock_wait=1.0)
+    _commit_each(store, range(3))
+    await store.checkpoint_once()
+    _commit_each(store, range(3, 6))
+    await store.checkpoint_once()
+    assert store._pin is not None
+    return store
+
+
+async def test_another_process_truncate_checkpoint_does_not_keep_the_commits_locked_behind_the_pin(
+        tmp_path: Path) -> None:
+    """A TRUNCATE (or RESTART, FULL) checkpoint of another process takes the write lock,
+    then waits (its busy handler) until every reader has left the WAL. The WAL pin never
+    leaves by itself (each move begins the new read transaction before ending the old), so
+    that checkpoint held the write lock for its whole busy timeout and then failed anyway,
+    while the group commits met the lock: past lock_wait fail_mode closed failed the metered
+    request (before the pin it finished in milliseconds). The first commit refused by a
+    foreign lock ends the pin: the checkpoint finishes and the commit goes through."""
+    db = tmp_path / "s.db"
+    store = await _pinned(db)
+    other = _foreign_truncate(db, 3.0)
+    try:
+        began = time.monotonic()
+        fut = store.record(_row(6), wait=True)
+        assert fut is not None
+        await asyncio.wait_for(fut, 5)      # (MeteringUnavailable after lock_wait: the bug)
+        waited = time.monotonic() - began
+    finally:
+        busy, took = _result(other)
+    assert busy == 0 and took < 1.5, (busy, took)    # the other process's TRUNCATE finished
+    assert waited < 0.9, waited                      # within lock_wait
+    store.close()
+    with sqlite3.connect(db) as c:
+        ids = sorted(r[0] for r in c.execute("SELECT request_id FROM audit"))
+    assert ids == sorted(f"r{i}" for i in range(7))
+
+
+async def test_closing_a_pinned_store_while_another_process_truncates_commits_every_row(
+        tmp_path: Path) -> None:
+    """close() ends the pin before its final commit: another process's TRUNCATE waiting for
+    the pin holds the write lock, so the final commit (which may wait lock_wait) waited for
+    it, failed, and the pending rows were lost at shutdown."""
+    db = tmp_path / "s.db"
+    store = await _pinned(db)
+    lost = metrics.lost_usage_rows_total._value.get()
+    other = _foreign_truncate(db, 3.0)
+    try:
+        store.record(_row(6), wait=False)        # pending: close()'s final commit takes it
+        store.close()
+    finally:
+        busy, _took = _result(other)
+    assert busy == 0
+    assert metrics.lost_usage_rows_total._value.get() == lost
+    with sqlite3.connect(db) as c:
+        ids = sorted(r[0] for r in c.execute("SELECT request_id FROM audit"))
+    assert ids == sorted(f"r{i}" for i in range(7))
+
+
+async def test_the_pin_never_opens_a_file_replaced_before_its_connections_were_opened(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pin's connections are opened by path on first use (a pass that left frames). A
+    file replaced between the tick's identity check and that moment (a restored backup) was
+    opened by them, and closing them, its last connections, checkpointed our WAL into that
+    file: the store wrote into a replaced file (docs/resources.md: a replaced file is never
+    written). They are used only if the path still holds the file the store writes."""
+    import hashlib
+    import shutil
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    _commit_each(store, range(3))
+    store.close()
+    shutil.copy(db, tmp_path / "backup.db")
+    store = Store.open(db)
+    _commit_each(store, range(3, 50))
+    real = dbmod.checkpoint
+
+    def replaced_during_the_pass(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        out = real(conn, mode)
+        if not (tmp_path / "restored").exists():
+            shutil.copy(tmp_path / "backup.db", tmp_path / "restored")
+            os.replace(tmp_path / "restored", db)     # (the WAL and -shm stay: ours)
+        return out
+
+    monkeypatch.setattr(dbmod, "checkpoint", replaced_during_the_pass)
+    reader = sqlite3.connect(db, isolation_level=None)      # (frames left: the pass repins)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM journal").fetchall()
+    _commit_each(store, range(50, 60))
+    await store.checkpoint_once()
+    reader.close()
+    restored = hashlib.sha256(db.read_bytes()).hexdigest()
+    assert store.broken is not None                 # (found by the tick's identity check)
+    store.close()
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == restored     # never written
+
+
+async def test_a_start_over_that_only_appended_is_not_counted_as_a_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """meterproxy_wal_start_overs_total counts the WAL generations the maintenance thread
+    begins. A pass that copied every frame (no pin yet) leaves the next write to start a
+    generation; a commit of the loop that lands before the tick's hold begins it (on the
+    loop), and the tick's start-over then only appends: it was counted all the same."""
+    db = tmp_path / "s.db"
+    wal = tmp_path / "s.db-wal"
+    store = Store.open(db)
+    _commit_each(store, range(3))
+    loop = asyncio.get_running_loop()
+    real = dbmod.checkpoint
+
+    def then_a_commit(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
+        out = real(conn, mode)
+        if mode == "PASSIVE" and conn is store._maint:      # runs before the tick resumes
+            loop.call_soon_threadsafe(_commit_each, store, range(3, 4))
+        return out
+
+    monkeypatch.setattr(dbmod, "checkpoint", then_a_commit)
+    salts = _salts(wal)
+    starts = metrics.wal_start_overs_total._value.get()
+    assert store._pin is None
+    await store.checkpoint_once()
+    assert _salts(wal) != salts                 # a generation began: the loop's commit
+    assert metrics.wal_start_overs_total._value.get() == starts     # none in the thread
+    store.close()
+
+
+class _BeforeFinalTruncate:
+    """A store's connection that runs ``before`` just before close()'s final TRUNCATE
+    checkpoint (everything else passes through to the real connection)."""
+
+    def __init__(self, conn: sqlite3.Connection, before: Callable[[], None]) -> None:
+        self._conn, self._before = conn, before
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "PRAGMA wal_checkpoint(TRUNCATE)":
+            self._before()
+        return self._conn.execute(sql, *args)
+
+
+async def test_a_pass_that_ends_during_close_does_not_pin_the_wal_again(
+        tmp_path: Path) -> None:
+    """A pass still running when close() begins (a cancelled tick's: the job runs on in its
+    thread) may take _maint_lock only after close() ended the pin; leaving frames (a reader
+    of another process), it pinned the WAL again, and close()'s final TRUNCATE waited
+    lock_wait for that pin and failed."""
+    db = tmp_path / "s.db"
+    store = await _pinned(db)
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM journal").fetchall()  # (the final materialize's
+    _commit_each(store, range(6, 9))                           # frames stay past its mark)
+
+    def a_late_pass() -> None:
+        job = threading.Thread(target=store._passive_checkpoint)
+        job.start()
+        job.join(5)
+        reader.close()
+
+    store.conn = _BeforeFinalTruncate(store.conn, a_late_pass)  # type: ignore[assignment]
+    began = time.monotonic()
+    store.close()
+    assert time.monotonic() - began < 0.8           # lock_wait 1.0
+    wal = tmp_path / "s.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+
+
+async def test_an_admin_write_behind_another_process_truncate_ends_the_pin_too(
+        tmp_path: Path) -> None:
+    """The same with no metered traffic: an admin write (``Store.write``) refused by the
+    other process's TRUNCATE, which waits for the pin holding the write lock, ends the pin;
+    without that the write answered 503 after lock_wait."""
+    db = tmp_path / "s.db"
+    store = await _pinned(db)
+    other = _foreign_truncate(db, 3.0)
+    try:
+        began = time.monotonic()
+        await store.write(lambda c: c.execute("UPDATE journal_seq SET hwm = hwm WHERE id = 0"))
+        waited = time.monotonic() - began
+    finally:
+        busy, _took = _result(other)
+    assert busy == 0 and waited < 0.9, (busy, waited)
+    store.close()

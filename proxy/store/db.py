@@ -56,7 +56,12 @@ Invariants
    truncates a WAL file over that size to zero bytes and allocates its blocks again up to
    that size (``preallocate_wal``, as ``Store.open`` does), in the niced maintenance thread
    (busy_timeout 0: it never waits holding the write lock; a commit meanwhile is retried
-   on the timer, invariant 5).
+   on the timer, invariant 5). Between those, a read transaction of the maintenance thread
+   (the WAL pin, ``_repin``) keeps a mark on the WAL's last frames, so a pass that copies
+   every other frame never lets a commit start a new generation; the RESTART, the idle
+   TRUNCATE, ``close()`` and a write refused by another connection's lock
+   (``_foreign_lock``: another process's RESTART or TRUNCATE waits for the pin holding the
+   write lock) end it first. The pin reads no row and writes nothing.
 7. The file under the path is the file we write: its (device, inode) is recorded at open
    and compared at every checkpoint tick and every readiness probe. Deleted, replaced or
    corrupt (``PRAGMA quick_check`` every ``integrity_check_interval``, or a corruption
@@ -571,6 +576,7 @@ class Store:
         # the next commit start a new WAL generation (and sync its header) on the loop
         self._pin: sqlite3.Connection | None = None
         self._pin_conns: list[sqlite3.Connection] = []
+        self._pin_off = False       # close() has begun: no pin any more (``_repin``)
         # the worker thread for checkpoint passes, in the loop's idle time
         self._maint_pool = ThreadPoolExecutor(1, "meterproxy-maint", _idle_thread_priority)
         # while the loop is busy, and after a pass starved there until _starved_until (loop
@@ -746,14 +752,26 @@ class Store:
         (``_unpin``). A pin that cannot begin (I/O error) keeps the previous one; nothing
         is read or written through it, and it changes no data: only when the WAL starts
         over."""
-        if self.path is None:
+        if self.path is None or self._pin_off:
             return
         if not self._pin_conns:
+            conns: list[sqlite3.Connection] = []
             try:
-                self._pin_conns = [open_existing(self.path, busy_timeout_ms=0) for _ in range(2)]
-            except sqlite3.Error as exc:
+                conns += (open_existing(self.path, busy_timeout_ms=0) for _ in range(2))
+                # opened by path: only on the file the store writes. (A file replaced since
+                # the tick's identity check, a restored backup, was opened, and closing the
+                # last connection to it checkpointed our WAL into it.) SQLite reads nothing
+                # before the first statement, so the file under the path now is the one
+                # these connections opened
+                same = file_id(self.path) == self._file_id
+            except (sqlite3.Error, OSError) as exc:
                 log.warning("could not open the WAL pin's connections: %s", exc)
-                return
+                same = False
+            if not same:
+                for c in conns:
+                    c.close()
+                return      # (deleted or replaced: the tick's identity check breaks the store)
+            self._pin_conns = conns
         spare = self._pin_conns[1] if self._pin is self._pin_conns[0] else self._pin_conns[0]
         try:
             spare.execute("BEGIN")
@@ -776,6 +794,25 @@ class Store:
         if pin is not None:
             with contextlib.suppress(sqlite3.Error):
                 pin.execute("ROLLBACK")
+
+    def _drop_pin(self) -> None:
+        """Worker thread: ``_unpin`` (``_foreign_lock``)."""
+        with self._maint_lock:
+            self._unpin()
+
+    def _foreign_lock(self) -> None:
+        """Loop thread: a write found the database locked by another connection. Another
+        process's FULL, RESTART or TRUNCATE checkpoint (an operator's, a backup tool's) takes
+        the write lock and then waits, for its whole busy timeout, until every reader has left
+        the WAL; the pin never leaves by itself (each move begins the new read transaction
+        before ending the old one), so that checkpoint held the write lock for its whole busy
+        timeout, then failed, and the group commits met the lock all that time (past
+        ``lock_wait``, ``fail_mode`` decided). The pin is ended (in the niced maintenance
+        thread: a pass may hold ``_maint_lock``); such a checkpoint then finishes, and no
+        pass pins again while it holds the checkpoint lock."""
+        if self._pin is not None and not self._closed:
+            with contextlib.suppress(RuntimeError):     # the pool is shut down (closing)
+                self._loop.run_in_executor(self._niced_pool(), self._drop_pin)
 
     def _truncate_checkpoint(self) -> int | None:
         """Worker thread: a TRUNCATE checkpoint on the maintenance connection (busy_timeout
@@ -851,6 +888,20 @@ class Store:
                 return self._start_wal_over_locked()
         return False
 
+    def _wal_salts(self) -> bytes | None:
+        """The WAL header's salts (bytes 16-23: new ones in every generation), None when
+        unreadable."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return os.pread(fd, 8, 16)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def _start_wal_over_locked(self) -> bool:
         conn = self.conn
         try:
@@ -858,10 +909,14 @@ class Store:
         except sqlite3.Error:
             return False
         try:
+            salts = self._wal_salts()
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             conn.execute(f"PRAGMA user_version={int(version)}")
             conn.execute("COMMIT")
-            metrics.wal_start_overs_total.inc()
+            # a generation begun here (not one a commit of the loop began after the pass,
+            # which this write then only appended to)
+            if salts is None or self._wal_salts() != salts:
+                metrics.wal_start_overs_total.inc()
         except sqlite3.Error as exc:
             log.warning("starting the WAL over after a restart failed (the next commit "
                         "does it): %s", exc)
@@ -925,6 +980,7 @@ class Store:
 
     def _close_maint(self) -> None:
         with self._maint_lock:     # waits for a checkpoint still running in its thread
+            self._pin_off = True
             self._unpin()
             for c in self._pin_conns:
                 c.close()
@@ -1435,6 +1491,7 @@ class Store:
             self._busy_since = now
             self._busy_tries = 0
             metrics.commits_total.labels("locked").inc()
+            self._foreign_lock()
         elif now - self._busy_since >= self.lock_wait or not self.healthy:
             return False
         self._pending[:0] = rows
@@ -1626,6 +1683,8 @@ class Store:
                 now = self._loop.time()
                 if started is None:
                     started = now
+                    if not self._restarting:    # (not our own RESTART or start-over)
+                        self._foreign_lock()
                 if now - started >= self.lock_wait or self._closed:
                     raise StorageUnavailable(_busy_message(exc, now - started)) from exc
             await asyncio.sleep(_BUSY_RETRY[min(tries, len(_BUSY_RETRY) - 1)])
@@ -1659,6 +1718,13 @@ class Store:
         # a RESTART or start-over still running in the maintenance thread may be using the
         # connection: its end first (shutdown may wait for it: one fdatasync)
         self._restart_idle.wait()
+        # no WAL pin from here on: another process's checkpoint waiting for it (holding the
+        # write lock) would make the final commit below wait lock_wait and fail, and the
+        # final TRUNCATE would wait for it too; a pass still running (a cancelled tick's)
+        # does not pin again (_pin_off)
+        with self._maint_lock:
+            self._pin_off = True
+            self._unpin()
         self.commit_pending()
         if self._pending:
             metrics.lost_usage_rows_total.inc(len(self._pending))
@@ -1672,8 +1738,6 @@ class Store:
             self.materialize()
         except sqlite3.Error as exc:
             log.warning("final materialize failed; the journal keeps the rows: %s", exc)
-        with self._maint_lock:      # the pin would keep the TRUNCATE waiting
-            self._unpin()
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
