@@ -249,3 +249,39 @@ async def test_expiry_racing_two_shipping_members_never_over_allocates(
     assert used["rest"] == per.get(("rest", "debit"), 0) <= 100 * C
     assert acct.balance == 150 * C - per[("soon", "expire")]
     assert acct.settled == 100 * C
+
+
+async def _plan_grant(ledger: PostgresCreditLedger, gid: str, start: int, end: int,
+                      charge: str) -> None:
+    await ledger.create_grant(NewGrant(
+        GrantState(gid, "acme", 50 * C, 50, end, start, "stripe"),
+        f"stripe:plan:sub_1:{start}", (start, end), (charge,), 2000))
+
+
+async def test_a_claw_back_on_a_stale_book_owes_what_other_members_spent(pool: PgPool) -> None:
+    """docs/credits.md ("Carry chains") in fleet mode: period 0's 50 all spent, period 1's
+    grant (50, effective) loaded into this member's book, then another member ships 50 of
+    spending out of it before this member reloads. Period 0's payment refunded here: its
+    50 spent are owed on to period 1's grant, which the shared ledger shows fully spent, so
+    they are debt (50), as had the refund come first (period 1's grant repays 50 at
+    creation and the spending is then debt). Before the fix the decision took the stale
+    book's 50 as unused: a ``refund`` entry of 50 on a grant already spent (grants.used
+    100 of 50) and no debt: 50 credits given away."""
+    await add_customer(pool, "acme")
+    ledger = PostgresCreditLedger(pool)
+    await _plan_grant(ledger, "p0", NOW - 40, NOW - 10, "ch_0")
+    await ledger.append([LedgerEntry("acme", Entry("p0", "debit", 50 * C), "r0")])
+    await _plan_grant(ledger, "p1", NOW - 10, NOW + 20, "ch_1")
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    await Shipper(pool, "b").ship([_row(1, "acme", 50 * C)])    # not reloaded here
+    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    out = await service.claw_back("acme", ["ch_0"], 2000, "refund:ch_0", "evt_1")
+    assert [(r["grant_id"], r["unused_taken"], r["debt"]) for r in out] == [
+        ("p0", "0", "0"), ("p1", "0", "50")]
+    async with pool.acquire() as c:
+        used = {str(r[0]): int(r[1]) for r in await c.fetch("SELECT id, used FROM grants")}
+    assert used == {"p0": 50 * C, "p1": 50 * C}
+    [state] = await grant_states(pool, ["acme"])
+    assert state.debt == 50 * C
