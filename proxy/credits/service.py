@@ -278,6 +278,13 @@ class CreditService:
         refs = [r for r in refs if r]
         if not refs:
             return []
+        if self.reload is not None:
+            # fleet mode: the book is a view of the shared ledger as last reloaded. The
+            # decision reads each grant from it, the next period's grant a follow or an
+            # owed share goes to included (another member may have granted it since): read
+            # the customer back first
+            self._mark(customer_id)
+            await self.resync([customer_id])
 
         def decide(f: GrantFacts) -> ClawbackDecision | None:
             g = self.book.grant(f.grant_id)

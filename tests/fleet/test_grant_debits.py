@@ -7,6 +7,7 @@ spending."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -285,3 +286,40 @@ async def test_a_claw_back_on_a_stale_book_owes_what_other_members_spent(pool: P
     assert used == {"p0": 50 * C, "p1": 50 * C}
     [state] = await grant_states(pool, ["acme"])
     assert state.debt == 50 * C
+
+
+async def test_a_claw_back_follows_a_carry_into_a_renewal_another_member_granted(
+        pool: PgPool) -> None:
+    """Period 0's 50, unspent, rolled over into period 1's grant (50 + 50 carried) by
+    another member (its grant and period 0's expiry in the shared ledger), then period 0's
+    payment refunded on this member before its book reloaded. The 50 carried follow into
+    period 1's grant (refunded first, it would have held 50): a ``refund`` entry of 50 on
+    it. Before the fix the follow was decided on this member's book, which did not hold
+    the renewal yet: nothing taken, while period 0's claw-back recorded its 50 as taken,
+    so no redelivery took them either: 50 credits given away."""
+    await add_customer(pool, "acme")
+    ledger = PostgresCreditLedger(pool)
+    await _plan_grant(ledger, "p0", NOW - 40, NOW - 10, "ch_0")
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    service.reload = partial(_reload, pool, book)   # fleet mode (proxy/app.py)
+    # another member's renewal: period 0 closed, its 50 carried
+    await ledger.append([LedgerEntry("acme", Entry("p0", "expire", 50 * C))])
+    await ledger.create_grant(NewGrant(
+        GrantState("p1", "acme", 100 * C, 50, NOW + 20, NOW - 10, "stripe"),
+        f"stripe:plan:sub_1:{NOW - 10}", (NOW - 10, NOW + 20), ("ch_1",), 2000,
+        carried=50 * C))
+    out = await service.claw_back("acme", ["ch_0"], 2000, "refund:ch_0", "evt_1")
+    assert ("p1", "50", "0") in [(r["grant_id"], r["unused_taken"], r["debt"]) for r in out]
+    [state] = await grant_states(pool, ["acme"])
+    assert ({g.id: g.remaining for g in state.grants}, state.debt) == (
+        {"p0": 0, "p1": 50 * C}, 0)
+    assert {g.id: g.remaining for g in book.grants("acme")} == {"p0": 0, "p1": 50 * C}
+
+
+async def _reload(pool: PgPool, book: CreditBook, customers: list[str]) -> None:
+    """What a member's ``Fleet.reload_credits`` does (proxy/fleet/runtime.py)."""
+    for cc in await grant_states(pool, customers):
+        book.replace(cc.customer_id, cc.grants, cc.debt)
