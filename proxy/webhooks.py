@@ -892,6 +892,11 @@ class WebhookReceiver:
             at = min(self.clock(), float(prev.expires_at or self.clock()))
             await self.credits.ledger.append([LedgerEntry(cid, entry, at=at)])
             self.credits.book.apply([entry])
+            # what the ledger expired: ``left`` in a single process; in fleet mode the
+            # expiry is capped by what the shared ledger says the grant holds (a member's
+            # book may not have seen another member's spending yet), and only that is left
+            # to carry
+            expired, left = await self.credits.ledger.entry_total(prev.id, "expire"), 0
         return carry(int(expired) + left, prev.amount,
                      await self.credits.ledger.grant_carried(prev.id), once)
 

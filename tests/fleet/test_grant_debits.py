@@ -323,3 +323,26 @@ async def _reload(pool: PgPool, book: CreditBook, customers: list[str]) -> None:
     """What a member's ``Fleet.reload_credits`` does (proxy/fleet/runtime.py)."""
     for cc in await grant_states(pool, customers):
         book.replace(cc.customer_id, cc.grants, cc.debt)
+
+
+async def test_a_rollover_on_a_stale_book_carries_only_what_the_ledger_expired(
+        pool: PgPool) -> None:
+    """A rollover renewal processed on a member whose book has not seen another member's
+    shipped spending of the previous period's grant (50, 30 of it spent elsewhere):
+    ``WebhookReceiver._close_previous`` expires what the shared ledger says is left (20,
+    capped under the account lock) and carries that, 20. Before the fix it carried the
+    stale book's 50 while expiring 20: 30 spent credits carried into the new period."""
+    from proxy.webhooks import WebhookReceiver
+    from tests.test_plan_lifecycle import CFG
+
+    await add_customer(pool, "acme")
+    ledger = PostgresCreditLedger(pool)
+    await _plan_grant(ledger, "p0", NOW - 40, NOW + 20, "ch_0")
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    await Shipper(pool, "b").ship([_row(1, "acme", 30 * C)])    # not reloaded here
+    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    hooks = WebhookReceiver(None, None, service, CFG, clock=lambda: NOW + 20)  # type: ignore[arg-type]
+    assert await hooks._close_previous("acme", "sub_1", NOW + 20, False) == 20 * C
+    assert await ledger.entry_total("p0", "expire") == 20 * C
