@@ -344,5 +344,5 @@ async def test_a_rollover_on_a_stale_book_carries_only_what_the_ledger_expired(
     await Shipper(pool, "b").ship([_row(1, "acme", 30 * C)])    # not reloaded here
     service = CreditService(None, book, ledger)  # type: ignore[arg-type]
     hooks = WebhookReceiver(None, None, service, CFG, clock=lambda: NOW + 20)  # type: ignore[arg-type]
-    assert await hooks._close_previous("acme", "sub_1", NOW + 20, False) == 20 * C
+    assert await hooks._close_previous("acme", "sub_1", NOW + 20, False) == (20 * C, "p0")
     assert await ledger.entry_total("p0", "expire") == 20 * C
