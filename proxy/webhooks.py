@@ -858,10 +858,16 @@ class WebhookReceiver:
         info: dict[str, Any] = {"price": line.price, "period_start": rfc3339(start),
                                 "period_end": rfc3339(end)}
         if plan.mode == "rollover" and not await self.credits.ledger.has_grant(cid, key):
-            carried = await self._close_previous(cid, sub, start,
-                                                 plan.rollover_expiry == "next_period")
+            carried, prev = await self._close_previous(cid, sub, start,
+                                                       plan.rollover_expiry == "next_period")
             cap = None if plan.cap is None else _micro(plan.cap) * line.quantity
             amount = rollover_grant(allowance, carried, cap)
+            # a period granted anew after a write-off (``:paid:``) carries the previous
+            # grant's credits again; what a refund of the previous payment followed out of
+            # it into the written-off grant was taken already (had the refund come first,
+            # nothing of it would have been carried): that much less is carried
+            if prev is not None and (gone := await self.credits.ledger.followed_out(prev)):
+                amount -= min(gone, amount - allowance)
         g, new = await self.credits.grant(cid, fmt_micro(amount), expires_at=end,
                                           priority=plan.priority, source=f"stripe:{inv_id}",
                                           idempotency_key=key, period=(start, end),
@@ -874,9 +880,10 @@ class WebhookReceiver:
             info["carried"] = fmt_micro(carried)
         return info
 
-    async def _close_previous(self, cid: str, sub: str, start: int, once: bool) -> int:
+    async def _close_previous(self, cid: str, sub: str, start: int,
+                              once: bool) -> tuple[int, str | None]:
         """Expire what is left of the subscription's previous period grant and return the
-        amount to carry: what it had left at the boundary (remaining + already expired), and
+        amount to carry (and the grant closed): what it had left at the boundary (remaining + already expired), and
         with ``once`` no more than its own allowance (``proxy.credits.ledger.carry``). Stable
         under re-processing: a second run finds it expired and returns the same amount."""
         prefix = f"stripe:plan:{sub}:"
@@ -884,7 +891,7 @@ class WebhookReceiver:
         prev_id = await self.credits.ledger.previous_period_grant(cid, prefix, start)
         prev = self.credits.book.grant(prev_id) if prev_id else None
         if prev is None:
-            return 0
+            return 0, None
         expired = await self.credits.ledger.entry_total(prev.id, "expire")
         left = prev.remaining if not prev.voided else 0
         if left > 0:
@@ -892,8 +899,13 @@ class WebhookReceiver:
             at = min(self.clock(), float(prev.expires_at or self.clock()))
             await self.credits.ledger.append([LedgerEntry(cid, entry, at=at)])
             self.credits.book.apply([entry])
+            # what the ledger expired: ``left`` in a single process; in fleet mode the
+            # expiry is capped by what the shared ledger says the grant holds (a member's
+            # book may not have seen another member's spending yet), and only that is left
+            # to carry
+            expired, left = await self.credits.ledger.entry_total(prev.id, "expire"), 0
         return carry(int(expired) + left, prev.amount,
-                     await self.credits.ledger.grant_carried(prev.id), once)
+                     await self.credits.ledger.grant_carried(prev.id), once), prev.id
 
     # ---- views (admin) ------------------------------------------------------------------------
 

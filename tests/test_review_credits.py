@@ -720,3 +720,56 @@ async def test_a_refund_owes_nothing_on_to_a_next_period_grant_not_effective_yet
         assert _reloaded_balance(env, now + 2) == (-30 * Q, 30 * Q)
     finally:
         env.store.close()
+
+
+async def _written_off_then_refunded(tmp: Path, refund_first: bool, cap: str | None,
+                                     between: int, later: int) -> int:
+    """Period 0 (50, paid 20.00 by ``ch_0``, unspent); period 1's renewal granted at
+    ``invoice.created`` (50 + 50 carried, ``cap``), written off, then paid (granted anew
+    under ``:paid:``, carrying period 0's credits again). ``ch_0`` refunded (cumulative
+    minor units) ``between`` the write-off and the late payment and ``later`` after it, or
+    (``refund_first``) ``later`` before the renewal. The balance at the end."""
+    from tests.test_plan_lifecycle import DAY, S0, S1, S2, Clock, Env, _at, _inv
+
+    env = await Env.open(tmp, Clock(0), _roll_cfg(**({} if cap is None else {"cap": cap})))
+    try:
+        await _at(env, S0 + 5, "evt_0", "invoice.paid",
+                  _inv("in_0", "price_roll", (S0, S1), "subscription_create", charge="ch_0",
+                       payment_intent="pi_ch_0", amount_paid=2000))
+        if refund_first:
+            await _at(env, S1 - 60, "evt_r", "charge.refunded", _refund("ch_0", "in_0", later))
+        renewal = _inv("in_1", "price_roll", (S1, S2), "subscription_cycle", amount_due=2000)
+        await _at(env, S1 + 30, "evt_c", "invoice.created", renewal)
+        await _at(env, S1 + DAY, "evt_u", "invoice.marked_uncollectible", renewal)
+        if not refund_first:
+            await _at(env, S1 + DAY + 60, "evt_r1", "charge.refunded",
+                      _refund("ch_0", "in_0", between))
+        await _at(env, S1 + 2 * DAY, "evt_p", "invoice.paid", renewal)
+        if not refund_first and later > between:
+            await _at(env, S1 + 2 * DAY + 30, "evt_r2", "charge.refunded",
+                      _refund("ch_0", "in_0", later))
+        at = S1 + 2 * DAY + 60
+        assert _reloaded_balance(env, at) == (env.balance(at), env.credits.book.debt("acme"))
+        return env.balance(at)
+    finally:
+        env.store.close()
+
+
+@pytest.mark.parametrize(("cap", "between", "later", "expected"), [
+    (None, 2000, 2000, 50), (None, 1000, 1000, 75), (None, 1000, 2000, 50),
+    ("80", 2000, 2000, 50), ("80", 1000, 1000, 75), ("80", 1000, 2000, 50)])
+async def test_a_refund_between_a_write_off_and_the_late_payment_takes_the_carry_granted_anew(
+        tmp_path: Path, cap: str | None, between: int, later: int, expected: int) -> None:
+    """A refund takes what it would have taken had it come first (docs/credits.md, "Carry
+    chains"), also around a renewal written off and paid late. Refunded first (in full):
+    period 0's 50 go, the renewal carries nothing (50, written off, then granted anew: 50);
+    by half: 25 carried (75). Refunded after the write-off, before the late payment: the
+    carried credits follow into the written-off grant, whose claw-back had already taken
+    them; the grant made anew then carried period 0's credits again (``_close_previous``
+    reads its expire entry) and no claw-back followed them there: 100 whatever the refund.
+    Now the grant anew carries that much less (``followed_out``), and a later increase of
+    the same refund follows into it (a follow is counted against the grant it went to)."""
+    before = await _written_off_then_refunded(tmp_path / "a", True, cap, later, later)
+    after = await _written_off_then_refunded(tmp_path / "b", False, cap, between, later)
+    assert before == expected * Q
+    assert after == before

@@ -281,6 +281,13 @@ class CreditService:
         refs = [r for r in refs if r]
         if not refs:
             return []
+        if self.reload is not None:
+            # fleet mode: the book is a view of the shared ledger as last reloaded. The
+            # decision reads each grant from it, the next period's grant a follow or an
+            # owed share goes to included (another member may have granted it since): read
+            # the customer back first
+            self._mark(customer_id)
+            await self.resync([customer_id])
 
         def decide(f: GrantFacts) -> ClawbackDecision | None:
             g = self.book.grant(f.grant_id)
@@ -295,10 +302,15 @@ class CreditService:
             owed_in = 0 if f.owe_target is None else f.owe_target - f.owe_previous
             if delta <= 0 and owed_in <= 0:
                 return None
-            # from the book: debits still in the group-commit buffer count as spent; what
-            # earlier claw-backs owed (debt here, or owed on to the next period) is not
-            # spent credit left to take
-            room = clawback_room(g.amount, g.remaining, f.sums, f.clawed_total,
+            # what the grant holds: the book's view or the ledger's, whichever is less. A
+            # single process's book also counts debits still in the group-commit buffer; a
+            # fleet member's book is a view of the shared ledger as last reloaded, and the
+            # ledger (read under the account lock) also has what other members shipped
+            # since: spent credit, never unused credit to refund. What earlier claw-backs
+            # owed (debt here, or owed on to the next period) is not spent credit left to
+            # take
+            remaining = min(g.remaining, g.amount - sum(f.sums.values()))
+            room = clawback_room(g.amount, remaining, f.sums, f.clawed_total,
                                  f.owed + f.owed_on, f.carried_out, f.followed_out,
                                  f.owed_into + max(owed_in, 0))
             # what is owed goes on to the next period's grant once it is effective: had the

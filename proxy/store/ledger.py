@@ -204,6 +204,12 @@ class SqliteCreditLedger:
                                    (grant_id,)).fetchone()
         return int(row[0]) if row else 0
 
+    async def followed_out(self, grant_id: str) -> int:
+        k = f"carry:{grant_id}>"
+        (n,) = self.db.conn.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks WHERE"
+                                    " substr(key, 1, ?)=?", (len(k), k)).fetchone()
+        return int(n)
+
     async def paid_for(self, ref: str) -> int:
         (n,) = self.db.conn.execute("SELECT COALESCE(MAX(paid), 0) FROM grant_payments"
                                     " WHERE ref=?", (ref,)).fetchone()
@@ -317,9 +323,13 @@ class SqliteCreditLedger:
                 successor, carried_out = nxt if nxt is not None else (None, 0)
                 followed = owed_on = 0
                 if successor is not None:
+                    # into this successor only: a follow into a grant written off since
+                    # (and granted anew, ``:paid:``) was subtracted from the new grant's
+                    # carry (``WebhookReceiver._grant_plan``)
+                    fk = f"carry:{gid}>{successor}:"
                     (followed,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
                                             " WHERE substr(key, 1, ?)=?",
-                                            (len(f"carry:{gid}>"), f"carry:{gid}>")).fetchone()
+                                            (len(fk), fk)).fetchone()
                     (owed_on,) = c.execute("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
                                            " WHERE substr(key, 1, ?)=?",
                                            (len(f"owe:{gid}>"), f"owe:{gid}>")).fetchone()

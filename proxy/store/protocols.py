@@ -457,6 +457,13 @@ class CreditLedger(Protocol):
         """The ``carried`` part of a grant (0 for an unknown grant)."""
         ...
 
+    async def followed_out(self, grant_id: str) -> int:
+        """What claw-backs followed out of a grant into the grants its credits were carried
+        into (the ``carry:<grant>>`` rows of ``clawbacks``, every key): credits of the
+        grant's refunded payment, taken already, that a period granted anew after a
+        write-off must not carry again."""
+        ...
+
     async def paid_for(self, ref: str) -> int:
         """The largest amount (minor units) recorded for a payment ref on any grant; 0 when
         none."""

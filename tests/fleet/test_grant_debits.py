@@ -7,6 +7,7 @@ spending."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -249,3 +250,99 @@ async def test_expiry_racing_two_shipping_members_never_over_allocates(
     assert used["rest"] == per.get(("rest", "debit"), 0) <= 100 * C
     assert acct.balance == 150 * C - per[("soon", "expire")]
     assert acct.settled == 100 * C
+
+
+async def _plan_grant(ledger: PostgresCreditLedger, gid: str, start: int, end: int,
+                      charge: str) -> None:
+    await ledger.create_grant(NewGrant(
+        GrantState(gid, "acme", 50 * C, 50, end, start, "stripe"),
+        f"stripe:plan:sub_1:{start}", (start, end), (charge,), 2000))
+
+
+async def test_a_claw_back_on_a_stale_book_owes_what_other_members_spent(pool: PgPool) -> None:
+    """docs/credits.md ("Carry chains") in fleet mode: period 0's 50 all spent, period 1's
+    grant (50, effective) loaded into this member's book, then another member ships 50 of
+    spending out of it before this member reloads. Period 0's payment refunded here: its
+    50 spent are owed on to period 1's grant, which the shared ledger shows fully spent, so
+    they are debt (50), as had the refund come first (period 1's grant repays 50 at
+    creation and the spending is then debt). Before the fix the decision took the stale
+    book's 50 as unused: a ``refund`` entry of 50 on a grant already spent (grants.used
+    100 of 50) and no debt: 50 credits given away."""
+    await add_customer(pool, "acme")
+    ledger = PostgresCreditLedger(pool)
+    await _plan_grant(ledger, "p0", NOW - 40, NOW - 10, "ch_0")
+    await ledger.append([LedgerEntry("acme", Entry("p0", "debit", 50 * C), "r0")])
+    await _plan_grant(ledger, "p1", NOW - 10, NOW + 20, "ch_1")
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    await Shipper(pool, "b").ship([_row(1, "acme", 50 * C)])    # not reloaded here
+    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    out = await service.claw_back("acme", ["ch_0"], 2000, "refund:ch_0", "evt_1")
+    assert [(r["grant_id"], r["unused_taken"], r["debt"]) for r in out] == [
+        ("p0", "0", "0"), ("p1", "0", "50")]
+    async with pool.acquire() as c:
+        used = {str(r[0]): int(r[1]) for r in await c.fetch("SELECT id, used FROM grants")}
+    assert used == {"p0": 50 * C, "p1": 50 * C}
+    [state] = await grant_states(pool, ["acme"])
+    assert state.debt == 50 * C
+
+
+async def test_a_claw_back_follows_a_carry_into_a_renewal_another_member_granted(
+        pool: PgPool) -> None:
+    """Period 0's 50, unspent, rolled over into period 1's grant (50 + 50 carried) by
+    another member (its grant and period 0's expiry in the shared ledger), then period 0's
+    payment refunded on this member before its book reloaded. The 50 carried follow into
+    period 1's grant (refunded first, it would have held 50): a ``refund`` entry of 50 on
+    it. Before the fix the follow was decided on this member's book, which did not hold
+    the renewal yet: nothing taken, while period 0's claw-back recorded its 50 as taken,
+    so no redelivery took them either: 50 credits given away."""
+    await add_customer(pool, "acme")
+    ledger = PostgresCreditLedger(pool)
+    await _plan_grant(ledger, "p0", NOW - 40, NOW - 10, "ch_0")
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    service.reload = partial(_reload, pool, book)   # fleet mode (proxy/app.py)
+    # another member's renewal: period 0 closed, its 50 carried
+    await ledger.append([LedgerEntry("acme", Entry("p0", "expire", 50 * C))])
+    await ledger.create_grant(NewGrant(
+        GrantState("p1", "acme", 100 * C, 50, NOW + 20, NOW - 10, "stripe"),
+        f"stripe:plan:sub_1:{NOW - 10}", (NOW - 10, NOW + 20), ("ch_1",), 2000,
+        carried=50 * C))
+    out = await service.claw_back("acme", ["ch_0"], 2000, "refund:ch_0", "evt_1")
+    assert ("p1", "50", "0") in [(r["grant_id"], r["unused_taken"], r["debt"]) for r in out]
+    [state] = await grant_states(pool, ["acme"])
+    assert ({g.id: g.remaining for g in state.grants}, state.debt) == (
+        {"p0": 0, "p1": 50 * C}, 0)
+    assert {g.id: g.remaining for g in book.grants("acme")} == {"p0": 0, "p1": 50 * C}
+
+
+async def _reload(pool: PgPool, book: CreditBook, customers: list[str]) -> None:
+    """What a member's ``Fleet.reload_credits`` does (proxy/fleet/runtime.py)."""
+    for cc in await grant_states(pool, customers):
+        book.replace(cc.customer_id, cc.grants, cc.debt)
+
+
+async def test_a_rollover_on_a_stale_book_carries_only_what_the_ledger_expired(
+        pool: PgPool) -> None:
+    """A rollover renewal processed on a member whose book has not seen another member's
+    shipped spending of the previous period's grant (50, 30 of it spent elsewhere):
+    ``WebhookReceiver._close_previous`` expires what the shared ledger says is left (20,
+    capped under the account lock) and carries that, 20. Before the fix it carried the
+    stale book's 50 while expiring 20: 30 spent credits carried into the new period."""
+    from proxy.webhooks import WebhookReceiver
+    from tests.test_plan_lifecycle import CFG
+
+    await add_customer(pool, "acme")
+    ledger = PostgresCreditLedger(pool)
+    await _plan_grant(ledger, "p0", NOW - 40, NOW + 20, "ch_0")
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    await Shipper(pool, "b").ship([_row(1, "acme", 30 * C)])    # not reloaded here
+    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    hooks = WebhookReceiver(None, None, service, CFG, clock=lambda: NOW + 20)  # type: ignore[arg-type]
+    assert await hooks._close_previous("acme", "sub_1", NOW + 20, False) == (20 * C, "p0")
+    assert await ledger.entry_total("p0", "expire") == 20 * C

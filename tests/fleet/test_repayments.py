@@ -247,3 +247,37 @@ async def _started_together(fleet: FleetOfMembers, pool: PgPool) -> None:
             view = await admin_call(s, m, "GET", "/admin/customers/acme/grants")
             assert (view["debt"], {g["grant_id"]: g["remaining"] for g in view["grants"]}) \
                 == ("0", {"g1": "0", "g2": "10"}), (m.name, view)
+
+
+async def test_debt_shipped_before_the_customers_first_grant_is_repaid_by_it(
+        open_pool: PoolFactory) -> None:
+    """A block customer with no credit account yet (never granted) admitted during an
+    outage with ``fail_mode: open`` (``LeaseBook._unreachable``): its usage ships later as
+    debt (``grant_debits.debit_grants``: no grant covers it). Its first grant then repays
+    that debt, as in a single process: the cap under the account lock reads the debt from
+    ``credit_accounts.debt``, which must count it. Before the fix the migration-6 trigger
+    only updated existing account rows: the debt was in the ledger's entries but not in
+    ``credit_accounts.debt`` (0), so the grant repaid nothing, every member's book read a
+    debt of 0, and the ledger reloaded entry by entry (``load``) still owed 10."""
+    from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
+
+    pool = await open_pool()
+    async with pool.acquire() as c:         # a customer row, no credit account
+        await c.execute("INSERT INTO customers(id, created_at, updated_at) VALUES"
+                        " ('acme', 0, 0)")
+    await Shipper(pool, "a").ship([LocalRow(1, "r1", NOW * 1000, "acme", "k", "chat", "v1",
+                                            200, (ShipItem("api_calls", C, credits=10 * C),))])
+    async with pool.acquire() as c:
+        assert await c.fetchval("SELECT debt FROM credit_accounts WHERE customer_id='acme'") \
+            == 10 * C
+    a = await _member(pool)
+    assert _book_says(a) == (10 * C, {})
+    g, _ = await a.grant("acme", "50", idempotency_key="first")
+    debt, remaining, _ = await _ledger(pool)
+    assert (debt, remaining) == (0, {g.id: 40 * C})
+    assert _book_says(a) == (0, {g.id: 40 * C})
+    assert (await PostgresCreditLedger(pool).load()).debts == {"acme": 0}
+    async with pool.acquire() as c:     # leases escrow what the grant holds: 40
+        row = await c.fetchrow("SELECT balance, settled, escrowed FROM credit_accounts"
+                               " WHERE customer_id='acme'")
+    assert row["balance"] - row["settled"] - row["escrowed"] == 40 * C

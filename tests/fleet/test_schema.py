@@ -141,3 +141,29 @@ async def test_migration_6_gives_spending_kept_only_as_settled_to_the_grants(
         assert used == {"first": 3, "soon": 6, "late": 0, "z": 10}
     finally:
         await conn.close()
+
+
+async def test_migration_9_counts_debt_shipped_before_the_customers_account(
+        pg_dsn: str) -> None:
+    """Before ``leases.settle`` made a customer's account, usage shipped as debt for a
+    customer without one (never granted, admitted offline) was counted neither in
+    ``settled`` nor in ``debt``; a first grant made the account later (balance 50, debt 0).
+    Migration 9 counts the 7 in both: the debt its grant repays, and settled (what leases
+    can still escrow is what the grant holds once it has repaid: 43)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, MIGRATIONS[:-1])
+        await conn.execute("INSERT INTO customers(id, created_at, updated_at) VALUES"
+                           " ('c', 0, 0), ('d', 0, 0)")
+        await conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount,"
+                           " at_ms) VALUES ('c', NULL, 'debt', 7, 0), ('d', NULL, 'debt', 2, 0)")
+        await conn.execute("INSERT INTO credit_accounts(customer_id, balance) VALUES ('c', 50)")
+        await conn.execute("INSERT INTO grants(id, customer_id, amount, source, created_at)"
+                           " VALUES ('g', 'c', 50, 'admin', 0)")
+        assert await conn.fetchval("SELECT debt FROM credit_accounts") == 0
+        await migrate(conn, MIGRATIONS)
+        rows = {r[0]: tuple(r[1:]) for r in await conn.fetch(
+            "SELECT customer_id, balance, settled, debt FROM credit_accounts")}
+        assert rows == {"c": (50, 7, 7), "d": (0, 2, 2)}
+    finally:
+        await conn.close()

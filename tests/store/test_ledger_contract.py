@@ -202,6 +202,16 @@ async def test_claw_back_follows_a_rollover_carry_into_the_grant_that_received_i
                                     period=(200, 300), payment_refs=("ch_x",), paid_minor=10))
     await led.claw_back("c1", ["ch_x"], "refund:ch_x", "evt_3", 10, decide)
     assert (seen[-1].grant_id, seen[-1].carried_out) == ("x", 0)
+    # what claw-backs followed out of a grant, every key (a period granted anew after a
+    # write-off carries that much less: WebhookReceiver._grant_plan)
+    assert (await led.followed_out("p0"), await led.followed_out("p1")) == (100, 0)
+    # a period of p0's next start granted anew (``:paid:``) is the next period grant now:
+    # what followed into p1 is not counted against it
+    await led.create_grant(NewGrant(_g("p1b", amount=50, created=1003),
+                                    idempotency_key="stripe:plan:sub_1:200:paid:in_1",
+                                    period=(200, 300), carried=0))
+    got = await led.claw_back("c1", ["ch_0"], "refund:ch_0", "evt_4", 1000, decide)
+    assert got == [] and (seen[-1].grant_id, seen[-1].followed_out) == ("p0", 0)
 
 
 async def test_a_next_period_grant_that_carried_nothing_receives_no_follow(

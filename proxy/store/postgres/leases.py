@@ -267,6 +267,14 @@ async def settle(conn: Conn, member_id: str, spent: Mapping[str, int]) -> None:
     if not customers:
         return
     amounts = [spent[c] for c in customers]
+    # a customer never granted credits has no account yet (a block customer admitted
+    # offline, ``fail_mode: open``): its account is made here, so that what it spent is
+    # settled and the debt it becomes (``grant_debits.debit_grants``, after this) is in
+    # ``credit_accounts.debt`` (the migration-6 trigger updates existing rows only), which
+    # its first grant repays (docs/fleet.md, "Repayments")
+    await conn.execute("INSERT INTO credit_accounts(customer_id) SELECT c FROM"
+                       " unnest($1::text[]) AS c ORDER BY c ON CONFLICT (customer_id) DO NOTHING",
+                       customers)
     await conn.execute("SELECT 1 FROM credit_accounts WHERE customer_id = ANY($1::text[]) "
                        "ORDER BY customer_id FOR UPDATE", customers)
     covered = await conn.fetch(

@@ -308,6 +308,12 @@ class PostgresCreditLedger:
             n = await c.fetchval("SELECT carried FROM grants WHERE id=$1", grant_id)
         return 0 if n is None else int(n)
 
+    async def followed_out(self, grant_id: str) -> int:
+        k = f"carry:{grant_id}>"
+        async with self.pool.acquire() as c:
+            return int(await c.fetchval("SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
+                                        " WHERE substr(key, 1, $1)=$2", len(k), k))
+
     async def paid_for(self, ref: str) -> int:
         async with self.pool.acquire() as c:
             return int(await c.fetchval("SELECT COALESCE(MAX(paid), 0) FROM grant_payments"
@@ -429,7 +435,8 @@ class PostgresCreditLedger:
                 successor, carried_out = nxt if nxt is not None else (None, 0)
                 followed = owed_on = 0
                 if successor is not None:
-                    fk, ok_ = f"carry:{gid}>", f"owe:{gid}>"
+                    # into this successor only (SQLite's claw_back says why)
+                    fk, ok_ = f"carry:{gid}>{successor}:", f"owe:{gid}>"
                     followed = int(await c.fetchval(
                         "SELECT COALESCE(SUM(credits), 0) FROM clawbacks"
                         " WHERE substr(key, 1, $1)=$2", len(fk), fk))

@@ -31,7 +31,8 @@ Migration 6 keeps per-grant state in step with the shared ledger (``grants.used`
 ``credit_accounts.debt`` and ``rev``; ``proxy.store.postgres.grant_debits``).
 Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
 ``grant_mirrors`` (the monetary credits mode, docs/credits.md). Migration 8 is SQLite's
-migration 12: ``invoice_finalized``.
+migration 12: ``invoice_finalized``. Migration 9 counts debt shipped for a customer
+before it had a credit account (``settled`` and ``debt``).
 """
 
 from __future__ import annotations
@@ -210,6 +211,22 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
         period_end BIGINT NOT NULL,
         updated_at BIGINT NOT NULL
     );
+    """,
+    # 9: usage shipped as debt for a customer with no credit account yet (a block customer
+    # admitted offline before its first grant) was counted neither in ``settled`` (the
+    # settle updated no row) nor in ``debt`` (the migration-6 trigger updates existing rows
+    # only), so its first grant repaid nothing (repayments are capped by ``debt``).
+    # ``leases.settle`` now makes the account first; here the accounts are made and such
+    # uncounted debt is counted in both
+    """
+    INSERT INTO credit_accounts(customer_id)
+        SELECT DISTINCT e.customer_id FROM credit_entries e JOIN customers c ON c.id = e.customer_id
+        ON CONFLICT (customer_id) DO NOTHING;
+    UPDATE credit_accounts a SET debt = s.d, settled = a.settled + (s.d - a.debt),
+        rev = nextval('credit_rev') FROM (
+        SELECT customer_id, sum(CASE kind WHEN 'debt' THEN amount ELSE -amount END) AS d
+        FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id) s
+        WHERE a.customer_id = s.customer_id AND a.debt <> s.d;
     """,
 )
 
