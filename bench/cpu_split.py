@@ -217,6 +217,13 @@ def one(s: run.Setup, target: str, a: argparse.Namespace, oport: int, tag: str,
     finally:
         run.stop(p)
     n = int(r["ok_2xx"])      # type: ignore[call-overload]
+    if n != r.get("sent", n) or set(r.get("statuses", {})) - {"200"}:     # type: ignore[arg-type]
+        # not every request answered 200: what, and the proxy's log (it logs warnings)
+        run.log(f"  {tag}: sent {r.get('sent')}, statuses {r.get('statuses')}")
+        logf = s.work / f"{target}.log"
+        if logf.exists():
+            for line in logf.read_text(errors="replace").splitlines()[-15:]:
+                run.log(f"    {line}")
     res: dict[str, float] = {"requests": n, "p50_ms": float(r["p50_ms"]),  # type: ignore[arg-type]
                              "p99_ms": float(r["p99_ms"])}                 # type: ignore[arg-type]
     other_user = other_sys = 0.0
