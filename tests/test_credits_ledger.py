@@ -550,3 +550,19 @@ def test_a_refund_takes_what_it_would_have_taken_had_it_come_first(
                for kind, n in sums.items()]
     assert {g.id: g.remaining for g in replay(later.grants, entries).values()} == {
         g.id: g.remaining for g in later.grants}
+
+
+def test_the_spent_layer_is_what_earlier_claw_backs_have_not_owed_yet() -> None:
+    """A grant of 100 that spent all of it, 30 of which an earlier claw-back already owed
+    (as debt, or on to the next period): 70 of its spent layer are left to owe."""
+    room = clawback_room(100, 0, {}, clawed_total=30, owed=30, carried_out=0, followed_out=0)
+    assert room == ClawbackRoom(0, 0, 0, 70)
+
+
+def test_a_step_that_owes_on_still_refunds_the_unused_credits_it_took() -> None:
+    """With the next period's grant effective (``owe_on``), the spent share goes on to it,
+    but the unused credits taken here are a ``refund`` entry of exactly that amount."""
+    g = GrantState("g", "c", 100)
+    entries, follow, owed = clawback_step(g, ClawbackRoom(5, 0, 0, 20), 25, 0, owe_on=True)
+    assert entries == [Entry("g", "refund", 5)]
+    assert (follow, owed) == (0, 20)

@@ -479,6 +479,7 @@ def test_the_integer_shortcut_answers_and_per_rule_tables_are_made_once(
     (u,) = chat.usage
     assert keys == ["openai_chat.total"]
     assert _int_micro(u, BodyView({"openai_chat.total": 3})) == 3 * M
+    assert _int_micro(u, BodyView({"openai_chat.total": 0})) == 0      # zero is a count
     assert _int_micro(u, BodyView(dict.fromkeys(keys, True))) is None      # a bool is no count
     many = rules["many"]
     assert _readable_constants(many) is _readable_constants(many)
