@@ -21,6 +21,7 @@ from proxy import config as config_mod
 from proxy.app import Server, start
 from proxy.demo.upstream import build_app
 from tests.ci_guard import in_ci, pytest_runtest_makereport  # noqa: F401  (the hook: no skips in CI)
+from tests.fleet.tcp_cut import CuttableRelay
 from tests.servers import serve
 
 pytest_plugins = ["tests.stripe_double.fixture"]
@@ -219,3 +220,12 @@ async def make_proxy(tmp_path: Path, upstream: str) -> AsyncIterator[ProxyFactor
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     return await make_proxy()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[CuttableRelay]:
+    """A TCP relay to PostgreSQL whose connections a test can cut (tests/fleet/tcp_cut.py)."""
+    r = CuttableRelay()
+    await r.start()
+    yield r
+    await r.stop()

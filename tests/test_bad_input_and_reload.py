@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -154,7 +153,9 @@ async def test_a_reload_storage_refused_is_retried_until_the_new_rules_are_store
         assert "could not be stored" in (rt.rules_error or "")
         assert rt.rules.version == v1
         assert metrics.rules_reload_failing._value.get() == 1
-        await asyncio.sleep(2.5)                # several retries, all refused
+        failed = metrics.rules_reloads_total.labels("error")._value.get()
+        await wait_until(lambda: metrics.rules_reloads_total.labels("error")._value.get()
+                         >= failed + 2, what="two more retries, refused")
         assert rt.rules.version == v1
     finally:
         other.execute("ROLLBACK")

@@ -1069,12 +1069,7 @@ async def test_closing_a_pinned_store_truncates_the_wal_at_once(tmp_path: Path) 
     """close() ends the WAL pin before its final TRUNCATE checkpoint: the pin's read
     transaction would keep it waiting lock_wait and then failing, leaving the WAL behind."""
     db = tmp_path / "s.db"
-    store = Store.open(db, lock_wait=2.0)
-    _commit_each(store, range(3))
-    await store.checkpoint_once()
-    _commit_each(store, range(3, 6))
-    await store.checkpoint_once()
-    assert store._pin is not None
+    store = await _pinned(db, lock_wait=2.0)
     began = time.monotonic()
     store.close()
     assert time.monotonic() - began < 1.0
@@ -1125,8 +1120,9 @@ def _result(other: subprocess.Popen[str]) -> tuple[int, float]:
     return int(busy), float(took)
 
 
-async def _pinned(db: Path) -> Store:
-    store = Store.open(db, lock_wait=1.0)
+async def _pinned(db: Path, lock_wait: float = 1.0) -> Store:
+    """A store with rows r0-r5 committed and the WAL pinned."""
+    store = Store.open(db, lock_wait=lock_wait)
     _commit_each(store, range(3))
     await store.checkpoint_once()
     _commit_each(store, range(3, 6))

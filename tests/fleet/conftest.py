@@ -21,6 +21,12 @@ from tests.ci_guard import skip_or_fail
 
 PG_BASE = os.environ.get("METERPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 
+
+def via_relay(port: int, dsn: str) -> str:
+    """``dsn`` (a test database on PG_BASE) reached through a relay listening on ``port``
+    (the ``relay`` fixture: tests/fleet/tcp_cut.py)."""
+    return dsn.replace(PG_BASE, f"postgresql://postgres@127.0.0.1:{port}")
+
 # the fleet soak (docs/testing.md) runs only when asked for: a profile, not a skip
 collect_ignore = [] if os.environ.get("METERPROXY_FLEET_SOAK") else ["test_members_soak.py"]
 

@@ -259,6 +259,16 @@ async def _plan_grant(ledger: PostgresCreditLedger, gid: str, start: int, end: i
         f"stripe:plan:sub_1:{start}", (start, end), (charge,), 2000))
 
 
+async def _stale_service(pool: PgPool, ledger: PostgresCreditLedger, spent: int) -> CreditService:
+    """A member's credit service whose book was read from the shared ledger just before
+    member "b" shipped ``spent`` of acme's usage (not reloaded here: a stale book)."""
+    book = CreditBook()
+    [state] = await grant_states(pool, ["acme"])
+    book.replace(state.customer_id, state.grants, state.debt)
+    await Shipper(pool, "b").ship([_row(1, "acme", spent)])
+    return CreditService(None, book, ledger)  # type: ignore[arg-type]
+
+
 async def test_a_claw_back_on_a_stale_book_owes_what_other_members_spent(pool: PgPool) -> None:
     """docs/credits.md ("Carry chains") in fleet mode: period 0's 50 all spent, period 1's
     grant (50, effective) loaded into this member's book, then another member ships 50 of
@@ -273,11 +283,7 @@ async def test_a_claw_back_on_a_stale_book_owes_what_other_members_spent(pool: P
     await _plan_grant(ledger, "p0", NOW - 40, NOW - 10, "ch_0")
     await ledger.append([LedgerEntry("acme", Entry("p0", "debit", 50 * C), "r0")])
     await _plan_grant(ledger, "p1", NOW - 10, NOW + 20, "ch_1")
-    book = CreditBook()
-    [state] = await grant_states(pool, ["acme"])
-    book.replace(state.customer_id, state.grants, state.debt)
-    await Shipper(pool, "b").ship([_row(1, "acme", 50 * C)])    # not reloaded here
-    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    service = await _stale_service(pool, ledger, 50 * C)
     out = await service.claw_back("acme", ["ch_0"], 2000, "refund:ch_0", "evt_1")
     assert [(r["grant_id"], r["unused_taken"], r["debt"]) for r in out] == [
         ("p0", "0", "0"), ("p1", "0", "50")]
@@ -338,11 +344,7 @@ async def test_a_rollover_on_a_stale_book_carries_only_what_the_ledger_expired(
     await add_customer(pool, "acme")
     ledger = PostgresCreditLedger(pool)
     await _plan_grant(ledger, "p0", NOW - 40, NOW + 20, "ch_0")
-    book = CreditBook()
-    [state] = await grant_states(pool, ["acme"])
-    book.replace(state.customer_id, state.grants, state.debt)
-    await Shipper(pool, "b").ship([_row(1, "acme", 30 * C)])    # not reloaded here
-    service = CreditService(None, book, ledger)  # type: ignore[arg-type]
+    service = await _stale_service(pool, ledger, 30 * C)
     hooks = WebhookReceiver(None, None, service, CFG, clock=lambda: NOW + 20)  # type: ignore[arg-type]
     assert await hooks._close_previous("acme", "sub_1", NOW + 20, False) == (20 * C, "p0")
     assert await ledger.entry_total("p0", "expire") == 20 * C

@@ -5,7 +5,6 @@ journal ships with exact totals. Background loops pause and go on."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
@@ -21,23 +20,11 @@ from proxy.store.postgres import leases
 from proxy.store.postgres.pool import PoolSettings
 from proxy.store.postgres.storage import PostgresStorage
 from tests.conftest import TEST_RULES
-from tests.fleet.conftest import PG_BASE, PoolFactory, add_customer
+from tests.fleet.conftest import PoolFactory, add_customer, via_relay
 from tests.fleet.member import Member
 from tests.fleet.tcp_cut import CuttableRelay
 
 C = 1_000_000
-
-
-@pytest.fixture
-async def relay() -> AsyncIterator[CuttableRelay]:
-    r = CuttableRelay()
-    await r.start()
-    yield r
-    await r.stop()
-
-
-def _via(relay: CuttableRelay, pg_dsn: str) -> str:
-    return pg_dsn.replace(PG_BASE, f"postgresql://postgres@127.0.0.1:{relay.port}")
 
 
 @pytest.mark.parametrize("fail_mode", ["closed", "open"])
@@ -46,7 +33,7 @@ async def test_lease_serves_through_an_outage_then_fail_mode_applies(
         fail_mode: Literal["closed", "open"]) -> None:
     direct = await open_pool()
     await add_customer(direct, "acme", 100 * C)
-    pool = await open_pool(dsn=_via(relay, pg_dsn), connect_timeout=1.0, command_timeout=1.0, size=2)
+    pool = await open_pool(dsn=via_relay(relay.port, pg_dsn), connect_timeout=1.0, command_timeout=1.0, size=2)
     m = Member(pool, "m1", LeasePolicy(floor=10 * C, cover_ms=1000), fail_mode=fail_mode,
                offline_allowance=2 * C)
     assert await m.request("acme", C) is Decision.ADMIT       # takes a 10-credit lease
@@ -82,7 +69,7 @@ async def test_background_loops_pause_while_postgresql_is_cut_and_go_on(
     direct = await PostgresStorage.open(PoolSettings(dsn=pg_dsn))
     await direct.close()                                      # migrated
     via = await PostgresStorage.open(PoolSettings(
-        dsn=pg_dsn.replace(PG_BASE, f"postgresql://postgres@127.0.0.1:{relay.port}"),
+        dsn=via_relay(relay.port, pg_dsn),
         connect_timeout=1.0, command_timeout=1.0, size=2))
     (tmp_path / "rules.yaml").write_text(TEST_RULES)
     rules = load_rules([tmp_path / "rules.yaml"])

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from proxy.credits.book import CreditBook
 from proxy.credits.ledger import Entry, GrantState
@@ -24,7 +22,7 @@ from proxy.store.postgres.grant_debits import grant_states, overpaid
 from proxy.store.postgres.ledger import PostgresCreditLedger
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from proxy.store.protocols import LedgerEntry, NewGrant
-from tests.fleet.conftest import PG_BASE, PoolFactory, add_customer
+from tests.fleet.conftest import PoolFactory, add_customer, via_relay
 from tests.fleet.members import FleetOfMembers, admin_call, fleet_of
 from tests.fleet.tcp_cut import CuttableRelay
 
@@ -113,14 +111,6 @@ async def test_a_grant_on_a_member_that_has_not_seen_a_repayment_repays_nothing_
     assert _book_says(a) == (0, {ga.id: 0})        # a reloads b's grant at its next pass
 
 
-@pytest.fixture
-async def relay() -> AsyncIterator[CuttableRelay]:
-    r = CuttableRelay()
-    await r.start()
-    yield r
-    await r.stop()
-
-
 async def test_the_expiry_task_writes_once_through_commits_whose_outcome_is_unknown(
         open_pool: PoolFactory, pg_dsn: str, relay: CuttableRelay) -> None:
     """Beta's grant expires with 3 left and acme's renewal becomes effective against acme's
@@ -137,7 +127,7 @@ async def test_the_expiry_task_writes_once_through_commits_whose_outcome_is_unkn
     at = int(time.time()) + 1
     await _grant(direct, "old", 3 * C, 1, expires_at=at, customer="beta")
     await _grant(direct, "renewal", 20 * C, 2, effective_at=at)
-    via = await open_pool(dsn=_via(relay, pg_dsn), connect_timeout=1.0, command_timeout=2.0,
+    via = await open_pool(dsn=via_relay(relay.port, pg_dsn), connect_timeout=1.0, command_timeout=2.0,
                           size=2, statement_cache_size=0)
     svc = await _member(via)
     relay.lose_commit_replies(2)
@@ -165,10 +155,6 @@ async def test_the_expiry_task_writes_once_through_commits_whose_outcome_is_unkn
     assert await done()
 
 
-def _via(relay: CuttableRelay, pg_dsn: str) -> str:
-    return pg_dsn.replace(PG_BASE, f"postgresql://postgres@127.0.0.1:{relay.port}")
-
-
 async def test_a_give_back_whose_outcome_is_unknown_is_written_once(
         open_pool: PoolFactory, pg_dsn: str, relay: CuttableRelay) -> None:
     """Repayments beyond the debt (10 over) queued for a give-back: the answer to its
@@ -180,7 +166,7 @@ async def test_a_give_back_whose_outcome_is_unknown_is_written_once(
     await _grant(direct, "g2", 10 * C, 2)
     await _debt(direct, 10 * C)
     await _over_repay(direct)
-    via = await open_pool(dsn=_via(relay, pg_dsn), connect_timeout=1.0, command_timeout=2.0,
+    via = await open_pool(dsn=via_relay(relay.port, pg_dsn), connect_timeout=1.0, command_timeout=2.0,
                           size=2, statement_cache_size=0)
     svc = await _member(via)
     relay.lose_commit_replies(1)

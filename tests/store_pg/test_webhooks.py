@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
-import pytest
 
 from proxy.config import Config
 from proxy.credits.service import CreditService, load_book
@@ -28,16 +26,8 @@ from proxy.store.postgres.customers import PostgresCustomers
 from proxy.store.postgres.pool import PgPool, PoolSettings
 from proxy.store.postgres.storage import PostgresStorage
 from proxy.webhooks import WebhookReceiver
-from tests.fleet.conftest import PG_BASE
+from tests.fleet.conftest import via_relay
 from tests.fleet.tcp_cut import CuttableRelay
-
-
-@pytest.fixture
-async def relay() -> AsyncIterator[CuttableRelay]:
-    r = CuttableRelay()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 async def test_an_outage_while_processing_leaves_the_event_to_retry(
@@ -55,7 +45,7 @@ async def test_an_outage_while_processing_leaves_the_event_to_retry(
                                       "quantity": 1, "proration": False}]}}}}
     assert await pg.webhooks.record("evt_1", "invoice.paid", event["created"],
                                     orjson.dumps(event).decode(), int(time.time()))
-    via = pg_dsn.replace(PG_BASE, f"postgresql://postgres@127.0.0.1:{relay.port}")
+    via = via_relay(relay.port, pg_dsn)
     cut_pool = PgPool(PoolSettings(dsn=via, size=2, connect_timeout=1.0, command_timeout=1.0))
     await cut_pool.open(run_migrations=False)
     store = Store.open(tmp_path / "unused.db")
