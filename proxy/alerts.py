@@ -26,7 +26,6 @@ Delivery is at-least-once; receivers dedupe on ``Meterproxy-Alert-Id``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -42,6 +41,7 @@ from proxy.metrics import alerts_total
 from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store
 from proxy.store.protocols import AlertsFired
+from proxy.tasks import wait_event
 
 log = logging.getLogger("meterproxy.alerts")
 
@@ -164,8 +164,7 @@ class AlertSender:
             if delay <= 0:
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
 
     # ---- one cycle --------------------------------------------------------------------
 

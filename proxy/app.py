@@ -116,7 +116,8 @@ class Server:
         for stop, task in self.graceful:
             stop()
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(task)
             except TimeoutError:
                 log.warning("%s did not stop within %.0fs; cancelling", task.get_name(), timeout)
         for t in self.tasks:
@@ -453,7 +454,8 @@ def transforms(rt: Runtime) -> dict[str, TransformQuantity]:
 
 async def _final_flush(flusher: Flusher, timeout: float = 20.0) -> None:
     try:
-        report = await asyncio.wait_for(flusher.flush(force=True), timeout)
+        async with asyncio.timeout(timeout):
+            report = await flusher.flush(force=True)
         log.info("final flush: %s", report.to_json())
     except (TimeoutError, Exception):
         log.exception("final flush did not finish; undelivered usage stays in the outbox")

@@ -48,6 +48,7 @@ from proxy.store.db import Store
 from proxy.store.outbox import SqliteOutbox
 from proxy.store.protocols import DueEvent, Outbox, UsageLedger
 from proxy.store.usage import SqliteUsage
+from proxy.tasks import wait_event
 
 log = logging.getLogger("meterproxy.flusher")
 
@@ -462,11 +463,8 @@ class Flusher:
         """Flush every ``interval`` until ``stop()``; a flush in progress is never cancelled
         by stopping (its calls finish or time out), so the final flush cannot overlap it."""
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), interval)
+            if await wait_event(self._stop, interval):
                 return
-            except TimeoutError:
-                pass
             try:
                 rep = await self.flush()
                 if rep.staged or rep.attempted:

@@ -7,7 +7,6 @@ in tracebacks; ruff bans it elsewhere in the package.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -30,9 +29,29 @@ def _done(task: asyncio.Task[Any]) -> None:
         log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; True when it is set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns normally when a cancellation arrives
+    in the same loop pass as the event it waits for (CPython gh-86296, fixed in 3.12), so a
+    background loop that should stop runs on and ``cancel_and_wait`` never returns.
+    ``asyncio.timeout`` counts cancellations and lets the outside one through.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
+
+
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     if task is None or task.done():
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise       # the caller itself is being cancelled: not ours to swallow

@@ -70,7 +70,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +101,7 @@ from proxy.store.keys import KeyCache, SqliteCustomers
 from proxy.store.protocols import Customers, LedgerEntry, StoredEvent, WebhookEvents
 from proxy.store.webhooks import SqliteWebhookEvents
 from proxy.stripe.client import StripeClient
+from proxy.tasks import wait_event
 from proxy.timeutil import rfc3339
 from proxy.units import fmt_micro, to_micro
 
@@ -321,8 +321,7 @@ class WebhookReceiver:
                 await self.drain()
             except STORE_DOWN:
                 log.exception("webhook processing paused: storage error")
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll)
+            await wait_event(self._wake, poll)
 
     async def drain(self) -> int:
         """Process every pending event in arrival order; returns how many were processed."""

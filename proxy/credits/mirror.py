@@ -30,7 +30,6 @@ compared with Stripe's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -59,6 +58,7 @@ from proxy.pricing import Price
 from proxy.store.keys import Customer, KeyCache
 from proxy.store.protocols import CreditLedger, GrantMirrorRecord, GrantMirrors, UsageLedger
 from proxy.stripe.client import StripeClient
+from proxy.tasks import wait_event
 
 log = logging.getLogger("meterproxy.credits.monetary")
 
@@ -589,5 +589,4 @@ class MonetaryService:
             except Exception:       # the loop must survive a storage hiccup: retried next pass
                 log.exception("monetary credits pass failed")
             self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), interval)
+            await wait_event(self.wake, interval)

@@ -27,6 +27,7 @@ from proxy.errors import InvalidInput, StorageOutcomeUnknown, StorageUnavailable
 from proxy.store.db import Store
 from proxy.store.ledger import SqliteCreditLedger
 from proxy.store.protocols import ClawbackDecision, CreditLedger, GrantFacts, LedgerEntry, LedgerSnapshot, NewGrant
+from proxy.tasks import wait_event
 from proxy.timeutil import rfc3339
 from proxy.units import UnitError, fmt_micro, to_micro
 
@@ -429,8 +430,7 @@ class CreditService:
                        if t is not None), default=None)
             delay = max_sleep if nxt is None else min(max_sleep, max(0.0, nxt - now))
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
 
     # ---- views ------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from proxy.store.postgres.outbox import PostgresOutbox
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
 from proxy.store.protocols import Storage
+from proxy.tasks import cancel_and_wait, wait_event
 from proxy.units import fmt_micro, to_micro
 
 log = logging.getLogger("meterproxy.fleet")
@@ -175,9 +176,7 @@ class Fleet:
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds`` or until stopping; True when stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        return self.stop.is_set()
+        return await wait_event(self.stop, seconds)
 
     async def ship_forever(self) -> None:
         """Ship every ``fleet.ship_interval`` (``close`` ships the rest)."""
@@ -345,14 +344,18 @@ class Fleet:
         a failure is logged: what did not ship stays in the journal for the next start."""
         self.stop.set()
         for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(t, timeout)
+            _, late = await asyncio.wait([t], timeout=timeout)
+            if late:
+                await cancel_and_wait(t)
+            elif not t.cancelled() and t.exception() is not None:
+                log.warning("fleet shutdown: %s ended with %r", t.get_name(), t.exception())
         steps = (("ship the journal", self.shipping.ship_pending),
                  ("release leases", self.book.release_all),
                  ("resign the flusher", self.lead.resign))
         for what, step in steps:
             try:
-                await asyncio.wait_for(step(), timeout)
+                async with asyncio.timeout(timeout):
+                    await step()
             except _SHUTDOWN_ERRORS as exc:
                 log.warning("fleet shutdown: could not %s: %s", what, exc)
         await self.storage.close()

@@ -97,6 +97,7 @@ from proxy import metrics
 from proxy.credits.ledger import Entry
 from proxy.errors import MeteringUnavailable, StorageError, StorageUnavailable
 from proxy.store.schema import MIGRATIONS
+from proxy.tasks import wait_event
 
 log = logging.getLogger("meterproxy.store")
 
@@ -1637,9 +1638,7 @@ class Store:
         if self._pending and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._commit_now)
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        if not await wait_event(self._idle, timeout):
             return False
         return self.try_materialize()
 

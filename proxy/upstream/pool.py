@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Coroutine, Iterable, Mapping
 from typing import Any
 
+from proxy.tasks import cancel_and_wait
 from proxy.upstream.config import Origin, PoolConfig
 from proxy.upstream.connection import DISARMED, EXPECT, Connection, Response, SendState, Stale, Upgraded
 from proxy.upstream.errors import ConnectError, ConnectionClosed, ConnectTimeout, PoolBusy
@@ -308,10 +309,7 @@ class UpstreamPool:
         """Close every connection and fail every waiter; the pool takes no more requests."""
         self.closed = True
         sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+        await cancel_and_wait(sweeper)
         for task in list(self.connecting):
             task.cancel()
         while self.waiters:

@@ -20,13 +20,13 @@ it hidden, so two claims (on any members) never both succeed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
 from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import AlertRecord, NewAlert
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("meterproxy.store.postgres.alerts")
 
@@ -88,10 +88,7 @@ class PostgresAlerts:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         try:
             await self.flush()
         except (PgUnavailable, PgConflict) as exc:

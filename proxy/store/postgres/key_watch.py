@@ -115,8 +115,7 @@ class KeyWatcher:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            await tasks.wait_event(self._wake, self.poll_interval)
             self._wake.clear()
             if self.listener is None or self.listener.is_closed():
                 await self._listen()

@@ -30,7 +30,6 @@ items. The running member builds its batches straight from the journal's blobs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.grant_debits import ShippedItem, debit_grants
 from proxy.store.postgres.leases import settle
 from proxy.store.postgres.pool import PgPool, retried
+from proxy.tasks import wait_event
 
 log = logging.getLogger("meterproxy.fleet.shipping")
 
@@ -216,6 +216,5 @@ class Shipper:
         """Ship every ``interval`` seconds until ``stop`` is set, then once more (drain)."""
         while not stop.is_set():
             await self.ship_pending(journal)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await wait_event(stop, interval)
         await self.ship_pending(journal)
