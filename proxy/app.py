@@ -177,7 +177,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                            commit_interval=st.commit_interval, fail_mode=st.fail_mode,
                            max_pending_rows=st.max_pending_rows, lock_wait=st.lock_wait,
                            wal_truncate_size=st.wal_truncate_size,
-                           keep_journal=st.backend == "postgres")
+                           keep_journal=st.backend == "postgres",
+                           wal_memory_lock=st.wal_memory_lock)
     except sqlite3.Error as exc:
         raise FileProblem(f"cannot open database {db_path}: {exc}") from exc
     undo.callback(store.close)

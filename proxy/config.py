@@ -203,6 +203,16 @@ class StorageConfig(_Model):
                     "shutdown start a new WAL generation (one fdatasync of its header that "
                     "the commits wait for): a larger size spaces them out at high write "
                     "rates, at the cost of disk.")
+    wal_memory_lock: bool = Field(
+        default=True,
+        description="Lock the WAL file's preallocated pages (twice wal_truncate_size) in "
+                    "memory, so that the kernel's proactive reclaim (DAMON pageout, "
+                    "memory.reclaim, a cgroup near its limit) cannot evict them: a commit "
+                    "writing into an evicted WAL page waits on the event loop for the block "
+                    "to be read back first. Needs CAP_IPC_LOCK or an RLIMIT_MEMLOCK of at "
+                    "least that size (the soft limit is raised to the hard one when needed); "
+                    "when not permitted, one warning at start and the WAL is not locked "
+                    "(meterproxy_wal_locked_bytes is 0).")
     integrity_check_interval: Duration = Field(
         default=300.0, ge=0,
         description="How often PRAGMA quick_check verifies the database file in a worker "

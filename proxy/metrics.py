@@ -243,6 +243,10 @@ wal_start_overs_total = Counter("meterproxy_wal_start_overs_total",
                                 " after a pass that copied every frame with no WAL pin held): each one"
                                 " fdatasyncs the new WAL header while group commits wait",
                                 registry=REGISTRY)
+wal_locked_bytes = Gauge("meterproxy_wal_locked_bytes",
+                         "Bytes of the WAL file locked in memory (storage.wal_memory_lock): its"
+                         " preallocated size while locked, 0 when not (off, or not permitted)",
+                         registry=REGISTRY)
 storage_broken = Gauge("meterproxy_storage_broken",
                        "1 once the database file was deleted, replaced or found corrupt",
                        registry=REGISTRY)

@@ -228,11 +228,11 @@ async def test_bursts_of_writes_separated_by_a_quiet_tick_do_not_truncate_on_the
     store.close()
 
 
-async def wal_due_for_idle_truncate(db: Path, limit: int) -> Store:
+async def wal_due_for_idle_truncate(db: Path, limit: int, wal_memory_lock: bool = False) -> Store:
     """A store (``wal_truncate_size`` ``limit``) whose WAL file is over WAL_FILE_FACTOR x
     ``limit`` after a checkpoint tick that saw writes: its next tick, with nothing written
     since, truncates the file (``_row`` ids 0-299 committed and materialized)."""
-    store = Store.open(db, wal_truncate_size=limit)
+    store = Store.open(db, wal_truncate_size=limit, wal_memory_lock=wal_memory_lock)
     _commit_each(store, range(300))
     store.materialize()
     assert store.wal_bytes() > dbmod.WAL_FILE_FACTOR * limit

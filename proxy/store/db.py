@@ -96,6 +96,7 @@ import orjson
 from proxy import metrics
 from proxy.credits.ledger import Entry
 from proxy.errors import MeteringUnavailable, StorageError, StorageUnavailable
+from proxy.store.memlock import LockedFile, lock_file
 from proxy.store.schema import MIGRATIONS
 from proxy.tasks import wait_event
 
@@ -517,7 +518,7 @@ class Store:
 
     def __init__(self, conn: sqlite3.Connection, *, durability: str, commit_interval: float,
                  fail_mode: str, max_pending_rows: int, lock_wait: float = 2.0,
-                 wal_truncate_size: int = 16 * 1024 * 1024) -> None:
+                 wal_truncate_size: int = 16 * 1024 * 1024, wal_memory_lock: bool = False) -> None:
         self.conn = conn
         self.durability = durability
         self.commit_interval = commit_interval
@@ -525,6 +526,12 @@ class Store:
         self.max_pending_rows = max_pending_rows
         self.lock_wait = lock_wait
         self.wal_truncate_size = wal_truncate_size
+        # the preallocated WAL's pages locked in memory (proxy.store.memlock); set and
+        # replaced only where the WAL is preallocated (open, the maintenance thread's
+        # TRUNCATE under _maint_lock), closed by close()
+        self.wal_memory_lock = wal_memory_lock
+        self._wal_lock: LockedFile | None = None
+        self._wal_lock_warned = False
         self.healthy = True
         self.last_error: str | None = None
         # deleted / replaced / corrupt: permanent for this process (restart after repair)
@@ -611,9 +618,12 @@ class Store:
     def open(cls, path: Path, *, synchronous: str = "normal", durability: str = "strict",
              commit_interval: float = 0.01, fail_mode: str = "closed",
              max_pending_rows: int = 200_000, lock_wait: float = 2.0,
-             wal_truncate_size: int = 16 * 1024 * 1024, keep_journal: bool = False) -> Store:
+             wal_truncate_size: int = 16 * 1024 * 1024, keep_journal: bool = False,
+             wal_memory_lock: bool = False) -> Store:
         """``keep_journal`` (fleet mode): the journal is never moved into the local tables;
-        it is shipped to the fleet's ledger and pruned with ``prune_journal``."""
+        it is shipped to the fleet's ledger and pruned with ``prune_journal``.
+        ``wal_memory_lock``: the preallocated WAL's pages are locked in memory
+        (``_lock_wal``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         opened: list[sqlite3.Connection] = []     # closed again if opening fails part-way
         try:
@@ -636,7 +646,8 @@ class Store:
             raise StorageError(f"cannot open {path}: {exc}") from exc
         store = cls(conn, durability=durability, commit_interval=commit_interval,
                     fail_mode=fail_mode, max_pending_rows=max_pending_rows,
-                    lock_wait=lock_wait, wal_truncate_size=wal_truncate_size)
+                    lock_wait=lock_wait, wal_truncate_size=wal_truncate_size,
+                    wal_memory_lock=wal_memory_lock)
         store.path = path
         store._file_id = ident
         store._maint = maint
@@ -652,7 +663,8 @@ class Store:
         if recovered:
             log.info("recovered %d journaled usage rows", recovered)
         try:
-            store._preallocate_wal(conn)
+            if store._preallocate_wal(conn):
+                store._lock_wal()
         except sqlite3.Error as exc:    # not busy: its BEGIN IMMEDIATE failed (I/O, read-only)
             maint.close()
             conn.close()
@@ -826,7 +838,10 @@ class Store:
                 self._unpin()
                 busy = checkpoint(self._maint, "TRUNCATE")[0]
                 if not busy:
-                    self._preallocate_wal(self._maint)
+                    # the cut dropped the locked pages: lock the new blocks once allocated
+                    self._unlock_wal()
+                    if self._preallocate_wal(self._maint):
+                        self._lock_wal()
                 return busy
         return None
 
@@ -840,6 +855,41 @@ class Store:
         if self.path is None:
             return False
         return preallocate_wal(conn, Path(f"{self.path}-wal"), self.wal_prealloc_bytes)
+
+    def _lock_wal(self) -> None:
+        """The preallocated WAL's pages locked in memory (``wal_memory_lock``), right after
+        ``_preallocate_wal`` allocated them (open; the maintenance thread, under
+        ``_maint_lock``): a commit's partial-page ``pwrite`` then never waits on the loop
+        for a block read back after the kernel's proactive reclaim evicted it
+        (``proxy.store.memlock``). Not permitted (``RLIMIT_MEMLOCK``): one warning, the
+        store runs on unlocked; ``meterproxy_wal_locked_bytes`` says which."""
+        if not self.wal_memory_lock or self.path is None or self.wal_prealloc_bytes <= 0:
+            return
+        self._unlock_wal()
+        try:
+            self._wal_lock = lock_file(Path(f"{self.path}-wal"), self.wal_prealloc_bytes)
+        except OSError as exc:
+            if not self._wal_lock_warned:
+                self._wal_lock_warned = True
+                log.warning("could not lock the WAL's %d bytes in memory (%s): commits may "
+                            "wait for WAL blocks read back after the kernel reclaimed them; "
+                            "give the process CAP_IPC_LOCK or an RLIMIT_MEMLOCK of at least "
+                            "that size, or set storage.wal_memory_lock: false "
+                            "(docs/resources.md)", self.wal_prealloc_bytes, exc)
+            return
+        metrics.wal_locked_bytes.set(self._wal_lock.size)
+
+    def _unlock_wal(self) -> None:
+        lock, self._wal_lock = self._wal_lock, None
+        if lock is not None:
+            lock.close()
+            metrics.wal_locked_bytes.set(0)
+
+    @property
+    def wal_locked_bytes(self) -> int:
+        """How many bytes of the WAL file are locked in memory now (0: none)."""
+        lock = self._wal_lock
+        return 0 if lock is None else lock.size
 
     def _restart_checkpoint(self) -> int | None:
         """Worker thread: a RESTART checkpoint on the maintenance connection (busy_timeout
@@ -1713,6 +1763,7 @@ class Store:
             self._closed = True
             self._close_maint()         # (waits for a maintenance job: it may use conn)
             self.conn.close()
+            self._unlock_wal()
             return
         # a RESTART or start-over still running in the maintenance thread may be using the
         # connection: its end first (shutdown may wait for it: one fdatasync)
@@ -1743,3 +1794,4 @@ class Store:
             log.warning("final WAL checkpoint failed: %s", exc)
         self._close_maint()
         self.conn.close()
+        self._unlock_wal()
