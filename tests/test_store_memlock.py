@@ -11,6 +11,7 @@ page cache in that sense), hence ``disk_dir``.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -174,3 +175,19 @@ def test_a_soft_memlock_limit_below_the_hard_one_is_raised_to_lock(disk_dir: Pat
     assert f"locked {2 * MiB} soft {8 * MiB}" in run.stdout, run.stdout + run.stderr
     assert "rows 5" in run.stdout
     assert "could not lock" not in run.stderr
+
+
+async def test_a_refused_setrlimit_is_not_fatal(disk_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # setrlimit refused (a seccomp filter's EPERM: CPython raises ValueError): the store
+    # opens; mlock decides (here the limit is not raised, so a permitted lock still locks)
+    def refuse(_res: int, _lim: tuple[int, int]) -> None:
+        raise ValueError("not allowed to raise maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _res: (64 * 1024, 64 * MiB))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    store = Store.open(disk_dir / "s.db", wal_truncate_size=64 * 1024, wal_memory_lock=True)
+    try:
+        _commit_each(store, range(5))
+    finally:
+        store.close()
