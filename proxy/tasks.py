@@ -46,12 +46,18 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has ended; its CancelledError is swallowed, the
+    caller's own is not: one that arrives while waiting (its ``cancelling()`` count rose
+    since the call, as ``asyncio.timeout`` compares) is raised. A count already above zero
+    on entry (a cleanup running after the caller's cancellation was delivered: a
+    ``finally``, an exit stack unwinding) is not a new one: that cleanup goes on."""
     if task is None or task.done():
         return
+    me = asyncio.current_task()
+    before = 0 if me is None else me.cancelling()
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if me is not None and me.cancelling():
+        if me is not None and me.cancelling() > before:
             raise       # the caller itself is being cancelled: not ours to swallow

@@ -11,6 +11,8 @@ page cache in that sense), hence ``disk_dir``.
 from __future__ import annotations
 
 import os
+import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -174,3 +176,47 @@ def test_a_soft_memlock_limit_below_the_hard_one_is_raised_to_lock(disk_dir: Pat
     assert f"locked {2 * MiB} soft {8 * MiB}" in run.stdout, run.stdout + run.stderr
     assert "rows 5" in run.stdout
     assert "could not lock" not in run.stderr
+
+
+async def test_a_refused_setrlimit_is_not_fatal(disk_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # setrlimit refused (a seccomp filter's EPERM: CPython raises ValueError): the store
+    # opens; mlock decides (here the limit is not raised, so a permitted lock still locks)
+    def refuse(_res: int, _lim: tuple[int, int]) -> None:
+        raise ValueError("not allowed to raise maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _res: (64 * 1024, 64 * MiB))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    store = Store.open(disk_dir / "s.db", wal_truncate_size=64 * 1024, wal_memory_lock=True)
+    try:
+        _commit_each(store, range(5))
+    finally:
+        store.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review of 1d58c5e: a busy preallocate after the idle "
+                   "TRUNCATE leaves the WAL unlocked until it outgrows 2 x wal_truncate_size")
+async def test_the_wal_is_locked_again_after_a_busy_preallocate(
+        disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = 64 * 1024
+    size = dbmod.WAL_FILE_FACTOR * limit
+    store = await wal_due_for_idle_truncate(disk_dir / "s.db", limit, wal_memory_lock=True)
+    real, calls = dbmod.preallocate_wal, []
+
+    def busy_once(conn: sqlite3.Connection, wal: Path, n: int) -> bool:
+        # a commit took the write lock between the TRUNCATE and preallocate's BEGIN IMMEDIATE
+        calls.append(n)
+        return False if len(calls) == 1 else real(conn, wal, n)
+
+    monkeypatch.setattr(dbmod, "preallocate_wal", busy_once)
+    try:
+        await store.checkpoint_once()               # the idle TRUNCATE; its preallocate busy
+        assert store.wal_locked_bytes == 0
+        for k in range(20):                         # traffic under the limit, then idle
+            _commit_each(store, range(1000 + 10 * k, 1010 + 10 * k))
+            await store.checkpoint_once()
+            await store.checkpoint_once()
+        assert store.wal_bytes() < size
+        assert store.wal_locked_bytes == size       # fails: never locked (nor allocated) again
+    finally:
+        store.close()

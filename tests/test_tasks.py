@@ -103,3 +103,51 @@ def test_the_package_does_not_use_wait_for() -> None:
             if isinstance(node, ast.Attribute) and node.attr == "wait_for"
             and isinstance(node.value, ast.Name) and node.value.id == "asyncio"]
     assert used == []
+
+
+async def test_cancel_and_wait_in_a_cleanup_after_the_callers_cancellation_goes_on() -> None:
+    # the caller's cancellation was delivered already (its cancelling() stays 1 in a
+    # finally, an exit stack unwinding): each cancel_and_wait there stops its task and
+    # returns, so the cleanup after it runs (e.g. UpstreamPool.close, PostgresAlerts.close)
+    first, second = (tasks.spawn("test-loop", _loop_on(asyncio.Event(), [])) for _ in range(2))
+    reached: list[str] = []
+
+    async def owner() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await tasks.cancel_and_wait(first)
+            reached.append("first")
+            await tasks.cancel_and_wait(second)
+            reached.append("second")
+
+    task = tasks.spawn("test-owner", owner())
+    await asyncio.sleep(0)
+    task.cancel()
+    await _stopped(task)
+    second.cancel()         # (left running when the test fails)
+    assert reached == ["first", "second"]
+    assert first.cancelled() and second.cancelled()
+
+
+@pytest.mark.parametrize("yields", range(1, 5))    # (0: both cancellations are one)
+async def test_a_cleanup_cancelled_again_while_it_waits_is_cancelled(yields: int) -> None:
+    # ... but a cancellation arriving while it waits (in any loop pass, including the one
+    # where the task ends) is the caller's own and passes on
+    inner = tasks.spawn("test-loop", _loop_on(asyncio.Event(), []))
+
+    async def owner() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await tasks.cancel_and_wait(inner)
+            await asyncio.sleep(10)
+
+    task = tasks.spawn("test-owner", owner())
+    await asyncio.sleep(0)
+    task.cancel()
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    task.cancel()
+    await _stopped(task)
+    assert inner.cancelled()

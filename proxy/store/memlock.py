@@ -16,6 +16,7 @@ any libc with mmap/mlock); elsewhere ``lock_file`` raises OSError(ENOSYS).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -70,7 +71,10 @@ def _allow(size: int) -> None:
     unprivileged process may; root's CAP_IPC_LOCK ignores the limit anyway)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft != resource.RLIM_INFINITY and soft < size and soft != hard:
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        # refused (a seccomp filter's EPERM, which CPython raises as ValueError, as EINVAL):
+        # mlock then says whether the lock is permitted, with its own errno
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
 
 
 def lock_file(path: Path, size: int) -> LockedFile:
