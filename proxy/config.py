@@ -211,7 +211,7 @@ class StorageConfig(_Model):
                     "writing into an evicted WAL page waits on the event loop for the block "
                     "to be read back first. Needs CAP_IPC_LOCK or an RLIMIT_MEMLOCK of at "
                     "least that size (the soft limit is raised to the hard one when needed); "
-                    "when not permitted, one warning at start and the WAL is not locked "
+                    "when not permitted, one warning and the WAL is not locked "
                     "(meterproxy_wal_locked_bytes is 0).")
     integrity_check_interval: Duration = Field(
         default=300.0, ge=0,

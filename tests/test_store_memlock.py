@@ -194,8 +194,6 @@ async def test_a_refused_setrlimit_is_not_fatal(disk_dir: Path, monkeypatch: pyt
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review of 1d58c5e: a busy preallocate after the idle "
-                   "TRUNCATE leaves the WAL unlocked until it outgrows 2 x wal_truncate_size")
 async def test_the_wal_is_locked_again_after_a_busy_preallocate(
         disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     limit = 64 * 1024
@@ -209,14 +207,33 @@ async def test_the_wal_is_locked_again_after_a_busy_preallocate(
         return False if len(calls) == 1 else real(conn, wal, n)
 
     monkeypatch.setattr(dbmod, "preallocate_wal", busy_once)
+    wal = disk_dir / "s.db-wal"
     try:
         await store.checkpoint_once()               # the idle TRUNCATE; its preallocate busy
-        assert store.wal_locked_bytes == 0
-        for k in range(20):                         # traffic under the limit, then idle
-            _commit_each(store, range(1000 + 10 * k, 1010 + 10 * k))
-            await store.checkpoint_once()
-            await store.checkpoint_once()
-        assert store.wal_bytes() < size
-        assert store.wal_locked_bytes == size       # fails: never locked (nor allocated) again
+        assert store.wal_locked_bytes == 0 and wal.stat().st_size < size
+        _commit_each(store, range(1000, 1010))      # traffic well under the limit
+        await store.checkpoint_once()               # the next tick pays what is owed
+        assert len(calls) == 2
+        assert wal.stat().st_size == size and store.wal_locked_bytes == size
+        _evict(wal)
+        assert _resident(wal) == size
+        await store.checkpoint_once()               # owed no more: not tried again
+        assert len(calls) == 2
     finally:
         store.close()
+
+
+async def test_the_locked_bytes_metric_counts_every_open_store(disk_dir: Path) -> None:
+    size = dbmod.WAL_FILE_FACTOR * 64 * 1024
+    base = metrics.wal_locked_bytes._value.get()
+    a = Store.open(disk_dir / "a.db", wal_truncate_size=64 * 1024, wal_memory_lock=True)
+    b = Store.open(disk_dir / "b.db", wal_truncate_size=64 * 1024, wal_memory_lock=True)
+    try:
+        try:
+            assert metrics.wal_locked_bytes._value.get() - base == 2 * size
+        finally:
+            a.close()
+        assert metrics.wal_locked_bytes._value.get() - base == size    # b's lock still counts
+    finally:
+        b.close()
+    assert metrics.wal_locked_bytes._value.get() == base

@@ -532,6 +532,10 @@ class Store:
         self.wal_memory_lock = wal_memory_lock
         self._wal_lock: LockedFile | None = None
         self._wal_lock_warned = False
+        # the WAL's blocks are owed their preallocation (and its lock): a commit held the
+        # write lock when open or an idle TRUNCATE tried; each tick retries
+        # (``_reallocate_wal``) until one gets it
+        self._prealloc_owed = False
         self.healthy = True
         self.last_error: str | None = None
         # deleted / replaced / corrupt: permanent for this process (restart after repair)
@@ -665,6 +669,8 @@ class Store:
         try:
             if store._preallocate_wal(conn):
                 store._lock_wal()
+            else:
+                store._prealloc_owed = store.path is not None
         except sqlite3.Error as exc:    # not busy: its BEGIN IMMEDIATE failed (I/O, read-only)
             maint.close()
             conn.close()
@@ -840,8 +846,8 @@ class Store:
                 if not busy:
                     # the cut dropped the locked pages: lock the new blocks once allocated
                     self._unlock_wal()
-                    if self._preallocate_wal(self._maint):
-                        self._lock_wal()
+                    self._prealloc_owed = True
+                    self._reallocate_wal_locked()
                 return busy
         return None
 
@@ -877,13 +883,32 @@ class Store:
                             "that size, or set storage.wal_memory_lock: false "
                             "(docs/resources.md)", self.wal_prealloc_bytes, exc)
             return
-        metrics.wal_locked_bytes.set(self._wal_lock.size)
+        metrics.wal_locked_bytes.inc(self._wal_lock.size)
 
     def _unlock_wal(self) -> None:
         lock, self._wal_lock = self._wal_lock, None
         if lock is not None:
             lock.close()
-            metrics.wal_locked_bytes.set(0)
+            metrics.wal_locked_bytes.dec(lock.size)
+
+    def _reallocate_wal(self) -> None:
+        """Niced maintenance thread: the owed preallocation and lock (``_prealloc_owed``)."""
+        with self._maint_lock:
+            self._reallocate_wal_locked()
+
+    def _reallocate_wal_locked(self) -> None:
+        """Under ``_maint_lock``: allocate the WAL's blocks and lock its pages if owed; a
+        commit holding the write lock leaves them owed for the next tick."""
+        if not self._prealloc_owed or self._maint is None:
+            return
+        try:
+            done = self._preallocate_wal(self._maint)
+        except sqlite3.Error as exc:      # not busy (I/O): tried again next tick
+            log.warning("could not preallocate the WAL (will retry): %s", exc)
+            return
+        if done:
+            self._prealloc_owed = False
+            self._lock_wal()
 
     @property
     def wal_locked_bytes(self) -> int:
@@ -1137,6 +1162,17 @@ class Store:
             log.warning("WAL checkpoint failed (will retry): %s", exc)
         if self._closed or self.check_file() is not None:
             return
+        if self._prealloc_owed:
+            # in the niced maintenance thread (it holds the write lock: never SCHED_IDLE)
+            try:
+                owed = self._loop.run_in_executor(self._niced_pool(), self._reallocate_wal)
+            except RuntimeError:        # the pool is shut down (closing)
+                return
+            try:
+                await asyncio.shield(owed)
+            except asyncio.CancelledError:
+                await _outlast(owed)
+                raise
         # The WAL's size is the frames it holds (the passive pass counted them; -1: another
         # connection held the checkpoint lock, so the file's size stands in, but only above
         # the preallocated size: below, it is mostly zeros). Over
@@ -1754,6 +1790,12 @@ class Store:
         return self._version
 
     def close(self) -> None:
+        try:
+            self._close()
+        finally:
+            self._unlock_wal()      # (after the connections: no commit meets an evicted page)
+
+    def _close(self) -> None:
         if self.check_file() is not None:
             if self._pending:
                 metrics.lost_usage_rows_total.inc(len(self._pending))
@@ -1763,7 +1805,6 @@ class Store:
             self._closed = True
             self._close_maint()         # (waits for a maintenance job: it may use conn)
             self.conn.close()
-            self._unlock_wal()
             return
         # a RESTART or start-over still running in the maintenance thread may be using the
         # connection: its end first (shutdown may wait for it: one fdatasync)
@@ -1794,4 +1835,3 @@ class Store:
             log.warning("final WAL checkpoint failed: %s", exc)
         self._close_maint()
         self.conn.close()
-        self._unlock_wal()
