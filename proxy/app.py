@@ -112,24 +112,40 @@ class Server:
         # 3. every usage row committed
         await self.rt.store.drain(timeout)
         self.rt.store.commit_pending()
-        # 4. background tasks stop, then the final flush (registered by the flusher)
-        for stop, task in self.graceful:
-            stop()
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(task)
-            except TimeoutError:
-                log.warning("%s did not stop within %.0fs; cancelling", task.get_name(), timeout)
-        for t in self.tasks:
-            await cancel_and_wait(t)
-        for cb in self.on_stop:
-            res = cb()
-            if asyncio.iscoroutine(res):
-                await res
-        # 5. close resources
-        await self.rt.upstream.close()
-        await self.reader.close()
-        self.rt.store.close()
+        # 4. background tasks stop, then the final flush (registered by the flusher). A step
+        # that fails is logged and the next ones still run: the store's close (the final
+        # commit, the WAL's checkpoint) must not be skipped for a task that died earlier
+        try:
+            for stop, task in self.graceful:
+                stop()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(task)
+                except TimeoutError:
+                    # (a flusher cancelled mid-call holds its batch for a resend under the
+                    # same identifiers: the final flush below cannot overlap it)
+                    log.warning("%s did not stop within %.0fs; cancelling", task.get_name(),
+                                timeout)
+                    await _ended(task)
+                except Exception:
+                    log.exception("%s had failed; shutdown goes on", task.get_name())
+            for t in self.tasks:
+                await _ended(t)
+            for cb in self.on_stop:
+                try:
+                    res = cb()
+                    if asyncio.iscoroutine(res):
+                        await res
+                except Exception:
+                    log.exception("a shutdown step failed; shutdown goes on")
+            # 5. close resources
+            for close in (self.rt.upstream.close, self.reader.close):
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing failed; shutdown goes on")
+        finally:
+            self.rt.store.close()
 
 
 def load_ruleset(cfg: Config) -> RuleSet:
@@ -155,6 +171,14 @@ async def start(cfg: Config) -> Server:
         server = await _start(cfg, undo)
         undo.pop_all()
         return server
+
+
+async def _ended(task: asyncio.Task[Any]) -> None:
+    """``cancel_and_wait``, a task that had failed logged instead of raised (shutdown)."""
+    try:
+        await cancel_and_wait(task)
+    except Exception:
+        log.exception("%s had failed; shutdown goes on", task.get_name())
 
 
 def _task(undo: AsyncExitStack, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -26,6 +26,7 @@ import pytest
 from proxy import config as config_mod
 from proxy.app import start
 from proxy.errors import ConfigError, FileProblem, StorageError
+from proxy.tasks import spawn
 from tests.conftest import write_config
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
 
@@ -198,4 +199,35 @@ async def test_after_a_failed_start_the_same_config_starts_and_serves(
     finally:
         await server.shutdown()
     _assert_port_free(port)
+    _assert_database_free(tmp_path / "meter.db")
+
+
+async def test_shutdown_goes_on_past_a_task_that_failed_and_one_that_does_not_stop(
+        tmp_path: Path, upstream: str, stripe_double: RunningDouble,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A graceful task that died (its exception re-raised through the wait) aborted the
+    shutdown before the final flush and the store's close; one that did not stop in time was
+    said to be cancelled and was left running. Now: both logged, the final flush runs, the
+    store closes and the database is free, the stuck task is cancelled."""
+    stripe_double.state.add_meter("api_calls")
+    server = await start(config_mod.load(_config(tmp_path, upstream, stripe_double, 0, 0)))
+
+    async def failed() -> None:
+        raise RuntimeError("died before shutdown")
+
+    async def stuck() -> None:
+        await asyncio.sleep(3600)
+
+    dead = spawn("test-dead", failed())
+    hung = spawn("test-hung", stuck())
+    await asyncio.sleep(0)
+    server.graceful[:0] = [(lambda: None, dead), (lambda: None, hung)]
+    caplog.set_level("INFO")
+    async with asyncio.timeout(30):
+        await server.shutdown(timeout=0.5)
+    assert hung.cancelled()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "test-dead had failed; shutdown goes on" in messages
+    assert "test-hung did not stop within 0s; cancelling" in messages
+    assert any(m.startswith("final flush: ") for m in messages), messages
     _assert_database_free(tmp_path / "meter.db")
