@@ -28,10 +28,11 @@ def meterproxy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-async def run_demo(cwd: Path, *args: str) -> str:
-    """Start the demo in ``cwd``, check its first curls, stop it with SIGINT (exit 0)."""
+async def run_demo(cwd: Path, *args: str, prefix: tuple[str, ...] = ()) -> str:
+    """Start the demo in ``cwd`` (under the ``prefix`` command), check its first curls, stop
+    it with SIGINT (exit 0)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "demo", *args, cwd=cwd, env=ENV,
+        *prefix, sys.executable, "-m", "proxy", "demo", *args, cwd=cwd, env=ENV,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
     text = ""
@@ -75,6 +76,17 @@ async def test_demo_default_workdir_in_a_fresh_directory(tmp_path: Path) -> None
     assert written["stripe"]["sink"] == "dry_run"       # chosen explicitly
     # the file names the ports the demo really bound, so CLI commands reach it
     assert written["listen"] == "127.0.0.1:" + re.search(r"public port : \S+:(\d+)", text)[1]  # type: ignore[index]
+
+
+async def test_demo_as_an_unprivileged_user_says_nothing_about_memory_locks(tmp_path: Path) -> None:
+    # a desktop user: no CAP_IPC_LOCK, an RLIMIT_MEMLOCK of 64 KiB; the demo does not try to
+    # lock the WAL (storage.wal_memory_lock: false), so its first screen has no warning
+    text = await run_demo(tmp_path, prefix=(
+        "prlimit", "--memlock=65536:65536", "setpriv", "--inh-caps", "-ipc_lock",
+        "--bounding-set", "-ipc_lock", "--"))
+    assert "could not lock" not in text, text
+    written = YAML(typ="safe").load((tmp_path / ".demo" / "meterproxy.yaml").read_text())
+    assert written["storage"]["wal_memory_lock"] is False
 
 
 async def test_demo_relative_workdir(tmp_path: Path) -> None:

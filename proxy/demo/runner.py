@@ -51,7 +51,9 @@ def write_demo_config(workdir: Path, port: int, upstream_port: int, admin_port: 
         "admin_listen": f"127.0.0.1:{admin_port}",
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
         "rules": str(_rules_path()),
-        "storage": {"path": "demo.db", "durability": "strict"},
+        # a local trial: locking the WAL in memory needs privileges a desktop user lacks
+        # (RLIMIT_MEMLOCK), and the first command would open with its warning
+        "storage": {"path": "demo.db", "durability": "strict", "wal_memory_lock": False},
         "admin": {"token": token},
         "stripe": {"sink": "dry_run", "flush_interval": "15s"},
     }
