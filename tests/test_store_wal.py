@@ -577,7 +577,7 @@ def test_preallocating_never_changes_a_byte_of_the_wal_and_never_waits_for_a_loc
     assert after[:len(before)] == before and after[len(before):] == bytes(len(after) - len(before))
     assert dbmod.preallocate_wal(conn, wal, 4096) is True         # never shrinks
     assert wal.stat().st_size == 1 << 20
-    assert dbmod.preallocate_wal(conn, tmp_path / "absent-wal", 4096) is False
+    assert dbmod.preallocate_wal(conn, tmp_path / "absent-wal", 4096) is None
     assert not (tmp_path / "absent-wal").exists()
     assert [r[0] for r in conn.execute("SELECT count(*) FROM t")] == [20]
     other.close()

@@ -310,12 +310,13 @@ def file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
+def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool | None:
     """Allocate the WAL file's disk blocks up to ``size`` bytes (``posix_fallocate``: no
     byte is written, the new range reads as zeros), holding ``conn``'s write lock so no
-    commit and no truncate moves the file's end meanwhile. False when nothing was done:
-    the database is locked (busy: the caller tries again later), the WAL file does not
-    exist, or the file system refused (logged).
+    commit and no truncate moves the file's end meanwhile. False when the database is
+    locked (busy: the caller tries again later); None when nothing was done for a reason a
+    retry does not remove soon: the WAL file does not exist, or the file system refused
+    (ENOSPC, EOPNOTSUPP: logged).
 
     Why: on ext4 a commit that appends to the WAL past its allocated blocks reserves new
     ones under the inode's ``i_data_sem``, which a concurrent ``fdatasync`` of the WAL (the
@@ -335,7 +336,7 @@ def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
         try:
             fd = os.open(wal, os.O_RDWR | os.O_CLOEXEC)     # never created here
         except FileNotFoundError:
-            return False
+            return None
         try:
             have = os.fstat(fd).st_size
             if have < size:
@@ -345,7 +346,7 @@ def preallocate_wal(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
     except OSError as exc:
         log.warning("could not preallocate the WAL %s to %d bytes (%s); it grows as "
                     "written", wal, size, exc)
-        return False
+        return None
     finally:
         conn.execute("ROLLBACK")
     return True
@@ -667,10 +668,10 @@ class Store:
         if recovered:
             log.info("recovered %d journaled usage rows", recovered)
         try:
-            if store._preallocate_wal(conn):
+            if done := store._preallocate_wal(conn):
                 store._lock_wal()
-            else:
-                store._prealloc_owed = store.path is not None
+            else:       # busy (False): owed; refused (None): the next idle TRUNCATE tries
+                store._prealloc_owed = done is False and store.path is not None
         except sqlite3.Error as exc:    # not busy: its BEGIN IMMEDIATE failed (I/O, read-only)
             maint.close()
             conn.close()
@@ -857,9 +858,9 @@ class Store:
         it back to at a restart, so restarts never free the blocks (``preallocate_wal``)."""
         return WAL_FILE_FACTOR * self.wal_truncate_size
 
-    def _preallocate_wal(self, conn: sqlite3.Connection) -> bool:
+    def _preallocate_wal(self, conn: sqlite3.Connection) -> bool | None:
         if self.path is None:
-            return False
+            return None
         return preallocate_wal(conn, Path(f"{self.path}-wal"), self.wal_prealloc_bytes)
 
     def _lock_wal(self) -> None:
@@ -906,8 +907,11 @@ class Store:
         except sqlite3.Error as exc:      # not busy (I/O): tried again next tick
             log.warning("could not preallocate the WAL (will retry): %s", exc)
             return
-        if done:
+        if done is not False:
+            # done, or refused for a reason a retry every tick would only log again (the
+            # file system's ENOSPC/EOPNOTSUPP, no WAL file): the next idle TRUNCATE tries
             self._prealloc_owed = False
+        if done:
             self._lock_wal()
 
     @property
