@@ -106,29 +106,32 @@ class Server:
     graceful: list[tuple[Callable[[], None], asyncio.Task[Any]]] = field(default_factory=list)
 
     async def shutdown(self, timeout: float = 15.0) -> None:
-        # 1. stop accepting; 2. in-flight requests finish (the runners' cleanup waits for them)
-        await self.public.cleanup()
-        await self.admin.cleanup()
-        # 3. every usage row committed
-        await self.rt.store.drain(timeout)
-        self.rt.store.commit_pending()
-        # 4. background tasks stop, then the final flush (registered by the flusher). A step
-        # that fails is logged and the next ones still run: the store's close (the final
-        # commit, the WAL's checkpoint) must not be skipped for a task that died earlier
+        # A step that fails is logged and the next ones still run: the store's close (the
+        # final commit, the WAL's checkpoint) is never skipped for one that failed earlier
         try:
+            # 1. stop accepting; 2. in-flight requests finish (the runners' cleanup waits)
+            await self.public.cleanup()
+            await self.admin.cleanup()
+            # 3. every usage row committed
+            await self.rt.store.drain(timeout)
+            self.rt.store.commit_pending()
+            # 4. background tasks stop, then the final flush (registered by the flusher)
             for stop, task in self.graceful:
                 stop()
+                if task.done():     # ended already (cancelled, or failed: logged by spawn)
+                    continue
                 try:
                     async with asyncio.timeout(timeout):
                         await asyncio.shield(task)
                 except TimeoutError:
                     # (a flusher cancelled mid-call holds its batch for a resend under the
                     # same identifiers: the final flush below cannot overlap it)
-                    log.warning("%s did not stop within %.0fs; cancelling", task.get_name(),
+                    log.warning("%s did not stop within %gs; cancelling", task.get_name(),
                                 timeout)
                     await _ended(task)
                 except Exception:
-                    log.exception("%s had failed; shutdown goes on", task.get_name())
+                    log.exception("%s failed while stopping; shutdown goes on",
+                                  task.get_name())
             for t in self.tasks:
                 await _ended(t)
             for cb in self.on_stop:

@@ -44,8 +44,6 @@ async def test_a_preallocation_the_file_system_refuses_is_not_retried_every_tick
     assert len(calls) <= 1 and len(warned) <= 1, (len(calls), len(warned))
 
 
-@pytest.mark.xfail(strict=True, reason="review finding on bb36bb1: the owed retry runs outside "
-                   "the hold; a group commit meets our own lock and drops the WAL pin")
 async def test_the_owed_preallocation_is_not_taken_for_a_foreign_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The owed retry runs under traffic (unlike the idle TRUNCATE's), outside the hold the

@@ -535,8 +535,9 @@ class Store:
         self._wal_lock_warned = False
         # the WAL's blocks are owed their preallocation (and its lock): a commit held the
         # write lock when open or an idle TRUNCATE tried; each tick retries
-        # (``_reallocate_wal``) until one gets it
+        # (``_reallocate_wal``, under a hold) until one gets it
         self._prealloc_owed = False
+        self._lock_owed = False         # preallocated under a hold, its lock not yet taken
         self.healthy = True
         self.last_error: str | None = None
         # deleted / replaced / corrupt: permanent for this process (restart after repair)
@@ -892,27 +893,44 @@ class Store:
             lock.close()
             metrics.wal_locked_bytes.dec(lock.size)
 
-    def _reallocate_wal(self) -> None:
-        """Niced maintenance thread: the owed preallocation and lock (``_prealloc_owed``)."""
+    def _reallocate_wal(self) -> int | None:
+        """Niced maintenance thread, as the job of a hold (``_restart_off_the_loop``: the
+        group commits hold their rows meanwhile instead of meeting our write lock): the
+        owed preallocation; its lock follows after the hold (``_lock_owed_wal``). 1 when
+        still owed (busy), 0 otherwise, None when the store is closing."""
         with self._maint_lock:
-            self._reallocate_wal_locked()
+            if self._maint is None:
+                return None
+            return self._reallocate_wal_locked(lock=False)
 
-    def _reallocate_wal_locked(self) -> None:
-        """Under ``_maint_lock``: allocate the WAL's blocks and lock its pages if owed; a
-        commit holding the write lock leaves them owed for the next tick."""
+    def _lock_owed_wal(self) -> None:
+        """Niced maintenance thread: the lock of a preallocation made under a hold."""
+        with self._maint_lock:
+            if self._maint is not None and self._lock_owed:
+                self._lock_owed = False
+                self._lock_wal()
+
+    def _reallocate_wal_locked(self, lock: bool = True) -> int:
+        """Under ``_maint_lock``: allocate the WAL's blocks if owed, then lock its pages
+        (now, or by ``_lock_owed_wal`` when not ``lock``); 1 when a commit holding the write
+        lock leaves them owed for the next tick, else 0."""
         if not self._prealloc_owed or self._maint is None:
-            return
+            return 0
         try:
             done = self._preallocate_wal(self._maint)
         except sqlite3.Error as exc:      # not busy (I/O): tried again next tick
             log.warning("could not preallocate the WAL (will retry): %s", exc)
-            return
+            return 1
         if done is not False:
             # done, or refused for a reason a retry every tick would only log again (the
             # file system's ENOSPC/EOPNOTSUPP, no WAL file): the next idle TRUNCATE tries
             self._prealloc_owed = False
         if done:
-            self._lock_wal()
+            if lock:
+                self._lock_wal()
+            else:
+                self._lock_owed = True
+        return 1 if self._prealloc_owed else 0
 
     @property
     def wal_locked_bytes(self) -> int:
@@ -1167,16 +1185,23 @@ class Store:
         if self._closed or self.check_file() is not None:
             return
         if self._prealloc_owed:
-            # in the niced maintenance thread (it holds the write lock: never SCHED_IDLE)
-            try:
-                owed = self._loop.run_in_executor(self._niced_pool(), self._reallocate_wal)
-            except RuntimeError:        # the pool is shut down (closing)
+            # under a hold, as a RESTART (in the niced thread: it holds the write lock): a
+            # group commit meanwhile holds its rows instead of meeting our own lock (which
+            # it would take for another process's, ending the WAL pin); the lock after the
+            # hold (mlock may read the WAL back from disk)
+            if await self._restart_off_the_loop(self._reallocate_wal) is None:
                 return
-            try:
-                await asyncio.shield(owed)
-            except asyncio.CancelledError:
-                await _outlast(owed)
-                raise
+            if self._lock_owed:
+                try:
+                    locking = self._loop.run_in_executor(self._niced_pool(),
+                                                         self._lock_owed_wal)
+                except RuntimeError:        # the pool is shut down (closing)
+                    return
+                try:
+                    await asyncio.shield(locking)
+                except asyncio.CancelledError:
+                    await _outlast(locking)
+                    raise
         # The WAL's size is the frames it holds (the passive pass counted them; -1: another
         # connection held the checkpoint lock, so the file's size stands in, but only above
         # the preallocated size: below, it is mostly zeros). Over
@@ -1800,6 +1825,8 @@ class Store:
             self._unlock_wal()      # (after the connections: no commit meets an evicted page)
 
     def _close(self) -> None:
+        if self._closed:
+            return          # closed already (a second close, e.g. a shutdown's finally)
         if self.check_file() is not None:
             if self._pending:
                 metrics.lost_usage_rows_total.inc(len(self._pending))
