@@ -89,7 +89,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -101,6 +101,7 @@ from proxy.store.schema import MIGRATIONS
 from proxy.tasks import wait_event
 
 log = logging.getLogger("meterproxy.store")
+T = TypeVar("T")
 
 MATERIALIZE_INTERVAL = 0.1
 _MIRROR_MAX_ROWS = 100_000     # journal rows kept in memory for materialize (then read back)
@@ -514,6 +515,17 @@ async def _outlast(job: asyncio.Future[Any]) -> None:
         job.exception()     # (retrieved: the tick is over)
 
 
+async def _run_out(job: asyncio.Future[T]) -> T:
+    """A maintenance job's result; a cancelled tick ends only once the job has returned
+    (``_outlast``): the thread may hold the write lock until then, and the write that
+    follows (the final flush) must never find our own lock in its way."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await _outlast(job)
+        raise
+
+
 class Store:
     """Owns the write connection. Create with ``Store.open`` inside a running loop."""
 
@@ -672,7 +684,7 @@ class Store:
             if done := store._preallocate_wal(conn):
                 store._lock_wal()
             else:       # busy (False): owed; refused (None): the next idle TRUNCATE tries
-                store._prealloc_owed = done is False and store.path is not None
+                store._prealloc_owed = done is False
         except sqlite3.Error as exc:    # not busy: its BEGIN IMMEDIATE failed (I/O, read-only)
             maint.close()
             conn.close()
@@ -1197,11 +1209,7 @@ class Store:
                                                          self._lock_owed_wal)
                 except RuntimeError:        # the pool is shut down (closing)
                     return
-                try:
-                    await asyncio.shield(locking)
-                except asyncio.CancelledError:
-                    await _outlast(locking)
-                    raise
+                await _run_out(locking)
         # The WAL's size is the frames it holds (the passive pass counted them; -1: another
         # connection held the checkpoint lock, so the file's size stands in, but only above
         # the preallocated size: below, it is mostly zeros). Over
@@ -1229,14 +1237,7 @@ class Store:
                 # finds the lock taken and is retried on the timer (invariant 5)
                 truncating = self._loop.run_in_executor(self._niced_pool(),
                                                         self._truncate_checkpoint)
-                try:
-                    cut = await asyncio.shield(truncating)
-                except asyncio.CancelledError:
-                    # the thread holds the write lock until it returns: a cancelled tick
-                    # (shutdown) ends only after it, so the write that follows (the final
-                    # flush) never finds our own lock in its way
-                    await _outlast(truncating)
-                    raise
+                cut = await _run_out(truncating)
                 if cut is None:
                     return
                 busy = cut
@@ -1260,12 +1261,8 @@ class Store:
                     # what is written meanwhile
                     second = self._loop.run_in_executor(self._niced_pool(),
                                                         self._passive_checkpoint, True)
-                    try:
-                        if await asyncio.shield(second) is None:
-                            return
-                    except asyncio.CancelledError:
-                        await _outlast(second)
-                        raise
+                    if await _run_out(second) is None:
+                        return
                 restarted = await self._restart_off_the_loop()
                 if restarted is None:
                     return
