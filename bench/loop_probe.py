@@ -12,7 +12,10 @@ Recorded, wall and thread CPU time (CPU time is not inflated by other processes 
 CPU; a gap between them is waiting: preempted, or in a system call such as fsync):
 every group commit (``Store._commit_now``), every materialize transaction, every WAL
 checkpoint (which thread, mode, frames), steps of named background tasks over 0.2 ms,
-garbage collections, and loop lag (a 1 ms sleep that wakes late). ``report`` keeps the
+garbage collections, loop lag (a 1 ms sleep that wakes late), and each strict request's
+wait for its commit: committed inside ``record`` or not, from ``record`` to the commit that
+resolved its future, and from that commit to the future's first callback (the waiting
+task's wake-up runs right after it, in the same loop pass). ``report`` keeps the
 span with load (from the first to the last lag sample).
 """
 
@@ -22,6 +25,7 @@ import asyncio
 import atexit
 import collections.abc
 import gc
+import itertools
 import json
 import os
 import sys
@@ -31,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 clock = time.perf_counter
-REC: dict[str, Any] = {"steps": [], "calls": [], "lag": [], "gc": [], "ck": []}
+REC: dict[str, Any] = {"steps": [], "calls": [], "lag": [], "gc": [], "ck": [], "wait": [], "load": []}
 T0 = clock()
 
 
@@ -100,6 +104,48 @@ def install() -> None:
                               list(res) if res else None))
     db.checkpoint = ck
 
+    began: dict[int, float] = {}
+    committed: dict[int, float] = {}
+    record, on_success = db.Store.record, db.Store._on_success
+
+    def woke(fut: Any) -> None:
+        t, k = clock(), id(fut)
+        t0, t1 = began.pop(k, t), committed.pop(k, t)
+        REC["wait"].append((t0 - T0, False, t1 - t0, t - t1))
+
+    def probed_record(self: db.Store, row: Any, wait: bool) -> Any:
+        t = clock()
+        fut = record(self, row, wait)
+        if fut is not None:
+            if fut.done():      # committed inside record (or failed there: not counted)
+                committed.pop(id(fut), None)
+                if not fut.cancelled() and fut.exception() is None:
+                    REC["wait"].append((t - T0, True, clock() - t, 0.0))
+            else:
+                began[id(fut)] = t
+                fut.add_done_callback(woke)
+        return fut
+
+    def probed_on_success(self: db.Store, rows: Any, seconds: float) -> None:
+        t = clock()
+        for r in rows:
+            if (f := r.future) is not None:
+                committed[id(f)] = t
+        on_success(self, rows, seconds)
+    if hasattr(db.Store, "_sample"):     # the group commit's load sample (a window each)
+        sample = db.Store._sample
+
+        def probed_sample(self: db.Store, again: bool = True) -> None:
+            before = (self._load_at, self._load_demand, self._spare_cpu)
+            sample(self, again)
+            if self._load_at != before[0]:
+                span = self._load_at - before[0]
+                REC["load"].append((clock() - T0, (self._load_demand - before[1]) / span,
+                                    time.thread_time(), self._spare_cpu))
+        db.Store._sample = probed_sample  # type: ignore[method-assign]
+    db.Store.record = probed_record  # type: ignore[method-assign]
+    db.Store._on_success = probed_on_success  # type: ignore[method-assign]
+
     starts: dict[int, float] = {}
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
@@ -152,6 +198,28 @@ def report(prefix: str) -> None:
                   f"{1e3 * _q(w, .99):.3f} max {1e3 * max(w or [0]):.2f} ms | CPU p50 "
                   f"{1e3 * _q(cpu, .5):.3f} p99 {1e3 * _q(cpu, .99):.3f} max "
                   f"{1e3 * max(cpu or [0]):.2f} ms | {1e3 * sum(w) / span:.1f} ms/s")
+        ws = [x for x in r.get("wait", []) if t0 <= x[0] <= t1]
+        if ws:
+            late = [x for x in ws if not x[1]]
+            tot = [x[2] + x[3] for x in late]
+            print(f"  strict wait   {len(ws)} rows, {100 * (len(ws) - len(late)) / len(ws):.0f}% "
+                  f"committed in record | the others: record->commit p50 "
+                  f"{1e3 * _q([x[2] for x in late], .5):.3f} p99 {1e3 * _q([x[2] for x in late], .99):.3f}"
+                  f" ms, commit->wake p50 {1e3 * _q([x[3] for x in late], .5):.3f} p99 "
+                  f"{1e3 * _q([x[3] for x in late], .99):.3f} ms, total p99 {1e3 * _q(tot, .99):.3f}"
+                  f" max {1e3 * max(tot or [0]):.2f} ms")
+            every = [x[2] + x[3] for x in ws]
+            print(f"  strict wait   every row, record -> wake-up (in record: the commit): p50 "
+                  f"{1e3 * _q(every, .5):.3f} p90 {1e3 * _q(every, .9):.3f} p99 "
+                  f"{1e3 * _q(every, .99):.3f} max {1e3 * max(every):.2f} ms, mean "
+                  f"{1e3 * sum(every) / len(every):.3f} ms")
+        ld = [x for x in r.get("load", []) if t0 <= x[0] <= t1]
+        if len(ld) > 1:
+            cpu = [(b[2] - a[2]) / (b[0] - a[0]) for a, b in itertools.pairwise(ld)]
+            print(f"  load windows  {len(ld)}: demand share " +
+                  " ".join(f"{x[1]:.2f}" for x in ld) + " | CPU share " +
+                  " ".join(f"{c:.2f}" for c in cpu) + " | group commits in " +
+                  f"{sum(1 for x in ld if not x[3])} windows")
         for x in r["ck"]:
             if t0 <= x[0] <= t1:
                 print(f"  checkpoint {x[3]:8} {'loop  ' if x[4] else 'thread'} wall "

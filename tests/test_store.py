@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -19,6 +21,9 @@ from hypothesis import strategies as st
 from proxy import metrics
 from proxy.credits.ledger import Entry
 from proxy.store.db import (
+    GROUP_COMMIT_SHARE,
+    INLINE_COMMIT_SHARE,
+    LOAD_WINDOW,
     MAINTENANCE_NICE,
     QUIET_SLICE,
     WAL_FILE_FACTOR,
@@ -28,6 +33,8 @@ from proxy.store.db import (
     decode_row,
     encode_row,
     journal_rows,
+    read_schedstat,
+    spare_after,
 )
 from tests.helpers import wait_until
 
@@ -717,28 +724,154 @@ async def test_a_strict_row_no_other_request_can_join_is_committed_before_record
         tmp_path: Path) -> None:
     """With ``alone`` true (no other request in flight) a waited-for strict row is committed
     inside ``record``: the request's wait ends without a loop iteration. With another request
-    in flight, or a row nobody waits for, the group commit runs on the next iteration, where
-    the other rows of that iteration join it."""
+    in flight too, while the loop thread has CPU to spare (it wanted less than
+    GROUP_COMMIT_SHARE of one in the last window). With another request in flight on a busy
+    loop, or a row nobody waits for, the group commit runs on the next iteration, where the
+    other rows of that iteration join it; the sampling timer goes back to commits in
+    ``record`` after a window below INLINE_COMMIT_SHARE."""
     db = tmp_path / "s.db"
     store = Store.open(db)
     others = 0
     store.alone = lambda: others == 0
+    journal = "SELECT count(*) FROM journal"
     fut = store.record(_row(0), wait=True)
     assert fut is not None and fut.done() and fut.result() is None
     assert not store._pending and not store._scheduled and store._idle.is_set()
-    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 1
+    assert store.conn.execute(journal).fetchone()[0] == 1
     others = 1
-    first = store.record(_row(1), wait=True)
-    second = store.record(_row(2), wait=True)
+    await asyncio.sleep(2 * LOAD_WINDOW)            # idle windows: CPU to spare
+    spare = store.record(_row(1), wait=True)
+    assert spare is not None and spare.done() and spare.result() is None
+    assert not store._pending and store.conn.execute(journal).fetchone()[0] == 2
+    _burn(store)                                    # the loop thread busy for a window
+    first = store.record(_row(2), wait=True)
+    second = store.record(_row(3), wait=True)
     assert first is not None and second is not None and not first.done()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
-    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 2  # one group
+    assert store.conn.execute(journal).fetchone()[0] == 3       # one group
+    await asyncio.sleep(2 * LOAD_WINDOW)            # the timer's idle window: at once again
+    again = store.record(_row(4), wait=True)
+    assert again is not None and again.done()
     others = 0
-    assert store.record(_row(3), wait=False) is None
+    assert store.record(_row(5), wait=False) is None
     assert store._pending and store._scheduled      # not committed on the caller's path
     await store.drain()
     store.close()
-    assert _ledger(db) == ([f"r{i}" for i in range(4)], sum(1_000_000 + i for i in range(4)))
+    assert store._load_timer is None                # no sampling after close
+    assert _ledger(db) == ([f"r{i}" for i in range(6)], sum(1_000_000 + i for i in range(6)))
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert (f"wanted {GROUP_COMMIT_SHARE:.0%} of a CPU or more over {LOAD_WINDOW * 1000:.0f} ms"
+            f" (until it wants less than {INLINE_COMMIT_SHARE:.0%};") in readme  # its promise
+
+
+def _burn(store: Store) -> float:
+    """Keep the loop thread runnable (no await) for a whole sampling window, then take the
+    sample, as a saturated loop does; the window starts fresh first. Returns the CPU time
+    the thread got over its wall time (below 1 when something else took the CPU). Time the
+    hypervisor steals from the VM counts as neither running nor waiting: a window that lost
+    more than 1 - GROUP_COMMIT_SHARE of itself that way is tried again."""
+    loop = asyncio.get_running_loop()
+    got = 1.0
+    for _ in range(10):
+        time.sleep(LOAD_WINDOW / 2)                 # (not runnable: the window may start)
+        store._sample(again=False)
+        t0, c0 = loop.time(), time.thread_time()
+        while loop.time() - t0 < 1.5 * LOAD_WINDOW:
+            pass
+        store._sample(again=False)
+        got = (time.thread_time() - c0) / (loop.time() - t0)
+        if not store._spare_cpu:
+            break
+    return got
+
+
+@given(st.booleans(), st.floats(min_value=0.0, max_value=4.0))
+def test_the_commit_mode_changes_only_past_the_far_threshold(spare: bool, share: float) -> None:
+    """Hysteresis: a loop with CPU to spare goes to group commits only at
+    GROUP_COMMIT_SHARE or more, and back only below INLINE_COMMIT_SHARE; a window between
+    the two keeps the mode (the commits' own CPU does not flip it every window)."""
+    after = spare_after(spare, share)
+    if share >= GROUP_COMMIT_SHARE:
+        assert after is False
+    elif share < INLINE_COMMIT_SHARE:
+        assert after is True
+    else:
+        assert after is spare
+
+
+def test_a_schedstat_is_read_as_time_on_a_cpu_plus_time_waiting_for_one(
+        tmp_path: Path) -> None:
+    """``/proc/<pid>/task/<tid>/schedstat`` holds nanoseconds on a CPU, nanoseconds
+    runnable and waiting, and timeslices; all zeros (a kernel that keeps no scheduler
+    statistics), anything unreadable or no file is None, and the store then uses the CPU
+    time. The real file of this thread reads as at least its CPU time."""
+    f = tmp_path / "schedstat"
+    for text, want in (("1500000000 250000000 42\n", 1.75), ("0 0 0\n", None),
+                       ("12\n", None), ("x y z\n", None), ("", None)):
+        f.write_text(text)
+        assert read_schedstat(str(f)) == want, text
+    assert read_schedstat(str(tmp_path / "none")) is None
+    cpu = time.thread_time()
+    mine = read_schedstat(f"/proc/self/task/{threading.get_native_id()}/schedstat")
+    assert mine is not None and mine >= cpu - 0.01
+
+
+def _burn_beside_a_hog(store: Store) -> float:
+    """``_burn`` with this process and another that spins pinned to the same CPU."""
+    mine = os.sched_getaffinity(0)
+    cpu = min(mine)
+    hog = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\n"
+                            "print('pinned', flush=True)\nwhile True: pass"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline() == "pinned\n"
+        os.sched_setaffinity(0, {cpu})              # the hog spins on that CPU from now on
+        return _burn(store)
+    finally:
+        os.sched_setaffinity(0, mine)
+        hog.kill()
+        hog.communicate()
+
+
+async def test_a_loop_that_shares_its_cpu_is_busy_to_the_group_commit(tmp_path: Path) -> None:
+    """The load sample counts the time the loop thread waited for a CPU, not only the CPU
+    it got: a loop that wants all of a CPU another process also wants gets about half of it
+    and must still count as saturated (group commits save CPU exactly then)."""
+    store = Store.open(tmp_path / "s.db")
+    store.alone = lambda: False
+    if store._schedstat is None:
+        store.close()
+        pytest.skip("this kernel keeps no scheduler statistics (/proc/self/task/<tid>/schedstat):"
+                    " the store measures the loop's CPU time instead")
+    got = _burn_beside_a_hog(store)
+    assert got < 0.75, got                          # it did share the CPU
+    assert not store._spare_cpu
+    fut = store.record(_row(0), wait=True)
+    assert fut is not None and not fut.done()       # a group commit
+    await asyncio.wait_for(fut, 5)
+    store.close()
+
+async def test_with_synchronous_full_rows_share_a_commit_however_idle_the_loop(
+        tmp_path: Path) -> None:
+    """Under ``synchronous: full`` every commit flushes the disk on the loop thread (time its
+    CPU demand does not show): a strict row commits inside ``record`` only when alone, and no
+    load sampling runs."""
+    db = tmp_path / "s.db"
+    store = Store.open(db, synchronous="full")
+    assert store._load_timer is None and store._schedstat is None
+    others = 1
+    store.alone = lambda: others == 0
+    await asyncio.sleep(LOAD_WINDOW)
+    first = store.record(_row(0), wait=True)
+    second = store.record(_row(1), wait=True)
+    assert first is not None and second is not None and not first.done()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert store.conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 1
+    others = 0
+    alone = store.record(_row(2), wait=True)
+    assert alone is not None and alone.done()
+    store.close()
+    assert _ledger(db)[0] == ["r0", "r1", "r2"]
 
 
 async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(

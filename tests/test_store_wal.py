@@ -5,6 +5,7 @@ ticks between them."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import subprocess
@@ -758,7 +759,8 @@ async def test_a_preallocation_that_fails_at_open_leaves_no_connection_open(
     both connections when opening fails: a non-busy error from its ``BEGIN IMMEDIATE`` (a
     disk I/O error, a read-only or moved database) escaped as a bare sqlite3 error with the
     loop and maintenance connections still open (their file descriptors and locks held).
-    Like any other failure to open it is a StorageError, nothing left open."""
+    Like any other failure to open it is a StorageError, nothing left open: no connection,
+    and no load-sampling timer (it starts only once the open succeeded)."""
 
     def refuse(conn: sqlite3.Connection, wal: Path, size: int) -> bool:
         raise sqlite3.OperationalError("disk I/O error")
@@ -778,10 +780,15 @@ async def test_a_preallocation_that_fails_at_open_leaves_no_connection_open(
                 out.append(target)
         return out
 
+    def sampling() -> list[dbmod.Store]:     # (stores other tests left open count too)
+        return [o for o in gc.get_objects() if isinstance(o, dbmod.Store) and
+                o._load_timer is not None]
+
     assert held() == []
+    before = sampling()
     with pytest.raises(StorageError):
         Store.open(db)
-    assert held() == []
+    assert held() == [] and sampling() == before
 
 
 # ---- review of the WAL start-over on the loop's connection (cef1a05, 46cf011) -----------

@@ -9,9 +9,12 @@ Invariants
 2. ``record()`` never waits: it appends to ``_pending``. In ``strict`` durability a commit
    is scheduled with ``call_soon`` the moment rows are waiting and no commit is running, so
    a request waits for about one commit; when no other request is in flight (``alone``: no
-   other row could join it) that commit runs inside ``record`` (a lock in the way is retried
-   on a timer as always, invariant 5), saving the request two loop iterations. That commit
-   is the cheapest durable write SQLite offers: ONE row appended to the index-free
+   other row could join it), or, with ``synchronous=NORMAL``, while the loop thread has CPU
+   to spare (``_sample``, every ``LOAD_WINDOW``: group commits from a window in which it
+   wanted ``GROUP_COMMIT_SHARE`` of a CPU or more until one below ``INLINE_COMMIT_SHARE``;
+   a commit per request costs little then), that commit runs inside ``record`` (a lock in
+   the way is retried on a timer as always, invariant 5), saving the request two loop
+   iterations. That commit is the cheapest durable write SQLite offers: ONE row appended to the index-free
    ``journal`` table holding every usage row of the group commit, by a single autocommit
    ``INSERT`` (its own transaction; a fleet member appends one journal row per usage row,
    shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``, one short slice
@@ -127,6 +130,41 @@ STARVED_HOLD = 60.0
 # a pass runs on the niced thread, never the SCHED_IDLE one, when the loop thread used more
 # than this share of a CPU since the previous pass (it would starve there)
 LOOP_BUSY_SHARE = 0.75
+# a waited-for strict row commits inside ``record`` (no group commit) while the loop thread
+# has CPU to spare: with it a commit per request costs little, and the group commit's two
+# loop iterations (its callback, then the waiting task's wake-up) are what a strict request
+# waits for in a burst; a saturated loop shares one commit among the rows of an iteration
+# (docs/PERFORMANCE.md, "The group commit's two loop iterations"). Sampled every
+# LOAD_WINDOW seconds (``Store._sample``): the thread's demand for a CPU, its time on one
+# plus its time waiting for one (``/proc/self/task/<tid>/schedstat``: a CPU the sidecar shares
+# with the API, a CPU quota or another thread taking it still count as demand), over the
+# window's wall time. Group commits from a window at GROUP_COMMIT_SHARE or more until one
+# below INLINE_COMMIT_SHARE (the commits' own CPU does not flip the mode every window). The
+# window is long enough that a burst of a few tens of milliseconds does not switch it.
+GROUP_COMMIT_SHARE = 0.95
+INLINE_COMMIT_SHARE = 0.85
+LOAD_WINDOW = 0.25
+
+
+def read_schedstat(path: str) -> float | None:
+    """Seconds on a CPU plus seconds runnable and waiting for one, from a thread's
+    ``schedstat`` file (nanoseconds on a CPU, nanoseconds waiting, timeslices); None when
+    unreadable or when it shows no time on a CPU (a kernel that keeps no scheduler
+    statistics writes zeros; the thread read has run). One open and read (~10 us)."""
+    try:
+        with open(path, "rb") as fh:
+            on_cpu, waited = fh.read(128).split()[:2]
+        ns = int(on_cpu), int(waited)
+    except (OSError, ValueError):
+        return None
+    return (ns[0] + ns[1]) / 1e9 if ns[0] > 0 else None
+
+
+def spare_after(spare: bool, share: float) -> bool:
+    """The commit mode after a load sample: True (commits inside ``record``) while the loop
+    thread wanted less than GROUP_COMMIT_SHARE of a CPU, and, once it wanted that much or
+    more, only again below INLINE_COMMIT_SHARE (``spare`` is the mode before the sample)."""
+    return share < (GROUP_COMMIT_SHARE if spare else INLINE_COMMIT_SHARE)
 # a WAL restart cuts the file to this many times wal_truncate_size (journal_size_limit):
 # a load writing less per tick restarts it in place, never freeing and re-allocating blocks
 WAL_FILE_FACTOR = 2
@@ -559,6 +597,18 @@ class Store:
         # (set by the composition root: no other request in flight); ``record`` then commits
         # a strict row at once instead of on the next loop iteration
         self.alone: Callable[[], bool] | None = None
+        # the loop thread has CPU to spare (``_sample``, every LOAD_WINDOW): a strict row
+        # that someone waits for commits inside ``record`` too, whether or not other
+        # requests are in flight (where ``alone`` is set: a store serving requests) ...
+        self._spare_cpu = True
+        # ... with ``synchronous=NORMAL`` only: under FULL each commit waits for a disk flush
+        # on the loop thread (which its CPU demand does not show), so rows always share one
+        self._spare_rule = durability == "strict" and \
+            int(conn.execute("PRAGMA synchronous").fetchone()[0]) < 2
+        self._load_at = 0.0             # loop time of the window's start
+        self._load_demand = 0.0         # the loop thread's CPU demand until then (seconds)
+        self._load_timer: asyncio.TimerHandle | None = None
+        self._schedstat: str | None = None      # the loop thread's schedstat file, if kept
         self._quiet_scheduled = False
         self._sequential = 0        # quiet() calls in a row without overlapping requests
         # a RESTART checkpoint running in the maintenance thread holds the write lock:
@@ -690,6 +740,7 @@ class Store:
             conn.close()
             raise StorageError(f"cannot open {path}: {exc}") from exc
         conn.execute("PRAGMA busy_timeout=0")
+        store._start_sampling()         # (last: a failed open leaves no timer, no fd)
         return store
 
     # ---- file identity, integrity, WAL size ---------------------------------------------
@@ -1500,11 +1551,13 @@ class Store:
         if not self._scheduled:
             self._scheduled = True
             if self.durability == "strict" and self.healthy:
-                if wait and (alone := self.alone) is not None and alone() \
+                if wait and (alone := self.alone) is not None \
+                        and (alone() or (self._spare_rule and self._spare_cpu)) \
                         and not self.conn.in_transaction:
-                    # no other request can add a row to this group commit: commit now, and
-                    # the caller's wait ends without the two loop hops (the commit's
-                    # callback, then the waiting task's wake-up)
+                    # no other request can add a row to this group commit, or the loop has
+                    # CPU to spare for a commit of its own: commit now, and the caller's
+                    # wait ends without the two loop hops (the commit's callback, then the
+                    # waiting task's wake-up)
                     self._commit_now()
                 else:
                     self._loop.call_soon(self._commit_now)
@@ -1519,6 +1572,56 @@ class Store:
             self._hold_timer = None
             self._loop.call_soon(self._hold_over)
         return fut
+
+    def _start_sampling(self) -> None:
+        """Loop thread, at the end of a successful ``open``: the load samples of a strict
+        store under ``synchronous=NORMAL`` begin. The demand is read from the loop thread's
+        ``/proc/self/task/<tid>/schedstat`` when the kernel keeps it, else the thread's CPU
+        time stands for it (a CPU it shares then looks spare: logged). The source is chosen
+        here, never mixed (``_demand``)."""
+        if not self._spare_rule or self._closed:
+            return
+        path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        if read_schedstat(path) is None:        # no file, or all zeros: no statistics kept
+            log.info("no scheduler statistics for the loop thread (%s): its CPU time stands "
+                     "for its demand for a CPU; a CPU it shares with other processes then "
+                     "looks spare to the group commit", path)
+            self._schedstat = None
+        else:
+            self._schedstat = path
+        self._load_at = self._loop.time()
+        self._load_demand = time.thread_time() if (d := self._demand()) is None else d
+        self._load_timer = self._loop.call_later(LOAD_WINDOW, self._sample)
+
+    def _demand(self) -> float | None:
+        """Seconds the loop thread has run on a CPU or waited, runnable, for one (its
+        schedstat); its CPU time where the kernel keeps no schedstat. None once a read of
+        the schedstat failed: from then on the CPU time (``_sample`` starts a new window)."""
+        if (path := self._schedstat) is None:
+            return time.thread_time()
+        if (got := read_schedstat(path)) is None:
+            self._schedstat = None
+            log.warning("the loop thread's scheduler statistics became unreadable (%s): its "
+                        "CPU time stands for its demand for a CPU from now on", path)
+        return got
+
+    def _sample(self, again: bool = True) -> None:
+        """Every ``LOAD_WINDOW`` (a timer; ``again`` False: once, not rescheduled): did the
+        loop thread want less than a CPU's ``GROUP_COMMIT_SHARE`` since the previous sample
+        (``INLINE_COMMIT_SHARE`` once it wanted more)? A span under half a window (a late
+        timer right after a sample) keeps the previous answer."""
+        self._load_timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        if (span := now - self._load_at) >= LOAD_WINDOW / 2:
+            if (demand := self._demand()) is None:      # the source changed: a new window
+                self._load_at, self._load_demand = now, time.thread_time()
+            else:
+                self._spare_cpu = spare_after(self._spare_cpu, (demand - self._load_demand) / span)
+                self._load_at, self._load_demand = now, demand
+        if again:
+            self._load_timer = self._loop.call_later(LOAD_WINDOW, self._sample)
 
     # ---- the group commit -----------------------------------------------------------
 
@@ -1820,6 +1923,9 @@ class Store:
             self._close()
         finally:
             self._unlock_wal()      # (after the connections: no commit meets an evicted page)
+            if (timer := self._load_timer) is not None:
+                timer.cancel()
+                self._load_timer = None
 
     def _close(self) -> None:
         if self._closed:
