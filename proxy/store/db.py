@@ -14,11 +14,11 @@ Invariants
    wanted ``GROUP_COMMIT_SHARE`` of a CPU or more until one below ``INLINE_COMMIT_SHARE``;
    a commit per request costs little then), that commit runs inside ``record`` (a lock in
    the way is retried on a timer as always, invariant 5), saving the request two loop
-   iterations. That commit is the cheapest durable write SQLite offers: ONE row appended to the index-free
-   ``journal`` table holding every usage row of the group commit, by a single autocommit
-   ``INSERT`` (its own transaction; a fleet member appends one journal row per usage row,
-   shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``, one short slice
-   whenever the last request in flight finishes (``quiet``), before every flush
+   iterations. That commit is the cheapest durable write SQLite offers: ONE row appended
+   to the index-free ``journal`` table holding every usage row of the group commit, by a
+   single autocommit ``INSERT`` (its own transaction; a fleet member appends one journal
+   row per usage row, shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``,
+   one short slice whenever the last request in flight finishes (``quiet``), before every flush
    and every read of usage, at start-up and at shutdown) moves journal rows into ``audit``,
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
    counted exactly once whether the process dies before, during or after it. It applies
@@ -165,6 +165,8 @@ def spare_after(spare: bool, share: float) -> bool:
     thread wanted less than GROUP_COMMIT_SHARE of a CPU, and, once it wanted that much or
     more, only again below INLINE_COMMIT_SHARE (``spare`` is the mode before the sample)."""
     return share < (GROUP_COMMIT_SHARE if spare else INLINE_COMMIT_SHARE)
+
+
 # a WAL restart cuts the file to this many times wal_truncate_size (journal_size_limit):
 # a load writing less per tick restarts it in place, never freeing and re-allocating blocks
 WAL_FILE_FACTOR = 2
@@ -740,7 +742,7 @@ class Store:
             conn.close()
             raise StorageError(f"cannot open {path}: {exc}") from exc
         conn.execute("PRAGMA busy_timeout=0")
-        store._start_sampling()         # (last: a failed open leaves no timer, no fd)
+        store._start_sampling()         # (last: a failed open leaves no timer behind)
         return store
 
     # ---- file identity, integrity, WAL size ---------------------------------------------
