@@ -132,17 +132,17 @@ def install() -> None:
             if (f := r.future) is not None:
                 committed[id(f)] = t
         on_success(self, rows, seconds)
-    if hasattr(db.Store, "_sample"):     # the group commit's load sample (a window each)
-        sample = db.Store._sample
+    if hasattr(db.Store, "_measure"):    # the group commit's load sample (a window each)
+        measure = db.Store._measure
 
-        def probed_sample(self: db.Store, again: bool = True) -> None:
+        def probed_measure(self: db.Store) -> None:
             before = (self._load_at, self._load_demand, self._spare_cpu)
-            sample(self, again)
+            measure(self)
             if self._load_at != before[0]:
                 span = self._load_at - before[0]
                 REC["load"].append((clock() - T0, (self._load_demand - before[1]) / span,
                                     time.thread_time(), self._spare_cpu))
-        db.Store._sample = probed_sample  # type: ignore[method-assign]
+        db.Store._measure = probed_measure  # type: ignore[method-assign]
     db.Store.record = probed_record  # type: ignore[method-assign]
     db.Store._on_success = probed_on_success  # type: ignore[method-assign]
 

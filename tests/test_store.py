@@ -739,7 +739,9 @@ async def test_a_strict_row_no_other_request_can_join_is_committed_before_record
     assert not store._pending and not store._scheduled and store._idle.is_set()
     assert store.conn.execute(journal).fetchone()[0] == 1
     others = 1
-    await asyncio.sleep(2 * LOAD_WINDOW)            # idle windows: CPU to spare
+    opened = store._load_at                         # the timer samples an idle window
+    await wait_until(lambda: store._load_at > opened, what="a load sample")
+    assert store._spare_cpu                         # CPU to spare
     spare = store.record(_row(1), wait=True)
     assert spare is not None and spare.done() and spare.result() is None
     assert not store._pending and store.conn.execute(journal).fetchone()[0] == 2
@@ -749,7 +751,8 @@ async def test_a_strict_row_no_other_request_can_join_is_committed_before_record
     assert first is not None and second is not None and not first.done()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert store.conn.execute(journal).fetchone()[0] == 3       # one group
-    await asyncio.sleep(2 * LOAD_WINDOW)            # the timer's idle window: at once again
+    # the timer's next sample, of a window spent waiting: at once again
+    await wait_until(lambda: store._spare_cpu, what="an idle window sampled")
     again = store.record(_row(4), wait=True)
     assert again is not None and again.done()
     others = 0
@@ -774,11 +777,11 @@ def _burn(store: Store) -> float:
     got = 1.0
     for _ in range(10):
         time.sleep(LOAD_WINDOW / 2)                 # (not runnable: the window may start)
-        store._sample(again=False)
+        store._measure()
         t0, c0 = loop.time(), time.thread_time()
         while loop.time() - t0 < 1.5 * LOAD_WINDOW:
             pass
-        store._sample(again=False)
+        store._measure()
         got = (time.thread_time() - c0) / (loop.time() - t0)
         if not store._spare_cpu:
             break
@@ -851,6 +854,7 @@ async def test_a_loop_that_shares_its_cpu_is_busy_to_the_group_commit(tmp_path: 
     await asyncio.wait_for(fut, 5)
     store.close()
 
+
 async def test_with_synchronous_full_rows_share_a_commit_however_idle_the_loop(
         tmp_path: Path) -> None:
     """Under ``synchronous: full`` every commit flushes the disk on the loop thread (time its
@@ -859,9 +863,9 @@ async def test_with_synchronous_full_rows_share_a_commit_however_idle_the_loop(
     db = tmp_path / "s.db"
     store = Store.open(db, synchronous="full")
     assert store._load_timer is None and store._schedstat is None
+    assert not store._spare_cpu                     # however idle: no commit of its own
     others = 1
     store.alone = lambda: others == 0
-    await asyncio.sleep(LOAD_WINDOW)
     first = store.record(_row(0), wait=True)
     second = store.record(_row(1), wait=True)
     assert first is not None and second is not None and not first.done()

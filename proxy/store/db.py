@@ -10,7 +10,7 @@ Invariants
    is scheduled with ``call_soon`` the moment rows are waiting and no commit is running, so
    a request waits for about one commit; when no other request is in flight (``alone``: no
    other row could join it), or, with ``synchronous=NORMAL``, while the loop thread has CPU
-   to spare (``_sample``, every ``LOAD_WINDOW``: group commits from a window in which it
+   to spare (``_measure``, every ``LOAD_WINDOW``: group commits from a window in which it
    wanted ``GROUP_COMMIT_SHARE`` of a CPU or more until one below ``INLINE_COMMIT_SHARE``;
    a commit per request costs little then), that commit runs inside ``record`` (a lock in
    the way is retried on a timer as always, invariant 5), saving the request two loop
@@ -135,7 +135,7 @@ LOOP_BUSY_SHARE = 0.75
 # loop iterations (its callback, then the waiting task's wake-up) are what a strict request
 # waits for in a burst; a saturated loop shares one commit among the rows of an iteration
 # (docs/PERFORMANCE.md, "The group commit's two loop iterations"). Sampled every
-# LOAD_WINDOW seconds (``Store._sample``): the thread's demand for a CPU, its time on one
+# LOAD_WINDOW seconds (``Store._measure``): the thread's demand for a CPU, its time on one
 # plus its time waiting for one (``/proc/self/task/<tid>/schedstat``: a CPU the sidecar shares
 # with the API, a CPU quota or another thread taking it still count as demand), over the
 # window's wall time. Group commits from a window at GROUP_COMMIT_SHARE or more until one
@@ -599,14 +599,16 @@ class Store:
         # (set by the composition root: no other request in flight); ``record`` then commits
         # a strict row at once instead of on the next loop iteration
         self.alone: Callable[[], bool] | None = None
-        # the loop thread has CPU to spare (``_sample``, every LOAD_WINDOW): a strict row
-        # that someone waits for commits inside ``record`` too, whether or not other
-        # requests are in flight (where ``alone`` is set: a store serving requests) ...
-        self._spare_cpu = True
-        # ... with ``synchronous=NORMAL`` only: under FULL each commit waits for a disk flush
-        # on the loop thread (which its CPU demand does not show), so rows always share one
+        # a strict store under ``synchronous=NORMAL``: its loop's load is sampled (under
+        # FULL each commit waits for a disk flush on the loop thread, which its CPU demand
+        # does not show, so rows always share one unless alone) ...
         self._spare_rule = durability == "strict" and \
             int(conn.execute("PRAGMA synchronous").fetchone()[0]) < 2
+        # ... and while its loop thread has CPU to spare (``_measure``, every LOAD_WINDOW) a
+        # strict row that someone waits for commits inside ``record`` too, whether or not
+        # other requests are in flight (where ``alone`` is set: a store serving requests);
+        # never without the rule
+        self._spare_cpu = self._spare_rule
         self._load_at = 0.0             # loop time of the window's start
         self._load_demand = 0.0         # the loop thread's CPU demand until then (seconds)
         self._load_timer: asyncio.TimerHandle | None = None
@@ -1127,6 +1129,16 @@ class Store:
                                                       _lower_thread_priority)
         return self._maint_fallback
 
+    async def _in_niced_thread(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)`` in the niced maintenance thread, awaited as ``_run_out`` does (a
+        cancelled tick ends only once it has returned); None when the pool is shut down
+        (closing: nothing ran)."""
+        try:
+            job = self._loop.run_in_executor(self._niced_pool(), fn, *args)
+        except RuntimeError:
+            return None
+        return await _run_out(job)
+
     def _maint_pool_now(self, window: float) -> ThreadPoolExecutor:
         """The thread for the next pass (called on the loop thread): the SCHED_IDLE one,
         unless the loop thread used more than ``LOOP_BUSY_SHARE`` of a CPU since the
@@ -1257,12 +1269,7 @@ class Store:
             if await self._restart_off_the_loop(self._reallocate_wal) is None:
                 return
             if self._lock_owed:
-                try:
-                    locking = self._loop.run_in_executor(self._niced_pool(),
-                                                         self._lock_owed_wal)
-                except RuntimeError:        # the pool is shut down (closing)
-                    return
-                await _run_out(locking)
+                await self._in_niced_thread(self._lock_owed_wal)
         # The WAL's size is the frames it holds (the passive pass counted them; -1: another
         # connection held the checkpoint lock, so the file's size stands in, but only above
         # the preallocated size: below, it is mostly zeros). Over
@@ -1288,9 +1295,7 @@ class Store:
                 # write lock, and a burst starting meanwhile would starve it there): the
                 # ftruncate of the whole file never holds the loop; a commit meanwhile
                 # finds the lock taken and is retried on the timer (invariant 5)
-                truncating = self._loop.run_in_executor(self._niced_pool(),
-                                                        self._truncate_checkpoint)
-                cut = await _run_out(truncating)
+                cut = await self._in_niced_thread(self._truncate_checkpoint)
                 if cut is None:
                     return
                 busy = cut
@@ -1308,14 +1313,12 @@ class Store:
                     if self._pass_complete and log_frames is not None:
                         await self._start_over_off_the_loop()
                     return
-                if self._pin is not None:
-                    # the pinned pass left the last tick's frames: a second pass without
-                    # the pin copies them outside the hold, so the RESTART copies only
-                    # what is written meanwhile
-                    second = self._loop.run_in_executor(self._niced_pool(),
-                                                        self._passive_checkpoint, True)
-                    if await _run_out(second) is None:
-                        return
+                # the pinned pass left the last tick's frames: a second pass without the
+                # pin copies them outside the hold, so the RESTART copies only what is
+                # written meanwhile
+                if self._pin is not None and \
+                        await self._in_niced_thread(self._passive_checkpoint, True) is None:
+                    return
                 restarted = await self._restart_off_the_loop()
                 if restarted is None:
                     return
@@ -1554,7 +1557,7 @@ class Store:
             self._scheduled = True
             if self.durability == "strict" and self.healthy:
                 if wait and (alone := self.alone) is not None \
-                        and (alone() or (self._spare_rule and self._spare_cpu)) \
+                        and (alone() or self._spare_cpu) \
                         and not self.conn.in_transaction:
                     # no other request can add a row to this group commit, or the loop has
                     # CPU to spare for a commit of its own: commit now, and the caller's
@@ -1580,25 +1583,25 @@ class Store:
         store under ``synchronous=NORMAL`` begin. The demand is read from the loop thread's
         ``/proc/self/task/<tid>/schedstat`` when the kernel keeps it, else the thread's CPU
         time stands for it (a CPU it shares then looks spare: logged). The source is chosen
-        here, never mixed (``_demand``)."""
+        here; ``_demand`` only ever falls back from the file to the CPU time, starting a new
+        window."""
         if not self._spare_rule or self._closed:
             return
         path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
-        if read_schedstat(path) is None:        # no file, or all zeros: no statistics kept
+        if (demand := read_schedstat(path)) is None:    # no file, or zeros: none kept
             log.info("no scheduler statistics for the loop thread (%s): its CPU time stands "
                      "for its demand for a CPU; a CPU it shares with other processes then "
                      "looks spare to the group commit", path)
-            self._schedstat = None
+            demand = time.thread_time()
         else:
             self._schedstat = path
-        self._load_at = self._loop.time()
-        self._load_demand = time.thread_time() if (d := self._demand()) is None else d
+        self._load_at, self._load_demand = self._loop.time(), demand
         self._load_timer = self._loop.call_later(LOAD_WINDOW, self._sample)
 
     def _demand(self) -> float | None:
         """Seconds the loop thread has run on a CPU or waited, runnable, for one (its
         schedstat); its CPU time where the kernel keeps no schedstat. None once a read of
-        the schedstat failed: from then on the CPU time (``_sample`` starts a new window)."""
+        the schedstat failed: from then on the CPU time (``_measure`` starts a new window)."""
         if (path := self._schedstat) is None:
             return time.thread_time()
         if (got := read_schedstat(path)) is None:
@@ -1607,14 +1610,19 @@ class Store:
                         "CPU time stands for its demand for a CPU from now on", path)
         return got
 
-    def _sample(self, again: bool = True) -> None:
-        """Every ``LOAD_WINDOW`` (a timer; ``again`` False: once, not rescheduled): did the
-        loop thread want less than a CPU's ``GROUP_COMMIT_SHARE`` since the previous sample
-        (``INLINE_COMMIT_SHARE`` once it wanted more)? A span under half a window (a late
-        timer right after a sample) keeps the previous answer."""
+    def _sample(self) -> None:
+        """The timer, every ``LOAD_WINDOW``: one ``_measure``, then the next."""
         self._load_timer = None
         if self._closed:
             return
+        self._measure()
+        self._load_timer = self._loop.call_later(LOAD_WINDOW, self._sample)
+
+    def _measure(self) -> None:
+        """One load sample: did the loop thread want less than a CPU's
+        ``GROUP_COMMIT_SHARE`` since the previous sample (``INLINE_COMMIT_SHARE`` once it
+        wanted more)? A span under half a window (a late timer right after a sample) keeps
+        the previous answer."""
         now = self._loop.time()
         if (span := now - self._load_at) >= LOAD_WINDOW / 2:
             if (demand := self._demand()) is None:      # the source changed: a new window
@@ -1622,8 +1630,6 @@ class Store:
             else:
                 self._spare_cpu = spare_after(self._spare_cpu, (demand - self._load_demand) / span)
                 self._load_at, self._load_demand = now, demand
-        if again:
-            self._load_timer = self._loop.call_later(LOAD_WINDOW, self._sample)
 
     # ---- the group commit -----------------------------------------------------------
 
