@@ -5,6 +5,7 @@ single process), CPU seconds per process, and PostgreSQL statements per 1,000 re
   .venv/bin/python bench/fleet_bench.py [--reps 5] [--duration 8] [--connections 64]
                                         [--no-credits] [--python-origin]
                                         [--proxy-cpus 0,1] [--load-cpus 2]
+                                        [--cores-per-worker 0.55]
 
 What runs where (by default nothing is pinned: the proxy's workers may use both cores, and
 so may the rest, which is exactly what a 2-core machine running its own load generator
@@ -32,6 +33,15 @@ of requests each worker served (its rows in the shared usage ledger). Statements
 
 Other processes on the machine take CPU from whichever target runs: read the ratios of one
 run, and the proxy's CPU per request, rather than absolute rates.
+
+``--cores-per-worker X`` (root, a cgroup ``cpu`` controller: v1's ``cfs_quota_us`` or v2's
+``cpu.max``): every proxy target runs in its own cgroup capped at X cores per worker (X for
+the SQLite process and ``workers: 1``, 2X for ``workers: 2``), so the two runs get the CPU a
+machine with a core per worker would give them, and wrk, the origin and PostgreSQL keep the
+rest. On two cores, without it, two workers get what the rest leaves them (about 1.3 cores)
+and the ratio measures the machine; with it, it measures whether the proxy scales with the
+CPU it is given. The ratio is only meaningful while the rest of the machine keeps up: the
+report's ``proxy CPU s`` per measured second must be close to the cap (``budget used``).
 """
 
 from __future__ import annotations
@@ -137,6 +147,46 @@ http {{
 def pinned(cpus: str | None) -> list[str]:
     """The ``taskset`` prefix that runs a command on ``cpus`` (none: not pinned)."""
     return [] if cpus is None else ["taskset", "-c", cpus]
+
+
+class CpuCap:
+    """A cgroup capping the processes placed in it (and their children) at ``cores`` CPUs:
+    cgroup v1's ``cpu`` controller (``cpu.cfs_quota_us`` over a 100 ms period) or cgroup v2's
+    ``cpu.max``. Removed by ``close`` once its processes are gone."""
+
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+    PERIOD_US = 100_000
+
+    def __init__(self, cores: float) -> None:
+        name = f"meterproxy-bench-{uuid.uuid4().hex[:8]}"
+        quota = int(cores * self.PERIOD_US)
+        if (self.V1 / "cpu.cfs_quota_us").exists():
+            self.path = self.V1 / name
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        elif "cpu" in (self.V2 / "cgroup.controllers").read_text().split():
+            self.path = self.V2 / name
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            raise RuntimeError("--cores-per-worker needs a cgroup cpu controller (v1 or v2)")
+        self.cores = cores
+
+    def enter(self) -> None:
+        """Moves the calling process into the cgroup (a ``preexec_fn``: the child, before its
+        exec, so nothing it starts runs outside the cap)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:                            # its last process is still exiting
+                time.sleep(0.1)
+        self.path.rmdir()
 
 
 def start_origin(work: Path, python_origin: bool,
@@ -274,6 +324,7 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         cfg["fleet"] = {"member_id": "bench"}
     # the ports go in the config (workers share the public one): a start that failed
     # because one was taken meanwhile is retried on new ones
+    cap = CpuCap(a.cores_per_worker * workers) if a.cores_per_worker else None
     for i in range(PORT_TRIES):
         pp, ap = port(), port()
         cfg.update({"listen": f"127.0.0.1:{pp}", "admin_listen": f"127.0.0.1:{ap}"})
@@ -281,7 +332,8 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         log = (d / "proxy.log").open("wb")
         proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve", "--config",
                                  str(d / "c.yaml")],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=None if cap is None else cap.enter)
         aurl = f"http://127.0.0.1:{ap}"
         try:
             wait_up(aurl, proc)
@@ -293,6 +345,8 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
             if i == PORT_TRIES - 1 or not in_use(d / "proxy.log"):
                 if db is not None:
                     asyncio.run(_db(a.dsn, db, False))
+                if cap is not None:
+                    cap.close()
                 raise
     try:
         body: dict[str, Any] = {"id": "bench"}
@@ -319,6 +373,8 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
                "cpu_origin": cpu1[1] - cpu0[1], "cpu_pg": cpu1[2] - cpu0[2],
                "seconds": took}
         out["proxy_us_per_req"] = out["cpu_proxy"] * 1e6 / max(ok, 1)
+        if cap is not None:
+            out["budget_used"] = out["cpu_proxy"] / took / cap.cores
         if kind == "fleet" and workers == 1:
             after = admin(aurl, "GET", "/admin/fleet")["this_member"]["pg_statements"]
             out["pg_statements_per_1000"] = (after - before) * 1000 / max(ok, 1)
@@ -335,6 +391,8 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         log.close()
         if db is not None:
             asyncio.run(_db(a.dsn, db, False))
+        if cap is not None:
+            cap.close()
 
 
 def main() -> None:
@@ -350,6 +408,8 @@ def main() -> None:
     ap.add_argument("--load-cpus", help="taskset CPU list for wrk and the origin (e.g. 2)")
     ap.add_argument("--proxy-cpus",
                     help="taskset CPU list for the proxy and its workers (e.g. 0,1)")
+    ap.add_argument("--cores-per-worker", type=float,
+                    help="cap each proxy target at this many CPUs per worker (a cgroup; root)")
     a = ap.parse_args()
     targets = [("sqlite", 1, False), ("fleet", 1, False), ("fleet", 2, False)]
     if not a.no_credits:
@@ -382,8 +442,9 @@ def report(results: dict[str, list[dict[str, float]]]) -> str:
 
     lines = ["| target | requests/s (median) | vs workers=1 | runs (requests/s) | proxy CPU s "
              "| proxy CPU us/req | wrk CPU s | origin CPU s | PG backends CPU s "
-             "| least-loaded worker's share | PG statements / 1,000 req | PG statements / s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| least-loaded worker's share | PG statements / 1,000 req | PG statements / s "
+             "| budget used |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, rs in results.items():
         rps = med(rs, "rps")
         assert rps is not None
@@ -395,7 +456,8 @@ def report(results: dict[str, list[dict[str, float]]]) -> str:
             f"{f(med(rs, 'cpu_wrk'), '.2f')} | {f(med(rs, 'cpu_origin'), '.2f')} | "
             f"{f(med(rs, 'cpu_pg'), '.2f')} | {f(med(rs, 'worker_share_min'), '.2f')} | "
             f"{f(med(rs, 'pg_statements_per_1000'), '.1f')} | "
-            f"{f(med(rs, 'pg_statements_per_second'), '.1f')} |")
+            f"{f(med(rs, 'pg_statements_per_second'), '.1f')} | "
+            f"{f(med(rs, 'budget_used'), '.2f')} |")
     return "\n".join(lines)
 
 

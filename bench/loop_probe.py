@@ -37,6 +37,7 @@ from typing import Any
 clock = time.perf_counter
 REC: dict[str, Any] = {"steps": [], "calls": [], "lag": [], "gc": [], "ck": [], "wait": [], "load": []}
 T0 = clock()
+REC["T0"] = T0          # perf_counter is CLOCK_MONOTONIC: comparable with bench/openloop.py's
 
 
 class _Timed(collections.abc.Coroutine):  # type: ignore[type-arg]

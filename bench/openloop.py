@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -144,9 +145,18 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
         if c.t is not None:
             c.t.close()
     lags.sort()
+    if dump := os.environ.get("OPENLOOP_DUMP"):
+        write_results(f"{dump}.{os.getpid()}.{int(start * 1e3)}", results)
     return {**figures(results, a), "sent": total, "rate_target": a.rate,
             "rate_achieved": total / elapsed if elapsed > 0 else 0,
             "extra_connections": opened, "send_lag_p99_ms": pct(lags, 0.99) * 1e3}
+
+
+def write_results(path: str, results: list[tuple[float, int, float]]) -> None:
+    """Every request of a run as JSON: (latency s, status, sent at: perf_counter, which is
+    CLOCK_MONOTONIC, so comparable with bench/loop_probe.py's records of the proxy)."""
+    with open(path, "w") as fh:
+        json.dump(results, fh)
 
 
 def figures(results: list[tuple[float, int, float]], a: argparse.Namespace

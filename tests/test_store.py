@@ -4,8 +4,10 @@ exactly once, including after a crash that left rows behind."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -21,11 +23,14 @@ from hypothesis import strategies as st
 from proxy import metrics
 from proxy.credits.ledger import Entry
 from proxy.store.db import (
+    CATCH_UP_ROWS,
     GROUP_COMMIT_SHARE,
     INLINE_COMMIT_SHARE,
     LOAD_WINDOW,
     MAINTENANCE_NICE,
+    MATERIALIZE_SLICE,
     QUIET_SLICE,
+    SLICE_GAP,
     WAL_FILE_FACTOR,
     Store,
     UsageItem,
@@ -362,6 +367,40 @@ async def test_serving_materializes_in_small_transactions_yielding_between_them(
     store.close()
     ids, _ = _ledger(tmp_path / "s.db")
     assert sorted(ids) == sorted(f"r{i}" for i in range(300))
+
+
+async def test_materialize_slices_spread_out_unless_a_backlog_waits(tmp_path: Path) -> None:
+    """Between two of materialize_forever's slices the loop is free for SLICE_GAP while at
+    most CATCH_UP_ROWS rows wait in the mirror (a request in flight meets one slice of a
+    tick, not all of them back to back), and not at all above it (a backlog is caught up
+    as before); every row is moved exactly once."""
+    rows = CATCH_UP_ROWS + 8 * MATERIALIZE_SLICE
+    store = Store.open(tmp_path / "s.db")
+    for i in range(rows):
+        store.record(_row(i), wait=False)
+        if i % 4 == 3:
+            store._commit_now()         # group commits of 4 rows
+    begun: list[tuple[float, int]] = []         # (when, rows still in the mirror)
+
+    def trace(sql: str) -> None:
+        if sql.startswith("BEGIN"):
+            begun.append((time.monotonic(), store._mirror_rows))
+
+    store.conn.set_trace_callback(trace)
+    task = asyncio.ensure_future(store.materialize_forever(interval=0.001))
+    await wait_until(lambda: store._journaled == 0, timeout=30)
+    task.cancel()
+    store.conn.set_trace_callback(None)
+    gaps = [(b[0] - a[0], a[1]) for a, b in itertools.pairwise(begun)]
+    # after a slice that left more than CATCH_UP_ROWS waiting: the next one at once
+    caught_up = [g for g, left in gaps if left - MATERIALIZE_SLICE > CATCH_UP_ROWS]
+    spread = [g for g, left in gaps if left <= CATCH_UP_ROWS]
+    assert len(caught_up) >= 6 and len(spread) >= CATCH_UP_ROWS // (MATERIALIZE_SLICE + 4) - 1
+    assert statistics.median(caught_up) < SLICE_GAP / 2
+    assert min(spread) >= SLICE_GAP - 0.002     # (the loop may run a timer ~1 ms early)
+    store.close()
+    ids, _ = _ledger(tmp_path / "s.db")
+    assert sorted(ids) == sorted(f"r{i}" for i in range(rows))
 
 
 # A second, real process on the same file: opens a Store (its recovery moves and deletes
@@ -878,12 +917,11 @@ async def test_with_synchronous_full_rows_share_a_commit_however_idle_the_loop(
     assert _ledger(db)[0] == ["r0", "r1", "r2"]
 
 
-async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
-        tmp_path: Path) -> None:
+async def test_quiet_moments_materialize_short_slices(tmp_path: Path) -> None:
     """``quiet`` (no request in flight) moves one QUIET_SLICE transaction of the journal on
-    the next loop iteration once QUIET_SLICE quiet moments came in a row without overlapping
-    requests and that many rows wait; an overlap starts the count again; every row is moved
-    exactly once, the oldest first."""
+    the next loop iteration once that many rows wait, whether or not requests overlapped
+    before (a block of the loop is best run when no request is in flight); one slice is
+    scheduled at a time; every row is moved exactly once, the oldest first."""
     db = tmp_path / "s.db"
     store = Store.open(db)
     store.alone = lambda: True
@@ -893,17 +931,16 @@ async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
         return int(store.conn.execute(journal).fetchone()[0])
 
     for i in range(QUIET_SLICE - 1):
-        store.record(_row(i), wait=True)
-        store.quiet()
+        store.record(_row(i), wait=True)        # (requests overlapping: no quiet moment)
+    store.quiet()
     await asyncio.sleep(0)
-    assert waiting() == QUIET_SLICE - 1          # too few rows, too few quiet moments
+    assert waiting() == QUIET_SLICE - 1          # too few rows
     store.record(_row(QUIET_SLICE - 1), wait=True)
-    store.quiet(overlapped=True)                 # requests overlapped: count again
-    for _ in range(QUIET_SLICE - 1):
-        store.quiet()
-    await asyncio.sleep(0)
     assert waiting() == QUIET_SLICE
-    for i in range(QUIET_SLICE, 2 * QUIET_SLICE + 3):
+    store.quiet()               # the next quiet moment, with enough rows: however few came before
+    await asyncio.sleep(0)
+    assert waiting() == 0
+    for i in range(QUIET_SLICE, 3 * QUIET_SLICE + 3):
         store.record(_row(i), wait=True)
     store.quiet()
     store.quiet()                       # one slice scheduled at a time
@@ -911,7 +948,7 @@ async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
     await asyncio.sleep(0)
     assert waiting() == QUIET_SLICE + 3
     ids = [r[0] for r in store.conn.execute("SELECT request_id FROM audit ORDER BY seq")]
-    assert ids == [f"r{i}" for i in range(QUIET_SLICE)]
+    assert ids == [f"r{i}" for i in range(2 * QUIET_SLICE)]
     store.quiet()
     await asyncio.sleep(0)
     assert waiting() == 3
@@ -919,8 +956,8 @@ async def test_quiet_moments_of_requests_one_at_a_time_materialize_short_slices(
     await asyncio.sleep(0)
     assert waiting() == 3                        # fewer than QUIET_SLICE rows wait
     store.close()
-    assert _ledger(db) == ([f"r{i}" for i in range(2 * QUIET_SLICE + 3)],
-                           sum(1_000_000 + i for i in range(2 * QUIET_SLICE + 3)))
+    assert _ledger(db) == ([f"r{i}" for i in range(3 * QUIET_SLICE + 3)],
+                           sum(1_000_000 + i for i in range(3 * QUIET_SLICE + 3)))
 
 
 async def test_a_lone_row_recorded_inside_a_write_transaction_waits_for_the_next_iteration(

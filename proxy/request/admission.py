@@ -65,8 +65,7 @@ class Admission:
         self.in_flight: dict[str, int] = {}
         self.admitted = 0       # their sum: requests in flight that may record usage
         # called when the last of them has finished (``Store.quiet``; composition root)
-        self.on_quiet: Callable[[bool], None] | None = None
-        self.overlapped = False     # two were in flight at once since the last quiet moment
+        self.on_quiet: Callable[[], None] | None = None
         # the monetary credits mode (proxy.credits.money): set by the composition root
         self.money: MoneyBook | None = None
 
@@ -102,8 +101,6 @@ class Admission:
         if customer_id:     # no await since the checks above: one critical section
             in_flight[customer_id] = in_flight.get(customer_id, 0) + 1
             self.admitted += 1
-            if self.admitted > 1:
-                self.overlapped = True
         return hold
 
     async def admit_leased(self, rule: Rule | None, customer_id: str,
@@ -147,8 +144,7 @@ class Admission:
         if customer_id:
             self.admitted -= 1
             if not self.admitted and (quiet := self.on_quiet) is not None:
-                quiet(self.overlapped)
-                self.overlapped = False
+                quiet()
             in_flight = self.in_flight
             if (left := in_flight[customer_id] - 1):
                 in_flight[customer_id] = left

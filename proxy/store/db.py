@@ -17,8 +17,9 @@ Invariants
    iterations. That commit is the cheapest durable write SQLite offers: ONE row appended
    to the index-free ``journal`` table holding every usage row of the group commit, by a
    single autocommit ``INSERT`` (its own transaction; a fleet member appends one journal
-   row per usage row, shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``,
-   one short slice whenever the last request in flight finishes (``quiet``), before every flush
+   row per usage row, shipped by seq). ``materialize()`` (every ``MATERIALIZE_INTERVAL``
+   in slices ``SLICE_GAP`` apart unless a backlog waits, one short slice whenever the last
+   request in flight finishes (``quiet``), before every flush
    and every read of usage, at start-up and at shutdown) moves journal rows into ``audit``,
    ``usage_minute`` and ``credit_entries`` and deletes them, in ONE transaction, so a row is
    counted exactly once whether the process dies before, during or after it. It applies
@@ -114,10 +115,16 @@ _MATERIALIZE_BATCH = 20_000
 # largest share of strict's latency tail; below 64 the fixed cost per transaction (its
 # COMMIT's WAL frames) grows the cost per row (docs/PERFORMANCE.md, "Strict latency tail")
 MATERIALIZE_SLICE = 64
-# rows per materialize transaction run the moment no request is in flight while requests
-# arrive one at a time (``Store.quiet``): ~0.15 ms; only started once that many rows wait
-# (smaller ones cost more per row: the transaction's fixed ~60-100 us)
+# rows per materialize transaction run the moment no request is in flight (``Store.quiet``):
+# ~0.15-0.35 ms; only started once that many rows wait (smaller ones cost more per row: the
+# transaction's fixed ~60-100 us)
 QUIET_SLICE = 16
+# between two of materialize_forever's slices: a pause while at most CATCH_UP_ROWS rows wait
+# in the mirror (the slices of one tick spread out: a request in flight meets one of them,
+# not all; 64 rows per 10 ms still moves 6,400 rows/s), none above it (catching up, as
+# after a burst or a start with a journal to read back)
+SLICE_GAP = 0.01
+CATCH_UP_ROWS = 1024
 # retry delays of a group commit that found the database locked (seconds; the last repeats)
 _BUSY_RETRY = (0.001, 0.002, 0.005, 0.01, 0.02)
 # SQLite primary result codes
@@ -614,7 +621,6 @@ class Store:
         self._load_timer: asyncio.TimerHandle | None = None
         self._schedstat: str | None = None      # the loop thread's schedstat file, if kept
         self._quiet_scheduled = False
-        self._sequential = 0        # quiet() calls in a row without overlapping requests
         # a RESTART checkpoint running in the maintenance thread holds the write lock:
         # group commits wait for its end instead of meeting the lock (``checkpoint_once``)
         self._restarting = False
@@ -1489,7 +1495,8 @@ class Store:
     async def materialize_forever(self, interval: float = MATERIALIZE_INTERVAL,
                                   slice_rows: int = MATERIALIZE_SLICE) -> None:
         """Materialize in slices of ``slice_rows``, yielding to the loop between them, so a
-        busy second never blocks requests for more than one slice (~0.4 ms)."""
+        busy second never blocks requests for more than one slice (~0.4 ms), and pausing
+        ``SLICE_GAP`` between them unless more than ``CATCH_UP_ROWS`` wait."""
         while True:
             await asyncio.sleep(interval)
             while self._journaled:
@@ -1504,24 +1511,19 @@ class Store:
                     elif not is_busy(exc):      # a foreign lock: simply retried next tick
                         log.warning("materializing the journal failed (will retry): %s", exc)
                     break
-                await asyncio.sleep(0)
+                await asyncio.sleep(0 if self._mirror_rows > CATCH_UP_ROWS or
+                                    not self._mirror_ok else SLICE_GAP)
 
-    def quiet(self, overlapped: bool = False) -> None:
+    def quiet(self) -> None:
         """The last request in flight has finished (called by the admission step, after its
-        response was handed to the transport); ``overlapped``: two or more requests were in
-        flight at once since the previous call. After ``QUIET_SLICE`` calls in a row without
-        overlap (requests arriving one at a time), one ``QUIET_SLICE`` materialize transaction
-        runs on the next loop iteration if that many journaled rows wait. With requests one
-        at a time each loop block delays about one request, so the number of blocks, not
-        their length, is how many requests wait: 16-row slices (~0.15 ms) delay each by less
-        than a 64-row one (~0.35 ms), for ~1.7x the CPU per row. With overlapping requests
-        it is the total blocked time that delays them: ``materialize_forever``'s cheaper
-        64-row slices, which also keep the journal bounded as before in every case."""
-        if overlapped:
-            self._sequential = 0
-            return
-        self._sequential += 1
-        if self._sequential >= QUIET_SLICE and not self._quiet_scheduled and \
+        response was handed to the transport): one ``QUIET_SLICE`` materialize transaction
+        runs on the next loop iteration if that many journaled rows wait. A block of the
+        loop delays the requests in flight during it, so it is best run when none is: only
+        one that arrives during it waits, and a 16-row slice (~0.15 ms) delays it less than
+        a 64-row one (~0.35 ms), for ~1.7x the CPU per row. Under a load that leaves no
+        quiet moment, ``materialize_forever``'s cheaper 64-row slices move the journal, and
+        they keep it bounded as before in every case."""
+        if not self._quiet_scheduled and \
                 self._mirror_ok and self._mirror_rows >= QUIET_SLICE and not self._closed:
             self._quiet_scheduled = True
             self._loop.call_soon(self._quiet_slice)
