@@ -152,26 +152,40 @@ def pinned(cpus: str | None) -> list[str]:
 class CpuCap:
     """A cgroup capping the processes placed in it (and their children) at ``cores`` CPUs:
     cgroup v1's ``cpu`` controller (``cpu.cfs_quota_us`` over a 100 ms period) or cgroup v2's
-    ``cpu.max``. Removed by ``close`` once its processes are gone."""
+    ``cpu.max`` (the controller enabled for children of the root). ``close`` removes it once
+    its processes are gone, and only warns when it cannot."""
 
     V1 = Path("/sys/fs/cgroup/cpu")
     V2 = Path("/sys/fs/cgroup")
     PERIOD_US = 100_000
 
+    @classmethod
+    def check(cls) -> None:
+        """Fails before any run when no cpu controller can cap a child cgroup."""
+        if (cls.V1 / "cpu.cfs_quota_us").exists():
+            return
+        sub = cls.V2 / "cgroup.subtree_control"
+        if sub.exists() and "cpu" in sub.read_text().split():
+            return
+        raise SystemExit("--cores-per-worker needs a cgroup cpu controller: cgroup v1's at "
+                         f"{cls.V1}, or v2's enabled in {sub} (echo +cpu > {sub}); and root")
+
     def __init__(self, cores: float) -> None:
+        self.check()
         name = f"meterproxy-bench-{uuid.uuid4().hex[:8]}"
-        quota = int(cores * self.PERIOD_US)
-        if (self.V1 / "cpu.cfs_quota_us").exists():
-            self.path = self.V1 / name
-            self.path.mkdir()
-            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
-        elif "cpu" in (self.V2 / "cgroup.controllers").read_text().split():
-            self.path = self.V2 / name
-            self.path.mkdir()
-            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
-        else:
-            raise RuntimeError("--cores-per-worker needs a cgroup cpu controller (v1 or v2)")
+        quota = round(cores * self.PERIOD_US)
+        v1 = (self.V1 / "cpu.cfs_quota_us").exists()
+        self.path = (self.V1 if v1 else self.V2) / name
+        self.path.mkdir()
+        try:
+            if v1:
+                (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        except OSError:
+            self.path.rmdir()
+            raise
         self.cores = cores
 
     def enter(self) -> None:
@@ -186,7 +200,7 @@ class CpuCap:
                 return
             except OSError:                            # its last process is still exiting
                 time.sleep(0.1)
-        self.path.rmdir()
+        print(f"warning: could not remove the cgroup {self.path}", file=sys.stderr)
 
 
 def start_origin(work: Path, python_origin: bool,
@@ -316,6 +330,16 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         "storage": {"path": str(d / "m.db"), "durability": "strict"},
         "admin": {"token": TOKEN}, "stripe": {"sink": "dry_run", "flush_interval": "1s"},
         "log_level": "warning", "workers": workers}
+    cap = CpuCap(a.cores_per_worker * workers) if a.cores_per_worker else None
+    try:
+        return _run_capped(kind, workers, block, a, d, cfg, cap, origin_pid)
+    finally:
+        if cap is not None:
+            cap.close()
+
+
+def _run_capped(kind: str, workers: int, block: bool, a: argparse.Namespace, d: Path,
+                cfg: dict[str, Any], cap: CpuCap | None, origin_pid: int) -> dict[str, float]:
     db = None
     if kind == "fleet":
         db = f"mp_bench_{uuid.uuid4().hex[:10]}"
@@ -324,16 +348,21 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         cfg["fleet"] = {"member_id": "bench"}
     # the ports go in the config (workers share the public one): a start that failed
     # because one was taken meanwhile is retried on new ones
-    cap = CpuCap(a.cores_per_worker * workers) if a.cores_per_worker else None
     for i in range(PORT_TRIES):
         pp, ap = port(), port()
         cfg.update({"listen": f"127.0.0.1:{pp}", "admin_listen": f"127.0.0.1:{ap}"})
         (d / "c.yaml").write_text(json.dumps(cfg))
         log = (d / "proxy.log").open("wb")
-        proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve", "--config",
-                                 str(d / "c.yaml")],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=None if cap is None else cap.enter)
+        try:
+            proc = subprocess.Popen([*pinned(a.proxy_cpus), PY, "-m", "proxy", "serve",
+                                     "--config", str(d / "c.yaml")],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=None if cap is None else cap.enter)
+        except BaseException:
+            log.close()
+            if db is not None:
+                asyncio.run(_db(a.dsn, db, False))
+            raise
         aurl = f"http://127.0.0.1:{ap}"
         try:
             wait_up(aurl, proc)
@@ -345,8 +374,6 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
             if i == PORT_TRIES - 1 or not in_use(d / "proxy.log"):
                 if db is not None:
                     asyncio.run(_db(a.dsn, db, False))
-                if cap is not None:
-                    cap.close()
                 raise
     try:
         body: dict[str, Any] = {"id": "bench"}
@@ -391,8 +418,6 @@ def run_target(kind: str, workers: int, block: bool, a: argparse.Namespace,
         log.close()
         if db is not None:
             asyncio.run(_db(a.dsn, db, False))
-        if cap is not None:
-            cap.close()
 
 
 def main() -> None:
@@ -411,6 +436,8 @@ def main() -> None:
     ap.add_argument("--cores-per-worker", type=float,
                     help="cap each proxy target at this many CPUs per worker (a cgroup; root)")
     a = ap.parse_args()
+    if a.cores_per_worker:
+        CpuCap.check()
     targets = [("sqlite", 1, False), ("fleet", 1, False), ("fleet", 2, False)]
     if not a.no_credits:
         targets += [("fleet", 1, True), ("fleet", 2, True)]

@@ -7,6 +7,8 @@ figure of merit: the probe's own wrappers cost a few microseconds per call).
       --meterproxy "$PWD/.venv/bin/python bench/loop_probe.py $PWD" \\
       --before "$PWD/.venv/bin/python bench/loop_probe.py /path/to/base/checkout"
   .venv/bin/python bench/loop_probe.py report /tmp/probe     # one block per proxy run
+  # with OPENLOOP_DUMP=/tmp/ol also set for latency.py: what the slow requests overlapped
+  .venv/bin/python bench/loop_probe.py correlate /tmp/probe /tmp/ol
 
 Recorded, wall and thread CPU time (CPU time is not inflated by other processes taking the
 CPU; a gap between them is waiting: preempted, or in a system call such as fsync):
@@ -239,9 +241,61 @@ def report(prefix: str) -> None:
               f"{1e3 * max(lag):.2f} ms")
 
 
+def correlate(prefix: str, requests: str) -> None:
+    """Which recorded events the slow requests of each probed open-loop run overlapped.
+    ``requests``: the prefix ``OPENLOOP_DUMP`` gave bench/openloop.py (each run's requests
+    with the time they were sent, on the same clock as the probe's). A request is slow at
+    90% of its run's p99 or more (and at least 1.5 ms); an event overlaps it when it ran
+    between its sending and its answer: a commit or materialize transaction over 0.5 ms, a
+    checkpoint (in any thread), a named task's step over 0.2 ms, a collection, or the loop
+    waking more than 1 ms late (LAG). Also prints when the slow requests came (clusters:
+    seconds into the proxy's run, and how many)."""
+    import collections
+    import glob
+    probes = []
+    for f in glob.glob(prefix + ".*"):
+        with open(f) as fh:
+            r = json.load(fh)
+        if r["lag"] and "T0" in r:
+            probes.append((r["T0"] + r["lag"][0][0], r["T0"] + r["lag"][-1][0], r, f))
+    for f in sorted(glob.glob(requests + ".*")):
+        with open(f) as fh:
+            res = json.load(fh)
+        sends = [x[2] for x in res]
+        match = [p for p in probes if sends and p[0] <= min(sends) and max(sends) <= p[1]]
+        if not match:
+            continue        # a run of a target without the probe (bare, nginx)
+        r, t0 = match[0][2], match[0][2]["T0"]
+        lats = sorted(x[0] for x in res)
+        p99 = lats[int(0.99 * len(lats))]
+        slow = sorted((x for x in res if x[0] >= max(0.0015, 0.9 * p99)), key=lambda x: x[2])
+        ev = [(t0 + t, w, name) for t, w, name, _cpu in r["calls"] if w > 0.0005]
+        ev += [(t0 + c[0], c[1], f"checkpoint-{c[3]}") for c in r["ck"]]
+        ev += [(t0 + t, w, f"step-{n}") for t, w, n in r["steps"] if n != "loop-probe-lag"]
+        ev += [(t0 + t, w, f"gc{g}") for t, w, g in r["gc"]]
+        ev += [(t0 + t + 0.001, lag, "LAG") for t, lag in r["lag"] if lag > 0.001]
+        print(f"== {f} ({match[0][3]}): {len(res)} requests, p50 {1e3 * lats[len(lats) // 2]:.2f}"
+              f" p99 {1e3 * p99:.2f} ms, {len(slow)} slow")
+        kinds: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for lat, _st, sent in slow:
+            kinds[tuple(sorted({e[2] for e in ev if e[0] < sent + lat and e[0] + e[1] > sent}))] += 1
+        for k, v in kinds.most_common(10):
+            print(f"  {v:5d}  {', '.join(k) or '(nothing recorded)'}")
+        clusters: list[list[float]] = []
+        for _lat, _st, sent in slow:
+            if clusters and sent - clusters[-1][-1] < 0.02:
+                clusters[-1].append(sent)
+            else:
+                clusters.append([sent])
+        print("  clusters: " + " ".join(f"{c[0] - t0:.3f}s:{len(c)}" for c in clusters[:40]))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "report":
         report(sys.argv[2])
+        sys.exit(0)
+    if sys.argv[1] == "correlate":
+        correlate(sys.argv[2], sys.argv[3])
         sys.exit(0)
     root = os.path.abspath(sys.argv.pop(1))
     sys.path.insert(0, root)

@@ -198,6 +198,8 @@ async def sequential(a: argparse.Namespace, req: bytes, c: Conn,
             break               # no answer within 10 s
     if c.t is not None:
         c.t.close()
+    if dump := os.environ.get("OPENLOOP_DUMP"):
+        write_results(f"{dump}.{os.getpid()}.{int(time.perf_counter() * 1e3)}", results)
     return {**figures(results, a), "sent": len(results), "rate_target": 0.0,
             "rate_achieved": len(results) / a.duration, "extra_connections": 0,
             "send_lag_p99_ms": 0.0}

@@ -111,12 +111,25 @@ async def test_the_store_commits_at_once_only_while_one_request_is_in_flight(
                                  headers={"Authorization": f"Bearer {k}"}) as r:
             return r.status
 
+    store = p.server.rt.store
+    quiet_moments = 0
+
+    def quiet() -> None:                  # counts the calls, then the store's own
+        nonlocal quiet_moments
+        quiet_moments += 1
+        store.quiet()
+
+    admission.on_quiet = quiet
     assert await get(key, 0) == 200
+    await wait_until(lambda: quiet_moments == 1, what="a quiet moment after a lone request")
     slow = [asyncio.ensure_future(get(other, 500)) for _ in range(2)]
     await wait_until(lambda: admission.admitted == 2, what="both slow requests in flight")
     assert admission.admitted == 2 and not admission.alone()
     assert await get(key, 0) == 200       # recorded while the slow ones are in flight
+    assert quiet_moments == 1             # none while the slow ones are in flight
     assert await asyncio.gather(*slow) == [200, 200]
     assert admission.admitted == 0 and admission.in_flight == {}
+    await wait_until(lambda: quiet_moments == 2, what="one when the last of them left")
     assert await get(key, 0) == 200
+    await wait_until(lambda: quiet_moments == 3, what="a quiet moment after a lone request")
     assert p.ledger_totals() == {("one", "api_calls"): 3 * Q, ("two", "api_calls"): 2 * Q}

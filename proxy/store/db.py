@@ -1521,8 +1521,9 @@ class Store:
         loop delays the requests in flight during it, so it is best run when none is: only
         one that arrives during it waits, and a 16-row slice (~0.15 ms) delays it less than
         a 64-row one (~0.35 ms), for ~1.7x the CPU per row. Under a load that leaves no
-        quiet moment, ``materialize_forever``'s cheaper 64-row slices move the journal, and
-        they keep it bounded as before in every case."""
+        quiet moment, ``materialize_forever``'s cheaper 64-row slices move the journal and
+        keep it bounded: at most a tick's rows plus ``CATCH_UP_ROWS`` wait while the mirror
+        holds them (above that the slices follow each other at once)."""
         if not self._quiet_scheduled and \
                 self._mirror_ok and self._mirror_rows >= QUIET_SLICE and not self._closed:
             self._quiet_scheduled = True
