@@ -5,7 +5,11 @@
   .venv/bin/python bench/latency.py --quick    # 1 rep, 2 s runs (~1.5 min)
 
 Two loads per payload, each measured for every target in the same run, interleaved
-(``for rep: for payload: for target``), every target restarted per measurement:
+(``for rep: for payload: for target``), every target restarted per measurement; bare runs
+first in every rep and the other targets take turns after it (rep 2 starts with the second,
+and so on): the target right after bare read 0.02-0.15 ms slower at SSE's p50 whatever its
+code (docs/PERFORMANCE.md, "materialize slices without bursts"), so a fixed order would bias
+an A/B:
 
 - one connection: one request at a time (``bench/openloop.py --sequential``): the latency
   a request sees with no queueing at all;
@@ -124,6 +128,14 @@ def measure(s: run.Setup, target: str, payload: str, load: str, rate: float,
     return out
 
 
+def in_turn(targets: list[str], rep: int) -> list[str]:
+    """The order of a rep's runs: bare (first in ``targets``), then the others rotated by
+    ``rep - 1``, so each of them follows bare in turn."""
+    rest = targets[1:]
+    k = (rep - 1) % len(rest) if rest else 0
+    return targets[:1] + rest[k:] + rest[:k]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +232,7 @@ def main() -> int:
     for rep in range(1, a.reps + 1):
         for pl in payloads:
             for load in LOADS:
-                for t in targets:
+                for t in in_turn(targets, rep):
                     r = measure(setups[t], t.split("@")[0], pl, load, bare_max[pl] / 2, a,
                                 oport)
                     runs.setdefault(f"{t}/{pl}/{load}", []).append(r)
