@@ -522,10 +522,16 @@ async def _first_prices(rt: Runtime) -> None:
         await conn.close()
 
 
-def _refuse_reload(rt: Runtime, problems: list[str]) -> bool:
-    rt.rules_error = "\n".join(problems)
+def _reload_failed(rt: Runtime, error: str) -> None:
+    """A reload did not take effect (the old rules keep serving): what the admin API shows
+    (``rules_error``) and the metrics say so until one does."""
+    rt.rules_error = error
     metrics.rules_reloads_total.labels("error").inc()
     metrics.rules_reload_failing.set(1)
+
+
+def _refuse_reload(rt: Runtime, problems: list[str]) -> bool:
+    _reload_failed(rt, "\n".join(problems))
     log.error("rules reload refused; still serving version %s:\n%s", rt.rules.version,
               rt.rules_error)
     return False
@@ -603,9 +609,7 @@ async def _watch_rules(rt: Runtime, check: MeterCheck | None, interval: float = 
             try:
                 await reload_rules_checked(rt, check)
             except (StorageError, sqlite3.Error) as exc:
-                metrics.rules_reloads_total.labels("error").inc()
-                metrics.rules_reload_failing.set(1)
-                rt.rules_error = f"the new rules could not be stored (retrying): {exc}"
+                _reload_failed(rt, f"the new rules could not be stored (retrying): {exc}")
                 log.warning("rules changed but not applied: storing the new version failed;"
                             " still serving version %s, retrying in %.0f s: %s",
                             rt.rules.version, interval, exc)
