@@ -145,18 +145,19 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
         if c.t is not None:
             c.t.close()
     lags.sort()
-    if dump := os.environ.get("OPENLOOP_DUMP"):
-        write_results(f"{dump}.{os.getpid()}.{int(start * 1e3)}", results)
+    dump_results(results)
     return {**figures(results, a), "sent": total, "rate_target": a.rate,
             "rate_achieved": total / elapsed if elapsed > 0 else 0,
             "extra_connections": opened, "send_lag_p99_ms": pct(lags, 0.99) * 1e3}
 
 
-def write_results(path: str, results: list[tuple[float, int, float]]) -> None:
-    """Every request of a run as JSON: (latency s, status, sent at: perf_counter, which is
+def dump_results(results: list[tuple[float, int, float]]) -> None:
+    """With ``OPENLOOP_DUMP=PREFIX``: every request of the run as JSON in
+    ``PREFIX.<pid>.<ms>``: (latency s, status, sent at: perf_counter, which is
     CLOCK_MONOTONIC, so comparable with bench/loop_probe.py's records of the proxy)."""
-    with open(path, "w") as fh:
-        json.dump(results, fh)
+    if prefix := os.environ.get("OPENLOOP_DUMP"):
+        with open(f"{prefix}.{os.getpid()}.{int(time.perf_counter() * 1e3)}", "w") as fh:
+            json.dump(results, fh)
 
 
 def figures(results: list[tuple[float, int, float]], a: argparse.Namespace
@@ -198,8 +199,7 @@ async def sequential(a: argparse.Namespace, req: bytes, c: Conn,
             break               # no answer within 10 s
     if c.t is not None:
         c.t.close()
-    if dump := os.environ.get("OPENLOOP_DUMP"):
-        write_results(f"{dump}.{os.getpid()}.{int(time.perf_counter() * 1e3)}", results)
+    dump_results(results)
     return {**figures(results, a), "sent": len(results), "rate_target": 0.0,
             "rate_achieved": len(results) / a.duration, "extra_connections": 0,
             "send_lag_p99_ms": 0.0}
