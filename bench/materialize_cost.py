@@ -12,6 +12,15 @@ callgrind (bench/store_cost.py) does not see the kernel's share (the WAL's write
 (32 random hex digits: generated before, and what many clients send); --audit preloads the
 audit table with that many rows (a long-running proxy's), --pass-rows is one 100 ms pass
 (384: half the bare maximum on the reference machine).
+
+--reader: each pass is moved as a reader moves it instead of in ``materialize_forever``'s
+slices, and the longest stretch the loop was held during it is printed (a task measuring
+the time between its turns on the loop): ``block`` is one ``Store.materialize()`` (what the
+admin API, the usage page and the flusher ran before 1 Dec 2026), ``catch-up`` is
+``Store.catch_up()`` (64-row transactions, the loop served between them):
+
+  taskset -c 1 .venv/bin/python bench/materialize_cost.py --pass-rows 1024 --reader block
+  taskset -c 1 .venv/bin/python bench/materialize_cost.py --pass-rows 1024 --reader catch-up
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ async def main(a: argparse.Namespace) -> None:
                     [(rid(),) for _ in range(a.audit)])
         checkpoint(store.conn, "TRUNCATE")
         wall: list[float] = []
+        held: list[float] = []
         cpu = 0.0
         rows = 0
         for _ in range(a.passes):
@@ -53,6 +63,9 @@ async def main(a: argparse.Namespace) -> None:
                 if i % a.commit_rows == a.commit_rows - 1:
                     store._commit_now()
             store._commit_now()
+            if a.reader:
+                held.append(await _reader_pass(store, a.reader))
+                continue
             while True:
                 t, c = time.perf_counter(), time.thread_time()
                 n = store.materialize(limit=a.slice)
@@ -61,15 +74,43 @@ async def main(a: argparse.Namespace) -> None:
                 rows += n
                 if n < a.slice:
                     break
-        frames = checkpoint(store.conn, "PASSIVE")[1]
-        wall.sort()
-        print(f"ids {a.ids} slice {a.slice} audit {a.audit}: per transaction p50 "
-              f"{1000 * wall[len(wall) // 2]:.3f} p90 {1000 * wall[int(len(wall) * .9)]:.3f} "
-              f"max {1000 * wall[-1]:.3f} ms; CPU {1e6 * cpu / rows:.2f} us/row; "
-              f"WAL {frames / rows:.2f} frames/row (group commits and materialize)")
+        if a.reader:
+            held.sort()
+            print(f"reader {a.reader}, {a.pass_rows} rows waiting: the loop held p50 "
+                  f"{1000 * held[len(held) // 2]:.3f} max {1000 * held[-1]:.3f} ms per pass")
+        else:
+            frames = checkpoint(store.conn, "PASSIVE")[1]
+            wall.sort()
+            print(f"ids {a.ids} slice {a.slice} audit {a.audit}: per transaction p50 "
+                  f"{1000 * wall[len(wall) // 2]:.3f} p90 {1000 * wall[int(len(wall) * .9)]:.3f} "
+                  f"max {1000 * wall[-1]:.3f} ms; CPU {1e6 * cpu / rows:.2f} us/row; "
+                  f"WAL {frames / rows:.2f} frames/row (group commits and materialize)")
         store._closed = True
         store.conn.close()
         store._close_maint()
+
+
+async def _reader_pass(store: Store, how: str) -> float:
+    """One reader's pass over what waits; returns the longest time the loop was held."""
+    longest = 0.0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal longest
+        while not done:
+            t = time.perf_counter()
+            await asyncio.sleep(0)
+            longest = max(longest, time.perf_counter() - t)
+
+    tick = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)          # the ticker is waiting for its turn
+    if how == "block":
+        store.materialize()
+    else:
+        await store.catch_up()
+    done = True
+    await tick
+    return longest
 
 
 if __name__ == "__main__":
@@ -81,4 +122,5 @@ if __name__ == "__main__":
     ap.add_argument("--passes", type=int, default=40)
     ap.add_argument("--pass-rows", type=int, default=384)
     ap.add_argument("--commit-rows", type=int, default=2)
+    ap.add_argument("--reader", choices=("block", "catch-up"))
     asyncio.run(main(ap.parse_args()))

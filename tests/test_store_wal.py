@@ -473,6 +473,35 @@ async def test_readers_during_a_stalled_restart_block_the_loop_at_most_lock_wait
     assert _audit_count(db, "r19") == 1
 
 
+async def test_a_reader_catching_up_during_a_restart_waits_without_blocking_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Store.catch_up`` (the readers' materialize: admin API, usage page, flusher) meets
+    a RESTART holding the write lock: it waits for it on a timer, the loop keeps serving
+    (``try_materialize`` waits on the loop thread, up to ``lock_wait``), and once the
+    RESTART ends it moves every row journaled before the call, each once."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=5.0)
+    _threads, entered, release = _holding_restart(monkeypatch)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    reader: asyncio.Future[int] | None = None
+    try:
+        await wait_until(entered.is_set, timeout=10)
+        reader = asyncio.ensure_future(store.catch_up())
+        fired = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, fired.set_result, True)
+        started = time.monotonic()
+        assert await asyncio.wait_for(fired, 10)
+        assert time.monotonic() - started < 1.0, "the reader blocked the loop"
+        assert not reader.done()
+        assert _audit_count(db, "r19") == 0
+    finally:
+        release.set()
+        await tick
+    assert reader is not None and await asyncio.wait_for(reader, 10) >= 20
+    store.close()
+    assert [_audit_count(db, f"r{i}") for i in range(20)] == [1] * 20
+
+
 async def test_max_pending_rows_is_enforced_while_a_restart_holds_the_rows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/resources.md: while the RESTART holds the write lock, 'past max_pending_rows

@@ -95,7 +95,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             return error_response(HttpError("unknown query parameter(s): "
                                             + ", ".join(sorted(repr(u)[:40] for u in unknown))))
     # every admin read sees every committed usage row (strict mode journals them first)
-    request.app[RT].store.try_materialize()
+    await request.app[RT].store.try_catch_up()
     try:
         return await handler(request)
     except (HttpError, LookupError) as exc:

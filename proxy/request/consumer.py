@@ -96,7 +96,7 @@ class ConsumerApi:
         cid = self.auth.authenticate(request).customer_id
         rt = self.rt
         cust = rt.keys.customers[cid]
-        rt.store.try_materialize()
+        await rt.store.try_catch_up()
         preview = await self.previews.get(cust.stripe_customer_id) \
             if self.previews is not None and cust.stripe_customer_id else None
         report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
@@ -110,7 +110,7 @@ class ConsumerApi:
         cust = self.rt.keys.customers[cid]
         start, end = period_bounds(cust.billing_anchor, time.time())
         s, e = time_range(request.query.get("from"), request.query.get("to"), start, end)
-        self.rt.store.try_materialize()
+        await self.rt.store.try_catch_up()
         return await stream_export(request, self.rt.owners().usage, cid, s, e, fmt)
 
     async def events_csv(self, request: web.BaseRequest) -> web.StreamResponse:

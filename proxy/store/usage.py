@@ -54,7 +54,7 @@ class SqliteUsage:
         return self.store.record(row, wait)
 
     async def materialize(self) -> int:
-        return self.store.materialize() if isinstance(self.store, Store) else 0
+        return await self.store.catch_up() if isinstance(self.store, Store) else 0
 
     async def usage(self, customer_id: str, start: float | None = None,
                     end: float | None = None, now: float | None = None
