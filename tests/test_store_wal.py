@@ -874,6 +874,36 @@ async def test_the_loop_never_uses_its_connection_while_a_stalled_start_over_has
     assert _audit_count(db, "r500") == 1
 
 
+async def test_a_reader_never_uses_the_connection_a_stalled_start_over_has(
+        tmp_path: Path) -> None:
+    """``Store.catch_up`` past ``lock_wait`` while the start-over still has the loop's
+    connection (its header's fdatasync stalled): a statement on it would wait for the whole
+    stall with the loop stopped, or join the thread's transaction. The reader finds a lock
+    at once instead (``try_catch_up``: logged, the read lags), and moves every row once the
+    start-over is over."""
+    db = tmp_path / "s.db"
+    store = _due_for_restart(db, lock_wait=0.2)
+    entered, release = _slow_start_over_commit(store)
+    tick = asyncio.ensure_future(store.checkpoint_once())
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        await asyncio.sleep(0.3)                # past lock_wait; the start-over still stalled
+        assert store._restarting
+        started = time.monotonic()
+        with pytest.raises(dbmod.DatabaseBusy):
+            await store.catch_up()
+        assert not await store.try_catch_up()
+        assert time.monotonic() - started < 1.0, "the reader waited for the start-over"
+    finally:
+        release.set()
+        await tick
+    store.conn.set_trace_callback(None)
+    assert not store.conn.in_transaction
+    assert await store.catch_up() >= 20
+    store.close()
+    assert [_audit_count(db, f"r{i}") for i in range(20)] == [1] * 20
+
+
 async def test_closing_during_a_stalled_start_over_waits_for_it_and_commits_the_held_rows(
         tmp_path: Path) -> None:
     """Shutdown while the start-over has the loop's connection: close() waits for it (one

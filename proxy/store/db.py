@@ -1505,8 +1505,10 @@ class Store:
         block (at 6,400 rows/s a reader found up to ~1,000 rows waiting: ~5 ms with every
         request stopped). A RESTART in the maintenance thread holding the write lock is
         waited for without blocking the loop (``_await_restart`` would block it), at most
-        ``lock_wait``. Rows journaled during the call may stay for the next pass. Returns
-        rows moved; raises what ``materialize`` raises (``try_catch_up``: logged)."""
+        ``lock_wait`` from its start; past that, a start-over still holding the loop's
+        connection is a lock (``DatabaseBusy``), and no statement runs on that connection
+        meanwhile. Rows journaled during the call may stay for the next pass. Returns rows
+        moved; raises what ``materialize`` raises (``try_catch_up``: logged)."""
         if self._journaled == 0 or self.broken is not None or self.keep_journal \
                 or self._closed:
             return 0
@@ -1522,6 +1524,11 @@ class Store:
             while self._restarting and left > 0 and not self._closed:
                 await wait_event(self._hold_over_event, min(left, 0.05))
                 left = self._restart_began + self.lock_wait - self._loop.time()
+            if self._restarting and not self._claim_conn():
+                # past lock_wait with the start-over still holding the connection: a lock
+                # (the read lags; no statement joins the thread's transaction or waits on it)
+                raise DatabaseBusy("the database is locked: the WAL's start-over after a "
+                                   "restart has the connection; nothing was materialized")
             if newest is None:
                 newest = conn.execute("SELECT max(seq) FROM journal").fetchone()[0]
                 if newest is None:
