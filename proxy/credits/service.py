@@ -257,9 +257,17 @@ class CreditService:
         if g.voided:
             return g
         entry = Entry(g.id, "void", g.remaining)
+        self._mark(g.customer_id)
         await self.ledger.append([LedgerEntry(g.customer_id, entry)])
-        self.book.apply([entry])
-        return g
+        if self.reload is None:
+            self.book.apply([entry])
+            return g
+        # fleet mode: read back, never applied (a refresh pass between the commit and here
+        # has read the void already: applying it again took the grant below zero)
+        self._mark(g.customer_id)
+        with contextlib.suppress(*RETRIED):
+            await self.resync([g.customer_id])
+        return self.book.grant(grant_id) or g
 
     # ---- claw-backs (refunds, disputes, credit notes) --------------------------------------
 
@@ -323,6 +331,7 @@ class CreditService:
                 nxt is not None and not nxt.pending(time.time()))
             return ClawbackDecision(max(target, f.previous_credits), entries, follow, owe)
 
+        self._mark(customer_id)     # (fleet mode: an outcome unknown leaves it marked)
         done = await self.ledger.claw_back(customer_id, refs, key, event_id, returned_minor,
                                            decide)
         out: list[dict[str, Any]] = []
@@ -334,7 +343,18 @@ class CreditService:
                         "debt": fmt_micro(sum(e.amount for e in entries if e.kind == "debt"))})
             applied.extend(entries)
         if applied:
-            self.book.apply(applied, customer_id)
+            if self.reload is None:
+                self.book.apply(applied, customer_id)
+            else:
+                # fleet mode: the book is a view of the shared ledger, and a refresh pass
+                # (Fleet.refresh_credits) may have run between the commit and here (the
+                # connection's release is an await): it read these entries back already,
+                # and applying them again took the refund twice, or raised with the grant
+                # below zero after the commit. Read the customer back instead, as the
+                # expiry task and the repayments do (if that fails, the expiry task does)
+                self._mark(customer_id)
+                with contextlib.suppress(*RETRIED):
+                    await self.resync([customer_id])
             log.info("clawed back from %s (%s): %s", customer_id, key, out)
             if self.on_taken is not None:
                 self.on_taken(customer_id)
