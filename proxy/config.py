@@ -627,7 +627,7 @@ class LimitsConfig(_Model):
         description="A connection with no request in progress (before the first request or "
                     "between keep-alive requests) is closed after this long.")
     per_customer_concurrency: int = Field(
-        default=64, ge=0,
+        default=64, ge=0, le=1_000_000,
         description="Requests one customer may have in flight at once; more: 429 "
                     "concurrency_limit_exceeded (0 = unlimited).")
 

@@ -28,7 +28,7 @@ import pytest
 from proxy import metrics
 from proxy.config import CreditsConfig
 from proxy.credits.mirror import MonetaryService
-from proxy.credits.monetary import FINALIZATION_GRACE
+from proxy.credits.monetary import FINALIZATION_GRACE, replay
 from proxy.credits.money import MoneyBook
 from proxy.credits.service import CreditService, load_book
 from proxy.periods import period_bounds
@@ -280,6 +280,85 @@ async def test_credit_mode_per_customer_overrides_the_default(
     err = await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
                         expect=409)
     assert "has no Stripe price" in err["error"]["message"]
+
+
+async def test_an_account_opened_while_the_customer_sends_requests_counts_every_unit(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """A customer switched to the monetary mode while its requests flow: the account opens
+    from the ledger, and a request settled while the opening read it (in the unit mode, no
+    account yet) was in neither the reads nor the account, which then stayed short of it for
+    the rest of the period: a volume price burned at the wrong tier (2.50 instead of 6.00 in
+    a review's reproduction). The opening now pauses the customer's requests (503
+    ``credit_mode_switching``, Retry-After 1) and waits for those in flight and their rows:
+    the account holds every unit the customer was served, before and after the switch."""
+    _seed(stripe_double, VOLUME)
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    money = p.server.monetary.money                              # type: ignore[union-attr]
+    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    served = switching = 0
+    switched_at: int | None = None
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal served, switching
+        while not stop.is_set():
+            async with p.session.get(p.url + "/v1/items", headers={
+                    "Authorization": f"Bearer {key}", "X-Units": "1"}) as r:
+                body = await r.read()
+                if r.status == 200:
+                    served += 1
+                else:
+                    assert r.status == 503 and b"credit_mode_switching" in body, body
+                    assert r.headers["Retry-After"] == "1"
+                    switching += 1
+
+    async def switch() -> None:
+        nonlocal switched_at
+        await wait_until(lambda: served >= 60, what="traffic before the switch")
+        await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
+                      expect=200)
+        switched_at = served
+        await wait_until(lambda: served >= switched_at + 40, what="traffic after the switch")
+        stop.set()
+
+    await asyncio.gather(switch(), *(client() for _ in range(4)))
+    acct = money.account("acme")
+    assert acct is not None and switched_at is not None
+    mp = acct.meters["api_calls"]
+    assert mp.total == served * QSCALE, (mp.total // QSCALE, served, switching)
+    price = p.server.rt.prices()["api_calls"]
+    assert mp.charged == replay(price, [QSCALE] * served)[1]
+
+
+async def test_an_account_opening_waits_for_the_customer_s_requests_in_flight(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request of the customer still in flight when its account is to open (a WebSocket
+    here: settled when it closes) would settle after the opening read the ledger, in the
+    unit mode: the opening is deferred (the customer stays in the unit mode and is served
+    again at once) and tried again later, and the account then holds that request's units."""
+    from proxy.credits import mirror as mirror_mod
+    from proxy.request import admission as admission_mod
+    monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 0.3)
+    monkeypatch.setattr(mirror_mod, "OPEN_RETRY", 0.2)
+    _seed(stripe_double, VOLUME)
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    money = p.server.monetary.money                              # type: ignore[union-attr]
+    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    async with p.session.ws_connect(p.url + "/ws", headers={
+            "Authorization": f"Bearer {key}", "X-Units": "3"}) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive()).data == "echo:hi"
+        await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
+                      expect=200)
+        assert money.account("acme") is None            # deferred: the socket is open
+        assert await _call(p, key, 1) == 200            # and the customer is served
+    await wait_until(lambda: money.account("acme") is not None, timeout=10,
+                     what="the account opened once the socket closed")
+    acct = money.account("acme")
+    assert acct is not None and acct.meters["api_calls"].total == 4 * QSCALE
 
 
 @contextlib.asynccontextmanager

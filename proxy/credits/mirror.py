@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from proxy import metrics
@@ -65,6 +66,9 @@ log = logging.getLogger("meterproxy.credits.monetary")
 TAKEN = "#t"
 FIRST_RETRY = 1.0
 MAX_RETRY = 3600.0
+# an account's opening deferred (the customer's requests in flight did not finish within
+# proxy.request.admission.PAUSE_WAIT) is tried again this much later (seconds)
+OPEN_RETRY = 30.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
 TRUE_UP_DELAY = 60.0    # seconds after a period end before its give-back is computed (the
                         # last requests settled before the end are committed by then)
@@ -128,6 +132,11 @@ class MonetaryService:
         self.stripe = stripe
         self.clock = clock
         self._seen: tuple[object, dict[str, Price]] | None = None
+        # while serving (set by the composition root: ``Admission.paused``): an account
+        # opens with the customer's requests paused and settled (``open``); None before
+        # listening, when nothing is in flight
+        self.quiesce: Callable[[str], AbstractAsyncContextManager[bool]] | None = None
+        self._open_retry: dict[str, float] = {}    # customer -> when to try its opening again
         self._known: dict[str, str] | None = None
         self.last_check: dict[str, dict[str, Any]] = {}
         self.wake = asyncio.Event()
@@ -188,6 +197,7 @@ class MonetaryService:
             return 0
         self._seen = (customers, prices)
         opened = 0
+        deferred = False
         now = self.clock()
         for cid, c in customers.items():
             acct = self.money.account(cid)
@@ -204,15 +214,40 @@ class MonetaryService:
                 if acct.prices != mine:
                     self.money.reprice(cid, mine)
                 continue
-            await self.open(c, cur, mine, now)
+            if now < self._open_retry.get(cid, 0.0) or not await self.open(c, cur, mine, now):
+                deferred = True
+                continue
+            self._open_retry.pop(cid, None)
             opened += 1
         for acct in self.money.accounts():
             if acct.customer_id not in customers:
                 self.money.close(acct.customer_id)
+        if deferred:
+            self._seen = None       # an opening deferred: the next call tries again
         return opened
 
     async def open(self, c: Customer, currency: str, prices: Mapping[str, Price],
-                   now: float) -> None:
+                   now: float) -> bool:
+        """Open ``c``'s account from the ledger. While serving, with its requests paused
+        (``quiesce``): a request settled during the reads below would be in neither them nor
+        the account, and the account would then burn at the wrong tier for the rest of the
+        period. False (nothing opened, tried again ``OPEN_RETRY`` later) when its requests in
+        flight did not finish in time (``proxy.request.admission.PAUSE_WAIT``)."""
+        if self.quiesce is None:
+            await self._open(c, currency, prices, now)
+            return True
+        async with self.quiesce(c.id) as settled:
+            if not settled:
+                self._open_retry[c.id] = self.clock() + OPEN_RETRY
+                log.warning("customer %s: its monetary account opens once its requests in "
+                            "flight have finished (some still running; tried again in %.0f s)",
+                            c.id, OPEN_RETRY)
+                return False
+            await self._open(c, currency, prices, self.clock())
+        return True
+
+    async def _open(self, c: Customer, currency: str, prices: Mapping[str, Price],
+                    now: float) -> None:
         await self.usage.materialize()      # usage (and its debits) still in the journal
         start, _end, totals = await self.usage.usage(c.id, now=now)
         covered: dict[str, int] = {}

@@ -1497,6 +1497,11 @@ class Store:
             return False
         return True
 
+    def pending_for(self, customer_id: str) -> bool:
+        """Does the group commit still hold a row of ``customer_id`` (recorded, not yet
+        committed)?"""
+        return any(r.customer_id == customer_id for r in self._pending)
+
     async def catch_up(self) -> int:
         """``materialize`` for the readers on the loop (the admin API, the consumer's usage
         page and exports, the flusher's staging, the credit book): every row journaled
