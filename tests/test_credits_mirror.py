@@ -282,17 +282,21 @@ async def test_credit_mode_per_customer_overrides_the_default(
     assert "has no Stripe price" in err["error"]["message"]
 
 
+@pytest.mark.parametrize("storage", [{"durability": "strict"},
+                                     {"durability": "batched", "commit_interval": "300ms"}])
 async def test_an_account_opened_while_the_customer_sends_requests_counts_every_unit(
-        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+        make_proxy: ProxyFactory, stripe_double: RunningDouble,
+        storage: dict[str, str]) -> None:
     """A customer switched to the monetary mode while its requests flow: the account opens
     from the ledger, and a request settled while the opening read it (in the unit mode, no
     account yet) was in neither the reads nor the account, which then stayed short of it for
     the rest of the period: a volume price burned at the wrong tier (2.50 instead of 6.00 in
     a review's reproduction). The opening now pauses the customer's requests (503
     ``credit_mode_switching``, Retry-After 1) and waits for those in flight and their rows:
-    the account holds every unit the customer was served, before and after the switch."""
+    the account holds every unit the customer was served, before and after the switch
+    (``batched``: those still waiting in the group commit, uncommitted, too)."""
     _seed(stripe_double, VOLUME)
-    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double), storage=storage)
     key = await p.customer_with_key("acme", stripe_customer_id=CUS)
     money = p.server.monetary.money                              # type: ignore[union-attr]
     await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
@@ -341,7 +345,7 @@ async def test_an_account_opening_waits_for_the_customer_s_requests_in_flight(
     from proxy.credits import mirror as mirror_mod
     from proxy.request import admission as admission_mod
     monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 0.3)
-    monkeypatch.setattr(mirror_mod, "OPEN_RETRY", 0.2)
+    monkeypatch.setattr(mirror_mod, "OPEN_RETRY", 1.5)     # (no retry right after the POST)
     _seed(stripe_double, VOLUME)
     p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
     key = await p.customer_with_key("acme", stripe_customer_id=CUS)
@@ -359,6 +363,37 @@ async def test_an_account_opening_waits_for_the_customer_s_requests_in_flight(
                      what="the account opened once the socket closed")
     acct = money.account("acme")
     assert acct is not None and acct.meters["api_calls"].total == 4 * QSCALE
+
+
+async def test_a_customer_switched_back_while_its_account_waits_to_open_ends_without_one(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opening waits in the customer's pause; a second switch (back to units) meanwhile
+    runs its sync after that one (one at a time): it closes the account the first opened.
+    Concurrently, the second found no account to close and the first then opened one that
+    stayed open, for a customer in the unit mode."""
+    from proxy.request import admission as admission_mod
+    monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 5.0)
+    _seed(stripe_double, VOLUME)
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    money = p.server.monetary.money                              # type: ignore[union-attr]
+    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    async with p.session.ws_connect(p.url + "/ws", headers={
+            "Authorization": f"Bearer {key}", "X-Units": "1"}) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive()).data == "echo:hi"
+        first = asyncio.ensure_future(p.admin(
+            "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
+        await asyncio.sleep(0.2)                        # the opening waits for the socket
+        second = asyncio.ensure_future(p.admin(
+            "POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200))
+        await asyncio.sleep(0.2)
+    await asyncio.gather(first, second)
+    assert money.account("acme") is None
+    await asyncio.sleep(1.2)                            # the run loop's next passes
+    assert money.account("acme") is None
+    assert await _call(p, key, 1) == 200
 
 
 @contextlib.asynccontextmanager

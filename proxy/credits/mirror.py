@@ -137,6 +137,10 @@ class MonetaryService:
         # listening, when nothing is in flight
         self.quiesce: Callable[[str], AbstractAsyncContextManager[bool]] | None = None
         self._open_retry: dict[str, float] = {}    # customer -> when to try its opening again
+        # one sync at a time: an admin write's and the loop's would otherwise both wait in
+        # an opening's pause (each counting the other's), or open an account a later sync
+        # (the customer switched back meanwhile) had found nothing to close for
+        self._sync_lock = asyncio.Lock()
         self._known: dict[str, str] | None = None
         self.last_check: dict[str, dict[str, Any]] = {}
         self.wake = asyncio.Event()
@@ -190,7 +194,17 @@ class MonetaryService:
 
     async def sync(self) -> int:
         """Open/close accounts to match the customers' modes; returns accounts opened. A
-        no-op unless the key cache's customers or the prices changed since the last call."""
+        no-op unless the key cache's customers or the prices changed since the last call.
+        One at a time (``_sync_lock``); an opening that failed or was deferred leaves the
+        next call to try again."""
+        async with self._sync_lock:
+            try:
+                return await self._sync()
+            except BaseException:
+                self._seen = None
+                raise
+
+    async def _sync(self) -> int:
         customers = self.keys.customers
         prices = dict(self.prices())
         if self._seen is not None and self._seen[0] is customers and self._seen[1] == prices:
@@ -202,6 +216,7 @@ class MonetaryService:
         for cid, c in customers.items():
             acct = self.money.account(cid)
             if self.mode(c) != "monetary":
+                self._open_retry.pop(cid, None)
                 if acct is not None:
                     self.money.close(cid)
                     log.info("customer %s: credits are units again", cid)

@@ -1499,8 +1499,9 @@ class Store:
 
     def pending_for(self, customer_id: str) -> bool:
         """Does the group commit still hold a row of ``customer_id`` (recorded, not yet
-        committed)?"""
-        return any(r.customer_id == customer_id for r in self._pending)
+        committed)? True without looking while commits fail (rows wait then, up to
+        ``max_pending_rows``, and a caller polling would scan them all each time)."""
+        return not self.healthy or any(r.customer_id == customer_id for r in self._pending)
 
     async def catch_up(self) -> int:
         """``materialize`` for the readers on the loop (the admin API, the consumer's usage
