@@ -13,7 +13,6 @@ twice (docs/fleet.md, "Repayments").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import sqlite3
@@ -136,11 +135,8 @@ class CreditService:
                     self.on_taken(customer_id)
                 if self.reload is not None:
                     # the shared ledger caps a repayment by the debt it still shows (another
-                    # member may have repaid it): read the customer back now (if that fails,
-                    # the expiry task, woken below, tries again)
-                    self._mark(customer_id)
-                    with contextlib.suppress(*RETRIED):
-                        await self.resync([customer_id])
+                    # member may have repaid it): read the customer back now
+                    await self._read_back(customer_id)
             self._wake.set()
             log.info("granted %s credits to %s (%s, %s)", fmt_micro(amount), customer_id, g.id,
                      source)
@@ -264,9 +260,7 @@ class CreditService:
             return g
         # fleet mode: read back, never applied (a refresh pass between the commit and here
         # has read the void already: applying it again took the grant below zero)
-        self._mark(g.customer_id)
-        with contextlib.suppress(*RETRIED):
-            await self.resync([g.customer_id])
+        await self._read_back(g.customer_id)
         return self.book.grant(grant_id) or g
 
     # ---- claw-backs (refunds, disputes, credit notes) --------------------------------------
@@ -351,10 +345,8 @@ class CreditService:
                 # connection's release is an await): it read these entries back already,
                 # and applying them again took the refund twice, or raised with the grant
                 # below zero after the commit. Read the customer back instead, as the
-                # expiry task and the repayments do (if that fails, the expiry task does)
-                self._mark(customer_id)
-                with contextlib.suppress(*RETRIED):
-                    await self.resync([customer_id])
+                # expiry task and the repayments do
+                await self._read_back(customer_id)
             log.info("clawed back from %s (%s): %s", customer_id, key, out)
             if self.on_taken is not None:
                 self.on_taken(customer_id)
@@ -400,6 +392,15 @@ class CreditService:
                     and g.expires_at <= now:
                 g.remaining = 0
         return len(due)
+
+    async def _read_back(self, customer_id: str) -> None:
+        """Fleet mode, after a write for ``customer_id``: read it back from the shared
+        ledger now; if that fails it stays marked and the expiry task, woken, tries again."""
+        self._mark(customer_id)
+        try:
+            await self.resync([customer_id])
+        except RETRIED:
+            self._wake.set()
 
     def _mark(self, customer_id: str) -> None:
         """Fleet mode: ``customer_id``'s book is to be read back from the ledger. Marked

@@ -1523,18 +1523,13 @@ class Store:
         moved = 0
         while True:
             # no statement on the loop's connection during a hold: the start-over runs its
-            # transaction on it in the maintenance thread (a hold the shutdown's final
-            # commit ended leaves the event unset: the flag is checked again, and the wait
-            # ends lock_wait after the RESTART began in any case)
+            # transaction on it in the maintenance thread. Waited for here without blocking,
+            # within the RESTART's budget; past it, ``_await_restart`` no longer waits and
+            # only claims the connection (DatabaseBusy while the start-over still has it)
             left = self._restart_began + self.lock_wait - self._loop.time()
-            while self._restarting and left > 0 and not self._closed:
-                await wait_event(self._hold_over_event, min(left, 0.05))
-                left = self._restart_began + self.lock_wait - self._loop.time()
-            if self._restarting and not self._claim_conn():
-                # past lock_wait with the start-over still holding the connection: a lock
-                # (the read lags; no statement joins the thread's transaction or waits on it)
-                raise DatabaseBusy("the database is locked: the WAL's start-over after a "
-                                   "restart has the connection; nothing was materialized")
+            if self._restarting and left > 0:
+                await wait_event(self._hold_over_event, left)
+            self._await_restart()
             if newest is None:
                 newest = conn.execute("SELECT max(seq) FROM journal").fetchone()[0]
                 if newest is None:
@@ -1944,6 +1939,7 @@ class Store:
             except DatabaseBusy:
                 return      # the start-over still has the connection: close() counts them
             self._restarting = False        # (its end is awaited: this commit may run)
+            self._hold_over_event.set()
             self.conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000)}")
             try:
                 self._commit_now()
