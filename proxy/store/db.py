@@ -1526,8 +1526,9 @@ class Store:
             # transaction on it in the maintenance thread. Waited for here without blocking,
             # within the RESTART's budget; past it, ``_await_restart`` no longer waits and
             # only claims the connection (DatabaseBusy while the start-over still has it)
-            left = self._restart_began + self.lock_wait - self._loop.time()
-            if self._restarting and left > 0:
+            # (a loop: another hold may begin before this task resumes)
+            while self._restarting and \
+                    (left := self._restart_began + self.lock_wait - self._loop.time()) > 0:
                 await wait_event(self._hold_over_event, left)
             self._await_restart()
             if newest is None:
