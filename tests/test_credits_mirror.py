@@ -33,6 +33,7 @@ from proxy.credits.money import MoneyBook
 from proxy.credits.service import CreditService, load_book
 from proxy.periods import period_bounds
 from proxy.pricing import line_amount, price_from_stripe
+from proxy.request.admission import PAUSED
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.store.protocols import LedgerEntry
@@ -83,6 +84,29 @@ async def _monetary_proxy(make_proxy: ProxyFactory, double: RunningDouble,
                          credits={"mode": "monetary", **credits})
     key = await p.customer_with_key("acme", stripe_customer_id=CUS)
     return p, key
+
+
+async def _units_customer(make_proxy: ProxyFactory, double: RunningDouble,
+                          **overrides: Any) -> tuple[Proxy, str, MoneyBook]:
+    """A proxy in the default (units) credits mode with customer acme on the volume price,
+    its price fetched: the customer the monetary-switch tests switch."""
+    _seed(double, VOLUME)
+    p = await make_proxy(rules_text=RULES, stripe=_stripe(double), **overrides)
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    money = p.server.monetary.money                              # type: ignore[union-attr]
+    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    return p, key, money
+
+
+@contextlib.asynccontextmanager
+async def _socket_open(p: Proxy, key: str, units: int) -> AsyncIterator[None]:
+    """A WebSocket of the customer's, open (its units settled when it closes): a request
+    in flight for as long as the block runs."""
+    async with p.session.ws_connect(p.url + "/ws", headers={
+            "Authorization": f"Bearer {key}", "X-Units": str(units)}) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive()).data == "echo:hi"
+        yield
 
 
 async def _call(p: Proxy, key: str, units: int) -> int:
@@ -295,11 +319,7 @@ async def test_an_account_opened_while_the_customer_sends_requests_counts_every_
     ``credit_mode_switching``, Retry-After 1) and waits for those in flight and their rows:
     the account holds every unit the customer was served, before and after the switch
     (``batched``: those still waiting in the group commit, uncommitted, too)."""
-    _seed(stripe_double, VOLUME)
-    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double), storage=storage)
-    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
-    money = p.server.monetary.money                              # type: ignore[union-attr]
-    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    p, key, money = await _units_customer(make_proxy, stripe_double, storage=storage)
     served = switching = 0
     switched_at: int | None = None
     stop = asyncio.Event()
@@ -346,15 +366,8 @@ async def test_an_account_opening_waits_for_the_customer_s_requests_in_flight(
     from proxy.request import admission as admission_mod
     monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 0.3)
     monkeypatch.setattr(mirror_mod, "OPEN_RETRY", 1.5)     # (no retry right after the POST)
-    _seed(stripe_double, VOLUME)
-    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
-    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
-    money = p.server.monetary.money                              # type: ignore[union-attr]
-    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
-    async with p.session.ws_connect(p.url + "/ws", headers={
-            "Authorization": f"Bearer {key}", "X-Units": "3"}) as ws:
-        await ws.send_str("hi")
-        assert (await ws.receive()).data == "echo:hi"
+    p, key, money = await _units_customer(make_proxy, stripe_double)
+    async with _socket_open(p, key, 3):
         await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
                       expect=200)
         assert money.account("acme") is None            # deferred: the socket is open
@@ -374,18 +387,12 @@ async def test_a_customer_switched_back_while_its_account_waits_to_open_ends_wit
     stayed open, for a customer in the unit mode."""
     from proxy.request import admission as admission_mod
     monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 5.0)
-    _seed(stripe_double, VOLUME)
-    p = await make_proxy(rules_text=RULES, stripe=_stripe(stripe_double))   # default: units
-    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
-    money = p.server.monetary.money                              # type: ignore[union-attr]
-    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
-    async with p.session.ws_connect(p.url + "/ws", headers={
-            "Authorization": f"Bearer {key}", "X-Units": "1"}) as ws:
-        await ws.send_str("hi")
-        assert (await ws.receive()).data == "echo:hi"
+    p, key, money = await _units_customer(make_proxy, stripe_double)
+    async with _socket_open(p, key, 1):
         first = asyncio.ensure_future(p.admin(
             "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
-        await asyncio.sleep(0.2)                        # the opening waits for the socket
+        await wait_until(lambda: p.server.pipeline.in_flight.get("acme", 0) >= PAUSED,
+                         what="the opening waiting for the socket")
         second = asyncio.ensure_future(p.admin(
             "POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200))
         await asyncio.sleep(0.2)

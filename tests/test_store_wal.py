@@ -887,8 +887,10 @@ async def test_a_reader_never_uses_the_connection_a_stalled_start_over_has(
     tick = asyncio.ensure_future(store.checkpoint_once())
     try:
         assert await asyncio.to_thread(entered.wait, 10)
-        await asyncio.sleep(0.3)                # past lock_wait; the start-over still stalled
-        assert store._restarting
+        loop = asyncio.get_running_loop()
+        await wait_until(lambda: loop.time() > store._restart_began + store.lock_wait,
+                         what="the RESTART's lock_wait over")
+        assert store._restarting                # (the start-over still stalled)
         started = time.monotonic()
         with pytest.raises(dbmod.DatabaseBusy):
             await store.catch_up()
