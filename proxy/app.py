@@ -303,7 +303,7 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
         pipeline = Pipeline(rt, auth, fleet.credits, watch, own_routes,
                             lease_admit=fleet.credits.lease_admit)
     pipeline.admission.money = pipeline.settlement.money = money
-    monetary.quiesce = pipeline.admission.paused    # accounts opened while serving
+    monetary.committed = store.committed_for    # accounts opened while serving
     store.alone = pipeline.admission.alone      # a lone strict request commits at once
     pipeline.admission.on_quiet = store.quiet   # nothing in flight: a short materialize
     guard = ConnectionGuard(cfg.limits, effective_max_connections(

@@ -33,7 +33,6 @@ from proxy.credits.money import MoneyBook
 from proxy.credits.service import CreditService, load_book
 from proxy.periods import period_bounds
 from proxy.pricing import line_amount, price_from_stripe
-from proxy.request.admission import PAUSED
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.store.protocols import LedgerEntry
@@ -315,27 +314,23 @@ async def test_an_account_opened_while_the_customer_sends_requests_counts_every_
     from the ledger, and a request settled while the opening read it (in the unit mode, no
     account yet) was in neither the reads nor the account, which then stayed short of it for
     the rest of the period: a volume price burned at the wrong tier (2.50 instead of 6.00 in
-    a review's reproduction). The opening now pauses the customer's requests (503
-    ``credit_mode_switching``, Retry-After 1) and waits for those in flight and their rows:
-    the account holds every unit the customer was served, before and after the switch
+    a review's reproduction). The customer's settlements now wait for the opening and are
+    made in the monetary mode after it: every request is served (no refusal), and the
+    account holds every unit the customer was served, before and after the switch
     (``batched``: those still waiting in the group commit, uncommitted, too)."""
     p, key, money = await _units_customer(make_proxy, stripe_double, storage=storage)
-    served = switching = 0
+    served = 0
     switched_at: int | None = None
     stop = asyncio.Event()
 
     async def client() -> None:
-        nonlocal served, switching
+        nonlocal served
         while not stop.is_set():
             async with p.session.get(p.url + "/v1/items", headers={
                     "Authorization": f"Bearer {key}", "X-Units": "1"}) as r:
                 body = await r.read()
-                if r.status == 200:
-                    served += 1
-                else:
-                    assert r.status == 503 and b"credit_mode_switching" in body, body
-                    assert r.headers["Retry-After"] == "1"
-                    switching += 1
+                assert r.status == 200, body
+                served += 1
 
     async def switch() -> None:
         nonlocal switched_at
@@ -350,56 +345,72 @@ async def test_an_account_opened_while_the_customer_sends_requests_counts_every_
     acct = money.account("acme")
     assert acct is not None and switched_at is not None
     mp = acct.meters["api_calls"]
-    assert mp.total == served * QSCALE, (mp.total // QSCALE, served, switching)
+    assert mp.total == served * QSCALE, (mp.total // QSCALE, served)
     price = p.server.rt.prices()["api_calls"]
     assert mp.charged == replay(price, [QSCALE] * served)[1]
 
 
-async def test_an_account_opening_waits_for_the_customer_s_requests_in_flight(
-        make_proxy: ProxyFactory, stripe_double: RunningDouble,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A request of the customer still in flight when its account is to open (a WebSocket
-    here: settled when it closes) would settle after the opening read the ledger, in the
-    unit mode: the opening is deferred (the customer stays in the unit mode and is served
-    again at once) and tried again later, and the account then holds that request's units."""
-    from proxy.credits import mirror as mirror_mod
-    from proxy.request import admission as admission_mod
-    monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 0.3)
-    monkeypatch.setattr(mirror_mod, "OPEN_RETRY", 1.5)     # (no retry right after the POST)
+async def test_an_account_opens_while_a_request_of_the_customer_is_in_flight(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """A request of the customer in flight when its account opens (a WebSocket here: settled
+    when it closes) does not hold the opening back: the account opens at once, the customer
+    is served meanwhile, and the session's units, settled after the opening, are in the
+    account (the opening used to wait for it, then defer the switch and refuse the customer
+    for two seconds every 30 for as long as the socket stayed open)."""
     p, key, money = await _units_customer(make_proxy, stripe_double)
     async with _socket_open(p, key, 3):
         await p.admin("POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"},
                       expect=200)
-        assert money.account("acme") is None            # deferred: the socket is open
-        assert await _call(p, key, 1) == 200            # and the customer is served
-    await wait_until(lambda: money.account("acme") is not None, timeout=10,
-                     what="the account opened once the socket closed")
+        acct = money.account("acme")
+        assert acct is not None                         # opened with the socket open
+        assert await _call(p, key, 1) == 200
+        assert acct.meters["api_calls"].total == 1 * QSCALE
+    await wait_until(lambda: acct.meters["api_calls"].total == 4 * QSCALE,
+                     what="the socket's units settled in the account")
+    assert money.account("acme") is acct and not money.opening
+
+
+async def test_settlements_during_the_opening_wait_for_it_and_land_in_the_account(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """The opening reads the ledger once the customer's rows settled before it are committed
+    (a ``batched`` group commit holds them up to ``commit_interval``). A request settled
+    meanwhile is served at once; its settlement waits for the opening (queued, in order)
+    and is made in the monetary mode after it: the account holds both requests' units, and
+    the volume price burned the tier of their total."""
+    p, key, money = await _units_customer(
+        make_proxy, stripe_double, storage={"durability": "batched", "commit_interval": "2s"})
+    store = p.server.rt.store
+    assert await _call(p, key, 2) == 200
+    assert store.pending_for("acme")                    # waiting in the group commit
+    switch = asyncio.ensure_future(p.admin(
+        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
+    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    assert await _call(p, key, 3) == 200                # served during the opening
+    assert len(money.opening["acme"]) == 1 and money.account("acme") is None
+    await switch
     acct = money.account("acme")
-    assert acct is not None and acct.meters["api_calls"].total == 4 * QSCALE
+    assert acct is not None and not money.opening
+    mp = acct.meters["api_calls"]
+    assert mp.total == 5 * QSCALE
+    assert mp.charged == replay(p.server.rt.prices()["api_calls"], [2 * QSCALE, 3 * QSCALE])[1]
 
 
 async def test_a_customer_switched_back_while_its_account_waits_to_open_ends_without_one(
-        make_proxy: ProxyFactory, stripe_double: RunningDouble,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The opening waits in the customer's pause; a second switch (back to units) meanwhile
-    runs its sync after that one (one at a time): it closes the account the first opened.
-    Concurrently, the second found no account to close and the first then opened one that
-    stayed open, for a customer in the unit mode."""
-    from proxy.request import admission as admission_mod
-    monkeypatch.setattr(admission_mod, "PAUSE_WAIT", 5.0)
-    p, key, money = await _units_customer(make_proxy, stripe_double)
-    async with _socket_open(p, key, 1):
-        first = asyncio.ensure_future(p.admin(
-            "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
-        await wait_until(lambda: p.server.pipeline.in_flight.get("acme", 0) >= PAUSED,
-                         what="the opening waiting for the socket")
-        second = asyncio.ensure_future(p.admin(
-            "POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200))
-        await asyncio.sleep(0.2)
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """The opening waits for the customer's rows in the group commit; a second switch (back
+    to units) meanwhile runs its sync after that one (one at a time): it closes the account
+    the first opened. Concurrently, the second found no account to close and the first then
+    opened one that stayed open, for a customer in the unit mode."""
+    p, key, money = await _units_customer(
+        make_proxy, stripe_double, storage={"durability": "batched", "commit_interval": "1s"})
+    assert await _call(p, key, 1) == 200
+    first = asyncio.ensure_future(p.admin(
+        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
+    await wait_until(lambda: "acme" in money.opening, what="the opening waiting for the row")
+    second = asyncio.ensure_future(p.admin(
+        "POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200))
     await asyncio.gather(first, second)
-    assert money.account("acme") is None
-    await asyncio.sleep(1.2)                            # the run loop's next passes
-    assert money.account("acme") is None
+    assert money.account("acme") is None and not money.opening
     assert await _call(p, key, 1) == 200
 
 

@@ -1,15 +1,21 @@
-"""Settlement (proxy.request.settle): credit costs per quantity (pure, property-tested) and the
-per-rule cache that keeps the constant-quantity path free of per-request work."""
+"""Settlement (proxy.request.settle): credit costs per quantity (pure, property-tested), the
+per-rule cache that keeps the constant-quantity path free of per-request work, and the
+settlements that wait for a customer's monetary account to open."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.credits.money import MoneyBook
 from proxy.credits.reserve import Reservations
+from proxy.request.context import RequestContext
 from proxy.request.settle import Settlement, _costs
 from proxy.rules import Quantity, load_rules
 from proxy.store.db import Store
@@ -71,5 +77,73 @@ async def test_constant_rules_are_costed_once_per_rule_object(tmp_path: Path) ->
         assert m.rates == {"tokens": Decimal("0.001")}
         reloaded = load_rules([path]).rules[0]               # a reload: a new rule object
         assert s.for_rule(reloaded) is not rc and s.for_rule(reloaded).costs == rc.costs
+    finally:
+        s.store.close()
+
+
+def _ctx(rule: object, rid: str, customer: str) -> RequestContext:
+    return RequestContext(make_mocked_request("GET", "/a"), rid, rule, {},  # type: ignore[arg-type]
+                          "k1", customer, "v1", 0.0, True, None, "/a", "/a")
+
+
+def _audited(s: Settlement) -> list[tuple[str, str]]:
+    s.store.materialize()
+    return s.store.conn.execute("SELECT request_id, customer_id FROM audit ORDER BY seq").fetchall()
+
+
+async def test_a_settlement_during_its_customer_s_opening_waits_and_commits_after(
+        tmp_path: Path) -> None:
+    """While a customer's monetary account opens (``MoneyBook.opening``), its settlements
+    are queued, not recorded (the opening's reads see none of them), and the strict
+    request waits on a future that is the commit's once the opener makes them; another
+    customer's settle at once."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    s = _settlement(tmp_path)
+    s.money = money = MoneyBook()
+    try:
+        fixed = load_rules([path]).rules[0]
+        waiting: list[Callable[[], None]] = []
+        money.opening["acme"] = waiting
+        fut = s.record(_ctx(fixed, "r1", "acme"), fixed, None, 200, "")
+        assert fut is not None and not fut.done() and len(waiting) == 1
+        assert not s.store.pending_for("acme")           # not recorded while it opens
+        other = s.record(_ctx(fixed, "r2", "beta"), fixed, None, 200, "")
+        assert other is not None
+        await asyncio.wait_for(other, 5)
+        assert _audited(s) == [("r2", "beta"), ("r2", "beta")]     # (two meters)
+        await asyncio.sleep(0.05)
+        assert not fut.done()                            # still waiting for the opening
+        del money.opening["acme"]
+        waiting.pop()()                                  # the opener makes it
+        await asyncio.wait_for(fut, 5)
+        assert _audited(s)[2:] == [("r1", "acme"), ("r1", "acme")]
+    finally:
+        s.store.close()
+
+
+async def test_a_waiter_that_left_during_the_opening_still_gets_its_row_committed(
+        tmp_path: Path) -> None:
+    """A consumer that disconnects while its settlement waits for the opening: the request's
+    usage is still recorded once the opening is over (as when it leaves during a commit),
+    and nothing raises."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    s = _settlement(tmp_path)
+    s.money = money = MoneyBook()
+    try:
+        fixed = load_rules([path]).rules[0]
+        waiting: list[Callable[[], None]] = []
+        money.opening["acme"] = waiting
+        fut = s.record(_ctx(fixed, "r1", "acme"), fixed, None, 200, "")
+        assert fut is not None
+        waiter = asyncio.ensure_future(fut)
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        del money.opening["acme"]
+        waiting.pop()()
+        assert await s.store.committed_for("acme", 5)
+        assert _audited(s) == [("r1", "acme"), ("r1", "acme")]
     finally:
         s.store.close()

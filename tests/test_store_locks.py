@@ -84,3 +84,33 @@ async def test_rows_held_while_a_lock_is_waited_for_stay_within_max_pending_rows
         other.close()
         await store.drain(10)
         store.close()
+
+
+async def test_committed_for_waits_for_the_customer_s_rows_and_gives_up_past_its_bound(
+        tmp_path: Path) -> None:
+    """``Store.committed_for`` (a monetary account's opening reads the ledger once the
+    customer's rows recorded before it are committed): True at once with none waiting, True
+    once a lock another connection held is released within the wait, False when storage
+    still does not take them at the end of it (the opening is then deferred)."""
+    db = tmp_path / "s.db"
+    store = Store.open(db, lock_wait=0.2, fail_mode="open", durability="batched",
+                       commit_interval=0.05)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        assert await store.committed_for("c", 0.5) and await store.committed_for("c")
+        other.execute("BEGIN IMMEDIATE")        # another process holds the write lock
+        store.record(_row(1), wait=False)
+        assert store.pending_for("c") and not store.pending_for("d")
+        assert await store.committed_for("d", 0.1)          # another customer's rows only
+        started = time.monotonic()
+        assert not await store.committed_for("c", 0.6)      # locked past the wait
+        assert time.monotonic() - started >= 0.6
+        other.execute("COMMIT")
+        assert await store.committed_for("c", 5)            # the retries commit it
+        assert not store.pending_for("c")
+    finally:
+        if other.in_transaction:
+            other.execute("COMMIT")
+        other.close()
+        await store.drain(10)
+        store.close()

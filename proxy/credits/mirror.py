@@ -33,7 +33,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from proxy import metrics
@@ -66,8 +65,8 @@ log = logging.getLogger("meterproxy.credits.monetary")
 TAKEN = "#t"
 FIRST_RETRY = 1.0
 MAX_RETRY = 3600.0
-# an account's opening deferred (the customer's requests in flight did not finish within
-# proxy.request.admission.PAUSE_WAIT) is tried again this much later (seconds)
+# an account's opening deferred (the customer's rows recorded before it were still not
+# committed after ``committed``'s wait: a storage outage) is tried again this much later
 OPEN_RETRY = 30.0
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
 TRUE_UP_DELAY = 60.0    # seconds after a period end before its give-back is computed (the
@@ -132,14 +131,13 @@ class MonetaryService:
         self.stripe = stripe
         self.clock = clock
         self._seen: tuple[object, dict[str, Price]] | None = None
-        # while serving (set by the composition root: ``Admission.paused``): an account
-        # opens with the customer's requests paused and settled (``open``); None before
-        # listening, when nothing is in flight
-        self.quiesce: Callable[[str], AbstractAsyncContextManager[bool]] | None = None
+        # set by the composition root (``Store.committed_for``): waits until the group
+        # commit holds no row of the customer, False past its bound (``open``)
+        self.committed: Callable[[str], Awaitable[bool]] | None = None
         self._open_retry: dict[str, float] = {}    # customer -> when to try its opening again
-        # one sync at a time: an admin write's and the loop's would otherwise both wait in
-        # an opening's pause (each counting the other's), or open an account a later sync
-        # (the customer switched back meanwhile) had found nothing to close for
+        # one sync at a time: an admin write's and the loop's would otherwise both open one
+        # customer's account, or one open an account a later sync (the customer switched
+        # back meanwhile) had found nothing to close for
         self._sync_lock = asyncio.Lock()
         self._known: dict[str, str] | None = None
         self.last_check: dict[str, dict[str, Any]] = {}
@@ -243,23 +241,35 @@ class MonetaryService:
 
     async def open(self, c: Customer, currency: str, prices: Mapping[str, Price],
                    now: float) -> bool:
-        """Open ``c``'s account from the ledger. While serving, with its requests paused
-        (``quiesce``): a request settled during the reads below would be in neither them nor
-        the account, and the account would then burn at the wrong tier for the rest of the
-        period. False (nothing opened, tried again ``OPEN_RETRY`` later) when its requests in
-        flight did not finish in time (``proxy.request.admission.PAUSE_WAIT``)."""
-        if self.quiesce is None:
-            await self._open(c, currency, prices, now)
-            return True
-        async with self.quiesce(c.id) as settled:
-            if not settled:
+        """Open ``c``'s account from the ledger, while the customer is served. The reads
+        below are asynchronous: a request settled while they ran, in the unit mode, would be
+        in neither them nor the account, which would then burn at the wrong tier for the
+        rest of the period. So from here on its settlements wait (``MoneyBook.opening``,
+        ``Settlement.record``); once the rows settled before are committed
+        (``committed``), the journal caught up and the account open, they are made, in
+        order, in the monetary mode; nothing is refused and no request is waited for. False
+        (nothing opened; tried again ``OPEN_RETRY`` later, the waiting settlements made in
+        the unit mode) when those rows were not committed in time (a storage outage)."""
+        waiting = self.money.opening.setdefault(c.id, [])
+        try:
+            if self.committed is not None and not await self.committed(c.id):
                 self._open_retry[c.id] = self.clock() + OPEN_RETRY
-                log.warning("customer %s: its monetary account opens once its requests in "
-                            "flight have finished (some still running; tried again in %.0f s)",
+                log.warning("customer %s: its monetary account opens once its usage rows are "
+                            "committed (storage not taking them; tried again in %.0f s)",
                             c.id, OPEN_RETRY)
                 return False
             await self._open(c, currency, prices, self.clock())
-        return True
+            return True
+        finally:
+            # (no await since the account opened: nothing settled in between)
+            if self.money.opening.get(c.id) is waiting:
+                del self.money.opening[c.id]
+            for settle in waiting:
+                try:
+                    settle()
+                except Exception:       # one failing must not strand the others
+                    log.exception("customer %s: a settlement that waited for its account's "
+                                  "opening failed", c.id)
 
     async def _open(self, c: Customer, currency: str, prices: Mapping[str, Price],
                     now: float) -> None:

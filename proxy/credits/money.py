@@ -27,7 +27,7 @@ all while no customer is monetary).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -192,6 +192,10 @@ class MoneyBook:
     def __init__(self) -> None:
         self._accounts: dict[str, Account] = {}
         self.active = False
+        # customers whose account is opening while serving (``MonetaryService.open``):
+        # their settlements wait here, in order, and are made once the opening is over
+        # (``Settlement.record`` queues them, the opener makes them)
+        self.opening: dict[str, list[Callable[[], None]]] = {}
 
     def account(self, customer_id: str) -> Account | None:
         return self._accounts.get(customer_id)

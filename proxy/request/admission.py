@@ -3,7 +3,6 @@
 In order, each refusal raised as an ``HttpError`` (``proxy.http_errors`` answers it):
 
     per-customer concurrency (limits.per_customer_concurrency)    429 concurrency_limit_exceeded
-    the customer's credits switching mode (``paused``)             503 credit_mode_switching
     metering available (a metered request needs the Store)         503 metering_unavailable
     credits (proxy.credits): hold the admission cost               402 insufficient_credits
 
@@ -26,10 +25,8 @@ refused (what the lease does not cover is billed).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from multidict import istr
@@ -46,13 +43,8 @@ from proxy.units import fmt_micro, to_micro
 
 XCR = istr("X-Credits-Remaining")
 _RETRY_1 = {"Retry-After": "1"}
-# ``Admission.paused``: added to the customer's in-flight count, so the concurrency check
-# (no other per-request test) refuses its requests; above every per_customer_concurrency
+# limits.per_customer_concurrency 0 (unlimited): above any count of requests in flight
 UNLIMITED = 1 << 60
-PAUSED = 1 << 61
-# how long ``paused`` waits for the customer's requests in flight and their usage rows
-PAUSE_WAIT = 2.0
-_PAUSE_POLL = 0.005
 
 LeaseAdmit = Callable[[str, int, float], Awaitable["Hold | str"]]
 """(customer, cost, now) -> the hold debited from the member's lease, or why not
@@ -86,10 +78,6 @@ class Admission:
         ``admit_leased`` took; ``gate`` False: no credit decision here (fleet mode)."""
         in_flight = self.in_flight
         if customer_id and (n := in_flight.get(customer_id, 0)) >= self.max_per_customer:
-            if n >= PAUSED:
-                raise HttpError("This account's credits are switching to another mode; the "
-                                "request was not forwarded. Retry in a second.", status=503,
-                                type_="credit_mode_switching", headers=_RETRY_1)
             metrics.concurrency_rejections_total.inc()
             raise HttpError(f"This account already has {n} requests in flight, the most "
                             "allowed at once. Retry when one of them has finished.",
@@ -161,37 +149,6 @@ class Admission:
                 quiet()
             in_flight = self.in_flight
             if (left := in_flight[customer_id] - 1):
-                in_flight[customer_id] = left
-            else:
-                del in_flight[customer_id]
-
-    @contextlib.asynccontextmanager
-    async def paused(self, customer_id: str, wait: float | None = None) -> AsyncIterator[bool]:
-        """While the block runs, the customer's new requests are refused (503
-        ``credit_mode_switching``, Retry-After 1): its monetary account opens from the
-        ledger then, and a request settled while the opening reads it would be in neither
-        the reads nor the account (docs/credits.md). Yields True once every request of it
-        admitted before has left and the Store holds none of its rows uncommitted, so the
-        ledger (with the journal caught up) has every unit it settled; False when that took
-        longer than ``wait`` seconds (``PAUSE_WAIT``; a long stream: the caller tries again
-        later)."""
-        wait = PAUSE_WAIT if wait is None else wait
-        in_flight = self.in_flight
-        in_flight[customer_id] = in_flight.get(customer_id, 0) + PAUSED
-        try:
-            store = self.rt.store
-
-            def settled() -> bool:
-                return not (in_flight[customer_id] - PAUSED or store.pending_for(customer_id))
-
-            # polled: the two conditions are owned by the requests and the group commit
-            for _ in range(max(int(wait / _PAUSE_POLL), 1)):
-                if settled():
-                    break
-                await asyncio.sleep(_PAUSE_POLL)
-            yield settled()
-        finally:
-            if (left := in_flight[customer_id] - PAUSED):
                 in_flight[customer_id] = left
             else:
                 del in_flight[customer_id]

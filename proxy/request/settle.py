@@ -10,8 +10,9 @@ nothing is recorded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -68,6 +69,23 @@ def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) 
             for q in quantities]
 
 
+def _pass_on(fut: asyncio.Future[None], commit: asyncio.Future[None]) -> None:
+    """``commit``'s outcome, to ``fut`` (unless the waiter has gone: cancelled)."""
+    if fut.done():
+        return
+    if commit.cancelled():
+        fut.cancel()
+    elif (exc := commit.exception()) is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(None)
+
+
+def _cancel_with(commit: asyncio.Future[None], fut: asyncio.Future[None]) -> None:
+    if fut.cancelled():
+        commit.cancel()
+
+
 class Settlement:
     def __init__(self, store: Store, keys: KeyCache, book: CreditBook | None,
                  watch: ThresholdWatch | None, reservations: Reservations,
@@ -111,6 +129,35 @@ class Settlement:
             const is None and reads_body_only(rule))
         return hit
 
+    def _after_opening(self, waiting: list[Callable[[], None]], ctx: RequestContext,
+                       rule: Rule, m: Measurement | None, status: int, flags: str,
+                       withhold: bool, rc: _RuleCosts) -> asyncio.Future[None] | None:
+        """The customer's monetary account is opening (``MoneyBook.opening``): its reads of
+        the ledger must see every unit settled before it began and none after, so this
+        settlement waits in ``waiting`` and is made once the opening is over, in the mode
+        the customer is in then. The returned future (strict) is the commit's: the last
+        bytes of the response wait for both, as for any strict request."""
+        fut = asyncio.get_running_loop().create_future() if self.strict and not flags else None
+
+        def settle() -> None:
+            try:
+                commit = self.record(ctx, rule, m, status, flags, withhold, rc)
+            except BaseException as exc:
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+                raise
+            if fut is None:
+                return
+            if commit is None:
+                if not fut.done():
+                    fut.set_result(None)
+            else:       # (a waiter that left cancels the commit's future, as it would)
+                commit.add_done_callback(functools.partial(_pass_on, fut))
+                fut.add_done_callback(functools.partial(_cancel_with, commit))
+
+        waiting.append(settle)
+        return fut
+
     def _unit_counter(self, meter: str) -> Any:
         if (c := self._unit_counters.get(meter)) is None:
             c = self._unit_counters[meter] = metrics.metered_units_total.labels(meter)
@@ -134,6 +181,9 @@ class Settlement:
                 book.release(hold)
             return None
         money = self.money
+        if money is not None and money.opening \
+                and (waiting := money.opening.get(ctx.customer_id)) is not None:
+            return self._after_opening(waiting, ctx, rule, m, status, flags, withhold, rc)
         if hold is None and rc.plain is not None and not flags \
                 and (money is None or not money.active
                      or money.account(ctx.customer_id) is None):

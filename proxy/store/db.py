@@ -119,6 +119,8 @@ MATERIALIZE_SLICE = 64
 # ~0.15-0.35 ms; only started once that many rows wait (smaller ones cost more per row: the
 # transaction's fixed ~60-100 us)
 QUIET_SLICE = 16
+# ``committed_for``'s poll (seconds)
+_COMMITTED_POLL = 0.005
 # between two of materialize_forever's slices: a pause while at most CATCH_UP_ROWS rows wait
 # in the mirror (the slices of one tick spread out: a request in flight meets one of them,
 # not all; 64 rows per 10 ms still moves 6,400 rows/s), none above it (catching up, as
@@ -1502,6 +1504,22 @@ class Store:
         committed)? True without looking while commits fail (rows wait then, up to
         ``max_pending_rows``, and a caller polling would scan them all each time)."""
         return not self.healthy or any(r.customer_id == customer_id for r in self._pending)
+
+    async def committed_for(self, customer_id: str, timeout: float | None = None) -> bool:
+        """Wait until the group commit holds no row of ``customer_id`` (``pending_for``):
+        every row of it recorded before the call is then committed (a strict store commits
+        at once; a batched one within ``commit_interval``). False if it still holds one
+        after ``timeout`` seconds (default: two commit intervals, a lock's wait and a
+        second; past that, storage is not taking writes)."""
+        if timeout is None:
+            timeout = 2 * self.commit_interval + self.lock_wait + 1.0
+        # polled: the rows are owned by the group commit, which has no per-customer event
+        deadline = self._loop.time() + timeout
+        while self.pending_for(customer_id):
+            if self._loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_COMMITTED_POLL)
+        return True
 
     async def catch_up(self) -> int:
         """``materialize`` for the readers on the loop (the admin API, the consumer's usage
