@@ -176,7 +176,9 @@ class StorageConfig(_Model):
     max_pending_rows: int = Field(
         default=200_000, ge=100,
         description="Bound on usage rows held in memory while SQLite cannot commit; beyond it "
-                    "`fail_mode` applies at once.",
+                    "`fail_mode` applies at once. Also the most settlements of one customer "
+                    "that wait while its monetary credits account opens (beyond it the "
+                    "opening is deferred).",
         examples=[500000])
     lock_wait: Duration = Field(
         default=2.0, ge=0,

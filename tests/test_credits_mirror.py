@@ -386,13 +386,70 @@ async def test_settlements_during_the_opening_wait_for_it_and_land_in_the_accoun
         "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
     await wait_until(lambda: "acme" in money.opening, what="the opening under way")
     assert await _call(p, key, 3) == 200                # served during the opening
-    assert len(money.opening["acme"]) == 1 and money.account("acme") is None
+    assert len(money.opening["acme"].waiting) == 1 and money.account("acme") is None
     await switch
     acct = money.account("acme")
     assert acct is not None and not money.opening
     mp = acct.meters["api_calls"]
     assert mp.total == 5 * QSCALE
     assert mp.charged == replay(p.server.rt.prices()["api_calls"], [2 * QSCALE, 3 * QSCALE])[1]
+
+
+async def test_a_settlement_waiting_for_the_opening_keeps_its_credit_hold(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """A request whose settlement waits for the opening has ended (its response sent), but
+    its credit hold must stay held until the settlement is made: released at the request's
+    end, a block customer's next request was admitted against credits already spent (both
+    then settled, the second as debt), and a grant could expire under it."""
+    _seed(stripe_double, VOLUME)
+    p = await make_proxy(rules_text=RULES.replace("quantity: request.header.x-units}",
+                                                  "quantity: 1, credits: 1}"),
+                         stripe=_stripe(stripe_double),
+                         storage={"durability": "batched", "commit_interval": "2s"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS, overage="block")
+    await p.admin("POST", "/admin/customers/acme/grants",
+                  {"credits": "2", "idempotency_key": "g-1"}, expect=201)
+    money = p.server.monetary.money                              # type: ignore[union-attr]
+    await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
+    assert await _call(p, key, 1) == 200                # 1 credit spent; its row waits
+    switch = asyncio.ensure_future(p.admin(
+        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
+    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    assert await _call(p, key, 1) == 200                # holds the last credit, settles later
+    assert len(money.opening["acme"].waiting) == 1
+    assert await _call(p, key, 1) == 402                # that credit is still held
+    await switch
+    acct = money.account("acme")
+    assert acct is not None and acct.meters["api_calls"].total == 2 * QSCALE
+    book = p.server.pipeline.admission.book
+    assert book is not None and book.debt("acme") == 0
+
+
+async def test_an_opening_with_too_many_settlements_waiting_is_deferred_then_opens(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``max_waiting`` (the store's ``max_pending_rows``) settlements a further one is
+    made at once, in the unit mode, while the opening still reads: the opening does not
+    open from reads that may miss it; it is deferred (the waiting ones made in the unit
+    mode) and tried again, and the account then holds every unit."""
+    from proxy.credits import mirror as mirror_mod
+    monkeypatch.setattr(mirror_mod, "OPEN_RETRY", 1.0)
+    p, key, money = await _units_customer(
+        make_proxy, stripe_double, storage={"durability": "batched", "commit_interval": "2s"})
+    p.server.monetary.max_waiting = 1                            # type: ignore[union-attr]
+    assert await _call(p, key, 1) == 200
+    switch = asyncio.ensure_future(p.admin(
+        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
+    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    assert await _call(p, key, 2) == 200                # waits
+    assert await _call(p, key, 3) == 200                # one too many: made at once
+    assert money.opening["acme"].spoiled
+    await switch
+    assert money.account("acme") is None and not money.opening      # deferred
+    await wait_until(lambda: money.account("acme") is not None, timeout=15,
+                     what="the account opened on the retry")
+    acct = money.account("acme")
+    assert acct is not None and acct.meters["api_calls"].total == 6 * QSCALE
 
 
 async def test_a_customer_switched_back_while_its_account_waits_to_open_ends_without_one(

@@ -5,7 +5,6 @@ settlements that wait for a customer's monetary account to open."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.credits.money import MoneyBook
+from proxy.credits.money import MoneyBook, Opening
 from proxy.credits.reserve import Reservations
 from proxy.request.context import RequestContext
 from proxy.request.settle import Settlement, _costs
@@ -103,8 +102,8 @@ async def test_a_settlement_during_its_customer_s_opening_waits_and_commits_afte
     s.money = money = MoneyBook()
     try:
         fixed = load_rules([path]).rules[0]
-        waiting: list[Callable[[], None]] = []
-        money.opening["acme"] = waiting
+        money.opening["acme"] = Opening(10)
+        waiting = money.opening["acme"].waiting
         fut = s.record(_ctx(fixed, "r1", "acme"), fixed, None, 200, "")
         assert fut is not None and not fut.done() and len(waiting) == 1
         assert not s.store.pending_for("acme")           # not recorded while it opens
@@ -133,8 +132,8 @@ async def test_a_waiter_that_left_during_the_opening_still_gets_its_row_committe
     s.money = money = MoneyBook()
     try:
         fixed = load_rules([path]).rules[0]
-        waiting: list[Callable[[], None]] = []
-        money.opening["acme"] = waiting
+        money.opening["acme"] = Opening(10)
+        waiting = money.opening["acme"].waiting
         fut = s.record(_ctx(fixed, "r1", "acme"), fixed, None, 200, "")
         assert fut is not None
         waiter = asyncio.ensure_future(fut)
@@ -145,5 +144,27 @@ async def test_a_waiter_that_left_during_the_opening_still_gets_its_row_committe
         waiting.pop()()
         assert await s.store.committed_for("acme", 5)
         assert _audited(s) == [("r1", "acme"), ("r1", "acme")]
+    finally:
+        s.store.close()
+
+
+async def test_past_the_opening_s_bound_a_settlement_is_made_at_once_and_spoils_it(
+        tmp_path: Path) -> None:
+    """At most ``Opening.limit`` settlements wait (memory, and a batched store's crash
+    window); the next one is made at once, in the unit mode, and marks the opening spoiled
+    (its reads may miss that row: the opener defers instead of opening)."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    s = _settlement(tmp_path)
+    s.money = money = MoneyBook()
+    try:
+        fixed = load_rules([path]).rules[0]
+        opening = money.opening["acme"] = Opening(2)
+        futs = [s.record(_ctx(fixed, f"r{i}", "acme"), fixed, None, 200, "") for i in range(3)]
+        assert len(opening.waiting) == 2 and opening.spoiled
+        assert futs[0] is not None and not futs[0].done()
+        assert futs[2] is not None
+        await asyncio.wait_for(futs[2], 5)                   # made at once
+        assert _audited(s) == [("r2", "acme"), ("r2", "acme")]
     finally:
         s.store.close()

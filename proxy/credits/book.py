@@ -52,6 +52,9 @@ class Hold:
     released: bool = False
     admitted_at: float = 0.0
     debt_ok: bool = False       # block customer, enforced: what is not covered becomes debt
+    # its settlement waits for the customer's monetary account to open
+    # (``proxy.request.settle``): the settlement releases it, not the request's end
+    settle_later: bool = False
 
 
 class CreditBook:

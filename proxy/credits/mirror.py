@@ -51,7 +51,7 @@ from proxy.credits.monetary import (
     replay,
     true_up,
 )
-from proxy.credits.money import MoneyBook, account_prices
+from proxy.credits.money import MoneyBook, Opening, account_prices
 from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
 from proxy.periods import period_bounds
 from proxy.pricing import Price
@@ -134,6 +134,9 @@ class MonetaryService:
         # set by the composition root (``Store.committed_for``): waits until the group
         # commit holds no row of the customer, False past its bound (``open``)
         self.committed: Callable[[str], Awaitable[bool]] | None = None
+        # settlements an opening keeps waiting at most (the composition root: the store's
+        # ``max_pending_rows``); past it the opening is deferred
+        self.max_waiting = 10_000
         self._open_retry: dict[str, float] = {}    # customer -> when to try its opening again
         # one sync at a time: an admin write's and the loop's would otherwise both open one
         # customer's account, or one open an account a later sync (the customer switched
@@ -227,7 +230,7 @@ class MonetaryService:
                 if acct.prices != mine:
                     self.money.reprice(cid, mine)
                 continue
-            if now < self._open_retry.get(cid, 0.0) or not await self.open(c, cur, mine, now):
+            if now < self._open_retry.get(cid, 0.0) or not await self.open(c, cur, mine):
                 deferred = True
                 continue
             self._open_retry.pop(cid, None)
@@ -239,31 +242,39 @@ class MonetaryService:
             self._seen = None       # an opening deferred: the next call tries again
         return opened
 
-    async def open(self, c: Customer, currency: str, prices: Mapping[str, Price],
-                   now: float) -> bool:
+    async def open(self, c: Customer, currency: str, prices: Mapping[str, Price]) -> bool:
         """Open ``c``'s account from the ledger, while the customer is served. The reads
         below are asynchronous: a request settled while they ran, in the unit mode, would be
         in neither them nor the account, which would then burn at the wrong tier for the
-        rest of the period. So from here on its settlements wait (``MoneyBook.opening``,
-        ``Settlement.record``); once the rows settled before are committed
-        (``committed``), the journal caught up and the account open, they are made, in
-        order, in the monetary mode; nothing is refused and no request is waited for. False
-        (nothing opened; tried again ``OPEN_RETRY`` later, the waiting settlements made in
-        the unit mode) when those rows were not committed in time (a storage outage)."""
-        waiting = self.money.opening.setdefault(c.id, [])
+        rest of the period. So from here on its settlements wait (``Opening``,
+        ``Settlement.record``, at most ``max_waiting`` of them); once the rows settled
+        before are committed (``committed``), the journal caught up and the account open,
+        they are made, in order, in the monetary mode. Nothing is refused and no request
+        in flight is waited for. False (nothing opened; tried again ``OPEN_RETRY`` later,
+        the waiting settlements made in the mode the customer was in) when those rows were
+        not committed in time (a storage outage) or more than ``max_waiting`` came; an
+        error in the reads is raised, also tried again ``OPEN_RETRY`` later."""
+        opening = self.money.opening[c.id] = Opening(self.max_waiting)
         try:
             if self.committed is not None and not await self.committed(c.id):
-                self._open_retry[c.id] = self.clock() + OPEN_RETRY
-                log.warning("customer %s: its monetary account opens once its usage rows are "
-                            "committed (storage not taking them; tried again in %.0f s)",
-                            c.id, OPEN_RETRY)
-                return False
-            await self._open(c, currency, prices, self.clock())
-            return True
+                why = "its usage rows are not committed yet (storage not taking writes)"
+            elif not await self._open(c, currency, prices, self.clock(), opening):
+                why = (f"more than {self.max_waiting} of its requests settled while it "
+                       "read the ledger")
+            else:
+                return True
+            self._open_retry[c.id] = self.clock() + OPEN_RETRY
+            log.warning("customer %s: its monetary account did not open: %s; tried again "
+                        "in %.0f s", c.id, why, OPEN_RETRY)
+            return False
+        except Exception:
+            self._open_retry[c.id] = self.clock() + OPEN_RETRY
+            raise
         finally:
             # (no await since the account opened: nothing settled in between)
-            if self.money.opening.get(c.id) is waiting:
+            if self.money.opening.get(c.id) is opening:
                 del self.money.opening[c.id]
+            waiting, opening.waiting = opening.waiting, []
             for settle in waiting:
                 try:
                     settle()
@@ -272,7 +283,7 @@ class MonetaryService:
                                   "opening failed", c.id)
 
     async def _open(self, c: Customer, currency: str, prices: Mapping[str, Price],
-                    now: float) -> None:
+                    now: float, opening: Opening | None = None) -> bool:
         await self.usage.materialize()      # usage (and its debits) still in the journal
         start, _end, totals = await self.usage.usage(c.id, now=now)
         covered: dict[str, int] = {}
@@ -288,10 +299,13 @@ class MonetaryService:
             if is_volume(price) and meter in totals:
                 qs, _cov = await self._period_rows(c.id, meter, start, now + 60)
                 charged[meter] = replay(price, qs)[1]
+        if opening is not None and opening.spoiled:
+            return False            # a settlement was made during the reads: not in them
         self.money.open(c.id, c.billing_anchor, currency, prices,
                         {m: t.quantity for m, t in totals.items()}, now, covered, charged,
                         debt_total)
         log.info("customer %s: monetary credits in %s", c.id, currency)
+        return True
 
     async def _period_rows(self, customer_id: str, meter: str, start: float, end: float
                            ) -> tuple[list[int], int]:

@@ -186,16 +186,27 @@ class Account:
                 self.debt_total += e.amount
 
 
+@dataclass(slots=True, eq=False)
+class Opening:
+    """A customer's account opening while serving (``MonetaryService.open``). Its reads of
+    the ledger must see every unit settled before it and none after, so the customer's
+    settlements wait in ``waiting``, in order (``Settlement.record`` queues them), and are
+    made once it is over. At most ``limit`` wait (memory, and what a crash of a
+    ``batched`` store would lose): past it a settlement is made at once, in the unit mode,
+    and the opening is ``spoiled`` (its reads may miss that one: it is tried again later)."""
+    limit: int
+    waiting: list[Callable[[], None]] = field(default_factory=list)
+    spoiled: bool = False
+
+
 class MoneyBook:
     """The monetary accounts, by customer id. ``active`` is False while there is none."""
 
     def __init__(self) -> None:
         self._accounts: dict[str, Account] = {}
         self.active = False
-        # customers whose account is opening while serving (``MonetaryService.open``):
-        # their settlements wait here, in order, and are made once the opening is over
-        # (``Settlement.record`` queues them, the opener makes them)
-        self.opening: dict[str, list[Callable[[], None]]] = {}
+        # customers whose account is opening while serving (``MonetaryService.open``)
+        self.opening: dict[str, Opening] = {}
 
     def account(self, customer_id: str) -> Account | None:
         return self._accounts.get(customer_id)

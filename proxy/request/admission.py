@@ -141,7 +141,7 @@ class Admission:
             raise
 
     def leave(self, customer_id: str, hold: Hold | None) -> None:
-        if hold is not None and not hold.released:
+        if hold is not None and not hold.released and not hold.settle_later:
             self.book.release(hold)  # type: ignore[union-attr]
         if customer_id:
             self.admitted -= 1

@@ -135,14 +135,23 @@ class Settlement:
         """The customer's monetary account is opening (``MoneyBook.opening``): its reads of
         the ledger must see every unit settled before it began and none after, so this
         settlement waits in ``waiting`` and is made once the opening is over, in the mode
-        the customer is in then. The returned future (strict) is the commit's: the last
-        bytes of the response wait for both, as for any strict request."""
+        the customer is in then. Its credit hold stays held until then (``settle_later``:
+        the request's end does not release it), so what it holds is not admitted twice and
+        a grant it holds does not expire under it. The returned future (strict) is the
+        commit's: the last bytes of the response wait for both, as for any strict request."""
         fut = asyncio.get_running_loop().create_future() if self.strict and not flags else None
+        hold = ctx.hold
+        if hold is not None:
+            hold.settle_later = True
 
         def settle() -> None:
+            if hold is not None:
+                hold.settle_later = False
             try:
                 commit = self.record(ctx, rule, m, status, flags, withhold, rc)
             except BaseException as exc:
+                if hold is not None and self.book is not None:
+                    self.book.release(hold)
                 if fut is not None and not fut.done():
                     fut.set_exception(exc)
                 raise
@@ -182,8 +191,11 @@ class Settlement:
             return None
         money = self.money
         if money is not None and money.opening \
-                and (waiting := money.opening.get(ctx.customer_id)) is not None:
-            return self._after_opening(waiting, ctx, rule, m, status, flags, withhold, rc)
+                and (opening := money.opening.get(ctx.customer_id)) is not None:
+            if len(opening.waiting) < opening.limit:
+                return self._after_opening(opening.waiting, ctx, rule, m, status, flags,
+                                           withhold, rc)
+            opening.spoiled = True      # made now, in the unit mode: the opening is deferred
         if hold is None and rc.plain is not None and not flags \
                 and (money is None or not money.active
                      or money.account(ctx.customer_id) is None):
