@@ -2,26 +2,30 @@
 write each) reaches the consumer byte for byte as aiohttp's ``StreamResponse.write`` (one
 chunk at a time) puts it on the wire, for every framing aiohttp picks: chunked (HTTP/1.1, no
 length), Content-Length, close-delimited (HTTP/1.0). A real aiohttp ``web.Server`` (the
-public port's kind) on a loopback socket, read raw to the connection's end."""
+public port's kind) on a loopback socket, read raw to the connection's end, on the stdlib
+loop and on uvloop (the proxy's)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import uvloop
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.request.wire import BodyWire, StreamedResponse
+from proxy.request.wire import WRITEV_MIN, BodyWire, StreamedResponse
 
 # (the per-second Date and the Server header would differ between two responses otherwise)
 _FIXED = {"Date": "Sun, 29 Nov 2026 00:00:00 GMT", "Server": "test",
           "Content-Type": "text/event-stream"}
 
 # (sizes below and above the table of size lines, and its edge)
+# (and both sides of WRITEV_MIN: a batch with a chunk that large goes out as its pieces)
 chunks = st.binary(min_size=0, max_size=300) | st.sampled_from([b"", b"0", b"\r\n", b"0\r\n\r\n"]) \
-    | st.sampled_from([15, 16, 255, 256, 2047, 2048, 2049, 3000]).map(lambda n: b"y" * n)
+    | st.sampled_from([15, 16, 255, 256, 2047, 2048, 2049, 3000, WRITEV_MIN - 1, WRITEV_MIN,
+                       70_000]).map(lambda n: b"y" * n)
 batches = st.lists(st.lists(chunks, max_size=6), max_size=6)
 
 
@@ -89,6 +93,7 @@ def test_batches_reach_the_wire_as_chunk_at_a_time_writes_put_them(
             assert want.endswith(b"\r\n\r\n" + frames + b"0\r\n\r\n")
 
     asyncio.run(both())
+    uvloop.run(both())          # (the proxy's loop: its transport's writelines is a writev)
 
 
 async def test_a_closed_connection_is_refused_before_anything_is_written() -> None:

@@ -19,7 +19,10 @@ which sends it with the first batch when chunks are ready at ``prepare()`` (else
 once: ``send(())``); ``send(..., end=True)`` adds the terminating chunk when the caller
 knows the batch is the body's last, and ``StreamResponse.write_eof`` then writes nothing.
 No byte waits for another: a response whose head, body and end have all arrived goes out
-in one write instead of 22 (head, 20 chunks, end).
+in one write instead of 22 (head, 20 chunks, end). A batch with a chunk of ``WRITEV_MIN``
+bytes or more is handed over as its pieces (``transport.writelines``: uvloop sends them in
+one ``writev``), not joined: the join copied every byte of a large body once more than the
+bare proxy does (64 KiB: ~65k instructions per response, docs/PERFORMANCE.md).
 
 Leans on aiohttp internals (like ``proxy.limits``): the ``StreamWriter`` a ``web.Server``
 request has (``chunked``, ``output_size``, ``_compress``, ``_headers_buf``,
@@ -43,6 +46,9 @@ _LAST = b"0\r\n\r\n"
 # the chunk-size lines of the sizes most stream events have, made once (formatting one costs
 # about as much as the rest of a chunk's framing)
 _SIZE_LINES = tuple(b"%x\r\n" % n for n in range(2048))
+# a batch with a chunk this large is written as its pieces (one writev), not joined first:
+# below it the join is cheaper than the writev's per-piece buffer set-up
+WRITEV_MIN = 16384
 
 
 class StreamedResponse(web.StreamResponse):
@@ -92,18 +98,31 @@ class BodyWire:
         else:
             parts = [head]
             self.head = None
+        large = False
         if self.chunked:
             lines = _SIZE_LINES
             for chunk in chunks:
                 if chunk:
                     n = len(chunk)
-                    parts += (lines[n] if n < 2048 else b"%x\r\n" % n, chunk, _CRLF)
+                    if n < 2048:
+                        parts += (lines[n], chunk, _CRLF)
+                    else:
+                        parts += (b"%x\r\n" % n, chunk, _CRLF)
+                        large = large or n >= WRITEV_MIN
             if end:
                 parts.append(_LAST)
                 self.writer._eof = True
         else:
+            for chunk in chunks:
+                if len(chunk) >= WRITEV_MIN:
+                    large = True
+                    break
             parts += chunks
         if not parts:
+            return
+        if large and len(parts) > 1:
+            self.writer.output_size += sum(map(len, parts))
+            transport.writelines(parts)
             return
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if data:
