@@ -304,7 +304,8 @@ async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
                             lease_admit=fleet.credits.lease_admit)
     pipeline.admission.money = pipeline.settlement.money = money
     monetary.committed = store.committed_for    # accounts opened while serving
-    monetary.max_waiting = cfg.storage.max_pending_rows
+    monetary.grouped = store.grouped
+    monetary.max_waiting = min(cfg.storage.max_pending_rows, monetary.max_waiting)
     store.alone = pipeline.admission.alone      # a lone strict request commits at once
     pipeline.admission.on_quiet = store.quiet   # nothing in flight: a short materialize
     guard = ConnectionGuard(cfg.limits, effective_max_connections(

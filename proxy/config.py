@@ -177,8 +177,8 @@ class StorageConfig(_Model):
         default=200_000, ge=100,
         description="Bound on usage rows held in memory while SQLite cannot commit; beyond it "
                     "`fail_mode` applies at once. Also the most settlements of one customer "
-                    "that wait while its monetary credits account opens (beyond it the "
-                    "opening is deferred).",
+                    "that wait while its monetary credits account opens (at most 10,000; "
+                    "beyond it the opening is deferred).",
         examples=[500000])
     lock_wait: Duration = Field(
         default=2.0, ge=0,

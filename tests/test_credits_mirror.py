@@ -422,7 +422,7 @@ async def test_a_settlement_waiting_for_the_opening_keeps_its_credit_hold(
     acct = money.account("acme")
     assert acct is not None and acct.meters["api_calls"].total == 2 * QSCALE
     book = p.server.pipeline.admission.book
-    assert book is not None and book.debt("acme") == 0
+    assert book is not None and book.debt("acme") == 0 and book.held("acme") == 0
 
 
 async def test_an_opening_with_too_many_settlements_waiting_is_deferred_then_opens(

@@ -965,6 +965,38 @@ async def test_with_synchronous_full_rows_share_a_commit_however_idle_the_loop(
     assert _ledger(db)[0] == ["r0", "r1", "r2"]
 
 
+async def test_rows_recorded_in_a_group_share_one_commit_even_alone(tmp_path: Path) -> None:
+    """``Store.grouped``: a strict row recorded alone commits inside ``record`` (one
+    transaction each); inside the block none does, and one group commit at its end takes
+    them all (the settlements made in a burst after a monetary account's opening), every
+    waiter resolved by it. A commit already scheduled takes them the same way."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    journal = "SELECT count(*) FROM journal"
+    try:
+        with store.grouped():
+            futs = [store.record(_row(i), wait=True) for i in range(50)]
+            assert not any(f is None or f.done() for f in futs)
+        await asyncio.wait_for(asyncio.gather(*futs), 5)     # type: ignore[arg-type]
+        assert store.conn.execute(journal).fetchone()[0] == 1
+        alone = store.record(_row(50), wait=True)
+        assert alone is not None and alone.done()            # outside: at once, its own
+        assert store.conn.execute(journal).fetchone()[0] == 2
+        assert store.record(_row(51), wait=False) is None    # schedules a commit
+        with store.grouped():
+            second = store.record(_row(52), wait=True)
+        assert second is not None
+        await asyncio.wait_for(second, 5)
+        assert store.conn.execute(journal).fetchone()[0] == 3
+        with store.grouped():
+            pass                                             # nothing recorded: no commit
+        assert not store._scheduled
+    finally:
+        store.close()
+    assert _ledger(db)[0] == [f"r{i}" for i in range(53)]
+
+
 async def test_quiet_moments_materialize_short_slices(tmp_path: Path) -> None:
     """``quiet`` (no request in flight) moves one QUIET_SLICE transaction of the journal on
     the next loop iteration once that many rows wait, whether or not requests overlapped

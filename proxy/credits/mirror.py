@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from proxy import metrics
@@ -68,6 +69,9 @@ MAX_RETRY = 3600.0
 # an account's opening deferred (the customer's rows recorded before it were still not
 # committed after ``committed``'s wait: a storage outage) is tried again this much later
 OPEN_RETRY = 30.0
+# at most this many settlements wait for one opening (each keeps its request's context and
+# measurement in memory until it is made: a few KB, more for a large request body read)
+MAX_WAITING = 10_000
 COVERED_SCAN_LIMIT = 1_000_000      # ledger entries read to rebuild a period's covered sum
 TRUE_UP_DELAY = 60.0    # seconds after a period end before its give-back is computed (the
                         # last requests settled before the end are committed by then)
@@ -134,9 +138,11 @@ class MonetaryService:
         # set by the composition root (``Store.committed_for``): waits until the group
         # commit holds no row of the customer, False past its bound (``open``)
         self.committed: Callable[[str], Awaitable[bool]] | None = None
+        # ... and ``Store.grouped``: the settlements that waited are made in one group commit
+        self.grouped: Callable[[], AbstractContextManager[None]] = nullcontext
         # settlements an opening keeps waiting at most (the composition root: the store's
-        # ``max_pending_rows``); past it the opening is deferred
-        self.max_waiting = 10_000
+        # ``max_pending_rows``, at most MAX_WAITING); past it the opening is deferred
+        self.max_waiting = MAX_WAITING
         self._open_retry: dict[str, float] = {}    # customer -> when to try its opening again
         # one sync at a time: an admin write's and the loop's would otherwise both open one
         # customer's account, or one open an account a later sync (the customer switched
@@ -258,7 +264,8 @@ class MonetaryService:
         try:
             if self.committed is not None and not await self.committed(c.id):
                 why = "its usage rows are not committed yet (storage not taking writes)"
-            elif not await self._open(c, currency, prices, self.clock(), opening):
+            elif opening.spoiled or not await self._open(c, currency, prices, self.clock(),
+                                                         opening):
                 why = (f"more than {self.max_waiting} of its requests settled while it "
                        "read the ledger")
             else:
@@ -275,12 +282,18 @@ class MonetaryService:
             if self.money.opening.get(c.id) is opening:
                 del self.money.opening[c.id]
             waiting, opening.waiting = opening.waiting, []
-            for settle in waiting:
-                try:
-                    settle()
-                except Exception:       # one failing must not strand the others
-                    log.exception("customer %s: a settlement that waited for its account's "
-                                  "opening failed", c.id)
+            fatal: BaseException | None = None
+            with self.grouped():                # (one group commit for them all)
+                for settle in waiting:
+                    try:
+                        settle()
+                    except Exception:           # one failing must not strand the others
+                        log.exception("customer %s: a settlement that waited for its "
+                                      "account's opening failed", c.id)
+                    except BaseException as exc:    # (their holds and waiters too)
+                        fatal = fatal or exc
+            if fatal is not None:
+                raise fatal
 
     async def _open(self, c: Customer, currency: str, prices: Mapping[str, Price],
                     now: float, opening: Opening | None = None) -> bool:

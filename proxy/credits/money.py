@@ -192,8 +192,9 @@ class Opening:
     the ledger must see every unit settled before it and none after, so the customer's
     settlements wait in ``waiting``, in order (``Settlement.record`` queues them), and are
     made once it is over. At most ``limit`` wait (memory, and what a crash of a
-    ``batched`` store would lose): past it a settlement is made at once, in the unit mode,
-    and the opening is ``spoiled`` (its reads may miss that one: it is tried again later)."""
+    ``batched`` store would lose): past it a settlement is made at once, in the mode the
+    customer is in (the unit mode, or a previous account being re-opened), and the opening
+    is ``spoiled`` (its reads may miss that one: it is tried again later)."""
     limit: int
     waiting: list[Callable[[], None]] = field(default_factory=list)
     spoiled: bool = False

@@ -72,6 +72,8 @@ def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) 
 def _pass_on(fut: asyncio.Future[None], commit: asyncio.Future[None]) -> None:
     """``commit``'s outcome, to ``fut`` (unless the waiter has gone: cancelled)."""
     if fut.done():
+        if not commit.cancelled():
+            commit.exception()      # (retrieved: the waiter has gone, nothing else reads it)
         return
     if commit.cancelled():
         fut.cancel()
@@ -150,11 +152,14 @@ class Settlement:
             try:
                 commit = self.record(ctx, rule, m, status, flags, withhold, rc)
             except BaseException as exc:
-                if hold is not None and self.book is not None:
-                    self.book.release(hold)
                 if fut is not None and not fut.done():
                     fut.set_exception(exc)
                 raise
+            finally:
+                # (the request has ended: whatever ``record`` did not settle is released
+                # here, never left held)
+                if hold is not None and not hold.released and self.book is not None:
+                    self.book.release(hold)
             if fut is None:
                 return
             if commit is None:
@@ -195,7 +200,7 @@ class Settlement:
             if len(opening.waiting) < opening.limit:
                 return self._after_opening(opening.waiting, ctx, rule, m, status, flags,
                                            withhold, rc)
-            opening.spoiled = True      # made now, in the unit mode: the opening is deferred
+            opening.spoiled = True      # made now, in the current mode: the opening is deferred
         if hold is None and rc.plain is not None and not flags \
                 and (money is None or not money.active
                      or money.account(ctx.customer_id) is None):

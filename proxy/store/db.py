@@ -89,7 +89,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1504,6 +1504,28 @@ class Store:
         committed)? True without looking while commits fail (rows wait then, up to
         ``max_pending_rows``, and a caller polling would scan them all each time)."""
         return not self.healthy or any(r.customer_id == customer_id for r in self._pending)
+
+    @contextlib.contextmanager
+    def grouped(self) -> Iterator[None]:
+        """The rows recorded inside the block share one group commit, scheduled at its end:
+        ``record`` commits none of them on its own (a strict one alone would commit at
+        once, one transaction per row). For rows made in a burst on the loop (the
+        settlements that waited for a monetary account's opening)."""
+        if self._scheduled:         # a commit is already scheduled: it takes them all
+            yield
+            return
+        self._scheduled = True
+        try:
+            yield
+        finally:
+            if self._pending and not self._closed:
+                if self.durability == "strict" and self.healthy:
+                    self._loop.call_soon(self._commit_now)
+                else:
+                    self._loop.call_later(self.commit_interval if self.healthy
+                                          else self._retry_delay, self._commit_now)
+            else:
+                self._scheduled = False
 
     async def committed_for(self, customer_id: str, timeout: float | None = None) -> bool:
         """Wait until the group commit holds no row of ``customer_id`` (``pending_for``):
