@@ -21,8 +21,9 @@ knows the batch is the body's last, and ``StreamResponse.write_eof`` then writes
 No byte waits for another: a response whose head, body and end have all arrived goes out
 in one write instead of 22 (head, 20 chunks, end). A batch with a chunk of ``WRITEV_MIN``
 bytes or more is handed over as its pieces (``transport.writelines``: uvloop sends them in
-one ``writev``), not joined: the join copied every byte of a large body once more than the
-bare proxy does (64 KiB: ~65k instructions per response, docs/PERFORMANCE.md).
+one ``writev``), not joined: the join copied every byte of a large streamed body once more
+than the bare proxy does. (A Content-Length body of at most 64 KiB is not streamed: it is
+answered in one piece, ``proxy.request.stream``.)
 
 Leans on aiohttp internals (like ``proxy.limits``): the ``StreamWriter`` a ``web.Server``
 request has (``chunked``, ``output_size``, ``_compress``, ``_headers_buf``,
