@@ -108,6 +108,16 @@ async def _socket_open(p: Proxy, key: str, units: int) -> AsyncIterator[None]:
         yield
 
 
+async def _switch_under_way(p: Proxy, money: MoneyBook) -> asyncio.Future[Any]:
+    """Switch acme to the monetary mode through the admin API and return once its account's
+    opening is under way (waiting for its rows in a batched group commit): the admin call,
+    still running."""
+    switch = asyncio.ensure_future(p.admin(
+        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
+    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    return switch
+
+
 async def _call(p: Proxy, key: str, units: int) -> int:
     async with p.session.get(p.url + "/v1/items", headers={
             "Authorization": f"Bearer {key}", "X-Units": str(units)}) as r:
@@ -382,9 +392,7 @@ async def test_settlements_during_the_opening_wait_for_it_and_land_in_the_accoun
     store = p.server.rt.store
     assert await _call(p, key, 2) == 200
     assert store.pending_for("acme")                    # waiting in the group commit
-    switch = asyncio.ensure_future(p.admin(
-        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
-    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    switch = await _switch_under_way(p, money)
     assert await _call(p, key, 3) == 200                # served during the opening
     assert len(money.opening["acme"].waiting) == 1 and money.account("acme") is None
     await switch
@@ -412,9 +420,7 @@ async def test_a_settlement_waiting_for_the_opening_keeps_its_credit_hold(
     money = p.server.monetary.money                              # type: ignore[union-attr]
     await wait_until(lambda: "api_calls" in p.server.rt.prices(), what="the price fetched")
     assert await _call(p, key, 1) == 200                # 1 credit spent; its row waits
-    switch = asyncio.ensure_future(p.admin(
-        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
-    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    switch = await _switch_under_way(p, money)
     assert await _call(p, key, 1) == 200                # holds the last credit, settles later
     assert len(money.opening["acme"].waiting) == 1
     assert await _call(p, key, 1) == 402                # that credit is still held
@@ -438,9 +444,7 @@ async def test_an_opening_with_too_many_settlements_waiting_is_deferred_then_ope
         make_proxy, stripe_double, storage={"durability": "batched", "commit_interval": "2s"})
     p.server.monetary.max_waiting = 1                            # type: ignore[union-attr]
     assert await _call(p, key, 1) == 200
-    switch = asyncio.ensure_future(p.admin(
-        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
-    await wait_until(lambda: "acme" in money.opening, what="the opening under way")
+    switch = await _switch_under_way(p, money)
     assert await _call(p, key, 2) == 200                # waits
     assert await _call(p, key, 3) == 200                # one too many: made at once
     assert money.opening["acme"].spoiled
@@ -461,9 +465,7 @@ async def test_a_customer_switched_back_while_its_account_waits_to_open_ends_wit
     p, key, money = await _units_customer(
         make_proxy, stripe_double, storage={"durability": "batched", "commit_interval": "1s"})
     assert await _call(p, key, 1) == 200
-    first = asyncio.ensure_future(p.admin(
-        "POST", "/admin/customers", {"id": "acme", "credit_mode": "monetary"}, expect=200))
-    await wait_until(lambda: "acme" in money.opening, what="the opening waiting for the row")
+    first = await _switch_under_way(p, money)
     second = asyncio.ensure_future(p.admin(
         "POST", "/admin/customers", {"id": "acme", "credit_mode": None}, expect=200))
     await asyncio.gather(first, second)

@@ -5,6 +5,8 @@ settlements that wait for a customer's monetary account to open."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from proxy.credits.money import MoneyBook, Opening
 from proxy.credits.reserve import Reservations
 from proxy.request.context import RequestContext
 from proxy.request.settle import Settlement, _costs
-from proxy.rules import Quantity, load_rules
+from proxy.rules import Quantity, Rule, load_rules
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
 from proxy.units import cost_micro
@@ -90,35 +92,48 @@ def _audited(s: Settlement) -> list[tuple[str, str]]:
     return s.store.conn.execute("SELECT request_id, customer_id FROM audit ORDER BY seq").fetchall()
 
 
+@contextlib.contextmanager
+def _opening(tmp_path: Path, limit: int = 10) -> Iterator[tuple[Settlement, Rule, Opening]]:
+    """A strict Settlement on a real store whose MoneyBook has customer acme's account
+    opening (an ``Opening`` of ``limit``), and the rule ``fixed``."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    s = _settlement(tmp_path)
+    s.money = money = MoneyBook()
+    opening = money.opening["acme"] = Opening(limit)
+    try:
+        yield s, load_rules([path]).rules[0], opening
+    finally:
+        s.store.close()
+
+
+def _opened(s: Settlement, opening: Opening) -> None:
+    """What the opener does once the account has opened: the customer's settlements no
+    longer wait, and the ones that waited are made, in order."""
+    assert s.money is not None
+    del s.money.opening["acme"]
+    for settle in opening.waiting:
+        settle()
+
+
 async def test_a_settlement_during_its_customer_s_opening_waits_and_commits_after(
         tmp_path: Path) -> None:
     """While a customer's monetary account opens (``MoneyBook.opening``), its settlements
     are queued, not recorded (the opening's reads see none of them), and the strict
     request waits on a future that is the commit's once the opener makes them; another
     customer's settle at once."""
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    s = _settlement(tmp_path)
-    s.money = money = MoneyBook()
-    try:
-        fixed = load_rules([path]).rules[0]
-        money.opening["acme"] = Opening(10)
-        waiting = money.opening["acme"].waiting
+    with _opening(tmp_path) as (s, fixed, opening):
         fut = s.record(_ctx(fixed, "r1", "acme"), fixed, None, 200, "")
-        assert fut is not None and not fut.done() and len(waiting) == 1
+        assert fut is not None and not fut.done() and len(opening.waiting) == 1
         assert not s.store.pending_for("acme")           # not recorded while it opens
         other = s.record(_ctx(fixed, "r2", "beta"), fixed, None, 200, "")
         assert other is not None
         await asyncio.wait_for(other, 5)
         assert _audited(s) == [("r2", "beta"), ("r2", "beta")]     # (two meters)
-        await asyncio.sleep(0.05)
         assert not fut.done()                            # still waiting for the opening
-        del money.opening["acme"]
-        waiting.pop()()                                  # the opener makes it
+        _opened(s, opening)
         await asyncio.wait_for(fut, 5)
         assert _audited(s)[2:] == [("r1", "acme"), ("r1", "acme")]
-    finally:
-        s.store.close()
 
 
 async def test_a_waiter_that_left_during_the_opening_still_gets_its_row_committed(
@@ -126,26 +141,16 @@ async def test_a_waiter_that_left_during_the_opening_still_gets_its_row_committe
     """A consumer that disconnects while its settlement waits for the opening: the request's
     usage is still recorded once the opening is over (as when it leaves during a commit),
     and nothing raises."""
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    s = _settlement(tmp_path)
-    s.money = money = MoneyBook()
-    try:
-        fixed = load_rules([path]).rules[0]
-        money.opening["acme"] = Opening(10)
-        waiting = money.opening["acme"].waiting
+    with _opening(tmp_path) as (s, fixed, opening):
         fut = s.record(_ctx(fixed, "r1", "acme"), fixed, None, 200, "")
         assert fut is not None
         waiter = asyncio.ensure_future(fut)
         await asyncio.sleep(0)
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
-        del money.opening["acme"]
-        waiting.pop()()
+        _opened(s, opening)
         assert await s.store.committed_for("acme", 5)
         assert _audited(s) == [("r1", "acme"), ("r1", "acme")]
-    finally:
-        s.store.close()
 
 
 async def test_past_the_opening_s_bound_a_settlement_is_made_at_once_and_spoils_it(
@@ -153,18 +158,10 @@ async def test_past_the_opening_s_bound_a_settlement_is_made_at_once_and_spoils_
     """At most ``Opening.limit`` settlements wait (memory, and a batched store's crash
     window); the next one is made at once, in the unit mode, and marks the opening spoiled
     (its reads may miss that row: the opener defers instead of opening)."""
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    s = _settlement(tmp_path)
-    s.money = money = MoneyBook()
-    try:
-        fixed = load_rules([path]).rules[0]
-        opening = money.opening["acme"] = Opening(2)
+    with _opening(tmp_path, limit=2) as (s, fixed, opening):
         futs = [s.record(_ctx(fixed, f"r{i}", "acme"), fixed, None, 200, "") for i in range(3)]
         assert len(opening.waiting) == 2 and opening.spoiled
         assert futs[0] is not None and not futs[0].done()
         assert futs[2] is not None
         await asyncio.wait_for(futs[2], 5)                   # made at once
         assert _audited(s) == [("r2", "acme"), ("r2", "acme")]
-    finally:
-        s.store.close()

@@ -281,10 +281,9 @@ class MonetaryService:
             # (no await since the account opened: nothing settled in between)
             if self.money.opening.get(c.id) is opening:
                 del self.money.opening[c.id]
-            waiting, opening.waiting = opening.waiting, []
             fatal: BaseException | None = None
             with self.grouped():                # (one group commit for them all)
-                for settle in waiting:
+                for settle in opening.waiting:
                     try:
                         settle()
                     except Exception:           # one failing must not strand the others
@@ -296,7 +295,7 @@ class MonetaryService:
                 raise fatal
 
     async def _open(self, c: Customer, currency: str, prices: Mapping[str, Price],
-                    now: float, opening: Opening | None = None) -> bool:
+                    now: float, opening: Opening) -> bool:
         await self.usage.materialize()      # usage (and its debits) still in the journal
         start, _end, totals = await self.usage.usage(c.id, now=now)
         covered: dict[str, int] = {}
@@ -312,7 +311,7 @@ class MonetaryService:
             if is_volume(price) and meter in totals:
                 qs, _cov = await self._period_rows(c.id, meter, start, now + 60)
                 charged[meter] = replay(price, qs)[1]
-        if opening is not None and opening.spoiled:
+        if opening.spoiled:
             return False            # a settlement was made during the reads: not in them
         self.money.open(c.id, c.billing_anchor, currency, prices,
                         {m: t.quantity for m, t in totals.items()}, now, covered, charged,

@@ -1518,14 +1518,9 @@ class Store:
         try:
             yield
         finally:
+            self._scheduled = False
             if self._pending and not self._closed:
-                if self.durability == "strict" and self.healthy:
-                    self._loop.call_soon(self._commit_now)
-                else:
-                    self._loop.call_later(self.commit_interval if self.healthy
-                                          else self._retry_delay, self._commit_now)
-            else:
-                self._scheduled = False
+                self._schedule_commit()
 
     async def committed_for(self, customer_id: str, timeout: float | None = None) -> bool:
         """Wait until the group commit holds no row of ``customer_id`` (``pending_for``):
@@ -1793,14 +1788,20 @@ class Store:
         if (self._pending or not self.healthy) and not self._scheduled and self.broken is None:
             # unhealthy with nothing queued: an empty transaction probes for recovery, so
             # admission (``accepting``) reopens once the database takes writes again
-            self._scheduled = True
-            if self.healthy and self.durability == "strict":
-                self._loop.call_soon(self._commit_now)
-            else:
-                self._loop.call_later(self.commit_interval if self.healthy else self._retry_delay,
-                                      self._commit_now)
+            self._schedule_commit()
         elif not self._pending:
             self._idle.set()
+
+    def _schedule_commit(self) -> None:
+        """The next group commit, as ``record`` schedules it when it does not commit at
+        once: on the next loop iteration for a healthy strict store, else after
+        ``commit_interval`` (batched) or the retry delay (unhealthy)."""
+        self._scheduled = True
+        if self.healthy and self.durability == "strict":
+            self._loop.call_soon(self._commit_now)
+        else:
+            self._loop.call_later(self.commit_interval if self.healthy else self._retry_delay,
+                                  self._commit_now)
 
     def _hold_over(self) -> None:
         """The RESTART still holds the write lock ``lock_wait`` after it began, or the rows
