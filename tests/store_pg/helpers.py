@@ -3,10 +3,18 @@ by the real ``Shipper`` (the hot path never writes PostgreSQL)."""
 
 from __future__ import annotations
 
+from proxy.metrics import REGISTRY
 from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.postgres.storage import PostgresStorage
 
 C = 1_000_000    # one unit in micro-units
+
+
+def conflicts(outcome: str) -> float:
+    """``meterproxy_fleet_pg_conflicts_total{outcome}``: transactions PostgreSQL rolled back
+    (deadlock, serialization failure) and the pool ran again ("retried") or gave up."""
+    return REGISTRY.get_sample_value("meterproxy_fleet_pg_conflicts_total",
+                                     {"outcome": outcome}) or 0.0
 
 
 def usage_row(seq: int, customer: str, at: float, *, meter: str = "api_calls",

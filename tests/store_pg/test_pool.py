@@ -11,19 +11,14 @@ import time
 import asyncpg
 
 from proxy.credits.ledger import GrantState
-from proxy.metrics import REGISTRY
 from proxy.store.postgres import leases
 from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 from proxy.store.postgres.storage import PostgresStorage
 from proxy.store.protocols import NewGrant
 from tests.store_pg.conftest import MemberFactory
+from tests.store_pg.helpers import conflicts
 
 C = 1_000_000
-
-
-def conflicts(outcome: str) -> float:
-    return REGISTRY.get_sample_value("meterproxy_fleet_pg_conflicts_total",
-                                     {"outcome": outcome}) or 0.0
 
 
 async def lock_waiters(watch: asyncpg.Connection, holder: asyncpg.Connection,

@@ -15,6 +15,13 @@ own fires). ``fire_new`` (off the request path) inserts at once and returns what
 inserted. ``claim`` is one conditional ``UPDATE``: a second concurrent claim waits for the
 first's row lock, then re-checks ``next_attempt_at <= now`` on the new row version and finds
 it hidden, so two claims (on any members) never both succeed.
+
+Inserts are serialized fleet-wide by a transaction-scoped advisory lock (``_INSERT_LOCK``):
+an insert keeps the caller's order (alert ids, and so delivery, follow the firing order),
+and two members inserting overlapping alerts in different orders took the unique index's
+locks in opposite orders and deadlocked; PostgreSQL aborted one each ``deadlock_timeout``
+(1 s) until a statement ran into its timeout. Alerts are rare (threshold crossings), so
+waiting for one another costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import AlertRecord, NewAlert
 from proxy.tasks import cancel_and_wait
+
+_INSERT_LOCK = "SELECT pg_advisory_xact_lock(hashtext('meterproxy_alerts_insert'))"
 
 log = logging.getLogger("meterproxy.store.postgres.alerts")
 
@@ -116,7 +125,8 @@ class PostgresAlerts:
         """Insert the alerts; the (0-based) positions in ``alerts`` of those inserted."""
         if not alerts:
             return []
-        async with self.pool.acquire() as c:
+        async with self.pool.acquire() as c, c.transaction():
+            await c.execute(_INSERT_LOCK)
             rows = await c.fetch(
                 "INSERT INTO alerts(customer_id, period_key, threshold, payload, created_at)"
                 " SELECT c, p, t, pl, ca FROM unnest($1::text[], $2::text[], $3::text[],"
