@@ -46,6 +46,9 @@ settings.load_profile(HYPOTHESIS_PROFILE)
 
 FUZZ_COUNTS: dict[str, int] = {}   # examples tried per fuzz target in this run
 
+# the soak profile (docs/testing.md): the long acceptance runs at their full size
+SOAK = bool(os.environ.get("METERPROXY_SOAK"))
+
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FUZZ_COUNTS:

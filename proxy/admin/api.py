@@ -9,6 +9,7 @@ large export never blocks the event loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import logging
 import time
@@ -320,18 +321,26 @@ async def rules_info(request: web.Request) -> web.Response:
                 "meters": sorted(rt.rules.meters), "last_reload_error": rt.rules_error})
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI document, ``proxy/static/openapi.yaml`` (read at start-up)."""
+@functools.cache
+def load_openapi() -> bytes:
+    """The OpenAPI document, ``proxy/static/openapi.yaml``, as JSON bytes: read and parsed
+    once per process (the pure-Python YAML parse takes ~0.2 s, which every start of an admin
+    app paid: a reload, each worker, each test's proxy)."""
     from ruamel.yaml import YAML
 
     text = resources.files("proxy.static").joinpath("openapi.yaml").read_text("utf-8")
-    doc: dict[str, Any] = YAML(typ="safe", pure=True).load(text)
+    return orjson.dumps(YAML(typ="safe", pure=True).load(text))
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh copy: the caller may change it)."""
+    doc: dict[str, Any] = orjson.loads(load_openapi())
     return doc
 
 
-def load_openapi() -> bytes:
-    """The OpenAPI document as JSON bytes."""
-    return orjson.dumps(openapi_document())
+@functools.cache
+def _query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    return query_parameters(openapi_document())
 
 
 def query_parameters(doc: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
@@ -389,9 +398,8 @@ def build_admin_app(rt: Runtime, reader: aiosqlite.Connection,
         app[METER_CHECK] = meter_check
     if reconcile_grace is not None:
         app[RECONCILE_GRACE] = reconcile_grace
-    doc = openapi_document()
-    app[OPENAPI] = orjson.dumps(doc)
-    app[QUERY_PARAMS] = query_parameters(doc)
+    app[OPENAPI] = load_openapi()
+    app[QUERY_PARAMS] = _query_parameters()
     app[REFUSALS] = LogLimiter(log)
     routes = [
         web.get("/admin/openapi.json", openapi_doc),
