@@ -69,8 +69,16 @@ def _print(data: Any) -> None:
                      + "\n")
 
 
-def _open_db(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
+def _open_db(path: Path, synchronous: str = "normal", *,
+             create: bool = False) -> sqlite3.Connection:
+    """The database at ``path``. Only a command that writes (``creates_db``) may create a
+    missing file: a read (``customers list``, ``usage``, ...) on a mistyped ``--db`` or a
+    config naming another file answered from a new empty database ("no customers", zero
+    usage); now it is an error naming the path."""
     paths.check_database(path, create_dir=False)
+    if not create and not path.exists():
+        raise FileProblem(f"cannot open database {path}: does not exist (only commands that"
+                          " write create it: customers create/update, keys create)")
     try:
         return connect(path, synchronous)
     except sqlite3.Error as exc:
@@ -78,12 +86,13 @@ def _open_db(path: Path, synchronous: str = "normal") -> sqlite3.Connection:
 
 
 def _db(args: argparse.Namespace) -> sqlite3.Connection:
+    create = bool(getattr(args, "creates_db", False))
     if args.db:
-        return _open_db(paths.absolute(args.db))
+        return _open_db(paths.absolute(args.db), create=create)
     from proxy import config
 
     cfg = config.load(args.config)
-    return _open_db(cfg.db_path(), cfg.storage.synchronous)
+    return _open_db(cfg.db_path(), cfg.storage.synchronous, create=create)
 
 
 T = TypeVar("T")
@@ -478,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what to do; `meterproxy COMMAND --help` shows its options")
 
     def cmd(parent: Any, name: str, help_: str, fn: Any, *, config: bool = True,
-            db: bool = False, **kw: Any) -> argparse.ArgumentParser:
+            db: bool = False, creates_db: bool = False, **kw: Any) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=kw.pop(
             "description", help_[:1].upper() + help_[1:] + "."), **kw)
         if config:
@@ -487,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         if db:
             sp.add_argument("--db", metavar="FILE", help="the database file, instead of the"
                             " one --config names (relative: against the current directory)")
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=fn, creates_db=creates_db)
         return sp
 
     def group(name: str, help_: str) -> Any:
@@ -521,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cust = group("customers", "create, update, list, show customers (on the database)")
     for action in ("create", "update"):
-        c = cmd(cust, action, f"{action} a customer", cmd_customers, db=True)
+        c = cmd(cust, action, f"{action} a customer", cmd_customers, db=True, creates_db=True)
         c.add_argument("id", metavar="CUSTOMER", help="customer id")
         c.add_argument("--stripe-customer-id", metavar="CUS", help="Stripe customer (cus_...)"
                        " usage is reported for")
@@ -534,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("id", metavar="CUSTOMER", help="customer id")
 
     keys = group("keys", "create, revoke, list API keys (on the database)")
-    k = cmd(keys, "create", "mint a key (printed once, stored hashed)", cmd_keys, db=True)
+    k = cmd(keys, "create", "mint a key (printed once, stored hashed)", cmd_keys, db=True,
+            creates_db=True)
     k.add_argument("--customer", required=True, metavar="CUSTOMER", help="owner of the key")
     k.add_argument("--name", default="", metavar="NAME", help="a label for the key")
     k = cmd(keys, "revoke", "revoke a key (refused from the next request)", cmd_keys, db=True)

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from proxy.cli import build_parser
+from proxy.cli import main as cli_main
 from tests.conftest import ROOT, Proxy, ProxyFactory, write_config
 from tests.ports import held_port
 from tests.proxy_process import set_listen
@@ -278,3 +279,30 @@ async def test_the_cli_says_when_postgres_is_unreachable(tmp_path: Path, upstrea
     assert rc == 1 and out == ""
     assert err.startswith("meterproxy: PostgreSQL (storage.dsn) is unreachable"), err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [("customers", "list"), ("customers", "show", "acme"),
+                                  ("keys", "list"), ("usage", "acme"),
+                                  ("explain", "req_1")])
+def test_a_read_on_a_missing_database_is_an_error_and_creates_nothing(
+        args: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped --db (or a config naming another file) answered a read from a new, empty
+    database: "no customers", zero usage. Only the commands that write create the file."""
+    missing = tmp_path / "typo.db"
+    assert cli_main([*args, "--db", str(missing)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"meterproxy: cannot open database {missing}: does not exist (only commands that"
+        " write create it: customers create/update, keys create)")
+    assert not missing.exists()
+
+
+def test_the_commands_that_write_create_the_database(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "new.db"
+    assert cli_main(["customers", "create", "acme", "--db", str(db)]) == 0
+    assert db.exists()
+    assert cli_main(["keys", "create", "--customer", "acme", "--db", str(tmp_path / "k.db")]) == 1
+    assert (tmp_path / "k.db").exists()     # created; the key's customer is not in it
+    capsys.readouterr()
+    assert cli_main(["customers", "list", "--db", str(db)]) == 0
+    assert [c["id"] for c in orjson.loads(capsys.readouterr().out)] == ["acme"]
