@@ -396,9 +396,11 @@ class PostgresCreditLedger:
         if not refs:
             return 0
         async with self.pool.acquire() as c:
+            # in key order: members linking overlapping refs take the unique index's locks
+            # in one order (in the caller's, two could deadlock; see alerts.py)
             rows = await c.fetch(
                 "INSERT INTO payment_links(payment_ref, invoice_ref)"
-                " SELECT r, $2 FROM unnest($1::text[]) AS r ON CONFLICT DO NOTHING"
+                " SELECT r, $2 FROM unnest($1::text[]) AS r ORDER BY r ON CONFLICT DO NOTHING"
                 " RETURNING payment_ref", refs, invoice_ref)
         return len(rows)
 
