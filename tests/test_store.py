@@ -1040,6 +1040,151 @@ async def test_quiet_moments_materialize_short_slices(tmp_path: Path) -> None:
                            sum(1_000_000 + i for i in range(3 * QUIET_SLICE + 3)))
 
 
+def _journal_left(store: Store) -> int:
+    """Journal rows as the loop's connection sees them now (``_conn``: inside an open
+    slice's transaction, not finishing it as ``Store.conn`` does)."""
+    return int(store._conn.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+
+async def test_a_quiet_slice_takes_three_loop_iterations_and_the_loop_runs_between_them(
+        tmp_path: Path) -> None:
+    """The slice's transaction is made in three steps (BEGIN and the ledger rows, the
+    journal's DELETE, COMMIT), one per loop iteration: callbacks queued meanwhile (a
+    request arriving) run between them."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    for i in range(QUIET_SLICE + 2):
+        store.record(_row(i), wait=True)
+    ran: list[tuple[int, bool]] = []
+
+    def between() -> None:             # what the loop runs while the slice is open
+        sl = store._slice
+        ran.append((-1 if sl is None else sl.step, store._conn.in_transaction))
+        if sl is not None:
+            store._loop.call_soon(between)
+
+    store.quiet()
+    store._loop.call_soon(between)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await wait_until(lambda: store._slice is None, what="the slice's end")
+    assert ran[:3] == [(1, True), (2, True), (-1, False)]
+    assert _journal_left(store) == 2 and store._mirror_rows == 2 and store._mirror_ok
+    store.close()
+    assert _ledger(db)[0] == [f"r{i}" for i in range(QUIET_SLICE + 2)]
+
+
+async def test_anything_that_needs_the_connection_during_a_slice_finishes_it_first(
+        tmp_path: Path) -> None:
+    """A read through ``Store.conn`` while a slice's transaction is open would run inside
+    it (and see the ledger rows before the journal's DELETE): the slice is finished first.
+    A strict row recorded then commits after it, once; close() finishes an open one."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    for i in range(QUIET_SLICE):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store._slice is not None and store._slice.step == 1     # BEGIN and the ledger rows
+    assert _journal_left(store) == QUIET_SLICE                      # (inside it: not deleted)
+    assert store.conn.execute("SELECT (SELECT count(*) FROM journal),"
+                              " (SELECT count(*) FROM audit)").fetchone() == (0, QUIET_SLICE)
+    assert store._slice is None and not store._conn.in_transaction
+
+    store.record(_row(QUIET_SLICE), wait=True)
+    for i in range(QUIET_SLICE + 1, 2 * QUIET_SLICE + 1):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store._slice is not None
+    fut = store.record(_row(2 * QUIET_SLICE + 1), wait=True)       # during the slice
+    assert fut is not None
+    await asyncio.wait_for(fut, 5)
+    assert store._slice is None and store.healthy
+    store.record(_row(2 * QUIET_SLICE + 2), wait=True)
+    for i in range(2 * QUIET_SLICE + 3, 3 * QUIET_SLICE + 3):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store._slice is not None
+    store.close()                                                   # with the slice open
+    assert _ledger(db) == ([f"r{i}" for i in range(3 * QUIET_SLICE + 3)],
+                           sum(1_000_000 + i for i in range(3 * QUIET_SLICE + 3)))
+
+
+async def test_a_quiet_slice_that_finds_other_rows_in_the_journal_rolls_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal's DELETE must remove exactly the slice's group commits: when another
+    process moved them first, the slice rolls back (nothing applied twice) and the journal
+    is read back from then on."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    for i in range(QUIET_SLICE):
+        store.record(_row(i), wait=True)
+    other = Store.open(db)      # another process's store on the same file moves them first
+    other.close()               # (at open: rows in the journal are recovered)
+    assert _journal_left(store) == 0
+    store.quiet()
+    await asyncio.sleep(0)
+    await wait_until(lambda: store._slice is None, what="the slice's end")
+    assert not store._mirror_ok
+    assert "held other rows" in caplog.text
+    store.close()
+    assert _ledger(db) == ([f"r{i}" for i in range(QUIET_SLICE)],
+                           sum(1_000_000 + i for i in range(QUIET_SLICE)))
+
+
+async def test_a_quiet_slice_that_meets_a_foreign_lock_leaves_the_mirror_for_the_next(
+        tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    for i in range(QUIET_SLICE):
+        store.record(_row(i), wait=True)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store._slice is None and not store._conn.in_transaction    # BEGIN refused
+    assert store._mirror_ok and store._mirror_rows == QUIET_SLICE
+    holder.execute("ROLLBACK")
+    holder.close()
+    store.quiet()
+    await asyncio.sleep(0)
+    await wait_until(lambda: store._slice is None, what="the slice's end")
+    assert store._mirror_ok and store._mirror_rows == 0 and _journal_left(store) == 0
+    store.close()
+    assert _ledger(db)[0] == [f"r{i}" for i in range(QUIET_SLICE)]
+
+
+async def test_a_quiet_slice_open_when_the_file_is_replaced_writes_nothing_more(
+        tmp_path: Path) -> None:
+    """The store breaks while a slice's transaction is open (its file replaced under it):
+    the slice is rolled back, never committed into the file that is no longer the
+    database; the rows stay in its journal."""
+    db = tmp_path / "s.db"
+    store = Store.open(db)
+    store.alone = lambda: True
+    for i in range(QUIET_SLICE):
+        store.record(_row(i), wait=True)
+    store.quiet()
+    await asyncio.sleep(0)
+    assert store._slice is not None
+    for suffix in ("", "-wal", "-shm"):          # (the open connection keeps its files)
+        os.rename(f"{db}{suffix}", tmp_path / f"old.db{suffix}")
+    sqlite3.connect(db).close()                 # another file at the path
+    assert store.check_file() is not None
+    await wait_until(lambda: store._slice is None, what="the slice's end")
+    assert not store._conn.in_transaction
+    store.close()
+    with sqlite3.connect(tmp_path / "old.db") as c:
+        assert c.execute("SELECT count(*) FROM audit").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM journal").fetchone()[0] == QUIET_SLICE
+
+
 async def test_a_lone_row_recorded_inside_a_write_transaction_waits_for_the_next_iteration(
         tmp_path: Path) -> None:
     """Committed inline, the journal's autocommit INSERT would join a transaction the

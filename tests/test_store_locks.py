@@ -39,7 +39,7 @@ async def test_a_cancelled_checkpoint_task_leaves_no_truncate_holding_the_write_
     real = dbmod.checkpoint
 
     def slow_truncate(conn: sqlite3.Connection, mode: str = "PASSIVE") -> Any:
-        if mode == "TRUNCATE" and conn is not store.conn:
+        if mode == "TRUNCATE" and conn is not store._conn:
             conn.execute("BEGIN IMMEDIATE")     # the write lock, as the TRUNCATE holds it
             entered.set()
             time.sleep(0.3)                     # a slow ftruncate

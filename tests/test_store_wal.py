@@ -1350,7 +1350,7 @@ async def test_a_pass_that_ends_during_close_does_not_pin_the_wal_again(
         job.join(5)
         reader.close()
 
-    store.conn = _BeforeFinalTruncate(store.conn, a_late_pass)  # type: ignore[assignment]
+    store._conn = _BeforeFinalTruncate(store.conn, a_late_pass)  # type: ignore[assignment]
     began = time.monotonic()
     store.close()
     assert time.monotonic() - began < 0.8           # lock_wait 1.0

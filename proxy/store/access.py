@@ -17,7 +17,10 @@ T = TypeVar("T")
 
 
 class Writer(Protocol):
-    conn: sqlite3.Connection
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The write connection (the running proxy's ``Store``: on the loop thread)."""
+        ...
 
     def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``fn`` in one write transaction; commit, or roll back and re-raise (a

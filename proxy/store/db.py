@@ -116,8 +116,9 @@ _MATERIALIZE_BATCH = 20_000
 # COMMIT's WAL frames) grows the cost per row (docs/PERFORMANCE.md, "Strict latency tail")
 MATERIALIZE_SLICE = 64
 # rows per materialize transaction run the moment no request is in flight (``Store.quiet``):
-# ~0.15-0.35 ms; only started once that many rows wait (smaller ones cost more per row: the
-# transaction's fixed ~60-100 us)
+# ~0.15-0.35 ms in all, in three steps on three loop iterations (``_quiet_slice``); only
+# started once that many rows wait (smaller ones cost more per row: the transaction's fixed
+# ~60-100 us)
 QUIET_SLICE = 16
 # ``committed_for``'s poll (seconds)
 _COMMITTED_POLL = 0.005
@@ -575,13 +576,24 @@ async def _run_out(job: asyncio.Future[T]) -> T:
         raise
 
 
+@dataclass(slots=True)
+class _QuietSlice:
+    """A quiet slice under way (``Store._quiet_slice``): its rows, their group commits'
+    seqs, and the next step (0: BEGIN and the ledger rows, 1: the journal's DELETE, 2:
+    COMMIT)."""
+
+    flats: list[tuple[Any, ...]]
+    seqs: list[tuple[int]]
+    step: int = 0
+
+
 class Store:
     """Owns the write connection. Create with ``Store.open`` inside a running loop."""
 
     def __init__(self, conn: sqlite3.Connection, *, durability: str, commit_interval: float,
                  fail_mode: str, max_pending_rows: int, lock_wait: float = 2.0,
                  wal_truncate_size: int = 16 * 1024 * 1024, wal_memory_lock: bool = False) -> None:
-        self.conn = conn
+        self._conn = conn
         self.durability = durability
         self.commit_interval = commit_interval
         self.fail_mode = fail_mode
@@ -623,6 +635,8 @@ class Store:
         self._load_timer: asyncio.TimerHandle | None = None
         self._schedstat: str | None = None      # the loop thread's schedstat file, if kept
         self._quiet_scheduled = False
+        # the quiet slice whose transaction is open (``_quiet_slice``), None when none is
+        self._slice: _QuietSlice | None = None
         # a RESTART checkpoint running in the maintenance thread holds the write lock:
         # group commits wait for its end instead of meeting the lock (``checkpoint_once``)
         self._restarting = False
@@ -1078,7 +1092,7 @@ class Store:
             os.close(fd)
 
     def _start_wal_over_locked(self) -> bool:
-        conn = self.conn
+        conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error:
@@ -1187,6 +1201,7 @@ class Store:
         retry, nothing refused), the loop goes on serving, and at its end one commit takes
         every row that waited."""
         work = self._restart_checkpoint if job is None else job
+        self._finish_slice()        # (its write lock would refuse the job)
 
         def held() -> int | None:       # the thread ends the hold on the loop connection
             try:
@@ -1234,7 +1249,7 @@ class Store:
         (``_started_over``): copying the start-over's own frame back would let the loop's
         next commit start yet another generation (and sync its header) on the loop."""
         if await self._restart_off_the_loop(self._start_over_checkpoint) == 0:
-            self._started_over = (self.conn.total_changes, self.data_version())
+            self._started_over = (self._conn.total_changes, self.data_version())
 
     async def checkpoint_once(self, starve_after: float = 1.0) -> None:
         """One tick of WAL upkeep: the PASSIVE pass in the maintenance thread, then in the
@@ -1248,7 +1263,7 @@ class Store:
         if self._maint is None or self.broken is not None:
             return
         if self._started_over is not None:
-            mark = (self.conn.total_changes, self.data_version())
+            mark = (self._conn.total_changes, self.data_version())
             if mark == self._started_over and self.wal_bytes() <= self.wal_prealloc_bytes:
                 return      # nothing written since the start-over: its frame stays uncopied
             self._started_over = None
@@ -1295,7 +1310,7 @@ class Store:
         # (docs/PERFORMANCE.md, "The WAL and the maintenance thread"). When nothing was
         # written since the previous tick (an idle store) a file over that size is
         # truncated to zero bytes (TRUNCATE: 7-15 ms at 20 MB, off the loop).
-        changes = self.conn.total_changes
+        changes = self._conn.total_changes
         idle = changes == self._tick_changes
         self._tick_changes = changes
         try:
@@ -1370,9 +1385,10 @@ class Store:
         returns how many. Each batch is one transaction: the rows are written and deleted
         from the journal atomically."""
         moved = 0
-        conn = self.conn
+        conn = self._conn
         if self._journaled == 0 or self.broken is not None or self.keep_journal:
             return 0        # nothing journaled since the last run / never into a lost file
+        self._finish_slice()
         self._await_restart()
         batch_size = _MATERIALIZE_BATCH if limit is None else min(limit, _MATERIALIZE_BATCH)
         while self._mirror_ok and (limit is None or moved < limit):
@@ -1425,7 +1441,7 @@ class Store:
         cur = self._cur
         cur.execute("BEGIN IMMEDIATE")
         try:
-            self._apply(self.conn, flats, cur)
+            self._apply(self._conn, flats, cur)
             # the journal up to the newest of them must have held exactly these rows
             # (seqs are never reused): the seqs deleted are theirs. (Counting them took
             # another process's row for one of ours that a third had already moved.) The
@@ -1439,7 +1455,7 @@ class Store:
                 return None
             cur.execute("COMMIT")
         except BaseException:
-            if self.conn.in_transaction:
+            if self._conn.in_transaction:
                 cur.execute("ROLLBACK")
             self._drop_mirror()
             raise
@@ -1553,7 +1569,7 @@ class Store:
         if self._journaled == 0 or self.broken is not None or self.keep_journal \
                 or self._closed:
             return 0
-        conn = self.conn
+        conn = self._conn
         newest: int | None = None
         moved = 0
         while True:
@@ -1566,6 +1582,7 @@ class Store:
                     (left := self._restart_began + self.lock_wait - self._loop.time()) > 0:
                 await wait_event(self._hold_over_event, left)
             self._await_restart()
+            self._finish_slice()
             if newest is None:
                 newest = conn.execute("SELECT max(seq) FROM journal").fetchone()[0]
                 if newest is None:
@@ -1628,16 +1645,96 @@ class Store:
             self._loop.call_soon(self._quiet_slice)
 
     def _quiet_slice(self) -> None:
+        """One ``QUIET_SLICE`` materialize transaction from the mirror, in three steps on
+        three loop iterations: ``BEGIN`` and the ledger rows, the journal's ``DELETE``
+        (checked, as in ``_materialize_mirrored``), the ``COMMIT`` (~0.1 ms each at most).
+        Made in one block, it held up a request that arrived during it for the whole
+        slice (~0.3 ms: at one connection one request in sixteen, the p99); now such a
+        request waits for one step, is forwarded, and by the time its commit comes the
+        slice is over. Anything else that needs the connection meanwhile (a group commit,
+        a storage owner, materialize, a checkpoint's hold, close) first finishes the slice
+        at once (``_finish_slice``): no statement ever runs inside its transaction, and no
+        commit waits longer than behind the one-block slice."""
         self._quiet_scheduled = False
-        if self._closed or self.broken is not None or self._restarting:
+        if self._closed or self.broken is not None or self._restarting or \
+                self._slice is not None or self._journaled == 0 or self.keep_journal or \
+                not self._mirror_ok:
+            return
+        flats: list[tuple[Any, ...]] = []
+        seqs: list[tuple[int]] = []        # ascending: committed in this order
+        for seq, rows in self._mirror:
+            flats += rows
+            seqs.append((seq,))
+            if len(flats) >= QUIET_SLICE:
+                break
+        if not seqs:
             return
         try:
-            self.materialize(limit=QUIET_SLICE)
-        except sqlite3.Error as exc:
+            self._cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:    # nothing is open: the mirror stands
             if is_corrupt(exc):
                 self._break(f"database corrupt: {exc}")
-            elif not is_busy(exc):      # a foreign lock: the timer's pass retries
+            elif not is_busy(exc):      # busy: a foreign lock (the timer's pass retries)
                 log.warning("materializing the journal failed (will retry): %s", exc)
+            return
+        self._slice = sl = _QuietSlice(flats, seqs)
+        self._slice_step(sl)
+
+    def _slice_step(self, sl: _QuietSlice) -> None:
+        """A loop callback: ``sl``'s next step, then the next one scheduled (unless
+        something finished it meanwhile: a later slice takes its own steps)."""
+        if self._slice is sl and not self._step_slice(sl):
+            self._loop.call_soon(self._slice_step, sl)
+
+    def _finish_slice(self) -> None:
+        """The open quiet slice's remaining steps, now (on the loop thread)."""
+        while (sl := self._slice) is not None and not self._step_slice(sl):
+            pass
+
+    def _step_slice(self, sl: _QuietSlice) -> bool:
+        """One step of ``sl`` (its transaction is open); True when the slice is over
+        (committed, found the journal holding other rows, failed, or the store broke
+        meanwhile: rolled back)."""
+        cur = self._cur
+        try:
+            if self.broken is not None:     # (deleted, replaced, corrupt: never write)
+                raise sqlite3.DatabaseError(self.broken)
+            if sl.step == 0:
+                sl.step = 1
+                self._apply(self._conn, sl.flats, cur)
+                return False
+            if sl.step == 1:
+                # the journal up to the newest of them must have held exactly these rows
+                cur.execute(_RAISE_HWM, sl.seqs[-1])
+                if cur.execute(_DELETE_UPTO, sl.seqs[-1]).fetchall() != sl.seqs:
+                    cur.execute("ROLLBACK")
+                    self._slice = None
+                    self._drop_mirror()
+                    log.warning("the journal held other rows than the ones committed by "
+                                "this process; reading it back")
+                    return True
+                sl.step = 2
+                return False
+            cur.execute("COMMIT")
+        except BaseException as exc:
+            self._slice = None
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    cur.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.Error):
+                self._drop_mirror()
+                raise
+            if is_corrupt(exc):
+                self._break(f"database corrupt: {exc}")
+            if self.broken is None:
+                log.warning("materializing the journal failed (will retry): %s", exc)
+            self._drop_mirror()
+            return True
+        self._slice = None
+        for _ in range(len(sl.seqs)):
+            self._mirror.popleft()
+        self._mirror_rows -= len(sl.flats)
+        return True
 
     # ---- hot path -------------------------------------------------------------------
 
@@ -1657,9 +1754,11 @@ class Store:
         if not self._scheduled:
             self._scheduled = True
             if self.durability == "strict" and self.healthy:
+                if self._slice is not None:
+                    self._finish_slice()    # (a commit now goes after it, not 2 hops later)
                 if wait and (alone := self.alone) is not None \
                         and (alone() or self._spare_cpu) \
-                        and not self.conn.in_transaction:
+                        and not self._conn.in_transaction:
                     # no other request can add a row to this group commit, or the loop has
                     # CPU to spare for a commit of its own: commit now, and the caller's
                     # wait ends without the two loop hops (the commit's callback, then the
@@ -1738,6 +1837,8 @@ class Store:
         self._scheduled = False
         if self._closed:
             return
+        if self._slice is not None:
+            self._finish_slice()    # (its transaction would take in this commit's write)
         if self._restarting and len(self._pending) <= self.max_pending_rows:
             held = self._loop.time() - self._restart_began
             if held < self.lock_wait:
@@ -1833,7 +1934,7 @@ class Store:
         return True
 
     def _probe(self) -> None:
-        conn = self.conn
+        conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("COMMIT")
 
@@ -1845,7 +1946,7 @@ class Store:
             # one journal row for the whole group commit: one insert, one bound value, and
             # no BEGIN/COMMIT around it (a single statement in autocommit mode is its own
             # transaction: all or nothing, committed when it returns)
-            if self.conn.in_transaction:    # it would join that one, not commit: never
+            if self._conn.in_transaction:    # it would join that one, not commit: never
                 raise sqlite3.OperationalError("cannot start a transaction within a transaction")
             cur.execute(_JOURNAL_INSERT, (orjson.dumps(flats).decode(),))
             self._journaled += len(rows)
@@ -1864,10 +1965,10 @@ class Store:
                 # fleet mode: one journal row per usage row (shipped and pruned by seq)
                 cur.executemany(_JOURNAL_INSERT, map(_encode_flat, flats))
             else:
-                self._apply(self.conn, flats, cur)
+                self._apply(self._conn, flats, cur)
             cur.execute("COMMIT")
         except BaseException:
-            if self.conn.in_transaction:
+            if self._conn.in_transaction:
                 cur.execute("ROLLBACK")
             raise
         if strict:
@@ -1982,11 +2083,11 @@ class Store:
                 return      # the start-over still has the connection: close() counts them
             self._restarting = False        # (its end is awaited: this commit may run)
             self._hold_over_event.set()
-            self.conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000)}")
+            self._conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000)}")
             try:
                 self._commit_now()
             finally:
-                self.conn.execute("PRAGMA busy_timeout=0")
+                self._conn.execute("PRAGMA busy_timeout=0")
 
     def execute_write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a small write transaction on the owned connection. Never waits for a lock
@@ -1994,8 +2095,9 @@ class Store:
         nothing written) for the caller to report or retry; ``write`` waits for it."""
         if self.broken is not None:
             raise sqlite3.OperationalError(self.broken)
+        self._finish_slice()
         self._await_restart()
-        return run_write(self.conn, fn)
+        return run_write(self._conn, fn)
 
     async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """``execute_write`` that waits for a foreign lock the way a group commit does:
@@ -2020,6 +2122,15 @@ class Store:
             await asyncio.sleep(_BUSY_RETRY[min(tries, len(_BUSY_RETRY) - 1)])
             tries += 1
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The write connection, for the storage owners' reads and writes on the loop
+        thread: a quiet slice whose transaction is open is finished first (a statement
+        would otherwise run inside it)."""
+        if self._slice is not None:
+            self._finish_slice()
+        return self._conn
+
     def data_version(self) -> int:
         """``PRAGMA data_version`` of the loop connection (the key cache's poll). During a
         start-over in the maintenance thread: the last answer, without waiting for the
@@ -2028,7 +2139,7 @@ class Store:
         if gated and not self._conn_lock.acquire(blocking=False):
             return self._version
         try:
-            self._version = data_version(self.conn)
+            self._version = data_version(self._conn)
         finally:
             if gated:
                 self._conn_lock.release()
@@ -2046,6 +2157,7 @@ class Store:
     def _close(self) -> None:
         if self._closed:
             return          # closed already (a second close, e.g. a shutdown's finally)
+        self._finish_slice()
         if self.check_file() is not None:
             if self._pending:
                 metrics.lost_usage_rows_total.inc(len(self._pending))
@@ -2054,7 +2166,7 @@ class Store:
             self._pending = []
             self._closed = True
             self._close_maint()         # (waits for a maintenance job: it may use conn)
-            self.conn.close()
+            self._conn.close()
             return
         # a RESTART or start-over still running in the maintenance thread may be using the
         # connection: its end first (shutdown may wait for it: one fdatasync)
@@ -2074,14 +2186,14 @@ class Store:
             self._pending = []
         self._closed = True
         # shutdown may wait for a lock: nothing is served any more
-        self.conn.execute(f"PRAGMA busy_timeout={int(max(self.lock_wait, 1.0) * 1000)}")
+        self._conn.execute(f"PRAGMA busy_timeout={int(max(self.lock_wait, 1.0) * 1000)}")
         try:
             self.materialize()
         except sqlite3.Error as exc:
             log.warning("final materialize failed; the journal keeps the rows: %s", exc)
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("final WAL checkpoint failed: %s", exc)
         self._close_maint()
-        self.conn.close()
+        self._conn.close()
