@@ -31,7 +31,7 @@ pytest_plugins = ["tests.stripe_double.fixture"]
 # under CI=true) runs more examples and is derandomized, so a fresh clone without a
 # .hypothesis database explores the same examples on every run; ``deep`` is for long local
 # runs. Fuzz tests through a running proxy scale their own counts with fuzz_examples().
-PROFILES = {"dev": 50, "ci": 200, "deep": 2000}
+PROFILES = {"dev": 50, "ci": 100, "deep": 2000}
 settings.register_profile("dev", max_examples=PROFILES["dev"], deadline=None)
 settings.register_profile("ci", max_examples=PROFILES["ci"], deadline=None, derandomize=True,
                           print_blob=True)
