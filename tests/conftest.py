@@ -50,6 +50,19 @@ FUZZ_COUNTS: dict[str, int] = {}   # examples tried per fuzz target in this run
 SOAK = bool(os.environ.get("METERPROXY_SOAK"))
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its fuzz counts to the controller (``pytest_testnodedown``)."""
+    if (out := getattr(session.config, "workeroutput", None)) is not None:
+        out["fuzz_counts"] = dict(FUZZ_COUNTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """The controller sums the workers' fuzz counts (each test ran in one worker)."""
+    for name, n in getattr(node, "workeroutput", {}).get("fuzz_counts", {}).items():
+        FUZZ_COUNTS[name] = FUZZ_COUNTS.get(name, 0) + n
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FUZZ_COUNTS:
         terminalreporter.section("fuzz examples")
