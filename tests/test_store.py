@@ -1040,6 +1040,17 @@ async def test_quiet_moments_materialize_short_slices(tmp_path: Path) -> None:
                            sum(1_000_000 + i for i in range(3 * QUIET_SLICE + 3)))
 
 
+def _alone_with_rows(db: Path, n: int) -> Store:
+    """A store whose requests are always alone (each strict row commits inside ``record``,
+    one group commit each, as at one connection) with ``_row(0)`` .. ``_row(n - 1)``
+    journaled and mirrored."""
+    store = Store.open(db)
+    store.alone = lambda: True
+    for i in range(n):
+        store.record(_row(i), wait=True)
+    return store
+
+
 def _journal_left(store: Store) -> int:
     """Journal rows as the loop's connection sees them now (``_conn``: inside an open
     slice's transaction, not finishing it as ``Store.conn`` does)."""
@@ -1052,10 +1063,7 @@ async def test_a_quiet_slice_takes_three_loop_iterations_and_the_loop_runs_betwe
     journal's DELETE, COMMIT), one per loop iteration: callbacks queued meanwhile (a
     request arriving) run between them."""
     db = tmp_path / "s.db"
-    store = Store.open(db)
-    store.alone = lambda: True
-    for i in range(QUIET_SLICE + 2):
-        store.record(_row(i), wait=True)
+    store = _alone_with_rows(db, QUIET_SLICE + 2)
     ran: list[tuple[int, bool]] = []
 
     def between() -> None:             # what the loop runs while the slice is open
@@ -1081,10 +1089,7 @@ async def test_anything_that_needs_the_connection_during_a_slice_finishes_it_fir
     it (and see the ledger rows before the journal's DELETE): the slice is finished first.
     A strict row recorded then commits after it, once; close() finishes an open one."""
     db = tmp_path / "s.db"
-    store = Store.open(db)
-    store.alone = lambda: True
-    for i in range(QUIET_SLICE):
-        store.record(_row(i), wait=True)
+    store = _alone_with_rows(db, QUIET_SLICE)
     store.quiet()
     await asyncio.sleep(0)
     assert store._slice is not None and store._slice.step == 1     # BEGIN and the ledger rows
@@ -1120,10 +1125,7 @@ async def test_a_quiet_slice_that_finds_other_rows_in_the_journal_rolls_back(
     process moved them first, the slice rolls back (nothing applied twice) and the journal
     is read back from then on."""
     db = tmp_path / "s.db"
-    store = Store.open(db)
-    store.alone = lambda: True
-    for i in range(QUIET_SLICE):
-        store.record(_row(i), wait=True)
+    store = _alone_with_rows(db, QUIET_SLICE)
     other = Store.open(db)      # another process's store on the same file moves them first
     other.close()               # (at open: rows in the journal are recovered)
     assert _journal_left(store) == 0
@@ -1140,10 +1142,7 @@ async def test_a_quiet_slice_that_finds_other_rows_in_the_journal_rolls_back(
 async def test_a_quiet_slice_that_meets_a_foreign_lock_leaves_the_mirror_for_the_next(
         tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    store = Store.open(db)
-    store.alone = lambda: True
-    for i in range(QUIET_SLICE):
-        store.record(_row(i), wait=True)
+    store = _alone_with_rows(db, QUIET_SLICE)
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     store.quiet()
@@ -1166,10 +1165,7 @@ async def test_a_quiet_slice_open_when_the_file_is_replaced_writes_nothing_more(
     the slice is rolled back, never committed into the file that is no longer the
     database; the rows stay in its journal."""
     db = tmp_path / "s.db"
-    store = Store.open(db)
-    store.alone = lambda: True
-    for i in range(QUIET_SLICE):
-        store.record(_row(i), wait=True)
+    store = _alone_with_rows(db, QUIET_SLICE)
     store.quiet()
     await asyncio.sleep(0)
     assert store._slice is not None

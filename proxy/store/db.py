@@ -1427,31 +1427,14 @@ class Store:
         about ``batch_size`` rows. Returns how many rows moved (0: the journal is empty), or
         None when the journal did not hold exactly the mirrored rows (rolled back; the mirror
         is dropped and the journal is read back)."""
-        mirror = self._mirror
-        if not mirror:
+        if not self._mirror:
             return 0
-        flats: list[tuple[Any, ...]] = []
-        seqs: list[tuple[int]] = []        # ascending: committed in this order
-        for seq, rows in mirror:
-            flats += rows
-            seqs.append((seq,))
-            if len(flats) >= batch_size:
-                break
-        chunks = len(seqs)
+        flats, seqs = self._mirror_batch(batch_size)
         cur = self._cur
         cur.execute("BEGIN IMMEDIATE")
         try:
             self._apply(self._conn, flats, cur)
-            # the journal up to the newest of them must have held exactly these rows
-            # (seqs are never reused): the seqs deleted are theirs. (Counting them took
-            # another process's row for one of ours that a third had already moved.) The
-            # high-water mark is raised once first, so its trigger only compares per row.
-            cur.execute(_RAISE_HWM, seqs[-1])
-            if cur.execute(_DELETE_UPTO, seqs[-1]).fetchall() != seqs:
-                cur.execute("ROLLBACK")
-                self._drop_mirror()
-                log.warning("the journal held other rows than the ones committed by this "
-                            "process; reading it back")
+            if not self._delete_journaled(seqs):
                 return None
             cur.execute("COMMIT")
         except BaseException:
@@ -1459,10 +1442,43 @@ class Store:
                 cur.execute("ROLLBACK")
             self._drop_mirror()
             raise
-        for _ in range(chunks):
-            mirror.popleft()
-        self._mirror_rows -= len(flats)
+        self._unmirror(seqs, flats)
         return len(flats)
+
+    def _mirror_batch(self, size: int) -> tuple[list[tuple[Any, ...]], list[tuple[int]]]:
+        """The oldest mirrored group commits, about ``size`` rows (whole group commits):
+        their flat rows and their seqs, ascending (committed in this order)."""
+        flats: list[tuple[Any, ...]] = []
+        seqs: list[tuple[int]] = []
+        for seq, rows in self._mirror:
+            flats += rows
+            seqs.append((seq,))
+            if len(flats) >= size:
+                break
+        return flats, seqs
+
+    def _delete_journaled(self, seqs: list[tuple[int]]) -> bool:
+        """Inside a materialize transaction from the mirror: delete the journal rows of
+        ``seqs``. The journal up to the newest of them must have held exactly these rows
+        (seqs are never reused): the seqs deleted are theirs. (Counting them took another
+        process's row for one of ours that a third had already moved.) The high-water mark
+        is raised once first, so its trigger only compares per row. False when it held
+        others: rolled back, the mirror dropped (the journal is read back)."""
+        cur = self._cur
+        cur.execute(_RAISE_HWM, seqs[-1])
+        if cur.execute(_DELETE_UPTO, seqs[-1]).fetchall() == seqs:
+            return True
+        cur.execute("ROLLBACK")
+        self._drop_mirror()
+        log.warning("the journal held other rows than the ones committed by this process; "
+                    "reading it back")
+        return False
+
+    def _unmirror(self, seqs: list[tuple[int]], flats: list[tuple[Any, ...]]) -> None:
+        """The group commits of ``seqs`` (the mirror's oldest) were moved and committed."""
+        for _ in range(len(seqs)):
+            self._mirror.popleft()
+        self._mirror_rows -= len(flats)
 
     def _drop_mirror(self) -> None:
         self._mirror.clear()
@@ -1660,13 +1676,7 @@ class Store:
                 self._slice is not None or self._journaled == 0 or self.keep_journal or \
                 not self._mirror_ok:
             return
-        flats: list[tuple[Any, ...]] = []
-        seqs: list[tuple[int]] = []        # ascending: committed in this order
-        for seq, rows in self._mirror:
-            flats += rows
-            seqs.append((seq,))
-            if len(flats) >= QUIET_SLICE:
-                break
+        flats, seqs = self._mirror_batch(QUIET_SLICE)
         if not seqs:
             return
         try:
@@ -1704,14 +1714,8 @@ class Store:
                 self._apply(self._conn, sl.flats, cur)
                 return False
             if sl.step == 1:
-                # the journal up to the newest of them must have held exactly these rows
-                cur.execute(_RAISE_HWM, sl.seqs[-1])
-                if cur.execute(_DELETE_UPTO, sl.seqs[-1]).fetchall() != sl.seqs:
-                    cur.execute("ROLLBACK")
+                if not self._delete_journaled(sl.seqs):
                     self._slice = None
-                    self._drop_mirror()
-                    log.warning("the journal held other rows than the ones committed by "
-                                "this process; reading it back")
                     return True
                 sl.step = 2
                 return False
@@ -1731,9 +1735,7 @@ class Store:
             self._drop_mirror()
             return True
         self._slice = None
-        for _ in range(len(sl.seqs)):
-            self._mirror.popleft()
-        self._mirror_rows -= len(sl.flats)
+        self._unmirror(sl.seqs, sl.flats)
         return True
 
     # ---- hot path -------------------------------------------------------------------
