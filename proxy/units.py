@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from fractions import Fraction
 
 from proxy.errors import MeterproxyError
 
@@ -67,11 +69,44 @@ def fmt_micro(micro: int) -> str:
     return f"{sign}{whole}.{frac:06d}".rstrip("0")
 
 
-def cost_micro(quantity_micro: int, per_unit: Decimal) -> int:
-    """Credits (micro) for a quantity (micro) at ``per_unit`` credits per unit, rounded up:
-    a request is never under-charged by rounding. Exact: integer ceil of a Decimal."""
-    exact = Decimal(quantity_micro) * per_unit
-    return math.ceil(exact)
+@dataclass(frozen=True, slots=True)
+class CreditRate:
+    """An exact credit rate: ``num / den`` credits per unit, in lowest terms (``den > 0``).
+
+    Built once when the rules load (:meth:`of`): a rate like 1 credit per 3,600 units is not
+    representable as a finite decimal, and a 28-digit Decimal rounded up would make an exact
+    cost one micro-credit dearer (27 units -> 7,501 instead of 7,500)."""
+
+    num: int
+    den: int
+
+    @classmethod
+    def of(cls, credits: Decimal | int, divide_by: int = 1) -> CreditRate:
+        """``credits`` per ``divide_by`` units, exactly (a Decimal is converted exactly)."""
+        exact = Fraction(credits) / divide_by
+        return cls(exact.numerator, exact.denominator)
+
+    def exact(self) -> Fraction:
+        return Fraction(self.num, self.den)
+
+    def __str__(self) -> str:
+        """A decimal ("0.001", "2") when the rate has one, else the fraction ("1/3600")."""
+        den, twos, fives = self.den, 0, 0
+        while den % 2 == 0:
+            den, twos = den // 2, twos + 1
+        while den % 5 == 0:
+            den, fives = den // 5, fives + 1
+        if den != 1:
+            return f"{self.num}/{self.den}"
+        places = max(twos, fives)
+        return format(Decimal(self.num * 10**places // self.den).scaleb(-places), "f")
+
+
+def cost_micro(quantity_micro: int, rate: CreditRate) -> int:
+    """Credits (micro) for a quantity (micro) at ``rate`` credits per unit, rounded up:
+    a request is never under-charged by rounding, and an exact cost is never rounded up.
+    Integer ceil of ``quantity * num / den``: one multiplication and one floor division."""
+    return -(-quantity_micro * rate.num // rate.den)
 
 
 def parse_duration(value: object, *, maximum: int | None = None) -> float:

@@ -46,7 +46,7 @@ from proxy.rules.sse import (
 from proxy.store.alerts import SqliteAlerts
 from proxy.store.db import Store, connect
 from proxy.store.outbox import split_whole, stage
-from proxy.units import QSCALE, UnitError, cost_micro, fmt_micro, to_decimal, to_micro
+from proxy.units import QSCALE, CreditRate, UnitError, cost_micro, fmt_micro, to_decimal, to_micro
 
 U = QSCALE
 
@@ -109,7 +109,7 @@ def test_line_prices_only_whole_units_and_rounds_half_up_once() -> None:
     (0, "5", 0),
 ])
 def test_credit_cost_rounds_up_never_under_charges(quantity: int, rate: str, cost: int) -> None:
-    got = cost_micro(quantity, Decimal(rate))
+    got = cost_micro(quantity, CreditRate.of(Decimal(rate)))
     assert got == cost
     assert type(got) is int
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from proxy.credits.reserve import WINDOW, Estimator, Reservations, high_percenti
 from proxy.credits.service import load_book
 from proxy.rules import check_rules, load_rules
 from proxy.store.ledger import load as ledger_load
+from proxy.units import CreditRate
 from tests.conftest import Proxy, ProxyFactory
 from tests.servers import serve
 
@@ -217,7 +217,7 @@ def test_high_percentile_nearest_rank() -> None:
 
 
 def test_estimator_floor_until_learned_then_bounded_window() -> None:
-    e = Estimator(1 * Q, Decimal("0.01"))
+    e = Estimator(1 * Q, CreditRate(1, 100))
     for _ in range(7):
         e.observe(40 * Q)
     assert (e.micro, e.cost) == (1 * Q, 10_000)          # 7 samples: still the floor
@@ -226,7 +226,7 @@ def test_estimator_floor_until_learned_then_bounded_window() -> None:
     for _ in range(WINDOW):
         e.observe(10 * Q)
     assert len(e.samples) == WINDOW and (e.seen, e.micro) == (8 + WINDOW, 10 * Q)
-    e.configure(50 * Q, Decimal("0.02"))                 # a reload raises the floor
+    e.configure(50 * Q, CreditRate(1, 50))                 # a reload raises the floor
     assert (e.micro, e.cost) == (50 * Q, 1_000_000)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 
 from aiohttp.test_utils import make_mocked_request
@@ -21,7 +20,7 @@ from proxy.request.settle import Settlement, _costs
 from proxy.rules import Quantity, Rule, load_rules
 from proxy.store.db import Store
 from proxy.store.keys import KeyCache
-from proxy.units import cost_micro
+from proxy.units import CreditRate, cost_micro
 
 RULES = """\
 version: 1
@@ -43,12 +42,13 @@ rules:
 meters = st.sampled_from(["calls", "tokens", "other"])
 quantities = st.lists(st.builds(lambda m, q: Quantity(m, q, False, ""), meters,
                                 st.integers(0, 10**15)), max_size=5)
-rates = st.dictionaries(meters, st.none() | st.decimals(0, 10**6, places=6), max_size=3)
+rates = st.dictionaries(meters, st.none() | st.builds(CreditRate.of, st.decimals(0, 10**6, places=6),
+                                                     st.integers(1, 10**9)), max_size=3)
 
 
 @given(quantities, rates)
 def test_costs_are_each_quantitys_cost_at_its_rate(qs: list[Quantity],
-                                                   rs: dict[str, Decimal | None]) -> None:
+                                                   rs: dict[str, CreditRate | None]) -> None:
     costs = _costs(qs, rs)
     assert len(costs) == len(qs)
     for q, c in zip(qs, costs, strict=True):
@@ -75,7 +75,7 @@ async def test_constant_rules_are_costed_once_per_rule_object(tmp_path: Path) ->
         assert rc.costs == [1_000_000, 0]                    # 2 calls at 0.5; tokens unpriced
         m = s.for_rule(measured)
         assert m.quantities is None and m.costs is None      # measured per request
-        assert m.rates == {"tokens": Decimal("0.001")}
+        assert m.rates == {"tokens": CreditRate(1, 1000)}
         reloaded = load_rules([path]).rules[0]               # a reload: a new rule object
         assert s.for_rule(reloaded) is not rc and s.for_rule(reloaded).costs == rc.costs
     finally:

@@ -16,6 +16,7 @@ from proxy.rules import (
     cli_check,
     load_rules,
 )
+from proxy.units import CreditRate
 from proxy.yamlpos import Pos, YamlError, load_yaml
 
 HERE = Path(__file__).parent
@@ -179,7 +180,8 @@ def test_example_loads() -> None:
     chat = by["chat"]
     assert chat.auth == "required"
     assert chat.response_body is ResponseNeed.SSE_OR_JSON
-    assert chat.usage[0].credits_per_unit == Decimal("0.001")
+    assert chat.usage[0].credits_per_unit == CreditRate(1, 1000)
+    assert str(chat.usage[0].credits_per_unit) == "0.001"
     assert chat.usage[0].estimate_micro == 1000 * 1_000_000
     assert chat.usage[1].source.kind is SourceKind.CONSTANT
     upload = by["upload"]

@@ -22,7 +22,7 @@ from proxy.rules.quantity import (
     parse_number,
     reads_body_only,
 )
-from proxy.units import to_micro
+from proxy.units import CreditRate, cost_micro, to_micro
 
 M = 1_000_000
 
@@ -214,7 +214,8 @@ def test_transform_is_not_applied_per_request(rules: dict[str, Rule]) -> None:
     assert [q.micro for q in compute(r, meas(request_bytes=0))] == [0]
     assert [q.micro for q in compute(r, meas(request_bytes=2_000_000_001))] == [2_000_000_001 * M]
     # credits are per transformed unit (2 per GB), charged on the raw fraction
-    assert r.usage[0].credits_per_unit == Decimal(2) / 1_000_000_000
+    assert r.usage[0].credits_per_unit == CreditRate(1, 500_000_000)
+    assert str(r.usage[0].credits_per_unit) == "0.000000002"
 
 
 def test_parse_number() -> None:
@@ -497,3 +498,30 @@ def test_a_malformed_body_without_a_reason_falls_back_as_unreadable(
     m = meas(BodyView({}, malformed=True))
     assert fallback_reason(u, m) == "unreadable"
     assert compute(rules["chat"], m) == [Quantity("m", M, True, "unreadable")]
+
+
+@pytest.mark.parametrize(("credits", "divide_by", "units", "micro_credits"), [
+    ("1", 3600, 27, 7500),          # 27/3600 credits = 0.0075 exactly: never 7501
+    ("0.5", 3, 3, 500_000),         # 0.5 credits per 3 units, 3 units: exactly half a credit
+    ("1", 3, 1, 333_334),           # an inexact cost still rounds up (333,333.3...)
+    ("2", 1_000_000_000, 1, 1),     # 2e-9 credits: one micro-credit, never 0
+])
+def test_transformed_credit_rate_charges_the_exact_ceiling(
+        tmp_path: Path, credits: str, divide_by: int, units: int, micro_credits: int) -> None:
+    """``credits`` per transformed unit is kept exact (credits / divide_by is not rounded to
+    28 digits at load time), so an exact cost is never rounded up by one micro-credit."""
+    p = tmp_path / "r.yaml"
+    p.write_text(f"""version: 1
+meters:
+  s: {{stripe_event_name: s}}
+rules:
+  - name: t
+    match: {{path: /t}}
+    usage:
+      - {{meter: s, quantity: request.json.n, transform: {{divide_by: {divide_by}, round: up}},
+         credits: {credits}}}
+""")
+    (rule,) = load_rules([p]).rules
+    rate = rule.usage[0].credits_per_unit
+    assert rate is not None
+    assert cost_micro(units * M, rate) == micro_credits

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 
 from proxy.rules import UNREADABLE, Rule, UsageSpec
 from proxy.rules.model import SourceKind
 from proxy.rules.quantity import parse_number
 from proxy.rules.sse import lookup
-from proxy.units import UnitError, cost_micro, to_micro
+from proxy.units import CreditRate, UnitError, cost_micro, to_micro
 
 PERCENTILE = 95
 WINDOW = 256
@@ -47,7 +46,7 @@ class Estimator:
 
     __slots__ = ("_next", "cost", "floor", "learned", "micro", "rate", "samples", "seen")
 
-    def __init__(self, floor: int, rate: Decimal) -> None:
+    def __init__(self, floor: int, rate: CreditRate) -> None:
         self.samples: list[int] = []
         self._next = 0
         self.seen = 0
@@ -57,7 +56,7 @@ class Estimator:
         self.micro = floor
         self.cost = cost_micro(floor, rate)
 
-    def configure(self, floor: int, rate: Decimal) -> None:
+    def configure(self, floor: int, rate: CreditRate) -> None:
         """A rules reload: keep what was learned, take the new floor and rate."""
         self.floor, self.rate = floor, rate
         self._update()

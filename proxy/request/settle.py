@@ -14,7 +14,6 @@ import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from proxy import metrics
@@ -35,13 +34,13 @@ from proxy.rules import (
 )
 from proxy.store.db import Store, UsageItem, UsageRow
 from proxy.store.keys import KeyCache
-from proxy.units import cost_micro
+from proxy.units import CreditRate, cost_micro
 
 
 @dataclass(frozen=True, slots=True)
 class _RuleCosts:
     rule: Rule
-    rates: Mapping[str, Decimal | None]                 # meter -> credits_per_unit
+    rates: Mapping[str, CreditRate | None]                 # meter -> credits_per_unit
     quantities: tuple[Quantity, ...] | None             # all constant: the quantities
     costs: list[int] | None                             # ... and their credits (read only)
     # all constant and readable: the usage items of a request that holds no credits and
@@ -63,7 +62,7 @@ class _RuleCosts:
     body_only: bool
 
 
-def _costs(quantities: Sequence[Quantity], rates: Mapping[str, Decimal | None]) -> list[int]:
+def _costs(quantities: Sequence[Quantity], rates: Mapping[str, CreditRate | None]) -> list[int]:
     """Each quantity's credit cost in micro-credits (0 for a meter without a rate)."""
     return [cost_micro(q.micro, r) if (r := rates.get(q.meter)) is not None else 0
             for q in quantities]

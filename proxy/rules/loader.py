@@ -46,7 +46,7 @@ from proxy.rules.model import (
     UsageSpec,
 )
 from proxy.rules.sse import Probe
-from proxy.units import to_micro
+from proxy.units import CreditRate, to_micro
 from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml, type_name
 
 __all__ = ["check_rules", "cli_check", "load_rules"]
@@ -400,12 +400,13 @@ def _usage(f: _File, path: KeyPath, value: object, template: Template | None,
     elif meter is not None:
         refs.append(_MeterRef(f, (*path, "meter"), meter, transform))
     source = _usage_source(f, path, m, template)
-    credits = None
+    credits: CreditRate | None = None
     if "credits" in m:
-        credits = f.number((*path, "credits"), m["credits"], "credits")
-        if credits is not None and transform is not None:
-            # credits are per transformed unit, charged on the exact fraction of raw units
-            credits = credits / transform.divide_by
+        per_unit = f.number((*path, "credits"), m["credits"], "credits")
+        if per_unit is not None:
+            # credits are per transformed unit, charged on the exact fraction of raw units:
+            # kept as an exact fraction (a Decimal quotient would round 1/3600 up)
+            credits = CreditRate.of(per_unit, transform.divide_by if transform is not None else 1)
     _, estimate = _optional_micro(f, m, path, "estimate", None)
     _, on_unreadable = _optional_micro(f, m, path, "on_unreadable", None)
     reserve = _reserve_from(f, (*path, "reserve_from"), m["reserve_from"], template, source) \

@@ -9,7 +9,7 @@ Invariants:
 - Every object is a frozen, slotted dataclass built once at load; nothing here
   changes per request and nothing here does I/O.
 - Quantities and credits follow ``proxy.units``: quantities in micro-units (int),
-  credit prices as exact ``Decimal``; no floats.
+  credit prices as exact ``proxy.units.CreditRate`` fractions; no floats.
 - A rule's response needs (``response_body``, the probes) are derived at load from
   its usage, so a rule that needs nothing from the body gets no inspector at all.
 """
@@ -26,6 +26,7 @@ from proxy.errors import MeterproxyError
 from proxy.pricing import Price, TransformQuantity
 from proxy.rules.matcher import Matcher, MatchIndex
 from proxy.rules.sse import Probe, ResponseInspector, new_inspector
+from proxy.units import CreditRate
 
 __all__ = [
     "PRESETS",
@@ -187,7 +188,7 @@ class UsageSpec:
 
     meter: str
     source: QuantitySource
-    credits_per_unit: Decimal | None = None
+    credits_per_unit: CreditRate | None = None      # exact (proxy.units.CreditRate)
     estimate_micro: int | None = None
     transform: Transform | None = None
     # None: an unreadable quantity bills the reservation (``estimate``, else
