@@ -6,7 +6,9 @@ Delivery guarantee, step by step (the numbers are repeated at each failure point
      in ONE transaction: a crash before it commits leaves the usage unstaged (staged next
      time); after it, the events exist and nothing can stage the same usage again.
   3. ``attempts`` is incremented and committed before a call is made, so every call's
-     Idempotency-Key (identifier + attempt) is new and a crash never reuses a stale one.
+     Idempotency-Key (identifier, attempt, in-cycle retry: three separate parts) is new and
+     a crash never reuses a stale one. ``attempts`` is never reset (a dry-run sink, which
+     makes no call, does not count one), so no row ever reuses a key.
   4. The call. A crash, timeout or dropped connection here leaves the row ``pending``: it
      is resent with the SAME identifier, and Stripe's identifier dedupe ("An event already
      exists with identifier ...") turns the resend into DUPLICATE = delivered.
@@ -244,8 +246,10 @@ class Flusher:
                 ready.append(row)
         if not ready:
             return
-        # 3: attempts committed before any call, so Idempotency-Keys are never reused
-        await self.outbox.begin_attempt([r["id"] for r in ready])
+        # 3: attempts committed before any call, so Idempotency-Keys are never reused (a
+        # dry-run sink makes no call: it counts no attempt, and uses no key)
+        if self.sink.name != "dry_run":
+            await self.outbox.begin_attempt([r["id"] for r in ready])
         events = [self._event(r) for r in ready]
         rows = {r["id"]: r for r in ready}
         if self.sink.max_batch > 1:
@@ -404,8 +408,8 @@ class Flusher:
             await self.outbox.mark_sent(row["id"], sink=self.sink.name, outcome=out.kind.value,
                                         at=int(now))
         elif out.kind is Kind.DRY_RUN:
-            # logged, not sent: its own state, never 'sent'; attempts back to 0 (no call was
-            # made, so a real sink later starts its Idempotency-Keys afresh)
+            # logged, not sent: its own state, never 'sent'; attempts unchanged (no call was
+            # made and none counted, so a real sink later goes on past every key it used)
             report.dry_run += 1
             await self.outbox.mark_dry_run(row["id"], sink=self.sink.name, outcome=out.kind.value)
         elif out.kind is Kind.RETRY:
@@ -429,8 +433,8 @@ class Flusher:
 
     async def requeue_dry_run(self) -> int:
         """Make the events an earlier dry-run sink only logged pending again, so this (real)
-        sink delivers them with their original identifiers. ``attempts`` was reset when they
-        were logged (no call was made), so no Idempotency-Key is reused."""
+        sink delivers them with their original identifiers. ``attempts`` still counts every
+        real call made before (a dry run counts none), so no Idempotency-Key is reused."""
         n = await self.outbox.requeue_dry_run()
         self._dry_run_requeued = True
         if n:
@@ -480,10 +484,12 @@ class Flusher:
 
 
 def _with_sub(ev: OutEvent, sub: int) -> OutEvent:
+    """The event for in-cycle retry ``sub`` of its attempt: a part of its own in the key
+    (``attempt * 100 + sub`` once made attempt 1's retry 1 and attempt 101 one key)."""
     if sub == 0:
         return ev
     return OutEvent(ev.outbox_id, ev.identifier, ev.event_name, ev.stripe_customer_id, ev.value,
-                    ev.timestamp, ev.meter, ev.attempt * 100 + sub)
+                    ev.timestamp, ev.meter, ev.attempt, sub)
 
 
 def _reason_kind(reason: str) -> str:

@@ -126,3 +126,75 @@ async def test_usage_after_a_restore_from_backup_is_not_taken_for_a_duplicate(
         await f.close()
         store.close()
     assert double.state.totals("cus_a", "api_calls") == 5
+
+
+def _keys(double: RunningDouble) -> list[str]:
+    return [r.idempotency_key or "" for r in double.state.call_log
+            if r.path == "/v1/billing/meter_events"]
+
+
+async def test_an_in_cycle_retry_key_is_never_a_later_attempts_key(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    """Attempt 1's in-cycle retry and attempt 101's first call once shared a key (suffix
+    attempt x 100 + retry: both 101), so attempt 101, well inside Stripe's 24 h key window,
+    got attempt 1's stored 500 replayed instead of being sent."""
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    double.state.faults.script("meter_events", ["500", "500"])
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                        timeout=5.0)
+    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
+                      rate=0, seed=1, retries_per_cycle=2, retry_wait_max=0.05,
+                      ambiguous_hold=0.0)
+    try:
+        _usage(store, "a", 2)
+        rep = await flusher.flush(force=True)        # attempt 1: a 500, its retry a 500
+        assert rep.delivered == 0 and rep.retrying == 1, rep.to_json()
+        # 99 more cycles of failures later (minutes at a 5-minute backoff cap)
+        store.execute_write(lambda c: c.execute("UPDATE outbox SET attempts = 100"))
+        rep = await flusher.flush(force=True)        # attempt 101
+        assert rep.delivered == 1, rep.to_json()
+        assert double.state.totals("cus_a", "api_calls") == 2
+        keys = _keys(double)
+        assert len(keys) == 3 and len(set(keys)) == 3, keys
+    finally:
+        await flusher.close()
+        store.close()
+
+
+async def test_a_dry_run_never_makes_a_real_sink_reuse_a_key(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]]) -> None:
+    """A row a real sink attempted, then logged by a dry-run sink, then handed back to a
+    real sink: its next call has a key of its own (the dry run once reset ``attempts`` to 0,
+    so the next call reused attempt 1's key and got its stored 500)."""
+    from proxy.sinks.dry_run import DryRunSink
+
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    double.state.faults.script("meter_events", ["500"])
+    store = Store.open(tmp_path / "f.db")
+    names = {"api_calls": ("api_calls", None)}
+
+    def real() -> Flusher:
+        conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                            timeout=5.0)
+        return Flusher(store, MeterEventsSink(conn), lambda: names, rate=0, seed=1,
+                       retries_per_cycle=1, ambiguous_hold=0.0)
+
+    try:
+        first = real()
+        _usage(store, "a", 2)
+        assert (await first.flush(force=True)).retrying == 1     # attempt 1: a 500
+        await first.close()
+        dry = Flusher(store, DryRunSink(), lambda: names, rate=0, ambiguous_hold=0.0)
+        assert (await dry.flush(force=True)).dry_run == 1
+        second = real()
+        rep = await second.flush(force=True)
+        await second.close()
+        assert rep.delivered == 1, rep.to_json()
+        keys = _keys(double)
+        assert len(keys) == 2 and len(set(keys)) == 2, keys
+        assert double.state.totals("cus_a", "api_calls") == 2
+    finally:
+        store.close()

@@ -48,6 +48,7 @@ class OutEvent:
     timestamp: int            # unix seconds
     meter: str                # the rules' meter name (usage_records maps it to an item)
     attempt: int              # 1 for the first send; persisted before the call
+    sub: int = 0              # the flusher's in-cycle retry of this attempt (0: its first call)
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,7 +250,7 @@ class SqliteOutbox:
 
     async def mark_dry_run(self, outbox_id: int, *, sink: str, outcome: str) -> None:
         self.db.execute_write(lambda c: c.execute(
-            "UPDATE outbox SET status='dry_run', attempts=0, sink=?, outcome=?,"
+            "UPDATE outbox SET status='dry_run', sink=?, outcome=?,"
             " last_error=NULL WHERE id=?", (sink, outcome, outbox_id)))
 
     async def retry_at(self, outbox_id: int, when: float, error: str) -> None:

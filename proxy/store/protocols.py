@@ -337,8 +337,9 @@ class Outbox(Protocol):
         ...
 
     async def mark_dry_run(self, outbox_id: int, *, sink: str, outcome: str) -> None:
-        """Logged by a dry-run sink, not sent: status ``dry_run``, ``attempts`` back to 0 (no
-        call was made, so a real sink later starts its Idempotency-Keys afresh)."""
+        """Logged by a dry-run sink, not sent: status ``dry_run``; ``attempts`` unchanged
+        (it counts real calls only and is never reset, so a real sink given the row later
+        never reuses an Idempotency-Key of an earlier call)."""
         ...
 
     async def retry_at(self, outbox_id: int, when: float, error: str) -> None:

@@ -100,13 +100,15 @@ async def test_mark_sent_is_final_and_clears_the_error(backend: Backend) -> None
     assert await ob.counts() == type(await ob.counts())(0, 0, 0)
 
 
-async def test_dry_run_resets_attempts_and_requeue_is_idempotent(backend: Backend) -> None:
+async def test_dry_run_keeps_attempts_and_requeue_is_idempotent(backend: Backend) -> None:
+    """``attempts`` (real calls made: a real sink's Idempotency-Keys) is never reset, so a
+    row a real sink tried before a dry run is never given one of its old keys again."""
     oid = await _staged(backend)
     ob = backend.storage.outbox
     await ob.begin_attempt([oid])
     await ob.mark_dry_run(oid, sink="dry_run", outcome="dry_run")
     (row,) = await ob.rows(status="dry_run")
-    assert (row.id, row.attempts) == (oid, 0)
+    assert (row.id, row.attempts) == (oid, 1)
     assert (await ob.counts()).dry_run == 1
     assert await ob.requeue_dry_run() == 1
     assert await ob.requeue_dry_run() == 0

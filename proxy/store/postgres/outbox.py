@@ -176,7 +176,7 @@ class PostgresOutbox:
     @retried
     async def mark_dry_run(self, outbox_id: int, *, sink: str, outcome: str) -> None:
         async with self.pool.acquire() as c:
-            await c.execute("UPDATE outbox SET status='dry_run', attempts=0, sink=$2,"
+            await c.execute("UPDATE outbox SET status='dry_run', sink=$2,"
                             " outcome=$3, last_error=NULL WHERE id=$1", outbox_id, sink, outcome)
 
     @retried
