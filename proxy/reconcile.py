@@ -10,6 +10,11 @@ Rules (docs/stripe-notes.md, "Meters and summaries"; README "Reconciliation")
   * The ledger of an hour is the sum of every outbox row whose event ``timestamp`` falls in
     it (sent, pending and dead: what Stripe should have); ``sent`` and ``undelivered``
     (pending + dead) are reported beside it. Stripe's ``aggregated_value`` is a float.
+  * Comparisons are per STRIPE customer: Stripe's summaries are a Stripe customer's, and
+    several local customers may share one ``stripe_customer_id`` (docs/credits.md), so the
+    ledger is summed over every local customer of a Stripe customer before it is compared,
+    and a shortfall's pending rows are made due for each of them. Asking for some customers
+    reconciles every Stripe customer they are billed to, with all its local customers.
   * Eventual consistency: an hour is ``pending`` (not judged) while it ends after
     ``now - grace`` or while one of its rows was sent after ``now - grace`` (Stripe
     processes events asynchronously from receipt, not from the event timestamp).
@@ -156,12 +161,15 @@ class HourLine:
 
 @dataclass(slots=True)
 class PairResult:
+    """One Stripe customer and event name. ``customer_ids``: the local customers billed to
+    that Stripe customer (usually one); ``customer_id`` labels them (joined by ``+``)."""
     customer_id: str
     stripe_customer_id: str
     event_name: str
     meter_id: str
     lines: list[HourLine] = field(default_factory=list)
     error: str | None = None
+    customer_ids: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -201,7 +209,8 @@ class Report:
         customers: dict[str, Any] = {}
         for p in self.pairs:
             cust = customers.setdefault(p.customer_id, {
-                "stripe_customer_id": p.stripe_customer_id, "events": {}})
+                "stripe_customer_id": p.stripe_customer_id,
+                "customers": list(p.customer_ids or (p.customer_id,)), "events": {}})
             ledger = sum(ln.result.ledger for ln in p.lines)
             stripe = sum(ln.result.stripe for ln in p.lines)
             ev: dict[str, Any] = {
@@ -352,8 +361,9 @@ class Reconciler:
                                    " meter: " + "; ".join(problems), missing)
 
         ledger = await self._ledger(start, end)
-        cust = await self._customers(only)
-        want = None if only is None else set(only)
+        groups = await self._groups(only)            # Stripe customer -> its local customers
+        cust = {cid: scid for scid, cids in groups.items() for cid in cids}
+        want = None if only is None else set(only) | set(cust)
         for (cid, name), hours in ledger.items():
             if want is not None and cid not in want:
                 continue
@@ -371,8 +381,16 @@ class Reconciler:
 
         judge_before = int(now - grace_s)
         gate = asyncio.Semaphore(self.concurrency)
-        pairs = [PairResult(cid, scid, name, usable[name].id)
-                 for cid, scid in sorted(cust.items()) for name in sorted(usable)]
+        pairs = [PairResult("+".join(cids), scid, name, usable[name].id, customer_ids=cids)
+                 for scid, cids in sorted(groups.items(), key=lambda g: g[1])
+                 for name in sorted(usable)]
+        # the ledger of each Stripe customer: its local customers' hours summed
+        by_stripe: dict[tuple[str, str], dict[int, LedgerHour]] = {}
+        for (cid, name), hours in ledger.items():
+            if cid in cust:
+                into = by_stripe.setdefault((cust[cid], name), {})
+                for h, lh in hours.items():
+                    into[h] = _add(into.get(h), lh)
 
         async def one(p: PairResult) -> None:
             async with gate:
@@ -381,7 +399,7 @@ class Reconciler:
                 p.error = got
                 report.errors.append(f"{p.customer_id}/{p.event_name}: {got}")
                 return
-            hours = ledger.get((p.customer_id, p.event_name), {})
+            hours = by_stripe.get((p.stripe_customer_id, p.event_name), {})
             fresh = {h for h, lh in hours.items() if lh.last_sent_at > judge_before}
             results = compare({h: lh.total for h, lh in hours.items()}, got, judge_before, fresh)
             p.lines = [HourLine(r, hours.get(r.hour, LedgerHour())) for r in results]
@@ -454,13 +472,24 @@ class Reconciler:
                 h.total, h.sent, h.pending, h.dead, h.last_sent_at, h.rows)
         return out
 
-    async def _customers(self, only: Iterable[str] | None) -> dict[str, str]:
+    async def _groups(self, only: Iterable[str] | None) -> dict[str, tuple[str, ...]]:
+        """Stripe customer -> its local customers (sorted), for every Stripe customer (or
+        every one a customer in ``only`` is billed to: all of its local customers, since
+        Stripe's summaries cannot be split between them)."""
         rows = await self.customers.stripe_ids()
         want = None if only is None else set(only)
-        return {cid: scid for cid, scid in rows.items() if want is None or cid in want}
+        groups: dict[str, list[str]] = {}
+        for cid, scid in rows.items():
+            groups.setdefault(scid, []).append(cid)
+        return {scid: tuple(sorted(cids)) for scid, cids in groups.items()
+                if want is None or want.intersection(cids)}
 
-    async def _rows(self, cid: str, name: str, hour: int) -> list[tuple[int, str, str]]:
-        return await self.outbox.rows_in_hour(cid, name, hour)
+    async def _rows(self, p: PairResult, hour: int) -> list[tuple[int, str, str]]:
+        """The outbox rows of the hour, of every local customer of ``p``'s Stripe customer."""
+        out: list[tuple[int, str, str]] = []
+        for cid in p.customer_ids or (p.customer_id,):
+            out += await self.outbox.rows_in_hour(cid, p.event_name, hour)
+        return out
 
     # ---- decisions ------------------------------------------------------------------------
 
@@ -471,14 +500,13 @@ class Reconciler:
                 r, lh = ln.result, ln.ledger
                 if r.status == "excess":
                     ln.action = "operator"
-                    ln.identifiers = [i for _, i, _ in await self._rows(
-                        p.customer_id, p.event_name, r.hour)]
+                    ln.identifiers = [i for _, i, _ in await self._rows(p, r.hour)]
                     report.operator.append(_issue(p, ln, "excess: Stripe has more than the"
                                                   " ledger (events not sent by this install?)"))
                     continue
                 if r.status != "shortfall":
                     continue
-                rows = await self._rows(p.customer_id, p.event_name, r.hour)
+                rows = await self._rows(p, r.hour)
                 pending = [(i, ident) for i, ident, st in rows if st == "pending"]
                 dead = [ident for _, ident, st in rows if st == "dead"]
                 actions: list[str] = []
@@ -523,11 +551,20 @@ class Reconciler:
 
 def _issue(p: PairResult, ln: HourLine, why: str,
            identifiers: list[str] | None = None) -> dict[str, Any]:
-    return {"customer": p.customer_id, "stripe_customer_id": p.stripe_customer_id,
+    return {"customer": p.customer_id, "customers": list(p.customer_ids or (p.customer_id,)),
+            "stripe_customer_id": p.stripe_customer_id,
             "event_name": p.event_name, "hour": rfc3339(ln.result.hour),
             "ledger": ln.result.ledger, "stripe": _num(ln.result.stripe),
             "difference": _num(ln.result.difference), "reason": why,
             "identifiers": identifiers if identifiers is not None else ln.identifiers}
+
+
+def _add(a: LedgerHour | None, b: LedgerHour) -> LedgerHour:
+    """Two local customers' ledgers of one hour, as one Stripe customer's."""
+    if a is None:
+        return LedgerHour(b.total, b.sent, b.pending, b.dead, b.last_sent_at, b.rows)
+    return LedgerHour(a.total + b.total, a.sent + b.sent, a.pending + b.pending,
+                      a.dead + b.dead, max(a.last_sent_at, b.last_sent_at), a.rows + b.rows)
 
 
 def _meter_problem(name: str, candidates: Sequence[StripeMeterInfo]) -> str | None:

@@ -326,6 +326,41 @@ async def test_customers_without_stripe_id_and_foreign_event_names(make_env: Mak
     assert [p.customer_id for p in report.pairs] == ["acme"]
 
 
+async def test_customers_sharing_a_stripe_customer_are_reconciled_together(
+        make_env: MakeEnv) -> None:
+    """Two local customers billed to one Stripe customer (docs/credits.md): Stripe's
+    summaries are the Stripe customer's, so the ledger is summed over both before the
+    comparison. Compared one local customer at a time, A's 5 lost units showed as +5
+    excess on A and on B, no shortfall, and nothing was resent."""
+    env = await make_env()
+    env.customer("team_a", "cus_shared")
+    env.customer("team_b", "cus_shared")
+    env.row("team_a", "api_calls", 5, hour_ago(3))
+    env.row("team_b", "api_calls", 10, hour_ago(3, minute=20))
+    await env.flusher.flush(force=True)
+    lost = env.row("team_a", "api_calls", 5, hour_ago(3, minute=30),
+                   next_attempt_at=time.time() + 10**6)
+    env.double.state.advance(GRACE + 1)
+    report = await env.reconcile()
+    assert report.counts == {"match": 0, "shortfall": 1, "excess": 0, "pending": 0}
+    assert report.resent == [lost] and report.operator == []
+    (pair,) = report.pairs
+    assert (pair.stripe_customer_id, pair.customer_ids) == ("cus_shared", ("team_a", "team_b"))
+    entry = report.to_json()["customers"]["team_a+team_b"]
+    assert entry["customers"] == ["team_a", "team_b"]
+    (line,) = entry["events"]["api_calls"]["hours"]
+    assert (line["ledger"], line["stripe"], line["undelivered"]) == (20, 15, 5)
+    assert line["action"] == "resend"
+    # asking for one of them reconciles the whole Stripe customer
+    only_a = await env.reconcile(customers=["team_a"], dry_run=True)
+    assert [p.customer_ids for p in only_a.pairs] == [("team_a", "team_b")]
+    assert only_a.counts["shortfall"] == 1
+    assert (await env.flusher.flush()).delivered == 1
+    env.double.state.advance(GRACE + 1)
+    again = await env.reconcile()
+    assert again.counts == {"match": 1, "shortfall": 0, "excess": 0, "pending": 0}
+
+
 async def test_invalid_range(make_env: MakeEnv) -> None:
     env = await make_env()
     now = env.now
