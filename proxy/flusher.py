@@ -18,6 +18,13 @@ Delivery guarantee, step by step (the numbers are repeated at each failure point
      backoff and jitter, behind a circuit breaker, and show in flush lag and /readyz.
      Only permanent answers (unknown event name, no Stripe customer, outside Stripe's
      35-day window, validation) become dead letters, replayable after a fix.
+  7. Step 4's dedupe holds only while Stripe remembers the identifier: a rolling 24 hours.
+     So a row is resent only within ``RESEND_HORIZON`` (20 h) of the start of its first call
+     that Stripe may have applied (``first_attempt_at``, set with step 3's count and cleared
+     again for a row whose call was never made). Past it (a long outage with the breaker
+     open, the proxy down a day) the row is dead-lettered as ``unconfirmed``, not resent
+     blindly: the operator checks Stripe's meter event summaries (``meterproxy reconcile``)
+     and replays it only if Stripe does not have it (that replay clears the horizon).
 Calls for one (customer, event name) never overlap: each such key is served by exactly one
 task at a time; after an *ambiguous* failure (timeout, dropped connection: the call may still
 be running at Stripe) the key waits ``ambiguous_hold`` (the Stripe timeout) before its next
@@ -47,7 +54,7 @@ from proxy.backoff import backoff
 from proxy.pricing import TransformQuantity
 from proxy.sinks.base import Kind, Outcome, OutEvent, Sink
 from proxy.store.db import Store
-from proxy.store.outbox import SqliteOutbox
+from proxy.store.outbox import UNCONFIRMED, SqliteOutbox
 from proxy.store.protocols import DueEvent, Outbox, UsageLedger
 from proxy.store.usage import SqliteUsage
 from proxy.tasks import wait_event
@@ -57,6 +64,10 @@ log = logging.getLogger("meterproxy.flusher")
 STRIPE_WINDOW = 35 * 86400
 WINDOW_MARGIN = 3600          # dead-letter an hour early rather than race the boundary
 MAX_BACKOFF = 300.0
+# Stripe dedupes a meter event identifier over a rolling 24 hours (docs/stripe-notes.md):
+# resend a row whose first call may have been applied only this long after that call
+# began, leaving 4 h for a slow last call, clock skew and Stripe's window being "at least" 24 h
+RESEND_HORIZON = 20 * 3600.0
 
 
 class TokenBucket:
@@ -153,6 +164,7 @@ class Flusher:
                  leads: Callable[[], bool] | None = None,
                  errors: tuple[type[Exception], ...] = (sqlite3.Error,),
                  shared: Outbox | None = None,
+                 resend_horizon: float = RESEND_HORIZON,
                  ) -> None:
         """``leads`` (fleet mode): whether this member leads the flusher duty now; when it
         does not, a flush only materializes (ships the journal). ``errors``: failures ``run``
@@ -183,6 +195,8 @@ class Flusher:
         self._dry_run_requeued = sink.name == "dry_run"   # a real sink takes them over once
         self.leads = leads
         self.errors = errors
+        self.resend_horizon = resend_horizon
+        self._begun = 0.0         # the ``at`` of this cycle's begin_attempt
 
     def took_over(self) -> None:
         """This member just became the fleet's flusher: rows the previous leader attempted
@@ -249,7 +263,8 @@ class Flusher:
         # 3: attempts committed before any call, so Idempotency-Keys are never reused (a
         # dry-run sink makes no call: it counts no attempt, and uses no key)
         if self.sink.name != "dry_run":
-            await self.outbox.begin_attempt([r["id"] for r in ready])
+            self._begun = now
+            await self.outbox.begin_attempt([r["id"] for r in ready], at=now)
         events = [self._event(r) for r in ready]
         rows = {r["id"]: r for r in ready}
         if self.sink.max_batch > 1:
@@ -263,6 +278,13 @@ class Flusher:
         return self.leads is None or self.leads()
 
     def _precheck(self, row: Mapping[str, Any], now: float) -> str | None:
+        first = row["first_attempt_at"]
+        if row["attempts"] > 0 and first is not None and now - first > self.resend_horizon:
+            # 7: Stripe may have applied an earlier call and forgotten its identifier by now
+            return (f"{UNCONFIRMED}: first sent {(now - first) / 3600:.1f} h ago with no"
+                    " confirmation; Stripe dedupes identifiers for 24 h only, so a resend"
+                    " could count it twice: check Stripe's summaries (meterproxy reconcile)"
+                    " and replay only if it is missing")
         if not row["stripe_customer_id"]:
             return f"customer {row['customer_id']!r} has no stripe_customer_id"
         if row["timestamp"] < now - STRIPE_WINDOW + WINDOW_MARGIN:
@@ -298,7 +320,7 @@ class Flusher:
                             report.retrying += 1
                             await self._mark(rows[ev.outbox_id],
                                              Outcome(Kind.RETRY, "circuit open"), report,
-                                             count=False)
+                                             count=False, called=False)
                             continue
                         outcome = await self._call([ev])
                         await self._mark(rows[ev.outbox_id], outcome[0], report)
@@ -307,7 +329,7 @@ class Flusher:
                             for rest in evs[evs.index(ev) + 1:]:
                                 await self._mark(rows[rest.outbox_id],
                                            Outcome(Kind.RETRY, "behind a failed event"),
-                                           report, count=False)
+                                           report, count=False, called=False)
                                 report.retrying += 1
                             return
                 finally:
@@ -331,7 +353,7 @@ class Flusher:
             if self.breaker.open:
                 for ev in events[i:]:
                     await self._mark(rows[ev.outbox_id], Outcome(Kind.RETRY, "circuit open"),
-                                     report)
+                                     report, called=False)
                 return
             outcomes = await self._call(batch)
             for ev, out in zip(batch, outcomes, strict=True):
@@ -396,8 +418,10 @@ class Flusher:
             self._held_until[(ev.stripe_customer_id, ev.event_name)] = until
 
     async def _mark(self, row: Mapping[str, Any], out: Outcome, report: FlushReport,
-                    count: bool = True) -> None:
-        """5: the outcome is committed; a crash before this resends (see 4)."""
+                    count: bool = True, called: bool = True) -> None:
+        """5: the outcome is committed; a crash before this resends (see 4). ``called``
+        False: no call was made for the row this cycle (7: its first-call time, if this
+        cycle set it, is cleared)."""
         now = time.time()
         if count:
             report.attempted += 1
@@ -421,7 +445,8 @@ class Flusher:
             delay = max(backoff(row["attempts"] + 1, first=0.5, cap=MAX_BACKOFF, rng=self.rng,
                                 spread_at_cap=True),
                         out.retry_after or 0.0, self.ambiguous_hold if out.ambiguous else 0.0)
-            await self.outbox.retry_at(row["id"], now + delay, out.reason)
+            await self.outbox.retry_at(row["id"], now + delay, out.reason,
+                                       not_called=None if called else self._begun)
         else:
             report.dead += 1
             metrics.dead_letters_total.labels(_reason_kind(out.reason)).inc()
@@ -494,6 +519,8 @@ def _with_sub(ev: OutEvent, sub: int) -> OutEvent:
 
 def _reason_kind(reason: str) -> str:
     r = reason.lower()
+    if r.startswith(UNCONFIRMED):
+        return "unconfirmed"
     if "stripe_customer_id" in r or "customer" in r:
         return "customer_mapping"
     if "35-day" in r or "timestamp" in r:
@@ -507,4 +534,4 @@ def _as_row(d: DueEvent) -> dict[str, Any]:
     return {"id": d.id, "identifier": d.identifier, "customer_id": d.customer_id,
             "meter": d.meter, "event_name": d.event_name, "value": d.value,
             "timestamp": d.timestamp, "attempts": d.attempts,
-            "stripe_customer_id": d.stripe_customer_id}
+            "stripe_customer_id": d.stripe_customer_id, "first_attempt_at": d.first_attempt_at}

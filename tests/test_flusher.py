@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from proxy.flusher import Flusher
 from proxy.store.db import Store
 from proxy.stripe.client import StripeClient
@@ -197,4 +199,60 @@ async def test_a_dry_run_never_makes_a_real_sink_reuse_a_key(
         assert len(keys) == 2 and len(set(keys)) == 2, keys
         assert double.state.totals("cus_a", "api_calls") == 2
     finally:
+        store.close()
+
+
+class _Later:
+    """``proxy.flusher``'s clock, ``ahead`` seconds in the future (a day-long outage)."""
+
+    def __init__(self, ahead: float) -> None:
+        self.ahead = ahead
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+async def test_an_unconfirmed_send_is_not_resent_after_stripes_identifier_window(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that timed out may have been applied. Stripe dedupes identifiers over 24 h
+    only, so a resend a day later (an outage, the proxy down a day) would count it twice:
+    past the resend horizon (20 h after its first call) the row is dead-lettered for the
+    operator instead, and a replay of that dead letter (the operator checked Stripe) sends."""
+    import proxy.flusher as flusher_mod
+
+    double = await stripe_double_factory(processing_delay=1.5)
+    double.state.add_meter("api_calls")
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                        timeout=1.0)
+    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
+                      rate=0, ambiguous_hold=0.0)
+    try:
+        _usage(store, "a", 3)
+        first = await flusher.flush(force=True)        # times out; Stripe applies it
+        assert first.retrying == 1 and first.delivered == 0
+        await wait_until(lambda: double.state.totals("cus_a", "api_calls") == 3,
+                         what="Stripe applying the timed-out call")
+        (first_at,) = store.conn.execute("SELECT first_attempt_at FROM outbox").fetchone()
+        assert first_at is not None and abs(first_at - time.time()) < 60
+        double.state.processing_delay = 0.0
+        day = 25 * 3600
+        double.state.advance(day)                      # Stripe has forgotten the identifier
+        monkeypatch.setattr(flusher_mod, "time", _Later(day))
+        rep = await flusher.flush(force=True)
+        assert rep.dead == 1 and rep.attempted == 1 and rep.delivered == 0, rep.to_json()
+        assert "24 h" in rep.errors[0] and "reconcile" in rep.errors[0]
+        assert double.state.totals("cus_a", "api_calls") == 3      # never sent twice
+        (oid,) = [r.id for r in await flusher.shared.rows(status="dead")]
+        assert await flusher.replay(oid)               # the operator found it missing: send
+        assert (await flusher.flush(force=True)).delivered == 1
+        assert double.state.identifier_count(
+            store.conn.execute("SELECT identifier FROM outbox").fetchone()[0]) == 2
+        assert double.state.totals("cus_a", "api_calls") == 6      # (it was not missing)
+    finally:
+        await flusher.close()
         store.close()

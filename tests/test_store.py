@@ -543,6 +543,30 @@ async def test_a_journal_row_inserted_at_a_used_seq_is_moved_above_every_used_on
     assert _ledger(db)[0] == [f"r{i}" for i in range(7)]
 
 
+def test_migration_14_dates_rows_attempted_before_it_from_their_creation(tmp_path: Path) -> None:
+    """``outbox.first_attempt_at`` (the flusher's resend horizon counts from it): a row an
+    older version attempted gets its creation time (at or before its first call, so its
+    horizon ends early, never late); a row never attempted gets none."""
+    from proxy.store.db import _statements, connect
+    from proxy.store.schema import MIGRATIONS
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:13], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+    for oid, attempts in ((1, 3), (2, 0)):
+        conn.execute("INSERT INTO outbox(id, identifier, customer_id, meter, event_name, value,"
+                     " window_start, timestamp, created_at, attempts) VALUES"
+                     " (?, ?, 'c', 'm', 'm', 1, 0, 0, ?, ?)", (oid, f"mp_{oid}", 1000 + oid, attempts))
+    conn.close()
+    conn = connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert conn.execute("SELECT id, first_attempt_at FROM outbox ORDER BY id").fetchall() == [
+        (1, 1001), (2, None)]
+    conn.close()
+
+
 def test_migration_13_continues_the_autoincrement_count(tmp_path: Path) -> None:
     """A database written with AUTOINCREMENT (migration 11) whose journal was emptied: the
     first seq after migration 13 is above every seq used before it."""

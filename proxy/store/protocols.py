@@ -58,6 +58,8 @@ class DueEvent:
     timestamp: int
     attempts: int
     stripe_customer_id: str | None
+    # when the row's first call that Stripe may have applied began (None: no such call)
+    first_attempt_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,9 +329,10 @@ class Outbox(Protocol):
         Read only."""
         ...
 
-    async def begin_attempt(self, ids: Sequence[int]) -> None:
+    async def begin_attempt(self, ids: Sequence[int], at: float | None = None) -> None:
         """Durably add one to ``attempts`` of each row BEFORE any call is made for it, so an
-        Idempotency-Key derived from (identifier, attempts) is never reused across a crash."""
+        Idempotency-Key derived from (identifier, attempts) is never reused across a crash;
+        and set ``first_attempt_at`` to ``at`` (default now) where it is not set yet."""
         ...
 
     async def mark_sent(self, outbox_id: int, *, sink: str, outcome: str, at: int) -> None:
@@ -342,8 +345,11 @@ class Outbox(Protocol):
         never reuses an Idempotency-Key of an earlier call)."""
         ...
 
-    async def retry_at(self, outbox_id: int, when: float, error: str) -> None:
-        """Stays pending; not due before ``when``; ``error`` (truncated to 500) recorded."""
+    async def retry_at(self, outbox_id: int, when: float, error: str,
+                       not_called: float | None = None) -> None:
+        """Stays pending; not due before ``when``; ``error`` (truncated to 500) recorded.
+        ``not_called``: the ``at`` of the ``begin_attempt`` whose call was never made for this
+        row (it waited behind a failure): a ``first_attempt_at`` equal to it is cleared."""
         ...
 
     async def mark_dead(self, outbox_id: int, *, reason: str, sink: str, at: int) -> None:
@@ -359,7 +365,10 @@ class Outbox(Protocol):
     async def replay(self, outbox_id: int, restamp_at: int | None = None) -> bool:
         """A dead letter back to pending and due now (``restamp_at``: its event timestamp
         becomes that time). True only if the row was dead; False (nothing changed) for a
-        missing or non-dead row, so a second replay returns False."""
+        missing or non-dead row, so a second replay returns False. A row dead-lettered as
+        unconfirmed past its resend horizon (reason starting ``UNCONFIRMED``, in
+        ``proxy.store.outbox``) gets ``first_attempt_at`` cleared: replaying it is the
+        operator's word that Stripe does not have it; any other keeps it."""
         ...
 
     async def make_due(self, ids: Sequence[int]) -> int:

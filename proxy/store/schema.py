@@ -365,4 +365,13 @@ MIGRATIONS: tuple[str, ...] = (
             WHERE id = 0)) + 1 FROM journal) WHERE seq = NEW.seq;
     END;
     """,
+    # 14: when an outbox row's first call that Stripe may have applied began (unix seconds;
+    # NULL: none yet). Stripe dedupes identifiers over 24 h only, so the flusher resends a
+    # row only within its resend horizon of that time (proxy.flusher.RESEND_HORIZON). Rows
+    # attempted before this migration get their creation time: at or before their first
+    # call, so their horizon ends early, never late.
+    """
+    ALTER TABLE outbox ADD COLUMN first_attempt_at REAL;
+    UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0;
+    """,
 )

@@ -11,10 +11,13 @@ the event's identifier, constant across every attempt (unlike the meter events s
 Consequences of Stripe keeping an idempotent result for 24 hours:
   * a resend within 24 h after a lost answer replays the first result: counted once;
   * a 5xx stored under the key is replayed too, so an event whose first attempt got a 500
-    keeps getting that 500 (RETRY) until the key expires, then goes through for real;
-  * a resend MORE than 24 h after a lost answer is executed again: double counted. Keep
-    the flusher's backoff cap (5 min) far below 24 h, and never replay dead letters of this
-    sink that may have been delivered without checking the usage record summaries.
+    keeps getting that 500 (RETRY) until the key expires; the flusher parks it as an
+    ``unconfirmed`` dead letter 20 h after that first call (``proxy.flusher.RESEND_HORIZON``)
+    rather than let it go through after the key expired;
+  * a resend MORE than 24 h after a lost answer is executed again: double counted. The
+    flusher's resend horizon (20 h) keeps resends inside the window; never replay dead
+    letters of this sink that may have been delivered without checking the usage record
+    summaries.
 """
 
 from __future__ import annotations

@@ -177,3 +177,35 @@ async def test_lag_sources_and_reconciliation_views(backend: Backend) -> None:
     assert await ob.hour_totals(T0 + HOUR, T0 + 2 * HOUR) == []
     (r,) = await ob.rows_in_hour("c1", "api_calls", T0)
     assert (r[0], r[2]) == (oid, "sent") and r[1].startswith("mp_")
+
+
+async def test_first_attempt_time_is_kept_cleared_for_uncalled_rows_and_by_replay(
+        backend: Backend) -> None:
+    """``first_attempt_at``: the start of the first call Stripe may have applied (the
+    flusher's resend horizon counts from it). Set once by ``begin_attempt``; cleared by a
+    ``retry_at`` saying that attempt's call was never made; cleared by the replay of a row
+    dead-lettered as unconfirmed, kept by any other replay."""
+    from proxy.store.outbox import UNCONFIRMED
+
+    a = await _staged(backend, cid="a")
+    b = await _staged(backend, cid="b")
+    ob = backend.storage.outbox
+
+    async def first() -> dict[int, float | None]:
+        return {d.id: d.first_attempt_at for d in await ob.due(float("inf"))}
+
+    assert await first() == {a: None, b: None}
+    await ob.begin_attempt([a, b], at=T0 + 0.25)
+    await ob.begin_attempt([a], at=T0 + 99.5)              # a later attempt keeps the first
+    assert await first() == {a: T0 + 0.25, b: T0 + 0.25}
+    assert (await backend.peer().outbox.due(float("inf")))[0].first_attempt_at == T0 + 0.25
+    await ob.retry_at(b, 0, "behind a failed event", not_called=T0 + 0.25)
+    await ob.retry_at(a, 0, "behind a failed event", not_called=T0 + 99.5)   # not its first
+    assert await first() == {a: T0 + 0.25, b: None}
+    await ob.begin_attempt([b], at=T0 + 7.75)
+    await ob.retry_at(b, 0, "timeout")                     # called: kept
+    assert await first() == {a: T0 + 0.25, b: T0 + 7.75}
+    await ob.mark_dead(a, reason=f"{UNCONFIRMED}: first sent 20.5 h ago", sink="s", at=T0)
+    await ob.mark_dead(b, reason="no active meter", sink="s", at=T0)
+    assert await ob.replay(a) and await ob.replay(b, restamp_at=T0 + 5)
+    assert await first() == {a: None, b: T0 + 7.75}

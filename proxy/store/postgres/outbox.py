@@ -28,7 +28,7 @@ from typing import Any
 
 from proxy.periods import period_bounds
 from proxy.pricing import TransformQuantity
-from proxy.store.outbox import WINDOW, StagedEvent, events_from_buckets
+from proxy.store.outbox import UNCONFIRMED, WINDOW, StagedEvent, events_from_buckets
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import DueEvent, HourTotal, OutboxCounts, OutboxEntry
@@ -155,17 +155,19 @@ class PostgresOutbox:
         async with self.pool.acquire() as c:
             rows = await c.fetch(
                 "SELECT o.id, o.identifier, o.customer_id, o.meter, o.event_name, o.value,"
-                " o.timestamp, o.attempts, cu.stripe_customer_id FROM outbox o"
+                " o.timestamp, o.attempts, cu.stripe_customer_id, o.first_attempt_at FROM outbox o"
                 " LEFT JOIN customers cu ON cu.id = o.customer_id"
                 " WHERE o.status='pending' AND o.next_attempt_at <= $1 ORDER BY o.id LIMIT $2",
                 now, limit)
         return [DueEvent(*r) for r in rows]
 
     @retried
-    async def begin_attempt(self, ids: Sequence[int]) -> None:
+    async def begin_attempt(self, ids: Sequence[int], at: float | None = None) -> None:
         async with self.pool.acquire() as c:
-            await c.execute("UPDATE outbox SET attempts = attempts + 1"
-                            " WHERE id = ANY($1::bigint[])", list(ids))
+            await c.execute("UPDATE outbox SET attempts = attempts + 1,"
+                            " first_attempt_at = COALESCE(first_attempt_at, $2::float8)"
+                            " WHERE id = ANY($1::bigint[])", list(ids),
+                            time.time() if at is None else at)
 
     @retried
     async def mark_sent(self, outbox_id: int, *, sink: str, outcome: str, at: int) -> None:
@@ -180,10 +182,13 @@ class PostgresOutbox:
                             " outcome=$3, last_error=NULL WHERE id=$1", outbox_id, sink, outcome)
 
     @retried
-    async def retry_at(self, outbox_id: int, when: float, error: str) -> None:
+    async def retry_at(self, outbox_id: int, when: float, error: str,
+                       not_called: float | None = None) -> None:
         async with self.pool.acquire() as c:
-            await c.execute("UPDATE outbox SET next_attempt_at=$2, last_error=$3 WHERE id=$1",
-                            outbox_id, when, error[:500])
+            await c.execute("UPDATE outbox SET next_attempt_at=$2, last_error=$3,"
+                            " first_attempt_at = CASE WHEN first_attempt_at = $4::float8"
+                            " THEN NULL ELSE first_attempt_at END WHERE id=$1",
+                            outbox_id, when, error[:500], not_called)
 
     @retried
     async def mark_dead(self, outbox_id: int, *, reason: str, sink: str, at: int) -> None:
@@ -209,8 +214,10 @@ class PostgresOutbox:
         async with self.pool.acquire() as c, c.transaction():
             done = await c.execute(
                 "UPDATE outbox SET status='pending', next_attempt_at=0, dead_at=NULL,"
-                " timestamp = COALESCE($2::bigint, timestamp) WHERE id=$1 AND status='dead'",
-                outbox_id, None if restamp_at is None else int(restamp_at))
+                " timestamp = COALESCE($2::bigint, timestamp), first_attempt_at ="
+                " CASE WHEN last_error LIKE $3 THEN NULL ELSE first_attempt_at END"
+                " WHERE id=$1 AND status='dead'",
+                outbox_id, None if restamp_at is None else int(restamp_at), UNCONFIRMED + "%")
             if not _count(done):
                 return False
             await c.execute("UPDATE dead_letters SET replayed_at = extract(epoch FROM now())"

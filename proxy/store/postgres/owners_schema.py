@@ -32,7 +32,8 @@ Migration 6 keeps per-grant state in step with the shared ledger (``grants.used`
 Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
 ``grant_mirrors`` (the monetary credits mode, docs/credits.md). Migration 8 is SQLite's
 migration 12: ``invoice_finalized``. Migration 9 counts debt shipped for a customer
-before it had a credit account (``settled`` and ``debt``).
+before it had a credit account (``settled`` and ``debt``). Migration 10 is SQLite's
+migration 14: ``outbox.first_attempt_at``.
 """
 
 from __future__ import annotations
@@ -227,6 +228,13 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
         SELECT customer_id, sum(CASE kind WHEN 'debt' THEN amount ELSE -amount END) AS d
         FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id) s
         WHERE a.customer_id = s.customer_id AND a.debt <> s.d;
+    """,
+    # 10: when an outbox row's first call that Stripe may have applied began (SQLite's
+    # migration 14; proxy.flusher.RESEND_HORIZON). Rows attempted before get their creation
+    # time: at or before their first call
+    """
+    ALTER TABLE outbox ADD COLUMN first_attempt_at DOUBLE PRECISION;
+    UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0;
     """,
 )
 
