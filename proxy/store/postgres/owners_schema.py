@@ -32,7 +32,8 @@ Migration 6 keeps per-grant state in step with the shared ledger (``grants.used`
 Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
 ``grant_mirrors`` (the monetary credits mode, docs/credits.md). Migration 8 is SQLite's
 migration 12: ``invoice_finalized``. Migration 9 counts debt shipped for a customer
-before it had a credit account (``settled`` and ``debt``).
+before it had a credit account (``settled`` and ``debt``). Migration 10 is SQLite's
+migration 14: a true-up's ``sending`` status and ``trueups.stripe_customer_id``.
 """
 
 from __future__ import annotations
@@ -227,6 +228,14 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
         SELECT customer_id, sum(CASE kind WHEN 'debt' THEN amount ELSE -amount END) AS d
         FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id) s
         WHERE a.customer_id = s.customer_id AND a.debt <> s.d;
+    """,
+    # 10: a commitment true-up's parameters frozen before its invoice item is created
+    # (SQLite's migration 14): status ``sending`` and the Stripe customer it is for
+    """
+    ALTER TABLE trueups ADD COLUMN stripe_customer_id TEXT;
+    ALTER TABLE trueups DROP CONSTRAINT trueups_status_check;
+    ALTER TABLE trueups ADD CONSTRAINT trueups_status_check
+        CHECK (status IN ('none', 'sending', 'sent'));
     """,
 )
 
