@@ -10,19 +10,30 @@ per-connection protocol (``RequestHandler``):
   ``too_many_connections`` and closed at once (its file descriptor is freed immediately);
 - ``max_header_bytes``: the bytes of one request head, in total (431, then closed);
 - ``header_timeout``: from the first byte of a request head to its end;
-- ``body_timeout``: the longest pause between two reads of a request body still being sent.
+- ``body_timeout``: the longest pause between two reads of a request body still being sent;
+- ``write_timeout``: the longest the connection may stay full (its transport over the
+  high-water mark: the consumer does not read what the proxy sends). Without it a consumer
+  that stops reading held the upstream connection serving it for as long as it liked (the
+  stream loop waits in its drain; the pool's read_timeout skips a connection whose reading
+  is paused by our back-pressure), and a few of them could take the whole pool.
 
-The two timeouts are enforced by one sweep per second over the open connections (no timer
-per request); ``data_received`` only records a timestamp. Head bytes are counted by
-``_Framing``, a wrapper of the connection's request parser that follows each body's framing,
-so every head is measured wherever it starts in a read.
+The three timeouts are enforced by one sweep per second over the open connections (no timer
+per request); ``data_received`` only records a timestamp, and ``pause_writing`` (called by
+the transport only when it fills, never per write) when the connection filled. A connection
+past ``write_timeout`` is aborted (a close would wait for the flush that never comes): its
+``connection_lost`` cancels the handler (handler_cancellation), so the request ends as any
+consumer disconnect does (``proxy.request.stream``: billed for what was delivered, flagged
+``abandoned``; the unfinished upstream response's connection closed, never reused).
+
+Head bytes are counted by ``_Framing``, a wrapper of the connection's request parser that
+follows each body's framing, so every head is measured wherever it starts in a read.
 
 This leans on aiohttp internals: ``RequestHandler._messages``, ``._upgraded``,
 ``._payload_parser``, ``._parser`` (replaced by the wrapper: its ``feed_data`` returns the
 messages parsed, the upgrade flag and the upgraded tail; a paused parser is re-fed with
 ``b""``; a declined upgrade's tail is fed again), ``web_protocol._ErrInfo`` and
-BaseProtocol's ``_reading_paused``; tests/test_resources.py and tests/test_limits.py fail if
-an aiohttp upgrade changes them.
+BaseProtocol's ``_reading_paused``, ``_paused`` and ``pause_writing``;
+tests/test_resources.py and tests/test_limits.py fail if an aiohttp upgrade changes them.
 """
 
 from __future__ import annotations
@@ -102,6 +113,7 @@ class ConnectionGuard:
         self.max_line = cfg.max_request_line
         self.header_timeout = cfg.header_timeout
         self.body_timeout = cfg.body_timeout
+        self.write_timeout = cfg.write_timeout
         self.handler_args: dict[str, Any] = {
             "max_line_size": cfg.max_request_line, "max_field_size": cfg.max_header_field,
             "max_headers": cfg.max_headers, "keepalive_timeout": cfg.idle_timeout}
@@ -114,9 +126,13 @@ class ConnectionGuard:
             f"The request head is over {cfg.max_header_bytes} bytes.")
 
     def sweep(self, now: float) -> None:
-        """Close every connection past its header or body deadline."""
-        header_to, body_to = self.header_timeout, self.body_timeout
+        """Close every connection past its header, body or write deadline."""
+        header_to, body_to, write_to = self.header_timeout, self.body_timeout, \
+            self.write_timeout
         for c in list(self.conns):
+            if c._paused and now - c.full_at > write_to:
+                c.abort("write_timeout")        # a WebSocket too: its frames back up the same way
+                continue
             if c._upgraded or c._payload_parser is not None:
                 continue            # a websocket: frames, not HTTP
             head_at = c.head_at
@@ -136,7 +152,7 @@ class ConnectionGuard:
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("guard", "head_at", "last_payload", "refused", "rx_at")
+    __slots__ = ("full_at", "guard", "head_at", "last_payload", "refused", "rx_at")
 
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -145,6 +161,7 @@ class GuardedHandler(RequestHandler):
         self.rx_at = 0.0
         self.head_at: float | None = None     # first byte of a request head not yet complete
         self.last_payload: Any = None           # body of the last request parsed
+        self.full_at = 0.0                      # when writing last paused (the transport filled)
         # every byte the request parser is fed passes _Framing first (data_received, the
         # re-feed of a paused parser, the tail of a declined upgrade)
         self._parser = _Framing(self._parser, self)  # type: ignore[assignment]
@@ -203,6 +220,11 @@ class GuardedHandler(RequestHandler):
                 if transport is not None:
                     transport.pause_reading()
 
+    def pause_writing(self) -> None:
+        # (the transport went over its high-water mark: called then only, not per write)
+        self.full_at = self._loop.time()
+        super().pause_writing()
+
     def _too_large(self) -> None:
         transport = self.transport
         if transport is not None:
@@ -216,6 +238,15 @@ class GuardedHandler(RequestHandler):
         transport = self.transport
         if transport is not None:
             transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, unflushed: a close would wait for a consumer that
+        does not read. ``connection_lost`` follows and cancels the handler."""
+        metrics.connections_closed_total.labels(reason).inc()
+        self.head_at = None
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
 
 
 class _Framing:

@@ -276,7 +276,7 @@ connections_refused_total = Counter("meterproxy_connections_refused_total",
                                     registry=REGISTRY)
 connections_closed_total = Counter("meterproxy_connections_closed_total",
                                    "Consumer connections closed by a bound, by reason"
-                                   " (header_timeout, body_timeout, header_too_large)",
+                                   " (header_timeout, body_timeout, write_timeout, header_too_large)",
                                    ["reason"], registry=REGISTRY)
 concurrency_rejections_total = Counter("meterproxy_concurrency_rejections_total",
                                        "Requests refused (429) at a customer's concurrency limit",

@@ -48,8 +48,11 @@ Mapping (``credits.packs`` / ``credits.plans`` are keyed by Stripe price id):
   ``credits.on_payment_failed`` (none: ignored; suspend: suspended unless that invoice's
   ``invoice.paid`` was already received); the suspension records the unpaid invoice
   (``customers.suspended_for``) and that invoice's ``invoice.paid`` lifts it once no
-  other failed invoice is outstanding. A suspension by an operator (any status set through
-  ``POST /admin/customers``) is never lifted by a webhook.
+  other failed invoice is outstanding and the subscription was not deleted: both reasons
+  are kept together (``subscription_deleted;payment_failed:<invoice>,...``), so the three
+  events end the same in any order. A deletion's suspension is lifted by an operator only;
+  a suspension by an operator (any status set through ``POST /admin/customers``) is never
+  lifted by a webhook.
 - ``charge.refunded`` / ``charge.dispute.created`` / ``credit_note.created``: claw back
   the refunded / disputed / credited share of the credits the payment granted
   (``proxy.credits.service.CreditService.claw_back``). ``invoice_payment.paid`` (and an
@@ -135,7 +138,14 @@ _SUB_CHANGED = frozenset({"customer.subscription.created", "customer.subscriptio
 _CHECKOUT = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 _COLS = "id, type, created, status, result, received_at, processed_at"
 _MAX_CREATED = 253_402_300_799   # 9999-12-31T23:59:59Z
+# ``customers.suspended_for`` of a webhook's suspension: ``subscription_deleted``,
+# ``payment_failed:<invoice>[,<invoice>...]`` or both, the deletion first
+# (``subscription_deleted;payment_failed:<invoice>,...``); the first two are what earlier
+# versions wrote, and an earlier version reading the third sees a reason that is not a
+# failed payment and never lifts it
 _FAILED = "payment_failed:"
+_DELETED = "subscription_deleted"
+_REASON_SEP = ";"
 _META_CUSTOMER = "meterproxy_customer"     # names the local customer on a shared Stripe customer
 
 
@@ -158,6 +168,28 @@ def _dispute_refs(dp: dict[str, Any]) -> list[str]:
 def _minor(v: Any) -> int:
     """An amount in minor units from a payload (absent or malformed: 0)."""
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def _parse_reason(why: str | None) -> tuple[bool, frozenset[str]] | None:
+    """(subscription deleted, unpaid invoices) of a webhook's suspension reason; None for no
+    reason (an operator's suspension) or one that is not a webhook's."""
+    if not why:
+        return None
+    deleted, unpaid = False, frozenset[str]()
+    for part in why.split(_REASON_SEP):
+        if part == _DELETED and not deleted and not unpaid:
+            deleted = True
+        elif part.startswith(_FAILED) and not unpaid and len(part) > len(_FAILED):
+            unpaid = frozenset(part[len(_FAILED):].split(","))
+        else:
+            return None
+    return deleted, unpaid
+
+
+def _reason(deleted: bool, unpaid: frozenset[str]) -> str | None:
+    """The stored form of (subscription deleted, unpaid invoices): ``_parse_reason``'s inverse."""
+    parts = ([_DELETED] if deleted else []) + ([_FAILED + ",".join(sorted(unpaid))] if unpaid else [])
+    return _REASON_SEP.join(parts) or None
 
 
 
@@ -672,8 +704,7 @@ class WebhookReceiver:
                                          "kept_active": f"holds {fmt_micro(kept)} paid pack "
                                                         "credits"})
         return Outcome("processed", {"customer": cid,
-                                     "suspended": await self._suspend(cid,
-                                                                      "subscription_deleted"),
+                                     "suspended": await self._suspend(cid, deleted=True),
                                      "subscription": _id(sub.get("id"))})
 
     async def _payment_failed(self, cid: str, event: dict[str, Any], inv: dict[str, Any]) -> Outcome:
@@ -685,7 +716,7 @@ class WebhookReceiver:
         if inv_id is None:
             raise ValueError("the invoice has no id")
         return Outcome("processed", {"customer": cid,
-                                     "suspended": await self._suspend(cid, _FAILED + inv_id)})
+                                     "suspended": await self._suspend(cid, invoice=inv_id)})
 
     async def _invoice_payment(self, cid: str, event: dict[str, Any], ip: dict[str, Any]) -> Outcome:
         """``invoice_payment.paid`` (API 2025-03-31 on): which payment paid which invoice, so
@@ -742,20 +773,23 @@ class WebhookReceiver:
 
     # ---- effects (each idempotent) -------------------------------------------------------------
 
-    async def _suspend(self, cid: str, reason: str) -> bool:
-        """Suspend for ``reason`` (``payment_failed:<invoice>`` or ``subscription_deleted``);
-        returns whether the status changed. Unpaid invoices accumulate in the reason; an
-        operator's suspension (no reason) keeps its owner. The cache reload makes the very
-        next request see it."""
+    async def _suspend(self, cid: str, *, deleted: bool = False,
+                       invoice: str | None = None) -> bool:
+        """Suspend for the subscription's deletion and/or an unpaid invoice; returns whether
+        the status changed. The reasons accumulate in ``suspended_for`` (``_reason``): a
+        deletion is never dropped because the customer is already suspended for a failed
+        payment, nor the reverse. An operator's suspension (no reason) or a reason that is
+        not ours keeps its owner. The cache reload makes the very next request see it."""
         before = self.keys.customers.get(cid)
+        add = frozenset((invoice,)) if invoice is not None else frozenset()
 
         def decide(status: str, why: str | None) -> tuple[str, str | None] | None:
-            if status == "suspended":
-                if why is None or not why.startswith(_FAILED) or not reason.startswith(_FAILED):
-                    return None                 # the operator's, or already for a reason
-                unpaid = set(why[len(_FAILED):].split(",")) | {reason[len(_FAILED):]}
-                return "suspended", _FAILED + ",".join(sorted(unpaid))
-            return "suspended", reason
+            if status != "suspended":
+                return "suspended", _reason(deleted, add)
+            held = _parse_reason(why)
+            if held is None:
+                return None                 # the operator's, or a reason that is not ours
+            return "suspended", _reason(held[0] or deleted, held[1] | add)
 
         await self.customers.change_suspension(cid, decide)
         await self._reload_keys()
@@ -763,17 +797,18 @@ class WebhookReceiver:
 
     async def _cure(self, cid: str, inv_id: str) -> bool:
         """``invoice.paid`` for an invoice a suspension waits on: drop it from the reason and
-        reactivate once no failed invoice is left. Returns whether reactivated."""
+        reactivate once neither a failed invoice nor the subscription's deletion is left.
+        Returns whether reactivated."""
         cured = False
 
         def decide(status: str, why: str | None) -> tuple[str, str | None] | None:
             nonlocal cured
-            if status != "suspended" or not (why or "").startswith(_FAILED):
+            held = _parse_reason(why) if status == "suspended" else None
+            if held is None or inv_id not in held[1]:
                 return None
-            assert why is not None
-            unpaid = set(why[len(_FAILED):].split(",")) - {inv_id}
-            if unpaid:
-                return "suspended", _FAILED + ",".join(sorted(unpaid))
+            deleted, unpaid = held[0], held[1] - {inv_id}
+            if deleted or unpaid:
+                return "suspended", _reason(deleted, unpaid)
             cured = True
             return "active", None
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from proxy.rules import UNREADABLE, BodyView, Measurement, Quantity, Rule, compute, load_rules
 from proxy.rules.decode import PIECE, DecodingInspector, new_decoder
 from proxy.rules.jsonscan import KeyScanner
-from proxy.rules.sse import Probe, UsageChunkFilter, with_stream_usage
+from proxy.rules.sse import Probe, UsageChunkFilter, may_stream, with_stream_usage
 
 try:
     from compression import zstd  # type: ignore[import-not-found,unused-ignore]
@@ -87,21 +87,33 @@ def anthropic_stream(eol: str = "\n") -> bytes:
     return "".join(parts).encode()
 
 
-def responses_stream(eol: str = "\n") -> bytes:
+def anthropic_cached_stream(eol: str = "\n") -> bytes:
+    """:func:`anthropic_stream` whose prompt was partly written to, partly read from the cache."""
+    return anthropic_stream(eol).replace(
+        b'"input_tokens":25,', b'"input_tokens":25,"cache_creation_input_tokens":300,'
+                               b'"cache_read_input_tokens":4000,')
+
+
+def responses_stream(eol: str = "\n", last: str = "response.completed") -> bytes:
     return "".join([
         _ev({"type": "response.created", "response": {"usage": None}}, "response.created", eol),
         _ev({"type": "response.output_text.delta", "delta": "x"}, "response.output_text.delta",
             eol),
-        _ev({"type": "response.completed", "response": {"usage": {"total_tokens": 77}}},
-            "response.completed", eol),
+        _ev({"type": last, "response": {"usage": {"total_tokens": 77}}}, last, eol),
     ]).encode()
+
+
+def responses_incomplete_stream(eol: str = "\n") -> bytes:
+    return responses_stream(eol, "response.incomplete")
 
 
 # (rule, sample stream, exact quantity in micro-units)
 SAMPLES = [
     ("chat", openai_chat_stream, 42 * M),
     ("anthropic", anthropic_stream, 40 * M),      # 25 input + last cumulative 15 output
+    ("anthropic", anthropic_cached_stream, 4340 * M),     # + 300 cache written + 4000 read
     ("responses", responses_stream, 77 * M),
+    ("responses", responses_incomplete_stream, 77 * M),
 ]
 
 
@@ -390,8 +402,32 @@ def test_with_stream_usage() -> None:
     assert orjson.loads(with_stream_usage(orjson.loads(raw), raw) or b"") == {
         "stream": True, "stream_options": {"include_usage": True}}
     for unchanged in (b'{"stream": true, "stream_options": {"include_usage": true}}',
-                      b'{"stream": false}', b'{"messages": []}', b'[1]', b'{"stream": 1}'):
+                      b'{"stream": false}', b'{"messages": []}', b'[1]', b'{"stream": 0}',
+                      b'{"stream": null}', b'{"stream": ""}', b'{"stream": -0.0}'):
         assert with_stream_usage(orjson.loads(unchanged), unchanged) is None, unchanged
+
+
+@pytest.mark.parametrize("value", [b"1", b"1.0", b"-1", b"2", b'"true"', b'"1"', b'"yes"',
+                                   b'"false"', b'"0"', b'" "', b"[]", b"{}", b"[0]"])
+def test_with_stream_usage_for_a_loosely_read_stream(value: bytes) -> None:
+    """A ``"stream"`` an upstream may take for true (pydantic's lax mode, a test of the value's
+    truth in Python or JavaScript) gets ``include_usage`` like ``true``: anything but
+    ``false``, ``null``, 0 and ``""``. The client's bytes are kept, the key inserted first."""
+    raw = b'{"stream": ' + value + b', "stream_options": {"x": 1}}'
+    assert orjson.loads(with_stream_usage(orjson.loads(raw), raw) or b"") == {
+        "stream": orjson.loads(value), "stream_options": {"x": 1, "include_usage": True}}
+    raw = b'{"stream": ' + value + b"}"
+    assert with_stream_usage(orjson.loads(raw), raw) == \
+        b'{"stream_options":{"include_usage":true},"stream": ' + value + b"}"
+
+
+def test_may_stream_holds_false_only_what_no_upstream_streams_for() -> None:
+    """The values JavaScript holds false, and NaN (Python's ``json`` reads it, and holds it
+    true); a body Python's ``json`` reads can also hold an infinity."""
+    for no in (False, None, 0, 0.0, -0.0, ""):
+        assert not may_stream(no), no
+    for yes in (True, 1, -1, 0.5, float("nan"), float("inf"), "false", "0", " ", [], {}, [0]):
+        assert may_stream(yes), yes
 
 
 def test_usage_chunk_filter_every_boundary() -> None:

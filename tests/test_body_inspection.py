@@ -43,6 +43,14 @@ rules:
     match: {methods: [POST], path: "/v1/chat/**"}
     usage:
       - {meter: llm_tokens, preset: openai_chat, estimate: 1000}
+  - name: messages
+    match: {methods: [POST], path: /v1/messages}
+    usage:
+      - {meter: llm_tokens, preset: anthropic_messages, estimate: 1000}
+  - name: responses
+    match: {methods: [POST], path: /v1/responses}
+    usage:
+      - {meter: llm_tokens, preset: openai_responses, estimate: 1000}
   - name: stream
     match: {path: /v1/stream}
     usage:
@@ -431,3 +439,177 @@ async def test_stripped_stream_still_holds_its_end_for_the_commit(
     finally:                                            # ... and the end: it never came
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+# ---------------------------------------------------------------- the presets' usage shapes
+
+
+def sse_events(events: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
+    return [f"event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+            for name, data in events]
+
+
+async def send_events(request: web.Request, events: list[bytes]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for e in events:
+        await resp.write(e)
+    await resp.write_eof()
+    return resp
+
+
+def audit(p: Proxy) -> dict[str, tuple[int, str]]:
+    """Each request's (quantity, flags), by request id."""
+    with p.db() as db:
+        return {rid: (q, flags) for rid, q, flags in db.execute(
+            "SELECT request_id, quantity, flags FROM audit")}
+
+
+# Anthropic's usage: ``input_tokens`` counts only the tokens after the last cache breakpoint;
+# the prompt cache's tokens are reported apart (written, read), and are billed by Anthropic
+ANTHROPIC_USAGE = {
+    "cached": {"input_tokens": 17, "cache_creation_input_tokens": 2_000,
+               "cache_read_input_tokens": 100_000, "output_tokens": 40},
+    "uncached": {"input_tokens": 17, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0, "output_tokens": 40},
+    "older-api": {"input_tokens": 17, "output_tokens": 40},        # no cache fields at all
+}
+
+
+def anthropic_events(usage: dict[str, int]) -> list[bytes]:
+    start = {**usage, "output_tokens": 1}
+    return sse_events([
+        ("message_start", {"type": "message_start",
+                           "message": {"id": "msg_1", "type": "message", "usage": start}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Hello"}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": usage["output_tokens"]}}),
+        ("message_stop", {"type": "message_stop"})])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_prompt_cache_tokens_are_billed(make_proxy: ProxyFactory, up: Upstream,
+                                                        stream: bool) -> None:
+    """``anthropic_messages`` bills input + cache creation + cache read + output tokens: a
+    consumer whose 100k-token system prompt is read from the cache is billed for it (before,
+    input + output alone: 57 tokens). An answer without the cache fields (older API versions)
+    is billed input + output, read, not the fallback (estimate 1000)."""
+    async def messages(request: web.Request) -> web.StreamResponse:
+        usage = ANTHROPIC_USAGE[request.headers["X-Request-Id"]]
+        if stream:
+            return await send_events(request, anthropic_events(usage))
+        return web.json_response({"id": "msg_1", "type": "message", "role": "assistant",
+                                  "content": [{"type": "text", "text": "Hello"}],
+                                  "stop_reason": "end_turn", "usage": usage})
+
+    up.routes["/v1/messages"] = messages
+    p, h = await start(make_proxy, up)
+    for rid in ANTHROPIC_USAGE:
+        async with p.session.post(p.url + "/v1/messages", json={"stream": stream},
+                                  headers={**h, "X-Request-Id": rid}) as r:
+            assert r.status == 200
+            await r.read()
+    assert audit(p) == {"cached": (102_057 * Q, ""), "uncached": (57 * Q, ""),
+                        "older-api": (57 * Q, "")}
+
+
+@pytest.mark.parametrize(("last", "extra"), [
+    ("response.completed", {"status": "completed"}),
+    ("response.incomplete", {"status": "incomplete",
+                             "incomplete_details": {"reason": "max_output_tokens"}}),
+    ("response.failed", {"status": "failed",
+                         "error": {"code": "server_error", "message": "The model failed."}}),
+])
+async def test_openai_responses_stream_bills_the_usage_its_last_event_carries(
+        make_proxy: ProxyFactory, up: Upstream, last: str, extra: dict[str, Any]) -> None:
+    """A Responses stream ends in ``response.completed``, ``response.incomplete`` (the
+    ``max_output_tokens`` reached, a content filter) or ``response.failed``; each carries
+    ``response.usage``, and the tokens it counts are billed (before, only ``completed`` was
+    read: the other two billed the fallback, here the estimate 1000)."""
+    usage = {"input_tokens": 300, "output_tokens": 64, "total_tokens": 364}
+    events = sse_events([
+        ("response.created", {"type": "response.created",
+                              "response": {"id": "resp_1", "status": "in_progress",
+                                           "usage": None}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "w"}),
+        (last, {"type": last, "response": {"id": "resp_1", **extra, "usage": usage}})])
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await send_events(request, events)
+
+    up.routes["/v1/responses"] = responses
+    p, h = await start(make_proxy, up)
+    async with p.session.post(p.url + "/v1/responses", json={"stream": True},
+                              headers={**h, "X-Request-Id": "r1"}) as r:
+        assert r.status == 200
+        assert await r.read() == b"".join(events)
+    assert audit(p) == {"r1": (364 * Q, "")}
+
+
+def lax_bool(value: object) -> bool | None:
+    """What pydantic's lax mode makes of a ``bool`` field (vLLM's and SGLang's request models,
+    FastAPI's): None when it refuses the value (the request is answered 422)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("0", "off", "f", "false", "n", "no"):
+        return False
+    if isinstance(value, str) and value.lower() in ("1", "on", "t", "true", "y", "yes"):
+        return True
+    return None
+
+
+STREAM_VALUES = [b"true", b"1", b"1.0", b'"true"', b'"True"', b'"1"', b'"yes"', b'"on"',
+                 b'"false"', b'"0"', b'"no"', b"0", b"0.0", b"-0", b"false", b"null", b'""']
+
+
+@pytest.mark.parametrize("reads", ["pydantic", "truthiness"])
+async def test_a_stream_asked_for_loosely_still_reports_its_usage(
+        make_proxy: ProxyFactory, up: Upstream, reads: str) -> None:
+    """An OpenAI-compatible upstream that reads ``"stream"`` loosely streams for more than
+    ``true``: pydantic's lax mode (vLLM, SGLang) for 1, 1.0, "true", "1", "yes"...; a
+    handler testing the value's truth (``if body.get("stream")``) for any non-empty string,
+    "false" and "0" included. Each such request gets ``include_usage`` and is billed its
+    tokens (before, only ``true`` did: the others streamed without usage and billed the
+    estimate, 1000). A request no such upstream streams (false, null, 0, "") is forwarded as
+    sent, so vLLM's check (``stream_options`` refused, 400, when the raw ``stream`` is falsy)
+    never turns it into an error."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        doc = orjson.loads(await request.read())
+        raw = doc.get("stream")
+        if doc.get("stream_options") and not raw:
+            return web.json_response({"error": "Stream options can only be defined when "
+                                               "`stream=True`."}, status=400)
+        streams = lax_bool(raw) if reads == "pydantic" and raw is not None else bool(raw)
+        if streams is None:
+            return web.json_response({"error": "stream: not a valid boolean"}, status=422)
+        if not streams:
+            return web.Response(body=JSON_BODY, content_type="application/json")
+        so = doc.get("stream_options")
+        usage = isinstance(so, dict) and so.get("include_usage") is True
+        return await send_events(request, chat_events(with_usage=usage))
+
+    up.routes["/v1/chat/completions"] = chat
+    p, h = await start(make_proxy, up)
+    answered: dict[str, int] = {}
+    for value in STREAM_VALUES:
+        body = b'{"model": "m", "stream": ' + value + b"}"
+        async with p.session.post(p.url + "/v1/chat/completions", data=body,
+                                  headers={**h, "X-Request-Id": value.decode()}) as r:
+            answered[value.decode()] = r.status
+            got = await r.read()
+        assert b'"choices":[]' not in got          # the usage chunk the client did not ask for
+        sent = up.seen[-1][2]
+        streams = lax_bool(orjson.loads(value)) if reads == "pydantic" else bool(
+            orjson.loads(value))
+        if not orjson.loads(value):                 # no upstream streams it: left as sent
+            assert sent == body, sent
+        elif streams:
+            assert orjson.loads(sent)["stream_options"] == {"include_usage": True}, sent
+    refused = {'""'} if reads == "pydantic" else set()
+    assert answered == {v.decode(): 422 if v.decode() in refused else 200
+                        for v in STREAM_VALUES}
+    assert audit(p) == {v.decode(): (321 * Q, "") for v in STREAM_VALUES
+                        if v.decode() not in refused}

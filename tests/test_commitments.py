@@ -4,6 +4,7 @@ once per period, retried with the same idempotency key after a failure."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -13,11 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.commitments import TrueUpTask, shortfall
+from proxy.commitments import TRUEUP_SETTLE, TrueUpTask, shortfall
 from proxy.errors import StripeRejected
 from proxy.pricing import Price, Tier
 from proxy.rules import load_rules
-from proxy.store.db import Store
+from proxy.store.db import Store, UsageItem, UsageRow
 from proxy.store.keys import set_billing, upsert_customer
 from proxy.store.sqlite import SqliteStorage
 from proxy.stripe.client import StripeClient
@@ -93,7 +94,7 @@ async def test_period_end_invoices_the_shortfall_once(
     _use(store, "acme", T0 + 60, "api_calls", 500 * U)    # January: not this period
     assert await task.check(T0 - 60) == []   # December has not ended; November is before them
     done = await task.check(T0 + 3600)
-    assert [(d["customer_id"], d["amount"]) for d in done] == [("acme", 550), ("beta", 0)]
+    assert sorted((d["customer_id"], d["amount"]) for d in done) == [("acme", 550), ("beta", 0)]
     [item] = stripe_double.state.invoice_items.items.values()
     assert (item["customer"], item["amount"], item["currency"]) == ("cus_acme", 550, "usd")
     assert item["period"] == {"start": dec, "end": T0}
@@ -111,13 +112,105 @@ async def test_a_failed_call_is_retried_with_the_same_key(
     # no usage: each owes its commitment less the 100-cent flat fee; acme's answer is lost
     first = await task.check(T0 + 3600)
     assert [(d["customer_id"], d["amount"]) for d in first] == [("beta", 100)]
-    assert await task.trueups.recent("acme") == []      # the answer was lost: not decided
+    # the answer was lost: not confirmed, the parameters frozen
+    assert [t.status for t in await task.trueups.recent("acme")] == ["sending"]
     [done] = await task.check(T0 + 3700)
     assert done["customer_id"] == "acme" and done["amount"] == 900    # 1000 - the flat fee
     # Stripe made it once: the retry replayed the first call's result
     items = {i["customer"]: i["id"] for i in stripe_double.state.invoice_items.items.values()}
     assert items == {"cus_acme": done["invoice_item"], "cus_beta": first[0]["invoice_item"]}
 
+
+
+async def test_a_retry_sends_the_first_attempt_s_parameters(
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
+    """The shortfall is frozen on the first attempt: usage that arrives for the period after
+    a call whose answer was lost does not change what the retry sends (the same key with
+    other parameters would be refused by Stripe, 400 idempotency_error, at every retry)."""
+    store, task, _ = env
+    stripe_double.state.faults.script("invoice_items", ["commit_then_drop"])
+    first = await task.check(T0 + 3600)
+    assert [d["customer_id"] for d in first] == ["beta"]
+    [sending] = await task.trueups.recent("acme")
+    assert (sending.status, sending.amount, sending.invoice_item) == ("sending", 900, None)
+    _use(store, "acme", T0 - DAY, "api_calls", 10 * U)   # late December usage: 880 now
+    [done] = await task.check(T0 + 3700)
+    assert (done["customer_id"], done["amount"]) == ("acme", 900)
+    acme = [i for i in stripe_double.state.invoice_items.items.values()
+            if i["customer"] == "cus_acme"]
+    assert [(i["id"], i["amount"]) for i in acme] == [(done["invoice_item"], 900)]
+    [sent] = await task.trueups.recent("acme")
+    assert (sent.status, sent.amount, sent.invoice_item) == ("sent", 900, done["invoice_item"])
+    assert await task.check(T0 + 3800) == []
+
+
+async def test_an_item_created_before_its_key_expired_is_found_not_made_again(
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
+    """Stripe forgets an idempotency key after 24 hours: a retry after that finds the item
+    the lost call created (by its metadata and period) instead of creating a second one."""
+    _, task, _ = env
+    stripe_double.state.faults.script("invoice_items", ["commit_then_drop"])
+    assert [d["customer_id"] for d in await task.check(T0 + 3600)] == ["beta"]
+    stripe_double.state.advance(DAY + 60)
+    [done] = await task.check(T0 + DAY + 3600)
+    acme = [i["id"] for i in stripe_double.state.invoice_items.items.values()
+            if i["customer"] == "cus_acme"]
+    assert acme == [done["invoice_item"]]
+
+
+async def test_usage_still_in_the_journal_counts(
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
+    """The period's usage is materialized before the shortfall is computed, and a period
+    is decided only ``TRUEUP_SETTLE`` after its end (requests in flight at the end)."""
+    _, task, _ = env
+    row = UsageRow("r1", T0 - DAY, "acme", "k", "all", "v1", 200,
+                   [UsageItem("api_calls", 150 * U, 0, 150 * U)])
+    fut = task.usage.record(row, wait=True)
+    assert fut is not None
+    await fut
+    assert await task.check(T0 + TRUEUP_SETTLE - 1) == []
+    done = await task.check(T0 + TRUEUP_SETTLE)
+    assert sorted((d["customer_id"], d["amount"]) for d in done) == [("acme", 650), ("beta", 100)]
+
+
+async def test_two_checks_at_once_send_one_item(
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
+    """Every fleet member runs the true-ups: two checks racing freeze one set of parameters
+    and create one item (the same key, the same parameters)."""
+    _, task, _ = env
+    other = TrueUpTask(task.customers, task.usage, task.trueups, task.stripe, task.rules,
+                       task.prices)
+    got = await asyncio.gather(task.check(T0 + 3600), other.check(T0 + 3600))
+    assert sorted(d["customer_id"] for d in got[0] + got[1]) == ["acme", "beta"]
+    assert sorted(i["customer"] for i in stripe_double.state.invoice_items.items.values()) == [
+        "cus_acme", "cus_beta"]
+
+
+
+def test_migration_14_keeps_true_ups_and_lets_one_be_sending(tmp_path: Path) -> None:
+    from proxy.store.db import _statements, connect
+    from proxy.store.schema import MIGRATIONS
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:13], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+    conn.execute("INSERT INTO trueups VALUES ('c', 100, 200, 1000, 400, 600, 'usd', 'sent',"
+                 " 'ii_1', 7)")
+    conn.close()
+    conn = connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        assert conn.execute("SELECT customer_id, status, invoice_item, stripe_customer_id"
+                            " FROM trueups").fetchall() == [("c", "sent", "ii_1", None)]
+        conn.execute("INSERT INTO trueups VALUES ('c', 200, 300, 1000, 400, 600, 'usd',"
+                     " 'sending', NULL, 8, 'cus_c')")
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO trueups VALUES ('c', 300, 400, 1000, 400, 600, 'usd',"
+                         " 'pending', NULL, 9, 'cus_c')")
+    finally:
+        conn.close()
 
 async def test_the_double_validates_invoice_items(
         env: tuple[Store, TrueUpTask, StripeClient]) -> None:

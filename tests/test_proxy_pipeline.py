@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import random
 import socket
@@ -344,9 +345,13 @@ async def test_a_consumer_reset_while_its_connection_is_full_is_billed_as_abando
 
 async def test_stream_cut_by_the_upstream_is_metered_with_what_was_delivered(
         make_proxy: ProxyFactory) -> None:
-    """The upstream dies mid-stream (no terminating chunk): the consumer's response is cut
-    and the request counts as a 502; a rule that bills 5xx bills the last value among the
-    events that were delivered (handed to the inspector before the measurement)."""
+    """The upstream dies mid-stream (no terminating chunk): the consumer's response is cut.
+    Part of the answer reached the consumer, so the request is billed for what was delivered
+    (the last value among the events handed to the inspector before the measurement), with
+    the upstream's status and the flag ``upstream_aborted``, under the default count_when:
+    it was recorded as a 502, which [2xx] does not bill, so a stream the consumer had mostly
+    received was free (SECURITY.md: an answer that reached the consumer, in full or the part
+    of a stream it received, is billed)."""
     events = [b"data: " + orjson.dumps({"i": i, "units": i + 1}) + b"\n\n" for i in range(3)]
 
     async def cut(request: web.Request) -> web.StreamResponse:
@@ -366,7 +371,6 @@ meters:
 rules:
   - name: cut
     match: {path: /v1/cut}
-    count_when: [2xx, 5xx]
     usage:
       - {meter: units, quantity: response.json.units}
 """
@@ -386,7 +390,7 @@ rules:
         assert totals == {("cut", "units"): 3 * Q}
         with proxy.db() as c:
             row = c.execute("SELECT status, flags FROM audit WHERE customer_id='cut'").fetchone()
-        assert tuple(row) == (502, "upstream_aborted")
+        assert tuple(row) == (200, "upstream_aborted")
 
 
 async def test_request_json_and_bytes(proxy: Proxy) -> None:
@@ -461,6 +465,108 @@ async def test_websocket_passes_through(proxy: Proxy) -> None:
     await wait_until(proxy.ledger_totals, what="the session's usage")
     assert proxy.ledger_totals() == {("ws", "api_calls"): Q}
 
+
+async def _raw_ws(proxy: Proxy, key: str, path: str) -> socket.socket:
+    """A consumer WebSocket on a plain socket (so it can drop the TCP connection mid-closing
+    handshake): handshake done, the 101 head read."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)    # fills fast once unread
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", proxy.server.public_port))
+    await loop.sock_sendall(sock, (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Drop the TCP connection (SO_LINGER 0: an RST, no Close frame answered or sent)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("first", ["upstream", "consumer"])
+async def test_a_websocket_consumer_that_drops_tcp_in_the_closing_handshake_is_billed_once(
+        make_proxy: ProxyFactory, first: str) -> None:
+    """A metered WebSocket session whose closing handshake never completes: either the
+    upstream closes first and the consumer drops its TCP connection instead of answering the
+    proxy's Close frame, or a consumer whose connection is full (it stopped reading the
+    upstream's frames) sends Close and drops while the proxy waits for the upstream's Close
+    reply (aiohttp's close of a full consumer transport waits for the flush, so only the drop
+    ends it). aiohttp cancels the relay's handler inside ``close()``
+    (handler_cancellation=True); the closes ran before the record, so the session was never
+    recorded and the pipeline released its hold: the whole session was free. It is recorded
+    once, whatever the closes do."""
+    got_close = asyncio.Event()
+    release = asyncio.Event()
+    ended = asyncio.Event()
+    sent = 0
+
+    async def flood(ws: web.WebSocketResponse) -> None:
+        nonlocal sent
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while True:
+                await ws.send_bytes(b"x" * 65536)
+                sent += 65536
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoclose=False)
+        await ws.prepare(request)
+        try:
+            if first == "upstream":
+                await ws.close()        # Close first (the proxy answers it at once)
+            else:
+                sender = asyncio.ensure_future(flood(ws))
+                try:
+                    while (await ws.receive()).type != aiohttp.WSMsgType.CLOSE:
+                        pass
+                finally:
+                    sender.cancel()
+                got_close.set()
+                await release.wait()    # the Close reply, held back
+                await ws.close()
+        finally:
+            ended.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", ws_handler)
+    async with serve(app, shutdown_timeout=0.5) as upstream_url:
+        proxy = await make_proxy(upstream_url=upstream_url)
+        key = await proxy.customer_with_key("wsdrop")
+        loop = asyncio.get_running_loop()
+        sock = await _raw_ws(proxy, key, "/v1/realtime")
+        try:
+            if first == "upstream":
+                # the proxy's Close frame (the upstream's, relayed as the proxy closes)
+                frame = await asyncio.wait_for(loop.sock_recv(sock, 64), 10)
+                assert frame[:1] == b"\x88", frame
+            else:
+                # the consumer reads nothing: the proxy's transport to it fills and pauses
+                assert await settle(lambda: sent, window=0.3, timeout=20.0) > 0
+                # a masked Close frame (code 1000, zero mask)
+                await loop.sock_sendall(sock, b"\x88\x82\x00\x00\x00\x00\x03\xe8")
+                await asyncio.wait_for(got_close.wait(), 10)
+        finally:
+            _reset(sock)
+        try:
+            totals = await wait_until(proxy.ledger_totals, what="the session's usage")
+        finally:
+            release.set()
+        await asyncio.wait_for(ended.wait(), 10)
+        assert totals == {("wsdrop", "api_calls"): Q}
+        with proxy.db() as c:
+            rows = c.execute("SELECT status, flags FROM audit WHERE customer_id='wsdrop'"
+                             ).fetchall()
+        assert rows == [(200, "websocket")]
 
 async def test_large_body_streams_through(proxy: Proxy, tmp_path: Path) -> None:
     key = await proxy.customer_with_key("big")

@@ -5,15 +5,21 @@ upstream connection, and flat memory under a header flood (a proxy in a subproce
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from pathlib import Path
 
 import orjson
+import pytest
+from aiohttp import web
 
 from proxy import metrics
 from tests.conftest import ADMIN_TOKEN, Proxy, ProxyFactory, write_config
 from tests.helpers import wait_until
 from tests.proxy_process import ProxyProcess
+from tests.servers import serve
+from tests.upstream_kit import settle
 
 
 async def _raw(p: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -227,6 +233,105 @@ async def test_full_upstream_pool_answers_503_upstream_busy(make_proxy: ProxyFac
     with p.db() as c:
         rows = c.execute("SELECT customer_id FROM audit").fetchall()
     assert sorted(rows) == [("a",)] * 4 + [("b",)]    # the 503 was not billed
+
+
+@pytest.mark.parametrize("path", ["/v1/stream", "/v1/file"])
+async def test_a_consumer_that_stops_reading_is_cut_off_by_write_timeout(
+        make_proxy: ProxyFactory, path: str) -> None:
+    """A consumer that reads the head of a multi-megabyte response (an event stream metered
+    by its body, or a Content-Length body with a constant quantity) and then nothing: the
+    proxy's transport to it stays full, so the stream loop waits in its drain and the
+    upstream connection, paused, is skipped by the pool's read_timeout. Without a bound it
+    was held for as long as the consumer kept the connection open: with pool_size 1 every
+    other request waited pool_wait and got 503 upstream_busy. write_timeout aborts the
+    consumer's connection; the upstream connection is closed (its body is incomplete: never
+    reused) and the request is billed for what was delivered, flagged ``abandoned``, as a
+    consumer that disconnects is."""
+    pad = b"x" * (16 * 1024 - 40)
+    size = 32 * 1024 * 1024
+    sent = 0
+    upstream_done = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if request.path == "/v1/file":
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = size
+        await resp.prepare(request)
+        i = 0
+        try:
+            while sent < size:
+                i += 1
+                e = b'data: {"units": %d, "pad": "%s"}\n\n' % (i, pad)
+                e = e[:size - sent]
+                await resp.write(e)
+                sent += len(e)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            upstream_done.set()
+        return resp
+
+    async def items(request: web.Request) -> web.Response:
+        return web.json_response({"ok": 1})
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    app.router.add_get("/v1/file", stream)
+    app.router.add_get("/v1/items", items)
+    async with serve(app, shutdown_timeout=0.5) as upstream_url:
+        p = await make_proxy(upstream_url=upstream_url,
+                             upstream={"pool_size": 1, "pool_wait": "1s"},
+                             limits={"write_timeout": "1s"})
+        key = await p.customer_with_key("stall")
+        before = _closed("write_timeout")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", p.server.public_port))
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                                          f"Authorization: Bearer {key}\r\n\r\n".encode())
+            head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            # the consumer reads nothing more: the upstream is held back once the proxy's
+            # transport to the consumer is full
+            held = await settle(lambda: sent, window=0.3, timeout=20.0)
+            assert 0 < held < size // 2, held
+            t0 = time.monotonic()
+            await wait_until(lambda: _closed("write_timeout"), ok=lambda n: n == before + 1,
+                             timeout=10, what="the write timeout to close the connection")
+            assert time.monotonic() - t0 < 4.0
+            # the consumer's connection is gone (aborted: whatever it reads ends in a reset
+            # or an end of file, never the rest of the body)
+            got = 0
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(10):
+                    while chunk := await loop.sock_recv(sock, 65536):
+                        got += len(chunk)
+            assert got < size
+        finally:
+            sock.close()
+        upstream = p.server.rt.upstream
+        await wait_until(lambda: upstream.pool.stats()["open"], ok=lambda n: n == 0,
+                         what="the upstream connection to be closed")
+        assert upstream.in_use == 0
+        await asyncio.wait_for(upstream_done.wait(), 10)
+        assert sent < size                  # the upstream's body was cut, not read to its end
+        # the one upstream connection is free: the next request is served
+        async with p.session.get(p.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+            await r.read()
+        await _audited(p, "stall")
+        with p.db() as c:
+            rows = c.execute("SELECT rule, meter, quantity > 0, flags FROM audit "
+                             "WHERE customer_id = 'stall' ORDER BY seq").fetchall()
+        billed = ("stream", "units") if path == "/v1/stream" else ("everything-else", "api_calls")
+        assert rows == [(*billed, 1, "abandoned"), ("everything-else", "api_calls", 1, "")]
 
 
 def _rss(pid: int) -> int:

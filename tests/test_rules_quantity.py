@@ -153,6 +153,82 @@ def test_openai_responses_stream_and_json(rules: dict[str, Rule]) -> None:
     assert run(r, "application/json", [body]) == [Quantity("m", 5 * M, False)]
 
 
+@pytest.mark.parametrize(("cache", "expected"), [
+    ({"cache_creation_input_tokens": 200, "cache_read_input_tokens": 3000},
+     Quantity("m", 3210 * M, False)),
+    ({}, Quantity("m", 10 * M, False)),               # older API versions: no cache fields
+    ({"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+     Quantity("m", 10 * M, False)),
+    ({"cache_creation_input_tokens": None, "cache_read_input_tokens": 7},
+     Quantity("m", 17 * M, False)),                 # null: none reported, as absent
+    ({"cache_creation_input_tokens": "200", "cache_read_input_tokens": 0.5},
+     Quantity("m", 210_500_000, False)),
+    ({"cache_read_input_tokens": -1}, Quantity("m", M, True, "unreadable")),
+    ({"cache_read_input_tokens": "lots"}, Quantity("m", M, True, "unreadable")),
+    ({"cache_creation_input_tokens": True}, Quantity("m", M, True, "unreadable")),
+    ({"cache_read_input_tokens": 10**12}, Quantity("m", M, True, "unreadable")),  # sum over
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_bills_the_prompt_cache_tokens(rules: dict[str, Rule], cache: dict[str, Any],
+                                                  expected: Quantity, stream: bool) -> None:
+    """Anthropic's ``input_tokens`` leaves out the prompt cache, reported apart: the preset
+    adds ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` (in a stream, from
+    ``message_start``). Absent or null, each counts 0, so an answer without them is still
+    read; a value that is there but is no quantity makes the total unreadable (the
+    fallback, here the default reservation of 1 unit), as any other."""
+    usage = {"input_tokens": 4, **cache, "output_tokens": 6}
+    if stream:
+        chunks = sse({"type": "message_start",
+                      "message": {"usage": {**usage, "output_tokens": 1}}},
+                     {"type": "content_block_delta", "delta": {"text": "hi"}},
+                     {"type": "message_delta", "usage": {"output_tokens": 6}},
+                     {"type": "message_stop"}, event_names=True)
+        assert run(rules["anthropic"], "text/event-stream", chunks) == [expected]
+    else:
+        body = orjson.dumps({"usage": usage})
+        assert run(rules["anthropic"], "application/json", [body]) == [expected]
+
+
+def test_anthropic_cache_fields_alone_are_not_a_reading(rules: dict[str, Rule]) -> None:
+    """The cache fields are added to input and output tokens, never read instead of them: a
+    stream that ends (or is abandoned) after ``message_start`` bills the fallback, whatever
+    cache tokens it announced; so does a body without ``input_tokens``."""
+    start = sse({"type": "message_start", "message": {"usage": {
+        "input_tokens": 25, "cache_read_input_tokens": 9000, "output_tokens": 1}}})
+    assert run(rules["anthropic"], "text/event-stream", start, abandoned=True) == [
+        Quantity("m", M, True, "stream_abandoned")]
+    assert run(rules["anthropic"], "text/event-stream", start) == [
+        Quantity("m", M, True, "no_usage_event")]
+    body = orjson.dumps({"usage": {"cache_read_input_tokens": 9000, "output_tokens": 6}})
+    assert run(rules["anthropic"], "application/json", [body]) == [
+        Quantity("m", M, True, "unreadable")]
+    # the cache fields of message_start only: the same names elsewhere are not read
+    other = sse({"type": "message_start", "message": {"usage": {"input_tokens": 25}}},
+                {"type": "message_delta", "usage": {"output_tokens": 15,
+                                                     "cache_read_input_tokens": 9000}})
+    assert run(rules["anthropic"], "text/event-stream", other) == [Quantity("m", 40 * M, False)]
+
+
+@pytest.mark.parametrize(("last", "expected"), [
+    ("response.completed", Quantity("m", 99 * M, False)),
+    ("response.incomplete", Quantity("m", 99 * M, False)),
+    ("response.failed", Quantity("m", 99 * M, False)),
+    ("response.in_progress", Quantity("m", M, True, "no_usage_event")),
+    ("response.created", Quantity("m", M, True, "no_usage_event")),
+])
+def test_openai_responses_reads_the_usage_of_every_final_event(
+        rules: dict[str, Rule], last: str, expected: Quantity) -> None:
+    """A Responses stream ends in ``response.completed``, ``response.incomplete`` or
+    ``response.failed``, each with ``response.usage``: all three are read. The usage of any
+    other event type is not (``response.created`` and ``response.in_progress`` carry the
+    response so far, with no final usage)."""
+    stream = sse({"type": "response.created", "response": {"usage": None}},
+                 {"type": "response.output_text.delta", "delta": "x"},
+                 {"type": last, "response": {"usage": {"total_tokens": 99}}},
+                 event_names=True)
+    assert run(rules["responses"], "text/event-stream", stream) == [expected]
+
+
 @pytest.mark.parametrize(("body", "expected"), [
     (b'{"choices": [{"n": 2.5}]}', Quantity("m", 2_500_000, False)),
     (b'{"choices": [{"n": "4"}]}', Quantity("m", 4 * M, False)),
@@ -397,6 +473,11 @@ BODY_VALUE = st.one_of(
 @example("field", [10**12, 0, 0, 0], True, False, False, False)
 @example("anthropic", [10**12, 1, 0, 0], False, False, True, False)
 @example("responses", [-1, 0, 0, 0], False, False, True, False)
+# anthropic's keys, sorted: cache_creation, cache_read, input, output (the first two optional)
+@example("anthropic", [None, 5, 3, 4], False, False, True, False)
+@example("anthropic", [None, None, 3, 4], False, False, False, True)
+@example("anthropic", [-1, 5, 3, 4], False, False, True, False)
+@example("anthropic", [1.5, "2", 3, 4], False, False, False, False)
 def test_integer_shortcut_bills_what_the_decimal_path_bills(
         rules: dict[str, Rule], name: str, vals: list[object], abandoned: bool,
         malformed: bool, streamed: bool, absent: bool) -> None:

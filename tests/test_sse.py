@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.rules import sse
+from proxy.rules.model import PRESETS
 from proxy.rules.sse import (
     UNREADABLE,
     BodyView,
@@ -315,7 +316,9 @@ def test_usage_chunk_filter_keeps_an_event_that_only_mentions_usage() -> None:
 ANTHROPIC = (Probe("in", ("message", "usage", "input_tokens"), "message_start"),
              Probe("out", ("usage", "output_tokens"), "message_delta"))
 PROBE_SETS = [(TOTAL,), ANTHROPIC, (TOTAL, Probe("i", ("0",))),
-              (TOTAL, Probe("u", ("usage", "total_tokens"), "x"))]   # one key, two values
+              (TOTAL, Probe("u", ("usage", "total_tokens"), "x")),   # one key, two values
+              # the presets' own: optional cache keys; one key set by three event types
+              PRESETS["anthropic_messages"].sse_probes, PRESETS["openai_responses"].sse_probes]
 
 
 def parser_view(probes: tuple[Probe, ...], data: bytes, cap: int) -> BodyView:
@@ -341,6 +344,12 @@ def parser_view(probes: tuple[Probe, ...], data: bytes, cap: int) -> BodyView:
 
 
 EVENT_LINES = st.one_of(
+    st.integers(0, 99).map(lambda n: [b'data: {"type":"message_start","message":{"usage":'
+                                      b'{"input_tokens":%d,"cache_read_input_tokens":%d}}}'
+                                      % (n, 2 * n)]),
+    st.tuples(st.sampled_from([b"response.completed", b"response.incomplete", b"response.failed",
+                               b"response.created"]), st.integers(0, 99)).map(
+        lambda t: [b'data: {"type":"%s","response":{"usage":{"total_tokens":%d}}}' % t]),
     st.integers(0, 10**6).map(lambda n: [b'data: {"usage":{"total_tokens":%d}}' % n]),
     st.integers(0, 99).map(lambda n: [b'data: {"choices":[{"delta":{"content":"w%d"}}],'
                                       b'"usage":null}' % n]),

@@ -543,7 +543,7 @@ async def test_a_journal_row_inserted_at_a_used_seq_is_moved_above_every_used_on
     assert _ledger(db)[0] == [f"r{i}" for i in range(7)]
 
 
-def test_migration_14_dates_rows_attempted_before_it_from_their_creation(tmp_path: Path) -> None:
+def test_migration_15_dates_rows_attempted_before_it_from_their_creation(tmp_path: Path) -> None:
     """``outbox.first_attempt_at`` (the flusher's resend horizon counts from it): a row an
     older version attempted gets its creation time (at or before its first call, so its
     horizon ends early, never late); a row never attempted gets none."""
@@ -551,7 +551,7 @@ def test_migration_14_dates_rows_attempted_before_it_from_their_creation(tmp_pat
     from proxy.store.schema import MIGRATIONS
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for i, script in enumerate(MIGRATIONS[:13], start=1):
+    for i, script in enumerate(MIGRATIONS[:14], start=1):
         for stmt in _statements(script):
             conn.execute(stmt)
         conn.execute(f"PRAGMA user_version={i}")

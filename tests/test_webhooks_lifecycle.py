@@ -4,13 +4,15 @@ endpoint of a real proxy."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
 import pytest
 
-from proxy.webhooks import PATH
+from proxy.webhooks import PATH, _parse_reason, _reason
 from tests.conftest import ProxyFactory
+from tests.helpers import wait_until
 from tests.test_webhooks import (
     CREDITS,
     RULES,
@@ -93,6 +95,107 @@ async def test_subscription_deleted_keeps_a_customer_with_paid_pack_credits(
                                   "customer": "cus_acme"}))
     assert done["result"]["suspended"] is True
     assert await _status(h, key) == 403
+
+
+async def _settled(h: Hooks, ev: dict[str, Any]) -> dict[str, Any]:
+    """Send ``ev`` and wait until it is processed or ignored (which one depends on order)."""
+    code, body = await h.send(ev)
+    assert code == 200 and body["received"] is True, (code, body)
+    done = await wait_until(lambda: h.admin("GET", f"/admin/webhooks/{ev['id']}"),
+                            ok=lambda e: e.get("status") in ("processed", "ignored"),
+                            what=f"event {ev['id']} to be handled")
+    return dict(done)
+
+
+def _suspended_for(h: Hooks, cid: str) -> tuple[str, str | None]:
+    with h.p.db() as c:
+        row = c.execute("SELECT status, suspended_for FROM customers WHERE id=?",
+                        (cid,)).fetchone()
+    return row[0], row[1]
+
+
+async def test_failed_deleted_paid_end_the_same_in_every_arrival_order(
+        hooks: HooksFactory) -> None:
+    """invoice.payment_failed(in_A), customer.subscription.deleted and invoice.paid(in_A) in
+    all six orders: the deletion is never lost behind the failed payment, so every order ends
+    suspended for the deletion alone, and the next request is refused."""
+    h = await hooks(credits={**CREDITS, "on_payment_failed": "suspend"})
+    finals: dict[tuple[str, ...], tuple[str, str | None, int]] = {}
+    for n, order in enumerate(itertools.permutations(("failed", "deleted", "paid"))):
+        cid, cus, inv = f"c{n}", f"cus_{n}", f"in_A{n}"
+        key = await h.p.customer_with_key(cid, stripe_customer_id=cus)
+        events = {
+            "failed": event(f"evt_f{n}", "invoice.payment_failed", invoice(inv, cus, [])),
+            "deleted": event(f"evt_d{n}", "customer.subscription.deleted",
+                             {"id": f"sub_{n}", "object": "subscription", "customer": cus}),
+            "paid": event(f"evt_p{n}", "invoice.paid", invoice(inv, cus, [])),
+        }
+        for what in order:
+            await _settled(h, events[what])
+        finals[order] = (*_suspended_for(h, cid), await _status(h, key))
+    assert set(finals.values()) == {("suspended", "subscription_deleted", 403)}, finals
+
+
+async def test_deletion_and_unpaid_invoices_are_kept_together(hooks: HooksFactory) -> None:
+    """Both reasons are kept in ``suspended_for`` (the deletion first); paying the invoices
+    leaves the deletion; only an operator's status lifts it."""
+    h = await hooks(credits={**CREDITS, "on_payment_failed": "suspend"})
+    key = await h.p.customer_with_key("acme", stripe_customer_id="cus_acme")
+    await h.deliver(event("evt_f1", "invoice.payment_failed", invoice("in_1", "cus_acme", [])))
+    await h.deliver(event("evt_sd", "customer.subscription.deleted",
+                          {"id": "sub_1", "object": "subscription", "customer": "cus_acme"}))
+    await h.deliver(event("evt_f2", "invoice.payment_failed", invoice("in_2", "cus_acme", [])))
+    assert _suspended_for(h, "acme") == ("suspended",
+                                         "subscription_deleted;payment_failed:in_1,in_2")
+    done = await h.deliver(event("evt_p1", "invoice.paid", invoice("in_1", "cus_acme", [])),
+                           "ignored")
+    assert "reactivated" not in done["result"]
+    await h.deliver(event("evt_p2", "invoice.paid", invoice("in_2", "cus_acme", [])), "ignored")
+    assert _suspended_for(h, "acme") == ("suspended", "subscription_deleted")
+    assert await _status(h, key) == 403
+    # a new subscription does not lift it (as before); the operator does
+    await h.deliver(event("evt_sc", "customer.subscription.created",
+                          {"id": "sub_2", "object": "subscription", "customer": "cus_acme",
+                           "status": "active"}))
+    assert _suspended_for(h, "acme") == ("suspended", "subscription_deleted")
+    await h.p.admin("POST", "/admin/customers", {"id": "acme", "status": "active"}, expect=200)
+    assert _suspended_for(h, "acme") == ("active", None)
+    assert await _status(h, key) == 200
+
+
+async def test_reasons_written_by_the_previous_version_are_read(hooks: HooksFactory) -> None:
+    """Rows written before the combined reason existed: ``payment_failed:<ids>`` is cured by
+    its payments, ``subscription_deleted`` keeps a later failed invoice and outlives its
+    payment."""
+    h = await hooks(credits={**CREDITS, "on_payment_failed": "suspend"})
+    a = await h.p.customer_with_key("old_a", stripe_customer_id="cus_a")
+    b = await h.p.customer_with_key("old_b", stripe_customer_id="cus_b")
+    with h.p.db() as c:
+        c.execute("UPDATE customers SET status='suspended', suspended_for='payment_failed:in_x,in_y'"
+                  " WHERE id='old_a'")
+        c.execute("UPDATE customers SET status='suspended', suspended_for='subscription_deleted'"
+                  " WHERE id='old_b'")
+    await h.deliver(event("evt_px", "invoice.paid", invoice("in_x", "cus_a", [])), "ignored")
+    assert _suspended_for(h, "old_a") == ("suspended", "payment_failed:in_y")
+    done = await h.deliver(event("evt_py", "invoice.paid", invoice("in_y", "cus_a", [])))
+    assert done["result"]["reactivated"] is True
+    assert await _status(h, a) == 200
+    await h.deliver(event("evt_fz", "invoice.payment_failed", invoice("in_z", "cus_b", [])))
+    assert _suspended_for(h, "old_b") == ("suspended", "subscription_deleted;payment_failed:in_z")
+    await h.deliver(event("evt_pz", "invoice.paid", invoice("in_z", "cus_b", [])), "ignored")
+    assert _suspended_for(h, "old_b") == ("suspended", "subscription_deleted")
+    assert await _status(h, b) == 403
+
+
+def test_suspension_reasons_round_trip_and_foreign_ones_are_left_alone() -> None:
+    for deleted, unpaid in [(True, frozenset()), (False, frozenset({"in_1", "in_2"})),
+                            (True, frozenset({"in_1"}))]:
+        assert _parse_reason(_reason(deleted, unpaid)) == (deleted, unpaid)
+    assert _reason(False, frozenset()) is None
+    # an operator's suspension (no reason) and reasons no webhook writes are not ours
+    for foreign in (None, "", "dispute", "payment_failed:", "payment_failed:in_1;subscription_deleted",
+                    "subscription_deleted;subscription_deleted"):
+        assert _parse_reason(foreign) is None, foreign
 
 
 def _charge(cus: str, inv: str, amount: int, refunded: int) -> dict[str, Any]:

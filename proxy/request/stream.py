@@ -21,8 +21,10 @@ Invariants
   without a clean end (streamed).
 - A consumer that disconnects cancels the upstream request; what was measured until then
   is still recorded (abandoned streams are billed for what was delivered).
-- The upstream dying mid-body truncates the response (connection closed, never a clean end)
-  and counts as a 502.
+- The upstream dying mid-body truncates the response (connection closed, never a clean end).
+  When part of the body had reached the consumer it is billed for what was delivered, as an
+  abandoned stream is, with the upstream's status and the flag ``upstream_aborted``;
+  otherwise it counts as a 502.
 """
 
 from __future__ import annotations
@@ -351,12 +353,15 @@ class Exchange:
                 await _write(resp, rest)
         except BODY_ERRORS as exc:
             # the upstream died mid-body: the consumer gets a truncated response (the
-            # connection is closed, never a clean end) and the request counts as a 502
+            # connection is closed, never a clean end). Part of the body reached it: billed
+            # for what was delivered, as an abandoned stream is, with the upstream's status
+            # (flagged); none did: a 502
             metrics.upstream_errors_total.labels(body_error(exc).type + "_midstream").inc()
             self.flags = "upstream_aborted"
             self.upstream_s = time.perf_counter() - t_up
             _feed(inspector, seen)
-            if (commit := self._finish(502, upstream, inspector, sent)) is not None:
+            if (commit := self._finish(status if sent and self.delivered else 502, upstream,
+                                       inspector, sent)) is not None:
                 await commit
             _kill(req)
             return resp

@@ -61,24 +61,35 @@ class WebSocketRelay:
             # for it is closed, never left to the upstream's timeout or the GC
             await upstream_ws.close()
             raise
-        # an upgraded session counts as a success (2xx) for count_when
-        status = 200
         try:
             await _pump(server_ws, upstream_ws)
         finally:
-            await upstream_ws.close()
-            await server_ws.close()
-            rule = ctx.rule
-            if rule is not None and rule.usage and ctx.customer_id:
-                m = Measurement(status=status,
-                                request_headers=matched_headers(request.headers),
-                                response_headers={}, query=request.query,
-                                path_params=ctx.params, request_json=UNREADABLE,
-                                response_body=None, request_bytes=0, response_bytes=0,
-                                duration_ms=Decimal(int((time.perf_counter() - ctx.started)
-                                                        * 1000)))
-                self.settlement.record(ctx, rule, m, status, "websocket")
+            # recorded before the closing handshakes: either close can be cut short by a
+            # CancelledError (a consumer that drops its TCP connection instead of answering
+            # a Close, or while the upstream's Close reply is awaited: aiohttp cancels the
+            # handler, handler_cancellation=True), and the pipeline then releases the hold;
+            # the session ended when the frames stopped, so it is recorded once, here
+            try:
+                self._record(ctx)
+            finally:
+                await upstream_ws.close()
+                await server_ws.close()
         return server_ws
+
+    def _record(self, ctx: RequestContext) -> None:
+        rule = ctx.rule
+        if rule is not None and rule.usage and ctx.customer_id:
+            # an upgraded session counts as a success (2xx) for count_when
+            status = 200
+            request = ctx.request
+            m = Measurement(status=status,
+                            request_headers=matched_headers(request.headers),
+                            response_headers={}, query=request.query,
+                            path_params=ctx.params, request_json=UNREADABLE,
+                            response_body=None, request_bytes=0, response_bytes=0,
+                            duration_ms=Decimal(int((time.perf_counter() - ctx.started)
+                                                    * 1000)))
+            self.settlement.record(ctx, rule, m, status, "websocket")
 
 
 _WS = aiohttp.WSMsgType

@@ -471,23 +471,25 @@ class _RuleEntry:
 
 def _response_needs(usage: Sequence[UsageSpec]) -> tuple[ResponseNeed, tuple[Probe, ...],
                                                          tuple[Probe, ...]]:
-    json_p: dict[str, Probe] = {}
-    sse_p: dict[str, Probe] = {}
+    # each probe once, in order (a dict as an ordered set); several probes may set one key
+    # (openai_responses: one per event type that ends a stream)
+    json_p: dict[Probe, None] = {}
+    sse_p: dict[Probe, None] = {}
     need = ResponseNeed.NONE
     for u in usage:
         src = u.source
         if src.kind is SourceKind.PRESET and src.preset is not None:
             spec = PRESETS[src.preset]
-            json_p.update((p.key, p) for p in spec.json_probes)
-            sse_p.update((p.key, p) for p in spec.sse_probes)
+            json_p.update(dict.fromkeys(spec.json_probes))
+            sse_p.update(dict.fromkeys(spec.sse_probes))
             need = ResponseNeed.SSE_OR_JSON
         elif src.kind is SourceKind.RESPONSE_JSON:
             probe = Probe(src.probe_key, src.path)
-            json_p[probe.key] = probe
-            sse_p[probe.key] = probe
+            json_p[probe] = None
+            sse_p[probe] = None
             if need is ResponseNeed.NONE:
                 need = ResponseNeed.JSON
-    return need, tuple(json_p.values()), tuple(sse_p.values())
+    return need, tuple(json_p), tuple(sse_p)
 
 
 def _auth(f: _File, path: KeyPath, m: Mapping[str, object]) -> Literal["required", "none"]:

@@ -131,31 +131,51 @@ class QuantitySource:
 
 @dataclass(frozen=True, slots=True)
 class PresetSpec:
-    """An LLM response shape: which probes to read and which keys add up to the total."""
+    """An LLM response shape: which probes to read and which keys add up to the total.
+
+    Every key of ``sum_keys`` must be read (one that is absent makes the quantity
+    unreadable: the fallback); a key of ``optional_keys`` is added when present and counts
+    0 when absent or ``null`` (a field older API versions do not send), but a value that is
+    present and not a quantity is unreadable like any other."""
 
     name: str
     json_probes: tuple[Probe, ...]
     sse_probes: tuple[Probe, ...]
     sum_keys: tuple[str, ...]
+    optional_keys: tuple[str, ...] = ()
+
+
+# the event types that end a Responses API stream, each carrying ``response.usage``
+_RESPONSES_FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 def _presets() -> dict[str, PresetSpec]:
     oc = Probe("openai_chat.total", ("usage", "total_tokens"))
     ai = "anthropic_messages.input"
     ao = "anthropic_messages.output"
+    # Anthropic's input_tokens excludes the prompt cache's tokens, reported (and billed) apart
+    acw = "anthropic_messages.cache_creation"
+    acr = "anthropic_messages.cache_read"
     ort = "openai_responses.total"
     return {
         "openai_chat": PresetSpec("openai_chat", (oc,), (oc,), (oc.key,)),
         "anthropic_messages": PresetSpec(
             "anthropic_messages",
-            (Probe(ai, ("usage", "input_tokens")), Probe(ao, ("usage", "output_tokens"))),
+            (Probe(ai, ("usage", "input_tokens")),
+             Probe(acw, ("usage", "cache_creation_input_tokens")),
+             Probe(acr, ("usage", "cache_read_input_tokens")),
+             Probe(ao, ("usage", "output_tokens"))),
             (Probe(ai, ("message", "usage", "input_tokens"), "message_start"),
+             Probe(acw, ("message", "usage", "cache_creation_input_tokens"), "message_start"),
+             Probe(acr, ("message", "usage", "cache_read_input_tokens"), "message_start"),
              Probe(ao, ("usage", "output_tokens"), "message_delta")),
-            (ai, ao)),
+            (ai, ao), (acw, acr)),
         "openai_responses": PresetSpec(
             "openai_responses",
             (Probe(ort, ("usage", "total_tokens")),),
-            (Probe(ort, ("response", "usage", "total_tokens"), "response.completed"),),
+            # one probe per final event type, all setting the one key (the last seen wins)
+            tuple(Probe(ort, ("response", "usage", "total_tokens"), t)
+                  for t in _RESPONSES_FINAL_EVENTS),
             (ort,)),
     }
 
@@ -222,8 +242,9 @@ class Rule:
     line: int = 0
     json_probes: tuple[Probe, ...] = ()
     sse_probes: tuple[Probe, ...] = ()
-    # an openai_chat preset: a streamed request without stream_options.include_usage gets
-    # it added, so the upstream reports usage (see docs/metering-bodies.md)
+    # an openai_chat preset: a request that may stream (proxy.rules.sse.may_stream) without
+    # stream_options.include_usage gets it added, so the upstream reports usage (see
+    # docs/metering-bodies.md)
     stream_usage: bool = False
     # a usage counts request.bytes: a compressed request body is refused (415), as for
     # request_json, since the upstream may process its decoded size (docs/metering-bodies.md)

@@ -12,7 +12,9 @@ Invariants:
   event) yields the usage's fallback with ``unreadable=True`` and a ``reason``: its
   ``on_unreadable`` when the operator set one, else the reservation (its ``estimate``,
   else ``credits.default_estimate``), never 0 by default. The fallback is in meter units
-  and is not transformed.
+  and is not transformed. A preset's optional keys (``PresetSpec.optional_keys``:
+  Anthropic's prompt-cache counts) are the exception to "absent": absent or null, they count
+  0; present, they must be quantities like the rest.
 - A usage's ``transform`` is NOT applied here: a request records raw units, and the
   transform rounds the meter's period total once (:mod:`proxy.transform`), as Stripe's
   ``transform_quantity`` does. Rounding per request would bill 1,000 one-byte uploads as
@@ -106,6 +108,14 @@ def _preset_total(name: str, body: BodyView | None) -> Decimal | None:
         if d is None:
             return None
         total += d
+    for key in spec.optional_keys:           # absent or null: 0; anything else must parse
+        v = _body_value(body, key)
+        if v is UNREADABLE or v is None:
+            continue
+        d = parse_number(v)
+        if d is None:
+            return None
+        total += d
     return total if total <= MAX_UNITS else None
 
 
@@ -186,10 +196,18 @@ def _int_micro(u: UsageSpec, body: BodyView | None) -> int | None:
     values = body.values
     if src.kind is SourceKind.PRESET:
         assert src.preset is not None
+        spec = PRESETS[src.preset]
         total = 0
-        for key in PRESETS[src.preset].sum_keys:
+        for key in spec.sum_keys:
             v = values.get(key)
             if type(v) is not int or v < 0:      # (not bool: a bool is not a quantity)
+                return None
+            total += v
+        for key in spec.optional_keys:
+            v = values.get(key)
+            if v is None:                        # absent or null: counts 0
+                continue
+            if type(v) is not int or v < 0:
                 return None
             total += v
     else:

@@ -39,6 +39,7 @@ __all__ = [
     "SseParser",
     "UsageChunkFilter",
     "lookup",
+    "may_stream",
     "with_stream_usage",
 ]
 
@@ -631,12 +632,28 @@ def _is_usage_chunk(event: bytes) -> bool:
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 
+def may_stream(value: object) -> bool:
+    """Whether an upstream may take a request's ``"stream"`` value as asking for a stream:
+    anything but absent, ``false``, ``null``, a number equal to 0 and ``""`` (the values
+    JavaScript holds false). Upstreams read the field loosely: pydantic's lax mode (vLLM,
+    SGLang) streams for 1, 1.0, "true", "yes", "on"...; a handler testing the value's truth
+    (``if body.get("stream")``, ``if (body.stream)``) for any non-empty string, "false" and
+    "0" included. None of them streams for the values left out, and vLLM refuses
+    ``stream_options`` (400) when the raw ``stream`` is falsy, so those are left as sent.
+    ``[]`` and ``{}`` count as a stream (JavaScript's truth), though Python holds them
+    false: pydantic refuses both anyway."""
+    if isinstance(value, (bool, int, float)):
+        return bool(value)            # (NaN, which Python's json reads, is true)
+    return value is not None and value != ""
+
+
 def with_stream_usage(doc: object, raw: bytes) -> bytes | None:
     """For an ``openai_chat`` request: the body with ``stream_options.include_usage`` set to
-    true when ``doc`` (the parsed ``raw``) asks for a stream without it; None when nothing
-    needs to change. An absent ``stream_options`` is inserted as the first key, leaving
-    every byte the client sent as it was; one that is present is rewritten (re-encoded)."""
-    if not isinstance(doc, dict) or doc.get("stream") is not True:
+    true when ``doc`` (the parsed ``raw``) may ask for a stream (:func:`may_stream`) without
+    it; None when nothing needs to change. An absent ``stream_options`` is inserted as the
+    first key, leaving every byte the client sent as it was; one that is present is
+    rewritten (re-encoded)."""
+    if not isinstance(doc, dict) or not may_stream(doc.get("stream")):
         return None
     so = doc.get("stream_options", _MISSING)
     if isinstance(so, dict) and so.get("include_usage") is True:

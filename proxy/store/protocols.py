@@ -173,9 +173,14 @@ class TrueUpRecord:
     charged: int
     amount: int
     currency: str
-    status: str                 # none (no shortfall) | sent (``invoice_item`` created)
+    # none (no shortfall) | sending (the parameters frozen, the item not confirmed yet) |
+    # sent (``invoice_item`` created)
+    status: str
     invoice_item: str | None
     created_at: int
+    # the Stripe customer the item is for (frozen with the rest; None on rows written
+    # before schema migration 14 / PostgreSQL's 10, which were never ``sending``)
+    stripe_customer_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,11 +809,23 @@ class TrueUps(Protocol):
     (customer, period start)."""
 
     async def decided(self, customer_id: str, period_start: int) -> bool:
+        """Whether the period has a row (``sending`` included: its parameters are frozen)."""
         ...
 
     async def record(self, t: TrueUpRecord) -> bool:
         """Record the decision unless one exists for (customer, period start); True if this
-        call recorded it (the first decision stays)."""
+        call recorded it (the first decision stays). ``none``, ``sent``, or ``sending``
+        (with its ``stripe_customer_id``): the parameters of the invoice item about to be
+        created, which every later attempt sends as they are; ValueError otherwise."""
+        ...
+
+    async def sending(self) -> list[TrueUpRecord]:
+        """The ``sending`` true-ups (frozen, not confirmed), oldest period first."""
+        ...
+
+    async def mark_sent(self, customer_id: str, period_start: int, invoice_item: str) -> bool:
+        """A ``sending`` true-up's item was created (or found): ``sent`` with its id. True if
+        this call changed it (False: already sent, or no such ``sending`` row)."""
         ...
 
     async def recent(self, customer_id: str | None = None,

@@ -365,7 +365,32 @@ MIGRATIONS: tuple[str, ...] = (
             WHERE id = 0)) + 1 FROM journal) WHERE seq = NEW.seq;
     END;
     """,
-    # 14: when an outbox row's first call that Stripe may have applied began (unix seconds;
+    # 14: a commitment true-up's parameters are frozen before its invoice item is created
+    # (status ``sending``, with the Stripe customer it is for), so every retry sends the
+    # same ones (proxy/commitments.py); the CHECK is widened by rebuilding the table
+    """
+    CREATE TABLE trueups_new (
+        customer_id TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        commitment INTEGER NOT NULL,
+        charged INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('none', 'sending', 'sent')),
+        invoice_item TEXT,
+        created_at INTEGER NOT NULL,
+        stripe_customer_id TEXT,
+        PRIMARY KEY (customer_id, period_start)
+    );
+    INSERT INTO trueups_new (customer_id, period_start, period_end, commitment, charged, amount,
+                             currency, status, invoice_item, created_at)
+        SELECT customer_id, period_start, period_end, commitment, charged, amount, currency,
+               status, invoice_item, created_at FROM trueups;
+    DROP TABLE trueups;
+    ALTER TABLE trueups_new RENAME TO trueups;
+    """,
+    # 15: when an outbox row's first call that Stripe may have applied began (unix seconds;
     # NULL: none yet). Stripe dedupes identifiers over 24 h only, so the flusher resends a
     # row only within its resend horizon of that time (proxy.flusher.RESEND_HORIZON). Rows
     # attempted before this migration get their creation time: at or before their first

@@ -110,18 +110,31 @@ class SqliteUsage:
         if customers:
             sql += f" AND customer_id IN ({','.join('?' * len(customers))})"
             args.extend(customers)
-        sql += " ORDER BY seq" if customer_id is None else " ORDER BY at_ms, seq"
+        by_seq = customer_id is None
         if self.reader is not None:
+            sql += " ORDER BY seq" if by_seq else " ORDER BY at_ms, seq"
             async with self.reader.execute(sql, tuple(args)) as cur:
                 while rows := await cur.fetchmany(batch):
                     yield [AuditRecord(*r) for r in rows]
             return
-        cur2 = self.store.conn.execute(sql, args)
-        try:
-            while rows2 := cur2.fetchmany(batch):
-                yield [AuditRecord(*r) for r in rows2]
-        finally:
-            cur2.close()
+        # on the write connection: one statement per batch, resumed after the last row
+        # (keyset), never a cursor left open across the caller's awaits: the group commits
+        # and quiet materialize slices run on this connection meanwhile, and an open
+        # statement would read inside a slice's transaction (rows it may still roll back)
+        # and hold a read mark the WAL's checkpoints wait for
+        after = " AND seq>?" if by_seq else " AND (at_ms, seq)>(?, ?)"
+        order = " ORDER BY seq LIMIT ?" if by_seq else " ORDER BY at_ms, seq LIMIT ?"
+        last: list[Any] = []
+        while True:
+            page = self.store.conn.execute(sql + (after if last else "") + order,
+                                           (*args, *last, batch)).fetchall()
+            if not page:
+                return
+            recs = [AuditRecord(*r) for r in page]
+            yield recs
+            if len(page) < batch:
+                return
+            last = [recs[-1].seq] if by_seq else [recs[-1].at_ms, recs[-1].seq]
 
     async def audit_for_request(self, request_id: str) -> list[AuditRecord]:
         return [AuditRecord(*r) for r in self.store.conn.execute(

@@ -247,6 +247,30 @@ class StripeClient:
             cast(Any, dict(params)), {"idempotency_key": idempotency_key}))
         return str(item.id)
 
+    async def find_invoice_item(self, customer: str, metadata: Mapping[str, str],
+                                period_start: int, page_size: int = 100) -> str | None:
+        """The id of the customer's invoice item whose ``metadata`` holds every pair of
+        ``metadata`` and whose ``period.start`` is ``period_start``, or None: ``GET
+        /v1/invoiceitems?customer=`` read page by page, pending and invoiced items alike
+        (``find`` before a create makes a retry after a lost answer, or after the
+        idempotency key expired, a no-op)."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"customer": customer, "limit": page_size}
+            if after is not None:
+                params["starting_after"] = after
+            page = await _call(self._sdk.v1.invoice_items.list_async(cast(Any, params)))
+            raw: dict[str, Any] = page.to_dict()
+            data = raw.get("data") or []
+            for it in data:
+                meta = it.get("metadata") or {}
+                if (it.get("period") or {}).get("start") == period_start \
+                        and all(meta.get(k) == v for k, v in metadata.items()):
+                    return str(it["id"])
+            if not raw.get("has_more") or not data:
+                return None
+            after = str(data[-1]["id"])
+
     async def preview_invoice(self, customer: str) -> InvoicePreview:
         """``POST /v1/invoices/create_preview`` for the customer's upcoming invoice (its
         subscription's current period); the first page of lines (up to 10)."""

@@ -57,7 +57,9 @@ FLAG_MEANING = {
                            "malformed or undecodable",
     "abandoned": "the consumer disconnected before the end of the response: billed for what "
                  "was measured up to then",
-    "upstream_aborted": "the upstream died in the middle of the body: recorded as status 502",
+    "upstream_aborted": "the upstream died in the middle of the body: billed for what was "
+                        "delivered (the upstream's status) if part of it reached the "
+                        "consumer, else recorded as status 502",
 }
 
 

@@ -15,6 +15,9 @@ from proxy.store.postgres.schema import MIGRATIONS as FLEET_MIGRATIONS
 from proxy.store.schema import MIGRATIONS as SQLITE_MIGRATIONS
 
 BEFORE_6 = len(FLEET_MIGRATIONS) + 4        # migrations 1-5: the fleet's list, owners 2-5
+BEFORE_9 = len(FLEET_MIGRATIONS) + 7        # migrations 1-8
+BEFORE_10 = BEFORE_9 + 1
+BEFORE_11 = BEFORE_10 + 1
 
 FLEET_TABLES = {"credit_accounts", "credit_leases", "members", "usage_ledger", "dead_letters",
                 "leader_leases", "meterproxy_schema"}
@@ -152,7 +155,7 @@ async def test_migration_9_counts_debt_shipped_before_the_customers_account(
     can still escrow is what the grant holds once it has repaid: 43)."""
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await migrate(conn, MIGRATIONS[:-1])
+        await migrate(conn, MIGRATIONS[:BEFORE_9])
         await conn.execute("INSERT INTO customers(id, created_at, updated_at) VALUES"
                            " ('c', 0, 0), ('d', 0, 0)")
         await conn.execute("INSERT INTO credit_entries(customer_id, grant_id, kind, amount,"
@@ -165,5 +168,44 @@ async def test_migration_9_counts_debt_shipped_before_the_customers_account(
         rows = {r[0]: tuple(r[1:]) for r in await conn.fetch(
             "SELECT customer_id, balance, settled, debt FROM credit_accounts")}
         assert rows == {"c": (50, 7, 7), "d": (0, 2, 2)}
+    finally:
+        await conn.close()
+
+
+async def test_migration_10_keeps_true_ups_and_lets_one_be_sending(pg_dsn: str) -> None:
+    """A true-up's parameters are frozen before its invoice item is created (``sending``,
+    with its Stripe customer): the rows written before stay as they were."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, MIGRATIONS[:BEFORE_10])
+        await conn.execute("INSERT INTO trueups VALUES ('c', 100, 200, 1000, 400, 600, 'usd',"
+                           " 'sent', 'ii_1', 7)")
+        await migrate(conn, MIGRATIONS)
+        assert [tuple(r) for r in await conn.fetch(
+            "SELECT customer_id, status, invoice_item, stripe_customer_id FROM trueups")] == [
+            ("c", "sent", "ii_1", None)]
+        await conn.execute("INSERT INTO trueups VALUES ('c', 200, 300, 1000, 400, 600, 'usd',"
+                           " 'sending', NULL, 8, 'cus_c')")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("INSERT INTO trueups VALUES ('c', 300, 400, 1000, 400, 600,"
+                               " 'usd', 'pending', NULL, 9, 'cus_c')")
+    finally:
+        await conn.close()
+
+
+async def test_migration_11_dates_rows_attempted_before_it_from_their_creation(pg_dsn: str) -> None:
+    """``outbox.first_attempt_at`` (the flusher's resend horizon counts from it): a row an
+    older version attempted gets its creation time, one never attempted none."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, MIGRATIONS[:BEFORE_11])
+        for oid, attempts in ((1, 3), (2, 0)):
+            await conn.execute(
+                "INSERT INTO outbox(id, identifier, customer_id, meter, event_name, value,"
+                " window_start, timestamp, created_at, attempts) VALUES"
+                " ($1, $2, 'c', 'm', 'm', 1, 0, 0, $3, $4)", oid, f"mp_{oid}", 1000 + oid, attempts)
+        await migrate(conn, MIGRATIONS)
+        assert [tuple(r) for r in await conn.fetch(
+            "SELECT id, first_attempt_at FROM outbox ORDER BY id")] == [(1, 1001.0), (2, None)]
     finally:
         await conn.close()

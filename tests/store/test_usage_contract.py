@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+from pathlib import Path
 
 from proxy.credits.ledger import Entry, GrantState
+from proxy.store.db import Store, UsageItem, UsageRow, connect
 from proxy.store.protocols import NewGrant
+from proxy.store.usage import SqliteUsage
 from tests.store.conftest import Backend
 
 NOV = calendar.timegm((2026, 11, 1, 0, 0, 0))
@@ -123,3 +126,42 @@ async def test_quantities_group_every_customer_and_meter(backend: Backend) -> No
     assert await u.quantities(NOV + 120, NOV + 86400 + 60) == {("c1", "api_calls"): 2,
                                                                ("c2", "tokens"): 4}
     assert await u.quantities(NOV + 2 * 86400, NOV + 3 * 86400) == {}
+
+
+async def test_audit_stream_on_the_write_connection_holds_no_statement_between_batches(
+        tmp_path: Path) -> None:
+    """Without the reader (a store composed without one), the audit is read on the write
+    connection one statement per batch, resumed after the last row: while the caller holds
+    a batch, group commits and the WAL's checkpoints run as if no reader were there, the
+    rows come in the promised order (ties on ``at_ms`` by seq) and none twice or missing."""
+    path = tmp_path / "m.db"
+    store = Store.open(path)
+    other = connect(path)
+    try:
+        usage = SqliteUsage(store)
+        t = NOV + 5
+        for i, cid in enumerate(["a", "b", "a", "a", "b", "a", "a"]):
+            at = t if i < 5 else t - 1          # the last two are older: the order moves
+            row = UsageRow(f"r{i}", at, cid, "k", "rule", "v1", 200,
+                           [UsageItem("api_calls", 1, 0, 1)], method="GET", path="/x")
+            fut = store.record(row, wait=True)
+            assert fut is not None
+            await fut
+        await usage.materialize()
+        by_seq = []
+        async for batch in usage.audit_stream(None, NOV, NOV + 60, batch=2):
+            assert len(batch) <= 2
+            by_seq += [r.request_id for r in batch]
+            # between two batches: nothing holds a read mark, so a TRUNCATE checkpoint from
+            # another connection finishes (busy 0), and a strict commit lands meanwhile
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        assert by_seq == [f"r{i}" for i in range(7)]
+        of_a = [r.request_id async for b in usage.audit_stream("a", NOV, NOV + 60, batch=1)
+                for r in b]
+        assert of_a == ["r5", "r6", "r0", "r2", "r3"]       # at_ms, then seq
+        among = [r.request_id async for b in usage.audit_stream(None, NOV, NOV + 60, ["b"], 1)
+                 for r in b]
+        assert among == ["r1", "r4"]
+    finally:
+        other.close()
+        store.close()

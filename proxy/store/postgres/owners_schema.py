@@ -33,7 +33,8 @@ Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
 ``grant_mirrors`` (the monetary credits mode, docs/credits.md). Migration 8 is SQLite's
 migration 12: ``invoice_finalized``. Migration 9 counts debt shipped for a customer
 before it had a credit account (``settled`` and ``debt``). Migration 10 is SQLite's
-migration 14: ``outbox.first_attempt_at``.
+migration 14: a true-up's ``sending`` status and ``trueups.stripe_customer_id``. Migration 11
+is SQLite's migration 15: ``outbox.first_attempt_at``.
 """
 
 from __future__ import annotations
@@ -229,8 +230,16 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
         FROM credit_entries WHERE kind IN ('debt', 'repay') GROUP BY customer_id) s
         WHERE a.customer_id = s.customer_id AND a.debt <> s.d;
     """,
-    # 10: when an outbox row's first call that Stripe may have applied began (SQLite's
-    # migration 14; proxy.flusher.RESEND_HORIZON). Rows attempted before get their creation
+    # 10: a commitment true-up's parameters frozen before its invoice item is created
+    # (SQLite's migration 14): status ``sending`` and the Stripe customer it is for
+    """
+    ALTER TABLE trueups ADD COLUMN stripe_customer_id TEXT;
+    ALTER TABLE trueups DROP CONSTRAINT trueups_status_check;
+    ALTER TABLE trueups ADD CONSTRAINT trueups_status_check
+        CHECK (status IN ('none', 'sending', 'sent'));
+    """,
+    # 11: when an outbox row's first call that Stripe may have applied began (SQLite's
+    # migration 15; proxy.flusher.RESEND_HORIZON). Rows attempted before get their creation
     # time: at or before their first call
     """
     ALTER TABLE outbox ADD COLUMN first_attempt_at DOUBLE PRECISION;
