@@ -110,31 +110,32 @@ class SqliteUsage:
         if customers:
             sql += f" AND customer_id IN ({','.join('?' * len(customers))})"
             args.extend(customers)
+        # keyset pages, one finished statement per batch, resumed after the last row (as
+        # PostgreSQL's): never a statement left open across the caller's awaits. The caller
+        # is an export streamed to a client that reads as slowly as it likes; an open
+        # statement would hold its connection's read transaction for that long: on the
+        # reader, every other read through it (usage reports, the admin's listings) would
+        # see the data as it was when the export began, and the WAL's checkpoints would
+        # wait for its read mark (the WAL grows); on the write connection it would read
+        # inside quiet materialize slices' transactions (rows they may still roll back)
         by_seq = customer_id is None
-        if self.reader is not None:
-            sql += " ORDER BY seq" if by_seq else " ORDER BY at_ms, seq"
-            async with self.reader.execute(sql, tuple(args)) as cur:
-                while rows := await cur.fetchmany(batch):
-                    yield [AuditRecord(*r) for r in rows]
-            return
-        # on the write connection: one statement per batch, resumed after the last row
-        # (keyset), never a cursor left open across the caller's awaits: the group commits
-        # and quiet materialize slices run on this connection meanwhile, and an open
-        # statement would read inside a slice's transaction (rows it may still roll back)
-        # and hold a read mark the WAL's checkpoints wait for
         after = " AND seq>?" if by_seq else " AND (at_ms, seq)>(?, ?)"
         order = " ORDER BY seq LIMIT ?" if by_seq else " ORDER BY at_ms, seq LIMIT ?"
-        last: list[Any] = []
+        last: tuple[Any, ...] = ()
         while True:
-            page = self.store.conn.execute(sql + (after if last else "") + order,
-                                           (*args, *last, batch)).fetchall()
+            page_sql, page_args = sql + (after if last else "") + order, (*args, *last, batch)
+            if self.reader is not None:
+                async with self.reader.execute(page_sql, page_args) as cur:
+                    page = list(await cur.fetchall())
+            else:
+                page = self.store.conn.execute(page_sql, page_args).fetchall()
             if not page:
                 return
             recs = [AuditRecord(*r) for r in page]
             yield recs
             if len(page) < batch:
                 return
-            last = [recs[-1].seq] if by_seq else [recs[-1].at_ms, recs[-1].seq]
+            last = (recs[-1].seq,) if by_seq else (recs[-1].at_ms, recs[-1].seq)
 
     async def audit_for_request(self, request_id: str) -> list[AuditRecord]:
         return [AuditRecord(*r) for r in self.store.conn.execute(

@@ -6,9 +6,12 @@ import asyncio
 import calendar
 from pathlib import Path
 
+import pytest
+
 from proxy.credits.ledger import Entry, GrantState
 from proxy.store.db import Store, UsageItem, UsageRow, connect
 from proxy.store.protocols import NewGrant
+from proxy.store.sqlite import open_reader
 from proxy.store.usage import SqliteUsage
 from tests.store.conftest import Backend
 
@@ -128,34 +131,47 @@ async def test_quantities_group_every_customer_and_meter(backend: Backend) -> No
     assert await u.quantities(NOV + 2 * 86400, NOV + 3 * 86400) == {}
 
 
-async def test_audit_stream_on_the_write_connection_holds_no_statement_between_batches(
-        tmp_path: Path) -> None:
-    """Without the reader (a store composed without one), the audit is read on the write
-    connection one statement per batch, resumed after the last row: while the caller holds
-    a batch, group commits and the WAL's checkpoints run as if no reader were there, the
-    rows come in the promised order (ties on ``at_ms`` by seq) and none twice or missing."""
+@pytest.mark.parametrize("with_reader", [True, False], ids=["reader", "write_connection"])
+async def test_audit_stream_holds_no_statement_between_batches(tmp_path: Path,
+                                                                with_reader: bool) -> None:
+    """The audit is read one statement per batch, resumed after the last row, on the reader
+    (as the proxy runs) and on the write connection (a store composed without a reader):
+    while the caller holds a batch (an export streamed to a slow client), the WAL's
+    checkpoints finish, other reads through the same connection see what was committed
+    since, and the rows come in the promised order (ties on ``at_ms`` by seq), none twice
+    or missing."""
     path = tmp_path / "m.db"
     store = Store.open(path)
+    reader = await open_reader(path) if with_reader else None
     other = connect(path)
     try:
-        usage = SqliteUsage(store)
-        t = NOV + 5
-        for i, cid in enumerate(["a", "b", "a", "a", "b", "a", "a"]):
-            at = t if i < 5 else t - 1          # the last two are older: the order moves
+        usage = SqliteUsage(store, reader)
+
+        async def record(i: int, cid: str, at: float) -> None:
             row = UsageRow(f"r{i}", at, cid, "k", "rule", "v1", 200,
                            [UsageItem("api_calls", 1, 0, 1)], method="GET", path="/x")
             fut = store.record(row, wait=True)
             assert fut is not None
             await fut
-        await usage.materialize()
+            await usage.materialize()
+
+        t = NOV + 5
+        for i, cid in enumerate(["a", "b", "a", "a", "b", "a", "a"]):
+            await record(i, cid, t if i < 5 else t - 1)     # the last two older: order moves
         by_seq = []
         async for batch in usage.audit_stream(None, NOV, NOV + 60, batch=2):
             assert len(batch) <= 2
             by_seq += [r.request_id for r in batch]
             # between two batches: nothing holds a read mark, so a TRUNCATE checkpoint from
-            # another connection finishes (busy 0), and a strict commit lands meanwhile
+            # another connection finishes (busy 0) ...
             assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-        assert by_seq == [f"r{i}" for i in range(7)]
+            if len(by_seq) == 2:
+                # ... and a read through the same connection sees a row committed meanwhile
+                await record(100, "c", NOV + 30)
+                assert (await usage.audit_for_request("r100"))[0].customer_id == "c"
+                _, _, totals = await usage.usage("c", NOV, NOV + 60)
+                assert totals["api_calls"].quantity == 1
+        assert by_seq == [f"r{i}" for i in range(7)] + ["r100"]
         of_a = [r.request_id async for b in usage.audit_stream("a", NOV, NOV + 60, batch=1)
                 for r in b]
         assert of_a == ["r5", "r6", "r0", "r2", "r3"]       # at_ms, then seq
@@ -164,4 +180,6 @@ async def test_audit_stream_on_the_write_connection_holds_no_statement_between_b
         assert among == ["r1", "r4"]
     finally:
         other.close()
+        if reader is not None:
+            await reader.close()
         store.close()
