@@ -202,11 +202,36 @@ def test_anthropic_cache_fields_alone_are_not_a_reading(rules: dict[str, Rule]) 
     body = orjson.dumps({"usage": {"cache_read_input_tokens": 9000, "output_tokens": 6}})
     assert run(rules["anthropic"], "application/json", [body]) == [
         Quantity("m", M, True, "unreadable")]
-    # the cache fields of message_start only: the same names elsewhere are not read
+    # the cache fields of message_start and message_delta only: the same names elsewhere
+    # (a content block's text, another event type) are not read
     other = sse({"type": "message_start", "message": {"usage": {"input_tokens": 25}}},
-                {"type": "message_delta", "usage": {"output_tokens": 15,
-                                                     "cache_read_input_tokens": 9000}})
+                {"type": "content_block_delta", "usage": {"cache_read_input_tokens": 9000}},
+                {"type": "message_delta", "usage": {"output_tokens": 15}})
     assert run(rules["anthropic"], "text/event-stream", other) == [Quantity("m", 40 * M, False)]
+
+
+def test_anthropic_message_delta_counts_are_cumulative_and_win(rules: dict[str, Rule]) -> None:
+    """``message_delta``'s usage is cumulative, its input and cache counts optional (newer
+    API versions send them, higher than ``message_start``'s when server tools ran): the
+    last count sent wins; one that is null or absent leaves ``message_start``'s."""
+    r = rules["anthropic"]
+    start = {"type": "message_start", "message": {"usage": {
+        "input_tokens": 25, "cache_creation_input_tokens": 100, "output_tokens": 1}}}
+    grown = sse(start,
+                {"type": "message_delta", "usage": {"output_tokens": 15, "input_tokens": 300,
+                                                     "cache_read_input_tokens": 7000}},
+                {"type": "message_stop"}, event_names=True)
+    assert run(r, "text/event-stream", grown) == [Quantity("m", (300 + 100 + 7000 + 15) * M, False)]
+    nulls = sse(start,
+                {"type": "message_delta", "usage": {"output_tokens": 15, "input_tokens": None,
+                                                     "cache_creation_input_tokens": None,
+                                                     "cache_read_input_tokens": None}},
+                event_names=True)
+    assert run(r, "text/event-stream", nulls) == [Quantity("m", (25 + 100 + 15) * M, False)]
+    # a non-number there is unreadable, as anywhere: the reservation
+    bad = sse(start, {"type": "message_delta", "usage": {"output_tokens": 15,
+                                                         "input_tokens": "many"}})
+    assert run(r, "text/event-stream", bad) == [Quantity("m", M, True, "unreadable")]
 
 
 @pytest.mark.parametrize(("last", "expected"), [

@@ -168,6 +168,12 @@ def _presets() -> dict[str, PresetSpec]:
             (Probe(ai, ("message", "usage", "input_tokens"), "message_start"),
              Probe(acw, ("message", "usage", "cache_creation_input_tokens"), "message_start"),
              Probe(acr, ("message", "usage", "cache_read_input_tokens"), "message_start"),
+             # message_delta's counts are cumulative, the input and cache ones optional
+             # (newer API versions send them, higher than message_start's when server tools
+             # ran): the last one sent wins; a null leaves message_start's
+             Probe(ai, ("usage", "input_tokens"), "message_delta", True),
+             Probe(acw, ("usage", "cache_creation_input_tokens"), "message_delta", True),
+             Probe(acr, ("usage", "cache_read_input_tokens"), "message_delta", True),
              Probe(ao, ("usage", "output_tokens"), "message_delta")),
             (ai, ao), (acw, acr)),
         "openai_responses": PresetSpec(

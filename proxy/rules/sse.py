@@ -91,11 +91,14 @@ class Probe:
 
     ``key`` names the value in :attr:`BodyView.values`; ``path`` is looked up in the
     JSON document (or in each SSE ``data:`` event); ``type_filter``, when set, only
-    accepts events whose top-level ``"type"`` equals it (e.g. ``message_start``)."""
+    accepts events whose top-level ``"type"`` equals it (e.g. ``message_start``);
+    ``skip_null``: a ``null`` there leaves the value an earlier event set (a later event
+    that may or may not repeat a count, e.g. Anthropic's ``message_delta``)."""
 
     key: str
     path: JsonPath
     type_filter: str | None = None
+    skip_null: bool = False
 
     @property
     def needles(self) -> tuple[bytes, ...]:
@@ -278,13 +281,14 @@ class SseParser:
 
 
 def _match_probes(doc: object, probes: tuple[Probe, ...], out: dict[str, object]) -> None:
-    """Record each probe's value in ``doc`` (keeping earlier values when absent here)."""
+    """Record each probe's value in ``doc`` (keeping earlier values when absent here, or
+    null for a ``skip_null`` probe)."""
     etype: object = doc.get("type") if isinstance(doc, dict) else None
     for p in probes:
         if p.type_filter is not None and etype != p.type_filter:
             continue
         v = lookup(doc, p.path)
-        if v is not UNREADABLE:
+        if v is not UNREADABLE and (v is not None or not p.skip_null):
             out[p.key] = v
 
 
