@@ -5,14 +5,17 @@ period, every difference explained; the preview cache that bounds what consumers
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+import stripe
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,9 +28,10 @@ from proxy.rules import load_rules
 from proxy.store.db import Store, UsageItem, UsageRow
 from proxy.store.sqlite import SqliteStorage
 from proxy.stripe.client import InvoicePreview, PreviewLine, StripeClient
-from tests.conftest import ProxyFactory
+from tests.conftest import ROOT, ProxyFactory
 from tests.helpers import wait_until
 from tests.stripe_double.fixture import TEST_API_KEY, RunningDouble
+from tests.stripe_double.invoices import preview as double_preview
 from tests.test_openapi import validate_response
 
 U = 1_000_000
@@ -311,3 +315,175 @@ async def test_a_customer_in_another_currency_sees_its_currency_option(
         assert (shown["currency"], shown["tiers"][0]["flat_amount_decimal"]) == ("eur", "90")
     finally:
         store.close()
+
+
+# ---- a preview of more than one page of lines ----------------------------------------------
+
+OTHER = 10          # prices on the subscription before price_calls: its line is the 11th
+
+
+async def _seed_long(double: RunningDouble, items: int = 0) -> tuple[int, int]:
+    """A subscription of ``OTHER`` flat per-unit prices (meters nobody reports to) and then
+    price_calls, plus ``items`` pending invoice items: price_calls' line is on page 2."""
+    start, end = _period()
+    double.state.add_meter("api_calls", id="mtr_calls")
+    double.state.add_price(GRADUATED)
+    for i in range(OTHER):
+        double.state.add_meter(f"other_{i}", id=f"mtr_other_{i}")
+        double.state.add_price({"id": f"price_other_{i}", "currency": "usd",
+                                "unit_amount_decimal": "1", "recurring": {"meter": f"mtr_other_{i}"}})
+    double.state.add_subscription(CUS, [f"price_other_{i}" for i in range(OTHER)] + ["price_calls"],
+                                  (start, end))
+    for i in range(items):
+        double.state.invoice_items.create(
+            {"customer": CUS, "amount": 100 + i, "currency": "usd", "description": f"item {i}"})
+    return start, end
+
+
+async def test_the_double_embeds_ten_lines_and_pages_the_rest_like_stripe(
+        stripe_double: RunningDouble) -> None:
+    """``create_preview`` embeds the first 10 lines (``lines.has_more``, ``lines.url`` the
+    preview's ``/v1/invoices/upcoming_in_.../lines``); that endpoint pages the rest."""
+    await _seed_long(stripe_double, items=4)
+    inv = double_preview(stripe_double.state, {"customer": CUS})
+    assert inv["id"].startswith("upcoming_in_")
+    assert len(inv["lines"]["data"]) == 10 and inv["lines"]["has_more"] is True
+    assert inv["lines"]["url"] == f"/v1/invoices/{inv['id']}/lines"
+    auth = {"Authorization": f"Bearer {TEST_API_KEY}", "Stripe-Version": stripe.api_version}
+    async with aiohttp.ClientSession() as s:
+        after = inv["lines"]["data"][-1]["id"]
+        async with s.get(f"{stripe_double.url}{inv['lines']['url']}",
+                         params={"limit": "3", "starting_after": after}, headers=auth) as r:
+            page = await r.json()
+        assert r.status == 200 and page["object"] == "list" and page["has_more"] is True
+        assert [ln["pricing"]["price_details"]["price"] for ln in page["data"][:1]] == ["price_calls"]
+        async with s.get(f"{stripe_double.url}/v1/invoices/upcoming_in_nope/lines",
+                         headers=auth) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "resource_missing"
+
+
+async def test_preview_reads_every_page_of_lines(stripe_double: RunningDouble,
+                                                 client: StripeClient) -> None:
+    await _seed_long(stripe_double, items=4)
+    await _send(client, 1, 7, int(time.time()) - 60)
+    got = await client.preview_invoice(CUS)
+    assert not got.has_more and len(got.lines) == OTHER + 1 + 4
+    [calls] = [ln for ln in got.lines if ln.price == "price_calls"]
+    assert (calls.quantity, calls.amount) == (7, 100 + 7 * 2)
+    assert sorted(ln.amount for ln in got.lines if ln.invoice_item) == [100, 101, 102, 103]
+    assert len(stripe_double.state.calls("invoice_lines")) == 1        # 100 lines a page
+    assert sum(ln.amount for ln in got.lines) == got.total
+
+
+async def test_a_preview_longer_than_the_page_bound_is_said_to_be_incomplete(
+        stripe_double: RunningDouble, client: StripeClient) -> None:
+    """Past ``max_pages`` further pages the preview is incomplete, and a meter whose line was
+    not read is not said to be missing from Stripe's invoice."""
+    await _seed_long(stripe_double, items=4)
+    got = await client.preview_invoice(CUS, page_size=2, max_pages=2)    # 10 + 2 + 2 read
+    assert got.has_more and len(got.lines) == 14
+    assert len(stripe_double.state.calls("invoice_lines")) == 2
+    out = compare({"a": (3, 300)}, {"a": "price_not_read"}, got)
+    [line] = out["lines"]
+    assert out["complete"] is False and "more lines than the 14 read" in out["note"]
+    assert not line["explanation"].startswith("not on Stripe's invoice")
+    assert "first 14 lines" in line["explanation"]
+
+
+async def test_the_usage_page_finds_a_meter_on_the_second_page_of_lines(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    await _seed_long(stripe_double, items=2)
+    p = await make_proxy(rules_text=E2E_RULES, stripe={
+        "api_key": TEST_API_KEY, "sink": "meter_events", "api_base": stripe_double.url,
+        "meter_events_base": stripe_double.url, "flush_interval": "50ms", "timeout": "5s"})
+    key = await p.customer_with_key("acme", stripe_customer_id=CUS)
+    auth = {"Authorization": f"Bearer {key}"}
+    for _ in range(3):
+        async with p.session.get(p.url + "/v1/items", headers=auth) as r:
+            assert r.status == 200
+    await wait_until(lambda: stripe_double.state.totals(CUS, "api_calls") == 3,
+                     what="the usage delivered to Stripe")
+    async with p.session.get(p.url + "/_meter/usage", headers=auth) as r:
+        assert r.status == 200
+        report = await r.json()
+    inv = report["invoice_preview"]
+    [line] = inv["lines"]
+    assert (line["price"], line["local_units"], line["stripe_units"]) == ("price_calls", 3, 3)
+    assert line["explanation"] == "matches"
+    assert inv["complete"] is True and "note" not in inv and len(inv["other_lines"]) == OTHER + 2
+    validate_response("GET", "/_meter/usage", 200, "application/json", orjson.dumps(report))
+
+
+# ---- several local customers on one Stripe customer ----------------------------------------
+
+async def test_a_shared_stripe_customer_s_preview_shows_no_other_customer_s_numbers(
+        make_proxy: ProxyFactory, stripe_double: RunningDouble) -> None:
+    """team-a and team-b are billed to one Stripe customer: Stripe's preview is of their
+    combined invoice, so team-a's page shows none of it (no combined units or amounts, no
+    team-b true-up, no false "more units at Stripe"), says why, and Stripe is not asked."""
+    await _seed(stripe_double)
+    p = await make_proxy(rules_text=E2E_RULES, stripe={
+        "api_key": TEST_API_KEY, "sink": "meter_events", "api_base": stripe_double.url,
+        "meter_events_base": stripe_double.url, "flush_interval": "50ms", "timeout": "5s"})
+    key_a = await p.customer_with_key("team-a", stripe_customer_id=CUS)
+    key_b = await p.customer_with_key("team-b", stripe_customer_id=CUS)
+    for key, n in ((key_a, 3), (key_b, 5)):
+        for _ in range(n):
+            async with p.session.get(p.url + "/v1/items",
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+    await wait_until(lambda: stripe_double.state.totals(CUS, "api_calls") == 8,
+                     what="both teams' usage delivered to Stripe")
+    stripe_double.state.invoice_items.create(
+        {"customer": CUS, "amount": 4321, "currency": "usd",
+         "description": "team-b minimum commitment true-up"})
+
+    async def usage(key: str) -> dict[str, Any]:
+        async with p.session.get(p.url + "/_meter/usage",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+            body: dict[str, Any] = await r.json()
+            return body
+
+    report = await usage(key_a)
+    inv = report["invoice_preview"]
+    assert inv["billed_together"] is True
+    assert "billed together with other accounts" in inv["note"]
+    assert set(inv) == {"billed_together", "note"}
+    raw = orjson.dumps(report).decode()
+    for leak in ("team-b", "true-up", "43.21", "4321", "more units"):
+        assert leak not in raw, leak
+    [line] = report["upcoming_invoice"]["lines"]                       # team-a's own: 3 calls
+    assert report["meters"]["api_calls"]["billable"] == "3"
+    assert line["amount"] == "1.06"
+    assert (await usage(key_b))["invoice_preview"]["billed_together"] is True
+    assert stripe_double.state.calls("invoice_preview") == []
+    validate_response("GET", "/_meter/usage", 200, "application/json", orjson.dumps(report))
+    # the page's own script: the note in place of the table
+    shown = stripe_preview_note(inv)
+    assert shown == {"table": False, "text": inv["note"]}
+
+
+def stripe_preview_note(pv: dict[str, Any]) -> dict[str, Any]:
+    """What the usage page's ``stripePreviewNote`` (run in Node.js) makes of
+    ``invoice_preview``."""
+    from tests.test_usage_page import page_functions, require_node
+    node = require_node()
+    html = (ROOT / "proxy" / "static" / "usage.html").read_text()
+    script = (page_functions(html, "stripePreviewNote")
+              + "\nconst pv = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+              + "\nprocess.stdout.write(JSON.stringify(stripePreviewNote(pv)));")
+    done = subprocess.run([node, "-e", script], input=orjson.dumps(pv), capture_output=True,
+                          check=True, timeout=30)
+    return dict(orjson.loads(done.stdout))
+
+
+def test_the_page_says_when_stripe_s_preview_was_not_read_to_the_end() -> None:
+    complete = stripe_preview_note({"complete": True, "lines": []})
+    assert complete["table"] is True and "more lines" not in complete["text"]
+    cut = stripe_preview_note({"complete": False, "lines": [],
+                               "note": "Stripe's preview has more lines than the 1010 read;"
+                                       " Stripe's total and the differences cover only those."})
+    assert cut["table"] is True and cut["text"].endswith("cover only those.")
+    assert stripe_preview_note({"error": "unavailable: x"}) == {"table": False,
+                                                                "text": "unavailable: x"}

@@ -9,6 +9,17 @@ invoice beside meterproxy's own view of the period, with every difference explai
   same units priced differently (the price changed at Stripe since meterproxy read it). A line
   no meter accounts for (an invoice item such as a commitment true-up, a flat subscription
   fee) is listed as such. ``difference`` is always Stripe minus meterproxy, in minor units.
+  A preview whose lines were not all read (``has_more``: longer than the client's bound)
+  is ``complete: false`` with a ``note``, and a meter whose price is not among the lines
+  read is said to be possibly on a later line, not missing from the invoice.
+- ``billed_together``: what the consumer page shows instead when the customer's Stripe
+  customer is shared with other local customers (docs/credits.md, "Several local customers
+  on one Stripe customer"). Stripe's preview is then the combined invoice of all of them:
+  its metered lines hold every account's units and amounts, its invoice items and credits
+  may be another account's, and Stripe cannot split them. Compared with one account's usage
+  it would show that account the others' usage and a false "more units at Stripe", so the
+  page shows none of it (Stripe is not asked) and says why. Reconciliation
+  (``meterproxy reconcile``) compares the group's summed usage with Stripe for the operator.
 - ``PreviewCache`` bounds what untrusted consumers can make the proxy ask Stripe: one preview
   per Stripe customer per ``PREVIEW_TTL`` (60 s; a failure is remembered as long), at most one
   call in flight per customer, at most ``PREVIEW_MAX_ENTRIES`` (10,000) remembered customers
@@ -83,14 +94,20 @@ def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
         local_total += amount
         stripe_total += s_amount
         on_invoice = pid is not None and pid in by_price
+        if on_invoice:
+            why = explain(units, s_units, amount, s_amount, (undelivered or {}).get(meter, 0))
+        elif preview.has_more:
+            why = (f"not among the first {len(preview.lines)} lines of Stripe's preview, the"
+                   " ones read: the preview has more lines than meterproxy reads, so this"
+                   " meter's line may be on a later one")
+        else:
+            why = "not on Stripe's invoice: the subscription has no line for this meter's price"
         lines.append({
             "meter": meter, "price": pid, "local_units": units, "stripe_units": s_units,
             "local_amount": fmt_minor(amount, cur), "stripe_amount": fmt_minor(s_amount, cur),
             "difference": fmt_minor(s_amount - amount, cur),
             "difference_minor": s_amount - amount,
-            "explanation": explain(units, s_units, amount, s_amount,
-                                   (undelivered or {}).get(meter, 0)) if on_invoice
-            else "not on Stripe's invoice: the subscription has no line for this meter's price"})
+            "explanation": why})
     other_total = sum(int(o["amount_minor"]) for o in other)
     stripe_total += other_total
     out = {
@@ -101,6 +118,9 @@ def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
         "difference_minor": stripe_total - local_total,
         "complete": not preview.has_more,
     }
+    if preview.has_more:
+        out["note"] = (f"Stripe's preview has more lines than the {len(preview.lines)} read;"
+                       " Stripe's total and the differences cover only those.")
     if local_credits is not None or preview.credits:
         mine = local_credits or 0
         d = preview.credits - mine
@@ -116,6 +136,18 @@ def compare(local: Mapping[str, tuple[int, int]], price_ids: Mapping[str, str],
              "Stripe applies less credit than this period's usage took here: a grant not"
              " mirrored to Stripe yet, or one that expires before the invoice is finalized")}
     return out
+
+
+BILLED_TOGETHER_NOTE = (
+    "Your usage is billed together with other accounts on one Stripe invoice. Stripe's"
+    " preview of that invoice includes their usage, so it is not shown here and is not"
+    " compared with yours alone; your own usage and cost this period are above.")
+
+
+def billed_together() -> dict[str, Any]:
+    """The page's ``invoice_preview`` for a customer whose Stripe customer other local
+    customers share: no Stripe number at all, only why."""
+    return {"billed_together": True, "note": BILLED_TOGETHER_NOTE}
 
 
 class PreviewCache:

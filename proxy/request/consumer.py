@@ -4,6 +4,8 @@ default), authenticated with their own API key:
   GET /_meter/              the usage page (static HTML + inline JS, no CDN, no build step)
   GET /_meter/usage         current period per meter (display names, whole units), cost so
                             far, projection, daily cost, the upcoming invoice's lines,
+                            Stripe's invoice preview beside them (none when the Stripe
+                            customer is shared: ``invoice_check.billed_together``),
                             credits, 90-day history, prices in words (``usage_report``)
   GET /_meter/events.csv    their own metered requests for ?from=&to= (default: this period)
   GET /_meter/events.json   the same as JSON
@@ -24,10 +26,11 @@ from proxy.credits.service import CreditService
 from proxy.errors import HttpError
 from proxy.periods import period_bounds
 from proxy.reports.exports import stream_export
-from proxy.reports.invoice_check import PreviewCache
+from proxy.reports.invoice_check import PreviewCache, billed_together
 from proxy.reports.usage_report import customer_report
 from proxy.request.auth import Authenticator
 from proxy.runtime import Runtime
+from proxy.stripe.client import InvoicePreview
 
 _PAGE: bytes | None = None
 
@@ -97,11 +100,19 @@ class ConsumerApi:
         rt = self.rt
         cust = rt.keys.customers[cid]
         await rt.store.try_catch_up()
-        preview = await self.previews.get(cust.stripe_customer_id) \
-            if self.previews is not None and cust.stripe_customer_id else None
+        preview: InvoicePreview | str | None = None
+        shared = False
+        if self.previews is not None and cust.stripe_customer_id:
+            # a Stripe customer billed for several local customers: its preview is theirs too
+            scid = cust.stripe_customer_id
+            shared = len(await rt.owners().customers.by_stripe_id(scid)) > 1
+            if not shared:
+                preview = await self.previews.get(scid)
         report = await customer_report(rt.owners().usage, rt.rules, rt.prices(), cust,
                                        self.credits, preview=preview,
                                        account=self.money.account(cid) if self.money else None)
+        if shared:
+            report["invoice_preview"] = billed_together()
         return web.Response(body=orjson.dumps(report), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 

@@ -54,8 +54,8 @@ from proxy.errors import (
 )
 from proxy.sinks.base import Kind, Outcome
 
-__all__ = ["EventSummary", "InvoicePreview", "MeterEventSession", "Page", "PreviewLine",
-           "StripeClient", "StripeMeterInfo", "outcome_of", "translate"]
+__all__ = ["PREVIEW_MAX_LINE_PAGES", "EventSummary", "InvoicePreview", "MeterEventSession", "Page",
+           "PreviewLine", "StripeClient", "StripeMeterInfo", "outcome_of", "translate"]
 
 log = logging.getLogger("meterproxy.sink.stripe")
 
@@ -64,6 +64,9 @@ T = TypeVar("T")
 DUPLICATE_MESSAGE = "An event already exists with identifier"
 NO_METER_MESSAGE = "No active meter found for event name"
 SESSION_EXPIRED_CODE = "billing_meter_event_session_expired"
+# further pages of an invoice preview's lines read after the 10 Stripe embeds (100 lines a
+# page: up to 1,010 lines); a longer preview is reported incomplete (``has_more``)
+PREVIEW_MAX_LINE_PAGES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,7 @@ class InvoicePreview:
     total: int                      # minor units
     period: tuple[int, int]
     lines: list[PreviewLine]
-    has_more: bool                  # lines beyond the first page were not read
+    has_more: bool                  # lines past PREVIEW_MAX_LINE_PAGES pages were not read
     # billing credits (credit grants) the invoice applies, minor units: ``total`` is net
     # of them, each line's ``amount`` is not
     credits: int = 0
@@ -129,11 +132,27 @@ class MeterEventSession:
     expires_at: object
 
 
+def _preview_line(ln: Mapping[str, Any]) -> PreviewLine:
+    """One line of an invoice preview (an ``invoiceitem`` line or a price's line)."""
+    pricing = ln.get("pricing") or {}
+    price = (pricing.get("price_details") or {}).get("price")
+    if price is None and isinstance(ln.get("price"), dict):   # before 2025-03-31
+        price = ln["price"].get("id")
+    parent = ln.get("parent") or {}
+    item = (parent.get("invoice_item_details") or {}).get("invoice_item")
+    q = ln.get("quantity")
+    return PreviewLine(int(ln.get("amount") or 0), int(q) if isinstance(q, int) else None,
+                       price if isinstance(price, str) else None,
+                       item if isinstance(item, str) else None,
+                       str(ln.get("description") or ""))
+
+
 class StripeClient:
     """Owns a ``stripe.StripeClient`` on an aiohttp session; ``close()`` releases it.
 
-    Every method is one HTTP call (no SDK retries) and raises a
-    :class:`~proxy.errors.StripeCallError` subclass when it does not succeed."""
+    Every method is one HTTP call (no SDK retries), except those that read a list page by
+    page (``find_invoice_item``, ``find_credit_grant``, ``list_meters``, ``preview_invoice``),
+    and raises a :class:`~proxy.errors.StripeCallError` subclass when it does not succeed."""
 
     def __init__(self, api_key: str, *, api_base: str = "https://api.stripe.com",
                  meter_events_base: str = "https://meter-events.stripe.com",
@@ -271,34 +290,41 @@ class StripeClient:
                 return None
             after = str(data[-1]["id"])
 
-    async def preview_invoice(self, customer: str) -> InvoicePreview:
+    async def preview_invoice(self, customer: str, *, page_size: int = 100,
+                              max_pages: int = PREVIEW_MAX_LINE_PAGES) -> InvoicePreview:
         """``POST /v1/invoices/create_preview`` for the customer's upcoming invoice (its
-        subscription's current period); the first page of lines (up to 10)."""
+        subscription's current period), and every line: Stripe embeds the first 10 lines
+        (``lines.has_more`` says more exist); the rest are read with ``GET
+        /v1/invoices/{id}/lines`` of the preview's own id (``upcoming_in_...``),
+        ``page_size`` lines a call, at most ``max_pages`` further calls
+        (``PREVIEW_MAX_LINE_PAGES``). Lines left unread past that bound make
+        ``has_more`` true. Several HTTP calls; the first failure is raised."""
         inv = await _call(self._sdk.v1.invoices.create_preview_async(
             params={"customer": customer}))
         raw: dict[str, Any] = inv.to_dict()
         lines_obj = raw.get("lines") or {}
-        out: list[PreviewLine] = []
-        for ln in lines_obj.get("data") or []:
-            pricing = ln.get("pricing") or {}
-            price = (pricing.get("price_details") or {}).get("price")
-            if price is None and isinstance(ln.get("price"), dict):   # before 2025-03-31
-                price = ln["price"].get("id")
-            parent = ln.get("parent") or {}
-            item = (parent.get("invoice_item_details") or {}).get("invoice_item")
-            q = ln.get("quantity")
-            out.append(PreviewLine(int(ln.get("amount") or 0),
-                                   int(q) if isinstance(q, int) else None,
-                                   price if isinstance(price, str) else None,
-                                   item if isinstance(item, str) else None,
-                                   str(ln.get("description") or "")))
+        data: list[dict[str, Any]] = list(lines_obj.get("data") or [])
+        has_more = bool(lines_obj.get("has_more"))
+        inv_id = raw.get("id")
+        pages = 0
+        while has_more and data and isinstance(inv_id, str) and pages < max_pages:
+            page = await _call(self._sdk.v1.invoices.line_items.list_async(
+                inv_id, cast(Any, {"limit": page_size, "starting_after": str(data[-1]["id"])})))
+            got: dict[str, Any] = page.to_dict()
+            pages += 1
+            more = got.get("data") or []
+            data.extend(more)
+            has_more = bool(got.get("has_more"))
+            if not more:
+                break
+        out = [_preview_line(ln) for ln in data]
         credits = sum(int(c.get("amount") or 0)
                       for c in raw.get("total_pretax_credit_amounts") or ()
                       if c.get("type") == "credit_balance_transaction")
         return InvoicePreview(str(raw.get("currency") or ""), int(raw.get("total") or 0),
                               (int(raw.get("period_start") or 0),
                                int(raw.get("period_end") or 0)),
-                              out, bool(lines_obj.get("has_more")), credits)
+                              out, has_more, credits)
 
     # ---- billing credits (monetary credits mirrored as Stripe credit grants) --------------
 

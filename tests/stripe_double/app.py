@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .faults import FaultKind
 from .invoices import preview as invoice_preview
+from .invoices import preview_lines
 from .state import (
     LEGACY_USAGE_CUTOFF,
     CallRecord,
@@ -479,6 +480,11 @@ class DoubleApp:
     async def op_invoice_preview(self, ctx: Ctx) -> tuple[int, Any]:
         return 200, invoice_preview(self.state, ctx.params)
 
+    async def op_invoice_lines(self, ctx: Ctx) -> tuple[int, Any]:
+        inv = ctx.request.match_info["id"]
+        return 200, _paginate(preview_lines(self.state, inv), ctx.params,
+                              f"/v1/invoices/{inv}/lines")
+
     async def op_invoice_items(self, ctx: Ctx) -> tuple[int, Any]:
         c = ctx.params.get("customer")
         items = [i for i in reversed(self.state.invoice_items.items.values())
@@ -638,6 +644,8 @@ def create_app(state: StripeDoubleState) -> web.Application:
     app.router.add_get("/v1/invoiceitems", route("invoice_items_list", double.op_invoice_items))
     app.router.add_post("/v1/invoices/create_preview",
                         route("invoice_preview", double.op_invoice_preview))
+    app.router.add_get("/v1/invoices/{id}/lines",
+                       route("invoice_lines", double.op_invoice_lines))
     app.router.add_get("/v1/prices/{id}", route("price_retrieve", double.op_price))
     app.router.add_get("/_double/state", double.ctl_state)
     app.router.add_post("/_double/faults", double.ctl_faults)

@@ -74,6 +74,7 @@ ROUTES: tuple[str, ...] = (
     "invoice_items",
     "invoice_items_list",
     "invoice_preview",
+    "invoice_lines",
     "price_retrieve",
 )
 ANY_ROUTE = "*"

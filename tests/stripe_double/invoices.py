@@ -1,4 +1,5 @@
-"""Invoice previews in the Stripe double: ``POST /v1/invoices/create_preview``.
+"""Invoice previews in the Stripe double: ``POST /v1/invoices/create_preview`` and
+``GET /v1/invoices/{id}/lines`` of a preview.
 
 A test declares a customer's subscription with ``State.add_subscription`` (its period and
 the metered prices on it, seeded with ``State.add_price``; each price names its meter in
@@ -26,6 +27,11 @@ the metered prices on it, seeded with ``State.add_price``; each price names its 
 - The invoice: ``currency`` (the subscription's, else the first price's), ``period_start``/``period_end``,
   ``subtotal`` = the sum of the lines, ``total`` = ``amount_due`` = ``subtotal`` minus the
   credits applied, ``lines`` a list object.
+- ``lines`` embeds the first ``EMBEDDED_LINES`` (10) lines, as Stripe does; ``has_more``
+  says more exist and ``url`` is ``/v1/invoices/{id}/lines`` of the preview's own ``id``
+  (``upcoming_in_...``), which pages the rest like any Stripe list (``limit`` 1-100, default
+  10, ``starting_after`` a line's id; ``preview_lines``). The double remembers the last
+  ``KEPT_PREVIEWS`` previews' lines; an unknown id answers 404 ``resource_missing``.
 Written independently of meterproxy's pricing engine, so a preview is a second opinion.
 """
 
@@ -40,6 +46,9 @@ from .state import DoubleError, missing
 
 if TYPE_CHECKING:
     from .state import State
+
+EMBEDDED_LINES = 10         # Stripe embeds the first 10 lines of an invoice
+KEPT_PREVIEWS = 100         # previews whose lines can still be paged
 
 
 @dataclass
@@ -144,11 +153,25 @@ def preview(state: State, params: dict[str, Any]) -> dict[str, Any]:
     for ln in lines:
         ln.setdefault("pretax_credit_amounts", [])
     total = subtotal - credits
-    return {"id": "upcoming_in_" + secrets.token_hex(6), "object": "invoice",
+    inv_id = "upcoming_in_" + secrets.token_hex(6)
+    state.previews[inv_id] = lines
+    while len(state.previews) > KEPT_PREVIEWS:
+        del state.previews[next(iter(state.previews))]
+    return {"id": inv_id, "object": "invoice",
             "customer": sub.customer, "subscription": sub.id, "currency": currency or "usd",
             "period_start": start, "period_end": end, "status": "draft",
             "subtotal": subtotal, "total": total, "amount_due": total, "livemode": False,
             "total_pretax_credit_amounts": [
                 c for ln in lines for c in ln["pretax_credit_amounts"]],
-            "lines": {"object": "list", "data": lines, "has_more": False,
-                      "url": "/v1/invoices/upcoming/lines"}}
+            "lines": {"object": "list", "data": lines[:EMBEDDED_LINES],
+                      "has_more": len(lines) > EMBEDDED_LINES,
+                      "url": f"/v1/invoices/{inv_id}/lines"}}
+
+
+def preview_lines(state: State, invoice_id: str) -> list[dict[str, Any]]:
+    """Every line of a preview made earlier (``GET /v1/invoices/{id}/lines`` pages them)."""
+    lines = state.previews.get(invoice_id)
+    if lines is None:
+        raise DoubleError(404, f"No such invoice: '{invoice_id}'", code="resource_missing",
+                          param="invoice")
+    return lines

@@ -306,6 +306,7 @@ class StripeDoubleState:
         self.invoice_items = InvoiceItems(self.now)
         self.prices: dict[str, dict[str, Any]] = {}
         self.subscriptions: dict[str, Subscription] = {}     # by customer (invoice previews)
+        self.previews: dict[str, list[dict[str, Any]]] = {}  # preview id -> its lines
 
     def reset(self) -> None:
         """Forget everything (meters too), clear faults, reseed, restore the clock."""
