@@ -4,8 +4,11 @@ dispute."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import sqlite3
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
@@ -16,11 +19,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import StorageConfig
+from proxy.periods import period_bounds
 from proxy.pricing import TransformQuantity
 from proxy.rules import RulesError, load_rules
 from proxy.rules.quantity import Measurement, compute
-from proxy.store.db import connect
+from proxy.store.db import UsageItem, UsageRow, connect
 from proxy.store.outbox import stage
+from proxy.timeutil import rfc3339
 from proxy.tools.simulate import AuditRow, rerate
 from proxy.transform import transformed_delta, transformed_units
 from proxy.units import QSCALE
@@ -205,6 +210,66 @@ def test_transformed_total_restarts_with_the_period(tmp_path: Path) -> None:
     _record(conn, "gb", _ts(2026, 3, 15, 12, 40), QSCALE)        # 1 byte in March: 1 GB
     assert [(v, w) for v, w, _ in _stage(conn, boundary + 3600, gb=GB_UP)] == [(1, boundary)]
     conn.close()
+
+
+async def test_an_anchor_with_seconds_every_view_of_the_period_agrees(
+        make_proxy: ProxyFactory) -> None:
+    """README "Disputes": per meter, an export's ``billable`` sums to the period's invoice
+    line. With a Stripe anchor at hh:mm:15 the minute hh:mm:00 is the old period's (staging
+    bills it there), so the admin usage, the consumer report, the staged outbox and the
+    exports (admin and consumer, default range or the exact period start) all leave it out."""
+    p = await make_proxy()
+    now = time.time()
+    anchor = int(now - 7200) // 60 * 60 + 15          # two hours ago, hh:mm:15
+    key = await p.customer_with_key("sec", stripe_customer_id="cus_sec",
+                                    billing_anchor=rfc3339(anchor))
+    start, end = period_bounds(anchor, now)
+    assert start == anchor
+    minute = anchor - 15                               # the boundary minute, hh:mm:00
+    store = p.server.rt.store
+    for rid, at, units in (("before", minute + 5, 3), ("same-minute", minute + 40, 2),
+                           ("later", anchor + 600, 1)):
+        fut = store.record(UsageRow(rid, at, "sec", "k", "everything-else", "v", 200,
+                                    [UsageItem("api_calls", units * QSCALE, 0, units * QSCALE)],
+                                    method="GET", path="/v1/x"), wait=True)
+        assert fut is not None
+        await fut
+    await store.catch_up()
+
+    usage = await p.admin("GET", "/admin/customers/sec/usage", expect=200)
+    assert usage["meters"] == {"api_calls": "1"}
+    prev = await p.admin("GET", f"/admin/customers/sec/usage?from={rfc3339(start - 86400 * 27)}"
+                         f"&to={rfc3339(start)}", expect=200)
+    assert prev["meters"] == {"api_calls": "5"}
+    h = {"Authorization": f"Bearer {key}"}
+    async with p.session.get(p.url + "/_meter/usage", headers=h) as r:
+        assert r.status == 200
+        report = await r.json()
+    assert report["meters"]["api_calls"]["billable"] == "1"
+
+    def billable(rows: list[dict[str, str]]) -> Decimal:
+        return sum((Decimal(r["billable"]) for r in rows), Decimal(0))
+
+    exports = {
+        "admin": await p.admin("GET", "/admin/customers/sec/events?format=json", expect=200),
+        "admin exact": await p.admin(
+            "GET", f"/admin/customers/sec/events?format=json&from={rfc3339(start)}", expect=200)}
+    for name, body in exports.items():
+        assert [r["request_id"] for r in body["requests"]] == ["later"], name
+        assert billable(body["requests"]) == 1, name
+    for q in ("", f"?from={rfc3339(start)}&to={rfc3339(end)}"):
+        async with p.session.get(p.url + "/_meter/events.csv" + q, headers=h) as r:
+            assert r.status == 200
+            rows = list(csv.DictReader(io.StringIO(await r.text())))
+        assert [r["request_id"] for r in rows] == ["later"] and billable(rows) == 1, q
+
+    rep = await p.admin("POST", "/admin/flush", expect=200)
+    assert rep["dead"] == 0
+    with p.db() as c:
+        staged = c.execute("SELECT timestamp, value FROM outbox WHERE customer_id='sec'"
+                           " AND covered=0").fetchall()
+    in_period = sum(v for ts, v in staged if start <= ts < end)
+    assert in_period == 1 and sum(v for _, v in staged) == 6
 
 
 # ---- finding 11 (part): audit retention covers a dispute ----------------------------------------

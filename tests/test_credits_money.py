@@ -103,6 +103,20 @@ def test_the_next_period_starts_at_zero_and_the_first_burn_pays_the_flat_fee() -
     assert acct.burned(end + 5) == 500 and acct.burned(NOW) == 0
 
 
+def test_an_anchor_with_seconds_keeps_the_boundary_minute_in_the_old_period() -> None:
+    """Anchor 12:30:15: staging bills the minute 12:30:00 on the old invoice, so a request at
+    12:30:40 is priced on the old period's total; the new one opens at 12:31:00."""
+    book = MoneyBook()
+    anchor = 1_767_225_600 + 10 * 86400 + 12 * 3600 + 30 * 60 + 15      # 2026-01-11 12:30:15
+    acct = book.open("c", anchor, "usd", {"m": GRADUATED}, {"m": 3_000_000 * U}, anchor - 60)
+    # 12:30:40: 10,000 units at 0.0001 (the old period's second tier): 1 minor unit
+    assert book.costs(acct, [("m", 10_000 * U)], anchor + 25) == [1 * 10_000]
+    assert acct.meters["m"].total == 3_010_000 * U
+    # 12:31:00: the new period, first tier: 500 flat + 10,000 x 0.0002
+    assert book.costs(acct, [("m", 10_000 * U)], anchor + 45) == [502 * 10_000]
+    assert (acct.meters["m"].start, acct.meters["m"].total) == (anchor + 45, 10_000 * U)
+
+
 def test_zero_decimal_currency_and_unpriced_meters() -> None:
     book = MoneyBook()
     acct = book.open("c", None, "jpy", {"m": JPY}, {}, NOW)

@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.periods import day_starts, default_usage_range, period_bounds, project
+from proxy.periods import (
+    day_starts,
+    default_usage_range,
+    minute_bound,
+    minute_bounds,
+    period_bounds,
+    project,
+    usage_period,
+)
 
 
 def ts(*a: int) -> int:
@@ -55,3 +63,25 @@ def test_default_usage_range_is_the_current_period_to_a_minute_past_now(
     if anchor is None:
         d = datetime.fromtimestamp(now, UTC)
         assert start == datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+
+
+def test_a_minute_is_in_the_period_its_start_is_in() -> None:
+    """The one rule of every usage read (staging's): with an anchor at 12:30:15 the minute
+    12:30:00 is the old period's last, the new period's usage starts at 12:31:00."""
+    anchor = ts(2026, 1, 15, 12, 30, 15)
+    start, end = period_bounds(anchor, ts(2026, 3, 20))
+    assert (start, end) == (ts(2026, 3, 15, 12, 30, 15), ts(2026, 4, 15, 12, 30, 15))
+    assert minute_bounds(start, end) == (ts(2026, 3, 15, 12, 31), ts(2026, 4, 15, 12, 31))
+    assert minute_bound(ts(2026, 3, 15, 12, 30)) == ts(2026, 3, 15, 12, 30)     # aligned stays
+    assert minute_bound(ts(2026, 3, 15, 12, 30) + 0.5) == ts(2026, 3, 15, 12, 31)
+    assert usage_period(anchor, ts(2026, 3, 15, 12, 30, 40)) == (
+        ts(2026, 2, 15, 12, 31), ts(2026, 3, 15, 12, 31))
+    assert usage_period(anchor, ts(2026, 3, 15, 12, 31))[0] == ts(2026, 3, 15, 12, 31)
+
+
+@given(st.integers(0, 4_000_000_000), st.integers(0, 4_000_000_000), st.integers(0, 10**9))
+def test_minute_bounds_hold_exactly_the_requests_whose_minute_is_in_range(
+        a: int, b: int, t: int) -> None:
+    start, end = min(a, b) / 7, max(a, b) / 7
+    lo, hi = minute_bounds(start, end)
+    assert (lo <= t < hi) == (start <= t // 60 * 60 < end)

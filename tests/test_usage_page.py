@@ -27,7 +27,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.timeutil import parse_time
+from proxy.store.db import UsageItem, UsageRow
+from proxy.timeutil import parse_time, rfc3339
 from tests.browser import Browser, Page, find_chromium
 from tests.ci_guard import require_tool
 from tests.conftest import ROOT, Proxy, ProxyFactory
@@ -682,6 +683,59 @@ async def test_period_starting_mid_day_splits_days_and_windows(
     assert int(api["projected_quantity"]) in {projected(5_500_000, t)[0] for t in (t0, t1)}
     assert api["projected_billable_units"] in {projected(4_500_000, t)[1] for t in (t0, t1)}
     assert Decimal(tok["projected_quantity"]) >= Decimal(tok["quantity"]) == 1000
+
+
+async def test_default_csv_download_is_exactly_the_period_in_headless_chromium(
+        make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """The default "From" is the period's first day; the download then starts at the
+    period's start (a Stripe anchor, with seconds), not that day's midnight, and by the
+    minute rule (docs/billing-semantics.md "Period boundaries"): the requests of that day
+    before it and of its boundary minute are the last period's. The CSV's totals are the
+    period's on the same page."""
+    require_chromium()
+    p = await make_proxy(rules_text=PRICED_RULES)
+    now = time.time()
+    start = int(now - 7200) // 60 * 60 + 15                     # two hours ago, hh:mm:15
+    key = await p.customer_with_key("acme", stripe_customer_id="cus_acme",
+                                    billing_anchor=rfc3339(start))
+    minute, day0 = start - 15, start // 86400 * 86400
+    store = p.server.rt.store
+    for rid, at, calls in (("same-day", max(day0, minute - 3600), 4),
+                           ("boundary-minute", minute + 5, 3), ("after-start", minute + 40, 2),
+                           ("in-period", start + 600, 1)):
+        fut = store.record(UsageRow(rid, at, "acme", "k", "everything-else", "v", 200,
+                                    [UsageItem("api_calls", calls * Q, 0, calls * Q)],
+                                    method="GET", path="/v1/x"), wait=True)
+        assert fut is not None
+        await fut
+    await store.catch_up()
+    usage = await get_usage(p, key)
+    assert usage["period"]["start"] == rfc3339(start)
+    assert usage["meters"]["api_calls"]["billable"] == "1"
+
+    async with Browser.launch(tmp_path) as b:
+        page = await b.new_page(width=1280, height=900)
+        await page.goto(f"{p.url}/_meter/#key={key}")
+        await page.wait_for("document.body.dataset.state === 'ready'")
+        today = datetime.now(UTC).date().isoformat()
+        first_day = datetime.fromtimestamp(start, UTC).date().isoformat()
+        assert await page.evaluate("document.getElementById('csv-from').value") == first_day
+        assert await page.evaluate("document.getElementById('csv-to').value") == today
+        downloads = tmp_path / "downloads"
+        await b.allow_downloads(downloads)
+        await page.evaluate("document.getElementById('csv-button').click()")
+        await page.wait_for("document.getElementById('csv-result').dataset.state === 'ready'")
+        name = await page.evaluate("document.getElementById('csv-link').download")
+        saved = downloads / name
+        await wait_until(lambda: saved.exists() and saved.stat().st_size > 0, interval=0.05,
+                         what=f"the download {name}")
+        text = saved.read_bytes().decode()
+        assert [r["request_id"] for r in csv.DictReader(io.StringIO(text))] == ["in-period"]
+        dom = await page.evaluate(DOM_NUMBERS)
+        assert Decimal(dom["csv-api_calls-billable"]) \
+            == Decimal(usage["meters"]["api_calls"]["billable"]) == 1
+        assert csv_totals(text) == {"api_calls": Q}
+        assert page.exceptions == [] and page.console == []
 
 
 # ------------------------------------------------------------------ monetary credits as money

@@ -54,7 +54,7 @@ from proxy.credits.monetary import (
 )
 from proxy.credits.money import MoneyBook, Opening, account_prices
 from proxy.errors import MeterproxyError, StripeCallError, StripeRejected
-from proxy.periods import period_bounds
+from proxy.periods import minute_bounds, period_bounds, usage_period
 from proxy.pricing import Price
 from proxy.store.keys import Customer, KeyCache
 from proxy.store.protocols import CreditLedger, GrantMirrorRecord, GrantMirrors, UsageLedger
@@ -297,9 +297,14 @@ class MonetaryService:
     async def _open(self, c: Customer, currency: str, prices: Mapping[str, Price],
                     now: float, opening: Opening) -> bool:
         await self.usage.materialize()      # usage (and its debits) still in the journal
-        start, _end, totals = await self.usage.usage(c.id, now=now)
+        # the period so far by the minute rule (``proxy.periods``), the one the account
+        # settles into (``usage_period``): with an anchor at 12:30:15 the minute 12:30:00 and
+        # its requests are the previous period's, as staging bills them
+        start, period_end = usage_period(c.billing_anchor, now)
+        end = min(now + 60, period_end)
+        _s, _e, totals = await self.usage.usage(c.id, start, end, now=now)
         covered: dict[str, int] = {}
-        start_ms = int(start * 1000)
+        start_ms = start * 1000
         debt_total = 0
         for e in await self.ledger.entries(c.id, COVERED_SCAN_LIMIT):
             if e.kind == "debit" and e.meter and e.at_ms >= start_ms:
@@ -309,7 +314,7 @@ class MonetaryService:
         charged: dict[str, int] = {}
         for meter, price in prices.items():
             if is_volume(price) and meter in totals:
-                qs, _cov = await self._period_rows(c.id, meter, start, now + 60)
+                qs, _cov = await self._period_rows(c.id, meter, start, end)
                 charged[meter] = replay(price, qs)[1]
         if opening.spoiled:
             return False            # a settlement was made during the reads: not in them
@@ -378,9 +383,10 @@ class MonetaryService:
                                 ) -> int | None:
         """The latest expiry among the grants the meter's burns in [start, end) were debited
         from (None when one of them never expires)."""
+        lo, hi = minute_bounds(start, end)
         ids = {e.grant_id for e in await self.ledger.entries(customer_id, COVERED_SCAN_LIMIT)
                if e.kind == "debit" and e.meter == meter and e.grant_id
-               and start * 1000 <= e.at_ms < end * 1000}
+               and lo * 1000 <= e.at_ms < hi * 1000}
         latest = 0
         for gid in ids:
             g = self.book.grant(gid)
@@ -472,7 +478,7 @@ class MonetaryService:
             # the grant covered locally (Stripe unreachable across the period end) was
             # not: that period's invoice charged the usage in full, so the Stripe grant
             # holds it all and the balance check shows the difference (docs/credits.md)
-            start_ms = period_bounds(anchor, self.clock())[0] * 1000
+            start_ms = usage_period(anchor, self.clock())[0] * 1000
             before = sum(e.amount for e in await self.ledger.entries(g.customer_id,
                                                                      COVERED_SCAN_LIMIT)
                          if e.grant_id == g.id and e.kind == "debit" and e.at_ms < start_ms)

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from proxy.credits.ledger import Entry
 from proxy.credits.monetary import burn, micro_per_minor
-from proxy.periods import period_bounds
+from proxy.periods import usage_period
 from proxy.pricing import Price, line_amount
 
 
@@ -162,7 +162,10 @@ class Account:
     def period(self, meter: str, now: float) -> MeterPeriod:
         mp = self.meters.get(meter)
         if mp is None or not mp.start <= now < mp.end:
-            start, end = period_bounds(self.anchor, now)
+            # the period the request's minute is billed in (``proxy.periods``): with an
+            # anchor at 12:30:15, a request at 12:30:40 still counts in the old period's
+            # total, as staging puts its minute on the old invoice
+            start, end = usage_period(self.anchor, now)
             mp = self.meters[meter] = MeterPeriod(start, end)
         return mp
 

@@ -568,8 +568,10 @@ class UsageLedger(Protocol):
     async def usage(self, customer_id: str, start: float | None = None,
                     end: float | None = None, now: float | None = None
                     ) -> tuple[float, float, dict[str, UsageTotal]]:
-        """Per-meter totals over [start, end) at minute resolution (start floored to the
-        minute). THE default range rule: ``start`` defaults to the start of the customer's
+        """Per-meter totals of the minutes in [start, end) (``periods.minute_bounds``: a
+        minute counts iff its start is in the range, so a period whose anchor has seconds,
+        12:30:15, starts with the minute 12:30:00 excluded, as staging bills it in the
+        previous period). THE default range rule: ``start`` defaults to the start of the customer's
         current billing period (the calendar month, UTC, without a billing anchor; an
         unknown customer has none), ``end`` to now + 60 s. Returns (start, end, totals)."""
         ...
@@ -596,9 +598,11 @@ class UsageLedger(Protocol):
     def audit_stream(self, customer_id: str | None, start: float, end: float,
                      customers: Sequence[str] | None = None,
                      batch: int = 500) -> AsyncIterator[list[AuditRecord]]:
-        """Audit rows with ``at`` in [start, end) (one customer, or ``customers``, or all),
-        in batches of at most ``batch``: for one ``customer_id`` by time, then commit order
-        (an export); otherwise in commit order (a request's rows stay together)."""
+        """Audit rows whose minute is in [start, end) (``periods.minute_bounds``: ``at`` in
+        [minute_bound(start), minute_bound(end)), the rows ``usage`` sums) of one customer,
+        or ``customers``, or all, in batches of at most ``batch``: for one ``customer_id`` by
+        time, then commit order (an export); otherwise in commit order (a request's rows
+        stay together)."""
         ...
 
     async def audit_for_request(self, request_id: str) -> list[AuditRecord]:
@@ -606,7 +610,7 @@ class UsageLedger(Protocol):
         ...
 
     async def audit_versions(self, start: float, end: float) -> list[str]:
-        """The distinct rules versions of the audit rows in [start, end)."""
+        """The distinct rules versions of the audit rows whose minute is in [start, end)."""
         ...
 
     async def prune_audit(self, cutoff_ms: int, batch: int = 5000) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from proxy.periods import default_usage_range
+from proxy.periods import default_usage_range, minute_bounds
 from proxy.store.access import Writer
 from proxy.store.db import Store, UsageRow
 from proxy.store.protocols import AuditRecord, UsageDay, UsageTotal
@@ -66,10 +66,11 @@ class SqliteUsage:
             d_start, d_end = default_usage_range(row[0] if row else None, now)
             start = d_start if start is None else start
             end = d_end if end is None else end
+        lo, hi = minute_bounds(start, end)          # the minutes in [start, end)
         rows = await self._all(
             "SELECT meter, SUM(quantity), SUM(requests), SUM(billable), SUM(covered)"
             " FROM usage_minute WHERE customer_id=? AND minute>=? AND minute<?"
-            " GROUP BY meter ORDER BY meter", (customer_id, int(start // 60) * 60, int(end)))
+            " GROUP BY meter ORDER BY meter", (customer_id, lo, hi))
         return start, end, {m: UsageTotal(q, n, b, c) for m, q, n, b, c in rows}
 
     async def usage_days(self, customer_id: str, since: int, period: tuple[int, int],
@@ -102,8 +103,9 @@ class SqliteUsage:
     async def audit_stream(self, customer_id: str | None, start: float, end: float,
                            customers: Sequence[str] | None = None,
                            batch: int = 500) -> AsyncIterator[list[AuditRecord]]:
+        lo, hi = minute_bounds(start, end)          # the requests whose minute is in it
         sql = f"SELECT {_AUDIT_COLS} FROM audit WHERE at_ms>=? AND at_ms<?"
-        args: list[Any] = [int(start * 1000), int(end * 1000)]
+        args: list[Any] = [lo * 1000, hi * 1000]
         if customer_id is not None:
             sql += " AND customer_id=?"
             args.append(customer_id)
@@ -142,9 +144,10 @@ class SqliteUsage:
             f"SELECT {_AUDIT_COLS} FROM audit WHERE request_id=? ORDER BY seq", (request_id,))]
 
     async def audit_versions(self, start: float, end: float) -> list[str]:
+        lo, hi = minute_bounds(start, end)
         return [str(v) for (v,) in self.store.conn.execute(
             "SELECT DISTINCT rules_version FROM audit WHERE at_ms>=? AND at_ms<?",
-            (int(start * 1000), int(end * 1000)))]
+            (lo * 1000, hi * 1000))]
 
     async def prune_audit(self, cutoff_ms: int, batch: int = 5000) -> int:
         n: int = self.store.execute_write(lambda c: prune_audit(c, cutoff_ms, batch))

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from proxy.credits.ledger import Entry, GrantState
+from proxy.periods import period_bounds
 from proxy.store.db import Store, UsageItem, UsageRow, connect
 from proxy.store.protocols import NewGrant
 from proxy.store.sqlite import open_reader
 from proxy.store.usage import SqliteUsage
+from proxy.units import QSCALE
 from tests.store.conftest import Backend
 
 NOV = calendar.timegm((2026, 11, 1, 0, 0, 0))
@@ -58,9 +60,12 @@ async def test_one_default_range_rule(backend: Backend) -> None:
     assert totals["api_calls"].quantity == 10               # Nov 2 is in the previous period
     start, end, totals = await u.usage("nobody", now=NOW)
     assert (start, end, totals) == (NOV, NOW + 60, {})
-    # explicit bounds win; start is floored to the minute, end is exclusive
-    _, _, totals = await u.usage("cal", NOW - 59, NOW - 60 + 1, now=NOW)
+    # explicit bounds win; a minute counts iff its start is in [start, end)
+    late = (NOW - 60) // 60 * 60                        # the late request's minute
+    _, _, totals = await u.usage("cal", late, late + 1, now=NOW)
     assert totals["api_calls"].quantity == 10
+    _, _, totals = await u.usage("cal", late + 1, NOW + 60, now=NOW)   # its minute started before
+    assert totals == {}
     late_minute = (NOW - 60) // 60 * 60
     _, _, totals = await u.usage("cal", NOV, late_minute, now=NOW)      # minutes < end
     assert totals["api_calls"].quantity == 1
@@ -86,12 +91,17 @@ async def test_audit_reads_and_prune(backend: Backend) -> None:
     await backend.usage("c1", NOV + 2, rid="x", version="v2")
     await backend.usage("c2", NOV + 1, rid="y", version="v1")
     await backend.usage("c1", NOV + 1, rid="x", version="v1")          # ids may repeat
+    await backend.usage("c1", NOV + 61, rid="z", version="v3")         # the next minute
     rows = await u.audit_for_request("x")
     assert [(r.customer_id, r.rules_version, r.at_ms) for r in rows] == [
         ("c1", "v2", (NOV + 2) * 1000), ("c1", "v1", (NOV + 1) * 1000)]   # commit order
     assert (rows[0].method, rows[0].path, rows[0].status) == ("GET", "/x", 200)
     assert sorted(await u.audit_versions(NOV, NOV + 3)) == ["v1", "v2"]
-    assert await u.audit_versions(NOV + 2, NOV + 3) == ["v2"]
+    assert await u.audit_versions(NOV + 60, NOV + 120) == ["v3"]
+    # the rows whose minute is in the range (periods.minute_bounds): minute NOV starts
+    # before NOV + 2, minute NOV + 60 at or after NOV + 3
+    assert await u.audit_versions(NOV + 2, NOV + 3) == []
+    assert sorted(await u.audit_versions(NOV + 2, NOV + 61)) == ["v3"]
     one = [r.request_id for b in [b async for b in u.audit_stream("c1", NOV, NOV + 3)]
            for r in b]
     assert one == ["x", "x"]
@@ -183,3 +193,44 @@ async def test_audit_stream_holds_no_statement_between_batches(tmp_path: Path,
         if reader is not None:
             await reader.close()
         store.close()
+
+
+async def test_an_anchor_with_seconds_bills_its_boundary_minute_once(backend: Backend) -> None:
+    """Stripe anchors keep their seconds (12:30:15). The minute 12:30:00 starts before the new
+    period: staging bills it on the old invoice, and every reader agrees: the usage query
+    (admin API, CLI), the usage report's ``usage_days``, the request reads (exports)."""
+    u = backend.storage.usage
+    anchor = calendar.timegm((2026, 1, 15, 12, 30, 15))
+    await backend.customer("c1", "cus_c1", anchor=anchor)
+    start = calendar.timegm((2026, 11, 15, 12, 30, 15))       # this period's start
+    minute = start - 15                                        # 12:30:00, the boundary minute
+    await backend.usage("c1", minute + 5, quantity=3 * QSCALE, rid="before")     # 12:30:05
+    await backend.usage("c1", minute + 40, quantity=2 * QSCALE, rid="same-min")  # 12:30:40
+    await backend.usage("c1", start + 600, quantity=QSCALE, rid="later")         # 12:40:15
+    now = start + 3600
+    cur = period_bounds(anchor, now)
+    prev = period_bounds(anchor, start - 1)
+    assert cur[0] == start and prev[1] == start
+
+    s, _e, totals = await u.usage("c1", now=now)                 # the default: this period
+    assert s == start and totals["api_calls"].billable == QSCALE
+    _, _, totals = await u.usage("c1", *prev, now=now)
+    assert totals["api_calls"].billable == 5 * QSCALE
+
+    days = await u.usage_days("c1", prev[0], cur, int(now - 7 * 86400))
+    assert sum(d.billable for d in days if d.in_period) == QSCALE
+
+    async def export(lo: float, hi: float) -> list[str]:
+        return [r.request_id async for b in u.audit_stream("c1", lo, hi) for r in b]
+
+    assert await export(*cur) == ["later"]
+    assert await export(*prev) == ["before", "same-min"]
+    assert await u.audit_versions(*cur) == ["v1"]
+    assert await u.audit_versions(start + 601, now) == []
+
+    staged = await backend.storage.outbox.stage({"api_calls": ("api_calls", None)}, now=now)
+    by_period: dict[int, int] = {}
+    for ev in staged:
+        p = period_bounds(anchor, ev.timestamp)[0]
+        by_period[p] = by_period.get(p, 0) + ev.value
+    assert by_period == {prev[0]: 5, start: 1}

@@ -69,13 +69,16 @@ async def test_audit_in_commit_order_per_customer_by_time_and_pruned(
              for r in b]
     assert [(r.customer_id, r.rules_version, r.method, r.path, r.status) for r in among] == [
         ("b", "v2", "POST", "/v1/x", 200)]
-    window = [r async for b in pg.usage.audit_stream(None, T0 + 15, T0 + 35) for r in b]
-    assert sorted(r.at_ms // 1000 - T0 for r in window) == [20, 30, 30]
+    # the rows whose minute starts in the range (periods.minute_bounds): all of minute T0
+    # for [T0, T0 + 1), none for [T0 + 15, T0 + 35) (minute T0 starts before it)
+    window = [r async for b in pg.usage.audit_stream(None, T0, T0 + 1) for r in b]
+    assert sorted(r.at_ms // 1000 - T0 for r in window) == [10, 20, 30, 30, 40]
+    assert [r async for b in pg.usage.audit_stream(None, T0 + 15, T0 + 35) for r in b] == []
     assert [r.meter for r in await pg.usage.audit_for_request("req-a-1")] == ["api_calls",
                                                                              "calls"]
     assert len(await pg.usage.audit_for_request("shared")) == 2
     assert sorted(await pg.usage.audit_versions(T0, T0 + 60)) == ["v1", "v2"]
-    assert await pg.usage.audit_versions(T0 + 31, T0 + 60) == ["v1"]
+    assert await pg.usage.audit_versions(T0 + 31, T0 + 60) == []
     assert await pg.usage.prune_audit((T0 + 30) * 1000, batch=1) == 0   # oldest is at 30
     assert await pg.usage.prune_audit((T0 + 31) * 1000, batch=1) == 1
     assert await pg.usage.prune_audit((T0 + 31) * 1000) == 3

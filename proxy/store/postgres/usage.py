@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from proxy.periods import default_usage_range
+from proxy.periods import default_usage_range, minute_bounds
 from proxy.store.db import UsageRow
 from proxy.store.postgres.pool import PgPool, retried
 from proxy.store.protocols import AuditRecord, UsageDay, UsageTotal
@@ -77,10 +77,11 @@ class PostgresUsage:
                 d_start, d_end = default_usage_range(anchor, now)
                 start = d_start if start is None else start
                 end = d_end if end is None else end
+            lo, hi = minute_bounds(start, end)      # the minutes in [start, end)
             rows = await c.fetch(
                 "SELECT meter, SUM(quantity), SUM(requests), SUM(billable), SUM(covered)"
                 " FROM usage_minute WHERE customer_id=$1 AND minute>=$2 AND minute<$3"
-                " GROUP BY meter ORDER BY meter", customer_id, int(start // 60) * 60, int(end))
+                " GROUP BY meter ORDER BY meter", customer_id, lo, hi)
         return start, end, {r[0]: UsageTotal(*(int(v) for v in r[1:])) for r in rows}
 
     async def usage_days(self, customer_id: str, since: int, period: tuple[int, int],
@@ -119,7 +120,7 @@ class PostgresUsage:
                            batch: int = 500) -> AsyncIterator[list[AuditRecord]]:
         """Keyset pages (no connection is held between batches): by ``audit_seq``, or for
         one customer by (``at_ms``, ``audit_seq``)."""
-        lo, hi = int(start * 1000), int(end * 1000)
+        lo, hi = (b * 1000 for b in minute_bounds(start, end))   # requests whose minute is in it
         among = list(customers) if customers else None
         last: tuple[int, int] = (lo - 1, 0) if customer_id is not None else (0, 0)
         while True:
@@ -154,7 +155,7 @@ class PostgresUsage:
         async with self.pool.acquire() as c:
             rows = await c.fetch("SELECT DISTINCT rules_version FROM usage_ledger"
                                  " WHERE at_ms>=$1 AND at_ms<$2",
-                                 int(start * 1000), int(end * 1000))
+                                 *(b * 1000 for b in minute_bounds(start, end)))
         return [str(r[0]) for r in rows]
 
     @retried
