@@ -96,7 +96,7 @@ async def test_meter_event_delivered(double: RunningDouble, meter_events: MeterE
     stored = double.state.event("ev-1")
     assert stored is not None and (stored.value, stored.timestamp, stored.customer) == (7, ts, CUS)
     [call] = double.state.calls("meter_events")
-    assert call.idempotency_key == "ev-1-1"
+    assert call.idempotency_key == "ev-1-1-0"      # {identifier}-{attempt}-{retry}
     assert call.params["payload"] == {"stripe_customer_id": CUS, "value": "7"}
 
 
@@ -119,7 +119,7 @@ async def test_resend_after_commit_then_drop_is_duplicate(
     assert double.state.totals(CUS, EVENT) == 4
     assert double.state.event_count(CUS, EVENT) == 1
     assert [c.idempotency_key for c in double.state.calls("meter_events")] == \
-        ["ev-drop-1", "ev-drop-2"]
+        ["ev-drop-1-0", "ev-drop-2-0"]
 
 
 @pytest.mark.parametrize(("fault", "status", "lock"), [
