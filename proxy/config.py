@@ -772,6 +772,19 @@ class Config(_Model):
         description="Public paths under this prefix are answered by meterproxy itself (the "
                     "consumer usage API and page), never forwarded.",
         examples=["/_meter"])
+    method_override: Literal["refuse", "forward"] = Field(
+        default="refuse",
+        description="A request that names another method than its own in an "
+                    "`X-HTTP-Method-Override`, `X-HTTP-Method` or `X-Method-Override` header, or "
+                    "in a `_method` query parameter (Rails, Laravel/Symfony, Express "
+                    "method-override, Google APIs, ASP.NET honour them): `refuse` answers it 400 "
+                    "`method_override_refused` before any rule runs (never forwarded, never "
+                    "billed), since the rules matched the request's own method and the upstream "
+                    "would run the other one; a value equal to the request's method (any case) "
+                    "is forwarded. `forward` passes them all through unchanged: only for an "
+                    "upstream that ignores them. A `_method` field in a form body is not "
+                    "inspected (docs/paths.md, \"Method overrides\").",
+        examples=["forward"])
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log verbosity of the process (stderr).",
         examples=["warning"])

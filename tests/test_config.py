@@ -49,6 +49,18 @@ def test_env_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.storage.durability == "strict"
 
 
+def test_method_override_defaults_to_refuse_and_takes_forward_only(tmp_path: Path) -> None:
+    f = tmp_path / "mo.yaml"
+    f.write_text("admin: {token: a-long-admin-token}\n")
+    assert config.load(f, env={}).method_override == "refuse"
+    f.write_text("admin: {token: a-long-admin-token}\nmethod_override: forward\n")
+    assert config.load(f, env={}).method_override == "forward"
+    f.write_text("admin: {token: a-long-admin-token}\nmethod_override: ignore\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f, env={})
+    assert any(p.startswith(f"{f}:2: method_override:") for p in err.value.problems)
+
+
 def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
     f = tmp_path / "syntax.yaml"
     f.write_text("admin:\n  token: [unclosed\n")

@@ -270,8 +270,18 @@ def corpus() -> Iterator[Case]:
                         ("encodings", ((b"Accept-Encoding", b"gzip, br"),
                                        (b"Content-Type", b"application/json"))),
                         ("xff", ((b"X-Forwarded-For", b"203.0.113.9"),)),
-                        ("casing", ((b"x-lower", b"a"), (b"X-UPPER", b"B")))):
+                        ("casing", ((b"x-lower", b"a"), (b"X-UPPER", b"B"))),
+                        ("override-same", ((b"X-HTTP-Method-Override", b"POST"),
+                                           (b"X-HTTP-Method", b"post")))):
         yield Case(f"h-{name}", "cl-small", (("POST", b"/v1/items", "small-cl", extra),))
+    # a method override naming another method: the bare proxy forwards it, meterproxy
+    # refuses it (documented: "Method overrides")
+    for name, path, extra in (
+            ("header", b"/v1/items", ((b"X-HTTP-Method-Override", b"DELETE"),)),
+            ("repeated", b"/v1/items", ((b"X-Method-Override", b"POST"),
+                                        (b"X-Method-Override", b"PUT"))),
+            ("query", b"/v1/items?a=1&_method=DELETE", ())):
+        yield Case(f"o-{name}", "cl-small", (("POST", path, "small-cl", extra),))
 
 
 CASES = list(corpus())
@@ -431,6 +441,18 @@ def test_differential(env: Env, case: Case, route: str) -> None:
     req_ignore = REQ_IGNORE | {b"authorization"} if route == "m" else REQ_IGNORE
     path_kind = case.name[2:].rsplit("-", 1)[0] if case.name.startswith("p-") else ""
 
+    if case.name.startswith("o-"):
+        # documented (docs/differential.md, "Method overrides"): the bare proxy forwards a
+        # request whose override names another method; meterproxy answers 400
+        # method_override_refused before any rule runs and forwards nothing
+        _, path, _, extra = case.requests[0]
+        assert [(m.start.split(b" ")[:2], [h for h in m.headers if h in extra])
+                for m in bare.upstream] == [([b"POST", b"/" + route.encode() + path], list(extra))]
+        assert meter.upstream == []
+        assert [(m.status, m.header(b"content-type"), b'"method_override_refused"' in m.body)
+                for m in meter.client] == [(400, b"application/json", True)]
+        assert len(meter.client[0].header(b"x-request-id")) == 32
+        return
     if path_kind in NONCANONICAL:
         # documented (docs/differential.md, "Paths"): meterproxy forwards what the bare proxy
         # forwards, or a canonical target, or refuses with 400; never anything else

@@ -4,12 +4,18 @@ reaches the upstream, and every error carries the request id."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.request.pipeline import method_override
 from proxy.webhooks import PATH as WEBHOOK_PATH
-from tests.conftest import Proxy
+from tests.conftest import Proxy, ProxyFactory
+from tests.servers import serve
 
 
 async def _get(p: Proxy, target: str, method: str = "GET", **kw: Any) -> tuple[int, Any, Any]:
@@ -69,3 +75,149 @@ async def test_invalid_target_is_answered_by_the_one_error_builder(proxy: Proxy)
     status, body, headers = await _get(proxy, "/v1/%2Fitems", headers={"X-Request-Id": "bad-1"})
     assert status == 400 and body["error"]["type"] == "invalid_path"
     assert headers["X-Request-Id"] == "bad-1"
+
+
+# ---- method overrides (docs/paths.md, "Method overrides") ------------------------------
+
+OVERRIDE_RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+rules:
+  - name: search
+    match: {methods: [POST], path: /v1/files/search}
+    usage:
+      - {meter: api_calls, quantity: 1}
+  - name: files
+    match: {path: "/v1/files/**"}
+    usage:
+      - {meter: api_calls, quantity: 10}
+"""
+_NAMES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+
+
+def test_method_override_names_every_spelling_of_another_method() -> None:
+    def why(method: str, pairs: list[tuple[str, str]], target: str = "/v1/x") -> str | None:
+        return method_override(method, CIMultiDictProxy(CIMultiDict(pairs)), target)
+
+    for name in _NAMES:
+        for value in ("PUT", "delete", " GET ", "", "POST, PUT", "POST,", "POSTX"):
+            got = why("POST", [(name.lower(), value)])
+            assert got is not None and name in got and "(POST)" in got, (name, value)
+        for value in ("POST", "post", " Post ", "POST, post"):
+            assert why("POST", [(name, value)]) is None, (name, value)
+    assert why("POST", [("X-HTTP-Method", "POST"), ("X-HTTP-Method", "PUT")]) is not None
+    assert why("POST", [("X-HTTP-Method", "POST"), ("X-Method-Override", "post")]) is None
+    assert why("GET", [("X-Other", "PUT")], "/v1/x?a=1&method=PUT&b=_method") is None
+    for query in ("_method=DELETE", "a=1&_method=put", "%5Fmethod=PUT", "_m%65thod=PUT",
+                  ".method=PUT", "+_method=PUT", "%20.method=PUT", "_method%5B%5D=PUT",
+                  "_method[x]=PUT", "a=1;_method=PUT", "_method", "_method=",
+                  "_method=POST&_method=PUT", "_method=%50UT"):
+        got = why("POST", [], "/v1/x?" + query)
+        assert got is not None and "_method" in got, query
+    for query in ("_method=POST", "_method=post", "_method=%50OST", "_METHOD=PUT",
+                  "x_method=PUT", "_methods=PUT", "a=_method", "method=PUT"):
+        assert why("POST", [], "/v1/x?" + query) is None, query
+
+
+@pytest.fixture
+async def recording() -> AsyncIterator[tuple[str, list[Any]]]:
+    """An upstream recording (method, target, X-Request-Id, override headers) per request."""
+    seen: list[Any] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append((request.method, request.raw_path, request.headers.get("X-Request-Id"),
+                     [(k, v) for k, v in request.headers.items() if k.lower() in _LOWER]))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with serve(app) as url:
+        yield url, seen
+
+
+_LOWER = frozenset(n.lower() for n in _NAMES)
+Q = 1_000_000       # micro-units per unit in the ledger
+
+
+async def _override_rig(make_proxy: ProxyFactory, recording: tuple[str, list[Any]],
+                        **cfg: Any) -> tuple[Proxy, list[Any], str]:
+    url, seen = recording
+    p = await make_proxy(url, rules_text=OVERRIDE_RULES, **cfg)
+    return p, seen, await p.customer_with_key("acme")
+
+
+async def _count(p: Proxy, rule: str) -> float:
+    text = await p.admin("GET", "/metrics", expect=200)
+    prefix = f'meterproxy_requests_total{{code_class="4xx",rule="{rule}"}} '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix):]) if lines else 0.0
+
+
+async def test_a_method_override_is_refused_before_any_rule_and_never_forwarded(
+        make_proxy: ProxyFactory, recording: tuple[str, list[Any]]) -> None:
+    """The review's trick: ``POST /v1/files/search`` (1 call) with ``X-HTTP-Method-Override:
+    DELETE`` would be billed as the POST and run as a DELETE upstream. Refused 400 in the
+    documented error format, not forwarded, not billed, not even authenticated (no key
+    sent for some of them: the refusal comes before the rules)."""
+    p, seen, key = await _override_rig(make_proxy, recording)
+    auth = {"Authorization": f"Bearer {key}"}
+    tries: list[tuple[str, CIMultiDict[str]]] = []
+    for name in _NAMES:
+        for value in ("DELETE", "get", "", "POST, PUT"):
+            tries.append(("/v1/files/search", CIMultiDict({**auth, name: value})))
+    tries.append(("/v1/files/search", CIMultiDict([*auth.items(), ("X-HTTP-Method", "POST"),
+                                                   ("X-HTTP-Method", "PUT")])))
+    tries.append(("/v1/files/search", CIMultiDict({"X-HTTP-Method-Override": "PUT"})))  # no key
+    for query in ("_method=DELETE", "%5Fmethod=PUT", "a=1;_method=PUT", "_method%5B%5D=PUT"):
+        tries.append((f"/v1/files/search?{query}", CIMultiDict(auth)))
+    for i, (target, headers) in enumerate(tries):
+        headers["X-Request-Id"] = f"ovr-{i}"
+        status, body, got = await _get(p, target, "POST", headers=headers, data=b"{}")
+        assert status == 400, (target, headers, status, body)
+        assert body["error"]["type"] == "method_override_refused"
+        assert "(POST)" in body["error"]["message"]
+        assert got["X-Request-Id"] == f"ovr-{i}"
+    assert seen == []
+    assert p.ledger_totals() == {}
+    with p.db() as db:
+        assert db.execute("SELECT COUNT(*) FROM audit").fetchone() == (0,)
+    assert await _count(p, "(method_override)") == len(tries)
+
+
+async def test_an_override_equal_to_the_method_is_forwarded_and_billed_as_that_method(
+        make_proxy: ProxyFactory, recording: tuple[str, list[Any]]) -> None:
+    p, seen, key = await _override_rig(make_proxy, recording)
+    auth = {"Authorization": f"Bearer {key}"}
+    sent = [("X-HTTP-Method-Override", "post"), ("X-HTTP-Method", "POST, post"),
+            ("X-Method-Override", " POST ")]
+    for name, value in sent:
+        status, _, _ = await _get(p, "/v1/files/search", "POST",
+                                  headers={**auth, name: value}, data=b"{}")
+        assert status == 200
+    status, _, _ = await _get(p, "/v1/files/search?_method=post", "POST", headers=auth,
+                              data=b"{}")
+    assert status == 200
+    assert [s[3] for s in seen] == [[(n, v.strip())] for n, v in sent] + [[]]
+    assert [s[:2] for s in seen] == [("POST", "/v1/files/search")] * 3 + \
+        [("POST", "/v1/files/search?_method=post")]
+    assert p.ledger_totals() == {("acme", "api_calls"): 4 * Q}
+
+
+async def test_method_override_forward_passes_overrides_through_unchanged(
+        make_proxy: ProxyFactory, recording: tuple[str, list[Any]]) -> None:
+    """``method_override: forward`` (an upstream that ignores them): forwarded as sent, the
+    request matched and billed by its own method as before."""
+    p, seen, key = await _override_rig(make_proxy, recording, method_override="forward")
+    auth = {"Authorization": f"Bearer {key}"}
+    status, _, _ = await _get(p, "/v1/files/search", "POST",
+                              headers={**auth, "X-HTTP-Method-Override": "DELETE"}, data=b"{}")
+    assert status == 200
+    status, _, _ = await _get(p, "/v1/files/search?_method=PUT", "POST", headers=auth,
+                              data=b"{}")
+    assert status == 200
+    assert [(s[0], s[1], s[3]) for s in seen] == [
+        ("POST", "/v1/files/search", [("X-HTTP-Method-Override", "DELETE")]),
+        ("POST", "/v1/files/search?_method=PUT", [])]
+    assert p.ledger_totals() == {("acme", "api_calls"): 2 * Q}

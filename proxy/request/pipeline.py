@@ -12,6 +12,9 @@ the Application's catch-all route did before the pipeline, it does first, identi
     the proxy's own routes               the consumer API under the reserved prefix
                                          (proxy.request.consumer) and the Stripe webhook,
                                          routed by an aiohttp router on the canonical path
+    method override (method_override)    400 method_override_refused: an override header
+                                         or ``_method`` query parameter naming another
+                                         method than the request's (``method_override``)
     rule match (proxy.rules)
     1. authentication  (auth.py)         401 / 403
     2. admission       (admission.py)    429 / 503 / 402; takes the in-flight slot and hold
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -45,7 +49,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import MatchInfoError
-from multidict import istr
+from multidict import CIMultiDictProxy, istr
 from yarl import URL
 
 from proxy import metrics
@@ -66,6 +70,10 @@ from proxy.target import InvalidTarget, canonical
 log = logging.getLogger("meterproxy.handler")
 
 _XRID = istr("X-Request-Id")
+# the headers upstream frameworks take a method from (Rack::MethodOverride, Symfony/Laravel,
+# Express method-override, Google APIs, ASP.NET); istr: looked up with no case folding
+_OVERRIDES = (istr("X-HTTP-Method-Override"), istr("X-HTTP-Method"), istr("X-Method-Override"))
+_XHMO, _XHM, _XMO = _OVERRIDES
 
 
 def new_request_id() -> str:
@@ -121,6 +129,8 @@ class Pipeline:
         # unless keys.forward_to_upstream (the upstream never sees meterproxy's keys)
         self.key_params = frozenset() if cfg.keys.forward_to_upstream \
             else frozenset(auth.key_query)
+        # method_override: refuse: a request naming another method than its own is refused
+        self.refuse_override = cfg.method_override == "refuse"
 
     @property
     def in_flight(self) -> dict[str, int]:
@@ -147,6 +157,14 @@ class Pipeline:
                 target = without_params(target, self.key_params)
             if (self.reserved and path.startswith(self.reserved)) or path in self.own_paths:
                 return await self._own_route(request, rid, path)
+            # (one membership test per header name; the query is scanned only when it could
+            # hold a `_method` parameter: "method" or an escape in the target)
+            if self.refuse_override and (
+                    _XHMO in (h := request.headers) or _XHM in h or _XMO in h
+                    or ("?" in target and ("method" in target or "%" in target))) \
+                    and (why := method_override(request.method, h, target)) is not None:
+                rule_name = "(method_override)"
+                raise HttpError(why, status=400, type_="method_override_refused")
             rules = self.rt.rules
             match = rules.match(request.method, path, matched_headers(request.headers),
                                 request.query if rules.reads_query else _NO_PARAMS)
@@ -215,6 +233,37 @@ class Pipeline:
                 if n:
                     metrics.requests_total.labels(rule, f"{i}xx").inc(n)
                     by_class[i] = 0
+
+
+_QUERY_SEP = re.compile("[&;]")
+
+
+def method_override(method: str, headers: CIMultiDictProxy[str], target: str) -> str | None:
+    """Why the request names another method than its own (the refusal's message), or None.
+
+    Another method: a value of ``X-HTTP-Method-Override``, ``X-HTTP-Method`` or
+    ``X-Method-Override`` (every line of each, every comma-separated item of a line, each
+    stripped) or of a ``_method`` query parameter that is not ``method`` in any case; an
+    empty one included. A query parameter's name is read as the most lenient framework reads
+    it (PHP): percent- and ``+``-decoded, leading spaces dropped, ``.`` and spaces made ``_``,
+    anything from a ``[`` on dropped (``_method[]``); ``;`` separates parameters as ``&`` does
+    (older Rack). So a spelling any of them reads as ``_method`` is refused, never forwarded."""
+    own = method.upper()
+    for name in _OVERRIDES:
+        for line in headers.getall(name, ()):
+            if any(v.strip().upper() != own for v in line.split(",")):
+                return (f"The request's {name} header names another method than its own "
+                        f"({method}): rules meter the request's method, and the upstream could "
+                        "run the other one. Send the request with the method it means.")
+    query = target.partition("?")[2]
+    for part in _QUERY_SEP.split(query) if query else ():
+        raw, _, value = part.partition("=")
+        key = unquote_plus(raw).lstrip(" ").partition("[")[0].replace(".", "_").replace(" ", "_")
+        if key == "_method" and unquote_plus(value).strip().upper() != own:
+            return ("The query parameter _method names another method than the request's own "
+                    f"({method}): rules meter the request's method, and the upstream could run "
+                    "the other one. Send the request with the method it means.")
+    return None
 
 
 def without_params(target: str, names: frozenset[str]) -> str:
