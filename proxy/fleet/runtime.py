@@ -3,9 +3,10 @@ composition root (``proxy.app``) calls ``open_fleet`` and registers the tasks an
 
 What a member runs, besides serving:
 
-- its local SQLite ``Store`` stays the **journal** (strict durability on the hot path, no
-  network round trip); it is opened with ``keep_journal`` so rows are never moved into local
-  tables, only shipped and then pruned;
+- its local SQLite ``Store`` stays the **journal** (``storage.durability`` on the hot path,
+  no network round trip); it is opened with ``keep_journal`` so every group commit, strict
+  or batched, journals one row per usage row, never moved into local tables, only shipped
+  and then pruned;
 - ``PostgresStorage`` is ``rt.storage``: the admin API, the consumer page, exports, webhooks,
   alerts and reconciliation read and write the fleet's truth;
 - the **shipper** ships the journal every ``fleet.ship_interval`` (and whenever the flusher

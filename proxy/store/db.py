@@ -28,7 +28,8 @@ Invariants
    deleted by its seq, nothing else left at or below it; seqs are never reused, across
    processes and restarts: ``_JOURNAL_INSERT``), else it rolls back and reads the
    journal. In ``batched`` a commit runs every ``commit_interval`` and writes the tables
-   directly.
+   directly, except in fleet mode (``keep_journal``), where every commit, strict or
+   batched, appends one journal row per usage row (the journal is what ships).
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
    puts its rows back at the front of ``_pending``. ``fail_mode: closed`` fails the
    waiting requests (they answer 503 / abort, the row itself is kept and retried);
@@ -716,8 +717,9 @@ class Store:
              max_pending_rows: int = 200_000, lock_wait: float = 2.0,
              wal_truncate_size: int = 16 * 1024 * 1024, keep_journal: bool = False,
              wal_memory_lock: bool = False) -> Store:
-        """``keep_journal`` (fleet mode): the journal is never moved into the local tables;
-        it is shipped to the fleet's ledger and pruned with ``prune_journal``.
+        """``keep_journal`` (fleet mode): every group commit, whatever ``durability``,
+        appends one journal row per usage row; the journal is never moved into the local
+        tables, it is shipped to the fleet's ledger and pruned with ``prune_journal``.
         ``wal_memory_lock``: the preallocated WAL's pages are locked in memory
         (``_lock_wal``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1963,8 +1965,10 @@ class Store:
             return
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if strict:
-                # fleet mode: one journal row per usage row (shipped and pruned by seq)
+            if self.keep_journal:
+                # fleet mode, strict or batched (batched only changes when this commit
+                # runs): one journal row per usage row, shipped and pruned by seq; never
+                # the local ledger tables, which nothing ships
                 cur.executemany(_JOURNAL_INSERT, map(_encode_flat, flats))
             else:
                 self._apply(self._conn, flats, cur)
@@ -1973,7 +1977,7 @@ class Store:
             if self._conn.in_transaction:
                 cur.execute("ROLLBACK")
             raise
-        if strict:
+        if self.keep_journal:
             self._journaled += len(rows)
 
     @staticmethod

@@ -45,9 +45,11 @@ class RunningMember:
 class FleetOfMembers:
     def __init__(self, tmp: Path, upstream: str, dsn: str, rules_text: str | None,
                  fleet: dict[str, Any], stripe: dict[str, Any] | None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None,
+                 storage: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.extra = extra or {}
+        self.storage = storage or {}
         self.upstream = upstream
         self.dsn = dsn
         self.rules_text = rules_text
@@ -73,7 +75,8 @@ class FleetOfMembers:
         cfg = write_config(d, self.upstream, listen=f"127.0.0.1:{port}",
                            admin_listen=f"127.0.0.1:{aport}",
                            storage={"backend": "postgres", "dsn": self.dsn,
-                                    "path": str(d / "journal.db"), "pool_size": 4},
+                                    "path": str(d / "journal.db"), "pool_size": 4,
+                                    **self.storage},
                            fleet={**FAST_FLEET, **self.fleet, "member_id": member_id or name},
                            **extra)
         m = RunningMember(name, ProxyProcess(cfg, d / "proxy.log"))
@@ -107,10 +110,12 @@ class FleetOfMembers:
 async def fleet_of(tmp: Path, upstream: str, *, rules_text: str | None = None,
                    fleet: dict[str, Any] | None = None,
                    stripe: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> AsyncIterator[FleetOfMembers]:
-    """``extra``: more config sections for every member (e.g. ``alerts``)."""
+                   extra: dict[str, Any] | None = None,
+                   storage: dict[str, Any] | None = None) -> AsyncIterator[FleetOfMembers]:
+    """``extra``: more config sections for every member (e.g. ``alerts``); ``storage``:
+    more ``storage`` settings for every member (e.g. ``durability``)."""
     async with fresh_database() as dsn:
-        f = FleetOfMembers(tmp, upstream, dsn, rules_text, fleet or {}, stripe, extra)
+        f = FleetOfMembers(tmp, upstream, dsn, rules_text, fleet or {}, stripe, extra, storage)
         try:
             yield f
         finally:
