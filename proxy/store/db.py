@@ -1501,13 +1501,27 @@ class Store:
         self.execute_write(tx)
 
     def prune_journal(self, shipped: int) -> int:
-        """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
-        ledger), always keeping the newest row (a seq is never reused in any case: the
-        journal's high-water mark, migration 13). Returns rows deleted."""
+        """Fleet mode: delete every journal row up to ``shipped`` (their seq is in the
+        fleet's ledger), the newest too: a seq is never reused all the same, the delete
+        trigger keeps ``journal_seq.hwm`` at least the deleted seq and a new row takes
+        ``max(max(seq), hwm) + 1`` (migration 13). Returns rows deleted."""
         def tx(c: sqlite3.Connection) -> int:
-            return c.execute("DELETE FROM journal WHERE seq <= ? AND seq < "
-                             "(SELECT max(seq) FROM journal)", (shipped,)).rowcount
+            return c.execute("DELETE FROM journal WHERE seq <= ?", (shipped,)).rowcount
         return int(self.execute_write(tx))
+
+    def journal_owner(self) -> str | None:
+        """Fleet mode: the member id this journal's rows ship under (None: never recorded,
+        a new file or one from before migration 15)."""
+        row = self.conn.execute("SELECT member_id FROM journal_owner WHERE id = 0").fetchone()
+        return None if row is None else str(row[0])
+
+    def set_journal_owner(self, member_id: str) -> None:
+        """Fleet mode: record that this journal's rows ship under ``member_id`` from now on
+        (``proxy.fleet.runtime``, at start, once nothing of an earlier id is left to ship)."""
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO journal_owner (id, member_id) VALUES (0, ?) ON CONFLICT (id)"
+                      " DO UPDATE SET member_id = excluded.member_id", (member_id,))
+        self.execute_write(tx)
 
     def raise_journal_floor(self, seq: int) -> None:
         """Fleet mode, at start: every new journal row takes a seq above ``seq`` (the shared
