@@ -57,13 +57,16 @@ class FleetOfMembers:
         self.stripe = stripe
         self.members: list[RunningMember] = []
 
-    def add(self, name: str, workers: int = 1, member_id: str | None = None) -> RunningMember:
+    def add(self, name: str, workers: int = 1, member_id: str | None = None,
+            journal_of: str | None = None) -> RunningMember:
         """Spawn a member (``await m.proc.wait_ready()`` before using its URLs). It binds
         free ports itself; ``workers`` > 1 share one port, so theirs are picked here.
         ``name`` is its directory (its journal); ``member_id`` its fleet id (default:
-        ``name``; another name with the same id is that member restarted on a new journal)."""
-        d = self.tmp / name
-        d.mkdir()
+        ``name``; another name with the same id is that member restarted on a new journal).
+        ``journal_of``: the name of a stopped member whose directory (journal) it uses
+        instead (its volume reused by a new process)."""
+        d = self.tmp / (journal_of or name)
+        d.mkdir(exist_ok=journal_of is not None)
         port, aport = (free_port(), free_port()) if workers > 1 else (0, 0)
         extra: dict[str, Any] = dict(self.extra)
         if workers > 1:
@@ -79,7 +82,8 @@ class FleetOfMembers:
                                     **self.storage},
                            fleet={**FAST_FLEET, **self.fleet, "member_id": member_id or name},
                            **extra)
-        m = RunningMember(name, ProxyProcess(cfg, d / "proxy.log"))
+        m = RunningMember(name, ProxyProcess(cfg, d / ("proxy.log" if journal_of is None
+                                                       else f"proxy-{name}.log")))
         self.members.append(m)
         m.proc.spawn()
         return m
