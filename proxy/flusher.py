@@ -470,7 +470,8 @@ class Flusher:
     # ---- dead letters and gauges --------------------------------------------------------
 
     async def replay(self, outbox_id: int, restamp: bool = False) -> bool:
-        ok = await self.shared.replay(outbox_id, int(time.time()) if restamp else None)
+        now = time.time()
+        ok = await self.shared.replay(outbox_id, int(now) if restamp else None, now)
         await self.refresh_gauges()
         return ok
 

@@ -215,6 +215,46 @@ class _Later:
         return time.monotonic() + self.ahead
 
 
+async def test_horizon_dates_an_earlier_versions_call_early_and_never_an_uncalled_row(
+        tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rows pending a day: one a version before the resend horizon called (attempts 2,
+    no first_attempt_at: a rolling upgrade's old leader) is dated from its creation and
+    parked, never resent blind; one never called (an outage: every cycle it waited behind
+    a failure, each attempt undone) is sent when Stripe answers again."""
+    import proxy.flusher as flusher_mod
+
+    double = await stripe_double_factory()
+    double.state.add_meter("api_calls")
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                        timeout=1.0)
+    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
+                      rate=0, ambiguous_hold=0.0)
+    try:
+        _usage(store, "old", 3)
+        _usage(store, "new", 4)
+        await flusher.outbox.stage(flusher.event_names(), transforms=flusher.transforms())
+        old_id, new_id = (r for (r,) in store.conn.execute(
+            "SELECT id FROM outbox ORDER BY customer_id DESC"))
+        store.conn.execute("UPDATE outbox SET attempts = 2 WHERE id = ?", (old_id,))
+        for cycle in range(3):          # an outage: begun, never called, undone, each cycle
+            at = time.time() + cycle
+            await flusher.shared.begin_attempt([new_id], at=at)
+            await flusher.shared.retry_at(new_id, 0, "behind a failed event", not_called=at)
+        day = 25 * 3600
+        double.state.advance(day)
+        monkeypatch.setattr(flusher_mod, "time", _Later(day))
+        rep = await flusher.flush(force=True)
+        assert (rep.dead, rep.delivered) == (1, 1), rep.to_json()
+        assert [r.id for r in await flusher.shared.rows(status="dead")] == [old_id]
+        assert double.state.totals("cus_old", "api_calls") == 0        # parked, not resent
+        assert double.state.totals("cus_new", "api_calls") == 4
+    finally:
+        await flusher.close()
+        store.close()
+
+
 async def test_an_unconfirmed_send_is_not_resent_after_stripes_identifier_window(
         tmp_path: Path, stripe_double_factory: Callable[..., Awaitable[RunningDouble]],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,7 +39,7 @@ from proxy.units import QSCALE
 
 WINDOW = 3600
 # the reason of a row the flusher parked past its resend horizon (proxy.flusher): its replay
-# clears first_attempt_at (the operator checked Stripe's summaries and found it missing)
+# starts first_attempt_at over (the operator checked Stripe's summaries and found it missing)
 UNCONFIRMED = "unconfirmed"
 
 
@@ -206,7 +206,10 @@ def stage(conn: sqlite3.Connection, event_names: Mapping[str, tuple[str, str | N
 def pending(conn: sqlite3.Connection, now: float, limit: int = 5000) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT o.id, o.identifier, o.customer_id, o.meter, o.event_name, o.value, o.timestamp,"
-        " o.attempts, c.stripe_customer_id, o.first_attempt_at FROM outbox o LEFT JOIN customers c"
+        " o.attempts, c.stripe_customer_id,"
+        # a call an earlier version made recorded no time: dated from the row's creation
+        " COALESCE(o.first_attempt_at, CASE WHEN o.attempts > 0 THEN o.created_at END)"
+        " AS first_attempt_at FROM outbox o LEFT JOIN customers c"
         " ON c.id = o.customer_id WHERE o.status='pending' AND o.next_attempt_at <= ?"
         " ORDER BY o.id LIMIT ?", (now, limit))
     cols = [d[0] for d in cur.description]
@@ -245,8 +248,9 @@ class SqliteOutbox:
     async def begin_attempt(self, ids: Sequence[int], at: float | None = None) -> None:
         stamp = time.time() if at is None else at
         self.db.execute_write(lambda c: c.executemany(
-            "UPDATE outbox SET attempts = attempts + 1,"
-            " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE id=?",
+            "UPDATE outbox SET attempts = attempts + 1, first_attempt_at ="
+            " COALESCE(first_attempt_at, CASE WHEN attempts > 0 THEN created_at ELSE ? END)"
+            " WHERE id=?",
             [(stamp, i) for i in ids]))
 
     async def mark_sent(self, outbox_id: int, *, sink: str, outcome: str, at: int) -> None:
@@ -262,9 +266,11 @@ class SqliteOutbox:
     async def retry_at(self, outbox_id: int, when: float, error: str,
                        not_called: float | None = None) -> None:
         self.db.execute_write(lambda c: c.execute(
-            "UPDATE outbox SET next_attempt_at=?, last_error=?, first_attempt_at ="
-            " CASE WHEN first_attempt_at = ? THEN NULL ELSE first_attempt_at END WHERE id=?",
-            (when, error[:500], not_called, outbox_id)))
+            "UPDATE outbox SET next_attempt_at=?, last_error=?,"
+            " attempts = CASE WHEN first_attempt_at = ? THEN attempts - 1 ELSE attempts END,"
+            " first_attempt_at = CASE WHEN first_attempt_at = ? THEN NULL ELSE first_attempt_at END"
+            " WHERE id=?",
+            (when, error[:500], not_called, not_called, outbox_id)))
 
     async def mark_dead(self, outbox_id: int, *, reason: str, sink: str, at: int) -> None:
         self.db.execute_write(lambda c: c.execute(
@@ -277,14 +283,17 @@ class SqliteOutbox:
             " WHERE status='dry_run'").rowcount)
         return n
 
-    async def replay(self, outbox_id: int, restamp_at: int | None = None) -> bool:
+    async def replay(self, outbox_id: int, restamp_at: int | None = None,
+                     now: float | None = None) -> bool:
+        at = time.time() if now is None else now
+
         def tx(c: sqlite3.Connection) -> bool:
             sets = ("status='pending', next_attempt_at=0, dead_at=NULL, first_attempt_at ="
-                    " CASE WHEN last_error LIKE ? THEN NULL ELSE first_attempt_at END")
-            args: tuple[int | str, ...] = (UNCONFIRMED + "%", outbox_id)
+                    " CASE WHEN last_error LIKE ? THEN ? ELSE first_attempt_at END")
+            args: tuple[int | float | str, ...] = (UNCONFIRMED + "%", at, outbox_id)
             if restamp_at is not None:
                 sets += ", timestamp=?"
-                args = (UNCONFIRMED + "%", int(restamp_at), outbox_id)
+                args = (UNCONFIRMED + "%", at, int(restamp_at), outbox_id)
             cur = c.execute(f"UPDATE outbox SET {sets} WHERE id=? AND status='dead'", args)
             return cur.rowcount == 1
 

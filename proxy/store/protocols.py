@@ -337,7 +337,10 @@ class Outbox(Protocol):
     async def begin_attempt(self, ids: Sequence[int], at: float | None = None) -> None:
         """Durably add one to ``attempts`` of each row BEFORE any call is made for it, so an
         Idempotency-Key derived from (identifier, attempts) is never reused across a crash;
-        and set ``first_attempt_at`` to ``at`` (default now) where it is not set yet."""
+        and set ``first_attempt_at`` where it is not set yet: to ``at`` (default now), or to
+        the row's ``created_at`` when ``attempts`` is already above 0 (a call an earlier
+        version made, which recorded no time: dated early, so its resend horizon ends early,
+        never late)."""
         ...
 
     async def mark_sent(self, outbox_id: int, *, sink: str, outcome: str, at: int) -> None:
@@ -354,7 +357,9 @@ class Outbox(Protocol):
                        not_called: float | None = None) -> None:
         """Stays pending; not due before ``when``; ``error`` (truncated to 500) recorded.
         ``not_called``: the ``at`` of the ``begin_attempt`` whose call was never made for this
-        row (it waited behind a failure): a ``first_attempt_at`` equal to it is cleared."""
+        row (it waited behind a failure): where ``first_attempt_at`` equals it, that attempt
+        is undone (``first_attempt_at`` cleared, ``attempts`` back down by one: its key was
+        never used), so ``attempts > 0`` always means a call was made."""
         ...
 
     async def mark_dead(self, outbox_id: int, *, reason: str, sink: str, at: int) -> None:
@@ -367,13 +372,17 @@ class Outbox(Protocol):
         returns how many. Idempotent (a second call returns 0)."""
         ...
 
-    async def replay(self, outbox_id: int, restamp_at: int | None = None) -> bool:
-        """A dead letter back to pending and due now (``restamp_at``: its event timestamp
+    async def replay(self, outbox_id: int, restamp_at: int | None = None,
+                     now: float | None = None) -> bool:
+        """A dead letter back to pending and due now (``now``: the caller's clock, default
+        the system's; ``restamp_at``: its event timestamp
         becomes that time). True only if the row was dead; False (nothing changed) for a
         missing or non-dead row, so a second replay returns False. A row dead-lettered as
         unconfirmed past its resend horizon (reason starting ``UNCONFIRMED``, in
-        ``proxy.store.outbox``) gets ``first_attempt_at`` cleared: replaying it is the
-        operator's word that Stripe does not have it; any other keeps it."""
+        ``proxy.store.outbox``) gets ``first_attempt_at`` set to the replay's time: replaying
+        it is the operator's word that Stripe does not have it, so the resend horizon starts
+        over from then (not cleared: a row with attempts and no time is dated from its
+        creation); any other keeps it."""
         ...
 
     async def make_due(self, ids: Sequence[int]) -> int:

@@ -397,7 +397,7 @@ MIGRATIONS: tuple[str, ...] = (
     # call, so their horizon ends early, never late.
     """
     ALTER TABLE outbox ADD COLUMN first_attempt_at REAL;
-    UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0;
+    UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0 AND status <> 'sent';
     """,
     # 16: fleet mode: the member id whose journal this is (the id its rows ship under, keyed
     # ``(member_id, seq)`` in the shared ledger). A member started on a journal another id

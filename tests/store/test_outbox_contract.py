@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from proxy.pricing import TransformQuantity
 from proxy.units import QSCALE
@@ -202,10 +203,15 @@ async def test_first_attempt_time_is_kept_cleared_for_uncalled_rows_and_by_repla
     await ob.retry_at(b, 0, "behind a failed event", not_called=T0 + 0.25)
     await ob.retry_at(a, 0, "behind a failed event", not_called=T0 + 99.5)   # not its first
     assert await first() == {a: T0 + 0.25, b: None}
+    # the uncalled attempt is undone (its key was never used): attempts > 0 means a call
+    assert {d.id: d.attempts for d in await ob.due(float("inf"))} == {a: 2, b: 0}
     await ob.begin_attempt([b], at=T0 + 7.75)
     await ob.retry_at(b, 0, "timeout")                     # called: kept
     assert await first() == {a: T0 + 0.25, b: T0 + 7.75}
     await ob.mark_dead(a, reason=f"{UNCONFIRMED}: first sent 20.5 h ago", sink="s", at=T0)
     await ob.mark_dead(b, reason="no active meter", sink="s", at=T0)
+    before = time.time()
     assert await ob.replay(a) and await ob.replay(b, restamp_at=T0 + 5)
-    assert await first() == {a: None, b: T0 + 7.75}
+    after = await first()
+    # the unconfirmed one's horizon starts over at its replay; any other keeps its first call
+    assert before <= (after[a] or 0) <= time.time() and after[b] == T0 + 7.75

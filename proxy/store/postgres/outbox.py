@@ -155,7 +155,10 @@ class PostgresOutbox:
         async with self.pool.acquire() as c:
             rows = await c.fetch(
                 "SELECT o.id, o.identifier, o.customer_id, o.meter, o.event_name, o.value,"
-                " o.timestamp, o.attempts, cu.stripe_customer_id, o.first_attempt_at FROM outbox o"
+                " o.timestamp, o.attempts, cu.stripe_customer_id,"
+                # a call an earlier version made recorded no time: dated from its creation
+                " COALESCE(o.first_attempt_at,"
+                " CASE WHEN o.attempts > 0 THEN o.created_at::float8 END) FROM outbox o"
                 " LEFT JOIN customers cu ON cu.id = o.customer_id"
                 " WHERE o.status='pending' AND o.next_attempt_at <= $1 ORDER BY o.id LIMIT $2",
                 now, limit)
@@ -164,8 +167,9 @@ class PostgresOutbox:
     @retried
     async def begin_attempt(self, ids: Sequence[int], at: float | None = None) -> None:
         async with self.pool.acquire() as c:
-            await c.execute("UPDATE outbox SET attempts = attempts + 1,"
-                            " first_attempt_at = COALESCE(first_attempt_at, $2::float8)"
+            await c.execute("UPDATE outbox SET attempts = attempts + 1, first_attempt_at ="
+                            " COALESCE(first_attempt_at,"
+                            " CASE WHEN attempts > 0 THEN created_at::float8 ELSE $2::float8 END)"
                             " WHERE id = ANY($1::bigint[])", list(ids),
                             time.time() if at is None else at)
 
@@ -186,6 +190,8 @@ class PostgresOutbox:
                        not_called: float | None = None) -> None:
         async with self.pool.acquire() as c:
             await c.execute("UPDATE outbox SET next_attempt_at=$2, last_error=$3,"
+                            " attempts = CASE WHEN first_attempt_at = $4::float8"
+                            " THEN attempts - 1 ELSE attempts END,"
                             " first_attempt_at = CASE WHEN first_attempt_at = $4::float8"
                             " THEN NULL ELSE first_attempt_at END WHERE id=$1",
                             outbox_id, when, error[:500], not_called)
@@ -210,14 +216,16 @@ class PostgresOutbox:
                 " WHERE status='dry_run'"))
 
     @retried
-    async def replay(self, outbox_id: int, restamp_at: int | None = None) -> bool:
+    async def replay(self, outbox_id: int, restamp_at: int | None = None,
+                     now: float | None = None) -> bool:
         async with self.pool.acquire() as c, c.transaction():
             done = await c.execute(
                 "UPDATE outbox SET status='pending', next_attempt_at=0, dead_at=NULL,"
                 " timestamp = COALESCE($2::bigint, timestamp), first_attempt_at ="
-                " CASE WHEN last_error LIKE $3 THEN NULL ELSE first_attempt_at END"
+                " CASE WHEN last_error LIKE $3 THEN $4::float8 ELSE first_attempt_at END"
                 " WHERE id=$1 AND status='dead'",
-                outbox_id, None if restamp_at is None else int(restamp_at), UNCONFIRMED + "%")
+                outbox_id, None if restamp_at is None else int(restamp_at), UNCONFIRMED + "%",
+                time.time() if now is None else now)
             if not _count(done):
                 return False
             await c.execute("UPDATE dead_letters SET replayed_at = extract(epoch FROM now())"

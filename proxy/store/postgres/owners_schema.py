@@ -245,7 +245,7 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     # time: at or before their first call
     """
     ALTER TABLE outbox ADD COLUMN first_attempt_at DOUBLE PRECISION;
-    UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0;
+    UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0 AND status <> 'sent';
     """,
     # 12: one live process per member id (docs/fleet.md, "One process per member id"): the
     # instance token the running process claimed (NULL: released, or never claimed), and
