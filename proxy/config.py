@@ -626,10 +626,11 @@ class LimitsConfig(_Model):
                     "longer: the connection is closed and the request is not billed.")
     write_timeout: Duration = Field(
         default=30.0, gt=0,
-        description="Longest a consumer connection may stay full: the proxy has response "
-                    "bytes (or WebSocket frames) queued for it over the transport's high-water "
-                    "mark, and the consumer does not read enough to bring them back under "
-                    "the low-water mark. Longer: the connection is aborted, the upstream "
+        description="Longest a consumer connection may stay full with the consumer reading "
+                    "nothing: the proxy has response bytes (or WebSocket frames) queued for it "
+                    "over the transport's high-water mark, and none of them was read since "
+                    "(checked every second; a consumer that reads slowly but steadily is not "
+                    "cut off). Longer: the connection is aborted, the upstream "
                     "connection serving it is closed (freed for other requests), and the "
                     "request is billed as when the consumer disconnects (for what was "
                     "delivered, flagged `abandoned`).")

@@ -12,7 +12,8 @@ per-connection protocol (``RequestHandler``):
 - ``header_timeout``: from the first byte of a request head to its end;
 - ``body_timeout``: the longest pause between two reads of a request body still being sent;
 - ``write_timeout``: the longest the connection may stay full (its transport over the
-  high-water mark: the consumer does not read what the proxy sends). Without it a consumer
+  high-water mark) with the consumer reading nothing of what the proxy sends (a sweep that
+  finds the write buffer smaller than at the last look restarts the clock). Without it a consumer
   that stops reading held the upstream connection serving it for as long as it liked (the
   stream loop waits in its drain; the pool's read_timeout skips a connection whose reading
   is paused by our back-pressure), and a few of them could take the whole pool.
@@ -39,9 +40,12 @@ tests/test_resources.py and tests/test_limits.py fail if an aiohttp upgrade chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import re
 import resource
+import struct
 from typing import Any
 
 import orjson
@@ -51,6 +55,9 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy import metrics
 from proxy.config import LimitsConfig
+
+# the kernel's send queue of a socket (Linux: SIOCOUTQ); None where termios lacks it
+_TIOCOUTQ: int | None = getattr(__import__("termios"), "TIOCOUTQ", None)
 
 log = logging.getLogger("meterproxy.limits")
 
@@ -103,6 +110,24 @@ def effective_max_connections(configured: int, pool_size: int) -> int:
     return configured
 
 
+def _queued(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes queued for the consumer and not yet read by it: the transport's write buffer
+    plus, on Linux, the kernel's send queue (``TIOCOUTQ``: unsent and unacknowledged). The
+    kernel's queue is what a slow reader drains first: the transport's buffer moves only
+    when the socket is writable again, which TCP signals once a third or more of the send
+    buffer is free (a megabyte or more on a loopback), so a consumer reading steadily can
+    leave the transport's buffer unchanged for many seconds. Once a second per full
+    connection (``ConnectionGuard.sweep``) and at each ``pause_writing``: never per write."""
+    if not isinstance(transport, asyncio.WriteTransport):
+        return 0
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if _TIOCOUTQ is not None and sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    return size
+
+
 class ConnectionGuard:
     """The connection bounds, shared by every connection of one listener."""
 
@@ -130,9 +155,17 @@ class ConnectionGuard:
         header_to, body_to, write_to = self.header_timeout, self.body_timeout, \
             self.write_timeout
         for c in list(self.conns):
-            if c._paused and now - c.full_at > write_to:
-                c.abort("write_timeout")        # a WebSocket too: its frames back up the same way
-                continue
+            if c._paused:
+                # full: stalled only while the consumer reads nothing (its buffer never got
+                # smaller since the last look); one that reads slowly but steadily restarts
+                # the clock at every sweep that sees progress
+                size = _queued(c.transport)
+                if size < c.full_size:
+                    c.full_at = now
+                c.full_size = size
+                if now - c.full_at > write_to:
+                    c.abort("write_timeout")    # a WebSocket too: its frames back up the same way
+                    continue
             if c._upgraded or c._payload_parser is not None:
                 continue            # a websocket: frames, not HTTP
             head_at = c.head_at
@@ -152,7 +185,7 @@ class ConnectionGuard:
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("full_at", "guard", "head_at", "last_payload", "refused", "rx_at")
+    __slots__ = ("full_at", "full_size", "guard", "head_at", "last_payload", "refused", "rx_at")
 
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -161,7 +194,8 @@ class GuardedHandler(RequestHandler):
         self.rx_at = 0.0
         self.head_at: float | None = None     # first byte of a request head not yet complete
         self.last_payload: Any = None           # body of the last request parsed
-        self.full_at = 0.0                      # when writing last paused (the transport filled)
+        self.full_at = 0.0      # when writing paused (the transport filled), or last progressed
+        self.full_size = 0      # its write buffer's size at that time or the last sweep
         # every byte the request parser is fed passes _Framing first (data_received, the
         # re-feed of a paused parser, the tail of a declined upgrade)
         self._parser = _Framing(self._parser, self)  # type: ignore[assignment]
@@ -223,6 +257,7 @@ class GuardedHandler(RequestHandler):
     def pause_writing(self) -> None:
         # (the transport went over its high-water mark: called then only, not per write)
         self.full_at = self._loop.time()
+        self.full_size = _queued(self.transport)
         super().pause_writing()
 
     def _too_large(self) -> None:

@@ -334,6 +334,53 @@ async def test_a_consumer_that_stops_reading_is_cut_off_by_write_timeout(
         assert rows == [(*billed, 1, "abandoned"), ("everything-else", "api_calls", 1, "")]
 
 
+async def test_a_slow_but_steady_reader_is_not_cut_off_by_write_timeout(
+        make_proxy: ProxyFactory) -> None:
+    """A consumer that reads a large download slowly but steadily (8 KiB every 0.25 s, far
+    under the rate that would empty the proxy's buffer to its low-water mark within
+    write_timeout) keeps the connection full the whole time, yet it reads: every sweep sees
+    the buffer smaller than at its last look, so write_timeout never cuts it off."""
+    size = 32 * 1024 * 1024
+    chunk = b"x" * 65536
+
+    async def file(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = size
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            for _ in range(size // len(chunk)):
+                await resp.write(chunk)
+            await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/file", file)
+    async with serve(app, shutdown_timeout=0.5) as upstream_url:
+        p = await make_proxy(upstream_url=upstream_url, limits={"write_timeout": "1s"})
+        key = await p.customer_with_key("slow")
+        before = _closed("write_timeout")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", p.server.public_port))
+            await loop.sock_sendall(sock, f"GET /v1/file HTTP/1.1\r\nHost: x\r\n"
+                                          f"Authorization: Bearer {key}\r\n\r\n".encode())
+            got = len(await asyncio.wait_for(loop.sock_recv(sock, 1024), 10))
+            await asyncio.sleep(1.5)                # the proxy's transport to it fills
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4.0:     # four write_timeouts of slow reading
+                data = await asyncio.wait_for(loop.sock_recv(sock, 8192), 10)
+                assert data, "the proxy closed the connection of a consumer that reads"
+                got += len(data)
+                await asyncio.sleep(0.25)
+            assert _closed("write_timeout") == before
+            assert got < size // 2
+        finally:
+            sock.close()
+
+
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -552,7 +552,9 @@ def _plan(probes: tuple[Probe, ...]) -> _Plan:
     if hit is not None and hit[0] is probes:
         return hit[1]
     needles = tuple({p.needles for p in probes})
-    keys = tuple(k[-1] for k in needles) if all(needles) else None
+    # each skip key once (several probes may end in one key: anthropic_messages reads
+    # input_tokens from message_start and message_delta): one find per key and read
+    keys = tuple(dict.fromkeys(k[-1] for k in needles)) if all(needles) else None
     if len(_NEEDLES) > 10_000:        # rules reloaded many times: drop stale entries
         _NEEDLES.clear()
     plan = _NEEDLES[id(probes)] = (probes, (needles, keys, len({p.key for p in probes})))
