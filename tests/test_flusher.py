@@ -202,6 +202,17 @@ async def test_a_dry_run_never_makes_a_real_sink_reuse_a_key(
         store.close()
 
 
+def _one_second_flusher(tmp_path: Path, double: RunningDouble) -> tuple[Store, Flusher]:
+    """A store and a flusher to ``double`` (meter api_calls) whose calls time out after 1 s."""
+    double.state.add_meter("api_calls")
+    store = Store.open(tmp_path / "f.db")
+    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
+                        timeout=1.0)
+    return store, Flusher(store, MeterEventsSink(conn),
+                          lambda: {"api_calls": ("api_calls", None)}, rate=0,
+                          ambiguous_hold=0.0)
+
+
 class _Later:
     """``proxy.flusher``'s clock, ``ahead`` seconds in the future (a day-long outage)."""
 
@@ -225,12 +236,7 @@ async def test_horizon_dates_an_earlier_versions_call_early_and_never_an_uncalle
     import proxy.flusher as flusher_mod
 
     double = await stripe_double_factory()
-    double.state.add_meter("api_calls")
-    store = Store.open(tmp_path / "f.db")
-    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
-                        timeout=1.0)
-    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
-                      rate=0, ambiguous_hold=0.0)
+    store, flusher = _one_second_flusher(tmp_path, double)
     try:
         _usage(store, "old", 3)
         _usage(store, "new", 4)
@@ -265,12 +271,7 @@ async def test_an_unconfirmed_send_is_not_resent_after_stripes_identifier_window
     import proxy.flusher as flusher_mod
 
     double = await stripe_double_factory(processing_delay=1.5)
-    double.state.add_meter("api_calls")
-    store = Store.open(tmp_path / "f.db")
-    conn = StripeClient(TEST_API_KEY, api_base=double.url, meter_events_base=double.url,
-                        timeout=1.0)
-    flusher = Flusher(store, MeterEventsSink(conn), lambda: {"api_calls": ("api_calls", None)},
-                      rate=0, ambiguous_hold=0.0)
+    store, flusher = _one_second_flusher(tmp_path, double)
     try:
         _usage(store, "a", 3)
         first = await flusher.flush(force=True)        # times out; Stripe applies it

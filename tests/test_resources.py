@@ -235,6 +235,18 @@ async def test_full_upstream_pool_answers_503_upstream_busy(make_proxy: ProxyFac
     assert sorted(rows) == [("a",)] * 4 + [("b",)]    # the 503 was not billed
 
 
+async def _small_window_get(sock: socket.socket, p: Proxy, path: str, key: str) -> bytes:
+    """``GET path`` through the proxy on ``sock`` with a 4 KiB receive buffer (the proxy's
+    transport to it fills soon after the head); returns the first read (the head)."""
+    loop = asyncio.get_running_loop()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", p.server.public_port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                                  f"Authorization: Bearer {key}\r\n\r\n".encode())
+    return await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+
+
 @pytest.mark.parametrize("path", ["/v1/stream", "/v1/file"])
 async def test_a_consumer_that_stops_reading_is_cut_off_by_write_timeout(
         make_proxy: ProxyFactory, path: str) -> None:
@@ -290,12 +302,7 @@ async def test_a_consumer_that_stops_reading_is_cut_off_by_write_timeout(
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", p.server.public_port))
-            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
-                                          f"Authorization: Bearer {key}\r\n\r\n".encode())
-            head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+            head = await _small_window_get(sock, p, path, key)
             assert head.startswith(b"HTTP/1.1 200"), head
             # the consumer reads nothing more: the upstream is held back once the proxy's
             # transport to the consumer is full
@@ -362,12 +369,7 @@ async def test_a_slow_but_steady_reader_is_not_cut_off_by_write_timeout(
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", p.server.public_port))
-            await loop.sock_sendall(sock, f"GET /v1/file HTTP/1.1\r\nHost: x\r\n"
-                                          f"Authorization: Bearer {key}\r\n\r\n".encode())
-            got = len(await asyncio.wait_for(loop.sock_recv(sock, 1024), 10))
+            got = len(await _small_window_get(sock, p, "/v1/file", key))
             await asyncio.sleep(1.5)                # the proxy's transport to it fills
             t0 = time.monotonic()
             while time.monotonic() - t0 < 4.0:     # four write_timeouts of slow reading
