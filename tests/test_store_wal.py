@@ -163,7 +163,10 @@ async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
     """Real saturation: the loop keeps its one CPU busy, so the pass runs on the niced
     thread. On the SCHED_IDLE one it starved, and the tick (which awaits it: it holds
     _maint_lock and SQLite's checkpoint lock) took many times its interval (1.4 s for a
-    13 MB WAL with starve_after 0.1 s; 0.18 s at niceness +10)."""
+    13 MB WAL with starve_after 0.1 s; 0.18 s at niceness +10). Starved, it does not end
+    while the loop spins, whatever the bound; the bound (2 s) leaves room for a slow VM
+    with the suite's other worker on the same CPU (0.85-0.89 s seen, where the niced
+    thread's ~10% share of the CPU is shared again)."""
     cpu = min(os.sched_getaffinity(0))
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})          # the loop, and the maintenance thread it starts
@@ -183,7 +186,7 @@ async def test_a_tick_at_saturation_is_not_held_by_the_starved_idle_pass(
         await asyncio.sleep(0)
         began = time.monotonic()
         tick = asyncio.ensure_future(store.checkpoint_once(starve_after=0.1))
-        done, _ = await asyncio.wait((tick,), timeout=0.8)
+        done, _ = await asyncio.wait((tick,), timeout=2.0)
         took = time.monotonic() - began
         stop = True
         await sp
