@@ -385,6 +385,8 @@ JSON64 = st.recursive(
     max_leaves=20)
 VALID = st.one_of(
     st.integers(0, 10**9).map(lambda n: (n, n * M)),
+    st.just(10**12).map(lambda n: (n, n * M)),          # MAX_UNITS itself is billable
+    st.just("1000000000000").map(lambda n: (n, 10**12 * M)),
     st.decimals(0, 10**6, places=6).map(lambda d: (str(d), to_micro(d))),
     st.integers(0, 10**6).map(lambda n: (str(n), n * M)),
     st.floats(0, 10**6, allow_nan=False).map(lambda f: (f, to_micro(f))),
@@ -631,3 +633,14 @@ rules:
     rate = rule.usage[0].credits_per_unit
     assert rate is not None
     assert cost_micro(units * M, rate) == micro_credits
+
+
+@pytest.mark.parametrize("value", [10**12, "1000000000000"])
+def test_max_units_itself_is_billed_and_one_more_is_unreadable(rules: dict[str, Rule],
+                                                              value: object) -> None:
+    """MAX_UNITS (10**12 units) is the largest quantity one request records; one unit more
+    is unreadable (the fallback: ``on_unreadable`` 7 for ``field``)."""
+    for v, expected in ((value, Quantity("m", 10**12 * M, False)),
+                        (10**12 + 1, Quantity("m", 7 * M, True, "unreadable"))):
+        raw = orjson.dumps({"choices": [{"n": v}]})
+        assert run(rules["field"], "application/json", [raw]) == [expected]
