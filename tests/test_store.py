@@ -50,6 +50,16 @@ def _row(i: int) -> UsageRow:
                     path="/x")
 
 
+def _migrate_to(conn: sqlite3.Connection, version: int) -> None:
+    """The schema as an older version left it: migrations 1 to ``version`` on ``conn``."""
+    from proxy.store.db import _statements
+    from proxy.store.schema import MIGRATIONS
+    for i, script in enumerate(MIGRATIONS[:version], start=1):
+        for stmt in _statements(script):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={i}")
+
+
 def _commit_each(store: Store, ids: Iterable[int]) -> None:
     """``_row(i)`` for each id, each in a group commit of its own (one journal frame each)."""
     for i in ids:
@@ -547,14 +557,11 @@ def test_migration_15_dates_rows_attempted_before_it_from_their_creation(tmp_pat
     """``outbox.first_attempt_at`` (the flusher's resend horizon counts from it): a row an
     older version attempted gets its creation time (at or before its first call, so its
     horizon ends early, never late); a row never attempted gets none."""
-    from proxy.store.db import _statements, connect
+    from proxy.store.db import connect
     from proxy.store.schema import MIGRATIONS
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for i, script in enumerate(MIGRATIONS[:14], start=1):
-        for stmt in _statements(script):
-            conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version={i}")
+    _migrate_to(conn, 14)
     for oid, attempts in ((1, 3), (2, 0)):
         conn.execute("INSERT INTO outbox(id, identifier, customer_id, meter, event_name, value,"
                      " window_start, timestamp, created_at, attempts) VALUES"
@@ -570,14 +577,11 @@ def test_migration_15_dates_rows_attempted_before_it_from_their_creation(tmp_pat
 def test_migration_13_continues_the_autoincrement_count(tmp_path: Path) -> None:
     """A database written with AUTOINCREMENT (migration 11) whose journal was emptied: the
     first seq after migration 13 is above every seq used before it."""
-    from proxy.store.db import _JOURNAL_INSERT, _statements, connect
+    from proxy.store.db import _JOURNAL_INSERT, connect
     from proxy.store.schema import MIGRATIONS
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for i, script in enumerate(MIGRATIONS[:12], start=1):
-        for stmt in _statements(script):
-            conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version={i}")
+    _migrate_to(conn, 12)
     for _ in range(5):
         conn.execute("INSERT INTO journal(row) VALUES ('[]')")
     conn.execute("DELETE FROM journal WHERE seq >= 4")      # the newest ones moved
@@ -758,15 +762,11 @@ def test_two_processes_upgrading_one_file_at_once_both_open_it(tmp_path: Path) -
     import subprocess
     import sys
 
-    from proxy.store.db import _statements
     from proxy.store.schema import MIGRATIONS
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    for i, script in enumerate(MIGRATIONS[:12], start=1):
-        for stmt in _statements(script):
-            conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version={i}")
+    _migrate_to(conn, 12)
     conn.execute("BEGIN IMMEDIATE")              # both starters wait for this lock
     procs = [subprocess.Popen([sys.executable, "-c", _OPEN_PROCESS, str(db)],
                               cwd=Path(__file__).resolve().parent.parent,
