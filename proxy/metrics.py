@@ -309,6 +309,9 @@ fleet_lease_credits = Gauge("meterproxy_fleet_lease_credits",
 fleet_lease_refills_total = Gauge("meterproxy_fleet_lease_refills",
                                   "Lease grant statements this member has issued",
                                   registry=REGISTRY)
+fleet_lease_idle_returns = Gauge("meterproxy_fleet_lease_idle_returns",
+                                 "Leases this member returned after fleet.lease_idle without "
+                                 "an admission", registry=REGISTRY)
 fleet_pg_statements = Gauge("meterproxy_fleet_pg_statements",
                             "Statements this member has run on its PostgreSQL pool",
                             registry=REGISTRY)

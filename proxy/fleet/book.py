@@ -58,6 +58,7 @@ class Held:
     granted: int          # the lease's whole grant (from the database)
     spent: int            # admitted against it here
     usable_until_ms: int  # the holder's deadline (its monotonic clock)
+    used_ms: int = 0      # the last admission against it (or grant for one), same clock
 
     @property
     def remaining(self) -> int:
@@ -80,17 +81,21 @@ class LeaseBook:
         self._rate_at: dict[str, tuple[int, int]] = {}  # customer -> (since ms, spent since)
         self._refills: dict[str, asyncio.Future[Grant | None]] = {}
         self._empty_until: dict[str, int] = {}     # customer -> no refill before (ms)
+        self._releasing: dict[str, asyncio.Future[int]] = {}   # a release in flight
         self.rtt_ms = 50
         self.refills = 0                           # grant statements issued
+        self.idle_returns = 0                      # leases returned for being idle
 
     # -- the hot path ---------------------------------------------------------------------
     def try_admit(self, customer_id: str, cost: int) -> bool:
         """Admit against the held lease, or not; never does I/O."""
         h = self.held.get(customer_id)
-        if h is None or h.remaining < cost or self.clock() >= h.usable_until_ms:
+        now = self.clock()
+        if h is None or h.remaining < cost or now >= h.usable_until_ms:
             return False
         h.spent += cost
-        self._count(customer_id, cost)
+        h.used_ms = now
+        self._count(customer_id, cost, now)
         return True
 
     async def admit(self, customer_id: str, cost: int) -> Decision:
@@ -147,6 +152,11 @@ class LeaseBook:
 
     async def _grant(self, customer_id: str, quantum: int) -> Grant | None:
         """One grant statement; None when PostgreSQL is unreachable."""
+        releasing = self._releasing.get(customer_id)
+        if releasing is not None:
+            # the release's statement cuts the lease to what was spent: a grant committed
+            # before it would be cut too, and this book would spend credit nobody escrowed
+            await asyncio.wait((releasing,))
         wanted = sizing.want(self._rate.get(customer_id, 0), self.policy.cover_ms)
         sent = self.clock()
         try:
@@ -172,6 +182,7 @@ class LeaseBook:
             h = Held(got.lease_id, got.granted_total, got.granted_total - got.amount, 0)
             self.held[customer_id] = h
         h.granted = got.granted_total
+        h.used_ms = self.clock()          # a grant is asked for an admission
         if got.amount > 0:
             h.usable_until_ms = sizing.usable_until_ms(sent, self.policy.ttl_ms,
                                                        self.policy.drift_margin_ppm)
@@ -196,11 +207,37 @@ class LeaseBook:
 
     # -- returns ----------------------------------------------------------------------------
     async def release(self, customer_id: str) -> int:
-        """Return the unspent part of the customer's lease (idle, shutdown)."""
+        """Return the unspent part of the customer's lease (idle, shutdown). Until the
+        statement is done, a refill for the customer waits for it (``_grant``)."""
         h = self.held.pop(customer_id, None)
         if h is None:
             return 0
-        return await self.store.release(customer_id, h.lease_id, h.spent)
+        fut = tasks.spawn(f"lease-release-{customer_id}",
+                          self.store.release(customer_id, h.lease_id, h.spent))
+        self._releasing[customer_id] = fut
+
+        def forget(f: asyncio.Future[int]) -> None:
+            if self._releasing.get(customer_id) is f:
+                del self._releasing[customer_id]
+        fut.add_done_callback(forget)
+        return await fut
+
+    def idle(self, customer_id: str) -> bool:
+        """The customer's lease had no admission for ``policy.idle_ms`` and no refill is in
+        flight for it."""
+        h = self.held.get(customer_id)
+        return (h is not None and customer_id not in self._refills
+                and self.clock() - h.used_ms >= self.policy.idle_ms)
+
+    async def release_idle(self) -> int:
+        """Return every idle lease (``idle``): credit no request here is using goes back to
+        the balance, where every member can lease it. Returns the micro-credits given back."""
+        total = 0
+        for customer_id in list(self.held):
+            if self.idle(customer_id):       # checked again: the loop awaits between leases
+                total += await self.release(customer_id)
+                self.idle_returns += 1
+        return total
 
     async def release_all(self) -> int:
         total = 0
@@ -209,8 +246,7 @@ class LeaseBook:
         return total
 
     # -- rate -------------------------------------------------------------------------------
-    def _count(self, customer_id: str, cost: int) -> None:
-        now = self.clock()
+    def _count(self, customer_id: str, cost: int, now: int) -> None:
         since, spent = self._rate_at.get(customer_id, (now, 0))
         spent += cost
         if now - since >= 1000:

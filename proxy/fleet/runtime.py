@@ -15,7 +15,8 @@ What a member runs, besides serving:
   tick (a dead listener is reopened; while it is down every tick reloads);
 - **leadership** of the ``flusher`` duty, tried every ``leader_ttl / 3``: exactly one member
   stages and delivers; its outbox writes run in fenced transactions (``FencedPool``);
-- **leases**: renewed every ``lease_ttl / 3``; abandoned leases reaped by every member
+- **leases**: renewed every ``lease_ttl / 3``, returned once idle for ``fleet.lease_idle``;
+  abandoned leases reaped by every member
   (``SKIP LOCKED``: reapers never queue behind each other);
 - **credits**: every ``fleet.ship_interval`` the credit service's book reloads the customers
   whose shared per-grant state moved (``credits_forever``), so grant views, expiry,
@@ -206,10 +207,12 @@ class Fleet:
                 return
 
     async def leases_forever(self) -> None:
-        """Renew held leases every ``lease_ttl / 3``; reap abandoned ones."""
+        """Every ``lease_ttl / 3``: return leases idle for ``fleet.lease_idle``, renew the
+        others, reap abandoned ones."""
         grace_ms = round(self.cfg.fleet.reaper_grace * 1000)
 
         async def renew_and_reap() -> None:
+            await self.book.release_idle()
             for cid in list(self.book.held):
                 await self.book.renew(cid)
             await self.leases.reap(grace_ms)
@@ -288,6 +291,7 @@ class Fleet:
         metrics.fleet_lease_credits.set(sum(h.remaining for h in self.book.held.values())
                                         / 1_000_000)
         metrics.fleet_lease_refills_total.set(self.book.refills)
+        metrics.fleet_lease_idle_returns.set(self.book.idle_returns)
         metrics.fleet_pg_statements.set(self.pool.statements)
 
     async def status(self) -> dict[str, Any]:

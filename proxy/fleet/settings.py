@@ -16,7 +16,8 @@ def lease_policy(f: FleetConfig) -> LeasePolicy:
     return LeasePolicy(cover_ms=round(f.cover_period * 1000), floor=to_micro(f.lease_floor),
                        k=f.k, ttl_ms=round(f.lease_ttl * 1000),
                        drift_margin_ppm=round(f.drift_margin * 1_000_000),
-                       empty_backoff_ms=round(f.empty_backoff * 1000))
+                       empty_backoff_ms=round(f.empty_backoff * 1000),
+                       idle_ms=max(1, round(f.lease_idle * 1000)))
 
 
 def pool_settings(s: StorageConfig) -> PoolSettings:

@@ -39,12 +39,13 @@ class LeasePolicy:
     drift_margin_ppm: int = 50_000  # holder stops spending at send + ttl*(1 - margin)
     lead_ms: int = 1_000            # refill when less than r*(rtt + lead) is left
     empty_backoff_ms: int = 1_000   # after a grant found nothing: answer 402 locally this long
+    idle_ms: int = 10_000           # a lease with no admission this long is returned
 
     def __post_init__(self) -> None:
         if self.cover_ms <= 0 or self.floor < 0 or self.k < 1 or self.ttl_ms <= 0:
             raise ValueError("cover_ms, ttl_ms > 0; floor >= 0; k >= 1")
-        if self.empty_backoff_ms < 0:
-            raise ValueError("empty_backoff_ms >= 0")
+        if self.empty_backoff_ms < 0 or self.idle_ms <= 0:
+            raise ValueError("empty_backoff_ms >= 0; idle_ms > 0")
         if not 0 <= self.drift_margin_ppm < 1_000_000:
             raise ValueError("drift_margin_ppm in [0, 1e6)")
 

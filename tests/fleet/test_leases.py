@@ -17,6 +17,7 @@ from proxy.store.postgres.leases import Grant, LeaseStore
 from proxy.store.postgres.pool import PgPool
 from tests.fleet.conftest import add_customer
 from tests.fleet.member import Member
+from tests.helpers import wait_until
 
 C = 1_000_000   # one credit in micro-credits
 
@@ -234,3 +235,85 @@ async def test_a_finished_refill_is_never_awaited_again(pool: PgPool) -> None:
     book._refills["acme"] = done
     assert await book.admit("acme", C) is Decision.ADMIT
     assert book.held["acme"].spent == C
+
+
+async def test_an_idle_lease_is_returned_and_a_used_one_is_not(pool: PgPool) -> None:
+    """docs/fleet.md, Return: a lease with no admission for ``idle_ms`` goes back to the
+    balance at the renewal pass (``release_idle``), so other members can spend it; one that
+    admitted within ``idle_ms`` stays. The next request asks for a new lease."""
+    await add_customer(pool, "acme", 100 * C)
+    await add_customer(pool, "busy", 100 * C)
+    now = [0]
+    m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=5_000))
+    m.book.clock = lambda: now[0]
+    assert await m.request("acme", C) is Decision.ADMIT
+    assert await m.request("busy", C) is Decision.ADMIT
+    await m.shipper.ship_pending(m.journal)
+    now[0] = 4_999
+    assert m.book.try_admit("busy", C)                  # busy admits again at 4.999 s
+    assert await m.book.release_idle() == 0             # nobody idle for 5 s yet
+    now[0] = 5_000
+    assert await m.book.release_idle() == 9 * C         # acme's 9 unspent credits
+    assert list(m.book.held) == ["busy"] and m.book.idle_returns == 1
+    acct = await _account(pool, "acme")
+    assert (acct.balance, acct.settled, acct.escrowed) == (100 * C, C, 0)
+    assert await m.book.renew("busy")
+    assert await m.request("acme", C) is Decision.ADMIT
+    assert m.book.refills == 3                          # a new lease for acme
+    assert (await _account(pool, "acme")).escrowed == 10 * C
+
+
+async def test_an_idle_return_keeps_what_in_flight_requests_hold(pool: PgPool) -> None:
+    """A request admitted (held) but not yet shipped when its lease is returned: the return
+    keeps the held credit escrowed (``granted - spent`` comes back), and it settles when
+    the row ships."""
+    await add_customer(pool, "acme", 100 * C)
+    now = [0]
+    m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
+    m.book.clock = lambda: now[0]
+    assert await m.request("acme", C) is Decision.ADMIT        # not shipped yet
+    now[0] = 1_000
+    assert await m.book.release_idle() == 9 * C
+    assert (await _account(pool, "acme")).escrowed == C
+    await m.shipper.ship_pending(m.journal)
+    acct = await _account(pool, "acme")
+    assert (acct.settled, acct.escrowed) == (C, 0)
+
+
+async def test_a_refill_waits_for_the_idle_return_in_flight(pool: PgPool) -> None:
+    """The return cuts the lease to what was spent: a grant committed before it would be cut
+    too, while this book spends it as escrowed. So a refill for the customer sends nothing
+    until the return is done: with the account row locked by another transaction, only the
+    return's statement waits on the lock (the refill's was not sent)."""
+    await add_customer(pool, "acme", 100 * C)
+    now = [0]
+    m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
+    m.book.clock = lambda: now[0]
+    assert await m.request("acme", C) is Decision.ADMIT
+    await m.shipper.ship_pending(m.journal)
+    now[0] = 1_000
+    async with pool.acquire() as locker, locker.transaction():
+        await locker.execute("SELECT 1 FROM credit_accounts WHERE customer_id = 'acme' "
+                             "FOR UPDATE")
+        returning = asyncio.ensure_future(m.book.release_idle())
+        admitting = asyncio.ensure_future(m.request("acme", C))
+        async with pool.acquire() as probe:
+            waiting = await wait_until(lambda: probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"), ok=lambda n: n >= 1, timeout=5,
+                what="the return waiting on the account lock")
+            await asyncio.sleep(0.3)
+            waiting = await probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")
+        assert waiting == 1, f"{waiting} statements waiting on the account lock"
+        assert not admitting.done()
+    assert await returning == 9 * C
+    assert await admitting is Decision.ADMIT
+    h = m.book.held["acme"]
+    async with pool.acquire() as conn:
+        granted, reported = await conn.fetchrow(
+            "SELECT granted, reported FROM credit_leases WHERE id = $1", h.lease_id)
+    # what the book may still spend is escrowed in its lease
+    assert granted - reported >= h.remaining > 0
+    assert (await _account(pool, "acme")).escrowed == granted - reported

@@ -132,8 +132,11 @@ async def test_post_response_overspend_is_bounded_and_paid_back(
         tmp_path: Path, upstream: str) -> None:
     """Each request holds 1 credit (the estimate) and costs 3 (``units`` from the response):
     with 30 in flight at once on three members, the fleet overspends at most 30 x (3 - 1),
-    and every member refuses the customer afterwards until the debt is covered."""
-    async with fleet_of(tmp_path, upstream, rules_text=RULES) as fleet:
+    and every member refuses the customer afterwards until the debt is covered. A member
+    whose last grant (a refill ahead) outlived the burst returns it once idle (lease_idle
+    1 s): before idle returns that credit stayed escrowed for as long as the member ran."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES,
+                        fleet={"lease_idle": "1s"}) as fleet:
         members = await fleet.start(["a", "b", "c"])
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=TIMEOUT) as s:
@@ -148,6 +151,31 @@ async def test_post_response_overspend_is_bounded_and_paid_back(
             assert 0 < overspend <= 30 * 2 * C, (admitted, overspend)
             # the debt is paid before anything more is admitted, on every member
             assert await _burst(s, members, key, 6, "/v1/stream?chunks=3") == {402: 6}
+
+
+async def test_an_idle_members_lease_returns_and_the_others_spend_it(
+        tmp_path: Path, upstream: str) -> None:
+    """docs/fleet.md, Return: a lease of 30 credits on member a, which then gets no more
+    requests, is back in the balance within lease_idle + lease_ttl / 3 (1 s + 1 s here), and
+    member b spends every credit left: before idle returns b was refused while a sat on 29."""
+    async with fleet_of(tmp_path, upstream, rules_text=RULES,
+                        fleet={"lease_floor": "30", "lease_idle": "1s", "k": 1}) as fleet:
+        a, b = await fleet.start(["a", "b"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=TIMEOUT) as s:
+            key = await _customer(s, a, "40")
+            assert await _burst(s, [a], key, 1) == {200: 1}
+            assert (await _account(fleet))[2] >= 29 * C     # a's lease (k 1: up to 39 held)
+            await wait_until(lambda: _account(fleet), ok=lambda acc: acc == (40 * C, C, 0),
+                             timeout=6, what="a's idle lease back in the balance")
+            # the gauges are refreshed every leader_ttl / 3 (1 s)
+            await wait_until(lambda: _metric(s, a, "meterproxy_fleet_lease_idle_returns"),
+                             ok=lambda n: n >= 1, timeout=3, what="the idle return counted")
+            got = Counter[int]()
+            for _ in range(42):                  # one at a time: b alone spends the rest
+                got += await _burst(s, [b], key, 1)
+            assert got == {200: 39, 402: 3}, got
+            assert await _settled(fleet, 40 * C) == (40 * C, 40 * C, 0)
 
 
 async def _metric(s: aiohttp.ClientSession, m: RunningMember, name: str) -> float:
