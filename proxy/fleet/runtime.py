@@ -41,6 +41,7 @@ from typing import Any
 from proxy import metrics
 from proxy.config import Config
 from proxy.credits.book import CreditBook
+from proxy.errors import StorageError
 from proxy.fleet.book import LeaseBook
 from proxy.fleet.credits import FleetCredits
 from proxy.fleet.journal_shipping import JournalShipping
@@ -50,7 +51,7 @@ from proxy.store.postgres import grant_debits
 from proxy.store.postgres import members as pg_members
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgConflict, PgUnavailable
-from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.journal import SqliteJournal, shipped_under
 from proxy.store.postgres.leader import Deposed, Leadership
 from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.members import Superseded
@@ -400,13 +401,16 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
     a new default id). A journal another id wrote is first shipped to the end under that
     id (this process claims it for the time: refused while a live process holds it, a
     cloned volume), that id's leases ended as at its own restart, and only then adopted. A
-    journal with no id recorded (new, or from before this check) is ``mid``'s."""
+    journal with no id recorded (new, or from before migration 16) is the id its rows
+    already shipped under (``_shipped_owner``), else ``mid``'s."""
     recorded = store.journal_owner()
     if recorded == mid:
         return
     if recorded is None:
-        store.set_journal_owner(mid)
-        return
+        recorded = await _shipped_owner(cfg, pool, store, mid)
+        store.set_journal_owner(recorded)
+        if recorded == mid:
+            return
     stale_ms = round(cfg.fleet.leader_ttl * 1000)
     await pg_members.claim_or_refuse(
         pool, recorded, instance, stale_ms,
@@ -429,6 +433,40 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
                 "%d lease(s) it held (%s credits back); it is member %s's journal from now on",
                 store.path, recorded, shipped, recorded, len(back),
                 fmt_micro(sum(back.values())), mid)
+
+
+class JournalOwnerUnknown(StorageError):
+    """A journal with no member id recorded whose rows shipped under several ids (start
+    refused: the operator names the id with ``fleet.member_id``)."""
+
+
+async def _shipped_owner(cfg: Config, pool: PgPool, store: Store, mid: str) -> str:
+    """The member id a journal with no id recorded (a file from before SQLite migration 16)
+    belongs to: the one its rows already shipped under. The version before it kept the
+    newest journal row after shipping it, so such a journal still holds a row some id
+    shipped; shipped under ``mid`` (another id's watermark) it would count twice, and the
+    unshipped rows after it would ship under an id that did not number them. Rows ship in
+    seq order and are pruned from the oldest, so the shipped ones are the journal's oldest:
+    the oldest ``fleet.ship_batch`` rows are looked up in the shared ledger, in one
+    statement. None shipped (or the journal is empty): ``mid``, nothing can ship twice.
+    Shipped under several ids (the old version's double count, or a clone): ``mid`` if it is
+    one of them (the operator said so with ``fleet.member_id``), else ``JournalOwnerUnknown``."""
+    keys = SqliteJournal(store.conn).oldest_keys(cfg.fleet.ship_batch)
+    ids = await shipped_under(pool, keys)
+    if not ids or mid in ids:
+        return mid
+    if len(ids) > 1:
+        raise JournalOwnerUnknown(
+            f"the journal {store.path} records no member id (written by a version before "
+            f"SQLite migration 16) and its rows were shipped under several member ids: "
+            f"{', '.join(ids)}. Which one journaled them cannot be told, and shipped under "
+            f"another id (this process's is {mid}) they would count twice or be lost: start "
+            "this member once with fleet.member_id set to that id (it ships the rest under it "
+            "and records it in the file; the id can be changed after that)")
+    log.warning("the journal %s records no member id (a file from before SQLite migration "
+                "16); its rows shipped under member id %s, which it is recorded as",
+                store.path, ids[0])
+    return ids[0]
 
 
 async def open_fleet(cfg: Config, store: Store) -> Fleet:

@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from tests.fleet.members import RunningMember, admin_call, fleet_of
+from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet_of
+from tests.helpers import wait_until
 
 
 async def _requests(s: aiohttp.ClientSession, m: RunningMember, key: str, n: int) -> None:
@@ -148,3 +149,80 @@ async def test_a_copy_of_a_running_members_journal_is_refused_at_start(
             assert "the journal" in log and "holds usage member a journaled" in log
             await fleet.stop_all()
         assert await _by_member(fleet.dsn) == {"a": (3, 3)}
+
+
+def _journal_row(path: Path, seq: int) -> str | None:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT row FROM journal WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else str(row[0])
+    finally:
+        conn.close()
+
+
+async def _journal_of_the_old_version(fleet: FleetOfMembers, s: aiohttp.ClientSession) -> str:
+    """Member "x"'s volume as the version before SQLite migration 16 left it: no member id
+    recorded, seq 2 shipped by "x" and kept (its prune kept the newest row), seqs 3..5
+    journaled after it and not shipped (killed). Every row is a real process's; only the
+    kept row and the missing owner are put back by hand. Returns the API key."""
+    (x,) = await fleet.start(["x"])              # ship_interval 1h: ships at stop only
+    await admin_call(s, x, "POST", "/admin/customers", {"id": "cust"})
+    key = str((await admin_call(s, x, "POST", "/admin/customers/cust/keys"))["key"])
+    await _requests(s, x, key, 2)                # seqs 1, 2
+    path = fleet.tmp / "x" / "journal.db"
+    kept = await wait_until(lambda: _journal_row(path, 2), what="seq 2 in x's journal")
+    await fleet.stop_all()                       # ships seqs 1, 2 as "x" (then prunes them)
+    x2 = fleet.add("x2", member_id="x", journal_of="x")
+    await x2.proc.wait_ready(60)
+    await _requests(s, x2, key, 3)               # seqs 3..5, not shipped
+    x2.proc.kill()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DELETE FROM journal_owner")
+        conn.execute("UPDATE journal_seq SET hwm = 0")     # (a seq at or below it is renumbered)
+        conn.execute("INSERT INTO journal (seq, row) VALUES (2, ?)", (kept,))
+        conn.execute("UPDATE journal_seq SET hwm = 1")     # seq 1 pruned, 2 kept
+    finally:
+        conn.close()
+    return key
+
+
+async def test_a_journal_from_before_the_recorded_member_id_ships_under_the_id_that_shipped_it(
+        tmp_path: Path, upstream: str) -> None:
+    """A volume the previous version wrote (no member id recorded, its newest shipped row
+    kept) reused by a process under a new member id (a new hostname): the kept row does not
+    ship again, and the rows journaled after it ship once, under the id that numbered them
+    (they used to ship under the new id: the kept row's usage and credits counted twice)."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        async with aiohttp.ClientSession() as s:
+            key = await _journal_of_the_old_version(fleet, s)
+            y = fleet.add("y", journal_of="x")
+            await y.proc.wait_ready(60)
+            await _requests(s, y, key, 1)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"x": (5, 5), "y": (1, 1)}
+        assert await _ledger(fleet.dsn) == (6, 6)
+
+
+async def test_a_journal_from_before_the_recorded_member_id_shipped_under_two_ids_is_refused(
+        tmp_path: Path, upstream: str) -> None:
+    """Its rows in the ledger under two ids (the previous version's double count): which one
+    numbered the rest cannot be told, so the start is refused until ``fleet.member_id`` says."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        async with aiohttp.ClientSession() as s:
+            key = await _journal_of_the_old_version(fleet, s)
+            conn = await asyncpg.connect(fleet.dsn)
+            try:
+                cols = ("customer_id, seq, item, request_id, at_ms, key_id, rule, rules_version,"
+                        " status, method, path, meter, quantity, credits, billable, flags")
+                await conn.execute(f"INSERT INTO usage_ledger (member_id, {cols})"
+                                   f" SELECT 'w', {cols} FROM usage_ledger WHERE seq = 2")
+            finally:
+                await conn.close()
+            log = await _refused(fleet.add("y", journal_of="x"))
+            assert "its rows were shipped under several member ids: w, x" in log, log[-2000:]
+            x3 = fleet.add("x3", member_id="x", journal_of="x")
+            await x3.proc.wait_ready(60)
+            await _requests(s, x3, key, 1)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"w": (1, 1), "x": (6, 6)}

@@ -35,6 +35,7 @@ from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import Batch
 
 _AFTER = "SELECT seq, row FROM journal WHERE seq > ? ORDER BY seq LIMIT ?"
+_OLDEST = "SELECT seq, row FROM journal ORDER BY seq LIMIT ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,36 @@ class SqliteJournal:
             top = s
         return JournalBatch(Batch.of_items(items, n, top),
                             list(zip(*debits, strict=True)))
+
+    def oldest_keys(self, limit: int) -> list[tuple[str, int, str]]:
+        """The oldest ``limit`` journal rows as the shared ledger finds what they shipped:
+        (request id, seq, customer)."""
+        out: list[tuple[str, int, str]] = []
+        for s, blob in self.conn.execute(_OLDEST, (limit,)):
+            rid, _at, cid = orjson.loads(blob)[:3]
+            out.append((str(rid), int(s), str(cid)))
+        return out
+
+
+_SHIPPED_UNDER = """
+SELECT DISTINCT u.member_id FROM usage_ledger u
+JOIN unnest($1::text[], $2::bigint[], $3::text[]) AS j(r, s, c)
+  ON u.request_id = j.r AND u.seq = j.s AND u.customer_id = j.c
+ORDER BY 1
+"""
+
+
+async def shipped_under(pool: PgPool, keys: Sequence[tuple[str, int, str]]) -> list[str]:
+    """The member ids under which any of ``keys`` (``SqliteJournal.oldest_keys``) already
+    shipped, sorted: one statement (by the request-id index; ``len(keys)`` probes)."""
+    if not keys:
+        return []
+    cols = [list(c) for c in zip(*keys, strict=True)]
+
+    async def once() -> list[str]:
+        async with pool.acquire() as c:
+            return [str(r[0]) for r in await c.fetch(_SHIPPED_UNDER, *cols)]
+    return await pool.retrying(once)
 
 
 _DEBITS = INSERT_ENTRIES + "RETURNING customer_id, grant_id, kind, amount\n"
