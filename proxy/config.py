@@ -651,7 +651,9 @@ class FleetConfig(_Model):
         default="",
         description="This member's name in the fleet (unique per running process; keep it "
                     "across restarts so its journal resumes shipping). Empty: the host name "
-                    "and the listen port.",
+                    "and the listen port. A second live process under the same id is refused "
+                    "at start; a journal another id wrote is shipped under that id first "
+                    "(docs/fleet.md).",
         examples=["${POD_NAME}"])
     lease_ttl: Duration = Field(
         default=30.0, gt=0,

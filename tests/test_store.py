@@ -157,6 +157,41 @@ async def test_a_fleet_member_ships_group_commit_rows_one_usage_row_per_seq(
     assert [decode_row(r).request_id for (r,) in rows] == ["r0", "r1", "r2"]
 
 
+async def test_a_fleet_journal_pruned_of_every_shipped_row_never_reuses_a_seq(
+        tmp_path: Path) -> None:
+    """``prune_journal`` deletes the newest shipped row too: ``journal_seq.hwm`` (migration
+    13) is what keeps a seq from being reused, across restarts as well. (It used to keep the
+    newest row, which a process under another member id then shipped again.)"""
+    db = tmp_path / "s.db"
+    member = Store.open(db, keep_journal=True)
+    _commit_each(member, range(3))
+    assert member.prune_journal(3) == 3
+    assert member.journal_rows_after(0) == 0
+    _commit_each(member, [3])
+    assert [s for (s,) in member.conn.execute("SELECT seq FROM journal")] == [4]
+    assert member.prune_journal(4) == 1
+    member.close()
+    member = Store.open(db, keep_journal=True)
+    _commit_each(member, [4])
+    seqs = [s for (s,) in member.conn.execute("SELECT seq FROM journal")]
+    member.close()
+    assert seqs == [5]
+
+
+async def test_a_journal_records_the_member_id_its_rows_ship_under(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    member = Store.open(db, keep_journal=True)
+    assert member.journal_owner() is None          # a new file: nobody journaled yet
+    member.set_journal_owner("host-a:8080")
+    member.close()
+    member = Store.open(db, keep_journal=True)
+    assert member.journal_owner() == "host-a:8080"
+    member.set_journal_owner("host-b:8080")
+    owner = member.journal_owner()
+    member.close()
+    assert owner == "host-b:8080"
+
+
 def _unit_row(i: int) -> UsageRow:
     return UsageRow(f"r{i}", time.time(), "c", "k", "rule", "v1", 200,
                     [UsageItem("m", 1_000_000, 0, 1_000_000, "")], method="GET", path="/x")

@@ -38,11 +38,14 @@ def to_local(seq: int, r: UsageRow) -> LocalRow:
 
 class JournalShipping:
     def __init__(self, pool: PgPool, member_id: str, journal: SqliteJournal,
-                 batch_size: int = 1000) -> None:
+                 batch_size: int = 1000, instance: str | None = None) -> None:
+        """``instance``: the running process's claim on ``member_id``
+        (``proxy.store.postgres.members.claim``); every batch checks it."""
         self.pool = pool
         self.member_id = member_id
         self.journal = journal
-        self.shipper = Shipper(pool, member_id, batch_size)
+        self.instance = instance
+        self.shipper = Shipper(pool, member_id, batch_size, instance)
         self._loaded = False
 
     async def resume(self) -> int:
@@ -60,7 +63,7 @@ class JournalShipping:
         total = 0
         while (b := self.journal.batch_after(self.shipper.watermark,
                                              self.shipper.batch_size)).usage.rows:
-            await ship_debit_columns(self.pool, self.member_id, b.debits)
+            await ship_debit_columns(self.pool, self.member_id, b.debits, self.instance)
             await self.shipper.ship_batch(b.usage)
             total += b.usage.rows
         return total

@@ -3,9 +3,10 @@ composition root (``proxy.app``) calls ``open_fleet`` and registers the tasks an
 
 What a member runs, besides serving:
 
-- its local SQLite ``Store`` stays the **journal** (strict durability on the hot path, no
-  network round trip); it is opened with ``keep_journal`` so rows are never moved into local
-  tables, only shipped and then pruned;
+- its local SQLite ``Store`` stays the **journal** (``storage.durability`` on the hot path,
+  no network round trip); it is opened with ``keep_journal`` so every group commit, strict
+  or batched, journals one row per usage row, never moved into local tables, only shipped
+  and then pruned;
 - ``PostgresStorage`` is ``rt.storage``: the admin API, the consumer page, exports, webhooks,
   alerts and reconciliation read and write the fleet's truth;
 - the **shipper** ships the journal every ``fleet.ship_interval`` (and whenever the flusher
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +42,7 @@ from typing import Any
 from proxy import metrics
 from proxy.config import Config
 from proxy.credits.book import CreditBook
+from proxy.errors import StorageError
 from proxy.fleet.book import LeaseBook
 from proxy.fleet.credits import FleetCredits
 from proxy.fleet.journal_shipping import JournalShipping
@@ -49,9 +52,10 @@ from proxy.store.postgres import grant_debits
 from proxy.store.postgres import members as pg_members
 from proxy.store.postgres.conn import Conn
 from proxy.store.postgres.errors import PgConflict, PgUnavailable
-from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.journal import SqliteJournal, shipped_under
 from proxy.store.postgres.leader import Deposed, Leadership
 from proxy.store.postgres.leases import LeaseStore
+from proxy.store.postgres.members import Superseded
 from proxy.store.postgres.outbox import PostgresOutbox
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.storage import PostgresStorage, as_storage, ensure_schema
@@ -64,9 +68,10 @@ log = logging.getLogger("meterproxy.fleet")
 FLUSHER_DUTY = "flusher"
 STATUS_CUSTOMERS = 500
 """At most this many customers (by id) in ``GET /admin/fleet``'s per-customer lease view."""
-ERRORS: tuple[type[Exception], ...] = (PgUnavailable, PgConflict, Deposed)
+ERRORS: tuple[type[Exception], ...] = (PgUnavailable, PgConflict, Deposed, Superseded)
 """What the fleet's background loops log and retry (the database away, a deadlock or
-serialization failure still there after ``PgPool.retrying``'s attempts, leadership lost)."""
+serialization failure still there after ``PgPool.retrying``'s attempts, leadership lost,
+the member id claimed by another process)."""
 _SHUTDOWN_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *ERRORS)
 
 
@@ -140,6 +145,7 @@ class Fleet:
     leases: LeaseStore
     book: LeaseBook
     credits: FleetCredits
+    instance: str | None = None         # this process's claim on member_id (members.claim)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _credit_revs: tuple[int, int] = (-1, -1)     # credit revisions: the pass before, the last
@@ -197,7 +203,8 @@ class Fleet:
                     cb()
 
         async def heartbeat() -> None:
-            await pg_members.heartbeat(self.pool, self.member_id, rules_version())
+            await pg_members.heartbeat(self.pool, self.member_id, rules_version(),
+                                       self.instance)
 
         while True:
             await self._guarded("flusher leadership", lead)
@@ -353,9 +360,11 @@ class Fleet:
                 await cancel_and_wait(t)
             elif not t.cancelled() and t.exception() is not None:
                 log.warning("fleet shutdown: %s ended with %r", t.get_name(), t.exception())
-        steps = (("ship the journal", self.shipping.ship_pending),
-                 ("release leases", self.book.release_all),
-                 ("resign the flusher", self.lead.resign))
+        steps: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+            ("ship the journal", self.shipping.ship_pending),
+            ("release leases", self.book.release_all),
+            ("resign the flusher", self.lead.resign),
+            ("release the member id", self._release))
         for what, step in steps:
             try:
                 async with asyncio.timeout(timeout):
@@ -364,6 +373,10 @@ class Fleet:
                 log.warning("fleet shutdown: could not %s: %s", what, exc)
         await self.storage.close()
         await self.pool.close()
+
+    async def _release(self) -> None:
+        if self.instance is not None:
+            await pg_members.release(self.pool, self.member_id, self.instance)
 
 
 async def _end_earlier_leases(shipping: LockedShipping, leases: LeaseStore) -> None:
@@ -383,16 +396,101 @@ async def _end_earlier_leases(shipping: LockedShipping, leases: LeaseStore) -> N
                  len(back), leases.member_id, fmt_micro(sum(back.values())))
 
 
+async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
+                         instance: str) -> None:
+    """At start, with ``mid`` claimed: make ``store``'s journal ``mid``'s. Its rows were
+    numbered under the member id recorded in it (``Store.journal_owner``); shipped under
+    another id they would be taken for rows that id already shipped (skipped, then pruned:
+    lost) or count twice (a container recreated on the same volume with a new hostname, so
+    a new default id). A journal another id wrote is first shipped to the end under that
+    id (this process claims it for the time: refused while a live process holds it, a
+    cloned volume), that id's leases ended as at its own restart, and only then adopted. A
+    journal with no id recorded (new, or from before migration 16) is the id its rows
+    already shipped under (``_shipped_owner``), else ``mid``'s."""
+    recorded = store.journal_owner()
+    if recorded == mid:
+        return
+    if recorded is None:
+        recorded = await _shipped_owner(cfg, pool, store, mid)
+        store.set_journal_owner(recorded)
+        if recorded == mid:
+            return
+    stale_ms = round(cfg.fleet.leader_ttl * 1000)
+    await pg_members.claim_or_refuse(
+        pool, recorded, instance, stale_ms,
+        f": the journal {store.path} holds usage member {recorded} journaled, which must ship "
+        f"under that id before member {mid} can use the file (a copy of a running member's "
+        "volume? give this member an empty storage.path of its own)")
+    try:
+        old = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
+                                             cfg.fleet.ship_batch, instance), store)
+        await old.resume()
+        shipped = await old.ship_pending()
+        store.prune_journal(old.watermark)
+        if left := old.pending():        # (ship_pending ships to the end or raises)
+            raise RuntimeError(f"{left} journal rows of member {recorded} did not ship")
+        back = await LeaseStore(pool, recorded, lease_policy(cfg.fleet)).end_earlier()
+    finally:
+        await pg_members.release(pool, recorded, instance)
+    store.set_journal_owner(mid)
+    log.warning("the journal %s was member %s's: shipped its last %d row(s) under %s, ended "
+                "%d lease(s) it held (%s credits back); it is member %s's journal from now on",
+                store.path, recorded, shipped, recorded, len(back),
+                fmt_micro(sum(back.values())), mid)
+
+
+class JournalOwnerUnknown(StorageError):
+    """A journal with no member id recorded whose rows shipped under several ids (start
+    refused: the operator names the id with ``fleet.member_id``)."""
+
+
+async def _shipped_owner(cfg: Config, pool: PgPool, store: Store, mid: str) -> str:
+    """The member id a journal with no id recorded (a file from before SQLite migration 16)
+    belongs to: the one its rows already shipped under. The version before it kept the
+    newest journal row after shipping it, so such a journal still holds a row some id
+    shipped; shipped under ``mid`` (another id's watermark) it would count twice, and the
+    unshipped rows after it would ship under an id that did not number them. Rows ship in
+    seq order and are pruned from the oldest, so the shipped ones are the journal's oldest:
+    the oldest ``fleet.ship_batch`` rows are looked up in the shared ledger, in one
+    statement. None shipped (or the journal is empty): ``mid``, nothing can ship twice.
+    Shipped under several ids (the old version's double count, or a clone): ``mid`` if it is
+    one of them (the operator said so with ``fleet.member_id``), else ``JournalOwnerUnknown``."""
+    keys = SqliteJournal(store.conn).oldest_keys(cfg.fleet.ship_batch)
+    ids = await shipped_under(pool, keys)
+    if not ids or mid in ids:
+        return mid
+    if len(ids) > 1:
+        raise JournalOwnerUnknown(
+            f"the journal {store.path} records no member id (written by a version before "
+            f"SQLite migration 16) and its rows were shipped under several member ids: "
+            f"{', '.join(ids)}. Which one journaled them cannot be told, and shipped under "
+            f"another id (this process's is {mid}) they would count twice or be lost: start "
+            "this member once with fleet.member_id set to that id (it ships the rest under it "
+            "and records it in the file; the id can be changed after that)")
+    log.warning("the journal %s records no member id (a file from before SQLite migration "
+                "16); its rows shipped under member id %s, which it is recorded as",
+                store.path, ids[0])
+    return ids[0]
+
+
 async def open_fleet(cfg: Config, store: Store) -> Fleet:
-    """Open the pool (migrating the schema), the owners on it with ``store`` as the local
-    journal, the shipper, the leader lease and the lease book. The caller closes."""
+    """Open the pool (migrating the schema), claim the member id (one live process per
+    id), adopt the journal (``_adopt_journal``), then the owners on it with ``store`` as
+    the local journal, the shipper, the leader lease and the lease book. The caller
+    closes."""
     mid = member_id(cfg)
+    instance = secrets.token_hex(8)
     pool = PgPool(pool_settings(cfg.storage))
     await pool.open(run_migrations=False)
+    claimed = False
     try:
         await ensure_schema(pool)
+        await pg_members.claim_or_refuse(pool, mid, instance,
+                                         round(cfg.fleet.leader_ttl * 1000))
+        claimed = True
+        await _adopt_journal(cfg, pool, store, mid, instance)
         shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
-                                                  cfg.fleet.ship_batch), store)
+                                                  cfg.fleet.ship_batch, instance), store)
         await shipping.resume()
         storage = PostgresStorage.on(pool, local=store, shipping=shipping)
         await storage.watch()
@@ -402,10 +500,13 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         book = LeaseBook(leases, fail_mode=cfg.storage.fail_mode,
                          offline_allowance=to_micro(cfg.fleet.offline_allowance))
         lead = Leadership(pool, FLUSHER_DUTY, mid, round(cfg.fleet.leader_ttl * 1000),
-                          policy.drift_margin_ppm)
+                          policy.drift_margin_ppm, instance)
     except BaseException:
+        if claimed:
+            with contextlib.suppress(*ERRORS):
+                await pg_members.release(pool, mid, instance)
         await pool.close()
         raise
     log.info("fleet member %s on PostgreSQL (schema current)", mid)
     return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
-                 FleetCredits(book, shadow=cfg.credits.enforcement == "shadow"))
+                 FleetCredits(book, shadow=cfg.credits.enforcement == "shadow"), instance)

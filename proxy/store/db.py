@@ -28,7 +28,8 @@ Invariants
    deleted by its seq, nothing else left at or below it; seqs are never reused, across
    processes and restarts: ``_JOURNAL_INSERT``), else it rolls back and reads the
    journal. In ``batched`` a commit runs every ``commit_interval`` and writes the tables
-   directly.
+   directly, except in fleet mode (``keep_journal``), where every commit, strict or
+   batched, appends one journal row per usage row (the journal is what ships).
 3. A row is either in ``_pending`` (memory) or committed: a failed commit rolls back and
    puts its rows back at the front of ``_pending``. ``fail_mode: closed`` fails the
    waiting requests (they answer 503 / abort, the row itself is kept and retried);
@@ -716,8 +717,9 @@ class Store:
              max_pending_rows: int = 200_000, lock_wait: float = 2.0,
              wal_truncate_size: int = 16 * 1024 * 1024, keep_journal: bool = False,
              wal_memory_lock: bool = False) -> Store:
-        """``keep_journal`` (fleet mode): the journal is never moved into the local tables;
-        it is shipped to the fleet's ledger and pruned with ``prune_journal``.
+        """``keep_journal`` (fleet mode): every group commit, whatever ``durability``,
+        appends one journal row per usage row; the journal is never moved into the local
+        tables, it is shipped to the fleet's ledger and pruned with ``prune_journal``.
         ``wal_memory_lock``: the preallocated WAL's pages are locked in memory
         (``_lock_wal``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1499,13 +1501,27 @@ class Store:
         self.execute_write(tx)
 
     def prune_journal(self, shipped: int) -> int:
-        """Fleet mode: delete journal rows up to ``shipped`` (their seq is in the fleet's
-        ledger), always keeping the newest row (a seq is never reused in any case: the
-        journal's high-water mark, migration 13). Returns rows deleted."""
+        """Fleet mode: delete every journal row up to ``shipped`` (their seq is in the
+        fleet's ledger), the newest too: a seq is never reused all the same, the delete
+        trigger keeps ``journal_seq.hwm`` at least the deleted seq and a new row takes
+        ``max(max(seq), hwm) + 1`` (migration 13). Returns rows deleted."""
         def tx(c: sqlite3.Connection) -> int:
-            return c.execute("DELETE FROM journal WHERE seq <= ? AND seq < "
-                             "(SELECT max(seq) FROM journal)", (shipped,)).rowcount
+            return c.execute("DELETE FROM journal WHERE seq <= ?", (shipped,)).rowcount
         return int(self.execute_write(tx))
+
+    def journal_owner(self) -> str | None:
+        """Fleet mode: the member id this journal's rows ship under (None: never recorded,
+        a new file or one from before migration 16)."""
+        row = self.conn.execute("SELECT member_id FROM journal_owner WHERE id = 0").fetchone()
+        return None if row is None else str(row[0])
+
+    def set_journal_owner(self, member_id: str) -> None:
+        """Fleet mode: record that this journal's rows ship under ``member_id`` from now on
+        (``proxy.fleet.runtime``, at start, once nothing of an earlier id is left to ship)."""
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO journal_owner (id, member_id) VALUES (0, ?) ON CONFLICT (id)"
+                      " DO UPDATE SET member_id = excluded.member_id", (member_id,))
+        self.execute_write(tx)
 
     def raise_journal_floor(self, seq: int) -> None:
         """Fleet mode, at start: every new journal row takes a seq above ``seq`` (the shared
@@ -1963,8 +1979,10 @@ class Store:
             return
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if strict:
-                # fleet mode: one journal row per usage row (shipped and pruned by seq)
+            if self.keep_journal:
+                # fleet mode, strict or batched (batched only changes when this commit
+                # runs): one journal row per usage row, shipped and pruned by seq; never
+                # the local ledger tables, which nothing ships
                 cur.executemany(_JOURNAL_INSERT, map(_encode_flat, flats))
             else:
                 self._apply(self._conn, flats, cur)
@@ -1973,7 +1991,7 @@ class Store:
             if self._conn.in_transaction:
                 cur.execute("ROLLBACK")
             raise
-        if strict:
+        if self.keep_journal:
             self._journaled += len(rows)
 
     @staticmethod

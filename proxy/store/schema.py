@@ -399,4 +399,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN first_attempt_at REAL;
     UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0 AND status <> 'sent';
     """,
+    # 16: fleet mode: the member id whose journal this is (the id its rows ship under, keyed
+    # ``(member_id, seq)`` in the shared ledger). A member started on a journal another id
+    # wrote ships that journal's remainder under the recorded id before it adopts its own
+    # (proxy/fleet/runtime.py, docs/fleet.md "The journal and its member id")
+    """
+    CREATE TABLE journal_owner (id INTEGER PRIMARY KEY CHECK (id = 0), member_id TEXT NOT NULL);
+    """,
 )

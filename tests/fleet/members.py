@@ -45,9 +45,11 @@ class RunningMember:
 class FleetOfMembers:
     def __init__(self, tmp: Path, upstream: str, dsn: str, rules_text: str | None,
                  fleet: dict[str, Any], stripe: dict[str, Any] | None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None,
+                 storage: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.extra = extra or {}
+        self.storage = storage or {}
         self.upstream = upstream
         self.dsn = dsn
         self.rules_text = rules_text
@@ -55,13 +57,16 @@ class FleetOfMembers:
         self.stripe = stripe
         self.members: list[RunningMember] = []
 
-    def add(self, name: str, workers: int = 1, member_id: str | None = None) -> RunningMember:
+    def add(self, name: str, workers: int = 1, member_id: str | None = None,
+            journal_of: str | None = None) -> RunningMember:
         """Spawn a member (``await m.proc.wait_ready()`` before using its URLs). It binds
         free ports itself; ``workers`` > 1 share one port, so theirs are picked here.
         ``name`` is its directory (its journal); ``member_id`` its fleet id (default:
-        ``name``; another name with the same id is that member restarted on a new journal)."""
-        d = self.tmp / name
-        d.mkdir()
+        ``name``; another name with the same id is that member restarted on a new journal).
+        ``journal_of``: the name of a stopped member whose directory (journal) it uses
+        instead (its volume reused by a new process)."""
+        d = self.tmp / (journal_of or name)
+        d.mkdir(exist_ok=journal_of is not None)
         port, aport = (free_port(), free_port()) if workers > 1 else (0, 0)
         extra: dict[str, Any] = dict(self.extra)
         if workers > 1:
@@ -73,10 +78,12 @@ class FleetOfMembers:
         cfg = write_config(d, self.upstream, listen=f"127.0.0.1:{port}",
                            admin_listen=f"127.0.0.1:{aport}",
                            storage={"backend": "postgres", "dsn": self.dsn,
-                                    "path": str(d / "journal.db"), "pool_size": 4},
+                                    "path": str(d / "journal.db"), "pool_size": 4,
+                                    **self.storage},
                            fleet={**FAST_FLEET, **self.fleet, "member_id": member_id or name},
                            **extra)
-        m = RunningMember(name, ProxyProcess(cfg, d / "proxy.log"))
+        m = RunningMember(name, ProxyProcess(cfg, d / ("proxy.log" if journal_of is None
+                                                       else f"proxy-{name}.log")))
         self.members.append(m)
         m.proc.spawn()
         return m
@@ -107,10 +114,12 @@ class FleetOfMembers:
 async def fleet_of(tmp: Path, upstream: str, *, rules_text: str | None = None,
                    fleet: dict[str, Any] | None = None,
                    stripe: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> AsyncIterator[FleetOfMembers]:
-    """``extra``: more config sections for every member (e.g. ``alerts``)."""
+                   extra: dict[str, Any] | None = None,
+                   storage: dict[str, Any] | None = None) -> AsyncIterator[FleetOfMembers]:
+    """``extra``: more config sections for every member (e.g. ``alerts``); ``storage``:
+    more ``storage`` settings for every member (e.g. ``durability``)."""
     async with fresh_database() as dsn:
-        f = FleetOfMembers(tmp, upstream, dsn, rules_text, fleet or {}, stripe, extra)
+        f = FleetOfMembers(tmp, upstream, dsn, rules_text, fleet or {}, stripe, extra, storage)
         try:
             yield f
         finally:

@@ -18,13 +18,14 @@ BEFORE_6 = len(FLEET_MIGRATIONS) + 4        # migrations 1-5: the fleet's list, 
 BEFORE_9 = len(FLEET_MIGRATIONS) + 7        # migrations 1-8
 BEFORE_10 = BEFORE_9 + 1
 BEFORE_11 = BEFORE_10 + 1
+BEFORE_12 = BEFORE_11 + 1
 
 FLEET_TABLES = {"credit_accounts", "credit_leases", "members", "usage_ledger", "dead_letters",
                 "leader_leases", "meterproxy_schema"}
 # SQLite tables a fleet keeps elsewhere: the per-member journal stays local; the audit is the
 # usage ledger (one row per usage item, keyed by member and sequence); journal_seq is the
-# local journal's high-water mark
-LOCAL_ONLY = {"journal", "journal_seq", "audit"}
+# local journal's high-water mark, journal_owner the member id its rows ship under
+LOCAL_ONLY = {"journal", "journal_seq", "journal_owner", "audit"}
 
 
 def test_pending_numbers_from_one_and_refuses_a_newer_database() -> None:
@@ -209,3 +210,32 @@ async def test_migration_11_dates_rows_attempted_before_it_from_their_creation(p
             "SELECT id, first_attempt_at FROM outbox ORDER BY id")] == [(1, 1001.0), (2, None)]
     finally:
         await conn.close()
+
+
+async def test_migration_12_leaves_members_and_the_flusher_unclaimed(pg_dsn: str) -> None:
+    """Rows from before migration 12 have no instance: the member id is free to claim, and
+    the duty's holder keeps its lease (its fence grows once the claiming process takes it)."""
+    from proxy.store.postgres import members
+    from proxy.store.postgres.leader import Leadership
+    from proxy.store.postgres.pool import PgPool, PoolSettings
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, MIGRATIONS[:BEFORE_12])
+        await conn.execute("INSERT INTO members(id, last_shipped_seq) VALUES ('m', 7)")
+        await conn.execute("INSERT INTO leader_leases VALUES ('flusher', 'm', 3,"
+                           " now() - interval '1 s')")
+        await migrate(conn, MIGRATIONS)
+        assert await conn.fetchval("SELECT instance FROM members") is None
+    finally:
+        await conn.close()
+    pool = PgPool(PoolSettings(dsn=pg_dsn))
+    await pool.open()
+    try:
+        assert await members.claim(pool, "m", "i", 600) is None
+        lead = Leadership(pool, "flusher", "m", ttl_ms=600, instance="i")
+        assert await lead.try_lead() and lead.fence == 4
+        async with pool.acquire() as c:
+            assert await c.fetchval("SELECT last_shipped_seq FROM members") == 7
+    finally:
+        await pool.close()

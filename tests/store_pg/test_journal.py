@@ -104,3 +104,29 @@ async def test_batch_after_reads_the_same_columns_as_the_row_path(tmp_path: Path
         [2], [0]]
     assert (none.usage.rows, none.usage.top, none.usage.credits, none.debits) == \
         (0, 0, False, [])
+
+
+async def test_a_batched_fleet_journal_ships_every_row_exactly_once(
+        pg: PostgresStorage, tmp_path: Path) -> None:
+    """``storage.durability: batched`` in fleet mode: the group commit (every
+    ``commit_interval``) journals one row per usage row, as strict does, instead of writing
+    local ledger tables nobody ships (found by review: nothing ever reached PostgreSQL)."""
+    await pg.customers.upsert("acme", None, None, None)
+    store = Store.open(tmp_path / "journal.db", keep_journal=True, durability="batched",
+                       commit_interval=0.01)
+    try:
+        live = PostgresStorage.on(pg.pool, local=store, shipping=JournalShipping(
+            pg.pool, "m1", SqliteJournal(store.conn)))
+        for i in range(5):
+            live.usage.record(_row(i), False)     # batched: nobody waits for the commit
+        assert await store.drain(5)
+        assert store.journal_rows_after(0) == 5                 # one journal row each
+        assert store.conn.execute("SELECT count(*) FROM audit").fetchone()[0] == 0
+        assert await live.usage.materialize() == 5
+        assert await live.usage.materialize() == 0              # nothing shipped twice
+    finally:
+        store.close()
+    _s, _e, totals = await pg.usage.usage("acme", T0, T0 + 60)
+    assert totals["api_calls"].requests == 5
+    async with pg.pool.acquire() as c:
+        assert await c.fetchval("SELECT count(*) FROM usage_ledger") == 5

@@ -10,10 +10,12 @@ puts them together with the fleet's ``Shipper``):
   does. One transaction.
 
 Requirement on the journal (for the integration): ``seq`` must never be reused by one
-member id. SQLite's ``INTEGER PRIMARY KEY`` reuses ``max(seq) + 1`` after the newest rows
-are deleted, so a journal that deletes shipped rows must keep the newest one (its
-high-water mark does), and a journal that starts empty under a member id that shipped
-before starts above that id's shipped seq (``LockedShipping.resume``, at start).
+member id. The ``Store`` journal never reuses one itself, even once every row was pruned
+(``journal_seq.hwm``, SQLite migration 13); a journal that starts empty under a member id
+that shipped before starts above that id's shipped seq (``LockedShipping.resume``, at
+start); and a journal records the member id its rows ship under (``Store.journal_owner``,
+SQLite migration 16), so rows are never shipped under an id that did not number them
+(``proxy.fleet.runtime``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from proxy.credits.ledger import Entry
 from proxy.store.db import UsageRow, decode_row
 from proxy.store.postgres.grant_debits import INSERT_ENTRIES
 from proxy.store.postgres.ledger import balance_change
+from proxy.store.postgres.members import Superseded
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import Batch
 
 _AFTER = "SELECT seq, row FROM journal WHERE seq > ? ORDER BY seq LIMIT ?"
+_OLDEST = "SELECT seq, row FROM journal ORDER BY seq LIMIT ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +76,40 @@ class SqliteJournal:
         return JournalBatch(Batch.of_items(items, n, top),
                             list(zip(*debits, strict=True)))
 
+    def oldest_keys(self, limit: int) -> list[tuple[str, int, str]]:
+        """The oldest ``limit`` journal rows as the shared ledger finds what they shipped:
+        (request id, seq, customer)."""
+        out: list[tuple[str, int, str]] = []
+        for s, blob in self.conn.execute(_OLDEST, (limit,)):
+            rid, _at, cid = orjson.loads(blob)[:3]
+            out.append((str(rid), int(s), str(cid)))
+        return out
+
+
+_SHIPPED_UNDER = """
+SELECT DISTINCT u.member_id FROM usage_ledger u
+JOIN unnest($1::text[], $2::bigint[], $3::text[]) AS j(r, s, c)
+  ON u.request_id = j.r AND u.seq = j.s AND u.customer_id = j.c
+ORDER BY 1
+"""
+
+
+async def shipped_under(pool: PgPool, keys: Sequence[tuple[str, int, str]]) -> list[str]:
+    """The member ids under which any of ``keys`` (``SqliteJournal.oldest_keys``) already
+    shipped, sorted: one statement (by the request-id index; ``len(keys)`` probes)."""
+    if not keys:
+        return []
+    cols = [list(c) for c in zip(*keys, strict=True)]
+
+    async def once() -> list[str]:
+        async with pool.acquire() as c:
+            return [str(r[0]) for r in await c.fetch(_SHIPPED_UNDER, *cols)]
+    return await pool.retrying(once)
+
 
 _DEBITS = INSERT_ENTRIES + "RETURNING customer_id, grant_id, kind, amount\n"
+# the process still holds its member id (locked: a claim waits for this transaction)
+_HOLDS = "SELECT 1 FROM members WHERE id = $1 AND instance = $2 FOR SHARE"
 
 
 async def ship_debits(pool: PgPool, member_id: str,
@@ -86,17 +122,22 @@ async def ship_debits(pool: PgPool, member_id: str,
 
 
 async def ship_debit_columns(pool: PgPool, member_id: str,
-                             cols: Sequence[Sequence[object]]) -> int:
+                             cols: Sequence[Sequence[object]],
+                             instance: str | None = None) -> int:
     """``ship_debits`` for debits already in ``_DEBITS``'s column arrays (none: no
-    statement)."""
+    statement). With ``instance`` (the running process's claim on ``member_id``): only while
+    it holds the id, else ``Superseded`` and nothing written."""
     if not cols or not cols[0]:
         return 0
-    return await pool.retrying(lambda: _ship_debit_columns(pool, member_id, cols))
+    return await pool.retrying(lambda: _ship_debit_columns(pool, member_id, cols, instance))
 
 
 async def _ship_debit_columns(pool: PgPool, member_id: str,
-                              cols: Sequence[Sequence[object]]) -> int:
+                              cols: Sequence[Sequence[object]], instance: str | None) -> int:
     async with pool.acquire() as c, c.transaction():
+        if instance is not None and await c.fetchval(_HOLDS, member_id, instance) is None:
+            raise Superseded(f"member id {member_id} is held by another process: shipping "
+                             "refused (two processes under one member id)")
         back = await c.fetch(_DEBITS, member_id, *cols)
         change: dict[str, int] = {}
         for b in back:

@@ -31,19 +31,28 @@ from proxy.store.postgres.errors import PgUnavailable
 from proxy.store.postgres.pool import PgPool, retried
 
 TAKE_SQL = """
-INSERT INTO leader_leases AS l (duty, holder, fence, expires_at)
-VALUES ($1, $2, 1, now() + $3::bigint * interval '1 millisecond')
+INSERT INTO leader_leases AS l (duty, holder, fence, expires_at, instance)
+SELECT $1, $2, 1, now() + $3::bigint * interval '1 millisecond', $4::text
+WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM members WHERE id = $2 AND instance = $4)
 ON CONFLICT (duty) DO UPDATE
-    SET holder = EXCLUDED.holder,
-        fence = CASE WHEN l.holder = EXCLUDED.holder THEN l.fence ELSE l.fence + 1 END,
+    SET holder = EXCLUDED.holder, instance = EXCLUDED.instance,
+        fence = CASE WHEN l.holder = EXCLUDED.holder
+                      AND l.instance IS NOT DISTINCT FROM EXCLUDED.instance
+                     THEN l.fence ELSE l.fence + 1 END,
         expires_at = EXCLUDED.expires_at
-    WHERE l.holder = EXCLUDED.holder OR l.expires_at < now()
+    WHERE (l.holder = EXCLUDED.holder AND l.instance IS NOT DISTINCT FROM EXCLUDED.instance)
+       OR l.expires_at < now()
 RETURNING fence
 """
+# The holder is a member id and the process holding it (``instance``, its claim on the id:
+# proxy.store.postgres.members): only the process that holds its member id takes or renews
+# (a process whose id another one claimed cannot), and another process under the same id is
+# another holder (it waits for the lease to expire; its fence is a new one).
 
 CHECK_SQL = """
 SELECT 1 FROM leader_leases
-WHERE duty = $1 AND holder = $2 AND fence = $3 AND expires_at > now() FOR SHARE
+WHERE duty = $1 AND holder = $2 AND fence = $3 AND expires_at > now()
+  AND instance IS NOT DISTINCT FROM $4::text FOR SHARE
 """
 
 
@@ -55,10 +64,11 @@ class Leadership:
     """One member's claim on one duty."""
 
     def __init__(self, pool: PgPool, duty: str, member_id: str, ttl_ms: int = 10_000,
-                 drift_margin_ppm: int = 50_000) -> None:
+                 drift_margin_ppm: int = 50_000, instance: str | None = None) -> None:
         self.pool = pool
         self.duty = duty
         self.member_id = member_id
+        self.instance = instance      # the process's claim on member_id (None: unchecked)
         self.ttl_ms = ttl_ms
         self.drift_margin_ppm = drift_margin_ppm
         self.fence: int | None = None
@@ -81,7 +91,8 @@ class Leadership:
         sent = self.clock()
         try:
             async with self.pool.acquire() as conn:
-                fence = await conn.fetchval(TAKE_SQL, self.duty, self.member_id, self.ttl_ms)
+                fence = await conn.fetchval(TAKE_SQL, self.duty, self.member_id, self.ttl_ms,
+                                            self.instance)
         except PgUnavailable:
             return self.leads()
         if fence is None:
@@ -110,7 +121,8 @@ class Leadership:
         if fence is None or not self.leads():
             raise Deposed(f"{self.member_id} does not hold {self.duty}")
         async with self.pool.acquire() as conn, conn.transaction():
-            ok = await conn.fetchval(CHECK_SQL, self.duty, self.member_id, fence)
+            ok = await conn.fetchval(CHECK_SQL, self.duty, self.member_id, fence,
+                                     self.instance)
             if ok is None:
                 self.fence = None
                 raise Deposed(f"{self.member_id} lost {self.duty} (fence {fence})")

@@ -34,7 +34,9 @@ Migration 7 is SQLite's migration 10: ``customers.credit_mode`` and
 migration 12: ``invoice_finalized``. Migration 9 counts debt shipped for a customer
 before it had a credit account (``settled`` and ``debt``). Migration 10 is SQLite's
 migration 14: a true-up's ``sending`` status and ``trueups.stripe_customer_id``. Migration 11
-is SQLite's migration 15: ``outbox.first_attempt_at``.
+is SQLite's migration 15: ``outbox.first_attempt_at``. Migration 12: ``members.instance`` and
+``leader_leases.instance``, the token of the one live process per member id
+(``proxy.store.postgres.members.claim``).
 """
 
 from __future__ import annotations
@@ -244,6 +246,13 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE outbox ADD COLUMN first_attempt_at DOUBLE PRECISION;
     UPDATE outbox SET first_attempt_at = created_at WHERE attempts > 0 AND status <> 'sent';
+    """,
+    # 12: one live process per member id (docs/fleet.md, "One process per member id"): the
+    # instance token the running process claimed (NULL: released, or never claimed), and
+    # the instance that holds a duty, whose fence changes when the instance does
+    """
+    ALTER TABLE members ADD COLUMN instance TEXT;
+    ALTER TABLE leader_leases ADD COLUMN instance TEXT;
     """,
 )
 

@@ -17,6 +17,10 @@ shipped atomically:
    round trip, no BEGIN/COMMIT);
 3. only after the commit does the local watermark advance.
 
+With the running process's instance token (``Shipper.instance``) step 1 inserts and marks
+only while that process holds the member id (``proxy.store.postgres.members``); refused,
+nothing is written and ``ship_batch`` raises ``Superseded``.
+
 A crash anywhere before 3 leaves the watermark behind: the batch is sent again and step 1
 inserts nothing. A crash after the commit but before the local watermark moved does the
 same. So totals in the ledger are exact whatever fails when. PostgreSQL unreachable: the
@@ -40,6 +44,7 @@ import orjson
 from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.grant_debits import ShippedItem, debit_grants
 from proxy.store.postgres.leases import settle
+from proxy.store.postgres.members import Superseded
 from proxy.store.postgres.pool import PgPool, retried
 from proxy.tasks import wait_event
 
@@ -84,12 +89,14 @@ class Shipped:
 
 
 _SHIP = """
-WITH x AS (
+WITH own AS (SELECT instance FROM members WHERE id = $1 FOR UPDATE),
+ok AS (SELECT $4::text IS NULL OR EXISTS (SELECT 1 FROM own WHERE instance = $4) AS ok),
+x AS (
     SELECT e->>0 AS c, (e->>1)::bigint AS s, (e->>2)::smallint AS i, e->>3 AS r,
            (e->>4)::bigint AS a, e->>5 AS k, e->>6 AS ru, e->>7 AS v, (e->>8)::int AS st,
            e->>9 AS m, e->>10 AS p, e->>11 AS me, (e->>12)::bigint AS q,
            (e->>13)::bigint AS cr, (e->>14)::bigint AS b, e->>15 AS f
-    FROM jsonb_array_elements($2::jsonb) AS e),
+    FROM jsonb_array_elements($2::jsonb) AS e WHERE (SELECT ok FROM ok)),
 ins AS (
     INSERT INTO usage_ledger (customer_id, member_id, seq, item, request_id, at_ms, key_id,
         rule, rules_version, status, method, path, meter, quantity, credits, billable, flags)
@@ -97,12 +104,18 @@ ins AS (
     ON CONFLICT DO NOTHING
     RETURNING customer_id, credits, seq, item, at_ms, request_id, meter),
 mark AS (
-    INSERT INTO members(id, last_shipped_seq) VALUES ($1, $3) ON CONFLICT (id) DO UPDATE
+    INSERT INTO members(id, last_shipped_seq) SELECT $1, $3 WHERE (SELECT ok FROM ok)
+    ON CONFLICT (id) DO UPDATE
     SET last_shipped_seq = GREATEST(members.last_shipped_seq, $3), last_seen = now())
 SELECT customer_id, credits, seq, item, at_ms, request_id, meter FROM ins WHERE credits <> 0
 UNION ALL
-SELECT NULL, count(*), NULL, NULL, NULL, NULL, NULL FROM ins
+SELECT NULL, count(*), (SELECT ok FROM ok)::int, NULL, NULL, NULL, NULL FROM ins
 """
+# ``own``/``ok``: with an instance token ($4, the running member's: ``Shipper.instance``)
+# the batch is inserted and the mark moved only while that process holds the member id
+# (``proxy.store.postgres.members.claim``); the row is locked FOR UPDATE (the newest version,
+# under READ COMMITTED), so a claim by another process waits for this statement's commit or
+# is seen by it. Refused: nothing inserted, the count row's third column 0 (``Superseded``).
 # The batch travels as ONE json parameter (an array of 16-element arrays, in the column
 # order of the INSERT), not as 16 array parameters: asyncpg encodes an array parameter
 # element by element in Python-visible calls (~4,000 CPU instructions per element, so
@@ -143,28 +156,33 @@ class Batch:
         return orjson.dumps(self.items).decode()
 
 
-def _returned(back: Sequence[Any]) -> tuple[int, dict[str, int], list[ShippedItem]]:
-    """``_SHIP``'s rows: (rows inserted, credits per customer, the credit-carrying items).
-    The row whose customer is NULL carries the count."""
+def _returned(back: Sequence[Any]) -> tuple[int, dict[str, int], list[ShippedItem], bool]:
+    """``_SHIP``'s rows: (rows inserted, credits per customer, the credit-carrying items,
+    whether the member id's holder let it ship). The row whose customer is NULL carries the
+    count and that flag."""
     inserted = 0
+    ok = False
     spent: dict[str, int] = {}
     items: list[ShippedItem] = []
     for b in back:
         if b[0] is None:
             inserted = int(b[1])
+            ok = bool(b[2])
             continue
         spent[b[0]] = spent.get(b[0], 0) + int(b[1])
         items.append(ShippedItem(b[0], int(b[2]), int(b[3]), int(b[4]), b[5], b[6], int(b[1])))
-    return inserted, spent, items
+    return inserted, spent, items, ok
 
 
 class Shipper:
     """One per member: moves journal rows after ``watermark`` into the shared ledger."""
 
-    def __init__(self, pool: PgPool, member_id: str, batch_size: int = 1000) -> None:
+    def __init__(self, pool: PgPool, member_id: str, batch_size: int = 1000,
+                 instance: str | None = None) -> None:
         self.pool = pool
         self.member_id = member_id
         self.batch_size = batch_size
+        self.instance = instance      # the running process's claim on member_id (None: none)
         self.watermark = 0
 
     async def load_watermark(self) -> int:
@@ -184,16 +202,20 @@ class Shipper:
         """Ship one batch atomically (see the module doc); the watermark moves after."""
         if not batch.rows:
             return Shipped(0, 0, self.watermark)
-        args = (self.member_id, batch.payload(), batch.top)
+        args = (self.member_id, batch.payload(), batch.top, self.instance)
         async with self.pool.acquire() as conn:
             if batch.credits:
                 async with conn.transaction():
                     back = await conn.fetch(_SHIP, *args)
-                    inserted, spent, items = _returned(back)
-                    await settle(conn, self.member_id, spent)
-                    await debit_grants(conn, self.member_id, items)
+                    inserted, spent, items, ok = _returned(back)
+                    if ok:
+                        await settle(conn, self.member_id, spent)
+                        await debit_grants(conn, self.member_id, items)
             else:       # nothing to settle: the one statement is the whole batch
-                inserted = _returned(await conn.fetch(_SHIP, *args))[0]
+                inserted, _s, _i, ok = _returned(await conn.fetch(_SHIP, *args))
+        if not ok:
+            raise Superseded(f"member id {self.member_id} is held by another process: "
+                             "shipping refused (two processes under one member id)")
         self.watermark = max(self.watermark, batch.top)
         return Shipped(batch.rows, inserted, self.watermark)
 

@@ -1,0 +1,228 @@
+"""Acceptance on real member processes: a member's journal reaches the shared ledger exactly
+once, whatever its durability, whatever member id the process runs under later, and never
+from two live processes under one member id (docs/fleet.md, "The journal and its member
+id")."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet_of
+from tests.helpers import wait_until
+
+
+async def _requests(s: aiohttp.ClientSession, m: RunningMember, key: str, n: int) -> None:
+    for _ in range(n):
+        async with s.get(m.url + "/v1/items", headers={"Authorization": f"Bearer {key}"}) as r:
+            await r.read()
+            assert r.status == 200, r.status
+
+
+async def _ledger(dsn: str) -> tuple[int, int]:
+    """(usage_ledger rows, distinct request ids)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT count(*), count(DISTINCT request_id) FROM usage_ledger")
+        assert row is not None
+        return int(row[0]), int(row[1])
+    finally:
+        await conn.close()
+
+
+async def test_a_batched_member_ships_its_usage_exactly_once(
+        tmp_path: Path, upstream: str) -> None:
+    async with fleet_of(tmp_path, upstream,
+                        storage={"durability": "batched", "commit_interval": "50ms"}) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, a, key, 7)
+            await fleet.stop_all()                   # drains: commits, then ships
+        assert await _ledger(fleet.dsn) == (7, 7)
+
+
+async def _by_member(dsn: str) -> dict[str, tuple[int, int]]:
+    """member id -> (usage_ledger rows, distinct request ids)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r[0]: (int(r[1]), int(r[2])) for r in await conn.fetch(
+            "SELECT member_id, count(*), count(DISTINCT request_id) FROM usage_ledger"
+            " GROUP BY member_id")}
+    finally:
+        await conn.close()
+
+
+async def test_a_journal_reused_under_a_new_member_id_ships_nothing_twice(
+        tmp_path: Path, upstream: str) -> None:
+    """A container recreated on the same volume with a new hostname (the default member id
+    is ``<host>:<port>``): nothing the old id shipped ships again under the new one (the
+    pruned journal used to keep its newest row, which the new id shipped a second time)."""
+    async with fleet_of(tmp_path, upstream) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, a, key, 4)
+            await fleet.stop_all()                   # drains: all 4 shipped as "a"
+            b = fleet.add("b", journal_of="a")       # the same volume, a new member id
+            await b.proc.wait_ready(60)
+            await _requests(s, b, key, 2)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"a": (4, 4), "b": (2, 2)}
+
+
+async def test_unshipped_rows_ship_under_the_member_id_that_journaled_them(
+        tmp_path: Path, upstream: str) -> None:
+    """Member "a" killed with rows not shipped; its volume comes back under member id "b",
+    which already shipped more rows elsewhere than "a"'s journal holds (a higher watermark):
+    "a"'s rows ship under "a" (under "b" they were taken for shipped ones, then pruned)."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        (b,) = await fleet.start(["b"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, b, "POST", "/admin/customers", {"id": "cust"})
+            key = (await admin_call(s, b, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, b, key, 5)
+            await fleet.stop_all()                   # "b" shipped seqs 1..5
+            a = fleet.add("a")
+            await a.proc.wait_ready(60)
+            await _requests(s, a, key, 3)            # seqs 1..3, not shipped (1h)
+            a.proc.kill()
+            b2 = fleet.add("b2", member_id="b", journal_of="a")
+            await b2.proc.wait_ready(60)
+            await _requests(s, b2, key, 2)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"a": (3, 3), "b": (7, 7)}
+        assert await _ledger(fleet.dsn) == (10, 10)
+
+
+async def _refused(m: RunningMember) -> str:
+    """The start-up refusal of ``m``: its exit status is 1; returns its log."""
+    assert m.proc.proc is not None
+    rc = await asyncio.to_thread(m.proc.proc.wait, 60)
+    log = m.proc.log.read_text()
+    assert rc == 1, log[-2000:]
+    return log
+
+
+async def test_a_second_live_process_under_one_member_id_is_refused_at_start(
+        tmp_path: Path, upstream: str) -> None:
+    """Two processes under one member id used to number their journals independently, and
+    shipping dropped the second one's rows with the same seq (both led the flusher too)."""
+    async with fleet_of(tmp_path, upstream) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, a, key, 2)
+            log = await _refused(fleet.add("twin", member_id="a"))
+            assert "member id a is in use by another running process" in log
+            await _requests(s, a, key, 2)            # the first one serves on
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"a": (4, 4)}
+
+
+async def test_a_copy_of_a_running_members_journal_is_refused_at_start(
+        tmp_path: Path, upstream: str) -> None:
+    """A cloned volume: its rows are the running member's, numbered under its id; the copy
+    may not ship them as its own (nor ship them under an id a live process holds)."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, a, key, 3)
+            (tmp_path / "clone").mkdir()
+            src = sqlite3.connect(tmp_path / "a" / "journal.db")
+            dst = sqlite3.connect(tmp_path / "clone" / "journal.db")
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+                src.close()
+            log = await _refused(fleet.add("clone", journal_of="clone"))
+            assert "the journal" in log and "holds usage member a journaled" in log
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"a": (3, 3)}
+
+
+def _journal_row(path: Path, seq: int) -> str | None:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT row FROM journal WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else str(row[0])
+    finally:
+        conn.close()
+
+
+async def _journal_of_the_old_version(fleet: FleetOfMembers, s: aiohttp.ClientSession) -> str:
+    """Member "x"'s volume as the version before SQLite migration 16 left it: no member id
+    recorded, seq 2 shipped by "x" and kept (its prune kept the newest row), seqs 3..5
+    journaled after it and not shipped (killed). Every row is a real process's; only the
+    kept row and the missing owner are put back by hand. Returns the API key."""
+    (x,) = await fleet.start(["x"])              # ship_interval 1h: ships at stop only
+    await admin_call(s, x, "POST", "/admin/customers", {"id": "cust"})
+    key = str((await admin_call(s, x, "POST", "/admin/customers/cust/keys"))["key"])
+    await _requests(s, x, key, 2)                # seqs 1, 2
+    path = fleet.tmp / "x" / "journal.db"
+    kept = await wait_until(lambda: _journal_row(path, 2), what="seq 2 in x's journal")
+    await fleet.stop_all()                       # ships seqs 1, 2 as "x" (then prunes them)
+    x2 = fleet.add("x2", member_id="x", journal_of="x")
+    await x2.proc.wait_ready(60)
+    await _requests(s, x2, key, 3)               # seqs 3..5, not shipped
+    x2.proc.kill()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DELETE FROM journal_owner")
+        conn.execute("UPDATE journal_seq SET hwm = 0")     # (a seq at or below it is renumbered)
+        conn.execute("INSERT INTO journal (seq, row) VALUES (2, ?)", (kept,))
+        conn.execute("UPDATE journal_seq SET hwm = 1")     # seq 1 pruned, 2 kept
+    finally:
+        conn.close()
+    return key
+
+
+async def test_a_journal_from_before_the_recorded_member_id_ships_under_the_id_that_shipped_it(
+        tmp_path: Path, upstream: str) -> None:
+    """A volume the previous version wrote (no member id recorded, its newest shipped row
+    kept) reused by a process under a new member id (a new hostname): the kept row does not
+    ship again, and the rows journaled after it ship once, under the id that numbered them
+    (they used to ship under the new id: the kept row's usage and credits counted twice)."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        async with aiohttp.ClientSession() as s:
+            key = await _journal_of_the_old_version(fleet, s)
+            y = fleet.add("y", journal_of="x")
+            await y.proc.wait_ready(60)
+            await _requests(s, y, key, 1)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"x": (5, 5), "y": (1, 1)}
+        assert await _ledger(fleet.dsn) == (6, 6)
+
+
+async def test_a_journal_from_before_the_recorded_member_id_shipped_under_two_ids_is_refused(
+        tmp_path: Path, upstream: str) -> None:
+    """Its rows in the ledger under two ids (the previous version's double count): which one
+    numbered the rest cannot be told, so the start is refused until ``fleet.member_id`` says."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        async with aiohttp.ClientSession() as s:
+            key = await _journal_of_the_old_version(fleet, s)
+            conn = await asyncpg.connect(fleet.dsn)
+            try:
+                cols = ("customer_id, seq, item, request_id, at_ms, key_id, rule, rules_version,"
+                        " status, method, path, meter, quantity, credits, billable, flags")
+                await conn.execute(f"INSERT INTO usage_ledger (member_id, {cols})"
+                                   f" SELECT 'w', {cols} FROM usage_ledger WHERE seq = 2")
+            finally:
+                await conn.close()
+            log = await _refused(fleet.add("y", journal_of="x"))
+            assert "its rows were shipped under several member ids: w, x" in log, log[-2000:]
+            x3 = fleet.add("x3", member_id="x", journal_of="x")
+            await x3.proc.wait_ready(60)
+            await _requests(s, x3, key, 1)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"w": (1, 1), "x": (6, 6)}
