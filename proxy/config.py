@@ -663,10 +663,12 @@ class FleetConfig(_Model):
         examples=["20s"])
     lease_idle: Duration = Field(
         default=10.0, gt=0,
-        description="A lease this member admitted nothing against for this long is returned "
-                    "at the next renewal (every third of `lease_ttl`): its unspent credit goes "
-                    "back to the balance, spendable on every member. The next request for the "
-                    "customer here asks for a new lease (one statement).",
+        description="A lease this member admitted nothing against for this long, with no "
+                    "request admitted here still holding credit on it (a stream in progress "
+                    "keeps its lease), is returned at the next renewal (every third of "
+                    "`lease_ttl`): its unspent credit goes back to the balance, spendable on "
+                    "every member. The next request for the customer here asks for a new "
+                    "lease (one statement).",
         examples=["30s"])
     cover_period: Duration = Field(
         default=20.0, gt=0,

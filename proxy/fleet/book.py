@@ -81,7 +81,11 @@ class LeaseBook:
         self._rate_at: dict[str, tuple[int, int]] = {}  # customer -> (since ms, spent since)
         self._refills: dict[str, asyncio.Future[Grant | None]] = {}
         self._empty_until: dict[str, int] = {}     # customer -> no refill before (ms)
-        self._releasing: dict[str, asyncio.Future[int]] = {}   # a release in flight
+        self._releasing: dict[str, asyncio.Future[int]] = {}   # a return in flight
+        # a return sent and not known to have committed (the database unreachable, or its
+        # reply lost): customer -> (lease id, spent), sent again before anything else
+        self._unreturned: dict[str, tuple[int, int]] = {}
+        self.holding: dict[str, int] = {}          # customer -> request holds not yet ended
         self.rtt_ms = 50
         self.refills = 0                           # grant statements issued
         self.idle_returns = 0                      # leases returned for being idle
@@ -154,9 +158,16 @@ class LeaseBook:
         """One grant statement; None when PostgreSQL is unreachable."""
         releasing = self._releasing.get(customer_id)
         if releasing is not None:
-            # the release's statement cuts the lease to what was spent: a grant committed
+            # the return's statement cuts the lease to what was spent: a grant committed
             # before it would be cut too, and this book would spend credit nobody escrowed
             await asyncio.wait((releasing,))
+        if (unreturned := self._unreturned.get(customer_id)) is not None:
+            try:
+                await self._return(customer_id, *unreturned)
+            except (PgUnavailable, PgConflict) as exc:
+                log.warning("returning %s's lease before a refill failed, PostgreSQL "
+                            "unreachable or conflicting: %s", customer_id, exc)
+                return None
         wanted = sizing.want(self._rate.get(customer_id, 0), self.policy.cover_ms)
         sent = self.clock()
         try:
@@ -205,42 +216,98 @@ class LeaseBook:
                                                    self.policy.drift_margin_ppm)
         return True
 
+    # -- holds ------------------------------------------------------------------------------
+    def hold_opened(self, customer_id: str) -> None:
+        """A request holds credit admitted here (``proxy.fleet.credits``): until it ends
+        (``hold_closed``) the customer's lease is not idle."""
+        self.holding[customer_id] = self.holding.get(customer_id, 0) + 1
+
+    def hold_closed(self, customer_id: str) -> None:
+        n = self.holding.get(customer_id, 0) - 1
+        if n > 0:
+            self.holding[customer_id] = n
+        else:
+            self.holding.pop(customer_id, None)
+
     # -- returns ----------------------------------------------------------------------------
     async def release(self, customer_id: str) -> int:
-        """Return the unspent part of the customer's lease (idle, shutdown). Until the
-        statement is done, a refill for the customer waits for it (``_grant``)."""
+        """Return the unspent part of the customer's lease (idle, shutdown): ``_return``."""
         h = self.held.pop(customer_id, None)
         if h is None:
             return 0
-        fut = tasks.spawn(f"lease-release-{customer_id}",
-                          self.store.release(customer_id, h.lease_id, h.spent))
+        return await self._return(customer_id, h.lease_id, h.spent)
+
+    async def _return(self, customer_id: str, lease_id: int, spent: int) -> int:
+        """One return statement (``LeaseStore.release``). It runs to its end even if the
+        caller is cancelled (shutdown), and a refill for the customer waits for it
+        (``_grant``). Until it is known to have committed it is remembered
+        (``_unreturned``) and sent again before the customer's next grant and at each
+        ``release_idle``: the statement gives back nothing twice while no grant comes
+        between (it cuts the lease to ``max(spent, reported)``)."""
+        self._unreturned[customer_id] = (lease_id, spent)
+
+        async def send() -> int:
+            back = await self.store.release(customer_id, lease_id, spent)
+            if self._unreturned.get(customer_id) == (lease_id, spent):
+                del self._unreturned[customer_id]
+            return back
+        fut = tasks.spawn(f"lease-return-{customer_id}", send())
         self._releasing[customer_id] = fut
 
         def forget(f: asyncio.Future[int]) -> None:
             if self._releasing.get(customer_id) is f:
                 del self._releasing[customer_id]
+            if not f.cancelled():
+                f.exception()          # retrieved: a failure is remembered, and logged once
         fut.add_done_callback(forget)
-        return await fut
+        return await asyncio.shield(fut)
 
     def idle(self, customer_id: str) -> bool:
-        """The customer's lease had no admission for ``policy.idle_ms`` and no refill is in
-        flight for it."""
+        """The customer's lease had no admission for ``policy.idle_ms``, no request admitted
+        here still holds credit on it, and no refill is in flight for it."""
         h = self.held.get(customer_id)
-        return (h is not None and customer_id not in self._refills
+        return (h is not None and customer_id not in self.holding
+                and customer_id not in self._refills
                 and self.clock() - h.used_ms >= self.policy.idle_ms)
 
     async def release_idle(self) -> int:
-        """Return every idle lease (``idle``): credit no request here is using goes back to
-        the balance, where every member can lease it. Returns the micro-credits given back."""
+        """Return every idle lease (``idle``), and send again returns that failed: credit
+        no request here is using goes back to the balance, where every member can lease it.
+        A failure leaves that return for the next pass and goes on with the others.
+        Returns the micro-credits given back."""
         total = 0
+        for customer_id in list(self._unreturned):
+            if customer_id not in self._releasing and customer_id not in self.held:
+                total += await self._try_return(customer_id, None)
         for customer_id in list(self.held):
             if self.idle(customer_id):       # checked again: the loop awaits between leases
-                total += await self.release(customer_id)
-                self.idle_returns += 1
+                back = await self._try_return(customer_id, self.held.pop(customer_id))
+                total += back
+                self.idle_returns += back > 0
         return total
 
+    async def _try_return(self, customer_id: str, h: Held | None) -> int:
+        """``h``'s return, or the customer's unreturned one again; 0 when it failed (logged;
+        remembered for the next pass)."""
+        got = (h.lease_id, h.spent) if h is not None else self._unreturned.get(customer_id)
+        if got is None:
+            return 0
+        try:
+            return await self._return(customer_id, *got)
+        except (PgUnavailable, PgConflict) as exc:
+            log.warning("returning %s's lease failed, PostgreSQL unreachable or conflicting "
+                        "(sent again before its next refill and at the next pass): %s",
+                        customer_id, exc)
+            return 0
+
     async def release_all(self) -> int:
+        """Shutdown: every lease held, after the returns in flight and the ones that
+        failed."""
+        await asyncio.gather(*self._releasing.values(), return_exceptions=True)
         total = 0
+        for customer_id in list(self._unreturned):
+            if customer_id not in self.held:
+                total += await self._return(customer_id, *self._unreturned[customer_id])
         for customer_id in list(self.held):
             total += await self.release(customer_id)
         return total

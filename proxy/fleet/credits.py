@@ -76,6 +76,7 @@ class FleetCredits(CreditBook):
 
     def _hold(self, customer_id: str, cost: int, now: float) -> Hold:
         hold = Hold(customer_id, cost, admitted_at=now, debt_ok=not self.shadow)
+        self.leases.hold_opened(customer_id)      # the lease is not idle until it ends
         h = self.leases.held.get(customer_id)
         if h is not None:
             self._lease_of[id(hold)] = h.lease_id
@@ -85,6 +86,7 @@ class FleetCredits(CreditBook):
         """Move the lease's count by ``delta``: a refund only to the lease the hold was
         debited from (a later lease never escrowed it); an excess to whatever lease is held
         (without one it is settled as debt when the row ships)."""
+        self.leases.hold_closed(hold.customer_id)
         lease_id = self._lease_of.pop(id(hold), None)
         h = self.leases.held.get(hold.customer_id)
         if h is None or (delta < 0 and h.lease_id != lease_id):

@@ -27,10 +27,14 @@ class CuttableRelay:
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
         self._lose_commits = 0
+        self._writes: tuple[bytes, ...] = (b"INSERT",)
         self.commits_lost = 0
 
-    def lose_commit_replies(self, n: int) -> None:
+    def lose_commit_replies(self, n: int, writes: tuple[bytes, ...] = (b"INSERT",)) -> None:
+        """The next ``n`` COMMITs of transactions that sent one of ``writes`` commit, and
+        their replies never arrive (the connection is cut)."""
         self._lose_commits = n
+        self._writes = writes
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -92,7 +96,7 @@ class CuttableRelay:
                 if watch is None or self._lose_commits <= 0:
                     continue
                 up = data.upper()
-                watch[1] = watch[1] or b"INSERT" in up
+                watch[1] = watch[1] or any(w in up for w in self._writes)
                 if b"COMMIT" in up and not watch[1]:
                     continue                        # a read-only transaction's
                 if b"COMMIT" in up:

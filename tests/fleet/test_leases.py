@@ -9,14 +9,17 @@ import random
 import pytest
 
 from proxy import tasks
+from proxy.credits.book import Hold
 from proxy.fleet import sizing
 from proxy.fleet.book import Decision, LeaseBook
+from proxy.fleet.credits import FleetCredits
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres import leases
 from proxy.store.postgres.leases import Grant, LeaseStore
 from proxy.store.postgres.pool import PgPool
-from tests.fleet.conftest import add_customer
+from tests.fleet.conftest import PoolFactory, add_customer, via_relay
 from tests.fleet.member import Member
+from tests.fleet.tcp_cut import CuttableRelay
 from tests.helpers import wait_until
 
 C = 1_000_000   # one credit in micro-credits
@@ -263,21 +266,73 @@ async def test_an_idle_lease_is_returned_and_a_used_one_is_not(pool: PgPool) -> 
     assert (await _account(pool, "acme")).escrowed == 10 * C
 
 
-async def test_an_idle_return_keeps_what_in_flight_requests_hold(pool: PgPool) -> None:
-    """A request admitted (held) but not yet shipped when its lease is returned: the return
-    keeps the held credit escrowed (``granted - spent`` comes back), and it settles when
-    the row ships."""
+async def test_a_lease_a_request_still_holds_credit_on_is_not_idle(pool: PgPool) -> None:
+    """A request admitted here and not ended (a long stream: its hold is open) keeps the
+    lease from being idle, however long ago the admission was: returned, the lease would
+    not be renewed, the reaper would hand its held credit to other members, and the
+    stream's cost would ship as overspend. Once the hold ends (settled at its actual
+    cost), the lease is returned with the rest."""
     await add_customer(pool, "acme", 100 * C)
     now = [0]
     m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
     m.book.clock = lambda: now[0]
-    assert await m.request("acme", C) is Decision.ADMIT        # not shipped yet
-    now[0] = 1_000
-    assert await m.book.release_idle() == 9 * C
-    assert (await _account(pool, "acme")).escrowed == C
+    credits = FleetCredits(m.book)
+    hold = await credits.admit("acme", C, 0.0)
+    assert isinstance(hold, Hold)
+    now[0] = 60_000
+    assert await m.book.release_idle() == 0 and "acme" in m.book.held
+    assert await m.book.renew("acme")
+    credits.settle(hold, [3 * C], 60.0)                     # the stream ends: it cost 3
+    assert m.book.holding == {}
+    assert await m.book.release_idle() == 7 * C             # 10 granted, 3 spent
+    assert (await _account(pool, "acme")).escrowed == 3 * C   # until its row ships
+    released = await credits.admit("acme", C, 61.0)          # and a request refused later
+    assert isinstance(released, Hold)
+    credits.release(released)
+    assert m.book.holding == {}
+
+
+@pytest.mark.parametrize("fault", ["cut", "reply lost"])
+async def test_a_return_that_failed_is_sent_again_and_gives_back_once(
+        open_pool: PoolFactory, pg_dsn: str, relay: CuttableRelay, fault: str) -> None:
+    """The return's statement fails (PostgreSQL cut away), or commits with its reply lost:
+    the return is remembered, sent again at the next pass, and gives the unspent credit back
+    exactly once; a refill for the customer sends it first."""
+    direct = await open_pool()
+    await add_customer(direct, "acme", 100 * C)
+    via = await open_pool(dsn=via_relay(relay.port, pg_dsn), connect_timeout=1.0,
+                          command_timeout=2.0, size=2, statement_cache_size=0)
+    now = [0]
+    m = Member(via, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
+    m.book.clock = lambda: now[0]
+    assert await m.request("acme", C) is Decision.ADMIT
     await m.shipper.ship_pending(m.journal)
-    acct = await _account(pool, "acme")
-    assert (acct.settled, acct.escrowed) == (C, 0)
+    now[0] = 1_000
+    if fault == "cut":
+        relay.cut()
+    else:
+        relay.lose_commit_replies(1, writes=(b"UPDATE",))
+    assert await m.book.release_idle() == 0                  # failed, logged
+    assert m.book.held == {} and "acme" in m.book._unreturned
+    escrowed = (await _account(direct, "acme")).escrowed
+    assert escrowed == (9 * C if fault == "cut" else 0)      # the lost reply had committed
+    relay.restore()
+    assert await m.book.release_idle() == (9 * C if fault == "cut" else 0)
+    assert m.book._unreturned == {}
+    assert (await _account(direct, "acme")).escrowed == 0
+    # again, then a refill: it sends the remembered return before its grant
+    assert await m.request("acme", C) is Decision.ADMIT
+    await m.shipper.ship_pending(m.journal)
+    now[0] = 3_000
+    relay.cut()
+    assert await m.book.release_idle() == 0
+    relay.restore()
+    assert await m.request("acme", C) is Decision.ADMIT
+    assert m.book._unreturned == {}
+    await m.shipper.ship_pending(m.journal)
+    assert await m.book.release_all() == 9 * C
+    acct = await _account(direct, "acme")
+    assert (acct.settled, acct.escrowed) == (3 * C, 0)
 
 
 async def test_a_refill_waits_for_the_idle_return_in_flight(pool: PgPool) -> None:
