@@ -274,8 +274,14 @@ class LeaseBook:
         """Return every idle lease (``idle``), and send again returns that failed: credit
         no request here is using goes back to the balance, where every member can lease it.
         A failure leaves that return for the next pass and goes on with the others.
-        Returns the micro-credits given back."""
+        Also forgets what the book keeps per customer for customers with no lease here: the
+        spend rate of a returned lease's customer (its next lease is sized from the floor
+        again) and a 402 backoff that ended, so the book holds state for active customers
+        only. Returns the micro-credits given back."""
         total = 0
+        now = self.clock()
+        for customer_id in [c for c, until in self._empty_until.items() if until <= now]:
+            del self._empty_until[customer_id]
         for customer_id in list(self._unreturned):
             if customer_id not in self._releasing and customer_id not in self.held:
                 total += await self._try_return(customer_id, None)
@@ -284,6 +290,9 @@ class LeaseBook:
                 back = await self._try_return(customer_id, self.held.pop(customer_id))
                 total += back
                 self.idle_returns += back > 0
+                if customer_id not in self.held:
+                    self._rate.pop(customer_id, None)
+                    self._rate_at.pop(customer_id, None)
         return total
 
     async def _try_return(self, customer_id: str, h: Held | None) -> int:

@@ -246,11 +246,13 @@ async def test_an_idle_lease_is_returned_and_a_used_one_is_not(pool: PgPool) -> 
     admitted within ``idle_ms`` stays. The next request asks for a new lease."""
     await add_customer(pool, "acme", 100 * C)
     await add_customer(pool, "busy", 100 * C)
+    await add_customer(pool, "broke", 0)
     now = [0]
     m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=5_000))
     m.book.clock = lambda: now[0]
     assert await m.request("acme", C) is Decision.ADMIT
     assert await m.request("busy", C) is Decision.ADMIT
+    assert await m.request("broke", C) is Decision.INSUFFICIENT     # a 1 s local backoff
     await m.shipper.ship_pending(m.journal)
     now[0] = 4_999
     assert m.book.try_admit("busy", C)                  # busy admits again at 4.999 s
@@ -258,11 +260,14 @@ async def test_an_idle_lease_is_returned_and_a_used_one_is_not(pool: PgPool) -> 
     now[0] = 5_000
     assert await m.book.release_idle() == 9 * C         # acme's 9 unspent credits
     assert list(m.book.held) == ["busy"] and m.book.idle_returns == 1
+    # per-customer state is kept for active customers only: the returned customer's spend
+    # rate and the ended backoff are forgotten (the book does not grow with every customer)
+    assert set(m.book._rate_at) == {"busy"} and m.book._empty_until == {}
     acct = await _account(pool, "acme")
     assert (acct.balance, acct.settled, acct.escrowed) == (100 * C, C, 0)
     assert await m.book.renew("busy")
     assert await m.request("acme", C) is Decision.ADMIT
-    assert m.book.refills == 3                          # a new lease for acme
+    assert m.book.refills == 4                          # (broke asked once) a new lease for acme
     assert (await _account(pool, "acme")).escrowed == 10 * C
 
 
