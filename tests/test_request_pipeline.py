@@ -15,6 +15,7 @@ from yarl import URL
 from proxy.request.pipeline import method_override
 from proxy.webhooks import PATH as WEBHOOK_PATH
 from tests.conftest import Proxy, ProxyFactory
+from tests.pathcanon_kit import raw_request
 from tests.servers import serve
 
 
@@ -221,3 +222,80 @@ async def test_method_override_forward_passes_overrides_through_unchanged(
         ("POST", "/v1/files/search", [("X-HTTP-Method-Override", "DELETE")]),
         ("POST", "/v1/files/search?_method=PUT", [])]
     assert p.ledger_totals() == {("acme", "api_calls"): 2 * Q}
+
+
+REPEAT_RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+  units: {stripe_event_name: units}
+rules:
+  - name: premium
+    match: {path: /v1/render, headers: {X-Tier: premium}}
+    usage:
+      - {meter: api_calls, quantity: 100}
+  - name: sized
+    match: {path: /v1/batch}
+    usage:
+      - {meter: units, quantity: request.header.X-Units}
+  - name: paged
+    match: {path: /v1/list}
+    usage:
+      - {meter: units, quantity: request.query.pages}
+  - name: fast
+    match: {path: "/v1/**", query: {mode: fast}}
+    usage:
+      - {meter: api_calls, quantity: 10}
+  - name: rest
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1}
+"""
+
+
+async def test_a_header_or_parameter_the_rules_read_sent_twice_is_refused(
+        make_proxy: ProxyFactory, recording: tuple[str, list[Any]]) -> None:
+    """The rules read the first value of a header or query parameter; an upstream may read
+    the last (``X-Tier: basic`` then ``X-Tier: premium``: metered as the 1-call rule, served
+    as premium; ``X-Units: 1`` then ``X-Units: 1000``; ``?pages=1&pages=500``). Such a request
+    is refused 400 ambiguous_request before any rule runs: never forwarded, never billed.
+    Headers and parameters no rule reads may repeat (forwarded as sent), and each of the
+    read ones sent once is metered as usual. (Sent on raw sockets: aiohttp's client folds
+    repeated headers into one.)"""
+    url, seen = recording
+    p = await make_proxy(url, rules_text=REPEAT_RULES)
+    port = URL(p.url).port
+    assert port is not None
+    key = await p.customer_with_key("acme")
+    auth = [(b"Authorization", f"Bearer {key}".encode())]
+    refused: list[tuple[bytes, list[tuple[bytes, bytes]]]] = [
+        (b"/v1/render", [(b"X-Tier", b"basic"), (b"x-tier", b"premium")]),
+        (b"/v1/batch", [(b"X-Units", b"1"), (b"X-Units", b"1000")]),
+        (b"/v1/list?pages=1&pages=500", []),
+        (b"/v1/list?mode=slow&x=1&mode=fast", []),
+        (b"/v1/other?mode=fast&mode=fast", []),          # equal values too: one meaning each
+    ]
+    for i, (target, extra) in enumerate(refused):
+        got = await raw_request(port, b"GET", target,
+                                [*auth, *extra, (b"X-Request-Id", f"rep-{i}".encode())])
+        body = got.json()
+        assert got.status == 400, (target, extra, got.status, body)
+        assert isinstance(body, dict) and body["error"]["type"] == "ambiguous_request", body
+        assert got.headers["x-request-id"] == f"rep-{i}"
+    got = await raw_request(port, b"GET", b"/v1/batch",       # refused before the key is read
+                            [(b"X-Units", b"1"), (b"X-Units", b"2")])
+    assert got.status == 400 and b"ambiguous_request" in got.body
+    assert seen == []
+    assert p.ledger_totals() == {}
+    assert await _count(p, "(ambiguous_request)") == len(refused) + 1
+    # sent once each, and other headers and parameters repeated: metered, forwarded as sent
+    ok: list[tuple[bytes, list[tuple[bytes, bytes]]]] = [
+        (b"/v1/render", [(b"X-Tier", b"premium"), (b"X-Other", b"a"), (b"X-Other", b"b")]),
+        (b"/v1/batch", [(b"X-Units", b"7")]),
+        (b"/v1/list?pages=3&tag=a&tag=b", []),
+        (b"/v1/other?mode=fast", [])]
+    for target, extra in ok:
+        got = await raw_request(port, b"GET", target, [*auth, *extra])
+        assert got.status == 200, (target, got.status, got.body)
+    assert [s[1] for s in seen] == [t.decode() for t, _ in ok]
+    assert p.ledger_totals() == {("acme", "api_calls"): 110 * Q, ("acme", "units"): 10 * Q}

@@ -15,6 +15,8 @@ the Application's catch-all route did before the pipeline, it does first, identi
     method override (method_override)    400 method_override_refused: an override header
                                          or ``_method`` query parameter naming another
                                          method than the request's (``method_override``)
+    a header or query parameter the      400 ambiguous_request (``repeated``)
+    rules read, sent more than once
     rule match (proxy.rules)
     1. authentication  (auth.py)         401 / 403
     2. admission       (admission.py)    429 / 503 / 402; takes the in-flight slot and hold
@@ -64,6 +66,7 @@ from proxy.request.forward import matched_headers
 from proxy.request.settle import Settlement
 from proxy.request.stream import Exchange, Streamer
 from proxy.request.websocket import WebSocketRelay
+from proxy.rules.model import RuleSet
 from proxy.runtime import Runtime
 from proxy.target import InvalidTarget, canonical
 
@@ -166,7 +169,12 @@ class Pipeline:
                 rule_name = "(method_override)"
                 raise HttpError(why, status=400, type_="method_override_refused")
             rules = self.rt.rules
-            match = rules.match(request.method, path, matched_headers(request.headers),
+            headers = matched_headers(request.headers)
+            if (rules.single_headers or rules.single_params) and \
+                    (why := repeated(rules, headers, request)) is not None:
+                rule_name = "(ambiguous_request)"
+                raise HttpError(why, status=400, type_="ambiguous_request")
+            match = rules.match(request.method, path, headers,
                                 request.query if rules.reads_query else _NO_PARAMS)
             rule = match.rule if match is not None else None
             rule_name = rule.name if rule is not None else "(unmatched)"
@@ -263,6 +271,26 @@ def method_override(method: str, headers: CIMultiDictProxy[str], target: str) ->
             return ("The query parameter _method names another method than the request's own "
                     f"({method}): rules meter the request's method, and the upstream could run "
                     "the other one. Send the request with the method it means.")
+    return None
+
+
+def repeated(rules: RuleSet, headers: CIMultiDictProxy[str],
+             request: web.BaseRequest) -> str | None:
+    """Why the request is ambiguous to the rules (the refusal's message), or None: it
+    sends a header (as the upstream receives it) or a query parameter that some rule matches
+    on or reads a quantity from (``RuleSet.single_headers``, ``single_params``) more than
+    once. The rules read the first value; an upstream may read the last, or all of them, and
+    act on a request other than the one metered."""
+    for name in rules.single_headers:
+        if len(headers.getall(name, ())) > 1:
+            return (f"The request sends the {name} header more than once: the rules read it, "
+                    "and its values must be unambiguous. Send it once.")
+    if rules.single_params and request.query_string:
+        query = request.query
+        for name in rules.single_params:
+            if len(query.getall(name, ())) > 1:
+                return (f"The request sends the query parameter {name} more than once: the "
+                        "rules read it, and its value must be unambiguous. Send it once.")
     return None
 
 

@@ -290,6 +290,11 @@ class RuleSet:
     # some rule matches on a query parameter: only then does the pipeline hand ``match``
     # the request's parsed query (otherwise it is never parsed for matching)
     reads_query: bool = field(init=False, repr=False, compare=False)
+    # the request headers (lower case) and query parameters some rule matches on or reads a
+    # quantity from: a request repeating one is refused (the pipeline: the rules would read
+    # one value and the upstream may act on another)
+    single_headers: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    single_params: tuple[str, ...] = field(init=False, repr=False, compare=False)
     # (method, path) -> the match, when no rule matches on headers or the query (then the
     # answer depends on those two alone): API traffic repeats a few paths. Bounded like
     # proxy.target's memo; per rule set, so a reload starts a fresh one.
@@ -300,6 +305,19 @@ class RuleSet:
         index = MatchIndex([(r.matcher, r) for r in self.rules])
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "reads_query", any(r.matcher.query for r in self.rules))
+        headers: set[str] = set()
+        params: set[str] = set()
+        for r in self.rules:
+            headers.update(name.lower() for name, _ in r.matcher.headers)
+            params.update(name for name, _ in r.matcher.query)
+            for u in r.usage:
+                for src in (u.source, u.reserve_from):
+                    if src is not None and src.kind is SourceKind.REQUEST_HEADER:
+                        headers.add(src.name.lower())
+                    elif src is not None and src.kind is SourceKind.REQUEST_QUERY:
+                        params.add(src.name)
+        object.__setattr__(self, "single_headers", tuple(sorted(headers)))
+        object.__setattr__(self, "single_params", tuple(sorted(params)))
         pure = not any(r.matcher.query or r.matcher.headers for r in self.rules)
         object.__setattr__(self, "_memo", {} if pure else None)
 
