@@ -45,7 +45,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import StorageError, StripeCallError
+from proxy import metrics
+from proxy.errors import StorageError, StripeCallError, StripeRejected
 from proxy.periods import period_bounds
 from proxy.pricing import Price, period_charges, prices_in
 from proxy.rules.model import RuleSet
@@ -178,7 +179,9 @@ class TrueUpTask:
             await self.trueups.record(t.record("sending", None, at))
         if self.stripe is None:
             return done
+        unsent = 0
         for r in await self.trueups.sending():
+            unsent += 1
             frozen = TrueUp.frozen(r)
             if frozen is None:
                 log.error("true-up of %s (period %s) names no Stripe customer: not sent",
@@ -186,12 +189,21 @@ class TrueUpTask:
                 continue
             try:
                 item = await self._send(self.stripe, frozen)
+            except StripeRejected as exc:
+                metrics.trueup_failures_total.labels("rejected").inc()
+                log.error("true-up of %s for %s (period %s) rejected by Stripe, sent again at "
+                          "the next check until the cause is fixed: %s", frozen.amount,
+                          r.customer_id, r.period_start, exc.reason)
+                continue
             except StripeCallError as exc:
+                metrics.trueup_failures_total.labels("unavailable").inc()
                 log.warning("true-up for %s (period %s) failed, retried later: %s",
                             r.customer_id, r.period_start, exc.reason)
                 continue
             if await self.trueups.mark_sent(r.customer_id, r.period_start, item):
                 done.append(_report(frozen, item))
+            unsent -= 1
+        metrics.trueups_unsent.set(unsent)
         return done
 
     @staticmethod

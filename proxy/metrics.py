@@ -101,6 +101,14 @@ flush_lag_seconds = Gauge("meterproxy_flush_lag_seconds",
                           "Age of the oldest usage not yet delivered to the sink", registry=REGISTRY)
 stripe_requests_total = Counter("meterproxy_stripe_requests_total", "Calls to the usage sink by outcome",
                                 ["outcome"], registry=REGISTRY)
+trueups_unsent = Gauge("meterproxy_trueups_unsent",
+                       "Commitment true-ups decided (the shortfall frozen) and not yet "
+                       "confirmed in Stripe as an invoice item", registry=REGISTRY)
+trueup_failures_total = Counter(
+    "meterproxy_trueup_failures_total",
+    "True-up invoice items Stripe did not create, by outcome: unavailable (Stripe or the "
+    "network failed) or rejected (Stripe refused the call: fix the cause); each is sent "
+    "again at the next check, with the same parameters", ["outcome"], registry=REGISTRY)
 dead_letters = Gauge("meterproxy_dead_letters", "Dead-lettered usage reports awaiting replay",
                      registry=REGISTRY)
 quantity_fallback_total = Counter(

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import metrics
 from proxy.commitments import TRUEUP_SETTLE, TrueUpTask, shortfall
 from proxy.errors import StripeRejected
 from proxy.pricing import Price, Tier
@@ -120,6 +121,25 @@ async def test_a_failed_call_is_retried_with_the_same_key(
     items = {i["customer"]: i["id"] for i in stripe_double.state.invoice_items.items.values()}
     assert items == {"cus_acme": done["invoice_item"], "cus_beta": first[0]["invoice_item"]}
 
+
+
+async def test_an_unsent_true_up_is_counted_until_stripe_has_it(
+        env: tuple[Store, TrueUpTask, StripeClient], stripe_double: RunningDouble) -> None:
+    """A true-up Stripe did not create shows in ``meterproxy_trueups_unsent`` (alerted on
+    after an hour: deploy/prometheus/alerts.yaml) and its failed attempt in
+    ``meterproxy_trueup_failures_total``, until a later check sends it."""
+    _, task, _ = env
+    failed = metrics.trueup_failures_total.labels("unavailable")
+    before = failed._value.get()
+    stripe_double.state.faults.script("invoice_items", ["429_no_retry"])
+    first = await task.check(T0 + 3600)
+    assert [d["customer_id"] for d in first] == ["beta"]     # acme's call failed
+    assert metrics.trueups_unsent._value.get() == 1
+    assert failed._value.get() == before + 1
+    [done] = await task.check(T0 + 3700)
+    assert done["customer_id"] == "acme"
+    assert metrics.trueups_unsent._value.get() == 0
+    assert failed._value.get() == before + 1
 
 
 async def test_a_retry_sends_the_first_attempt_s_parameters(

@@ -285,11 +285,12 @@ def test_alert_rules_pass_promtool() -> None:
     out = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml")],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 8 rules found" in out.stdout
+    assert "SUCCESS: 9 rules found" in out.stdout
     assert sorted(r["alert"] for r in _alert_rules()) == [
         "MeterproxyCreditBalanceMismatch", "MeterproxyCreditGrantMirrorsDead",
         "MeterproxyDeadLetters", "MeterproxyDown", "MeterproxyOutboxLag",
-        "MeterproxyReconcileDrift", "MeterproxyRulesReloadFailing", "MeterproxyStorageDown"]
+        "MeterproxyReconcileDrift", "MeterproxyRulesReloadFailing", "MeterproxyStorageDown",
+        "MeterproxyTrueUpUnsent"]
     cfg = subprocess.run([promtool, "check", "config",
                           str(DEPLOY / "prometheus" / "prometheus.yml")],
                          capture_output=True, text=True, timeout=60, check=False)
