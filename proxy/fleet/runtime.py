@@ -146,6 +146,8 @@ class Fleet:
     book: LeaseBook
     credits: FleetCredits
     instance: str | None = None         # this process's claim on member_id (members.claim)
+    # why this process stopped metering: another process claimed its member id
+    superseded: str | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _credit_revs: tuple[int, int] = (-1, -1)     # credit revisions: the pass before, the last
@@ -175,11 +177,29 @@ class Fleet:
         logged with its traceback; the loop goes on either way."""
         try:
             await step()
+        except Superseded as exc:
+            self._supersede(exc)
         except ERRORS as exc:
             log.warning("%s paused, PostgreSQL unreachable or conflicting, or leadership lost:"
                         " %s", what, exc)
         except Exception:
             log.exception("%s failed; retrying next pass", what)
+
+    def _supersede(self, exc: Superseded) -> None:
+        """Another process claimed this member id (this one stalled longer than
+        ``leader_ttl``, or two run under one id): this one stops metering for good. Its store
+        refuses metered requests as a broken one does (``storage.fail_mode``: closed answers
+        503, open forwards them unbilled and counts them as lost), so no usage is journaled
+        that this process could not ship; ``/readyz`` says why. The leases under the id are
+        the other process's now: this one no longer renews, returns or reaps them (not even
+        at shutdown), nor ships or leads."""
+        if self.superseded is not None:
+            return
+        self.superseded = f"member id {self.member_id} was claimed by another process: {exc}"
+        log.critical("%s. This process stopped metering (metered requests refused as with "
+                     "broken storage); stop it, and give each process its own "
+                     "fleet.member_id", self.superseded)
+        self.store.stop_metering(f"fleet: {self.superseded}")
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds`` or until stopping; True when stopping."""
@@ -219,6 +239,8 @@ class Fleet:
         grace_ms = round(self.cfg.fleet.reaper_grace * 1000)
 
         async def renew_and_reap() -> None:
+            if self.superseded is not None:
+                return          # the leases under the id are the claiming process's
             await self.book.release_idle()
             for cid in list(self.book.held):
                 await self.book.renew(cid)
@@ -365,6 +387,8 @@ class Fleet:
             ("release leases", self.book.release_all),
             ("resign the flusher", self.lead.resign),
             ("release the member id", self._release))
+        if self.superseded is not None:      # (shipping and leading are refused anyway)
+            steps = (("resign the flusher", self.lead.resign),)
         for what, step in steps:
             try:
                 async with asyncio.timeout(timeout):
@@ -489,6 +513,10 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
                                          round(cfg.fleet.leader_ttl * 1000))
         claimed = True
         await _adopt_journal(cfg, pool, store, mid, instance)
+        # claimed again: last_seen moves (adopting may take up to leader_ttl, and the id is
+        # free to another process once not seen for that long)
+        await pg_members.claim_or_refuse(pool, mid, instance,
+                                         round(cfg.fleet.leader_ttl * 1000))
         shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
                                                   cfg.fleet.ship_batch, instance), store)
         await shipping.resume()

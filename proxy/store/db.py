@@ -792,6 +792,12 @@ class Store:
                                 "while open; restart to use it (writes stopped)")
         return self.broken
 
+    def stop_metering(self, reason: str) -> None:
+        """Refuse metered work from now on, as a broken store does (``storage.fail_mode``
+        decides: closed answers 503, open forwards unbilled), with ``reason`` in /readyz:
+        fleet mode, when another process claimed this member id (``proxy.fleet.runtime``)."""
+        self._break(reason)
+
     def _break(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason

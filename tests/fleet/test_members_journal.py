@@ -226,3 +226,66 @@ async def test_a_journal_from_before_the_recorded_member_id_shipped_under_two_id
             await _requests(s, x3, key, 1)
             await fleet.stop_all()
         assert await _by_member(fleet.dsn) == {"w": (1, 1), "x": (6, 6)}
+
+
+ITEMS_AND_HEALTH = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+rules:
+  - name: health
+    match: {path: /healthz}
+    auth: none
+  - name: items
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1, credits: 1}
+"""
+
+
+async def test_a_member_whose_id_another_process_claims_stops_metering_and_leaves_its_leases(
+        tmp_path: Path, upstream: str) -> None:
+    """A process whose member id another process claimed (it stalled past leader_ttl, or
+    two run under one id) cannot ship what it journals: it stops metering (metered requests
+    503, as with broken storage), /readyz says why, and its shutdown neither ships nor
+    returns the leases under the id (the claiming process's now: a return would cut them to
+    this one's spending). Unmetered requests are still served."""
+    async with fleet_of(tmp_path, upstream, rules_text=ITEMS_AND_HEALTH) as fleet:
+        (a,) = await fleet.start(["a"])
+        async with aiohttp.ClientSession() as s:
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust", "overage": "block"})
+            await admin_call(s, a, "POST", "/admin/customers/cust/grants",
+                             {"credits": "100", "idempotency_key": "g1"})
+            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, a, key, 3)
+            await wait_until(lambda: _ledger(fleet.dsn), ok=lambda v: v == (3, 3), timeout=5,
+                             what="a's three requests shipped")
+            conn = await asyncpg.connect(fleet.dsn)
+            try:
+                lease = await conn.fetchrow("SELECT id, granted FROM credit_leases "
+                                            "WHERE member_id = 'a' AND state = 'active'")
+                assert lease is not None
+                await conn.execute("UPDATE members SET instance = 'intruder', last_seen = now()"
+                                   " WHERE id = 'a'")
+
+                async def ready() -> tuple[int, str]:
+                    async with s.get(a.admin + "/readyz") as r:
+                        return r.status, await r.text()
+                _, body = await wait_until(ready, ok=lambda r: r[0] == 503, timeout=5,
+                                                what="a's /readyz degraded")
+                assert "member id a was claimed by another process" in body
+                async with s.get(a.url + "/v1/items",
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 503, r.status
+                async with s.get(a.url + "/healthz") as r:
+                    assert r.status == 200
+                await fleet.stop_all()
+                after = await conn.fetchrow("SELECT granted, state FROM credit_leases "
+                                            "WHERE id = $1", lease["id"])
+                assert (after["granted"], after["state"]) == (lease["granted"], "active")
+                assert await conn.fetchval(
+                    "SELECT instance FROM members WHERE id = 'a'") == "intruder"
+            finally:
+                await conn.close()
+        assert "stopped metering" in (tmp_path / "a" / "proxy.log").read_text()
+        assert await _ledger(fleet.dsn) == (3, 3)
