@@ -428,8 +428,9 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
     lost) or count twice (a container recreated on the same volume with a new hostname, so
     a new default id). A journal another id wrote is first shipped to the end under that
     id (this process claims it for the time: refused while a live process holds it, a
-    cloned volume), that id's leases ended as at its own restart, and only then adopted. A
-    journal with no id recorded (new, or from before migration 16) is the id its rows
+    cloned volume), that id's leases ended as at its own restart, and only then adopted; a
+    journal whose rows all shipped under that id is adopted at once (that id, perhaps
+    running elsewhere, is neither claimed nor touched). A journal with no id recorded (new, or from before migration 16) is the id its rows
     already shipped under (``_shipped_owner``), else ``mid``'s."""
     recorded = store.journal_owner()
     if recorded == mid:
@@ -439,6 +440,17 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
         store.set_journal_owner(recorded)
         if recorded == mid:
             return
+    rest = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
+                                          cfg.fleet.ship_batch, None), store)
+    await rest.resume()
+    if not rest.pending():
+        # everything in it already shipped under that id: nothing to ship, and that id
+        # (perhaps running elsewhere) keeps its leases; it is not claimed
+        store.prune_journal(rest.watermark)
+        store.set_journal_owner(mid)
+        log.warning("the journal %s was member %s's, all of it shipped; it is member %s's "
+                    "journal from now on", store.path, recorded, mid)
+        return
     stale_ms = round(cfg.fleet.leader_ttl * 1000)
     await pg_members.claim_or_refuse(
         pool, recorded, instance, stale_ms,

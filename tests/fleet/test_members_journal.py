@@ -289,3 +289,27 @@ async def test_a_member_whose_id_another_process_claims_stops_metering_and_leave
                 await conn.close()
         assert "stopped metering" in (tmp_path / "a" / "proxy.log").read_text()
         assert await _ledger(fleet.dsn) == (3, 3)
+
+
+async def test_a_fully_shipped_journal_is_adopted_while_its_old_id_runs_elsewhere(
+        tmp_path: Path, upstream: str) -> None:
+    """A stopped member's volume, everything in it shipped, reused under a new id while a
+    process under the old id runs on another volume: nothing of it is left to ship, so the
+    new process starts at once (it used to claim the old id to ship the rest, and was
+    refused on every start while that id was alive) and numbers its rows under its own id."""
+    async with fleet_of(tmp_path, upstream) as fleet:
+        async with aiohttp.ClientSession() as s:
+            (a,) = await fleet.start(["a"])
+            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
+            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            await _requests(s, a, key, 2)
+            await fleet.stop_all()                  # ships both, then stops
+            again = fleet.add("a-elsewhere", member_id="a")   # id a, another volume
+            await again.proc.wait_ready(60)
+            b = fleet.add("b", journal_of="a")
+            await b.proc.wait_ready(60)
+            await _requests(s, b, key, 3)
+            await _requests(s, again, key, 1)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == {"a": (3, 3), "b": (3, 3)}
+        assert "all of it shipped" in (tmp_path / "a" / "proxy-b.log").read_text()
