@@ -430,8 +430,9 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
     id (this process claims it for the time: refused while a live process holds it, a
     cloned volume), that id's leases ended as at its own restart, and only then adopted; a
     journal whose rows all shipped under that id is adopted at once (that id, perhaps
-    running elsewhere, is neither claimed nor touched). A journal with no id recorded (new, or from before migration 16) is the id its rows
-    already shipped under (``_shipped_owner``), else ``mid``'s."""
+    running elsewhere, is neither claimed nor touched). A journal with no id recorded (new,
+    or from before migration 16) is the id its rows already shipped under
+    (``_shipped_owner``), else ``mid``'s."""
     recorded = store.journal_owner()
     if recorded == mid:
         return
