@@ -184,6 +184,7 @@ class TrueUpTask:
             unsent += 1
             frozen = TrueUp.frozen(r)
             if frozen is None:
+                metrics.trueup_failures_total.labels("invalid").inc()
                 log.error("true-up of %s (period %s) names no Stripe customer: not sent",
                           r.customer_id, r.period_start)
                 continue

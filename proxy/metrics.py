@@ -107,8 +107,9 @@ trueups_unsent = Gauge("meterproxy_trueups_unsent",
 trueup_failures_total = Counter(
     "meterproxy_trueup_failures_total",
     "True-up invoice items Stripe did not create, by outcome: unavailable (Stripe or the "
-    "network failed) or rejected (Stripe refused the call: fix the cause); each is sent "
-    "again at the next check, with the same parameters", ["outcome"], registry=REGISTRY)
+    "network failed), rejected (Stripe refused the call: fix the cause) or invalid (the "
+    "frozen true-up names no Stripe customer); each is sent again at the next check, with "
+    "the same parameters", ["outcome"], registry=REGISTRY)
 dead_letters = Gauge("meterproxy_dead_letters", "Dead-lettered usage reports awaiting replay",
                      registry=REGISTRY)
 quantity_fallback_total = Counter(

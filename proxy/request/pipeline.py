@@ -170,7 +170,7 @@ class Pipeline:
                 raise HttpError(why, status=400, type_="method_override_refused")
             rules = self.rt.rules
             headers = matched_headers(request.headers)
-            if (rules.single_headers or rules.single_params) and \
+            if (rules.header_spellings or rules.param_spellings) and \
                     (why := repeated(rules, headers, request)) is not None:
                 rule_name = "(ambiguous_request)"
                 raise HttpError(why, status=400, type_="ambiguous_request")
@@ -274,23 +274,53 @@ def method_override(method: str, headers: CIMultiDictProxy[str], target: str) ->
     return None
 
 
+def lenient_param(raw: str) -> str:
+    """A query parameter's name as the most lenient framework reads it (PHP: percent- and
+    ``+``-decoded, leading spaces dropped, ``.`` and spaces made ``_``, anything from a
+    ``[`` on dropped), case-folded (ASP.NET reads names without case)."""
+    return (unquote_plus(raw).lstrip(" ").partition("[")[0].replace(".", "_")
+            .replace(" ", "_").casefold())
+
+
 def repeated(rules: RuleSet, headers: CIMultiDictProxy[str],
              request: web.BaseRequest) -> str | None:
-    """Why the request is ambiguous to the rules (the refusal's message), or None: it
-    sends a header (as the upstream receives it) or a query parameter that some rule matches
-    on or reads a quantity from (``RuleSet.single_headers``, ``single_params``) more than
-    once. The rules read the first value; an upstream may read the last, or all of them, and
-    act on a request other than the one metered."""
-    for name in rules.single_headers:
-        if len(headers.getall(name, ())) > 1:
-            return (f"The request sends the {name} header more than once: the rules read it, "
-                    "and its values must be unambiguous. Send it once.")
-    if rules.single_params and request.query_string:
-        query = request.query
-        for name in rules.single_params:
-            if len(query.getall(name, ())) > 1:
-                return (f"The request sends the query parameter {name} more than once: the "
-                        "rules read it, and its value must be unambiguous. Send it once.")
+    """Why the request is ambiguous to the rules (the refusal's message), or None.
+
+    A header that some rule matches on or reads a quantity from (``RuleSet.single_headers``)
+    sent more than once (as the upstream receives it), or in another spelling an upstream
+    may read as it (``_`` for ``-``: CGI, WSGI and FastCGI upstreams turn both into
+    ``HTTP_X_TIER``); a query parameter the rules read (``single_params``) present more than
+    once as the most lenient framework splits and names parameters (``&`` or ``;``,
+    ``lenient_param``), or present that way but not by its exact name (``Pages``,
+    ``pages[]``). The rules read one value by the exact name; an upstream may read another
+    value or spelling and act on a request other than the one metered."""
+    if spellings := rules.header_spellings:
+        seen: set[str] = set()
+        for k, _ in headers.items():     # (every line: keys() folds repeats)
+            low = k.lower()
+            folded = low.replace("_", "-")
+            if (own := spellings.get(folded)) is None:
+                continue
+            if folded in seen or low != own:
+                return (f"The request sends the {own} header more than once or in another "
+                        "spelling: the rules read it, and its value must be unambiguous. "
+                        "Send it once, spelled as documented.")
+            seen.add(folded)
+    if rules.param_spellings and (qs := request.rel_url.raw_query_string):
+        wanted = rules.param_spellings
+        lenient: dict[str, int] = {}
+        for part in _QUERY_SEP.split(qs):
+            name = lenient_param(part.partition("=")[0])
+            if name in wanted:
+                lenient[name] = lenient.get(name, 0) + 1
+        if lenient:
+            query = request.query
+            for name in rules.single_params:
+                n = lenient.get(name.casefold(), 0)
+                if n > 1 or n != len(query.getall(name, ())):
+                    return (f"The request sends the query parameter {name} more than once "
+                            "or in another spelling: the rules read it, and its value must "
+                            "be unambiguous. Send it once, spelled as documented.")
     return None
 
 

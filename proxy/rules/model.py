@@ -295,6 +295,11 @@ class RuleSet:
     # one value and the upstream may act on another)
     single_headers: tuple[str, ...] = field(init=False, repr=False, compare=False)
     single_params: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # the same names as a lenient upstream reads them: a header with `_` for `-` (CGI, WSGI
+    # and FastCGI upstreams read X_Tier as X-Tier) -> the rules' spelling; a query
+    # parameter name case-folded (``proxy.request.pipeline.lenient_param``)
+    header_spellings: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    param_spellings: frozenset[str] = field(init=False, repr=False, compare=False)
     # (method, path) -> the match, when no rule matches on headers or the query (then the
     # answer depends on those two alone): API traffic repeats a few paths. Bounded like
     # proxy.target's memo; per rule set, so a reload starts a fresh one.
@@ -318,6 +323,9 @@ class RuleSet:
                         params.add(src.name)
         object.__setattr__(self, "single_headers", tuple(sorted(headers)))
         object.__setattr__(self, "single_params", tuple(sorted(params)))
+        object.__setattr__(self, "header_spellings",
+                           {h.replace("_", "-"): h for h in sorted(headers)})
+        object.__setattr__(self, "param_spellings", frozenset(p.casefold() for p in params))
         pure = not any(r.matcher.query or r.matcher.headers for r in self.rules)
         object.__setattr__(self, "_memo", {} if pure else None)
 
