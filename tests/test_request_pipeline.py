@@ -310,3 +310,39 @@ async def test_a_header_or_parameter_the_rules_read_sent_twice_is_refused(
         assert got.status == 200, (target, got.status, got.body)
     assert [s[1] for s in seen] == [t.decode() for t, _ in ok]
     assert p.ledger_totals() == {("acme", "api_calls"): 110 * Q, ("acme", "units"): 10 * Q}
+
+
+async def test_underscore_spellings_of_guarded_headers_never_reach_the_upstream(
+        make_proxy: ProxyFactory) -> None:
+    """CGI, WSGI and FastCGI upstreams read ``X_Forwarded_For`` and ``X_HTTP_Method_Override``
+    as the real headers (both become HTTP_X_FORWARDED_FOR ...): sent by a consumer they would
+    spoof the address the proxy sets, or run another method than the one metered past the
+    override check. Those spellings are dropped on the way up; other underscore headers pass."""
+    got: list[list[tuple[str, str]]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        got.append(list(request.headers.items()))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with serve(app) as url:
+        p = await make_proxy(url, rules_text=OVERRIDE_RULES)
+        key = await p.customer_with_key("acme")
+        port = URL(p.url).port
+        assert port is not None
+        resp = await raw_request(port, b"POST", b"/v1/files/search", [
+            (b"Authorization", f"Bearer {key}".encode()),
+            (b"X_HTTP_Method_Override", b"DELETE"), (b"x_http_method", b"DELETE"),
+            (b"X-Method_Override", b"DELETE"), (b"X_Forwarded_For", b"6.6.6.6"),
+            (b"X_Forwarded-Host", b"evil.example"), (b"X_Request_Id", b"forged"),
+            (b"X_Custom", b"kept")], b"{}")
+        assert resp.status == 200, resp.body
+        [headers] = got
+        names = [k.lower() for k, _ in headers]
+        assert not any(n.replace("_", "-") in (
+            "x-http-method-override", "x-http-method", "x-method-override", "x-forwarded-for",
+            "x-forwarded-host", "x-request-id") and "_" in n for n in names), names
+        assert ("X_Custom", "kept") in headers
+        assert dict((k.lower(), v) for k, v in headers)["x-forwarded-for"] == "127.0.0.1"
+        assert p.ledger_totals() == {("acme", "api_calls"): 1 * Q}     # metered as the POST

@@ -80,6 +80,12 @@ _XRID = istr("X-Request-Id")
 # the headers the proxy sets on the way up, in the order it sets them (lower-case -> index)
 _SET_UP = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
 _SET_UP_AT = {name.lower(): i for i, name in enumerate(_SET_UP)}
+# headers the proxy sets or guards (the above, and the method overrides the pipeline
+# checks): a consumer's spelling of one with `_` for `-` is dropped, since CGI, WSGI and
+# FastCGI upstreams read X_Forwarded_For or X_HTTP_Method_Override as the real one (as
+# HTTP_X_FORWARDED_FOR ...) and would take the consumer's value past the proxy's
+_GUARDED = frozenset((*_SET_UP_AT, "x-http-method-override", "x-http-method",
+                      "x-method-override"))
 
 
 def forward_headers(request: web.BaseRequest, rid: str,
@@ -89,7 +95,8 @@ def forward_headers(request: web.BaseRequest, rid: str,
     API key headers unless forwarded and Host), then X-Forwarded-For/-Proto/-Host and
     X-Request-Id, each set the way a multidict's ``d[name] = value`` sets it (in place of the
     first such header the consumer sent, its others dropped; else appended in that order).
-    One pass over the consumer's headers."""
+    A spelling of those or of the method override headers with ``_`` for ``-`` is dropped
+    (``_GUARDED``). One pass over the consumer's headers."""
     h = request.headers
     conn = h.get("Connection")
     if conn:
@@ -98,7 +105,7 @@ def forward_headers(request: web.BaseRequest, rid: str,
     at: list[int] | None = None          # where the consumer's own copies of _SET_UP were
     for k, v in h.items():
         low = k.lower()
-        if low in skip:
+        if low in skip or ("_" in low and low.replace("_", "-") in _GUARDED):
             continue
         i = _SET_UP_AT.get(low)
         if i is not None:
