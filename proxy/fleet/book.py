@@ -39,6 +39,7 @@ from proxy.fleet import sizing
 from proxy.fleet.clock import monotonic_ms
 from proxy.store.postgres.errors import PgConflict, PgUnavailable
 from proxy.store.postgres.leases import Grant, LeaseStore
+from proxy.store.postgres.members import Superseded
 
 log = logging.getLogger("meterproxy.fleet.book")
 
@@ -172,6 +173,9 @@ class LeaseBook:
         sent = self.clock()
         try:
             got = await self.store.grant(customer_id, wanted, quantum)
+        except Superseded as exc:       # the runtime stops metering at its next heartbeat
+            log.warning("lease refill for %s refused: %s", customer_id, exc)
+            return None
         except (PgUnavailable, PgConflict) as exc:
             log.warning("lease refill for %s failed, PostgreSQL unreachable or conflicting: %s",
                         customer_id, exc)

@@ -536,7 +536,7 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         storage = PostgresStorage.on(pool, local=store, shipping=shipping)
         await storage.watch()
         policy = lease_policy(cfg.fleet)
-        leases = LeaseStore(pool, mid, policy)
+        leases = LeaseStore(pool, mid, policy, instance)
         await _end_earlier_leases(shipping, leases)
         book = LeaseBook(leases, fail_mode=cfg.storage.fail_mode,
                          offline_allowance=to_micro(cfg.fleet.offline_allowance))

@@ -8,9 +8,11 @@ import asyncio
 
 import pytest
 
+from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres import members
 from proxy.store.postgres.journal import ship_debit_columns
 from proxy.store.postgres.leader import Deposed, Leadership
+from proxy.store.postgres.leases import LeaseStore
 from proxy.store.postgres.members import MemberIdInUse, Superseded
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
@@ -98,3 +100,33 @@ async def test_only_the_process_holding_its_member_id_leads_and_another_gets_a_n
     with pytest.raises(Deposed):
         async with old.fenced():
             pass
+
+
+async def test_a_process_whose_member_id_was_claimed_cannot_spend_keep_or_cut_its_leases(
+        pool: PgPool) -> None:
+    """The leases under a member id are one row per customer, whichever process of the id
+    holds it: a superseded process could take more credit (``grant``), keep the lease alive
+    (``renew``) or cut it to its own spending (``release``) under the new process. With its
+    instance token each is refused: ``Superseded`` from the grant, no renewal, no return."""
+    await add_customer(pool, "acme", 100 * C)
+    policy = LeasePolicy(floor=10 * C, k=1)
+    assert await members.claim(pool, "m", "old", TTL) is None
+    old = LeaseStore(pool, "m", policy, "old")
+    first = await old.grant("acme", 0, C)
+    assert first.amount == 10 * C and first.lease_id is not None
+    await members.heartbeat(pool, "m", "v1", "old")
+    await wait_until(lambda: members.claim(pool, "m", "new", 50), ok=lambda v: v is None,
+                     what="the silent process's id claimed")
+    with pytest.raises(Superseded):
+        await old.grant("acme", 0, C)
+    assert await old.renew("acme") is None
+    assert await old.release("acme", first.lease_id, 0) == 0
+    async with pool.acquire() as c:
+        lease = await c.fetchrow("SELECT granted, state FROM credit_leases WHERE id = $1",
+                                 first.lease_id)
+        escrowed = await c.fetchval("SELECT escrowed FROM credit_accounts")
+    assert (lease["granted"], lease["state"], escrowed) == (10 * C, "active", 10 * C)
+    new = LeaseStore(pool, "m", policy, "new")
+    assert await new.renew("acme") == (first.lease_id, 10 * C)
+    assert (await new.grant("acme", 0, C)).amount == 10 * C
+    assert await new.release("acme", first.lease_id, 0) == 20 * C

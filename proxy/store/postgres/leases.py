@@ -31,14 +31,18 @@ from dataclasses import dataclass
 
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres.conn import Conn
+from proxy.store.postgres.members import Superseded
 from proxy.store.postgres.pool import PgPool, retried
 
-# $1 customer, $2 member, $3 wanted (r*T), $4 floor, $5 k, $6 quantum, $7 ttl ms.
+# $1 customer, $2 member, $3 wanted (r*T), $4 floor, $5 k, $6 quantum, $7 ttl ms, $8 the
+# process's instance token (NULL: unchecked; else nothing happens unless that process holds
+# the member id: proxy.store.postgres.members).
 # The CASE is sizing.lease_size, evaluated on the locked, newest version of the row.
-GRANT_SQL = """
+_HOLDS_ID = "($8::text IS NULL OR EXISTS (SELECT 1 FROM members WHERE id = $2 AND instance = $8))"
+GRANT_SQL = f"""
 WITH acc AS MATERIALIZED (
     SELECT customer_id, balance - settled - escrowed AS avail
-    FROM credit_accounts WHERE customer_id = $1 FOR UPDATE
+    FROM credit_accounts WHERE customer_id = $1 AND {_HOLDS_ID} FOR UPDATE
 ), h AS (
     SELECT count(*) + 1 AS n FROM credit_leases
     WHERE customer_id = $1 AND state = 'active' AND member_id <> $2
@@ -70,8 +74,10 @@ SELECT g.amount, g.avail, lease.id AS lease_id, lease.granted FROM g LEFT JOIN l
 RENEW_SQL = """
 UPDATE credit_leases SET expires_at = now() + $3::bigint * interval '1 millisecond'
 WHERE customer_id = $1 AND member_id = $2 AND state = 'active'
+  AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM members WHERE id = $2 AND instance = $4))
 RETURNING id, granted
 """
+_HOLDER = "SELECT instance FROM members WHERE id = $1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,19 +148,31 @@ _REAP = _expire_leases("customer_id = ANY($1::text[]) AND state = 'active'"
 class LeaseStore:
     """One member's lease verbs against the shared database."""
 
-    def __init__(self, pool: PgPool, member_id: str, policy: LeasePolicy) -> None:
+    def __init__(self, pool: PgPool, member_id: str, policy: LeasePolicy,
+                 instance: str | None = None) -> None:
+        """``instance``: the running process's claim on ``member_id``
+        (``proxy.store.postgres.members``): grants, renewals and returns then act only while
+        that process holds the id (``Superseded`` from ``grant``; nothing renewed or
+        returned), so a process whose id another one claimed cannot spend, keep or cut the
+        leases under it."""
         self.pool = pool
         self.member_id = member_id
         self.policy = policy
+        self.instance = instance
 
     @retried
     async def grant(self, customer_id: str, wanted: int, quantum: int) -> Grant:
-        """Escrow a lease (or top up the held one) in one statement. Raises PgUnavailable."""
+        """Escrow a lease (or top up the held one) in one statement. Raises PgUnavailable,
+        or ``Superseded`` when another process holds the member id."""
         p = self.policy
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(GRANT_SQL, customer_id, self.member_id, wanted, p.floor,
-                                      p.k, quantum, p.ttl_ms)
+                                      p.k, quantum, p.ttl_ms, self.instance)
             if row is None:
+                if self.instance is not None and \
+                        await conn.fetchval(_HOLDER, self.member_id) != self.instance:
+                    raise Superseded(f"member id {self.member_id} is held by another process: "
+                                     "no lease granted (two processes under one member id)")
                 return Grant(0, 0, None, None)
             if row["lease_id"] is None:
                 held = await conn.fetchrow(
@@ -170,7 +188,8 @@ class LeaseStore:
         """Push the held lease's expiry to now + ttl: (lease id, granted) or None if the
         member holds no active lease (the reaper took it)."""
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(RENEW_SQL, customer_id, self.member_id, self.policy.ttl_ms)
+            row = await conn.fetchrow(RENEW_SQL, customer_id, self.member_id, self.policy.ttl_ms,
+                                      self.instance)
         return None if row is None else (row["id"], row["granted"])
 
     async def holdings(self, customer_id: str) -> tuple[Account, list[Holding]]:
@@ -209,13 +228,15 @@ class LeaseStore:
             row = await conn.fetchrow(
                 """
                 WITH l AS (SELECT id, granted, reported FROM credit_leases
-                           WHERE id = $1 AND state = 'active' FOR UPDATE),
+                           WHERE id = $1 AND state = 'active'
+                             AND ($3::text IS NULL OR EXISTS (SELECT 1 FROM members
+                                  WHERE id = $4 AND instance = $3)) FOR UPDATE),
                 k AS (SELECT id, granted, reported,
                              LEAST(granted, GREATEST($2::bigint, reported)) AS keep FROM l)
                 UPDATE credit_leases c SET granted = k.keep,
                     state = CASE WHEN k.keep = k.reported THEN 'closed' ELSE 'active' END
                 FROM k WHERE c.id = k.id RETURNING k.granted - k.keep AS back
-                """, lease_id, spent)
+                """, lease_id, spent, self.instance, self.member_id)
             back = 0 if row is None else int(row["back"])
             if back:
                 await conn.execute("UPDATE credit_accounts SET escrowed = escrowed - $2 "
