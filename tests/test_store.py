@@ -1290,3 +1290,16 @@ async def test_a_lone_row_whose_inline_commit_fails_returns_the_failed_future(
     await wait_until(lambda: store.healthy)
     store.close()
     assert _ledger(db)[0] == [f"r{j}" for j in range(i)]
+
+
+async def test_customers_are_found_by_stripe_id_through_an_index(tmp_path: Path) -> None:
+    """Migration 17: the usage page asks on every view which customers share the viewer's
+    Stripe customer (``by_stripe_id``); without the index that read every customer."""
+    store = Store.open(tmp_path / "s.db")
+    try:
+        plan = " ".join(str(r[-1]) for r in store.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM customers WHERE stripe_customer_id=? ORDER BY id",
+            ("cus_1",)))
+        assert "USING INDEX customers_stripe_customer" in plan, plan
+    finally:
+        store.close()

@@ -406,4 +406,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE journal_owner (id INTEGER PRIMARY KEY CHECK (id = 0), member_id TEXT NOT NULL);
     """,
+    # 17: customers by Stripe customer id (the usage page's shared-customer check on every
+    # view, webhooks, reconciliation): an index instead of a scan of every customer
+    """
+    CREATE INDEX customers_stripe_customer ON customers(stripe_customer_id);
+    """,
 )

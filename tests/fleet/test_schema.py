@@ -239,3 +239,27 @@ async def test_migration_12_leaves_members_and_the_flusher_unclaimed(pg_dsn: str
             assert await c.fetchval("SELECT last_shipped_seq FROM members") == 7
     finally:
         await pool.close()
+
+
+async def test_every_sqlite_index_on_a_shared_table_exists_in_postgres(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """An index SQLite has on a table the fleet shares (customers by Stripe customer id:
+    migration 17 / owner migration 13) exists in PostgreSQL under the same name."""
+    lite = sqlite3.connect(tmp_path / "s.db")
+    try:
+        for script in SQLITE_MIGRATIONS:
+            lite.executescript(script)
+        wanted = {(r[0], r[1]) for r in lite.execute(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")
+            if r[1] not in LOCAL_ONLY}
+    finally:
+        lite.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+        have = {(r[0], r[1]) for r in await conn.fetch(
+            "SELECT indexname, tablename FROM pg_indexes WHERE schemaname = current_schema()")}
+    finally:
+        await conn.close()
+    assert ("customers_stripe_customer", "customers") in wanted
+    assert wanted <= have, sorted(wanted - have)

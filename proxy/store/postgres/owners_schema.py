@@ -36,7 +36,8 @@ before it had a credit account (``settled`` and ``debt``). Migration 10 is SQLit
 migration 14: a true-up's ``sending`` status and ``trueups.stripe_customer_id``. Migration 11
 is SQLite's migration 15: ``outbox.first_attempt_at``. Migration 12: ``members.instance`` and
 ``leader_leases.instance``, the token of the one live process per member id
-(``proxy.store.postgres.members.claim``).
+(``proxy.store.postgres.members.claim``). Migration 13 is SQLite's migration 17: an index on
+``customers.stripe_customer_id``.
 """
 
 from __future__ import annotations
@@ -253,6 +254,10 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE members ADD COLUMN instance TEXT;
     ALTER TABLE leader_leases ADD COLUMN instance TEXT;
+    """,
+    # 13: SQLite's migration 17: customers by Stripe customer id (an index, not a scan)
+    """
+    CREATE INDEX customers_stripe_customer ON customers(stripe_customer_id);
     """,
 )
 
