@@ -90,6 +90,10 @@ class LeaseBook:
         self.rtt_ms = 50
         self.refills = 0                           # grant statements issued
         self.idle_returns = 0                      # leases returned for being idle
+        # called with the refusal when a grant finds the member id claimed by another
+        # process (the runtime stops metering: proxy.fleet.runtime.Fleet._supersede)
+        self.on_superseded: Callable[[Superseded], None] | None = None
+        self.superseded = False                    # then: no more statements, no leases
 
     # -- the hot path ---------------------------------------------------------------------
     def try_admit(self, customer_id: str, cost: int) -> bool:
@@ -157,6 +161,8 @@ class LeaseBook:
 
     async def _grant(self, customer_id: str, quantum: int) -> Grant | None:
         """One grant statement; None when PostgreSQL is unreachable."""
+        if self.superseded:
+            return None
         releasing = self._releasing.get(customer_id)
         if releasing is not None:
             # the return's statement cuts the lease to what was spent: a grant committed
@@ -173,8 +179,9 @@ class LeaseBook:
         sent = self.clock()
         try:
             got = await self.store.grant(customer_id, wanted, quantum)
-        except Superseded as exc:       # the runtime stops metering at its next heartbeat
+        except Superseded as exc:
             log.warning("lease refill for %s refused: %s", customer_id, exc)
+            self.supersede(exc)
             return None
         except (PgUnavailable, PgConflict) as exc:
             log.warning("lease refill for %s failed, PostgreSQL unreachable or conflicting: %s",
@@ -219,6 +226,16 @@ class LeaseBook:
         h.usable_until_ms = sizing.usable_until_ms(sent, self.policy.ttl_ms,
                                                    self.policy.drift_margin_ppm)
         return True
+
+    def supersede(self, exc: Superseded) -> None:
+        """Another process holds this member id: no lease is used or asked for again (the
+        leases under the id are that process's), and the runtime is told once."""
+        if self.superseded:
+            return
+        self.superseded = True
+        self.held.clear()
+        if (tell := self.on_superseded) is not None:
+            tell(exc)
 
     # -- holds ------------------------------------------------------------------------------
     def hold_opened(self, customer_id: str) -> None:
@@ -314,15 +331,16 @@ class LeaseBook:
             return 0
 
     async def release_all(self) -> int:
-        """Shutdown: every lease held, after the returns in flight and the ones that
-        failed."""
+        """Shutdown: every lease held, after the refills and returns in flight, and the
+        returns that failed before; a return that fails is logged and the others go on."""
+        await self.wait_refills()
         await asyncio.gather(*self._releasing.values(), return_exceptions=True)
         total = 0
         for customer_id in list(self._unreturned):
             if customer_id not in self.held:
-                total += await self._return(customer_id, *self._unreturned[customer_id])
+                total += await self._try_return(customer_id, None)
         for customer_id in list(self.held):
-            total += await self.release(customer_id)
+            total += await self._try_return(customer_id, self.held.pop(customer_id))
         return total
 
     # -- rate -------------------------------------------------------------------------------

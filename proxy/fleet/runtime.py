@@ -196,6 +196,7 @@ class Fleet:
         if self.superseded is not None:
             return
         self.superseded = f"member id {self.member_id} was claimed by another process: {exc}"
+        self.book.supersede(exc)       # (it calls back here: a no-op now)
         log.critical("%s. This process stopped metering (metered requests refused as with "
                      "broken storage); stop it, and give each process its own "
                      "fleet.member_id", self.superseded)
@@ -549,5 +550,7 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         await pool.close()
         raise
     log.info("fleet member %s on PostgreSQL (schema current)", mid)
-    return Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
-                 FleetCredits(book, shadow=cfg.credits.enforcement == "shadow"), instance)
+    fleet = Fleet(cfg, mid, pool, storage, store, shipping, lead, leases, book,
+                  FleetCredits(book, shadow=cfg.credits.enforcement == "shadow"), instance)
+    book.on_superseded = fleet._supersede
+    return fleet

@@ -115,8 +115,9 @@ class Admission:
         book = self.book
         assert book is not None
         block = cust is not None and cust.overage == "block"
+        store = self.rt.store
         if rule is None or cust is None or not (block or book.has_credits(customer_id)) \
-                or not self.rt.store.accepting:
+                or not store.accepting or store.broken is not None:
             return self.admit(rule, customer_id, metered, gate=False)
         cost = self.admission_cost(rule)
         now = time.time()

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from proxy.fleet.book import Decision, LeaseBook
 from proxy.fleet.sizing import LeasePolicy
 from proxy.store.postgres import members
 from proxy.store.postgres.journal import ship_debit_columns
@@ -130,3 +131,25 @@ async def test_a_process_whose_member_id_was_claimed_cannot_spend_keep_or_cut_it
     assert await new.renew("acme") == (first.lease_id, 10 * C)
     assert (await new.grant("acme", 0, C)).amount == 10 * C
     assert await new.release("acme", first.lease_id, 0) == 20 * C
+
+
+async def test_a_grant_that_finds_its_member_id_claimed_stops_the_book_at_once(
+        pool: PgPool) -> None:
+    """A superseded process learns it from a refill before its next heartbeat: the book
+    tells the runtime (which stops metering), drops the leases it held in memory, and asks
+    the database nothing more; its requests get what an unreachable database gives."""
+    await add_customer(pool, "acme", 100 * C)
+    await add_customer(pool, "beta", 100 * C)
+    assert await members.claim(pool, "m", "old", TTL) is None
+    book = LeaseBook(LeaseStore(pool, "m", LeasePolicy(floor=C, k=1), "old"))
+    told: list[Superseded] = []
+    book.on_superseded = told.append
+    assert await book.admit("acme", C) is Decision.ADMIT        # acme's lease: 1 credit
+    await members.heartbeat(pool, "m", "v1", "old")
+    await wait_until(lambda: members.claim(pool, "m", "new", 50), ok=lambda v: v is None,
+                     what="the silent process's id claimed")
+    assert await book.admit("beta", C) is Decision.UNAVAILABLE   # its grant is refused
+    assert len(told) == 1 and book.superseded and book.held == {}
+    before = pool.statements
+    assert await book.admit("acme", C) is Decision.UNAVAILABLE   # no lease used, none asked
+    assert pool.statements == before
