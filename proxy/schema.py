@@ -283,6 +283,20 @@ def rules_schema() -> Schema:
             "type": "array", "items": {"$ref": "#/$defs/rule"},
             "description": "First match wins."}]},
         "count_when": {"$ref": "#/$defs/count_when"},
+        "routing": _obj({
+            "case": {"enum": list(loader.ROUTING_VALUES["case"]), "default": "sensitive",
+                     "description": "insensitive: path templates match without case, as "
+                                    "Express (by default), ASP.NET and other "
+                                    "case-insensitive upstream routers route "
+                                    "(docs/paths.md)."},
+            "trailing_slash": {"enum": list(loader.ROUTING_VALUES["trailing_slash"]),
+                               "default": "strict",
+                               "description": "ignore: a request path's trailing slash is "
+                                              "taken off before matching, as Express's "
+                                              "default routing does (docs/paths.md)."},
+        }, loader.ROUTING_KEYS, "routing",
+            description="How the upstream routes paths; the rules match the same way. One "
+                        "value per key across all rules files."),
     }, loader.TOP_KEYS, "the rules file", required=["version"])
     return {"$schema": DRAFT,
             "title": "meterproxy rules file",

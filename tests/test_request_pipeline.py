@@ -346,3 +346,37 @@ async def test_underscore_spellings_of_guarded_headers_never_reach_the_upstream(
         assert ("X_Custom", "kept") in headers
         assert dict((k.lower(), v) for k, v in headers)["x-forwarded-for"] == "127.0.0.1"
         assert p.ledger_totals() == {("acme", "api_calls"): 1 * Q}     # metered as the POST
+
+
+ROUTING_RULES = """\
+version: 1
+routing: {case: insensitive, trailing_slash: ignore}
+meters:
+  api_calls: {stripe_event_name: api_calls}
+rules:
+  - name: search
+    match: {methods: [POST], path: /v1/files/search}
+    usage:
+      - {meter: api_calls, quantity: 100}
+  - name: rest
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1}
+"""
+
+
+async def test_routing_insensitive_bills_every_spelling_the_upstream_routes_alike(
+        make_proxy: ProxyFactory, recording: tuple[str, list[Any]]) -> None:
+    """An Express upstream (case-insensitive, trailing slash ignored by default) runs its
+    /v1/files/search handler for /V1/Files/Search/: with ``routing`` saying so, each spelling
+    is billed as the search (100), not as the 1-call catch-all, and forwarded as sent."""
+    url, seen = recording
+    p = await make_proxy(url, rules_text=ROUTING_RULES)
+    key = await p.customer_with_key("acme")
+    auth = {"Authorization": f"Bearer {key}"}
+    spellings = ["/v1/files/search", "/V1/FILES/SEARCH", "/v1/Files/Search/"]
+    for target in spellings:
+        status, _, _ = await _get(p, target, "POST", headers=auth, data=b"{}")
+        assert status == 200, target
+    assert [s[1] for s in seen] == spellings
+    assert p.ledger_totals() == {("acme", "api_calls"): 300 * Q}

@@ -11,6 +11,7 @@ from proxy.rules import (
     Problem,
     ResponseNeed,
     RulesError,
+    RuleSet,
     SourceKind,
     check_rules,
     cli_check,
@@ -318,3 +319,58 @@ def test_meter_display_name_and_unit_label(tmp_path: Path) -> None:
     assert (tok.label, tok.units) == ("GPT tokens", "tokens")
     assert (calls.display_name, calls.unit_label) == (None, None)
     assert (calls.label, calls.units) == ("api_calls", "units")
+
+
+ROUTED = METERS + """rules:
+  - name: chat
+    match: {methods: [POST], path: /v1/chat/completions}
+    usage: [{meter: api_calls, quantity: 100}]
+  - name: model
+    match: {path: "/v1/Models/{id}"}
+    usage: [{meter: api_calls, quantity: 10}]
+  - name: rest
+    match: {path: "/**"}
+    usage: [{meter: api_calls, quantity: 1}]
+"""
+
+
+def test_routing_matches_paths_the_way_the_upstream_routes_them(tmp_path: Path) -> None:
+    """An upstream that routes without case and ignores a trailing slash (Express's default)
+    serves /V1/CHAT/completions/ from its /v1/chat/completions handler: with ``routing``
+    saying so, the rules match it to that rule too (not the 1-call catch-all); path
+    parameters keep the request's own text; the default stays strict."""
+    strict = load_rules([_write(tmp_path, "s.yaml", ROUTED)])
+    loose = load_rules([_write(tmp_path, "l.yaml", ROUTED.replace(
+        "rules:\n", "routing: {case: insensitive, trailing_slash: ignore}\nrules:\n", 1))])
+    assert (strict.case_insensitive, strict.ignore_trailing_slash) == (False, False)
+    assert (loose.case_insensitive, loose.ignore_trailing_slash) == (True, True)
+
+    def rule(rs: RuleSet, method: str, path: str) -> tuple[str, dict[str, str]]:
+        m = rs.match(method, path, {}, {})
+        assert m is not None
+        return m.rule.name, dict(m.path_params)
+
+    for path in ("/V1/CHAT/completions", "/v1/chat/completions/", "/v1/Chat/Completions/"):
+        assert rule(strict, "POST", path)[0] == "rest", path
+        assert rule(loose, "POST", path) == ("chat", {}), path
+    assert rule(loose, "GET", "/V1/models/GPT-4o/") == ("model", {"id": "GPT-4o"})
+    assert rule(strict, "GET", "/v1/Models/GPT-4o") == ("model", {"id": "GPT-4o"})
+    assert rule(strict, "GET", "/v1/models/GPT-4o") == ("rest", {})
+    assert rule(loose, "GET", "/") == ("rest", {})
+    assert rule(loose, "POST", "/v1/chat/completions//")[0] == "rest"   # one slash only
+
+
+def test_routing_values_are_checked_and_agree_across_files(tmp_path: Path) -> None:
+    a = _write(tmp_path, "a.yaml", METERS + "routing: {case: insensitive}\nrules: []\n")
+    b = _write(tmp_path, "b.yaml", "version: 1\nrouting: {case: sensitive, trailing_slash: "
+               "sideways}\nrules:\n  - name: x\n    match: {path: /x/}\n")
+    c = _write(tmp_path, "c.yaml", "version: 1\nrouting: {trailing_slash: ignore, cases: 1}"
+               "\nrules:\n  - name: y\n    match: {path: /y/}\n")
+    got = [str(p) for p in check_rules([a, b, c])]
+    assert any("routing.case is 'sensitive' here but 'insensitive' at" in g for g in got), got
+    assert any("routing.trailing_slash must be strict or ignore, got 'sideways'" in g
+               for g in got), got
+    assert any("cases" in g for g in got), got
+    # one setting for all files: b's template is checked against c's trailing_slash too
+    assert any(g.startswith(f"{c}:") and "path '/y/' ends with '/'" in g for g in got), got
+    assert any(g.startswith(f"{b}:") and "path '/x/' ends with '/'" in g for g in got), got

@@ -51,7 +51,9 @@ from proxy.yamlpos import KeyPath, YamlDoc, YamlError, load_yaml, type_name
 
 __all__ = ["check_rules", "cli_check", "load_rules"]
 
-TOP_KEYS = ("version", "meters", "rules", "count_when")
+TOP_KEYS = ("version", "meters", "rules", "count_when", "routing")
+ROUTING_KEYS = ("case", "trailing_slash")
+ROUTING_VALUES = {"case": ("sensitive", "insensitive"), "trailing_slash": ("strict", "ignore")}
 METER_KEYS = ("stripe_event_name", "covered_event_name", "description", "display_name",
               "unit_label", "price", "price_id")
 # customer-facing labels (usage page, usage API): one short line of text
@@ -570,6 +572,36 @@ class _State:
     meter_where: dict[str, str] = field(default_factory=dict)
     entries: list[_RuleEntry] = field(default_factory=list)
     refs: list[_MeterRef] = field(default_factory=list)
+    # ``routing:`` settings: key -> (value, where it was set); one value for all files
+    routing: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def routing_is(self, key: str, value: str) -> bool:
+        got = self.routing.get(key)
+        return got is not None and got[0] == value
+
+
+def _routing(f: _File, value: object, st: _State) -> None:
+    """``routing:``: how the upstream routes paths, which every rule's path template is
+    matched the way of (the same in every file that says it)."""
+    m = f.mapping(("routing",), value, "routing")
+    if m is None:
+        return
+    f.keys(("routing",), m, ROUTING_KEYS, "routing")
+    for key in ROUTING_KEYS:
+        if key not in m:
+            continue
+        path: KeyPath = ("routing", key)
+        got = m[key]
+        allowed = ROUTING_VALUES[key]
+        if got not in allowed:
+            f.at_value(path, f"routing.{key} must be {' or '.join(allowed)}, got {got!r}")
+            continue
+        pos = f.doc.value_pos(path)
+        here = f"{f.name}:{pos.line}:{pos.col}"
+        before = st.routing.setdefault(key, (str(got), here))
+        if before[0] != got:
+            f.at_value(path, f"routing.{key} is {got!r} here but {before[0]!r} at "
+                             f"{before[1]}: the upstream routes one way")
 
 
 def _meter(f: _File, path: KeyPath, name: str, value: object) -> Meter | None:
@@ -660,6 +692,8 @@ def _file(f: _File, st: _State) -> None:
         f.at_value(("version",), f"version must be 1, got {top['version']!r}")
     if "meters" in top:
         _meters(f, top["meters"], st)
+    if "routing" in top:
+        _routing(f, top["routing"], st)
     cw = DEFAULT_COUNT_WHEN
     if "count_when" in top:
         cw = _count_when(f, ("count_when",), top["count_when"]) or DEFAULT_COUNT_WHEN
@@ -695,6 +729,14 @@ def _cross_checks(st: _State) -> None:
             st.meters[name] = replace(st.meters[name], transform=ref.transform)
     seen: dict[str, str] = {}
     catch_all: str | None = None
+    if st.routing_is("trailing_slash", "ignore"):
+        for e in st.entries:
+            t = e.matcher.template if e.matcher is not None else None
+            if t is not None and len(t.text) > 1 and t.text.endswith("/"):
+                e.file.at_value((*e.path, "match", "path"), (
+                    f"path {t.text!r} ends with '/', which routing.trailing_slash: ignore "
+                    "takes off every request path first: it would never match (write it "
+                    "without the slash)"))
     for e in st.entries:
         name_path = (*e.path, "name")
         pos = e.file.doc.value_pos(e.path)
@@ -756,7 +798,9 @@ def _load(paths: Sequence[Path]) -> tuple[list[Problem], RuleSet | None]:
         return sorted(st.problems, key=_order(paths)), None
     rules = tuple(e.rule for e in st.entries if e.rule is not None)
     return [], RuleSet(version=digest.hexdigest()[:16], meters=dict(st.meters), rules=rules,
-                       sources=tuple(sources))
+                       sources=tuple(sources),
+                       case_insensitive=st.routing_is("case", "insensitive"),
+                       ignore_trailing_slash=st.routing_is("trailing_slash", "ignore"))
 
 
 def _order(paths: Sequence[Path]) -> _ProblemOrder:

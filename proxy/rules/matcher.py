@@ -57,12 +57,15 @@ class Template:
     literal: str | None
     first: str | None
     catch_all: bool
+    # the same, matched without case (``routing: {case: insensitive}``): path parameters
+    # are still the request's own text
+    iregex: re.Pattern[str] | None = None
 
-    def match(self, path: str) -> dict[str, str] | None:
-        """Path params if ``path`` matches, else None."""
-        if self.literal is not None:
+    def match(self, path: str, fold: bool = False) -> dict[str, str] | None:
+        """Path params if ``path`` matches (without case when ``fold``), else None."""
+        if self.literal is not None and not fold:
             return {} if path == self.literal else None
-        m = self.regex.fullmatch(path)
+        m = (self.iregex if fold and self.iregex is not None else self.regex).fullmatch(path)
         if m is None:
             return None
         return {name: m.group(f"p{i}") for i, name in enumerate(self.params)}
@@ -121,7 +124,8 @@ def compile_template(text: str) -> Template:
     first = first_seg if ("{" not in first_seg and "*" not in first_seg) else None
     return Template(text=text, regex=regex, params=tuple(params),
                     literal=text if is_literal else None, first=first,
-                    catch_all=text == "/**")
+                    catch_all=text == "/**",
+                    iregex=re.compile("".join(parts), re.DOTALL | re.IGNORECASE))
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
@@ -153,11 +157,12 @@ class Matcher:
         return None if self.template is None else self.template.first
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
-              query: Mapping[str, str]) -> dict[str, str] | None:
-        """Path params when the request matches, else None."""
+              query: Mapping[str, str], fold: bool = False) -> dict[str, str] | None:
+        """Path params when the request matches (its path without case when ``fold``),
+        else None."""
         if self.methods is not None and method not in self.methods:
             return None
-        found = {} if self.template is None else self.template.match(path)
+        found = {} if self.template is None else self.template.match(path, fold)
         if found is None:
             return None
         for name, pat in self.params:
@@ -179,24 +184,30 @@ def _conds_ok(conds: tuple[Cond, ...], values: Mapping[str, str]) -> bool:
 class MatchIndex(Generic[T]):
     """First-match lookup over ``(Matcher, payload)`` pairs, bucketed by first segment."""
 
-    __slots__ = ("_buckets", "_default")
+    __slots__ = ("_buckets", "_default", "_fold")
 
-    def __init__(self, entries: Sequence[tuple[Matcher, T]]) -> None:
-        literal_firsts = {m.first for m, _ in entries if m.first is not None}
-        self._buckets: dict[str, tuple[tuple[Matcher, T], ...]] = {
-            seg: tuple(e for e in entries if e[0].first in (None, seg))
+    def __init__(self, entries: Sequence[tuple[Matcher, T]], fold: bool = False) -> None:
+        """``fold``: paths are matched without case (the buckets keyed in lower case)."""
+        def key(seg: str | None) -> str | None:
+            return seg.lower() if fold and seg is not None else seg
+        literal_firsts = {key(m.first) for m, _ in entries if m.first is not None}
+        self._buckets: dict[str | None, tuple[tuple[Matcher, T], ...]] = {
+            seg: tuple(e for e in entries if key(e[0].first) in (None, seg))
             for seg in literal_firsts
         }
         self._default: tuple[tuple[Matcher, T], ...] = tuple(
             e for e in entries if e[0].first is None)
+        self._fold = fold
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str]) -> tuple[T, dict[str, str]] | None:
         """The first entry matching the request, with its path params."""
         end = path.find("/", 1)
         first = path[1:] if end < 0 else path[1:end]
-        for matcher, payload in self._buckets.get(first, self._default):
-            params = matcher.match(method, path, headers, query)
+        fold = self._fold
+        for matcher, payload in self._buckets.get(first.lower() if fold else first,
+                                                  self._default):
+            params = matcher.match(method, path, headers, query, fold)
             if params is not None:
                 return payload, params
         return None

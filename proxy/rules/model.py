@@ -286,6 +286,10 @@ class RuleSet:
     # (file name, text) of every file, in order: kept per version so a dispute can be
     # explained with the exact rules that priced a request
     sources: tuple[tuple[str, str], ...] = ()
+    # how the upstream routes (the rules file's ``routing:``): paths matched without case;
+    # a path's one trailing slash ignored (``/v1/items/`` matched as ``/v1/items``)
+    case_insensitive: bool = False
+    ignore_trailing_slash: bool = False
     _index: MatchIndex[Rule] = field(init=False, repr=False, compare=False)
     # some rule matches on a query parameter: only then does the pipeline hand ``match``
     # the request's parsed query (otherwise it is never parsed for matching)
@@ -307,7 +311,7 @@ class RuleSet:
         init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        index = MatchIndex([(r.matcher, r) for r in self.rules])
+        index = MatchIndex([(r.matcher, r) for r in self.rules], fold=self.case_insensitive)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "reads_query", any(r.matcher.query for r in self.rules))
         headers: set[str] = set()
@@ -333,6 +337,8 @@ class RuleSet:
               query: Mapping[str, str]) -> Match | None:
         """The first rule matching the request (headers mapping is case-insensitive).
         The returned ``path_params`` must not be changed (a memoised match is shared)."""
+        if self.ignore_trailing_slash and len(path) > 1 and path[-1] == "/":
+            path = path[:-1]
         memo = self._memo
         if memo is not None:
             key = (method, path)
