@@ -357,7 +357,45 @@ def test_routing_matches_paths_the_way_the_upstream_routes_them(tmp_path: Path) 
     assert rule(strict, "GET", "/v1/Models/GPT-4o") == ("model", {"id": "GPT-4o"})
     assert rule(strict, "GET", "/v1/models/GPT-4o") == ("rest", {})
     assert rule(loose, "GET", "/") == ("rest", {})
-    assert rule(loose, "POST", "/v1/chat/completions//")[0] == "rest"   # one slash only
+
+
+def test_routing_folds_ascii_letters_only_and_keeps_what_the_slash_matched(
+        tmp_path: Path) -> None:
+    """The review's cases. Express matches the still percent-encoded path, so only ASCII
+    letters fold: a dotless i, long s or Kelvin sign is not the ASCII letter (bucketing by
+    str.lower() and re's Unicode folding disagreed on them). A trailing slash is optional,
+    not stripped: /v1/files/ still matches /v1/files/* (its last segment may be empty), as
+    in strict mode and in Express."""
+    text = METERS + """routing: {case: insensitive, trailing_slash: ignore}
+rules:
+  - name: images
+    match: {path: "/images/**"}
+    usage: [{meter: api_calls, quantity: 50}]
+  - name: keys
+    match: {path: /keys}
+    usage: [{meter: api_calls, quantity: 20}]
+  - name: files
+    match: {path: "/v1/files/*"}
+    usage: [{meter: api_calls, quantity: 10}]
+  - name: rest
+    match: {path: "/**"}
+    usage: [{meter: api_calls, quantity: 1}]
+"""
+    rs = load_rules([_write(tmp_path, "r.yaml", text)])
+
+    def name(path: str) -> str:
+        m = rs.match("GET", path, {}, {})
+        assert m is not None
+        return m.rule.name
+
+    assert [name(p) for p in ("/IMAGES/x", "/Images/x/", "/KEYS", "/keys/", "/v1/files/",
+                              "/V1/FILES/a/", "/v1/files/a")] == [
+        "images", "images", "keys", "keys", "files", "files", "files"]
+    assert [name(p) for p in ("/\u0131mages/x", "/\u0130mages/x", "/key\u017f",
+                              "/\u212aeys")] == ["rest"] * 4
+    # the tools re-check a recorded request the same way
+    images = next(r for r in rs.rules if r.name == "images")
+    assert rs.fits(images.matcher, "GET", "/IMAGES/x/") == {}
 
 
 def test_routing_values_are_checked_and_agree_across_files(tmp_path: Path) -> None:

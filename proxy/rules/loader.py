@@ -734,9 +734,9 @@ def _cross_checks(st: _State) -> None:
             t = e.matcher.template if e.matcher is not None else None
             if t is not None and len(t.text) > 1 and t.text.endswith("/"):
                 e.file.at_value((*e.path, "match", "path"), (
-                    f"path {t.text!r} ends with '/', which routing.trailing_slash: ignore "
-                    "takes off every request path first: it would never match (write it "
-                    "without the slash)"))
+                    f"path {t.text!r} ends with '/': with routing.trailing_slash: ignore, "
+                    "write it without the slash (it then matches the path with and without "
+                    "one, as the upstream routes it)"))
     for e in st.entries:
         name_path = (*e.path, "name")
         pos = e.file.doc.value_pos(e.path)

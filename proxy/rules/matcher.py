@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# ``routing: {case: insensitive}`` folds ASCII letters only, as Express does (it matches the
+# still percent-encoded path: only ASCII letters can differ in case there)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -57,8 +61,8 @@ class Template:
     literal: str | None
     first: str | None
     catch_all: bool
-    # the same, matched without case (``routing: {case: insensitive}``): path parameters
-    # are still the request's own text
+    # the same, matched without ASCII case (``routing: {case: insensitive}``): path
+    # parameters are still the request's own text
     iregex: re.Pattern[str] | None = None
 
     def match(self, path: str, fold: bool = False) -> dict[str, str] | None:
@@ -125,7 +129,7 @@ def compile_template(text: str) -> Template:
     return Template(text=text, regex=regex, params=tuple(params),
                     literal=text if is_literal else None, first=first,
                     catch_all=text == "/**",
-                    iregex=re.compile("".join(parts), re.DOTALL | re.IGNORECASE))
+                    iregex=re.compile("".join(parts), re.DOTALL | re.IGNORECASE | re.ASCII))
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
@@ -157,12 +161,20 @@ class Matcher:
         return None if self.template is None else self.template.first
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
-              query: Mapping[str, str], fold: bool = False) -> dict[str, str] | None:
-        """Path params when the request matches (its path without case when ``fold``),
-        else None."""
+              query: Mapping[str, str], fold: bool = False,
+              slash: bool = False) -> dict[str, str] | None:
+        """Path params when the request matches, else None. ``fold``: the path without
+        ASCII case; ``slash``: a path ending in '/' also matches as it is without it (the
+        template is tried on the path as sent first)."""
         if self.methods is not None and method not in self.methods:
             return None
-        found = {} if self.template is None else self.template.match(path, fold)
+        t = self.template
+        if t is None:
+            found: dict[str, str] | None = {}
+        else:
+            found = t.match(path, fold)
+            if found is None and slash and len(path) > 1 and path[-1] == "/":
+                found = t.match(path[:-1], fold)
         if found is None:
             return None
         for name, pat in self.params:
@@ -184,12 +196,14 @@ def _conds_ok(conds: tuple[Cond, ...], values: Mapping[str, str]) -> bool:
 class MatchIndex(Generic[T]):
     """First-match lookup over ``(Matcher, payload)`` pairs, bucketed by first segment."""
 
-    __slots__ = ("_buckets", "_default", "_fold")
+    __slots__ = ("_buckets", "_default", "_fold", "_slash")
 
-    def __init__(self, entries: Sequence[tuple[Matcher, T]], fold: bool = False) -> None:
-        """``fold``: paths are matched without case (the buckets keyed in lower case)."""
+    def __init__(self, entries: Sequence[tuple[Matcher, T]], fold: bool = False,
+                 slash: bool = False) -> None:
+        """``fold``: paths are matched without ASCII case (the buckets keyed in lower
+        case); ``slash``: a trailing slash is optional (``Matcher.match``)."""
         def key(seg: str | None) -> str | None:
-            return seg.lower() if fold and seg is not None else seg
+            return seg.translate(_ASCII_LOWER) if fold and seg is not None else seg
         literal_firsts = {key(m.first) for m, _ in entries if m.first is not None}
         self._buckets: dict[str | None, tuple[tuple[Matcher, T], ...]] = {
             seg: tuple(e for e in entries if key(e[0].first) in (None, seg))
@@ -198,16 +212,17 @@ class MatchIndex(Generic[T]):
         self._default: tuple[tuple[Matcher, T], ...] = tuple(
             e for e in entries if e[0].first is None)
         self._fold = fold
+        self._slash = slash
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str]) -> tuple[T, dict[str, str]] | None:
         """The first entry matching the request, with its path params."""
         end = path.find("/", 1)
         first = path[1:] if end < 0 else path[1:end]
-        fold = self._fold
-        for matcher, payload in self._buckets.get(first.lower() if fold else first,
-                                                  self._default):
-            params = matcher.match(method, path, headers, query, fold)
+        fold, slash = self._fold, self._slash
+        for matcher, payload in self._buckets.get(first.translate(_ASCII_LOWER) if fold
+                                                  else first, self._default):
+            params = matcher.match(method, path, headers, query, fold, slash)
             if params is not None:
                 return payload, params
         return None

@@ -311,7 +311,8 @@ class RuleSet:
         init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        index = MatchIndex([(r.matcher, r) for r in self.rules], fold=self.case_insensitive)
+        index = MatchIndex([(r.matcher, r) for r in self.rules], fold=self.case_insensitive,
+                           slash=self.ignore_trailing_slash)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "reads_query", any(r.matcher.query for r in self.rules))
         headers: set[str] = set()
@@ -333,12 +334,16 @@ class RuleSet:
         pure = not any(r.matcher.query or r.matcher.headers for r in self.rules)
         object.__setattr__(self, "_memo", {} if pure else None)
 
+    def fits(self, matcher: Matcher, method: str, path: str) -> dict[str, str] | None:
+        """``matcher``'s path params for ``method path`` (no header or query values), matched
+        as this rule set's ``routing`` says: for tools that re-check a recorded request."""
+        return matcher.match(method, path, {}, {}, self.case_insensitive,
+                             self.ignore_trailing_slash)
+
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str]) -> Match | None:
         """The first rule matching the request (headers mapping is case-insensitive).
         The returned ``path_params`` must not be changed (a memoised match is shared)."""
-        if self.ignore_trailing_slash and len(path) > 1 and path[-1] == "/":
-            path = path[:-1]
         memo = self._memo
         if memo is not None:
             key = (method, path)

@@ -199,7 +199,7 @@ def _why(rules: RuleSet, rule: Rule, method: str, path: str) -> dict[str, Any]:
     for r in rules.rules:
         if r is rule:
             break
-        if structural(r.matcher).match(method, path, {}, {}) is None:
+        if rules.fits(structural(r.matcher), method, path) is None:
             continue
         if conditions(r.matcher):
             notes.append(f"the earlier rule '{r.name}' also matches {method} {path} by method "
@@ -210,7 +210,7 @@ def _why(rules: RuleSet, rule: Rule, method: str, path: str) -> dict[str, Any]:
             notes.append(f"the earlier rule '{r.name}' matches {method} {path} with no other "
                          "condition, so it would have been chosen: the audit row does not fit "
                          "this version (path truncated or rewritten?)")
-    own = structural(rule.matcher).match(method, path, {}, {})
+    own = rules.fits(structural(rule.matcher), method, path)
     if own is None:
         consistent = False
         notes.append(f"{method} {path} does not match this rule's methods/path/params in this "

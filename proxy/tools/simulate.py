@@ -116,7 +116,7 @@ class _Router:
         m = self._structural.get(id(rule))
         if m is None:
             m = self._structural[id(rule)] = structural(rule.matcher)
-        return m.match(method, path, {}, {}) is not None
+        return self.new.fits(m, method, path) is not None
 
     def route(self, method: str, path: str, rule_name: str,
               version: str) -> tuple[Rule | None, bool]:
