@@ -412,3 +412,24 @@ def test_routing_values_are_checked_and_agree_across_files(tmp_path: Path) -> No
     # one setting for all files: b's template is checked against c's trailing_slash too
     assert any(g.startswith(f"{c}:") and "path '/y/' ends with '/'" in g for g in got), got
     assert any(g.startswith(f"{b}:") and "path '/x/' ends with '/'" in g for g in got), got
+
+
+def test_templates_equal_but_for_case_are_unreachable_under_insensitive_routing(
+        tmp_path: Path) -> None:
+    text = METERS + """routing: {case: insensitive}
+rules:
+  - name: upper
+    match: {path: /V1/Chat}
+    usage: [{meter: api_calls, quantity: 5}]
+  - name: lower
+    match: {path: /v1/chat}
+    usage: [{meter: api_calls, quantity: 500}]
+  - name: post-only
+    match: {methods: [POST], path: /v1/CHAT}
+  - name: with-header
+    match: {path: /v1/chat, headers: {X-Tier: premium}}
+"""
+    got = [str(p) for p in check_rules([_write(tmp_path, "r.yaml", text)])]
+    assert len(got) == 1 and "the earlier rule 'upper'" in got[0] and ":10:19:" in got[0], got
+    strict = text.replace("routing: {case: insensitive}\n", "")
+    assert check_rules([_write(tmp_path, "s.yaml", strict)]) == []

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Literal
 
 from proxy.pricing import Price, price_issues
-from proxy.rules.matcher import Matcher, Template, TemplateError, compile_glob, compile_template
+from proxy.rules.matcher import (
+    Matcher,
+    Template,
+    TemplateError,
+    ascii_lower,
+    compile_glob,
+    compile_template,
+)
 from proxy.rules.model import (
     DEFAULT_COUNT_WHEN,
     PRESETS,
@@ -737,10 +744,24 @@ def _cross_checks(st: _State) -> None:
                     f"path {t.text!r} ends with '/': with routing.trailing_slash: ignore, "
                     "write it without the slash (it then matches the path with and without "
                     "one, as the upstream routes it)"))
+    # under routing.case insensitive two templates equal but for ASCII case, with the same
+    # methods and no other condition, match the same requests: the later one never does
+    fold = st.routing_is("case", "insensitive")
+    same_paths: dict[tuple[str, frozenset[str] | None], str] = {}
     for e in st.entries:
         name_path = (*e.path, "name")
         pos = e.file.doc.value_pos(e.path)
         here = f"{e.file.name}:{pos.line}:{pos.col}"
+        m = e.matcher
+        if fold and m is not None and m.template is not None and m.template.text != "/**" \
+                and not (m.params or m.headers or m.query):
+            key = (ascii_lower(m.template.text), m.methods)
+            if (earlier := same_paths.get(key)) is not None:
+                e.file.at_value((*e.path, "match", "path"), (
+                    f"this rule is unreachable: the earlier rule {earlier} has the same path "
+                    "but for case, which routing.case: insensitive matches alike"))
+            else:
+                same_paths[key] = f"'{e.name}' ({here})" if e.name else f"at {here}"
         if e.name is not None:
             if e.name in seen:
                 e.file.at_value(name_path, f"duplicate rule name '{e.name}' "

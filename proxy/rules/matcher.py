@@ -32,6 +32,7 @@ __all__ = [
     "Matcher",
     "Template",
     "TemplateError",
+    "ascii_lower",
     "compile_glob",
     "compile_template",
 ]
@@ -40,6 +41,12 @@ T = TypeVar("T")
 # ``routing: {case: insensitive}`` folds ASCII letters only, as Express does (it matches the
 # still percent-encoded path: only ASCII letters can differ in case there)
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with its ASCII letters in lower case (the rest as it is)."""
+    return text.translate(_ASCII_LOWER)
+
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
