@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 
 from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet_of
 from tests.helpers import wait_until
@@ -243,14 +244,16 @@ rules:
 """
 
 
+@pytest.mark.parametrize("fail_mode", ["closed", "open"])
 async def test_a_member_whose_id_another_process_claims_stops_metering_and_leaves_its_leases(
-        tmp_path: Path, upstream: str) -> None:
+        tmp_path: Path, upstream: str, fail_mode: str) -> None:
     """A process whose member id another process claimed (it stalled past leader_ttl, or
     two run under one id) cannot ship what it journals: it stops metering (metered requests
     503, as with broken storage), /readyz says why, and its shutdown neither ships nor
     returns the leases under the id (the claiming process's now: a return would cut them to
     this one's spending). Unmetered requests are still served."""
-    async with fleet_of(tmp_path, upstream, rules_text=ITEMS_AND_HEALTH) as fleet:
+    async with fleet_of(tmp_path, upstream, rules_text=ITEMS_AND_HEALTH,
+                        storage={"fail_mode": fail_mode}) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
             await admin_call(s, a, "POST", "/admin/customers", {"id": "cust", "overage": "block"})
@@ -274,9 +277,12 @@ async def test_a_member_whose_id_another_process_claims_stops_metering_and_leave
                 _, body = await wait_until(ready, ok=lambda r: r[0] == 503, timeout=5,
                                                 what="a's /readyz degraded")
                 assert "member id a was claimed by another process" in body
-                async with s.get(a.url + "/v1/items",
-                                 headers={"Authorization": f"Bearer {key}"}) as r:
-                    assert r.status == 503, r.status
+                # closed: refused; open: forwarded unbilled, no lease used (a lease spent
+                # here could never ship)
+                for _ in range(3):
+                    async with s.get(a.url + "/v1/items",
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                        assert r.status == (503 if fail_mode == "closed" else 200), r.status
                 async with s.get(a.url + "/healthz") as r:
                     assert r.status == 200
                 await fleet.stop_all()
