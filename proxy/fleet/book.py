@@ -251,13 +251,6 @@ class LeaseBook:
             self.holding.pop(customer_id, None)
 
     # -- returns ----------------------------------------------------------------------------
-    async def release(self, customer_id: str) -> int:
-        """Return the unspent part of the customer's lease (idle, shutdown): ``_return``."""
-        h = self.held.pop(customer_id, None)
-        if h is None:
-            return 0
-        return await self._return(customer_id, h.lease_id, h.spent)
-
     async def _return(self, customer_id: str, lease_id: int, spent: int) -> int:
         """One return statement (``LeaseStore.release``). It runs to its end even if the
         caller is cancelled (shutdown), and a refill for the customer waits for it
@@ -299,13 +292,10 @@ class LeaseBook:
         spend rate of a returned lease's customer (its next lease is sized from the floor
         again) and a 402 backoff that ended, so the book holds state for active customers
         only. Returns the micro-credits given back."""
-        total = 0
         now = self.clock()
         for customer_id in [c for c, until in self._empty_until.items() if until <= now]:
             del self._empty_until[customer_id]
-        for customer_id in list(self._unreturned):
-            if customer_id not in self._releasing and customer_id not in self.held:
-                total += await self._try_return(customer_id, None)
+        total = await self._resend_failed()
         for customer_id in list(self.held):
             if self.idle(customer_id):       # checked again: the loop awaits between leases
                 back = await self._try_return(customer_id, self.held.pop(customer_id))
@@ -314,6 +304,15 @@ class LeaseBook:
                 if customer_id not in self.held:
                     self._rate.pop(customer_id, None)
                     self._rate_at.pop(customer_id, None)
+        return total
+
+    async def _resend_failed(self) -> int:
+        """The returns that failed before (``_unreturned``; none in flight, no lease held
+        for the customer since), sent again; the micro-credits they gave back."""
+        total = 0
+        for customer_id in list(self._unreturned):
+            if customer_id not in self._releasing and customer_id not in self.held:
+                total += await self._try_return(customer_id, None)
         return total
 
     async def _try_return(self, customer_id: str, h: Held | None) -> int:
@@ -335,10 +334,7 @@ class LeaseBook:
         returns that failed before; a return that fails is logged and the others go on."""
         await self.wait_refills()
         await asyncio.gather(*self._releasing.values(), return_exceptions=True)
-        total = 0
-        for customer_id in list(self._unreturned):
-            if customer_id not in self.held:
-                total += await self._try_return(customer_id, None)
+        total = await self._resend_failed()
         for customer_id in list(self.held):
             total += await self._try_return(customer_id, self.held.pop(customer_id))
         return total

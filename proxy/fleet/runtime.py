@@ -442,13 +442,13 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
         store.set_journal_owner(recorded)
         if recorded == mid:
             return
-    rest = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
-                                          cfg.fleet.ship_batch, None), store)
-    await rest.resume()
-    if not rest.pending():
+    old = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
+                                         cfg.fleet.ship_batch, instance), store)
+    await old.resume()
+    if not old.pending():
         # everything in it already shipped under that id: nothing to ship, and that id
         # (perhaps running elsewhere) keeps its leases; it is not claimed
-        store.prune_journal(rest.watermark)
+        store.prune_journal(old.watermark)
         store.set_journal_owner(mid)
         log.warning("the journal %s was member %s's, all of it shipped; it is member %s's "
                     "journal from now on", store.path, recorded, mid)
@@ -460,9 +460,7 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
         f"under that id before member {mid} can use the file (a copy of a running member's "
         "volume? give this member an empty storage.path of its own)")
     try:
-        old = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
-                                             cfg.fleet.ship_batch, instance), store)
-        await old.resume()
+        await old.resume()          # (again: the id's watermark once it is claimed)
         shipped = await old.ship_pending()
         store.prune_journal(old.watermark)
         if left := old.pending():        # (ship_pending ships to the end or raises)

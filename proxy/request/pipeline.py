@@ -266,27 +266,30 @@ def method_override(method: str, headers: CIMultiDictProxy[str], target: str) ->
     query = target.partition("?")[2]
     for part in _QUERY_SEP.split(query) if query else ():
         raw, _, value = part.partition("=")
-        key = unquote_plus(raw).lstrip(" ").partition("[")[0].replace(".", "_").replace(" ", "_")
-        if key == "_method" and unquote_plus(value).strip().upper() != own:
+        if php_param(raw) == "_method" and unquote_plus(value).strip().upper() != own:
             return ("The query parameter _method names another method than the request's own "
                     f"({method}): rules meter the request's method, and the upstream could run "
                     "the other one. Send the request with the method it means.")
     return None
 
 
+def php_param(raw: str) -> str:
+    """A query parameter's raw name as PHP reads it: percent- and ``+``-decoded, leading
+    spaces dropped, ``.`` and spaces made ``_``, anything from a ``[`` on dropped."""
+    return unquote_plus(raw).lstrip(" ").partition("[")[0].replace(".", "_").replace(" ", "_")
+
+
 def lenient_param(raw: str) -> str:
-    """A query parameter's name as the most lenient framework reads it (PHP: percent- and
-    ``+``-decoded, leading spaces dropped, ``.`` and spaces made ``_``, anything from a
-    ``[`` on dropped), case-folded (ASP.NET reads names without case)."""
-    return (unquote_plus(raw).lstrip(" ").partition("[")[0].replace(".", "_")
-            .replace(" ", "_").casefold())
+    """A query parameter's name as the most lenient framework reads it: ``php_param``,
+    case-folded (ASP.NET reads names without case)."""
+    return php_param(raw).casefold()
 
 
 def repeated(rules: RuleSet, headers: CIMultiDictProxy[str],
              request: web.BaseRequest) -> str | None:
     """Why the request is ambiguous to the rules (the refusal's message), or None.
 
-    A header that some rule matches on or reads a quantity from (``RuleSet.single_headers``)
+    A header that some rule matches on or reads a quantity from (``RuleSet.header_spellings``)
     sent more than once (as the upstream receives it), or in another spelling an upstream
     may read as it (``_`` for ``-``: CGI, WSGI and FastCGI upstreams turn both into
     ``HTTP_X_TIER``); a query parameter the rules read (``single_params``) present more than

@@ -70,13 +70,13 @@ class Template:
     catch_all: bool
     # the same, matched without ASCII case (``routing: {case: insensitive}``): path
     # parameters are still the request's own text
-    iregex: re.Pattern[str] | None = None
+    iregex: re.Pattern[str]
 
     def match(self, path: str, fold: bool = False) -> dict[str, str] | None:
         """Path params if ``path`` matches (without case when ``fold``), else None."""
         if self.literal is not None and not fold:
             return {} if path == self.literal else None
-        m = (self.iregex if fold and self.iregex is not None else self.regex).fullmatch(path)
+        m = (self.iregex if fold else self.regex).fullmatch(path)
         if m is None:
             return None
         return {name: m.group(f"p{i}") for i, name in enumerate(self.params)}
@@ -210,7 +210,7 @@ class MatchIndex(Generic[T]):
         """``fold``: paths are matched without ASCII case (the buckets keyed in lower
         case); ``slash``: a trailing slash is optional (``Matcher.match``)."""
         def key(seg: str | None) -> str | None:
-            return seg.translate(_ASCII_LOWER) if fold and seg is not None else seg
+            return ascii_lower(seg) if fold and seg is not None else seg
         literal_firsts = {key(m.first) for m, _ in entries if m.first is not None}
         self._buckets: dict[str | None, tuple[tuple[Matcher, T], ...]] = {
             seg: tuple(e for e in entries if key(e[0].first) in (None, seg))
@@ -227,8 +227,8 @@ class MatchIndex(Generic[T]):
         end = path.find("/", 1)
         first = path[1:] if end < 0 else path[1:end]
         fold, slash = self._fold, self._slash
-        for matcher, payload in self._buckets.get(first.translate(_ASCII_LOWER) if fold
-                                                  else first, self._default):
+        for matcher, payload in self._buckets.get(ascii_lower(first) if fold else first,
+                                                  self._default):
             params = matcher.match(method, path, headers, query, fold, slash)
             if params is not None:
                 return payload, params

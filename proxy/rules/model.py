@@ -286,23 +286,22 @@ class RuleSet:
     # (file name, text) of every file, in order: kept per version so a dispute can be
     # explained with the exact rules that priced a request
     sources: tuple[tuple[str, str], ...] = ()
-    # how the upstream routes (the rules file's ``routing:``): paths matched without case;
-    # a path's one trailing slash ignored (``/v1/items/`` matched as ``/v1/items``)
+    # how the upstream routes (the rules file's ``routing:``): paths matched without ASCII
+    # case; a trailing slash optional (``/v1/items/`` also matched as ``/v1/items``)
     case_insensitive: bool = False
     ignore_trailing_slash: bool = False
     _index: MatchIndex[Rule] = field(init=False, repr=False, compare=False)
     # some rule matches on a query parameter: only then does the pipeline hand ``match``
     # the request's parsed query (otherwise it is never parsed for matching)
     reads_query: bool = field(init=False, repr=False, compare=False)
-    # the request headers (lower case) and query parameters some rule matches on or reads a
-    # quantity from: a request repeating one is refused (the pipeline: the rules would read
-    # one value and the upstream may act on another)
-    single_headers: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    single_params: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    # the same names as a lenient upstream reads them: a header with `_` for `-` (CGI, WSGI
-    # and FastCGI upstreams read X_Tier as X-Tier) -> the rules' spelling; a query
-    # parameter name case-folded (``proxy.request.pipeline.lenient_param``)
+    # the request headers and query parameters some rule matches on or reads a quantity
+    # from: a request repeating one is refused (the pipeline: the rules would read one value
+    # and the upstream may act on another). Headers as a lenient upstream reads their names
+    # (`_` for `-`: CGI, WSGI and FastCGI upstreams read X_Tier as X-Tier) -> the rules'
+    # lower-case spelling; query parameter names as the rules spell them, and case-folded
+    # (``proxy.request.pipeline.lenient_param``)
     header_spellings: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    single_params: tuple[str, ...] = field(init=False, repr=False, compare=False)
     param_spellings: frozenset[str] = field(init=False, repr=False, compare=False)
     # (method, path) -> the match, when no rule matches on headers or the query (then the
     # answer depends on those two alone): API traffic repeats a few paths. Bounded like
@@ -326,7 +325,6 @@ class RuleSet:
                         headers.add(src.name.lower())
                     elif src is not None and src.kind is SourceKind.REQUEST_QUERY:
                         params.add(src.name)
-        object.__setattr__(self, "single_headers", tuple(sorted(headers)))
         object.__setattr__(self, "single_params", tuple(sorted(params)))
         object.__setattr__(self, "header_spellings",
                            {h.replace("_", "-"): h for h in sorted(headers)})
