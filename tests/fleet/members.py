@@ -25,6 +25,28 @@ FAST_FLEET = {"lease_ttl": "3s", "reaper_grace": "1s", "leader_ttl": "3s",
               "ship_interval": "200ms", "key_poll_interval": "200ms"}
 
 
+# health (no key) and two credit-charging rules: /v1/stream holds 1 credit and costs
+# `units` from the response; everything else costs 1 credit
+CREDIT_RULES = """\
+version: 1
+meters:
+  api_calls: {stripe_event_name: api_calls}
+  units: {stripe_event_name: units}
+rules:
+  - name: health
+    match: {path: /healthz}
+    auth: none
+  - name: stream
+    match: {path: /v1/stream}
+    usage:
+      - {meter: units, quantity: response.json.units, credits: 1, estimate: 1}
+  - name: items
+    match: {path: "/**"}
+    usage:
+      - {meter: api_calls, quantity: 1, credits: 1}
+"""
+
+
 class RunningMember:
     def __init__(self, name: str, proc: ProxyProcess) -> None:
         self.name = name
@@ -132,6 +154,12 @@ async def admin_call(s: aiohttp.ClientSession, m: RunningMember, method: str, pa
         body = await r.json(content_type=None)
         assert r.status in expect, (m.name, method, path, r.status, body)
         return body
+
+
+async def customer_key(s: aiohttp.ClientSession, m: RunningMember, cid: str = "cust") -> str:
+    """A new customer ``cid`` (billed, no credits) made on ``m``, and a new key of it."""
+    await admin_call(s, m, "POST", "/admin/customers", {"id": cid})
+    return str((await admin_call(s, m, "POST", f"/admin/customers/{cid}/keys"))["key"])
 
 
 async def wait_status(s: aiohttp.ClientSession, url: str, key: str, status: int,

@@ -30,6 +30,13 @@ async def _account(pool: PgPool, customer: str) -> leases.Account:
         return await leases.account(conn, customer)
 
 
+def _clocked(m: Member) -> tuple[Member, list[int]]:
+    """``m`` with its book on a clock the test sets (``now[0]``, ms), starting at 0."""
+    now = [0]
+    m.book.clock = lambda: now[0]
+    return m, now
+
+
 @pytest.mark.parametrize(("balance", "wanted", "floor", "k", "others", "quantum"), [
     (100 * C, 0, 10 * C, 2, 0, C),
     (100 * C, 500 * C, 10 * C, 2, 0, C),
@@ -141,9 +148,7 @@ async def test_a_killed_members_lease_returns_after_expiry(open_pool: object) ->
 
 async def test_holder_stops_spending_at_its_own_deadline(pool: PgPool) -> None:
     await add_customer(pool, "acme", 100 * C)
-    now = [0]
-    m = Member(pool, "m1", LeasePolicy(floor=10 * C, ttl_ms=10_000, drift_margin_ppm=100_000))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(pool, "m1", LeasePolicy(floor=10 * C, ttl_ms=10_000, drift_margin_ppm=100_000)))
     assert await m.request("acme", C) is Decision.ADMIT
     now[0] = 8_999
     assert m.book.try_admit("acme", C)
@@ -153,9 +158,7 @@ async def test_holder_stops_spending_at_its_own_deadline(pool: PgPool) -> None:
 
 async def test_an_empty_grant_answers_402_locally_for_the_backoff(pool: PgPool) -> None:
     await add_customer(pool, "acme", 0)
-    now = [0]
-    m = Member(pool, "m1", LeasePolicy(floor=C, empty_backoff_ms=1000))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(pool, "m1", LeasePolicy(floor=C, empty_backoff_ms=1000)))
     assert await m.request("acme", C) is Decision.INSUFFICIENT
     assert await m.request("acme", C) is Decision.INSUFFICIENT
     assert m.book.refills == 1                      # the second 402 asked nobody
@@ -212,9 +215,7 @@ async def test_shipping_while_admitting_stays_exact(open_pool: object) -> None:
 
 async def test_a_lease_is_renewed_ahead_of_its_deadline(pool: PgPool) -> None:
     await add_customer(pool, "acme", 100 * C)
-    now = [0]
-    m = Member(pool, "m1", LeasePolicy(floor=10 * C, ttl_ms=30_000, drift_margin_ppm=0))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(pool, "m1", LeasePolicy(floor=10 * C, ttl_ms=30_000, drift_margin_ppm=0)))
     assert await m.request("acme", C) is Decision.ADMIT
     assert m.book.held["acme"].usable_until_ms == 30_000
     now[0] = 20_000                          # a third of the lifetime left: refill ahead
@@ -247,9 +248,7 @@ async def test_an_idle_lease_is_returned_and_a_used_one_is_not(pool: PgPool) -> 
     await add_customer(pool, "acme", 100 * C)
     await add_customer(pool, "busy", 100 * C)
     await add_customer(pool, "broke", 0)
-    now = [0]
-    m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=5_000))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=5_000)))
     assert await m.request("acme", C) is Decision.ADMIT
     assert await m.request("busy", C) is Decision.ADMIT
     assert await m.request("broke", C) is Decision.INSUFFICIENT     # a 1 s local backoff
@@ -278,9 +277,7 @@ async def test_a_lease_a_request_still_holds_credit_on_is_not_idle(pool: PgPool)
     stream's cost would ship as overspend. Once the hold ends (settled at its actual
     cost), the lease is returned with the rest."""
     await add_customer(pool, "acme", 100 * C)
-    now = [0]
-    m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000)))
     credits = FleetCredits(m.book)
     hold = await credits.admit("acme", C, 0.0)
     assert isinstance(hold, Hold)
@@ -307,9 +304,7 @@ async def test_a_return_that_failed_is_sent_again_and_gives_back_once(
     await add_customer(direct, "acme", 100 * C)
     via = await open_pool(dsn=via_relay(relay.port, pg_dsn), connect_timeout=1.0,
                           command_timeout=2.0, size=2, statement_cache_size=0)
-    now = [0]
-    m = Member(via, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(via, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000)))
     assert await m.request("acme", C) is Decision.ADMIT
     await m.shipper.ship_pending(m.journal)
     now[0] = 1_000
@@ -346,9 +341,7 @@ async def test_a_refill_waits_for_the_idle_return_in_flight(pool: PgPool) -> Non
     until the return is done: with the account row locked by another transaction, only the
     return's statement waits on the lock (the refill's was not sent)."""
     await add_customer(pool, "acme", 100 * C)
-    now = [0]
-    m = Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000))
-    m.book.clock = lambda: now[0]
+    m, now = _clocked(Member(pool, "m1", LeasePolicy(floor=10 * C, k=1, idle_ms=1_000)))
     assert await m.request("acme", C) is Decision.ADMIT
     await m.shipper.ship_pending(m.journal)
     now[0] = 1_000

@@ -34,6 +34,14 @@ async def _ledger(pool: PgPool) -> list[tuple[int, str]]:
             "SELECT seq, request_id FROM usage_ledger WHERE member_id = 'm' ORDER BY seq")]
 
 
+async def _claimed_by_new(pool: PgPool) -> None:
+    """"old" heartbeats once and goes silent; "new" claims member id m once "old" was not
+    seen for 50 ms (it stalled past its stale time)."""
+    await members.heartbeat(pool, "m", "v1", "old")
+    await wait_until(lambda: members.claim(pool, "m", "new", 50), ok=lambda v: v is None,
+                     what="the silent process's id claimed")
+
+
 async def test_a_live_member_id_is_refused_and_a_released_or_silent_one_claimed(
         pool: PgPool) -> None:
     assert await members.claim(pool, "m", "one", TTL) is None
@@ -66,9 +74,7 @@ async def test_a_process_whose_member_id_was_claimed_cannot_ship_or_heartbeat(
     assert await members.claim(pool, "m", "old", TTL) is None
     old = Shipper(pool, "m", instance="old")
     await old.ship([_row(1, "old-1")])
-    await members.heartbeat(pool, "m", "v1", "old")
-    await wait_until(lambda: members.claim(pool, "m", "new", 50), ok=lambda v: v is None,
-                     what="the silent process's id claimed")
+    await _claimed_by_new(pool)
     with pytest.raises(Superseded):
         await old.ship([_row(2, "old-2")])
     with pytest.raises(Superseded):
@@ -115,9 +121,7 @@ async def test_a_process_whose_member_id_was_claimed_cannot_spend_keep_or_cut_it
     old = LeaseStore(pool, "m", policy, "old")
     first = await old.grant("acme", 0, C)
     assert first.amount == 10 * C and first.lease_id is not None
-    await members.heartbeat(pool, "m", "v1", "old")
-    await wait_until(lambda: members.claim(pool, "m", "new", 50), ok=lambda v: v is None,
-                     what="the silent process's id claimed")
+    await _claimed_by_new(pool)
     with pytest.raises(Superseded):
         await old.grant("acme", 0, C)
     assert await old.renew("acme") is None
@@ -145,9 +149,7 @@ async def test_a_grant_that_finds_its_member_id_claimed_stops_the_book_at_once(
     told: list[Superseded] = []
     book.on_superseded = told.append
     assert await book.admit("acme", C) is Decision.ADMIT        # acme's lease: 1 credit
-    await members.heartbeat(pool, "m", "v1", "old")
-    await wait_until(lambda: members.claim(pool, "m", "new", 50), ok=lambda v: v is None,
-                     what="the silent process's id claimed")
+    await _claimed_by_new(pool)
     assert await book.admit("beta", C) is Decision.UNAVAILABLE   # its grant is refused
     assert len(told) == 1 and book.superseded and book.held == {}
     before = pool.statements

@@ -20,28 +20,11 @@ import aiohttp
 import asyncpg
 
 from tests.fleet.members import AH, FleetOfMembers, RunningMember, admin_call, fleet_of
+from tests.fleet.members import CREDIT_RULES as RULES
 from tests.helpers import wait_until
 
 C = 1_000_000
 TIMEOUT = aiohttp.ClientTimeout(total=30)     # a stuck request fails the test, not the suite
-RULES = """\
-version: 1
-meters:
-  api_calls: {stripe_event_name: api_calls}
-  units: {stripe_event_name: units}
-rules:
-  - name: health
-    match: {path: /healthz}
-    auth: none
-  - name: stream
-    match: {path: /v1/stream}
-    usage:
-      - {meter: units, quantity: response.json.units, credits: 1, estimate: 1}
-  - name: items
-    match: {path: "/**"}
-    usage:
-      - {meter: api_calls, quantity: 1, credits: 1}
-"""
 
 
 async def _customer(s: aiohttp.ClientSession, m: RunningMember, credits: str) -> str:

@@ -13,7 +13,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.fleet.members import FleetOfMembers, RunningMember, admin_call, fleet_of
+from tests.fleet.members import CREDIT_RULES, FleetOfMembers, RunningMember, admin_call, customer_key, fleet_of
 from tests.helpers import wait_until
 
 
@@ -41,8 +41,7 @@ async def test_a_batched_member_ships_its_usage_exactly_once(
                         storage={"durability": "batched", "commit_interval": "50ms"}) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, a)
             await _requests(s, a, key, 7)
             await fleet.stop_all()                   # drains: commits, then ships
         assert await _ledger(fleet.dsn) == (7, 7)
@@ -67,8 +66,7 @@ async def test_a_journal_reused_under_a_new_member_id_ships_nothing_twice(
     async with fleet_of(tmp_path, upstream) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, a)
             await _requests(s, a, key, 4)
             await fleet.stop_all()                   # drains: all 4 shipped as "a"
             b = fleet.add("b", journal_of="a")       # the same volume, a new member id
@@ -86,8 +84,7 @@ async def test_unshipped_rows_ship_under_the_member_id_that_journaled_them(
     async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
         (b,) = await fleet.start(["b"])
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, b, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, b, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, b)
             await _requests(s, b, key, 5)
             await fleet.stop_all()                   # "b" shipped seqs 1..5
             a = fleet.add("a")
@@ -118,8 +115,7 @@ async def test_a_second_live_process_under_one_member_id_is_refused_at_start(
     async with fleet_of(tmp_path, upstream) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, a)
             await _requests(s, a, key, 2)
             log = await _refused(fleet.add("twin", member_id="a"))
             assert "member id a is in use by another running process" in log
@@ -135,8 +131,7 @@ async def test_a_copy_of_a_running_members_journal_is_refused_at_start(
     async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, a)
             await _requests(s, a, key, 3)
             (tmp_path / "clone").mkdir()
             src = sqlite3.connect(tmp_path / "a" / "journal.db")
@@ -167,8 +162,7 @@ async def _journal_of_the_old_version(fleet: FleetOfMembers, s: aiohttp.ClientSe
     journaled after it and not shipped (killed). Every row is a real process's; only the
     kept row and the missing owner are put back by hand. Returns the API key."""
     (x,) = await fleet.start(["x"])              # ship_interval 1h: ships at stop only
-    await admin_call(s, x, "POST", "/admin/customers", {"id": "cust"})
-    key = str((await admin_call(s, x, "POST", "/admin/customers/cust/keys"))["key"])
+    key = await customer_key(s, x)
     await _requests(s, x, key, 2)                # seqs 1, 2
     path = fleet.tmp / "x" / "journal.db"
     kept = await wait_until(lambda: _journal_row(path, 2), what="seq 2 in x's journal")
@@ -229,21 +223,6 @@ async def test_a_journal_from_before_the_recorded_member_id_shipped_under_two_id
         assert await _by_member(fleet.dsn) == {"w": (1, 1), "x": (6, 6)}
 
 
-ITEMS_AND_HEALTH = """\
-version: 1
-meters:
-  api_calls: {stripe_event_name: api_calls}
-rules:
-  - name: health
-    match: {path: /healthz}
-    auth: none
-  - name: items
-    match: {path: "/**"}
-    usage:
-      - {meter: api_calls, quantity: 1, credits: 1}
-"""
-
-
 @pytest.mark.parametrize("fail_mode", ["closed", "open"])
 async def test_a_member_whose_id_another_process_claims_stops_metering_and_leaves_its_leases(
         tmp_path: Path, upstream: str, fail_mode: str) -> None:
@@ -252,7 +231,7 @@ async def test_a_member_whose_id_another_process_claims_stops_metering_and_leave
     503, as with broken storage), /readyz says why, and its shutdown neither ships nor
     returns the leases under the id (the claiming process's now: a return would cut them to
     this one's spending). Unmetered requests are still served."""
-    async with fleet_of(tmp_path, upstream, rules_text=ITEMS_AND_HEALTH,
+    async with fleet_of(tmp_path, upstream, rules_text=CREDIT_RULES,
                         storage={"fail_mode": fail_mode}) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
@@ -306,8 +285,7 @@ async def test_a_fully_shipped_journal_is_adopted_while_its_old_id_runs_elsewher
     async with fleet_of(tmp_path, upstream) as fleet:
         async with aiohttp.ClientSession() as s:
             (a,) = await fleet.start(["a"])
-            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, a)
             await _requests(s, a, key, 2)
             await fleet.stop_all()                  # ships both, then stops
             again = fleet.add("a-elsewhere", member_id="a")   # id a, another volume

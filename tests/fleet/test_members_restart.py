@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from tests.fleet.members import RunningMember, admin_call, fleet_of
+from tests.fleet.members import RunningMember, customer_key, fleet_of
 
 
 async def _requests(s: aiohttp.ClientSession, m: RunningMember, key: str, n: int) -> None:
@@ -36,8 +36,7 @@ async def test_a_member_restarted_on_an_empty_journal_ships_all_its_new_usage(
     async with fleet_of(tmp_path, upstream) as fleet:
         (a,) = await fleet.start(["a"])
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, a, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, a, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, a)
             await _requests(s, a, key, 5)
             await fleet.stop_all()                   # drains: all 5 shipped
             assert await _ledger_requests(fleet.dsn) == 5

@@ -14,7 +14,7 @@ import pytest
 from proxy import config
 from proxy.errors import ConfigError
 from tests.conftest import write_config
-from tests.fleet.members import admin_call, fleet_of
+from tests.fleet.members import admin_call, customer_key, fleet_of
 from tests.helpers import wait_until
 
 
@@ -60,8 +60,7 @@ async def test_two_workers_share_a_port_restart_when_killed_and_drain_on_sigterm
         workers = await wait_until(lambda: _children(sup.pid), ok=lambda c: len(c) == 2,
                                    timeout=20, what="two worker processes")
         async with aiohttp.ClientSession() as s:
-            await admin_call(s, m, "POST", "/admin/customers", {"id": "cust"})
-            key = (await admin_call(s, m, "POST", "/admin/customers/cust/keys"))["key"]
+            key = await customer_key(s, m)
             await asyncio.sleep(1.0)                  # the key reaches both workers
 
             async def burst(n: int) -> list[int]:
