@@ -23,7 +23,7 @@ before its usage).
 from __future__ import annotations
 
 from proxy.store.db import UsageRow
-from proxy.store.postgres.journal import SqliteJournal, ship_debit_columns
+from proxy.store.postgres.journal import SqliteJournal, ship_debit_columns, shipped_as
 from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import LocalRow, ShipItem, Shipper
 
@@ -53,6 +53,35 @@ class JournalShipping:
         watermark = await self.shipper.load_watermark()
         self._loaded = True
         return watermark
+
+    async def numbered_elsewhere(self, watermark: int,
+                                 not_before: float) -> tuple[list[int], int]:
+        """The journal's rows at or below ``watermark`` (rows above it ship as usual) that
+        the shared ledger does not hold under this member id at their seq: (the seqs of those
+        journaled at or after ``not_before`` (the audit retention's cutoff, seconds), the
+        number of older ones). A row this journal shipped is found there (it is still in the
+        journal when the process stopped between a ship and its prune). One that is not was
+        numbered here while another process of the id shipped its own rows under those seqs
+        (this one was killed or stalled and another took its id): the watermark alone would
+        take it for shipped. An older one cannot be told from a shipped row the retention
+        pruned since. Rows without a usage item are not counted (nothing of theirs is in the
+        ledger to look up). One local read and one statement per ``batch_size`` rows, only
+        for rows at or below the watermark (none, normally)."""
+        renumber: list[int] = []
+        older = 0
+        after = 0
+        while keys := self.journal.keys_between(after, watermark, self.shipper.batch_size):
+            after = keys[-1][1]
+            found = await shipped_as(self.pool, self.member_id,
+                                     [(rid, seq, cid) for rid, seq, cid, _at, has in keys
+                                      if has])
+            for _rid, seq, _cid, at, has in keys:
+                if has and seq not in found:
+                    if at >= not_before:
+                        renumber.append(seq)
+                    else:
+                        older += 1
+        return renumber, older
 
     async def ship_pending(self) -> int:
         """Ship every journal row after the watermark; returns how many rows shipped.

@@ -101,9 +101,13 @@ class LockedShipping:
     """``JournalShipping`` with one ship at a time (the timer and the flusher's materialize
     both ship) and the journal pruned after each ship."""
 
-    def __init__(self, shipping: JournalShipping, store: Store) -> None:
+    def __init__(self, shipping: JournalShipping, store: Store,
+                 retention: float = float("inf")) -> None:
+        """``retention``: ``storage.audit_retention`` (seconds): how far back the shared
+        ledger still holds what shipped (``resume``)."""
         self.shipping = shipping
         self.store = store
+        self.retention = retention
         self.lock = asyncio.Lock()
         self.last_ok: float | None = None        # wall clock of the last complete ship
         self.shipped = 0
@@ -115,9 +119,30 @@ class LockedShipping:
     async def resume(self) -> None:
         """At start, before any row is journaled: load the shared ledger's watermark for
         this member id and put the journal's next seq above it (a journal that starts
-        empty, its volume gone, must not reuse a shipped seq)."""
+        empty, its volume gone, must not reuse a shipped seq). Rows the journal holds at or
+        below the watermark that the shared ledger does not hold under the id at their seq
+        (numbered here while another process of the id shipped its own rows under those
+        seqs: this one was killed or stalled, and its volume came back) are renumbered
+        above it, so they ship instead of being taken for shipped and pruned
+        (``JournalShipping.numbered_elsewhere``)."""
         async with self.lock:
-            self.store.raise_journal_floor(await self.shipping.resume())
+            watermark = await self.shipping.resume()
+            self.store.raise_journal_floor(watermark)
+            renumber, older = await self.shipping.numbered_elsewhere(
+                watermark, time.time() - self.retention)
+            if renumber:
+                moved = self.store.renumber_journal(renumber, watermark)
+                log.warning("renumbered %d journal row(s) of member %s in %s: journaled under "
+                            "seqs %d..%d, which another process of that member id shipped "
+                            "rows of its own under; they ship above its watermark %d",
+                            moved, self.shipping.member_id, self.store.path, renumber[0],
+                            renumber[-1], watermark)
+            if older:
+                log.warning("%d journal row(s) of member %s in %s at or below its watermark "
+                            "%d are not in the shared ledger and are older than "
+                            "storage.audit_retention: taken for shipped rows the retention "
+                            "pruned since, and not shipped", older, self.shipping.member_id,
+                            self.store.path, watermark)
 
     async def ship_pending(self) -> int:
         async with self.lock:
@@ -443,7 +468,8 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
         if recorded == mid:
             return
     old = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
-                                         cfg.fleet.ship_batch, instance), store)
+                                         cfg.fleet.ship_batch, instance), store,
+                         cfg.storage.audit_retention)
     await old.resume()
     if not old.pending():
         # everything in it already shipped under that id: nothing to ship, and that id
@@ -530,7 +556,8 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         await pg_members.claim_or_refuse(pool, mid, instance,
                                          round(cfg.fleet.leader_ttl * 1000))
         shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
-                                                  cfg.fleet.ship_batch, instance), store)
+                                                  cfg.fleet.ship_batch, instance), store,
+                                  cfg.storage.audit_retention)
         await shipping.resume()
         storage = PostgresStorage.on(pool, local=store, shipping=shipping)
         await storage.watch()

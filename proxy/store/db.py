@@ -1515,6 +1515,24 @@ class Store:
             return c.execute("DELETE FROM journal WHERE seq <= ?", (shipped,)).rowcount
         return int(self.execute_write(tx))
 
+    def renumber_journal(self, seqs: Sequence[int], above: int) -> int:
+        """Fleet mode, at start (before any row is journaled): give the journal rows at
+        ``seqs`` new seqs above ``above`` (the member id's shipped watermark) and every seq
+        the journal held (``max(max(seq), hwm)``, migration 13), in their order: rows this
+        journal numbered under seqs another process of its member id shipped
+        (``JournalShipping.numbered_elsewhere``), so they ship as new rows instead of being
+        taken for those. One transaction; returns the rows moved."""
+        def tx(c: sqlite3.Connection) -> int:
+            top = int(c.execute("SELECT max(coalesce((SELECT max(seq) FROM journal), 0),"
+                                " (SELECT hwm FROM journal_seq WHERE id = 0), ?)",
+                                (above,)).fetchone()[0])
+            moved = 0
+            for i, seq in enumerate(sorted(seqs), 1):
+                moved += c.execute("UPDATE journal SET seq = ? WHERE seq = ?",
+                                   (top + i, seq)).rowcount
+            return moved
+        return int(self.execute_write(tx))
+
     def journal_owner(self) -> str | None:
         """Fleet mode: the member id this journal's rows ship under (None: never recorded,
         a new file or one from before migration 16)."""

@@ -297,3 +297,43 @@ async def test_a_fully_shipped_journal_is_adopted_while_its_old_id_runs_elsewher
             await fleet.stop_all()
         assert await _by_member(fleet.dsn) == {"a": (3, 3), "b": (3, 3)}
         assert "all of it shipped" in (tmp_path / "a" / "proxy-b.log").read_text()
+
+
+@pytest.mark.parametrize("back_as", ["a", "b"])
+async def test_rows_journaled_under_seqs_another_process_of_the_id_shipped_ship_renumbered(
+        tmp_path: Path, upstream: str, back_as: str) -> None:
+    """Member "a" killed with rows unshipped (seqs 1..3); a process under id "a" on another
+    volume (the pod rescheduled) ships its own seqs 1..5; "a"'s volume comes back, under
+    "a" or under a new id "b" (the journal records "a": it ships the rest under "a" first).
+    Its three rows are not the ones the ledger holds under those seqs (other request ids):
+    they ship under "a", renumbered above its watermark (they used to be taken for shipped
+    by the watermark, then pruned: three requests served and never billed). A row the
+    ledger does hold under its seq is not resent (the journal of the old version, above)."""
+    async with fleet_of(tmp_path, upstream, fleet={"ship_interval": "1h"}) as fleet:
+        async with aiohttp.ClientSession() as s:
+            (a,) = await fleet.start(["a"])
+            key = await customer_key(s, a)
+            await _requests(s, a, key, 3)            # seqs 1..3, not shipped (1h)
+            path = fleet.tmp / "a" / "journal.db"
+            await wait_until(lambda: _journal_row(path, 3), what="seq 3 in a's journal")
+            a.proc.kill()
+            elsewhere = fleet.add("a-elsewhere", member_id="a")   # waits out a's claim
+            await elsewhere.proc.wait_ready(60)
+            await _requests(s, elsewhere, key, 5)
+            await fleet.stop_all()                   # ships seqs 1..5 under "a"
+            assert await _by_member(fleet.dsn) == {"a": (5, 5)}
+            back = fleet.add("a-back", member_id=back_as, journal_of="a")
+            await back.proc.wait_ready(60)
+            await _requests(s, back, key, 1)
+            await fleet.stop_all()
+        assert await _by_member(fleet.dsn) == (
+            {"a": (9, 9)} if back_as == "a" else {"a": (8, 8), "b": (1, 1)})
+        conn = await asyncpg.connect(fleet.dsn)
+        try:
+            seqs = [int(r[0]) for r in await conn.fetch(
+                "SELECT seq FROM usage_ledger WHERE member_id = 'a' ORDER BY seq")]
+        finally:
+            await conn.close()
+        assert seqs == list(range(1, 10 if back_as == "a" else 9))
+        log = (tmp_path / "a" / "proxy-a-back.log").read_text()
+        assert "renumbered 3 journal row(s)" in log, log[-2000:]

@@ -70,6 +70,53 @@ async def test_usage_materialized_locally_before_shipping_is_still_shipped(
     assert "api_calls" in totals and totals["api_calls"].requests == 1
 
 
+async def _recorded(live: PostgresStorage, rows: list[UsageRow]) -> None:
+    for r in rows:
+        fut = live.usage.record(r, True)
+        assert fut is not None
+        await fut
+
+
+async def test_rows_numbered_under_seqs_another_journal_of_the_id_shipped_are_found_and_moved(
+        pg: PostgresStorage, tmp_path: Path) -> None:
+    """Two journals under member id m1 (a process killed, another under the same id on a new
+    volume): the first's rows at or below the id's watermark that the ledger does not hold
+    at their seq are found (``numbered_elsewhere``; its shipped, unpruned row is not), moved
+    above every seq the journal held (``renumber_journal``, in order), and then ship; older
+    than the retention cutoff they are only counted."""
+    await pg.customers.upsert("acme", None, None, None)
+    first = Store.open(tmp_path / "a.db", keep_journal=True)
+    second = Store.open(tmp_path / "b.db", keep_journal=True)
+    try:
+        ship_a = JournalShipping(pg.pool, "m1", SqliteJournal(first.conn))
+        live_a = PostgresStorage.on(pg.pool, local=first, shipping=ship_a)
+        await _recorded(live_a, [_row(0)])
+        assert await ship_a.ship_pending() == 1          # seq 1 shipped, not pruned
+        await _recorded(live_a, [_row(1), _row(2)])      # seqs 2, 3: never shipped
+        ship_b = JournalShipping(pg.pool, "m1", SqliteJournal(second.conn))
+        live_b = PostgresStorage.on(pg.pool, local=second, shipping=ship_b)
+        second.raise_journal_floor(await ship_b.resume())
+        await _recorded(live_b, [_row(10 + i) for i in range(4)])   # seqs 2..5
+        assert await ship_b.ship_pending() == 4
+        watermark = await ship_a.resume()
+        assert watermark == 5
+        assert await ship_a.numbered_elsewhere(watermark, T0 + 3) == ([], 2)
+        found, older = await ship_a.numbered_elsewhere(watermark, T0)
+        assert (found, older) == ([2, 3], 0)
+        assert first.renumber_journal(found, watermark) == 2
+        assert [(s, r.request_id) for s, r in SqliteJournal(first.conn).rows_after(0, 10)] \
+            == [(1, "r0"), (6, "r1"), (7, "r2")]
+        assert await ship_a.numbered_elsewhere(watermark, T0) == ([], 0)
+        assert await ship_a.ship_pending() == 2
+        first.prune_journal(ship_a.shipper.watermark)
+        await _recorded(live_a, [_row(3)])               # above every seq it held
+        assert [s for s, _r in SqliteJournal(first.conn).rows_after(0, 10)] == [8]
+    finally:
+        first.close()
+        second.close()
+    _s, _e, totals = await pg.usage.usage("acme", T0, T0 + 60)
+    assert totals["api_calls"].requests == 7
+
 
 async def test_batch_after_reads_the_same_columns_as_the_row_path(tmp_path: Path) -> None:
     """The running member ships ``batch_after``'s columns; tests and tools ship rows through

@@ -15,7 +15,9 @@ member id. The ``Store`` journal never reuses one itself, even once every row wa
 that shipped before starts above that id's shipped seq (``LockedShipping.resume``, at
 start); and a journal records the member id its rows ship under (``Store.journal_owner``,
 SQLite migration 16), so rows are never shipped under an id that did not number them
-(``proxy.fleet.runtime``).
+(``proxy.fleet.runtime``); rows a journal numbered at seqs another process of its id shipped
+(that process and this journal both numbered from one watermark) are found at start
+(``shipped_as``) and renumbered above the watermark (``Store.renumber_journal``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from proxy.store.postgres.shipping import Batch
 
 _AFTER = "SELECT seq, row FROM journal WHERE seq > ? ORDER BY seq LIMIT ?"
 _OLDEST = "SELECT seq, row FROM journal ORDER BY seq LIMIT ?"
+_BETWEEN = "SELECT seq, row FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,17 @@ class SqliteJournal:
             out.append((str(rid), int(s), str(cid)))
         return out
 
+    def keys_between(self, after: int, upto: int,
+                     limit: int) -> list[tuple[str, int, str, float, bool]]:
+        """The first ``limit`` journal rows with a seq in (``after``, ``upto``], as the shared
+        ledger finds what they shipped, with their time and whether they carry a usage item:
+        (request id, seq, customer, at, has items)."""
+        out: list[tuple[str, int, str, float, bool]] = []
+        for s, blob in self.conn.execute(_BETWEEN, (after, upto, limit)):
+            row = orjson.loads(blob)
+            out.append((str(row[0]), int(s), str(row[2]), float(row[1]), bool(row[9])))
+        return out
+
 
 _SHIPPED_UNDER = """
 SELECT DISTINCT u.member_id FROM usage_ledger u
@@ -104,6 +118,28 @@ async def shipped_under(pool: PgPool, keys: Sequence[tuple[str, int, str]]) -> l
     async def once() -> list[str]:
         async with pool.acquire() as c:
             return [str(r[0]) for r in await c.fetch(_SHIPPED_UNDER, *cols)]
+    return await pool.retrying(once)
+
+
+_SHIPPED_AS = """
+SELECT DISTINCT j.s FROM unnest($2::text[], $3::bigint[], $4::text[]) AS j(r, s, c)
+JOIN usage_ledger u ON u.request_id = j.r AND u.seq = j.s AND u.customer_id = j.c
+WHERE u.member_id = $1
+"""
+
+
+async def shipped_as(pool: PgPool, member_id: str,
+                     keys: Sequence[tuple[str, int, str]]) -> set[int]:
+    """The seqs of ``keys`` ((request id, seq, customer)) whose row the shared ledger holds
+    under ``member_id`` at that seq: shipped by this journal. One statement (by the
+    request-id index)."""
+    if not keys:
+        return set()
+    cols = [list(c) for c in zip(*keys, strict=True)]
+
+    async def once() -> set[int]:
+        async with pool.acquire() as c:
+            return {int(r[0]) for r in await c.fetch(_SHIPPED_AS, member_id, *cols)}
     return await pool.retrying(once)
 
 
