@@ -22,6 +22,8 @@ before its usage).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from proxy.store.db import UsageRow
 from proxy.store.postgres.journal import SqliteJournal, ship_debit_columns, shipped_as
 from proxy.store.postgres.pool import PgPool
@@ -34,6 +36,16 @@ def to_local(seq: int, r: UsageRow) -> LocalRow:
                     r.rules_version, r.status,
                     tuple(ShipItem(i.meter, i.quantity, i.credits, i.billable, i.flags)
                           for i in r.items), r.method, r.path)
+
+
+@dataclass(slots=True)
+class Renumbering:
+    """``JournalShipping.numbered_elsewhere``: the rows to renumber."""
+
+    seqs: list[int]       # never shipped: moved above the watermark (``Store.renumber_journal``)
+    debited: int          # not shipped, but their grant debits did (under the old seq, before
+                          # the usage): left, so the grant is not debited a second time
+    older: int            # not found, but older than what the retention pruned: left
 
 
 class JournalShipping:
@@ -54,34 +66,40 @@ class JournalShipping:
         self._loaded = True
         return watermark
 
-    async def numbered_elsewhere(self, watermark: int,
-                                 not_before: float) -> tuple[list[int], int]:
+    async def numbered_elsewhere(self, watermark: int) -> Renumbering:
         """The journal's rows at or below ``watermark`` (rows above it ship as usual) that
-        the shared ledger does not hold under this member id at their seq: (the seqs of those
-        journaled at or after ``not_before`` (the audit retention's cutoff, seconds), the
-        number of older ones). A row this journal shipped is found there (it is still in the
-        journal when the process stopped between a ship and its prune). One that is not was
-        numbered here while another process of the id shipped its own rows under those seqs
-        (this one was killed or stalled and another took its id): the watermark alone would
-        take it for shipped. An older one cannot be told from a shipped row the retention
-        pruned since. Rows without a usage item are not counted (nothing of theirs is in the
-        ledger to look up). One local read and one statement per ``batch_size`` rows, only
-        for rows at or below the watermark (none, normally)."""
-        renumber: list[int] = []
-        older = 0
+        the shared ledger does not hold under this member id at their seq. A row this
+        journal shipped is found there (the same request id, customer and time at that seq:
+        the process stopped between a ship and its prune). One that is not, and that the
+        audit retention cannot have pruned (journaled at or after the highest cutoff it ever
+        deleted below, ``audit_pruned``), never shipped: it was numbered here while another
+        process of the id shipped its own rows under those seqs (this one was killed or
+        stalled, and another took its id), and the watermark alone would take it for
+        shipped. Rows without a usage item have nothing in the ledger to find and are left
+        out; so is a row whose grant debits shipped under its seq before its usage did (a
+        row journaled in single-process mode, the process gone between the two): shipped
+        under a new seq, its credits would debit the grant a second time (counted in
+        ``debited``; its usage stays unshipped, as before). One local read and one
+        statement per ``batch_size`` rows, only for rows at or below the watermark (none,
+        normally)."""
+        out = Renumbering([], 0, 0)
         after = 0
         while keys := self.journal.keys_between(after, watermark, self.shipper.batch_size):
             after = keys[-1][1]
             found = await shipped_as(self.pool, self.member_id,
-                                     [(rid, seq, cid) for rid, seq, cid, _at, has in keys
+                                     [(rid, seq, cid, at) for rid, seq, cid, at, has in keys
                                       if has])
             for _rid, seq, _cid, at, has in keys:
-                if has and seq not in found:
-                    if at >= not_before:
-                        renumber.append(seq)
-                    else:
-                        older += 1
-        return renumber, older
+                if not has or seq in found.shipped:
+                    continue
+                if at < found.pruned_before:
+                    out.older += 1
+                    continue
+                if seq in found.debited:
+                    out.debited += 1
+                    continue
+                out.seqs.append(seq)
+        return out
 
     async def ship_pending(self) -> int:
         """Ship every journal row after the watermark; returns how many rows shipped.

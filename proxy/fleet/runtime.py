@@ -101,13 +101,9 @@ class LockedShipping:
     """``JournalShipping`` with one ship at a time (the timer and the flusher's materialize
     both ship) and the journal pruned after each ship."""
 
-    def __init__(self, shipping: JournalShipping, store: Store,
-                 retention: float = float("inf")) -> None:
-        """``retention``: ``storage.audit_retention`` (seconds): how far back the shared
-        ledger still holds what shipped (``resume``)."""
+    def __init__(self, shipping: JournalShipping, store: Store) -> None:
         self.shipping = shipping
         self.store = store
-        self.retention = retention
         self.lock = asyncio.Lock()
         self.last_ok: float | None = None        # wall clock of the last complete ship
         self.shipped = 0
@@ -128,20 +124,26 @@ class LockedShipping:
         async with self.lock:
             watermark = await self.shipping.resume()
             self.store.raise_journal_floor(watermark)
-            renumber, older = await self.shipping.numbered_elsewhere(
-                watermark, time.time() - self.retention)
-            if renumber:
-                moved = self.store.renumber_journal(renumber, watermark)
+            found = await self.shipping.numbered_elsewhere(watermark)
+            if found.seqs:
+                moved = self.store.renumber_journal(found.seqs, watermark)
                 log.warning("renumbered %d journal row(s) of member %s in %s: journaled under "
                             "seqs %d..%d, which another process of that member id shipped "
                             "rows of its own under; they ship above its watermark %d",
-                            moved, self.shipping.member_id, self.store.path, renumber[0],
-                            renumber[-1], watermark)
-            if older:
+                            moved, self.shipping.member_id, self.store.path, found.seqs[0],
+                            found.seqs[-1], watermark)
+            if found.debited:
                 log.warning("%d journal row(s) of member %s in %s at or below its watermark "
-                            "%d are not in the shared ledger and are older than "
-                            "storage.audit_retention: taken for shipped rows the retention "
-                            "pruned since, and not shipped", older, self.shipping.member_id,
+                            "%d are not in the shared ledger, but their grant debits are "
+                            "(shipped under the old seqs before the usage): not shipped again "
+                            "(the grant would be debited twice); their usage is not in the "
+                            "shared ledger", found.debited, self.shipping.member_id,
+                            self.store.path, watermark)
+            if found.older:
+                log.warning("%d journal row(s) of member %s in %s at or below its watermark "
+                            "%d are not in the shared ledger and are older than what the "
+                            "audit retention pruned: taken for shipped rows it pruned, and "
+                            "not shipped", found.older, self.shipping.member_id,
                             self.store.path, watermark)
 
     async def ship_pending(self) -> int:
@@ -468,8 +470,7 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
         if recorded == mid:
             return
     old = LockedShipping(JournalShipping(pool, recorded, SqliteJournal(store.conn),
-                                         cfg.fleet.ship_batch, instance), store,
-                         cfg.storage.audit_retention)
+                                         cfg.fleet.ship_batch, instance), store)
     await old.resume()
     if not old.pending():
         # everything in it already shipped under that id: nothing to ship, and that id
@@ -556,8 +557,7 @@ async def open_fleet(cfg: Config, store: Store) -> Fleet:
         await pg_members.claim_or_refuse(pool, mid, instance,
                                          round(cfg.fleet.leader_ttl * 1000))
         shipping = LockedShipping(JournalShipping(pool, mid, SqliteJournal(store.conn),
-                                                  cfg.fleet.ship_batch, instance), store,
-                                  cfg.storage.audit_retention)
+                                                  cfg.fleet.ship_batch, instance), store)
         await shipping.resume()
         storage = PostgresStorage.on(pool, local=store, shipping=shipping)
         await storage.watch()

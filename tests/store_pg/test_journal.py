@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.credits.ledger import Entry
-from proxy.fleet.journal_shipping import JournalShipping, to_local
+from proxy.credits.ledger import Entry, GrantState
+from proxy.fleet.journal_shipping import JournalShipping, Renumbering, to_local
 from proxy.store.db import Store, UsageItem, UsageRow
-from proxy.store.postgres.journal import SqliteJournal
+from proxy.store.postgres.journal import SqliteJournal, ship_debits
 from proxy.store.postgres.shipping import Batch
 from proxy.store.postgres.storage import PostgresStorage
+from proxy.store.protocols import NewGrant
 from tests.store_pg.helpers import C
 
 T0 = 1_767_225_600
@@ -70,6 +71,12 @@ async def test_usage_materialized_locally_before_shipping_is_still_shipped(
     assert "api_calls" in totals and totals["api_calls"].requests == 1
 
 
+async def _pruned_before(pg: PostgresStorage, ms: int) -> None:
+    """As if the audit retention had deleted rows below ``ms`` and no later ones."""
+    async with pg.pool.acquire() as c:
+        await c.execute("UPDATE audit_pruned SET before_ms = $1", ms)
+
+
 async def _recorded(live: PostgresStorage, rows: list[UsageRow]) -> None:
     for r in rows:
         fut = live.usage.record(r, True)
@@ -96,17 +103,24 @@ async def test_rows_numbered_under_seqs_another_journal_of_the_id_shipped_are_fo
         ship_b = JournalShipping(pg.pool, "m1", SqliteJournal(second.conn))
         live_b = PostgresStorage.on(pg.pool, local=second, shipping=ship_b)
         second.raise_journal_floor(await ship_b.resume())
-        await _recorded(live_b, [_row(10 + i) for i in range(4)])   # seqs 2..5
+        # seqs 2..5; the first two reuse r1's and r2's request ids (a client's X-Request-Id)
+        await _recorded(live_b, [UsageRow(f"r{i + 1}" if i < 2 else f"r{10 + i}", T0 + 10 + i,
+                                          "acme", "k1", "rule", "v1", 200,
+                                          [UsageItem("api_calls", C, credits=0)])
+                                 for i in range(4)])
         assert await ship_b.ship_pending() == 4
         watermark = await ship_a.resume()
         assert watermark == 5
-        assert await ship_a.numbered_elsewhere(watermark, T0 + 3) == ([], 2)
-        found, older = await ship_a.numbered_elsewhere(watermark, T0)
-        assert (found, older) == ([2, 3], 0)
-        assert first.renumber_journal(found, watermark) == 2
+        # the retention deleted rows below T0 + 3 s (r1, r2 are older): they may have shipped
+        await _pruned_before(pg, (T0 + 3) * 1000)
+        assert await ship_a.numbered_elsewhere(watermark) == Renumbering([], 0, 2)
+        await _pruned_before(pg, T0 * 1000)
+        found = await ship_a.numbered_elsewhere(watermark)
+        assert found == Renumbering([2, 3], 0, 0)
+        assert first.renumber_journal(found.seqs, watermark) == 2
         assert [(s, r.request_id) for s, r in SqliteJournal(first.conn).rows_after(0, 10)] \
             == [(1, "r0"), (6, "r1"), (7, "r2")]
-        assert await ship_a.numbered_elsewhere(watermark, T0) == ([], 0)
+        assert await ship_a.numbered_elsewhere(watermark) == Renumbering([], 0, 0)
         assert await ship_a.ship_pending() == 2
         first.prune_journal(ship_a.shipper.watermark)
         await _recorded(live_a, [_row(3)])               # above every seq it held
@@ -116,6 +130,47 @@ async def test_rows_numbered_under_seqs_another_journal_of_the_id_shipped_are_fo
         second.close()
     _s, _e, totals = await pg.usage.usage("acme", T0, T0 + 60)
     assert totals["api_calls"].requests == 7
+
+
+async def test_a_row_whose_grant_debits_shipped_without_its_usage_is_not_renumbered(
+        pg: PostgresStorage, tmp_path: Path) -> None:
+    """A journal row carrying grant debits (journaled in single-process mode) whose debits
+    shipped under its seq before its usage did (the member died between the two), the seq
+    then taken by another journal of the id: not renumbered (under a new seq its credits
+    would debit the grant a second time), only counted; the row without debits shipped is."""
+    await pg.customers.upsert("acme", None, None, None)
+    await pg.ledger.create_grant(NewGrant(GrantState("g1", "acme", 10 * C)))
+    await _pruned_before(pg, T0 * 1000)
+    first = Store.open(tmp_path / "a.db", keep_journal=True)
+    second = Store.open(tmp_path / "b.db", keep_journal=True)
+    try:
+        for i in range(2):
+            fut = first.record(UsageRow(f"r{i}", T0 + i, "acme", "k1", "rule", "v1", 200,
+                                        [UsageItem("api_calls", C, credits=C)],
+                                        debits=[("api_calls", Entry("g1", "debit", C))]), True)
+            assert fut is not None
+            await fut
+        journal = SqliteJournal(first.conn)
+        assert await ship_debits(pg.pool, "m1", journal.rows_after(0, 1)) == 1   # r0's only
+        ship_b = JournalShipping(pg.pool, "m1", SqliteJournal(second.conn))
+        live_b = PostgresStorage.on(pg.pool, local=second, shipping=ship_b)
+        await _recorded(live_b, [UsageRow(f"b{i}", T0 + 10 + i, "acme", "k1", "rule", "v1",
+                                          200, [UsageItem("api_calls", C)]) for i in range(2)])
+        assert await ship_b.ship_pending() == 2          # seqs 1, 2 under m1
+        ship_a = JournalShipping(pg.pool, "m1", journal)
+        watermark = await ship_a.resume()
+        found = await ship_a.numbered_elsewhere(watermark)
+        assert found == Renumbering([2], 1, 0)
+        assert first.renumber_journal(found.seqs, watermark) == 1
+        assert [(s, r.request_id) for s, r in journal.rows_after(0, 10)] == [
+            (1, "r0"), (3, "r1")]
+        assert await ship_a.ship_pending() == 1
+    finally:
+        first.close()
+        second.close()
+    assert await pg.ledger.entry_total("g1", "debit") == 2 * C
+    _s, _e, totals = await pg.usage.usage("acme", T0, T0 + 60)
+    assert totals["api_calls"].requests == 3
 
 
 async def test_batch_after_reads_the_same_columns_as_the_row_path(tmp_path: Path) -> None:

@@ -79,15 +79,26 @@ async def test_audit_in_commit_order_per_customer_by_time_and_pruned(
     assert len(await pg.usage.audit_for_request("shared")) == 2
     assert sorted(await pg.usage.audit_versions(T0, T0 + 60)) == ["v1", "v2"]
     assert await pg.usage.audit_versions(T0 + 31, T0 + 60) == []
+    async with pg.pool.acquire() as c:
+        await c.execute("UPDATE audit_pruned SET before_ms = 0")
     assert await pg.usage.prune_audit((T0 + 30) * 1000, batch=1) == 0   # oldest is at 30
+    assert await _pruned_before(pg) == 0             # nothing deleted: not raised
     assert await pg.usage.prune_audit((T0 + 31) * 1000, batch=1) == 1
+    assert await _pruned_before(pg) == (T0 + 31) * 1000
     assert await pg.usage.prune_audit((T0 + 31) * 1000) == 3
     assert await pg.usage.prune_audit((T0 + 31) * 1000) == 0
+    assert await pg.usage.prune_audit((T0 + 35) * 1000) == 0    # deletes nothing: not raised
+    assert await _pruned_before(pg) == (T0 + 31) * 1000
     left = [r async for b in pg.usage.audit_stream(None, T0, T0 + 60) for r in b]
     assert [r.at_ms // 1000 - T0 for r in left] == [40]
     # pruning the audit keeps the totals
     _s, _e, totals = await pg.usage.usage("a", T0, T0 + 60)
     assert totals["api_calls"].requests == 3
+
+
+async def _pruned_before(pg: PostgresStorage) -> int:
+    async with pg.pool.acquire() as c:
+        return int(await c.fetchval("SELECT before_ms FROM audit_pruned"))
 
 
 async def test_record_goes_to_the_local_journal(member: MemberFactory, tmp_path: Path) -> None:

@@ -89,14 +89,14 @@ class SqliteJournal:
         return out
 
     def keys_between(self, after: int, upto: int,
-                     limit: int) -> list[tuple[str, int, str, float, bool]]:
+                     limit: int) -> list[tuple[str, int, str, int, bool]]:
         """The first ``limit`` journal rows with a seq in (``after``, ``upto``], as the shared
-        ledger finds what they shipped, with their time and whether they carry a usage item:
-        (request id, seq, customer, at, has items)."""
-        out: list[tuple[str, int, str, float, bool]] = []
+        ledger finds what they shipped (``shipped_as``): (request id, seq, customer, at in ms
+        as shipped, whether the row carries a usage item)."""
+        out: list[tuple[str, int, str, int, bool]] = []
         for s, blob in self.conn.execute(_BETWEEN, (after, upto, limit)):
             row = orjson.loads(blob)
-            out.append((str(row[0]), int(s), str(row[2]), float(row[1]), bool(row[9])))
+            out.append((str(row[0]), int(s), str(row[2]), int(row[1] * 1000), bool(row[9])))
         return out
 
 
@@ -122,24 +122,42 @@ async def shipped_under(pool: PgPool, keys: Sequence[tuple[str, int, str]]) -> l
 
 
 _SHIPPED_AS = """
-SELECT DISTINCT j.s FROM unnest($2::text[], $3::bigint[], $4::text[]) AS j(r, s, c)
-JOIN usage_ledger u ON u.request_id = j.r AND u.seq = j.s AND u.customer_id = j.c
-WHERE u.member_id = $1
+SELECT j.s,
+       EXISTS (SELECT 1 FROM usage_ledger u WHERE u.request_id = j.r AND u.member_id = $1
+               AND u.seq = j.s AND u.customer_id = j.c AND u.at_ms = j.t),
+       EXISTS (SELECT 1 FROM credit_entries e WHERE e.member_id = $1 AND e.member_seq = j.s
+               AND e.request_id = j.r AND e.customer_id = j.c AND e.at_ms = j.t),
+       (SELECT before_ms FROM audit_pruned WHERE id = 0)
+FROM unnest($2::text[], $3::bigint[], $4::text[], $5::bigint[]) AS j(r, s, c, t)
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the shared ledger holds of some journal rows (``shipped_as``)."""
+
+    shipped: set[int]     # seqs whose row it holds under the member id at that seq
+    debited: set[int]     # seqs whose grant debits it holds (the same way)
+    pruned_before: int    # ms: rows older than this may have been pruned by the retention
+
+
 async def shipped_as(pool: PgPool, member_id: str,
-                     keys: Sequence[tuple[str, int, str]]) -> set[int]:
-    """The seqs of ``keys`` ((request id, seq, customer)) whose row the shared ledger holds
-    under ``member_id`` at that seq: shipped by this journal. One statement (by the
-    request-id index)."""
+                     keys: Sequence[tuple[str, int, str, int]]) -> Lookup:
+    """Which of ``keys`` ((request id, seq, customer, at in ms)) the shared ledger holds
+    under ``member_id`` at that seq (shipped by this journal: the same request, customer
+    and time, so a client's reused request id is not taken for the row), which have their
+    debits in ``credit_entries``, and below what time the audit retention may have deleted
+    rows (``audit_pruned``, PostgreSQL migration 14): one statement, one snapshot (by the
+    request-id and the shipped-debit indexes)."""
     if not keys:
-        return set()
+        return Lookup(set(), set(), 0)
     cols = [list(c) for c in zip(*keys, strict=True)]
 
-    async def once() -> set[int]:
+    async def once() -> Lookup:
         async with pool.acquire() as c:
-            return {int(r[0]) for r in await c.fetch(_SHIPPED_AS, member_id, *cols)}
+            rows = await c.fetch(_SHIPPED_AS, member_id, *cols)
+        return Lookup({int(r[0]) for r in rows if r[1]}, {int(r[0]) for r in rows if r[2]},
+                      int(rows[0][3]))
     return await pool.retrying(once)
 
 

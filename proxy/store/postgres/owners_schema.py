@@ -37,7 +37,11 @@ migration 14: a true-up's ``sending`` status and ``trueups.stripe_customer_id``.
 is SQLite's migration 15: ``outbox.first_attempt_at``. Migration 12: ``members.instance`` and
 ``leader_leases.instance``, the token of the one live process per member id
 (``proxy.store.postgres.members.claim``). Migration 13 is SQLite's migration 17: an index on
-``customers.stripe_customer_id``.
+``customers.stripe_customer_id``. Migration 14: ``audit_pruned.before_ms``, the highest
+cutoff the audit retention ever deleted ``usage_ledger`` rows below (written by the prune's
+own statement), so a start can tell a journal row that never shipped from one the retention
+pruned (``proxy.store.postgres.journal.shipped_as``); it starts at the migration's time (what
+was pruned before it is unknown).
 """
 
 from __future__ import annotations
@@ -258,6 +262,13 @@ OWNER_MIGRATIONS: tuple[str, ...] = (
     # 13: SQLite's migration 17: customers by Stripe customer id (an index, not a scan)
     """
     CREATE INDEX customers_stripe_customer ON customers(stripe_customer_id);
+    """,
+    # 14: the highest cutoff the audit retention deleted usage_ledger rows below
+    # (proxy.store.postgres.usage.prune_audit); unknown before this migration: its time
+    """
+    CREATE TABLE audit_pruned (id INTEGER PRIMARY KEY CHECK (id = 0), before_ms BIGINT NOT NULL);
+    INSERT INTO audit_pruned (id, before_ms)
+        VALUES (0, (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT);
     """,
 )
 

@@ -34,6 +34,20 @@ _AUDIT_COLS = ("audit_seq, at_ms, request_id, customer_id, key_id, rule, rules_v
                " meter, quantity, credits, billable, flags, method, path")
 
 
+
+# the retention's deletion, and the highest cutoff it ever deleted below (migration 14),
+# in one statement: a reader of both in one snapshot never sees one without the other
+_PRUNE_AUDIT = """
+WITH gone AS (
+    DELETE FROM usage_ledger WHERE audit_seq IN (
+        SELECT audit_seq FROM usage_ledger ORDER BY audit_seq LIMIT $2) AND at_ms < $1
+    RETURNING 1),
+mark AS (
+    UPDATE audit_pruned SET before_ms = $1
+    WHERE id = 0 AND before_ms < $1 AND EXISTS (SELECT 1 FROM gone))
+SELECT count(*) FROM gone
+"""
+
 class LocalRecorder(Protocol):
     """The member's local journal (``proxy.store.db.Store``)."""
 
@@ -163,10 +177,9 @@ class PostgresUsage:
         """Among the ``batch`` oldest rows in commit order, those older than the cutoff
         (as SQLite: commit order is the index, no scan by time). The minutes keep their
         totals (the trigger fires on insert only), and members never resend a pruned row:
-        a shipper starts from the larger of its journal's and ``members.last_shipped_seq``."""
+        a shipper starts from the larger of its journal's and ``members.last_shipped_seq``.
+        A deletion raises ``audit_pruned.before_ms`` to the cutoff in the same statement
+        (a start tells a row the retention pruned from one that never shipped by it)."""
         async with self.pool.acquire() as c:
-            status = await c.execute(
-                "DELETE FROM usage_ledger WHERE audit_seq IN (SELECT audit_seq FROM"
-                " usage_ledger ORDER BY audit_seq LIMIT $2) AND at_ms < $1",
-                cutoff_ms, batch)
-        return int(status.split()[-1])
+            n = await c.fetchval(_PRUNE_AUDIT, cutoff_ms, batch)
+        return int(n)
