@@ -56,6 +56,7 @@ from proxy.request.auth import Authenticator
 from proxy.request.consumer import ConsumerApi
 from proxy.request.forward import Upstream
 from proxy.request.pipeline import Pipeline
+from proxy.request.wire import write_without_joining
 from proxy.rules import RulesError, RuleSet, load_rules
 from proxy.runtime import Runtime
 from proxy.sinks.base import Sink
@@ -192,6 +193,7 @@ def _task(undo: AsyncExitStack, name: str, coro: Coroutine[Any, Any, Any]) -> as
 
 
 async def _start(cfg: Config, undo: AsyncExitStack) -> Server:
+    write_without_joining()
     rules = load_ruleset(cfg)
     sink = build_sink(cfg.stripe)      # a sink that cannot run is refused before opening files
     undo.push_async_callback(sink.close)

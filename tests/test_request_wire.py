@@ -127,3 +127,83 @@ async def test_a_closed_connection_is_refused_before_anything_is_written() -> No
         srv.close()
         await server.shutdown(1)
     assert len(seen) == 1
+
+
+class _Recording:
+    """A transport wrapper noting what each write was handed (delegates everything)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.pieces: list[list[bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.pieces.append([data])
+        self.real.write(data)
+
+    def writelines(self, data: Any) -> None:
+        data = list(data)
+        self.pieces.append(data)
+        self.real.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def _one_piece(body: bytes) -> tuple[bytes, list[list[bytes]]]:
+    """A ``web.Response`` with ``body`` (the proxy's one-piece answer of a body of at most
+    64 KiB) on a real ``web.Server``, read raw: (the bytes on the wire, what the transport
+    was handed per write)."""
+    rec: dict[str, _Recording] = {}
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        rec["t"] = _Recording(request.protocol.transport)
+        request.protocol.transport = rec["t"]  # type: ignore[assignment]
+        return web.Response(body=body, headers=_FIXED)
+
+    server = web.Server(handler)
+    srv = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        srv.close()
+        await server.shutdown(1)
+        await srv.wait_closed()
+    return data, rec["t"].pieces
+
+
+def test_a_one_piece_body_goes_to_the_transport_unjoined_with_the_same_bytes() -> None:
+    """``write_without_joining`` (``meterproxy serve`` runs it at start): a one-piece
+    response of WRITEV_MIN bytes or more (head and body) reaches the transport as the body
+    object itself beside its head (uvloop: one writev; it was joined with the head into a
+    new bytes first, a copy of the whole body), a smaller one joined as before; the bytes on the wire
+    are the same either way, on uvloop (the proxy's loop) and on the stdlib loop."""
+    from aiohttp import http_writer
+
+    from proxy.request.wire import write_without_joining
+
+    sizes = [0, 100, 2048, 8192, WRITEV_MIN, 65_536]
+    saved = (http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES)
+
+    async def run(unjoined: bool) -> list[tuple[bytes, list[list[bytes]]]]:
+        if unjoined:
+            write_without_joining()
+        return [await _one_piece(b"z" * n) for n in sizes]
+
+    try:
+        for runner in (uvloop.run, asyncio.run):
+            http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES = True, 2048
+            joined = runner(run(False))
+            unjoined = runner(run(True))
+            for n, (want, _), (got, pieces) in zip(sizes, joined, unjoined, strict=True):
+                assert got == want, n
+                body = [p for w in pieces for p in w if len(p) == n and n]
+                if n >= WRITEV_MIN:
+                    assert len(pieces) == 1 and len(pieces[0]) == 2 and pieces[0][1] is body[0]
+                elif n:
+                    assert not body          # (joined with the head)
+            assert [len(p) for _want, ps in joined for p in ps if len(ps) > 0] == [1] * 6
+    finally:
+        http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES = saved

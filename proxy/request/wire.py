@@ -35,9 +35,10 @@ tests/test_request_wire.py fails if an aiohttp upgrade changes them.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Collection
 
-from aiohttp import ClientConnectionResetError, web
+from aiohttp import ClientConnectionResetError, http_writer, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_writer import StreamWriter
@@ -50,6 +51,29 @@ _SIZE_LINES = tuple(b"%x\r\n" % n for n in range(2048))
 # a batch with a chunk this large is written as its pieces (one writev), not joined first:
 # below it the join is cheaper than the writev's per-piece buffer set-up
 WRITEV_MIN = 16384
+
+
+def write_without_joining() -> None:
+    """Let aiohttp hand a response's head and body (or a chunk and its framing) to the
+    transport as pieces instead of joining them into one new bytes first.
+
+    aiohttp's ``StreamWriter`` joins them on Python before 3.12.9 (``SKIP_WRITELINES``: the
+    fix of CVE-2024-12254 in asyncio's own socket transport, whose ``writelines`` on
+    3.12.0-3.12.8 and 3.13.0-3.13.1 could grow without bound); on 3.11 asyncio's
+    ``writelines`` is that same join, and uvloop's is one ``writev`` of the pieces (no copy,
+    nothing buffered but references). So a one-piece response of 16 KiB to 64 KiB
+    (``proxy.request.stream``) copied its whole body once more than needed: about 65k
+    instructions of a 64 KiB response's ~625k (docs/PERFORMANCE.md). Turned off where
+    neither transport can be hurt: Python before 3.12, or a uvloop loop running (as
+    ``meterproxy serve`` always runs). Process-wide: a module global of aiohttp, read at
+    each write (left alone if a later aiohttp no longer has it)."""
+    if not getattr(http_writer, "SKIP_WRITELINES", False):
+        return
+    if sys.version_info < (3, 12) or type(asyncio.get_running_loop()).__module__.startswith(
+            "uvloop"):
+        http_writer.SKIP_WRITELINES = False
+        # (below WRITEV_MIN the join is cheaper than writev's per-piece set-up, as for BodyWire)
+        http_writer.MIN_PAYLOAD_FOR_WRITELINES = WRITEV_MIN
 
 
 class StreamedResponse(web.StreamResponse):
