@@ -202,6 +202,29 @@ async def test_after_a_failed_start_the_same_config_starts_and_serves(
     _assert_database_free(tmp_path / "meter.db")
 
 
+async def test_start_hands_one_piece_bodies_to_the_transport_unjoined(
+        tmp_path: Path, upstream: str, stripe_double: RunningDouble) -> None:
+    """``start`` applies ``proxy.request.wire.write_without_joining`` (the 64 KiB response's
+    extra copy: docs/PERFORMANCE.md), on this Python or loop where it applies."""
+    import sys
+
+    from aiohttp import http_writer
+
+    from proxy.request.wire import WRITEV_MIN
+    saved = (http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES)
+    http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES = True, 2048
+    try:
+        stripe_double.state.add_meter("api_calls")
+        server = await start(config_mod.load(_config(tmp_path, upstream, stripe_double, 0, 0)))
+        await server.shutdown()
+        applies = sys.version_info < (3, 12) or \
+            type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        got = (http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES)
+        assert got == ((False, WRITEV_MIN) if applies else (True, 2048))
+    finally:
+        http_writer.SKIP_WRITELINES, http_writer.MIN_PAYLOAD_FOR_WRITELINES = saved
+
+
 async def test_shutdown_goes_on_past_a_task_that_failed_and_one_that_does_not_stop(
         tmp_path: Path, upstream: str, stripe_double: RunningDouble,
         caplog: pytest.LogCaptureFixture) -> None:
