@@ -484,8 +484,11 @@ async def _adopt_journal(cfg: Config, pool: PgPool, store: Store, mid: str,
     await pg_members.claim_or_refuse(
         pool, recorded, instance, stale_ms,
         f": the journal {store.path} holds usage member {recorded} journaled, which must ship "
-        f"under that id before member {mid} can use the file (a copy of a running member's "
-        "volume? give this member an empty storage.path of its own)")
+        f"under that id before member {mid} can use the file. A copy of a running member's "
+        "volume: give this member an empty storage.path of its own (the running member ships "
+        f"those rows itself). A volume of a member {recorded} that was killed while another "
+        f"process took its id: start this member once that process stopped (its rows then "
+        f"ship under {recorded})")
     try:
         await old.resume()          # (again: the id's watermark once it is claimed)
         shipped = await old.ship_pending()

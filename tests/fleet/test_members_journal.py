@@ -320,6 +320,10 @@ async def test_rows_journaled_under_seqs_another_process_of_the_id_shipped_ship_
             elsewhere = fleet.add("a-elsewhere", member_id="a")   # waits out a's claim
             await elsewhere.proc.wait_ready(60)
             await _requests(s, elsewhere, key, 5)
+            if back_as == "b":
+                # "a"'s rows must ship under "a", which runs elsewhere: refused until it stops
+                log = await _refused(fleet.add("b-early", member_id="b", journal_of="a"))
+                assert "start this member once that process stopped" in log, log[-2000:]
             await fleet.stop_all()                   # ships seqs 1..5 under "a"
             assert await _by_member(fleet.dsn) == {"a": (5, 5)}
             back = fleet.add("a-back", member_id=back_as, journal_of="a")
