@@ -59,23 +59,28 @@ async def _exchange(batches: list[list[bytes]], how: str, framing: str,
         out["size"] = resp.body_length      # (the writer's output_size, head and end included)
         return resp
 
+    data = await _served(handler, b"GET / HTTP/1.0\r\n\r\n" if framing == "close" else _GET)
+    return data, out["size"]
+
+
+_GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+async def _served(handler: Any, request: bytes) -> bytes:
+    """What a raw client reads to the connection's end after sending ``request`` to a real
+    ``web.Server`` running ``handler`` on a loopback socket."""
     server = web.Server(handler)
-    loop = asyncio.get_running_loop()
-    srv = await loop.create_server(server, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
+    srv = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        if framing == "close":
-            writer.write(b"GET / HTTP/1.0\r\n\r\n")
-        else:
-            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        writer.write(request)
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
     finally:
         srv.close()
         await server.shutdown(1)
         await srv.wait_closed()
-    return data, out["size"]
+    return data
 
 
 @settings(max_examples=80, deadline=None)
@@ -161,17 +166,7 @@ async def _one_piece(body: bytes) -> tuple[bytes, list[list[bytes]]]:
         request.protocol.transport = rec["t"]  # type: ignore[assignment]
         return web.Response(body=body, headers=_FIXED)
 
-    server = web.Server(handler)
-    srv = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-    finally:
-        srv.close()
-        await server.shutdown(1)
-        await srv.wait_closed()
+    data = await _served(handler, _GET)
     return data, rec["t"].pieces
 
 
@@ -179,8 +174,8 @@ def test_a_one_piece_body_goes_to_the_transport_unjoined_with_the_same_bytes() -
     """``write_without_joining`` (``meterproxy serve`` runs it at start): a one-piece
     response of WRITEV_MIN bytes or more (head and body) reaches the transport as the body
     object itself beside its head (uvloop: one writev; it was joined with the head into a
-    new bytes first, a copy of the whole body), a smaller one joined as before; the bytes on the wire
-    are the same either way, on uvloop (the proxy's loop) and on the stdlib loop."""
+    new bytes first, a copy of the whole body), a smaller one joined as before; the bytes on
+    the wire are the same either way, on uvloop (the proxy's loop) and on the stdlib loop."""
     from aiohttp import http_writer
 
     from proxy.request.wire import write_without_joining

@@ -91,7 +91,7 @@ def new_request_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{_bits(80):020x}"
 
 
-_bits = random.getrandbits
+_bits = random.getrandbits      # (looked up once, not per request)
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 

@@ -37,7 +37,8 @@ from proxy.store.postgres.pool import PgPool
 from proxy.store.postgres.shipping import Batch
 
 _AFTER = "SELECT seq, row FROM journal WHERE seq > ? ORDER BY seq LIMIT ?"
-_OLDEST = "SELECT seq, row FROM journal ORDER BY seq LIMIT ?"
+# (every seq SQLite can hold: keys_between over the whole journal)
+_LOWEST, _HIGHEST = -(2 ** 63), 2 ** 63 - 1
 _BETWEEN = "SELECT seq, row FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
@@ -82,11 +83,8 @@ class SqliteJournal:
     def oldest_keys(self, limit: int) -> list[tuple[str, int, str]]:
         """The oldest ``limit`` journal rows as the shared ledger finds what they shipped:
         (request id, seq, customer)."""
-        out: list[tuple[str, int, str]] = []
-        for s, blob in self.conn.execute(_OLDEST, (limit,)):
-            rid, _at, cid = orjson.loads(blob)[:3]
-            out.append((str(rid), int(s), str(cid)))
-        return out
+        return [(rid, seq, cid) for rid, seq, cid, _at, _has
+                in self.keys_between(_LOWEST, _HIGHEST, limit)]
 
     def keys_between(self, after: int, upto: int,
                      limit: int) -> list[tuple[str, int, str, int, bool]]:

@@ -34,7 +34,6 @@ _AUDIT_COLS = ("audit_seq, at_ms, request_id, customer_id, key_id, rule, rules_v
                " meter, quantity, credits, billable, flags, method, path")
 
 
-
 # the retention's deletion, and the highest cutoff it ever deleted below (migration 14),
 # in one statement: a reader of both in one snapshot never sees one without the other
 _PRUNE_AUDIT = """
@@ -47,6 +46,7 @@ mark AS (
     WHERE id = 0 AND before_ms < $1 AND EXISTS (SELECT 1 FROM gone))
 SELECT count(*) FROM gone
 """
+
 
 class LocalRecorder(Protocol):
     """The member's local journal (``proxy.store.db.Store``)."""
